@@ -1,0 +1,1000 @@
+//! One worker slot's view of the segment: raw-bytes send and receive.
+
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+use std::time::{Duration, Instant};
+
+use crate::error::{EndpointError, LaneCorruption, RecvError, SendError, TryRecvError, TrySendError};
+use crate::lane::{self, flags, Consumer, Next, Planned, Producer, RecordHeader, RECORD_HEADER};
+use crate::segment::Segment;
+use crate::{sys, wake};
+
+/// The longest a futex wait lasts before the waiter looks again by itself.
+/// The park/notify handshake loses no wakeup (`tests/loom.rs`), so this only
+/// bounds the damage a buggy peer could do by scribbling on a park word.
+const SAFETY_NET: Duration = Duration::from_millis(50);
+
+/// How a blocked receiver (or a sender facing a full lane) waits.
+///
+/// On this project's 2-core reference machine a futex wake that crosses
+/// CPUs costs about 30 µs (it is a VM), while a spinning receiver answers in
+/// about 100 ns but takes a whole core. See the README's benchmark table for
+/// the measured trade-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitStrategy {
+    /// Poll without sleeping until something arrives (or the deadline).
+    /// Lowest latency; burns a core, and starves other processes when there
+    /// are more busy workers than cores.
+    Spin,
+    /// Poll for this long, then sleep on the futex. The default, with
+    /// [`WaitStrategy::DEFAULT_SPIN`].
+    SpinThenPark(Duration),
+    /// Sleep on the futex at once. Costs no CPU while idle; each wake costs
+    /// the sender a `futex_wake` and the receiver a scheduler round trip.
+    Park,
+}
+
+impl WaitStrategy {
+    /// The spin phase of the default strategy: long enough to cover a
+    /// request/reply turnaround on a busy pair, short next to an idle period.
+    pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+}
+
+impl Default for WaitStrategy {
+    fn default() -> Self {
+        Self::SpinThenPark(Self::DEFAULT_SPIN)
+    }
+}
+
+/// The kind and correlation id stamped on a record. Both are carried
+/// unchanged to the receiver; the raw layer gives them no meaning.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Tag {
+    /// A message kind chosen by the sender.
+    pub kind: u16,
+    /// A correlation id chosen by the sender (for example to match replies).
+    pub correlation: u64,
+}
+
+/// A received message, copied out of the lane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The sending slot.
+    pub sender: u32,
+    /// The sender's generation when it sent the message.
+    pub generation: u32,
+    /// The sender's [`Tag::kind`].
+    pub kind: u16,
+    /// The sender's [`Tag::correlation`].
+    pub correlation: u64,
+    /// The bytes sent.
+    pub payload: Vec<u8>,
+}
+
+/// The receiving side's bookkeeping for one lane.
+#[derive(Debug)]
+struct Inbound {
+    consumer: Consumer,
+    poisoned: Option<LaneCorruption>,
+}
+
+/// A worker slot's endpoint: sends to any slot, receives from all of them.
+///
+/// Holds the slot exclusively (a second endpoint for the same slot, in any
+/// process, gets [`EndpointError::SlotBusy`] while this one's process
+/// lives). `Send` but not `Sync`: one thread at a time sends and receives.
+/// An endpoint inherited across `fork()` must not be used in the child,
+/// which opens its own slot instead.
+///
+/// # Examples
+/// ```
+/// use shmcluster::{Config, Segment};
+///
+/// let segment = Segment::create(&Config::new(2))?;
+/// let mut a = segment.endpoint(0)?;
+/// let mut b = segment.endpoint(1)?;
+/// a.send(1, b"hello")?;
+/// let msg = b.recv()?;
+/// assert_eq!((msg.sender, &msg.payload[..]), (0, &b"hello"[..]));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Endpoint {
+    segment: Segment,
+    slot: u32,
+    generation: u32,
+    pid: u32,
+    workers: u32,
+    max_message: usize,
+    lane_capacity: usize,
+    /// Indexed by receiving slot.
+    outbound: Vec<Producer>,
+    /// Indexed by sending slot.
+    inbound: Vec<Inbound>,
+    /// Lanes (by sender) that may hold data: doorbell bits taken, not yet
+    /// found empty.
+    pending: Vec<u64>,
+    /// Where the next round-robin scan of `pending` starts.
+    cursor: u32,
+    wait: WaitStrategy,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+// SAFETY: the raw pointers inside the lanes point into the mapping that
+// `segment` keeps alive for as long as the endpoint exists, in whichever
+// thread; every access goes through `&mut self` or reads atomics.
+unsafe impl Send for Endpoint {}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("slot", &self.slot)
+            .field("generation", &self.generation)
+            .field("wait", &self.wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Segment {
+    /// Opens the endpoint of worker slot `slot`, claiming the slot for this
+    /// process. A slot whose previous holder's process has died is taken
+    /// over: the new endpoint continues each lane where the old one's last
+    /// complete record ended, with the next generation.
+    ///
+    /// # Errors
+    /// [`EndpointError::NoSuchWorker`] if `slot >= workers`,
+    /// [`EndpointError::SlotBusy`] if a live process (this one included)
+    /// holds it.
+    pub fn endpoint(&self, slot: u32) -> Result<Endpoint, EndpointError> {
+        Endpoint::open(self, slot)
+    }
+}
+
+impl Endpoint {
+    fn open(segment: &Segment, slot: u32) -> Result<Self, EndpointError> {
+        let layout = *segment.layout();
+        let workers = layout.workers();
+        if slot >= workers {
+            return Err(EndpointError::NoSuchWorker { slot, workers });
+        }
+        let control = segment.slot(slot);
+        let pid = sys::getpid();
+        let mut seen = 0;
+        while let Err(holder) = control.owner.compare_exchange(seen, pid, AcqRel, Acquire) {
+            if holder == pid || sys::process_exists(holder) {
+                return Err(EndpointError::SlotBusy { slot, pid: holder });
+            }
+            // The holder died without releasing: take it over.
+            seen = holder;
+        }
+        let mut generation = control.generation.fetch_add(1, AcqRel).wrapping_add(1);
+        if generation == 0 {
+            generation = control.generation.fetch_add(1, AcqRel).wrapping_add(1);
+        }
+        let outbound = (0..workers)
+            .map(|to| Producer::new(segment.lane(slot, to)))
+            .collect();
+        let inbound = (0..workers)
+            .map(|from| Inbound {
+                consumer: Consumer::new(segment.lane(from, slot), layout.max_message()),
+                poisoned: None,
+            })
+            .collect();
+        // Look at every lane once: messages may have been queued before this
+        // endpoint existed (and their doorbell bits taken by a predecessor).
+        let mut pending = vec![u64::MAX; layout.bell_words];
+        if workers % 64 != 0 {
+            if let Some(last) = pending.last_mut() {
+                *last = (1u64 << (workers % 64)) - 1;
+            }
+        }
+        Ok(Self {
+            segment: segment.clone(),
+            slot,
+            generation,
+            pid,
+            workers,
+            max_message: layout.max_message(),
+            lane_capacity: layout.lane_capacity(),
+            outbound,
+            inbound,
+            pending,
+            cursor: 0,
+            wait: WaitStrategy::default(),
+            _not_sync: PhantomData,
+        })
+    }
+
+    /// This endpoint's slot.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// This endpoint's generation: stamped on everything it sends, and
+    /// different from every earlier holder of the slot's.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// How many slots the segment has.
+    pub fn workers(&self) -> u32 {
+        self.workers
+    }
+
+    /// The segment this endpoint lives in.
+    pub fn segment(&self) -> &Segment {
+        &self.segment
+    }
+
+    /// How this endpoint waits when blocked.
+    pub fn wait_strategy(&self) -> WaitStrategy {
+        self.wait
+    }
+
+    /// Sets how this endpoint waits when blocked (receiving, or sending to a
+    /// full lane).
+    pub fn set_wait_strategy(&mut self, wait: WaitStrategy) {
+        self.wait = wait;
+    }
+
+    /// The largest payload [`Endpoint::reserve`] can hand out: one record,
+    /// just under half a lane.
+    pub fn max_reservation(&self) -> usize {
+        lane::max_record_payload(self.lane_capacity).min(self.max_message)
+    }
+
+    /// Lanes found corrupt so far, by sender. They are no longer read.
+    pub fn poisoned_lanes(&self) -> impl Iterator<Item = (u32, LaneCorruption)> + '_ {
+        self.inbound
+            .iter()
+            .enumerate()
+            .filter_map(|(s, i)| i.poisoned.map(|e| (s as u32, e)))
+    }
+
+    /// Fragments dropped because their message could never complete: its
+    /// sender died (or gave up) half way through.
+    pub fn discarded_fragments(&self) -> u64 {
+        self.inbound.iter().map(|i| i.consumer.discarded).sum()
+    }
+
+    // ---------------------------------------------------------------- send
+
+    fn check_target<M>(&self, to: u32, len: usize, max: usize) -> Result<(), TrySendError<M>> {
+        if to >= self.workers {
+            return Err(TrySendError::NoSuchWorker {
+                slot: to,
+                workers: self.workers,
+            });
+        }
+        if len > max {
+            return Err(TrySendError::TooLarge { len, max });
+        }
+        Ok(())
+    }
+
+    /// Rings `to`'s doorbell and wakes it if parked; after a publish.
+    #[inline]
+    fn notify(&self, to: u32) {
+        let word = &self.segment.bells(to)[(self.slot / 64) as usize];
+        wake::notify(word, 1u64 << (self.slot % 64), &self.segment.slot(to).park);
+    }
+
+    /// Sends `msg` to slot `to`, waiting as long as it takes for room.
+    ///
+    /// # Errors
+    /// `NoSuchWorker`, `TooLarge` (over `max_message`), `SelfFull` (the lane
+    /// to this endpoint itself is full), `Corrupt`. The message is given
+    /// back where it was not sent.
+    ///
+    /// # Examples
+    /// ```
+    /// # let segment = shmcluster::Segment::create(&shmcluster::Config::new(2))?;
+    /// let mut a = segment.endpoint(0)?;
+    /// let mut b = segment.endpoint(1)?;
+    /// a.send(1, vec![1, 2, 3])?;
+    /// assert_eq!(b.recv()?.payload, [1, 2, 3]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn send<M: AsRef<[u8]>>(&mut self, to: u32, msg: M) -> Result<(), SendError<M>> {
+        self.send_tagged(to, Tag::default(), msg, None)
+    }
+
+    /// Sends `msg` to slot `to`, waiting for room until `deadline`.
+    ///
+    /// # Errors
+    /// As [`Endpoint::send`], plus `Timeout(msg)` if the lane stayed full
+    /// until the deadline; then nothing of the message was delivered.
+    pub fn send_deadline<M: AsRef<[u8]>>(
+        &mut self,
+        to: u32,
+        msg: M,
+        deadline: Instant,
+    ) -> Result<(), SendError<M>> {
+        self.send_tagged(to, Tag::default(), msg, Some(deadline))
+    }
+
+    /// Sends `msg` with `tag` to slot `to`, waiting for room until
+    /// `deadline` (`None`: as long as it takes). A message longer than half
+    /// a lane is streamed through it in fragments as the receiver drains.
+    ///
+    /// # Errors
+    /// As [`Endpoint::send_deadline`].
+    pub fn send_tagged<M: AsRef<[u8]>>(
+        &mut self,
+        to: u32,
+        tag: Tag,
+        msg: M,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError<M>> {
+        let len = msg.as_ref().len();
+        if let Err(e) = self.check_target::<()>(to, len, self.max_message) {
+            return Err(match e {
+                TrySendError::NoSuchWorker { slot, workers } => SendError::NoSuchWorker { slot, workers },
+                TrySendError::TooLarge { len, max } => SendError::TooLarge { len, max },
+                TrySendError::Full(()) | TrySendError::Corrupt { .. } => unreachable!(),
+            });
+        }
+        let result = if len <= lane::max_record_payload(self.lane_capacity) {
+            self.send_single(to, tag, msg.as_ref(), deadline)
+        } else {
+            self.send_fragmented(to, tag, msg.as_ref(), deadline)
+        };
+        result.map_err(|e| match e {
+            Blocked::Timeout => SendError::Timeout(msg),
+            Blocked::SelfFull => SendError::SelfFull(msg),
+            Blocked::Corrupt(error) => SendError::Corrupt { slot: to, error, msg },
+        })
+    }
+
+    fn send_single(
+        &mut self,
+        to: u32,
+        tag: Tag,
+        bytes: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), Blocked> {
+        loop {
+            let out = &mut self.outbound[to as usize];
+            if let Some(planned) = out.plan(bytes.len(), 0)? {
+                let hdr = self.header(to, tag, bytes.len(), flags::SINGLE, 0);
+                let out = &mut self.outbound[to as usize];
+                out.write(planned, hdr, bytes);
+                out.publish();
+                self.notify(to);
+                return Ok(());
+            }
+            let need = self.outbound[to as usize].need(bytes.len(), 0);
+            self.wait_for_room(to, need, deadline)?;
+        }
+    }
+
+    fn send_fragmented(
+        &mut self,
+        to: u32,
+        tag: Tag,
+        bytes: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), Blocked> {
+        let piece = lane::max_record_payload(self.lane_capacity);
+        let mut sent = 0;
+        while sent < bytes.len() {
+            let chunk = (bytes.len() - sent).min(piece);
+            let last = sent + chunk == bytes.len();
+            let first = sent == 0;
+            let flags = match (first, last) {
+                (true, _) => flags::FIRST,
+                (false, true) => flags::LAST,
+                (false, false) => flags::MIDDLE,
+            };
+            // Keep room for an ABORT (and the padding before it) after every
+            // piece but the last, so giving up never needs to wait.
+            let keep = if last { 0 } else { 2 * RECORD_HEADER };
+            loop {
+                let out = &mut self.outbound[to as usize];
+                if let Some(planned) = out.plan(chunk, keep)? {
+                    let total = if first { bytes.len() as u64 } else { 0 };
+                    let hdr = self.header(to, tag, chunk, flags, total);
+                    let out = &mut self.outbound[to as usize];
+                    out.write(planned, hdr, &bytes[sent..sent + chunk]);
+                    out.publish();
+                    self.notify(to);
+                    break;
+                }
+                let need = self.outbound[to as usize].need(chunk, keep);
+                if let Err(e) = self.wait_for_room(to, need, deadline) {
+                    if !first {
+                        self.abort_message(to);
+                    }
+                    return Err(e);
+                }
+            }
+            sent += chunk;
+        }
+        Ok(())
+    }
+
+    /// Tells `to` to drop the fragments of the message it is assembling
+    /// from us. The room was kept free by `send_fragmented`.
+    fn abort_message(&mut self, to: u32) {
+        let hdr = self.header(to, Tag::default(), 0, flags::ABORT, 0);
+        let out = &mut self.outbound[to as usize];
+        if let Ok(Some(planned)) = out.plan(0, 0) {
+            out.commit(planned, hdr);
+            out.publish();
+            self.notify(to);
+        }
+    }
+
+    fn header(&self, to: u32, tag: Tag, len: usize, flags: u16, total: u64) -> RecordHeader {
+        let mut hdr = self.outbound[to as usize].header(self.generation, len, flags);
+        hdr.kind = tag.kind;
+        hdr.correlation = tag.correlation;
+        hdr.total = total;
+        hdr
+    }
+
+    /// Waits until `need` bytes are free in the lane to `to`, by the wait
+    /// strategy, or until `deadline`.
+    #[cold]
+    fn wait_for_room(&mut self, to: u32, need: usize, deadline: Option<Instant>) -> Result<(), Blocked> {
+        if to == self.slot {
+            return Err(Blocked::SelfFull);
+        }
+        let spin_until = match self.wait {
+            WaitStrategy::Spin => None,
+            WaitStrategy::SpinThenPark(d) => Some(Instant::now() + d),
+            WaitStrategy::Park => Some(Instant::now()),
+        };
+        let out = &mut self.outbound[to as usize];
+        let mut spins = 0u32;
+        loop {
+            if out.has_room(need)? {
+                return Ok(());
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 64 != 0 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(Blocked::Timeout);
+            }
+            if spin_until.is_some_and(|s| now >= s) {
+                let timeout = deadline.map_or(SAFETY_NET, |d| (d - now).min(SAFETY_NET));
+                if out.wait_for_room(need, timeout)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Sends `msg` to slot `to` if the lane has room for all of it now.
+    ///
+    /// # Errors
+    /// `NoSuchWorker`, `TooLarge`, `Corrupt`, or `Full(msg)` if the lane
+    /// lacks room; nothing is delivered then. A message too long to ever fit
+    /// in the lane at once is always `Full`: use a blocking send, which
+    /// streams it.
+    pub fn try_send<M: AsRef<[u8]>>(&mut self, to: u32, msg: M) -> Result<(), TrySendError<M>> {
+        self.try_send_tagged(to, Tag::default(), msg)
+    }
+
+    /// [`Endpoint::try_send`] with a [`Tag`].
+    ///
+    /// # Errors
+    /// As [`Endpoint::try_send`].
+    pub fn try_send_tagged<M: AsRef<[u8]>>(
+        &mut self,
+        to: u32,
+        tag: Tag,
+        msg: M,
+    ) -> Result<(), TrySendError<M>> {
+        let bytes = msg.as_ref();
+        let len = bytes.len();
+        if let Err(e) = self.check_target::<()>(to, len, self.max_message) {
+            return Err(match e {
+                TrySendError::NoSuchWorker { slot, workers } => TrySendError::NoSuchWorker { slot, workers },
+                TrySendError::TooLarge { len, max } => TrySendError::TooLarge { len, max },
+                TrySendError::Full(()) | TrySendError::Corrupt { .. } => unreachable!(),
+            });
+        }
+        let piece = lane::max_record_payload(self.lane_capacity);
+        let out = &mut self.outbound[to as usize];
+        let fits = match out.need_for_message(len, piece) {
+            Some(need) => out.has_room(need),
+            None => Ok(false),
+        };
+        match fits {
+            Err(error) => return Err(TrySendError::Corrupt { slot: to, error, msg }),
+            Ok(false) => return Err(TrySendError::Full(msg)),
+            Ok(true) => {}
+        }
+        // The room is there: nothing below waits.
+        let done = if len <= piece {
+            self.send_single(to, tag, bytes, None)
+        } else {
+            self.send_fragmented(to, tag, bytes, None)
+        };
+        match done {
+            Ok(()) => Ok(()),
+            Err(Blocked::Corrupt(error)) => Err(TrySendError::Corrupt { slot: to, error, msg }),
+            Err(Blocked::Timeout | Blocked::SelfFull) => Err(TrySendError::Full(msg)),
+        }
+    }
+
+    /// Reserves `len` bytes in the lane to `to`, to be filled in place and
+    /// then [committed](Reservation::commit): a message is serialized
+    /// straight into shared memory with no intermediate buffer. Waits for
+    /// room until `deadline` (`None`: as long as it takes).
+    ///
+    /// # Errors
+    /// `NoSuchWorker`; `TooLarge` if `len` exceeds
+    /// [`Endpoint::max_reservation`]; `Timeout(())`, `SelfFull(())`,
+    /// `Corrupt`.
+    ///
+    /// # Examples
+    /// ```
+    /// # let segment = shmcluster::Segment::create(&shmcluster::Config::new(2))?;
+    /// let mut a = segment.endpoint(0)?;
+    /// let mut b = segment.endpoint(1)?;
+    /// let mut r = a.reserve(1, 64, None)?;
+    /// let n = {
+    ///     use std::io::Write;
+    ///     let mut w = &mut r[..];
+    ///     write!(w, "sum = {}", 40 + 2)?;
+    ///     64 - w.len()
+    /// };
+    /// r.commit_len(n);
+    /// assert_eq!(b.recv()?.payload, b"sum = 42");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn reserve(
+        &mut self,
+        to: u32,
+        len: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Reservation<'_>, SendError<()>> {
+        if let Err(e) = self.check_target::<()>(to, len, self.max_reservation()) {
+            return Err(match e {
+                TrySendError::NoSuchWorker { slot, workers } => SendError::NoSuchWorker { slot, workers },
+                TrySendError::TooLarge { len, max } => SendError::TooLarge { len, max },
+                TrySendError::Full(()) | TrySendError::Corrupt { .. } => unreachable!(),
+            });
+        }
+        loop {
+            match self.outbound[to as usize].plan(len, 0) {
+                Ok(Some(planned)) => return Ok(self.reservation(to, planned, len)),
+                Ok(None) => {}
+                Err(error) => {
+                    return Err(SendError::Corrupt {
+                        slot: to,
+                        error,
+                        msg: (),
+                    })
+                }
+            }
+            let need = self.outbound[to as usize].need(len, 0);
+            self.wait_for_room(to, need, deadline).map_err(|e| match e {
+                Blocked::Timeout => SendError::Timeout(()),
+                Blocked::SelfFull => SendError::SelfFull(()),
+                Blocked::Corrupt(error) => SendError::Corrupt {
+                    slot: to,
+                    error,
+                    msg: (),
+                },
+            })?;
+        }
+    }
+
+    /// [`Endpoint::reserve`] without waiting.
+    ///
+    /// # Errors
+    /// `NoSuchWorker`, `TooLarge`, `Corrupt`, or `Full(())` if the lane
+    /// lacks room now.
+    pub fn try_reserve(&mut self, to: u32, len: usize) -> Result<Reservation<'_>, TrySendError<()>> {
+        self.check_target(to, len, self.max_reservation())?;
+        match self.outbound[to as usize].plan(len, 0) {
+            Ok(Some(planned)) => Ok(self.reservation(to, planned, len)),
+            Ok(None) => Err(TrySendError::Full(())),
+            Err(error) => Err(TrySendError::Corrupt {
+                slot: to,
+                error,
+                msg: (),
+            }),
+        }
+    }
+
+    fn reservation(&mut self, to: u32, planned: Planned, len: usize) -> Reservation<'_> {
+        let ptr = self.outbound[to as usize].payload_ptr(planned);
+        Reservation {
+            endpoint: self,
+            to,
+            planned,
+            ptr,
+            len,
+            tag: Tag::default(),
+        }
+    }
+
+    // ------------------------------------------------------------- receive
+
+    /// The next lane with data, round-robin from `cursor`; clears the bits
+    /// of lanes found empty. `Ok(None)` when every pending lane is empty.
+    fn poll(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
+        wake::take_doorbell(self.segment.bells(self.slot), &mut self.pending);
+        loop {
+            let Some(from) = self.next_pending() else {
+                return Ok(None);
+            };
+            let inbound = &mut self.inbound[from as usize];
+            if inbound.poisoned.is_some() {
+                self.clear_pending(from);
+                continue;
+            }
+            match inbound.consumer.next() {
+                Ok(Some(next)) => {
+                    self.cursor = if from + 1 == self.workers { 0 } else { from + 1 };
+                    return Ok(Some((from, next)));
+                }
+                Ok(None) => self.clear_pending(from),
+                Err(error) => {
+                    inbound.poisoned = Some(error);
+                    self.clear_pending(from);
+                    return Err((from, error));
+                }
+            }
+        }
+    }
+
+    fn clear_pending(&mut self, from: u32) {
+        self.pending[(from / 64) as usize] &= !(1u64 << (from % 64));
+    }
+
+    /// The first pending sender at or after `cursor`, wrapping around.
+    fn next_pending(&self) -> Option<u32> {
+        let words = self.pending.len();
+        let start = (self.cursor / 64) as usize;
+        let first = self.pending[start] & (u64::MAX << (self.cursor % 64));
+        if first != 0 {
+            return Some(start as u32 * 64 + first.trailing_zeros());
+        }
+        for i in 1..=words {
+            let w = (start + i) % words;
+            let bits = if w == start {
+                self.pending[w] & !(u64::MAX << (self.cursor % 64))
+            } else {
+                self.pending[w]
+            };
+            if bits != 0 {
+                return Some(w as u32 * 64 + bits.trailing_zeros());
+            }
+        }
+        None
+    }
+
+    /// Waits for the next message by the wait strategy, until `deadline`.
+    fn wait_next(&mut self, deadline: Option<Instant>) -> Result<(u32, Next), RecvError> {
+        let corrupt = |(sender, error)| RecvError::Corrupt { sender, error };
+        if let Some(found) = self.poll().map_err(corrupt)? {
+            return Ok(found);
+        }
+        let spin_until = match self.wait {
+            WaitStrategy::Spin => None,
+            WaitStrategy::SpinThenPark(d) => Some(Instant::now() + d),
+            WaitStrategy::Park => Some(Instant::now()),
+        };
+        let mut spins = 0u32;
+        loop {
+            if let Some(found) = self.poll().map_err(corrupt)? {
+                return Ok(found);
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 64 != 0 && !matches!(self.wait, WaitStrategy::Park) {
+                std::hint::spin_loop();
+                continue;
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(RecvError::Timeout);
+            }
+            if spin_until.is_some_and(|s| now >= s) {
+                let timeout = deadline.map_or(SAFETY_NET, |d| (d - now).min(SAFETY_NET));
+                wake::park(
+                    &self.segment.slot(self.slot).park,
+                    self.segment.bells(self.slot),
+                    timeout,
+                );
+            }
+        }
+    }
+
+    fn received(&mut self, (sender, next): (u32, Next)) -> Received<'_> {
+        match next {
+            Next::InLane { hdr, offset, record } => {
+                let ptr = self.inbound[sender as usize].consumer.payload_ptr(offset);
+                Received {
+                    endpoint: self,
+                    sender,
+                    hdr,
+                    body: Body::Lane { ptr, record },
+                }
+            }
+            Next::Assembled { hdr, payload } => Received {
+                endpoint: self,
+                sender,
+                hdr,
+                body: Body::Owned(payload),
+            },
+        }
+    }
+
+    /// Waits for the next message and copies it out.
+    ///
+    /// # Errors
+    /// [`RecvError::Corrupt`] if a lane turned out to hold garbage (that
+    /// lane is poisoned; call again to keep receiving from the others).
+    pub fn recv(&mut self) -> Result<Message, RecvError> {
+        self.recv_ref(None).map(Received::into_message)
+    }
+
+    /// Waits until `deadline` for the next message and copies it out.
+    ///
+    /// # Errors
+    /// [`RecvError::Timeout`], or [`RecvError::Corrupt`] as for
+    /// [`Endpoint::recv`].
+    pub fn recv_deadline(&mut self, deadline: Instant) -> Result<Message, RecvError> {
+        self.recv_ref(Some(deadline)).map(Received::into_message)
+    }
+
+    /// Waits up to `timeout` for the next message and copies it out.
+    ///
+    /// # Errors
+    /// As [`Endpoint::recv_deadline`].
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Message, RecvError> {
+        self.recv_deadline(Instant::now() + timeout)
+    }
+
+    /// The next message if one is waiting, copied out.
+    ///
+    /// # Errors
+    /// [`TryRecvError::Empty`] if none is, [`TryRecvError::Corrupt`] as for
+    /// [`Endpoint::recv`].
+    pub fn try_recv(&mut self) -> Result<Message, TryRecvError> {
+        self.try_recv_ref().map(Received::into_message)
+    }
+
+    /// Waits until `deadline` (`None`: as long as it takes) for the next
+    /// message and lends it without copying: see [`Received`].
+    ///
+    /// # Errors
+    /// As [`Endpoint::recv_deadline`].
+    pub fn recv_ref(&mut self, deadline: Option<Instant>) -> Result<Received<'_>, RecvError> {
+        let found = self.wait_next(deadline)?;
+        Ok(self.received(found))
+    }
+
+    /// The next message if one is waiting, lent without copying: see
+    /// [`Received`].
+    ///
+    /// # Errors
+    /// As [`Endpoint::try_recv`].
+    ///
+    /// # Examples
+    /// ```
+    /// # let segment = shmcluster::Segment::create(&shmcluster::Config::new(1))?;
+    /// let mut me = segment.endpoint(0)?;
+    /// me.send(0, b"to myself")?;
+    /// let msg = me.try_recv_ref()?;
+    /// assert!(msg.is_in_lane());
+    /// assert_eq!(msg.payload(), b"to myself");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn try_recv_ref(&mut self) -> Result<Received<'_>, TryRecvError> {
+        match self.poll() {
+            Ok(Some(found)) => Ok(self.received(found)),
+            Ok(None) => Err(TryRecvError::Empty),
+            Err((sender, error)) => Err(TryRecvError::Corrupt { sender, error }),
+        }
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        // Release the slot, unless this is a copy inherited across fork(),
+        // whose slot belongs to the parent.
+        if sys::getpid() == self.pid {
+            let _ = self
+                .segment
+                .slot(self.slot)
+                .owner
+                .compare_exchange(self.pid, 0, AcqRel, Acquire);
+        }
+    }
+}
+
+use std::sync::atomic::Ordering::{AcqRel, Acquire};
+
+/// Why a blocking send step stopped.
+enum Blocked {
+    Timeout,
+    SelfFull,
+    Corrupt(LaneCorruption),
+}
+
+impl From<LaneCorruption> for Blocked {
+    fn from(e: LaneCorruption) -> Self {
+        Self::Corrupt(e)
+    }
+}
+
+enum Body {
+    /// A single-record message, still in the lane.
+    Lane { ptr: *const u8, record: usize },
+    /// A message reassembled from fragments.
+    Owned(Vec<u8>),
+}
+
+/// A message lent by [`Endpoint::recv_ref`] / [`Endpoint::try_recv_ref`].
+///
+/// A message that fit in one record (at most
+/// [`Endpoint::max_reservation`] bytes) is read in place in the lane: no
+/// copy at all, and the lane space is released when this is dropped. That is
+/// sound because only the receiver moves the head, and the sender writes
+/// nothing between head and tail. A message that arrived in fragments was
+/// necessarily copied once, into the buffer this holds.
+///
+/// Hold it briefly: until it is dropped the sender cannot reuse that part of
+/// the lane, and this endpoint cannot receive.
+pub struct Received<'a> {
+    endpoint: &'a mut Endpoint,
+    sender: u32,
+    hdr: RecordHeader,
+    body: Body,
+}
+
+impl Received<'_> {
+    /// The sending slot.
+    pub fn sender(&self) -> u32 {
+        self.sender
+    }
+
+    /// The sender's generation when it sent the message.
+    pub fn generation(&self) -> u32 {
+        self.hdr.generation
+    }
+
+    /// The sender's [`Tag`].
+    pub fn tag(&self) -> Tag {
+        Tag {
+            kind: self.hdr.kind,
+            correlation: self.hdr.correlation,
+        }
+    }
+
+    /// Whether the payload is read in place in the lane (not copied).
+    pub fn is_in_lane(&self) -> bool {
+        matches!(self.body, Body::Lane { .. })
+    }
+
+    /// The message's bytes.
+    pub fn payload(&self) -> &[u8] {
+        match &self.body {
+            // SAFETY: the consumer checked that `hdr.len` bytes at `ptr` lie
+            // inside the ring and inside the published data; the sender does
+            // not write them until the head moves past them, which happens
+            // only when `self` (which borrows the endpoint mutably) drops.
+            Body::Lane { ptr, .. } => unsafe { std::slice::from_raw_parts(*ptr, self.hdr.len as usize) },
+            Body::Owned(v) => v,
+        }
+    }
+
+    /// Copies (or, for a reassembled message, moves) the message out and
+    /// releases its lane space.
+    pub fn into_message(mut self) -> Message {
+        let payload = match &mut self.body {
+            Body::Lane { .. } => self.payload().to_vec(),
+            Body::Owned(v) => std::mem::take(v),
+        };
+        Message {
+            sender: self.sender,
+            generation: self.hdr.generation,
+            kind: self.hdr.kind,
+            correlation: self.hdr.correlation,
+            payload,
+        }
+    }
+}
+
+impl Drop for Received<'_> {
+    fn drop(&mut self) {
+        if let Body::Lane { record, .. } = self.body {
+            self.endpoint.inbound[self.sender as usize]
+                .consumer
+                .consume(record);
+        }
+    }
+}
+
+impl std::fmt::Debug for Received<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("sender", &self.sender)
+            .field("tag", &self.tag())
+            .field("len", &self.payload().len())
+            .field("in_lane", &self.is_in_lane())
+            .finish()
+    }
+}
+
+/// Space reserved in a lane by [`Endpoint::reserve`]: write the payload
+/// through `DerefMut<Target = [u8]>`, then [`commit`](Reservation::commit).
+/// Dropped without committing, nothing is sent.
+///
+/// The bytes are lane memory, initially holding whatever an earlier message
+/// left there.
+pub struct Reservation<'a> {
+    endpoint: &'a mut Endpoint,
+    to: u32,
+    planned: Planned,
+    ptr: *mut u8,
+    len: usize,
+    tag: Tag,
+}
+
+impl Reservation<'_> {
+    /// Sets the tag the message will carry.
+    pub fn set_tag(&mut self, tag: Tag) {
+        self.tag = tag;
+    }
+
+    /// Publishes all the reserved bytes as one message.
+    pub fn commit(self) {
+        let len = self.len;
+        self.commit_len(len);
+    }
+
+    /// Publishes the first `len` reserved bytes as one message.
+    ///
+    /// # Panics
+    /// If `len` is more than was reserved.
+    pub fn commit_len(self, len: usize) {
+        assert!(
+            len <= self.len,
+            "committing {len} bytes of a {}-byte reservation",
+            self.len
+        );
+        let hdr = self.endpoint.header(self.to, self.tag, len, flags::SINGLE, 0);
+        let out = &mut self.endpoint.outbound[self.to as usize];
+        out.commit(self.planned, hdr);
+        out.publish();
+        self.endpoint.notify(self.to);
+    }
+}
+
+impl Deref for Reservation<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `plan` found `len` bytes of free lane space at `ptr`,
+        // inside the ring; the receiver reads nothing past the published
+        // tail, and this endpoint (borrowed mutably) is the lane's only
+        // writer.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl DerefMut for Reservation<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`; `&mut self` makes this the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl std::fmt::Debug for Reservation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("to", &self.to)
+            .field("len", &self.len)
+            .finish()
+    }
+}

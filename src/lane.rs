@@ -1,0 +1,632 @@
+//! Single-producer single-consumer byte rings ("lanes"), record framing,
+//! padding at wrap, and fragmentation of messages larger than half a lane.
+//!
+//! One lane per (sender, receiver) pair: only the sender writes records and
+//! the tail, only the receiver writes the head. Nothing is ever CASed between
+//! producers, and a producer that dies mid-write leaves nothing visible,
+//! because it never published the tail past what it was writing.
+//!
+//! # Records
+//!
+//! A record is a [`RecordHeader`] (32 bytes) and its payload, padded to 8
+//! bytes. Positions (`head`, `tail`) are byte counts since the lane was made;
+//! they never wrap (2^64 bytes), and the ring offset is `pos & (cap - 1)`.
+//! A record never wraps around the end of the ring: if it does not fit in the
+//! bytes left before the end, the producer first fills them with a padding
+//! record (`FLAG_PAD`), or, when fewer than 32 bytes are left, skips them
+//! (the consumer does the same arithmetic).
+//!
+//! A message of more than [`max_record_payload`] bytes goes out as
+//! fragments: `FIRST` (with the total length), middle pieces, `LAST`. The
+//! producer publishes fragments as space frees up, so a message of any size
+//! up to `max_message` streams through a lane of any size. If a blocking
+//! send gives up half way, it writes an `ABORT` record (for which it always
+//! keeps 32 bytes free) so the receiver drops the partial message.
+//!
+//! # What the consumer trusts
+//!
+//! Nothing. It reads the tail once per refresh and checks it against its own
+//! head; it copies each header out of the ring once and checks its length,
+//! flags, sender and fragment sequence before touching the payload. A lane
+//! that fails a check is poisoned ([`LaneCorruption`]); it never causes a
+//! panic or a read outside the ring.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+
+use crate::error::LaneCorruption;
+use crate::wake;
+
+/// Bytes in a record header.
+pub(crate) const RECORD_HEADER: usize = 32;
+const ALIGN: usize = 8;
+
+/// First fragment of a message (or the only one, with `FLAG_LAST`).
+const FLAG_FIRST: u16 = 1;
+/// Last fragment of a message (or the only one, with `FLAG_FIRST`).
+const FLAG_LAST: u16 = 2;
+/// Filler up to the end of the ring.
+const FLAG_PAD: u16 = 4;
+/// The sender gave up on the message whose fragments precede this record.
+const FLAG_ABORT: u16 = 8;
+
+/// The header of every record in a lane. Written by the producer before it
+/// publishes the tail past it; copied out once by the consumer.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RecordHeader {
+    /// Payload bytes in this record (not counting padding to 8).
+    pub(crate) len: u32,
+    /// `FLAG_*` bits.
+    pub(crate) flags: u16,
+    /// The message kind chosen by the sender (`Tag::kind`).
+    pub(crate) kind: u16,
+    /// The sending slot; must equal the lane's sender.
+    pub(crate) sender: u32,
+    /// The sender's generation.
+    pub(crate) generation: u32,
+    /// The sender's correlation id (`Tag::correlation`).
+    pub(crate) correlation: u64,
+    /// The whole message's length, in a `FIRST` record; 0 otherwise.
+    pub(crate) total: u64,
+}
+
+const _: () = assert!(size_of::<RecordHeader>() == RECORD_HEADER);
+const _: () = assert!(align_of::<RecordHeader>() <= ALIGN);
+
+/// A word on a cache line of its own (128 bytes: adjacent-line prefetch on
+/// x86 pulls lines in pairs), so the head, written by the receiver, and the
+/// tail, written by the sender, never share a line.
+#[repr(C, align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+/// A lane's control block in the segment. All-zero is the empty lane.
+#[repr(C)]
+pub(crate) struct LaneControl {
+    /// Receiver's position: bytes consumed. Written only by the receiver,
+    /// with `Release` after it has copied a record out (pairs with the
+    /// producer's `SeqCst` load in `Producer::refresh_head`, which then may
+    /// overwrite those bytes).
+    pub(crate) head: Padded<AtomicU64>,
+    /// Sender's position: bytes published. Written only by the sender, with
+    /// `SeqCst` after the records before it are complete (pairs with the
+    /// consumer's `SeqCst` load in `Consumer::refresh_tail`; `SeqCst` rather
+    /// than `Release` because the doorbell handshake in [`crate::wake`]
+    /// orders this store before the sender's read of the park word).
+    pub(crate) tail: Padded<AtomicU64>,
+    /// 1 while the sender waits for space ([`wake::wait_for_space`]);
+    /// cleared by whoever wakes it ([`wake::release_space`]).
+    pub(crate) space_waiter: Padded<AtomicU32>,
+}
+
+const _: () = assert!(size_of::<LaneControl>() == 3 * 128);
+
+/// The largest payload a single record may carry in a lane of `cap` bytes:
+/// half a lane less two headers, so a record, the padding before it and the
+/// 32 bytes kept for an `ABORT` always fit in an empty lane.
+pub(crate) const fn max_record_payload(cap: usize) -> usize {
+    cap / 2 - 2 * RECORD_HEADER
+}
+
+/// Bytes a record with `len` payload bytes occupies.
+pub(crate) const fn record_size(len: usize) -> usize {
+    RECORD_HEADER + (len + ALIGN - 1) / ALIGN * ALIGN
+}
+
+/// Where one lane lives. Plain pointers, copied freely; the producer and
+/// consumer built on it enforce who writes what.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LaneRef {
+    ctl: NonNull<LaneControl>,
+    data: NonNull<u8>,
+    cap: usize,
+    sender: u32,
+}
+
+impl LaneRef {
+    /// # Safety
+    /// `ctl` must point to a `LaneControl` (any bit pattern: it is only
+    /// atomics) and `data` to `cap` bytes, both valid, and aligned (128 and
+    /// 8), for as long as any producer or consumer made from this `LaneRef`
+    /// is used. `cap` must be a power of two of at least 4096. At most one
+    /// [`Producer`] and one [`Consumer`] may use a lane at a time, across all
+    /// processes.
+    pub(crate) unsafe fn new(ctl: NonNull<LaneControl>, data: NonNull<u8>, cap: usize, sender: u32) -> Self {
+        debug_assert!(cap.is_power_of_two() && cap >= 4096);
+        Self {
+            ctl,
+            data,
+            cap,
+            sender,
+        }
+    }
+
+    fn ctl(&self) -> &LaneControl {
+        // SAFETY: `new`'s contract: valid and aligned for our lifetime; the
+        // struct holds only atomics, so a shared reference is sound even
+        // while another process writes it.
+        unsafe { self.ctl.as_ref() }
+    }
+
+    fn mask(&self) -> u64 {
+        self.cap as u64 - 1
+    }
+
+    /// Pointer to ring offset `offset` (`< cap`).
+    fn at(&self, offset: usize) -> *mut u8 {
+        debug_assert!(offset < self.cap);
+        // SAFETY: `offset < cap` and `data` is valid for `cap` bytes.
+        unsafe { self.data.as_ptr().add(offset) }
+    }
+}
+
+/// The sending end of one lane. Caches the head so that a send reads the
+/// receiver's cache line only when the lane looks full.
+#[derive(Debug)]
+pub(crate) struct Producer {
+    lane: LaneRef,
+    /// Local write position: published up to `ctl.tail`, and beyond it
+    /// while records are being written.
+    tail: u64,
+    /// Last head read from the lane.
+    head: u64,
+}
+
+/// Space planned for a record: the padding to write before it and where its
+/// payload goes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Planned {
+    padding: usize,
+    payload_offset: usize,
+}
+
+impl Producer {
+    /// Takes over the lane at its published tail (a respawned sender
+    /// continues where its predecessor's last complete record ended).
+    pub(crate) fn new(lane: LaneRef) -> Self {
+        let tail = lane.ctl().tail.0.load(Acquire);
+        let head = lane.ctl().head.0.load(Acquire);
+        Self { lane, tail, head }
+    }
+
+    /// Bytes free as far as the cached head knows.
+    fn free(&self) -> usize {
+        self.lane.cap - self.tail.wrapping_sub(self.head) as usize
+    }
+
+    /// Re-reads the head. `SeqCst`: this load is the second half of the
+    /// sender's wait-for-space handshake.
+    pub(crate) fn refresh_head(&mut self) -> Result<(), LaneCorruption> {
+        let head = self.lane.ctl().head.0.load(SeqCst);
+        let used = self.tail.wrapping_sub(head);
+        if head % ALIGN as u64 != 0 || self.tail % ALIGN as u64 != 0 || used > self.lane.cap as u64 {
+            return Err(LaneCorruption::Indices {
+                head,
+                tail: self.tail,
+            });
+        }
+        self.head = head;
+        Ok(())
+    }
+
+    /// Whether `need` bytes are free, refreshing the head if the cached one
+    /// says no.
+    pub(crate) fn has_room(&mut self, need: usize) -> Result<bool, LaneCorruption> {
+        if self.free() >= need {
+            return Ok(true);
+        }
+        self.refresh_head()?;
+        Ok(self.free() >= need)
+    }
+
+    /// Padding needed before a record of `rec` bytes starting at `pos`.
+    fn padding_at(&self, pos: u64, rec: usize) -> usize {
+        let contiguous = self.lane.cap - (pos & self.lane.mask()) as usize;
+        if contiguous < rec {
+            contiguous
+        } else {
+            0
+        }
+    }
+
+    /// Free bytes a record of `len` payload bytes at the local tail needs,
+    /// with its padding and `keep` more bytes.
+    pub(crate) fn need(&self, len: usize, keep: usize) -> usize {
+        let rec = record_size(len);
+        self.padding_at(self.tail, rec) + rec + keep
+    }
+
+    /// Free bytes a whole message of `len` bytes needs at the local tail when
+    /// cut into pieces of at most `piece` bytes; `None` if more than a lane.
+    pub(crate) fn need_for_message(&self, len: usize, piece: usize) -> Option<usize> {
+        let mut pos = self.tail;
+        let mut left = len;
+        loop {
+            let chunk = left.min(piece);
+            let rec = record_size(chunk);
+            pos += (self.padding_at(pos, rec) + rec) as u64;
+            let need = pos.wrapping_sub(self.tail) as usize;
+            if need > self.lane.cap {
+                return None;
+            }
+            left -= chunk;
+            if left == 0 {
+                return Some(need);
+            }
+        }
+    }
+
+    /// Plans a record of `len` payload bytes at the local tail, if there is
+    /// room for it, its padding and `keep` more bytes.
+    pub(crate) fn plan(&mut self, len: usize, keep: usize) -> Result<Option<Planned>, LaneCorruption> {
+        let rec = record_size(len);
+        let padding = self.padding_at(self.tail, rec);
+        if !self.has_room(padding + rec + keep)? {
+            return Ok(None);
+        }
+        let payload_offset = ((self.tail + padding as u64) & self.lane.mask()) as usize + RECORD_HEADER;
+        Ok(Some(Planned {
+            padding,
+            payload_offset,
+        }))
+    }
+
+    /// Where a planned record's payload goes: `len` writable bytes of free
+    /// lane space (the consumer reads nothing past the published tail).
+    pub(crate) fn payload_ptr(&self, planned: Planned) -> *mut u8 {
+        self.lane.at(planned.payload_offset)
+    }
+
+    /// Writes the padding and the header of a planned record whose payload
+    /// (`hdr.len` bytes, at most the planned length) is already in place, and
+    /// moves the local tail past it. Not visible until [`Self::publish`].
+    pub(crate) fn commit(&mut self, planned: Planned, hdr: RecordHeader) {
+        if planned.padding > 0 {
+            let offset = (self.tail & self.lane.mask()) as usize;
+            if planned.padding >= RECORD_HEADER {
+                let pad = RecordHeader {
+                    len: (planned.padding - RECORD_HEADER) as u32,
+                    flags: FLAG_PAD,
+                    sender: self.lane.sender,
+                    ..RecordHeader::default()
+                };
+                // SAFETY: `offset + 32 <= cap` (padding >= 32 bytes remain
+                // before the end), 8-aligned; free space, so the consumer
+                // does not read it concurrently.
+                unsafe { self.lane.at(offset).cast::<RecordHeader>().write(pad) };
+            }
+            self.tail += planned.padding as u64;
+        }
+        let offset = (self.tail & self.lane.mask()) as usize;
+        debug_assert_eq!(offset + RECORD_HEADER, planned.payload_offset);
+        debug_assert!(offset + record_size(hdr.len as usize) <= self.lane.cap);
+        // SAFETY: the plan put a whole record at `offset`, inside the ring,
+        // 8-aligned, in space the consumer does not read until published.
+        unsafe { self.lane.at(offset).cast::<RecordHeader>().write(hdr) };
+        self.tail += record_size(hdr.len as usize) as u64;
+    }
+
+    /// Copies `payload` into a planned record and commits it.
+    pub(crate) fn write(&mut self, planned: Planned, hdr: RecordHeader, payload: &[u8]) {
+        debug_assert_eq!(hdr.len as usize, payload.len());
+        // SAFETY: the plan reserved `payload.len()` bytes at the payload
+        // pointer inside the ring; `payload` is local memory, so the two
+        // cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), self.payload_ptr(planned), payload.len()) };
+        self.commit(planned, hdr);
+    }
+
+    /// Makes every committed record visible to the consumer.
+    #[inline]
+    pub(crate) fn publish(&mut self) {
+        self.lane.ctl().tail.0.store(self.tail, SeqCst);
+    }
+
+    /// Sender half of waiting for space: see [`wake::wait_for_space`].
+    /// Returns whether `need` bytes are free now.
+    pub(crate) fn wait_for_room(
+        &mut self,
+        need: usize,
+        timeout: std::time::Duration,
+    ) -> Result<bool, LaneCorruption> {
+        let mut err = None;
+        let lane = self.lane;
+        let room = wake::wait_for_space(
+            &lane.ctl().space_waiter.0,
+            || match self.has_room(need) {
+                Ok(room) => room,
+                Err(e) => {
+                    err = Some(e);
+                    true
+                }
+            },
+            timeout,
+        );
+        match err {
+            Some(e) => Err(e),
+            None => Ok(room || self.has_room(need)?),
+        }
+    }
+
+    /// A header for a record from this lane's sender.
+    pub(crate) fn header(&self, generation: u32, len: usize, flags: u16) -> RecordHeader {
+        RecordHeader {
+            len: len as u32,
+            flags,
+            sender: self.lane.sender,
+            generation,
+            ..RecordHeader::default()
+        }
+    }
+}
+
+/// Flags for the pieces of a message.
+pub(crate) mod flags {
+    pub(crate) const SINGLE: u16 = super::FLAG_FIRST | super::FLAG_LAST;
+    pub(crate) const FIRST: u16 = super::FLAG_FIRST;
+    pub(crate) const MIDDLE: u16 = 0;
+    pub(crate) const LAST: u16 = super::FLAG_LAST;
+    pub(crate) const ABORT: u16 = super::FLAG_ABORT;
+}
+
+/// A message being reassembled from fragments.
+#[derive(Debug)]
+struct Partial {
+    first: RecordHeader,
+    buf: Vec<u8>,
+}
+
+/// What the consumer found next in its lane.
+#[derive(Debug)]
+pub(crate) enum Next {
+    /// A whole message in one record, still in the lane: `hdr.len` bytes at
+    /// ring offset `offset`. Call [`Consumer::consume`] with `record` once
+    /// done with it.
+    InLane {
+        hdr: RecordHeader,
+        offset: usize,
+        record: usize,
+    },
+    /// A message reassembled from fragments (already consumed from the
+    /// lane). `hdr` is its first fragment's header, `hdr.total` its length.
+    Assembled { hdr: RecordHeader, payload: Vec<u8> },
+}
+
+/// The receiving end of one lane. Caches the tail so that a receive reads
+/// the sender's cache line only when the cached records are used up.
+#[derive(Debug)]
+pub(crate) struct Consumer {
+    lane: LaneRef,
+    head: u64,
+    tail: u64,
+    /// Bytes released since the last strict space-waiter check.
+    unchecked: usize,
+    partial: Option<Partial>,
+    max_message: usize,
+    /// Fragments dropped because their message could not complete (its
+    /// sender died mid-message or gave up, or a predecessor consumed the
+    /// start).
+    pub(crate) discarded: u64,
+}
+
+fn valid_flags(flags: u16) -> bool {
+    matches!(
+        flags,
+        flags::SINGLE | flags::FIRST | flags::MIDDLE | flags::LAST | FLAG_PAD | FLAG_ABORT
+    )
+}
+
+impl Consumer {
+    /// Takes over the lane at its published head (a respawned receiver
+    /// continues with the first record its predecessor had not consumed).
+    pub(crate) fn new(lane: LaneRef, max_message: usize) -> Self {
+        let head = lane.ctl().head.0.load(Acquire);
+        Self {
+            lane,
+            head,
+            tail: head,
+            unchecked: 0,
+            partial: None,
+            max_message,
+            discarded: 0,
+        }
+    }
+
+    /// Re-reads the published tail. Returns whether there is data.
+    fn refresh_tail(&mut self) -> Result<bool, LaneCorruption> {
+        let tail = self.lane.ctl().tail.0.load(SeqCst);
+        if self.head % ALIGN as u64 != 0
+            || tail % ALIGN as u64 != 0
+            || tail.wrapping_sub(self.head) > self.lane.cap as u64
+        {
+            return Err(LaneCorruption::Indices {
+                head: self.head,
+                tail,
+            });
+        }
+        self.tail = tail;
+        if tail == self.head && self.unchecked > 0 {
+            // The lane is empty: make sure a sender waiting for space knows.
+            self.unchecked = 0;
+            wake::release_space(&self.lane.ctl().space_waiter.0);
+        }
+        Ok(tail != self.head)
+    }
+
+    /// Moves the head past `bytes` already read and publishes it.
+    fn advance(&mut self, bytes: usize) {
+        self.head += bytes as u64;
+        let ctl = self.lane.ctl();
+        ctl.head.0.store(self.head, Release);
+        self.unchecked += bytes;
+        if self.unchecked >= self.lane.cap / 4 {
+            self.unchecked = 0;
+            wake::release_space(&ctl.space_waiter.0);
+        } else if ctl.space_waiter.0.load(Relaxed) != 0 {
+            // Cheap early wake; the strict (fenced) check above runs at
+            // least every quarter lane and whenever the lane empties.
+            wake::release_space(&ctl.space_waiter.0);
+        }
+    }
+
+    /// Releases a record returned as [`Next::InLane`].
+    pub(crate) fn consume(&mut self, record: usize) {
+        self.advance(record);
+    }
+
+    /// Pointer to `offset` in the ring, for lending a record's payload.
+    pub(crate) fn payload_ptr(&self, offset: usize) -> *const u8 {
+        self.lane.at(offset)
+    }
+
+    /// The next whole message, if any. An error means the lane is corrupt:
+    /// the caller must stop using this consumer.
+    pub(crate) fn next(&mut self) -> Result<Option<Next>, LaneCorruption> {
+        loop {
+            if self.head == self.tail && !self.refresh_tail()? {
+                return Ok(None);
+            }
+            let avail = self.tail.wrapping_sub(self.head) as usize;
+            let offset = (self.head & self.lane.mask()) as usize;
+            let contiguous = self.lane.cap - offset;
+            if contiguous < RECORD_HEADER {
+                // The producer skipped the last few bytes of the ring.
+                if avail < contiguous {
+                    return Err(LaneCorruption::Indices {
+                        head: self.head,
+                        tail: self.tail,
+                    });
+                }
+                self.advance(contiguous);
+                continue;
+            }
+            if avail < RECORD_HEADER {
+                return Err(LaneCorruption::Indices {
+                    head: self.head,
+                    tail: self.tail,
+                });
+            }
+            // SAFETY: `offset + 32 <= cap` (checked: contiguous >= 32),
+            // 8-aligned (positions are multiples of 8); published bytes the
+            // producer no longer writes. Copied out once; every field is
+            // checked below before use.
+            let hdr = unsafe { self.lane.at(offset).cast::<RecordHeader>().read_volatile() };
+            if !valid_flags(hdr.flags) {
+                return Err(LaneCorruption::Flags { flags: hdr.flags });
+            }
+            let len = hdr.len as usize;
+            if hdr.flags == FLAG_PAD {
+                if len != contiguous - RECORD_HEADER || avail < contiguous {
+                    return Err(LaneCorruption::RecordLength { len: hdr.len });
+                }
+                self.advance(contiguous);
+                continue;
+            }
+            let record = record_size(len);
+            if len > max_record_payload(self.lane.cap) || record > contiguous || record > avail {
+                return Err(LaneCorruption::RecordLength { len: hdr.len });
+            }
+            if hdr.sender != self.lane.sender {
+                return Err(LaneCorruption::Sender { found: hdr.sender });
+            }
+            let payload_offset = offset + RECORD_HEADER;
+            match hdr.flags {
+                flags::SINGLE => {
+                    if len > self.max_message {
+                        return Err(LaneCorruption::RecordLength { len: hdr.len });
+                    }
+                    self.drop_partial_of_other_generation(&hdr)?;
+                    return Ok(Some(Next::InLane {
+                        hdr,
+                        offset: payload_offset,
+                        record,
+                    }));
+                }
+                flags::FIRST => {
+                    let total = hdr.total;
+                    if total > self.max_message as u64 || total <= len as u64 {
+                        return Err(LaneCorruption::Fragment { total });
+                    }
+                    self.drop_partial_of_other_generation(&hdr)?;
+                    let mut buf = Vec::with_capacity(total as usize);
+                    self.copy_out(payload_offset, len, &mut buf);
+                    self.partial = Some(Partial { first: hdr, buf });
+                    self.advance(record);
+                }
+                FLAG_ABORT => {
+                    if len != 0 {
+                        return Err(LaneCorruption::RecordLength { len: hdr.len });
+                    }
+                    if self.partial.take().is_some() {
+                        self.discarded += 1;
+                    }
+                    self.advance(record);
+                }
+                _ => {
+                    // MIDDLE or LAST.
+                    let Some(partial) = self
+                        .partial
+                        .as_mut()
+                        .filter(|p| p.first.generation == hdr.generation)
+                    else {
+                        // Orphan piece: its start was consumed by a previous
+                        // receiver, or its sender's message was superseded.
+                        self.partial = None;
+                        self.discarded += 1;
+                        self.advance(record);
+                        continue;
+                    };
+                    let total = partial.first.total;
+                    let filled = (partial.buf.len() + len) as u64;
+                    let last = hdr.flags == flags::LAST;
+                    if filled > total || (last && filled != total) || (!last && filled == total) {
+                        return Err(LaneCorruption::Fragment { total });
+                    }
+                    let mut buf = std::mem::take(&mut partial.buf);
+                    self.copy_out(payload_offset, len, &mut buf);
+                    self.advance(record);
+                    if last {
+                        let first = self.partial.take().map(|p| p.first).unwrap_or(hdr);
+                        return Ok(Some(Next::Assembled {
+                            hdr: first,
+                            payload: buf,
+                        }));
+                    }
+                    if let Some(p) = self.partial.as_mut() {
+                        p.buf = buf;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new message while another is half assembled: if it comes from a
+    /// new generation of the sender, the old one died mid-message and its
+    /// partial message is discarded; from the same generation it cannot
+    /// happen (a sender that gives up writes `ABORT`), so it is corruption.
+    fn drop_partial_of_other_generation(&mut self, hdr: &RecordHeader) -> Result<(), LaneCorruption> {
+        if let Some(p) = &self.partial {
+            if p.first.generation == hdr.generation {
+                return Err(LaneCorruption::Fragment { total: p.first.total });
+            }
+            self.partial = None;
+            self.discarded += 1;
+        }
+        Ok(())
+    }
+
+    /// Appends `len` bytes at ring offset `offset` to `buf`.
+    fn copy_out(&self, offset: usize, len: usize, buf: &mut Vec<u8>) {
+        debug_assert!(offset + len <= self.lane.cap);
+        debug_assert!(buf.capacity() - buf.len() >= len);
+        buf.reserve(len);
+        // SAFETY: `offset + len <= cap` (the record was checked to lie inside
+        // the ring and the published data); `buf` has room for `len` more
+        // bytes (reserved above) and is local memory, so no overlap. The
+        // bytes are plain u8, valid whatever they hold.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.lane.at(offset), buf.as_mut_ptr().add(buf.len()), len);
+            buf.set_len(buf.len() + len);
+        }
+    }
+}

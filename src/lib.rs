@@ -1,0 +1,82 @@
+//! Brokerless shared-memory messaging for a pre-forked cluster of worker
+//! processes on one Linux machine.
+//!
+//! One memfd segment holds a single-writer ring ("lane") for every
+//! (sender, receiver) pair of worker slots, a doorbell and a futex park word
+//! per slot. A message goes from one worker's [`Endpoint`] straight into the
+//! receiver's lane: no process in between, no lock, and a syscall only when
+//! the receiver is asleep.
+//!
+//! This is the data plane: segments, lanes, wakeups and raw byte messages.
+//! Processes that attach must trust each other (anything that can write the
+//! segment can disrupt it), but nothing another process writes can make this
+//! crate panic or read outside the segment: bad data poisons one lane and is
+//! reported ([`RecvError::Corrupt`]).
+//!
+//! # Example: two processes
+//!
+//! ```
+//! use std::time::Duration;
+//! use shmcluster::{testing, Config, Segment};
+//!
+//! let segment = Segment::create(&Config::new(2))?;
+//! // A forked child shares the mapping and uses its own slot.
+//! let child = testing::fork(|| {
+//!     let mut me = segment.endpoint(1).expect("slot 1");
+//!     let msg = me.recv().expect("a message");
+//!     me.send(0, [&b"pong: "[..], &msg.payload].concat()).expect("reply");
+//!     0
+//! })?;
+//! let mut me = segment.endpoint(0)?;
+//! me.send(1, b"ping")?;
+//! let reply = me.recv_timeout(Duration::from_secs(10))?;
+//! assert_eq!(reply.payload, b"pong: ping");
+//! assert_eq!(child.wait_timeout(Duration::from_secs(10))?, Some(testing::ExitStatus::Code(0)));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! A process that did not fork from the creator attaches from a passed fd
+//! with [`Segment::attach`], which validates the whole header first.
+//!
+//! # Guarantees
+//! - Per-sender FIFO to each receiver; no loss, no duplication.
+//! - Messages up to `max_message` (default 16 MiB); larger sends fail with
+//!   `TooLarge`. Messages over half a lane stream through it in fragments.
+//! - A full lane makes `send` wait (optionally until a deadline, giving the
+//!   message back on `Timeout`) and `try_send` return `Full(msg)`; nothing
+//!   is ever dropped silently.
+//! - A sender killed mid-write leaves nothing visible: every message it had
+//!   completed arrives exactly once, the half-written one never.
+
+#![cfg_attr(not(loom), deny(unsafe_op_in_unsafe_fn))]
+#![warn(clippy::undocumented_unsafe_blocks, missing_docs)]
+
+#[cfg(not(loom))]
+mod endpoint;
+#[cfg(not(loom))]
+mod error;
+#[cfg(not(loom))]
+mod lane;
+#[cfg(not(loom))]
+mod segment;
+mod sync;
+#[cfg(not(loom))]
+mod sys;
+#[cfg(not(loom))]
+pub mod testing;
+mod wake;
+
+#[cfg(not(loom))]
+pub use endpoint::{Endpoint, Message, Received, Reservation, Tag, WaitStrategy};
+#[cfg(not(loom))]
+pub use error::{
+    AttachError, ConfigError, CreateError, EndpointError, LaneCorruption, RecvError, SendError, TryRecvError,
+    TrySendError,
+};
+#[cfg(not(loom))]
+pub use segment::layout::{
+    DEFAULT_LANE_CAPACITY, DEFAULT_LOCK_SLOTS, DEFAULT_MAX_MESSAGE, MAX_LANE_CAPACITY, MAX_LOCK_SLOTS,
+    MAX_MESSAGE_LIMIT, MAX_SEGMENT_SIZE, MAX_WORKERS, MIN_LANE_CAPACITY,
+};
+#[cfg(not(loom))]
+pub use segment::{Config, Layout, Segment, ABI_VERSION};
