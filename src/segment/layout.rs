@@ -220,22 +220,27 @@ impl Layout {
 
     /// Index of lane `(sender, receiver)`; both must be `< workers`.
     pub(crate) fn lane_index(&self, sender: u32, receiver: u32) -> usize {
-        debug_assert!(sender < self.workers && receiver < self.workers);
+        assert!(sender < self.workers && receiver < self.workers);
         sender as usize * self.workers as usize + receiver as usize
     }
 
-    /// Offset of slot `slot`'s control block.
-    pub(crate) fn slot_offset(&self, slot: u32) -> usize {
+    /// Offset of slot `slot`'s control block (park word, owner, generation;
+    /// its doorbell words follow). For tools and tests that inspect a
+    /// segment; `slot < workers`.
+    pub fn slot_offset(&self, slot: u32) -> usize {
         self.slots_offset + slot as usize * self.slot_stride
     }
 
-    /// Offset of lane `(sender, receiver)`'s control block.
-    pub(crate) fn lane_ctl(&self, sender: u32, receiver: u32) -> usize {
+    /// Offset of lane `(sender, receiver)`'s control block (head, tail and
+    /// space-waiter words, each on its own 128-byte line). For tools and
+    /// tests; both slots `< workers`.
+    pub fn lane_ctl(&self, sender: u32, receiver: u32) -> usize {
         self.lane_ctl_offset + self.lane_index(sender, receiver) * size_of::<LaneControl>()
     }
 
-    /// Offset of lane `(sender, receiver)`'s ring bytes.
-    pub(crate) fn lane_data(&self, sender: u32, receiver: u32) -> usize {
+    /// Offset of lane `(sender, receiver)`'s ring bytes (`lane_capacity` of
+    /// them). For tools and tests; both slots `< workers`.
+    pub fn lane_data(&self, sender: u32, receiver: u32) -> usize {
         self.lane_data_offset + self.lane_index(sender, receiver) * self.lane_capacity
     }
 
