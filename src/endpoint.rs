@@ -114,6 +114,10 @@ pub struct Endpoint {
     /// Lanes (by sender) that may hold data: doorbell bits taken, not yet
     /// found empty.
     pending: Vec<u64>,
+    /// The bits of `pending`'s last word that name real slots: a doorbell
+    /// bit for a slot that does not exist (written by a buggy process) is
+    /// dropped.
+    pending_mask: u64,
     /// Where the next round-robin scan of `pending` starts.
     cursor: u32,
     wait: WaitStrategy,
@@ -182,11 +186,14 @@ impl Endpoint {
             .collect();
         // Look at every lane once: messages may have been queued before this
         // endpoint existed (and their doorbell bits taken by a predecessor).
+        let pending_mask = if workers % 64 == 0 {
+            u64::MAX
+        } else {
+            (1u64 << (workers % 64)) - 1
+        };
         let mut pending = vec![u64::MAX; layout.bell_words];
-        if workers % 64 != 0 {
-            if let Some(last) = pending.last_mut() {
-                *last = (1u64 << (workers % 64)) - 1;
-            }
+        if let Some(last) = pending.last_mut() {
+            *last = pending_mask;
         }
         Ok(Self {
             segment: segment.clone(),
@@ -199,6 +206,7 @@ impl Endpoint {
             outbound,
             inbound,
             pending,
+            pending_mask,
             cursor: 0,
             wait: WaitStrategy::default(),
             _not_sync: PhantomData,
@@ -622,7 +630,11 @@ impl Endpoint {
     /// The next lane with data, round-robin from `cursor`; clears the bits
     /// of lanes found empty. `Ok(None)` when every pending lane is empty.
     fn poll(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
-        wake::take_doorbell(self.segment.bells(self.slot), &mut self.pending);
+        if wake::take_doorbell(self.segment.bells(self.slot), &mut self.pending) {
+            if let Some(last) = self.pending.last_mut() {
+                *last &= self.pending_mask;
+            }
+        }
         loop {
             let Some(from) = self.next_pending() else {
                 return Ok(None);

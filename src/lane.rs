@@ -32,7 +32,10 @@
 //! panic or a read outside the ring.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{
+    AtomicU32, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 
 use crate::error::LaneCorruption;
 use crate::wake;
@@ -85,14 +88,14 @@ pub(crate) struct Padded<T>(pub(crate) T);
 pub(crate) struct LaneControl {
     /// Receiver's position: bytes consumed. Written only by the receiver,
     /// with `Release` after it has copied a record out (pairs with the
-    /// producer's `SeqCst` load in `Producer::refresh_head`, which then may
-    /// overwrite those bytes).
+    /// producer's `Acquire` load in `Producer::refresh_head`, after which it
+    /// may overwrite those bytes).
     pub(crate) head: Padded<AtomicU64>,
     /// Sender's position: bytes published. Written only by the sender, with
-    /// `SeqCst` after the records before it are complete (pairs with the
-    /// consumer's `SeqCst` load in `Consumer::refresh_tail`; `SeqCst` rather
-    /// than `Release` because the doorbell handshake in [`crate::wake`]
-    /// orders this store before the sender's read of the park word).
+    /// `Release` once the records before it are complete (pairs with the
+    /// consumer's `Acquire` load in `Consumer::refresh_tail`). The doorbell
+    /// handshake in [`crate::wake`] (fences F1/F2) orders it against the
+    /// doorbell.
     pub(crate) tail: Padded<AtomicU64>,
     /// 1 while the sender waits for space ([`wake::wait_for_space`]);
     /// cleared by whoever wakes it ([`wake::release_space`]).
@@ -110,7 +113,7 @@ pub(crate) const fn max_record_payload(cap: usize) -> usize {
 
 /// Bytes a record with `len` payload bytes occupies.
 pub(crate) const fn record_size(len: usize) -> usize {
-    RECORD_HEADER + (len + ALIGN - 1) / ALIGN * ALIGN
+    RECORD_HEADER + len.div_ceil(ALIGN) * ALIGN
 }
 
 /// Where one lane lives. Plain pointers, copied freely; the producer and
@@ -173,6 +176,20 @@ pub(crate) struct Producer {
     tail: u64,
     /// Last head read from the lane.
     head: u64,
+    /// Set when the lane's indices were impossible when this producer took
+    /// it over; nothing is ever written then.
+    broken: Option<LaneCorruption>,
+}
+
+/// Whether `head` and `tail` can be a lane's indices: 8-aligned, and
+/// `0 <= tail - head <= cap` in wrapping arithmetic (positions count bytes
+/// modulo 2^64; `cap` divides 2^64, so ring offsets stay right across the
+/// wrap).
+fn indices_valid(head: u64, tail: u64, cap: usize) -> Result<(), LaneCorruption> {
+    if head % ALIGN as u64 != 0 || tail % ALIGN as u64 != 0 || tail.wrapping_sub(head) > cap as u64 {
+        return Err(LaneCorruption::Indices { head, tail });
+    }
+    Ok(())
 }
 
 /// Space planned for a record: the padding to write before it and where its
@@ -185,11 +202,19 @@ pub(crate) struct Planned {
 
 impl Producer {
     /// Takes over the lane at its published tail (a respawned sender
-    /// continues where its predecessor's last complete record ended).
+    /// continues where its predecessor's last complete record ended). If the
+    /// published indices are impossible, every write reports the lane
+    /// corrupt and nothing is written.
     pub(crate) fn new(lane: LaneRef) -> Self {
         let tail = lane.ctl().tail.0.load(Acquire);
         let head = lane.ctl().head.0.load(Acquire);
-        Self { lane, tail, head }
+        let broken = indices_valid(head, tail, lane.cap).err();
+        Self {
+            lane,
+            tail,
+            head: if broken.is_some() { tail } else { head },
+            broken,
+        }
     }
 
     /// Bytes free as far as the cached head knows.
@@ -197,17 +222,13 @@ impl Producer {
         self.lane.cap - self.tail.wrapping_sub(self.head) as usize
     }
 
-    /// Re-reads the head. `SeqCst`: this load is the second half of the
-    /// sender's wait-for-space handshake.
+    /// Re-reads the head (after fence F5 when waiting for space).
     pub(crate) fn refresh_head(&mut self) -> Result<(), LaneCorruption> {
-        let head = self.lane.ctl().head.0.load(SeqCst);
-        let used = self.tail.wrapping_sub(head);
-        if head % ALIGN as u64 != 0 || self.tail % ALIGN as u64 != 0 || used > self.lane.cap as u64 {
-            return Err(LaneCorruption::Indices {
-                head,
-                tail: self.tail,
-            });
+        if let Some(e) = self.broken {
+            return Err(e);
         }
+        let head = self.lane.ctl().head.0.load(Acquire);
+        indices_valid(head, self.tail, self.lane.cap)?;
         self.head = head;
         Ok(())
     }
@@ -215,7 +236,7 @@ impl Producer {
     /// Whether `need` bytes are free, refreshing the head if the cached one
     /// says no.
     pub(crate) fn has_room(&mut self, need: usize) -> Result<bool, LaneCorruption> {
-        if self.free() >= need {
+        if self.broken.is_none() && self.free() >= need {
             return Ok(true);
         }
         self.refresh_head()?;
@@ -247,7 +268,7 @@ impl Producer {
         loop {
             let chunk = left.min(piece);
             let rec = record_size(chunk);
-            pos += (self.padding_at(pos, rec) + rec) as u64;
+            pos = pos.wrapping_add((self.padding_at(pos, rec) + rec) as u64);
             let need = pos.wrapping_sub(self.tail) as usize;
             if need > self.lane.cap {
                 return None;
@@ -267,7 +288,8 @@ impl Producer {
         if !self.has_room(padding + rec + keep)? {
             return Ok(None);
         }
-        let payload_offset = ((self.tail + padding as u64) & self.lane.mask()) as usize + RECORD_HEADER;
+        let payload_offset =
+            (self.tail.wrapping_add(padding as u64) & self.lane.mask()) as usize + RECORD_HEADER;
         Ok(Some(Planned {
             padding,
             payload_offset,
@@ -298,7 +320,7 @@ impl Producer {
                 // does not read it concurrently.
                 unsafe { self.lane.at(offset).cast::<RecordHeader>().write(pad) };
             }
-            self.tail += planned.padding as u64;
+            self.tail = self.tail.wrapping_add(planned.padding as u64);
         }
         let offset = (self.tail & self.lane.mask()) as usize;
         debug_assert_eq!(offset + RECORD_HEADER, planned.payload_offset);
@@ -306,7 +328,7 @@ impl Producer {
         // SAFETY: the plan put a whole record at `offset`, inside the ring,
         // 8-aligned, in space the consumer does not read until published.
         unsafe { self.lane.at(offset).cast::<RecordHeader>().write(hdr) };
-        self.tail += record_size(hdr.len as usize) as u64;
+        self.tail = self.tail.wrapping_add(record_size(hdr.len as usize) as u64);
     }
 
     /// Copies `payload` into a planned record and commits it.
@@ -319,10 +341,11 @@ impl Producer {
         self.commit(planned, hdr);
     }
 
-    /// Makes every committed record visible to the consumer.
+    /// Makes every committed record visible to the consumer. The caller
+    /// then rings the doorbell ([`wake::notify`]).
     #[inline]
     pub(crate) fn publish(&mut self) {
-        self.lane.ctl().tail.0.store(self.tail, SeqCst);
+        self.lane.ctl().tail.0.store(self.tail, Release);
     }
 
     /// Sender half of waiting for space: see [`wake::wait_for_space`].
@@ -435,18 +458,11 @@ impl Consumer {
         }
     }
 
-    /// Re-reads the published tail. Returns whether there is data.
+    /// Re-reads the published tail (after fence F2 when the doorbell was
+    /// taken). Returns whether there is data.
     fn refresh_tail(&mut self) -> Result<bool, LaneCorruption> {
-        let tail = self.lane.ctl().tail.0.load(SeqCst);
-        if self.head % ALIGN as u64 != 0
-            || tail % ALIGN as u64 != 0
-            || tail.wrapping_sub(self.head) > self.lane.cap as u64
-        {
-            return Err(LaneCorruption::Indices {
-                head: self.head,
-                tail,
-            });
-        }
+        let tail = self.lane.ctl().tail.0.load(Acquire);
+        indices_valid(self.head, tail, self.lane.cap)?;
         self.tail = tail;
         if tail == self.head && self.unchecked > 0 {
             // The lane is empty: make sure a sender waiting for space knows.
@@ -458,7 +474,7 @@ impl Consumer {
 
     /// Moves the head past `bytes` already read and publishes it.
     fn advance(&mut self, bytes: usize) {
-        self.head += bytes as u64;
+        self.head = self.head.wrapping_add(bytes as u64);
         let ctl = self.lane.ctl();
         ctl.head.0.store(self.head, Release);
         self.unchecked += bytes;

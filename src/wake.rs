@@ -15,20 +15,30 @@
 //! `PARKED → NOTIFIED` (compare-exchange), so exactly one sender pays the
 //! `futex_wake` syscall and a busy receiver costs senders no syscall at all.
 //!
-//! The handshake is Dekker's: the sender does *publish tail; read doorbell
-//! (set our bit if clear); read park word*, the receiver does *store PARKED;
-//! read doorbell* (and, when draining, *take doorbell bits; read tails*).
-//! All of these are `SeqCst`, so in the single total order either the
-//! receiver sees the sender's bit (and does not sleep) or the sender sees
-//! `PARKED` (and wakes it). [`notify`] and [`park`] are the two halves;
-//! `tests/loom.rs` checks that no interleaving loses a wakeup.
+//! Both handshakes are Dekker's, written with `SeqCst` *fences* between a
+//! relaxed (or release) store and a relaxed load on each side; the fences
+//! are numbered F1–F6 below and at each call site. (With fences rather than
+//! `SeqCst` accesses, loom models the protocol exactly; it treats `SeqCst`
+//! loads and stores as `AcqRel`, see tokio-rs/loom#180.)
+//!
+//! - Data and doorbell. Sender: *store tail (Release); F1; read doorbell*.
+//!   Receiver: *swap doorbell bits to 0; F2; read tails (Acquire)*. If the
+//!   sender reads its bit still set, F1 precedes F2 and the receiver's tail
+//!   read sees the new tail: the sender need do nothing more, not even read
+//!   the park word (the common case while a receiver is busy).
+//! - Doorbell and park word. Sender, finding its bit clear: *set bit; F3;
+//!   read park word*. Receiver: *store PARKED; F4; read doorbell*. Either
+//!   the receiver sees the bit and does not sleep, or the sender sees
+//!   `PARKED` and wakes it.
+//!
+//! `tests` under `--cfg loom` check that no interleaving loses a wakeup.
 //!
 //! # Sender side: waiting for space
 //!
 //! A lane's `space_waiter` word is 1 while its sender waits for the receiver
-//! to free space. Sender: *store 1; re-read head* ([`wait_for_space`]).
-//! Receiver: *store head; fence; read space_waiter* ([`release_space`]). The
-//! same argument applies.
+//! to free space. Sender: *store 1; F5; read head* ([`wait_for_space`]).
+//! Receiver: *store head (Release); F6; read space_waiter*
+//! ([`release_space`]). The same argument applies.
 
 use std::time::Duration;
 
@@ -41,17 +51,19 @@ pub(crate) const PARKED: u32 = 1;
 /// A sender has taken responsibility for waking the receiver.
 pub(crate) const NOTIFIED: u32 = 2;
 
-/// Sender half, called right after the lane's tail was published with a
-/// `SeqCst` store: rings `bit` in the receiver's doorbell `bell` and wakes
-/// the receiver if it is parked. Returns whether a `futex_wake` was issued.
+/// Sender half, called right after the lane's tail was stored (Release):
+/// rings `bit` in the receiver's doorbell `bell` and wakes the receiver if it
+/// is parked. Returns whether a `futex_wake` was issued.
 #[inline]
 pub(crate) fn notify(bell: &AtomicU64, bit: u64, park: &AtomicU32) -> bool {
-    // Reading first keeps the line shared while the bit is already set (the
-    // receiver has not drained us yet): no read-modify-write per message.
-    if bell.load(SeqCst) & bit == 0 {
-        bell.fetch_or(bit, SeqCst);
+    fence(SeqCst); // F1, pairs with F2 in `take_doorbell`.
+    if bell.load(Relaxed) & bit != 0 {
+        // Not yet taken: the receiver will read our tail when it takes it.
+        return false;
     }
-    if park.load(SeqCst) == PARKED {
+    bell.fetch_or(bit, Relaxed);
+    fence(SeqCst); // F3, pairs with F4 in `park`.
+    if park.load(Relaxed) == PARKED {
         return notify_slow(park);
     }
     false
@@ -59,7 +71,7 @@ pub(crate) fn notify(bell: &AtomicU64, bit: u64, park: &AtomicU32) -> bool {
 
 #[cold]
 fn notify_slow(park: &AtomicU32) -> bool {
-    if park.compare_exchange(PARKED, NOTIFIED, SeqCst, SeqCst).is_ok() {
+    if park.compare_exchange(PARKED, NOTIFIED, Relaxed, Relaxed).is_ok() {
         futex_wake(park);
         true
     } else {
@@ -68,20 +80,23 @@ fn notify_slow(park: &AtomicU32) -> bool {
 }
 
 /// Receiver half, part 1: moves every rung doorbell bit into `pending`.
-/// Returns whether any bit was taken. The `SeqCst` swap orders the take
-/// before the tail reads that follow it (see the module docs).
+/// Returns whether any bit was taken. The caller reads the pending lanes'
+/// tails afterwards (F2 orders the take before those reads).
 #[inline]
 pub(crate) fn take_doorbell(bells: &[AtomicU64], pending: &mut [u64]) -> bool {
     let mut any = false;
     for (bell, pending) in bells.iter().zip(pending.iter_mut()) {
         // A relaxed peek avoids a locked instruction when nothing rang; a
         // stale zero only delays the take until the next call, and `park`
-        // re-checks with SeqCst before sleeping.
+        // re-checks after F4 before sleeping.
         if bell.load(Relaxed) != 0 {
-            let bits = bell.swap(0, SeqCst);
+            let bits = bell.swap(0, Relaxed);
             *pending |= bits;
             any |= bits != 0;
         }
+    }
+    if any {
+        fence(SeqCst); // F2, pairs with F1 in `notify`.
     }
     any
 }
@@ -99,29 +114,31 @@ pub(crate) enum Parked {
 /// `timeout` (a safety net, never needed for correctness). The caller must
 /// have drained everything it already knew about (its `pending` set empty).
 pub(crate) fn park(park: &AtomicU32, bells: &[AtomicU64], timeout: Duration) -> Parked {
-    park.store(PARKED, SeqCst);
-    if bells.iter().any(|b| b.load(SeqCst) != 0) {
-        park.store(EMPTY, SeqCst);
+    park.store(PARKED, Relaxed);
+    fence(SeqCst); // F4, pairs with F3 in `notify`.
+    if bells.iter().any(|b| b.load(Relaxed) != 0) {
+        park.store(EMPTY, Relaxed);
         return Parked::Skipped;
     }
     futex_wait(park, PARKED, timeout);
     // Whether a sender moved us to NOTIFIED or we timed out, we are running.
-    park.store(EMPTY, SeqCst);
+    park.store(EMPTY, Relaxed);
     Parked::Slept
 }
 
 /// Sender side of a full lane: announces the wait on `waiter`, re-checks
-/// `has_space` (which must read the lane head with `SeqCst`), and sleeps for
-/// at most `timeout` unless space appeared. Returns whether there was space
-/// on the re-check (the caller then retries without sleeping).
+/// `has_space` (which reads the lane head), and sleeps for at most `timeout`
+/// unless space appeared. Returns whether there was space on the re-check
+/// (the caller then retries without sleeping).
 pub(crate) fn wait_for_space(
     waiter: &AtomicU32,
     mut has_space: impl FnMut() -> bool,
     timeout: Duration,
 ) -> bool {
-    waiter.store(1, SeqCst);
+    waiter.store(1, Relaxed);
+    fence(SeqCst); // F5, pairs with F6 in `release_space`.
     if has_space() {
-        waiter.store(0, SeqCst);
+        waiter.store(0, Relaxed);
         return true;
     }
     futex_wait(waiter, 1, timeout);
@@ -132,7 +149,7 @@ pub(crate) fn wait_for_space(
 /// sender if it announced a wait for space.
 #[inline]
 pub(crate) fn release_space(waiter: &AtomicU32) {
-    fence(SeqCst);
+    fence(SeqCst); // F6, pairs with F5 in `wait_for_space`.
     if waiter.load(Relaxed) != 0 {
         release_space_slow(waiter);
     }
@@ -140,7 +157,119 @@ pub(crate) fn release_space(waiter: &AtomicU32) {
 
 #[cold]
 fn release_space_slow(waiter: &AtomicU32) {
-    if waiter.swap(0, SeqCst) != 0 {
+    if waiter.swap(0, Relaxed) != 0 {
         futex_wake(waiter);
+    }
+}
+
+/// Model checks of the two handshakes: `RUSTFLAGS="--cfg loom" cargo test
+/// --release --lib wake::`. The model futex ignores timeouts, so a lost
+/// wakeup shows up as a deadlock that loom reports.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    const FOREVER: Duration = Duration::from_secs(3600);
+
+    /// A receiver slot with `senders` one-message lanes.
+    struct Inbox {
+        tails: Vec<AtomicU64>,
+        bells: [AtomicU64; 1],
+        park: AtomicU32,
+    }
+
+    impl Inbox {
+        fn new(senders: usize) -> Arc<Self> {
+            Arc::new(Self {
+                tails: (0..senders).map(|_| AtomicU64::new(0)).collect(),
+                bells: [AtomicU64::new(0)],
+                park: AtomicU32::new(EMPTY),
+            })
+        }
+    }
+
+    /// The sender's side of `Endpoint::send`: publish, then notify.
+    fn send(inbox: &Inbox, from: usize) {
+        inbox.tails[from].store(1, Release);
+        notify(&inbox.bells[0], 1 << from, &inbox.park);
+    }
+
+    /// The receiver's side of `Endpoint::recv` until every sender's message
+    /// is seen: take doorbell bits, read the pending lanes' tails (clearing
+    /// the bit of an empty lane), park when nothing is pending.
+    fn receive_all(inbox: &Inbox) {
+        let n = inbox.tails.len();
+        let mut seen = vec![false; n];
+        // Like a new endpoint: every lane is pending once.
+        let mut pending = [(1u64 << n) - 1];
+        while seen.iter().any(|s| !s) {
+            take_doorbell(&inbox.bells, &mut pending);
+            for (from, seen) in seen.iter_mut().enumerate() {
+                if pending[0] & (1 << from) != 0 {
+                    if inbox.tails[from].load(Acquire) == 1 {
+                        *seen = true;
+                    }
+                    pending[0] &= !(1 << from);
+                }
+            }
+            if seen.iter().any(|s| !s) && pending[0] == 0 {
+                park(&inbox.park, &inbox.bells, FOREVER);
+            }
+        }
+    }
+
+    #[test]
+    fn one_sender_no_lost_wakeup() {
+        loom::model(|| {
+            let inbox = Inbox::new(1);
+            let sender = {
+                let inbox = inbox.clone();
+                thread::spawn(move || send(&inbox, 0))
+            };
+            receive_all(&inbox);
+            sender.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn two_senders_no_lost_wakeup() {
+        loom::model(|| {
+            let inbox = Inbox::new(2);
+            let senders: Vec<_> = (0..2)
+                .map(|from| {
+                    let inbox = inbox.clone();
+                    thread::spawn(move || send(&inbox, from))
+                })
+                .collect();
+            receive_all(&inbox);
+            for s in senders {
+                s.join().unwrap();
+            }
+        });
+    }
+
+    /// A sender waiting for space in a full lane is always woken by the
+    /// receiver that frees it.
+    #[test]
+    fn space_waiter_no_lost_wakeup() {
+        loom::model(|| {
+            let head = Arc::new(AtomicU64::new(0));
+            let waiter = Arc::new(AtomicU32::new(0));
+            let receiver = {
+                let (head, waiter) = (head.clone(), waiter.clone());
+                thread::spawn(move || {
+                    // `Consumer::advance` then the strict check.
+                    head.store(1, Release);
+                    release_space(&waiter);
+                })
+            };
+            // `Endpoint::wait_for_room` with the spin phase skipped.
+            while head.load(Acquire) == 0 {
+                wait_for_space(&waiter, || head.load(Acquire) != 0, FOREVER);
+            }
+            receiver.join().unwrap();
+        });
     }
 }
