@@ -190,16 +190,18 @@ mod loom_tests {
         }
     }
 
-    /// The sender's side of `Endpoint::send`: publish, then notify.
-    fn send(inbox: &Inbox, from: usize) {
-        inbox.tails[from].store(1, Release);
+    /// The sender's side of `Endpoint::send`: publish message number
+    /// `seq`, then notify.
+    fn send(inbox: &Inbox, from: usize, seq: u64) {
+        inbox.tails[from].store(seq, Release);
         notify(&inbox.bells[0], 1 << from, &inbox.park);
     }
 
-    /// The receiver's side of `Endpoint::recv` until every sender's message
-    /// is seen: take doorbell bits, read the pending lanes' tails (clearing
-    /// the bit of an empty lane), park when nothing is pending.
-    fn receive_all(inbox: &Inbox) {
+    /// The receiver's side of `Endpoint::recv` until every sender's
+    /// message number `last` is seen: take doorbell bits, read the pending
+    /// lanes' tails (clearing the bit of a drained lane), park when nothing
+    /// is pending.
+    fn receive_all(inbox: &Inbox, last: u64) {
         let n = inbox.tails.len();
         let mut seen = vec![false; n];
         // Like a new endpoint: every lane is pending once.
@@ -208,7 +210,7 @@ mod loom_tests {
             take_doorbell(&inbox.bells, &mut pending);
             for (from, seen) in seen.iter_mut().enumerate() {
                 if pending[0] & (1 << from) != 0 {
-                    if inbox.tails[from].load(Acquire) == 1 {
+                    if inbox.tails[from].load(Acquire) == last {
                         *seen = true;
                     }
                     pending[0] &= !(1 << from);
@@ -226,9 +228,27 @@ mod loom_tests {
             let inbox = Inbox::new(1);
             let sender = {
                 let inbox = inbox.clone();
-                thread::spawn(move || send(&inbox, 0))
+                thread::spawn(move || send(&inbox, 0, 1))
             };
-            receive_all(&inbox);
+            receive_all(&inbox, 1);
+            sender.join().unwrap();
+        });
+    }
+
+    /// The second send may find its doorbell bit still set and skip the
+    /// park word (fence F1's case).
+    #[test]
+    fn one_sender_two_messages_no_lost_wakeup() {
+        loom::model(|| {
+            let inbox = Inbox::new(1);
+            let sender = {
+                let inbox = inbox.clone();
+                thread::spawn(move || {
+                    send(&inbox, 0, 1);
+                    send(&inbox, 0, 2);
+                })
+            };
+            receive_all(&inbox, 2);
             sender.join().unwrap();
         });
     }
@@ -240,10 +260,10 @@ mod loom_tests {
             let senders: Vec<_> = (0..2)
                 .map(|from| {
                     let inbox = inbox.clone();
-                    thread::spawn(move || send(&inbox, from))
+                    thread::spawn(move || send(&inbox, from, 1))
                 })
                 .collect();
-            receive_all(&inbox);
+            receive_all(&inbox, 1);
             for s in senders {
                 s.join().unwrap();
             }
