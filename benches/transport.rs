@@ -1,1 +1,759 @@
-fn main() {}
+//! Transport benchmark: shmcluster lanes next to the bare mechanisms they are
+//! built from (one cache line, a futex, an SPSC ring) and next to the
+//! kernel's unix socketpair and pipe. Every figure is measured between two
+//! forked processes, in this run, with nothing pinned.
+//!
+//! `cargo bench --bench transport` prints one markdown table on stdout
+//! (progress goes to stderr). Receivers in every throughput test copy each
+//! payload out and check its sequence number (the first 8 bytes).
+
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Release};
+use std::time::{Duration, Instant};
+
+use shmcluster::testing::{fork, ExitStatus, Watchdog};
+use shmcluster::{Config, Endpoint, Segment, WaitStrategy};
+
+/// The small message.
+const SMALL: usize = 64;
+/// The large message.
+const LARGE: usize = 4096;
+/// No single measure may take longer than this (the watchdog then kills it).
+const LIMIT: Duration = Duration::from_secs(60);
+/// A cache line as far as false sharing goes (adjacent-line prefetch).
+const LINE: usize = 128;
+/// Slot storage per bare ring: the same as a default shmcluster lane.
+const RING_BYTES: usize = shmcluster::DEFAULT_LANE_CAPACITY;
+/// A ring's footprint: head line, tail line, slots.
+const RING_LEN: usize = 2 * LINE + RING_BYTES;
+
+type Res = Result<(), Box<dyn std::error::Error>>;
+
+// ------------------------------------------------------------ statistics
+
+/// Round-trip percentiles, in nanoseconds.
+#[derive(Debug, Clone, Copy)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+fn percentiles(mut ns: Vec<u64>) -> Latency {
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64;
+    Latency {
+        p50: at(0.50),
+        p99: at(0.99),
+        p999: at(0.999),
+    }
+}
+
+/// One-way throughput.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    msgs_per_s: f64,
+    bytes_per_s: f64,
+}
+
+/// Unmeasured rounds (or messages) before the measured ones.
+fn warmup(n: usize) -> usize {
+    (n / 10).max(1000)
+}
+
+/// Runs `warmup(rounds) + rounds` round trips, timing each measured one.
+fn time_rounds(rounds: usize, mut round: impl FnMut(u64)) -> Latency {
+    let skip = warmup(rounds) as u64;
+    let mut ns = Vec::with_capacity(rounds);
+    for i in 0..skip + rounds as u64 {
+        let start = Instant::now();
+        round(i);
+        let took = start.elapsed();
+        if i >= skip {
+            ns.push(took.as_nanos() as u64);
+        }
+    }
+    percentiles(ns)
+}
+
+/// Receives `warmup(count) + count` messages of `size` bytes, timing the
+/// last `count`.
+fn time_stream(count: usize, size: usize, mut recv: impl FnMut(u64)) -> Rate {
+    let skip = warmup(count) as u64;
+    for i in 0..skip {
+        recv(i);
+    }
+    let start = Instant::now();
+    for i in skip..skip + count as u64 {
+        recv(i);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Rate {
+        msgs_per_s: count as f64 / secs,
+        bytes_per_s: (count * size) as f64 / secs,
+    }
+}
+
+/// Writes the sequence number into the first 8 bytes.
+fn stamp(buf: &mut [u8], seq: u64) {
+    buf[..8].copy_from_slice(&seq.to_le_bytes());
+}
+
+/// The sequence number in the first 8 bytes.
+fn seq_of(buf: &[u8]) -> u64 {
+    u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"))
+}
+
+// ------------------------------------------------------------- processes
+
+/// Forks a child running `child` (exit code 0 on `Ok`) while this process
+/// runs `parent`; reaps the child and checks it succeeded. A watchdog kills
+/// both if they hang.
+fn in_pair<T>(name: &str, child: impl FnOnce() -> Res, parent: impl FnOnce() -> T) -> T {
+    eprintln!("measuring {name}");
+    let dog = Watchdog::new(name, LIMIT);
+    let pid = dog.track(fork(|| i32::from(child().is_err())).expect("fork"));
+    let out = parent();
+    let status = pid.wait_timeout(Duration::from_secs(10)).expect("waitpid");
+    assert_eq!(status, Some(ExitStatus::Code(0)), "{name}: the child failed");
+    out
+}
+
+/// An anonymous `MAP_SHARED` mapping: a child forked after it sees the same
+/// memory.
+struct Shared {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Shared {
+    fn new(len: usize) -> Self {
+        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        Self { ptr: ptr.cast(), len }
+    }
+
+    fn u64_at(&self, offset: usize) -> &AtomicU64 {
+        assert!(offset % 8 == 0 && offset + 8 <= self.len);
+        // SAFETY: in bounds and aligned (the mapping is page-aligned); the
+        // mapping starts zeroed, a valid AtomicU64, and lives as long as
+        // `self`; every access is atomic.
+        unsafe { &*self.ptr.add(offset).cast::<AtomicU64>() }
+    }
+
+    fn u32_at(&self, offset: usize) -> &AtomicU32 {
+        assert!(offset % 4 == 0 && offset + 4 <= self.len);
+        // SAFETY: as for `u64_at`.
+        unsafe { &*self.ptr.add(offset).cast::<AtomicU32>() }
+    }
+
+    /// The bare ring whose control lines start at `offset`.
+    fn ring(&self, offset: usize, slot: usize) -> Ring<'_> {
+        assert!(offset % LINE == 0 && offset + RING_LEN <= self.len);
+        assert!(slot.is_power_of_two() && slot <= RING_BYTES);
+        Ring {
+            head: self.u64_at(offset),
+            tail: self.u64_at(offset + LINE),
+            // SAFETY: `offset + RING_LEN <= len`, checked above.
+            slots: unsafe { self.ptr.add(offset + 2 * LINE) },
+            slot,
+            mask: (RING_BYTES / slot - 1) as u64,
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; nothing borrowed from it outlives `self`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+// ------------------------------------------------------------ bare ring
+
+/// A bare SPSC ring of fixed-size slots in shared memory.
+struct Ring<'a> {
+    head: &'a AtomicU64,
+    tail: &'a AtomicU64,
+    slots: *mut u8,
+    slot: usize,
+    mask: u64,
+}
+
+impl Ring<'_> {
+    fn slot_ptr(&self, pos: u64) -> *mut u8 {
+        // SAFETY: `(pos & mask) * slot < RING_BYTES`, inside the mapping.
+        unsafe { self.slots.add((pos & self.mask) as usize * self.slot) }
+    }
+}
+
+/// The writing end; caches the consumer's head.
+struct RingProducer<'a> {
+    ring: Ring<'a>,
+    tail: u64,
+    head: u64,
+}
+
+impl<'a> RingProducer<'a> {
+    fn new(ring: Ring<'a>) -> Self {
+        Self {
+            ring,
+            tail: 0,
+            head: 0,
+        }
+    }
+
+    fn push(&mut self, msg: &[u8]) {
+        assert_eq!(msg.len(), self.ring.slot);
+        while self.tail - self.head > self.ring.mask {
+            self.head = self.ring.head.load(Acquire);
+            std::hint::spin_loop();
+        }
+        // SAFETY: the slot at `tail` is free (the consumer's head is past
+        // its previous use) and holds `slot` bytes; `msg` is local memory.
+        unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), self.ring.slot_ptr(self.tail), msg.len()) };
+        self.tail += 1;
+        self.ring.tail.store(self.tail, Release);
+    }
+}
+
+/// The reading end; caches the producer's tail.
+struct RingConsumer<'a> {
+    ring: Ring<'a>,
+    head: u64,
+    tail: u64,
+}
+
+impl<'a> RingConsumer<'a> {
+    fn new(ring: Ring<'a>) -> Self {
+        Self {
+            ring,
+            head: 0,
+            tail: 0,
+        }
+    }
+
+    fn pop(&mut self, out: &mut [u8]) {
+        assert_eq!(out.len(), self.ring.slot);
+        while self.head == self.tail {
+            self.tail = self.ring.tail.load(Acquire);
+            std::hint::spin_loop();
+        }
+        // SAFETY: the slot at `head` was published (Acquire on the tail)
+        // and is not rewritten until our head moves past it; `out` is local.
+        unsafe { std::ptr::copy_nonoverlapping(self.ring.slot_ptr(self.head), out.as_mut_ptr(), out.len()) };
+        self.head += 1;
+        self.ring.head.store(self.head, Release);
+    }
+}
+
+// ------------------------------------------------------------ shmcluster
+
+fn segment() -> Segment {
+    Segment::create(&Config::new(2)).expect("create segment")
+}
+
+fn open(segment: &Segment, slot: u32, wait: WaitStrategy) -> Result<Endpoint, shmcluster::EndpointError> {
+    let mut me = segment.endpoint(slot)?;
+    me.set_wait_strategy(wait);
+    Ok(me)
+}
+
+/// 64 B ping from slot 0 (this process), echoed by slot 1 (the child).
+fn shm_rtt(name: &str, wait: WaitStrategy, rounds: usize) -> Latency {
+    let segment = segment();
+    let deadline = Instant::now() + LIMIT;
+    let child = || -> Res {
+        let mut me = open(&segment, 1, wait)?;
+        let mut buf = [0u8; SMALL];
+        for _ in 0..warmup(rounds) + rounds {
+            let msg = me.recv_ref(Some(deadline))?;
+            if msg.payload().len() != SMALL {
+                return Err("wrong length".into());
+            }
+            buf.copy_from_slice(msg.payload());
+            drop(msg);
+            me.send(0, &buf).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+    in_pair(name, child, || {
+        let mut me = open(&segment, 0, wait).expect("slot 0");
+        let mut buf = [0u8; SMALL];
+        time_rounds(rounds, |i| {
+            stamp(&mut buf, i);
+            me.send(1, &buf).expect("send");
+            let echo = me.recv_ref(Some(deadline)).expect("recv");
+            assert_eq!(seq_of(echo.payload()), i, "echo out of order");
+        })
+    })
+}
+
+/// `count` messages of `size` bytes from slot 0 (the child) to slot 1 (this
+/// process), both spinning.
+fn shm_stream(name: &str, size: usize, count: usize) -> Rate {
+    let segment = segment();
+    let deadline = Instant::now() + LIMIT;
+    let child = || -> Res {
+        let mut me = open(&segment, 0, WaitStrategy::Spin)?;
+        let mut buf = vec![0u8; size];
+        for i in 0..(warmup(count) + count) as u64 {
+            stamp(&mut buf, i);
+            me.send(1, &buf[..]).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+    in_pair(name, child, || {
+        let mut me = open(&segment, 1, WaitStrategy::Spin).expect("slot 1");
+        let mut out = vec![0u8; size];
+        time_stream(count, size, |i| {
+            let msg = me.recv_ref(Some(deadline)).expect("recv");
+            out.copy_from_slice(msg.payload());
+            drop(msg);
+            assert_eq!(seq_of(&out), i, "message out of order");
+        })
+    })
+}
+
+// -------------------------------------------------------------- baselines
+
+/// One AtomicU64 on its own line: this process writes odd, the child
+/// answers with the next even number; both busy-spin.
+fn cache_line_rtt(rounds: usize) -> Latency {
+    let shared = Shared::new(4096);
+    let word = shared.u64_at(0);
+    let child = || -> Res {
+        for i in 0..(warmup(rounds) + rounds) as u64 {
+            while word.load(Acquire) != 2 * i + 1 {
+                std::hint::spin_loop();
+            }
+            word.store(2 * i + 2, Release);
+        }
+        Ok(())
+    };
+    in_pair("one-cache-line ping-pong", child, || {
+        time_rounds(rounds, |i| {
+            word.store(2 * i + 1, Release);
+            while word.load(Acquire) != 2 * i + 2 {
+                std::hint::spin_loop();
+            }
+        })
+    })
+}
+
+fn futex_wait(word: &AtomicU32, expected: u32) {
+    // SAFETY: `word` is a live, aligned u32 in a MAP_SHARED mapping; a
+    // shared (not PRIVATE) FUTEX_WAIT only reads it; a null timeout waits
+    // until woken (or returns at once if the value already changed).
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            std::ptr::null::<libc::timespec>(),
+        )
+    };
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: as for `futex_wait`; FUTEX_WAKE does not touch the memory.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, 1) };
+}
+
+/// Sleeps on `word` until it holds `want`.
+fn futex_wait_for(word: &AtomicU32, want: u32) {
+    loop {
+        let seen = word.load(Acquire);
+        if seen == want {
+            return;
+        }
+        futex_wait(word, seen);
+    }
+}
+
+/// Two futex words on separate lines; every turn is a store, a wake and a
+/// sleep, with no spinning.
+fn futex_rtt(rounds: usize) -> Latency {
+    let shared = Shared::new(4096);
+    let (ping, pong) = (shared.u32_at(0), shared.u32_at(LINE));
+    let child = || -> Res {
+        for i in 1..=(warmup(rounds) + rounds) as u32 {
+            futex_wait_for(ping, i);
+            pong.store(i, Release);
+            futex_wake(pong);
+        }
+        Ok(())
+    };
+    in_pair("bare futex ping-pong", child, || {
+        time_rounds(rounds, |i| {
+            let i = i as u32 + 1;
+            ping.store(i, Release);
+            futex_wake(ping);
+            futex_wait_for(pong, i);
+        })
+    })
+}
+
+/// 64 B ping-pong through two bare rings, both sides spinning.
+fn ring_rtt(rounds: usize) -> Latency {
+    let second = RING_LEN.next_multiple_of(4096);
+    let shared = Shared::new(2 * second);
+    let child = || -> Res {
+        let mut inbox = RingConsumer::new(shared.ring(0, SMALL));
+        let mut outbox = RingProducer::new(shared.ring(second, SMALL));
+        let mut buf = [0u8; SMALL];
+        for _ in 0..warmup(rounds) + rounds {
+            inbox.pop(&mut buf);
+            outbox.push(&buf);
+        }
+        Ok(())
+    };
+    in_pair("bare SPSC ring ping-pong", child, || {
+        let mut outbox = RingProducer::new(shared.ring(0, SMALL));
+        let mut inbox = RingConsumer::new(shared.ring(second, SMALL));
+        let mut buf = [0u8; SMALL];
+        time_rounds(rounds, |i| {
+            stamp(&mut buf, i);
+            outbox.push(&buf);
+            inbox.pop(&mut buf);
+            assert_eq!(seq_of(&buf), i, "echo out of order");
+        })
+    })
+}
+
+/// `count` messages of `size` bytes (the slot size) through a bare ring.
+fn ring_stream(size: usize, count: usize) -> Rate {
+    let shared = Shared::new(RING_LEN);
+    let child = || -> Res {
+        let mut outbox = RingProducer::new(shared.ring(0, size));
+        let mut buf = vec![0u8; size];
+        for i in 0..(warmup(count) + count) as u64 {
+            stamp(&mut buf, i);
+            outbox.push(&buf);
+        }
+        Ok(())
+    };
+    in_pair(&format!("bare SPSC ring, {size} B"), child, || {
+        let mut inbox = RingConsumer::new(shared.ring(0, size));
+        let mut out = vec![0u8; size];
+        time_stream(count, size, |i| {
+            inbox.pop(&mut out);
+            assert_eq!(seq_of(&out), i, "message out of order");
+        })
+    })
+}
+
+/// 64 B ping-pong over blocking byte streams: this process uses `mine`,
+/// the child `theirs` (each a reader and a writer).
+fn io_rtt(
+    name: &str,
+    rounds: usize,
+    mine: (impl Read, impl Write),
+    theirs: (impl Read, impl Write),
+) -> Latency {
+    let child = move || -> Res {
+        let (mut rx, mut tx) = theirs;
+        let mut buf = [0u8; SMALL];
+        for _ in 0..warmup(rounds) + rounds {
+            rx.read_exact(&mut buf)?;
+            tx.write_all(&buf)?;
+        }
+        Ok(())
+    };
+    in_pair(name, child, || {
+        let (mut rx, mut tx) = mine;
+        let mut buf = [0u8; SMALL];
+        time_rounds(rounds, |i| {
+            stamp(&mut buf, i);
+            tx.write_all(&buf).expect("write");
+            rx.read_exact(&mut buf).expect("read");
+            assert_eq!(seq_of(&buf), i, "echo out of order");
+        })
+    })
+}
+
+/// `count` messages of `size` bytes over a byte stream, one `write` per
+/// message; the reader is buffered (64 KiB), as a real framed reader would be.
+fn io_stream(name: &str, size: usize, count: usize, rx: impl Read, tx: impl Write) -> Rate {
+    let child = move || -> Res {
+        let mut tx = tx;
+        let mut buf = vec![0u8; size];
+        for i in 0..(warmup(count) + count) as u64 {
+            stamp(&mut buf, i);
+            tx.write_all(&buf)?;
+        }
+        Ok(())
+    };
+    in_pair(name, child, || {
+        let mut rx = BufReader::with_capacity(64 * 1024, rx);
+        let mut out = vec![0u8; size];
+        time_stream(count, size, |i| {
+            rx.read_exact(&mut out).expect("read");
+            assert_eq!(seq_of(&out), i, "message out of order");
+        })
+    })
+}
+
+/// A pipe: (read end, write end).
+fn pipe() -> (File, File) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
+fn socket_rtt(rounds: usize) -> Latency {
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    io_rtt("unix socketpair ping-pong", rounds, (&a, &a), (&b, &b))
+}
+
+fn pipe_rtt(rounds: usize) -> Latency {
+    let (down_rx, down_tx) = pipe();
+    let (up_rx, up_tx) = pipe();
+    io_rtt("pipe ping-pong", rounds, (up_rx, down_tx), (down_rx, up_tx))
+}
+
+fn socket_stream(size: usize, count: usize) -> Rate {
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    io_stream(&format!("unix socketpair, {size} B"), size, count, a, b)
+}
+
+fn pipe_stream(size: usize, count: usize) -> Rate {
+    let (rx, tx) = pipe();
+    io_stream(&format!("pipe, {size} B"), size, count, rx, tx)
+}
+
+// ----------------------------------------------------------------- report
+
+/// `nproc`, CPU model, kernel.
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("model name"))?;
+            Some(line.split_once(':')?.1.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    // SAFETY: utsname is arrays of C chars, for which all-zero is valid.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uname fills the struct it is given and nothing else.
+    let kernel = if unsafe { libc::uname(&mut uts) } == 0 {
+        let text = |field: &[libc::c_char]| -> String {
+            field
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8 as char)
+                .collect()
+        };
+        format!(
+            "{} {} {}",
+            text(&uts.sysname),
+            text(&uts.release),
+            text(&uts.machine)
+        )
+    } else {
+        "unknown kernel".into()
+    };
+    format!("nproc {cpus} · {model} · {kernel}")
+}
+
+fn ns(v: f64) -> String {
+    if v < 10_000.0 {
+        format!("{v:.0} ns")
+    } else {
+        format!("{:.1} µs", v / 1000.0)
+    }
+}
+
+fn lat(l: Latency) -> String {
+    format!("{} / {} / {}", ns(l.p50), ns(l.p99), ns(l.p999))
+}
+
+fn rate(r: Rate) -> String {
+    format!(
+        "{:.2} M msg/s, {:.2} GB/s",
+        r.msgs_per_s / 1e6,
+        r.bytes_per_s / 1e9
+    )
+}
+
+fn mark(ok: bool) -> &'static str {
+    if ok {
+        "✓"
+    } else {
+        "✗"
+    }
+}
+
+/// A table row: measure, shmcluster, baseline, baseline's value, ratio,
+/// target.
+type Row = [String; 6];
+
+fn lat_row(measure: &str, ours: Latency, baseline: &str, theirs: Latency, target: String) -> Row {
+    let ratio = format!(
+        "{:.2}× / {:.2}× / {:.2}×",
+        ours.p50 / theirs.p50,
+        ours.p99 / theirs.p99,
+        ours.p999 / theirs.p999
+    );
+    [
+        measure.into(),
+        lat(ours),
+        baseline.into(),
+        lat(theirs),
+        ratio,
+        target,
+    ]
+}
+
+fn rate_row(measure: &str, ours: Rate, baseline: &str, theirs: Rate, target: String) -> Row {
+    let ratio = format!("{:.2}×", ours.msgs_per_s / theirs.msgs_per_s);
+    [
+        measure.into(),
+        rate(ours),
+        baseline.into(),
+        rate(theirs),
+        ratio,
+        target,
+    ]
+}
+
+/// Warns (on stderr) when another process is runnable right now: with 2
+/// cores, one more busy process makes every spinning figure meaningless.
+fn warn_if_busy() {
+    // The fourth field of /proc/loadavg is "runnable/total"; we are one.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let runnable: u32 = load
+        .split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split_once('/')?.0.parse().ok())
+        .unwrap_or(0);
+    if runnable > 1 {
+        eprintln!(
+            "warning: {} other runnable processes; figures will be noisy",
+            runnable - 1
+        );
+    }
+}
+
+fn main() {
+    const SPIN_ROUNDS: usize = 200_000;
+    const PARK_ROUNDS: usize = 20_000;
+
+    warn_if_busy();
+
+    let stp = WaitStrategy::SpinThenPark(WaitStrategy::DEFAULT_SPIN);
+    let spin = shm_rtt("shmcluster RTT, Spin", WaitStrategy::Spin, SPIN_ROUNDS);
+    let spin_park = shm_rtt("shmcluster RTT, SpinThenPark", stp, SPIN_ROUNDS);
+    let park = shm_rtt("shmcluster RTT, Park", WaitStrategy::Park, PARK_ROUNDS);
+    let line = cache_line_rtt(SPIN_ROUNDS);
+    let ring_pp = ring_rtt(SPIN_ROUNDS);
+    let futex = futex_rtt(PARK_ROUNDS);
+    let sock_pp = socket_rtt(PARK_ROUNDS);
+    let pipe_pp = pipe_rtt(PARK_ROUNDS);
+
+    let small = shm_stream("shmcluster, 64 B", SMALL, 5_000_000);
+    let large = shm_stream("shmcluster, 4 KiB", LARGE, 500_000);
+    let ring_small = ring_stream(SMALL, 5_000_000);
+    let ring_large = ring_stream(LARGE, 500_000);
+    let sock_small = socket_stream(SMALL, 500_000);
+    let sock_large = socket_stream(LARGE, 100_000);
+    let pipe_small = pipe_stream(SMALL, 500_000);
+    let pipe_large = pipe_stream(LARGE, 100_000);
+
+    let none = || "".to_string();
+    let spin_ok = spin.p50 <= 2.0 * line.p50;
+    let park_ok = park.p50 <= 1.1 * futex.p50;
+    let rate_ok = small.msgs_per_s >= 50e6;
+    let share_ok = small.msgs_per_s >= 0.35 * ring_small.msgs_per_s;
+    let rtt = "RTT 64 B p50 / p99 / p99.9";
+    let rows: Vec<Row> = vec![
+        lat_row(
+            &format!("{rtt}, `Spin`"),
+            spin,
+            "one-cache-line ping-pong (spin)",
+            line,
+            format!("p50 ≤ 2× {}", mark(spin_ok)),
+        ),
+        lat_row(
+            &format!("{rtt}, `Spin`"),
+            spin,
+            "bare SPSC ring pair (spin)",
+            ring_pp,
+            none(),
+        ),
+        lat_row(
+            &format!("{rtt}, `SpinThenPark(50µs)`"),
+            spin_park,
+            "one-cache-line ping-pong (spin)",
+            line,
+            none(),
+        ),
+        lat_row(
+            &format!("{rtt}, `Park`"),
+            park,
+            "bare futex wait/wake ping-pong",
+            futex,
+            format!("p50 ≤ 1.1× {}", mark(park_ok)),
+        ),
+        lat_row(
+            &format!("{rtt}, `Park`"),
+            park,
+            "unix socketpair (blocking)",
+            sock_pp,
+            none(),
+        ),
+        lat_row(
+            &format!("{rtt}, `Park`"),
+            park,
+            "pipe pair (blocking)",
+            pipe_pp,
+            none(),
+        ),
+        rate_row(
+            "one-way 64 B",
+            small,
+            "bare SPSC ring (64 B slots)",
+            ring_small,
+            format!("≥ 50 M msg/s {} · ≥ 0.35× {}", mark(rate_ok), mark(share_ok)),
+        ),
+        rate_row("one-way 64 B", small, "unix socketpair", sock_small, none()),
+        rate_row("one-way 64 B", small, "pipe", pipe_small, none()),
+        rate_row(
+            "one-way 4 KiB",
+            large,
+            "bare SPSC ring (4 KiB slots)",
+            ring_large,
+            none(),
+        ),
+        rate_row("one-way 4 KiB", large, "unix socketpair", sock_large, none()),
+        rate_row("one-way 4 KiB", large, "pipe", pipe_large, none()),
+    ];
+
+    println!("Machine: {}", machine());
+    println!();
+    println!("| measure | shmcluster | baseline | baseline value | ratio (shmcluster ÷ baseline) | target |");
+    println!("|---|---|---|---|---|---|");
+    for row in rows {
+        println!("| {} |", row.join(" | "));
+    }
+}
