@@ -234,9 +234,10 @@ fn reserve_commit_writes_in_place() {
     });
     r.commit_len(5);
     // A reservation dropped without commit sends nothing.
-    let mut r = a.try_reserve(1, 50).unwrap();
-    r[..4].copy_from_slice(b"lost");
-    drop(r);
+    {
+        let mut r = a.try_reserve(1, 50).unwrap();
+        r[..4].copy_from_slice(b"lost");
+    }
     let mut r = a.try_reserve(1, 4).unwrap();
     r.copy_from_slice(b"last");
     r.commit();
