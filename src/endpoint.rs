@@ -284,7 +284,7 @@ impl Endpoint {
     #[inline]
     fn notify(&self, to: u32) {
         let word = &self.segment.bells(to)[(self.slot / 64) as usize];
-        wake::notify(word, 1u64 << (self.slot % 64), &self.segment.slot(to).park);
+        wake::notify(word, 1u64 << (self.slot % 64), self.segment.park(to));
     }
 
     /// Sends `msg` to slot `to`, waiting as long as it takes for room.
@@ -627,62 +627,90 @@ impl Endpoint {
 
     // ------------------------------------------------------------- receive
 
-    /// The next lane with data, round-robin from `cursor`; clears the bits
-    /// of lanes found empty. `Ok(None)` when every pending lane is empty.
+    /// The next message from any lane: adds the doorbell's bits to the
+    /// pending set (without clearing them, see [`wake`]) and polls.
     fn poll(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
-        if wake::take_doorbell(self.segment.bells(self.slot), &mut self.pending) {
-            if let Some(last) = self.pending.last_mut() {
-                *last &= self.pending_mask;
-            }
+        wake::peek_doorbell(self.segment.bells(self.slot), &mut self.pending);
+        self.mask_pending();
+        self.scan()
+    }
+
+    /// A doorbell bit for a slot that does not exist (written by a buggy
+    /// process) is dropped.
+    fn mask_pending(&mut self) {
+        if let Some(last) = self.pending.last_mut() {
+            *last &= self.pending_mask;
         }
-        loop {
-            let Some(from) = self.next_pending() else {
-                return Ok(None);
-            };
-            let inbound = &mut self.inbound[from as usize];
-            if inbound.poisoned.is_some() {
-                self.clear_pending(from);
-                continue;
-            }
-            match inbound.consumer.next() {
-                Ok(Some(next)) => {
-                    self.cursor = if from + 1 == self.workers { 0 } else { from + 1 };
-                    return Ok(Some((from, next)));
-                }
-                Ok(None) => self.clear_pending(from),
-                Err(error) => {
-                    inbound.poisoned = Some(error);
+    }
+
+    /// Polls each pending lane once, round-robin from `cursor`, and returns
+    /// the first message found. Lanes found empty stay pending: their
+    /// senders' doorbell bits are still set, so nobody would ring again.
+    fn scan(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
+        let start = self.cursor;
+        for (lo, hi) in [(start, self.workers), (0, start)] {
+            let mut at = lo;
+            while let Some(from) = self.next_pending(at, hi) {
+                at = from + 1;
+                let inbound = &mut self.inbound[from as usize];
+                if inbound.poisoned.is_some() {
                     self.clear_pending(from);
-                    return Err((from, error));
+                    continue;
+                }
+                match inbound.consumer.next() {
+                    Ok(Some(next)) => {
+                        self.cursor = if at == self.workers { 0 } else { at };
+                        return Ok(Some((from, next)));
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        inbound.poisoned = Some(error);
+                        self.clear_pending(from);
+                        return Err((from, error));
+                    }
                 }
             }
         }
+        Ok(None)
     }
 
     fn clear_pending(&mut self, from: u32) {
         self.pending[(from / 64) as usize] &= !(1u64 << (from % 64));
     }
 
-    /// The first pending sender at or after `cursor`, wrapping around.
-    fn next_pending(&self) -> Option<u32> {
-        let words = self.pending.len();
-        let start = (self.cursor / 64) as usize;
-        let first = self.pending[start] & (u64::MAX << (self.cursor % 64));
-        if first != 0 {
-            return Some(start as u32 * 64 + first.trailing_zeros());
+    /// The first pending sender in `at..hi`.
+    fn next_pending(&self, at: u32, hi: u32) -> Option<u32> {
+        if at >= hi {
+            return None;
         }
-        for i in 1..=words {
-            let w = (start + i) % words;
-            let bits = if w == start {
-                self.pending[w] & !(u64::MAX << (self.cursor % 64))
-            } else {
-                self.pending[w]
-            };
+        let mut word = (at / 64) as usize;
+        let mut bits = self.pending[word] & (u64::MAX << (at % 64));
+        loop {
             if bits != 0 {
-                return Some(w as u32 * 64 + bits.trailing_zeros());
+                let from = word as u32 * 64 + bits.trailing_zeros();
+                return (from < hi).then_some(from);
             }
+            word += 1;
+            if word as u32 * 64 >= hi {
+                return None;
+            }
+            bits = self.pending[word];
         }
-        None
+    }
+
+    /// On the way to sleep: takes (clears) the doorbell and polls every lane
+    /// it named and every pending one. Returns a message if one turned up;
+    /// otherwise every known lane is empty, the pending set is emptied, and
+    /// the caller may park.
+    #[cold]
+    fn before_park(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
+        wake::take_doorbell(self.segment.bells(self.slot), &mut self.pending);
+        self.mask_pending();
+        let found = self.scan()?;
+        if found.is_none() {
+            self.pending.fill(0);
+        }
+        Ok(found)
     }
 
     /// Waits for the next message by the wait strategy, until `deadline`.
@@ -711,9 +739,12 @@ impl Endpoint {
                 return Err(RecvError::Timeout);
             }
             if spin_until.is_some_and(|s| now >= s) {
+                if let Some(found) = self.before_park().map_err(corrupt)? {
+                    return Ok(found);
+                }
                 let timeout = deadline.map_or(SAFETY_NET, |d| (d - now).min(SAFETY_NET));
                 wake::park(
-                    &self.segment.slot(self.slot).park,
+                    self.segment.park(self.slot),
                     self.segment.bells(self.slot),
                     timeout,
                 );

@@ -22,10 +22,17 @@
 //! loads and stores as `AcqRel`, see tokio-rs/loom#180.)
 //!
 //! - Data and doorbell. Sender: *store tail (Release); F1; read doorbell*.
-//!   Receiver: *swap doorbell bits to 0; F2; read tails (Acquire)*. If the
-//!   sender reads its bit still set, F1 precedes F2 and the receiver's tail
-//!   read sees the new tail: the sender need do nothing more, not even read
-//!   the park word (the common case while a receiver is busy).
+//!   Receiver, before it parks: *swap doorbell bits to 0; F2; read tails
+//!   (Acquire)*. If the sender reads its bit still set, F1 precedes F2 and
+//!   the receiver's tail read sees the new tail: the sender need do nothing
+//!   more, not even read the park word.
+//!
+//!   A running receiver only *reads* the doorbell ([`peek_doorbell`]) and
+//!   keeps polling the tails of every lane whose bit it has seen; it clears
+//!   bits only on its way to sleep ([`take_doorbell`]). So while a sender
+//!   streams, its bit stays set, the doorbell's cache line stays shared by
+//!   both cores, and a send costs one fence and one cache hit beyond the
+//!   record itself.
 //! - Doorbell and park word. Sender, finding its bit clear: *set bit; F3;
 //!   read park word*. Receiver: *store PARKED; F4; read doorbell*. Either
 //!   the receiver sees the bit and does not sleep, or the sender sees
@@ -79,16 +86,27 @@ fn notify_slow(park: &AtomicU32) -> bool {
     }
 }
 
-/// Receiver half, part 1: moves every rung doorbell bit into `pending`.
-/// Returns whether any bit was taken. The caller reads the pending lanes'
-/// tails afterwards (F2 orders the take before those reads).
+/// Receiver, while running: adds every rung doorbell bit to `pending`
+/// without clearing it (no write, so no cache-line transfer). A stale read
+/// only delays the lane until the next call; [`take_doorbell`] and [`park`]
+/// are what make sleeping safe.
+#[inline]
+pub(crate) fn peek_doorbell(bells: &[AtomicU64], pending: &mut [u64]) {
+    for (bell, pending) in bells.iter().zip(pending.iter_mut()) {
+        *pending |= bell.load(Relaxed);
+    }
+}
+
+/// Receiver, on its way to sleep, part 1: moves every rung doorbell bit into
+/// `pending`, clearing it. Returns whether any bit was taken. The caller then
+/// reads the pending lanes' tails (F2 orders the take before those reads),
+/// and parks only if all are empty.
 #[inline]
 pub(crate) fn take_doorbell(bells: &[AtomicU64], pending: &mut [u64]) -> bool {
     let mut any = false;
     for (bell, pending) in bells.iter().zip(pending.iter_mut()) {
         // A relaxed peek avoids a locked instruction when nothing rang; a
-        // stale zero only delays the take until the next call, and `park`
-        // re-checks after F4 before sleeping.
+        // stale zero is caught by `park`'s re-check after F4.
         if bell.load(Relaxed) != 0 {
             let bits = bell.swap(0, Relaxed);
             *pending |= bits;
@@ -110,9 +128,10 @@ pub(crate) enum Parked {
     Slept,
 }
 
-/// Receiver half, part 2: sleeps on `park` until a sender rings, at most
-/// `timeout` (a safety net, never needed for correctness). The caller must
-/// have drained everything it already knew about (its `pending` set empty).
+/// Receiver, on its way to sleep, part 2: sleeps on `park` until a sender
+/// rings, at most `timeout` (a safety net, never needed for correctness).
+/// The caller must have taken the doorbell and found every lane it knows
+/// of empty.
 pub(crate) fn park(park: &AtomicU32, bells: &[AtomicU64], timeout: Duration) -> Parked {
     park.store(PARKED, Relaxed);
     fence(SeqCst); // F4, pairs with F3 in `notify`.
@@ -198,27 +217,35 @@ mod loom_tests {
     }
 
     /// The receiver's side of `Endpoint::recv` until every sender's
-    /// message number `last` is seen: take doorbell bits, read the pending
-    /// lanes' tails (clearing the bit of a drained lane), park when nothing
-    /// is pending.
+    /// message number `last` is seen: peek at the doorbell and poll the
+    /// pending lanes' tails; when they are all drained, take the doorbell,
+    /// poll again, and park only if still nothing is there.
     fn receive_all(inbox: &Inbox, last: u64) {
         let n = inbox.tails.len();
         let mut seen = vec![false; n];
-        // Like a new endpoint: every lane is pending once.
-        let mut pending = [(1u64 << n) - 1];
-        while seen.iter().any(|s| !s) {
-            take_doorbell(&inbox.bells, &mut pending);
+        let poll = |pending: &[u64; 1], seen: &mut Vec<bool>| {
             for (from, seen) in seen.iter_mut().enumerate() {
-                if pending[0] & (1 << from) != 0 {
-                    if inbox.tails[from].load(Acquire) == last {
-                        *seen = true;
-                    }
-                    pending[0] &= !(1 << from);
+                if pending[0] & (1 << from) != 0 && inbox.tails[from].load(Acquire) == last {
+                    *seen = true;
                 }
             }
-            if seen.iter().any(|s| !s) && pending[0] == 0 {
-                park(&inbox.park, &inbox.bells, FOREVER);
+        };
+        // Like a new endpoint: every lane is pending.
+        let mut pending = [(1u64 << n) - 1];
+        loop {
+            peek_doorbell(&inbox.bells, &mut pending);
+            poll(&pending, &mut seen);
+            if seen.iter().all(|s| *s) {
+                return;
             }
+            // `Endpoint::wait_next` on its way to sleep.
+            take_doorbell(&inbox.bells, &mut pending);
+            poll(&pending, &mut seen);
+            if seen.iter().all(|s| *s) {
+                return;
+            }
+            pending = [0];
+            park(&inbox.park, &inbox.bells, FOREVER);
         }
     }
 

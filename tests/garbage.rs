@@ -59,9 +59,6 @@ const CTL_HEAD: usize = 0;
 const CTL_TAIL: usize = 128;
 const CTL_SPACE_WAITER: usize = 256;
 const CTL_SIZE: usize = 384;
-/// A slot's doorbell words follow its 64-byte control block
-/// (`Layout::slot_offset`).
-const SLOT_BELLS: usize = 64;
 
 /// A second, independent `MAP_SHARED` mapping of a file: what another
 /// (buggy) process sees of a segment.
@@ -332,7 +329,7 @@ fn scribble_lane(data: &[u8]) -> (usize, bool) {
         0
     };
     scribbler.write_ring(ring, cap, at, ring_bytes);
-    scribbler.or64(layout.slot_offset(1) + SLOT_BELLS, 1);
+    scribbler.or64(layout.doorbell_offset(1), 1);
     let intact = keep && ring_bytes.is_empty();
 
     if mode & SEND_AFTER != 0 {
@@ -491,7 +488,7 @@ fn scribbled_lane_is_reported_and_others_keep_working() {
     scribbler.write_ring(layout.lane_data(0, 2), cap, 0, &rng.bytes(cap));
     // A writer that publishes also rings the receiver's doorbell; without it
     // a receiver that found lane 0 empty would never look at it again.
-    scribbler.or64(layout.slot_offset(2) + SLOT_BELLS, 1 << 0);
+    scribbler.or64(layout.doorbell_offset(2), 1 << 0);
     scribbled.send(()).unwrap();
     sender1.join().expect("sender 1");
 
@@ -883,7 +880,7 @@ fn regression_3_doorbell_bit_of_a_missing_sender() {
     let scribbler = Scribbler::new(segment.fd(), layout.size());
     let mut rx = segment.endpoint(2).unwrap();
     assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
-    scribbler.or64(layout.slot_offset(2) + SLOT_BELLS, 1 << 40);
+    scribbler.or64(layout.doorbell_offset(2), 1 << 40);
     assert_eq!(rx.try_recv(), Err(TryRecvError::Empty));
 }
 

@@ -43,9 +43,6 @@ pub const CTL_TAIL: usize = 128;
 pub const CTL_SPACE_WAITER: usize = 256;
 /// Bytes in a lane control block.
 pub const CTL_SIZE: usize = 384;
-/// A slot's doorbell words follow its 64-byte control block
-/// (`Layout::slot_offset`).
-pub const SLOT_BELLS: usize = 64;
 /// The largest image [`attach_image`] pads a raw input up to.
 const MAX_PADDED_IMAGE: u64 = 4 << 20;
 /// Offset of the `size` field in the segment header (`#[repr(C)]`:
@@ -316,7 +313,7 @@ pub fn scribble_lane(data: &[u8]) -> LaneOutcome {
     let cap = layout.lane_capacity();
     let ctl = layout.lane_ctl(0, 1);
     let ring = layout.lane_data(0, 1);
-    let bells_of_1 = layout.slot_offset(1) + SLOT_BELLS;
+    let bells_of_1 = layout.doorbell_offset(1);
     let scribbler = Scribbler::new(segment.fd(), layout.size());
 
     // Every message sent and not yet received, in order; only checked when

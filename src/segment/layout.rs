@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! 0                 header (one page)
-//! slots_offset      workers × SlotControl   park word, owner, generation, doorbell
+//! slots_offset      workers × slot block    park word and doorbell (one cache line for
+//!                                           up to 448 workers), then SlotControl
 //! lane_ctl_offset   workers² × LaneControl  head, tail, space waiter (own cache lines)
 //! lane_data_offset  workers² × lane_capacity  ring bytes, page aligned
 //! locks_offset      lock_slots × LOCK_ENTRY_SIZE     reserved: lock table
@@ -122,6 +123,17 @@ pub struct Layout {
     pub(crate) size: usize,
 }
 
+/// Where the doorbell words start in a slot block: right after the park
+/// word, so a sender that rings and then reads the park word touches one
+/// cache line.
+const DOORBELL_OFFSET: usize = 8;
+
+/// Bytes of a slot block taken by the park word and the doorbell, rounded
+/// to a cache line.
+const fn wake_bytes(bell_words: usize) -> usize {
+    (DOORBELL_OFFSET + 8 * bell_words).div_ceil(64) * 64
+}
+
 const fn round_up(n: usize, to: usize) -> Option<usize> {
     match n.checked_add(to - 1) {
         Some(v) => Some(v / to * to),
@@ -167,7 +179,7 @@ impl Layout {
         }
         let n = workers as usize;
         let bell_words = n.div_ceil(64);
-        let slot_stride = size_of::<SlotControl>() + round_up(bell_words * 8, 64).unwrap_or(0);
+        let slot_stride = wake_bytes(bell_words) + size_of::<SlotControl>();
         let lanes = n * n;
 
         let (slots_offset, end) = region(HEADER_SIZE, n, slot_stride)?;
@@ -224,11 +236,25 @@ impl Layout {
         sender as usize * self.workers as usize + receiver as usize
     }
 
-    /// Offset of slot `slot`'s control block (park word, owner, generation;
-    /// its doorbell words follow). For tools and tests that inspect a
-    /// segment; `slot < workers`.
+    /// Offset of slot `slot`'s block: its park word (`u32`, `EMPTY = 0`,
+    /// `PARKED = 1`, `NOTIFIED = 2`), then at [`Layout::doorbell_offset`] its
+    /// doorbell words (`u64`, bit `s % 64` of word `s / 64` for sender `s`),
+    /// then the slot's owner pid and generation. For tools and tests that
+    /// inspect a segment; `slot < workers`.
     pub fn slot_offset(&self, slot: u32) -> usize {
+        assert!(slot < self.workers);
         self.slots_offset + slot as usize * self.slot_stride
+    }
+
+    /// Offset of slot `slot`'s doorbell words, in the park word's cache line
+    /// (for up to 448 workers). For tools and tests; `slot < workers`.
+    pub fn doorbell_offset(&self, slot: u32) -> usize {
+        self.slot_offset(slot) + DOORBELL_OFFSET
+    }
+
+    /// Offset of slot `slot`'s owner/generation block.
+    pub(crate) fn slot_control_offset(&self, slot: u32) -> usize {
+        self.slot_offset(slot) + wake_bytes(self.bell_words)
     }
 
     /// Offset of lane `(sender, receiver)`'s control block (head, tail and
@@ -307,7 +333,18 @@ mod tests {
                 assert!(l.stats_offset + n * STATS_ENTRY_SIZE <= l.size);
                 assert_eq!(l.size % PAGE, 0);
                 assert!(l.bell_words * 64 >= n);
-                assert!(size_of::<SlotControl>() + l.bell_words * 8 <= l.slot_stride);
+                assert!(DOORBELL_OFFSET + l.bell_words * 8 <= wake_bytes(l.bell_words));
+                assert_eq!(
+                    l.slot_control_offset(0) + size_of::<SlotControl>(),
+                    l.slot_offset(0) + l.slot_stride
+                );
+                if workers <= 448 {
+                    assert_eq!(
+                        wake_bytes(l.bell_words),
+                        64,
+                        "park word and doorbell share a line"
+                    );
+                }
                 let last = l.lane_data(workers - 1, workers - 1);
                 assert_eq!(last + cap, l.lane_data_offset + n * n * cap);
                 assert_eq!(l.lane_data(0, 0) % cap.min(PAGE), 0);

@@ -156,13 +156,10 @@ impl Header {
     }
 }
 
-/// Per-slot control block at the start of the slot's stride; the slot's
-/// doorbell words (`AtomicU64`, one bit per sender) follow it. All-zero is a
-/// free slot.
+/// Who holds a slot: the end of the slot's block, after its park word and
+/// doorbell (see [`Layout::slot_offset`]). All-zero is a free slot.
 #[repr(C, align(64))]
 pub(crate) struct SlotControl {
-    /// The receiver's park word: `wake::{EMPTY, PARKED, NOTIFIED}`.
-    pub(crate) park: AtomicU32,
     /// Pid of the process whose endpoint holds the slot; 0 when free.
     /// Claimed by compare-exchange, so at most one endpoint writes the
     /// slot's lanes.
@@ -170,7 +167,7 @@ pub(crate) struct SlotControl {
     /// Bumped by each endpoint that claims the slot; stamped on every record
     /// it sends.
     pub(crate) generation: AtomicU32,
-    _reserved: [AtomicU32; 13],
+    _reserved: [AtomicU32; 14],
 }
 
 const _: () = assert!(size_of::<SlotControl>() == 64);
@@ -325,24 +322,30 @@ impl Segment {
         unsafe { &*self.base().add(INIT_OFFSET).cast::<AtomicU32>() }
     }
 
-    /// Slot `slot`'s control block. `slot < workers`.
+    /// Slot `slot`'s owner and generation. `slot < workers`.
     pub(crate) fn slot(&self, slot: u32) -> &SlotControl {
-        assert!(slot < self.inner.layout.workers);
-        let offset = self.inner.layout.slot_offset(slot);
-        // SAFETY: the layout puts `workers` control blocks of `slot_stride`
-        // (>= 64) bytes, 64-aligned, inside the mapping (validated size);
-        // `SlotControl` is only atomics, valid for any bit pattern.
+        let offset = self.inner.layout.slot_control_offset(slot);
+        // SAFETY: the layout puts a 64-aligned `SlotControl` at the end of
+        // each slot block, inside the mapping (validated size); it is only
+        // atomics, valid for any bit pattern.
         unsafe { &*self.base().add(offset).cast::<SlotControl>() }
     }
 
-    /// Slot `slot`'s doorbell words.
+    /// Slot `slot`'s park word. `slot < workers`.
+    pub(crate) fn park(&self, slot: u32) -> &AtomicU32 {
+        let offset = self.inner.layout.slot_offset(slot);
+        // SAFETY: each slot block starts 64-aligned with its park word,
+        // inside the mapping; an atomic is valid for any bit pattern.
+        unsafe { &*self.base().add(offset).cast::<AtomicU32>() }
+    }
+
+    /// Slot `slot`'s doorbell words. `slot < workers`.
     pub(crate) fn bells(&self, slot: u32) -> &[AtomicU64] {
-        assert!(slot < self.inner.layout.workers);
         let layout = &self.inner.layout;
-        let offset = layout.slot_offset(slot) + size_of::<SlotControl>();
-        // SAFETY: the slot stride holds `bell_words` 8-aligned u64s after the
-        // control block (see `Layout::new`), inside the mapping; atomics are
-        // valid for any bit pattern.
+        let offset = layout.doorbell_offset(slot);
+        // SAFETY: each slot block holds `bell_words` 8-aligned u64s at the
+        // doorbell offset (see `Layout::new`), inside the mapping; atomics
+        // are valid for any bit pattern.
         unsafe { std::slice::from_raw_parts(self.base().add(offset).cast::<AtomicU64>(), layout.bell_words) }
     }
 
