@@ -453,15 +453,25 @@ impl Endpoint {
             WaitStrategy::SpinThenPark(d) => Some(Instant::now() + d),
             WaitStrategy::Park => Some(Instant::now()),
         };
+        // Hysteresis: once the lane is full, wait for a quarter of it (or
+        // `need`, if more) to be free, not just for one record. The head is
+        // the receiver's line, stored after every message; a sender that
+        // re-read it for every record would pull that line across cores once
+        // per message, slowing the receiver it is waiting for. For the same
+        // reason a spinning sender looks at the head only every few hundred
+        // nanoseconds.
+        let target = need.max(self.lane_capacity / 4);
         let out = &mut self.outbound[to as usize];
         let mut spins = 0u32;
         loop {
-            if out.has_room(need)? {
+            if out.has_room(target)? {
                 return Ok(());
             }
-            spins = spins.wrapping_add(1);
-            if spins % 64 != 0 {
+            for _ in 0..16 {
                 std::hint::spin_loop();
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 8 != 0 {
                 continue;
             }
             let now = Instant::now();
@@ -470,7 +480,7 @@ impl Endpoint {
             }
             if spin_until.is_some_and(|s| now >= s) {
                 let timeout = deadline.map_or(SAFETY_NET, |d| (d - now).min(SAFETY_NET));
-                if out.wait_for_room(need, timeout)? {
+                if out.wait_for_room(target, timeout)? {
                     return Ok(());
                 }
             }
