@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every test of the project, in the order a failure is cheapest to find.
+# This is the README's test command, and what `.ci/run` runs.
+#
+# Needs (README, "Set-up"): the nightly toolchain with Miri, and cargo-fuzz.
+# Each step has a time limit, so a hang fails instead of eating CI's budget
+# (the multi-process tests also carry their own watchdogs).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "unit, integration, doc and multi-process tests"
+timeout 1200 cargo test --workspace
+
+step "loom: the park/wake and space-wait handshakes lose no wakeup"
+LOOM_MAX_PREEMPTIONS=3 RUSTFLAGS="--cfg loom" \
+  timeout 900 cargo test --release --lib --target-dir target/loom wake::
+
+step "miri: the lane logic over heap memory"
+MIRIFLAGS="-Zmiri-disable-isolation" timeout 1200 cargo +nightly miri test --lib lane::
+
+step "fuzz: each target for ${FUZZ_SECONDS:=30} s (no input may crash)"
+(
+  cd fuzz
+  timeout 900 cargo +nightly fuzz build
+  for target in lane attach; do
+    extra=()
+    [ "$target" = attach ] && extra=(-dict=attach.dict)
+    timeout $((FUZZ_SECONDS + 120)) cargo +nightly fuzz run "$target" -- \
+      -max_total_time="$FUZZ_SECONDS" "${extra[@]}"
+  done
+)
+
+step "benchmarks and examples build"
+timeout 900 cargo build --release --benches --examples
+
+echo
+echo "all tests passed"
