@@ -42,6 +42,10 @@ use crate::wake;
 
 /// Bytes in a record header.
 pub(crate) const RECORD_HEADER: usize = 32;
+/// Records start on 8-byte boundaries. Measured against 64-byte (cache
+/// line) alignment, which avoids consecutive records sharing a line: that
+/// made the spinning 64 B round trip 10-15% faster but cut 64 B one-way
+/// throughput by 40-50% (a 64 B message takes 128 lane bytes instead of 96).
 const ALIGN: usize = 8;
 
 /// First fragment of a message (or the only one, with `FLAG_LAST`).
@@ -113,7 +117,7 @@ pub(crate) const fn max_record_payload(cap: usize) -> usize {
 
 /// Bytes a record with `len` payload bytes occupies.
 pub(crate) const fn record_size(len: usize) -> usize {
-    RECORD_HEADER + len.div_ceil(ALIGN) * ALIGN
+    (RECORD_HEADER + len).div_ceil(ALIGN) * ALIGN
 }
 
 /// Where one lane lives. Plain pointers, copied freely; the producer and
