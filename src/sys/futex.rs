@@ -1,6 +1,6 @@
 //! Shared (inter-process) futex wait and wake.
 //!
-//! `FUTEX_PRIVATE_FLAG` is never used here: a private futex is keyed by the
+//! The private flag is never used here: a private futex is keyed by the
 //! virtual address in one process, so a waker in another process (whose
 //! mapping sits at another address, or even the same one) would never find
 //! the waiter, and the wakeup would be lost silently. Shared futexes are keyed

@@ -106,7 +106,7 @@ pub fn process_exists(pid: u32) -> bool {
     )
 }
 
-/// A child process started by [`fork`].
+/// A child process started by [`crate::testing::fork`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Child {
     pid: i32,
