@@ -275,15 +275,16 @@ impl Endpoint {
 
     // ---------------------------------------------------------------- send
 
-    fn check_target<M>(&self, to: u32, len: usize, max: usize) -> Result<(), TrySendError<M>> {
+    /// The checks every send makes before touching a lane.
+    fn check_target(&self, to: u32, len: usize, max: usize) -> Result<(), Rejected> {
         if to >= self.workers {
-            return Err(TrySendError::NoSuchWorker {
+            return Err(Rejected::NoSuchWorker {
                 slot: to,
                 workers: self.workers,
             });
         }
         if len > max {
-            return Err(TrySendError::TooLarge { len, max });
+            return Err(Rejected::TooLarge { len, max });
         }
         Ok(())
     }
@@ -343,13 +344,8 @@ impl Endpoint {
         deadline: Option<Instant>,
     ) -> Result<(), SendError<M>> {
         let len = msg.as_ref().len();
-        if let Err(e) = self.check_target::<()>(to, len, self.max_message) {
-            return Err(match e {
-                TrySendError::NoSuchWorker { slot, workers } => SendError::NoSuchWorker { slot, workers },
-                TrySendError::TooLarge { len, max } => SendError::TooLarge { len, max },
-                TrySendError::Full(()) | TrySendError::Corrupt { .. } => unreachable!(),
-            });
-        }
+        self.check_target(to, len, self.max_message)
+            .map_err(SendError::from)?;
         let result = if len <= lane::max_record_payload(self.lane_capacity) {
             self.send_single(to, tag, msg.as_ref(), deadline)
         } else {
@@ -518,13 +514,8 @@ impl Endpoint {
     ) -> Result<(), TrySendError<M>> {
         let bytes = msg.as_ref();
         let len = bytes.len();
-        if let Err(e) = self.check_target::<()>(to, len, self.max_message) {
-            return Err(match e {
-                TrySendError::NoSuchWorker { slot, workers } => TrySendError::NoSuchWorker { slot, workers },
-                TrySendError::TooLarge { len, max } => TrySendError::TooLarge { len, max },
-                TrySendError::Full(()) | TrySendError::Corrupt { .. } => unreachable!(),
-            });
-        }
+        self.check_target(to, len, self.max_message)
+            .map_err(TrySendError::from)?;
         let piece = lane::max_record_payload(self.lane_capacity);
         let out = &mut self.outbound[to as usize];
         let fits = match out.need_for_message(len, piece) {
@@ -581,13 +572,8 @@ impl Endpoint {
         len: usize,
         deadline: Option<Instant>,
     ) -> Result<Reservation<'_>, SendError<()>> {
-        if let Err(e) = self.check_target::<()>(to, len, self.max_reservation()) {
-            return Err(match e {
-                TrySendError::NoSuchWorker { slot, workers } => SendError::NoSuchWorker { slot, workers },
-                TrySendError::TooLarge { len, max } => SendError::TooLarge { len, max },
-                TrySendError::Full(()) | TrySendError::Corrupt { .. } => unreachable!(),
-            });
-        }
+        self.check_target(to, len, self.max_reservation())
+            .map_err(SendError::from)?;
         loop {
             match self.outbound[to as usize].plan(len, 0) {
                 Ok(Some(planned)) => return Ok(self.reservation(to, planned, len)),
@@ -875,6 +861,30 @@ impl Drop for Endpoint {
 }
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire};
+
+/// A send refused before any lane was touched.
+enum Rejected {
+    NoSuchWorker { slot: u32, workers: u32 },
+    TooLarge { len: usize, max: usize },
+}
+
+impl<M> From<Rejected> for SendError<M> {
+    fn from(r: Rejected) -> Self {
+        match r {
+            Rejected::NoSuchWorker { slot, workers } => Self::NoSuchWorker { slot, workers },
+            Rejected::TooLarge { len, max } => Self::TooLarge { len, max },
+        }
+    }
+}
+
+impl<M> From<Rejected> for TrySendError<M> {
+    fn from(r: Rejected) -> Self {
+        match r {
+            Rejected::NoSuchWorker { slot, workers } => Self::NoSuchWorker { slot, workers },
+            Rejected::TooLarge { len, max } => Self::TooLarge { len, max },
+        }
+    }
+}
 
 /// Why a blocking send step stopped.
 enum Blocked {
