@@ -5,145 +5,35 @@
 //! typed error.
 //!
 //! The "buggy peer" here is a second `MAP_SHARED` mapping of the segment's
-//! memfd, written with atomics and volatile stores. Pseudo-random bytes come
-//! from a seeded xorshift, so every run writes the same garbage.
+//! memfd, written with atomics and volatile stores ([`Scribbler`]).
+//! Pseudo-random bytes come from a seeded xorshift ([`Rng`]), so every run
+//! writes the same garbage.
 //!
-//! `fuzz/` runs the same lane logic ([`scribble_lane`]) under libFuzzer; the
-//! `regression_*` tests pin the bugs it found in `src/`.
+//! The lane logic and the helpers come from the fuzz crate's library
+//! (`fuzz/src/lib.rs`, included below as [`fuzz_logic`]): `fuzz/` runs
+//! [`scribble_lane`] under libFuzzer, and these tests run the same function;
+//! the `regression_*` tests pin the bugs it found in `src/`. The fuzz
+//! library's own unit tests run here too, as `fuzz_logic::tests::*`.
 
-use std::collections::VecDeque;
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
-use shmcluster::{
-    AttachError, Config, ConfigError, Endpoint, Layout, RecvError, Segment, TryRecvError, ABI_VERSION,
-};
+use shmcluster::{AttachError, Config, ConfigError, Layout, RecvError, Segment, TryRecvError, ABI_VERSION};
+
+mod common;
+use common::Rng;
+
+// Only part of the fuzz library is used here (not `attach_image`, say).
+#[allow(dead_code)]
+#[path = "../fuzz/src/lib.rs"]
+mod fuzz_logic;
+use fuzz_logic::lane_mode::SMALL_INDICES;
+use fuzz_logic::{memfd_with, scribble_lane, Scribbler, CTL_HEAD, CTL_SIZE, CTL_TAIL, SEALS};
 
 // ------------------------------------------------------------ helpers
-
-/// xorshift64*: small, deterministic, good enough for garbage.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-/// Byte offsets in a lane control block (`Layout::lane_ctl`): head, tail and
-/// space-waiter words, each on its own 128-byte line.
-const CTL_HEAD: usize = 0;
-const CTL_TAIL: usize = 128;
-const CTL_SPACE_WAITER: usize = 256;
-const CTL_SIZE: usize = 384;
-
-/// A second, independent `MAP_SHARED` mapping of a file: what another
-/// (buggy) process sees of a segment.
-struct Scribbler {
-    map: memmap2::MmapRaw,
-}
-
-impl Scribbler {
-    fn new(fd: BorrowedFd<'_>, len: usize) -> Self {
-        let map = memmap2::MmapOptions::new()
-            .len(len)
-            .map_raw(fd.as_raw_fd())
-            .expect("second mapping");
-        Self { map }
-    }
-
-    fn word64(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= self.map.len());
-        // SAFETY: in bounds and 8-aligned (checked; the mapping is page
-        // aligned) for as long as `self.map` lives; every process accesses
-        // the segment's words atomically.
-        unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
-    }
-
-    fn word32(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.map.len());
-        // SAFETY: as for `word64`, 4-aligned.
-        unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
-    }
-
-    fn load64(&self, offset: usize) -> u64 {
-        self.word64(offset).load(SeqCst)
-    }
-
-    fn store64(&self, offset: usize, value: u64) {
-        self.word64(offset).store(value, SeqCst);
-    }
-
-    fn store32(&self, offset: usize, value: u32) {
-        self.word32(offset).store(value, SeqCst);
-    }
-
-    fn or64(&self, offset: usize, bits: u64) {
-        self.word64(offset).fetch_or(bits, SeqCst);
-    }
-
-    /// Copies `bytes` to ring offset `offset`, wrapping inside the `len`
-    /// bytes at `start`.
-    fn write_ring(&self, start: usize, len: usize, offset: usize, bytes: &[u8]) {
-        assert!(start + len <= self.map.len());
-        for (i, &b) in bytes.iter().take(len).enumerate() {
-            let at = start + (offset + i) % len;
-            // SAFETY: `at < start + len <= map.len()`. Volatile: the
-            // segment's other users read these bytes.
-            unsafe { self.map.as_mut_ptr().add(at).write_volatile(b) };
-        }
-    }
-}
-
-/// A new memfd holding `bytes` (then zeros up to `len`), with `seals`.
-fn memfd_with(bytes: &[u8], len: u64, seals: libc::c_int) -> OwnedFd {
-    // SAFETY: the name is a NUL-terminated literal; the flags are valid.
-    let raw = unsafe {
-        libc::memfd_create(
-            c"garbage-test".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
-    assert!(raw >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-    let mut file = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
-    file.write_all(bytes).expect("write the image");
-    if len > bytes.len() as u64 {
-        file.set_len(len).expect("ftruncate");
-    }
-    if seals != 0 {
-        // SAFETY: F_ADD_SEALS takes an int and touches no memory of ours.
-        let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
-        assert_eq!(ret, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
-    }
-    OwnedFd::from(file)
-}
-
-/// The seals `Segment::create` sets.
-const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
 
 /// `pread` of the first `len` bytes of a segment, through its fd.
 fn pread(segment: &Segment, len: usize) -> Vec<u8> {
@@ -151,206 +41,6 @@ fn pread(segment: &Segment, len: usize) -> Vec<u8> {
     let mut buf = vec![0; len];
     file.read_exact_at(&mut buf, 0).expect("pread");
     buf
-}
-
-/// Drains `rx` with up to `calls` non-blocking receives, alternating the
-/// copying and the lending API as the bits of `pattern` say. Checks what the
-/// crate promises whatever the lanes hold: a message comes from one of
-/// `senders`, never from a poisoned lane, and fits `max_message`; each
-/// corrupt lane is reported once and named by `poisoned_lanes()`.
-fn drain(rx: &mut Endpoint, senders: &[u32], pattern: u64, calls: usize) -> (Vec<(u32, Vec<u8>)>, Vec<u32>) {
-    let max = rx.segment().layout().max_message();
-    let mut got = Vec::new();
-    // Lanes poisoned by earlier calls stay silent too.
-    let before: Vec<u32> = rx.poisoned_lanes().map(|(s, _)| s).collect();
-    let mut corrupt: Vec<u32> = Vec::new();
-    for i in 0..calls {
-        let result = if (pattern >> (i % 64)) & 1 == 1 {
-            rx.try_recv_ref().map(|r| {
-                let _ = (r.tag(), r.generation(), r.is_in_lane(), format!("{r:?}"));
-                (r.sender(), r.payload().to_vec())
-            })
-        } else {
-            rx.try_recv().map(|m| (m.sender, m.payload))
-        };
-        match result {
-            Ok((sender, payload)) => {
-                assert!(
-                    senders.contains(&sender),
-                    "message from unexpected sender {sender}"
-                );
-                assert!(
-                    !corrupt.contains(&sender) && !before.contains(&sender),
-                    "message from poisoned lane {sender}"
-                );
-                assert!(
-                    payload.len() <= max,
-                    "{} bytes > max_message {max}",
-                    payload.len()
-                );
-                got.push((sender, payload));
-            }
-            Err(TryRecvError::Empty) => break,
-            Err(TryRecvError::Corrupt { sender, error }) => {
-                let _ = error.to_string();
-                assert!(senders.contains(&sender), "corruption blamed on {sender}");
-                assert!(
-                    !corrupt.contains(&sender) && !before.contains(&sender),
-                    "lane {sender} reported twice"
-                );
-                corrupt.push(sender);
-            }
-        }
-    }
-    let mut poisoned: Vec<u32> = rx.poisoned_lanes().map(|(s, _)| s).collect();
-    poisoned.sort_unstable();
-    let mut reported = [before, corrupt.clone()].concat();
-    reported.sort_unstable();
-    assert_eq!(
-        poisoned, reported,
-        "poisoned_lanes() disagrees with the errors returned"
-    );
-    (got, corrupt)
-}
-
-// ------------------------------------------- the lane logic of fuzz/lane
-
-/// Reads the input front to back; zeros once it runs out.
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn bytes(&mut self, n: usize) -> &'a [u8] {
-        let (head, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        head
-    }
-
-    fn array<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0; N];
-        let b = self.bytes(N);
-        out[..b.len()].copy_from_slice(b);
-        out
-    }
-
-    fn u8(&mut self) -> u8 {
-        self.array::<1>()[0]
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.array())
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.array())
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.array())
-    }
-}
-
-const PREFILL: u8 = 1;
-const RECEIVER_FIRST: u8 = 2;
-const SMALL_INDICES: u8 = 4;
-const BIG_BASE: u8 = 8;
-const KEEP_INDICES: u8 = 16;
-const WIDE_TAIL: u8 = 32;
-const RING_AT_HEAD: u8 = 64;
-const SEND_AFTER: u8 = 128;
-
-/// A copy of `shmcluster_fuzz::scribble_lane` (fuzz/src/lib.rs): builds a
-/// valid two-slot segment, optionally sends real messages 0 → 1, overwrites
-/// lane 0 → 1's control block and ring through a second mapping with
-/// `data`, rings slot 1's doorbell, optionally sends more, then drains the
-/// receiver. An untouched lane must deliver exactly what was sent. Returns
-/// (messages received, whether the lane was reported corrupt).
-fn scribble_lane(data: &[u8]) -> (usize, bool) {
-    let mut input = Input(data);
-    let mode = input.u8();
-    let segment =
-        Segment::create(&Config::new(2).lane_capacity(4096).max_message(64 * 1024)).expect("create");
-    let layout = *segment.layout();
-    let cap = layout.lane_capacity();
-    let ctl = layout.lane_ctl(0, 1);
-    let ring = layout.lane_data(0, 1);
-    let scribbler = Scribbler::new(segment.fd(), layout.size());
-
-    let mut expected: VecDeque<Vec<u8>> = VecDeque::new();
-    let mut rx = (mode & RECEIVER_FIRST != 0).then(|| segment.endpoint(1).expect("slot 1"));
-    let mut tx = None;
-    let mut seq = 0u8;
-    let mut send = |tx: &mut Endpoint, len: u16, expected: &mut VecDeque<Vec<u8>>| {
-        seq = seq.wrapping_add(1);
-        let payload = vec![seq; usize::from(len) % (cap - cap / 4)];
-        if tx.try_send(1, &payload).is_ok() {
-            expected.push_back(payload);
-        }
-    };
-    if mode & PREFILL != 0 {
-        let tx = tx.insert(segment.endpoint(0).expect("slot 0"));
-        for _ in 0..input.u8() % 8 {
-            send(tx, input.u16(), &mut expected);
-        }
-    }
-    if let Some(rx) = rx.as_mut() {
-        for _ in 0..input.u8() % 8 {
-            if let Ok(m) = rx.try_recv() {
-                assert_eq!(
-                    Some(m.payload),
-                    expected.pop_front(),
-                    "intact lane, before the scribble"
-                );
-            }
-        }
-    }
-
-    let (raw_head, raw_tail, waiter) = (input.u64(), input.u64(), input.u32());
-    let (mut head, mut tail) = (raw_head, raw_tail);
-    if mode & SMALL_INDICES != 0 {
-        head = (raw_head % (4 * cap as u64)) & !7;
-        let span = if mode & WIDE_TAIL != 0 { 2 * cap } else { cap } as u64;
-        tail = head + ((raw_tail % (span + 8)) & !7);
-    }
-    if mode & BIG_BASE != 0 {
-        let base = input.u64() & !7;
-        head = head.wrapping_add(base);
-        tail = tail.wrapping_add(base);
-    }
-    let keep = mode & KEEP_INDICES != 0;
-    if !keep {
-        scribbler.store64(ctl + CTL_HEAD, head);
-        scribbler.store64(ctl + CTL_TAIL, tail);
-        scribbler.store32(ctl + CTL_SPACE_WAITER, waiter);
-    }
-    let ring_bytes = input.bytes(cap);
-    let at = if mode & RING_AT_HEAD != 0 {
-        (scribbler.load64(ctl + CTL_HEAD) % cap as u64) as usize
-    } else {
-        0
-    };
-    scribbler.write_ring(ring, cap, at, ring_bytes);
-    scribbler.or64(layout.doorbell_offset(1), 1);
-    let intact = keep && ring_bytes.is_empty();
-
-    if mode & SEND_AFTER != 0 {
-        let tx = tx.get_or_insert_with(|| segment.endpoint(0).expect("slot 0"));
-        for _ in 0..input.u8() % 4 {
-            send(tx, input.u16(), &mut expected);
-        }
-    }
-
-    let mut rx = rx.unwrap_or_else(|| segment.endpoint(1).expect("slot 1"));
-    let (got, corrupt) = drain(&mut rx, &[0], input.u64(), 64);
-    if intact {
-        assert!(corrupt.is_empty(), "an intact lane was reported corrupt");
-        let got: Vec<Vec<u8>> = got.iter().map(|(_, p)| p.clone()).collect();
-        assert_eq!(
-            got,
-            Vec::from(expected),
-            "an intact lane lost or changed messages"
-        );
-    }
-    (got.len(), !corrupt.is_empty())
 }
 
 // ---------------------------------------------------------------- a.
@@ -535,9 +225,9 @@ fn random_bytes_over_lane_never_panic() {
         }
         let outcome = std::panic::catch_unwind(|| scribble_lane(&data));
         match outcome {
-            Ok((n, c)) => {
-                received += n;
-                corrupt += usize::from(c);
+            Ok(out) => {
+                received += out.received;
+                corrupt += usize::from(out.corrupt);
             }
             Err(_) => panic!(
                 "iteration {i} panicked on a {}-byte input starting {:02x?}",

@@ -26,45 +26,15 @@ use shmcluster::{
     DEFAULT_MAX_MESSAGE,
 };
 
+mod common;
+use common::Rng;
+
 // ------------------------------------------------------------ helpers
 
 /// One test at a time (see the module doc).
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// xorshift64*: small and deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// Fills `buf` with pseudo-random bytes, eight per step.
-    fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for chunk in &mut chunks {
-            chunk.copy_from_slice(&self.next().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let last = self.next().to_le_bytes();
-        rest.copy_from_slice(&last[..rest.len()]);
-    }
 }
 
 /// 64-bit FNV-1a.
@@ -428,7 +398,7 @@ fn fragmented_messages_one_kib_to_sixteen_mib_with_checksums() {
     const TOO_LARGE_NOT_REFUSED: i32 = 3;
     let data = |i: usize| {
         let mut bytes = vec![0u8; SIZES[i]];
-        Rng::new(1000 + i as u64).fill(&mut bytes);
+        Rng::spread(1000 + i as u64).fill(&mut bytes);
         bytes
     };
     let page = SharedPage::new();
@@ -508,11 +478,11 @@ fn fragmented_messages_one_kib_to_sixteen_mib_with_checksums() {
 /// The body length of message `seq` in the kill test: mostly small, one in
 /// three several times larger than half a 4 KiB lane (fragmented).
 fn kill_test_body_len(seq: u64) -> usize {
-    let mut rng = Rng::new(seq);
+    let mut rng = Rng::spread(seq);
     if rng.below(3) == 0 {
-        2_000 + rng.below(10_000) as usize
+        2_000 + rng.below(10_000)
     } else {
-        rng.below(1_500) as usize
+        rng.below(1_500)
     }
 }
 
@@ -521,7 +491,7 @@ fn kill_test_message(seq: u64, buf: &mut Vec<u8>) {
     let len = kill_test_body_len(seq);
     buf.clear();
     buf.resize(16 + len, 0);
-    Rng::new(seq ^ 0xDEAD).fill(&mut buf[16..]);
+    Rng::spread(seq ^ 0xDEAD).fill(&mut buf[16..]);
     let sum = fnv1a(&buf[16..]);
     buf[..8].copy_from_slice(&seq.to_le_bytes());
     buf[8..16].copy_from_slice(&sum.to_le_bytes());
@@ -552,7 +522,7 @@ fn sender_killed_mid_write_never_delivers_a_partial_message() {
     const ROUNDS: u64 = 15;
     const COMMITTED: usize = 0;
     const SUCCESSOR_GENERATION: usize = 1;
-    let mut rng = Rng::new(0x5EED);
+    let mut rng = Rng::spread(0x5EED);
     let (mut in_flight_delivered, mut partials_discarded) = (0, 0);
     for round in 0..ROUNDS {
         let page = SharedPage::new();
@@ -582,7 +552,7 @@ fn sender_killed_mid_write_never_delivers_a_partial_message() {
             );
             n += 1;
         };
-        let run_for = Duration::from_micros(rng.below(20_001));
+        let run_for = Duration::from_micros(rng.below(20_001) as u64);
         let start = Instant::now();
         while start.elapsed() < run_for {
             match me.try_recv() {

@@ -18,6 +18,11 @@
 //! them; a receiver head near 2^64 overflowed; a doorbell bit for a slot
 //! that does not exist indexed out of bounds; an empty record in a ring's
 //! last 32 bytes tripped a debug assertion.
+//!
+//! `tests/garbage.rs` at the root includes this file as a module
+//! (`#[path]`), so it compiles under the root crate's `rust-version` and
+//! lints too, and its helpers ([`Scribbler`], [`memfd_with`], ...) serve
+//! those tests as well.
 
 #![warn(clippy::undocumented_unsafe_blocks)]
 
@@ -102,8 +107,9 @@ impl<'a> Input<'a> {
     }
 }
 
-/// A new memfd holding `bytes`, with `seals` (`F_SEAL_*`) added.
-pub fn memfd_with(bytes: &[u8], seals: libc::c_int) -> OwnedFd {
+/// A new memfd holding `bytes` (then zeros up to `len`), with `seals`
+/// (`F_SEAL_*`) added.
+pub fn memfd_with(bytes: &[u8], len: u64, seals: libc::c_int) -> OwnedFd {
     // SAFETY: the name is a NUL-terminated literal; the flags are valid.
     let raw = unsafe {
         libc::memfd_create(
@@ -115,6 +121,9 @@ pub fn memfd_with(bytes: &[u8], seals: libc::c_int) -> OwnedFd {
     // SAFETY: `raw` is a fresh descriptor that nothing else owns.
     let mut file = File::from(unsafe { OwnedFd::from_raw_fd(raw) });
     file.write_all(bytes).expect("write the image");
+    if len > bytes.len() as u64 {
+        file.set_len(len).expect("ftruncate");
+    }
     if seals != 0 {
         // SAFETY: F_ADD_SEALS takes an int and touches no memory of ours.
         let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
@@ -152,14 +161,14 @@ impl Scribbler {
     }
 
     fn word64(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset.is_multiple_of(8) && offset + 8 <= self.map.len());
+        assert!(offset % 8 == 0 && offset + 8 <= self.map.len());
         // SAFETY: in bounds and 8-aligned (checked; the mapping is page
         // aligned); the segment's words are accessed atomically by everyone.
         unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
     }
 
     fn word32(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset.is_multiple_of(4) && offset + 4 <= self.map.len());
+        assert!(offset % 4 == 0 && offset + 4 <= self.map.len());
         // SAFETY: as for `word64`, 4-aligned.
         unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
     }
@@ -268,7 +277,7 @@ pub fn drain(rx: &mut Endpoint, senders: &[u32], pattern: u64) -> (Vec<(u32, Vec
 // ------------------------------------------------------------------ lane
 
 /// `scribble_lane` mode bits (first input byte).
-mod lane_mode {
+pub mod lane_mode {
     /// Send real messages 0 → 1 first.
     pub const PREFILL: u8 = 1;
     /// Open the receiver before the scribble and consume some messages.
@@ -411,7 +420,7 @@ pub fn scribble_lane(data: &[u8]) -> LaneOutcome {
 // ---------------------------------------------------------------- attach
 
 /// `attach_image` mode bits (first input byte).
-mod attach_mode {
+pub mod attach_mode {
     /// Start from a real segment's image and patch it (else: raw bytes).
     pub const TEMPLATE: u8 = 1;
     /// Raw: pad the image with zeros up to the header's `size` field.
@@ -456,7 +465,7 @@ pub fn attach_image(data: &[u8]) -> Result<(), shmcluster::AttachError> {
     } else {
         SEALS
     };
-    let fd = memfd_with(&image, seals);
+    let fd = memfd_with(&image, 0, seals);
     let segment = Segment::attach(fd)?;
     let _ = format!("{segment:?}");
     let layout = *segment.layout();
