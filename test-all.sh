@@ -28,7 +28,7 @@ step "fuzz: each target for ${FUZZ_SECONDS:=30} s (no input may crash)"
     extra=()
     [ "$target" = attach ] && extra=(-dict=attach.dict)
     timeout $((FUZZ_SECONDS + 120)) cargo +nightly fuzz run "$target" -- \
-      -max_total_time="$FUZZ_SECONDS" "${extra[@]}"
+      -max_total_time="$FUZZ_SECONDS" -timeout=10 "${extra[@]}"
   done
 )
 

@@ -15,6 +15,10 @@ use crate::{sys, wake};
 /// bounds the damage a buggy peer could do by scribbling on a park word.
 const SAFETY_NET: Duration = Duration::from_millis(50);
 
+/// Bytes a fragmented send keeps free after each piece but the last: room
+/// for an `ABORT` record and the padding before it.
+const FRAGMENT_KEEP: usize = 2 * RECORD_HEADER;
+
 /// How a blocked receiver (or a sender facing a full lane) waits.
 ///
 /// Measured on the project's reference machine (2 vCPUs, a VM; README,
@@ -400,7 +404,7 @@ impl Endpoint {
             };
             // Keep room for an ABORT (and the padding before it) after every
             // piece but the last, so giving up never needs to wait.
-            let keep = if last { 0 } else { 2 * RECORD_HEADER };
+            let keep = if last { 0 } else { FRAGMENT_KEEP };
             loop {
                 let out = &mut self.outbound[to as usize];
                 if let Some(planned) = out.plan(chunk, keep)? {
@@ -518,7 +522,7 @@ impl Endpoint {
             .map_err(TrySendError::from)?;
         let piece = lane::max_record_payload(self.lane_capacity);
         let out = &mut self.outbound[to as usize];
-        let fits = match out.need_for_message(len, piece) {
+        let fits = match out.need_for_message(len, piece, FRAGMENT_KEEP) {
             Some(need) => out.has_room(need),
             None => Ok(false),
         };
@@ -527,11 +531,14 @@ impl Endpoint {
             Ok(false) => return Err(TrySendError::Full(msg)),
             Ok(true) => {}
         }
-        // The room is there: nothing below waits.
+        // The room is there, so nothing below should wait; the deadline of
+        // "now" makes sure it cannot (a peer scribbling on the head could
+        // shrink the room mid-message: the send then aborts cleanly).
+        let now = Some(Instant::now());
         let done = if len <= piece {
-            self.send_single(to, tag, bytes, None)
+            self.send_single(to, tag, bytes, now)
         } else {
-            self.send_fragmented(to, tag, bytes, None)
+            self.send_fragmented(to, tag, bytes, now)
         };
         match done {
             Ok(()) => Ok(()),

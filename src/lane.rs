@@ -265,19 +265,23 @@ impl Producer {
     }
 
     /// Free bytes a whole message of `len` bytes needs at the local tail when
-    /// cut into pieces of at most `piece` bytes; `None` if more than a lane.
-    pub(crate) fn need_for_message(&self, len: usize, piece: usize) -> Option<usize> {
+    /// cut into pieces of at most `piece` bytes, with `keep` bytes free after
+    /// every piece but the last (as the fragmented writer plans them); `None`
+    /// if more than a lane.
+    pub(crate) fn need_for_message(&self, len: usize, piece: usize, keep: usize) -> Option<usize> {
         let mut pos = self.tail;
         let mut left = len;
+        let mut need = 0;
         loop {
             let chunk = left.min(piece);
             let rec = record_size(chunk);
             pos = pos.wrapping_add((self.padding_at(pos, rec) + rec) as u64);
-            let need = pos.wrapping_sub(self.tail) as usize;
+            left -= chunk;
+            let end = pos.wrapping_sub(self.tail) as usize;
+            need = need.max(if left == 0 { end } else { end + keep });
             if need > self.lane.cap {
                 return None;
             }
-            left -= chunk;
             if left == 0 {
                 return Some(need);
             }
@@ -885,22 +889,63 @@ mod tests {
         assert_eq!(c.discarded, 0);
     }
 
-    #[test]
-    fn need_for_message_matches_what_writing_uses() {
+    /// A producer at position `pos` with exactly `free` bytes free.
+    fn producer_with_free(pos: u64, free: usize) -> (HeapLane, Producer) {
+        let lane = HeapLane::new();
+        lane.ctl().tail.0.store(pos, Relaxed);
+        lane.ctl().head.0.store(pos - (CAP - free) as u64, Relaxed);
+        let p = Producer::new(lane.lane(0));
+        (lane, p)
+    }
+
+    /// Writes every piece as the endpoint's fragmented writer plans them
+    /// (64 bytes kept after each but the last); false as soon as one piece
+    /// would have to wait for room.
+    fn write_without_waiting(p: &mut Producer, len: usize) -> bool {
         let piece = max_record_payload(CAP);
-        for start in [0u64, 8, 1000, 4000, 4064, 4080] {
-            for len in [0, 1, 100, piece, piece + 1, 3000] {
-                let (_lane, mut p, mut c) = empty_at(CAP as u64 + start);
-                let before = p.tail;
-                let need = p.need_for_message(len, piece).unwrap();
-                let got = send_fragmented(&mut p, &mut c, &pattern(len, 9));
-                assert!(got.is_empty(), "an empty lane must take {len} bytes at once");
-                assert_eq!((p.tail - before) as usize, need, "len {len} at {start}");
-                assert_eq!(drain(&mut c), vec![pattern(len, 9)]);
+        let mut left = len;
+        loop {
+            let chunk = left.min(piece);
+            let last = chunk == left;
+            match p.plan(chunk, if last { 0 } else { 64 }).unwrap() {
+                Some(planned) => p.write(planned, p.header(1, chunk, flags::MIDDLE), &vec![0; chunk]),
+                None => return false,
+            }
+            left -= chunk;
+            if last {
+                return true;
             }
         }
-        let (_lane, p, _c) = empty_at(0);
-        assert_eq!(p.need_for_message(CAP, piece), None);
+    }
+
+    /// `need_for_message` is exactly the free space in which the fragmented
+    /// writer never waits (what `try_send` relies on to never block).
+    #[test]
+    fn need_for_message_is_exactly_the_room_the_writer_uses() {
+        let piece = max_record_payload(CAP);
+        for start in [0u64, 8, 1000, 2032, 4000, 4064, 4080] {
+            for len in [0, 1, 100, piece, piece + 1, piece + 40, 3000, 3900] {
+                let pos = 4 * CAP as u64 + start;
+                let (_lane, p) = producer_with_free(pos, CAP);
+                let Some(need) = p.need_for_message(len, piece, 64) else {
+                    continue;
+                };
+                let (_lane, mut p) = producer_with_free(pos, need);
+                assert!(
+                    write_without_waiting(&mut p, len),
+                    "len {len} at {start}: {need} is enough"
+                );
+                if need >= 8 {
+                    let (_lane, mut p) = producer_with_free(pos, need - 8);
+                    assert!(
+                        !write_without_waiting(&mut p, len),
+                        "len {len} at {start}: {need} is the least"
+                    );
+                }
+            }
+        }
+        let (_lane, p) = producer_with_free(0, CAP);
+        assert_eq!(p.need_for_message(CAP, piece, 64), None);
     }
 
     #[test]

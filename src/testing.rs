@@ -5,7 +5,7 @@
 //! production; only the way they are started differs (the master comes
 //! later).
 
-use std::io;
+use std::io::{self, Write};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,7 +71,12 @@ impl Watchdog {
                     let _ = child.kill();
                     let _ = child.wait_timeout(Duration::from_secs(1));
                 }
-                eprintln!("watchdog: `{name}` did not finish within {timeout:?}; children killed, aborting");
+                // Straight to the stderr handle: the test harness captures
+                // `eprintln!`, and the abort would lose what it captured.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "watchdog: `{name}` did not finish within {timeout:?}; children killed, aborting"
+                );
                 std::process::abort();
             }
         });

@@ -298,3 +298,29 @@ fn attach_from_a_passed_fd_shares_lanes() {
     assert_eq!(b.try_recv().unwrap().payload, b"across mappings");
     assert!(matches!(other.endpoint(0), Err(EndpointError::SlotBusy { .. })));
 }
+
+/// Found by fuzzing: a fragmented `try_send` whose pieces fit the free
+/// space, but not with the room kept after each piece for an abort record,
+/// used to fall into the blocking wait and never return.
+#[test]
+fn try_send_never_blocks_when_only_the_abort_room_is_missing() {
+    let _dog = Watchdog::new("try_send_never_blocks", Duration::from_secs(20));
+    let seg = Segment::create(&Config::new(2).lane_capacity(4096)).unwrap();
+    let mut a = seg.endpoint(0).unwrap();
+    let mut b = seg.endpoint(1).unwrap();
+    // Two 1016-byte records: 2064 bytes stay free. A 1985-byte message is a
+    // 2016-byte piece and a 40-byte piece (2056 bytes), but the writer keeps
+    // 64 bytes free after the first piece (2080).
+    a.try_send(1, vec![1u8; 984]).unwrap();
+    a.try_send(1, vec![2u8; 984]).unwrap();
+    assert_eq!(
+        a.try_send(1, vec![3u8; 1985]),
+        Err(TrySendError::Full(vec![3u8; 1985]))
+    );
+    // Nothing of it was delivered; the lane still works.
+    assert_eq!(b.try_recv().unwrap().payload, vec![1u8; 984]);
+    assert_eq!(b.try_recv().unwrap().payload, vec![2u8; 984]);
+    assert_eq!(b.try_recv(), Err(TryRecvError::Empty));
+    a.try_send(1, vec![3u8; 1985]).expect("fits in the empty lane");
+    assert_eq!(b.try_recv().unwrap().payload, vec![3u8; 1985]);
+}
