@@ -655,8 +655,11 @@ impl Endpoint {
     }
 
     /// Polls each pending lane once, round-robin from `cursor`, and returns
-    /// the first message found. Lanes found empty stay pending: their
-    /// senders' doorbell bits are still set, so nobody would ring again.
+    /// the first message found. A lane found empty stays pending while its
+    /// sender's doorbell bit is set (that sender will not ring again); one
+    /// whose bit is clear is dropped, because its sender sets the bit on its
+    /// next message and the next peek picks it up. So a spinning receiver
+    /// polls only the lanes that are in use.
     fn scan(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
         let start = self.cursor;
         for (lo, hi) in [(start, self.workers), (0, start)] {
@@ -673,7 +676,12 @@ impl Endpoint {
                         self.cursor = if at == self.workers { 0 } else { at };
                         return Ok(Some((from, next)));
                     }
-                    Ok(None) => {}
+                    Ok(None) => {
+                        let bell = &self.segment.bells(self.slot)[(from / 64) as usize];
+                        if bell.load(Relaxed) & (1u64 << (from % 64)) == 0 {
+                            self.clear_pending(from);
+                        }
+                    }
                     Err(error) => {
                         inbound.poisoned = Some(error);
                         self.clear_pending(from);
@@ -867,7 +875,7 @@ impl Drop for Endpoint {
     }
 }
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 
 /// A send refused before any lane was touched.
 enum Rejected {
