@@ -46,10 +46,15 @@ pub fn seal_size(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// `fcntl(2)` `F_GET_SEALS`: whether the size seals
-/// (`F_SEAL_SHRINK | F_SEAL_GROW`) are set on `fd`.
+/// (`F_SEAL_SHRINK | F_SEAL_GROW`) are set on `fd`. A file that cannot carry
+/// seals at all (`EINVAL`: not a memfd or shmem file) has none.
 pub fn is_size_sealed(fd: BorrowedFd<'_>) -> io::Result<bool> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-    let bits = fcntl(fd, FcntlArg::F_GET_SEALS).map_err(io::Error::from)?;
+    let bits = match fcntl(fd, FcntlArg::F_GET_SEALS) {
+        Ok(bits) => bits,
+        Err(nix::errno::Errno::EINVAL) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
     let seals = SealFlag::from_bits_truncate(bits);
     Ok(seals.contains(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW))
 }
