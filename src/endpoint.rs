@@ -449,6 +449,15 @@ impl Endpoint {
         hdr
     }
 
+    /// When the spin phase of a wait starting now ends (`None`: never).
+    fn spin_until(&self) -> Option<Instant> {
+        match self.wait {
+            WaitStrategy::Spin => None,
+            WaitStrategy::SpinThenPark(d) => Some(Instant::now() + d),
+            WaitStrategy::Park => Some(Instant::now()),
+        }
+    }
+
     /// Waits until `need` bytes are free in the lane to `to`, by the wait
     /// strategy, or until `deadline`.
     #[cold]
@@ -456,11 +465,7 @@ impl Endpoint {
         if to == self.slot {
             return Err(Blocked::SelfFull);
         }
-        let spin_until = match self.wait {
-            WaitStrategy::Spin => None,
-            WaitStrategy::SpinThenPark(d) => Some(Instant::now() + d),
-            WaitStrategy::Park => Some(Instant::now()),
-        };
+        let spin_until = self.spin_until();
         // Hysteresis: once the lane is full, wait for a quarter of it (or
         // `need`, if more) to be free, not just for one record. The head is
         // the receiver's line, stored after every message; a sender that
@@ -738,11 +743,7 @@ impl Endpoint {
         if let Some(found) = self.poll().map_err(corrupt)? {
             return Ok(found);
         }
-        let spin_until = match self.wait {
-            WaitStrategy::Spin => None,
-            WaitStrategy::SpinThenPark(d) => Some(Instant::now() + d),
-            WaitStrategy::Park => Some(Instant::now()),
-        };
+        let spin_until = self.spin_until();
         let mut spins = 0u32;
         loop {
             if let Some(found) = self.poll().map_err(corrupt)? {

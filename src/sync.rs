@@ -10,14 +10,11 @@ pub(crate) use loom::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
-/// Sleeps while `*word == expected`, at most `timeout`. Returns whether the
-/// word changed or a wake arrived (informational: callers always re-check).
+/// Sleeps while `*word == expected`, at most `timeout`. Callers always
+/// re-check their condition afterwards, whatever woke them.
 #[cfg(not(loom))]
-pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> bool {
-    !matches!(
-        crate::sys::futex_wait(word, expected, Some(timeout)),
-        crate::sys::FutexWait::TimedOut
-    )
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    crate::sys::futex_wait(word, expected, Some(timeout));
 }
 
 /// Wakes one waiter on `word`.
@@ -45,17 +42,16 @@ mod model {
 }
 
 #[cfg(loom)]
-pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, _timeout: Duration) -> bool {
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, _timeout: Duration) {
     let futex = &*model::FUTEX;
     let mut wakes = futex.wakes.lock().unwrap();
     if word.load(Ordering::SeqCst) != expected {
-        return true;
+        return;
     }
     let seen = *wakes;
     while *wakes == seen {
         wakes = futex.cond.wait(wakes).unwrap();
     }
-    true
 }
 
 #[cfg(loom)]

@@ -60,29 +60,26 @@ pub(crate) const NOTIFIED: u32 = 2;
 
 /// Sender half, called right after the lane's tail was stored (Release):
 /// rings `bit` in the receiver's doorbell `bell` and wakes the receiver if it
-/// is parked. Returns whether a `futex_wake` was issued.
+/// is parked.
 #[inline]
-pub(crate) fn notify(bell: &AtomicU64, bit: u64, park: &AtomicU32) -> bool {
+pub(crate) fn notify(bell: &AtomicU64, bit: u64, park: &AtomicU32) {
     fence(SeqCst); // F1, pairs with F2 in `take_doorbell`.
     if bell.load(Relaxed) & bit != 0 {
         // Not yet taken: the receiver will read our tail when it takes it.
-        return false;
+        return;
     }
     bell.fetch_or(bit, Relaxed);
     fence(SeqCst); // F3, pairs with F4 in `park`.
     if park.load(Relaxed) == PARKED {
-        return notify_slow(park);
+        notify_slow(park);
     }
-    false
 }
 
 #[cold]
-fn notify_slow(park: &AtomicU32) -> bool {
+fn notify_slow(park: &AtomicU32) {
+    // Of several senders that saw PARKED, only one pays the syscall.
     if park.compare_exchange(PARKED, NOTIFIED, Relaxed, Relaxed).is_ok() {
         futex_wake(park);
-        true
-    } else {
-        false
     }
 }
 
@@ -98,11 +95,10 @@ pub(crate) fn peek_doorbell(bells: &[AtomicU64], pending: &mut [u64]) {
 }
 
 /// Receiver, on its way to sleep, part 1: moves every rung doorbell bit into
-/// `pending`, clearing it. Returns whether any bit was taken. The caller then
-/// reads the pending lanes' tails (F2 orders the take before those reads),
-/// and parks only if all are empty.
+/// `pending`, clearing it. The caller then reads the pending lanes' tails
+/// (F2 orders the take before those reads), and parks only if all are empty.
 #[inline]
-pub(crate) fn take_doorbell(bells: &[AtomicU64], pending: &mut [u64]) -> bool {
+pub(crate) fn take_doorbell(bells: &[AtomicU64], pending: &mut [u64]) {
     let mut any = false;
     for (bell, pending) in bells.iter().zip(pending.iter_mut()) {
         // A relaxed peek avoids a locked instruction when nothing rang; a
@@ -116,33 +112,22 @@ pub(crate) fn take_doorbell(bells: &[AtomicU64], pending: &mut [u64]) -> bool {
     if any {
         fence(SeqCst); // F2, pairs with F1 in `notify`.
     }
-    any
-}
-
-/// How a [`park`] call ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Parked {
-    /// A doorbell bit was already set: the receiver did not sleep.
-    Skipped,
-    /// The receiver slept and was woken, or the wait timed out.
-    Slept,
 }
 
 /// Receiver, on its way to sleep, part 2: sleeps on `park` until a sender
 /// rings, at most `timeout` (a safety net, never needed for correctness).
 /// The caller must have taken the doorbell and found every lane it knows
 /// of empty.
-pub(crate) fn park(park: &AtomicU32, bells: &[AtomicU64], timeout: Duration) -> Parked {
+pub(crate) fn park(park: &AtomicU32, bells: &[AtomicU64], timeout: Duration) {
     park.store(PARKED, Relaxed);
     fence(SeqCst); // F4, pairs with F3 in `notify`.
     if bells.iter().any(|b| b.load(Relaxed) != 0) {
         park.store(EMPTY, Relaxed);
-        return Parked::Skipped;
+        return;
     }
     futex_wait(park, PARKED, timeout);
     // Whether a sender moved us to NOTIFIED or we timed out, we are running.
     park.store(EMPTY, Relaxed);
-    Parked::Slept
 }
 
 /// Sender side of a full lane: announces the wait on `waiter`, re-checks

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 mod futex;
-pub use futex::{futex_wait, futex_wake, FutexWait};
+pub use futex::{futex_wait, futex_wake};
 
 /// `memfd_create(2)` with `MFD_CLOEXEC | MFD_ALLOW_SEALING`: an anonymous
 /// file with no name in `/dev/shm`, gone when its last fd and mapping close.
