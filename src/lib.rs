@@ -54,6 +54,8 @@
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
 #[cfg(not(loom))]
+mod cluster;
+#[cfg(not(loom))]
 mod endpoint;
 #[cfg(not(loom))]
 mod error;

@@ -263,8 +263,9 @@ const H_LOCKS: usize = 88;
 const H_WORKERS_TABLE: usize = 96;
 const H_STATS: usize = 104;
 const H_SIZE: usize = 112;
+const H_CONTROL: usize = 120;
 /// Bytes of the header that are checked; the rest of the page is reserved.
-const H_END: usize = 120;
+const H_END: usize = 128;
 const PAGE: usize = 4096;
 
 fn get64(page: &[u8], at: usize) -> u64 {
@@ -441,7 +442,7 @@ fn attach_rejects_garbage_images() {
     ));
 
     // Each derived field, changed alone.
-    let derived: [(usize, &str); 10] = [
+    let derived: [(usize, &str); 11] = [
         (H_BELL_WORDS, "bell_words"),
         (H_SLOT_STRIDE, "slot_stride"),
         (H_SLOTS, "slots_offset"),
@@ -451,6 +452,7 @@ fn attach_rejects_garbage_images() {
         (H_WORKERS_TABLE, "workers_offset"),
         (H_STATS, "stats_offset"),
         (H_SIZE, "size"),
+        (H_CONTROL, "control_offset"),
         (H_HASH, "layout_hash"),
     ];
     for (at, name) in derived {

@@ -7,8 +7,9 @@
 //! lane_ctl_offset   workers² × LaneControl  head, tail, space waiter (own cache lines)
 //! lane_data_offset  workers² × lane_capacity  ring bytes, page aligned
 //! locks_offset      lock_slots × LOCK_ENTRY_SIZE     reserved: lock table
-//! workers_offset    workers × WORKER_ENTRY_SIZE      reserved: worker table
-//! stats_offset      workers × STATS_ENTRY_SIZE       reserved: per-slot stats
+//! workers_offset    workers × WORKER_ENTRY_SIZE      worker table (state, pid, heartbeat)
+//! stats_offset      workers × STATS_ENTRY_SIZE       per-slot statistics
+//! control_offset    CONTROL_SIZE                     cluster control words, event log
 //! size
 //! ```
 //!
@@ -47,6 +48,8 @@ pub(crate) const LOCK_ENTRY_SIZE: usize = 256;
 pub(crate) const WORKER_ENTRY_SIZE: usize = 128;
 /// Bytes reserved per slot for statistics.
 pub(crate) const STATS_ENTRY_SIZE: usize = 256;
+/// Bytes of the cluster control block and its event log.
+pub(crate) const CONTROL_SIZE: usize = crate::segment::table::CONTROL_SIZE;
 /// Bytes reserved for the header.
 pub(crate) const HEADER_SIZE: usize = PAGE;
 const PAGE: usize = 4096;
@@ -120,6 +123,7 @@ pub struct Layout {
     pub(crate) locks_offset: usize,
     pub(crate) workers_offset: usize,
     pub(crate) stats_offset: usize,
+    pub(crate) control_offset: usize,
     pub(crate) size: usize,
 }
 
@@ -188,6 +192,7 @@ impl Layout {
         let (locks_offset, end) = region(end, config.lock_slots as usize, LOCK_ENTRY_SIZE)?;
         let (workers_offset, end) = region(end, n, WORKER_ENTRY_SIZE)?;
         let (stats_offset, end) = region(end, n, STATS_ENTRY_SIZE)?;
+        let (control_offset, end) = region(end, 1, CONTROL_SIZE)?;
         let size = round_up(end, PAGE).ok_or(ConfigError::TooLarge)?;
         if size > MAX_SEGMENT_SIZE {
             return Err(ConfigError::TooLarge);
@@ -205,6 +210,7 @@ impl Layout {
             locks_offset,
             workers_offset,
             stats_offset,
+            control_offset,
             size,
         })
     }
@@ -291,6 +297,9 @@ impl Layout {
             self.locks_offset as u64,
             self.workers_offset as u64,
             self.stats_offset as u64,
+            self.control_offset as u64,
+            size_of::<crate::segment::table::WorkerEntry>() as u64,
+            size_of::<crate::segment::table::StatsEntry>() as u64,
             self.size as u64,
         ];
         // FNV-1a over the little-endian bytes.
@@ -321,6 +330,7 @@ mod tests {
                     l.locks_offset,
                     l.workers_offset,
                     l.stats_offset,
+                    l.control_offset,
                 ];
                 for s in starts {
                     assert_eq!(s % PAGE, 0);
@@ -330,7 +340,8 @@ mod tests {
                 assert!(l.slots_offset + n * l.slot_stride <= l.lane_ctl_offset);
                 assert!(l.lane_ctl_offset + n * n * size_of::<LaneControl>() <= l.lane_data_offset);
                 assert!(l.lane_data_offset + n * n * cap <= l.locks_offset);
-                assert!(l.stats_offset + n * STATS_ENTRY_SIZE <= l.size);
+                assert!(l.stats_offset + n * STATS_ENTRY_SIZE <= l.control_offset);
+                assert!(l.control_offset + CONTROL_SIZE <= l.size);
                 assert_eq!(l.size % PAGE, 0);
                 assert!(l.bell_words * 64 >= n);
                 assert!(DOORBELL_OFFSET + l.bell_words * 8 <= wake_bytes(l.bell_words));

@@ -7,6 +7,7 @@
 //! only, never through `&T` to plain data.
 
 pub(crate) mod layout;
+pub(crate) mod table;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
@@ -22,7 +23,7 @@ use crate::sys;
 /// "SHMCLSTR", little-endian.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMCLSTR");
 /// Bumped whenever anything in the segment's format changes.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// The init word's value once the creator has written the whole header.
 const INIT_READY: u32 = 0x5EAD_1E55;
 
@@ -51,6 +52,7 @@ struct Header {
     workers_offset: u64,
     stats_offset: u64,
     size: u64,
+    control_offset: u64,
 }
 
 const _: () = assert!(size_of::<Header>() <= layout::HEADER_SIZE);
@@ -78,6 +80,7 @@ impl Header {
             workers_offset: l.workers_offset as u64,
             stats_offset: l.stats_offset as u64,
             size: l.size as u64,
+            control_offset: l.control_offset as u64,
         }
     }
 
@@ -131,7 +134,7 @@ impl Header {
             invalid(field, error)
         })?;
         let expect = Self::for_layout(&layout);
-        let pairs: [(&'static str, u64, u64); 10] = [
+        let pairs: [(&'static str, u64, u64); 11] = [
             ("bell_words", self.bell_words.into(), expect.bell_words.into()),
             ("slot_stride", self.slot_stride, expect.slot_stride),
             ("slots_offset", self.slots_offset, expect.slots_offset),
@@ -140,6 +143,7 @@ impl Header {
             ("locks_offset", self.locks_offset, expect.locks_offset),
             ("workers_offset", self.workers_offset, expect.workers_offset),
             ("stats_offset", self.stats_offset, expect.stats_offset),
+            ("control_offset", self.control_offset, expect.control_offset),
             ("size", self.size, expect.size),
             ("layout_hash", self.layout_hash, expect.layout_hash),
         ];
@@ -347,6 +351,35 @@ impl Segment {
         // doorbell offset (see `Layout::new`), inside the mapping; atomics
         // are valid for any bit pattern.
         unsafe { std::slice::from_raw_parts(self.base().add(offset).cast::<AtomicU64>(), layout.bell_words) }
+    }
+
+    /// Slot `slot`'s worker-table entry. `slot < workers`.
+    pub(crate) fn worker_entry(&self, slot: u32) -> &table::WorkerEntry {
+        let layout = &self.inner.layout;
+        assert!(slot < layout.workers);
+        let offset = layout.workers_offset + slot as usize * layout::WORKER_ENTRY_SIZE;
+        // SAFETY: the worker table is a page-aligned region of `workers`
+        // 128-byte entries inside the mapping; an entry is only atomics,
+        // valid for any bit pattern.
+        unsafe { &*self.base().add(offset).cast::<table::WorkerEntry>() }
+    }
+
+    /// Slot `slot`'s statistics. `slot < workers`.
+    pub(crate) fn stats_entry(&self, slot: u32) -> &table::StatsEntry {
+        let layout = &self.inner.layout;
+        assert!(slot < layout.workers);
+        let offset = layout.stats_offset + slot as usize * layout::STATS_ENTRY_SIZE;
+        // SAFETY: as for `worker_entry`: page-aligned region of 256-byte
+        // entries inside the mapping, atomics only.
+        unsafe { &*self.base().add(offset).cast::<table::StatsEntry>() }
+    }
+
+    /// The cluster control block and event log.
+    pub(crate) fn control(&self) -> &table::Control {
+        let offset = self.inner.layout.control_offset;
+        // SAFETY: a page-aligned region of `CONTROL_SIZE` bytes inside the
+        // mapping; atomics only.
+        unsafe { &*self.base().add(offset).cast::<table::Control>() }
     }
 
     /// Lane `(sender, receiver)`. Valid while this `Segment` (or a clone)

@@ -1,0 +1,1 @@
+//! Listening sockets bound by the master and handed to workers.

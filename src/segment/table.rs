@@ -1,0 +1,188 @@
+//! The cluster's shared tables: one [`WorkerEntry`] and one [`StatsEntry`]
+//! per slot, and one [`Control`] block with the master's event log.
+//!
+//! All of it is atomics only (any bit pattern is a valid value), so a buggy
+//! process scribbling here can make the numbers wrong but cannot make a
+//! reader misbehave: every enum-like word is decoded with a fallback.
+//!
+//! Who writes what:
+//! - `WorkerEntry`: the master writes everything except `heartbeat` (the
+//!   worker) and the `Starting → Ready` transition (the worker).
+//! - `StatsEntry`: only the slot's current endpoint (one writer, so plain
+//!   load + store, no read-modify-write on the hot path).
+//! - `Control` and the event log: only the master, except `reload_requests`
+//!   (any worker).
+
+use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering::*};
+
+/// One worker slot's lifecycle record (128 bytes).
+#[repr(C, align(64))]
+pub(crate) struct WorkerEntry {
+    /// A [`crate::WorkerState`] number.
+    pub(crate) state: AtomicU32,
+    /// The worker's stable instance number (0..n); `u32::MAX` when none.
+    pub(crate) index: AtomicU32,
+    pub(crate) pid: AtomicU32,
+    pub(crate) generation: AtomicU32,
+    /// Times this slot's worker was replaced after dying.
+    pub(crate) restarts: AtomicU32,
+    /// How the last worker in this slot ended: an exit-reason code and value.
+    pub(crate) last_exit_kind: AtomicU32,
+    pub(crate) last_exit_value: AtomicI32,
+    /// Futex word: [`STOP_RUN`], [`STOP_DRAIN`] or [`STOP_SHUTDOWN`].
+    pub(crate) stop: AtomicU32,
+    /// Bumped by the worker (its receive loop, or explicitly).
+    pub(crate) heartbeat: AtomicU64,
+    /// CLOCK_MONOTONIC ns at which the master last saw `heartbeat` change.
+    pub(crate) heartbeat_seen_ns: AtomicU64,
+    /// CLOCK_MONOTONIC ns at which the master started this worker.
+    pub(crate) started_ns: AtomicU64,
+    /// CLOCK_MONOTONIC ns at which the worker declared itself ready.
+    pub(crate) ready_ns: AtomicU64,
+    _reserved: [AtomicU64; 8],
+}
+
+const _: () = assert!(size_of::<WorkerEntry>() == crate::segment::layout::WORKER_ENTRY_SIZE);
+
+/// A worker's `stop` word: keep running.
+pub(crate) const STOP_RUN: u32 = 0;
+/// Finish what is in hand, accept nothing new, exit (rolling reload).
+pub(crate) const STOP_DRAIN: u32 = 1;
+/// The cluster is shutting down: exit within the grace period.
+pub(crate) const STOP_SHUTDOWN: u32 = 2;
+
+/// One slot's counters (256 bytes), written only by the slot's endpoint.
+#[repr(C, align(64))]
+pub(crate) struct StatsEntry {
+    pub(crate) sent_messages: AtomicU64,
+    pub(crate) sent_bytes: AtomicU64,
+    pub(crate) received_messages: AtomicU64,
+    pub(crate) received_bytes: AtomicU64,
+    /// Times the endpoint parked (futex wait) for a message or for space.
+    pub(crate) futex_waits: AtomicU64,
+    /// Futex wakes the endpoint issued to a parked receiver.
+    pub(crate) futex_wakes: AtomicU64,
+    /// Sends that found the lane full and had to wait.
+    pub(crate) full_waits: AtomicU64,
+    _reserved: [AtomicU64; 25],
+}
+
+const _: () = assert!(size_of::<StatsEntry>() == crate::segment::layout::STATS_ENTRY_SIZE);
+
+impl StatsEntry {
+    /// Adds `n` to a counter this process is the only writer of.
+    #[inline]
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+}
+
+/// Events kept in the ring; a reader more than this far behind has lost
+/// some and is told so.
+pub(crate) const EVENT_RING: usize = 256;
+
+/// One published event (32 bytes). `seq` is the event's number + 1, stored
+/// last (0 while being written), so a reader can tell a torn or overwritten
+/// record from a whole one.
+#[repr(C)]
+pub(crate) struct EventRecord {
+    pub(crate) seq: AtomicU64,
+    pub(crate) kind: AtomicU32,
+    pub(crate) value: AtomicI32,
+    pub(crate) slot: AtomicU32,
+    pub(crate) index: AtomicU32,
+    pub(crate) pid: AtomicU32,
+    pub(crate) generation: AtomicU32,
+}
+
+const _: () = assert!(size_of::<EventRecord>() == 32);
+
+/// An event as plain numbers (decoded by the cluster layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawEvent {
+    pub(crate) seq: u64,
+    pub(crate) kind: u32,
+    pub(crate) value: i32,
+    pub(crate) slot: u32,
+    pub(crate) index: u32,
+    pub(crate) pid: u32,
+    pub(crate) generation: u32,
+}
+
+/// The cluster-wide control words and the event log.
+#[repr(C, align(64))]
+pub(crate) struct Control {
+    /// Pid of the master; 0 when there is none (standalone, threads mode).
+    pub(crate) master_pid: AtomicU32,
+    /// Futex word: 0 while running, 1 once shutdown has begun.
+    pub(crate) shutdown: AtomicU32,
+    /// Number of worker instances the master keeps running.
+    pub(crate) instances: AtomicU32,
+    /// Bumped by workers asking for a rolling reload.
+    pub(crate) reload_requests: AtomicU32,
+    /// Number of events ever published (the next event's number).
+    pub(crate) events_published: AtomicU64,
+    /// Futex word bumped (wrapping) with each event, for waiting readers.
+    pub(crate) events_futex: AtomicU32,
+    _pad: [u32; 9],
+    pub(crate) events: [EventRecord; EVENT_RING],
+}
+
+/// Bytes of the control region.
+pub(crate) const CONTROL_SIZE: usize = size_of::<Control>().div_ceil(4096) * 4096;
+
+impl Control {
+    /// Publishes an event (master only: one writer). Returns its number.
+    pub(crate) fn publish(&self, e: RawEvent) -> u64 {
+        let n = self.events_published.load(Relaxed);
+        let rec = &self.events[(n % EVENT_RING as u64) as usize];
+        rec.seq.store(0, Relaxed);
+        // Orders the invalidation before the new fields (seqlock writer).
+        fence(Release);
+        rec.kind.store(e.kind, Relaxed);
+        rec.value.store(e.value, Relaxed);
+        rec.slot.store(e.slot, Relaxed);
+        rec.index.store(e.index, Relaxed);
+        rec.pid.store(e.pid, Relaxed);
+        rec.generation.store(e.generation, Relaxed);
+        rec.seq.store(n + 1, Release);
+        self.events_published.store(n + 1, Release);
+        self.events_futex.fetch_add(1, Release);
+        crate::sys::futex_wake(&self.events_futex, u32::MAX);
+        n
+    }
+
+    /// Reads event number `n`: `Ok(Some)` if it is still in the ring,
+    /// `Ok(None)` if it is not published yet, `Err(oldest)` if it was
+    /// overwritten (`oldest` is the first event still readable).
+    pub(crate) fn read(&self, n: u64) -> Result<Option<RawEvent>, u64> {
+        let published = self.events_published.load(Acquire);
+        if n >= published {
+            return Ok(None);
+        }
+        let oldest = published.saturating_sub(EVENT_RING as u64);
+        if n < oldest {
+            return Err(oldest);
+        }
+        let rec = &self.events[(n % EVENT_RING as u64) as usize];
+        let s1 = rec.seq.load(Acquire);
+        let e = RawEvent {
+            seq: n,
+            kind: rec.kind.load(Relaxed),
+            value: rec.value.load(Relaxed),
+            slot: rec.slot.load(Relaxed),
+            index: rec.index.load(Relaxed),
+            pid: rec.pid.load(Relaxed),
+            generation: rec.generation.load(Relaxed),
+        };
+        // Orders the field reads before the re-check (seqlock reader).
+        fence(Acquire);
+        let s2 = rec.seq.load(Relaxed);
+        if s1 != n + 1 || s2 != s1 {
+            // Overwritten while (or before) we read it.
+            let published = self.events_published.load(Acquire);
+            return Err(published.saturating_sub(EVENT_RING as u64).max(n + 1));
+        }
+        Ok(Some(e))
+    }
+}
