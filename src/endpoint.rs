@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{EndpointError, LaneCorruption, RecvError, SendError, TryRecvError, TrySendError};
 use crate::lane::{self, flags, Consumer, Next, Planned, Producer, RecordHeader, RECORD_HEADER};
+use crate::segment::table::StatsEntry;
 use crate::segment::Segment;
 use crate::{sys, wake};
 
@@ -162,12 +163,61 @@ impl Segment {
     /// [`EndpointError::SlotBusy`] if a live process (this one included)
     /// holds it.
     pub fn endpoint(&self, slot: u32) -> Result<Endpoint, EndpointError> {
-        Endpoint::open(self, slot)
+        Endpoint::open(self, slot, None)
+    }
+}
+
+impl Segment {
+    /// Opens slot `slot` for a worker the master started with generation
+    /// `generation` (the master bumped the slot's generation before starting
+    /// it): claims the slot without bumping it again.
+    pub(crate) fn endpoint_assigned(&self, slot: u32, generation: u32) -> Result<Endpoint, EndpointError> {
+        Endpoint::open(self, slot, Some(generation))
+    }
+
+    /// The master's clean-up after the worker in `slot` (generation
+    /// `generation`) died: an `ABORT` record in each of its outbound lanes
+    /// (where there is room) so receivers drop any message it left half
+    /// sent, its park word reset, the slot released, and every slot and
+    /// every space waiter on its lanes woken so nobody sleeps on it.
+    /// Messages queued *to* the slot stay for its successor.
+    pub(crate) fn reset_dead_slot(&self, slot: u32, generation: u32) {
+        let workers = self.layout().workers();
+        if slot >= workers {
+            return;
+        }
+        for to in 0..workers {
+            let mut out = Producer::new(self.lane(slot, to));
+            if let Ok(Some(planned)) = out.plan(0, 0) {
+                out.commit(planned, out.header(generation, 0, flags::ABORT));
+                out.publish();
+                let word = &self.bells(to)[(slot / 64) as usize];
+                wake::notify(word, 1u64 << (slot % 64), self.park(to));
+            }
+        }
+        self.park(slot).store(wake::EMPTY, Relaxed);
+        self.slot(slot).owner.store(0, Release);
+        for other in 0..workers {
+            sys::futex_wake(self.park(other), u32::MAX);
+            sys::futex_wake(&self.lane(other, slot).ctl().space_waiter.0, u32::MAX);
+            sys::futex_wake(&self.lane(slot, other).ctl().space_waiter.0, u32::MAX);
+        }
+    }
+
+    /// Bumps slot `slot`'s generation for a worker about to be started
+    /// (master only, while the slot is free). Never 0.
+    pub(crate) fn next_generation(&self, slot: u32) -> u32 {
+        let control = self.slot(slot);
+        let mut generation = control.generation.fetch_add(1, AcqRel).wrapping_add(1);
+        if generation == 0 {
+            generation = control.generation.fetch_add(1, AcqRel).wrapping_add(1);
+        }
+        generation
     }
 }
 
 impl Endpoint {
-    fn open(segment: &Segment, slot: u32) -> Result<Self, EndpointError> {
+    fn open(segment: &Segment, slot: u32, assigned: Option<u32>) -> Result<Self, EndpointError> {
         let layout = *segment.layout();
         let workers = layout.workers();
         if slot >= workers {
@@ -183,10 +233,17 @@ impl Endpoint {
             // The holder died without releasing: take it over.
             seen = holder;
         }
-        let mut generation = control.generation.fetch_add(1, AcqRel).wrapping_add(1);
-        if generation == 0 {
-            generation = control.generation.fetch_add(1, AcqRel).wrapping_add(1);
-        }
+        let generation = match assigned {
+            None => segment.next_generation(slot),
+            Some(expected) => {
+                let found = control.generation.load(Acquire);
+                if found != expected {
+                    control.owner.store(0, Release);
+                    return Err(EndpointError::StaleGeneration { slot, expected, found });
+                }
+                expected
+            }
+        };
         let outbound = (0..workers)
             .map(|to| Producer::new(segment.lane(slot, to)))
             .collect();
@@ -297,7 +354,40 @@ impl Endpoint {
     #[inline]
     fn notify(&self, to: u32) {
         let word = &self.segment.bells(to)[(self.slot / 64) as usize];
-        wake::notify(word, 1u64 << (self.slot % 64), self.segment.park(to));
+        if wake::notify(word, 1u64 << (self.slot % 64), self.segment.park(to)) {
+            self.count_wake();
+        }
+    }
+
+    #[cold]
+    fn count_wake(&self) {
+        StatsEntry::add(&self.segment.stats_entry(self.slot).futex_wakes, 1);
+    }
+
+    /// Counts a whole message sent (this endpoint is its slot's only
+    /// writer of these counters).
+    #[inline]
+    fn count_sent(&self, bytes: usize) {
+        let stats = self.segment.stats_entry(self.slot);
+        StatsEntry::add(&stats.sent_messages, 1);
+        StatsEntry::add(&stats.sent_bytes, bytes as u64);
+    }
+
+    /// Counts a message received and shows the master this worker's
+    /// receive loop is alive.
+    #[inline]
+    fn count_received(&self, bytes: usize) {
+        let stats = self.segment.stats_entry(self.slot);
+        StatsEntry::add(&stats.received_messages, 1);
+        StatsEntry::add(&stats.received_bytes, bytes as u64);
+        self.beat();
+    }
+
+    /// Bumps this slot's heartbeat in the worker table.
+    #[inline]
+    pub(crate) fn beat(&self) {
+        let hb = &self.segment.worker_entry(self.slot).heartbeat;
+        hb.store(hb.load(Relaxed).wrapping_add(1), Relaxed);
     }
 
     /// Sends `msg` to slot `to`, waiting as long as it takes for room.
@@ -377,6 +467,7 @@ impl Endpoint {
                 out.write(planned, hdr, bytes);
                 out.publish();
                 self.notify(to);
+                self.count_sent(bytes.len());
                 return Ok(());
             }
             let need = self.outbound[to as usize].need(bytes.len(), 0);
@@ -426,6 +517,7 @@ impl Endpoint {
             }
             sent += chunk;
         }
+        self.count_sent(bytes.len());
         Ok(())
     }
 
@@ -474,6 +566,7 @@ impl Endpoint {
         // reason a spinning sender looks at the head only every few hundred
         // nanoseconds.
         let target = need.max(self.lane_capacity / 4);
+        StatsEntry::add(&self.segment.stats_entry(self.slot).full_waits, 1);
         let out = &mut self.outbound[to as usize];
         let mut spins = 0u32;
         loop {
@@ -493,6 +586,7 @@ impl Endpoint {
             }
             if spin_until.is_some_and(|s| now >= s) {
                 let timeout = deadline.map_or(SAFETY_NET, |d| (d - now).min(SAFETY_NET));
+                StatsEntry::add(&self.segment.stats_entry(self.slot).futex_waits, 1);
                 if out.wait_for_room(target, timeout)? {
                     return Ok(());
                 }
@@ -763,6 +857,8 @@ impl Endpoint {
                     return Ok(found);
                 }
                 let timeout = deadline.map_or(SAFETY_NET, |d| (d - now).min(SAFETY_NET));
+                StatsEntry::add(&self.segment.stats_entry(self.slot).futex_waits, 1);
+                self.beat();
                 wake::park(
                     self.segment.park(self.slot),
                     self.segment.bells(self.slot),
@@ -773,6 +869,10 @@ impl Endpoint {
     }
 
     fn received(&mut self, (sender, next): (u32, Next)) -> Received<'_> {
+        self.count_received(match &next {
+            Next::InLane { hdr, .. } => hdr.len as usize,
+            Next::Assembled { payload, .. } => payload.len(),
+        });
         match next {
             Next::InLane { hdr, offset, record } => {
                 let ptr = self.inbound[sender as usize].consumer.payload_ptr(offset);
@@ -876,7 +976,7 @@ impl Drop for Endpoint {
     }
 }
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 /// A send refused before any lane was touched.
 enum Rejected {
@@ -1056,6 +1156,7 @@ impl Reservation<'_> {
         out.commit(self.planned, hdr);
         out.publish();
         self.endpoint.notify(self.to);
+        self.endpoint.count_sent(len);
     }
 }
 

@@ -245,6 +245,16 @@ pub enum EndpointError {
         /// The process holding it.
         pid: u32,
     },
+    /// The slot's generation is not the one this worker was started with:
+    /// the master has since replaced it (this process is stale).
+    StaleGeneration {
+        /// The slot asked for.
+        slot: u32,
+        /// The generation this process was given.
+        expected: u32,
+        /// The slot's generation now.
+        found: u32,
+    },
 }
 
 impl fmt::Display for EndpointError {
@@ -256,6 +266,10 @@ impl fmt::Display for EndpointError {
             Self::SlotBusy { slot, pid } => {
                 write!(f, "slot {slot} is already held by process {pid}")
             }
+            Self::StaleGeneration { slot, expected, found } => write!(
+                f,
+                "slot {slot} is at generation {found}, not {expected}: this worker was replaced"
+            ),
         }
     }
 }

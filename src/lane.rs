@@ -148,7 +148,7 @@ impl LaneRef {
         }
     }
 
-    fn ctl(&self) -> &LaneControl {
+    pub(crate) fn ctl(&self) -> &LaneControl {
         // SAFETY: `new`'s contract: valid and aligned for our lifetime; the
         // struct holds only atomics, so a shared reference is sound even
         // while another process writes it.
@@ -157,6 +157,14 @@ impl LaneRef {
 
     fn mask(&self) -> u64 {
         self.cap as u64 - 1
+    }
+
+    /// Bytes published and not yet consumed, for statistics: garbage
+    /// indices read as at most a full lane.
+    pub(crate) fn depth(&self) -> u64 {
+        let tail = self.ctl().tail.0.load(Acquire);
+        let head = self.ctl().head.0.load(Acquire);
+        tail.wrapping_sub(head).min(self.cap as u64)
     }
 
     /// Pointer to ring offset `offset` (`<= cap`: the payload of an empty

@@ -71,6 +71,12 @@ pub mod testing;
 mod wake;
 
 #[cfg(not(loom))]
+pub use cluster::{
+    Cluster, ClusterBuilder, ClusterError, ClusterStats, Event, EventKind, Events, ExitReason, Incoming,
+    ListenAddr, ListenError, ListenMode, ListenSpec, Listener, Peer, Report, SlotStats, Worker, WorkerError,
+    WorkerState,
+};
+#[cfg(not(loom))]
 pub use endpoint::{Endpoint, Message, Received, Reservation, Tag, WaitStrategy};
 #[cfg(not(loom))]
 pub use error::{

@@ -60,27 +60,27 @@ pub(crate) const NOTIFIED: u32 = 2;
 
 /// Sender half, called right after the lane's tail was stored (Release):
 /// rings `bit` in the receiver's doorbell `bell` and wakes the receiver if it
-/// is parked.
+/// is parked. Returns whether it issued a futex wake.
 #[inline]
-pub(crate) fn notify(bell: &AtomicU64, bit: u64, park: &AtomicU32) {
+pub(crate) fn notify(bell: &AtomicU64, bit: u64, park: &AtomicU32) -> bool {
     fence(SeqCst); // F1, pairs with F2 in `take_doorbell`.
     if bell.load(Relaxed) & bit != 0 {
         // Not yet taken: the receiver will read our tail when it takes it.
-        return;
+        return false;
     }
     bell.fetch_or(bit, Relaxed);
     fence(SeqCst); // F3, pairs with F4 in `park`.
-    if park.load(Relaxed) == PARKED {
-        notify_slow(park);
-    }
+    park.load(Relaxed) == PARKED && notify_slow(park)
 }
 
 #[cold]
-fn notify_slow(park: &AtomicU32) {
+fn notify_slow(park: &AtomicU32) -> bool {
     // Of several senders that saw PARKED, only one pays the syscall.
-    if park.compare_exchange(PARKED, NOTIFIED, Relaxed, Relaxed).is_ok() {
+    let won = park.compare_exchange(PARKED, NOTIFIED, Relaxed, Relaxed).is_ok();
+    if won {
         futex_wake(park);
     }
+    won
 }
 
 /// Receiver, while running: adds every rung doorbell bit to `pending`

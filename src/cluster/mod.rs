@@ -1,4 +1,379 @@
-//! The master (fork or spawn workers, respawn, reload, shutdown, listeners,
-//! heartbeats, events, stats) and the worker's side of it.
+//! The master (fork or spawn workers, respawn, rolling reload, graceful
+//! shutdown, listeners, heartbeats, events, stats) and the worker's side of
+//! it. The master sets the cluster up and keeps it alive; it never routes a
+//! message.
+//!
+//! # Slots and instances
+//! The master keeps `n` worker *instances* (numbered `0..n`, like PM2's
+//! `NODE_APP_INSTANCE`) in a segment of `n + 1` *slots*. A respawned worker
+//! keeps its slot (its messaging address) and gets a new generation. A
+//! rolling reload starts each replacement in the spare slot, waits until it
+//! is ready, and only then drains the old one, whose slot becomes the spare:
+//! so across a reload an instance keeps its index but may change slot.
 
 pub mod listen;
+mod master;
+mod worker;
+
+use std::fmt;
+use std::time::Duration;
+
+pub use listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
+pub use master::{Cluster, ClusterBuilder, ClusterError, Report};
+pub use worker::{Events, Incoming, Worker, WorkerError};
+
+use crate::segment::table::{RawEvent, WorkerEntry};
+use crate::segment::Segment;
+use crate::sys;
+
+/// Where a worker slot is in its life, as the worker table says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WorkerState {
+    /// No worker has used this slot (or it is the reload spare).
+    Free,
+    /// Started by the master, not yet ready.
+    Starting,
+    /// Declared itself ready ([`Worker::ready`]).
+    Ready,
+    /// Told to finish what it is doing and exit (reload or shutdown).
+    Draining,
+    /// Exited; the master will start a successor unless shutting down.
+    Dead,
+    /// Crashed too often: the master stopped restarting it.
+    Failed,
+}
+
+impl WorkerState {
+    pub(crate) fn to_raw(self) -> u32 {
+        match self {
+            Self::Free => 0,
+            Self::Starting => 1,
+            Self::Ready => 2,
+            Self::Draining => 3,
+            Self::Dead => 4,
+            Self::Failed => 5,
+        }
+    }
+
+    /// Decodes a table word; anything unknown (garbage) reads as `Dead`.
+    pub(crate) fn from_raw(v: u32) -> Self {
+        match v {
+            0 => Self::Free,
+            1 => Self::Starting,
+            2 => Self::Ready,
+            3 => Self::Draining,
+            5 => Self::Failed,
+            _ => Self::Dead,
+        }
+    }
+}
+
+/// Why a worker's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// It exited with this code on its own.
+    Exited(i32),
+    /// A signal it did not expect killed it.
+    Signaled(i32),
+    /// Its heartbeat stopped for longer than the hang timeout; the master
+    /// killed it.
+    Hung,
+    /// It was replaced by a rolling reload and exited (or was killed at the
+    /// drain deadline).
+    Reloaded,
+    /// It ended during the cluster's shutdown.
+    Shutdown,
+    /// It did not declare itself ready within the ready timeout (a reload
+    /// replacement); the master killed it.
+    NotReady,
+}
+
+impl ExitReason {
+    fn to_raw(self) -> (u32, i32) {
+        match self {
+            Self::Exited(c) => (1, c),
+            Self::Signaled(s) => (2, s),
+            Self::Hung => (3, 0),
+            Self::Reloaded => (4, 0),
+            Self::Shutdown => (5, 0),
+            Self::NotReady => (6, 0),
+        }
+    }
+
+    fn from_raw(kind: u32, value: i32) -> Option<Self> {
+        Some(match kind {
+            1 => Self::Exited(value),
+            2 => Self::Signaled(value),
+            3 => Self::Hung,
+            4 => Self::Reloaded,
+            5 => Self::Shutdown,
+            6 => Self::NotReady,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exited(c) => write!(f, "exited with code {c}"),
+            Self::Signaled(s) => write!(f, "killed by signal {s}"),
+            Self::Hung => f.write_str("killed: heartbeat stopped"),
+            Self::Reloaded => f.write_str("replaced by a reload"),
+            Self::Shutdown => f.write_str("shut down"),
+            Self::NotReady => f.write_str("killed: not ready in time"),
+        }
+    }
+}
+
+/// What happened, as published by the master in the segment's event log
+/// (read by workers with [`Worker::events`]) and passed to the master's
+/// [`ClusterBuilder::on_event`] callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// The master started a worker process.
+    Spawned,
+    /// The worker declared itself ready.
+    Online,
+    /// The worker's process ended.
+    Exit(ExitReason),
+    /// The slot crashed too often within the window: no more restarts.
+    CrashLoop,
+    /// A rolling reload began.
+    ReloadStarted,
+    /// A rolling reload ended; `ok` is false if a replacement failed to
+    /// become ready (the old worker was kept).
+    ReloadFinished {
+        /// Whether every instance was replaced.
+        ok: bool,
+    },
+    /// Graceful shutdown began.
+    ShutdownStarted,
+}
+
+/// One event of the cluster's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    /// Its number in the log (0, 1, 2, ...).
+    pub seq: u64,
+    /// What happened.
+    pub kind: EventKind,
+    /// The slot concerned (`u32::MAX` for cluster-wide events).
+    pub slot: u32,
+    /// The instance concerned (`u32::MAX` if none).
+    pub index: u32,
+    /// The worker's pid (0 if none).
+    pub pid: u32,
+    /// The worker's generation (0 if none).
+    pub generation: u32,
+}
+
+impl Event {
+    fn to_raw(self) -> RawEvent {
+        let (kind, value) = match self.kind {
+            EventKind::Spawned => (1, 0),
+            EventKind::Online => (2, 0),
+            EventKind::Exit(r) => {
+                let (k, v) = r.to_raw();
+                (16 + k, v)
+            }
+            EventKind::CrashLoop => (3, 0),
+            EventKind::ReloadStarted => (4, 0),
+            EventKind::ReloadFinished { ok } => (5, i32::from(ok)),
+            EventKind::ShutdownStarted => (6, 0),
+        };
+        RawEvent {
+            seq: self.seq,
+            kind,
+            value,
+            slot: self.slot,
+            index: self.index,
+            pid: self.pid,
+            generation: self.generation,
+        }
+    }
+
+    /// Decodes a record; `None` for a kind this build does not know
+    /// (garbage, or a newer master).
+    fn from_raw(r: RawEvent) -> Option<Self> {
+        let kind = match r.kind {
+            1 => EventKind::Spawned,
+            2 => EventKind::Online,
+            3 => EventKind::CrashLoop,
+            4 => EventKind::ReloadStarted,
+            5 => EventKind::ReloadFinished { ok: r.value != 0 },
+            6 => EventKind::ShutdownStarted,
+            k if k > 16 => EventKind::Exit(ExitReason::from_raw(k - 16, r.value)?),
+            _ => return None,
+        };
+        Some(Self {
+            seq: r.seq,
+            kind,
+            slot: r.slot,
+            index: r.index,
+            pid: r.pid,
+            generation: r.generation,
+        })
+    }
+}
+
+/// One slot's row of [`ClusterStats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SlotStats {
+    /// The slot.
+    pub slot: u32,
+    /// Its worker's instance number, if it has one.
+    pub index: Option<u32>,
+    /// Lifecycle state.
+    pub state: WorkerState,
+    /// The worker's pid (0 if none).
+    pub pid: u32,
+    /// The worker's generation.
+    pub generation: u32,
+    /// Times the master replaced a dead worker in this slot.
+    pub restarts: u32,
+    /// How the previous worker in this slot ended.
+    pub last_exit: Option<ExitReason>,
+    /// Time since the master last saw the heartbeat move (`None` before
+    /// the first look).
+    pub heartbeat_age: Option<Duration>,
+    /// Messages sent by this slot (all generations).
+    pub sent_messages: u64,
+    /// Payload bytes sent.
+    pub sent_bytes: u64,
+    /// Messages received.
+    pub received_messages: u64,
+    /// Payload bytes received.
+    pub received_bytes: u64,
+    /// Bytes waiting in the lanes addressed to this slot.
+    pub inbox_bytes: u64,
+    /// Times the worker slept in a futex wait (for messages or for space).
+    pub futex_waits: u64,
+    /// Futex wakes the worker issued to parked receivers.
+    pub futex_wakes: u64,
+    /// Sends that found a full lane and had to wait.
+    pub full_waits: u64,
+}
+
+/// A snapshot of every slot's state and counters, read from the segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterStats {
+    /// Pid of the master (0 if there is none).
+    pub master_pid: u32,
+    /// Worker instances the master keeps running.
+    pub instances: u32,
+    /// Whether shutdown has begun.
+    pub shutting_down: bool,
+    /// One row per slot.
+    pub slots: Vec<SlotStats>,
+}
+
+impl fmt::Display for ClusterStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:>4} {:>5} {:>9} {:>8} {:>5} {:>8} {:>10} {:>10} {:>9} {:>8}",
+            "slot", "index", "state", "pid", "gen", "restarts", "sent", "received", "inbox B", "hb age"
+        )?;
+        for s in &self.slots {
+            let index = s.index.map_or("-".to_string(), |i| i.to_string());
+            let age = s
+                .heartbeat_age
+                .map_or("-".to_string(), |a| format!("{}ms", a.as_millis()));
+            writeln!(
+                f,
+                "{:>4} {:>5} {:>9} {:>8} {:>5} {:>8} {:>10} {:>10} {:>9} {:>8}",
+                s.slot,
+                index,
+                format!("{:?}", s.state),
+                s.pid,
+                s.generation,
+                s.restarts,
+                s.sent_messages,
+                s.received_messages,
+                s.inbox_bytes,
+                age
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A worker as its peers see it in the worker table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Peer {
+    /// Its slot (messaging address).
+    pub slot: u32,
+    /// Its instance number, if the slot has a worker.
+    pub index: Option<u32>,
+    /// Lifecycle state.
+    pub state: WorkerState,
+    /// Its pid (0 if none).
+    pub pid: u32,
+    /// Its generation.
+    pub generation: u32,
+}
+
+pub(crate) fn read_peer(entry: &WorkerEntry, slot: u32) -> Peer {
+    use std::sync::atomic::Ordering::Acquire;
+    let index = entry.index.load(Acquire);
+    Peer {
+        slot,
+        index: (index != u32::MAX && entry.state.load(Acquire) != 0).then_some(index),
+        state: WorkerState::from_raw(entry.state.load(Acquire)),
+        pid: entry.pid.load(Acquire),
+        generation: entry.generation.load(Acquire),
+    }
+}
+
+/// Reads every slot's row from `segment`.
+pub(crate) fn read_stats(segment: &Segment) -> ClusterStats {
+    use std::sync::atomic::Ordering::{Acquire, Relaxed};
+    let control = segment.control();
+    let workers = segment.layout().workers();
+    let now = sys::process::monotonic_ns();
+    let slots = (0..workers)
+        .map(|slot| {
+            let entry = segment.worker_entry(slot);
+            let stats = segment.stats_entry(slot);
+            let peer = read_peer(entry, slot);
+            let seen = entry.heartbeat_seen_ns.load(Relaxed);
+            let inbox_bytes = (0..workers)
+                .map(|from| segment.lane(from, slot).depth())
+                .fold(0u64, u64::saturating_add);
+            SlotStats {
+                slot,
+                index: peer.index,
+                state: peer.state,
+                pid: peer.pid,
+                generation: peer.generation,
+                restarts: entry.restarts.load(Relaxed),
+                last_exit: ExitReason::from_raw(
+                    entry.last_exit_kind.load(Acquire),
+                    entry.last_exit_value.load(Acquire),
+                ),
+                heartbeat_age: (seen != 0).then(|| Duration::from_nanos(now.saturating_sub(seen))),
+                sent_messages: stats.sent_messages.load(Relaxed),
+                sent_bytes: stats.sent_bytes.load(Relaxed),
+                received_messages: stats.received_messages.load(Relaxed),
+                received_bytes: stats.received_bytes.load(Relaxed),
+                inbox_bytes,
+                futex_waits: stats.futex_waits.load(Relaxed),
+                futex_wakes: stats.futex_wakes.load(Relaxed),
+                full_waits: stats.full_waits.load(Relaxed),
+            }
+        })
+        .collect();
+    ClusterStats {
+        master_pid: control.master_pid.load(Acquire),
+        instances: control.instances.load(Acquire),
+        shutting_down: control.shutdown.load(Acquire) != 0,
+        slots,
+    }
+}

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 mod futex;
 pub mod net;
+pub mod process;
 pub use futex::{futex_wait, futex_wake};
 
 /// `memfd_create(2)` with `MFD_CLOEXEC | MFD_ALLOW_SEALING`: an anonymous

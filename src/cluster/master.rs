@@ -1,0 +1,1153 @@
+//! The master process: builder, start-up checks, and the supervision loop.
+//!
+//! The loop is single-threaded and event-driven: signals arrive through a
+//! `signalfd` (SIGCHLD, SIGTERM, SIGINT, SIGHUP, and SIGUSR1, a worker's
+//! nudge after it declared itself ready or asked for a reload), together
+//! with the workers' listener requests on their control sockets, in one
+//! `poll(2)`, with a short tick for timers (backoff, drain and grace
+//! deadlines, heartbeats).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::ffi::{CString, OsString};
+use std::fmt;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::sync::atomic::Ordering::*;
+use std::time::{Duration, Instant};
+
+use super::listen::{self, ListenAddr, ListenError, ListenMode, ListenSpec, Listeners};
+use super::worker::{env, Worker};
+use super::{read_stats, ClusterStats, Event, EventKind, ExitReason, WorkerState};
+use crate::error::{ConfigError, CreateError};
+use crate::segment::table::{STOP_DRAIN, STOP_RUN, STOP_SHUTDOWN};
+use crate::segment::{Config, Segment};
+use crate::sys::process::{self as proc, MasterSignals};
+use crate::sys::{self, ExitStatus};
+use crate::WaitStrategy;
+
+/// Longest the loop sleeps between looks at its timers.
+const TICK: Duration = Duration::from_millis(100);
+
+/// The master's side of a running cluster, handed to
+/// [`ClusterBuilder::on_event`] callbacks.
+pub struct Cluster {
+    segment: Segment,
+    listeners: RefCell<Listeners>,
+    instances: u32,
+    reload_asked: Cell<u32>,
+    shutdown_asked: Cell<bool>,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("instances", &self.instances)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// A builder with one worker per CPU and default timeouts.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// Every slot's state and counters, read from the segment.
+    pub fn stats(&self) -> ClusterStats {
+        read_stats(&self.segment)
+    }
+
+    /// The segment (to inspect it, or to hand its fd to a tool).
+    pub fn segment(&self) -> &Segment {
+        &self.segment
+    }
+
+    /// Number of worker instances kept running.
+    pub fn instances(&self) -> u32 {
+        self.instances
+    }
+
+    /// The addresses the master's listeners are bound to (port 0 resolved),
+    /// in the order they were configured.
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.listeners.borrow().local_addrs()
+    }
+
+    /// Queues a rolling reload, as `SIGHUP` does.
+    pub fn reload(&self) {
+        self.reload_asked.set(self.reload_asked.get() + 1);
+    }
+
+    /// Begins a graceful shutdown, as `SIGTERM` does.
+    pub fn shutdown(&self) {
+        self.shutdown_asked.set(true);
+    }
+}
+
+type EventCallback = Box<dyn FnMut(&Cluster, &Event)>;
+
+/// Configures and starts a cluster: [`Cluster::builder`].
+///
+/// # Examples
+/// ```no_run
+/// use shmcluster::Cluster;
+///
+/// let report = Cluster::builder()
+///     .workers(4)
+///     .listen("127.0.0.1:8080")
+///     .run(|worker| {
+///         let listener = worker.take_listeners().remove(0).into_tcp();
+///         worker.ready();
+///         for stream in worker.incoming(&listener) {
+///             drop(stream?); // serve it
+///         }
+///         Ok::<(), std::io::Error>(())
+///     })?;
+/// std::process::exit(report.exit_code());
+/// # Ok::<(), shmcluster::ClusterError>(())
+/// ```
+pub struct ClusterBuilder {
+    workers: u32,
+    config: Config,
+    wait: WaitStrategy,
+    listen: Vec<Result<ListenSpec, ListenError>>,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    max_restarts: usize,
+    restart_window: Duration,
+    grace: Duration,
+    drain_timeout: Duration,
+    ready_timeout: Duration,
+    hang_timeout: Option<Duration>,
+    on_event: Option<EventCallback>,
+}
+
+impl fmt::Debug for ClusterBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterBuilder")
+            .field("workers", &self.workers)
+            .field("config", &self.config)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            config: Config::new(1),
+            wait: WaitStrategy::default(),
+            listen: Vec::new(),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            max_restarts: 10,
+            restart_window: Duration::from_secs(60),
+            grace: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            ready_timeout: Duration::from_secs(30),
+            hang_timeout: None,
+            on_event: None,
+        }
+    }
+}
+
+/// Why a cluster could not start. Every one of these is found before any
+/// worker is forked.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// The worker count is out of range.
+    Workers {
+        /// What was asked for.
+        requested: u32,
+        /// The most a segment can hold (one slot is kept spare for reloads).
+        max: u32,
+    },
+    /// The segment configuration is invalid.
+    Config(ConfigError),
+    /// The segment could not be created.
+    Create(CreateError),
+    /// A listener could not be parsed, bound, or taken from systemd.
+    Listen(ListenError),
+    /// The process has other threads: forking it would copy their locks
+    /// without their owners.
+    NotSingleThreaded {
+        /// Threads found.
+        threads: usize,
+    },
+    /// The worker command cannot be executed.
+    Command {
+        /// The program.
+        program: String,
+        /// Why not.
+        reason: String,
+    },
+    /// A system call failed.
+    Io(io::Error),
+}
+
+impl fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Workers { requested, max } => {
+                write!(f, "invalid worker count {requested}: must be 1..={max} (0 = one per CPU)")
+            }
+            Self::Config(e) => write!(f, "invalid segment configuration: {e}"),
+            Self::Create(e) => write!(f, "cannot create the segment: {e}"),
+            Self::Listen(e) => write!(f, "listener: {e}"),
+            Self::NotSingleThreaded { threads } => write!(
+                f,
+                "the master must be single-threaded to fork, but this process has {threads} threads \
+                 (start the cluster before spawning threads or a runtime)"
+            ),
+            Self::Command { program, reason } => write!(f, "cannot execute {program:?}: {reason}"),
+            Self::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ClusterError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Config(e) => Some(e),
+            Self::Create(e) => Some(e),
+            Self::Listen(e) => Some(e),
+            Self::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for ClusterError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// How a cluster ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Report {
+    /// Every worker ended within the grace period at shutdown, and no slot
+    /// was given up as crash-looping.
+    pub clean: bool,
+    /// Workers replaced after dying.
+    pub restarts: u32,
+    /// Slots given up after a crash loop.
+    pub failed_slots: Vec<u32>,
+    /// Workers killed with `SIGKILL` at a deadline (grace, drain, ready, hang).
+    pub killed: u32,
+}
+
+impl Report {
+    /// 0 for a clean shutdown, 1 otherwise: what a master binary should
+    /// exit with.
+    pub fn exit_code(&self) -> i32 {
+        if self.clean {
+            0
+        } else {
+            1
+        }
+    }
+}
+
+impl ClusterBuilder {
+    /// Worker instances to keep running; 0 (the default) means one per CPU.
+    pub fn workers(mut self, n: u32) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Bytes in each lane (see [`Config::lane_capacity`]).
+    pub fn lane_capacity(mut self, bytes: usize) -> Self {
+        self.config = self.config.lane_capacity(bytes);
+        self
+    }
+
+    /// The longest message (see [`Config::max_message`]).
+    pub fn max_message(mut self, bytes: usize) -> Self {
+        self.config = self.config.max_message(bytes);
+        self
+    }
+
+    /// Lock-table entries (see [`Config::lock_slots`]).
+    pub fn lock_slots(mut self, n: u32) -> Self {
+        self.config = self.config.lock_slots(n);
+        self
+    }
+
+    /// The wait strategy of fork-mode workers' endpoints.
+    pub fn wait_strategy(mut self, wait: WaitStrategy) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// A listener shared by every worker: `"host:port"`, `":port"`, or a
+    /// unix socket path (`"/run/app.sock"`, `"unix:./app.sock"`). Bound by
+    /// the master before any fork; an address that cannot be parsed or
+    /// bound makes `run` fail.
+    pub fn listen(self, addr: &str) -> Self {
+        self.listen_mode(addr, ListenMode::Shared)
+    }
+
+    /// A listener in the given mode: [`ListenMode::ReusePort`] binds one
+    /// `SO_REUSEPORT` socket per worker instance (the kernel spreads
+    /// connections over them).
+    pub fn listen_mode(mut self, addr: &str, mode: ListenMode) -> Self {
+        let name = format!("listen{}", self.listen.len());
+        self.listen
+            .push(addr.parse::<ListenAddr>().map(|addr| ListenSpec::new(addr).mode(mode).name(name)));
+        self
+    }
+
+    /// Delays between restarts of a crashing slot: the first restart is
+    /// immediate, then `initial`, doubling up to `max` while deaths keep
+    /// coming within the restart window.
+    pub fn restart_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max.max(initial);
+        self
+    }
+
+    /// The crash-loop limit: a slot whose worker died more than
+    /// `max_restarts` times within `window` is not restarted again (it is
+    /// reported [`WorkerState::Failed`] and by a `CrashLoop` event).
+    pub fn crash_loop_limit(mut self, max_restarts: usize, window: Duration) -> Self {
+        self.max_restarts = max_restarts;
+        self.restart_window = window;
+        self
+    }
+
+    /// How long workers get to exit after shutdown begins before `SIGKILL`.
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.grace = d;
+        self
+    }
+
+    /// How long a worker replaced by a reload gets to drain before `SIGKILL`.
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+
+    /// How long a reload waits for a replacement to declare itself ready
+    /// before killing it and keeping the old worker.
+    pub fn ready_timeout(mut self, d: Duration) -> Self {
+        self.ready_timeout = d;
+        self
+    }
+
+    /// Kill and replace a ready worker whose heartbeat has not moved for
+    /// `d` (off by default).
+    pub fn hang_timeout(mut self, d: Duration) -> Self {
+        self.hang_timeout = Some(d);
+        self
+    }
+
+    /// Called in the master for every event it publishes, with the running
+    /// cluster (to read stats, or to ask for a reload or shutdown).
+    pub fn on_event(mut self, f: impl FnMut(&Cluster, &Event) + 'static) -> Self {
+        self.on_event = Some(Box::new(f));
+        self
+    }
+
+    /// Fork mode: forks the workers, each running `f` with its [`Worker`],
+    /// and supervises them until shutdown (SIGTERM or SIGINT). A worker
+    /// exits 0 when `f` returns `Ok`, 1 on `Err` (printed to stderr), 101
+    /// if it panics.
+    ///
+    /// # Errors
+    /// [`ClusterError`], always before any worker is forked.
+    pub fn run<F, E>(self, mut f: F) -> Result<Report, ClusterError>
+    where
+        F: FnMut(Worker) -> Result<(), E>,
+        E: fmt::Display,
+    {
+        let wait = self.wait;
+        let mut body = move |mut worker: Worker| -> i32 {
+            worker.set_wait_strategy(wait);
+            let index = worker.index();
+            match f(worker) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("shmcluster worker {index}: {e}");
+                    1
+                }
+            }
+        };
+        self.start(Mode::Fork(&mut body))
+    }
+
+    /// Spawn mode: runs `argv` (a program of any language) as each worker,
+    /// with its identity and descriptors in the environment (see
+    /// [`Worker::from_env`]) and its listeners as `LISTEN_FDS` from fd 3.
+    ///
+    /// # Errors
+    /// [`ClusterError::Command`] if the program cannot be found or
+    /// executed, and the rest of [`ClusterError`], before any fork.
+    pub fn command<I, S>(self, argv: I) -> Result<Report, ClusterError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+        let Some(program) = argv.first() else {
+            return Err(ClusterError::Command {
+                program: String::new(),
+                reason: "empty command".into(),
+            });
+        };
+        let name = program.to_string_lossy().into_owned();
+        if proc::find_executable(&name).is_none() {
+            return Err(ClusterError::Command {
+                program: name,
+                reason: "not found in PATH, or not an executable file".into(),
+            });
+        }
+        let argv = argv
+            .into_iter()
+            .map(|a| CString::new(a.into_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| ClusterError::Command {
+                program: name,
+                reason: "an argument contains a NUL byte".into(),
+            })?;
+        self.start(Mode::Spawn(argv))
+    }
+
+    fn start(mut self, mode: Mode<'_>) -> Result<Report, ClusterError> {
+        let max = crate::MAX_WORKERS - 1;
+        let instances = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(max),
+            n if n > max => return Err(ClusterError::Workers { requested: n, max }),
+            n => n,
+        };
+        let specs = std::mem::take(&mut self.listen)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ClusterError::Listen)?;
+        let threads = proc::thread_count()?;
+        if threads != 1 {
+            return Err(ClusterError::NotSingleThreaded { threads });
+        }
+        let config = Config {
+            workers: instances + 1,
+            ..self.config.clone()
+        };
+        crate::Layout::new(&config).map_err(ClusterError::Config)?;
+        // systemd socket activation: its sockets replace ours.
+        let listeners = match Listeners::from_systemd_env().map_err(ClusterError::Listen)? {
+            Some(l) => l,
+            None => Listeners::bind(&specs, instances).map_err(ClusterError::Listen)?,
+        };
+        let segment = Segment::create(&config).map_err(ClusterError::Create)?;
+        let signals = MasterSignals::install()?;
+        let master_pid = sys::getpid();
+        let control = segment.control();
+        control.master_pid.store(master_pid, Release);
+        control.instances.store(instances, Release);
+        for slot in 0..=instances {
+            segment.worker_entry(slot).index.store(u32::MAX, Release);
+        }
+        let cluster = Cluster {
+            segment,
+            listeners: RefCell::new(listeners),
+            instances,
+            reload_asked: Cell::new(0),
+            shutdown_asked: Cell::new(false),
+        };
+        let on_event = self.on_event.take();
+        let mut master = Master {
+            opts: self,
+            cluster,
+            mode,
+            signals,
+            master_pid,
+            slots: (0..=instances).map(|_| SlotRec::default()).collect(),
+            index_slot: (0..instances).collect(),
+            reload: None,
+            reloads_queued: 0,
+            reload_requests_seen: 0,
+            shutdown_deadline: None,
+            unclean: false,
+            restarts: 0,
+            killed: 0,
+            failed: Vec::new(),
+            on_event,
+        };
+        let result = master.supervise();
+        let Master {
+            cluster,
+            signals,
+            unclean,
+            restarts,
+            killed,
+            failed,
+            ..
+        } = master;
+        cluster.listeners.borrow().remove_unix_paths();
+        signals.uninstall();
+        result?;
+        Ok(Report {
+            clean: !unclean && failed.is_empty(),
+            restarts,
+            failed_slots: failed,
+            killed,
+        })
+    }
+}
+
+enum Mode<'a> {
+    Fork(&'a mut dyn FnMut(Worker) -> i32),
+    Spawn(Vec<CString>),
+}
+
+/// The master's own record of a slot (the segment's worker table is what
+/// workers see; this is what the master trusts).
+#[derive(Default)]
+struct SlotRec {
+    pid: Option<u32>,
+    index: Option<u32>,
+    generation: u32,
+    /// Seen `Ready` in the table since it was started.
+    ready: bool,
+    /// A reload replacement not yet ready: if it dies, the reload fails
+    /// and the slot goes back to spare.
+    replacement: bool,
+    /// Deaths within the restart window, oldest first.
+    deaths: VecDeque<Instant>,
+    restart_at: Option<Instant>,
+    kill_at: Option<Instant>,
+    /// Why the master ended (or is ending) it, if it did.
+    ending: Option<ExitReason>,
+    failed: bool,
+    control: Option<OwnedFd>,
+    beat: u64,
+    beat_seen: Option<Instant>,
+}
+
+enum Step {
+    /// Replacement for `index` started in `new`; old worker in `old`.
+    WaitReady {
+        index: u32,
+        old: u32,
+        new: u32,
+        deadline: Instant,
+    },
+    /// Old worker in `old` told to drain.
+    Drain { old: u32 },
+}
+
+struct ReloadRun {
+    order: Vec<u32>,
+    pos: usize,
+    step: Option<Step>,
+}
+
+struct Master<'a> {
+    opts: ClusterBuilder,
+    cluster: Cluster,
+    mode: Mode<'a>,
+    signals: MasterSignals,
+    master_pid: u32,
+    slots: Vec<SlotRec>,
+    /// Instance index → slot.
+    index_slot: Vec<u32>,
+    reload: Option<ReloadRun>,
+    reloads_queued: u32,
+    reload_requests_seen: u32,
+    shutdown_deadline: Option<Instant>,
+    unclean: bool,
+    restarts: u32,
+    killed: u32,
+    failed: Vec<u32>,
+    on_event: Option<EventCallback>,
+}
+
+impl Master<'_> {
+    fn supervise(&mut self) -> io::Result<()> {
+        for index in 0..self.cluster.instances {
+            self.start_worker(index, index)?;
+        }
+        loop {
+            self.wait_for_work()?;
+            self.handle_signals()?;
+            self.reap()?;
+            self.observe_workers();
+            if self.cluster.shutdown_asked.replace(false) {
+                self.begin_shutdown();
+            }
+            let asked = self.cluster.reload_asked.replace(0);
+            let requests = self.cluster.segment.control().reload_requests.load(Acquire);
+            if requests != self.reload_requests_seen {
+                self.reload_requests_seen = requests;
+                self.reloads_queued += 1;
+            }
+            self.reloads_queued += asked.min(1);
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.slots.iter().all(|s| s.pid.is_none()) {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    self.kill_remaining();
+                }
+                continue;
+            }
+            self.run_timers()?;
+            self.step_reload()?;
+        }
+    }
+
+    /// Sleeps in `poll(2)` until a signal, a worker's request, or the next
+    /// timer; serves the requests.
+    fn wait_for_work(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        let mut next = now + TICK;
+        for s in &self.slots {
+            for t in [s.restart_at, s.kill_at].into_iter().flatten() {
+                next = next.min(t);
+            }
+        }
+        if let Some(d) = self.shutdown_deadline {
+            next = next.min(d);
+        }
+        let with_control: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].control.is_some())
+            .collect();
+        let ready = {
+            let mut fds: Vec<BorrowedFd<'_>> = vec![self.signals.fd()];
+            fds.extend(
+                with_control
+                    .iter()
+                    .filter_map(|&i| self.slots[i].control.as_ref().map(|c| c.as_fd())),
+            );
+            proc::poll_readable(&fds, next.saturating_duration_since(now))?
+        };
+        for (k, &slot) in with_control.iter().enumerate() {
+            if !ready[k + 1] {
+                continue;
+            }
+            let open = match &self.slots[slot].control {
+                Some(c) => self.cluster.listeners.borrow_mut().serve_request(c.as_fd()),
+                None => Ok(true),
+            };
+            if !matches!(open, Ok(true)) {
+                // The worker closed its end (or the socket broke).
+                self.slots[slot].control = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_signals(&mut self) -> io::Result<()> {
+        while let Some(sig) = self.signals.next()? {
+            match sig {
+                proc::SIGTERM | proc::SIGINT => self.begin_shutdown(),
+                proc::SIGHUP => self.reloads_queued += 1,
+                // SIGCHLD: reaped below; SIGUSR1: observed below.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self) -> io::Result<()> {
+        while let Some((pid, status)) = proc::reap_any()? {
+            if let Some(slot) = self.slots.iter().position(|s| s.pid == Some(pid)) {
+                self.worker_exited(slot as u32, status);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes an event into the segment and calls the callback.
+    fn publish(&mut self, kind: EventKind, slot: u32) {
+        let (index, pid, generation) = match self.slots.get(slot as usize) {
+            Some(s) => (s.index.unwrap_or(u32::MAX), s.pid.unwrap_or(0), s.generation),
+            None => (u32::MAX, 0, 0),
+        };
+        let mut event = Event {
+            seq: 0,
+            kind,
+            slot,
+            index,
+            pid,
+            generation,
+        };
+        event.seq = self.cluster.segment.control().publish(event.to_raw());
+        if let Some(cb) = self.on_event.as_mut() {
+            cb(&self.cluster, &event);
+        }
+    }
+
+    fn start_worker(&mut self, slot: u32, index: u32) -> io::Result<()> {
+        let segment = self.cluster.segment.clone();
+        let generation = segment.next_generation(slot);
+        let entry = segment.worker_entry(slot);
+        let now_ns = proc::monotonic_ns();
+        entry.index.store(index, Release);
+        entry.generation.store(generation, Release);
+        entry.pid.store(0, Release);
+        entry.stop.store(STOP_RUN, Release);
+        entry.heartbeat_seen_ns.store(now_ns, Release);
+        entry.started_ns.store(now_ns, Release);
+        entry.ready_ns.store(0, Release);
+        entry.state.store(WorkerState::Starting.to_raw(), Release);
+
+        let (master_end, worker_end) = sys::net::seqpacket_pair()?;
+        let (exec_read, exec_write) = proc::pipe_cloexec()?;
+        // Descriptors the child must not keep.
+        let mut close: Vec<RawFd> = vec![self.signals.raw_fd(), master_end.as_raw_fd(), exec_read.as_raw_fd()];
+        close.extend(self.slots.iter().filter_map(|s| s.control.as_ref().map(|c| c.as_raw_fd())));
+        let listeners = self.cluster.listeners.borrow();
+        let mine: Vec<(BorrowedFd<'_>, &str)> = listeners.for_instance(index);
+        let mine_raw: Vec<RawFd> = mine.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        close.extend(listeners.all_fds().into_iter().filter(|fd| !mine_raw.contains(fd)));
+        let instances = self.cluster.instances;
+
+        // SAFETY: the master checked at start-up that it is single-threaded
+        // and starts no threads, so the child may allocate and run Rust code.
+        match unsafe { sys::fork() }? {
+            None => {
+                sys::die_with_parent(self.master_pid);
+                self.signals.restore_in_child();
+                for fd in close {
+                    proc::close_fd(fd);
+                }
+                let code = match &mut self.mode {
+                    Mode::Fork(body) => {
+                        let owned: io::Result<Vec<listen::Listener>> = listeners.instance_listeners(index);
+                        let run = || -> Result<i32, String> {
+                            proc::catch_sigterm().map_err(|e| e.to_string())?;
+                            let listeners = owned.map_err(|e| e.to_string())?;
+                            let worker = Worker::attach(
+                                segment,
+                                slot,
+                                index,
+                                generation,
+                                instances,
+                                Some(worker_end),
+                                listeners,
+                            )
+                            .map_err(|e| e.to_string())?;
+                            Ok(body(worker))
+                        };
+                        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                            Ok(Ok(code)) => code,
+                            Ok(Err(e)) => {
+                                eprintln!("shmcluster worker {index}: {e}");
+                                1
+                            }
+                            Err(_) => 101,
+                        }
+                    }
+                    Mode::Spawn(argv) => {
+                        let err = exec_worker(argv, &segment, slot, index, generation, instances, &worker_end, &mine);
+                        let errno = err.raw_os_error().unwrap_or(0);
+                        proc::write_all_raw(exec_write.as_fd(), &errno.to_le_bytes());
+                        eprintln!("shmcluster: cannot execute worker {index}: {err}");
+                        127
+                    }
+                };
+                let _ = io::stdout().flush();
+                let _ = io::stderr().flush();
+                sys::exit_now(code)
+            }
+            Some(child) => {
+                drop(mine);
+                drop(listeners);
+                drop(worker_end);
+                drop(exec_write);
+                let pid = child.pid();
+                if matches!(self.mode, Mode::Spawn(_)) {
+                    // EOF once the child execs (the write end is close-on-exec);
+                    // four bytes of errno if it could not.
+                    let mut buf = [0u8; 4];
+                    if proc::read_raw(exec_read.as_fd(), &mut buf)? == 4 {
+                        eprintln!(
+                            "shmcluster: worker {index} could not exec: {}",
+                            io::Error::from_raw_os_error(i32::from_le_bytes(buf))
+                        );
+                    }
+                }
+                entry.pid.store(pid, Release);
+                let rec = &mut self.slots[slot as usize];
+                rec.pid = Some(pid);
+                rec.index = Some(index);
+                rec.generation = generation;
+                rec.ready = false;
+                rec.replacement = false;
+                rec.restart_at = None;
+                rec.kill_at = None;
+                rec.ending = None;
+                rec.control = Some(master_end);
+                rec.beat = entry.heartbeat.load(Relaxed);
+                rec.beat_seen = Some(Instant::now());
+                self.publish(EventKind::Spawned, slot);
+                Ok(())
+            }
+        }
+    }
+
+    fn worker_exited(&mut self, slot: u32, status: ExitStatus) {
+        let shutting_down = self.shutdown_deadline.is_some();
+        let segment = self.cluster.segment.clone();
+        let entry = segment.worker_entry(slot);
+        let rec = &mut self.slots[slot as usize];
+        let generation = rec.generation;
+        let reason = match rec.ending.take() {
+            Some(r) => r,
+            None if shutting_down => Shutdown,
+            None => match status {
+                ExitStatus::Code(c) => ExitReason::Exited(c),
+                ExitStatus::Signal(s) => ExitReason::Signaled(s),
+            },
+        };
+        use ExitReason::Shutdown;
+        if shutting_down && !matches!(status, ExitStatus::Code(0) | ExitStatus::Signal(proc::SIGTERM)) {
+            self.unclean = true;
+        }
+        let (kind, value) = reason.to_raw();
+        entry.last_exit_kind.store(kind, Release);
+        entry.last_exit_value.store(value, Release);
+        entry.state.store(WorkerState::Dead.to_raw(), Release);
+        entry.pid.store(0, Release);
+        segment.reset_dead_slot(slot, generation);
+        let rec = &mut self.slots[slot as usize];
+        rec.control = None;
+        rec.kill_at = None;
+        let was_replacement = rec.replacement;
+        rec.replacement = false;
+        self.publish(EventKind::Exit(reason), slot);
+        let rec = &mut self.slots[slot as usize];
+        rec.pid = None;
+        if shutting_down {
+            return;
+        }
+        // Part of a reload?
+        let mut free = false;
+        match &mut self.reload {
+            Some(ReloadRun {
+                step: Some(Step::WaitReady { old, new, .. }),
+                ..
+            }) if *new == slot || *old == slot => {
+                // The replacement died before it was ready: keep the old
+                // worker; or the old one died meanwhile: its slot is free.
+                free = true;
+                if *new == slot {
+                    self.finish_reload(false);
+                }
+            }
+            Some(ReloadRun {
+                step: Some(Step::Drain { old }),
+                ..
+            }) if *old == slot => free = true,
+            _ => {}
+        }
+        if was_replacement || matches!(reason, ExitReason::Reloaded | ExitReason::NotReady) {
+            free = true;
+        }
+        if free {
+            let rec = &mut self.slots[slot as usize];
+            rec.index = None;
+            entry.index.store(u32::MAX, Release);
+            entry.state.store(WorkerState::Free.to_raw(), Release);
+            return;
+        }
+        // Respawn, with backoff, unless it is crash-looping.
+        let now = Instant::now();
+        let rec = &mut self.slots[slot as usize];
+        rec.deaths.push_back(now);
+        while rec
+            .deaths
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.opts.restart_window)
+        {
+            rec.deaths.pop_front();
+        }
+        let deaths = rec.deaths.len();
+        if deaths > self.opts.max_restarts {
+            rec.failed = true;
+            entry.state.store(WorkerState::Failed.to_raw(), Release);
+            self.failed.push(slot);
+            eprintln!(
+                "shmcluster: worker slot {slot} died {deaths} times within {:?}; not restarting it",
+                self.opts.restart_window
+            );
+            self.publish(EventKind::CrashLoop, slot);
+            return;
+        }
+        let delay = if deaths <= 1 {
+            Duration::ZERO
+        } else {
+            let factor = 1u32 << (deaths - 2).min(20);
+            self.opts.backoff_initial.saturating_mul(factor).min(self.opts.backoff_max)
+        };
+        self.slots[slot as usize].restart_at = Some(now + delay);
+    }
+
+    /// Notices workers that declared themselves ready, and heartbeats.
+    fn observe_workers(&mut self) {
+        let segment = self.cluster.segment.clone();
+        let now = Instant::now();
+        for slot in 0..self.slots.len() as u32 {
+            let entry = segment.worker_entry(slot);
+            let rec = &mut self.slots[slot as usize];
+            if rec.pid.is_none() {
+                continue;
+            }
+            let beat = entry.heartbeat.load(Relaxed);
+            if beat != rec.beat || rec.beat_seen.is_none() {
+                rec.beat = beat;
+                rec.beat_seen = Some(now);
+                entry.heartbeat_seen_ns.store(proc::monotonic_ns(), Relaxed);
+            }
+            if !rec.ready
+                && entry.state.load(Acquire) == WorkerState::Ready.to_raw()
+                && entry.generation.load(Acquire) == rec.generation
+            {
+                rec.ready = true;
+                rec.beat_seen = Some(now);
+                self.publish(EventKind::Online, slot);
+                continue;
+            }
+            let rec = &mut self.slots[slot as usize];
+            if let (Some(hang), Some(seen), true, None) = (self.opts.hang_timeout, rec.beat_seen, rec.ready, rec.ending)
+            {
+                if now.duration_since(seen) > hang {
+                    rec.ending = Some(ExitReason::Hung);
+                    eprintln!("shmcluster: worker slot {slot} heartbeat stopped for {hang:?}; killing it");
+                    self.kill(slot);
+                }
+            }
+        }
+    }
+
+    fn kill(&mut self, slot: u32) {
+        if let Some(pid) = self.slots[slot as usize].pid {
+            self.killed += 1;
+            let _ = proc::send_signal(pid, proc::SIGKILL);
+        }
+    }
+
+    fn run_timers(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        for slot in 0..self.slots.len() as u32 {
+            let rec = &self.slots[slot as usize];
+            if rec.kill_at.is_some_and(|t| now >= t) && rec.pid.is_some() {
+                self.slots[slot as usize].kill_at = None;
+                eprintln!("shmcluster: worker slot {slot} missed its drain deadline; killing it");
+                self.kill(slot);
+            }
+            let rec = &self.slots[slot as usize];
+            if rec.restart_at.is_some_and(|t| now >= t) && rec.pid.is_none() {
+                if let Some(index) = rec.index {
+                    self.restarts += 1;
+                    let entry = self.cluster.segment.worker_entry(slot);
+                    entry.restarts.fetch_add(1, AcqRel);
+                    self.start_worker(slot, index)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        let control = self.cluster.segment.control();
+        control.shutdown.store(1, Release);
+        sys::futex_wake(&control.shutdown, u32::MAX);
+        self.publish(EventKind::ShutdownStarted, u32::MAX);
+        if self.reload.is_some() {
+            self.finish_reload(false);
+        }
+        self.reloads_queued = 0;
+        let segment = self.cluster.segment.clone();
+        for slot in 0..self.slots.len() as u32 {
+            let rec = &mut self.slots[slot as usize];
+            rec.restart_at = None;
+            if let Some(pid) = rec.pid {
+                let entry = segment.worker_entry(slot);
+                entry.stop.store(STOP_SHUTDOWN, Release);
+                entry.state.store(WorkerState::Draining.to_raw(), Release);
+                sys::futex_wake(&entry.stop, u32::MAX);
+                let _ = proc::send_signal(pid, proc::SIGTERM);
+            }
+        }
+        self.shutdown_deadline = Some(Instant::now() + self.opts.grace);
+    }
+
+    fn kill_remaining(&mut self) {
+        for slot in 0..self.slots.len() as u32 {
+            if self.slots[slot as usize].pid.is_some() && self.slots[slot as usize].kill_at.is_none() {
+                eprintln!("shmcluster: worker slot {slot} did not exit within the grace period; killing it");
+                self.slots[slot as usize].kill_at = Some(Instant::now());
+                self.unclean = true;
+                self.kill(slot);
+            }
+        }
+    }
+
+    fn finish_reload(&mut self, ok: bool) {
+        if self.reload.take().is_some() {
+            self.publish(EventKind::ReloadFinished { ok }, u32::MAX);
+        }
+    }
+
+    /// Advances the rolling reload by as many steps as are ready.
+    fn step_reload(&mut self) -> io::Result<()> {
+        loop {
+            if self.reload.is_none() {
+                if self.reloads_queued == 0 {
+                    return Ok(());
+                }
+                self.reloads_queued -= 1;
+                let order = (0..self.cluster.instances)
+                    .filter(|&i| !self.slots[self.index_slot[i as usize] as usize].failed)
+                    .collect();
+                self.reload = Some(ReloadRun {
+                    order,
+                    pos: 0,
+                    step: None,
+                });
+                self.publish(EventKind::ReloadStarted, u32::MAX);
+            }
+            let now = Instant::now();
+            let Some(run) = self.reload.as_mut() else {
+                return Ok(());
+            };
+            match run.step {
+                None => {
+                    let Some(&index) = run.order.get(run.pos) else {
+                        self.finish_reload(true);
+                        continue;
+                    };
+                    let old = self.index_slot[index as usize];
+                    let spare = (0..self.slots.len() as u32).find(|&s| {
+                        let r = &self.slots[s as usize];
+                        r.pid.is_none() && r.index.is_none() && r.restart_at.is_none()
+                    });
+                    let Some(new) = spare else {
+                        eprintln!("shmcluster: no spare slot for a reload; skipping it");
+                        self.finish_reload(false);
+                        return Ok(());
+                    };
+                    self.start_worker(new, index)?;
+                    self.slots[new as usize].replacement = true;
+                    if let Some(run) = self.reload.as_mut() {
+                        run.step = Some(Step::WaitReady {
+                            index,
+                            old,
+                            new,
+                            deadline: now + self.opts.ready_timeout,
+                        });
+                    }
+                    return Ok(());
+                }
+                Some(Step::WaitReady {
+                    index,
+                    old,
+                    new,
+                    deadline,
+                }) => {
+                    if self.slots[new as usize].ready {
+                        self.slots[new as usize].replacement = false;
+                        self.index_slot[index as usize] = new;
+                        let old_pid = self.slots[old as usize].pid;
+                        let run = self.reload.as_mut().expect("reload is running");
+                        if let Some(pid) = old_pid {
+                            let entry = self.cluster.segment.worker_entry(old);
+                            entry.stop.store(STOP_DRAIN, Release);
+                            entry.state.store(WorkerState::Draining.to_raw(), Release);
+                            sys::futex_wake(&entry.stop, u32::MAX);
+                            let _ = proc::send_signal(pid, proc::SIGTERM);
+                            let rec = &mut self.slots[old as usize];
+                            rec.ending = Some(ExitReason::Reloaded);
+                            rec.kill_at = Some(now + self.opts.drain_timeout);
+                            run.step = Some(Step::Drain { old });
+                        } else {
+                            run.step = None;
+                            run.pos += 1;
+                        }
+                        continue;
+                    }
+                    if now >= deadline && self.slots[new as usize].ending.is_none() {
+                        eprintln!("shmcluster: reload replacement for worker {index} not ready in time; keeping the old one");
+                        self.slots[new as usize].ending = Some(ExitReason::NotReady);
+                        self.kill(new);
+                    }
+                    return Ok(());
+                }
+                Some(Step::Drain { old }) => {
+                    if self.slots[old as usize].pid.is_none() {
+                        run.step = None;
+                        run.pos += 1;
+                        continue;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// In the forked child of spawn mode: places the listeners at 3, 4, ...,
+/// then the segment and the control socket, sets the environment, and
+/// execs. Returns only on failure.
+#[allow(clippy::too_many_arguments)]
+fn exec_worker(
+    argv: &[CString],
+    segment: &Segment,
+    slot: u32,
+    index: u32,
+    generation: u32,
+    instances: u32,
+    control: &OwnedFd,
+    listeners: &[(BorrowedFd<'_>, &str)],
+) -> io::Error {
+    let attempt = || -> io::Result<io::Error> {
+        // Move the segment and control socket above where the listeners go.
+        let high = 3 + listeners.len() as RawFd + 16;
+        let seg_high = proc::dup_at_least(segment.fd(), high)?;
+        let ctl_high = proc::dup_at_least(control.as_fd(), high)?;
+        let raw: Vec<(RawFd, &str)> = listeners.iter().map(|(fd, n)| (fd.as_raw_fd(), *n)).collect();
+        let (mut vars, next) = listen::place_listen_fds(&raw)?;
+        if raw.is_empty() {
+            vars.clear();
+        }
+        proc::dup_to(seg_high, next)?;
+        proc::dup_to(ctl_high, next + 1)?;
+        proc::close_fd(seg_high);
+        proc::close_fd(ctl_high);
+        vars.push((env::FD.into(), next.to_string()));
+        vars.push((env::CONTROL_FD.into(), (next + 1).to_string()));
+        vars.push((env::WORKER.into(), slot.to_string()));
+        vars.push((env::WORKERS.into(), instances.to_string()));
+        vars.push((env::GENERATION.into(), generation.to_string()));
+        vars.push((env::INDEX.into(), index.to_string()));
+        let mut envp: Vec<CString> = std::env::vars_os()
+            .filter(|(k, _)| {
+                let k = k.to_string_lossy();
+                !k.starts_with("SHMCLUSTER_") && !k.starts_with("LISTEN_")
+            })
+            .filter_map(|(k, v)| {
+                let mut kv = k.into_vec();
+                kv.push(b'=');
+                kv.extend(v.into_vec());
+                CString::new(kv).ok()
+            })
+            .collect();
+        for (k, v) in vars {
+            envp.push(CString::new(format!("{k}={v}")).map_err(|_| io::ErrorKind::InvalidInput)?);
+        }
+        Ok(proc::exec(argv, &envp))
+    };
+    match attempt() {
+        Ok(e) | Err(e) => e,
+    }
+}

@@ -1,0 +1,458 @@
+//! The worker's side of the cluster: identity, readiness, heartbeat, stop
+//! requests, peers, listeners, events.
+
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::time::{Duration, Instant};
+
+use super::listen::{self, ListenAddr, ListenError, ListenMode, Listener};
+use super::{read_peer, read_stats, ClusterStats, Event, Peer, WorkerState};
+use crate::error::{AttachError, EndpointError};
+use crate::segment::table::{STOP_DRAIN, STOP_RUN};
+use crate::segment::Segment;
+use crate::sys;
+use crate::{Endpoint, WaitStrategy};
+
+/// How long a runtime listener request waits for the master's answer.
+const LISTEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often blocking waits look at the `SIGTERM` flag and the heartbeat.
+const POLL_SLICE: Duration = Duration::from_millis(50);
+
+/// A worker process's handle on the cluster: its [`Endpoint`] (its slot's
+/// lanes) plus its identity and its conversation with the master.
+///
+/// In fork mode ([`crate::ClusterBuilder::run`]) the closure receives one; a
+/// spawned program ([`crate::ClusterBuilder::command`]) builds it with
+/// [`Worker::from_env`].
+///
+/// A worker is ready when it says so ([`Worker::ready`]): the master
+/// publishes `Online`, and a rolling reload waits for it before draining the
+/// worker it replaces.
+pub struct Worker {
+    segment: Segment,
+    endpoint: Endpoint,
+    slot: u32,
+    index: u32,
+    generation: u32,
+    instances: u32,
+    control: Option<OwnedFd>,
+    listeners: Vec<Listener>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("slot", &self.slot)
+            .field("index", &self.index)
+            .field("generation", &self.generation)
+            .field("instances", &self.instances)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why [`Worker::from_env`] could not attach.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// An environment variable is missing or malformed.
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The descriptor in `SHMCLUSTER_FD` is not a usable segment.
+    Attach(AttachError),
+    /// The slot could not be claimed (another live process holds it, or
+    /// the master has already replaced this worker).
+    Endpoint(EndpointError),
+    /// The inherited listeners are malformed.
+    Listen(ListenError),
+    /// A system call failed.
+    Io(io::Error),
+}
+
+impl std::fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Env { var, reason } => write!(f, "environment variable {var}: {reason}"),
+            Self::Attach(e) => write!(f, "cannot attach to the cluster segment: {e}"),
+            Self::Endpoint(e) => write!(f, "cannot claim the worker slot: {e}"),
+            Self::Listen(e) => write!(f, "inherited listeners: {e}"),
+            Self::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for WorkerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Attach(e) => Some(e),
+            Self::Endpoint(e) => Some(e),
+            Self::Listen(e) => Some(e),
+            Self::Io(e) => Some(e),
+            Self::Env { .. } => None,
+        }
+    }
+}
+
+/// The environment variables a spawned worker is started with.
+pub(crate) mod env {
+    /// Descriptor number of the segment's memfd.
+    pub const FD: &str = "SHMCLUSTER_FD";
+    /// The worker's slot.
+    pub const WORKER: &str = "SHMCLUSTER_WORKER";
+    /// Number of worker instances.
+    pub const WORKERS: &str = "SHMCLUSTER_WORKERS";
+    /// The worker's generation in its slot.
+    pub const GENERATION: &str = "SHMCLUSTER_GENERATION";
+    /// The worker's instance number.
+    pub const INDEX: &str = "SHMCLUSTER_INDEX";
+    /// Descriptor number of the worker's socket to the master.
+    pub const CONTROL_FD: &str = "SHMCLUSTER_CONTROL_FD";
+}
+
+static FROM_ENV_TAKEN: AtomicBool = AtomicBool::new(false);
+
+fn env_u32(var: &'static str) -> Result<u32, WorkerError> {
+    let value = std::env::var(var).map_err(|e| WorkerError::Env {
+        var,
+        reason: e.to_string(),
+    })?;
+    value.trim().parse().map_err(|e| WorkerError::Env {
+        var,
+        reason: format!("{value:?}: {e}"),
+    })
+}
+
+impl Worker {
+    /// Attaches a spawned worker from the environment the master gave it:
+    /// `SHMCLUSTER_FD`, `SHMCLUSTER_WORKER`, `SHMCLUSTER_WORKERS`,
+    /// `SHMCLUSTER_GENERATION` (plus `SHMCLUSTER_INDEX`,
+    /// `SHMCLUSTER_CONTROL_FD` and the systemd-style `LISTEN_FDS`). The
+    /// descriptors are taken once: a second call in the same process fails.
+    /// Like fork mode, it makes `SIGTERM` request a stop instead of killing
+    /// the process (see [`Worker::should_stop`]).
+    ///
+    /// # Errors
+    /// [`WorkerError`] naming the variable, or the attach/claim failure.
+    pub fn from_env() -> Result<Self, WorkerError> {
+        let fd = env_u32(env::FD)?;
+        let slot = env_u32(env::WORKER)?;
+        let instances = env_u32(env::WORKERS)?;
+        let generation = env_u32(env::GENERATION)?;
+        let index = env_u32(env::INDEX).unwrap_or(slot);
+        let control = env_u32(env::CONTROL_FD).ok();
+        if FROM_ENV_TAKEN.swap(true, AcqRel) {
+            return Err(WorkerError::Env {
+                var: env::FD,
+                reason: "already taken by an earlier Worker::from_env in this process".into(),
+            });
+        }
+        let raw = i32::try_from(fd).map_err(|_| WorkerError::Env {
+            var: env::FD,
+            reason: format!("{fd} is not a descriptor number"),
+        })?;
+        // SAFETY: the descriptor named by SHMCLUSTER_FD was placed there by
+        // the master for this process; `FROM_ENV_TAKEN` makes sure only one
+        // owner is ever created for it here.
+        let segment = unsafe { Segment::attach_raw_fd(raw) }.map_err(WorkerError::Attach)?;
+        let control = match control.and_then(|c| i32::try_from(c).ok()) {
+            // SAFETY: as for the segment: placed by the master for us, taken once.
+            Some(c) => Some(unsafe { sys::adopt_fd(c) }.map_err(WorkerError::Io)?),
+            None => None,
+        };
+        let listeners = listen::inherited_listeners().map_err(WorkerError::Listen)?;
+        let worker = Self::attach(segment, slot, index, generation, instances, control, listeners)?;
+        sys::process::catch_sigterm().map_err(WorkerError::Io)?;
+        Ok(worker)
+    }
+
+    /// Claims `slot` at `generation` (fork mode and [`Worker::from_env`]).
+    pub(crate) fn attach(
+        segment: Segment,
+        slot: u32,
+        index: u32,
+        generation: u32,
+        instances: u32,
+        control: Option<OwnedFd>,
+        listeners: Vec<Listener>,
+    ) -> Result<Self, WorkerError> {
+        let endpoint = segment
+            .endpoint_assigned(slot, generation)
+            .map_err(WorkerError::Endpoint)?;
+        Ok(Self {
+            segment,
+            endpoint,
+            slot,
+            index,
+            generation,
+            instances,
+            control,
+            listeners,
+        })
+    }
+
+    /// This worker's slot: its messaging address.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// This worker's instance number (`0..instances`), kept across
+    /// respawns and reloads.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// This worker's generation in its slot.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// How many worker instances the master keeps running.
+    pub fn instances(&self) -> u32 {
+        self.instances
+    }
+
+    /// The segment this worker is attached to.
+    pub fn segment(&self) -> &Segment {
+        &self.segment
+    }
+
+    /// This worker's endpoint, to send and receive messages.
+    pub fn endpoint(&mut self) -> &mut Endpoint {
+        &mut self.endpoint
+    }
+
+    /// Sets the endpoint's wait strategy.
+    pub fn set_wait_strategy(&mut self, wait: WaitStrategy) {
+        self.endpoint.set_wait_strategy(wait);
+    }
+
+    fn entry(&self) -> &crate::segment::table::WorkerEntry {
+        self.segment.worker_entry(self.slot)
+    }
+
+    /// Declares this worker ready: the master publishes `Online`, and a
+    /// reload waiting on it goes on. Calling it again does nothing.
+    pub fn ready(&self) {
+        let entry = self.entry();
+        if entry.generation.load(Acquire) != self.generation {
+            return;
+        }
+        let starting = WorkerState::Starting.to_raw();
+        if entry
+            .state
+            .compare_exchange(starting, WorkerState::Ready.to_raw(), AcqRel, Acquire)
+            .is_ok()
+        {
+            entry.ready_ns.store(sys::process::monotonic_ns(), Release);
+            self.nudge_master();
+        }
+        self.heartbeat();
+    }
+
+    /// Shows the master this worker is alive. The endpoint's receive calls
+    /// (and [`Worker::incoming`]) do it already; a worker that does neither
+    /// for longer than the hang timeout must call it.
+    pub fn heartbeat(&self) {
+        self.endpoint.beat();
+    }
+
+    /// Whether the master asked this worker to stop: drain for a reload,
+    /// the cluster shutting down, or a `SIGTERM`.
+    pub fn should_stop(&self) -> bool {
+        self.entry().stop.load(Acquire) != STOP_RUN
+            || self.segment.control().shutdown.load(Acquire) != 0
+            || sys::process::sigterm_seen()
+    }
+
+    /// Whether this worker is being replaced by a rolling reload.
+    pub fn is_draining(&self) -> bool {
+        self.entry().stop.load(Acquire) == STOP_DRAIN
+    }
+
+    /// Whether the cluster is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        self.segment.control().shutdown.load(Acquire) != 0
+    }
+
+    /// Waits up to `timeout` for a stop request; returns
+    /// [`Worker::should_stop`]. Beats the heartbeat while it waits.
+    pub fn wait_stop(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.should_stop() {
+                return true;
+            }
+            self.heartbeat();
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            sys::futex_wait(&self.entry().stop, STOP_RUN, Some((deadline - now).min(POLL_SLICE)));
+        }
+    }
+
+    /// Asks the master for a rolling reload of every worker (this one
+    /// included), as `SIGHUP` to the master does. Reloads requested while
+    /// one runs are queued.
+    pub fn request_reload(&self) {
+        self.segment.control().reload_requests.fetch_add(1, AcqRel);
+        self.nudge_master();
+    }
+
+    fn nudge_master(&self) {
+        let master = self.segment.control().master_pid.load(Acquire);
+        if master != 0 {
+            let _ = sys::process::send_signal(master, sys::process::SIGUSR1);
+        }
+    }
+
+    /// Every slot's worker as the table shows it now.
+    pub fn peers(&self) -> Vec<Peer> {
+        (0..self.segment.layout().workers())
+            .map(|slot| read_peer(self.segment.worker_entry(slot), slot))
+            .collect()
+    }
+
+    /// Every slot's state and counters.
+    pub fn stats(&self) -> ClusterStats {
+        read_stats(&self.segment)
+    }
+
+    /// Takes the listeners the master handed this worker (in the order they
+    /// were configured); later calls return an empty list.
+    pub fn take_listeners(&mut self) -> Vec<Listener> {
+        std::mem::take(&mut self.listeners)
+    }
+
+    /// Asks the master for another listener at run time (as Node's cluster
+    /// does): the master binds it (or shares the socket it already bound for
+    /// that address) and passes the descriptor back over this worker's
+    /// socket to it.
+    ///
+    /// # Errors
+    /// [`ListenError::Request`] without a master, or the master's bind
+    /// error.
+    pub fn listen(&mut self, addr: &str, mode: ListenMode) -> Result<Listener, ListenError> {
+        let addr: ListenAddr = addr.parse()?;
+        let Some(control) = &self.control else {
+            return Err(ListenError::Request {
+                reason: "this worker has no master to ask".into(),
+            });
+        };
+        listen::request_listener(control.as_fd(), &addr, mode, LISTEN_REQUEST_TIMEOUT)
+    }
+
+    /// The master's events from now on.
+    pub fn events(&self) -> Events {
+        Events {
+            segment: self.segment.clone(),
+            next: self.segment.control().events_published.load(Acquire),
+            missed: 0,
+        }
+    }
+
+    /// Accepts connections on `listener` until this worker is asked to stop
+    /// (then the iterator ends, and the worker can finish the connections
+    /// it has). It sets the listener non-blocking: workers sharing one
+    /// socket race for each connection and the losers go back to waiting.
+    /// Beats the heartbeat while it waits.
+    pub fn incoming<'a>(&'a self, listener: &'a TcpListener) -> Incoming<'a> {
+        Incoming {
+            worker: self,
+            listener,
+            nonblocking: false,
+        }
+    }
+}
+
+/// Connections accepted until the worker is told to stop: see
+/// [`Worker::incoming`].
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    worker: &'a Worker,
+    listener: &'a TcpListener,
+    nonblocking: bool,
+}
+
+impl Iterator for Incoming<'_> {
+    type Item = io::Result<TcpStream>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if !self.nonblocking {
+            if let Err(e) = self.listener.set_nonblocking(true) {
+                return Some(Err(e));
+            }
+            self.nonblocking = true;
+        }
+        loop {
+            if self.worker.should_stop() {
+                return None;
+            }
+            match self.listener.accept() {
+                Ok((stream, _)) => return Some(Ok(stream)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Some(Err(e)),
+            }
+            self.worker.heartbeat();
+            if let Err(e) = sys::process::poll_readable(&[self.listener.as_fd()], POLL_SLICE) {
+                return Some(Err(e));
+            }
+        }
+    }
+}
+
+/// A reader of the master's event log, from the moment it was made.
+#[derive(Debug, Clone)]
+pub struct Events {
+    segment: Segment,
+    next: u64,
+    missed: u64,
+}
+
+impl Events {
+    /// The next event, if one has been published.
+    pub fn try_next(&mut self) -> Option<Event> {
+        loop {
+            match self.segment.control().read(self.next) {
+                Ok(None) => return None,
+                Ok(Some(raw)) => {
+                    self.next += 1;
+                    if let Some(event) = Event::from_raw(raw) {
+                        return Some(event);
+                    }
+                }
+                Err(oldest) => {
+                    self.missed += oldest.saturating_sub(self.next);
+                    self.next = oldest;
+                }
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the next event.
+    pub fn next_timeout(&mut self, timeout: Duration) -> Option<Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.segment.control().events_futex.load(Acquire);
+            if let Some(e) = self.try_next() {
+                return Some(e);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            sys::futex_wait(&self.segment.control().events_futex, seen, Some(deadline - now));
+        }
+    }
+
+    /// Events that were overwritten before this reader got to them (the log
+    /// keeps the last 256).
+    pub fn missed(&self) -> u64 {
+        self.missed
+    }
+}
