@@ -239,7 +239,11 @@ impl Endpoint {
                 let found = control.generation.load(Acquire);
                 if found != expected {
                     control.owner.store(0, Release);
-                    return Err(EndpointError::StaleGeneration { slot, expected, found });
+                    return Err(EndpointError::StaleGeneration {
+                        slot,
+                        expected,
+                        found,
+                    });
                 }
                 expected
             }

@@ -266,7 +266,11 @@ impl fmt::Display for EndpointError {
             Self::SlotBusy { slot, pid } => {
                 write!(f, "slot {slot} is already held by process {pid}")
             }
-            Self::StaleGeneration { slot, expected, found } => write!(
+            Self::StaleGeneration {
+                slot,
+                expected,
+                found,
+            } => write!(
                 f,
                 "slot {slot} is at generation {found}, not {expected}: this worker was replaced"
             ),

@@ -551,14 +551,6 @@ impl Listeners {
         }))
     }
 
-    /// Adds `other`'s listeners after this one's (for example systemd's
-    /// after the bound specs).
-    pub(crate) fn append(&mut self, other: Listeners) {
-        self.inherited.extend(other.inherited);
-        self.requested.extend(other.requested);
-        self.reuse_port_ports.extend(other.reuse_port_ports);
-    }
-
     /// The sockets instance `index` receives at start, in order, with
     /// their names: every shared socket, and its own socket of each
     /// `ReusePort` listener (instance `index % instances` for an index
@@ -644,7 +636,12 @@ impl Listeners {
         };
         match sent {
             Ok(_) => Ok(true),
-            Err(e) if matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -780,17 +777,6 @@ pub(crate) fn place_listen_fds(fds: &[(RawFd, &str)]) -> io::Result<(Vec<(String
 /// Changing the environment is only sound while no other thread reads it:
 /// call this early in `main`, before starting threads.
 ///
-/// # Examples
-/// ```no_run
-/// for listener in shmcluster::inherited_listeners()? {
-///     if listener.name() == "http" {
-///         let tcp = listener.into_tcp();
-///         // ... accept on `tcp`
-///     }
-/// }
-/// # Ok::<(), shmcluster::ListenError>(())
-/// ```
-///
 /// # Errors
 /// [`ListenError::Systemd`] if the variables are malformed, a descriptor
 /// they name is not an open socket, or they were already taken in this
@@ -801,6 +787,10 @@ pub fn inherited_listeners() -> Result<Vec<Listener>, ListenError> {
         .map(|(name, fd)| Listener::new(name, fd))
         .collect())
 }
+
+/// More `LISTEN_FDS` than this is garbage: Linux's own ceiling on open
+/// descriptors per process (`fs.nr_open`) defaults to 2^20.
+const MAX_LISTEN_FDS: usize = 1 << 20;
 
 /// Reads and removes `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES`;
 /// takes the descriptors if they are meant for this process, makes them
@@ -829,8 +819,16 @@ fn take_listen_env() -> Result<Vec<(String, OwnedFd)>, ListenError> {
         .to_str()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| systemd_error(format!("LISTEN_FDS={count:?} is not a count")))?;
-    let names: Vec<String> = match names {
-        None => vec!["unknown".to_owned(); count],
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if count > MAX_LISTEN_FDS {
+        return Err(systemd_error(format!(
+            "LISTEN_FDS={count} is more than a process can hold"
+        )));
+    }
+    let names: Option<Vec<String>> = match names {
+        None => None,
         Some(names) => {
             let names = String::from_utf8(names.into_vec())
                 .map_err(|_| systemd_error("LISTEN_FDNAMES is not UTF-8".to_owned()))?;
@@ -844,12 +842,9 @@ fn take_listen_env() -> Result<Vec<(String, OwnedFd)>, ListenError> {
                     names.len()
                 )));
             }
-            names
+            Some(names)
         }
     };
-    if count == 0 {
-        return Ok(Vec::new());
-    }
     let fds = net::adopt_listen_fds(count).map_err(|e| {
         systemd_error(format!(
             "cannot take descriptors {}..{}: {e}",
@@ -857,12 +852,18 @@ fn take_listen_env() -> Result<Vec<(String, OwnedFd)>, ListenError> {
             net::LISTEN_FDS_START as usize + count
         ))
     })?;
+    // Without LISTEN_FDNAMES, every name is "unknown" (as systemd has it).
+    let names = names.unwrap_or_else(|| vec!["unknown".to_owned(); fds.len()]);
     for (i, (name, fd)) in names.iter().zip(&fds).enumerate() {
         let raw = net::LISTEN_FDS_START as usize + i;
         let is_socket = net::set_cloexec(fd.as_fd(), true).and_then(|()| net::is_socket(fd.as_fd()));
         match is_socket {
             Ok(true) => {}
-            Ok(false) => return Err(systemd_error(format!("descriptor {raw} ({name}) is not a socket"))),
+            Ok(false) => {
+                return Err(systemd_error(format!(
+                    "descriptor {raw} ({name}) is not a socket"
+                )))
+            }
             Err(e) => return Err(systemd_error(format!("descriptor {raw} ({name}): {e}"))),
         }
     }
@@ -1063,5 +1064,804 @@ pub(crate) fn request_listener(
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::testing::{fork, ExitStatus, Watchdog};
+
+    fn tcp(s: &str) -> ListenAddr {
+        ListenAddr::Tcp(s.parse().unwrap())
+    }
+
+    /// The socket's inode: equal for two descriptors of the same socket.
+    fn inode(fd: BorrowedFd<'_>) -> u64 {
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .ino()
+    }
+
+    fn port(fd: BorrowedFd<'_>) -> u16 {
+        net::local_addr_tcp(fd).unwrap().port()
+    }
+
+    /// A path for a unix socket that no other test uses.
+    fn socket_path(what: &str) -> PathBuf {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("shmcluster-{what}-{}-{n}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    /// Runs `f` in a forked child under a watchdog; asserts it exits 0 (a
+    /// failing step returns its own nonzero code).
+    fn in_child(name: &str, f: impl FnOnce() -> i32) {
+        let dog = Watchdog::new(name, Duration::from_secs(20));
+        let child = dog.track(fork(f).unwrap());
+        assert_eq!(
+            child.wait_timeout(Duration::from_secs(10)).unwrap(),
+            Some(ExitStatus::Code(0)),
+            "child step failed (its exit code names the step)"
+        );
+    }
+
+    #[test]
+    fn parses_addresses() {
+        assert_eq!(
+            "127.0.0.1:8080".parse::<ListenAddr>().unwrap(),
+            tcp("127.0.0.1:8080")
+        );
+        assert_eq!(":8080".parse::<ListenAddr>().unwrap(), tcp("0.0.0.0:8080"));
+        assert_eq!("[::1]:9".parse::<ListenAddr>().unwrap(), tcp("[::1]:9"));
+        assert_eq!(
+            "unix:/run/a.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/run/a.sock".into())
+        );
+        assert_eq!(
+            "unix:rel.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("rel.sock".into())
+        );
+        assert_eq!(
+            "/run/b.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/run/b.sock".into())
+        );
+        assert_eq!(
+            "./c.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("./c.sock".into())
+        );
+        match "localhost:80".parse::<ListenAddr>().unwrap() {
+            ListenAddr::Tcp(addr) => assert!(addr.ip().is_loopback() && addr.port() == 80),
+            other => panic!("{other:?}"),
+        }
+        for bad in ["nonsense", "1.2.3.4", "1.2.3.4:99999", "unix:", ""] {
+            match bad.parse::<ListenAddr>() {
+                Err(ListenError::Resolve { addr, .. }) => assert_eq!(addr, bad),
+                other => panic!("{bad:?} parsed as {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn display_parses_back() {
+        for text in ["0.0.0.0:80", "[::1]:9", "unix:/run/a.sock"] {
+            let addr: ListenAddr = text.parse().unwrap();
+            assert_eq!(addr.to_string(), text);
+            assert_eq!(addr.to_string().parse::<ListenAddr>().unwrap(), addr);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_address_and_chain_the_source() {
+        let err = ListenError::Bind {
+            addr: tcp("127.0.0.1:80"),
+            source: io::Error::from(io::ErrorKind::AddrInUse),
+        };
+        assert!(err.to_string().contains("127.0.0.1:80"), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+        let err = ListenError::ReusePortUnix {
+            path: "/x.sock".into(),
+        };
+        assert!(err.to_string().contains("/x.sock"), "{err}");
+        assert!(std::error::Error::source(&err).is_none());
+    }
+
+    #[test]
+    fn shared_tcp_is_one_socket_for_every_instance_and_accepts() {
+        let spec = ListenSpec::new(tcp("127.0.0.1:0"));
+        let listeners = Listeners::bind(&[spec], 3).unwrap();
+        let fds: Vec<RawFd> = (0..3)
+            .map(|i| {
+                let got = listeners.for_instance(i);
+                assert_eq!(got.len(), 1);
+                assert_eq!(got[0].1, "listen0", "default name");
+                got[0].0.as_raw_fd()
+            })
+            .collect();
+        assert!(fds.iter().all(|fd| *fd == fds[0]), "{fds:?}");
+        assert_eq!(listeners.all_fds(), vec![fds[0]]);
+        let [ListenAddr::Tcp(addr)] = listeners.local_addrs()[..] else {
+            panic!("{:?}", listeners.local_addrs())
+        };
+        assert_ne!(addr.port(), 0, "port 0 resolved");
+
+        let mut taken = listeners.instance_listeners(1).unwrap();
+        let listener = taken.pop().unwrap();
+        assert_eq!(listener.name(), "listen0");
+        assert!(listener.is_tcp() && !listener.is_unix());
+        assert_eq!(listener.local_addr().unwrap(), ListenAddr::Tcp(addr));
+        let tcp = listener.into_tcp();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let (mut server, _) = tcp.accept().unwrap();
+        client.write_all(b"hello").unwrap();
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+    }
+
+    #[test]
+    fn reuse_port_gives_each_instance_its_own_socket_on_one_port() {
+        let spec = ListenSpec::new(tcp("127.0.0.1:0"))
+            .mode(ListenMode::ReusePort)
+            .name("web");
+        let listeners = Listeners::bind(&[spec], 2).unwrap();
+        let (a, b) = (listeners.for_instance(0), listeners.for_instance(1));
+        assert_eq!((a[0].1, b[0].1), ("web", "web"));
+        assert_ne!(inode(a[0].0), inode(b[0].0), "distinct sockets");
+        assert_eq!(port(a[0].0), port(b[0].0), "one port");
+        assert_eq!(listeners.all_fds().len(), 2);
+        assert_eq!(
+            inode(listeners.for_instance(2)[0].0),
+            inode(a[0].0),
+            "an index past the count wraps"
+        );
+        let addr = net::local_addr_tcp(a[0].0).unwrap();
+        assert_eq!(listeners.local_addrs(), vec![ListenAddr::Tcp(addr)]);
+
+        let accept_from = |i| {
+            let tcp = listeners.instance_listeners(i).unwrap().pop().unwrap().into_tcp();
+            tcp.set_nonblocking(true).unwrap();
+            tcp
+        };
+        let sockets = [accept_from(0), accept_from(1)];
+        const CONNECTS: usize = 64;
+        // Each connection comes from its own source port; the kernel
+        // hashes that to one socket of the group.
+        let clients: Vec<_> = (0..CONNECTS)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut accepted = [0usize; 2];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while accepted.iter().sum::<usize>() < CONNECTS && Instant::now() < deadline {
+            for (i, socket) in sockets.iter().enumerate() {
+                while socket.accept().is_ok() {
+                    accepted[i] += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(clients);
+        assert_eq!(accepted.iter().sum::<usize>(), CONNECTS, "{accepted:?}");
+        assert!(
+            accepted[0] > 0 && accepted[1] > 0,
+            "both sockets accept: {accepted:?}"
+        );
+    }
+
+    #[test]
+    fn unix_listener_binds_accepts_and_is_removed_at_shutdown() {
+        let path = socket_path("bind");
+        let spec = ListenSpec::new(ListenAddr::Unix(path.clone()));
+        let listeners = Listeners::bind(&[spec], 2).unwrap();
+        assert_eq!(listeners.local_addrs(), vec![ListenAddr::Unix(path.clone())]);
+        let listener = listeners.instance_listeners(0).unwrap().pop().unwrap();
+        assert!(listener.is_unix() && !listener.is_tcp());
+        let unix = listener.into_unix();
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let (mut server, _) = unix.accept().unwrap();
+        client.write_all(b"hi").unwrap();
+        let mut got = [0u8; 2];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        assert!(path.exists());
+        listeners.remove_unix_paths();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_replaced_but_another_file_is_not() {
+        let path = socket_path("stale");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists(), "the closed listener left its file");
+        let listeners = Listeners::bind(&[ListenSpec::new(ListenAddr::Unix(path.clone()))], 1).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        // A live listener's file is not stale.
+        match Listeners::bind(&[ListenSpec::new(ListenAddr::Unix(path.clone()))], 1) {
+            Err(ListenError::Bind { source, .. }) => assert_eq!(source.kind(), io::ErrorKind::AddrInUse),
+            other => panic!("{other:?}"),
+        }
+        listeners.remove_unix_paths();
+
+        std::fs::write(&path, b"data").unwrap();
+        match Listeners::bind(&[ListenSpec::new(ListenAddr::Unix(path.clone()))], 1) {
+            Err(ListenError::Bind { addr, source }) => {
+                assert_eq!(addr, ListenAddr::Unix(path.clone()));
+                assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"data", "left alone");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn reuse_port_on_a_unix_path_is_an_error() {
+        let path = socket_path("reuse");
+        let spec = ListenSpec::new(ListenAddr::Unix(path.clone())).mode(ListenMode::ReusePort);
+        match Listeners::bind(&[spec], 2) {
+            Err(ListenError::ReusePortUnix { path: p }) => assert_eq!(p, path),
+            other => panic!("{other:?}"),
+        }
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn an_unbindable_address_is_a_bind_error_naming_it() {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy_addr = ListenAddr::Tcp(busy.local_addr().unwrap());
+        match Listeners::bind(&[ListenSpec::new(busy_addr.clone())], 1) {
+            Err(ListenError::Bind { addr, source }) => {
+                assert_eq!(addr, busy_addr);
+                assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
+            }
+            other => panic!("{other:?}"),
+        }
+        // TEST-NET-1: not an address of this host.
+        let foreign = tcp("192.0.2.1:80");
+        match Listeners::bind(&[ListenSpec::new(foreign.clone())], 1) {
+            Err(e @ ListenError::Bind { .. }) => assert!(e.to_string().contains("192.0.2.1:80"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // A failure after a unix socket was made removes its file.
+        let path = socket_path("partial");
+        let specs = [
+            ListenSpec::new(ListenAddr::Unix(path.clone())),
+            ListenSpec::new(busy_addr),
+        ];
+        assert!(matches!(
+            Listeners::bind(&specs, 1),
+            Err(ListenError::Bind { .. })
+        ));
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn names_default_by_position_and_invalid_ones_are_refused() {
+        let specs = [
+            ListenSpec::new(tcp("127.0.0.1:0")),
+            ListenSpec::new(tcp("127.0.0.1:0")).name("admin"),
+            ListenSpec::new(tcp("127.0.0.1:0")),
+        ];
+        let listeners = Listeners::bind(&specs, 1).unwrap();
+        let names: Vec<&str> = listeners.for_instance(0).into_iter().map(|(_, n)| n).collect();
+        assert_eq!(names, ["listen0", "admin", "listen2"]);
+        for bad in ["a:b", "tab\t", &"x".repeat(256), "é"] {
+            match Listeners::bind(&[ListenSpec::new(tcp("127.0.0.1:0")).name(bad)], 1) {
+                Err(ListenError::InvalidName { name }) => assert_eq!(name, bad),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    /// Serves requests on one end of a socket pair in a thread until the
+    /// worker end closes; returns the worker end and the server thread.
+    fn serve(mut listeners: Listeners) -> (OwnedFd, std::thread::JoinHandle<(Listeners, io::Result<usize>)>) {
+        let (master, worker) = net::seqpacket_pair().unwrap();
+        let thread = std::thread::spawn(move || {
+            let mut served = 0;
+            loop {
+                match listeners.serve_request(master.as_fd()) {
+                    Ok(true) => served += 1,
+                    Ok(false) => return (listeners, Ok(served)),
+                    Err(e) => return (listeners, Err(e)),
+                }
+            }
+        });
+        (worker, thread)
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn shared_requests_for_one_address_get_one_socket() {
+        let (worker, server) = serve(Listeners::default());
+        let addr = tcp("127.0.0.1:0");
+        let a = request_listener(worker.as_fd(), &addr, ListenMode::Shared, T).unwrap();
+        let b = request_listener(worker.as_fd(), &addr, ListenMode::Shared, T).unwrap();
+        assert_eq!(inode(a.as_fd()), inode(b.as_fd()), "the same socket");
+        assert_eq!(a.name(), "127.0.0.1:0");
+        // Asking for the port it got is asking for the same socket.
+        let actual = a.local_addr().unwrap();
+        let c = request_listener(worker.as_fd(), &actual, ListenMode::Shared, T).unwrap();
+        assert_eq!(inode(c.as_fd()), inode(a.as_fd()));
+        assert!(is_cloexec(&c));
+
+        let ListenAddr::Tcp(actual) = actual else { panic!() };
+        let mut client = std::net::TcpStream::connect(actual).unwrap();
+        let (mut conn, _) = a.into_tcp().accept().unwrap();
+        client.write_all(b"x").unwrap();
+        let mut got = [0u8; 1];
+        conn.read_exact(&mut got).unwrap();
+
+        drop(worker);
+        let (listeners, served) = server.join().unwrap();
+        assert_eq!(served.unwrap(), 3);
+        assert_eq!(listeners.all_fds().len(), 1, "the master keeps the shared socket");
+        assert!(
+            listeners.for_instance(0).is_empty(),
+            "requested sockets are not inherited"
+        );
+    }
+
+    fn is_cloexec(listener: &Listener) -> bool {
+        net::is_cloexec(listener.as_fd()).unwrap()
+    }
+
+    #[test]
+    fn a_shared_request_for_a_spec_address_gets_the_inherited_socket() {
+        let spec = ListenSpec::new(tcp("127.0.0.1:0"));
+        let listeners = Listeners::bind(&[spec], 1).unwrap();
+        let inherited = inode(listeners.for_instance(0)[0].0);
+        let (worker, server) = serve(listeners);
+        let got = request_listener(worker.as_fd(), &tcp("127.0.0.1:0"), ListenMode::Shared, T).unwrap();
+        assert_eq!(inode(got.as_fd()), inherited);
+        drop(worker);
+        server.join().unwrap().1.unwrap();
+    }
+
+    #[test]
+    fn reuse_port_requests_get_new_sockets_on_one_port() {
+        let spec = ListenSpec::new(tcp("127.0.0.1:0")).mode(ListenMode::ReusePort);
+        let listeners = Listeners::bind(&[spec], 1).unwrap();
+        let group_port = port(listeners.for_instance(0)[0].0);
+        let (worker, server) = serve(listeners);
+        let mode = ListenMode::ReusePort;
+        let a = request_listener(worker.as_fd(), &tcp("127.0.0.1:0"), mode, T).unwrap();
+        let b = request_listener(worker.as_fd(), &tcp("127.0.0.1:0"), mode, T).unwrap();
+        assert_ne!(inode(a.as_fd()), inode(b.as_fd()));
+        assert_eq!(
+            (port(a.as_fd()), port(b.as_fd())),
+            (group_port, group_port),
+            "joined the spec's port"
+        );
+        // A new address: the first request picks the port, the next joins it.
+        let c = request_listener(worker.as_fd(), &tcp("127.0.0.2:0"), mode, T).unwrap();
+        let d = request_listener(worker.as_fd(), &tcp("127.0.0.2:0"), mode, T).unwrap();
+        assert_ne!(inode(c.as_fd()), inode(d.as_fd()));
+        assert_eq!(port(c.as_fd()), port(d.as_fd()));
+        drop(worker);
+        let (listeners, served) = server.join().unwrap();
+        assert_eq!(served.unwrap(), 4);
+        assert_eq!(
+            listeners.all_fds().len(),
+            1,
+            "the master keeps no requested ReusePort socket"
+        );
+    }
+
+    #[test]
+    fn failed_requests_come_back_as_errors() {
+        let (worker, server) = serve(Listeners::default());
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy_addr = ListenAddr::Tcp(busy.local_addr().unwrap());
+        match request_listener(worker.as_fd(), &busy_addr, ListenMode::Shared, T) {
+            Err(ListenError::Bind { addr, source }) => {
+                assert_eq!(addr, busy_addr);
+                assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
+            }
+            other => panic!("{other:?}"),
+        }
+        let path = socket_path("req-reuse");
+        match request_listener(
+            worker.as_fd(),
+            &ListenAddr::Unix(path.clone()),
+            ListenMode::ReusePort,
+            T,
+        ) {
+            Err(ListenError::ReusePortUnix { path: p }) => assert_eq!(p, path),
+            other => panic!("{other:?}"),
+        }
+        drop(worker);
+        assert_eq!(
+            server.join().unwrap().1.unwrap(),
+            1,
+            "the unix ReusePort request never left"
+        );
+    }
+
+    #[test]
+    fn unix_requests_are_shared_and_removed_at_shutdown() {
+        let (worker, server) = serve(Listeners::default());
+        let path = socket_path("req");
+        let addr = ListenAddr::Unix(path.clone());
+        let a = request_listener(worker.as_fd(), &addr, ListenMode::Shared, T).unwrap();
+        let b = request_listener(worker.as_fd(), &addr, ListenMode::Shared, T).unwrap();
+        assert_eq!(inode(a.as_fd()), inode(b.as_fd()));
+        assert!(a.is_unix());
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        drop(worker);
+        let (listeners, _) = server.join().unwrap();
+        assert!(path.exists());
+        listeners.remove_unix_paths();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn garbage_requests_get_error_replies() {
+        let (worker, server) = serve(Listeners::default());
+        let mut valid = encode_request(7, &tcp("127.0.0.1:0"), ListenMode::Shared);
+        let mut bad_mode = valid.clone();
+        bad_mode[5] = b'?';
+        let mut bad_kind = valid.clone();
+        bad_kind[6] = b'?';
+        let mut bad_addr = valid.clone();
+        bad_addr.truncate(7);
+        bad_addr.extend_from_slice(b"not an address");
+        let mut long = valid.clone();
+        long.resize(MAX_REQUEST_LEN + 1, b'1');
+        let mut nul_path = encode_request(9, &ListenAddr::Unix("/tmp/x".into()), ListenMode::Shared);
+        nul_path.push(0);
+        let cases: [(&[u8], u32); 9] = [
+            (b"x", 0),
+            (b"L", 0),
+            (b"Xjunkjunkjunk", 0),
+            (&bad_mode, 7),
+            (&bad_kind, 7),
+            (&bad_addr, 7),
+            (&long, 7),
+            (&nul_path, 9),
+            (&[b'L', 1, 0, 0, 0, b'S', b'U'], 1),
+        ];
+        let mut buf = [0u8; MAX_REPLY_LEN + 1];
+        for (request, id) in cases {
+            net::send_with_fd(worker.as_fd(), request, None).unwrap();
+            let (len, fd) = net::recv_with_fd(worker.as_fd(), &mut buf).unwrap();
+            assert!(fd.is_none());
+            match decode_reply(&buf[..len]) {
+                Some((got, Err((0, text)))) => {
+                    assert_eq!(got, id, "{text}");
+                    assert!(!text.is_empty());
+                }
+                other => panic!("{request:?}: {other:?}"),
+            }
+        }
+        // The server is still up, and a descriptor sent along is refused.
+        valid[1] = 8;
+        let (x, _y) = net::seqpacket_pair().unwrap();
+        net::send_with_fd(worker.as_fd(), &valid, Some(x.as_fd())).unwrap();
+        let (len, fd) = net::recv_with_fd(worker.as_fd(), &mut buf).unwrap();
+        assert_eq!(decode_reply(&buf[..len]), Some((8, Ok(()))));
+        assert!(fd.is_some_and(|fd| net::local_addr_tcp(fd.as_fd()).is_ok()));
+        drop(worker);
+        assert_eq!(server.join().unwrap().1.unwrap(), 10);
+    }
+
+    #[test]
+    fn a_request_times_out_and_a_late_reply_is_dropped() {
+        let (master, worker) = net::seqpacket_pair().unwrap();
+        let addr = tcp("127.0.0.1:0");
+        let start = Instant::now();
+        match request_listener(
+            worker.as_fd(),
+            &addr,
+            ListenMode::Shared,
+            Duration::from_millis(30),
+        ) {
+            Err(ListenError::Request { reason }) => assert!(reason.contains("no reply"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() >= Duration::from_millis(30));
+
+        let stale = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fresh = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let replier = std::thread::spawn(move || {
+            let mut buf = [0u8; MAX_REQUEST_LEN + 1];
+            // The first (timed-out) request, then the second.
+            let (len, _) = net::recv_with_fd(master.as_fd(), &mut buf).unwrap();
+            let first = decode_request(&buf[..len]).unwrap();
+            let (len, _) = net::recv_with_fd(master.as_fd(), &mut buf).unwrap();
+            let second = decode_request(&buf[..len]).unwrap();
+            assert_ne!(first.id, second.id);
+            net::send_with_fd(master.as_fd(), &encode_ok(first.id), Some(stale.as_fd())).unwrap();
+            net::send_with_fd(master.as_fd(), &encode_ok(second.id), Some(fresh.as_fd())).unwrap();
+            fresh.local_addr().unwrap()
+        });
+        let got = request_listener(worker.as_fd(), &addr, ListenMode::Shared, T).unwrap();
+        let fresh_addr = replier.join().unwrap();
+        assert_eq!(got.local_addr().unwrap(), ListenAddr::Tcp(fresh_addr));
+    }
+
+    #[test]
+    fn a_request_to_a_gone_master_fails() {
+        let (master, worker) = net::seqpacket_pair().unwrap();
+        let replier = std::thread::spawn(move || {
+            let mut buf = [0u8; MAX_REQUEST_LEN + 1];
+            net::recv_with_fd(master.as_fd(), &mut buf).unwrap();
+            // An OK without a descriptor, then hang up.
+            net::send_with_fd(master.as_fd(), &encode_ok(u32::MAX), None).unwrap();
+        });
+        let addr = tcp("127.0.0.1:0");
+        match request_listener(worker.as_fd(), &addr, ListenMode::Shared, T) {
+            Err(ListenError::Request { reason }) => assert!(reason.contains("closed"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        replier.join().unwrap();
+        assert!(matches!(
+            request_listener(worker.as_fd(), &addr, ListenMode::Shared, T),
+            Err(ListenError::Io(_))
+        ));
+    }
+
+    #[test]
+    fn a_reply_without_a_descriptor_is_an_error() {
+        let (master, worker) = net::seqpacket_pair().unwrap();
+        let replier = std::thread::spawn(move || {
+            let mut buf = [0u8; MAX_REQUEST_LEN + 1];
+            let (len, _) = net::recv_with_fd(master.as_fd(), &mut buf).unwrap();
+            let id = decode_request(&buf[..len]).unwrap().id;
+            net::send_with_fd(master.as_fd(), &encode_ok(id), None).unwrap();
+            net::recv_with_fd(master.as_fd(), &mut buf).unwrap();
+            net::send_with_fd(master.as_fd(), b"?", None).unwrap();
+            master
+        });
+        let addr = tcp("127.0.0.1:0");
+        match request_listener(worker.as_fd(), &addr, ListenMode::Shared, T) {
+            Err(ListenError::Request { reason }) => assert!(reason.contains("no descriptor"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        match request_listener(worker.as_fd(), &addr, ListenMode::Shared, T) {
+            Err(ListenError::Request { reason }) => assert!(reason.contains("malformed"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        drop(replier.join().unwrap());
+    }
+
+    /// Clears the `LISTEN_*` variables (in a child: the test runner's
+    /// environment might carry some).
+    fn clear_listen_env() {
+        for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            std::env::remove_var(var);
+        }
+    }
+
+    fn listen_env_is_gone() -> bool {
+        ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"]
+            .iter()
+            .all(|var| std::env::var_os(var).is_none())
+    }
+
+    /// Sets `LISTEN_PID` to `pid` and the other two as given.
+    fn set_listen_env(pid: u32, count: &str, names: Option<&str>) {
+        clear_listen_env();
+        std::env::set_var("LISTEN_PID", pid.to_string());
+        std::env::set_var("LISTEN_FDS", count);
+        if let Some(names) = names {
+            std::env::set_var("LISTEN_FDNAMES", names);
+        }
+    }
+
+    #[test]
+    fn placed_fds_are_inherited_in_order_with_their_names() {
+        let specs = [
+            ListenSpec::new(tcp("127.0.0.1:0")).name("a"),
+            ListenSpec::new(tcp("127.0.0.1:0")).name("b"),
+        ];
+        let listeners = Listeners::bind(&specs, 1).unwrap();
+        let ports: Vec<u16> = listeners
+            .for_instance(0)
+            .iter()
+            .map(|(fd, _)| port(*fd))
+            .collect();
+        // Only the child rearranges its descriptor table; it borrows
+        // `listeners` and never drops them (it `_exit`s).
+        in_child("place_listen_fds", || {
+            clear_listen_env();
+            let fds: Vec<(RawFd, &str)> = listeners
+                .for_instance(0)
+                .iter()
+                .map(|(fd, name)| (fd.as_raw_fd(), *name))
+                .collect();
+            let Ok((env, next)) = place_listen_fds(&fds) else {
+                return 1;
+            };
+            if next != 5 {
+                return 2;
+            }
+            // Again, from sources inside the target range, swapped.
+            let Ok((env2, _)) = place_listen_fds(&[(4, "b"), (3, "a2")]) else {
+                return 3;
+            };
+            let pid = sys::getpid().to_string();
+            let expect = |names: &str| {
+                vec![
+                    ("LISTEN_FDS".to_owned(), "2".to_owned()),
+                    ("LISTEN_PID".to_owned(), pid.clone()),
+                    ("LISTEN_FDNAMES".to_owned(), names.to_owned()),
+                ]
+            };
+            if env != expect("a:b") || env2 != expect("b:a2") {
+                return 4;
+            }
+            // The child about to exec keeps them: no FD_CLOEXEC.
+            if !matches!(
+                (net::is_cloexec_raw(3), net::is_cloexec_raw(4)),
+                (Ok(false), Ok(false))
+            ) {
+                return 13;
+            }
+            for (key, value) in &env2 {
+                std::env::set_var(key, value);
+            }
+            let Ok(taken) = inherited_listeners() else {
+                return 5;
+            };
+            if !listen_env_is_gone() {
+                return 6;
+            }
+            let got: Vec<(&str, RawFd, u16)> = taken
+                .iter()
+                .map(|l| (l.name(), l.as_raw_fd(), port(l.as_fd())))
+                .collect();
+            if got != [("b", 3, ports[1]), ("a2", 4, ports[0])] {
+                return 7;
+            }
+            if !taken.iter().all(is_cloexec) {
+                return 8;
+            }
+            // Taken once: the variables are gone, and even set again the
+            // numbers are not taken twice.
+            if !matches!(inherited_listeners(), Ok(v) if v.is_empty()) {
+                return 9;
+            }
+            for (key, value) in &env2 {
+                std::env::set_var(key, value);
+            }
+            if !matches!(inherited_listeners(), Err(ListenError::Systemd { .. })) {
+                return 10;
+            }
+            if place_listen_fds(&[(3, "bad:name")]).is_ok() {
+                return 11;
+            }
+            if !matches!(place_listen_fds(&[]), Ok((env, 3)) if env.is_empty()) {
+                return 12;
+            }
+            0
+        });
+    }
+
+    #[test]
+    fn inherited_listeners_ignore_another_process_and_need_sockets() {
+        in_child("inherited: not ours", || {
+            set_listen_env(1, "1", None);
+            match inherited_listeners() {
+                Ok(v) if v.is_empty() && listen_env_is_gone() => 0,
+                _ => 1,
+            }
+        });
+        in_child("inherited: none", || {
+            clear_listen_env();
+            match inherited_listeners() {
+                Ok(v) if v.is_empty() => 0,
+                _ => 1,
+            }
+        });
+        in_child("inherited: not a socket", || {
+            // A bare number: the File must not also close what ends up at 3.
+            let Ok(file) = std::fs::File::open("/dev/null") else {
+                return 1;
+            };
+            let raw = std::os::fd::IntoRawFd::into_raw_fd(file);
+            if place_listen_fds(&[(raw, "null")]).is_err() {
+                return 2;
+            }
+            set_listen_env(sys::getpid(), "1", None);
+            match inherited_listeners() {
+                Err(ListenError::Systemd { reason }) if reason.contains("not a socket") => 0,
+                _ => 3,
+            }
+        });
+    }
+
+    #[test]
+    fn systemd_sockets_are_taken_in_named_and_close_on_exec() {
+        let listeners = Listeners::bind(&[ListenSpec::new(tcp("127.0.0.1:0"))], 1).unwrap();
+        let addrs = listeners.local_addrs();
+        let (fd, _) = listeners.for_instance(0)[0];
+        let raw = fd.as_raw_fd();
+        in_child("systemd: taken", || {
+            // systemd passes its sockets without FD_CLOEXEC, as placed here.
+            if place_listen_fds(&[(raw, "ignored")]).is_err() {
+                return 1;
+            }
+            set_listen_env(sys::getpid(), "1", Some("web"));
+            let Ok(Some(taken)) = Listeners::from_systemd_env() else {
+                return 2;
+            };
+            if !listen_env_is_gone() {
+                return 3;
+            }
+            if taken.local_addrs() != addrs {
+                return 4;
+            }
+            let got = taken.for_instance(5);
+            if got.len() != 1 || got[0].1 != "web" || got[0].0.as_raw_fd() != 3 {
+                return 5;
+            }
+            if !net::is_cloexec(got[0].0).unwrap_or(false) {
+                return 6;
+            }
+            0
+        });
+        in_child("systemd: unnamed", || {
+            if place_listen_fds(&[(raw, "x")]).is_err() {
+                return 1;
+            }
+            set_listen_env(sys::getpid(), "1", None);
+            let Ok(Some(taken)) = Listeners::from_systemd_env() else {
+                return 2;
+            };
+            let names: Vec<&str> = taken.for_instance(0).into_iter().map(|(_, n)| n).collect();
+            if names != ["unknown"] {
+                return 3;
+            }
+            0
+        });
+        in_child("systemd: not activated", || {
+            set_listen_env(1, "1", None);
+            if !matches!(Listeners::from_systemd_env(), Ok(None)) || !listen_env_is_gone() {
+                return 1;
+            }
+            clear_listen_env();
+            if !matches!(Listeners::from_systemd_env(), Ok(None)) {
+                return 2;
+            }
+            0
+        });
+        for (what, count, names) in [
+            ("count", "x", None),
+            ("negative", "-1", None),
+            ("names", "1", Some("a:b")),
+            ("missing", "2", None),
+            ("huge", "18446744073709551615", None),
+        ] {
+            in_child(&format!("systemd: bad {what}"), || {
+                if place_listen_fds(&[(raw, "x")]).is_err() {
+                    return 1;
+                }
+                // "missing": nothing at 4 (whatever the child had there,
+                // it never uses).
+                let _ = net::close_raw(4);
+                set_listen_env(sys::getpid(), count, names);
+                match Listeners::from_systemd_env() {
+                    Err(ListenError::Systemd { .. }) if listen_env_is_gone() => 0,
+                    _ => 2,
+                }
+            });
+        }
+        in_child("systemd: bad pid", || {
+            clear_listen_env();
+            std::env::set_var("LISTEN_PID", "me");
+            std::env::set_var("LISTEN_FDS", "1");
+            match Listeners::from_systemd_env() {
+                Err(ListenError::Systemd { .. }) if listen_env_is_gone() => 0,
+                _ => 1,
+            }
+        });
     }
 }

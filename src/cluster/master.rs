@@ -97,7 +97,7 @@ type EventCallback = Box<dyn FnMut(&Cluster, &Event)>;
 /// let report = Cluster::builder()
 ///     .workers(4)
 ///     .listen("127.0.0.1:8080")
-///     .run(|worker| {
+///     .run(|mut worker| {
 ///         let listener = worker.take_listeners().remove(0).into_tcp();
 ///         worker.ready();
 ///         for stream in worker.incoming(&listener) {
@@ -193,7 +193,10 @@ impl fmt::Display for ClusterError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Workers { requested, max } => {
-                write!(f, "invalid worker count {requested}: must be 1..={max} (0 = one per CPU)")
+                write!(
+                    f,
+                    "invalid worker count {requested}: must be 1..={max} (0 = one per CPU)"
+                )
             }
             Self::Config(e) => write!(f, "invalid segment configuration: {e}"),
             Self::Create(e) => write!(f, "cannot create the segment: {e}"),
@@ -298,8 +301,10 @@ impl ClusterBuilder {
     /// connections over them).
     pub fn listen_mode(mut self, addr: &str, mode: ListenMode) -> Self {
         let name = format!("listen{}", self.listen.len());
-        self.listen
-            .push(addr.parse::<ListenAddr>().map(|addr| ListenSpec::new(addr).mode(mode).name(name)));
+        self.listen.push(
+            addr.parse::<ListenAddr>()
+                .map(|addr| ListenSpec::new(addr).mode(mode).name(name)),
+        );
         self
     }
 
@@ -421,7 +426,9 @@ impl ClusterBuilder {
     fn start(mut self, mode: Mode<'_>) -> Result<Report, ClusterError> {
         let max = crate::MAX_WORKERS - 1;
         let instances = match self.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(max),
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get() as u32)
+                .min(max),
             n if n > max => return Err(ClusterError::Workers { requested: n, max }),
             n => n,
         };
@@ -700,12 +707,25 @@ impl Master<'_> {
         let (master_end, worker_end) = sys::net::seqpacket_pair()?;
         let (exec_read, exec_write) = proc::pipe_cloexec()?;
         // Descriptors the child must not keep.
-        let mut close: Vec<RawFd> = vec![self.signals.raw_fd(), master_end.as_raw_fd(), exec_read.as_raw_fd()];
-        close.extend(self.slots.iter().filter_map(|s| s.control.as_ref().map(|c| c.as_raw_fd())));
+        let mut close: Vec<RawFd> = vec![
+            self.signals.raw_fd(),
+            master_end.as_raw_fd(),
+            exec_read.as_raw_fd(),
+        ];
+        close.extend(
+            self.slots
+                .iter()
+                .filter_map(|s| s.control.as_ref().map(|c| c.as_raw_fd())),
+        );
         let listeners = self.cluster.listeners.borrow();
         let mine: Vec<(BorrowedFd<'_>, &str)> = listeners.for_instance(index);
         let mine_raw: Vec<RawFd> = mine.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
-        close.extend(listeners.all_fds().into_iter().filter(|fd| !mine_raw.contains(fd)));
+        close.extend(
+            listeners
+                .all_fds()
+                .into_iter()
+                .filter(|fd| !mine_raw.contains(fd)),
+        );
         let instances = self.cluster.instances;
 
         // SAFETY: the master checked at start-up that it is single-threaded
@@ -745,7 +765,16 @@ impl Master<'_> {
                         }
                     }
                     Mode::Spawn(argv) => {
-                        let err = exec_worker(argv, &segment, slot, index, generation, instances, &worker_end, &mine);
+                        let err = exec_worker(
+                            argv,
+                            &segment,
+                            slot,
+                            index,
+                            generation,
+                            instances,
+                            &worker_end,
+                            &mine,
+                        );
                         let errno = err.raw_os_error().unwrap_or(0);
                         proc::write_all_raw(exec_write.as_fd(), &errno.to_le_bytes());
                         eprintln!("shmcluster: cannot execute worker {index}: {err}");
@@ -884,7 +913,10 @@ impl Master<'_> {
             Duration::ZERO
         } else {
             let factor = 1u32 << (deaths - 2).min(20);
-            self.opts.backoff_initial.saturating_mul(factor).min(self.opts.backoff_max)
+            self.opts
+                .backoff_initial
+                .saturating_mul(factor)
+                .min(self.opts.backoff_max)
         };
         self.slots[slot as usize].restart_at = Some(now + delay);
     }
@@ -915,7 +947,8 @@ impl Master<'_> {
                 continue;
             }
             let rec = &mut self.slots[slot as usize];
-            if let (Some(hang), Some(seen), true, None) = (self.opts.hang_timeout, rec.beat_seen, rec.ready, rec.ending)
+            if let (Some(hang), Some(seen), true, None) =
+                (self.opts.hang_timeout, rec.beat_seen, rec.ready, rec.ending)
             {
                 if now.duration_since(seen) > hang {
                     rec.ending = Some(ExitReason::Hung);

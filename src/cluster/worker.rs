@@ -292,7 +292,11 @@ impl Worker {
             if now >= deadline {
                 return false;
             }
-            sys::futex_wait(&self.entry().stop, STOP_RUN, Some((deadline - now).min(POLL_SLICE)));
+            sys::futex_wait(
+                &self.entry().stop,
+                STOP_RUN,
+                Some((deadline - now).min(POLL_SLICE)),
+            );
         }
     }
 
@@ -395,7 +399,8 @@ impl Iterator for Incoming<'_> {
             }
             match self.listener.accept() {
                 Ok((stream, _)) => return Some(Ok(stream)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                }
                 Err(e) => return Some(Err(e)),
             }
             self.worker.heartbeat();

@@ -6,8 +6,7 @@
 //! clears the flag on the copy) or [`set_cloexec`].
 //!
 //! Two groups of functions act on descriptor *numbers* rather than owned
-//! descriptors: [`dup2`], [`dup_above`], [`close_raw`] and
-//! [`set_cloexec_raw`] are for a forked child arranging its descriptor
+//! descriptors: [`dup2`], [`dup_above`] and [`close_raw`] are for a forked child arranging its descriptor
 //! table before `execve(2)`, and [`adopt_listen_fds`] takes the numbers a
 //! parent announced in `LISTEN_FDS`.
 
@@ -20,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self as socket, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
-    SockaddrLike, SockaddrStorage, UnixAddr,
+    self as socket, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType, SockaddrLike, SockaddrStorage, UnixAddr,
 };
 
 /// The `listen(2)` backlog used when the caller has no opinion. The kernel
@@ -71,7 +70,12 @@ pub fn bind_tcp(addr: SocketAddr, reuse_port: bool, backlog: i32) -> io::Result<
 /// `unix(7)`.
 pub fn bind_unix(path: &Path, backlog: i32) -> io::Result<OwnedFd> {
     let addr = UnixAddr::new(path)?;
-    let fd = socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     socket::bind(fd.as_raw_fd(), &addr)?;
     listen(fd.as_fd(), backlog)?;
     Ok(fd)
@@ -205,7 +209,8 @@ pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// `fcntl(2)` `F_GETFD`: whether `FD_CLOEXEC` is set on `fd`.
+/// `fcntl(2)` `F_GETFD`: whether `FD_CLOEXEC` is set on `fd` (tests only).
+#[cfg(test)]
 pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     Ok(FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD)?).contains(FdFlag::FD_CLOEXEC))
@@ -217,7 +222,9 @@ pub fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
 }
 
-/// `getsockopt(2)` `SO_ACCEPTCONN`: whether `listen(2)` was called on `fd`.
+/// `getsockopt(2)` `SO_ACCEPTCONN`: whether `listen(2)` was called on `fd`
+/// (tests only).
+#[cfg(test)]
 pub fn socket_is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(socket::getsockopt(&fd, sockopt::AcceptConn)?)
 }
@@ -301,25 +308,18 @@ pub fn close_raw(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// `fcntl(2)` `F_SETFD` on descriptor number `fd` (see [`set_cloexec`]),
-/// for a forked child arranging its table before exec.
-pub fn set_cloexec_raw(fd: RawFd, on: bool) -> io::Result<()> {
+/// `fcntl(2)` `F_GETFD` on descriptor number `fd`: whether `FD_CLOEXEC` is
+/// set (see [`is_cloexec`]), for checking a table laid out before exec
+/// (tests only).
+#[cfg(test)]
+pub fn is_cloexec_raw(fd: RawFd) -> io::Result<bool> {
     // SAFETY: F_GETFD reads the descriptor flags; an invalid number is
     // EBADF.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     if flags == -1 {
         return Err(io::Error::last_os_error());
     }
-    let flags = if on {
-        flags | libc::FD_CLOEXEC
-    } else {
-        flags & !libc::FD_CLOEXEC
-    };
-    // SAFETY: F_SETFD sets the descriptor flags of `fd` and nothing else.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(flags & libc::FD_CLOEXEC != 0)
 }
 
 /// Set once descriptors announced in `LISTEN_FDS` have been taken, so the
@@ -353,7 +353,6 @@ pub fn adopt_listen_fds(count: usize) -> io::Result<Vec<OwnedFd>> {
     }
     Ok(fds)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -422,7 +421,10 @@ mod tests {
         let (a, b) = seqpacket_pair().unwrap();
         let listener = bind_tcp(loopback_any(), false, DEFAULT_BACKLOG).unwrap();
         let addr = local_addr_tcp(listener.as_fd()).unwrap();
-        assert_eq!(send_with_fd(a.as_fd(), b"first", Some(listener.as_fd())).unwrap(), 5);
+        assert_eq!(
+            send_with_fd(a.as_fd(), b"first", Some(listener.as_fd())).unwrap(),
+            5
+        );
         assert_eq!(send_with_fd(a.as_fd(), b"second", None).unwrap(), 6);
 
         let mut buf = [0u8; 64];
@@ -472,12 +474,10 @@ mod tests {
         let (a, _b) = seqpacket_pair().unwrap();
         set_cloexec(a.as_fd(), false).unwrap();
         assert!(!is_cloexec(a.as_fd()).unwrap());
-        set_cloexec_raw(a.as_raw_fd(), true).unwrap();
-        assert!(is_cloexec(a.as_fd()).unwrap());
-        set_cloexec_raw(a.as_raw_fd(), false).unwrap();
-        assert!(!is_cloexec(a.as_fd()).unwrap());
+        assert!(!is_cloexec_raw(a.as_raw_fd()).unwrap());
         set_cloexec(a.as_fd(), true).unwrap();
         assert!(is_cloexec(a.as_fd()).unwrap());
+        assert!(is_cloexec_raw(a.as_raw_fd()).unwrap());
     }
 
     #[test]

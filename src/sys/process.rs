@@ -58,7 +58,9 @@ pub fn reap_any() -> io::Result<Option<(u32, ExitStatus)>> {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => return Ok(Some((pid.as_raw() as u32, ExitStatus::Code(code)))),
+            Ok(WaitStatus::Exited(pid, code)) => {
+                return Ok(Some((pid.as_raw() as u32, ExitStatus::Code(code))))
+            }
             Ok(WaitStatus::Signaled(pid, sig, _)) => {
                 return Ok(Some((pid.as_raw() as u32, ExitStatus::Signal(sig as i32))))
             }
@@ -85,7 +87,13 @@ impl MasterSignals {
     /// (non-blocking, close-on-exec).
     pub fn install() -> io::Result<Self> {
         let mut set = SigSet::empty();
-        for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR1] {
+        for s in [
+            Signal::SIGCHLD,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+            Signal::SIGUSR1,
+        ] {
             set.add(s);
         }
         let mut old_mask = SigSet::empty();
@@ -179,7 +187,9 @@ pub fn find_executable(program: &str) -> Option<std::path::PathBuf> {
         return ok(&p).then_some(p);
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| ok(p))
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| ok(p))
 }
 
 /// `write(2)` of all of `bytes` (for the exec-failure pipe; errors ignored).
@@ -206,7 +216,11 @@ pub fn dup_to(fd: RawFd, target: RawFd) -> io::Result<()> {
     if fd == target {
         // SAFETY: F_SETFD with 0 only changes the descriptor's flags.
         let r = unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-        return if r == -1 { Err(io::Error::last_os_error()) } else { Ok(()) };
+        return if r == -1 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        };
     }
     // SAFETY: dup2 takes two descriptor numbers; `target` is replaced, which
     // is what the forked child placing its inherited descriptors wants.
@@ -234,7 +248,9 @@ pub fn catch_sigterm() -> io::Result<()> {
     let action = SigAction::new(SigHandler::Handler(on_sigterm), SaFlags::empty(), SigSet::empty());
     // SAFETY: the handler only stores to a static atomic, which is
     // async-signal-safe.
-    unsafe { sigaction(Signal::SIGTERM, &action) }.map(drop).map_err(io::Error::from)
+    unsafe { sigaction(Signal::SIGTERM, &action) }
+        .map(drop)
+        .map_err(io::Error::from)
 }
 
 /// Whether `SIGTERM` arrived since [`catch_sigterm`].
