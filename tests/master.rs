@@ -920,19 +920,20 @@ fn runtime_listener_request() -> Check {
 fn reuseport_spreads_connections() -> Check {
     let served: Rc<RefCell<BTreeMap<String, usize>>> = Rc::default();
     let s = served.clone();
+    let mut done = false;
     let report = Cluster::builder()
         .workers(3)
         .listen_mode("127.0.0.1:0", ListenMode::ReusePort)
         .on_event(move |cluster, e| {
-            if e.kind == EventKind::Online
-                && cluster
-                    .stats()
-                    .slots
-                    .iter()
-                    .filter(|x| x.state == WorkerState::Ready)
-                    .count()
-                    == 3
-            {
+            let ready = cluster
+                .stats()
+                .slots
+                .iter()
+                .filter(|x| x.state == WorkerState::Ready)
+                .count();
+            // Several Online events may find all three ready: connect once.
+            if e.kind == EventKind::Online && ready == 3 && !done {
+                done = true;
                 let addr = cluster.local_addrs()[0].to_string();
                 for _ in 0..300 {
                     match http_get(&addr) {

@@ -631,7 +631,7 @@ impl Master<'_> {
                     .iter()
                     .filter_map(|&i| self.slots[i].control.as_ref().map(|c| c.as_fd())),
             );
-            proc::poll_readable(&fds, next.saturating_duration_since(now))?
+            sys::net::poll_readable(&fds, Some(next.saturating_duration_since(now)))?
         };
         for (k, &slot) in with_control.iter().enumerate() {
             if !ready[k + 1] {
@@ -735,7 +735,7 @@ impl Master<'_> {
                 sys::die_with_parent(self.master_pid);
                 self.signals.restore_in_child();
                 for fd in close {
-                    proc::close_fd(fd);
+                    let _ = sys::net::close_raw(fd);
                 }
                 let code = match &mut self.mode {
                     Mode::Fork(body) => {
@@ -1146,17 +1146,17 @@ fn exec_worker(
     let attempt = || -> io::Result<io::Error> {
         // Move the segment and control socket above where the listeners go.
         let high = 3 + listeners.len() as RawFd + 16;
-        let seg_high = proc::dup_at_least(segment.fd(), high)?;
-        let ctl_high = proc::dup_at_least(control.as_fd(), high)?;
+        let seg_high = sys::net::dup_above(segment.fd().as_raw_fd(), high)?;
+        let ctl_high = sys::net::dup_above(control.as_raw_fd(), high)?;
         let raw: Vec<(RawFd, &str)> = listeners.iter().map(|(fd, n)| (fd.as_raw_fd(), *n)).collect();
         let (mut vars, next) = listen::place_listen_fds(&raw)?;
         if raw.is_empty() {
             vars.clear();
         }
-        proc::dup_to(seg_high, next)?;
-        proc::dup_to(ctl_high, next + 1)?;
-        proc::close_fd(seg_high);
-        proc::close_fd(ctl_high);
+        sys::net::dup2(seg_high, next)?;
+        sys::net::dup2(ctl_high, next + 1)?;
+        let _ = sys::net::close_raw(seg_high);
+        let _ = sys::net::close_raw(ctl_high);
         vars.push((env::FD.into(), next.to_string()));
         vars.push((env::CONTROL_FD.into(), (next + 1).to_string()));
         vars.push((env::WORKER.into(), slot.to_string()));

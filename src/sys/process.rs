@@ -6,7 +6,6 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::time::Duration;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -118,7 +117,7 @@ impl MasterSignals {
 
     /// In a child after `fork(2)`: restores the signal mask the master had
     /// before [`MasterSignals::install`] (a blocked mask survives `exec`).
-    /// The child's copy of the descriptor is closed by [`close_fd`] or exec.
+    /// The child's copy of the descriptor is closed by the master's fork code or by exec.
     pub fn restore_in_child(&self) {
         let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.old_mask), None);
     }
@@ -132,32 +131,6 @@ impl MasterSignals {
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
-}
-
-/// `poll(2)` for readability on `fds`, up to `timeout`. Returns which are
-/// readable (or hung up). `EINTR` counts as "nothing ready".
-pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut pfds: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    let timeout = PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX);
-    match poll(&mut pfds, timeout) {
-        Ok(_) => Ok(pfds
-            .iter()
-            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
-            .collect()),
-        Err(nix::errno::Errno::EINTR) => Ok(vec![false; fds.len()]),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// `close(2)` of a raw descriptor number in a forked child (descriptors the
-/// child inherited but must not keep). Errors are ignored.
-pub fn close_fd(fd: RawFd) {
-    // SAFETY: closing a number this (forked, single-threaded) process does
-    // not use through any owner: the caller passes only descriptors whose
-    // owning objects belong to the parent's state, never touched here again.
-    unsafe { libc::close(fd) };
 }
 
 /// `pipe2(2)` with `O_CLOEXEC`: (read end, write end).
@@ -208,30 +181,6 @@ pub fn read_raw(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// `dup2(2)`-like placement in a forked child: makes `target` refer to the
-/// same file as `fd`, without close-on-exec (via `fcntl(F_DUPFD)` when
-/// `fd == target` is impossible to dup onto itself: then only the flag is
-/// cleared).
-pub fn dup_to(fd: RawFd, target: RawFd) -> io::Result<()> {
-    if fd == target {
-        // SAFETY: F_SETFD with 0 only changes the descriptor's flags.
-        let r = unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-        return if r == -1 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        };
-    }
-    // SAFETY: dup2 takes two descriptor numbers; `target` is replaced, which
-    // is what the forked child placing its inherited descriptors wants.
-    let r = unsafe { libc::dup2(fd, target) };
-    if r == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 static SIGTERM_SEEN: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigterm(_: libc::c_int) {
@@ -256,12 +205,4 @@ pub fn catch_sigterm() -> io::Result<()> {
 /// Whether `SIGTERM` arrived since [`catch_sigterm`].
 pub fn sigterm_seen() -> bool {
     SIGTERM_SEEN.load(Relaxed)
-}
-
-/// `fcntl(2)` `F_DUPFD_CLOEXEC` with a lowest number: a copy of `fd` at
-/// `min` or above (used in a forked child to move descriptors out of the
-/// way before placing others at 3, 4, ...).
-pub fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<RawFd> {
-    use nix::fcntl::{fcntl, FcntlArg};
-    fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(min)).map_err(io::Error::from)
 }
