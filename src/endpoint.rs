@@ -134,7 +134,24 @@ pub struct Endpoint {
     /// Where the next round-robin scan of `pending` starts.
     cursor: u32,
     wait: WaitStrategy,
+    /// Counters not yet added to the slot's stats in the segment: kept
+    /// here and flushed every [`FLUSH_EVERY`] messages and whenever the
+    /// endpoint beats its heartbeat (before parking, while spinning idle),
+    /// so the hot path touches no shared line for statistics.
+    local: Cell<LocalStats>,
     _not_sync: PhantomData<Cell<()>>,
+}
+
+/// Messages between two flushes of an endpoint's counters.
+const FLUSH_EVERY: u32 = 256;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LocalStats {
+    sent_messages: u64,
+    sent_bytes: u64,
+    received_messages: u64,
+    received_bytes: u64,
+    unflushed: u32,
 }
 
 // SAFETY: the raw pointers inside the lanes point into the mapping that
@@ -282,6 +299,7 @@ impl Endpoint {
             pending_mask,
             cursor: 0,
             wait: WaitStrategy::default(),
+            local: Cell::new(LocalStats::default()),
             _not_sync: PhantomData,
         })
     }
@@ -372,24 +390,39 @@ impl Endpoint {
     /// writer of these counters).
     #[inline]
     fn count_sent(&self, bytes: usize) {
-        let stats = self.segment.stats_entry(self.slot);
-        StatsEntry::add(&stats.sent_messages, 1);
-        StatsEntry::add(&stats.sent_bytes, bytes as u64);
+        let mut l = self.local.get();
+        l.sent_messages += 1;
+        l.sent_bytes += bytes as u64;
+        l.unflushed += 1;
+        self.local.set(l);
+        if l.unflushed >= FLUSH_EVERY {
+            self.beat();
+        }
     }
 
-    /// Counts a message received and shows the master this worker's
-    /// receive loop is alive.
+    /// Counts a message received.
     #[inline]
     fn count_received(&self, bytes: usize) {
-        let stats = self.segment.stats_entry(self.slot);
-        StatsEntry::add(&stats.received_messages, 1);
-        StatsEntry::add(&stats.received_bytes, bytes as u64);
-        self.beat();
+        let mut l = self.local.get();
+        l.received_messages += 1;
+        l.received_bytes += bytes as u64;
+        l.unflushed += 1;
+        self.local.set(l);
+        if l.unflushed >= FLUSH_EVERY {
+            self.beat();
+        }
     }
 
-    /// Bumps this slot's heartbeat in the worker table.
-    #[inline]
+    /// Adds the local counters to the slot's stats in the segment and bumps
+    /// the slot's heartbeat in the worker table: this worker is alive.
+    #[cold]
     pub(crate) fn beat(&self) {
+        let l = self.local.take();
+        let stats = self.segment.stats_entry(self.slot);
+        StatsEntry::add(&stats.sent_messages, l.sent_messages);
+        StatsEntry::add(&stats.sent_bytes, l.sent_bytes);
+        StatsEntry::add(&stats.received_messages, l.received_messages);
+        StatsEntry::add(&stats.received_bytes, l.received_bytes);
         let hb = &self.segment.worker_entry(self.slot).heartbeat;
         hb.store(hb.load(Relaxed).wrapping_add(1), Relaxed);
     }
@@ -852,6 +885,9 @@ impl Endpoint {
                 std::hint::spin_loop();
                 continue;
             }
+            if spins % 4096 == 0 {
+                self.beat();
+            }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
                 return Err(RecvError::Timeout);
@@ -971,6 +1007,7 @@ impl Drop for Endpoint {
         // Release the slot, unless this is a copy inherited across fork(),
         // whose slot belongs to the parent.
         if sys::getpid() == self.pid {
+            self.beat();
             let _ = self
                 .segment
                 .slot(self.slot)

@@ -858,18 +858,21 @@ fn stats_peers_and_events_in_workers() -> Check {
                 {
                     return Err(format!("peers: {peers:?}"));
                 }
-                // Events: this worker saw both workers come online.
-                let mut online = std::collections::BTreeSet::new();
+                // Events: this worker sees its own Online event (its cursor
+                // was made before `ready()`; worker 0's may predate it).
                 let start = Instant::now();
-                while online.len() < 2 && start.elapsed() < Duration::from_secs(10) {
+                let own = loop {
+                    if start.elapsed() > Duration::from_secs(10) {
+                        return Err("no Online event for this worker".to_string());
+                    }
                     if let Some(e) = events.next_timeout(Duration::from_millis(100)) {
-                        if e.kind == EventKind::Online {
-                            online.insert(e.slot);
+                        if e.kind == EventKind::Online && e.slot == 1 {
+                            break e;
                         }
                     }
-                }
-                if online.len() != 2 {
-                    return Err(format!("worker saw online events for {online:?}"));
+                };
+                if own.pid != std::process::id() || own.generation != 1 || own.index != 1 {
+                    return Err(format!("own Online event: {own:?}"));
                 }
                 return Ok(()); // exit 0: the master shuts down
             }

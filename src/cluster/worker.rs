@@ -322,8 +322,12 @@ impl Worker {
             .collect()
     }
 
-    /// Every slot's state and counters.
+    /// Every slot's state and counters. This worker's own are exact; a
+    /// running peer's message counters may lag by up to 256 messages (an
+    /// endpoint adds its counts to the segment in batches, and whenever it
+    /// goes idle).
     pub fn stats(&self) -> ClusterStats {
+        self.heartbeat();
         read_stats(&self.segment)
     }
 
