@@ -119,6 +119,12 @@ const SCENARIOS: &[Scenario] = &[
         parent: None,
     },
     Scenario {
+        name: "spawn_mode_python_reload_ready_on_start",
+        timeout: Duration::from_secs(30),
+        child: Some(spawn_mode_python_reload_ready_on_start),
+        parent: None,
+    },
+    Scenario {
         name: "no_orphans_after_master_sigkill",
         timeout: Duration::from_secs(30),
         child: None,
@@ -742,11 +748,18 @@ fn roles(role: &str) -> Check {
 }
 
 fn graceful_shutdown_exit_codes(tmp: &Path) -> Check {
-    for (role, expect) in [("shutdown_obeys", 0), ("shutdown_ignores", 1)] {
+    use std::os::unix::process::CommandExt;
+    // (role, Ctrl-C to the whole process group instead of SIGTERM to the master, exit code)
+    for (role, ctrl_c, expect) in [
+        ("shutdown_obeys", false, 0),
+        ("shutdown_ignores", false, 1),
+        ("shutdown_obeys", true, 0),
+    ] {
         let _ = std::fs::remove_file(tmp.join("master.pid"));
         let mut master = Command::new(this_exe())
             .env("SHMC_ROLE", role)
             .env("SHMC_TMP", tmp)
+            .process_group(0)
             .spawn()
             .map_err(|e| e.to_string())?;
         let start = Instant::now();
@@ -760,11 +773,17 @@ fn graceful_shutdown_exit_codes(tmp: &Path) -> Check {
             );
             std::thread::sleep(Duration::from_millis(10));
         };
-        signal(pid, libc::SIGTERM);
+        if ctrl_c {
+            // As a terminal does: SIGINT to the master and every worker at once.
+            // SAFETY: kill(2) with a negative pid (a process group), no pointers.
+            unsafe { libc::kill(-(pid as i32), libc::SIGINT) };
+        } else {
+            signal(pid, libc::SIGTERM);
+        }
         let status = wait_child(&mut master, Duration::from_secs(10))?;
         ensure!(
             status.code() == Some(expect),
-            "{role}: master exited {status}, expected {expect}"
+            "{role} (ctrl-c: {ctrl_c}): master exited {status}, expected {expect}"
         );
     }
     Ok(())
@@ -1046,6 +1065,39 @@ fn spawn_mode_python_listen_fds() -> Check {
     );
     // Python died of our SIGTERM at shutdown: a clean end for a spawned worker.
     ensure!(report.clean, "{report:?}");
+    Ok(())
+}
+
+fn spawn_mode_python_reload_ready_on_start() -> Check {
+    let log = Log::default();
+    let l = log.clone();
+    let mut asked = false;
+    let report = Cluster::builder()
+        .workers(2)
+        .ready_on_start(true)
+        .drain_timeout(Duration::from_secs(5))
+        .on_event(move |cluster, e| {
+            l.push(e);
+            if e.kind == EventKind::Online && online_count(&l) == 2 && !asked {
+                asked = true;
+                cluster.reload();
+            }
+            if matches!(e.kind, EventKind::ReloadFinished { .. }) {
+                cluster.shutdown();
+            }
+        })
+        .command(["python3", "-c", "import time\nwhile True: time.sleep(1)"])
+        .map_err(|e| e.to_string())?;
+    let events = log.events();
+    ensure!(
+        log.count(|e| e.kind == (EventKind::ReloadFinished { ok: true })) == 1,
+        "{events:?}"
+    );
+    ensure!(
+        log.count(|e| e.kind == EventKind::Exit(ExitReason::Reloaded)) == 2,
+        "{events:?}"
+    );
+    ensure!(report.clean && report.killed == 0, "{report:?}");
     Ok(())
 }
 

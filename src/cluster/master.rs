@@ -121,6 +121,7 @@ pub struct ClusterBuilder {
     drain_timeout: Duration,
     ready_timeout: Duration,
     hang_timeout: Option<Duration>,
+    ready_on_start: bool,
     on_event: Option<EventCallback>,
 }
 
@@ -149,6 +150,7 @@ impl Default for ClusterBuilder {
             drain_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(30),
             hang_timeout: None,
+            ready_on_start: false,
             on_event: None,
         }
     }
@@ -349,6 +351,16 @@ impl ClusterBuilder {
     /// `d` (off by default).
     pub fn hang_timeout(mut self, d: Duration) -> Self {
         self.hang_timeout = Some(d);
+        self
+    }
+
+    /// Treat each worker as ready as soon as it is started (forked, or
+    /// exec'd in spawn mode) instead of waiting for it to call
+    /// [`Worker::ready`]: for programs that do not use the library (a
+    /// spawned worker in a language without a binding yet), like PM2
+    /// without `wait_ready`. Off by default.
+    pub fn ready_on_start(mut self, yes: bool) -> Self {
+        self.ready_on_start = yes;
         self
     }
 
@@ -816,6 +828,13 @@ impl Master<'_> {
                 rec.beat = entry.heartbeat.load(Relaxed);
                 rec.beat_seen = Some(Instant::now());
                 self.publish(EventKind::Spawned, slot);
+                if self.opts.ready_on_start {
+                    let starting = WorkerState::Starting.to_raw();
+                    let _ =
+                        entry
+                            .state
+                            .compare_exchange(starting, WorkerState::Ready.to_raw(), AcqRel, Acquire);
+                }
                 Ok(())
             }
         }
@@ -836,7 +855,14 @@ impl Master<'_> {
             },
         };
         use ExitReason::Shutdown;
-        if shutting_down && !matches!(status, ExitStatus::Code(0) | ExitStatus::Signal(proc::SIGTERM)) {
+        // A spawned program that did not catch our SIGTERM (or a terminal's
+        // SIGINT) ended the way it was asked to: that is clean too.
+        if shutting_down
+            && !matches!(
+                status,
+                ExitStatus::Code(0) | ExitStatus::Signal(proc::SIGTERM) | ExitStatus::Signal(proc::SIGINT)
+            )
+        {
             self.unclean = true;
         }
         let (kind, value) = reason.to_raw();

@@ -188,21 +188,23 @@ extern "C" fn on_sigterm(_: libc::c_int) {
     SIGTERM_SEEN.store(true, Relaxed);
 }
 
-/// In a forked worker: `SIGTERM` no longer kills the process but is
-/// recorded (see [`sigterm_seen`]), so the worker can finish what it is
-/// doing; installed without `SA_RESTART`, so blocking calls that do not
+/// In a forked worker: `SIGTERM` (and `SIGINT`, which a terminal's Ctrl-C
+/// sends to the master and its workers alike) no longer kills the process
+/// but is recorded (see [`sigterm_seen`]), so the worker can finish what it
+/// is doing; installed without `SA_RESTART`, so blocking calls that do not
 /// retry return `EINTR`.
 pub fn catch_sigterm() -> io::Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler};
     let action = SigAction::new(SigHandler::Handler(on_sigterm), SaFlags::empty(), SigSet::empty());
-    // SAFETY: the handler only stores to a static atomic, which is
-    // async-signal-safe.
-    unsafe { sigaction(Signal::SIGTERM, &action) }
-        .map(drop)
-        .map_err(io::Error::from)
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only stores to a static atomic, which is
+        // async-signal-safe.
+        unsafe { sigaction(signal, &action) }.map_err(io::Error::from)?;
+    }
+    Ok(())
 }
 
-/// Whether `SIGTERM` arrived since [`catch_sigterm`].
+/// Whether `SIGTERM` or `SIGINT` arrived since [`catch_sigterm`].
 pub fn sigterm_seen() -> bool {
     SIGTERM_SEEN.load(Relaxed)
 }
