@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 
 use shmcluster::{Cluster, EventKind, Worker};
 
+mod common;
+use common::machine;
+
 /// Set in a re-executed copy of this binary: the measure its master runs
 /// (`ready <workers>` or `respawn <workers> <kills>`).
 const MODE_VAR: &str = "SHMCLUSTER_BENCH_MASTER";
@@ -275,19 +278,6 @@ fn ms(d: Duration) -> String {
     } else {
         format!("{:.2} ms", us / 1000.0)
     }
-}
-
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            let line = info.lines().find(|l| l.starts_with("model name"))?;
-            Some(line.split_once(':')?.1.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("nproc {cpus} · {model} · Linux {}", kernel.trim())
 }
 
 // ------------------------------------------------------------ HTTP under wrk

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
 use shmcluster::{Config, Endpoint, Segment, WaitStrategy};
 
+mod common;
+use common::machine;
+
 /// The small message.
 const SMALL: usize = 64;
 /// The large message.
@@ -542,39 +545,6 @@ fn pipe_stream(size: usize, count: usize) -> Rate {
 }
 
 // ----------------------------------------------------------------- report
-
-/// `nproc`, CPU model, kernel.
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            let line = info.lines().find(|l| l.starts_with("model name"))?;
-            Some(line.split_once(':')?.1.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    // SAFETY: utsname is arrays of C chars, for which all-zero is valid.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: uname fills the struct it is given and nothing else.
-    let kernel = if unsafe { libc::uname(&mut uts) } == 0 {
-        let text = |field: &[libc::c_char]| -> String {
-            field
-                .iter()
-                .take_while(|&&c| c != 0)
-                .map(|&c| c as u8 as char)
-                .collect()
-        };
-        format!(
-            "{} {} {}",
-            text(&uts.sysname),
-            text(&uts.release),
-            text(&uts.machine)
-        )
-    } else {
-        "unknown kernel".into()
-    };
-    format!("nproc {cpus} · {model} · {kernel}")
-}
 
 fn ns(v: f64) -> String {
     if v < 10_000.0 {
