@@ -365,7 +365,10 @@ impl ClusterBuilder {
     }
 
     /// Called in the master for every event it publishes, with the running
-    /// cluster (to read stats, or to ask for a reload or shutdown).
+    /// cluster (to read stats, or to ask for a reload or shutdown). It runs
+    /// inside the supervision loop: while it runs, the master reaps no
+    /// child and serves no listener request, so keep it short. It must not
+    /// start threads (the master forks later).
     pub fn on_event(mut self, f: impl FnMut(&Cluster, &Event) + 'static) -> Self {
         self.on_event = Some(Box::new(f));
         self
