@@ -59,6 +59,12 @@ const SCENARIOS: &[Scenario] = &[
         parent: None,
     },
     Scenario {
+        name: "failed_restart_is_retried",
+        timeout: Duration::from_secs(30),
+        child: Some(failed_restart_is_retried),
+        parent: None,
+    },
+    Scenario {
         name: "crash_loop_backoff_and_limit",
         timeout: Duration::from_secs(30),
         child: Some(crash_loop_backoff_and_limit),
@@ -481,6 +487,63 @@ fn respawn_same_slot_new_generation() -> Check {
     ensure!(successor.pid != exit.pid, "same pid");
     ensure!(report.clean, "{report:?}");
     ensure!(report.restarts == 1, "{report:?}");
+    Ok(())
+}
+
+fn failed_restart_is_retried() -> Check {
+    let log = Log::default();
+    let l = log.clone();
+    let mut saved: Option<libc::rlimit> = None;
+    let report = Cluster::builder()
+        .workers(2)
+        .on_event(move |cluster, e| {
+            l.push(e);
+            if e.kind == EventKind::Online && online_count(&l) == 2 && saved.is_none() {
+                // No descriptor left for the master: the restart's socketpair fails.
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: getrlimit/setrlimit read and write the struct given.
+                unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+                saved = Some(lim);
+                let open = std::fs::read_dir("/proc/self/fd")
+                    .map(|d| d.count())
+                    .unwrap_or(64) as u64;
+                let tight = libc::rlimit {
+                    rlim_cur: open.saturating_sub(1),
+                    rlim_max: lim.rlim_max,
+                };
+                // SAFETY: as above.
+                unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
+                sigkill(cluster.stats().slots[0].pid);
+            }
+            if let EventKind::StartFailed { .. } = e.kind {
+                if let Some(lim) = saved {
+                    // SAFETY: as above.
+                    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+                }
+            }
+            if e.kind == EventKind::Online && e.slot == 0 && e.generation > 1 {
+                cluster.shutdown();
+            }
+        })
+        .run(idle_worker)
+        .map_err(|e| e.to_string())?;
+    let events = log.events();
+    let failed = events
+        .iter()
+        .position(|e| {
+            matches!(e.kind, EventKind::StartFailed { errno } if errno == libc::EMFILE) && e.slot == 0
+        })
+        .ok_or(format!("no StartFailed(EMFILE) for slot 0: {events:?}"))?;
+    ensure!(
+        events[failed..]
+            .iter()
+            .any(|e| e.kind == EventKind::Online && e.slot == 0 && e.generation > 1),
+        "slot 0 not restarted after the failure: {events:?}"
+    );
+    ensure!(report.clean, "{report:?}");
     Ok(())
 }
 

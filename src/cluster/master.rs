@@ -592,7 +592,16 @@ struct Master<'a> {
 impl Master<'_> {
     fn supervise(&mut self) -> io::Result<()> {
         for index in 0..self.cluster.instances {
-            self.start_worker(index, index)?;
+            if let Err(e) = self.start_worker(index, index) {
+                // Leave nothing running behind the error.
+                for slot in 0..self.slots.len() as u32 {
+                    if let Some(pid) = self.slots[slot as usize].pid {
+                        let _ = proc::send_signal(pid, proc::SIGKILL);
+                        let _ = proc::wait_for(pid);
+                    }
+                }
+                return Err(e);
+            }
         }
         loop {
             self.wait_for_work()?;
@@ -843,6 +852,17 @@ impl Master<'_> {
         }
     }
 
+    /// After `start_worker` failed before a process existed: the slot's
+    /// table entry says so.
+    fn start_failed(&mut self, slot: u32, e: &io::Error) {
+        let entry = self.cluster.segment.worker_entry(slot);
+        entry.pid.store(0, Release);
+        entry.state.store(WorkerState::Dead.to_raw(), Release);
+        self.slots[slot as usize].pid = None;
+        let errno = e.raw_os_error().unwrap_or(0);
+        self.publish(EventKind::StartFailed { errno }, slot);
+    }
+
     fn worker_exited(&mut self, slot: u32, status: ExitStatus) {
         let shutting_down = self.shutdown_deadline.is_some();
         let segment = self.cluster.segment.clone();
@@ -1010,7 +1030,14 @@ impl Master<'_> {
                     self.restarts += 1;
                     let entry = self.cluster.segment.worker_entry(slot);
                     entry.restarts.fetch_add(1, AcqRel);
-                    self.start_worker(slot, index)?;
+                    if let Err(e) = self.start_worker(slot, index) {
+                        // Out of processes or descriptors: try again later
+                        // rather than bringing the whole cluster down.
+                        eprintln!("shmcluster: cannot restart worker {index} in slot {slot}: {e}; retrying");
+                        self.start_failed(slot, &e);
+                        self.slots[slot as usize].restart_at =
+                            Some(now + self.opts.backoff_initial.max(Duration::from_millis(100)));
+                    }
                 }
             }
         }
@@ -1099,7 +1126,24 @@ impl Master<'_> {
                         self.finish_reload(false);
                         return Ok(());
                     };
-                    self.start_worker(new, index)?;
+                    if let Err(e) = self.start_worker(new, index) {
+                        eprintln!("shmcluster: cannot start a reload replacement for worker {index}: {e}");
+                        self.start_failed(new, &e);
+                        let rec = &mut self.slots[new as usize];
+                        rec.index = None;
+                        self.cluster
+                            .segment
+                            .worker_entry(new)
+                            .index
+                            .store(u32::MAX, Release);
+                        self.cluster
+                            .segment
+                            .worker_entry(new)
+                            .state
+                            .store(WorkerState::Free.to_raw(), Release);
+                        self.finish_reload(false);
+                        return Ok(());
+                    }
                     self.slots[new as usize].replacement = true;
                     if let Some(run) = self.reload.as_mut() {
                         run.step = Some(Step::WaitReady {

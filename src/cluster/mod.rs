@@ -152,6 +152,12 @@ pub enum EventKind {
     },
     /// Graceful shutdown began.
     ShutdownStarted,
+    /// The master could not start a worker (out of processes or
+    /// descriptors, for instance); it retries after the backoff delay.
+    StartFailed {
+        /// The `errno` of the failed system call (0 if none).
+        errno: i32,
+    },
 }
 
 /// One event of the cluster's life.
@@ -184,6 +190,7 @@ impl Event {
             EventKind::ReloadStarted => (4, 0),
             EventKind::ReloadFinished { ok } => (5, i32::from(ok)),
             EventKind::ShutdownStarted => (6, 0),
+            EventKind::StartFailed { errno } => (7, errno),
         };
         RawEvent {
             seq: self.seq,
@@ -206,6 +213,7 @@ impl Event {
             4 => EventKind::ReloadStarted,
             5 => EventKind::ReloadFinished { ok: r.value != 0 },
             6 => EventKind::ShutdownStarted,
+            7 => EventKind::StartFailed { errno: r.value },
             k if k > 16 => EventKind::Exit(ExitReason::from_raw(k - 16, r.value)?),
             _ => return None,
         };

@@ -72,6 +72,20 @@ pub fn reap_any() -> io::Result<Option<(u32, ExitStatus)>> {
     }
 }
 
+/// `waitpid(2)` on `pid`, blocking until it ends.
+pub fn wait_for(pid: u32) -> io::Result<ExitStatus> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).map_err(|_| io::ErrorKind::InvalidInput)?);
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::Code(code)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(ExitStatus::Signal(sig as i32)),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The master's signals, read from a `signalfd(2)` instead of handlers:
 /// `SIGCHLD`, `SIGTERM`, `SIGINT`, `SIGHUP` and `SIGUSR1` are blocked (so
 /// they queue) and the master's loop polls the descriptor with its other
