@@ -62,6 +62,8 @@ mod error;
 #[cfg(not(loom))]
 mod lane;
 #[cfg(not(loom))]
+pub mod messenger;
+#[cfg(not(loom))]
 mod segment;
 mod sync;
 #[cfg(not(loom))]
@@ -82,6 +84,11 @@ pub use endpoint::{Endpoint, Message, Received, Reservation, Tag, WaitStrategy};
 pub use error::{
     AttachError, ConfigError, CreateError, EndpointError, LaneCorruption, RecvError, SendError, TryRecvError,
     TrySendError,
+};
+#[cfg(not(loom))]
+pub use messenger::{
+    CallKind, Consumed, Ctx, EventStats, HandlerId, MapError, Messenger, MessengerHandle, Reply,
+    RequestError, Target, WorkerId, MAX_EVENT_NAME,
 };
 #[cfg(not(loom))]
 pub use segment::layout::{

@@ -64,7 +64,9 @@ pub(crate) struct StatsEntry {
     pub(crate) futex_wakes: AtomicU64,
     /// Sends that found the lane full and had to wait.
     pub(crate) full_waits: AtomicU64,
-    _reserved: [AtomicU64; 25],
+    /// Latency in ns of the last messenger request ([0]) and map ([1]).
+    pub(crate) last_latency_ns: [AtomicU64; 2],
+    _reserved: [AtomicU64; 23],
 }
 
 const _: () = assert!(size_of::<StatsEntry>() == crate::segment::layout::STATS_ENTRY_SIZE);
@@ -74,6 +76,13 @@ impl StatsEntry {
     #[inline]
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    /// Records the latency of the last request (`which` 0) or map (1).
+    pub(crate) fn add_latency(&self, which: usize, ns: u64) {
+        if let Some(slot) = self.last_latency_ns.get(which) {
+            slot.store(ns, Relaxed);
+        }
     }
 }
 

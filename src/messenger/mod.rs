@@ -1,0 +1,1459 @@
+//! Events, direct messages, broadcast, consume, map and request/reply over
+//! the lanes, with typed payloads (serde + postcard) or raw bytes.
+//!
+//! A [`Messenger`] owns one worker's endpoint. It is driven by the thread
+//! that owns it: [`Messenger::poll`] / [`Messenger::dispatch`] run handlers
+//! for what has arrived (event-loop style), [`Messenger::run`] does that
+//! until the worker is told to stop (a receive loop on its own thread), and
+//! every blocking call (`request`, `map`, `consume`) keeps dispatching while
+//! it waits, so two workers calling each other never deadlock. Other
+//! threads of the process send through a [`MessengerHandle`], and an
+//! asynchronous [`Reply`] can be answered from any thread.
+//!
+//! # Semantics
+//! - Per-sender FIFO to each receiver (one lane per pair).
+//! - `broadcast` and `to(All)` reach every live worker, the caller included
+//!   (its own copy goes through its own lane and runs at its next poll).
+//! - `request`/`map` run the *first* handler for the event on the target;
+//!   `emit`/`send`/`broadcast` run *every* handler for it.
+//! - `consume` runs on exactly one live worker with a handler, the one with
+//!   the shallowest inbox. Delivery is **at least once**: if the chosen
+//!   worker dies before it has acknowledged (replied), the caller sends the
+//!   task to another worker with the same delivery id
+//!   ([`Ctx::delivery_id`]), so a handler that must not act twice can drop
+//!   duplicates. A worker that has no handler says so at once and the next
+//!   one is tried; if none has one, `NoHandler`.
+//! - A worker is live while the master's table says `Starting`, `Ready` or
+//!   `Draining` (without a master: while its slot is claimed by a live
+//!   process). Messages to a starting worker wait in its lanes; messages to
+//!   a slot whose worker died go to its successor; replies to a dead
+//!   generation are discarded. A call whose target dies fails with
+//!   `WorkerDied` as soon as the death is visible (the master reaps it,
+//!   within milliseconds), not at the deadline.
+
+mod wire;
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use wire::MAX_EVENT_NAME;
+
+use crate::segment::Segment;
+use crate::{wake, Endpoint, Received, RecvError, Tag, TrySendError, Worker, WorkerState};
+
+/// How long a blocking call sleeps at most between looks at its targets'
+/// liveness.
+const LIVENESS_SLICE: Duration = Duration::from_millis(5);
+
+/// Where a message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// One worker slot.
+    Worker(u32),
+    /// Every live worker, the caller included.
+    All,
+    /// Every live worker but the caller.
+    Others,
+}
+
+/// A worker incarnation: slot and generation (who sent a message, who
+/// answered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WorkerId {
+    /// The sender's slot.
+    pub slot: u32,
+    /// The sender's generation in that slot.
+    pub generation: u32,
+}
+
+/// What a handler learns about the message it runs for.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    sender: WorkerId,
+    event: String,
+    delivery_id: u64,
+    kind: CallKind,
+}
+
+/// How a handler was called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// `emit`, `send`, `broadcast`: no reply is expected.
+    Event,
+    /// `request` or `map`: the caller waits for the reply.
+    Request,
+    /// `consume`: this worker was chosen to run the task.
+    Consume,
+}
+
+impl Ctx {
+    /// The sender.
+    pub fn sender(&self) -> WorkerId {
+        self.sender
+    }
+
+    /// The event name.
+    pub fn event(&self) -> &str {
+        &self.event
+    }
+
+    /// For `consume`: the delivery id, the same on every redelivery of one
+    /// task (0 otherwise).
+    pub fn delivery_id(&self) -> u64 {
+        self.delivery_id
+    }
+
+    /// How the handler was called.
+    pub fn kind(&self) -> CallKind {
+        self.kind
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// No worker has (or the target has no) handler for the event.
+    NoHandler,
+    /// The handler failed: its error, a panic, or a payload it could not
+    /// decode.
+    HandlerFailed(String),
+    /// The target died before answering.
+    WorkerDied,
+    /// The deadline passed.
+    TimedOut,
+    /// No such worker slot.
+    NoSuchWorker {
+        /// The slot asked for.
+        slot: u32,
+    },
+    /// The encoded message is longer than the segment's `max_message`.
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The event name is longer than [`MAX_EVENT_NAME`] bytes.
+    EventName {
+        /// Its length.
+        len: usize,
+    },
+    /// The value could not be encoded (serde).
+    Encode(String),
+    /// The reply could not be decoded as the type asked for.
+    Decode(String),
+    /// A lane to or from the target holds garbage (see
+    /// [`crate::LaneCorruption`]).
+    Corrupt(String),
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoHandler => f.write_str("no worker has a handler for this event"),
+            Self::HandlerFailed(e) => write!(f, "the handler failed: {e}"),
+            Self::WorkerDied => f.write_str("the worker died before answering"),
+            Self::TimedOut => f.write_str("timed out"),
+            Self::NoSuchWorker { slot } => write!(f, "no worker slot {slot}"),
+            Self::TooLarge { len, max } => write!(f, "message of {len} bytes is over the {max}-byte limit"),
+            Self::EventName { len } => {
+                write!(
+                    f,
+                    "event name of {len} bytes is over the {MAX_EVENT_NAME}-byte limit"
+                )
+            }
+            Self::Encode(e) => write!(f, "cannot encode the value: {e}"),
+            Self::Decode(e) => write!(f, "cannot decode the reply: {e}"),
+            Self::Corrupt(e) => write!(f, "corrupt lane: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+/// One worker's entry in a [`Messenger::map`] result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MapError {
+    /// It did not answer before the deadline.
+    TimedOut,
+    /// It died before answering.
+    WorkerDied,
+    /// It has no handler for the event.
+    NoHandler,
+    /// Its handler failed (error, panic, or undecodable payload).
+    HandlerFailed(String),
+    /// Its answer could not be decoded as the type asked for.
+    Decode(String),
+}
+
+impl fmt::Display for MapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TimedOut => f.write_str("timed out"),
+            Self::WorkerDied => f.write_str("worker died"),
+            Self::NoHandler => f.write_str("no handler"),
+            Self::HandlerFailed(e) => write!(f, "handler failed: {e}"),
+            Self::Decode(e) => write!(f, "cannot decode the answer: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MapError {}
+
+/// How a [`Messenger::consume`] ended well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Consumed {
+    /// The worker whose handler finished the task.
+    pub worker: WorkerId,
+    /// The task's delivery id.
+    pub delivery_id: u64,
+    /// Workers it was sent to (more than 1 after a redelivery or a worker
+    /// without a handler).
+    pub attempts: u32,
+}
+
+/// Per-event counters of this process's messenger.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EventStats {
+    /// Messages received for the event.
+    pub received: u64,
+    /// Handler runs that completed.
+    pub handled: u64,
+    /// Payloads that did not decode as the handler's type (the handler was
+    /// not called).
+    pub decode_failures: u64,
+    /// Handlers that panicked or returned an error.
+    pub failures: u64,
+    /// Messages received with no handler registered.
+    pub unhandled: u64,
+    /// Calls and messages this process sent for the event.
+    pub sent: u64,
+}
+
+/// What a handler produced.
+enum Outcome {
+    /// Encoded reply value.
+    Value(Vec<u8>),
+    /// The handler keeps a [`Reply`] and answers later.
+    Deferred,
+    /// Its error, or its panic.
+    Failed(String),
+    /// The payload did not decode: the handler did not run.
+    Decode(String),
+}
+
+type HandlerFn = Box<dyn FnMut(&Ctx, &[u8], Option<ReplyTo>) -> Outcome>;
+
+struct Handler {
+    id: u64,
+    once: bool,
+    f: HandlerFn,
+}
+
+/// Identifies a registered handler, for [`Messenger::off_handler`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HandlerId(u64);
+
+/// Where a deferred reply goes.
+#[derive(Debug, Clone)]
+struct ReplyTo {
+    to: u32,
+    correlation: u64,
+    requester_generation: u32,
+    outbox: Arc<Outbox>,
+}
+
+/// Messages queued by other threads (handles, deferred replies) for the
+/// messenger's thread to send.
+struct Outbox {
+    queue: Mutex<Vec<(u32, Tag, Vec<u8>)>>,
+    nonempty: AtomicBool,
+    segment: Segment,
+    slot: u32,
+}
+
+impl Outbox {
+    fn push(&self, to: u32, tag: Tag, bytes: Vec<u8>) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((to, tag, bytes));
+        self.nonempty.store(true, Release);
+        // Ring our own doorbell (the bit of our own lane) so a parked loop
+        // wakes and drains the outbox.
+        let word = &self.segment.bells(self.slot)[(self.slot / 64) as usize];
+        wake::notify(word, 1u64 << (self.slot % 64), self.segment.park(self.slot));
+    }
+}
+
+impl fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox")
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A handle to answer a request later, from any thread: see
+/// [`Messenger::on_request_async`]. Dropping it unanswered answers
+/// `HandlerFailed("reply dropped")`.
+pub struct Reply<R> {
+    to: Option<ReplyTo>,
+    _r: std::marker::PhantomData<fn(R)>,
+}
+
+impl<R> fmt::Debug for Reply<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reply").finish_non_exhaustive()
+    }
+}
+
+impl<R: Serialize> Reply<R> {
+    /// Answers with `value`, or with `HandlerFailed(error)`.
+    pub fn send(mut self, result: Result<R, String>) {
+        if let Some(to) = self.to.take() {
+            let (status, body) = match result.map(|v| postcard::to_allocvec(&v)) {
+                Ok(Ok(bytes)) => (wire::OK, bytes),
+                Ok(Err(e)) => (wire::FAILED, format!("cannot encode the reply: {e}").into_bytes()),
+                Err(e) => (wire::FAILED, e.into_bytes()),
+            };
+            send_reply(&to, status, &body);
+        }
+    }
+}
+
+impl<R> Drop for Reply<R> {
+    fn drop(&mut self) {
+        if let Some(to) = self.to.take() {
+            send_reply(&to, wire::FAILED, b"reply dropped");
+        }
+    }
+}
+
+fn send_reply(to: &ReplyTo, status: u8, body: &[u8]) {
+    let tag = Tag {
+        kind: wire::REPLY,
+        correlation: to.correlation,
+    };
+    to.outbox
+        .push(to.to, tag, wire::reply(status, to.requester_generation, body));
+}
+
+/// A `Send + Sync` handle for other threads of the process to send through
+/// the messenger (fire and forget); the messenger's thread sends at its next
+/// poll (it is woken if parked).
+#[derive(Clone, Debug)]
+pub struct MessengerHandle {
+    outbox: Arc<Outbox>,
+    workers: u32,
+}
+
+impl MessengerHandle {
+    /// Like [`Messenger::emit`] to one slot.
+    ///
+    /// # Errors
+    /// `EventName`, `Encode`, `NoSuchWorker`.
+    pub fn emit<T: Serialize + ?Sized>(&self, to: u32, event: &str, value: &T) -> Result<(), RequestError> {
+        if to >= self.workers {
+            return Err(RequestError::NoSuchWorker { slot: to });
+        }
+        let bytes = encode_call(event, 0, value)?;
+        self.outbox.push(
+            to,
+            Tag {
+                kind: wire::EMIT,
+                correlation: 0,
+            },
+            bytes,
+        );
+        Ok(())
+    }
+}
+
+fn check_name(event: &str) -> Result<(), RequestError> {
+    if event.len() > MAX_EVENT_NAME {
+        return Err(RequestError::EventName { len: event.len() });
+    }
+    Ok(())
+}
+
+fn encode_call<T: Serialize + ?Sized>(
+    event: &str,
+    delivery: u64,
+    value: &T,
+) -> Result<Vec<u8>, RequestError> {
+    check_name(event)?;
+    let mut out = Vec::with_capacity(wire::call_header_len(event.len()) + 16);
+    wire::put_call_header(&mut out, event, delivery);
+    postcard::to_io(value, &mut out).map_err(|e| RequestError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+fn encode_call_bytes(event: &str, delivery: u64, data: &[u8]) -> Result<Vec<u8>, RequestError> {
+    check_name(event)?;
+    let mut out = Vec::with_capacity(wire::call_header_len(event.len()) + data.len());
+    wire::put_call_header(&mut out, event, delivery);
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
+fn panic_text(p: Box<dyn Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        format!("handler panicked: {s}")
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        format!("handler panicked: {s}")
+    } else {
+        "handler panicked".into()
+    }
+}
+
+/// A call in flight: what it waits for and what came back.
+struct Pending {
+    target: u32,
+    generation: u32,
+    result: Option<Result<Vec<u8>, RequestError>>,
+}
+
+/// Who owns the endpoint.
+enum Owner {
+    Worker(Box<Worker>),
+    Endpoint(Endpoint),
+}
+
+fn ep_of(owner: &mut Owner) -> &mut Endpoint {
+    match owner {
+        Owner::Worker(w) => w.endpoint(),
+        Owner::Endpoint(e) => e,
+    }
+}
+
+/// One worker's messenger: see the [module docs](self).
+pub struct Messenger {
+    owner: Owner,
+    segment: Segment,
+    slot: u32,
+    generation: u32,
+    workers: u32,
+    max_message: usize,
+    handlers: HashMap<String, Vec<Handler>>,
+    next_handler: u64,
+    pending: HashMap<u64, Pending>,
+    next_call: u64,
+    outbox: Arc<Outbox>,
+    stats: Rc<RefCell<HashMap<String, EventStats>>>,
+    consume_cursor: u32,
+}
+
+impl fmt::Debug for Messenger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Messenger")
+            .field("slot", &self.slot)
+            .field("generation", &self.generation)
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Messenger {
+    /// The messenger of a cluster worker (fork mode's closure argument, or
+    /// [`Worker::from_env`]).
+    pub fn new(worker: Worker) -> Self {
+        let segment = worker.segment().clone();
+        let (slot, generation) = (worker.slot(), worker.generation());
+        Self::build(Owner::Worker(Box::new(worker)), segment, slot, generation)
+    }
+
+    /// A messenger on a bare endpoint (threads mode, or a segment without
+    /// a master).
+    pub fn from_endpoint(endpoint: Endpoint) -> Self {
+        let segment = endpoint.segment().clone();
+        let (slot, generation) = (endpoint.slot(), endpoint.generation());
+        Self::build(Owner::Endpoint(endpoint), segment, slot, generation)
+    }
+
+    /// Threads mode: `n` messengers on one new segment, one per slot, to be
+    /// moved to `n` threads; code written for a cluster runs unchanged.
+    ///
+    /// # Errors
+    /// If the segment cannot be created (invalid `n`).
+    pub fn threads(n: u32) -> Result<Vec<Self>, crate::CreateError> {
+        let segment = Segment::create(&crate::Config::new(n))?;
+        Ok((0..n)
+            .map(|slot| Self::from_endpoint(segment.endpoint(slot).expect("a fresh slot")))
+            .collect())
+    }
+
+    /// Standalone: one worker alone, every target is itself.
+    ///
+    /// # Errors
+    /// If the segment cannot be created.
+    pub fn standalone() -> Result<Self, crate::CreateError> {
+        Ok(Self::threads(1)?.remove(0))
+    }
+
+    fn build(owner: Owner, segment: Segment, slot: u32, generation: u32) -> Self {
+        let layout = *segment.layout();
+        let outbox = Arc::new(Outbox {
+            queue: Mutex::new(Vec::new()),
+            nonempty: AtomicBool::new(false),
+            segment: segment.clone(),
+            slot,
+        });
+        Self {
+            owner,
+            segment,
+            slot,
+            generation,
+            workers: layout.workers(),
+            max_message: layout.max_message(),
+            handlers: HashMap::new(),
+            next_handler: 1,
+            pending: HashMap::new(),
+            next_call: 1,
+            outbox,
+            stats: Rc::default(),
+            consume_cursor: slot,
+        }
+    }
+
+    fn ep(&mut self) -> &mut Endpoint {
+        ep_of(&mut self.owner)
+    }
+
+    /// This worker's slot.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// This worker's generation.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// The cluster worker, if this messenger was made from one.
+    pub fn worker(&self) -> Option<&Worker> {
+        match &self.owner {
+            Owner::Worker(w) => Some(w),
+            Owner::Endpoint(_) => None,
+        }
+    }
+
+    /// A handle for other threads of this process.
+    pub fn handle(&self) -> MessengerHandle {
+        MessengerHandle {
+            outbox: self.outbox.clone(),
+            workers: self.workers,
+        }
+    }
+
+    /// Counters per event name.
+    pub fn event_stats(&self) -> HashMap<String, EventStats> {
+        self.stats.borrow().clone()
+    }
+
+    fn count(&self, event: &str, f: impl FnOnce(&mut EventStats)) {
+        let mut stats = self.stats.borrow_mut();
+        match stats.get_mut(event) {
+            Some(s) => f(s),
+            None => f(stats.entry(event.to_owned()).or_default()),
+        }
+    }
+
+    // ------------------------------------------------------------ handlers
+
+    fn add(&mut self, event: &str, once: bool, f: HandlerFn) -> Result<HandlerId, RequestError> {
+        check_name(event)?;
+        let id = self.next_handler;
+        self.next_handler += 1;
+        self.handlers
+            .entry(event.to_owned())
+            .or_default()
+            .push(Handler { id, once, f });
+        Ok(HandlerId(id))
+    }
+
+    /// Runs `f` for every `event` message whose payload decodes as `T`.
+    /// Replies `()` to a request or map.
+    ///
+    /// # Errors
+    /// `EventName` if the name is too long.
+    pub fn on<T, F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RequestError>
+    where
+        T: DeserializeOwned,
+        F: FnMut(&Ctx, T) + 'static,
+    {
+        self.add(
+            event,
+            false,
+            Box::new(move |ctx, data, _| match postcard::from_bytes::<T>(data) {
+                Ok(v) => {
+                    f(ctx, v);
+                    Outcome::Value(vec![])
+                }
+                Err(e) => Outcome::Decode(e.to_string()),
+            }),
+        )
+    }
+
+    /// Like [`Messenger::on`], removed after its first run.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn once<T, F>(&mut self, event: &str, f: F) -> Result<HandlerId, RequestError>
+    where
+        T: DeserializeOwned,
+        F: FnOnce(&Ctx, T) + 'static,
+    {
+        let mut f = Some(f);
+        let id = self.on::<T, _>(event, move |ctx, v| {
+            if let Some(f) = f.take() {
+                f(ctx, v);
+            }
+        })?;
+        self.mark_once(event, id);
+        Ok(id)
+    }
+
+    fn mark_once(&mut self, event: &str, id: HandlerId) {
+        if let Some(h) = self
+            .handlers
+            .get_mut(event)
+            .and_then(|v| v.iter_mut().find(|h| h.id == id.0))
+        {
+            h.once = true;
+        }
+    }
+
+    /// Runs `f` with the raw payload bytes of every `event` message (for
+    /// other runtimes' encodings, or zero-copy: the slice is in the lane).
+    /// Replies with the bytes `f` returns.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn on_bytes<F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RequestError>
+    where
+        F: FnMut(&Ctx, &[u8]) -> Vec<u8> + 'static,
+    {
+        self.add(
+            event,
+            false,
+            Box::new(move |ctx, data, _| Outcome::Value(f(ctx, data))),
+        )
+    }
+
+    /// Answers requests (and map, consume) for `event` with `f`'s value, or
+    /// `HandlerFailed` with its error.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn on_request<T, R, E, F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RequestError>
+    where
+        T: DeserializeOwned,
+        R: Serialize,
+        E: fmt::Display,
+        F: FnMut(&Ctx, T) -> Result<R, E> + 'static,
+    {
+        self.add(
+            event,
+            false,
+            Box::new(move |ctx, data, _| match postcard::from_bytes::<T>(data) {
+                Ok(v) => match f(ctx, v) {
+                    Ok(r) => match postcard::to_allocvec(&r) {
+                        Ok(bytes) => Outcome::Value(bytes),
+                        Err(e) => Outcome::Failed(format!("cannot encode the reply: {e}")),
+                    },
+                    Err(e) => Outcome::Failed(e.to_string()),
+                },
+                Err(e) => Outcome::Decode(e.to_string()),
+            }),
+        )
+    }
+
+    /// Answers requests for `event` later: `f` gets a [`Reply`] it may keep,
+    /// move to another thread, and answer when ready. For events (no reply
+    /// expected) the `Reply` does nothing.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn on_request_async<T, R, F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RequestError>
+    where
+        T: DeserializeOwned,
+        R: Serialize,
+        F: FnMut(&Ctx, T, Reply<R>) + 'static,
+    {
+        self.add(
+            event,
+            false,
+            Box::new(move |ctx, data, reply_to| match postcard::from_bytes::<T>(data) {
+                Ok(v) => {
+                    f(
+                        ctx,
+                        v,
+                        Reply {
+                            to: reply_to,
+                            _r: std::marker::PhantomData,
+                        },
+                    );
+                    Outcome::Deferred
+                }
+                Err(e) => Outcome::Decode(e.to_string()),
+            }),
+        )
+    }
+
+    /// Removes every handler for `event`; returns how many there were.
+    pub fn off(&mut self, event: &str) -> usize {
+        self.handlers.remove(event).map_or(0, |v| v.len())
+    }
+
+    /// Removes one handler.
+    pub fn off_handler(&mut self, id: HandlerId) -> bool {
+        for list in self.handlers.values_mut() {
+            if let Some(i) = list.iter().position(|h| h.id == id.0) {
+                list.remove(i);
+                return true;
+            }
+        }
+        false
+    }
+
+    // ------------------------------------------------------------ liveness
+
+    fn has_master(&self) -> bool {
+        self.segment.control().master_pid.load(Acquire) != 0
+    }
+
+    /// The generation of the worker now in `slot`, if one is live.
+    fn live_generation(&self, slot: u32) -> Option<u32> {
+        if slot == self.slot {
+            return Some(self.generation);
+        }
+        if self.has_master() {
+            let entry = self.segment.worker_entry(slot);
+            let state = WorkerState::from_raw(entry.state.load(Acquire));
+            matches!(
+                state,
+                WorkerState::Starting | WorkerState::Ready | WorkerState::Draining
+            )
+            .then(|| entry.generation.load(Acquire))
+        } else {
+            let control = self.segment.slot(slot);
+            let owner = control.owner.load(Acquire);
+            (owner != 0 && crate::sys::process_exists(owner)).then(|| control.generation.load(Acquire))
+        }
+    }
+
+    /// Live workers now: (slot, generation).
+    pub fn live_workers(&self) -> Vec<WorkerId> {
+        (0..self.workers)
+            .filter_map(|slot| {
+                self.live_generation(slot)
+                    .map(|generation| WorkerId { slot, generation })
+            })
+            .collect()
+    }
+
+    /// Bytes waiting in `slot`'s inbox (its load, for `consume`).
+    fn inbox_depth(&self, slot: u32) -> u64 {
+        (0..self.workers)
+            .map(|from| self.segment.lane(from, slot).depth())
+            .fold(0, u64::saturating_add)
+    }
+
+    // ------------------------------------------------------------ sending
+
+    /// Sends one encoded message, dispatching what arrives while the lane
+    /// is full (so two workers sending to each other cannot deadlock).
+    fn deliver(
+        &mut self,
+        to: u32,
+        tag: Tag,
+        bytes: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<(), RequestError> {
+        if to >= self.workers {
+            return Err(RequestError::NoSuchWorker { slot: to });
+        }
+        if bytes.len() > self.max_message {
+            return Err(RequestError::TooLarge {
+                len: bytes.len(),
+                max: self.max_message,
+            });
+        }
+        let half_lane = self.segment.layout().lane_capacity() / 2 - 64;
+        if to == self.slot && bytes.len() > half_lane {
+            // Streaming to oneself would need a second thread to read.
+            return Err(RequestError::TooLarge {
+                len: bytes.len(),
+                max: half_lane,
+            });
+        }
+        let mut bytes = bytes;
+        loop {
+            if bytes.len() > half_lane && to != self.slot {
+                // Streamed in fragments: only a blocking send can do it.
+                let result = self.ep().send_tagged(to, tag, bytes, deadline);
+                return match result {
+                    Ok(()) => Ok(()),
+                    Err(crate::SendError::Timeout(_)) => Err(RequestError::TimedOut),
+                    Err(e) => Err(RequestError::Corrupt(e.to_string())),
+                };
+            }
+            match self.ep().try_send_tagged(to, tag, bytes) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(b)) => bytes = b,
+                Err(TrySendError::TooLarge { len, max }) => return Err(RequestError::TooLarge { len, max }),
+                Err(TrySendError::NoSuchWorker { slot, .. }) => {
+                    return Err(RequestError::NoSuchWorker { slot })
+                }
+                Err(e) => return Err(RequestError::Corrupt(e.to_string())),
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(RequestError::TimedOut);
+            }
+            // Make room: our own inbox (the self lane included) drains here.
+            if self.dispatch_until(Some(Instant::now() + Duration::from_micros(200)))? == 0 {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn targets(&self, target: Target) -> Result<Vec<u32>, RequestError> {
+        Ok(match target {
+            Target::Worker(s) if s >= self.workers => return Err(RequestError::NoSuchWorker { slot: s }),
+            Target::Worker(s) => vec![s],
+            Target::All => self.live_workers().into_iter().map(|p| p.slot).collect(),
+            Target::Others => self
+                .live_workers()
+                .into_iter()
+                .map(|p| p.slot)
+                .filter(|&s| s != self.slot)
+                .collect(),
+        })
+    }
+
+    /// Emits `event` with `value` to `target`: every handler for it runs
+    /// there. Returns how many workers it was sent to.
+    ///
+    /// # Errors
+    /// `EventName`, `Encode`, `TooLarge`, `NoSuchWorker`, `Corrupt`.
+    pub fn emit<T: Serialize + ?Sized>(
+        &mut self,
+        target: Target,
+        event: &str,
+        value: &T,
+    ) -> Result<usize, RequestError> {
+        let bytes = encode_call(event, 0, value)?;
+        self.emit_encoded(target, event, bytes)
+    }
+
+    /// Emits raw bytes (handlers registered with [`Messenger::on_bytes`]).
+    ///
+    /// # Errors
+    /// As [`Messenger::emit`].
+    pub fn emit_bytes(&mut self, target: Target, event: &str, data: &[u8]) -> Result<usize, RequestError> {
+        let bytes = encode_call_bytes(event, 0, data)?;
+        self.emit_encoded(target, event, bytes)
+    }
+
+    fn emit_encoded(&mut self, target: Target, event: &str, bytes: Vec<u8>) -> Result<usize, RequestError> {
+        let tag = Tag {
+            kind: wire::EMIT,
+            correlation: 0,
+        };
+        let targets = self.targets(target)?;
+        for &to in &targets {
+            self.deliver(to, tag, bytes.clone(), None)?;
+        }
+        self.count(event, |s| s.sent += targets.len() as u64);
+        Ok(targets.len())
+    }
+
+    /// `emit(All, ..)`: every live worker, the caller included, runs its
+    /// handlers for `event`. Returns how many workers it was sent to.
+    ///
+    /// # Errors
+    /// As [`Messenger::emit`].
+    pub fn broadcast<T: Serialize + ?Sized>(
+        &mut self,
+        event: &str,
+        value: &T,
+    ) -> Result<usize, RequestError> {
+        self.emit(Target::All, event, value)
+    }
+
+    /// A builder-style target: `messenger.to(Target::Worker(3)).emit("e", &v)`.
+    pub fn to(&mut self, target: Target) -> To<'_> {
+        To { m: self, target }
+    }
+
+    // ------------------------------------------------------------ calls
+
+    fn new_call(&mut self, target: u32, generation: u32) -> u64 {
+        let id = self.next_call;
+        self.next_call += 1;
+        self.pending.insert(
+            id,
+            Pending {
+                target,
+                generation,
+                result: None,
+            },
+        );
+        id
+    }
+
+    /// Sends a REQUEST for `event` to `to` and registers it; returns its id.
+    fn start_call(
+        &mut self,
+        to: u32,
+        kind: u16,
+        bytes: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<u64, RequestError> {
+        let Some(generation) = self.live_generation(to) else {
+            return Err(RequestError::WorkerDied);
+        };
+        let id = self.new_call(to, generation);
+        let tag = Tag {
+            kind,
+            correlation: id,
+        };
+        if let Err(e) = self.deliver(to, tag, bytes, Some(deadline)) {
+            self.pending.remove(&id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Marks calls whose target died.
+    fn check_liveness(&mut self) {
+        let dead: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.result.is_none() && self.live_generation(p.target) != Some(p.generation))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in dead {
+            if let Some(p) = self.pending.get_mut(&id) {
+                tracing::debug!(target = p.target, generation = p.generation, "call target died");
+                p.result = Some(Err(RequestError::WorkerDied));
+            }
+        }
+    }
+
+    /// Dispatches until every call in `ids` has a result or `deadline`
+    /// passes.
+    fn wait_calls(&mut self, ids: &[u64], deadline: Instant) -> Result<(), RequestError> {
+        loop {
+            self.check_liveness();
+            if !ids
+                .iter()
+                .any(|id| matches!(self.pending.get(id), Some(p) if p.result.is_none()))
+            {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(());
+            }
+            self.dispatch_until(Some((now + LIVENESS_SLICE).min(deadline)))?;
+        }
+    }
+
+    fn take_result(&mut self, id: u64) -> Result<Vec<u8>, RequestError> {
+        match self.pending.remove(&id).and_then(|p| p.result) {
+            Some(r) => r,
+            None => Err(RequestError::TimedOut),
+        }
+    }
+
+    /// Asks `worker` to run its first handler for `event` with `value` and
+    /// waits until `deadline` for the answer.
+    ///
+    /// # Errors
+    /// `NoHandler`, `HandlerFailed` (its error, panic, or a payload it could
+    /// not decode), `WorkerDied`, `TimedOut`, `Decode`, and the send errors.
+    pub fn request<T, R>(
+        &mut self,
+        worker: u32,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<R, RequestError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let bytes = encode_call(event, 0, value)?;
+        let body = self.request_encoded(worker, event, bytes, deadline)?;
+        postcard::from_bytes(&body).map_err(|e| RequestError::Decode(e.to_string()))
+    }
+
+    /// [`Messenger::request`] with raw bytes both ways.
+    ///
+    /// # Errors
+    /// As [`Messenger::request`].
+    pub fn request_bytes(
+        &mut self,
+        worker: u32,
+        event: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, RequestError> {
+        let bytes = encode_call_bytes(event, 0, data)?;
+        self.request_encoded(worker, event, bytes, deadline)
+    }
+
+    fn request_encoded(
+        &mut self,
+        worker: u32,
+        event: &str,
+        bytes: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, RequestError> {
+        if worker >= self.workers {
+            return Err(RequestError::NoSuchWorker { slot: worker });
+        }
+        let started = Instant::now();
+        let id = self.start_call(worker, wire::REQUEST, bytes, deadline)?;
+        self.count(event, |s| s.sent += 1);
+        self.wait_calls(&[id], deadline)?;
+        let r = self.take_result(id);
+        self.record_latency(LATENCY_REQUEST, started.elapsed());
+        r
+    }
+
+    /// One-way request: `worker`'s first handler for `event` runs; no answer
+    /// is awaited (a reply, if any, is dropped).
+    ///
+    /// # Errors
+    /// The send errors.
+    pub fn notify<T: Serialize + ?Sized>(
+        &mut self,
+        worker: u32,
+        event: &str,
+        value: &T,
+    ) -> Result<(), RequestError> {
+        let bytes = encode_call(event, 0, value)?;
+        let tag = Tag {
+            kind: wire::REQUEST,
+            correlation: 0,
+        };
+        self.deliver(worker, tag, bytes, None)?;
+        self.count(event, |s| s.sent += 1);
+        Ok(())
+    }
+
+    /// Every live worker, the caller included, runs its first handler for
+    /// `event`; one entry per worker, in slot order. Never waits past
+    /// `deadline`, and an entry whose worker died or has no handler is
+    /// settled as soon as that is known.
+    ///
+    /// # Errors
+    /// Only for the call as a whole: `EventName`, `Encode`, `TooLarge`.
+    #[allow(clippy::type_complexity)]
+    pub fn map<T, R>(
+        &mut self,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<Vec<(WorkerId, Result<R, MapError>)>, RequestError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let bytes = encode_call(event, 0, value)?;
+        if bytes.len() > self.max_message {
+            return Err(RequestError::TooLarge {
+                len: bytes.len(),
+                max: self.max_message,
+            });
+        }
+        let _span = tracing::debug_span!("map", event).entered();
+        let started = Instant::now();
+        let live = self.live_workers();
+        let mut calls = Vec::with_capacity(live.len());
+        for peer in &live {
+            let call = self.start_call(peer.slot, wire::REQUEST, bytes.clone(), deadline);
+            calls.push(call);
+        }
+        self.count(event, |s| s.sent += live.len() as u64);
+        let ids: Vec<u64> = calls.iter().filter_map(|c| c.as_ref().ok().copied()).collect();
+        self.wait_calls(&ids, deadline)?;
+        let out = live
+            .into_iter()
+            .zip(calls)
+            .map(|(peer, call)| {
+                let r = match call.and_then(|id| self.take_result(id)) {
+                    Ok(body) => postcard::from_bytes(&body).map_err(|e| MapError::Decode(e.to_string())),
+                    Err(RequestError::NoHandler) => Err(MapError::NoHandler),
+                    Err(RequestError::HandlerFailed(e)) => Err(MapError::HandlerFailed(e)),
+                    Err(RequestError::WorkerDied) => Err(MapError::WorkerDied),
+                    Err(_) => Err(MapError::TimedOut),
+                };
+                (peer, r)
+            })
+            .collect();
+        self.record_latency(LATENCY_MAP, started.elapsed());
+        Ok(out)
+    }
+
+    /// Runs `event` on exactly one live worker that has a handler for it,
+    /// the one with the shallowest inbox, and waits until its handler has
+    /// finished. At least once: if that worker dies first, the task goes to
+    /// another worker with the same delivery id.
+    ///
+    /// # Errors
+    /// `NoHandler` if no live worker has a handler, `HandlerFailed`,
+    /// `TimedOut`, and the send errors.
+    pub fn consume<T: Serialize + ?Sized>(
+        &mut self,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<Consumed, RequestError> {
+        let delivery = self.new_delivery_id();
+        let bytes = encode_call(event, delivery, value)?;
+        if bytes.len() > self.max_message {
+            return Err(RequestError::TooLarge {
+                len: bytes.len(),
+                max: self.max_message,
+            });
+        }
+        let mut refused: Vec<u32> = Vec::new();
+        let mut attempts = 0;
+        loop {
+            // The least loaded live worker not known to lack a handler;
+            // ties go round-robin so equal workers share the work.
+            let live = self.live_workers();
+            let n = live.len().max(1) as u32;
+            self.consume_cursor = self.consume_cursor.wrapping_add(1);
+            let start = self.consume_cursor % n;
+            let Some(peer) = live
+                .iter()
+                .cycle()
+                .skip(start as usize)
+                .take(live.len())
+                .filter(|p| !refused.contains(&p.slot))
+                .min_by_key(|p| self.inbox_depth(p.slot))
+                .copied()
+            else {
+                return Err(RequestError::NoHandler);
+            };
+            attempts += 1;
+            let id = match self.start_call(peer.slot, wire::CONSUME, bytes.clone(), deadline) {
+                Ok(id) => id,
+                Err(RequestError::WorkerDied) => continue,
+                Err(e) => return Err(e),
+            };
+            if attempts == 1 {
+                self.count(event, |s| s.sent += 1);
+            }
+            self.wait_calls(&[id], deadline)?;
+            match self.take_result(id) {
+                Ok(_) => {
+                    return Ok(Consumed {
+                        worker: peer,
+                        delivery_id: delivery,
+                        attempts,
+                    })
+                }
+                Err(RequestError::NoHandler) => refused.push(peer.slot),
+                Err(RequestError::WorkerDied) => {
+                    tracing::info!(
+                        event,
+                        delivery,
+                        worker = peer.slot,
+                        "consume: worker died, redelivering"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn new_delivery_id(&mut self) -> u64 {
+        self.next_call += 1;
+        (u64::from(self.slot) << 52) ^ (u64::from(self.generation) << 32) ^ self.next_call
+    }
+
+    fn record_latency(&self, which: usize, d: Duration) {
+        let stats = self.segment.stats_entry(self.slot);
+        stats.add_latency(which, d.as_nanos() as u64);
+    }
+
+    // ------------------------------------------------------------ dispatch
+
+    /// Runs the handlers of every message that has arrived, without
+    /// waiting. Returns how many messages it handled.
+    ///
+    /// # Errors
+    /// [`RequestError::Corrupt`] if a lane holds garbage (that lane is
+    /// poisoned; call again to keep serving the others).
+    pub fn dispatch(&mut self) -> Result<usize, RequestError> {
+        self.dispatch_until(None)
+    }
+
+    /// Waits up to `timeout` for messages and runs their handlers; returns
+    /// how many it handled (0 after the timeout with nothing).
+    ///
+    /// # Errors
+    /// As [`Messenger::dispatch`].
+    pub fn poll(&mut self, timeout: Duration) -> Result<usize, RequestError> {
+        self.dispatch_until(Some(Instant::now() + timeout))
+    }
+
+    /// Serves messages until the cluster asks this worker to stop (drain or
+    /// shutdown). Without a master, until `stop` returns true (checked
+    /// every 50 ms and after each message).
+    ///
+    /// # Errors
+    /// As [`Messenger::dispatch`].
+    pub fn run_until(&mut self, mut stop: impl FnMut(&Self) -> bool) -> Result<(), RequestError> {
+        loop {
+            let should_stop = self.worker().is_some_and(|w| w.should_stop());
+            if should_stop || stop(self) {
+                return Ok(());
+            }
+            self.poll(Duration::from_millis(50))?;
+        }
+    }
+
+    /// Serves messages until this worker is told to stop.
+    ///
+    /// # Errors
+    /// As [`Messenger::dispatch`].
+    pub fn run(&mut self) -> Result<(), RequestError> {
+        self.run_until(|_| false)
+    }
+
+    fn flush_outbox(&mut self) -> Result<(), RequestError> {
+        if !self.outbox.nonempty.swap(false, AcqRel) {
+            return Ok(());
+        }
+        let queued = std::mem::take(&mut *self.outbox.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        for (to, tag, bytes) in queued {
+            self.deliver(to, tag, bytes, None)?;
+        }
+        Ok(())
+    }
+
+    /// Handles messages until none is waiting; with `until`, waits for the
+    /// first one until then.
+    fn dispatch_until(&mut self, until: Option<Instant>) -> Result<usize, RequestError> {
+        self.flush_outbox()?;
+        let mut handled = 0;
+        let mut wait = until;
+        loop {
+            let step = {
+                let received = match wait {
+                    Some(d) => match ep_of(&mut self.owner).recv_ref(Some(d)) {
+                        Ok(m) => Some(m),
+                        Err(RecvError::Timeout) => None,
+                        Err(e) => return Err(RequestError::Corrupt(e.to_string())),
+                    },
+                    None => match ep_of(&mut self.owner).try_recv_ref() {
+                        Ok(m) => Some(m),
+                        Err(crate::TryRecvError::Empty) => None,
+                        Err(e) => return Err(RequestError::Corrupt(e.to_string())),
+                    },
+                };
+                received.map(|msg| {
+                    handle_message(
+                        msg,
+                        self.generation,
+                        &mut self.handlers,
+                        &mut self.pending,
+                        &self.outbox,
+                        &self.stats,
+                    )
+                })
+            };
+            let Some(reply) = step else {
+                // Woken for the outbox, not for a message?
+                if self.outbox.nonempty.load(Acquire) {
+                    self.flush_outbox()?;
+                    if wait.is_some_and(|d| Instant::now() < d) {
+                        continue;
+                    }
+                }
+                return Ok(handled);
+            };
+            handled += 1;
+            wait = None;
+            if let Some((to, tag, bytes)) = reply {
+                // The requester is live or its successor discards the reply.
+                match self.deliver(to, tag, bytes, Some(Instant::now() + Duration::from_secs(5))) {
+                    Ok(()) | Err(RequestError::TimedOut) | Err(RequestError::NoSuchWorker { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+const LATENCY_REQUEST: usize = 0;
+const LATENCY_MAP: usize = 1;
+
+/// Handles one received message; returns the reply to send, if any. A free
+/// function so that the lent message (which borrows the endpoint) and the
+/// handler table are borrowed separately.
+fn handle_message(
+    msg: Received<'_>,
+    my_generation: u32,
+    handlers: &mut HashMap<String, Vec<Handler>>,
+    pending: &mut HashMap<u64, Pending>,
+    outbox: &Arc<Outbox>,
+    stats: &Rc<RefCell<HashMap<String, EventStats>>>,
+) -> Option<(u32, Tag, Vec<u8>)> {
+    let tag = msg.tag();
+    let sender = WorkerId {
+        slot: msg.sender(),
+        generation: msg.generation(),
+    };
+    let payload = msg.payload();
+    if tag.kind == wire::REPLY {
+        let (status, generation, body) = wire::parse_reply(payload)?;
+        if generation != my_generation {
+            // A reply to this slot's previous worker.
+            return None;
+        }
+        let p = pending.get_mut(&tag.correlation)?;
+        if p.target != sender.slot || p.result.is_some() {
+            return None;
+        }
+        p.result = Some(match status {
+            wire::OK => Ok(body.to_vec()),
+            wire::NO_HANDLER => Err(RequestError::NoHandler),
+            _ => Err(RequestError::HandlerFailed(
+                String::from_utf8_lossy(body).into_owned(),
+            )),
+        });
+        return None;
+    }
+    let kind = match tag.kind {
+        wire::EMIT => CallKind::Event,
+        wire::REQUEST => CallKind::Request,
+        wire::CONSUME => CallKind::Consume,
+        _ => return None, // not a messenger message
+    };
+    let Some(call) = wire::parse_call(payload) else {
+        tracing::warn!(sender = sender.slot, "malformed messenger message dropped");
+        return None;
+    };
+    let wants_reply = kind != CallKind::Event && tag.correlation != 0;
+    let reply_to = wants_reply.then(|| ReplyTo {
+        to: sender.slot,
+        correlation: tag.correlation,
+        requester_generation: sender.generation,
+        outbox: outbox.clone(),
+    });
+    let bump = |f: &dyn Fn(&mut EventStats)| {
+        let mut s = stats.borrow_mut();
+        match s.get_mut(call.name) {
+            Some(e) => f(e),
+            None => f(s.entry(call.name.to_owned()).or_default()),
+        }
+    };
+    bump(&|s| s.received += 1);
+    let ctx = Ctx {
+        sender,
+        event: call.name.to_owned(),
+        delivery_id: call.delivery,
+        kind,
+    };
+    let Some(list) = handlers.get_mut(call.name).filter(|l| !l.is_empty()) else {
+        bump(&|s| s.unhandled += 1);
+        return reply_to.map(|r| reply_message(&r, wire::NO_HANDLER, b""));
+    };
+    // Events run every handler; calls run the first.
+    let run = if kind == CallKind::Event { list.len() } else { 1 };
+    let mut first: Option<Outcome> = None;
+    let mut spent = Vec::new();
+    for h in list.iter_mut().take(run) {
+        let r = reply_to.clone();
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (h.f)(&ctx, call.data, r)))
+            .unwrap_or_else(|p| Outcome::Failed(panic_text(p)));
+        match &outcome {
+            Outcome::Decode(e) => {
+                bump(&|s| s.decode_failures += 1);
+                tracing::warn!(event = call.name, sender = sender.slot, error = %e, "payload does not decode as the handler's type; handler not called");
+            }
+            Outcome::Failed(e) => {
+                bump(&|s| s.failures += 1);
+                tracing::warn!(event = call.name, sender = sender.slot, error = %e, "handler failed");
+            }
+            _ => bump(&|s| s.handled += 1),
+        }
+        if h.once && !matches!(outcome, Outcome::Decode(_)) {
+            spent.push(h.id);
+        }
+        if first.is_none() {
+            first = Some(outcome);
+        }
+    }
+    list.retain(|h| !spent.contains(&h.id));
+    drop(msg);
+    let r = reply_to?;
+    Some(match first? {
+        Outcome::Value(bytes) => reply_message(&r, wire::OK, &bytes),
+        Outcome::Deferred => return None,
+        Outcome::Failed(e) => reply_message(&r, wire::FAILED, e.as_bytes()),
+        Outcome::Decode(e) => reply_message(
+            &r,
+            wire::FAILED,
+            format!("cannot decode the payload: {e}").as_bytes(),
+        ),
+    })
+}
+
+fn reply_message(r: &ReplyTo, status: u8, body: &[u8]) -> (u32, Tag, Vec<u8>) {
+    (
+        r.to,
+        Tag {
+            kind: wire::REPLY,
+            correlation: r.correlation,
+        },
+        wire::reply(status, r.requester_generation, body),
+    )
+}
+
+/// `messenger.to(target)`: send or emit to a target.
+#[derive(Debug)]
+pub struct To<'a> {
+    m: &'a mut Messenger,
+    target: Target,
+}
+
+impl To<'_> {
+    /// Emits `event` with `value` (every handler for it runs).
+    ///
+    /// # Errors
+    /// As [`Messenger::emit`].
+    pub fn emit<T: Serialize + ?Sized>(self, event: &str, value: &T) -> Result<usize, RequestError> {
+        self.m.emit(self.target, event, value)
+    }
+
+    /// Sends a plain message: the `"message"` event, as SFN's ipchannel
+    /// `send` does (`on("message", ..)` receives it).
+    ///
+    /// # Errors
+    /// As [`Messenger::emit`].
+    pub fn send<T: Serialize + ?Sized>(self, value: &T) -> Result<usize, RequestError> {
+        self.m.emit(self.target, "message", value)
+    }
+}
