@@ -38,7 +38,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -255,7 +254,7 @@ enum Outcome {
     Decode(String),
 }
 
-type HandlerFn = Box<dyn FnMut(&Ctx, &[u8], Option<ReplyTo>) -> Outcome>;
+type HandlerFn = Box<dyn FnMut(&Ctx, &[u8], Option<ReplyTo>) -> Outcome + Send>;
 
 struct Handler {
     id: u64,
@@ -453,7 +452,7 @@ pub struct Messenger {
     pending: HashMap<u64, Pending>,
     next_call: u64,
     outbox: Arc<Outbox>,
-    stats: Rc<RefCell<HashMap<String, EventStats>>>,
+    stats: RefCell<HashMap<String, EventStats>>,
     consume_cursor: u32,
 }
 
@@ -524,7 +523,7 @@ impl Messenger {
             pending: HashMap::new(),
             next_call: 1,
             outbox,
-            stats: Rc::default(),
+            stats: RefCell::default(),
             consume_cursor: slot,
         }
     }
@@ -593,7 +592,7 @@ impl Messenger {
     pub fn on<T, F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RequestError>
     where
         T: DeserializeOwned,
-        F: FnMut(&Ctx, T) + 'static,
+        F: FnMut(&Ctx, T) + Send + 'static,
     {
         self.add(
             event,
@@ -615,7 +614,7 @@ impl Messenger {
     pub fn once<T, F>(&mut self, event: &str, f: F) -> Result<HandlerId, RequestError>
     where
         T: DeserializeOwned,
-        F: FnOnce(&Ctx, T) + 'static,
+        F: FnOnce(&Ctx, T) + Send + 'static,
     {
         let mut f = Some(f);
         let id = self.on::<T, _>(event, move |ctx, v| {
@@ -645,7 +644,7 @@ impl Messenger {
     /// `EventName`.
     pub fn on_bytes<F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RequestError>
     where
-        F: FnMut(&Ctx, &[u8]) -> Vec<u8> + 'static,
+        F: FnMut(&Ctx, &[u8]) -> Vec<u8> + Send + 'static,
     {
         self.add(
             event,
@@ -664,7 +663,7 @@ impl Messenger {
         T: DeserializeOwned,
         R: Serialize,
         E: fmt::Display,
-        F: FnMut(&Ctx, T) -> Result<R, E> + 'static,
+        F: FnMut(&Ctx, T) -> Result<R, E> + Send + 'static,
     {
         self.add(
             event,
@@ -692,7 +691,7 @@ impl Messenger {
     where
         T: DeserializeOwned,
         R: Serialize,
-        F: FnMut(&Ctx, T, Reply<R>) + 'static,
+        F: FnMut(&Ctx, T, Reply<R>) + Send + 'static,
     {
         self.add(
             event,
@@ -1318,7 +1317,7 @@ fn handle_message(
     handlers: &mut HashMap<String, Vec<Handler>>,
     pending: &mut HashMap<u64, Pending>,
     outbox: &Arc<Outbox>,
-    stats: &Rc<RefCell<HashMap<String, EventStats>>>,
+    stats: &RefCell<HashMap<String, EventStats>>,
 ) -> Option<(u32, Tag, Vec<u8>)> {
     let tag = msg.tag();
     let sender = WorkerId {

@@ -1,0 +1,369 @@
+//! The messenger in threads mode and standalone: the same API as in a
+//! cluster, n workers as threads on one segment. Every test runs under a
+//! watchdog; worker threads serve with `run_until` until told to stop.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use shmcluster::testing::Watchdog;
+use shmcluster::{MapError, Messenger, RequestError, Target, MAX_EVENT_NAME};
+
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(10)
+}
+
+/// Runs `setup` on each of messengers 1.., then serves them on their own
+/// threads until `stop` is set; returns messenger 0 for the test to drive.
+fn cluster(
+    n: u32,
+    mut setup: impl FnMut(&mut Messenger),
+) -> (Messenger, Arc<AtomicBool>, Vec<JoinHandle<Messenger>>) {
+    let mut all = Messenger::threads(n).unwrap();
+    for m in &mut all {
+        setup(m);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let first = all.remove(0);
+    let threads = all
+        .into_iter()
+        .map(|mut m| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                m.run_until(|_| stop.load(Ordering::Acquire)).unwrap();
+                m
+            })
+        })
+        .collect();
+    (first, stop, threads)
+}
+
+fn finish(stop: Arc<AtomicBool>, threads: Vec<JoinHandle<Messenger>>) -> Vec<Messenger> {
+    stop.store(true, Ordering::Release);
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn broadcast_reaches_every_worker_once_including_the_sender() {
+    let _dog = Watchdog::new("broadcast", Duration::from_secs(30));
+    let seen: Arc<Mutex<HashMap<(u32, u32), Vec<u64>>>> = Arc::default();
+    let s = seen.clone();
+    let (mut m0, stop, threads) = cluster(4, |m| {
+        let (s, me) = (s.clone(), m.slot());
+        m.on::<u64, _>("tick", move |ctx, v| {
+            s.lock()
+                .unwrap()
+                .entry((me, ctx.sender().slot))
+                .or_default()
+                .push(v);
+        })
+        .unwrap();
+    });
+    for i in 0..100u64 {
+        assert_eq!(m0.broadcast("tick", &i).unwrap(), 4);
+    }
+    // Our own copies arrive through our own lane.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.lock().unwrap().values().map(Vec::len).sum::<usize>() < 400 && Instant::now() < deadline {
+        m0.poll(Duration::from_millis(10)).unwrap();
+    }
+    finish(stop, threads);
+    let seen = seen.lock().unwrap();
+    for me in 0..4 {
+        assert_eq!(
+            seen[&(me, 0)],
+            (0..100).collect::<Vec<u64>>(),
+            "worker {me}: once each, in order"
+        );
+    }
+    assert_eq!(seen.len(), 4);
+}
+
+#[test]
+fn direct_send_others_and_message_event() {
+    let _dog = Watchdog::new("direct", Duration::from_secs(30));
+    let got: Arc<Mutex<Vec<(u32, String)>>> = Arc::default();
+    let g = got.clone();
+    let (mut m0, stop, threads) = cluster(3, |m| {
+        let (g, me) = (g.clone(), m.slot());
+        m.on::<String, _>("message", move |_, v| g.lock().unwrap().push((me, v)))
+            .unwrap();
+    });
+    assert_eq!(m0.to(Target::Worker(2)).send("to two").unwrap(), 1);
+    assert_eq!(m0.to(Target::Others).send("to others").unwrap(), 2);
+    assert!(matches!(
+        m0.to(Target::Worker(7)).send("x"),
+        Err(RequestError::NoSuchWorker { slot: 7 })
+    ));
+    // A request after the sends: FIFO per sender means they have arrived.
+    for w in 1..3 {
+        m0.request::<_, ()>(w, "message", "sync", soon()).unwrap();
+    }
+    finish(stop, threads);
+    let mut got = got.lock().unwrap().clone();
+    got.sort();
+    let want: Vec<(u32, String)> = [
+        (1, "sync"),
+        (1, "to others"),
+        (2, "sync"),
+        (2, "to others"),
+        (2, "to two"),
+    ]
+    .into_iter()
+    .map(|(w, s)| (w, s.to_string()))
+    .collect();
+    assert_eq!(got, want, "worker 0 is not among Others");
+}
+
+#[test]
+fn request_reply_sync_async_and_errors() {
+    let _dog = Watchdog::new("request", Duration::from_secs(30));
+    let (mut m0, stop, threads) = cluster(2, |m| {
+        m.on_request::<(u32, u32), u32, String, _>("add", |_, (a, b)| Ok(a + b))
+            .unwrap();
+        m.on_request::<u32, u32, String, _>("fail", |_, _| Err("no thanks".into()))
+            .unwrap();
+        m.on_request::<u32, u32, String, _>("panic", |_, _| panic!("boom"))
+            .unwrap();
+        m.on_request_async::<u64, u64, _>("later", |_, v, reply| {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                reply.send(Ok(v * 2));
+            });
+        })
+        .unwrap();
+        m.on_request_async::<u64, u64, _>("dropped", |_, _, reply| drop(reply))
+            .unwrap();
+    });
+    assert_eq!(m0.request::<_, u32>(1, "add", &(2u32, 3u32), soon()), Ok(5));
+    assert_eq!(m0.request::<_, u64>(1, "later", &21u64, soon()), Ok(42));
+    assert_eq!(
+        m0.request::<_, u64>(1, "dropped", &1u64, soon()),
+        Err(RequestError::HandlerFailed("reply dropped".into()))
+    );
+    assert_eq!(
+        m0.request::<_, u32>(1, "fail", &1u32, soon()),
+        Err(RequestError::HandlerFailed("no thanks".into()))
+    );
+    match m0.request::<_, u32>(1, "panic", &1u32, soon()) {
+        Err(RequestError::HandlerFailed(e)) => assert!(e.contains("boom"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // Still serving after the panic.
+    assert_eq!(m0.request::<_, u32>(1, "add", &(1u32, 1u32), soon()), Ok(2));
+    // A payload that does not decode as the handler's type (postcard has no
+    // type tags: here it is too short for a pair): the handler is not
+    // called; the caller learns why.
+    match m0.request::<_, u32>(1, "add", &7u8, soon()) {
+        Err(RequestError::HandlerFailed(e)) => assert!(e.contains("decode"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        m0.request::<_, u32>(1, "nobody", &1u32, soon()),
+        Err(RequestError::NoHandler)
+    );
+    let long = "e".repeat(MAX_EVENT_NAME + 1);
+    assert_eq!(
+        m0.request::<_, u32>(1, &long, &1u32, soon()),
+        Err(RequestError::EventName {
+            len: MAX_EVENT_NAME + 1
+        })
+    );
+    let huge = vec![0u8; 17 * 1024 * 1024];
+    assert!(matches!(
+        m0.request::<_, u32>(1, "add", &huge, soon()),
+        Err(RequestError::TooLarge { .. })
+    ));
+    let t0 = Instant::now();
+    assert_eq!(
+        m0.request::<_, u64>(1, "slow-nobody-answers", &1u64, Instant::now()),
+        Err(RequestError::NoHandler).or(Err(RequestError::TimedOut)),
+        "an expired deadline returns at once"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    let others = finish(stop, threads);
+    let stats = others[0].event_stats();
+    assert_eq!(stats["add"].decode_failures, 1);
+    assert_eq!(stats["fail"].failures, 1);
+    assert_eq!(stats["panic"].failures, 1);
+    assert_eq!(stats["nobody"].unhandled, 1);
+}
+
+#[test]
+fn map_gives_one_entry_per_worker_and_never_hangs() {
+    let _dog = Watchdog::new("map", Duration::from_secs(30));
+    let (mut m0, stop, threads) = cluster(4, |m| {
+        let me = m.slot();
+        match me {
+            2 => {} // no handler
+            3 => {
+                m.on_request::<u32, u32, String, _>("who", |_, _| {
+                    std::thread::sleep(Duration::from_millis(600));
+                    Ok(3)
+                })
+                .unwrap();
+            }
+            _ => {
+                m.on_request::<u32, u32, String, _>("who", move |_, x| Ok(me * 10 + x))
+                    .unwrap();
+            }
+        }
+    });
+    let started = Instant::now();
+    let out = m0
+        .map::<_, u32>("who", &1u32, Instant::now() + Duration::from_millis(300))
+        .unwrap();
+    let took = started.elapsed();
+    let got: Vec<(u32, Result<u32, MapError>)> = out.into_iter().map(|(w, r)| (w.slot, r)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, Ok(1)),
+            (1, Ok(11)),
+            (2, Err(MapError::NoHandler)),
+            (3, Err(MapError::TimedOut))
+        ]
+    );
+    assert!(took < Duration::from_secs(2), "bounded by the deadline: {took:?}");
+    finish(stop, threads);
+}
+
+#[test]
+fn consume_runs_exactly_once_and_reports_no_handler() {
+    let _dog = Watchdog::new("consume", Duration::from_secs(60));
+    let ran: Arc<Mutex<HashMap<u64, Vec<u32>>>> = Arc::default();
+    let r = ran.clone();
+    let (mut m0, stop, threads) = cluster(4, |m| {
+        let (r, me) = (r.clone(), m.slot());
+        if me != 3 {
+            m.on::<u64, _>("job", move |_, id| {
+                r.lock().unwrap().entry(id).or_default().push(me)
+            })
+            .unwrap();
+        }
+    });
+    for id in 0..2000u64 {
+        let done = m0.consume("job", &id, soon()).unwrap();
+        assert_ne!(done.worker.slot, 3, "worker 3 has no handler");
+    }
+    assert_eq!(
+        m0.consume("nobody-handles", &1u64, soon()),
+        Err(RequestError::NoHandler)
+    );
+    finish(stop, threads);
+    let ran = ran.lock().unwrap();
+    assert_eq!(ran.len(), 2000);
+    let mut per_worker = [0u32; 4];
+    for (id, who) in ran.iter() {
+        assert_eq!(who.len(), 1, "task {id} ran {} times", who.len());
+        per_worker[who[0] as usize] += 1;
+    }
+    println!("consume distribution over 2000 tasks: {per_worker:?}");
+    assert_eq!(per_worker[3], 0);
+    assert!(per_worker[..3].iter().all(|&n| n > 0), "{per_worker:?}");
+}
+
+#[test]
+fn once_off_and_standalone() {
+    let _dog = Watchdog::new("standalone", Duration::from_secs(30));
+    let mut m = Messenger::standalone().unwrap();
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    m.once::<u32, _>("hello", move |ctx, _| {
+        assert_eq!(ctx.sender().slot, 0);
+        c.fetch_add(1, Ordering::AcqRel);
+    })
+    .unwrap();
+    assert_eq!(
+        m.broadcast("hello", &1u32).unwrap(),
+        1,
+        "standalone: every target is the caller"
+    );
+    m.broadcast("hello", &2u32).unwrap();
+    while m.dispatch().unwrap() > 0 {}
+    assert_eq!(count.load(Ordering::Acquire), 1, "once runs once");
+    let id = m
+        .on_request::<u32, u32, String, _>("double", |_, x| Ok(x * 2))
+        .unwrap();
+    assert_eq!(
+        m.request::<_, u32>(0, "double", &4u32, soon()),
+        Ok(8),
+        "a request to oneself"
+    );
+    let out = m.map::<_, u32>("double", &5u32, soon()).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1, Ok(10));
+    assert!(m.off_handler(id));
+    assert_eq!(
+        m.request::<_, u32>(0, "double", &4u32, soon()),
+        Err(RequestError::NoHandler)
+    );
+    m.on_bytes("raw", |_, b| b.iter().rev().copied().collect())
+        .unwrap();
+    assert_eq!(m.request_bytes(0, "raw", b"abc", soon()), Ok(b"cba".to_vec()));
+    assert_eq!(m.off("raw"), 1);
+    assert_eq!(m.consume("double", &1u32, soon()), Err(RequestError::NoHandler));
+}
+
+#[test]
+fn handles_send_from_other_threads_and_wake_a_parked_loop() {
+    let _dog = Watchdog::new("handle", Duration::from_secs(30));
+    let mut all = Messenger::threads(2).unwrap();
+    let mut m1 = all.pop().unwrap();
+    let m0 = all.pop().unwrap();
+    let got = Arc::new(AtomicU64::new(0));
+    let g = got.clone();
+    m1.on::<u64, _>("n", move |_, v| {
+        g.fetch_add(v, Ordering::AcqRel);
+    })
+    .unwrap();
+    let handle = m0.handle();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    // m0's loop parks; the handle's sends wake it and it forwards them.
+    let t0 = std::thread::spawn(move || {
+        let mut m0 = m0;
+        m0.run_until(|_| s.load(Ordering::Acquire)).unwrap();
+    });
+    let s = stop.clone();
+    let t1 = std::thread::spawn(move || {
+        m1.run_until(|_| s.load(Ordering::Acquire)).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    for v in 1..=10u64 {
+        handle.emit(1, "n", &v).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.load(Ordering::Acquire) != 55 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Release);
+    t0.join().unwrap();
+    t1.join().unwrap();
+    assert_eq!(got.load(Ordering::Acquire), 55);
+}
+
+#[test]
+fn a_dead_target_is_reported_at_once() {
+    let _dog = Watchdog::new("dead", Duration::from_secs(30));
+    let mut all = Messenger::threads(2).unwrap();
+    let m1 = all.pop().unwrap();
+    let mut m0 = all.pop().unwrap();
+    // Worker 1 never answers and goes away (its slot is released).
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        drop(m1);
+    });
+    let started = Instant::now();
+    let r = m0.request::<_, u32>(1, "anything", &1u32, Instant::now() + Duration::from_secs(10));
+    assert_eq!(r, Err(RequestError::WorkerDied));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    t.join().unwrap();
+    assert_eq!(m0.live_workers().len(), 1);
+}
