@@ -48,7 +48,9 @@ fn finish(stop: Arc<AtomicBool>, threads: Vec<JoinHandle<Messenger>>) -> Vec<Mes
 #[test]
 fn broadcast_reaches_every_worker_once_including_the_sender() {
     let _dog = Watchdog::new("broadcast", Duration::from_secs(30));
-    let seen: Arc<Mutex<HashMap<(u32, u32), Vec<u64>>>> = Arc::default();
+    // (receiver, sender) → values in arrival order.
+    type Seen = Arc<Mutex<HashMap<(u32, u32), Vec<u64>>>>;
+    let seen: Seen = Arc::default();
     let s = seen.clone();
     let (mut m0, stop, threads) = cluster(4, |m| {
         let (s, me) = (s.clone(), m.slot());
