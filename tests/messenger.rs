@@ -185,6 +185,12 @@ fn request_reply_sync_async_and_errors() {
         "an expired deadline returns at once"
     );
     assert!(t0.elapsed() < Duration::from_secs(1));
+    // The latency of the last request is in the segment's stats.
+    let slot0 = m0.stats().slots[0].clone();
+    assert!(
+        slot0.last_request.is_some_and(|d| d < Duration::from_secs(10)),
+        "{slot0:?}"
+    );
     let others = finish(stop, threads);
     let stats = others[0].event_stats();
     assert_eq!(stats["add"].decode_failures, 1);

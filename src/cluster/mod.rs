@@ -265,6 +265,10 @@ pub struct SlotStats {
     pub futex_wakes: u64,
     /// Sends that found a full lane and had to wait.
     pub full_waits: u64,
+    /// How long this slot's last messenger `request` took.
+    pub last_request: Option<Duration>,
+    /// How long this slot's last messenger `map` took.
+    pub last_map: Option<Duration>,
 }
 
 /// A snapshot of every slot's state and counters, read from the segment.
@@ -340,6 +344,13 @@ pub(crate) fn read_peer(entry: &WorkerEntry, slot: u32) -> Peer {
     }
 }
 
+fn latency(ns: &std::sync::atomic::AtomicU64) -> Option<Duration> {
+    match ns.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        n => Some(Duration::from_nanos(n)),
+    }
+}
+
 /// Reads every slot's row from `segment`.
 pub(crate) fn read_stats(segment: &Segment) -> ClusterStats {
     use std::sync::atomic::Ordering::{Acquire, Relaxed};
@@ -375,6 +386,8 @@ pub(crate) fn read_stats(segment: &Segment) -> ClusterStats {
                 futex_waits: stats.futex_waits.load(Relaxed),
                 futex_wakes: stats.futex_wakes.load(Relaxed),
                 full_waits: stats.full_waits.load(Relaxed),
+                last_request: latency(&stats.last_latency_ns[0]),
+                last_map: latency(&stats.last_latency_ns[1]),
             }
         })
         .collect();

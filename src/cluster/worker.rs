@@ -226,6 +226,10 @@ impl Worker {
         &mut self.endpoint
     }
 
+    pub(crate) fn endpoint_ref(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     /// Sets the endpoint's wait strategy.
     pub fn set_wait_strategy(&mut self, wait: WaitStrategy) {
         self.endpoint.set_wait_strategy(wait);

@@ -439,6 +439,13 @@ fn ep_of(owner: &mut Owner) -> &mut Endpoint {
     }
 }
 
+fn ep_of_ref(owner: &Owner) -> &Endpoint {
+    match owner {
+        Owner::Worker(w) => w.endpoint_ref(),
+        Owner::Endpoint(e) => e,
+    }
+}
+
 /// One worker's messenger: see the [module docs](self).
 pub struct Messenger {
     owner: Owner,
@@ -556,6 +563,13 @@ impl Messenger {
             outbox: self.outbox.clone(),
             workers: self.workers,
         }
+    }
+
+    /// Every slot's state and counters from the segment (this worker's own
+    /// exact), including the latency of each slot's last request and map.
+    pub fn stats(&self) -> crate::ClusterStats {
+        ep_of_ref(&self.owner).beat();
+        crate::cluster::read_stats(&self.segment)
     }
 
     /// Counters per event name.
