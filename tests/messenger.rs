@@ -374,4 +374,16 @@ fn a_dead_target_is_reported_at_once() {
     );
     t.join().unwrap();
     assert_eq!(m0.live_workers().len(), 1);
+    // Messages to the empty slot wait for a successor while there is room;
+    // once its lane is full, a send says so instead of waiting for ever.
+    let mut sent = 0;
+    let err = loop {
+        match m0.emit(Target::Worker(1), "e", &vec![0u8; 100]) {
+            Ok(_) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 100_000, "the lane never filled");
+    };
+    assert_eq!(err, RequestError::WorkerDied);
+    assert!(sent > 100, "queued for a successor first: {sent}");
 }

@@ -837,6 +837,11 @@ impl Messenger {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(RequestError::TimedOut);
             }
+            if self.live_generation(to).is_none() {
+                // A full lane to a slot nobody serves: it would wait for a
+                // successor that may never come (a crash-looping slot).
+                return Err(RequestError::WorkerDied);
+            }
             // Make room: our own inbox (the self lane included) drains here.
             if self.dispatch_until(Some(Instant::now() + Duration::from_micros(200)))? == 0 {
                 std::thread::yield_now();
