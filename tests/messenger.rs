@@ -327,6 +327,8 @@ fn handles_send_from_other_threads_and_wake_a_parked_loop() {
         g.fetch_add(v, Ordering::AcqRel);
     })
     .unwrap();
+    m1.on_request::<u64, u64, String, _>("double", |_, v| Ok(v * 2))
+        .unwrap();
     let handle = m0.handle();
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
@@ -343,6 +345,24 @@ fn handles_send_from_other_threads_and_wake_a_parked_loop() {
     for v in 1..=10u64 {
         handle.emit(1, "n", &v).unwrap();
     }
+    // Requests from other threads, through the loop's thread.
+    let callers: Vec<_> = (0..4u64)
+        .map(|i| {
+            let h = handle.clone();
+            std::thread::spawn(move || h.request::<_, u64>(1, "double", &i, soon()))
+        })
+        .collect();
+    for (i, c) in callers.into_iter().enumerate() {
+        assert_eq!(c.join().unwrap(), Ok(i as u64 * 2));
+    }
+    assert_eq!(
+        handle.request::<_, u64>(1, "nobody", &1u64, soon()),
+        Err(RequestError::NoHandler)
+    );
+    assert_eq!(
+        handle.request::<_, u64>(9, "double", &1u64, soon()),
+        Err(RequestError::NoSuchWorker { slot: 9 })
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while got.load(Ordering::Acquire) != 55 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));

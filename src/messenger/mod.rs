@@ -279,9 +279,20 @@ struct ReplyTo {
 /// messenger's thread to send.
 struct Outbox {
     queue: Mutex<Vec<(u32, Tag, Vec<u8>)>>,
+    /// Requests made from other threads through a [`MessengerHandle`].
+    calls: Mutex<Vec<RemoteCall>>,
     nonempty: AtomicBool,
     segment: Segment,
     slot: u32,
+}
+
+/// A request made on another thread: the messenger's thread sends it and
+/// hands the answer back through `done`.
+struct RemoteCall {
+    to: u32,
+    bytes: Vec<u8>,
+    deadline: Instant,
+    done: std::sync::mpsc::Sender<Result<Vec<u8>, RequestError>>,
 }
 
 impl Outbox {
@@ -290,6 +301,15 @@ impl Outbox {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((to, tag, bytes));
+        self.wake();
+    }
+
+    fn push_call(&self, call: RemoteCall) {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(call);
+        self.wake();
+    }
+
+    fn wake(&self) {
         self.nonempty.store(true, Release);
         // Ring our own doorbell (the bit of our own lane) so a parked loop
         // wakes and drains the outbox.
@@ -382,6 +402,49 @@ impl MessengerHandle {
     }
 }
 
+impl MessengerHandle {
+    /// Like [`Messenger::request`], from any thread: the messenger's thread
+    /// sends it and passes the answer back (it must be dispatching: `run`,
+    /// `poll`, or inside a blocking call). Blocks until the answer or the
+    /// deadline.
+    ///
+    /// # Errors
+    /// As [`Messenger::request`]; `WorkerDied` if the messenger itself is
+    /// gone.
+    pub fn request<T, R>(
+        &self,
+        worker: u32,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<R, RequestError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        if worker >= self.workers {
+            return Err(RequestError::NoSuchWorker { slot: worker });
+        }
+        let bytes = encode_call(event, 0, value)?;
+        let (done, answer) = std::sync::mpsc::channel();
+        self.outbox.push_call(RemoteCall {
+            to: worker,
+            bytes,
+            deadline,
+            done,
+        });
+        // The messenger settles the call at its deadline; a little more
+        // here covers a loop that is busy in a handler at that moment.
+        let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+        match answer.recv_timeout(wait) {
+            Ok(Ok(body)) => postcard::from_bytes::<R>(&body).map_err(|e| RequestError::Decode(e.to_string())),
+            Ok(Err(e)) => Err(e),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(RequestError::TimedOut),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(RequestError::WorkerDied),
+        }
+    }
+}
+
 fn check_name(event: &str) -> Result<(), RequestError> {
     if event.len() > MAX_EVENT_NAME {
         return Err(RequestError::EventName { len: event.len() });
@@ -426,6 +489,8 @@ struct Pending {
     result: Option<Result<Vec<u8>, RequestError>>,
 }
 
+type RemoteReply = (Instant, std::sync::mpsc::Sender<Result<Vec<u8>, RequestError>>);
+
 /// Who owns the endpoint.
 enum Owner {
     Worker(Box<Worker>),
@@ -459,6 +524,8 @@ pub struct Messenger {
     pending: HashMap<u64, Pending>,
     next_call: u64,
     outbox: Arc<Outbox>,
+    /// Calls made through handles: call id → (deadline, where the answer goes).
+    remote: HashMap<u64, RemoteReply>,
     stats: RefCell<HashMap<String, EventStats>>,
     consume_cursor: u32,
 }
@@ -514,6 +581,7 @@ impl Messenger {
         let layout = *segment.layout();
         let outbox = Arc::new(Outbox {
             queue: Mutex::new(Vec::new()),
+            calls: Mutex::new(Vec::new()),
             nonempty: AtomicBool::new(false),
             segment: segment.clone(),
             slot,
@@ -530,6 +598,7 @@ impl Messenger {
             pending: HashMap::new(),
             next_call: 1,
             outbox,
+            remote: HashMap::new(),
             stats: RefCell::default(),
             consume_cursor: slot,
         }
@@ -1267,12 +1336,62 @@ impl Messenger {
         for (to, tag, bytes) in queued {
             self.deliver(to, tag, bytes, None)?;
         }
+        let calls = std::mem::take(&mut *self.outbox.calls.lock().unwrap_or_else(|p| p.into_inner()));
+        for call in calls {
+            match self.start_call(call.to, wire::REQUEST, call.bytes, call.deadline) {
+                Ok(id) => {
+                    self.remote.insert(id, (call.deadline, call.done));
+                }
+                Err(e) => {
+                    let _ = call.done.send(Err(e));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Hands finished (or expired, or orphaned) remote calls back to their
+    /// threads.
+    fn settle_remote(&mut self) {
+        if self.remote.is_empty() {
+            return;
+        }
+        self.check_liveness();
+        let now = Instant::now();
+        let done: Vec<u64> = self
+            .remote
+            .iter()
+            .filter(|(id, (deadline, _))| {
+                now >= *deadline || !matches!(self.pending.get(id), Some(p) if p.result.is_none())
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            if let Some((_, tx)) = self.remote.remove(&id) {
+                let _ = tx.send(self.take_result(id));
+            }
+        }
+    }
+
+    /// The next time a remote call must be looked at, if any.
+    fn remote_due(&self) -> Option<Instant> {
+        let earliest = self.remote.values().map(|(d, _)| *d).min()?;
+        Some(earliest.min(Instant::now() + LIVENESS_SLICE))
     }
 
     /// Handles messages until none is waiting; with `until`, waits for the
     /// first one until then.
     fn dispatch_until(&mut self, until: Option<Instant>) -> Result<usize, RequestError> {
+        let until = match (until, self.remote_due()) {
+            (Some(u), Some(r)) => Some(u.min(r)),
+            (u, _) => u,
+        };
+        let r = self.dispatch_inner(until);
+        self.settle_remote();
+        r
+    }
+
+    fn dispatch_inner(&mut self, until: Option<Instant>) -> Result<usize, RequestError> {
         self.flush_outbox()?;
         let mut handled = 0;
         let mut wait = until;
