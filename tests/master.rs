@@ -83,6 +83,12 @@ const SCENARIOS: &[Scenario] = &[
         parent: None,
     },
     Scenario {
+        name: "worker_requests_shutdown",
+        timeout: Duration::from_secs(30),
+        child: Some(worker_requests_shutdown),
+        parent: None,
+    },
+    Scenario {
         name: "graceful_shutdown_exit_codes",
         timeout: Duration::from_secs(30),
         child: None,
@@ -731,6 +737,41 @@ fn worker_requests_reload() -> Check {
         log.events()
     );
     ensure!(report.clean, "{report:?}");
+    Ok(())
+}
+
+fn worker_requests_shutdown() -> Check {
+    let log = Log::default();
+    let l = log.clone();
+    let report = Cluster::builder()
+        .workers(3)
+        .on_event(move |_, e| l.push(e))
+        .run(|w: Worker| {
+            w.ready();
+            if w.index() == 0 {
+                if !w.wait_all_ready(Duration::from_secs(10)) {
+                    return Err("not all ready".to_string());
+                }
+                if w.peers().iter().filter(|p| p.state == WorkerState::Ready).count() != 3 {
+                    return Err(format!("wait_all_ready returned early: {:?}", w.peers()));
+                }
+                w.request_shutdown();
+            }
+            while !w.wait_stop(Duration::from_secs(1)) {}
+            Ok::<(), String>(())
+        })
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        log.count(|e| e.kind == EventKind::ShutdownStarted) == 1,
+        "{:?}",
+        log.events()
+    );
+    ensure!(
+        log.count(|e| e.kind == EventKind::Online) == 3,
+        "{:?}",
+        log.events()
+    );
+    ensure!(report.clean && report.restarts == 0, "{report:?}");
     Ok(())
 }
 

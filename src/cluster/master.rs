@@ -493,6 +493,7 @@ impl ClusterBuilder {
             reload: None,
             reloads_queued: 0,
             reload_requests_seen: 0,
+            shutdown_requests_seen: 0,
             shutdown_deadline: None,
             unclean: false,
             restarts: 0,
@@ -581,6 +582,7 @@ struct Master<'a> {
     reload: Option<ReloadRun>,
     reloads_queued: u32,
     reload_requests_seen: u32,
+    shutdown_requests_seen: u32,
     shutdown_deadline: Option<Instant>,
     unclean: bool,
     restarts: u32,
@@ -609,6 +611,11 @@ impl Master<'_> {
             self.reap()?;
             self.observe_workers();
             if self.cluster.shutdown_asked.replace(false) {
+                self.begin_shutdown();
+            }
+            let shutdowns = self.cluster.segment.control().shutdown_requests.load(Acquire);
+            if shutdowns != self.shutdown_requests_seen {
+                self.shutdown_requests_seen = shutdowns;
                 self.begin_shutdown();
             }
             let asked = self.cluster.reload_asked.replace(0);

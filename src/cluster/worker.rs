@@ -312,6 +312,45 @@ impl Worker {
         self.nudge_master();
     }
 
+    /// Asks the master for a graceful shutdown of the whole cluster, as
+    /// `SIGTERM` to the master does.
+    pub fn request_shutdown(&self) {
+        self.segment.control().shutdown_requests.fetch_add(1, AcqRel);
+        self.nudge_master();
+    }
+
+    /// Waits up to `timeout` until every instance has a ready worker (the
+    /// master starts them one after another, and a worker not yet started
+    /// is not live: a `broadcast` or `map` made earlier misses it). Returns
+    /// whether they all are.
+    pub fn wait_all_ready(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let control = self.segment.control();
+            // Read before looking, so an Online event in between is not missed.
+            let seen = control.events_futex.load(Acquire);
+            let ready = self
+                .peers()
+                .iter()
+                .filter(|p| p.state == WorkerState::Ready)
+                .count();
+            if ready >= self.instances as usize {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.should_stop() {
+                return false;
+            }
+            self.heartbeat();
+            // Each Online event bumps the futex word.
+            sys::futex_wait(
+                &control.events_futex,
+                seen,
+                Some((deadline - now).min(POLL_SLICE)),
+            );
+        }
+    }
+
     fn nudge_master(&self) {
         let master = self.segment.control().master_pid.load(Acquire);
         if master != 0 {

@@ -133,7 +133,9 @@ pub(crate) struct Control {
     pub(crate) events_published: AtomicU64,
     /// Futex word bumped (wrapping) with each event, for waiting readers.
     pub(crate) events_futex: AtomicU32,
-    _pad: [u32; 9],
+    /// Bumped by workers asking for a cluster shutdown.
+    pub(crate) shutdown_requests: AtomicU32,
+    _pad: [u32; 8],
     pub(crate) events: [EventRecord; EVENT_RING],
 }
 
