@@ -720,7 +720,7 @@ impl Messenger {
     }
 
     /// Runs `f` with the raw payload bytes of every `event` message (for
-    /// other runtimes' encodings, or zero-copy: the slice is in the lane).
+    /// other runtimes' encodings).
     /// Replies with the bytes `f` returns.
     ///
     /// # Errors
@@ -1462,7 +1462,12 @@ fn handle_message(
         slot: msg.sender(),
         generation: msg.generation(),
     };
-    let payload = msg.payload();
+    // Take the message out of the lane before any handler runs: if the
+    // handler kills this worker, its successor must not find the same
+    // message unread and run it again (a poison message would then kill
+    // every successor in turn). The copy is one memcpy of the payload.
+    let message = msg.into_message();
+    let payload = &message.payload[..];
     if tag.kind == wire::REPLY {
         let (status, generation, body) = wire::parse_reply(payload)?;
         if generation != my_generation {
@@ -1470,7 +1475,9 @@ fn handle_message(
             return None;
         }
         let p = pending.get_mut(&tag.correlation)?;
-        if p.target != sender.slot || p.result.is_some() {
+        // Only the incarnation the call went to may answer it: a successor
+        // in the same slot that ran a queued copy is not it.
+        if p.target != sender.slot || p.generation != sender.generation || p.result.is_some() {
             return None;
         }
         p.result = Some(match status {
@@ -1544,7 +1551,6 @@ fn handle_message(
         }
     }
     list.retain(|h| !spent.contains(&h.id));
-    drop(msg);
     let r = reply_to?;
     Some(match first? {
         Outcome::Value(bytes) => reply_message(&r, wire::OK, &bytes),
