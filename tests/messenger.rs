@@ -329,6 +329,13 @@ fn handles_send_from_other_threads_and_wake_a_parked_loop() {
     .unwrap();
     m1.on_request::<u64, u64, String, _>("double", |_, v| Ok(v * 2))
         .unwrap();
+    // A handler that makes a blocking request through its own messenger's
+    // handle is refused at once instead of deadlocking the loop.
+    let own = m1.handle();
+    m1.on_request::<u64, String, String, _>("reenter", move |_, v| {
+        Ok(format!("{:?}", own.request::<_, u64>(1, "double", &v, soon())))
+    })
+    .unwrap();
     let handle = m0.handle();
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
@@ -359,6 +366,12 @@ fn handles_send_from_other_threads_and_wake_a_parked_loop() {
         handle.request::<_, u64>(1, "nobody", &1u64, soon()),
         Err(RequestError::NoHandler)
     );
+    let started = Instant::now();
+    assert_eq!(
+        handle.request::<_, String>(1, "reenter", &3u64, soon()),
+        Ok(format!("{:?}", Err::<u64, _>(RequestError::InHandler)))
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(
         handle.request::<_, u64>(9, "double", &1u64, soon()),
         Err(RequestError::NoSuchWorker { slot: 9 })

@@ -34,7 +34,7 @@
 mod wire;
 
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
@@ -155,6 +155,10 @@ pub enum RequestError {
     /// A lane to or from the target holds garbage (see
     /// [`crate::LaneCorruption`]).
     Corrupt(String),
+    /// [`MessengerHandle::request`] called from inside a handler, on the
+    /// messenger's own thread: it would wait for the very loop it blocks.
+    /// Answer later with [`Messenger::on_request_async`] instead.
+    InHandler,
 }
 
 impl fmt::Display for RequestError {
@@ -175,6 +179,9 @@ impl fmt::Display for RequestError {
             Self::Encode(e) => write!(f, "cannot encode the value: {e}"),
             Self::Decode(e) => write!(f, "cannot decode the reply: {e}"),
             Self::Corrupt(e) => write!(f, "corrupt lane: {e}"),
+            Self::InHandler => f.write_str(
+                "a blocking request through a handle from inside a handler would deadlock the messenger's loop",
+            ),
         }
     }
 }
@@ -422,6 +429,9 @@ impl MessengerHandle {
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
+        if IN_HANDLER.with(Cell::get) {
+            return Err(RequestError::InHandler);
+        }
         if worker >= self.workers {
             return Err(RequestError::NoSuchWorker { slot: worker });
         }
@@ -1443,6 +1453,11 @@ impl Messenger {
     }
 }
 
+thread_local! {
+    /// Whether this thread is running a messenger handler right now.
+    static IN_HANDLER: Cell<bool> = const { Cell::new(false) };
+}
+
 const LATENCY_REQUEST: usize = 0;
 const LATENCY_MAP: usize = 1;
 
@@ -1530,8 +1545,10 @@ fn handle_message(
     let mut spent = Vec::new();
     for h in list.iter_mut().take(run) {
         let r = reply_to.clone();
+        IN_HANDLER.with(|f| f.set(true));
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (h.f)(&ctx, call.data, r)))
             .unwrap_or_else(|p| Outcome::Failed(panic_text(p)));
+        IN_HANDLER.with(|f| f.set(false));
         match &outcome {
             Outcome::Decode(e) => {
                 bump(&|s| s.decode_failures += 1);
