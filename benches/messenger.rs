@@ -43,7 +43,7 @@ use shmcluster::testing::{self, Watchdog};
 use shmcluster::{Cluster, Config, EventKind, ExitReason, Messenger, Segment, Worker, WorkerState};
 
 mod common;
-use common::machine;
+use common::{machine, warn_if_busy};
 
 /// Set in a re-executed copy of this binary: `cluster <workers> <plan>`.
 const MODE_VAR: &str = "SHMCLUSTER_BENCH_MESSENGER";
@@ -714,24 +714,6 @@ fn print_tables(full: bool, plan: Plan, lane: Latency, sock: Latency, rows: &[Fi
          collective figures measure.",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-}
-
-/// Warns (on stderr) when other processes are runnable: on a small machine
-/// they move every figure here.
-fn warn_if_busy() {
-    // The fourth field of /proc/loadavg is "runnable/total"; we are one.
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let runnable: u32 = load
-        .split_whitespace()
-        .nth(3)
-        .and_then(|f| f.split_once('/')?.0.parse().ok())
-        .unwrap_or(0);
-    if runnable > 1 {
-        eprintln!(
-            "warning: {} other runnable processes; figures will be noisy",
-            runnable - 1
-        );
-    }
 }
 
 fn main() {

@@ -20,7 +20,7 @@ use shmcluster::testing::{fork, ExitStatus, Watchdog};
 use shmcluster::{Config, Endpoint, Segment, WaitStrategy};
 
 mod common;
-use common::machine;
+use common::{machine, warn_if_busy};
 
 /// The small message.
 const SMALL: usize = 64;
@@ -605,24 +605,6 @@ fn rate_row(measure: &str, ours: Rate, baseline: &str, theirs: Rate, target: Str
         ratio,
         target,
     ]
-}
-
-/// Warns (on stderr) when another process is runnable right now: with 2
-/// cores, one more busy process makes every spinning figure meaningless.
-fn warn_if_busy() {
-    // The fourth field of /proc/loadavg is "runnable/total"; we are one.
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let runnable: u32 = load
-        .split_whitespace()
-        .nth(3)
-        .and_then(|f| f.split_once('/')?.0.parse().ok())
-        .unwrap_or(0);
-    if runnable > 1 {
-        eprintln!(
-            "warning: {} other runnable processes; figures will be noisy",
-            runnable - 1
-        );
-    }
 }
 
 fn main() {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,15 +25,9 @@ use shmcluster::{
     Cluster, ClusterError, Event, EventKind, ExitReason, ListenError, ListenMode, Worker, WorkerState,
 };
 
-type Check = Result<(), String>;
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)*) => {
-        if !$cond {
-            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)*)));
-        }
-    };
-}
+#[macro_use]
+mod common;
+use common::{sigkill, tempdir, tmp, wait_child, Check};
 
 /// A scenario: its name, its watchdog time, and the code run in the
 /// scenario process (`None`: it runs in the parent, driving other
@@ -195,7 +189,7 @@ fn main() {
         }
         ran += 1;
         let start = Instant::now();
-        let tmp = tempdir(s.name);
+        let tmp = tempdir("master", s.name);
         let result = match (s.child, s.parent) {
             (Some(_), _) => run_scenario_process(s, &tmp),
             (None, Some(parent)) => with_watchdog(s.name, s.timeout, || parent(&tmp)),
@@ -241,17 +235,6 @@ fn shm_listing() -> std::collections::BTreeSet<String> {
         .unwrap_or_default()
 }
 
-fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("shmc-master-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-fn tmp() -> PathBuf {
-    PathBuf::from(std::env::var("SHMC_TMP").expect("SHMC_TMP"))
-}
-
 /// Runs `f` in the parent with a watchdog thread that fails the whole test
 /// binary if it takes longer than `limit` (child processes die with us).
 fn with_watchdog(name: &'static str, limit: Duration, f: impl FnOnce() -> Check) -> Check {
@@ -281,22 +264,6 @@ fn scenario_command(name: &str, tmp: &Path) -> Command {
     let mut c = Command::new(this_exe());
     c.env("SHMC_SCENARIO", name).env("SHMC_TMP", tmp);
     c
-}
-
-/// Waits up to `limit` for `child`, killing it (and failing) after that.
-fn wait_child(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus, String> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            return Ok(status);
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("timed out after {limit:?}; killed"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn run_scenario_process(s: &Scenario, tmp: &Path) -> Check {
@@ -331,11 +298,6 @@ impl Log {
 
 fn online_count(log: &Log) -> usize {
     log.count(|e| e.kind == EventKind::Online)
-}
-
-fn sigkill(pid: u32) {
-    // SAFETY: kill(2) takes a pid and a signal number, no pointers.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 fn signal(pid: u32, sig: i32) {

@@ -18,8 +18,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,15 +29,9 @@ use shmcluster::{
     WorkerId, WorkerState,
 };
 
-type Check = Result<(), String>;
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)*) => {
-        if !$cond {
-            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)*)));
-        }
-    };
-}
+#[macro_use]
+mod common;
+use common::{sigkill, tempdir, tmp, wait_child, Check};
 
 /// A scenario: a cluster of `workers` running `body` in each worker.
 struct Scenario {
@@ -144,7 +138,7 @@ fn main() {
         }
         ran += 1;
         let start = Instant::now();
-        let dir = tempdir(s.name);
+        let dir = tempdir("messenger", s.name);
         let result = run_scenario_process(s, &dir);
         let _ = std::fs::remove_dir_all(&dir);
         match result {
@@ -170,34 +164,6 @@ fn main() {
 
 fn err(e: impl Display) -> String {
     e.to_string()
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("shmc-messenger-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-/// The scenario's scratch directory (shared by the master and its workers).
-fn tmp() -> PathBuf {
-    PathBuf::from(std::env::var("SHMC_TMP").expect("SHMC_TMP"))
-}
-
-/// Waits up to `limit` for `child`, killing it (and failing) after that.
-fn wait_child(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus, String> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().map_err(err)? {
-            return Ok(status);
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("timed out after {limit:?}; killed"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn run_scenario_process(s: &Scenario, dir: &Path) -> Check {
@@ -409,11 +375,6 @@ fn read_lines(path: &Path) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
-}
-
-fn sigkill(pid: u32) {
-    // SAFETY: kill(2) takes a pid and a signal number, no pointers.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 fn deadline(d: Duration) -> Instant {

@@ -1,4 +1,7 @@
-//! What both benchmarks print about the machine they ran on.
+//! What the benchmarks print about the machine they ran on.
+
+// Each bench includes this whole module but uses only part of it.
+#![allow(dead_code)]
 
 /// `nproc`, CPU model, kernel release and architecture.
 pub fn machine() -> String {
@@ -16,4 +19,22 @@ pub fn machine() -> String {
         kernel.trim(),
         std::env::consts::ARCH
     )
+}
+
+/// Warns (on stderr) when another process is runnable right now: with 2
+/// cores, one more busy process makes every spinning figure meaningless.
+pub fn warn_if_busy() {
+    // The fourth field of /proc/loadavg is "runnable/total"; we are one.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let runnable: u32 = load
+        .split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split_once('/')?.0.parse().ok())
+        .unwrap_or(0);
+    if runnable > 1 {
+        eprintln!(
+            "warning: {} other runnable processes; figures will be noisy",
+            runnable - 1
+        );
+    }
 }

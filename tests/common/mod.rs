@@ -49,3 +49,56 @@ impl Rng {
         rest.copy_from_slice(&last[..rest.len()]);
     }
 }
+
+/// What a multi-process scenario returns: `Err` names the failed check.
+pub type Check = Result<(), String>;
+
+/// `ensure!(cond, "why {x}")`: returns `Err` naming the file and line
+/// unless `cond` holds (for scenario code that reports instead of panicking).
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)*) => {
+        if !$cond {
+            return Err(format!("{}:{}: {}", file!(), line!(), format!($($fmt)*)));
+        }
+    };
+}
+
+/// A fresh scratch directory for scenario `name` of suite `suite`.
+pub fn tempdir(suite: &str, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("shmc-{suite}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// The scenario's scratch directory (`SHMC_TMP`, shared by the master and
+/// its workers).
+pub fn tmp() -> std::path::PathBuf {
+    std::path::PathBuf::from(std::env::var("SHMC_TMP").expect("SHMC_TMP"))
+}
+
+/// Waits up to `limit` for `child`, killing it (and failing) after that.
+pub fn wait_child(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> Result<std::process::ExitStatus, String> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Ok(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("timed out after {limit:?}; killed"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// `kill(pid, SIGKILL)`.
+pub fn sigkill(pid: u32) {
+    // SAFETY: kill(2) takes a pid and a signal number, no pointers.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
