@@ -62,6 +62,8 @@ mod error;
 #[cfg(not(loom))]
 mod lane;
 #[cfg(not(loom))]
+pub mod lock;
+#[cfg(not(loom))]
 pub mod messenger;
 #[cfg(not(loom))]
 mod segment;
@@ -85,6 +87,8 @@ pub use error::{
     AttachError, ConfigError, CreateError, EndpointError, LaneCorruption, RecvError, SendError, TryRecvError,
     TrySendError,
 };
+#[cfg(not(loom))]
+pub use lock::{LockError, LockStats, Locks, Section, MAX_LOCK_NAME_LEN};
 #[cfg(not(loom))]
 pub use messenger::{
     CallKind, Consumed, Ctx, EventStats, HandlerId, MapError, Messenger, MessengerHandle, Reply,

@@ -312,6 +312,49 @@ impl Worker {
         self.nudge_master();
     }
 
+    /// The segment's lock table, with this worker recorded as holder.
+    ///
+    /// # Errors
+    /// [`crate::LockError::Glibc`] below glibc 2.25.
+    pub fn locks(&self) -> Result<crate::Locks, crate::LockError> {
+        crate::Locks::new(&self.segment, self.slot)
+    }
+
+    /// Runs `f` holding the cluster's global lock: see
+    /// [`crate::Locks::synchronize`].
+    ///
+    /// # Errors
+    /// As [`crate::Locks::synchronize`].
+    pub fn synchronize<R>(&self, f: impl FnOnce(&crate::Section) -> R) -> Result<R, crate::LockError> {
+        self.locks()?.synchronize(f)
+    }
+
+    /// Runs `f` holding the lock named `name`: see
+    /// [`crate::Locks::synchronize_key`].
+    ///
+    /// # Errors
+    /// As [`crate::Locks::synchronize_key`].
+    pub fn synchronize_key<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&crate::Section) -> R,
+    ) -> Result<R, crate::LockError> {
+        self.locks()?.synchronize_key(name, f)
+    }
+
+    /// Runs `f` holding lock `name` if it can be had within `timeout`.
+    ///
+    /// # Errors
+    /// As [`crate::Locks::try_synchronize`].
+    pub fn try_synchronize<R>(
+        &self,
+        name: &str,
+        timeout: Duration,
+        f: impl FnOnce(&crate::Section) -> R,
+    ) -> Result<R, crate::LockError> {
+        self.locks()?.try_synchronize(name, timeout, f)
+    }
+
     /// Asks the master for a graceful shutdown of the whole cluster, as
     /// `SIGTERM` to the master does.
     pub fn request_shutdown(&self) {

@@ -651,6 +651,15 @@ impl Messenger {
         crate::cluster::read_stats(&self.segment)
     }
 
+    /// The segment's lock table, with this worker recorded as holder (for
+    /// `synchronize`: see [`crate::Locks`]).
+    ///
+    /// # Errors
+    /// [`crate::LockError::Glibc`] below glibc 2.25.
+    pub fn locks(&self) -> Result<crate::Locks, crate::LockError> {
+        crate::Locks::new(&self.segment, self.slot)
+    }
+
     /// Counters per event name.
     pub fn event_stats(&self) -> HashMap<String, EventStats> {
         self.stats.borrow().clone()

@@ -230,6 +230,12 @@ impl Segment {
         // other process has the fd yet, so nothing reads or writes the header
         // concurrently.
         unsafe { segment.base().cast::<Header>().write(header) };
+        for i in 0..layout.lock_slots {
+            let entry = segment.lock_entry(i);
+            // SAFETY: the storage is inside the new mapping, 64-aligned and
+            // large enough (asserted in `table`); nobody else has the fd yet.
+            unsafe { sys::mutex::init(entry.mutex_ptr()) }?;
+        }
         segment.init_word().store(INIT_READY, Release);
         Ok(segment)
     }
@@ -362,6 +368,17 @@ impl Segment {
         // 128-byte entries inside the mapping; an entry is only atomics,
         // valid for any bit pattern.
         unsafe { &*self.base().add(offset).cast::<table::WorkerEntry>() }
+    }
+
+    /// Lock-table entry `i`. `i < lock_slots`.
+    pub(crate) fn lock_entry(&self, i: u32) -> &table::LockEntry {
+        let layout = &self.inner.layout;
+        assert!(i < layout.lock_slots);
+        let offset = layout.locks_offset + i as usize * layout::LOCK_ENTRY_SIZE;
+        // SAFETY: the lock table is a page-aligned region of 256-byte
+        // entries inside the mapping; an entry is atomics plus the mutex's
+        // storage in an `UnsafeCell`, touched only through pthread calls.
+        unsafe { &*self.base().add(offset).cast::<table::LockEntry>() }
     }
 
     /// Slot `slot`'s statistics. `slot < workers`.

@@ -13,7 +13,8 @@
 //! - `Control` and the event log: only the master, except `reload_requests`
 //!   (any worker).
 
-use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering::*};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 
 /// One worker slot's lifecycle record (128 bytes).
 #[repr(C, align(64))]
@@ -197,3 +198,58 @@ impl Control {
         Ok(Some(e))
     }
 }
+
+/// Longest lock name, in bytes.
+pub const MAX_LOCK_NAME: usize = 64;
+
+/// One lock-table entry (256 bytes): a robust process-shared mutex, its
+/// name and its bookkeeping. Entry 0 serialises the naming of new entries,
+/// entry 1 is the global lock, the rest are named on first use.
+#[repr(C, align(64))]
+pub(crate) struct LockEntry {
+    /// Storage for the `pthread_mutex_t` (40 bytes with glibc on x86-64;
+    /// the header records the size so a different libc refuses to attach).
+    pub(crate) mutex: UnsafeCell<[u64; 8]>,
+    /// 0 while unnamed, 1 once `name` is written (Release).
+    pub(crate) named: AtomicU32,
+    pub(crate) name_len: AtomicU32,
+    /// Fencing token: bumped by every acquisition.
+    pub(crate) token: AtomicU64,
+    pub(crate) holder_slot: AtomicU32,
+    pub(crate) holder_pid: AtomicU32,
+    /// CLOCK_MONOTONIC ns of the current acquisition (0 when free).
+    pub(crate) hold_since_ns: AtomicU64,
+    /// Acquisitions that had to wait.
+    pub(crate) waits: AtomicU64,
+    /// Acquisitions that found the previous holder dead.
+    pub(crate) owner_died: AtomicU64,
+    pub(crate) acquisitions: AtomicU64,
+    pub(crate) holder_tid: AtomicU32,
+    _pad: u32,
+    pub(crate) name: [AtomicU8; MAX_LOCK_NAME],
+    _reserved: [u64; 8],
+}
+
+const _: () = assert!(size_of::<LockEntry>() == crate::segment::layout::LOCK_ENTRY_SIZE);
+const _: () = assert!(size_of::<crate::sys::mutex::RawMutex>() <= 64);
+
+impl LockEntry {
+    /// The mutex, for the `sys::mutex` calls.
+    pub(crate) fn mutex_ptr(&self) -> *mut crate::sys::mutex::RawMutex {
+        self.mutex.get().cast()
+    }
+
+    /// The entry's name, if it has one (garbage reads as no name).
+    pub(crate) fn name(&self) -> Option<String> {
+        if self.named.load(Acquire) != 1 {
+            return None;
+        }
+        let len = (self.name_len.load(Acquire) as usize).min(MAX_LOCK_NAME);
+        let bytes: Vec<u8> = self.name[..len].iter().map(|b| b.load(Relaxed)).collect();
+        String::from_utf8(bytes).ok()
+    }
+}
+
+// SAFETY: the entry is shared memory meant for concurrent use: atomics,
+// and a pthread mutex that is only ever touched through pthread calls.
+unsafe impl Sync for LockEntry {}

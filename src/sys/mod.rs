@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 mod futex;
+pub mod mutex;
 pub mod net;
 pub mod process;
 pub use futex::{futex_wait, futex_wake};

@@ -1,0 +1,416 @@
+//! `synchronize`: critical sections across processes on robust,
+//! process-shared pthread mutexes in the segment's lock table.
+//!
+//! - The global lock ([`Locks::synchronize`]) and named locks
+//!   ([`Locks::synchronize_key`]): a name is written into its own table
+//!   entry on first use (under a table lock, so two processes naming the
+//!   same lock at once get the same entry); no hashing, so no collisions.
+//! - A holder that dies inside its section does not leave the lock held:
+//!   the next holder acquires it, is told ([`Section::previous_owner_died`])
+//!   and can repair what the dead one left; the mutex is made consistent
+//!   before the section runs, so a panic while repairing does not poison it.
+//! - Every acquisition bumps the lock's fencing token
+//!   ([`Section::fencing_token`]): a store that records the token it was
+//!   written under can refuse a write made under an older one.
+//! - A panic in the section releases the lock and propagates. Taking a lock
+//!   this thread holds is [`LockError::WouldDeadlock`]. Waits are sliced: a
+//!   lock whose holder process is gone without the kernel having released
+//!   it (it cannot happen with an intact robust list) becomes
+//!   [`LockError::Unrecoverable`] after a second instead of a hang.
+
+use std::fmt;
+use std::sync::atomic::Ordering::*;
+use std::time::{Duration, Instant};
+
+use crate::segment::table::{LockEntry, MAX_LOCK_NAME};
+use crate::segment::Segment;
+use crate::sys;
+use crate::sys::mutex::{Acquired, LockFailure};
+
+pub use crate::segment::table::MAX_LOCK_NAME as MAX_LOCK_NAME_LEN;
+
+/// Entry 0 serialises naming; entry 1 is the global lock.
+const NAMING: u32 = 0;
+const GLOBAL: u32 = 1;
+/// How long one wait slice lasts before the holder is looked at.
+const SLICE: Duration = Duration::from_millis(100);
+/// How long a lock may stay held by a process that no longer exists.
+const GONE_GRACE: Duration = Duration::from_secs(1);
+
+/// Why a section could not run.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LockError {
+    /// The name is longer than [`MAX_LOCK_NAME_LEN`] bytes.
+    NameTooLong {
+        /// Its length.
+        len: usize,
+    },
+    /// Every entry of the lock table is named already.
+    TableFull {
+        /// Entries for named locks in this segment.
+        capacity: u32,
+    },
+    /// This thread already holds the lock.
+    WouldDeadlock,
+    /// Not acquired within the time given.
+    Timeout,
+    /// The lock can never be acquired again: its holder's process is gone
+    /// but it was not released, or a previous holder died and the next one
+    /// did not make it consistent.
+    Unrecoverable {
+        /// The process last recorded as holding it.
+        holder_pid: u32,
+    },
+    /// glibc older than 2.25 (robust process-shared mutexes are unreliable
+    /// before it).
+    Glibc {
+        /// The version found.
+        found: String,
+    },
+    /// A pthread call failed.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for LockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NameTooLong { len } => {
+                write!(
+                    f,
+                    "lock name of {len} bytes is over the {MAX_LOCK_NAME}-byte limit"
+                )
+            }
+            Self::TableFull { capacity } => write!(
+                f,
+                "the lock table is full ({capacity} named locks); raise Config::lock_slots"
+            ),
+            Self::WouldDeadlock => f.write_str("this thread already holds the lock"),
+            Self::Timeout => f.write_str("the lock was not acquired in time"),
+            Self::Unrecoverable { holder_pid } => write!(
+                f,
+                "the lock can never be acquired again (last holder: process {holder_pid})"
+            ),
+            Self::Glibc { found } => {
+                write!(
+                    f,
+                    "glibc {found} is too old: robust process-shared mutexes need 2.25 or newer"
+                )
+            }
+            Self::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for LockError {}
+
+/// What a section knows about its acquisition.
+#[derive(Debug, Clone)]
+pub struct Section {
+    name: String,
+    owner_died: bool,
+    token: u64,
+}
+
+impl Section {
+    /// Whether the previous holder died inside its section: the data the
+    /// lock protects may be half-updated and should be checked or repaired.
+    pub fn previous_owner_died(&self) -> bool {
+        self.owner_died
+    }
+
+    /// This acquisition's fencing token: larger than every earlier
+    /// acquisition's of the same lock.
+    pub fn fencing_token(&self) -> u64 {
+        self.token
+    }
+
+    /// The lock's name (`""` for the global lock).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// One lock's row of the stats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockStats {
+    /// Its name (`""` for the global lock).
+    pub name: String,
+    /// The holding worker's slot and pid, if held.
+    pub holder: Option<(u32, u32)>,
+    /// How long the current holder has held it.
+    pub held_for: Option<Duration>,
+    /// Acquisitions so far.
+    pub acquisitions: u64,
+    /// Acquisitions that had to wait.
+    pub waits: u64,
+    /// Acquisitions that found the previous holder dead.
+    pub owner_died: u64,
+    /// The last fencing token handed out.
+    pub token: u64,
+}
+
+/// The lock table of a segment, as seen by one worker slot (recorded as
+/// the holder).
+#[derive(Debug, Clone)]
+pub struct Locks {
+    segment: Segment,
+    slot: u32,
+}
+
+fn check_glibc() -> Result<(), LockError> {
+    match sys::mutex::glibc_version() {
+        Some(v) if v >= (2, 25) => Ok(()),
+        Some((a, b)) => Err(LockError::Glibc {
+            found: format!("{a}.{b}"),
+        }),
+        None => Err(LockError::Glibc {
+            found: "unknown".into(),
+        }),
+    }
+}
+
+impl Locks {
+    /// The locks of `segment`, used by worker `slot`.
+    ///
+    /// # Errors
+    /// [`LockError::Glibc`] below glibc 2.25.
+    pub fn new(segment: &Segment, slot: u32) -> Result<Self, LockError> {
+        check_glibc()?;
+        Ok(Self {
+            segment: segment.clone(),
+            slot,
+        })
+    }
+
+    fn slots(&self) -> u32 {
+        self.segment.layout().lock_slots
+    }
+
+    /// Runs `f` holding the global lock.
+    ///
+    /// # Errors
+    /// `WouldDeadlock`, `Unrecoverable`, `TableFull` (a table with no room
+    /// for the global lock).
+    pub fn synchronize<R>(&self, f: impl FnOnce(&Section) -> R) -> Result<R, LockError> {
+        self.run(GLOBAL, String::new(), None, f)
+    }
+
+    /// Runs `f` holding the lock named `name` (created on first use).
+    ///
+    /// # Errors
+    /// `NameTooLong`, `TableFull`, `WouldDeadlock`, `Unrecoverable`.
+    pub fn synchronize_key<R>(&self, name: &str, f: impl FnOnce(&Section) -> R) -> Result<R, LockError> {
+        let i = self.entry_for(name)?;
+        self.run(i, name.to_owned(), None, f)
+    }
+
+    /// Runs `f` holding lock `name` if it can be had within `timeout`.
+    ///
+    /// # Errors
+    /// `Timeout`, and as [`Locks::synchronize_key`].
+    pub fn try_synchronize<R>(
+        &self,
+        name: &str,
+        timeout: Duration,
+        f: impl FnOnce(&Section) -> R,
+    ) -> Result<R, LockError> {
+        let i = self.entry_for(name)?;
+        self.run(i, name.to_owned(), Some(timeout), f)
+    }
+
+    /// The entry named `name`, naming a free one if there is none.
+    fn entry_for(&self, name: &str) -> Result<u32, LockError> {
+        if name.is_empty() {
+            return if self.slots() > GLOBAL {
+                Ok(GLOBAL)
+            } else {
+                Err(LockError::TableFull { capacity: 0 })
+            };
+        }
+        if name.len() > MAX_LOCK_NAME {
+            return Err(LockError::NameTooLong { len: name.len() });
+        }
+        if let Some(i) = self.find(name) {
+            return Ok(i);
+        }
+        let capacity = self.slots().saturating_sub(2);
+        if capacity == 0 {
+            return Err(LockError::TableFull { capacity });
+        }
+        // Name a free entry under the naming lock, looking again first:
+        // another process may have named it meanwhile.
+        let guard = self.acquire(NAMING, None)?;
+        let result = match self.find(name) {
+            Some(i) => Ok(i),
+            None => match (2..self.slots()).find(|&i| self.segment.lock_entry(i).named.load(Acquire) == 0) {
+                Some(i) => {
+                    let e = self.segment.lock_entry(i);
+                    for (dst, b) in e.name.iter().zip(name.bytes()) {
+                        dst.store(b, Relaxed);
+                    }
+                    e.name_len.store(name.len() as u32, Relaxed);
+                    e.named.store(1, Release);
+                    Ok(i)
+                }
+                None => Err(LockError::TableFull { capacity }),
+            },
+        };
+        drop(guard);
+        result
+    }
+
+    fn find(&self, name: &str) -> Option<u32> {
+        (2..self.slots()).find(|&i| {
+            let e = self.segment.lock_entry(i);
+            e.named.load(Acquire) == 1
+                && e.name_len.load(Acquire) as usize == name.len()
+                && e.name.iter().zip(name.bytes()).all(|(a, b)| a.load(Relaxed) == b)
+        })
+    }
+
+    fn run<R>(
+        &self,
+        i: u32,
+        name: String,
+        timeout: Option<Duration>,
+        f: impl FnOnce(&Section) -> R,
+    ) -> Result<R, LockError> {
+        let guard = self.acquire(i, timeout)?;
+        let section = Section {
+            name,
+            owner_died: guard.owner_died,
+            token: guard.token,
+        };
+        // A panic unwinds through `guard`, whose drop releases the lock.
+        let r = f(&section);
+        drop(guard);
+        Ok(r)
+    }
+
+    fn acquire(&self, i: u32, timeout: Option<Duration>) -> Result<Held<'_>, LockError> {
+        let entry = self.segment.lock_entry(i);
+        let m = entry.mutex_ptr();
+        let deadline = timeout.map(|t| Instant::now() + t);
+        // SAFETY: every entry's mutex was initialised by `Segment::create`
+        // and lives as long as the mapping this `Locks` keeps.
+        let mut got = unsafe { sys::mutex::try_lock(m) };
+        if matches!(got, Err(LockFailure::Timeout)) {
+            entry.waits.fetch_add(1, Relaxed);
+            let mut gone_since: Option<Instant> = None;
+            loop {
+                let now = Instant::now();
+                let slice = match deadline {
+                    Some(d) if now >= d => return Err(LockError::Timeout),
+                    Some(d) => (d - now).min(SLICE),
+                    None => SLICE,
+                };
+                // SAFETY: as above.
+                got = unsafe { sys::mutex::lock_timeout(m, slice) };
+                if !matches!(got, Err(LockFailure::Timeout)) {
+                    break;
+                }
+                // Still held: by a live process, or by one that is gone?
+                let holder = entry.holder_pid.load(Acquire);
+                if holder != 0 && !sys::process_exists(holder) {
+                    let since = *gone_since.get_or_insert(now);
+                    if now.duration_since(since) > GONE_GRACE {
+                        return Err(LockError::Unrecoverable { holder_pid: holder });
+                    }
+                } else {
+                    gone_since = None;
+                }
+            }
+        }
+        let owner_died = match got {
+            Ok(Acquired::Clean) => false,
+            Ok(Acquired::OwnerDied) => {
+                entry.owner_died.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    lock = i,
+                    previous = entry.holder_pid.load(Relaxed),
+                    "previous lock holder died inside its section"
+                );
+                // SAFETY: this thread holds `m` after EOWNERDEAD.
+                unsafe { sys::mutex::make_consistent(m) }.map_err(LockError::Io)?;
+                true
+            }
+            Err(LockFailure::Deadlock) => return Err(LockError::WouldDeadlock),
+            Err(LockFailure::NotRecoverable) => {
+                return Err(LockError::Unrecoverable {
+                    holder_pid: entry.holder_pid.load(Acquire),
+                })
+            }
+            Err(LockFailure::Timeout) => return Err(LockError::Timeout),
+            Err(LockFailure::Other(e)) => return Err(LockError::Io(e)),
+        };
+        // Bookkeeping under the lock: one writer at a time.
+        let token = entry.token.load(Relaxed).wrapping_add(1);
+        entry.token.store(token, Relaxed);
+        entry
+            .acquisitions
+            .store(entry.acquisitions.load(Relaxed) + 1, Relaxed);
+        entry.holder_slot.store(self.slot, Relaxed);
+        entry.holder_tid.store(sys::mutex::gettid(), Relaxed);
+        entry.hold_since_ns.store(sys::process::monotonic_ns(), Relaxed);
+        entry.holder_pid.store(sys::getpid(), Release);
+        Ok(Held {
+            entry,
+            owner_died,
+            token,
+        })
+    }
+
+    /// Every lock that has a name (and the global one), with its holder and
+    /// counters.
+    pub fn stats(&self) -> Vec<LockStats> {
+        read_lock_stats(&self.segment)
+    }
+}
+
+/// The lock table's rows (the global lock and every named entry).
+pub(crate) fn read_lock_stats(segment: &Segment) -> Vec<LockStats> {
+    let now = sys::process::monotonic_ns();
+    (GLOBAL..segment.layout().lock_slots)
+        .filter_map(|i| {
+            let e = segment.lock_entry(i);
+            let name = if i == GLOBAL {
+                Some(String::new())
+            } else {
+                e.name()
+            }?;
+            let pid = e.holder_pid.load(Acquire);
+            let since = e.hold_since_ns.load(Relaxed);
+            Some(LockStats {
+                name,
+                holder: (pid != 0).then(|| (e.holder_slot.load(Relaxed), pid)),
+                held_for: (pid != 0 && since != 0).then(|| Duration::from_nanos(now.saturating_sub(since))),
+                acquisitions: e.acquisitions.load(Relaxed),
+                waits: e.waits.load(Relaxed),
+                owner_died: e.owner_died.load(Relaxed),
+                token: e.token.load(Relaxed),
+            })
+        })
+        .collect()
+}
+
+/// A held lock: released on drop (also when a section panics).
+struct Held<'a> {
+    entry: &'a LockEntry,
+    owner_died: bool,
+    token: u64,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.entry.holder_pid.store(0, Release);
+        self.entry.hold_since_ns.store(0, Relaxed);
+        self.entry.holder_tid.store(0, Relaxed);
+        // SAFETY: this thread acquired the mutex in `acquire` and has not
+        // released it; the mapping outlives `self` (it borrows `Locks`).
+        if let Err(e) = unsafe { sys::mutex::unlock(self.entry.mutex_ptr()) } {
+            tracing::error!(error = %e, "unlocking a synchronize lock failed");
+        }
+    }
+}
