@@ -83,6 +83,12 @@ const SCENARIOS: &[Scenario] = &[
         parent: None,
     },
     Scenario {
+        name: "lock_holder_past_the_limit_is_killed",
+        timeout: Duration::from_secs(30),
+        child: Some(lock_holder_past_the_limit_is_killed),
+        parent: None,
+    },
+    Scenario {
         name: "graceful_shutdown_exit_codes",
         timeout: Duration::from_secs(30),
         child: None,
@@ -734,6 +740,65 @@ fn worker_requests_shutdown() -> Check {
         log.events()
     );
     ensure!(report.clean && report.restarts == 0, "{report:?}");
+    Ok(())
+}
+
+fn lock_holder_past_the_limit_is_killed() -> Check {
+    let log = Log::default();
+    let l = log.clone();
+    let report = Cluster::builder()
+        .workers(2)
+        .lock_hold_limit(Duration::from_millis(200), true)
+        .on_event(move |_, e| l.push(e))
+        .run(|w: Worker| {
+            w.ready();
+            if w.index() == 1 && w.generation() == 1 {
+                // Takes the lock and never lets go.
+                w.synchronize_key("stuck", |_| loop {
+                    std::thread::sleep(Duration::from_millis(10));
+                })
+                .map_err(|e| e.to_string())?;
+            }
+            if w.index() == 0 {
+                std::thread::sleep(Duration::from_millis(50));
+                // Waits for the lock; gets it once the master killed the holder.
+                let died = w
+                    .try_synchronize("stuck", Duration::from_secs(10), |s| s.previous_owner_died())
+                    .map_err(|e| e.to_string())?;
+                if !died {
+                    return Err("the next holder was not told the owner died".to_string());
+                }
+                let stats = w.stats();
+                let stuck = stats
+                    .locks
+                    .iter()
+                    .find(|l| l.name == "stuck")
+                    .ok_or("no lock row")?;
+                if stuck.owner_died != 1 || stuck.holder.is_some() {
+                    return Err(format!("{stuck:?}"));
+                }
+                w.request_shutdown();
+            }
+            while !w.wait_stop(Duration::from_secs(1)) {}
+            Ok::<(), String>(())
+        })
+        .map_err(|e| e.to_string())?;
+    let events = log.events();
+    ensure!(
+        events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::LockHeldTooLong { .. }) && e.slot == 1),
+        "{events:?}"
+    );
+    ensure!(
+        log.count(|e| e.kind == EventKind::Exit(ExitReason::LockHeld) && e.slot == 1) == 1,
+        "{events:?}"
+    );
+    ensure!(
+        log.count(|e| e.kind == EventKind::Exit(ExitReason::Exited(1))) == 0,
+        "{events:?}"
+    );
+    ensure!(report.clean, "{report:?}");
     Ok(())
 }
 

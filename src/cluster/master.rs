@@ -121,6 +121,7 @@ pub struct ClusterBuilder {
     drain_timeout: Duration,
     ready_timeout: Duration,
     hang_timeout: Option<Duration>,
+    lock_hold_limit: Option<(Duration, bool)>,
     ready_on_start: bool,
     on_event: Option<EventCallback>,
 }
@@ -150,6 +151,7 @@ impl Default for ClusterBuilder {
             drain_timeout: Duration::from_secs(30),
             ready_timeout: Duration::from_secs(30),
             hang_timeout: None,
+            lock_hold_limit: None,
             ready_on_start: false,
             on_event: None,
         }
@@ -354,6 +356,15 @@ impl ClusterBuilder {
         self
     }
 
+    /// Report a worker that holds a `synchronize` lock longer than `limit`
+    /// (stderr and a `LockHeldTooLong` event, once per acquisition); with
+    /// `kill`, also kill it (exit reason `LockHeld`) so the lock passes to
+    /// the next holder, who is told the previous owner died.
+    pub fn lock_hold_limit(mut self, limit: Duration, kill: bool) -> Self {
+        self.lock_hold_limit = Some((limit, kill));
+        self
+    }
+
     /// Treat each worker as ready as soon as it is started (forked, or
     /// exec'd in spawn mode) instead of waiting for it to call
     /// [`Worker::ready`]: for programs that do not use the library (a
@@ -500,6 +511,7 @@ impl ClusterBuilder {
             killed: 0,
             failed: Vec::new(),
             on_event,
+            lock_reported: vec![0; config.lock_slots as usize],
         };
         let result = master.supervise();
         let Master {
@@ -589,9 +601,52 @@ struct Master<'a> {
     killed: u32,
     failed: Vec<u32>,
     on_event: Option<EventCallback>,
+    /// Per lock-table entry: the fencing token last reported over the limit.
+    lock_reported: Vec<u64>,
 }
 
 impl Master<'_> {
+    /// Reports (and, if configured, kills) workers holding a lock past the
+    /// hold limit.
+    fn check_locks(&mut self) {
+        let Some((limit, kill)) = self.opts.lock_hold_limit else {
+            return;
+        };
+        let segment = self.cluster.segment.clone();
+        let now = proc::monotonic_ns();
+        for i in 1..segment.layout().lock_slots {
+            let e = segment.lock_entry(i);
+            let pid = e.holder_pid.load(Acquire);
+            let since = e.hold_since_ns.load(Acquire);
+            let token = e.token.load(Acquire);
+            if pid == 0 || since == 0 || Duration::from_nanos(now.saturating_sub(since)) <= limit {
+                continue;
+            }
+            if self.lock_reported.get(i as usize) == Some(&token) {
+                continue;
+            }
+            if let Some(r) = self.lock_reported.get_mut(i as usize) {
+                *r = token;
+            }
+            let slot = self
+                .slots
+                .iter()
+                .position(|s| s.pid == Some(pid))
+                .map(|s| s as u32);
+            eprintln!(
+                "shmcluster: process {pid} (slot {slot:?}) has held lock entry {i} for over {limit:?}{}",
+                if kill { "; killing it" } else { "" }
+            );
+            self.publish(EventKind::LockHeldTooLong { lock: i }, slot.unwrap_or(u32::MAX));
+            if let (true, Some(slot)) = (kill, slot) {
+                if self.slots[slot as usize].ending.is_none() {
+                    self.slots[slot as usize].ending = Some(ExitReason::LockHeld);
+                }
+                self.kill(slot);
+            }
+        }
+    }
+
     fn supervise(&mut self) -> io::Result<()> {
         for index in 0..self.cluster.instances {
             if let Err(e) = self.start_worker(index, index) {
@@ -635,6 +690,7 @@ impl Master<'_> {
                 continue;
             }
             self.run_timers()?;
+            self.check_locks();
             self.step_reload()?;
         }
     }

@@ -88,6 +88,9 @@ pub enum ExitReason {
     /// It did not declare itself ready within the ready timeout (a reload
     /// replacement); the master killed it.
     NotReady,
+    /// It held a `synchronize` lock longer than the hold limit and the
+    /// master was configured to kill such holders.
+    LockHeld,
 }
 
 impl ExitReason {
@@ -99,6 +102,7 @@ impl ExitReason {
             Self::Reloaded => (4, 0),
             Self::Shutdown => (5, 0),
             Self::NotReady => (6, 0),
+            Self::LockHeld => (7, 0),
         }
     }
 
@@ -110,6 +114,7 @@ impl ExitReason {
             4 => Self::Reloaded,
             5 => Self::Shutdown,
             6 => Self::NotReady,
+            7 => Self::LockHeld,
             _ => return None,
         })
     }
@@ -124,6 +129,7 @@ impl fmt::Display for ExitReason {
             Self::Reloaded => f.write_str("replaced by a reload"),
             Self::Shutdown => f.write_str("shut down"),
             Self::NotReady => f.write_str("killed: not ready in time"),
+            Self::LockHeld => f.write_str("killed: held a lock past the hold limit"),
         }
     }
 }
@@ -152,6 +158,13 @@ pub enum EventKind {
     },
     /// Graceful shutdown began.
     ShutdownStarted,
+    /// A worker has held lock-table entry `lock` (see
+    /// [`crate::LockStats`]) longer than the hold limit; `slot`/`pid` name
+    /// the holder.
+    LockHeldTooLong {
+        /// The lock-table entry.
+        lock: u32,
+    },
     /// The master could not start a worker (out of processes or
     /// descriptors, for instance); it retries after the backoff delay.
     StartFailed {
@@ -191,6 +204,7 @@ impl Event {
             EventKind::ReloadFinished { ok } => (5, i32::from(ok)),
             EventKind::ShutdownStarted => (6, 0),
             EventKind::StartFailed { errno } => (7, errno),
+            EventKind::LockHeldTooLong { lock } => (8, lock as i32),
         };
         RawEvent {
             seq: self.seq,
@@ -214,6 +228,7 @@ impl Event {
             5 => EventKind::ReloadFinished { ok: r.value != 0 },
             6 => EventKind::ShutdownStarted,
             7 => EventKind::StartFailed { errno: r.value },
+            8 => EventKind::LockHeldTooLong { lock: r.value as u32 },
             k if k > 16 => EventKind::Exit(ExitReason::from_raw(k - 16, r.value)?),
             _ => return None,
         };
@@ -283,6 +298,8 @@ pub struct ClusterStats {
     pub shutting_down: bool,
     /// One row per slot.
     pub slots: Vec<SlotStats>,
+    /// The global lock and every named lock: holder, hold time, counters.
+    pub locks: Vec<crate::LockStats>,
 }
 
 impl fmt::Display for ClusterStats {
@@ -310,6 +327,20 @@ impl fmt::Display for ClusterStats {
                 s.received_messages,
                 s.inbox_bytes,
                 age
+            )?;
+        }
+        for l in &self.locks {
+            let name = if l.name.is_empty() { "(global)" } else { &l.name };
+            let holder = l.holder.map_or("free".to_string(), |(slot, pid)| {
+                format!(
+                    "held by slot {slot} (pid {pid}) for {}ms",
+                    l.held_for.map_or(0, |d| d.as_millis())
+                )
+            });
+            writeln!(
+                f,
+                "lock {name}: {holder}; {} acquisitions, {} waited, {} owner died, token {}",
+                l.acquisitions, l.waits, l.owner_died, l.token
             )?;
         }
         Ok(())
@@ -396,5 +427,6 @@ pub(crate) fn read_stats(segment: &Segment) -> ClusterStats {
         instances: control.instances.load(Acquire),
         shutting_down: control.shutdown.load(Acquire) != 0,
         slots,
+        locks: crate::lock::read_lock_stats(segment),
     }
 }
