@@ -91,8 +91,8 @@ pub use error::{
 pub use lock::{LockError, LockStats, Locks, Section, MAX_LOCK_NAME_LEN};
 #[cfg(not(loom))]
 pub use messenger::{
-    CallKind, Consumed, Ctx, EventStats, HandlerId, MapError, Messenger, MessengerHandle, Reply,
-    RequestError, Target, WorkerId, MAX_EVENT_NAME,
+    CallKind, Consumed, Ctx, EventStats, HandlerId, Leader, LeaderChange, MapError, Messenger,
+    MessengerHandle, Reply, RequestError, Target, WorkerId, MAX_EVENT_NAME,
 };
 #[cfg(not(loom))]
 pub use segment::layout::{

@@ -31,7 +31,10 @@
 //!   `WorkerDied` as soon as the death is visible (the master reaps it,
 //!   within milliseconds), not at the deadline.
 
+mod leader;
 mod wire;
+
+pub use leader::{Leader, LeaderChange};
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
@@ -155,6 +158,11 @@ pub enum RequestError {
     /// A lane to or from the target holds garbage (see
     /// [`crate::LaneCorruption`]).
     Corrupt(String),
+    /// No leader was elected before the deadline (leader invoke, publish,
+    /// subscribe).
+    NoLeader,
+    /// The leader died before answering an invoke.
+    LeaderDied,
     /// [`MessengerHandle::request`] called from inside a handler, on the
     /// messenger's own thread: it would wait for the very loop it blocks.
     /// Answer later with [`Messenger::on_request_async`] instead.
@@ -179,6 +187,8 @@ impl fmt::Display for RequestError {
             Self::Encode(e) => write!(f, "cannot encode the value: {e}"),
             Self::Decode(e) => write!(f, "cannot decode the reply: {e}"),
             Self::Corrupt(e) => write!(f, "corrupt lane: {e}"),
+            Self::NoLeader => f.write_str("no leader was elected in time"),
+            Self::LeaderDied => f.write_str("the leader died before answering"),
             Self::InHandler => f.write_str(
                 "a blocking request through a handle from inside a handler would deadlock the messenger's loop",
             ),
@@ -536,6 +546,7 @@ pub struct Messenger {
     outbox: Arc<Outbox>,
     /// Calls made through handles: call id → (deadline, where the answer goes).
     remote: HashMap<u64, RemoteReply>,
+    leader: leader::LeaderState,
     stats: RefCell<HashMap<String, EventStats>>,
     consume_cursor: u32,
 }
@@ -609,6 +620,7 @@ impl Messenger {
             next_call: 1,
             outbox,
             remote: HashMap::new(),
+            leader: leader::LeaderState::default(),
             stats: RefCell::default(),
             consume_cursor: slot,
         }
@@ -1407,6 +1419,7 @@ impl Messenger {
         };
         let r = self.dispatch_inner(until);
         self.settle_remote();
+        self.check_leaders();
         r
     }
 

@@ -1,0 +1,518 @@
+//! Leader and followers: one live worker per role is the leader; the others
+//! call through it (`invoke`) and share values through it
+//! (`subscribe`/`publish`), as cluster-client gives Node users.
+//!
+//! # How a leader is chosen
+//! Leadership of role `r` *is* holding the robust mutex `leader:r` of the
+//! lock table. Every worker that [`Messenger::campaign`]s has a candidate
+//! thread blocked on that mutex; the holder is the leader, and the lock's
+//! fencing token is the term. When the leader's process dies the kernel
+//! releases the mutex (robust list) and hands it to a waiting candidate at
+//! once — no lease, no timer, no waiting for a respawn. The new leader rings
+//! every worker's doorbell, so followers notice the new term at once.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{Messenger, MessengerHandle, RequestError};
+use crate::segment::Segment;
+use crate::{wake, Locks};
+
+/// Prefix of the lock names that carry leadership.
+const LOCK_PREFIX: &str = "leader:";
+/// Prefix of internal event names (not a printable character, so no user
+/// event collides).
+const INVOKE_PREFIX: &str = "\u{1}invoke/";
+const SUBSCRIBE: &str = "\u{1}subscribe";
+const PUBLISH: &str = "\u{1}publish";
+const TOPIC_PREFIX: &str = "\u{1}topic/";
+const NOT_LEADER: &str = "not the leader";
+/// How often a waiting candidate looks at its stop flag.
+const CANDIDATE_SLICE: Duration = Duration::from_millis(100);
+
+/// Who leads a role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leader {
+    /// The leader's slot.
+    pub slot: u32,
+    /// Its term: larger than every earlier leader's of the role.
+    pub term: u64,
+}
+
+/// A change of leader, passed to [`Messenger::on_leader_change`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaderChange {
+    /// The new leader and its term.
+    pub leader: Leader,
+    /// Whether the new leader is this worker.
+    pub is_me: bool,
+}
+
+/// This worker's candidacy for a role: the thread that waits for (and then
+/// holds) the role's lock.
+pub(super) struct Candidacy {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    leading: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Candidacy {
+    fn drop(&mut self) {
+        let (flag, cv) = &*self.stop;
+        *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the leader keeps for subscribe/publish: per topic, the last value
+/// and the subscribers' slots.
+#[derive(Default)]
+struct Topics {
+    topics: HashMap<String, (Option<Vec<u8>>, BTreeSet<u32>)>,
+}
+
+type ChangeCallback = Box<dyn FnMut(&LeaderChange) + Send>;
+
+/// Per-messenger leader state.
+#[derive(Default)]
+pub(super) struct LeaderState {
+    pub(super) candidacies: HashMap<String, Candidacy>,
+    /// The last term seen per role, to notice changes.
+    seen_term: HashMap<String, u64>,
+    callbacks: Vec<ChangeCallback>,
+    /// Lock-table entry of each role's lock, once found.
+    entries: HashMap<String, u32>,
+    /// Topics this worker subscribed to (re-sent to each new leader).
+    subscriptions: BTreeSet<String>,
+    topics: Option<Arc<Mutex<Topics>>>,
+    installed: bool,
+}
+
+fn lock_name(role: &str) -> String {
+    format!("{LOCK_PREFIX}{role}")
+}
+
+/// The lock-table entry of `name`, if it has been named.
+fn find_entry(segment: &Segment, name: &str) -> Option<u32> {
+    (2..segment.layout().lock_slots).find(|&i| segment.lock_entry(i).name().as_deref() == Some(name))
+}
+
+/// The current leader of the role whose lock is entry `i`, if one holds
+/// the lock now.
+fn read_leader_at(segment: &Segment, i: u32) -> Option<Leader> {
+    let e = segment.lock_entry(i);
+    let pid = e.holder_pid.load(Acquire);
+    if pid == 0 || !crate::sys::process_exists(pid) {
+        return None;
+    }
+    Some(Leader {
+        slot: e.holder_slot.load(Acquire),
+        term: e.token.load(Acquire),
+    })
+}
+
+impl Messenger {
+    /// Joins the election for `role` (`""` is the default role): a thread
+    /// of this worker waits for the role's lock and holds it while this
+    /// worker leads. Campaigning twice for a role does nothing.
+    ///
+    /// # Errors
+    /// As [`crate::Locks::new`], or a lock table too full for the role.
+    pub fn campaign_for(&mut self, role: &str) -> Result<(), crate::LockError> {
+        if self.leader.candidacies.contains_key(role) {
+            return Ok(());
+        }
+        self.install_leader_handlers();
+        let locks = Locks::new(&self.segment, self.slot)?;
+        // Name the lock now, so errors (a full table) come back here.
+        locks
+            .try_synchronize(&lock_name(role), Duration::ZERO, |_| ())
+            .or_else(|e| match e {
+                crate::LockError::Timeout => Ok(()),
+                e => Err(e),
+            })?;
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let leading = Arc::new(AtomicBool::new(false));
+        let (stop2, leading2) = (stop.clone(), leading.clone());
+        let name = lock_name(role);
+        let segment = self.segment.clone();
+        let me = self.slot;
+        let thread = std::thread::Builder::new()
+            .name(format!("shmcluster-candidate-{role}"))
+            .spawn(move || candidate(locks, name, segment, me, stop2, leading2))
+            .map_err(crate::LockError::Io)?;
+        self.leader.candidacies.insert(
+            role.to_owned(),
+            Candidacy {
+                stop,
+                leading,
+                thread: Some(thread),
+            },
+        );
+        Ok(())
+    }
+
+    /// [`Messenger::campaign_for`] the default role.
+    ///
+    /// # Errors
+    /// As [`Messenger::campaign_for`].
+    pub fn campaign(&mut self) -> Result<(), crate::LockError> {
+        self.campaign_for("")
+    }
+
+    /// Whether this worker leads `role` now.
+    pub fn is_leader_for(&self, role: &str) -> bool {
+        self.leader
+            .candidacies
+            .get(role)
+            .is_some_and(|c| c.leading.load(Acquire))
+    }
+
+    /// Whether this worker leads the default role now.
+    pub fn is_leader(&self) -> bool {
+        self.is_leader_for("")
+    }
+
+    /// The current leader of `role`, if there is one right now (between a
+    /// leader's death and its successor's election there is none).
+    pub fn leader_for(&self, role: &str) -> Option<Leader> {
+        match self.leader.entries.get(role) {
+            Some(&i) => read_leader_at(&self.segment, i),
+            None => {
+                find_entry(&self.segment, &lock_name(role)).and_then(|i| read_leader_at(&self.segment, i))
+            }
+        }
+    }
+
+    /// The lock-table entry of `role`'s lock, remembered once it exists.
+    fn entry_of(&mut self, role: &str) -> Option<u32> {
+        if let Some(&i) = self.leader.entries.get(role) {
+            return Some(i);
+        }
+        let i = find_entry(&self.segment, &lock_name(role))?;
+        self.leader.entries.insert(role.to_owned(), i);
+        Some(i)
+    }
+
+    /// The current leader of the default role.
+    pub fn leader(&self) -> Option<Leader> {
+        self.leader_for("")
+    }
+
+    /// Runs `f` (on the messenger's thread, while dispatching) whenever the
+    /// default role gets a new leader.
+    pub fn on_leader_change(&mut self, f: impl FnMut(&LeaderChange) + Send + 'static) {
+        self.leader.callbacks.push(Box::new(f));
+    }
+
+    /// Looks for a new term of each role this worker campaigns in or
+    /// subscribes through; runs the callbacks and re-subscribes with a new
+    /// leader. Called by dispatch.
+    pub(super) fn check_leaders(&mut self) {
+        if self.leader.seen_term.is_empty() && self.leader.candidacies.is_empty() {
+            return;
+        }
+        let roles: Vec<String> = self
+            .leader
+            .candidacies
+            .keys()
+            .cloned()
+            .chain(self.leader.seen_term.keys().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for role in roles {
+            let Some(now) = self
+                .entry_of(&role)
+                .and_then(|i| read_leader_at(&self.segment, i))
+            else {
+                continue;
+            };
+            let seen = self.leader.seen_term.get(&role).copied();
+            if seen == Some(now.term) {
+                continue;
+            }
+            self.leader.seen_term.insert(role.clone(), now.term);
+            tracing::info!(role, leader = now.slot, term = now.term, "new leader");
+            if role.is_empty() {
+                let change = LeaderChange {
+                    leader: now,
+                    is_me: now.slot == self.slot,
+                };
+                for cb in &mut self.leader.callbacks {
+                    cb(&change);
+                }
+                // The new leader knows no subscriptions yet: tell it ours.
+                let topics: Vec<String> = self.leader.subscriptions.iter().cloned().collect();
+                for topic in topics {
+                    let _ = self.notify(now.slot, SUBSCRIBE, &topic);
+                }
+            }
+        }
+    }
+
+    /// Waits (dispatching) until the default role has a leader.
+    fn wait_leader(&mut self, deadline: Instant) -> Result<Leader, RequestError> {
+        self.leader.seen_term.entry(String::new()).or_insert(0);
+        loop {
+            if let Some(l) = self.entry_of("").and_then(|i| read_leader_at(&self.segment, i)) {
+                return Ok(l);
+            }
+            if Instant::now() >= deadline {
+                return Err(RequestError::NoLeader);
+            }
+            self.dispatch_until(Some((Instant::now() + Duration::from_millis(2)).min(deadline)))?;
+        }
+    }
+
+    /// Registers the leader's handler for `method`: only the leader's runs
+    /// (every worker registers it, so whoever leads can serve).
+    ///
+    /// # Errors
+    /// As [`Messenger::on_request`].
+    pub fn on_invoke<T, R, E, F>(&mut self, method: &str, mut f: F) -> Result<super::HandlerId, RequestError>
+    where
+        T: DeserializeOwned,
+        R: Serialize,
+        E: std::fmt::Display,
+        F: FnMut(&super::Ctx, T) -> Result<R, E> + Send + 'static,
+    {
+        self.install_leader_handlers();
+        let leading = self.leading_flag();
+        self.on_request::<T, R, String, _>(&format!("{INVOKE_PREFIX}{method}"), move |ctx, v| {
+            if !leading.load(Acquire) {
+                return Err(NOT_LEADER.to_string());
+            }
+            f(ctx, v).map_err(|e| e.to_string())
+        })
+    }
+
+    /// The default role's "am I leading" flag (campaigning if not yet).
+    fn leading_flag(&mut self) -> Arc<AtomicBool> {
+        if !self.leader.candidacies.contains_key("") {
+            let _ = self.campaign();
+        }
+        self.leader
+            .candidacies
+            .get("")
+            .map_or_else(|| Arc::new(AtomicBool::new(false)), |c| c.leading.clone())
+    }
+
+    /// Runs the leader's handler for `method` and returns its result. If
+    /// the leader dies first: `LeaderDied`.
+    ///
+    /// # Errors
+    /// `NoLeader` (none elected before the deadline), `LeaderDied`,
+    /// `TimedOut`, and as [`Messenger::request`].
+    pub fn invoke<T, R>(&mut self, method: &str, args: &T, deadline: Instant) -> Result<R, RequestError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.invoke_inner(method, args, deadline, false)
+    }
+
+    /// [`Messenger::invoke`] for a method that is safe to run twice: if the
+    /// leader dies first, it is retried on the next leader.
+    ///
+    /// # Errors
+    /// As [`Messenger::invoke`], without `LeaderDied`.
+    pub fn invoke_idempotent<T, R>(
+        &mut self,
+        method: &str,
+        args: &T,
+        deadline: Instant,
+    ) -> Result<R, RequestError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.invoke_inner(method, args, deadline, true)
+    }
+
+    fn invoke_inner<T, R>(
+        &mut self,
+        method: &str,
+        args: &T,
+        deadline: Instant,
+        retry: bool,
+    ) -> Result<R, RequestError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let event = format!("{INVOKE_PREFIX}{method}");
+        loop {
+            let leader = self.wait_leader(deadline)?;
+            match self.request::<T, R>(leader.slot, &event, args, deadline) {
+                Err(RequestError::WorkerDied) if retry => continue,
+                Err(RequestError::WorkerDied) => return Err(RequestError::LeaderDied),
+                // A stale view (the leader changed meanwhile): ask again.
+                Err(RequestError::HandlerFailed(e)) if e == NOT_LEADER => {
+                    if Instant::now() >= deadline {
+                        return Err(RequestError::NoLeader);
+                    }
+                    self.dispatch_until(Some(Instant::now() + Duration::from_millis(1)))?;
+                }
+                Err(RequestError::NoHandler) => return Err(RequestError::NoHandler),
+                other => return other,
+            }
+        }
+    }
+
+    /// One-way invoke: the leader's handler runs; nothing is awaited.
+    ///
+    /// # Errors
+    /// `NoLeader` if none is elected before `deadline`, and the send errors.
+    pub fn invoke_oneway<T: Serialize + ?Sized>(
+        &mut self,
+        method: &str,
+        args: &T,
+        deadline: Instant,
+    ) -> Result<(), RequestError> {
+        let leader = self.wait_leader(deadline)?;
+        self.notify(leader.slot, &format!("{INVOKE_PREFIX}{method}"), args)
+    }
+
+    /// Subscribes to `topic` through the leader: `f` runs for every value
+    /// published to it, and at once with the last value if there is one.
+    /// A new leader is told this worker's subscriptions when it is elected.
+    ///
+    /// # Errors
+    /// `NoLeader`, and the send errors.
+    pub fn subscribe<T, F>(&mut self, topic: &str, deadline: Instant, mut f: F) -> Result<(), RequestError>
+    where
+        T: DeserializeOwned,
+        F: FnMut(&super::Ctx, T) + Send + 'static,
+    {
+        self.install_leader_handlers();
+        self.on_bytes(&format!("{TOPIC_PREFIX}{topic}"), move |ctx, bytes| {
+            match postcard::from_bytes::<T>(bytes) {
+                Ok(v) => f(ctx, v),
+                Err(e) => {
+                    tracing::warn!(error = %e, "published value does not decode as the subscriber's type")
+                }
+            }
+            Vec::new()
+        })?;
+        self.leader.subscriptions.insert(topic.to_owned());
+        let leader = self.wait_leader(deadline)?;
+        self.notify(leader.slot, SUBSCRIBE, topic)
+    }
+
+    /// Publishes `value` on `topic` through the leader, which keeps it as
+    /// the topic's last value and sends it to every subscriber.
+    ///
+    /// # Errors
+    /// `NoLeader`, `LeaderDied`, `Encode`, and as [`Messenger::invoke`].
+    pub fn publish<T: Serialize + ?Sized>(
+        &mut self,
+        topic: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<(), RequestError> {
+        let bytes = postcard::to_allocvec(value).map_err(|e| RequestError::Encode(e.to_string()))?;
+        let leader = self.wait_leader(deadline)?;
+        match self.request::<_, ()>(leader.slot, PUBLISH, &(topic, bytes), deadline) {
+            Err(RequestError::WorkerDied) => Err(RequestError::LeaderDied),
+            other => other,
+        }
+    }
+
+    /// The handlers every worker has so that whichever leads can keep the
+    /// topics: subscribe and publish.
+    fn install_leader_handlers(&mut self) {
+        if self.leader.installed {
+            return;
+        }
+        self.leader.installed = true;
+        let topics = Arc::new(Mutex::new(Topics::default()));
+        self.leader.topics = Some(topics.clone());
+        let handle: MessengerHandle = self.handle();
+        let t2 = topics.clone();
+        let h2 = handle.clone();
+        let _ = self.on::<String, _>(SUBSCRIBE, move |ctx, topic| {
+            let mut t = t2.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = t.topics.entry(topic.clone()).or_default();
+            entry.1.insert(ctx.sender().slot);
+            if let Some(last) = &entry.0 {
+                let _ = h2.emit_raw(ctx.sender().slot, &format!("{TOPIC_PREFIX}{topic}"), last);
+            }
+        });
+        let _ = self.on_request::<(String, Vec<u8>), (), String, _>(PUBLISH, move |_, (topic, bytes)| {
+            let mut t = topics.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = t.topics.entry(topic.clone()).or_default();
+            entry.0 = Some(bytes.clone());
+            for &slot in &entry.1 {
+                let _ = handle.emit_raw(slot, &format!("{TOPIC_PREFIX}{topic}"), &bytes);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The candidate thread: waits for the role's lock, and holds it while
+/// `stop` is false. Sets `leading` while it holds the lock.
+fn candidate(
+    locks: Locks,
+    name: String,
+    segment: Segment,
+    me: u32,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    leading: Arc<AtomicBool>,
+) {
+    let stopped = || *stop.0.lock().unwrap_or_else(|p| p.into_inner());
+    while !stopped() {
+        let r = locks.try_synchronize(&name, CANDIDATE_SLICE, |_| {
+            leading.store(true, Release);
+            ring_everyone(&segment, me);
+            let (flag, cv) = &*stop;
+            let mut g = flag.lock().unwrap_or_else(|p| p.into_inner());
+            while !*g {
+                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            leading.store(false, Release);
+        });
+        match r {
+            Ok(()) | Err(crate::LockError::Timeout) => {}
+            Err(e) => {
+                tracing::error!(error = %e, role = name, "leader election lock failed");
+                std::thread::sleep(CANDIDATE_SLICE);
+            }
+        }
+    }
+}
+
+/// Rings this slot's bit in every slot's doorbell: every worker's loop
+/// wakes and sees the new term.
+fn ring_everyone(segment: &Segment, me: u32) {
+    for to in 0..segment.layout().workers() {
+        let word = &segment.bells(to)[(me / 64) as usize];
+        wake::notify(word, 1u64 << (me % 64), segment.park(to));
+    }
+}
+
+impl MessengerHandle {
+    /// Emits already-encoded bytes (the leader forwarding a published value).
+    pub(super) fn emit_raw(&self, to: u32, event: &str, bytes: &[u8]) -> Result<(), RequestError> {
+        let msg = super::encode_call_bytes(event, 0, bytes)?;
+        self.outbox.push(
+            to,
+            crate::Tag {
+                kind: super::wire::EMIT,
+                correlation: 0,
+            },
+            msg,
+        );
+        Ok(())
+    }
+}
