@@ -13,6 +13,9 @@ step() { printf '\n== %s\n' "$*"; }
 step "unit, integration, doc and multi-process tests"
 timeout 1200 cargo test --workspace
 
+step "the tokio feature: async synchronize"
+timeout 600 cargo test --features tokio --test locks_async
+
 step "loom: the park/wake and space-wait handshakes lose no wakeup"
 LOOM_MAX_PREEMPTIONS=3 RUSTFLAGS="--cfg loom" \
   timeout 900 cargo test --release --lib --target-dir target/loom wake::

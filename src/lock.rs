@@ -414,3 +414,64 @@ impl Drop for Held<'_> {
         }
     }
 }
+
+#[cfg(feature = "tokio")]
+impl Locks {
+    /// An async section for tokio: `f`'s future runs holding lock `name`
+    /// (`""` for the global lock) and may cross `.await` points.
+    ///
+    /// A pthread mutex belongs to the thread that locked it, and a task may
+    /// move between threads at every `.await`; so a blocking-pool thread
+    /// (`spawn_blocking`) takes the lock, hands the [`Section`] to the task,
+    /// and waits to unlock until the future is done — or dropped (a
+    /// cancelled or panicking section releases the lock too). The cost is
+    /// that thread hand-off twice per section (tens of microseconds), plus
+    /// one blocking-pool thread held for as long as the section lasts.
+    ///
+    /// # Errors
+    /// As [`Locks::synchronize_key`].
+    pub async fn synchronize_async<F, Fut, R>(&self, name: &str, f: F) -> Result<R, LockError>
+    where
+        F: FnOnce(Section) -> Fut,
+        Fut: std::future::Future<Output = R>,
+    {
+        let i = if name.is_empty() {
+            GLOBAL
+        } else {
+            self.entry_for(name)?
+        };
+        let (acquired_tx, acquired_rx) = tokio::sync::oneshot::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let locks = self.clone();
+        let name = name.to_owned();
+        let holder = tokio::task::spawn_blocking(move || {
+            let held = match locks.acquire(i, None) {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = acquired_tx.send(Err(e));
+                    return;
+                }
+            };
+            let section = Section {
+                name,
+                owner_died: held.owner_died,
+                token: held.token,
+            };
+            if acquired_tx.send(Ok(section)).is_ok() {
+                // Until the task says it is done, or drops its end.
+                let _ = release_rx.recv();
+            }
+            drop(held);
+        });
+        let section = match acquired_rx.await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(LockError::Io(std::io::Error::other("the lock thread ended")));
+            }
+        };
+        let r = f(section).await;
+        let _ = release_tx.send(());
+        let _ = holder.await;
+        Ok(r)
+    }
+}
