@@ -869,7 +869,11 @@ impl Endpoint {
     }
 
     /// Waits for the next message by the wait strategy, until `deadline`.
-    fn wait_next(&mut self, deadline: Option<Instant>) -> Result<(u32, Next), RecvError> {
+    fn wait_next(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupt: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<(u32, Next), RecvError> {
         let corrupt = |(sender, error)| RecvError::Corrupt { sender, error };
         if let Some(found) = self.poll().map_err(corrupt)? {
             return Ok(found);
@@ -879,6 +883,11 @@ impl Endpoint {
         loop {
             if let Some(found) = self.poll().map_err(corrupt)? {
                 return Ok(found);
+            }
+            // Someone of this process wants the waiting thread back (it
+            // rang this slot's own doorbell to wake it from a park).
+            if interrupt.is_some_and(|i| i.load(Relaxed)) {
+                return Err(RecvError::Timeout);
             }
             spins = spins.wrapping_add(1);
             if spins % 64 != 0 && !matches!(self.wait, WaitStrategy::Park) {
@@ -973,7 +982,19 @@ impl Endpoint {
     /// # Errors
     /// As [`Endpoint::recv_deadline`].
     pub fn recv_ref(&mut self, deadline: Option<Instant>) -> Result<Received<'_>, RecvError> {
-        let found = self.wait_next(deadline)?;
+        let found = self.wait_next(deadline, None)?;
+        Ok(self.received(found))
+    }
+
+    /// [`Endpoint::recv_ref`] that also returns (as `Timeout`) as soon as
+    /// `interrupt` is set by another thread of this process, which then
+    /// rings this slot's own doorbell bit to end a park.
+    pub(crate) fn recv_ref_interruptible(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupt: &std::sync::atomic::AtomicBool,
+    ) -> Result<Received<'_>, RecvError> {
+        let found = self.wait_next(deadline, Some(interrupt))?;
         Ok(self.received(found))
     }
 

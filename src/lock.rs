@@ -32,8 +32,10 @@ pub use crate::segment::table::MAX_LOCK_NAME as MAX_LOCK_NAME_LEN;
 /// Entry 0 serialises naming; entry 1 is the global lock.
 const NAMING: u32 = 0;
 const GLOBAL: u32 = 1;
-/// How long one wait slice lasts before the holder is looked at.
-const SLICE: Duration = Duration::from_millis(100);
+/// How long one wait slice lasts before the holder is looked at. Also the
+/// longest a free lock can stay untaken if the kernel's wakeup lands on a
+/// waiter whose timed wait is just ending.
+const SLICE: Duration = Duration::from_millis(20);
 /// How long a lock may stay held by a process that no longer exists.
 const GONE_GRACE: Duration = Duration::from_secs(1);
 
@@ -106,13 +108,13 @@ impl std::error::Error for LockError {}
 
 /// What a section knows about its acquisition.
 #[derive(Debug, Clone)]
-pub struct Section {
-    name: String,
+pub struct Section<'a> {
+    name: std::borrow::Cow<'a, str>,
     owner_died: bool,
     token: u64,
 }
 
-impl Section {
+impl Section<'_> {
     /// Whether the previous holder died inside its section: the data the
     /// lock protects may be half-updated and should be checked or repaired.
     pub fn previous_owner_died(&self) -> bool {
@@ -139,7 +141,8 @@ pub struct LockStats {
     pub name: String,
     /// The holding worker's slot and pid, if held.
     pub holder: Option<(u32, u32)>,
-    /// How long the current holder has held it.
+    /// How long the current holder has held it, as observed by the master
+    /// (it looks every 100 ms; `None` without a master or before it looked).
     pub held_for: Option<Duration>,
     /// Acquisitions so far.
     pub acquisitions: u64,
@@ -157,6 +160,8 @@ pub struct LockStats {
 pub struct Locks {
     segment: Segment,
     slot: u32,
+    /// Entries already found by name (names never move once written).
+    known: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
 }
 
 fn check_glibc() -> Result<(), LockError> {
@@ -181,7 +186,12 @@ impl Locks {
         Ok(Self {
             segment: segment.clone(),
             slot,
+            known: Default::default(),
         })
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u32>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn slots(&self) -> u32 {
@@ -194,7 +204,7 @@ impl Locks {
     /// `WouldDeadlock`, `Unrecoverable`, `TableFull` (a table with no room
     /// for the global lock).
     pub fn synchronize<R>(&self, f: impl FnOnce(&Section) -> R) -> Result<R, LockError> {
-        self.run(GLOBAL, String::new(), None, f)
+        self.run(GLOBAL, "", None, f)
     }
 
     /// Runs `f` holding the lock named `name` (created on first use).
@@ -203,7 +213,7 @@ impl Locks {
     /// `NameTooLong`, `TableFull`, `WouldDeadlock`, `Unrecoverable`.
     pub fn synchronize_key<R>(&self, name: &str, f: impl FnOnce(&Section) -> R) -> Result<R, LockError> {
         let i = self.entry_for(name)?;
-        self.run(i, name.to_owned(), None, f)
+        self.run(i, name, None, f)
     }
 
     /// Runs `f` holding lock `name` if it can be had within `timeout`.
@@ -217,7 +227,21 @@ impl Locks {
         f: impl FnOnce(&Section) -> R,
     ) -> Result<R, LockError> {
         let i = self.entry_for(name)?;
-        self.run(i, name.to_owned(), Some(timeout), f)
+        self.run(i, name, Some(timeout), f)
+    }
+
+    /// Resolves lock `name` once (naming its entry if needed) for sections
+    /// that skip the name lookup: [`NamedLock::synchronize`].
+    ///
+    /// # Errors
+    /// `NameTooLong`, `TableFull`.
+    pub fn named(&self, name: &str) -> Result<NamedLock, LockError> {
+        let index = self.entry_for(name)?;
+        Ok(NamedLock {
+            locks: self.clone(),
+            index,
+            name: name.to_owned(),
+        })
     }
 
     /// The entry named `name`, naming a free one if there is none.
@@ -232,7 +256,11 @@ impl Locks {
         if name.len() > MAX_LOCK_NAME {
             return Err(LockError::NameTooLong { len: name.len() });
         }
+        if let Some(&i) = self.known().get(name) {
+            return Ok(i);
+        }
         if let Some(i) = self.find(name) {
+            self.known().insert(name.to_owned(), i);
             return Ok(i);
         }
         let capacity = self.slots().saturating_sub(2);
@@ -258,6 +286,9 @@ impl Locks {
             },
         };
         drop(guard);
+        if let Ok(i) = result {
+            self.known().insert(name.to_owned(), i);
+        }
         result
     }
 
@@ -273,13 +304,13 @@ impl Locks {
     fn run<R>(
         &self,
         i: u32,
-        name: String,
+        name: &str,
         timeout: Option<Duration>,
         f: impl FnOnce(&Section) -> R,
     ) -> Result<R, LockError> {
         let guard = self.acquire(i, timeout)?;
         let section = Section {
-            name,
+            name: std::borrow::Cow::Borrowed(name),
             owner_died: guard.owner_died,
             token: guard.token,
         };
@@ -333,7 +364,12 @@ impl Locks {
                     "previous lock holder died inside its section"
                 );
                 // SAFETY: this thread holds `m` after EOWNERDEAD.
-                unsafe { sys::mutex::make_consistent(m) }.map_err(LockError::Io)?;
+                if let Err(e) = unsafe { sys::mutex::make_consistent(m) } {
+                    // SAFETY: held by this thread (above); unlocking without
+                    // consistency makes it unrecoverable, which is the truth.
+                    let _ = unsafe { sys::mutex::unlock(m) };
+                    return Err(LockError::Io(e));
+                }
                 true
             }
             Err(LockFailure::Deadlock) => return Err(LockError::WouldDeadlock),
@@ -345,16 +381,15 @@ impl Locks {
             Err(LockFailure::Timeout) => return Err(LockError::Timeout),
             Err(LockFailure::Other(e)) => return Err(LockError::Io(e)),
         };
-        // Bookkeeping under the lock: one writer at a time.
+        // Bookkeeping under the lock: one writer at a time, written as a
+        // seqlock (pid cleared, fields, pid stored) so a reader never pairs
+        // one holder's slot with another's term (leader election).
+        entry.holder_pid.store(0, Relaxed);
+        std::sync::atomic::fence(Release);
         let token = entry.token.load(Relaxed).wrapping_add(1);
         entry.token.store(token, Relaxed);
-        entry
-            .acquisitions
-            .store(entry.acquisitions.load(Relaxed) + 1, Relaxed);
         entry.holder_slot.store(self.slot, Relaxed);
-        entry.holder_tid.store(sys::mutex::gettid(), Relaxed);
-        entry.hold_since_ns.store(sys::process::monotonic_ns(), Relaxed);
-        entry.holder_pid.store(sys::getpid(), Release);
+        entry.holder_pid.store(sys::cached_pid(), Release);
         Ok(Held {
             entry,
             owner_died,
@@ -366,6 +401,37 @@ impl Locks {
     /// counters.
     pub fn stats(&self) -> Vec<LockStats> {
         read_lock_stats(&self.segment)
+    }
+}
+
+/// One named lock, resolved once ([`Locks::named`]): its sections skip
+/// the name lookup.
+#[derive(Debug, Clone)]
+pub struct NamedLock {
+    locks: Locks,
+    index: u32,
+    name: String,
+}
+
+impl NamedLock {
+    /// Runs `f` holding this lock: as [`Locks::synchronize_key`].
+    ///
+    /// # Errors
+    /// `WouldDeadlock`, `Unrecoverable`.
+    pub fn synchronize<R>(&self, f: impl FnOnce(&Section) -> R) -> Result<R, LockError> {
+        self.locks.run(self.index, &self.name, None, f)
+    }
+
+    /// Runs `f` holding this lock if it can be had within `timeout`.
+    ///
+    /// # Errors
+    /// `Timeout`, and as [`NamedLock::synchronize`].
+    pub fn try_synchronize<R>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&Section) -> R,
+    ) -> Result<R, LockError> {
+        self.locks.run(self.index, &self.name, Some(timeout), f)
     }
 }
 
@@ -381,12 +447,17 @@ pub(crate) fn read_lock_stats(segment: &Segment) -> Vec<LockStats> {
                 e.name()
             }?;
             let pid = e.holder_pid.load(Acquire);
-            let since = e.hold_since_ns.load(Relaxed);
+            // The hold time is the master's observation of this acquisition.
+            let since = if e.hold_seen_token.load(Acquire) == e.token.load(Acquire) {
+                e.hold_since_ns.load(Acquire)
+            } else {
+                0
+            };
             Some(LockStats {
                 name,
                 holder: (pid != 0).then(|| (e.holder_slot.load(Relaxed), pid)),
                 held_for: (pid != 0 && since != 0).then(|| Duration::from_nanos(now.saturating_sub(since))),
-                acquisitions: e.acquisitions.load(Relaxed),
+                acquisitions: e.token.load(Relaxed),
                 waits: e.waits.load(Relaxed),
                 owner_died: e.owner_died.load(Relaxed),
                 token: e.token.load(Relaxed),
@@ -405,8 +476,6 @@ struct Held<'a> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.entry.holder_pid.store(0, Release);
-        self.entry.hold_since_ns.store(0, Relaxed);
-        self.entry.holder_tid.store(0, Relaxed);
         // SAFETY: this thread acquired the mutex in `acquire` and has not
         // released it; the mapping outlives `self` (it borrows `Locks`).
         if let Err(e) = unsafe { sys::mutex::unlock(self.entry.mutex_ptr()) } {
@@ -432,7 +501,7 @@ impl Locks {
     /// As [`Locks::synchronize_key`].
     pub async fn synchronize_async<F, Fut, R>(&self, name: &str, f: F) -> Result<R, LockError>
     where
-        F: FnOnce(Section) -> Fut,
+        F: FnOnce(Section<'static>) -> Fut,
         Fut: std::future::Future<Output = R>,
     {
         let i = if name.is_empty() {
@@ -453,7 +522,7 @@ impl Locks {
                 }
             };
             let section = Section {
-                name,
+                name: std::borrow::Cow::Owned(name),
                 owner_died: held.owner_died,
                 token: held.token,
             };

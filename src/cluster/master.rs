@@ -609,17 +609,28 @@ impl Master<'_> {
     /// Reports (and, if configured, kills) workers holding a lock past the
     /// hold limit.
     fn check_locks(&mut self) {
-        let Some((limit, kill)) = self.opts.lock_hold_limit else {
-            return;
-        };
         let segment = self.cluster.segment.clone();
         let now = proc::monotonic_ns();
         for i in 1..segment.layout().lock_slots {
             let e = segment.lock_entry(i);
             let pid = e.holder_pid.load(Acquire);
-            let since = e.hold_since_ns.load(Acquire);
             let token = e.token.load(Acquire);
-            if pid == 0 || since == 0 || Duration::from_nanos(now.saturating_sub(since)) <= limit {
+            if pid == 0 {
+                continue;
+            }
+            // Holders do not read the clock (too slow for a lock's fast
+            // path): the master times each acquisition from when it first
+            // sees its token.
+            if e.hold_seen_token.load(Acquire) != token {
+                e.hold_since_ns.store(now, Release);
+                e.hold_seen_token.store(token, Release);
+                continue;
+            }
+            let Some((limit, kill)) = self.opts.lock_hold_limit else {
+                continue;
+            };
+            let since = e.hold_since_ns.load(Acquire);
+            if Duration::from_nanos(now.saturating_sub(since)) <= limit {
                 continue;
             }
             if self.lock_reported.get(i as usize) == Some(&token) {

@@ -39,6 +39,9 @@ pub struct Worker {
     instances: u32,
     control: Option<OwnedFd>,
     listeners: Vec<Listener>,
+    /// The lock table, made on first use (the glibc check and the name
+    /// cache then serve every later section).
+    locks: std::cell::OnceCell<crate::Locks>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -192,6 +195,7 @@ impl Worker {
             instances,
             control,
             listeners,
+            locks: std::cell::OnceCell::new(),
         })
     }
 
@@ -320,13 +324,21 @@ impl Worker {
         crate::Locks::new(&self.segment, self.slot)
     }
 
+    fn cached_locks(&self) -> Result<&crate::Locks, crate::LockError> {
+        if let Some(l) = self.locks.get() {
+            return Ok(l);
+        }
+        let _ = self.locks.set(crate::Locks::new(&self.segment, self.slot)?);
+        Ok(self.locks.get().expect("just set"))
+    }
+
     /// Runs `f` holding the cluster's global lock: see
     /// [`crate::Locks::synchronize`].
     ///
     /// # Errors
     /// As [`crate::Locks::synchronize`].
     pub fn synchronize<R>(&self, f: impl FnOnce(&crate::Section) -> R) -> Result<R, crate::LockError> {
-        self.locks()?.synchronize(f)
+        self.cached_locks()?.synchronize(f)
     }
 
     /// Runs `f` holding the lock named `name`: see
@@ -339,7 +351,7 @@ impl Worker {
         name: &str,
         f: impl FnOnce(&crate::Section) -> R,
     ) -> Result<R, crate::LockError> {
-        self.locks()?.synchronize_key(name, f)
+        self.cached_locks()?.synchronize_key(name, f)
     }
 
     /// Runs `f` holding lock `name` if it can be had within `timeout`.
@@ -352,7 +364,7 @@ impl Worker {
         timeout: Duration,
         f: impl FnOnce(&crate::Section) -> R,
     ) -> Result<R, crate::LockError> {
-        self.locks()?.try_synchronize(name, timeout, f)
+        self.cached_locks()?.try_synchronize(name, timeout, f)
     }
 
     /// Asks the master for a graceful shutdown of the whole cluster, as

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use super::{Messenger, MessengerHandle, RequestError};
 use crate::segment::Segment;
-use crate::{wake, Locks};
+use crate::{Locks, NamedLock};
 
 /// Prefix of the lock names that carry leadership.
 const LOCK_PREFIX: &str = "leader:";
@@ -33,8 +33,13 @@ const SUBSCRIBE: &str = "\u{1}subscribe";
 const PUBLISH: &str = "\u{1}publish";
 const TOPIC_PREFIX: &str = "\u{1}topic/";
 const NOT_LEADER: &str = "not the leader";
-/// How often a waiting candidate looks at its stop flag.
-const CANDIDATE_SLICE: Duration = Duration::from_millis(100);
+/// Sent by a new leader to every worker, so that waiting followers wake and
+/// see the new term at once.
+const ANNOUNCE: &str = "\u{1}leader";
+/// How long a waiting candidate's lock attempt lasts: also the longest an
+/// election can take if the kernel's owner-died wakeup lands on a candidate
+/// whose attempt is just timing out (the others wait out their slice).
+const CANDIDATE_SLICE: Duration = Duration::from_millis(10);
 
 /// Who leads a role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +98,8 @@ pub(super) struct LeaderState {
     entries: HashMap<String, u32>,
     /// Topics this worker subscribed to (re-sent to each new leader).
     subscriptions: BTreeSet<String>,
+    /// The term whose leader has this worker's subscriptions.
+    subscribed_term: u64,
     topics: Option<Arc<Mutex<Topics>>>,
     installed: bool,
 }
@@ -110,14 +117,17 @@ fn find_entry(segment: &Segment, name: &str) -> Option<u32> {
 /// the lock now.
 fn read_leader_at(segment: &Segment, i: u32) -> Option<Leader> {
     let e = segment.lock_entry(i);
+    // A seqlock read: the holder clears its pid before writing slot and
+    // token and stores it again after (see `Locks::acquire`), so equal
+    // non-zero pids around the reads mean slot and term belong together.
     let pid = e.holder_pid.load(Acquire);
-    if pid == 0 || !crate::sys::process_exists(pid) {
+    let slot = e.holder_slot.load(Relaxed);
+    let term = e.token.load(Relaxed);
+    std::sync::atomic::fence(Acquire);
+    if pid == 0 || e.holder_pid.load(Relaxed) != pid || !crate::sys::process_exists(pid) {
         return None;
     }
-    Some(Leader {
-        slot: e.holder_slot.load(Acquire),
-        term: e.token.load(Acquire),
-    })
+    Some(Leader { slot, term })
 }
 
 impl Messenger {
@@ -133,22 +143,17 @@ impl Messenger {
         }
         self.install_leader_handlers();
         let locks = Locks::new(&self.segment, self.slot)?;
-        // Name the lock now, so errors (a full table) come back here.
-        locks
-            .try_synchronize(&lock_name(role), Duration::ZERO, |_| ())
-            .or_else(|e| match e {
-                crate::LockError::Timeout => Ok(()),
-                e => Err(e),
-            })?;
+        // Name the lock now (without taking it: that would make a term no
+        // leader held), so errors such as a full table come back here.
+        let named = locks.named(&lock_name(role))?;
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let leading = Arc::new(AtomicBool::new(false));
         let (stop2, leading2) = (stop.clone(), leading.clone());
-        let name = lock_name(role);
-        let segment = self.segment.clone();
-        let me = self.slot;
+        let lock = named;
+        let handle = self.handle();
         let thread = std::thread::Builder::new()
             .name(format!("shmcluster-candidate-{role}"))
-            .spawn(move || candidate(locks, name, segment, me, stop2, leading2))
+            .spawn(move || candidate(lock, handle, stop2, leading2))
             .map_err(crate::LockError::Io)?;
         self.leader.candidacies.insert(
             role.to_owned(),
@@ -211,7 +216,9 @@ impl Messenger {
     /// Runs `f` (on the messenger's thread, while dispatching) whenever the
     /// default role gets a new leader.
     pub fn on_leader_change(&mut self, f: impl FnMut(&LeaderChange) + Send + 'static) {
+        self.install_leader_handlers();
         self.leader.callbacks.push(Box::new(f));
+        self.leader.seen_term.entry(String::new()).or_insert(0);
     }
 
     /// Looks for a new term of each role this worker campaigns in or
@@ -251,10 +258,13 @@ impl Messenger {
                 for cb in &mut self.leader.callbacks {
                     cb(&change);
                 }
-                // The new leader knows no subscriptions yet: tell it ours.
-                let topics: Vec<String> = self.leader.subscriptions.iter().cloned().collect();
-                for topic in topics {
-                    let _ = self.notify(now.slot, SUBSCRIBE, &topic);
+                // A new leader knows no subscriptions yet: tell it ours.
+                if self.leader.subscribed_term != now.term && !self.leader.subscriptions.is_empty() {
+                    self.leader.subscribed_term = now.term;
+                    let topics: Vec<String> = self.leader.subscriptions.iter().cloned().collect();
+                    for topic in topics {
+                        let _ = self.notify(now.slot, SUBSCRIBE, &topic);
+                    }
                 }
             }
         }
@@ -406,6 +416,7 @@ impl Messenger {
         })?;
         self.leader.subscriptions.insert(topic.to_owned());
         let leader = self.wait_leader(deadline)?;
+        self.leader.subscribed_term = leader.term;
         self.notify(leader.slot, SUBSCRIBE, topic)
     }
 
@@ -435,6 +446,9 @@ impl Messenger {
             return;
         }
         self.leader.installed = true;
+        // The announcement only has to wake the loop; check_leaders reads
+        // the new term after the dispatch.
+        let _ = self.on_bytes(ANNOUNCE, |_, _| Vec::new());
         let topics = Arc::new(Mutex::new(Topics::default()));
         self.leader.topics = Some(topics.clone());
         let handle: MessengerHandle = self.handle();
@@ -461,20 +475,21 @@ impl Messenger {
 }
 
 /// The candidate thread: waits for the role's lock, and holds it while
-/// `stop` is false. Sets `leading` while it holds the lock.
+/// `stop` is false. Sets `leading` while it holds the lock, and has its
+/// messenger announce the new term to every worker.
 fn candidate(
-    locks: Locks,
-    name: String,
-    segment: Segment,
-    me: u32,
+    lock: NamedLock,
+    handle: MessengerHandle,
     stop: Arc<(Mutex<bool>, Condvar)>,
     leading: Arc<AtomicBool>,
 ) {
     let stopped = || *stop.0.lock().unwrap_or_else(|p| p.into_inner());
     while !stopped() {
-        let r = locks.try_synchronize(&name, CANDIDATE_SLICE, |_| {
+        let r = lock.try_synchronize(CANDIDATE_SLICE, |_| {
             leading.store(true, Release);
-            ring_everyone(&segment, me);
+            for to in 0..handle.workers {
+                let _ = handle.emit_raw(to, ANNOUNCE, &[]);
+            }
             let (flag, cv) = &*stop;
             let mut g = flag.lock().unwrap_or_else(|p| p.into_inner());
             while !*g {
@@ -485,19 +500,10 @@ fn candidate(
         match r {
             Ok(()) | Err(crate::LockError::Timeout) => {}
             Err(e) => {
-                tracing::error!(error = %e, role = name, "leader election lock failed");
+                tracing::error!(error = %e, "leader election lock failed");
                 std::thread::sleep(CANDIDATE_SLICE);
             }
         }
-    }
-}
-
-/// Rings this slot's bit in every slot's doorbell: every worker's loop
-/// wakes and sees the new term.
-fn ring_everyone(segment: &Segment, me: u32) {
-    for to in 0..segment.layout().workers() {
-        let word = &segment.bells(to)[(me / 64) as usize];
-        wake::notify(word, 1u64 << (me % 64), segment.park(to));
     }
 }
 

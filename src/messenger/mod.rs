@@ -1430,11 +1430,13 @@ impl Messenger {
         loop {
             let step = {
                 let received = match wait {
-                    Some(d) => match ep_of(&mut self.owner).recv_ref(Some(d)) {
-                        Ok(m) => Some(m),
-                        Err(RecvError::Timeout) => None,
-                        Err(e) => return Err(RequestError::Corrupt(e.to_string())),
-                    },
+                    Some(d) => {
+                        match ep_of(&mut self.owner).recv_ref_interruptible(Some(d), &self.outbox.nonempty) {
+                            Ok(m) => Some(m),
+                            Err(RecvError::Timeout) => None,
+                            Err(e) => return Err(RequestError::Corrupt(e.to_string())),
+                        }
+                    }
                     None => match ep_of(&mut self.owner).try_recv_ref() {
                         Ok(m) => Some(m),
                         Err(crate::TryRecvError::Empty) => None,

@@ -209,29 +209,35 @@ pub const MAX_LOCK_NAME: usize = 64;
 pub(crate) struct LockEntry {
     /// Storage for the `pthread_mutex_t` (40 bytes with glibc on x86-64;
     /// the header records the size so a different libc refuses to attach).
-    pub(crate) mutex: UnsafeCell<[u64; 8]>,
-    /// 0 while unnamed, 1 once `name` is written (Release).
-    pub(crate) named: AtomicU32,
-    pub(crate) name_len: AtomicU32,
-    /// Fencing token: bumped by every acquisition.
+    pub(crate) mutex: UnsafeCell<[u64; 5]>,
+    // The holder's bookkeeping shares the mutex's cache line: a section
+    // touches one line, not two (contended 176 -> 161 ns per section here).
+    /// Fencing token: bumped by every acquisition (so also the count of
+    /// acquisitions).
     pub(crate) token: AtomicU64,
     pub(crate) holder_slot: AtomicU32,
     pub(crate) holder_pid: AtomicU32,
-    /// CLOCK_MONOTONIC ns of the current acquisition (0 when free).
-    pub(crate) hold_since_ns: AtomicU64,
+    _line_pad: u64,
+    /// 0 while unnamed, 1 once `name` is written (Release).
+    pub(crate) named: AtomicU32,
+    pub(crate) name_len: AtomicU32,
     /// Acquisitions that had to wait.
     pub(crate) waits: AtomicU64,
     /// Acquisitions that found the previous holder dead.
     pub(crate) owner_died: AtomicU64,
-    pub(crate) acquisitions: AtomicU64,
-    pub(crate) holder_tid: AtomicU32,
-    _pad: u32,
+    /// Written by the master, not the holder (a clock read per section
+    /// cost ~40% of an uncontended `synchronize`): the CLOCK_MONOTONIC ns at
+    /// which it first saw the acquisition whose token is `hold_seen_token`.
+    pub(crate) hold_since_ns: AtomicU64,
+    pub(crate) hold_seen_token: AtomicU64,
+    _pad: [u64; 3],
     pub(crate) name: [AtomicU8; MAX_LOCK_NAME],
     _reserved: [u64; 8],
 }
 
 const _: () = assert!(size_of::<LockEntry>() == crate::segment::layout::LOCK_ENTRY_SIZE);
-const _: () = assert!(size_of::<crate::sys::mutex::RawMutex>() <= 64);
+const _: () = assert!(size_of::<crate::sys::mutex::RawMutex>() <= 40);
+const _: () = assert!(std::mem::offset_of!(LockEntry, holder_pid) + 4 <= 64);
 
 impl LockEntry {
     /// The mutex, for the `sys::mutex` calls.

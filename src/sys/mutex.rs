@@ -155,8 +155,3 @@ pub fn glibc_version() -> Option<(u32, u32)> {
         .ok()?;
     Some((major, minor))
 }
-
-/// `gettid(2)`: the calling thread's id (to tell a lock's holding thread).
-pub fn gettid() -> u32 {
-    nix::unistd::gettid().as_raw() as u32
-}

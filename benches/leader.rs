@@ -1,0 +1,537 @@
+//! Leader benchmark: what `invoke` through the leader costs next to a plain
+//! `request` to the same worker, and how long a re-election takes after
+//! the leader is SIGKILLed, in real fork-mode clusters of 2 and 4 workers.
+//!
+//! `cargo bench --bench leader` prints markdown tables on stdout (progress
+//! goes to stderr). Run without `--bench` (as `cargo test --benches` does),
+//! it only checks that each measure works, with a few iterations.
+//!
+//! A master refuses to run in a process with more than one thread, so each
+//! cluster runs in a fresh copy of this binary, re-executed with
+//! [`MODE_VAR`] set; its workers print one line per sample on stdout (one
+//! `write` each, so lines of different processes do not mix).
+//!
+//! 1. `rtt` clusters: instance 0 does not campaign; every other instance
+//!    does, with the same `echo` handler for `invoke` and for `request`.
+//!    Instance 0 alternates `invoke("echo")` (to whoever leads) and
+//!    `request(leader, "echo")`, so both see the same machine state.
+//! 2. `elect` clusters: every worker campaigns and serves with
+//!    [`Messenger::run_until`]. The live follower in the lowest slot, once
+//!    every slot is ready again, SIGKILLs the leader and spins on
+//!    [`Messenger::leader`] (a read of the lock table) until the term goes
+//!    up: *SIGKILL → `leader()`*. Every follower's `on_leader_change`
+//!    prints its `CLOCK_MONOTONIC` time: *SIGKILL → first follower's
+//!    callback* (followers dispatching in `run`, as a real worker does).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::error::Error;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use shmcluster::{Cluster, EventKind, ExitReason, Leader, Messenger, Worker, WorkerState};
+
+mod common;
+use common::{machine, warn_if_busy};
+
+/// Set in a re-executed copy of this binary: `<rtt|elect> <workers> <plan> <dir>`.
+const MODE_VAR: &str = "SHMCLUSTER_BENCH_LEADER";
+/// Longest one cluster may take.
+const LIMIT: Duration = Duration::from_secs(60);
+/// Deadline of each blocking call.
+const CALL_LIMIT: Duration = Duration::from_secs(5);
+/// Worker counts, one fresh cluster each.
+const WORKERS: [u32; 2] = [2, 4];
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+/// How many iterations of each measure.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Unmeasured round trips first.
+    warmup: usize,
+    /// Timed round trips of each kind.
+    rtt: usize,
+    /// Leaders SIGKILLed.
+    elections: usize,
+}
+
+impl Plan {
+    const FULL: Self = Self {
+        warmup: 1_000,
+        rtt: 20_000,
+        elections: 20,
+    };
+    const QUICK: Self = Self {
+        warmup: 10,
+        rtt: 50,
+        elections: 3,
+    };
+
+    fn name(full: bool) -> &'static str {
+        if full {
+            "full"
+        } else {
+            "quick"
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "full" => Some(Self::FULL),
+            "quick" => Some(Self::QUICK),
+            _ => None,
+        }
+    }
+}
+
+fn fail<T>(what: String) -> Res<T> {
+    Err(what.into())
+}
+
+fn deadline() -> Instant {
+    Instant::now() + CALL_LIMIT
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process.
+fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes one timespec to a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Prints one line with one `write`.
+fn emit_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(format!("{line}\n").as_bytes());
+    let _ = out.flush();
+}
+
+// ------------------------------------------------------------ rtt cluster
+
+fn rtt_worker(worker: Worker, workers: u32, plan: Plan) -> Res<()> {
+    let driver = worker.index() == 0;
+    let mut m = Messenger::new(worker);
+    if !driver {
+        m.on_invoke::<u64, u64, Infallible, _>("echo", |_, v| Ok(v))?;
+        m.on_request::<u64, u64, Infallible, _>("echo", |_, v| Ok(v))?;
+    }
+    if let Some(w) = m.worker() {
+        w.ready();
+    }
+    if !driver {
+        return Ok(m.run()?);
+    }
+    let until = deadline();
+    let leader = loop {
+        let ready = m.worker().map_or(0, |w| {
+            w.peers().iter().filter(|p| p.state == WorkerState::Ready).count()
+        });
+        match m.leader() {
+            Some(l) if ready == workers as usize => break l,
+            _ if Instant::now() >= until => return fail(format!("{ready} ready, no leader")),
+            _ => {
+                m.poll(Duration::from_millis(1))?;
+            }
+        }
+    };
+    for i in 0..(plan.warmup + plan.rtt) as u64 {
+        let start = Instant::now();
+        let a: u64 = m.invoke("echo", &i, deadline())?;
+        let invoke = start.elapsed();
+        let start = Instant::now();
+        let b: u64 = m.request(leader.slot, "echo", &i, deadline())?;
+        let request = start.elapsed();
+        if a != i || b != i {
+            return fail(format!("echo {i}: invoke {a}, request {b}"));
+        }
+        if i >= plan.warmup as u64 {
+            emit_line(&format!("sample invoke {}", invoke.as_nanos()));
+            emit_line(&format!("sample request {}", request.as_nanos()));
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------ elect cluster
+
+/// The killer's view between two `run_until` checks.
+struct Killer {
+    dir: PathBuf,
+    rounds: usize,
+    workers: u32,
+    /// The leader seen last, and since when.
+    stable: Option<(Leader, Instant)>,
+    /// When every round was seen done.
+    finished: Option<Instant>,
+}
+
+impl Killer {
+    /// Called by `run_until`: true once every round is done (this worker
+    /// exits 0 and the cluster ends). Kills the leader when this worker is
+    /// the lowest live follower, every slot is ready, and the leader has
+    /// been the same for 30 ms.
+    fn check(&mut self, m: &Messenger) -> bool {
+        let kills = self.dir.join("kills");
+        let done = std::fs::read_to_string(&kills).map_or(0, |t| t.lines().count());
+        if done >= self.rounds {
+            // Let the other followers' callbacks print before the end.
+            let since = *self.finished.get_or_insert_with(Instant::now);
+            return since.elapsed() >= Duration::from_millis(200);
+        }
+        let Some(w) = m.worker() else { return false };
+        let peers = w.peers();
+        let Some(leader) = m.leader() else { return false };
+        if m.is_leader()
+            || peers.iter().filter(|p| p.state == WorkerState::Ready).count() < self.workers as usize
+        {
+            return false;
+        }
+        let lowest = peers
+            .iter()
+            .filter(|p| p.state == WorkerState::Ready && p.slot != leader.slot)
+            .map(|p| p.slot)
+            .min();
+        if lowest != Some(m.slot()) {
+            return false;
+        }
+        match self.stable {
+            Some((l, since)) if l == leader && since.elapsed() >= Duration::from_millis(30) => {}
+            Some((l, _)) if l == leader => return false,
+            _ => {
+                self.stable = Some((leader, Instant::now()));
+                return false;
+            }
+        }
+        let Some(victim) = peers.iter().find(|p| p.slot == leader.slot) else {
+            return false;
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&kills)
+            .expect("kills file");
+        let _ = f.write_all(format!("{}\n", victim.pid).as_bytes());
+        let killed_at = mono_ns();
+        // SAFETY: kill(2) takes a pid and a signal number, no pointers.
+        unsafe { libc::kill(victim.pid as i32, libc::SIGKILL) };
+        let until = Instant::now() + CALL_LIMIT;
+        loop {
+            if let Some(l) = m.leader().filter(|l| l.term > leader.term) {
+                emit_line(&format!(
+                    "elect {} {} {killed_at} {}",
+                    leader.term,
+                    l.term,
+                    mono_ns()
+                ));
+                break;
+            }
+            if Instant::now() >= until {
+                emit_line("elect-timeout");
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        self.stable = None;
+        false
+    }
+}
+
+fn elect_worker(worker: Worker, workers: u32, plan: Plan, dir: PathBuf) -> Res<()> {
+    let born = mono_ns();
+    let mut m = Messenger::new(worker);
+    m.on_leader_change(move |c| {
+        if !c.is_me {
+            emit_line(&format!("notice {} {} {born}", c.leader.term, mono_ns()));
+        }
+    });
+    m.campaign()?;
+    if let Some(w) = m.worker() {
+        w.ready();
+    }
+    let mut killer = Killer {
+        dir,
+        rounds: plan.elections,
+        workers,
+        stable: None,
+        finished: None,
+    };
+    m.run_until(|m| killer.check(m))?;
+    Ok(())
+}
+
+/// The re-executed copy: runs one cluster; exits 0 if a worker finished
+/// and the cluster shut down cleanly.
+fn cluster_mode(mode: &str) -> ! {
+    let words: Vec<&str> = mode.split_whitespace().collect();
+    let parsed = match words.as_slice() {
+        [kind, n, plan, dir] => n
+            .parse::<u32>()
+            .ok()
+            .zip(Plan::from_name(plan))
+            .map(|(n, p)| (kind.to_string(), n, p, PathBuf::from(dir))),
+        _ => None,
+    };
+    let Some((kind, workers, plan, dir)) = parsed else {
+        eprintln!("leader bench: unknown {MODE_VAR} {mode:?}");
+        std::process::exit(2);
+    };
+    let outcome: Rc<RefCell<Option<String>>> = Rc::default();
+    let seen = outcome.clone();
+    let result = Cluster::builder()
+        .workers(workers)
+        .shutdown_grace(Duration::from_secs(10))
+        .restart_backoff(Duration::from_millis(1), Duration::from_millis(10))
+        .crash_loop_limit(1_000, Duration::from_secs(60))
+        .on_event(move |cluster, event| {
+            let EventKind::Exit(reason) = event.kind else {
+                return;
+            };
+            // The elect clusters SIGKILL their leaders.
+            if reason == ExitReason::Shutdown || reason == ExitReason::Signaled(libc::SIGKILL) {
+                return;
+            }
+            if seen.borrow().is_none() {
+                *seen.borrow_mut() = Some(if reason == ExitReason::Exited(0) {
+                    String::new()
+                } else {
+                    format!("worker {} (slot {}) {reason}", event.index, event.slot)
+                });
+            }
+            cluster.shutdown();
+        })
+        .run(|worker| match kind.as_str() {
+            "rtt" => rtt_worker(worker, workers, plan),
+            _ => elect_worker(worker, workers, plan, dir.clone()),
+        });
+    let failure = match (result, outcome.take()) {
+        (Err(e), _) => Some(e.to_string()),
+        (Ok(_), Some(e)) if !e.is_empty() => Some(e),
+        (Ok(_), None) => Some("the cluster ended before the measures did".into()),
+        (Ok(report), _) if !report.clean => Some(format!("unclean shutdown: {report:?}")),
+        (Ok(_), _) => None,
+    };
+    if let Some(e) = failure {
+        eprintln!("leader bench ({mode}): {e}");
+        std::process::exit(1);
+    }
+    std::process::exit(0);
+}
+
+// ------------------------------------------------------------ the parent
+
+fn wait_within(child: &mut Child, limit: Duration) -> Res<ExitStatus> {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return fail(format!("still running after {limit:?}; killed"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs one cluster in a fresh copy of this binary; returns its lines.
+fn in_fresh_master(kind: &str, workers: u32, full: bool) -> Res<String> {
+    eprintln!("leader bench: {kind}, {workers} workers");
+    let dir = std::env::temp_dir().join(format!(
+        "shmc-bench-leader-{}-{kind}-{workers}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mode = format!("{kind} {workers} {} {}", Plan::name(full), dir.display());
+    let mut child = Command::new(std::env::current_exe()?)
+        .env(MODE_VAR, &mode)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut stdout = child.stdout.take().ok_or("no stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        stdout.read_to_string(&mut text).map(|_| text)
+    });
+    let status = wait_within(&mut child, LIMIT);
+    let text = reader.join().map_err(|_| "stdout reader panicked")??;
+    let _ = std::fs::remove_dir_all(&dir);
+    if !status?.success() {
+        return fail(format!("{mode}: failed"));
+    }
+    Ok(text)
+}
+
+/// (p50, p99, max) of `ns`, not empty.
+fn percentiles(mut ns: Vec<u64>) -> (f64, f64, f64) {
+    ns.sort_unstable();
+    let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64;
+    (at(0.5), at(0.99), at(1.0))
+}
+
+fn fmt_ns(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2} ms", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1} µs", v / 1e3)
+    } else {
+        format!("{v:.0} ns")
+    }
+}
+
+/// One worker count's figures.
+struct Row {
+    workers: u32,
+    invoke: (f64, f64, f64),
+    request: (f64, f64, f64),
+    elections: usize,
+    elect: (f64, f64, f64),
+    /// First follower callback, if any follower saw one.
+    notice: Option<(f64, f64, f64)>,
+}
+
+fn figures(workers: u32, full: bool) -> Res<Row> {
+    let rtt = in_fresh_master("rtt", workers, full)?;
+    let mut samples: HashMap<&str, Vec<u64>> = HashMap::new();
+    for line in rtt.lines() {
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["sample", what @ ("invoke" | "request"), ns] => {
+                samples.entry(what).or_default().push(ns.parse()?)
+            }
+            _ => return fail(format!("rtt: unexpected line {line:?}")),
+        }
+    }
+    let (Some(invoke), Some(request)) = (samples.remove("invoke"), samples.remove("request")) else {
+        return fail("rtt: no samples".into());
+    };
+    let elect = in_fresh_master("elect", workers, full)?;
+    let mut kills = Vec::new();
+    let mut notices = Vec::new();
+    for line in elect.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["elect", _old, new, killed, seen] => {
+                kills.push((new.parse::<u64>()?, killed.parse::<u64>()?, seen.parse::<u64>()?))
+            }
+            ["notice", term, at, born] => {
+                notices.push((term.parse::<u64>()?, at.parse::<u64>()?, born.parse::<u64>()?))
+            }
+            _ => return fail(format!("elect: unexpected line {line:?}")),
+        }
+    }
+    if kills.is_empty() {
+        return fail("elect: no re-election measured".into());
+    }
+    let elect_ns: Vec<u64> = kills.iter().map(|&(_, k, s)| s - k).collect();
+    // The first callback, per kill, among followers that lived through it.
+    let notice_ns: Vec<u64> = kills
+        .iter()
+        .filter_map(|&(term, killed, _)| {
+            notices
+                .iter()
+                .filter(|&&(t, _, born)| t == term && born < killed)
+                .map(|&(_, at, _)| at.saturating_sub(killed))
+                .min()
+        })
+        .collect();
+    Ok(Row {
+        workers,
+        invoke: percentiles(invoke),
+        request: percentiles(request),
+        elections: kills.len(),
+        elect: percentiles(elect_ns),
+        notice: (!notice_ns.is_empty()).then(|| percentiles(notice_ns)),
+    })
+}
+
+fn print_tables(full: bool, plan: Plan, rows: &[Row]) {
+    let command = if full {
+        "cargo bench --bench leader"
+    } else {
+        "cargo test --benches (a quick check of each measure, not figures)"
+    };
+    println!("Machine: {}", machine());
+    println!();
+    println!("Command: `{command}`");
+    println!();
+    println!(
+        "Round trips from a follower (instance 0, not a candidate), p50 / p99: `invoke(\"echo\", u64)` \
+         and `request(leader, \"echo\", u64)` alternated, {} each timed after {} warm-up.",
+        plan.rtt, plan.warmup
+    );
+    println!();
+    println!("| workers | `invoke` via the leader | `request` to the leader | invoke ÷ request |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} / {} | {} / {} | {:.2}× / {:.2}× |",
+            r.workers,
+            fmt_ns(r.invoke.0),
+            fmt_ns(r.invoke.1),
+            fmt_ns(r.request.0),
+            fmt_ns(r.request.1),
+            r.invoke.0 / r.request.0,
+            r.invoke.1 / r.request.1
+        );
+    }
+    println!();
+    println!(
+        "Re-election: the leader SIGKILLed {} times per cluster by a follower, p50 / max. \
+         `leader()`: the killer spinning on `leader()` (a lock-table read) until the term goes up. \
+         Callback: the first `on_leader_change` among the other followers, which dispatch in `run()`.",
+        plan.elections
+    );
+    println!();
+    println!("| workers | kills | SIGKILL → `leader()` shows the new term | SIGKILL → first follower's `on_leader_change` |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} / {} | {} |",
+            r.workers,
+            r.elections,
+            fmt_ns(r.elect.0),
+            fmt_ns(r.elect.2),
+            r.notice.map_or("— (no other follower)".into(), |n| format!(
+                "{} / {}",
+                fmt_ns(n.0),
+                fmt_ns(n.2)
+            ))
+        );
+    }
+}
+
+fn main() {
+    if let Ok(mode) = std::env::var(MODE_VAR) {
+        cluster_mode(&mode);
+    }
+    warn_if_busy();
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not.
+    let full = std::env::args().any(|a| a == "--bench");
+    let plan = if full { Plan::FULL } else { Plan::QUICK };
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for workers in WORKERS {
+        match figures(workers, full) {
+            Ok(r) => rows.push(r),
+            Err(e) => {
+                eprintln!("leader bench, {workers} workers: {e}");
+                failed = true;
+            }
+        }
+    }
+    print_tables(full, plan, &rows);
+    if failed {
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,141 @@
+//! Leader and followers in a 4-worker cluster: every worker campaigns; the
+//! leader owns a pretend outside connection (an id counter) and serves
+//! `invoke("next_id")`; followers call it and subscribe to a "config"
+//! topic that worker 0 publishes. Then worker 0 SIGKILLs the leader, a
+//! waiting candidate takes over with a larger term, the next invoke goes
+//! to it, and worker 0 asks the master to shut the cluster down.
+//!
+//! ```sh
+//! cargo run --release --example leader
+//! ```
+//!
+//! Every line is printed by the process it is about, prefixed with its
+//! slot. The SIGKILLed leader's respawn campaigns again and waits behind
+//! the new leader.
+
+use std::convert::Infallible;
+use std::error::Error;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use shmcluster::{Cluster, EventKind, ExitReason, Messenger, Worker, WorkerState};
+
+type Res<T> = Result<T, Box<dyn Error>>;
+
+/// Prints one line, prefixed with the slot of the process printing it.
+fn say(slot: u32, text: impl std::fmt::Display) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "[slot {slot}] {text}");
+    let _ = out.flush();
+}
+
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(5)
+}
+
+/// Serves until `done` holds (or 5 s pass).
+fn serve_until(m: &mut Messenger, mut done: impl FnMut(&Messenger) -> bool) -> Res<()> {
+    let until = soon();
+    while !done(m) {
+        if Instant::now() >= until || m.worker().is_some_and(|w| w.should_stop()) {
+            return Err("gave up waiting".into());
+        }
+        m.poll(Duration::from_millis(5))?;
+    }
+    Ok(())
+}
+
+fn worker(worker: Worker) -> Res<()> {
+    let (slot, index) = (worker.slot(), worker.index());
+    let mut m = Messenger::new(worker);
+
+    // The leader's "connection": ids from a counter only the leader uses.
+    // Every worker registers the handler; only the current leader's runs.
+    let mut next = 1000 * u64::from(slot);
+    m.on_invoke::<(), u64, Infallible, _>("next_id", move |ctx, ()| {
+        next += 1;
+        say(slot, format!("leader: id {next} for slot {}", ctx.sender().slot));
+        Ok(next)
+    })?;
+    m.on_leader_change(move |c| {
+        if c.is_me {
+            say(slot, format!("I lead now (term {})", c.leader.term));
+        }
+    });
+    m.campaign()?;
+    if let Some(w) = m.worker() {
+        w.ready();
+    }
+    if index != 0 {
+        // Followers: subscribe, take a few ids, then serve.
+        serve_until(&mut m, |m| m.leader().is_some())?;
+        m.subscribe::<String, _>("config", soon(), move |_, v| {
+            say(slot, format!("config is {v:?}"))
+        })?;
+        if !m.is_leader() {
+            for _ in 0..2 {
+                let id: u64 = m.invoke("next_id", &(), soon())?;
+                say(slot, format!("got id {id}"));
+            }
+        }
+        m.run()?;
+        return Ok(());
+    }
+
+    // Worker 0 runs the demonstration.
+    let w = m.worker().ok_or("not a cluster worker")?;
+    if !w.wait_all_ready(Duration::from_secs(5)) {
+        return Err("workers not ready".into());
+    }
+    m.publish("config", "v1", soon())?;
+    std::thread::sleep(Duration::from_millis(200));
+    m.poll(Duration::from_millis(50))?;
+    let first = m.leader().ok_or("no leader")?;
+    say(
+        slot,
+        format!("leader is slot {} (term {})", first.slot, first.term),
+    );
+    if first.slot == slot {
+        say(slot, "worker 0 itself leads: not killing it");
+    } else {
+        let peer = m
+            .worker()
+            .and_then(|w| w.peers().into_iter().find(|p| p.slot == first.slot));
+        let pid = peer.ok_or("no leader process")?.pid;
+        say(slot, format!("SIGKILL to the leader (pid {pid})"));
+        // SAFETY: kill(2) takes a pid and a signal number, no pointers.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        serve_until(&mut m, |m| m.leader().is_some_and(|l| l.term > first.term))?;
+        // A settled read names the new holder.
+        std::thread::sleep(Duration::from_millis(5));
+        let now = m.leader().ok_or("no leader")?;
+        say(slot, format!("new leader: slot {} (term {})", now.slot, now.term));
+    }
+    let id: u64 = m.invoke_idempotent("next_id", &(), soon())?;
+    say(slot, format!("got id {id} from the leader"));
+    m.publish("config", "v2", soon())?;
+    serve_until(&mut m, |m| {
+        m.worker()
+            .is_some_and(|w| w.peers().iter().filter(|p| p.state == WorkerState::Ready).count() == 4)
+    })?;
+    m.poll(Duration::from_millis(100))?;
+    say(slot, "shutting down");
+    m.worker().ok_or("not a cluster worker")?.request_shutdown();
+    m.run()?;
+    Ok(())
+}
+
+fn main() -> Res<()> {
+    let report = Cluster::builder()
+        .workers(4)
+        .on_event(|_, e| {
+            if let EventKind::Exit(reason) = e.kind {
+                if reason != ExitReason::Shutdown {
+                    eprintln!("[master] slot {} (pid {}) exited: {reason}", e.slot, e.pid);
+                }
+            }
+        })
+        .run(worker)?;
+    println!("[master] clean shutdown: {}", report.clean);
+    std::process::exit(if report.clean { 0 } else { 1 });
+}
