@@ -25,7 +25,6 @@ use std::convert::Infallible;
 use std::fmt::Display;
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,7 +34,7 @@ use shmcluster::{Target, WorkerState};
 
 #[macro_use]
 mod common;
-use common::{sigkill, tempdir, tmp, wait_child, Check};
+use common::{sigkill, tmp, Check};
 
 /// What a scenario runs.
 enum Body {
@@ -112,68 +111,17 @@ fn main() {
             Body::Cluster(workers, body) => run_cluster(workers, body),
             Body::Alone(body) => body(),
         };
-        match result {
-            Ok(()) => std::process::exit(0),
-            Err(e) => {
-                eprintln!("FAILED {name}: {e}");
-                std::process::exit(1);
-            }
-        }
+        common::exit_scenario(&name, result);
     }
-    if std::env::args().any(|a| a == "--list") {
-        for s in SCENARIOS {
-            println!("{}: test", s.name);
-        }
-        return;
-    }
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    let mut failed = Vec::new();
-    let mut ran = 0;
-    for s in SCENARIOS {
-        if !filters.is_empty() && !filters.iter().any(|f| s.name.contains(f.as_str())) {
-            continue;
-        }
-        ran += 1;
-        let start = Instant::now();
-        let dir = tempdir("leader", s.name);
-        let result = run_scenario_process(s, &dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        match result {
-            Ok(()) => println!("test {} ... ok ({:.1?})", s.name, start.elapsed()),
-            Err(e) => {
-                println!("test {} ... FAILED ({:.1?})\n    {e}", s.name, start.elapsed());
-                failed.push(s.name);
-            }
-        }
-    }
-    println!(
-        "\ntest result: {}. {} passed; {} failed",
-        if failed.is_empty() { "ok" } else { "FAILED" },
-        ran - failed.len(),
-        failed.len()
-    );
-    if !failed.is_empty() {
-        std::process::exit(1);
-    }
+    let scenarios: Vec<_> = SCENARIOS.iter().map(|s| (s.name, s.timeout)).collect();
+    let (ran, failed) = common::run_suite("leader", &scenarios);
+    common::finish_suite(ran, &failed);
 }
 
 // ------------------------------------------------------------ plumbing
 
 fn err(e: impl Display) -> String {
     e.to_string()
-}
-
-fn run_scenario_process(s: &Scenario, dir: &Path) -> Check {
-    let mut child = Command::new(std::env::current_exe().map_err(err)?)
-        .env("SHMC_SCENARIO", s.name)
-        .env("SHMC_TMP", dir)
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(err)?;
-    let status = wait_child(&mut child, s.timeout)?;
-    ensure!(status.success(), "scenario process ended with {status}");
-    Ok(())
 }
 
 /// The pids the coordinator SIGKILLed on purpose (the `killed` file).

@@ -102,3 +102,81 @@ pub fn sigkill(pid: u32) {
     // SAFETY: kill(2) takes a pid and a signal number, no pointers.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
+
+/// The parent side of a `harness = false` multi-process suite. Runs each
+/// scenario named in `scenarios` (name, watchdog time) that the command
+/// line's filters select, as this test binary re-executed with
+/// `SHMC_SCENARIO=<name>` and `SHMC_TMP=<scratch dir>`, killed after its
+/// time; prints libtest-like lines; returns (ran, failed names).
+pub fn run_suite(
+    suite: &str,
+    scenarios: &[(&'static str, std::time::Duration)],
+) -> (usize, Vec<&'static str>) {
+    if std::env::args().any(|a| a == "--list") {
+        for (name, _) in scenarios {
+            println!("{name}: test");
+        }
+        return (0, Vec::new());
+    }
+    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for &(name, timeout) in scenarios {
+        if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        ran += 1;
+        let start = std::time::Instant::now();
+        let dir = tempdir(suite, name);
+        let result = scenario_process(name, &dir, timeout);
+        let _ = std::fs::remove_dir_all(&dir);
+        match result {
+            Ok(()) => println!("test {name} ... ok ({:.1?})", start.elapsed()),
+            Err(e) => {
+                println!("test {name} ... FAILED ({:.1?})\n    {e}", start.elapsed());
+                failed.push(name);
+            }
+        }
+    }
+    (ran, failed)
+}
+
+/// Prints the summary line of a suite and exits 1 if anything failed.
+pub fn finish_suite(ran: usize, failed: &[&str]) {
+    println!(
+        "\ntest result: {}. {} passed; {} failed",
+        if failed.is_empty() { "ok" } else { "FAILED" },
+        ran - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+/// In a scenario process: exits 0 if `result` is Ok, else prints it and exits 1.
+pub fn exit_scenario(name: &str, result: Check) -> ! {
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("FAILED {name}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Runs scenario `name` in this test binary re-executed, under `timeout`.
+pub fn scenario_process(name: &str, dir: &std::path::Path, timeout: std::time::Duration) -> Check {
+    let mut child = std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+        .env("SHMC_SCENARIO", name)
+        .env("SHMC_TMP", dir)
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let status = wait_child(&mut child, timeout)?;
+    if !status.success() {
+        return Err(format!("scenario process ended with {status}"));
+    }
+    Ok(())
+}
