@@ -88,7 +88,7 @@ pub use error::{
     TrySendError,
 };
 #[cfg(not(loom))]
-pub use lock::{LockError, LockStats, Locks, NamedLock, Section, MAX_LOCK_NAME_LEN};
+pub use lock::{LockError, LockGuard, LockStats, Locks, NamedLock, Section, MAX_LOCK_NAME_LEN};
 #[cfg(not(loom))]
 pub use messenger::{
     CallKind, Consumed, Ctx, EventStats, HandlerId, Leader, LeaderChange, MapError, Messenger,

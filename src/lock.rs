@@ -230,6 +230,33 @@ impl Locks {
         self.run(i, name, Some(timeout), f)
     }
 
+    /// Takes lock `name` (`""` for the global lock) and returns a guard
+    /// that unlocks when dropped: for callers that cannot pass a closure
+    /// (the C ABI). The guard must be dropped on the thread that took it (a
+    /// pthread mutex belongs to its locking thread), which is why it is not
+    /// `Send`. `timeout` `None` waits as `synchronize` does.
+    ///
+    /// # Errors
+    /// As [`Locks::try_synchronize`].
+    pub fn lock(&self, name: &str, timeout: Option<Duration>) -> Result<LockGuard, LockError> {
+        let index = if name.is_empty() {
+            self.entry_for("")?
+        } else {
+            self.entry_for(name)?
+        };
+        let held = self.acquire(index, timeout)?;
+        let (owner_died, token) = (held.owner_died, held.token);
+        // The guard below takes over the unlocking.
+        std::mem::forget(held);
+        Ok(LockGuard {
+            segment: self.segment.clone(),
+            index,
+            owner_died,
+            token,
+            _not_send: std::marker::PhantomData,
+        })
+    }
+
     /// Resolves lock `name` once (naming its entry if needed) for sections
     /// that skip the name lookup: [`NamedLock::synchronize`].
     ///
@@ -401,6 +428,42 @@ impl Locks {
     /// counters.
     pub fn stats(&self) -> Vec<LockStats> {
         read_lock_stats(&self.segment)
+    }
+}
+
+/// A held lock from [`Locks::lock`]; unlocks on drop (or [`LockGuard::unlock`]).
+#[derive(Debug)]
+pub struct LockGuard {
+    segment: Segment,
+    index: u32,
+    owner_died: bool,
+    token: u64,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl LockGuard {
+    /// Whether the previous holder died holding it (see
+    /// [`Section::previous_owner_died`]).
+    pub fn previous_owner_died(&self) -> bool {
+        self.owner_died
+    }
+
+    /// This acquisition's fencing token.
+    pub fn fencing_token(&self) -> u64 {
+        self.token
+    }
+
+    /// Releases the lock (as dropping the guard does).
+    pub fn unlock(self) {}
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        drop(Held {
+            entry: self.segment.lock_entry(self.index),
+            owner_died: self.owner_died,
+            token: self.token,
+        });
     }
 }
 

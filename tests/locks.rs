@@ -325,3 +325,28 @@ fn a_fencing_token_rejects_a_stale_holder() {
     assert!(write(new));
     assert!(!write(old), "a write under an older token is refused");
 }
+
+#[test]
+fn a_lock_guard_holds_until_dropped() {
+    let _dog = Watchdog::new("guard", Duration::from_secs(30));
+    let seg = segment();
+    let locks = Locks::new(&seg, 0).unwrap();
+    let g = locks.lock("g", None).unwrap();
+    assert!(!g.previous_owner_died());
+    let t = g.fencing_token();
+    // Another thread cannot take it while the guard lives.
+    let other = Locks::new(&seg, 1).unwrap();
+    let busy = std::thread::spawn(move || {
+        matches!(
+            other.lock("g", Some(Duration::from_millis(50))),
+            Err(LockError::Timeout)
+        )
+    })
+    .join()
+    .unwrap();
+    assert!(busy);
+    assert!(matches!(locks.lock("g", None), Err(LockError::WouldDeadlock)));
+    g.unlock();
+    let g2 = locks.lock("g", Some(Duration::from_secs(1))).unwrap();
+    assert!(g2.fencing_token() > t);
+}
