@@ -91,7 +91,7 @@ pub use error::{
 pub use lock::{LockError, LockGuard, LockStats, Locks, NamedLock, Section, MAX_LOCK_NAME_LEN};
 #[cfg(not(loom))]
 pub use messenger::{
-    CallKind, Consumed, Ctx, EventStats, HandlerId, Leader, LeaderChange, MapError, Messenger,
+    BytesReply, CallKind, Consumed, Ctx, EventStats, HandlerId, Leader, LeaderChange, MapError, Messenger,
     MessengerHandle, Reply, RequestError, Target, WorkerId, MAX_EVENT_NAME,
 };
 #[cfg(not(loom))]

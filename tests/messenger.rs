@@ -311,6 +311,16 @@ fn once_off_and_standalone() {
     m.on_bytes("raw", |_, b| b.iter().rev().copied().collect())
         .unwrap();
     assert_eq!(m.request_bytes(0, "raw", b"abc", soon()), Ok(b"cba".to_vec()));
+    let out = m.map_bytes("raw", b"xy", soon()).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1, Ok(b"yx".to_vec()));
+    assert_eq!(m.consume_bytes("raw", b"q", soon()).map(|c| c.worker.slot), Ok(0));
+    m.on_request_async_bytes("later-bytes", |_, b, reply| {
+        let b = b.to_vec();
+        std::thread::spawn(move || reply.send(Ok([b.as_slice(), b"!"].concat())));
+    })
+    .unwrap();
+    assert_eq!(m.request_bytes(0, "later-bytes", b"hi", soon()), Ok(b"hi!".to_vec()));
     assert_eq!(m.off("raw"), 1);
     assert_eq!(m.consume("double", &1u32, soon()), Err(RequestError::NoHandler));
 }

@@ -379,6 +379,83 @@ impl Messenger {
         }
     }
 
+    /// [`Messenger::on_invoke`] with raw bytes both ways.
+    ///
+    /// # Errors
+    /// As [`Messenger::on_request`].
+    pub fn on_invoke_bytes<F>(&mut self, method: &str, mut f: F) -> Result<super::HandlerId, RequestError>
+    where
+        F: FnMut(&super::Ctx, &[u8]) -> Result<Vec<u8>, String> + Send + 'static,
+    {
+        self.install_leader_handlers();
+        let leading = self.leading_flag();
+        self.on_request_async_bytes(&format!("{INVOKE_PREFIX}{method}"), move |ctx, data, reply| {
+            if !leading.load(Acquire) {
+                reply.send(Err(NOT_LEADER.to_string()));
+            } else {
+                reply.send(f(ctx, data));
+            }
+        })
+    }
+
+    /// [`Messenger::invoke`] with raw bytes both ways.
+    ///
+    /// # Errors
+    /// As [`Messenger::invoke`].
+    pub fn invoke_bytes(
+        &mut self,
+        method: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, RequestError> {
+        let event = format!("{INVOKE_PREFIX}{method}");
+        loop {
+            let leader = self.wait_leader(deadline)?;
+            match self.request_bytes(leader.slot, &event, data, deadline) {
+                Err(RequestError::WorkerDied) => return Err(RequestError::LeaderDied),
+                Err(RequestError::HandlerFailed(e)) if e == NOT_LEADER => {
+                    if Instant::now() >= deadline {
+                        return Err(RequestError::NoLeader);
+                    }
+                    self.dispatch_until(Some(Instant::now() + Duration::from_millis(1)))?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// [`Messenger::publish`] of raw bytes: subscribers registered with
+    /// [`Messenger::subscribe_bytes`] get them as they are.
+    ///
+    /// # Errors
+    /// As [`Messenger::publish`].
+    pub fn publish_bytes(&mut self, topic: &str, data: &[u8], deadline: Instant) -> Result<(), RequestError> {
+        let leader = self.wait_leader(deadline)?;
+        match self.request::<_, ()>(leader.slot, PUBLISH, &(topic, data.to_vec()), deadline) {
+            Err(RequestError::WorkerDied) => Err(RequestError::LeaderDied),
+            other => other,
+        }
+    }
+
+    /// [`Messenger::subscribe`] with raw bytes.
+    ///
+    /// # Errors
+    /// As [`Messenger::subscribe`].
+    pub fn subscribe_bytes<F>(&mut self, topic: &str, deadline: Instant, mut f: F) -> Result<(), RequestError>
+    where
+        F: FnMut(&super::Ctx, &[u8]) + Send + 'static,
+    {
+        self.install_leader_handlers();
+        self.on_bytes(&format!("{TOPIC_PREFIX}{topic}"), move |ctx, bytes| {
+            f(ctx, bytes);
+            Vec::new()
+        })?;
+        self.leader.subscriptions.insert(topic.to_owned());
+        let leader = self.wait_leader(deadline)?;
+        self.leader.subscribed_term = leader.term;
+        self.notify(leader.slot, SUBSCRIBE, topic)
+    }
+
     /// One-way invoke: the leader's handler runs; nothing is awaited.
     ///
     /// # Errors

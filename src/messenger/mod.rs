@@ -371,6 +371,39 @@ impl<R: Serialize> Reply<R> {
     }
 }
 
+/// A handle to answer a raw-bytes request later, from any thread: see
+/// [`Messenger::on_request_async_bytes`]. Dropping it unanswered answers
+/// `HandlerFailed("reply dropped")`.
+pub struct BytesReply {
+    to: Option<ReplyTo>,
+}
+
+impl fmt::Debug for BytesReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BytesReply").finish_non_exhaustive()
+    }
+}
+
+impl BytesReply {
+    /// Answers with `bytes`, or with `HandlerFailed(error)`.
+    pub fn send(mut self, result: Result<Vec<u8>, String>) {
+        if let Some(to) = self.to.take() {
+            match result {
+                Ok(bytes) => send_reply(&to, wire::OK, &bytes),
+                Err(e) => send_reply(&to, wire::FAILED, e.as_bytes()),
+            }
+        }
+    }
+}
+
+impl Drop for BytesReply {
+    fn drop(&mut self) {
+        if let Some(to) = self.to.take() {
+            send_reply(&to, wire::FAILED, b"reply dropped");
+        }
+    }
+}
+
 impl<R> Drop for Reply<R> {
     fn drop(&mut self) {
         if let Some(to) = self.to.take() {
@@ -827,6 +860,25 @@ impl Messenger {
         )
     }
 
+    /// Answers requests for `event` later with raw bytes: `f` gets the
+    /// payload and a [`BytesReply`] it may keep and answer from any thread.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn on_request_async_bytes<F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RequestError>
+    where
+        F: FnMut(&Ctx, &[u8], BytesReply) + Send + 'static,
+    {
+        self.add(
+            event,
+            false,
+            Box::new(move |ctx, data, reply_to| {
+                f(ctx, data, BytesReply { to: reply_to });
+                Outcome::Deferred
+            }),
+        )
+    }
+
     /// Removes every handler for `event`; returns how many there were.
     pub fn off(&mut self, event: &str) -> usize {
         self.handlers.remove(event).map_or(0, |v| v.len())
@@ -1195,6 +1247,42 @@ impl Messenger {
         R: DeserializeOwned,
     {
         let bytes = encode_call(event, 0, value)?;
+        Ok(self
+            .map_encoded(event, bytes, deadline)?
+            .into_iter()
+            .map(|(peer, r)| {
+                let r = r.and_then(|body| {
+                    postcard::from_bytes(&body).map_err(|e| MapError::Decode(e.to_string()))
+                });
+                (peer, r)
+            })
+            .collect())
+    }
+
+    /// [`Messenger::map`] with raw bytes both ways (handlers registered
+    /// with [`Messenger::on_bytes`] or any handler whose reply is wanted
+    /// undecoded).
+    ///
+    /// # Errors
+    /// As [`Messenger::map`].
+    #[allow(clippy::type_complexity)]
+    pub fn map_bytes(
+        &mut self,
+        event: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<(WorkerId, Result<Vec<u8>, MapError>)>, RequestError> {
+        let bytes = encode_call_bytes(event, 0, data)?;
+        self.map_encoded(event, bytes, deadline)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn map_encoded(
+        &mut self,
+        event: &str,
+        bytes: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<(WorkerId, Result<Vec<u8>, MapError>)>, RequestError> {
         if bytes.len() > self.max_message {
             return Err(RequestError::TooLarge {
                 len: bytes.len(),
@@ -1217,7 +1305,7 @@ impl Messenger {
             .zip(calls)
             .map(|(peer, call)| {
                 let r = match call.and_then(|id| self.take_result(id)) {
-                    Ok(body) => postcard::from_bytes(&body).map_err(|e| MapError::Decode(e.to_string())),
+                    Ok(body) => Ok(body),
                     Err(RequestError::NoHandler) => Err(MapError::NoHandler),
                     Err(RequestError::HandlerFailed(e)) => Err(MapError::HandlerFailed(e)),
                     Err(RequestError::WorkerDied) => Err(MapError::WorkerDied),
@@ -1246,6 +1334,31 @@ impl Messenger {
     ) -> Result<Consumed, RequestError> {
         let delivery = self.new_delivery_id();
         let bytes = encode_call(event, delivery, value)?;
+        self.consume_encoded(event, delivery, bytes, deadline)
+    }
+
+    /// [`Messenger::consume`] with a raw-bytes payload.
+    ///
+    /// # Errors
+    /// As [`Messenger::consume`].
+    pub fn consume_bytes(
+        &mut self,
+        event: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Consumed, RequestError> {
+        let delivery = self.new_delivery_id();
+        let bytes = encode_call_bytes(event, delivery, data)?;
+        self.consume_encoded(event, delivery, bytes, deadline)
+    }
+
+    fn consume_encoded(
+        &mut self,
+        event: &str,
+        delivery: u64,
+        bytes: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Consumed, RequestError> {
         if bytes.len() > self.max_message {
             return Err(RequestError::TooLarge {
                 len: bytes.len(),
