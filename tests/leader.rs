@@ -116,11 +116,13 @@ fn standalone_worker_leads_itself() {
     }
     assert_eq!(got.load(Ordering::Acquire), 5);
     // The raw-bytes variants (what the C ABI uses).
-    m.on_invoke_bytes("rev", |_, b| Ok(b.iter().rev().copied().collect())).unwrap();
+    m.on_invoke_bytes("rev", |_, b| Ok(b.iter().rev().copied().collect()))
+        .unwrap();
     assert_eq!(m.invoke_bytes("rev", b"abc", soon()), Ok(b"cba".to_vec()));
     let raw = Arc::new(Mutex::new(Vec::new()));
     let r = raw.clone();
-    m.subscribe_bytes("raw", soon(), move |_, b| r.lock().unwrap().push(b.to_vec())).unwrap();
+    m.subscribe_bytes("raw", soon(), move |_, b| r.lock().unwrap().push(b.to_vec()))
+        .unwrap();
     m.publish_bytes("raw", b"\x01\x02", soon()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while raw.lock().unwrap().is_empty() && Instant::now() < deadline {

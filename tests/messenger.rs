@@ -320,7 +320,10 @@ fn once_off_and_standalone() {
         std::thread::spawn(move || reply.send(Ok([b.as_slice(), b"!"].concat())));
     })
     .unwrap();
-    assert_eq!(m.request_bytes(0, "later-bytes", b"hi", soon()), Ok(b"hi!".to_vec()));
+    assert_eq!(
+        m.request_bytes(0, "later-bytes", b"hi", soon()),
+        Ok(b"hi!".to_vec())
+    );
     assert_eq!(m.off("raw"), 1);
     assert_eq!(m.consume("double", &1u32, soon()), Err(RequestError::NoHandler));
 }

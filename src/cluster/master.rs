@@ -3,9 +3,10 @@
 //! The loop is single-threaded and event-driven: signals arrive through a
 //! `signalfd` (SIGCHLD, SIGTERM, SIGINT, SIGHUP, and SIGUSR1, a worker's
 //! nudge after it declared itself ready or asked for a reload), together
-//! with the workers' listener requests on their control sockets, in one
-//! `poll(2)`, with a short tick for timers (backoff, drain and grace
-//! deadlines, heartbeats).
+//! with the workers' listener requests on their control sockets and the
+//! clients of the master's own control socket (`shmcluster stat`, see
+//! `control.rs`), in one `poll(2)`, with a short tick for timers (backoff,
+//! drain and grace deadlines, heartbeats).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -14,9 +15,11 @@ use std::fmt;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
 
+use super::control::{self, ControlLocation, ControlServer};
 use super::listen::{self, ListenAddr, ListenError, ListenMode, ListenSpec, Listeners};
 use super::worker::{env, Worker};
 use super::{read_stats, ClusterStats, Event, EventKind, ExitReason, WorkerState};
@@ -38,6 +41,7 @@ pub struct Cluster {
     instances: u32,
     reload_asked: Cell<u32>,
     shutdown_asked: Cell<bool>,
+    control_path: Option<PathBuf>,
 }
 
 impl fmt::Debug for Cluster {
@@ -84,6 +88,20 @@ impl Cluster {
     pub fn shutdown(&self) {
         self.shutdown_asked.set(true);
     }
+
+    /// Where the master's control socket is bound, if it has one (see
+    /// [`ClusterBuilder::control_socket`]).
+    pub fn control_path(&self) -> Option<&Path> {
+        self.control_path.as_deref()
+    }
+
+    /// The control socket a master with pid `pid` binds with
+    /// [`ClusterBuilder::control_socket_default`]:
+    /// `$XDG_RUNTIME_DIR/shmcluster-<pid>.sock`, or
+    /// `/tmp/shmcluster-<uid>/<pid>.sock` if `XDG_RUNTIME_DIR` is unset.
+    pub fn default_control_path(pid: u32) -> PathBuf {
+        control::default_path(pid)
+    }
 }
 
 type EventCallback = Box<dyn FnMut(&Cluster, &Event)>;
@@ -124,6 +142,7 @@ pub struct ClusterBuilder {
     lock_hold_limit: Option<(Duration, bool)>,
     ready_on_start: bool,
     on_event: Option<EventCallback>,
+    control: Option<ControlLocation>,
 }
 
 impl fmt::Debug for ClusterBuilder {
@@ -154,6 +173,7 @@ impl Default for ClusterBuilder {
             lock_hold_limit: None,
             ready_on_start: false,
             on_event: None,
+            control: None,
         }
     }
 }
@@ -189,6 +209,13 @@ pub enum ClusterError {
         /// Why not.
         reason: String,
     },
+    /// The control socket could not be bound.
+    Control {
+        /// Where it was to be bound.
+        path: PathBuf,
+        /// Why it could not be.
+        error: io::Error,
+    },
     /// A system call failed.
     Io(io::Error),
 }
@@ -211,6 +238,9 @@ impl fmt::Display for ClusterError {
                  (start the cluster before spawning threads or a runtime)"
             ),
             Self::Command { program, reason } => write!(f, "cannot execute {program:?}: {reason}"),
+            Self::Control { path, error } => {
+                write!(f, "cannot bind the control socket {}: {error}", path.display())
+            }
             Self::Io(e) => write!(f, "{e}"),
         }
     }
@@ -222,6 +252,7 @@ impl std::error::Error for ClusterError {
             Self::Config(e) => Some(e),
             Self::Create(e) => Some(e),
             Self::Listen(e) => Some(e),
+            Self::Control { error, .. } => Some(error),
             Self::Io(e) => Some(e),
             _ => None,
         }
@@ -375,6 +406,27 @@ impl ClusterBuilder {
         self
     }
 
+    /// Serve a control socket at `path` (a unix stream socket, mode 0600,
+    /// removed when the master ends) for `shmcluster stat`, `reload` and
+    /// `stop`: they read the stats and ask for a rolling reload or a
+    /// graceful shutdown. Only processes of the master's own user are
+    /// answered. A socket file left there by a dead master is replaced.
+    ///
+    /// # Errors
+    /// `run`/`command` fail with [`ClusterError::Control`] if it cannot be
+    /// bound (before any fork).
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control = Some(ControlLocation::Path(path.into()));
+        self
+    }
+
+    /// Serve a control socket at [`Cluster::default_control_path`] of the
+    /// master's pid (see [`control_socket`](Self::control_socket)).
+    pub fn control_socket_default(mut self) -> Self {
+        self.control = Some(ControlLocation::Default);
+        self
+    }
+
     /// Called in the master for every event it publishes, with the running
     /// cluster (to read stats, or to ask for a reload or shutdown). It runs
     /// inside the supervision loop: while it runs, the master reaps no
@@ -477,8 +529,15 @@ impl ClusterBuilder {
             None => Listeners::bind(&specs, instances).map_err(ClusterError::Listen)?,
         };
         let segment = Segment::create(&config).map_err(ClusterError::Create)?;
-        let signals = MasterSignals::install()?;
         let master_pid = sys::getpid();
+        let control_server = match self.control.take() {
+            Some(at) => Some(
+                ControlServer::bind(&at, master_pid)
+                    .map_err(|(path, error)| ClusterError::Control { path, error })?,
+            ),
+            None => None,
+        };
+        let signals = MasterSignals::install()?;
         let control = segment.control();
         control.master_pid.store(master_pid, Release);
         control.instances.store(instances, Release);
@@ -491,6 +550,7 @@ impl ClusterBuilder {
             instances,
             reload_asked: Cell::new(0),
             shutdown_asked: Cell::new(false),
+            control_path: control_server.as_ref().map(|c| c.path().to_path_buf()),
         };
         let on_event = self.on_event.take();
         let mut master = Master {
@@ -512,6 +572,7 @@ impl ClusterBuilder {
             failed: Vec::new(),
             on_event,
             lock_reported: vec![0; config.lock_slots as usize],
+            control: control_server,
         };
         let result = master.supervise();
         let Master {
@@ -603,6 +664,8 @@ struct Master<'a> {
     on_event: Option<EventCallback>,
     /// Per lock-table entry: the fencing token last reported over the limit.
     lock_reported: Vec<u64>,
+    /// The control socket (`shmcluster stat`), if configured.
+    control: Option<ControlServer>,
 }
 
 impl Master<'_> {
@@ -719,6 +782,9 @@ impl Master<'_> {
         if let Some(d) = self.shutdown_deadline {
             next = next.min(d);
         }
+        if let Some(t) = self.control.as_ref().and_then(ControlServer::wake_at) {
+            next = next.min(t);
+        }
         let with_control: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].control.is_some())
             .collect();
@@ -729,7 +795,16 @@ impl Master<'_> {
                     .iter()
                     .filter_map(|&i| self.slots[i].control.as_ref().map(|c| c.as_fd())),
             );
-            sys::net::poll_readable(&fds, Some(next.saturating_duration_since(now)))?
+            let control_at = fds.len();
+            if let Some(c) = &self.control {
+                fds.extend(c.poll_fds());
+            }
+            let ready = sys::net::poll_readable(&fds, Some(next.saturating_duration_since(now)))?;
+            if let Some(c) = self.control.as_mut() {
+                // Never waits: non-blocking sockets, bounded requests.
+                c.serve(ready[control_at], &self.cluster);
+            }
+            ready
         };
         for (k, &slot) in with_control.iter().enumerate() {
             if !ready[k + 1] {
@@ -783,6 +858,9 @@ impl Master<'_> {
             generation,
         };
         event.seq = self.cluster.segment.control().publish(event.to_raw());
+        if let Some(c) = self.control.as_mut() {
+            c.observe(&event);
+        }
         if let Some(cb) = self.on_event.as_mut() {
             cb(&self.cluster, &event);
         }
@@ -814,6 +892,11 @@ impl Master<'_> {
             self.slots
                 .iter()
                 .filter_map(|s| s.control.as_ref().map(|c| c.as_raw_fd())),
+        );
+        close.extend(
+            self.control
+                .as_ref()
+                .map_or_else(Vec::new, ControlServer::raw_fds),
         );
         let listeners = self.cluster.listeners.borrow();
         let mine: Vec<(BorrowedFd<'_>, &str)> = listeners.for_instance(index);
@@ -943,6 +1026,9 @@ impl Master<'_> {
         let entry = segment.worker_entry(slot);
         let rec = &mut self.slots[slot as usize];
         let generation = rec.generation;
+        // Killed on purpose (hang, lock hold limit, reload, not ready): its
+        // end is accounted for by that decision, not by the shutdown.
+        let intentional = rec.ending.is_some();
         let reason = match rec.ending.take() {
             Some(r) => r,
             None if shutting_down => Shutdown,
@@ -955,6 +1041,7 @@ impl Master<'_> {
         // A spawned program that did not catch our SIGTERM (or a terminal's
         // SIGINT) ended the way it was asked to: that is clean too.
         if shutting_down
+            && !intentional
             && !matches!(
                 status,
                 ExitStatus::Code(0) | ExitStatus::Signal(proc::SIGTERM) | ExitStatus::Signal(proc::SIGINT)

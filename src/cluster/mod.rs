@@ -11,6 +11,7 @@
 //! is ready, and only then drains the old one, whose slot becomes the spare:
 //! so across a reload an instance keeps its index but may change slot.
 
+mod control;
 pub mod listen;
 mod master;
 mod worker;

@@ -354,6 +354,21 @@ pub fn adopt_listen_fds(count: usize) -> io::Result<Vec<OwnedFd>> {
     Ok(fds)
 }
 
+/// `getsockopt(2)` `SO_PEERCRED` on a connected unix socket: the user id
+/// of the process that connected (or created the pair), as the kernel
+/// recorded it at `connect(2)` time (see `unix(7)`). The peer cannot forge
+/// it.
+pub fn peer_uid(sock: BorrowedFd<'_>) -> io::Result<u32> {
+    let cred = socket::getsockopt(&sock, sockopt::PeerCredentials)?;
+    Ok(cred.uid())
+}
+
+/// `getuid(2)`: the real user id of this process.
+pub fn own_uid() -> u32 {
+    // SAFETY: getuid takes no arguments, touches no memory and cannot fail.
+    unsafe { libc::getuid() }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
@@ -478,6 +493,14 @@ mod tests {
         set_cloexec(a.as_fd(), true).unwrap();
         assert!(is_cloexec(a.as_fd()).unwrap());
         assert!(is_cloexec_raw(a.as_raw_fd()).unwrap());
+    }
+
+    #[test]
+    fn peer_uid_of_a_pair_is_our_own_uid() {
+        let (a, _b) = seqpacket_pair().unwrap();
+        assert_eq!(peer_uid(a.as_fd()).unwrap(), own_uid());
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(peer_uid(file.as_fd()).is_err(), "not a socket");
     }
 
     #[test]

@@ -1,0 +1,369 @@
+//! `shmcluster`: the command-line master (`run`, spawn mode: any program
+//! as the worker) and the tools that talk to a running master through its
+//! control socket (`stat`, `reload`, `stop`).
+
+use std::cell::Cell;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use shmcluster::{Cluster, Event, EventKind, ListenMode};
+
+#[path = "shmcluster/client.rs"]
+mod client;
+
+use client::{ClientError, Snapshot};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  run: the cluster shut down cleanly; stat/reload/stop: done
+  1  run: an unclean shutdown (a worker killed at the grace deadline, a slot
+     given up after a crash loop); stat/reload/stop: no master answered, it
+     refused, a reload failed, or --wait timed out
+  2  a usage error, or run could not start (bad option, command not found,
+     address not bindable, control socket not bindable): nothing was started";
+
+/// Brokerless shared-memory IPC for pre-forked worker clusters: a process
+/// manager that starts and supervises workers, and tools to inspect it.
+#[derive(Debug, Parser)]
+#[command(name = "shmcluster", version, after_help = EXIT_CODES, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a master that runs COMMAND as every worker and supervises it.
+    ///
+    /// Workers find the cluster in their environment (SHMCLUSTER_*) and the
+    /// listeners from fd 3 (LISTEN_FDS, as under systemd socket
+    /// activation). The master respawns workers that die, does a rolling
+    /// reload on SIGHUP (or `shmcluster reload`) and a graceful shutdown on
+    /// SIGTERM/SIGINT (or `shmcluster stop`). Events go to stderr, one line
+    /// each.
+    #[command(after_help = EXIT_CODES, override_usage = "shmcluster run [OPTIONS] -- <COMMAND> [ARGS]...")]
+    Run(RunArgs),
+    /// Show a running master's workers: state, pid, restarts, heartbeat
+    /// age, messages, inbox bytes, and lock holders.
+    #[command(after_help = EXIT_CODES)]
+    Stat(StatArgs),
+    /// Ask a running master for a rolling reload (as SIGHUP does).
+    #[command(after_help = EXIT_CODES)]
+    Reload(WaitArgs),
+    /// Ask a running master for a graceful shutdown (as SIGTERM does).
+    #[command(after_help = EXIT_CODES)]
+    Stop(WaitArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Worker instances to keep running (0: one per CPU).
+    #[arg(short = 'w', long = "workers", value_name = "N", default_value_t = 0)]
+    workers: u32,
+    /// Listen on ADDR ("host:port", ":port", or a unix socket path); passed
+    /// to every worker from fd 3. Repeatable.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// One SO_REUSEPORT socket per worker instead of one shared socket.
+    #[arg(long)]
+    reuseport: bool,
+    /// Deaths of a slot within the restart window before it is given up.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    max_restarts: usize,
+    /// The crash-loop window.
+    #[arg(long, value_name = "SECS", default_value = "60", value_parser = secs)]
+    restart_window: Duration,
+    /// First delay between restarts of a crashing slot (doubling).
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    backoff_ms: u64,
+    /// Longest delay between restarts.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    backoff_max_ms: u64,
+    /// How long a worker replaced by a reload may drain before SIGKILL.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = secs)]
+    reload_timeout: Duration,
+    /// How long a reload waits for a replacement to be ready.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = secs)]
+    ready_timeout: Duration,
+    /// Shutdown grace period: workers still running after it get SIGKILL.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = secs)]
+    kill_timeout: Duration,
+    /// Kill and replace a ready worker whose heartbeat stops this long.
+    #[arg(long, value_name = "SECS", value_parser = secs)]
+    hang_timeout: Option<Duration>,
+    /// Bytes in each message lane.
+    #[arg(long, value_name = "BYTES")]
+    lane_size: Option<usize>,
+    /// Count each worker ready as soon as it is started (for programs that
+    /// do not call ready(): any program without the library).
+    #[arg(long)]
+    ready_on_start: bool,
+    /// The control socket [default: $XDG_RUNTIME_DIR/shmcluster-<pid>.sock,
+    /// or /tmp/shmcluster-<uid>/<pid>.sock].
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// The worker program and its arguments (after `--`).
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    command: Vec<OsString>,
+}
+
+/// Which master: `--control PATH`, `--pid PID`, or the only one running.
+#[derive(Debug, Args)]
+struct Target {
+    /// The master's control socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "pid")]
+    control: Option<PathBuf>,
+    /// The master's pid (its default control socket). Without --control or
+    /// --pid: the only master of this user in the default directory.
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+struct StatArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Print again every SECS (default 1) with message rates, until the
+    /// master exits or Ctrl-C.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1", value_parser = secs)]
+    watch: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+struct WaitArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Wait until it is done: the reload finished (exit 1 if it failed), or
+    /// the master exited.
+    #[arg(long)]
+    wait: bool,
+    /// The longest --wait waits.
+    #[arg(long, value_name = "SECS", default_value = "120", value_parser = secs)]
+    timeout: Duration,
+}
+
+/// Parses a non-negative number of seconds (fractions allowed).
+fn secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(v).map_err(|_| format!("{s:?} is not a non-negative number of seconds"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Stat(args) => report(stat(args)),
+        Command::Reload(args) => report(reload(args)),
+        Command::Stop(args) => report(stop(args)),
+    };
+    ExitCode::from(code)
+}
+
+fn report(r: Result<(), ClientError>) -> u8 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("shmcluster: {e}");
+            1
+        }
+    }
+}
+
+fn describe(event: &Event) -> String {
+    let what = match event.kind {
+        EventKind::Spawned => "spawned".to_string(),
+        EventKind::Online => "online".to_string(),
+        EventKind::Exit(reason) => format!("ended: {reason}"),
+        EventKind::CrashLoop => "crash loop: not restarting it".to_string(),
+        EventKind::ReloadStarted => return "reload started".into(),
+        EventKind::ReloadFinished { ok: true } => return "reload finished: ok".into(),
+        EventKind::ReloadFinished { ok: false } => {
+            return "reload finished: failed (a replacement was not ready; old worker kept)".into()
+        }
+        EventKind::ShutdownStarted => return "shutdown started".into(),
+        EventKind::LockHeldTooLong { lock } => format!("held lock entry {lock} past the hold limit"),
+        EventKind::StartFailed { errno } => format!(
+            "could not be started: {}; retrying",
+            std::io::Error::from_raw_os_error(errno)
+        ),
+        other => format!("{other:?}"),
+    };
+    let index = if event.index == u32::MAX {
+        "-".into()
+    } else {
+        event.index.to_string()
+    };
+    format!(
+        "worker {index} {what} (slot {}, pid {}, generation {})",
+        event.slot, event.pid, event.generation
+    )
+}
+
+fn run(args: RunArgs) -> u8 {
+    let mut builder = Cluster::builder()
+        .workers(args.workers)
+        .crash_loop_limit(args.max_restarts, args.restart_window)
+        .restart_backoff(
+            Duration::from_millis(args.backoff_ms),
+            Duration::from_millis(args.backoff_max_ms),
+        )
+        .drain_timeout(args.reload_timeout)
+        .ready_timeout(args.ready_timeout)
+        .shutdown_grace(args.kill_timeout)
+        .ready_on_start(args.ready_on_start);
+    let mode = if args.reuseport {
+        ListenMode::ReusePort
+    } else {
+        ListenMode::Shared
+    };
+    for addr in &args.listen {
+        builder = builder.listen_mode(addr, mode);
+    }
+    if let Some(d) = args.hang_timeout {
+        builder = builder.hang_timeout(d);
+    }
+    if let Some(bytes) = args.lane_size {
+        builder = builder.lane_capacity(bytes);
+    }
+    builder = match args.control {
+        Some(path) => builder.control_socket(path),
+        None => builder.control_socket_default(),
+    };
+    let announced = Cell::new(false);
+    builder = builder.on_event(move |cluster, event| {
+        if !announced.replace(true) {
+            let control = cluster
+                .control_path()
+                .map_or_else(|| "none".into(), |p| p.display().to_string());
+            let addrs: Vec<String> = cluster.local_addrs().iter().map(ToString::to_string).collect();
+            eprintln!(
+                "shmcluster: master pid {}, {} workers, control socket {control}{}",
+                std::process::id(),
+                cluster.instances(),
+                if addrs.is_empty() {
+                    String::new()
+                } else {
+                    format!(", listening on {}", addrs.join(" "))
+                }
+            );
+        }
+        eprintln!("shmcluster: {}", describe(event));
+    });
+    match builder.command(args.command) {
+        Ok(report) => {
+            eprintln!(
+                "shmcluster: master exiting, {} shutdown ({} restarts, {} killed{})",
+                if report.clean { "clean" } else { "unclean" },
+                report.restarts,
+                report.killed,
+                if report.failed_slots.is_empty() {
+                    String::new()
+                } else {
+                    format!(", slots given up: {:?}", report.failed_slots)
+                }
+            );
+            report.exit_code() as u8
+        }
+        Err(e) => {
+            eprintln!("shmcluster: cannot start: {e}");
+            2
+        }
+    }
+}
+
+fn stat(args: StatArgs) -> Result<(), ClientError> {
+    let path = client::resolve(args.target.control, args.target.pid)?;
+    let mut previous: Option<Snapshot> = None;
+    loop {
+        let snap = match client::request(&path, "stat") {
+            Ok(r) => Snapshot::parse(&r)?,
+            // Watching until the master exits is a normal end.
+            Err(ClientError::Connect { .. }) if previous.is_some() => {
+                println!("master gone");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(every) = args.watch else {
+            print!("{}", client::render(&snap, None));
+            return Ok(());
+        };
+        if previous.is_some() {
+            println!();
+        }
+        print!("{}", client::render(&snap, previous.as_ref()));
+        previous = Some(snap);
+        std::thread::sleep(every.max(Duration::from_millis(100)));
+    }
+}
+
+fn reload(args: WaitArgs) -> Result<(), ClientError> {
+    let path = client::resolve(args.target.control, args.target.pid)?;
+    // Reloads queue: ours ends once every reload begun before it has, too.
+    let before = Snapshot::parse(&client::request(&path, "stat")?)?;
+    let started = before.master.num("reloads_started").unwrap_or(0);
+    let running = started.saturating_sub(before.reloads_finished());
+    let target = before.reloads_finished() + running + 1;
+    client::request(&path, "reload")?;
+    println!("reload queued");
+    if !args.wait {
+        return Ok(());
+    }
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        let snap = Snapshot::parse(&client::request(&path, "stat")?)?;
+        if snap.reloads_finished() >= target {
+            return match snap.master.get("last_reload") {
+                "ok" => {
+                    println!("reload finished: ok");
+                    Ok(())
+                }
+                _ => Err(ClientError::Refused(
+                    "reload finished: failed (a replacement was not ready; old workers kept)".into(),
+                )),
+            };
+        }
+        if Instant::now() >= deadline {
+            return Err(ClientError::NoMaster(format!(
+                "the reload did not finish within {:?}",
+                args.timeout
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stop(args: WaitArgs) -> Result<(), ClientError> {
+    let path = client::resolve(args.target.control, args.target.pid)?;
+    let response = client::request(&path, "stop")?;
+    println!("{}", response.trim_start_matches("ok ").trim_end());
+    if !args.wait {
+        return Ok(());
+    }
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        match client::request(&path, "ping") {
+            Err(ClientError::Connect { .. }) => {
+                println!("master exited");
+                return Ok(());
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(ClientError::NoMaster(format!(
+                    "the master did not exit within {:?}",
+                    args.timeout
+                )))
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}

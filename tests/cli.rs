@@ -1,0 +1,415 @@
+//! The `shmcluster` command, run as a subprocess (so each master is a
+//! fresh single-threaded process): `run` in spawn mode with `stat`,
+//! `reload` and `stop` through the control socket, start-up errors, help,
+//! and a listener served by Python workers on fd 3.
+//!
+//! Every child is bounded by a deadline and killed and reaped on the way
+//! out, so a hang fails the test instead of CI.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
+
+/// A scratch directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("shmcluster-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.0.join("c.sock")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child that is killed and reaped when dropped (a failing test included).
+struct Reaped(Child);
+
+impl Reaped {
+    /// Waits up to `timeout` for the exit; panics (killing it) past that.
+    fn wait_within(&mut self, timeout: Duration, what: &str) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                panic!("{what} did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// A finished command: exit status and output.
+struct Out {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `shmcluster args...` to completion within `timeout`.
+fn cli(args: &[&str], timeout: Duration) -> Out {
+    let child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Reaped(child);
+    let status = child.wait_within(timeout, &format!("shmcluster {args:?}"));
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut o) = child.0.stdout.take() {
+        o.read_to_string(&mut stdout).unwrap();
+    }
+    if let Some(mut e) = child.0.stderr.take() {
+        e.read_to_string(&mut stderr).unwrap();
+    }
+    Out {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// A running `shmcluster run` master, its stderr lines arriving on a
+/// channel (read by a thread so the master never blocks on the pipe).
+struct Master {
+    child: Reaped,
+    lines: Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Master {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[master] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child: Reaped(child),
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`; returns it.
+    fn expect_line(&mut self, needle: &str, timeout: Duration) -> String {
+        if let Some(l) = self.log.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no master line containing {needle:?} within {timeout:?}: {:#?}",
+                    self.log
+                ),
+            }
+        }
+    }
+
+    /// Waits for the exit; returns its code and the whole stderr.
+    fn finish(mut self, timeout: Duration) -> (Option<i32>, Vec<String>) {
+        let status = self.child.wait_within(timeout, "the master");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.log.push(line);
+        }
+        (status.code(), std::mem::take(&mut self.log))
+    }
+}
+
+/// `stat` until it answers with `live` running workers; returns its output.
+fn stat_until_live(socket: &Path, live: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let want = format!("{live} live");
+    loop {
+        let out = cli(
+            &["stat", "--control", socket.to_str().unwrap()],
+            Duration::from_secs(10),
+        );
+        if out.status.success() && out.stdout.contains(&want) {
+            return out.stdout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stat never showed {want}: {} {}",
+            out.stdout,
+            out.stderr
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pids of the rows whose state is `Ready`.
+fn ready_pids(stat: &str) -> Vec<u32> {
+    stat.lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.get(2) == Some(&"Ready")).then(|| cols[3].parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn help_works_for_every_subcommand() {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["stat", "--help"],
+        &["reload", "--help"],
+        &["stop", "--help"],
+    ] {
+        let out = cli(args, Duration::from_secs(10));
+        assert!(out.status.success(), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stdout.contains("Usage: shmcluster"),
+            "{args:?}: {}",
+            out.stdout
+        );
+        assert!(out.stdout.contains("Exit codes:"), "{args:?}: {}", out.stdout);
+    }
+    let run = cli(&["run", "--help"], Duration::from_secs(10)).stdout;
+    for option in [
+        "--workers",
+        "--listen",
+        "--reuseport",
+        "--max-restarts",
+        "--restart-window",
+        "--backoff-ms",
+        "--backoff-max-ms",
+        "--reload-timeout",
+        "--ready-timeout",
+        "--kill-timeout",
+        "--lane-size",
+        "--ready-on-start",
+        "--control",
+    ] {
+        assert!(run.contains(option), "run --help lacks {option}");
+    }
+    let stat = cli(&["stat", "--help"], Duration::from_secs(10)).stdout;
+    for option in ["--control", "--pid", "--watch"] {
+        assert!(stat.contains(option), "stat --help lacks {option}");
+    }
+}
+
+#[test]
+fn start_up_errors_exit_2_before_anything_starts() {
+    let dir = TempDir::new("errors");
+    let socket = dir.socket();
+    let socket = socket.to_str().unwrap();
+
+    let out = cli(&["run", "-w", "2", "--control", socket], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("<COMMAND>"), "{}", out.stderr);
+
+    let out = cli(
+        &["run", "-w", "2", "--control", socket, "--", "/nonexistent/worker"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot execute"), "{}", out.stderr);
+    assert!(!out.stderr.contains("spawned"), "nothing started: {}", out.stderr);
+
+    let out = cli(
+        &["run", "--kill-timeout", "soon", "--", "sleep", "1"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("not a number of seconds"), "{}", out.stderr);
+
+    let out = cli(
+        &["run", "--control", "/nonexistent-dir/c.sock", "--", "sleep", "1"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("control socket"), "{}", out.stderr);
+    assert!(!Path::new(socket).exists());
+
+    // No master there: stat says so and exits 1.
+    let out = cli(&["stat", "--control", socket], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot connect"), "{}", out.stderr);
+}
+
+#[test]
+fn stat_reload_and_stop_through_the_control_socket() {
+    let dir = TempDir::new("control");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    let mut master = Master::start(&[
+        "-w",
+        "2",
+        "--ready-on-start",
+        "--kill-timeout",
+        "5",
+        "--control",
+        sock,
+        "--",
+        "sleep",
+        "60",
+    ]);
+    let first = master.expect_line("control socket", Duration::from_secs(10));
+    assert!(first.contains(sock), "{first}");
+
+    let stat = stat_until_live(&socket, 2);
+    let before = ready_pids(&stat);
+    assert_eq!(before.len(), 2, "{stat}");
+    assert!(stat.contains("lock (global): free"), "{stat}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A watcher prints rates and ends when the master does.
+    let watcher = Command::new(BIN)
+        .args(["stat", "--control", sock, "--watch", "0.1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watcher = Reaped(watcher);
+
+    let out = cli(&["reload", "--control", sock, "--wait"], Duration::from_secs(30));
+    assert!(out.status.success(), "{} {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("reload finished: ok"), "{}", out.stdout);
+    master.expect_line("reload started", Duration::from_secs(10));
+    master.expect_line("reload finished: ok", Duration::from_secs(10));
+
+    let stat = stat_until_live(&socket, 2);
+    let after = ready_pids(&stat);
+    assert_eq!(after.len(), 2, "{stat}");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "new pids: {before:?} -> {after:?}"
+    );
+    assert!(stat.contains("1 started, 1 ok, 0 failed"), "{stat}");
+
+    let out = cli(&["stop", "--control", sock, "--wait"], Duration::from_secs(30));
+    assert!(out.status.success(), "{} {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("shutdown started"), "{}", out.stdout);
+    assert!(out.stdout.contains("master exited"), "{}", out.stdout);
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{log:#?}");
+    assert!(log.iter().any(|l| l.contains("clean shutdown")), "{log:#?}");
+    assert!(!socket.exists(), "the socket file is removed at exit");
+
+    let status = watcher.wait_within(Duration::from_secs(10), "stat --watch");
+    let mut watched = String::new();
+    watcher
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut watched)
+        .unwrap();
+    assert!(status.success(), "{watched}");
+    assert!(watched.contains("sent/s"), "{watched}");
+    assert!(watched.trim_end().ends_with("master gone"), "{watched}");
+}
+
+#[test]
+fn a_tcp_listener_is_served_by_python_workers_on_fd_3() {
+    if Command::new("python3").arg("-c").arg("").status().is_err() {
+        eprintln!("python3 not found: skipped");
+        return;
+    }
+    let dir = TempDir::new("listen");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    let worker = "import socket, os, time\n\
+        s = socket.socket(fileno=3)\n\
+        c, _ = s.accept()\n\
+        c.recv(65536)\n\
+        body = ('worker %s' % os.environ['SHMCLUSTER_INDEX']).encode()\n\
+        c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n' % len(body) + body)\n\
+        c.close()\n\
+        time.sleep(60)\n";
+    let mut master = Master::start(&[
+        "-w",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--ready-on-start",
+        "--kill-timeout",
+        "5",
+        "--control",
+        sock,
+        "--",
+        "python3",
+        "-c",
+        worker,
+    ]);
+    let first = master.expect_line("listening on", Duration::from_secs(10));
+    let addr = first.rsplit("listening on ").next().unwrap().trim().to_string();
+    stat_until_live(&socket, 2);
+    let mut client = TcpStream::connect(&addr).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    client.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(
+        response.ends_with("worker 0") || response.ends_with("worker 1"),
+        "{response}"
+    );
+
+    let out = cli(&["stop", "--control", sock], Duration::from_secs(10));
+    assert!(out.status.success(), "{}", out.stderr);
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{log:#?}");
+}
