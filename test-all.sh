@@ -16,6 +16,10 @@ timeout 1200 cargo test --workspace
 step "the tokio feature: async synchronize"
 timeout 600 cargo test --features tokio --test locks_async
 
+step "python: the ctypes binding over libshmcluster (pytest)"
+cargo build -p shmcluster-ffi
+(cd ffi/python && SHMCLUSTER_LIB="$PWD/../../target/debug/libshmcluster.so" timeout 300 python3 -m pytest -q tests)
+
 step "loom: the park/wake and space-wait handshakes lose no wakeup"
 LOOM_MAX_PREEMPTIONS=3 RUSTFLAGS="--cfg loom" \
   timeout 900 cargo test --release --lib --target-dir target/loom wake::

