@@ -52,10 +52,17 @@ fn exec_attach_then_talk() {
         // summary; its failures still show on stderr.
         .stdout(std::process::Stdio::null());
     // SAFETY: between fork and exec the closure only calls dup2 (which
-    // clears close-on-exec on the new number) — async-signal-safe.
+    // clears close-on-exec on the new number) or, when the descriptor
+    // already has that number (dup2 onto itself changes nothing), fcntl to
+    // clear close-on-exec — both async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(raw, CHILD_FD) == -1 {
+            let rc = if raw == CHILD_FD {
+                libc::fcntl(raw, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, CHILD_FD)
+            };
+            if rc == -1 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -86,10 +93,11 @@ fn attach_raw_fd_refuses_what_is_not_a_segment() {
     // SAFETY: -1 is never an open descriptor; attach fails before owning it.
     let result = unsafe { Segment::attach_raw_fd(-1) };
     assert!(matches!(result, Err(AttachError::Io(_))), "{result:?}");
-    // An open file that is not a sealed memfd segment.
+    // An open file that is not a segment: refused by its first bytes,
+    // before any mapping.
     let file = std::fs::File::open("/proc/self/exe").unwrap();
     let raw = std::os::fd::IntoRawFd::into_raw_fd(file);
     // SAFETY: `raw` came from `into_raw_fd`, so nothing else owns it.
     let result = unsafe { Segment::attach_raw_fd(raw) };
-    assert!(matches!(result, Err(AttachError::NotSealed)), "{result:?}");
+    assert!(matches!(result, Err(AttachError::BadMagic { .. })), "{result:?}");
 }

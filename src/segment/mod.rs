@@ -253,6 +253,14 @@ impl Segment {
         if len < min {
             return Err(AttachError::TooSmall { len, min });
         }
+        // Not a segment at all (a plain file, say)? Say so before anything
+        // else, and before mapping it.
+        let mut magic = [0u8; 8];
+        if sys::read_at(fd.as_fd(), &mut magic, 0)? == magic.len() && u64::from_le_bytes(magic) != MAGIC {
+            return Err(AttachError::BadMagic {
+                found: u64::from_le_bytes(magic),
+            });
+        }
         if !sys::is_size_sealed(fd.as_fd())? {
             return Err(AttachError::NotSealed);
         }

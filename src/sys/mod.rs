@@ -31,6 +31,13 @@ pub fn set_len(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
     nix::unistd::ftruncate(fd, len).map_err(io::Error::from)
 }
 
+/// `pread(2)`: reads up to `buf.len()` bytes at `offset` without moving
+/// the file position; returns how many were read.
+pub fn read_at(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+    nix::sys::uio::pread(fd, buf, offset).map_err(io::Error::from)
+}
+
 /// `fstat(2)`: the file's length in bytes.
 pub fn file_len(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;

@@ -189,6 +189,9 @@ def load_library(path=None):
         "shmc_invoke": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
         "shmc_publish": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64], U32),
         "shmc_subscribe": ([P, ctypes.c_char_p, U64, _HANDLER, P], U32),
+        "shmc_listener_count": ([P, ctypes.POINTER(SZ)], U32),
+        "shmc_listener_name": ([P, SZ, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
+        "shmc_listener_take": ([P, SZ, ctypes.POINTER(ctypes.c_int32)], U32),
     }
     for name, s in sig.items():
         fn = getattr(lib, name)
@@ -387,6 +390,25 @@ class Worker:
         n = ctypes.c_size_t()
         _check(load_library().shmc_off(self._ptr, event.encode(), ctypes.byref(n)), "off")
         return n.value
+
+    def take_listeners(self):
+        """The listening sockets the master handed this worker, as
+        ``(name, socket.socket)`` pairs (taken once; the caller owns them)."""
+        import socket
+
+        lib = load_library()
+        count = ctypes.c_size_t()
+        _check(lib.shmc_listener_count(self._ptr, ctypes.byref(count)), "listener_count")
+        out = []
+        for i in range(count.value):
+            buf = ctypes.create_string_buffer(256)
+            n = ctypes.c_size_t()
+            _check(lib.shmc_listener_name(self._ptr, i, buf, len(buf), ctypes.byref(n)), "listener_name")
+            fd = ctypes.c_int32()
+            _check(lib.shmc_listener_take(self._ptr, i, ctypes.byref(fd)), "listener_take")
+            name = buf.raw[: min(n.value, len(buf))].decode("utf-8", "replace").rstrip("\0")
+            out.append((name, socket.socket(fileno=fd.value)))
+        return out
 
     # sending -----------------------------------------------------------
     def emit(self, slot, event, data=b""):
