@@ -12,10 +12,21 @@ fn build_library(profile_dir: &Path) {
         let target_dir = profile_dir.parent().expect("target dir");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "shmcluster-ffi", "--lib", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if let Some(name) = profile_dir.file_name().and_then(|n| n.to_str()).filter(|n| *n != "debug") {
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "shmcluster-ffi",
+            "--lib",
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if let Some(name) = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| *n != "debug")
+        {
             cmd.args(["--profile", name]);
         }
         let status = cmd.status().expect("run cargo build for libshmcluster.so");
