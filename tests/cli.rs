@@ -321,6 +321,25 @@ fn stat_reload_and_stop_through_the_control_socket() {
         .spawn()
         .unwrap();
     let mut watcher = Reaped(watcher);
+    // Collect its output as it comes, to know when it has printed rates
+    // (its second sample) before the cluster is stopped.
+    let watched = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let watched = watched.clone();
+        let mut out = watcher.0.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                watched
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
 
     let out = cli(&["reload", "--control", sock, "--wait"], Duration::from_secs(30));
     assert!(out.status.success(), "{} {}", out.stdout, out.stderr);
@@ -337,6 +356,14 @@ fn stat_reload_and_stop_through_the_control_socket() {
     );
     assert!(stat.contains("1 started, 1 ok, 0 failed"), "{stat}");
 
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !watched.lock().unwrap().contains("sent/s") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stat --watch printed no rates"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let out = cli(&["stop", "--control", sock, "--wait"], Duration::from_secs(30));
     assert!(out.status.success(), "{} {}", out.stdout, out.stderr);
     assert!(out.stdout.contains("shutdown started"), "{}", out.stdout);
@@ -347,14 +374,8 @@ fn stat_reload_and_stop_through_the_control_socket() {
     assert!(!socket.exists(), "the socket file is removed at exit");
 
     let status = watcher.wait_within(Duration::from_secs(10), "stat --watch");
-    let mut watched = String::new();
-    watcher
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut watched)
-        .unwrap();
+    reader.join().unwrap();
+    let watched = watched.lock().unwrap().clone();
     assert!(status.success(), "{watched}");
     assert!(watched.contains("sent/s"), "{watched}");
     assert!(watched.trim_end().ends_with("master gone"), "{watched}");
