@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::fmt::Display;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +33,7 @@ use shmcluster::{Target, WorkerState};
 
 #[macro_use]
 mod common;
+use common::cluster::{err, peer, ready, serve_for, serve_until, wait_ready, worker};
 use common::{sigkill, tmp, Check};
 
 /// What a scenario runs.
@@ -119,10 +119,6 @@ fn main() {
 }
 
 // ------------------------------------------------------------ plumbing
-
-fn err(e: impl Display) -> String {
-    e.to_string()
-}
 
 /// The pids the coordinator SIGKILLed on purpose (the `killed` file).
 fn planned_kills() -> Vec<u32> {
@@ -222,67 +218,9 @@ fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
-fn worker(m: &Messenger) -> &Worker {
-    m.worker().expect("a cluster worker's messenger")
-}
-
-fn ready(m: &Messenger) {
-    worker(m).ready();
-}
-
-/// The live worker of instance `index`, as the table shows it now.
-fn peer(m: &Messenger, index: u32) -> Option<Peer> {
-    worker(m).peers().into_iter().find(|p| {
-        p.index == Some(index)
-            && matches!(
-                p.state,
-                WorkerState::Starting | WorkerState::Ready | WorkerState::Draining
-            )
-    })
-}
-
 /// The live worker in `slot`.
 fn peer_in(m: &Messenger, slot: u32) -> Option<Peer> {
     worker(m).peers().into_iter().find(|p| p.slot == slot)
-}
-
-/// Dispatches until `done` holds; fails after `limit` or if told to stop.
-fn serve_until(
-    m: &mut Messenger,
-    limit: Duration,
-    what: &str,
-    mut done: impl FnMut(&Messenger) -> bool,
-) -> Check {
-    let deadline = Instant::now() + limit;
-    loop {
-        if done(m) {
-            return Ok(());
-        }
-        ensure!(!worker(m).should_stop(), "told to stop while waiting for {what}");
-        ensure!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        m.poll(Duration::from_millis(2)).map_err(err)?;
-    }
-}
-
-/// Dispatches for `d`.
-fn serve_for(m: &mut Messenger, d: Duration) -> Check {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        m.poll(until.saturating_duration_since(Instant::now()))
-            .map_err(err)?;
-    }
-    Ok(())
-}
-
-fn wait_ready(m: &mut Messenger, n: usize) -> Check {
-    serve_until(m, Duration::from_secs(10), "every worker ready", |m| {
-        worker(m)
-            .peers()
-            .iter()
-            .filter(|p| p.state == WorkerState::Ready)
-            .count()
-            >= n
-    })
 }
 
 /// A killed leader's respawn waits this long before it campaigns, so that

@@ -16,7 +16,6 @@
 //! which libtest's runner is not. Arguments filter scenarios by substring.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Display;
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -24,12 +23,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shmcluster::{
-    CallKind, Cluster, Event, EventKind, ExitReason, MapError, Messenger, Peer, RequestError, Target, Worker,
+    CallKind, Cluster, Event, EventKind, ExitReason, MapError, Messenger, RequestError, Target, Worker,
     WorkerId, WorkerState,
 };
 
 #[macro_use]
 mod common;
+use common::cluster::{err, peer, ready, serve_for, serve_until, wait_ready, worker};
 use common::{sigkill, tmp, Check};
 
 /// A scenario: a cluster of `workers` running `body` in each worker.
@@ -123,10 +123,6 @@ fn main() {
 
 // ------------------------------------------------------------ plumbing
 
-fn err(e: impl Display) -> String {
-    e.to_string()
-}
-
 /// The scenario process: runs the cluster, then judges how it ended.
 fn run_cluster(s: &'static Scenario) -> Check {
     let threads = std::fs::read_dir("/proc/self/task")
@@ -197,64 +193,6 @@ fn serve(w: Worker) -> Check {
     let mut m = Messenger::new(w);
     ready(&m);
     m.run().map_err(err)
-}
-
-fn worker(m: &Messenger) -> &Worker {
-    m.worker().expect("a cluster worker's messenger")
-}
-
-fn ready(m: &Messenger) {
-    worker(m).ready();
-}
-
-/// The live worker of instance `index`, as the table shows it now.
-fn peer(m: &Messenger, index: u32) -> Option<Peer> {
-    worker(m).peers().into_iter().find(|p| {
-        p.index == Some(index)
-            && matches!(
-                p.state,
-                WorkerState::Starting | WorkerState::Ready | WorkerState::Draining
-            )
-    })
-}
-
-/// Dispatches until `done` holds; fails after `limit` or if told to stop.
-fn serve_until(
-    m: &mut Messenger,
-    limit: Duration,
-    what: &str,
-    mut done: impl FnMut(&Messenger) -> bool,
-) -> Check {
-    let deadline = Instant::now() + limit;
-    loop {
-        if done(m) {
-            return Ok(());
-        }
-        ensure!(!worker(m).should_stop(), "told to stop while waiting for {what}");
-        ensure!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        m.poll(Duration::from_millis(5)).map_err(err)?;
-    }
-}
-
-/// Dispatches for `d` (to let stray messages arrive).
-fn serve_for(m: &mut Messenger, d: Duration) -> Check {
-    let until = Instant::now() + d;
-    while Instant::now() < until {
-        m.poll(until.saturating_duration_since(Instant::now()))
-            .map_err(err)?;
-    }
-    Ok(())
-}
-
-fn wait_ready(m: &mut Messenger, n: usize) -> Check {
-    serve_until(m, Duration::from_secs(10), "every worker ready", |m| {
-        worker(m)
-            .peers()
-            .iter()
-            .filter(|p| p.state == WorkerState::Ready)
-            .count()
-            >= n
-    })
 }
 
 /// The coordinator's record of the other instances' verdicts ("" for ok).

@@ -180,3 +180,6 @@ pub fn scenario_process(name: &str, dir: &std::path::Path, timeout: std::time::D
     }
     Ok(())
 }
+
+/// Messenger helpers for cluster scenarios.
+pub mod cluster;

@@ -1,0 +1,71 @@
+//! Helpers for multi-process messenger scenarios (`#[macro_use] mod common;`
+//! then `use common::cluster::*;`).
+
+use std::fmt::Display;
+use std::time::{Duration, Instant};
+
+use shmcluster::{Messenger, Peer, Worker, WorkerState};
+
+use super::Check;
+
+pub fn err(e: impl Display) -> String {
+    e.to_string()
+}
+
+pub fn worker(m: &Messenger) -> &Worker {
+    m.worker().expect("a cluster worker's messenger")
+}
+
+pub fn ready(m: &Messenger) {
+    worker(m).ready();
+}
+
+/// The live worker of instance `index`, as the table shows it now.
+pub fn peer(m: &Messenger, index: u32) -> Option<Peer> {
+    worker(m).peers().into_iter().find(|p| {
+        p.index == Some(index)
+            && matches!(
+                p.state,
+                WorkerState::Starting | WorkerState::Ready | WorkerState::Draining
+            )
+    })
+}
+
+/// Dispatches until `done` holds; fails after `limit` or if told to stop.
+pub fn serve_until(
+    m: &mut Messenger,
+    limit: Duration,
+    what: &str,
+    mut done: impl FnMut(&Messenger) -> bool,
+) -> Check {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done(m) {
+            return Ok(());
+        }
+        ensure!(!worker(m).should_stop(), "told to stop while waiting for {what}");
+        ensure!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        m.poll(Duration::from_millis(5)).map_err(err)?;
+    }
+}
+
+/// Dispatches for `d` (to let stray messages arrive).
+pub fn serve_for(m: &mut Messenger, d: Duration) -> Check {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        m.poll(until.saturating_duration_since(Instant::now()))
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+pub fn wait_ready(m: &mut Messenger, n: usize) -> Check {
+    serve_until(m, Duration::from_secs(10), "every worker ready", |m| {
+        worker(m)
+            .peers()
+            .iter()
+            .filter(|p| p.state == WorkerState::Ready)
+            .count()
+            >= n
+    })
+}
