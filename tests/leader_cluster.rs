@@ -33,7 +33,7 @@ use shmcluster::{Target, WorkerState};
 
 #[macro_use]
 mod common;
-use common::cluster::{err, peer, ready, serve_for, serve_until, wait_ready, worker};
+use common::cluster::{check_exits, err, peer, ready, serve_for, serve_until, wait_ready, worker};
 use common::{sigkill, tmp, Check};
 
 /// What a scenario runs.
@@ -168,27 +168,7 @@ fn run_cluster(workers: u32, body: fn(Worker) -> Check) -> Check {
         .map_err(err)?;
     let exits = exits.lock().unwrap();
     let planned = planned_kills();
-    let mut problems = Vec::new();
-    for e in exits.iter() {
-        let EventKind::Exit(reason) = e.kind else { continue };
-        let expected = if e.index == 0 && e.generation == 1 {
-            reason == ExitReason::Exited(0)
-        } else {
-            reason == ExitReason::Shutdown
-                || (reason == ExitReason::Signaled(libc::SIGKILL) && planned.contains(&e.pid))
-        };
-        if !expected {
-            problems.push(format!(
-                "instance {} (slot {}, generation {}): {reason}",
-                e.index, e.slot, e.generation
-            ));
-        }
-    }
-    ensure!(problems.is_empty(), "unexpected exits: {}", problems.join("; "));
-    ensure!(
-        exits.iter().any(|e| e.index == 0 && e.generation == 1),
-        "the coordinator never exited: {exits:?}"
-    );
+    check_exits(&exits, |e| planned.contains(&e.pid))?;
     for pid in &planned {
         ensure!(
             exits

@@ -29,7 +29,7 @@ use shmcluster::{
 
 #[macro_use]
 mod common;
-use common::cluster::{err, peer, ready, serve_for, serve_until, wait_ready, worker};
+use common::cluster::{check_exits, err, peer, ready, serve_for, serve_until, wait_ready, worker};
 use common::{sigkill, tmp, Check};
 
 /// A scenario: a cluster of `workers` running `body` in each worker.
@@ -155,27 +155,7 @@ fn run_cluster(s: &'static Scenario) -> Check {
         })
         .map_err(err)?;
     let exits = exits.lock().unwrap();
-    let mut problems = Vec::new();
-    for e in exits.iter() {
-        let EventKind::Exit(reason) = e.kind else { continue };
-        let expected = if e.index == 0 && e.generation == 1 {
-            reason == ExitReason::Exited(0)
-        } else {
-            reason == ExitReason::Shutdown
-                || (reason == ExitReason::Signaled(libc::SIGKILL) && killed.contains(&e.index))
-        };
-        if !expected {
-            problems.push(format!(
-                "instance {} (slot {}, generation {}): {reason}",
-                e.index, e.slot, e.generation
-            ));
-        }
-    }
-    ensure!(problems.is_empty(), "unexpected exits: {}", problems.join("; "));
-    ensure!(
-        exits.iter().any(|e| e.index == 0 && e.generation == 1),
-        "the coordinator never exited: {exits:?}"
-    );
+    check_exits(&exits, |e| killed.contains(&e.index))?;
     for &k in killed {
         ensure!(
             exits

@@ -69,3 +69,31 @@ pub fn wait_ready(m: &mut Messenger, n: usize) -> Check {
             >= n
     })
 }
+
+/// Judges how a scenario cluster ended: the coordinator (instance 0,
+/// generation 1) exited 0; every other worker ended by the shutdown or by a
+/// planned SIGKILL (`planned(event)`).
+pub fn check_exits(exits: &[shmcluster::Event], planned: impl Fn(&shmcluster::Event) -> bool) -> Check {
+    use shmcluster::{EventKind, ExitReason};
+    let mut problems = Vec::new();
+    for e in exits {
+        let EventKind::Exit(reason) = e.kind else { continue };
+        let expected = if e.index == 0 && e.generation == 1 {
+            reason == ExitReason::Exited(0)
+        } else {
+            reason == ExitReason::Shutdown || (reason == ExitReason::Signaled(libc::SIGKILL) && planned(e))
+        };
+        if !expected {
+            problems.push(format!(
+                "instance {} (slot {}, generation {}): {reason}",
+                e.index, e.slot, e.generation
+            ));
+        }
+    }
+    ensure!(problems.is_empty(), "unexpected exits: {}", problems.join("; "));
+    ensure!(
+        exits.iter().any(|e| e.index == 0 && e.generation == 1),
+        "the coordinator never exited: {exits:?}"
+    );
+    Ok(())
+}
