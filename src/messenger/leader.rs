@@ -116,6 +116,14 @@ fn find_entry(segment: &Segment, name: &str) -> Option<u32> {
 /// The current leader of the role whose lock is entry `i`, if one holds
 /// the lock now.
 fn read_leader_at(segment: &Segment, i: u32) -> Option<Leader> {
+    read_holder_at(segment, i)
+        .filter(|&(_, pid)| crate::sys::process_exists(pid))
+        .map(|(l, _)| l)
+}
+
+/// The holder of lock entry `i` as recorded (slot, term, pid), without
+/// asking the kernel whether that process still lives.
+fn read_holder_at(segment: &Segment, i: u32) -> Option<(Leader, u32)> {
     let e = segment.lock_entry(i);
     // A seqlock read: the holder clears its pid before writing slot and
     // token and stores it again after (see `Locks::acquire`), so equal
@@ -124,10 +132,10 @@ fn read_leader_at(segment: &Segment, i: u32) -> Option<Leader> {
     let slot = e.holder_slot.load(Relaxed);
     let term = e.token.load(Relaxed);
     std::sync::atomic::fence(Acquire);
-    if pid == 0 || e.holder_pid.load(Relaxed) != pid || !crate::sys::process_exists(pid) {
+    if pid == 0 || e.holder_pid.load(Relaxed) != pid {
         return None;
     }
-    Some(Leader { slot, term })
+    Some((Leader { slot, term }, pid))
 }
 
 impl Messenger {
@@ -238,14 +246,17 @@ impl Messenger {
             .into_iter()
             .collect();
         for role in roles {
-            let Some(now) = self
+            // Called on every dispatch: an unchanged term costs two atomic
+            // loads; only a new one is checked against the kernel (a
+            // `kill(pid, 0)` per dispatch was a syscall on the hot path).
+            let Some((now, pid)) = self
                 .entry_of(&role)
-                .and_then(|i| read_leader_at(&self.segment, i))
+                .and_then(|i| read_holder_at(&self.segment, i))
             else {
                 continue;
             };
             let seen = self.leader.seen_term.get(&role).copied();
-            if seen == Some(now.term) {
+            if seen == Some(now.term) || !crate::sys::process_exists(pid) {
                 continue;
             }
             self.leader.seen_term.insert(role.clone(), now.term);
