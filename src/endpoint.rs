@@ -208,14 +208,16 @@ impl Segment {
             if let Ok(Some(planned)) = out.plan(0, 0) {
                 out.commit(planned, out.header(generation, 0, flags::ABORT));
                 out.publish();
-                let word = &self.bells(to)[(slot / 64) as usize];
-                wake::notify(word, 1u64 << (slot % 64), self.park(to));
+                self.notify(to, slot);
             }
         }
         self.park(slot).store(wake::EMPTY, Relaxed);
         self.slot(slot).owner.store(0, Release);
         for other in 0..workers {
             sys::futex_wake(self.park(other), u32::MAX);
+            if self.park(other).load(Relaxed) == wake::PARKED_FD {
+                self.ring_fd(other);
+            }
             sys::futex_wake(&self.lane(other, slot).ctl().space_waiter.0, u32::MAX);
             sys::futex_wake(&self.lane(slot, other).ctl().space_waiter.0, u32::MAX);
         }
@@ -375,8 +377,7 @@ impl Endpoint {
     /// Rings `to`'s doorbell and wakes it if parked; after a publish.
     #[inline]
     fn notify(&self, to: u32) {
-        let word = &self.segment.bells(to)[(self.slot / 64) as usize];
-        if wake::notify(word, 1u64 << (self.slot % 64), self.segment.park(to)) {
+        if self.segment.notify(to, self.slot) {
             self.count_wake();
         }
     }
@@ -998,6 +999,40 @@ impl Endpoint {
         Ok(self.received(found))
     }
 
+    /// For an async receiver about to wait: the next message if one is
+    /// waiting, else (the doorbell taken and every lane found empty, as
+    /// before a park) `None`, after which the caller may announce its park
+    /// ([`Endpoint::park_fd_begin`] or a waiter thread's [`wake::park`]).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn try_recv_before_park(&mut self) -> Result<Option<Received<'_>>, RecvError> {
+        let corrupt = |(sender, error)| RecvError::Corrupt { sender, error };
+        let found = match self.poll().map_err(corrupt)? {
+            Some(found) => Some(found),
+            None => self.before_park().map_err(corrupt)?,
+        };
+        Ok(found.map(|f| self.received(f)))
+    }
+
+    /// Async receiver: announces that it waits on its eventfd; false if a
+    /// doorbell rang since [`Endpoint::try_recv_before_park`] (poll again).
+    /// Counts the wait and beats the heartbeat.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn park_fd_begin(&self) -> bool {
+        let parked = wake::park_fd_begin(self.segment.park(self.slot), self.segment.bells(self.slot));
+        if parked {
+            StatsEntry::add(&self.segment.stats_entry(self.slot).futex_waits, 1);
+            self.beat();
+        }
+        parked
+    }
+
+    /// Async receiver: running again after its wait (the eventfd is read
+    /// by whoever waited on it).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn park_fd_end(&self) {
+        wake::park_fd_end(self.segment.park(self.slot));
+    }
+
     /// The next message if one is waiting, lent without copying: see
     /// [`Received`].
     ///
@@ -1246,5 +1281,76 @@ impl std::fmt::Debug for Reservation<'_> {
             .field("to", &self.to)
             .field("len", &self.len)
             .finish()
+    }
+}
+
+/// The async receiver's eventfd park, step by step (the driver in
+/// `messenger::async_rt` runs these steps; a lost eventfd write would only
+/// show there as a 50 ms timer wake, so it is checked here directly).
+#[cfg(all(test, feature = "tokio", not(loom)))]
+mod eventfd_park_tests {
+    use crate::{sys, wake, Config, Segment};
+
+    #[test]
+    fn a_send_to_a_receiver_parked_on_its_eventfd_writes_the_eventfd() {
+        let seg = Segment::create(&Config::new(2)).unwrap();
+        let mut rx = seg.endpoint(0).unwrap();
+        let mut tx = seg.endpoint(1).unwrap();
+        let fd = seg.wake_fd(0).unwrap();
+        assert!(sys::eventfd_read(fd).is_err(), "not readable before any park");
+        assert!(rx.try_recv_before_park().unwrap().is_none());
+        assert!(rx.park_fd_begin(), "nothing rang: may wait");
+        assert_eq!(
+            seg.park(0).load(std::sync::atomic::Ordering::Relaxed),
+            wake::PARKED_FD
+        );
+        tx.send(0, b"wake up").unwrap();
+        assert_eq!(sys::eventfd_read(fd).unwrap(), 1, "exactly one write");
+        assert_eq!(
+            seg.park(0).load(std::sync::atomic::Ordering::Relaxed),
+            wake::NOTIFIED
+        );
+        rx.park_fd_end();
+        assert_eq!(rx.try_recv_before_park().unwrap().unwrap().payload(), b"wake up");
+        // A second message to a running receiver writes nothing.
+        tx.send(0, b"again").unwrap();
+        assert!(sys::eventfd_read(fd).is_err(), "no write while running");
+        assert_eq!(rx.try_recv_before_park().unwrap().unwrap().payload(), b"again");
+    }
+
+    #[test]
+    fn a_doorbell_rung_before_the_park_cancels_it() {
+        let seg = Segment::create(&Config::new(2)).unwrap();
+        let mut rx = seg.endpoint(0).unwrap();
+        let mut tx = seg.endpoint(1).unwrap();
+        assert!(rx.try_recv_before_park().unwrap().is_none());
+        tx.send(0, b"in between").unwrap();
+        assert!(!rx.park_fd_begin(), "the ring after the check is seen");
+        assert_eq!(
+            seg.park(0).load(std::sync::atomic::Ordering::Relaxed),
+            wake::EMPTY
+        );
+        assert!(sys::eventfd_read(seg.wake_fd(0).unwrap()).is_err());
+        assert_eq!(
+            rx.try_recv_before_park().unwrap().unwrap().payload(),
+            b"in between"
+        );
+    }
+
+    #[test]
+    fn the_master_cleanup_of_a_dead_slot_wakes_eventfd_parked_receivers() {
+        let seg = Segment::create(&Config::new(3)).unwrap();
+        let mut rx = seg.endpoint(0).unwrap();
+        let dead = seg.endpoint(2).unwrap();
+        let generation = dead.generation();
+        std::mem::forget(dead); // as if its process died
+        assert!(rx.try_recv_before_park().unwrap().is_none());
+        assert!(rx.park_fd_begin());
+        seg.reset_dead_slot(2, generation);
+        assert!(
+            sys::eventfd_read(seg.wake_fd(0).unwrap()).is_ok(),
+            "woken by the clean-up"
+        );
+        rx.park_fd_end();
     }
 }

@@ -89,6 +89,8 @@ pub use error::{
 };
 #[cfg(not(loom))]
 pub use lock::{LockError, LockGuard, LockStats, Locks, NamedLock, Section, MAX_LOCK_NAME_LEN};
+#[cfg(feature = "tokio")]
+pub use messenger::{AsyncMessenger, AsyncWake};
 #[cfg(not(loom))]
 pub use messenger::{
     BytesReply, CallKind, Consumed, Ctx, EventStats, HandlerId, Leader, LeaderChange, MapError, Messenger,

@@ -9,11 +9,18 @@
 //! |------------|----------------------------------------------------------|
 //! | `EMPTY`    | the receiver is running (draining or spinning)           |
 //! | `PARKED`   | the receiver is in, or about to enter, `futex_wait`      |
-//! | `NOTIFIED` | a sender saw `PARKED` and has issued (or will issue) the wake |
+//! | `NOTIFIED` | a sender saw `PARKED` or `PARKED_FD` and has issued (or will issue) the wake |
+//! | `PARKED_FD` | an async receiver waits on the slot's eventfd (its reactor polls it) |
 //!
-//! Only the receiver stores `EMPTY` and `PARKED`; a sender only moves
-//! `PARKED → NOTIFIED` (compare-exchange), so exactly one sender pays the
-//! `futex_wake` syscall and a busy receiver costs senders no syscall at all.
+//! Only the receiver stores `EMPTY`, `PARKED` and `PARKED_FD`; a sender only
+//! moves `PARKED → NOTIFIED` or `PARKED_FD → NOTIFIED` (compare-exchange),
+//! so exactly one sender pays the wake syscall (`futex_wake`, or a write to
+//! the receiver's eventfd) and a busy receiver costs senders no syscall.
+//!
+//! `PARKED_FD` is the async receiver's park ([`park_fd_begin`]): a tokio
+//! task cannot sleep in `futex_wait`, so it waits for its slot's eventfd to
+//! become readable in the reactor instead. The handshake is the same as
+//! `PARKED`'s; only the wake differs.
 //!
 //! Both handshakes are Dekker's, written with `SeqCst` *fences* between a
 //! relaxed (or release) store and a relaxed load on each side; the fences
@@ -57,30 +64,63 @@ pub(crate) const EMPTY: u32 = 0;
 pub(crate) const PARKED: u32 = 1;
 /// A sender has taken responsibility for waking the receiver.
 pub(crate) const NOTIFIED: u32 = 2;
+/// An async receiver waits for its eventfd to be written.
+pub(crate) const PARKED_FD: u32 = 3;
 
 /// Sender half, called right after the lane's tail was stored (Release):
 /// rings `bit` in the receiver's doorbell `bell` and wakes the receiver if it
-/// is parked. Returns whether it issued a futex wake.
+/// is parked: `futex_wake` on `park`, or `ring_fd` (write the receiver's
+/// eventfd) for an async receiver. Returns whether it issued a wake.
 #[inline]
-pub(crate) fn notify(bell: &AtomicU64, bit: u64, park: &AtomicU32) -> bool {
+pub(crate) fn notify(bell: &AtomicU64, bit: u64, park: &AtomicU32, ring_fd: impl FnOnce()) -> bool {
     fence(SeqCst); // F1, pairs with F2 in `take_doorbell`.
     if bell.load(Relaxed) & bit != 0 {
         // Not yet taken: the receiver will read our tail when it takes it.
         return false;
     }
     bell.fetch_or(bit, Relaxed);
-    fence(SeqCst); // F3, pairs with F4 in `park`.
-    park.load(Relaxed) == PARKED && notify_slow(park)
+    fence(SeqCst); // F3, pairs with F4 in `park` and `park_fd_begin`.
+    let state = park.load(Relaxed);
+    (state == PARKED || state == PARKED_FD) && notify_slow(park, state, ring_fd)
 }
 
 #[cold]
-fn notify_slow(park: &AtomicU32) -> bool {
-    // Of several senders that saw PARKED, only one pays the syscall.
-    let won = park.compare_exchange(PARKED, NOTIFIED, Relaxed, Relaxed).is_ok();
+fn notify_slow(park: &AtomicU32, state: u32, ring_fd: impl FnOnce()) -> bool {
+    // Of several senders that saw it parked, only one pays the syscall.
+    let won = park.compare_exchange(state, NOTIFIED, Relaxed, Relaxed).is_ok();
     if won {
-        futex_wake(park);
+        if state == PARKED_FD {
+            ring_fd();
+        } else {
+            futex_wake(park);
+        }
     }
     won
+}
+
+/// Async receiver, on its way to wait for its eventfd, after taking the
+/// doorbell and finding every lane empty (as before [`park`]): announces
+/// `PARKED_FD`. Returns false, with the park word back at `EMPTY`, if a
+/// doorbell rang meanwhile (the caller polls again instead of waiting).
+/// After the wait, whatever ended it, the caller calls [`park_fd_end`].
+#[cfg(any(feature = "tokio", loom))]
+pub(crate) fn park_fd_begin(park: &AtomicU32, bells: &[AtomicU64]) -> bool {
+    park.store(PARKED_FD, Relaxed);
+    fence(SeqCst); // F4, pairs with F3 in `notify`.
+    if bells.iter().any(|b| b.load(Relaxed) != 0) {
+        park.store(EMPTY, Relaxed);
+        return false;
+    }
+    true
+}
+
+/// Async receiver, running again (woken through the eventfd, or by its own
+/// timer): back to `EMPTY`. A sender that moved the word to `NOTIFIED`
+/// after this point finds a running receiver next time; a late eventfd
+/// write only causes one spurious wake.
+#[cfg(any(feature = "tokio", loom))]
+pub(crate) fn park_fd_end(park: &AtomicU32) {
+    park.store(EMPTY, Relaxed);
 }
 
 /// Receiver, while running: adds every rung doorbell bit to `pending`
@@ -182,6 +222,9 @@ mod loom_tests {
         tails: Vec<AtomicU64>,
         bells: [AtomicU64; 1],
         park: AtomicU32,
+        /// The async receiver's eventfd, modelled: a count of writes that
+        /// the reader sleeps on (with the model futex) while it is 0.
+        eventfd: AtomicU32,
     }
 
     impl Inbox {
@@ -190,7 +233,22 @@ mod loom_tests {
                 tails: (0..senders).map(|_| AtomicU64::new(0)).collect(),
                 bells: [AtomicU64::new(0)],
                 park: AtomicU32::new(EMPTY),
+                eventfd: AtomicU32::new(0),
             })
+        }
+
+        /// `write(eventfd, 1)`.
+        fn ring_fd(&self) {
+            self.eventfd.fetch_add(1, Relaxed);
+            futex_wake(&self.eventfd);
+        }
+
+        /// The reactor: sleep until the eventfd is readable, then read it
+        /// (which resets the count).
+        fn wait_fd(&self) {
+            while self.eventfd.swap(0, Relaxed) == 0 {
+                crate::sync::futex_wait(&self.eventfd, 0, FOREVER);
+            }
         }
     }
 
@@ -198,7 +256,7 @@ mod loom_tests {
     /// `seq`, then notify.
     fn send(inbox: &Inbox, from: usize, seq: u64) {
         inbox.tails[from].store(seq, Release);
-        notify(&inbox.bells[0], 1 << from, &inbox.park);
+        notify(&inbox.bells[0], 1 << from, &inbox.park, || inbox.ring_fd());
     }
 
     /// The receiver's side of `Endpoint::recv` until every sender's
@@ -206,6 +264,13 @@ mod loom_tests {
     /// pending lanes' tails; when they are all drained, take the doorbell,
     /// poll again, and park only if still nothing is there.
     fn receive_all(inbox: &Inbox, last: u64) {
+        receive_all_with(inbox, last, false);
+    }
+
+    /// `receive_all`, parking like the sync receiver, or (`async_park`)
+    /// like the async driver: `park_fd_begin`, wait for the eventfd,
+    /// `park_fd_end`.
+    fn receive_all_with(inbox: &Inbox, last: u64, async_park: bool) {
         let n = inbox.tails.len();
         let mut seen = vec![false; n];
         // `Endpoint::scan`: a pending lane found without its message, whose
@@ -237,8 +302,51 @@ mod loom_tests {
                 return;
             }
             pending = [0];
-            park(&inbox.park, &inbox.bells, FOREVER);
+            if async_park {
+                if park_fd_begin(&inbox.park, &inbox.bells) {
+                    inbox.wait_fd();
+                    park_fd_end(&inbox.park);
+                }
+            } else {
+                park(&inbox.park, &inbox.bells, FOREVER);
+            }
         }
+    }
+
+    /// The async receiver's eventfd park loses no wakeup either, with two
+    /// senders racing to wake it.
+    #[test]
+    fn eventfd_park_no_lost_wakeup() {
+        loom::model(|| {
+            let inbox = Inbox::new(2);
+            let senders: Vec<_> = (0..2)
+                .map(|from| {
+                    let inbox = inbox.clone();
+                    thread::spawn(move || send(&inbox, from, 1))
+                })
+                .collect();
+            receive_all_with(&inbox, 1, true);
+            for s in senders {
+                s.join().unwrap();
+            }
+        });
+    }
+
+    /// One sender, two messages, async receiver (the F1 shortcut case).
+    #[test]
+    fn eventfd_park_one_sender_two_messages() {
+        loom::model(|| {
+            let inbox = Inbox::new(1);
+            let sender = {
+                let inbox = inbox.clone();
+                thread::spawn(move || {
+                    send(&inbox, 0, 1);
+                    send(&inbox, 0, 2);
+                })
+            };
+            receive_all_with(&inbox, 2, true);
+            sender.join().unwrap();
+        });
     }
 
     #[test]

@@ -308,6 +308,31 @@ impl Listener {
         std::os::unix::net::UnixListener::from(self.fd)
     }
 
+    /// The socket as a tokio TCP listener, made non-blocking and
+    /// close-on-exec (a listener placed by the master at fd 3, 4, ... for a
+    /// spawned worker is neither). Works for `Shared` and `ReusePort`
+    /// listeners alike: each process accepts on its own descriptor.
+    ///
+    /// # Errors
+    /// If `fcntl` fails, or tokio cannot register the socket (not inside a
+    /// runtime with I/O enabled). Not checked to be TCP: see
+    /// [`is_tcp`](Self::is_tcp).
+    #[cfg(feature = "tokio")]
+    pub fn into_tokio_tcp(self) -> io::Result<tokio::net::TcpListener> {
+        crate::sys::set_cloexec_nonblocking(self.fd.as_fd())?;
+        tokio::net::TcpListener::from_std(self.into_tcp())
+    }
+
+    /// The socket as a tokio unix listener, non-blocking and close-on-exec.
+    ///
+    /// # Errors
+    /// As [`Listener::into_tokio_tcp`].
+    #[cfg(feature = "tokio")]
+    pub fn into_tokio_unix(self) -> io::Result<tokio::net::UnixListener> {
+        crate::sys::set_cloexec_nonblocking(self.fd.as_fd())?;
+        tokio::net::UnixListener::from_std(self.into_unix())
+    }
+
     /// The descriptor, for an event loop that takes one.
     pub fn into_fd(self) -> OwnedFd {
         self.fd

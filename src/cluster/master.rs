@@ -1378,10 +1378,16 @@ fn exec_worker(
     listeners: &[(BorrowedFd<'_>, &str)],
 ) -> io::Error {
     let attempt = || -> io::Result<io::Error> {
-        // Move the segment and control socket above where the listeners go.
-        let high = 3 + listeners.len() as RawFd + 16;
+        // Move the segment, control socket and wake eventfds above where
+        // the listeners and they go.
+        let wake = segment.wake_fds().unwrap_or(&[]);
+        let high = 3 + listeners.len() as RawFd + 2 + wake.len() as RawFd + 16;
         let seg_high = sys::net::dup_above(segment.fd().as_raw_fd(), high)?;
         let ctl_high = sys::net::dup_above(control.as_raw_fd(), high)?;
+        let wake_high = wake
+            .iter()
+            .map(|fd| sys::net::dup_above(fd.as_raw_fd(), high))
+            .collect::<io::Result<Vec<RawFd>>>()?;
         let raw: Vec<(RawFd, &str)> = listeners.iter().map(|(fd, n)| (fd.as_raw_fd(), *n)).collect();
         let (mut vars, next) = listen::place_listen_fds(&raw)?;
         if raw.is_empty() {
@@ -1391,8 +1397,15 @@ fn exec_worker(
         sys::net::dup2(ctl_high, next + 1)?;
         let _ = sys::net::close_raw(seg_high);
         let _ = sys::net::close_raw(ctl_high);
+        for (i, &fd) in wake_high.iter().enumerate() {
+            sys::net::dup2(fd, next + 2 + i as RawFd)?;
+            let _ = sys::net::close_raw(fd);
+        }
         vars.push((env::FD.into(), next.to_string()));
         vars.push((env::CONTROL_FD.into(), (next + 1).to_string()));
+        if !wake_high.is_empty() {
+            vars.push((env::WAKE_FDS.into(), (next + 2).to_string()));
+        }
         vars.push((env::WORKER.into(), slot.to_string()));
         vars.push((env::WORKERS.into(), instances.to_string()));
         vars.push((env::GENERATION.into(), generation.to_string()));

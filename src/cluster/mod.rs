@@ -21,6 +21,8 @@ use std::time::Duration;
 
 pub use listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
 pub use master::{Cluster, ClusterBuilder, ClusterError, Report};
+#[cfg(feature = "tokio")]
+pub(crate) use worker::stop_requested;
 pub use worker::{Events, Incoming, Worker, WorkerError};
 
 use crate::segment::table::{RawEvent, WorkerEntry};

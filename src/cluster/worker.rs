@@ -115,6 +115,17 @@ pub(crate) mod env {
     pub const INDEX: &str = "SHMCLUSTER_INDEX";
     /// Descriptor number of the worker's socket to the master.
     pub const CONTROL_FD: &str = "SHMCLUSTER_CONTROL_FD";
+    /// The first of the segment's per-slot eventfds (one per slot, at
+    /// consecutive numbers), for async receivers.
+    pub const WAKE_FDS: &str = "SHMCLUSTER_WAKE_FDS";
+}
+
+/// Whether the master asked the worker in `slot` to stop (drain or
+/// shutdown), or this process got `SIGTERM`/`SIGINT`.
+pub(crate) fn stop_requested(segment: &Segment, slot: u32) -> bool {
+    segment.worker_entry(slot).stop.load(Acquire) != STOP_RUN
+        || segment.control().shutdown.load(Acquire) != 0
+        || sys::process::sigterm_seen()
 }
 
 static FROM_ENV_TAKEN: AtomicBool = AtomicBool::new(false);
@@ -167,6 +178,24 @@ impl Worker {
             Some(c) => Some(unsafe { sys::adopt_fd(c) }.map_err(WorkerError::Io)?),
             None => None,
         };
+        if let Ok(first) = env_u32(env::WAKE_FDS) {
+            let slots = segment.layout().workers();
+            let mut fds = Vec::with_capacity(slots as usize);
+            for i in 0..slots {
+                let raw = i32::try_from(u64::from(first) + u64::from(i)).map_err(|_| WorkerError::Env {
+                    var: env::WAKE_FDS,
+                    reason: format!("{first} is not a descriptor number"),
+                })?;
+                // SAFETY: the master placed the slots' eventfds at these
+                // numbers for this process; `FROM_ENV_TAKEN` makes sure they
+                // are adopted once.
+                let fd = unsafe { sys::adopt_fd(raw) }.map_err(WorkerError::Io)?;
+                // Placed with dup2, so inheritable: not past this process.
+                sys::net::set_cloexec(fd.as_fd(), true).map_err(WorkerError::Io)?;
+                fds.push(fd);
+            }
+            segment.set_wake_fds(fds).map_err(WorkerError::Io)?;
+        }
         let listeners = listen::inherited_listeners().map_err(WorkerError::Listen)?;
         let worker = Self::attach(segment, slot, index, generation, instances, control, listeners)?;
         sys::process::catch_sigterm().map_err(WorkerError::Io)?;
@@ -272,9 +301,7 @@ impl Worker {
     /// Whether the master asked this worker to stop: drain for a reload,
     /// the cluster shutting down, or a `SIGTERM`.
     pub fn should_stop(&self) -> bool {
-        self.entry().stop.load(Acquire) != STOP_RUN
-            || self.segment.control().shutdown.load(Acquire) != 0
-            || sys::process::sigterm_seen()
+        stop_requested(&self.segment, self.slot)
     }
 
     /// Whether this worker is being replaced by a rolling reload.

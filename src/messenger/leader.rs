@@ -115,6 +115,24 @@ fn find_entry(segment: &Segment, name: &str) -> Option<u32> {
 
 /// The current leader of the role whose lock is entry `i`, if one holds
 /// the lock now.
+/// The live leader of the default role, looked up in the lock table.
+#[cfg(feature = "tokio")]
+pub(super) fn current_leader(segment: &Segment) -> Option<Leader> {
+    read_leader_at(segment, find_entry(segment, &lock_name(""))?)
+}
+
+/// The event an `invoke` of `method` is sent as.
+#[cfg(feature = "tokio")]
+pub(super) fn invoke_event(method: &str) -> String {
+    format!("{INVOKE_PREFIX}{method}")
+}
+
+/// Whether a handler's error says it is not (any longer) the leader.
+#[cfg(feature = "tokio")]
+pub(super) fn is_not_leader(error: &str) -> bool {
+    error == NOT_LEADER
+}
+
 fn read_leader_at(segment: &Segment, i: u32) -> Option<Leader> {
     read_holder_at(segment, i)
         .filter(|&(_, pid)| crate::sys::process_exists(pid))

@@ -31,8 +31,13 @@
 //!   `WorkerDied` as soon as the death is visible (the master reaps it,
 //!   within milliseconds), not at the deadline.
 
+#[cfg(feature = "tokio")]
+mod async_rt;
 mod leader;
 mod wire;
+
+#[cfg(feature = "tokio")]
+pub use async_rt::{AsyncMessenger, AsyncWake};
 
 pub use leader::{Leader, LeaderChange};
 
@@ -51,7 +56,7 @@ use serde::Serialize;
 pub use wire::MAX_EVENT_NAME;
 
 use crate::segment::Segment;
-use crate::{wake, Endpoint, Received, RecvError, Tag, TrySendError, Worker, WorkerState};
+use crate::{Endpoint, Received, RecvError, Tag, TrySendError, Worker, WorkerState};
 
 /// How long a blocking call sleeps at most between looks at its targets'
 /// liveness.
@@ -307,10 +312,16 @@ struct Outbox {
 /// hands the answer back through `done`.
 struct RemoteCall {
     to: u32,
+    /// `wire::REQUEST` or `wire::CONSUME`.
+    kind: u16,
     bytes: Vec<u8>,
     deadline: Instant,
-    done: std::sync::mpsc::Sender<Result<Vec<u8>, RequestError>>,
+    done: Done,
 }
+
+/// Where a remote call's answer goes (a channel of the blocked thread, or
+/// an async task's oneshot).
+type Done = Box<dyn FnOnce(Result<Vec<u8>, RequestError>) + Send>;
 
 impl Outbox {
     fn push(&self, to: u32, tag: Tag, bytes: Vec<u8>) {
@@ -330,8 +341,7 @@ impl Outbox {
         self.nonempty.store(true, Release);
         // Ring our own doorbell (the bit of our own lane) so a parked loop
         // wakes and drains the outbox.
-        let word = &self.segment.bells(self.slot)[(self.slot / 64) as usize];
-        wake::notify(word, 1u64 << (self.slot % 64), self.segment.park(self.slot));
+        self.segment.notify(self.slot, self.slot);
     }
 }
 
@@ -482,9 +492,12 @@ impl MessengerHandle {
         let (done, answer) = std::sync::mpsc::channel();
         self.outbox.push_call(RemoteCall {
             to: worker,
+            kind: wire::REQUEST,
             bytes,
             deadline,
-            done,
+            done: Box::new(move |r| {
+                let _ = done.send(r);
+            }),
         });
         // The messenger settles the call at its deadline; a little more
         // here covers a loop that is busy in a handler at that moment.
@@ -542,7 +555,7 @@ struct Pending {
     result: Option<Result<Vec<u8>, RequestError>>,
 }
 
-type RemoteReply = (Instant, std::sync::mpsc::Sender<Result<Vec<u8>, RequestError>>);
+type RemoteReply = (Instant, Done);
 
 /// Who owns the endpoint.
 enum Owner {
@@ -897,45 +910,26 @@ impl Messenger {
 
     // ------------------------------------------------------------ liveness
 
-    fn has_master(&self) -> bool {
-        self.segment.control().master_pid.load(Acquire) != 0
-    }
-
     /// The generation of the worker now in `slot`, if one is live.
     fn live_generation(&self, slot: u32) -> Option<u32> {
-        if slot == self.slot {
-            return Some(self.generation);
-        }
-        if self.has_master() {
-            let entry = self.segment.worker_entry(slot);
-            let state = WorkerState::from_raw(entry.state.load(Acquire));
-            matches!(
-                state,
-                WorkerState::Starting | WorkerState::Ready | WorkerState::Draining
-            )
-            .then(|| entry.generation.load(Acquire))
-        } else {
-            let control = self.segment.slot(slot);
-            let owner = control.owner.load(Acquire);
-            (owner != 0 && crate::sys::process_exists(owner)).then(|| control.generation.load(Acquire))
+        live_generation(&self.segment, self.me(), slot)
+    }
+
+    fn me(&self) -> WorkerId {
+        WorkerId {
+            slot: self.slot,
+            generation: self.generation,
         }
     }
 
     /// Live workers now: (slot, generation).
     pub fn live_workers(&self) -> Vec<WorkerId> {
-        (0..self.workers)
-            .filter_map(|slot| {
-                self.live_generation(slot)
-                    .map(|generation| WorkerId { slot, generation })
-            })
-            .collect()
+        live_workers(&self.segment, self.me())
     }
 
     /// Bytes waiting in `slot`'s inbox (its load, for `consume`).
     fn inbox_depth(&self, slot: u32) -> u64 {
-        (0..self.workers)
-            .map(|from| self.segment.lane(from, slot).depth())
-            .fold(0, u64::saturating_add)
+        inbox_depth(&self.segment, slot)
     }
 
     // ------------------------------------------------------------ sending
@@ -1482,13 +1476,11 @@ impl Messenger {
         }
         let calls = std::mem::take(&mut *self.outbox.calls.lock().unwrap_or_else(|p| p.into_inner()));
         for call in calls {
-            match self.start_call(call.to, wire::REQUEST, call.bytes, call.deadline) {
+            match self.start_call(call.to, call.kind, call.bytes, call.deadline) {
                 Ok(id) => {
                     self.remote.insert(id, (call.deadline, call.done));
                 }
-                Err(e) => {
-                    let _ = call.done.send(Err(e));
-                }
+                Err(e) => (call.done)(Err(e)),
             }
         }
         Ok(())
@@ -1511,8 +1503,8 @@ impl Messenger {
             .map(|(&id, _)| id)
             .collect();
         for id in done {
-            if let Some((_, tx)) = self.remote.remove(&id) {
-                let _ = tx.send(self.take_result(id));
+            if let Some((_, done)) = self.remote.remove(&id) {
+                done(self.take_result(id));
             }
         }
     }
@@ -1579,15 +1571,89 @@ impl Messenger {
             };
             handled += 1;
             wait = None;
-            if let Some((to, tag, bytes)) = reply {
-                // The requester is live or its successor discards the reply.
-                match self.deliver(to, tag, bytes, Some(Instant::now() + Duration::from_secs(5))) {
-                    Ok(()) | Err(RequestError::TimedOut) | Err(RequestError::NoSuchWorker { .. }) => {}
-                    Err(e) => return Err(e),
-                }
+            if let Some(reply) = reply {
+                self.send_handler_reply(reply)?;
             }
         }
     }
+
+    /// Sends what a handler answered.
+    fn send_handler_reply(&mut self, (to, tag, bytes): (u32, Tag, Vec<u8>)) -> Result<(), RequestError> {
+        // The requester is live or its successor discards the reply.
+        match self.deliver(to, tag, bytes, Some(Instant::now() + Duration::from_secs(5))) {
+            Ok(()) | Err(RequestError::TimedOut) | Err(RequestError::NoSuchWorker { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One turn of an async driver: handles everything that has arrived
+    /// (and the outbox); if there was nothing, makes the pre-park check and
+    /// says whether the caller may wait. With `fd_park`, the wait is
+    /// announced here (`PARKED_FD`) and the caller must call
+    /// [`Endpoint::park_fd_end`] after it.
+    #[cfg(feature = "tokio")]
+    fn async_turn(&mut self, fd_park: bool) -> Result<bool, RequestError> {
+        if self.dispatch_until(None)? > 0 {
+            return Ok(false);
+        }
+        let reply = match ep_of(&mut self.owner).try_recv_before_park() {
+            Ok(Some(msg)) => Some(handle_message(
+                msg,
+                self.generation,
+                &mut self.handlers,
+                &mut self.pending,
+                &self.outbox,
+                &self.stats,
+            )),
+            Ok(None) => None,
+            Err(e) => return Err(RequestError::Corrupt(e.to_string())),
+        };
+        if let Some(reply) = reply {
+            if let Some(reply) = reply {
+                self.send_handler_reply(reply)?;
+            }
+            return Ok(false);
+        }
+        if self.outbox.nonempty.load(Acquire) {
+            return Ok(false);
+        }
+        Ok(!fd_park || ep_of_ref(&self.owner).park_fd_begin())
+    }
+}
+
+/// The generation of the worker now in `slot`, if one is live (`me` is
+/// the asking worker, live by definition).
+fn live_generation(segment: &Segment, me: WorkerId, slot: u32) -> Option<u32> {
+    if slot == me.slot {
+        return Some(me.generation);
+    }
+    if segment.control().master_pid.load(Acquire) != 0 {
+        let entry = segment.worker_entry(slot);
+        let state = WorkerState::from_raw(entry.state.load(Acquire));
+        matches!(
+            state,
+            WorkerState::Starting | WorkerState::Ready | WorkerState::Draining
+        )
+        .then(|| entry.generation.load(Acquire))
+    } else {
+        let control = segment.slot(slot);
+        let owner = control.owner.load(Acquire);
+        (owner != 0 && crate::sys::process_exists(owner)).then(|| control.generation.load(Acquire))
+    }
+}
+
+/// Live workers now, in slot order.
+fn live_workers(segment: &Segment, me: WorkerId) -> Vec<WorkerId> {
+    (0..segment.layout().workers())
+        .filter_map(|slot| live_generation(segment, me, slot).map(|generation| WorkerId { slot, generation }))
+        .collect()
+}
+
+/// Bytes waiting in `slot`'s inbox (its load, for `consume`).
+fn inbox_depth(segment: &Segment, slot: u32) -> u64 {
+    (0..segment.layout().workers())
+        .map(|from| segment.lane(from, slot).depth())
+        .fold(0, u64::saturating_add)
 }
 
 thread_local! {

@@ -19,6 +19,7 @@ pub use layout::{Config, Layout};
 use crate::error::{AttachError, CreateError};
 use crate::lane::{LaneControl, LaneRef};
 use crate::sys;
+use crate::wake;
 
 /// "SHMCLSTR", little-endian.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMCLSTR");
@@ -180,6 +181,11 @@ struct Mapping {
     map: memmap2::MmapRaw,
     fd: OwnedFd,
     layout: Layout,
+    /// One eventfd per slot, for async receivers (see [`crate::wake`]):
+    /// made with the segment and inherited with it by forked workers,
+    /// handed to spawned ones by the master. Process-local: not in the
+    /// shared memory. Unset in a process that attached to a bare memfd.
+    wake_fds: std::sync::OnceLock<Box<[OwnedFd]>>,
 }
 
 /// A mapped segment. Cheap to clone (all clones share one mapping, unmapped
@@ -223,8 +229,24 @@ impl Segment {
         sys::seal_size(fd.as_fd())?;
         let map = sys::map_shared(fd.as_fd(), layout.size)?;
         let segment = Self {
-            inner: Arc::new(Mapping { map, fd, layout }),
+            inner: Arc::new(Mapping {
+                map,
+                fd,
+                layout,
+                wake_fds: std::sync::OnceLock::new(),
+            }),
         };
+        // Best effort: a cluster near the descriptor limit works without
+        // them (async receivers then use a waiter thread).
+        match (0..layout.workers())
+            .map(|_| sys::eventfd())
+            .collect::<std::io::Result<Vec<_>>>()
+        {
+            Ok(fds) => {
+                let _ = segment.inner.wake_fds.set(fds.into_boxed_slice());
+            }
+            Err(e) => tracing::warn!(error = %e, "no eventfds for async wakeups"),
+        }
         let header = Header::for_layout(&layout);
         // SAFETY: the mapping is at least a page long and page aligned; no
         // other process has the fd yet, so nothing reads or writes the header
@@ -291,7 +313,12 @@ impl Segment {
             });
         }
         Ok(Self {
-            inner: Arc::new(Mapping { map, fd, layout }),
+            inner: Arc::new(Mapping {
+                map,
+                fd,
+                layout,
+                wake_fds: std::sync::OnceLock::new(),
+            }),
         })
     }
 
@@ -309,6 +336,55 @@ impl Segment {
         // SAFETY: forwarded to our caller.
         let fd = unsafe { sys::adopt_fd(fd) }?;
         Self::attach(fd)
+    }
+
+    /// The per-slot eventfds (one per slot, in slot order), if this process
+    /// has them: to hand to a spawned process with the segment.
+    pub fn wake_fds(&self) -> Option<&[OwnedFd]> {
+        self.inner.wake_fds.get().map(|f| &f[..])
+    }
+
+    /// Installs the per-slot eventfds received with an attached segment
+    /// (one per slot, in slot order). Async receivers in this process wait
+    /// on them, and senders here write them; every process of a cluster
+    /// must have them for async receivers to be woken promptly (a sender
+    /// without them leaves an async receiver to its 50 ms timer).
+    ///
+    /// # Errors
+    /// `InvalidInput` if the count is not the segment's slot count, or if
+    /// they were set already.
+    pub fn set_wake_fds(&self, fds: Vec<OwnedFd>) -> std::io::Result<()> {
+        if fds.len() != self.inner.layout.workers() as usize {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} wake fds for {} slots", fds.len(), self.inner.layout.workers()),
+            ));
+        }
+        self.inner
+            .wake_fds
+            .set(fds.into_boxed_slice())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "wake fds already set"))
+    }
+
+    /// Slot `slot`'s eventfd, if this process has them.
+    pub(crate) fn wake_fd(&self, slot: u32) -> Option<BorrowedFd<'_>> {
+        self.inner.wake_fds.get()?.get(slot as usize).map(AsFd::as_fd)
+    }
+
+    /// Sender side of a wake: rings `slot`'s eventfd (an async receiver
+    /// parked with `PARKED_FD`).
+    pub(crate) fn ring_fd(&self, slot: u32) {
+        match self.wake_fd(slot) {
+            Some(fd) => sys::eventfd_ring(fd),
+            None => tracing::debug!(slot, "async receiver parked, but no eventfd here to wake it"),
+        }
+    }
+
+    /// Rings `bit` in `to`'s doorbell (word `bit_index / 64`) and wakes
+    /// `to` if it is parked, by futex or eventfd.
+    pub(crate) fn notify(&self, to: u32, from: u32) -> bool {
+        let word = &self.bells(to)[(from / 64) as usize];
+        wake::notify(word, 1u64 << (from % 64), self.park(to), || self.ring_fd(to))
     }
 
     /// The segment's layout.

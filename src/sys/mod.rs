@@ -83,6 +83,63 @@ pub fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     fd.try_clone_to_owned()
 }
 
+/// `-1` → the thread's `errno` as an [`io::Error`].
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// `eventfd(2)` with `EFD_CLOEXEC | EFD_NONBLOCK`, counter 0: a slot's
+/// pollable wakeup for an async receiver.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes no pointers; a non-negative result is a new
+    // descriptor that nothing else owns.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: just created above, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `write(2)` of 1 to an eventfd: makes it readable. Errors are ignored on
+/// purpose: `EAGAIN` means the counter is saturated (already readable), and
+/// the receiver's timer covers anything else.
+pub fn eventfd_ring(fd: BorrowedFd<'_>) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local buffer to an open descriptor.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+/// `read(2)` of an eventfd (non-blocking): its counter, reset to 0 so it
+/// is not readable until the next ring; `WouldBlock` if it was 0.
+#[cfg(feature = "tokio")]
+pub fn eventfd_read(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut buf = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live local buffer.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(buf))
+}
+
+/// `fcntl(2)` `F_SETFD FD_CLOEXEC` and `F_SETFL O_NONBLOCK`: what an
+/// inherited listener needs before an async reactor takes it.
+#[cfg(feature = "tokio")]
+pub fn set_cloexec_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: fcntl on an open descriptor with integer arguments only.
+    let flags = cvt(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) })?;
+    // SAFETY: as above.
+    let fl = cvt(unsafe { libc::fcntl(raw, libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
 /// Takes ownership of a descriptor number inherited from a parent
 /// (for example one named in the environment), after checking with
 /// `fcntl(2)` `F_GETFD` that it is open.

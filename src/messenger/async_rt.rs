@@ -1,0 +1,751 @@
+//! The messenger for tokio (feature `tokio`): [`AsyncMessenger`].
+//!
+//! A lane has one writer, so one task owns the [`Messenger`] and does all
+//! its sending and receiving: the *driver*, spawned by
+//! [`Messenger::into_async`]. Everyone else holds a cheap, cloneable
+//! [`AsyncMessenger`] and talks to the driver through the messenger's
+//! outbox (a queue plus a ring of the worker's own doorbell bit, which is
+//! what wakes a parked driver); answers come back through oneshot
+//! channels. So `request`, `map`, `consume` and `invoke` are futures that
+//! never block a runtime thread, and any number of tasks may have calls
+//! in flight at once.
+//!
+//! # How the driver waits
+//! When nothing has arrived, the driver takes the doorbell and checks
+//! every lane exactly like a blocking receiver about to park (see
+//! [`crate::wake`]), then waits in the reactor:
+//!
+//! - **eventfd** (the default wherever the segment has them: every cluster
+//!   worker, forked or spawned, and threads mode): the park word says
+//!   `PARKED_FD`, so the sender that finds it so writes the slot's eventfd,
+//!   which the driver awaits through `AsyncFd`. One wake, straight into
+//!   the reactor.
+//! - **waiter thread** (a process that attached to a bare memfd without
+//!   the eventfds, or when asked for by [`AsyncWake::Thread`]): a thread
+//!   parks on the futex for the driver and wakes it through a
+//!   `tokio::sync::Notify`. Two wakes (futex, then the runtime's own) per
+//!   message that finds the driver asleep.
+//!
+//! `cargo bench --features tokio --bench async_wake` measures both beside
+//! the blocking messenger; the eventfd path is the faster (README).
+//!
+//! Either way the driver also wakes on a timer: at the earliest deadline
+//! of a call in flight, every 5 ms while a call waits (to see its target
+//! die), and at most 50 ms apart otherwise (heartbeat, leader terms, the
+//! driver's own end when every handle is gone).
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{oneshot, Notify};
+
+use super::{
+    encode_call, inbox_depth, leader, live_generation, live_workers, wire, Consumed, Ctx, HandlerId,
+    MapError, Messenger, Outbox, RemoteCall, RequestError, Target, WorkerId, LATENCY_MAP, LATENCY_REQUEST,
+};
+use crate::lock::{LockError, Locks, Section};
+use crate::segment::Segment;
+use crate::{sys, wake, Tag};
+
+/// The longest the driver sleeps without looking around.
+const SAFETY_NET: Duration = Duration::from_millis(50);
+/// How often [`AsyncMessenger::stopped`] looks at the stop flags.
+const STOP_POLL: Duration = Duration::from_millis(10);
+/// How often `invoke` looks for a leader while there is none.
+const LEADER_POLL: Duration = Duration::from_millis(2);
+
+/// How the driver of an [`AsyncMessenger`] is woken when it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AsyncWake {
+    /// The slot's eventfd when the segment has them, else a waiter thread.
+    #[default]
+    Auto,
+    /// The slot's eventfd, polled by the reactor (one wake).
+    EventFd,
+    /// A thread that parks on the futex and notifies the driver (two
+    /// wakes; works in a process without the eventfds).
+    Thread,
+}
+
+/// What handles share with the driver.
+struct Shared {
+    outbox: Arc<Outbox>,
+    segment: Segment,
+    me: WorkerId,
+    workers: u32,
+    max_message: usize,
+    /// Whether the messenger belongs to a cluster worker.
+    cluster_worker: bool,
+    /// `ready()` asked: the driver tells the master.
+    ready: AtomicBool,
+    /// Delivery ids of `consume` calls made through handles.
+    next_delivery: AtomicU64,
+    consume_cursor: AtomicU32,
+    /// The wake the driver ended up using.
+    wake: AsyncWake,
+}
+
+/// A cloneable, `Send + Sync` handle to a messenger driven by a tokio task:
+/// see [`Messenger::into_async`] and the [module docs](self).
+///
+/// Handlers are registered on the [`Messenger`] before it is turned into
+/// this: [`Messenger::on`] and [`Messenger::on_request`] run on the driver
+/// task (keep them short and never block in them), and
+/// [`Messenger::on_async`] runs each call as a task of its own.
+///
+/// The driver ends when every `AsyncMessenger` is dropped (it notices
+/// within 50 ms), dropping the messenger and its worker.
+#[derive(Clone)]
+pub struct AsyncMessenger {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AsyncMessenger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncMessenger")
+            .field("slot", &self.shared.me.slot)
+            .field("generation", &self.shared.me.generation)
+            .field("wake", &self.shared.wake)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Messenger {
+    /// Registers an async handler for `event`, for `request`, `map` and
+    /// `consume` (and `notify`): each call runs `f`'s future as its own
+    /// tokio task, and its `Ok` value or `Err` text is the answer. A call
+    /// that panics is answered `HandlerFailed("reply dropped")`.
+    ///
+    /// It needs a tokio runtime where the messenger dispatches: inside the
+    /// driver of [`Messenger::into_async`], or a blocking `poll`/`run` on a
+    /// runtime thread; elsewhere the runtime current at registration is
+    /// used, and without one the call is answered `HandlerFailed`.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn on_async<T, R, E, F, Fut>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RequestError>
+    where
+        T: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+        F: FnMut(Ctx, T) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+    {
+        let registered = tokio::runtime::Handle::try_current().ok();
+        self.on_request_async::<T, R, _>(event, move |ctx, value, reply| {
+            let Some(rt) = tokio::runtime::Handle::try_current()
+                .ok()
+                .or_else(|| registered.clone())
+            else {
+                reply.send(Err("an on_async handler needs a tokio runtime".into()));
+                return;
+            };
+            let fut = f(ctx.clone(), value);
+            rt.spawn(async move {
+                reply.send(fut.await.map_err(|e| e.to_string()));
+            });
+        })
+    }
+
+    /// Hands the messenger to a driver task on the current tokio runtime
+    /// and returns the handle to use from any task or thread.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (like `tokio::spawn`).
+    pub fn into_async(self) -> AsyncMessenger {
+        self.into_async_with(AsyncWake::Auto)
+    }
+
+    /// [`Messenger::into_async`] with a chosen wake (for measuring one
+    /// against the other). `EventFd` without eventfds falls back to a
+    /// waiter thread.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn into_async_with(self, wake: AsyncWake) -> AsyncMessenger {
+        // A descriptor of its own for the reactor: open for as long as the
+        // registration lives, whatever happens to the segment's.
+        let fd = self
+            .segment
+            .wake_fd(self.slot)
+            .and_then(|fd| sys::dup_cloexec(fd).ok());
+        let wake = match (wake, &fd) {
+            (AsyncWake::Auto | AsyncWake::EventFd, Some(_)) => AsyncWake::EventFd,
+            _ => AsyncWake::Thread,
+        };
+        let shared = Arc::new(Shared {
+            outbox: self.outbox.clone(),
+            segment: self.segment.clone(),
+            me: self.me(),
+            workers: self.workers,
+            max_message: self.max_message,
+            cluster_worker: self.worker().is_some(),
+            ready: AtomicBool::new(false),
+            next_delivery: AtomicU64::new(1),
+            consume_cursor: AtomicU32::new(self.slot),
+            wake,
+        });
+        let waiter = match (wake, fd) {
+            (AsyncWake::EventFd, Some(fd)) => {
+                // SAFETY: `WakeFd` owns the descriptor, so it stays open and
+                // names the same eventfd until the registration is dropped
+                // with it.
+                match unsafe { AsyncFd::register_with_interest(WakeFd(fd), tokio::io::Interest::READABLE) } {
+                    Ok(afd) => Waiter::Fd(afd),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "eventfd not pollable; using a waiter thread");
+                        Waiter::thread(&self.segment, self.slot)
+                    }
+                }
+            }
+            _ => Waiter::thread(&self.segment, self.slot),
+        };
+        tokio::spawn(drive(self, shared.clone(), waiter));
+        AsyncMessenger { shared }
+    }
+}
+
+/// A slot's eventfd (a descriptor of its own) as the reactor sees it.
+struct WakeFd(OwnedFd);
+
+impl AsRawFd for WakeFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// The waiter-thread wake: the thread parks on the slot's futex each time
+/// the driver arms it, and notifies the driver when it wakes.
+struct ThreadWaiter {
+    /// Bumped by the driver to ask for one park (a futex word).
+    armed: AtomicU32,
+    notify: Notify,
+    stop: AtomicBool,
+}
+
+enum Waiter {
+    Fd(AsyncFd<WakeFd>),
+    Thread(Arc<ThreadWaiter>),
+}
+
+impl Waiter {
+    fn thread(segment: &Segment, slot: u32) -> Self {
+        let w = Arc::new(ThreadWaiter {
+            armed: AtomicU32::new(0),
+            notify: Notify::new(),
+            stop: AtomicBool::new(false),
+        });
+        let (segment, thread_side) = (segment.clone(), w.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("shmcluster-wake-{slot}"))
+            .spawn(move || {
+                let w = thread_side;
+                let mut seen = 0;
+                while !w.stop.load(Acquire) {
+                    let armed = w.armed.load(Acquire);
+                    if armed == seen {
+                        sys::futex_wait(&w.armed, seen, Some(SAFETY_NET));
+                        continue;
+                    }
+                    seen = armed;
+                    wake::park(segment.park(slot), segment.bells(slot), SAFETY_NET);
+                    w.notify.notify_one();
+                }
+            });
+        if let Err(e) = spawned {
+            // The driver still wakes on its timer.
+            tracing::error!(error = %e, "cannot start the messenger's waiter thread");
+        }
+        Self::Thread(w)
+    }
+
+    /// Waits until woken or `until`.
+    async fn wait(&mut self, until: Instant) {
+        let sleep = tokio::time::sleep_until(until.into());
+        match self {
+            Waiter::Fd(afd) => {
+                let readable = async {
+                    loop {
+                        let Ok(mut guard) = afd.readable().await else {
+                            return std::future::pending::<()>().await;
+                        };
+                        // A count read is a wake (maybe an old one: then one
+                        // spurious turn); `WouldBlock` clears the readiness.
+                        match guard.try_io(|fd| sys::eventfd_read(fd.get_ref().0.as_fd())) {
+                            Ok(_) => return,
+                            Err(_would_block) => continue,
+                        }
+                    }
+                };
+                tokio::select! {
+                    () = readable => {}
+                    () = sleep => {}
+                }
+            }
+            Waiter::Thread(w) => {
+                w.armed.fetch_add(1, Release);
+                sys::futex_wake(&w.armed, 1);
+                tokio::select! {
+                    () = w.notify.notified() => {}
+                    () = sleep => {}
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Waiter::Thread(w) = self {
+            w.stop.store(true, Release);
+            w.armed.fetch_add(1, Release);
+            sys::futex_wake(&w.armed, 1);
+        }
+    }
+}
+
+/// The driver task: dispatches, and waits in the reactor when idle.
+async fn drive(mut m: Messenger, shared: Arc<Shared>, mut waiter: Waiter) {
+    let fd_park = matches!(waiter, Waiter::Fd(_));
+    let mut turns = 0u32;
+    loop {
+        if Arc::strong_count(&shared) == 1 {
+            break; // Every handle is gone.
+        }
+        if shared.ready.swap(false, AcqRel) {
+            if let Some(w) = m.worker() {
+                w.ready();
+            }
+        }
+        match m.async_turn(fd_park) {
+            Ok(false) => {
+                // Busy: let the runtime's other tasks in now and then.
+                turns = turns.wrapping_add(1);
+                if turns % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            Ok(true) => {
+                let until = m.remote_due().unwrap_or_else(|| Instant::now() + SAFETY_NET);
+                waiter.wait(until).await;
+                if fd_park {
+                    ep_park_end(&m);
+                }
+                turns = 0;
+            }
+            Err(e) => {
+                // A poisoned lane (garbage from a buggy process): reported,
+                // and the other lanes keep being served.
+                tracing::error!(error = %e, slot = shared.me.slot, "async messenger: a lane is corrupt");
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+fn ep_park_end(m: &Messenger) {
+    super::ep_of_ref(&m.owner).park_fd_end();
+}
+
+/// Waits for a oneshot answer, with a little slack past the deadline for a
+/// driver that is busy in a handler at that moment.
+async fn answer(
+    rx: oneshot::Receiver<Result<Vec<u8>, RequestError>>,
+    deadline: Instant,
+) -> Result<Vec<u8>, RequestError> {
+    let slack = tokio::time::Instant::from(deadline) + Duration::from_secs(1);
+    match tokio::time::timeout_at(slack, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(RequestError::WorkerDied),
+        Err(_) => Err(RequestError::TimedOut),
+    }
+}
+
+fn decode<R: DeserializeOwned>(body: &[u8]) -> Result<R, RequestError> {
+    postcard::from_bytes(body).map_err(|e| RequestError::Decode(e.to_string()))
+}
+
+impl AsyncMessenger {
+    /// This worker's slot.
+    pub fn slot(&self) -> u32 {
+        self.shared.me.slot
+    }
+
+    /// This worker's generation.
+    pub fn generation(&self) -> u32 {
+        self.shared.me.generation
+    }
+
+    /// Slots in the segment.
+    pub fn workers(&self) -> u32 {
+        self.shared.workers
+    }
+
+    /// How the driver is woken (eventfd or waiter thread).
+    pub fn wake(&self) -> AsyncWake {
+        self.shared.wake
+    }
+
+    /// Live workers now, in slot order.
+    pub fn live_workers(&self) -> Vec<WorkerId> {
+        live_workers(&self.shared.segment, self.shared.me)
+    }
+
+    /// Like [`Messenger::emit`], without waiting: the driver sends it (in
+    /// order with this handle's other messages).
+    ///
+    /// # Errors
+    /// `EventName`, `Encode`, `NoSuchWorker`, `TooLarge`.
+    pub fn emit<T: Serialize + ?Sized>(
+        &self,
+        target: Target,
+        event: &str,
+        value: &T,
+    ) -> Result<(), RequestError> {
+        let bytes = encode_call(event, 0, value)?;
+        self.check_size(&bytes)?;
+        let me = self.shared.me;
+        let to: Vec<u32> = match target {
+            Target::Worker(slot) if slot >= self.shared.workers => {
+                return Err(RequestError::NoSuchWorker { slot })
+            }
+            Target::Worker(slot) => vec![slot],
+            Target::All => self.live_workers().into_iter().map(|w| w.slot).collect(),
+            Target::Others => self
+                .live_workers()
+                .into_iter()
+                .map(|w| w.slot)
+                .filter(|&s| s != me.slot)
+                .collect(),
+        };
+        let tag = Tag {
+            kind: wire::EMIT,
+            correlation: 0,
+        };
+        for slot in to {
+            self.shared.outbox.push(slot, tag, bytes.clone());
+        }
+        Ok(())
+    }
+
+    /// [`AsyncMessenger::emit`] to every live worker, this one included.
+    ///
+    /// # Errors
+    /// As [`AsyncMessenger::emit`].
+    pub fn broadcast<T: Serialize + ?Sized>(&self, event: &str, value: &T) -> Result<(), RequestError> {
+        self.emit(Target::All, event, value)
+    }
+
+    fn check_size(&self, bytes: &[u8]) -> Result<(), RequestError> {
+        if bytes.len() > self.shared.max_message {
+            return Err(RequestError::TooLarge {
+                len: bytes.len(),
+                max: self.shared.max_message,
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts one call through the driver.
+    fn call(
+        &self,
+        to: u32,
+        kind: u16,
+        bytes: Vec<u8>,
+        deadline: Instant,
+    ) -> oneshot::Receiver<Result<Vec<u8>, RequestError>> {
+        let (tx, rx) = oneshot::channel();
+        self.shared.outbox.push_call(RemoteCall {
+            to,
+            kind,
+            bytes,
+            deadline,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        });
+        rx
+    }
+
+    /// Like [`Messenger::request`], awaited.
+    ///
+    /// # Errors
+    /// As [`Messenger::request`]; `WorkerDied` if the driver is gone.
+    pub async fn request<T, R>(
+        &self,
+        worker: u32,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<R, RequestError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let body = self
+            .request_raw(worker, event, encode_call(event, 0, value)?, deadline)
+            .await?;
+        decode(&body)
+    }
+
+    async fn request_raw(
+        &self,
+        worker: u32,
+        _event: &str,
+        bytes: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, RequestError> {
+        if worker >= self.shared.workers {
+            return Err(RequestError::NoSuchWorker { slot: worker });
+        }
+        self.check_size(&bytes)?;
+        let started = Instant::now();
+        let r = answer(self.call(worker, wire::REQUEST, bytes, deadline), deadline).await;
+        self.record_latency(LATENCY_REQUEST, started.elapsed());
+        r
+    }
+
+    fn record_latency(&self, which: usize, d: Duration) {
+        self.shared
+            .segment
+            .stats_entry(self.shared.me.slot)
+            .add_latency(which, d.as_nanos() as u64);
+    }
+
+    /// Like [`Messenger::map`], awaited: every live worker (this one
+    /// included) runs its first handler for `event`; one entry per worker,
+    /// in slot order; never past `deadline`.
+    ///
+    /// # Errors
+    /// Only for the call as a whole: `EventName`, `Encode`, `TooLarge`.
+    #[allow(clippy::type_complexity)]
+    pub async fn map<T, R>(
+        &self,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<Vec<(WorkerId, Result<R, MapError>)>, RequestError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let bytes = encode_call(event, 0, value)?;
+        self.check_size(&bytes)?;
+        let started = Instant::now();
+        let live = self.live_workers();
+        let calls: Vec<_> = live
+            .iter()
+            .map(|w| self.call(w.slot, wire::REQUEST, bytes.clone(), deadline))
+            .collect();
+        let mut out = Vec::with_capacity(live.len());
+        for (peer, rx) in live.into_iter().zip(calls) {
+            let r = match answer(rx, deadline).await {
+                Ok(body) => postcard::from_bytes(&body).map_err(|e| MapError::Decode(e.to_string())),
+                Err(RequestError::NoHandler) => Err(MapError::NoHandler),
+                Err(RequestError::HandlerFailed(e)) => Err(MapError::HandlerFailed(e)),
+                Err(RequestError::WorkerDied) => Err(MapError::WorkerDied),
+                Err(_) => Err(MapError::TimedOut),
+            };
+            out.push((peer, r));
+        }
+        self.record_latency(LATENCY_MAP, started.elapsed());
+        Ok(out)
+    }
+
+    /// Like [`Messenger::consume`], awaited: exactly one live worker with a
+    /// handler (the shallowest inbox) runs `event`; at least once, with
+    /// the same delivery id on a redelivery.
+    ///
+    /// # Errors
+    /// As [`Messenger::consume`].
+    pub async fn consume<T: Serialize + ?Sized>(
+        &self,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<Consumed, RequestError> {
+        let me = self.shared.me;
+        // Distinct from the ids of the messenger's own `consume` (bit 31).
+        let n = self.shared.next_delivery.fetch_add(1, Relaxed);
+        let delivery =
+            (u64::from(me.slot) << 52) ^ (u64::from(me.generation) << 32) ^ (1 << 31) ^ (n & 0x7fff_ffff);
+        let bytes = encode_call(event, delivery, value)?;
+        self.check_size(&bytes)?;
+        let mut refused: Vec<u32> = Vec::new();
+        let mut attempts = 0;
+        loop {
+            let live = self.live_workers();
+            let start = self.shared.consume_cursor.fetch_add(1, Relaxed) as usize % live.len().max(1);
+            let Some(peer) = live
+                .iter()
+                .cycle()
+                .skip(start)
+                .take(live.len())
+                .filter(|p| !refused.contains(&p.slot))
+                .min_by_key(|p| inbox_depth(&self.shared.segment, p.slot))
+                .copied()
+            else {
+                return Err(RequestError::NoHandler);
+            };
+            attempts += 1;
+            match answer(
+                self.call(peer.slot, wire::CONSUME, bytes.clone(), deadline),
+                deadline,
+            )
+            .await
+            {
+                Ok(_) => {
+                    return Ok(Consumed {
+                        worker: peer,
+                        delivery_id: delivery,
+                        attempts,
+                    })
+                }
+                Err(RequestError::NoHandler) => refused.push(peer.slot),
+                Err(RequestError::WorkerDied) => {
+                    if Instant::now() >= deadline {
+                        return Err(RequestError::TimedOut);
+                    }
+                    tracing::info!(
+                        event,
+                        delivery,
+                        worker = peer.slot,
+                        "consume: worker died, redelivering"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Like [`Messenger::invoke`], awaited: the leader's handler for
+    /// `method` runs. Waits (until `deadline`) for a leader if there is
+    /// none yet.
+    ///
+    /// # Errors
+    /// As [`Messenger::invoke`].
+    pub async fn invoke<T, R>(&self, method: &str, args: &T, deadline: Instant) -> Result<R, RequestError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let event = leader::invoke_event(method);
+        let bytes = encode_call(&event, 0, args)?;
+        loop {
+            let Some(leader) = leader::current_leader(&self.shared.segment) else {
+                if Instant::now() >= deadline {
+                    return Err(RequestError::NoLeader);
+                }
+                tokio::time::sleep(LEADER_POLL).await;
+                continue;
+            };
+            match self
+                .request_raw(leader.slot, &event, bytes.clone(), deadline)
+                .await
+            {
+                Ok(body) => return decode(&body),
+                Err(RequestError::WorkerDied) => return Err(RequestError::LeaderDied),
+                Err(RequestError::HandlerFailed(e)) if leader::is_not_leader(&e) => {
+                    if Instant::now() >= deadline {
+                        return Err(RequestError::NoLeader);
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The segment's lock table, with this worker recorded as holder (for
+    /// [`Locks::synchronize_async`], a section that crosses `.await`s).
+    ///
+    /// # Errors
+    /// As [`Locks::new`].
+    pub fn locks(&self) -> Result<Locks, LockError> {
+        Locks::new(&self.shared.segment, self.shared.me.slot)
+    }
+
+    /// Runs `f` holding lock `name` (`""`: the global lock) and returns its
+    /// result, without blocking a runtime thread: the lock is taken, `f`
+    /// run and the lock released on one blocking-pool thread (a pthread
+    /// mutex belongs to the thread that locked it). The section is told if
+    /// the previous holder died inside it.
+    ///
+    /// # Errors
+    /// As [`Locks::synchronize_key`]; `Io` if the blocking pool is gone.
+    pub async fn synchronize_key<R, F>(&self, name: &str, f: F) -> Result<R, LockError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Section) -> R + Send + 'static,
+    {
+        let locks = self.locks()?;
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            if name.is_empty() {
+                locks.synchronize(f)
+            } else {
+                locks.synchronize_key(&name, f)
+            }
+        })
+        .await
+        .map_err(|e| LockError::Io(io::Error::other(format!("the lock thread failed: {e}"))))?
+    }
+
+    /// [`AsyncMessenger::synchronize_key`] on the global lock.
+    ///
+    /// # Errors
+    /// As [`AsyncMessenger::synchronize_key`].
+    pub async fn synchronize<R, F>(&self, f: F) -> Result<R, LockError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Section) -> R + Send + 'static,
+    {
+        self.synchronize_key("", f).await
+    }
+
+    /// Declares this cluster worker ready ([`crate::Worker::ready`]); does
+    /// nothing without a master.
+    pub fn ready(&self) {
+        self.shared.ready.store(true, Release);
+        self.shared.outbox.wake();
+    }
+
+    /// Whether the master asked this worker to stop (drain for a reload,
+    /// or shutdown), or the process got `SIGTERM`/`SIGINT`. Never without
+    /// a master.
+    pub fn should_stop(&self) -> bool {
+        self.shared.cluster_worker
+            && crate::cluster::stop_requested(&self.shared.segment, self.shared.me.slot)
+    }
+
+    /// Resolves when [`AsyncMessenger::should_stop`] becomes true (looked
+    /// at every 10 ms): a graceful-shutdown signal for a server, such as
+    /// axum's `with_graceful_shutdown(messenger.stopped())`. Never resolves
+    /// without a master.
+    pub async fn stopped(&self) {
+        while !self.should_stop() {
+            tokio::time::sleep(STOP_POLL).await;
+        }
+    }
+
+    /// Every slot's state and counters (see [`Messenger::stats`]).
+    pub fn stats(&self) -> crate::ClusterStats {
+        crate::cluster::read_stats(&self.shared.segment)
+    }
+
+    /// Whether the worker in `slot` is live now (and its generation).
+    pub fn live_generation(&self, slot: u32) -> Option<u32> {
+        if slot >= self.shared.workers {
+            return None;
+        }
+        live_generation(&self.shared.segment, self.shared.me, slot)
+    }
+}

@@ -1,0 +1,292 @@
+//! `AsyncMessenger` (feature `tokio`): request, map, consume, emit and
+//! async handlers between tokio-driven messengers, with both wakes (the
+//! slot's eventfd and the waiter thread), with more workers than runtime
+//! threads, and the fallback when a process has no eventfds.
+#![cfg(feature = "tokio")]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shmcluster::testing::Watchdog;
+use shmcluster::{AsyncMessenger, AsyncWake, Config, MapError, Messenger, RequestError, Segment, Target};
+
+fn soon(secs: u64) -> Instant {
+    Instant::now() + Duration::from_secs(secs)
+}
+
+/// `n` messengers in threads mode, each with handlers, turned async.
+fn cluster(n: u32, wake: AsyncWake, seen: &Arc<Mutex<Vec<(u32, String)>>>) -> Vec<AsyncMessenger> {
+    Messenger::threads(n)
+        .unwrap()
+        .into_iter()
+        .map(|mut m| {
+            let slot = m.slot();
+            m.on_request("double", |_, x: u64| Ok::<_, String>(x * 2))
+                .unwrap();
+            m.on_request("fail", |_, _: ()| Err::<(), _>("no such thing"))
+                .unwrap();
+            m.on_async("slow-slot", move |_ctx, ms: u64| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, String>(slot)
+            })
+            .unwrap();
+            let seen = seen.clone();
+            m.on("note", move |ctx, text: String| {
+                seen.lock().unwrap().push((ctx.sender().slot * 100 + slot, text));
+            })
+            .unwrap();
+            m.into_async_with(wake)
+        })
+        .collect()
+}
+
+async fn request_map_consume_emit(wake: AsyncWake) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let ms = cluster(3, wake, &seen);
+    assert_eq!(ms[0].wake(), wake, "the wake asked for is the one used");
+
+    // request, both ways and to itself
+    for (from, to) in [(0, 1), (1, 0), (2, 2)] {
+        let r: u64 = ms[from].request(to, "double", &21u64, soon(5)).await.unwrap();
+        assert_eq!(r, 42);
+    }
+    assert_eq!(
+        ms[0].request::<_, ()>(1, "fail", &(), soon(5)).await,
+        Err(RequestError::HandlerFailed("no such thing".into()))
+    );
+    assert_eq!(
+        ms[0].request::<_, ()>(1, "nobody", &(), soon(5)).await,
+        Err(RequestError::NoHandler)
+    );
+    assert_eq!(
+        ms[0].request::<_, ()>(7, "double", &1u64, soon(5)).await,
+        Err(RequestError::NoSuchWorker { slot: 7 })
+    );
+
+    // map: one entry per worker, the caller included, from async handlers
+    let all = ms[1].map::<_, u32>("slow-slot", &20u64, soon(5)).await.unwrap();
+    let slots: Vec<u32> = all
+        .iter()
+        .map(|(w, r)| {
+            assert_eq!(r.as_ref().ok(), Some(&w.slot));
+            w.slot
+        })
+        .collect();
+    assert_eq!(slots, vec![0, 1, 2]);
+    let none = ms[1].map::<_, ()>("nobody", &(), soon(5)).await.unwrap();
+    assert!(none.iter().all(|(_, r)| *r == Err(MapError::NoHandler)));
+
+    // a map whose handlers outlast the deadline settles at the deadline
+    let started = Instant::now();
+    let late = ms[0]
+        .map::<_, u32>("slow-slot", &2000u64, Instant::now() + Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert!(
+        late.iter().all(|(_, r)| *r == Err(MapError::TimedOut)),
+        "{late:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "settled at the deadline"
+    );
+
+    // consume: many concurrent tasks spread over the workers
+    let ran: Vec<u32> = {
+        let tasks: Vec<_> = (0..12)
+            .map(|_| {
+                let m = ms[0].clone();
+                tokio::spawn(async move {
+                    m.consume("slow-slot", &30u64, soon(10))
+                        .await
+                        .unwrap()
+                        .worker
+                        .slot
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    };
+    let distinct: BTreeSet<u32> = ran.iter().copied().collect();
+    assert!(distinct.len() >= 2, "consume used one worker only: {ran:?}");
+    assert_eq!(
+        ms[0].consume("nobody", &(), soon(5)).await.map(|c| c.worker),
+        Err(RequestError::NoHandler)
+    );
+
+    // emit / broadcast reach the handlers (the caller too, for All)
+    ms[2].broadcast("note", "hello").unwrap();
+    ms[0].emit(Target::Worker(1), "note", "direct").unwrap();
+    ms[1].emit(Target::Others, "note", "others").unwrap();
+    let deadline = soon(5);
+    loop {
+        let got = seen.lock().unwrap().clone();
+        let want = [
+            (200, "hello"),
+            (201, "hello"),
+            (202, "hello"),
+            (1, "direct"),
+            (100, "others"),
+            (102, "others"),
+        ];
+        if want
+            .iter()
+            .all(|(k, t)| got.iter().any(|(gk, gt)| gk == k && gt == t))
+        {
+            assert_eq!(got.len(), 6, "nothing delivered twice: {got:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "events missing: {got:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventfd_wake_request_map_consume_emit() {
+    let _dog = Watchdog::new("async-eventfd", Duration::from_secs(60));
+    request_map_consume_emit(AsyncWake::EventFd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_wake_request_map_consume_emit() {
+    let _dog = Watchdog::new("async-thread", Duration::from_secs(60));
+    request_map_consume_emit(AsyncWake::Thread).await;
+}
+
+/// Everyone asks everyone, concurrently, many times: no call is lost or
+/// stuck, with 8 drivers on a runtime of 2 threads (and on one thread).
+async fn many_workers(wake: AsyncWake) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let ms = cluster(8, wake, &seen);
+    let done = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = ms
+        .iter()
+        .map(|m| {
+            let (m, done) = (m.clone(), done.clone());
+            tokio::spawn(async move {
+                for round in 0..50u64 {
+                    for to in 0..8 {
+                        let r: u64 = m.request(to, "double", &round, soon(10)).await.unwrap();
+                        assert_eq!(r, round * 2);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(done.load(Ordering::Relaxed), 8 * 50 * 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventfd_wake_many_workers_few_threads() {
+    let _dog = Watchdog::new("async-many-eventfd", Duration::from_secs(90));
+    many_workers(AsyncWake::EventFd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thread_wake_many_workers_few_threads() {
+    let _dog = Watchdog::new("async-many-thread", Duration::from_secs(90));
+    many_workers(AsyncWake::Thread).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn eventfd_wake_many_workers_one_thread() {
+    let _dog = Watchdog::new("async-many-current", Duration::from_secs(90));
+    many_workers(AsyncWake::EventFd).await;
+}
+
+/// A blocking messenger on a plain thread and an async one answer each
+/// other (the async driver is woken by a blocking sender's eventfd write,
+/// and the other way round by the futex).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_and_async_messengers_talk() {
+    let _dog = Watchdog::new("async-mixed", Duration::from_secs(60));
+    let mut two = Messenger::threads(2).unwrap();
+    let mut blocking = two.pop().unwrap();
+    let mut asynk = two.pop().unwrap();
+    asynk
+        .on_request("double", |_, x: u64| Ok::<_, String>(x * 2))
+        .unwrap();
+    let asynk = asynk.into_async();
+    blocking
+        .on_request("triple", |_, x: u64| Ok::<_, String>(x * 3))
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        // Requests to the async side, with pauses so that its driver parks.
+        for i in 0..20u64 {
+            let r: u64 = blocking.request(0, "double", &i, soon(5)).unwrap();
+            assert_eq!(r, 2 * i);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        blocking.run_until(|_| stop2.load(Ordering::Relaxed)).unwrap();
+    });
+    for i in 0..20u64 {
+        let r: u64 = asynk.request(1, "triple", &i, soon(5)).await.unwrap();
+        assert_eq!(r, 3 * i);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    tokio::task::spawn_blocking(move || thread.join().unwrap())
+        .await
+        .unwrap();
+}
+
+/// A process that attached to the bare memfd has no eventfds: its async
+/// messenger falls back to the waiter thread and still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_eventfds_the_waiter_thread_is_used() {
+    let _dog = Watchdog::new("async-no-fds", Duration::from_secs(60));
+    let made = Segment::create(&Config::new(2)).unwrap();
+    assert!(made.wake_fds().is_some(), "create makes one eventfd per slot");
+    let bare = Segment::attach(made.try_clone_fd().unwrap()).unwrap();
+    assert!(bare.wake_fds().is_none());
+    let mut a = Messenger::from_endpoint(bare.endpoint(0).unwrap());
+    a.on_request("double", |_, x: u64| Ok::<_, String>(x * 2))
+        .unwrap();
+    let a = a.into_async();
+    assert_eq!(a.wake(), AsyncWake::Thread);
+    let mut b = Messenger::from_endpoint(bare.endpoint(1).unwrap());
+    b.on_request("double", |_, x: u64| Ok::<_, String>(x * 2))
+        .unwrap();
+    let b = b.into_async_with(AsyncWake::EventFd);
+    assert_eq!(b.wake(), AsyncWake::Thread, "EventFd without eventfds falls back");
+    for i in 0..10u64 {
+        assert_eq!(
+            a.request::<_, u64>(1, "double", &i, soon(5)).await.unwrap(),
+            2 * i
+        );
+        assert_eq!(
+            b.request::<_, u64>(0, "double", &i, soon(5)).await.unwrap(),
+            2 * i
+        );
+    }
+    // Installing them afterwards is checked.
+    assert!(bare.set_wake_fds(Vec::new()).is_err(), "wrong count refused");
+}
+
+/// Every handle dropped: the driver ends and releases the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_driver_ends_with_its_last_handle() {
+    let _dog = Watchdog::new("async-drop", Duration::from_secs(30));
+    let seg = Segment::create(&Config::new(1)).unwrap();
+    let m = Messenger::from_endpoint(seg.endpoint(0).unwrap()).into_async();
+    let again = m.clone();
+    drop(m);
+    drop(again);
+    let deadline = soon(5);
+    while seg.endpoint(0).is_err() {
+        assert!(Instant::now() < deadline, "slot still held by the driver");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
