@@ -694,6 +694,12 @@ impl Messenger {
         }
     }
 
+    /// How this messenger's blocking calls wait for messages (see
+    /// [`crate::WaitStrategy`]; default: spin briefly, then park).
+    pub fn set_wait_strategy(&mut self, wait: crate::WaitStrategy) {
+        self.ep().set_wait_strategy(wait);
+    }
+
     /// A handle for other threads of this process.
     pub fn handle(&self) -> MessengerHandle {
         MessengerHandle {
