@@ -814,6 +814,21 @@ fn roles(role: &str) -> Check {
             ensure!(w.instances() == 2, "instances {}", w.instances());
             // A second attach in the same process is refused.
             ensure!(Worker::from_env().is_err(), "second from_env succeeded");
+            // The slots' eventfds came along (SHMCLUSTER_WAKE_FDS), one per
+            // slot, so async messengers here wake and are woken by eventfd.
+            let slots = w.segment().layout().workers() as usize;
+            let fds = w.segment().wake_fds().ok_or("no wake eventfds from the master")?;
+            ensure!(fds.len() == slots, "{} wake fds for {slots} slots", fds.len());
+            for fd in fds {
+                use std::os::fd::AsRawFd;
+                let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                    .map_err(|e| e.to_string())?;
+                ensure!(
+                    link.to_string_lossy().contains("eventfd"),
+                    "fd {} is {link:?}",
+                    fd.as_raw_fd()
+                );
+            }
             w.ready();
             while !w.wait_stop(Duration::from_secs(1)) {}
             Ok(())
