@@ -237,16 +237,20 @@ mod loom_tests {
             })
         }
 
-        /// `write(eventfd, 1)`.
+        /// `write(eventfd, 1)`. A write and the `read` that returns its
+        /// count are system calls that take the eventfd's lock in the
+        /// kernel, so the read synchronizes with the write: modelled with
+        /// release/acquire. (With `Relaxed` the model is weaker than any
+        /// kernel, and loom finds a lost wakeup that cannot happen.)
         fn ring_fd(&self) {
-            self.eventfd.fetch_add(1, Relaxed);
+            self.eventfd.fetch_add(1, AcqRel);
             futex_wake(&self.eventfd);
         }
 
-        /// The reactor: sleep until the eventfd is readable, then read it
-        /// (which resets the count).
+        /// The driver's wait: sleep until the eventfd is readable, read it
+        /// (which resets the count), and go back to polling the lanes.
         fn wait_fd(&self) {
-            while self.eventfd.swap(0, Relaxed) == 0 {
+            while self.eventfd.swap(0, AcqRel) == 0 {
                 crate::sync::futex_wait(&self.eventfd, 0, FOREVER);
             }
         }

@@ -1623,7 +1623,15 @@ impl Messenger {
         if self.outbox.nonempty.load(Acquire) {
             return Ok(false);
         }
-        Ok(!fd_park || ep_of_ref(&self.owner).park_fd_begin())
+        let ep = ep_of_ref(&self.owner);
+        if fd_park {
+            Ok(ep.park_fd_begin())
+        } else {
+            // The waiter thread parks for us; the heartbeat and the stats
+            // are ours to keep up, as `park_fd_begin` does.
+            ep.beat();
+            Ok(true)
+        }
     }
 }
 
