@@ -355,6 +355,10 @@ impl Locks {
         // and lives as long as the mapping this `Locks` keeps.
         let mut got = unsafe { sys::mutex::try_lock(m) };
         if matches!(got, Err(LockFailure::Timeout)) {
+            if timeout == Some(Duration::ZERO) {
+                // A try, not a wait (the async section's first attempt).
+                return Err(LockError::Timeout);
+            }
             entry.waits.fetch_add(1, Relaxed);
             let mut gone_since: Option<Instant> = None;
             loop {
@@ -442,6 +446,16 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
+    /// The section this guard stands for (named `name`).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn section<'a>(&self, name: &'a str) -> Section<'a> {
+        Section {
+            name: std::borrow::Cow::Borrowed(name),
+            owner_died: self.owner_died,
+            token: self.token,
+        }
+    }
+
     /// Whether the previous holder died holding it (see
     /// [`Section::previous_owner_died`]).
     pub fn previous_owner_died(&self) -> bool {

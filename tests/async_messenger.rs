@@ -290,3 +290,60 @@ async fn the_driver_ends_with_its_last_handle() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// `synchronize_key`: sections exclude each other across tasks and
+/// messengers, free locks are taken without a thread hop, held ones on
+/// the blocking pool, and a panic inside propagates without leaving the
+/// lock held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronize_key_excludes_and_survives_a_panic() {
+    let _dog = Watchdog::new("async-sync", Duration::from_secs(60));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let ms = cluster(2, AsyncWake::EventFd, &seen);
+    // A non-atomic read-modify-write in each section: lost updates if two
+    // overlap (a sleep widens the window).
+    let counter = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (m, counter) = (ms[i % 2].clone(), counter.clone());
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    m.synchronize_key("n", {
+                        let counter = counter.clone();
+                        move |section| {
+                            assert_eq!(section.name(), "n");
+                            let v = counter.load(Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_micros(20));
+                            counter.store(v + 1, Ordering::Relaxed);
+                        }
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(counter.load(Ordering::Relaxed), 400);
+    let stats = ms[0].locks().unwrap().stats();
+    let n = stats.iter().find(|s| s.name == "n").unwrap();
+    assert_eq!(n.acquisitions, 400);
+    assert!(
+        n.waits <= 400,
+        "each acquisition waited at most once: {}",
+        n.waits
+    );
+    // A panicking section: the panic reaches the caller, the lock is free.
+    let m = ms[1].clone();
+    let panicked = tokio::spawn(async move { m.synchronize_key("n", |_| panic!("inside")).await }).await;
+    assert!(panicked.unwrap_err().is_panic());
+    let token = ms[0].synchronize(|s| s.fencing_token()).await.unwrap();
+    assert!(token > 0);
+    let again = ms[0]
+        .synchronize_key("n", |s| s.previous_owner_died())
+        .await
+        .unwrap();
+    assert!(!again, "a panic is not a death");
+}

@@ -674,29 +674,46 @@ impl AsyncMessenger {
     }
 
     /// Runs `f` holding lock `name` (`""`: the global lock) and returns its
-    /// result, without blocking a runtime thread: the lock is taken, `f`
-    /// run and the lock released on one blocking-pool thread (a pthread
-    /// mutex belongs to the thread that locked it). The section is told if
-    /// the previous holder died inside it.
+    /// result, without blocking a runtime thread: when the lock is free it
+    /// is taken, `f` run and the lock released right here (a try-lock, no
+    /// thread hop); when it is held, a blocking-pool thread waits for it,
+    /// runs `f` and releases it (a pthread mutex belongs to the thread that
+    /// locked it). The section is told if the previous holder died inside
+    /// it. Keep `f` short: it may run on a runtime thread.
     ///
     /// # Errors
-    /// As [`Locks::synchronize_key`]; `Io` if the blocking pool is gone.
+    /// As [`Locks::synchronize_key`]; a panic in `f` is resumed here.
     pub async fn synchronize_key<R, F>(&self, name: &str, f: F) -> Result<R, LockError>
     where
         R: Send + 'static,
         F: FnOnce(&Section) -> R + Send + 'static,
     {
         let locks = self.locks()?;
+        match locks.lock(name, Some(Duration::ZERO)) {
+            Ok(guard) => {
+                let r = f(&guard.section(name));
+                drop(guard);
+                return Ok(r);
+            }
+            Err(LockError::Timeout) => {}
+            Err(e) => return Err(e),
+        }
         let name = name.to_owned();
-        tokio::task::spawn_blocking(move || {
+        let waited = tokio::task::spawn_blocking(move || {
             if name.is_empty() {
                 locks.synchronize(f)
             } else {
                 locks.synchronize_key(&name, f)
             }
         })
-        .await
-        .map_err(|e| LockError::Io(io::Error::other(format!("the lock thread failed: {e}"))))?
+        .await;
+        match waited {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(LockError::Io(io::Error::other(format!(
+                "the lock thread failed: {e}"
+            )))),
+        }
     }
 
     /// [`AsyncMessenger::synchronize_key`] on the global lock.
