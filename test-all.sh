@@ -13,8 +13,12 @@ step() { printf '\n== %s\n' "$*"; }
 step "unit, integration, doc and multi-process tests"
 timeout 1200 cargo test --workspace
 
-step "the tokio feature: async synchronize"
-timeout 600 cargo test --features tokio --test locks_async
+step "the tokio feature: the async messenger, async synchronize, the axum cluster"
+# The lib's eventfd-park unit tests, the async messenger in threads mode,
+# async sections, and examples/axum_cluster driven over HTTP (reload and
+# SIGKILL under load); `cargo test` builds the example the test starts.
+timeout 900 cargo build --features tokio --example axum_cluster
+timeout 1200 cargo test --features tokio --lib --test async_messenger --test locks_async --test axum_cluster
 
 step "python: the ctypes binding over libshmcluster (pytest)"
 cargo build -p shmcluster-ffi
@@ -40,7 +44,7 @@ step "fuzz: each target for ${FUZZ_SECONDS:=30} s (no input may crash)"
 )
 
 step "benchmarks and examples build"
-timeout 900 cargo build --release --benches --examples
+timeout 900 cargo build --release --features tokio --benches --examples
 
 echo
 echo "all tests passed"

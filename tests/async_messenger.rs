@@ -347,3 +347,28 @@ async fn synchronize_key_excludes_and_survives_a_panic() {
         .unwrap();
     assert!(!again, "a panic is not a death");
 }
+
+/// `flush` resolves only once what was queued before it has been sent:
+/// the events are in the receiver's lane by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_waits_for_what_was_queued() {
+    let _dog = Watchdog::new("async-flush", Duration::from_secs(30));
+    let two = Messenger::threads(2).unwrap();
+    let mut it = two.into_iter();
+    let sender = it.next().unwrap().into_async();
+    let mut receiver = it.next().unwrap();
+    for i in 0..100u32 {
+        sender.emit(Target::Worker(1), "n", &i).unwrap();
+    }
+    sender.flush(soon(5)).await.unwrap();
+    // Nobody drives the receiver: the 100 events must be in its lane now.
+    let got = Arc::new(AtomicU64::new(0));
+    let g = got.clone();
+    receiver
+        .on("n", move |_, _: u32| {
+            g.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+    assert_eq!(receiver.dispatch().unwrap(), 100);
+    assert_eq!(got.load(Ordering::Relaxed), 100);
+}

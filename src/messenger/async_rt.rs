@@ -47,8 +47,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, Notify};
 
 use super::{
-    encode_call, inbox_depth, leader, live_generation, live_workers, wire, Consumed, Ctx, HandlerId,
-    MapError, Messenger, Outbox, RemoteCall, RequestError, Target, WorkerId, LATENCY_MAP, LATENCY_REQUEST,
+    encode_call, inbox_depth, is_draining, leader, live_generation, live_workers, wire, Consumed, Ctx,
+    HandlerId, MapError, Messenger, Outbox, RemoteCall, RequestError, Target, WorkerId, LATENCY_MAP,
+    LATENCY_REQUEST,
 };
 use crate::lock::{LockError, Locks, Section};
 use crate::segment::Segment;
@@ -93,8 +94,16 @@ struct Shared {
     wake: AsyncWake,
 }
 
-/// A cloneable, `Send + Sync` handle to a messenger driven by a tokio task:
-/// see [`Messenger::into_async`] and the [module docs](self).
+/// A cloneable, `Send + Sync` handle to a messenger driven by a tokio task
+/// (see [`Messenger::into_async`]).
+///
+/// A lane has one writer, so one task, the *driver*, owns the messenger and
+/// does all its sending and receiving; handles reach it through its outbox
+/// and get answers back through oneshot channels, so no call blocks a
+/// runtime thread. When idle the driver waits for its slot's eventfd in the
+/// reactor (a sender that finds it parked writes the eventfd), or, in a
+/// process without the eventfds, for a waiter thread parked on the futex
+/// ([`AsyncWake`]).
 ///
 /// Handlers are registered on the [`Messenger`] before it is turned into
 /// this: [`Messenger::on`] and [`Messenger::on_request`] run on the driver
@@ -590,7 +599,12 @@ impl AsyncMessenger {
                 .skip(start)
                 .take(live.len())
                 .filter(|p| !refused.contains(&p.slot))
-                .min_by_key(|p| inbox_depth(&self.shared.segment, p.slot))
+                .min_by_key(|p| {
+                    (
+                        is_draining(&self.shared.segment, p.slot),
+                        inbox_depth(&self.shared.segment, p.slot),
+                    )
+                })
                 .copied()
             else {
                 return Err(RequestError::NoHandler);
@@ -726,6 +740,31 @@ impl AsyncMessenger {
         F: FnOnce(&Section) -> R + Send + 'static,
     {
         self.synchronize_key("", f).await
+    }
+
+    /// Resolves once the driver has sent everything queued before this
+    /// call: `emit`s and `broadcast`s made so far, and the answers of
+    /// `on_async` handlers (and `Reply`s) already given. A worker about to
+    /// exit awaits it so that no answer it owes is lost with its runtime.
+    ///
+    /// # Errors
+    /// `WorkerDied` if the driver has ended; `TimedOut` after `deadline`.
+    pub async fn flush(&self, deadline: Instant) -> Result<(), RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .outbox
+            .barriers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(move || {
+                let _ = tx.send(());
+            }));
+        self.shared.outbox.wake();
+        match tokio::time::timeout_at(deadline.into(), rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(RequestError::WorkerDied),
+            Err(_) => Err(RequestError::TimedOut),
+        }
     }
 
     /// Declares this cluster worker ready ([`crate::Worker::ready`]); does

@@ -303,6 +303,9 @@ struct Outbox {
     queue: Mutex<Vec<(u32, Tag, Vec<u8>)>>,
     /// Requests made from other threads through a [`MessengerHandle`].
     calls: Mutex<Vec<RemoteCall>>,
+    /// Called once everything queued before them has been sent
+    /// (`AsyncMessenger::flush`).
+    barriers: Mutex<Vec<Box<dyn FnOnce() + Send>>>,
     nonempty: AtomicBool,
     segment: Segment,
     slot: u32,
@@ -649,6 +652,7 @@ impl Messenger {
         let outbox = Arc::new(Outbox {
             queue: Mutex::new(Vec::new()),
             calls: Mutex::new(Vec::new()),
+            barriers: Mutex::new(Vec::new()),
             nonempty: AtomicBool::new(false),
             segment: segment.clone(),
             slot,
@@ -1380,7 +1384,7 @@ impl Messenger {
                 .skip(start as usize)
                 .take(live.len())
                 .filter(|p| !refused.contains(&p.slot))
-                .min_by_key(|p| self.inbox_depth(p.slot))
+                .min_by_key(|p| (is_draining(&self.segment, p.slot), self.inbox_depth(p.slot)))
                 .copied()
             else {
                 return Err(RequestError::NoHandler);
@@ -1476,9 +1480,19 @@ impl Messenger {
         if !self.outbox.nonempty.swap(false, AcqRel) {
             return Ok(());
         }
+        // Barriers first: whatever was queued before a barrier is in the
+        // queue taken next, so it is sent before the barrier is released.
+        let barriers = std::mem::take(&mut *self.outbox.barriers.lock().unwrap_or_else(|p| p.into_inner()));
         let queued = std::mem::take(&mut *self.outbox.queue.lock().unwrap_or_else(|p| p.into_inner()));
         for (to, tag, bytes) in queued {
-            self.deliver(to, tag, bytes, None)?;
+            // One message that cannot go (its target slot, its size, a
+            // poisoned lane) must not hold back the rest.
+            if let Err(e) = self.deliver(to, tag, bytes, None) {
+                tracing::warn!(to, kind = tag.kind, error = %e, "a queued message could not be sent");
+            }
+        }
+        for done in barriers {
+            done();
         }
         let calls = std::mem::take(&mut *self.outbox.calls.lock().unwrap_or_else(|p| p.into_inner()));
         for call in calls {
@@ -1661,6 +1675,14 @@ fn live_workers(segment: &Segment, me: WorkerId) -> Vec<WorkerId> {
     (0..segment.layout().workers())
         .filter_map(|slot| live_generation(segment, me, slot).map(|generation| WorkerId { slot, generation }))
         .collect()
+}
+
+/// Whether the master is draining the worker in `slot` (a rolling reload
+/// replaces it): `consume` sends it new tasks only if no other worker can
+/// take them.
+fn is_draining(segment: &Segment, slot: u32) -> bool {
+    segment.control().master_pid.load(Acquire) != 0
+        && WorkerState::from_raw(segment.worker_entry(slot).state.load(Acquire)) == WorkerState::Draining
 }
 
 /// Bytes waiting in `slot`'s inbox (its load, for `consume`).
