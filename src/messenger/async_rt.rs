@@ -47,8 +47,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, Notify};
 
 use super::{
-    encode_call, inbox_depth, is_draining, leader, live_generation, live_workers, wire, Consumed, Ctx,
-    HandlerId, MapError, Messenger, Outbox, RemoteCall, RequestError, Target, WorkerId, LATENCY_MAP,
+    encode_call, inbox_depth, is_draining, leader, live_generation, live_workers, map_entry, wire, Consumed,
+    Ctx, HandlerId, MapError, Messenger, Outbox, RemoteCall, RequestError, Target, WorkerId, LATENCY_MAP,
     LATENCY_REQUEST,
 };
 use crate::lock::{LockError, Locks, Section};
@@ -556,13 +556,8 @@ impl AsyncMessenger {
             .collect();
         let mut out = Vec::with_capacity(live.len());
         for (peer, rx) in live.into_iter().zip(calls) {
-            let r = match answer(rx, deadline).await {
-                Ok(body) => postcard::from_bytes(&body).map_err(|e| MapError::Decode(e.to_string())),
-                Err(RequestError::NoHandler) => Err(MapError::NoHandler),
-                Err(RequestError::HandlerFailed(e)) => Err(MapError::HandlerFailed(e)),
-                Err(RequestError::WorkerDied) => Err(MapError::WorkerDied),
-                Err(_) => Err(MapError::TimedOut),
-            };
+            let r = map_entry(answer(rx, deadline).await)
+                .and_then(|body| postcard::from_bytes(&body).map_err(|e| MapError::Decode(e.to_string())));
             out.push((peer, r));
         }
         self.record_latency(LATENCY_MAP, started.elapsed());

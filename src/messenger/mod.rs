@@ -1307,16 +1307,7 @@ impl Messenger {
         let out = live
             .into_iter()
             .zip(calls)
-            .map(|(peer, call)| {
-                let r = match call.and_then(|id| self.take_result(id)) {
-                    Ok(body) => Ok(body),
-                    Err(RequestError::NoHandler) => Err(MapError::NoHandler),
-                    Err(RequestError::HandlerFailed(e)) => Err(MapError::HandlerFailed(e)),
-                    Err(RequestError::WorkerDied) => Err(MapError::WorkerDied),
-                    Err(_) => Err(MapError::TimedOut),
-                };
-                (peer, r)
-            })
+            .map(|(peer, call)| (peer, map_entry(call.and_then(|id| self.take_result(id)))))
             .collect();
         self.record_latency(LATENCY_MAP, started.elapsed());
         Ok(out)
@@ -1675,6 +1666,17 @@ fn live_workers(segment: &Segment, me: WorkerId) -> Vec<WorkerId> {
     (0..segment.layout().workers())
         .filter_map(|slot| live_generation(segment, me, slot).map(|generation| WorkerId { slot, generation }))
         .collect()
+}
+
+/// One worker's entry of a `map`, from its call's result.
+fn map_entry(r: Result<Vec<u8>, RequestError>) -> Result<Vec<u8>, MapError> {
+    match r {
+        Ok(body) => Ok(body),
+        Err(RequestError::NoHandler) => Err(MapError::NoHandler),
+        Err(RequestError::HandlerFailed(e)) => Err(MapError::HandlerFailed(e)),
+        Err(RequestError::WorkerDied) => Err(MapError::WorkerDied),
+        Err(_) => Err(MapError::TimedOut),
+    }
 }
 
 /// Whether the master is draining the worker in `slot` (a rolling reload
