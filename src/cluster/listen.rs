@@ -1890,3 +1890,54 @@ mod tests {
         });
     }
 }
+
+/// Listener adoption into tokio: an inherited listener (not close-on-exec,
+/// blocking, as a spawned worker finds it at fd 3) comes out non-blocking
+/// and close-on-exec, and accepts.
+#[cfg(all(test, feature = "tokio", not(loom)))]
+mod tokio_tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn flags(fd: RawFd) -> (bool, bool) {
+        // SAFETY: fcntl reads the flags of an open descriptor.
+        let fd_flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        // SAFETY: as above.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        (fd_flags & libc::FD_CLOEXEC != 0, fl & libc::O_NONBLOCK != 0)
+    }
+
+    fn inherited(fd: OwnedFd) -> Listener {
+        net::set_cloexec(fd.as_fd(), false).unwrap();
+        assert_eq!(flags(fd.as_raw_fd()), (false, false), "as inherited");
+        Listener::new("test".into(), fd)
+    }
+
+    #[test]
+    fn tcp_and_unix_listeners_become_tokio_listeners() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = tcp.local_addr().unwrap();
+            let tcp = inherited(OwnedFd::from(tcp)).into_tokio_tcp().unwrap();
+            assert_eq!(flags(tcp.as_raw_fd()), (true, true));
+            let client = tokio::net::TcpStream::connect(addr);
+            let (accepted, connected) = tokio::join!(tcp.accept(), client);
+            assert!(accepted.is_ok() && connected.is_ok());
+
+            let dir = std::env::temp_dir().join(format!("shmc-tokio-unix-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("s.sock");
+            let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+            let unix = inherited(OwnedFd::from(unix)).into_tokio_unix().unwrap();
+            assert_eq!(flags(unix.as_raw_fd()), (true, true));
+            let client = tokio::net::UnixStream::connect(&path);
+            let (accepted, connected) = tokio::join!(unix.accept(), client);
+            assert!(accepted.is_ok() && connected.is_ok());
+            std::fs::remove_dir_all(&dir).unwrap();
+        });
+    }
+}
