@@ -47,8 +47,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, Notify};
 
 use super::{
-    encode_call, inbox_depth, is_draining, leader, live_generation, live_workers, map_entry, wire, Consumed,
-    Ctx, HandlerId, MapError, Messenger, Outbox, RemoteCall, RequestError, Target, WorkerId, LATENCY_MAP,
+    encode_call, leader, live_generation, live_workers, map_entry, pick_consumer, wire, Consumed, Ctx,
+    HandlerId, MapError, Messenger, Outbox, RemoteCall, RequestError, Target, WorkerId, LATENCY_MAP,
     LATENCY_REQUEST,
 };
 use crate::lock::{LockError, Locks, Section};
@@ -587,21 +587,8 @@ impl AsyncMessenger {
         let mut attempts = 0;
         loop {
             let live = self.live_workers();
-            let start = self.shared.consume_cursor.fetch_add(1, Relaxed) as usize % live.len().max(1);
-            let Some(peer) = live
-                .iter()
-                .cycle()
-                .skip(start)
-                .take(live.len())
-                .filter(|p| !refused.contains(&p.slot))
-                .min_by_key(|p| {
-                    (
-                        is_draining(&self.shared.segment, p.slot),
-                        inbox_depth(&self.shared.segment, p.slot),
-                    )
-                })
-                .copied()
-            else {
+            let turn = self.shared.consume_cursor.fetch_add(1, Relaxed) as usize;
+            let Some(peer) = pick_consumer(&self.shared.segment, &live, turn, &refused) else {
                 return Err(RequestError::NoHandler);
             };
             attempts += 1;

@@ -937,11 +937,6 @@ impl Messenger {
         live_workers(&self.segment, self.me())
     }
 
-    /// Bytes waiting in `slot`'s inbox (its load, for `consume`).
-    fn inbox_depth(&self, slot: u32) -> u64 {
-        inbox_depth(&self.segment, slot)
-    }
-
     // ------------------------------------------------------------ sending
 
     /// Sends one encoded message, dispatching what arrives while the lane
@@ -1363,20 +1358,9 @@ impl Messenger {
         let mut refused: Vec<u32> = Vec::new();
         let mut attempts = 0;
         loop {
-            // The least loaded live worker not known to lack a handler;
-            // ties go round-robin so equal workers share the work.
             let live = self.live_workers();
-            let n = live.len().max(1) as u32;
             self.consume_cursor = self.consume_cursor.wrapping_add(1);
-            let start = self.consume_cursor % n;
-            let Some(peer) = live
-                .iter()
-                .cycle()
-                .skip(start as usize)
-                .take(live.len())
-                .filter(|p| !refused.contains(&p.slot))
-                .min_by_key(|p| (is_draining(&self.segment, p.slot), self.inbox_depth(p.slot)))
-                .copied()
+            let Some(peer) = pick_consumer(&self.segment, &live, self.consume_cursor as usize, &refused)
             else {
                 return Err(RequestError::NoHandler);
             };
@@ -1666,6 +1650,19 @@ fn live_workers(segment: &Segment, me: WorkerId) -> Vec<WorkerId> {
     (0..segment.layout().workers())
         .filter_map(|slot| live_generation(segment, me, slot).map(|generation| WorkerId { slot, generation }))
         .collect()
+}
+
+/// The worker a `consume` goes to: among `live` workers not in `refused`,
+/// one that is not draining, with the fewest bytes in its inbox; ties go
+/// round-robin (from `turn`) so equal workers share the work.
+fn pick_consumer(segment: &Segment, live: &[WorkerId], turn: usize, refused: &[u32]) -> Option<WorkerId> {
+    live.iter()
+        .cycle()
+        .skip(turn % live.len().max(1))
+        .take(live.len())
+        .filter(|p| !refused.contains(&p.slot))
+        .min_by_key(|p| (is_draining(segment, p.slot), inbox_depth(segment, p.slot)))
+        .copied()
 }
 
 /// One worker's entry of a `map`, from its call's result.
