@@ -92,6 +92,9 @@ struct Shared {
     consume_cursor: AtomicU32,
     /// The wake the driver ended up using.
     wake: AsyncWake,
+    /// The lock table, made once, so its cache of name → entry lasts
+    /// across sections.
+    locks: std::sync::OnceLock<Locks>,
 }
 
 /// A cloneable, `Send + Sync` handle to a messenger driven by a tokio task
@@ -201,6 +204,7 @@ impl Messenger {
             next_delivery: AtomicU64::new(1),
             consume_cursor: AtomicU32::new(self.slot),
             wake,
+            locks: std::sync::OnceLock::new(),
         });
         let waiter = match (wake, fd) {
             (AsyncWake::EventFd, Some(fd)) => {
@@ -666,7 +670,11 @@ impl AsyncMessenger {
     /// # Errors
     /// As [`Locks::new`].
     pub fn locks(&self) -> Result<Locks, LockError> {
-        Locks::new(&self.shared.segment, self.shared.me.slot)
+        if let Some(locks) = self.shared.locks.get() {
+            return Ok(locks.clone());
+        }
+        let locks = Locks::new(&self.shared.segment, self.shared.me.slot)?;
+        Ok(self.shared.locks.get_or_init(|| locks).clone())
     }
 
     /// Runs `f` holding lock `name` (`""`: the global lock) and returns its
