@@ -66,6 +66,12 @@ enum shmc_result
   // The thing asked for has already been taken (a listener, the
   // environment's descriptors).
   SHMC_RESULT_ALREADY_TAKEN = 10,
+  // The worker a [`crate::shmc_handle`] belongs to has been freed.
+  SHMC_RESULT_WORKER_CLOSED = 11,
+  // The worker was told to stop (drain for a reload, shutdown,
+  // `SIGTERM`) while waiting: finish what it has and exit. Not a
+  // failure of the call's arguments.
+  SHMC_RESULT_STOPPING = 12,
   // A `SHMCLUSTER_*` environment variable is missing or malformed: not
   // started by a shmcluster master.
   SHMC_RESULT_ENVIRONMENT = 100,
@@ -153,27 +159,6 @@ typedef uint32_t shmc_call_kind;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
-// Where a message goes.
-enum shmc_target_kind
-#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
-  : uint32_t
-#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
- {
-  // One slot (`shmc_target.slot`).
-  SHMC_TARGET_KIND_WORKER = 0,
-  // Every live worker, the caller included.
-  SHMC_TARGET_KIND_ALL = 1,
-  // Every live worker but the caller.
-  SHMC_TARGET_KIND_OTHERS = 2,
-};
-#ifndef __cplusplus
-#if __STDC_VERSION__ >= 202311L
-typedef enum shmc_target_kind shmc_target_kind;
-#else
-typedef uint32_t shmc_target_kind;
-#endif // __STDC_VERSION__ >= 202311L
-#endif // __cplusplus
-
 // A worker slot's lifecycle state (the numbers are fixed).
 enum shmc_worker_state
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -198,6 +183,27 @@ enum shmc_worker_state
 typedef enum shmc_worker_state shmc_worker_state;
 #else
 typedef uint32_t shmc_worker_state;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+// Where a message goes.
+enum shmc_target_kind
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // One slot (the `slot` argument).
+  SHMC_TARGET_KIND_WORKER = 0,
+  // Every live worker, the caller included.
+  SHMC_TARGET_KIND_ALL = 1,
+  // Every live worker but the caller.
+  SHMC_TARGET_KIND_OTHERS = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum shmc_target_kind shmc_target_kind;
+#else
+typedef uint32_t shmc_target_kind;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -696,21 +702,23 @@ shmc_result shmc_off(const shmc_worker *w,
 shmc_result shmc_off_handler(const shmc_worker *w,
                              uint64_t id);
 
-// Emits `event` with `data` (copied) to `target` (`slot` is used with
-// `SHMC_TARGET_KIND_WORKER`): every handler for it runs there. Waits while
+// Emits `event` with `data` (copied) to `target`, a `shmc_target_kind`
+// (`slot` is used with `SHMC_TARGET_KIND_WORKER`): every handler for it
+// runs there. Any other `target` number is `SHMC_RESULT_INVALID_ARGUMENT`
+// and sends nothing. Waits while
 // a lane is full, dispatching this worker's own messages meanwhile. Stores
 // the number of workers it went to in `*sent` if it is not NULL.
 //
 // # Errors
-// `SHMC_RESULT_NO_SUCH_WORKER`, `SHMC_RESULT_TOO_LARGE`,
-// `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_CORRUPT`, `SHMC_RESULT_WORKER_DIED`
-// (a full lane to a slot nobody serves).
+// `SHMC_RESULT_INVALID_ARGUMENT` (`target`), `SHMC_RESULT_NO_SUCH_WORKER`,
+// `SHMC_RESULT_TOO_LARGE`, `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_CORRUPT`,
+// `SHMC_RESULT_WORKER_DIED` (a full lane to a slot nobody serves).
 //
 // # Safety
 // `w` NULL or a live handle; `event` NUL-terminated; `data` valid for `len`
 // bytes; `sent` NULL or valid.
 shmc_result shmc_emit(const shmc_worker *w,
-                      shmc_target_kind target,
+                      uint32_t target,
                       uint32_t slot,
                       const char *event,
                       const uint8_t *data,
@@ -857,6 +865,34 @@ shmc_result shmc_poll(const shmc_worker *w,
 // # Safety
 // `w` NULL or a live handle.
 shmc_result shmc_run(const shmc_worker *w);
+
+// Writes every result code, in ascending order, into `codes` (room for
+// `capacity`) and their number into `*count`. With too little room it
+// writes what fits and returns `SHMC_RESULT_BUFFER_TOO_SMALL`; `codes` may
+// be NULL with `capacity` 0 to ask for the count. With
+// [`shmc_result_name`] and [`shmc_error_string`] this lists the codes a
+// binding needs (the Python binding's `_codes.py` is made from it).
+//
+// Thread-safe, survives fork.
+//
+// # Safety
+// `codes` valid for `capacity` writes; `count` NULL or valid.
+shmc_result shmc_result_codes(uint32_t *codes,
+                              size_t capacity,
+                              size_t *count);
+
+// Writes the C name of `code` (`"SHMC_RESULT_NO_HANDLER"`) into `buf` as
+// [`shmc_error_string`] writes text. A number that is no code is
+// `SHMC_RESULT_INVALID_ARGUMENT` (nothing written).
+//
+// Thread-safe, survives fork.
+//
+// # Safety
+// `buf` must be valid for writes of `len` bytes; `out_len` NULL or valid.
+shmc_result shmc_result_name(uint32_t code,
+                             uint8_t *buf,
+                             size_t len,
+                             size_t *out_len);
 
 // Writes the text for `code` into `buf` (at most `len` bytes including the
 // terminating NUL; truncated to fit, always terminated when `len > 0`) and

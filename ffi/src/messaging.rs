@@ -13,12 +13,30 @@ use crate::worker::{shmc_worker, with_worker};
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum shmc_target_kind {
-    /// One slot (`shmc_target.slot`).
+    /// One slot (the `slot` argument).
     Worker = 0,
     /// Every live worker, the caller included.
     All = 1,
     /// Every live worker but the caller.
     Others = 2,
+}
+
+/// A target kind argument from C: a `uint32_t` in the header (an enum
+/// argument taken by value as the Rust enum would make any other number
+/// undefined behaviour), checked here.
+pub(crate) fn target_arg(kind: u32, slot: u32) -> Result<Target, Failure> {
+    const WORKER: u32 = shmc_target_kind::Worker as u32;
+    const ALL: u32 = shmc_target_kind::All as u32;
+    const OTHERS: u32 = shmc_target_kind::Others as u32;
+    match kind {
+        WORKER => Ok(Target::Worker(slot)),
+        ALL => Ok(Target::All),
+        OTHERS => Ok(Target::Others),
+        _ => Err(Failure::new(
+            shmc_result::InvalidArgument,
+            format!("target kind {kind} is not a shmc_target_kind (0 worker, 1 all, 2 others)"),
+        )),
+    }
 }
 
 /// How a handler was called (the numbers are fixed).
@@ -411,15 +429,17 @@ pub unsafe extern "C" fn shmc_off_handler(w: *const shmc_worker, id: u64) -> shm
 
 // ------------------------------------------------------------------ sending
 
-/// Emits `event` with `data` (copied) to `target` (`slot` is used with
-/// `SHMC_TARGET_KIND_WORKER`): every handler for it runs there. Waits while
+/// Emits `event` with `data` (copied) to `target`, a `shmc_target_kind`
+/// (`slot` is used with `SHMC_TARGET_KIND_WORKER`): every handler for it
+/// runs there. Any other `target` number is `SHMC_RESULT_INVALID_ARGUMENT`
+/// and sends nothing. Waits while
 /// a lane is full, dispatching this worker's own messages meanwhile. Stores
 /// the number of workers it went to in `*sent` if it is not NULL.
 ///
 /// # Errors
-/// `SHMC_RESULT_NO_SUCH_WORKER`, `SHMC_RESULT_TOO_LARGE`,
-/// `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_CORRUPT`, `SHMC_RESULT_WORKER_DIED`
-/// (a full lane to a slot nobody serves).
+/// `SHMC_RESULT_INVALID_ARGUMENT` (`target`), `SHMC_RESULT_NO_SUCH_WORKER`,
+/// `SHMC_RESULT_TOO_LARGE`, `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_CORRUPT`,
+/// `SHMC_RESULT_WORKER_DIED` (a full lane to a slot nobody serves).
 ///
 /// # Safety
 /// `w` NULL or a live handle; `event` NUL-terminated; `data` valid for `len`
@@ -427,7 +447,7 @@ pub unsafe extern "C" fn shmc_off_handler(w: *const shmc_worker, id: u64) -> shm
 #[no_mangle]
 pub unsafe extern "C" fn shmc_emit(
     w: *const shmc_worker,
-    target: shmc_target_kind,
+    target: u32,
     slot: u32,
     event: *const c_char,
     data: *const u8,
@@ -437,11 +457,7 @@ pub unsafe extern "C" fn shmc_emit(
     guard(|| {
         // SAFETY: forwarded from our caller.
         let (event, data) = unsafe { (str_arg(event, "event")?, bytes_arg(data, len)?) };
-        let target = match target {
-            shmc_target_kind::Worker => Target::Worker(slot),
-            shmc_target_kind::All => Target::All,
-            shmc_target_kind::Others => Target::Others,
-        };
+        let target = target_arg(target, slot)?;
         // SAFETY: forwarded from our caller.
         let n = unsafe { with_worker(w, |inner| Ok(inner.messenger.emit_bytes(target, event, data)?)) }?;
         if !sent.is_null() {
@@ -466,7 +482,7 @@ pub unsafe extern "C" fn shmc_broadcast(
     sent: *mut usize,
 ) -> shmc_result {
     // SAFETY: forwarded from our caller.
-    unsafe { shmc_emit(w, shmc_target_kind::All, 0, event, data, len, sent) }
+    unsafe { shmc_emit(w, shmc_target_kind::All as u32, 0, event, data, len, sent) }
 }
 
 /// Bytes the library allocated for the caller (a reply, an invoke result).

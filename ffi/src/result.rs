@@ -43,6 +43,12 @@ pub enum shmc_result {
     /// The thing asked for has already been taken (a listener, the
     /// environment's descriptors).
     AlreadyTaken = 10,
+    /// The worker a [`crate::shmc_handle`] belongs to has been freed.
+    WorkerClosed = 11,
+    /// The worker was told to stop (drain for a reload, shutdown,
+    /// `SIGTERM`) while waiting: finish what it has and exit. Not a
+    /// failure of the call's arguments.
+    Stopping = 12,
 
     /// A `SHMCLUSTER_*` environment variable is missing or malformed: not
     /// started by a shmcluster master.
@@ -106,98 +112,157 @@ pub enum shmc_result {
     Unknown = 999,
 }
 
-impl shmc_result {
-    fn text(self) -> &'static str {
-        use shmc_result::*;
-        match self {
-            Ok => "success",
-            NullArgument => "a required pointer argument was NULL",
-            InvalidArgument => "invalid argument",
-            Panic => "the library panicked (a bug)",
-            Forked => "handle used in a forked child (worker, lock and reply handles do not survive fork)",
-            Busy => "the handle is in use by another call (another thread, or a handler of this worker)",
-            WrongThread => "a lock must be released on the thread that took it",
-            BufferTooSmall => "buffer too small",
-            NoMaster => "this worker has no master (not a cluster worker)",
-            AbiVersionMismatch => "shmcluster.h and the loaded library have different ABI versions",
-            AlreadyTaken => "already taken",
-            Environment => {
-                "SHMCLUSTER_* environment missing or malformed (not started by a shmcluster master)"
+/// The text of every code, and from the same list [`shmc_result::ALL`]:
+/// the `match` in `text` is exhaustive, so a new variant without a text
+/// does not compile, and a variant listed twice is an unreachable pattern
+/// (an error under `-D warnings`). The C names, the numbers and the texts
+/// reach C and Python through [`shmc_result_codes`], [`shmc_result_name`]
+/// and [`shmc_error_string`] (`python/shmcluster/_codes.py` is generated
+/// from them and checked by `tests/python_codes.rs`).
+macro_rules! result_texts {
+    ($($code:ident => $text:expr,)*) => {
+        impl shmc_result {
+            /// Every code, in declaration (and number) order.
+            pub(crate) const ALL: &'static [shmc_result] = &[$(shmc_result::$code),*];
+
+            fn text(self) -> &'static str {
+                match self {
+                    $(shmc_result::$code => $text,)*
+                }
             }
-            NotASegment => "not a shmcluster segment",
-            SegmentVersion => "the segment was made by an incompatible version",
-            SegmentInvalid => "the segment is not usable (uninitialised, unsealed or inconsistent)",
-            Io => "a system call failed",
-            SlotBusy => "another live process holds the worker slot",
-            StaleGeneration => "the master has replaced this worker (stale generation)",
-            InvalidConfig => "invalid segment configuration",
-            NoSuchWorker => "no such worker slot",
-            NoHandler => "no handler for the event",
-            HandlerFailed => "the handler failed",
-            WorkerDied => "the worker died before answering",
-            TimedOut => "timed out",
-            TooLarge => "message too large",
-            EventName => "event name longer than 255 bytes",
-            Corrupt => "corrupt lane",
-            Decode => "cannot decode the reply",
-            InHandler => "a blocking request from inside a handler would deadlock",
-            LockNameTooLong => "lock name longer than 64 bytes",
-            LockTableFull => "the lock table is full",
-            LockWouldDeadlock => "this thread already holds the lock",
-            LockTimeout => "the lock was not acquired in time",
-            LockUnrecoverable => "the lock can never be acquired again",
-            Glibc => "glibc is too old (robust mutexes need 2.25)",
-            NoLeader => "no leader was elected in time",
-            LeaderDied => "the leader died before answering",
-            Unknown => "unknown error",
+
+            /// The variant's Rust name (`NoHandler`).
+            fn rust_name(self) -> &'static str {
+                match self {
+                    $(shmc_result::$code => stringify!($code),)*
+                }
+            }
         }
+    };
+}
+
+result_texts! {
+    Ok => "success",
+    NullArgument => "a required pointer argument was NULL",
+    InvalidArgument => "invalid argument",
+    Panic => "the library panicked (a bug)",
+    Forked => "handle used in a forked child (worker, lock and reply handles do not survive fork)",
+    Busy => "the handle is in use by another call (another thread, or a handler of this worker)",
+    WrongThread => "a lock must be released on the thread that took it",
+    BufferTooSmall => "buffer too small",
+    NoMaster => "this worker has no master (not a cluster worker)",
+    AbiVersionMismatch => "shmcluster.h and the loaded library have different ABI versions",
+    AlreadyTaken => "already taken",
+    WorkerClosed => "the worker behind this handle has been freed",
+    Stopping => "the worker was told to stop",
+    Environment => "SHMCLUSTER_* environment missing or malformed (not started by a shmcluster master)",
+    NotASegment => "not a shmcluster segment",
+    SegmentVersion => "the segment was made by an incompatible version",
+    SegmentInvalid => "the segment is not usable (uninitialised, unsealed or inconsistent)",
+    Io => "a system call failed",
+    SlotBusy => "another live process holds the worker slot",
+    StaleGeneration => "the master has replaced this worker (stale generation)",
+    InvalidConfig => "invalid segment configuration",
+    NoSuchWorker => "no such worker slot",
+    NoHandler => "no handler for the event",
+    HandlerFailed => "the handler failed",
+    WorkerDied => "the worker died before answering",
+    TimedOut => "timed out",
+    TooLarge => "message too large",
+    EventName => "event name longer than 255 bytes",
+    Corrupt => "corrupt lane",
+    Decode => "cannot decode the reply",
+    InHandler => "a blocking request from inside a handler would deadlock",
+    LockNameTooLong => "lock name longer than 64 bytes",
+    LockTableFull => "the lock table is full",
+    LockWouldDeadlock => "this thread already holds the lock",
+    LockTimeout => "the lock was not acquired in time",
+    LockUnrecoverable => "the lock can never be acquired again",
+    Glibc => "glibc is too old (robust mutexes need 2.25)",
+    NoLeader => "no leader was elected in time",
+    LeaderDied => "the leader died before answering",
+    Unknown => "unknown error",
+}
+
+impl shmc_result {
+    /// The code for a raw number, if it is one.
+    pub(crate) fn from_raw(code: u32) -> Option<Self> {
+        Self::ALL.iter().copied().find(|c| *c as u32 == code)
     }
 
-    /// The code for a raw number, if it is one.
-    fn from_raw(code: u32) -> Option<Self> {
-        use shmc_result::*;
-        const ALL: [shmc_result; 38] = [
-            Ok,
-            NullArgument,
-            InvalidArgument,
-            Panic,
-            Forked,
-            Busy,
-            WrongThread,
-            BufferTooSmall,
-            NoMaster,
-            AbiVersionMismatch,
-            AlreadyTaken,
-            Environment,
-            NotASegment,
-            SegmentVersion,
-            SegmentInvalid,
-            Io,
-            SlotBusy,
-            StaleGeneration,
-            InvalidConfig,
-            NoSuchWorker,
-            NoHandler,
-            HandlerFailed,
-            WorkerDied,
-            TimedOut,
-            TooLarge,
-            EventName,
-            Corrupt,
-            Decode,
-            InHandler,
-            LockNameTooLong,
-            LockTableFull,
-            LockWouldDeadlock,
-            LockTimeout,
-            LockUnrecoverable,
-            Glibc,
-            NoLeader,
-            LeaderDied,
-            Unknown,
-        ];
-        ALL.into_iter().find(|c| *c as u32 == code)
+    /// The C enumerator's name, as cbindgen writes it
+    /// (`SHMC_RESULT_NO_HANDLER`: the prefix, then the variant in
+    /// SCREAMING_SNAKE_CASE).
+    fn c_name(self) -> String {
+        let mut out = String::from("SHMC_RESULT_");
+        for (i, ch) in self.rust_name().chars().enumerate() {
+            if ch.is_ascii_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(ch.to_ascii_uppercase());
+        }
+        out
     }
+}
+
+/// Writes every result code, in ascending order, into `codes` (room for
+/// `capacity`) and their number into `*count`. With too little room it
+/// writes what fits and returns `SHMC_RESULT_BUFFER_TOO_SMALL`; `codes` may
+/// be NULL with `capacity` 0 to ask for the count. With
+/// [`shmc_result_name`] and [`shmc_error_string`] this lists the codes a
+/// binding needs (the Python binding's `_codes.py` is made from it).
+///
+/// Thread-safe, survives fork.
+///
+/// # Safety
+/// `codes` valid for `capacity` writes; `count` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_result_codes(
+    codes: *mut u32,
+    capacity: usize,
+    count: *mut usize,
+) -> shmc_result {
+    boundary::guard_quiet(|| {
+        let count = boundary::out_arg(count, "count")?;
+        let all = shmc_result::ALL;
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { boundary::put(count, all.len()) };
+        if capacity > 0 && codes.is_null() {
+            return Err(Failure::new(shmc_result::NullArgument, "codes is NULL"));
+        }
+        for (i, code) in all.iter().take(capacity).enumerate() {
+            // SAFETY: `i < capacity`; `codes` holds `capacity` entries.
+            unsafe { codes.add(i).write(*code as u32) };
+        }
+        if all.len() > capacity {
+            return Err(shmc_result::BufferTooSmall.into());
+        }
+        Ok(())
+    })
+}
+
+/// Writes the C name of `code` (`"SHMC_RESULT_NO_HANDLER"`) into `buf` as
+/// [`shmc_error_string`] writes text. A number that is no code is
+/// `SHMC_RESULT_INVALID_ARGUMENT` (nothing written).
+///
+/// Thread-safe, survives fork.
+///
+/// # Safety
+/// `buf` must be valid for writes of `len` bytes; `out_len` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_result_name(
+    code: u32,
+    buf: *mut u8,
+    len: usize,
+    out_len: *mut usize,
+) -> shmc_result {
+    boundary::guard_quiet(|| {
+        let name = shmc_result::from_raw(code)
+            .ok_or_else(|| Failure::new(shmc_result::InvalidArgument, format!("{code} is no shmc_result")))?
+            .c_name();
+        // SAFETY: forwarded from our caller's contract.
+        unsafe { write_c_string(&name, buf, len, out_len) }
+    })
 }
 
 /// Writes the text for `code` into `buf` (at most `len` bytes including the

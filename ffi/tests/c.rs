@@ -89,3 +89,8 @@ fn messaging() {
 fn locks() {
     c_test("locks");
 }
+
+#[test]
+fn enum_arguments() {
+    c_test("enums");
+}

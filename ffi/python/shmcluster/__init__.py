@@ -18,21 +18,18 @@ from contextlib import contextmanager
 __all__ = [
     "Segment", "Worker", "Lock", "ShmclusterError", "NoHandler", "HandlerFailed",
     "WorkerDied", "TimedOut", "LockError", "NoLeader", "LeaderDied", "WAIT_FOREVER",
-    "ABI_VERSION", "load_library",
+    "ABI_VERSION", "load_library", "RESULT_NAMES", "RESULT_TEXTS",
 ]
 
 ABI_VERSION = 1
 WAIT_FOREVER = 2**64 - 1
 
-# Result codes (the C header's shmc_result: numbers are never reused).
-OK = 0
-NO_HANDLER = 201
-HANDLER_FAILED = 202
-WORKER_DIED = 203
-TIMED_OUT = 204
-LOCK_TIMEOUT = 303
-NO_LEADER = 306
-LEADER_DIED = 307
+# Result codes: every SHMC_RESULT_* of the C header as a module constant
+# (OK, NO_HANDLER, ...), RESULT_NAMES and RESULT_TEXTS. _codes.py is
+# generated from the library's one definition (ffi/src/result.rs) and
+# checked against it by ffi/tests/python_codes.rs: the numbers cannot drift.
+from ._codes import *  # noqa: E402,F401,F403
+from ._codes import NAMES as RESULT_NAMES, TEXTS as RESULT_TEXTS  # noqa: E402
 
 TARGET_WORKER, TARGET_ALL, TARGET_OTHERS = 0, 1, 2
 
@@ -147,6 +144,8 @@ def load_library(path=None):
         "shmc_abi_version": ([], U32),
         "shmc_check_abi_version": ([U32], U32),
         "shmc_error_string": ([U32, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
+        "shmc_result_codes": ([ctypes.POINTER(U32), SZ, ctypes.POINTER(SZ)], U32),
+        "shmc_result_name": ([U32, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
         "shmc_last_error_message": ([ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
         "shmc_segment_create": ([U32, ctypes.POINTER(P)], U32),
         "shmc_segment_free": ([P], None),

@@ -1,6 +1,7 @@
 """pytest tests of the Python binding, in one process (workers as threads
 on one segment) and with forked processes for the owner-died case."""
 
+import ctypes
 import os
 import signal
 import threading
@@ -20,6 +21,29 @@ def serve(worker, stop):
 
 def test_abi_version_matches():
     assert sc.load_library().shmc_abi_version() == sc.ABI_VERSION
+
+
+def _library_text(fn, code):
+    buf = ctypes.create_string_buffer(512)
+    n = ctypes.c_size_t()
+    assert fn(code, buf, len(buf), ctypes.byref(n)) == sc.OK
+    return buf.value.decode()
+
+
+def test_result_constants_match_the_library():
+    """The binding's constants are the loaded library's codes: every
+    number, name and text (the generated _codes.py has not drifted)."""
+    lib = sc.load_library()
+    count = ctypes.c_size_t()
+    assert lib.shmc_result_codes(None, 0, ctypes.byref(count)) == sc.BUFFER_TOO_SMALL
+    codes = (ctypes.c_uint32 * count.value)()
+    assert lib.shmc_result_codes(codes, count.value, ctypes.byref(count)) == sc.OK
+    names = {c: _library_text(lib.shmc_result_name, c).removeprefix("SHMC_RESULT_") for c in codes}
+    texts = {c: _library_text(lib.shmc_error_string, c) for c in codes}
+    assert names == sc.RESULT_NAMES
+    assert texts == sc.RESULT_TEXTS
+    for code, name in names.items():
+        assert getattr(sc, name) == code, name
 
 
 def test_request_broadcast_map_consume_and_errors():
