@@ -6,7 +6,9 @@
  * fail) and documents who owns what, how long borrowed data stays valid,
  * which threads may call it, and whether its handle survives fork():
  * shmc_segment, shmc_bytes, shmc_map_result and shmc_stats do;
- * shmc_worker, shmc_lock and shmc_reply do not (SHMC_RESULT_FORKED).
+ * shmc_worker, shmc_handle, shmc_lock and shmc_reply do not
+ * (SHMC_RESULT_FORKED). A shmc_worker is driven by one thread at a time;
+ * other threads call through a shmc_handle (shmc_worker_handle).
  * Check the header against the library with
  * shmc_check_abi_version(SHMC_ABI_VERSION).
  */
@@ -212,6 +214,27 @@ typedef uint32_t shmc_target_kind;
 // [`shmc_bytes_free`]. Plain memory: any thread, survives fork.
 typedef struct shmc_bytes shmc_bytes;
 
+// A thread-safe handle on a worker, from [`shmc_worker_handle`], freed
+// with [`shmc_handle_free`]. Its calls are run by the thread that drives
+// the worker ([`crate::shmc_run`], [`crate::shmc_poll`],
+// [`crate::shmc_dispatch`]), one at a time and in the order they were made,
+// between the messages it dispatches; a call waits for that, so the
+// worker must be driven (otherwise a call ends with
+// `SHMC_RESULT_TIMED_OUT` a second after its own timeout).
+//
+// **Threads:** any thread, any number at once (it is `Send` and `Sync`),
+// but not the thread that is driving the worker right now (from inside a
+// handler, say): that call would wait for itself and is refused with
+// `SHMC_RESULT_IN_HANDLER` (use the worker's own functions there).
+//
+// **Lifetime:** independent of the worker's: after [`crate::shmc_worker_free`]
+// its calls return `SHMC_RESULT_WORKER_CLOSED` (calls queued then, too);
+// free it with [`shmc_handle_free`] either way.
+//
+// **fork():** does not survive. In a forked child its calls return
+// `SHMC_RESULT_FORKED`; [`shmc_handle_free`] only forgets it.
+typedef struct shmc_handle shmc_handle;
+
 // A held lock, from [`shmc_lock`]. Released by [`shmc_unlock`] **on the
 // thread that took it** (a pthread mutex belongs to its locking thread; on
 // another thread `shmc_unlock` returns `SHMC_RESULT_WRONG_THREAD` and the
@@ -271,6 +294,18 @@ typedef struct shmc_stats shmc_stats;
 // `SHMC_RESULT_FORKED`; the child attaches its own worker.
 typedef struct shmc_worker shmc_worker;
 
+// What a consume did.
+typedef struct {
+  // The slot whose handler finished the task.
+  uint32_t slot;
+  // That worker's generation.
+  uint32_t generation;
+  // The task's delivery id.
+  uint64_t delivery_id;
+  // Workers it was sent to (more than 1 after a redelivery).
+  uint32_t attempts;
+} shmc_consumed;
+
 // What a handler gets. Every pointer in it is valid only until the handler
 // returns: copy what you keep.
 typedef struct {
@@ -324,18 +359,6 @@ typedef void (*shmc_section_fn)(void *userdata,
 typedef void (*shmc_async_handler_fn)(void *userdata,
                                       const shmc_message *message,
                                       shmc_reply *reply);
-
-// What a consume did.
-typedef struct {
-  // The slot whose handler finished the task.
-  uint32_t slot;
-  // That worker's generation.
-  uint32_t generation;
-  // The task's delivery id.
-  uint64_t delivery_id;
-  // Workers it was sent to (more than 1 after a redelivery).
-  uint32_t attempts;
-} shmc_consumed;
 
 // One worker's entry of a map result. `data` is the answer when `status`
 // is `SHMC_RESULT_OK`, the failure text for `SHMC_RESULT_HANDLER_FAILED`
@@ -443,6 +466,137 @@ uint32_t shmc_abi_version(void);
 //
 // Thread-safe, survives fork.
 shmc_result shmc_check_abi_version(uint32_t header_version);
+
+// Makes a thread-safe handle on worker `w` and stores it in `*out` (see
+// [`shmc_handle`]). Any thread, any time, also while another thread is
+// driving the worker. The caller owns `*out` and frees it with
+// [`shmc_handle_free`]; it may outlive the worker. Does not survive fork.
+//
+// # Safety
+// `w` NULL or a live worker; `out` NULL or valid for a write.
+shmc_result shmc_worker_handle(const shmc_worker *w,
+                               shmc_handle **out);
+
+// Frees a handle (NULL is ignored). Any thread; a call still running on
+// the handle must have returned. In a forked child it only forgets it.
+//
+// # Safety
+// `h` NULL or a live handle, not used afterwards.
+void shmc_handle_free(shmc_handle *h);
+
+// Emits `event` with `data` (copied) to `target`, a `shmc_target_kind`
+// (`slot` is used with `SHMC_TARGET_KIND_WORKER`), as [`crate::shmc_emit`]
+// does, from any thread: fire and forget. It checks what it can at once
+// and returns; the worker's thread sends it at its next poll (messages
+// from one handle keep their order).
+//
+// # Errors
+// `SHMC_RESULT_INVALID_ARGUMENT` (`target`), `SHMC_RESULT_NO_SUCH_WORKER`,
+// `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_TOO_LARGE`,
+// `SHMC_RESULT_WORKER_CLOSED`, `SHMC_RESULT_IN_HANDLER`.
+//
+// # Safety
+// `h` NULL or a live handle; `event` NUL-terminated; `data` valid for `len`
+// bytes.
+shmc_result shmc_handle_emit(const shmc_handle *h,
+                             uint32_t target,
+                             uint32_t slot,
+                             const char *event,
+                             const uint8_t *data,
+                             size_t len);
+
+// `shmc_handle_emit(h, SHMC_TARGET_KIND_ALL, 0, ...)`: every live worker,
+// this one included.
+//
+// # Safety
+// As [`shmc_handle_emit`].
+shmc_result shmc_handle_broadcast(const shmc_handle *h,
+                                  const char *event,
+                                  const uint8_t *data,
+                                  size_t len);
+
+// [`crate::shmc_request`] from any thread: worker `slot` runs its first
+// handler for `event` with `data`; waits up to `timeout_ms` for the answer,
+// stored in `*reply` (free it with [`crate::shmc_bytes_free`]).
+//
+// # Errors
+// As [`crate::shmc_request`]; `SHMC_RESULT_WORKER_CLOSED`,
+// `SHMC_RESULT_IN_HANDLER`, and `SHMC_RESULT_TIMED_OUT` as well when the
+// worker's thread did not run the call in time.
+//
+// # Safety
+// `h` NULL or a live handle; `event` NUL-terminated; `data` valid for `len`
+// bytes; `reply` NULL or valid for a write.
+shmc_result shmc_handle_request(const shmc_handle *h,
+                                uint32_t slot,
+                                const char *event,
+                                const uint8_t *data,
+                                size_t len,
+                                uint64_t timeout_ms,
+                                shmc_bytes **reply);
+
+// [`crate::shmc_map`] from any thread; the result (one entry per live
+// worker) is stored in `*result` (free it with
+// [`crate::shmc_map_result_free`]).
+//
+// # Errors
+// As [`crate::shmc_map`], plus those of [`shmc_handle_request`].
+//
+// # Safety
+// `h` NULL or a live handle; `event` NUL-terminated; `data` valid for `len`
+// bytes; `result` NULL or valid for a write.
+shmc_result shmc_handle_map(const shmc_handle *h,
+                            const char *event,
+                            const uint8_t *data,
+                            size_t len,
+                            uint64_t timeout_ms,
+                            shmc_map_result **result);
+
+// [`crate::shmc_consume`] from any thread; what happened is stored in
+// `*consumed` if it is not NULL.
+//
+// # Errors
+// As [`crate::shmc_consume`], plus those of [`shmc_handle_request`].
+//
+// # Safety
+// `h` NULL or a live handle; `event` NUL-terminated; `data` valid for `len`
+// bytes; `consumed` NULL or valid for a write.
+shmc_result shmc_handle_consume(const shmc_handle *h,
+                                const char *event,
+                                const uint8_t *data,
+                                size_t len,
+                                uint64_t timeout_ms,
+                                shmc_consumed *consumed);
+
+// [`crate::shmc_invoke`] from any thread: the leader's handler for
+// `method`; its answer is stored in `*reply` (free it with
+// [`crate::shmc_bytes_free`]).
+//
+// # Errors
+// As [`crate::shmc_invoke`], plus those of [`shmc_handle_request`].
+//
+// # Safety
+// As [`shmc_handle_request`].
+shmc_result shmc_handle_invoke(const shmc_handle *h,
+                               const char *method,
+                               const uint8_t *data,
+                               size_t len,
+                               uint64_t timeout_ms,
+                               shmc_bytes **reply);
+
+// [`crate::shmc_publish`] from any thread, waiting up to `timeout_ms`.
+//
+// # Errors
+// As [`crate::shmc_publish`], plus those of [`shmc_handle_request`].
+//
+// # Safety
+// `h` NULL or a live handle; `topic` NUL-terminated; `data` valid for `len`
+// bytes.
+shmc_result shmc_handle_publish(const shmc_handle *h,
+                                const char *topic,
+                                const uint8_t *data,
+                                size_t len,
+                                uint64_t timeout_ms);
 
 // Enters this worker in the election for `role` (NULL or `""`: the default
 // role, the one invoke and publish use). A thread of the library waits on
@@ -835,8 +989,10 @@ shmc_result shmc_map_result_get(const shmc_map_result *result,
 // `result` NULL or a live map result, not used afterwards.
 void shmc_map_result_free(shmc_map_result *result);
 
-// Runs the handlers of every message that has arrived, without waiting;
-// stores how many it handled in `*handled` if it is not NULL.
+// Runs the handlers of every message that has arrived, without waiting,
+// and the calls [`crate::shmc_handle`]s queued; stores how many messages
+// it handled in `*handled` if it is not NULL (a handle's wake-up counts
+// as one).
 //
 // # Errors
 // `SHMC_RESULT_CORRUPT` if a lane holds garbage (that lane is poisoned;
@@ -848,9 +1004,10 @@ void shmc_map_result_free(shmc_map_result *result);
 shmc_result shmc_dispatch(const shmc_worker *w,
                           size_t *handled);
 
-// Waits up to `timeout_ms` for messages and runs their handlers; stores how
-// many it handled (0 after the timeout with nothing) in `*handled` if it is
-// not NULL. Errors as [`shmc_dispatch`].
+// Waits up to `timeout_ms` for messages and runs their handlers (and the
+// calls [`crate::shmc_handle`]s queued, which end the wait); stores how
+// many messages it handled (0 after the timeout with nothing) in
+// `*handled` if it is not NULL. Errors as [`shmc_dispatch`].
 //
 // # Safety
 // `w` NULL or a live handle; `handled` NULL or valid.
@@ -858,9 +1015,10 @@ shmc_result shmc_poll(const shmc_worker *w,
                       uint64_t timeout_ms,
                       size_t *handled);
 
-// Serves messages until this worker is told to stop: by the master (drain,
-// shutdown, `SIGTERM`) or by [`crate::shmc_request_shutdown`] (checked every
-// 50 ms and after each message). Errors as [`shmc_dispatch`].
+// Serves messages, and the calls [`crate::shmc_handle`]s queue, until this
+// worker is told to stop: by the master (drain, shutdown, `SIGTERM`) or by
+// [`crate::shmc_request_shutdown`] (checked every 50 ms and after each
+// message). Errors as [`shmc_dispatch`].
 //
 // # Safety
 // `w` NULL or a live handle.
@@ -1073,8 +1231,8 @@ shmc_result shmc_wait_all_ready(const shmc_worker *w,
 // [`shmc_request_shutdown`] was called on it. True as well for a NULL or
 // forked handle (stop rather than spin).
 //
-// Any thread, any time, from handlers too (there it sees only
-// [`shmc_request_shutdown`] and the master's answer seen at the last call).
+// Any thread, any time, from handlers too (it reads the master's stop word
+// in the segment, so it needs no call to be driving the worker).
 //
 // # Safety
 // `w` NULL or a live handle.
@@ -1172,6 +1330,40 @@ shmc_result shmc_stats_format(const shmc_stats *stats,
 // # Safety
 // `stats` NULL or a live snapshot, not used afterwards.
 void shmc_stats_free(shmc_stats *stats);
+
+// Waits up to `timeout_ms` (`SHMC_WAIT_FOREVER`: without limit) for a
+// connection on the listening socket `listener_fd` (TCP or unix: one from
+// [`shmc_listener_take`], say) and stores the accepted connection's
+// descriptor in `*out_fd`, **ending the wait as soon as this worker is told
+// to stop** (drain for a reload, shutdown, `SIGTERM`; without a master,
+// [`shmc_request_shutdown`]): then it returns `SHMC_RESULT_STOPPING` and the
+// worker should finish the connections it has and exit. A blocking
+// `accept(2)` on a shared listener never sees the drain, so a reload waits
+// out the master's drain deadline; this does not.
+//
+// It sets the listener non-blocking, as workers sharing one socket must
+// (they race for each connection; the losers go back to waiting); the
+// connection it returns is blocking and close-on-exec, and the caller owns
+// it (`close(2)`). `listener_fd` stays the caller's.
+//
+// **Threads:** any thread, any time, also while another thread runs
+// [`crate::shmc_run`] or [`crate::shmc_poll`] on this worker (it uses no
+// state of the worker's messenger), and from several threads at once. It
+// keeps the worker's heartbeat going while it waits. **fork():** the
+// worker does not survive it (`SHMC_RESULT_FORKED`).
+//
+// # Errors
+// `SHMC_RESULT_STOPPING`, `SHMC_RESULT_TIMED_OUT`,
+// `SHMC_RESULT_INVALID_ARGUMENT` (a negative `listener_fd`),
+// `SHMC_RESULT_IO` (not a listening TCP or unix socket, or `accept(2)`
+// failed; the detail is in [`crate::shmc_last_error_message`]).
+//
+// # Safety
+// `w` NULL or a live handle; `out_fd` NULL or valid for a write.
+shmc_result shmc_worker_accept(const shmc_worker *w,
+                               int32_t listener_fd,
+                               uint64_t timeout_ms,
+                               int32_t *out_fd);
 
 #ifdef __cplusplus
 }  // extern "C"

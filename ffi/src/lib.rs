@@ -4,10 +4,13 @@
 //!
 //! # Rules every function follows
 //!
-//! - **Handles are opaque** (`shmc_segment`, `shmc_worker`, `shmc_lock`,
+//! - **Handles are opaque** (`shmc_segment`, `shmc_worker`, `shmc_handle`, `shmc_lock`,
 //!   `shmc_reply`, `shmc_bytes`, `shmc_map_result`, `shmc_stats`): made by a
 //!   `shmc_*` function, freed by the `*_free` (or consuming) function named
 //!   in its documentation, never by `free(3)`.
+//! - **Enum arguments are `uint32_t`** in the header and checked here: a
+//!   number that names no variant is `SHMC_RESULT_INVALID_ARGUMENT` (a Rust
+//!   enum taken by value would make it undefined behaviour).
 //! - **Every function returns a [`shmc_result`]** (or a plain value where it
 //!   cannot fail) and writes what it produces through out-pointers, which are
 //!   written only on success. A `NULL` handle or out-pointer is
@@ -21,11 +24,15 @@
 //!   another thread, or from inside one of its own handlers) is refused with
 //!   `SHMC_RESULT_BUSY` instead of corrupting it. The exceptions, callable
 //!   from any thread at any time, are [`shmc_request_shutdown`],
-//!   [`shmc_should_stop`] and the `shmc_reply_*` functions. A `shmc_lock`
-//!   must be released on the thread that took it.
+//!   [`shmc_request_reload`], [`shmc_should_stop`], [`shmc_worker_accept`],
+//!   [`shmc_worker_handle`] and the `shmc_reply_*` functions. Other threads
+//!   message through a [`shmc_handle`] ([`shmc_worker_handle`]): its calls
+//!   are run by the thread that drives the worker. A `shmc_lock` must be
+//!   released on the thread that took it.
 //! - **fork().** `shmc_segment` (a shared mapping), `shmc_bytes`,
 //!   `shmc_map_result` and `shmc_stats` (plain memory) may be used in a
-//!   forked child. `shmc_worker`, `shmc_lock` and `shmc_reply` must not: they
+//!   forked child. `shmc_worker`, `shmc_handle`, `shmc_lock` and
+//!   `shmc_reply` must not: they
 //!   stand for the parent's slot, thread and pending calls. In a child every
 //!   function given one returns `SHMC_RESULT_FORKED` and does nothing, and
 //!   their `*_free` functions only forget them (the parent's slot is left
@@ -37,6 +44,7 @@
 #![allow(non_camel_case_types)]
 
 mod boundary;
+mod handle;
 mod leader;
 mod lock;
 mod messaging;
@@ -44,6 +52,7 @@ mod result;
 mod segment;
 mod worker;
 
+pub use handle::*;
 pub use leader::*;
 pub use lock::*;
 pub use messaging::*;

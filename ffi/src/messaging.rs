@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::Ordering::*;
 
-use shmcluster_rs::{BytesReply, CallKind, Ctx, Target};
+use shmcluster_rs::{BytesReply, CallKind, Ctx, MapError, Target, WorkerId};
 
 use crate::boundary::{self, bytes_arg, check_fork, guard, into_handle, out_arg, put, str_arg};
 use crate::result::{map_error_code, shmc_result, Failure};
@@ -590,6 +590,15 @@ pub struct shmc_consumed {
     pub attempts: u32,
 }
 
+pub(crate) fn consumed_of(c: &shmcluster_rs::Consumed) -> shmc_consumed {
+    shmc_consumed {
+        slot: c.worker.slot,
+        generation: c.worker.generation,
+        delivery_id: c.delivery_id,
+        attempts: c.attempts,
+    }
+}
+
 /// Runs `event` with `data` on exactly one live worker that has a handler
 /// (the least loaded, this one included), waiting up to `timeout_ms` until
 /// its handler has finished. At least once: if that worker dies first, the
@@ -622,14 +631,8 @@ pub unsafe extern "C" fn shmc_consume(
             })
         }?;
         if !consumed.is_null() {
-            let value = shmc_consumed {
-                slot: c.worker.slot,
-                generation: c.worker.generation,
-                delivery_id: c.delivery_id,
-                attempts: c.attempts,
-            };
             // SAFETY: non-NULL; valid by our caller's contract.
-            unsafe { put(consumed, value) };
+            unsafe { put(consumed, consumed_of(&c)) };
         }
         Ok(())
     })
@@ -640,6 +643,24 @@ pub unsafe extern "C" fn shmc_consume(
 /// survives fork.
 pub struct shmc_map_result {
     entries: Vec<(u32, u32, shmc_result, Vec<u8>)>,
+}
+
+/// The map's answers as C sees them.
+pub(crate) fn map_result_of(answers: Vec<(WorkerId, Result<Vec<u8>, MapError>)>) -> shmc_map_result {
+    let entries = answers
+        .into_iter()
+        .map(|(who, r)| match r {
+            Ok(bytes) => (who.slot, who.generation, shmc_result::Ok, bytes),
+            Err(e) => {
+                let text = match &e {
+                    MapError::HandlerFailed(t) => t.clone().into_bytes(),
+                    _ => Vec::new(),
+                };
+                (who.slot, who.generation, map_error_code(&e), text)
+            }
+        })
+        .collect();
+    shmc_map_result { entries }
 }
 
 /// One worker's entry of a map result. `data` is the answer when `status`
@@ -693,21 +714,8 @@ pub unsafe extern "C" fn shmc_map(
         // SAFETY: forwarded from our caller.
         let answers =
             unsafe { with_worker(w, |inner| Ok(inner.messenger.map_bytes(event, data, deadline)?)) }?;
-        let entries = answers
-            .into_iter()
-            .map(|(who, r)| match r {
-                Ok(bytes) => (who.slot, who.generation, shmc_result::Ok, bytes),
-                Err(e) => {
-                    let text = match &e {
-                        shmcluster_rs::MapError::HandlerFailed(t) => t.clone().into_bytes(),
-                        _ => Vec::new(),
-                    };
-                    (who.slot, who.generation, map_error_code(&e), text)
-                }
-            })
-            .collect();
         // SAFETY: checked non-NULL; valid by our caller's contract.
-        unsafe { put(out, into_handle(shmc_map_result { entries })) };
+        unsafe { put(out, into_handle(map_result_of(answers))) };
         Ok(())
     })
 }
@@ -780,8 +788,10 @@ fn store_count(out: *mut usize, n: usize) {
     }
 }
 
-/// Runs the handlers of every message that has arrived, without waiting;
-/// stores how many it handled in `*handled` if it is not NULL.
+/// Runs the handlers of every message that has arrived, without waiting,
+/// and the calls [`crate::shmc_handle`]s queued; stores how many messages
+/// it handled in `*handled` if it is not NULL (a handle's wake-up counts
+/// as one).
 ///
 /// # Errors
 /// `SHMC_RESULT_CORRUPT` if a lane holds garbage (that lane is poisoned;
@@ -794,15 +804,23 @@ fn store_count(out: *mut usize, n: usize) {
 pub unsafe extern "C" fn shmc_dispatch(w: *const shmc_worker, handled: *mut usize) -> shmc_result {
     guard(|| {
         // SAFETY: forwarded from our caller.
-        let n = unsafe { with_worker(w, |inner| Ok(inner.messenger.dispatch()?)) }?;
+        let n = unsafe {
+            with_worker(w, |inner| {
+                inner.run_jobs();
+                let n = inner.messenger.dispatch()?;
+                inner.run_jobs();
+                Ok(n)
+            })
+        }?;
         store_count(handled, n);
         Ok(())
     })
 }
 
-/// Waits up to `timeout_ms` for messages and runs their handlers; stores how
-/// many it handled (0 after the timeout with nothing) in `*handled` if it is
-/// not NULL. Errors as [`shmc_dispatch`].
+/// Waits up to `timeout_ms` for messages and runs their handlers (and the
+/// calls [`crate::shmc_handle`]s queued, which end the wait); stores how
+/// many messages it handled (0 after the timeout with nothing) in
+/// `*handled` if it is not NULL. Errors as [`shmc_dispatch`].
 ///
 /// # Safety
 /// `w` NULL or a live handle; `handled` NULL or valid.
@@ -815,15 +833,23 @@ pub unsafe extern "C" fn shmc_poll(
     guard(|| {
         let timeout = boundary::deadline(timeout_ms).saturating_duration_since(std::time::Instant::now());
         // SAFETY: forwarded from our caller.
-        let n = unsafe { with_worker(w, |inner| Ok(inner.messenger.poll(timeout)?)) }?;
+        let n = unsafe {
+            with_worker(w, |inner| {
+                inner.run_jobs();
+                let n = inner.messenger.poll(timeout)?;
+                inner.run_jobs();
+                Ok(n)
+            })
+        }?;
         store_count(handled, n);
         Ok(())
     })
 }
 
-/// Serves messages until this worker is told to stop: by the master (drain,
-/// shutdown, `SIGTERM`) or by [`crate::shmc_request_shutdown`] (checked every
-/// 50 ms and after each message). Errors as [`shmc_dispatch`].
+/// Serves messages, and the calls [`crate::shmc_handle`]s queue, until this
+/// worker is told to stop: by the master (drain, shutdown, `SIGTERM`) or by
+/// [`crate::shmc_request_shutdown`] (checked every 50 ms and after each
+/// message). Errors as [`shmc_dispatch`].
 ///
 /// # Safety
 /// `w` NULL or a live handle.
@@ -832,17 +858,18 @@ pub unsafe extern "C" fn shmc_run(w: *const shmc_worker) -> shmc_result {
     guard(|| {
         // SAFETY: forwarded from our caller.
         unsafe {
-            with_worker(w, |inner| {
-                let stop = inner.stop.clone();
-                inner.messenger.run_until(|m| {
-                    if stop.load(Acquire) {
-                        // With a master, a shutdown request was forwarded:
-                        // keep serving until the master says stop.
-                        return m.worker().is_none();
-                    }
-                    false
-                })?;
-                Ok(())
+            with_worker(w, |inner| loop {
+                inner.run_jobs();
+                let stop = match inner.messenger.worker() {
+                    Some(worker) => worker.should_stop(),
+                    // With a master, a shutdown request was forwarded: keep
+                    // serving until the master says stop.
+                    None => inner.stop.load(Acquire),
+                };
+                if stop {
+                    return Ok(());
+                }
+                inner.messenger.poll(std::time::Duration::from_millis(50))?;
             })
         }
     })

@@ -7,9 +7,13 @@ use std::ffi::c_char;
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::Arc;
 
-use shmcluster_rs::{ClusterStats, HandlerId, Listener, Locks, Messenger, Worker, WorkerState};
+use shmcluster_rs::{
+    ClusterStats, HandlerId, Layout, Listener, Locks, Messenger, MessengerHandle, StopWatch, Worker,
+    WorkerState,
+};
 
 use crate::boundary::{self, check_fork, guard, into_handle, out_arg, put, write_c_string};
+use crate::handle::{Driving, Jobs};
 use crate::result::{shmc_result, Failure};
 use crate::segment::{attach_dup, shmc_segment};
 
@@ -35,7 +39,24 @@ pub struct shmc_worker {
     /// to the master at the next call that drives the worker.
     pending_shutdown: AtomicBool,
     pending_reload: AtomicBool,
+    /// Whether a master runs this worker.
+    has_master: bool,
+    /// The master's stop request, readable from any thread.
+    watch: StopWatch,
+    /// Calls queued by [`crate::shmc_handle`]s for the worker's thread.
+    pub(crate) jobs: Arc<Jobs>,
+    /// Wakes the worker's thread for queued calls (a message to itself).
+    pub(crate) wake: MessengerHandle,
+    pub(crate) slot: u32,
+    pub(crate) layout: Layout,
     inner: UnsafeCell<WorkerInner>,
+}
+
+impl Drop for shmc_worker {
+    fn drop(&mut self) {
+        // Calls still queued end with SHMC_RESULT_WORKER_CLOSED.
+        self.jobs.close();
+    }
 }
 
 pub(crate) struct WorkerInner {
@@ -46,9 +67,16 @@ pub(crate) struct WorkerInner {
     /// The ids handed to C for handlers (the Rust `HandlerId` has no number).
     pub handler_ids: HashMap<u64, HandlerId>,
     next_handler_id: u64,
+    jobs: Arc<Jobs>,
 }
 
 impl WorkerInner {
+    /// Runs the calls [`crate::shmc_handle`]s queued for this worker.
+    pub fn run_jobs(&mut self) {
+        let jobs = Arc::clone(&self.jobs);
+        jobs.run(self);
+    }
+
     /// A C id for a registered handler.
     pub fn remember_handler(&mut self, id: HandlerId) -> u64 {
         self.next_handler_id += 1;
@@ -74,14 +102,28 @@ impl Drop for Busy<'_> {
 }
 
 impl shmc_worker {
-    fn new(messenger: Messenger, listeners: Vec<Listener>) -> Self {
+    fn new(
+        mut messenger: Messenger,
+        listeners: Vec<Listener>,
+        layout: Layout,
+        watch: StopWatch,
+    ) -> Result<Self, Failure> {
         let stop = Arc::new(AtomicBool::new(false));
-        Self {
+        let jobs = Jobs::new();
+        let slot = messenger.slot();
+        crate::handle::register_wake(&mut messenger)?;
+        Ok(Self {
             fork_generation: boundary::fork_generation(),
             busy: AtomicBool::new(false),
             stop: stop.clone(),
             pending_shutdown: AtomicBool::new(false),
             pending_reload: AtomicBool::new(false),
+            has_master: messenger.worker().is_some(),
+            watch,
+            jobs: Arc::clone(&jobs),
+            wake: messenger.handle(),
+            slot,
+            layout,
             inner: UnsafeCell::new(WorkerInner {
                 messenger,
                 listeners: listeners.into_iter().map(Some).collect(),
@@ -89,8 +131,19 @@ impl shmc_worker {
                 stop,
                 handler_ids: HashMap::new(),
                 next_handler_id: 0,
+                jobs,
             }),
-        }
+        })
+    }
+
+    pub(crate) fn fork_generation(&self) -> u64 {
+        self.fork_generation
+    }
+
+    /// Whether this worker should stop: the master's request, or (without
+    /// a master) [`shmc_request_shutdown`]. Any thread.
+    pub(crate) fn stop_requested(&self) -> bool {
+        self.watch.should_stop() || (!self.has_master && self.stop.load(Acquire))
     }
 
     /// Passes on a shutdown or reload asked for while busy.
@@ -125,6 +178,7 @@ pub(crate) unsafe fn with_worker<R>(
         return Err(shmc_result::Busy.into());
     }
     let _busy = Busy(&worker.busy);
+    let _driving = Driving::enter(&worker.jobs);
     // SAFETY: the busy flag, set above and cleared by `_busy` when this
     // returns, makes this the only reference to the inner worker.
     let inner = unsafe { &mut *worker.inner.get() };
@@ -158,7 +212,9 @@ pub unsafe extern "C" fn shmc_worker_from_env(out: *mut *mut shmc_worker) -> shm
         let out = out_arg(out, "out")?;
         let mut worker = Worker::from_env()?;
         let listeners = worker.take_listeners();
-        let handle = shmc_worker::new(Messenger::new(worker), listeners);
+        let layout = *worker.segment().layout();
+        let watch = worker.stop_watch();
+        let handle = shmc_worker::new(Messenger::new(worker), listeners, layout, watch)?;
         // SAFETY: checked non-NULL; valid by our caller's contract.
         unsafe { put(out, into_handle(handle)) };
         Ok(())
@@ -192,7 +248,9 @@ pub unsafe extern "C" fn shmc_worker_attach(
         let segment = unsafe { segment.as_ref() }
             .ok_or_else(|| Failure::new(shmc_result::NullArgument, "segment is NULL"))?;
         let endpoint = segment.segment.endpoint(slot)?;
-        let handle = shmc_worker::new(Messenger::from_endpoint(endpoint), Vec::new());
+        let layout = *segment.segment.layout();
+        let watch = StopWatch::new(&segment.segment, slot).expect("the endpoint's slot exists");
+        let handle = shmc_worker::new(Messenger::from_endpoint(endpoint), Vec::new(), layout, watch)?;
         // SAFETY: checked non-NULL; valid by our caller's contract.
         unsafe { put(out, into_handle(handle)) };
         Ok(())
@@ -220,7 +278,9 @@ pub unsafe extern "C" fn shmc_worker_attach_fd(
         let out = out_arg(out, "out")?;
         let segment = attach_dup(fd)?;
         let endpoint = segment.endpoint(slot)?;
-        let handle = shmc_worker::new(Messenger::from_endpoint(endpoint), Vec::new());
+        let layout = *segment.layout();
+        let watch = StopWatch::new(&segment, slot).expect("the endpoint's slot exists");
+        let handle = shmc_worker::new(Messenger::from_endpoint(endpoint), Vec::new(), layout, watch)?;
         // SAFETY: checked non-NULL; valid by our caller's contract.
         unsafe { put(out, into_handle(handle)) };
         Ok(())
@@ -489,8 +549,8 @@ pub unsafe extern "C" fn shmc_wait_all_ready(
 /// [`shmc_request_shutdown`] was called on it. True as well for a NULL or
 /// forked handle (stop rather than spin).
 ///
-/// Any thread, any time, from handlers too (there it sees only
-/// [`shmc_request_shutdown`] and the master's answer seen at the last call).
+/// Any thread, any time, from handlers too (it reads the master's stop word
+/// in the segment, so it needs no call to be driving the worker).
 ///
 /// # Safety
 /// `w` NULL or a live handle.
@@ -501,16 +561,7 @@ pub unsafe extern "C" fn shmc_should_stop(w: *const shmc_worker) -> bool {
         let Some(worker) = (unsafe { w.as_ref() }) else {
             return true;
         };
-        if check_fork(worker.fork_generation).is_err() || worker.stop.load(Acquire) {
-            return true;
-        }
-        if worker.busy.swap(true, AcqRel) {
-            return false;
-        }
-        let _busy = Busy(&worker.busy);
-        // SAFETY: the busy flag makes this the only reference to the inner worker.
-        let inner = unsafe { &*worker.inner.get() };
-        inner.messenger.worker().is_some_and(|wk| wk.should_stop())
+        check_fork(worker.fork_generation).is_err() || worker.stop.load(Acquire) || worker.watch.should_stop()
     })
 }
 
@@ -819,6 +870,89 @@ pub unsafe extern "C" fn shmc_stats_free(stats: *mut shmc_stats) {
         if !stats.is_null() {
             // SAFETY: made by `into_handle`, given back by our caller.
             drop(unsafe { Box::from_raw(stats) });
+        }
+    })
+}
+
+/// Waits up to `timeout_ms` (`SHMC_WAIT_FOREVER`: without limit) for a
+/// connection on the listening socket `listener_fd` (TCP or unix: one from
+/// [`shmc_listener_take`], say) and stores the accepted connection's
+/// descriptor in `*out_fd`, **ending the wait as soon as this worker is told
+/// to stop** (drain for a reload, shutdown, `SIGTERM`; without a master,
+/// [`shmc_request_shutdown`]): then it returns `SHMC_RESULT_STOPPING` and the
+/// worker should finish the connections it has and exit. A blocking
+/// `accept(2)` on a shared listener never sees the drain, so a reload waits
+/// out the master's drain deadline; this does not.
+///
+/// It sets the listener non-blocking, as workers sharing one socket must
+/// (they race for each connection; the losers go back to waiting); the
+/// connection it returns is blocking and close-on-exec, and the caller owns
+/// it (`close(2)`). `listener_fd` stays the caller's.
+///
+/// **Threads:** any thread, any time, also while another thread runs
+/// [`crate::shmc_run`] or [`crate::shmc_poll`] on this worker (it uses no
+/// state of the worker's messenger), and from several threads at once. It
+/// keeps the worker's heartbeat going while it waits. **fork():** the
+/// worker does not survive it (`SHMC_RESULT_FORKED`).
+///
+/// # Errors
+/// `SHMC_RESULT_STOPPING`, `SHMC_RESULT_TIMED_OUT`,
+/// `SHMC_RESULT_INVALID_ARGUMENT` (a negative `listener_fd`),
+/// `SHMC_RESULT_IO` (not a listening TCP or unix socket, or `accept(2)`
+/// failed; the detail is in [`crate::shmc_last_error_message`]).
+///
+/// # Safety
+/// `w` NULL or a live handle; `out_fd` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_worker_accept(
+    w: *const shmc_worker,
+    listener_fd: i32,
+    timeout_ms: u64,
+    out_fd: *mut i32,
+) -> shmc_result {
+    use std::os::fd::{BorrowedFd, IntoRawFd};
+    use std::time::{Duration, Instant};
+    guard(|| {
+        let out = out_arg(out_fd, "out_fd")?;
+        // SAFETY: NULL or a live handle, by our caller's contract.
+        let worker =
+            unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
+        check_fork(worker.fork_generation)?;
+        if listener_fd < 0 {
+            return Err(Failure::new(
+                shmc_result::InvalidArgument,
+                format!("listener_fd {listener_fd} is negative"),
+            ));
+        }
+        // SAFETY: a non-negative number the caller says is its open
+        // listener, borrowed for this call only. If it is not open, every
+        // use below fails with EBADF: no memory is touched through it.
+        let listener = unsafe { BorrowedFd::borrow_raw(listener_fd) };
+        let deadline = boundary::deadline(timeout_ms);
+        // Slices, so a local shutdown request (no master) is seen too.
+        let slice = Duration::from_millis(50);
+        loop {
+            if worker.stop_requested() {
+                return Err(shmc_result::Stopping.into());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(shmc_result::TimedOut.into());
+            }
+            match worker.watch.accept(listener, Some(left.min(slice))) {
+                Ok(Some(conn)) => {
+                    // SAFETY: checked non-NULL; valid by our caller's contract.
+                    unsafe { put(out, conn.into_raw_fd()) };
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Failure::new(
+                        shmc_result::Io,
+                        format!("accept on fd {listener_fd}: {e}"),
+                    ))
+                }
+            }
         }
     })
 }

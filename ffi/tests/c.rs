@@ -94,3 +94,8 @@ fn locks() {
 fn enum_arguments() {
     c_test("enums");
 }
+
+#[test]
+fn handle_and_accept() {
+    c_test("handle");
+}

@@ -23,7 +23,7 @@ pub use listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
 pub use master::{Cluster, ClusterBuilder, ClusterError, Report};
 #[cfg(feature = "tokio")]
 pub(crate) use worker::stop_requested;
-pub use worker::{Events, Incoming, Worker, WorkerError};
+pub use worker::{Events, Incoming, StopWatch, Worker, WorkerError};
 
 use crate::segment::table::{RawEvent, WorkerEntry};
 use crate::segment::Segment;

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::time::{Duration, Instant};
 
@@ -489,6 +489,16 @@ impl Worker {
         }
     }
 
+    /// A `Send + Sync` view of this worker's stop request for other threads
+    /// (an HTTP thread, the C ABI's accept), which cannot borrow the worker
+    /// while its own thread uses it.
+    pub fn stop_watch(&self) -> StopWatch {
+        StopWatch {
+            segment: self.segment.clone(),
+            slot: self.slot,
+        }
+    }
+
     /// Accepts connections on `listener` until this worker is asked to stop
     /// (then the iterator ends, and the worker can finish the connections
     /// it has). It sets the listener non-blocking: workers sharing one
@@ -536,6 +546,95 @@ impl Iterator for Incoming<'_> {
             if let Err(e) = sys::net::poll_readable(&[self.listener.as_fd()], Some(POLL_SLICE)) {
                 return Some(Err(e));
             }
+        }
+    }
+}
+
+/// [`Worker::should_stop`] and a stop-aware accept, from any thread: see
+/// [`Worker::stop_watch`].
+#[derive(Debug, Clone)]
+pub struct StopWatch {
+    segment: Segment,
+    slot: u32,
+}
+
+impl StopWatch {
+    /// The stop watch of `slot` in `segment` ([`Worker::stop_watch`] for a
+    /// worker; a slot without a master is never asked to stop but by a
+    /// `SIGTERM` a [`Worker::from_env`] turned into a request). `None` if
+    /// the segment has no such slot.
+    pub fn new(segment: &Segment, slot: u32) -> Option<Self> {
+        (slot < segment.layout().workers()).then(|| Self {
+            segment: segment.clone(),
+            slot,
+        })
+    }
+
+    /// Whether the master asked the worker to stop: drain for a reload,
+    /// the cluster shutting down, or a `SIGTERM`.
+    pub fn should_stop(&self) -> bool {
+        stop_requested(&self.segment, self.slot)
+    }
+
+    /// Accepts one connection on the listening socket `listener` (TCP or
+    /// unix: an inherited `LISTEN_FDS` descriptor, say), waiting at most
+    /// `timeout` (`None`: no limit) and ending the wait when the worker is
+    /// asked to stop: `Ok(None)` then, and after the timeout (tell them
+    /// apart with [`StopWatch::should_stop`]). Like [`Worker::incoming`] it
+    /// sets the listener non-blocking (workers sharing a socket race for
+    /// each connection) and beats the worker's heartbeat while it waits.
+    /// The connection is blocking and close-on-exec.
+    ///
+    /// # Errors
+    /// `listener` is not a listening TCP or unix socket, or `accept(2)`
+    /// failed with something other than `EAGAIN`/`EINTR`.
+    pub fn accept(&self, listener: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<Option<OwnedFd>> {
+        enum Socket {
+            Tcp(TcpListener),
+            Unix(std::os::unix::net::UnixListener),
+        }
+        let copy = listener.try_clone_to_owned()?;
+        let socket = match sys::net::local_addr(listener)? {
+            sys::net::LocalAddr::Inet(_) => Socket::Tcp(TcpListener::from(copy)),
+            sys::net::LocalAddr::UnixPath(_) | sys::net::LocalAddr::UnixOther => {
+                Socket::Unix(std::os::unix::net::UnixListener::from(copy))
+            }
+            sys::net::LocalAddr::Other(family) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("not a TCP or unix socket (address family {family})"),
+                ))
+            }
+        };
+        match &socket {
+            Socket::Tcp(l) => l.set_nonblocking(true)?,
+            Socket::Unix(l) => l.set_nonblocking(true)?,
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.should_stop() {
+                return Ok(None);
+            }
+            let accepted = match &socket {
+                Socket::Tcp(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
+                Socket::Unix(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
+            };
+            match accepted {
+                Ok(conn) => return Ok(Some(conn)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                }
+                Err(e) => return Err(e),
+            }
+            let hb = &self.segment.worker_entry(self.slot).heartbeat;
+            hb.store(hb.load(Relaxed).wrapping_add(1), Relaxed);
+            let slice = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(POLL_SLICE),
+                    _ => return Ok(None),
+                },
+                None => POLL_SLICE,
+            };
+            sys::net::poll_readable(&[listener], Some(slice))?;
         }
     }
 }

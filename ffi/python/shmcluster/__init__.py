@@ -7,17 +7,26 @@ helpers encode and decode JSON. Errors raise :class:`ShmclusterError` (with a
 subclass per family of result codes).
 
 Handlers run on the thread that drives the worker (``poll``/``run``), while
-it dispatches. A worker handle must not be used in a forked child.
+it dispatches. Other threads (an HTTP server's) call through
+:meth:`Worker.handle`, a thread-safe :class:`Handle` whose calls that thread
+runs; the worker's own ``request``/``map``/... do that for them when the
+worker is busy on another thread. A server accepts connections with
+:meth:`Worker.accept` / :meth:`Worker.incoming`, which end when the master
+tells the worker to stop (a reload's drain, a shutdown), unlike a blocking
+``socket.accept()``. A worker must not be used in a forked child.
 """
 
 import ctypes
 import json
 import os
+import socket
+import threading
+import time
 from contextlib import contextmanager
 
 __all__ = [
-    "Segment", "Worker", "Lock", "ShmclusterError", "NoHandler", "HandlerFailed",
-    "WorkerDied", "TimedOut", "LockError", "NoLeader", "LeaderDied", "WAIT_FOREVER",
+    "Segment", "Worker", "Handle", "Lock", "ShmclusterError", "NoHandler", "HandlerFailed",
+    "WorkerDied", "TimedOut", "LockError", "WorkerClosed", "NoLeader", "LeaderDied", "WAIT_FOREVER",
     "ABI_VERSION", "load_library", "RESULT_NAMES", "RESULT_TEXTS",
 ]
 
@@ -58,6 +67,10 @@ class TimedOut(ShmclusterError):
     """The deadline passed."""
 
 
+class WorkerClosed(ShmclusterError):
+    """The worker behind a handle has been closed."""
+
+
 class LockError(ShmclusterError):
     """A synchronize lock could not be taken (name, table, deadlock, timeout)."""
 
@@ -73,6 +86,7 @@ class LeaderDied(ShmclusterError):
 _CLASSES = {
     NO_HANDLER: NoHandler, HANDLER_FAILED: HandlerFailed, WORKER_DIED: WorkerDied,
     TIMED_OUT: TimedOut, NO_LEADER: NoLeader, LEADER_DIED: LeaderDied,
+    WORKER_CLOSED: WorkerClosed,
 }
 
 
@@ -191,6 +205,16 @@ def load_library(path=None):
         "shmc_listener_count": ([P, ctypes.POINTER(SZ)], U32),
         "shmc_listener_name": ([P, SZ, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
         "shmc_listener_take": ([P, SZ, ctypes.POINTER(ctypes.c_int32)], U32),
+        "shmc_worker_accept": ([P, ctypes.c_int32, U64, ctypes.POINTER(ctypes.c_int32)], U32),
+        "shmc_worker_handle": ([P, ctypes.POINTER(P)], U32),
+        "shmc_handle_free": ([P], None),
+        "shmc_handle_emit": ([P, U32, U32, ctypes.c_char_p, ctypes.c_char_p, SZ], U32),
+        "shmc_handle_broadcast": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ], U32),
+        "shmc_handle_request": ([P, U32, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
+        "shmc_handle_map": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
+        "shmc_handle_consume": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(_Consumed)], U32),
+        "shmc_handle_invoke": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
+        "shmc_handle_publish": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64], U32),
     }
     for name, s in sig.items():
         fn = getattr(lib, name)
@@ -279,6 +303,91 @@ class Lock:
         return False
 
 
+def _map_entries(out):
+    """Reads and frees a shmc_map_result: (slot, bytes) or (slot, exception)."""
+    lib = load_library()
+    try:
+        entries = []
+        for i in range(lib.shmc_map_result_len(out)):
+            e = _MapEntry()
+            _check(lib.shmc_map_result_get(out, i, ctypes.byref(e)), "map_result_get")
+            body = ctypes.string_at(e.data, e.len) if e.len else b""
+            if e.status == OK:
+                entries.append((e.slot, body))
+            else:
+                cls = _CLASSES.get(e.status, ShmclusterError)
+                entries.append((e.slot, cls(e.status, body.decode("utf-8", "replace"))))
+        return entries
+    finally:
+        lib.shmc_map_result_free(out)
+
+
+class Handle:
+    """A thread-safe handle on a :class:`Worker` (:meth:`Worker.handle`):
+    any thread may call it, several at once. Its calls are run by the thread
+    that drives the worker (``run``/``poll``), one at a time, so that thread
+    must be serving; a call from inside one of the worker's own handlers
+    raises (``IN_HANDLER``). After the worker is closed its calls raise
+    ``WORKER_CLOSED``. Not usable in a forked child."""
+
+    def __init__(self, worker_ptr):
+        lib = load_library()
+        out = ctypes.c_void_p()
+        _check(lib.shmc_worker_handle(worker_ptr, ctypes.byref(out)), "worker_handle")
+        self._ptr = out
+
+    def close(self):
+        if self._ptr:
+            ptr, self._ptr = self._ptr, None
+            load_library().shmc_handle_free(ptr)
+
+    def __del__(self):
+        self.close()
+
+    def emit(self, slot, event, data=b""):
+        """Emits ``event`` to worker ``slot``; fire and forget (sent by the
+        worker's thread at its next poll)."""
+        self._emit(TARGET_WORKER, slot, event, data)
+
+    def emit_all(self, event, data=b""):
+        self._emit(TARGET_ALL, 0, event, data)
+
+    def emit_others(self, event, data=b""):
+        self._emit(TARGET_OTHERS, 0, event, data)
+
+    def _emit(self, kind, slot, event, data):
+        _check(load_library().shmc_handle_emit(self._ptr, kind, slot, event.encode(), data, len(data)), "handle_emit")
+
+    def broadcast(self, event, data=b""):
+        """Every live worker, this one included, runs its handlers."""
+        _check(load_library().shmc_handle_broadcast(self._ptr, event.encode(), data, len(data)), "handle_broadcast")
+
+    def request(self, slot, event, data=b"", timeout=10.0):
+        out = ctypes.c_void_p()
+        _check(load_library().shmc_handle_request(self._ptr, slot, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "handle_request")
+        return _take_bytes(out)
+
+    def map(self, event, data=b"", timeout=10.0):
+        """One entry per live worker: (slot, bytes) or (slot, exception)."""
+        out = ctypes.c_void_p()
+        _check(load_library().shmc_handle_map(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "handle_map")
+        return _map_entries(out)
+
+    def consume(self, event, data=b"", timeout=10.0):
+        """(slot, delivery id, attempts), as :meth:`Worker.consume`."""
+        c = _Consumed()
+        _check(load_library().shmc_handle_consume(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(c)), "handle_consume")
+        return (c.slot, c.delivery_id, c.attempts)
+
+    def invoke(self, method, data=b"", timeout=10.0):
+        out = ctypes.c_void_p()
+        _check(load_library().shmc_handle_invoke(self._ptr, method.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "handle_invoke")
+        return _take_bytes(out)
+
+    def publish(self, topic, data, timeout=10.0):
+        _check(load_library().shmc_handle_publish(self._ptr, topic.encode(), data, len(data), _ms(timeout)), "handle_publish")
+
+
 class Message:
     """What a handler gets: the sender and the payload (copied)."""
 
@@ -300,6 +409,9 @@ class Worker:
         self._ptr = ptr
         self._segment = segment  # keeps a test segment alive
         self._callbacks = []  # ctypes callbacks must outlive their registration
+        self._handle = None
+        self._handle_lock = threading.Lock()
+        self._runner = None  # the thread in run(), if any
         # Read once: a handler must not call back into the worker that runs it.
         ident = self.identity()
         self.slot = ident.slot
@@ -334,6 +446,14 @@ class Worker:
     def __exit__(self, *exc):
         self.close()
         return False
+
+    def handle(self):
+        """This worker's thread-safe :class:`Handle`, for other threads (made
+        once, shared)."""
+        with self._handle_lock:
+            if self._handle is None:
+                self._handle = Handle(self._ptr)
+            return self._handle
 
     # identity --------------------------------------------------------
     def identity(self):
@@ -393,8 +513,6 @@ class Worker:
     def take_listeners(self):
         """The listening sockets the master handed this worker, as
         ``(name, socket.socket)`` pairs (taken once; the caller owns them)."""
-        import socket
-
         lib = load_library()
         count = ctypes.c_size_t()
         _check(lib.shmc_listener_count(self._ptr, ctypes.byref(count)), "listener_count")
@@ -409,6 +527,31 @@ class Worker:
             out.append((name, socket.socket(fileno=fd.value)))
         return out
 
+    def accept(self, sock, timeout=None):
+        """Accepts a connection on the listening socket ``sock`` (from
+        :meth:`take_listeners`): a new ``socket.socket``, or ``None`` once the
+        master tells this worker to stop (a reload's drain, a shutdown,
+        SIGTERM): finish the connections you have and exit. Raises
+        :class:`TimedOut` after ``timeout`` seconds (``None``: no limit).
+        Any thread, also while another runs :meth:`run`. It makes ``sock``
+        non-blocking (workers sharing it race for each connection): accept
+        on it only through this."""
+        fd = ctypes.c_int32()
+        code = load_library().shmc_worker_accept(self._ptr, sock.fileno(), _ms(timeout), ctypes.byref(fd))
+        if code == STOPPING:
+            return None
+        _check(code, "accept")
+        return socket.socket(fileno=fd.value)
+
+    def incoming(self, sock):
+        """``for conn in worker.incoming(sock):`` connections until the
+        worker is told to stop (see :meth:`accept`)."""
+        while True:
+            conn = self.accept(sock)
+            if conn is None:
+                return
+            yield conn
+
     # sending -----------------------------------------------------------
     def emit(self, slot, event, data=b""):
         """Emits ``event`` to worker ``slot`` (every handler runs there)."""
@@ -420,48 +563,64 @@ class Worker:
     def emit_others(self, event, data=b""):
         return self._emit(TARGET_OTHERS, 0, event, data)
 
+    # The calls below, made while another thread drives this worker (it is
+    # in run(), or BUSY), go through the worker's Handle: that thread runs
+    # them.
+
+    def _elsewhere(self):
+        runner = self._runner
+        return runner is not None and runner != threading.get_ident()
+
     def _emit(self, kind, slot, event, data):
+        """The number of workers it went to (None when it was queued
+        through the handle, which sends it later)."""
+        if self._elsewhere():
+            self.handle()._emit(kind, slot, event, data)
+            return None
         sent = ctypes.c_size_t()
-        _check(load_library().shmc_emit(self._ptr, kind, slot, event.encode(), data, len(data), ctypes.byref(sent)), "emit")
+        code = load_library().shmc_emit(self._ptr, kind, slot, event.encode(), data, len(data), ctypes.byref(sent))
+        if code == BUSY:
+            self.handle()._emit(kind, slot, event, data)
+            return None
+        _check(code, "emit")
         return sent.value
 
     def broadcast(self, event, data=b""):
         """Every live worker, this one included, runs its handlers."""
-        sent = ctypes.c_size_t()
-        _check(load_library().shmc_broadcast(self._ptr, event.encode(), data, len(data), ctypes.byref(sent)), "broadcast")
-        return sent.value
+        return self._emit(TARGET_ALL, 0, event, data)
 
     def request(self, slot, event, data=b"", timeout=10.0):
+        if self._elsewhere():
+            return self.handle().request(slot, event, data, timeout)
         out = ctypes.c_void_p()
-        _check(load_library().shmc_request(self._ptr, slot, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "request")
+        code = load_library().shmc_request(self._ptr, slot, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out))
+        if code == BUSY:
+            return self.handle().request(slot, event, data, timeout)
+        _check(code, "request")
         return _take_bytes(out)
 
     def consume(self, event, data=b"", timeout=10.0):
         """Runs the task on exactly one live worker with a handler; returns
         (slot, delivery id, attempts)."""
+        if self._elsewhere():
+            return self.handle().consume(event, data, timeout)
         c = _Consumed()
-        _check(load_library().shmc_consume(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(c)), "consume")
+        code = load_library().shmc_consume(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(c))
+        if code == BUSY:
+            return self.handle().consume(event, data, timeout)
+        _check(code, "consume")
         return (c.slot, c.delivery_id, c.attempts)
 
     def map(self, event, data=b"", timeout=10.0):
         """One entry per live worker: (slot, bytes) or (slot, exception)."""
-        lib = load_library()
+        if self._elsewhere():
+            return self.handle().map(event, data, timeout)
         out = ctypes.c_void_p()
-        _check(lib.shmc_map(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "map")
-        try:
-            entries = []
-            for i in range(lib.shmc_map_result_len(out)):
-                e = _MapEntry()
-                _check(lib.shmc_map_result_get(out, i, ctypes.byref(e)), "map_result_get")
-                body = ctypes.string_at(e.data, e.len) if e.len else b""
-                if e.status == OK:
-                    entries.append((e.slot, body))
-                else:
-                    cls = _CLASSES.get(e.status, ShmclusterError)
-                    entries.append((e.slot, cls(e.status, body.decode("utf-8", "replace"))))
-            return entries
-        finally:
-            lib.shmc_map_result_free(out)
+        code = load_library().shmc_map(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out))
+        if code == BUSY:
+            return self.handle().map(event, data, timeout)
+        _check(code, "map")
+        return _map_entries(out)
 
     def emit_json(self, slot, event, value):
         return self.emit(slot, event, json.dumps(value).encode())
@@ -476,9 +635,23 @@ class Worker:
         return n.value
 
     def run(self, until=None):
-        """Serves until told to stop (or ``until()`` is true)."""
-        while not self.should_stop() and not (until and until()):
-            self.poll(0.05)
+        """Serves until told to stop (or ``until()`` is true): runs the
+        handlers, and the calls other threads make meanwhile (through
+        :meth:`handle`, which this worker's own methods use for them while
+        it runs)."""
+        self._runner = threading.get_ident()
+        try:
+            while not self.should_stop() and not (until and until()):
+                n = ctypes.c_size_t()
+                code = load_library().shmc_poll(self._ptr, _ms(0.05), ctypes.byref(n))
+                if code == BUSY:
+                    # Another thread made a call on the worker itself: it
+                    # dispatches until that returns.
+                    time.sleep(0.001)
+                    continue
+                _check(code, "poll")
+        finally:
+            self._runner = None
 
     # locks ---------------------------------------------------------------
     @contextmanager
@@ -502,9 +675,19 @@ class Worker:
         _check(load_library().shmc_campaign(self._ptr, role.encode()), "campaign")
 
     def invoke(self, method, data=b"", timeout=10.0):
+        if self._elsewhere():
+            return self.handle().invoke(method, data, timeout)
         out = ctypes.c_void_p()
-        _check(load_library().shmc_invoke(self._ptr, method.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "invoke")
+        code = load_library().shmc_invoke(self._ptr, method.encode(), data, len(data), _ms(timeout), ctypes.byref(out))
+        if code == BUSY:
+            return self.handle().invoke(method, data, timeout)
+        _check(code, "invoke")
         return _take_bytes(out)
 
     def publish(self, topic, data, timeout=10.0):
-        _check(load_library().shmc_publish(self._ptr, topic.encode(), data, len(data), _ms(timeout)), "publish")
+        if self._elsewhere():
+            return self.handle().publish(topic, data, timeout)
+        code = load_library().shmc_publish(self._ptr, topic.encode(), data, len(data), _ms(timeout))
+        if code == BUSY:
+            return self.handle().publish(topic, data, timeout)
+        _check(code, "publish")

@@ -138,3 +138,96 @@ def test_bad_arguments_raise():
         w.request(7, "x", b"")
     with pytest.raises(sc.ShmclusterError):
         w.emit(0, "e" * 300, b"")
+
+
+def test_other_threads_call_while_the_main_thread_runs():
+    """Issue 12 item 7: an HTTP thread calls map/request while the main
+    thread is in w.run() (it got BUSY); now they go through the worker's
+    thread-safe handle and the running thread answers them."""
+    seg = sc.Segment(2)
+    w0, w1 = seg.worker(0), seg.worker(1)
+    for w in (w0, w1):
+        @w.on("echo")
+        def echo(msg, w=w):
+            return b"%d:" % w.slot + msg.data
+
+    inside = {}
+
+    @w0.on("nested")
+    def nested(msg):
+        # The handle from the thread that drives w0 would wait for itself.
+        try:
+            w0.handle().request(1, "echo", b"x", timeout=1)
+            inside["error"] = None
+        except sc.ShmclusterError as e:
+            inside["error"] = e.code
+        return b""
+
+    stop = threading.Event()
+    server1 = serve(w1, stop)
+    results, errors = [], []
+
+    def http_thread(i):
+        try:
+            got = dict(w0.map("echo", b"m%d" % i, timeout=5))
+            results.append((got[0], got[1], w0.request(1, "echo", b"r%d" % i),
+                            w0.handle().request(0, "echo", b"h%d" % i)))
+            w0.handle().emit(1, "echo", b"fire and forget")
+        except Exception as e:  # the assertion below reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=http_thread, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    done = lambda: all(not t.is_alive() for t in threads)  # noqa: E731
+    try:
+        w0.run(until=done)  # the main thread drives w0 meanwhile
+    finally:
+        for t in threads:
+            t.join(10)
+    assert errors == []
+    assert sorted(results) == sorted(
+        (b"0:m%d" % i, b"1:m%d" % i, b"1:r%d" % i, b"0:h%d" % i) for i in range(4))
+
+    # From inside one of w0's handlers, on the thread that drives it.
+    t = threading.Thread(target=lambda: w1.request(0, "nested", b"", timeout=5))
+    t.start()
+    w0.run(until=lambda: not t.is_alive())
+    t.join(5)
+    assert inside["error"] == sc.IN_HANDLER
+
+    h = w0.handle()
+    stop.set()
+    server1.join(5)
+    w0.close()
+    with pytest.raises(sc.WorkerClosed):
+        h.request(1, "echo", b"", timeout=1)
+
+
+def test_accept_returns_connections_and_ends_on_stop():
+    """Worker.accept gives connections as sockets and ends when the worker
+    is told to stop, instead of blocking in accept() (issue 12 item 7)."""
+    import socket
+
+    seg = sc.Segment(1)
+    w = seg.worker(0)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    with pytest.raises(sc.TimedOut):
+        w.accept(listener, timeout=0.1)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        conn = w.accept(listener, timeout=5)
+        with conn:
+            client.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+            assert conn.family == socket.AF_INET and conn.gettimeout() is None
+
+    got = []
+    t = threading.Thread(target=lambda: got.extend(w.incoming(listener)))
+    t.start()
+    time.sleep(0.2)  # it is waiting in accept now
+    w.request_shutdown()  # no master: the worker's own stop
+    t.join(5)
+    assert not t.is_alive(), "incoming() ended on the stop request"
+    assert got == []
+    listener.close()
