@@ -1213,6 +1213,10 @@ shmc_result shmc_peers(const shmc_worker *w,
 // reload waits for this before draining the worker it replaces. Without a
 // master it does nothing and succeeds.
 //
+// Any thread, any time, as [`shmc_request_shutdown`]: while another thread
+// drives the worker ([`crate::shmc_run`], [`crate::shmc_poll`]) that call
+// passes it on (within 50 ms in `shmc_run`).
+//
 // # Safety
 // `w` NULL or a live handle.
 shmc_result shmc_ready(const shmc_worker *w);

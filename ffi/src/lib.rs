@@ -24,7 +24,7 @@
 //!   another thread, or from inside one of its own handlers) is refused with
 //!   `SHMC_RESULT_BUSY` instead of corrupting it. The exceptions, callable
 //!   from any thread at any time, are [`shmc_request_shutdown`],
-//!   [`shmc_request_reload`], [`shmc_should_stop`], [`shmc_worker_accept`],
+//!   [`shmc_request_reload`], [`shmc_ready`], [`shmc_should_stop`], [`shmc_worker_accept`],
 //!   [`shmc_worker_handle`] and the `shmc_reply_*` functions. Other threads
 //!   message through a [`shmc_handle`] ([`shmc_worker_handle`]): its calls
 //!   are run by the thread that drives the worker. A `shmc_lock` must be

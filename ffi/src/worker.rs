@@ -35,10 +35,8 @@ pub struct shmc_worker {
     busy: AtomicBool,
     /// Set by [`shmc_request_shutdown`] (any thread, handlers included).
     pub(crate) stop: Arc<AtomicBool>,
-    /// A shutdown or reload asked for while the worker was busy, passed on
-    /// to the master at the next call that drives the worker.
-    pending_shutdown: AtomicBool,
-    pending_reload: AtomicBool,
+    /// Requests made while the worker was busy, for its running call.
+    pending: Arc<Pending>,
     /// Whether a master runs this worker.
     has_master: bool,
     /// The master's stop request, readable from any thread.
@@ -68,13 +66,41 @@ pub(crate) struct WorkerInner {
     pub handler_ids: HashMap<u64, HandlerId>,
     next_handler_id: u64,
     jobs: Arc<Jobs>,
+    pending: Arc<Pending>,
+}
+
+/// A shutdown, reload or ready asked for on another thread while the worker
+/// was busy, passed on to the master by the call that drives the worker
+/// (when it starts, and between the messages and jobs it runs).
+#[derive(Default)]
+struct Pending {
+    shutdown: AtomicBool,
+    reload: AtomicBool,
+    ready: AtomicBool,
 }
 
 impl WorkerInner {
-    /// Runs the calls [`crate::shmc_handle`]s queued for this worker.
+    /// Runs the calls [`crate::shmc_handle`]s queued for this worker, and
+    /// passes on the requests made while it was busy.
     pub fn run_jobs(&mut self) {
+        self.forward_requests();
         let jobs = Arc::clone(&self.jobs);
         jobs.run(self);
+    }
+
+    /// Passes on a shutdown, reload or ready asked for while busy.
+    fn forward_requests(&self) {
+        if let Some(w) = self.messenger.worker() {
+            if self.pending.shutdown.swap(false, AcqRel) {
+                w.request_shutdown();
+            }
+            if self.pending.reload.swap(false, AcqRel) {
+                w.request_reload();
+            }
+            if self.pending.ready.swap(false, AcqRel) {
+                w.ready();
+            }
+        }
     }
 
     /// A C id for a registered handler.
@@ -109,6 +135,7 @@ impl shmc_worker {
         watch: StopWatch,
     ) -> Result<Self, Failure> {
         let stop = Arc::new(AtomicBool::new(false));
+        let pending = Arc::new(Pending::default());
         let jobs = Jobs::new();
         let slot = messenger.slot();
         crate::handle::register_wake(&mut messenger)?;
@@ -116,8 +143,7 @@ impl shmc_worker {
             fork_generation: boundary::fork_generation(),
             busy: AtomicBool::new(false),
             stop: stop.clone(),
-            pending_shutdown: AtomicBool::new(false),
-            pending_reload: AtomicBool::new(false),
+            pending: Arc::clone(&pending),
             has_master: messenger.worker().is_some(),
             watch,
             jobs: Arc::clone(&jobs),
@@ -132,6 +158,7 @@ impl shmc_worker {
                 handler_ids: HashMap::new(),
                 next_handler_id: 0,
                 jobs,
+                pending,
             }),
         })
     }
@@ -144,18 +171,6 @@ impl shmc_worker {
     /// a master) [`shmc_request_shutdown`]. Any thread.
     pub(crate) fn stop_requested(&self) -> bool {
         self.watch.should_stop() || (!self.has_master && self.stop.load(Acquire))
-    }
-
-    /// Passes on a shutdown or reload asked for while busy.
-    fn forward_requests(&self, inner: &WorkerInner) {
-        if let Some(w) = inner.messenger.worker() {
-            if self.pending_shutdown.swap(false, AcqRel) {
-                w.request_shutdown();
-            }
-            if self.pending_reload.swap(false, AcqRel) {
-                w.request_reload();
-            }
-        }
     }
 }
 
@@ -182,7 +197,7 @@ pub(crate) unsafe fn with_worker<R>(
     // SAFETY: the busy flag, set above and cleared by `_busy` when this
     // returns, makes this the only reference to the inner worker.
     let inner = unsafe { &mut *worker.inner.get() };
-    worker.forward_requests(inner);
+    inner.forward_requests();
     f(inner)
 }
 
@@ -498,20 +513,27 @@ pub unsafe extern "C" fn shmc_peers(
 /// reload waits for this before draining the worker it replaces. Without a
 /// master it does nothing and succeeds.
 ///
+/// Any thread, any time, as [`shmc_request_shutdown`]: while another thread
+/// drives the worker ([`crate::shmc_run`], [`crate::shmc_poll`]) that call
+/// passes it on (within 50 ms in `shmc_run`).
+///
 /// # Safety
 /// `w` NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn shmc_ready(w: *const shmc_worker) -> shmc_result {
     guard(|| {
-        // SAFETY: forwarded from our caller.
-        unsafe {
-            with_worker(w, |inner| {
-                if let Some(worker) = inner.messenger.worker() {
-                    worker.ready();
-                }
-                Ok(())
-            })
+        // SAFETY: NULL or a live handle, by our caller's contract.
+        let worker =
+            unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
+        check_fork(worker.fork_generation)?;
+        worker.pending.ready.store(true, Release);
+        if !worker.busy.swap(true, AcqRel) {
+            let _busy = Busy(&worker.busy);
+            // SAFETY: the busy flag makes this the only reference to the inner worker.
+            let inner = unsafe { &*worker.inner.get() };
+            inner.forward_requests();
         }
+        Ok(())
     })
 }
 
@@ -582,7 +604,7 @@ pub unsafe extern "C" fn shmc_request_shutdown(w: *const shmc_worker) -> shmc_re
         let worker =
             unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
         check_fork(worker.fork_generation)?;
-        worker.pending_shutdown.store(true, Release);
+        worker.pending.shutdown.store(true, Release);
         if !worker.busy.swap(true, AcqRel) {
             let _busy = Busy(&worker.busy);
             // SAFETY: the busy flag makes this the only reference to the inner worker.
@@ -590,7 +612,7 @@ pub unsafe extern "C" fn shmc_request_shutdown(w: *const shmc_worker) -> shmc_re
             if inner.messenger.worker().is_none() {
                 worker.stop.store(true, Release);
             }
-            worker.forward_requests(inner);
+            inner.forward_requests();
         } else {
             // Busy: its running call forwards it; without a master it is
             // the local flag that matters, set both ways.
@@ -614,7 +636,7 @@ pub unsafe extern "C" fn shmc_request_reload(w: *const shmc_worker) -> shmc_resu
             unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
         check_fork(worker.fork_generation)?;
         if worker.busy.swap(true, AcqRel) {
-            worker.pending_reload.store(true, Release);
+            worker.pending.reload.store(true, Release);
             return Ok(());
         }
         let _busy = Busy(&worker.busy);

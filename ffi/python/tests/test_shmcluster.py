@@ -231,3 +231,21 @@ def test_accept_returns_connections_and_ends_on_stop():
     assert not t.is_alive(), "incoming() ended on the stop request"
     assert got == []
     listener.close()
+
+
+def test_ready_and_stop_checks_from_another_thread_while_it_runs():
+    """ready() and should_stop() from the main thread while a thread runs
+    the worker (app.py does this) are not refused as BUSY."""
+    seg = sc.Segment(1)
+    w = seg.worker(0)
+    stop = threading.Event()
+    t = serve(w, stop)
+    try:
+        time.sleep(0.05)
+        for _ in range(50):
+            w.ready()
+            assert not w.should_stop()
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        t.join(5)
