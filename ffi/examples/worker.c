@@ -8,7 +8,16 @@
  * maps "ping" over the cluster, prints the answers and asks the master to
  * shut the cluster down.
  *
- * Build: cc -I ffi/include worker.c -L target/release -lshmcluster -o worker
+ * Build and run, from the repository root:
+ *
+ *     cargo build --release -p shmcluster -p shmcluster-ffi
+ *     cc -I ffi/include ffi/examples/worker.c -L target/release -Wl,-rpath,'$ORIGIN' -lshmcluster -o target/release/c-worker
+ *     target/release/shmcluster run -w 2 -- target/release/c-worker
+ *
+ * The rpath `$ORIGIN` makes the program look for libshmcluster.so in its
+ * own directory, where the -o above puts it; built elsewhere, give an
+ * absolute -Wl,-rpath or run it with LD_LIBRARY_PATH=target/release.
+ * ffi/tests/c_example.rs runs these lines (in the test's own profile).
  */
 #include <stdio.h>
 #include <string.h>
@@ -52,7 +61,8 @@ int main(void) {
     for (size_t i = 0; i < listeners; i++) {
         int fd = -1;
         if (shmc_listener_take(w, i, &fd) == SHMC_RESULT_OK) {
-            /* A real server would accept(2) on fd; this one just closes it. */
+            /* A real server would loop on shmc_worker_accept(w, fd, ...)
+             * until SHMC_RESULT_STOPPING; this one just closes it. */
             close(fd);
         }
     }
