@@ -127,9 +127,11 @@ pub(crate) fn register_wake(messenger: &mut Messenger) -> Result<(), Failure> {
 
 /// A thread-safe handle on a worker, from [`shmc_worker_handle`], freed
 /// with [`shmc_handle_free`]. Its calls are run by the thread that drives
-/// the worker ([`crate::shmc_run`], [`crate::shmc_poll`],
-/// [`crate::shmc_dispatch`]), one at a time and in the order they were made,
-/// between the messages it dispatches; a call waits for that, so the
+/// the worker in [`crate::shmc_run`], [`crate::shmc_poll`] or
+/// [`crate::shmc_dispatch`] (a call wakes a parked poll), one at a time and
+/// in the order they were made, between the messages it dispatches; not
+/// while that thread is inside one of the worker's own blocking calls
+/// (request, map, ...), after which they run. A call waits for that, so the
 /// worker must be driven (otherwise a call ends with
 /// `SHMC_RESULT_TIMED_OUT` a second after its own timeout).
 ///
@@ -151,6 +153,12 @@ pub struct shmc_handle {
     layout: Layout,
     fork_generation: u64,
 }
+
+// The promise to C: any thread, several at once.
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<shmc_handle>();
+};
 
 impl shmc_handle {
     fn check(&self) -> Result<(), Failure> {

@@ -101,6 +101,35 @@ static void *caller(void *arg) {
     return NULL;
 }
 
+/* A handle call made while the driving thread is parked in one long
+ * shmc_poll must wake it: the poll returns and runs the call, well within
+ * the call's own timeout (without the wake-up the call would wait for the
+ * 20 s poll and end TIMED_OUT after 2 s + 1 s). */
+static shmc_result woken_result = SHMC_RESULT_UNKNOWN;
+static void *call_while_parked(void *arg) {
+    (void)arg;
+    usleep(100 * 1000); /* the main thread is parked by now */
+    shmc_bytes *reply = NULL;
+    woken_result = shmc_handle_request(h0, 1, "echo", (const uint8_t *)"w", 1, 2000, &reply);
+    shmc_bytes_free(reply);
+    return NULL;
+}
+
+static void test_wake_parked_poll(void) {
+    pthread_t t;
+    atomic_store(&stop_w1, 0);
+    pthread_t server;
+    CHECK(pthread_create(&server, NULL, serve_w1, NULL) == 0);
+    CHECK(pthread_create(&t, NULL, call_while_parked, NULL) == 0);
+    size_t handled = 0;
+    OK(shmc_poll(w0, 20000, &handled));
+    CHECK(handled >= 1); /* the wake-up */
+    CHECK(pthread_join(t, NULL) == 0);
+    EXPECT(woken_result, SHMC_RESULT_OK);
+    atomic_store(&stop_w1, 1);
+    CHECK(pthread_join(server, NULL) == 0);
+}
+
 static int listen_tcp(int *port) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     CHECK(fd >= 0);
@@ -210,6 +239,7 @@ int main(void) {
     atomic_store(&stop_w1, 1);
     CHECK(pthread_join(server, NULL) == 0);
 
+    test_wake_parked_poll();
     test_accept();
 
     OK(shmc_worker_free(w0));
