@@ -689,3 +689,59 @@ impl Events {
         self.missed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// `StopWatch::accept`: a connection, a timeout, and the wait ended by
+    /// the master's drain word (set here as the master would).
+    #[test]
+    fn stop_watch_accepts_until_the_drain() {
+        let segment = Segment::create(&crate::Config::new(2)).expect("segment");
+        assert!(StopWatch::new(&segment, 2).is_none(), "no slot 2");
+        let watch = StopWatch::new(&segment, 1).expect("slot 1");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+
+        let waited = watch.accept(listener.as_fd(), Some(Duration::from_millis(30)));
+        assert!(
+            waited.expect("no error").is_none(),
+            "nothing to accept: timed out"
+        );
+        assert!(!watch.should_stop());
+
+        let mut client = TcpStream::connect(addr).expect("connect");
+        let conn = watch
+            .accept(listener.as_fd(), Some(Duration::from_secs(10)))
+            .expect("accept")
+            .expect("a connection");
+        let mut conn = TcpStream::from(conn);
+        client.write_all(b"hi").expect("write");
+        let mut buf = [0u8; 2];
+        conn.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"hi");
+
+        // Without a limit: only the drain ends it (a watchdog of 20 s fails
+        // the test instead of hanging it).
+        let (done, ended) = std::sync::mpsc::channel();
+        {
+            let watch = watch.clone();
+            let fd = listener.as_fd().try_clone_to_owned().expect("dup");
+            std::thread::spawn(move || {
+                let _ = done.send(watch.accept(fd.as_fd(), None).map(|c| c.is_some()));
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        segment.worker_entry(1).stop.store(STOP_DRAIN, Release);
+        let ended = ended
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the drain ended the accept");
+        assert!(
+            !ended.expect("no error"),
+            "no connection: the drain ended the wait"
+        );
+        assert!(watch.should_stop());
+    }
+}
