@@ -616,7 +616,7 @@ fn candidate(
 impl MessengerHandle {
     /// Emits already-encoded bytes (the leader forwarding a published value).
     pub(super) fn emit_raw(&self, to: u32, event: &str, bytes: &[u8]) -> Result<(), RequestError> {
-        let msg = super::encode_call_bytes(event, 0, bytes)?;
+        let msg = super::encode_call_bytes(event, 0, bytes, self.max_payload)?;
         self.outbox.push(
             to,
             crate::Tag {
