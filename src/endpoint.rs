@@ -114,6 +114,9 @@ struct Inbound {
 /// ```
 pub struct Endpoint {
     segment: Segment,
+    /// The slot is this endpoint's while it holds this (see
+    /// [`sys::claim`]): the kernel releases it when the process dies.
+    _claim: sys::claim::Claim,
     slot: u32,
     generation: u32,
     pid: u32,
@@ -244,14 +247,25 @@ impl Endpoint {
         }
         let control = segment.slot(slot);
         let pid = sys::getpid();
-        let mut seen = 0;
-        while let Err(holder) = control.owner.compare_exchange(seen, pid, AcqRel, Acquire) {
-            if holder == pid || sys::process_exists(holder) {
-                return Err(EndpointError::SlotBusy { slot, pid: holder });
+        // Whoever holds the slot's claim holds the slot; a holder that died
+        // lost it with its last descriptor, so its slot is taken over. Its
+        // pid in `owner` decides nothing: it is only told (stats, errors).
+        let claim = match sys::claim::claim(segment.fd(), slot) {
+            Ok(Some(claim)) => claim,
+            Ok(None) => {
+                return Err(EndpointError::SlotBusy {
+                    slot,
+                    pid: control.owner.load(Acquire),
+                })
             }
-            // The holder died without releasing: take it over.
-            seen = holder;
-        }
+            Err(e) => {
+                return Err(EndpointError::Claim {
+                    slot,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        control.owner.store(pid, Release);
         let generation = match assigned {
             None => segment.next_generation(slot),
             Some(expected) => {
@@ -289,6 +303,7 @@ impl Endpoint {
         }
         Ok(Self {
             segment: segment.clone(),
+            _claim: claim,
             slot,
             generation,
             pid,

@@ -64,6 +64,8 @@ mod endpoint;
 mod error;
 #[cfg(not(loom))]
 mod lane;
+#[cfg(all(test, not(loom)))]
+mod liveness_tests;
 #[cfg(not(loom))]
 pub mod lock;
 #[cfg(not(loom))]

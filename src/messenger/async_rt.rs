@@ -637,7 +637,7 @@ impl AsyncMessenger {
         let event = leader::invoke_event(method);
         let bytes = encode_call(&event, 0, args, self.shared.max_payload)?;
         loop {
-            let Some(leader) = leader::current_leader(&self.shared.segment) else {
+            let Some(leader) = leader::current_leader(&self.shared.segment, self.shared.me) else {
                 if Instant::now() >= deadline {
                     return Err(RequestError::NoLeader);
                 }

@@ -42,6 +42,8 @@ mod wire;
 #[cfg(feature = "tokio")]
 pub use async_rt::{AsyncMessenger, AsyncWake};
 
+#[cfg(test)]
+pub(crate) use leader::leader_entry;
 pub use leader::{Leader, LeaderChange};
 
 use std::any::Any;
@@ -1774,9 +1776,11 @@ fn live_generation(segment: &Segment, me: WorkerId, slot: u32) -> Option<u32> {
         )
         .then(|| entry.generation.load(Acquire))
     } else {
-        let control = segment.slot(slot);
-        let owner = control.owner.load(Acquire);
-        (owner != 0 && crate::sys::process_exists(owner)).then(|| control.generation.load(Acquire))
+        // The generation first: a holder claims the slot before it bumps
+        // the generation, so a claim seen after it is that generation's or
+        // a newer one's (whose calls then settle as `WorkerDied`).
+        let generation = segment.slot(slot).generation.load(Acquire);
+        segment.slot_held(slot).then_some(generation)
     }
 }
 
