@@ -120,3 +120,41 @@ fn a_dead_leader_is_no_leader_whoever_has_its_pid_now() {
         "a dead leader with a reused pid counts as leading"
     );
 }
+
+/// Issue 12, item 6: a call to a worker the master reaps is settled when
+/// the master marks it dead, not at the caller's next periodic look (5 ms
+/// in production; an hour here, so only the master's count can end the
+/// wait before the watchdog does).
+#[test]
+fn a_call_to_a_reaped_worker_ends_when_the_master_counts_the_death() {
+    let _dog = Watchdog::new("death observed at once", Duration::from_secs(20));
+    let segment = Segment::create(&Config::new(2)).unwrap();
+    // This process plays the master: its table says slot 1 is ready.
+    let target = segment.endpoint(1).unwrap();
+    let generation = target.generation();
+    segment.control().master_pid.store(crate::sys::getpid(), Release);
+    let entry = segment.worker_entry(1);
+    entry.generation.store(generation, Release);
+    entry.state.store(crate::WorkerState::Ready.to_raw(), Release);
+    let mut m0 = Messenger::from_endpoint(segment.endpoint(0).unwrap());
+    m0.set_liveness_slice(Duration::from_secs(3600));
+    let reaper = {
+        let segment = segment.clone();
+        std::thread::spawn(move || {
+            // The target never answers; then the master reaps it.
+            std::thread::sleep(Duration::from_millis(50));
+            segment
+                .worker_entry(1)
+                .state
+                .store(crate::WorkerState::Dead.to_raw(), Release);
+            segment.reset_dead_slot(1, generation);
+        })
+    };
+    let hour = Instant::now() + Duration::from_secs(3600);
+    assert_eq!(
+        m0.request_bytes(1, "anything", b"", hour),
+        Err(crate::RequestError::WorkerDied)
+    );
+    reaper.join().unwrap();
+    drop(target);
+}

@@ -60,11 +60,13 @@ use serde::Serialize;
 
 pub use wire::MAX_EVENT_NAME;
 
+use crate::endpoint::Interrupt;
 use crate::segment::Segment;
 use crate::{Endpoint, RecvError, Tag, TrySendError, Worker, WorkerState};
 
 /// How long a blocking call sleeps at most between looks at its targets'
-/// liveness.
+/// liveness. Only a safety net where nobody counts deaths (no master): with
+/// a master, a reaped target ends the wait at once.
 const LIVENESS_SLICE: Duration = Duration::from_millis(5);
 
 /// Where a message goes.
@@ -631,6 +633,12 @@ pub struct Messenger {
     next_handler: u64,
     pending: HashMap<u64, Pending>,
     next_call: u64,
+    /// The segment's death count when the calls' targets were last checked
+    /// (see [`Messenger::check_liveness`]).
+    deaths_seen: u32,
+    /// [`LIVENESS_SLICE`]; longer in tests that must see a death noticed
+    /// through the master's count alone.
+    liveness_slice: Duration,
     outbox: Arc<Outbox>,
     /// Calls made through handles: call id → (deadline, where the answer goes).
     remote: HashMap<u64, RemoteReply>,
@@ -710,6 +718,8 @@ impl Messenger {
             next_handler: 1,
             pending: HashMap::new(),
             next_call: 1,
+            deaths_seen: outbox.segment.control().deaths.load(Acquire),
+            liveness_slice: LIVENESS_SLICE,
             outbox,
             remote: HashMap::new(),
             leader: leader::LeaderState::default(),
@@ -987,6 +997,13 @@ impl Messenger {
         self.max_payload
     }
 
+    /// Sets how long a blocking call waits at most between looks at its
+    /// targets' liveness (tests of the master's death count).
+    #[cfg(test)]
+    pub(crate) fn set_liveness_slice(&mut self, slice: Duration) {
+        self.liveness_slice = slice;
+    }
+
     /// Live workers now: (slot, generation).
     pub fn live_workers(&self) -> Vec<WorkerId> {
         live_workers(&self.segment, self.me())
@@ -1252,8 +1269,15 @@ impl Messenger {
         Ok(id)
     }
 
-    /// Marks calls whose target died.
+    /// Marks calls whose target died. Runs at least every
+    /// `liveness_slice` while calls wait, and at once when the master
+    /// counts a death: the wait for a message ends then (see
+    /// [`crate::endpoint::Interrupt`]), so a caller learns of a reaped
+    /// target within microseconds, not at its next periodic look.
     fn check_liveness(&mut self) {
+        // Before the checks: a death counted after this load ends the next
+        // wait, so none is missed.
+        self.deaths_seen = self.segment.control().deaths.load(Acquire);
         let dead: Vec<u64> = self
             .pending
             .iter()
@@ -1283,7 +1307,7 @@ impl Messenger {
             if now >= deadline {
                 return Ok(());
             }
-            self.dispatch_until(Some((now + LIVENESS_SLICE).min(deadline)))?;
+            self.dispatch_until(Some((now + self.liveness_slice).min(deadline)))?;
         }
     }
 
@@ -1639,12 +1663,15 @@ impl Messenger {
     /// The next time a remote call must be looked at, if any.
     fn remote_due(&self) -> Option<Instant> {
         let earliest = self.remote.values().map(|(d, _)| *d).min()?;
-        Some(earliest.min(Instant::now() + LIVENESS_SLICE))
+        Some(earliest.min(Instant::now() + self.liveness_slice))
     }
 
     /// Handles messages until none is waiting; with `until`, waits for the
     /// first one until then.
     fn dispatch_until(&mut self, until: Option<Instant>) -> Result<usize, RequestError> {
+        if self.segment.control().deaths.load(Acquire) != self.deaths_seen {
+            self.check_liveness();
+        }
         let until = match (until, self.remote_due()) {
             (Some(u), Some(r)) => Some(u.min(r)),
             (u, _) => u,
@@ -1659,6 +1686,12 @@ impl Messenger {
         self.flush_outbox()?;
         let mut handled = 0;
         let mut wait = until;
+        // A death ends the wait only for a messenger with calls waiting.
+        let deaths = self
+            .pending
+            .values()
+            .any(|p| p.result.is_none())
+            .then_some(self.deaths_seen);
         loop {
             if self.handle_local()? {
                 handled += 1;
@@ -1668,7 +1701,11 @@ impl Messenger {
             let step = {
                 let received = match wait {
                     Some(d) => {
-                        match ep_of(&mut self.owner).recv_ref_interruptible(Some(d), &self.outbox.nonempty) {
+                        let interrupt = Interrupt {
+                            flag: &self.outbox.nonempty,
+                            deaths,
+                        };
+                        match ep_of(&mut self.owner).recv_ref_interruptible(Some(d), interrupt) {
                             Ok(m) => Some(m),
                             Err(RecvError::Timeout) => None,
                             Err(e) => return Err(RequestError::Corrupt(e.to_string())),

@@ -136,7 +136,13 @@ pub(crate) struct Control {
     pub(crate) events_futex: AtomicU32,
     /// Bumped by workers asking for a cluster shutdown.
     pub(crate) shutdown_requests: AtomicU32,
-    _pad: [u32; 8],
+    /// Bumped (wrapping, `Release`) by the master each time it has reaped
+    /// a worker and marked it dead, before it rings every slot: a messenger
+    /// waiting on calls compares it with the value it last looked at and,
+    /// when it moved, checks its calls' targets at once instead of at its
+    /// next periodic look.
+    pub(crate) deaths: AtomicU32,
+    _pad: [u32; 7],
     pub(crate) events: [EventRecord; EVENT_RING],
 }
 
