@@ -114,6 +114,9 @@ struct Inbound {
 /// ```
 pub struct Endpoint {
     segment: Segment,
+    /// The slot is this endpoint's while it holds this (see
+    /// [`sys::claim`]): the kernel releases it when the process dies.
+    _claim: sys::claim::Claim,
     slot: u32,
     generation: u32,
     pid: u32,
@@ -193,16 +196,23 @@ impl Segment {
     }
 
     /// The master's clean-up after the worker in `slot` (generation
-    /// `generation`) died: an `ABORT` record in each of its outbound lanes
-    /// (where there is room) so receivers drop any message it left half
-    /// sent, its park word reset, the slot released, and every slot and
-    /// every space waiter on its lanes woken so nobody sleeps on it.
-    /// Messages queued *to* the slot stay for its successor.
+    /// `generation`) died, once its table entry says so: the death counted
+    /// in [`Control::deaths`](crate::segment::table::Control), an `ABORT`
+    /// record in each of its outbound lanes (where there is room) so
+    /// receivers drop any message it left half sent, its park word reset,
+    /// the slot released, and every slot rung (its doorbell bit for the
+    /// dead slot, through the park protocol, so no wake is lost) and every
+    /// space waiter on its lanes woken: a caller waiting on the dead worker
+    /// learns it now. Messages queued *to* the slot stay for its successor.
     pub(crate) fn reset_dead_slot(&self, slot: u32, generation: u32) {
         let workers = self.layout().workers();
         if slot >= workers {
             return;
         }
+        // Release: pairs with the Acquire load in `wait_next` (and the
+        // messenger's liveness check), made after the doorbell below is
+        // taken; the table entry's `Dead` was stored before this.
+        self.control().deaths.fetch_add(1, Release);
         for to in 0..workers {
             let mut out = Producer::new(self.lane(slot, to));
             if let Ok(Some(planned)) = out.plan(0, 0) {
@@ -214,9 +224,8 @@ impl Segment {
         self.park(slot).store(wake::EMPTY, Relaxed);
         self.slot(slot).owner.store(0, Release);
         for other in 0..workers {
-            sys::futex_wake(self.park(other), u32::MAX);
-            if self.park(other).load(Relaxed) == wake::PARKED_FD {
-                self.ring_fd(other);
+            if other != slot {
+                self.notify(other, slot);
             }
             sys::futex_wake(&self.lane(other, slot).ctl().space_waiter.0, u32::MAX);
             sys::futex_wake(&self.lane(slot, other).ctl().space_waiter.0, u32::MAX);
@@ -244,14 +253,25 @@ impl Endpoint {
         }
         let control = segment.slot(slot);
         let pid = sys::getpid();
-        let mut seen = 0;
-        while let Err(holder) = control.owner.compare_exchange(seen, pid, AcqRel, Acquire) {
-            if holder == pid || sys::process_exists(holder) {
-                return Err(EndpointError::SlotBusy { slot, pid: holder });
+        // Whoever holds the slot's claim holds the slot; a holder that died
+        // lost it with its last descriptor, so its slot is taken over. Its
+        // pid in `owner` decides nothing: it is only told (stats, errors).
+        let claim = match sys::claim::claim(segment.fd(), slot) {
+            Ok(Some(claim)) => claim,
+            Ok(None) => {
+                return Err(EndpointError::SlotBusy {
+                    slot,
+                    pid: control.owner.load(Acquire),
+                })
             }
-            // The holder died without releasing: take it over.
-            seen = holder;
-        }
+            Err(e) => {
+                return Err(EndpointError::Claim {
+                    slot,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        control.owner.store(pid, Release);
         let generation = match assigned {
             None => segment.next_generation(slot),
             Some(expected) => {
@@ -289,6 +309,7 @@ impl Endpoint {
         }
         Ok(Self {
             segment: segment.clone(),
+            _claim: claim,
             slot,
             generation,
             pid,
@@ -873,7 +894,7 @@ impl Endpoint {
     fn wait_next(
         &mut self,
         deadline: Option<Instant>,
-        interrupt: Option<&std::sync::atomic::AtomicBool>,
+        interrupt: Option<Interrupt<'_>>,
     ) -> Result<(u32, Next), RecvError> {
         let corrupt = |(sender, error)| RecvError::Corrupt { sender, error };
         if let Some(found) = self.poll().map_err(corrupt)? {
@@ -886,8 +907,10 @@ impl Endpoint {
                 return Ok(found);
             }
             // Someone of this process wants the waiting thread back (it
-            // rang this slot's own doorbell to wake it from a park).
-            if interrupt.is_some_and(|i| i.load(Relaxed)) {
+            // rang this slot's own doorbell to wake it from a park), or a
+            // worker died since the caller last looked (the master rang
+            // every doorbell after counting it).
+            if interrupt.is_some_and(|i| i.ended(&self.segment)) {
                 return Err(RecvError::Timeout);
             }
             spins = spins.wrapping_add(1);
@@ -988,12 +1011,11 @@ impl Endpoint {
     }
 
     /// [`Endpoint::recv_ref`] that also returns (as `Timeout`) as soon as
-    /// `interrupt` is set by another thread of this process, which then
-    /// rings this slot's own doorbell bit to end a park.
+    /// `interrupt` says so (see [`Interrupt`]).
     pub(crate) fn recv_ref_interruptible(
         &mut self,
         deadline: Option<Instant>,
-        interrupt: &std::sync::atomic::AtomicBool,
+        interrupt: Interrupt<'_>,
     ) -> Result<Received<'_>, RecvError> {
         let found = self.wait_next(deadline, Some(interrupt))?;
         Ok(self.received(found))
@@ -1074,6 +1096,27 @@ impl Drop for Endpoint {
 }
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+
+/// What ends a receive wait early, besides a message and the deadline.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Interrupt<'a> {
+    /// Set by another thread of this process, which then rings this slot's
+    /// own doorbell bit to end a park.
+    pub(crate) flag: &'a std::sync::atomic::AtomicBool,
+    /// The segment's death count the caller last looked at (`None`: it
+    /// waits on nobody): a death since ends the wait. The master rings
+    /// every slot after counting one, so a parked waiter wakes for it.
+    pub(crate) deaths: Option<u32>,
+}
+
+impl Interrupt<'_> {
+    fn ended(&self, segment: &Segment) -> bool {
+        self.flag.load(Relaxed)
+            || self
+                .deaths
+                .is_some_and(|d| segment.control().deaths.load(Acquire) != d)
+    }
+}
 
 /// A send refused before any lane was touched.
 enum Rejected {

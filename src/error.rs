@@ -255,6 +255,15 @@ pub enum EndpointError {
         /// The slot's generation now.
         found: u32,
     },
+    /// The slot's claim (a lock the kernel releases when its holder dies)
+    /// could not be taken: `/proc/self/fd` cannot reopen the segment, or
+    /// `fcntl` failed.
+    Claim {
+        /// The slot asked for.
+        slot: u32,
+        /// What the system said.
+        reason: String,
+    },
 }
 
 impl fmt::Display for EndpointError {
@@ -274,6 +283,7 @@ impl fmt::Display for EndpointError {
                 f,
                 "slot {slot} is at generation {found}, not {expected}: this worker was replaced"
             ),
+            Self::Claim { slot, reason } => write!(f, "cannot claim slot {slot}: {reason}"),
         }
     }
 }

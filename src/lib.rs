@@ -40,8 +40,11 @@
 //!
 //! # Guarantees
 //! - Per-sender FIFO to each receiver; no loss, no duplication.
-//! - Messages up to `max_message` (default 16 MiB); larger sends fail with
-//!   `TooLarge`. Messages over half a lane stream through it in fragments.
+//! - Endpoint records up to `max_message` (default 16 MiB); larger sends fail
+//!   with `TooLarge`. Messages over half a lane stream through it in
+//!   fragments. The messenger's payloads go up to `max_message` less its
+//!   264-byte header ([`Messenger::max_payload`]), to every target, the
+//!   caller itself included.
 //! - A full lane makes `send` wait (optionally until a deadline, giving the
 //!   message back on `Timeout`) and `try_send` return `Full(msg)`; nothing
 //!   is ever dropped silently.
@@ -61,6 +64,8 @@ mod endpoint;
 mod error;
 #[cfg(not(loom))]
 mod lane;
+#[cfg(all(test, not(loom)))]
+mod liveness_tests;
 #[cfg(not(loom))]
 pub mod lock;
 #[cfg(not(loom))]

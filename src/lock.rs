@@ -160,6 +160,9 @@ pub struct LockStats {
 pub struct Locks {
     segment: Segment,
     slot: u32,
+    /// The slot's generation when these locks were made: recorded with the
+    /// slot on each acquisition (who leads, in terms pid reuse cannot fake).
+    generation: u32,
     /// Entries already found by name (names never move once written).
     known: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
 }
@@ -183,9 +186,15 @@ impl Locks {
     /// [`LockError::Glibc`] below glibc 2.25.
     pub fn new(segment: &Segment, slot: u32) -> Result<Self, LockError> {
         check_glibc()?;
+        let generation = if slot < segment.layout().workers() {
+            segment.slot(slot).generation.load(Acquire)
+        } else {
+            0
+        };
         Ok(Self {
             segment: segment.clone(),
             slot,
+            generation,
             known: Default::default(),
         })
     }
@@ -374,8 +383,11 @@ impl Locks {
                     break;
                 }
                 // Still held: by a live process, or by one that is gone?
+                // The pid with its start time: a pid reused since by another
+                // process does not make a dead holder look alive.
                 let holder = entry.holder_pid.load(Acquire);
-                if holder != 0 && !sys::process_exists(holder) {
+                let started = entry.holder_start.load(Relaxed);
+                if holder != 0 && !sys::claim::process_lives(holder, started) {
                     let since = *gone_since.get_or_insert(now);
                     if now.duration_since(since) > GONE_GRACE {
                         return Err(LockError::Unrecoverable { holder_pid: holder });
@@ -420,6 +432,8 @@ impl Locks {
         let token = entry.token.load(Relaxed).wrapping_add(1);
         entry.token.store(token, Relaxed);
         entry.holder_slot.store(self.slot, Relaxed);
+        entry.holder_generation.store(self.generation, Relaxed);
+        entry.holder_start.store(sys::claim::own_start(), Relaxed);
         entry.holder_pid.store(sys::cached_pid(), Release);
         Ok(Held {
             entry,

@@ -372,3 +372,38 @@ async fn flush_waits_for_what_was_queued() {
     assert_eq!(receiver.dispatch().unwrap(), 100);
     assert_eq!(got.load(Ordering::Relaxed), 100);
 }
+
+/// Issue 12, item 2: through the driver too, a message to oneself takes
+/// every size the others take, and one over the limit is refused before it
+/// is queued, with the payload's size and the payload limit. (A 1 MiB
+/// request between two drivers of one runtime used to deadlock: the
+/// sender's blocking stream held the thread the receiver was queued on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_to_oneself_and_the_payload_limit() {
+    let _dog = Watchdog::new("async sizes", Duration::from_secs(60));
+    let mut ms = Messenger::threads(2).unwrap();
+    for m in &mut ms {
+        m.on_request("len", |_, v: Vec<u8>| Ok::<_, String>(v.len()))
+            .unwrap();
+    }
+    let ms: Vec<AsyncMessenger> = ms.into_iter().map(|m| m.into_async()).collect();
+    let max = ms[0].max_payload();
+    let value = vec![5u8; 1024 * 1024];
+    for to in [0, 1] {
+        let n: usize = ms[0].request(to, "len", &value, soon(10)).await.unwrap();
+        assert_eq!(n, value.len(), "1 MiB request to slot {to}");
+    }
+    let out = ms[0].map::<_, usize>("len", &value, soon(10)).await.unwrap();
+    assert_eq!(out.len(), 2);
+    assert!(out.iter().all(|(_, r)| r == &Ok(value.len())), "{out:?}");
+    // A Vec<u8> of n bytes encodes as n plus a varint length of 4 bytes.
+    let over = vec![0u8; max];
+    assert_eq!(
+        ms[0].request::<_, usize>(0, "len", &over, soon(10)).await,
+        Err(RequestError::TooLarge { len: max + 4, max })
+    );
+    assert_eq!(
+        ms[0].emit(Target::All, "len", &over),
+        Err(RequestError::TooLarge { len: max + 4, max })
+    );
+}

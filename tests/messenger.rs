@@ -433,3 +433,151 @@ fn a_dead_target_is_reported_at_once() {
     assert_eq!(err, RequestError::WorkerDied);
     assert!(sent > 100, "queued for a successor first: {sent}");
 }
+
+/// Issue 12, item 2: a message to oneself takes every size the others take
+/// (it used to be capped at half a lane: 32,704 bytes by default).
+#[test]
+fn messages_to_oneself_take_every_size_up_to_the_payload_limit() {
+    let _dog = Watchdog::new("self sizes", Duration::from_secs(60));
+    let mut m = Messenger::standalone().unwrap();
+    let max = m.max_payload();
+    assert_eq!(
+        max,
+        16 * 1024 * 1024 - (MAX_EVENT_NAME + 9),
+        "README's payload limit"
+    );
+    m.on_bytes("len", |_, b| (b.len() as u64).to_le_bytes().to_vec())
+        .unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    m.on_bytes("emit", move |_, b| {
+        s.fetch_add(b.len() as u64, Ordering::AcqRel);
+        Vec::new()
+    })
+    .unwrap();
+    for len in [40_000, 1024 * 1024, max] {
+        let data = vec![7u8; len];
+        assert_eq!(
+            m.request_bytes(0, "len", &data, soon()),
+            Ok((len as u64).to_le_bytes().to_vec()),
+            "a {len}-byte request to oneself"
+        );
+        let out = m.map_bytes("len", &data, soon()).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            out[0].1,
+            Ok((len as u64).to_le_bytes().to_vec()),
+            "map of {len} bytes"
+        );
+        assert_eq!(
+            m.consume_bytes("len", &data, soon()).map(|c| c.worker.slot),
+            Ok(0)
+        );
+        seen.store(0, Ordering::Release);
+        assert_eq!(m.emit_bytes(Target::Worker(0), "emit", &data), Ok(1));
+        while m.dispatch().unwrap() > 0 {}
+        assert_eq!(
+            seen.load(Ordering::Acquire),
+            len as u64,
+            "emit of {len} bytes to oneself"
+        );
+    }
+    // The typed path: a Vec<u8> of n bytes encodes as n plus its length.
+    let value = vec![1u8; 1024 * 1024];
+    m.on_request::<Vec<u8>, usize, String, _>("typed", |_, v| Ok(v.len()))
+        .unwrap();
+    assert_eq!(m.request::<_, usize>(0, "typed", &value, soon()), Ok(value.len()));
+    // One byte over: refused, with the payload's size and the payload limit.
+    let over = vec![0u8; max + 1];
+    assert_eq!(
+        m.request_bytes(0, "len", &over, soon()),
+        Err(RequestError::TooLarge { len: max + 1, max })
+    );
+    assert_eq!(
+        m.emit_bytes(Target::All, "emit", &over),
+        Err(RequestError::TooLarge { len: max + 1, max })
+    );
+}
+
+/// Issue 12, item 2: a call that fails for size fails before anything is
+/// sent, to anyone; every target, oneself included, takes a message larger
+/// than half a lane.
+#[test]
+fn a_call_too_large_for_anyone_reaches_no_one_and_a_large_one_reaches_all() {
+    let _dog = Watchdog::new("sizes", Duration::from_secs(60));
+    let big_runs = Arc::new(AtomicU64::new(0));
+    let b = big_runs.clone();
+    let handlers = move |m: &mut Messenger| {
+        let b = b.clone();
+        m.on_bytes("big", move |_, data| {
+            b.fetch_add(1, Ordering::AcqRel);
+            (data.len() as u64).to_le_bytes().to_vec()
+        })
+        .unwrap();
+        m.on_bytes("ping", |_, _| b"pong".to_vec()).unwrap();
+    };
+    let (mut m0, stop, threads) = cluster(3, handlers);
+    let max = m0.max_payload();
+    // 40,000 bytes: over half a lane (the old cap on oneself), far under
+    // the limit. Every worker runs it, the caller included.
+    let data = vec![3u8; 40_000];
+    assert_eq!(m0.emit_bytes(Target::All, "big", &data), Ok(3));
+    let out = m0.map_bytes("big", &data, soon()).unwrap();
+    assert_eq!(out.len(), 3);
+    for (w, r) in &out {
+        assert_eq!(r, &Ok(40_000u64.to_le_bytes().to_vec()), "worker {w:?}");
+    }
+    // Handle the broadcast's own copy, then count.
+    while m0.dispatch().unwrap() > 0 {}
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while big_runs.load(Ordering::Acquire) < 6 && Instant::now() < deadline {
+        m0.poll(Duration::from_millis(5)).unwrap();
+    }
+    assert_eq!(big_runs.load(Ordering::Acquire), 6, "3 broadcast + 3 map runs");
+    // Over the limit: refused up front, by every operation.
+    let over = vec![0u8; max + 1];
+    let too_large = Err(RequestError::TooLarge { len: max + 1, max });
+    assert_eq!(
+        m0.emit_bytes(Target::All, "big", &over),
+        too_large.clone().map(|()| 0)
+    );
+    assert_eq!(
+        m0.emit_bytes(Target::Others, "big", &over),
+        too_large.clone().map(|()| 0)
+    );
+    assert_eq!(m0.map_bytes("big", &over, soon()).map(|_| ()), too_large);
+    assert_eq!(m0.consume_bytes("big", &over, soon()).map(|_| ()), too_large);
+    assert_eq!(m0.request_bytes(1, "big", &over, soon()).map(|_| ()), too_large);
+    // Nobody ran it: a round trip to each worker after the refusals
+    // (per-sender FIFO) shows nothing arrived before it.
+    for w in 0..3 {
+        assert_eq!(m0.request_bytes(w, "ping", b"", soon()), Ok(b"pong".to_vec()));
+    }
+    while m0.dispatch().unwrap() > 0 {}
+    assert_eq!(
+        big_runs.load(Ordering::Acquire),
+        6,
+        "a refused call ran somewhere"
+    );
+    finish(stop, threads);
+}
+
+/// Issue 12, item 2: a handler's answer over the limit reaches the caller
+/// as a failure at once, not as a wait until the deadline.
+#[test]
+fn an_answer_over_the_limit_is_a_handler_failure() {
+    let _dog = Watchdog::new("answer size", Duration::from_secs(60));
+    let mut m = Messenger::standalone().unwrap();
+    let max = m.max_payload();
+    m.on_bytes("huge", move |_, _| vec![0u8; max + 1]).unwrap();
+    // Before, the reply could not be sent and this waited out the deadline.
+    match m.request_bytes(0, "huge", b"", Instant::now() + Duration::from_secs(30)) {
+        Err(RequestError::HandlerFailed(e)) => {
+            assert!(
+                e.contains(&format!("{}", max + 1)) && e.contains(&format!("{max}")),
+                "{e}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -404,6 +404,7 @@ impl From<EndpointError> for Failure {
             EndpointError::NoSuchWorker { .. } => shmc_result::NoSuchWorker,
             EndpointError::SlotBusy { .. } => shmc_result::SlotBusy,
             EndpointError::StaleGeneration { .. } => shmc_result::StaleGeneration,
+            EndpointError::Claim { .. } => shmc_result::Io,
         };
         Self::new(code, e.to_string())
     }

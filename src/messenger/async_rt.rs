@@ -82,7 +82,8 @@ struct Shared {
     segment: Segment,
     me: WorkerId,
     workers: u32,
-    max_message: usize,
+    /// The payload limit (`Messenger::max_payload`).
+    max_payload: usize,
     /// Whether the messenger belongs to a cluster worker.
     cluster_worker: bool,
     /// `ready()` asked: the driver tells the master.
@@ -198,7 +199,7 @@ impl Messenger {
             segment: self.segment.clone(),
             me: self.me(),
             workers: self.workers,
-            max_message: self.max_message,
+            max_payload: self.max_payload,
             cluster_worker: self.worker().is_some(),
             ready: AtomicBool::new(false),
             next_delivery: AtomicU64::new(1),
@@ -407,6 +408,11 @@ impl AsyncMessenger {
         self.shared.wake
     }
 
+    /// The largest payload a message may carry ([`Messenger::max_payload`]).
+    pub fn max_payload(&self) -> usize {
+        self.shared.max_payload
+    }
+
     /// Live workers now, in slot order.
     pub fn live_workers(&self) -> Vec<WorkerId> {
         live_workers(&self.shared.segment, self.shared.me)
@@ -423,8 +429,7 @@ impl AsyncMessenger {
         event: &str,
         value: &T,
     ) -> Result<(), RequestError> {
-        let bytes = encode_call(event, 0, value)?;
-        self.check_size(&bytes)?;
+        let bytes = encode_call(event, 0, value, self.shared.max_payload)?;
         let me = self.shared.me;
         let to: Vec<u32> = match target {
             Target::Worker(slot) if slot >= self.shared.workers => {
@@ -455,16 +460,6 @@ impl AsyncMessenger {
     /// As [`AsyncMessenger::emit`].
     pub fn broadcast<T: Serialize + ?Sized>(&self, event: &str, value: &T) -> Result<(), RequestError> {
         self.emit(Target::All, event, value)
-    }
-
-    fn check_size(&self, bytes: &[u8]) -> Result<(), RequestError> {
-        if bytes.len() > self.shared.max_message {
-            return Err(RequestError::TooLarge {
-                len: bytes.len(),
-                max: self.shared.max_message,
-            });
-        }
-        Ok(())
     }
 
     /// Starts one call through the driver.
@@ -504,7 +499,12 @@ impl AsyncMessenger {
         R: DeserializeOwned,
     {
         let body = self
-            .request_raw(worker, event, encode_call(event, 0, value)?, deadline)
+            .request_raw(
+                worker,
+                event,
+                encode_call(event, 0, value, self.shared.max_payload)?,
+                deadline,
+            )
             .await?;
         decode(&body)
     }
@@ -519,7 +519,6 @@ impl AsyncMessenger {
         if worker >= self.shared.workers {
             return Err(RequestError::NoSuchWorker { slot: worker });
         }
-        self.check_size(&bytes)?;
         let started = Instant::now();
         let r = answer(self.call(worker, wire::REQUEST, bytes, deadline), deadline).await;
         self.record_latency(LATENCY_REQUEST, started.elapsed());
@@ -550,8 +549,7 @@ impl AsyncMessenger {
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let bytes = encode_call(event, 0, value)?;
-        self.check_size(&bytes)?;
+        let bytes = encode_call(event, 0, value, self.shared.max_payload)?;
         let started = Instant::now();
         let live = self.live_workers();
         let calls: Vec<_> = live
@@ -585,8 +583,7 @@ impl AsyncMessenger {
         let n = self.shared.next_delivery.fetch_add(1, Relaxed);
         let delivery =
             (u64::from(me.slot) << 52) ^ (u64::from(me.generation) << 32) ^ (1 << 31) ^ (n & 0x7fff_ffff);
-        let bytes = encode_call(event, delivery, value)?;
-        self.check_size(&bytes)?;
+        let bytes = encode_call(event, delivery, value, self.shared.max_payload)?;
         let mut refused: Vec<u32> = Vec::new();
         let mut attempts = 0;
         loop {
@@ -638,9 +635,9 @@ impl AsyncMessenger {
         R: DeserializeOwned,
     {
         let event = leader::invoke_event(method);
-        let bytes = encode_call(&event, 0, args)?;
+        let bytes = encode_call(&event, 0, args, self.shared.max_payload)?;
         loop {
-            let Some(leader) = leader::current_leader(&self.shared.segment) else {
+            let Some(leader) = leader::current_leader(&self.shared.segment, self.shared.me) else {
                 if Instant::now() >= deadline {
                     return Err(RequestError::NoLeader);
                 }

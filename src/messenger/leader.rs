@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{Messenger, MessengerHandle, RequestError};
+use super::{Messenger, MessengerHandle, RequestError, WorkerId};
 use crate::segment::Segment;
 use crate::{Locks, NamedLock};
 
@@ -117,8 +117,14 @@ fn find_entry(segment: &Segment, name: &str) -> Option<u32> {
 /// the lock now.
 /// The live leader of the default role, looked up in the lock table.
 #[cfg(feature = "tokio")]
-pub(super) fn current_leader(segment: &Segment) -> Option<Leader> {
-    read_leader_at(segment, find_entry(segment, &lock_name(""))?)
+pub(super) fn current_leader(segment: &Segment, me: WorkerId) -> Option<Leader> {
+    read_leader_at(segment, me, find_entry(segment, &lock_name(""))?)
+}
+
+/// The lock-table entry of the default role's election, once named.
+#[cfg(test)]
+pub(crate) fn leader_entry(segment: &Segment) -> Option<u32> {
+    find_entry(segment, &lock_name(""))
 }
 
 /// The event an `invoke` of `method` is sent as.
@@ -133,14 +139,22 @@ pub(super) fn is_not_leader(error: &str) -> bool {
     error == NOT_LEADER
 }
 
-fn read_leader_at(segment: &Segment, i: u32) -> Option<Leader> {
+fn read_leader_at(segment: &Segment, me: WorkerId, i: u32) -> Option<Leader> {
     read_holder_at(segment, i)
-        .filter(|&(_, pid)| crate::sys::process_exists(pid))
+        .filter(|&(l, generation)| holder_lives(segment, me, l.slot, generation))
         .map(|(l, _)| l)
 }
 
-/// The holder of lock entry `i` as recorded (slot, term, pid), without
-/// asking the kernel whether that process still lives.
+/// Whether the worker that took a lock as (`slot`, `generation`) is still
+/// live: the messenger's own liveness (the master's table, or the slot's
+/// claim), never a pid, which a dead leader's successor in the pid space
+/// could be given.
+fn holder_lives(segment: &Segment, me: WorkerId, slot: u32, generation: u32) -> bool {
+    slot < segment.layout().workers() && super::live_generation(segment, me, slot) == Some(generation)
+}
+
+/// The holder of lock entry `i` as recorded (slot and term, and the
+/// holder's generation), without asking whether it still lives.
 fn read_holder_at(segment: &Segment, i: u32) -> Option<(Leader, u32)> {
     let e = segment.lock_entry(i);
     // A seqlock read: the holder clears its pid before writing slot and
@@ -149,11 +163,12 @@ fn read_holder_at(segment: &Segment, i: u32) -> Option<(Leader, u32)> {
     let pid = e.holder_pid.load(Acquire);
     let slot = e.holder_slot.load(Relaxed);
     let term = e.token.load(Relaxed);
+    let generation = e.holder_generation.load(Relaxed);
     std::sync::atomic::fence(Acquire);
     if pid == 0 || e.holder_pid.load(Relaxed) != pid {
         return None;
     }
-    Some((Leader { slot, term }, pid))
+    Some((Leader { slot, term }, generation))
 }
 
 impl Messenger {
@@ -217,10 +232,9 @@ impl Messenger {
     /// leader's death and its successor's election there is none).
     pub fn leader_for(&self, role: &str) -> Option<Leader> {
         match self.leader.entries.get(role) {
-            Some(&i) => read_leader_at(&self.segment, i),
-            None => {
-                find_entry(&self.segment, &lock_name(role)).and_then(|i| read_leader_at(&self.segment, i))
-            }
+            Some(&i) => read_leader_at(&self.segment, self.me(), i),
+            None => find_entry(&self.segment, &lock_name(role))
+                .and_then(|i| read_leader_at(&self.segment, self.me(), i)),
         }
     }
 
@@ -266,15 +280,15 @@ impl Messenger {
         for role in roles {
             // Called on every dispatch: an unchanged term costs two atomic
             // loads; only a new one is checked against the kernel (a
-            // `kill(pid, 0)` per dispatch was a syscall on the hot path).
-            let Some((now, pid)) = self
+            // liveness check per dispatch was a syscall on the hot path).
+            let Some((now, generation)) = self
                 .entry_of(&role)
                 .and_then(|i| read_holder_at(&self.segment, i))
             else {
                 continue;
             };
             let seen = self.leader.seen_term.get(&role).copied();
-            if seen == Some(now.term) || !crate::sys::process_exists(pid) {
+            if seen == Some(now.term) || !holder_lives(&self.segment, self.me(), now.slot, generation) {
                 continue;
             }
             self.leader.seen_term.insert(role.clone(), now.term);
@@ -303,7 +317,10 @@ impl Messenger {
     fn wait_leader(&mut self, deadline: Instant) -> Result<Leader, RequestError> {
         self.leader.seen_term.entry(String::new()).or_insert(0);
         loop {
-            if let Some(l) = self.entry_of("").and_then(|i| read_leader_at(&self.segment, i)) {
+            if let Some(l) = self
+                .entry_of("")
+                .and_then(|i| read_leader_at(&self.segment, self.me(), i))
+            {
                 return Ok(l);
             }
             if Instant::now() >= deadline {
@@ -616,7 +633,7 @@ fn candidate(
 impl MessengerHandle {
     /// Emits already-encoded bytes (the leader forwarding a published value).
     pub(super) fn emit_raw(&self, to: u32, event: &str, bytes: &[u8]) -> Result<(), RequestError> {
-        let msg = super::encode_call_bytes(event, 0, bytes)?;
+        let msg = super::encode_call_bytes(event, 0, bytes, self.max_payload)?;
         self.outbox.push(
             to,
             crate::Tag {

@@ -13,7 +13,10 @@
 //! # Semantics
 //! - Per-sender FIFO to each receiver (one lane per pair).
 //! - `broadcast` and `to(All)` reach every live worker, the caller included
-//!   (its own copy goes through its own lane and runs at its next poll).
+//!   (its own copy never crosses a lane: it waits in the messenger, in
+//!   order, and runs at its next dispatch).
+//! - Payloads up to [`Messenger::max_payload`] to every target, the caller
+//!   included; a larger one is `TooLarge` before anything is sent.
 //! - `request`/`map` run the *first* handler for the event on the target;
 //!   `emit`/`send`/`broadcast` run *every* handler for it.
 //! - `consume` runs on exactly one live worker with a handler, the one with
@@ -39,11 +42,13 @@ mod wire;
 #[cfg(feature = "tokio")]
 pub use async_rt::{AsyncMessenger, AsyncWake};
 
+#[cfg(test)]
+pub(crate) use leader::leader_entry;
 pub use leader::{Leader, LeaderChange};
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering::*};
@@ -55,11 +60,13 @@ use serde::Serialize;
 
 pub use wire::MAX_EVENT_NAME;
 
+use crate::endpoint::Interrupt;
 use crate::segment::Segment;
-use crate::{Endpoint, Received, RecvError, Tag, TrySendError, Worker, WorkerState};
+use crate::{Endpoint, RecvError, Tag, TrySendError, Worker, WorkerState};
 
 /// How long a blocking call sleeps at most between looks at its targets'
-/// liveness.
+/// liveness. Only a safety net where nobody counts deaths (no master): with
+/// a master, a reaped target ends the wait at once.
 const LIVENESS_SLICE: Duration = Duration::from_millis(5);
 
 /// Where a message goes.
@@ -144,11 +151,13 @@ pub enum RequestError {
         /// The slot asked for.
         slot: u32,
     },
-    /// The encoded message is longer than the segment's `max_message`.
+    /// The payload (the encoded value, or the raw bytes) is longer than
+    /// the messenger's limit ([`Messenger::max_payload`]). Nothing was sent,
+    /// to anyone.
     TooLarge {
-        /// Its length.
+        /// The payload's length in bytes.
         len: usize,
-        /// The limit.
+        /// The payload limit in bytes.
         max: usize,
     },
     /// The event name is longer than [`MAX_EVENT_NAME`] bytes.
@@ -182,7 +191,7 @@ impl fmt::Display for RequestError {
             Self::WorkerDied => f.write_str("the worker died before answering"),
             Self::TimedOut => f.write_str("timed out"),
             Self::NoSuchWorker { slot } => write!(f, "no worker slot {slot}"),
-            Self::TooLarge { len, max } => write!(f, "message of {len} bytes is over the {max}-byte limit"),
+            Self::TooLarge { len, max } => write!(f, "payload of {len} bytes is over the {max}-byte limit"),
             Self::EventName { len } => {
                 write!(
                     f,
@@ -441,6 +450,7 @@ fn send_reply(to: &ReplyTo, status: u8, body: &[u8]) {
 pub struct MessengerHandle {
     outbox: Arc<Outbox>,
     workers: u32,
+    max_payload: usize,
 }
 
 impl MessengerHandle {
@@ -452,7 +462,7 @@ impl MessengerHandle {
         if to >= self.workers {
             return Err(RequestError::NoSuchWorker { slot: to });
         }
-        let bytes = encode_call(event, 0, value)?;
+        let bytes = encode_call(event, 0, value, self.max_payload)?;
         self.outbox.push(
             to,
             Tag {
@@ -491,7 +501,7 @@ impl MessengerHandle {
         if worker >= self.workers {
             return Err(RequestError::NoSuchWorker { slot: worker });
         }
-        let bytes = encode_call(event, 0, value)?;
+        let bytes = encode_call(event, 0, value, self.max_payload)?;
         let (done, answer) = std::sync::mpsc::channel();
         self.outbox.push_call(RemoteCall {
             to: worker,
@@ -521,24 +531,47 @@ fn check_name(event: &str) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// The largest payload (an encoded value, or raw bytes) a message of
+/// `segment` carries: its `max_message` less the largest call header, so
+/// the limit does not depend on the event's name.
+pub(crate) fn payload_limit(segment: &Segment) -> usize {
+    segment
+        .layout()
+        .max_message()
+        .saturating_sub(wire::MAX_CALL_HEADER)
+}
+
+/// Encodes a call message; `TooLarge` (the payload's size and `limit`)
+/// before anything is sent if its payload is over `limit`.
 fn encode_call<T: Serialize + ?Sized>(
     event: &str,
     delivery: u64,
     value: &T,
+    limit: usize,
 ) -> Result<Vec<u8>, RequestError> {
     check_name(event)?;
-    let mut out = Vec::with_capacity(wire::call_header_len(event.len()) + 16);
+    let header = wire::call_header_len(event.len());
+    let mut out = Vec::with_capacity(header + 16);
     wire::put_call_header(&mut out, event, delivery);
     postcard::to_io(value, &mut out).map_err(|e| RequestError::Encode(e.to_string()))?;
+    check_payload(out.len() - header, limit)?;
     Ok(out)
 }
 
-fn encode_call_bytes(event: &str, delivery: u64, data: &[u8]) -> Result<Vec<u8>, RequestError> {
+fn encode_call_bytes(event: &str, delivery: u64, data: &[u8], limit: usize) -> Result<Vec<u8>, RequestError> {
     check_name(event)?;
+    check_payload(data.len(), limit)?;
     let mut out = Vec::with_capacity(wire::call_header_len(event.len()) + data.len());
     wire::put_call_header(&mut out, event, delivery);
     out.extend_from_slice(data);
     Ok(out)
+}
+
+fn check_payload(len: usize, limit: usize) -> Result<(), RequestError> {
+    if len > limit {
+        return Err(RequestError::TooLarge { len, max: limit });
+    }
+    Ok(())
 }
 
 fn panic_text(p: Box<dyn Any + Send>) -> String {
@@ -587,11 +620,25 @@ pub struct Messenger {
     slot: u32,
     generation: u32,
     workers: u32,
+    /// The payload limit ([`payload_limit`]).
+    max_payload: usize,
+    /// The record limit (the segment's `max_message`).
     max_message: usize,
+    /// Messages to this worker itself, in order: they never cross a lane
+    /// (see [`Messenger::deliver`]).
+    local: VecDeque<crate::Message>,
+    /// Payload bytes in `local`.
+    local_bytes: usize,
     handlers: HashMap<String, Vec<Handler>>,
     next_handler: u64,
     pending: HashMap<u64, Pending>,
     next_call: u64,
+    /// The segment's death count when the calls' targets were last checked
+    /// (see [`Messenger::check_liveness`]).
+    deaths_seen: u32,
+    /// [`LIVENESS_SLICE`]; longer in tests that must see a death noticed
+    /// through the master's count alone.
+    liveness_slice: Duration,
     outbox: Arc<Outbox>,
     /// Calls made through handles: call id → (deadline, where the answer goes).
     remote: HashMap<u64, RemoteReply>,
@@ -663,11 +710,16 @@ impl Messenger {
             slot,
             generation,
             workers: layout.workers(),
+            max_payload: payload_limit(&outbox.segment),
             max_message: layout.max_message(),
+            local: VecDeque::new(),
+            local_bytes: 0,
             handlers: HashMap::new(),
             next_handler: 1,
             pending: HashMap::new(),
             next_call: 1,
+            deaths_seen: outbox.segment.control().deaths.load(Acquire),
+            liveness_slice: LIVENESS_SLICE,
             outbox,
             remote: HashMap::new(),
             leader: leader::LeaderState::default(),
@@ -709,6 +761,7 @@ impl Messenger {
         MessengerHandle {
             outbox: self.outbox.clone(),
             workers: self.workers,
+            max_payload: self.max_payload,
         }
     }
 
@@ -932,6 +985,25 @@ impl Messenger {
         }
     }
 
+    /// The largest payload a message may carry, both ways: the encoded
+    /// value (postcard) or the raw bytes, whatever the target (this worker
+    /// itself included). It is the segment's `max_message` less the
+    /// longest call header ([`MAX_EVENT_NAME`] + 9 bytes), so it does not
+    /// depend on the event's name: 16,776,952 bytes with the default
+    /// 16 MiB. A larger one fails with [`RequestError::TooLarge`] before
+    /// anything is sent; a handler's larger answer reaches its caller as
+    /// `HandlerFailed`.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Sets how long a blocking call waits at most between looks at its
+    /// targets' liveness (tests of the master's death count).
+    #[cfg(test)]
+    pub(crate) fn set_liveness_slice(&mut self, slice: Duration) {
+        self.liveness_slice = slice;
+    }
+
     /// Live workers now: (slot, generation).
     pub fn live_workers(&self) -> Vec<WorkerId> {
         live_workers(&self.segment, self.me())
@@ -941,6 +1013,13 @@ impl Messenger {
 
     /// Sends one encoded message, dispatching what arrives while the lane
     /// is full (so two workers sending to each other cannot deadlock).
+    ///
+    /// A message to this worker itself never crosses a lane: it waits in
+    /// `local`, in order, and is handled at the next dispatch. So it takes
+    /// every size the other targets take (through its own lane it could
+    /// not: a message over half a lane streams only to a reader that is
+    /// not the writer), and costs no copy into shared memory. Like the work
+    /// in hand, it ends with the worker.
     fn deliver(
         &mut self,
         to: u32,
@@ -951,25 +1030,26 @@ impl Messenger {
         if to >= self.workers {
             return Err(RequestError::NoSuchWorker { slot: to });
         }
-        if bytes.len() > self.max_message {
+        let bytes = if tag.kind == wire::REPLY {
+            self.fit_reply(bytes)
+        } else if bytes.len() > self.max_message {
+            // Calls are checked when encoded; this is a bug's safety net.
             return Err(RequestError::TooLarge {
                 len: bytes.len(),
                 max: self.max_message,
             });
+        } else {
+            bytes
+        };
+        if to == self.slot {
+            return self.deliver_local(tag, bytes);
         }
-        let half_lane = self.segment.layout().lane_capacity() / 2 - 64;
-        if to == self.slot && bytes.len() > half_lane {
-            // Streaming to oneself would need a second thread to read.
-            return Err(RequestError::TooLarge {
-                len: bytes.len(),
-                max: half_lane,
-            });
-        }
+        let single = self.ep().max_reservation();
         let mut bytes = bytes;
         loop {
-            if bytes.len() > half_lane && to != self.slot {
+            if bytes.len() > single {
                 // Streamed in fragments: only a blocking send can do it.
-                let result = self.ep().send_tagged(to, tag, bytes, deadline);
+                let result = self.send_streamed(to, tag, bytes, deadline);
                 return match result {
                     Ok(()) => Ok(()),
                     Err(crate::SendError::Timeout(_)) => Err(RequestError::TimedOut),
@@ -993,11 +1073,92 @@ impl Messenger {
                 // successor that may never come (a crash-looping slot).
                 return Err(RequestError::WorkerDied);
             }
-            // Make room: our own inbox (the self lane included) drains here.
+            // Make room: our own inbox drains here.
             if self.dispatch_until(Some(Instant::now() + Duration::from_micros(200)))? == 0 {
                 std::thread::yield_now();
             }
         }
+    }
+
+    /// A blocking send of a message streamed in fragments. On an async
+    /// driver's thread of a multi-threaded tokio runtime, the wait is
+    /// announced to tokio (`block_in_place`): the receiver may be another
+    /// driver that tokio queued behind this one on the same thread, which
+    /// would otherwise never run to drain the lane (a deadlock of two
+    /// messengers in one process, seen with 1 MiB requests).
+    fn send_streamed(
+        &mut self,
+        to: u32,
+        tag: Tag,
+        bytes: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<(), crate::SendError<Vec<u8>>> {
+        #[cfg(feature = "tokio")]
+        if tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        {
+            let ep = self.ep();
+            return tokio::task::block_in_place(|| ep.send_tagged(to, tag, bytes, deadline));
+        }
+        self.ep().send_tagged(to, tag, bytes, deadline)
+    }
+
+    /// A reply whose body is over the payload limit becomes a failure the
+    /// caller is told about (instead of a reply that cannot be sent and a
+    /// caller that waits out its deadline).
+    fn fit_reply(&self, bytes: Vec<u8>) -> Vec<u8> {
+        let Some((_, generation, body)) = wire::parse_reply(&bytes) else {
+            return bytes;
+        };
+        if body.len() <= self.max_payload {
+            return bytes;
+        }
+        let text = RequestError::TooLarge {
+            len: body.len(),
+            max: self.max_payload,
+        }
+        .to_string();
+        wire::reply(wire::FAILED, generation, format!("the reply: {text}").as_bytes())
+    }
+
+    /// Queues a message to this worker itself. Past a lane's worth of
+    /// queued bytes, the oldest are handled first (the back-pressure a
+    /// full lane gives), so a loop that sends to itself without
+    /// dispatching does not grow without bound.
+    fn deliver_local(&mut self, tag: Tag, bytes: Vec<u8>) -> Result<(), RequestError> {
+        let room = self.segment.layout().lane_capacity();
+        while !self.local.is_empty() && self.local_bytes + bytes.len() > room {
+            self.handle_local()?;
+        }
+        self.local_bytes += bytes.len();
+        self.local.push_back(crate::Message {
+            sender: self.slot,
+            generation: self.generation,
+            kind: tag.kind,
+            correlation: tag.correlation,
+            payload: bytes,
+        });
+        Ok(())
+    }
+
+    /// Handles the oldest message to itself, if any; whether there was one.
+    fn handle_local(&mut self) -> Result<bool, RequestError> {
+        let Some(message) = self.local.pop_front() else {
+            return Ok(false);
+        };
+        self.local_bytes -= message.payload.len();
+        let reply = handle_message(
+            message,
+            self.generation,
+            &mut self.handlers,
+            &mut self.pending,
+            &self.outbox,
+            &self.stats,
+        );
+        if let Some(reply) = reply {
+            self.send_handler_reply(reply)?;
+        }
+        Ok(true)
     }
 
     fn targets(&self, target: Target) -> Result<Vec<u32>, RequestError> {
@@ -1025,7 +1186,7 @@ impl Messenger {
         event: &str,
         value: &T,
     ) -> Result<usize, RequestError> {
-        let bytes = encode_call(event, 0, value)?;
+        let bytes = encode_call(event, 0, value, self.max_payload)?;
         self.emit_encoded(target, event, bytes)
     }
 
@@ -1034,7 +1195,7 @@ impl Messenger {
     /// # Errors
     /// As [`Messenger::emit`].
     pub fn emit_bytes(&mut self, target: Target, event: &str, data: &[u8]) -> Result<usize, RequestError> {
-        let bytes = encode_call_bytes(event, 0, data)?;
+        let bytes = encode_call_bytes(event, 0, data, self.max_payload)?;
         self.emit_encoded(target, event, bytes)
     }
 
@@ -1108,8 +1269,15 @@ impl Messenger {
         Ok(id)
     }
 
-    /// Marks calls whose target died.
+    /// Marks calls whose target died. Runs at least every
+    /// `liveness_slice` while calls wait, and at once when the master
+    /// counts a death: the wait for a message ends then (see
+    /// [`crate::endpoint::Interrupt`]), so a caller learns of a reaped
+    /// target within microseconds, not at its next periodic look.
     fn check_liveness(&mut self) {
+        // Before the checks: a death counted after this load ends the next
+        // wait, so none is missed.
+        self.deaths_seen = self.segment.control().deaths.load(Acquire);
         let dead: Vec<u64> = self
             .pending
             .iter()
@@ -1139,7 +1307,7 @@ impl Messenger {
             if now >= deadline {
                 return Ok(());
             }
-            self.dispatch_until(Some((now + LIVENESS_SLICE).min(deadline)))?;
+            self.dispatch_until(Some((now + self.liveness_slice).min(deadline)))?;
         }
     }
 
@@ -1167,7 +1335,7 @@ impl Messenger {
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let bytes = encode_call(event, 0, value)?;
+        let bytes = encode_call(event, 0, value, self.max_payload)?;
         let body = self.request_encoded(worker, event, bytes, deadline)?;
         postcard::from_bytes(&body).map_err(|e| RequestError::Decode(e.to_string()))
     }
@@ -1183,7 +1351,7 @@ impl Messenger {
         data: &[u8],
         deadline: Instant,
     ) -> Result<Vec<u8>, RequestError> {
-        let bytes = encode_call_bytes(event, 0, data)?;
+        let bytes = encode_call_bytes(event, 0, data, self.max_payload)?;
         self.request_encoded(worker, event, bytes, deadline)
     }
 
@@ -1217,7 +1385,7 @@ impl Messenger {
         event: &str,
         value: &T,
     ) -> Result<(), RequestError> {
-        let bytes = encode_call(event, 0, value)?;
+        let bytes = encode_call(event, 0, value, self.max_payload)?;
         let tag = Tag {
             kind: wire::REQUEST,
             correlation: 0,
@@ -1245,7 +1413,7 @@ impl Messenger {
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let bytes = encode_call(event, 0, value)?;
+        let bytes = encode_call(event, 0, value, self.max_payload)?;
         Ok(self
             .map_encoded(event, bytes, deadline)?
             .into_iter()
@@ -1271,7 +1439,7 @@ impl Messenger {
         data: &[u8],
         deadline: Instant,
     ) -> Result<Vec<(WorkerId, Result<Vec<u8>, MapError>)>, RequestError> {
-        let bytes = encode_call_bytes(event, 0, data)?;
+        let bytes = encode_call_bytes(event, 0, data, self.max_payload)?;
         self.map_encoded(event, bytes, deadline)
     }
 
@@ -1282,12 +1450,6 @@ impl Messenger {
         bytes: Vec<u8>,
         deadline: Instant,
     ) -> Result<Vec<(WorkerId, Result<Vec<u8>, MapError>)>, RequestError> {
-        if bytes.len() > self.max_message {
-            return Err(RequestError::TooLarge {
-                len: bytes.len(),
-                max: self.max_message,
-            });
-        }
         let _span = tracing::debug_span!("map", event).entered();
         let started = Instant::now();
         let live = self.live_workers();
@@ -1323,7 +1485,7 @@ impl Messenger {
         deadline: Instant,
     ) -> Result<Consumed, RequestError> {
         let delivery = self.new_delivery_id();
-        let bytes = encode_call(event, delivery, value)?;
+        let bytes = encode_call(event, delivery, value, self.max_payload)?;
         self.consume_encoded(event, delivery, bytes, deadline)
     }
 
@@ -1338,7 +1500,7 @@ impl Messenger {
         deadline: Instant,
     ) -> Result<Consumed, RequestError> {
         let delivery = self.new_delivery_id();
-        let bytes = encode_call_bytes(event, delivery, data)?;
+        let bytes = encode_call_bytes(event, delivery, data, self.max_payload)?;
         self.consume_encoded(event, delivery, bytes, deadline)
     }
 
@@ -1349,12 +1511,6 @@ impl Messenger {
         bytes: Vec<u8>,
         deadline: Instant,
     ) -> Result<Consumed, RequestError> {
-        if bytes.len() > self.max_message {
-            return Err(RequestError::TooLarge {
-                len: bytes.len(),
-                max: self.max_message,
-            });
-        }
         let mut refused: Vec<u32> = Vec::new();
         let mut attempts = 0;
         loop {
@@ -1507,12 +1663,15 @@ impl Messenger {
     /// The next time a remote call must be looked at, if any.
     fn remote_due(&self) -> Option<Instant> {
         let earliest = self.remote.values().map(|(d, _)| *d).min()?;
-        Some(earliest.min(Instant::now() + LIVENESS_SLICE))
+        Some(earliest.min(Instant::now() + self.liveness_slice))
     }
 
     /// Handles messages until none is waiting; with `until`, waits for the
     /// first one until then.
     fn dispatch_until(&mut self, until: Option<Instant>) -> Result<usize, RequestError> {
+        if self.segment.control().deaths.load(Acquire) != self.deaths_seen {
+            self.check_liveness();
+        }
         let until = match (until, self.remote_due()) {
             (Some(u), Some(r)) => Some(u.min(r)),
             (u, _) => u,
@@ -1527,11 +1686,26 @@ impl Messenger {
         self.flush_outbox()?;
         let mut handled = 0;
         let mut wait = until;
+        // A death ends the wait only for a messenger with calls waiting.
+        let deaths = self
+            .pending
+            .values()
+            .any(|p| p.result.is_none())
+            .then_some(self.deaths_seen);
         loop {
+            if self.handle_local()? {
+                handled += 1;
+                wait = None;
+                continue;
+            }
             let step = {
                 let received = match wait {
                     Some(d) => {
-                        match ep_of(&mut self.owner).recv_ref_interruptible(Some(d), &self.outbox.nonempty) {
+                        let interrupt = Interrupt {
+                            flag: &self.outbox.nonempty,
+                            deaths,
+                        };
+                        match ep_of(&mut self.owner).recv_ref_interruptible(Some(d), interrupt) {
                             Ok(m) => Some(m),
                             Err(RecvError::Timeout) => None,
                             Err(e) => return Err(RequestError::Corrupt(e.to_string())),
@@ -1545,7 +1719,7 @@ impl Messenger {
                 };
                 received.map(|msg| {
                     handle_message(
-                        msg,
+                        msg.into_message(),
                         self.generation,
                         &mut self.handlers,
                         &mut self.pending,
@@ -1558,7 +1732,7 @@ impl Messenger {
                 // Woken for the outbox, not for a message?
                 if self.outbox.nonempty.load(Acquire) {
                     self.flush_outbox()?;
-                    if wait.is_some_and(|d| Instant::now() < d) {
+                    if !self.local.is_empty() || wait.is_some_and(|d| Instant::now() < d) {
                         continue;
                     }
                 }
@@ -1593,7 +1767,7 @@ impl Messenger {
         }
         let reply = match ep_of(&mut self.owner).try_recv_before_park() {
             Ok(Some(msg)) => Some(handle_message(
-                msg,
+                msg.into_message(),
                 self.generation,
                 &mut self.handlers,
                 &mut self.pending,
@@ -1609,7 +1783,7 @@ impl Messenger {
             }
             return Ok(false);
         }
-        if self.outbox.nonempty.load(Acquire) {
+        if self.outbox.nonempty.load(Acquire) || !self.local.is_empty() {
             return Ok(false);
         }
         let ep = ep_of_ref(&self.owner);
@@ -1639,9 +1813,11 @@ fn live_generation(segment: &Segment, me: WorkerId, slot: u32) -> Option<u32> {
         )
         .then(|| entry.generation.load(Acquire))
     } else {
-        let control = segment.slot(slot);
-        let owner = control.owner.load(Acquire);
-        (owner != 0 && crate::sys::process_exists(owner)).then(|| control.generation.load(Acquire))
+        // The generation first: a holder claims the slot before it bumps
+        // the generation, so a claim seen after it is that generation's or
+        // a newer one's (whose calls then settle as `WorkerDied`).
+        let generation = segment.slot(slot).generation.load(Acquire);
+        segment.slot_held(slot).then_some(generation)
     }
 }
 
@@ -1700,26 +1876,30 @@ const LATENCY_REQUEST: usize = 0;
 const LATENCY_MAP: usize = 1;
 
 /// Handles one received message; returns the reply to send, if any. A free
-/// function so that the lent message (which borrows the endpoint) and the
-/// handler table are borrowed separately.
+/// function so that the handler table and the rest of the messenger are
+/// borrowed separately.
+///
+/// The caller takes the message out of the lane before any handler runs
+/// ([`Received::into_message`]): if the handler kills this worker, its
+/// successor must not find the same message unread and run it again (a
+/// poison message would then kill every successor in turn). The copy is
+/// one memcpy of the payload.
 fn handle_message(
-    msg: Received<'_>,
+    message: crate::Message,
     my_generation: u32,
     handlers: &mut HashMap<String, Vec<Handler>>,
     pending: &mut HashMap<u64, Pending>,
     outbox: &Arc<Outbox>,
     stats: &RefCell<HashMap<String, EventStats>>,
 ) -> Option<(u32, Tag, Vec<u8>)> {
-    let tag = msg.tag();
-    let sender = WorkerId {
-        slot: msg.sender(),
-        generation: msg.generation(),
+    let tag = Tag {
+        kind: message.kind,
+        correlation: message.correlation,
     };
-    // Take the message out of the lane before any handler runs: if the
-    // handler kills this worker, its successor must not find the same
-    // message unread and run it again (a poison message would then kill
-    // every successor in turn). The copy is one memcpy of the payload.
-    let message = msg.into_message();
+    let sender = WorkerId {
+        slot: message.sender,
+        generation: message.generation,
+    };
     let payload = &message.payload[..];
     if tag.kind == wire::REPLY {
         let (status, generation, body) = wire::parse_reply(payload)?;

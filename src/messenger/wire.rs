@@ -30,6 +30,11 @@ pub(crate) const FAILED: u8 = 2;
 /// Longest event name, in bytes.
 pub const MAX_EVENT_NAME: usize = 255;
 
+/// The most bytes a call message's header can take (the longest event
+/// name): what the messenger keeps of a record's `max_message` for itself,
+/// so that every payload up to the rest fits whatever its event's name.
+pub(crate) const MAX_CALL_HEADER: usize = 1 + MAX_EVENT_NAME + 8;
+
 /// Bytes before the data of a call message with an event name of `name_len`.
 pub(crate) fn call_header_len(name_len: usize) -> usize {
     1 + name_len + 8

@@ -24,7 +24,7 @@ use crate::wake;
 /// "SHMCLSTR", little-endian.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMCLSTR");
 /// Bumped whenever anything in the segment's format changes.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// The init word's value once the creator has written the whole header.
 const INIT_READY: u32 = 0x5EAD_1E55;
 
@@ -414,6 +414,15 @@ impl Segment {
         // SAFETY: in bounds and 4-aligned (see `attach`); an atomic, so a
         // shared reference is sound while others write it.
         unsafe { &*self.base().add(INIT_OFFSET).cast::<AtomicU32>() }
+    }
+
+    /// Whether a live process holds slot `slot` (its claim, see
+    /// [`crate::sys::claim`]): one `fcntl(2)` call, and never fooled by a
+    /// dead holder's pid naming another process. Should the call fail, the
+    /// slot's `owner` word answers instead.
+    pub(crate) fn slot_held(&self, slot: u32) -> bool {
+        crate::sys::claim::is_claimed(self.fd(), slot)
+            .unwrap_or_else(|_| self.slot(slot).owner.load(Acquire) != 0)
     }
 
     /// Slot `slot`'s owner and generation. `slot < workers`.

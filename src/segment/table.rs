@@ -136,7 +136,13 @@ pub(crate) struct Control {
     pub(crate) events_futex: AtomicU32,
     /// Bumped by workers asking for a cluster shutdown.
     pub(crate) shutdown_requests: AtomicU32,
-    _pad: [u32; 8],
+    /// Bumped (wrapping, `Release`) by the master each time it has reaped
+    /// a worker and marked it dead, before it rings every slot: a messenger
+    /// waiting on calls compares it with the value it last looked at and,
+    /// when it moved, checks its calls' targets at once instead of at its
+    /// next periodic look.
+    pub(crate) deaths: AtomicU32,
+    _pad: [u32; 7],
     pub(crate) events: [EventRecord; EVENT_RING],
 }
 
@@ -217,7 +223,13 @@ pub(crate) struct LockEntry {
     pub(crate) token: AtomicU64,
     pub(crate) holder_slot: AtomicU32,
     pub(crate) holder_pid: AtomicU32,
-    _line_pad: u64,
+    /// The holder's generation in `holder_slot` when it took the lock: with
+    /// the slot, who holds it (a leader), in terms pid reuse cannot fake.
+    pub(crate) holder_generation: AtomicU32,
+    /// The low 32 bits of the holding process's start time (clock ticks,
+    /// `sys::claim::own_start`): with the pid, the process itself, so a
+    /// dead holder is told from a live process given its pid since.
+    pub(crate) holder_start: AtomicU32,
     /// 0 while unnamed, 1 once `name` is written (Release).
     pub(crate) named: AtomicU32,
     pub(crate) name_len: AtomicU32,
@@ -237,7 +249,7 @@ pub(crate) struct LockEntry {
 
 const _: () = assert!(size_of::<LockEntry>() == crate::segment::layout::LOCK_ENTRY_SIZE);
 const _: () = assert!(size_of::<crate::sys::mutex::RawMutex>() <= 40);
-const _: () = assert!(std::mem::offset_of!(LockEntry, holder_pid) + 4 <= 64);
+const _: () = assert!(std::mem::offset_of!(LockEntry, holder_start) + 4 <= 64);
 
 impl LockEntry {
     /// The mutex, for the `sys::mutex` calls.

@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
+pub mod claim;
 mod futex;
 pub mod mutex;
 pub mod net;
@@ -187,21 +188,6 @@ pub fn cached_pid() -> u32 {
         }
         pid => pid,
     }
-}
-
-/// `kill(2)` with signal 0: whether a process with this pid exists
-/// (`ESRCH` means it does not; `EPERM` means it does, but is not ours).
-pub fn process_exists(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    if pid <= 0 {
-        return false;
-    }
-    !matches!(
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-        Err(nix::errno::Errno::ESRCH)
-    )
 }
 
 /// A child process started by [`crate::testing::fork`].

@@ -1,0 +1,160 @@
+//! Liveness that pid reuse cannot fool (issue 12, item 5): a dead worker's
+//! records are planted with the pid of a live, unrelated process, as
+//! happens once `pid_max` wraps, and the slot, the messenger without a
+//! master and the leader must still see the worker dead. Before, each of
+//! them asked `kill(pid, 0)` and saw it alive for ever.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering::*;
+use std::time::{Duration, Instant};
+
+use crate::testing::{fork, ExitStatus, Watchdog};
+use crate::{Config, Messenger, Segment};
+
+/// A live process that has nothing to do with the segment.
+struct Unrelated(std::process::Child);
+
+impl Unrelated {
+    fn start() -> Self {
+        Self(
+            Command::new("sleep")
+                .arg("60")
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("sleep"),
+        )
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Unrelated {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Forks a child that runs `f` with the segment and dies without cleaning
+/// up (its endpoint and messenger are leaked, as a SIGKILL would leave
+/// them); waits for it to be gone.
+fn dead_worker(dog: &Watchdog, f: impl FnOnce() -> i32) {
+    let child = dog.track(fork(f).expect("fork"));
+    assert_eq!(
+        child.wait_timeout(Duration::from_secs(20)).expect("wait"),
+        Some(ExitStatus::Code(0)),
+        "the worker's set-up failed"
+    );
+}
+
+#[test]
+fn a_dead_slot_holder_is_dead_whoever_has_its_pid_now() {
+    let dog = Watchdog::new("dead slot holder", Duration::from_secs(30));
+    let segment = Segment::create(&Config::new(3)).unwrap();
+    let s = segment.clone();
+    dead_worker(&dog, move || match s.endpoint(1) {
+        Ok(ep) => {
+            std::mem::forget(ep);
+            0
+        }
+        Err(_) => 1,
+    });
+    let generation = segment.slot(1).generation.load(Acquire);
+    let other = Unrelated::start();
+    segment.slot(1).owner.store(other.pid(), Release);
+    // The messenger without a master: slot 1 is not live.
+    let m0 = Messenger::from_endpoint(segment.endpoint(0).unwrap());
+    assert_eq!(
+        m0.live_workers().iter().map(|w| w.slot).collect::<Vec<_>>(),
+        [0],
+        "a dead holder with a reused pid counts as live"
+    );
+    // The slot is taken over, not SlotBusy.
+    let ep = segment
+        .endpoint(1)
+        .expect("a dead holder's slot must be taken over");
+    assert_eq!(ep.generation(), generation.wrapping_add(1));
+    assert_eq!(
+        m0.live_workers().iter().map(|w| w.slot).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    // And a live holder keeps it, in another process or in this one.
+    assert!(matches!(
+        segment.endpoint(1),
+        Err(crate::EndpointError::SlotBusy { slot: 1, .. })
+    ));
+    drop(ep);
+    assert!(segment.endpoint(1).is_ok(), "a dropped endpoint frees its slot");
+}
+
+#[test]
+fn a_dead_leader_is_no_leader_whoever_has_its_pid_now() {
+    let dog = Watchdog::new("dead leader", Duration::from_secs(30));
+    let segment = Segment::create(&Config::new(3)).unwrap();
+    let s = segment.clone();
+    dead_worker(&dog, move || {
+        let Ok(ep) = s.endpoint(2) else { return 1 };
+        let mut m = Messenger::from_endpoint(ep);
+        if m.campaign().is_err() {
+            return 2;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !m.is_leader() {
+            if Instant::now() > deadline {
+                return 3;
+            }
+            let _ = m.poll(Duration::from_millis(1));
+        }
+        std::mem::forget(m);
+        0
+    });
+    let m0 = Messenger::from_endpoint(segment.endpoint(0).unwrap());
+    let entry = crate::messenger::leader_entry(&segment).expect("the leader's lock was named");
+    let other = Unrelated::start();
+    segment.lock_entry(entry).holder_pid.store(other.pid(), Release);
+    assert_eq!(
+        m0.leader(),
+        None,
+        "a dead leader with a reused pid counts as leading"
+    );
+}
+
+/// Issue 12, item 6: a call to a worker the master reaps is settled when
+/// the master marks it dead, not at the caller's next periodic look (5 ms
+/// in production; an hour here, so only the master's count can end the
+/// wait before the watchdog does).
+#[test]
+fn a_call_to_a_reaped_worker_ends_when_the_master_counts_the_death() {
+    let _dog = Watchdog::new("death observed at once", Duration::from_secs(20));
+    let segment = Segment::create(&Config::new(2)).unwrap();
+    // This process plays the master: its table says slot 1 is ready.
+    let target = segment.endpoint(1).unwrap();
+    let generation = target.generation();
+    segment.control().master_pid.store(crate::sys::getpid(), Release);
+    let entry = segment.worker_entry(1);
+    entry.generation.store(generation, Release);
+    entry.state.store(crate::WorkerState::Ready.to_raw(), Release);
+    let mut m0 = Messenger::from_endpoint(segment.endpoint(0).unwrap());
+    m0.set_liveness_slice(Duration::from_secs(3600));
+    let reaper = {
+        let segment = segment.clone();
+        std::thread::spawn(move || {
+            // The target never answers; then the master reaps it.
+            std::thread::sleep(Duration::from_millis(50));
+            segment
+                .worker_entry(1)
+                .state
+                .store(crate::WorkerState::Dead.to_raw(), Release);
+            segment.reset_dead_slot(1, generation);
+        })
+    };
+    let hour = Instant::now() + Duration::from_secs(3600);
+    assert_eq!(
+        m0.request_bytes(1, "anything", b"", hour),
+        Err(crate::RequestError::WorkerDied)
+    );
+    reaper.join().unwrap();
+    drop(target);
+}

@@ -1,0 +1,225 @@
+//! Claims the kernel ends with their holder: an open file description lock
+//! (`fcntl(2)` `F_OFD_SETLK`) on one byte of the segment's memfd per worker
+//! slot, and a process identity that pid reuse cannot fake.
+//!
+//! # Why a lock and not `kill(pid, 0)`
+//! A pid names a process only while it lives: after the holder dies and
+//! `pid_max` wraps (32,768 here; a torture run uses 10,000 pids), the same
+//! number can belong to an unrelated live process, and a probe by pid then
+//! sees a dead slot holder alive for ever. An OFD lock is released by the
+//! kernel when the last descriptor of its open file description closes,
+//! which death does, so "the byte is locked" is "the holder lives", with no
+//! number to reuse.
+//!
+//! # Why these choices
+//! - *OFD locks, not POSIX record locks (`F_SETLK`):* a process's POSIX locks
+//!   on a file all vanish when it closes *any* descriptor of that file (a
+//!   dropped `Segment::try_clone_fd` would silently free every slot it
+//!   holds), and a process never sees its own POSIX locks with `F_GETLK`.
+//!   OFD locks belong to one open file description and conflict across
+//!   descriptions, in one process or several.
+//! - *A description of its own per claim:* the segment's descriptor is
+//!   shared by the master and every worker (inherited across `fork` and
+//!   `exec`), so a lock on it would be everybody's. [`claim`] opens the memfd
+//!   again through `/proc/self/fd` (a new open file description, close on
+//!   exec) and locks that one.
+//! - *Not a robust mutex per slot:* a pthread mutex belongs to a thread, not
+//!   a process: an endpoint opened on one thread and used or dropped on
+//!   another (an async driver, a handle) would look dead when its first
+//!   thread exits and could not unlock from the second.
+//! - A child forked without `exec` shares its parent's descriptions, so it
+//!   keeps the parent's claims alive until it exits or execs; the
+//!   `pthread_atfork(3)` child handler below closes them in the child.
+//!
+//! The locked bytes lie past the segment's end ([`CLAIM_BASE`]): a lock
+//! needs no data under it, and nothing else in the crate locks the memfd.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::*};
+
+/// Offset of slot 0's byte: far past any segment's end (1 TiB).
+const CLAIM_BASE: i64 = 1 << 40;
+
+/// A held claim: closing it (drop) releases the lock.
+#[derive(Debug)]
+pub struct Claim {
+    fd: Option<OwnedFd>,
+    /// Index in [`FORK_CLOSE`], if registered there.
+    registered: Option<usize>,
+    /// The process that made it (a forked child's copy is not its own).
+    pid: u32,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(i) = self.registered {
+            FORK_CLOSE[i].store(-1, Release);
+        }
+        if super::getpid() != self.pid {
+            // A copy inherited across fork: the atfork handler already
+            // closed this number in the child (or it was never ours to
+            // close); closing it again could close an unrelated file.
+            if let Some(fd) = self.fd.take() {
+                std::mem::forget(fd);
+            }
+        }
+    }
+}
+
+fn slot_lock(kind: libc::c_short, slot: u32) -> libc::flock {
+    libc::flock {
+        l_type: kind,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: CLAIM_BASE + i64::from(slot),
+        l_len: 1,
+        // OFD locks require 0 here (fcntl(2)).
+        l_pid: 0,
+    }
+}
+
+/// Claims slot `slot` of the segment whose memfd is `segment`: opens
+/// `/proc/self/fd/N` (`open(2)`, `O_RDWR | O_CLOEXEC`: a new open file
+/// description) and write-locks the slot's byte on it with `fcntl(2)`
+/// `F_OFD_SETLK`. `Ok(None)` if another description holds it (`EAGAIN`:
+/// a live holder, this process's own other claims included).
+///
+/// # Errors
+/// If `/proc` cannot reopen the memfd, or `fcntl` fails otherwise.
+pub fn claim(segment: BorrowedFd<'_>, slot: u32) -> io::Result<Option<Claim>> {
+    let path = format!("/proc/self/fd/{}", segment.as_raw_fd());
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    let fd: OwnedFd = file.into();
+    let lock = slot_lock(libc::F_WRLCK as libc::c_short, slot);
+    match nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_OFD_SETLK(&lock)) {
+        Ok(_) => {}
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let registered = register_for_fork(fd.as_raw_fd());
+    Ok(Some(Claim {
+        fd: Some(fd),
+        registered,
+        pid: super::getpid(),
+    }))
+}
+
+/// Whether some open file description holds slot `slot`'s claim:
+/// `fcntl(2)` `F_OFD_GETLK` on `segment` (which holds no claim itself).
+///
+/// # Errors
+/// If `fcntl` fails.
+pub fn is_claimed(segment: BorrowedFd<'_>, slot: u32) -> io::Result<bool> {
+    let mut lock = slot_lock(libc::F_WRLCK as libc::c_short, slot);
+    nix::fcntl::fcntl(segment, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut lock))?;
+    Ok(lock.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Claims a forked child must close: descriptor numbers, -1 when free. A
+/// fixed table of atomics because the child handler may take no lock; a
+/// process with more live claims than this keeps the rest in its forked
+/// children (they then hold those slots until they exit or exec).
+static FORK_CLOSE: [AtomicI32; 64] = [const { AtomicI32::new(-1) }; 64];
+
+fn register_for_fork(fd: RawFd) -> Option<usize> {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    extern "C" fn close_claims() {
+        for entry in &FORK_CLOSE {
+            let fd = entry.swap(-1, Relaxed);
+            if fd >= 0 {
+                // SAFETY: `fd` was registered by a live `Claim` of the
+                // parent; in this child nothing else owns that number (the
+                // inherited `Claim` copy forgets it, see its Drop). close(2)
+                // is async-signal-safe, as a fork child handler must be.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    REGISTER.call_once(|| {
+        // SAFETY: registers a child handler that only swaps atomics and
+        // closes descriptors (async-signal-safe).
+        unsafe { libc::pthread_atfork(None, None, Some(close_claims)) };
+    });
+    FORK_CLOSE
+        .iter()
+        .position(|e| e.compare_exchange(-1, fd, AcqRel, Relaxed).is_ok())
+}
+
+/// The start time of process `pid` in clock ticks after boot, field 22 of
+/// `/proc/<pid>/stat` (proc(5)); `None` if there is no such process. With
+/// the pid, it names one process for the life of the system: a reused pid
+/// has a later start time.
+pub fn process_start(pid: u32) -> Option<u64> {
+    if pid == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold anything,
+    // spaces and parentheses included: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // `rest` starts with field 3 (state); field 22 is its 20th.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+/// This process's start time ([`process_start`]), low 32 bits, cached per
+/// pid (a forked child reads its own).
+pub fn own_start() -> u32 {
+    static CACHED: AtomicU64 = AtomicU64::new(0);
+    let pid = super::cached_pid();
+    let c = CACHED.load(Relaxed);
+    if c != 0 && (c >> 32) as u32 == pid {
+        return c as u32;
+    }
+    let start = process_start(pid).unwrap_or(0) as u32;
+    CACHED.store((u64::from(pid) << 32) | u64::from(start), Relaxed);
+    start
+}
+
+/// Whether process `pid` with start time `start` (low 32 bits, as
+/// [`own_start`] gives) still exists: false once it is gone, even if its
+/// pid now names another process. A start of 0 (unknown) falls back to
+/// existence alone.
+pub fn process_lives(pid: u32, start: u32) -> bool {
+    match process_start(pid) {
+        None => false,
+        Some(_) if start == 0 => true,
+        Some(now) => now as u32 == start,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn memfd() -> OwnedFd {
+        crate::sys::memfd_create("claim-test").unwrap()
+    }
+
+    #[test]
+    fn a_claim_excludes_others_and_ends_with_its_descriptor() {
+        let fd = memfd();
+        assert!(!is_claimed(fd.as_fd(), 3).unwrap());
+        let c = claim(fd.as_fd(), 3).unwrap().expect("free");
+        assert!(is_claimed(fd.as_fd(), 3).unwrap());
+        assert!(!is_claimed(fd.as_fd(), 4).unwrap(), "one byte per slot");
+        assert!(
+            claim(fd.as_fd(), 3).unwrap().is_none(),
+            "held, even by this process"
+        );
+        drop(c);
+        assert!(!is_claimed(fd.as_fd(), 3).unwrap());
+        assert!(claim(fd.as_fd(), 3).unwrap().is_some());
+    }
+
+    #[test]
+    fn own_start_names_this_process() {
+        let me = crate::sys::getpid();
+        assert!(process_lives(me, own_start()));
+        assert!(
+            !process_lives(me, own_start().wrapping_add(1)),
+            "another start time"
+        );
+        assert_eq!(process_start(0), None);
+    }
+}
