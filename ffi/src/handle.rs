@@ -31,7 +31,7 @@ use std::sync::mpsc::{sync_channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shmcluster_rs::{Layout, Messenger, MessengerHandle, Target, MAX_EVENT_NAME};
+use shmcluster_rs::{Messenger, MessengerHandle, Target, MAX_EVENT_NAME};
 
 use crate::boundary::{self, bytes_arg, check_fork, guard, into_handle, out_arg, put, str_arg};
 use crate::messaging::{
@@ -150,7 +150,9 @@ pub struct shmc_handle {
     jobs: Arc<Jobs>,
     wake: MessengerHandle,
     slot: u32,
-    layout: Layout,
+    workers: u32,
+    /// The largest payload a call may carry (`Messenger::max_payload`).
+    max_payload: usize,
     fork_generation: u64,
 }
 
@@ -224,10 +226,10 @@ impl shmc_handle {
     /// Checks what a fire-and-forget send can check before it is queued.
     fn check_send(&self, target: &Target, event: &str, len: usize) -> Result<(), Failure> {
         if let Target::Worker(slot) = target {
-            if *slot >= self.layout.workers() {
+            if *slot >= self.workers {
                 return Err(Failure::new(
                     shmc_result::NoSuchWorker,
-                    format!("no worker slot {slot} ({} slots)", self.layout.workers()),
+                    format!("no worker slot {slot} ({} slots)", self.workers),
                 ));
             }
         }
@@ -237,10 +239,13 @@ impl shmc_handle {
                 format!("event name of {} bytes (at most {MAX_EVENT_NAME})", event.len()),
             ));
         }
-        if len > self.layout.max_message() {
+        if len > self.max_payload {
             return Err(Failure::new(
                 shmc_result::TooLarge,
-                format!("{len} bytes (at most {})", self.layout.max_message()),
+                format!(
+                    "payload of {len} bytes is over the {}-byte limit",
+                    self.max_payload
+                ),
             ));
         }
         Ok(())
@@ -278,7 +283,8 @@ pub unsafe extern "C" fn shmc_worker_handle(
             jobs: Arc::clone(&worker.jobs),
             wake: worker.wake.clone(),
             slot: worker.slot,
-            layout: worker.layout,
+            workers: worker.workers,
+            max_payload: worker.max_payload,
             fork_generation: boundary::fork_generation(),
         };
         // SAFETY: checked non-NULL; valid by our caller's contract.

@@ -46,7 +46,10 @@ pub struct shmc_worker {
     /// Wakes the worker's thread for queued calls (a message to itself).
     pub(crate) wake: MessengerHandle,
     pub(crate) slot: u32,
-    pub(crate) layout: Layout,
+    /// Slots in the segment.
+    pub(crate) workers: u32,
+    /// The largest payload of a call (`Messenger::max_payload`).
+    pub(crate) max_payload: usize,
     inner: UnsafeCell<WorkerInner>,
 }
 
@@ -149,7 +152,8 @@ impl shmc_worker {
             jobs: Arc::clone(&jobs),
             wake: messenger.handle(),
             slot,
-            layout,
+            workers: layout.workers(),
+            max_payload: messenger.max_payload(),
             inner: UnsafeCell::new(WorkerInner {
                 messenger,
                 listeners: listeners.into_iter().map(Some).collect(),

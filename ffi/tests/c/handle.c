@@ -240,6 +240,16 @@ int main(void) {
     CHECK(pthread_join(server, NULL) == 0);
 
     test_wake_parked_poll();
+
+    /* Under max_message (16 MiB) but over the payload limit (max_message
+     * less the longest call header): refused at once, not sent and lost
+     * later on the worker's thread. */
+    size_t big = 16u * 1024 * 1024 - 100;
+    uint8_t *payload = calloc(big, 1);
+    CHECK(payload != NULL);
+    EXPECT(shmc_handle_emit(h0, SHMC_TARGET_KIND_WORKER, 1, "note", payload, big), SHMC_RESULT_TOO_LARGE);
+    free(payload);
+
     test_accept();
 
     OK(shmc_worker_free(w0));
