@@ -86,7 +86,12 @@ def main():
     worker.ready()
     try:
         for conn in worker.incoming(sock):
-            server.process_request(conn, conn.getpeername())
+            try:
+                peer = conn.getpeername()
+            except OSError:  # the client is gone already
+                conn.close()
+                continue
+            server.process_request(conn, peer)
     finally:
         server.server_close()  # waits for the requests in flight
         stopping.set()         # (run() has returned already if told to stop)
