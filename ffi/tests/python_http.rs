@@ -139,6 +139,33 @@ fn get(addr: &str, path: &str) -> String {
     answer
 }
 
+/// Closes `stream` with a reset (`SO_LINGER` 0), not a FIN.
+fn reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt(2) on the open socket `stream` owns, with a
+    // `linger` value and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+fn sorted(v: &[u32]) -> Vec<u32> {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v
+}
+
 /// The pids in a `/peers` answer (`"pid": N`).
 fn pids(peers: &str) -> Vec<u32> {
     peers
@@ -231,6 +258,17 @@ fn reload_and_stop_of_python_http_workers_do_not_wait_for_the_drain_deadline() {
     // answers (its main thread is accepting, another runs the worker).
     let before = pids(&get(&addr, "/peers"));
     assert_eq!(before.len(), 2, "one entry per worker: {before:?}");
+
+    // Clients that reset their connection before a worker accepts it (the
+    // accept succeeds, getpeername fails): the workers carry on.
+    for _ in 0..20 {
+        reset(TcpStream::connect(&addr).expect("connect"));
+    }
+    for _ in 0..4 {
+        get(&addr, "/");
+    }
+    let still = pids(&get(&addr, "/peers"));
+    assert_eq!(sorted(&still), sorted(&before), "no worker ended: {log:#?}");
 
     let (out, took) = control(&bin, &socket, "reload");
     assert!(
