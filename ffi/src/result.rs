@@ -115,7 +115,9 @@ pub enum shmc_result {
 /// The text of every code, and from the same list [`shmc_result::ALL`]:
 /// the `match` in `text` is exhaustive, so a new variant without a text
 /// does not compile, and a variant listed twice is an unreachable pattern
-/// (an error under `-D warnings`). The C names, the numbers and the texts
+/// (an error under `-D warnings`). The enum itself stays written out above,
+/// not made by this macro: cbindgen reads the source, not macro expansions,
+/// and the header needs it. The C names, the numbers and the texts
 /// reach C and Python through [`shmc_result_codes`], [`shmc_result_name`]
 /// and [`shmc_error_string`] (`python/shmcluster/_codes.py` is generated
 /// from them and checked by `tests/python_codes.rs`).
