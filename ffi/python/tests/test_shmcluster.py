@@ -249,3 +249,33 @@ def test_ready_and_stop_checks_from_another_thread_while_it_runs():
     finally:
         stop.set()
         t.join(5)
+
+
+def test_handle_leader_calls_from_another_thread():
+    """invoke and publish through the handle, while the main thread runs
+    the worker (a standalone worker leads its own role)."""
+    seg = sc.Segment(1)
+    w = seg.worker(0)
+    w.campaign()
+    outcome = {}
+
+    def caller():
+        h = w.handle()
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            try:
+                h.publish("t", b"v1", timeout=0.2)
+                outcome["published"] = True
+                break
+            except sc.NoLeader:
+                pass
+        try:
+            h.invoke("missing", b"", timeout=2)
+        except sc.ShmclusterError as e:
+            outcome["invoke"] = type(e)
+
+    t = threading.Thread(target=caller)
+    t.start()
+    w.run(until=lambda: not t.is_alive())
+    t.join(5)
+    assert outcome == {"published": True, "invoke": sc.NoHandler}
