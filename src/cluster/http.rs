@@ -368,7 +368,6 @@ impl HttpServer {
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(self.header_read_timeout);
-        let service = CloseWhenDraining::new(service, drain.clone());
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
@@ -410,7 +409,7 @@ impl HttpServer {
 async fn connection<S, B>(
     builder: hyper::server::conn::http1::Builder,
     stream: TcpStream,
-    service: CloseWhenDraining<S>,
+    service: S,
     drain: Drain,
 ) where
     S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -420,7 +419,11 @@ async fn connection<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let conn = builder.serve_connection(TokioIo::new(stream), Hyper(service));
+    let hyper = Hyper {
+        service,
+        drain: drain.clone(),
+    };
+    let conn = builder.serve_connection(TokioIo::new(stream), hyper);
     tokio::pin!(conn);
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,
@@ -439,8 +442,12 @@ async fn connection<S, B>(
 }
 
 /// A tower service as hyper's service (hyper calls `&self`; tower's
-/// `call` takes `&mut self` after `poll_ready`).
-struct Hyper<S>(S);
+/// `call` takes `&mut self` after `poll_ready`), its answers marked as
+/// [`CloseWhenDraining`] does (one future per request, not two).
+struct Hyper<S> {
+    service: S,
+    drain: Drain,
+}
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Hyper<S>
 where
@@ -453,12 +460,17 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Response<B>, BoxError>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let mut service = self.0.clone();
+        let mut service = self.service.clone();
+        let drain = self.drain.clone();
         Box::pin(async move {
             std::future::poll_fn(|cx| service.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
-            service.call(request).await.map_err(Into::into)
+            let mut response = service.call(request).await.map_err(Into::into)?;
+            // As in `CloseWhenDraining`: looked at when the answer is
+            // ready.
+            drain.mark(&mut response);
+            Ok(response)
         })
     }
 }
