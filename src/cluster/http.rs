@@ -491,6 +491,162 @@ fn connection_error(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream as StdStream;
+
+    /// `GET /` answers at once; `GET /slow` once `release` is notified.
+    #[derive(Clone)]
+    struct Hello {
+        release: std::sync::Arc<tokio::sync::Notify>,
+    }
+
+    impl tower_service::Service<Request<Incoming>> for Hello {
+        type Response = Response<String>;
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Response<String>, Self::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+            let slow = (request.uri().path() == "/slow").then(|| self.release.clone());
+            Box::pin(async move {
+                if let Some(release) = slow {
+                    release.notified().await;
+                }
+                Ok(Response::new("hello\n".to_owned()))
+            })
+        }
+    }
+
+    /// A blocking client connection with a 5 s read limit.
+    fn connect(addr: std::net::SocketAddr) -> io::Result<StdStream> {
+        let conn = StdStream::connect(addr)?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(conn)
+    }
+
+    fn send(conn: &mut StdStream, path: &str) {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+        conn.write_all(request.as_bytes()).expect("write");
+    }
+
+    /// Reads one answer: its head, lower case.
+    fn read_answer(conn: &mut StdStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = conn.read(&mut buf).expect("an answer within 5 s");
+            assert!(
+                n > 0,
+                "closed before a whole answer: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                if body == "hello\n" {
+                    return head.to_ascii_lowercase();
+                }
+            }
+        }
+    }
+
+    /// Whether the server closes `conn` (EOF or reset) within `limit`,
+    /// sending nothing.
+    fn closed_within(conn: &mut StdStream, limit: Duration) -> bool {
+        conn.set_read_timeout(Some(limit)).expect("timeout");
+        let mut buf = [0u8; 64];
+        let closed = match conn.read(&mut buf) {
+            Ok(0) => true,
+            Ok(n) => panic!("unasked-for bytes: {:?}", String::from_utf8_lossy(&buf[..n])),
+            Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+        };
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        closed
+    }
+
+    #[test]
+    fn a_drain_loses_no_request() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let release = std::sync::Arc::new(tokio::sync::Notify::new());
+        let hello = Hello {
+            release: release.clone(),
+        };
+        let server = rt.spawn(async move {
+            HttpServer::new()
+                .drain_timeout(Duration::from_millis(500))
+                .serve(listener, hello, async move {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        // Three keep-alive connections, each with one answer behind it.
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            let mut conn = connect(addr).expect("connect");
+            send(&mut conn, "/");
+            let head = read_answer(&mut conn);
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            assert!(!head.contains("connection: close"), "before the drain: {head}");
+            conns.push(conn);
+        }
+        let [mut in_flight, mut asked, mut idle] = <[StdStream; 3]>::try_from(conns).expect("three");
+        send(&mut in_flight, "/slow");
+        stop.send(()).expect("the server listens for the stop");
+        // The drain has begun once the listener is closed: no more
+        // accepting.
+        let asked_at = std::time::Instant::now();
+        while StdStream::connect(addr).is_ok() {
+            assert!(
+                asked_at.elapsed() < Duration::from_secs(5),
+                "still accepting 5 s after the stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        release.notify_one();
+
+        // The request in flight is answered, as the connection's last.
+        let head = read_answer(&mut in_flight);
+        assert!(
+            head.starts_with("http/1.1 200") && head.contains("connection: close"),
+            "{head}"
+        );
+        assert!(closed_within(&mut in_flight, Duration::from_secs(5)));
+
+        // An idle connection is not closed under its client: its next
+        // request is answered, saying close, and then it ends.
+        assert!(
+            !closed_within(&mut asked, Duration::from_millis(50)),
+            "closed while idle"
+        );
+        send(&mut asked, "/");
+        let head = read_answer(&mut asked);
+        assert!(
+            head.starts_with("http/1.1 200") && head.contains("connection: close"),
+            "{head}"
+        );
+        assert!(closed_within(&mut asked, Duration::from_secs(5)));
+
+        // One left idle is closed at the drain deadline, and then the
+        // server returns.
+        assert!(
+            closed_within(&mut idle, Duration::from_secs(5)),
+            "idle kept past the deadline"
+        );
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await })
+            .expect("serve returns once every connection ended")
+            .expect("serve did not panic");
+    }
 
     #[test]
     fn drain_phases_only_move_forward() {
