@@ -1,10 +1,12 @@
 //! `examples/axum_cluster`, tested from the outside: each scenario starts
-//! the example's master (3 workers, port 0) as a real process and drives it
-//! over HTTP/1.1 with a small keep-alive client written here on std's
-//! `TcpStream` — the counter under `synchronize_key`, cache invalidation by
-//! `broadcast`, `/stats` by `map`, jobs by `consume`, rolling reloads and a
-//! SIGKILLed worker under load, and a graceful shutdown with a request in
-//! flight.
+//! the example's master (3 workers, or 1, port 0) as a real process and
+//! drives it over HTTP/1.1 with a small keep-alive client written here on
+//! std's `TcpStream`, or with `wrk` — the counter under `synchronize_key`,
+//! cache invalidation by `broadcast`, `/stats` by `map`, jobs by
+//! `consume`, rolling reloads under load (no request may fail or need a
+//! retry: `wrk` never retries), idle keep-alive connections through a
+//! drain, a SIGKILLed worker under load, and a graceful shutdown with a
+//! request in flight. `wrk` (the Debian package) must be on the `PATH`.
 //!
 //! `harness = false`: each scenario runs in this binary re-executed
 //! (`SHMC_SCENARIO=<name>`, see `common::run_suite`) under two watchdogs —
