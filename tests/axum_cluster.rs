@@ -537,8 +537,15 @@ fn reloads_under_wrk_fail_no_get() -> Check {
     let server = Server::start(&[])?;
     let run = reloads_under_wrk(&server, None, 8)?;
     println!(
-        "    wrk GET / through two reloads: {} requests, socket errors {:?}, non-2xx {}; pids {:?} -> {:?} -> {:?}",
-        run.wrk.requests, run.wrk.socket_errors, run.wrk.non_2xx, run.pids[0], run.pids[1], run.pids[2]
+        "    wrk GET / through two reloads (SIGHUP at 2 s and {:.1?}): {} requests, socket errors {:?}, \
+         non-2xx {}; pids {:?} -> {:?} -> {:?}",
+        run.second_reload,
+        run.wrk.requests,
+        run.wrk.socket_errors,
+        run.wrk.non_2xx,
+        run.pids[0],
+        run.pids[1],
+        run.pids[2]
     );
     run.check()?;
     server.stop()
@@ -566,9 +573,15 @@ fn reloads_under_wrk_fail_no_post() -> Check {
     // An idle keep-alive connection would hold its worker's drain open.
     drop(conn);
     println!(
-        "    wrk POST /counter through two reloads: {} requests, {posted} POSTs answered 2xx, counter {counter}, \
-         socket errors {:?}, non-2xx {}; pids {:?} -> {:?} -> {:?}",
-        run.wrk.requests, run.wrk.socket_errors, run.wrk.non_2xx, run.pids[0], run.pids[1], run.pids[2]
+        "    wrk POST /counter through two reloads (SIGHUP at 2 s and {:.1?}): {} requests, {posted} POSTs \
+         answered 2xx, counter {counter}, socket errors {:?}, non-2xx {}; pids {:?} -> {:?} -> {:?}",
+        run.second_reload,
+        run.wrk.requests,
+        run.wrk.socket_errors,
+        run.wrk.non_2xx,
+        run.pids[0],
+        run.pids[1],
+        run.pids[2]
     );
     run.check()?;
     ensure!(posted > 0, "no POST answered 2xx:\n{}", run.output);
@@ -618,6 +631,8 @@ struct WrkRun {
     wrk: Wrk,
     output: String,
     pids: [BTreeSet<u32>; 3],
+    /// When the second SIGHUP went, from wrk's start.
+    second_reload: Duration,
 }
 
 impl WrkRun {
@@ -666,14 +681,15 @@ fn reloads_under_wrk(server: &Server, script: Option<&std::path::Path>, secs: u6
     let result = (|| {
         std::thread::sleep(Duration::from_secs(2));
         server.signal(Signal::SIGHUP)?;
-        // Every worker replaced once (the reload is one worker at a time).
-        let between = server.wait_for_workers(Duration::from_secs(3), |s| s.pids().is_disjoint(&before))?;
+        // Every worker replaced once (the reload is one worker at a time;
+        // on a slow machine the second SIGHUP waits for it, later than 5 s).
+        let between = server.wait_for_workers(Duration::from_secs(10), |s| s.pids().is_disjoint(&before))?;
         std::thread::sleep(Duration::from_secs(5).saturating_sub(start.elapsed()));
         server.signal(Signal::SIGHUP)?;
-        Ok::<_, String>(between.pids())
+        Ok::<_, String>((between.pids(), start.elapsed()))
     })();
     let status = wait_child(&mut wrk, Duration::from_secs(secs + 15));
-    let between = result?;
+    let (between, second_reload) = result?;
     let status = status?;
     let output = format!("{}{}", join(out)?, join(err)?);
     ensure!(status.success(), "wrk exited {status}:\n{output}");
@@ -684,6 +700,7 @@ fn reloads_under_wrk(server: &Server, script: Option<&std::path::Path>, secs: u6
         wrk: Wrk::parse(&output)?,
         output,
         pids: [before, between, after],
+        second_reload,
     })
 }
 
