@@ -5,12 +5,12 @@
 //! the same axum app in a single process whose counter is behind a
 //! `std::sync::Mutex` (`--single`), all in one run.
 //!
-//! `cargo bench --features tokio --bench axum` prints a markdown table on
+//! `cargo bench --bench axum` prints a markdown table on
 //! stdout (progress goes to stderr). It needs `wrk` on the `PATH` (the
 //! Debian package) and fails at once, loudly, without it. It builds the
-//! example itself (`cargo build --release --features tokio --example
-//! axum_cluster` into the target directory this binary runs from), so the
-//! server is never a stale build.
+//! example itself (`cargo build --release -p axum_cluster`: the example is
+//! a package of its own, built into the target directory this binary runs
+//! from), so the server is never a stale build.
 //!
 //! - Each server starts fresh (`--listen 127.0.0.1:0 --quiet`, a new
 //!   `--data` directory), answers a `wrk` warm-up run per route that is not
@@ -353,17 +353,17 @@ fn signal(pid: u32, signal: Signal) -> Res<()> {
 // ------------------------------------------------------------ the server
 
 /// The example binary in the target directory this bench runs from
-/// (`<target>/release/examples`), built (or brought up to date) by cargo.
+/// (`<target>/release/axum_cluster`), built (or brought up to date) by cargo.
 fn build_example() -> Res<PathBuf> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     // <target>/release/deps/axum-<hash>
     let release = exe.parent().and_then(Path::parent).ok_or("no target directory")?;
     let target = release.parent().ok_or("no target directory")?;
-    let bin = release.join("examples").join(EXAMPLE);
+    let bin = release.join(EXAMPLE);
     eprintln!("building {}", bin.display());
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "--features", "tokio", "--example", EXAMPLE])
+        .args(["build", "--release", "-p", EXAMPLE, "--bin", EXAMPLE])
         .arg("--target-dir")
         .arg(target)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -375,9 +375,7 @@ fn build_example() -> Res<PathBuf> {
     if status.success() && bin.is_file() {
         Ok(bin)
     } else {
-        Err(format!(
-            "cargo build --release --features tokio --example {EXAMPLE}: {status}"
-        ))
+        Err(format!("cargo build --release -p {EXAMPLE}: {status}"))
     }
 }
 
@@ -760,7 +758,7 @@ fn command(plan: &Plan) -> String {
     if plan.rounds != 1 {
         let _ = write!(env, "{ROUNDS_VAR}={} ", plan.rounds);
     }
-    format!("{env}cargo bench --features tokio --bench axum")
+    format!("{env}cargo bench --bench axum")
 }
 
 fn print_table(plan: &Plan, cells: &[Vec<Cell>]) {

@@ -79,6 +79,8 @@ mod sys;
 pub mod testing;
 mod wake;
 
+#[cfg(all(feature = "http", not(loom)))]
+pub use cluster::http;
 #[cfg(not(loom))]
 pub use cluster::{
     Cluster, ClusterBuilder, ClusterError, ClusterStats, Event, EventKind, Events, ExitReason, Incoming,

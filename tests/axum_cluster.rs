@@ -1,17 +1,20 @@
 //! `examples/axum_cluster`, tested from the outside: each scenario starts
-//! the example's master (3 workers, port 0) as a real process and drives it
-//! over HTTP/1.1 with a small keep-alive client written here on std's
-//! `TcpStream` — the counter under `synchronize_key`, cache invalidation by
-//! `broadcast`, `/stats` by `map`, jobs by `consume`, rolling reloads and a
-//! SIGKILLed worker under load, and a graceful shutdown with a request in
-//! flight.
+//! the example's master (3 workers, or 1, port 0) as a real process and
+//! drives it over HTTP/1.1 with a small keep-alive client written here on
+//! std's `TcpStream`, or with `wrk` — the counter under `synchronize_key`,
+//! cache invalidation by `broadcast`, `/stats` by `map`, jobs by
+//! `consume`, rolling reloads under load (no request may fail or need a
+//! retry: `wrk` never retries), idle keep-alive connections through a
+//! drain, a SIGKILLed worker under load, and a graceful shutdown with a
+//! request in flight. `wrk` (the Debian package) must be on the `PATH`.
 //!
 //! `harness = false`: each scenario runs in this binary re-executed
 //! (`SHMC_SCENARIO=<name>`, see `common::run_suite`) under two watchdogs —
 //! one inside the scenario process that kills the example's process group
 //! and fails, and `run_suite`'s outer one. Arguments filter scenarios by
-//! substring. The example is built by `cargo test --features tokio` next to
-//! this binary (`target/<profile>/examples/axum_cluster`).
+//! substring. The example is a package of its own: this binary builds it
+//! first (`cargo build -p axum_cluster`, into its own target directory and
+//! profile: `target/<profile>/axum_cluster`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -66,6 +69,21 @@ const SCENARIOS: &[Scenario] = &[
         run: rolling_reloads_under_load_drop_nothing,
     },
     Scenario {
+        name: "reloads_under_wrk_fail_no_get",
+        timeout: Duration::from_secs(45),
+        run: reloads_under_wrk_fail_no_get,
+    },
+    Scenario {
+        name: "reloads_under_wrk_fail_no_post",
+        timeout: Duration::from_secs(45),
+        run: reloads_under_wrk_fail_no_post,
+    },
+    Scenario {
+        name: "draining_worker_keeps_idle_connections_until_asked",
+        timeout: Duration::from_secs(40),
+        run: draining_worker_keeps_idle_connections_until_asked,
+    },
+    Scenario {
         name: "sigkilled_worker_under_load_is_replaced",
         timeout: Duration::from_secs(40),
         run: sigkilled_worker_under_load_is_replaced,
@@ -83,6 +101,12 @@ fn main() {
         watchdog(s.name, s.timeout);
         let result = (s.run)();
         common::exit_scenario(&name, result);
+    }
+    if !std::env::args().any(|a| a == "--list") {
+        if let Err(e) = build_example() {
+            eprintln!("axum_cluster: {e}");
+            std::process::exit(1);
+        }
     }
     // The outer limit leaves the inner watchdog time to kill the example.
     let scenarios: Vec<_> = SCENARIOS
@@ -166,6 +190,8 @@ fn counter_is_exact_across_workers() -> Check {
     ensure!(r.status == 200, "GET /counter: {} {}", r.status, r.body);
     let total = field(&r.json()?, "value")?;
     ensure!(total == n, "GET /counter = {total}, expected {n}");
+    // An idle keep-alive connection would hold its worker's drain open.
+    drop(conn);
     println!(
         "    {n} additions over {} connections: values 1..={n} exactly once; answers by slot {slots:?}",
         rounds * 32
@@ -362,7 +388,7 @@ fn jobs_spread_over_workers() -> Check {
 
 /// Keep-alive load on `/`, `/stats` and `/cache/k` while the master
 /// reloads every worker twice (`SO_REUSEPORT` listeners): no request
-/// fails, and every worker is replaced.
+/// fails or has to be retried, and every worker is replaced.
 fn rolling_reloads_under_load_drop_nothing() -> Check {
     let server = Server::start(&["--reuseport"])?;
     let before = server.stats()?.pids();
@@ -394,6 +420,13 @@ fn rolling_reloads_under_load_drop_nothing() -> Check {
         tally.failures.len(),
         tally.failures.iter().take(5).map(|f| &f.what).collect::<Vec<_>>()
     );
+    // A draining worker says `Connection: close` before it closes a
+    // connection: a client never finds a reused one closed under it.
+    ensure!(
+        tally.retries.is_empty(),
+        "{} requests had to be retried: a draining worker closed their reused connection unanswered",
+        tally.retries.len()
+    );
     ensure!(tally.ok > 300, "only {} requests answered in 3 s", tally.ok);
     ensure!(
         tally.pids.len() > before.len(),
@@ -401,6 +434,339 @@ fn rolling_reloads_under_load_drop_nothing() -> Check {
         tally.pids
     );
     server.stop()
+}
+
+/// Idle keep-alive connections through a reload of a 1-worker cluster:
+/// the draining worker does not close them under their clients (a
+/// request may be on its way); the next request on each is answered by
+/// the old worker with `Connection: close`, and then the connection ends;
+/// one that stays idle is closed at the worker's drain deadline, and the
+/// old worker exits.
+fn draining_worker_keeps_idle_connections_until_asked() -> Check {
+    let server = Server::start_with(1, &[])?;
+    let before = server.stats()?.pids();
+    // Connections that each had an answer, kept alive.
+    let mut conns = Vec::new();
+    for _ in 0..6 {
+        let mut conn = Conn::open(&server.addr).map_err(|e| e.to_string())?;
+        let r = conn.send("GET", "/", None).map_err(|e| e.to_string())?;
+        ensure!(
+            r.status == 200 && !r.close,
+            "GET /: {} close {}",
+            r.status,
+            r.close
+        );
+        conns.push(conn);
+    }
+    server.signal(Signal::SIGHUP)?;
+    // The replacement is ready (it answers /stats): the master told the
+    // old worker to drain.
+    let start = Instant::now();
+    let replacement = loop {
+        let stats = server.stats()?;
+        if let Some(new) = stats.pids().difference(&before).next() {
+            break *new;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "no replacement 10 s after SIGHUP: {}",
+            stats.raw
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let old = before.iter().next().copied().ok_or("no worker before")?;
+    let (asked, idle) = conns.split_at_mut(3);
+    for conn in asked.iter_mut() {
+        // The old worker sees the master's word within its messenger's
+        // 10 ms poll: until then it answers as before, keeping the
+        // connection; from then on its next answer says close.
+        let asked_at = Instant::now();
+        loop {
+            ensure!(
+                conn.is_open()?,
+                "the draining worker closed an idle connection before its deadline"
+            );
+            let r = conn.send("GET", "/", None).map_err(|e| e.to_string())?;
+            ensure!(
+                r.status == 200,
+                "GET / on the draining worker: {} {}",
+                r.status,
+                r.body
+            );
+            let (_, answered_by, _) = banner(&r.body)?;
+            ensure!(
+                answered_by == old,
+                "pid {answered_by} answered on pid {old}'s connection"
+            );
+            if r.close {
+                break;
+            }
+            ensure!(
+                asked_at.elapsed() < Duration::from_secs(3),
+                "the draining worker's answers lack `Connection: close` 3 s after its replacement was ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ensure!(
+            conn.closed_within(Duration::from_secs(5))?,
+            "the connection stayed open after `Connection: close`"
+        );
+    }
+    for conn in idle.iter_mut() {
+        ensure!(
+            conn.closed_within(Duration::from_secs(15))?,
+            "the draining worker kept an idle connection open past its drain deadline"
+        );
+    }
+    let after = server.wait_for_workers(Duration::from_secs(10), |s| s.pids().contains(&replacement))?;
+    ensure!(!alive(old), "the old worker {old} still runs");
+    println!(
+        "    reload with 6 idle keep-alive connections: 3 answered by the draining worker with \
+         `Connection: close` and closed, 3 closed at its drain deadline; pids {before:?} -> {:?}",
+        after.pids()
+    );
+    server.stop()
+}
+
+/// `wrk -t2 -c32 -d8s` on `GET /` while the master reloads every worker
+/// twice (SIGHUP at 2 s and 5 s, one shared socket): wrk — a client that
+/// never retries — sees no socket error and no non-2xx answer. A draining
+/// worker that closed a keep-alive connection with a request on its way
+/// shows up here as a read error.
+fn reloads_under_wrk_fail_no_get() -> Check {
+    let server = Server::start(&[])?;
+    let run = reloads_under_wrk(&server, None, 8)?;
+    println!(
+        "    wrk GET / through two reloads (SIGHUP at 2 s and {:.1?}): {} requests, socket errors {:?}, \
+         non-2xx {}; pids {:?} -> {:?} -> {:?}",
+        run.second_reload,
+        run.wrk.requests,
+        run.wrk.socket_errors,
+        run.wrk.non_2xx,
+        run.pids[0],
+        run.pids[1],
+        run.pids[2]
+    );
+    run.check()?;
+    server.stop()
+}
+
+/// The same with `POST /counter` (wrk with a Lua script that counts the
+/// 2xx answers): no socket error, no non-2xx answer, and the counter is
+/// exactly the number of 2xx POSTs — a POST that failed but was applied
+/// anyway (which a client cannot safely retry) would make it larger. The
+/// script turns to `GET /` for the run's last 2–3 s, so that no POST is
+/// still on its way when wrk stops.
+fn reloads_under_wrk_fail_no_post() -> Check {
+    let server = Server::start(&[])?;
+    let script = common::tmp().join("post.lua");
+    std::fs::write(&script, POST_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+    let run = reloads_under_wrk(&server, Some(&script), 10)?;
+    let posted = run
+        .wrk
+        .posted
+        .ok_or_else(|| format!("the script printed no 2xx POST count:\n{}", run.output))?;
+    let mut conn = Conn::open(&server.addr).map_err(|e| e.to_string())?;
+    let r = conn.send("GET", "/counter", None).map_err(|e| e.to_string())?;
+    ensure!(r.status == 200, "GET /counter: {} {}", r.status, r.body);
+    let counter = field(&r.json()?, "value")?;
+    // An idle keep-alive connection would hold its worker's drain open.
+    drop(conn);
+    println!(
+        "    wrk POST /counter through two reloads (SIGHUP at 2 s and {:.1?}): {} requests, {posted} POSTs \
+         answered 2xx, counter {counter}, socket errors {:?}, non-2xx {}; pids {:?} -> {:?} -> {:?}",
+        run.second_reload,
+        run.wrk.requests,
+        run.wrk.socket_errors,
+        run.wrk.non_2xx,
+        run.pids[0],
+        run.pids[1],
+        run.pids[2]
+    );
+    run.check()?;
+    ensure!(posted > 0, "no POST answered 2xx:\n{}", run.output);
+    ensure!(
+        counter == posted,
+        "the counter is {counter} after {posted} POSTs answered 2xx (and no other POST answered)"
+    );
+    server.stop()
+}
+
+/// wrk's script for `reloads_under_wrk_fail_no_post`: `POST /counter`
+/// until 7–8 s into the run (`os.time` counts whole seconds), then `GET
+/// /`; counts the 2xx answers to POSTs (JSON bodies; `GET /` answers
+/// plain text) and prints their sum over the threads.
+const POST_SCRIPT: &str = r#"
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+function init(args)
+  started = os.time()
+  posted = 0
+end
+function request()
+  if os.time() - started < 8 then
+    return wrk.format("POST", "/counter")
+  end
+  return wrk.format("GET", "/")
+end
+function response(status, headers, body)
+  if status >= 200 and status < 300 and string.sub(body, 1, 1) == "{" then
+    posted = posted + 1
+  end
+end
+function done(summary, latency, requests)
+  local n = 0
+  for _, t in ipairs(threads) do
+    n = n + t:get("posted")
+  end
+  io.write(string.format("2xx POSTs: %d\n", n))
+end
+"#;
+
+/// One wrk run through two reloads, and the workers' pids before, between
+/// and after them.
+struct WrkRun {
+    wrk: Wrk,
+    output: String,
+    pids: [BTreeSet<u32>; 3],
+    /// When the second SIGHUP went, from wrk's start.
+    second_reload: Duration,
+}
+
+impl WrkRun {
+    /// No socket error, no non-2xx answer, some requests, and every worker
+    /// replaced twice.
+    fn check(&self) -> Check {
+        ensure!(
+            self.wrk.socket_errors == [0; 4] && self.wrk.non_2xx == 0,
+            "wrk saw socket errors (connect, read, write, timeout) {:?} and {} non-2xx answers:\n{}",
+            self.wrk.socket_errors,
+            self.wrk.non_2xx,
+            self.output
+        );
+        ensure!(self.wrk.requests > 0, "wrk made no request:\n{}", self.output);
+        ensure!(
+            self.pids[1].is_disjoint(&self.pids[0]) && self.pids[2].is_disjoint(&self.pids[1]),
+            "not every worker was replaced twice: pids {:?} -> {:?} -> {:?}",
+            self.pids[0],
+            self.pids[1],
+            self.pids[2]
+        );
+        Ok(())
+    }
+}
+
+/// Runs `wrk -t2 -c32 -d<secs>s --timeout 10s` (with `script`, if any)
+/// against `server`, sending SIGHUP to the master 2 s and 5 s in.
+fn reloads_under_wrk(server: &Server, script: Option<&std::path::Path>, secs: u64) -> Result<WrkRun, String> {
+    let before = server.stats()?.pids();
+    let mut command = Command::new("wrk");
+    command.args(["-t2", "-c32", &format!("-d{secs}s"), "--timeout", "10s"]);
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
+    }
+    let mut wrk = command
+        .arg(format!("http://{}/", server.addr))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("wrk (the Debian package; `.ci/run` installs it): {e}"))?;
+    // Read on threads, so that a full pipe never stops wrk.
+    let out = drain(wrk.stdout.take());
+    let err = drain(wrk.stderr.take());
+    let start = Instant::now();
+    let result = (|| {
+        std::thread::sleep(Duration::from_secs(2));
+        server.signal(Signal::SIGHUP)?;
+        // Every worker replaced once (the reload is one worker at a time;
+        // on a slow machine the second SIGHUP waits for it, later than 5 s).
+        let between = server.wait_for_workers(Duration::from_secs(10), |s| s.pids().is_disjoint(&before))?;
+        std::thread::sleep(Duration::from_secs(5).saturating_sub(start.elapsed()));
+        server.signal(Signal::SIGHUP)?;
+        Ok::<_, String>((between.pids(), start.elapsed()))
+    })();
+    let status = wait_child(&mut wrk, Duration::from_secs(secs + 15));
+    let (between, second_reload) = result?;
+    let status = status?;
+    let output = format!("{}{}", join(out)?, join(err)?);
+    ensure!(status.success(), "wrk exited {status}:\n{output}");
+    let after = server
+        .wait_for_workers(Duration::from_secs(10), |s| s.pids().is_disjoint(&between))?
+        .pids();
+    Ok(WrkRun {
+        wrk: Wrk::parse(&output)?,
+        output,
+        pids: [before, between, after],
+        second_reload,
+    })
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
+}
+
+fn join(t: JoinHandle<String>) -> Result<String, String> {
+    t.join().map_err(|_| "a pipe reader panicked".to_string())
+}
+
+/// What wrk's summary says.
+#[derive(Debug, Default)]
+struct Wrk {
+    /// Answers, whatever their status ("N requests in ...").
+    requests: u64,
+    /// connect, read, write, timeout ("Socket errors: ..."; absent: none).
+    socket_errors: [u64; 4],
+    /// "Non-2xx or 3xx responses: N" (absent: none).
+    non_2xx: u64,
+    /// The POST script's "2xx POSTs: N".
+    posted: Option<u64>,
+}
+
+impl Wrk {
+    fn parse(text: &str) -> Result<Wrk, String> {
+        let number = |line: &str, v: &str| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|e| format!("wrk: {line:?}: {e}\n{text}"))
+        };
+        let mut wrk = Wrk::default();
+        let mut summary = false;
+        for line in text.lines().map(str::trim) {
+            if let Some((n, _)) = line.split_once(" requests in ") {
+                wrk.requests = number(line, n)?;
+                summary = true;
+            } else if let Some(v) = line.strip_prefix("Socket errors:") {
+                // "connect 0, read 12, write 0, timeout 0"
+                let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+                ensure!(parts.len() == 4, "wrk: {line:?}");
+                for (i, (part, name)) in parts
+                    .iter()
+                    .zip(["connect", "read", "write", "timeout"])
+                    .enumerate()
+                {
+                    let n = part
+                        .strip_prefix(name)
+                        .ok_or_else(|| format!("wrk: {line:?}: no {name}"))?;
+                    wrk.socket_errors[i] = number(line, n)?;
+                }
+            } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+                wrk.non_2xx = number(line, v)?;
+            } else if let Some(v) = line.strip_prefix("2xx POSTs:") {
+                wrk.posted = Some(number(line, v)?);
+            }
+        }
+        ensure!(summary, "no summary in wrk's output:\n{text}");
+        Ok(wrk)
+    }
 }
 
 /// The same load; one worker is SIGKILLed. Only requests on connections
@@ -519,6 +885,8 @@ fn watchdog(name: &'static str, limit: Duration) {
 struct Server {
     child: Child,
     addr: String,
+    /// Worker instances (`--workers`).
+    workers: usize,
     /// Kept open: the master's stdout.
     _stdout: BufReader<ChildStdout>,
 }
@@ -527,12 +895,24 @@ impl Server {
     /// `--workers 3 --listen 127.0.0.1:0 --quiet --data $SHMC_TMP/data` plus
     /// `extra`; returns once `/stats` shows 3 workers.
     fn start(extra: &[&str]) -> Result<Server, String> {
+        Server::start_with(3, extra)
+    }
+
+    /// `start`, with `workers` workers.
+    fn start_with(workers: usize, extra: &[&str]) -> Result<Server, String> {
         let exe = example()?;
         // The data directory inside the scenario's scratch directory, which
         // `run_suite` removes even if the master had to be killed.
         let data = common::tmp().join("data");
         let mut child = Command::new(&exe)
-            .args(["--workers", "3", "--listen", "127.0.0.1:0", "--quiet", "--data"])
+            .args([
+                "--workers",
+                &workers.to_string(),
+                "--listen",
+                "127.0.0.1:0",
+                "--quiet",
+                "--data",
+            ])
             .arg(&data)
             .args(extra)
             .process_group(0)
@@ -546,6 +926,7 @@ impl Server {
         let mut server = Server {
             child,
             addr: String::new(),
+            workers,
             _stdout: BufReader::new(stdout.ok_or("no stdout pipe")?),
         };
         let mut line = String::new();
@@ -587,13 +968,15 @@ impl Server {
         Stats::parse(&r.body)
     }
 
-    /// Polls `/stats` until it shows 3 workers, no errors, and `done`.
+    /// Polls `/stats` until it shows every worker (and no more), no
+    /// errors, and `done`.
     fn wait_for_workers(&self, limit: Duration, done: impl Fn(&Stats) -> bool) -> Result<Stats, String> {
         let start = Instant::now();
         loop {
             let last = self.stats();
             if let Ok(s) = &last {
-                if s.workers.len() == 3 && s.errors.is_empty() && s.slots().len() == 3 && done(s) {
+                let n = self.workers;
+                if s.workers.len() == n && s.errors.is_empty() && s.slots().len() == n && done(s) {
                     return last;
                 }
             }
@@ -628,45 +1011,48 @@ impl Drop for Server {
     }
 }
 
-/// `target/<profile>/examples/axum_cluster`, next to `deps/` where this
-/// test binary is.
+/// The example's binary, `target/<profile>/axum_cluster`: built here by
+/// `cargo build -p axum_cluster` (the example is a package of its own, so
+/// `cargo test` does not build it for this test), into the target
+/// directory and profile of this test binary, so that the test never runs
+/// a stale build. Once per suite: the scenarios' processes find it built.
 fn example() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let path = exe
+    // <target>/<profile>/deps/axum_cluster-<hash>
+    let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("examples/axum_cluster"))
         .ok_or("no target dir above the test binary")?;
-    ensure!(path.exists(), "{} is missing", path.display());
-    let rebuild = "`cargo test --features tokio` builds it; `cargo test --test axum_cluster` alone does not \
-                   (or: `cargo build --features tokio --example axum_cluster`)";
-    let built = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .map_err(|e| format!("{}: {e}: {rebuild}", path.display()))?;
-    // Testing a stale build would judge old code: refuse it.
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut sources = vec![root.join("examples/axum_cluster.rs")];
-    let mut dirs = vec![root.join("src")];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
-            let entry = entry.map_err(|e| e.to_string())?.path();
-            if entry.is_dir() {
-                dirs.push(entry);
-            } else if entry.extension().is_some_and(|x| x == "rs") {
-                sources.push(entry);
-            }
-        }
+    Ok(profile_dir.join(EXAMPLE))
+}
+
+/// The example's package and binary.
+const EXAMPLE: &str = "axum_cluster";
+
+/// Builds the example (see [`example`]).
+fn build_example() -> Check {
+    let bin = example()?;
+    let profile_dir = bin.parent().ok_or("no profile dir")?;
+    let target = profile_dir.parent().ok_or("no target dir")?;
+    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cargo.args(["build", "--quiet", "-p", EXAMPLE, "--bin", EXAMPLE]);
+    if profile_dir.file_name().is_some_and(|p| p == "release") {
+        cargo.arg("--release");
     }
-    for source in sources {
-        let changed = std::fs::metadata(&source).and_then(|m| m.modified());
-        ensure!(
-            changed.map_or(true, |t| t <= built),
-            "{} is older than {}: {rebuild}",
-            path.display(),
-            source.display()
-        );
-    }
-    Ok(path)
+    let status = cargo
+        .arg("--target-dir")
+        .arg(target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("cargo build -p {EXAMPLE}: {e}"))?;
+    ensure!(status.success(), "cargo build -p {EXAMPLE}: {status}");
+    ensure!(
+        bin.is_file(),
+        "cargo build -p {EXAMPLE} made no {}",
+        bin.display()
+    );
+    Ok(())
 }
 
 /// Whether `pid` runs (a zombie does not).
@@ -1048,6 +1434,38 @@ impl Conn {
             Err(e) => return Err(HttpError::Unanswered(e.to_string())),
         }
         self.read_answer().map_err(HttpError::Broken)
+    }
+
+    /// Whether the connection is still open (no EOF, no reset, nothing
+    /// unasked for), looked at for 100 ms.
+    fn is_open(&mut self) -> Result<bool, String> {
+        let stream = self.reader.get_ref();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        let open = match self.reader.fill_buf() {
+            Ok([]) => false,
+            Ok(data) => return Err(format!("unasked-for bytes: {:?}", String::from_utf8_lossy(data))),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => true,
+            Err(_) => false,
+        };
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        Ok(open)
+    }
+
+    /// Whether the server closes the connection (EOF or reset) within
+    /// `limit`, sending nothing.
+    fn closed_within(&mut self, limit: Duration) -> Result<bool, String> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if !self.is_open()? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn line(&mut self) -> Result<String, String> {

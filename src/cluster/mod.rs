@@ -12,6 +12,8 @@
 //! so across a reload an instance keeps its index but may change slot.
 
 mod control;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod listen;
 mod master;
 mod worker;

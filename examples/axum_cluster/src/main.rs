@@ -5,7 +5,7 @@
 //! jobs spread over the workers by `consume`.
 //!
 //! ```text
-//! cargo run --release --features tokio --example axum_cluster -- --workers 2
+//! cargo run --release -p axum_cluster -- --workers 2
 //! listening on 127.0.0.1:8080 (master pid 4242)
 //!
 //! curl http://127.0.0.1:8080/                          # worker 1 pid 4243 generation 1
@@ -59,15 +59,15 @@
 //! # Reload and shutdown
 //!
 //! On a reload (`SIGHUP`) or a shutdown (`SIGTERM`) a worker's
-//! `AsyncMessenger::stopped()` resolves: the worker stops accepting (the
-//! others, or its replacement, take the new connections), serves the
-//! connections it has for another 250 ms — one it took just before may not
-//! have sent its request yet — then axum closes the idle keep-alive
-//! connections and lets every request in flight finish, and the worker
-//! waits for the jobs it is running before it exits (the master kills it
-//! at its drain deadline, 10 s, otherwise). A client whose reused idle
-//! connection is closed under it retries on a new one, as HTTP/1.1
-//! clients do (RFC 9112 §9.3.1).
+//! `AsyncMessenger::stopped()` resolves, and `shmcluster::http`'s server
+//! drains: the worker stops accepting (the others, or its replacement,
+//! take the new connections), answers every request in flight, answers
+//! the next request on each open keep-alive connection with `Connection:
+//! close` and closes it, and closes a connection that stays idle only at
+//! its drain deadline, 8 s (the master's is 10 s). No client — not even
+//! one that never retries — loses a request: none is ever sent into a
+//! connection the worker is closing. The worker then waits for the jobs
+//! it is running before it exits.
 //!
 //! # Why one runtime thread per process
 //!
@@ -83,7 +83,6 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fs::{File, OpenOptions};
-use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -98,20 +97,24 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::{Listener, ListenerExt};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use shmcluster::http::HttpServer;
 use shmcluster::{AsyncMessenger, Cluster, EventKind, ListenAddr, ListenMode, Messenger, Worker};
-use tokio::sync::watch;
 
 /// The longest job `/jobs` accepts, in milliseconds.
 const MAX_JOB_MS: u64 = 5000;
 /// How long `/stats` waits for every worker's answer.
 const STATS_DEADLINE: Duration = Duration::from_secs(1);
-/// How long a stopping worker goes on serving the connections it has
-/// after it stopped taking new ones (see [`serve`]).
-const STOP_GRACE: Duration = Duration::from_millis(250);
+/// How long a stopping worker keeps an idle keep-alive connection open
+/// (one that sends a request gets its answer, with `Connection: close`):
+/// less than the master's [`MASTER_DRAIN`], so that the worker closes them
+/// itself.
+const IDLE_DRAIN: Duration = Duration::from_secs(8);
+/// The master's drain deadline (and shutdown grace): it kills a worker
+/// still running then.
+const MASTER_DRAIN: Duration = Duration::from_secs(10);
 /// How long a stopping worker waits for the jobs it is running.
 const JOBS_DRAIN: Duration = Duration::from_secs(MAX_JOB_MS / 1000 + 1);
 /// How long a stopping worker waits for its messenger to send its last
@@ -227,8 +230,8 @@ fn run_cluster(args: &Args, data: &Path) -> i32 {
     let result = Cluster::builder()
         .workers(args.workers)
         .listen_mode(&args.listen, args.mode)
-        .shutdown_grace(Duration::from_secs(10))
-        .drain_timeout(Duration::from_secs(10))
+        .shutdown_grace(MASTER_DRAIN)
+        .drain_timeout(MASTER_DRAIN)
         .on_event(move |cluster, event| {
             if !announced {
                 announced = true;
@@ -288,7 +291,7 @@ fn serve_worker(mut worker: Worker, data: &Path, threads: usize, quiet: bool) ->
         ));
         am.ready();
         let stopping = am.clone();
-        let served = serve(listener, app, async move { stopping.stopped().await }).await;
+        serve(listener, app, async move { stopping.stopped().await }).await;
         // No request is in flight any more; jobs that other workers sent
         // here may be. Finish them: their callers wait for the answer.
         local.jobs_finished(Instant::now() + JOBS_DRAIN).await;
@@ -297,7 +300,7 @@ fn serve_worker(mut worker: Worker, data: &Path, threads: usize, quiet: bool) ->
         // has, before the runtime goes. An answer lost here would make its
         // caller run the job again elsewhere.
         let _ = am.flush(Instant::now() + FLUSH_DEADLINE).await;
-        served.map_err(|e| format!("serve: {e}"))
+        Ok(())
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     if !quiet {
@@ -306,70 +309,18 @@ fn serve_worker(mut worker: Worker, data: &Path, threads: usize, quiet: bool) ->
     served
 }
 
-/// Serves `app` on `listener` until `stop` resolves; then stops taking
-/// connections (the other workers, or the replacement, take them), goes on
-/// serving the connections it has for [`STOP_GRACE`], and then shuts down
-/// gracefully: idle keep-alive connections are closed, requests in flight
-/// are answered. The grace is for a connection taken just before the stop
-/// whose request has not arrived yet: closed unread, it would be reset
-/// under a client that has done nothing wrong (a client on a *reused*
-/// idle connection knows to retry; one on a fresh connection does not).
+/// Serves `app` on `listener` until `stop` resolves, then drains without
+/// losing a request (`shmcluster::http`, and the module docs' "Reload and
+/// shutdown").
 async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> io::Result<()> {
-    let (stopped_tx, stopped) = watch::channel(false);
-    tokio::spawn(async move {
-        stop.await;
-        let _ = stopped_tx.send(true);
-    });
-    let mut grace = stopped.clone();
-    let listener = UntilStopped {
-        inner: listener.tap_io(nodelay),
-        stopped,
-        done: false,
-    };
-    axum::serve(listener, router(app))
-        .with_graceful_shutdown(async move {
-            // An error is a sender gone without a word: stop as well.
-            let _ = grace.wait_for(|stop| *stop).await;
-            tokio::time::sleep(STOP_GRACE).await;
-        })
-        .await
-}
-
-fn nodelay(stream: &mut tokio::net::TcpStream) {
-    // Best effort: a socket without it still works, a little slower.
-    let _ = stream.set_nodelay(true);
-}
-
-/// A listener that takes no more connections once `stopped` is true.
-struct UntilStopped<L> {
-    inner: L,
-    stopped: watch::Receiver<bool>,
-    done: bool,
-}
-
-impl<L: Listener> Listener for UntilStopped<L> {
-    type Io = L::Io;
-    type Addr = L::Addr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        if !self.done {
-            tokio::select! {
-                // Cancel-safe: a connection is either returned or left in
-                // the backlog.
-                taken = self.inner.accept() => return taken,
-                _ = self.stopped.wait_for(|stop| *stop) => self.done = true,
-            }
-        }
-        std::future::pending().await
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    HttpServer::new()
+        .drain_timeout(IDLE_DRAIN)
+        .serve(listener, router(app), stop)
+        .await;
 }
 
 /// The messenger handlers: the other half of `/cache` (invalidation),
@@ -429,9 +380,9 @@ fn run_single(args: &Args, data: &Path) -> i32 {
                 deliveries: AtomicU64::new(0),
             },
         ));
-        let served = serve(listener, app, termination()).await;
+        serve(listener, app, termination()).await;
         local.jobs_finished(Instant::now() + JOBS_DRAIN).await;
-        served.map_err(|e| format!("serve: {e}"))
+        Ok(())
     });
     rt.shutdown_timeout(Duration::from_secs(1));
     match result {
