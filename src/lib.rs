@@ -77,8 +77,8 @@ mod wake;
 #[cfg(not(loom))]
 pub use cluster::{
     Cluster, ClusterBuilder, ClusterError, ClusterStats, Event, EventKind, Events, ExitReason, Incoming,
-    ListenAddr, ListenError, ListenMode, ListenSpec, Listener, Peer, Report, SlotStats, Worker, WorkerError,
-    WorkerState,
+    ListenAddr, ListenError, ListenMode, ListenSpec, Listener, Outcome, Peer, Report, SlotStats, Unhealthy,
+    Worker, WorkerError, WorkerState,
 };
 #[cfg(not(loom))]
 pub use endpoint::{Endpoint, Message, Received, Reservation, Tag, WaitStrategy};

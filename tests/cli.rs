@@ -367,7 +367,11 @@ fn stat_reload_and_stop_through_the_control_socket() {
     let out = cli(&["stop", "--control", sock, "--wait"], Duration::from_secs(30));
     assert!(out.status.success(), "{} {}", out.stdout, out.stderr);
     assert!(out.stdout.contains("shutdown started"), "{}", out.stdout);
-    assert!(out.stdout.contains("master exited"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("master exited: clean shutdown") && out.stdout.contains("(exit code 0)"),
+        "{}",
+        out.stdout
+    );
     let (code, log) = master.finish(Duration::from_secs(15));
     assert_eq!(code, Some(0), "{log:#?}");
     assert!(log.iter().any(|l| l.contains("clean shutdown")), "{log:#?}");
@@ -433,4 +437,163 @@ fn a_tcp_listener_is_served_by_python_workers_on_fd_3() {
     assert!(out.status.success(), "{}", out.stderr);
     let (code, log) = master.finish(Duration::from_secs(15));
     assert_eq!(code, Some(0), "{log:#?}");
+}
+
+/// `kill(pid, sig)`: a real signal, as an operator sends it.
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) takes a pid and a signal number, no pointers.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Waits until `stat` shows a row whose restarts column is at least `n`.
+fn stat_until_restarts(socket: &Path, n: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = cli(
+            &["stat", "--control", socket.to_str().unwrap()],
+            Duration::from_secs(10),
+        );
+        let restarted = out.stdout.lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 5 && cols[0].parse::<u32>().is_ok() && cols[5].parse::<u64>().is_ok_and(|r| r >= n)
+        });
+        if out.status.success() && restarted {
+            return out.stdout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stat never showed {n} restarts: {} {}",
+            out.stdout,
+            out.stderr
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_shutdown_of_workers_that_never_became_ready_is_unclean() {
+    let dir = TempDir::new("never-ready");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    let mut master = Master::start(&[
+        "-w",
+        "2",
+        "--backoff-ms",
+        "20",
+        "--kill-timeout",
+        "5",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    stat_until_restarts(&socket, 2);
+    signal(master.child.0.id(), libc::SIGTERM);
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(1), "no worker was ever ready: {log:#?}");
+    let last = log.iter().rfind(|l| l.contains("master exiting")).unwrap();
+    assert!(last.contains("unclean shutdown"), "{last}");
+    assert!(
+        last.contains("worker 0 was crashing") && last.contains("worker 1 was crashing"),
+        "{last}"
+    );
+
+    // A worker that runs but is not ready within the ready timeout (no
+    // --ready-on-start) is not healthy either, though it dies of SIGTERM.
+    let mut master = Master::start(&[
+        "-w",
+        "1",
+        "--ready-timeout",
+        "0.2",
+        "--kill-timeout",
+        "5",
+        "--control",
+        sock,
+        "--",
+        "sleep",
+        "30",
+    ]);
+    master.expect_line("spawned", Duration::from_secs(10));
+    stat_until_live(&socket, 1);
+    std::thread::sleep(Duration::from_millis(400));
+    signal(master.child.0.id(), libc::SIGTERM);
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(1), "{log:#?}");
+    let last = log.iter().rfind(|l| l.contains("master exiting")).unwrap();
+    assert!(
+        last.contains("unclean shutdown: worker 0 never became ready"),
+        "{last}"
+    );
+}
+
+#[test]
+fn a_master_whose_every_slot_is_given_up_exits_3() {
+    let dir = TempDir::new("all-given-up");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    let mut master = Master::start(&[
+        "-w",
+        "2",
+        "--max-restarts",
+        "2",
+        "--backoff-ms",
+        "10",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    // Nothing is left to supervise: the master ends on its own.
+    let (code, log) = master.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(3), "{log:#?}");
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("crash loop: not restarting it"))
+            .count(),
+        2,
+        "{log:#?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains("every worker slot was given up")),
+        "{log:#?}"
+    );
+    assert!(!socket.exists(), "the socket file is removed at exit");
+}
+
+#[test]
+fn stop_wait_reports_the_masters_outcome() {
+    let dir = TempDir::new("stop-wait");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    // A worker that ignores SIGTERM is killed at the grace deadline: an
+    // unclean shutdown, exit 1.
+    let mut master = Master::start(&[
+        "-w",
+        "1",
+        "--ready-on-start",
+        "--kill-timeout",
+        "0.5",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; exec sleep 30",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    stat_until_live(&socket, 1);
+    let out = cli(&["stop", "--control", sock, "--wait"], Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{} {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("shutdown started"), "{}", out.stdout);
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(said.contains("unclean shutdown"), "{said}");
+    assert!(said.contains("exit code 1"), "{said}");
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(1), "{log:#?}");
 }

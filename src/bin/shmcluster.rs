@@ -18,12 +18,19 @@ use client::{ClientError, Snapshot};
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  run: the cluster shut down cleanly; stat/reload/stop: done
-  1  run: an unclean shutdown (a worker killed at the grace deadline, a slot
-     given up after a crash loop); stat/reload/stop: no master answered, it
-     refused, a reload failed, or --wait timed out
+  0  run: the cluster shut down cleanly (every worker it stopped was ready
+     and ended within the grace period); stat/reload/stop: done
+  1  run: an unclean shutdown (a worker not ready yet or waiting to be
+     restarted when it began, one that exited with an error or was killed
+     at the grace deadline, a slot given up after a crash loop);
+     stat/reload/stop: no master answered, it refused, a reload failed, or
+     --wait timed out or the master ended without saying how
   2  a usage error, or run could not start (bad option, command not found,
-     address not bindable, control socket not bindable): nothing was started";
+     address not bindable, control socket not bindable): nothing was started
+  3  run: every worker slot was given up after crash loops, so the master
+     stopped by itself
+  stop --wait exits with the master's own exit code (0, 1 or 3) once it has
+  exited";
 
 /// Brokerless shared-memory IPC for pre-forked worker clusters: a process
 /// manager that starts and supervises workers, and tools to inspect it.
@@ -164,7 +171,10 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Stat(args) => report(stat(args)),
         Command::Reload(args) => report(reload(args)),
-        Command::Stop(args) => report(stop(args)),
+        Command::Stop(args) => match stop(args) {
+            Ok(code) => code,
+            Err(e) => report(Err(e)),
+        },
     };
     ExitCode::from(code)
 }
@@ -261,17 +271,7 @@ fn run(args: RunArgs) -> u8 {
     });
     match builder.command(args.command) {
         Ok(report) => {
-            eprintln!(
-                "shmcluster: master exiting, {} shutdown ({} restarts, {} killed{})",
-                if report.clean { "clean" } else { "unclean" },
-                report.restarts,
-                report.killed,
-                if report.failed_slots.is_empty() {
-                    String::new()
-                } else {
-                    format!(", slots given up: {:?}", report.failed_slots)
-                }
-            );
+            eprintln!("shmcluster: master exiting, {report}");
             report.exit_code() as u8
         }
         Err(e) => {
@@ -343,27 +343,20 @@ fn reload(args: WaitArgs) -> Result<(), ClientError> {
     }
 }
 
-fn stop(args: WaitArgs) -> Result<(), ClientError> {
+fn stop(args: WaitArgs) -> Result<u8, ClientError> {
     let path = client::resolve(args.target.control, args.target.pid)?;
+    // Asked before the stop, so that the master's end cannot be missed.
+    let waiter = if args.wait {
+        Some(client::Waiter::open(&path)?)
+    } else {
+        None
+    };
     let response = client::request(&path, "stop")?;
     println!("{}", response.trim_start_matches("ok ").trim_end());
-    if !args.wait {
-        return Ok(());
-    }
-    let deadline = Instant::now() + args.timeout;
-    loop {
-        match client::request(&path, "ping") {
-            Err(ClientError::Connect { .. }) => {
-                println!("master exited");
-                return Ok(());
-            }
-            _ if Instant::now() >= deadline => {
-                return Err(ClientError::NoMaster(format!(
-                    "the master did not exit within {:?}",
-                    args.timeout
-                )))
-            }
-            _ => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+    let Some(waiter) = waiter else {
+        return Ok(0);
+    };
+    let exited = waiter.outcome(args.timeout)?;
+    println!("master exited: {} (exit code {})", exited.summary, exited.code);
+    Ok(exited.code)
 }

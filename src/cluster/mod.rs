@@ -20,7 +20,7 @@ use std::fmt;
 use std::time::Duration;
 
 pub use listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
-pub use master::{Cluster, ClusterBuilder, ClusterError, Report};
+pub use master::{Cluster, ClusterBuilder, ClusterError, Outcome, Report, Unhealthy};
 #[cfg(feature = "tokio")]
 pub(crate) use worker::stop_requested;
 pub use worker::{Events, Incoming, Worker, WorkerError};
