@@ -597,3 +597,33 @@ fn stop_wait_reports_the_masters_outcome() {
     let (code, log) = master.finish(Duration::from_secs(15));
     assert_eq!(code, Some(1), "{log:#?}");
 }
+
+#[test]
+fn event_lines_show_only_the_fields_an_event_carries() {
+    let dir = TempDir::new("events");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    let mut master = Master::start(&[
+        "-w",
+        "1",
+        "--max-restarts",
+        "0",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    let given_up = master.expect_line("crash loop", Duration::from_secs(10));
+    assert!(given_up.contains("slot 0"), "{given_up}");
+    assert!(!given_up.contains("pid"), "no process is left: {given_up}");
+    let (_, log) = master.finish(Duration::from_secs(15));
+    for line in &log {
+        assert!(
+            !line.contains("4294967295") && !line.contains("pid 0") && !line.contains("generation 0"),
+            "a field the event does not carry: {line}"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use shmcluster::{Cluster, Event, EventKind, ListenMode};
+use shmcluster::{Cluster, ListenMode};
 
 #[path = "shmcluster/client.rs"]
 mod client;
@@ -189,36 +189,6 @@ fn report(r: Result<(), ClientError>) -> u8 {
     }
 }
 
-fn describe(event: &Event) -> String {
-    let what = match event.kind {
-        EventKind::Spawned => "spawned".to_string(),
-        EventKind::Online => "online".to_string(),
-        EventKind::Exit(reason) => format!("ended: {reason}"),
-        EventKind::CrashLoop => "crash loop: not restarting it".to_string(),
-        EventKind::ReloadStarted => return "reload started".into(),
-        EventKind::ReloadFinished { ok: true } => return "reload finished: ok".into(),
-        EventKind::ReloadFinished { ok: false } => {
-            return "reload finished: failed (a replacement was not ready; old worker kept)".into()
-        }
-        EventKind::ShutdownStarted => return "shutdown started".into(),
-        EventKind::LockHeldTooLong { lock } => format!("held lock entry {lock} past the hold limit"),
-        EventKind::StartFailed { errno } => format!(
-            "could not be started: {}; retrying",
-            std::io::Error::from_raw_os_error(errno)
-        ),
-        other => format!("{other:?}"),
-    };
-    let index = if event.index == u32::MAX {
-        "-".into()
-    } else {
-        event.index.to_string()
-    };
-    format!(
-        "worker {index} {what} (slot {}, pid {}, generation {})",
-        event.slot, event.pid, event.generation
-    )
-}
-
 fn run(args: RunArgs) -> u8 {
     let mut builder = Cluster::builder()
         .workers(args.workers)
@@ -267,7 +237,7 @@ fn run(args: RunArgs) -> u8 {
                 }
             );
         }
-        eprintln!("shmcluster: {}", describe(event));
+        eprintln!("shmcluster: {event}");
     });
     match builder.command(args.command) {
         Ok(report) => {
