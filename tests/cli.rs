@@ -627,3 +627,35 @@ fn event_lines_show_only_the_fields_an_event_carries() {
         );
     }
 }
+
+#[test]
+fn start_up_errors_name_the_real_problem() {
+    let dir = TempDir::new("messages");
+    let out = cli(&["run", "-w", "-1", "--", "true"], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot be negative"), "{}", out.stderr);
+    assert!(!out.stderr.contains("4294967295"), "{}", out.stderr);
+
+    let out = cli(&["run", "-w", "5000", "--", "true"], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("at most 1023"), "{}", out.stderr);
+
+    let out = cli(&["run", "--", "/nonexistent/cmd"], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("no such file"), "{}", out.stderr);
+    assert!(!out.stderr.contains("PATH"), "{}", out.stderr);
+
+    let out = cli(&["run", "--", "no-such-program-here"], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("not found in PATH"), "{}", out.stderr);
+
+    let plain = dir.0.join("plain.txt");
+    std::fs::write(&plain, "echo hi\n").unwrap();
+    let out = cli(&["run", "--", plain.to_str().unwrap()], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("not executable"), "{}", out.stderr);
+
+    let out = cli(&["run", "--", dir.0.to_str().unwrap()], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("is a directory"), "{}", out.stderr);
+}

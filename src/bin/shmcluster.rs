@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use shmcluster::{Cluster, ListenMode};
+use shmcluster::{Cluster, ListenMode, MAX_WORKERS};
 
 #[path = "shmcluster/client.rs"]
 mod client;
@@ -67,8 +67,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Worker instances to keep running (0: one per CPU).
-    #[arg(short = 'w', long = "workers", value_name = "N", default_value_t = 0)]
+    /// Worker instances to keep running (0: one per CPU; at most 1023).
+    #[arg(short = 'w', long = "workers", value_name = "N", default_value_t = 0, value_parser = workers, allow_negative_numbers = true)]
     workers: u32,
     /// Listen on ADDR ("host:port", ":port", or a unix socket path); passed
     /// to every worker from fd 3. Repeatable.
@@ -155,6 +155,24 @@ struct WaitArgs {
     /// The longest --wait waits.
     #[arg(long, value_name = "SECS", default_value = "120", value_parser = secs)]
     timeout: Duration,
+}
+
+/// Parses a worker count, saying what is wrong with a bad one (clap's
+/// own `u32` parser would answer `-1` with "not in 0..=4294967295").
+fn workers(s: &str) -> Result<u32, String> {
+    let max = MAX_WORKERS - 1; // one slot is kept spare for reloads
+    match s.trim().parse::<i64>() {
+        Ok(n) if n < 0 => Err(format!(
+            "a worker count cannot be negative: give 1 to {max}, or 0 for one per CPU"
+        )),
+        Ok(n) if n > i64::from(max) => Err(format!(
+            "{n} workers: at most {max} (a segment holds {MAX_WORKERS} slots, one kept spare for reloads)"
+        )),
+        Ok(n) => Ok(n as u32),
+        Err(_) => Err(format!(
+            "{s:?} is not a number of workers: give 1 to {max}, or 0 for one per CPU"
+        )),
+    }
 }
 
 /// Parses a non-negative number of seconds (fractions allowed).

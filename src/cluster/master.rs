@@ -606,8 +606,8 @@ impl ClusterBuilder {
         let name = program.to_string_lossy().into_owned();
         if proc::find_executable(&name).is_none() {
             return Err(ClusterError::Command {
+                reason: why_not_executable(&name),
                 program: name,
-                reason: "not found in PATH, or not an executable file".into(),
             });
         }
         let argv = argv
@@ -730,6 +730,28 @@ impl ClusterBuilder {
             control.finish(&report);
         }
         Ok(report)
+    }
+}
+
+/// Why `program`, which [`proc::find_executable`] did not accept, cannot
+/// be run: a path (with a `/`) is looked at as it is; a bare name was
+/// searched for in `PATH`.
+fn why_not_executable(program: &str) -> String {
+    if !program.contains('/') {
+        return match std::env::var_os("PATH") {
+            Some(_) => "not found in PATH (no executable file of that name in any of its directories)".into(),
+            None => "not found: PATH is not set (give the program's path)".into(),
+        };
+    }
+    match std::fs::metadata(program) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => "no such file".into(),
+        Err(e) => e.to_string(),
+        Ok(meta) if meta.is_dir() => "is a directory".into(),
+        Ok(meta) if !meta.is_file() => "not a regular file".into(),
+        Ok(meta) if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0 => {
+            "not executable (the file has no execute permission)".into()
+        }
+        Ok(_) => "not executable by this user (permission denied)".into(),
     }
 }
 
