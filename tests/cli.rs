@@ -599,6 +599,43 @@ fn stop_wait_reports_the_masters_outcome() {
 }
 
 #[test]
+fn stat_shows_no_inbox_bytes_on_a_slot_that_never_had_a_worker() {
+    let dir = TempDir::new("inbox");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    // Crashing workers: every death is cleaned up after in every lane.
+    let mut master = Master::start(&[
+        "-w",
+        "2",
+        "--backoff-ms",
+        "20",
+        "--kill-timeout",
+        "5",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    let stat = stat_until_restarts(&socket, 3);
+    let free: Vec<&str> = stat.lines().filter(|l| l.contains(" Free ")).collect();
+    assert_eq!(free.len(), 1, "the reload spare: {stat}");
+    let cols: Vec<&str> = free[0].split_whitespace().collect();
+    assert_eq!(cols.last(), Some(&"0"), "nothing waits for the spare: {stat}");
+    for row in stat
+        .lines()
+        .filter(|l| l.contains(" Dead ") || l.contains(" Starting "))
+    {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols.last(), Some(&"0"), "no worker sent anything: {stat}");
+    }
+    signal(master.child.0.id(), libc::SIGTERM);
+    master.finish(Duration::from_secs(15));
+}
+
+#[test]
 fn event_lines_show_only_the_fields_an_event_carries() {
     let dir = TempDir::new("events");
     let socket = dir.socket();

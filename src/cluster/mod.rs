@@ -327,7 +327,9 @@ pub struct SlotStats {
     pub received_messages: u64,
     /// Payload bytes received.
     pub received_bytes: u64,
-    /// Bytes waiting in the lanes addressed to this slot.
+    /// Bytes of messages waiting in the lanes addressed to this slot
+    /// (their record headers included; not the padding and the abort
+    /// records the master writes when a sender dies).
     pub inbox_bytes: u64,
     /// Times the worker slept in a futex wait (for messages or for space).
     pub futex_waits: u64,
@@ -450,7 +452,7 @@ pub(crate) fn read_stats(segment: &Segment) -> ClusterStats {
             let peer = read_peer(entry, slot);
             let seen = entry.heartbeat_seen_ns.load(Relaxed);
             let inbox_bytes = (0..workers)
-                .map(|from| segment.lane(from, slot).depth())
+                .map(|from| segment.lane(from, slot).waiting_message_bytes())
                 .fold(0u64, u64::saturating_add);
             SlotStats {
                 slot,
