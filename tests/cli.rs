@@ -445,7 +445,8 @@ fn signal(pid: u32, sig: i32) {
     unsafe { libc::kill(pid as i32, sig) };
 }
 
-/// Waits until `stat` shows a row whose restarts column is at least `n`.
+/// Waits until `stat` shows every instance's row (index not `-`) with at
+/// least `n` restarts.
 fn stat_until_restarts(socket: &Path, n: u64) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -453,10 +454,16 @@ fn stat_until_restarts(socket: &Path, n: u64) -> String {
             &["stat", "--control", socket.to_str().unwrap()],
             Duration::from_secs(10),
         );
-        let restarted = out.stdout.lines().any(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() > 5 && cols[0].parse::<u32>().is_ok() && cols[5].parse::<u64>().is_ok_and(|r| r >= n)
-        });
+        let rows: Vec<Vec<&str>> = out
+            .stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<&str>>())
+            .filter(|cols| cols.len() > 5 && cols[0].parse::<u32>().is_ok() && cols[1] != "-")
+            .collect();
+        let restarted = !rows.is_empty()
+            && rows
+                .iter()
+                .all(|cols| cols[5].parse::<u64>().is_ok_and(|r| r >= n));
         if out.status.success() && restarted {
             return out.stdout;
         }

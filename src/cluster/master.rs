@@ -308,16 +308,17 @@ impl Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Unhealthy {
-    /// Its worker had been started longer than the ready timeout ago and
-    /// had still not declared itself ready when the shutdown began.
+    /// No worker of it had been ready for longer than the ready timeout
+    /// (since its first start, or since its last ready worker ended) when
+    /// the shutdown began.
     NeverReady {
         /// The instance.
         index: u32,
     },
     /// It was crashing when the shutdown began: its worker had died with
-    /// an error (or of a signal) and was waiting to be restarted, or it had
-    /// died more than once within the restart window and its latest
-    /// restart was not ready yet.
+    /// an error (or of a signal) and was waiting to be restarted, or its
+    /// previous worker crashed without ever becoming ready and the current
+    /// one was not ready either.
     Crashing {
         /// The instance.
         index: u32,
@@ -492,8 +493,8 @@ impl ClusterBuilder {
     }
 
     /// How long a reload waits for a replacement to declare itself ready
-    /// before killing it and keeping the old worker. Also: a worker still
-    /// not ready this long after it was started makes a shutdown unclean
+    /// before killing it and keeping the old worker. Also: an instance
+    /// without a ready worker for this long makes a shutdown unclean
     /// ([`Unhealthy::NeverReady`]).
     pub fn ready_timeout(mut self, d: Duration) -> Self {
         self.ready_timeout = d;
@@ -777,8 +778,12 @@ struct SlotRec {
     /// The last worker here died of a crash: exited non-zero, or of a
     /// signal the master did not send (not a hang or lock-hold kill).
     crashed: bool,
-    /// When its current worker was started.
-    started: Option<Instant>,
+    /// Since when the slot has had no ready worker: set when a worker is
+    /// started into a slot without one, cleared when a worker is ready.
+    unready_since: Option<Instant>,
+    /// Workers here in a row that crashed before they were ever ready; 0
+    /// once one is ready.
+    unready_deaths: u32,
     restart_at: Option<Instant>,
     kill_at: Option<Instant>,
     /// Why the master ended (or is ending) it, if it did.
@@ -1156,7 +1161,7 @@ impl Master<'_> {
                 rec.index = Some(index);
                 rec.generation = generation;
                 rec.ready = false;
-                rec.started = Some(Instant::now());
+                rec.unready_since.get_or_insert_with(Instant::now);
                 rec.replacement = false;
                 rec.restart_at = None;
                 rec.kill_at = None;
@@ -1232,6 +1237,9 @@ impl Master<'_> {
         let rec = &mut self.slots[slot as usize];
         rec.crashed =
             matches!(reason, ExitReason::Exited(c) if c != 0) || matches!(reason, ExitReason::Signaled(_));
+        if !shutting_down && !intentional && rec.crashed && !rec.ready {
+            rec.unready_deaths = rec.unready_deaths.saturating_add(1);
+        }
         rec.control = None;
         rec.kill_at = None;
         let was_replacement = rec.replacement;
@@ -1340,6 +1348,8 @@ impl Master<'_> {
                 && entry.generation.load(Acquire) == rec.generation
             {
                 rec.ready = true;
+                rec.unready_deaths = 0;
+                rec.unready_since = None;
                 rec.beat_seen = Some(now);
                 self.publish(EventKind::Online, slot);
                 continue;
@@ -1426,12 +1436,13 @@ impl Master<'_> {
     /// As a shutdown begins: records every instance whose worker is not
     /// healthy, so that stopping a cluster that never worked is not
     /// reported clean. Unhealthy: dead after a crash and waiting for its
-    /// restart; restarted after dying more than once within the restart
-    /// window (a crash loop, the point from which restarts back off) and
-    /// not ready again; or started longer than the ready timeout ago and
-    /// never ready. A worker started a moment ago has had no chance to be
-    /// ready and is not judged; one the master is killing on purpose (hung,
-    /// holding a lock) is accounted for by that decision.
+    /// restart; a restart after a worker that crashed without ever becoming
+    /// ready, itself not ready yet (a slot making no progress); or no ready
+    /// worker for longer than the ready timeout. A worker started a moment
+    /// ago (the first one, or the successor of one that had been ready) has
+    /// had no chance to be ready and is not judged; one the master is
+    /// killing on purpose (hung, holding a lock) is accounted for by that
+    /// decision.
     fn judge_health(&mut self) {
         // A worker that declared itself ready since the last look counts.
         self.observe_workers();
@@ -1444,24 +1455,14 @@ impl Master<'_> {
             if rec.failed || rec.replacement || rec.ending.is_some() {
                 continue;
             }
-            let window = self.opts.restart_window;
-            let crash_looping = rec
-                .deaths
-                .iter()
-                .filter(|t| now.duration_since(**t) <= window)
-                .count()
-                >= 2;
+            let never_ready = rec
+                .unready_since
+                .is_some_and(|t| now.duration_since(t) > self.opts.ready_timeout);
             let problem = match rec.pid {
-                None if crash_looping || rec.crashed => Unhealthy::Crashing { index },
+                None if rec.crashed || rec.unready_deaths > 0 => Unhealthy::Crashing { index },
                 Some(_) if rec.ready => continue,
-                Some(_) if crash_looping => Unhealthy::Crashing { index },
-                Some(_)
-                    if rec
-                        .started
-                        .is_some_and(|t| now.duration_since(t) > self.opts.ready_timeout) =>
-                {
-                    Unhealthy::NeverReady { index }
-                }
+                Some(_) if rec.unready_deaths > 0 => Unhealthy::Crashing { index },
+                _ if never_ready => Unhealthy::NeverReady { index },
                 _ => continue,
             };
             self.unhealthy.push(problem);
