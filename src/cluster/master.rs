@@ -315,10 +315,10 @@ pub enum Unhealthy {
         /// The instance.
         index: u32,
     },
-    /// It was crashing when the shutdown began: its worker had died with
-    /// an error (or of a signal) and was waiting to be restarted, or its
-    /// previous worker crashed without ever becoming ready and the current
-    /// one was not ready either.
+    /// It was crashing when the shutdown began: its last worker crashed
+    /// (a non-zero exit, or a signal the master did not send) before it
+    /// was ever ready, and no worker there was ready since (the restart,
+    /// if one was running, was not ready either).
     Crashing {
         /// The instance.
         index: u32,
@@ -775,9 +775,6 @@ struct SlotRec {
     replacement: bool,
     /// Deaths within the restart window, oldest first.
     deaths: VecDeque<Instant>,
-    /// The last worker here died of a crash: exited non-zero, or of a
-    /// signal the master did not send (not a hang or lock-hold kill).
-    crashed: bool,
     /// Since when the slot has had no ready worker: set when a worker is
     /// started into a slot without one, cleared when a worker is ready.
     unready_since: Option<Instant>,
@@ -1235,9 +1232,10 @@ impl Master<'_> {
         entry.pid.store(0, Release);
         segment.reset_dead_slot(slot, generation);
         let rec = &mut self.slots[slot as usize];
-        rec.crashed =
+        // A crash: a non-zero exit, or a signal the master did not send.
+        let crashed =
             matches!(reason, ExitReason::Exited(c) if c != 0) || matches!(reason, ExitReason::Signaled(_));
-        if !shutting_down && !intentional && rec.crashed && !rec.ready {
+        if !shutting_down && !intentional && crashed && !rec.ready {
             rec.unready_deaths = rec.unready_deaths.saturating_add(1);
         }
         rec.control = None;
@@ -1435,12 +1433,15 @@ impl Master<'_> {
 
     /// As a shutdown begins: records every instance whose worker is not
     /// healthy, so that stopping a cluster that never worked is not
-    /// reported clean. Unhealthy: dead after a crash and waiting for its
-    /// restart; a restart after a worker that crashed without ever becoming
-    /// ready, itself not ready yet (a slot making no progress); or no ready
-    /// worker for longer than the ready timeout. A worker started a moment
-    /// ago (the first one, or the successor of one that had been ready) has
-    /// had no chance to be ready and is not judged; one the master is
+    /// reported clean. Unhealthy: a slot making no progress — its last
+    /// worker crashed before it was ever ready and none has been ready
+    /// since (dead and waiting for its restart, or restarted and not ready
+    /// yet); or no ready worker for longer than the ready timeout. A worker
+    /// started a moment ago (the first one, or the successor of one that
+    /// had been ready, such as a ready worker killed from outside) has had
+    /// no chance to be ready and is not judged; a slot whose workers become
+    /// ready and then crash again and again is the crash-loop limit's to
+    /// give up (which makes the shutdown unclean); one the master is
     /// killing on purpose (hung, holding a lock) is accounted for by that
     /// decision.
     fn judge_health(&mut self) {
@@ -1459,7 +1460,7 @@ impl Master<'_> {
                 .unready_since
                 .is_some_and(|t| now.duration_since(t) > self.opts.ready_timeout);
             let problem = match rec.pid {
-                None if rec.crashed || rec.unready_deaths > 0 => Unhealthy::Crashing { index },
+                None if rec.unready_deaths > 0 => Unhealthy::Crashing { index },
                 Some(_) if rec.ready => continue,
                 Some(_) if rec.unready_deaths > 0 => Unhealthy::Crashing { index },
                 _ if never_ready => Unhealthy::NeverReady { index },
