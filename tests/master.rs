@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shmcluster::{
-    Cluster, ClusterError, Event, EventKind, ExitReason, ListenError, ListenMode, Worker, WorkerState,
+    Cluster, ClusterError, Event, EventKind, ExitReason, ListenError, ListenMode, Outcome, Unhealthy, Worker,
+    WorkerState,
 };
 
 #[macro_use]
@@ -68,6 +69,18 @@ const SCENARIOS: &[Scenario] = &[
         name: "rolling_reload_order_and_readiness",
         timeout: Duration::from_secs(60),
         child: Some(rolling_reload_order_and_readiness),
+        parent: None,
+    },
+    Scenario {
+        name: "shutdown_judges_the_workers_it_stops",
+        timeout: Duration::from_secs(30),
+        child: Some(shutdown_judges_the_workers_it_stops),
+        parent: None,
+    },
+    Scenario {
+        name: "every_slot_given_up_ends_the_master",
+        timeout: Duration::from_secs(30),
+        child: Some(every_slot_given_up_ends_the_master),
         parent: None,
     },
     Scenario {
@@ -524,6 +537,87 @@ fn failed_restart_is_retried() -> Check {
         "slot 0 not restarted after the failure: {events:?}"
     );
     ensure!(report.clean, "{report:?}");
+    Ok(())
+}
+
+/// Instance 0 is ready and healthy; instance 1 crashes at start-up every
+/// time; instance 2 was ready, is SIGKILLed from outside, and its successor
+/// is stopped before it can be ready. The shutdown, asked for once
+/// instance 1 has died three times, is unclean because of instance 1
+/// only (`Crashing`), and says so in `Report::unhealthy`.
+fn shutdown_judges_the_workers_it_stops() -> Check {
+    let report = Cluster::builder()
+        .workers(3)
+        .restart_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .on_event(move |cluster, e| {
+            let dead = |slot: u32| cluster.stats().slots[slot as usize].restarts;
+            if e.kind == EventKind::Online && e.index == 2 && e.generation == 1 {
+                sigkill(e.pid);
+            }
+            if e.kind == EventKind::Spawned && e.index == 2 && e.generation == 2 && dead(1) >= 3 {
+                cluster.shutdown();
+            }
+            if e.kind == EventKind::Exit(ExitReason::Exited(1)) && e.index == 1 && dead(1) >= 3 {
+                // The successor of instance 2 is there: stop before it is ready.
+                if cluster.stats().slots[2].generation == 2 {
+                    cluster.shutdown();
+                }
+            }
+        })
+        .run(|w: Worker| {
+            match (w.index(), w.generation()) {
+                (1, _) => return Err("instance 1 cannot start".to_string()),
+                // Slow to be ready: the shutdown comes first.
+                (2, g) if g > 1 => std::thread::sleep(Duration::from_millis(500)),
+                _ => {}
+            }
+            idle_worker(w)
+        })
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        report.outcome == Outcome::Unclean && report.exit_code() == 1 && !report.clean,
+        "{report:?}"
+    );
+    ensure!(
+        report.unhealthy == vec![Unhealthy::Crashing { index: 1 }],
+        "only instance 1 was unhealthy: {report:?}"
+    );
+    ensure!(
+        report
+            .to_string()
+            .starts_with("unclean shutdown: worker 1 was crashing"),
+        "{report}"
+    );
+    Ok(())
+}
+
+/// With a crash-loop limit and every instance crashing, the master gives
+/// every slot up and then ends by itself: `Outcome::AllGivenUp`, exit 3.
+fn every_slot_given_up_ends_the_master() -> Check {
+    let log = Log::default();
+    let l = log.clone();
+    let report = Cluster::builder()
+        .workers(2)
+        .restart_backoff(Duration::from_millis(5), Duration::from_millis(20))
+        .crash_loop_limit(2, Duration::from_secs(20))
+        .on_event(move |_, e| l.push(e))
+        .run(|w: Worker| Err::<(), _>(format!("instance {} cannot start", w.index())))
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        report.outcome == Outcome::AllGivenUp && report.exit_code() == 3,
+        "{report:?}"
+    );
+    ensure!(report.failed_slots.len() == 2, "{report:?}");
+    ensure!(
+        log.count(|e| e.kind == EventKind::CrashLoop) == 2,
+        "{:?}",
+        log.events()
+    );
+    ensure!(
+        log.count(|e| e.kind == EventKind::ShutdownStarted) == 1,
+        "{:?}",
+        log.events()
+    );
     Ok(())
 }
 

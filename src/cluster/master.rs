@@ -1274,6 +1274,9 @@ impl Master<'_> {
         if free {
             let rec = &mut self.slots[slot as usize];
             rec.index = None;
+            // A spare again: its history is no instance's.
+            rec.unready_since = None;
+            rec.unready_deaths = 0;
             entry.index.store(u32::MAX, Release);
             entry.state.store(WorkerState::Free.to_raw(), Release);
             return;
