@@ -73,7 +73,7 @@ fn drives(m: &mut Messenger) -> Res<bool> {
 }
 
 fn worker(worker: Worker) -> Res<()> {
-    let slot = worker.slot();
+    let (slot, respawn) = (worker.slot(), worker.generation() != 1);
     let mut m = Messenger::new(worker);
 
     // The leader's "connection": ids from a counter only the leader uses.
@@ -90,8 +90,12 @@ fn worker(worker: Worker) -> Res<()> {
         }
     });
     m.campaign()?;
-    if let Some(w) = m.worker() {
-        w.ready();
+    // The first workers are ready at once (the driver is chosen among
+    // them); a respawn once it has caught up (subscribed, taken its ids),
+    // so that the driver, which waits for every worker to be ready again
+    // before it asks for the shutdown, never stops it half way.
+    if !respawn {
+        m.worker().ok_or("not a cluster worker")?.ready();
     }
     if !drives(&mut m)? {
         // Followers (the leader among them): subscribe, take a few ids,
@@ -102,9 +106,14 @@ fn worker(worker: Worker) -> Res<()> {
         })?;
         if !m.is_leader() {
             for _ in 0..2 {
-                let id: u64 = m.invoke("next_id", &(), soon())?;
+                // Idempotent: if the driver kills the leader meanwhile,
+                // the call goes to the next one instead of failing.
+                let id: u64 = m.invoke_idempotent("next_id", &(), soon())?;
                 say(slot, format!("got id {id}"));
             }
+        }
+        if respawn {
+            m.worker().ok_or("not a cluster worker")?.ready();
         }
         m.run()?;
         return Ok(());

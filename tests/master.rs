@@ -1590,18 +1590,46 @@ fn read_response(r: &mut BufReader<TcpStream>) -> Result<bool, String> {
 }
 
 /// `target/<profile>/examples/<name>`, next to `deps/` where this test
-/// binary is, refused if older than its source or the library's (testing
-/// a stale build would judge old code).
+/// binary is. `cargo test` builds it; `cargo test --test master` alone
+/// does not, so a build that is missing or older than its sources (testing
+/// it would judge old code) is made here with `cargo build --example`.
 fn built_example(name: &str) -> Result<PathBuf, String> {
-    let rebuild = format!("`cargo test` builds it; `cargo test --test master` alone does not (or: `cargo build --example {name}`)");
-    let path = this_exe()
+    let target = this_exe()
         .parent()
         .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("examples").join(name))
+        .map(Path::to_path_buf)
         .ok_or("no target dir above the test binary")?;
-    let built = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .map_err(|e| format!("{}: {e}: {rebuild}", path.display()))?;
+    let path = target.join("examples").join(name);
+    if example_is_fresh(&path, name)? {
+        return Ok(path);
+    }
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::null());
+    if target.file_name().is_some_and(|p| p == "release") {
+        build.arg("--release");
+    }
+    let mut child = build
+        .spawn()
+        .map_err(|e| format!("cargo build --example {name}: {e}"))?;
+    let status = wait_child(&mut child, Duration::from_secs(300))?;
+    ensure!(status.success(), "cargo build --example {name}: {status}");
+    ensure!(
+        example_is_fresh(&path, name)?,
+        "{} is still older than its sources after cargo build",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Whether `path` exists and is newer than `examples/<name>.rs` and every
+/// source file of the library.
+fn example_is_fresh(path: &Path, name: &str) -> Result<bool, String> {
+    let Ok(built) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+        return Ok(false);
+    };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut sources = vec![root.join("examples").join(format!("{name}.rs"))];
     let mut dirs = vec![root.join("src")];
@@ -1615,16 +1643,11 @@ fn built_example(name: &str) -> Result<PathBuf, String> {
             }
         }
     }
-    for source in sources {
-        let changed = std::fs::metadata(&source).and_then(|m| m.modified());
-        ensure!(
-            changed.map_or(true, |t| t <= built),
-            "{} is older than {}: {rebuild}",
-            path.display(),
-            source.display()
-        );
-    }
-    Ok(path)
+    Ok(sources.iter().all(|s| {
+        std::fs::metadata(s)
+            .and_then(|m| m.modified())
+            .map_or(true, |t| t <= built)
+    }))
 }
 
 /// The term in a line `... slot N (term T)`.
