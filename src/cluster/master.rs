@@ -559,9 +559,10 @@ impl ClusterBuilder {
     }
 
     /// Fork mode: forks the workers, each running `f` with its [`Worker`],
-    /// and supervises them until shutdown (SIGTERM or SIGINT). A worker
-    /// exits 0 when `f` returns `Ok`, 1 on `Err` (printed to stderr), 101
-    /// if it panics.
+    /// and supervises them until shutdown (SIGTERM or SIGINT), or until
+    /// every instance's slot has been given up after crash loops
+    /// ([`Outcome::AllGivenUp`]). A worker exits 0 when `f` returns `Ok`, 1
+    /// on `Err` (printed to stderr), 101 if it panics.
     ///
     /// # Errors
     /// [`ClusterError`], always before any worker is forked.
@@ -587,7 +588,8 @@ impl ClusterBuilder {
 
     /// Spawn mode: runs `argv` (a program of any language) as each worker,
     /// with its identity and descriptors in the environment (see
-    /// [`Worker::from_env`]) and its listeners as `LISTEN_FDS` from fd 3.
+    /// [`Worker::from_env`]) and its listeners as `LISTEN_FDS` from fd 3,
+    /// and supervises them as [`run`](Self::run) does.
     ///
     /// # Errors
     /// [`ClusterError::Command`] if the program cannot be found or
