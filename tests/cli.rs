@@ -504,7 +504,8 @@ fn a_shutdown_of_workers_that_never_became_ready_is_unclean() {
     let last = log.iter().rfind(|l| l.contains("master exiting")).unwrap();
     assert!(last.contains("unclean shutdown"), "{last}");
     assert!(
-        last.contains("worker 0 was crashing") && last.contains("worker 1 was crashing"),
+        last.contains("worker 0 crashed before it was ever ready")
+            && last.contains("worker 1 crashed before it was ever ready"),
         "{last}"
     );
 

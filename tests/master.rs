@@ -585,7 +585,7 @@ fn shutdown_judges_the_workers_it_stops() -> Check {
     ensure!(
         report
             .to_string()
-            .starts_with("unclean shutdown: worker 1 was crashing"),
+            .starts_with("unclean shutdown: worker 1 crashed before it was ever ready"),
         "{report}"
     );
     Ok(())

@@ -345,7 +345,7 @@ impl fmt::Display for Unhealthy {
         match self {
             Self::NeverReady { index } => write!(f, "worker {index} never became ready"),
             Self::Crashing { index } => {
-                write!(f, "worker {index} was crashing (not running or not ready again)")
+                write!(f, "worker {index} crashed before it was ever ready")
             }
             Self::Ended { index, reason } => write!(f, "worker {index} {reason} during the shutdown"),
             Self::KilledAtDeadline { index } => {
