@@ -441,8 +441,9 @@ impl ControlServer {
 impl ControlServer {
     /// At the master's exit: tells every client waiting on a `wait`
     /// connection how the cluster ended (one `exited ...` line, see the
-    /// module docs), then closes the socket and removes its file. A client
-    /// too slow to take the line within [`REQUEST_TIMEOUT`] is given up.
+    /// module docs), then closes the socket and removes its file. Clients
+    /// too slow to take the line are given up: all of them together may
+    /// hold the master's exit back by [`REQUEST_TIMEOUT`] at most.
     pub(crate) fn finish(mut self, report: &Report) {
         let line = format!(
             "exited code={} outcome={} restarts={} killed={} summary={}\n",
@@ -452,7 +453,12 @@ impl ControlServer {
             report.killed,
             escape(&report.to_string())
         );
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
         for conn in self.conns.iter_mut().filter(|c| c.waiting) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
             // The rest of `ok waiting` if it is not all out yet, then the line.
             let mut bytes = conn
                 .output
@@ -460,7 +466,7 @@ impl ControlServer {
                 .map_or_else(Vec::new, |(out, pos)| out.get(pos..).unwrap_or_default().to_vec());
             bytes.extend_from_slice(line.as_bytes());
             if conn.stream.set_nonblocking(false).is_err()
-                || conn.stream.set_write_timeout(Some(REQUEST_TIMEOUT)).is_err()
+                || conn.stream.set_write_timeout(Some(left)).is_err()
             {
                 continue;
             }
