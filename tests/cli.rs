@@ -607,6 +607,48 @@ fn stop_wait_reports_the_masters_outcome() {
 }
 
 #[test]
+fn stop_wait_on_a_master_killed_meanwhile_says_it_ended_without_saying_how() {
+    let dir = TempDir::new("stop-wait-killed");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    // The worker ignores SIGTERM, so the master is still in its grace
+    // period when it is SIGKILLed.
+    let mut master = Master::start(&[
+        "-w",
+        "1",
+        "--ready-on-start",
+        "--kill-timeout",
+        "30",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; exec sleep 30",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    stat_until_live(&socket, 1);
+    let stop = Command::new(BIN)
+        .args(["stop", "--control", sock, "--wait", "--timeout", "20"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stop = Reaped(stop);
+    master.expect_line("shutdown started", Duration::from_secs(10));
+    signal(master.child.0.id(), libc::SIGKILL);
+    let status = stop.wait_within(Duration::from_secs(15), "stop --wait");
+    let mut said = String::new();
+    stop.0.stdout.take().unwrap().read_to_string(&mut said).unwrap();
+    stop.0.stderr.take().unwrap().read_to_string(&mut said).unwrap();
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(said.contains("ended without saying how"), "{said}");
+    let (code, _) = master.finish(Duration::from_secs(10));
+    assert_eq!(code, None, "killed by a signal");
+}
+
+#[test]
 fn stat_shows_no_inbox_bytes_on_a_slot_that_never_had_a_worker() {
     let dir = TempDir::new("inbox");
     let socket = dir.socket();
