@@ -20,9 +20,10 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  run: the cluster shut down cleanly (every worker it stopped was ready
      and ended within the grace period); stat/reload/stop: done
-  1  run: an unclean shutdown (a worker not ready yet or waiting to be
-     restarted when it began, one that exited with an error or was killed
-     at the grace deadline, a slot given up after a crash loop);
+  1  run: an unclean shutdown (when it began, a worker that had crashed
+     before it was ever ready or had not been ready within the ready
+     timeout; then one that exited with an error or was killed at the
+     grace deadline; a slot given up after a crash loop);
      stat/reload/stop: no master answered, it refused, a reload failed, or
      --wait timed out or the master ended without saying how
   2  a usage error, or run could not start (bad option, command not found,
