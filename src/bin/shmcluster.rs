@@ -18,8 +18,9 @@ use client::{ClientError, Snapshot};
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  run: the cluster shut down cleanly (every worker it stopped was ready
-     and ended within the grace period); stat/reload/stop: done
+  0  run: the cluster shut down cleanly (none of the workers it stopped
+     was unhealthy, see 1, and each ended within the grace period);
+     stat/reload/stop: done
   1  run: an unclean shutdown (when it began, a worker that had crashed
      before it was ever ready or had not been ready within the ready
      timeout; then one that exited with an error or was killed at the
