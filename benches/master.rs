@@ -408,7 +408,7 @@ fn await_http(addr: SocketAddr) -> Res<()> {
 struct Http {
     steady: Load,
     reload: Load,
-    /// `ReloadFinished { ok: true }` events the master logged.
+    /// `reload finished: ok` events the master logged.
     reloads_ok: usize,
     /// The master's exit status after `SIGTERM`, and how long it took.
     exit: ExitStatus,
@@ -469,7 +469,7 @@ fn http() -> Res<Http> {
     let log = log.join().unwrap_or_default();
     let (steady, reload) = result?;
     let exit = exit?;
-    let reloads_ok = log.matches("ReloadFinished { ok: true }").count();
+    let reloads_ok = log.matches("reload finished: ok").count();
     Ok(Http {
         steady,
         reload,

@@ -80,10 +80,7 @@ fn main() {
                 let _ = io::stdout().flush();
             }
             if !quiet || !matches!(event.kind, EventKind::Spawned | EventKind::Online) {
-                eprintln!(
-                    "[master] {:?} slot {} index {} pid {} generation {}",
-                    event.kind, event.slot, event.index, event.pid, event.generation
-                );
+                eprintln!("[master] {event}");
             }
         })
         .run(|mut worker| -> io::Result<()> {

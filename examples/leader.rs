@@ -1,9 +1,11 @@
 //! Leader and followers in a 4-worker cluster: every worker campaigns; the
 //! leader owns a pretend outside connection (an id counter) and serves
 //! `invoke("next_id")`; followers call it and subscribe to a "config"
-//! topic that worker 0 publishes. Then worker 0 SIGKILLs the leader, a
-//! waiting candidate takes over with a larger term, the next invoke goes
-//! to it, and worker 0 asks the master to shut the cluster down.
+//! topic. Once every worker is ready and the leader is elected, the
+//! lowest-numbered worker that does *not* lead (whichever worker won, so
+//! the failover is shown on every run) publishes the config, SIGKILLs the
+//! leader, sees a waiting candidate take over with a larger term, sends
+//! the next invoke to it, and asks the master to shut the cluster down.
 //!
 //! ```sh
 //! cargo run --release --example leader
@@ -45,8 +47,33 @@ fn serve_until(m: &mut Messenger, mut done: impl FnMut(&Messenger) -> bool) -> R
     Ok(())
 }
 
+/// Whether this worker runs the demonstration: the lowest-numbered
+/// instance that does not lead, chosen by every first-generation worker
+/// alike once all are ready and the leader is known (a respawn never
+/// drives: it would start the demonstration again).
+fn drives(m: &mut Messenger) -> Res<bool> {
+    let w = m.worker().ok_or("not a cluster worker")?;
+    if w.generation() != 1 {
+        return Ok(false);
+    }
+    if !w.wait_all_ready(Duration::from_secs(5)) {
+        return Err("workers not ready".into());
+    }
+    serve_until(m, |m| m.leader().is_some())?;
+    let leader = m.leader().ok_or("no leader")?;
+    let w = m.worker().ok_or("not a cluster worker")?;
+    let driver = w
+        .peers()
+        .into_iter()
+        .filter(|p| p.state == WorkerState::Ready && p.slot != leader.slot)
+        .filter_map(|p| p.index.map(|index| (index, p.slot)))
+        .min()
+        .ok_or("no worker besides the leader")?;
+    Ok(driver.1 == w.slot())
+}
+
 fn worker(worker: Worker) -> Res<()> {
-    let (slot, index) = (worker.slot(), worker.index());
+    let (slot, respawn) = (worker.slot(), worker.generation() != 1);
     let mut m = Messenger::new(worker);
 
     // The leader's "connection": ids from a counter only the leader uses.
@@ -63,30 +90,36 @@ fn worker(worker: Worker) -> Res<()> {
         }
     });
     m.campaign()?;
-    if let Some(w) = m.worker() {
-        w.ready();
+    // The first workers are ready at once (the driver is chosen among
+    // them); a respawn once it has caught up (subscribed, taken its ids),
+    // so that the driver, which waits for every worker to be ready again
+    // before it asks for the shutdown, never stops it half way.
+    if !respawn {
+        m.worker().ok_or("not a cluster worker")?.ready();
     }
-    if index != 0 {
-        // Followers: subscribe, take a few ids, then serve.
+    if !drives(&mut m)? {
+        // Followers (the leader among them): subscribe, take a few ids,
+        // then serve.
         serve_until(&mut m, |m| m.leader().is_some())?;
         m.subscribe::<String, _>("config", soon(), move |_, v| {
             say(slot, format!("config is {v:?}"))
         })?;
         if !m.is_leader() {
             for _ in 0..2 {
-                let id: u64 = m.invoke("next_id", &(), soon())?;
+                // Idempotent: if the driver kills the leader meanwhile,
+                // the call goes to the next one instead of failing.
+                let id: u64 = m.invoke_idempotent("next_id", &(), soon())?;
                 say(slot, format!("got id {id}"));
             }
+        }
+        if respawn {
+            m.worker().ok_or("not a cluster worker")?.ready();
         }
         m.run()?;
         return Ok(());
     }
 
-    // Worker 0 runs the demonstration.
-    let w = m.worker().ok_or("not a cluster worker")?;
-    if !w.wait_all_ready(Duration::from_secs(5)) {
-        return Err("workers not ready".into());
-    }
+    // This worker runs the demonstration; it does not lead.
     m.publish("config", "v1", soon())?;
     std::thread::sleep(Duration::from_millis(200));
     m.poll(Duration::from_millis(50))?;
@@ -96,21 +129,20 @@ fn worker(worker: Worker) -> Res<()> {
         format!("leader is slot {} (term {})", first.slot, first.term),
     );
     if first.slot == slot {
-        say(slot, "worker 0 itself leads: not killing it");
-    } else {
-        let peer = m
-            .worker()
-            .and_then(|w| w.peers().into_iter().find(|p| p.slot == first.slot));
-        let pid = peer.ok_or("no leader process")?.pid;
-        say(slot, format!("SIGKILL to the leader (pid {pid})"));
-        // SAFETY: kill(2) takes a pid and a signal number, no pointers.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        serve_until(&mut m, |m| m.leader().is_some_and(|l| l.term > first.term))?;
-        // A settled read names the new holder.
-        std::thread::sleep(Duration::from_millis(5));
-        let now = m.leader().ok_or("no leader")?;
-        say(slot, format!("new leader: slot {} (term {})", now.slot, now.term));
+        return Err("the demonstration's driver leads: it would kill itself".into());
     }
+    let peer = m
+        .worker()
+        .and_then(|w| w.peers().into_iter().find(|p| p.slot == first.slot));
+    let pid = peer.ok_or("no leader process")?.pid;
+    say(slot, format!("SIGKILL to the leader (pid {pid})"));
+    // SAFETY: kill(2) takes a pid and a signal number, no pointers.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    serve_until(&mut m, |m| m.leader().is_some_and(|l| l.term > first.term))?;
+    // A settled read names the new holder.
+    std::thread::sleep(Duration::from_millis(5));
+    let now = m.leader().ok_or("no leader")?;
+    say(slot, format!("new leader: slot {} (term {})", now.slot, now.term));
     let id: u64 = m.invoke_idempotent("next_id", &(), soon())?;
     say(slot, format!("got id {id} from the leader"));
     m.publish("config", "v2", soon())?;

@@ -84,8 +84,8 @@ pub use cluster::http;
 #[cfg(not(loom))]
 pub use cluster::{
     Cluster, ClusterBuilder, ClusterError, ClusterStats, Event, EventKind, Events, ExitReason, Incoming,
-    ListenAddr, ListenError, ListenMode, ListenSpec, Listener, Peer, Report, SlotStats, StopWatch, Worker,
-    WorkerError, WorkerState,
+    ListenAddr, ListenError, ListenMode, ListenSpec, Listener, Outcome, Peer, Report, SlotStats, StopWatch,
+    Unhealthy, Worker, WorkerError, WorkerState,
 };
 #[cfg(not(loom))]
 pub use endpoint::{Endpoint, Message, Received, Reservation, Tag, WaitStrategy};

@@ -367,7 +367,11 @@ fn stat_reload_and_stop_through_the_control_socket() {
     let out = cli(&["stop", "--control", sock, "--wait"], Duration::from_secs(30));
     assert!(out.status.success(), "{} {}", out.stdout, out.stderr);
     assert!(out.stdout.contains("shutdown started"), "{}", out.stdout);
-    assert!(out.stdout.contains("master exited"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("master exited: clean shutdown") && out.stdout.contains("(exit code 0)"),
+        "{}",
+        out.stdout
+    );
     let (code, log) = master.finish(Duration::from_secs(15));
     assert_eq!(code, Some(0), "{log:#?}");
     assert!(log.iter().any(|l| l.contains("clean shutdown")), "{log:#?}");
@@ -433,4 +437,313 @@ fn a_tcp_listener_is_served_by_python_workers_on_fd_3() {
     assert!(out.status.success(), "{}", out.stderr);
     let (code, log) = master.finish(Duration::from_secs(15));
     assert_eq!(code, Some(0), "{log:#?}");
+}
+
+/// `kill(pid, sig)`: a real signal, as an operator sends it.
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) takes a pid and a signal number, no pointers.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Waits until `stat` shows every instance's row (index not `-`) with at
+/// least `n` restarts.
+fn stat_until_restarts(socket: &Path, n: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = cli(
+            &["stat", "--control", socket.to_str().unwrap()],
+            Duration::from_secs(10),
+        );
+        let rows: Vec<Vec<&str>> = out
+            .stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<&str>>())
+            .filter(|cols| cols.len() > 5 && cols[0].parse::<u32>().is_ok() && cols[1] != "-")
+            .collect();
+        let restarted = !rows.is_empty()
+            && rows
+                .iter()
+                .all(|cols| cols[5].parse::<u64>().is_ok_and(|r| r >= n));
+        if out.status.success() && restarted {
+            return out.stdout;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stat never showed {n} restarts: {} {}",
+            out.stdout,
+            out.stderr
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_shutdown_of_workers_that_never_became_ready_is_unclean() {
+    let dir = TempDir::new("never-ready");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    let mut master = Master::start(&[
+        "-w",
+        "2",
+        "--backoff-ms",
+        "20",
+        "--kill-timeout",
+        "5",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    stat_until_restarts(&socket, 2);
+    signal(master.child.0.id(), libc::SIGTERM);
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(1), "no worker was ever ready: {log:#?}");
+    let last = log.iter().rfind(|l| l.contains("master exiting")).unwrap();
+    assert!(last.contains("unclean shutdown"), "{last}");
+    assert!(
+        last.contains("worker 0 crashed before it was ever ready")
+            && last.contains("worker 1 crashed before it was ever ready"),
+        "{last}"
+    );
+
+    // A worker that runs but is not ready within the ready timeout (no
+    // --ready-on-start) is not healthy either, though it dies of SIGTERM.
+    let mut master = Master::start(&[
+        "-w",
+        "1",
+        "--ready-timeout",
+        "0.2",
+        "--kill-timeout",
+        "5",
+        "--control",
+        sock,
+        "--",
+        "sleep",
+        "30",
+    ]);
+    master.expect_line("spawned", Duration::from_secs(10));
+    stat_until_live(&socket, 1);
+    std::thread::sleep(Duration::from_millis(400));
+    signal(master.child.0.id(), libc::SIGTERM);
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(1), "{log:#?}");
+    let last = log.iter().rfind(|l| l.contains("master exiting")).unwrap();
+    assert!(
+        last.contains("unclean shutdown: worker 0 never became ready"),
+        "{last}"
+    );
+}
+
+#[test]
+fn a_master_whose_every_slot_is_given_up_exits_3() {
+    let dir = TempDir::new("all-given-up");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    let mut master = Master::start(&[
+        "-w",
+        "2",
+        "--max-restarts",
+        "2",
+        "--backoff-ms",
+        "10",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    // Nothing is left to supervise: the master ends on its own.
+    let (code, log) = master.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(3), "{log:#?}");
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("crash loop: not restarting it"))
+            .count(),
+        2,
+        "{log:#?}"
+    );
+    assert!(
+        log.iter().any(|l| l.contains("every worker slot was given up")),
+        "{log:#?}"
+    );
+    assert!(!socket.exists(), "the socket file is removed at exit");
+}
+
+#[test]
+fn stop_wait_reports_the_masters_outcome() {
+    let dir = TempDir::new("stop-wait");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    // A worker that ignores SIGTERM is killed at the grace deadline: an
+    // unclean shutdown, exit 1.
+    let mut master = Master::start(&[
+        "-w",
+        "1",
+        "--ready-on-start",
+        "--kill-timeout",
+        "0.5",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; exec sleep 30",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    stat_until_live(&socket, 1);
+    let out = cli(&["stop", "--control", sock, "--wait"], Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{} {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("shutdown started"), "{}", out.stdout);
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(said.contains("unclean shutdown"), "{said}");
+    assert!(said.contains("exit code 1"), "{said}");
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(1), "{log:#?}");
+}
+
+#[test]
+fn stop_wait_on_a_master_killed_meanwhile_says_it_ended_without_saying_how() {
+    let dir = TempDir::new("stop-wait-killed");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    // The worker ignores SIGTERM, so the master is still in its grace
+    // period when it is SIGKILLed.
+    let mut master = Master::start(&[
+        "-w",
+        "1",
+        "--ready-on-start",
+        "--kill-timeout",
+        "30",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "trap '' TERM; exec sleep 30",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    stat_until_live(&socket, 1);
+    let stop = Command::new(BIN)
+        .args(["stop", "--control", sock, "--wait", "--timeout", "20"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stop = Reaped(stop);
+    master.expect_line("shutdown started", Duration::from_secs(10));
+    signal(master.child.0.id(), libc::SIGKILL);
+    let status = stop.wait_within(Duration::from_secs(15), "stop --wait");
+    let mut said = String::new();
+    stop.0.stdout.take().unwrap().read_to_string(&mut said).unwrap();
+    stop.0.stderr.take().unwrap().read_to_string(&mut said).unwrap();
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(said.contains("ended without saying how"), "{said}");
+    let (code, _) = master.finish(Duration::from_secs(10));
+    assert_eq!(code, None, "killed by a signal");
+}
+
+#[test]
+fn stat_shows_no_inbox_bytes_on_a_slot_that_never_had_a_worker() {
+    let dir = TempDir::new("inbox");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    // Crashing workers: every death is cleaned up after in every lane.
+    let mut master = Master::start(&[
+        "-w",
+        "2",
+        "--backoff-ms",
+        "20",
+        "--kill-timeout",
+        "5",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    let stat = stat_until_restarts(&socket, 3);
+    let free: Vec<&str> = stat.lines().filter(|l| l.contains(" Free ")).collect();
+    assert_eq!(free.len(), 1, "the reload spare: {stat}");
+    let cols: Vec<&str> = free[0].split_whitespace().collect();
+    assert_eq!(cols.last(), Some(&"0"), "nothing waits for the spare: {stat}");
+    for row in stat
+        .lines()
+        .filter(|l| l.contains(" Dead ") || l.contains(" Starting "))
+    {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols.last(), Some(&"0"), "no worker sent anything: {stat}");
+    }
+    signal(master.child.0.id(), libc::SIGTERM);
+    master.finish(Duration::from_secs(15));
+}
+
+#[test]
+fn event_lines_show_only_the_fields_an_event_carries() {
+    let dir = TempDir::new("events");
+    let socket = dir.socket();
+    let sock = socket.to_str().unwrap();
+    let mut master = Master::start(&[
+        "-w",
+        "1",
+        "--max-restarts",
+        "0",
+        "--control",
+        sock,
+        "--",
+        "sh",
+        "-c",
+        "exit 1",
+    ]);
+    master.expect_line("control socket", Duration::from_secs(10));
+    let given_up = master.expect_line("crash loop", Duration::from_secs(10));
+    assert!(given_up.contains("slot 0"), "{given_up}");
+    assert!(!given_up.contains("pid"), "no process is left: {given_up}");
+    let (_, log) = master.finish(Duration::from_secs(15));
+    for line in &log {
+        assert!(
+            !line.contains("4294967295") && !line.contains("pid 0") && !line.contains("generation 0"),
+            "a field the event does not carry: {line}"
+        );
+    }
+}
+
+#[test]
+fn start_up_errors_name_the_real_problem() {
+    let dir = TempDir::new("messages");
+    let out = cli(&["run", "-w", "-1", "--", "true"], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("cannot be negative"), "{}", out.stderr);
+    assert!(!out.stderr.contains("4294967295"), "{}", out.stderr);
+
+    let out = cli(&["run", "-w", "5000", "--", "true"], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    let most = format!("at most {}", shmcluster::MAX_WORKERS - 1);
+    assert!(out.stderr.contains(&most), "{}", out.stderr);
+
+    let out = cli(&["run", "--", "/nonexistent/cmd"], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("no such file"), "{}", out.stderr);
+    assert!(!out.stderr.contains("PATH"), "{}", out.stderr);
+
+    let out = cli(&["run", "--", "no-such-program-here"], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("not found in PATH"), "{}", out.stderr);
+
+    let plain = dir.0.join("plain.txt");
+    std::fs::write(&plain, "echo hi\n").unwrap();
+    let out = cli(&["run", "--", plain.to_str().unwrap()], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("not executable"), "{}", out.stderr);
+
+    let out = cli(&["run", "--", dir.0.to_str().unwrap()], Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("is a directory"), "{}", out.stderr);
 }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use shmcluster::{Cluster, Event, EventKind, ListenMode};
+use shmcluster::{Cluster, ListenMode, MAX_WORKERS};
 
 #[path = "shmcluster/client.rs"]
 mod client;
@@ -18,12 +18,21 @@ use client::{ClientError, Snapshot};
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  run: the cluster shut down cleanly; stat/reload/stop: done
-  1  run: an unclean shutdown (a worker killed at the grace deadline, a slot
-     given up after a crash loop); stat/reload/stop: no master answered, it
-     refused, a reload failed, or --wait timed out
+  0  run: the cluster shut down cleanly (none of the workers it stopped
+     was unhealthy, see 1, and each ended within the grace period);
+     stat/reload/stop: done
+  1  run: an unclean shutdown (when it began, a worker that had crashed
+     before it was ever ready or had not been ready within the ready
+     timeout; then one that exited with an error or was killed at the
+     grace deadline; a slot given up after a crash loop);
+     stat/reload/stop: no master answered, it refused, a reload failed, or
+     --wait timed out or the master ended without saying how
   2  a usage error, or run could not start (bad option, command not found,
-     address not bindable, control socket not bindable): nothing was started";
+     address not bindable, control socket not bindable): nothing was started
+  3  run: every worker slot was given up after crash loops, so the master
+     stopped by itself
+  stop --wait exits with the master's own exit code (0, 1 or 3) once it has
+  exited";
 
 /// Brokerless shared-memory IPC for pre-forked worker clusters: a process
 /// manager that starts and supervises workers, and tools to inspect it.
@@ -60,8 +69,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Worker instances to keep running (0: one per CPU).
-    #[arg(short = 'w', long = "workers", value_name = "N", default_value_t = 0)]
+    /// Worker instances to keep running (0: one per CPU; at most 1023).
+    #[arg(short = 'w', long = "workers", value_name = "N", default_value_t = 0, value_parser = workers, allow_negative_numbers = true)]
     workers: u32,
     /// Listen on ADDR ("host:port", ":port", or a unix socket path); passed
     /// to every worker from fd 3. Repeatable.
@@ -150,6 +159,24 @@ struct WaitArgs {
     timeout: Duration,
 }
 
+/// Parses a worker count, saying what is wrong with a bad one (clap's
+/// own `u32` parser would answer `-1` with "not in 0..=4294967295").
+fn workers(s: &str) -> Result<u32, String> {
+    let max = MAX_WORKERS - 1; // one slot is kept spare for reloads
+    match s.trim().parse::<i64>() {
+        Ok(n) if n < 0 => Err(format!(
+            "a worker count cannot be negative: give 1 to {max}, or 0 for one per CPU"
+        )),
+        Ok(n) if n > i64::from(max) => Err(format!(
+            "{n} workers: at most {max} (a segment holds {MAX_WORKERS} slots, one kept spare for reloads)"
+        )),
+        Ok(n) => Ok(n as u32),
+        Err(_) => Err(format!(
+            "{s:?} is not a number of workers: give 1 to {max}, or 0 for one per CPU"
+        )),
+    }
+}
+
 /// Parses a non-negative number of seconds (fractions allowed).
 fn secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
@@ -164,7 +191,10 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Stat(args) => report(stat(args)),
         Command::Reload(args) => report(reload(args)),
-        Command::Stop(args) => report(stop(args)),
+        Command::Stop(args) => match stop(args) {
+            Ok(code) => code,
+            Err(e) => report(Err(e)),
+        },
     };
     ExitCode::from(code)
 }
@@ -177,36 +207,6 @@ fn report(r: Result<(), ClientError>) -> u8 {
             1
         }
     }
-}
-
-fn describe(event: &Event) -> String {
-    let what = match event.kind {
-        EventKind::Spawned => "spawned".to_string(),
-        EventKind::Online => "online".to_string(),
-        EventKind::Exit(reason) => format!("ended: {reason}"),
-        EventKind::CrashLoop => "crash loop: not restarting it".to_string(),
-        EventKind::ReloadStarted => return "reload started".into(),
-        EventKind::ReloadFinished { ok: true } => return "reload finished: ok".into(),
-        EventKind::ReloadFinished { ok: false } => {
-            return "reload finished: failed (a replacement was not ready; old worker kept)".into()
-        }
-        EventKind::ShutdownStarted => return "shutdown started".into(),
-        EventKind::LockHeldTooLong { lock } => format!("held lock entry {lock} past the hold limit"),
-        EventKind::StartFailed { errno } => format!(
-            "could not be started: {}; retrying",
-            std::io::Error::from_raw_os_error(errno)
-        ),
-        other => format!("{other:?}"),
-    };
-    let index = if event.index == u32::MAX {
-        "-".into()
-    } else {
-        event.index.to_string()
-    };
-    format!(
-        "worker {index} {what} (slot {}, pid {}, generation {})",
-        event.slot, event.pid, event.generation
-    )
 }
 
 fn run(args: RunArgs) -> u8 {
@@ -257,21 +257,11 @@ fn run(args: RunArgs) -> u8 {
                 }
             );
         }
-        eprintln!("shmcluster: {}", describe(event));
+        eprintln!("shmcluster: {event}");
     });
     match builder.command(args.command) {
         Ok(report) => {
-            eprintln!(
-                "shmcluster: master exiting, {} shutdown ({} restarts, {} killed{})",
-                if report.clean { "clean" } else { "unclean" },
-                report.restarts,
-                report.killed,
-                if report.failed_slots.is_empty() {
-                    String::new()
-                } else {
-                    format!(", slots given up: {:?}", report.failed_slots)
-                }
-            );
+            eprintln!("shmcluster: master exiting, {report}");
             report.exit_code() as u8
         }
         Err(e) => {
@@ -343,27 +333,20 @@ fn reload(args: WaitArgs) -> Result<(), ClientError> {
     }
 }
 
-fn stop(args: WaitArgs) -> Result<(), ClientError> {
+fn stop(args: WaitArgs) -> Result<u8, ClientError> {
     let path = client::resolve(args.target.control, args.target.pid)?;
+    // Asked before the stop, so that the master's end cannot be missed.
+    let waiter = if args.wait {
+        Some(client::Waiter::open(&path)?)
+    } else {
+        None
+    };
     let response = client::request(&path, "stop")?;
     println!("{}", response.trim_start_matches("ok ").trim_end());
-    if !args.wait {
-        return Ok(());
-    }
-    let deadline = Instant::now() + args.timeout;
-    loop {
-        match client::request(&path, "ping") {
-            Err(ClientError::Connect { .. }) => {
-                println!("master exited");
-                return Ok(());
-            }
-            _ if Instant::now() >= deadline => {
-                return Err(ClientError::NoMaster(format!(
-                    "the master did not exit within {:?}",
-                    args.timeout
-                )))
-            }
-            _ => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+    let Some(waiter) = waiter else {
+        return Ok(0);
+    };
+    let exited = waiter.outcome(args.timeout)?;
+    println!("master exited: {} (exit code {})", exited.summary, exited.code);
+    Ok(exited.code)
 }

@@ -11,8 +11,25 @@
 //! # Protocol
 //! One request line, one response, then the master closes the connection.
 //! Requests: `ping`, `stat`, `reload` (a rolling reload, as `SIGHUP`),
-//! `stop` (a graceful shutdown, as `SIGTERM`). Every response starts with
-//! `ok ...` or `err <message>`. `stat` answers with lines of
+//! `stop` (a graceful shutdown, as `SIGTERM`), `wait` (see below). Every
+//! response starts with `ok ...` or `err <message>`.
+//!
+//! `wait` is answered `ok waiting` and the connection is then held open
+//! until the master ends: just before it exits, the master writes how the
+//! cluster ended on it and closes it (`shmcluster stop --wait` reports
+//! this; the master is not the client's child, so the client cannot
+//! `waitpid` it):
+//!
+//! ```text
+//! ok waiting
+//! exited code=1 outcome=unclean restarts=14 killed=0 summary=unclean%20shutdown%3A%20...
+//! ```
+//!
+//! The connection itself is the robust part: a master that is killed
+//! (`SIGKILL`) writes nothing, but the kernel still closes its end, so a
+//! waiting client sees end-of-file without an `exited` line instead of
+//! waiting forever; and nothing is left on disk to be read by mistake
+//! after a later master reuses the pid. `stat` answers with lines of
 //! space-separated `key=value` fields (values escaped as in [`escape`];
 //! `-` for none), ended by `end`:
 //!
@@ -37,7 +54,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Acquire;
 use std::time::{Duration, Instant};
 
-use super::master::Cluster;
+use super::master::{Cluster, Report};
 use super::{ClusterStats, Event, EventKind};
 use crate::sys;
 
@@ -138,21 +155,42 @@ struct ReloadCounts {
     last_ok: Option<bool>,
 }
 
-/// One client connection: reading its request, then writing the response.
+/// The master's answer to one request line.
+pub(crate) struct Reply {
+    /// The response.
+    text: String,
+    /// Keep the connection open after the response (`wait`): the master's
+    /// outcome is written on it at exit.
+    wait: bool,
+}
+
+impl Reply {
+    /// A response after which the connection is closed.
+    fn close(text: String) -> Self {
+        Self { text, wait: false }
+    }
+}
+
+/// One client connection: reading its request, then writing the response
+/// (and, for `wait`, staying open until the master ends).
 struct Conn {
     stream: UnixStream,
     input: Vec<u8>,
     /// The response and how much of it is written.
     output: Option<(Vec<u8>, usize)>,
-    deadline: Instant,
+    /// When the client must have sent its request and taken the response;
+    /// none for a `wait` connection once answered.
+    deadline: Option<Instant>,
+    /// A `wait` connection: kept open until [`ControlServer::finish`].
+    waiting: bool,
 }
 
 impl Conn {
     /// Reads and answers as far as the socket allows without blocking;
     /// `false` once the connection is finished (answered, broken, or too
     /// slow) and should be closed.
-    fn advance(&mut self, now: Instant, answer: &mut dyn FnMut(&[u8]) -> String) -> bool {
-        if now >= self.deadline {
+    fn advance(&mut self, now: Instant, answer: &mut dyn FnMut(&[u8]) -> Reply) -> bool {
+        if self.deadline.is_some_and(|d| now >= d) {
             return false;
         }
         if self.output.is_none() {
@@ -163,9 +201,13 @@ impl Conn {
             };
             let reply = match line {
                 Some(line) => answer(&line),
-                None => format!("err request longer than {MAX_REQUEST} bytes\n"),
+                None => Reply::close(format!("err request longer than {MAX_REQUEST} bytes\n")),
             };
-            self.output = Some((reply.into_bytes(), 0));
+            self.output = Some((reply.text.into_bytes(), 0));
+            if reply.wait {
+                self.waiting = true;
+                self.deadline = None;
+            }
         }
         let Some((out, pos)) = self.output.as_mut() else {
             return false;
@@ -178,6 +220,9 @@ impl Conn {
                 Err(_) => return false,
             }
         }
+        if self.waiting {
+            return self.still_there();
+        }
         // Closing a unix socket with unread bytes makes the peer's read fail
         // with ECONNRESET, losing the response: discard a little of what
         // is left (a request that was too long, say) first.
@@ -188,6 +233,22 @@ impl Conn {
             }
         }
         false
+    }
+
+    /// Whether the client of a `wait` connection is still connected
+    /// (anything it sends is discarded; its hang-up frees the connection).
+    fn still_there(&mut self) -> bool {
+        let mut scratch = [0u8; MAX_REQUEST];
+        for _ in 0..16 {
+            match self.stream.read(&mut scratch) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// `Ok(None)`: no full line yet. `Ok(Some(None))`: over the size
@@ -301,11 +362,13 @@ impl ControlServer {
         let soon = Instant::now() + Duration::from_millis(10);
         self.conns
             .iter()
-            .map(|c| {
-                if c.output.is_some() {
-                    soon.min(c.deadline)
-                } else {
-                    c.deadline
+            .filter_map(|c| {
+                let unsent = c.output.as_ref().is_some_and(|(out, pos)| *pos < out.len());
+                match (c.deadline, unsent) {
+                    (Some(d), true) => Some(soon.min(d)),
+                    (Some(d), false) => Some(d),
+                    (None, true) => Some(soon),
+                    (None, false) => None,
                 }
             })
             .min()
@@ -356,7 +419,8 @@ impl ControlServer {
                 stream,
                 input: Vec::new(),
                 output: None,
-                deadline: now + REQUEST_TIMEOUT,
+                deadline: Some(now + REQUEST_TIMEOUT),
+                waiting: false,
             };
             match sys::net::peer_uid(conn.stream.as_fd()) {
                 Ok(uid) if peer_allowed(uid, self.uid) => {}
@@ -374,6 +438,50 @@ impl ControlServer {
     }
 }
 
+impl ControlServer {
+    /// At the master's exit: tells every client waiting on a `wait`
+    /// connection how the cluster ended (one `exited ...` line, see the
+    /// module docs), then closes the socket and removes its file. Clients
+    /// too slow to take the line are given up: all of them together may
+    /// hold the master's exit back by [`REQUEST_TIMEOUT`] at most.
+    pub(crate) fn finish(mut self, report: &Report) {
+        let line = format!(
+            "exited code={} outcome={} restarts={} killed={} summary={}\n",
+            report.exit_code(),
+            report.outcome.as_str(),
+            report.restarts,
+            report.killed,
+            escape(&report.to_string())
+        );
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        for conn in self.conns.iter_mut().filter(|c| c.waiting) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            // The rest of `ok waiting` if it is not all out yet, then the line.
+            let mut bytes = conn
+                .output
+                .take()
+                .map_or_else(Vec::new, |(out, pos)| out.get(pos..).unwrap_or_default().to_vec());
+            bytes.extend_from_slice(line.as_bytes());
+            if conn.stream.set_nonblocking(false).is_err()
+                || conn.stream.set_write_timeout(Some(left)).is_err()
+            {
+                continue;
+            }
+            let mut pos = 0;
+            while pos < bytes.len() {
+                match sys::net::send_with_fd(conn.stream.as_fd(), &bytes[pos..], None) {
+                    Ok(n) if n > 0 => pos += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
 impl Drop for ControlServer {
     fn drop(&mut self) {
         // Only our own socket file: not one a later master bound there.
@@ -386,8 +494,19 @@ impl Drop for ControlServer {
 }
 
 /// The response to one request line; `reload` and `stop` act on `cluster`.
-fn respond(line: &[u8], cluster: &Cluster, started: Instant, reloads: ReloadCounts) -> String {
+fn respond(line: &[u8], cluster: &Cluster, started: Instant, reloads: ReloadCounts) -> Reply {
     let request = std::str::from_utf8(line).unwrap_or("").trim();
+    if request == "wait" {
+        return Reply {
+            text: "ok waiting\n".into(),
+            wait: true,
+        };
+    }
+    Reply::close(answer(request, cluster, started, reloads))
+}
+
+/// The response to every request but `wait`.
+fn answer(request: &str, cluster: &Cluster, started: Instant, reloads: ReloadCounts) -> String {
     let shutting_down = cluster.segment().control().shutdown.load(Acquire) != 0;
     match request {
         "ping" => format!("ok pong pid={} v={WIRE_VERSION}\n", sys::getpid()),
@@ -407,7 +526,7 @@ fn respond(line: &[u8], cluster: &Cluster, started: Instant, reloads: ReloadCoun
             "ok shutdown started\n".into()
         }
         other => format!(
-            "err unknown request {}: expected ping, stat, reload or stop\n",
+            "err unknown request {}: expected ping, stat, reload, stop or wait\n",
             escape(other)
         ),
     }
@@ -571,12 +690,13 @@ mod tests {
             stream: server,
             input: Vec::new(),
             output: None,
-            deadline: now + REQUEST_TIMEOUT,
+            deadline: Some(now + REQUEST_TIMEOUT),
+            waiting: false,
         };
         let mut seen = Vec::new();
         let mut answer = |line: &[u8]| {
             seen.push(line.to_vec());
-            "ok\n".to_string()
+            Reply::close("ok\n".to_string())
         };
         assert!(conn.advance(now, &mut answer), "nothing sent yet");
         client.write_all(b"pi").unwrap();
@@ -595,7 +715,8 @@ mod tests {
             stream: server,
             input: Vec::new(),
             output: None,
-            deadline: now + REQUEST_TIMEOUT,
+            deadline: Some(now + REQUEST_TIMEOUT),
+            waiting: false,
         };
         client.write_all(&[b'x'; MAX_REQUEST + 10]).unwrap();
         assert!(!conn.advance(now, &mut |_| unreachable!()));
@@ -611,8 +732,37 @@ mod tests {
             stream: server,
             input: Vec::new(),
             output: None,
-            deadline: now,
+            deadline: Some(now),
+            waiting: false,
         };
         assert!(!conn.advance(now, &mut |_| unreachable!()));
+    }
+
+    #[test]
+    fn a_wait_connection_stays_open_and_a_hang_up_frees_it() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let now = Instant::now();
+        let mut conn = Conn {
+            stream: server,
+            input: Vec::new(),
+            output: None,
+            deadline: Some(now + REQUEST_TIMEOUT),
+            waiting: false,
+        };
+        client.write_all(b"wait\n").unwrap();
+        let mut answer = |_: &[u8]| Reply {
+            text: "ok waiting\n".into(),
+            wait: true,
+        };
+        assert!(conn.advance(now, &mut answer), "answered, and kept open");
+        assert!(conn.waiting && conn.deadline.is_none());
+        let later = now + 10 * REQUEST_TIMEOUT;
+        assert!(conn.advance(later, &mut answer), "no deadline while waiting");
+        let mut got = [0u8; 11];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ok waiting\n");
+        drop(client);
+        assert!(!conn.advance(later, &mut answer), "the client hung up");
     }
 }

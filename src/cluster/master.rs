@@ -265,13 +265,109 @@ impl From<io::Error> for ClusterError {
     }
 }
 
+/// How a cluster ended: what [`Report::exit_code`] turns into a master
+/// binary's exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Shut down on request, and every worker the shutdown stopped was
+    /// healthy: ready when it began, then ended by exiting 0 or by the
+    /// shutdown's `SIGTERM`/`SIGINT` within the grace period; no slot was
+    /// given up. Exit code 0.
+    Clean,
+    /// Shut down on request, but not cleanly: see [`Report::unhealthy`]
+    /// and [`Report::failed_slots`]. Exit code 1.
+    Unclean,
+    /// Every instance's slot crash-looped and was given up: with nothing
+    /// left to supervise, the master stopped by itself. Exit code 3.
+    AllGivenUp,
+}
+
+impl Outcome {
+    /// 0, 1 or 3 (2 is left to the command line: a usage or start-up error).
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Self::Clean => 0,
+            Self::Unclean => 1,
+            Self::AllGivenUp => 3,
+        }
+    }
+
+    /// `clean`, `unclean` or `all-given-up`: one word, for logs and the
+    /// control socket.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Clean => "clean",
+            Self::Unclean => "unclean",
+            Self::AllGivenUp => "all-given-up",
+        }
+    }
+}
+
+/// A worker instance that made a shutdown unclean, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unhealthy {
+    /// No worker of it had been ready for longer than the ready timeout
+    /// (since its first start, or since its last ready worker ended) when
+    /// the shutdown began.
+    NeverReady {
+        /// The instance.
+        index: u32,
+    },
+    /// It was crashing when the shutdown began: its last worker crashed
+    /// (a non-zero exit, or a signal the master did not send) before it
+    /// was ever ready, and no worker there was ready since (the restart,
+    /// if one was running, was not ready either).
+    Crashing {
+        /// The instance.
+        index: u32,
+    },
+    /// Its worker ended during the shutdown otherwise than by exiting 0 or
+    /// by the shutdown's signal (or was being killed by the master: hung,
+    /// or holding a lock too long).
+    Ended {
+        /// The instance.
+        index: u32,
+        /// How it ended.
+        reason: ExitReason,
+    },
+    /// Its worker was still running at the end of the grace period and was
+    /// killed.
+    KilledAtDeadline {
+        /// The instance.
+        index: u32,
+    },
+}
+
+impl fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NeverReady { index } => write!(f, "worker {index} never became ready"),
+            Self::Crashing { index } => {
+                write!(f, "worker {index} crashed before it was ever ready")
+            }
+            Self::Ended { index, reason } => write!(f, "worker {index} {reason} during the shutdown"),
+            Self::KilledAtDeadline { index } => {
+                write!(
+                    f,
+                    "worker {index} did not exit within the grace period and was killed"
+                )
+            }
+        }
+    }
+}
+
 /// How a cluster ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Report {
-    /// Every worker ended within the grace period at shutdown, and no slot
-    /// was given up as crash-looping.
+    /// Clean, unclean, or every slot given up.
+    pub outcome: Outcome,
+    /// `outcome == Outcome::Clean`.
     pub clean: bool,
+    /// The instances that made the shutdown unclean, in the order found.
+    pub unhealthy: Vec<Unhealthy>,
     /// Workers replaced after dying.
     pub restarts: u32,
     /// Slots given up after a crash loop.
@@ -281,14 +377,37 @@ pub struct Report {
 }
 
 impl Report {
-    /// 0 for a clean shutdown, 1 otherwise: what a master binary should
-    /// exit with.
+    /// What a master binary should exit with: 0 after a clean shutdown, 1
+    /// after an unclean one, 3 when every slot was given up (see
+    /// [`Outcome::exit_code`]).
     pub fn exit_code(&self) -> i32 {
-        if self.clean {
-            0
-        } else {
-            1
+        self.outcome.exit_code()
+    }
+}
+
+/// One line for an operator: `clean shutdown (2 restarts, 0 killed)`,
+/// `unclean shutdown: worker 1 never became ready (...)`, or
+/// `every worker slot was given up after crash loops (...)`.
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.outcome {
+            Outcome::Clean => f.write_str("clean shutdown")?,
+            Outcome::Unclean => f.write_str("unclean shutdown")?,
+            Outcome::AllGivenUp => f.write_str("every worker slot was given up after crash loops")?,
         }
+        if self.outcome == Outcome::Unclean {
+            let mut why: Vec<String> = self.unhealthy.iter().map(ToString::to_string).collect();
+            if !self.failed_slots.is_empty() {
+                why.push(format!(
+                    "slots given up after crash loops: {:?}",
+                    self.failed_slots
+                ));
+            }
+            if !why.is_empty() {
+                write!(f, ": {}", why.join(", "))?;
+            }
+        }
+        write!(f, " ({} restarts, {} killed)", self.restarts, self.killed)
     }
 }
 
@@ -374,7 +493,9 @@ impl ClusterBuilder {
     }
 
     /// How long a reload waits for a replacement to declare itself ready
-    /// before killing it and keeping the old worker.
+    /// before killing it and keeping the old worker. Also: an instance
+    /// without a ready worker for this long makes a shutdown unclean
+    /// ([`Unhealthy::NeverReady`]).
     pub fn ready_timeout(mut self, d: Duration) -> Self {
         self.ready_timeout = d;
         self
@@ -438,9 +559,10 @@ impl ClusterBuilder {
     }
 
     /// Fork mode: forks the workers, each running `f` with its [`Worker`],
-    /// and supervises them until shutdown (SIGTERM or SIGINT). A worker
-    /// exits 0 when `f` returns `Ok`, 1 on `Err` (printed to stderr), 101
-    /// if it panics.
+    /// and supervises them until shutdown (SIGTERM or SIGINT), or until
+    /// every instance's slot has been given up after crash loops
+    /// ([`Outcome::AllGivenUp`]). A worker exits 0 when `f` returns `Ok`, 1
+    /// on `Err` (printed to stderr), 101 if it panics.
     ///
     /// # Errors
     /// [`ClusterError`], always before any worker is forked.
@@ -466,7 +588,8 @@ impl ClusterBuilder {
 
     /// Spawn mode: runs `argv` (a program of any language) as each worker,
     /// with its identity and descriptors in the environment (see
-    /// [`Worker::from_env`]) and its listeners as `LISTEN_FDS` from fd 3.
+    /// [`Worker::from_env`]) and its listeners as `LISTEN_FDS` from fd 3,
+    /// and supervises them as [`run`](Self::run) does.
     ///
     /// # Errors
     /// [`ClusterError::Command`] if the program cannot be found or
@@ -486,8 +609,8 @@ impl ClusterBuilder {
         let name = program.to_string_lossy().into_owned();
         if proc::find_executable(&name).is_none() {
             return Err(ClusterError::Command {
+                reason: why_not_executable(&name),
                 program: name,
-                reason: "not found in PATH, or not an executable file".into(),
             });
         }
         let argv = argv
@@ -566,7 +689,8 @@ impl ClusterBuilder {
             reload_requests_seen: 0,
             shutdown_requests_seen: 0,
             shutdown_deadline: None,
-            unclean: false,
+            unhealthy: Vec::new(),
+            gave_up: false,
             restarts: 0,
             killed: 0,
             failed: Vec::new(),
@@ -578,21 +702,59 @@ impl ClusterBuilder {
         let Master {
             cluster,
             signals,
-            unclean,
+            unhealthy,
+            gave_up,
             restarts,
             killed,
             failed,
+            control,
             ..
         } = master;
         cluster.listeners.borrow().remove_unix_paths();
         signals.uninstall();
         result?;
-        Ok(Report {
-            clean: !unclean && failed.is_empty(),
+        let outcome = if gave_up {
+            Outcome::AllGivenUp
+        } else if unhealthy.is_empty() && failed.is_empty() {
+            Outcome::Clean
+        } else {
+            Outcome::Unclean
+        };
+        let report = Report {
+            outcome,
+            clean: outcome == Outcome::Clean,
+            unhealthy,
             restarts,
             failed_slots: failed,
             killed,
-        })
+        };
+        // Clients of `stop --wait` learn how it ended before the socket goes.
+        if let Some(control) = control {
+            control.finish(&report);
+        }
+        Ok(report)
+    }
+}
+
+/// Why `program`, which [`proc::find_executable`] did not accept, cannot
+/// be run: a path (with a `/`) is looked at as it is; a bare name was
+/// searched for in `PATH`.
+fn why_not_executable(program: &str) -> String {
+    if !program.contains('/') {
+        return match std::env::var_os("PATH") {
+            Some(_) => "not found in PATH (no executable file of that name in any of its directories)".into(),
+            None => "not found: PATH is not set (give the program's path)".into(),
+        };
+    }
+    match std::fs::metadata(program) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => "no such file".into(),
+        Err(e) => e.to_string(),
+        Ok(meta) if meta.is_dir() => "is a directory".into(),
+        Ok(meta) if !meta.is_file() => "not a regular file".into(),
+        Ok(meta) if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0 => {
+            "not executable (the file has no execute permission)".into()
+        }
+        Ok(_) => "not executable by this user (permission denied)".into(),
     }
 }
 
@@ -615,6 +777,12 @@ struct SlotRec {
     replacement: bool,
     /// Deaths within the restart window, oldest first.
     deaths: VecDeque<Instant>,
+    /// Since when the slot has had no ready worker: set when a worker is
+    /// started into a slot without one, cleared when a worker is ready.
+    unready_since: Option<Instant>,
+    /// Workers here in a row that crashed before they were ever ready; 0
+    /// once one is ready.
+    unready_deaths: u32,
     restart_at: Option<Instant>,
     kill_at: Option<Instant>,
     /// Why the master ended (or is ending) it, if it did.
@@ -657,7 +825,10 @@ struct Master<'a> {
     reload_requests_seen: u32,
     shutdown_requests_seen: u32,
     shutdown_deadline: Option<Instant>,
-    unclean: bool,
+    /// Instances that made the shutdown unclean.
+    unhealthy: Vec<Unhealthy>,
+    /// Every instance's slot was given up: the master ends by itself.
+    gave_up: bool,
     restarts: u32,
     killed: u32,
     failed: Vec<u32>,
@@ -989,6 +1160,7 @@ impl Master<'_> {
                 rec.index = Some(index);
                 rec.generation = generation;
                 rec.ready = false;
+                rec.unready_since.get_or_insert_with(Instant::now);
                 rec.replacement = false;
                 rec.restart_at = None;
                 rec.kill_at = None;
@@ -1047,7 +1219,13 @@ impl Master<'_> {
                 ExitStatus::Code(0) | ExitStatus::Signal(proc::SIGTERM) | ExitStatus::Signal(proc::SIGINT)
             )
         {
-            self.unclean = true;
+            if let Some(index) = self.slots[slot as usize].index {
+                let reason = match status {
+                    ExitStatus::Code(c) => ExitReason::Exited(c),
+                    ExitStatus::Signal(s) => ExitReason::Signaled(s),
+                };
+                self.unhealthy.push(Unhealthy::Ended { index, reason });
+            }
         }
         let (kind, value) = reason.to_raw();
         entry.last_exit_kind.store(kind, Release);
@@ -1056,6 +1234,12 @@ impl Master<'_> {
         entry.pid.store(0, Release);
         segment.reset_dead_slot(slot, generation);
         let rec = &mut self.slots[slot as usize];
+        // A crash: a non-zero exit, or a signal the master did not send.
+        let crashed =
+            matches!(reason, ExitReason::Exited(c) if c != 0) || matches!(reason, ExitReason::Signaled(_));
+        if !shutting_down && !intentional && crashed && !rec.ready {
+            rec.unready_deaths = rec.unready_deaths.saturating_add(1);
+        }
         rec.control = None;
         rec.kill_at = None;
         let was_replacement = rec.replacement;
@@ -1092,6 +1276,9 @@ impl Master<'_> {
         if free {
             let rec = &mut self.slots[slot as usize];
             rec.index = None;
+            // A spare again: its history is no instance's.
+            rec.unready_since = None;
+            rec.unready_deaths = 0;
             entry.index.store(u32::MAX, Release);
             entry.state.store(WorkerState::Free.to_raw(), Release);
             return;
@@ -1117,6 +1304,18 @@ impl Master<'_> {
                 self.opts.restart_window
             );
             self.publish(EventKind::CrashLoop, slot);
+            let instances = self.cluster.instances as usize;
+            let all_failed = self.index_slot[..instances]
+                .iter()
+                .all(|&s| self.slots[s as usize].failed);
+            if all_failed && !self.gave_up {
+                eprintln!(
+                    "shmcluster: every worker slot was given up after crash loops; nothing is left to \
+                     supervise: the master stops"
+                );
+                self.gave_up = true;
+                self.begin_shutdown();
+            }
             return;
         }
         let delay = if deaths <= 1 {
@@ -1152,6 +1351,8 @@ impl Master<'_> {
                 && entry.generation.load(Acquire) == rec.generation
             {
                 rec.ready = true;
+                rec.unready_deaths = 0;
+                rec.unready_since = None;
                 rec.beat_seen = Some(now);
                 self.publish(EventKind::Online, slot);
                 continue;
@@ -1209,6 +1410,9 @@ impl Master<'_> {
         if self.shutdown_deadline.is_some() {
             return;
         }
+        if !self.gave_up {
+            self.judge_health();
+        }
         let control = self.cluster.segment.control();
         control.shutdown.store(1, Release);
         sys::futex_wake(&control.shutdown, u32::MAX);
@@ -1232,12 +1436,54 @@ impl Master<'_> {
         self.shutdown_deadline = Some(Instant::now() + self.opts.grace);
     }
 
+    /// As a shutdown begins: records every instance whose worker is not
+    /// healthy, so that stopping a cluster that never worked is not
+    /// reported clean. Unhealthy: a slot making no progress — its last
+    /// worker crashed before it was ever ready and none has been ready
+    /// since (dead and waiting for its restart, or restarted and not ready
+    /// yet); or no ready worker for longer than the ready timeout. A worker
+    /// started a moment ago (the first one, or the successor of one that
+    /// had been ready, such as a ready worker killed from outside) has had
+    /// no chance to be ready and is not judged; a slot whose workers become
+    /// ready and then crash again and again is the crash-loop limit's to
+    /// give up (which makes the shutdown unclean); one the master is
+    /// killing on purpose (hung, holding a lock) is accounted for by that
+    /// decision.
+    fn judge_health(&mut self) {
+        // A worker that declared itself ready since the last look counts.
+        self.observe_workers();
+        let now = Instant::now();
+        for rec in &self.slots {
+            let Some(index) = rec.index else { continue };
+            // A given-up slot is in `failed`; a reload replacement not yet
+            // ready is not the instance's worker (the old one still is),
+            // and a worker being replaced by a reload has a ready successor.
+            if rec.failed || rec.replacement || rec.ending.is_some() {
+                continue;
+            }
+            let never_ready = rec
+                .unready_since
+                .is_some_and(|t| now.duration_since(t) > self.opts.ready_timeout);
+            let problem = match rec.pid {
+                None if rec.unready_deaths > 0 => Unhealthy::Crashing { index },
+                Some(_) if rec.ready => continue,
+                Some(_) if rec.unready_deaths > 0 => Unhealthy::Crashing { index },
+                _ if never_ready => Unhealthy::NeverReady { index },
+                _ => continue,
+            };
+            self.unhealthy.push(problem);
+        }
+    }
+
     fn kill_remaining(&mut self) {
         for slot in 0..self.slots.len() as u32 {
-            if self.slots[slot as usize].pid.is_some() && self.slots[slot as usize].kill_at.is_none() {
+            let rec = &mut self.slots[slot as usize];
+            if rec.pid.is_some() && rec.kill_at.is_none() {
                 eprintln!("shmcluster: worker slot {slot} did not exit within the grace period; killing it");
-                self.slots[slot as usize].kill_at = Some(Instant::now());
-                self.unclean = true;
+                rec.kill_at = Some(Instant::now());
+                if let Some(index) = rec.index {
+                    self.unhealthy.push(Unhealthy::KilledAtDeadline { index });
+                }
                 self.kill(slot);
             }
         }

@@ -22,7 +22,7 @@ use std::fmt;
 use std::time::Duration;
 
 pub use listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
-pub use master::{Cluster, ClusterBuilder, ClusterError, Report};
+pub use master::{Cluster, ClusterBuilder, ClusterError, Outcome, Report, Unhealthy};
 #[cfg(feature = "tokio")]
 pub(crate) use worker::stop_requested;
 pub use worker::{Events, Incoming, StopWatch, Worker, WorkerError};
@@ -195,6 +195,58 @@ pub struct Event {
     pub generation: u32,
 }
 
+/// One line for an operator, with only the fields the event carries: a
+/// worker's event names its instance and then its slot, pid (while a
+/// process exists) and generation —
+/// `worker 1 ended: exited with code 1 (slot 1, pid 4242, generation 3)`,
+/// `worker 0 crash loop: not restarting it (slot 0, generation 3)` — and a
+/// cluster-wide one is just what happened: `reload started`.
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            EventKind::Spawned => "spawned".to_string(),
+            EventKind::Online => "online".to_string(),
+            EventKind::Exit(reason) => format!("ended: {reason}"),
+            EventKind::CrashLoop => "crash loop: not restarting it".to_string(),
+            EventKind::ReloadStarted => "reload started".to_string(),
+            EventKind::ReloadFinished { ok: true } => "reload finished: ok".to_string(),
+            EventKind::ReloadFinished { ok: false } => {
+                "reload finished: failed (a replacement was not ready; old worker kept)".to_string()
+            }
+            EventKind::ShutdownStarted => "shutdown started".to_string(),
+            EventKind::LockHeldTooLong { lock } => format!("held lock entry {lock} past the hold limit"),
+            EventKind::StartFailed { errno } => format!(
+                "could not be started: {}; retrying",
+                std::io::Error::from_raw_os_error(errno)
+            ),
+        };
+        let mut carried = Vec::new();
+        if self.slot != u32::MAX {
+            carried.push(format!("slot {}", self.slot));
+        }
+        if self.pid != 0 {
+            carried.push(format!("pid {}", self.pid));
+        }
+        if self.generation != 0 {
+            carried.push(format!("generation {}", self.generation));
+        }
+        match (self.index, carried.is_empty()) {
+            (u32::MAX, true) if matches!(self.kind, EventKind::LockHeldTooLong { .. }) => {
+                write!(f, "a process outside the worker table {what}")
+            }
+            (u32::MAX, true) => f.write_str(&what),
+            (u32::MAX, false) => write!(f, "{what} ({})", carried.join(", ")),
+            (index, _) => {
+                write!(f, "worker {index} {what}")?;
+                if !carried.is_empty() {
+                    write!(f, " ({})", carried.join(", "))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 impl Event {
     fn to_raw(self) -> RawEvent {
         let (kind, value) = match self.kind {
@@ -277,7 +329,9 @@ pub struct SlotStats {
     pub received_messages: u64,
     /// Payload bytes received.
     pub received_bytes: u64,
-    /// Bytes waiting in the lanes addressed to this slot.
+    /// Bytes of messages waiting in the lanes addressed to this slot
+    /// (their record headers included; not the padding and the abort
+    /// records the master writes when a sender dies).
     pub inbox_bytes: u64,
     /// Times the worker slept in a futex wait (for messages or for space).
     pub futex_waits: u64,
@@ -400,7 +454,7 @@ pub(crate) fn read_stats(segment: &Segment) -> ClusterStats {
             let peer = read_peer(entry, slot);
             let seen = entry.heartbeat_seen_ns.load(Relaxed);
             let inbox_bytes = (0..workers)
-                .map(|from| segment.lane(from, slot).depth())
+                .map(|from| segment.lane(from, slot).waiting_message_bytes())
                 .fold(0u64, u64::saturating_add);
             SlotStats {
                 slot,
@@ -433,5 +487,58 @@ pub(crate) fn read_stats(segment: &Segment) -> ClusterStats {
         shutting_down: control.shutdown.load(Acquire) != 0,
         slots,
         locks: crate::lock::read_lock_stats(segment),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: EventKind, slot: u32, index: u32, pid: u32, generation: u32) -> Event {
+        Event {
+            seq: 7,
+            kind,
+            slot,
+            index,
+            pid,
+            generation,
+        }
+    }
+
+    #[test]
+    fn an_event_displays_only_the_fields_it_carries() {
+        let none = u32::MAX;
+        for (kind, text) in [
+            (EventKind::ReloadStarted, "reload started"),
+            (EventKind::ReloadFinished { ok: true }, "reload finished: ok"),
+            (EventKind::ShutdownStarted, "shutdown started"),
+        ] {
+            assert_eq!(event(kind, none, none, 0, 0).to_string(), text);
+        }
+        assert_eq!(
+            event(EventKind::Exit(ExitReason::Exited(1)), 1, 1, 4242, 3).to_string(),
+            "worker 1 ended: exited with code 1 (slot 1, pid 4242, generation 3)"
+        );
+        assert_eq!(
+            event(EventKind::CrashLoop, 0, 0, 0, 3).to_string(),
+            "worker 0 crash loop: not restarting it (slot 0, generation 3)"
+        );
+        assert_eq!(
+            event(EventKind::LockHeldTooLong { lock: 4 }, none, none, 0, 0).to_string(),
+            "a process outside the worker table held lock entry 4 past the hold limit"
+        );
+        for kind in [
+            EventKind::Spawned,
+            EventKind::Online,
+            EventKind::CrashLoop,
+            EventKind::ReloadStarted,
+            EventKind::ReloadFinished { ok: false },
+            EventKind::ShutdownStarted,
+            EventKind::StartFailed { errno: 24 },
+            EventKind::LockHeldTooLong { lock: 2 },
+        ] {
+            let text = event(kind, none, none, 0, 0).to_string();
+            assert!(!text.contains("4294967295") && !text.contains(" 0"), "{text}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! table, with rates from two snapshots.
 
 use std::fmt::{self, Write as _};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -79,6 +79,85 @@ pub fn request(path: &Path, request: &str) -> Result<String, ClientError> {
         }));
     }
     Ok(response)
+}
+
+/// A `wait` connection to the master (see the protocol): opened before
+/// the master is asked to stop, so that its outcome cannot be missed.
+#[derive(Debug)]
+pub struct Waiter {
+    reader: BufReader<UnixStream>,
+}
+
+/// How a master ended, as it said on a `wait` connection just before
+/// exiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exited {
+    /// The master's exit code.
+    pub code: u8,
+    /// `clean`, `unclean` or `all-given-up`.
+    pub outcome: String,
+    /// One line for an operator (`clean shutdown (0 restarts, 0 killed)`).
+    pub summary: String,
+}
+
+impl Waiter {
+    /// Connects to the master at `path` and asks to be told when it ends.
+    pub fn open(path: &Path) -> Result<Self, ClientError> {
+        let mut stream = UnixStream::connect(path).map_err(|error| ClientError::Connect {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        stream
+            .set_read_timeout(Some(REQUEST_TIMEOUT))
+            .map_err(ClientError::Io)?;
+        stream
+            .set_write_timeout(Some(REQUEST_TIMEOUT))
+            .map_err(ClientError::Io)?;
+        stream.write_all(b"wait\n").map_err(ClientError::Io)?;
+        let mut reader = BufReader::new(stream);
+        let mut first = String::new();
+        reader.read_line(&mut first).map_err(ClientError::Io)?;
+        if let Some(msg) = first.strip_prefix("err ") {
+            return Err(ClientError::Refused(msg.trim_end().to_string()));
+        }
+        if first.trim_end() != "ok waiting" {
+            return Err(ClientError::Protocol(format!("{:?} to wait", first.trim_end())));
+        }
+        Ok(Self { reader })
+    }
+
+    /// Waits up to `timeout` for the master to end; returns what it said.
+    pub fn outcome(mut self, timeout: Duration) -> Result<Exited, ClientError> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+            .map_err(ClientError::Io)?;
+        let mut rest = String::new();
+        match self.reader.read_to_string(&mut rest) {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(ClientError::NoMaster(format!(
+                    "the master did not exit within {timeout:?}"
+                )))
+            }
+            Err(e) => return Err(ClientError::Io(e)),
+        }
+        let Some(line) = rest.lines().find_map(|l| l.strip_prefix("exited ")) else {
+            return Err(ClientError::NoMaster(
+                "the master ended without saying how (was it killed?)".into(),
+            ));
+        };
+        let fields = Fields::parse(line);
+        let code = fields
+            .num("code")
+            .and_then(|c| u8::try_from(c).ok())
+            .ok_or_else(|| ClientError::Protocol(format!("no exit code in {line:?}")))?;
+        Ok(Exited {
+            code,
+            outcome: fields.get("outcome").to_string(),
+            summary: fields.get("summary").to_string(),
+        })
+    }
 }
 
 /// The socket to use: `--control`, the default of `--pid`, or the one
