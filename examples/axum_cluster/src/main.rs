@@ -240,13 +240,9 @@ fn run_cluster(args: &Args, data: &Path) -> i32 {
                 }
             }
             if !quiet {
-                eprintln!(
-                    "[master] {:?} slot {} index {} pid {} generation {}",
-                    event.kind, event.slot, event.index, event.pid, event.generation
-                );
-            }
-            if matches!(event.kind, EventKind::CrashLoop) {
-                eprintln!("[master] slot {} given up after a crash loop", event.slot);
+                // Only the fields the event carries (a cluster-wide event
+                // has no slot or pid).
+                eprintln!("[master] {event}");
             }
         })
         .run(|worker| serve_worker(worker, data, threads, quiet));
