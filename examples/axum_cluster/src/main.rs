@@ -101,7 +101,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use shmcluster::http::HttpServer;
-use shmcluster::{AsyncMessenger, Cluster, EventKind, ListenAddr, ListenMode, Messenger, Worker};
+use shmcluster::{AsyncMessenger, Cluster, ListenAddr, ListenMode, Messenger, Worker};
 
 /// The longest job `/jobs` accepts, in milliseconds.
 const MAX_JOB_MS: u64 = 5000;
