@@ -38,3 +38,13 @@ pub fn warn_if_busy() {
         );
     }
 }
+
+/// How many other processes are runnable right now (the fourth field of
+/// /proc/loadavg, less this one), for a bench to note in its output.
+pub fn other_runnable() -> u32 {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace()
+        .nth(3)
+        .and_then(|f| f.split_once('/')?.0.parse::<u32>().ok())
+        .map_or(0, |n| n.saturating_sub(1))
+}
