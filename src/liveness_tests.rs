@@ -158,3 +158,84 @@ fn a_call_to_a_reaped_worker_ends_when_the_master_counts_the_death() {
     reaper.join().unwrap();
     drop(target);
 }
+
+/// Issue 12, item 6: an `invoke` waiting on a leader that dies in office
+/// fails at once — the kernel hands the leader's lock to the next candidate
+/// as the leader exits, well before a master reaps it — so the caller can
+/// ask the new leader. Here no master ever reaps (the table keeps saying
+/// the dead leader is ready) and the periodic look is an hour away: only
+/// the lock's handover can end the call before the watchdog.
+#[test]
+fn an_invoke_to_a_leader_that_dies_ends_when_its_lock_changes_hands() {
+    let dog = Watchdog::new("leader death observed at once", Duration::from_secs(30));
+    let segment = Segment::create(&Config::new(3)).unwrap();
+    let mut m0 = Messenger::from_endpoint(segment.endpoint(0).unwrap());
+    m0.set_liveness_slice(Duration::from_secs(3600));
+    // Slot 1 leads and then never dispatches: a call to it never returns.
+    let s = segment.clone();
+    let leader = dog.track(
+        fork(move || {
+            let Ok(ep) = s.endpoint(1) else { return 1 };
+            let mut m = Messenger::from_endpoint(ep);
+            if m.on_invoke::<u32, u32, String, _>("echo", |_, v| Ok(v)).is_err() || m.campaign().is_err() {
+                return 2;
+            }
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+        .unwrap(),
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while m0.leader().map(|l| l.slot) != Some(1) {
+        assert!(Instant::now() < until, "slot 1 never led");
+        m0.poll(Duration::from_millis(1)).unwrap();
+    }
+    // Slot 2 waits for the lock, serving.
+    let s = segment.clone();
+    let candidate = dog.track(
+        fork(move || {
+            let Ok(ep) = s.endpoint(2) else { return 1 };
+            let mut m = Messenger::from_endpoint(ep);
+            if m.on_invoke::<u32, u32, String, _>("echo", |_, v| Ok(v)).is_err() || m.campaign().is_err() {
+                return 2;
+            }
+            let _ = m.run_until(|_| false);
+            3
+        })
+        .unwrap(),
+    );
+    while !segment.slot_held(2) {
+        assert!(Instant::now() < until, "slot 2 never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // This process plays a master that never reaps: its table says every
+    // slot is ready, the dead leader's too.
+    for slot in 0..3 {
+        let entry = segment.worker_entry(slot);
+        entry
+            .generation
+            .store(segment.slot(slot).generation.load(Acquire), Release);
+        entry.state.store(crate::WorkerState::Ready.to_raw(), Release);
+    }
+    segment.control().master_pid.store(crate::sys::getpid(), Release);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        leader.kill().unwrap();
+        leader.wait_timeout(Duration::from_secs(10)).unwrap();
+    });
+    let hour = Instant::now() + Duration::from_secs(3600);
+    assert_eq!(
+        m0.invoke::<_, u32>("echo", &7u32, hour),
+        Err(crate::RequestError::LeaderDied)
+    );
+    killer.join().unwrap();
+    assert_eq!(
+        m0.invoke::<_, u32>("echo", &8u32, hour),
+        Ok(8),
+        "the new leader answers"
+    );
+    assert_eq!(m0.leader().map(|l| l.slot), Some(2));
+    candidate.kill().unwrap();
+    candidate.wait_timeout(Duration::from_secs(10)).unwrap();
+}

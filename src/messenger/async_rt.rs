@@ -470,9 +470,23 @@ impl AsyncMessenger {
         bytes: Vec<u8>,
         deadline: Instant,
     ) -> oneshot::Receiver<Result<Vec<u8>, RequestError>> {
+        self.call_watched(to, kind, bytes, deadline, None)
+    }
+
+    /// [`AsyncMessenger::call`] to a leader whose death in office fails it
+    /// at once (`invoke`).
+    fn call_watched(
+        &self,
+        to: u32,
+        kind: u16,
+        bytes: Vec<u8>,
+        deadline: Instant,
+        watch: Option<leader::LeaderWatch>,
+    ) -> oneshot::Receiver<Result<Vec<u8>, RequestError>> {
         let (tx, rx) = oneshot::channel();
         self.shared.outbox.push_call(RemoteCall {
             to,
+            watch,
             kind,
             bytes,
             deadline,
@@ -644,10 +658,9 @@ impl AsyncMessenger {
                 tokio::time::sleep(LEADER_POLL).await;
                 continue;
             };
-            match self
-                .request_raw(leader.slot, &event, bytes.clone(), deadline)
-                .await
-            {
+            let watch = leader::leader_watch(&self.shared.segment, leader.term);
+            let call = self.call_watched(leader.slot, wire::REQUEST, bytes.clone(), deadline, watch);
+            match answer(call, deadline).await {
                 Ok(body) => return decode(&body),
                 Err(RequestError::WorkerDied) => return Err(RequestError::LeaderDied),
                 Err(RequestError::HandlerFailed(e)) if leader::is_not_leader(&e) => {

@@ -141,8 +141,8 @@ pub(super) fn is_not_leader(error: &str) -> bool {
 
 fn read_leader_at(segment: &Segment, me: WorkerId, i: u32) -> Option<Leader> {
     read_holder_at(segment, i)
-        .filter(|&(l, generation)| holder_lives(segment, me, l.slot, generation))
-        .map(|(l, _)| l)
+        .filter(|h| holder_lives(segment, me, h.leader.slot, h.generation))
+        .map(|h| h.leader)
 }
 
 /// Whether the worker that took a lock as (`slot`, `generation`) is still
@@ -153,9 +153,61 @@ fn holder_lives(segment: &Segment, me: WorkerId, slot: u32, generation: u32) -> 
     slot < segment.layout().workers() && super::live_generation(segment, me, slot) == Some(generation)
 }
 
-/// The holder of lock entry `i` as recorded (slot and term, and the
-/// holder's generation), without asking whether it still lives.
-fn read_holder_at(segment: &Segment, i: u32) -> Option<(Leader, u32)> {
+/// A call to a leader, watched for its term ending by the leader's death:
+/// the kernel hands a dead holder's robust mutex to the next candidate as
+/// the holder exits (`EOWNERDEAD`), before the process is a zombie and
+/// long before the master reaps it, and that candidate counts the death in
+/// the entry's `owner_died` as it takes office. So the acquisition right
+/// after the watched term (token `term + 1`) having counted a death means
+/// the watched leader died: its calls fail now, not at the reap.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LeaderWatch {
+    entry: u32,
+    term: u64,
+    owner_died: u64,
+}
+
+impl LeaderWatch {
+    /// Whether the watched leader is known dead.
+    pub(super) fn died(&self, segment: &Segment) -> bool {
+        let e = segment.lock_entry(self.entry);
+        // Pairs with the fence(Release) before the next holder's token
+        // store: its `owner_died` count, made before, is visible after.
+        let token = e.token.load(Acquire);
+        std::sync::atomic::fence(Acquire);
+        token == self.term.wrapping_add(1) && e.owner_died.load(Relaxed) != self.owner_died
+    }
+}
+
+/// The watch of the default role's leader whose term is `term`, if that
+/// is still the term recorded (read together with the death count, as one
+/// seqlock read).
+pub(super) fn leader_watch(segment: &Segment, term: u64) -> Option<LeaderWatch> {
+    let entry = find_entry(segment, &lock_name(""))?;
+    let holder = read_holder_at(segment, entry)?;
+    (holder.leader.term == term).then_some(LeaderWatch {
+        entry,
+        term,
+        owner_died: holder.owner_died,
+    })
+}
+
+/// A lock entry's holder as recorded.
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    /// Its slot and term.
+    leader: Leader,
+    /// Its generation in that slot.
+    generation: u32,
+    /// The entry's count of acquisitions that found their holder dead, as
+    /// of (at least) this holder's acquisition.
+    owner_died: u64,
+}
+
+/// The holder of lock entry `i` as recorded (slot and term, the holder's
+/// generation and the entry's death count), without asking whether it
+/// still lives.
+fn read_holder_at(segment: &Segment, i: u32) -> Option<Holder> {
     let e = segment.lock_entry(i);
     // A seqlock read: the holder clears its pid before writing slot and
     // token and stores it again after (see `Locks::acquire`), so equal
@@ -164,11 +216,18 @@ fn read_holder_at(segment: &Segment, i: u32) -> Option<(Leader, u32)> {
     let slot = e.holder_slot.load(Relaxed);
     let term = e.token.load(Relaxed);
     let generation = e.holder_generation.load(Relaxed);
+    // Bumped by the holder before its bookkeeping (see `Locks::acquire`),
+    // so at least its own acquisition's count.
+    let owner_died = e.owner_died.load(Relaxed);
     std::sync::atomic::fence(Acquire);
     if pid == 0 || e.holder_pid.load(Relaxed) != pid {
         return None;
     }
-    Some((Leader { slot, term }, generation))
+    Some(Holder {
+        leader: Leader { slot, term },
+        generation,
+        owner_died,
+    })
 }
 
 impl Messenger {
@@ -281,7 +340,11 @@ impl Messenger {
             // Called on every dispatch: an unchanged term costs two atomic
             // loads; only a new one is checked against the kernel (a
             // liveness check per dispatch was a syscall on the hot path).
-            let Some((now, generation)) = self
+            let Some(Holder {
+                leader: now,
+                generation,
+                ..
+            }) = self
                 .entry_of(&role)
                 .and_then(|i| read_holder_at(&self.segment, i))
             else {
@@ -407,9 +470,16 @@ impl Messenger {
         R: DeserializeOwned,
     {
         let event = format!("{INVOKE_PREFIX}{method}");
+        let bytes = super::encode_call(&event, 0, args, self.max_payload)?;
         loop {
             let leader = self.wait_leader(deadline)?;
-            match self.request::<T, R>(leader.slot, &event, args, deadline) {
+            let watch = leader_watch(&self.segment, leader.term);
+            let answer = self
+                .request_watched(leader.slot, &event, bytes.clone(), deadline, watch)
+                .and_then(|body| {
+                    postcard::from_bytes::<R>(&body).map_err(|e| RequestError::Decode(e.to_string()))
+                });
+            match answer {
                 Err(RequestError::WorkerDied) if retry => continue,
                 Err(RequestError::WorkerDied) => return Err(RequestError::LeaderDied),
                 // A stale view (the leader changed meanwhile): ask again.
@@ -457,7 +527,9 @@ impl Messenger {
         let event = format!("{INVOKE_PREFIX}{method}");
         loop {
             let leader = self.wait_leader(deadline)?;
-            match self.request_bytes(leader.slot, &event, data, deadline) {
+            let watch = leader_watch(&self.segment, leader.term);
+            let bytes = super::encode_call_bytes(&event, 0, data, self.max_payload)?;
+            match self.request_watched(leader.slot, &event, bytes, deadline, watch) {
                 Err(RequestError::WorkerDied) => return Err(RequestError::LeaderDied),
                 Err(RequestError::HandlerFailed(e)) if e == NOT_LEADER => {
                     if Instant::now() >= deadline {

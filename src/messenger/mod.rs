@@ -324,6 +324,8 @@ struct Outbox {
 /// hands the answer back through `done`.
 struct RemoteCall {
     to: u32,
+    /// As [`Pending::watch`] (an async `invoke`).
+    watch: Option<leader::LeaderWatch>,
     /// `wire::REQUEST` or `wire::CONSUME`.
     kind: u16,
     bytes: Vec<u8>,
@@ -505,6 +507,7 @@ impl MessengerHandle {
         let (done, answer) = std::sync::mpsc::channel();
         self.outbox.push_call(RemoteCall {
             to: worker,
+            watch: None,
             kind: wire::REQUEST,
             bytes,
             deadline,
@@ -589,6 +592,9 @@ struct Pending {
     target: u32,
     generation: u32,
     result: Option<Result<Vec<u8>, RequestError>>,
+    /// For a call to a leader (`invoke`): its term, watched for ending by
+    /// the leader's death, which the lock shows before the master reaps.
+    watch: Option<leader::LeaderWatch>,
 }
 
 type RemoteReply = (Instant, Done);
@@ -1241,6 +1247,7 @@ impl Messenger {
                 target,
                 generation,
                 result: None,
+                watch: None,
             },
         );
         id
@@ -1281,7 +1288,11 @@ impl Messenger {
         let dead: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.result.is_none() && self.live_generation(p.target) != Some(p.generation))
+            .filter(|(_, p)| {
+                p.result.is_none()
+                    && (self.live_generation(p.target) != Some(p.generation)
+                        || p.watch.is_some_and(|w| w.died(&self.segment)))
+            })
             .map(|(&id, _)| id)
             .collect();
         for id in dead {
@@ -1362,11 +1373,27 @@ impl Messenger {
         bytes: Vec<u8>,
         deadline: Instant,
     ) -> Result<Vec<u8>, RequestError> {
+        self.request_watched(worker, event, bytes, deadline, None)
+    }
+
+    /// A request; with `watch`, to a leader whose death in office fails it
+    /// at once (see [`leader::LeaderWatch`]).
+    fn request_watched(
+        &mut self,
+        worker: u32,
+        event: &str,
+        bytes: Vec<u8>,
+        deadline: Instant,
+        watch: Option<leader::LeaderWatch>,
+    ) -> Result<Vec<u8>, RequestError> {
         if worker >= self.workers {
             return Err(RequestError::NoSuchWorker { slot: worker });
         }
         let started = Instant::now();
         let id = self.start_call(worker, wire::REQUEST, bytes, deadline)?;
+        if let Some(p) = self.pending.get_mut(&id) {
+            p.watch = watch;
+        }
         self.count(event, |s| s.sent += 1);
         self.wait_calls(&[id], deadline)?;
         let r = self.take_result(id);
@@ -1629,6 +1656,9 @@ impl Messenger {
         for call in calls {
             match self.start_call(call.to, call.kind, call.bytes, call.deadline) {
                 Ok(id) => {
+                    if let Some(p) = self.pending.get_mut(&id) {
+                        p.watch = call.watch;
+                    }
                     self.remote.insert(id, (call.deadline, call.done));
                 }
                 Err(e) => (call.done)(Err(e)),
