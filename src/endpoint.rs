@@ -198,8 +198,10 @@ impl Segment {
     /// The master's clean-up after the worker in `slot` (generation
     /// `generation`) died, once its table entry says so: the death counted
     /// in [`Control::deaths`](crate::segment::table::Control), an `ABORT`
-    /// record in each of its outbound lanes (where there is room) so
-    /// receivers drop any message it left half sent, its park word reset,
+    /// record in each outbound lane where it died half way through a
+    /// fragmented message (so the receiver drops the part it has; nowhere
+    /// else, so lanes to slots nobody reads do not fill with them), its
+    /// park word reset,
     /// the slot released, and every slot rung (its doorbell bit for the
     /// dead slot, through the park protocol, so no wake is lost) and every
     /// space waiter on its lanes woken: a caller waiting on the dead worker
@@ -215,10 +217,8 @@ impl Segment {
         self.control().deaths.fetch_add(1, Release);
         for to in 0..workers {
             let mut out = Producer::new(self.lane(slot, to));
-            if let Ok(Some(planned)) = out.plan(0, 0) {
-                out.commit(planned, out.header(generation, 0, flags::ABORT));
-                out.publish();
-                self.notify(to, slot);
+            if out.take_streaming() {
+                abort_partial(&mut out, generation);
             }
         }
         self.park(slot).store(wake::EMPTY, Relaxed);
@@ -227,8 +227,8 @@ impl Segment {
             if other != slot {
                 self.notify(other, slot);
             }
-            sys::futex_wake(&self.lane(other, slot).ctl().space_waiter.0, u32::MAX);
-            sys::futex_wake(&self.lane(slot, other).ctl().space_waiter.0, u32::MAX);
+            sys::futex_wake(&self.lane(other, slot).ctl().sender.0.space_waiter, u32::MAX);
+            sys::futex_wake(&self.lane(slot, other).ctl().sender.0.space_waiter, u32::MAX);
         }
     }
 
@@ -287,9 +287,18 @@ impl Endpoint {
                 expected
             }
         };
-        let outbound = (0..workers)
+        let mut outbound: Vec<Producer> = (0..workers)
             .map(|to| Producer::new(segment.lane(slot, to)))
             .collect();
+        // A predecessor that died half way through a fragmented message,
+        // with no master to clean up after it: its receiver drops the part
+        // it has (the master does this for the slots it supervises).
+        for (to, out) in outbound.iter_mut().enumerate() {
+            if out.take_streaming() {
+                abort_partial(out, generation);
+                segment.notify(to as u32, slot);
+            }
+        }
         let inbound = (0..workers)
             .map(|from| Inbound {
                 consumer: Consumer::new(segment.lane(from, slot), layout.max_message()),
@@ -561,8 +570,16 @@ impl Endpoint {
                     let total = if first { bytes.len() as u64 } else { 0 };
                     let hdr = self.header(to, tag, chunk, flags, total);
                     let out = &mut self.outbound[to as usize];
+                    if first {
+                        // Before the first fragment is visible: should this
+                        // process die before the last, its cleaner knows.
+                        out.set_streaming(true);
+                    }
                     out.write(planned, hdr, &bytes[sent..sent + chunk]);
                     out.publish();
+                    if last {
+                        out.set_streaming(false);
+                    }
                     self.notify(to);
                     break;
                 }
@@ -588,6 +605,7 @@ impl Endpoint {
         if let Ok(Some(planned)) = out.plan(0, 0) {
             out.commit(planned, hdr);
             out.publish();
+            out.set_streaming(false);
             self.notify(to);
         }
     }
@@ -1096,6 +1114,16 @@ impl Drop for Endpoint {
 }
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+
+/// Writes the `ABORT` that makes the receiver drop the message `out`'s
+/// dead sender (generation `generation`) left half sent. The sender kept
+/// room for it after every fragment but the last.
+fn abort_partial(out: &mut Producer, generation: u32) {
+    if let Ok(Some(planned)) = out.plan(0, 0) {
+        out.commit(planned, out.header(generation, 0, flags::ABORT));
+        out.publish();
+    }
+}
 
 /// What ends a receive wait early, besides a message and the deadline.
 #[derive(Debug, Clone, Copy)]

@@ -34,7 +34,7 @@
 use std::ptr::NonNull;
 use std::sync::atomic::{
     AtomicU32, AtomicU64,
-    Ordering::{Acquire, Release},
+    Ordering::{AcqRel, Acquire, Release},
 };
 
 use crate::error::LaneCorruption;
@@ -101,9 +101,25 @@ pub(crate) struct LaneControl {
     /// handshake in [`crate::wake`] (fences F1/F2) orders it against the
     /// doorbell.
     pub(crate) tail: Padded<AtomicU64>,
+    /// The sender's slow path, on a line of its own.
+    pub(crate) sender: Padded<SenderWords>,
+}
+
+/// The words of a lane's slow sends: waiting for space, and streaming a
+/// message in fragments.
+#[repr(C)]
+pub(crate) struct SenderWords {
     /// 1 while the sender waits for space ([`wake::wait_for_space`]);
     /// cleared by whoever wakes it ([`wake::release_space`]).
-    pub(crate) space_waiter: Padded<AtomicU32>,
+    pub(crate) space_waiter: AtomicU32,
+    /// 1 from before the sender publishes the first fragment of a message
+    /// until after it has published the last one (or its `ABORT`): a
+    /// sender that dies meanwhile left its receiver assembling a message
+    /// that will never end, and whoever cleans up after it (the master, or
+    /// the slot's next holder) writes the `ABORT` that drops it. Written by
+    /// the sender only ([`Producer::set_streaming`]), and by that cleaner
+    /// once the sender is dead ([`Producer::take_streaming`]).
+    pub(crate) streaming: AtomicU32,
 }
 
 const _: () = assert!(size_of::<LaneControl>() == 3 * 128);
@@ -165,86 +181,6 @@ impl LaneRef {
         let tail = self.ctl().tail.0.load(Acquire);
         let head = self.ctl().head.0.load(Acquire);
         tail.wrapping_sub(head).min(self.cap as u64)
-    }
-
-    /// Bytes of the records that carry a message (or a piece of one)
-    /// between the consumer's head and the published tail: what waits for
-    /// the receiver, for statistics. Padding and `ABORT` records are not
-    /// counted: they are bookkeeping, not messages (the master writes an
-    /// `ABORT` into every outbound lane of a worker that died, so a lane to
-    /// a slot that never had a worker would otherwise show bytes waiting).
-    ///
-    /// Read by a process that is neither this lane's producer nor its
-    /// consumer, so it trusts nothing it reads: every header is bounds
-    /// checked (a garbage lane counts as its raw depth), and the walk is
-    /// validated like a seqlock read. The producer never writes the ring
-    /// bytes of positions in `[head, tail)`, so if the head has not moved
-    /// by the end of the walk, every header read was published and stable;
-    /// if the consumer moved on meanwhile the walk is retried, and after a
-    /// few tries the raw [`Self::depth`] is returned.
-    pub(crate) fn waiting_message_bytes(&self) -> u64 {
-        for _ in 0..3 {
-            let head = self.ctl().head.0.load(Acquire);
-            // Acquire pairs with the producer's Release store of the tail:
-            // the headers before it are written.
-            let tail = self.ctl().tail.0.load(Acquire);
-            if tail == head {
-                return 0;
-            }
-            let Some(bytes) = self.walk(head, tail) else {
-                return self.depth();
-            };
-            // Seqlock validation: the reads above happen before this load.
-            std::sync::atomic::fence(Acquire);
-            if self.ctl().head.0.load(Acquire) == head {
-                return bytes;
-            }
-        }
-        self.depth()
-    }
-
-    /// Message record bytes from `head` to `tail`; `None` if the records
-    /// there do not add up (garbage, or overwritten while read).
-    fn walk(&self, head: u64, tail: u64) -> Option<u64> {
-        if tail.wrapping_sub(head) > self.cap as u64 {
-            return None;
-        }
-        let mut pos = head;
-        let mut bytes = 0u64;
-        // Each step moves at least 8 bytes: bounded even on garbage.
-        for _ in 0..=self.cap / ALIGN {
-            let avail = tail.wrapping_sub(pos) as usize;
-            if avail == 0 {
-                return Some(bytes);
-            }
-            let offset = (pos & self.mask()) as usize;
-            let contiguous = self.cap - offset;
-            if contiguous < RECORD_HEADER {
-                // The producer skipped the last few bytes of the ring.
-                pos = pos.wrapping_add(contiguous.min(avail) as u64);
-                continue;
-            }
-            if avail < RECORD_HEADER {
-                return None;
-            }
-            // SAFETY: `offset + 32 <= cap` (checked: contiguous >= 32) and
-            // 8-aligned (positions are multiples of 8): inside the ring.
-            // Copied out once; its fields are checked before use.
-            let hdr = unsafe { self.at(offset).cast::<RecordHeader>().read_volatile() };
-            let step = match hdr.flags {
-                FLAG_PAD => contiguous,
-                flags if valid_flags(flags) => record_size(hdr.len as usize),
-                _ => return None,
-            };
-            if step > contiguous || step > avail {
-                return None;
-            }
-            if hdr.flags != FLAG_PAD && hdr.flags != FLAG_ABORT {
-                bytes += step as u64;
-            }
-            pos = pos.wrapping_add(step as u64);
-        }
-        None
     }
 
     /// Pointer to ring offset `offset` (`<= cap`: the payload of an empty
@@ -444,6 +380,22 @@ impl Producer {
         self.lane.ctl().tail.0.store(self.tail, Release);
     }
 
+    /// Says whether this sender is half way through a fragmented message:
+    /// `true` before it publishes the first fragment, `false` after the
+    /// last (see [`SenderWords::streaming`]). Release: whoever sees the
+    /// first fragment published and then this sender dead finds it set.
+    pub(crate) fn set_streaming(&self, on: bool) {
+        self.lane.ctl().sender.0.streaming.store(u32::from(on), Release);
+    }
+
+    /// For whoever cleans up after this lane's dead sender: whether it died
+    /// half way through a fragmented message (the flag is cleared). Then
+    /// the cleaner writes an `ABORT` ([`flags::ABORT`], room for which the
+    /// sender always kept).
+    pub(crate) fn take_streaming(&self) -> bool {
+        self.lane.ctl().sender.0.streaming.swap(0, AcqRel) != 0
+    }
+
     /// Sender half of waiting for space: see [`wake::wait_for_space`].
     /// Returns whether `need` bytes are free now.
     pub(crate) fn wait_for_room(
@@ -454,7 +406,7 @@ impl Producer {
         let mut err = None;
         let lane = self.lane;
         let room = wake::wait_for_space(
-            &lane.ctl().space_waiter.0,
+            &lane.ctl().sender.0.space_waiter,
             || match self.has_room(need) {
                 Ok(room) => room,
                 Err(e) => {
@@ -563,7 +515,7 @@ impl Consumer {
         if tail == self.head && self.unchecked > 0 {
             // The lane is empty: make sure a sender waiting for space knows.
             self.unchecked = 0;
-            wake::release_space(&self.lane.ctl().space_waiter.0);
+            wake::release_space(&self.lane.ctl().sender.0.space_waiter);
         }
         Ok(tail != self.head)
     }
@@ -580,7 +532,7 @@ impl Consumer {
         self.unchecked += bytes;
         if self.unchecked >= self.lane.cap / 4 {
             self.unchecked = 0;
-            wake::release_space(&ctl.space_waiter.0);
+            wake::release_space(&ctl.sender.0.space_waiter);
         }
     }
 
@@ -766,7 +718,10 @@ mod tests {
             let ctl = Box::new(LaneControl {
                 head: Padded(AtomicU64::new(0)),
                 tail: Padded(AtomicU64::new(0)),
-                space_waiter: Padded(AtomicU32::new(0)),
+                sender: Padded(SenderWords {
+                    space_waiter: AtomicU32::new(0),
+                    streaming: AtomicU32::new(0),
+                }),
             });
             let data = vec![0u64; CAP / 8].into_boxed_slice();
             Self {
@@ -1056,38 +1011,6 @@ mod tests {
         p2.publish();
         assert_eq!(drain(&mut c), vec![b"fresh".to_vec()]);
         assert_eq!(c.discarded, 1);
-    }
-
-    #[test]
-    fn waiting_message_bytes_leave_out_aborts_and_padding() {
-        let lane = HeapLane::new();
-        let mut p = Producer::new(lane.lane(0));
-        let mut c = Consumer::new(lane.lane(0), 1 << 20);
-        let abort = |p: &mut Producer| {
-            let planned = p.plan(0, 0).unwrap().unwrap();
-            p.commit(planned, p.header(1, 0, flags::ABORT));
-            p.publish();
-        };
-        assert_eq!(lane.lane(0).waiting_message_bytes(), 0);
-        // A dead sender's cleanup records are not waiting messages.
-        for _ in 0..16 {
-            abort(&mut p);
-        }
-        assert_eq!(lane.lane(0).depth(), 16 * RECORD_HEADER as u64);
-        assert_eq!(lane.lane(0).waiting_message_bytes(), 0);
-        assert!(send(&mut p, b"hello"));
-        assert_eq!(lane.lane(0).waiting_message_bytes(), record_size(5) as u64);
-        assert_eq!(drain(&mut c), vec![b"hello".to_vec()]);
-        assert_eq!(lane.lane(0).waiting_message_bytes(), 0);
-        // Across the end of the ring: the padding is not counted either.
-        let (lane, mut p, _c) = empty_at(CAP as u64 - 40);
-        let len = 100;
-        assert!(send(&mut p, &pattern(len, 3)));
-        assert!(lane.lane(0).depth() > record_size(len) as u64, "padded");
-        assert_eq!(lane.lane(0).waiting_message_bytes(), record_size(len) as u64);
-        // Garbage where a header should be: the raw depth, no panic.
-        lane.scribble(0, &[0xff; 32]);
-        assert_eq!(lane.lane(0).waiting_message_bytes(), lane.lane(0).depth());
     }
 
     #[test]

@@ -239,3 +239,72 @@ fn an_invoke_to_a_leader_that_dies_ends_when_its_lock_changes_hands() {
     candidate.kill().unwrap();
     candidate.wait_timeout(Duration::from_secs(10)).unwrap();
 }
+
+/// Issue 12, item 4 at its root: the master's clean-up after a death writes
+/// an `ABORT` only into a lane where the dead worker was half way through a
+/// fragmented message — its receiver drops the part it has — and nowhere
+/// else (it used to write one into every outbound lane on every death, so
+/// lanes to slots nobody reads filled with them and `stat` showed bytes
+/// waiting for a slot that never had a worker).
+#[test]
+fn a_dead_workers_partial_message_is_dropped_and_no_other_lane_gets_junk() {
+    let dog = Watchdog::new("abort only where needed", Duration::from_secs(30));
+    let segment = Segment::create(&Config::new(3).lane_capacity(4096)).unwrap();
+    let s = segment.clone();
+    let sender = dog.track(
+        fork(move || {
+            let Ok(mut ep) = s.endpoint(1) else { return 1 };
+            // Far more than the lane holds: it blocks half way, as nobody
+            // reads slot 0 yet.
+            let _ = ep.send(0, vec![7u8; 64 * 1024]);
+            2
+        })
+        .unwrap(),
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    while segment.lane(1, 0).depth() == 0 {
+        assert!(Instant::now() < until, "the sender never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let generation = segment.slot(1).generation.load(Acquire);
+    sender.kill().unwrap();
+    sender.wait_timeout(Duration::from_secs(10)).unwrap();
+    segment.reset_dead_slot(1, generation);
+    assert_eq!(
+        segment.lane(1, 2).depth(),
+        0,
+        "a lane it was not streaming on got a record"
+    );
+    let mut ep0 = segment.endpoint(0).unwrap();
+    assert!(matches!(ep0.try_recv(), Err(crate::TryRecvError::Empty)));
+    assert_eq!(
+        ep0.discarded_fragments(),
+        1,
+        "the partial message was not dropped"
+    );
+    assert_eq!(segment.lane(1, 0).depth(), 0);
+    // The same without a master: the slot's next holder cleans up.
+    let s = segment.clone();
+    let sender = dog.track(
+        fork(move || {
+            let Ok(mut ep) = s.endpoint(1) else { return 1 };
+            let _ = ep.send(0, vec![7u8; 64 * 1024]);
+            2
+        })
+        .unwrap(),
+    );
+    while segment.lane(1, 0).depth() == 0 {
+        assert!(Instant::now() < until, "the second sender never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    sender.kill().unwrap();
+    sender.wait_timeout(Duration::from_secs(10)).unwrap();
+    let _successor = segment.endpoint(1).unwrap();
+    assert_eq!(segment.lane(1, 2).depth(), 0);
+    assert!(matches!(ep0.try_recv(), Err(crate::TryRecvError::Empty)));
+    assert_eq!(
+        ep0.discarded_fragments(),
+        2,
+        "the successor did not drop the partial message"
+    );
+}

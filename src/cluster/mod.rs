@@ -454,7 +454,7 @@ pub(crate) fn read_stats(segment: &Segment) -> ClusterStats {
             let peer = read_peer(entry, slot);
             let seen = entry.heartbeat_seen_ns.load(Relaxed);
             let inbox_bytes = (0..workers)
-                .map(|from| segment.lane(from, slot).waiting_message_bytes())
+                .map(|from| segment.lane(from, slot).depth())
                 .fold(0u64, u64::saturating_add);
             SlotStats {
                 slot,
