@@ -131,6 +131,31 @@ pub(crate) unsafe fn bytes_arg<'a>(data: *const u8, len: usize) -> Result<&'a [u
     Ok(unsafe { std::slice::from_raw_parts(data, len) })
 }
 
+/// A call's name (`what`: "event", "method", "topic") and its
+/// `(data, len)` bytes, checked in that order.
+///
+/// # Safety
+/// As [`str_arg`] for `name` and [`bytes_arg`] for `data`.
+pub(crate) unsafe fn name_and_data<'a>(
+    name: *const c_char,
+    what: &str,
+    data: *const u8,
+    len: usize,
+) -> Result<(&'a str, &'a [u8]), Failure> {
+    // SAFETY: forwarded from our caller.
+    unsafe { Ok((str_arg(name, what)?, bytes_arg(data, len)?)) }
+}
+
+/// A handle argument (`what`: "worker", "handle", ...): NULL is
+/// `SHMC_RESULT_NULL_ARGUMENT`.
+///
+/// # Safety
+/// `p` is NULL or points to a live `T` for the call.
+pub(crate) unsafe fn ref_arg<'a, T>(p: *const T, what: &str) -> Result<&'a T, Failure> {
+    // SAFETY: NULL or live, by our caller's contract.
+    unsafe { p.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, format!("{what} is NULL")))
+}
+
 /// Checks an out-pointer.
 pub(crate) fn out_arg<T>(p: *mut T, what: &str) -> Result<*mut T, Failure> {
     if p.is_null() {
@@ -195,4 +220,15 @@ pub(crate) fn into_handle<T>(value: T) -> *mut T {
 pub(crate) unsafe fn put<T>(out: *mut T, value: T) {
     // SAFETY: forwarded from our caller.
     unsafe { out.write(value) }
+}
+
+/// Writes `value` through an optional out-pointer: nothing for NULL.
+///
+/// # Safety
+/// `out` is NULL or valid for a write.
+pub(crate) unsafe fn put_optional<T>(out: *mut T, value: T) {
+    if !out.is_null() {
+        // SAFETY: non-NULL; valid by our caller's contract.
+        unsafe { out.write(value) }
+    }
 }

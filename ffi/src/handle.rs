@@ -33,12 +33,11 @@ use std::time::{Duration, Instant};
 
 use shmcluster_rs::{Messenger, MessengerHandle, Target, MAX_EVENT_NAME};
 
-use crate::boundary::{self, bytes_arg, check_fork, guard, into_handle, out_arg, put, str_arg};
-use crate::messaging::{
-    consumed_of, give_bytes, map_result_of, shmc_bytes, shmc_consumed, shmc_map_result, target_arg,
-};
+use crate::boundary::{self, check_fork, guard, into_handle, name_and_data, out_arg, put, ref_arg};
+use crate::call::Via;
+use crate::messaging::{shmc_bytes, shmc_consumed, shmc_map_result, target_arg};
 use crate::result::{shmc_result, Failure};
-use crate::worker::{shmc_worker, WorkerInner};
+use crate::worker::{shmc_worker, worker_arg, WorkerInner};
 
 /// The event a handle's wake-up message carries: it starts with a NUL, so
 /// no C or Python event (a NUL-terminated string) can be named the same.
@@ -190,7 +189,7 @@ impl shmc_handle {
     /// Runs `f` on the worker's thread and waits for its answer, until
     /// `deadline` plus a second (the call's own deadline is settled by the
     /// messenger; the second covers a handler that is running then).
-    fn call<R: Send + 'static>(
+    pub(crate) fn call<R: Send + 'static>(
         &self,
         deadline: Instant,
         f: impl FnOnce(&mut WorkerInner) -> Result<R, Failure> + Send + 'static,
@@ -252,13 +251,13 @@ impl shmc_handle {
     }
 }
 
-/// The handle of `w`.
+/// The handle behind `h`.
 ///
 /// # Safety
 /// `h` NULL or a live handle.
-unsafe fn handle_ref<'a>(h: *const shmc_handle) -> Result<&'a shmc_handle, Failure> {
-    // SAFETY: NULL or a live handle, by our caller's contract.
-    unsafe { h.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "handle is NULL"))
+pub(crate) unsafe fn handle_ref<'a>(h: *const shmc_handle) -> Result<&'a shmc_handle, Failure> {
+    // SAFETY: forwarded from our caller.
+    unsafe { ref_arg(h, "handle") }
 }
 
 /// Makes a thread-safe handle on worker `w` and stores it in `*out` (see
@@ -275,10 +274,8 @@ pub unsafe extern "C" fn shmc_worker_handle(
 ) -> shmc_result {
     guard(|| {
         let out = out_arg(out, "out")?;
-        // SAFETY: NULL or a live handle, by our caller's contract.
-        let worker =
-            unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
-        check_fork(worker.fork_generation())?;
+        // SAFETY: forwarded from our caller.
+        let worker = unsafe { worker_arg(w) }?;
         let handle = shmc_handle {
             jobs: Arc::clone(&worker.jobs),
             wake: worker.wake.clone(),
@@ -341,7 +338,7 @@ pub unsafe extern "C" fn shmc_handle_emit(
         let handle = unsafe { handle_ref(h) }?;
         let target = target_arg(target, slot)?;
         // SAFETY: forwarded from our caller.
-        let (event, data) = unsafe { (str_arg(event, "event")?, bytes_arg(data, len)?) };
+        let (event, data) = unsafe { name_and_data(event, "event", data, len) }?;
         handle.check_send(&target, event, data.len())?;
         let (event, data) = (event.to_owned(), data.to_vec());
         handle.submit(Box::new(move |inner| {
@@ -368,21 +365,6 @@ pub unsafe extern "C" fn shmc_handle_broadcast(
     unsafe { shmc_handle_emit(h, crate::shmc_target_kind::All as u32, 0, event, data, len) }
 }
 
-/// Copies a call's event and data for the worker's thread.
-///
-/// # Safety
-/// `event` NUL-terminated; `data` valid for `len` bytes.
-unsafe fn owned_args(
-    name: &str,
-    event: *const c_char,
-    data: *const u8,
-    len: usize,
-) -> Result<(String, Vec<u8>), Failure> {
-    // SAFETY: forwarded from our caller.
-    let (event, data) = unsafe { (str_arg(event, name)?, bytes_arg(data, len)?) };
-    Ok((event.to_owned(), data.to_vec()))
-}
-
 /// [`crate::shmc_request`] from any thread: worker `slot` runs its first
 /// handler for `event` with `data`; waits up to `timeout_ms` for the answer,
 /// stored in `*reply` (free it with [`crate::shmc_bytes_free`]).
@@ -405,19 +387,8 @@ pub unsafe extern "C" fn shmc_handle_request(
     timeout_ms: u64,
     reply: *mut *mut shmc_bytes,
 ) -> shmc_result {
-    guard(|| {
-        let out = out_arg(reply, "reply")?;
-        // SAFETY: forwarded from our caller.
-        let handle = unsafe { handle_ref(h) }?;
-        // SAFETY: forwarded from our caller.
-        let (event, data) = unsafe { owned_args("event", event, data, len) }?;
-        let deadline = boundary::deadline(timeout_ms);
-        let answer = handle.call(deadline, move |inner| {
-            Ok(inner.messenger.request_bytes(slot, &event, &data, deadline)?)
-        })?;
-        give_bytes(out, answer);
-        Ok(())
-    })
+    // SAFETY: forwarded from our caller.
+    unsafe { crate::messaging::request(Via::Handle(h), slot, event, data, len, timeout_ms, reply) }
 }
 
 /// [`crate::shmc_map`] from any thread; the result (one entry per live
@@ -439,20 +410,8 @@ pub unsafe extern "C" fn shmc_handle_map(
     timeout_ms: u64,
     result: *mut *mut shmc_map_result,
 ) -> shmc_result {
-    guard(|| {
-        let out = out_arg(result, "result")?;
-        // SAFETY: forwarded from our caller.
-        let handle = unsafe { handle_ref(h) }?;
-        // SAFETY: forwarded from our caller.
-        let (event, data) = unsafe { owned_args("event", event, data, len) }?;
-        let deadline = boundary::deadline(timeout_ms);
-        let answers = handle.call(deadline, move |inner| {
-            Ok(inner.messenger.map_bytes(&event, &data, deadline)?)
-        })?;
-        // SAFETY: checked non-NULL; valid by our caller's contract.
-        unsafe { put(out, into_handle(map_result_of(answers))) };
-        Ok(())
-    })
+    // SAFETY: forwarded from our caller.
+    unsafe { crate::messaging::map(Via::Handle(h), event, data, len, timeout_ms, result) }
 }
 
 /// [`crate::shmc_consume`] from any thread; what happened is stored in
@@ -473,21 +432,8 @@ pub unsafe extern "C" fn shmc_handle_consume(
     timeout_ms: u64,
     consumed: *mut shmc_consumed,
 ) -> shmc_result {
-    guard(|| {
-        // SAFETY: forwarded from our caller.
-        let handle = unsafe { handle_ref(h) }?;
-        // SAFETY: forwarded from our caller.
-        let (event, data) = unsafe { owned_args("event", event, data, len) }?;
-        let deadline = boundary::deadline(timeout_ms);
-        let c = handle.call(deadline, move |inner| {
-            Ok(inner.messenger.consume_bytes(&event, &data, deadline)?)
-        })?;
-        if !consumed.is_null() {
-            // SAFETY: non-NULL; valid by our caller's contract.
-            unsafe { put(consumed, consumed_of(&c)) };
-        }
-        Ok(())
-    })
+    // SAFETY: forwarded from our caller.
+    unsafe { crate::messaging::consume(Via::Handle(h), event, data, len, timeout_ms, consumed) }
 }
 
 /// [`crate::shmc_invoke`] from any thread: the leader's handler for
@@ -508,19 +454,8 @@ pub unsafe extern "C" fn shmc_handle_invoke(
     timeout_ms: u64,
     reply: *mut *mut shmc_bytes,
 ) -> shmc_result {
-    guard(|| {
-        let out = out_arg(reply, "reply")?;
-        // SAFETY: forwarded from our caller.
-        let handle = unsafe { handle_ref(h) }?;
-        // SAFETY: forwarded from our caller.
-        let (method, data) = unsafe { owned_args("method", method, data, len) }?;
-        let deadline = boundary::deadline(timeout_ms);
-        let answer = handle.call(deadline, move |inner| {
-            Ok(inner.messenger.invoke_bytes(&method, &data, deadline)?)
-        })?;
-        give_bytes(out, answer);
-        Ok(())
-    })
+    // SAFETY: forwarded from our caller.
+    unsafe { crate::leader::invoke(Via::Handle(h), method, data, len, timeout_ms, reply) }
 }
 
 /// [`crate::shmc_publish`] from any thread, waiting up to `timeout_ms`.
@@ -539,14 +474,6 @@ pub unsafe extern "C" fn shmc_handle_publish(
     len: usize,
     timeout_ms: u64,
 ) -> shmc_result {
-    guard(|| {
-        // SAFETY: forwarded from our caller.
-        let handle = unsafe { handle_ref(h) }?;
-        // SAFETY: forwarded from our caller.
-        let (topic, data) = unsafe { owned_args("topic", topic, data, len) }?;
-        let deadline = boundary::deadline(timeout_ms);
-        handle.call(deadline, move |inner| {
-            Ok(inner.messenger.publish_bytes(&topic, &data, deadline)?)
-        })
-    })
+    // SAFETY: forwarded from our caller.
+    unsafe { crate::leader::publish(Via::Handle(h), topic, data, len, timeout_ms) }
 }

@@ -2,7 +2,8 @@
 
 use std::ffi::{c_char, c_void};
 
-use crate::boundary::{self, bytes_arg, guard, out_arg, put, str_arg};
+use crate::boundary::{self, guard, out_arg, put, put_optional, str_arg};
+use crate::call::Via;
 use crate::messaging::{call_sync, give_bytes, shmc_bytes, shmc_handler_fn, UserData};
 use crate::result::{shmc_result, Failure};
 use crate::worker::{shmc_worker, with_worker};
@@ -84,13 +85,10 @@ pub unsafe extern "C" fn shmc_leader(
         // SAFETY: forwarded from our caller.
         let leader = unsafe { with_worker(w, |inner| Ok(inner.messenger.leader_for(role))) }?
             .ok_or_else(|| Failure::from(shmc_result::NoLeader))?;
-        if !slot.is_null() {
-            // SAFETY: non-NULL; valid by our caller's contract.
-            unsafe { put(slot, leader.slot) };
-        }
-        if !term.is_null() {
-            // SAFETY: non-NULL; valid by our caller's contract.
-            unsafe { put(term, leader.term) };
+        // SAFETY: forwarded from our caller.
+        unsafe {
+            put_optional(slot, leader.slot);
+            put_optional(term, leader.term);
         }
         Ok(())
     })
@@ -127,10 +125,8 @@ pub unsafe extern "C" fn shmc_on_invoke(
                 Ok(inner.remember_handler(id))
             })
         }?;
-        if !id.is_null() {
-            // SAFETY: non-NULL; valid by our caller's contract.
-            unsafe { put(id, handler_id) };
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(id, handler_id) };
         Ok(())
     })
 }
@@ -156,16 +152,34 @@ pub unsafe extern "C" fn shmc_invoke(
     timeout_ms: u64,
     reply: *mut *mut shmc_bytes,
 ) -> shmc_result {
+    // SAFETY: forwarded from our caller.
+    unsafe { invoke(Via::Worker(w), method, data, len, timeout_ms, reply) }
+}
+
+/// [`shmc_invoke`] or [`crate::shmc_handle_invoke`], as `via` says.
+///
+/// # Safety
+/// As [`shmc_invoke`], for the worker or handle in `via`.
+pub(crate) unsafe fn invoke(
+    via: Via,
+    method: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    reply: *mut *mut shmc_bytes,
+) -> shmc_result {
     guard(|| {
         let out = out_arg(reply, "reply")?;
         // SAFETY: forwarded from our caller.
-        let (method, data) = unsafe { (str_arg(method, "method")?, bytes_arg(data, len)?) };
-        let deadline = boundary::deadline(timeout_ms);
-        // SAFETY: forwarded from our caller.
         let answer = unsafe {
-            with_worker(w, |inner| {
-                Ok(inner.messenger.invoke_bytes(method, data, deadline)?)
-            })
+            via.call(
+                method,
+                "method",
+                data,
+                len,
+                timeout_ms,
+                |m, method, data, deadline| m.invoke_bytes(method, data, deadline),
+            )
         }?;
         give_bytes(out, answer);
         Ok(())
@@ -229,15 +243,32 @@ pub unsafe extern "C" fn shmc_publish(
     len: usize,
     timeout_ms: u64,
 ) -> shmc_result {
+    // SAFETY: forwarded from our caller.
+    unsafe { publish(Via::Worker(w), topic, data, len, timeout_ms) }
+}
+
+/// [`shmc_publish`] or [`crate::shmc_handle_publish`], as `via` says.
+///
+/// # Safety
+/// As [`shmc_publish`], for the worker or handle in `via`.
+pub(crate) unsafe fn publish(
+    via: Via,
+    topic: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+) -> shmc_result {
     guard(|| {
         // SAFETY: forwarded from our caller.
-        let (topic, data) = unsafe { (str_arg(topic, "topic")?, bytes_arg(data, len)?) };
-        let deadline = boundary::deadline(timeout_ms);
-        // SAFETY: forwarded from our caller.
         unsafe {
-            with_worker(w, |inner| {
-                Ok(inner.messenger.publish_bytes(topic, data, deadline)?)
-            })
+            via.call(
+                topic,
+                "topic",
+                data,
+                len,
+                timeout_ms,
+                |m, topic, data, deadline| m.publish_bytes(topic, data, deadline),
+            )
         }
     })
 }

@@ -44,6 +44,7 @@
 #![allow(non_camel_case_types)]
 
 mod boundary;
+mod call;
 mod handle;
 mod leader;
 mod lock;

@@ -5,7 +5,11 @@ use std::sync::atomic::Ordering::*;
 
 use shmcluster_rs::{BytesReply, CallKind, Ctx, MapError, Target, WorkerId};
 
-use crate::boundary::{self, bytes_arg, check_fork, guard, into_handle, out_arg, put, str_arg};
+use crate::boundary::{
+    self, bytes_arg, check_fork, guard, into_handle, name_and_data, out_arg, put, put_optional, ref_arg,
+    str_arg,
+};
+use crate::call::Via;
 use crate::result::{map_error_code, shmc_result, Failure};
 use crate::worker::{shmc_worker, with_worker};
 
@@ -241,10 +245,8 @@ pub unsafe extern "C" fn shmc_on(
                 Ok(inner.remember_handler(id))
             })
         }?;
-        if !id.is_null() {
-            // SAFETY: non-NULL; valid by our caller's contract.
-            unsafe { put(id, handler_id) };
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(id, handler_id) };
         Ok(())
     })
 }
@@ -303,10 +305,8 @@ pub unsafe extern "C" fn shmc_on_request(
         };
         // SAFETY: forwarded from our caller.
         let handler_id = unsafe { with_worker(w, register) }?;
-        if !id.is_null() {
-            // SAFETY: non-NULL; valid by our caller's contract.
-            unsafe { put(id, handler_id) };
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(id, handler_id) };
         Ok(())
     })
 }
@@ -394,10 +394,8 @@ pub unsafe extern "C" fn shmc_off(
         let event = unsafe { str_arg(event, "event") }?;
         // SAFETY: forwarded from our caller.
         let n = unsafe { with_worker(w, |inner| Ok(inner.messenger.off(event))) }?;
-        if !removed.is_null() {
-            // SAFETY: non-NULL; valid by our caller's contract.
-            unsafe { put(removed, n) };
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(removed, n) };
         Ok(())
     })
 }
@@ -456,14 +454,12 @@ pub unsafe extern "C" fn shmc_emit(
 ) -> shmc_result {
     guard(|| {
         // SAFETY: forwarded from our caller.
-        let (event, data) = unsafe { (str_arg(event, "event")?, bytes_arg(data, len)?) };
+        let (event, data) = unsafe { name_and_data(event, "event", data, len) }?;
         let target = target_arg(target, slot)?;
         // SAFETY: forwarded from our caller.
         let n = unsafe { with_worker(w, |inner| Ok(inner.messenger.emit_bytes(target, event, data)?)) }?;
-        if !sent.is_null() {
-            // SAFETY: non-NULL; valid by our caller's contract.
-            unsafe { put(sent, n) };
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(sent, n) };
         Ok(())
     })
 }
@@ -560,16 +556,35 @@ pub unsafe extern "C" fn shmc_request(
     timeout_ms: u64,
     reply: *mut *mut shmc_bytes,
 ) -> shmc_result {
+    // SAFETY: forwarded from our caller.
+    unsafe { request(Via::Worker(w), slot, event, data, len, timeout_ms, reply) }
+}
+
+/// [`shmc_request`] or [`crate::shmc_handle_request`], as `via` says.
+///
+/// # Safety
+/// As [`shmc_request`], for the worker or handle in `via`.
+pub(crate) unsafe fn request(
+    via: Via,
+    slot: u32,
+    event: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    reply: *mut *mut shmc_bytes,
+) -> shmc_result {
     guard(|| {
         let out = out_arg(reply, "reply")?;
         // SAFETY: forwarded from our caller.
-        let (event, data) = unsafe { (str_arg(event, "event")?, bytes_arg(data, len)?) };
-        let deadline = boundary::deadline(timeout_ms);
-        // SAFETY: forwarded from our caller.
         let answer = unsafe {
-            with_worker(w, |inner| {
-                Ok(inner.messenger.request_bytes(slot, event, data, deadline)?)
-            })
+            via.call(
+                event,
+                "event",
+                data,
+                len,
+                timeout_ms,
+                move |m, event, data, deadline| m.request_bytes(slot, event, data, deadline),
+            )
         }?;
         give_bytes(out, answer);
         Ok(())
@@ -620,20 +635,36 @@ pub unsafe extern "C" fn shmc_consume(
     timeout_ms: u64,
     consumed: *mut shmc_consumed,
 ) -> shmc_result {
+    // SAFETY: forwarded from our caller.
+    unsafe { consume(Via::Worker(w), event, data, len, timeout_ms, consumed) }
+}
+
+/// [`shmc_consume`] or [`crate::shmc_handle_consume`], as `via` says.
+///
+/// # Safety
+/// As [`shmc_consume`], for the worker or handle in `via`.
+pub(crate) unsafe fn consume(
+    via: Via,
+    event: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    consumed: *mut shmc_consumed,
+) -> shmc_result {
     guard(|| {
         // SAFETY: forwarded from our caller.
-        let (event, data) = unsafe { (str_arg(event, "event")?, bytes_arg(data, len)?) };
-        let deadline = boundary::deadline(timeout_ms);
-        // SAFETY: forwarded from our caller.
         let c = unsafe {
-            with_worker(w, |inner| {
-                Ok(inner.messenger.consume_bytes(event, data, deadline)?)
-            })
+            via.call(
+                event,
+                "event",
+                data,
+                len,
+                timeout_ms,
+                |m, event, data, deadline| m.consume_bytes(event, data, deadline),
+            )
         }?;
-        if !consumed.is_null() {
-            // SAFETY: non-NULL; valid by our caller's contract.
-            unsafe { put(consumed, consumed_of(&c)) };
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(consumed, consumed_of(&c)) };
         Ok(())
     })
 }
@@ -706,14 +737,35 @@ pub unsafe extern "C" fn shmc_map(
     timeout_ms: u64,
     result: *mut *mut shmc_map_result,
 ) -> shmc_result {
+    // SAFETY: forwarded from our caller.
+    unsafe { map(Via::Worker(w), event, data, len, timeout_ms, result) }
+}
+
+/// [`shmc_map`] or [`crate::shmc_handle_map`], as `via` says.
+///
+/// # Safety
+/// As [`shmc_map`], for the worker or handle in `via`.
+pub(crate) unsafe fn map(
+    via: Via,
+    event: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    result: *mut *mut shmc_map_result,
+) -> shmc_result {
     guard(|| {
         let out = out_arg(result, "result")?;
         // SAFETY: forwarded from our caller.
-        let (event, data) = unsafe { (str_arg(event, "event")?, bytes_arg(data, len)?) };
-        let deadline = boundary::deadline(timeout_ms);
-        // SAFETY: forwarded from our caller.
-        let answers =
-            unsafe { with_worker(w, |inner| Ok(inner.messenger.map_bytes(event, data, deadline)?)) }?;
+        let answers = unsafe {
+            via.call(
+                event,
+                "event",
+                data,
+                len,
+                timeout_ms,
+                |m, event, data, deadline| m.map_bytes(event, data, deadline),
+            )
+        }?;
         // SAFETY: checked non-NULL; valid by our caller's contract.
         unsafe { put(out, into_handle(map_result_of(answers))) };
         Ok(())
@@ -745,9 +797,8 @@ pub unsafe extern "C" fn shmc_map_result_get(
 ) -> shmc_result {
     guard(|| {
         let out = out_arg(entry, "entry")?;
-        // SAFETY: NULL or a live handle, by our caller's contract.
-        let r = unsafe { result.as_ref() }
-            .ok_or_else(|| Failure::new(shmc_result::NullArgument, "result is NULL"))?;
+        // SAFETY: forwarded from our caller.
+        let r = unsafe { ref_arg(result, "result") }?;
         let (slot, generation, status, data) = r
             .entries
             .get(i)
@@ -781,13 +832,6 @@ pub unsafe extern "C" fn shmc_map_result_free(result: *mut shmc_map_result) {
 
 // ---------------------------------------------------------------- dispatch
 
-fn store_count(out: *mut usize, n: usize) {
-    if !out.is_null() {
-        // SAFETY: our callers' contract: NULL or valid.
-        unsafe { put(out, n) };
-    }
-}
-
 /// Runs the handlers of every message that has arrived, without waiting,
 /// and the calls [`crate::shmc_handle`]s queued; stores how many messages
 /// it handled in `*handled` if it is not NULL (a handle's wake-up counts
@@ -812,7 +856,8 @@ pub unsafe extern "C" fn shmc_dispatch(w: *const shmc_worker, handled: *mut usiz
                 Ok(n)
             })
         }?;
-        store_count(handled, n);
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(handled, n) };
         Ok(())
     })
 }
@@ -841,7 +886,8 @@ pub unsafe extern "C" fn shmc_poll(
                 Ok(n)
             })
         }?;
-        store_count(handled, n);
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(handled, n) };
         Ok(())
     })
 }

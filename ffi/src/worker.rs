@@ -12,7 +12,7 @@ use shmcluster_rs::{
     WorkerState,
 };
 
-use crate::boundary::{self, check_fork, guard, into_handle, out_arg, put, write_c_string};
+use crate::boundary::{self, check_fork, guard, into_handle, out_arg, put, ref_arg, write_c_string};
 use crate::handle::{Driving, Jobs};
 use crate::result::{shmc_result, Failure};
 use crate::segment::{attach_dup, shmc_segment};
@@ -167,8 +167,17 @@ impl shmc_worker {
         })
     }
 
-    pub(crate) fn fork_generation(&self) -> u64 {
-        self.fork_generation
+    /// Runs `f` with the inner worker if no call is running on it (and
+    /// none starts until `f` returns); `None`, without running it, if one
+    /// is (that call passes on what `pending` holds).
+    fn if_idle<R>(&self, f: impl FnOnce(&WorkerInner) -> R) -> Option<R> {
+        if self.busy.swap(true, AcqRel) {
+            return None;
+        }
+        let _busy = Busy(&self.busy);
+        // SAFETY: the busy flag, set above and cleared by `_busy` when this
+        // returns, makes this the only reference to the inner worker.
+        Some(f(unsafe { &*self.inner.get() }))
     }
 
     /// Whether this worker should stop: the master's request, or (without
@@ -176,6 +185,19 @@ impl shmc_worker {
     pub(crate) fn stop_requested(&self) -> bool {
         self.watch.should_stop() || (!self.has_master && self.stop.load(Acquire))
     }
+}
+
+/// The worker behind `w`, for the functions callable from any thread:
+/// `SHMC_RESULT_NULL_ARGUMENT` for NULL, `SHMC_RESULT_FORKED` in a forked
+/// child.
+///
+/// # Safety
+/// `w` is NULL or a live handle from this crate.
+pub(crate) unsafe fn worker_arg<'a>(w: *const shmc_worker) -> Result<&'a shmc_worker, Failure> {
+    // SAFETY: forwarded from our caller.
+    let worker = unsafe { ref_arg(w, "worker") }?;
+    check_fork(worker.fork_generation)?;
+    Ok(worker)
 }
 
 /// Runs `f` with exclusive access to the worker behind `w`.
@@ -186,13 +208,10 @@ pub(crate) unsafe fn with_worker<R>(
     w: *const shmc_worker,
     f: impl FnOnce(&mut WorkerInner) -> Result<R, Failure>,
 ) -> Result<R, Failure> {
-    // SAFETY: NULL or a live handle, by our caller's contract. Only shared
-    // references to `shmc_worker` are made; the messenger is reached
-    // through the UnsafeCell below.
-    let Some(worker) = (unsafe { w.as_ref() }) else {
-        return Err(Failure::new(shmc_result::NullArgument, "worker is NULL"));
-    };
-    check_fork(worker.fork_generation)?;
+    // SAFETY: forwarded from our caller. Only shared references to
+    // `shmc_worker` are made; the messenger is reached through the
+    // UnsafeCell below.
+    let worker = unsafe { worker_arg(w) }?;
     if worker.busy.swap(true, AcqRel) {
         return Err(shmc_result::Busy.into());
     }
@@ -263,9 +282,8 @@ pub unsafe extern "C" fn shmc_worker_attach(
 ) -> shmc_result {
     guard(|| {
         let out = out_arg(out, "out")?;
-        // SAFETY: NULL or a live handle, by our caller's contract.
-        let segment = unsafe { segment.as_ref() }
-            .ok_or_else(|| Failure::new(shmc_result::NullArgument, "segment is NULL"))?;
+        // SAFETY: forwarded from our caller.
+        let segment = unsafe { ref_arg(segment, "segment") }?;
         let endpoint = segment.segment.endpoint(slot)?;
         let layout = *segment.segment.layout();
         let watch = StopWatch::new(&segment.segment, slot).expect("the endpoint's slot exists");
@@ -526,17 +544,10 @@ pub unsafe extern "C" fn shmc_peers(
 #[no_mangle]
 pub unsafe extern "C" fn shmc_ready(w: *const shmc_worker) -> shmc_result {
     guard(|| {
-        // SAFETY: NULL or a live handle, by our caller's contract.
-        let worker =
-            unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
-        check_fork(worker.fork_generation)?;
+        // SAFETY: forwarded from our caller.
+        let worker = unsafe { worker_arg(w) }?;
         worker.pending.ready.store(true, Release);
-        if !worker.busy.swap(true, AcqRel) {
-            let _busy = Busy(&worker.busy);
-            // SAFETY: the busy flag makes this the only reference to the inner worker.
-            let inner = unsafe { &*worker.inner.get() };
-            inner.forward_requests();
-        }
+        worker.if_idle(WorkerInner::forward_requests);
         Ok(())
     })
 }
@@ -604,20 +615,16 @@ pub unsafe extern "C" fn shmc_should_stop(w: *const shmc_worker) -> bool {
 #[no_mangle]
 pub unsafe extern "C" fn shmc_request_shutdown(w: *const shmc_worker) -> shmc_result {
     guard(|| {
-        // SAFETY: NULL or a live handle, by our caller's contract.
-        let worker =
-            unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
-        check_fork(worker.fork_generation)?;
+        // SAFETY: forwarded from our caller.
+        let worker = unsafe { worker_arg(w) }?;
         worker.pending.shutdown.store(true, Release);
-        if !worker.busy.swap(true, AcqRel) {
-            let _busy = Busy(&worker.busy);
-            // SAFETY: the busy flag makes this the only reference to the inner worker.
-            let inner = unsafe { &*worker.inner.get() };
+        let idle = worker.if_idle(|inner| {
             if inner.messenger.worker().is_none() {
                 worker.stop.store(true, Release);
             }
             inner.forward_requests();
-        } else {
+        });
+        if idle.is_none() {
             // Busy: its running call forwards it; without a master it is
             // the local flag that matters, set both ways.
             worker.stop.store(true, Release);
@@ -635,24 +642,20 @@ pub unsafe extern "C" fn shmc_request_shutdown(w: *const shmc_worker) -> shmc_re
 #[no_mangle]
 pub unsafe extern "C" fn shmc_request_reload(w: *const shmc_worker) -> shmc_result {
     guard(|| {
-        // SAFETY: NULL or a live handle, by our caller's contract.
-        let worker =
-            unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
-        check_fork(worker.fork_generation)?;
-        if worker.busy.swap(true, AcqRel) {
-            worker.pending.reload.store(true, Release);
-            return Ok(());
-        }
-        let _busy = Busy(&worker.busy);
-        // SAFETY: the busy flag makes this the only reference to the inner worker.
-        let inner = unsafe { &*worker.inner.get() };
-        match inner.messenger.worker() {
+        // SAFETY: forwarded from our caller.
+        let worker = unsafe { worker_arg(w) }?;
+        let reloaded = worker.if_idle(|inner| match inner.messenger.worker() {
             Some(wk) => {
                 wk.request_reload();
                 Ok(())
             }
             None => Err(shmc_result::NoMaster.into()),
-        }
+        });
+        reloaded.unwrap_or_else(|| {
+            // Busy: its running call forwards it.
+            worker.pending.reload.store(true, Release);
+            Ok(())
+        })
     })
 }
 
@@ -829,9 +832,8 @@ pub unsafe extern "C" fn shmc_stats_slot(
 ) -> shmc_result {
     guard(|| {
         let out = out_arg(out, "out")?;
-        // SAFETY: NULL or a live snapshot, by our caller's contract.
-        let stats = unsafe { stats.as_ref() }
-            .ok_or_else(|| Failure::new(shmc_result::NullArgument, "stats is NULL"))?;
+        // SAFETY: forwarded from our caller.
+        let stats = unsafe { ref_arg(stats, "stats") }?;
         let s = stats
             .stats
             .slots
@@ -878,9 +880,8 @@ pub unsafe extern "C" fn shmc_stats_format(
     out_len: *mut usize,
 ) -> shmc_result {
     guard(|| {
-        // SAFETY: NULL or a live snapshot, by our caller's contract.
-        let stats = unsafe { stats.as_ref() }
-            .ok_or_else(|| Failure::new(shmc_result::NullArgument, "stats is NULL"))?;
+        // SAFETY: forwarded from our caller.
+        let stats = unsafe { ref_arg(stats, "stats") }?;
         // SAFETY: forwarded from our caller.
         unsafe { write_c_string(&stats.stats.to_string(), buf.cast(), len, out_len) }
     })
@@ -940,10 +941,8 @@ pub unsafe extern "C" fn shmc_worker_accept(
     use std::time::{Duration, Instant};
     guard(|| {
         let out = out_arg(out_fd, "out_fd")?;
-        // SAFETY: NULL or a live handle, by our caller's contract.
-        let worker =
-            unsafe { w.as_ref() }.ok_or_else(|| Failure::new(shmc_result::NullArgument, "worker is NULL"))?;
-        check_fork(worker.fork_generation)?;
+        // SAFETY: forwarded from our caller.
+        let worker = unsafe { worker_arg(w) }?;
         if listener_fd < 0 {
             return Err(Failure::new(
                 shmc_result::InvalidArgument,
