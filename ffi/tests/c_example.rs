@@ -7,25 +7,14 @@
 //! (a release build of the workspace inside a test would take minutes), and
 //! the `cargo build` line is run for that profile.
 
+mod common;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace root")
-}
-
-/// `target/<profile>`: the directory above this test binary's `deps`.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf()
-}
+use common::{profile_dir, repo_root};
 
 /// The indented command lines under "Build and run" in worker.c's comment.
 fn documented_lines() -> Vec<String> {
@@ -107,26 +96,7 @@ fn worker_c_builds_and_runs_with_its_documented_lines() {
     let local = |line: &str| line.replace("target/release", profile.to_str().expect("a UTF-8 target path"));
 
     // The `cargo build` line, for this test's profile.
-    let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cargo
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "shmcluster",
-            "-p",
-            "shmcluster-ffi",
-            "--target-dir",
-        ])
-        .arg(profile.parent().expect("target dir"))
-        .current_dir(repo_root());
-    if let Some(name) = profile
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| *n != "debug")
-    {
-        cargo.args(["--profile", name]);
-    }
+    let mut cargo = common::cargo_build(&["-p", "shmcluster", "-p", "shmcluster-ffi"]);
     assert!(cargo.status().expect("run cargo build").success(), "{}", lines[0]);
 
     let _ = std::fs::remove_file(profile.join("c-worker"));

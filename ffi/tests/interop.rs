@@ -25,26 +25,25 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::mpsc::{self, Receiver};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shmcluster_rs::{Messenger, Target, Worker};
 
-/// The master's pid while it runs, for the watchdog.
-static MASTER_PID: AtomicI32 = AtomicI32::new(0);
+use common::cluster::{start_watchdog, Master, Reaped};
+use common::library;
 
 fn main() {
     if std::env::var_os("INTEROP_ROLE").is_some_and(|r| r == "rust-worker") {
         std::process::exit(rust_worker());
     }
     let bin = build_binaries();
-    start_watchdog(Duration::from_secs(120));
+    start_watchdog("interop", Duration::from_secs(120));
     let python = have_python();
     if python {
         rust_c_and_python_workers_in_one_cluster(&bin);
@@ -152,26 +151,6 @@ fn put(dir: &Path, name: &str, text: &str) {
 
 // ------------------------------------------------------------------ helpers
 
-/// Kills the master (its workers die with it: PR_SET_PDEATHSIG) and fails
-/// the test if it is still running after `limit`.
-fn start_watchdog(limit: Duration) {
-    std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        let pid = MASTER_PID.load(Ordering::SeqCst);
-        if pid > 0 {
-            // SAFETY: kill(2) and waitpid(2) on the master this test spawned
-            // (MASTER_PID is cleared as soon as `Master` is done with it);
-            // waitpid allows a null status pointer.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-        }
-        eprintln!("interop: watchdog: the test hung for {limit:?}; master {pid} killed");
-        std::process::exit(101);
-    });
-}
-
 /// A scratch directory, removed on drop.
 struct TempDir(PathBuf);
 
@@ -187,36 +166,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child that is killed and reaped when dropped (a failing test included).
-struct Reaped(Child);
-
-impl Reaped {
-    /// Waits up to `timeout` for the exit; panics (killing it) past that.
-    fn wait_within(&mut self, timeout: Duration, what: &str) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-                panic!("{what} did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
     }
 }
 
@@ -273,49 +222,19 @@ fn manifest() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `target/<profile>`: the directory above this test binary's `deps`.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf()
-}
-
-/// The cdylib cargo built for these tests (as `common::compile` finds it).
-fn library() -> PathBuf {
-    let profile = profile_dir();
-    [profile.join("deps"), profile.clone()]
-        .into_iter()
-        .map(|d| d.join("libshmcluster.so"))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("libshmcluster.so not found in {}", profile.display()))
-}
-
 /// Builds what the test runs besides itself, into this test's target
 /// directory and profile (a no-op when up to date): the `shmcluster` binary
-/// and this crate's cdylib (`cargo test -p shmcluster-ffi` alone builds
-/// neither). Returns the binary (`SHMCLUSTER_BIN` overrides it).
+/// and this crate's cdylib. Returns the binary (`SHMCLUSTER_BIN` overrides
+/// it).
 fn build_binaries() -> PathBuf {
-    let profile = profile_dir();
-    let target_dir = profile.parent().expect("target dir");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "shmcluster", "--bin", "shmcluster"])
-        .args(["-p", "shmcluster-ffi", "--lib", "--target-dir"])
-        .arg(target_dir)
-        .current_dir(manifest());
-    match profile.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => {}
-        Some(name) => {
-            cmd.args(["--profile", name]);
-        }
-    }
-    run_ok(&mut cmd, Duration::from_secs(600));
+    run_ok(
+        &mut common::cargo_build_cli_and_library(),
+        Duration::from_secs(600),
+    );
     if let Some(bin) = std::env::var_os("SHMCLUSTER_BIN") {
         return bin.into();
     }
-    let bin = profile.join("shmcluster");
+    let bin = common::cli();
     assert!(bin.exists(), "cargo build did not make {}", bin.display());
     bin
 }
@@ -491,85 +410,6 @@ fn attach_errors_from_python(checks: &mut Checks) {
 
 // ------------------------------------------------------------- the cluster
 
-/// A running `shmcluster run` master, its stderr lines arriving on a channel.
-struct Master {
-    child: Reaped,
-    lines: Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Master {
-    fn start(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn shmcluster run");
-        MASTER_PID.store(child.id() as i32, Ordering::SeqCst);
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[master] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child: Reaped(child),
-            lines,
-            log: Vec::new(),
-        }
-    }
-
-    fn expect_line(&mut self, needle: &str, timeout: Duration) -> String {
-        if let Some(l) = self.log.iter().find(|l| l.contains(needle)) {
-            return l.clone();
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no master line with {needle:?} within {timeout:?}: {:#?}",
-                    self.log
-                ),
-            }
-        }
-    }
-
-    fn finish(mut self, timeout: Duration) -> (Option<i32>, Vec<String>) {
-        let status = self.child.wait_within(timeout, "the master");
-        MASTER_PID.store(0, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            self.log.push(line);
-        }
-        (status.code(), std::mem::take(&mut self.log))
-    }
-}
-
-impl Drop for Master {
-    fn drop(&mut self) {
-        // On a panic the `Reaped` field then kills and reaps the master (its
-        // workers die with it); the watchdog must not signal a reaped pid.
-        MASTER_PID.store(0, Ordering::SeqCst);
-    }
-}
-
 /// Waits for `dir/name` to appear; returns its contents.
 fn wait_file(dir: &Path, name: &str, timeout: Duration, master: &Master) -> String {
     let deadline = Instant::now() + timeout;
@@ -643,13 +483,7 @@ fn rust_c_and_python_workers_in_one_cluster(bin: &Path) {
         .env("SHMCLUSTER_LIB", library())
         .env_remove("INTEROP_ROLE");
     let mut master = Master::start(cmd);
-    let first = master.expect_line("listening on", Duration::from_secs(15));
-    let addr = first
-        .rsplit("listening on ")
-        .next()
-        .expect("an address")
-        .trim()
-        .to_owned();
+    let addr = master.listening_address(Duration::from_secs(15));
 
     // 4: the Python worker (instance 2) serves HTTP on fd 3. The socket is
     // the master's, so the connection waits in its backlog until then.

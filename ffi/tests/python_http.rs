@@ -14,16 +14,15 @@
 //! reaped; a watchdog kills the master (its workers die with it) and fails
 //! the test if anything hangs.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The master's pid while it runs, for the watchdog.
-static MASTER_PID: AtomicI32 = AtomicI32::new(0);
+use common::cluster::{start_watchdog, Master};
 
 /// Far above what a drain needs: a reload or stop that takes this long
 /// waited for it.
@@ -31,85 +30,23 @@ const DRAIN_DEADLINE_SECS: &str = "30";
 /// "Well before the deadline".
 const PROMPT: Duration = Duration::from_secs(3);
 
-fn repo_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the workspace root")
-}
-
-/// `target/<profile>`: the directory above this test binary's `deps`.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf()
-}
-
 /// Builds the `shmcluster` binary and the cdylib into this test's target
-/// directory and profile (a no-op when up to date); returns the binary.
+/// directory and profile (a no-op when up to date); returns both.
 fn build() -> (PathBuf, PathBuf) {
-    let profile = profile_dir();
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(["build", "--quiet", "-p", "shmcluster", "--bin", "shmcluster"])
-        .args(["-p", "shmcluster-ffi", "--lib", "--target-dir"])
-        .arg(profile.parent().expect("target dir"))
-        .current_dir(repo_root());
-    if let Some(name) = profile
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| *n != "debug")
-    {
-        cmd.args(["--profile", name]);
-    }
-    let status = cmd.status().expect("run cargo build");
+    let status = common::cargo_build_cli_and_library()
+        .status()
+        .expect("run cargo build");
     assert!(
         status.success(),
         "cargo build of shmcluster and libshmcluster.so failed"
     );
-    let lib = [profile.join("deps"), profile.clone()]
-        .into_iter()
-        .map(|d| d.join("libshmcluster.so"))
-        .find(|p| p.exists())
-        .expect("libshmcluster.so");
-    (profile.join("shmcluster"), lib)
+    (common::cli(), common::library())
 }
 
-/// Kills the master and fails the test if it still runs after `limit`.
-fn start_watchdog(limit: Duration) {
-    std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        let pid = MASTER_PID.load(Ordering::SeqCst);
-        if pid > 0 {
-            // SAFETY: kill(2) and waitpid(2) on the master this test
-            // spawned (MASTER_PID is cleared once it has been reaped);
-            // waitpid allows a null status pointer.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-        }
-        eprintln!("python_http: watchdog: the test hung for {limit:?}; master {pid} killed");
-        std::process::exit(101);
-    });
-}
-
-/// The master: killed and reaped when dropped (a failing test included).
-struct Master(Child);
-
-impl Drop for Master {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-        }
-        let _ = self.0.wait();
-        MASTER_PID.store(0, Ordering::SeqCst);
-    }
-}
-
-/// Runs a control command (`reload --wait`, `stop --wait`); returns its
-/// output and how long it took. It is reaped: `--timeout` bounds its wait.
-fn control(bin: &Path, socket: &Path, verb: &str) -> (Output, Duration) {
+/// Runs a control command (`reload --wait`, `stop --wait`), which must
+/// succeed (`log`: the master's lines, for the failure); returns how long
+/// it took. It is reaped: `--timeout` bounds its wait.
+fn control(bin: &Path, socket: &Path, verb: &str, log: &[String]) -> Duration {
     let started = Instant::now();
     let out = Command::new(bin)
         .args([verb, "--wait", "--timeout", "60", "--control"])
@@ -117,7 +54,14 @@ fn control(bin: &Path, socket: &Path, verb: &str) -> (Output, Duration) {
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("shmcluster {verb}: {e}"));
-    (out, started.elapsed())
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{verb} --wait: {}\n{}\n{log:#?}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    took
 }
 
 /// GET `path`; the whole answer. One attempt: a failure fails the test.
@@ -186,14 +130,14 @@ fn reload_and_stop_of_python_http_workers_do_not_wait_for_the_drain_deadline() {
         return;
     }
     let (bin, lib) = build();
-    start_watchdog(Duration::from_secs(90));
+    start_watchdog("python_http", Duration::from_secs(90));
     let dir = std::env::temp_dir().join(format!("shmcluster-python-http-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let socket = dir.join("control.sock");
 
-    let mut child = Command::new(&bin)
-        .args(["run", "-w", "2", "--listen", "127.0.0.1:0"])
+    let mut cmd = Command::new(&bin);
+    cmd.args(["run", "-w", "2", "--listen", "127.0.0.1:0"])
         .args([
             "--reload-timeout",
             DRAIN_DEADLINE_SECS,
@@ -203,54 +147,15 @@ fn reload_and_stop_of_python_http_workers_do_not_wait_for_the_drain_deadline() {
         .arg("--control")
         .arg(&socket)
         .args(["--", "python3", "ffi/examples/app.py"])
-        .current_dir(repo_root())
+        .current_dir(common::repo_root())
         .env("SHMCLUSTER_LIB", &lib)
         .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env_remove("PYTHONPATH")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shmcluster run");
-    MASTER_PID.store(child.id() as i32, Ordering::SeqCst);
-    let stderr = child.stderr.take().expect("stderr");
-    let master = Master(child);
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[master] {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log = Vec::new();
-    let wait_line = |needle: &str, log: &mut Vec<String>| -> String {
-        if let Some(seen) = log.iter().find(|l| l.contains(needle)) {
-            return seen.clone();
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no master line with {needle:?}: {log:#?}"),
-            }
-        }
-    };
-    let first = wait_line("listening on", &mut log);
-    let addr = first
-        .rsplit("listening on ")
-        .next()
-        .expect("an address")
-        .trim()
-        .to_owned();
-    wait_line("worker 0 online", &mut log);
-    wait_line("worker 1 online", &mut log);
+        .env_remove("PYTHONPATH");
+    let mut master = Master::start(cmd);
+    let line_within = Duration::from_secs(20);
+    let addr = master.listening_address(line_within);
+    master.expect_line("worker 0 online", line_within);
+    master.expect_line("worker 1 online", line_within);
 
     let hello = get(&addr, "/");
     assert!(hello.contains("hello from worker "), "{hello:?}");
@@ -268,15 +173,14 @@ fn reload_and_stop_of_python_http_workers_do_not_wait_for_the_drain_deadline() {
         get(&addr, "/");
     }
     let still = pids(&get(&addr, "/peers"));
-    assert_eq!(sorted(&still), sorted(&before), "no worker ended: {log:#?}");
-
-    let (out, took) = control(&bin, &socket, "reload");
-    assert!(
-        out.status.success(),
-        "reload --wait: {}\n{}\n{log:#?}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    assert_eq!(
+        sorted(&still),
+        sorted(&before),
+        "no worker ended: {:#?}",
+        master.log
     );
+
+    let took = control(&bin, &socket, "reload", &master.log);
     assert!(
         took < PROMPT,
         "reload --wait took {took:?}: the old workers waited for the {DRAIN_DEADLINE_SECS} s drain \
@@ -289,17 +193,9 @@ fn reload_and_stop_of_python_http_workers_do_not_wait_for_the_drain_deadline() {
         "both workers were replaced: before {before:?}, after {after:?}"
     );
 
-    let (out, took) = control(&bin, &socket, "stop");
-    assert!(
-        out.status.success(),
-        "stop --wait: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let took = control(&bin, &socket, "stop", &master.log);
     assert!(took < PROMPT, "stop --wait took {took:?}");
-    let mut master = master;
-    let status = master.0.wait().expect("wait for the master");
-    assert_eq!(status.code(), Some(0), "the master's exit: a clean shutdown");
-    drop(master);
+    let (code, _) = master.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "the master's exit: a clean shutdown");
     let _ = std::fs::remove_dir_all(&dir);
 }

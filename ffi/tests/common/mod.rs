@@ -1,51 +1,99 @@
-//! Building C programs against the library for the tests.
+//! What the ffi tests share: the workspace's paths, `cargo build` into the
+//! test's own target directory, building C programs against the library,
+//! and (in [`cluster`]) running a `shmcluster run` master.
+
+// Each test binary uses part of this.
+#![allow(dead_code)]
+
+pub mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Builds this crate's cdylib into the test's own target directory and
-/// profile, once per test process: `cargo test` builds a cdylib-only
-/// crate's test harness, not the `.so` itself (a no-op when up to date).
-fn build_library(profile_dir: &Path) {
+/// The workspace root.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+}
+
+/// `target/<profile>`: the directory above this test binary's `deps`.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+/// `cargo build --quiet <args>` into this test's target directory and
+/// profile, from the workspace root (a no-op when up to date); the caller
+/// runs it.
+pub fn cargo_build(args: &[&str]) -> Command {
+    let profile = profile_dir();
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["build", "--quiet"])
+        .args(args)
+        .arg("--target-dir")
+        .arg(profile.parent().expect("target dir"))
+        .current_dir(repo_root());
+    if let Some(name) = profile
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| *n != "debug")
+    {
+        cmd.args(["--profile", name]);
+    }
+    cmd
+}
+
+/// [`cargo_build`] of the `shmcluster` binary ([`cli`]) and this crate's
+/// cdylib ([`library`]): what a test that starts `shmcluster run` needs
+/// (`cargo test -p shmcluster-ffi` alone builds neither).
+pub fn cargo_build_cli_and_library() -> Command {
+    cargo_build(&[
+        "-p",
+        "shmcluster",
+        "--bin",
+        "shmcluster",
+        "-p",
+        "shmcluster-ffi",
+        "--lib",
+    ])
+}
+
+/// The `shmcluster` binary [`cargo_build_cli_and_library`] makes.
+pub fn cli() -> PathBuf {
+    profile_dir().join("shmcluster")
+}
+
+/// The cdylib cargo built for these tests: `libshmcluster.so` next to this
+/// test binary (`target/<profile>/deps`) or one up.
+pub fn library() -> PathBuf {
+    let profile = profile_dir();
+    [profile.join("deps"), profile.clone()]
+        .into_iter()
+        .map(|d| d.join("libshmcluster.so"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("libshmcluster.so not found in {}", profile.display()))
+}
+
+/// Builds this crate's cdylib, once per test process: `cargo test` builds
+/// a cdylib-only crate's test harness, not the `.so` itself.
+fn build_library() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let target_dir = profile_dir.parent().expect("target dir");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "shmcluster-ffi",
-            "--lib",
-            "--target-dir",
-        ])
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if let Some(name) = profile_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .filter(|n| *n != "debug")
-        {
-            cmd.args(["--profile", name]);
-        }
-        let status = cmd.status().expect("run cargo build for libshmcluster.so");
+        let status = cargo_build(&["-p", "shmcluster-ffi", "--lib"])
+            .status()
+            .expect("run cargo build for libshmcluster.so");
         assert!(status.success(), "cargo build -p shmcluster-ffi --lib failed");
     });
 }
 
-/// The directory holding `libshmcluster.so`: next to this test binary
-/// (`target/<profile>/deps`) or one up.
+/// The directory holding `libshmcluster.so`, built first.
 fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("deps dir").to_path_buf();
-    build_library(deps.parent().expect("profile dir"));
-    for dir in [deps.clone(), deps.parent().expect("profile dir").to_path_buf()] {
-        if dir.join("libshmcluster.so").exists() {
-            return dir;
-        }
-    }
-    panic!("libshmcluster.so not found next to {}", exe.display());
+    build_library();
+    library().parent().expect("the library's directory").to_path_buf()
 }
 
 /// Compiles `source` into an executable in the test's scratch directory.
