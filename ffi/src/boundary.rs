@@ -208,9 +208,53 @@ pub(crate) unsafe fn write_c_string(
     }
 }
 
+/// Writes `items` into the caller's array `out` (room for `capacity`) and
+/// their number into `*count`: as many as fit, and
+/// `SHMC_RESULT_BUFFER_TOO_SMALL` if that is not all of them. `out` (named
+/// `what` in the error) may be NULL with `capacity` 0, to ask for the count.
+///
+/// # Safety
+/// `count` checked with [`out_arg`] and valid for a write; `out` NULL or
+/// valid for `capacity` writes.
+pub(crate) unsafe fn write_list<T>(
+    items: impl ExactSizeIterator<Item = T>,
+    out: *mut T,
+    capacity: usize,
+    what: &str,
+    count: *mut usize,
+) -> Result<(), Failure> {
+    let len = items.len();
+    // SAFETY: forwarded from our caller.
+    unsafe { put(count, len) };
+    if capacity > 0 && out.is_null() {
+        return Err(Failure::new(shmc_result::NullArgument, format!("{what} is NULL")));
+    }
+    for (i, item) in items.take(capacity).enumerate() {
+        // SAFETY: `i < capacity`; `out` holds `capacity` entries.
+        unsafe { out.add(i).write(item) };
+    }
+    if len > capacity {
+        return Err(shmc_result::BufferTooSmall.into());
+    }
+    Ok(())
+}
+
 /// Moves a value to the heap for C.
 pub(crate) fn into_handle<T>(value: T) -> *mut T {
     Box::into_raw(Box::new(value))
+}
+
+/// Drops a value [`into_handle`] made (NULL is ignored): the plain
+/// `*_free` functions.
+///
+/// # Safety
+/// `handle` NULL or made by [`into_handle`] and given back by C, not used
+/// afterwards.
+pub(crate) unsafe fn free_handle<T>(handle: *mut T) {
+    if !handle.is_null() {
+        // SAFETY: made by `into_handle`, given back by our caller.
+        drop(unsafe { Box::from_raw(handle) });
+    }
 }
 
 /// Writes `value` through a checked out-pointer.

@@ -6,8 +6,8 @@ use std::sync::atomic::Ordering::*;
 use shmcluster_rs::{BytesReply, CallKind, Ctx, MapError, Target, WorkerId};
 
 use crate::boundary::{
-    self, bytes_arg, check_fork, guard, into_handle, name_and_data, out_arg, put, put_optional, ref_arg,
-    str_arg,
+    self, bytes_arg, check_fork, free_handle, guard, into_handle, name_and_data, out_arg, put, put_optional,
+    ref_arg, str_arg,
 };
 use crate::call::Via;
 use crate::result::{map_error_code, shmc_result, Failure};
@@ -521,10 +521,8 @@ pub unsafe extern "C" fn shmc_bytes_len(bytes: *const shmc_bytes) -> usize {
 #[no_mangle]
 pub unsafe extern "C" fn shmc_bytes_free(bytes: *mut shmc_bytes) {
     boundary::guard_value((), || {
-        if !bytes.is_null() {
-            // SAFETY: made by `into_handle`, given back by our caller.
-            drop(unsafe { Box::from_raw(bytes) });
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { free_handle(bytes) }
     })
 }
 
@@ -823,10 +821,8 @@ pub unsafe extern "C" fn shmc_map_result_get(
 #[no_mangle]
 pub unsafe extern "C" fn shmc_map_result_free(result: *mut shmc_map_result) {
     boundary::guard_value((), || {
-        if !result.is_null() {
-            // SAFETY: made by `into_handle`, given back by our caller.
-            drop(unsafe { Box::from_raw(result) });
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { free_handle(result) }
     })
 }
 

@@ -226,20 +226,9 @@ pub unsafe extern "C" fn shmc_result_codes(
 ) -> shmc_result {
     boundary::guard_quiet(|| {
         let count = boundary::out_arg(count, "count")?;
-        let all = shmc_result::ALL;
-        // SAFETY: checked non-NULL; valid by our caller's contract.
-        unsafe { boundary::put(count, all.len()) };
-        if capacity > 0 && codes.is_null() {
-            return Err(Failure::new(shmc_result::NullArgument, "codes is NULL"));
-        }
-        for (i, code) in all.iter().take(capacity).enumerate() {
-            // SAFETY: `i < capacity`; `codes` holds `capacity` entries.
-            unsafe { codes.add(i).write(*code as u32) };
-        }
-        if all.len() > capacity {
-            return Err(shmc_result::BufferTooSmall.into());
-        }
-        Ok(())
+        let all = shmc_result::ALL.iter().map(|code| *code as u32);
+        // SAFETY: `count` checked; the rest forwarded from our caller.
+        unsafe { boundary::write_list(all, codes, capacity, "codes", count) }
     })
 }
 

@@ -82,10 +82,8 @@ pub unsafe extern "C" fn shmc_segment_workers(segment: *const shmc_segment) -> u
 #[no_mangle]
 pub unsafe extern "C" fn shmc_segment_free(segment: *mut shmc_segment) {
     boundary::guard_value((), || {
-        if !segment.is_null() {
-            // SAFETY: a live handle made by `into_handle`, given back to us.
-            drop(unsafe { Box::from_raw(segment) });
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { boundary::free_handle(segment) }
     })
 }
 

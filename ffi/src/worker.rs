@@ -12,7 +12,9 @@ use shmcluster_rs::{
     WorkerState,
 };
 
-use crate::boundary::{self, check_fork, guard, into_handle, out_arg, put, ref_arg, write_c_string};
+use crate::boundary::{
+    self, check_fork, free_handle, guard, into_handle, out_arg, put, ref_arg, write_c_string, write_list,
+};
 use crate::handle::{Driving, Jobs};
 use crate::result::{shmc_result, Failure};
 use crate::segment::{attach_dup, shmc_segment};
@@ -515,19 +517,8 @@ pub unsafe extern "C" fn shmc_peers(
                 })
             })
         }?;
-        // SAFETY: checked non-NULL; valid by our caller's contract.
-        unsafe { put(count, list.len()) };
-        if capacity > 0 && peers.is_null() {
-            return Err(Failure::new(shmc_result::NullArgument, "peers is NULL"));
-        }
-        for (i, p) in list.iter().take(capacity).enumerate() {
-            // SAFETY: `i < capacity`; `peers` holds `capacity` entries.
-            unsafe { peers.add(i).write(*p) };
-        }
-        if list.len() > capacity {
-            return Err(shmc_result::BufferTooSmall.into());
-        }
-        Ok(())
+        // SAFETY: `count` checked; the rest forwarded from our caller.
+        unsafe { write_list(list.into_iter(), peers, capacity, "peers", count) }
     })
 }
 
@@ -894,10 +885,8 @@ pub unsafe extern "C" fn shmc_stats_format(
 #[no_mangle]
 pub unsafe extern "C" fn shmc_stats_free(stats: *mut shmc_stats) {
     boundary::guard_value((), || {
-        if !stats.is_null() {
-            // SAFETY: made by `into_handle`, given back by our caller.
-            drop(unsafe { Box::from_raw(stats) });
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { free_handle(stats) }
     })
 }
 
