@@ -43,19 +43,19 @@
 //! publishes the victim's `Exit` event, just after its clean-up (the death
 //! counted, every slot rung): *SIGKILL → master's Exit event*.
 
-use std::cell::RefCell;
 use std::convert::Infallible;
 use std::error::Error;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::rc::Rc;
+use std::io::Write;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shmcluster::{Cluster, EventKind, ExitReason, Leader, Messenger, RequestError, Worker, WorkerState};
+use shmcluster::{
+    Cluster, Event, EventKind, ExitReason, Leader, Messenger, RequestError, Worker, WorkerState,
+};
 
 mod common;
-use common::{machine, other_runnable, warn_if_busy};
+use common::cluster::{emit_line, in_fresh_cluster, mono_ns, run_cluster};
+use common::{fmt_ns, other_runnable, percentiles, print_preamble, warn_if_busy, Pct};
 
 /// Set in a re-executed copy of this binary: `<consume|invoke|reap> <workers> <kills> <dir>`.
 const MODE_VAR: &str = "SHMCLUSTER_BENCH_DEATH";
@@ -85,24 +85,6 @@ fn fail<T>(what: String) -> Res<T> {
 
 fn deadline() -> Instant {
     Instant::now() + CALL_LIMIT
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process.
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime(2) writes one timespec to a live local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Prints one line with one `write`.
-fn emit_line(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(format!("{line}\n").as_bytes());
-    let _ = out.flush();
 }
 
 /// Sends SIGKILL to `pid`.
@@ -431,135 +413,38 @@ fn cluster_mode(mode: &str) -> ! {
         eprintln!("death bench: unknown {MODE_VAR} {mode:?}");
         std::process::exit(2);
     };
-    let outcome: Rc<RefCell<Option<String>>> = Rc::default();
-    let seen = outcome.clone();
-    let result = Cluster::builder()
+    let builder = Cluster::builder()
         .workers(workers)
         .shutdown_grace(Duration::from_secs(10))
         .restart_backoff(Duration::from_millis(1), Duration::from_millis(10))
-        .crash_loop_limit(1_000, Duration::from_secs(60))
-        .on_event(move |cluster, event| {
-            let EventKind::Exit(reason) = event.kind else {
-                return;
-            };
-            if reason == ExitReason::Signaled(libc::SIGKILL) {
-                // Published just after the master's clean-up of the slot.
-                emit_line(&format!("reaped {} {}", event.slot, mono_ns()));
-                return;
-            }
-            if reason == ExitReason::Shutdown {
-                return;
-            }
-            if seen.borrow().is_none() {
-                *seen.borrow_mut() = Some(if reason == ExitReason::Exited(0) {
-                    String::new()
-                } else {
-                    format!("worker {} (slot {}) {reason}", event.index, event.slot)
-                });
-            }
-            cluster.shutdown();
-        })
-        .run(|worker| match kind.as_str() {
-            "consume" => consume_worker(worker, workers, kills, dir.clone()),
-            "invoke" => invoke_worker(worker, workers, kills, dir.clone()),
-            _ => reap_worker(worker, workers, kills),
-        });
-    let failure = match (result, outcome.take()) {
-        (Err(e), _) => Some(e.to_string()),
-        (Ok(_), Some(e)) if !e.is_empty() => Some(e),
-        (Ok(_), None) => Some("the cluster ended before the measures did".into()),
-        (Ok(report), _) if !report.clean => Some(format!("unclean shutdown: {report:?}")),
-        (Ok(_), _) => None,
+        .crash_loop_limit(1_000, Duration::from_secs(60));
+    let judge = |event: &Event, reason: ExitReason| {
+        if reason == ExitReason::Signaled(libc::SIGKILL) {
+            // Published just after the master's clean-up of the slot.
+            emit_line(&format!("reaped {} {}", event.slot, mono_ns()));
+            return None;
+        }
+        Some(reason == ExitReason::Exited(0))
     };
-    if let Some(e) = failure {
-        eprintln!("death bench ({mode}): {e}");
-        std::process::exit(1);
-    }
-    std::process::exit(0);
+    run_cluster("death", mode, builder, judge, |worker| match kind.as_str() {
+        "consume" => consume_worker(worker, workers, kills, dir.clone()),
+        "invoke" => invoke_worker(worker, workers, kills, dir.clone()),
+        _ => reap_worker(worker, workers, kills),
+    })
 }
 
 // ------------------------------------------------------------ the parent
 
-fn wait_within(child: &mut Child, limit: Duration) -> Res<ExitStatus> {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() >= until {
-            let _ = child.kill();
-            let _ = child.wait();
-            return fail(format!("still running after {limit:?}; killed"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Runs one cluster in a fresh copy of this binary; returns its lines.
 fn in_fresh_master(kind: &str, workers: u32, kills: usize) -> Res<String> {
     eprintln!("death bench: {kind}, {workers} workers, {kills} kills");
-    let dir = std::env::temp_dir().join(format!(
-        "shmc-bench-death-{}-{kind}-{workers}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mode = format!("{kind} {workers} {kills} {}", dir.display());
-    let mut child = Command::new(std::env::current_exe()?)
-        .env(MODE_VAR, &mode)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        stdout.read_to_string(&mut text).map(|_| text)
-    });
-    let status = wait_within(&mut child, LIMIT);
-    let text = reader.join().map_err(|_| "stdout reader panicked")??;
-    remove_dir(&dir);
-    if !status?.success() {
-        return fail(format!("{mode}: failed"));
-    }
-    Ok(text)
-}
-
-fn remove_dir(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-/// p50, p99 and max of a set of samples (nearest rank).
-#[derive(Debug, Clone, Copy)]
-struct Pct {
-    p50: f64,
-    p99: f64,
-    max: f64,
-    n: usize,
-}
-
-fn percentiles(mut ns: Vec<u64>) -> Option<Pct> {
-    if ns.is_empty() {
-        return None;
-    }
-    ns.sort_unstable();
-    let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64;
-    Some(Pct {
-        p50: at(0.5),
-        p99: at(0.99),
-        max: at(1.0),
-        n: ns.len(),
-    })
-}
-
-fn fmt_ns(v: f64) -> String {
-    if v >= 1e6 {
-        format!("{:.2} ms", v / 1e6)
-    } else if v >= 1e3 {
-        format!("{:.1} µs", v / 1e3)
-    } else {
-        format!("{v:.0} ns")
-    }
+    let kills = kills.to_string();
+    Ok(in_fresh_cluster(
+        "death",
+        MODE_VAR,
+        (kind, workers, &kills),
+        LIMIT,
+    )?)
 }
 
 fn fmt_pair(p: Option<Pct>) -> String {
@@ -777,15 +662,7 @@ fn print_tables(
     invoke: &[InvokeRow],
     reap: &[ReapRow],
 ) {
-    let command = if full {
-        "cargo bench --bench death"
-    } else {
-        "cargo test --benches (a quick check of each measure, not figures)"
-    };
-    println!("Machine: {}", machine());
-    println!();
-    println!("Command: `{command}`");
-    println!();
+    print_preamble("death", full);
     if busy > 0 {
         println!("**Warning: up to {busy} other runnable processes during the run; figures are noisy.**");
         println!();
