@@ -150,6 +150,14 @@ impl Master {
         }
     }
 
+    /// [`Master::start`], then waits for its line that names the control
+    /// socket (it listens from then on).
+    fn start_and_await_control(options: &[&str], sock: &str, command: &[&str]) -> Self {
+        let mut master = Self::start(options, sock, command);
+        master.expect_line("control socket", Duration::from_secs(10));
+        master
+    }
+
     /// Waits for a stderr line containing `needle`; returns it.
     fn expect_line(&mut self, needle: &str, timeout: Duration) -> String {
         if let Some(l) = self.log.iter().find(|l| l.contains(needle)) {
@@ -469,12 +477,11 @@ fn stat_until_restarts(sock: &str, n: u64) -> String {
 fn a_shutdown_of_workers_that_never_became_ready_is_unclean() {
     let dir = TempDir::new("never-ready");
     let sock = dir.sock.as_str();
-    let mut master = Master::start(
+    let master = Master::start_and_await_control(
         &["-w", "2", "--backoff-ms", "20", "--kill-timeout", "5"],
         sock,
         &["sh", "-c", "exit 1"],
     );
-    master.expect_line("control socket", Duration::from_secs(10));
     stat_until_restarts(sock, 2);
     master.signal(libc::SIGTERM);
     let (code, log) = master.finish(Duration::from_secs(15));
@@ -511,12 +518,11 @@ fn a_shutdown_of_workers_that_never_became_ready_is_unclean() {
 fn a_master_whose_every_slot_is_given_up_exits_3() {
     let dir = TempDir::new("all-given-up");
     let sock = dir.sock.as_str();
-    let mut master = Master::start(
+    let master = Master::start_and_await_control(
         &["-w", "2", "--max-restarts", "2", "--backoff-ms", "10"],
         sock,
         &["sh", "-c", "exit 1"],
     );
-    master.expect_line("control socket", Duration::from_secs(10));
     // Nothing is left to supervise: the master ends on its own.
     let (code, log) = master.finish(Duration::from_secs(20));
     assert_eq!(code, Some(3), "{log:#?}");
@@ -540,12 +546,11 @@ fn stop_wait_reports_the_masters_outcome() {
     let sock = dir.sock.as_str();
     // A worker that ignores SIGTERM is killed at the grace deadline: an
     // unclean shutdown, exit 1.
-    let mut master = Master::start(
+    let master = Master::start_and_await_control(
         &["-w", "1", "--ready-on-start", "--kill-timeout", "0.5"],
         sock,
         &["sh", "-c", "trap '' TERM; exec sleep 30"],
     );
-    master.expect_line("control socket", Duration::from_secs(10));
     stat_until_live(sock, 1);
     let out = cli(&["stop", "--control", sock, "--wait"], Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(1), "{} {}", out.stdout, out.stderr);
@@ -563,12 +568,11 @@ fn stop_wait_on_a_master_killed_meanwhile_says_it_ended_without_saying_how() {
     let sock = dir.sock.as_str();
     // The worker ignores SIGTERM, so the master is still in its grace
     // period when it is SIGKILLed.
-    let mut master = Master::start(
+    let mut master = Master::start_and_await_control(
         &["-w", "1", "--ready-on-start", "--kill-timeout", "30"],
         sock,
         &["sh", "-c", "trap '' TERM; exec sleep 30"],
     );
-    master.expect_line("control socket", Duration::from_secs(10));
     stat_until_live(sock, 1);
     let mut stop = Reaped::spawn(&["stop", "--control", sock, "--wait", "--timeout", "20"]);
     master.expect_line("shutdown started", Duration::from_secs(10));
@@ -587,12 +591,11 @@ fn stat_shows_no_inbox_bytes_on_a_slot_that_never_had_a_worker() {
     let dir = TempDir::new("inbox");
     let sock = dir.sock.as_str();
     // Crashing workers: every death is cleaned up after in every lane.
-    let mut master = Master::start(
+    let master = Master::start_and_await_control(
         &["-w", "2", "--backoff-ms", "20", "--kill-timeout", "5"],
         sock,
         &["sh", "-c", "exit 1"],
     );
-    master.expect_line("control socket", Duration::from_secs(10));
     let stat = stat_until_restarts(sock, 3);
     let free: Vec<&str> = stat.lines().filter(|l| l.contains(" Free ")).collect();
     assert_eq!(free.len(), 1, "the reload spare: {stat}");
@@ -613,8 +616,8 @@ fn stat_shows_no_inbox_bytes_on_a_slot_that_never_had_a_worker() {
 fn event_lines_show_only_the_fields_an_event_carries() {
     let dir = TempDir::new("events");
     let sock = dir.sock.as_str();
-    let mut master = Master::start(&["-w", "1", "--max-restarts", "0"], sock, &["sh", "-c", "exit 1"]);
-    master.expect_line("control socket", Duration::from_secs(10));
+    let mut master =
+        Master::start_and_await_control(&["-w", "1", "--max-restarts", "0"], sock, &["sh", "-c", "exit 1"]);
     let given_up = master.expect_line("crash loop", Duration::from_secs(10));
     assert!(given_up.contains("slot 0"), "{given_up}");
     assert!(!given_up.contains("pid"), "no process is left: {given_up}");
