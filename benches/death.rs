@@ -459,15 +459,34 @@ fn verdict(value: f64, target: f64) -> &'static str {
     }
 }
 
-/// `(slot, time)` of each "reaped" line of the master.
-fn reaped_lines(text: &str) -> Res<Vec<(u32, u64)>> {
-    let mut out = Vec::new();
+/// Runs one `kind` cluster and reads its lines: returns `(slot, time)` of
+/// each "reaped" line of the master, and gives every other line's words to
+/// `read` (with those), which says whether it knew the line.
+fn cluster_lines(
+    kind: &str,
+    workers: u32,
+    kills: usize,
+    mut read: impl FnMut(&[&str], &[(u32, u64)]) -> Res<bool>,
+) -> Res<Vec<(u32, u64)>> {
+    let text = in_fresh_master(kind, workers, kills)?;
+    let mut reaped = Vec::new();
     for line in text.lines() {
         if let ["reaped", slot, at] = line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            out.push((slot.parse()?, at.parse()?));
+            reaped.push((slot.parse()?, at.parse()?));
         }
     }
-    Ok(out)
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() != Some(&"reaped") && !read(&words, &reaped)? {
+            return fail(format!("{kind}: unexpected line {line:?}"));
+        }
+    }
+    Ok(reaped)
+}
+
+/// The percentiles of a `kind` cluster's main samples, which it must have.
+fn measured(kind: &str, ns: Vec<u64>) -> Res<Pct> {
+    percentiles(ns).ok_or_else(|| format!("{kind}: no kill measured").into())
 }
 
 /// The master's first Exit event for `slot` at or after `killed`.
@@ -493,11 +512,9 @@ struct ConsumeRow {
 }
 
 fn consume_figures(workers: u32, kills: usize) -> Res<ConsumeRow> {
-    let text = in_fresh_master("consume", workers, kills)?;
-    let reaped = reaped_lines(&text)?;
     let (mut killed, mut ran, mut consumed) = (Vec::new(), Vec::new(), Vec::new());
-    for line in text.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+    let reaped = cluster_lines("consume", workers, kills, |words, _| {
+        match words {
             ["killed", d, slot, at] => {
                 killed.push((d.parse::<u64>()?, slot.parse::<u32>()?, at.parse::<u64>()?))
             }
@@ -505,10 +522,10 @@ fn consume_figures(workers: u32, kills: usize) -> Res<ConsumeRow> {
             ["consumed", d, _attempts, _worker, caller, at] => {
                 consumed.push((d.parse::<u64>()?, caller.parse::<u32>()?, at.parse::<u64>()?))
             }
-            ["reaped", ..] => {}
-            _ => return fail(format!("consume: unexpected line {line:?}")),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     let (mut redelivered, mut returned, mut reap) = (Vec::new(), Vec::new(), Vec::new());
     let (mut on_other, mut on_caller, mut on_successor) = (0, 0, 0);
     for &(d, victim, at) in &killed {
@@ -532,12 +549,9 @@ fn consume_figures(workers: u32, kills: usize) -> Res<ConsumeRow> {
             reap.push(r);
         }
     }
-    let Some(redelivered) = percentiles(redelivered) else {
-        return fail("consume: no kill measured".into());
-    };
     Ok(ConsumeRow {
         workers,
-        redelivered,
+        redelivered: measured("consume", redelivered)?,
         returned: percentiles(returned),
         reaped: percentiles(reap),
         on_other,
@@ -563,12 +577,10 @@ struct InvokeRow {
 }
 
 fn invoke_figures(workers: u32, kills: usize) -> Res<InvokeRow> {
-    let text = in_fresh_master("invoke", workers, kills)?;
-    let reaped = reaped_lines(&text)?;
     let (mut answered, mut failed, mut reap) = (Vec::new(), Vec::new(), Vec::new());
     let (mut retried, mut died_all, mut no_leader_all, mut by_killer) = (0, 0, 0, 0);
-    for line in text.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+    cluster_lines("invoke", workers, kills, |words, reaped| {
+        match words {
             ["invoke", victim, _term, killed, failed_at, ok, died, no_leader, by, killer] => {
                 let (killed, ok): (u64, u64) = (killed.parse()?, ok.parse()?);
                 let failed_at: u64 = failed_at.parse()?;
@@ -585,20 +597,17 @@ fn invoke_figures(workers: u32, kills: usize) -> Res<InvokeRow> {
                 if by == killer {
                     by_killer += 1;
                 }
-                if let Some(r) = reaped_after(&reaped, victim.parse()?, killed) {
+                if let Some(r) = reaped_after(reaped, victim.parse()?, killed) {
                     reap.push(r);
                 }
             }
-            ["reaped", ..] => {}
-            _ => return fail(format!("invoke: unexpected line {line:?}")),
+            _ => return Ok(false),
         }
-    }
-    let Some(answered) = percentiles(answered) else {
-        return fail("invoke: no kill measured".into());
-    };
+        Ok(true)
+    })?;
     Ok(InvokeRow {
         workers,
-        answered,
+        answered: measured("invoke", answered)?,
         failed: percentiles(failed),
         reaped: percentiles(reap),
         retried,
@@ -619,29 +628,24 @@ struct ReapRow {
 }
 
 fn reap_figures(workers: u32, kills: usize) -> Res<ReapRow> {
-    let text = in_fresh_master("reap", workers, kills)?;
-    let reaped = reaped_lines(&text)?;
     let (mut seen, mut gone, mut reap) = (Vec::new(), Vec::new(), Vec::new());
-    for line in text.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+    cluster_lines("reap", workers, kills, |words, reaped| {
+        match words {
             ["reap", slot, killed, gone_at, at] => {
                 let (slot, killed, at): (u32, u64, u64) = (slot.parse()?, killed.parse()?, at.parse()?);
                 seen.push(at - killed);
                 gone.push(gone_at.parse::<u64>()? - killed);
-                if let Some(r) = reaped_after(&reaped, slot, killed) {
+                if let Some(r) = reaped_after(reaped, slot, killed) {
                     reap.push(r);
                 }
             }
-            ["reaped", ..] => {}
-            _ => return fail(format!("reap: unexpected line {line:?}")),
+            _ => return Ok(false),
         }
-    }
-    let Some(seen) = percentiles(seen) else {
-        return fail("reap: no kill measured".into());
-    };
+        Ok(true)
+    })?;
     Ok(ReapRow {
         workers,
-        seen,
+        seen: measured("reap", seen)?,
         gone: percentiles(gone),
         reaped: percentiles(reap),
     })
