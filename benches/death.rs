@@ -49,12 +49,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shmcluster::{
-    Cluster, Event, EventKind, ExitReason, Leader, Messenger, RequestError, Worker, WorkerState,
-};
+use shmcluster::{Event, EventKind, ExitReason, Leader, Messenger, RequestError, Worker, WorkerState};
 
 mod common;
-use common::cluster::{emit_line, in_fresh_cluster, mono_ns, run_cluster};
+use common::cluster::{emit_line, in_fresh_cluster, mono_ns, read_cluster_mode, respawning, run_cluster};
 use common::{fmt_ns, other_runnable, percentiles, print_preamble, warn_if_busy, Pct};
 
 /// Set in a re-executed copy of this binary: `<consume|invoke|reap> <workers> <kills> <dir>`.
@@ -400,24 +398,7 @@ fn reap_worker(worker: Worker, workers: u32, kills: usize) -> Res<()> {
 /// The re-executed copy: runs one cluster; exits 0 if a worker finished
 /// and the cluster shut down cleanly.
 fn cluster_mode(mode: &str) -> ! {
-    let words: Vec<&str> = mode.split_whitespace().collect();
-    let parsed = match words.as_slice() {
-        [kind, n, kills, dir] => n
-            .parse::<u32>()
-            .ok()
-            .zip(kills.parse::<usize>().ok())
-            .map(|(n, k)| (kind.to_string(), n, k, PathBuf::from(dir))),
-        _ => None,
-    };
-    let Some((kind, workers, kills, dir)) = parsed else {
-        eprintln!("death bench: unknown {MODE_VAR} {mode:?}");
-        std::process::exit(2);
-    };
-    let builder = Cluster::builder()
-        .workers(workers)
-        .shutdown_grace(Duration::from_secs(10))
-        .restart_backoff(Duration::from_millis(1), Duration::from_millis(10))
-        .crash_loop_limit(1_000, Duration::from_secs(60));
+    let (kind, workers, kills, dir) = read_cluster_mode("death", MODE_VAR, mode, |k| k.parse::<usize>().ok());
     let judge = |event: &Event, reason: ExitReason| {
         if reason == ExitReason::Signaled(libc::SIGKILL) {
             // Published just after the master's clean-up of the slot.
@@ -426,10 +407,12 @@ fn cluster_mode(mode: &str) -> ! {
         }
         Some(reason == ExitReason::Exited(0))
     };
-    run_cluster("death", mode, builder, judge, |worker| match kind.as_str() {
-        "consume" => consume_worker(worker, workers, kills, dir.clone()),
-        "invoke" => invoke_worker(worker, workers, kills, dir.clone()),
-        _ => reap_worker(worker, workers, kills),
+    run_cluster("death", mode, respawning(workers), judge, |worker| {
+        match kind.as_str() {
+            "consume" => consume_worker(worker, workers, kills, dir.clone()),
+            "invoke" => invoke_worker(worker, workers, kills, dir.clone()),
+            _ => reap_worker(worker, workers, kills),
+        }
     })
 }
 

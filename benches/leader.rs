@@ -30,10 +30,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shmcluster::{Cluster, Event, ExitReason, Leader, Messenger, Worker, WorkerState};
+use shmcluster::{Event, ExitReason, Leader, Messenger, Worker, WorkerState};
 
 mod common;
-use common::cluster::{emit_line, in_fresh_cluster, mono_ns, run_cluster};
+use common::cluster::{emit_line, in_fresh_cluster, mono_ns, read_cluster_mode, respawning, run_cluster};
 use common::{fmt_ns, percentiles, print_preamble, warn_if_busy, Pct};
 
 /// Set in a re-executed copy of this binary: `<rtt|elect> <workers> <plan> <dir>`.
@@ -251,31 +251,16 @@ fn elect_worker(worker: Worker, workers: u32, plan: Plan, dir: PathBuf) -> Res<(
 /// The re-executed copy: runs one cluster; exits 0 if a worker finished
 /// and the cluster shut down cleanly.
 fn cluster_mode(mode: &str) -> ! {
-    let words: Vec<&str> = mode.split_whitespace().collect();
-    let parsed = match words.as_slice() {
-        [kind, n, plan, dir] => n
-            .parse::<u32>()
-            .ok()
-            .zip(Plan::from_name(plan))
-            .map(|(n, p)| (kind.to_string(), n, p, PathBuf::from(dir))),
-        _ => None,
-    };
-    let Some((kind, workers, plan, dir)) = parsed else {
-        eprintln!("leader bench: unknown {MODE_VAR} {mode:?}");
-        std::process::exit(2);
-    };
-    let builder = Cluster::builder()
-        .workers(workers)
-        .shutdown_grace(Duration::from_secs(10))
-        .restart_backoff(Duration::from_millis(1), Duration::from_millis(10))
-        .crash_loop_limit(1_000, Duration::from_secs(60));
+    let (kind, workers, plan, dir) = read_cluster_mode("leader", MODE_VAR, mode, Plan::from_name);
     // The elect clusters SIGKILL their leaders.
     let judge = |_: &Event, reason: ExitReason| {
         (reason != ExitReason::Signaled(libc::SIGKILL)).then_some(reason == ExitReason::Exited(0))
     };
-    run_cluster("leader", mode, builder, judge, |worker| match kind.as_str() {
-        "rtt" => rtt_worker(worker, workers, plan),
-        _ => elect_worker(worker, workers, plan, dir.clone()),
+    run_cluster("leader", mode, respawning(workers), judge, |worker| {
+        match kind.as_str() {
+            "rtt" => rtt_worker(worker, workers, plan),
+            _ => elect_worker(worker, workers, plan, dir.clone()),
+        }
     })
 }
 

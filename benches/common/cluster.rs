@@ -7,11 +7,12 @@
 use std::cell::RefCell;
 use std::fmt::Display;
 use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::time::Duration;
 
-use shmcluster::{ClusterBuilder, Event, EventKind, ExitReason, Worker};
+use shmcluster::{Cluster, ClusterBuilder, Event, EventKind, ExitReason, Worker};
 
 /// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process.
 pub fn mono_ns() -> u64 {
@@ -128,4 +129,37 @@ pub fn in_fresh_cluster(
     let text = in_fresh_copy(var, &mode, limit);
     let _ = std::fs::remove_dir_all(&dir);
     text
+}
+
+/// In the copy: reads the mode [`in_fresh_cluster`] wrote, its `arg` with
+/// `read_arg`: `(kind, workers, arg, dir)`. Exits 2 on anything else.
+pub fn read_cluster_mode<T>(
+    bench: &str,
+    var: &str,
+    mode: &str,
+    read_arg: impl FnOnce(&str) -> Option<T>,
+) -> (String, u32, T, PathBuf) {
+    let words: Vec<&str> = mode.split_whitespace().collect();
+    let parsed = match words.as_slice() {
+        [kind, n, arg, dir] => n
+            .parse::<u32>()
+            .ok()
+            .zip(read_arg(arg))
+            .map(|(n, a)| (kind.to_string(), n, a, PathBuf::from(dir))),
+        _ => None,
+    };
+    parsed.unwrap_or_else(|| {
+        eprintln!("{bench} bench: unknown {var} {mode:?}");
+        std::process::exit(2);
+    })
+}
+
+/// A cluster of `workers` for benches that SIGKILL workers: killed ones
+/// come back within milliseconds, and no number of deaths is a crash loop.
+pub fn respawning(workers: u32) -> ClusterBuilder {
+    Cluster::builder()
+        .workers(workers)
+        .shutdown_grace(Duration::from_secs(10))
+        .restart_backoff(Duration::from_millis(1), Duration::from_millis(10))
+        .crash_loop_limit(1_000, Duration::from_secs(60))
 }
