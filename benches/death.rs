@@ -45,14 +45,16 @@
 
 use std::convert::Infallible;
 use std::error::Error;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shmcluster::{Event, EventKind, ExitReason, Leader, Messenger, RequestError, Worker, WorkerState};
+use shmcluster::{Event, EventKind, ExitReason, Messenger, RequestError, Worker, WorkerState};
 
 mod common;
-use common::cluster::{emit_line, in_fresh_cluster, mono_ns, read_cluster_mode, respawning, run_cluster};
+use common::cluster::{
+    emit_line, in_fresh_cluster, mono_ns, read_cluster_mode, respawning, run_cluster, sigkill, LeaderKiller,
+    Step,
+};
 use common::{fmt_ns, other_runnable, percentiles, print_preamble, warn_if_busy, Pct};
 
 /// Set in a re-executed copy of this binary: `<consume|invoke|reap> <workers> <kills> <dir>`.
@@ -83,12 +85,6 @@ fn fail<T>(what: String) -> Res<T> {
 
 fn deadline() -> Instant {
     Instant::now() + CALL_LIMIT
-}
-
-/// Sends SIGKILL to `pid`.
-fn sigkill(pid: u32) {
-    // SAFETY: kill(2) takes a pid and a signal number, no pointers.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 /// Every instance is `Ready` (and none starting or dead).
@@ -172,78 +168,6 @@ fn consume_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> R
 
 // ------------------------------------------------------------ invoke
 
-/// What a worker of an `invoke` cluster does next.
-enum Step {
-    Wait,
-    Kill { victim: u32, leader: Leader },
-    Done,
-}
-
-/// The `invoke` cluster's shared view: the kills file, and this worker's
-/// record of the leader's stability.
-struct Killer {
-    dir: PathBuf,
-    rounds: usize,
-    workers: u32,
-    /// The leader seen last, and since when (with every slot ready).
-    stable: Option<(Leader, Instant)>,
-    /// When every round was seen done.
-    finished: Option<Instant>,
-}
-
-impl Killer {
-    fn kills_done(&self) -> usize {
-        std::fs::read_to_string(self.dir.join("kills")).map_or(0, |t| t.lines().count())
-    }
-
-    /// Kill when this worker is the lowest ready follower, every slot is
-    /// ready and the leader has been the same for [`SETTLE`].
-    fn step(&mut self, m: &Messenger) -> Step {
-        if self.kills_done() >= self.rounds {
-            // Let the killer's last line out before the cluster ends.
-            let since = *self.finished.get_or_insert_with(Instant::now);
-            return if since.elapsed() >= Duration::from_millis(100) {
-                Step::Done
-            } else {
-                Step::Wait
-            };
-        }
-        let Some(w) = m.worker() else { return Step::Wait };
-        let peers = w.peers();
-        let Some(leader) = m.leader() else {
-            self.stable = None;
-            return Step::Wait;
-        };
-        if peers.iter().filter(|p| p.state == WorkerState::Ready).count() < self.workers as usize {
-            self.stable = None;
-            return Step::Wait;
-        }
-        match self.stable {
-            Some((l, since)) if l == leader && since.elapsed() >= SETTLE => {}
-            Some((l, _)) if l == leader => return Step::Wait,
-            _ => {
-                self.stable = Some((leader, Instant::now()));
-                return Step::Wait;
-            }
-        }
-        let lowest = peers
-            .iter()
-            .filter(|p| p.state == WorkerState::Ready && p.slot != leader.slot)
-            .map(|p| p.slot)
-            .min();
-        if m.is_leader() || lowest != Some(m.slot()) {
-            return Step::Wait;
-        }
-        match peers.iter().find(|p| p.slot == leader.slot) {
-            Some(victim) if victim.pid != 0 => Step::Kill {
-                victim: victim.pid,
-                leader,
-            },
-            _ => Step::Wait,
-        }
-    }
-}
-
 fn invoke_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> Res<()> {
     let me = worker.slot();
     let mut m = Messenger::new(worker);
@@ -252,13 +176,8 @@ fn invoke_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> Re
     if let Some(w) = m.worker() {
         w.ready();
     }
-    let mut killer = Killer {
-        dir,
-        rounds: kills,
-        workers,
-        stable: None,
-        finished: None,
-    };
+    // Lingers for the killer's last line to come out before the cluster ends.
+    let mut killer = LeaderKiller::new(dir, kills, workers, SETTLE, Duration::from_millis(100));
     let mut i = 0u64;
     loop {
         if m.worker().is_some_and(|w| w.should_stop()) {
@@ -270,11 +189,7 @@ fn invoke_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> Re
                 m.poll(Duration::from_millis(5))?;
             }
             Step::Kill { victim, leader } => {
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(killer.dir.join("kills"))?;
-                f.write_all(format!("{victim}\n").as_bytes())?;
+                killer.record(victim)?;
                 let killed_at = mono_ns();
                 sigkill(victim);
                 let (mut died, mut no_leader) = (0u32, 0u32);
@@ -302,7 +217,6 @@ fn invoke_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> Re
                     leader.term,
                     m.slot()
                 ));
-                killer.stable = None;
             }
         }
     }

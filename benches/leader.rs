@@ -26,14 +26,16 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::error::Error;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shmcluster::{Event, ExitReason, Leader, Messenger, Worker, WorkerState};
+use shmcluster::{Event, ExitReason, Messenger, Worker, WorkerState};
 
 mod common;
-use common::cluster::{emit_line, in_fresh_cluster, mono_ns, read_cluster_mode, respawning, run_cluster};
+use common::cluster::{
+    emit_line, in_fresh_cluster, mono_ns, read_cluster_mode, respawning, run_cluster, sigkill, LeaderKiller,
+    Step,
+};
 use common::{fmt_ns, percentiles, print_preamble, warn_if_busy, Pct};
 
 /// Set in a re-executed copy of this binary: `<rtt|elect> <workers> <plan> <dir>`.
@@ -143,85 +145,34 @@ fn rtt_worker(worker: Worker, workers: u32, plan: Plan) -> Res<()> {
 
 // ------------------------------------------------------------ elect cluster
 
-/// The killer's view between two `run_until` checks.
-struct Killer {
-    dir: PathBuf,
-    rounds: usize,
-    workers: u32,
-    /// The leader seen last, and since when.
-    stable: Option<(Leader, Instant)>,
-    /// When every round was seen done.
-    finished: Option<Instant>,
-}
-
-impl Killer {
-    /// Called by `run_until`: true once every round is done (this worker
-    /// exits 0 and the cluster ends). Kills the leader when this worker is
-    /// the lowest live follower, every slot is ready, and the leader has
-    /// been the same for 30 ms.
-    fn check(&mut self, m: &Messenger) -> bool {
-        let kills = self.dir.join("kills");
-        let done = std::fs::read_to_string(&kills).map_or(0, |t| t.lines().count());
-        if done >= self.rounds {
-            // Let the other followers' callbacks print before the end.
-            let since = *self.finished.get_or_insert_with(Instant::now);
-            return since.elapsed() >= Duration::from_millis(200);
-        }
-        let Some(w) = m.worker() else { return false };
-        let peers = w.peers();
-        let Some(leader) = m.leader() else { return false };
-        if m.is_leader()
-            || peers.iter().filter(|p| p.state == WorkerState::Ready).count() < self.workers as usize
-        {
+/// Called by `run_until` in every worker: true once every round is done
+/// (this worker exits 0 and the cluster ends). When it is this worker's
+/// turn, kills the leader and spins on `leader()` until the term goes up.
+fn elect_step(killer: &mut LeaderKiller, m: &Messenger) -> bool {
+    let (victim, leader) = match killer.step(m) {
+        Step::Done => return true,
+        Step::Wait => return false,
+        Step::Kill { victim, leader } => (victim, leader),
+    };
+    killer.record(victim).expect("kills file");
+    let killed_at = mono_ns();
+    sigkill(victim);
+    let until = Instant::now() + CALL_LIMIT;
+    loop {
+        if let Some(l) = m.leader().filter(|l| l.term > leader.term) {
+            emit_line(&format!(
+                "elect {} {} {killed_at} {}",
+                leader.term,
+                l.term,
+                mono_ns()
+            ));
             return false;
         }
-        let lowest = peers
-            .iter()
-            .filter(|p| p.state == WorkerState::Ready && p.slot != leader.slot)
-            .map(|p| p.slot)
-            .min();
-        if lowest != Some(m.slot()) {
-            return false;
+        if Instant::now() >= until {
+            emit_line("elect-timeout");
+            return true;
         }
-        match self.stable {
-            Some((l, since)) if l == leader && since.elapsed() >= Duration::from_millis(30) => {}
-            Some((l, _)) if l == leader => return false,
-            _ => {
-                self.stable = Some((leader, Instant::now()));
-                return false;
-            }
-        }
-        let Some(victim) = peers.iter().find(|p| p.slot == leader.slot) else {
-            return false;
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&kills)
-            .expect("kills file");
-        let _ = f.write_all(format!("{}\n", victim.pid).as_bytes());
-        let killed_at = mono_ns();
-        // SAFETY: kill(2) takes a pid and a signal number, no pointers.
-        unsafe { libc::kill(victim.pid as i32, libc::SIGKILL) };
-        let until = Instant::now() + CALL_LIMIT;
-        loop {
-            if let Some(l) = m.leader().filter(|l| l.term > leader.term) {
-                emit_line(&format!(
-                    "elect {} {} {killed_at} {}",
-                    leader.term,
-                    l.term,
-                    mono_ns()
-                ));
-                break;
-            }
-            if Instant::now() >= until {
-                emit_line("elect-timeout");
-                return true;
-            }
-            std::hint::spin_loop();
-        }
-        self.stable = None;
-        false
+        std::hint::spin_loop();
     }
 }
 
@@ -237,14 +188,10 @@ fn elect_worker(worker: Worker, workers: u32, plan: Plan, dir: PathBuf) -> Res<(
     if let Some(w) = m.worker() {
         w.ready();
     }
-    let mut killer = Killer {
-        dir,
-        rounds: plan.elections,
-        workers,
-        stable: None,
-        finished: None,
-    };
-    m.run_until(|m| killer.check(m))?;
+    // Lingers for the other followers' callbacks to print before the end.
+    let linger = Duration::from_millis(200);
+    let mut killer = LeaderKiller::new(dir, plan.elections, workers, Duration::from_millis(30), linger);
+    m.run_until(|m| elect_step(&mut killer, m))?;
     Ok(())
 }
 

@@ -10,9 +10,11 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use shmcluster::{Cluster, ClusterBuilder, Event, EventKind, ExitReason, Worker};
+use shmcluster::{
+    Cluster, ClusterBuilder, Event, EventKind, ExitReason, Leader, Messenger, Worker, WorkerState,
+};
 
 /// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process.
 pub fn mono_ns() -> u64 {
@@ -162,4 +164,112 @@ pub fn respawning(workers: u32) -> ClusterBuilder {
         .shutdown_grace(Duration::from_secs(10))
         .restart_backoff(Duration::from_millis(1), Duration::from_millis(10))
         .crash_loop_limit(1_000, Duration::from_secs(60))
+}
+
+/// Sends SIGKILL to `pid`.
+pub fn sigkill(pid: u32) {
+    // SAFETY: kill(2) takes a pid and a signal number, no pointers.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// What a worker of a cluster that SIGKILLs its leaders does next.
+pub enum Step {
+    Wait,
+    Kill { victim: u32, leader: Leader },
+    Done,
+}
+
+/// Decides, in every worker of a cluster that SIGKILLs its leaders, who
+/// kills and when: the lowest ready follower, once every slot is ready and
+/// the leader has been the same for `settle`. The kills so far are the
+/// lines of `<dir>/kills`, shared by the workers.
+pub struct LeaderKiller {
+    dir: PathBuf,
+    rounds: usize,
+    workers: u32,
+    settle: Duration,
+    /// How long to go on after the last kill, for its lines to come out.
+    linger: Duration,
+    /// The leader seen last, and since when (with every slot ready).
+    stable: Option<(Leader, Instant)>,
+    /// When every round was seen done.
+    finished: Option<Instant>,
+}
+
+impl LeaderKiller {
+    /// `rounds` kills in a cluster of `workers`, counted in `<dir>/kills`.
+    pub fn new(dir: PathBuf, rounds: usize, workers: u32, settle: Duration, linger: Duration) -> Self {
+        Self {
+            dir,
+            rounds,
+            workers,
+            settle,
+            linger,
+            stable: None,
+            finished: None,
+        }
+    }
+
+    fn kills_done(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("kills")).map_or(0, |t| t.lines().count())
+    }
+
+    /// `Kill` when this worker is the lowest ready follower, every slot is
+    /// ready and the leader has been the same for `settle`; `Done` once
+    /// every round is, and `linger` more has passed.
+    pub fn step(&mut self, m: &Messenger) -> Step {
+        if self.kills_done() >= self.rounds {
+            let since = *self.finished.get_or_insert_with(Instant::now);
+            return if since.elapsed() >= self.linger {
+                Step::Done
+            } else {
+                Step::Wait
+            };
+        }
+        let Some(w) = m.worker() else { return Step::Wait };
+        let peers = w.peers();
+        let Some(leader) = m.leader() else {
+            self.stable = None;
+            return Step::Wait;
+        };
+        if peers.iter().filter(|p| p.state == WorkerState::Ready).count() < self.workers as usize {
+            self.stable = None;
+            return Step::Wait;
+        }
+        match self.stable {
+            Some((l, since)) if l == leader && since.elapsed() >= self.settle => {}
+            Some((l, _)) if l == leader => return Step::Wait,
+            _ => {
+                self.stable = Some((leader, Instant::now()));
+                return Step::Wait;
+            }
+        }
+        let lowest = peers
+            .iter()
+            .filter(|p| p.state == WorkerState::Ready && p.slot != leader.slot)
+            .map(|p| p.slot)
+            .min();
+        if m.is_leader() || lowest != Some(m.slot()) {
+            return Step::Wait;
+        }
+        match peers.iter().find(|p| p.slot == leader.slot) {
+            Some(victim) if victim.pid != 0 => Step::Kill {
+                victim: victim.pid,
+                leader,
+            },
+            _ => Step::Wait,
+        }
+    }
+
+    /// Counts a kill of `victim` (call it just before the kill), and starts
+    /// waiting for the next leader to settle.
+    pub fn record(&mut self, victim: u32) -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("kills"))?;
+        f.write_all(format!("{victim}\n").as_bytes())?;
+        self.stable = None;
+        Ok(())
+    }
 }
