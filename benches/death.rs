@@ -344,6 +344,17 @@ fn in_fresh_master(kind: &str, workers: u32, kills: usize) -> Res<String> {
     )?)
 }
 
+/// The cells every table starts with: workers, n, p50, p99 and max.
+fn first_cells(workers: u32, p: Pct) -> String {
+    format!(
+        "{workers} | {} | {} | {} | {}",
+        p.n,
+        fmt_ns(p.p50),
+        fmt_ns(p.p99),
+        fmt_ns(p.max)
+    )
+}
+
 fn fmt_pair(p: Option<Pct>) -> String {
     p.map_or("—".into(), |p| format!("{} / {}", fmt_ns(p.p50), fmt_ns(p.p99)))
 }
@@ -586,12 +597,8 @@ fn print_tables(
     for r in consume {
         let p = r.redelivered;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |",
-            r.workers,
-            p.n,
-            fmt_ns(p.p50),
-            fmt_ns(p.p99),
-            fmt_ns(p.max),
+            "| {} | {} | {} | {} | {} / {} / {} | {} |",
+            first_cells(r.workers, p),
             ratio(p, base(r.workers)),
             fmt_pair(r.returned),
             fmt_pair(r.reaped),
@@ -613,12 +620,8 @@ fn print_tables(
     for r in invoke {
         let p = r.answered;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} ({} / {}) | {} | {} | {} | {} |",
-            r.workers,
-            p.n,
-            fmt_ns(p.p50),
-            fmt_ns(p.p99),
-            fmt_ns(p.max),
+            "| {} | {} | {} ({} / {}) | {} | {} | {} | {} |",
+            first_cells(r.workers, p),
             ratio(p, base(r.workers)),
             r.retried,
             r.died,
@@ -642,12 +645,8 @@ fn print_tables(
     for r in reap {
         let p = r.seen;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            r.workers,
-            p.n,
-            fmt_ns(p.p50),
-            fmt_ns(p.p99),
-            fmt_ns(p.max),
+            "| {} | {} | {} |",
+            first_cells(r.workers, p),
             fmt_pair(r.gone),
             fmt_pair(r.reaped)
         );
