@@ -33,7 +33,7 @@ use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,7 +42,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 mod common;
-use common::{machine, warn_if_busy};
+use common::{machine, wait_within, warn_if_busy};
 
 /// Length of each measured `wrk` run, in seconds.
 const SECS_VAR: &str = "SHMC_BENCH_SECS";
@@ -293,22 +293,6 @@ impl Drop for Reaped {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
-    }
-}
-
-/// Waits up to `limit` for `child`, killing it at the deadline.
-fn wait_within(child: &mut Child, limit: Duration) -> Res<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            return Ok(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("still running after {limit:?}; killed"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -43,19 +43,19 @@
 //! publishes the victim's `Exit` event, just after its clean-up (the death
 //! counted, every slot rung): *SIGKILL → master's Exit event*.
 
-use std::cell::RefCell;
 use std::convert::Infallible;
 use std::error::Error;
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::rc::Rc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shmcluster::{Cluster, EventKind, ExitReason, Leader, Messenger, RequestError, Worker, WorkerState};
+use shmcluster::{Event, EventKind, ExitReason, Messenger, RequestError, Worker, WorkerState};
 
 mod common;
-use common::{machine, other_runnable, warn_if_busy};
+use common::cluster::{
+    emit_line, in_fresh_cluster, mono_ns, read_cluster_mode, respawning, run_cluster, sigkill, LeaderKiller,
+    Step,
+};
+use common::{fmt_ns, other_runnable, percentiles, print_preamble, warn_if_busy, Pct};
 
 /// Set in a re-executed copy of this binary: `<consume|invoke|reap> <workers> <kills> <dir>`.
 const MODE_VAR: &str = "SHMCLUSTER_BENCH_DEATH";
@@ -85,30 +85,6 @@ fn fail<T>(what: String) -> Res<T> {
 
 fn deadline() -> Instant {
     Instant::now() + CALL_LIMIT
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process.
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime(2) writes one timespec to a live local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Prints one line with one `write`.
-fn emit_line(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(format!("{line}\n").as_bytes());
-    let _ = out.flush();
-}
-
-/// Sends SIGKILL to `pid`.
-fn sigkill(pid: u32) {
-    // SAFETY: kill(2) takes a pid and a signal number, no pointers.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 /// Every instance is `Ready` (and none starting or dead).
@@ -192,78 +168,6 @@ fn consume_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> R
 
 // ------------------------------------------------------------ invoke
 
-/// What a worker of an `invoke` cluster does next.
-enum Step {
-    Wait,
-    Kill { victim: u32, leader: Leader },
-    Done,
-}
-
-/// The `invoke` cluster's shared view: the kills file, and this worker's
-/// record of the leader's stability.
-struct Killer {
-    dir: PathBuf,
-    rounds: usize,
-    workers: u32,
-    /// The leader seen last, and since when (with every slot ready).
-    stable: Option<(Leader, Instant)>,
-    /// When every round was seen done.
-    finished: Option<Instant>,
-}
-
-impl Killer {
-    fn kills_done(&self) -> usize {
-        std::fs::read_to_string(self.dir.join("kills")).map_or(0, |t| t.lines().count())
-    }
-
-    /// Kill when this worker is the lowest ready follower, every slot is
-    /// ready and the leader has been the same for [`SETTLE`].
-    fn step(&mut self, m: &Messenger) -> Step {
-        if self.kills_done() >= self.rounds {
-            // Let the killer's last line out before the cluster ends.
-            let since = *self.finished.get_or_insert_with(Instant::now);
-            return if since.elapsed() >= Duration::from_millis(100) {
-                Step::Done
-            } else {
-                Step::Wait
-            };
-        }
-        let Some(w) = m.worker() else { return Step::Wait };
-        let peers = w.peers();
-        let Some(leader) = m.leader() else {
-            self.stable = None;
-            return Step::Wait;
-        };
-        if peers.iter().filter(|p| p.state == WorkerState::Ready).count() < self.workers as usize {
-            self.stable = None;
-            return Step::Wait;
-        }
-        match self.stable {
-            Some((l, since)) if l == leader && since.elapsed() >= SETTLE => {}
-            Some((l, _)) if l == leader => return Step::Wait,
-            _ => {
-                self.stable = Some((leader, Instant::now()));
-                return Step::Wait;
-            }
-        }
-        let lowest = peers
-            .iter()
-            .filter(|p| p.state == WorkerState::Ready && p.slot != leader.slot)
-            .map(|p| p.slot)
-            .min();
-        if m.is_leader() || lowest != Some(m.slot()) {
-            return Step::Wait;
-        }
-        match peers.iter().find(|p| p.slot == leader.slot) {
-            Some(victim) if victim.pid != 0 => Step::Kill {
-                victim: victim.pid,
-                leader,
-            },
-            _ => Step::Wait,
-        }
-    }
-}
-
 fn invoke_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> Res<()> {
     let me = worker.slot();
     let mut m = Messenger::new(worker);
@@ -272,13 +176,8 @@ fn invoke_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> Re
     if let Some(w) = m.worker() {
         w.ready();
     }
-    let mut killer = Killer {
-        dir,
-        rounds: kills,
-        workers,
-        stable: None,
-        finished: None,
-    };
+    // Lingers for the killer's last line to come out before the cluster ends.
+    let mut killer = LeaderKiller::new(dir, kills, workers, SETTLE, Duration::from_millis(100));
     let mut i = 0u64;
     loop {
         if m.worker().is_some_and(|w| w.should_stop()) {
@@ -290,11 +189,7 @@ fn invoke_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> Re
                 m.poll(Duration::from_millis(5))?;
             }
             Step::Kill { victim, leader } => {
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(killer.dir.join("kills"))?;
-                f.write_all(format!("{victim}\n").as_bytes())?;
+                killer.record(victim)?;
                 let killed_at = mono_ns();
                 sigkill(victim);
                 let (mut died, mut no_leader) = (0u32, 0u32);
@@ -322,7 +217,6 @@ fn invoke_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> Re
                     leader.term,
                     m.slot()
                 ));
-                killer.stable = None;
             }
         }
     }
@@ -418,148 +312,47 @@ fn reap_worker(worker: Worker, workers: u32, kills: usize) -> Res<()> {
 /// The re-executed copy: runs one cluster; exits 0 if a worker finished
 /// and the cluster shut down cleanly.
 fn cluster_mode(mode: &str) -> ! {
-    let words: Vec<&str> = mode.split_whitespace().collect();
-    let parsed = match words.as_slice() {
-        [kind, n, kills, dir] => n
-            .parse::<u32>()
-            .ok()
-            .zip(kills.parse::<usize>().ok())
-            .map(|(n, k)| (kind.to_string(), n, k, PathBuf::from(dir))),
-        _ => None,
+    let (kind, workers, kills, dir) = read_cluster_mode("death", MODE_VAR, mode, |k| k.parse::<usize>().ok());
+    let judge = |event: &Event, reason: ExitReason| {
+        if reason == ExitReason::Signaled(libc::SIGKILL) {
+            // Published just after the master's clean-up of the slot.
+            emit_line(&format!("reaped {} {}", event.slot, mono_ns()));
+            return None;
+        }
+        Some(reason == ExitReason::Exited(0))
     };
-    let Some((kind, workers, kills, dir)) = parsed else {
-        eprintln!("death bench: unknown {MODE_VAR} {mode:?}");
-        std::process::exit(2);
-    };
-    let outcome: Rc<RefCell<Option<String>>> = Rc::default();
-    let seen = outcome.clone();
-    let result = Cluster::builder()
-        .workers(workers)
-        .shutdown_grace(Duration::from_secs(10))
-        .restart_backoff(Duration::from_millis(1), Duration::from_millis(10))
-        .crash_loop_limit(1_000, Duration::from_secs(60))
-        .on_event(move |cluster, event| {
-            let EventKind::Exit(reason) = event.kind else {
-                return;
-            };
-            if reason == ExitReason::Signaled(libc::SIGKILL) {
-                // Published just after the master's clean-up of the slot.
-                emit_line(&format!("reaped {} {}", event.slot, mono_ns()));
-                return;
-            }
-            if reason == ExitReason::Shutdown {
-                return;
-            }
-            if seen.borrow().is_none() {
-                *seen.borrow_mut() = Some(if reason == ExitReason::Exited(0) {
-                    String::new()
-                } else {
-                    format!("worker {} (slot {}) {reason}", event.index, event.slot)
-                });
-            }
-            cluster.shutdown();
-        })
-        .run(|worker| match kind.as_str() {
+    run_cluster("death", mode, respawning(workers), judge, |worker| {
+        match kind.as_str() {
             "consume" => consume_worker(worker, workers, kills, dir.clone()),
             "invoke" => invoke_worker(worker, workers, kills, dir.clone()),
             _ => reap_worker(worker, workers, kills),
-        });
-    let failure = match (result, outcome.take()) {
-        (Err(e), _) => Some(e.to_string()),
-        (Ok(_), Some(e)) if !e.is_empty() => Some(e),
-        (Ok(_), None) => Some("the cluster ended before the measures did".into()),
-        (Ok(report), _) if !report.clean => Some(format!("unclean shutdown: {report:?}")),
-        (Ok(_), _) => None,
-    };
-    if let Some(e) = failure {
-        eprintln!("death bench ({mode}): {e}");
-        std::process::exit(1);
-    }
-    std::process::exit(0);
+        }
+    })
 }
 
 // ------------------------------------------------------------ the parent
 
-fn wait_within(child: &mut Child, limit: Duration) -> Res<ExitStatus> {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() >= until {
-            let _ = child.kill();
-            let _ = child.wait();
-            return fail(format!("still running after {limit:?}; killed"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Runs one cluster in a fresh copy of this binary; returns its lines.
 fn in_fresh_master(kind: &str, workers: u32, kills: usize) -> Res<String> {
     eprintln!("death bench: {kind}, {workers} workers, {kills} kills");
-    let dir = std::env::temp_dir().join(format!(
-        "shmc-bench-death-{}-{kind}-{workers}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mode = format!("{kind} {workers} {kills} {}", dir.display());
-    let mut child = Command::new(std::env::current_exe()?)
-        .env(MODE_VAR, &mode)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        stdout.read_to_string(&mut text).map(|_| text)
-    });
-    let status = wait_within(&mut child, LIMIT);
-    let text = reader.join().map_err(|_| "stdout reader panicked")??;
-    remove_dir(&dir);
-    if !status?.success() {
-        return fail(format!("{mode}: failed"));
-    }
-    Ok(text)
+    let kills = kills.to_string();
+    Ok(in_fresh_cluster(
+        "death",
+        MODE_VAR,
+        (kind, workers, &kills),
+        LIMIT,
+    )?)
 }
 
-fn remove_dir(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-/// p50, p99 and max of a set of samples (nearest rank).
-#[derive(Debug, Clone, Copy)]
-struct Pct {
-    p50: f64,
-    p99: f64,
-    max: f64,
-    n: usize,
-}
-
-fn percentiles(mut ns: Vec<u64>) -> Option<Pct> {
-    if ns.is_empty() {
-        return None;
-    }
-    ns.sort_unstable();
-    let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64;
-    Some(Pct {
-        p50: at(0.5),
-        p99: at(0.99),
-        max: at(1.0),
-        n: ns.len(),
-    })
-}
-
-fn fmt_ns(v: f64) -> String {
-    if v >= 1e6 {
-        format!("{:.2} ms", v / 1e6)
-    } else if v >= 1e3 {
-        format!("{:.1} µs", v / 1e3)
-    } else {
-        format!("{v:.0} ns")
-    }
+/// The cells every table starts with: workers, n, p50, p99 and max.
+fn first_cells(workers: u32, p: Pct) -> String {
+    format!(
+        "{workers} | {} | {} | {} | {}",
+        p.n,
+        fmt_ns(p.p50),
+        fmt_ns(p.p99),
+        fmt_ns(p.max)
+    )
 }
 
 fn fmt_pair(p: Option<Pct>) -> String {
@@ -574,15 +367,34 @@ fn verdict(value: f64, target: f64) -> &'static str {
     }
 }
 
-/// `(slot, time)` of each "reaped" line of the master.
-fn reaped_lines(text: &str) -> Res<Vec<(u32, u64)>> {
-    let mut out = Vec::new();
+/// Runs one `kind` cluster and reads its lines: returns `(slot, time)` of
+/// each "reaped" line of the master, and gives every other line's words to
+/// `read` (with those), which says whether it knew the line.
+fn cluster_lines(
+    kind: &str,
+    workers: u32,
+    kills: usize,
+    mut read: impl FnMut(&[&str], &[(u32, u64)]) -> Res<bool>,
+) -> Res<Vec<(u32, u64)>> {
+    let text = in_fresh_master(kind, workers, kills)?;
+    let mut reaped = Vec::new();
     for line in text.lines() {
         if let ["reaped", slot, at] = line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            out.push((slot.parse()?, at.parse()?));
+            reaped.push((slot.parse()?, at.parse()?));
         }
     }
-    Ok(out)
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() != Some(&"reaped") && !read(&words, &reaped)? {
+            return fail(format!("{kind}: unexpected line {line:?}"));
+        }
+    }
+    Ok(reaped)
+}
+
+/// The percentiles of a `kind` cluster's main samples, which it must have.
+fn measured(kind: &str, ns: Vec<u64>) -> Res<Pct> {
+    percentiles(ns).ok_or_else(|| format!("{kind}: no kill measured").into())
 }
 
 /// The master's first Exit event for `slot` at or after `killed`.
@@ -608,11 +420,9 @@ struct ConsumeRow {
 }
 
 fn consume_figures(workers: u32, kills: usize) -> Res<ConsumeRow> {
-    let text = in_fresh_master("consume", workers, kills)?;
-    let reaped = reaped_lines(&text)?;
     let (mut killed, mut ran, mut consumed) = (Vec::new(), Vec::new(), Vec::new());
-    for line in text.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+    let reaped = cluster_lines("consume", workers, kills, |words, _| {
+        match words {
             ["killed", d, slot, at] => {
                 killed.push((d.parse::<u64>()?, slot.parse::<u32>()?, at.parse::<u64>()?))
             }
@@ -620,10 +430,10 @@ fn consume_figures(workers: u32, kills: usize) -> Res<ConsumeRow> {
             ["consumed", d, _attempts, _worker, caller, at] => {
                 consumed.push((d.parse::<u64>()?, caller.parse::<u32>()?, at.parse::<u64>()?))
             }
-            ["reaped", ..] => {}
-            _ => return fail(format!("consume: unexpected line {line:?}")),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     let (mut redelivered, mut returned, mut reap) = (Vec::new(), Vec::new(), Vec::new());
     let (mut on_other, mut on_caller, mut on_successor) = (0, 0, 0);
     for &(d, victim, at) in &killed {
@@ -647,12 +457,9 @@ fn consume_figures(workers: u32, kills: usize) -> Res<ConsumeRow> {
             reap.push(r);
         }
     }
-    let Some(redelivered) = percentiles(redelivered) else {
-        return fail("consume: no kill measured".into());
-    };
     Ok(ConsumeRow {
         workers,
-        redelivered,
+        redelivered: measured("consume", redelivered)?,
         returned: percentiles(returned),
         reaped: percentiles(reap),
         on_other,
@@ -678,12 +485,10 @@ struct InvokeRow {
 }
 
 fn invoke_figures(workers: u32, kills: usize) -> Res<InvokeRow> {
-    let text = in_fresh_master("invoke", workers, kills)?;
-    let reaped = reaped_lines(&text)?;
     let (mut answered, mut failed, mut reap) = (Vec::new(), Vec::new(), Vec::new());
     let (mut retried, mut died_all, mut no_leader_all, mut by_killer) = (0, 0, 0, 0);
-    for line in text.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+    cluster_lines("invoke", workers, kills, |words, reaped| {
+        match words {
             ["invoke", victim, _term, killed, failed_at, ok, died, no_leader, by, killer] => {
                 let (killed, ok): (u64, u64) = (killed.parse()?, ok.parse()?);
                 let failed_at: u64 = failed_at.parse()?;
@@ -700,20 +505,17 @@ fn invoke_figures(workers: u32, kills: usize) -> Res<InvokeRow> {
                 if by == killer {
                     by_killer += 1;
                 }
-                if let Some(r) = reaped_after(&reaped, victim.parse()?, killed) {
+                if let Some(r) = reaped_after(reaped, victim.parse()?, killed) {
                     reap.push(r);
                 }
             }
-            ["reaped", ..] => {}
-            _ => return fail(format!("invoke: unexpected line {line:?}")),
+            _ => return Ok(false),
         }
-    }
-    let Some(answered) = percentiles(answered) else {
-        return fail("invoke: no kill measured".into());
-    };
+        Ok(true)
+    })?;
     Ok(InvokeRow {
         workers,
-        answered,
+        answered: measured("invoke", answered)?,
         failed: percentiles(failed),
         reaped: percentiles(reap),
         retried,
@@ -734,29 +536,24 @@ struct ReapRow {
 }
 
 fn reap_figures(workers: u32, kills: usize) -> Res<ReapRow> {
-    let text = in_fresh_master("reap", workers, kills)?;
-    let reaped = reaped_lines(&text)?;
     let (mut seen, mut gone, mut reap) = (Vec::new(), Vec::new(), Vec::new());
-    for line in text.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+    cluster_lines("reap", workers, kills, |words, reaped| {
+        match words {
             ["reap", slot, killed, gone_at, at] => {
                 let (slot, killed, at): (u32, u64, u64) = (slot.parse()?, killed.parse()?, at.parse()?);
                 seen.push(at - killed);
                 gone.push(gone_at.parse::<u64>()? - killed);
-                if let Some(r) = reaped_after(&reaped, slot, killed) {
+                if let Some(r) = reaped_after(reaped, slot, killed) {
                     reap.push(r);
                 }
             }
-            ["reaped", ..] => {}
-            _ => return fail(format!("reap: unexpected line {line:?}")),
+            _ => return Ok(false),
         }
-    }
-    let Some(seen) = percentiles(seen) else {
-        return fail("reap: no kill measured".into());
-    };
+        Ok(true)
+    })?;
     Ok(ReapRow {
         workers,
-        seen,
+        seen: measured("reap", seen)?,
         gone: percentiles(gone),
         reaped: percentiles(reap),
     })
@@ -777,15 +574,7 @@ fn print_tables(
     invoke: &[InvokeRow],
     reap: &[ReapRow],
 ) {
-    let command = if full {
-        "cargo bench --bench death"
-    } else {
-        "cargo test --benches (a quick check of each measure, not figures)"
-    };
-    println!("Machine: {}", machine());
-    println!();
-    println!("Command: `{command}`");
-    println!();
+    print_preamble("death", full);
     if busy > 0 {
         println!("**Warning: up to {busy} other runnable processes during the run; figures are noisy.**");
         println!();
@@ -808,12 +597,8 @@ fn print_tables(
     for r in consume {
         let p = r.redelivered;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |",
-            r.workers,
-            p.n,
-            fmt_ns(p.p50),
-            fmt_ns(p.p99),
-            fmt_ns(p.max),
+            "| {} | {} | {} | {} | {} / {} / {} | {} |",
+            first_cells(r.workers, p),
             ratio(p, base(r.workers)),
             fmt_pair(r.returned),
             fmt_pair(r.reaped),
@@ -835,12 +620,8 @@ fn print_tables(
     for r in invoke {
         let p = r.answered;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} ({} / {}) | {} | {} | {} | {} |",
-            r.workers,
-            p.n,
-            fmt_ns(p.p50),
-            fmt_ns(p.p99),
-            fmt_ns(p.max),
+            "| {} | {} | {} ({} / {}) | {} | {} | {} | {} |",
+            first_cells(r.workers, p),
             ratio(p, base(r.workers)),
             r.retried,
             r.died,
@@ -864,12 +645,8 @@ fn print_tables(
     for r in reap {
         let p = r.seen;
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            r.workers,
-            p.n,
-            fmt_ns(p.p50),
-            fmt_ns(p.p99),
-            fmt_ns(p.max),
+            "| {} | {} | {} |",
+            first_cells(r.workers, p),
             fmt_pair(r.gone),
             fmt_pair(r.reaped)
         );

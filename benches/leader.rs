@@ -23,20 +23,20 @@
 //!    prints its `CLOCK_MONOTONIC` time: *SIGKILL → first follower's
 //!    callback* (followers dispatching in `run`, as a real worker does).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::error::Error;
-use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use shmcluster::{Cluster, EventKind, ExitReason, Leader, Messenger, Worker, WorkerState};
+use shmcluster::{Event, ExitReason, Messenger, Worker, WorkerState};
 
 mod common;
-use common::{machine, warn_if_busy};
+use common::cluster::{
+    emit_line, in_fresh_cluster, mono_ns, read_cluster_mode, respawning, run_cluster, sigkill, LeaderKiller,
+    Step,
+};
+use common::{fmt_ns, percentiles, print_preamble, warn_if_busy, Pct};
 
 /// Set in a re-executed copy of this binary: `<rtt|elect> <workers> <plan> <dir>`.
 const MODE_VAR: &str = "SHMCLUSTER_BENCH_LEADER";
@@ -97,24 +97,6 @@ fn deadline() -> Instant {
     Instant::now() + CALL_LIMIT
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process.
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime(2) writes one timespec to a live local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Prints one line with one `write`.
-fn emit_line(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(format!("{line}\n").as_bytes());
-    let _ = out.flush();
-}
-
 // ------------------------------------------------------------ rtt cluster
 
 fn rtt_worker(worker: Worker, workers: u32, plan: Plan) -> Res<()> {
@@ -163,85 +145,34 @@ fn rtt_worker(worker: Worker, workers: u32, plan: Plan) -> Res<()> {
 
 // ------------------------------------------------------------ elect cluster
 
-/// The killer's view between two `run_until` checks.
-struct Killer {
-    dir: PathBuf,
-    rounds: usize,
-    workers: u32,
-    /// The leader seen last, and since when.
-    stable: Option<(Leader, Instant)>,
-    /// When every round was seen done.
-    finished: Option<Instant>,
-}
-
-impl Killer {
-    /// Called by `run_until`: true once every round is done (this worker
-    /// exits 0 and the cluster ends). Kills the leader when this worker is
-    /// the lowest live follower, every slot is ready, and the leader has
-    /// been the same for 30 ms.
-    fn check(&mut self, m: &Messenger) -> bool {
-        let kills = self.dir.join("kills");
-        let done = std::fs::read_to_string(&kills).map_or(0, |t| t.lines().count());
-        if done >= self.rounds {
-            // Let the other followers' callbacks print before the end.
-            let since = *self.finished.get_or_insert_with(Instant::now);
-            return since.elapsed() >= Duration::from_millis(200);
-        }
-        let Some(w) = m.worker() else { return false };
-        let peers = w.peers();
-        let Some(leader) = m.leader() else { return false };
-        if m.is_leader()
-            || peers.iter().filter(|p| p.state == WorkerState::Ready).count() < self.workers as usize
-        {
+/// Called by `run_until` in every worker: true once every round is done
+/// (this worker exits 0 and the cluster ends). When it is this worker's
+/// turn, kills the leader and spins on `leader()` until the term goes up.
+fn elect_step(killer: &mut LeaderKiller, m: &Messenger) -> bool {
+    let (victim, leader) = match killer.step(m) {
+        Step::Done => return true,
+        Step::Wait => return false,
+        Step::Kill { victim, leader } => (victim, leader),
+    };
+    killer.record(victim).expect("kills file");
+    let killed_at = mono_ns();
+    sigkill(victim);
+    let until = Instant::now() + CALL_LIMIT;
+    loop {
+        if let Some(l) = m.leader().filter(|l| l.term > leader.term) {
+            emit_line(&format!(
+                "elect {} {} {killed_at} {}",
+                leader.term,
+                l.term,
+                mono_ns()
+            ));
             return false;
         }
-        let lowest = peers
-            .iter()
-            .filter(|p| p.state == WorkerState::Ready && p.slot != leader.slot)
-            .map(|p| p.slot)
-            .min();
-        if lowest != Some(m.slot()) {
-            return false;
+        if Instant::now() >= until {
+            emit_line("elect-timeout");
+            return true;
         }
-        match self.stable {
-            Some((l, since)) if l == leader && since.elapsed() >= Duration::from_millis(30) => {}
-            Some((l, _)) if l == leader => return false,
-            _ => {
-                self.stable = Some((leader, Instant::now()));
-                return false;
-            }
-        }
-        let Some(victim) = peers.iter().find(|p| p.slot == leader.slot) else {
-            return false;
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&kills)
-            .expect("kills file");
-        let _ = f.write_all(format!("{}\n", victim.pid).as_bytes());
-        let killed_at = mono_ns();
-        // SAFETY: kill(2) takes a pid and a signal number, no pointers.
-        unsafe { libc::kill(victim.pid as i32, libc::SIGKILL) };
-        let until = Instant::now() + CALL_LIMIT;
-        loop {
-            if let Some(l) = m.leader().filter(|l| l.term > leader.term) {
-                emit_line(&format!(
-                    "elect {} {} {killed_at} {}",
-                    leader.term,
-                    l.term,
-                    mono_ns()
-                ));
-                break;
-            }
-            if Instant::now() >= until {
-                emit_line("elect-timeout");
-                return true;
-            }
-            std::hint::spin_loop();
-        }
-        self.stable = None;
-        false
+        std::hint::spin_loop();
     }
 }
 
@@ -257,148 +188,52 @@ fn elect_worker(worker: Worker, workers: u32, plan: Plan, dir: PathBuf) -> Res<(
     if let Some(w) = m.worker() {
         w.ready();
     }
-    let mut killer = Killer {
-        dir,
-        rounds: plan.elections,
-        workers,
-        stable: None,
-        finished: None,
-    };
-    m.run_until(|m| killer.check(m))?;
+    // Lingers for the other followers' callbacks to print before the end.
+    let linger = Duration::from_millis(200);
+    let mut killer = LeaderKiller::new(dir, plan.elections, workers, Duration::from_millis(30), linger);
+    m.run_until(|m| elect_step(&mut killer, m))?;
     Ok(())
 }
 
 /// The re-executed copy: runs one cluster; exits 0 if a worker finished
 /// and the cluster shut down cleanly.
 fn cluster_mode(mode: &str) -> ! {
-    let words: Vec<&str> = mode.split_whitespace().collect();
-    let parsed = match words.as_slice() {
-        [kind, n, plan, dir] => n
-            .parse::<u32>()
-            .ok()
-            .zip(Plan::from_name(plan))
-            .map(|(n, p)| (kind.to_string(), n, p, PathBuf::from(dir))),
-        _ => None,
+    let (kind, workers, plan, dir) = read_cluster_mode("leader", MODE_VAR, mode, Plan::from_name);
+    // The elect clusters SIGKILL their leaders.
+    let judge = |_: &Event, reason: ExitReason| {
+        (reason != ExitReason::Signaled(libc::SIGKILL)).then_some(reason == ExitReason::Exited(0))
     };
-    let Some((kind, workers, plan, dir)) = parsed else {
-        eprintln!("leader bench: unknown {MODE_VAR} {mode:?}");
-        std::process::exit(2);
-    };
-    let outcome: Rc<RefCell<Option<String>>> = Rc::default();
-    let seen = outcome.clone();
-    let result = Cluster::builder()
-        .workers(workers)
-        .shutdown_grace(Duration::from_secs(10))
-        .restart_backoff(Duration::from_millis(1), Duration::from_millis(10))
-        .crash_loop_limit(1_000, Duration::from_secs(60))
-        .on_event(move |cluster, event| {
-            let EventKind::Exit(reason) = event.kind else {
-                return;
-            };
-            // The elect clusters SIGKILL their leaders.
-            if reason == ExitReason::Shutdown || reason == ExitReason::Signaled(libc::SIGKILL) {
-                return;
-            }
-            if seen.borrow().is_none() {
-                *seen.borrow_mut() = Some(if reason == ExitReason::Exited(0) {
-                    String::new()
-                } else {
-                    format!("worker {} (slot {}) {reason}", event.index, event.slot)
-                });
-            }
-            cluster.shutdown();
-        })
-        .run(|worker| match kind.as_str() {
+    run_cluster("leader", mode, respawning(workers), judge, |worker| {
+        match kind.as_str() {
             "rtt" => rtt_worker(worker, workers, plan),
             _ => elect_worker(worker, workers, plan, dir.clone()),
-        });
-    let failure = match (result, outcome.take()) {
-        (Err(e), _) => Some(e.to_string()),
-        (Ok(_), Some(e)) if !e.is_empty() => Some(e),
-        (Ok(_), None) => Some("the cluster ended before the measures did".into()),
-        (Ok(report), _) if !report.clean => Some(format!("unclean shutdown: {report:?}")),
-        (Ok(_), _) => None,
-    };
-    if let Some(e) = failure {
-        eprintln!("leader bench ({mode}): {e}");
-        std::process::exit(1);
-    }
-    std::process::exit(0);
+        }
+    })
 }
 
 // ------------------------------------------------------------ the parent
 
-fn wait_within(child: &mut Child, limit: Duration) -> Res<ExitStatus> {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() >= until {
-            let _ = child.kill();
-            let _ = child.wait();
-            return fail(format!("still running after {limit:?}; killed"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Runs one cluster in a fresh copy of this binary; returns its lines.
 fn in_fresh_master(kind: &str, workers: u32, full: bool) -> Res<String> {
     eprintln!("leader bench: {kind}, {workers} workers");
-    let dir = std::env::temp_dir().join(format!(
-        "shmc-bench-leader-{}-{kind}-{workers}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mode = format!("{kind} {workers} {} {}", Plan::name(full), dir.display());
-    let mut child = Command::new(std::env::current_exe()?)
-        .env(MODE_VAR, &mode)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        stdout.read_to_string(&mut text).map(|_| text)
-    });
-    let status = wait_within(&mut child, LIMIT);
-    let text = reader.join().map_err(|_| "stdout reader panicked")??;
-    let _ = std::fs::remove_dir_all(&dir);
-    if !status?.success() {
-        return fail(format!("{mode}: failed"));
-    }
-    Ok(text)
-}
-
-/// (p50, p99, max) of `ns`, not empty.
-fn percentiles(mut ns: Vec<u64>) -> (f64, f64, f64) {
-    ns.sort_unstable();
-    let at = |q: f64| ns[((ns.len() - 1) as f64 * q).round() as usize] as f64;
-    (at(0.5), at(0.99), at(1.0))
-}
-
-fn fmt_ns(v: f64) -> String {
-    if v >= 1e6 {
-        format!("{:.2} ms", v / 1e6)
-    } else if v >= 1e3 {
-        format!("{:.1} µs", v / 1e3)
-    } else {
-        format!("{v:.0} ns")
-    }
+    let plan = Plan::name(full);
+    Ok(in_fresh_cluster(
+        "leader",
+        MODE_VAR,
+        (kind, workers, plan),
+        LIMIT,
+    )?)
 }
 
 /// One worker count's figures.
 struct Row {
     workers: u32,
-    invoke: (f64, f64, f64),
-    request: (f64, f64, f64),
+    invoke: Pct,
+    request: Pct,
     elections: usize,
-    elect: (f64, f64, f64),
+    elect: Pct,
     /// First follower callback, if any follower saw one.
-    notice: Option<(f64, f64, f64)>,
+    notice: Option<Pct>,
 }
 
 fn figures(workers: u32, full: bool) -> Res<Row> {
@@ -445,26 +280,23 @@ fn figures(workers: u32, full: bool) -> Res<Row> {
                 .min()
         })
         .collect();
+    let (Some(invoke), Some(request), Some(elect)) =
+        (percentiles(invoke), percentiles(request), percentiles(elect_ns))
+    else {
+        return fail("no samples".into());
+    };
     Ok(Row {
         workers,
-        invoke: percentiles(invoke),
-        request: percentiles(request),
+        invoke,
+        request,
         elections: kills.len(),
-        elect: percentiles(elect_ns),
-        notice: (!notice_ns.is_empty()).then(|| percentiles(notice_ns)),
+        elect,
+        notice: percentiles(notice_ns),
     })
 }
 
 fn print_tables(full: bool, plan: Plan, rows: &[Row]) {
-    let command = if full {
-        "cargo bench --bench leader"
-    } else {
-        "cargo test --benches (a quick check of each measure, not figures)"
-    };
-    println!("Machine: {}", machine());
-    println!();
-    println!("Command: `{command}`");
-    println!();
+    print_preamble("leader", full);
     println!(
         "Round trips from a follower (instance 0, not a candidate), p50 / p99: `invoke(\"echo\", u64)` \
          and `request(leader, \"echo\", u64)` alternated, {} each timed after {} warm-up.",
@@ -477,12 +309,12 @@ fn print_tables(full: bool, plan: Plan, rows: &[Row]) {
         println!(
             "| {} | {} / {} | {} / {} | {:.2}× / {:.2}× |",
             r.workers,
-            fmt_ns(r.invoke.0),
-            fmt_ns(r.invoke.1),
-            fmt_ns(r.request.0),
-            fmt_ns(r.request.1),
-            r.invoke.0 / r.request.0,
-            r.invoke.1 / r.request.1
+            fmt_ns(r.invoke.p50),
+            fmt_ns(r.invoke.p99),
+            fmt_ns(r.request.p50),
+            fmt_ns(r.request.p99),
+            r.invoke.p50 / r.request.p50,
+            r.invoke.p99 / r.request.p99
         );
     }
     println!();
@@ -500,12 +332,12 @@ fn print_tables(full: bool, plan: Plan, rows: &[Row]) {
             "| {} | {} | {} / {} | {} |",
             r.workers,
             r.elections,
-            fmt_ns(r.elect.0),
-            fmt_ns(r.elect.2),
+            fmt_ns(r.elect.p50),
+            fmt_ns(r.elect.max),
             r.notice.map_or("— (no other follower)".into(), |n| format!(
                 "{} / {}",
-                fmt_ns(n.0),
-                fmt_ns(n.2)
+                fmt_ns(n.p50),
+                fmt_ns(n.max)
             ))
         );
     }

@@ -32,7 +32,7 @@ use shmcluster::testing::{fork, ExitStatus, Watchdog};
 use shmcluster::{Config, Locks, Segment};
 
 mod common;
-use common::{machine, warn_if_busy};
+use common::{print_preamble, warn_if_busy};
 
 type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
@@ -595,15 +595,7 @@ struct Row {
 
 /// Prints the markdown table, with the machine, the command and the plan.
 fn print_table(full: bool, plan: Plan, rows: &[Row]) {
-    let command = if full {
-        "cargo bench --bench locks"
-    } else {
-        "cargo test --benches (a quick check of each measure, not figures)"
-    };
-    println!("Machine: {}", machine());
-    println!();
-    println!("Command: `{command}`");
-    println!();
+    print_preamble("locks", full);
     println!(
         "Uncontended: lock + unlock of an empty section, {} times ({} for `flock`), median of {} runs. \
          Contended: every process (thread, for `std::sync::Mutex`) does {} lock / add 1 / unlock on one \

@@ -17,14 +17,15 @@ use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use shmcluster::{Cluster, EventKind, Worker};
 
 mod common;
-use common::machine;
+use common::cluster::in_fresh_copy;
+use common::{machine, wait_within};
 
 /// Set in a re-executed copy of this binary: the measure its master runs
 /// (`ready <workers>` or `respawn <workers> <kills>`).
@@ -195,42 +196,10 @@ fn master_mode(mode: &str) -> ! {
 
 // ------------------------------------------------------------ the parent
 
-/// Waits up to `limit` for `child`, killing it (and so, by their parent-death
-/// signal, its workers) at the deadline.
-fn wait_within(child: &mut Child, limit: Duration) -> Res<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            return Ok(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("still running after {limit:?}; killed"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Runs `mode` in a fresh copy of this binary and returns its samples.
 fn in_fresh_master(mode: &str) -> Res<Vec<Duration>> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
-        .env(MODE_VAR, mode)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let status = wait_within(&mut child, LIMIT)?;
-    let mut text = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        out.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    }
-    if !status.success() {
-        return Err(format!("{mode}: {status}"));
-    }
-    text.lines()
+    in_fresh_copy(MODE_VAR, mode, LIMIT)?
+        .lines()
         .filter_map(|l| l.strip_prefix("sample "))
         .map(|ns| ns.parse().map(Duration::from_nanos).map_err(|e| e.to_string()))
         .collect()

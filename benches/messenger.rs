@@ -27,23 +27,21 @@
 //! 4. `consume` throughput: sequential calls, each waiting until the chosen
 //!    worker's handler has finished (the driver itself may be chosen).
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::error::Error;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use shmcluster::testing::{self, Watchdog};
-use shmcluster::{Cluster, Config, EventKind, ExitReason, Messenger, Segment, Worker, WorkerState};
+use shmcluster::{Cluster, Config, Event, ExitReason, Messenger, Segment, Worker, WorkerState};
 
 mod common;
-use common::{machine, warn_if_busy};
+use common::cluster::{in_fresh_copy, run_cluster};
+use common::{print_preamble, warn_if_busy};
 
 /// Set in a re-executed copy of this binary: `cluster <workers> <plan>`.
 const MODE_VAR: &str = "SHMCLUSTER_BENCH_MESSENGER";
@@ -314,44 +312,16 @@ fn cluster_mode(mode: &str) -> ! {
         eprintln!("messenger bench: unknown {MODE_VAR} {mode:?}");
         std::process::exit(2);
     };
-    // The driver's exit ends the cluster; any other exit is a failure.
-    let outcome: Rc<RefCell<Option<String>>> = Rc::default();
-    let seen = outcome.clone();
     // Instants are CLOCK_MONOTONIC: comparable across the forked workers.
     let clock = Instant::now();
-    let result = Cluster::builder()
+    let builder = Cluster::builder()
         .workers(workers)
-        .shutdown_grace(Duration::from_secs(10))
-        .on_event(move |cluster, event| {
-            let EventKind::Exit(reason) = event.kind else {
-                return;
-            };
-            if reason == ExitReason::Shutdown {
-                return;
-            }
-            if seen.borrow().is_none() {
-                let ok = event.index == 0 && reason == ExitReason::Exited(0);
-                *seen.borrow_mut() = Some(if ok {
-                    String::new()
-                } else {
-                    format!("worker {} (slot {}) {reason}", event.index, event.slot)
-                });
-            }
-            cluster.shutdown();
-        })
-        .run(|worker| worker_main(worker, workers, plan, clock));
-    let failure = match (result, outcome.take()) {
-        (Err(e), _) => Some(e.to_string()),
-        (Ok(_), Some(e)) if !e.is_empty() => Some(e),
-        (Ok(_), None) => Some("the cluster ended before the driver finished".into()),
-        (Ok(report), _) if !report.clean => Some(format!("unclean shutdown: {report:?}")),
-        (Ok(_), _) => None,
-    };
-    if let Some(e) = failure {
-        eprintln!("messenger bench ({mode}): {e}");
-        std::process::exit(1);
-    }
-    std::process::exit(0);
+        .shutdown_grace(Duration::from_secs(10));
+    // The driver's exit ends the cluster; any other exit is a failure.
+    let judge = |event: &Event, reason: ExitReason| Some(event.index == 0 && reason == ExitReason::Exited(0));
+    run_cluster("messenger", mode, builder, judge, |worker| {
+        worker_main(worker, workers, plan, clock)
+    })
 }
 
 // ------------------------------------------------------------ the parent
@@ -406,47 +376,11 @@ impl ClusterRun {
     }
 }
 
-/// Waits up to `limit` for `child`, killing it (and so, by their
-/// parent-death signal, its workers) at the deadline.
-fn wait_within(child: &mut Child, limit: Duration) -> Res<ExitStatus> {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() >= until {
-            let _ = child.kill();
-            let _ = child.wait();
-            return fail(format!("still running after {limit:?}; killed"));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Runs a cluster of `workers` in a fresh copy of this binary.
 fn in_fresh_master(workers: u32, full: bool) -> Res<ClusterRun> {
     eprintln!("measuring the messenger with {workers} workers");
     let mode = format!("cluster {workers} {}", Plan::name(full));
-    let mut child = Command::new(std::env::current_exe()?)
-        .env(MODE_VAR, &mode)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    // The driver prints thousands of lines, more than a pipe holds: read
-    // them while waiting.
-    let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        stdout.read_to_string(&mut text).map(|_| text)
-    });
-    let status = wait_within(&mut child, LIMIT);
-    let text = reader.join().map_err(|_| "stdout reader panicked")??;
-    let status = status?;
-    if !status.success() {
-        return fail(format!("{mode}: {status}"));
-    }
-    ClusterRun::parse(&text)
+    ClusterRun::parse(&in_fresh_copy(MODE_VAR, &mode, LIMIT)?)
 }
 
 // ------------------------------------------------------------ baselines
@@ -643,15 +577,7 @@ fn figures(workers: u32, run: &ClusterRun) -> Res<Figures> {
 
 /// The markdown tables, with the machine and the command.
 fn print_tables(full: bool, plan: Plan, lane: Latency, sock: Latency, rows: &[Figures]) {
-    let command = if full {
-        "cargo bench --bench messenger"
-    } else {
-        "cargo test --benches (a quick check of each measure, not figures)"
-    };
-    println!("Machine: {}", machine());
-    println!();
-    println!("Command: `{command}`");
-    println!();
+    print_preamble("messenger", full);
     println!(
         "Round trips, p50 / p99. Messenger: `request` of a `u64` to instance 1, {} timed after {} \
          warm-up. Baselines: {} B echoed between 2 forked processes, {} timed after {} warm-up.",

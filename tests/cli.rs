@@ -15,25 +15,26 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
 
-/// A scratch directory, removed on drop.
-struct TempDir(PathBuf);
+/// A scratch directory, removed on drop, with a control socket's path in it.
+struct TempDir {
+    path: PathBuf,
+    /// `<path>/c.sock`, for `--control`.
+    sock: String,
+}
 
 impl TempDir {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("shmcluster-cli-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.0.join("c.sock")
+        let path = std::env::temp_dir().join(format!("shmcluster-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        let sock = path.join("c.sock").to_str().unwrap().to_owned();
+        Self { path, sock }
     }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 
@@ -41,6 +42,31 @@ impl Drop for TempDir {
 struct Reaped(Child);
 
 impl Reaped {
+    /// Starts `shmcluster args...`, stdin empty, stdout and stderr piped.
+    fn spawn(args: &[&str]) -> Self {
+        let child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    /// Reads what is left of its stdout, then of its stderr, to the end.
+    fn read_output(&mut self) -> (String, String) {
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        if let Some(mut o) = self.0.stdout.take() {
+            o.read_to_string(&mut stdout).unwrap();
+        }
+        if let Some(mut e) = self.0.stderr.take() {
+            e.read_to_string(&mut stderr).unwrap();
+        }
+        (stdout, stderr)
+    }
+
     /// Waits up to `timeout` for the exit; panics (killing it) past that.
     fn wait_within(&mut self, timeout: Duration, what: &str) -> ExitStatus {
         let deadline = Instant::now() + timeout;
@@ -76,23 +102,9 @@ struct Out {
 
 /// Runs `shmcluster args...` to completion within `timeout`.
 fn cli(args: &[&str], timeout: Duration) -> Out {
-    let child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Reaped(child);
+    let mut child = Reaped::spawn(args);
     let status = child.wait_within(timeout, &format!("shmcluster {args:?}"));
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut o) = child.0.stdout.take() {
-        o.read_to_string(&mut stdout).unwrap();
-    }
-    if let Some(mut e) = child.0.stderr.take() {
-        e.read_to_string(&mut stderr).unwrap();
-    }
+    let (stdout, stderr) = child.read_output();
     Out {
         status,
         stdout,
@@ -109,10 +121,13 @@ struct Master {
 }
 
 impl Master {
-    fn start(args: &[&str]) -> Self {
+    /// `shmcluster run <options> --control <sock> -- <command>`.
+    fn start(options: &[&str], sock: &str, command: &[&str]) -> Self {
         let mut child = Command::new(BIN)
             .arg("run")
-            .args(args)
+            .args(options)
+            .args(["--control", sock, "--"])
+            .args(command)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -133,6 +148,14 @@ impl Master {
             lines,
             log: Vec::new(),
         }
+    }
+
+    /// [`Master::start`], then waits for its line that names the control
+    /// socket (it listens from then on).
+    fn start_and_await_control(options: &[&str], sock: &str, command: &[&str]) -> Self {
+        let mut master = Self::start(options, sock, command);
+        master.expect_line("control socket", Duration::from_secs(10));
+        master
     }
 
     /// Waits for a stderr line containing `needle`; returns it.
@@ -158,6 +181,11 @@ impl Master {
         }
     }
 
+    /// Sends `sig` to the master process.
+    fn signal(&self, sig: i32) {
+        signal(self.child.0.id(), sig);
+    }
+
     /// Waits for the exit; returns its code and the whole stderr.
     fn finish(mut self, timeout: Duration) -> (Option<i32>, Vec<String>) {
         let status = self.child.wait_within(timeout, "the master");
@@ -172,16 +200,13 @@ impl Master {
     }
 }
 
-/// `stat` until it answers with `live` running workers; returns its output.
-fn stat_until_live(socket: &Path, live: usize) -> String {
+/// `stat` until it succeeds with an output that `done` accepts (within
+/// 20 s, else a panic saying it never showed `want`); returns that output.
+fn stat_until(sock: &str, want: &str, done: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let want = format!("{live} live");
     loop {
-        let out = cli(
-            &["stat", "--control", socket.to_str().unwrap()],
-            Duration::from_secs(10),
-        );
-        if out.status.success() && out.stdout.contains(&want) {
+        let out = cli(&["stat", "--control", sock], Duration::from_secs(10));
+        if out.status.success() && done(&out.stdout) {
             return out.stdout;
         }
         assert!(
@@ -192,6 +217,12 @@ fn stat_until_live(socket: &Path, live: usize) -> String {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `stat` until it answers with `live` running workers; returns its output.
+fn stat_until_live(sock: &str, live: usize) -> String {
+    let want = format!("{live} live");
+    stat_until(sock, &want, |stdout| stdout.contains(&want))
 }
 
 /// The pids of the rows whose state is `Ready`.
@@ -249,8 +280,7 @@ fn help_works_for_every_subcommand() {
 #[test]
 fn start_up_errors_exit_2_before_anything_starts() {
     let dir = TempDir::new("errors");
-    let socket = dir.socket();
-    let socket = socket.to_str().unwrap();
+    let socket = dir.sock.as_str();
 
     let out = cli(&["run", "-w", "2", "--control", socket], Duration::from_secs(10));
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
@@ -288,39 +318,24 @@ fn start_up_errors_exit_2_before_anything_starts() {
 #[test]
 fn stat_reload_and_stop_through_the_control_socket() {
     let dir = TempDir::new("control");
-    let socket = dir.socket();
-    let sock = socket.to_str().unwrap();
-    let mut master = Master::start(&[
-        "-w",
-        "2",
-        "--ready-on-start",
-        "--kill-timeout",
-        "5",
-        "--control",
+    let sock = dir.sock.as_str();
+    let mut master = Master::start(
+        &["-w", "2", "--ready-on-start", "--kill-timeout", "5"],
         sock,
-        "--",
-        "sleep",
-        "60",
-    ]);
+        &["sleep", "60"],
+    );
     let first = master.expect_line("control socket", Duration::from_secs(10));
     assert!(first.contains(sock), "{first}");
 
-    let stat = stat_until_live(&socket, 2);
+    let stat = stat_until_live(sock, 2);
     let before = ready_pids(&stat);
     assert_eq!(before.len(), 2, "{stat}");
     assert!(stat.contains("lock (global): free"), "{stat}");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(sock).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
 
     // A watcher prints rates and ends when the master does.
-    let watcher = Command::new(BIN)
-        .args(["stat", "--control", sock, "--watch", "0.1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut watcher = Reaped(watcher);
+    let mut watcher = Reaped::spawn(&["stat", "--control", sock, "--watch", "0.1"]);
     // Collect its output as it comes, to know when it has printed rates
     // (its second sample) before the cluster is stopped.
     let watched = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
@@ -347,7 +362,7 @@ fn stat_reload_and_stop_through_the_control_socket() {
     master.expect_line("reload started", Duration::from_secs(10));
     master.expect_line("reload finished: ok", Duration::from_secs(10));
 
-    let stat = stat_until_live(&socket, 2);
+    let stat = stat_until_live(sock, 2);
     let after = ready_pids(&stat);
     assert_eq!(after.len(), 2, "{stat}");
     assert!(
@@ -375,7 +390,7 @@ fn stat_reload_and_stop_through_the_control_socket() {
     let (code, log) = master.finish(Duration::from_secs(15));
     assert_eq!(code, Some(0), "{log:#?}");
     assert!(log.iter().any(|l| l.contains("clean shutdown")), "{log:#?}");
-    assert!(!socket.exists(), "the socket file is removed at exit");
+    assert!(!Path::new(sock).exists(), "the socket file is removed at exit");
 
     let status = watcher.wait_within(Duration::from_secs(10), "stat --watch");
     reader.join().unwrap();
@@ -392,8 +407,7 @@ fn a_tcp_listener_is_served_by_python_workers_on_fd_3() {
         return;
     }
     let dir = TempDir::new("listen");
-    let socket = dir.socket();
-    let sock = socket.to_str().unwrap();
+    let sock = dir.sock.as_str();
     let worker = "import socket, os, time\n\
         s = socket.socket(fileno=3)\n\
         c, _ = s.accept()\n\
@@ -402,24 +416,22 @@ fn a_tcp_listener_is_served_by_python_workers_on_fd_3() {
         c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n' % len(body) + body)\n\
         c.close()\n\
         time.sleep(60)\n";
-    let mut master = Master::start(&[
-        "-w",
-        "2",
-        "--listen",
-        "127.0.0.1:0",
-        "--ready-on-start",
-        "--kill-timeout",
-        "5",
-        "--control",
+    let mut master = Master::start(
+        &[
+            "-w",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready-on-start",
+            "--kill-timeout",
+            "5",
+        ],
         sock,
-        "--",
-        "python3",
-        "-c",
-        worker,
-    ]);
+        &["python3", "-c", worker],
+    );
     let first = master.expect_line("listening on", Duration::from_secs(10));
     let addr = first.rsplit("listening on ").next().unwrap().trim().to_string();
-    stat_until_live(&socket, 2);
+    stat_until_live(sock, 2);
     let mut client = TcpStream::connect(&addr).unwrap();
     client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     client
@@ -447,58 +459,31 @@ fn signal(pid: u32, sig: i32) {
 
 /// Waits until `stat` shows every instance's row (index not `-`) with at
 /// least `n` restarts.
-fn stat_until_restarts(socket: &Path, n: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = cli(
-            &["stat", "--control", socket.to_str().unwrap()],
-            Duration::from_secs(10),
-        );
-        let rows: Vec<Vec<&str>> = out
-            .stdout
+fn stat_until_restarts(sock: &str, n: u64) -> String {
+    stat_until(sock, &format!("{n} restarts"), |stdout| {
+        let rows: Vec<Vec<&str>> = stdout
             .lines()
             .map(|l| l.split_whitespace().collect::<Vec<&str>>())
             .filter(|cols| cols.len() > 5 && cols[0].parse::<u32>().is_ok() && cols[1] != "-")
             .collect();
-        let restarted = !rows.is_empty()
+        !rows.is_empty()
             && rows
                 .iter()
-                .all(|cols| cols[5].parse::<u64>().is_ok_and(|r| r >= n));
-        if out.status.success() && restarted {
-            return out.stdout;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "stat never showed {n} restarts: {} {}",
-            out.stdout,
-            out.stderr
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+                .all(|cols| cols[5].parse::<u64>().is_ok_and(|r| r >= n))
+    })
 }
 
 #[test]
 fn a_shutdown_of_workers_that_never_became_ready_is_unclean() {
     let dir = TempDir::new("never-ready");
-    let socket = dir.socket();
-    let sock = socket.to_str().unwrap();
-    let mut master = Master::start(&[
-        "-w",
-        "2",
-        "--backoff-ms",
-        "20",
-        "--kill-timeout",
-        "5",
-        "--control",
+    let sock = dir.sock.as_str();
+    let master = Master::start_and_await_control(
+        &["-w", "2", "--backoff-ms", "20", "--kill-timeout", "5"],
         sock,
-        "--",
-        "sh",
-        "-c",
-        "exit 1",
-    ]);
-    master.expect_line("control socket", Duration::from_secs(10));
-    stat_until_restarts(&socket, 2);
-    signal(master.child.0.id(), libc::SIGTERM);
+        &["sh", "-c", "exit 1"],
+    );
+    stat_until_restarts(sock, 2);
+    master.signal(libc::SIGTERM);
     let (code, log) = master.finish(Duration::from_secs(15));
     assert_eq!(code, Some(1), "no worker was ever ready: {log:#?}");
     let last = log.iter().rfind(|l| l.contains("master exiting")).unwrap();
@@ -511,23 +496,15 @@ fn a_shutdown_of_workers_that_never_became_ready_is_unclean() {
 
     // A worker that runs but is not ready within the ready timeout (no
     // --ready-on-start) is not healthy either, though it dies of SIGTERM.
-    let mut master = Master::start(&[
-        "-w",
-        "1",
-        "--ready-timeout",
-        "0.2",
-        "--kill-timeout",
-        "5",
-        "--control",
+    let mut master = Master::start(
+        &["-w", "1", "--ready-timeout", "0.2", "--kill-timeout", "5"],
         sock,
-        "--",
-        "sleep",
-        "30",
-    ]);
+        &["sleep", "30"],
+    );
     master.expect_line("spawned", Duration::from_secs(10));
-    stat_until_live(&socket, 1);
+    stat_until_live(sock, 1);
     std::thread::sleep(Duration::from_millis(400));
-    signal(master.child.0.id(), libc::SIGTERM);
+    master.signal(libc::SIGTERM);
     let (code, log) = master.finish(Duration::from_secs(15));
     assert_eq!(code, Some(1), "{log:#?}");
     let last = log.iter().rfind(|l| l.contains("master exiting")).unwrap();
@@ -540,23 +517,12 @@ fn a_shutdown_of_workers_that_never_became_ready_is_unclean() {
 #[test]
 fn a_master_whose_every_slot_is_given_up_exits_3() {
     let dir = TempDir::new("all-given-up");
-    let socket = dir.socket();
-    let sock = socket.to_str().unwrap();
-    let mut master = Master::start(&[
-        "-w",
-        "2",
-        "--max-restarts",
-        "2",
-        "--backoff-ms",
-        "10",
-        "--control",
+    let sock = dir.sock.as_str();
+    let master = Master::start_and_await_control(
+        &["-w", "2", "--max-restarts", "2", "--backoff-ms", "10"],
         sock,
-        "--",
-        "sh",
-        "-c",
-        "exit 1",
-    ]);
-    master.expect_line("control socket", Duration::from_secs(10));
+        &["sh", "-c", "exit 1"],
+    );
     // Nothing is left to supervise: the master ends on its own.
     let (code, log) = master.finish(Duration::from_secs(20));
     assert_eq!(code, Some(3), "{log:#?}");
@@ -571,31 +537,21 @@ fn a_master_whose_every_slot_is_given_up_exits_3() {
         log.iter().any(|l| l.contains("every worker slot was given up")),
         "{log:#?}"
     );
-    assert!(!socket.exists(), "the socket file is removed at exit");
+    assert!(!Path::new(sock).exists(), "the socket file is removed at exit");
 }
 
 #[test]
 fn stop_wait_reports_the_masters_outcome() {
     let dir = TempDir::new("stop-wait");
-    let socket = dir.socket();
-    let sock = socket.to_str().unwrap();
+    let sock = dir.sock.as_str();
     // A worker that ignores SIGTERM is killed at the grace deadline: an
     // unclean shutdown, exit 1.
-    let mut master = Master::start(&[
-        "-w",
-        "1",
-        "--ready-on-start",
-        "--kill-timeout",
-        "0.5",
-        "--control",
+    let master = Master::start_and_await_control(
+        &["-w", "1", "--ready-on-start", "--kill-timeout", "0.5"],
         sock,
-        "--",
-        "sh",
-        "-c",
-        "trap '' TERM; exec sleep 30",
-    ]);
-    master.expect_line("control socket", Duration::from_secs(10));
-    stat_until_live(&socket, 1);
+        &["sh", "-c", "trap '' TERM; exec sleep 30"],
+    );
+    stat_until_live(sock, 1);
     let out = cli(&["stop", "--control", sock, "--wait"], Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(1), "{} {}", out.stdout, out.stderr);
     assert!(out.stdout.contains("shutdown started"), "{}", out.stdout);
@@ -609,39 +565,21 @@ fn stop_wait_reports_the_masters_outcome() {
 #[test]
 fn stop_wait_on_a_master_killed_meanwhile_says_it_ended_without_saying_how() {
     let dir = TempDir::new("stop-wait-killed");
-    let socket = dir.socket();
-    let sock = socket.to_str().unwrap();
+    let sock = dir.sock.as_str();
     // The worker ignores SIGTERM, so the master is still in its grace
     // period when it is SIGKILLed.
-    let mut master = Master::start(&[
-        "-w",
-        "1",
-        "--ready-on-start",
-        "--kill-timeout",
-        "30",
-        "--control",
+    let mut master = Master::start_and_await_control(
+        &["-w", "1", "--ready-on-start", "--kill-timeout", "30"],
         sock,
-        "--",
-        "sh",
-        "-c",
-        "trap '' TERM; exec sleep 30",
-    ]);
-    master.expect_line("control socket", Duration::from_secs(10));
-    stat_until_live(&socket, 1);
-    let stop = Command::new(BIN)
-        .args(["stop", "--control", sock, "--wait", "--timeout", "20"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stop = Reaped(stop);
+        &["sh", "-c", "trap '' TERM; exec sleep 30"],
+    );
+    stat_until_live(sock, 1);
+    let mut stop = Reaped::spawn(&["stop", "--control", sock, "--wait", "--timeout", "20"]);
     master.expect_line("shutdown started", Duration::from_secs(10));
-    signal(master.child.0.id(), libc::SIGKILL);
+    master.signal(libc::SIGKILL);
     let status = stop.wait_within(Duration::from_secs(15), "stop --wait");
-    let mut said = String::new();
-    stop.0.stdout.take().unwrap().read_to_string(&mut said).unwrap();
-    stop.0.stderr.take().unwrap().read_to_string(&mut said).unwrap();
+    let (stdout, stderr) = stop.read_output();
+    let said = format!("{stdout}{stderr}");
     assert_eq!(status.code(), Some(1), "{said}");
     assert!(said.contains("ended without saying how"), "{said}");
     let (code, _) = master.finish(Duration::from_secs(10));
@@ -651,25 +589,14 @@ fn stop_wait_on_a_master_killed_meanwhile_says_it_ended_without_saying_how() {
 #[test]
 fn stat_shows_no_inbox_bytes_on_a_slot_that_never_had_a_worker() {
     let dir = TempDir::new("inbox");
-    let socket = dir.socket();
-    let sock = socket.to_str().unwrap();
+    let sock = dir.sock.as_str();
     // Crashing workers: every death is cleaned up after in every lane.
-    let mut master = Master::start(&[
-        "-w",
-        "2",
-        "--backoff-ms",
-        "20",
-        "--kill-timeout",
-        "5",
-        "--control",
+    let master = Master::start_and_await_control(
+        &["-w", "2", "--backoff-ms", "20", "--kill-timeout", "5"],
         sock,
-        "--",
-        "sh",
-        "-c",
-        "exit 1",
-    ]);
-    master.expect_line("control socket", Duration::from_secs(10));
-    let stat = stat_until_restarts(&socket, 3);
+        &["sh", "-c", "exit 1"],
+    );
+    let stat = stat_until_restarts(sock, 3);
     let free: Vec<&str> = stat.lines().filter(|l| l.contains(" Free ")).collect();
     assert_eq!(free.len(), 1, "the reload spare: {stat}");
     let cols: Vec<&str> = free[0].split_whitespace().collect();
@@ -681,28 +608,16 @@ fn stat_shows_no_inbox_bytes_on_a_slot_that_never_had_a_worker() {
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cols.last(), Some(&"0"), "no worker sent anything: {stat}");
     }
-    signal(master.child.0.id(), libc::SIGTERM);
+    master.signal(libc::SIGTERM);
     master.finish(Duration::from_secs(15));
 }
 
 #[test]
 fn event_lines_show_only_the_fields_an_event_carries() {
     let dir = TempDir::new("events");
-    let socket = dir.socket();
-    let sock = socket.to_str().unwrap();
-    let mut master = Master::start(&[
-        "-w",
-        "1",
-        "--max-restarts",
-        "0",
-        "--control",
-        sock,
-        "--",
-        "sh",
-        "-c",
-        "exit 1",
-    ]);
-    master.expect_line("control socket", Duration::from_secs(10));
+    let sock = dir.sock.as_str();
+    let mut master =
+        Master::start_and_await_control(&["-w", "1", "--max-restarts", "0"], sock, &["sh", "-c", "exit 1"]);
     let given_up = master.expect_line("crash loop", Duration::from_secs(10));
     assert!(given_up.contains("slot 0"), "{given_up}");
     assert!(!given_up.contains("pid"), "no process is left: {given_up}");
@@ -737,13 +652,16 @@ fn start_up_errors_name_the_real_problem() {
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("not found in PATH"), "{}", out.stderr);
 
-    let plain = dir.0.join("plain.txt");
+    let plain = dir.path.join("plain.txt");
     std::fs::write(&plain, "echo hi\n").unwrap();
     let out = cli(&["run", "--", plain.to_str().unwrap()], Duration::from_secs(10));
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("not executable"), "{}", out.stderr);
 
-    let out = cli(&["run", "--", dir.0.to_str().unwrap()], Duration::from_secs(10));
+    let out = cli(
+        &["run", "--", dir.path.to_str().unwrap()],
+        Duration::from_secs(10),
+    );
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("is a directory"), "{}", out.stderr);
 }

@@ -1658,6 +1658,16 @@ fn term_in(line: &str) -> Option<(u32, u64)> {
     Some((slot.parse().ok()?, term.parse().ok()?))
 }
 
+/// Reads `pipe` to its end on a thread of its own (so that a child never
+/// blocks on a full pipe); joins to what it read.
+fn read_to_end_in_thread(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
+}
+
 /// `examples/leader` as a user runs it, twelve times: every run must kill
 /// the current leader (whichever slot won the election) from another
 /// worker and show the failover to a larger term. The example used to let
@@ -1673,18 +1683,8 @@ fn leader_example_fails_over_every_run(_tmp: &Path) -> Check {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
-        let mut stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut stderr = child.stderr.take().ok_or("no stderr")?;
-        let out = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stdout.read_to_string(&mut text);
-            text
-        });
-        let err = std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
+        let out = read_to_end_in_thread(child.stdout.take().ok_or("no stdout")?);
+        let err = read_to_end_in_thread(child.stderr.take().ok_or("no stderr")?);
         let status = wait_child(&mut child, Duration::from_secs(20))?;
         let out = out.join().map_err(|_| "stdout reader panicked")?;
         let err = err.join().map_err(|_| "stderr reader panicked")?;

@@ -186,6 +186,18 @@ struct Conn {
 }
 
 impl Conn {
+    /// A new connection that must send its request and take the response
+    /// by `deadline`.
+    fn new(stream: UnixStream, deadline: Instant) -> Self {
+        Self {
+            stream,
+            input: Vec::new(),
+            output: None,
+            deadline: Some(deadline),
+            waiting: false,
+        }
+    }
+
     /// Reads and answers as far as the socket allows without blocking;
     /// `false` once the connection is finished (answered, broken, or too
     /// slow) and should be closed.
@@ -415,13 +427,7 @@ impl ControlServer {
             if self.conns.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
                 continue; // closed on drop
             }
-            let mut conn = Conn {
-                stream,
-                input: Vec::new(),
-                output: None,
-                deadline: Some(now + REQUEST_TIMEOUT),
-                waiting: false,
-            };
+            let mut conn = Conn::new(stream, now + REQUEST_TIMEOUT);
             match sys::net::peer_uid(conn.stream.as_fd()) {
                 Ok(uid) if peer_allowed(uid, self.uid) => {}
                 Ok(uid) => {
@@ -611,6 +617,13 @@ mod tests {
 
     use super::*;
 
+    /// A client's end, and the master's [`Conn`] on the other, non-blocking.
+    fn connected(deadline: Instant) -> (UnixStream, Conn) {
+        let (client, server) = UnixStream::pair().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (client, Conn::new(server, deadline))
+    }
+
     #[test]
     fn only_the_masters_own_uid_is_answered() {
         assert!(peer_allowed(1000, 1000));
@@ -683,16 +696,8 @@ mod tests {
 
     #[test]
     fn a_connection_is_answered_once_and_a_long_request_refused() {
-        let (mut client, server) = UnixStream::pair().unwrap();
-        server.set_nonblocking(true).unwrap();
         let now = Instant::now();
-        let mut conn = Conn {
-            stream: server,
-            input: Vec::new(),
-            output: None,
-            deadline: Some(now + REQUEST_TIMEOUT),
-            waiting: false,
-        };
+        let (mut client, mut conn) = connected(now + REQUEST_TIMEOUT);
         let mut seen = Vec::new();
         let mut answer = |line: &[u8]| {
             seen.push(line.to_vec());
@@ -709,15 +714,7 @@ mod tests {
         assert_eq!(got, "ok\n");
         assert_eq!(seen, vec![b"ping".to_vec()]);
 
-        let (mut client, server) = UnixStream::pair().unwrap();
-        server.set_nonblocking(true).unwrap();
-        let mut conn = Conn {
-            stream: server,
-            input: Vec::new(),
-            output: None,
-            deadline: Some(now + REQUEST_TIMEOUT),
-            waiting: false,
-        };
+        let (mut client, mut conn) = connected(now + REQUEST_TIMEOUT);
         client.write_all(&[b'x'; MAX_REQUEST + 10]).unwrap();
         assert!(!conn.advance(now, &mut |_| unreachable!()));
         drop(conn);
@@ -726,30 +723,14 @@ mod tests {
         assert!(got.starts_with("err request longer"), "{got}");
 
         // A silent client is dropped at its deadline.
-        let (_client, server) = UnixStream::pair().unwrap();
-        server.set_nonblocking(true).unwrap();
-        let mut conn = Conn {
-            stream: server,
-            input: Vec::new(),
-            output: None,
-            deadline: Some(now),
-            waiting: false,
-        };
+        let (_client, mut conn) = connected(now);
         assert!(!conn.advance(now, &mut |_| unreachable!()));
     }
 
     #[test]
     fn a_wait_connection_stays_open_and_a_hang_up_frees_it() {
-        let (mut client, server) = UnixStream::pair().unwrap();
-        server.set_nonblocking(true).unwrap();
         let now = Instant::now();
-        let mut conn = Conn {
-            stream: server,
-            input: Vec::new(),
-            output: None,
-            deadline: Some(now + REQUEST_TIMEOUT),
-            waiting: false,
-        };
+        let (mut client, mut conn) = connected(now + REQUEST_TIMEOUT);
         client.write_all(b"wait\n").unwrap();
         let mut answer = |_: &[u8]| Reply {
             text: "ok waiting\n".into(),

@@ -51,8 +51,9 @@ impl fmt::Display for ClientError {
 
 impl std::error::Error for ClientError {}
 
-/// Sends `request` to the master at `path`; returns its `ok` response.
-pub fn request(path: &Path, request: &str) -> Result<String, ClientError> {
+/// Connects to the master at `path` (reads and writes timing out after
+/// [`REQUEST_TIMEOUT`]) and sends it the line `request`.
+fn send(path: &Path, request: &str) -> Result<UnixStream, ClientError> {
     let mut stream = UnixStream::connect(path).map_err(|error| ClientError::Connect {
         path: path.to_path_buf(),
         error,
@@ -66,6 +67,12 @@ pub fn request(path: &Path, request: &str) -> Result<String, ClientError> {
     stream
         .write_all(format!("{request}\n").as_bytes())
         .map_err(ClientError::Io)?;
+    Ok(stream)
+}
+
+/// Sends `request` to the master at `path`; returns its `ok` response.
+pub fn request(path: &Path, request: &str) -> Result<String, ClientError> {
+    let mut stream = send(path, request)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(ClientError::Io)?;
     if let Some(msg) = response.strip_prefix("err ") {
@@ -103,18 +110,7 @@ pub struct Exited {
 impl Waiter {
     /// Connects to the master at `path` and asks to be told when it ends.
     pub fn open(path: &Path) -> Result<Self, ClientError> {
-        let mut stream = UnixStream::connect(path).map_err(|error| ClientError::Connect {
-            path: path.to_path_buf(),
-            error,
-        })?;
-        stream
-            .set_read_timeout(Some(REQUEST_TIMEOUT))
-            .map_err(ClientError::Io)?;
-        stream
-            .set_write_timeout(Some(REQUEST_TIMEOUT))
-            .map_err(ClientError::Io)?;
-        stream.write_all(b"wait\n").map_err(ClientError::Io)?;
-        let mut reader = BufReader::new(stream);
+        let mut reader = BufReader::new(send(path, "wait")?);
         let mut first = String::new();
         reader.read_line(&mut first).map_err(ClientError::Io)?;
         if let Some(msg) = first.strip_prefix("err ") {
