@@ -240,22 +240,14 @@ fn an_invoke_to_a_leader_that_dies_ends_when_its_lock_changes_hands() {
     candidate.wait_timeout(Duration::from_secs(10)).unwrap();
 }
 
-/// Issue 12, item 4 at its root: the master's clean-up after a death writes
-/// an `ABORT` only into a lane where the dead worker was half way through a
-/// fragmented message — its receiver drops the part it has — and nowhere
-/// else (it used to write one into every outbound lane on every death, so
-/// lanes to slots nobody reads filled with them and `stat` showed bytes
-/// waiting for a slot that never had a worker).
-#[test]
-fn a_dead_workers_partial_message_is_dropped_and_no_other_lane_gets_junk() {
-    let dog = Watchdog::new("abort only where needed", Duration::from_secs(30));
-    let segment = Segment::create(&Config::new(3).lane_capacity(4096)).unwrap();
+/// Forks a worker in slot 1 that streams a message to slot 0 far larger
+/// than the lane (nobody reads slot 0, so it blocks half way) and SIGKILLs
+/// it there; returns its generation.
+fn killed_mid_stream(dog: &Watchdog, segment: &Segment) -> u32 {
     let s = segment.clone();
     let sender = dog.track(
         fork(move || {
             let Ok(mut ep) = s.endpoint(1) else { return 1 };
-            // Far more than the lane holds: it blocks half way, as nobody
-            // reads slot 0 yet.
             let _ = ep.send(0, vec![7u8; 64 * 1024]);
             2
         })
@@ -269,6 +261,20 @@ fn a_dead_workers_partial_message_is_dropped_and_no_other_lane_gets_junk() {
     let generation = segment.slot(1).generation.load(Acquire);
     sender.kill().unwrap();
     sender.wait_timeout(Duration::from_secs(10)).unwrap();
+    generation
+}
+
+/// Issue 12, item 4 at its root: the master's clean-up after a death writes
+/// an `ABORT` only into a lane where the dead worker was half way through a
+/// fragmented message — its receiver drops the part it has — and nowhere
+/// else (it used to write one into every outbound lane on every death, so
+/// lanes to slots nobody reads filled with them and `stat` showed bytes
+/// waiting for a slot that never had a worker).
+#[test]
+fn a_dead_workers_partial_message_is_dropped_and_no_other_lane_gets_junk() {
+    let dog = Watchdog::new("abort only where needed", Duration::from_secs(30));
+    let segment = Segment::create(&Config::new(3).lane_capacity(4096)).unwrap();
+    let generation = killed_mid_stream(&dog, &segment);
     segment.reset_dead_slot(1, generation);
     assert_eq!(
         segment.lane(1, 2).depth(),
@@ -284,21 +290,7 @@ fn a_dead_workers_partial_message_is_dropped_and_no_other_lane_gets_junk() {
     );
     assert_eq!(segment.lane(1, 0).depth(), 0);
     // The same without a master: the slot's next holder cleans up.
-    let s = segment.clone();
-    let sender = dog.track(
-        fork(move || {
-            let Ok(mut ep) = s.endpoint(1) else { return 1 };
-            let _ = ep.send(0, vec![7u8; 64 * 1024]);
-            2
-        })
-        .unwrap(),
-    );
-    while segment.lane(1, 0).depth() == 0 {
-        assert!(Instant::now() < until, "the second sender never started");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    sender.kill().unwrap();
-    sender.wait_timeout(Duration::from_secs(10)).unwrap();
+    killed_mid_stream(&dog, &segment);
     let _successor = segment.endpoint(1).unwrap();
     assert_eq!(segment.lane(1, 2).depth(), 0);
     assert!(matches!(ep0.try_recv(), Err(crate::TryRecvError::Empty)));
