@@ -116,7 +116,9 @@ pub struct Endpoint {
     segment: Segment,
     /// The slot is this endpoint's while it holds this (see
     /// [`sys::claim`]): the kernel releases it when the process dies.
-    _claim: sys::claim::Claim,
+    /// `None` only for a worker the master assigned the slot to while a
+    /// process that inherited its predecessor's claim still runs.
+    _claim: Option<sys::claim::Claim>,
     slot: u32,
     generation: u32,
     pid: u32,
@@ -257,7 +259,20 @@ impl Endpoint {
         // lost it with its last descriptor, so its slot is taken over. Its
         // pid in `owner` decides nothing: it is only told (stats, errors).
         let claim = match sys::claim::claim(segment.fd(), slot) {
-            Ok(Some(claim)) => claim,
+            Ok(Some(claim)) => Some(claim),
+            Ok(None) if assigned.is_some() => {
+                // The master reaped the slot's last worker and gave it to
+                // this one (its generation, checked below, says so): the
+                // claim is held by something its predecessor left behind,
+                // a child it forked without exec, say. The master's table
+                // is what decides liveness in a cluster, so go on rather
+                // than crash-loop the slot until that process ends.
+                tracing::warn!(
+                    slot,
+                    "the slot's claim is held by a process the previous worker left; serving without it"
+                );
+                None
+            }
             Ok(None) => {
                 return Err(EndpointError::SlotBusy {
                     slot,
@@ -946,6 +961,13 @@ impl Endpoint {
             if spin_until.is_some_and(|s| now >= s) {
                 if let Some(found) = self.before_park().map_err(corrupt)? {
                     return Ok(found);
+                }
+                // Again, now that the doorbell is taken: a ring that found
+                // its bit still set (an earlier, spurious one) woke nobody,
+                // trusting this taking to see what came before it (F1/F2
+                // in `wake`), the death count and the outbox flag included.
+                if interrupt.is_some_and(|i| i.ended(&self.segment)) {
+                    return Err(RecvError::Timeout);
                 }
                 let timeout = deadline.map_or(SAFETY_NET, |d| (d - now).min(SAFETY_NET));
                 StatsEntry::add(&self.segment.stats_entry(self.slot).futex_waits, 1);

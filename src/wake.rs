@@ -423,4 +423,45 @@ mod loom_tests {
             receiver.join().unwrap();
         });
     }
+
+    /// A waiter that returns when a death is counted (the messenger's
+    /// `Interrupt`) is not left parked by a ring that found its doorbell
+    /// bit still set from an earlier, spurious ring: after taking the
+    /// doorbell it looks at the count again (`Endpoint::wait_next`), and F2
+    /// makes the count the master stored before its F1 visible. Without
+    /// that second look loom finds the waiter parked for ever.
+    #[test]
+    fn a_death_counted_behind_a_spurious_ring_ends_the_wait() {
+        loom::model(|| {
+            let inbox = Inbox::new(1);
+            let deaths = Arc::new(AtomicU32::new(0));
+            // An earlier ring for lane 0 with nothing in it (or a message
+            // the waiter already took).
+            let spurious = {
+                let inbox = inbox.clone();
+                thread::spawn(move || notify(&inbox.bells[0], 1, &inbox.park, || inbox.ring_fd()))
+            };
+            // The master: counts the death, then rings (`reset_dead_slot`).
+            let master = {
+                let (inbox, deaths) = (inbox.clone(), deaths.clone());
+                thread::spawn(move || {
+                    deaths.fetch_add(1, Release);
+                    notify(&inbox.bells[0], 1, &inbox.park, || inbox.ring_fd());
+                })
+            };
+            let mut pending = [0u64];
+            loop {
+                if deaths.load(Acquire) != 0 {
+                    break;
+                }
+                take_doorbell(&inbox.bells, &mut pending);
+                if deaths.load(Acquire) != 0 {
+                    break;
+                }
+                park(&inbox.park, &inbox.bells, FOREVER);
+            }
+            spurious.join().unwrap();
+            master.join().unwrap();
+        });
+    }
 }

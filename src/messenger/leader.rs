@@ -220,7 +220,10 @@ fn read_holder_at(segment: &Segment, i: u32) -> Option<Holder> {
     // so at least its own acquisition's count.
     let owner_died = e.owner_died.load(Relaxed);
     std::sync::atomic::fence(Acquire);
-    if pid == 0 || e.holder_pid.load(Relaxed) != pid {
+    // The pid alone is no sequence in threads mode (every holder has the
+    // same one): the token, bumped by every acquisition, must not have
+    // moved either.
+    if pid == 0 || e.holder_pid.load(Relaxed) != pid || e.token.load(Relaxed) != term {
         return None;
     }
     Some(Holder {

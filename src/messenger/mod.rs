@@ -635,6 +635,10 @@ pub struct Messenger {
     local: VecDeque<crate::Message>,
     /// Payload bytes in `local`.
     local_bytes: usize,
+    /// A message of `local` is being handled: its reply to this worker is
+    /// queued without handling older ones first (no recursion per queued
+    /// message).
+    in_local: bool,
     handlers: HashMap<String, Vec<Handler>>,
     next_handler: u64,
     pending: HashMap<u64, Pending>,
@@ -720,6 +724,7 @@ impl Messenger {
             max_message: layout.max_message(),
             local: VecDeque::new(),
             local_bytes: 0,
+            in_local: false,
             handlers: HashMap::new(),
             next_handler: 1,
             pending: HashMap::new(),
@@ -1133,7 +1138,7 @@ impl Messenger {
     /// dispatching does not grow without bound.
     fn deliver_local(&mut self, tag: Tag, bytes: Vec<u8>) -> Result<(), RequestError> {
         let room = self.segment.layout().lane_capacity();
-        while !self.local.is_empty() && self.local_bytes + bytes.len() > room {
+        while !self.in_local && !self.local.is_empty() && self.local_bytes + bytes.len() > room {
             self.handle_local()?;
         }
         self.local_bytes += bytes.len();
@@ -1153,6 +1158,7 @@ impl Messenger {
             return Ok(false);
         };
         self.local_bytes -= message.payload.len();
+        let outer = std::mem::replace(&mut self.in_local, true);
         let reply = handle_message(
             message,
             self.generation,
@@ -1161,10 +1167,9 @@ impl Messenger {
             &self.outbox,
             &self.stats,
         );
-        if let Some(reply) = reply {
-            self.send_handler_reply(reply)?;
-        }
-        Ok(true)
+        let sent = reply.map_or(Ok(()), |reply| self.send_handler_reply(reply));
+        self.in_local = outer;
+        sent.map(|()| true)
     }
 
     fn targets(&self, target: Target) -> Result<Vec<u32>, RequestError> {
@@ -1813,7 +1818,13 @@ impl Messenger {
             }
             return Ok(false);
         }
-        if self.outbox.nonempty.load(Acquire) || !self.local.is_empty() {
+        // After the doorbell was taken (in `try_recv_before_park`): a death
+        // counted, or work queued, since the dispatch above is seen here
+        // even if its ring found the bit still set and woke nobody.
+        if self.outbox.nonempty.load(Acquire)
+            || !self.local.is_empty()
+            || self.segment.control().deaths.load(Acquire) != self.deaths_seen
+        {
             return Ok(false);
         }
         let ep = ep_of_ref(&self.owner);
@@ -1843,10 +1854,16 @@ fn live_generation(segment: &Segment, me: WorkerId, slot: u32) -> Option<u32> {
         )
         .then(|| entry.generation.load(Acquire))
     } else {
-        // The generation first: a holder claims the slot before it bumps
-        // the generation, so a claim seen after it is that generation's or
-        // a newer one's (whose calls then settle as `WorkerDied`).
-        let generation = segment.slot(slot).generation.load(Acquire);
+        // A slot never claimed, or released, costs no system call. Else the
+        // generation before the claim: should a successor claim the slot in
+        // between, this answers with its dead predecessor's generation for
+        // one look, and a call made on it settles as `WorkerDied` at the
+        // next (never the other way round: a live worker seen dead).
+        let control = segment.slot(slot);
+        if control.owner.load(Acquire) == 0 {
+            return None;
+        }
+        let generation = control.generation.load(Acquire);
         segment.slot_held(slot).then_some(generation)
     }
 }

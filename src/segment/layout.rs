@@ -23,6 +23,9 @@ use crate::segment::SlotControl;
 
 /// Most worker slots a segment can have.
 pub const MAX_WORKERS: u32 = 1024;
+// Every slot of a segment can be claimed by one process with its forked
+// children closing each claim (`sys::claim`).
+const _: () = assert!(MAX_WORKERS as usize <= crate::sys::claim::MAX_CLAIMS);
 /// Smallest lane capacity in bytes.
 pub const MIN_LANE_CAPACITY: usize = 4096;
 /// Largest lane capacity in bytes.

@@ -28,15 +28,17 @@
 //!   another (an async driver, a handle) would look dead when its first
 //!   thread exits and could not unlock from the second.
 //! - A child forked without `exec` shares its parent's descriptions, so it
-//!   keeps the parent's claims alive until it exits or execs; the
-//!   `pthread_atfork(3)` child handler below closes them in the child.
+//!   would keep the parent's claims alive until it exits or execs; the
+//!   `pthread_atfork(3)` child handler below closes them in the child, and
+//!   the prepare handler waits for a claim being made or dropped, so no
+//!   fork catches one half registered.
 //!
 //! The locked bytes lie past the segment's end ([`CLAIM_BASE`]): a lock
 //! needs no data under it, and nothing else in the crate locks the memfd.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::*};
 
 /// Offset of slot 0's byte: far past any segment's end (1 TiB).
 const CLAIM_BASE: i64 = 1 << 40;
@@ -53,17 +55,22 @@ pub struct Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if let Some(i) = self.registered {
-            FORK_CLOSE[i].store(-1, Release);
-        }
+        let Some(fd) = self.fd.take() else { return };
         if super::getpid() != self.pid {
-            // A copy inherited across fork: the atfork handler already
-            // closed this number in the child (or it was never ours to
-            // close); closing it again could close an unrelated file.
-            if let Some(fd) = self.fd.take() {
-                std::mem::forget(fd);
-            }
+            // A copy inherited across fork: the atfork handler closed this
+            // number in the child, and the table entry it names may hold a
+            // claim of the child's own by now; neither is this copy's to
+            // touch (closing the number again could close another file).
+            std::mem::forget(fd);
+            return;
         }
+        // Unregister and close with no fork in between (else the child
+        // would inherit the descriptor with nobody to close it).
+        let _guard = ForkGuard::take();
+        if let Some(i) = self.registered {
+            let _ = FORK_CLOSE[i].compare_exchange(fd.as_raw_fd(), -1, AcqRel, Relaxed);
+        }
+        drop(fd);
     }
 }
 
@@ -88,6 +95,10 @@ fn slot_lock(kind: libc::c_short, slot: u32) -> libc::flock {
 /// If `/proc` cannot reopen the memfd, or `fcntl` fails otherwise.
 pub fn claim(segment: BorrowedFd<'_>, slot: u32) -> io::Result<Option<Claim>> {
     let path = format!("/proc/self/fd/{}", segment.as_raw_fd());
+    install_fork_handlers();
+    // From the open to the registration, no fork: a child forked in
+    // between would hold the description with nobody to close it.
+    let _guard = ForkGuard::take();
     let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
     let fd: OwnedFd = file.into();
     let lock = slot_lock(libc::F_WRLCK as libc::c_short, slot);
@@ -116,30 +127,85 @@ pub fn is_claimed(segment: BorrowedFd<'_>, slot: u32) -> io::Result<bool> {
 }
 
 /// Claims a forked child must close: descriptor numbers, -1 when free. A
-/// fixed table of atomics because the child handler may take no lock; a
-/// process with more live claims than this keeps the rest in its forked
-/// children (they then hold those slots until they exit or exec).
-static FORK_CLOSE: [AtomicI32; 64] = [const { AtomicI32::new(-1) }; 64];
+/// fixed table of atomics because the child handler may take no lock.
+static FORK_CLOSE: [AtomicI32; MAX_CLAIMS] = [const { AtomicI32::new(-1) }; MAX_CLAIMS];
 
-fn register_for_fork(fd: RawFd) -> Option<usize> {
-    static REGISTER: std::sync::Once = std::sync::Once::new();
-    extern "C" fn close_claims() {
+/// Claims a process can hold with forked children closing every one: the
+/// segment's `MAX_WORKERS` (asserted there). A process holding more (the
+/// slots of several segments in threads mode) keeps the rest in a child
+/// forked without `exec`, until that child exits or execs.
+pub const MAX_CLAIMS: usize = 1024;
+
+/// Held (true) while a claim is being made or dropped, and by `fork` itself
+/// from its prepare handler to its parent and child handlers: a claim's
+/// descriptor is either registered in [`FORK_CLOSE`] or not open at every
+/// fork.
+static FORK_BUSY: AtomicBool = AtomicBool::new(false);
+
+/// A hold on [`FORK_BUSY`] (a spin lock: the sections it guards are a few
+/// system calls, and a fork waits for them).
+struct ForkGuard;
+
+impl ForkGuard {
+    fn take() -> Self {
+        take_fork_busy();
+        Self
+    }
+}
+
+impl Drop for ForkGuard {
+    fn drop(&mut self) {
+        FORK_BUSY.store(false, Release);
+    }
+}
+
+fn take_fork_busy() {
+    while FORK_BUSY
+        .compare_exchange_weak(false, true, Acquire, Relaxed)
+        .is_err()
+    {
+        std::hint::spin_loop();
+    }
+}
+
+/// Registers the `pthread_atfork(3)` handlers once per process. Not with a
+/// `std::sync::Once`: a fork while another thread is inside `call_once`
+/// leaves the child's copy "running" for ever, and the child's first
+/// claim would hang on it (seen in tests that fork from many threads). A
+/// fork between the flag and the registration leaves that child without
+/// handlers: its own forks then keep its claims, which is the old
+/// behaviour, not a hang.
+fn install_fork_handlers() {
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
+    extern "C" fn prepare() {
+        take_fork_busy();
+    }
+    extern "C" fn parent() {
+        FORK_BUSY.store(false, Release);
+    }
+    extern "C" fn child() {
         for entry in &FORK_CLOSE {
             let fd = entry.swap(-1, Relaxed);
             if fd >= 0 {
                 // SAFETY: `fd` was registered by a live `Claim` of the
-                // parent; in this child nothing else owns that number (the
-                // inherited `Claim` copy forgets it, see its Drop). close(2)
-                // is async-signal-safe, as a fork child handler must be.
+                // parent (registration and close happen under FORK_BUSY,
+                // which the fork holds); in this child nothing else owns
+                // that number (the inherited `Claim` copy forgets it, see
+                // its Drop). close(2) is async-signal-safe.
                 drop(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
+        FORK_BUSY.store(false, Release);
     }
-    REGISTER.call_once(|| {
-        // SAFETY: registers a child handler that only swaps atomics and
-        // closes descriptors (async-signal-safe).
-        unsafe { libc::pthread_atfork(None, None, Some(close_claims)) };
-    });
+    if INSTALLED.swap(true, AcqRel) {
+        return;
+    }
+    // SAFETY: registers handlers that only use atomics and close(2), all
+    // async-signal-safe, as fork handlers must be.
+    unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+}
+
+fn register_for_fork(fd: RawFd) -> Option<usize> {
     FORK_CLOSE
         .iter()
         .position(|e| e.compare_exchange(-1, fd, AcqRel, Relaxed).is_ok())
@@ -210,6 +276,28 @@ mod tests {
         drop(c);
         assert!(!is_claimed(fd.as_fd(), 3).unwrap());
         assert!(claim(fd.as_fd(), 3).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_inherited_copys_drop_leaves_the_fork_table_alone() {
+        let fd = memfd();
+        let own = claim(fd.as_fd(), 5).unwrap().expect("free");
+        let i = own.registered.expect("registered for forks");
+        let n = own.fd.as_ref().map(|f| f.as_raw_fd()).unwrap();
+        // The copy of a parent's claim a forked child holds, at the table
+        // index this process's own claim took after the fork emptied it.
+        let copy = Claim {
+            fd: Some(fd.try_clone().unwrap()),
+            registered: Some(i),
+            pid: own.pid.wrapping_add(1),
+        };
+        drop(copy);
+        assert_eq!(
+            FORK_CLOSE[i].load(Acquire),
+            n,
+            "the copy's drop unregistered this process's claim: a child it forks would keep the slot"
+        );
+        drop(own);
     }
 
     #[test]

@@ -169,17 +169,23 @@ pub fn getpid() -> u32 {
 /// `pthread_atfork(3)` child handler clears the cache, so a forked child
 /// never sees its parent's pid.
 pub fn cached_pid() -> u32 {
+    use std::sync::atomic::AtomicBool;
     use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
     static PID: AtomicU32 = AtomicU32::new(0);
-    static REGISTER: std::sync::Once = std::sync::Once::new();
+    // Not a `std::sync::Once`: a fork while another thread is inside
+    // `call_once` leaves the child's copy "running" for ever, and the child
+    // would hang here. A fork between the flag and the registration leaves
+    // that one child without the handler (a process it forks in turn may
+    // see its pid cached): rare, and not a hang.
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
     extern "C" fn forget() {
         PID.store(0, Relaxed);
     }
-    REGISTER.call_once(|| {
+    if !REGISTERED.swap(true, Relaxed) {
         // SAFETY: registers a child handler that only stores to an atomic
         // (async-signal-safe, as a fork child handler must be).
         unsafe { libc::pthread_atfork(None, None, Some(forget)) };
-    });
+    }
     match PID.load(Relaxed) {
         0 => {
             let pid = getpid();
