@@ -78,6 +78,12 @@ const SCENARIOS: &[Scenario] = &[
         parent: None,
     },
     Scenario {
+        name: "worker_killed_at_the_grace_deadline_is_reported_once",
+        timeout: Duration::from_secs(30),
+        child: Some(worker_killed_at_the_grace_deadline_is_reported_once),
+        parent: None,
+    },
+    Scenario {
         name: "every_slot_given_up_ends_the_master",
         timeout: Duration::from_secs(30),
         child: Some(every_slot_given_up_ends_the_master),
@@ -586,6 +592,53 @@ fn shutdown_judges_the_workers_it_stops() -> Check {
         report
             .to_string()
             .starts_with("unclean shutdown: worker 1 crashed before it was ever ready"),
+        "{report}"
+    );
+    Ok(())
+}
+
+/// Instance 0 ignores the shutdown (its `SIGTERM` is caught and it never
+/// looks at its stop flag) and is killed at the end of a short grace
+/// period; instance 1 stops cleanly. The report names instance 0 once, as
+/// killed at the deadline (not also as "killed by signal 9"), and counts
+/// one kill.
+fn worker_killed_at_the_grace_deadline_is_reported_once() -> Check {
+    let report = Cluster::builder()
+        .workers(2)
+        .shutdown_grace(Duration::from_millis(300))
+        .on_event({
+            let mut online = 0;
+            move |cluster, e| {
+                if e.kind == EventKind::Online {
+                    online += 1;
+                    if online == 2 {
+                        cluster.shutdown();
+                    }
+                }
+            }
+        })
+        .run(|w: Worker| {
+            if w.index() == 0 {
+                w.ready();
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            idle_worker(w)
+        })
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        report.outcome == Outcome::Unclean && report.exit_code() == 1,
+        "{report:?}"
+    );
+    ensure!(
+        report.unhealthy == vec![Unhealthy::KilledAtDeadline { index: 0 }],
+        "instance 0 reported once, as killed at the deadline: {report:?}"
+    );
+    ensure!(report.killed == 1, "one kill: {report:?}");
+    ensure!(
+        report.to_string()
+            == "unclean shutdown: worker 0 did not exit within the grace period and was killed (0 restarts, 1 killed)",
         "{report}"
     );
     Ok(())
