@@ -665,3 +665,58 @@ fn start_up_errors_name_the_real_problem() {
     assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
     assert!(out.stderr.contains("is a directory"), "{}", out.stderr);
 }
+
+/// Clients held open by `wait` (as `stop --wait` holds one until the master
+/// exits) have a bound of their own (64), apart from the 32 request
+/// connections: with 64 of them waiting, `stat`, `reload` and `stop` are
+/// still answered, a 65th waiter is refused with a clear `err` line, and
+/// every waiter is told how the master ended.
+#[test]
+fn waiting_clients_do_not_lock_out_requests() {
+    use std::os::unix::net::UnixStream;
+    const WAITERS: usize = 64;
+    let dir = TempDir::new("many-waiters");
+    let sock = dir.sock.as_str();
+    let master = Master::start_and_await_control(&["-w", "1", "--ready-on-start"], sock, &["sleep", "60"]);
+    stat_until_live(sock, 1);
+    let wait = || {
+        let mut s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"wait\n").unwrap();
+        s
+    };
+    let mut waiters = Vec::new();
+    for i in 0..WAITERS {
+        let mut reader = BufReader::new(wait());
+        let mut first = String::new();
+        let _ = reader.read_line(&mut first);
+        assert_eq!(first, "ok waiting\n", "waiter {i} was not taken");
+        waiters.push(reader);
+    }
+    let mut refused = String::new();
+    let _ = wait().read_to_string(&mut refused);
+    assert!(
+        refused.starts_with("err ") && refused.contains("waiting"),
+        "the waiter past the bound gets a clear refusal: {refused:?}"
+    );
+    let stat = cli(&["stat", "--control", sock], Duration::from_secs(10));
+    assert!(stat.status.success(), "{} {}", stat.stdout, stat.stderr);
+    let refused = cli(&["stop", "--control", sock, "--wait"], Duration::from_secs(10));
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "{} {}",
+        refused.stdout,
+        refused.stderr
+    );
+    assert!(refused.stderr.contains("waiting"), "{}", refused.stderr);
+    let stop = cli(&["stop", "--control", sock], Duration::from_secs(10));
+    assert!(stop.status.success(), "{} {}", stop.stdout, stop.stderr);
+    for (i, mut reader) in waiters.into_iter().enumerate() {
+        let mut rest = String::new();
+        let _ = reader.read_to_string(&mut rest);
+        assert!(rest.starts_with("exited code=0 "), "waiter {i}: {rest:?}");
+    }
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{log:#?}");
+}

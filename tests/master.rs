@@ -60,6 +60,12 @@ const SCENARIOS: &[Scenario] = &[
         parent: None,
     },
     Scenario {
+        name: "stop_watch_accept_waits_out_emfile",
+        timeout: Duration::from_secs(30),
+        child: Some(stop_watch_accept_waits_out_emfile),
+        parent: None,
+    },
+    Scenario {
         name: "crash_loop_backoff_and_limit",
         timeout: Duration::from_secs(30),
         child: Some(crash_loop_backoff_and_limit),
@@ -75,6 +81,12 @@ const SCENARIOS: &[Scenario] = &[
         name: "shutdown_judges_the_workers_it_stops",
         timeout: Duration::from_secs(30),
         child: Some(shutdown_judges_the_workers_it_stops),
+        parent: None,
+    },
+    Scenario {
+        name: "worker_killed_at_the_grace_deadline_is_reported_once",
+        timeout: Duration::from_secs(30),
+        child: Some(worker_killed_at_the_grace_deadline_is_reported_once),
         parent: None,
     },
     Scenario {
@@ -540,6 +552,55 @@ fn failed_restart_is_retried() -> Check {
     Ok(())
 }
 
+/// `StopWatch::accept` (the C ABI's and Python's accept) out of descriptors:
+/// `accept(2)` fails with `EMFILE` while a connection waits. It pauses and
+/// tries again instead of failing (which ended `for conn in
+/// worker.incoming(sock)`, and so the worker); once a descriptor is free
+/// again it returns the connection. Its own process: the descriptor limit
+/// is the whole process's.
+fn stop_watch_accept_waits_out_emfile() -> Check {
+    use std::os::fd::{AsFd, AsRawFd};
+    let segment = shmcluster::Segment::create(&shmcluster::Config::new(1)).map_err(|e| e.to_string())?;
+    let watch = shmcluster::StopWatch::new(&segment, 0).ok_or("no slot 0")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let mut client =
+        TcpStream::connect(listener.local_addr().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    // The lowest free descriptor: accept's own dup of the listener takes
+    // it, and nothing is left for the connection.
+    let lowest = std::fs::File::open("/dev/null")
+        .map_err(|e| e.to_string())?
+        .as_raw_fd();
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct given.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    let tight = libc::rlimit {
+        rlim_cur: lowest as u64 + 1,
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: as above.
+    let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &tight) };
+    ensure!(set == 0, "setrlimit: {}", std::io::Error::last_os_error());
+    let restore = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    });
+    let accepted = watch.accept(listener.as_fd(), Some(Duration::from_secs(20)));
+    restore.join().map_err(|_| "the restoring thread panicked")?;
+    let conn = accepted
+        .map_err(|e| format!("accept failed instead of waiting out EMFILE: {e}"))?
+        .ok_or("no connection within 20 s")?;
+    let mut conn = TcpStream::from(conn);
+    client.write_all(b"hi").map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 2];
+    conn.read_exact(&mut buf).map_err(|e| e.to_string())?;
+    ensure!(&buf == b"hi", "{buf:?}");
+    Ok(())
+}
+
 /// Instance 0 is ready and healthy; instance 1 crashes at start-up every
 /// time; instance 2 was ready, is SIGKILLed from outside, and its successor
 /// is stopped before it can be ready. The shutdown, asked for once
@@ -586,6 +647,53 @@ fn shutdown_judges_the_workers_it_stops() -> Check {
         report
             .to_string()
             .starts_with("unclean shutdown: worker 1 crashed before it was ever ready"),
+        "{report}"
+    );
+    Ok(())
+}
+
+/// Instance 0 ignores the shutdown (its `SIGTERM` is caught and it never
+/// looks at its stop flag) and is killed at the end of a short grace
+/// period; instance 1 stops cleanly. The report names instance 0 once, as
+/// killed at the deadline (not also as "killed by signal 9"), and counts
+/// one kill.
+fn worker_killed_at_the_grace_deadline_is_reported_once() -> Check {
+    let report = Cluster::builder()
+        .workers(2)
+        .shutdown_grace(Duration::from_millis(300))
+        .on_event({
+            let mut online = 0;
+            move |cluster, e| {
+                if e.kind == EventKind::Online {
+                    online += 1;
+                    if online == 2 {
+                        cluster.shutdown();
+                    }
+                }
+            }
+        })
+        .run(|w: Worker| {
+            if w.index() == 0 {
+                w.ready();
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            idle_worker(w)
+        })
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        report.outcome == Outcome::Unclean && report.exit_code() == 1,
+        "{report:?}"
+    );
+    ensure!(
+        report.unhealthy == vec![Unhealthy::KilledAtDeadline { index: 0 }],
+        "instance 0 reported once, as killed at the deadline: {report:?}"
+    );
+    ensure!(report.killed == 1, "one kill: {report:?}");
+    ensure!(
+        report.to_string()
+            == "unclean shutdown: worker 0 did not exit within the grace period and was killed (0 restarts, 1 killed)",
         "{report}"
     );
     Ok(())

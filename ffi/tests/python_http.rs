@@ -9,8 +9,11 @@
 //! `stop --wait` until the grace period, exit 1).
 //!
 //! The deadlines are set to 30 s (`--reload-timeout`, `--kill-timeout`);
-//! the test asserts that `reload --wait` and `stop --wait` return well
-//! before (3 s), with exit 0, and that the master exits 0. Every process is
+//! the test asserts that `reload --wait` and `stop --wait` return before
+//! half of that, with exit 0, and that the master exits 0. That is the
+//! property, not a speed bound: a reload or stop that waited out a
+//! deadline takes at least the whole deadline (about 0.5 s when it does
+//! not), so a slow machine does not fail it. Every process is
 //! reaped; a watchdog kills the master (its workers die with it) and fails
 //! the test if anything hangs.
 
@@ -26,9 +29,12 @@ use common::cluster::{start_watchdog, Master};
 
 /// Far above what a drain needs: a reload or stop that takes this long
 /// waited for it.
-const DRAIN_DEADLINE_SECS: &str = "30";
-/// "Well before the deadline".
-const PROMPT: Duration = Duration::from_secs(3);
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// "Did not wait out the deadline": what is asserted is the property that
+/// the drain/grace deadline was not waited for, not how fast a reload is
+/// (speed belongs in benchmarks). Half the deadline leaves a wide margin
+/// both ways: about 0.5 s when it works, at least 30 s when it waits.
+const NOT_WAITED_OUT: Duration = Duration::from_secs(DRAIN_DEADLINE.as_secs() / 2);
 
 /// Builds the `shmcluster` binary and the cdylib into this test's target
 /// directory and profile (a no-op when up to date); returns both.
@@ -137,12 +143,13 @@ fn reload_and_stop_of_python_http_workers_do_not_wait_for_the_drain_deadline() {
     let socket = dir.join("control.sock");
 
     let mut cmd = Command::new(&bin);
+    let deadline_secs = DRAIN_DEADLINE.as_secs().to_string();
     cmd.args(["run", "-w", "2", "--listen", "127.0.0.1:0"])
         .args([
             "--reload-timeout",
-            DRAIN_DEADLINE_SECS,
+            &deadline_secs,
             "--kill-timeout",
-            DRAIN_DEADLINE_SECS,
+            &deadline_secs,
         ])
         .arg("--control")
         .arg(&socket)
@@ -182,8 +189,8 @@ fn reload_and_stop_of_python_http_workers_do_not_wait_for_the_drain_deadline() {
 
     let took = control(&bin, &socket, "reload", &master.log);
     assert!(
-        took < PROMPT,
-        "reload --wait took {took:?}: the old workers waited for the {DRAIN_DEADLINE_SECS} s drain \
+        took < NOT_WAITED_OUT,
+        "reload --wait took {took:?}: the old workers waited for the {DRAIN_DEADLINE:?} drain \
          deadline instead of ending their accept loop"
     );
     let after = pids(&get(&addr, "/peers"));
@@ -194,7 +201,10 @@ fn reload_and_stop_of_python_http_workers_do_not_wait_for_the_drain_deadline() {
     );
 
     let took = control(&bin, &socket, "stop", &master.log);
-    assert!(took < PROMPT, "stop --wait took {took:?}");
+    assert!(
+        took < NOT_WAITED_OUT,
+        "stop --wait took {took:?}: the workers waited for the {DRAIN_DEADLINE:?} grace deadline"
+    );
     let (code, _) = master.finish(Duration::from_secs(30));
     assert_eq!(code, Some(0), "the master's exit: a clean shutdown");
     let _ = std::fs::remove_dir_all(&dir);

@@ -15,7 +15,10 @@
 //! response starts with `ok ...` or `err <message>`.
 //!
 //! `wait` is answered `ok waiting` and the connection is then held open
-//! until the master ends: just before it exits, the master writes how the
+//! until the master ends (at most 64 such connections at once, counted
+//! apart from the 32 request connections, so waiting clients never lock
+//! out the other requests; one more is answered `err too many clients
+//! waiting ...`): just before it exits, the master writes how the
 //! cluster ended on it and closes it (`shmcluster stop --wait` reports
 //! this; the master is not the client's child, so the client cannot
 //! `waitpid` it):
@@ -65,8 +68,15 @@ pub(crate) const MAX_REQUEST: usize = 256;
 /// before the master drops the connection.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Connections served at once; more are closed on arrival.
+/// Request connections served at once (those not yet answered, or not
+/// `wait`); more are closed on arrival.
 const MAX_CONNECTIONS: usize = 32;
+
+/// `wait` connections held open at once, apart from [`MAX_CONNECTIONS`]:
+/// clients waiting for the master's end (`stop --wait`) never lock out
+/// `stat`, `reload` or `stop`. A `wait` beyond it is refused with an `err`
+/// line.
+const MAX_WAITERS: usize = 64;
 
 /// Version of the `stat` line format.
 const WIRE_VERSION: u32 = 1;
@@ -411,7 +421,8 @@ impl ControlServer {
         }
         let started = self.started;
         let reloads = self.reloads;
-        let mut answer = |line: &[u8]| respond(line, cluster, started, reloads);
+        let mut waiters = self.conns.iter().filter(|c| c.waiting).count();
+        let mut answer = |line: &[u8]| respond(line, cluster, started, reloads, &mut waiters);
         self.conns.retain_mut(|c| c.advance(now, &mut answer));
     }
 
@@ -424,7 +435,9 @@ impl ControlServer {
                 // WouldBlock, or out of descriptors: try again next pass.
                 Err(_) => return,
             };
-            if self.conns.len() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
+            // `wait` connections have their own bound (see `respond`).
+            let requests = self.conns.iter().filter(|c| !c.waiting).count();
+            if requests >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
                 continue; // closed on drop
             }
             let mut conn = Conn::new(stream, now + REQUEST_TIMEOUT);
@@ -500,15 +513,38 @@ impl Drop for ControlServer {
 }
 
 /// The response to one request line; `reload` and `stop` act on `cluster`.
-fn respond(line: &[u8], cluster: &Cluster, started: Instant, reloads: ReloadCounts) -> Reply {
+/// `waiters`: the `wait` connections held open, counted up by one taken
+/// here.
+fn respond(
+    line: &[u8],
+    cluster: &Cluster,
+    started: Instant,
+    reloads: ReloadCounts,
+    waiters: &mut usize,
+) -> Reply {
     let request = std::str::from_utf8(line).unwrap_or("").trim();
     if request == "wait" {
+        if let Some(refused) = refuse_waiter(*waiters) {
+            return Reply::close(refused);
+        }
+        *waiters += 1;
         return Reply {
             text: "ok waiting\n".into(),
             wait: true,
         };
     }
     Reply::close(answer(request, cluster, started, reloads))
+}
+
+/// The refusal of a `wait` when `waiters` connections already wait, if
+/// that is the bound.
+fn refuse_waiter(waiters: usize) -> Option<String> {
+    (waiters >= MAX_WAITERS).then(|| {
+        format!(
+            "err too many clients waiting for the master to exit ({MAX_WAITERS}); \
+             try again once one has gone, or stop without --wait\n"
+        )
+    })
 }
 
 /// The response to every request but `wait`.

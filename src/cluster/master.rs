@@ -787,6 +787,9 @@ struct SlotRec {
     kill_at: Option<Instant>,
     /// Why the master ended (or is ending) it, if it did.
     ending: Option<ExitReason>,
+    /// The master has sent it `SIGKILL` (and counted it in `killed`): it
+    /// is not killed, counted or reported again while its reap is pending.
+    sigkilled: bool,
     failed: bool,
     control: Option<OwnedFd>,
     beat: u64,
@@ -1165,6 +1168,7 @@ impl Master<'_> {
                 rec.restart_at = None;
                 rec.kill_at = None;
                 rec.ending = None;
+                rec.sigkilled = false;
                 rec.control = Some(master_end);
                 rec.beat = entry.heartbeat.load(Relaxed);
                 rec.beat_seen = Some(Instant::now());
@@ -1247,6 +1251,7 @@ impl Master<'_> {
         self.publish(EventKind::Exit(reason), slot);
         let rec = &mut self.slots[slot as usize];
         rec.pid = None;
+        rec.sigkilled = false;
         if shutting_down {
             return;
         }
@@ -1370,8 +1375,11 @@ impl Master<'_> {
         }
     }
 
+    /// Sends the slot's worker `SIGKILL` and counts it, once per worker.
     fn kill(&mut self, slot: u32) {
-        if let Some(pid) = self.slots[slot as usize].pid {
+        let rec = &mut self.slots[slot as usize];
+        if let (Some(pid), false) = (rec.pid, rec.sigkilled) {
+            rec.sigkilled = true;
             self.killed += 1;
             let _ = proc::send_signal(pid, proc::SIGKILL);
         }
@@ -1475,12 +1483,18 @@ impl Master<'_> {
         }
     }
 
+    /// At the grace deadline: kills every worker still running, once, and
+    /// reports it once. A worker the master already killed (hung, holding
+    /// a lock, not ready) is accounted for by that decision and only
+    /// awaits its reap; a killed worker's end is marked as the master's
+    /// (`ending`) so that its reap does not report it again as "killed by
+    /// signal 9".
     fn kill_remaining(&mut self) {
         for slot in 0..self.slots.len() as u32 {
             let rec = &mut self.slots[slot as usize];
-            if rec.pid.is_some() && rec.kill_at.is_none() {
+            if rec.pid.is_some() && !rec.sigkilled {
                 eprintln!("shmcluster: worker slot {slot} did not exit within the grace period; killing it");
-                rec.kill_at = Some(Instant::now());
+                rec.ending.get_or_insert(ExitReason::Shutdown);
                 if let Some(index) = rec.index {
                     self.unhealthy.push(Unhealthy::KilledAtDeadline { index });
                 }

@@ -533,9 +533,19 @@ class Worker:
         master tells this worker to stop (a reload's drain, a shutdown,
         SIGTERM): finish the connections you have and exit. Raises
         :class:`TimedOut` after ``timeout`` seconds (``None``: no limit).
-        Any thread, also while another runs :meth:`run`. It makes ``sock``
-        non-blocking (workers sharing it race for each connection): accept
-        on it only through this."""
+        Any thread, also while another runs :meth:`run`.
+
+        It makes ``sock`` non-blocking (workers sharing it race for each
+        connection). ``O_NONBLOCK`` is a flag of the open file description,
+        which every worker given the listener shares: they all see it, so on
+        a shared listener accept only through this (or handle
+        ``BlockingIOError`` from ``sock.accept()``). Connections that failed
+        before they were accepted (``ECONNABORTED``, ``EPROTO``, ...) are
+        skipped, and running out of descriptors or memory (``EMFILE``,
+        ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) pauses 10-100 ms and tries again
+        instead of raising. It does not beat the worker's heartbeat:
+        :meth:`run` (or :meth:`poll`) does, so a hung messaging thread is
+        still seen by the master's hang timeout."""
         fd = ctypes.c_int32()
         code = load_library().shmc_worker_accept(self._ptr, sock.fileno(), _ms(timeout), ctypes.byref(fd))
         if code == STOPPING:
