@@ -908,7 +908,8 @@ pub unsafe extern "C" fn shmc_stats_free(stats: *mut shmc_stats) {
 /// **Threads:** any thread, any time, also while another thread runs
 /// [`crate::shmc_run`] or [`crate::shmc_poll`] on this worker (it uses no
 /// state of the worker's messenger), and from several threads at once. It
-/// keeps the worker's heartbeat going while it waits. **fork():** the
+/// does not beat the worker's heartbeat: the thread that runs the messenger
+/// does, so a hung messenger is still seen as hung. **fork():** the
 /// worker does not survive it (`SHMC_RESULT_FORKED`).
 ///
 /// # Errors
