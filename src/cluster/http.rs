@@ -587,10 +587,13 @@ mod tests {
         }
     }
 
-    /// A blocking client connection with a 5 s read limit.
+    /// How long a client waits to read: only a hung server takes it.
+    const READ_LIMIT: Duration = Duration::from_secs(30);
+
+    /// A blocking client connection, reading within [`READ_LIMIT`].
     fn connect(addr: std::net::SocketAddr) -> io::Result<StdStream> {
         let conn = StdStream::connect(addr)?;
-        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.set_read_timeout(Some(READ_LIMIT))?;
         Ok(conn)
     }
 
@@ -604,7 +607,7 @@ mod tests {
         let mut got = Vec::new();
         let mut buf = [0u8; 1024];
         loop {
-            let n = conn.read(&mut buf).expect("an answer within 5 s");
+            let n = conn.read(&mut buf).expect("an answer within the read limit");
             assert!(
                 n > 0,
                 "closed before a whole answer: {:?}",
@@ -630,8 +633,7 @@ mod tests {
             Ok(n) => panic!("unasked-for bytes: {:?}", String::from_utf8_lossy(&buf[..n])),
             Err(e) => !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
         };
-        conn.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
+        conn.set_read_timeout(Some(READ_LIMIT)).expect("timeout");
         closed
     }
 
@@ -704,82 +706,84 @@ mod tests {
         head.contains("connection: close")
     }
 
+    /// The drain, its phases set by the test rather than by a clock: every
+    /// check waits for something that must happen (an answer, a close),
+    /// under a limit that only a hung server reaches, and what must not
+    /// close cannot, for the deadline comes only when the test says so.
     #[test]
     fn a_drain_loses_no_request() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
+        let drain = Drain::new();
+        let (addr, release, server) = spawn_server(&rt, HttpServer::new(), drain.clone(), TokioTimer::new());
+        let (mut in_flight, _) = kept_alive(addr);
+        let (mut asked, _) = kept_alive(addr);
+        let (mut idle, _) = kept_alive(addr);
+        send(&mut in_flight, "/slow");
+        drain.start();
+        // The server saw the drain once the listener is closed: no more
+        // accepting.
+        let asked_at = std::time::Instant::now();
+        while StdStream::connect(addr).is_ok() {
+            assert!(
+                asked_at.elapsed() < READ_LIMIT,
+                "still accepting 30 s after the drain began"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A permit if the request has not reached the service yet.
+        release.notify_one();
+
+        // The request in flight is answered, as the connection's last.
+        let head = read_answer(&mut in_flight);
+        assert!(head.contains("connection: close"), "{head}");
+        assert!(closed_within(&mut in_flight, READ_LIMIT));
+
+        // An idle connection is not closed under its client (a mutant that
+        // closes idle ones when the drain begins fails here, the listener
+        // and `in_flight` having shown that it began): its next request is
+        // answered, saying close, and then it ends.
+        assert!(says_close(&mut asked, "/"), "a request after the drain began");
+        assert!(closed_within(&mut asked, READ_LIMIT));
+
+        // One left idle is closed at the drain deadline, and then the
+        // server returns.
+        drain.close_idle();
+        assert!(
+            closed_within(&mut idle, READ_LIMIT),
+            "idle kept past the deadline"
+        );
+        rt.block_on(async { tokio::time::timeout(READ_LIMIT, server).await })
+            .expect("serve returns once every connection ended")
+            .expect("serve did not panic");
+    }
+
+    /// `serve`'s own clock: the stop starts the drain, and
+    /// `drain_timeout` later the idle connections close and `serve`
+    /// returns.
+    #[test]
+    fn serve_closes_idle_connections_at_its_drain_timeout() {
+        let rt = runtime();
         let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let release = std::sync::Arc::new(tokio::sync::Notify::new());
         let hello = Hello {
-            release: release.clone(),
+            release: std::sync::Arc::new(tokio::sync::Notify::new()),
         };
         let server = rt.spawn(async move {
             HttpServer::new()
-                .drain_timeout(Duration::from_millis(500))
+                .drain_timeout(Duration::from_millis(100))
                 .serve(listener, hello, async move {
                     let _ = stopped.await;
                 })
                 .await;
         });
-        // Three keep-alive connections, each with one answer behind it.
-        let mut conns = Vec::new();
-        for _ in 0..3 {
-            let mut conn = connect(addr).expect("connect");
-            send(&mut conn, "/");
-            let head = read_answer(&mut conn);
-            assert!(head.starts_with("http/1.1 200"), "{head}");
-            assert!(!head.contains("connection: close"), "before the drain: {head}");
-            conns.push(conn);
-        }
-        let [mut in_flight, mut asked, mut idle] = <[StdStream; 3]>::try_from(conns).expect("three");
-        send(&mut in_flight, "/slow");
+        let (mut idle, _) = kept_alive(addr);
         stop.send(()).expect("the server listens for the stop");
-        // The drain has begun once the listener is closed: no more
-        // accepting.
-        let asked_at = std::time::Instant::now();
-        while StdStream::connect(addr).is_ok() {
-            assert!(
-                asked_at.elapsed() < Duration::from_secs(5),
-                "still accepting 5 s after the stop"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        release.notify_one();
-
-        // The request in flight is answered, as the connection's last.
-        let head = read_answer(&mut in_flight);
         assert!(
-            head.starts_with("http/1.1 200") && head.contains("connection: close"),
-            "{head}"
+            closed_within(&mut idle, READ_LIMIT),
+            "idle kept 30 s past a 100 ms drain deadline"
         );
-        assert!(closed_within(&mut in_flight, Duration::from_secs(5)));
-
-        // An idle connection is not closed under its client: its next
-        // request is answered, saying close, and then it ends.
-        assert!(
-            !closed_within(&mut asked, Duration::from_millis(50)),
-            "closed while idle"
-        );
-        send(&mut asked, "/");
-        let head = read_answer(&mut asked);
-        assert!(
-            head.starts_with("http/1.1 200") && head.contains("connection: close"),
-            "{head}"
-        );
-        assert!(closed_within(&mut asked, Duration::from_secs(5)));
-
-        // One left idle is closed at the drain deadline, and then the
-        // server returns.
-        assert!(
-            closed_within(&mut idle, Duration::from_secs(5)),
-            "idle kept past the deadline"
-        );
-        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await })
+        rt.block_on(async { tokio::time::timeout(READ_LIMIT, server).await })
             .expect("serve returns once every connection ended")
             .expect("serve did not panic");
     }
@@ -830,7 +834,7 @@ mod tests {
         let head = read_answer(&mut conn);
         assert!(!head.contains("connection: close"), "{head}");
         assert!(
-            closed_within(&mut conn, Duration::from_secs(30)),
+            closed_within(&mut conn, READ_LIMIT),
             "idle kept 30 s past a 5 ms timeout"
         );
 
