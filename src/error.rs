@@ -342,7 +342,11 @@ impl fmt::Display for LaneCorruption {
 impl std::error::Error for LaneCorruption {}
 
 /// A blocking send failed. The message is given back where it was not sent.
-#[derive(Debug, PartialEq, Eq)]
+///
+/// Its `Debug` does not print the message (`Timeout(..)`), so it is an
+/// [`Error`](std::error::Error) whatever `M` is, and a log of it does not
+/// dump a payload.
+#[derive(PartialEq, Eq)]
 pub enum SendError<M> {
     /// There is no such slot in this segment.
     NoSuchWorker {
@@ -378,7 +382,10 @@ pub enum SendError<M> {
 }
 
 /// A non-blocking send failed. The message is given back.
-#[derive(Debug, PartialEq, Eq)]
+///
+/// Its `Debug` does not print the message (`Full(..)`), as
+/// [`SendError`]'s.
+#[derive(PartialEq, Eq)]
 pub enum TrySendError<M> {
     /// There is no such slot in this segment.
     NoSuchWorker {
@@ -465,8 +472,55 @@ impl<M> fmt::Display for TrySendError<M> {
     }
 }
 
-impl<M: fmt::Debug> std::error::Error for SendError<M> {}
-impl<M: fmt::Debug> std::error::Error for TrySendError<M> {}
+impl<M> fmt::Debug for SendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoSuchWorker { slot, workers } => f
+                .debug_struct("NoSuchWorker")
+                .field("slot", slot)
+                .field("workers", workers)
+                .finish(),
+            Self::TooLarge { len, max } => f
+                .debug_struct("TooLarge")
+                .field("len", len)
+                .field("max", max)
+                .finish(),
+            Self::Timeout(_) => f.write_str("Timeout(..)"),
+            Self::SelfFull(_) => f.write_str("SelfFull(..)"),
+            Self::Corrupt { slot, error, .. } => f
+                .debug_struct("Corrupt")
+                .field("slot", slot)
+                .field("error", error)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl<M> fmt::Debug for TrySendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoSuchWorker { slot, workers } => f
+                .debug_struct("NoSuchWorker")
+                .field("slot", slot)
+                .field("workers", workers)
+                .finish(),
+            Self::TooLarge { len, max } => f
+                .debug_struct("TooLarge")
+                .field("len", len)
+                .field("max", max)
+                .finish(),
+            Self::Full(_) => f.write_str("Full(..)"),
+            Self::Corrupt { slot, error, .. } => f
+                .debug_struct("Corrupt")
+                .field("slot", slot)
+                .field("error", error)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl<M> std::error::Error for SendError<M> {}
+impl<M> std::error::Error for TrySendError<M> {}
 
 /// A receive failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -521,3 +575,31 @@ impl fmt::Display for TryRecvError {
 
 impl std::error::Error for RecvError {}
 impl std::error::Error for TryRecvError {}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    /// A message type with no `Debug` at all.
+    struct Opaque;
+
+    #[test]
+    fn errors_that_give_the_message_back_do_not_print_it() {
+        let e = TrySendError::Full(vec![0xAB_u8; 1 << 20]);
+        assert_eq!(format!("{e:?}"), "Full(..)");
+        let e: SendError<Vec<u8>> = SendError::Corrupt {
+            slot: 3,
+            error: LaneCorruption::RecordLength { len: 7 },
+            msg: b"secret".to_vec(),
+        };
+        let text = format!("{e:?}");
+        assert!(
+            text.starts_with("Corrupt { slot: 3, error: RecordLength { len: 7 }"),
+            "{text}"
+        );
+        assert!(!text.contains("115"), "the payload was printed: {text}");
+        // An `Error` whatever the message type.
+        let boxed: Box<dyn std::error::Error> = Box::new(SendError::Timeout(Opaque));
+        assert_eq!(format!("{boxed:?}"), "Timeout(..)");
+    }
+}
