@@ -44,13 +44,13 @@ pub const DEFAULT_MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// Default number of lock-table entries.
 pub const DEFAULT_LOCK_SLOTS: u32 = 64;
 
-/// Bytes reserved per lock-table entry (a `pthread_mutex_t`, its name and
-/// bookkeeping; filled by a later layer).
-pub(crate) const LOCK_ENTRY_SIZE: usize = 256;
-/// Bytes reserved per worker-table entry.
-pub(crate) const WORKER_ENTRY_SIZE: usize = 128;
-/// Bytes reserved per slot for statistics.
-pub(crate) const STATS_ENTRY_SIZE: usize = 256;
+/// Bytes per lock-table entry (a `pthread_mutex_t`, its name and
+/// bookkeeping): the entry type's own size, pinned in `table.rs`.
+pub(crate) const LOCK_ENTRY_SIZE: usize = size_of::<crate::segment::table::LockEntry>();
+/// Bytes per worker-table entry (see `LOCK_ENTRY_SIZE`).
+pub(crate) const WORKER_ENTRY_SIZE: usize = size_of::<crate::segment::table::WorkerEntry>();
+/// Bytes per slot of statistics (see `LOCK_ENTRY_SIZE`).
+pub(crate) const STATS_ENTRY_SIZE: usize = size_of::<crate::segment::table::StatsEntry>();
 /// Bytes of the cluster control block and its event log.
 pub(crate) const CONTROL_SIZE: usize = crate::segment::table::CONTROL_SIZE;
 /// Bytes reserved for the header.

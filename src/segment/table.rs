@@ -43,7 +43,8 @@ pub(crate) struct WorkerEntry {
     _reserved: [AtomicU64; 8],
 }
 
-const _: () = assert!(size_of::<WorkerEntry>() == crate::segment::layout::WORKER_ENTRY_SIZE);
+// The segment's format (ABI_VERSION): a change of size is a new version.
+const _: () = assert!(size_of::<WorkerEntry>() == 128);
 
 /// A worker's `stop` word: keep running.
 pub(crate) const STOP_RUN: u32 = 0;
@@ -70,7 +71,8 @@ pub(crate) struct StatsEntry {
     _reserved: [AtomicU64; 23],
 }
 
-const _: () = assert!(size_of::<StatsEntry>() == crate::segment::layout::STATS_ENTRY_SIZE);
+// The segment's format (ABI_VERSION): a change of size is a new version.
+const _: () = assert!(size_of::<StatsEntry>() == 256);
 
 impl StatsEntry {
     /// Adds `n` to a counter this process is the only writer of.
@@ -247,7 +249,8 @@ pub(crate) struct LockEntry {
     _reserved: [u64; 8],
 }
 
-const _: () = assert!(size_of::<LockEntry>() == crate::segment::layout::LOCK_ENTRY_SIZE);
+// The segment's format (ABI_VERSION): a change of size is a new version.
+const _: () = assert!(size_of::<LockEntry>() == 256);
 const _: () = assert!(size_of::<crate::sys::mutex::RawMutex>() <= 40);
 const _: () = assert!(std::mem::offset_of!(LockEntry, holder_start) + 4 <= 64);
 

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use shmcluster::{Cluster, ListenMode, MAX_WORKERS};
 
-#[path = "shmcluster/client.rs"]
 mod client;
 
 use client::{ClientError, Snapshot};
