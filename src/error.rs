@@ -475,23 +475,11 @@ impl<M> fmt::Display for TrySendError<M> {
 impl<M> fmt::Debug for SendError<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NoSuchWorker { slot, workers } => f
-                .debug_struct("NoSuchWorker")
-                .field("slot", slot)
-                .field("workers", workers)
-                .finish(),
-            Self::TooLarge { len, max } => f
-                .debug_struct("TooLarge")
-                .field("len", len)
-                .field("max", max)
-                .finish(),
+            Self::NoSuchWorker { slot, workers } => debug_no_such_worker(f, *slot, *workers),
+            Self::TooLarge { len, max } => debug_too_large(f, *len, *max),
             Self::Timeout(_) => f.write_str("Timeout(..)"),
             Self::SelfFull(_) => f.write_str("SelfFull(..)"),
-            Self::Corrupt { slot, error, .. } => f
-                .debug_struct("Corrupt")
-                .field("slot", slot)
-                .field("error", error)
-                .finish_non_exhaustive(),
+            Self::Corrupt { slot, error, .. } => debug_corrupt(f, *slot, error),
         }
     }
 }
@@ -499,24 +487,35 @@ impl<M> fmt::Debug for SendError<M> {
 impl<M> fmt::Debug for TrySendError<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NoSuchWorker { slot, workers } => f
-                .debug_struct("NoSuchWorker")
-                .field("slot", slot)
-                .field("workers", workers)
-                .finish(),
-            Self::TooLarge { len, max } => f
-                .debug_struct("TooLarge")
-                .field("len", len)
-                .field("max", max)
-                .finish(),
+            Self::NoSuchWorker { slot, workers } => debug_no_such_worker(f, *slot, *workers),
+            Self::TooLarge { len, max } => debug_too_large(f, *len, *max),
             Self::Full(_) => f.write_str("Full(..)"),
-            Self::Corrupt { slot, error, .. } => f
-                .debug_struct("Corrupt")
-                .field("slot", slot)
-                .field("error", error)
-                .finish_non_exhaustive(),
+            Self::Corrupt { slot, error, .. } => debug_corrupt(f, *slot, error),
         }
     }
+}
+
+// The variants both send errors share, written once.
+fn debug_no_such_worker(f: &mut fmt::Formatter<'_>, slot: u32, workers: u32) -> fmt::Result {
+    f.debug_struct("NoSuchWorker")
+        .field("slot", &slot)
+        .field("workers", &workers)
+        .finish()
+}
+
+fn debug_too_large(f: &mut fmt::Formatter<'_>, len: usize, max: usize) -> fmt::Result {
+    f.debug_struct("TooLarge")
+        .field("len", &len)
+        .field("max", &max)
+        .finish()
+}
+
+/// The message is left out (`..`).
+fn debug_corrupt(f: &mut fmt::Formatter<'_>, slot: u32, error: &LaneCorruption) -> fmt::Result {
+    f.debug_struct("Corrupt")
+        .field("slot", &slot)
+        .field("error", error)
+        .finish_non_exhaustive()
 }
 
 impl<M> std::error::Error for SendError<M> {}
