@@ -48,7 +48,7 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shmcluster::{Event, EventKind, ExitReason, Messenger, RequestError, Worker, WorkerState};
+use shmcluster::{CallError, Event, EventKind, ExitReason, Messenger, Worker, WorkerState};
 
 mod common;
 use common::cluster::{
@@ -205,8 +205,8 @@ fn invoke_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> Re
                     match r {
                         Ok((v, slot)) if v == i => break slot,
                         Ok((v, _)) => return fail(format!("echo {i} answered {v}")),
-                        Err(RequestError::LeaderDied) => died += 1,
-                        Err(RequestError::NoLeader) if Instant::now() < until => no_leader += 1,
+                        Err(CallError::LeaderDied) => died += 1,
+                        Err(CallError::NoLeader) if Instant::now() < until => no_leader += 1,
                         Err(e) => return fail(format!("invoke after the kill: {e}")),
                     }
                 };

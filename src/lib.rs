@@ -100,8 +100,9 @@ pub use lock::{LockError, LockGuard, LockStats, Locks, NamedLock, Section, MAX_L
 pub use messenger::{AsyncMessenger, AsyncWake};
 #[cfg(not(loom))]
 pub use messenger::{
-    BytesReply, CallKind, Consumed, Ctx, EventStats, HandlerId, Leader, LeaderChange, MapError, Messenger,
-    MessengerHandle, Reply, RequestError, Target, WorkerId, MAX_EVENT_NAME,
+    BytesReply, CallError, CallKind, Consumed, CorruptLane, Ctx, DispatchError, EmitError, EventStats,
+    HandlerId, Leader, LeaderChange, MapError, Messenger, MessengerHandle, RegisterError, Reply, Target, To,
+    WorkerId, MAX_EVENT_NAME,
 };
 #[cfg(not(loom))]
 pub use segment::layout::{

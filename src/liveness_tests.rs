@@ -153,7 +153,7 @@ fn a_call_to_a_reaped_worker_ends_when_the_master_counts_the_death() {
     let hour = Instant::now() + Duration::from_secs(3600);
     assert_eq!(
         m0.request_bytes(1, "anything", b"", hour),
-        Err(crate::RequestError::WorkerDied)
+        Err(crate::CallError::WorkerDied)
     );
     reaper.join().unwrap();
     drop(target);
@@ -227,7 +227,7 @@ fn an_invoke_to_a_leader_that_dies_ends_when_its_lock_changes_hands() {
     let hour = Instant::now() + Duration::from_secs(3600);
     assert_eq!(
         m0.invoke::<_, u32>("echo", &7u32, hour),
-        Err(crate::RequestError::LeaderDied)
+        Err(crate::CallError::LeaderDied)
     );
     killer.join().unwrap();
     assert_eq!(

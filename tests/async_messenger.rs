@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shmcluster::testing::Watchdog;
-use shmcluster::{AsyncMessenger, AsyncWake, Config, MapError, Messenger, RequestError, Segment, Target};
+use shmcluster::{
+    AsyncMessenger, AsyncWake, CallError, Config, EmitError, MapError, Messenger, Segment, Target,
+};
 
 fn soon(secs: u64) -> Instant {
     Instant::now() + Duration::from_secs(secs)
@@ -54,15 +56,15 @@ async fn request_map_consume_emit(wake: AsyncWake) {
     }
     assert_eq!(
         ms[0].request::<_, ()>(1, "fail", &(), soon(5)).await,
-        Err(RequestError::HandlerFailed("no such thing".into()))
+        Err(CallError::HandlerFailed("no such thing".into()))
     );
     assert_eq!(
         ms[0].request::<_, ()>(1, "nobody", &(), soon(5)).await,
-        Err(RequestError::NoHandler)
+        Err(CallError::NoHandler)
     );
     assert_eq!(
         ms[0].request::<_, ()>(7, "double", &1u64, soon(5)).await,
-        Err(RequestError::NoSuchWorker { slot: 7 })
+        Err(CallError::NoSuchWorker { slot: 7 })
     );
 
     // map: one entry per worker, the caller included, from async handlers
@@ -117,7 +119,7 @@ async fn request_map_consume_emit(wake: AsyncWake) {
     assert!(distinct.len() >= 2, "consume used one worker only: {ran:?}");
     assert_eq!(
         ms[0].consume("nobody", &(), soon(5)).await.map(|c| c.worker),
-        Err(RequestError::NoHandler)
+        Err(CallError::NoHandler)
     );
 
     // emit / broadcast reach the handlers (the caller too, for All)
@@ -400,10 +402,10 @@ async fn large_messages_to_oneself_and_the_payload_limit() {
     let over = vec![0u8; max];
     assert_eq!(
         ms[0].request::<_, usize>(0, "len", &over, soon(10)).await,
-        Err(RequestError::TooLarge { len: max + 4, max })
+        Err(CallError::TooLarge { len: max + 4, max })
     );
     assert_eq!(
         ms[0].emit(Target::All, "len", &over),
-        Err(RequestError::TooLarge { len: max + 4, max })
+        Err(EmitError::TooLarge { len: max + 4, max })
     );
 }

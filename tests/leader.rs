@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shmcluster::testing::Watchdog;
-use shmcluster::{Messenger, RequestError};
+use shmcluster::{CallError, Messenger};
 
 fn soon() -> Instant {
     Instant::now() + Duration::from_secs(10)
@@ -103,7 +103,7 @@ fn standalone_worker_leads_itself() {
     assert_eq!(m.invoke::<_, u64>("double", &21u64, soon()), Ok(42));
     assert_eq!(
         m.invoke::<_, u64>("nobody", &1u64, soon()),
-        Err(RequestError::NoHandler)
+        Err(CallError::NoHandler)
     );
     let got = Arc::new(AtomicU64::new(0));
     let g = got.clone();
@@ -138,7 +138,7 @@ fn no_leader_is_an_error_not_a_hang() {
     let mut m = Messenger::standalone().unwrap();
     let started = Instant::now();
     let r = m.invoke::<_, u64>("x", &1u64, Instant::now() + Duration::from_millis(100));
-    assert_eq!(r, Err(RequestError::NoLeader));
+    assert_eq!(r, Err(CallError::NoLeader));
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 

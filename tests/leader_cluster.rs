@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shmcluster::{Cluster, Event, EventKind, ExitReason, Leader, Messenger, Peer, RequestError, Worker};
+use shmcluster::{CallError, Cluster, Event, EventKind, ExitReason, Leader, Messenger, Peer, Worker};
 use shmcluster::{Target, WorkerState};
 
 #[macro_use]
@@ -596,7 +596,7 @@ fn invokes_in_flight_when_the_leader_is_sigkilled(w: Worker) -> Check {
         let line = format!(
             "{at} {} {} {}\n",
             match r {
-                Err(RequestError::LeaderDied) => "died".to_string(),
+                Err(CallError::LeaderDied) => "died".to_string(),
                 Ok(s) => format!("ok:{}", s.2),
                 Err(e) => format!("error:{e}").replace(' ', "_"),
             },
@@ -809,10 +809,7 @@ fn invoke_is_no_leader_then_no_handler(w: Worker) -> Check {
     let started = Instant::now();
     let r = m.invoke::<u64, u64>("missing", &1, deadline(Duration::from_millis(100)));
     let took = started.elapsed();
-    ensure!(
-        r == Err(RequestError::NoLeader),
-        "invoke with no candidate: {r:?}"
-    );
+    ensure!(r == Err(CallError::NoLeader), "invoke with no candidate: {r:?}");
     ensure!(
         took >= Duration::from_millis(100) && took < Duration::from_millis(600),
         "NoLeader after {took:?}, deadline 100 ms"
@@ -826,7 +823,7 @@ fn invoke_is_no_leader_then_no_handler(w: Worker) -> Check {
     );
     let r = m.invoke::<u64, u64>("missing", &1, deadline(Duration::from_secs(5)));
     ensure!(
-        r == Err(RequestError::NoHandler),
+        r == Err(CallError::NoHandler),
         "invoke of a method nobody handles: {r:?}"
     );
     Ok(())

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use shmcluster::testing::Watchdog;
-use shmcluster::{MapError, Messenger, RequestError, Target, MAX_EVENT_NAME};
+use shmcluster::{CallError, EmitError, MapError, Messenger, Target, MAX_EVENT_NAME};
 
 fn soon() -> Instant {
     Instant::now() + Duration::from_secs(10)
@@ -97,7 +97,7 @@ fn direct_send_others_and_message_event() {
     assert_eq!(m0.to(Target::Others).send("to others").unwrap(), 2);
     assert!(matches!(
         m0.to(Target::Worker(7)).send("x"),
-        Err(RequestError::NoSuchWorker { slot: 7 })
+        Err(EmitError::NoSuchWorker { slot: 7 })
     ));
     // A request after the sends: FIFO per sender means they have arrived.
     for w in 1..3 {
@@ -143,14 +143,14 @@ fn request_reply_sync_async_and_errors() {
     assert_eq!(m0.request::<_, u64>(1, "later", &21u64, soon()), Ok(42));
     assert_eq!(
         m0.request::<_, u64>(1, "dropped", &1u64, soon()),
-        Err(RequestError::HandlerFailed("reply dropped".into()))
+        Err(CallError::HandlerFailed("reply dropped".into()))
     );
     assert_eq!(
         m0.request::<_, u32>(1, "fail", &1u32, soon()),
-        Err(RequestError::HandlerFailed("no thanks".into()))
+        Err(CallError::HandlerFailed("no thanks".into()))
     );
     match m0.request::<_, u32>(1, "panic", &1u32, soon()) {
-        Err(RequestError::HandlerFailed(e)) => assert!(e.contains("boom"), "{e}"),
+        Err(CallError::HandlerFailed(e)) => assert!(e.contains("boom"), "{e}"),
         other => panic!("{other:?}"),
     }
     // Still serving after the panic.
@@ -159,29 +159,29 @@ fn request_reply_sync_async_and_errors() {
     // type tags: here it is too short for a pair): the handler is not
     // called; the caller learns why.
     match m0.request::<_, u32>(1, "add", &7u8, soon()) {
-        Err(RequestError::HandlerFailed(e)) => assert!(e.contains("decode"), "{e}"),
+        Err(CallError::HandlerFailed(e)) => assert!(e.contains("decode"), "{e}"),
         other => panic!("{other:?}"),
     }
     assert_eq!(
         m0.request::<_, u32>(1, "nobody", &1u32, soon()),
-        Err(RequestError::NoHandler)
+        Err(CallError::NoHandler)
     );
     let long = "e".repeat(MAX_EVENT_NAME + 1);
     assert_eq!(
         m0.request::<_, u32>(1, &long, &1u32, soon()),
-        Err(RequestError::EventName {
+        Err(CallError::EventName {
             len: MAX_EVENT_NAME + 1
         })
     );
     let huge = vec![0u8; 17 * 1024 * 1024];
     assert!(matches!(
         m0.request::<_, u32>(1, "add", &huge, soon()),
-        Err(RequestError::TooLarge { .. })
+        Err(CallError::TooLarge { .. })
     ));
     let t0 = Instant::now();
     assert_eq!(
         m0.request::<_, u64>(1, "slow-nobody-answers", &1u64, Instant::now()),
-        Err(RequestError::NoHandler).or(Err(RequestError::TimedOut)),
+        Err(CallError::NoHandler).or(Err(CallError::TimedOut)),
         "an expired deadline returns at once"
     );
     assert!(t0.elapsed() < Duration::from_secs(1));
@@ -258,7 +258,7 @@ fn consume_runs_exactly_once_and_reports_no_handler() {
     }
     assert_eq!(
         m0.consume("nobody-handles", &1u64, soon()),
-        Err(RequestError::NoHandler)
+        Err(CallError::NoHandler)
     );
     finish(stop, threads);
     let ran = ran.lock().unwrap();
@@ -306,7 +306,7 @@ fn once_off_and_standalone() {
     assert!(m.off_handler(id));
     assert_eq!(
         m.request::<_, u32>(0, "double", &4u32, soon()),
-        Err(RequestError::NoHandler)
+        Err(CallError::NoHandler)
     );
     m.on_bytes("raw", |_, b| b.iter().rev().copied().collect())
         .unwrap();
@@ -325,7 +325,7 @@ fn once_off_and_standalone() {
         Ok(b"hi!".to_vec())
     );
     assert_eq!(m.off("raw"), 1);
-    assert_eq!(m.consume("double", &1u32, soon()), Err(RequestError::NoHandler));
+    assert_eq!(m.consume("double", &1u32, soon()), Err(CallError::NoHandler));
 }
 
 #[test]
@@ -377,17 +377,17 @@ fn handles_send_from_other_threads_and_wake_a_parked_loop() {
     }
     assert_eq!(
         handle.request::<_, u64>(1, "nobody", &1u64, soon()),
-        Err(RequestError::NoHandler)
+        Err(CallError::NoHandler)
     );
     let started = Instant::now();
     assert_eq!(
         handle.request::<_, String>(1, "reenter", &3u64, soon()),
-        Ok(format!("{:?}", Err::<u64, _>(RequestError::InHandler)))
+        Ok(format!("{:?}", Err::<u64, _>(CallError::InHandler)))
     );
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(
         handle.request::<_, u64>(9, "double", &1u64, soon()),
-        Err(RequestError::NoSuchWorker { slot: 9 })
+        Err(CallError::NoSuchWorker { slot: 9 })
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while got.load(Ordering::Acquire) != 55 && Instant::now() < deadline {
@@ -412,7 +412,7 @@ fn a_dead_target_is_reported_at_once() {
     });
     let started = Instant::now();
     let r = m0.request::<_, u32>(1, "anything", &1u32, Instant::now() + Duration::from_secs(10));
-    assert_eq!(r, Err(RequestError::WorkerDied));
+    assert_eq!(r, Err(CallError::WorkerDied));
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "{:?}",
@@ -430,7 +430,7 @@ fn a_dead_target_is_reported_at_once() {
         }
         assert!(sent < 100_000, "the lane never filled");
     };
-    assert_eq!(err, RequestError::WorkerDied);
+    assert_eq!(err, EmitError::WorkerDied);
     assert!(sent > 100, "queued for a successor first: {sent}");
 }
 
@@ -491,11 +491,11 @@ fn messages_to_oneself_take_every_size_up_to_the_payload_limit() {
     let over = vec![0u8; max + 1];
     assert_eq!(
         m.request_bytes(0, "len", &over, soon()),
-        Err(RequestError::TooLarge { len: max + 1, max })
+        Err(CallError::TooLarge { len: max + 1, max })
     );
     assert_eq!(
         m.emit_bytes(Target::All, "emit", &over),
-        Err(RequestError::TooLarge { len: max + 1, max })
+        Err(EmitError::TooLarge { len: max + 1, max })
     );
 }
 
@@ -536,15 +536,10 @@ fn a_call_too_large_for_anyone_reaches_no_one_and_a_large_one_reaches_all() {
     assert_eq!(big_runs.load(Ordering::Acquire), 6, "3 broadcast + 3 map runs");
     // Over the limit: refused up front, by every operation.
     let over = vec![0u8; max + 1];
-    let too_large = Err(RequestError::TooLarge { len: max + 1, max });
-    assert_eq!(
-        m0.emit_bytes(Target::All, "big", &over),
-        too_large.clone().map(|()| 0)
-    );
-    assert_eq!(
-        m0.emit_bytes(Target::Others, "big", &over),
-        too_large.clone().map(|()| 0)
-    );
+    let too_large = Err(CallError::TooLarge { len: max + 1, max });
+    let emit_too_large = Err(EmitError::TooLarge { len: max + 1, max });
+    assert_eq!(m0.emit_bytes(Target::All, "big", &over), emit_too_large);
+    assert_eq!(m0.emit_bytes(Target::Others, "big", &over), emit_too_large);
     assert_eq!(m0.map_bytes("big", &over, soon()).map(|_| ()), too_large);
     assert_eq!(m0.consume_bytes("big", &over, soon()).map(|_| ()), too_large);
     assert_eq!(m0.request_bytes(1, "big", &over, soon()).map(|_| ()), too_large);
@@ -572,7 +567,7 @@ fn an_answer_over_the_limit_is_a_handler_failure() {
     m.on_bytes("huge", move |_, _| vec![0u8; max + 1]).unwrap();
     // Before, the reply could not be sent and this waited out the deadline.
     match m.request_bytes(0, "huge", b"", Instant::now() + Duration::from_secs(30)) {
-        Err(RequestError::HandlerFailed(e)) => {
+        Err(CallError::HandlerFailed(e)) => {
             assert!(
                 e.contains(&format!("{}", max + 1)) && e.contains(&format!("{max}")),
                 "{e}"

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shmcluster::{
-    CallKind, Cluster, Event, EventKind, ExitReason, MapError, Messenger, RequestError, Target, Worker,
+    CallError, CallKind, Cluster, Event, EventKind, ExitReason, MapError, Messenger, Target, Worker,
     WorkerId, WorkerState,
 };
 
@@ -785,7 +785,7 @@ fn request_that_killed_its_worker_is_not_run_again(w: Worker) -> Check {
     let started = Instant::now();
     let r = m.request::<u64, u64>(to, "poison", &1, deadline(Duration::from_secs(5)));
     let took = started.elapsed();
-    ensure!(r == Err(RequestError::WorkerDied), "poison request: {r:?}");
+    ensure!(r == Err(CallError::WorkerDied), "poison request: {r:?}");
     ensure!(took < Duration::from_secs(1), "WorkerDied after {took:?}");
     // Give the successor time to come up and read its lanes.
     let _ = serve_until(&mut m, Duration::from_secs(3), "the successor ready", |m| {
@@ -856,14 +856,14 @@ fn request_async_reply_and_dropped_reply(w: Worker) -> Check {
         let r = m.request::<u64, u64>(to, event, &1, deadline(Duration::from_secs(5)));
         let took = started.elapsed();
         ensure!(
-            matches!(&r, Err(RequestError::HandlerFailed(e)) if e.contains("reply dropped")),
+            matches!(&r, Err(CallError::HandlerFailed(e)) if e.contains("reply dropped")),
             "{event}: {r:?}"
         );
         ensure!(took < Duration::from_secs(1), "{event} answered after {took:?}");
     }
     let r = m.request::<u64, u64>(to, "refused", &7, deadline(Duration::from_secs(5)));
     ensure!(
-        r == Err(RequestError::HandlerFailed("refused 7".into())),
+        r == Err(CallError::HandlerFailed("refused 7".into())),
         "refused: {r:?}"
     );
     Ok(())
@@ -1006,7 +1006,7 @@ fn decode_failure_and_panicking_handler(w: Worker) -> Check {
     // Postcard bytes of a Vec<u8> that is not UTF-8: not a String.
     let r = m.request::<Vec<u8>, u64>(to, "typed", &vec![0xff, 0xfe], soon());
     ensure!(
-        matches!(&r, Err(RequestError::HandlerFailed(e)) if e.contains("decode")),
+        matches!(&r, Err(CallError::HandlerFailed(e)) if e.contains("decode")),
         "undecodable payload: {r:?}"
     );
     let r = m.request::<str, u64>(to, "typed", "hello", soon());
@@ -1015,7 +1015,7 @@ fn decode_failure_and_panicking_handler(w: Worker) -> Check {
         let r = m.request::<u64, u64>(to, "panicky", &v, soon());
         if v % 2 == 1 {
             ensure!(
-                matches!(&r, Err(RequestError::HandlerFailed(e)) if e.contains(&format!("boom on {v}"))),
+                matches!(&r, Err(CallError::HandlerFailed(e)) if e.contains(&format!("boom on {v}"))),
                 "panicky({v}): {r:?}"
             );
         } else {

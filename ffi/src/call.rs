@@ -5,7 +5,7 @@
 use std::ffi::c_char;
 use std::time::Instant;
 
-use shmcluster_rs::{Messenger, RequestError};
+use shmcluster_rs::{CallError, Messenger};
 
 use crate::boundary::{self, name_and_data};
 use crate::handle::{handle_ref, shmc_handle};
@@ -39,7 +39,7 @@ impl Via {
         data: *const u8,
         len: usize,
         timeout_ms: u64,
-        op: impl FnOnce(&mut Messenger, &str, &[u8], Instant) -> Result<R, RequestError> + Send + 'static,
+        op: impl FnOnce(&mut Messenger, &str, &[u8], Instant) -> Result<R, CallError> + Send + 'static,
     ) -> Result<R, Failure> {
         match self {
             Via::Worker(w) => {

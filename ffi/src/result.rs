@@ -2,7 +2,8 @@
 //! the conversions from the library's error enums.
 
 use shmcluster_rs::{
-    AttachError, CreateError, EndpointError, LockError, MapError, RequestError, WorkerError,
+    AttachError, CallError, CreateError, DispatchError, EmitError, EndpointError, LockError, MapError,
+    RegisterError, WorkerError,
 };
 
 use crate::boundary::{self, write_c_string};
@@ -327,25 +328,45 @@ impl From<shmc_result> for Failure {
     }
 }
 
-impl From<RequestError> for Failure {
-    fn from(e: RequestError) -> Self {
+impl From<CallError> for Failure {
+    fn from(e: CallError) -> Self {
         let code = match &e {
-            RequestError::NoHandler => shmc_result::NoHandler,
-            RequestError::HandlerFailed(text) => return Self::new(shmc_result::HandlerFailed, text.clone()),
-            RequestError::WorkerDied => shmc_result::WorkerDied,
-            RequestError::TimedOut => shmc_result::TimedOut,
-            RequestError::NoSuchWorker { .. } => shmc_result::NoSuchWorker,
-            RequestError::TooLarge { .. } => shmc_result::TooLarge,
-            RequestError::EventName { .. } => shmc_result::EventName,
-            RequestError::Encode(_) => shmc_result::InvalidArgument,
-            RequestError::Decode(_) => shmc_result::Decode,
-            RequestError::Corrupt(_) => shmc_result::Corrupt,
-            RequestError::NoLeader => shmc_result::NoLeader,
-            RequestError::LeaderDied => shmc_result::LeaderDied,
-            RequestError::InHandler => shmc_result::InHandler,
+            CallError::NoHandler => shmc_result::NoHandler,
+            CallError::HandlerFailed(text) => return Self::new(shmc_result::HandlerFailed, text.clone()),
+            CallError::WorkerDied => shmc_result::WorkerDied,
+            CallError::TimedOut => shmc_result::TimedOut,
+            CallError::NoSuchWorker { .. } => shmc_result::NoSuchWorker,
+            CallError::TooLarge { .. } => shmc_result::TooLarge,
+            CallError::EventName { .. } => shmc_result::EventName,
+            CallError::Encode(_) => shmc_result::InvalidArgument,
+            CallError::Decode(_) => shmc_result::Decode,
+            CallError::Corrupt(_) => shmc_result::Corrupt,
+            CallError::NoLeader => shmc_result::NoLeader,
+            CallError::LeaderDied => shmc_result::LeaderDied,
+            CallError::InHandler => shmc_result::InHandler,
             _ => shmc_result::Unknown,
         };
         Self::new(code, e.to_string())
+    }
+}
+
+// Every emit, registration or dispatch failure is also a call failure (the
+// messenger's own `From`s), with the same result code.
+impl From<EmitError> for Failure {
+    fn from(e: EmitError) -> Self {
+        CallError::from(e).into()
+    }
+}
+
+impl From<RegisterError> for Failure {
+    fn from(e: RegisterError) -> Self {
+        CallError::from(e).into()
+    }
+}
+
+impl From<DispatchError> for Failure {
+    fn from(e: DispatchError) -> Self {
+        CallError::from(e).into()
     }
 }
 
@@ -357,6 +378,7 @@ pub(crate) fn map_error_code(e: &MapError) -> shmc_result {
         MapError::NoHandler => shmc_result::NoHandler,
         MapError::HandlerFailed(_) => shmc_result::HandlerFailed,
         MapError::Decode(_) => shmc_result::Decode,
+        MapError::Corrupt(_) => shmc_result::Corrupt,
         _ => shmc_result::Unknown,
     }
 }

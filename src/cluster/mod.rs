@@ -16,6 +16,7 @@ mod control;
 pub mod http;
 pub mod listen;
 mod master;
+mod view;
 mod worker;
 
 use std::fmt;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 pub use listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
 pub use master::{Cluster, ClusterBuilder, ClusterError, Outcome, Report, Unhealthy};
-#[cfg(feature = "tokio")]
+pub(crate) use view::ClusterView;
 pub(crate) use worker::stop_requested;
 pub use worker::{Events, Incoming, StopWatch, Worker, WorkerError};
 

@@ -46,11 +46,15 @@ use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, Notify};
 
+use super::calls::decode_entries;
+use super::core::{Op, Settled};
+use super::dispatch::{Outbox, RemoteCall};
+use super::encode::{decode, encode_call};
+use super::error::{CallError, EmitError, MapError, RegisterError};
 use super::{
-    encode_call, leader, live_generation, live_workers, map_entry, pick_consumer, wire, Consumed, Ctx,
-    HandlerId, MapError, Messenger, Outbox, RemoteCall, RequestError, Target, WorkerId, LATENCY_MAP,
-    LATENCY_REQUEST,
+    leader, wire, Consumed, Ctx, HandlerId, Messenger, Target, WorkerId, LATENCY_MAP, LATENCY_REQUEST,
 };
+use crate::cluster::ClusterView;
 use crate::lock::{LockError, Locks, Section};
 use crate::segment::Segment;
 use crate::{sys, wake, Tag};
@@ -59,8 +63,6 @@ use crate::{sys, wake, Tag};
 const SAFETY_NET: Duration = Duration::from_millis(50);
 /// How often [`AsyncMessenger::stopped`] looks at the stop flags.
 const STOP_POLL: Duration = Duration::from_millis(10);
-/// How often `invoke` looks for a leader while there is none.
-const LEADER_POLL: Duration = Duration::from_millis(2);
 
 /// How the driver of an [`AsyncMessenger`] is woken when it waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,7 +92,6 @@ struct Shared {
     ready: AtomicBool,
     /// Delivery ids of `consume` calls made through handles.
     next_delivery: AtomicU64,
-    consume_cursor: AtomicU32,
     /// The wake the driver ended up using.
     wake: AsyncWake,
     /// The lock table, made once, so its cache of name → entry lasts
@@ -144,7 +145,7 @@ impl Messenger {
     ///
     /// # Errors
     /// `EventName`.
-    pub fn on_async<T, R, E, F, Fut>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RequestError>
+    pub fn on_async<T, R, E, F, Fut>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RegisterError>
     where
         T: DeserializeOwned + Send + 'static,
         R: Serialize + Send + 'static,
@@ -203,7 +204,6 @@ impl Messenger {
             cluster_worker: self.worker().is_some(),
             ready: AtomicBool::new(false),
             next_delivery: AtomicU64::new(1),
-            consume_cursor: AtomicU32::new(self.slot),
             wake,
             locks: std::sync::OnceLock::new(),
         });
@@ -369,22 +369,15 @@ fn ep_park_end(m: &Messenger) {
     super::ep_of_ref(&m.owner).park_fd_end();
 }
 
-/// Waits for a oneshot answer, with a little slack past the deadline for a
-/// driver that is busy in a handler at that moment.
-async fn answer(
-    rx: oneshot::Receiver<Result<Vec<u8>, RequestError>>,
-    deadline: Instant,
-) -> Result<Vec<u8>, RequestError> {
+/// Waits for an operation's end from the driver, with a little slack past
+/// the deadline for a driver that is busy in a handler at that moment.
+async fn settled(rx: oneshot::Receiver<Settled>, deadline: Instant) -> Result<Settled, CallError> {
     let slack = tokio::time::Instant::from(deadline) + Duration::from_secs(1);
     match tokio::time::timeout_at(slack, rx).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(RequestError::WorkerDied),
-        Err(_) => Err(RequestError::TimedOut),
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(_)) => Err(CallError::WorkerDied),
+        Err(_) => Err(CallError::TimedOut),
     }
-}
-
-fn decode<R: DeserializeOwned>(body: &[u8]) -> Result<R, RequestError> {
-    postcard::from_bytes(body).map_err(|e| RequestError::Decode(e.to_string()))
 }
 
 impl AsyncMessenger {
@@ -415,7 +408,11 @@ impl AsyncMessenger {
 
     /// Live workers now, in slot order.
     pub fn live_workers(&self) -> Vec<WorkerId> {
-        live_workers(&self.shared.segment, self.shared.me)
+        self.view().live_workers()
+    }
+
+    fn view(&self) -> ClusterView<'_> {
+        ClusterView::new(&self.shared.segment, self.shared.me)
     }
 
     /// Like [`Messenger::emit`], without waiting: the driver sends it (in
@@ -428,12 +425,12 @@ impl AsyncMessenger {
         target: Target,
         event: &str,
         value: &T,
-    ) -> Result<(), RequestError> {
+    ) -> Result<(), EmitError> {
         let bytes = encode_call(event, 0, value, self.shared.max_payload)?;
         let me = self.shared.me;
         let to: Vec<u32> = match target {
             Target::Worker(slot) if slot >= self.shared.workers => {
-                return Err(RequestError::NoSuchWorker { slot })
+                return Err(EmitError::NoSuchWorker { slot })
             }
             Target::Worker(slot) => vec![slot],
             Target::All => self.live_workers().into_iter().map(|w| w.slot).collect(),
@@ -458,43 +455,29 @@ impl AsyncMessenger {
     ///
     /// # Errors
     /// As [`AsyncMessenger::emit`].
-    pub fn broadcast<T: Serialize + ?Sized>(&self, event: &str, value: &T) -> Result<(), RequestError> {
+    pub fn broadcast<T: Serialize + ?Sized>(&self, event: &str, value: &T) -> Result<(), EmitError> {
         self.emit(Target::All, event, value)
     }
 
-    /// Starts one call through the driver.
-    fn call(
-        &self,
-        to: u32,
-        kind: u16,
-        bytes: Vec<u8>,
-        deadline: Instant,
-    ) -> oneshot::Receiver<Result<Vec<u8>, RequestError>> {
-        self.call_watched(to, kind, bytes, deadline, None)
-    }
-
-    /// [`AsyncMessenger::call`] to a leader whose death in office fails it
-    /// at once (`invoke`).
-    fn call_watched(
-        &self,
-        to: u32,
-        kind: u16,
-        bytes: Vec<u8>,
-        deadline: Instant,
-        watch: Option<leader::LeaderWatch>,
-    ) -> oneshot::Receiver<Result<Vec<u8>, RequestError>> {
+    /// Runs `op` in the driver's call core and waits for its end.
+    async fn call(&self, op: Op, deadline: Instant) -> Result<Settled, CallError> {
         let (tx, rx) = oneshot::channel();
         self.shared.outbox.push_call(RemoteCall {
-            to,
-            watch,
-            kind,
-            bytes,
+            op,
             deadline,
-            done: Box::new(move |r| {
-                let _ = tx.send(r);
+            done: Box::new(move |s| {
+                let _ = tx.send(s);
             }),
         });
-        rx
+        settled(rx, deadline).await
+    }
+
+    /// A request's or invoke's answer.
+    async fn call_answer(&self, op: Op, deadline: Instant) -> Result<Vec<u8>, CallError> {
+        match self.call(op, deadline).await? {
+            Settled::Answer(r) => r,
+            other => unreachable!("a request settled as {other:?}"),
+        }
     }
 
     /// Like [`Messenger::request`], awaited.
@@ -507,36 +490,18 @@ impl AsyncMessenger {
         event: &str,
         value: &T,
         deadline: Instant,
-    ) -> Result<R, RequestError>
+    ) -> Result<R, CallError>
     where
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let body = self
-            .request_raw(
-                worker,
-                event,
-                encode_call(event, 0, value, self.shared.max_payload)?,
-                deadline,
-            )
-            .await?;
-        decode(&body)
-    }
-
-    async fn request_raw(
-        &self,
-        worker: u32,
-        _event: &str,
-        bytes: Vec<u8>,
-        deadline: Instant,
-    ) -> Result<Vec<u8>, RequestError> {
-        if worker >= self.shared.workers {
-            return Err(RequestError::NoSuchWorker { slot: worker });
-        }
+        let bytes = encode_call(event, 0, value, self.shared.max_payload)?;
         let started = Instant::now();
-        let r = answer(self.call(worker, wire::REQUEST, bytes, deadline), deadline).await;
+        let r = self
+            .call_answer(Op::Request { to: worker, bytes }, deadline)
+            .await;
         self.record_latency(LATENCY_REQUEST, started.elapsed());
-        r
+        decode(&r?)
     }
 
     fn record_latency(&self, which: usize, d: Duration) {
@@ -551,33 +516,27 @@ impl AsyncMessenger {
     /// in slot order; never past `deadline`.
     ///
     /// # Errors
-    /// Only for the call as a whole: `EventName`, `Encode`, `TooLarge`.
+    /// Only for the call as a whole: `EventName`, `Encode`, `TooLarge`;
+    /// `WorkerDied` if the driver is gone.
     #[allow(clippy::type_complexity)]
     pub async fn map<T, R>(
         &self,
         event: &str,
         value: &T,
         deadline: Instant,
-    ) -> Result<Vec<(WorkerId, Result<R, MapError>)>, RequestError>
+    ) -> Result<Vec<(WorkerId, Result<R, MapError>)>, CallError>
     where
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
         let bytes = encode_call(event, 0, value, self.shared.max_payload)?;
         let started = Instant::now();
-        let live = self.live_workers();
-        let calls: Vec<_> = live
-            .iter()
-            .map(|w| self.call(w.slot, wire::REQUEST, bytes.clone(), deadline))
-            .collect();
-        let mut out = Vec::with_capacity(live.len());
-        for (peer, rx) in live.into_iter().zip(calls) {
-            let r = map_entry(answer(rx, deadline).await)
-                .and_then(|body| postcard::from_bytes(&body).map_err(|e| MapError::Decode(e.to_string())));
-            out.push((peer, r));
-        }
+        let entries = match self.call(Op::Map { bytes }, deadline).await? {
+            Settled::Map(entries) => entries,
+            other => unreachable!("a map settled as {other:?}"),
+        };
         self.record_latency(LATENCY_MAP, started.elapsed());
-        Ok(out)
+        Ok(decode_entries(entries))
     }
 
     /// Like [`Messenger::consume`], awaited: exactly one live worker with a
@@ -591,49 +550,16 @@ impl AsyncMessenger {
         event: &str,
         value: &T,
         deadline: Instant,
-    ) -> Result<Consumed, RequestError> {
+    ) -> Result<Consumed, CallError> {
         let me = self.shared.me;
         // Distinct from the ids of the messenger's own `consume` (bit 31).
         let n = self.shared.next_delivery.fetch_add(1, Relaxed);
         let delivery =
             (u64::from(me.slot) << 52) ^ (u64::from(me.generation) << 32) ^ (1 << 31) ^ (n & 0x7fff_ffff);
         let bytes = encode_call(event, delivery, value, self.shared.max_payload)?;
-        let mut refused: Vec<u32> = Vec::new();
-        let mut attempts = 0;
-        loop {
-            let live = self.live_workers();
-            let turn = self.shared.consume_cursor.fetch_add(1, Relaxed) as usize;
-            let Some(peer) = pick_consumer(&self.shared.segment, &live, turn, &refused) else {
-                return Err(RequestError::NoHandler);
-            };
-            attempts += 1;
-            match answer(
-                self.call(peer.slot, wire::CONSUME, bytes.clone(), deadline),
-                deadline,
-            )
-            .await
-            {
-                Ok(_) => {
-                    return Ok(Consumed {
-                        worker: peer,
-                        delivery_id: delivery,
-                        attempts,
-                    })
-                }
-                Err(RequestError::NoHandler) => refused.push(peer.slot),
-                Err(RequestError::WorkerDied) => {
-                    if Instant::now() >= deadline {
-                        return Err(RequestError::TimedOut);
-                    }
-                    tracing::info!(
-                        event,
-                        delivery,
-                        worker = peer.slot,
-                        "consume: worker died, redelivering"
-                    );
-                }
-                Err(e) => return Err(e),
-            }
+        match self.call(Op::Consume { delivery, bytes }, deadline).await? {
+            Settled::Consumed(r) => r,
+            other => unreachable!("a consume settled as {other:?}"),
         }
     }
 
@@ -643,35 +569,17 @@ impl AsyncMessenger {
     ///
     /// # Errors
     /// As [`Messenger::invoke`].
-    pub async fn invoke<T, R>(&self, method: &str, args: &T, deadline: Instant) -> Result<R, RequestError>
+    pub async fn invoke<T, R>(&self, method: &str, args: &T, deadline: Instant) -> Result<R, CallError>
     where
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let event = leader::invoke_event(method);
-        let bytes = encode_call(&event, 0, args, self.shared.max_payload)?;
-        loop {
-            let Some(leader) = leader::current_leader(&self.shared.segment, self.shared.me) else {
-                if Instant::now() >= deadline {
-                    return Err(RequestError::NoLeader);
-                }
-                tokio::time::sleep(LEADER_POLL).await;
-                continue;
-            };
-            let watch = leader::leader_watch(&self.shared.segment, leader.term);
-            let call = self.call_watched(leader.slot, wire::REQUEST, bytes.clone(), deadline, watch);
-            match answer(call, deadline).await {
-                Ok(body) => return decode(&body),
-                Err(RequestError::WorkerDied) => return Err(RequestError::LeaderDied),
-                Err(RequestError::HandlerFailed(e)) if leader::is_not_leader(&e) => {
-                    if Instant::now() >= deadline {
-                        return Err(RequestError::NoLeader);
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let bytes = encode_call(&leader::invoke_event(method), 0, args, self.shared.max_payload)?;
+        decode(
+            &self
+                .call_answer(Op::Invoke { bytes, retry: false }, deadline)
+                .await?,
+        )
     }
 
     /// The segment's lock table, with this worker recorded as holder (for
@@ -749,7 +657,7 @@ impl AsyncMessenger {
     ///
     /// # Errors
     /// `WorkerDied` if the driver has ended; `TimedOut` after `deadline`.
-    pub async fn flush(&self, deadline: Instant) -> Result<(), RequestError> {
+    pub async fn flush(&self, deadline: Instant) -> Result<(), CallError> {
         let (tx, rx) = oneshot::channel();
         self.shared
             .outbox
@@ -762,8 +670,8 @@ impl AsyncMessenger {
         self.shared.outbox.wake();
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(RequestError::WorkerDied),
-            Err(_) => Err(RequestError::TimedOut),
+            Ok(Err(_)) => Err(CallError::WorkerDied),
+            Err(_) => Err(CallError::TimedOut),
         }
     }
 
@@ -778,8 +686,7 @@ impl AsyncMessenger {
     /// or shutdown), or the process got `SIGTERM`/`SIGINT`. Never without
     /// a master.
     pub fn should_stop(&self) -> bool {
-        self.shared.cluster_worker
-            && crate::cluster::stop_requested(&self.shared.segment, self.shared.me.slot)
+        self.shared.cluster_worker && self.view().stop_requested()
     }
 
     /// Resolves when [`AsyncMessenger::should_stop`] becomes true (looked
@@ -794,7 +701,7 @@ impl AsyncMessenger {
 
     /// Every slot's state and counters (see [`Messenger::stats`]).
     pub fn stats(&self) -> crate::ClusterStats {
-        crate::cluster::read_stats(&self.shared.segment)
+        self.view().stats()
     }
 
     /// Whether the worker in `slot` is live now (and its generation).
@@ -802,6 +709,6 @@ impl AsyncMessenger {
         if slot >= self.shared.workers {
             return None;
         }
-        live_generation(&self.shared.segment, self.shared.me, slot)
+        self.view().live_generation(slot)
     }
 }

@@ -20,7 +20,10 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{Messenger, MessengerHandle, RequestError, WorkerId};
+use super::core::Op;
+use super::encode::{decode, encode_call, encode_call_bytes};
+use super::error::{CallError, EmitError, RegisterError};
+use super::{Messenger, MessengerHandle, WorkerId};
 use crate::segment::Segment;
 use crate::{Locks, NamedLock};
 
@@ -32,7 +35,7 @@ const INVOKE_PREFIX: &str = "\u{1}invoke/";
 const SUBSCRIBE: &str = "\u{1}subscribe";
 const PUBLISH: &str = "\u{1}publish";
 const TOPIC_PREFIX: &str = "\u{1}topic/";
-const NOT_LEADER: &str = "not the leader";
+pub(super) const NOT_LEADER: &str = "not the leader";
 /// Sent by a new leader to every worker, so that waiting followers wake and
 /// see the new term at once.
 const ANNOUNCE: &str = "\u{1}leader";
@@ -113,14 +116,6 @@ fn find_entry(segment: &Segment, name: &str) -> Option<u32> {
     (2..segment.layout().lock_slots).find(|&i| segment.lock_entry(i).name().as_deref() == Some(name))
 }
 
-/// The current leader of the role whose lock is entry `i`, if one holds
-/// the lock now.
-/// The live leader of the default role, looked up in the lock table.
-#[cfg(feature = "tokio")]
-pub(super) fn current_leader(segment: &Segment, me: WorkerId) -> Option<Leader> {
-    read_leader_at(segment, me, find_entry(segment, &lock_name(""))?)
-}
-
 /// The lock-table entry of the default role's election, once named.
 #[cfg(test)]
 pub(crate) fn leader_entry(segment: &Segment) -> Option<u32> {
@@ -128,13 +123,11 @@ pub(crate) fn leader_entry(segment: &Segment) -> Option<u32> {
 }
 
 /// The event an `invoke` of `method` is sent as.
-#[cfg(feature = "tokio")]
 pub(super) fn invoke_event(method: &str) -> String {
     format!("{INVOKE_PREFIX}{method}")
 }
 
 /// Whether a handler's error says it is not (any longer) the leader.
-#[cfg(feature = "tokio")]
 pub(super) fn is_not_leader(error: &str) -> bool {
     error == NOT_LEADER
 }
@@ -150,7 +143,8 @@ fn read_leader_at(segment: &Segment, me: WorkerId, i: u32) -> Option<Leader> {
 /// claim), never a pid, which a dead leader's successor in the pid space
 /// could be given.
 fn holder_lives(segment: &Segment, me: WorkerId, slot: u32, generation: u32) -> bool {
-    slot < segment.layout().workers() && super::live_generation(segment, me, slot) == Some(generation)
+    slot < segment.layout().workers()
+        && crate::cluster::ClusterView::new(segment, me).live_generation(slot) == Some(generation)
 }
 
 /// A call to a leader, watched for its term ending by the leader's death:
@@ -168,6 +162,22 @@ pub(super) struct LeaderWatch {
 }
 
 impl LeaderWatch {
+    /// A watch of term `term` for the call core's tests.
+    #[cfg(test)]
+    pub(super) fn for_test(term: u64) -> Self {
+        Self {
+            entry: 0,
+            term,
+            owner_died: 0,
+        }
+    }
+
+    /// The watched term.
+    #[cfg(test)]
+    pub(super) fn term(&self) -> u64 {
+        self.term
+    }
+
     /// Whether the watched leader is known dead.
     pub(super) fn died(&self, segment: &Segment) -> bool {
         let e = segment.lock_entry(self.entry);
@@ -179,17 +189,24 @@ impl LeaderWatch {
     }
 }
 
-/// The watch of the default role's leader whose term is `term`, if that
-/// is still the term recorded (read together with the death count, as one
-/// seqlock read).
-pub(super) fn leader_watch(segment: &Segment, term: u64) -> Option<LeaderWatch> {
-    let entry = find_entry(segment, &lock_name(""))?;
+/// The default role's live leader and the watch of its term, read as one
+/// seqlock read (so the death count belongs to that term). `entry` is the
+/// role's lock-table entry if the caller knows it.
+pub(super) fn leader_call(
+    segment: &Segment,
+    me: WorkerId,
+    entry: Option<u32>,
+) -> Option<(Leader, Option<LeaderWatch>)> {
+    let entry = entry.or_else(|| find_entry(segment, &lock_name("")))?;
     let holder = read_holder_at(segment, entry)?;
-    (holder.leader.term == term).then_some(LeaderWatch {
-        entry,
-        term,
-        owner_died: holder.owner_died,
-    })
+    holder_lives(segment, me, holder.leader.slot, holder.generation).then_some((
+        holder.leader,
+        Some(LeaderWatch {
+            entry,
+            term: holder.leader.term,
+            owner_died: holder.owner_died,
+        }),
+    ))
 }
 
 /// A lock entry's holder as recorded.
@@ -380,7 +397,7 @@ impl Messenger {
     }
 
     /// Waits (dispatching) until the default role has a leader.
-    fn wait_leader(&mut self, deadline: Instant) -> Result<Leader, RequestError> {
+    fn wait_leader(&mut self, deadline: Instant) -> Result<Leader, CallError> {
         self.leader.seen_term.entry(String::new()).or_insert(0);
         loop {
             if let Some(l) = self
@@ -390,7 +407,7 @@ impl Messenger {
                 return Ok(l);
             }
             if Instant::now() >= deadline {
-                return Err(RequestError::NoLeader);
+                return Err(CallError::NoLeader);
             }
             self.dispatch_until(Some((Instant::now() + Duration::from_millis(2)).min(deadline)))?;
         }
@@ -401,7 +418,7 @@ impl Messenger {
     ///
     /// # Errors
     /// As [`Messenger::on_request`].
-    pub fn on_invoke<T, R, E, F>(&mut self, method: &str, mut f: F) -> Result<super::HandlerId, RequestError>
+    pub fn on_invoke<T, R, E, F>(&mut self, method: &str, mut f: F) -> Result<super::HandlerId, RegisterError>
     where
         T: DeserializeOwned,
         R: Serialize,
@@ -435,7 +452,7 @@ impl Messenger {
     /// # Errors
     /// `NoLeader` (none elected before the deadline), `LeaderDied`,
     /// `TimedOut`, and as [`Messenger::request`].
-    pub fn invoke<T, R>(&mut self, method: &str, args: &T, deadline: Instant) -> Result<R, RequestError>
+    pub fn invoke<T, R>(&mut self, method: &str, args: &T, deadline: Instant) -> Result<R, CallError>
     where
         T: Serialize + ?Sized,
         R: DeserializeOwned,
@@ -453,7 +470,7 @@ impl Messenger {
         method: &str,
         args: &T,
         deadline: Instant,
-    ) -> Result<R, RequestError>
+    ) -> Result<R, CallError>
     where
         T: Serialize + ?Sized,
         R: DeserializeOwned,
@@ -467,42 +484,46 @@ impl Messenger {
         args: &T,
         deadline: Instant,
         retry: bool,
-    ) -> Result<R, RequestError>
+    ) -> Result<R, CallError>
     where
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let event = format!("{INVOKE_PREFIX}{method}");
-        let bytes = super::encode_call(&event, 0, args, self.max_payload)?;
-        loop {
-            let leader = self.wait_leader(deadline)?;
-            let watch = leader_watch(&self.segment, leader.term);
-            let answer = self
-                .request_watched(leader.slot, &event, bytes.clone(), deadline, watch)
-                .and_then(|body| {
-                    postcard::from_bytes::<R>(&body).map_err(|e| RequestError::Decode(e.to_string()))
-                });
-            match answer {
-                Err(RequestError::WorkerDied) if retry => continue,
-                Err(RequestError::WorkerDied) => return Err(RequestError::LeaderDied),
-                // A stale view (the leader changed meanwhile): ask again.
-                Err(RequestError::HandlerFailed(e)) if e == NOT_LEADER => {
-                    if Instant::now() >= deadline {
-                        return Err(RequestError::NoLeader);
-                    }
-                    self.dispatch_until(Some(Instant::now() + Duration::from_millis(1)))?;
-                }
-                Err(RequestError::NoHandler) => return Err(RequestError::NoHandler),
-                other => return other,
-            }
-        }
+        let bytes = encode_call(&invoke_event(method), 0, args, self.max_payload)?;
+        decode(&self.invoke_encoded(bytes, deadline, retry)?)
+    }
+
+    /// An invoke through the call core ([`Op::Invoke`]): it waits for a
+    /// leader, asks again if the worker asked no longer leads, and fails
+    /// (or, with `retry`, goes to the next leader) if the leader dies in
+    /// office.
+    fn invoke_encoded(
+        &mut self,
+        bytes: Vec<u8>,
+        deadline: Instant,
+        retry: bool,
+    ) -> Result<Vec<u8>, CallError> {
+        // Follow the default role's terms from now on (`check_leaders`).
+        self.leader.seen_term.entry(String::new()).or_insert(0);
+        self.leader_entry_lookup();
+        self.call_answer(Op::Invoke { bytes, retry }, deadline)
+    }
+
+    /// The default role's lock-table entry, once known.
+    pub(super) fn leader_entry(&self) -> Option<u32> {
+        self.leader.entries.get("").copied()
+    }
+
+    /// [`Messenger::leader_entry`], looking it up if not yet known.
+    pub(super) fn leader_entry_lookup(&mut self) -> Option<u32> {
+        self.entry_of("")
     }
 
     /// [`Messenger::on_invoke`] with raw bytes both ways.
     ///
     /// # Errors
     /// As [`Messenger::on_request`].
-    pub fn on_invoke_bytes<F>(&mut self, method: &str, mut f: F) -> Result<super::HandlerId, RequestError>
+    pub fn on_invoke_bytes<F>(&mut self, method: &str, mut f: F) -> Result<super::HandlerId, RegisterError>
     where
         F: FnMut(&super::Ctx, &[u8]) -> Result<Vec<u8>, String> + Send + 'static,
     {
@@ -526,23 +547,9 @@ impl Messenger {
         method: &str,
         data: &[u8],
         deadline: Instant,
-    ) -> Result<Vec<u8>, RequestError> {
-        let event = format!("{INVOKE_PREFIX}{method}");
-        loop {
-            let leader = self.wait_leader(deadline)?;
-            let watch = leader_watch(&self.segment, leader.term);
-            let bytes = super::encode_call_bytes(&event, 0, data, self.max_payload)?;
-            match self.request_watched(leader.slot, &event, bytes, deadline, watch) {
-                Err(RequestError::WorkerDied) => return Err(RequestError::LeaderDied),
-                Err(RequestError::HandlerFailed(e)) if e == NOT_LEADER => {
-                    if Instant::now() >= deadline {
-                        return Err(RequestError::NoLeader);
-                    }
-                    self.dispatch_until(Some(Instant::now() + Duration::from_millis(1)))?;
-                }
-                other => return other,
-            }
-        }
+    ) -> Result<Vec<u8>, CallError> {
+        let bytes = encode_call_bytes(&invoke_event(method), 0, data, self.max_payload)?;
+        self.invoke_encoded(bytes, deadline, false)
     }
 
     /// [`Messenger::publish`] of raw bytes: subscribers registered with
@@ -550,10 +557,10 @@ impl Messenger {
     ///
     /// # Errors
     /// As [`Messenger::publish`].
-    pub fn publish_bytes(&mut self, topic: &str, data: &[u8], deadline: Instant) -> Result<(), RequestError> {
+    pub fn publish_bytes(&mut self, topic: &str, data: &[u8], deadline: Instant) -> Result<(), CallError> {
         let leader = self.wait_leader(deadline)?;
         match self.request::<_, ()>(leader.slot, PUBLISH, &(topic, data.to_vec()), deadline) {
-            Err(RequestError::WorkerDied) => Err(RequestError::LeaderDied),
+            Err(CallError::WorkerDied) => Err(CallError::LeaderDied),
             other => other,
         }
     }
@@ -562,7 +569,7 @@ impl Messenger {
     ///
     /// # Errors
     /// As [`Messenger::subscribe`].
-    pub fn subscribe_bytes<F>(&mut self, topic: &str, deadline: Instant, mut f: F) -> Result<(), RequestError>
+    pub fn subscribe_bytes<F>(&mut self, topic: &str, deadline: Instant, mut f: F) -> Result<(), CallError>
     where
         F: FnMut(&super::Ctx, &[u8]) + Send + 'static,
     {
@@ -574,7 +581,7 @@ impl Messenger {
         self.leader.subscriptions.insert(topic.to_owned());
         let leader = self.wait_leader(deadline)?;
         self.leader.subscribed_term = leader.term;
-        self.notify(leader.slot, SUBSCRIBE, topic)
+        Ok(self.notify(leader.slot, SUBSCRIBE, topic)?)
     }
 
     /// One-way invoke: the leader's handler runs; nothing is awaited.
@@ -586,9 +593,9 @@ impl Messenger {
         method: &str,
         args: &T,
         deadline: Instant,
-    ) -> Result<(), RequestError> {
+    ) -> Result<(), CallError> {
         let leader = self.wait_leader(deadline)?;
-        self.notify(leader.slot, &format!("{INVOKE_PREFIX}{method}"), args)
+        Ok(self.notify(leader.slot, &invoke_event(method), args)?)
     }
 
     /// Subscribes to `topic` through the leader: `f` runs for every value
@@ -597,7 +604,7 @@ impl Messenger {
     ///
     /// # Errors
     /// `NoLeader`, and the send errors.
-    pub fn subscribe<T, F>(&mut self, topic: &str, deadline: Instant, mut f: F) -> Result<(), RequestError>
+    pub fn subscribe<T, F>(&mut self, topic: &str, deadline: Instant, mut f: F) -> Result<(), CallError>
     where
         T: DeserializeOwned,
         F: FnMut(&super::Ctx, T) + Send + 'static,
@@ -615,7 +622,7 @@ impl Messenger {
         self.leader.subscriptions.insert(topic.to_owned());
         let leader = self.wait_leader(deadline)?;
         self.leader.subscribed_term = leader.term;
-        self.notify(leader.slot, SUBSCRIBE, topic)
+        Ok(self.notify(leader.slot, SUBSCRIBE, topic)?)
     }
 
     /// Publishes `value` on `topic` through the leader, which keeps it as
@@ -628,11 +635,11 @@ impl Messenger {
         topic: &str,
         value: &T,
         deadline: Instant,
-    ) -> Result<(), RequestError> {
-        let bytes = postcard::to_allocvec(value).map_err(|e| RequestError::Encode(e.to_string()))?;
+    ) -> Result<(), CallError> {
+        let bytes = postcard::to_allocvec(value).map_err(CallError::Encode)?;
         let leader = self.wait_leader(deadline)?;
         match self.request::<_, ()>(leader.slot, PUBLISH, &(topic, bytes), deadline) {
-            Err(RequestError::WorkerDied) => Err(RequestError::LeaderDied),
+            Err(CallError::WorkerDied) => Err(CallError::LeaderDied),
             other => other,
         }
     }
@@ -707,8 +714,8 @@ fn candidate(
 
 impl MessengerHandle {
     /// Emits already-encoded bytes (the leader forwarding a published value).
-    pub(super) fn emit_raw(&self, to: u32, event: &str, bytes: &[u8]) -> Result<(), RequestError> {
-        let msg = super::encode_call_bytes(event, 0, bytes, self.max_payload)?;
+    pub(super) fn emit_raw(&self, to: u32, event: &str, bytes: &[u8]) -> Result<(), EmitError> {
+        let msg = encode_call_bytes(event, 0, bytes, self.max_payload)?;
         self.outbox.push(
             to,
             crate::Tag {

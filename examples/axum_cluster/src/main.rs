@@ -321,7 +321,7 @@ async fn serve(
 
 /// The messenger handlers: the other half of `/cache` (invalidation),
 /// `/stats` (this worker's figures) and `/jobs` (running one).
-fn register_handlers(m: &mut Messenger, local: &Arc<Local>) -> Result<(), shmcluster::RequestError> {
+fn register_handlers(m: &mut Messenger, local: &Arc<Local>) -> Result<(), shmcluster::CallError> {
     let l = local.clone();
     m.on("cache.invalidate", move |_, key: String| l.invalidate(&key))?;
     let l = local.clone();

@@ -1,0 +1,106 @@
+//! What a worker may read of the cluster's state, read-only: who is live
+//! (and in which generation), who is draining, how deep each inbox is,
+//! whether this worker was told to stop, and the stats. The messenger reads
+//! the cluster through this and nothing else.
+
+use std::sync::atomic::Ordering::Acquire;
+
+use super::WorkerState;
+use crate::messenger::WorkerId;
+use crate::segment::Segment;
+
+/// One worker's read-only view of the cluster it belongs to.
+#[derive(Clone, Copy)]
+pub(crate) struct ClusterView<'a> {
+    segment: &'a Segment,
+    /// The worker looking (live by definition).
+    me: WorkerId,
+}
+
+impl<'a> ClusterView<'a> {
+    pub(crate) fn new(segment: &'a Segment, me: WorkerId) -> Self {
+        Self { segment, me }
+    }
+
+    /// Slots in the segment.
+    pub(crate) fn workers(&self) -> u32 {
+        self.segment.layout().workers()
+    }
+
+    /// The generation of the worker now in `slot`, if one is live. A worker
+    /// is live while the master's table says `Starting`, `Ready` or
+    /// `Draining`; without a master, while its slot is claimed by a live
+    /// process.
+    pub(crate) fn live_generation(&self, slot: u32) -> Option<u32> {
+        if slot == self.me.slot {
+            return Some(self.me.generation);
+        }
+        if slot >= self.workers() {
+            return None;
+        }
+        let segment = self.segment;
+        if segment.control().master_pid.load(Acquire) != 0 {
+            let entry = segment.worker_entry(slot);
+            let state = WorkerState::from_raw(entry.state.load(Acquire));
+            matches!(
+                state,
+                WorkerState::Starting | WorkerState::Ready | WorkerState::Draining
+            )
+            .then(|| entry.generation.load(Acquire))
+        } else {
+            // A slot never claimed, or released, costs no system call. Else
+            // the generation before the claim: should a successor claim the
+            // slot in between, this answers with its dead predecessor's
+            // generation for one look, and a call made on it settles as
+            // `WorkerDied` at the next (never the other way round: a live
+            // worker seen dead).
+            let control = segment.slot(slot);
+            if control.owner.load(Acquire) == 0 {
+                return None;
+            }
+            let generation = control.generation.load(Acquire);
+            segment.slot_held(slot).then_some(generation)
+        }
+    }
+
+    /// Live workers now, in slot order.
+    pub(crate) fn live_workers(&self) -> Vec<WorkerId> {
+        (0..self.workers())
+            .filter_map(|slot| {
+                self.live_generation(slot)
+                    .map(|generation| WorkerId { slot, generation })
+            })
+            .collect()
+    }
+
+    /// Whether the master is draining the worker in `slot` (a rolling
+    /// reload replaces it).
+    pub(crate) fn is_draining(&self, slot: u32) -> bool {
+        self.segment.control().master_pid.load(Acquire) != 0
+            && WorkerState::from_raw(self.segment.worker_entry(slot).state.load(Acquire))
+                == WorkerState::Draining
+    }
+
+    /// Bytes waiting in `slot`'s inbox, from every sender.
+    pub(crate) fn inbox_depth(&self, slot: u32) -> u64 {
+        (0..self.workers())
+            .map(|from| self.segment.lane(from, slot).depth())
+            .fold(0, u64::saturating_add)
+    }
+
+    /// Whether this worker was asked to stop (drain or shutdown), or its
+    /// process got `SIGTERM`/`SIGINT`.
+    pub(crate) fn stop_requested(&self) -> bool {
+        super::stop_requested(self.segment, self.me.slot)
+    }
+
+    /// The deaths the master has counted (see `Control::deaths`).
+    pub(crate) fn deaths(&self) -> u32 {
+        self.segment.control().deaths.load(Acquire)
+    }
+
+    /// Every slot's state and counters.
+    pub(crate) fn stats(&self) -> super::ClusterStats {
+        super::read_stats(self.segment)
+    }
+}

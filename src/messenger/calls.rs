@@ -1,0 +1,425 @@
+//! The calls a worker makes — emit, broadcast, notify, request, map,
+//! consume — on the messenger's own thread. Each call that waits runs the
+//! call core ([`super::core`]) through [`Messenger::call`], dispatching
+//! what arrives while it waits, so two workers calling each other never
+//! deadlock.
+
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::core::{Op, OpId, Peers, Settled};
+use super::encode::{decode, encode_call, encode_call_bytes};
+use super::error::{CallError, EmitError, MapError};
+use super::leader::{self, LeaderWatch};
+use super::{wire, Consumed, Leader, Messenger, Target, WorkerId, LATENCY_MAP, LATENCY_REQUEST};
+use crate::cluster::ClusterView;
+use crate::segment::Segment;
+use crate::Tag;
+
+/// The cluster as the call core sees it from a live worker: the cluster's
+/// view for liveness and load, the lock table for the leader.
+pub(super) struct LivePeers<'a> {
+    view: ClusterView<'a>,
+    segment: &'a Segment,
+    me: WorkerId,
+    /// The default role's lock-table entry, if known.
+    leader_entry: Option<u32>,
+}
+
+impl<'a> LivePeers<'a> {
+    pub(super) fn new(segment: &'a Segment, me: WorkerId, leader_entry: Option<u32>) -> Self {
+        Self {
+            view: ClusterView::new(segment, me),
+            segment,
+            me,
+            leader_entry,
+        }
+    }
+}
+
+impl Peers for LivePeers<'_> {
+    fn workers(&self) -> u32 {
+        self.view.workers()
+    }
+
+    fn live_generation(&self, slot: u32) -> Option<u32> {
+        self.view.live_generation(slot)
+    }
+
+    fn live_workers(&self) -> Vec<WorkerId> {
+        self.view.live_workers()
+    }
+
+    /// A draining worker gets new tasks only if no other can take them;
+    /// then the fewest bytes waiting.
+    fn load(&self, slot: u32) -> (bool, u64) {
+        (self.view.is_draining(slot), self.view.inbox_depth(slot))
+    }
+
+    fn leader(&self) -> Option<(Leader, Option<LeaderWatch>)> {
+        leader::leader_call(self.segment, self.me, self.leader_entry)
+    }
+
+    fn leader_died(&self, watch: &LeaderWatch) -> bool {
+        watch.died(self.segment)
+    }
+}
+
+impl Messenger {
+    fn targets(&self, target: Target) -> Result<Vec<u32>, EmitError> {
+        Ok(match target {
+            Target::Worker(s) if s >= self.workers => return Err(EmitError::NoSuchWorker { slot: s }),
+            Target::Worker(s) => vec![s],
+            Target::All => self.live_workers().into_iter().map(|p| p.slot).collect(),
+            Target::Others => self
+                .live_workers()
+                .into_iter()
+                .map(|p| p.slot)
+                .filter(|&s| s != self.slot)
+                .collect(),
+        })
+    }
+
+    /// Emits `event` with `value` to `target`: every handler for it runs
+    /// there. Returns how many workers it was sent to.
+    ///
+    /// # Errors
+    /// `EventName`, `Encode`, `TooLarge`, `NoSuchWorker`, `Corrupt`.
+    pub fn emit<T: Serialize + ?Sized>(
+        &mut self,
+        target: Target,
+        event: &str,
+        value: &T,
+    ) -> Result<usize, EmitError> {
+        let bytes = encode_call(event, 0, value, self.max_payload)?;
+        self.emit_encoded(target, event, bytes)
+    }
+
+    /// Emits raw bytes (handlers registered with [`Messenger::on_bytes`]).
+    ///
+    /// # Errors
+    /// As [`Messenger::emit`].
+    pub fn emit_bytes(&mut self, target: Target, event: &str, data: &[u8]) -> Result<usize, EmitError> {
+        let bytes = encode_call_bytes(event, 0, data, self.max_payload)?;
+        self.emit_encoded(target, event, bytes)
+    }
+
+    fn emit_encoded(&mut self, target: Target, event: &str, bytes: Vec<u8>) -> Result<usize, EmitError> {
+        let tag = Tag {
+            kind: wire::EMIT,
+            correlation: 0,
+        };
+        let targets = self.targets(target)?;
+        for &to in &targets {
+            self.deliver(to, tag, bytes.clone(), None)?;
+        }
+        self.count(event, |s| s.sent += targets.len() as u64);
+        Ok(targets.len())
+    }
+
+    /// `emit(All, ..)`: every live worker, the caller included, runs its
+    /// handlers for `event`. Returns how many workers it was sent to.
+    ///
+    /// # Errors
+    /// As [`Messenger::emit`].
+    pub fn broadcast<T: Serialize + ?Sized>(&mut self, event: &str, value: &T) -> Result<usize, EmitError> {
+        self.emit(Target::All, event, value)
+    }
+
+    /// A builder-style target: `messenger.to(Target::Worker(3)).emit("e", &v)`.
+    pub fn to(&mut self, target: Target) -> To<'_> {
+        To { m: self, target }
+    }
+
+    // ------------------------------------------------------------ calls
+
+    /// Sends a REQUEST for `event` to `worker`, without waiting for an
+    /// answer (a reply, if any, is dropped): its first handler runs.
+    ///
+    /// # Errors
+    /// The send errors.
+    pub fn notify<T: Serialize + ?Sized>(
+        &mut self,
+        worker: u32,
+        event: &str,
+        value: &T,
+    ) -> Result<(), EmitError> {
+        let bytes = encode_call(event, 0, value, self.max_payload)?;
+        let tag = Tag {
+            kind: wire::REQUEST,
+            correlation: 0,
+        };
+        self.deliver(worker, tag, bytes, None)?;
+        self.count(event, |s| s.sent += 1);
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ calls
+
+    /// Runs `op` to its end: the blocking driver of the call core. Sends
+    /// what the core asks for, dispatches what arrives (answers, and the
+    /// handlers of other messages) and looks at deaths and the time, until
+    /// the core settles `op`.
+    ///
+    /// # Errors
+    /// Only a corrupt lane found while dispatching; the call's own failures
+    /// are in the [`Settled`].
+    pub(super) fn call(&mut self, op: Op, deadline: Instant) -> Result<Settled, CallError> {
+        let id = {
+            let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
+            self.core.start(op, deadline, Instant::now(), &peers)
+        };
+        loop {
+            self.pump();
+            if let Some(s) = self.take_finished(id) {
+                return Ok(s);
+            }
+            self.check_liveness();
+            let now = Instant::now();
+            {
+                let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
+                self.core.handle_timeout(now, &peers);
+            }
+            if let Some(s) = self.take_finished(id) {
+                return Ok(s);
+            }
+            let until = self
+                .core
+                .next_timeout()
+                .unwrap_or(deadline)
+                .min(now + self.liveness_slice);
+            if let Err(e) = self.dispatch_until(Some(until)) {
+                self.core.abandon(id);
+                self.finished.remove(&id);
+                return Err(e.into());
+            }
+        }
+    }
+
+    /// `op`'s end, if it has come.
+    fn take_finished(&mut self, id: OpId) -> Option<Settled> {
+        self.route_settled();
+        self.finished.remove(&id)
+    }
+
+    /// A request's or invoke's answer.
+    pub(super) fn call_answer(&mut self, op: Op, deadline: Instant) -> Result<Vec<u8>, CallError> {
+        match self.call(op, deadline)? {
+            Settled::Answer(r) => r,
+            other => unreachable!("a request settled as {other:?}"),
+        }
+    }
+
+    /// Asks `worker` to run its first handler for `event` with `value` and
+    /// waits until `deadline` for the answer.
+    ///
+    /// # Errors
+    /// `NoHandler`, `HandlerFailed` (its error, panic, or a payload it could
+    /// not decode), `WorkerDied`, `TimedOut`, `Decode`, `NoSuchWorker`,
+    /// and the encoding and send errors.
+    pub fn request<T, R>(
+        &mut self,
+        worker: u32,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<R, CallError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let bytes = encode_call(event, 0, value, self.max_payload)?;
+        decode(&self.request_encoded(worker, event, bytes, deadline)?)
+    }
+
+    /// [`Messenger::request`] with raw bytes both ways.
+    ///
+    /// # Errors
+    /// As [`Messenger::request`].
+    pub fn request_bytes(
+        &mut self,
+        worker: u32,
+        event: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        let bytes = encode_call_bytes(event, 0, data, self.max_payload)?;
+        self.request_encoded(worker, event, bytes, deadline)
+    }
+
+    fn request_encoded(
+        &mut self,
+        worker: u32,
+        event: &str,
+        bytes: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        let started = Instant::now();
+        self.count(event, |s| s.sent += 1);
+        let r = self.call_answer(Op::Request { to: worker, bytes }, deadline);
+        self.record_latency(LATENCY_REQUEST, started.elapsed());
+        r
+    }
+
+    /// Every live worker, the caller included, runs its first handler for
+    /// `event`; one entry per worker, in slot order. Never waits past
+    /// `deadline`, and an entry whose worker died or has no handler is
+    /// settled as soon as that is known.
+    ///
+    /// # Errors
+    /// Only for the call as a whole: `EventName`, `Encode`, `TooLarge`, a
+    /// corrupt lane found while dispatching.
+    #[allow(clippy::type_complexity)]
+    pub fn map<T, R>(
+        &mut self,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<Vec<(WorkerId, Result<R, MapError>)>, CallError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let bytes = encode_call(event, 0, value, self.max_payload)?;
+        Ok(decode_entries(self.map_encoded(event, bytes, deadline)?))
+    }
+
+    /// [`Messenger::map`] with raw bytes both ways (handlers registered
+    /// with [`Messenger::on_bytes`] or any handler whose reply is wanted
+    /// undecoded).
+    ///
+    /// # Errors
+    /// As [`Messenger::map`].
+    #[allow(clippy::type_complexity)]
+    pub fn map_bytes(
+        &mut self,
+        event: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<(WorkerId, Result<Vec<u8>, MapError>)>, CallError> {
+        let bytes = encode_call_bytes(event, 0, data, self.max_payload)?;
+        self.map_encoded(event, bytes, deadline)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn map_encoded(
+        &mut self,
+        event: &str,
+        bytes: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<(WorkerId, Result<Vec<u8>, MapError>)>, CallError> {
+        let _span = tracing::debug_span!("map", event).entered();
+        let started = Instant::now();
+        let entries = match self.call(Op::Map { bytes }, deadline)? {
+            Settled::Map(entries) => entries,
+            other => unreachable!("a map settled as {other:?}"),
+        };
+        self.count(event, |s| s.sent += entries.len() as u64);
+        self.record_latency(LATENCY_MAP, started.elapsed());
+        Ok(entries)
+    }
+
+    /// Runs `event` on exactly one live worker that has a handler for it,
+    /// the one with the shallowest inbox, and waits until its handler has
+    /// finished. At least once: if that worker dies first, the task goes to
+    /// another worker with the same delivery id.
+    ///
+    /// # Errors
+    /// `NoHandler` if no live worker has a handler, `HandlerFailed`,
+    /// `TimedOut`, and the encoding and send errors.
+    pub fn consume<T: Serialize + ?Sized>(
+        &mut self,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<Consumed, CallError> {
+        let delivery = self.new_delivery_id();
+        let bytes = encode_call(event, delivery, value, self.max_payload)?;
+        self.consume_encoded(event, delivery, bytes, deadline)
+    }
+
+    /// [`Messenger::consume`] with a raw-bytes payload.
+    ///
+    /// # Errors
+    /// As [`Messenger::consume`].
+    pub fn consume_bytes(
+        &mut self,
+        event: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Consumed, CallError> {
+        let delivery = self.new_delivery_id();
+        let bytes = encode_call_bytes(event, delivery, data, self.max_payload)?;
+        self.consume_encoded(event, delivery, bytes, deadline)
+    }
+
+    fn consume_encoded(
+        &mut self,
+        event: &str,
+        delivery: u64,
+        bytes: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Consumed, CallError> {
+        let _span = tracing::debug_span!("consume", event, delivery).entered();
+        self.count(event, |s| s.sent += 1);
+        match self.call(Op::Consume { delivery, bytes }, deadline)? {
+            Settled::Consumed(r) => r,
+            other => unreachable!("a consume settled as {other:?}"),
+        }
+    }
+
+    /// A delivery id unique to this worker incarnation's `consume`s (an
+    /// async messenger's have bit 31 set).
+    fn new_delivery_id(&mut self) -> u64 {
+        self.next_delivery = (self.next_delivery + 1) & 0x7fff_ffff;
+        (u64::from(self.slot) << 52) ^ (u64::from(self.generation) << 32) ^ self.next_delivery
+    }
+
+    fn record_latency(&self, which: usize, d: Duration) {
+        let stats = self.segment.stats_entry(self.slot);
+        stats.add_latency(which, d.as_nanos() as u64);
+    }
+}
+
+/// A map's entries decoded as `R`.
+pub(super) fn decode_entries<R: DeserializeOwned>(
+    entries: Vec<(WorkerId, Result<Vec<u8>, MapError>)>,
+) -> Vec<(WorkerId, Result<R, MapError>)> {
+    entries
+        .into_iter()
+        .map(|(peer, r)| {
+            (
+                peer,
+                r.and_then(|body| postcard::from_bytes(&body).map_err(MapError::Decode)),
+            )
+        })
+        .collect()
+}
+
+/// `messenger.to(target)`: send or emit to a target.
+#[derive(Debug)]
+pub struct To<'a> {
+    m: &'a mut Messenger,
+    target: Target,
+}
+
+impl To<'_> {
+    /// Emits `event` with `value` (every handler for it runs).
+    ///
+    /// # Errors
+    /// As [`Messenger::emit`].
+    pub fn emit<T: Serialize + ?Sized>(self, event: &str, value: &T) -> Result<usize, EmitError> {
+        self.m.emit(self.target, event, value)
+    }
+
+    /// Sends a plain message: the `"message"` event, as SFN's ipchannel
+    /// `send` does (`on("message", ..)` receives it).
+    ///
+    /// # Errors
+    /// As [`Messenger::emit`].
+    pub fn send<T: Serialize + ?Sized>(self, value: &T) -> Result<usize, EmitError> {
+        self.m.emit(self.target, "message", value)
+    }
+}

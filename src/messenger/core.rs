@@ -1,0 +1,1148 @@
+//! The call protocol, written once for every driver, as a state machine
+//! that does no I/O (sans-IO, in the manner of quinn-proto's `Connection`).
+//!
+//! A *call* is one message that wants an answer: it has a correlation id,
+//! a target slot and the target's generation when it was sent. An
+//! *operation* is what the user asked for and is made of calls:
+//!
+//! | operation          | calls                                                        | settles with                     |
+//! |--------------------|--------------------------------------------------------------|----------------------------------|
+//! | [`Op::Request`]    | one, to the slot asked for                                   | the answer, or a [`CallError`]   |
+//! | [`Op::Map`]        | one per live worker                                          | one entry per worker             |
+//! | [`Op::Consume`]    | one at a time: the next on a death or a `NoHandler`          | who finished it, or an error     |
+//! | [`Op::Invoke`]     | one to the leader; again on `NOT_LEADER`, or its death if `retry` | the answer, or an error     |
+//!
+//! The core is *given* what happened — [`CallCore::handle_reply`] (an
+//! answer arrived), [`CallCore::send_failed`] (a call could not be sent),
+//! [`CallCore::handle_deaths`] (look at who died) and
+//! [`CallCore::handle_timeout`] (the time now) — and is *asked* what to do:
+//! [`CallCore::poll_transmit`] (a message to send) and
+//! [`CallCore::poll_settled`] (an operation finished). It never reads a
+//! clock, a lane or the segment itself: what it knows of the cluster comes
+//! through [`Peers`], so the unit tests below drive every race the
+//! multi-process tests found with a fake cluster and a fake clock.
+//!
+//! # How a driver plugs in
+//! A driver owns one `CallCore` and the means to send, receive and wait.
+//! The blocking [`Messenger`](super::Messenger), the handle for other
+//! threads and the tokio driver of the
+//! [`AsyncMessenger`](super::AsyncMessenger) all run this loop; a NATS
+//! bridge or a Node.js binding runs the same one:
+//!
+//! 1. [`start`](CallCore::start) an operation (its payload already encoded
+//!    and size-checked), keeping the [`OpId`];
+//! 2. send every [`Transmit`] that [`poll_transmit`](CallCore::poll_transmit)
+//!    gives, in order, each before its deadline; one that cannot be sent
+//!    goes back through [`send_failed`](CallCore::send_failed);
+//! 3. feed every reply that arrives to
+//!    [`handle_reply`](CallCore::handle_reply);
+//! 4. when deaths may have happened (the master's death count moved, or
+//!    every few milliseconds while calls wait) call
+//!    [`handle_deaths`](CallCore::handle_deaths), and
+//!    [`handle_timeout`](CallCore::handle_timeout) with the time now;
+//! 5. take finished operations from [`poll_settled`](CallCore::poll_settled);
+//!    wait for the next message no longer than
+//!    [`next_timeout`](CallCore::next_timeout).
+//!
+//! Steps 2–5 repeat in any order; each is cheap when there is nothing to do.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::error::{CallError, MapError};
+use super::leader::{self, LeaderWatch};
+use super::{wire, Consumed, Leader, WorkerId};
+use crate::Tag;
+
+/// Identifies an operation of one [`CallCore`].
+pub(crate) type OpId = u64;
+
+/// How long an `invoke` waits before looking for a leader again when
+/// there is none.
+const LEADER_POLL: Duration = Duration::from_millis(2);
+/// How long an `invoke` waits before asking again when the worker it asked
+/// was no longer the leader.
+const NOT_LEADER_RETRY: Duration = Duration::from_millis(1);
+
+/// An operation to start: its payload is an encoded call
+/// ([`wire::put_call_header`] and the value), checked against the payload
+/// limit.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// One call to the worker in slot `to`.
+    Request { to: u32, bytes: Vec<u8> },
+    /// One call to every live worker, the caller included.
+    Map { bytes: Vec<u8> },
+    /// One call at a time to one live worker with a handler, the least
+    /// loaded; at least once (`delivery` is in `bytes`).
+    Consume { delivery: u64, bytes: Vec<u8> },
+    /// One call to the default role's leader. With `retry`, a call whose
+    /// leader died goes to the next one (an idempotent method).
+    Invoke { bytes: Vec<u8>, retry: bool },
+}
+
+/// How an operation ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// A request's or an invoke's answer (an encoded value).
+    Answer(Result<Vec<u8>, CallError>),
+    /// A map's entries, one per worker that was live at its start, in slot
+    /// order.
+    Map(Vec<(WorkerId, Result<Vec<u8>, MapError>)>),
+    /// A consume's end.
+    Consumed(Result<Consumed, CallError>),
+}
+
+/// A message the driver must send for a call.
+#[derive(Debug)]
+pub(crate) struct Transmit {
+    /// The call it belongs to (for [`CallCore::send_failed`]).
+    pub(crate) call: u64,
+    pub(crate) to: u32,
+    pub(crate) tag: Tag,
+    pub(crate) bytes: Vec<u8>,
+    /// Give up sending (a full lane) at this time.
+    pub(crate) deadline: Instant,
+}
+
+/// What the core needs to know of the cluster, read when it is asked to
+/// look: the messenger's [`ClusterView`](crate::cluster::ClusterView) and
+/// the lock table for a real driver, a table in the tests.
+pub(crate) trait Peers {
+    /// Slots in the segment.
+    fn workers(&self) -> u32;
+    /// The generation of the worker now live in `slot`, if any.
+    fn live_generation(&self, slot: u32) -> Option<u32>;
+    /// Live workers now, in slot order.
+    fn live_workers(&self) -> Vec<WorkerId> {
+        (0..self.workers())
+            .filter_map(|slot| {
+                self.live_generation(slot)
+                    .map(|generation| WorkerId { slot, generation })
+            })
+            .collect()
+    }
+    /// How loaded `slot` is for a consume: whether it is draining, and the
+    /// bytes in its inbox (less is better, in that order).
+    fn load(&self, slot: u32) -> (bool, u64);
+    /// The default role's live leader and the watch of its term.
+    fn leader(&self) -> Option<(Leader, Option<LeaderWatch>)>;
+    /// Whether the leader watched by `watch` is known dead (before the
+    /// master reaps it: see [`LeaderWatch`]).
+    fn leader_died(&self, watch: &LeaderWatch) -> bool;
+}
+
+/// A call in flight.
+#[derive(Debug)]
+struct Call {
+    op: OpId,
+    target: u32,
+    generation: u32,
+    /// For a call to a leader: its term, ended by its death.
+    watch: Option<LeaderWatch>,
+    /// A map's entry index.
+    entry: usize,
+}
+
+/// A map's entries so far: `None` until its worker's call ends.
+type OpenEntries = Vec<(WorkerId, Option<Result<Vec<u8>, MapError>>)>;
+
+#[derive(Debug)]
+enum State {
+    Request,
+    Map {
+        entries: OpenEntries,
+        open: usize,
+    },
+    Consume {
+        delivery: u64,
+        bytes: Vec<u8>,
+        refused: Vec<u32>,
+        attempts: u32,
+        /// The worker the call in flight went to.
+        current: Option<WorkerId>,
+    },
+    Invoke {
+        bytes: Vec<u8>,
+        retry: bool,
+        /// A call in flight.
+        calling: bool,
+        /// Look for a leader (again) at this time at the latest.
+        look_at: Option<Instant>,
+        /// Look at every [`CallCore::handle_timeout`] until then: there was
+        /// no leader, and a new one should be called as soon as the driver
+        /// wakes (its election rings every worker). Not after a worker
+        /// said it no longer leads: that view needs a moment to settle.
+        eager: bool,
+    },
+}
+
+#[derive(Debug)]
+struct Operation {
+    deadline: Instant,
+    state: State,
+}
+
+/// The calls of one messenger: see the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct CallCore {
+    ops: HashMap<OpId, Operation>,
+    calls: HashMap<u64, Call>,
+    transmits: VecDeque<Transmit>,
+    settled: VecDeque<(OpId, Settled)>,
+    /// The next call id (0 means "no answer wanted" on the wire).
+    next_call: u64,
+    next_op: OpId,
+    /// Consume's round-robin turn among equally loaded workers.
+    turn: usize,
+}
+
+impl CallCore {
+    /// The core of the worker in slot `me`.
+    pub(crate) fn new(me: u32) -> Self {
+        Self {
+            ops: HashMap::new(),
+            calls: HashMap::new(),
+            transmits: VecDeque::new(),
+            settled: VecDeque::new(),
+            next_call: 1,
+            next_op: 1,
+            turn: me as usize,
+        }
+    }
+
+    /// Starts `op`, to end by `deadline`. Its first messages wait in
+    /// [`CallCore::poll_transmit`]; an operation that cannot start (no such
+    /// worker, a dead target, nobody to consume) is settled at once.
+    pub(crate) fn start(&mut self, op: Op, deadline: Instant, now: Instant, peers: &impl Peers) -> OpId {
+        let id = self.next_op;
+        self.next_op += 1;
+        match op {
+            Op::Request { to, bytes } => {
+                self.ops.insert(
+                    id,
+                    Operation {
+                        deadline,
+                        state: State::Request,
+                    },
+                );
+                if to >= peers.workers() {
+                    self.settle(id, Settled::Answer(Err(CallError::NoSuchWorker { slot: to })));
+                } else if let Some(generation) = peers.live_generation(to) {
+                    self.send_call(
+                        id,
+                        WorkerId { slot: to, generation },
+                        wire::REQUEST,
+                        bytes,
+                        None,
+                        0,
+                    );
+                } else {
+                    self.settle(id, Settled::Answer(Err(CallError::WorkerDied)));
+                }
+            }
+            Op::Map { bytes } => {
+                let live = peers.live_workers();
+                let open = live.len();
+                self.ops.insert(
+                    id,
+                    Operation {
+                        deadline,
+                        state: State::Map {
+                            entries: live.iter().map(|&w| (w, None)).collect(),
+                            open,
+                        },
+                    },
+                );
+                if open == 0 {
+                    self.settle(id, Settled::Map(Vec::new()));
+                }
+                for (i, peer) in live.into_iter().enumerate() {
+                    self.send_call(id, peer, wire::REQUEST, bytes.clone(), None, i);
+                }
+            }
+            Op::Consume { delivery, bytes } => {
+                self.ops.insert(
+                    id,
+                    Operation {
+                        deadline,
+                        state: State::Consume {
+                            delivery,
+                            bytes,
+                            refused: Vec::new(),
+                            attempts: 0,
+                            current: None,
+                        },
+                    },
+                );
+                self.consume_next(id, peers);
+            }
+            Op::Invoke { bytes, retry } => {
+                self.ops.insert(
+                    id,
+                    Operation {
+                        deadline,
+                        state: State::Invoke {
+                            bytes,
+                            retry,
+                            calling: false,
+                            look_at: None,
+                            eager: false,
+                        },
+                    },
+                );
+                self.invoke_next(id, now, peers);
+            }
+        }
+        id
+    }
+
+    /// The next message to send, in the order the calls were made.
+    pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next operation that has ended.
+    pub(crate) fn poll_settled(&mut self) -> Option<(OpId, Settled)> {
+        self.settled.pop_front()
+    }
+
+    /// Whether any call waits for an answer (a death then matters).
+    pub(crate) fn waiting(&self) -> bool {
+        !self.calls.is_empty()
+    }
+
+    /// Whether any operation is under way.
+    #[cfg(test)]
+    pub(crate) fn busy(&self) -> bool {
+        !self.ops.is_empty()
+    }
+
+    /// The next time [`CallCore::handle_timeout`] has work: the earliest
+    /// deadline, or an invoke's next look for a leader.
+    pub(crate) fn next_timeout(&self) -> Option<Instant> {
+        self.ops
+            .values()
+            .map(|op| match op.state {
+                State::Invoke { look_at: Some(t), .. } => t.min(op.deadline),
+                _ => op.deadline,
+            })
+            .min()
+    }
+
+    /// Forgets `op` (its driver gave up on it); later answers to its calls
+    /// are dropped.
+    pub(crate) fn abandon(&mut self, op: OpId) {
+        self.ops.remove(&op);
+        self.calls.retain(|_, c| c.op != op);
+        let calls = &self.calls;
+        self.transmits.retain(|t| calls.contains_key(&t.call));
+        self.settled.retain(|(id, _)| *id != op);
+    }
+
+    /// An answer arrived from `sender` for call `correlation`: `status` and
+    /// `body` as the wire's reply carries them. Only the incarnation the
+    /// call went to may answer it (a successor in the same slot that ran a
+    /// queued copy is not it), and only once.
+    pub(crate) fn handle_reply(
+        &mut self,
+        sender: WorkerId,
+        correlation: u64,
+        status: u8,
+        body: &[u8],
+        now: Instant,
+        peers: &impl Peers,
+    ) {
+        let Some(call) = self.calls.get(&correlation) else {
+            return; // Late: its operation has ended.
+        };
+        if call.target != sender.slot || call.generation != sender.generation {
+            return;
+        }
+        let result = match status {
+            wire::OK => Ok(body.to_vec()),
+            wire::NO_HANDLER => Err(CallError::NoHandler),
+            _ => Err(CallError::HandlerFailed(
+                String::from_utf8_lossy(body).into_owned(),
+            )),
+        };
+        self.finish_call(correlation, result, now, peers);
+    }
+
+    /// A call's message could not be sent: the call ends with `error`.
+    pub(crate) fn send_failed(&mut self, call: u64, error: CallError, now: Instant, peers: &impl Peers) {
+        if self.calls.contains_key(&call) {
+            self.finish_call(call, Err(error), now, peers);
+        }
+    }
+
+    /// Ends every call whose target is no longer the incarnation it was
+    /// sent to, or whose leader is known dead: `WorkerDied`.
+    pub(crate) fn handle_deaths(&mut self, now: Instant, peers: &impl Peers) {
+        let dead: Vec<u64> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| {
+                peers.live_generation(c.target) != Some(c.generation)
+                    || c.watch.is_some_and(|w| peers.leader_died(&w))
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in dead {
+            if let Some(c) = self.calls.get(&id) {
+                tracing::debug!(target = c.target, generation = c.generation, "call target died");
+            }
+            self.finish_call(id, Err(CallError::WorkerDied), now, peers);
+        }
+    }
+
+    /// Ends what is due at `now`: operations past their deadline, and
+    /// invokes that look for a leader again.
+    pub(crate) fn handle_timeout(&mut self, now: Instant, peers: &impl Peers) {
+        let due: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, op)| now >= op.deadline)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            self.expire(id);
+        }
+        let looks: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, op)| matches!(op.state, State::Invoke { look_at: Some(t), eager, .. } if eager || now >= t))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in looks {
+            self.invoke_next(id, now, peers);
+        }
+    }
+
+    // ------------------------------------------------------------ inside
+
+    fn send_call(
+        &mut self,
+        op: OpId,
+        to: WorkerId,
+        kind: u16,
+        bytes: Vec<u8>,
+        watch: Option<LeaderWatch>,
+        entry: usize,
+    ) {
+        let id = self.next_call;
+        self.next_call += 1;
+        self.calls.insert(
+            id,
+            Call {
+                op,
+                target: to.slot,
+                generation: to.generation,
+                watch,
+                entry,
+            },
+        );
+        let deadline = self.ops.get(&op).map_or_else(Instant::now, |o| o.deadline);
+        self.transmits.push_back(Transmit {
+            call: id,
+            to: to.slot,
+            tag: Tag {
+                kind,
+                correlation: id,
+            },
+            bytes,
+            deadline,
+        });
+    }
+
+    fn settle(&mut self, op: OpId, settled: Settled) {
+        if self.ops.remove(&op).is_some() {
+            self.calls.retain(|_, c| c.op != op);
+            let calls = &self.calls;
+            self.transmits.retain(|t| calls.contains_key(&t.call));
+            self.settled.push_back((op, settled));
+        }
+    }
+
+    /// Ends `op` at its deadline.
+    fn expire(&mut self, id: OpId) {
+        let Some(op) = self.ops.get_mut(&id) else { return };
+        let settled = match &mut op.state {
+            State::Request => Settled::Answer(Err(CallError::TimedOut)),
+            State::Map { entries, .. } => Settled::Map(
+                std::mem::take(entries)
+                    .into_iter()
+                    .map(|(w, r)| (w, r.unwrap_or(Err(MapError::TimedOut))))
+                    .collect(),
+            ),
+            State::Consume { .. } => Settled::Consumed(Err(CallError::TimedOut)),
+            State::Invoke { calling: true, .. } => Settled::Answer(Err(CallError::TimedOut)),
+            State::Invoke { calling: false, .. } => Settled::Answer(Err(CallError::NoLeader)),
+        };
+        self.settle(id, settled);
+    }
+
+    /// Call `id` ended with `result`: what its operation does next.
+    fn finish_call(&mut self, id: u64, result: Result<Vec<u8>, CallError>, now: Instant, peers: &impl Peers) {
+        let Some(call) = self.calls.remove(&id) else {
+            return;
+        };
+        let op_id = call.op;
+        let Some(op) = self.ops.get_mut(&op_id) else {
+            return;
+        };
+        let deadline = op.deadline;
+        match &mut op.state {
+            State::Request => self.settle(op_id, Settled::Answer(result)),
+            State::Map { entries, open } => {
+                if let Some(entry) = entries.get_mut(call.entry).filter(|e| e.1.is_none()) {
+                    entry.1 = Some(result.map_err(MapError::from_call));
+                    *open -= 1;
+                }
+                if *open == 0 {
+                    let entries = std::mem::take(entries)
+                        .into_iter()
+                        .map(|(w, r)| (w, r.unwrap_or(Err(MapError::TimedOut))))
+                        .collect();
+                    self.settle(op_id, Settled::Map(entries));
+                }
+            }
+            State::Consume {
+                delivery,
+                refused,
+                attempts,
+                current,
+                ..
+            } => {
+                let worker = current.take().unwrap_or(WorkerId {
+                    slot: call.target,
+                    generation: call.generation,
+                });
+                match result {
+                    Ok(_) => {
+                        let done = Consumed {
+                            worker,
+                            delivery_id: *delivery,
+                            attempts: *attempts,
+                        };
+                        self.settle(op_id, Settled::Consumed(Ok(done)));
+                    }
+                    Err(CallError::NoHandler) => {
+                        refused.push(call.target);
+                        self.consume_next(op_id, peers);
+                    }
+                    // Past the deadline a redelivery could only time out,
+                    // after running the task once more somewhere.
+                    Err(CallError::WorkerDied) if now >= deadline => {
+                        self.settle(op_id, Settled::Consumed(Err(CallError::TimedOut)));
+                    }
+                    Err(CallError::WorkerDied) => {
+                        tracing::info!(
+                            delivery = *delivery,
+                            worker = call.target,
+                            "consume: worker died, redelivering"
+                        );
+                        self.consume_next(op_id, peers);
+                    }
+                    Err(e) => self.settle(op_id, Settled::Consumed(Err(e))),
+                }
+            }
+            State::Invoke {
+                retry,
+                calling,
+                look_at,
+                eager,
+                ..
+            } => {
+                *calling = false;
+                *eager = false;
+                match result {
+                    Err(CallError::WorkerDied) if *retry => self.invoke_next(op_id, now, peers),
+                    Err(CallError::WorkerDied) => {
+                        self.settle(op_id, Settled::Answer(Err(CallError::LeaderDied)))
+                    }
+                    // A stale view (the leadership moved meanwhile): ask again.
+                    Err(CallError::HandlerFailed(e)) if leader::is_not_leader(&e) => {
+                        if now >= deadline {
+                            self.settle(op_id, Settled::Answer(Err(CallError::NoLeader)));
+                        } else {
+                            *look_at = Some(now + NOT_LEADER_RETRY);
+                        }
+                    }
+                    other => self.settle(op_id, Settled::Answer(other)),
+                }
+            }
+        }
+    }
+
+    /// A consume's next attempt: the least loaded live worker that has not
+    /// refused it; `NoHandler` when there is none.
+    fn consume_next(&mut self, id: OpId, peers: &impl Peers) {
+        let live = peers.live_workers();
+        self.turn = self.turn.wrapping_add(1);
+        let turn = self.turn;
+        let Some(op) = self.ops.get_mut(&id) else { return };
+        let State::Consume {
+            bytes,
+            refused,
+            attempts,
+            current,
+            ..
+        } = &mut op.state
+        else {
+            return;
+        };
+        // Among live workers that have not refused it, the least loaded;
+        // ties go round-robin (from `turn`) so equal workers share the work.
+        let pick = live
+            .iter()
+            .cycle()
+            .skip(turn % live.len().max(1))
+            .take(live.len())
+            .filter(|p| !refused.contains(&p.slot))
+            .min_by_key(|p| peers.load(p.slot))
+            .copied();
+        let Some(peer) = pick else {
+            self.settle(id, Settled::Consumed(Err(CallError::NoHandler)));
+            return;
+        };
+        *attempts += 1;
+        *current = Some(peer);
+        let bytes = bytes.clone();
+        self.send_call(id, peer, wire::CONSUME, bytes, None, 0);
+    }
+
+    /// An invoke looks for the leader and calls it, or looks again soon.
+    fn invoke_next(&mut self, id: OpId, now: Instant, peers: &impl Peers) {
+        let leader = peers.leader();
+        let Some(op) = self.ops.get_mut(&id) else { return };
+        let deadline = op.deadline;
+        let State::Invoke {
+            bytes,
+            calling,
+            look_at,
+            eager,
+            ..
+        } = &mut op.state
+        else {
+            return;
+        };
+        let target = leader.and_then(|(l, watch)| {
+            peers.live_generation(l.slot).map(|generation| {
+                (
+                    WorkerId {
+                        slot: l.slot,
+                        generation,
+                    },
+                    watch,
+                )
+            })
+        });
+        match target {
+            Some((to, watch)) => {
+                *calling = true;
+                *look_at = None;
+                *eager = false;
+                let bytes = bytes.clone();
+                self.send_call(id, to, wire::REQUEST, bytes, watch, 0);
+            }
+            None if now >= deadline => self.settle(id, Settled::Answer(Err(CallError::NoLeader))),
+            None => {
+                *look_at = Some(now + LEADER_POLL);
+                *eager = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    /// A cluster of `workers` slots whose liveness, loads and leader the
+    /// test sets.
+    struct Fake {
+        live: RefCell<Vec<Option<u32>>>,
+        load: RefCell<Vec<u64>>,
+        leader: RefCell<Option<(Leader, Option<LeaderWatch>)>>,
+        dead_terms: RefCell<Vec<u64>>,
+    }
+
+    impl Fake {
+        fn new(workers: u32) -> Self {
+            Self {
+                live: RefCell::new((0..workers).map(|_| Some(1)).collect()),
+                load: RefCell::new(vec![0; workers as usize]),
+                leader: RefCell::new(None),
+                dead_terms: RefCell::new(Vec::new()),
+            }
+        }
+        fn kill(&self, slot: u32) {
+            self.live.borrow_mut()[slot as usize] = None;
+        }
+        fn respawn(&self, slot: u32, generation: u32) {
+            self.live.borrow_mut()[slot as usize] = Some(generation);
+        }
+    }
+
+    impl Peers for Fake {
+        fn workers(&self) -> u32 {
+            self.live.borrow().len() as u32
+        }
+        fn live_generation(&self, slot: u32) -> Option<u32> {
+            self.live.borrow().get(slot as usize).copied().flatten()
+        }
+        fn load(&self, slot: u32) -> (bool, u64) {
+            (false, self.load.borrow()[slot as usize])
+        }
+        fn leader(&self) -> Option<(Leader, Option<LeaderWatch>)> {
+            *self.leader.borrow()
+        }
+        fn leader_died(&self, watch: &LeaderWatch) -> bool {
+            self.dead_terms.borrow().contains(&watch.term())
+        }
+    }
+
+    fn w(slot: u32, generation: u32) -> WorkerId {
+        WorkerId { slot, generation }
+    }
+
+    fn setup(workers: u32) -> (CallCore, Fake, Instant) {
+        (CallCore::new(0), Fake::new(workers), Instant::now())
+    }
+
+    fn sent(core: &mut CallCore) -> Vec<Transmit> {
+        std::iter::from_fn(|| core.poll_transmit()).collect()
+    }
+
+    #[test]
+    fn a_request_is_answered_by_its_target_only() {
+        let (mut core, peers, t0) = setup(3);
+        let op = core.start(
+            Op::Request {
+                to: 2,
+                bytes: b"x".to_vec(),
+            },
+            t0 + Duration::from_secs(1),
+            t0,
+            &peers,
+        );
+        let out = sent(&mut core);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].to, out[0].tag.kind, out[0].bytes.as_slice()),
+            (2, wire::REQUEST, &b"x"[..])
+        );
+        let call = out[0].tag.correlation;
+        // From another slot, and from a successor generation of the target:
+        // neither is the worker the call went to.
+        core.handle_reply(w(1, 1), call, wire::OK, b"wrong", t0, &peers);
+        core.handle_reply(w(2, 2), call, wire::OK, b"successor", t0, &peers);
+        assert!(core.poll_settled().is_none());
+        core.handle_reply(w(2, 1), call, wire::OK, b"right", t0, &peers);
+        assert_eq!(
+            core.poll_settled(),
+            Some((op, Settled::Answer(Ok(b"right".to_vec()))))
+        );
+        // A second (late) answer changes nothing.
+        core.handle_reply(w(2, 1), call, wire::OK, b"again", t0, &peers);
+        assert!(core.poll_settled().is_none());
+        assert!(!core.busy());
+    }
+
+    #[test]
+    fn a_request_to_no_such_slot_or_a_dead_one_settles_at_once() {
+        let (mut core, peers, t0) = setup(2);
+        peers.kill(1);
+        let a = core.start(Op::Request { to: 7, bytes: vec![] }, t0, t0, &peers);
+        let b = core.start(Op::Request { to: 1, bytes: vec![] }, t0, t0, &peers);
+        assert!(sent(&mut core).is_empty());
+        assert_eq!(
+            core.poll_settled(),
+            Some((a, Settled::Answer(Err(CallError::NoSuchWorker { slot: 7 }))))
+        );
+        assert_eq!(
+            core.poll_settled(),
+            Some((b, Settled::Answer(Err(CallError::WorkerDied))))
+        );
+    }
+
+    #[test]
+    fn a_target_that_dies_ends_its_call_before_the_deadline() {
+        let (mut core, peers, t0) = setup(2);
+        let op = core.start(
+            Op::Request { to: 1, bytes: vec![] },
+            t0 + Duration::from_secs(60),
+            t0,
+            &peers,
+        );
+        let call = sent(&mut core)[0].tag.correlation;
+        core.handle_deaths(t0, &peers);
+        assert!(core.poll_settled().is_none(), "alive: nothing ends");
+        // Respawned: the slot is live, but not with the worker asked.
+        peers.respawn(1, 2);
+        core.handle_deaths(t0, &peers);
+        assert_eq!(
+            core.poll_settled(),
+            Some((op, Settled::Answer(Err(CallError::WorkerDied))))
+        );
+        // The successor's answer to the copy it found queued is dropped.
+        core.handle_reply(w(1, 2), call, wire::OK, b"", t0, &peers);
+        assert!(core.poll_settled().is_none());
+    }
+
+    #[test]
+    fn the_deadline_ends_a_request_and_a_late_answer_is_dropped() {
+        let (mut core, peers, t0) = setup(2);
+        let deadline = t0 + Duration::from_millis(10);
+        let op = core.start(Op::Request { to: 1, bytes: vec![] }, deadline, t0, &peers);
+        let call = sent(&mut core)[0].tag.correlation;
+        assert_eq!(core.next_timeout(), Some(deadline));
+        core.handle_timeout(deadline - Duration::from_millis(1), &peers);
+        assert!(core.poll_settled().is_none());
+        core.handle_timeout(deadline, &peers);
+        assert_eq!(
+            core.poll_settled(),
+            Some((op, Settled::Answer(Err(CallError::TimedOut))))
+        );
+        core.handle_reply(w(1, 1), call, wire::OK, b"late", deadline, &peers);
+        assert!(core.poll_settled().is_none());
+        assert_eq!(core.next_timeout(), None);
+    }
+
+    #[test]
+    fn statuses_map_to_errors() {
+        let (mut core, peers, t0) = setup(2);
+        let far = t0 + Duration::from_secs(1);
+        let a = core.start(Op::Request { to: 1, bytes: vec![] }, far, t0, &peers);
+        let b = core.start(Op::Request { to: 1, bytes: vec![] }, far, t0, &peers);
+        let out = sent(&mut core);
+        core.handle_reply(w(1, 1), out[0].tag.correlation, wire::NO_HANDLER, b"", t0, &peers);
+        core.handle_reply(w(1, 1), out[1].tag.correlation, wire::FAILED, b"boom", t0, &peers);
+        assert_eq!(
+            core.poll_settled(),
+            Some((a, Settled::Answer(Err(CallError::NoHandler))))
+        );
+        assert_eq!(
+            core.poll_settled(),
+            Some((b, Settled::Answer(Err(CallError::HandlerFailed("boom".into())))))
+        );
+    }
+
+    #[test]
+    fn a_send_failure_ends_the_call_with_it() {
+        let (mut core, peers, t0) = setup(2);
+        let op = core.start(
+            Op::Request { to: 1, bytes: vec![] },
+            t0 + Duration::from_secs(1),
+            t0,
+            &peers,
+        );
+        let call = sent(&mut core)[0].call;
+        core.send_failed(call, CallError::TooLarge { len: 9, max: 8 }, t0, &peers);
+        assert_eq!(
+            core.poll_settled(),
+            Some((op, Settled::Answer(Err(CallError::TooLarge { len: 9, max: 8 }))))
+        );
+    }
+
+    #[test]
+    fn a_map_settles_each_entry_as_soon_as_it_is_known() {
+        let (mut core, peers, t0) = setup(4);
+        peers.kill(3);
+        let deadline = t0 + Duration::from_secs(1);
+        let op = core.start(Op::Map { bytes: b"m".to_vec() }, deadline, t0, &peers);
+        let out = sent(&mut core);
+        assert_eq!(
+            out.iter().map(|t| t.to).collect::<Vec<_>>(),
+            [0, 1, 2],
+            "live workers, the caller included"
+        );
+        core.handle_reply(w(0, 1), out[0].tag.correlation, wire::OK, b"a", t0, &peers);
+        core.handle_reply(w(2, 1), out[2].tag.correlation, wire::NO_HANDLER, b"", t0, &peers);
+        assert!(core.poll_settled().is_none(), "one entry still open");
+        peers.kill(1);
+        core.handle_deaths(t0, &peers);
+        let Some((id, Settled::Map(entries))) = core.poll_settled() else {
+            panic!("map not settled")
+        };
+        assert_eq!(id, op);
+        assert_eq!(
+            entries,
+            vec![
+                (w(0, 1), Ok(b"a".to_vec())),
+                (w(1, 1), Err(MapError::WorkerDied)),
+                (w(2, 1), Err(MapError::NoHandler)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_map_past_its_deadline_times_out_the_silent_entries_only() {
+        let (mut core, peers, t0) = setup(2);
+        let deadline = t0 + Duration::from_millis(5);
+        core.start(Op::Map { bytes: vec![] }, deadline, t0, &peers);
+        let out = sent(&mut core);
+        core.handle_reply(w(1, 1), out[1].tag.correlation, wire::OK, b"b", t0, &peers);
+        core.handle_timeout(deadline, &peers);
+        let Some((_, Settled::Map(entries))) = core.poll_settled() else {
+            panic!("map not settled")
+        };
+        assert_eq!(
+            entries,
+            vec![(w(0, 1), Err(MapError::TimedOut)), (w(1, 1), Ok(b"b".to_vec()))]
+        );
+    }
+
+    #[test]
+    fn a_map_of_nobody_settles_empty() {
+        let (mut core, peers, t0) = setup(1);
+        peers.kill(0);
+        let op = core.start(Op::Map { bytes: vec![] }, t0, t0, &peers);
+        assert_eq!(core.poll_settled(), Some((op, Settled::Map(Vec::new()))));
+    }
+
+    #[test]
+    fn consume_goes_to_the_least_loaded_and_is_redelivered_on_a_death() {
+        let (mut core, peers, t0) = setup(3);
+        *peers.load.borrow_mut() = vec![50, 10, 90];
+        let op = core.start(
+            Op::Consume {
+                delivery: 77,
+                bytes: b"task".to_vec(),
+            },
+            t0 + Duration::from_secs(1),
+            t0,
+            &peers,
+        );
+        let first = sent(&mut core);
+        assert_eq!(
+            (first.len(), first[0].to, first[0].tag.kind),
+            (1, 1, wire::CONSUME)
+        );
+        peers.kill(1);
+        core.handle_deaths(t0, &peers);
+        let second = sent(&mut core);
+        assert_eq!(second.len(), 1);
+        assert_eq!(
+            (second[0].to, second[0].bytes.as_slice()),
+            (0, &b"task"[..]),
+            "the same task, to the next least loaded"
+        );
+        assert_ne!(second[0].tag.correlation, first[0].tag.correlation);
+        // The dead worker's late acknowledgement (a copy it had run) is not
+        // the end of the task.
+        core.handle_reply(w(1, 1), first[0].tag.correlation, wire::OK, b"", t0, &peers);
+        assert!(core.poll_settled().is_none());
+        core.handle_reply(w(0, 1), second[0].tag.correlation, wire::OK, b"", t0, &peers);
+        assert_eq!(
+            core.poll_settled(),
+            Some((
+                op,
+                Settled::Consumed(Ok(Consumed {
+                    worker: w(0, 1),
+                    delivery_id: 77,
+                    attempts: 2
+                }))
+            ))
+        );
+    }
+
+    #[test]
+    fn consume_skips_workers_without_a_handler_then_says_no_handler() {
+        let (mut core, peers, t0) = setup(2);
+        let op = core.start(
+            Op::Consume {
+                delivery: 1,
+                bytes: vec![],
+            },
+            t0 + Duration::from_secs(1),
+            t0,
+            &peers,
+        );
+        for _ in 0..2 {
+            let t = sent(&mut core).remove(0);
+            core.handle_reply(w(t.to, 1), t.tag.correlation, wire::NO_HANDLER, b"", t0, &peers);
+        }
+        assert_eq!(
+            core.poll_settled(),
+            Some((op, Settled::Consumed(Err(CallError::NoHandler))))
+        );
+    }
+
+    #[test]
+    fn a_consume_whose_worker_dies_after_the_deadline_is_not_sent_again() {
+        let (mut core, peers, t0) = setup(2);
+        let deadline = t0 + Duration::from_millis(5);
+        let op = core.start(
+            Op::Consume {
+                delivery: 1,
+                bytes: vec![],
+            },
+            deadline,
+            t0,
+            &peers,
+        );
+        let t = sent(&mut core).remove(0);
+        peers.kill(t.to);
+        core.handle_deaths(deadline, &peers);
+        assert!(sent(&mut core).is_empty(), "no redelivery past the deadline");
+        assert_eq!(
+            core.poll_settled(),
+            Some((op, Settled::Consumed(Err(CallError::TimedOut))))
+        );
+    }
+
+    #[test]
+    fn a_consume_handler_failure_ends_it() {
+        let (mut core, peers, t0) = setup(2);
+        let op = core.start(
+            Op::Consume {
+                delivery: 1,
+                bytes: vec![],
+            },
+            t0 + Duration::from_secs(1),
+            t0,
+            &peers,
+        );
+        let t = sent(&mut core).remove(0);
+        core.handle_reply(w(t.to, 1), t.tag.correlation, wire::FAILED, b"no", t0, &peers);
+        assert_eq!(
+            core.poll_settled(),
+            Some((op, Settled::Consumed(Err(CallError::HandlerFailed("no".into())))))
+        );
+    }
+
+    fn leader_at(slot: u32, term: u64) -> Option<(Leader, Option<LeaderWatch>)> {
+        Some((Leader { slot, term }, Some(LeaderWatch::for_test(term))))
+    }
+
+    #[test]
+    fn invoke_waits_for_a_leader_then_calls_it() {
+        let (mut core, peers, t0) = setup(3);
+        let deadline = t0 + Duration::from_secs(1);
+        let op = core.start(
+            Op::Invoke {
+                bytes: b"i".to_vec(),
+                retry: false,
+            },
+            deadline,
+            t0,
+            &peers,
+        );
+        assert!(sent(&mut core).is_empty());
+        let look = core.next_timeout().expect("a look scheduled");
+        assert!(look < deadline);
+        *peers.leader.borrow_mut() = leader_at(2, 5);
+        core.handle_timeout(look, &peers);
+        let t = sent(&mut core).remove(0);
+        assert_eq!(t.to, 2);
+        core.handle_reply(w(2, 1), t.tag.correlation, wire::OK, b"r", look, &peers);
+        assert_eq!(
+            core.poll_settled(),
+            Some((op, Settled::Answer(Ok(b"r".to_vec()))))
+        );
+    }
+
+    #[test]
+    fn invoke_without_a_leader_by_the_deadline_is_no_leader() {
+        let (mut core, peers, t0) = setup(2);
+        let deadline = t0 + Duration::from_millis(3);
+        let op = core.start(
+            Op::Invoke {
+                bytes: vec![],
+                retry: false,
+            },
+            deadline,
+            t0,
+            &peers,
+        );
+        core.handle_timeout(deadline, &peers);
+        assert_eq!(
+            core.poll_settled(),
+            Some((op, Settled::Answer(Err(CallError::NoLeader))))
+        );
+    }
+
+    #[test]
+    fn a_leader_dead_in_office_fails_an_invoke_at_once_or_retries_it() {
+        for retry in [false, true] {
+            let (mut core, peers, t0) = setup(3);
+            *peers.leader.borrow_mut() = leader_at(1, 8);
+            let op = core.start(
+                Op::Invoke { bytes: vec![], retry },
+                t0 + Duration::from_secs(1),
+                t0,
+                &peers,
+            );
+            let t = sent(&mut core).remove(0);
+            // The lock shows the death before the master reaps: the slot
+            // still looks live.
+            peers.dead_terms.borrow_mut().push(8);
+            *peers.leader.borrow_mut() = leader_at(2, 9);
+            core.handle_deaths(t0, &peers);
+            if retry {
+                let again = sent(&mut core).remove(0);
+                assert_eq!(again.to, 2, "the next leader");
+                core.handle_reply(w(1, 1), t.tag.correlation, wire::OK, b"dead", t0, &peers);
+                core.handle_reply(w(2, 1), again.tag.correlation, wire::OK, b"new", t0, &peers);
+                assert_eq!(
+                    core.poll_settled(),
+                    Some((op, Settled::Answer(Ok(b"new".to_vec()))))
+                );
+            } else {
+                assert_eq!(
+                    core.poll_settled(),
+                    Some((op, Settled::Answer(Err(CallError::LeaderDied))))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn invoke_asks_again_when_the_worker_asked_no_longer_leads() {
+        let (mut core, peers, t0) = setup(3);
+        *peers.leader.borrow_mut() = leader_at(1, 3);
+        let op = core.start(
+            Op::Invoke {
+                bytes: vec![],
+                retry: false,
+            },
+            t0 + Duration::from_secs(1),
+            t0,
+            &peers,
+        );
+        let t = sent(&mut core).remove(0);
+        *peers.leader.borrow_mut() = leader_at(2, 4);
+        core.handle_reply(
+            w(1, 1),
+            t.tag.correlation,
+            wire::FAILED,
+            leader::NOT_LEADER.as_bytes(),
+            t0,
+            &peers,
+        );
+        assert!(sent(&mut core).is_empty(), "asks again after a pause");
+        let look = core.next_timeout().expect("a look scheduled");
+        core.handle_timeout(look, &peers);
+        let again = sent(&mut core).remove(0);
+        assert_eq!(again.to, 2);
+        core.handle_reply(w(2, 1), again.tag.correlation, wire::OK, b"ok", look, &peers);
+        assert_eq!(
+            core.poll_settled(),
+            Some((op, Settled::Answer(Ok(b"ok".to_vec()))))
+        );
+    }
+
+    #[test]
+    fn an_abandoned_operation_sends_and_settles_nothing_more() {
+        let (mut core, peers, t0) = setup(2);
+        let op = core.start(Op::Map { bytes: vec![] }, t0 + Duration::from_secs(1), t0, &peers);
+        core.abandon(op);
+        assert!(sent(&mut core).is_empty());
+        assert!(!core.busy() && !core.waiting());
+        core.handle_timeout(t0 + Duration::from_secs(2), &peers);
+        assert!(core.poll_settled().is_none());
+    }
+}

@@ -1,0 +1,442 @@
+//! Handlers: registering them (`on`, `once`, `on_request`, ...), and
+//! running them for a message that arrived ([`handle_message`]), with the
+//! deferred answers ([`Reply`], [`BytesReply`]) they may keep.
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::dispatch::Outbox;
+use super::error::RegisterError;
+use super::{wire, CallKind, Ctx, EventStats, HandlerId, Messenger, WorkerId, MAX_EVENT_NAME};
+use crate::Tag;
+
+/// What a handler produced.
+pub(super) enum Outcome {
+    /// Encoded reply value.
+    Value(Vec<u8>),
+    /// The handler keeps a [`Reply`] and answers later.
+    Deferred,
+    /// Its error, or its panic.
+    Failed(String),
+    /// The payload did not decode: the handler did not run.
+    Decode(String),
+}
+
+pub(super) type HandlerFn = Box<dyn FnMut(&Ctx, &[u8], Option<ReplyTo>) -> Outcome + Send>;
+
+pub(super) struct Handler {
+    id: u64,
+    once: bool,
+    f: HandlerFn,
+}
+
+/// Where a deferred reply goes.
+#[derive(Debug, Clone)]
+pub(super) struct ReplyTo {
+    to: u32,
+    correlation: u64,
+    requester_generation: u32,
+    outbox: Arc<Outbox>,
+}
+
+/// A handle to answer a request later, from any thread: see
+/// [`Messenger::on_request_async`]. Dropping it unanswered answers
+/// `HandlerFailed("reply dropped")`.
+pub struct Reply<R> {
+    to: Option<ReplyTo>,
+    _r: std::marker::PhantomData<fn(R)>,
+}
+
+impl<R> fmt::Debug for Reply<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reply").finish_non_exhaustive()
+    }
+}
+
+impl<R: Serialize> Reply<R> {
+    /// Answers with `value`, or with `HandlerFailed(error)`.
+    pub fn send(mut self, result: Result<R, String>) {
+        if let Some(to) = self.to.take() {
+            let (status, body) = match result.map(|v| postcard::to_allocvec(&v)) {
+                Ok(Ok(bytes)) => (wire::OK, bytes),
+                Ok(Err(e)) => (wire::FAILED, format!("cannot encode the reply: {e}").into_bytes()),
+                Err(e) => (wire::FAILED, e.into_bytes()),
+            };
+            send_reply(&to, status, &body);
+        }
+    }
+}
+
+/// A handle to answer a raw-bytes request later, from any thread: see
+/// [`Messenger::on_request_async_bytes`]. Dropping it unanswered answers
+/// `HandlerFailed("reply dropped")`.
+pub struct BytesReply {
+    to: Option<ReplyTo>,
+}
+
+impl fmt::Debug for BytesReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BytesReply").finish_non_exhaustive()
+    }
+}
+
+impl BytesReply {
+    /// Answers with `bytes`, or with `HandlerFailed(error)`.
+    pub fn send(mut self, result: Result<Vec<u8>, String>) {
+        if let Some(to) = self.to.take() {
+            match result {
+                Ok(bytes) => send_reply(&to, wire::OK, &bytes),
+                Err(e) => send_reply(&to, wire::FAILED, e.as_bytes()),
+            }
+        }
+    }
+}
+
+impl Drop for BytesReply {
+    fn drop(&mut self) {
+        if let Some(to) = self.to.take() {
+            send_reply(&to, wire::FAILED, b"reply dropped");
+        }
+    }
+}
+
+impl<R> Drop for Reply<R> {
+    fn drop(&mut self) {
+        if let Some(to) = self.to.take() {
+            send_reply(&to, wire::FAILED, b"reply dropped");
+        }
+    }
+}
+
+pub(super) fn send_reply(to: &ReplyTo, status: u8, body: &[u8]) {
+    let tag = Tag {
+        kind: wire::REPLY,
+        correlation: to.correlation,
+    };
+    to.outbox
+        .push(to.to, tag, wire::reply(status, to.requester_generation, body));
+}
+
+fn panic_text(p: Box<dyn Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        format!("handler panicked: {s}")
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        format!("handler panicked: {s}")
+    } else {
+        "handler panicked".into()
+    }
+}
+
+impl Messenger {
+    fn add(&mut self, event: &str, once: bool, f: HandlerFn) -> Result<HandlerId, RegisterError> {
+        if event.len() > MAX_EVENT_NAME {
+            return Err(RegisterError::EventName { len: event.len() });
+        }
+        let id = self.next_handler;
+        self.next_handler += 1;
+        self.handlers
+            .entry(event.to_owned())
+            .or_default()
+            .push(Handler { id, once, f });
+        Ok(HandlerId(id))
+    }
+
+    /// Runs `f` for every `event` message whose payload decodes as `T`.
+    /// Replies `()` to a request or map.
+    ///
+    /// # Errors
+    /// `EventName` if the name is too long.
+    pub fn on<T, F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RegisterError>
+    where
+        T: DeserializeOwned,
+        F: FnMut(&Ctx, T) + Send + 'static,
+    {
+        self.add(
+            event,
+            false,
+            Box::new(move |ctx, data, _| match postcard::from_bytes::<T>(data) {
+                Ok(v) => {
+                    f(ctx, v);
+                    Outcome::Value(vec![])
+                }
+                Err(e) => Outcome::Decode(e.to_string()),
+            }),
+        )
+    }
+
+    /// Like [`Messenger::on`], removed after its first run.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn once<T, F>(&mut self, event: &str, f: F) -> Result<HandlerId, RegisterError>
+    where
+        T: DeserializeOwned,
+        F: FnOnce(&Ctx, T) + Send + 'static,
+    {
+        let mut f = Some(f);
+        let id = self.on::<T, _>(event, move |ctx, v| {
+            if let Some(f) = f.take() {
+                f(ctx, v);
+            }
+        })?;
+        self.mark_once(event, id);
+        Ok(id)
+    }
+
+    fn mark_once(&mut self, event: &str, id: HandlerId) {
+        if let Some(h) = self
+            .handlers
+            .get_mut(event)
+            .and_then(|v| v.iter_mut().find(|h| h.id == id.0))
+        {
+            h.once = true;
+        }
+    }
+
+    /// Runs `f` with the raw payload bytes of every `event` message (for
+    /// other runtimes' encodings).
+    /// Replies with the bytes `f` returns.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn on_bytes<F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RegisterError>
+    where
+        F: FnMut(&Ctx, &[u8]) -> Vec<u8> + Send + 'static,
+    {
+        self.add(
+            event,
+            false,
+            Box::new(move |ctx, data, _| Outcome::Value(f(ctx, data))),
+        )
+    }
+
+    /// Answers requests (and map, consume) for `event` with `f`'s value, or
+    /// `HandlerFailed` with its error.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn on_request<T, R, E, F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RegisterError>
+    where
+        T: DeserializeOwned,
+        R: Serialize,
+        E: fmt::Display,
+        F: FnMut(&Ctx, T) -> Result<R, E> + Send + 'static,
+    {
+        self.add(
+            event,
+            false,
+            Box::new(move |ctx, data, _| match postcard::from_bytes::<T>(data) {
+                Ok(v) => match f(ctx, v) {
+                    Ok(r) => match postcard::to_allocvec(&r) {
+                        Ok(bytes) => Outcome::Value(bytes),
+                        Err(e) => Outcome::Failed(format!("cannot encode the reply: {e}")),
+                    },
+                    Err(e) => Outcome::Failed(e.to_string()),
+                },
+                Err(e) => Outcome::Decode(e.to_string()),
+            }),
+        )
+    }
+
+    /// Answers requests for `event` later: `f` gets a [`Reply`] it may keep,
+    /// move to another thread, and answer when ready. For events (no reply
+    /// expected) the `Reply` does nothing.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn on_request_async<T, R, F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RegisterError>
+    where
+        T: DeserializeOwned,
+        R: Serialize,
+        F: FnMut(&Ctx, T, Reply<R>) + Send + 'static,
+    {
+        self.add(
+            event,
+            false,
+            Box::new(move |ctx, data, reply_to| match postcard::from_bytes::<T>(data) {
+                Ok(v) => {
+                    f(
+                        ctx,
+                        v,
+                        Reply {
+                            to: reply_to,
+                            _r: std::marker::PhantomData,
+                        },
+                    );
+                    Outcome::Deferred
+                }
+                Err(e) => Outcome::Decode(e.to_string()),
+            }),
+        )
+    }
+
+    /// Answers requests for `event` later with raw bytes: `f` gets the
+    /// payload and a [`BytesReply`] it may keep and answer from any thread.
+    ///
+    /// # Errors
+    /// `EventName`.
+    pub fn on_request_async_bytes<F>(&mut self, event: &str, mut f: F) -> Result<HandlerId, RegisterError>
+    where
+        F: FnMut(&Ctx, &[u8], BytesReply) + Send + 'static,
+    {
+        self.add(
+            event,
+            false,
+            Box::new(move |ctx, data, reply_to| {
+                f(ctx, data, BytesReply { to: reply_to });
+                Outcome::Deferred
+            }),
+        )
+    }
+
+    /// Removes every handler for `event`; returns how many there were.
+    pub fn off(&mut self, event: &str) -> usize {
+        self.handlers.remove(event).map_or(0, |v| v.len())
+    }
+
+    /// Removes one handler.
+    pub fn off_handler(&mut self, id: HandlerId) -> bool {
+        for list in self.handlers.values_mut() {
+            if let Some(i) = list.iter().position(|h| h.id == id.0) {
+                list.remove(i);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+thread_local! {
+    /// Whether this thread is running a messenger handler right now.
+    pub(super) static IN_HANDLER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Handles one received message; returns the reply to send, if any. A free
+/// function so that the handler table and the rest of the messenger are
+/// borrowed separately.
+///
+/// The caller takes the message out of the lane before any handler runs
+/// ([`Received::into_message`]): if the handler kills this worker, its
+/// successor must not find the same message unread and run it again (a
+/// poison message would then kill every successor in turn). The copy is
+/// one memcpy of the payload.
+pub(super) fn handle_message(
+    message: crate::Message,
+    my_generation: u32,
+    handlers: &mut HashMap<String, Vec<Handler>>,
+    on_reply: impl FnOnce(WorkerId, u64, u8, &[u8]),
+    outbox: &Arc<Outbox>,
+    stats: &RefCell<HashMap<String, EventStats>>,
+) -> Option<(u32, Tag, Vec<u8>)> {
+    let tag = Tag {
+        kind: message.kind,
+        correlation: message.correlation,
+    };
+    let sender = WorkerId {
+        slot: message.sender,
+        generation: message.generation,
+    };
+    let payload = &message.payload[..];
+    if tag.kind == wire::REPLY {
+        let (status, generation, body) = wire::parse_reply(payload)?;
+        if generation != my_generation {
+            // A reply to this slot's previous worker.
+            return None;
+        }
+        on_reply(sender, tag.correlation, status, body);
+        return None;
+    }
+    let kind = match tag.kind {
+        wire::EMIT => CallKind::Event,
+        wire::REQUEST => CallKind::Request,
+        wire::CONSUME => CallKind::Consume,
+        _ => return None, // not a messenger message
+    };
+    let Some(call) = wire::parse_call(payload) else {
+        tracing::warn!(sender = sender.slot, "malformed messenger message dropped");
+        return None;
+    };
+    let wants_reply = kind != CallKind::Event && tag.correlation != 0;
+    let reply_to = wants_reply.then(|| ReplyTo {
+        to: sender.slot,
+        correlation: tag.correlation,
+        requester_generation: sender.generation,
+        outbox: outbox.clone(),
+    });
+    let bump = |f: &dyn Fn(&mut EventStats)| {
+        let mut s = stats.borrow_mut();
+        match s.get_mut(call.name) {
+            Some(e) => f(e),
+            None => f(s.entry(call.name.to_owned()).or_default()),
+        }
+    };
+    bump(&|s| s.received += 1);
+    let ctx = Ctx {
+        sender,
+        event: call.name.to_owned(),
+        delivery_id: call.delivery,
+        kind,
+    };
+    let Some(list) = handlers.get_mut(call.name).filter(|l| !l.is_empty()) else {
+        bump(&|s| s.unhandled += 1);
+        return reply_to.map(|r| reply_message(&r, wire::NO_HANDLER, b""));
+    };
+    // Events run every handler; calls run the first.
+    let run = if kind == CallKind::Event { list.len() } else { 1 };
+    let mut first: Option<Outcome> = None;
+    let mut spent = Vec::new();
+    for h in list.iter_mut().take(run) {
+        let r = reply_to.clone();
+        IN_HANDLER.with(|f| f.set(true));
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (h.f)(&ctx, call.data, r)))
+            .unwrap_or_else(|p| Outcome::Failed(panic_text(p)));
+        IN_HANDLER.with(|f| f.set(false));
+        match &outcome {
+            Outcome::Decode(e) => {
+                bump(&|s| s.decode_failures += 1);
+                tracing::warn!(event = call.name, sender = sender.slot, error = %e, "payload does not decode as the handler's type; handler not called");
+            }
+            Outcome::Failed(e) => {
+                bump(&|s| s.failures += 1);
+                tracing::warn!(event = call.name, sender = sender.slot, error = %e, "handler failed");
+            }
+            _ => bump(&|s| s.handled += 1),
+        }
+        if h.once && !matches!(outcome, Outcome::Decode(_)) {
+            spent.push(h.id);
+        }
+        if first.is_none() {
+            first = Some(outcome);
+        }
+    }
+    list.retain(|h| !spent.contains(&h.id));
+    let r = reply_to?;
+    Some(match first? {
+        Outcome::Value(bytes) => reply_message(&r, wire::OK, &bytes),
+        Outcome::Deferred => return None,
+        Outcome::Failed(e) => reply_message(&r, wire::FAILED, e.as_bytes()),
+        Outcome::Decode(e) => reply_message(
+            &r,
+            wire::FAILED,
+            format!("cannot decode the payload: {e}").as_bytes(),
+        ),
+    })
+}
+
+pub(super) fn reply_message(r: &ReplyTo, status: u8, body: &[u8]) -> (u32, Tag, Vec<u8>) {
+    (
+        r.to,
+        Tag {
+            kind: wire::REPLY,
+            correlation: r.correlation,
+        },
+        wire::reply(status, r.requester_generation, body),
+    )
+}
