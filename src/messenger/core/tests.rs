@@ -1,0 +1,491 @@
+//! The call core's unit tests: a fake cluster and a fake clock drive
+//! every race the multi-process tests found.
+
+use super::*;
+use std::cell::RefCell;
+
+/// A cluster of `workers` slots whose liveness, loads and leader the
+/// test sets.
+struct Fake {
+    live: RefCell<Vec<Option<u32>>>,
+    load: RefCell<Vec<u64>>,
+    leader: RefCell<Option<(Leader, Option<LeaderWatch>)>>,
+    dead_terms: RefCell<Vec<u64>>,
+}
+
+impl Fake {
+    fn new(workers: u32) -> Self {
+        Self {
+            live: RefCell::new((0..workers).map(|_| Some(1)).collect()),
+            load: RefCell::new(vec![0; workers as usize]),
+            leader: RefCell::new(None),
+            dead_terms: RefCell::new(Vec::new()),
+        }
+    }
+    fn kill(&self, slot: u32) {
+        self.live.borrow_mut()[slot as usize] = None;
+    }
+    fn respawn(&self, slot: u32, generation: u32) {
+        self.live.borrow_mut()[slot as usize] = Some(generation);
+    }
+}
+
+impl Peers for Fake {
+    fn workers(&self) -> u32 {
+        self.live.borrow().len() as u32
+    }
+    fn live_generation(&self, slot: u32) -> Option<u32> {
+        self.live.borrow().get(slot as usize).copied().flatten()
+    }
+    fn load(&self, slot: u32) -> (bool, u64) {
+        (false, self.load.borrow()[slot as usize])
+    }
+    fn leader(&self) -> Option<(Leader, Option<LeaderWatch>)> {
+        *self.leader.borrow()
+    }
+    fn leader_died(&self, watch: &LeaderWatch) -> bool {
+        self.dead_terms.borrow().contains(&watch.term())
+    }
+}
+
+fn w(slot: u32, generation: u32) -> WorkerId {
+    WorkerId { slot, generation }
+}
+
+fn setup(workers: u32) -> (CallCore, Fake, Instant) {
+    (CallCore::new(0), Fake::new(workers), Instant::now())
+}
+
+fn sent(core: &mut CallCore) -> Vec<Transmit> {
+    std::iter::from_fn(|| core.poll_transmit()).collect()
+}
+
+#[test]
+fn a_request_is_answered_by_its_target_only() {
+    let (mut core, peers, t0) = setup(3);
+    let op = core.start(
+        Op::Request {
+            to: 2,
+            bytes: b"x".to_vec(),
+        },
+        t0 + Duration::from_secs(1),
+        t0,
+        &peers,
+    );
+    let out = sent(&mut core);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0].to, out[0].tag.kind, out[0].bytes.as_slice()),
+        (2, wire::REQUEST, &b"x"[..])
+    );
+    let call = out[0].tag.correlation;
+    // From another slot, and from a successor generation of the target:
+    // neither is the worker the call went to.
+    core.handle_reply(w(1, 1), call, wire::OK, b"wrong", t0, &peers);
+    core.handle_reply(w(2, 2), call, wire::OK, b"successor", t0, &peers);
+    assert!(core.poll_settled().is_none());
+    core.handle_reply(w(2, 1), call, wire::OK, b"right", t0, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Answer(Ok(b"right".to_vec()))))
+    );
+    // A second (late) answer changes nothing.
+    core.handle_reply(w(2, 1), call, wire::OK, b"again", t0, &peers);
+    assert!(core.poll_settled().is_none());
+    assert!(!core.busy());
+}
+
+#[test]
+fn a_request_to_no_such_slot_or_a_dead_one_settles_at_once() {
+    let (mut core, peers, t0) = setup(2);
+    peers.kill(1);
+    let a = core.start(Op::Request { to: 7, bytes: vec![] }, t0, t0, &peers);
+    let b = core.start(Op::Request { to: 1, bytes: vec![] }, t0, t0, &peers);
+    assert!(sent(&mut core).is_empty());
+    assert_eq!(
+        core.poll_settled(),
+        Some((a, Settled::Answer(Err(CallError::NoSuchWorker { slot: 7 }))))
+    );
+    assert_eq!(
+        core.poll_settled(),
+        Some((b, Settled::Answer(Err(CallError::WorkerDied))))
+    );
+}
+
+#[test]
+fn a_target_that_dies_ends_its_call_before_the_deadline() {
+    let (mut core, peers, t0) = setup(2);
+    let op = core.start(
+        Op::Request { to: 1, bytes: vec![] },
+        t0 + Duration::from_secs(60),
+        t0,
+        &peers,
+    );
+    let call = sent(&mut core)[0].tag.correlation;
+    core.handle_deaths(t0, &peers);
+    assert!(core.poll_settled().is_none(), "alive: nothing ends");
+    // Respawned: the slot is live, but not with the worker asked.
+    peers.respawn(1, 2);
+    core.handle_deaths(t0, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Answer(Err(CallError::WorkerDied))))
+    );
+    // The successor's answer to the copy it found queued is dropped.
+    core.handle_reply(w(1, 2), call, wire::OK, b"", t0, &peers);
+    assert!(core.poll_settled().is_none());
+}
+
+#[test]
+fn the_deadline_ends_a_request_and_a_late_answer_is_dropped() {
+    let (mut core, peers, t0) = setup(2);
+    let deadline = t0 + Duration::from_millis(10);
+    let op = core.start(Op::Request { to: 1, bytes: vec![] }, deadline, t0, &peers);
+    let call = sent(&mut core)[0].tag.correlation;
+    assert_eq!(core.next_timeout(), Some(deadline));
+    core.handle_timeout(deadline - Duration::from_millis(1), &peers);
+    assert!(core.poll_settled().is_none());
+    core.handle_timeout(deadline, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Answer(Err(CallError::TimedOut))))
+    );
+    core.handle_reply(w(1, 1), call, wire::OK, b"late", deadline, &peers);
+    assert!(core.poll_settled().is_none());
+    assert_eq!(core.next_timeout(), None);
+}
+
+#[test]
+fn statuses_map_to_errors() {
+    let (mut core, peers, t0) = setup(2);
+    let far = t0 + Duration::from_secs(1);
+    let a = core.start(Op::Request { to: 1, bytes: vec![] }, far, t0, &peers);
+    let b = core.start(Op::Request { to: 1, bytes: vec![] }, far, t0, &peers);
+    let out = sent(&mut core);
+    core.handle_reply(w(1, 1), out[0].tag.correlation, wire::NO_HANDLER, b"", t0, &peers);
+    core.handle_reply(w(1, 1), out[1].tag.correlation, wire::FAILED, b"boom", t0, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((a, Settled::Answer(Err(CallError::NoHandler))))
+    );
+    assert_eq!(
+        core.poll_settled(),
+        Some((b, Settled::Answer(Err(CallError::HandlerFailed("boom".into())))))
+    );
+}
+
+#[test]
+fn a_send_failure_ends_the_call_with_it() {
+    let (mut core, peers, t0) = setup(2);
+    let op = core.start(
+        Op::Request { to: 1, bytes: vec![] },
+        t0 + Duration::from_secs(1),
+        t0,
+        &peers,
+    );
+    let call = sent(&mut core)[0].call;
+    core.send_failed(call, CallError::TooLarge { len: 9, max: 8 }, t0, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Answer(Err(CallError::TooLarge { len: 9, max: 8 }))))
+    );
+}
+
+#[test]
+fn a_map_settles_each_entry_as_soon_as_it_is_known() {
+    let (mut core, peers, t0) = setup(4);
+    peers.kill(3);
+    let deadline = t0 + Duration::from_secs(1);
+    let op = core.start(Op::Map { bytes: b"m".to_vec() }, deadline, t0, &peers);
+    let out = sent(&mut core);
+    assert_eq!(
+        out.iter().map(|t| t.to).collect::<Vec<_>>(),
+        [0, 1, 2],
+        "live workers, the caller included"
+    );
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::OK, b"a", t0, &peers);
+    core.handle_reply(w(2, 1), out[2].tag.correlation, wire::NO_HANDLER, b"", t0, &peers);
+    assert!(core.poll_settled().is_none(), "one entry still open");
+    peers.kill(1);
+    core.handle_deaths(t0, &peers);
+    let Some((id, Settled::Map(entries))) = core.poll_settled() else {
+        panic!("map not settled")
+    };
+    assert_eq!(id, op);
+    assert_eq!(
+        entries,
+        vec![
+            (w(0, 1), Ok(b"a".to_vec())),
+            (w(1, 1), Err(MapError::WorkerDied)),
+            (w(2, 1), Err(MapError::NoHandler)),
+        ]
+    );
+}
+
+#[test]
+fn a_map_past_its_deadline_times_out_the_silent_entries_only() {
+    let (mut core, peers, t0) = setup(2);
+    let deadline = t0 + Duration::from_millis(5);
+    core.start(Op::Map { bytes: vec![] }, deadline, t0, &peers);
+    let out = sent(&mut core);
+    core.handle_reply(w(1, 1), out[1].tag.correlation, wire::OK, b"b", t0, &peers);
+    core.handle_timeout(deadline, &peers);
+    let Some((_, Settled::Map(entries))) = core.poll_settled() else {
+        panic!("map not settled")
+    };
+    assert_eq!(
+        entries,
+        vec![(w(0, 1), Err(MapError::TimedOut)), (w(1, 1), Ok(b"b".to_vec()))]
+    );
+}
+
+#[test]
+fn a_map_of_nobody_settles_empty() {
+    let (mut core, peers, t0) = setup(1);
+    peers.kill(0);
+    let op = core.start(Op::Map { bytes: vec![] }, t0, t0, &peers);
+    assert_eq!(core.poll_settled(), Some((op, Settled::Map(Vec::new()))));
+}
+
+#[test]
+fn consume_goes_to_the_least_loaded_and_is_redelivered_on_a_death() {
+    let (mut core, peers, t0) = setup(3);
+    *peers.load.borrow_mut() = vec![50, 10, 90];
+    let op = core.start(
+        Op::Consume {
+            delivery: 77,
+            bytes: b"task".to_vec(),
+        },
+        t0 + Duration::from_secs(1),
+        t0,
+        &peers,
+    );
+    let first = sent(&mut core);
+    assert_eq!(
+        (first.len(), first[0].to, first[0].tag.kind),
+        (1, 1, wire::CONSUME)
+    );
+    peers.kill(1);
+    core.handle_deaths(t0, &peers);
+    let second = sent(&mut core);
+    assert_eq!(second.len(), 1);
+    assert_eq!(
+        (second[0].to, second[0].bytes.as_slice()),
+        (0, &b"task"[..]),
+        "the same task, to the next least loaded"
+    );
+    assert_ne!(second[0].tag.correlation, first[0].tag.correlation);
+    // The dead worker's late acknowledgement (a copy it had run) is not
+    // the end of the task.
+    core.handle_reply(w(1, 1), first[0].tag.correlation, wire::OK, b"", t0, &peers);
+    assert!(core.poll_settled().is_none());
+    core.handle_reply(w(0, 1), second[0].tag.correlation, wire::OK, b"", t0, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((
+            op,
+            Settled::Consumed(Ok(Consumed {
+                worker: w(0, 1),
+                delivery_id: 77,
+                attempts: 2
+            }))
+        ))
+    );
+}
+
+#[test]
+fn consume_skips_workers_without_a_handler_then_says_no_handler() {
+    let (mut core, peers, t0) = setup(2);
+    let op = core.start(
+        Op::Consume {
+            delivery: 1,
+            bytes: vec![],
+        },
+        t0 + Duration::from_secs(1),
+        t0,
+        &peers,
+    );
+    for _ in 0..2 {
+        let t = sent(&mut core).remove(0);
+        core.handle_reply(w(t.to, 1), t.tag.correlation, wire::NO_HANDLER, b"", t0, &peers);
+    }
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Consumed(Err(CallError::NoHandler))))
+    );
+}
+
+#[test]
+fn a_consume_whose_worker_dies_after_the_deadline_is_not_sent_again() {
+    let (mut core, peers, t0) = setup(2);
+    let deadline = t0 + Duration::from_millis(5);
+    let op = core.start(
+        Op::Consume {
+            delivery: 1,
+            bytes: vec![],
+        },
+        deadline,
+        t0,
+        &peers,
+    );
+    let t = sent(&mut core).remove(0);
+    peers.kill(t.to);
+    core.handle_deaths(deadline, &peers);
+    assert!(sent(&mut core).is_empty(), "no redelivery past the deadline");
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Consumed(Err(CallError::TimedOut))))
+    );
+}
+
+#[test]
+fn a_consume_handler_failure_ends_it() {
+    let (mut core, peers, t0) = setup(2);
+    let op = core.start(
+        Op::Consume {
+            delivery: 1,
+            bytes: vec![],
+        },
+        t0 + Duration::from_secs(1),
+        t0,
+        &peers,
+    );
+    let t = sent(&mut core).remove(0);
+    core.handle_reply(w(t.to, 1), t.tag.correlation, wire::FAILED, b"no", t0, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Consumed(Err(CallError::HandlerFailed("no".into())))))
+    );
+}
+
+fn leader_at(slot: u32, term: u64) -> Option<(Leader, Option<LeaderWatch>)> {
+    Some((Leader { slot, term }, Some(LeaderWatch::for_test(term))))
+}
+
+#[test]
+fn invoke_waits_for_a_leader_then_calls_it() {
+    let (mut core, peers, t0) = setup(3);
+    let deadline = t0 + Duration::from_secs(1);
+    let op = core.start(
+        Op::Invoke {
+            bytes: b"i".to_vec(),
+            retry: false,
+        },
+        deadline,
+        t0,
+        &peers,
+    );
+    assert!(sent(&mut core).is_empty());
+    let look = core.next_timeout().expect("a look scheduled");
+    assert!(look < deadline);
+    *peers.leader.borrow_mut() = leader_at(2, 5);
+    core.handle_timeout(look, &peers);
+    let t = sent(&mut core).remove(0);
+    assert_eq!(t.to, 2);
+    core.handle_reply(w(2, 1), t.tag.correlation, wire::OK, b"r", look, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Answer(Ok(b"r".to_vec()))))
+    );
+}
+
+#[test]
+fn invoke_without_a_leader_by_the_deadline_is_no_leader() {
+    let (mut core, peers, t0) = setup(2);
+    let deadline = t0 + Duration::from_millis(3);
+    let op = core.start(
+        Op::Invoke {
+            bytes: vec![],
+            retry: false,
+        },
+        deadline,
+        t0,
+        &peers,
+    );
+    core.handle_timeout(deadline, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Answer(Err(CallError::NoLeader))))
+    );
+}
+
+#[test]
+fn a_leader_dead_in_office_fails_an_invoke_at_once_or_retries_it() {
+    for retry in [false, true] {
+        let (mut core, peers, t0) = setup(3);
+        *peers.leader.borrow_mut() = leader_at(1, 8);
+        let op = core.start(
+            Op::Invoke { bytes: vec![], retry },
+            t0 + Duration::from_secs(1),
+            t0,
+            &peers,
+        );
+        let t = sent(&mut core).remove(0);
+        // The lock shows the death before the master reaps: the slot
+        // still looks live.
+        peers.dead_terms.borrow_mut().push(8);
+        *peers.leader.borrow_mut() = leader_at(2, 9);
+        core.handle_deaths(t0, &peers);
+        if retry {
+            let again = sent(&mut core).remove(0);
+            assert_eq!(again.to, 2, "the next leader");
+            core.handle_reply(w(1, 1), t.tag.correlation, wire::OK, b"dead", t0, &peers);
+            core.handle_reply(w(2, 1), again.tag.correlation, wire::OK, b"new", t0, &peers);
+            assert_eq!(
+                core.poll_settled(),
+                Some((op, Settled::Answer(Ok(b"new".to_vec()))))
+            );
+        } else {
+            assert_eq!(
+                core.poll_settled(),
+                Some((op, Settled::Answer(Err(CallError::LeaderDied))))
+            );
+        }
+    }
+}
+
+#[test]
+fn invoke_asks_again_when_the_worker_asked_no_longer_leads() {
+    let (mut core, peers, t0) = setup(3);
+    *peers.leader.borrow_mut() = leader_at(1, 3);
+    let op = core.start(
+        Op::Invoke {
+            bytes: vec![],
+            retry: false,
+        },
+        t0 + Duration::from_secs(1),
+        t0,
+        &peers,
+    );
+    let t = sent(&mut core).remove(0);
+    *peers.leader.borrow_mut() = leader_at(2, 4);
+    core.handle_reply(
+        w(1, 1),
+        t.tag.correlation,
+        wire::FAILED,
+        leader::NOT_LEADER.as_bytes(),
+        t0,
+        &peers,
+    );
+    assert!(sent(&mut core).is_empty(), "asks again after a pause");
+    let look = core.next_timeout().expect("a look scheduled");
+    core.handle_timeout(look, &peers);
+    let again = sent(&mut core).remove(0);
+    assert_eq!(again.to, 2);
+    core.handle_reply(w(2, 1), again.tag.correlation, wire::OK, b"ok", look, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Answer(Ok(b"ok".to_vec()))))
+    );
+}
+
+#[test]
+fn an_abandoned_operation_sends_and_settles_nothing_more() {
+    let (mut core, peers, t0) = setup(2);
+    let op = core.start(Op::Map { bytes: vec![] }, t0 + Duration::from_secs(1), t0, &peers);
+    core.abandon(op);
+    assert!(sent(&mut core).is_empty());
+    assert!(!core.busy() && !core.waiting());
+    core.handle_timeout(t0 + Duration::from_secs(2), &peers);
+    assert!(core.poll_settled().is_none());
+}
