@@ -22,6 +22,11 @@ impl<'a> ClusterView<'a> {
         Self { segment, me }
     }
 
+    /// The worker looking.
+    pub(crate) fn me(&self) -> WorkerId {
+        self.me
+    }
+
     /// Slots in the segment.
     pub(crate) fn workers(&self) -> u32 {
         self.segment.layout().workers()

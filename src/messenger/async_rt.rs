@@ -46,7 +46,7 @@ use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, Notify};
 
-use super::calls::decode_entries;
+use super::calls::{decode_entries, targets};
 use super::core::{Op, Settled};
 use super::dispatch::{Outbox, RemoteCall};
 use super::encode::{decode, encode_call};
@@ -427,20 +427,7 @@ impl AsyncMessenger {
         value: &T,
     ) -> Result<(), EmitError> {
         let bytes = encode_call(event, 0, value, self.shared.max_payload)?;
-        let me = self.shared.me;
-        let to: Vec<u32> = match target {
-            Target::Worker(slot) if slot >= self.shared.workers => {
-                return Err(EmitError::NoSuchWorker { slot })
-            }
-            Target::Worker(slot) => vec![slot],
-            Target::All => self.live_workers().into_iter().map(|w| w.slot).collect(),
-            Target::Others => self
-                .live_workers()
-                .into_iter()
-                .map(|w| w.slot)
-                .filter(|&s| s != me.slot)
-                .collect(),
-        };
+        let to = targets(&self.view(), target)?;
         let tag = Tag {
             kind: wire::EMIT,
             correlation: 0,

@@ -68,20 +68,6 @@ impl Peers for LivePeers<'_> {
 }
 
 impl Messenger {
-    fn targets(&self, target: Target) -> Result<Vec<u32>, EmitError> {
-        Ok(match target {
-            Target::Worker(s) if s >= self.workers => return Err(EmitError::NoSuchWorker { slot: s }),
-            Target::Worker(s) => vec![s],
-            Target::All => self.live_workers().into_iter().map(|p| p.slot).collect(),
-            Target::Others => self
-                .live_workers()
-                .into_iter()
-                .map(|p| p.slot)
-                .filter(|&s| s != self.slot)
-                .collect(),
-        })
-    }
-
     /// Emits `event` with `value` to `target`: every handler for it runs
     /// there. Returns how many workers it was sent to.
     ///
@@ -111,7 +97,7 @@ impl Messenger {
             kind: wire::EMIT,
             correlation: 0,
         };
-        let targets = self.targets(target)?;
+        let targets = targets(&self.view(), target)?;
         for &to in &targets {
             self.deliver(to, tag, bytes.clone(), None)?;
         }
@@ -381,6 +367,22 @@ impl Messenger {
         let stats = self.segment.stats_entry(self.slot);
         stats.add_latency(which, d.as_nanos() as u64);
     }
+}
+
+/// The slots `target` names now; `NoSuchWorker` for a slot out of range.
+pub(super) fn targets(view: &ClusterView<'_>, target: Target) -> Result<Vec<u32>, EmitError> {
+    let me = view.me().slot;
+    Ok(match target {
+        Target::Worker(slot) if slot >= view.workers() => return Err(EmitError::NoSuchWorker { slot }),
+        Target::Worker(slot) => vec![slot],
+        Target::All => view.live_workers().into_iter().map(|w| w.slot).collect(),
+        Target::Others => view
+            .live_workers()
+            .into_iter()
+            .map(|w| w.slot)
+            .filter(|&s| s != me)
+            .collect(),
+    })
 }
 
 /// A map's entries decoded as `R`.
