@@ -1,0 +1,319 @@
+//! Calls through the leader: invoke (through the call core), publish and
+//! subscribe, and the handlers every worker has so that whoever leads can
+//! keep the topics.
+
+use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{
+    invoke_event, read_leader_at, Leader, Topics, ANNOUNCE, INVOKE_PREFIX, NOT_LEADER, PUBLISH, SUBSCRIBE,
+    TOPIC_PREFIX,
+};
+use crate::messenger::core::Op;
+use crate::messenger::encode::{decode, encode_call, encode_call_bytes};
+use crate::messenger::error::{CallError, EmitError, RegisterError};
+use crate::messenger::{wire, Ctx, HandlerId, Messenger, MessengerHandle};
+
+impl Messenger {
+    /// Waits (dispatching) until the default role has a leader.
+    fn wait_leader(&mut self, deadline: Instant) -> Result<Leader, CallError> {
+        self.leader.seen_term.entry(String::new()).or_insert(0);
+        loop {
+            if let Some(l) = self
+                .entry_of("")
+                .and_then(|i| read_leader_at(&self.segment, self.me(), i))
+            {
+                return Ok(l);
+            }
+            if Instant::now() >= deadline {
+                return Err(CallError::NoLeader);
+            }
+            self.dispatch_until(Some((Instant::now() + Duration::from_millis(2)).min(deadline)))?;
+        }
+    }
+
+    /// Registers the leader's handler for `method`: only the leader's runs
+    /// (every worker registers it, so whoever leads can serve).
+    ///
+    /// # Errors
+    /// As [`Messenger::on_request`].
+    pub fn on_invoke<T, R, E, F>(&mut self, method: &str, mut f: F) -> Result<HandlerId, RegisterError>
+    where
+        T: DeserializeOwned,
+        R: Serialize,
+        E: std::fmt::Display,
+        F: FnMut(&Ctx, T) -> Result<R, E> + Send + 'static,
+    {
+        self.install_leader_handlers();
+        let leading = self.leading_flag();
+        self.on_request::<T, R, String, _>(&format!("{INVOKE_PREFIX}{method}"), move |ctx, v| {
+            if !leading.load(Acquire) {
+                return Err(NOT_LEADER.to_string());
+            }
+            f(ctx, v).map_err(|e| e.to_string())
+        })
+    }
+
+    /// The default role's "am I leading" flag (campaigning if not yet).
+    fn leading_flag(&mut self) -> Arc<AtomicBool> {
+        if !self.leader.candidacies.contains_key("") {
+            let _ = self.campaign();
+        }
+        self.leader
+            .candidacies
+            .get("")
+            .map_or_else(|| Arc::new(AtomicBool::new(false)), |c| c.leading.clone())
+    }
+
+    /// Runs the leader's handler for `method` and returns its result. If
+    /// the leader dies first: `LeaderDied`.
+    ///
+    /// # Errors
+    /// `NoLeader` (none elected before the deadline), `LeaderDied`,
+    /// `TimedOut`, and as [`Messenger::request`].
+    pub fn invoke<T, R>(&mut self, method: &str, args: &T, deadline: Instant) -> Result<R, CallError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.invoke_inner(method, args, deadline, false)
+    }
+
+    /// [`Messenger::invoke`] for a method that is safe to run twice: if the
+    /// leader dies first, it is retried on the next leader.
+    ///
+    /// # Errors
+    /// As [`Messenger::invoke`], without `LeaderDied`.
+    pub fn invoke_idempotent<T, R>(
+        &mut self,
+        method: &str,
+        args: &T,
+        deadline: Instant,
+    ) -> Result<R, CallError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.invoke_inner(method, args, deadline, true)
+    }
+
+    fn invoke_inner<T, R>(
+        &mut self,
+        method: &str,
+        args: &T,
+        deadline: Instant,
+        retry: bool,
+    ) -> Result<R, CallError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let bytes = encode_call(&invoke_event(method), 0, args, self.max_payload)?;
+        decode(&self.invoke_encoded(bytes, deadline, retry)?)
+    }
+
+    /// An invoke through the call core ([`Op::Invoke`]): it waits for a
+    /// leader, asks again if the worker asked no longer leads, and fails
+    /// (or, with `retry`, goes to the next leader) if the leader dies in
+    /// office.
+    fn invoke_encoded(
+        &mut self,
+        bytes: Vec<u8>,
+        deadline: Instant,
+        retry: bool,
+    ) -> Result<Vec<u8>, CallError> {
+        // Follow the default role's terms from now on (`check_leaders`).
+        self.leader.seen_term.entry(String::new()).or_insert(0);
+        self.leader_entry_lookup();
+        self.call_answer(Op::Invoke { bytes, retry }, deadline)
+    }
+
+    /// The default role's lock-table entry, once known.
+    pub(in crate::messenger) fn leader_entry(&self) -> Option<u32> {
+        self.leader.entries.get("").copied()
+    }
+
+    /// [`Messenger::leader_entry`], looking it up if not yet known.
+    pub(in crate::messenger) fn leader_entry_lookup(&mut self) -> Option<u32> {
+        self.entry_of("")
+    }
+
+    /// [`Messenger::on_invoke`] with raw bytes both ways.
+    ///
+    /// # Errors
+    /// As [`Messenger::on_request`].
+    pub fn on_invoke_bytes<F>(&mut self, method: &str, mut f: F) -> Result<HandlerId, RegisterError>
+    where
+        F: FnMut(&Ctx, &[u8]) -> Result<Vec<u8>, String> + Send + 'static,
+    {
+        self.install_leader_handlers();
+        let leading = self.leading_flag();
+        self.on_request_async_bytes(&format!("{INVOKE_PREFIX}{method}"), move |ctx, data, reply| {
+            if !leading.load(Acquire) {
+                reply.send(Err(NOT_LEADER.to_string()));
+            } else {
+                reply.send(f(ctx, data));
+            }
+        })
+    }
+
+    /// [`Messenger::invoke`] with raw bytes both ways.
+    ///
+    /// # Errors
+    /// As [`Messenger::invoke`].
+    pub fn invoke_bytes(
+        &mut self,
+        method: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        let bytes = encode_call_bytes(&invoke_event(method), 0, data, self.max_payload)?;
+        self.invoke_encoded(bytes, deadline, false)
+    }
+
+    /// [`Messenger::publish`] of raw bytes: subscribers registered with
+    /// [`Messenger::subscribe_bytes`] get them as they are.
+    ///
+    /// # Errors
+    /// As [`Messenger::publish`].
+    pub fn publish_bytes(&mut self, topic: &str, data: &[u8], deadline: Instant) -> Result<(), CallError> {
+        let leader = self.wait_leader(deadline)?;
+        match self.request::<_, ()>(leader.slot, PUBLISH, &(topic, data.to_vec()), deadline) {
+            Err(CallError::WorkerDied) => Err(CallError::LeaderDied),
+            other => other,
+        }
+    }
+
+    /// [`Messenger::subscribe`] with raw bytes.
+    ///
+    /// # Errors
+    /// As [`Messenger::subscribe`].
+    pub fn subscribe_bytes<F>(&mut self, topic: &str, deadline: Instant, mut f: F) -> Result<(), CallError>
+    where
+        F: FnMut(&Ctx, &[u8]) + Send + 'static,
+    {
+        self.install_leader_handlers();
+        self.on_bytes(&format!("{TOPIC_PREFIX}{topic}"), move |ctx, bytes| {
+            f(ctx, bytes);
+            Vec::new()
+        })?;
+        self.leader.subscriptions.insert(topic.to_owned());
+        let leader = self.wait_leader(deadline)?;
+        self.leader.subscribed_term = leader.term;
+        Ok(self.notify(leader.slot, SUBSCRIBE, topic)?)
+    }
+
+    /// One-way invoke: the leader's handler runs; nothing is awaited.
+    ///
+    /// # Errors
+    /// `NoLeader` if none is elected before `deadline`, and the send errors.
+    pub fn invoke_oneway<T: Serialize + ?Sized>(
+        &mut self,
+        method: &str,
+        args: &T,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        let leader = self.wait_leader(deadline)?;
+        Ok(self.notify(leader.slot, &invoke_event(method), args)?)
+    }
+
+    /// Subscribes to `topic` through the leader: `f` runs for every value
+    /// published to it, and at once with the last value if there is one.
+    /// A new leader is told this worker's subscriptions when it is elected.
+    ///
+    /// # Errors
+    /// `NoLeader`, and the send errors.
+    pub fn subscribe<T, F>(&mut self, topic: &str, deadline: Instant, mut f: F) -> Result<(), CallError>
+    where
+        T: DeserializeOwned,
+        F: FnMut(&Ctx, T) + Send + 'static,
+    {
+        self.install_leader_handlers();
+        self.on_bytes(&format!("{TOPIC_PREFIX}{topic}"), move |ctx, bytes| {
+            match postcard::from_bytes::<T>(bytes) {
+                Ok(v) => f(ctx, v),
+                Err(e) => {
+                    tracing::warn!(error = %e, "published value does not decode as the subscriber's type")
+                }
+            }
+            Vec::new()
+        })?;
+        self.leader.subscriptions.insert(topic.to_owned());
+        let leader = self.wait_leader(deadline)?;
+        self.leader.subscribed_term = leader.term;
+        Ok(self.notify(leader.slot, SUBSCRIBE, topic)?)
+    }
+
+    /// Publishes `value` on `topic` through the leader, which keeps it as
+    /// the topic's last value and sends it to every subscriber.
+    ///
+    /// # Errors
+    /// `NoLeader`, `LeaderDied`, `Encode`, and as [`Messenger::invoke`].
+    pub fn publish<T: Serialize + ?Sized>(
+        &mut self,
+        topic: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        let bytes = postcard::to_allocvec(value).map_err(CallError::Encode)?;
+        let leader = self.wait_leader(deadline)?;
+        match self.request::<_, ()>(leader.slot, PUBLISH, &(topic, bytes), deadline) {
+            Err(CallError::WorkerDied) => Err(CallError::LeaderDied),
+            other => other,
+        }
+    }
+
+    /// The handlers every worker has so that whichever leads can keep the
+    /// topics: subscribe and publish.
+    pub(super) fn install_leader_handlers(&mut self) {
+        if self.leader.installed {
+            return;
+        }
+        self.leader.installed = true;
+        // The announcement only has to wake the loop; check_leaders reads
+        // the new term after the dispatch.
+        let _ = self.on_bytes(ANNOUNCE, |_, _| Vec::new());
+        let topics = Arc::new(Mutex::new(Topics::default()));
+        self.leader.topics = Some(topics.clone());
+        let handle: MessengerHandle = self.handle();
+        let t2 = topics.clone();
+        let h2 = handle.clone();
+        let _ = self.on::<String, _>(SUBSCRIBE, move |ctx, topic| {
+            let mut t = t2.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = t.topics.entry(topic.clone()).or_default();
+            entry.1.insert(ctx.sender().slot);
+            if let Some(last) = &entry.0 {
+                let _ = h2.emit_raw(ctx.sender().slot, &format!("{TOPIC_PREFIX}{topic}"), last);
+            }
+        });
+        let _ = self.on_request::<(String, Vec<u8>), (), String, _>(PUBLISH, move |_, (topic, bytes)| {
+            let mut t = topics.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = t.topics.entry(topic.clone()).or_default();
+            entry.0 = Some(bytes.clone());
+            for &slot in &entry.1 {
+                let _ = handle.emit_raw(slot, &format!("{TOPIC_PREFIX}{topic}"), &bytes);
+            }
+            Ok(())
+        });
+    }
+}
+
+impl MessengerHandle {
+    /// Emits already-encoded bytes (the leader forwarding a published value).
+    pub(in crate::messenger) fn emit_raw(&self, to: u32, event: &str, bytes: &[u8]) -> Result<(), EmitError> {
+        let msg = encode_call_bytes(event, 0, bytes, self.max_payload)?;
+        self.outbox.push(
+            to,
+            crate::Tag {
+                kind: wire::EMIT,
+                correlation: 0,
+            },
+            msg,
+        );
+        Ok(())
+    }
+}
