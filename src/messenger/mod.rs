@@ -33,6 +33,19 @@
 //!   generation are discarded. A call whose target dies fails with
 //!   `WorkerDied` as soon as the death is visible (the master reaps it,
 //!   within milliseconds), not at the deadline.
+//!
+//! # Where things are
+//! - `core/`: the call protocol (targets, correlation ids, deaths,
+//!   consume's redelivery, map's entries, deadlines, the leader of an
+//!   invoke) as a state machine that does no I/O, and the contract every
+//!   driver follows;
+//! - `calls.rs`: the blocking driver of it (`request`, `map`, `consume`)
+//!   and `emit`/`notify`; `dispatch.rs`: sending, the receive loop and the
+//!   outbox other threads queue into; `handle.rs`: [`MessengerHandle`];
+//!   `async_rt/`: the tokio driver (`AsyncMessenger`, feature `tokio`);
+//! - `handlers.rs`: registering and running handlers; `leader/`: elections,
+//!   invoke, publish/subscribe; `wire.rs` and `encode.rs`: the message
+//!   format and its limits; `error.rs`: one error type per operation.
 
 #[cfg(feature = "tokio")]
 mod async_rt;

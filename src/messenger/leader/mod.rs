@@ -4,7 +4,7 @@
 //!
 //! # How a leader is chosen
 //! Leadership of role `r` *is* holding the robust mutex `leader:r` of the
-//! lock table. Every worker that [`Messenger::campaign`]s has a candidate
+//! lock table. Every worker that [`Messenger::campaign`](super::Messenger::campaign)s has a candidate
 //! thread blocked on that mutex; the holder is the leader, and the lock's
 //! fencing token is the term. When the leader's process dies the kernel
 //! releases the mutex (robust list) and hands it to a waiting candidate at
@@ -49,7 +49,7 @@ pub struct Leader {
     pub term: u64,
 }
 
-/// A change of leader, passed to [`Messenger::on_leader_change`].
+/// A change of leader, passed to [`Messenger::on_leader_change`](super::Messenger::on_leader_change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaderChange {
     /// The new leader and its term.
