@@ -125,7 +125,10 @@ fn scribbled_lane_is_reported_and_others_keep_working() {
     let report = Scribbler::new(std::os::fd::AsFd::as_fd(&report_fd), 4096);
 
     // The receiver runs in its own process, as a worker would.
-    let child = dog.track(fork(|| receive_everything(&segment, &report)).expect("fork"));
+    // SAFETY: the child only receives on its own endpoint and writes the
+    // report page: it allocates (glibc's malloc is fork-safe), prints
+    // nothing and takes no lock another thread holds.
+    let child = dog.track(unsafe { fork(|| receive_everything(&segment, &report)) }.expect("fork"));
 
     let (started_tx, started) = mpsc::channel();
     let (scribbled, scribbled_rx) = mpsc::channel::<()>();
