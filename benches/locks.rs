@@ -28,8 +28,9 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{Config, Segment};
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
-use shmcluster::{Config, Locks, Segment};
+use shmcluster::Locks;
 
 mod common;
 use common::{print_preamble, warn_if_busy};

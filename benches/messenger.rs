@@ -36,8 +36,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{Config, Segment};
 use shmcluster::testing::{self, Watchdog};
-use shmcluster::{Cluster, Config, Event, ExitReason, Messenger, Segment, Worker, WorkerState};
+use shmcluster::{Cluster, Event, ExitReason, Messenger, Worker, WorkerState};
 
 mod common;
 use common::cluster::{in_fresh_copy, run_cluster};

@@ -16,8 +16,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Release};
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{Config, Endpoint, Segment};
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
-use shmcluster::{Config, Endpoint, Segment, WaitStrategy};
+use shmcluster::WaitStrategy;
 
 mod common;
 use common::{machine, warn_if_busy};
@@ -31,7 +32,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// A cache line as far as false sharing goes (adjacent-line prefetch).
 const LINE: usize = 128;
 /// Slot storage per bare ring: the same as a default shmcluster lane.
-const RING_BYTES: usize = shmcluster::DEFAULT_LANE_CAPACITY;
+const RING_BYTES: usize = shmcluster::raw::DEFAULT_LANE_CAPACITY;
 /// A ring's footprint: head line, tail line, slots.
 const RING_LEN: usize = 2 * LINE + RING_BYTES;
 
@@ -275,7 +276,11 @@ fn segment() -> Segment {
     Segment::create(&Config::new(2)).expect("create segment")
 }
 
-fn open(segment: &Segment, slot: u32, wait: WaitStrategy) -> Result<Endpoint, shmcluster::EndpointError> {
+fn open(
+    segment: &Segment,
+    slot: u32,
+    wait: WaitStrategy,
+) -> Result<Endpoint, shmcluster::raw::EndpointError> {
     let mut me = segment.endpoint(slot)?;
     me.set_wait_strategy(wait);
     Ok(me)

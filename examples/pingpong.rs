@@ -8,8 +8,9 @@
 
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{Config, Segment, Tag};
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
-use shmcluster::{Config, Segment, Tag, WaitStrategy};
+use shmcluster::WaitStrategy;
 
 const ROUNDS: usize = 20_000;
 const STOP: u16 = 1;

@@ -11,13 +11,14 @@
 //! Processes that attach must trust each other (anything that can write the
 //! segment can disrupt it), but nothing another process writes can make this
 //! crate panic or read outside the segment: bad data poisons one lane and is
-//! reported ([`RecvError::Corrupt`]).
+//! reported ([`raw::RecvError::Corrupt`]).
 //!
 //! # Example: two processes
 //!
 //! ```
 //! use std::time::Duration;
-//! use shmcluster::{testing, Config, Segment};
+//! use shmcluster::raw::{Config, Segment};
+//! use shmcluster::testing;
 //!
 //! let segment = Segment::create(&Config::new(2))?;
 //! // A forked child shares the mapping and uses its own slot.
@@ -71,9 +72,12 @@ mod lane;
 #[cfg(all(test, not(loom)))]
 mod liveness_tests;
 #[cfg(not(loom))]
-pub mod lock;
+mod lock;
+// `Messenger`'s docs still point at this module's, which are private now:
+// allowed until they point at the crate docs.
 #[cfg(not(loom))]
-pub mod messenger;
+#[allow(rustdoc::private_intra_doc_links)]
+mod messenger;
 #[cfg(not(loom))]
 mod segment;
 mod sync;
@@ -92,12 +96,7 @@ pub use cluster::{
     Unhealthy, Worker, WorkerError, WorkerState,
 };
 #[cfg(not(loom))]
-pub use endpoint::{Endpoint, Message, Received, Reservation, Tag, WaitStrategy};
-#[cfg(not(loom))]
-pub use error::{
-    AttachError, ConfigError, CreateError, EndpointError, LaneCorruption, RecvError, SendError, TryRecvError,
-    TrySendError,
-};
+pub use endpoint::WaitStrategy;
 #[cfg(not(loom))]
 pub use lock::{LockError, LockGuard, LockStats, Locks, NamedLock, Section, MAX_LOCK_NAME_LEN};
 #[cfg(feature = "tokio")]
@@ -105,12 +104,57 @@ pub use messenger::{AsyncMessenger, AsyncWake};
 #[cfg(not(loom))]
 pub use messenger::{
     BytesReply, CallKind, Consumed, Ctx, EventStats, HandlerId, Leader, LeaderChange, MapError, Messenger,
-    MessengerHandle, Reply, RequestError, Target, WorkerId, MAX_EVENT_NAME,
+    MessengerHandle, Reply, RequestError, Target, To, WorkerId, MAX_EVENT_NAME,
+};
+/// The cluster's size limit: a segment has at most this many worker slots,
+/// and a cluster keeps one of them spare for rolling reloads.
+#[cfg(not(loom))]
+pub use segment::layout::MAX_WORKERS;
+
+// The raw data plane's items, public in [`raw`], under their short names
+// for the rest of the crate (`crate::Segment`). Not every one is named so
+// at any time, hence the `allow`s.
+#[cfg(not(loom))]
+#[allow(unused_imports)]
+pub(crate) use endpoint::{Endpoint, Message, Received, Reservation, Tag};
+#[cfg(not(loom))]
+#[allow(unused_imports)]
+pub(crate) use error::{
+    AttachError, CreateError, EndpointError, LaneCorruption, RecvError, SendError, TryRecvError, TrySendError,
 };
 #[cfg(not(loom))]
-pub use segment::layout::{
+#[allow(unused_imports)]
+pub(crate) use segment::layout::{
     DEFAULT_LANE_CAPACITY, DEFAULT_LOCK_SLOTS, DEFAULT_MAX_MESSAGE, MAX_LANE_CAPACITY, MAX_LOCK_SLOTS,
-    MAX_MESSAGE_LIMIT, MAX_SEGMENT_SIZE, MAX_WORKERS, MIN_LANE_CAPACITY,
+    MAX_MESSAGE_LIMIT, MAX_SEGMENT_SIZE, MIN_LANE_CAPACITY,
 };
 #[cfg(not(loom))]
-pub use segment::{Config, Layout, Segment, ABI_VERSION};
+#[allow(unused_imports)]
+pub(crate) use segment::ABI_VERSION;
+// Transitional, hidden: doc examples in the modules being split out
+// (`endpoint`, `segment`) still import these from the root. Their one
+// documented path is `raw`; remove these once those examples say `raw::`.
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub use error::ConfigError;
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub use segment::{Config, Layout, Segment};
+
+#[cfg(not(loom))]
+pub mod raw {
+    //! The raw data plane: segments, endpoints, lanes and raw byte
+    //! messages, for those who build their own protocol or attach from
+    //! outside a cluster.
+
+    pub use crate::endpoint::{Endpoint, Message, Received, Reservation, Tag};
+    pub use crate::error::{
+        AttachError, ConfigError, CreateError, EndpointError, LaneCorruption, RecvError, SendError,
+        TryRecvError, TrySendError,
+    };
+    pub use crate::segment::layout::{
+        DEFAULT_LANE_CAPACITY, DEFAULT_LOCK_SLOTS, DEFAULT_MAX_MESSAGE, MAX_LANE_CAPACITY, MAX_LOCK_SLOTS,
+        MAX_MESSAGE_LIMIT, MAX_SEGMENT_SIZE, MIN_LANE_CAPACITY,
+    };
+    pub use crate::segment::{Config, Layout, Segment, ABI_VERSION};
+}

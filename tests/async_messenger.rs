@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{Config, Segment};
 use shmcluster::testing::Watchdog;
-use shmcluster::{AsyncMessenger, AsyncWake, Config, MapError, Messenger, RequestError, Segment, Target};
+use shmcluster::{AsyncMessenger, AsyncWake, MapError, Messenger, RequestError, Target};
 
 fn soon(secs: u64) -> Instant {
     Instant::now() + Duration::from_secs(secs)

@@ -20,8 +20,10 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{
+    AttachError, Config, ConfigError, Layout, RecvError, Segment, TryRecvError, ABI_VERSION,
+};
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
-use shmcluster::{AttachError, Config, ConfigError, Layout, RecvError, Segment, TryRecvError, ABI_VERSION};
 
 mod common;
 use common::Rng;
@@ -547,7 +549,10 @@ fn regression_1_sender_opened_on_garbage_indices() {
     let mut tx = segment.endpoint(0).unwrap();
     let result = tx.try_send(1, b"x");
     assert!(
-        matches!(result, Err(shmcluster::TrySendError::Corrupt { slot: 1, .. })),
+        matches!(
+            result,
+            Err(shmcluster::raw::TrySendError::Corrupt { slot: 1, .. })
+        ),
         "{result:?}"
     );
 }

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{Config, Segment};
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
-use shmcluster::{Config, LockError, Locks, Segment, MAX_LOCK_NAME_LEN};
+use shmcluster::{LockError, Locks, MAX_LOCK_NAME_LEN};
 
 mod common;
 

@@ -1,9 +1,8 @@
 //! `shmc_result`: every outcome a C caller can see, with fixed numbers, and
 //! the conversions from the library's error enums.
 
-use shmcluster_rs::{
-    AttachError, CreateError, EndpointError, LockError, MapError, RequestError, WorkerError,
-};
+use shmcluster_rs::raw::{AttachError, CreateError, EndpointError};
+use shmcluster_rs::{LockError, MapError, RequestError, WorkerError};
 
 use crate::boundary::{self, write_c_string};
 
