@@ -123,8 +123,8 @@ fn in_pair<T>(name: &str, child: impl FnOnce() -> Res, parent: impl FnOnce() -> 
     let dog = Watchdog::new(name, LIMIT);
     // SAFETY: the only other thread is the watchdog's, which takes no lock
     // the child uses; every `child` in this file uses only its own endpoint,
-    // ring, futex or socket, allocates (glibc's malloc is fork-safe) and
-    // prints nothing.
+    // shared words, ring, pipe or socket, allocates (glibc's malloc is
+    // fork-safe) and prints nothing.
     let pid = dog.track(unsafe { fork(|| i32::from(child().is_err())) }.expect("fork"));
     let out = parent();
     let status = pid.wait_timeout(Duration::from_secs(10)).expect("waitpid");
