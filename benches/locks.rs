@@ -28,8 +28,9 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{Config, Segment};
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
-use shmcluster::{Config, Locks, Segment};
+use shmcluster::Locks;
 
 mod common;
 use common::{print_preamble, warn_if_busy};
@@ -478,21 +479,28 @@ fn race(procs: u32, k: u64, mutex: Option<Kind>, body: impl Fn(&Page, u32) -> Re
     let body = &body;
     let children = (0..procs)
         .map(|i| {
-            Ok(dog.track(fork(move || {
-                page.word(READY).fetch_add(1, AcqRel);
-                while page.word(GO).load(Acquire) == 0 {
-                    std::thread::yield_now();
-                }
-                let r = body(page, i);
-                page.word(DONE).fetch_add(1, AcqRel);
-                match r {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("locks bench child {i}: {e}");
-                        1
+            // SAFETY: the only other thread is the watchdog's, which prints
+            // only when it fires (and then kills this child): nothing else
+            // can hold the stderr lock the child may take to report an
+            // error. The bodies take only locks in the shared page or the
+            // segment.
+            Ok(dog.track(unsafe {
+                fork(move || {
+                    page.word(READY).fetch_add(1, AcqRel);
+                    while page.word(GO).load(Acquire) == 0 {
+                        std::thread::yield_now();
                     }
-                }
-            })?))
+                    let r = body(page, i);
+                    page.word(DONE).fetch_add(1, AcqRel);
+                    match r {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            eprintln!("locks bench child {i}: {e}");
+                            1
+                        }
+                    }
+                })
+            }?))
         })
         .collect::<Res<Vec<_>>>()?;
     while page.word(READY).load(Acquire) < u64::from(procs) {

@@ -16,8 +16,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Release};
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{Config, Endpoint, Segment};
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
-use shmcluster::{Config, Endpoint, Segment, WaitStrategy};
+use shmcluster::WaitStrategy;
 
 mod common;
 use common::{machine, warn_if_busy};
@@ -31,7 +32,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// A cache line as far as false sharing goes (adjacent-line prefetch).
 const LINE: usize = 128;
 /// Slot storage per bare ring: the same as a default shmcluster lane.
-const RING_BYTES: usize = shmcluster::DEFAULT_LANE_CAPACITY;
+const RING_BYTES: usize = shmcluster::raw::DEFAULT_LANE_CAPACITY;
 /// A ring's footprint: head line, tail line, slots.
 const RING_LEN: usize = 2 * LINE + RING_BYTES;
 
@@ -120,7 +121,11 @@ fn seq_of(buf: &[u8]) -> u64 {
 fn in_pair<T>(name: &str, child: impl FnOnce() -> Res, parent: impl FnOnce() -> T) -> T {
     eprintln!("measuring {name}");
     let dog = Watchdog::new(name, LIMIT);
-    let pid = dog.track(fork(|| i32::from(child().is_err())).expect("fork"));
+    // SAFETY: the only other thread is the watchdog's, which takes no lock
+    // the child uses; every `child` in this file uses only its own endpoint,
+    // shared words, ring, pipe or socket, allocates (glibc's malloc is
+    // fork-safe) and prints nothing.
+    let pid = dog.track(unsafe { fork(|| i32::from(child().is_err())) }.expect("fork"));
     let out = parent();
     let status = pid.wait_timeout(Duration::from_secs(10)).expect("waitpid");
     assert_eq!(status, Some(ExitStatus::Code(0)), "{name}: the child failed");
@@ -271,7 +276,11 @@ fn segment() -> Segment {
     Segment::create(&Config::new(2)).expect("create segment")
 }
 
-fn open(segment: &Segment, slot: u32, wait: WaitStrategy) -> Result<Endpoint, shmcluster::EndpointError> {
+fn open(
+    segment: &Segment,
+    slot: u32,
+    wait: WaitStrategy,
+) -> Result<Endpoint, shmcluster::raw::EndpointError> {
     let mut me = segment.endpoint(slot)?;
     me.set_wait_strategy(wait);
     Ok(me)

@@ -41,7 +41,10 @@ impl Drop for Unrelated {
 /// up (its endpoint and messenger are leaked, as a SIGKILL would leave
 /// them); waits for it to be gone.
 fn dead_worker(dog: &Watchdog, f: impl FnOnce() -> i32) {
-    let child = dog.track(fork(f).expect("fork"));
+    // SAFETY: every `f` here only sets up endpoints or messengers in the
+    // segment and leaks them; none prints or takes a lock another thread of
+    // the test process may hold.
+    let child = dog.track(unsafe { fork(f) }.expect("fork"));
     assert_eq!(
         child.wait_timeout(Duration::from_secs(20)).expect("wait"),
         Some(ExitStatus::Code(0)),
@@ -173,17 +176,22 @@ fn an_invoke_to_a_leader_that_dies_ends_when_its_lock_changes_hands() {
     m0.set_liveness_slice(Duration::from_secs(3600));
     // Slot 1 leads and then never dispatches: a call to it never returns.
     let s = segment.clone();
+    // SAFETY: the child only uses a messenger on its own endpoint, sleeps
+    // and prints nothing: no lock another thread may hold.
     let leader = dog.track(
-        fork(move || {
-            let Ok(ep) = s.endpoint(1) else { return 1 };
-            let mut m = Messenger::from_endpoint(ep);
-            if m.on_invoke::<u32, u32, String, _>("echo", |_, v| Ok(v)).is_err() || m.campaign().is_err() {
-                return 2;
-            }
-            loop {
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        })
+        unsafe {
+            fork(move || {
+                let Ok(ep) = s.endpoint(1) else { return 1 };
+                let mut m = Messenger::from_endpoint(ep);
+                if m.on_invoke::<u32, u32, String, _>("echo", |_, v| Ok(v)).is_err() || m.campaign().is_err()
+                {
+                    return 2;
+                }
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+        }
         .unwrap(),
     );
     let until = Instant::now() + Duration::from_secs(10);
@@ -193,16 +201,21 @@ fn an_invoke_to_a_leader_that_dies_ends_when_its_lock_changes_hands() {
     }
     // Slot 2 waits for the lock, serving.
     let s = segment.clone();
+    // SAFETY: the child only uses a messenger on its own endpoint and
+    // prints nothing: no lock another thread may hold.
     let candidate = dog.track(
-        fork(move || {
-            let Ok(ep) = s.endpoint(2) else { return 1 };
-            let mut m = Messenger::from_endpoint(ep);
-            if m.on_invoke::<u32, u32, String, _>("echo", |_, v| Ok(v)).is_err() || m.campaign().is_err() {
-                return 2;
-            }
-            let _ = m.run_until(|_| false);
-            3
-        })
+        unsafe {
+            fork(move || {
+                let Ok(ep) = s.endpoint(2) else { return 1 };
+                let mut m = Messenger::from_endpoint(ep);
+                if m.on_invoke::<u32, u32, String, _>("echo", |_, v| Ok(v)).is_err() || m.campaign().is_err()
+                {
+                    return 2;
+                }
+                let _ = m.run_until(|_| false);
+                3
+            })
+        }
         .unwrap(),
     );
     while !segment.slot_held(2) {
@@ -245,12 +258,16 @@ fn an_invoke_to_a_leader_that_dies_ends_when_its_lock_changes_hands() {
 /// it there; returns its generation.
 fn killed_mid_stream(dog: &Watchdog, segment: &Segment) -> u32 {
     let s = segment.clone();
+    // SAFETY: the child only sends on its own endpoint and prints nothing:
+    // no lock another thread may hold.
     let sender = dog.track(
-        fork(move || {
-            let Ok(mut ep) = s.endpoint(1) else { return 1 };
-            let _ = ep.send(0, vec![7u8; 64 * 1024]);
-            2
-        })
+        unsafe {
+            fork(move || {
+                let Ok(mut ep) = s.endpoint(1) else { return 1 };
+                let _ = ep.send(0, vec![7u8; 64 * 1024]);
+                2
+            })
+        }
         .unwrap(),
     );
     let until = Instant::now() + Duration::from_secs(10);

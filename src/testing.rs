@@ -18,16 +18,36 @@ pub use crate::sys::{Child, ExitStatus};
 /// (`PR_SET_PDEATHSIG`), so a crashed test leaves no orphans. It exits with
 /// `_exit`: no destructors or atexit handlers of the parent run twice.
 ///
-/// The child should not print through Rust's stdout lock, nor take any lock
-/// another thread of the parent could have held at the fork (see
-/// `fork(2)`); allocating is fine with glibc.
+/// # Safety
+/// The child is a copy of the parent in which only the calling thread
+/// exists (`fork(2)`): whatever another thread of the parent held at the
+/// fork stays held in the child forever, and whatever it was half way
+/// through writing stays half written. `f` must not use any of it: no lock
+/// another thread may have held at that moment (a `Mutex` the parent's
+/// threads share, Rust's stdout and stderr locks behind `println!` and
+/// `eprintln!`, the allocator's lock if the allocator is not fork-safe),
+/// and no data such a thread may have been changing.
+///
+/// POSIX promises the child of a multi-threaded parent only the
+/// async-signal-safe functions (`signal-safety(7)`) until it execs or
+/// exits. The test harness runs tests on threads of one process, so a
+/// test's parent is always multi-threaded. What the child may rely on in
+/// practice, on Linux with glibc: `malloc` is fork-safe (glibc takes its
+/// locks around the fork and resets them in the child), so `f` may
+/// allocate, start threads, and create or use segments, endpoints,
+/// messengers and locks of this crate (the segment's locks are robust,
+/// process-shared mutexes, not the parent's). It must not print through
+/// `println!` or `eprintln!`: a child reports by its exit code. A panic in
+/// `f` (exit code 101) runs std's panic hook, whose locks are held only
+/// while another thread is panicking at the same moment; the tests accept
+/// that for a child that panics only when it has failed anyway.
 ///
 /// # Errors
 /// If `fork(2)` fails.
-pub fn fork(f: impl FnOnce() -> i32) -> io::Result<Child> {
+pub unsafe fn fork(f: impl FnOnce() -> i32) -> io::Result<Child> {
     let parent = sys::getpid();
-    // SAFETY: the child runs only `f` and then `_exit`s; the contract on
-    // what `f` may do is this function's documented contract.
+    // SAFETY: the child runs only `f` and then `_exit`s; our caller
+    // promises that `f` keeps to fork's contract (see # Safety).
     match unsafe { sys::fork() }? {
         Some(child) => Ok(child),
         None => {
@@ -48,7 +68,9 @@ pub fn fork(f: impl FnOnce() -> i32) -> io::Result<Child> {
 /// use shmcluster::testing::{fork, Watchdog};
 ///
 /// let dog = Watchdog::new("example", Duration::from_secs(10));
-/// let child = dog.track(fork(|| 7)?);
+/// // SAFETY: the child only returns a number: it takes no lock and touches
+/// // nothing another thread may hold.
+/// let child = dog.track(unsafe { fork(|| 7) }?);
 /// assert_eq!(child.wait_timeout(Duration::from_secs(5))?, Some(shmcluster::testing::ExitStatus::Code(7)));
 /// # Ok::<(), std::io::Error>(())
 /// ```

@@ -9,10 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{Config, Segment};
 use shmcluster::testing::Watchdog;
-use shmcluster::{
-    AsyncMessenger, AsyncWake, CallError, Config, EmitError, MapError, Messenger, Segment, Target,
-};
+use shmcluster::{AsyncMessenger, AsyncWake, CallError, EmitError, MapError, Messenger, Target};
 
 fn soon(secs: u64) -> Instant {
     Instant::now() + Duration::from_secs(secs)

@@ -5,10 +5,11 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use shmcluster::testing::Watchdog;
-use shmcluster::{
-    Config, EndpointError, RecvError, Segment, SendError, Tag, TryRecvError, TrySendError, WaitStrategy,
+use shmcluster::raw::{
+    Config, EndpointError, RecvError, Segment, SendError, Tag, TryRecvError, TrySendError,
 };
+use shmcluster::testing::Watchdog;
+use shmcluster::WaitStrategy;
 
 fn segment(workers: u32) -> Segment {
     Segment::create(&Config::new(workers).lane_capacity(16 * 1024)).expect("create")

@@ -11,8 +11,9 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
+use shmcluster::raw::{AttachError, Config, Segment};
 use shmcluster::testing::Watchdog;
-use shmcluster::{AttachError, Config, Segment, WaitStrategy};
+use shmcluster::WaitStrategy;
 
 const CHILD_FD: RawFd = 3;
 const ROUNDS: u32 = 200;

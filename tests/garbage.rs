@@ -20,8 +20,10 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{
+    AttachError, Config, ConfigError, Layout, RecvError, Segment, TryRecvError, ABI_VERSION,
+};
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
-use shmcluster::{AttachError, Config, ConfigError, Layout, RecvError, Segment, TryRecvError, ABI_VERSION};
 
 mod common;
 use common::Rng;
@@ -125,7 +127,10 @@ fn scribbled_lane_is_reported_and_others_keep_working() {
     let report = Scribbler::new(std::os::fd::AsFd::as_fd(&report_fd), 4096);
 
     // The receiver runs in its own process, as a worker would.
-    let child = dog.track(fork(|| receive_everything(&segment, &report)).expect("fork"));
+    // SAFETY: the child only receives on its own endpoint and writes the
+    // report page: it allocates (glibc's malloc is fork-safe), prints
+    // nothing and takes no lock another thread holds.
+    let child = dog.track(unsafe { fork(|| receive_everything(&segment, &report)) }.expect("fork"));
 
     let (started_tx, started) = mpsc::channel();
     let (scribbled, scribbled_rx) = mpsc::channel::<()>();
@@ -544,7 +549,10 @@ fn regression_1_sender_opened_on_garbage_indices() {
     let mut tx = segment.endpoint(0).unwrap();
     let result = tx.try_send(1, b"x");
     assert!(
-        matches!(result, Err(shmcluster::TrySendError::Corrupt { slot: 1, .. })),
+        matches!(
+            result,
+            Err(shmcluster::raw::TrySendError::Corrupt { slot: 1, .. })
+        ),
         "{result:?}"
     );
 }

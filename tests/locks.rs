@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shmcluster::raw::{Config, Segment};
 use shmcluster::testing::{fork, ExitStatus, Watchdog};
-use shmcluster::{Config, LockError, Locks, Segment, MAX_LOCK_NAME_LEN};
+use shmcluster::{LockError, Locks, MAX_LOCK_NAME_LEN};
 
 mod common;
 
@@ -153,19 +154,24 @@ fn same_name_from_two_processes_is_one_lock() {
         .map(|c| {
             let seg = seg.clone();
             let shared = &shared;
+            // SAFETY: the child takes only the segment's process-shared
+            // locks and writes shared memory; it prints nothing and takes no
+            // lock another thread of the test process may hold.
             _dog.track(
-                fork(move || {
-                    let locks = Locks::new(&seg, c).unwrap();
-                    for _ in 0..5000 {
-                        locks
-                            .synchronize_key("shared-name", |_| {
-                                let v = shared.at(0).load(Ordering::Relaxed);
-                                shared.at(0).store(v + 1, Ordering::Relaxed);
-                            })
-                            .unwrap();
-                    }
-                    0
-                })
+                unsafe {
+                    fork(move || {
+                        let locks = Locks::new(&seg, c).unwrap();
+                        for _ in 0..5000 {
+                            locks
+                                .synchronize_key("shared-name", |_| {
+                                    let v = shared.at(0).load(Ordering::Relaxed);
+                                    shared.at(0).store(v + 1, Ordering::Relaxed);
+                                })
+                                .unwrap();
+                        }
+                        0
+                    })
+                }
                 .unwrap(),
             )
         })
@@ -243,20 +249,25 @@ fn a_thousand_holders_killed_inside_the_section_leave_the_counter_exact() {
         let sh = &shared;
         // The child increments in a loop, holding the lock for each; it is
         // SIGKILLed at a random moment, often inside a section.
+        // SAFETY: the child takes only the segment's process-shared lock
+        // and writes shared memory; it prints nothing and takes no lock
+        // another thread of the test process may hold.
         let child = dog.track(
-            fork(move || {
-                let l = Locks::new(&seg2, 1).unwrap();
-                loop {
-                    l.synchronize_key("counter", |s| {
-                        if s.previous_owner_died() {
-                            repair(sh);
-                        }
-                        sh.at(DONE + 9).store(1, Ordering::Relaxed); // "I am in"
-                        increment(sh, me);
-                    })
-                    .unwrap();
-                }
-            })
+            unsafe {
+                fork(move || {
+                    let l = Locks::new(&seg2, 1).unwrap();
+                    loop {
+                        l.synchronize_key("counter", |s| {
+                            if s.previous_owner_died() {
+                                repair(sh);
+                            }
+                            sh.at(DONE + 9).store(1, Ordering::Relaxed); // "I am in"
+                            increment(sh, me);
+                        })
+                        .unwrap();
+                    }
+                })
+            }
             .unwrap(),
         );
         // Wait until it has been in at least once, then kill it soon after.

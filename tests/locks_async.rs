@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use shmcluster::raw::{Config, Segment};
 use shmcluster::testing::Watchdog;
-use shmcluster::{Config, Locks, Segment};
+use shmcluster::Locks;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_sections_exclude_each_other_across_awaits() {

@@ -560,7 +560,8 @@ fn failed_restart_is_retried() -> Check {
 /// is the whole process's.
 fn stop_watch_accept_waits_out_emfile() -> Check {
     use std::os::fd::{AsFd, AsRawFd};
-    let segment = shmcluster::Segment::create(&shmcluster::Config::new(1)).map_err(|e| e.to_string())?;
+    let segment =
+        shmcluster::raw::Segment::create(&shmcluster::raw::Config::new(1)).map_err(|e| e.to_string())?;
     let watch = shmcluster::StopWatch::new(&segment, 0).ok_or("no slot 0")?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let mut client =

@@ -20,11 +20,11 @@ use std::sync::atomic::{
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use shmcluster::testing::{fork, Child, ExitStatus, Watchdog};
-use shmcluster::{
-    Config, Endpoint, RecvError, Segment, SendError, Tag, TryRecvError, TrySendError, WaitStrategy,
-    DEFAULT_MAX_MESSAGE,
+use shmcluster::raw::{
+    Config, Endpoint, RecvError, Segment, SendError, Tag, TryRecvError, TrySendError, DEFAULT_MAX_MESSAGE,
 };
+use shmcluster::testing::{fork, Child, ExitStatus, Watchdog};
+use shmcluster::WaitStrategy;
 
 mod common;
 use common::Rng;
@@ -187,15 +187,21 @@ impl From<String> for Failure {
 
 /// Forks a child that runs `body`, tracked by `dog`. It exits 0 on `Ok`;
 /// on `Err` it writes the report to `page` as child `who` and exits with
-/// the failure's code.
+/// the failure's code. Every `body` in this file keeps to [`fork`]'s
+/// contract: it uses its own endpoints and the page, prints nothing, and
+/// takes no lock another thread of the test process may hold.
 fn spawn(dog: &Watchdog, page: &SharedPage, who: usize, body: impl FnOnce() -> Result<(), Failure>) -> Child {
-    let child = fork(|| match body() {
-        Ok(()) => 0,
-        Err(failure) => {
-            page.write_report(who, &failure.what);
-            failure.code
-        }
-    })
+    // SAFETY: the bodies keep to the contract (above); writing the report
+    // page is a plain memory copy into a shared mapping.
+    let child = unsafe {
+        fork(|| match body() {
+            Ok(()) => 0,
+            Err(failure) => {
+                page.write_report(who, &failure.what);
+                failure.code
+            }
+        })
+    }
     .expect("fork");
     dog.track(child)
 }
@@ -406,7 +412,7 @@ fn fragmented_messages_one_kib_to_sixteen_mib_with_checksums() {
     let segment = Segment::create(&config).expect("create");
     assert_eq!(
         segment.layout().lane_capacity(),
-        shmcluster::DEFAULT_LANE_CAPACITY
+        shmcluster::raw::DEFAULT_LANE_CAPACITY
     );
     assert_eq!(segment.layout().max_message(), DEFAULT_MAX_MESSAGE);
     let child = spawn(&dog, &page, 0, || {
@@ -541,7 +547,7 @@ fn sender_killed_mid_write_never_delivers_a_partial_message() {
         let mut me = segment.endpoint(0).expect("slot 0");
         let mut n = 0u64;
         let mut dead_generation = None;
-        let mut take = |msg: shmcluster::Message| {
+        let mut take = |msg: shmcluster::raw::Message| {
             assert_eq!(msg.sender, 1);
             let seq = check_kill_test_message(&msg.payload).unwrap_or_else(|e| panic!("round {round}: {e}"));
             assert_eq!(seq, n, "round {round}: no gap, no duplicate");

@@ -1,10 +1,8 @@
 //! `shmc_result`: every outcome a C caller can see, with fixed numbers, and
 //! the conversions from the library's error enums.
 
-use shmcluster_rs::{
-    AttachError, CallError, CreateError, DispatchError, EmitError, EndpointError, LockError, MapError,
-    RegisterError, WorkerError,
-};
+use shmcluster_rs::raw::{AttachError, CreateError, EndpointError};
+use shmcluster_rs::{CallError, DispatchError, EmitError, LockError, MapError, RegisterError, WorkerError};
 
 use crate::boundary::{self, write_c_string};
 

@@ -1,7 +1,7 @@
 //! `shmc_segment`: creating a segment in this process (threads mode, tests,
 //! a C program that is its own little cluster without a master).
 
-use shmcluster_rs::{Config, Segment};
+use shmcluster_rs::raw::{Config, Segment};
 
 use crate::boundary::{self, guard, into_handle, out_arg, put};
 use crate::result::{shmc_result, Failure};

@@ -7,9 +7,9 @@ use std::ffi::c_char;
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::Arc;
 
+use shmcluster_rs::raw::Layout;
 use shmcluster_rs::{
-    ClusterStats, HandlerId, Layout, Listener, Locks, Messenger, MessengerHandle, StopWatch, Worker,
-    WorkerState,
+    ClusterStats, HandlerId, Listener, Locks, Messenger, MessengerHandle, StopWatch, Worker, WorkerState,
 };
 
 use crate::boundary::{

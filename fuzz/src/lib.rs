@@ -32,7 +32,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 
-use shmcluster::{Config, Endpoint, Segment, TryRecvError};
+use shmcluster::raw::{Config, Endpoint, Segment, TryRecvError};
 
 /// Lane capacity of the segment [`scribble_lane`] builds.
 pub const LANE_CAPACITY: usize = 4096;
@@ -439,7 +439,7 @@ pub mod attach_mode {
 /// segment patched), written to a sealed memfd and attached. If that works,
 /// an endpoint receives (and optionally sends) a bounded number of times.
 /// Returns the attach result's summary, for tests.
-pub fn attach_image(data: &[u8]) -> Result<(), shmcluster::AttachError> {
+pub fn attach_image(data: &[u8]) -> Result<(), shmcluster::raw::AttachError> {
     use attach_mode::*;
     let mut input = Input::new(data);
     let mode = input.u8();

@@ -1129,7 +1129,12 @@ mod tests {
     /// failing step returns its own nonzero code).
     fn in_child(name: &str, f: impl FnOnce() -> i32) {
         let dog = Watchdog::new(name, Duration::from_secs(20));
-        let child = dog.track(fork(f).unwrap());
+        // SAFETY: every `f` here binds, inherits and checks sockets and
+        // prints nothing. Some set environment variables (why they run in
+        // a child): std's environment lock is held only for the instant
+        // another thread reads the environment; a fork in that instant
+        // would hang the child until the watchdog fails the test.
+        let child = dog.track(unsafe { fork(f) }.unwrap());
         assert_eq!(
             child.wait_timeout(Duration::from_secs(10)).unwrap(),
             Some(ExitStatus::Code(0)),

@@ -25,7 +25,6 @@ use std::time::Duration;
 pub use listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
 pub use master::{Cluster, ClusterBuilder, ClusterError, Outcome, Report, Unhealthy};
 pub(crate) use view::ClusterView;
-pub(crate) use worker::stop_requested;
 pub use worker::{Events, Incoming, StopWatch, Worker, WorkerError};
 
 use crate::segment::table::{RawEvent, WorkerEntry};

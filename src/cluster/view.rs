@@ -95,8 +95,9 @@ impl<'a> ClusterView<'a> {
 
     /// Whether this worker was asked to stop (drain or shutdown), or its
     /// process got `SIGTERM`/`SIGINT`.
+    #[cfg(feature = "tokio")]
     pub(crate) fn stop_requested(&self) -> bool {
-        super::stop_requested(self.segment, self.me.slot)
+        super::worker::stop_requested(self.segment, self.me.slot)
     }
 
     /// The deaths the master has counted (see `Control::deaths`).

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use super::calls::LivePeers;
 use super::core::{Op, Settled};
+#[cfg(feature = "tokio")]
+use super::ep_of_ref;
 use super::error::{CallError, CorruptLane, DispatchError, EmitError};
 use super::handlers::handle_message;
-use super::{ep_of, ep_of_ref, wire, Messenger};
+use super::{ep_of, wire, Messenger};
 use crate::endpoint::Interrupt;
 use crate::segment::Segment;
 use crate::{RecvError, SendError, Tag, TryRecvError, TrySendError};
