@@ -169,10 +169,7 @@ mod lane;
 mod liveness_tests;
 #[cfg(not(loom))]
 mod lock;
-// `Messenger`'s docs still point at this module's, which are private now
-// (the crate docs carry what a user needs): allowed until they point there.
 #[cfg(not(loom))]
-#[allow(rustdoc::private_intra_doc_links)]
 mod messenger;
 #[cfg(not(loom))]
 mod segment;

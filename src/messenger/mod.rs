@@ -1,38 +1,6 @@
-//! Events, direct messages, broadcast, consume, map and request/reply over
-//! the lanes, with typed payloads (serde + postcard) or raw bytes.
-//!
-//! A [`Messenger`] owns one worker's endpoint. It is driven by the thread
-//! that owns it: [`Messenger::poll`] / [`Messenger::dispatch`] run handlers
-//! for what has arrived (event-loop style), [`Messenger::run`] does that
-//! until the worker is told to stop (a receive loop on its own thread), and
-//! every blocking call (`request`, `map`, `consume`) keeps dispatching while
-//! it waits, so two workers calling each other never deadlock. Other
-//! threads of the process send through a [`MessengerHandle`], and an
-//! asynchronous [`Reply`] can be answered from any thread.
-//!
-//! # Semantics
-//! - Per-sender FIFO to each receiver (one lane per pair).
-//! - `broadcast` and `to(All)` reach every live worker, the caller included
-//!   (its own copy never crosses a lane: it waits in the messenger, in
-//!   order, and runs at its next dispatch).
-//! - Payloads up to [`Messenger::max_payload`] to every target, the caller
-//!   included; a larger one is `TooLarge` before anything is sent.
-//! - `request`/`map` run the *first* handler for the event on the target;
-//!   `emit`/`send`/`broadcast` run *every* handler for it.
-//! - `consume` runs on exactly one live worker with a handler, the one with
-//!   the shallowest inbox. Delivery is **at least once**: if the chosen
-//!   worker dies before it has acknowledged (replied), the caller sends the
-//!   task to another worker with the same delivery id
-//!   ([`Ctx::delivery_id`]), so a handler that must not act twice can drop
-//!   duplicates. A worker that has no handler says so at once and the next
-//!   one is tried; if none has one, `NoHandler`.
-//! - A worker is live while the master's table says `Starting`, `Ready` or
-//!   `Draining` (without a master: while its slot is claimed by a live
-//!   process). Messages to a starting worker wait in its lanes; messages to
-//!   a slot whose worker died go to its successor; replies to a dead
-//!   generation are discarded. A call whose target dies fails with
-//!   `WorkerDied` as soon as the death is visible (the master reaps it,
-//!   within milliseconds), not at the deadline.
+//! The messenger: events, direct messages, broadcast, consume, map and
+//! request/reply over the lanes, with typed payloads (serde + postcard) or
+//! raw bytes. What it promises is written on [`Messenger`].
 //!
 //! # Where things are
 //! - `core/`: the call protocol (targets, correlation ids, deaths,
@@ -211,7 +179,42 @@ fn ep_of_ref(owner: &Owner) -> &Endpoint {
     }
 }
 
-/// One worker's messenger: see the [module docs](self).
+/// One worker's messenger: events, direct messages, broadcast, consume,
+/// map and request/reply over the lanes, with typed payloads (serde +
+/// postcard) or raw bytes.
+///
+/// A `Messenger` owns one worker's endpoint. It is driven by the thread
+/// that owns it: [`Messenger::poll`] / [`Messenger::dispatch`] run handlers
+/// for what has arrived (event-loop style), [`Messenger::run`] does that
+/// until the worker is told to stop (a receive loop on its own thread), and
+/// every blocking call (`request`, `map`, `consume`) keeps dispatching while
+/// it waits, so two workers calling each other never deadlock. Other
+/// threads of the process send through a [`MessengerHandle`], and an
+/// asynchronous [`Reply`] can be answered from any thread.
+///
+/// # Semantics
+/// - Per-sender FIFO to each receiver (one lane per pair).
+/// - `broadcast` and `to(All)` reach every live worker, the caller included
+///   (its own copy never crosses a lane: it waits in the messenger, in
+///   order, and runs at its next dispatch).
+/// - Payloads up to [`Messenger::max_payload`] to every target, the caller
+///   included; a larger one is `TooLarge` before anything is sent.
+/// - `request`/`map` run the *first* handler for the event on the target;
+///   `emit`/`send`/`broadcast` run *every* handler for it.
+/// - `consume` runs on exactly one live worker with a handler, the one with
+///   the shallowest inbox. Delivery is **at least once**: if the chosen
+///   worker dies before it has acknowledged (replied), the caller sends the
+///   task to another worker with the same delivery id
+///   ([`Ctx::delivery_id`]), so a handler that must not act twice can drop
+///   duplicates. A worker that has no handler says so at once and the next
+///   one is tried; if none has one, `NoHandler`.
+/// - A worker is live while the master's table says `Starting`, `Ready` or
+///   `Draining` (without a master: while its slot is claimed by a live
+///   process). Messages to a starting worker wait in its lanes; messages to
+///   a slot whose worker died go to its successor; replies to a dead
+///   generation are discarded. A call whose target dies fails with
+///   `WorkerDied` as soon as the death is visible (the master reaps it,
+///   within milliseconds), not at the deadline.
 pub struct Messenger {
     owner: Owner,
     segment: Segment,
