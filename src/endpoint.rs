@@ -190,6 +190,14 @@ impl Segment {
 }
 
 impl Segment {
+    /// Rings `from`'s bit in `to`'s doorbell (word `from / 64`) and wakes
+    /// `to` if it is parked, by futex or eventfd (see [`wake::notify`]).
+    /// Returns whether it issued a wake.
+    pub(crate) fn notify(&self, to: u32, from: u32) -> bool {
+        let word = &self.bells(to)[(from / 64) as usize];
+        wake::notify(word, 1u64 << (from % 64), self.park(to), || self.ring_fd(to))
+    }
+
     /// Opens slot `slot` for a worker the master started with generation
     /// `generation` (the master bumped the slot's generation before starting
     /// it): claims the slot without bumping it again.
