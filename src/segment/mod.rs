@@ -135,7 +135,7 @@ struct Mapping {
     map: memmap2::MmapRaw,
     fd: OwnedFd,
     layout: Layout,
-    /// One eventfd per slot, for async receivers (see [`crate::wake`]):
+    /// One eventfd per slot, for async receivers (see `wake`):
     /// made with the segment and inherited with it by forked workers,
     /// handed to spawned ones by the master. Process-local: not in the
     /// shared memory. Unset in a process that attached to a bare memfd.

@@ -184,6 +184,10 @@ unsafe impl Shared for LockEntry {
     const BY_REFERENCE: bool = true;
 }
 
+// The header records the mutex's size (`Header::mutex_size`): the storage
+// here is exactly that, so a libc that disagrees refuses to attach.
+const _: () = assert!(size_of::<MutexStorage>() == crate::sys::PTHREAD_MUTEX_SIZE as usize);
+
 /// Where the holder's bookkeeping ends: right after the mutex.
 const HOLDER_END: usize = offset_of!(LockEntry, holder_start) + 4;
 const _: () = assert!(offset_of!(LockEntry, token) == size_of::<RawMutex>());
