@@ -1,4 +1,5 @@
-//! The sending end of a lane.
+//! The sending end of a lane: planning a record (padding at the wrap
+//! included), writing it, publishing the tail, and waiting for room.
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
 

@@ -1,10 +1,12 @@
 //! The shared-memory segment: created by one process (the master, or a test)
 //! as a sealed memfd, attached by others from an inherited fd.
 //!
-//! Everything in it is `#[repr(C)]`, pointer-free and addressed by offsets
-//! computed by [`Layout`], so each process may map it at any address. Memory
-//! another process writes is reached through atomics or raw-pointer copies
-//! only, never through `&T` to plain data.
+//! Everything in it is a type of [`schema`] (`#[repr(C)]`, pointer-free,
+//! [`schema::Shared`]), addressed by offsets computed by [`Layout`], so each
+//! process may map it at any address. Memory another process writes is
+//! reached through atomics or raw-pointer copies only, never through `&T`
+//! to plain data: [`Segment::at`] and [`Segment::slice_at`] are the only
+//! way from an offset to a reference, [`Segment::ptr_at`] to a pointer.
 
 pub(crate) mod layout;
 pub(crate) mod schema;

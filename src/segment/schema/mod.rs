@@ -35,9 +35,10 @@ pub(crate) const SEGMENT_ALIGN: usize = 4096;
 ///
 /// # Safety
 ///
-/// Another process, built from the same source but otherwise trusted for
-/// nothing, maps the same bytes at another address and writes them while
-/// this one reads. So a type that implements this trait must be:
+/// Another process maps the same bytes at another address and writes them
+/// while this one reads, and a buggy one may write anything there (the
+/// crate's trust model: it may disrupt the cluster, but not make this
+/// process misbehave). So a type that implements this trait must be:
 ///
 /// - `#[repr(C)]` (or a primitive), so both processes agree on its layout;
 /// - free of pointers and references: an address means nothing in the other
