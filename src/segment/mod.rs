@@ -360,11 +360,13 @@ impl Segment {
     /// # Panics
     /// If they do not lie inside the mapping or `offset` is not aligned for
     /// `T`: offsets come from [`Layout`], so either is a bug here.
+    #[inline]
     pub(crate) fn ptr_at<T: Shared>(&self, offset: usize, count: usize) -> NonNull<T> {
         ptr_in(&self.inner.map, offset, count)
     }
 
     /// The `T` at `offset`. See [`Segment::slice_at`].
+    #[inline]
     pub(crate) fn at<T: Shared>(&self, offset: usize) -> &T {
         &self.slice_at(offset, 1)[0]
     }
@@ -375,6 +377,7 @@ impl Segment {
     /// # Panics
     /// As [`Segment::ptr_at`]. A `T` that is not [`Shared::BY_REFERENCE`]
     /// does not compile.
+    #[inline]
     pub(crate) fn slice_at<T: Shared>(&self, offset: usize, len: usize) -> &[T] {
         slice_in(&self.inner.map, offset, len)
     }
@@ -437,6 +440,7 @@ impl Segment {
 
 /// The checked step of [`Segment::ptr_at`], also used on a mapping not yet
 /// validated (`Segment::attach`).
+#[inline]
 fn ptr_in<T: Shared>(map: &memmap2::MmapRaw, offset: usize, count: usize) -> NonNull<T> {
     const { assert!(align_of::<T>() <= SEGMENT_ALIGN) };
     let end = size_of::<T>()
@@ -456,6 +460,7 @@ fn ptr_in<T: Shared>(map: &memmap2::MmapRaw, offset: usize, count: usize) -> Non
 
 /// The checked step of [`Segment::slice_at`], also used on a mapping not
 /// yet validated (`Segment::attach`).
+#[inline]
 fn slice_in<T: Shared>(map: &memmap2::MmapRaw, offset: usize, len: usize) -> &[T] {
     const {
         assert!(
@@ -543,5 +548,31 @@ mod tests {
         let mut h = good;
         h.magic = 0;
         assert!(matches!(h.validate(), Err(AttachError::BadMagic { found: 0 })));
+    }
+
+    #[test]
+    fn at_refuses_what_is_outside_the_mapping() {
+        let segment = Segment::create(&Config::new(1)).unwrap();
+        let size = segment.layout().size();
+        assert_eq!(segment.slice_at::<AtomicU64>(size - 8, 1).len(), 1);
+        let panics = |f: fn(&Segment, usize)| {
+            let segment = segment.clone();
+            std::panic::catch_unwind(move || f(&segment, size)).is_err()
+        };
+        assert!(panics(|s, size| {
+            let _ = s.at::<AtomicU32>(size);
+        }));
+        assert!(panics(|s, size| {
+            let _ = s.slice_at::<AtomicU64>(size - 8, 2);
+        }));
+        assert!(panics(|s, _| {
+            let _ = s.slice_at::<AtomicU64>(8, usize::MAX / 4);
+        }));
+        assert!(panics(|s, _| {
+            let _ = s.at::<SlotControl>(32);
+        }));
+        assert!(panics(|s, _| {
+            let _ = s.ptr_at::<Header>(4, 1);
+        }));
     }
 }
