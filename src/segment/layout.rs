@@ -6,20 +6,20 @@
 //!                                           up to 448 workers), then SlotControl
 //! lane_ctl_offset   workers² × LaneControl  head, tail, space waiter (own cache lines)
 //! lane_data_offset  workers² × lane_capacity  ring bytes, page aligned
-//! locks_offset      lock_slots × LOCK_ENTRY_SIZE     reserved: lock table
-//! workers_offset    workers × WORKER_ENTRY_SIZE      worker table (state, pid, heartbeat)
-//! stats_offset      workers × STATS_ENTRY_SIZE       per-slot statistics
-//! control_offset    CONTROL_SIZE                     cluster control words, event log
+//! locks_offset      lock_slots × LockEntry      lock table
+//! workers_offset    workers × WorkerEntry       worker table (state, pid, heartbeat)
+//! stats_offset      workers × StatsEntry        per-slot statistics
+//! control_offset    CONTROL_SIZE                cluster control words, event log
 //! size
 //! ```
 //!
 //! Lane `(sender, receiver)` is number `sender * workers + receiver`. Every
 //! region starts on a page boundary, so a lane's ring is touched (and backed
-//! by memory) only when it is used.
+//! by memory) only when it is used. Every size is the `size_of` of its
+//! type in [`super::schema`].
 
+use super::schema::{Control, LaneControl, LockEntry, RecordHeader, SlotControl, StatsEntry, WorkerEntry};
 use crate::error::ConfigError;
-use crate::lane::LaneControl;
-use crate::segment::SlotControl;
 
 /// Most worker slots a segment can have.
 pub const MAX_WORKERS: u32 = 1024;
@@ -44,15 +44,9 @@ pub const DEFAULT_MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// Default number of lock-table entries.
 pub const DEFAULT_LOCK_SLOTS: u32 = 64;
 
-/// Bytes per lock-table entry (a `pthread_mutex_t`, its name and
-/// bookkeeping): the entry type's own size, pinned in `table.rs`.
-pub(crate) const LOCK_ENTRY_SIZE: usize = size_of::<crate::segment::table::LockEntry>();
-/// Bytes per worker-table entry (see `LOCK_ENTRY_SIZE`).
-pub(crate) const WORKER_ENTRY_SIZE: usize = size_of::<crate::segment::table::WorkerEntry>();
-/// Bytes per slot of statistics (see `LOCK_ENTRY_SIZE`).
-pub(crate) const STATS_ENTRY_SIZE: usize = size_of::<crate::segment::table::StatsEntry>();
-/// Bytes of the cluster control block and its event log.
-pub(crate) const CONTROL_SIZE: usize = crate::segment::table::CONTROL_SIZE;
+/// Bytes of the control region: the control block and its event log, in
+/// whole pages.
+pub(crate) const CONTROL_SIZE: usize = size_of::<Control>().div_ceil(PAGE) * PAGE;
 /// Bytes reserved for the header.
 pub(crate) const HEADER_SIZE: usize = PAGE;
 const PAGE: usize = 4096;
@@ -192,9 +186,9 @@ impl Layout {
         let (slots_offset, end) = region(HEADER_SIZE, n, slot_stride)?;
         let (lane_ctl_offset, end) = region(end, lanes, size_of::<LaneControl>())?;
         let (lane_data_offset, end) = region(end, lanes, cap)?;
-        let (locks_offset, end) = region(end, config.lock_slots as usize, LOCK_ENTRY_SIZE)?;
-        let (workers_offset, end) = region(end, n, WORKER_ENTRY_SIZE)?;
-        let (stats_offset, end) = region(end, n, STATS_ENTRY_SIZE)?;
+        let (locks_offset, end) = region(end, config.lock_slots as usize, size_of::<LockEntry>())?;
+        let (workers_offset, end) = region(end, n, size_of::<WorkerEntry>())?;
+        let (stats_offset, end) = region(end, n, size_of::<StatsEntry>())?;
         let (control_offset, end) = region(end, 1, CONTROL_SIZE)?;
         let size = round_up(end, PAGE).ok_or(ConfigError::TooLarge)?;
         if size > MAX_SEGMENT_SIZE {
@@ -288,7 +282,7 @@ impl Layout {
             crate::sys::PTHREAD_MUTEX_SIZE as u64,
             size_of::<SlotControl>() as u64,
             size_of::<LaneControl>() as u64,
-            size_of::<crate::lane::RecordHeader>() as u64,
+            size_of::<RecordHeader>() as u64,
             self.workers as u64,
             self.lane_capacity as u64,
             self.max_message as u64,
@@ -301,8 +295,8 @@ impl Layout {
             self.workers_offset as u64,
             self.stats_offset as u64,
             self.control_offset as u64,
-            size_of::<crate::segment::table::WorkerEntry>() as u64,
-            size_of::<crate::segment::table::StatsEntry>() as u64,
+            size_of::<WorkerEntry>() as u64,
+            size_of::<StatsEntry>() as u64,
             self.size as u64,
         ];
         // FNV-1a over the little-endian bytes.
@@ -343,7 +337,7 @@ mod tests {
                 assert!(l.slots_offset + n * l.slot_stride <= l.lane_ctl_offset);
                 assert!(l.lane_ctl_offset + n * n * size_of::<LaneControl>() <= l.lane_data_offset);
                 assert!(l.lane_data_offset + n * n * cap <= l.locks_offset);
-                assert!(l.stats_offset + n * STATS_ENTRY_SIZE <= l.control_offset);
+                assert!(l.stats_offset + n * size_of::<StatsEntry>() <= l.control_offset);
                 assert!(l.control_offset + CONTROL_SIZE <= l.size);
                 assert_eq!(l.size % PAGE, 0);
                 assert!(l.bell_words * 64 >= n);

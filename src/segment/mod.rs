@@ -1,12 +1,15 @@
 //! The shared-memory segment: created by one process (the master, or a test)
 //! as a sealed memfd, attached by others from an inherited fd.
 //!
-//! Everything in it is `#[repr(C)]`, pointer-free and addressed by offsets
-//! computed by [`Layout`], so each process may map it at any address. Memory
-//! another process writes is reached through atomics or raw-pointer copies
-//! only, never through `&T` to plain data.
+//! Everything in it is a type of [`schema`] (`#[repr(C)]`, pointer-free,
+//! [`schema::Shared`]), addressed by offsets computed by [`Layout`], so each
+//! process may map it at any address. Memory another process writes is
+//! reached through atomics or raw-pointer copies only, never through `&T`
+//! to plain data: [`Segment::at`] and [`Segment::slice_at`] are the only
+//! way from an offset to a reference, [`Segment::ptr_at`] to a pointer.
 
 pub(crate) mod layout;
+pub(crate) mod schema;
 pub(crate) mod table;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -17,9 +20,8 @@ use std::sync::Arc;
 pub use layout::{Config, Layout};
 
 use crate::error::{AttachError, CreateError};
-use crate::lane::{LaneControl, LaneRef};
 use crate::sys;
-use crate::wake;
+use schema::{Header, Shared, SlotControl, INIT_OFFSET, SEGMENT_ALIGN};
 
 /// "SHMCLSTR", little-endian.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMCLSTR");
@@ -28,37 +30,7 @@ pub const ABI_VERSION: u32 = 3;
 /// The init word's value once the creator has written the whole header.
 const INIT_READY: u32 = 0x5EAD_1E55;
 
-/// The segment header, at offset 0. The creator writes every field, then
-/// stores `init = INIT_READY` with `Release`; an attacher loads `init` with
-/// `Acquire` before reading the rest (see [`Segment::attach`]).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct Header {
-    magic: u64,
-    abi_version: u32,
-    /// Read and written as an `AtomicU32` (see `init_word`).
-    init: u32,
-    layout_hash: u64,
-    mutex_size: u32,
-    workers: u32,
-    lane_capacity: u64,
-    max_message: u64,
-    lock_slots: u32,
-    bell_words: u32,
-    slot_stride: u64,
-    slots_offset: u64,
-    lane_ctl_offset: u64,
-    lane_data_offset: u64,
-    locks_offset: u64,
-    workers_offset: u64,
-    stats_offset: u64,
-    size: u64,
-    control_offset: u64,
-}
-
 const _: () = assert!(size_of::<Header>() <= layout::HEADER_SIZE);
-const INIT_OFFSET: usize = std::mem::offset_of!(Header, init);
-const _: () = assert!(INIT_OFFSET % 4 == 0);
 
 impl Header {
     fn for_layout(l: &Layout) -> Self {
@@ -161,27 +133,11 @@ impl Header {
     }
 }
 
-/// Who holds a slot: the end of the slot's block, after its park word and
-/// doorbell (see [`Layout::slot_offset`]). All-zero is a free slot.
-#[repr(C, align(64))]
-pub(crate) struct SlotControl {
-    /// Pid of the process whose endpoint holds the slot; 0 when free.
-    /// Claimed by compare-exchange, so at most one endpoint writes the
-    /// slot's lanes.
-    pub(crate) owner: AtomicU32,
-    /// Bumped by each endpoint that claims the slot; stamped on every record
-    /// it sends.
-    pub(crate) generation: AtomicU32,
-    _reserved: [AtomicU32; 14],
-}
-
-const _: () = assert!(size_of::<SlotControl>() == 64);
-
 struct Mapping {
     map: memmap2::MmapRaw,
     fd: OwnedFd,
     layout: Layout,
-    /// One eventfd per slot, for async receivers (see [`crate::wake`]):
+    /// One eventfd per slot, for async receivers (see `wake`):
     /// made with the segment and inherited with it by forked workers,
     /// handed to spawned ones by the master. Process-local: not in the
     /// shared memory. Unset in a process that attached to a bare memfd.
@@ -247,15 +203,15 @@ impl Segment {
             }
             Err(e) => tracing::warn!(error = %e, "no eventfds for async wakeups"),
         }
-        let header = Header::for_layout(&layout);
-        // SAFETY: the mapping is at least a page long and page aligned; no
-        // other process has the fd yet, so nothing reads or writes the header
-        // concurrently.
-        unsafe { segment.base().cast::<Header>().write(header) };
+        let header = segment.ptr_at::<Header>(0, 1);
+        // SAFETY: `ptr_at` checked that a `Header` fits, aligned, at offset
+        // 0 of the mapping; no other process has the fd yet, so nothing
+        // reads or writes it concurrently.
+        unsafe { header.write(Header::for_layout(&layout)) };
         for i in 0..layout.lock_slots {
             let entry = segment.lock_entry(i);
-            // SAFETY: the storage is inside the new mapping, 64-aligned and
-            // large enough (asserted in `table`); nobody else has the fd yet.
+            // SAFETY: the storage is a `pthread_mutex_t`'s, inside the new
+            // mapping (`at`); nobody else has the fd yet.
             unsafe { sys::mutex::init(entry.mutex_ptr()) }?;
         }
         segment.init_word().store(INIT_READY, Release);
@@ -291,14 +247,12 @@ impl Segment {
             expected: usize::MAX as u64,
         })?;
         let map = sys::map_shared(fd.as_fd(), map_len)?;
-        let base = map.as_mut_ptr();
-        // SAFETY: the mapping is at least HEADER_SIZE bytes and page aligned,
-        // so the init word at INIT_OFFSET is in bounds and 4-aligned.
-        let init = unsafe { &*base.add(INIT_OFFSET).cast::<AtomicU32>() };
-        let init = init.load(Acquire);
-        // SAFETY: in bounds and aligned as above; a volatile copy of plain
-        // integers (any bit pattern is valid), checked field by field below.
-        let header = unsafe { base.cast::<Header>().read_volatile() };
+        let init = slice_in::<AtomicU32>(&map, INIT_OFFSET, 1)[0].load(Acquire);
+        let header = ptr_in::<Header>(&map, 0, 1);
+        // SAFETY: `ptr_in` checked that a `Header` fits, aligned, at offset
+        // 0; a volatile copy of plain integers (any bit pattern is valid),
+        // checked field by field below.
+        let header = unsafe { header.read_volatile() };
         if header.magic != MAGIC {
             return Err(AttachError::BadMagic { found: header.magic });
         }
@@ -380,13 +334,6 @@ impl Segment {
         }
     }
 
-    /// Rings `bit` in `to`'s doorbell (word `bit_index / 64`) and wakes
-    /// `to` if it is parked, by futex or eventfd.
-    pub(crate) fn notify(&self, to: u32, from: u32) -> bool {
-        let word = &self.bells(to)[(from / 64) as usize];
-        wake::notify(word, 1u64 << (from % 64), self.park(to), || self.ring_fd(to))
-    }
-
     /// The segment's layout.
     pub fn layout(&self) -> &Layout {
         &self.inner.layout
@@ -406,14 +353,37 @@ impl Segment {
         sys::dup_cloexec(self.fd())
     }
 
-    fn base(&self) -> *mut u8 {
-        self.inner.map.as_mut_ptr()
+    /// A raw pointer to `count` `T`s at `offset`, for plain data (the
+    /// header, the ring bytes), which is written and copied out through
+    /// raw pointers only.
+    ///
+    /// # Panics
+    /// If they do not lie inside the mapping or `offset` is not aligned for
+    /// `T`: offsets come from [`Layout`], so either is a bug here.
+    #[inline]
+    pub(crate) fn ptr_at<T: Shared>(&self, offset: usize, count: usize) -> NonNull<T> {
+        ptr_in(&self.inner.map, offset, count)
+    }
+
+    /// The `T` at `offset`. See [`Segment::slice_at`].
+    #[inline]
+    pub(crate) fn at<T: Shared>(&self, offset: usize) -> &T {
+        &self.slice_at(offset, 1)[0]
+    }
+
+    /// The `len` `T`s at `offset`, shared with every other process that
+    /// maps the segment, for as long as this `Segment` lives.
+    ///
+    /// # Panics
+    /// As [`Segment::ptr_at`]. A `T` that is not [`Shared::BY_REFERENCE`]
+    /// does not compile.
+    #[inline]
+    pub(crate) fn slice_at<T: Shared>(&self, offset: usize, len: usize) -> &[T] {
+        slice_in(&self.inner.map, offset, len)
     }
 
     fn init_word(&self) -> &AtomicU32 {
-        // SAFETY: in bounds and 4-aligned (see `attach`); an atomic, so a
-        // shared reference is sound while others write it.
-        unsafe { &*self.base().add(INIT_OFFSET).cast::<AtomicU32>() }
+        self.at(INIT_OFFSET)
     }
 
     /// Whether a live process holds slot `slot` (its claim, see
@@ -427,88 +397,88 @@ impl Segment {
 
     /// Slot `slot`'s owner and generation. `slot < workers`.
     pub(crate) fn slot(&self, slot: u32) -> &SlotControl {
-        let offset = self.inner.layout.slot_control_offset(slot);
-        // SAFETY: the layout puts a 64-aligned `SlotControl` at the end of
-        // each slot block, inside the mapping (validated size); it is only
-        // atomics, valid for any bit pattern.
-        unsafe { &*self.base().add(offset).cast::<SlotControl>() }
+        self.at(self.inner.layout.slot_control_offset(slot))
     }
 
-    /// Slot `slot`'s park word. `slot < workers`.
+    /// Slot `slot`'s park word (see `wake` for its states). `slot < workers`.
     pub(crate) fn park(&self, slot: u32) -> &AtomicU32 {
-        let offset = self.inner.layout.slot_offset(slot);
-        // SAFETY: each slot block starts 64-aligned with its park word,
-        // inside the mapping; an atomic is valid for any bit pattern.
-        unsafe { &*self.base().add(offset).cast::<AtomicU32>() }
+        self.at(self.inner.layout.slot_offset(slot))
     }
 
     /// Slot `slot`'s doorbell words. `slot < workers`.
     pub(crate) fn bells(&self, slot: u32) -> &[AtomicU64] {
         let layout = &self.inner.layout;
-        let offset = layout.doorbell_offset(slot);
-        // SAFETY: each slot block holds `bell_words` 8-aligned u64s at the
-        // doorbell offset (see `Layout::new`), inside the mapping; atomics
-        // are valid for any bit pattern.
-        unsafe { std::slice::from_raw_parts(self.base().add(offset).cast::<AtomicU64>(), layout.bell_words) }
+        self.slice_at(layout.doorbell_offset(slot), layout.bell_words)
     }
 
     /// Slot `slot`'s worker-table entry. `slot < workers`.
     pub(crate) fn worker_entry(&self, slot: u32) -> &table::WorkerEntry {
         let layout = &self.inner.layout;
         assert!(slot < layout.workers);
-        let offset = layout.workers_offset + slot as usize * layout::WORKER_ENTRY_SIZE;
-        // SAFETY: the worker table is a page-aligned region of `workers`
-        // 128-byte entries inside the mapping; an entry is only atomics,
-        // valid for any bit pattern.
-        unsafe { &*self.base().add(offset).cast::<table::WorkerEntry>() }
+        self.at(layout.workers_offset + slot as usize * size_of::<table::WorkerEntry>())
     }
 
     /// Lock-table entry `i`. `i < lock_slots`.
     pub(crate) fn lock_entry(&self, i: u32) -> &table::LockEntry {
         let layout = &self.inner.layout;
         assert!(i < layout.lock_slots);
-        let offset = layout.locks_offset + i as usize * layout::LOCK_ENTRY_SIZE;
-        // SAFETY: the lock table is a page-aligned region of 256-byte
-        // entries inside the mapping; an entry is atomics plus the mutex's
-        // storage in an `UnsafeCell`, touched only through pthread calls.
-        unsafe { &*self.base().add(offset).cast::<table::LockEntry>() }
+        self.at(layout.locks_offset + i as usize * size_of::<table::LockEntry>())
     }
 
     /// Slot `slot`'s statistics. `slot < workers`.
     pub(crate) fn stats_entry(&self, slot: u32) -> &table::StatsEntry {
         let layout = &self.inner.layout;
         assert!(slot < layout.workers);
-        let offset = layout.stats_offset + slot as usize * layout::STATS_ENTRY_SIZE;
-        // SAFETY: as for `worker_entry`: page-aligned region of 256-byte
-        // entries inside the mapping, atomics only.
-        unsafe { &*self.base().add(offset).cast::<table::StatsEntry>() }
+        self.at(layout.stats_offset + slot as usize * size_of::<table::StatsEntry>())
     }
 
     /// The cluster control block and event log.
     pub(crate) fn control(&self) -> &table::Control {
-        let offset = self.inner.layout.control_offset;
-        // SAFETY: a page-aligned region of `CONTROL_SIZE` bytes inside the
-        // mapping; atomics only.
-        unsafe { &*self.base().add(offset).cast::<table::Control>() }
+        self.at(self.inner.layout.control_offset)
     }
+}
 
-    /// Lane `(sender, receiver)`. Valid while this `Segment` (or a clone)
-    /// lives; both slots `< workers`.
-    pub(crate) fn lane(&self, sender: u32, receiver: u32) -> LaneRef {
-        let layout = &self.inner.layout;
-        assert!(sender < layout.workers && receiver < layout.workers);
-        let base = self.base();
-        // SAFETY: both offsets are inside the mapping (the layout was
-        // computed or validated against its length) and aligned: lane control
-        // blocks at 128 within a page-aligned region, rings at multiples of
-        // the (power-of-two, >= 4096) capacity.
-        unsafe {
-            let ctl =
-                NonNull::new_unchecked(base.add(layout.lane_ctl(sender, receiver))).cast::<LaneControl>();
-            let data = NonNull::new_unchecked(base.add(layout.lane_data(sender, receiver)));
-            LaneRef::new(ctl, data, layout.lane_capacity, sender)
-        }
-    }
+/// The checked step of [`Segment::ptr_at`], also used on a mapping not yet
+/// validated (`Segment::attach`).
+#[inline]
+fn ptr_in<T: Shared>(map: &memmap2::MmapRaw, offset: usize, count: usize) -> NonNull<T> {
+    const { assert!(align_of::<T>() <= SEGMENT_ALIGN) };
+    let end = size_of::<T>()
+        .checked_mul(count)
+        .and_then(|bytes| bytes.checked_add(offset));
+    assert!(
+        end.is_some_and(|end| end <= map.len()) && offset % align_of::<T>() == 0,
+        "{count} x {} bytes at offset {offset} do not fit the {}-byte segment aligned",
+        size_of::<T>(),
+        map.len(),
+    );
+    // SAFETY: `offset <= map.len()` (checked), so the pointer stays inside
+    // the mapping or one past its end.
+    let ptr = unsafe { map.as_mut_ptr().add(offset) };
+    NonNull::new(ptr.cast()).expect("a mapping is never at address 0")
+}
+
+/// The checked step of [`Segment::slice_at`], also used on a mapping not
+/// yet validated (`Segment::attach`).
+#[inline]
+fn slice_in<T: Shared>(map: &memmap2::MmapRaw, offset: usize, len: usize) -> &[T] {
+    const {
+        assert!(
+            T::BY_REFERENCE,
+            "plain data in the segment is reached through `ptr_at`"
+        )
+    };
+    let ptr = ptr_in::<T>(map, offset, len);
+    // SAFETY: the one argument for every reference into the segment.
+    // `ptr_in` checked that the `len` `T`s lie inside the mapping, aligned
+    // (the mapping starts on a page, and `Shared` types align to at most
+    // one); the mapping lives as long as `map` is borrowed. `T: Shared`
+    // says any bits another process leaves there are a valid `T`, and
+    // `BY_REFERENCE` (asserted above) that every byte another process may
+    // write while we hold the reference is inside an atomic (or the mutex
+    // storage only pthread calls touch): so the shared reference is sound
+    // while they write.
+    unsafe { std::slice::from_raw_parts(ptr.as_ptr(), len) }
 }
 
 #[cfg(test)]
@@ -578,5 +548,31 @@ mod tests {
         let mut h = good;
         h.magic = 0;
         assert!(matches!(h.validate(), Err(AttachError::BadMagic { found: 0 })));
+    }
+
+    #[test]
+    fn at_refuses_what_is_outside_the_mapping() {
+        let segment = Segment::create(&Config::new(1)).unwrap();
+        let size = segment.layout().size();
+        assert_eq!(segment.slice_at::<AtomicU64>(size - 8, 1).len(), 1);
+        let panics = |f: fn(&Segment, usize)| {
+            let segment = segment.clone();
+            std::panic::catch_unwind(move || f(&segment, size)).is_err()
+        };
+        assert!(panics(|s, size| {
+            let _ = s.at::<AtomicU32>(size);
+        }));
+        assert!(panics(|s, size| {
+            let _ = s.slice_at::<AtomicU64>(size - 8, 2);
+        }));
+        assert!(panics(|s, _| {
+            let _ = s.slice_at::<AtomicU64>(8, usize::MAX / 4);
+        }));
+        assert!(panics(|s, _| {
+            let _ = s.at::<SlotControl>(32);
+        }));
+        assert!(panics(|s, _| {
+            let _ = s.ptr_at::<Header>(4, 1);
+        }));
     }
 }

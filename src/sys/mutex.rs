@@ -8,11 +8,32 @@
 //! hang. Every function takes a raw pointer because the mutex lives in
 //! memory other processes write; the caller guarantees it is valid.
 
+use std::cell::UnsafeCell;
 use std::io;
+use std::mem::MaybeUninit;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The platform's mutex type.
 pub use libc::pthread_mutex_t as RawMutex;
+
+/// Room for one [`RawMutex`] in shared memory: the size and alignment of
+/// the platform's `pthread_mutex_t` (40 bytes with glibc on x86-64, 48 on
+/// aarch64), initialised by [`init`] and then touched only through the
+/// functions of this module, by pointer ([`MutexStorage::as_ptr`]).
+#[repr(transparent)]
+pub struct MutexStorage(UnsafeCell<MaybeUninit<RawMutex>>);
+
+impl MutexStorage {
+    /// The mutex, for this module's functions.
+    pub fn as_ptr(&self) -> *mut RawMutex {
+        self.0.get().cast()
+    }
+}
+
+// SAFETY: the storage is only reached through `as_ptr` by the pthread
+// calls of this module, which synchronise with each other (that is what a
+// process-shared mutex is for); nothing reads or writes it as Rust data.
+unsafe impl Sync for MutexStorage {}
 
 /// How a lock was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

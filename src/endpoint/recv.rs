@@ -1,0 +1,516 @@
+//! Receiving: polling the lanes the doorbell names, waiting when they are
+//! empty, and lending what arrives.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use super::wait::{spin_then_park, Interrupt, Pace, Wait, WaitStrategy};
+use super::{Endpoint, Message, Tag};
+use crate::error::{LaneCorruption, RecvError, TryRecvError};
+use crate::lane::{Next, RecordHeader};
+use crate::segment::table::StatsEntry;
+use crate::wake;
+
+impl Endpoint {
+    /// The next message from any lane: adds the doorbell's bits to the
+    /// pending set (without clearing them, see [`wake`]) and polls.
+    fn poll(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
+        wake::peek_doorbell(self.segment.bells(self.slot), &mut self.pending);
+        self.mask_pending();
+        self.scan()
+    }
+
+    /// A doorbell bit for a slot that does not exist (written by a buggy
+    /// process) is dropped.
+    fn mask_pending(&mut self) {
+        if let Some(last) = self.pending.last_mut() {
+            *last &= self.pending_mask;
+        }
+    }
+
+    /// Polls each pending lane once, round-robin from `cursor`, and returns
+    /// the first message found. A lane found empty stays pending while its
+    /// sender's doorbell bit is set (that sender will not ring again); one
+    /// whose bit is clear is dropped, because its sender sets the bit on its
+    /// next message and the next peek picks it up. So a spinning receiver
+    /// polls only the lanes that are in use.
+    fn scan(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
+        let start = self.cursor;
+        for (lo, hi) in [(start, self.workers), (0, start)] {
+            let mut at = lo;
+            while let Some(from) = self.next_pending(at, hi) {
+                at = from + 1;
+                let inbound = &mut self.inbound[from as usize];
+                if inbound.poisoned.is_some() {
+                    self.clear_pending(from);
+                    continue;
+                }
+                match inbound.consumer.next() {
+                    Ok(Some(next)) => {
+                        self.cursor = if at == self.workers { 0 } else { at };
+                        return Ok(Some((from, next)));
+                    }
+                    Ok(None) => {
+                        let bell = &self.segment.bells(self.slot)[(from / 64) as usize];
+                        if bell.load(Relaxed) & (1u64 << (from % 64)) == 0 {
+                            self.clear_pending(from);
+                        }
+                    }
+                    Err(error) => {
+                        inbound.poisoned = Some(error);
+                        self.clear_pending(from);
+                        return Err((from, error));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn clear_pending(&mut self, from: u32) {
+        self.pending[(from / 64) as usize] &= !(1u64 << (from % 64));
+    }
+
+    /// The first pending sender in `at..hi`.
+    fn next_pending(&self, at: u32, hi: u32) -> Option<u32> {
+        if at >= hi {
+            return None;
+        }
+        let mut word = (at / 64) as usize;
+        let mut bits = self.pending[word] & (u64::MAX << (at % 64));
+        loop {
+            if bits != 0 {
+                let from = word as u32 * 64 + bits.trailing_zeros();
+                return (from < hi).then_some(from);
+            }
+            word += 1;
+            if word as u32 * 64 >= hi {
+                return None;
+            }
+            bits = self.pending[word];
+        }
+    }
+
+    /// On the way to sleep: takes (clears) the doorbell and polls every lane
+    /// it named and every pending one. Returns a message if one turned up;
+    /// otherwise every known lane is empty, the pending set is emptied, and
+    /// the caller may park.
+    #[cold]
+    fn before_park(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
+        wake::take_doorbell(self.segment.bells(self.slot), &mut self.pending);
+        self.mask_pending();
+        let found = self.scan()?;
+        if found.is_none() {
+            self.pending.fill(0);
+        }
+        Ok(found)
+    }
+
+    /// Waits for the next message by the wait strategy, until `deadline`.
+    fn wait_next(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupt: Option<Interrupt<'_>>,
+    ) -> Result<(u32, Next), RecvError> {
+        // A message already there costs no clock read.
+        if let Some(found) = self.poll().map_err(corrupt)? {
+            return Ok(found);
+        }
+        let strategy = self.wait;
+        spin_then_park(
+            &mut NextWait {
+                endpoint: self,
+                interrupt,
+            },
+            strategy,
+            deadline,
+        )
+    }
+
+    fn received(&mut self, (sender, next): (u32, Next)) -> Received<'_> {
+        self.count_received(match &next {
+            Next::InLane { hdr, .. } => hdr.len as usize,
+            Next::Assembled { payload, .. } => payload.len(),
+        });
+        match next {
+            Next::InLane { hdr, offset, record } => {
+                let ptr = self.inbound[sender as usize].consumer.payload_ptr(offset);
+                Received {
+                    endpoint: self,
+                    sender,
+                    hdr,
+                    body: Body::Lane { ptr, record },
+                }
+            }
+            Next::Assembled { hdr, payload } => Received {
+                endpoint: self,
+                sender,
+                hdr,
+                body: Body::Owned(payload),
+            },
+        }
+    }
+
+    /// Waits for the next message and copies it out.
+    ///
+    /// # Errors
+    /// [`RecvError::Corrupt`] if a lane turned out to hold garbage (that
+    /// lane is poisoned; call again to keep receiving from the others).
+    pub fn recv(&mut self) -> Result<Message, RecvError> {
+        self.recv_ref(None).map(Received::into_message)
+    }
+
+    /// Waits until `deadline` for the next message and copies it out.
+    ///
+    /// # Errors
+    /// [`RecvError::Timeout`], or [`RecvError::Corrupt`] as for
+    /// [`Endpoint::recv`].
+    pub fn recv_deadline(&mut self, deadline: Instant) -> Result<Message, RecvError> {
+        self.recv_ref(Some(deadline)).map(Received::into_message)
+    }
+
+    /// Waits up to `timeout` for the next message and copies it out.
+    ///
+    /// # Errors
+    /// As [`Endpoint::recv_deadline`].
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Message, RecvError> {
+        self.recv_deadline(Instant::now() + timeout)
+    }
+
+    /// The next message if one is waiting, copied out.
+    ///
+    /// # Errors
+    /// [`TryRecvError::Empty`] if none is, [`TryRecvError::Corrupt`] as for
+    /// [`Endpoint::recv`].
+    pub fn try_recv(&mut self) -> Result<Message, TryRecvError> {
+        self.try_recv_ref().map(Received::into_message)
+    }
+
+    /// Waits until `deadline` (`None`: as long as it takes) for the next
+    /// message and lends it without copying: see [`Received`].
+    ///
+    /// # Errors
+    /// As [`Endpoint::recv_deadline`].
+    pub fn recv_ref(&mut self, deadline: Option<Instant>) -> Result<Received<'_>, RecvError> {
+        let found = self.wait_next(deadline, None)?;
+        Ok(self.received(found))
+    }
+
+    /// [`Endpoint::recv_ref`] that also returns (as `Timeout`) as soon as
+    /// `interrupt` says so (see [`Interrupt`]).
+    pub(crate) fn recv_ref_interruptible(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<Received<'_>, RecvError> {
+        let found = self.wait_next(deadline, Some(interrupt))?;
+        Ok(self.received(found))
+    }
+
+    /// For an async receiver about to wait: the next message if one is
+    /// waiting, else (the doorbell taken and every lane found empty, as
+    /// before a park) `None`, after which the caller may announce its park
+    /// ([`Endpoint::park_fd_begin`] or a waiter thread's [`wake::park`]).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn try_recv_before_park(&mut self) -> Result<Option<Received<'_>>, RecvError> {
+        let found = match self.poll().map_err(corrupt)? {
+            Some(found) => Some(found),
+            None => self.before_park().map_err(corrupt)?,
+        };
+        Ok(found.map(|f| self.received(f)))
+    }
+
+    /// Async receiver: announces that it waits on its eventfd; false if a
+    /// doorbell rang since [`Endpoint::try_recv_before_park`] (poll again).
+    /// Counts the wait and beats the heartbeat.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn park_fd_begin(&self) -> bool {
+        let parked = wake::park_fd_begin(self.segment.park(self.slot), self.segment.bells(self.slot));
+        if parked {
+            StatsEntry::add(&self.segment.stats_entry(self.slot).futex_waits, 1);
+            self.beat();
+        }
+        parked
+    }
+
+    /// Async receiver: running again after its wait (the eventfd is read
+    /// by whoever waited on it).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn park_fd_end(&self) {
+        wake::park_fd_end(self.segment.park(self.slot));
+    }
+
+    /// The next message if one is waiting, lent without copying: see
+    /// [`Received`].
+    ///
+    /// # Errors
+    /// As [`Endpoint::try_recv`].
+    ///
+    /// # Examples
+    /// ```
+    /// # let segment = shmcluster::Segment::create(&shmcluster::Config::new(1))?;
+    /// let mut me = segment.endpoint(0)?;
+    /// me.send(0, b"to myself")?;
+    /// let msg = me.try_recv_ref()?;
+    /// assert!(msg.is_in_lane());
+    /// assert_eq!(msg.payload(), b"to myself");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn try_recv_ref(&mut self) -> Result<Received<'_>, TryRecvError> {
+        match self.poll() {
+            Ok(Some(found)) => Ok(self.received(found)),
+            Ok(None) => Err(TryRecvError::Empty),
+            Err((sender, error)) => Err(TryRecvError::Corrupt { sender, error }),
+        }
+    }
+}
+
+/// A receiver's wait for its next message.
+struct NextWait<'a, 'i> {
+    endpoint: &'a mut Endpoint,
+    interrupt: Option<Interrupt<'i>>,
+}
+
+impl NextWait<'_, '_> {
+    /// Someone of this process wants the waiting thread back (it rang this
+    /// slot's own doorbell to wake it from a park), or a worker died since
+    /// the caller last looked (the master rang every doorbell after
+    /// counting it).
+    fn interrupted(&self) -> bool {
+        self.interrupt.is_some_and(|i| i.ended(&self.endpoint.segment))
+    }
+}
+
+impl Wait for NextWait<'_, '_> {
+    type Found = (u32, Next);
+    type Error = RecvError;
+
+    /// A receiver polls its lanes back to back; one that parks at once
+    /// reads the clock after every poll, so it goes to sleep at the first.
+    fn pace(&self) -> Pace {
+        match self.endpoint.wait {
+            WaitStrategy::Park => Pace {
+                spins_per_look: 0,
+                looks_per_clock: 1,
+            },
+            _ => Pace {
+                spins_per_look: 1,
+                looks_per_clock: 64,
+            },
+        }
+    }
+
+    fn look(&mut self) -> Result<Option<(u32, Next)>, RecvError> {
+        if let Some(found) = self.endpoint.poll().map_err(corrupt)? {
+            return Ok(Some(found));
+        }
+        if self.interrupted() {
+            return Err(RecvError::Timeout);
+        }
+        Ok(None)
+    }
+
+    fn spinning(&mut self, looks: u32) {
+        if looks % 4096 == 0 {
+            self.endpoint.beat();
+        }
+    }
+
+    fn park(&mut self, timeout: Duration) -> Result<Option<(u32, Next)>, RecvError> {
+        if let Some(found) = self.endpoint.before_park().map_err(corrupt)? {
+            return Ok(Some(found));
+        }
+        // Again, now that the doorbell is taken: a ring that found its bit
+        // still set (an earlier, spurious one) woke nobody, trusting this
+        // taking to see what came before it (F1/F2 in `wake`), the death
+        // count and the outbox flag included.
+        if self.interrupted() {
+            return Err(RecvError::Timeout);
+        }
+        let endpoint = &*self.endpoint;
+        let segment = &endpoint.segment;
+        StatsEntry::add(&segment.stats_entry(endpoint.slot).futex_waits, 1);
+        endpoint.beat();
+        wake::park(segment.park(endpoint.slot), segment.bells(endpoint.slot), timeout);
+        Ok(None)
+    }
+
+    fn timed_out(&self) -> RecvError {
+        RecvError::Timeout
+    }
+}
+
+/// A corrupt lane found by a poll, as the receive error.
+fn corrupt((sender, error): (u32, LaneCorruption)) -> RecvError {
+    RecvError::Corrupt { sender, error }
+}
+
+enum Body {
+    /// A single-record message, still in the lane.
+    Lane { ptr: *const u8, record: usize },
+    /// A message reassembled from fragments.
+    Owned(Vec<u8>),
+}
+
+/// A message lent by [`Endpoint::recv_ref`] / [`Endpoint::try_recv_ref`].
+///
+/// A message that fit in one record (at most
+/// [`Endpoint::max_reservation`] bytes) is read in place in the lane: no
+/// copy at all, and the lane space is released when this is dropped. That is
+/// sound because only the receiver moves the head, and the sender writes
+/// nothing between head and tail. A message that arrived in fragments was
+/// necessarily copied once, into the buffer this holds.
+///
+/// Hold it briefly: until it is dropped the sender cannot reuse that part of
+/// the lane, and this endpoint cannot receive.
+pub struct Received<'a> {
+    endpoint: &'a mut Endpoint,
+    sender: u32,
+    hdr: RecordHeader,
+    body: Body,
+}
+
+impl Received<'_> {
+    /// The sending slot.
+    pub fn sender(&self) -> u32 {
+        self.sender
+    }
+
+    /// The sender's generation when it sent the message.
+    pub fn generation(&self) -> u32 {
+        self.hdr.generation
+    }
+
+    /// The sender's [`Tag`].
+    pub fn tag(&self) -> Tag {
+        Tag {
+            kind: self.hdr.kind,
+            correlation: self.hdr.correlation,
+        }
+    }
+
+    /// Whether the payload is read in place in the lane (not copied).
+    pub fn is_in_lane(&self) -> bool {
+        matches!(self.body, Body::Lane { .. })
+    }
+
+    /// The message's bytes.
+    pub fn payload(&self) -> &[u8] {
+        match &self.body {
+            // SAFETY: the consumer checked that `hdr.len` bytes at `ptr` lie
+            // inside the ring and inside the published data; the sender does
+            // not write them until the head moves past them, which happens
+            // only when `self` (which borrows the endpoint mutably) drops.
+            Body::Lane { ptr, .. } => unsafe { std::slice::from_raw_parts(*ptr, self.hdr.len as usize) },
+            Body::Owned(v) => v,
+        }
+    }
+
+    /// Copies (or, for a reassembled message, moves) the message out and
+    /// releases its lane space.
+    pub fn into_message(mut self) -> Message {
+        let payload = match &mut self.body {
+            Body::Lane { .. } => self.payload().to_vec(),
+            Body::Owned(v) => std::mem::take(v),
+        };
+        Message {
+            sender: self.sender,
+            generation: self.hdr.generation,
+            kind: self.hdr.kind,
+            correlation: self.hdr.correlation,
+            payload,
+        }
+    }
+}
+
+impl Drop for Received<'_> {
+    fn drop(&mut self) {
+        if let Body::Lane { record, .. } = self.body {
+            self.endpoint.inbound[self.sender as usize]
+                .consumer
+                .consume(record);
+        }
+    }
+}
+
+impl std::fmt::Debug for Received<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("sender", &self.sender)
+            .field("tag", &self.tag())
+            .field("len", &self.payload().len())
+            .field("in_lane", &self.is_in_lane())
+            .finish()
+    }
+}
+
+/// The async receiver's eventfd park, step by step (the driver in
+/// `messenger::async_rt` runs these steps; a lost eventfd write would only
+/// show there as a 50 ms timer wake, so it is checked here directly).
+#[cfg(all(test, feature = "tokio", not(loom)))]
+mod eventfd_park_tests {
+    use crate::{sys, wake, Config, Segment};
+
+    #[test]
+    fn a_send_to_a_receiver_parked_on_its_eventfd_writes_the_eventfd() {
+        let seg = Segment::create(&Config::new(2)).unwrap();
+        let mut rx = seg.endpoint(0).unwrap();
+        let mut tx = seg.endpoint(1).unwrap();
+        let fd = seg.wake_fd(0).unwrap();
+        assert!(sys::eventfd_read(fd).is_err(), "not readable before any park");
+        assert!(rx.try_recv_before_park().unwrap().is_none());
+        assert!(rx.park_fd_begin(), "nothing rang: may wait");
+        assert_eq!(
+            seg.park(0).load(std::sync::atomic::Ordering::Relaxed),
+            wake::PARKED_FD
+        );
+        tx.send(0, b"wake up").unwrap();
+        assert_eq!(sys::eventfd_read(fd).unwrap(), 1, "exactly one write");
+        assert_eq!(
+            seg.park(0).load(std::sync::atomic::Ordering::Relaxed),
+            wake::NOTIFIED
+        );
+        rx.park_fd_end();
+        assert_eq!(rx.try_recv_before_park().unwrap().unwrap().payload(), b"wake up");
+        // A second message to a running receiver writes nothing.
+        tx.send(0, b"again").unwrap();
+        assert!(sys::eventfd_read(fd).is_err(), "no write while running");
+        assert_eq!(rx.try_recv_before_park().unwrap().unwrap().payload(), b"again");
+    }
+
+    #[test]
+    fn a_doorbell_rung_before_the_park_cancels_it() {
+        let seg = Segment::create(&Config::new(2)).unwrap();
+        let mut rx = seg.endpoint(0).unwrap();
+        let mut tx = seg.endpoint(1).unwrap();
+        assert!(rx.try_recv_before_park().unwrap().is_none());
+        tx.send(0, b"in between").unwrap();
+        assert!(!rx.park_fd_begin(), "the ring after the check is seen");
+        assert_eq!(
+            seg.park(0).load(std::sync::atomic::Ordering::Relaxed),
+            wake::EMPTY
+        );
+        assert!(sys::eventfd_read(seg.wake_fd(0).unwrap()).is_err());
+        assert_eq!(
+            rx.try_recv_before_park().unwrap().unwrap().payload(),
+            b"in between"
+        );
+    }
+
+    #[test]
+    fn the_master_cleanup_of_a_dead_slot_wakes_eventfd_parked_receivers() {
+        let seg = Segment::create(&Config::new(3)).unwrap();
+        let mut rx = seg.endpoint(0).unwrap();
+        let dead = seg.endpoint(2).unwrap();
+        let generation = dead.generation();
+        std::mem::forget(dead); // as if its process died
+        assert!(rx.try_recv_before_park().unwrap().is_none());
+        assert!(rx.park_fd_begin());
+        seg.reset_dead_slot(2, generation);
+        assert!(
+            sys::eventfd_read(seg.wake_fd(0).unwrap()).is_ok(),
+            "woken by the clean-up"
+        );
+        rx.park_fd_end();
+    }
+}
