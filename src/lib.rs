@@ -213,6 +213,9 @@ pub use segment::layout::MAX_WORKERS;
 pub(crate) use endpoint::{Endpoint, Message, Received, Reservation, Tag};
 #[cfg(not(loom))]
 #[allow(unused_imports)]
+pub(crate) use error::ConfigError;
+#[cfg(not(loom))]
+#[allow(unused_imports)]
 pub(crate) use error::{
     AttachError, CreateError, EndpointError, LaneCorruption, RecvError, SendError, TryRecvError, TrySendError,
 };
@@ -224,17 +227,7 @@ pub(crate) use segment::layout::{
 };
 #[cfg(not(loom))]
 #[allow(unused_imports)]
-pub(crate) use segment::ABI_VERSION;
-// Transitional, hidden: doc examples in the modules being split out
-// (`endpoint`, `segment`) still import these from the root. Their one
-// documented path is `raw`; remove these once those examples say `raw::`.
-#[cfg(not(loom))]
-#[doc(hidden)]
-pub use error::ConfigError;
-#[cfg(not(loom))]
-#[doc(hidden)]
-pub use segment::{Config, Layout, Segment};
-
+pub(crate) use segment::{Config, Layout, Segment, ABI_VERSION};
 #[cfg(not(loom))]
 pub mod raw {
     //! The raw data plane: segments, endpoints, lanes and raw byte

@@ -69,7 +69,7 @@ struct Inbound {
 ///
 /// # Examples
 /// ```
-/// use shmcluster::{Config, Segment};
+/// use shmcluster::raw::{Config, Segment};
 ///
 /// let segment = Segment::create(&Config::new(2))?;
 /// let mut a = segment.endpoint(0)?;

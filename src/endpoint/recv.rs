@@ -248,7 +248,7 @@ impl Endpoint {
     ///
     /// # Examples
     /// ```
-    /// # let segment = shmcluster::Segment::create(&shmcluster::Config::new(1))?;
+    /// # let segment = shmcluster::raw::Segment::create(&shmcluster::raw::Config::new(1))?;
     /// let mut me = segment.endpoint(0)?;
     /// me.send(0, b"to myself")?;
     /// let msg = me.try_recv_ref()?;

@@ -21,7 +21,7 @@ impl Endpoint {
     ///
     /// # Examples
     /// ```
-    /// # let segment = shmcluster::Segment::create(&shmcluster::Config::new(2))?;
+    /// # let segment = shmcluster::raw::Segment::create(&shmcluster::raw::Config::new(2))?;
     /// let mut a = segment.endpoint(0)?;
     /// let mut b = segment.endpoint(1)?;
     /// let mut r = a.reserve(1, 64, None)?;

@@ -55,10 +55,10 @@ const PAGE: usize = 4096;
 ///
 /// # Examples
 /// ```
-/// let config = shmcluster::Config::new(4).lane_capacity(16 * 1024);
-/// let layout = shmcluster::Layout::new(&config)?;
+/// let config = shmcluster::raw::Config::new(4).lane_capacity(16 * 1024);
+/// let layout = shmcluster::raw::Layout::new(&config)?;
 /// assert_eq!(layout.workers(), 4);
-/// # Ok::<(), shmcluster::ConfigError>(())
+/// # Ok::<(), shmcluster::raw::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {

@@ -149,7 +149,7 @@ struct Mapping {
 ///
 /// # Examples
 /// ```
-/// use shmcluster::{Config, Segment};
+/// use shmcluster::raw::{Config, Segment};
 ///
 /// let segment = Segment::create(&Config::new(2))?;
 /// // Another process would receive this fd (inherited, or over a socket).
