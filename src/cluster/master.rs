@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::control::{self, ControlLocation, ControlServer};
 use super::listen::{self, ListenAddr, ListenError, ListenMode, ListenSpec, Listeners};
+use super::threads::ThreadsBuilder;
 use super::worker::{env, Worker};
 use super::{read_stats, ClusterStats, Event, EventKind, ExitReason, WorkerState};
 use crate::error::{ConfigError, CreateError};
@@ -416,6 +417,51 @@ impl ClusterBuilder {
     pub fn workers(mut self, n: u32) -> Self {
         self.workers = n;
         self
+    }
+
+    /// Threads mode: the workers as `n` threads of this process (0: one
+    /// per CPU) instead of processes, each with its own [`Worker`] on one
+    /// new segment, and no master. [`ThreadsBuilder::run`] runs the
+    /// closure on every thread, joins them and reports how they ended.
+    /// Of this builder's settings only the segment's
+    /// ([`lane_capacity`](Self::lane_capacity),
+    /// [`max_message`](Self::max_message),
+    /// [`lock_slots`](Self::lock_slots)) and
+    /// [`wait_strategy`](Self::wait_strategy) apply: nothing listens,
+    /// restarts, reloads or serves a control socket, and the process's
+    /// signals are left alone. A worker without a master is described at
+    /// [`Worker`] ("Without a master"): in short, any worker's
+    /// [`Worker::request_shutdown`] stops them all.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Duration;
+    /// use shmcluster::Cluster;
+    ///
+    /// let report = Cluster::builder().threads(3).run(|mut worker| {
+    ///     worker.ready();
+    ///     if worker.index() == 0 {
+    ///         // Say hello to every other worker, then stop the cluster
+    ///         // once they have all answered.
+    ///         for to in 1..worker.instances() {
+    ///             worker.endpoint().send(to, b"hello")?;
+    ///         }
+    ///         for _ in 1..worker.instances() {
+    ///             worker.endpoint().recv_timeout(Duration::from_secs(10))?;
+    ///         }
+    ///         worker.request_shutdown();
+    ///     } else {
+    ///         let hello = worker.endpoint().recv_timeout(Duration::from_secs(10))?;
+    ///         worker.endpoint().send(hello.sender, b"hi")?;
+    ///     }
+    ///     worker.wait_stop(Duration::from_secs(10));
+    ///     Ok::<(), Box<dyn std::error::Error>>(())
+    /// })?;
+    /// assert!(report.clean);
+    /// # Ok::<(), shmcluster::ClusterError>(())
+    /// ```
+    pub fn threads(self, n: u32) -> ThreadsBuilder {
+        ThreadsBuilder::new(n, self.config, self.wait)
     }
 
     /// Bytes in each lane (see [`Config::lane_capacity`]).

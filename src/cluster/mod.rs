@@ -16,6 +16,7 @@ mod control;
 pub mod http;
 pub mod listen;
 mod master;
+mod threads;
 mod worker;
 
 use std::fmt;
@@ -23,6 +24,12 @@ use std::time::Duration;
 
 pub use listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
 pub use master::{Cluster, ClusterBuilder, ClusterError, Outcome, Report, Unhealthy};
+#[allow(unused_imports)] // The messenger's `threads` is to call it.
+pub(crate) use threads::unmanaged_workers;
+// For the crate root to re-export beside `ClusterBuilder` (until it does,
+// `ClusterBuilder::threads` returns it unnamed).
+#[allow(unused_imports)]
+pub use threads::ThreadsBuilder;
 #[cfg(feature = "tokio")]
 pub(crate) use worker::stop_requested;
 pub use worker::{Events, Incoming, StopWatch, Worker, WorkerError};
