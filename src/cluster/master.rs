@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
 
-use super::control::{self, ControlLocation, ControlServer};
+use super::control::{self, ControlAnswer, ControlLocation, ControlRequest, ControlServer};
 use super::listen::{self, ListenAddr, ListenError, ListenMode, ListenSpec, Listeners};
 use super::threads::ThreadsBuilder;
 use super::worker::{env, Worker};
@@ -102,6 +102,27 @@ impl Cluster {
     /// `/tmp/shmcluster-<uid>/<pid>.sock` if `XDG_RUNTIME_DIR` is unset.
     pub fn default_control_path(pid: u32) -> PathBuf {
         control::default_path(pid)
+    }
+
+    /// Carries out a request from the control socket (`shmcluster stat`,
+    /// `reload`, `stop`): `reload` and `stop` as [`Cluster::reload`] and
+    /// [`Cluster::shutdown`], refused or moot once shutting down.
+    fn execute(&self, request: ControlRequest) -> ControlAnswer {
+        let shutting_down = self.segment.control().shutdown.load(Acquire) != 0;
+        match request {
+            ControlRequest::Ping => ControlAnswer::Pong { pid: sys::getpid() },
+            ControlRequest::Stat => ControlAnswer::Stats(self.stats()),
+            ControlRequest::Reload if shutting_down => ControlAnswer::Refused("the cluster is shutting down"),
+            ControlRequest::Reload => {
+                self.reload();
+                ControlAnswer::ReloadQueued
+            }
+            ControlRequest::Stop if shutting_down => ControlAnswer::AlreadyShuttingDown,
+            ControlRequest::Stop => {
+                self.shutdown();
+                ControlAnswer::ShutdownStarted
+            }
+        }
     }
 }
 
@@ -1022,7 +1043,9 @@ impl Master<'_> {
             let ready = sys::net::poll_readable(&fds, Some(next.saturating_duration_since(now)))?;
             if let Some(c) = self.control.as_mut() {
                 // Never waits: non-blocking sockets, bounded requests.
-                c.serve(ready[control_at], &self.cluster);
+                for (conn, request) in c.serve(ready[control_at]) {
+                    c.answer(conn, &self.cluster.execute(request));
+                }
             }
             ready
         };

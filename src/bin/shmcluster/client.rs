@@ -1,7 +1,8 @@
 //! The client side of the master's control socket (the protocol is
-//! described in the library's `cluster/control.rs`): one request line, one
-//! response, and the `stat` response parsed into fields and rendered as a
-//! table, with rates from two snapshots.
+//! described in the library's `cluster/control/mod.rs`, the line format in
+//! its `cluster/control/codec.rs`): one request line, one response, and
+//! the `stat` response parsed into fields and rendered as a table, with
+//! rates from two snapshots.
 
 use std::fmt::{self, Write as _};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -203,6 +204,9 @@ pub fn resolve(control: Option<PathBuf>, pid: Option<u32>) -> Result<PathBuf, Cl
 }
 
 /// Undoes the master's `%XX` escaping of a field value.
+// The same as the library's `cluster::control::codec::unescape`, the pair
+// of its `escape`: this command can only use the library's public items,
+// and that module is not one yet.
 pub fn unescape(value: &str) -> String {
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
