@@ -772,13 +772,13 @@ pub(crate) fn place_listen_fds(fds: &[(RawFd, &str)]) -> io::Result<(Vec<(String
     // have it, and are closed).
     let mut copies = Vec::with_capacity(fds.len());
     for (src, _) in fds {
-        copies.push(net::dup_above(*src, next)?);
+        copies.push(sys::fd::dup_above(*src, next)?);
     }
     for (target, copy) in (net::LISTEN_FDS_START..).zip(&copies) {
-        net::dup2(*copy, target)?;
+        sys::fd::dup2(*copy, target)?;
     }
     for copy in copies {
-        net::close_raw(copy)?;
+        sys::fd::close_raw(copy)?;
     }
     if fds.is_empty() {
         return Ok((Vec::new(), next));
@@ -881,7 +881,7 @@ fn take_listen_env() -> Result<Vec<(String, OwnedFd)>, ListenError> {
     let names = names.unwrap_or_else(|| vec!["unknown".to_owned(); fds.len()]);
     for (i, (name, fd)) in names.iter().zip(&fds).enumerate() {
         let raw = net::LISTEN_FDS_START as usize + i;
-        let is_socket = net::set_cloexec(fd.as_fd(), true).and_then(|()| net::is_socket(fd.as_fd()));
+        let is_socket = sys::fd::set_cloexec(fd.as_fd(), true).and_then(|()| net::is_socket(fd.as_fd()));
         match is_socket {
             Ok(true) => {}
             Ok(false) => {
@@ -1055,7 +1055,7 @@ pub(crate) fn request_listener(
     let mut buf = [0u8; MAX_REPLY_LEN + 1];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        if !net::poll_readable(&[sock], Some(left))?[0] {
+        if !sys::fd::poll_readable(&[sock], Some(left))?[0] {
             return Err(ListenError::Request {
                 reason: format!("no reply for {addr} within {timeout:?}"),
             });
@@ -1435,7 +1435,7 @@ mod tests {
     }
 
     fn is_cloexec(listener: &Listener) -> bool {
-        net::is_cloexec(listener.as_fd()).unwrap()
+        sys::fd::is_cloexec(listener.as_fd()).unwrap()
     }
 
     #[test]
@@ -1725,7 +1725,7 @@ mod tests {
             }
             // The child about to exec keeps them: no FD_CLOEXEC.
             if !matches!(
-                (net::is_cloexec_raw(3), net::is_cloexec_raw(4)),
+                (sys::fd::is_cloexec_raw(3), sys::fd::is_cloexec_raw(4)),
                 (Ok(false), Ok(false))
             ) {
                 return 13;
@@ -1828,7 +1828,7 @@ mod tests {
             if got.len() != 1 || got[0].1 != "web" || got[0].0.as_raw_fd() != 3 {
                 return 5;
             }
-            if !net::is_cloexec(got[0].0).unwrap_or(false) {
+            if !sys::fd::is_cloexec(got[0].0).unwrap_or(false) {
                 return 6;
             }
             0
@@ -1871,7 +1871,7 @@ mod tests {
                 }
                 // "missing": nothing at 4 (whatever the child had there,
                 // it never uses).
-                let _ = net::close_raw(4);
+                let _ = sys::fd::close_raw(4);
                 set_listen_env(sys::getpid(), count, names);
                 match Listeners::from_systemd_env() {
                     Err(ListenError::Systemd { .. }) if listen_env_is_gone() => 0,
@@ -1908,7 +1908,7 @@ mod tokio_tests {
     }
 
     fn inherited(fd: OwnedFd) -> Listener {
-        net::set_cloexec(fd.as_fd(), false).unwrap();
+        sys::fd::set_cloexec(fd.as_fd(), false).unwrap();
         assert_eq!(flags(fd.as_raw_fd()), (false, false), "as inherited");
         Listener::new("test".into(), fd)
     }

@@ -27,7 +27,8 @@ use super::{read_stats, ClusterStats, Event, EventKind, ExitReason, WorkerState}
 use crate::error::{ConfigError, CreateError};
 use crate::segment::table::{STOP_DRAIN, STOP_RUN, STOP_SHUTDOWN};
 use crate::segment::{Config, Segment};
-use crate::sys::process::{self as proc, MasterSignals};
+use crate::sys::process as proc;
+use crate::sys::signal::{self, MasterSignals};
 use crate::sys::{self, ExitStatus};
 use crate::WaitStrategy;
 
@@ -968,7 +969,7 @@ impl Master<'_> {
                 // Leave nothing running behind the error.
                 for slot in 0..self.slots.len() as u32 {
                     if let Some(pid) = self.slots[slot as usize].pid {
-                        let _ = proc::send_signal(pid, proc::SIGKILL);
+                        let _ = proc::send_signal(pid, signal::SIGKILL);
                         let _ = proc::wait_for(pid);
                     }
                 }
@@ -1040,7 +1041,7 @@ impl Master<'_> {
             if let Some(c) = &self.control {
                 fds.extend(c.poll_fds());
             }
-            let ready = sys::net::poll_readable(&fds, Some(next.saturating_duration_since(now)))?;
+            let ready = sys::fd::poll_readable(&fds, Some(next.saturating_duration_since(now)))?;
             if let Some(c) = self.control.as_mut() {
                 // Never waits: non-blocking sockets, bounded requests.
                 for (conn, request) in c.serve(ready[control_at]) {
@@ -1068,8 +1069,8 @@ impl Master<'_> {
     fn handle_signals(&mut self) -> io::Result<()> {
         while let Some(sig) = self.signals.next()? {
             match sig {
-                proc::SIGTERM | proc::SIGINT => self.begin_shutdown(),
-                proc::SIGHUP => self.reloads_queued += 1,
+                signal::SIGTERM | signal::SIGINT => self.begin_shutdown(),
+                signal::SIGHUP => self.reloads_queued += 1,
                 // SIGCHLD: reaped below; SIGUSR1: observed below.
                 _ => {}
             }
@@ -1159,13 +1160,13 @@ impl Master<'_> {
                 sys::die_with_parent(self.master_pid);
                 self.signals.restore_in_child();
                 for fd in close {
-                    let _ = sys::net::close_raw(fd);
+                    let _ = sys::fd::close_raw(fd);
                 }
                 let code = match &mut self.mode {
                     Mode::Fork(body) => {
                         let owned: io::Result<Vec<listen::Listener>> = listeners.instance_listeners(index);
                         let run = || -> Result<i32, String> {
-                            proc::catch_sigterm().map_err(|e| e.to_string())?;
+                            signal::catch_sigterm().map_err(|e| e.to_string())?;
                             let listeners = owned.map_err(|e| e.to_string())?;
                             let worker = Worker::attach(
                                 segment,
@@ -1289,7 +1290,9 @@ impl Master<'_> {
             && !intentional
             && !matches!(
                 status,
-                ExitStatus::Code(0) | ExitStatus::Signal(proc::SIGTERM) | ExitStatus::Signal(proc::SIGINT)
+                ExitStatus::Code(0)
+                    | ExitStatus::Signal(signal::SIGTERM)
+                    | ExitStatus::Signal(signal::SIGINT)
             )
         {
             if let Some(index) = self.slots[slot as usize].index {
@@ -1450,7 +1453,7 @@ impl Master<'_> {
         if let (Some(pid), false) = (rec.pid, rec.sigkilled) {
             rec.sigkilled = true;
             self.killed += 1;
-            let _ = proc::send_signal(pid, proc::SIGKILL);
+            let _ = proc::send_signal(pid, signal::SIGKILL);
         }
     }
 
@@ -1507,7 +1510,7 @@ impl Master<'_> {
                 entry.stop.store(STOP_SHUTDOWN, Release);
                 entry.state.store(WorkerState::Draining.to_raw(), Release);
                 sys::futex_wake(&entry.stop, u32::MAX);
-                let _ = proc::send_signal(pid, proc::SIGTERM);
+                let _ = proc::send_signal(pid, signal::SIGTERM);
             }
         }
         self.shutdown_deadline = Some(Instant::now() + self.opts.grace);
@@ -1661,7 +1664,7 @@ impl Master<'_> {
                             entry.stop.store(STOP_DRAIN, Release);
                             entry.state.store(WorkerState::Draining.to_raw(), Release);
                             sys::futex_wake(&entry.stop, u32::MAX);
-                            let _ = proc::send_signal(pid, proc::SIGTERM);
+                            let _ = proc::send_signal(pid, signal::SIGTERM);
                             let rec = &mut self.slots[old as usize];
                             rec.ending = Some(ExitReason::Reloaded);
                             rec.kill_at = Some(now + self.opts.drain_timeout);
@@ -1711,24 +1714,24 @@ fn exec_worker(
         // the listeners and they go.
         let wake = segment.wake_fds().unwrap_or(&[]);
         let high = 3 + listeners.len() as RawFd + 2 + wake.len() as RawFd + 16;
-        let seg_high = sys::net::dup_above(segment.fd().as_raw_fd(), high)?;
-        let ctl_high = sys::net::dup_above(control.as_raw_fd(), high)?;
+        let seg_high = sys::fd::dup_above(segment.fd().as_raw_fd(), high)?;
+        let ctl_high = sys::fd::dup_above(control.as_raw_fd(), high)?;
         let wake_high = wake
             .iter()
-            .map(|fd| sys::net::dup_above(fd.as_raw_fd(), high))
+            .map(|fd| sys::fd::dup_above(fd.as_raw_fd(), high))
             .collect::<io::Result<Vec<RawFd>>>()?;
         let raw: Vec<(RawFd, &str)> = listeners.iter().map(|(fd, n)| (fd.as_raw_fd(), *n)).collect();
         let (mut vars, next) = listen::place_listen_fds(&raw)?;
         if raw.is_empty() {
             vars.clear();
         }
-        sys::net::dup2(seg_high, next)?;
-        sys::net::dup2(ctl_high, next + 1)?;
-        let _ = sys::net::close_raw(seg_high);
-        let _ = sys::net::close_raw(ctl_high);
+        sys::fd::dup2(seg_high, next)?;
+        sys::fd::dup2(ctl_high, next + 1)?;
+        let _ = sys::fd::close_raw(seg_high);
+        let _ = sys::fd::close_raw(ctl_high);
         for (i, &fd) in wake_high.iter().enumerate() {
-            sys::net::dup2(fd, next + 2 + i as RawFd)?;
-            let _ = sys::net::close_raw(fd);
+            sys::fd::dup2(fd, next + 2 + i as RawFd)?;
+            let _ = sys::fd::close_raw(fd);
         }
         vars.push((env::FD.into(), next.to_string()));
         vars.push((env::CONTROL_FD.into(), (next + 1).to_string()));

@@ -47,7 +47,7 @@ impl Iterator for Incoming<'_> {
                 Err(e) => return Some(Err(e)),
             }
             self.worker.heartbeat();
-            if let Err(e) = sys::net::poll_readable(&[self.listener.as_fd()], Some(POLL_SLICE)) {
+            if let Err(e) = sys::fd::poll_readable(&[self.listener.as_fd()], Some(POLL_SLICE)) {
                 return Some(Err(e));
             }
         }

@@ -146,7 +146,7 @@ pub(crate) mod env {
 pub(crate) fn stop_requested(segment: &Segment, slot: u32) -> bool {
     segment.worker_entry(slot).stop.load(Acquire) != STOP_RUN
         || segment.control().shutdown.load(Acquire) != 0
-        || sys::process::sigterm_seen()
+        || sys::signal::sigterm_seen()
 }
 
 static FROM_ENV_TAKEN: AtomicBool = AtomicBool::new(false);
@@ -212,14 +212,14 @@ impl Worker {
                 // are adopted once.
                 let fd = unsafe { sys::adopt_fd(raw) }.map_err(WorkerError::Io)?;
                 // Placed with dup2, so inheritable: not past this process.
-                sys::net::set_cloexec(fd.as_fd(), true).map_err(WorkerError::Io)?;
+                sys::fd::set_cloexec(fd.as_fd(), true).map_err(WorkerError::Io)?;
                 fds.push(fd);
             }
             segment.set_wake_fds(fds).map_err(WorkerError::Io)?;
         }
         let listeners = listen::inherited_listeners().map_err(WorkerError::Listen)?;
         let worker = Self::attach(segment, slot, index, generation, instances, control, listeners)?;
-        sys::process::catch_sigterm().map_err(WorkerError::Io)?;
+        sys::signal::catch_sigterm().map_err(WorkerError::Io)?;
         Ok(worker)
     }
 
@@ -529,7 +529,7 @@ impl Worker {
         }
         let master = control.master_pid.load(Acquire);
         if master != 0 {
-            let _ = sys::process::send_signal(master, sys::process::SIGUSR1);
+            let _ = sys::process::send_signal(master, sys::signal::SIGUSR1);
         }
     }
 

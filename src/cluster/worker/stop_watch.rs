@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use super::{stop_requested, POLL_SLICE};
 use crate::segment::Segment;
 use crate::sys;
+use crate::sys::net::{accept_error, AcceptError};
 
 /// [`Worker::should_stop`] and a stop-aware accept, from any thread: see
 /// [`Worker::stop_watch`].
@@ -130,7 +131,7 @@ impl StopWatch {
                 std::thread::sleep(left.min(pause));
                 pause = (pause * 2).min(ACCEPT_BACKOFF_MAX);
             } else {
-                sys::net::poll_readable(&[listener], Some(left.min(POLL_SLICE)))?;
+                sys::fd::poll_readable(&[listener], Some(left.min(POLL_SLICE)))?;
             }
         }
     }
@@ -140,42 +141,6 @@ impl StopWatch {
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// The longest pause: the wait still ends soon after a stop request.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(100);
-
-/// What [`StopWatch::accept`] does after an `accept(2)` error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AcceptError {
-    /// Nothing to accept (`EAGAIN`), a signal (`EINTR`), or a connection
-    /// that failed before it was accepted: wait for the next one.
-    Retry,
-    /// Out of descriptors or memory, with the connection still queued:
-    /// pause, then try again.
-    BackOff,
-    /// The listener is unusable (or the error is not known to pass).
-    Fail,
-}
-
-fn accept_error(e: &io::Error) -> AcceptError {
-    match e.raw_os_error() {
-        // accept(2): "Linux accept() passes already-pending network errors
-        // on the new socket as an error code from accept() [...] these
-        // errors should be treated like EAGAIN by retrying" (for TCP).
-        Some(
-            libc::EAGAIN
-            | libc::EINTR
-            | libc::ECONNABORTED
-            | libc::EPROTO
-            | libc::ENETDOWN
-            | libc::ENOPROTOOPT
-            | libc::EHOSTDOWN
-            | libc::ENONET
-            | libc::EHOSTUNREACH
-            | libc::EOPNOTSUPP
-            | libc::ENETUNREACH,
-        ) => AcceptError::Retry,
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptError::BackOff,
-        _ => AcceptError::Fail,
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -250,39 +215,5 @@ mod tests {
         let waited = watch.accept(listener.as_fd(), Some(POLL_SLICE * 4));
         assert!(waited.expect("no error").is_none(), "timed out");
         assert_eq!(hb.load(Relaxed), before, "the heartbeat did not move");
-    }
-
-    /// Which `accept(2)` errors end the wait, and which are retried (at
-    /// once, or after a pause for descriptors or memory to come back).
-    #[test]
-    fn accept_errors_transient_or_not() {
-        let err = io::Error::from_raw_os_error;
-        for e in [
-            libc::EAGAIN,
-            libc::EINTR,
-            libc::ECONNABORTED,
-            libc::EPROTO,
-            libc::ENETDOWN,
-            libc::ENOPROTOOPT,
-            libc::EHOSTDOWN,
-            libc::ENONET,
-            libc::EHOSTUNREACH,
-            libc::EOPNOTSUPP,
-            libc::ENETUNREACH,
-        ] {
-            assert_eq!(accept_error(&err(e)), AcceptError::Retry, "errno {e}");
-        }
-        for e in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
-            assert_eq!(accept_error(&err(e)), AcceptError::BackOff, "errno {e}");
-        }
-        for e in [
-            libc::EBADF,
-            libc::EINVAL,
-            libc::ENOTSOCK,
-            libc::EPERM,
-            libc::EFAULT,
-        ] {
-            assert_eq!(accept_error(&err(e)), AcceptError::Fail, "errno {e}");
-        }
     }
 }
