@@ -3,8 +3,9 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use super::ListenAddr;
 use crate::sys::net;
+
+use super::ListenAddr;
 
 /// A listening socket a worker received, inherited at start or requested
 /// from the master.
