@@ -165,6 +165,9 @@ mod tests {
     #[test]
     fn every_thread_has_its_own_slot() {
         let seen = Mutex::new(Vec::new());
+        // A worker that returns is dropped, and so `Dead` to its peers:
+        // none returns before all have seen the others ready.
+        let all_seen = std::sync::Barrier::new(4);
         let report = Cluster::builder()
             .threads(4)
             .run(|mut worker| {
@@ -174,6 +177,7 @@ mod tests {
                 worker.ready();
                 assert!(worker.wait_all_ready(Duration::from_secs(20)), "all four ready");
                 seen.lock().unwrap().push(worker.slot());
+                all_seen.wait();
                 Ok::<(), std::io::Error>(())
             })
             .unwrap();
@@ -264,5 +268,7 @@ mod tests {
         workers[1].request_shutdown();
         assert!(workers[0].should_stop() && workers[0].wait_stop(Duration::ZERO));
         assert_eq!(workers[0].stats().instances, 2);
+        drop(workers.pop());
+        assert_eq!(workers[0].peers()[1].state, WorkerState::Dead, "its end recorded");
     }
 }

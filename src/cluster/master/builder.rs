@@ -27,6 +27,16 @@ pub(super) type EventCallback = Box<dyn FnMut(&Cluster, &Event)>;
 
 /// Configures and starts a cluster: [`Cluster::builder`].
 ///
+/// Three ways to run the workers:
+/// - **fork mode**, [`run`](Self::run): each worker a forked process
+///   running a closure, supervised by this process as the master;
+/// - **spawn mode**, [`command`](Self::command): each worker a program of
+///   any language, started with its identity in the environment;
+/// - **threads mode**, [`threads`](Self::threads): each worker a thread of
+///   this process with a real [`Worker`] and no master, for tests, tools
+///   and single-process deployments (see its example, which runs as it
+///   is).
+///
 /// # Examples
 /// ```no_run
 /// use shmcluster::Cluster;

@@ -76,6 +76,22 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// Without a master a worker records its own end: `Dead` in the worker
+/// table, where its peers ([`Worker::peers`]) look (a master records it
+/// when it reaps the process).
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.managed {
+            return;
+        }
+        let entry = self.entry();
+        if entry.generation.load(Acquire) == self.generation {
+            entry.state.store(WorkerState::Dead.to_raw(), Release);
+            self.nudge_master();
+        }
+    }
+}
+
 /// Why [`Worker::from_env`] could not attach.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -488,7 +504,8 @@ impl Worker {
     /// master starts them one after another, and a worker not yet started
     /// is not live: a `broadcast` or `map` made earlier misses it). Returns
     /// whether they all are. Without a master: until every thread's worker
-    /// has called [`Worker::ready`].
+    /// has called [`Worker::ready`] (a worker already dropped is `Dead`,
+    /// not ready).
     pub fn wait_all_ready(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
