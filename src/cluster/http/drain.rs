@@ -115,7 +115,7 @@ impl fmt::Debug for Drain {
 /// it) that adds `Connection: close` to every answer its inner service
 /// makes once `drain` has started, so that hyper closes each connection
 /// right after its next answer. For a server with its own accept loop;
-/// [`HttpServer::serve`] applies it itself.
+/// [`HttpServer::serve`](super::HttpServer::serve) applies it itself.
 ///
 /// With axum: `router.layer(CloseWhenDraining::layer(drain.clone()))`.
 #[derive(Debug, Clone)]

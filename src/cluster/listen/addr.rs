@@ -130,7 +130,7 @@ impl ListenSpec {
         self
     }
 
-    /// Sets the name workers see in `LISTEN_FDNAMES` ([`Listener::name`]).
+    /// Sets the name workers see in `LISTEN_FDNAMES` ([`Listener::name`](crate::Listener::name)).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self

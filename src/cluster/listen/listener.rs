@@ -11,7 +11,7 @@ use super::ListenAddr;
 /// from the master.
 ///
 /// The socket's open file description is shared with the master and, for
-/// a [`ListenMode::Shared`] listener, with every other worker: a flag set
+/// a [`ListenMode::Shared`](crate::ListenMode::Shared) listener, with every other worker: a flag set
 /// with `fcntl(F_SETFL)`, such as `O_NONBLOCK` by
 /// [`TcpListener::set_nonblocking`](std::net::TcpListener::set_nonblocking),
 /// applies to all of them. Use the same blocking mode in every worker.
@@ -27,7 +27,7 @@ impl Listener {
     }
 
     /// Its name: the `LISTEN_FDNAMES` entry for an inherited listener
-    /// ([`ListenSpec::name`]), the address for a requested one.
+    /// ([`ListenSpec::name`](crate::ListenSpec::name)), the address for a requested one.
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -116,8 +116,8 @@ impl ClusterBuilder {
 
     /// Threads mode: the workers as `n` threads of this process (0: one
     /// per CPU) instead of processes, each with its own [`Worker`] on one
-    /// new segment, and no master. [`ThreadsBuilder::run`] runs the
-    /// closure on every thread, joins them and reports how they ended.
+    /// new segment, and no master. Its `run` runs the closure on every
+    /// thread, joins them and reports how they ended.
     /// Of this builder's settings only the segment's
     /// ([`lane_capacity`](Self::lane_capacity),
     /// [`max_message`](Self::max_message),
@@ -214,7 +214,7 @@ impl ClusterBuilder {
 
     /// The crash-loop limit: a slot whose worker died more than
     /// `max_restarts` times within `window` is not restarted again (it is
-    /// reported [`WorkerState::Failed`] and by a `CrashLoop` event).
+    /// reported [`WorkerState::Failed`](crate::WorkerState::Failed) and by a `CrashLoop` event).
     pub fn crash_loop_limit(mut self, max_restarts: usize, window: Duration) -> Self {
         self.max_restarts = max_restarts;
         self.restart_window = window;
@@ -236,7 +236,7 @@ impl ClusterBuilder {
     /// How long a reload waits for a replacement to declare itself ready
     /// before killing it and keeping the old worker. Also: an instance
     /// without a ready worker for this long makes a shutdown unclean
-    /// ([`Unhealthy::NeverReady`]).
+    /// ([`Unhealthy::NeverReady`](crate::Unhealthy::NeverReady)).
     pub fn ready_timeout(mut self, d: Duration) -> Self {
         self.ready_timeout = d;
         self

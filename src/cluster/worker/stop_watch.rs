@@ -11,8 +11,8 @@ use crate::segment::Segment;
 use crate::sys;
 use crate::sys::net::{accept_error, AcceptError};
 
-/// [`Worker::should_stop`] and a stop-aware accept, from any thread: see
-/// [`Worker::stop_watch`].
+/// [`Worker::should_stop`](crate::Worker::should_stop) and a stop-aware accept, from any thread: see
+/// [`Worker::stop_watch`](crate::Worker::stop_watch).
 #[derive(Debug, Clone)]
 pub struct StopWatch {
     segment: Segment,
@@ -25,9 +25,9 @@ impl StopWatch {
         Self { segment, slot }
     }
 
-    /// The stop watch of `slot` in `segment` ([`Worker::stop_watch`] for a
+    /// The stop watch of `slot` in `segment` ([`Worker::stop_watch`](crate::Worker::stop_watch) for a
     /// worker; a slot without a master is never asked to stop but by a
-    /// `SIGTERM` a [`Worker::from_env`] turned into a request). `None` if
+    /// `SIGTERM` a [`Worker::from_env`](crate::Worker::from_env) turned into a request). `None` if
     /// the segment has no such slot.
     pub fn new(segment: &Segment, slot: u32) -> Option<Self> {
         (slot < segment.layout().workers()).then(|| Self {
@@ -49,13 +49,13 @@ impl StopWatch {
     /// apart with [`StopWatch::should_stop`]). The connection is blocking
     /// and close-on-exec.
     ///
-    /// **`O_NONBLOCK`:** like [`Worker::incoming`] it sets the listener
+    /// **`O_NONBLOCK`:** like [`Worker::incoming`](crate::Worker::incoming) it sets the listener
     /// non-blocking, so that workers sharing a socket can race for each
     /// connection and the losers go back to waiting. The flag belongs to the
     /// open file description, not to this descriptor: every process and
     /// thread sharing the listener (every worker the master handed it to)
     /// sees it from then on. So all workers on a shared listener should
-    /// accept through this (or [`Worker::incoming`]), or handle `EAGAIN`
+    /// accept through this (or [`Worker::incoming`](crate::Worker::incoming)), or handle `EAGAIN`
     /// from their own `accept(2)`.
     ///
     /// **Transient errors** do not end the wait: the network errors
@@ -69,8 +69,8 @@ impl StopWatch {
     /// **Heartbeat:** it does not beat the worker's heartbeat. It may run on
     /// any thread, and a beat from there would hide a hung messenger thread
     /// from the master's hang detection; the heartbeat stays with the
-    /// messenger's receive calls (the thread that owns the [`Worker`]), as
-    /// [`Worker::incoming`], which runs on that thread, beats it.
+    /// messenger's receive calls (the thread that owns the [`Worker`](crate::Worker)), as
+    /// [`Worker::incoming`](crate::Worker::incoming), which runs on that thread, beats it.
     ///
     /// # Errors
     /// `listener` is not a listening TCP or unix socket, or `accept(2)`
