@@ -22,7 +22,7 @@ pub fn monotonic_ns() -> u64 {
     }
 }
 
-/// Threads in this process (entries of `/proc/self/task`).
+/// Threads in this process: the entries of `/proc/self/task` (`proc(5)`).
 pub fn thread_count() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/task")?.count())
 }

@@ -54,7 +54,8 @@ impl MasterSignals {
         self.fd.as_fd()
     }
 
-    /// The next pending signal's number, if any.
+    /// The next pending signal's number, if any: a non-blocking `read(2)`
+    /// of one `signalfd_siginfo` (`signalfd(2)`).
     pub fn next(&self) -> io::Result<Option<i32>> {
         match self.fd.read_signal() {
             Ok(Some(info)) => Ok(Some(info.ssi_signo as i32)),
@@ -70,7 +71,8 @@ impl MasterSignals {
         let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.old_mask), None);
     }
 
-    /// Restores the mask in this process (the master, when it is done).
+    /// `sigprocmask(2)`: restores the mask in this process (the master,
+    /// when it is done).
     pub fn uninstall(self) {
         let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.old_mask), None);
     }
@@ -88,11 +90,11 @@ extern "C" fn on_sigterm(_: libc::c_int) {
     SIGTERM_SEEN.store(true, Relaxed);
 }
 
-/// In a forked worker: `SIGTERM` (and `SIGINT`, which a terminal's Ctrl-C
-/// sends to the master and its workers alike) no longer kills the process
-/// but is recorded (see [`sigterm_seen`]), so the worker can finish what it
-/// is doing; installed without `SA_RESTART`, so blocking calls that do not
-/// retry return `EINTR`.
+/// `sigaction(2)`, in a forked worker: `SIGTERM` (and `SIGINT`, which a
+/// terminal's Ctrl-C sends to the master and its workers alike) no longer
+/// kills the process but is recorded (see [`sigterm_seen`]), so the worker
+/// can finish what it is doing; installed without `SA_RESTART`, so
+/// blocking calls that do not retry return `EINTR`.
 pub fn catch_sigterm() -> io::Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler};
     let action = SigAction::new(SigHandler::Handler(on_sigterm), SaFlags::empty(), SigSet::empty());
