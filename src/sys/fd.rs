@@ -93,6 +93,14 @@ pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD)?).contains(FdFlag::FD_CLOEXEC))
 }
 
+/// `fcntl(2)` `F_GETFL`: whether `O_NONBLOCK` is set on `fd` (tests of
+/// the async adoption only).
+#[cfg(all(test, feature = "tokio"))]
+pub fn is_nonblocking(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    Ok(OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?).contains(OFlag::O_NONBLOCK))
+}
+
 /// `poll(2)` for `POLLIN` on every descriptor in `fds`, waiting at most
 /// `timeout` (`None`: no limit; rounded up to whole milliseconds). Returns,
 /// per descriptor, whether a read would not block: data, a hang-up

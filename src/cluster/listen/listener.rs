@@ -135,22 +135,22 @@ impl From<Listener> for OwnedFd {
 /// and close-on-exec, and accepts.
 #[cfg(all(test, feature = "tokio", not(loom)))]
 mod tokio_tests {
-    use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+    use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
     use super::super::Listener;
     use crate::sys;
 
-    fn flags(fd: RawFd) -> (bool, bool) {
-        // SAFETY: fcntl reads the flags of an open descriptor.
-        let fd_flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-        // SAFETY: as above.
-        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        (fd_flags & libc::FD_CLOEXEC != 0, fl & libc::O_NONBLOCK != 0)
+    /// (`FD_CLOEXEC`, `O_NONBLOCK`).
+    fn flags(fd: BorrowedFd<'_>) -> (bool, bool) {
+        (
+            sys::fd::is_cloexec(fd).unwrap(),
+            sys::fd::is_nonblocking(fd).unwrap(),
+        )
     }
 
     fn inherited(fd: OwnedFd) -> Listener {
         sys::fd::set_cloexec(fd.as_fd(), false).unwrap();
-        assert_eq!(flags(fd.as_raw_fd()), (false, false), "as inherited");
+        assert_eq!(flags(fd.as_fd()), (false, false), "as inherited");
         Listener::new("test".into(), fd)
     }
 
@@ -164,7 +164,7 @@ mod tokio_tests {
             let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = tcp.local_addr().unwrap();
             let tcp = inherited(OwnedFd::from(tcp)).into_tokio_tcp().unwrap();
-            assert_eq!(flags(tcp.as_raw_fd()), (true, true));
+            assert_eq!(flags(tcp.as_fd()), (true, true));
             let client = tokio::net::TcpStream::connect(addr);
             let (accepted, connected) = tokio::join!(tcp.accept(), client);
             assert!(accepted.is_ok() && connected.is_ok());
@@ -174,7 +174,7 @@ mod tokio_tests {
             let path = dir.join("s.sock");
             let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
             let unix = inherited(OwnedFd::from(unix)).into_tokio_unix().unwrap();
-            assert_eq!(flags(unix.as_raw_fd()), (true, true));
+            assert_eq!(flags(unix.as_fd()), (true, true));
             let client = tokio::net::UnixStream::connect(&path);
             let (accepted, connected) = tokio::join!(unix.accept(), client);
             assert!(accepted.is_ok() && connected.is_ok());
