@@ -19,7 +19,9 @@
 //! listeners; `control/`, the master's control socket; `http/`, the HTTP
 //! drain.
 
-mod control;
+// `pub(crate)` so that the crate root can re-export `control::codec` for
+// the `shmcluster` command's client (see that module).
+pub(crate) mod control;
 mod event;
 #[cfg(feature = "http")]
 pub mod http;

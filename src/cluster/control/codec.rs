@@ -6,6 +6,11 @@
 //!
 //! No I/O here: the server reads and writes the sockets, the master
 //! executes the requests.
+//!
+//! [`escape`] and [`unescape`] are `pub` for the `shmcluster` command's
+//! client, a separate crate target that sees only the library's public
+//! items: once the crate root re-exports this module (hidden from the
+//! docs), the client drops its own copy of `unescape` and uses this one.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -144,7 +149,7 @@ pub(crate) fn exited_line(report: &Report) -> String {
 /// Percent-escapes a value for a `key=value` field: every byte outside
 /// `A-Z a-z 0-9 . _ : / + -` becomes `%XX`, so a value never contains a
 /// space, `=` or a newline. [`unescape`] undoes it.
-pub(crate) fn escape(value: &str) -> String {
+pub fn escape(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for b in value.bytes() {
         if b.is_ascii_alphanumeric() || b"._:/+-".contains(&b) {
@@ -157,11 +162,9 @@ pub(crate) fn escape(value: &str) -> String {
 }
 
 /// Undoes [`escape`]; a `%` not followed by two hex digits stays as it is.
-// The client's side: `shmcluster`'s client reads the fields with these
-// once the crate root makes this module reachable to it (see the report
-// of issue 13); until then they are the lib's tests' reference.
+// Until the crate root re-exports this module, only the tests call it.
 #[allow(dead_code)]
-pub(crate) fn unescape(value: &str) -> String {
+pub fn unescape(value: &str) -> String {
     let bytes = value.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -57,7 +57,7 @@
 //! master gives back to [`ControlServer::answer`]. This module never
 //! touches the cluster.
 
-mod codec;
+pub mod codec;
 mod conn;
 
 use std::fs;
