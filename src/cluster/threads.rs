@@ -239,6 +239,19 @@ mod tests {
     }
 
     #[test]
+    fn too_many_threads_is_an_error_before_any_starts() {
+        let too_many = crate::MAX_WORKERS + 1;
+        let err = Cluster::builder()
+            .threads(too_many)
+            .run(|_| -> Result<(), &str> { unreachable!("no thread starts") })
+            .unwrap_err();
+        assert!(
+            matches!(err, ClusterError::Workers { requested, max } if requested == too_many && max == crate::MAX_WORKERS),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unmanaged_workers_share_a_segment_and_a_stop() {
         let mut workers = unmanaged_workers(2).unwrap();
         assert_eq!(workers.len(), 2);

@@ -18,7 +18,8 @@ pub enum ClusterError {
     Workers {
         /// What was asked for.
         requested: u32,
-        /// The most a segment can hold (one slot is kept spare for reloads).
+        /// The most a segment can hold (less the slot fork and spawn mode
+        /// keep spare for reloads).
         max: u32,
     },
     /// The segment configuration is invalid.
