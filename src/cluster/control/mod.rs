@@ -164,6 +164,10 @@ pub(crate) struct ControlServer {
     conns: Vec<(ConnId, Conn)>,
     /// The id the next connection gets.
     next_id: u64,
+    /// When the last [`ControlServer::serve`] pass began: the time its
+    /// answers are written at, so that a request read within its
+    /// connection's deadline is answered too.
+    pass_at: Instant,
     started: Instant,
     reloads: ReloadCounts,
 }
@@ -209,6 +213,7 @@ impl ControlServer {
             uid: sys::net::own_uid(),
             conns: Vec::new(),
             next_id: 0,
+            pass_at: Instant::now(),
             started: Instant::now(),
             reloads: ReloadCounts::default(),
         };
@@ -278,6 +283,7 @@ impl ControlServer {
     /// its deadline).
     pub(crate) fn serve(&mut self, listener_ready: bool) -> Vec<(ConnId, ControlRequest)> {
         let now = Instant::now();
+        self.pass_at = now;
         if listener_ready {
             self.accept(now);
         }
@@ -311,7 +317,7 @@ impl ControlServer {
         let c = &mut self.conns[at].1;
         c.answer(text);
         // Answered: the connection asks for nothing more.
-        if !c.advance(Instant::now(), &mut |_| Reply::Close(String::new())) {
+        if !c.advance(self.pass_at, &mut |_| Reply::Close(String::new())) {
             self.conns.remove(at);
         }
     }
@@ -433,6 +439,60 @@ mod tests {
         fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
         let err = ensure_private_dir(&shared).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Serves `server` until `client` has its whole response (the master's
+    /// answers given by `execute`); returns the response.
+    fn exchange(
+        server: &mut ControlServer,
+        request: &str,
+        mut execute: impl FnMut(ControlRequest) -> ControlAnswer,
+    ) -> String {
+        use std::io::{Read, Write};
+        let mut client = UnixStream::connect(server.path()).unwrap();
+        client.write_all(request.as_bytes()).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut got = Vec::new();
+        loop {
+            for (conn, request) in server.serve(true) {
+                server.answer(conn, &execute(request));
+            }
+            let mut buf = [0u8; 256];
+            match client.read(&mut buf) {
+                Ok(0) => return String::from_utf8(got).unwrap(),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            assert!(Instant::now() < deadline, "no answer to {request:?}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The server hands the master only what the master must answer, as a
+    /// value, and writes back the answer it is given.
+    #[test]
+    fn requests_go_to_the_master_as_values_and_answers_come_back() {
+        let dir = temp_dir("serve");
+        let mut server = ControlServer::bind(&ControlLocation::Path(dir.join("c.sock")), 1).unwrap();
+        let mut asked = Vec::new();
+        let got = exchange(&mut server, "stop\n", |r| {
+            asked.push(r);
+            ControlAnswer::ShutdownStarted
+        });
+        assert_eq!(got, "ok shutdown started\n");
+        let got = exchange(&mut server, "ping\n", |r| {
+            asked.push(r);
+            ControlAnswer::Pong { pid: 42 }
+        });
+        assert!(got.starts_with("ok pong pid=42 "), "{got}");
+        let got = exchange(&mut server, "bogus\n", |_| unreachable!("the server refuses it"));
+        assert!(got.starts_with("err unknown request bogus"), "{got}");
+        assert_eq!(asked, [ControlRequest::Stop, ControlRequest::Ping]);
+        drop(server);
         fs::remove_dir_all(&dir).unwrap();
     }
 
