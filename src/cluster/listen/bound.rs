@@ -9,11 +9,10 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use crate::sys::net;
-
 use super::request::{decode_request, encode_error, encode_ok, MAX_REQUEST_LEN};
 use super::systemd::take_listen_env;
 use super::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
+use crate::sys::net;
 
 /// The default name of the `index`-th spec.
 fn default_name(index: usize) -> String {

@@ -3,9 +3,8 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use crate::sys::net;
-
 use super::ListenAddr;
+use crate::sys::net;
 
 /// A listening socket a worker received, inherited at start or requested
 /// from the master.

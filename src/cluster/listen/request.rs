@@ -10,10 +10,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use super::{ListenAddr, ListenError, ListenMode, Listener};
 use crate::sys;
 use crate::sys::net;
-
-use super::{ListenAddr, ListenError, ListenMode, Listener};
 
 //
 //   request  = 'L' id:u32le mode kind addr

@@ -6,10 +6,9 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 
+use super::{ListenError, Listener};
 use crate::sys;
 use crate::sys::net;
-
-use super::{ListenError, Listener};
 
 /// In a forked child before exec (single-threaded, or only
 /// async-signal-safe calls plus allocation): places `fds` at descriptors

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
+use super::{Cluster, ClusterError, Master, Outcome, Report, SlotRec};
 use crate::cluster::control::{ControlLocation, ControlServer};
 use crate::cluster::listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listeners};
 use crate::cluster::threads::ThreadsBuilder;
@@ -20,8 +21,6 @@ use crate::sys;
 use crate::sys::process as proc;
 use crate::sys::signal::MasterSignals;
 use crate::WaitStrategy;
-
-use super::{Cluster, ClusterError, Master, Outcome, Report, SlotRec};
 
 pub(super) type EventCallback = Box<dyn FnMut(&Cluster, &Event)>;
 

@@ -4,13 +4,12 @@
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
 
+use super::{Master, ReloadRun, Step, Unhealthy};
 use crate::cluster::{EventKind, ExitReason, WorkerState};
 use crate::segment::table::STOP_SHUTDOWN;
 use crate::sys::process as proc;
 use crate::sys::signal;
 use crate::sys::{self, ExitStatus};
-
-use super::{Master, ReloadRun, Step, Unhealthy};
 
 impl Master<'_> {
     pub(super) fn worker_exited(&mut self, slot: u32, status: ExitStatus) {

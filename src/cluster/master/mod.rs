@@ -23,13 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
 
-use crate::segment::Segment;
-use crate::sys;
-use crate::sys::signal::MasterSignals;
-
 use super::control::{self, ControlAnswer, ControlRequest, ControlServer};
 use super::listen::{ListenAddr, Listeners};
 use super::{read_stats, ClusterStats, ExitReason};
+use crate::segment::Segment;
+use crate::sys;
+use crate::sys::signal::MasterSignals;
 
 mod builder;
 mod exit;

@@ -5,13 +5,12 @@ use std::io;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
 
+use super::{Master, ReloadRun, Step};
 use crate::cluster::{EventKind, ExitReason, WorkerState};
 use crate::segment::table::STOP_DRAIN;
 use crate::sys;
 use crate::sys::process as proc;
 use crate::sys::signal;
-
-use super::{Master, ReloadRun, Step};
 
 impl Master<'_> {
     pub(super) fn finish_reload(&mut self, ok: bool) {

@@ -8,6 +8,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
 
+use super::{Master, Mode};
 use crate::cluster::control::ControlServer;
 use crate::cluster::listen;
 use crate::cluster::worker::{env, Worker};
@@ -17,8 +18,6 @@ use crate::segment::Segment;
 use crate::sys;
 use crate::sys::process as proc;
 use crate::sys::signal;
-
-use super::{Master, Mode};
 
 impl Master<'_> {
     pub(super) fn start_worker(&mut self, slot: u32, index: u32) -> io::Result<()> {

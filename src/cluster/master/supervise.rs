@@ -6,13 +6,12 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
 
+use super::Master;
 use crate::cluster::control::ControlServer;
 use crate::cluster::{Event, EventKind, ExitReason, WorkerState};
 use crate::sys;
 use crate::sys::process as proc;
 use crate::sys::signal;
-
-use super::Master;
 
 /// Longest the loop sleeps between looks at its timers.
 const TICK: Duration = Duration::from_millis(100);
