@@ -13,12 +13,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::cvt;
 use nix::errno::Errno;
 use nix::sys::socket::{
     self as socket, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
     SockType, SockaddrLike, SockaddrStorage, UnixAddr,
 };
+
+use super::cvt;
 
 /// The `listen(2)` backlog used when the caller has no opinion. The kernel
 /// caps it at `net.core.somaxconn`.
