@@ -89,9 +89,8 @@ fn deadline() -> Instant {
 
 /// Every instance is `Ready` (and none starting or dead).
 fn all_ready(m: &Messenger, workers: u32) -> bool {
-    m.worker().is_some_and(|w| {
-        w.peers().iter().filter(|p| p.state == WorkerState::Ready).count() == workers as usize
-    })
+    let w = m.worker();
+    w.peers().iter().filter(|p| p.state == WorkerState::Ready).count() == workers as usize
 }
 
 /// Dispatches until every instance has been ready for [`SETTLE`].
@@ -139,9 +138,7 @@ fn consume_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> R
         }
         emit_line(&format!("ran {} {me} {start}", ctx.delivery_id()));
     })?;
-    if let Some(w) = m.worker() {
-        w.ready();
-    }
+    m.worker().ready();
     if !driver {
         return Ok(m.run()?);
     }
@@ -173,14 +170,12 @@ fn invoke_worker(worker: Worker, workers: u32, kills: usize, dir: PathBuf) -> Re
     let mut m = Messenger::new(worker);
     m.on_invoke::<u64, (u64, u32), Infallible, _>("echo", move |_, v| Ok((v, me)))?;
     m.campaign()?;
-    if let Some(w) = m.worker() {
-        w.ready();
-    }
+    m.worker().ready();
     // Lingers for the killer's last line to come out before the cluster ends.
     let mut killer = LeaderKiller::new(dir, kills, workers, SETTLE, Duration::from_millis(100));
     let mut i = 0u64;
     loop {
-        if m.worker().is_some_and(|w| w.should_stop()) {
+        if m.worker().should_stop() {
             return Ok(());
         }
         match killer.step(&m) {
@@ -250,17 +245,13 @@ fn reap_worker(worker: Worker, workers: u32, kills: usize) -> Res<()> {
     let driver = worker.index() == 0;
     let me = worker.slot();
     let mut m = Messenger::new(worker);
-    if let Some(w) = m.worker() {
-        w.ready();
-    }
+    m.worker().ready();
     if !driver {
         return Ok(m.run()?);
     }
     for k in 0..kills {
         settle(&mut m, workers)?;
-        let Some(w) = m.worker() else {
-            return fail("no worker".into());
-        };
+        let w = m.worker();
         let mut others: Vec<_> = w
             .peers()
             .into_iter()

@@ -106,17 +106,18 @@ fn rtt_worker(worker: Worker, workers: u32, plan: Plan) -> Res<()> {
         m.on_invoke::<u64, u64, Infallible, _>("echo", |_, v| Ok(v))?;
         m.on_request::<u64, u64, Infallible, _>("echo", |_, v| Ok(v))?;
     }
-    if let Some(w) = m.worker() {
-        w.ready();
-    }
+    m.worker().ready();
     if !driver {
         return Ok(m.run()?);
     }
     let until = deadline();
     let leader = loop {
-        let ready = m.worker().map_or(0, |w| {
-            w.peers().iter().filter(|p| p.state == WorkerState::Ready).count()
-        });
+        let ready = m
+            .worker()
+            .peers()
+            .iter()
+            .filter(|p| p.state == WorkerState::Ready)
+            .count();
         match m.leader() {
             Some(l) if ready == workers as usize => break l,
             _ if Instant::now() >= until => return fail(format!("{ready} ready, no leader")),
@@ -185,9 +186,7 @@ fn elect_worker(worker: Worker, workers: u32, plan: Plan, dir: PathBuf) -> Res<(
         }
     });
     m.campaign()?;
-    if let Some(w) = m.worker() {
-        w.ready();
-    }
+    m.worker().ready();
     // Lingers for the other followers' callbacks to print before the end.
     let linger = Duration::from_millis(200);
     let mut killer = LeaderKiller::new(dir, plan.elections, workers, Duration::from_millis(30), linger);

@@ -164,9 +164,7 @@ fn worker_main(worker: Worker, workers: u32, plan: Plan, clock: Instant) -> Res<
         let _ = handle.emit(ctx.sender().slot, "ack", &(seq, at));
     })?;
     m.on::<u64, _>("task", |_, _| {})?;
-    if let Some(w) = m.worker() {
-        w.ready();
-    }
+    m.worker().ready();
     if !driver {
         m.run()?;
         return Ok(());
@@ -185,7 +183,7 @@ fn worker_main(worker: Worker, workers: u32, plan: Plan, clock: Instant) -> Res<
 fn await_ready(m: &mut Messenger, workers: u32) -> Res<u32> {
     let until = deadline();
     loop {
-        let peers = m.worker().map(|w| w.peers()).unwrap_or_default();
+        let peers = m.worker().peers();
         let ready = peers.iter().filter(|p| p.state == WorkerState::Ready).count();
         if ready == workers as usize {
             return match peers.iter().find(|p| p.index == Some(1)) {

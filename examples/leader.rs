@@ -39,7 +39,7 @@ fn soon() -> Instant {
 fn serve_until(m: &mut Messenger, mut done: impl FnMut(&Messenger) -> bool) -> Res<()> {
     let until = soon();
     while !done(m) {
-        if Instant::now() >= until || m.worker().is_some_and(|w| w.should_stop()) {
+        if Instant::now() >= until || m.worker().should_stop() {
             return Err("gave up waiting".into());
         }
         m.poll(Duration::from_millis(5))?;
@@ -52,7 +52,7 @@ fn serve_until(m: &mut Messenger, mut done: impl FnMut(&Messenger) -> bool) -> R
 /// alike once all are ready and the leader is known (a respawn never
 /// drives: it would start the demonstration again).
 fn drives(m: &mut Messenger) -> Res<bool> {
-    let w = m.worker().ok_or("not a cluster worker")?;
+    let w = m.worker();
     if w.generation() != 1 {
         return Ok(false);
     }
@@ -61,7 +61,7 @@ fn drives(m: &mut Messenger) -> Res<bool> {
     }
     serve_until(m, |m| m.leader().is_some())?;
     let leader = m.leader().ok_or("no leader")?;
-    let w = m.worker().ok_or("not a cluster worker")?;
+    let w = m.worker();
     let driver = w
         .peers()
         .into_iter()
@@ -95,7 +95,7 @@ fn worker(worker: Worker) -> Res<()> {
     // so that the driver, which waits for every worker to be ready again
     // before it asks for the shutdown, never stops it half way.
     if !respawn {
-        m.worker().ok_or("not a cluster worker")?.ready();
+        m.worker().ready();
     }
     if !drives(&mut m)? {
         // Followers (the leader among them): subscribe, take a few ids,
@@ -113,7 +113,7 @@ fn worker(worker: Worker) -> Res<()> {
             }
         }
         if respawn {
-            m.worker().ok_or("not a cluster worker")?.ready();
+            m.worker().ready();
         }
         m.run()?;
         return Ok(());
@@ -131,9 +131,7 @@ fn worker(worker: Worker) -> Res<()> {
     if first.slot == slot {
         return Err("the demonstration's driver leads: it would kill itself".into());
     }
-    let peer = m
-        .worker()
-        .and_then(|w| w.peers().into_iter().find(|p| p.slot == first.slot));
+    let peer = m.worker().peers().into_iter().find(|p| p.slot == first.slot);
     let pid = peer.ok_or("no leader process")?.pid;
     say(slot, format!("SIGKILL to the leader (pid {pid})"));
     // SAFETY: kill(2) takes a pid and a signal number, no pointers.
@@ -148,11 +146,15 @@ fn worker(worker: Worker) -> Res<()> {
     m.publish("config", "v2", soon())?;
     serve_until(&mut m, |m| {
         m.worker()
-            .is_some_and(|w| w.peers().iter().filter(|p| p.state == WorkerState::Ready).count() == 4)
+            .peers()
+            .iter()
+            .filter(|p| p.state == WorkerState::Ready)
+            .count()
+            == 4
     })?;
     m.poll(Duration::from_millis(100))?;
     say(slot, "shutting down");
-    m.worker().ok_or("not a cluster worker")?.request_shutdown();
+    m.worker().request_shutdown();
     m.run()?;
     Ok(())
 }

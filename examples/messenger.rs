@@ -83,15 +83,11 @@ fn worker(worker: Worker) -> Res<()> {
     // A no-op: a `map` over it is a barrier (lanes are FIFO per sender).
     m.on::<(), _>("sync", |_, ()| {})?;
 
-    if let Some(w) = m.worker() {
-        w.ready();
-    }
+    m.worker().ready();
     if demo {
         demonstrate(&mut m)?;
         say(slot, "done; asking the master to shut the cluster down");
-        if let Some(w) = m.worker() {
-            w.request_shutdown();
-        }
+        m.worker().request_shutdown();
     }
     m.run()?;
     say(slot, "told to stop");
@@ -144,8 +140,8 @@ fn demonstrate(m: &mut Messenger) -> Res<()> {
 fn await_ready(m: &mut Messenger) -> Res<u32> {
     let deadline = soon();
     loop {
-        let peers = m.worker().map(|w| w.peers()).unwrap_or_default();
-        let instances = m.worker().map_or(1, |w| w.instances()) as usize;
+        let peers = m.worker().peers();
+        let instances = m.worker().instances() as usize;
         let ready: Vec<u32> = peers
             .iter()
             .filter(|p| p.state == WorkerState::Ready)

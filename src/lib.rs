@@ -36,7 +36,7 @@
 //!     m.on_request::<u64, u64, String, _>("square", |_, x| {
 //!         x.checked_mul(x).ok_or_else(|| format!("{x}² overflows a u64"))
 //!     })?;
-//!     let w = m.worker().expect("made from a cluster worker");
+//!     let w = m.worker();
 //!     w.ready();
 //!     if first {
 //!         // A worker not forked yet would miss the map: wait for both.
@@ -55,7 +55,7 @@
 //!         let other = other.ok_or("the other worker did not answer")?;
 //!         let x: u64 = m.request(other, "square", &12u64, deadline)?;
 //!         assert_eq!(x, 144);
-//!         m.worker().expect("a cluster worker").request_shutdown();
+//!         m.worker().request_shutdown();
 //!     }
 //!     // Serve until the master says stop.
 //!     m.run()?;
@@ -180,13 +180,20 @@ mod sys;
 pub mod testing;
 mod wake;
 
+/// The control socket's line format (`shmcluster stat`, `reload`, `stop`,
+/// `wait`), for the `shmcluster` command, which is a separate target and
+/// can only use public items: one codec for both ends, not a copy of it.
+/// Not part of the library's API.
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub use cluster::control::codec as control_codec;
 #[cfg(all(feature = "http", not(loom)))]
 pub use cluster::http;
 #[cfg(not(loom))]
 pub use cluster::{
     Cluster, ClusterBuilder, ClusterError, ClusterStats, Event, EventKind, Events, ExitReason, Incoming,
     ListenAddr, ListenError, ListenMode, ListenSpec, Listener, Outcome, Peer, Report, SlotStats, StopWatch,
-    Unhealthy, Worker, WorkerError, WorkerState,
+    ThreadsBuilder, Unhealthy, Worker, WorkerError, WorkerState,
 };
 #[cfg(not(loom))]
 pub use endpoint::WaitStrategy;

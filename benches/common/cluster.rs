@@ -226,7 +226,7 @@ impl LeaderKiller {
                 Step::Wait
             };
         }
-        let Some(w) = m.worker() else { return Step::Wait };
+        let w = m.worker();
         let peers = w.peers();
         let Some(leader) = m.leader() else {
             self.stable = None;

@@ -95,7 +95,7 @@ impl WorkerInner {
 
     /// Passes on a shutdown, reload or ready asked for while busy.
     fn forward_requests(&self) {
-        if let Some(w) = self.messenger.worker() {
+        if let Some(w) = Some(self.messenger.worker()).filter(|w| w.has_master()) {
             if self.pending.shutdown.swap(false, AcqRel) {
                 w.request_shutdown();
             }
@@ -149,7 +149,7 @@ impl shmc_worker {
             busy: AtomicBool::new(false),
             stop: stop.clone(),
             pending: Arc::clone(&pending),
-            has_master: messenger.worker().is_some(),
+            has_master: messenger.worker().has_master(),
             watch,
             jobs: Arc::clone(&jobs),
             wake: messenger.handle(),
@@ -388,7 +388,7 @@ pub unsafe extern "C" fn shmc_identity_get(w: *const shmc_worker, out: *mut shmc
             with_worker(w, |inner| {
                 let m = &inner.messenger;
                 let slots = m.stats().slots.len() as u32;
-                Ok(match m.worker() {
+                Ok(match Some(m.worker()).filter(|w| w.has_master()) {
                     Some(worker) => shmc_identity {
                         slot: m.slot(),
                         generation: m.generation(),
@@ -481,7 +481,7 @@ pub unsafe extern "C" fn shmc_peers(
         let list = unsafe {
             with_worker(w, |inner| {
                 let m = &inner.messenger;
-                Ok(match m.worker() {
+                Ok(match Some(m.worker()).filter(|w| w.has_master()) {
                     Some(worker) => worker
                         .peers()
                         .into_iter()
@@ -560,10 +560,12 @@ pub unsafe extern "C" fn shmc_wait_all_ready(
         // SAFETY: forwarded from our caller.
         let ready = unsafe {
             with_worker(w, |inner| {
-                Ok(inner
-                    .messenger
-                    .worker()
-                    .is_none_or(|wk| wk.wait_all_ready(timeout)))
+                let worker = inner.messenger.worker();
+                Ok(if worker.has_master() {
+                    worker.wait_all_ready(timeout)
+                } else {
+                    true
+                })
             })
         }?;
         // SAFETY: checked non-NULL; valid by our caller's contract.
@@ -610,7 +612,7 @@ pub unsafe extern "C" fn shmc_request_shutdown(w: *const shmc_worker) -> shmc_re
         let worker = unsafe { worker_arg(w) }?;
         worker.pending.shutdown.store(true, Release);
         let idle = worker.if_idle(|inner| {
-            if inner.messenger.worker().is_none() {
+            if !inner.messenger.worker().has_master() {
                 worker.stop.store(true, Release);
             }
             inner.forward_requests();
@@ -635,13 +637,16 @@ pub unsafe extern "C" fn shmc_request_reload(w: *const shmc_worker) -> shmc_resu
     guard(|| {
         // SAFETY: forwarded from our caller.
         let worker = unsafe { worker_arg(w) }?;
-        let reloaded = worker.if_idle(|inner| match inner.messenger.worker() {
-            Some(wk) => {
-                wk.request_reload();
-                Ok(())
-            }
-            None => Err(shmc_result::NoMaster.into()),
-        });
+        let reloaded =
+            worker.if_idle(
+                |inner| match Some(inner.messenger.worker()).filter(|w| w.has_master()) {
+                    Some(wk) => {
+                        wk.request_reload();
+                        Ok(())
+                    }
+                    None => Err(shmc_result::NoMaster.into()),
+                },
+            );
         reloaded.unwrap_or_else(|| {
             // Busy: its running call forwards it.
             worker.pending.reload.store(true, Release);

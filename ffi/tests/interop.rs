@@ -101,7 +101,7 @@ fn rust_worker_inner() -> Result<(), Box<dyn std::error::Error>> {
         Vec::new()
     })?;
 
-    let worker = m.worker().ok_or("no worker")?;
+    let worker = m.worker();
     worker.ready();
     let all_ready = worker.wait_all_ready(Duration::from_secs(15));
     let sent = m.emit_bytes(Target::All, "hello", format!("rust:{index}").as_bytes())?;

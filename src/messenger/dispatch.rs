@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 
 use super::calls::LivePeers;
 use super::core::{Op, Settled};
-#[cfg(feature = "tokio")]
-use super::ep_of_ref;
 use super::error::{CallError, CorruptLane, DispatchError, EmitError};
 use super::handlers::handle_message;
-use super::{ep_of, wire, Messenger};
+use super::{wire, Messenger};
 use crate::endpoint::Interrupt;
 use crate::segment::Segment;
 use crate::{RecvError, SendError, Tag, TryRecvError, TrySendError};
@@ -316,7 +314,7 @@ impl Messenger {
     /// As [`Messenger::dispatch`].
     pub fn run_until(&mut self, mut stop: impl FnMut(&Self) -> bool) -> Result<(), DispatchError> {
         loop {
-            let should_stop = self.worker().is_some_and(|w| w.should_stop());
+            let should_stop = self.worker.should_stop();
             if should_stop || stop(self) {
                 return Ok(());
             }
@@ -425,13 +423,13 @@ impl Messenger {
                         flag: &self.outbox.nonempty,
                         deaths,
                     };
-                    match ep_of(&mut self.owner).recv_ref_interruptible(Some(d), interrupt) {
+                    match self.worker.endpoint().recv_ref_interruptible(Some(d), interrupt) {
                         Ok(m) => Some(m.into_message()),
                         Err(RecvError::Timeout) => None,
                         Err(RecvError::Corrupt { sender, error }) => return Err(corrupt(sender, error)),
                     }
                 }
-                None => match ep_of(&mut self.owner).try_recv_ref() {
+                None => match self.worker.endpoint().try_recv_ref() {
                     Ok(m) => Some(m.into_message()),
                     Err(TryRecvError::Empty) => None,
                     Err(TryRecvError::Corrupt { sender, error }) => return Err(corrupt(sender, error)),
@@ -480,7 +478,7 @@ impl Messenger {
         if self.dispatch_until(None)? > 0 {
             return Ok(false);
         }
-        let message = match ep_of(&mut self.owner).try_recv_before_park() {
+        let message = match self.worker.endpoint().try_recv_before_park() {
             Ok(m) => m.map(|m| m.into_message()),
             Err(RecvError::Corrupt { sender, error }) => {
                 return Err(DispatchError::Corrupt(CorruptLane {
@@ -506,7 +504,7 @@ impl Messenger {
         {
             return Ok(false);
         }
-        let ep = ep_of_ref(&self.owner);
+        let ep = self.worker.endpoint_ref();
         if fd_park {
             Ok(ep.park_fd_begin())
         } else {

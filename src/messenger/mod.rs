@@ -159,26 +159,6 @@ pub struct EventStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HandlerId(u64);
 
-/// Who owns the endpoint.
-enum Owner {
-    Worker(Box<Worker>),
-    Endpoint(Endpoint),
-}
-
-fn ep_of(owner: &mut Owner) -> &mut Endpoint {
-    match owner {
-        Owner::Worker(w) => w.endpoint(),
-        Owner::Endpoint(e) => e,
-    }
-}
-
-fn ep_of_ref(owner: &Owner) -> &Endpoint {
-    match owner {
-        Owner::Worker(w) => w.endpoint_ref(),
-        Owner::Endpoint(e) => e,
-    }
-}
-
 /// One worker's messenger: events, direct messages, broadcast, consume,
 /// map and request/reply over the lanes, with typed payloads (serde +
 /// postcard) or raw bytes.
@@ -216,7 +196,9 @@ fn ep_of_ref(owner: &Owner) -> &Endpoint {
 ///   `WorkerDied` as soon as the death is visible (the master reaps it,
 ///   within milliseconds), not at the deadline.
 pub struct Messenger {
-    owner: Owner,
+    /// The worker whose endpoint this is (a cluster worker, or one of a
+    /// threads-mode cluster without a master).
+    worker: Box<Worker>,
     segment: Segment,
     slot: u32,
     generation: u32,
@@ -269,31 +251,31 @@ impl fmt::Debug for Messenger {
 }
 
 impl Messenger {
-    /// The messenger of a cluster worker (fork mode's closure argument, or
-    /// [`Worker::from_env`]).
+    /// The messenger of a worker: a cluster's (fork mode's closure
+    /// argument, or [`Worker::from_env`]) or a threads-mode one.
     pub fn new(worker: Worker) -> Self {
-        let segment = worker.segment().clone();
-        let (slot, generation) = (worker.slot(), worker.generation());
-        Self::build(Owner::Worker(Box::new(worker)), segment, slot, generation)
+        Self::build(Box::new(worker))
     }
 
-    /// A messenger on a bare endpoint (threads mode, or a segment without
-    /// a master).
+    /// A messenger on a bare endpoint of a segment without a master (a
+    /// process that attached to it): its worker is one without a master
+    /// (see [`Worker`]'s "Without a master").
     pub fn from_endpoint(endpoint: Endpoint) -> Self {
-        let segment = endpoint.segment().clone();
-        let (slot, generation) = (endpoint.slot(), endpoint.generation());
-        Self::build(Owner::Endpoint(endpoint), segment, slot, generation)
+        let instances = endpoint.segment().layout().workers();
+        Self::new(Worker::unmanaged(endpoint, instances))
     }
 
-    /// Threads mode: `n` messengers on one new segment, one per slot, to be
-    /// moved to `n` threads; code written for a cluster runs unchanged.
+    /// Threads mode: `n` messengers on one new segment, one per slot, each
+    /// with its own [`Worker`], to be moved to `n` threads; code written
+    /// for a cluster runs unchanged. (`Cluster::builder().threads(n)` runs
+    /// the threads too.)
     ///
     /// # Errors
     /// If the segment cannot be created (invalid `n`).
     pub fn threads(n: u32) -> Result<Vec<Self>, crate::CreateError> {
-        let segment = Segment::create(&crate::Config::new(n))?;
-        Ok((0..n)
-            .map(|slot| Self::from_endpoint(segment.endpoint(slot).expect("a fresh slot")))
+        Ok(crate::cluster::unmanaged_workers(n)?
+            .into_iter()
+            .map(Self::new)
             .collect())
     }
 
@@ -305,7 +287,9 @@ impl Messenger {
         Ok(Self::threads(1)?.remove(0))
     }
 
-    fn build(owner: Owner, segment: Segment, slot: u32, generation: u32) -> Self {
+    fn build(worker: Box<Worker>) -> Self {
+        let segment = worker.segment().clone();
+        let (slot, generation) = (worker.slot(), worker.generation());
         let layout = *segment.layout();
         let outbox = Arc::new(Outbox {
             queue: Mutex::new(Vec::new()),
@@ -316,7 +300,7 @@ impl Messenger {
             slot,
         });
         Self {
-            owner,
+            worker,
             segment,
             slot,
             generation,
@@ -341,7 +325,7 @@ impl Messenger {
     }
 
     fn ep(&mut self) -> &mut Endpoint {
-        ep_of(&mut self.owner)
+        self.worker.endpoint()
     }
 
     /// This worker's slot.
@@ -354,12 +338,10 @@ impl Messenger {
         self.generation
     }
 
-    /// The cluster worker, if this messenger was made from one.
-    pub fn worker(&self) -> Option<&Worker> {
-        match &self.owner {
-            Owner::Worker(w) => Some(w),
-            Owner::Endpoint(_) => None,
-        }
+    /// This messenger's worker: its identity, `ready`, `should_stop`,
+    /// `synchronize`, peers and stats.
+    pub fn worker(&self) -> &Worker {
+        &self.worker
     }
 
     /// How this messenger's blocking calls wait for messages (see
@@ -380,7 +362,7 @@ impl Messenger {
     /// Every slot's state and counters from the segment (this worker's own
     /// exact), including the latency of each slot's last request and map.
     pub fn stats(&self) -> crate::ClusterStats {
-        ep_of_ref(&self.owner).beat();
+        self.worker.endpoint_ref().beat();
         self.view().stats()
     }
 

@@ -2,26 +2,24 @@
 //! descriptor passing (`SCM_RIGHTS`), and `LISTEN_FDS` fd placement.
 //!
 //! Only the cluster module uses these. Every socket made here is
-//! close-on-exec; a descriptor reaches a child only through [`dup2`] (which
-//! clears the flag on the copy) or [`set_cloexec`].
-//!
-//! Two groups of functions act on descriptor *numbers* rather than owned
-//! descriptors: [`dup2`], [`dup_above`] and [`close_raw`] are for a forked child arranging its descriptor
-//! table before `execve(2)`, and [`adopt_listen_fds`] takes the numbers a
-//! parent announced in `LISTEN_FDS`.
+//! close-on-exec; a descriptor reaches a child only through
+//! [`super::fd::dup2`] (which clears the flag on the copy) or
+//! [`super::fd::set_cloexec`]. [`adopt_listen_fds`] takes the descriptor
+//! numbers a parent announced in `LISTEN_FDS`.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
     self as socket, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
     SockType, SockaddrLike, SockaddrStorage, UnixAddr,
 };
+
+use super::cvt;
 
 /// The `listen(2)` backlog used when the caller has no opinion. The kernel
 /// caps it at `net.core.somaxconn`.
@@ -40,9 +38,7 @@ const MAX_FDS_PER_MESSAGE: usize = 4;
 fn listen(fd: BorrowedFd<'_>, backlog: i32) -> io::Result<()> {
     // SAFETY: listen takes a descriptor and an integer, no pointers; `fd` is
     // open for the duration of the borrow.
-    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
     Ok(())
 }
 
@@ -196,26 +192,6 @@ pub fn recv_with_fd(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, 
     Ok((len, owned.into_iter().next()))
 }
 
-/// `fcntl(2)` `F_SETFD`: sets or clears `FD_CLOEXEC` on `fd`.
-pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    let flags = FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD)?);
-    let flags = if on {
-        flags | FdFlag::FD_CLOEXEC
-    } else {
-        flags - FdFlag::FD_CLOEXEC
-    };
-    fcntl(fd, FcntlArg::F_SETFD(flags))?;
-    Ok(())
-}
-
-/// `fcntl(2)` `F_GETFD`: whether `FD_CLOEXEC` is set on `fd` (tests only).
-#[cfg(test)]
-pub fn is_cloexec(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    Ok(FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD)?).contains(FdFlag::FD_CLOEXEC))
-}
-
 /// `fstat(2)`: whether `fd` is a socket (`S_ISSOCK`).
 pub fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let st = nix::sys::stat::fstat(fd)?;
@@ -227,99 +203,6 @@ pub fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
 #[cfg(test)]
 pub fn socket_is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(socket::getsockopt(&fd, sockopt::AcceptConn)?)
-}
-
-/// `poll(2)` for `POLLIN` on every descriptor in `fds`, waiting at most
-/// `timeout` (`None`: no limit; rounded up to whole milliseconds). Returns,
-/// per descriptor, whether a read would not block: data, a hang-up
-/// (`POLLHUP`) or an error (`POLLERR`) all count, since a read reports
-/// them. All `false` when the time ran out. Retries on `EINTR` with the
-/// time left.
-pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let deadline = timeout.map(|t| Instant::now() + t);
-    let mut pollfds: Vec<PollFd<'_>> = fds.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)).collect();
-    loop {
-        let wait = match deadline {
-            None => PollTimeout::NONE,
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                // Round up: a 0.5 ms wait must not become a busy poll.
-                let ms = left.as_micros().div_ceil(1000);
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-            }
-        };
-        match poll(&mut pollfds, wait) {
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-            Ok(_) => break,
-        }
-    }
-    let ready = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL;
-    Ok(pollfds
-        .iter()
-        .map(|p| p.revents().is_some_and(|r| r.intersects(ready)))
-        .collect())
-}
-
-/// `dup2(2)`: makes descriptor number `dst` refer to what `src` refers to,
-/// closing whatever `dst` was first; the copy does not have `FD_CLOEXEC`.
-/// When `src == dst` nothing changes, the flag included.
-///
-/// This acts on numbers, not on owned descriptors: anything else in the
-/// process that owns `dst` loses it. It is meant for a forked child laying
-/// out its descriptor table before `execve(2)`.
-pub fn dup2(src: RawFd, dst: RawFd) -> io::Result<()> {
-    loop {
-        // SAFETY: dup2 takes two integers and no pointers; replacing `dst`
-        // is this function's documented purpose.
-        if unsafe { libc::dup2(src, dst) } != -1 {
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINTR) {
-            return Err(err);
-        }
-    }
-}
-
-/// `fcntl(2)` `F_DUPFD_CLOEXEC`: a close-on-exec copy of descriptor number
-/// `src` at the lowest free number `>= min`. The copy is returned as a
-/// number: it is for a forked child arranging its table before exec (see
-/// [`dup2`]), which closes it with [`close_raw`] or leaves it to exec.
-pub fn dup_above(src: RawFd, min: RawFd) -> io::Result<RawFd> {
-    // SAFETY: fcntl with F_DUPFD_CLOEXEC takes integers only; it only adds
-    // a descriptor to the table.
-    let fd = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, min) };
-    if fd == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
-/// `close(2)` of descriptor number `fd`, for a forked child arranging its
-/// table before exec (see [`dup2`]). Anything else that owns `fd` loses it.
-pub fn close_raw(fd: RawFd) -> io::Result<()> {
-    // SAFETY: close takes an integer; dropping whatever owned `fd` is this
-    // function's documented purpose.
-    if unsafe { libc::close(fd) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// `fcntl(2)` `F_GETFD` on descriptor number `fd`: whether `FD_CLOEXEC` is
-/// set (see [`is_cloexec`]), for checking a table laid out before exec
-/// (tests only).
-#[cfg(test)]
-pub fn is_cloexec_raw(fd: RawFd) -> io::Result<bool> {
-    // SAFETY: F_GETFD reads the descriptor flags; an invalid number is
-    // EBADF.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(flags & libc::FD_CLOEXEC != 0)
 }
 
 /// Set once descriptors announced in `LISTEN_FDS` have been taken, so the
@@ -369,11 +252,50 @@ pub fn own_uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
+/// What a stop-aware accept loop (the worker's `StopWatch::accept`) does
+/// after an `accept(2)` error: [`accept_error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptError {
+    /// Nothing to accept (`EAGAIN`), a signal (`EINTR`), or a connection
+    /// that failed before it was accepted: wait for the next one.
+    Retry,
+    /// Out of descriptors or memory, with the connection still queued:
+    /// pause, then try again.
+    BackOff,
+    /// The listener is unusable (or the error is not known to pass).
+    Fail,
+}
+
+/// How `accept(2)`'s error `e` is to be taken (see [`AcceptError`]).
+pub fn accept_error(e: &io::Error) -> AcceptError {
+    match e.raw_os_error() {
+        // accept(2): "Linux accept() passes already-pending network errors
+        // on the new socket as an error code from accept() [...] these
+        // errors should be treated like EAGAIN by retrying" (for TCP).
+        Some(
+            libc::EAGAIN
+            | libc::EINTR
+            | libc::ECONNABORTED
+            | libc::EPROTO
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH,
+        ) => AcceptError::Retry,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptError::BackOff,
+        _ => AcceptError::Fail,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
     use std::os::fd::AsFd;
 
+    use super::super::fd::is_cloexec;
     use super::*;
 
     fn loopback_any() -> SocketAddr {
@@ -469,33 +391,6 @@ mod tests {
     }
 
     #[test]
-    fn poll_readable_times_out_then_sees_data_and_hangup() {
-        let (a, b) = seqpacket_pair().unwrap();
-        let (c, d) = seqpacket_pair().unwrap();
-        let start = Instant::now();
-        let ready = poll_readable(&[b.as_fd(), d.as_fd()], Some(Duration::from_millis(20))).unwrap();
-        assert_eq!(ready, vec![false, false]);
-        assert!(start.elapsed() >= Duration::from_millis(20));
-        send_with_fd(a.as_fd(), b"x", None).unwrap();
-        let ready = poll_readable(&[b.as_fd(), d.as_fd()], Some(Duration::from_secs(5))).unwrap();
-        assert_eq!(ready, vec![true, false]);
-        drop(c);
-        let ready = poll_readable(&[d.as_fd()], None).unwrap();
-        assert_eq!(ready, vec![true], "a hang-up is readable");
-    }
-
-    #[test]
-    fn cloexec_can_be_cleared_and_set() {
-        let (a, _b) = seqpacket_pair().unwrap();
-        set_cloexec(a.as_fd(), false).unwrap();
-        assert!(!is_cloexec(a.as_fd()).unwrap());
-        assert!(!is_cloexec_raw(a.as_raw_fd()).unwrap());
-        set_cloexec(a.as_fd(), true).unwrap();
-        assert!(is_cloexec(a.as_fd()).unwrap());
-        assert!(is_cloexec_raw(a.as_raw_fd()).unwrap());
-    }
-
-    #[test]
     fn peer_uid_of_a_pair_is_our_own_uid() {
         let (a, _b) = seqpacket_pair().unwrap();
         assert_eq!(peer_uid(a.as_fd()).unwrap(), own_uid());
@@ -503,14 +398,37 @@ mod tests {
         assert!(peer_uid(file.as_fd()).is_err(), "not a socket");
     }
 
+    /// Which `accept(2)` errors end the wait, and which are retried (at
+    /// once, or after a pause for descriptors or memory to come back).
     #[test]
-    fn dup_above_copies_at_or_above_the_minimum() {
-        let (a, _b) = seqpacket_pair().unwrap();
-        let copy = dup_above(a.as_raw_fd(), 200).unwrap();
-        assert!(copy >= 200);
-        // SAFETY: `copy` was just made and is owned by nothing else.
-        let owned = unsafe { super::super::adopt_fd(copy) }.unwrap();
-        assert!(is_cloexec(owned.as_fd()).unwrap());
-        assert_eq!(local_addr(owned.as_fd()).unwrap(), LocalAddr::UnixOther);
+    fn accept_errors_transient_or_not() {
+        let err = io::Error::from_raw_os_error;
+        for e in [
+            libc::EAGAIN,
+            libc::EINTR,
+            libc::ECONNABORTED,
+            libc::EPROTO,
+            libc::ENETDOWN,
+            libc::ENOPROTOOPT,
+            libc::EHOSTDOWN,
+            libc::ENONET,
+            libc::EHOSTUNREACH,
+            libc::EOPNOTSUPP,
+            libc::ENETUNREACH,
+        ] {
+            assert_eq!(accept_error(&err(e)), AcceptError::Retry, "errno {e}");
+        }
+        for e in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert_eq!(accept_error(&err(e)), AcceptError::BackOff, "errno {e}");
+        }
+        for e in [
+            libc::EBADF,
+            libc::EINVAL,
+            libc::ENOTSOCK,
+            libc::EPERM,
+            libc::EFAULT,
+        ] {
+            assert_eq!(accept_error(&err(e)), AcceptError::Fail, "errno {e}");
+        }
     }
 }

@@ -1,27 +1,16 @@
-//! What the master needs from the kernel besides memory: its signals
-//! through a `signalfd`, reaping children, `exec`, a monotonic clock shared
-//! by all processes, and the worker's side of `SIGTERM`.
+//! Processes: `fork(2)`, `waitpid(2)` (a [`Child`] and the master's
+//! reaping), `kill(2)`, `execve(2)`, `getpid(2)`, dying with the parent
+//! (`prctl(2)`), `_exit(2)`, and a monotonic clock shared by all processes.
+//! Signals are in [`super::signal`].
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::Duration;
 
-use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::signal::Signal;
 
-use super::ExitStatus;
-
-/// Signal numbers the cluster layer names.
-pub const SIGTERM: i32 = libc::SIGTERM;
-/// `SIGKILL`.
-pub const SIGKILL: i32 = libc::SIGKILL;
-/// `SIGINT`.
-pub const SIGINT: i32 = libc::SIGINT;
-/// `SIGHUP`.
-pub const SIGHUP: i32 = libc::SIGHUP;
-/// `SIGUSR1`: a worker's nudge to the master (ready, reload request).
-pub const SIGUSR1: i32 = libc::SIGUSR1;
+use super::cvt;
 
 /// `clock_gettime(2)` `CLOCK_MONOTONIC` in nanoseconds: the same clock in
 /// every process on the machine, so one process can compare a time another
@@ -33,7 +22,7 @@ pub fn monotonic_ns() -> u64 {
     }
 }
 
-/// Threads in this process (entries of `/proc/self/task`).
+/// Threads in this process: the entries of `/proc/self/task` (`proc(5)`).
 pub fn thread_count() -> io::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/task")?.count())
 }
@@ -86,67 +75,6 @@ pub fn wait_for(pid: u32) -> io::Result<ExitStatus> {
     }
 }
 
-/// The master's signals, read from a `signalfd(2)` instead of handlers:
-/// `SIGCHLD`, `SIGTERM`, `SIGINT`, `SIGHUP` and `SIGUSR1` are blocked (so
-/// they queue) and the master's loop polls the descriptor with its other
-/// work.
-pub struct MasterSignals {
-    fd: SignalFd,
-    old_mask: SigSet,
-}
-
-impl MasterSignals {
-    /// Blocks the five signals (`sigprocmask(2)`) and opens the descriptor
-    /// (non-blocking, close-on-exec).
-    pub fn install() -> io::Result<Self> {
-        let mut set = SigSet::empty();
-        for s in [
-            Signal::SIGCHLD,
-            Signal::SIGTERM,
-            Signal::SIGINT,
-            Signal::SIGHUP,
-            Signal::SIGUSR1,
-        ] {
-            set.add(s);
-        }
-        let mut old_mask = SigSet::empty();
-        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old_mask))?;
-        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
-        Ok(Self { fd, old_mask })
-    }
-
-    /// The descriptor to poll.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-
-    /// The next pending signal's number, if any.
-    pub fn next(&self) -> io::Result<Option<i32>> {
-        match self.fd.read_signal() {
-            Ok(Some(info)) => Ok(Some(info.ssi_signo as i32)),
-            Ok(None) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// In a child after `fork(2)`: restores the signal mask the master had
-    /// before [`MasterSignals::install`] (a blocked mask survives `exec`).
-    /// The child's copy of the descriptor is closed by the master's fork code or by exec.
-    pub fn restore_in_child(&self) {
-        let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.old_mask), None);
-    }
-
-    /// Restores the mask in this process (the master, when it is done).
-    pub fn uninstall(self) {
-        let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.old_mask), None);
-    }
-
-    /// The raw descriptor number (for closing it in a forked child).
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
 /// `pipe2(2)` with `O_CLOEXEC`: (read end, write end).
 pub fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
@@ -195,30 +123,130 @@ pub fn read_raw(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-static SIGTERM_SEEN: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_sigterm(_: libc::c_int) {
-    // Async-signal-safe: one atomic store.
-    SIGTERM_SEEN.store(true, Relaxed);
+/// `getpid(2)`.
+pub fn getpid() -> u32 {
+    nix::unistd::getpid().as_raw() as u32
 }
 
-/// In a forked worker: `SIGTERM` (and `SIGINT`, which a terminal's Ctrl-C
-/// sends to the master and its workers alike) no longer kills the process
-/// but is recorded (see [`sigterm_seen`]), so the worker can finish what it
-/// is doing; installed without `SA_RESTART`, so blocking calls that do not
-/// retry return `EINTR`.
-pub fn catch_sigterm() -> io::Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler};
-    let action = SigAction::new(SigHandler::Handler(on_sigterm), SaFlags::empty(), SigSet::empty());
-    for signal in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: the handler only stores to a static atomic, which is
-        // async-signal-safe.
-        unsafe { sigaction(signal, &action) }.map_err(io::Error::from)?;
+/// This process's pid, cached: `getpid(2)` is a real system call on
+/// current glibc (~100 ns here), too slow for a lock's fast path. A
+/// `pthread_atfork(3)` child handler clears the cache, so a forked child
+/// never sees its parent's pid.
+pub fn cached_pid() -> u32 {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+    static PID: AtomicU32 = AtomicU32::new(0);
+    // Not a `std::sync::Once`: a fork while another thread is inside
+    // `call_once` leaves the child's copy "running" for ever, and the child
+    // would hang here. A fork between the flag and the registration leaves
+    // that one child without the handler (a process it forks in turn may
+    // see its pid cached): rare, and not a hang.
+    static REGISTERED: AtomicBool = AtomicBool::new(false);
+    extern "C" fn forget() {
+        PID.store(0, Relaxed);
     }
-    Ok(())
+    if !REGISTERED.swap(true, Relaxed) {
+        // SAFETY: registers a child handler that only stores to an atomic
+        // (async-signal-safe, as a fork child handler must be).
+        unsafe { libc::pthread_atfork(None, None, Some(forget)) };
+    }
+    match PID.load(Relaxed) {
+        0 => {
+            let pid = getpid();
+            PID.store(pid, Relaxed);
+            pid
+        }
+        pid => pid,
+    }
 }
 
-/// Whether `SIGTERM` or `SIGINT` arrived since [`catch_sigterm`].
-pub fn sigterm_seen() -> bool {
-    SIGTERM_SEEN.load(Relaxed)
+/// A child process started by [`crate::testing::fork`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Child {
+    pid: i32,
+}
+
+impl Child {
+    /// The child's process id.
+    pub fn pid(self) -> u32 {
+        self.pid as u32
+    }
+
+    /// `kill(2)` with `SIGKILL`. An already reaped child is not an error.
+    pub fn kill(self) -> io::Result<()> {
+        match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `waitpid(2)` with `WNOHANG`: `Some(status)` once the child has ended.
+    pub fn try_wait(self) -> io::Result<Option<ExitStatus>> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        match waitpid(nix::unistd::Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => Ok(Some(ExitStatus::Code(code))),
+            Ok(WaitStatus::Signaled(_, sig, _)) => Ok(Some(ExitStatus::Signal(sig as i32))),
+            Ok(_) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits up to `timeout` for the child to end (polling `waitpid(2)`
+    /// every millisecond); `None` if it is still running.
+    pub fn wait_timeout(self, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It called `exit` with this code.
+    Code(i32),
+    /// A signal with this number ended it.
+    Signal(i32),
+}
+
+/// `fork(2)`: `Ok(None)` in the child, `Ok(Some(child))` in the parent.
+///
+/// # Safety
+/// In a multi-threaded parent the child may only call async-signal-safe
+/// functions until it execs or exits (`fork(2)`, `signal-safety(7)`): a lock
+/// held by another thread at the fork stays locked forever in the child.
+pub unsafe fn fork() -> io::Result<Option<Child>> {
+    // SAFETY: the caller upholds fork's contract (see above).
+    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+        nix::unistd::ForkResult::Child => Ok(None),
+        nix::unistd::ForkResult::Parent { child } => Ok(Some(Child { pid: child.as_raw() })),
+    }
+}
+
+/// `prctl(2)` `PR_SET_PDEATHSIG` with `SIGKILL`, then `getppid(2)`: this
+/// process is killed when its parent dies; if the parent (`parent`) is
+/// already gone by the time the request is made, exit now.
+pub fn die_with_parent(parent: u32) {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and no pointers.
+    let ret = cvt(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) });
+    if ret.is_err() || nix::unistd::getppid().as_raw() as u32 != parent {
+        exit_now(1);
+    }
+}
+
+/// `_exit(2)`: ends the process at once, without running atexit handlers or
+/// flushing stdio buffers it shares with its parent.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions and never returns.
+    unsafe { libc::_exit(code) }
 }

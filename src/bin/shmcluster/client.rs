@@ -1,7 +1,8 @@
 //! The client side of the master's control socket (the protocol is
-//! described in the library's `cluster/control.rs`): one request line, one
-//! response, and the `stat` response parsed into fields and rendered as a
-//! table, with rates from two snapshots.
+//! described in the library's `cluster/control/mod.rs`, the line format in
+//! its `cluster/control/codec.rs`): one request line, one response, and
+//! the `stat` response parsed into fields and rendered as a table, with
+//! rates from two snapshots.
 
 use std::fmt::{self, Write as _};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -10,6 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use shmcluster::control_codec::unescape;
 use shmcluster::Cluster;
 
 /// How long a request may take end to end.
@@ -200,27 +202,6 @@ pub fn resolve(control: Option<PathBuf>, pid: Option<u32>) -> Result<PathBuf, Cl
                 .join(", ")
         ))),
     }
-}
-
-/// Undoes the master's `%XX` escaping of a field value.
-pub fn unescape(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// One line of a `stat` response: its `key=value` fields, unescaped.

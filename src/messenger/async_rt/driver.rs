@@ -123,9 +123,7 @@ pub(super) async fn drive(mut m: Messenger, shared: Arc<Shared>, mut waiter: Wai
             break; // Every handle is gone.
         }
         if shared.ready.swap(false, AcqRel) {
-            if let Some(w) = m.worker() {
-                w.ready();
-            }
+            m.worker().ready();
         }
         match m.async_turn(fd_park) {
             Ok(false) => {
@@ -154,5 +152,5 @@ pub(super) async fn drive(mut m: Messenger, shared: Arc<Shared>, mut waiter: Wai
 }
 
 fn ep_park_end(m: &Messenger) {
-    crate::messenger::ep_of_ref(&m.owner).park_fd_end();
+    m.worker().endpoint_ref().park_fd_end();
 }

@@ -89,8 +89,6 @@ pub(super) struct Shared {
     workers: u32,
     /// The payload limit (`Messenger::max_payload`).
     max_payload: usize,
-    /// Whether the messenger belongs to a cluster worker.
-    cluster_worker: bool,
     /// `ready()` asked: the driver tells the master.
     ready: AtomicBool,
     /// Delivery ids of `consume` calls made through handles.
@@ -204,7 +202,6 @@ impl Messenger {
             me: self.me(),
             workers: self.workers,
             max_payload: self.max_payload,
-            cluster_worker: self.worker().is_some(),
             ready: AtomicBool::new(false),
             next_delivery: AtomicU64::new(1),
             wake,
@@ -523,24 +520,22 @@ impl AsyncMessenger {
         }
     }
 
-    /// Declares this cluster worker ready ([`crate::Worker::ready`]); does
-    /// nothing without a master.
+    /// Declares this worker ready ([`crate::Worker::ready`]).
     pub fn ready(&self) {
         self.shared.ready.store(true, Release);
         self.shared.outbox.wake();
     }
 
-    /// Whether the master asked this worker to stop (drain for a reload,
-    /// or shutdown), or the process got `SIGTERM`/`SIGINT`. Never without
-    /// a master.
+    /// Whether this worker was asked to stop (drain for a reload, or
+    /// shutdown), or the process got `SIGTERM`/`SIGINT`: as
+    /// [`crate::Worker::should_stop`], master or not.
     pub fn should_stop(&self) -> bool {
-        self.shared.cluster_worker && self.view().stop_requested()
+        self.view().stop_requested()
     }
 
     /// Resolves when [`AsyncMessenger::should_stop`] becomes true (looked
     /// at every 10 ms): a graceful-shutdown signal for a server, such as
-    /// axum's `with_graceful_shutdown(messenger.stopped())`. Never resolves
-    /// without a master.
+    /// axum's `with_graceful_shutdown(messenger.stopped())`.
     pub async fn stopped(&self) {
         while !self.should_stop() {
             tokio::time::sleep(STOP_POLL).await;

@@ -1,287 +1,22 @@
-//! Graceful HTTP/1.1 drain for async servers on the cluster (feature
-//! `http`): a worker told to stop — a rolling reload or a shutdown — loses
-//! no request, on a client that never retries.
-//!
-//! A keep-alive connection is a race: the client may send its next request
-//! at the very moment the server closes the connection as idle. That
-//! request is lost — the client sees the connection reset or closed with no
-//! answer, and cannot know whether a `POST` was applied. Closing idle
-//! connections at once, as `axum::serve(..).with_graceful_shutdown(..)` and
-//! hyper's `graceful_shutdown` do, loses requests on every reload under
-//! load. So a draining server here:
-//!
-//! 1. stops accepting (with a shared listening socket the other workers,
-//!    or the replacement, take the new connections);
-//! 2. finishes every request in flight;
-//! 3. answers the next request on each open connection with
-//!    `Connection: close`, then closes that connection (RFC 9112 §9.6):
-//!    the client learns from the answer itself not to reuse it, so no
-//!    request of its is ever on its way into a closing connection;
-//! 4. closes a connection that stayed idle all along only at the drain
-//!    deadline ([`HttpServer::drain_timeout`]), which should come before
-//!    the master's own ([`crate::ClusterBuilder::drain_timeout`]), when
-//!    the master kills the worker.
-//!
-//! Outside a drain, nothing but its client closes an idle keep-alive
-//! connection: hyper 1.x's header-read timeout (30 s by default) also runs
-//! while a kept-alive connection waits for its next request, so it would
-//! close idle connections under their clients, drain or not; it is off
-//! here unless asked for with [`HttpServer::idle_timeout`], which says
-//! what that costs.
-//!
-//! [`HttpServer::serve`] does all of this for any hyper or tower service
-//! (an axum `Router` is one). A server with its own accept loop gets the
-//! same from its parts: a [`Drain`] that says where the drain is, and
-//! [`CloseWhenDraining`], a tower layer that adds `Connection: close` to
-//! every answer made while draining (hyper's HTTP/1.1 connection closes
-//! after an answer that carries it).
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::convert::Infallible;
-//! use std::future::{ready, Ready};
-//! use std::task::{Context, Poll};
-//! use std::time::Duration;
-//!
-//! use http::{Request, Response};
-//! use hyper::body::Incoming;
-//! use shmcluster::http::HttpServer;
-//! use shmcluster::{Cluster, Messenger};
-//!
-//! /// Any tower service that is `Clone` will do: an axum `Router` is one.
-//! #[derive(Clone)]
-//! struct Hello;
-//!
-//! impl tower_service::Service<Request<Incoming>> for Hello {
-//!     type Response = Response<String>;
-//!     type Error = Infallible;
-//!     type Future = Ready<Result<Response<String>, Infallible>>;
-//!
-//!     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-//!         Poll::Ready(Ok(()))
-//!     }
-//!
-//!     fn call(&mut self, _: Request<Incoming>) -> Self::Future {
-//!         ready(Ok(Response::new("hello\n".into())))
-//!     }
-//! }
-//!
-//! Cluster::builder()
-//!     .listen("127.0.0.1:8080")
-//!     .drain_timeout(Duration::from_secs(10))
-//!     .run(|mut worker| -> std::io::Result<()> {
-//!         let listener = worker.take_listeners().remove(0);
-//!         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-//!         rt.block_on(async {
-//!             let listener = listener.into_tokio_tcp()?;
-//!             let am = Messenger::new(worker).into_async();
-//!             am.ready();
-//!             let stopping = am.clone();
-//!             HttpServer::new()
-//!                 // Before the master's 10 s, when it kills the worker.
-//!                 .drain_timeout(Duration::from_secs(8))
-//!                 .serve(listener, Hello, async move { stopping.stopped().await })
-//!                 .await;
-//!             Ok(())
-//!         })
-//!     })?;
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
-//!
-//! HTTP/1.1 only (the cluster's examples and tests speak it); a request
-//! carrying `Upgrade` is answered but never upgraded.
+//! [`HttpServer`]: accepts until the worker is told to stop, then drains
+//! (see the module docs for the order of things).
 
 use std::error::Error as StdError;
-use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, CONNECTION};
+use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::{Drain, DEFAULT_DRAIN_TIMEOUT};
+
 type BoxError = Box<dyn StdError + Send + Sync>;
-
-/// The default of [`HttpServer::drain_timeout`].
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Where a server is in its drain. A clone follows the same drain.
-///
-/// Phases, in order (each only moves forward):
-///
-/// | phase | set by | connections |
-/// |---|---|---|
-/// | serving | [`Drain::new`] | kept alive |
-/// | draining | [`Drain::start`] | no new ones; each open one answers its next request with `Connection: close` and ends |
-/// | closing | [`Drain::close_idle`] | those still idle are closed; a request in flight is answered first |
-#[derive(Clone)]
-pub struct Drain {
-    phase: watch::Sender<Phase>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
-    Serving,
-    Draining,
-    Closing,
-}
-
-impl Drain {
-    /// A drain not started: serving.
-    pub fn new() -> Self {
-        Self {
-            phase: watch::Sender::new(Phase::Serving),
-        }
-    }
-
-    /// Starts draining (nothing if it has started already).
-    pub fn start(&self) {
-        self.advance(Phase::Draining);
-    }
-
-    /// The drain deadline: idle connections are to close now. Implies
-    /// [`Drain::start`].
-    pub fn close_idle(&self) {
-        self.advance(Phase::Closing);
-    }
-
-    fn advance(&self, to: Phase) {
-        self.phase.send_if_modified(|phase| {
-            let later = *phase < to;
-            if later {
-                *phase = to;
-            }
-            later
-        });
-    }
-
-    /// Whether the drain has started: every answer made now carries
-    /// `Connection: close`.
-    pub fn is_draining(&self) -> bool {
-        *self.phase.borrow() >= Phase::Draining
-    }
-
-    /// Whether the drain deadline has come.
-    pub fn is_closing(&self) -> bool {
-        *self.phase.borrow() >= Phase::Closing
-    }
-
-    /// Resolves once the drain has started.
-    pub async fn draining(&self) {
-        self.reached(Phase::Draining).await;
-    }
-
-    /// Resolves once the drain deadline has come.
-    pub async fn closing(&self) {
-        self.reached(Phase::Closing).await;
-    }
-
-    async fn reached(&self, phase: Phase) {
-        let mut rx = self.phase.subscribe();
-        // Never an error: `self` holds the sender.
-        let _ = rx.wait_for(|p| *p >= phase).await;
-    }
-
-    /// Adds `Connection: close` to `response` if the drain has started.
-    pub fn mark<B>(&self, response: &mut Response<B>) {
-        if self.is_draining() {
-            response
-                .headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-        }
-    }
-}
-
-impl Default for Drain {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl fmt::Debug for Drain {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Drain")
-            .field("phase", &*self.phase.borrow())
-            .finish()
-    }
-}
-
-/// A tower service (and, as a [`tower_layer::Layer`], the layer that makes
-/// it) that adds `Connection: close` to every answer its inner service
-/// makes once `drain` has started, so that hyper closes each connection
-/// right after its next answer. For a server with its own accept loop;
-/// [`HttpServer::serve`] applies it itself.
-///
-/// With axum: `router.layer(CloseWhenDraining::layer(drain.clone()))`.
-#[derive(Debug, Clone)]
-pub struct CloseWhenDraining<S> {
-    inner: S,
-    drain: Drain,
-}
-
-impl CloseWhenDraining<()> {
-    /// The layer that wraps a service in [`CloseWhenDraining`].
-    pub fn layer(drain: Drain) -> CloseWhenDrainingLayer {
-        CloseWhenDrainingLayer { drain }
-    }
-}
-
-impl<S> CloseWhenDraining<S> {
-    /// `inner`, with `Connection: close` on its answers once `drain` has
-    /// started.
-    pub fn new(inner: S, drain: Drain) -> Self {
-        Self { inner, drain }
-    }
-}
-
-/// The layer of [`CloseWhenDraining`] (see [`CloseWhenDraining::layer`]).
-#[derive(Debug, Clone)]
-pub struct CloseWhenDrainingLayer {
-    drain: Drain,
-}
-
-impl<S> tower_layer::Layer<S> for CloseWhenDrainingLayer {
-    type Service = CloseWhenDraining<S>;
-
-    fn layer(&self, inner: S) -> CloseWhenDraining<S> {
-        CloseWhenDraining::new(inner, self.drain.clone())
-    }
-}
-
-impl<S, Req, B> tower_service::Service<Req> for CloseWhenDraining<S>
-where
-    S: tower_service::Service<Req, Response = Response<B>>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<B>;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Req) -> Self::Future {
-        let answer = self.inner.call(request);
-        let drain = self.drain.clone();
-        Box::pin(async move {
-            let mut response = answer.await?;
-            // Looked at when the answer is ready, not when the request
-            // came: a request that was in flight when the drain began is
-            // the connection's last as well.
-            drain.mark(&mut response);
-            Ok(response)
-        })
-    }
-}
 
 /// Serves HTTP/1.1 on a listener with a graceful drain (see the module
 /// docs).
@@ -557,9 +292,11 @@ fn connection_error(e: &io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::io::{Read, Write};
     use std::net::TcpStream as StdStream;
+    use std::task::{Context, Poll};
+
+    use super::*;
 
     /// `GET /` answers at once; `GET /slow` once `release` is notified.
     #[derive(Clone)]
@@ -851,31 +588,6 @@ mod tests {
         assert!(
             head.contains("connection: close") && !head.contains("keep-alive"),
             "{head}"
-        );
-    }
-
-    #[test]
-    fn drain_phases_only_move_forward() {
-        let drain = Drain::new();
-        assert!(!drain.is_draining() && !drain.is_closing());
-        drain.close_idle();
-        assert!(drain.is_draining() && drain.is_closing());
-        drain.start();
-        assert!(drain.is_closing(), "start after close_idle went back");
-    }
-
-    #[test]
-    fn answers_made_while_draining_say_close() {
-        let drain = Drain::new();
-        let mut before = Response::new(());
-        drain.mark(&mut before);
-        assert!(before.headers().get(CONNECTION).is_none());
-        drain.start();
-        let mut after = Response::new(());
-        drain.mark(&mut after);
-        assert_eq!(
-            after.headers().get(CONNECTION).map(|v| v.as_bytes()),
-            Some(&b"close"[..])
         );
     }
 }

@@ -2,18 +2,26 @@
 //! requests, peers, listeners, events.
 
 use std::io;
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::net::TcpListener;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::time::{Duration, Instant};
 
 use super::listen::{self, ListenAddr, ListenError, ListenMode, Listener};
-use super::{read_peer, read_stats, ClusterStats, Event, Peer, WorkerState};
+use super::{read_peer, read_stats, ClusterStats, Peer, WorkerState};
 use crate::error::{AttachError, EndpointError};
-use crate::segment::table::{STOP_DRAIN, STOP_RUN};
+use crate::segment::table::{STOP_DRAIN, STOP_RUN, STOP_SHUTDOWN};
 use crate::segment::Segment;
 use crate::sys;
 use crate::{Endpoint, WaitStrategy};
+
+mod events;
+mod incoming;
+mod stop_watch;
+
+pub use events::Events;
+pub use incoming::Incoming;
+pub use stop_watch::StopWatch;
 
 /// How long a runtime listener request waits for the master's answer.
 const LISTEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,6 +38,16 @@ const POLL_SLICE: Duration = Duration::from_millis(50);
 /// A worker is ready when it says so ([`Worker::ready`]): the master
 /// publishes `Online`, and a rolling reload waits for it before draining the
 /// worker it replaces.
+///
+/// # Without a master
+/// In threads mode ([`crate::ClusterBuilder::threads`]) each thread gets a
+/// worker of its own on one segment, and no master process runs. Such a
+/// worker has no listeners and no control socket; its readiness and
+/// heartbeat are recorded in the worker table for its peers and
+/// [`Worker::stats`]; a stop comes only from [`Worker::request_shutdown`]
+/// (made by any worker of the segment, it stops them all) or a `SIGTERM`
+/// the process turned into a request; there is nothing to reload. Each
+/// method says what it does then.
 pub struct Worker {
     segment: Segment,
     endpoint: Endpoint,
@@ -39,6 +57,9 @@ pub struct Worker {
     instances: u32,
     control: Option<OwnedFd>,
     listeners: Vec<Listener>,
+    /// Whether a master runs this worker (fork and spawn mode); `false` in
+    /// threads mode ([`Worker::unmanaged`]).
+    managed: bool,
     /// The lock table, made on first use (the glibc check and the name
     /// cache then serve every later section).
     locks: std::cell::OnceCell<crate::Locks>,
@@ -52,6 +73,22 @@ impl std::fmt::Debug for Worker {
             .field("generation", &self.generation)
             .field("instances", &self.instances)
             .finish_non_exhaustive()
+    }
+}
+
+/// Without a master a worker records its own end: `Dead` in the worker
+/// table, where its peers ([`Worker::peers`]) look (a master records it
+/// when it reaps the process).
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.managed {
+            return;
+        }
+        let entry = self.entry();
+        if entry.generation.load(Acquire) == self.generation {
+            entry.state.store(WorkerState::Dead.to_raw(), Release);
+            self.nudge_master();
+        }
     }
 }
 
@@ -125,7 +162,7 @@ pub(crate) mod env {
 pub(crate) fn stop_requested(segment: &Segment, slot: u32) -> bool {
     segment.worker_entry(slot).stop.load(Acquire) != STOP_RUN
         || segment.control().shutdown.load(Acquire) != 0
-        || sys::process::sigterm_seen()
+        || sys::signal::sigterm_seen()
 }
 
 static FROM_ENV_TAKEN: AtomicBool = AtomicBool::new(false);
@@ -191,14 +228,14 @@ impl Worker {
                 // are adopted once.
                 let fd = unsafe { sys::adopt_fd(raw) }.map_err(WorkerError::Io)?;
                 // Placed with dup2, so inheritable: not past this process.
-                sys::net::set_cloexec(fd.as_fd(), true).map_err(WorkerError::Io)?;
+                sys::fd::set_cloexec(fd.as_fd(), true).map_err(WorkerError::Io)?;
                 fds.push(fd);
             }
             segment.set_wake_fds(fds).map_err(WorkerError::Io)?;
         }
         let listeners = listen::inherited_listeners().map_err(WorkerError::Listen)?;
         let worker = Self::attach(segment, slot, index, generation, instances, control, listeners)?;
-        sys::process::catch_sigterm().map_err(WorkerError::Io)?;
+        sys::signal::catch_sigterm().map_err(WorkerError::Io)?;
         Ok(worker)
     }
 
@@ -224,8 +261,48 @@ impl Worker {
             instances,
             control,
             listeners,
+            managed: true,
             locks: std::cell::OnceCell::new(),
         })
+    }
+
+    /// A worker without a master (threads mode) over `endpoint`: its slot
+    /// and generation are the endpoint's, its instance number its slot;
+    /// no control socket, no listeners. It records itself `Starting` in the
+    /// worker table (index, pid, generation), as a master would, so that
+    /// [`Worker::ready`], [`Worker::peers`] and [`Worker::wait_all_ready`]
+    /// work as in a cluster. `instances`: how many workers share the
+    /// segment.
+    pub(crate) fn unmanaged(endpoint: Endpoint, instances: u32) -> Self {
+        let segment = endpoint.segment().clone();
+        let slot = endpoint.slot();
+        let generation = endpoint.generation();
+        // A segment with a master (a process that attached to a running
+        // cluster's segment) keeps the master's table as the master wrote
+        // it: this worker then asks the master, as a managed one does.
+        let master = segment.control().master_pid.load(Acquire) != 0;
+        if !master {
+            let entry = segment.worker_entry(slot);
+            entry.index.store(slot, Release);
+            entry.pid.store(sys::getpid(), Release);
+            entry.generation.store(generation, Release);
+            entry.stop.store(STOP_RUN, Release);
+            entry.started_ns.store(sys::process::monotonic_ns(), Release);
+            // Last: a peer that sees `Starting` sees the fields above.
+            entry.state.store(WorkerState::Starting.to_raw(), Release);
+        }
+        Self {
+            segment,
+            endpoint,
+            slot,
+            index: slot,
+            generation,
+            instances,
+            control: None,
+            listeners: Vec::new(),
+            managed: master,
+            locks: std::cell::OnceCell::new(),
+        }
     }
 
     /// This worker's slot: its messaging address.
@@ -274,6 +351,9 @@ impl Worker {
 
     /// Declares this worker ready: the master publishes `Online`, and a
     /// reload waiting on it goes on. Calling it again does nothing.
+    ///
+    /// Without a master it marks the worker `Ready` in the worker table
+    /// (what [`Worker::peers`] and [`Worker::wait_all_ready`] read).
     pub fn ready(&self) {
         let entry = self.entry();
         if entry.generation.load(Acquire) != self.generation {
@@ -293,23 +373,36 @@ impl Worker {
 
     /// Shows the master this worker is alive. The endpoint's receive calls
     /// (and [`Worker::incoming`]) do it already; a worker that does neither
-    /// for longer than the hang timeout must call it.
+    /// for longer than the hang timeout must call it. Without a master it
+    /// only moves the counter in the worker table: nobody watches it.
     pub fn heartbeat(&self) {
         self.endpoint.beat();
     }
 
+    /// Whether a master runs this worker (fork or spawn mode, or a process
+    /// attached to a running cluster's segment); false in threads mode and
+    /// for a worker on a bare segment, which behave as "Without a master"
+    /// says.
+    pub fn has_master(&self) -> bool {
+        self.managed
+    }
+
     /// Whether the master asked this worker to stop: drain for a reload,
-    /// the cluster shutting down, or a `SIGTERM`.
+    /// the cluster shutting down, or a `SIGTERM`. Without a master: whether
+    /// a worker of the segment called [`Worker::request_shutdown`] (or a
+    /// `SIGTERM` was turned into a request).
     pub fn should_stop(&self) -> bool {
         stop_requested(&self.segment, self.slot)
     }
 
-    /// Whether this worker is being replaced by a rolling reload.
+    /// Whether this worker is being replaced by a rolling reload (never,
+    /// without a master).
     pub fn is_draining(&self) -> bool {
         self.entry().stop.load(Acquire) == STOP_DRAIN
     }
 
-    /// Whether the cluster is shutting down.
+    /// Whether the cluster is shutting down (without a master: since a
+    /// worker of the segment called [`Worker::request_shutdown`]).
     pub fn is_shutting_down(&self) -> bool {
         self.segment.control().shutdown.load(Acquire) != 0
     }
@@ -337,8 +430,12 @@ impl Worker {
 
     /// Asks the master for a rolling reload of every worker (this one
     /// included), as `SIGHUP` to the master does. Reloads requested while
-    /// one runs are queued.
+    /// one runs are queued. Without a master it does nothing: there is no
+    /// process to replace the threads.
     pub fn request_reload(&self) {
+        if !self.managed {
+            return;
+        }
         self.segment.control().reload_requests.fetch_add(1, AcqRel);
         self.nudge_master();
     }
@@ -395,16 +492,34 @@ impl Worker {
     }
 
     /// Asks the master for a graceful shutdown of the whole cluster, as
-    /// `SIGTERM` to the master does.
+    /// `SIGTERM` to the master does. Without a master it is the shutdown
+    /// itself: every worker of the segment sees [`Worker::should_stop`] and
+    /// [`Worker::is_shutting_down`] from now on, and their
+    /// [`Worker::wait_stop`] returns.
     pub fn request_shutdown(&self) {
-        self.segment.control().shutdown_requests.fetch_add(1, AcqRel);
-        self.nudge_master();
+        let control = self.segment.control();
+        control.shutdown_requests.fetch_add(1, AcqRel);
+        if self.managed {
+            self.nudge_master();
+            return;
+        }
+        // What the master's `begin_shutdown` does, minus the signals: the
+        // cluster-wide word, then every slot's stop word, each woken.
+        control.shutdown.store(1, Release);
+        sys::futex_wake(&control.shutdown, u32::MAX);
+        for slot in 0..self.segment.layout().workers() {
+            let entry = self.segment.worker_entry(slot);
+            entry.stop.store(STOP_SHUTDOWN, Release);
+            sys::futex_wake(&entry.stop, u32::MAX);
+        }
     }
 
     /// Waits up to `timeout` until every instance has a ready worker (the
     /// master starts them one after another, and a worker not yet started
     /// is not live: a `broadcast` or `map` made earlier misses it). Returns
-    /// whether they all are.
+    /// whether they all are. Without a master: until every thread's worker
+    /// has called [`Worker::ready`] (a worker already dropped is `Dead`,
+    /// not ready).
     pub fn wait_all_ready(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
@@ -433,10 +548,19 @@ impl Worker {
         }
     }
 
+    /// Tells the master to look at the worker table now (a `SIGUSR1`).
+    /// Without a master, wakes the peers in [`Worker::wait_all_ready`]
+    /// instead (the master's events would have).
     fn nudge_master(&self) {
-        let master = self.segment.control().master_pid.load(Acquire);
+        let control = self.segment.control();
+        if !self.managed {
+            control.events_futex.fetch_add(1, Release);
+            sys::futex_wake(&control.events_futex, u32::MAX);
+            return;
+        }
+        let master = control.master_pid.load(Acquire);
         if master != 0 {
-            let _ = sys::process::send_signal(master, sys::process::SIGUSR1);
+            let _ = sys::process::send_signal(master, sys::signal::SIGUSR1);
         }
     }
 
@@ -457,7 +581,8 @@ impl Worker {
     }
 
     /// Takes the listeners the master handed this worker (in the order they
-    /// were configured); later calls return an empty list.
+    /// were configured); later calls return an empty list, as does every
+    /// call without a master.
     pub fn take_listeners(&mut self) -> Vec<Listener> {
         std::mem::take(&mut self.listeners)
     }
@@ -468,8 +593,8 @@ impl Worker {
     /// socket to it.
     ///
     /// # Errors
-    /// [`ListenError::Request`] without a master, or the master's bind
-    /// error.
+    /// [`ListenError::Request`] without a master (threads mode, or a spawned
+    /// worker not given a control socket), or the master's bind error.
     pub fn listen(&mut self, addr: &str, mode: ListenMode) -> Result<Listener, ListenError> {
         let addr: ListenAddr = addr.parse()?;
         let Some(control) = &self.control else {
@@ -480,23 +605,17 @@ impl Worker {
         listen::request_listener(control.as_fd(), &addr, mode, LISTEN_REQUEST_TIMEOUT)
     }
 
-    /// The master's events from now on.
+    /// The master's events from now on (none without a master: nobody
+    /// publishes any).
     pub fn events(&self) -> Events {
-        Events {
-            segment: self.segment.clone(),
-            next: self.segment.control().events_published.load(Acquire),
-            missed: 0,
-        }
+        Events::from_now(self.segment.clone())
     }
 
     /// A `Send + Sync` view of this worker's stop request for other threads
     /// (an HTTP thread, the C ABI's accept), which cannot borrow the worker
     /// while its own thread uses it.
     pub fn stop_watch(&self) -> StopWatch {
-        StopWatch {
-            segment: self.segment.clone(),
-            slot: self.slot,
-        }
+        StopWatch::of(self.segment.clone(), self.slot)
     }
 
     /// Accepts connections on `listener` until this worker is asked to stop
@@ -505,366 +624,6 @@ impl Worker {
     /// socket race for each connection and the losers go back to waiting.
     /// Beats the heartbeat while it waits.
     pub fn incoming<'a>(&'a self, listener: &'a TcpListener) -> Incoming<'a> {
-        Incoming {
-            worker: self,
-            listener,
-            nonblocking: false,
-        }
-    }
-}
-
-/// Connections accepted until the worker is told to stop: see
-/// [`Worker::incoming`].
-#[derive(Debug)]
-pub struct Incoming<'a> {
-    worker: &'a Worker,
-    listener: &'a TcpListener,
-    nonblocking: bool,
-}
-
-impl Iterator for Incoming<'_> {
-    type Item = io::Result<TcpStream>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if !self.nonblocking {
-            if let Err(e) = self.listener.set_nonblocking(true) {
-                return Some(Err(e));
-            }
-            self.nonblocking = true;
-        }
-        loop {
-            if self.worker.should_stop() {
-                return None;
-            }
-            match self.listener.accept() {
-                Ok((stream, _)) => return Some(Ok(stream)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
-                }
-                Err(e) => return Some(Err(e)),
-            }
-            self.worker.heartbeat();
-            if let Err(e) = sys::net::poll_readable(&[self.listener.as_fd()], Some(POLL_SLICE)) {
-                return Some(Err(e));
-            }
-        }
-    }
-}
-
-/// [`Worker::should_stop`] and a stop-aware accept, from any thread: see
-/// [`Worker::stop_watch`].
-#[derive(Debug, Clone)]
-pub struct StopWatch {
-    segment: Segment,
-    slot: u32,
-}
-
-impl StopWatch {
-    /// The stop watch of `slot` in `segment` ([`Worker::stop_watch`] for a
-    /// worker; a slot without a master is never asked to stop but by a
-    /// `SIGTERM` a [`Worker::from_env`] turned into a request). `None` if
-    /// the segment has no such slot.
-    pub fn new(segment: &Segment, slot: u32) -> Option<Self> {
-        (slot < segment.layout().workers()).then(|| Self {
-            segment: segment.clone(),
-            slot,
-        })
-    }
-
-    /// Whether the master asked the worker to stop: drain for a reload,
-    /// the cluster shutting down, or a `SIGTERM`.
-    pub fn should_stop(&self) -> bool {
-        stop_requested(&self.segment, self.slot)
-    }
-
-    /// Accepts one connection on the listening socket `listener` (TCP or
-    /// unix: an inherited `LISTEN_FDS` descriptor, say), waiting at most
-    /// `timeout` (`None`: no limit) and ending the wait when the worker is
-    /// asked to stop: `Ok(None)` then, and after the timeout (tell them
-    /// apart with [`StopWatch::should_stop`]). The connection is blocking
-    /// and close-on-exec.
-    ///
-    /// **`O_NONBLOCK`:** like [`Worker::incoming`] it sets the listener
-    /// non-blocking, so that workers sharing a socket can race for each
-    /// connection and the losers go back to waiting. The flag belongs to the
-    /// open file description, not to this descriptor: every process and
-    /// thread sharing the listener (every worker the master handed it to)
-    /// sees it from then on. So all workers on a shared listener should
-    /// accept through this (or [`Worker::incoming`]), or handle `EAGAIN`
-    /// from their own `accept(2)`.
-    ///
-    /// **Transient errors** do not end the wait: the network errors
-    /// `accept(2)` documents as pending errors of the new connection
-    /// (`ECONNABORTED`, `EPROTO`, `ENETDOWN`, `ENOPROTOOPT`, `EHOSTDOWN`,
-    /// `ENONET`, `EHOSTUNREACH`, `EOPNOTSUPP`, `ENETUNREACH`) are retried at
-    /// once; running out of descriptors or memory (`EMFILE`, `ENFILE`,
-    /// `ENOBUFS`, `ENOMEM`) pauses 10 ms, doubling up to 100 ms, before the
-    /// next try (the connection stays queued meanwhile).
-    ///
-    /// **Heartbeat:** it does not beat the worker's heartbeat. It may run on
-    /// any thread, and a beat from there would hide a hung messenger thread
-    /// from the master's hang detection; the heartbeat stays with the
-    /// messenger's receive calls (the thread that owns the [`Worker`]), as
-    /// [`Worker::incoming`], which runs on that thread, beats it.
-    ///
-    /// # Errors
-    /// `listener` is not a listening TCP or unix socket, or `accept(2)`
-    /// failed with an error that is not transient (above).
-    pub fn accept(&self, listener: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<Option<OwnedFd>> {
-        enum Socket {
-            Tcp(TcpListener),
-            Unix(std::os::unix::net::UnixListener),
-        }
-        let copy = listener.try_clone_to_owned()?;
-        let socket = match sys::net::local_addr(listener)? {
-            sys::net::LocalAddr::Inet(_) => Socket::Tcp(TcpListener::from(copy)),
-            sys::net::LocalAddr::UnixPath(_) | sys::net::LocalAddr::UnixOther => {
-                Socket::Unix(std::os::unix::net::UnixListener::from(copy))
-            }
-            sys::net::LocalAddr::Other(family) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("not a TCP or unix socket (address family {family})"),
-                ))
-            }
-        };
-        match &socket {
-            Socket::Tcp(l) => l.set_nonblocking(true)?,
-            Socket::Unix(l) => l.set_nonblocking(true)?,
-        }
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut pause = ACCEPT_BACKOFF_MIN;
-        loop {
-            if self.should_stop() {
-                return Ok(None);
-            }
-            let accepted = match &socket {
-                Socket::Tcp(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
-                Socket::Unix(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
-            };
-            let backoff = match accepted {
-                Ok(conn) => return Ok(Some(conn)),
-                Err(e) => match accept_error(&e) {
-                    AcceptError::Retry => {
-                        pause = ACCEPT_BACKOFF_MIN;
-                        false
-                    }
-                    AcceptError::BackOff => true,
-                    AcceptError::Fail => return Err(e),
-                },
-            };
-            let left = match deadline {
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => left,
-                    _ => return Ok(None),
-                },
-                None => Duration::MAX,
-            };
-            if backoff {
-                // The connection stays queued (the listener stays readable):
-                // wait for a descriptor or memory to be freed, not for poll.
-                std::thread::sleep(left.min(pause));
-                pause = (pause * 2).min(ACCEPT_BACKOFF_MAX);
-            } else {
-                sys::net::poll_readable(&[listener], Some(left.min(POLL_SLICE)))?;
-            }
-        }
-    }
-}
-
-/// The first pause after `accept(2)` ran out of descriptors or memory.
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-/// The longest pause: the wait still ends soon after a stop request.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(100);
-
-/// What [`StopWatch::accept`] does after an `accept(2)` error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AcceptError {
-    /// Nothing to accept (`EAGAIN`), a signal (`EINTR`), or a connection
-    /// that failed before it was accepted: wait for the next one.
-    Retry,
-    /// Out of descriptors or memory, with the connection still queued:
-    /// pause, then try again.
-    BackOff,
-    /// The listener is unusable (or the error is not known to pass).
-    Fail,
-}
-
-fn accept_error(e: &io::Error) -> AcceptError {
-    match e.raw_os_error() {
-        // accept(2): "Linux accept() passes already-pending network errors
-        // on the new socket as an error code from accept() [...] these
-        // errors should be treated like EAGAIN by retrying" (for TCP).
-        Some(
-            libc::EAGAIN
-            | libc::EINTR
-            | libc::ECONNABORTED
-            | libc::EPROTO
-            | libc::ENETDOWN
-            | libc::ENOPROTOOPT
-            | libc::EHOSTDOWN
-            | libc::ENONET
-            | libc::EHOSTUNREACH
-            | libc::EOPNOTSUPP
-            | libc::ENETUNREACH,
-        ) => AcceptError::Retry,
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptError::BackOff,
-        _ => AcceptError::Fail,
-    }
-}
-
-/// A reader of the master's event log, from the moment it was made.
-#[derive(Debug, Clone)]
-pub struct Events {
-    segment: Segment,
-    next: u64,
-    missed: u64,
-}
-
-impl Events {
-    /// The next event, if one has been published.
-    pub fn try_next(&mut self) -> Option<Event> {
-        loop {
-            match self.segment.control().read(self.next) {
-                Ok(None) => return None,
-                Ok(Some(raw)) => {
-                    self.next += 1;
-                    if let Some(event) = Event::from_raw(raw) {
-                        return Some(event);
-                    }
-                }
-                Err(oldest) => {
-                    self.missed += oldest.saturating_sub(self.next);
-                    self.next = oldest;
-                }
-            }
-        }
-    }
-
-    /// Waits up to `timeout` for the next event.
-    pub fn next_timeout(&mut self, timeout: Duration) -> Option<Event> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let seen = self.segment.control().events_futex.load(Acquire);
-            if let Some(e) = self.try_next() {
-                return Some(e);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            sys::futex_wait(&self.segment.control().events_futex, seen, Some(deadline - now));
-        }
-    }
-
-    /// Events that were overwritten before this reader got to them (the log
-    /// keeps the last 256).
-    pub fn missed(&self) -> u64 {
-        self.missed
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-
-    /// `StopWatch::accept`: a connection, a timeout, and the wait ended by
-    /// the master's drain word (set here as the master would).
-    #[test]
-    fn stop_watch_accepts_until_the_drain() {
-        let segment = Segment::create(&crate::Config::new(2)).expect("segment");
-        assert!(StopWatch::new(&segment, 2).is_none(), "no slot 2");
-        let watch = StopWatch::new(&segment, 1).expect("slot 1");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-
-        let waited = watch.accept(listener.as_fd(), Some(Duration::from_millis(30)));
-        assert!(
-            waited.expect("no error").is_none(),
-            "nothing to accept: timed out"
-        );
-        assert!(!watch.should_stop());
-
-        let mut client = TcpStream::connect(addr).expect("connect");
-        let conn = watch
-            .accept(listener.as_fd(), Some(Duration::from_secs(10)))
-            .expect("accept")
-            .expect("a connection");
-        let mut conn = TcpStream::from(conn);
-        client.write_all(b"hi").expect("write");
-        let mut buf = [0u8; 2];
-        conn.read_exact(&mut buf).expect("read");
-        assert_eq!(&buf, b"hi");
-
-        // Without a limit: only the drain ends it (a watchdog of 20 s fails
-        // the test instead of hanging it).
-        let (done, ended) = std::sync::mpsc::channel();
-        {
-            let watch = watch.clone();
-            let fd = listener.as_fd().try_clone_to_owned().expect("dup");
-            std::thread::spawn(move || {
-                let _ = done.send(watch.accept(fd.as_fd(), None).map(|c| c.is_some()));
-            });
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        segment.worker_entry(1).stop.store(STOP_DRAIN, Release);
-        let ended = ended
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the drain ended the accept");
-        assert!(
-            !ended.expect("no error"),
-            "no connection: the drain ended the wait"
-        );
-        assert!(watch.should_stop());
-    }
-
-    /// `StopWatch::accept` may run on any thread (the C ABI's, Python's):
-    /// it does not beat the worker's heartbeat, which stays the messenger's
-    /// (a hung messenger thread must still be seen as hung).
-    #[test]
-    fn stop_watch_accept_does_not_beat_the_heartbeat() {
-        let segment = Segment::create(&crate::Config::new(1)).expect("segment");
-        let watch = StopWatch::new(&segment, 0).expect("slot 0");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let hb = &segment.worker_entry(0).heartbeat;
-        let before = hb.load(Relaxed);
-        // Several poll slices: each used to beat.
-        let waited = watch.accept(listener.as_fd(), Some(POLL_SLICE * 4));
-        assert!(waited.expect("no error").is_none(), "timed out");
-        assert_eq!(hb.load(Relaxed), before, "the heartbeat did not move");
-    }
-
-    /// Which `accept(2)` errors end the wait, and which are retried (at
-    /// once, or after a pause for descriptors or memory to come back).
-    #[test]
-    fn accept_errors_transient_or_not() {
-        let err = io::Error::from_raw_os_error;
-        for e in [
-            libc::EAGAIN,
-            libc::EINTR,
-            libc::ECONNABORTED,
-            libc::EPROTO,
-            libc::ENETDOWN,
-            libc::ENOPROTOOPT,
-            libc::EHOSTDOWN,
-            libc::ENONET,
-            libc::EHOSTUNREACH,
-            libc::EOPNOTSUPP,
-            libc::ENETUNREACH,
-        ] {
-            assert_eq!(accept_error(&err(e)), AcceptError::Retry, "errno {e}");
-        }
-        for e in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
-            assert_eq!(accept_error(&err(e)), AcceptError::BackOff, "errno {e}");
-        }
-        for e in [
-            libc::EBADF,
-            libc::EINVAL,
-            libc::ENOTSOCK,
-            libc::EPERM,
-            libc::EFAULT,
-        ] {
-            assert_eq!(accept_error(&err(e)), AcceptError::Fail, "errno {e}");
-        }
+        Incoming::new(self, listener)
     }
 }

@@ -1,0 +1,336 @@
+//! The control socket's line format, both ways: requests parsed into a
+//! `ControlRequest`, the master's `ControlAnswer` encoded into the
+//! response, and the `key=value` fields with their `%XX` escaping
+//! ([`escape`] on the master's side, [`unescape`] on the client's). The
+//! protocol itself is described in the parent module.
+//!
+//! No I/O here: the server reads and writes the sockets, the master
+//! executes the requests.
+//!
+//! [`escape`] and [`unescape`] are `pub` for the `shmcluster` command's
+//! client, a separate crate target that sees only the library's public
+//! items: once the crate root re-exports this module (hidden from the
+//! docs), the client drops its own copy of `unescape` and uses this one.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::cluster::{ClusterStats, Report};
+
+/// The longest request line accepted, newline included.
+pub(crate) const MAX_REQUEST: usize = 256;
+
+/// Version of the `stat` line format.
+pub(crate) const WIRE_VERSION: u32 = 1;
+
+/// A request line, parsed ([`parse_request`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Request {
+    /// One for the master to carry out.
+    Master(ControlRequest),
+    /// `wait`: hold the connection open until the master ends, then say
+    /// how it ended. The server keeps such connections; the master is not
+    /// asked.
+    Wait,
+}
+
+/// A request the master carries out, answering with a [`ControlAnswer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ControlRequest {
+    /// `ping`: is a master there, and which.
+    Ping,
+    /// `stat`: every slot's state and counters.
+    Stat,
+    /// `reload`: a rolling reload, as `SIGHUP`.
+    Reload,
+    /// `stop`: a graceful shutdown, as `SIGTERM`.
+    Stop,
+}
+
+/// Parses one request line (without its newline; surrounding blanks
+/// ignored). `Err` holds the response refusing it.
+pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let request = std::str::from_utf8(line).unwrap_or("").trim();
+    Ok(Request::Master(match request {
+        "ping" => ControlRequest::Ping,
+        "stat" => ControlRequest::Stat,
+        "reload" => ControlRequest::Reload,
+        "stop" => ControlRequest::Stop,
+        "wait" => return Ok(Request::Wait),
+        other => {
+            return Err(format!(
+                "err unknown request {}: expected ping, stat, reload, stop or wait\n",
+                escape(other)
+            ))
+        }
+    }))
+}
+
+/// What the master did with a [`ControlRequest`], for the server to
+/// encode ([`encode_answer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ControlAnswer {
+    /// `ping`: the master's pid.
+    Pong {
+        /// The master's pid.
+        pid: u32,
+    },
+    /// `stat`: the table as the master read it.
+    Stats(ClusterStats),
+    /// `reload`: queued.
+    ReloadQueued,
+    /// `stop`: the shutdown has begun.
+    ShutdownStarted,
+    /// `stop` while shutting down already.
+    AlreadyShuttingDown,
+    /// Refused: the reason (`reload` while shutting down).
+    Refused(&'static str),
+}
+
+/// Reloads seen in the event log, for `stat` (and `reload --wait`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReloadCounts {
+    pub(crate) started: u64,
+    pub(crate) ok: u64,
+    pub(crate) failed: u64,
+    pub(crate) last_ok: Option<bool>,
+}
+
+/// The response carrying `answer`; the server adds what it keeps itself:
+/// the master's `uptime` and the `reloads` it counted.
+pub(crate) fn encode_answer(answer: &ControlAnswer, uptime: Duration, reloads: ReloadCounts) -> String {
+    match answer {
+        ControlAnswer::Pong { pid } => format!("ok pong pid={pid} v={WIRE_VERSION}\n"),
+        ControlAnswer::Stats(stats) => format_stats(stats, uptime, reloads),
+        ControlAnswer::ReloadQueued => format!(
+            "ok reload queued reloads_started={} reloads_finished={}\n",
+            reloads.started,
+            reloads.ok + reloads.failed
+        ),
+        ControlAnswer::ShutdownStarted => "ok shutdown started\n".into(),
+        ControlAnswer::AlreadyShuttingDown => "ok already shutting down\n".into(),
+        ControlAnswer::Refused(reason) => format!("err {reason}\n"),
+    }
+}
+
+/// The answer to a `wait` the server accepted.
+pub(crate) const WAITING: &str = "ok waiting\n";
+
+/// The refusal of a `wait` beyond the server's bound of `max` waiters.
+pub(crate) fn too_many_waiters(max: usize) -> String {
+    format!(
+        "err too many clients waiting for the master to exit ({max}); \
+         try again once one has gone, or stop without --wait\n"
+    )
+}
+
+/// The refusal of a request line over [`MAX_REQUEST`] bytes.
+pub(crate) fn too_long() -> String {
+    format!("err request longer than {MAX_REQUEST} bytes\n")
+}
+
+/// The refusal of a peer with another user id.
+pub(crate) fn permission_denied(peer_uid: u32, master_uid: u32) -> String {
+    format!("err permission denied: uid {peer_uid} is not the master's uid {master_uid}\n")
+}
+
+/// The line written on `wait` connections as the master exits.
+pub(crate) fn exited_line(report: &Report) -> String {
+    format!(
+        "exited code={} outcome={} restarts={} killed={} summary={}\n",
+        report.exit_code(),
+        report.outcome.as_str(),
+        report.restarts,
+        report.killed,
+        escape(&report.to_string())
+    )
+}
+
+/// Percent-escapes a value for a `key=value` field: every byte outside
+/// `A-Z a-z 0-9 . _ : / + -` becomes `%XX`, so a value never contains a
+/// space, `=` or a newline. [`unescape`] undoes it.
+pub fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"._:/+-".contains(&b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// Undoes [`escape`]; a `%` not followed by two hex digits stays as it is.
+pub fn unescape(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+fn micros(d: Option<Duration>) -> String {
+    opt(d.map(|d| d.as_micros()))
+}
+
+/// The `stat` response (see the parent module's docs).
+fn format_stats(stats: &ClusterStats, uptime: Duration, reloads: ReloadCounts) -> String {
+    let mut out = format!("ok stat v={WIRE_VERSION}\n");
+    let last = match reloads.last_ok {
+        None => "-",
+        Some(true) => "ok",
+        Some(false) => "failed",
+    };
+    let _ = writeln!(
+        out,
+        "master pid={} instances={} shutting_down={} uptime_ms={} reloads_started={} reloads_ok={} \
+         reloads_failed={} last_reload={last}",
+        stats.master_pid,
+        stats.instances,
+        u8::from(stats.shutting_down),
+        uptime.as_millis(),
+        reloads.started,
+        reloads.ok,
+        reloads.failed,
+    );
+    for s in &stats.slots {
+        let _ = writeln!(
+            out,
+            "slot id={} index={} state={:?} pid={} gen={} restarts={} last_exit={} hb_age_us={} sent={} \
+             sent_bytes={} received={} received_bytes={} inbox_bytes={} futex_waits={} futex_wakes={} \
+             full_waits={} last_request_us={} last_map_us={}",
+            s.slot,
+            opt(s.index),
+            s.state,
+            s.pid,
+            s.generation,
+            s.restarts,
+            opt(s.last_exit.map(|e| escape(&format!("{e:?}")))),
+            micros(s.heartbeat_age),
+            s.sent_messages,
+            s.sent_bytes,
+            s.received_messages,
+            s.received_bytes,
+            s.inbox_bytes,
+            s.futex_waits,
+            s.futex_wakes,
+            s.full_waits,
+            micros(s.last_request),
+            micros(s.last_map),
+        );
+    }
+    for l in &stats.locks {
+        let _ = writeln!(
+            out,
+            "lock name={} holder_slot={} holder_pid={} held_us={} acquisitions={} waits={} owner_died={} \
+             token={}",
+            escape(&l.name),
+            opt(l.holder.map(|h| h.0)),
+            opt(l.holder.map(|h| h.1)),
+            micros(l.held_for),
+            l.acquisitions,
+            l.waits,
+            l.owner_died,
+            l.token,
+        );
+    }
+    out.push_str("end\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_keeps_fields_whole() {
+        assert_eq!(escape("counter"), "counter");
+        assert_eq!(escape(""), "");
+        assert_eq!(escape("a b=c\n%"), "a%20b%3Dc%0A%25");
+        assert_eq!(escape("Exited(0)"), "Exited%280%29");
+    }
+
+    #[test]
+    fn unescape_undoes_escape() {
+        for value in ["", "counter", "a b=c\n%", "Exited(0)", "ünï code", "100%"] {
+            assert_eq!(unescape(&escape(value)), value);
+        }
+        assert_eq!(unescape("100%"), "100%");
+        assert_eq!(unescape("%zz"), "%zz");
+    }
+
+    #[test]
+    fn requests_parse_and_an_unknown_one_is_refused() {
+        let master = |r| Ok(Request::Master(r));
+        assert_eq!(parse_request(b"ping"), master(ControlRequest::Ping));
+        assert_eq!(parse_request(b" stat \r"), master(ControlRequest::Stat));
+        assert_eq!(parse_request(b"reload"), master(ControlRequest::Reload));
+        assert_eq!(parse_request(b"stop"), master(ControlRequest::Stop));
+        assert_eq!(parse_request(b"wait"), Ok(Request::Wait));
+        let refused = parse_request(b"rm -rf").unwrap_err();
+        assert_eq!(
+            refused,
+            "err unknown request rm%20-rf: expected ping, stat, reload, stop or wait\n"
+        );
+        assert!(parse_request(&[0xff, b'x']).is_err(), "not UTF-8");
+    }
+
+    #[test]
+    fn answers_encode_as_the_protocol_says() {
+        let reloads = ReloadCounts {
+            started: 3,
+            ok: 1,
+            failed: 1,
+            last_ok: Some(false),
+        };
+        let none = Duration::ZERO;
+        let encode = |a| encode_answer(&a, none, reloads);
+        assert_eq!(
+            encode(ControlAnswer::Pong { pid: 7 }),
+            format!("ok pong pid=7 v={WIRE_VERSION}\n")
+        );
+        assert_eq!(
+            encode(ControlAnswer::ReloadQueued),
+            "ok reload queued reloads_started=3 reloads_finished=2\n"
+        );
+        assert_eq!(encode(ControlAnswer::ShutdownStarted), "ok shutdown started\n");
+        assert_eq!(
+            encode(ControlAnswer::AlreadyShuttingDown),
+            "ok already shutting down\n"
+        );
+        assert_eq!(
+            encode(ControlAnswer::Refused("the cluster is shutting down")),
+            "err the cluster is shutting down\n"
+        );
+        let stats = ClusterStats {
+            master_pid: 42,
+            instances: 0,
+            shutting_down: false,
+            slots: Vec::new(),
+            locks: Vec::new(),
+        };
+        let text = encode_answer(&ControlAnswer::Stats(stats), Duration::from_millis(1500), reloads);
+        assert_eq!(
+            text,
+            "ok stat v=1\nmaster pid=42 instances=0 shutting_down=0 uptime_ms=1500 reloads_started=3 \
+             reloads_ok=1 reloads_failed=1 last_reload=failed\nend\n"
+        );
+    }
+}

@@ -1,0 +1,587 @@
+//! The master's listening sockets ([`Listeners`]): bound before any fork
+//! (or taken from systemd), one shared by every instance or one per
+//! instance, handed to each worker it starts and lent to workers' run-time
+//! requests.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use super::request::{decode_request, encode_error, encode_ok, MAX_REQUEST_LEN};
+use super::systemd::take_listen_env;
+use super::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
+use crate::sys::net;
+
+/// The default name of the `index`-th spec.
+fn default_name(index: usize) -> String {
+    format!("listen{index}")
+}
+
+/// Whether systemd accepts `name` in `LISTEN_FDNAMES`: 1 to 255 printable
+/// ASCII characters (space included), no `:`.
+fn is_valid_name(name: &str) -> bool {
+    (1..=255).contains(&name.len()) && name.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b':')
+}
+
+/// Binds a TCP listener, naming the address in the error.
+fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> Result<OwnedFd, ListenError> {
+    net::bind_tcp(addr, reuse_port, net::DEFAULT_BACKLOG).map_err(|source| ListenError::Bind {
+        addr: ListenAddr::Tcp(addr),
+        source,
+    })
+}
+
+/// Binds a unix listener at `path`. A socket file left there by a process
+/// that is gone (a connect is refused) is removed first; any other file
+/// there is an `EADDRINUSE` error.
+fn bind_unix(path: &Path) -> Result<OwnedFd, ListenError> {
+    let bind_error = |source| ListenError::Bind {
+        addr: ListenAddr::Unix(path.to_path_buf()),
+        source,
+    };
+    match net::bind_unix(path, net::DEFAULT_BACKLOG) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse && is_stale_socket(path) => {
+            std::fs::remove_file(path).map_err(bind_error)?;
+            net::bind_unix(path, net::DEFAULT_BACKLOG).map_err(bind_error)
+        }
+        result => result.map_err(bind_error),
+    }
+}
+
+/// Whether `path` is a socket file nobody listens on any more.
+fn is_stale_socket(path: &Path) -> bool {
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    is_socket
+        && matches!(
+            std::os::unix::net::UnixStream::connect(path),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused
+        )
+}
+
+/// One listener the master holds.
+#[derive(Debug)]
+struct Held {
+    /// Its `LISTEN_FDNAMES` name.
+    name: String,
+    /// The address asked for; for a systemd socket, the one it is bound to
+    /// (`None` if it is neither TCP/IP nor a unix path).
+    addr: Option<ListenAddr>,
+    mode: ListenMode,
+    /// One socket for `Shared`; one per instance for `ReusePort`. Never
+    /// empty.
+    fds: Vec<OwnedFd>,
+    /// The socket file this master created, removed at shutdown.
+    created_path: Option<PathBuf>,
+}
+
+impl Held {
+    /// Binds `count` sockets (1 unless `ReusePort`) on `addr`.
+    fn bind(name: String, addr: &ListenAddr, mode: ListenMode, count: u32) -> Result<Self, ListenError> {
+        let (fds, created_path) = match (addr, mode) {
+            (ListenAddr::Unix(path), ListenMode::ReusePort) => {
+                return Err(ListenError::ReusePortUnix { path: path.clone() })
+            }
+            (ListenAddr::Unix(path), ListenMode::Shared) => (vec![bind_unix(path)?], Some(path.clone())),
+            (ListenAddr::Tcp(tcp), ListenMode::Shared) => (vec![bind_tcp(*tcp, false)?], None),
+            (ListenAddr::Tcp(tcp), ListenMode::ReusePort) => {
+                let first = bind_tcp(*tcp, true)?;
+                // Port 0: the others join the port the kernel chose.
+                let actual = net::local_addr_tcp(first.as_fd()).map_err(|source| ListenError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?;
+                let mut fds = vec![first];
+                for _ in 1..count.max(1) {
+                    fds.push(bind_tcp(actual, true)?);
+                }
+                (fds, None)
+            }
+        };
+        Ok(Self {
+            name,
+            addr: Some(addr.clone()),
+            mode,
+            fds,
+            created_path,
+        })
+    }
+
+    /// The socket instance `index` gets.
+    fn fd_for(&self, index: u32) -> BorrowedFd<'_> {
+        let i = index as usize % self.fds.len();
+        self.fds[i].as_fd()
+    }
+
+    /// Whether it is a shared socket for `addr`: the address it was asked
+    /// for, or the one it is bound to (port 0 resolved).
+    fn serves_shared(&self, addr: &ListenAddr) -> bool {
+        self.mode == ListenMode::Shared
+            && (self.addr.as_ref() == Some(addr) || self.local_addr().as_ref() == Some(addr))
+    }
+
+    /// The address its first socket is bound to, or the one asked for.
+    fn local_addr(&self) -> Option<ListenAddr> {
+        match net::local_addr(self.fds[0].as_fd()) {
+            Ok(net::LocalAddr::Inet(addr)) => Some(ListenAddr::Tcp(addr)),
+            Ok(net::LocalAddr::UnixPath(path)) => Some(ListenAddr::Unix(path)),
+            _ => self.addr.clone(),
+        }
+    }
+}
+
+/// The listening sockets the master holds: those bound from the
+/// [`ListenSpec`]s or taken from systemd, handed to every worker, and the
+/// shared ones bound on a worker's request.
+#[derive(Debug, Default)]
+pub(crate) struct Listeners {
+    /// Handed to every instance at start, in this order.
+    inherited: Vec<Held>,
+    /// `Shared` sockets bound on a worker's request, kept so that the next
+    /// request for the same address gets the same socket. Not handed out at
+    /// start: a respawned worker asks again.
+    requested: Vec<Held>,
+    /// For `ReusePort` requests: the address asked for and the address the
+    /// first such socket got, so that later requests (port 0 included) join
+    /// the same port. The master keeps no such socket itself: one it never
+    /// accepts on would take its share of the connections.
+    reuse_port_ports: Vec<(ListenAddr, SocketAddr)>,
+}
+
+impl Listeners {
+    /// Binds every spec: one socket now for a [`ListenMode::Shared`] spec;
+    /// for a [`ListenMode::ReusePort`] spec, one per instance index
+    /// `0..instances`, all bound now (on the port the first got, if port 0
+    /// was asked for), so that every error comes before any fork. On error,
+    /// the unix socket files already created are removed.
+    pub(crate) fn bind(specs: &[ListenSpec], instances: u32) -> Result<Self, ListenError> {
+        let mut listeners = Self::default();
+        for (i, spec) in specs.iter().enumerate() {
+            let name = if spec.name.is_empty() {
+                default_name(i)
+            } else {
+                spec.name.clone()
+            };
+            let held = if is_valid_name(&name) {
+                Held::bind(name, &spec.addr, spec.mode, instances)
+            } else {
+                Err(ListenError::InvalidName { name })
+            };
+            match held {
+                Ok(held) => listeners.inherited.push(held),
+                Err(e) => {
+                    listeners.remove_unix_paths();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(listeners)
+    }
+
+    /// The listeners systemd passed to this process by socket activation
+    /// (`sd_listen_fds(3)`): if `LISTEN_PID` is this process and
+    /// `LISTEN_FDS` is `n`, descriptors `3..3 + n`, named from
+    /// `LISTEN_FDNAMES` (`"unknown"` without it, as systemd does). They are
+    /// made close-on-exec and handed on to every worker as
+    /// [`ListenMode::Shared`] sockets. `LISTEN_PID`, `LISTEN_FDS` and
+    /// `LISTEN_FDNAMES` are removed from the environment (if present at
+    /// all), so no child takes them by mistake.
+    ///
+    /// Changing the environment is only sound while no other thread reads
+    /// it: call this in the master before it starts any thread.
+    ///
+    /// Returns `Ok(None)` when this process was not socket-activated (or
+    /// with no sockets).
+    ///
+    /// # Errors
+    /// [`ListenError::Systemd`] if the variables are malformed or a
+    /// descriptor is not an open socket.
+    pub(crate) fn from_systemd_env() -> Result<Option<Self>, ListenError> {
+        let taken = take_listen_env()?;
+        if taken.is_empty() {
+            return Ok(None);
+        }
+        let inherited = taken
+            .into_iter()
+            .map(|(name, fd)| {
+                let mut held = Held {
+                    name,
+                    addr: None,
+                    mode: ListenMode::Shared,
+                    fds: vec![fd],
+                    created_path: None,
+                };
+                held.addr = held.local_addr();
+                held
+            })
+            .collect();
+        Ok(Some(Self {
+            inherited,
+            ..Self::default()
+        }))
+    }
+
+    /// The sockets instance `index` receives at start, in order, with
+    /// their names: every shared socket, and its own socket of each
+    /// `ReusePort` listener (instance `index % instances` for an index
+    /// past the count bound).
+    pub(crate) fn for_instance(&self, index: u32) -> Vec<(BorrowedFd<'_>, &str)> {
+        self.inherited
+            .iter()
+            .map(|held| (held.fd_for(index), held.name.as_str()))
+            .collect()
+    }
+
+    /// [`for_instance`](Self::for_instance) as owned [`Listener`]s (new
+    /// descriptors), for a worker forked without exec.
+    ///
+    /// # Errors
+    /// If a descriptor cannot be duplicated.
+    pub(crate) fn instance_listeners(&self, index: u32) -> io::Result<Vec<Listener>> {
+        self.for_instance(index)
+            .into_iter()
+            .map(|(fd, name)| Ok(Listener::new(name.to_owned(), fd.try_clone_to_owned()?)))
+            .collect()
+    }
+
+    /// Every descriptor held, so that a forked child can close those not
+    /// given to it.
+    pub(crate) fn all_fds(&self) -> Vec<RawFd> {
+        self.inherited
+            .iter()
+            .chain(&self.requested)
+            .flat_map(|held| held.fds.iter().map(AsRawFd::as_raw_fd))
+            .collect()
+    }
+
+    /// The addresses the inherited listeners are bound to (port 0 resolved;
+    /// for `ReusePort`, their common address), in spec order, for tests and
+    /// logs. A systemd socket that is neither TCP/IP nor a unix path is left
+    /// out.
+    pub(crate) fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.inherited.iter().filter_map(Held::local_addr).collect()
+    }
+
+    /// Reads one request from a worker's control socket `sock` and answers
+    /// it (see [`answer`](Self::answer)). Returns `Ok(false)` when the peer
+    /// hung up (end of file, or gone before the reply).
+    ///
+    /// # Errors
+    /// If reading or replying fails for another reason than the peer's
+    /// going away.
+    pub(crate) fn serve_request(&mut self, sock: BorrowedFd<'_>) -> io::Result<bool> {
+        let mut buf = vec![0u8; MAX_REQUEST_LEN + 1];
+        // A descriptor a worker sent along is not wanted: it closes here.
+        let (len, _unwanted) = net::recv_with_fd(sock, &mut buf)?;
+        if len == 0 {
+            return Ok(false);
+        }
+        self.answer(sock, &buf[..len])
+    }
+
+    /// Answers the request `msg` (already read from `sock`, starting with
+    /// [`REQUEST_TAG`]): binds the address, or for a
+    /// [`ListenMode::Shared`] request reuses the socket it already holds for
+    /// the same address (like Node's cluster sharing a handle), and replies
+    /// with the descriptor; or replies with the error. Garbage gets an error
+    /// reply, never a panic. Returns `Ok(false)` when the peer is gone.
+    ///
+    /// # Errors
+    /// If sending the reply fails for another reason than the peer's going
+    /// away.
+    pub(crate) fn answer(&mut self, sock: BorrowedFd<'_>, msg: &[u8]) -> io::Result<bool> {
+        let sent = match decode_request(msg) {
+            Err((id, reason)) => net::send_with_fd(sock, &encode_error(id, 0, &reason), None),
+            Ok(request) => match self.open(&request.addr, request.mode) {
+                Ok(Opened::Held(fd)) => net::send_with_fd(sock, &encode_ok(request.id), Some(fd)),
+                Ok(Opened::Fresh(fd)) => net::send_with_fd(sock, &encode_ok(request.id), Some(fd.as_fd())),
+                Err(e) => {
+                    let errno = match &e {
+                        ListenError::Bind { source, .. } => source.raw_os_error().unwrap_or(0),
+                        _ => 0,
+                    };
+                    net::send_with_fd(sock, &encode_error(request.id, errno, &e.to_string()), None)
+                }
+            },
+        };
+        match sent {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The socket to hand out for a request.
+    fn open(&mut self, addr: &ListenAddr, mode: ListenMode) -> Result<Opened<'_>, ListenError> {
+        match mode {
+            ListenMode::Shared => {
+                if let Some(i) = self.inherited.iter().position(|h| h.serves_shared(addr)) {
+                    return Ok(Opened::Held(self.inherited[i].fds[0].as_fd()));
+                }
+                if let Some(i) = self.requested.iter().position(|h| h.serves_shared(addr)) {
+                    return Ok(Opened::Held(self.requested[i].fds[0].as_fd()));
+                }
+                let held = Held::bind(addr.to_string(), addr, mode, 1)?;
+                self.requested.push(held);
+                let last = self.requested.len() - 1;
+                Ok(Opened::Held(self.requested[last].fds[0].as_fd()))
+            }
+            ListenMode::ReusePort => {
+                let tcp = match addr {
+                    ListenAddr::Tcp(tcp) => *tcp,
+                    ListenAddr::Unix(path) => return Err(ListenError::ReusePortUnix { path: path.clone() }),
+                };
+                // Join the port of a spec'd or earlier requested group.
+                let known = self
+                    .inherited
+                    .iter()
+                    .filter(|h| h.mode == ListenMode::ReusePort && h.addr.as_ref() == Some(addr))
+                    .find_map(|h| net::local_addr_tcp(h.fds[0].as_fd()).ok())
+                    .or_else(|| {
+                        self.reuse_port_ports
+                            .iter()
+                            .find(|(asked, _)| asked == addr)
+                            .map(|(_, actual)| *actual)
+                    });
+                let fd = bind_tcp(known.unwrap_or(tcp), true)?;
+                if known.is_none() {
+                    if let Ok(actual) = net::local_addr_tcp(fd.as_fd()) {
+                        self.reuse_port_ports.push((addr.clone(), actual));
+                    }
+                }
+                Ok(Opened::Fresh(fd))
+            }
+        }
+    }
+
+    /// Removes the unix socket files this master created (at shutdown).
+    /// A path that is no longer a socket file is left alone.
+    pub(crate) fn remove_unix_paths(&self) {
+        for path in self
+            .inherited
+            .iter()
+            .chain(&self.requested)
+            .filter_map(|h| h.created_path.as_ref())
+        {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// A socket to send in a reply.
+enum Opened<'a> {
+    /// One the master keeps (shared).
+    Held(BorrowedFd<'a>),
+    /// One made for this request alone (`ReusePort`), closed after sending.
+    Fresh(OwnedFd),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::time::{Duration, Instant};
+
+    use super::super::{ListenAddr, ListenError, ListenMode, ListenSpec, Listeners};
+    use crate::sys::net;
+    use std::io::{Read, Write};
+
+    use super::super::testutil::*;
+    use super::*;
+
+    #[test]
+    fn shared_tcp_is_one_socket_for_every_instance_and_accepts() {
+        let spec = ListenSpec::new(tcp("127.0.0.1:0"));
+        let listeners = Listeners::bind(&[spec], 3).unwrap();
+        let fds: Vec<RawFd> = (0..3)
+            .map(|i| {
+                let got = listeners.for_instance(i);
+                assert_eq!(got.len(), 1);
+                assert_eq!(got[0].1, "listen0", "default name");
+                got[0].0.as_raw_fd()
+            })
+            .collect();
+        assert!(fds.iter().all(|fd| *fd == fds[0]), "{fds:?}");
+        assert_eq!(listeners.all_fds(), vec![fds[0]]);
+        let [ListenAddr::Tcp(addr)] = listeners.local_addrs()[..] else {
+            panic!("{:?}", listeners.local_addrs())
+        };
+        assert_ne!(addr.port(), 0, "port 0 resolved");
+
+        let mut taken = listeners.instance_listeners(1).unwrap();
+        let listener = taken.pop().unwrap();
+        assert_eq!(listener.name(), "listen0");
+        assert!(listener.is_tcp() && !listener.is_unix());
+        assert_eq!(listener.local_addr().unwrap(), ListenAddr::Tcp(addr));
+        let tcp = listener.into_tcp();
+        let mut client = std::net::TcpStream::connect(addr).unwrap();
+        let (mut server, _) = tcp.accept().unwrap();
+        client.write_all(b"hello").unwrap();
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+    }
+
+    #[test]
+    fn reuse_port_gives_each_instance_its_own_socket_on_one_port() {
+        let spec = ListenSpec::new(tcp("127.0.0.1:0"))
+            .mode(ListenMode::ReusePort)
+            .name("web");
+        let listeners = Listeners::bind(&[spec], 2).unwrap();
+        let (a, b) = (listeners.for_instance(0), listeners.for_instance(1));
+        assert_eq!((a[0].1, b[0].1), ("web", "web"));
+        assert_ne!(inode(a[0].0), inode(b[0].0), "distinct sockets");
+        assert_eq!(port(a[0].0), port(b[0].0), "one port");
+        assert_eq!(listeners.all_fds().len(), 2);
+        assert_eq!(
+            inode(listeners.for_instance(2)[0].0),
+            inode(a[0].0),
+            "an index past the count wraps"
+        );
+        let addr = net::local_addr_tcp(a[0].0).unwrap();
+        assert_eq!(listeners.local_addrs(), vec![ListenAddr::Tcp(addr)]);
+
+        let accept_from = |i| {
+            let tcp = listeners.instance_listeners(i).unwrap().pop().unwrap().into_tcp();
+            tcp.set_nonblocking(true).unwrap();
+            tcp
+        };
+        let sockets = [accept_from(0), accept_from(1)];
+        const CONNECTS: usize = 64;
+        // Each connection comes from its own source port; the kernel
+        // hashes that to one socket of the group.
+        let clients: Vec<_> = (0..CONNECTS)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut accepted = [0usize; 2];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while accepted.iter().sum::<usize>() < CONNECTS && Instant::now() < deadline {
+            for (i, socket) in sockets.iter().enumerate() {
+                while socket.accept().is_ok() {
+                    accepted[i] += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(clients);
+        assert_eq!(accepted.iter().sum::<usize>(), CONNECTS, "{accepted:?}");
+        assert!(
+            accepted[0] > 0 && accepted[1] > 0,
+            "both sockets accept: {accepted:?}"
+        );
+    }
+
+    #[test]
+    fn unix_listener_binds_accepts_and_is_removed_at_shutdown() {
+        let path = socket_path("bind");
+        let spec = ListenSpec::new(ListenAddr::Unix(path.clone()));
+        let listeners = Listeners::bind(&[spec], 2).unwrap();
+        assert_eq!(listeners.local_addrs(), vec![ListenAddr::Unix(path.clone())]);
+        let listener = listeners.instance_listeners(0).unwrap().pop().unwrap();
+        assert!(listener.is_unix() && !listener.is_tcp());
+        let unix = listener.into_unix();
+        let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let (mut server, _) = unix.accept().unwrap();
+        client.write_all(b"hi").unwrap();
+        let mut got = [0u8; 2];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        assert!(path.exists());
+        listeners.remove_unix_paths();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_replaced_but_another_file_is_not() {
+        let path = socket_path("stale");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists(), "the closed listener left its file");
+        let listeners = Listeners::bind(&[ListenSpec::new(ListenAddr::Unix(path.clone()))], 1).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        // A live listener's file is not stale.
+        match Listeners::bind(&[ListenSpec::new(ListenAddr::Unix(path.clone()))], 1) {
+            Err(ListenError::Bind { source, .. }) => assert_eq!(source.kind(), io::ErrorKind::AddrInUse),
+            other => panic!("{other:?}"),
+        }
+        listeners.remove_unix_paths();
+
+        std::fs::write(&path, b"data").unwrap();
+        match Listeners::bind(&[ListenSpec::new(ListenAddr::Unix(path.clone()))], 1) {
+            Err(ListenError::Bind { addr, source }) => {
+                assert_eq!(addr, ListenAddr::Unix(path.clone()));
+                assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), b"data", "left alone");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn reuse_port_on_a_unix_path_is_an_error() {
+        let path = socket_path("reuse");
+        let spec = ListenSpec::new(ListenAddr::Unix(path.clone())).mode(ListenMode::ReusePort);
+        match Listeners::bind(&[spec], 2) {
+            Err(ListenError::ReusePortUnix { path: p }) => assert_eq!(p, path),
+            other => panic!("{other:?}"),
+        }
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn an_unbindable_address_is_a_bind_error_naming_it() {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy_addr = ListenAddr::Tcp(busy.local_addr().unwrap());
+        match Listeners::bind(&[ListenSpec::new(busy_addr.clone())], 1) {
+            Err(ListenError::Bind { addr, source }) => {
+                assert_eq!(addr, busy_addr);
+                assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
+            }
+            other => panic!("{other:?}"),
+        }
+        // TEST-NET-1: not an address of this host.
+        let foreign = tcp("192.0.2.1:80");
+        match Listeners::bind(&[ListenSpec::new(foreign.clone())], 1) {
+            Err(e @ ListenError::Bind { .. }) => assert!(e.to_string().contains("192.0.2.1:80"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // A failure after a unix socket was made removes its file.
+        let path = socket_path("partial");
+        let specs = [
+            ListenSpec::new(ListenAddr::Unix(path.clone())),
+            ListenSpec::new(busy_addr),
+        ];
+        assert!(matches!(
+            Listeners::bind(&specs, 1),
+            Err(ListenError::Bind { .. })
+        ));
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn names_default_by_position_and_invalid_ones_are_refused() {
+        let specs = [
+            ListenSpec::new(tcp("127.0.0.1:0")),
+            ListenSpec::new(tcp("127.0.0.1:0")).name("admin"),
+            ListenSpec::new(tcp("127.0.0.1:0")),
+        ];
+        let listeners = Listeners::bind(&specs, 1).unwrap();
+        let names: Vec<&str> = listeners.for_instance(0).into_iter().map(|(_, n)| n).collect();
+        assert_eq!(names, ["listen0", "admin", "listen2"]);
+        for bad in ["a:b", "tab\t", &"x".repeat(256), "é"] {
+            match Listeners::bind(&[ListenSpec::new(tcp("127.0.0.1:0")).name(bad)], 1) {
+                Err(ListenError::InvalidName { name }) => assert_eq!(name, bad),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+}

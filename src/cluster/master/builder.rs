@@ -1,0 +1,504 @@
+//! [`ClusterBuilder`]: the cluster's settings, and the start-up checks
+//! that come before any fork.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::{CString, OsString};
+use std::fmt;
+use std::io;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::*;
+use std::time::Duration;
+
+use super::{Cluster, ClusterError, Master, Outcome, Report, SlotRec};
+use crate::cluster::control::{ControlLocation, ControlServer};
+use crate::cluster::listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listeners};
+use crate::cluster::threads::ThreadsBuilder;
+use crate::cluster::worker::Worker;
+use crate::cluster::Event;
+use crate::segment::{Config, Segment};
+use crate::sys;
+use crate::sys::process as proc;
+use crate::sys::signal::MasterSignals;
+use crate::WaitStrategy;
+
+pub(super) type EventCallback = Box<dyn FnMut(&Cluster, &Event)>;
+
+/// Configures and starts a cluster: [`Cluster::builder`].
+///
+/// Three ways to run the workers:
+/// - **fork mode**, [`run`](Self::run): each worker a forked process
+///   running a closure, supervised by this process as the master;
+/// - **spawn mode**, [`command`](Self::command): each worker a program of
+///   any language, started with its identity in the environment;
+/// - **threads mode**, [`threads`](Self::threads): each worker a thread of
+///   this process with a real [`Worker`] and no master, for tests, tools
+///   and single-process deployments (see its example, which runs as it
+///   is).
+///
+/// # Examples
+/// ```no_run
+/// use shmcluster::Cluster;
+///
+/// let report = Cluster::builder()
+///     .workers(4)
+///     .listen("127.0.0.1:8080")
+///     .run(|mut worker| {
+///         let listener = worker.take_listeners().remove(0).into_tcp();
+///         worker.ready();
+///         for stream in worker.incoming(&listener) {
+///             drop(stream?); // serve it
+///         }
+///         Ok::<(), std::io::Error>(())
+///     })?;
+/// std::process::exit(report.exit_code());
+/// # Ok::<(), shmcluster::ClusterError>(())
+/// ```
+pub struct ClusterBuilder {
+    pub(super) workers: u32,
+    pub(super) config: Config,
+    pub(super) wait: WaitStrategy,
+    pub(super) listen: Vec<Result<ListenSpec, ListenError>>,
+    pub(super) backoff_initial: Duration,
+    pub(super) backoff_max: Duration,
+    pub(super) max_restarts: usize,
+    pub(super) restart_window: Duration,
+    pub(super) grace: Duration,
+    pub(super) drain_timeout: Duration,
+    pub(super) ready_timeout: Duration,
+    pub(super) hang_timeout: Option<Duration>,
+    pub(super) lock_hold_limit: Option<(Duration, bool)>,
+    pub(super) ready_on_start: bool,
+    pub(super) on_event: Option<EventCallback>,
+    pub(super) control: Option<ControlLocation>,
+}
+
+impl fmt::Debug for ClusterBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterBuilder")
+            .field("workers", &self.workers)
+            .field("config", &self.config)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ClusterBuilder {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            config: Config::new(1),
+            wait: WaitStrategy::default(),
+            listen: Vec::new(),
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            max_restarts: 10,
+            restart_window: Duration::from_secs(60),
+            grace: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            ready_timeout: Duration::from_secs(30),
+            hang_timeout: None,
+            lock_hold_limit: None,
+            ready_on_start: false,
+            on_event: None,
+            control: None,
+        }
+    }
+}
+
+impl ClusterBuilder {
+    /// Worker instances to keep running; 0 (the default) means one per CPU.
+    pub fn workers(mut self, n: u32) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Threads mode: the workers as `n` threads of this process (0: one
+    /// per CPU) instead of processes, each with its own [`Worker`] on one
+    /// new segment, and no master. Its `run` runs the closure on every
+    /// thread, joins them and reports how they ended.
+    /// Of this builder's settings only the segment's
+    /// ([`lane_capacity`](Self::lane_capacity),
+    /// [`max_message`](Self::max_message),
+    /// [`lock_slots`](Self::lock_slots)) and
+    /// [`wait_strategy`](Self::wait_strategy) apply: nothing listens,
+    /// restarts, reloads or serves a control socket, and the process's
+    /// signals are left alone. A worker without a master is described at
+    /// [`Worker`] ("Without a master"): in short, any worker's
+    /// [`Worker::request_shutdown`] stops them all.
+    ///
+    /// # Examples
+    /// ```
+    /// use std::time::Duration;
+    /// use shmcluster::Cluster;
+    ///
+    /// let report = Cluster::builder().threads(3).run(|mut worker| {
+    ///     worker.ready();
+    ///     if worker.index() == 0 {
+    ///         // Say hello to every other worker, then stop the cluster
+    ///         // once they have all answered.
+    ///         for to in 1..worker.instances() {
+    ///             worker.endpoint().send(to, b"hello")?;
+    ///         }
+    ///         for _ in 1..worker.instances() {
+    ///             worker.endpoint().recv_timeout(Duration::from_secs(10))?;
+    ///         }
+    ///         worker.request_shutdown();
+    ///     } else {
+    ///         let hello = worker.endpoint().recv_timeout(Duration::from_secs(10))?;
+    ///         worker.endpoint().send(hello.sender, b"hi")?;
+    ///     }
+    ///     worker.wait_stop(Duration::from_secs(10));
+    ///     Ok::<(), Box<dyn std::error::Error>>(())
+    /// })?;
+    /// assert!(report.clean);
+    /// # Ok::<(), shmcluster::ClusterError>(())
+    /// ```
+    pub fn threads(self, n: u32) -> ThreadsBuilder {
+        ThreadsBuilder::new(n, self.config, self.wait)
+    }
+
+    /// Bytes in each lane (see [`Config::lane_capacity`]).
+    pub fn lane_capacity(mut self, bytes: usize) -> Self {
+        self.config = self.config.lane_capacity(bytes);
+        self
+    }
+
+    /// The longest message (see [`Config::max_message`]).
+    pub fn max_message(mut self, bytes: usize) -> Self {
+        self.config = self.config.max_message(bytes);
+        self
+    }
+
+    /// Lock-table entries (see [`Config::lock_slots`]).
+    pub fn lock_slots(mut self, n: u32) -> Self {
+        self.config = self.config.lock_slots(n);
+        self
+    }
+
+    /// The wait strategy of fork-mode workers' endpoints.
+    pub fn wait_strategy(mut self, wait: WaitStrategy) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// A listener shared by every worker: `"host:port"`, `":port"`, or a
+    /// unix socket path (`"/run/app.sock"`, `"unix:./app.sock"`). Bound by
+    /// the master before any fork; an address that cannot be parsed or
+    /// bound makes `run` fail.
+    pub fn listen(self, addr: &str) -> Self {
+        self.listen_mode(addr, ListenMode::Shared)
+    }
+
+    /// A listener in the given mode: [`ListenMode::ReusePort`] binds one
+    /// `SO_REUSEPORT` socket per worker instance (the kernel spreads
+    /// connections over them).
+    pub fn listen_mode(mut self, addr: &str, mode: ListenMode) -> Self {
+        let name = format!("listen{}", self.listen.len());
+        self.listen.push(
+            addr.parse::<ListenAddr>()
+                .map(|addr| ListenSpec::new(addr).mode(mode).name(name)),
+        );
+        self
+    }
+
+    /// Delays between restarts of a crashing slot: the first restart is
+    /// immediate, then `initial`, doubling up to `max` while deaths keep
+    /// coming within the restart window.
+    pub fn restart_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max.max(initial);
+        self
+    }
+
+    /// The crash-loop limit: a slot whose worker died more than
+    /// `max_restarts` times within `window` is not restarted again (it is
+    /// reported [`WorkerState::Failed`](crate::WorkerState::Failed) and by a `CrashLoop` event).
+    pub fn crash_loop_limit(mut self, max_restarts: usize, window: Duration) -> Self {
+        self.max_restarts = max_restarts;
+        self.restart_window = window;
+        self
+    }
+
+    /// How long workers get to exit after shutdown begins before `SIGKILL`.
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.grace = d;
+        self
+    }
+
+    /// How long a worker replaced by a reload gets to drain before `SIGKILL`.
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+
+    /// How long a reload waits for a replacement to declare itself ready
+    /// before killing it and keeping the old worker. Also: an instance
+    /// without a ready worker for this long makes a shutdown unclean
+    /// ([`Unhealthy::NeverReady`](crate::Unhealthy::NeverReady)).
+    pub fn ready_timeout(mut self, d: Duration) -> Self {
+        self.ready_timeout = d;
+        self
+    }
+
+    /// Kill and replace a ready worker whose heartbeat has not moved for
+    /// `d` (off by default).
+    pub fn hang_timeout(mut self, d: Duration) -> Self {
+        self.hang_timeout = Some(d);
+        self
+    }
+
+    /// Report a worker that holds a `synchronize` lock longer than `limit`
+    /// (stderr and a `LockHeldTooLong` event, once per acquisition); with
+    /// `kill`, also kill it (exit reason `LockHeld`) so the lock passes to
+    /// the next holder, who is told the previous owner died.
+    pub fn lock_hold_limit(mut self, limit: Duration, kill: bool) -> Self {
+        self.lock_hold_limit = Some((limit, kill));
+        self
+    }
+
+    /// Treat each worker as ready as soon as it is started (forked, or
+    /// exec'd in spawn mode) instead of waiting for it to call
+    /// [`Worker::ready`]: for programs that do not use the library (a
+    /// spawned worker in a language without a binding yet), like PM2
+    /// without `wait_ready`. Off by default.
+    pub fn ready_on_start(mut self, yes: bool) -> Self {
+        self.ready_on_start = yes;
+        self
+    }
+
+    /// Serve a control socket at `path` (a unix stream socket, mode 0600,
+    /// removed when the master ends) for `shmcluster stat`, `reload` and
+    /// `stop`: they read the stats and ask for a rolling reload or a
+    /// graceful shutdown. Only processes of the master's own user are
+    /// answered. A socket file left there by a dead master is replaced.
+    ///
+    /// # Errors
+    /// `run`/`command` fail with [`ClusterError::Control`] if it cannot be
+    /// bound (before any fork).
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.control = Some(ControlLocation::Path(path.into()));
+        self
+    }
+
+    /// Serve a control socket at [`Cluster::default_control_path`] of the
+    /// master's pid (see [`control_socket`](Self::control_socket)).
+    pub fn control_socket_default(mut self) -> Self {
+        self.control = Some(ControlLocation::Default);
+        self
+    }
+
+    /// Called in the master for every event it publishes, with the running
+    /// cluster (to read stats, or to ask for a reload or shutdown). It runs
+    /// inside the supervision loop: while it runs, the master reaps no
+    /// child and serves no listener request, so keep it short. It must not
+    /// start threads (the master forks later).
+    pub fn on_event(mut self, f: impl FnMut(&Cluster, &Event) + 'static) -> Self {
+        self.on_event = Some(Box::new(f));
+        self
+    }
+
+    /// Fork mode: forks the workers, each running `f` with its [`Worker`],
+    /// and supervises them until shutdown (SIGTERM or SIGINT), or until
+    /// every instance's slot has been given up after crash loops
+    /// ([`Outcome::AllGivenUp`]). A worker exits 0 when `f` returns `Ok`, 1
+    /// on `Err` (printed to stderr), 101 if it panics.
+    ///
+    /// # Errors
+    /// [`ClusterError`], always before any worker is forked.
+    pub fn run<F, E>(self, mut f: F) -> Result<Report, ClusterError>
+    where
+        F: FnMut(Worker) -> Result<(), E>,
+        E: fmt::Display,
+    {
+        let wait = self.wait;
+        let mut body = move |mut worker: Worker| -> i32 {
+            worker.set_wait_strategy(wait);
+            let index = worker.index();
+            match f(worker) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("shmcluster worker {index}: {e}");
+                    1
+                }
+            }
+        };
+        self.start(Mode::Fork(&mut body))
+    }
+
+    /// Spawn mode: runs `argv` (a program of any language) as each worker,
+    /// with its identity and descriptors in the environment (see
+    /// [`Worker::from_env`]) and its listeners as `LISTEN_FDS` from fd 3,
+    /// and supervises them as [`run`](Self::run) does.
+    ///
+    /// # Errors
+    /// [`ClusterError::Command`] if the program cannot be found or
+    /// executed, and the rest of [`ClusterError`], before any fork.
+    pub fn command<I, S>(self, argv: I) -> Result<Report, ClusterError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+        let Some(program) = argv.first() else {
+            return Err(ClusterError::Command {
+                program: String::new(),
+                reason: "empty command".into(),
+            });
+        };
+        let name = program.to_string_lossy().into_owned();
+        if proc::find_executable(&name).is_none() {
+            return Err(ClusterError::Command {
+                reason: why_not_executable(&name),
+                program: name,
+            });
+        }
+        let argv = argv
+            .into_iter()
+            .map(|a| CString::new(a.into_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| ClusterError::Command {
+                program: name,
+                reason: "an argument contains a NUL byte".into(),
+            })?;
+        self.start(Mode::Spawn(argv))
+    }
+
+    fn start(mut self, mode: Mode<'_>) -> Result<Report, ClusterError> {
+        let max = crate::MAX_WORKERS - 1;
+        let instances = match self.workers {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get() as u32)
+                .min(max),
+            n if n > max => return Err(ClusterError::Workers { requested: n, max }),
+            n => n,
+        };
+        let specs = std::mem::take(&mut self.listen)
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ClusterError::Listen)?;
+        let threads = proc::thread_count()?;
+        if threads != 1 {
+            return Err(ClusterError::NotSingleThreaded { threads });
+        }
+        let config = Config {
+            workers: instances + 1,
+            ..self.config.clone()
+        };
+        crate::Layout::new(&config).map_err(ClusterError::Config)?;
+        // systemd socket activation: its sockets replace ours.
+        let listeners = match Listeners::from_systemd_env().map_err(ClusterError::Listen)? {
+            Some(l) => l,
+            None => Listeners::bind(&specs, instances).map_err(ClusterError::Listen)?,
+        };
+        let segment = Segment::create(&config).map_err(ClusterError::Create)?;
+        let master_pid = sys::getpid();
+        let control_server = match self.control.take() {
+            Some(at) => Some(
+                ControlServer::bind(&at, master_pid)
+                    .map_err(|(path, error)| ClusterError::Control { path, error })?,
+            ),
+            None => None,
+        };
+        let signals = MasterSignals::install()?;
+        let control = segment.control();
+        control.master_pid.store(master_pid, Release);
+        control.instances.store(instances, Release);
+        for slot in 0..=instances {
+            segment.worker_entry(slot).index.store(u32::MAX, Release);
+        }
+        let cluster = Cluster {
+            segment,
+            listeners: RefCell::new(listeners),
+            instances,
+            reload_asked: Cell::new(0),
+            shutdown_asked: Cell::new(false),
+            control_path: control_server.as_ref().map(|c| c.path().to_path_buf()),
+        };
+        let on_event = self.on_event.take();
+        let mut master = Master {
+            opts: self,
+            cluster,
+            mode,
+            signals,
+            master_pid,
+            slots: (0..=instances).map(|_| SlotRec::default()).collect(),
+            index_slot: (0..instances).collect(),
+            reload: None,
+            reloads_queued: 0,
+            reload_requests_seen: 0,
+            shutdown_requests_seen: 0,
+            shutdown_deadline: None,
+            unhealthy: Vec::new(),
+            gave_up: false,
+            restarts: 0,
+            killed: 0,
+            failed: Vec::new(),
+            on_event,
+            lock_reported: vec![0; config.lock_slots as usize],
+            control: control_server,
+        };
+        let result = master.supervise();
+        let Master {
+            cluster,
+            signals,
+            unhealthy,
+            gave_up,
+            restarts,
+            killed,
+            failed,
+            control,
+            ..
+        } = master;
+        cluster.listeners.borrow().remove_unix_paths();
+        signals.uninstall();
+        result?;
+        let outcome = if gave_up {
+            Outcome::AllGivenUp
+        } else if unhealthy.is_empty() && failed.is_empty() {
+            Outcome::Clean
+        } else {
+            Outcome::Unclean
+        };
+        let report = Report {
+            outcome,
+            clean: outcome == Outcome::Clean,
+            unhealthy,
+            restarts,
+            failed_slots: failed,
+            killed,
+        };
+        // Clients of `stop --wait` learn how it ended before the socket goes.
+        if let Some(control) = control {
+            control.finish(&report);
+        }
+        Ok(report)
+    }
+}
+
+/// Why `program`, which [`proc::find_executable`] did not accept, cannot
+/// be run: a path (with a `/`) is looked at as it is; a bare name was
+/// searched for in `PATH`.
+fn why_not_executable(program: &str) -> String {
+    if !program.contains('/') {
+        return match std::env::var_os("PATH") {
+            Some(_) => "not found in PATH (no executable file of that name in any of its directories)".into(),
+            None => "not found: PATH is not set (give the program's path)".into(),
+        };
+    }
+    match std::fs::metadata(program) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => "no such file".into(),
+        Err(e) => e.to_string(),
+        Ok(meta) if meta.is_dir() => "is a directory".into(),
+        Ok(meta) if !meta.is_file() => "not a regular file".into(),
+        Ok(meta) if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0 => {
+            "not executable (the file has no execute permission)".into()
+        }
+        Ok(_) => "not executable by this user (permission denied)".into(),
+    }
+}
+
+pub(super) enum Mode<'a> {
+    Fork(&'a mut dyn FnMut(Worker) -> i32),
+    Spawn(Vec<CString>),
+}

@@ -1,0 +1,213 @@
+//! The master process: builder, start-up checks, and the supervision loop.
+//!
+//! The loop is single-threaded and event-driven: signals arrive through a
+//! `signalfd` (SIGCHLD, SIGTERM, SIGINT, SIGHUP, and SIGUSR1, a worker's
+//! nudge after it declared itself ready or asked for a reload), together
+//! with the workers' listener requests on their control sockets and the
+//! clients of the master's own control socket (`shmcluster stat`, see
+//! `control/`), in one `poll(2)`, with a short tick for timers (backoff,
+//! drain and grace deadlines, heartbeats).
+//!
+//! Where things are: this file holds [`Cluster`] (the master's handle) and
+//! the master's own state; `builder.rs` the [`ClusterBuilder`] and the
+//! start-up; `report.rs` how a cluster ends ([`Report`]) or fails to
+//! start ([`ClusterError`]); `supervise.rs` the loop; `spawn.rs` starting a
+//! worker; `exit.rs` a worker's end and the shutdown; `reload.rs` the
+//! rolling reload.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::*;
+use std::time::Instant;
+
+use super::control::{self, ControlAnswer, ControlRequest, ControlServer};
+use super::listen::{ListenAddr, Listeners};
+use super::{read_stats, ClusterStats, ExitReason};
+use crate::segment::Segment;
+use crate::sys;
+use crate::sys::signal::MasterSignals;
+
+mod builder;
+mod exit;
+mod reload;
+mod report;
+mod spawn;
+mod supervise;
+
+pub use builder::ClusterBuilder;
+use builder::{EventCallback, Mode};
+pub use report::{ClusterError, Outcome, Report, Unhealthy};
+
+/// The master's side of a running cluster, handed to
+/// [`ClusterBuilder::on_event`] callbacks.
+pub struct Cluster {
+    segment: Segment,
+    listeners: RefCell<Listeners>,
+    instances: u32,
+    reload_asked: Cell<u32>,
+    shutdown_asked: Cell<bool>,
+    control_path: Option<PathBuf>,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("instances", &self.instances)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// A builder with one worker per CPU and default timeouts.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    /// Every slot's state and counters, read from the segment.
+    pub fn stats(&self) -> ClusterStats {
+        read_stats(&self.segment)
+    }
+
+    /// The segment (to inspect it, or to hand its fd to a tool).
+    pub fn segment(&self) -> &Segment {
+        &self.segment
+    }
+
+    /// Number of worker instances kept running.
+    pub fn instances(&self) -> u32 {
+        self.instances
+    }
+
+    /// The addresses the master's listeners are bound to (port 0 resolved),
+    /// in the order they were configured.
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.listeners.borrow().local_addrs()
+    }
+
+    /// Queues a rolling reload, as `SIGHUP` does.
+    pub fn reload(&self) {
+        self.reload_asked.set(self.reload_asked.get() + 1);
+    }
+
+    /// Begins a graceful shutdown, as `SIGTERM` does.
+    pub fn shutdown(&self) {
+        self.shutdown_asked.set(true);
+    }
+
+    /// Where the master's control socket is bound, if it has one (see
+    /// [`ClusterBuilder::control_socket`]).
+    pub fn control_path(&self) -> Option<&Path> {
+        self.control_path.as_deref()
+    }
+
+    /// The control socket a master with pid `pid` binds with
+    /// [`ClusterBuilder::control_socket_default`]:
+    /// `$XDG_RUNTIME_DIR/shmcluster-<pid>.sock`, or
+    /// `/tmp/shmcluster-<uid>/<pid>.sock` if `XDG_RUNTIME_DIR` is unset.
+    pub fn default_control_path(pid: u32) -> PathBuf {
+        control::default_path(pid)
+    }
+
+    /// Carries out a request from the control socket (`shmcluster stat`,
+    /// `reload`, `stop`): `reload` and `stop` as [`Cluster::reload`] and
+    /// [`Cluster::shutdown`], refused or moot once shutting down.
+    fn execute(&self, request: ControlRequest) -> ControlAnswer {
+        let shutting_down = self.segment.control().shutdown.load(Acquire) != 0;
+        match request {
+            ControlRequest::Ping => ControlAnswer::Pong { pid: sys::getpid() },
+            ControlRequest::Stat => ControlAnswer::Stats(self.stats()),
+            ControlRequest::Reload if shutting_down => ControlAnswer::Refused("the cluster is shutting down"),
+            ControlRequest::Reload => {
+                self.reload();
+                ControlAnswer::ReloadQueued
+            }
+            ControlRequest::Stop if shutting_down => ControlAnswer::AlreadyShuttingDown,
+            ControlRequest::Stop => {
+                self.shutdown();
+                ControlAnswer::ShutdownStarted
+            }
+        }
+    }
+}
+
+/// The master's own record of a slot (the segment's worker table is what
+/// workers see; this is what the master trusts).
+#[derive(Default)]
+struct SlotRec {
+    pid: Option<u32>,
+    index: Option<u32>,
+    generation: u32,
+    /// Seen `Ready` in the table since it was started.
+    ready: bool,
+    /// A reload replacement not yet ready: if it dies, the reload fails
+    /// and the slot goes back to spare.
+    replacement: bool,
+    /// Deaths within the restart window, oldest first.
+    deaths: VecDeque<Instant>,
+    /// Since when the slot has had no ready worker: set when a worker is
+    /// started into a slot without one, cleared when a worker is ready.
+    unready_since: Option<Instant>,
+    /// Workers here in a row that crashed before they were ever ready; 0
+    /// once one is ready.
+    unready_deaths: u32,
+    restart_at: Option<Instant>,
+    kill_at: Option<Instant>,
+    /// Why the master ended (or is ending) it, if it did.
+    ending: Option<ExitReason>,
+    /// The master has sent it `SIGKILL` (and counted it in `killed`): it
+    /// is not killed, counted or reported again while its reap is pending.
+    sigkilled: bool,
+    failed: bool,
+    control: Option<OwnedFd>,
+    beat: u64,
+    beat_seen: Option<Instant>,
+}
+
+enum Step {
+    /// Replacement for `index` started in `new`; old worker in `old`.
+    WaitReady {
+        index: u32,
+        old: u32,
+        new: u32,
+        deadline: Instant,
+    },
+    /// Old worker in `old` told to drain.
+    Drain { old: u32 },
+}
+
+struct ReloadRun {
+    order: Vec<u32>,
+    pos: usize,
+    step: Option<Step>,
+}
+
+struct Master<'a> {
+    opts: ClusterBuilder,
+    cluster: Cluster,
+    mode: Mode<'a>,
+    signals: MasterSignals,
+    master_pid: u32,
+    slots: Vec<SlotRec>,
+    /// Instance index → slot.
+    index_slot: Vec<u32>,
+    reload: Option<ReloadRun>,
+    reloads_queued: u32,
+    reload_requests_seen: u32,
+    shutdown_requests_seen: u32,
+    shutdown_deadline: Option<Instant>,
+    /// Instances that made the shutdown unclean.
+    unhealthy: Vec<Unhealthy>,
+    /// Every instance's slot was given up: the master ends by itself.
+    gave_up: bool,
+    restarts: u32,
+    killed: u32,
+    failed: Vec<u32>,
+    on_event: Option<EventCallback>,
+    /// Per lock-table entry: the fencing token last reported over the limit.
+    lock_reported: Vec<u64>,
+    /// The control socket (`shmcluster stat`), if configured.
+    control: Option<ControlServer>,
+}
