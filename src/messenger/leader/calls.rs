@@ -232,20 +232,14 @@ impl Messenger {
         T: DeserializeOwned,
         F: FnMut(&Ctx, T) + Send + 'static,
     {
-        self.install_leader_handlers();
-        self.on_bytes(&format!("{TOPIC_PREFIX}{topic}"), move |ctx, bytes| {
+        self.subscribe_bytes(topic, deadline, move |ctx, bytes| {
             match postcard::from_bytes::<T>(bytes) {
                 Ok(v) => f(ctx, v),
                 Err(e) => {
                     tracing::warn!(error = %e, "published value does not decode as the subscriber's type")
                 }
             }
-            Vec::new()
-        })?;
-        self.leader.subscriptions.insert(topic.to_owned());
-        let leader = self.wait_leader(deadline)?;
-        self.leader.subscribed_term = leader.term;
-        Ok(self.notify(leader.slot, SUBSCRIBE, topic)?)
+        })
     }
 
     /// Publishes `value` on `topic` through the leader, which keeps it as
