@@ -248,7 +248,7 @@ fn random_bytes_over_lane_never_panic() {
 
 // ---------------------------------------------------------------- c.
 
-/// Byte offsets of the header fields (`#[repr(C)]` in src/segment/mod.rs),
+/// Byte offsets of the header fields (`#[repr(C)]` in src/segment/schema/header.rs),
 /// checked against a real segment in `header_offsets_match`.
 const H_MAGIC: usize = 0;
 const H_ABI: usize = 8;
@@ -537,7 +537,7 @@ fn attach_rejects_garbage_images() {
 /// Found by fuzzing (fixed): a sender whose endpoint opens on a lane whose head word is ahead
 /// of its tail word (written by a buggy peer, or left by one) trusts them:
 /// `Producer::free` overflows (debug builds panic "attempt to subtract with
-/// overflow" in src/lane.rs). A tail word near 2^64 overflows
+/// overflow" in src/lane/producer.rs). A tail word near 2^64 overflows
 /// `need_for_message`/`commit` the same way, and an unaligned tail makes it
 /// write a `RecordHeader` at an unaligned address.
 #[test]
