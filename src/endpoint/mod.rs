@@ -271,22 +271,26 @@ impl Endpoint {
     }
 
     /// This endpoint's slot.
+    #[inline]
     pub fn slot(&self) -> u32 {
         self.slot
     }
 
     /// This endpoint's generation: stamped on everything it sends, and
     /// different from every earlier holder of the slot's.
+    #[inline]
     pub fn generation(&self) -> u32 {
         self.generation
     }
 
     /// How many slots the segment has.
+    #[inline]
     pub fn workers(&self) -> u32 {
         self.workers
     }
 
     /// The segment this endpoint lives in.
+    #[inline]
     pub fn segment(&self) -> &Segment {
         &self.segment
     }
@@ -304,6 +308,7 @@ impl Endpoint {
 
     /// The largest payload [`Endpoint::reserve`] can hand out: one record,
     /// just under half a lane.
+    #[inline]
     pub fn max_reservation(&self) -> usize {
         lane::max_record_payload(self.lane_capacity).min(self.max_message)
     }

@@ -14,6 +14,7 @@ use crate::wake;
 impl Endpoint {
     /// The next message from any lane: adds the doorbell's bits to the
     /// pending set (without clearing them, see [`wake`]) and polls.
+    #[inline]
     fn poll(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
         wake::peek_doorbell(self.segment.bells(self.slot), &mut self.pending);
         self.mask_pending();
@@ -22,6 +23,7 @@ impl Endpoint {
 
     /// A doorbell bit for a slot that does not exist (written by a buggy
     /// process) is dropped.
+    #[inline]
     fn mask_pending(&mut self) {
         if let Some(last) = self.pending.last_mut() {
             *last &= self.pending_mask;
@@ -34,6 +36,7 @@ impl Endpoint {
     /// whose bit is clear is dropped, because its sender sets the bit on its
     /// next message and the next peek picks it up. So a spinning receiver
     /// polls only the lanes that are in use.
+    #[inline]
     fn scan(&mut self) -> Result<Option<(u32, Next)>, (u32, LaneCorruption)> {
         let start = self.cursor;
         for (lo, hi) in [(start, self.workers), (0, start)] {
@@ -67,11 +70,13 @@ impl Endpoint {
         Ok(None)
     }
 
+    #[inline]
     fn clear_pending(&mut self, from: u32) {
         self.pending[(from / 64) as usize] &= !(1u64 << (from % 64));
     }
 
     /// The first pending sender in `at..hi`.
+    #[inline]
     fn next_pending(&self, at: u32, hi: u32) -> Option<u32> {
         if at >= hi {
             return None;
@@ -127,6 +132,7 @@ impl Endpoint {
         )
     }
 
+    #[inline]
     fn received(&mut self, (sender, next): (u32, Next)) -> Received<'_> {
         self.count_received(match &next {
             Next::InLane { hdr, .. } => hdr.len as usize,
@@ -182,6 +188,7 @@ impl Endpoint {
     /// # Errors
     /// [`TryRecvError::Empty`] if none is, [`TryRecvError::Corrupt`] as for
     /// [`Endpoint::recv`].
+    #[inline]
     pub fn try_recv(&mut self) -> Result<Message, TryRecvError> {
         self.try_recv_ref().map(Received::into_message)
     }
@@ -191,6 +198,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// As [`Endpoint::recv_deadline`].
+    #[inline]
     pub fn recv_ref(&mut self, deadline: Option<Instant>) -> Result<Received<'_>, RecvError> {
         let found = self.wait_next(deadline, None)?;
         Ok(self.received(found))
@@ -256,6 +264,7 @@ impl Endpoint {
     /// assert_eq!(msg.payload(), b"to myself");
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
+    #[inline]
     pub fn try_recv_ref(&mut self) -> Result<Received<'_>, TryRecvError> {
         match self.poll() {
             Ok(Some(found)) => Ok(self.received(found)),
@@ -372,16 +381,19 @@ pub struct Received<'a> {
 
 impl Received<'_> {
     /// The sending slot.
+    #[inline]
     pub fn sender(&self) -> u32 {
         self.sender
     }
 
     /// The sender's generation when it sent the message.
+    #[inline]
     pub fn generation(&self) -> u32 {
         self.hdr.generation
     }
 
     /// The sender's [`Tag`].
+    #[inline]
     pub fn tag(&self) -> Tag {
         Tag {
             kind: self.hdr.kind,
@@ -390,11 +402,13 @@ impl Received<'_> {
     }
 
     /// Whether the payload is read in place in the lane (not copied).
+    #[inline]
     pub fn is_in_lane(&self) -> bool {
         matches!(self.body, Body::Lane { .. })
     }
 
     /// The message's bytes.
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         match &self.body {
             // SAFETY: the consumer checked that `hdr.len` bytes at `ptr` lie

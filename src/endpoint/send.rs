@@ -15,6 +15,7 @@ const FRAGMENT_KEEP: usize = 2 * RECORD_HEADER;
 
 impl Endpoint {
     /// The checks every send makes before touching a lane.
+    #[inline]
     pub(super) fn check_target(&self, to: u32, len: usize, max: usize) -> Result<(), Rejected> {
         if to >= self.workers {
             return Err(Rejected::NoSuchWorker {
@@ -90,6 +91,7 @@ impl Endpoint {
         })
     }
 
+    #[inline]
     fn send_single(
         &mut self,
         to: u32,
@@ -180,6 +182,7 @@ impl Endpoint {
         }
     }
 
+    #[inline]
     pub(super) fn header(&self, to: u32, tag: Tag, len: usize, flags: u16, total: u64) -> RecordHeader {
         let mut hdr = self.outbound[to as usize].header(self.generation, len, flags);
         hdr.kind = tag.kind;
@@ -225,6 +228,7 @@ impl Endpoint {
     /// lacks room; nothing is delivered then. A message too long to ever fit
     /// in the lane at once is always `Full`: use a blocking send, which
     /// streams it.
+    #[inline]
     pub fn try_send<M: AsRef<[u8]>>(&mut self, to: u32, msg: M) -> Result<(), TrySendError<M>> {
         self.try_send_tagged(to, Tag::default(), msg)
     }
@@ -233,6 +237,7 @@ impl Endpoint {
     ///
     /// # Errors
     /// As [`Endpoint::try_send`].
+    #[inline]
     pub fn try_send_tagged<M: AsRef<[u8]>>(
         &mut self,
         to: u32,

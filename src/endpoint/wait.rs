@@ -47,6 +47,7 @@ impl WaitStrategy {
     pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
     /// When the spin phase of a wait starting now ends (`None`: never).
+    #[inline]
     pub(super) fn spin_until(self) -> Option<Instant> {
         match self {
             WaitStrategy::Spin => None,
@@ -66,6 +67,7 @@ impl Segment {
     /// Rings `from`'s bit in `to`'s doorbell (word `from / 64`) and wakes
     /// `to` if it is parked, by futex or eventfd (see [`wake::notify`]).
     /// Returns whether it issued a wake.
+    #[inline]
     pub(crate) fn notify(&self, to: u32, from: u32) -> bool {
         let word = &self.bells(to)[(from / 64) as usize];
         wake::notify(word, 1u64 << (from % 64), self.park(to), || self.ring_fd(to))

@@ -50,6 +50,7 @@ pub(crate) struct Consumer {
     pub(crate) discarded: u64,
 }
 
+#[inline]
 fn valid_flags(flags: u16) -> bool {
     matches!(
         flags,
@@ -75,6 +76,7 @@ impl Consumer {
 
     /// Re-reads the published tail (after fence F2 when the doorbell was
     /// taken). Returns whether there is data.
+    #[inline]
     fn refresh_tail(&mut self) -> Result<bool, LaneCorruption> {
         let tail = self.lane.ctl().tail.0.load(Acquire);
         indices_valid(self.head, tail, self.lane.cap)?;
@@ -88,6 +90,7 @@ impl Consumer {
     }
 
     /// Moves the head past `bytes` already read and publishes it.
+    #[inline]
     fn advance(&mut self, bytes: usize) {
         self.head = self.head.wrapping_add(bytes as u64);
         let ctl = self.lane.ctl();
@@ -104,17 +107,20 @@ impl Consumer {
     }
 
     /// Releases a record returned as [`Next::InLane`].
+    #[inline]
     pub(crate) fn consume(&mut self, record: usize) {
         self.advance(record);
     }
 
     /// Pointer to `offset` in the ring, for lending a record's payload.
+    #[inline]
     pub(crate) fn payload_ptr(&self, offset: usize) -> *const u8 {
         self.lane.at(offset)
     }
 
     /// The next whole message, if any. An error means the lane is corrupt:
     /// the caller must stop using this consumer.
+    #[inline]
     pub(crate) fn next(&mut self) -> Result<Option<Next>, LaneCorruption> {
         loop {
             if self.head == self.tail && !self.refresh_tail()? {

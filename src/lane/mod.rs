@@ -76,11 +76,13 @@ pub(crate) mod flags {
 /// The largest payload a single record may carry in a lane of `cap` bytes:
 /// half a lane less two headers, so a record, the padding before it and the
 /// 32 bytes kept for an `ABORT` always fit in an empty lane.
+#[inline]
 pub(crate) const fn max_record_payload(cap: usize) -> usize {
     cap / 2 - 2 * RECORD_HEADER
 }
 
 /// Bytes a record with `len` payload bytes occupies.
+#[inline]
 pub(crate) const fn record_size(len: usize) -> usize {
     (RECORD_HEADER + len).div_ceil(ALIGN) * ALIGN
 }
@@ -103,6 +105,7 @@ impl LaneRef {
     /// is used. `cap` must be a power of two of at least 4096. At most one
     /// [`Producer`] and one [`Consumer`] may use a lane at a time, across all
     /// processes.
+    #[inline]
     pub(crate) unsafe fn new(ctl: NonNull<LaneControl>, data: NonNull<u8>, cap: usize, sender: u32) -> Self {
         debug_assert!(cap.is_power_of_two() && cap >= 4096);
         debug_assert!(data.as_ptr() as usize % ALIGN == 0);
@@ -114,6 +117,7 @@ impl LaneRef {
         }
     }
 
+    #[inline]
     pub(crate) fn ctl(&self) -> &LaneControl {
         // SAFETY: `new`'s contract: valid and aligned for our lifetime; the
         // struct holds only atomics (`Shared` with `BY_REFERENCE`), so a
@@ -121,12 +125,14 @@ impl LaneRef {
         unsafe { self.ctl.as_ref() }
     }
 
+    #[inline]
     fn mask(&self) -> u64 {
         self.cap as u64 - 1
     }
 
     /// Bytes published and not yet consumed, for statistics: garbage
     /// indices read as at most a full lane.
+    #[inline]
     pub(crate) fn depth(&self) -> u64 {
         let tail = self.ctl().tail.0.load(Acquire);
         let head = self.ctl().head.0.load(Acquire);
@@ -136,6 +142,7 @@ impl LaneRef {
     /// Pointer to ring offset `offset` (`<= cap`: the payload of an empty
     /// record in the last 32 bytes starts one past the end, where nothing is
     /// read or written).
+    #[inline]
     fn at(&self, offset: usize) -> *mut u8 {
         assert!(offset <= self.cap);
         // SAFETY: `offset <= cap` and `data` is valid for `cap` bytes; one
@@ -148,6 +155,7 @@ impl LaneRef {
 /// `0 <= tail - head <= cap` in wrapping arithmetic (positions count bytes
 /// modulo 2^64; `cap` divides 2^64, so ring offsets stay right across the
 /// wrap).
+#[inline]
 fn indices_valid(head: u64, tail: u64, cap: usize) -> Result<(), LaneCorruption> {
     if head % ALIGN as u64 != 0 || tail % ALIGN as u64 != 0 || tail.wrapping_sub(head) > cap as u64 {
         return Err(LaneCorruption::Indices { head, tail });
@@ -158,6 +166,7 @@ fn indices_valid(head: u64, tail: u64, cap: usize) -> Result<(), LaneCorruption>
 impl Segment {
     /// Lane `(sender, receiver)`. Valid while this `Segment` (or a clone)
     /// lives; both slots `< workers`.
+    #[inline]
     pub(crate) fn lane(&self, sender: u32, receiver: u32) -> LaneRef {
         let layout = self.layout();
         let cap = layout.lane_capacity();

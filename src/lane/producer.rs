@@ -48,11 +48,13 @@ impl Producer {
     }
 
     /// Bytes free as far as the cached head knows.
+    #[inline]
     fn free(&self) -> usize {
         self.lane.cap - self.tail.wrapping_sub(self.head) as usize
     }
 
     /// Re-reads the head (after fence F5 when waiting for space).
+    #[inline]
     pub(crate) fn refresh_head(&mut self) -> Result<(), LaneCorruption> {
         if let Some(e) = self.broken {
             return Err(e);
@@ -65,6 +67,7 @@ impl Producer {
 
     /// Whether `need` bytes are free, refreshing the head if the cached one
     /// says no.
+    #[inline]
     pub(crate) fn has_room(&mut self, need: usize) -> Result<bool, LaneCorruption> {
         if self.broken.is_none() && self.free() >= need {
             return Ok(true);
@@ -74,6 +77,7 @@ impl Producer {
     }
 
     /// Padding needed before a record of `rec` bytes starting at `pos`.
+    #[inline]
     fn padding_at(&self, pos: u64, rec: usize) -> usize {
         let contiguous = self.lane.cap - (pos & self.lane.mask()) as usize;
         if contiguous < rec {
@@ -85,6 +89,7 @@ impl Producer {
 
     /// Free bytes a record of `len` payload bytes at the local tail needs,
     /// with its padding and `keep` more bytes.
+    #[inline]
     pub(crate) fn need(&self, len: usize, keep: usize) -> usize {
         let rec = record_size(len);
         self.padding_at(self.tail, rec) + rec + keep
@@ -94,6 +99,7 @@ impl Producer {
     /// cut into pieces of at most `piece` bytes, with `keep` bytes free after
     /// every piece but the last (as the fragmented writer plans them); `None`
     /// if more than a lane.
+    #[inline]
     pub(crate) fn need_for_message(&self, len: usize, piece: usize, keep: usize) -> Option<usize> {
         let mut pos = self.tail;
         let mut left = len;
@@ -116,6 +122,7 @@ impl Producer {
 
     /// Plans a record of `len` payload bytes at the local tail, if there is
     /// room for it, its padding and `keep` more bytes.
+    #[inline]
     pub(crate) fn plan(&mut self, len: usize, keep: usize) -> Result<Option<Planned>, LaneCorruption> {
         let rec = record_size(len);
         let padding = self.padding_at(self.tail, rec);
@@ -132,6 +139,7 @@ impl Producer {
 
     /// Where a planned record's payload goes: `len` writable bytes of free
     /// lane space (the consumer reads nothing past the published tail).
+    #[inline]
     pub(crate) fn payload_ptr(&self, planned: Planned) -> *mut u8 {
         self.lane.at(planned.payload_offset)
     }
@@ -139,6 +147,7 @@ impl Producer {
     /// Writes the padding and the header of a planned record whose payload
     /// (`hdr.len` bytes, at most the planned length) is already in place, and
     /// moves the local tail past it. Not visible until [`Self::publish`].
+    #[inline]
     pub(crate) fn commit(&mut self, planned: Planned, hdr: RecordHeader) {
         if planned.padding > 0 {
             let offset = (self.tail & self.lane.mask()) as usize;
@@ -226,6 +235,7 @@ impl Producer {
     }
 
     /// A header for a record from this lane's sender.
+    #[inline]
     pub(crate) fn header(&self, generation: u32, len: usize, flags: u16) -> RecordHeader {
         RecordHeader {
             len: len as u32,

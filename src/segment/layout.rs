@@ -84,6 +84,7 @@ impl Config {
     /// Memory is `workers² × lane_capacity` of address space, touched only
     /// where used. A message of more than half a lane is streamed through it
     /// in fragments.
+    #[inline]
     pub fn lane_capacity(mut self, bytes: usize) -> Self {
         self.lane_capacity = bytes;
         self
@@ -91,6 +92,7 @@ impl Config {
 
     /// The longest message a sender may send; longer ones fail with
     /// `TooLarge`, and a receiver refuses to reassemble anything longer.
+    #[inline]
     pub fn max_message(mut self, bytes: usize) -> Self {
         self.max_message = bytes;
         self
@@ -213,27 +215,32 @@ impl Layout {
     }
 
     /// Number of worker slots.
+    #[inline]
     pub fn workers(&self) -> u32 {
         self.workers
     }
 
     /// Bytes in each lane's ring.
+    #[inline]
     pub fn lane_capacity(&self) -> usize {
         self.lane_capacity
     }
 
     /// The longest message allowed.
+    #[inline]
     pub fn max_message(&self) -> usize {
         self.max_message
     }
 
     /// The segment's total size in bytes (address space; pages are backed
     /// only once touched).
+    #[inline]
     pub fn size(&self) -> usize {
         self.size
     }
 
     /// Index of lane `(sender, receiver)`; both must be `< workers`.
+    #[inline]
     pub(crate) fn lane_index(&self, sender: u32, receiver: u32) -> usize {
         assert!(sender < self.workers && receiver < self.workers);
         sender as usize * self.workers as usize + receiver as usize
@@ -244,6 +251,7 @@ impl Layout {
     /// doorbell words (`u64`, bit `s % 64` of word `s / 64` for sender `s`),
     /// then the slot's owner pid and generation. For tools and tests that
     /// inspect a segment; `slot < workers`.
+    #[inline]
     pub fn slot_offset(&self, slot: u32) -> usize {
         assert!(slot < self.workers);
         self.slots_offset + slot as usize * self.slot_stride
@@ -251,11 +259,13 @@ impl Layout {
 
     /// Offset of slot `slot`'s doorbell words, in the park word's cache line
     /// (for up to 448 workers). For tools and tests; `slot < workers`.
+    #[inline]
     pub fn doorbell_offset(&self, slot: u32) -> usize {
         self.slot_offset(slot) + DOORBELL_OFFSET
     }
 
     /// Offset of slot `slot`'s owner/generation block.
+    #[inline]
     pub(crate) fn slot_control_offset(&self, slot: u32) -> usize {
         self.slot_offset(slot) + wake_bytes(self.bell_words)
     }
@@ -263,12 +273,14 @@ impl Layout {
     /// Offset of lane `(sender, receiver)`'s control block (head, tail and
     /// space-waiter words, each on its own 128-byte line). For tools and
     /// tests; both slots `< workers`.
+    #[inline]
     pub fn lane_ctl(&self, sender: u32, receiver: u32) -> usize {
         self.lane_ctl_offset + self.lane_index(sender, receiver) * size_of::<LaneControl>()
     }
 
     /// Offset of lane `(sender, receiver)`'s ring bytes (`lane_capacity` of
     /// them). For tools and tests; both slots `< workers`.
+    #[inline]
     pub fn lane_data(&self, sender: u32, receiver: u32) -> usize {
         self.lane_data_offset + self.lane_index(sender, receiver) * self.lane_capacity
     }

@@ -321,12 +321,14 @@ impl Segment {
     }
 
     /// Slot `slot`'s eventfd, if this process has them.
+    #[inline]
     pub(crate) fn wake_fd(&self, slot: u32) -> Option<BorrowedFd<'_>> {
         self.inner.wake_fds.get()?.get(slot as usize).map(AsFd::as_fd)
     }
 
     /// Sender side of a wake: rings `slot`'s eventfd (an async receiver
     /// parked with `PARKED_FD`).
+    #[inline]
     pub(crate) fn ring_fd(&self, slot: u32) {
         match self.wake_fd(slot) {
             Some(fd) => sys::eventfd_ring(fd),
@@ -335,6 +337,7 @@ impl Segment {
     }
 
     /// The segment's layout.
+    #[inline]
     pub fn layout(&self) -> &Layout {
         &self.inner.layout
     }
@@ -382,6 +385,7 @@ impl Segment {
         slice_in(&self.inner.map, offset, len)
     }
 
+    #[inline]
     fn init_word(&self) -> &AtomicU32 {
         self.at(INIT_OFFSET)
     }
@@ -396,22 +400,26 @@ impl Segment {
     }
 
     /// Slot `slot`'s owner and generation. `slot < workers`.
+    #[inline]
     pub(crate) fn slot(&self, slot: u32) -> &SlotControl {
         self.at(self.inner.layout.slot_control_offset(slot))
     }
 
     /// Slot `slot`'s park word (see `wake` for its states). `slot < workers`.
+    #[inline]
     pub(crate) fn park(&self, slot: u32) -> &AtomicU32 {
         self.at(self.inner.layout.slot_offset(slot))
     }
 
     /// Slot `slot`'s doorbell words. `slot < workers`.
+    #[inline]
     pub(crate) fn bells(&self, slot: u32) -> &[AtomicU64] {
         let layout = &self.inner.layout;
         self.slice_at(layout.doorbell_offset(slot), layout.bell_words)
     }
 
     /// Slot `slot`'s worker-table entry. `slot < workers`.
+    #[inline]
     pub(crate) fn worker_entry(&self, slot: u32) -> &table::WorkerEntry {
         let layout = &self.inner.layout;
         assert!(slot < layout.workers);
@@ -426,6 +434,7 @@ impl Segment {
     }
 
     /// Slot `slot`'s statistics. `slot < workers`.
+    #[inline]
     pub(crate) fn stats_entry(&self, slot: u32) -> &table::StatsEntry {
         let layout = &self.inner.layout;
         assert!(slot < layout.workers);
@@ -433,6 +442,7 @@ impl Segment {
     }
 
     /// The cluster control block and event log.
+    #[inline]
     pub(crate) fn control(&self) -> &table::Control {
         self.at(self.inner.layout.control_offset)
     }
@@ -440,22 +450,28 @@ impl Segment {
 
 /// The checked step of [`Segment::ptr_at`], also used on a mapping not yet
 /// validated (`Segment::attach`).
-#[inline]
+#[inline(always)]
 fn ptr_in<T: Shared>(map: &memmap2::MmapRaw, offset: usize, count: usize) -> NonNull<T> {
     const { assert!(align_of::<T>() <= SEGMENT_ALIGN) };
-    let end = size_of::<T>()
+    // One compare and one mask on the way (these accessors are on every
+    // send and receive); the message is built only on the cold path.
+    let fits = size_of::<T>()
         .checked_mul(count)
-        .and_then(|bytes| bytes.checked_add(offset));
-    assert!(
-        end.is_some_and(|end| end <= map.len()) && offset % align_of::<T>() == 0,
-        "{count} x {} bytes at offset {offset} do not fit the {}-byte segment aligned",
-        size_of::<T>(),
-        map.len(),
-    );
+        .and_then(|bytes| bytes.checked_add(offset))
+        .is_some_and(|end| end <= map.len());
+    if !fits || offset % align_of::<T>() != 0 {
+        out_of_bounds(offset, count, size_of::<T>(), map.len());
+    }
     // SAFETY: `offset <= map.len()` (checked), so the pointer stays inside
-    // the mapping or one past its end.
-    let ptr = unsafe { map.as_mut_ptr().add(offset) };
-    NonNull::new(ptr.cast()).expect("a mapping is never at address 0")
+    // the mapping or one past its end; a mapping is never at address 0, so
+    // neither is a pointer into it.
+    unsafe { NonNull::new_unchecked(map.as_mut_ptr().add(offset).cast()) }
+}
+
+#[cold]
+#[inline(never)]
+fn out_of_bounds(offset: usize, count: usize, size: usize, len: usize) -> ! {
+    panic!("{count} x {size} bytes at offset {offset} do not fit the {len}-byte segment aligned")
 }
 
 /// The checked step of [`Segment::slice_at`], also used on a mapping not
