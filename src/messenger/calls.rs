@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::core::{Op, OpId, Peers, Settled};
+use super::core::{Op, Peers, Settled};
 use super::encode::{decode, encode_call, encode_call_bytes};
 use super::error::{CallError, EmitError, MapError};
 use super::leader::{self, LeaderWatch};
@@ -153,22 +153,24 @@ impl Messenger {
     /// Only a corrupt lane found while dispatching; the call's own failures
     /// are in the [`Settled`].
     pub(super) fn call(&mut self, op: Op, deadline: Instant) -> Result<Settled, CallError> {
+        // One clock read a turn: the core is given it, and an answer that
+        // arrives is handled at it (see `CallCore`'s clock).
+        let mut now = Instant::now();
         let id = {
             let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
-            self.core.start(op, deadline, Instant::now(), &peers)
+            self.core.start(op, deadline, now, &peers)
         };
         loop {
             self.pump();
-            if let Some(s) = self.take_finished(id) {
+            if let Some(s) = self.core.take_settled(id) {
                 return Ok(s);
             }
-            self.check_liveness();
-            let now = Instant::now();
+            self.check_liveness(now);
             {
                 let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
                 self.core.handle_timeout(now, &peers);
             }
-            if let Some(s) = self.take_finished(id) {
+            if let Some(s) = self.core.take_settled(id) {
                 return Ok(s);
             }
             let until = self
@@ -178,16 +180,10 @@ impl Messenger {
                 .min(now + self.liveness_slice);
             if let Err(e) = self.dispatch_until(Some(until)) {
                 self.core.abandon(id);
-                self.finished.remove(&id);
                 return Err(e.into());
             }
+            now = Instant::now();
         }
-    }
-
-    /// `op`'s end, if it has come.
-    fn take_finished(&mut self, id: OpId) -> Option<Settled> {
-        self.route_settled();
-        self.finished.remove(&id)
     }
 
     /// A request's or invoke's answer.

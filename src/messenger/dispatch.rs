@@ -231,14 +231,15 @@ impl Messenger {
     /// Runs one message's handlers (an answer goes to the call core);
     /// returns the reply to send, if any.
     fn run_handlers(&mut self, message: crate::Message) -> Option<(u32, Tag, Vec<u8>)> {
-        let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
+        let (segment, me, entry) = (&self.segment, self.me(), self.leader_entry());
         let core = &mut self.core;
         handle_message(
             message,
             self.generation,
             &mut self.handlers,
             |sender, correlation, status, body| {
-                core.handle_reply(sender, correlation, status, body, Instant::now(), &peers);
+                let peers = LivePeers::new(segment, me, entry);
+                core.handle_reply(sender, correlation, status, body, &peers);
             },
             &self.outbox,
             &self.stats,
@@ -257,15 +258,19 @@ impl Messenger {
         }
     }
 
-    /// Hands the ends of other threads' calls back; keeps this thread's
-    /// for their callers.
+    /// Hands the ends of other threads' calls back; this thread's own stay
+    /// in the core for their callers ([`Messenger::call`]).
     pub(super) fn route_settled(&mut self) {
-        while let Some((op, settled)) = self.core.poll_settled() {
-            match self.remote.remove(&op) {
-                Some(done) => done(settled),
-                None => {
-                    self.finished.insert(op, settled);
-                }
+        if self.remote.is_empty() {
+            return;
+        }
+        loop {
+            let remote = &self.remote;
+            let Some((op, settled)) = self.core.poll_settled_where(|op| remote.contains_key(&op)) else {
+                return;
+            };
+            if let Some(done) = self.remote.remove(&op) {
+                done(settled);
             }
         }
     }
@@ -275,13 +280,13 @@ impl Messenger {
     /// counts a death: the wait for a message ends then (see
     /// [`crate::endpoint::Interrupt`]), so a caller learns of a reaped
     /// target within microseconds, not at its next periodic look.
-    pub(super) fn check_liveness(&mut self) {
+    pub(super) fn check_liveness(&mut self, now: Instant) {
         // Before the checks: a death counted after this load ends the next
         // wait, so none is missed.
         self.deaths_seen = self.view().deaths();
         if self.core.waiting() {
             let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
-            self.core.handle_deaths(Instant::now(), &peers);
+            self.core.handle_deaths(now, &peers);
         }
     }
 
@@ -364,9 +369,10 @@ impl Messenger {
     /// Looks at other threads' calls: deaths and deadlines.
     fn settle_remote(&mut self) {
         if !self.remote.is_empty() {
-            self.check_liveness();
+            let now = Instant::now();
+            self.check_liveness(now);
             let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
-            self.core.handle_timeout(Instant::now(), &peers);
+            self.core.handle_timeout(now, &peers);
             self.pump();
         }
         self.route_settled();
@@ -385,7 +391,7 @@ impl Messenger {
     /// first one until then.
     pub(super) fn dispatch_until(&mut self, until: Option<Instant>) -> Result<usize, DispatchError> {
         if self.view().deaths() != self.deaths_seen {
-            self.check_liveness();
+            self.check_liveness(Instant::now());
         }
         let until = match (until, self.remote_due()) {
             (Some(u), Some(r)) => Some(u.min(r)),

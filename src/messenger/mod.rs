@@ -47,11 +47,13 @@ use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
+
 use crate::cluster::ClusterView;
 use crate::segment::Segment;
 use crate::{Endpoint, Worker};
 
-use self::core::{CallCore, OpId, Settled};
+use self::core::{CallCore, OpId};
 use dispatch::{Done, Outbox};
 use handlers::Handler;
 
@@ -223,10 +225,7 @@ pub struct Messenger {
     core: CallCore,
     /// Operations started for other threads (handles, the async
     /// messenger): where each one's end goes.
-    remote: HashMap<OpId, Done>,
-    /// Operations of this thread that have ended, until their caller takes
-    /// them.
-    finished: HashMap<OpId, Settled>,
+    remote: FxHashMap<OpId, Done>,
     /// Delivery ids of this thread's `consume`s.
     next_delivery: u64,
     /// The segment's death count when the calls' targets were last checked
@@ -313,8 +312,7 @@ impl Messenger {
             handlers: HashMap::new(),
             next_handler: 1,
             core: CallCore::new(slot),
-            remote: HashMap::new(),
-            finished: HashMap::new(),
+            remote: FxHashMap::default(),
             next_delivery: 0,
             deaths_seen: outbox.segment.control().deaths.load(Acquire),
             liveness_slice: LIVENESS_SLICE,

@@ -17,7 +17,8 @@
 //! [`CallCore::handle_deaths`] (look at who died) and
 //! [`CallCore::handle_timeout`] (the time now) — and is *asked* what to do:
 //! [`CallCore::poll_transmit`] (a message to send) and
-//! [`CallCore::poll_settled`] (an operation finished). It never reads a
+//! [`CallCore::take_settled`] / [`CallCore::poll_settled_where`] (an
+//! operation finished). It never reads a
 //! clock, a lane or the segment itself: what it knows of the cluster comes
 //! through [`Peers`], so the unit tests below drive every race the
 //! multi-process tests found with a fake cluster and a fake clock.
@@ -40,14 +41,22 @@
 //!    every few milliseconds while calls wait) call
 //!    [`handle_deaths`](CallCore::handle_deaths), and
 //!    [`handle_timeout`](CallCore::handle_timeout) with the time now;
-//! 5. take finished operations from [`poll_settled`](CallCore::poll_settled);
-//!    wait for the next message no longer than
+//! 5. take finished operations: its own with
+//!    [`take_settled`](CallCore::take_settled), those it runs for others
+//!    with [`poll_settled_where`](CallCore::poll_settled_where); wait for
+//!    the next message no longer than
 //!    [`next_timeout`](CallCore::next_timeout).
+//!
+//! The core reads no clock: its time is the last one it was given (by
+//! `start`, `handle_timeout`, `handle_deaths` or `send_failed`), and an
+//! answer is handled at that time, so a driver reads the clock once a turn.
 //!
 //! Steps 2–5 repeat in any order; each is cheap when there is nothing to do.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use super::error::{CallError, MapError};
 use super::leader::{self, LeaderWatch};
@@ -186,8 +195,8 @@ struct Operation {
 /// The calls of one messenger: see the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct CallCore {
-    ops: HashMap<OpId, Operation>,
-    calls: HashMap<u64, Call>,
+    ops: FxHashMap<OpId, Operation>,
+    calls: FxHashMap<u64, Call>,
     transmits: VecDeque<Transmit>,
     settled: VecDeque<(OpId, Settled)>,
     /// The next call id (0 means "no answer wanted" on the wire).
@@ -195,19 +204,24 @@ pub(crate) struct CallCore {
     next_op: OpId,
     /// Consume's round-robin turn among equally loaded workers.
     turn: usize,
+    /// The core's clock: the last time it was given ([`CallCore::start`],
+    /// [`CallCore::handle_timeout`], [`CallCore::handle_deaths`],
+    /// [`CallCore::send_failed`]); an answer is handled at that time.
+    now: Instant,
 }
 
 impl CallCore {
     /// The core of the worker in slot `me`.
     pub(crate) fn new(me: u32) -> Self {
         Self {
-            ops: HashMap::new(),
-            calls: HashMap::new(),
+            ops: FxHashMap::default(),
+            calls: FxHashMap::default(),
             transmits: VecDeque::new(),
             settled: VecDeque::new(),
             next_call: 1,
             next_op: 1,
             turn: me as usize,
+            now: Instant::now(),
         }
     }
 
@@ -215,6 +229,7 @@ impl CallCore {
     /// [`CallCore::poll_transmit`]; an operation that cannot start (no such
     /// worker, a dead target, nobody to consume) is settled at once.
     pub(crate) fn start(&mut self, op: Op, deadline: Instant, now: Instant, peers: &impl Peers) -> OpId {
+        self.now = now;
         let id = self.next_op;
         self.next_op += 1;
         match op {
@@ -302,9 +317,25 @@ impl CallCore {
         self.transmits.pop_front()
     }
 
-    /// The next operation that has ended.
+    /// The next operation that has ended, whatever it is.
+    #[cfg(test)]
     pub(crate) fn poll_settled(&mut self) -> Option<(OpId, Settled)> {
-        self.settled.pop_front()
+        self.poll_settled_where(|_| true)
+    }
+
+    /// `op`'s end, if it has come (taken out of the settled queue).
+    pub(crate) fn take_settled(&mut self, op: OpId) -> Option<Settled> {
+        let i = self.settled.iter().position(|(id, _)| *id == op)?;
+        self.settled.remove(i).map(|(_, s)| s)
+    }
+
+    /// The next operation that has ended among those `wanted` picks.
+    pub(crate) fn poll_settled_where(
+        &mut self,
+        mut wanted: impl FnMut(OpId) -> bool,
+    ) -> Option<(OpId, Settled)> {
+        let i = self.settled.iter().position(|(id, _)| wanted(*id))?;
+        self.settled.remove(i)
     }
 
     /// Whether any call waits for an answer (a death then matters).
@@ -350,7 +381,6 @@ impl CallCore {
         correlation: u64,
         status: u8,
         body: &[u8],
-        now: Instant,
         peers: &impl Peers,
     ) {
         let Some(call) = self.calls.get(&correlation) else {
@@ -366,11 +396,12 @@ impl CallCore {
                 String::from_utf8_lossy(body).into_owned(),
             )),
         };
-        self.finish_call(correlation, result, now, peers);
+        self.finish_call(correlation, result, self.now, peers);
     }
 
     /// A call's message could not be sent: the call ends with `error`.
     pub(crate) fn send_failed(&mut self, call: u64, error: CallError, now: Instant, peers: &impl Peers) {
+        self.now = now;
         if self.calls.contains_key(&call) {
             self.finish_call(call, Err(error), now, peers);
         }
@@ -379,6 +410,7 @@ impl CallCore {
     /// Ends every call whose target is no longer the incarnation it was
     /// sent to, or whose leader is known dead: `WorkerDied`.
     pub(crate) fn handle_deaths(&mut self, now: Instant, peers: &impl Peers) {
+        self.now = now;
         let dead: Vec<u64> = self
             .calls
             .iter()
@@ -399,6 +431,7 @@ impl CallCore {
     /// Ends what is due at `now`: operations past their deadline, and
     /// invokes that look for a leader again.
     pub(crate) fn handle_timeout(&mut self, now: Instant, peers: &impl Peers) {
+        self.now = now;
         let due: Vec<OpId> = self
             .ops
             .iter()
@@ -442,7 +475,7 @@ impl CallCore {
                 entry,
             },
         );
-        let deadline = self.ops.get(&op).map_or_else(Instant::now, |o| o.deadline);
+        let deadline = self.ops.get(&op).map_or(self.now, |o| o.deadline);
         self.transmits.push_back(Transmit {
             call: id,
             to: to.slot,
@@ -457,11 +490,19 @@ impl CallCore {
 
     fn settle(&mut self, op: OpId, settled: Settled) {
         if self.ops.remove(&op).is_some() {
-            self.calls.retain(|_, c| c.op != op);
-            let calls = &self.calls;
-            self.transmits.retain(|t| calls.contains_key(&t.call));
             self.settled.push_back((op, settled));
         }
+    }
+
+    /// [`CallCore::settle`] of an operation that may still have calls in
+    /// flight (its deadline, its abandonment): they go too, with any
+    /// message of theirs not yet sent. An operation that settles through
+    /// its last call's end has none left, and skips this sweep.
+    fn settle_sweeping(&mut self, op: OpId, settled: Settled) {
+        self.calls.retain(|_, c| c.op != op);
+        let calls = &self.calls;
+        self.transmits.retain(|t| calls.contains_key(&t.call));
+        self.settle(op, settled);
     }
 
     /// Ends `op` at its deadline.
@@ -479,7 +520,7 @@ impl CallCore {
             State::Invoke { calling: true, .. } => Settled::Answer(Err(CallError::TimedOut)),
             State::Invoke { calling: false, .. } => Settled::Answer(Err(CallError::NoLeader)),
         };
-        self.settle(id, settled);
+        self.settle_sweeping(id, settled);
     }
 
     /// Call `id` ended with `result`: what its operation does next.

@@ -81,16 +81,16 @@ fn a_request_is_answered_by_its_target_only() {
     let call = out[0].tag.correlation;
     // From another slot, and from a successor generation of the target:
     // neither is the worker the call went to.
-    core.handle_reply(w(1, 1), call, wire::OK, b"wrong", t0, &peers);
-    core.handle_reply(w(2, 2), call, wire::OK, b"successor", t0, &peers);
+    core.handle_reply(w(1, 1), call, wire::OK, b"wrong", &peers);
+    core.handle_reply(w(2, 2), call, wire::OK, b"successor", &peers);
     assert!(core.poll_settled().is_none());
-    core.handle_reply(w(2, 1), call, wire::OK, b"right", t0, &peers);
+    core.handle_reply(w(2, 1), call, wire::OK, b"right", &peers);
     assert_eq!(
         core.poll_settled(),
         Some((op, Settled::Answer(Ok(b"right".to_vec()))))
     );
     // A second (late) answer changes nothing.
-    core.handle_reply(w(2, 1), call, wire::OK, b"again", t0, &peers);
+    core.handle_reply(w(2, 1), call, wire::OK, b"again", &peers);
     assert!(core.poll_settled().is_none());
     assert!(!core.busy());
 }
@@ -132,7 +132,7 @@ fn a_target_that_dies_ends_its_call_before_the_deadline() {
         Some((op, Settled::Answer(Err(CallError::WorkerDied))))
     );
     // The successor's answer to the copy it found queued is dropped.
-    core.handle_reply(w(1, 2), call, wire::OK, b"", t0, &peers);
+    core.handle_reply(w(1, 2), call, wire::OK, b"", &peers);
     assert!(core.poll_settled().is_none());
 }
 
@@ -150,7 +150,7 @@ fn the_deadline_ends_a_request_and_a_late_answer_is_dropped() {
         core.poll_settled(),
         Some((op, Settled::Answer(Err(CallError::TimedOut))))
     );
-    core.handle_reply(w(1, 1), call, wire::OK, b"late", deadline, &peers);
+    core.handle_reply(w(1, 1), call, wire::OK, b"late", &peers);
     assert!(core.poll_settled().is_none());
     assert_eq!(core.next_timeout(), None);
 }
@@ -162,8 +162,8 @@ fn statuses_map_to_errors() {
     let a = core.start(Op::Request { to: 1, bytes: vec![] }, far, t0, &peers);
     let b = core.start(Op::Request { to: 1, bytes: vec![] }, far, t0, &peers);
     let out = sent(&mut core);
-    core.handle_reply(w(1, 1), out[0].tag.correlation, wire::NO_HANDLER, b"", t0, &peers);
-    core.handle_reply(w(1, 1), out[1].tag.correlation, wire::FAILED, b"boom", t0, &peers);
+    core.handle_reply(w(1, 1), out[0].tag.correlation, wire::NO_HANDLER, b"", &peers);
+    core.handle_reply(w(1, 1), out[1].tag.correlation, wire::FAILED, b"boom", &peers);
     assert_eq!(
         core.poll_settled(),
         Some((a, Settled::Answer(Err(CallError::NoHandler))))
@@ -203,8 +203,8 @@ fn a_map_settles_each_entry_as_soon_as_it_is_known() {
         [0, 1, 2],
         "live workers, the caller included"
     );
-    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::OK, b"a", t0, &peers);
-    core.handle_reply(w(2, 1), out[2].tag.correlation, wire::NO_HANDLER, b"", t0, &peers);
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::OK, b"a", &peers);
+    core.handle_reply(w(2, 1), out[2].tag.correlation, wire::NO_HANDLER, b"", &peers);
     assert!(core.poll_settled().is_none(), "one entry still open");
     peers.kill(1);
     core.handle_deaths(t0, &peers);
@@ -228,7 +228,7 @@ fn a_map_past_its_deadline_times_out_the_silent_entries_only() {
     let deadline = t0 + Duration::from_millis(5);
     core.start(Op::Map { bytes: vec![] }, deadline, t0, &peers);
     let out = sent(&mut core);
-    core.handle_reply(w(1, 1), out[1].tag.correlation, wire::OK, b"b", t0, &peers);
+    core.handle_reply(w(1, 1), out[1].tag.correlation, wire::OK, b"b", &peers);
     core.handle_timeout(deadline, &peers);
     let Some((_, Settled::Map(entries))) = core.poll_settled() else {
         panic!("map not settled")
@@ -277,9 +277,9 @@ fn consume_goes_to_the_least_loaded_and_is_redelivered_on_a_death() {
     assert_ne!(second[0].tag.correlation, first[0].tag.correlation);
     // The dead worker's late acknowledgement (a copy it had run) is not
     // the end of the task.
-    core.handle_reply(w(1, 1), first[0].tag.correlation, wire::OK, b"", t0, &peers);
+    core.handle_reply(w(1, 1), first[0].tag.correlation, wire::OK, b"", &peers);
     assert!(core.poll_settled().is_none());
-    core.handle_reply(w(0, 1), second[0].tag.correlation, wire::OK, b"", t0, &peers);
+    core.handle_reply(w(0, 1), second[0].tag.correlation, wire::OK, b"", &peers);
     assert_eq!(
         core.poll_settled(),
         Some((
@@ -307,7 +307,7 @@ fn consume_skips_workers_without_a_handler_then_says_no_handler() {
     );
     for _ in 0..2 {
         let t = sent(&mut core).remove(0);
-        core.handle_reply(w(t.to, 1), t.tag.correlation, wire::NO_HANDLER, b"", t0, &peers);
+        core.handle_reply(w(t.to, 1), t.tag.correlation, wire::NO_HANDLER, b"", &peers);
     }
     assert_eq!(
         core.poll_settled(),
@@ -351,7 +351,7 @@ fn a_consume_handler_failure_ends_it() {
         &peers,
     );
     let t = sent(&mut core).remove(0);
-    core.handle_reply(w(t.to, 1), t.tag.correlation, wire::FAILED, b"no", t0, &peers);
+    core.handle_reply(w(t.to, 1), t.tag.correlation, wire::FAILED, b"no", &peers);
     assert_eq!(
         core.poll_settled(),
         Some((op, Settled::Consumed(Err(CallError::HandlerFailed("no".into())))))
@@ -382,7 +382,7 @@ fn invoke_waits_for_a_leader_then_calls_it() {
     core.handle_timeout(look, &peers);
     let t = sent(&mut core).remove(0);
     assert_eq!(t.to, 2);
-    core.handle_reply(w(2, 1), t.tag.correlation, wire::OK, b"r", look, &peers);
+    core.handle_reply(w(2, 1), t.tag.correlation, wire::OK, b"r", &peers);
     assert_eq!(
         core.poll_settled(),
         Some((op, Settled::Answer(Ok(b"r".to_vec()))))
@@ -429,8 +429,8 @@ fn a_leader_dead_in_office_fails_an_invoke_at_once_or_retries_it() {
         if retry {
             let again = sent(&mut core).remove(0);
             assert_eq!(again.to, 2, "the next leader");
-            core.handle_reply(w(1, 1), t.tag.correlation, wire::OK, b"dead", t0, &peers);
-            core.handle_reply(w(2, 1), again.tag.correlation, wire::OK, b"new", t0, &peers);
+            core.handle_reply(w(1, 1), t.tag.correlation, wire::OK, b"dead", &peers);
+            core.handle_reply(w(2, 1), again.tag.correlation, wire::OK, b"new", &peers);
             assert_eq!(
                 core.poll_settled(),
                 Some((op, Settled::Answer(Ok(b"new".to_vec()))))
@@ -464,7 +464,6 @@ fn invoke_asks_again_when_the_worker_asked_no_longer_leads() {
         t.tag.correlation,
         wire::FAILED,
         leader::NOT_LEADER.as_bytes(),
-        t0,
         &peers,
     );
     assert!(sent(&mut core).is_empty(), "asks again after a pause");
@@ -472,7 +471,7 @@ fn invoke_asks_again_when_the_worker_asked_no_longer_leads() {
     core.handle_timeout(look, &peers);
     let again = sent(&mut core).remove(0);
     assert_eq!(again.to, 2);
-    core.handle_reply(w(2, 1), again.tag.correlation, wire::OK, b"ok", look, &peers);
+    core.handle_reply(w(2, 1), again.tag.correlation, wire::OK, b"ok", &peers);
     assert_eq!(
         core.poll_settled(),
         Some((op, Settled::Answer(Ok(b"ok".to_vec()))))

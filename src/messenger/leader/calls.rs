@@ -134,7 +134,7 @@ impl Messenger {
 
     /// The default role's lock-table entry, once known.
     pub(in crate::messenger) fn leader_entry(&self) -> Option<u32> {
-        self.leader.entries.get("").copied()
+        self.leader.default_entry
     }
 
     /// [`Messenger::leader_entry`], looking it up if not yet known.

@@ -86,6 +86,9 @@ impl Messenger {
         }
         let i = find_entry(&self.segment, &lock_name(role))?;
         self.leader.entries.insert(role.to_owned(), i);
+        if role.is_empty() {
+            self.leader.default_entry = Some(i);
+        }
         Some(i)
     }
 

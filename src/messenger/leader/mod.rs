@@ -95,6 +95,9 @@ pub(super) struct LeaderState {
     callbacks: Vec<ChangeCallback>,
     /// Lock-table entry of each role's lock, once found.
     entries: HashMap<String, u32>,
+    /// The default role's entry once known (as in `entries`), read by the
+    /// call core's view on every answer without hashing a name.
+    pub(super) default_entry: Option<u32>,
     /// Topics this worker subscribed to (re-sent to each new leader).
     subscriptions: BTreeSet<String>,
     /// The term whose leader has this worker's subscriptions.
