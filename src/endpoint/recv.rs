@@ -285,6 +285,7 @@ impl NextWait<'_, '_> {
     /// slot's own doorbell to wake it from a park), or a worker died since
     /// the caller last looked (the master rang every doorbell after
     /// counting it).
+    #[inline]
     fn interrupted(&self) -> bool {
         self.interrupt.is_some_and(|i| i.ended(&self.endpoint.segment))
     }
@@ -296,6 +297,7 @@ impl Wait for NextWait<'_, '_> {
 
     /// A receiver polls its lanes back to back; one that parks at once
     /// reads the clock after every poll, so it goes to sleep at the first.
+    #[inline]
     fn pace(&self) -> Pace {
         match self.endpoint.wait {
             WaitStrategy::Park => Pace {
@@ -309,6 +311,7 @@ impl Wait for NextWait<'_, '_> {
         }
     }
 
+    #[inline]
     fn look(&mut self) -> Result<Option<(u32, Next)>, RecvError> {
         if let Some(found) = self.endpoint.poll().map_err(corrupt)? {
             return Ok(Some(found));
@@ -319,6 +322,7 @@ impl Wait for NextWait<'_, '_> {
         Ok(None)
     }
 
+    #[inline]
     fn spinning(&mut self, looks: u32) {
         if looks % 4096 == 0 {
             self.endpoint.beat();
@@ -344,6 +348,7 @@ impl Wait for NextWait<'_, '_> {
         Ok(None)
     }
 
+    #[inline]
     fn timed_out(&self) -> RecvError {
         RecvError::Timeout
     }

@@ -287,6 +287,7 @@ impl Wait for RoomWait<'_> {
     type Found = ();
     type Error = Blocked;
 
+    #[inline]
     fn pace(&self) -> Pace {
         Pace {
             spins_per_look: 16,
@@ -294,6 +295,7 @@ impl Wait for RoomWait<'_> {
         }
     }
 
+    #[inline]
     fn look(&mut self) -> Result<Option<()>, Blocked> {
         Ok(self.out.has_room(self.target)?.then_some(()))
     }
@@ -303,6 +305,7 @@ impl Wait for RoomWait<'_> {
         Ok(self.out.wait_for_room(self.target, timeout)?.then_some(()))
     }
 
+    #[inline]
     fn timed_out(&self) -> Blocked {
         Blocked::Timeout
     }

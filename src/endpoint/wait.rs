@@ -67,7 +67,7 @@ impl Segment {
     /// Rings `from`'s bit in `to`'s doorbell (word `from / 64`) and wakes
     /// `to` if it is parked, by futex or eventfd (see [`wake::notify`]).
     /// Returns whether it issued a wake.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn notify(&self, to: u32, from: u32) -> bool {
         let word = &self.bells(to)[(from / 64) as usize];
         wake::notify(word, 1u64 << (from % 64), self.park(to), || self.ring_fd(to))
@@ -101,7 +101,8 @@ pub(super) trait Wait {
 }
 
 /// How often a spinning wait reads the clock: every `looks_per_clock`
-/// looks, with `spins_per_look` spin-loop hints between two looks.
+/// looks (a power of two), with `spins_per_look` spin-loop hints between
+/// two looks.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Pace {
     pub(super) spins_per_look: u32,
@@ -119,13 +120,17 @@ pub(super) fn spin_then_park<W: Wait>(
 ) -> Result<W::Found, W::Error> {
     let spin_until = strategy.spin_until();
     let pace = wait.pace();
+    debug_assert!(pace.looks_per_clock.is_power_of_two());
+    // A mask, not `%`: the divisor is not a constant here, and a division
+    // on every look of a spin showed in the messenger's round trip.
+    let clock_mask = pace.looks_per_clock - 1;
     let mut looks = 0u32;
     loop {
         if let Some(found) = wait.look()? {
             return Ok(found);
         }
         looks = looks.wrapping_add(1);
-        if looks % pace.looks_per_clock != 0 {
+        if looks & clock_mask != 0 {
             for _ in 0..pace.spins_per_look {
                 std::hint::spin_loop();
             }
@@ -158,6 +163,7 @@ pub(crate) struct Interrupt<'a> {
 }
 
 impl Interrupt<'_> {
+    #[inline(always)]
     pub(super) fn ended(&self, segment: &Segment) -> bool {
         self.flag.load(Relaxed)
             || self

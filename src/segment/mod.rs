@@ -363,13 +363,13 @@ impl Segment {
     /// # Panics
     /// If they do not lie inside the mapping or `offset` is not aligned for
     /// `T`: offsets come from [`Layout`], so either is a bug here.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn ptr_at<T: Shared>(&self, offset: usize, count: usize) -> NonNull<T> {
         ptr_in(&self.inner.map, offset, count)
     }
 
     /// The `T` at `offset`. See [`Segment::slice_at`].
-    #[inline]
+    #[inline(always)]
     pub(crate) fn at<T: Shared>(&self, offset: usize) -> &T {
         &self.slice_at(offset, 1)[0]
     }
@@ -380,7 +380,7 @@ impl Segment {
     /// # Panics
     /// As [`Segment::ptr_at`]. A `T` that is not [`Shared::BY_REFERENCE`]
     /// does not compile.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn slice_at<T: Shared>(&self, offset: usize, len: usize) -> &[T] {
         slice_in(&self.inner.map, offset, len)
     }
@@ -400,26 +400,26 @@ impl Segment {
     }
 
     /// Slot `slot`'s owner and generation. `slot < workers`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn slot(&self, slot: u32) -> &SlotControl {
         self.at(self.inner.layout.slot_control_offset(slot))
     }
 
     /// Slot `slot`'s park word (see `wake` for its states). `slot < workers`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn park(&self, slot: u32) -> &AtomicU32 {
         self.at(self.inner.layout.slot_offset(slot))
     }
 
     /// Slot `slot`'s doorbell words. `slot < workers`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn bells(&self, slot: u32) -> &[AtomicU64] {
         let layout = &self.inner.layout;
         self.slice_at(layout.doorbell_offset(slot), layout.bell_words)
     }
 
     /// Slot `slot`'s worker-table entry. `slot < workers`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn worker_entry(&self, slot: u32) -> &table::WorkerEntry {
         let layout = &self.inner.layout;
         assert!(slot < layout.workers);
@@ -434,7 +434,7 @@ impl Segment {
     }
 
     /// Slot `slot`'s statistics. `slot < workers`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn stats_entry(&self, slot: u32) -> &table::StatsEntry {
         let layout = &self.inner.layout;
         assert!(slot < layout.workers);
@@ -442,7 +442,7 @@ impl Segment {
     }
 
     /// The cluster control block and event log.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn control(&self) -> &table::Control {
         self.at(self.inner.layout.control_offset)
     }
