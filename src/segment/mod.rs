@@ -427,6 +427,7 @@ impl Segment {
     }
 
     /// Lock-table entry `i`. `i < lock_slots`.
+    #[inline(always)]
     pub(crate) fn lock_entry(&self, i: u32) -> &table::LockEntry {
         let layout = &self.inner.layout;
         assert!(i < layout.lock_slots);

@@ -111,6 +111,7 @@ impl Control {
 
 impl LockEntry {
     /// The mutex, for the `sys::mutex` calls.
+    #[inline]
     pub(crate) fn mutex_ptr(&self) -> *mut crate::sys::mutex::RawMutex {
         self.mutex.as_ptr()
     }
