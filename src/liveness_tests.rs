@@ -162,6 +162,64 @@ fn a_call_to_a_reaped_worker_ends_when_the_master_counts_the_death() {
     drop(target);
 }
 
+/// A consume whose worker the master reaps goes to the next worker at
+/// once: the redelivery the death queues in the call core is sent before
+/// the caller waits again (with the periodic look an hour away, a
+/// redelivery left queued would wait for it, and the watchdog fails the
+/// test).
+#[test]
+fn a_consume_whose_worker_is_reaped_is_redelivered_at_once() {
+    let _dog = Watchdog::new("redelivery at once", Duration::from_secs(20));
+    let segment = Segment::create(&Config::new(3)).unwrap();
+    // Slot 2 serves `task`, but is not live until slot 1 dies.
+    let mut m2 = Messenger::from_endpoint(segment.endpoint(2).unwrap());
+    m2.on_bytes("task", |_, _| b"done".to_vec()).unwrap();
+    let entry2 = segment.worker_entry(2);
+    entry2.state.store(crate::WorkerState::Dead.to_raw(), Release);
+    // This process plays the master: slot 1 is ready and never answers.
+    let target = segment.endpoint(1).unwrap();
+    let generation = target.generation();
+    segment.control().master_pid.store(crate::sys::getpid(), Release);
+    let entry1 = segment.worker_entry(1);
+    entry1.generation.store(generation, Release);
+    entry1.state.store(crate::WorkerState::Ready.to_raw(), Release);
+    let mut m0 = Messenger::from_endpoint(segment.endpoint(0).unwrap());
+    m0.set_liveness_slice(Duration::from_secs(3600));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                m2.poll(Duration::from_millis(10)).unwrap();
+            }
+        })
+    };
+    let reaper = {
+        let segment = segment.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            // A successor is ready before the death is counted.
+            segment
+                .worker_entry(2)
+                .state
+                .store(crate::WorkerState::Ready.to_raw(), Release);
+            segment
+                .worker_entry(1)
+                .state
+                .store(crate::WorkerState::Dead.to_raw(), Release);
+            segment.reset_dead_slot(1, generation);
+        })
+    };
+    let hour = Instant::now() + Duration::from_secs(3600);
+    let done = m0.consume_bytes("task", b"", hour).unwrap();
+    assert_eq!(done.worker.slot, 2, "{done:?}");
+    assert!(done.attempts >= 2, "redelivered: {done:?}");
+    reaper.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    server.join().unwrap();
+    drop(target);
+}
+
 /// Issue 12, item 6: an `invoke` waiting on a leader that dies in office
 /// fails at once — the kernel hands the leader's lock to the next candidate
 /// as the leader exits, well before a master reaps it — so the caller can

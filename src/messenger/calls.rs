@@ -170,6 +170,9 @@ impl Messenger {
                 let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
                 self.core.handle_timeout(now, &peers);
             }
+            // A redelivery, a failover or a new look for the leader queued
+            // by the two steps above goes out now, not after the wait.
+            self.pump();
             if let Some(s) = self.core.take_settled(id) {
                 return Ok(s);
             }

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::calls::LivePeers;
-use super::core::{Op, Settled};
+use super::core::{Op, OpId, Settled};
 use super::error::{CallError, CorruptLane, DispatchError, EmitError};
 use super::handlers::handle_message;
 use super::{wire, Messenger};
@@ -38,11 +38,25 @@ pub(super) struct RemoteCall {
     pub(super) op: Op,
     pub(super) deadline: Instant,
     pub(super) done: Done,
+    /// Whether its caller has gone (an async call's future dropped): the
+    /// core then forgets the operation instead of running it on, a
+    /// consume's redeliveries included. `None`: the caller waits it out.
+    pub(super) cancelled: Option<Cancelled>,
 }
 
 /// Where a remote call's end goes (a channel of the blocked thread, or an
 /// async task's oneshot).
 pub(super) type Done = Box<dyn FnOnce(Settled) + Send>;
+
+/// Asks whether a remote call's caller has gone.
+pub(super) type Cancelled = Box<dyn Fn() -> bool + Send>;
+
+/// A remote call in the core: where its end goes, and how to see its
+/// caller gone.
+pub(super) struct Remote {
+    done: Done,
+    cancelled: Option<Cancelled>,
+}
 
 impl Outbox {
     pub(super) fn push(&self, to: u32, tag: Tag, bytes: Vec<u8>) {
@@ -269,8 +283,8 @@ impl Messenger {
             let Some((op, settled)) = self.core.poll_settled_where(|op| remote.contains_key(&op)) else {
                 return;
             };
-            if let Some(done) = self.remote.remove(&op) {
-                done(settled);
+            if let Some(remote) = self.remote.remove(&op) {
+                (remote.done)(settled);
             }
         }
     }
@@ -361,7 +375,13 @@ impl Messenger {
             }
             let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
             let id = self.core.start(call.op, call.deadline, Instant::now(), &peers);
-            self.remote.insert(id, call.done);
+            self.remote.insert(
+                id,
+                Remote {
+                    done: call.done,
+                    cancelled: call.cancelled,
+                },
+            );
         }
         self.pump();
     }
@@ -369,6 +389,16 @@ impl Messenger {
     /// Looks at other threads' calls: deaths and deadlines.
     fn settle_remote(&mut self) {
         if !self.remote.is_empty() {
+            let gone: Vec<OpId> = self
+                .remote
+                .iter()
+                .filter(|(_, r)| r.cancelled.as_ref().is_some_and(|c| c()))
+                .map(|(&op, _)| op)
+                .collect();
+            for op in gone {
+                self.core.abandon(op);
+                self.remote.remove(&op);
+            }
             let now = Instant::now();
             self.check_liveness(now);
             let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
@@ -392,6 +422,9 @@ impl Messenger {
     pub(super) fn dispatch_until(&mut self, until: Option<Instant>) -> Result<usize, DispatchError> {
         if self.view().deaths() != self.deaths_seen {
             self.check_liveness(Instant::now());
+            // What the deaths made the core send (a consume's redelivery,
+            // an invoke's next leader) goes before this dispatch waits.
+            self.pump();
         }
         let until = match (until, self.remote_due()) {
             (Some(u), Some(r)) => Some(u.min(r)),

@@ -78,6 +78,8 @@ impl MessengerHandle {
             done: Box::new(move |r| {
                 let _ = done.send(r);
             }),
+            // The caller waits until the deadline, when the core ends it.
+            cancelled: None,
         });
         // The messenger settles the call at its deadline; a little more
         // here covers a loop that is busy in a handler at that moment.

@@ -54,7 +54,7 @@ use crate::segment::Segment;
 use crate::{Endpoint, Worker};
 
 use self::core::{CallCore, OpId};
-use dispatch::{Done, Outbox};
+use dispatch::{Outbox, Remote};
 use handlers::Handler;
 
 /// How long a blocking call sleeps at most between looks at its targets'
@@ -225,7 +225,7 @@ pub struct Messenger {
     core: CallCore,
     /// Operations started for other threads (handles, the async
     /// messenger): where each one's end goes.
-    remote: FxHashMap<OpId, Done>,
+    remote: FxHashMap<OpId, Remote>,
     /// Delivery ids of this thread's `consume`s.
     next_delivery: u64,
     /// The segment's death count when the calls' targets were last checked
@@ -246,6 +246,19 @@ impl fmt::Debug for Messenger {
             .field("generation", &self.generation)
             .field("workers", &self.workers)
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Messenger {
+    fn drop(&mut self) {
+        // Calls other threads queued that this messenger will never start:
+        // dropping them closes their callers' channels, who learn
+        // `WorkerDied` now instead of at their deadline.
+        self.outbox
+            .calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 

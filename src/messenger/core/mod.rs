@@ -51,7 +51,10 @@
 //! `start`, `handle_timeout`, `handle_deaths` or `send_failed`), and an
 //! answer is handled at that time, so a driver reads the clock once a turn.
 //!
-//! Steps 2–5 repeat in any order; each is cheap when there is nothing to do.
+//! Steps 2–5 repeat, each cheap when there is nothing to do; after any
+//! `start` or `handle_*`, drain `poll_transmit` before waiting: those
+//! steps may queue a message (a redelivery, a failover, a new look for the
+//! leader) that nothing else will send.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -314,7 +317,15 @@ impl CallCore {
 
     /// The next message to send, in the order the calls were made.
     pub(crate) fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        // A call can end before its message goes: its target died while an
+        // earlier message of the same pump waited for room. Its message
+        // must not reach that slot's successor then.
+        while let Some(t) = self.transmits.pop_front() {
+            if self.calls.contains_key(&t.call) {
+                return Some(t);
+            }
+        }
+        None
     }
 
     /// The next operation that has ended, whatever it is.

@@ -488,3 +488,24 @@ fn an_abandoned_operation_sends_and_settles_nothing_more() {
     core.handle_timeout(t0 + Duration::from_secs(2), &peers);
     assert!(core.poll_settled().is_none());
 }
+
+#[test]
+fn a_message_whose_call_has_ended_is_not_sent() {
+    let (mut core, peers, t0) = setup(3);
+    let op = core.start(Op::Map { bytes: vec![] }, t0 + Duration::from_secs(1), t0, &peers);
+    // The driver is still sending the first message (waiting for room)
+    // when the third worker is seen dead: its message must not go to the
+    // slot's successor.
+    let first = core.poll_transmit().expect("the first message");
+    peers.kill(2);
+    core.handle_deaths(t0, &peers);
+    let rest = sent(&mut core);
+    assert_eq!(rest.iter().map(|t| t.to).collect::<Vec<_>>(), [1]);
+    core.handle_reply(w(first.to, 1), first.tag.correlation, wire::OK, b"a", &peers);
+    core.handle_reply(w(1, 1), rest[0].tag.correlation, wire::OK, b"b", &peers);
+    let Some((id, Settled::Map(entries))) = core.poll_settled() else {
+        panic!("map not settled")
+    };
+    assert_eq!(id, op);
+    assert_eq!(entries[2], (w(2, 1), Err(MapError::WorkerDied)));
+}
