@@ -57,9 +57,14 @@ pub struct Worker {
     instances: u32,
     control: Option<OwnedFd>,
     listeners: Vec<Listener>,
-    /// Whether a master runs this worker (fork and spawn mode); `false` in
-    /// threads mode ([`Worker::unmanaged`]).
+    /// Whether a master runs the segment: fork and spawn mode, and a
+    /// worker attached to a running cluster's segment, which then asks that
+    /// master (and leaves its table alone); `false` in threads mode and on
+    /// a bare segment ([`Worker::unmanaged`]).
     managed: bool,
+    /// Whether the master started this worker (fork and spawn mode):
+    /// [`Worker::has_master`].
+    started_by_master: bool,
     /// The lock table, made on first use (the glibc check and the name
     /// cache then serve every later section).
     locks: std::cell::OnceCell<crate::Locks>,
@@ -262,6 +267,7 @@ impl Worker {
             control,
             listeners,
             managed: true,
+            started_by_master: true,
             locks: std::cell::OnceCell::new(),
         })
     }
@@ -301,6 +307,7 @@ impl Worker {
             control: None,
             listeners: Vec::new(),
             managed: master,
+            started_by_master: false,
             locks: std::cell::OnceCell::new(),
         }
     }
@@ -379,12 +386,13 @@ impl Worker {
         self.endpoint.beat();
     }
 
-    /// Whether a master runs this worker (fork or spawn mode, or a process
-    /// attached to a running cluster's segment); false in threads mode and
-    /// for a worker on a bare segment, which behave as "Without a master"
-    /// says.
+    /// Whether a master started this worker (fork or spawn mode); false in
+    /// threads mode, for a worker on a bare segment (both behave as
+    /// "Without a master" says), and for one that attached to a running
+    /// cluster's segment by itself (it asks that master for a shutdown or a
+    /// reload, but is none of its instances).
     pub fn has_master(&self) -> bool {
-        self.managed
+        self.started_by_master
     }
 
     /// Whether the master asked this worker to stop: drain for a reload,
