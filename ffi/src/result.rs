@@ -118,7 +118,7 @@ pub enum shmc_result {
 /// not made by this macro: cbindgen reads the source, not macro expansions,
 /// and the header needs it. The C names, the numbers and the texts
 /// reach C and Python through [`shmc_result_codes`], [`shmc_result_name`]
-/// and [`shmc_error_string`] (`python/shmcluster/_codes.py` is generated
+/// and [`shmc_error_string`] (`ffi/python/shmcluster/_codes.py` is generated
 /// from them and checked by `tests/python_codes.rs`).
 macro_rules! result_texts {
     ($($code:ident => $text:expr,)*) => {
@@ -349,22 +349,26 @@ impl From<CallError> for Failure {
 }
 
 // Every emit, registration or dispatch failure is also a call failure (the
-// messenger's own `From`s), with the same result code.
+// messenger's own `From`s), with the same result code; the text stays the
+// error's own.
 impl From<EmitError> for Failure {
     fn from(e: EmitError) -> Self {
-        CallError::from(e).into()
+        let text = e.to_string();
+        Self::new(Failure::from(CallError::from(e)).code, text)
     }
 }
 
 impl From<RegisterError> for Failure {
     fn from(e: RegisterError) -> Self {
-        CallError::from(e).into()
+        let text = e.to_string();
+        Self::new(Failure::from(CallError::from(e)).code, text)
     }
 }
 
 impl From<DispatchError> for Failure {
     fn from(e: DispatchError) -> Self {
-        CallError::from(e).into()
+        let text = e.to_string();
+        Self::new(Failure::from(CallError::from(e)).code, text)
     }
 }
 

@@ -286,7 +286,9 @@ pub enum MapError {
     HandlerFailed(String),
     /// Its answer could not be decoded as the type asked for.
     Decode(postcard::Error),
-    /// The lane to it holds garbage: the call never reached it.
+    /// A lane on the way holds garbage: the one to it (the call never
+    /// reached it), or one into this worker met while the call waited to
+    /// be sent.
     Corrupt(CorruptLane),
 }
 
@@ -319,10 +321,19 @@ impl MapError {
         match e {
             CallError::NoHandler => Self::NoHandler,
             CallError::HandlerFailed(e) => Self::HandlerFailed(e),
-            CallError::WorkerDied => Self::WorkerDied,
+            CallError::WorkerDied | CallError::LeaderDied => Self::WorkerDied,
             CallError::Decode(e) => Self::Decode(e),
             CallError::Corrupt(c) => Self::Corrupt(c),
-            _ => Self::TimedOut,
+            CallError::TimedOut => Self::TimedOut,
+            // Checked for the map as a whole before anything is sent, or
+            // not a map's (the leader's, a handle's): no entry meets them,
+            // and one that did would not have been answered in time.
+            CallError::NoSuchWorker { .. }
+            | CallError::TooLarge { .. }
+            | CallError::EventName { .. }
+            | CallError::Encode(_)
+            | CallError::NoLeader
+            | CallError::InHandler => Self::TimedOut,
         }
     }
 }

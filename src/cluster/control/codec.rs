@@ -9,8 +9,8 @@
 //!
 //! [`escape`] and [`unescape`] are `pub` for the `shmcluster` command's
 //! client, a separate crate target that sees only the library's public
-//! items: once the crate root re-exports this module (hidden from the
-//! docs), the client drops its own copy of `unescape` and uses this one.
+//! items: the crate root re-exports this module, hidden from the docs, as
+//! `control_codec`.
 
 use std::fmt::Write as _;
 use std::time::Duration;

@@ -4,7 +4,9 @@
 //! `segment::table`'s (and `lock`'s for the lock table).
 //!
 //! Reserved and padding words are atomics too, so that every byte of these
-//! types another process may write is inside one (see [`Shared`]).
+//! types another process writes is inside one (see [`Shared`]). Where the
+//! compiler pads (a lock entry on aarch64, whose mutex is 48 bytes, ends in
+//! implicit padding), nobody writes: no field is there.
 
 use std::mem::offset_of;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8};
@@ -179,7 +181,10 @@ pub(crate) struct LockEntry {
 // SAFETY: repr(C); atomics, and the mutex storage that only pthread calls
 // touch (`sys::mutex`); 64-aligned. A mutex another process scribbled on
 // is the one thing not valid for every bit pattern: processes that share a
-// segment are trusted not to (the crate's trust model, README).
+// segment are trusted not to (the crate's trust model, README). The mutex
+// storage is the one place with addresses in it (glibc links a robust
+// mutex into its owner's robust list): glibc writes and reads them, and
+// this crate never dereferences them.
 unsafe impl Shared for LockEntry {
     const BY_REFERENCE: bool = true;
 }
