@@ -2,6 +2,7 @@
 //! every race the multi-process tests found.
 
 use super::*;
+use crate::messenger::Leader;
 use std::cell::RefCell;
 
 /// A cluster of `workers` slots whose liveness, loads and leader the
