@@ -124,6 +124,42 @@ fn a_dead_leader_is_no_leader_whoever_has_its_pid_now() {
     );
 }
 
+/// This process plays the master of `segment`: its table says slot 1 (an
+/// endpoint that never answers, returned with its generation) is ready.
+/// Returns slot 0's messenger, which looks at its calls' targets only
+/// every hour: only the master's count of a death can end a wait.
+fn master_with_silent_slot_1(segment: &Segment) -> (Messenger, crate::Endpoint, u32) {
+    let target = segment.endpoint(1).unwrap();
+    let generation = target.generation();
+    segment.control().master_pid.store(crate::sys::getpid(), Release);
+    let entry = segment.worker_entry(1);
+    entry.generation.store(generation, Release);
+    entry.state.store(crate::WorkerState::Ready.to_raw(), Release);
+    let mut m0 = Messenger::from_endpoint(segment.endpoint(0).unwrap());
+    m0.set_liveness_slice(Duration::from_secs(3600));
+    (m0, target, generation)
+}
+
+/// As the master, after `delay`: marks slot 1 dead and counts the death
+/// (with `successor`, that slot's worker is made ready first).
+fn reap_slot_1(segment: &Segment, generation: u32, successor: Option<u32>) -> std::thread::JoinHandle<()> {
+    let segment = segment.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(slot) = successor {
+            segment
+                .worker_entry(slot)
+                .state
+                .store(crate::WorkerState::Ready.to_raw(), Release);
+        }
+        segment
+            .worker_entry(1)
+            .state
+            .store(crate::WorkerState::Dead.to_raw(), Release);
+        segment.reset_dead_slot(1, generation);
+    })
+}
+
 /// Issue 12, item 6: a call to a worker the master reaps is settled when
 /// the master marks it dead, not at the caller's next periodic look (5 ms
 /// in production; an hour here, so only the master's count can end the
@@ -133,26 +169,9 @@ fn a_call_to_a_reaped_worker_ends_when_the_master_counts_the_death() {
     let _dog = Watchdog::new("death observed at once", Duration::from_secs(20));
     let segment = Segment::create(&Config::new(2)).unwrap();
     // This process plays the master: its table says slot 1 is ready.
-    let target = segment.endpoint(1).unwrap();
-    let generation = target.generation();
-    segment.control().master_pid.store(crate::sys::getpid(), Release);
-    let entry = segment.worker_entry(1);
-    entry.generation.store(generation, Release);
-    entry.state.store(crate::WorkerState::Ready.to_raw(), Release);
-    let mut m0 = Messenger::from_endpoint(segment.endpoint(0).unwrap());
-    m0.set_liveness_slice(Duration::from_secs(3600));
-    let reaper = {
-        let segment = segment.clone();
-        std::thread::spawn(move || {
-            // The target never answers; then the master reaps it.
-            std::thread::sleep(Duration::from_millis(50));
-            segment
-                .worker_entry(1)
-                .state
-                .store(crate::WorkerState::Dead.to_raw(), Release);
-            segment.reset_dead_slot(1, generation);
-        })
-    };
+    // The target never answers; then the master reaps it.
+    let (mut m0, target, generation) = master_with_silent_slot_1(&segment);
+    let reaper = reap_slot_1(&segment, generation, None);
     let hour = Instant::now() + Duration::from_secs(3600);
     assert_eq!(
         m0.request_bytes(1, "anything", b"", hour),
@@ -176,15 +195,7 @@ fn a_consume_whose_worker_is_reaped_is_redelivered_at_once() {
     m2.on_bytes("task", |_, _| b"done".to_vec()).unwrap();
     let entry2 = segment.worker_entry(2);
     entry2.state.store(crate::WorkerState::Dead.to_raw(), Release);
-    // This process plays the master: slot 1 is ready and never answers.
-    let target = segment.endpoint(1).unwrap();
-    let generation = target.generation();
-    segment.control().master_pid.store(crate::sys::getpid(), Release);
-    let entry1 = segment.worker_entry(1);
-    entry1.generation.store(generation, Release);
-    entry1.state.store(crate::WorkerState::Ready.to_raw(), Release);
-    let mut m0 = Messenger::from_endpoint(segment.endpoint(0).unwrap());
-    m0.set_liveness_slice(Duration::from_secs(3600));
+    let (mut m0, target, generation) = master_with_silent_slot_1(&segment);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let server = {
         let stop = stop.clone();
@@ -194,22 +205,8 @@ fn a_consume_whose_worker_is_reaped_is_redelivered_at_once() {
             }
         })
     };
-    let reaper = {
-        let segment = segment.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            // A successor is ready before the death is counted.
-            segment
-                .worker_entry(2)
-                .state
-                .store(crate::WorkerState::Ready.to_raw(), Release);
-            segment
-                .worker_entry(1)
-                .state
-                .store(crate::WorkerState::Dead.to_raw(), Release);
-            segment.reset_dead_slot(1, generation);
-        })
-    };
+    // A successor is ready before the death is counted.
+    let reaper = reap_slot_1(&segment, generation, Some(2));
     let hour = Instant::now() + Duration::from_secs(3600);
     let done = m0.consume_bytes("task", b"", hour).unwrap();
     assert_eq!(done.worker.slot, 2, "{done:?}");
