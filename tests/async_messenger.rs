@@ -408,3 +408,63 @@ async fn large_messages_to_oneself_and_the_payload_limit() {
         Err(EmitError::TooLarge { len: max + 4, max })
     );
 }
+
+/// A consume whose future is dropped (here by a timeout) leaves the
+/// driver: when the worker it went to dies afterwards, the task is not sent
+/// to another one, as it would be for a caller still waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_consume_is_not_redelivered() {
+    use std::sync::atomic::AtomicBool;
+    let _dog = Watchdog::new("dropped consume", Duration::from_secs(30));
+    let segment = Segment::create(&Config::new(3)).unwrap();
+    // Slot 1 takes the task and never answers: it keeps the reply.
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let mut m1 = Messenger::from_endpoint(segment.endpoint(1).unwrap());
+    let k = kept.clone();
+    m1.on_request_async_bytes("task", move |_, _, reply| k.lock().unwrap().push(reply))
+        .unwrap();
+    let stop1 = Arc::new(AtomicBool::new(false));
+    let s1 = stop1.clone();
+    let t1 = std::thread::spawn(move || {
+        while !s1.load(Ordering::Acquire) {
+            m1.poll(Duration::from_millis(10)).unwrap();
+        }
+    });
+    let am0 = Messenger::from_endpoint(segment.endpoint(0).unwrap()).into_async();
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), am0.consume("task", &(), soon(20))).await;
+    assert!(gave_up.is_err(), "the consume ended: {gave_up:?}");
+    assert_eq!(kept.lock().unwrap().len(), 1, "slot 1 took the task");
+    // The driver sees the future gone within a few of its turns.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Slot 1's worker ends (its claim goes with its endpoint), replies
+    // unsent; slot 2 comes up with a handler.
+    stop1.store(true, Ordering::Release);
+    t1.join().unwrap();
+    let got = Arc::new(AtomicU64::new(0));
+    let mut m2 = Messenger::from_endpoint(segment.endpoint(2).unwrap());
+    let g = got.clone();
+    m2.on_bytes("task", move |_, _| {
+        g.fetch_add(1, Ordering::Relaxed);
+        Vec::new()
+    })
+    .unwrap();
+    let stop2 = Arc::new(AtomicBool::new(false));
+    let s2 = stop2.clone();
+    let t2 = std::thread::spawn(move || {
+        while !s2.load(Ordering::Acquire) {
+            m2.poll(Duration::from_millis(10)).unwrap();
+        }
+    });
+    // Ample for a redelivery: the driver looks at its calls' targets
+    // every 5 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        got.load(Ordering::Relaxed),
+        0,
+        "a dropped consume was redelivered"
+    );
+    stop2.store(true, Ordering::Release);
+    t2.join().unwrap();
+    kept.lock().unwrap().clear();
+    drop(am0);
+}
