@@ -38,24 +38,42 @@ pub(super) struct RemoteCall {
     pub(super) op: Op,
     pub(super) deadline: Instant,
     pub(super) done: Done,
-    /// Whether its caller has gone (an async call's future dropped): the
-    /// core then forgets the operation instead of running it on, a
-    /// consume's redeliveries included. `None`: the caller waits it out.
-    pub(super) cancelled: Option<Cancelled>,
 }
 
-/// Where a remote call's end goes (a channel of the blocked thread, or an
-/// async task's oneshot).
-pub(super) type Done = Box<dyn FnOnce(Settled) + Send>;
+/// Where a remote call's end goes: the channel its caller waits on.
+pub(super) enum Done {
+    /// A thread blocked in [`super::MessengerHandle::request`]; it waits
+    /// until the deadline, when the core ends the call.
+    Thread(std::sync::mpsc::Sender<Settled>),
+    /// An async task. Its future may be dropped (a timeout, a `select!`):
+    /// the channel then closes, and the core forgets the operation instead
+    /// of running it on, a consume's redeliveries included.
+    #[cfg(feature = "tokio")]
+    Task(tokio::sync::oneshot::Sender<Settled>),
+}
 
-/// Asks whether a remote call's caller has gone.
-pub(super) type Cancelled = Box<dyn Fn() -> bool + Send>;
+impl Done {
+    /// Hands the end over (a caller that has gone gets nothing).
+    fn send(self, settled: Settled) {
+        match self {
+            Done::Thread(tx) => {
+                let _ = tx.send(settled);
+            }
+            #[cfg(feature = "tokio")]
+            Done::Task(tx) => {
+                let _ = tx.send(settled);
+            }
+        }
+    }
 
-/// A remote call in the core: where its end goes, and how to see its
-/// caller gone.
-pub(super) struct Remote {
-    done: Done,
-    cancelled: Option<Cancelled>,
+    /// Whether the caller has gone and the call can be forgotten.
+    fn caller_gone(&self) -> bool {
+        match self {
+            Done::Thread(_) => false,
+            #[cfg(feature = "tokio")]
+            Done::Task(tx) => tx.is_closed(),
+        }
+    }
 }
 
 impl Outbox {
@@ -283,8 +301,8 @@ impl Messenger {
             let Some((op, settled)) = self.core.poll_settled_where(|op| remote.contains_key(&op)) else {
                 return;
             };
-            if let Some(remote) = self.remote.remove(&op) {
-                (remote.done)(settled);
+            if let Some(done) = self.remote.remove(&op) {
+                done.send(settled);
             }
         }
     }
@@ -375,13 +393,7 @@ impl Messenger {
             }
             let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
             let id = self.core.start(call.op, call.deadline, Instant::now(), &peers);
-            self.remote.insert(
-                id,
-                Remote {
-                    done: call.done,
-                    cancelled: call.cancelled,
-                },
-            );
+            self.remote.insert(id, call.done);
         }
         self.pump();
     }
@@ -392,7 +404,7 @@ impl Messenger {
             let gone: Vec<OpId> = self
                 .remote
                 .iter()
-                .filter(|(_, r)| r.cancelled.as_ref().is_some_and(|c| c()))
+                .filter(|(_, done)| done.caller_gone())
                 .map(|(&op, _)| op)
                 .collect();
             for op in gone {

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::core::{Op, Settled};
-use super::dispatch::{Outbox, RemoteCall};
+use super::dispatch::{Done, Outbox, RemoteCall};
 use super::encode::{decode, encode_call};
 use super::error::{CallError, EmitError};
 use super::handlers::IN_HANDLER;
@@ -75,11 +75,7 @@ impl MessengerHandle {
         self.outbox.push_call(RemoteCall {
             op: Op::Request { to: worker, bytes },
             deadline,
-            done: Box::new(move |r| {
-                let _ = done.send(r);
-            }),
-            // The caller waits until the deadline, when the core ends it.
-            cancelled: None,
+            done: Done::Thread(done),
         });
         // The messenger settles the call at its deadline; a little more
         // here covers a loop that is busy in a handler at that moment.

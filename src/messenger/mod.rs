@@ -54,7 +54,7 @@ use crate::segment::Segment;
 use crate::{Endpoint, Worker};
 
 use self::core::{CallCore, OpId};
-use dispatch::{Outbox, Remote};
+use dispatch::{Done, Outbox};
 use handlers::Handler;
 
 /// How long a blocking call sleeps at most between looks at its targets'
@@ -225,7 +225,7 @@ pub struct Messenger {
     core: CallCore,
     /// Operations started for other threads (handles, the async
     /// messenger): where each one's end goes.
-    remote: FxHashMap<OpId, Remote>,
+    remote: FxHashMap<OpId, Done>,
     /// Delivery ids of this thread's `consume`s.
     next_delivery: u64,
     /// The segment's death count when the calls' targets were last checked

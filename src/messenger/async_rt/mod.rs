@@ -51,7 +51,7 @@ use driver::{drive, Waiter, WakeFd};
 
 use super::calls::{decode_entries, targets};
 use super::core::{Op, Settled};
-use super::dispatch::{Outbox, RemoteCall};
+use super::dispatch::{Done, Outbox, RemoteCall};
 use super::encode::{decode, encode_call};
 use super::error::{CallError, EmitError, MapError, RegisterError};
 use super::{
@@ -307,25 +307,10 @@ impl AsyncMessenger {
     /// Runs `op` in the driver's call core and waits for its end.
     async fn call(&self, op: Op, deadline: Instant) -> Result<Settled, CallError> {
         let (tx, rx) = oneshot::channel();
-        // The driver both answers through the sender and asks it whether
-        // this future is gone (dropped by a timeout or a `select!`).
-        let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
-        let probe = Arc::clone(&tx);
         self.shared.outbox.push_call(RemoteCall {
             op,
             deadline,
-            done: Box::new(move |s| {
-                if let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    let _ = tx.send(s);
-                }
-            }),
-            cancelled: Some(Box::new(move || {
-                probe
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                    .is_none_or(|tx| tx.is_closed())
-            })),
+            done: Done::Task(tx),
         });
         settled(rx, deadline).await
     }

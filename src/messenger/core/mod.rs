@@ -136,6 +136,16 @@ struct Call {
 /// A map's entries so far: `None` until its worker's call ends.
 type OpenEntries = Vec<(WorkerId, Option<Result<Vec<u8>, MapError>>)>;
 
+/// A map's end: every entry, those still open as `TimedOut`.
+fn close_map(entries: &mut OpenEntries) -> Settled {
+    Settled::Map(
+        std::mem::take(entries)
+            .into_iter()
+            .map(|(w, r)| (w, r.unwrap_or(Err(MapError::TimedOut))))
+            .collect(),
+    )
+}
+
 #[derive(Debug)]
 enum State {
     Request,
@@ -498,12 +508,7 @@ impl CallCore {
         let Some(op) = self.ops.get_mut(&id) else { return };
         let settled = match &mut op.state {
             State::Request => Settled::Answer(Err(CallError::TimedOut)),
-            State::Map { entries, .. } => Settled::Map(
-                std::mem::take(entries)
-                    .into_iter()
-                    .map(|(w, r)| (w, r.unwrap_or(Err(MapError::TimedOut))))
-                    .collect(),
-            ),
+            State::Map { entries, .. } => close_map(entries),
             State::Consume { .. } => Settled::Consumed(Err(CallError::TimedOut)),
             State::Invoke { calling: true, .. } => Settled::Answer(Err(CallError::TimedOut)),
             State::Invoke { calling: false, .. } => Settled::Answer(Err(CallError::NoLeader)),
@@ -529,11 +534,8 @@ impl CallCore {
                     *open -= 1;
                 }
                 if *open == 0 {
-                    let entries = std::mem::take(entries)
-                        .into_iter()
-                        .map(|(w, r)| (w, r.unwrap_or(Err(MapError::TimedOut))))
-                        .collect();
-                    self.settle(op_id, Settled::Map(entries));
+                    let settled = close_map(entries);
+                    self.settle(op_id, settled);
                 }
             }
             State::Consume {
