@@ -902,7 +902,7 @@ pub unsafe extern "C" fn shmc_run(w: *const shmc_worker) -> shmc_result {
         unsafe {
             with_worker(w, |inner| loop {
                 inner.run_jobs();
-                let stop = match Some(inner.messenger.worker()).filter(|w| w.has_master()) {
+                let stop = match crate::worker::master_worker(&inner.messenger) {
                     Some(worker) => worker.should_stop(),
                     // With a master, a shutdown request was forwarded: keep
                     // serving until the master says stop.

@@ -348,27 +348,28 @@ impl From<CallError> for Failure {
     }
 }
 
-// Every emit, registration or dispatch failure is also a call failure (the
-// messenger's own `From`s), with the same result code; the text stays the
-// error's own.
+/// An emit, registration or dispatch failure: the code of the call failure
+/// it also is (the messenger's own `From`s), the text its own.
+fn as_call_failure<E: Into<CallError> + std::fmt::Display>(e: E) -> Failure {
+    let text = e.to_string();
+    Failure::new(Failure::from(e.into()).code, text)
+}
+
 impl From<EmitError> for Failure {
     fn from(e: EmitError) -> Self {
-        let text = e.to_string();
-        Self::new(Failure::from(CallError::from(e)).code, text)
+        as_call_failure(e)
     }
 }
 
 impl From<RegisterError> for Failure {
     fn from(e: RegisterError) -> Self {
-        let text = e.to_string();
-        Self::new(Failure::from(CallError::from(e)).code, text)
+        as_call_failure(e)
     }
 }
 
 impl From<DispatchError> for Failure {
     fn from(e: DispatchError) -> Self {
-        let text = e.to_string();
-        Self::new(Failure::from(CallError::from(e)).code, text)
+        as_call_failure(e)
     }
 }
 

@@ -95,7 +95,7 @@ impl WorkerInner {
 
     /// Passes on a shutdown, reload or ready asked for while busy.
     fn forward_requests(&self) {
-        if let Some(w) = Some(self.messenger.worker()).filter(|w| w.has_master()) {
+        if let Some(w) = master_worker(&self.messenger) {
             if self.pending.shutdown.swap(false, AcqRel) {
                 w.request_shutdown();
             }
@@ -187,6 +187,13 @@ impl shmc_worker {
     pub(crate) fn stop_requested(&self) -> bool {
         self.watch.should_stop() || (!self.has_master && self.stop.load(Acquire))
     }
+}
+
+/// The messenger's worker when a master started it: the C ABI follows a
+/// master's rules then, and its own without one (attached workers, whose
+/// shutdown stops only themselves and whose reload is `NoMaster`).
+pub(crate) fn master_worker(m: &Messenger) -> Option<&Worker> {
+    Some(m.worker()).filter(|w| w.has_master())
 }
 
 /// The worker behind `w`, for the functions callable from any thread:
@@ -388,7 +395,7 @@ pub unsafe extern "C" fn shmc_identity_get(w: *const shmc_worker, out: *mut shmc
             with_worker(w, |inner| {
                 let m = &inner.messenger;
                 let slots = m.stats().slots.len() as u32;
-                Ok(match Some(m.worker()).filter(|w| w.has_master()) {
+                Ok(match master_worker(m) {
                     Some(worker) => shmc_identity {
                         slot: m.slot(),
                         generation: m.generation(),
@@ -481,7 +488,7 @@ pub unsafe extern "C" fn shmc_peers(
         let list = unsafe {
             with_worker(w, |inner| {
                 let m = &inner.messenger;
-                Ok(match Some(m.worker()).filter(|w| w.has_master()) {
+                Ok(match master_worker(m) {
                     Some(worker) => worker
                         .peers()
                         .into_iter()
@@ -637,16 +644,13 @@ pub unsafe extern "C" fn shmc_request_reload(w: *const shmc_worker) -> shmc_resu
     guard(|| {
         // SAFETY: forwarded from our caller.
         let worker = unsafe { worker_arg(w) }?;
-        let reloaded =
-            worker.if_idle(
-                |inner| match Some(inner.messenger.worker()).filter(|w| w.has_master()) {
-                    Some(wk) => {
-                        wk.request_reload();
-                        Ok(())
-                    }
-                    None => Err(shmc_result::NoMaster.into()),
-                },
-            );
+        let reloaded = worker.if_idle(|inner| match master_worker(&inner.messenger) {
+            Some(wk) => {
+                wk.request_reload();
+                Ok(())
+            }
+            None => Err(shmc_result::NoMaster.into()),
+        });
         reloaded.unwrap_or_else(|| {
             // Busy: its running call forwards it.
             worker.pending.reload.store(true, Release);
