@@ -43,7 +43,7 @@ pub(crate) use encode::payload_limit;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering::*};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -327,7 +327,7 @@ impl Messenger {
             core: CallCore::new(slot),
             remote: FxHashMap::default(),
             next_delivery: 0,
-            deaths_seen: outbox.segment.control().deaths.load(Acquire),
+            deaths_seen: ClusterView::new(&outbox.segment, WorkerId { slot, generation }).deaths(),
             liveness_slice: LIVENESS_SLICE,
             outbox,
             leader: leader::LeaderState::default(),
