@@ -635,13 +635,46 @@ fn print_tables(full: bool, plan: Plan, lane: Latency, sock: Latency, rows: &[Fi
         );
     }
     println!();
+    let spin = shmcluster::WaitStrategy::DEFAULT_SPIN.as_micros();
     println!(
-        "Every endpoint uses the default wait strategy, `SpinThenPark(50 µs)`. Workers that are not \
-         called within 50 µs park on their futex, and waking one costs a `futex_wake` plus a \
+        "Every endpoint uses the default wait strategy, `SpinThenPark({spin} µs)`. Workers that are \
+         not called within {spin} µs park on their futex, and waking one costs a `futex_wake` plus a \
          scheduler round trip: with more busy processes than CPUs (here {} CPUs), that is what the \
          collective figures measure.",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    println!();
+    print_targets(lane, rows);
+}
+
+/// Issue 14's targets, each marked met or not in this run.
+fn print_targets(lane: Latency, rows: &[Figures]) {
+    let mark = |met: bool| if met { "met" } else { "NOT met" };
+    println!("Targets (issue 14), this run:");
+    println!();
+    for f in rows {
+        let over = f.rtt.p50 - lane.p50;
+        println!(
+            "- `request` p50 ≤ bare lane + 0.25 µs, {} workers: +{} — {}",
+            f.workers,
+            ns(over),
+            mark(over <= 250.0)
+        );
+    }
+    for (workers, map_us) in [(4, 30.0), (8, 75.0)] {
+        if let Some(f) = rows.iter().find(|f| f.workers == workers) {
+            println!(
+                "- `map` p50 ≤ {map_us} µs, {workers} workers: {} — {}",
+                ns(f.map.p50),
+                mark(f.map.p50 <= map_us * 1e3)
+            );
+            println!(
+                "- `consume` ≥ 300 k tasks/s, {workers} workers: {} — {}",
+                per_s(f.consume),
+                mark(f.consume >= 300e3)
+            );
+        }
+    }
 }
 
 fn main() {

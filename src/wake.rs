@@ -465,3 +465,12 @@ mod loom_tests {
         });
     }
 }
+
+/// Whether the receiver whose park word is `park` is running: neither
+/// parked nor being woken. A hint for picking a worker (a messenger's
+/// `consume`), read by other processes without ordering; a word that is
+/// none of the states (garbage) reads as not running.
+#[inline]
+pub(crate) fn is_running(park: &AtomicU32) -> bool {
+    park.load(Relaxed) == EMPTY
+}

@@ -273,6 +273,91 @@ fn consume_runs_exactly_once_and_reports_no_handler() {
     assert!(per_worker[..3].iter().all(|&n| n > 0), "{per_worker:?}");
 }
 
+/// Two callers consume at once: while caller 0's task runs in its
+/// handler (out of the lane, so only the worker's busy mark shows it),
+/// caller 1's task must go to another worker, though the first is the
+/// one every caller's pick would otherwise favour (it runs, and each
+/// caller's round-robin starts there). Each handler holds its task until
+/// both tasks run, at most 2 s: a task queued behind the other shows as a
+/// round in which neither saw the other.
+#[test]
+fn a_worker_with_a_task_in_hand_gets_no_other_while_one_is_free() {
+    let _dog = Watchdog::new("consume at once", Duration::from_secs(120));
+    const ROUNDS: u64 = 20;
+    // (round, tasks in a handler now) and the handlers' wake-up.
+    let holding: Arc<(Mutex<(u64, u32)>, std::sync::Condvar)> = Arc::default();
+    // (round, slot, whether it saw both tasks in hand)
+    let ran: Arc<Mutex<Vec<(u64, u32, bool)>>> = Arc::default();
+    let mut all = Messenger::threads(5).unwrap();
+    for m in all.iter_mut().skip(2) {
+        let (holding, ran, me) = (holding.clone(), ran.clone(), m.slot());
+        m.on::<u64, _>("hold", move |_, round| {
+            let (lock, cv) = &*holding;
+            let mut h = lock.lock().unwrap();
+            if h.0 != round {
+                *h = (round, 0);
+            }
+            h.1 += 1;
+            cv.notify_all();
+            let (h, _) = cv
+                .wait_timeout_while(h, Duration::from_secs(2), |h| h.0 == round && h.1 < 2)
+                .unwrap();
+            let both = h.0 == round && h.1 >= 2;
+            drop(h);
+            ran.lock().unwrap().push((round, me, both));
+        })
+        .unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers: Vec<Messenger> = all.drain(..2).collect();
+    let servers: Vec<JoinHandle<Messenger>> = all
+        .into_iter()
+        .map(|mut m| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                m.run_until(|_| stop.load(Ordering::Acquire)).unwrap();
+                m
+            })
+        })
+        .collect();
+    let mut m1 = callers.pop().unwrap();
+    let mut m0 = callers.pop().unwrap();
+    let turns = Arc::new(std::sync::Barrier::new(2));
+    let second = {
+        let (holding, turns) = (holding.clone(), turns.clone());
+        std::thread::spawn(move || {
+            for round in 0..ROUNDS {
+                turns.wait();
+                // Until caller 0's task runs in a handler (serving, so that
+                // caller 0 may ask this worker too).
+                while *holding.0.lock().unwrap() != (round, 1) {
+                    m1.poll(Duration::from_millis(1)).unwrap();
+                }
+                m1.consume("hold", &round, soon()).unwrap();
+                turns.wait();
+            }
+            m1
+        })
+    };
+    for round in 0..ROUNDS {
+        turns.wait();
+        m0.consume("hold", &round, soon()).unwrap();
+        turns.wait();
+    }
+    let m1 = second.join().unwrap();
+    finish(stop, servers);
+    drop((m0, m1));
+    let ran = ran.lock().unwrap();
+    assert_eq!(ran.len() as u64, 2 * ROUNDS);
+    for round in 0..ROUNDS {
+        let this: Vec<&(u64, u32, bool)> = ran.iter().filter(|r| r.0 == round).collect();
+        assert!(
+            this.len() == 2 && this[0].1 != this[1].1 && this.iter().all(|r| r.2),
+            "round {round}: two tasks at once must run on two workers: {this:?}"
+        );
+    }
+}
+
 #[test]
 fn once_off_and_standalone() {
     let _dog = Watchdog::new("standalone", Duration::from_secs(30));

@@ -514,7 +514,10 @@ fn consume_redelivery(w: Worker, successor_delay: Duration) -> Check {
     });
     wait_ready(&mut m, 3)?;
     let victim_peer = peer(&m, 1).ok_or("no instance 1")?;
-    for task in 0..30u64 {
+    // A caller sticks to one free worker (itself, here) for 256 tasks in
+    // a row before the work moves on: the victim's turn comes within a
+    // few such streaks.
+    for task in 0..1_000u64 {
         let started = Instant::now();
         let r = m
             .consume("task", &task, started + Duration::from_secs(10))
@@ -591,7 +594,7 @@ fn consume_redelivery(w: Worker, successor_delay: Duration) -> Check {
         );
         return Ok(());
     }
-    Err("the victim was never chosen in 30 consumes".into())
+    Err("the victim was never chosen in 1000 consumes".into())
 }
 
 /// Every (slot, generation) whose handler saw `delivery` of `task`.

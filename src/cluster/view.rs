@@ -3,7 +3,7 @@
 //! whether this worker was told to stop, and the stats. The messenger reads
 //! the cluster through this and nothing else.
 
-use std::sync::atomic::Ordering::Acquire;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 
 use super::WorkerState;
 use crate::messenger::WorkerId;
@@ -91,6 +91,23 @@ impl<'a> ClusterView<'a> {
         (0..self.workers())
             .map(|from| self.segment.lane(from, slot).depth())
             .fold(0, u64::saturating_add)
+    }
+
+    /// Whether the worker in `slot` runs (is not parked on its futex or
+    /// eventfd): one load of its park word. `slot < workers`.
+    pub(crate) fn is_running(&self, slot: u32) -> bool {
+        crate::wake::is_running(self.segment.park(slot))
+    }
+
+    /// What `slot` has in hand for a consume: the bytes in its inbox, then
+    /// whether a consume's handler runs there. Read in that order: the
+    /// worker marks itself busy before the task leaves its lane (the
+    /// lane's head store is a release, its load here an acquire), so a
+    /// task is seen in one place or the other, never in neither.
+    pub(crate) fn consume_backlog(&self, slot: u32) -> (u64, bool) {
+        let queued = self.inbox_depth(slot);
+        let busy = self.segment.stats_entry(slot).consume_busy.load(Relaxed) != 0;
+        (queued, busy)
     }
 
     /// Whether this worker was asked to stop (drain or shutdown), or its

@@ -17,16 +17,30 @@ const SAFETY_NET: Duration = Duration::from_millis(50);
 ///
 /// Measured on the project's reference machine (2 vCPUs, a VM; README,
 /// "Benchmarks"): a 64-byte round trip between two processes takes about
-/// 0.75 µs when the receiver spins and about 65 µs when it sleeps on the
+/// 0.35–1 µs when the receiver spins and about 65 µs when it sleeps on the
 /// futex, because waking a vCPU costs about 30 µs there.
 ///
-/// The default, `SpinThenPark(50 µs)`, is the classic spin-then-block rule:
-/// spin for about what one sleep-and-wake costs. A message that arrives
-/// within 50 µs (a request's reply, a busy stream) is picked up at spinning
-/// speed; an idle receiver burns at most 50 µs of CPU before it sleeps, so
-/// it never pays more than about twice the best of the two choices. With
-/// more busy workers than cores, prefer `Park`: a spinning receiver takes the
-/// core the sender it waits for needs.
+/// The default, `SpinThenPark(5 µs)`, spins for a few round trips, not
+/// for the cost of a sleep and wake (the classic spin-then-block rule,
+/// which gave 50 µs here before). It was chosen by the messenger
+/// benchmark with 4 and 8 workers on 2 vCPUs, the normal case of a
+/// pre-forked server (more workers than cores): there every spinning
+/// worker takes a core from the workers that have work, so a `map` over
+/// all took 120 µs (4 workers) and 260 µs (8) p50 with 50 µs of spin,
+/// 20–38 µs and 59–80 µs with 5 µs, 31 µs and 45–69 µs with `Park`
+/// (which costs a request to a waiting worker a wake each time: 22–46 µs
+/// instead of 0.75 µs). With fewer busy workers than cores nothing is
+/// lost: a reply, or the next message of a busy stream, comes within a
+/// few microseconds and is picked up at spinning speed (a request's p50
+/// was the same, 0.75 µs, with 5 and with 50 µs). Spinning for less
+/// (2–3 µs) measured no better and more often fell into the *park trap*
+/// of a ping-pong: once one side has parked, the other waits a wake (30
+/// µs) for its answer and parks too, round after round; a spin of 5 µs
+/// still shows that in the p99 of some runs (20–50 µs).
+///
+/// Pick `SpinThenPark` with a longer spin (or `Spin`) for a latency-bound
+/// pair of processes on cores of their own, and `Park` for workers that
+/// should cost no CPU at all while idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitStrategy {
     /// Poll without sleeping until something arrives (or the deadline).
@@ -42,9 +56,9 @@ pub enum WaitStrategy {
 }
 
 impl WaitStrategy {
-    /// The spin phase of the default strategy: about the cost of one futex
-    /// sleep and wake on the reference machine.
-    pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+    /// The spin phase of the default strategy: a few round trips (see
+    /// [`WaitStrategy`] for the measurements that chose it).
+    pub const DEFAULT_SPIN: Duration = Duration::from_micros(5);
 
     /// When the spin phase of a wait starting now ends (`None`: never).
     #[inline]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::core::{Op, Peers, Settled};
+use super::core::{Backlog, Op, Peers, Settled, Standing};
 use super::encode::{decode, encode_call, encode_call_bytes};
 use super::error::{CallError, EmitError, MapError};
 use super::leader::{self, LeaderWatch};
@@ -52,10 +52,16 @@ impl Peers for LivePeers<'_> {
         self.view.live_workers()
     }
 
-    /// A draining worker gets new tasks only if no other can take them;
-    /// then the fewest bytes waiting.
-    fn load(&self, slot: u32) -> (bool, u64) {
-        (self.view.is_draining(slot), self.view.inbox_depth(slot))
+    fn standing(&self, slot: u32) -> Standing {
+        Standing {
+            draining: self.view.is_draining(slot),
+            running: self.view.is_running(slot),
+        }
+    }
+
+    fn backlog(&self, slot: u32) -> Backlog {
+        let (queued, busy) = self.view.consume_backlog(slot);
+        Backlog { queued, busy }
     }
 
     fn leader(&self) -> Option<(Leader, Option<LeaderWatch>)> {

@@ -106,6 +106,18 @@ impl fmt::Debug for Outbox {
     }
 }
 
+/// Takes a received message out of its lane. A consume marks slot `me`
+/// busy first, for the callers that pick a worker for their next consume
+/// ([`crate::cluster::ClusterView::consume_backlog`]): the mark is stored
+/// before the lane's head moves (a release store), so a caller never
+/// sees the task neither in the lane nor in hand.
+fn take(segment: &Segment, me: u32, m: crate::Received<'_>) -> crate::Message {
+    if m.tag().kind == wire::CONSUME {
+        segment.stats_entry(me).consume_busy.store(1, Relaxed);
+    }
+    m.into_message()
+}
+
 impl Messenger {
     // ------------------------------------------------------------ sending
 
@@ -261,11 +273,14 @@ impl Messenger {
     }
 
     /// Runs one message's handlers (an answer goes to the call core);
-    /// returns the reply to send, if any.
+    /// returns the reply to send, if any. A consume's handler has ended
+    /// then: this worker is no longer busy (see [`take`]), before its
+    /// answer goes, so that a caller that gets the answer finds it free.
     fn run_handlers(&mut self, message: crate::Message) -> Option<(u32, Tag, Vec<u8>)> {
+        let consume = message.kind == wire::CONSUME;
         let (segment, me, entry) = (&self.segment, self.me(), self.leader_entry());
         let core = &mut self.core;
-        handle_message(
+        let reply = handle_message(
             message,
             self.generation,
             &mut self.handlers,
@@ -275,7 +290,11 @@ impl Messenger {
             },
             &self.outbox,
             &self.stats,
-        )
+        );
+        if consume {
+            self.segment.stats_entry(self.slot).consume_busy.store(0, Relaxed);
+        }
+        reply
     }
 
     /// Sends every message the call core asks for; one that cannot go ends
@@ -475,13 +494,13 @@ impl Messenger {
                         deaths,
                     };
                     match self.worker.endpoint().recv_ref_interruptible(Some(d), interrupt) {
-                        Ok(m) => Some(m.into_message()),
+                        Ok(m) => Some(take(&self.segment, me, m)),
                         Err(RecvError::Timeout) => None,
                         Err(RecvError::Corrupt { sender, error }) => return Err(corrupt(sender, error)),
                     }
                 }
                 None => match self.worker.endpoint().try_recv_ref() {
-                    Ok(m) => Some(m.into_message()),
+                    Ok(m) => Some(take(&self.segment, me, m)),
                     Err(TryRecvError::Empty) => None,
                     Err(TryRecvError::Corrupt { sender, error }) => return Err(corrupt(sender, error)),
                 },
@@ -530,7 +549,7 @@ impl Messenger {
             return Ok(false);
         }
         let message = match self.worker.endpoint().try_recv_before_park() {
-            Ok(m) => m.map(|m| m.into_message()),
+            Ok(m) => m.map(|m| take(&self.segment, self.slot, m)),
             Err(RecvError::Corrupt { sender, error }) => {
                 return Err(DispatchError::Corrupt(CorruptLane {
                     from: sender,

@@ -311,6 +311,11 @@ impl Messenger {
             segment: segment.clone(),
             slot,
         });
+        // A predecessor that died in a consume's handler left its mark.
+        segment
+            .stats_entry(slot)
+            .consume_busy
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         Self {
             worker,
             segment,

@@ -68,7 +68,7 @@ use super::leader::{self, LeaderWatch};
 use super::{wire, Consumed, WorkerId};
 use crate::Tag;
 
-pub(crate) use peers::Peers;
+pub(crate) use peers::{Backlog, Peers, Standing};
 
 /// Identifies an operation of one [`CallCore`].
 pub(crate) type OpId = u64;
@@ -79,6 +79,18 @@ const LEADER_POLL: Duration = Duration::from_millis(2);
 /// How long an `invoke` waits before asking again when the worker it asked
 /// was no longer the leader.
 const NOT_LEADER_RETRY: Duration = Duration::from_millis(1);
+
+/// How many consumes in a row a caller gives the worker it sticks to
+/// before it moves on to the next (the spill-over rule of
+/// [`CallCore::pick_consumer`]). Each move usually wakes a parked worker
+/// (30–60 µs on the reference machine), paid once per this many tasks.
+/// Measured with the messenger bench (sequential `consume`, 2 vCPUs): 64
+/// gave 0.79–0.90 M tasks/s with 2 workers, below the 1.03 M/s of the
+/// old round-robin, whose second worker never parked; 256 gave 1.29–1.32
+/// M/s (2 workers), 1.25–1.30 M/s (4) and 0.73–1.01 M/s (8). Much more
+/// would leave workers without any task in the distribution tests (2000
+/// sequential tasks over 3 workers; the work moves every 256 or so).
+pub(crate) const CONSUME_STREAK: u32 = 256;
 
 /// An operation to start: its payload is an encoded call
 /// ([`wire::put_call_header`] and the value), checked against the payload
@@ -176,6 +188,19 @@ enum State {
     },
 }
 
+/// A consume candidate's place in [`CallCore::pick_consumer`]'s order:
+/// less is better, field by field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct ConsumeRank {
+    draining: bool,
+    in_hand: u32,
+    queued: u64,
+    spilled: bool,
+    parked: bool,
+    not_sticky: bool,
+    turn: u32,
+}
+
 #[derive(Debug)]
 struct Operation {
     deadline: Instant,
@@ -192,8 +217,12 @@ pub(crate) struct CallCore {
     /// The next call id (0 means "no answer wanted" on the wire).
     next_call: u64,
     next_op: OpId,
-    /// Consume's round-robin turn among equally loaded workers.
-    turn: usize,
+    /// Consume's sticky worker: the slot the last consume went to, and
+    /// how many in a row it took.
+    sticky: Option<(u32, u32)>,
+    /// Where consume's round-robin among equal workers starts: the slot
+    /// after the last one it moved on to after a streak.
+    turn: u32,
     /// The core's clock: the last time it was given ([`CallCore::start`],
     /// [`CallCore::handle_timeout`], [`CallCore::handle_deaths`],
     /// [`CallCore::send_failed`]); an answer is handled at that time.
@@ -210,7 +239,8 @@ impl CallCore {
             settled: VecDeque::new(),
             next_call: 1,
             next_op: 1,
-            turn: me as usize,
+            sticky: None,
+            turn: me,
             now: Instant::now(),
         }
     }
@@ -606,41 +636,124 @@ impl CallCore {
         }
     }
 
-    /// A consume's next attempt: the least loaded live worker that has not
-    /// refused it; `NoHandler` when there is none.
+    /// A consume's next attempt: the worker [`CallCore::pick_consumer`]
+    /// picks among those that have not refused it; `NoHandler` when there
+    /// is none.
     fn consume_next(&mut self, id: OpId, peers: &impl Peers) {
-        let live = peers.live_workers();
-        self.turn = self.turn.wrapping_add(1);
-        let turn = self.turn;
-        let Some(op) = self.ops.get_mut(&id) else { return };
-        let State::Consume {
-            bytes,
-            refused,
-            attempts,
-            current,
-            ..
-        } = &mut op.state
-        else {
-            return;
+        let pick = match self.ops.get(&id) {
+            Some(Operation {
+                state: State::Consume { refused, .. },
+                ..
+            }) => self.pick_consumer(refused, peers),
+            _ => return,
         };
-        // Among live workers that have not refused it, the least loaded;
-        // ties go round-robin (from `turn`) so equal workers share the work.
-        let pick = live
-            .iter()
-            .cycle()
-            .skip(turn % live.len().max(1))
-            .take(live.len())
-            .filter(|p| !refused.contains(&p.slot))
-            .min_by_key(|p| peers.load(p.slot))
-            .copied();
         let Some(peer) = pick else {
             self.settle(id, Settled::Consumed(Err(CallError::NoHandler)));
+            return;
+        };
+        if self.sticky.is_some_and(|(_, streak)| streak >= CONSUME_STREAK) {
+            // A move after a streak: the next one starts after this worker.
+            self.turn = peer.slot.wrapping_add(1);
+        }
+        self.sticky = match self.sticky {
+            Some((slot, streak)) if slot == peer.slot => Some((slot, streak.saturating_add(1))),
+            _ => Some((peer.slot, 1)),
+        };
+        let Some(Operation {
+            state:
+                State::Consume {
+                    bytes,
+                    attempts,
+                    current,
+                    ..
+                },
+            ..
+        }) = self.ops.get_mut(&id)
+        else {
             return;
         };
         *attempts += 1;
         *current = Some(peer);
         let bytes = bytes.clone();
         self.send_call(id, peer, wire::CONSUME, bytes, None, 0);
+    }
+
+    /// The worker a consume goes to, among the live ones not `refused`:
+    /// the first by, in order,
+    ///
+    /// 1. not draining;
+    /// 2. the fewest tasks in hand: this core's calls in flight to it, a
+    ///    consume's handler running there ([`Backlog::busy`]) and a
+    ///    non-empty inbox count one each. So no worker with a task in
+    ///    flight is handed another while a free one exists, whoever the
+    ///    callers are;
+    /// 3. the fewest bytes in its inbox;
+    /// 4. not the sticky worker after [`CONSUME_STREAK`] tasks in a row
+    ///    (the spill-over rule: the work moves on, so that every worker
+    ///    gets some);
+    /// 5. running rather than parked: a task to a parked worker pays a
+    ///    futex wake and a scheduler round trip (30–60 µs on 2 vCPUs),
+    ///    one to a running worker a cache miss. Not when the work moves
+    ///    on after a streak: then it goes round-robin (7), parked or not,
+    ///    or two running workers (the caller itself, say) would pass it
+    ///    back and forth and the parked ones never get any;
+    /// 6. the sticky worker (the last one picked), whose caches are warm
+    ///    and who was running a moment ago;
+    /// 7. round-robin from the slot after the last move after a streak.
+    ///
+    /// Without 4–6, a tie went round-robin, which with more workers than
+    /// cores mostly picked a parked worker: the messenger bench's
+    /// sequential `consume` ran 23 k tasks/s with 4 workers on 2 vCPUs
+    /// (and 19 k with 8); see docs/DESIGN.md for the figures with them.
+    ///
+    /// Steps 2–3 read the worker's lanes and handler state; they are read
+    /// only for the workers that can still win (candidates are sorted by
+    /// the rest first), usually one.
+    fn pick_consumer(&self, refused: &[u32], peers: &impl Peers) -> Option<WorkerId> {
+        let n = peers.workers().max(1);
+        let turn = self.turn % n;
+        let spilling = self.sticky.is_some_and(|(_, streak)| streak >= CONSUME_STREAK);
+        let mut candidates: Vec<(ConsumeRank, WorkerId)> = peers
+            .live_workers()
+            .into_iter()
+            .filter(|p| !refused.contains(&p.slot))
+            .map(|p| {
+                let standing = peers.standing(p.slot);
+                let in_flight = self.calls.values().filter(|c| c.target == p.slot).count();
+                let sticky = self.sticky.filter(|&(s, _)| s == p.slot);
+                let rank = ConsumeRank {
+                    draining: standing.draining,
+                    in_hand: u32::try_from(in_flight).unwrap_or(u32::MAX),
+                    queued: 0,
+                    spilled: sticky.is_some_and(|(_, streak)| streak >= CONSUME_STREAK),
+                    parked: !standing.running && !spilling,
+                    not_sticky: sticky.is_none(),
+                    turn: (p.slot % n + n - turn) % n,
+                };
+                (rank, p)
+            })
+            .collect();
+        candidates.sort_unstable_by_key(|c| c.0);
+        // Each rank with its backlog is at least the rank without: stop at
+        // the first candidate that can no longer beat the best.
+        let mut best: Option<(ConsumeRank, WorkerId)> = None;
+        for (without, peer) in candidates {
+            if best.is_some_and(|(b, _)| without >= b) {
+                break;
+            }
+            let backlog = peers.backlog(peer.slot);
+            let rank = ConsumeRank {
+                in_hand: without
+                    .in_hand
+                    .saturating_add(u32::from(backlog.busy) + u32::from(backlog.queued > 0)),
+                queued: backlog.queued,
+                ..without
+            };
+            if best.is_none_or(|(b, _)| rank < b) {
+                best = Some((rank, peer));
+            }
+        }
+        best.map(|(_, peer)| peer)
     }
 
     /// An invoke looks for the leader and calls it, or looks again soon.

@@ -21,12 +21,34 @@ pub(crate) trait Peers {
             })
             .collect()
     }
-    /// How loaded `slot` is for a consume: whether it is draining, and the
-    /// bytes in its inbox (less is better, in that order).
-    fn load(&self, slot: u32) -> (bool, u64);
+    /// How `slot` stands for a consume, cheap to read: whether the master
+    /// is draining it, and whether it runs (is not parked).
+    fn standing(&self, slot: u32) -> Standing;
+    /// What `slot` has in hand from every caller: read only for the
+    /// workers a consume may pick, after [`Peers::standing`].
+    fn backlog(&self, slot: u32) -> Backlog;
     /// The default role's live leader and the watch of its term.
     fn leader(&self) -> Option<(Leader, Option<LeaderWatch>)>;
     /// Whether the leader watched by `watch` is known dead (before the
     /// master reaps it: see [`LeaderWatch`]).
     fn leader_died(&self, watch: &LeaderWatch) -> bool;
+}
+
+/// A consume candidate's standing: see [`Peers::standing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Standing {
+    /// The master is draining it (a rolling reload replaces it): it gets
+    /// new tasks only if no other worker can take them.
+    pub(crate) draining: bool,
+    /// Not parked on its futex or eventfd: a task sent to it costs no wake.
+    pub(crate) running: bool,
+}
+
+/// What a worker has in hand, from every caller: see [`Peers::backlog`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Backlog {
+    /// Bytes waiting in its inbox.
+    pub(crate) queued: u64,
+    /// A consume's handler runs there now.
+    pub(crate) busy: bool,
 }

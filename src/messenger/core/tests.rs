@@ -10,6 +10,10 @@ use std::cell::RefCell;
 struct Fake {
     live: RefCell<Vec<Option<u32>>>,
     load: RefCell<Vec<u64>>,
+    /// Slots parked on their futex.
+    parked: RefCell<Vec<bool>>,
+    /// Slots running a consume's handler.
+    busy: RefCell<Vec<bool>>,
     leader: RefCell<Option<(Leader, Option<LeaderWatch>)>>,
     dead_terms: RefCell<Vec<u64>>,
 }
@@ -19,6 +23,8 @@ impl Fake {
         Self {
             live: RefCell::new((0..workers).map(|_| Some(1)).collect()),
             load: RefCell::new(vec![0; workers as usize]),
+            parked: RefCell::new(vec![false; workers as usize]),
+            busy: RefCell::new(vec![false; workers as usize]),
             leader: RefCell::new(None),
             dead_terms: RefCell::new(Vec::new()),
         }
@@ -38,8 +44,17 @@ impl Peers for Fake {
     fn live_generation(&self, slot: u32) -> Option<u32> {
         self.live.borrow().get(slot as usize).copied().flatten()
     }
-    fn load(&self, slot: u32) -> (bool, u64) {
-        (false, self.load.borrow()[slot as usize])
+    fn standing(&self, slot: u32) -> Standing {
+        Standing {
+            draining: false,
+            running: !self.parked.borrow()[slot as usize],
+        }
+    }
+    fn backlog(&self, slot: u32) -> Backlog {
+        Backlog {
+            queued: self.load.borrow()[slot as usize],
+            busy: self.busy.borrow()[slot as usize],
+        }
     }
     fn leader(&self) -> Option<(Leader, Option<LeaderWatch>)> {
         *self.leader.borrow()
@@ -357,6 +372,86 @@ fn a_consume_handler_failure_ends_it() {
         core.poll_settled(),
         Some((op, Settled::Consumed(Err(CallError::HandlerFailed("no".into())))))
     );
+}
+
+/// Starts a consume and returns where it went (its call still in flight).
+fn consume_sent(core: &mut CallCore, peers: &Fake, t0: Instant) -> Transmit {
+    core.start(
+        Op::Consume {
+            delivery: 1,
+            bytes: vec![],
+        },
+        t0 + Duration::from_secs(1),
+        t0,
+        peers,
+    );
+    let mut out = sent(core);
+    assert_eq!(out.len(), 1);
+    out.remove(0)
+}
+
+/// A consume run to its end: the slot that ran it.
+fn consume_done(core: &mut CallCore, peers: &Fake, t0: Instant) -> u32 {
+    let t = consume_sent(core, peers, t0);
+    core.handle_reply(w(t.to, 1), t.tag.correlation, wire::OK, b"", peers);
+    assert!(matches!(core.poll_settled(), Some((_, Settled::Consumed(Ok(_))))));
+    t.to
+}
+
+#[test]
+fn concurrent_consumes_of_one_caller_go_to_distinct_free_workers() {
+    let (mut core, peers, t0) = setup(3);
+    // The sticky worker would take them all if calls in flight were not
+    // counted.
+    let first = consume_done(&mut core, &peers, t0);
+    let mut to: Vec<u32> = (0..3).map(|_| consume_sent(&mut core, &peers, t0).to).collect();
+    assert_eq!(to[0], first, "the sticky worker, free again, comes first");
+    to.sort_unstable();
+    assert_eq!(to, [0, 1, 2], "no worker gets a second task while one is free");
+    // All three in hand: the fourth goes to the least loaded, one of them.
+    assert!(consume_sent(&mut core, &peers, t0).to < 3);
+}
+
+#[test]
+fn a_worker_with_another_callers_task_in_hand_gets_none_while_one_runs_free() {
+    let (mut core, peers, t0) = setup(3);
+    let sticky = consume_done(&mut core, &peers, t0);
+    // Another caller's task runs there (its handler, out of the lane).
+    peers.busy.borrow_mut()[sticky as usize] = true;
+    let next = consume_done(&mut core, &peers, t0);
+    assert_ne!(next, sticky, "busy in a handler");
+    peers.busy.borrow_mut()[sticky as usize] = false;
+    // Now the other caller's task still waits in its inbox.
+    peers.load.borrow_mut()[next as usize] = 40;
+    let third = consume_done(&mut core, &peers, t0);
+    assert_ne!(third, next, "a task waits in its inbox");
+    // A parked free worker still beats a running one with a task in hand.
+    let parked = (0..3).find(|&s| s != third && s != next).unwrap();
+    peers.parked.borrow_mut()[parked as usize] = true;
+    peers.busy.borrow_mut()[third as usize] = true;
+    assert_eq!(consume_done(&mut core, &peers, t0), parked);
+}
+
+#[test]
+fn sequential_consumes_stick_to_a_running_worker_then_spill_over() {
+    let (mut core, peers, t0) = setup(4);
+    // Only slot 2 runs: the others are parked.
+    *peers.parked.borrow_mut() = vec![true, true, false, true];
+    let streak = CONSUME_STREAK as usize;
+    let ran: Vec<u32> = (0..streak).map(|_| consume_done(&mut core, &peers, t0)).collect();
+    assert!(ran.iter().all(|&s| s == 2), "the running worker first: {ran:?}");
+    // After a streak the work moves on round-robin, to a parked worker
+    // too (or the running ones would pass it back and forth), and each
+    // new worker keeps it for a streak.
+    let mut by_slot = [0usize; 4];
+    for _ in 0..3 * streak {
+        let slot = consume_done(&mut core, &peers, t0);
+        by_slot[slot as usize] += 1;
+        // A worker that took a task runs for a while.
+        peers.parked.borrow_mut()[slot as usize] = false;
+    }
+    // Round-robin from the caller's own slot, then on from each move.
+    assert_eq!(by_slot, [streak, streak, streak, 0]);
 }
 
 fn leader_at(slot: u32, term: u64) -> Option<(Leader, Option<LeaderWatch>)> {

@@ -65,7 +65,12 @@ pub(crate) struct StatsEntry {
     pub(crate) full_waits: AtomicU64,
     /// Latency in ns of the last messenger request (`[0]`) and map (`[1]`).
     pub(crate) last_latency_ns: [AtomicU64; 2],
-    _reserved: [AtomicU64; 23],
+    /// 1 while a messenger `consume`'s handler runs in this slot, else 0:
+    /// stored before the task leaves the lane (so a caller that sees the
+    /// lane empty sees this set) and cleared before its answer is sent.
+    /// Callers read it to hand tasks to free workers first.
+    pub(crate) consume_busy: AtomicU64,
+    _reserved: [AtomicU64; 22],
 }
 
 // SAFETY: repr(C), atomics only, 64-aligned.
