@@ -159,29 +159,50 @@ impl Messenger {
     /// Only a corrupt lane found while dispatching; the call's own failures
     /// are in the [`Settled`].
     pub(super) fn call(&mut self, op: Op, deadline: Instant) -> Result<Settled, CallError> {
+        self.call_timed(op, deadline, Instant::now()).map(|(settled, _)| settled)
+    }
+
+    /// [`Messenger::call`] started at `started` (the caller's clock read),
+    /// also returning how long it took: measured with the loop's own clock
+    /// reads, one a turn (a request answered in the first wait reads the
+    /// clock twice in all).
+    pub(super) fn call_timed(
+        &mut self,
+        op: Op,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<(Settled, Duration), CallError> {
         // One clock read a turn: the core is given it, and an answer that
         // arrives is handled at it (see `CallCore`'s clock).
-        let mut now = Instant::now();
+        let mut now = started;
         let id = {
             let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
             self.core.start(op, deadline, now, &peers)
         };
+        let mut first = true;
         loop {
             self.pump();
             if let Some(s) = self.core.take_settled(id) {
-                return Ok(s);
+                return Ok((s, now.saturating_duration_since(started)));
             }
-            self.check_liveness(now);
-            {
-                let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
-                self.core.handle_timeout(now, &peers);
+            // Not on the first turn: `start` has just looked at the
+            // targets and the time, and a death counted since ends the
+            // wait below (`dispatch_until` then looks at once).
+            if !first {
+                self.check_liveness(now);
+                {
+                    let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
+                    self.core.handle_timeout(now, &peers);
+                }
+                // A redelivery, a failover or a new look for the leader
+                // queued by the two steps above goes out now, not after
+                // the wait.
+                self.pump();
+                if let Some(s) = self.core.take_settled(id) {
+                    return Ok((s, now.saturating_duration_since(started)));
+                }
             }
-            // A redelivery, a failover or a new look for the leader queued
-            // by the two steps above goes out now, not after the wait.
-            self.pump();
-            if let Some(s) = self.core.take_settled(id) {
-                return Ok(s);
-            }
+            first = false;
             let until = self
                 .core
                 .next_timeout()
@@ -249,9 +270,12 @@ impl Messenger {
     ) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
         self.count(event, |s| s.sent += 1);
-        let r = self.call_answer(Op::Request { to: worker, bytes }, deadline);
-        self.record_latency(LATENCY_REQUEST, started.elapsed());
-        r
+        let (settled, took) = self.call_timed(Op::Request { to: worker, bytes }, deadline, started)?;
+        self.record_latency(LATENCY_REQUEST, took);
+        match settled {
+            Settled::Answer(r) => r,
+            other => unreachable!("a request settled as {other:?}"),
+        }
     }
 
     /// Every live worker, the caller included, runs its first handler for
@@ -302,13 +326,13 @@ impl Messenger {
         deadline: Instant,
     ) -> Result<Vec<(WorkerId, Result<Vec<u8>, MapError>)>, CallError> {
         let _span = tracing::debug_span!("map", event).entered();
-        let started = Instant::now();
-        let entries = match self.call(Op::Map { bytes }, deadline)? {
+        let (settled, took) = self.call_timed(Op::Map { bytes }, deadline, Instant::now())?;
+        let entries = match settled {
             Settled::Map(entries) => entries,
             other => unreachable!("a map settled as {other:?}"),
         };
         self.count(event, |s| s.sent += entries.len() as u64);
-        self.record_latency(LATENCY_MAP, started.elapsed());
+        self.record_latency(LATENCY_MAP, took);
         Ok(entries)
     }
 

@@ -118,6 +118,23 @@ fn take(segment: &Segment, me: u32, m: crate::Received<'_>) -> crate::Message {
     m.into_message()
 }
 
+/// When a send that finds the lane full gives up.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    At(Instant),
+    /// This long after the lane was first found full.
+    After(Duration),
+}
+
+impl Until {
+    fn at(self, now: Instant) -> Instant {
+        match self {
+            Until::At(t) => t,
+            Until::After(d) => now + d,
+        }
+    }
+}
+
 impl Messenger {
     // ------------------------------------------------------------ sending
 
@@ -137,6 +154,13 @@ impl Messenger {
         bytes: Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<(), EmitError> {
+        self.deliver_until(to, tag, bytes, deadline.map(Until::At))
+    }
+
+    /// [`Messenger::deliver`], with a deadline that may be relative to the
+    /// first time the lane is found full ([`Until::After`]): a reply reads
+    /// no clock when there is room, as there almost always is.
+    fn deliver_until(&mut self, to: u32, tag: Tag, bytes: Vec<u8>, mut deadline: Option<Until>) -> Result<(), EmitError> {
         if to >= self.workers {
             return Err(EmitError::NoSuchWorker { slot: to });
         }
@@ -167,6 +191,7 @@ impl Messenger {
         loop {
             if bytes.len() > single {
                 // Streamed in fragments: only a blocking send can do it.
+                let deadline = deadline.map(|d| d.at(Instant::now()));
                 return match self.send_streamed(to, tag, bytes, deadline) {
                     Ok(()) => Ok(()),
                     // `SelfFull` cannot be: nothing to itself crosses a lane.
@@ -183,7 +208,10 @@ impl Messenger {
                 Err(TrySendError::NoSuchWorker { slot, .. }) => return Err(EmitError::NoSuchWorker { slot }),
                 Err(TrySendError::Corrupt { slot, error, .. }) => return Err(corrupt(slot, error)),
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let now = Instant::now();
+            let until = deadline.map(|d| d.at(now));
+            deadline = until.map(Until::At);
+            if until.is_some_and(|d| now >= d) {
                 return Err(EmitError::TimedOut);
             }
             if self.live_generation(to).is_none() {
@@ -388,7 +416,9 @@ impl Messenger {
 
     /// Sends what other threads queued, and starts the calls they made.
     fn flush_outbox(&mut self) {
-        if !self.outbox.nonempty.swap(false, AcqRel) {
+        // A plain load first: the swap is a locked instruction, and the
+        // outbox is empty on almost every turn.
+        if !self.outbox.nonempty.load(Relaxed) || !self.outbox.nonempty.swap(false, AcqRel) {
             return;
         }
         // Barriers first: whatever was queued before a barrier is in the
@@ -528,7 +558,7 @@ impl Messenger {
     /// here; a reply that cannot go (its requester died with the lane
     /// full, or the wait for room timed out) is dropped.
     fn send_handler_reply(&mut self, (to, tag, bytes): (u32, Tag, Vec<u8>)) -> Result<(), DispatchError> {
-        match self.deliver(to, tag, bytes, Some(Instant::now() + Duration::from_secs(5))) {
+        match self.deliver_until(to, tag, bytes, Some(Until::After(Duration::from_secs(5)))) {
             Ok(()) => Ok(()),
             Err(EmitError::Corrupt(c)) => Err(DispatchError::Corrupt(c)),
             Err(e) => {

@@ -4,11 +4,11 @@
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -330,10 +330,10 @@ thread_local! {
 pub(super) fn handle_message(
     message: crate::Message,
     my_generation: u32,
-    handlers: &mut HashMap<String, Vec<Handler>>,
+    handlers: &mut FxHashMap<String, Vec<Handler>>,
     on_reply: impl FnOnce(WorkerId, u64, u8, &[u8]),
     outbox: &Arc<Outbox>,
-    stats: &RefCell<HashMap<String, EventStats>>,
+    stats: &RefCell<FxHashMap<String, EventStats>>,
 ) -> Option<(u32, Tag, Vec<u8>)> {
     let tag = Tag {
         kind: message.kind,

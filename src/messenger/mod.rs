@@ -218,7 +218,7 @@ pub struct Messenger {
     /// queued without handling older ones first (no recursion per queued
     /// message).
     in_local: bool,
-    handlers: HashMap<String, Vec<Handler>>,
+    handlers: FxHashMap<String, Vec<Handler>>,
     next_handler: u64,
     /// The calls in flight, of this thread and of the handles (see
     /// [`core`]).
@@ -236,7 +236,7 @@ pub struct Messenger {
     liveness_slice: Duration,
     outbox: Arc<Outbox>,
     leader: leader::LeaderState,
-    stats: RefCell<HashMap<String, EventStats>>,
+    stats: RefCell<FxHashMap<String, EventStats>>,
 }
 
 impl fmt::Debug for Messenger {
@@ -327,7 +327,7 @@ impl Messenger {
             local: VecDeque::new(),
             local_bytes: 0,
             in_local: false,
-            handlers: HashMap::new(),
+            handlers: FxHashMap::default(),
             next_handler: 1,
             core: CallCore::new(slot),
             remote: FxHashMap::default(),
@@ -393,7 +393,7 @@ impl Messenger {
 
     /// Counters per event name.
     pub fn event_stats(&self) -> HashMap<String, EventStats> {
-        self.stats.borrow().clone()
+        self.stats.borrow().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     fn count(&self, event: &str, f: impl FnOnce(&mut EventStats)) {
