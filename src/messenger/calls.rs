@@ -159,7 +159,8 @@ impl Messenger {
     /// Only a corrupt lane found while dispatching; the call's own failures
     /// are in the [`Settled`].
     pub(super) fn call(&mut self, op: Op, deadline: Instant) -> Result<Settled, CallError> {
-        self.call_timed(op, deadline, Instant::now()).map(|(settled, _)| settled)
+        self.call_timed(op, deadline, Instant::now())
+            .map(|(settled, _)| settled)
     }
 
     /// [`Messenger::call`] started at `started` (the caller's clock read),

@@ -160,7 +160,13 @@ impl Messenger {
     /// [`Messenger::deliver`], with a deadline that may be relative to the
     /// first time the lane is found full ([`Until::After`]): a reply reads
     /// no clock when there is room, as there almost always is.
-    fn deliver_until(&mut self, to: u32, tag: Tag, bytes: Vec<u8>, mut deadline: Option<Until>) -> Result<(), EmitError> {
+    fn deliver_until(
+        &mut self,
+        to: u32,
+        tag: Tag,
+        bytes: Vec<u8>,
+        mut deadline: Option<Until>,
+    ) -> Result<(), EmitError> {
         if to >= self.workers {
             return Err(EmitError::NoSuchWorker { slot: to });
         }
@@ -397,12 +403,17 @@ impl Messenger {
     /// # Errors
     /// As [`Messenger::dispatch`].
     pub fn run_until(&mut self, mut stop: impl FnMut(&Self) -> bool) -> Result<(), DispatchError> {
+        // The 50 ms bound of a wait is kept while messages come, so a busy
+        // loop reads no clock of its own per message.
+        let mut until = Instant::now() + Duration::from_millis(50);
         loop {
             let should_stop = self.worker.should_stop();
             if should_stop || stop(self) {
                 return Ok(());
             }
-            self.poll(Duration::from_millis(50))?;
+            if self.dispatch_until(Some(until))? == 0 {
+                until = Instant::now() + Duration::from_millis(50);
+            }
         }
     }
 

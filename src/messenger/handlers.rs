@@ -21,6 +21,10 @@ use crate::Tag;
 pub(super) enum Outcome {
     /// Encoded reply value.
     Value(Vec<u8>),
+    /// An `OK` reply's whole payload: [`wire::REPLY_HEADER`] bytes for
+    /// the header (filled in when it is sent), then the encoded value, so
+    /// that the value is encoded once, in place.
+    Framed(Vec<u8>),
     /// The handler keeps a [`Reply`] and answers later.
     Deferred,
     /// Its error, or its panic.
@@ -29,12 +33,46 @@ pub(super) enum Outcome {
     Decode(String),
 }
 
-pub(super) type HandlerFn = Box<dyn FnMut(&Ctx, &[u8], Option<ReplyTo>) -> Outcome + Send>;
+/// A handler as the table keeps it. It is given where its reply goes
+/// only by reference: a handler that answers at once needs no owned copy
+/// (two reference-count updates of the outbox a message, measured in a
+/// request's round trip); one that answers later clones it.
+pub(super) type HandlerFn = Box<dyn FnMut(&Ctx, &[u8], Option<&ReplyAt<'_>>) -> Outcome + Send>;
 
 pub(super) struct Handler {
     id: u64,
     once: bool,
     f: HandlerFn,
+}
+
+/// The handlers of one event, and its name as each [`Ctx`] carries it:
+/// shared, so that a message costs a reference count, not a copy of the
+/// name.
+pub(super) struct Handlers {
+    name: Arc<str>,
+    list: Vec<Handler>,
+}
+
+/// Where a message's reply goes, as a handler is given it: borrowed, and
+/// made into a [`ReplyTo`] only by a handler that answers later.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReplyAt<'a> {
+    to: u32,
+    correlation: u64,
+    requester_generation: u32,
+    outbox: &'a Arc<Outbox>,
+}
+
+impl ReplyAt<'_> {
+    /// An owned copy, to answer later from any thread.
+    fn keep(&self) -> ReplyTo {
+        ReplyTo {
+            to: self.to,
+            correlation: self.correlation,
+            requester_generation: self.requester_generation,
+            outbox: self.outbox.clone(),
+        }
+    }
 }
 
 /// Where a deferred reply goes.
@@ -143,7 +181,11 @@ impl Messenger {
         self.next_handler += 1;
         self.handlers
             .entry(event.to_owned())
-            .or_default()
+            .or_insert_with(|| Handlers {
+                name: event.into(),
+                list: Vec::new(),
+            })
+            .list
             .push(Handler { id, once, f });
         Ok(HandlerId(id))
     }
@@ -194,7 +236,7 @@ impl Messenger {
         if let Some(h) = self
             .handlers
             .get_mut(event)
-            .and_then(|v| v.iter_mut().find(|h| h.id == id.0))
+            .and_then(|v| v.list.iter_mut().find(|h| h.id == id.0))
         {
             h.once = true;
         }
@@ -234,8 +276,8 @@ impl Messenger {
             false,
             Box::new(move |ctx, data, _| match postcard::from_bytes::<T>(data) {
                 Ok(v) => match f(ctx, v) {
-                    Ok(r) => match postcard::to_allocvec(&r) {
-                        Ok(bytes) => Outcome::Value(bytes),
+                    Ok(r) => match postcard::to_extend(&r, wire::reply_frame()) {
+                        Ok(frame) => Outcome::Framed(frame),
                         Err(e) => Outcome::Failed(format!("cannot encode the reply: {e}")),
                     },
                     Err(e) => Outcome::Failed(e.to_string()),
@@ -266,7 +308,7 @@ impl Messenger {
                         ctx,
                         v,
                         Reply {
-                            to: reply_to,
+                            to: reply_to.map(ReplyAt::keep),
                             _r: std::marker::PhantomData,
                         },
                     );
@@ -290,7 +332,13 @@ impl Messenger {
             event,
             false,
             Box::new(move |ctx, data, reply_to| {
-                f(ctx, data, BytesReply { to: reply_to });
+                f(
+                    ctx,
+                    data,
+                    BytesReply {
+                        to: reply_to.map(ReplyAt::keep),
+                    },
+                );
                 Outcome::Deferred
             }),
         )
@@ -298,14 +346,14 @@ impl Messenger {
 
     /// Removes every handler for `event`; returns how many there were.
     pub fn off(&mut self, event: &str) -> usize {
-        self.handlers.remove(event).map_or(0, |v| v.len())
+        self.handlers.remove(event).map_or(0, |v| v.list.len())
     }
 
     /// Removes one handler.
     pub fn off_handler(&mut self, id: HandlerId) -> bool {
-        for list in self.handlers.values_mut() {
-            if let Some(i) = list.iter().position(|h| h.id == id.0) {
-                list.remove(i);
+        for handlers in self.handlers.values_mut() {
+            if let Some(i) = handlers.list.iter().position(|h| h.id == id.0) {
+                handlers.list.remove(i);
                 return true;
             }
         }
@@ -330,8 +378,8 @@ thread_local! {
 pub(super) fn handle_message(
     message: crate::Message,
     my_generation: u32,
-    handlers: &mut FxHashMap<String, Vec<Handler>>,
-    on_reply: impl FnOnce(WorkerId, u64, u8, &[u8]),
+    handlers: &mut FxHashMap<String, Handlers>,
+    on_reply: impl FnOnce(WorkerId, u64, u8, Vec<u8>),
     outbox: &Arc<Outbox>,
     stats: &RefCell<FxHashMap<String, EventStats>>,
 ) -> Option<(u32, Tag, Vec<u8>)> {
@@ -343,16 +391,19 @@ pub(super) fn handle_message(
         slot: message.sender,
         generation: message.generation,
     };
-    let payload = &message.payload[..];
     if tag.kind == wire::REPLY {
-        let (status, generation, body) = wire::parse_reply(payload)?;
+        let (status, generation, _) = wire::parse_reply(&message.payload)?;
         if generation != my_generation {
             // A reply to this slot's previous worker.
             return None;
         }
+        // The body, in the buffer it arrived in (not a copy).
+        let mut body = message.payload;
+        body.drain(..wire::REPLY_HEADER);
         on_reply(sender, tag.correlation, status, body);
         return None;
     }
+    let payload = &message.payload[..];
     let kind = match tag.kind {
         wire::EMIT => CallKind::Event,
         wire::REQUEST => CallKind::Request,
@@ -364,50 +415,55 @@ pub(super) fn handle_message(
         return None;
     };
     let wants_reply = kind != CallKind::Event && tag.correlation != 0;
-    let reply_to = wants_reply.then(|| ReplyTo {
+    let reply_to = wants_reply.then(|| ReplyAt {
         to: sender.slot,
         correlation: tag.correlation,
         requester_generation: sender.generation,
-        outbox: outbox.clone(),
+        outbox,
     });
-    let bump = |f: &dyn Fn(&mut EventStats)| {
+    // Counted here and added to the event's stats in one look-up at the end.
+    let mut counts = EventStats {
+        received: 1,
+        ..EventStats::default()
+    };
+    let count = |counts: EventStats| {
         let mut s = stats.borrow_mut();
         match s.get_mut(call.name) {
-            Some(e) => f(e),
-            None => f(s.entry(call.name.to_owned()).or_default()),
+            Some(e) => e.add(&counts),
+            None => s.entry(call.name.to_owned()).or_default().add(&counts),
         }
     };
-    bump(&|s| s.received += 1);
+    let Some(Handlers { name, list }) = handlers.get_mut(call.name).filter(|h| !h.list.is_empty()) else {
+        counts.unhandled += 1;
+        count(counts);
+        return reply_to.map(|r| reply_message(&r, wire::NO_HANDLER, b""));
+    };
     let ctx = Ctx {
         sender,
-        event: call.name.to_owned(),
+        event: name.clone(),
         delivery_id: call.delivery,
         kind,
-    };
-    let Some(list) = handlers.get_mut(call.name).filter(|l| !l.is_empty()) else {
-        bump(&|s| s.unhandled += 1);
-        return reply_to.map(|r| reply_message(&r, wire::NO_HANDLER, b""));
     };
     // Events run every handler; calls run the first.
     let run = if kind == CallKind::Event { list.len() } else { 1 };
     let mut first: Option<Outcome> = None;
     let mut spent = Vec::new();
     for h in list.iter_mut().take(run) {
-        let r = reply_to.clone();
         IN_HANDLER.with(|f| f.set(true));
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| (h.f)(&ctx, call.data, r)))
-            .unwrap_or_else(|p| Outcome::Failed(panic_text(p)));
+        let outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| (h.f)(&ctx, call.data, reply_to.as_ref())))
+                .unwrap_or_else(|p| Outcome::Failed(panic_text(p)));
         IN_HANDLER.with(|f| f.set(false));
         match &outcome {
             Outcome::Decode(e) => {
-                bump(&|s| s.decode_failures += 1);
+                counts.decode_failures += 1;
                 tracing::warn!(event = call.name, sender = sender.slot, error = %e, "payload does not decode as the handler's type; handler not called");
             }
             Outcome::Failed(e) => {
-                bump(&|s| s.failures += 1);
+                counts.failures += 1;
                 tracing::warn!(event = call.name, sender = sender.slot, error = %e, "handler failed");
             }
-            _ => bump(&|s| s.handled += 1),
+            _ => counts.handled += 1,
         }
         if h.once && !matches!(outcome, Outcome::Decode(_)) {
             spent.push(h.id);
@@ -416,10 +472,22 @@ pub(super) fn handle_message(
             first = Some(outcome);
         }
     }
+    count(counts);
     list.retain(|h| !spent.contains(&h.id));
     let r = reply_to?;
     Some(match first? {
         Outcome::Value(bytes) => reply_message(&r, wire::OK, &bytes),
+        Outcome::Framed(mut frame) => {
+            wire::put_reply_header(&mut frame, wire::OK, r.requester_generation);
+            (
+                r.to,
+                Tag {
+                    kind: wire::REPLY,
+                    correlation: r.correlation,
+                },
+                frame,
+            )
+        }
         Outcome::Deferred => return None,
         Outcome::Failed(e) => reply_message(&r, wire::FAILED, e.as_bytes()),
         Outcome::Decode(e) => reply_message(
@@ -430,7 +498,7 @@ pub(super) fn handle_message(
     })
 }
 
-pub(super) fn reply_message(r: &ReplyTo, status: u8, body: &[u8]) -> (u32, Tag, Vec<u8>) {
+pub(super) fn reply_message(r: &ReplyAt<'_>, status: u8, body: &[u8]) -> (u32, Tag, Vec<u8>) {
     (
         r.to,
         Tag {

@@ -55,7 +55,7 @@ use crate::{Endpoint, Worker};
 
 use self::core::{CallCore, OpId};
 use dispatch::{Done, Outbox};
-use handlers::Handler;
+use handlers::Handlers;
 
 /// How long a blocking call sleeps at most between looks at its targets'
 /// liveness. Only a safety net where nobody counts deaths (no master): with
@@ -87,7 +87,7 @@ pub struct WorkerId {
 #[derive(Debug, Clone)]
 pub struct Ctx {
     sender: WorkerId,
-    event: String,
+    event: std::sync::Arc<str>,
     delivery_id: u64,
     kind: CallKind,
 }
@@ -157,6 +157,18 @@ pub struct EventStats {
     pub sent: u64,
 }
 
+impl EventStats {
+    /// Adds `other`'s counts to these.
+    fn add(&mut self, other: &EventStats) {
+        self.received += other.received;
+        self.handled += other.handled;
+        self.decode_failures += other.decode_failures;
+        self.failures += other.failures;
+        self.unhandled += other.unhandled;
+        self.sent += other.sent;
+    }
+}
+
 /// Identifies a registered handler, for [`Messenger::off_handler`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct HandlerId(u64);
@@ -218,7 +230,7 @@ pub struct Messenger {
     /// queued without handling older ones first (no recursion per queued
     /// message).
     in_local: bool,
-    handlers: FxHashMap<String, Vec<Handler>>,
+    handlers: FxHashMap<String, Handlers>,
     next_handler: u64,
     /// The calls in flight, of this thread and of the handles (see
     /// [`core`]).
@@ -393,7 +405,11 @@ impl Messenger {
 
     /// Counters per event name.
     pub fn event_stats(&self) -> HashMap<String, EventStats> {
-        self.stats.borrow().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.stats
+            .borrow()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     fn count(&self, event: &str, f: impl FnOnce(&mut EventStats)) {

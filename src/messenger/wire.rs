@@ -69,22 +69,42 @@ pub(crate) fn parse_call(payload: &[u8]) -> Option<Call<'_>> {
     })
 }
 
+/// Bytes before a reply's body.
+pub(crate) const REPLY_HEADER: usize = 5;
+
 /// Encodes a reply.
 pub(crate) fn reply(status: u8, requester_generation: u32, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(5 + body.len());
+    let mut out = Vec::with_capacity(REPLY_HEADER + body.len());
     out.push(status);
     out.extend_from_slice(&requester_generation.to_le_bytes());
     out.extend_from_slice(body);
     out
 }
 
+/// An empty reply frame to encode a body after: [`REPLY_HEADER`] bytes
+/// and room for a small value (so that encoding one does not reallocate).
+pub(crate) fn reply_frame() -> Vec<u8> {
+    let mut frame = Vec::with_capacity(64);
+    frame.resize(REPLY_HEADER, 0);
+    frame
+}
+
+/// Writes a reply's header into the first [`REPLY_HEADER`] bytes of
+/// `frame` (a reply whose body was encoded after them).
+pub(crate) fn put_reply_header(frame: &mut [u8], status: u8, requester_generation: u32) {
+    if let Some(header) = frame.get_mut(..REPLY_HEADER) {
+        header[0] = status;
+        header[1..].copy_from_slice(&requester_generation.to_le_bytes());
+    }
+}
+
 /// A reply, parsed: (status, requester generation, body).
 pub(crate) fn parse_reply(payload: &[u8]) -> Option<(u8, u32, &[u8])> {
-    if payload.len() < 5 {
+    if payload.len() < REPLY_HEADER {
         return None;
     }
-    let generation = u32::from_le_bytes(payload[1..5].try_into().ok()?);
-    Some((payload[0], generation, &payload[5..]))
+    let generation = u32::from_le_bytes(payload[1..REPLY_HEADER].try_into().ok()?);
+    Some((payload[0], generation, &payload[REPLY_HEADER..]))
 }
 
 #[cfg(test)]

@@ -400,7 +400,9 @@ impl CallCore {
     }
 
     /// An answer arrived from `sender` for call `correlation`: `status` and
-    /// `body` as the wire's reply carries them. Only the incarnation the
+    /// `body` as the wire's reply carries them (the body by value: the
+    /// driver hands over the buffer it received, which becomes the answer
+    /// without a copy). Only the incarnation the
     /// call went to may answer it (a successor in the same slot that ran a
     /// queued copy is not it), and only once.
     pub(crate) fn handle_reply(
@@ -408,7 +410,7 @@ impl CallCore {
         sender: WorkerId,
         correlation: u64,
         status: u8,
-        body: &[u8],
+        body: impl Into<Vec<u8>>,
         peers: &impl Peers,
     ) {
         let Some(call) = self.calls.get(&correlation) else {
@@ -418,10 +420,10 @@ impl CallCore {
             return;
         }
         let result = match status {
-            wire::OK => Ok(body.to_vec()),
+            wire::OK => Ok(body.into()),
             wire::NO_HANDLER => Err(CallError::NoHandler),
             _ => Err(CallError::HandlerFailed(
-                String::from_utf8_lossy(body).into_owned(),
+                String::from_utf8_lossy(&body.into()).into_owned(),
             )),
         };
         self.finish_call(correlation, result, self.now, peers);
