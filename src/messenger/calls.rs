@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::core::{Backlog, Op, Peers, Settled, Standing};
-use super::encode::{decode, encode_call, encode_call_bytes};
+use super::encode::{decode, encode_call, encode_call_bytes, encode_call_in};
 use super::error::{CallError, EmitError, MapError};
 use super::leader::{self, LeaderWatch};
 use super::{wire, Consumed, Leader, Messenger, Target, WorkerId, LATENCY_MAP, LATENCY_REQUEST};
@@ -181,15 +181,24 @@ impl Messenger {
             self.core.start(op, deadline, now, &peers)
         };
         let mut first = true;
+        // A call settled before any wait read no clock since `started`.
+        let took = |first: bool, now: Instant| {
+            if first {
+                started.elapsed()
+            } else {
+                now.saturating_duration_since(started)
+            }
+        };
         loop {
             self.pump();
             if let Some(s) = self.core.take_settled(id) {
-                return Ok((s, now.saturating_duration_since(started)));
+                return Ok((s, took(first, now)));
             }
-            // Not on the first turn: `start` has just looked at the
-            // targets and the time, and a death counted since ends the
-            // wait below (`dispatch_until` then looks at once).
-            if !first {
+            // Not on the first turn, unless the deadline has passed
+            // already: `start` has just looked at the targets, and a
+            // death counted since ends the wait below (`dispatch_until`
+            // then looks at once).
+            if !first || now >= deadline {
                 self.check_liveness(now);
                 {
                     let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
@@ -200,7 +209,7 @@ impl Messenger {
                 // the wait.
                 self.pump();
                 if let Some(s) = self.core.take_settled(id) {
-                    return Ok((s, now.saturating_duration_since(started)));
+                    return Ok((s, took(first, now)));
                 }
             }
             first = false;
@@ -243,8 +252,12 @@ impl Messenger {
         T: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let bytes = encode_call(event, 0, value, self.max_payload)?;
-        decode(&self.request_encoded(worker, event, bytes, deadline)?)
+        let buf = super::dispatch::buffer(&mut self.spare);
+        let bytes = encode_call_in(buf, event, 0, value, self.max_payload)?;
+        let answer = self.request_encoded(worker, event, bytes, deadline)?;
+        let value = decode(&answer);
+        super::dispatch::recycle(&mut self.spare, answer);
+        value
     }
 
     /// [`Messenger::request`] with raw bytes both ways.

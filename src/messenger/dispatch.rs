@@ -111,11 +111,46 @@ impl fmt::Debug for Outbox {
 /// ([`crate::cluster::ClusterView::consume_backlog`]): the mark is stored
 /// before the lane's head moves (a release store), so a caller never
 /// sees the task neither in the lane nor in hand.
-fn take(segment: &Segment, me: u32, m: crate::Received<'_>) -> crate::Message {
-    if m.tag().kind == wire::CONSUME {
+///
+/// A message lent in place is copied into a spare buffer: a request and
+/// its reply allocated four buffers a round trip before (one copy out
+/// of the lane each way, the request, the reply), now none in the steady
+/// state.
+fn take(segment: &Segment, me: u32, spare: &mut Vec<Vec<u8>>, m: crate::Received<'_>) -> crate::Message {
+    let tag = m.tag();
+    if tag.kind == wire::CONSUME {
         segment.stats_entry(me).consume_busy.store(1, Relaxed);
     }
-    m.into_message()
+    if !m.is_in_lane() {
+        return m.into_message();
+    }
+    let mut payload = buffer(spare);
+    payload.extend_from_slice(m.payload());
+    crate::Message {
+        sender: m.sender(),
+        generation: m.generation(),
+        kind: tag.kind,
+        correlation: tag.correlation,
+        payload,
+    }
+}
+
+/// Buffers a messenger keeps for reuse, at most.
+const SPARE_BUFFERS: usize = 8;
+/// The largest buffer kept for reuse: larger ones go back to the allocator.
+const SPARE_CAPACITY: usize = 4096;
+
+/// A buffer for a message: a spare one, or a new one.
+pub(super) fn buffer(spare: &mut Vec<Vec<u8>>) -> Vec<u8> {
+    spare.pop().unwrap_or_else(|| Vec::with_capacity(64))
+}
+
+/// Keeps `buf` for a later message, if it is small and there is room.
+pub(super) fn recycle(spare: &mut Vec<Vec<u8>>, mut buf: Vec<u8>) {
+    if buf.capacity() <= SPARE_CAPACITY && spare.len() < SPARE_BUFFERS {
+        buf.clear();
+        spare.push(buf);
+    }
 }
 
 /// When a send that finds the lane full gives up.
@@ -193,7 +228,6 @@ impl Messenger {
             })
         };
         let single = self.ep().max_reservation();
-        let mut bytes = bytes;
         loop {
             if bytes.len() > single {
                 // Streamed in fragments: only a blocking send can do it.
@@ -207,9 +241,12 @@ impl Messenger {
                     Err(SendError::Corrupt { slot, error, .. }) => Err(corrupt(slot, error)),
                 };
             }
-            match self.ep().try_send_tagged(to, tag, bytes) {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Full(b)) => bytes = b,
+            match self.worker.endpoint().try_send_tagged(to, tag, &bytes) {
+                Ok(()) => {
+                    recycle(&mut self.spare, bytes);
+                    return Ok(());
+                }
+                Err(TrySendError::Full(_)) => {}
                 Err(TrySendError::TooLarge { len, max }) => return Err(EmitError::TooLarge { len, max }),
                 Err(TrySendError::NoSuchWorker { slot, .. }) => return Err(EmitError::NoSuchWorker { slot }),
                 Err(TrySendError::Corrupt { slot, error, .. }) => return Err(corrupt(slot, error)),
@@ -324,6 +361,7 @@ impl Messenger {
             },
             &self.outbox,
             &self.stats,
+            &mut self.spare,
         );
         if consume {
             self.segment.stats_entry(self.slot).consume_busy.store(0, Relaxed);
@@ -535,13 +573,13 @@ impl Messenger {
                         deaths,
                     };
                     match self.worker.endpoint().recv_ref_interruptible(Some(d), interrupt) {
-                        Ok(m) => Some(take(&self.segment, me, m)),
+                        Ok(m) => Some(take(&self.segment, me, &mut self.spare, m)),
                         Err(RecvError::Timeout) => None,
                         Err(RecvError::Corrupt { sender, error }) => return Err(corrupt(sender, error)),
                     }
                 }
                 None => match self.worker.endpoint().try_recv_ref() {
-                    Ok(m) => Some(take(&self.segment, me, m)),
+                    Ok(m) => Some(take(&self.segment, me, &mut self.spare, m)),
                     Err(TryRecvError::Empty) => None,
                     Err(TryRecvError::Corrupt { sender, error }) => return Err(corrupt(sender, error)),
                 },
@@ -558,8 +596,15 @@ impl Messenger {
             };
             handled += 1;
             wait = None;
+            let answer = message.kind == wire::REPLY;
             if let Some(reply) = self.run_handlers(message) {
                 self.send_handler_reply(reply)?;
+            }
+            if answer && self.core.has_settled() {
+                // An operation ended: its caller goes on now, and what
+                // else has arrived waits for the next dispatch (a look at
+                // every lane less on a request's round trip).
+                return Ok(handled);
             }
         }
     }
@@ -590,7 +635,7 @@ impl Messenger {
             return Ok(false);
         }
         let message = match self.worker.endpoint().try_recv_before_park() {
-            Ok(m) => m.map(|m| take(&self.segment, self.slot, m)),
+            Ok(m) => m.map(|m| take(&self.segment, self.slot, &mut self.spare, m)),
             Err(RecvError::Corrupt { sender, error }) => {
                 return Err(DispatchError::Corrupt(CorruptLane {
                     from: sender,

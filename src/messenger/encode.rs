@@ -33,9 +33,20 @@ pub(super) fn encode_call<T: Serialize + ?Sized>(
     value: &T,
     limit: usize,
 ) -> Result<Vec<u8>, EmitError> {
+    let header = wire::call_header_len(event.len());
+    encode_call_in(Vec::with_capacity(header + 16), event, delivery, value, limit)
+}
+
+/// [`encode_call`] into `out` (an empty buffer to reuse).
+pub(super) fn encode_call_in<T: Serialize + ?Sized>(
+    mut out: Vec<u8>,
+    event: &str,
+    delivery: u64,
+    value: &T,
+    limit: usize,
+) -> Result<Vec<u8>, EmitError> {
     check_name(event)?;
     let header = wire::call_header_len(event.len());
-    let mut out = Vec::with_capacity(header + 16);
     wire::put_call_header(&mut out, event, delivery);
     postcard::to_io(value, &mut out).map_err(EmitError::Encode)?;
     check_payload(out.len() - header, limit)?;

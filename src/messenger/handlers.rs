@@ -37,7 +37,11 @@ pub(super) enum Outcome {
 /// only by reference: a handler that answers at once needs no owned copy
 /// (two reference-count updates of the outbox a message, measured in a
 /// request's round trip); one that answers later clones it.
-pub(super) type HandlerFn = Box<dyn FnMut(&Ctx, &[u8], Option<&ReplyAt<'_>>) -> Outcome + Send>;
+///
+/// The last argument is an empty buffer (a spare one of the messenger's)
+/// that a handler answering at once may take to encode its reply into
+/// ([`Outcome::Framed`]).
+pub(super) type HandlerFn = Box<dyn FnMut(&Ctx, &[u8], Option<&ReplyAt<'_>>, &mut Vec<u8>) -> Outcome + Send>;
 
 pub(super) struct Handler {
     id: u64,
@@ -203,7 +207,7 @@ impl Messenger {
         self.add(
             event,
             false,
-            Box::new(move |ctx, data, _| match postcard::from_bytes::<T>(data) {
+            Box::new(move |ctx, data, _, _| match postcard::from_bytes::<T>(data) {
                 Ok(v) => {
                     f(ctx, v);
                     Outcome::Value(vec![])
@@ -255,7 +259,7 @@ impl Messenger {
         self.add(
             event,
             false,
-            Box::new(move |ctx, data, _| Outcome::Value(f(ctx, data))),
+            Box::new(move |ctx, data, _, _| Outcome::Value(f(ctx, data))),
         )
     }
 
@@ -274,9 +278,9 @@ impl Messenger {
         self.add(
             event,
             false,
-            Box::new(move |ctx, data, _| match postcard::from_bytes::<T>(data) {
+            Box::new(move |ctx, data, _, frame| match postcard::from_bytes::<T>(data) {
                 Ok(v) => match f(ctx, v) {
-                    Ok(r) => match postcard::to_extend(&r, wire::reply_frame()) {
+                    Ok(r) => match postcard::to_extend(&r, wire::reply_frame(std::mem::take(frame))) {
                         Ok(frame) => Outcome::Framed(frame),
                         Err(e) => Outcome::Failed(format!("cannot encode the reply: {e}")),
                     },
@@ -302,20 +306,22 @@ impl Messenger {
         self.add(
             event,
             false,
-            Box::new(move |ctx, data, reply_to| match postcard::from_bytes::<T>(data) {
-                Ok(v) => {
-                    f(
-                        ctx,
-                        v,
-                        Reply {
-                            to: reply_to.map(ReplyAt::keep),
-                            _r: std::marker::PhantomData,
-                        },
-                    );
-                    Outcome::Deferred
-                }
-                Err(e) => Outcome::Decode(e.to_string()),
-            }),
+            Box::new(
+                move |ctx, data, reply_to, _| match postcard::from_bytes::<T>(data) {
+                    Ok(v) => {
+                        f(
+                            ctx,
+                            v,
+                            Reply {
+                                to: reply_to.map(ReplyAt::keep),
+                                _r: std::marker::PhantomData,
+                            },
+                        );
+                        Outcome::Deferred
+                    }
+                    Err(e) => Outcome::Decode(e.to_string()),
+                },
+            ),
         )
     }
 
@@ -331,7 +337,7 @@ impl Messenger {
         self.add(
             event,
             false,
-            Box::new(move |ctx, data, reply_to| {
+            Box::new(move |ctx, data, reply_to, _| {
                 f(
                     ctx,
                     data,
@@ -382,6 +388,47 @@ pub(super) fn handle_message(
     on_reply: impl FnOnce(WorkerId, u64, u8, Vec<u8>),
     outbox: &Arc<Outbox>,
     stats: &RefCell<FxHashMap<String, EventStats>>,
+    spare: &mut Vec<Vec<u8>>,
+) -> Option<(u32, Tag, Vec<u8>)> {
+    if message.kind == wire::REPLY {
+        handle_reply(message, my_generation, on_reply);
+        return None;
+    }
+    let reply = handle_call(&message, handlers, outbox, stats, spare);
+    super::dispatch::recycle(spare, message.payload);
+    reply
+}
+
+/// A reply: to the call core, if it is for this incarnation.
+fn handle_reply(
+    message: crate::Message,
+    my_generation: u32,
+    on_reply: impl FnOnce(WorkerId, u64, u8, Vec<u8>),
+) {
+    let sender = WorkerId {
+        slot: message.sender,
+        generation: message.generation,
+    };
+    let Some((status, generation, _)) = wire::parse_reply(&message.payload) else {
+        return;
+    };
+    if generation != my_generation {
+        // A reply to this slot's previous worker.
+        return;
+    }
+    // The body, in the buffer it arrived in (not a copy).
+    let mut body = message.payload;
+    body.drain(..wire::REPLY_HEADER);
+    on_reply(sender, message.correlation, status, body);
+}
+
+/// An event, request or consume: runs its handlers.
+fn handle_call(
+    message: &crate::Message,
+    handlers: &mut FxHashMap<String, Handlers>,
+    outbox: &Arc<Outbox>,
+    stats: &RefCell<FxHashMap<String, EventStats>>,
+    spare: &mut Vec<Vec<u8>>,
 ) -> Option<(u32, Tag, Vec<u8>)> {
     let tag = Tag {
         kind: message.kind,
@@ -391,18 +438,6 @@ pub(super) fn handle_message(
         slot: message.sender,
         generation: message.generation,
     };
-    if tag.kind == wire::REPLY {
-        let (status, generation, _) = wire::parse_reply(&message.payload)?;
-        if generation != my_generation {
-            // A reply to this slot's previous worker.
-            return None;
-        }
-        // The body, in the buffer it arrived in (not a copy).
-        let mut body = message.payload;
-        body.drain(..wire::REPLY_HEADER);
-        on_reply(sender, tag.correlation, status, body);
-        return None;
-    }
     let payload = &message.payload[..];
     let kind = match tag.kind {
         wire::EMIT => CallKind::Event,
@@ -448,11 +483,13 @@ pub(super) fn handle_message(
     let run = if kind == CallKind::Event { list.len() } else { 1 };
     let mut first: Option<Outcome> = None;
     let mut spent = Vec::new();
+    let mut frame = super::dispatch::buffer(spare);
     for h in list.iter_mut().take(run) {
         IN_HANDLER.with(|f| f.set(true));
-        let outcome =
-            std::panic::catch_unwind(AssertUnwindSafe(|| (h.f)(&ctx, call.data, reply_to.as_ref())))
-                .unwrap_or_else(|p| Outcome::Failed(panic_text(p)));
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            (h.f)(&ctx, call.data, reply_to.as_ref(), &mut frame)
+        }))
+        .unwrap_or_else(|p| Outcome::Failed(panic_text(p)));
         IN_HANDLER.with(|f| f.set(false));
         match &outcome {
             Outcome::Decode(e) => {
@@ -473,6 +510,9 @@ pub(super) fn handle_message(
         }
     }
     count(counts);
+    if frame.capacity() != 0 {
+        super::dispatch::recycle(spare, frame);
+    }
     list.retain(|h| !spent.contains(&h.id));
     let r = reply_to?;
     Some(match first? {

@@ -249,6 +249,9 @@ pub struct Messenger {
     outbox: Arc<Outbox>,
     leader: leader::LeaderState,
     stats: RefCell<FxHashMap<String, EventStats>>,
+    /// Buffers of messages sent or received, kept for the next ones (see
+    /// [`Messenger::buffer`]).
+    spare: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for Messenger {
@@ -349,6 +352,7 @@ impl Messenger {
             outbox,
             leader: leader::LeaderState::default(),
             stats: RefCell::default(),
+            spare: Vec::new(),
         }
     }
 

@@ -81,12 +81,14 @@ pub(crate) fn reply(status: u8, requester_generation: u32, body: &[u8]) -> Vec<u
     out
 }
 
-/// An empty reply frame to encode a body after: [`REPLY_HEADER`] bytes
-/// and room for a small value (so that encoding one does not reallocate).
-pub(crate) fn reply_frame() -> Vec<u8> {
-    let mut frame = Vec::with_capacity(64);
-    frame.resize(REPLY_HEADER, 0);
-    frame
+/// `buf` (emptied) made a reply frame to encode a body after:
+/// [`REPLY_HEADER`] bytes, and room for a small value (so that encoding
+/// one does not reallocate).
+pub(crate) fn reply_frame(mut buf: Vec<u8>) -> Vec<u8> {
+    buf.clear();
+    buf.reserve(64);
+    buf.resize(REPLY_HEADER, 0);
+    buf
 }
 
 /// Writes a reply's header into the first [`REPLY_HEADER`] bytes of

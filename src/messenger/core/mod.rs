@@ -366,6 +366,11 @@ impl CallCore {
         self.settled.remove(i)
     }
 
+    /// Whether an operation has ended and waits to be taken.
+    pub(crate) fn has_settled(&self) -> bool {
+        !self.settled.is_empty()
+    }
+
     /// Whether any call waits for an answer (a death then matters).
     pub(crate) fn waiting(&self) -> bool {
         !self.calls.is_empty()
