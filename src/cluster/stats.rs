@@ -49,7 +49,9 @@ pub struct SlotStats {
     pub futex_wakes: u64,
     /// Sends that found a full lane and had to wait.
     pub full_waits: u64,
-    /// How long this slot's last messenger `request` took.
+    /// How long a recent messenger `request` of this slot took: one in 16
+    /// is timed (the first one included), as timing one costs a clock read
+    /// on its round trip.
     pub last_request: Option<Duration>,
     /// How long this slot's last messenger `map` took.
     pub last_map: Option<Duration>,

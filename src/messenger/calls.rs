@@ -13,7 +13,9 @@ use super::core::{Backlog, Op, Peers, Settled, Standing};
 use super::encode::{decode, encode_call, encode_call_bytes, encode_call_in};
 use super::error::{CallError, EmitError, MapError};
 use super::leader::{self, LeaderWatch};
-use super::{wire, Consumed, Leader, Messenger, Target, WorkerId, LATENCY_MAP, LATENCY_REQUEST};
+use super::{
+    wire, Consumed, Leader, Messenger, Target, WorkerId, LATENCY_MAP, LATENCY_REQUEST, TIME_ONE_REQUEST_IN,
+};
 use crate::cluster::ClusterView;
 use crate::segment::Segment;
 use crate::Tag;
@@ -159,20 +161,21 @@ impl Messenger {
     /// Only a corrupt lane found while dispatching; the call's own failures
     /// are in the [`Settled`].
     pub(super) fn call(&mut self, op: Op, deadline: Instant) -> Result<Settled, CallError> {
-        self.call_timed(op, deadline, Instant::now())
+        self.call_timed(op, deadline, Instant::now(), false)
             .map(|(settled, _)| settled)
     }
 
     /// [`Messenger::call`] started at `started` (the caller's clock read),
-    /// also returning how long it took: measured with the loop's own clock
-    /// reads, one a turn (a request answered in the first wait reads the
-    /// clock twice in all).
+    /// also returning how long it took if `timed`: measured with the
+    /// loop's own clock reads, one a turn (a request answered in the first
+    /// wait reads the clock twice in all; untimed, once).
     pub(super) fn call_timed(
         &mut self,
         op: Op,
         deadline: Instant,
         started: Instant,
-    ) -> Result<(Settled, Duration), CallError> {
+        timed: bool,
+    ) -> Result<(Settled, Option<Duration>), CallError> {
         // One clock read a turn: the core is given it, and an answer that
         // arrives is handled at it (see `CallCore`'s clock).
         let mut now = started;
@@ -183,11 +186,13 @@ impl Messenger {
         let mut first = true;
         // A call settled before any wait read no clock since `started`.
         let took = |first: bool, now: Instant| {
-            if first {
-                started.elapsed()
-            } else {
-                now.saturating_duration_since(started)
-            }
+            timed.then(|| {
+                if first {
+                    started.elapsed()
+                } else {
+                    now.saturating_duration_since(started)
+                }
+            })
         };
         loop {
             self.pump();
@@ -221,6 +226,12 @@ impl Messenger {
             if let Err(e) = self.dispatch_until(Some(until)) {
                 self.core.abandon(id);
                 return Err(e.into());
+            }
+            if !timed && self.core.has_settled() {
+                // Its answer came: no clock is needed to take it.
+                if let Some(s) = self.core.take_settled(id) {
+                    return Ok((s, None));
+                }
             }
             now = Instant::now();
         }
@@ -284,8 +295,12 @@ impl Messenger {
     ) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
         self.count(event, |s| s.sent += 1);
-        let (settled, took) = self.call_timed(Op::Request { to: worker, bytes }, deadline, started)?;
-        self.record_latency(LATENCY_REQUEST, took);
+        let timed = self.requests % TIME_ONE_REQUEST_IN == 0;
+        self.requests = self.requests.wrapping_add(1);
+        let (settled, took) = self.call_timed(Op::Request { to: worker, bytes }, deadline, started, timed)?;
+        if let Some(took) = took {
+            self.record_latency(LATENCY_REQUEST, took);
+        }
         match settled {
             Settled::Answer(r) => r,
             other => unreachable!("a request settled as {other:?}"),
@@ -340,13 +355,15 @@ impl Messenger {
         deadline: Instant,
     ) -> Result<Vec<(WorkerId, Result<Vec<u8>, MapError>)>, CallError> {
         let _span = tracing::debug_span!("map", event).entered();
-        let (settled, took) = self.call_timed(Op::Map { bytes }, deadline, Instant::now())?;
+        let (settled, took) = self.call_timed(Op::Map { bytes }, deadline, Instant::now(), true)?;
         let entries = match settled {
             Settled::Map(entries) => entries,
             other => unreachable!("a map settled as {other:?}"),
         };
         self.count(event, |s| s.sent += entries.len() as u64);
-        self.record_latency(LATENCY_MAP, took);
+        if let Some(took) = took {
+            self.record_latency(LATENCY_MAP, took);
+        }
         Ok(entries)
     }
 

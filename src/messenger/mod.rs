@@ -240,6 +240,8 @@ pub struct Messenger {
     remote: FxHashMap<OpId, Done>,
     /// Delivery ids of this thread's `consume`s.
     next_delivery: u64,
+    /// Requests made, for [`TIME_ONE_REQUEST_IN`].
+    requests: u32,
     /// The segment's death count when the calls' targets were last checked
     /// (see [`Messenger::check_liveness`]).
     deaths_seen: u32,
@@ -347,6 +349,7 @@ impl Messenger {
             core: CallCore::new(slot),
             remote: FxHashMap::default(),
             next_delivery: 0,
+            requests: 0,
             deaths_seen: ClusterView::new(&outbox.segment, WorkerId { slot, generation }).deaths(),
             liveness_slice: LIVENESS_SLICE,
             outbox,
@@ -468,4 +471,9 @@ impl Messenger {
 }
 
 const LATENCY_REQUEST: usize = 0;
+/// One `request` in this many is timed for the slot's stats
+/// (`SlotStats::last_request`), the first one included: timing one costs
+/// a clock read at its end, on the round trip's critical path (20-30 ns,
+/// about a tenth of the messenger's own cost on a 2-vCPU VM).
+const TIME_ONE_REQUEST_IN: u32 = 16;
 const LATENCY_MAP: usize = 1;

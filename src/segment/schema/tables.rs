@@ -63,7 +63,8 @@ pub(crate) struct StatsEntry {
     pub(crate) futex_wakes: AtomicU64,
     /// Sends that found the lane full and had to wait.
     pub(crate) full_waits: AtomicU64,
-    /// Latency in ns of the last messenger request (`[0]`) and map (`[1]`).
+    /// Latency in ns of a recent messenger request (`[0]`: one in 16 is
+    /// timed) and of the last map (`[1]`).
     pub(crate) last_latency_ns: [AtomicU64; 2],
     /// 1 while a messenger `consume`'s handler runs in this slot, else 0:
     /// stored before the task leaves the lane (so a caller that sees the
