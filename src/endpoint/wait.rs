@@ -38,6 +38,12 @@ const SAFETY_NET: Duration = Duration::from_millis(50);
 /// µs) for its answer and parks too, round after round; a spin of 5 µs
 /// still shows that in the p99 of some runs (20–50 µs).
 ///
+/// The messenger keeps the classic rule where it pays: with this default,
+/// a `request` or `invoke` waiting for its answer spins 50 µs and a `map`
+/// 20 µs (an answer from a worker it woke comes a wake later), so a
+/// request/reply pair does not fall into the park trap; idle workers
+/// spin 5 µs.
+///
 /// Pick `SpinThenPark` with a longer spin (or `Spin`) for a latency-bound
 /// pair of processes on cores of their own, and `Park` for workers that
 /// should cost no CPU at all while idle.
