@@ -185,21 +185,29 @@ impl Messenger {
     /// Only a corrupt lane found while dispatching; the call's own failures
     /// are in the [`Settled`].
     pub(super) fn call(&mut self, op: Op, deadline: Instant) -> Result<Settled, CallError> {
-        self.call_timed(op, deadline, Instant::now(), false)
+        self.call_timed(op, deadline, Some(Instant::now()), false, None)
             .map(|(settled, _)| settled)
     }
 
     /// [`Messenger::call`] started at `started` (the caller's clock read),
     /// also returning how long it took if `timed`: measured with the
     /// loop's own clock reads, one a turn (a request answered in the first
-    /// wait reads the clock twice in all; untimed, once).
+    /// wait reads the clock twice in all).
+    ///
+    /// Without `started` (a request, not timed) the core starts the call
+    /// at the last time it was given, and the clock is read once the
+    /// request is sent, while it is on its way, as is the count of one
+    /// `sent` for `event`: the round trip's critical path has neither.
+    /// (A request's start uses no time: its deadline is absolute.)
     pub(super) fn call_timed(
         &mut self,
         op: Op,
         deadline: Instant,
-        started: Instant,
+        started: Option<Instant>,
         timed: bool,
+        event: Option<&str>,
     ) -> Result<(Settled, Option<Duration>), CallError> {
+        debug_assert!(started.is_some() || !timed);
         // With the default strategy, a call waits for its answers spinning
         // longer than an idle worker (see `ANSWER_SPIN`).
         let call_wait = match op {
@@ -211,6 +219,8 @@ impl Messenger {
         .map(WaitStrategy::SpinThenPark);
         // One clock read a turn: the core is given it, and an answer that
         // arrives is handled at it (see `CallCore`'s clock).
+        let late_clock = started.is_none();
+        let started = started.unwrap_or_else(|| self.core.now());
         let mut now = started;
         let id = {
             let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
@@ -229,6 +239,14 @@ impl Messenger {
         };
         loop {
             self.pump();
+            if first {
+                if let Some(event) = event {
+                    self.count(event, |s| s.sent += 1);
+                }
+                if late_clock {
+                    now = Instant::now();
+                }
+            }
             if let Some(s) = self.core.take_settled(id) {
                 return Ok((s, took(first, now)));
             }
@@ -335,11 +353,11 @@ impl Messenger {
         bytes: Vec<u8>,
         deadline: Instant,
     ) -> Result<Vec<u8>, CallError> {
-        let started = Instant::now();
-        self.count(event, |s| s.sent += 1);
         let timed = self.requests % TIME_ONE_REQUEST_IN == 0;
         self.requests = self.requests.wrapping_add(1);
-        let (settled, took) = self.call_timed(Op::Request { to: worker, bytes }, deadline, started, timed)?;
+        let started = timed.then(Instant::now);
+        let op = Op::Request { to: worker, bytes };
+        let (settled, took) = self.call_timed(op, deadline, started, timed, Some(event))?;
         if let Some(took) = took {
             self.record_latency(LATENCY_REQUEST, took);
         }
@@ -397,7 +415,8 @@ impl Messenger {
         deadline: Instant,
     ) -> Result<Vec<(WorkerId, Result<Vec<u8>, MapError>)>, CallError> {
         let _span = tracing::debug_span!("map", event).entered();
-        let (settled, took) = self.call_timed(Op::Map { bytes }, deadline, Instant::now(), true)?;
+        let (settled, took) =
+            self.call_timed(Op::Map { bytes }, deadline, Some(Instant::now()), true, None)?;
         let entries = match settled {
             Settled::Map(entries) => entries,
             other => unreachable!("a map settled as {other:?}"),

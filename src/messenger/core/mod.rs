@@ -366,6 +366,11 @@ impl CallCore {
         self.settled.remove(i)
     }
 
+    /// The core's time: the last one it was given.
+    pub(crate) fn now(&self) -> Instant {
+        self.now
+    }
+
     /// Whether an operation has ended and waits to be taken.
     pub(crate) fn has_settled(&self) -> bool {
         !self.settled.is_empty()
