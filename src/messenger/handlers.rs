@@ -450,7 +450,7 @@ fn handle_call(
         return None;
     };
     let wants_reply = kind != CallKind::Event && tag.correlation != 0;
-    let reply_to = wants_reply.then(|| ReplyAt {
+    let reply_to = wants_reply.then_some(ReplyAt {
         to: sender.slot,
         correlation: tag.correlation,
         requester_generation: sender.generation,

@@ -412,11 +412,7 @@ impl Messenger {
 
     /// Counters per event name.
     pub fn event_stats(&self) -> HashMap<String, EventStats> {
-        self.stats
-            .borrow()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+        self.stats.borrow().iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     fn count(&self, event: &str, f: impl FnOnce(&mut EventStats)) {
