@@ -7,6 +7,13 @@
 //! `cargo bench --bench locks` prints one markdown table on stdout (progress
 //! goes to stderr). Run without `--bench` (as `cargo test --benches` does),
 //! it only checks that each measure works, with a few iterations.
+//! `SHMCLUSTER_BENCH_LOCKS` picks rows and columns while iterating: words
+//! among `uncontended`, `2`, `4`, `8` (rows; all when none is given) and
+//! `core` (only `synchronize_key`, `NamedLock` and the robust mutex).
+//!
+//! Targets (issue 14): `NamedLock` uncontended ≤ 1.1× the bare robust
+//! mutex and `synchronize_key` ≤ 1.3×; contended by 2, 4 and 8 processes
+//! both ≤ 1.2×.
 //!
 //! - Uncontended: one process takes and releases the lock around an empty
 //!   section in a loop; nanoseconds per lock + unlock, the median of a few
@@ -329,6 +336,45 @@ impl Mechanism {
     }
 }
 
+/// What `SHMCLUSTER_BENCH_LOCKS` selects.
+#[derive(Debug, Clone)]
+struct Selection {
+    /// The uncontended row.
+    uncontended: bool,
+    /// The contended rows, by number of processes.
+    procs: Vec<u32>,
+    /// Only the mechanisms the targets compare.
+    core: bool,
+}
+
+impl Selection {
+    /// From the environment: everything unless rows are named.
+    fn from_env() -> Self {
+        let var = std::env::var("SHMCLUSTER_BENCH_LOCKS").unwrap_or_default();
+        let words: Vec<&str> = var.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+        let procs: Vec<u32> = PROCS
+            .into_iter()
+            .filter(|p| words.contains(&p.to_string().as_str()))
+            .collect();
+        let uncontended = words.contains(&"uncontended");
+        let all_rows = !uncontended && procs.is_empty();
+        Self {
+            uncontended: uncontended || all_rows,
+            procs: if all_rows { PROCS.to_vec() } else { procs },
+            core: words.contains(&"core"),
+        }
+    }
+
+    /// Whether to measure `mech`.
+    fn measures(&self, mech: Mechanism) -> bool {
+        !self.core
+            || matches!(
+                mech,
+                Mechanism::Synchronize | Mechanism::Named | Mechanism::Robust
+            )
+    }
+}
+
 /// The median of `runs` results of `f`.
 fn median(runs: usize, mut f: impl FnMut() -> Res<f64>) -> Res<f64> {
     let mut v = (0..runs.max(1)).map(|_| f()).collect::<Res<Vec<f64>>>()?;
@@ -338,14 +384,21 @@ fn median(runs: usize, mut f: impl FnMut() -> Res<f64>) -> Res<f64> {
 
 /// Nanoseconds per call of `op`, over `n` calls after `n / 10` unmeasured.
 fn ns_per_op(n: u64, mut op: impl FnMut()) -> f64 {
-    for _ in 0..n / 10 {
-        op();
-    }
+    repeat(n / 10, &mut op);
     let start = Instant::now();
+    repeat(n, &mut op);
+    start.elapsed().as_nanos() as f64 / n as f64
+}
+
+/// Calls `op` `n` times: the warm-up and the timed loop are this one loop,
+/// so every mechanism's `op` has one call site and is inlined or not on
+/// its own merits (with two loops, a larger `op` was called out of line
+/// and measured with a call, its prologue and epilogue per iteration).
+#[inline(never)]
+fn repeat(n: u64, op: &mut impl FnMut()) {
     for _ in 0..n {
         op();
     }
-    start.elapsed().as_nanos() as f64 / n as f64
 }
 
 /// What the uncontended and contended measures share: the segment, the
@@ -597,8 +650,8 @@ struct Row {
     ns: Vec<f64>,
     /// Whether to show the rate too (contended rows).
     with_rate: bool,
-    /// The target on `NamedLock::synchronize` ÷ robust pthread.
-    target: f64,
+    /// The targets on `synchronize_key` ÷ robust and `NamedLock` ÷ robust.
+    targets: (f64, f64),
 }
 
 /// Prints the markdown table, with the machine, the command and the plan.
@@ -614,7 +667,7 @@ fn print_table(full: bool, plan: Plan, rows: &[Row]) {
     println!();
     let headings: Vec<&str> = MECHANISMS.iter().map(|m| m.heading()).collect();
     println!(
-        "| measure | {} | `synchronize_key` ÷ robust | `NamedLock` ÷ robust | target |",
+        "| measure | {} | `synchronize_key` ÷ robust | `NamedLock` ÷ robust | targets (key, named) |",
         headings.join(" | ")
     );
     println!("|---|{}---|---|---|", "---|".repeat(MECHANISMS.len()));
@@ -623,7 +676,9 @@ fn print_table(full: bool, plan: Plan, rows: &[Row]) {
             .ns
             .iter()
             .map(|&v| {
-                if row.with_rate {
+                if v.is_nan() {
+                    "–".to_owned()
+                } else if row.with_rate {
                     format!("{} ({})", ns(v), rate(v))
                 } else {
                     ns(v)
@@ -631,13 +686,14 @@ fn print_table(full: bool, plan: Plan, rows: &[Row]) {
             })
             .collect();
         let keyed = row.ns[0] / row.ns[2];
-        let r = row.ns[1] / row.ns[2];
+        let named = row.ns[1] / row.ns[2];
+        let (keyed_target, named_target) = row.targets;
         println!(
-            "| {} | {} | {keyed:.2}× | {r:.2}× | ≤ {:.1}× {} |",
+            "| {} | {} | {keyed:.2}× {} | {named:.2}× {} | ≤ {keyed_target:.1}×, ≤ {named_target:.1}× |",
             row.measure,
             cells.join(" | "),
-            row.target,
-            mark(r <= row.target)
+            mark(keyed <= keyed_target),
+            mark(named <= named_target),
         );
     }
     println!();
@@ -659,25 +715,41 @@ fn run(full: bool) -> Res {
         file,
         plan,
     };
+    let pick = Selection::from_env();
     let result = (|| {
-        let mut rows = vec![Row {
-            measure: "uncontended, one process: ns per lock + unlock".into(),
-            ns: MECHANISMS
-                .iter()
-                .map(|&m| bench.uncontended(m))
-                .collect::<Res<_>>()?,
-            with_rate: false,
-            target: 1.3,
-        }];
-        for procs in PROCS {
+        let mut rows = Vec::new();
+        if pick.uncontended {
+            rows.push(Row {
+                measure: "uncontended, one process: ns per lock + unlock".into(),
+                ns: MECHANISMS
+                    .iter()
+                    .map(|&m| {
+                        if pick.measures(m) {
+                            bench.uncontended(m)
+                        } else {
+                            Ok(f64::NAN)
+                        }
+                    })
+                    .collect::<Res<_>>()?,
+                with_rate: false,
+                targets: (1.3, 1.1),
+            });
+        }
+        for &procs in &pick.procs {
             rows.push(Row {
                 measure: format!("{procs} processes contending: ns per addition (additions/s)"),
                 ns: MECHANISMS
                     .iter()
-                    .map(|&m| bench.contended(m, procs))
+                    .map(|&m| {
+                        if pick.measures(m) {
+                            bench.contended(m, procs)
+                        } else {
+                            Ok(f64::NAN)
+                        }
+                    })
                     .collect::<Res<_>>()?,
                 with_rate: true,
-                target: 1.2,
+                targets: (1.2, 1.2),
             });
         }
         Ok::<_, Box<dyn std::error::Error>>(rows)

@@ -227,22 +227,34 @@ pub fn process_start(pid: u32) -> Option<u64> {
     rest.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
-/// This process's start time ([`process_start`]), low 32 bits, cached per
-/// pid (a forked child reads its own).
-pub fn own_start() -> u32 {
-    static CACHED: AtomicU64 = AtomicU64::new(0);
+/// This process's pid ([`super::cached_pid`]) and start time
+/// ([`process_start`], low 32 bits), cached per pid (a forked child reads
+/// its own): one pid look-up for both, as a lock's fast path records them
+/// on every acquisition.
+#[inline]
+pub fn own_identity() -> (u32, u32) {
     let pid = super::cached_pid();
-    let c = CACHED.load(Relaxed);
+    let c = OWN_START.load(Relaxed);
     if c != 0 && (c >> 32) as u32 == pid {
-        return c as u32;
+        return (pid, c as u32);
     }
+    (pid, cache_own_start(pid))
+}
+
+/// The pid (high half) and start time (low half) [`own_identity`] gives.
+static OWN_START: AtomicU64 = AtomicU64::new(0);
+
+/// [`own_identity`]'s look-up, once per process.
+#[cold]
+#[inline(never)]
+fn cache_own_start(pid: u32) -> u32 {
     let start = process_start(pid).unwrap_or(0) as u32;
-    CACHED.store((u64::from(pid) << 32) | u64::from(start), Relaxed);
+    OWN_START.store((u64::from(pid) << 32) | u64::from(start), Relaxed);
     start
 }
 
 /// Whether process `pid` with start time `start` (low 32 bits, as
-/// [`own_start`] gives) still exists: false once it is gone, even if its
+/// [`own_identity`] gives) still exists: false once it is gone, even if its
 /// pid now names another process. A start of 0 (unknown) falls back to
 /// existence alone.
 pub fn process_lives(pid: u32, start: u32) -> bool {
@@ -303,11 +315,10 @@ mod tests {
     #[test]
     fn own_start_names_this_process() {
         let me = crate::sys::getpid();
-        assert!(process_lives(me, own_start()));
-        assert!(
-            !process_lives(me, own_start().wrapping_add(1)),
-            "another start time"
-        );
+        let (pid, start) = own_identity();
+        assert_eq!(pid, me);
+        assert!(process_lives(me, start));
+        assert!(!process_lives(me, start.wrapping_add(1)), "another start time");
         assert_eq!(process_start(0), None);
     }
 }

@@ -6,6 +6,8 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -132,10 +134,21 @@ pub fn getpid() -> u32 {
 /// current glibc (~100 ns here), too slow for a lock's fast path. A
 /// `pthread_atfork(3)` child handler clears the cache, so a forked child
 /// never sees its parent's pid.
+#[inline]
 pub fn cached_pid() -> u32 {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
-    static PID: AtomicU32 = AtomicU32::new(0);
+    match PID.load(Relaxed) {
+        0 => cache_pid(),
+        pid => pid,
+    }
+}
+
+/// The pid [`cached_pid`] returns; 0 until looked up, and in a forked child.
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// [`cached_pid`]'s look-up, once per process.
+#[cold]
+#[inline(never)]
+fn cache_pid() -> u32 {
     // Not a `std::sync::Once`: a fork while another thread is inside
     // `call_once` leaves the child's copy "running" for ever, and the child
     // would hang here. A fork between the flag and the registration leaves
@@ -150,14 +163,9 @@ pub fn cached_pid() -> u32 {
         // (async-signal-safe, as a fork child handler must be).
         unsafe { libc::pthread_atfork(None, None, Some(forget)) };
     }
-    match PID.load(Relaxed) {
-        0 => {
-            let pid = getpid();
-            PID.store(pid, Relaxed);
-            pid
-        }
-        pid => pid,
-    }
+    let pid = getpid();
+    PID.store(pid, Relaxed);
+    pid
 }
 
 /// A child process started by [`crate::testing::fork`].
