@@ -38,7 +38,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering::*};
 
 /// Offset of slot 0's byte: far past any segment's end (1 TiB).
 const CLAIM_BASE: i64 = 1 << 40;
@@ -227,30 +227,15 @@ pub fn process_start(pid: u32) -> Option<u64> {
     rest.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
-/// This process's pid ([`super::cached_pid`]) and start time
-/// ([`process_start`], low 32 bits), cached per pid (a forked child reads
-/// its own): one pid look-up for both, as a lock's fast path records them
-/// on every acquisition.
+/// This process's pid ([`super::process::cached_pid`]) and start time
+/// ([`process_start`], low 32 bits), cached per process (a forked child
+/// looks up its own): one load, as a lock's fast path records them on
+/// every acquisition (the pid and start cached apart, checked against each
+/// other, cost an uncontended section ~6%).
 #[inline]
 pub fn own_identity() -> (u32, u32) {
-    let pid = super::cached_pid();
-    let c = OWN_START.load(Relaxed);
-    if c != 0 && (c >> 32) as u32 == pid {
-        return (pid, c as u32);
-    }
-    (pid, cache_own_start(pid))
-}
-
-/// The pid (high half) and start time (low half) [`own_identity`] gives.
-static OWN_START: AtomicU64 = AtomicU64::new(0);
-
-/// [`own_identity`]'s look-up, once per process.
-#[cold]
-#[inline(never)]
-fn cache_own_start(pid: u32) -> u32 {
-    let start = process_start(pid).unwrap_or(0) as u32;
-    OWN_START.store((u64::from(pid) << 32) | u64::from(start), Relaxed);
-    start
+    let id = super::process::cached_identity();
+    ((id >> 32) as u32, id as u32)
 }
 
 /// Whether process `pid` with start time `start` (low 32 bits, as
