@@ -164,7 +164,6 @@ pub struct LockStats {
 
 /// The lock table of a segment, as seen by one worker slot (recorded as
 /// the holder).
-#[derive(Clone)]
 pub struct Locks {
     segment: Segment,
     /// `segment`'s lock table, found once: the look-up by offset checks
@@ -180,6 +179,35 @@ pub struct Locks {
     names: Arc<[CachedName]>,
     /// Names that found no room in `names` (the slow path's).
     overflow: Arc<Mutex<FxHashMap<String, u32>>>,
+    /// For each name length modulo [`RECENT`], the first name of that
+    /// length this handle found in `names`, as its slot + 1 (high half) and
+    /// entry (low half); 0 while unset. Write-once, so threads sharing the
+    /// handle only read them. Checked before the hash: the entry comes
+    /// from one load whose address is known from the name's length alone,
+    /// and the name is checked against the slot beside it, off the path to
+    /// the mutex. (Through the hash, the slot's load comes first: ~1.7 ns
+    /// more than a `NamedLock` for a literal name, ~5 ns for one known at
+    /// run time. Checking the first two names found, whatever their
+    /// length, cost every later name two failed checks: 1.6x for a
+    /// literal, 2-2.8x for a run-time name.)
+    recent: [AtomicU64; RECENT],
+}
+
+/// Words in [`Locks::recent`]: one cache line.
+const RECENT: usize = 8;
+
+impl Clone for Locks {
+    fn clone(&self) -> Self {
+        Self {
+            segment: self.segment.clone(),
+            table: self.table,
+            slot: self.slot,
+            generation: self.generation,
+            names: self.names.clone(),
+            overflow: self.overflow.clone(),
+            recent: std::array::from_fn(|k| AtomicU64::new(self.recent[k].load(Relaxed))),
+        }
+    }
 }
 
 // SAFETY: `table` points to the lock table (`LockEntry`: atomics and the
@@ -234,6 +262,7 @@ impl Locks {
             ),
             names: name_cache(layout.lock_slots),
             overflow: Arc::default(),
+            recent: Default::default(),
         })
     }
 
@@ -338,8 +367,25 @@ impl Locks {
                 Err(LockError::TableFull { capacity: 0 })
             };
         }
-        match cached(&self.names, name.as_bytes()) {
-            Some(i) => Ok(i),
+        let key = Key::new(name.as_bytes());
+        let recent = &self.recent[name.len() % RECENT];
+        let r = recent.load(Relaxed);
+        // Slots are write-once: one that holds `name` holds it with the
+        // entry `r` was made from. (0 gives no slot.)
+        if let Some(slot) = self.names.get(((r >> 32) as usize).wrapping_sub(1)) {
+            if slot.holds(slot.state.load(Acquire), key) {
+                return Ok(r as u32);
+            }
+        }
+        match cached(&self.names, key) {
+            Some((k, i)) => {
+                if r == 0 {
+                    // First come: a lost race leaves the other name there.
+                    let _ =
+                        recent.compare_exchange(0, ((k as u64 + 1) << 32) | u64::from(i), Relaxed, Relaxed);
+                }
+                Ok(i)
+            }
             None => self.entry_for_slow(name),
         }
     }
@@ -934,21 +980,21 @@ impl CachedName {
     }
 }
 
-/// `name`'s entry, if cached in its probe window of `slots` (a power of
-/// two of them).
+/// The slot and entry of `key`'s name, if cached in its probe window of
+/// `slots` (a power of two of them).
 #[inline(always)]
-fn cached(slots: &[CachedName], name: &[u8]) -> Option<u32> {
-    let key = Key::new(name);
+fn cached(slots: &[CachedName], key: Key<'_>) -> Option<(usize, u32)> {
     let mask = slots.len() - 1;
     let h = key.hash();
     for k in 0..PROBE {
-        let slot = &slots[(h + k) & mask];
+        let at = (h + k) & mask;
+        let slot = &slots[at];
         let state = slot.state.load(Acquire);
         if state == EMPTY {
             return None;
         }
         if slot.holds(state, key) {
-            return Some((state as u32).wrapping_sub(2));
+            return Some((at, (state as u32).wrapping_sub(2)));
         }
     }
     None
@@ -1006,7 +1052,7 @@ mod tests {
             if cache(&slots, name.as_bytes(), i as u32 + 2) {
                 held.push(i);
             } else {
-                assert_eq!(cached(&slots, name.as_bytes()), None, "{name}: no room");
+                assert_eq!(cached(&slots, Key::new(name.as_bytes())), None, "{name}: no room");
             }
             // Caching a name twice is a no-op.
             let again = cache(&slots, name.as_bytes(), i as u32 + 2);
@@ -1015,7 +1061,7 @@ mod tests {
         assert!(held.len() >= 16 / 2 && held.len() <= 16, "{}", held.len());
         for &i in &held {
             assert_eq!(
-                cached(&slots, names[i].as_bytes()),
+                cached(&slots, Key::new(names[i].as_bytes())).map(|(_, e)| e),
                 Some(i as u32 + 2),
                 "{}",
                 names[i]
@@ -1034,6 +1080,6 @@ mod tests {
         assert!(!slot.holds(state, Key::new(b"x\0")));
         assert!(!slot.holds(state, Key::new(b"")));
         assert!(!slot.holds(state, Key::new(b"y")));
-        assert_eq!(cached(&slots, b"x\0"), None);
+        assert_eq!(cached(&slots, Key::new(b"x\0")), None);
     }
 }
