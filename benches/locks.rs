@@ -17,14 +17,14 @@
 //!
 //! - Uncontended: one process takes and releases the lock around an empty
 //!   section in a loop; nanoseconds per lock + unlock, the median of a few
-//!   runs.
+//!   rounds (each round measures every mechanism in turn).
 //! - Contended: 2, 4 and 8 forked processes (threads for
 //!   `std::sync::Mutex`) each add 1 to a shared counter K times, one
 //!   lock / read / write / unlock per addition. The clock runs from the
 //!   moment all are released at once until the last one is done; the final
 //!   count is checked to be exact (a plain read then write, so any overlap
 //!   of two sections would lose an addition). Total additions per second,
-//!   and wall nanoseconds per addition, the median of a few runs.
+//!   and wall nanoseconds per addition, the median of a few rounds.
 
 use std::fs::File;
 use std::hint::black_box;
@@ -378,6 +378,28 @@ impl Selection {
     }
 }
 
+/// One row: `runs` rounds, each measuring every selected mechanism once
+/// with `measure` (so a drift, or a round where the scheduler lets one
+/// contender run alone, falls on all of them alike, not on one), then
+/// each mechanism's median (NaN when not selected).
+fn row(runs: usize, pick: &Selection, mut measure: impl FnMut(Mechanism) -> Res<f64>) -> Res<Vec<f64>> {
+    let mut all = vec![Vec::new(); MECHANISMS.len()];
+    for _ in 0..runs.max(1) {
+        for (figures, &mech) in all.iter_mut().zip(&MECHANISMS) {
+            if pick.measures(mech) {
+                figures.push(measure(mech)?);
+            }
+        }
+    }
+    Ok(all
+        .into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        })
+        .collect())
+}
+
 /// The median of `runs` results of `f`.
 fn median(runs: usize, mut f: impl FnMut() -> Res<f64>) -> Res<f64> {
     let mut v = (0..runs.max(1)).map(|_| f()).collect::<Res<Vec<f64>>>()?;
@@ -413,7 +435,7 @@ struct Bench {
 }
 
 impl Bench {
-    /// Uncontended ns per lock + unlock of an empty section.
+    /// Uncontended ns per lock + unlock of an empty section, one run.
     fn uncontended(&self, mech: Mechanism) -> Res<f64> {
         eprintln!("measuring uncontended {mech:?}");
         let n = if mech == Mechanism::Flock {
@@ -422,7 +444,7 @@ impl Bench {
             self.plan.uncontended
         };
         let page = Page::new()?;
-        median(self.plan.runs, || {
+        median(1, || {
             Ok(match mech {
                 Mechanism::Synchronize => {
                     let locks = Locks::new(&self.segment, 0)?;
@@ -467,7 +489,7 @@ impl Bench {
     }
 
     /// Contended: wall ns per addition with `procs` processes (threads for
-    /// `Std`) adding K each.
+    /// `Std`) adding K each, one run.
     fn contended(&self, mech: Mechanism, procs: u32) -> Res<f64> {
         eprintln!("measuring {mech:?}, {procs} contending");
         let k = if mech == Mechanism::Flock {
@@ -475,7 +497,7 @@ impl Bench {
         } else {
             self.plan.contended
         };
-        median(self.plan.runs, || {
+        median(1, || {
             let took = match mech {
                 Mechanism::Synchronize => race(procs, k, None, |page, i| {
                     let locks = Locks::new(&self.segment, i)?;
@@ -661,10 +683,11 @@ struct Row {
 fn print_table(full: bool, plan: Plan, rows: &[Row]) {
     print_preamble("locks", full);
     println!(
-        "Uncontended: lock + unlock of an empty section, {} times ({} for `flock`), median of {} runs. \
+        "Uncontended: lock + unlock of an empty section, {} times ({} for `flock`), median of {} rounds \
+         (each round measures every mechanism once). \
          Contended: every process (thread, for `std::sync::Mutex`) does {} lock / add 1 / unlock on one \
          shared counter ({} for `flock`), all started at once; total wall time ÷ total additions, and \
-         additions per second, median of {} runs; the final count checked exact.",
+         additions per second, median of {} rounds; the final count checked exact.",
         plan.uncontended, plan.uncontended_flock, plan.runs, plan.contended, plan.contended_flock, plan.runs
     );
     println!();
@@ -724,16 +747,7 @@ fn run(full: bool) -> Res {
         if pick.uncontended {
             rows.push(Row {
                 measure: "uncontended, one process: ns per lock + unlock".into(),
-                ns: MECHANISMS
-                    .iter()
-                    .map(|&m| {
-                        if pick.measures(m) {
-                            bench.uncontended(m)
-                        } else {
-                            Ok(f64::NAN)
-                        }
-                    })
-                    .collect::<Res<_>>()?,
+                ns: row(plan.runs, &pick, |m| bench.uncontended(m))?,
                 with_rate: false,
                 targets: (1.3, 1.1),
             });
@@ -741,16 +755,7 @@ fn run(full: bool) -> Res {
         for &procs in &pick.procs {
             rows.push(Row {
                 measure: format!("{procs} processes contending: ns per addition (additions/s)"),
-                ns: MECHANISMS
-                    .iter()
-                    .map(|&m| {
-                        if pick.measures(m) {
-                            bench.contended(m, procs)
-                        } else {
-                            Ok(f64::NAN)
-                        }
-                    })
-                    .collect::<Res<_>>()?,
+                ns: row(plan.runs, &pick, |m| bench.contended(m, procs))?,
                 with_rate: true,
                 targets: (1.2, 1.2),
             });
