@@ -104,6 +104,16 @@ fn reentry_panics_timeouts_names_and_a_full_table() {
         locks.synchronize_key("a", |_| panic!("inside")).unwrap();
     }));
     assert!(r.is_err());
+    assert_eq!(locks.synchronize_key("a", |s| s.name().to_owned()).unwrap(), "a");
+    assert_eq!(
+        locks
+            .named("a")
+            .unwrap()
+            .synchronize(|s| s.name().to_owned())
+            .unwrap(),
+        "a"
+    );
+    assert_eq!(locks.synchronize(|s| s.name().to_owned()).unwrap(), "");
     let t0 = locks.synchronize_key("a", |s| s.fencing_token()).unwrap();
     let t1 = locks.synchronize_key("a", |s| s.fencing_token()).unwrap();
     assert!(t1 > t0, "tokens grow: {t0} {t1}");
@@ -143,6 +153,48 @@ fn reentry_panics_timeouts_names_and_a_full_table() {
     ));
     // Existing names still work when the table is full.
     locks.synchronize_key("b", |_| ()).unwrap();
+}
+
+#[test]
+fn every_name_is_its_own_lock_past_the_name_cache() {
+    let _dog = Watchdog::new("names", Duration::from_secs(60));
+    // 600 named entries: more names than the per-handle cache holds (256
+    // slots), so some go to its overflow; names of every length up to the
+    // limit, names that differ only in their last byte, and names that
+    // differ only by a trailing NUL (the cache pads words with zeros).
+    let seg = Segment::create(&Config::new(1).lock_slots(602)).unwrap();
+    let mut names: Vec<String> = (0..500).map(|i| format!("lock-{i}")).collect();
+    names.extend((1..=MAX_LOCK_NAME_LEN).map(|n| "n".repeat(n)));
+    names.extend(["x".to_owned(), "x\0".to_owned(), "x\0\0".to_owned()]);
+    names.extend(('a'..='g').map(|c| format!("same-prefix-{c}")));
+    names.sort();
+    names.dedup();
+    assert!(names.len() <= 600, "{}", names.len());
+    let locks = Locks::new(&seg, 0).unwrap();
+    let clone = locks.clone();
+    // Lock `i` is taken i % 3 + 1 times, alternating handles that share a
+    // cache; its token then says how often it was taken, so two names
+    // sharing an entry would show.
+    for round in 0..3 {
+        for (i, name) in names.iter().enumerate() {
+            if round <= i % 3 {
+                let by = if (round + i) % 2 == 0 { &locks } else { &clone };
+                let seen = by.synchronize_key(name, |s| s.name().to_owned()).unwrap();
+                assert_eq!(&seen, name);
+            }
+        }
+    }
+    // A handle with its own, empty cache finds the same entries.
+    let fresh = Locks::new(&seg, 0).unwrap();
+    for (i, name) in names.iter().enumerate() {
+        let token = fresh.synchronize_key(name, |s| s.fencing_token()).unwrap();
+        assert_eq!(token, (i % 3 + 2) as u64, "{name:?}");
+    }
+    let stats = fresh.stats();
+    for (i, name) in names.iter().enumerate() {
+        let row = stats.iter().find(|s| &s.name == name).unwrap();
+        assert_eq!(row.acquisitions, (i % 3 + 2) as u64, "{name:?}");
+    }
 }
 
 #[test]

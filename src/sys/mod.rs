@@ -39,7 +39,7 @@ pub use fd::set_cloexec_nonblocking;
 pub use fd::{adopt_fd, dup_cloexec, file_len, read_at, set_len};
 pub use futex::{futex_wait, futex_wake};
 pub use memfd::{is_size_sealed, map_shared, memfd_create, seal_size};
-pub use process::{cached_pid, die_with_parent, exit_now, fork, getpid, Child, ExitStatus};
+pub use process::{die_with_parent, exit_now, fork, getpid, Child, ExitStatus};
 
 /// What a raw system call returns on failure: `-1`, with the reason in
 /// `errno`.

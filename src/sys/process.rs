@@ -6,6 +6,8 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -132,10 +134,47 @@ pub fn getpid() -> u32 {
 /// current glibc (~100 ns here), too slow for a lock's fast path. A
 /// `pthread_atfork(3)` child handler clears the cache, so a forked child
 /// never sees its parent's pid.
+#[inline]
 pub fn cached_pid() -> u32 {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
-    static PID: AtomicU32 = AtomicU32::new(0);
+    match PID.load(Relaxed) {
+        0 => cache_pid(),
+        pid => pid,
+    }
+}
+
+/// The pid [`cached_pid`] returns; 0 until looked up, and in a forked child.
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// This process's pid (high half) and the low 32 bits of its start time
+/// ([`super::claim::process_start`]): with one load, who holds a lock
+/// (`sys::claim::own_identity`). 0 until looked up, and in a forked child.
+static IDENTITY: AtomicU64 = AtomicU64::new(0);
+
+/// [`IDENTITY`], looked up once per process.
+#[inline]
+pub(crate) fn cached_identity() -> u64 {
+    match IDENTITY.load(Relaxed) {
+        0 => cache_identity(),
+        id => id,
+    }
+}
+
+/// [`cached_identity`]'s look-up. [`cached_pid`] registers the fork
+/// handler that clears [`IDENTITY`] before it is first stored.
+#[cold]
+#[inline(never)]
+fn cache_identity() -> u64 {
+    let pid = cached_pid();
+    let start = super::claim::process_start(pid).unwrap_or(0) as u32;
+    let id = (u64::from(pid) << 32) | u64::from(start);
+    IDENTITY.store(id, Relaxed);
+    id
+}
+
+/// [`cached_pid`]'s look-up, once per process.
+#[cold]
+#[inline(never)]
+fn cache_pid() -> u32 {
     // Not a `std::sync::Once`: a fork while another thread is inside
     // `call_once` leaves the child's copy "running" for ever, and the child
     // would hang here. A fork between the flag and the registration leaves
@@ -144,20 +183,16 @@ pub fn cached_pid() -> u32 {
     static REGISTERED: AtomicBool = AtomicBool::new(false);
     extern "C" fn forget() {
         PID.store(0, Relaxed);
+        IDENTITY.store(0, Relaxed);
     }
     if !REGISTERED.swap(true, Relaxed) {
         // SAFETY: registers a child handler that only stores to an atomic
         // (async-signal-safe, as a fork child handler must be).
         unsafe { libc::pthread_atfork(None, None, Some(forget)) };
     }
-    match PID.load(Relaxed) {
-        0 => {
-            let pid = getpid();
-            PID.store(pid, Relaxed);
-            pid
-        }
-        pid => pid,
-    }
+    let pid = getpid();
+    PID.store(pid, Relaxed);
+    pid
 }
 
 /// A child process started by [`crate::testing::fork`].

@@ -164,7 +164,7 @@ pub(crate) struct LockEntry {
     /// the slot, who holds it (a leader), in terms pid reuse cannot fake.
     pub(crate) holder_generation: AtomicU32,
     /// The low 32 bits of the holding process's start time (clock ticks,
-    /// `sys::claim::own_start`): with the pid, the process itself, so a
+    /// `sys::claim::own_identity`): with the pid, the process itself, so a
     /// dead holder is told from a live process given its pid since.
     pub(crate) holder_start: AtomicU32,
     /// 0 while unnamed, 1 once `name` is written (Release).
