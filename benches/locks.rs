@@ -488,6 +488,26 @@ impl Bench {
         })
     }
 
+    /// `synchronize_key` over 8 names made at run time, taken in turn:
+    /// what a program that locks per key (a user id, a file) pays, where
+    /// the table's single literal name is the best case of the name cache.
+    fn uncontended_many_names(&self) -> Res<f64> {
+        eprintln!("measuring uncontended synchronize_key over 8 run-time names");
+        let names: Vec<String> = (0..8).map(|i| format!("key-{}", 1000 + i * 37)).collect();
+        let locks = Locks::new(&self.segment, 0)?;
+        let mut turn = 0;
+        median(self.plan.runs, || {
+            Ok(ns_per_op(self.plan.uncontended, || {
+                turn = (turn + 1) % names.len();
+                locks
+                    .synchronize_key(black_box(&names[turn]), |s| {
+                        black_box(s);
+                    })
+                    .expect("synchronize_key");
+            }))
+        })
+    }
+
     /// Contended: wall ns per addition with `procs` processes (threads for
     /// `Std`) adding K each, one run.
     fn contended(&self, mech: Mechanism, procs: u32) -> Res<f64> {
@@ -680,7 +700,7 @@ struct Row {
 }
 
 /// Prints the markdown table, with the machine, the command and the plan.
-fn print_table(full: bool, plan: Plan, rows: &[Row]) {
+fn print_table(full: bool, plan: Plan, rows: &[Row], many_names: Option<f64>) {
     print_preamble("locks", full);
     println!(
         "Uncontended: lock + unlock of an empty section, {} times ({} for `flock`), median of {} rounds \
@@ -722,6 +742,16 @@ fn print_table(full: bool, plan: Plan, rows: &[Row]) {
             mark(named <= named_target),
         );
     }
+    if let (Some(v), Some(row)) = (many_names, rows.first().filter(|r| !r.with_rate)) {
+        println!();
+        println!(
+            "`synchronize_key` over 8 names made at run time, taken in turn (no target; the table's \
+             single literal name is the name cache's best case): {} per lock + unlock, {:.2}× the \
+             robust mutex above.",
+            ns(v),
+            v / row.ns[2]
+        );
+    }
     println!();
     println!(
         "With more contenders than CPUs (here {}), a holder can be preempted inside its section and \
@@ -760,10 +790,16 @@ fn run(full: bool) -> Res {
                 targets: (1.2, 1.2),
             });
         }
-        Ok::<_, Box<dyn std::error::Error>>(rows)
+        let many_names = if pick.uncontended {
+            Some(bench.uncontended_many_names()?)
+        } else {
+            None
+        };
+        Ok::<_, Box<dyn std::error::Error>>((rows, many_names))
     })();
     let _ = std::fs::remove_file(&bench.file);
-    print_table(full, plan, &result?);
+    let (rows, many_names) = result?;
+    print_table(full, plan, &rows, many_names);
     Ok(())
 }
 
