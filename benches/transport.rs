@@ -342,6 +342,59 @@ fn shm_stream(name: &str, size: usize, count: usize) -> Rate {
     })
 }
 
+/// Messages per batch in the batched stream: enough that the per-batch
+/// publish (tail store, fence, doorbell look) is amortised, few enough
+/// that the receiver starts while the sender still writes (64 x 96 B is a
+/// tenth of a default lane).
+const BATCH: usize = 64;
+
+/// [`shm_stream`] with the batch API on both sides: the sender pushes
+/// [`BATCH`] messages per [`shmcluster::raw::Batch`], the receiver drains
+/// with `recv_many` (one head store per drain).
+fn shm_stream_batched(name: &str, size: usize, count: usize) -> Rate {
+    let segment = segment();
+    let deadline = Instant::now() + LIMIT;
+    let total = warmup(count) + count;
+    let child = || -> Res {
+        let mut me = open(&segment, 0, WaitStrategy::Spin)?;
+        let mut buf = vec![0u8; size];
+        let mut i = 0u64;
+        while i < total as u64 {
+            let mut batch = me.batch(1).map_err(|e| e.to_string())?;
+            for _ in 0..BATCH.min(total - i as usize) {
+                stamp(&mut buf, i);
+                batch.push(&buf[..]).map_err(|e| e.to_string())?;
+                i += 1;
+            }
+        }
+        Ok(())
+    };
+    in_pair(name, child, || {
+        let mut me = open(&segment, 1, WaitStrategy::Spin).expect("slot 1");
+        let mut out = vec![0u8; size];
+        let mut next = 0u64;
+        let mut drain = |upto: u64, me: &mut Endpoint| {
+            while next < upto {
+                let max = (upto - next) as usize;
+                me.recv_many(max, Some(deadline), |msg| {
+                    out.copy_from_slice(msg.payload());
+                    assert_eq!(seq_of(&out), next, "message out of order");
+                    next += 1;
+                })
+                .expect("recv");
+            }
+        };
+        drain(warmup(count) as u64, &mut me);
+        let start = Instant::now();
+        drain(total as u64, &mut me);
+        let secs = start.elapsed().as_secs_f64();
+        Rate {
+            msgs_per_s: count as f64 / secs,
+            bytes_per_s: (count * size) as f64 / secs,
+        }
+    })
+}
+
 // -------------------------------------------------------------- baselines
 
 /// One AtomicU64 on its own line: this process writes odd, the child
@@ -616,7 +669,50 @@ fn rate_row(measure: &str, ours: Rate, baseline: &str, theirs: Rate, target: Str
     ]
 }
 
+/// `SHMCLUSTER_BENCH_TRANSPORT=pairs`: instead of the table, measure the
+/// spinning round trip and the 64 B stream next to their baselines in
+/// quick alternation, several times. The host moves this VM's vCPUs between
+/// placements (one-cache-line round trip ~110 ns or ~360 ns) every few
+/// seconds, so a ratio is only meaningful between measures a moment apart.
+const MODE_VAR: &str = "SHMCLUSTER_BENCH_TRANSPORT";
+
+fn pairs() {
+    for _ in 0..6 {
+        let line = cache_line_rtt(50_000);
+        let spin = shm_rtt("shmcluster RTT, Spin", WaitStrategy::Spin, 50_000);
+        let ring = ring_rtt(50_000);
+        let line2 = cache_line_rtt(50_000);
+        println!(
+            "rtt p50: line {:.0} / {:.0} ns, shm {:.0} ns ({:.2}× line), ring {:.0} ns ({:.2}× line)",
+            line.p50,
+            line2.p50,
+            spin.p50,
+            spin.p50 / line.p50.max(line2.p50),
+            ring.p50,
+            ring.p50 / line.p50.max(line2.p50)
+        );
+        let ring_s = ring_stream(SMALL, 1_000_000);
+        let small = shm_stream("shmcluster, 64 B", SMALL, 1_000_000);
+        let batched = shm_stream_batched("shmcluster batched, 64 B", SMALL, 1_000_000);
+        let ring_s2 = ring_stream(SMALL, 1_000_000);
+        let best = ring_s.msgs_per_s.max(ring_s2.msgs_per_s);
+        println!(
+            "stream 64 B: ring {:.1} / {:.1} M/s, shm {:.1} M/s ({:.2}× ring), batched {:.1} M/s ({:.2}× ring)",
+            ring_s.msgs_per_s / 1e6,
+            ring_s2.msgs_per_s / 1e6,
+            small.msgs_per_s / 1e6,
+            small.msgs_per_s / best,
+            batched.msgs_per_s / 1e6,
+            batched.msgs_per_s / best,
+        );
+    }
+}
+
 fn main() {
+    if std::env::var(MODE_VAR).is_ok_and(|m| m == "pairs") {
+        pairs();
+        return;
+    }
     const SPIN_ROUNDS: usize = 200_000;
     const PARK_ROUNDS: usize = 20_000;
 

@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering::{Acquire, Release};
 
 use super::{
-    flags, indices_valid, max_record_payload, record_size, LaneRef, RecordHeader, FLAG_ABORT, FLAG_PAD,
-    RECORD_HEADER,
+    flags, from_words, indices_valid, max_record_payload, record_size, LaneRef, RecordHeader, FLAG_ABORT,
+    FLAG_PAD, RECORD_HEADER,
 };
 use crate::error::LaneCorruption;
 use crate::wake;
@@ -44,6 +44,12 @@ pub(crate) struct Consumer {
     unchecked: usize,
     partial: Option<Partial>,
     max_message: usize,
+    /// The longest payload a `SINGLE` record may carry here: the smaller
+    /// of `max_message` and [`max_record_payload`].
+    max_single: usize,
+    /// Set while a draining receive runs: consuming moves the local head
+    /// only, and [`Self::end_defer`] stores it once for the batch.
+    defer: bool,
     /// Fragments dropped because their message could not complete (its
     /// sender died mid-message or gave up, or a predecessor consumed the
     /// start).
@@ -70,6 +76,8 @@ impl Consumer {
             unchecked: 0,
             partial: None,
             max_message,
+            max_single: max_message.min(max_record_payload(lane.cap)),
+            defer: false,
             discarded: 0,
         }
     }
@@ -82,27 +90,63 @@ impl Consumer {
         indices_valid(self.head, tail, self.lane.cap)?;
         self.tail = tail;
         if tail == self.head && self.unchecked > 0 {
-            // The lane is empty: make sure a sender waiting for space knows.
+            // The lane is empty: make sure a sender waiting for space knows
+            // (F6 in `release_space` orders the head store before its look).
+            if self.defer {
+                self.lane.ctl().head.0.store(self.head, Release);
+            }
             self.unchecked = 0;
             wake::release_space(&self.lane.ctl().sender.0.space_waiter);
         }
         Ok(tail != self.head)
     }
 
-    /// Moves the head past `bytes` already read and publishes it.
+    /// Moves the head past `bytes` already read and publishes it (unless
+    /// a draining receive defers that to its end).
     #[inline]
     fn advance(&mut self, bytes: usize) {
         self.head = self.head.wrapping_add(bytes as u64);
+        self.unchecked += bytes;
+        if !self.defer {
+            self.store_head();
+        }
+    }
+
+    /// Publishes the head.
+    #[inline]
+    fn store_head(&mut self) {
         let ctl = self.lane.ctl();
         ctl.head.0.store(self.head, Release);
         // A sender waiting for space waits for a quarter lane (see
         // `Endpoint::wait_for_room`), so checking for it every quarter lane
         // and whenever the lane empties (`refresh_tail`) wakes it exactly
         // when it can go on, with no fence on the per-message path.
-        self.unchecked += bytes;
         if self.unchecked >= self.lane.cap / 4 {
             self.unchecked = 0;
             wake::release_space(&ctl.sender.0.space_waiter);
+        }
+    }
+
+    /// Starts a draining receive: records consumed from now on move the
+    /// local head only, until [`Self::end_defer`]. The sender sees the
+    /// space later, never too early.
+    #[inline]
+    pub(crate) fn defer_head(&mut self) {
+        self.defer = true;
+    }
+
+    /// Whether a draining receive deferred this lane's head.
+    #[inline]
+    pub(crate) fn deferring(&self) -> bool {
+        self.defer
+    }
+
+    /// Ends a draining receive: one head store for everything it consumed.
+    #[inline]
+    pub(crate) fn end_defer(&mut self) {
+        if self.defer {
+            self.defer = false;
+            self.store_head();
         }
     }
 
@@ -120,8 +164,48 @@ impl Consumer {
 
     /// The next whole message, if any. An error means the lane is corrupt:
     /// the caller must stop using this consumer.
-    #[inline]
+    ///
+    /// The common case, a whole message in one record, is checked here
+    /// with the header read once as four words and kept in registers;
+    /// anything else (padding, a skip at the end of the ring, fragments,
+    /// an abort, a message while another is half assembled, and every
+    /// kind of garbage) goes to [`Self::next_general`], which reads the
+    /// header again and makes every check itself.
+    #[inline(always)]
     pub(crate) fn next(&mut self) -> Result<Option<Next>, LaneCorruption> {
+        if self.head == self.tail && !self.refresh_tail()? {
+            return Ok(None);
+        }
+        let avail = self.tail.wrapping_sub(self.head) as usize;
+        let offset = (self.head & self.lane.mask()) as usize;
+        let contiguous = self.lane.cap - offset;
+        if contiguous >= RECORD_HEADER && avail >= RECORD_HEADER {
+            // SAFETY: `offset + 32 <= cap` (checked), 8-aligned (positions
+            // are multiples of 8); published bytes the producer no longer
+            // writes. Read once; only this copy is checked and used.
+            let w = unsafe { self.lane.read_words(offset) };
+            let len = w[0] as u32 as usize;
+            let record = record_size(len);
+            if (w[0] >> 32) as u16 == flags::SINGLE
+                && len <= self.max_single
+                && record <= contiguous
+                && record <= avail
+                && w[1] as u32 == self.lane.sender
+                && self.partial.is_none()
+            {
+                return Ok(Some(Next::InLane {
+                    hdr: from_words(w),
+                    offset: offset + RECORD_HEADER,
+                    record,
+                }));
+            }
+        }
+        self.next_general()
+    }
+
+    /// [`Self::next`] for everything but a plain single record.
+    #[inline(never)]
+    fn next_general(&mut self) -> Result<Option<Next>, LaneCorruption> {
         loop {
             if self.head == self.tail && !self.refresh_tail()? {
                 return Ok(None);
@@ -150,7 +234,7 @@ impl Consumer {
             // 8-aligned (positions are multiples of 8); published bytes the
             // producer no longer writes. Copied out once; every field is
             // checked below before use.
-            let hdr = unsafe { self.lane.at(offset).cast::<RecordHeader>().read_volatile() };
+            let hdr = from_words(unsafe { self.lane.read_words(offset) });
             if !valid_flags(hdr.flags) {
                 return Err(LaneCorruption::Flags { flags: hdr.flags });
             }

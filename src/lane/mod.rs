@@ -87,6 +87,43 @@ pub(crate) const fn record_size(len: usize) -> usize {
     (RECORD_HEADER + len).div_ceil(ALIGN) * ALIGN
 }
 
+/// A record header as the four `u64` words it occupies in the ring, in
+/// `RecordHeader`'s `repr(C)` layout. Built from and taken apart into
+/// fields with shifts, so a header goes from registers to the ring (and
+/// back) in four word accesses: a `RecordHeader` assembled on the stack with
+/// narrow stores and copied with wide loads stalled on store forwarding,
+/// and that copy was where most of `Producer::write`'s samples sat.
+pub(crate) type Words = [u64; 4];
+
+/// `hdr` as the words it occupies in the ring.
+#[inline(always)]
+pub(crate) fn to_words(hdr: &RecordHeader) -> Words {
+    let w0 = u64::from(hdr.len) | u64::from(hdr.flags) << 32 | u64::from(hdr.kind) << 48;
+    let w1 = u64::from(hdr.sender) | u64::from(hdr.generation) << 32;
+    [w0, w1, hdr.correlation, hdr.total]
+}
+
+/// The header whose ring words are `w` (any bits: every field is an
+/// integer).
+#[inline(always)]
+pub(crate) fn from_words(w: Words) -> RecordHeader {
+    RecordHeader {
+        len: w[0] as u32,
+        flags: (w[0] >> 32) as u16,
+        kind: (w[0] >> 48) as u16,
+        sender: w[1] as u32,
+        generation: (w[1] >> 32) as u32,
+        correlation: w[2],
+        total: w[3],
+    }
+}
+
+// The shifts above spell `RecordHeader`'s layout on a little-endian machine.
+const _: () = assert!(
+    cfg!(target_endian = "little"),
+    "lane headers assume little-endian words"
+);
+
 /// Where one lane lives. Plain pointers, copied freely; the producer and
 /// consumer built on it enforce who writes what.
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +174,44 @@ impl LaneRef {
         let tail = self.ctl().tail.0.load(Acquire);
         let head = self.ctl().head.0.load(Acquire);
         tail.wrapping_sub(head).min(self.cap as u64)
+    }
+
+    /// Writes header words `w` at ring offset `offset`.
+    ///
+    /// # Safety
+    /// `offset + 32 <= cap` and 8-aligned, in space the consumer does not
+    /// read until it is published.
+    #[inline(always)]
+    unsafe fn write_words(&self, offset: usize, w: Words) {
+        // SAFETY: the caller's contract: 32 writable, 8-aligned bytes.
+        unsafe {
+            let p = self.data.as_ptr().add(offset).cast::<u64>();
+            p.write(w[0]);
+            p.add(1).write(w[1]);
+            p.add(2).write(w[2]);
+            p.add(3).write(w[3]);
+        }
+    }
+
+    /// Reads the header words at ring offset `offset`, once each.
+    ///
+    /// # Safety
+    /// `offset + 32 <= cap` and 8-aligned.
+    #[inline(always)]
+    unsafe fn read_words(&self, offset: usize) -> Words {
+        // SAFETY: the caller's contract: 32 readable, 8-aligned bytes.
+        // Volatile: another process may (if buggy) write them meanwhile,
+        // so each word is read exactly once and then only the copy is
+        // checked and used.
+        unsafe {
+            let p = self.data.as_ptr().add(offset).cast::<u64>();
+            [
+                p.read_volatile(),
+                p.add(1).read_volatile(),
+                p.add(2).read_volatile(),
+                p.add(3).read_volatile(),
+            ]
+        }
     }
 
     /// Pointer to ring offset `offset` (`<= cap`: the payload of an empty

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
 
-use super::{indices_valid, record_size, LaneRef, RecordHeader, FLAG_PAD, RECORD_HEADER};
+use super::{indices_valid, record_size, to_words, LaneRef, RecordHeader, Words, FLAG_PAD, RECORD_HEADER};
 use crate::error::LaneCorruption;
 use crate::wake;
 
@@ -18,7 +18,8 @@ pub(crate) struct Producer {
     /// Last head read from the lane.
     head: u64,
     /// Set when the lane's indices were impossible when this producer took
-    /// it over; nothing is ever written then.
+    /// it over; nothing is ever written then (the cached head then says
+    /// the lane is full, so every write takes the path that reports it).
     broken: Option<LaneCorruption>,
 }
 
@@ -42,7 +43,11 @@ impl Producer {
         Self {
             lane,
             tail,
-            head: if broken.is_some() { tail } else { head },
+            head: if broken.is_some() {
+                tail.wrapping_sub(lane.cap as u64)
+            } else {
+                head
+            },
             broken,
         }
     }
@@ -69,7 +74,8 @@ impl Producer {
     /// says no.
     #[inline]
     pub(crate) fn has_room(&mut self, need: usize) -> Result<bool, LaneCorruption> {
-        if self.broken.is_none() && self.free() >= need {
+        // A broken lane's cached head says "full" (see `new`).
+        if self.free() >= need {
             return Ok(true);
         }
         self.refresh_head()?;
@@ -161,16 +167,18 @@ impl Producer {
                 // SAFETY: `offset + 32 <= cap` (padding >= 32 bytes remain
                 // before the end), 8-aligned; free space, so the consumer
                 // does not read it concurrently.
-                unsafe { self.lane.at(offset).cast::<RecordHeader>().write(pad) };
+                unsafe { self.lane.write_words(offset, to_words(&pad)) };
             }
             self.tail = self.tail.wrapping_add(planned.padding as u64);
         }
         let offset = (self.tail & self.lane.mask()) as usize;
         debug_assert_eq!(offset + RECORD_HEADER, planned.payload_offset);
         debug_assert!(offset + record_size(hdr.len as usize) <= self.lane.cap);
-        // SAFETY: the plan put a whole record at `offset`, inside the ring,
-        // 8-aligned, in space the consumer does not read until published.
-        unsafe { self.lane.at(offset).cast::<RecordHeader>().write(hdr) };
+        assert!(offset + RECORD_HEADER <= self.lane.cap);
+        // SAFETY: the plan put a whole record at `offset`, inside the ring
+        // (checked), 8-aligned, in space the consumer does not read until
+        // published.
+        unsafe { self.lane.write_words(offset, to_words(&hdr)) };
         self.tail = self.tail.wrapping_add(record_size(hdr.len as usize) as u64);
     }
 
@@ -182,6 +190,38 @@ impl Producer {
         // cannot overlap.
         unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), self.payload_ptr(planned), payload.len()) };
         self.commit(planned, hdr);
+    }
+
+    /// The common send in one step: writes a single-record message with
+    /// header words `w` (whose length is `payload.len()`) at the local
+    /// tail, if the cached head says there is room and the record needs no
+    /// padding. Not visible until [`Self::publish`]. Returns false, having
+    /// written nothing, otherwise: the caller then takes the general path
+    /// ([`Self::plan`], which re-reads the head, pads, or reports a broken
+    /// lane).
+    #[inline(always)]
+    pub(crate) fn try_write_single(&mut self, w: Words, payload: &[u8]) -> bool {
+        debug_assert_eq!(w[0] as u32 as usize, payload.len());
+        let rec = record_size(payload.len());
+        let offset = (self.tail & self.lane.mask()) as usize;
+        if self.free() < rec || self.lane.cap - offset < rec {
+            return false;
+        }
+        // SAFETY: `offset + rec <= cap` (checked) with `rec >= 32`, and
+        // `offset` is 8-aligned (positions are); the cached head says the
+        // `rec` bytes from the tail are free, and the head only moves on,
+        // so the consumer does not read them until they are published.
+        // `payload` is local memory, so the copy cannot overlap.
+        unsafe {
+            self.lane.write_words(offset, w);
+            std::ptr::copy_nonoverlapping(
+                payload.as_ptr(),
+                self.lane.data.as_ptr().add(offset + RECORD_HEADER),
+                payload.len(),
+            );
+        }
+        self.tail = self.tail.wrapping_add(rec as u64);
+        true
     }
 
     /// Makes every committed record visible to the consumer. The caller
