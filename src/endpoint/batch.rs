@@ -306,3 +306,133 @@ impl std::fmt::Debug for Batch<'_> {
             .finish()
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::atomic::Ordering::Acquire;
+
+    use crate::error::{SendError, TryRecvError, TrySendError};
+    use crate::{Config, Segment};
+
+    fn pair(cap: usize) -> (Segment, super::Endpoint, super::Endpoint) {
+        let seg = Segment::create(&Config::new(2).lane_capacity(cap)).unwrap();
+        let a = seg.endpoint(0).unwrap();
+        let b = seg.endpoint(1).unwrap();
+        (seg, a, b)
+    }
+
+    fn all(b: &mut super::Endpoint) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        while let Ok(msg) = b.try_recv() {
+            got.push(msg.payload);
+        }
+        got
+    }
+
+    #[test]
+    fn a_batch_keeps_order_with_sends_around_it() {
+        let (_seg, mut a, mut b) = pair(4096);
+        a.send(1, b"before").unwrap();
+        {
+            let mut batch = a.batch(1).unwrap();
+            batch.push(b"one").unwrap();
+            batch.push(b"two").unwrap();
+            assert_eq!(batch.unpublished(), 2);
+        } // dropped: flushed
+        a.send(1, b"after").unwrap();
+        assert_eq!(all(&mut b), [&b"before"[..], b"one", b"two", b"after"]);
+    }
+
+    #[test]
+    fn nothing_of_a_batch_is_visible_before_its_flush() {
+        let (_seg, mut a, mut b) = pair(4096);
+        let mut batch = a.batch(1).unwrap();
+        batch.push(b"one").unwrap();
+        batch.try_push(b"two").unwrap();
+        assert_eq!(b.try_recv(), Err(TryRecvError::Empty));
+        batch.flush();
+        assert_eq!(batch.unpublished(), 0);
+        assert_eq!(all(&mut b), [&b"one"[..], b"two"]);
+    }
+
+    #[test]
+    fn try_push_on_a_full_lane_says_full_and_publishes_nothing() {
+        let (_seg, mut a, mut b) = pair(4096);
+        let mut batch = a.batch(1).unwrap();
+        let mut pushed = 0u32;
+        loop {
+            match batch.try_push(pushed.to_le_bytes()) {
+                Ok(()) => pushed += 1,
+                Err(TrySendError::Full(_)) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(pushed > 100, "{pushed} messages fit");
+        assert_eq!(b.try_recv(), Err(TryRecvError::Empty));
+        batch.flush();
+        let got = all(&mut b);
+        assert_eq!(got.len(), pushed as usize);
+        for (i, p) in got.iter().enumerate() {
+            assert_eq!(p[..], (i as u32).to_le_bytes());
+        }
+    }
+
+    #[test]
+    fn a_push_that_finds_the_lane_full_publishes_the_batch_first() {
+        // To itself: a full lane cannot drain while we wait, so the push
+        // says `SelfFull`, after publishing what the batch held.
+        let seg = Segment::create(&Config::new(1).lane_capacity(4096)).unwrap();
+        let mut me = seg.endpoint(0).unwrap();
+        let mut batch = me.batch(0).unwrap();
+        let mut pushed = 0u32;
+        let rejected = loop {
+            match batch.push(pushed.to_le_bytes()) {
+                Ok(()) => pushed += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(rejected, SendError::SelfFull(_)), "{rejected:?}");
+        assert_eq!(batch.unpublished(), 0, "published before waiting");
+        drop(batch);
+        assert_eq!(all(&mut me).len(), pushed as usize);
+    }
+
+    #[test]
+    fn recv_many_stores_the_head_once_and_stops_at_max() {
+        let (seg, mut a, mut b) = pair(4096);
+        a.send_many(1, (0u8..10).map(|i| [i; 24])).unwrap();
+        let lane = seg.lane(0, 1);
+        let head = &lane.ctl().head.0;
+        let mut got = Vec::new();
+        let n = b
+            .recv_many(6, None, |msg| {
+                assert_eq!(head.load(Acquire), 0, "the head moves at the end");
+                got.push(msg.payload()[0]);
+            })
+            .unwrap();
+        assert_eq!((n, &got[..]), (6, &[0, 1, 2, 3, 4, 5][..]));
+        assert_eq!(head.load(Acquire), 6 * crate::lane::record_size(24) as u64);
+        let n = b
+            .try_recv_many(usize::MAX, |msg| got.push(msg.payload()[0]))
+            .unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(got, (0..10).collect::<Vec<u8>>());
+        assert_eq!(b.try_recv_many(usize::MAX, |_| ()), Err(TryRecvError::Empty));
+    }
+
+    #[test]
+    fn large_messages_in_a_batch_are_streamed_in_order() {
+        let (_seg, mut a, mut b) = pair(4096);
+        let big = vec![7u8; 10_000];
+        let mut batch = a.batch(1).unwrap();
+        batch.push(&b"small"[..]).unwrap();
+        // Too large for one record: the batch is published, then this is
+        // streamed; the receiver must drain meanwhile, so try_push (which
+        // needs room for all of it) says Full here.
+        assert!(matches!(batch.try_push(&big[..]), Err(TrySendError::Full(_))));
+        assert_eq!(batch.unpublished(), 0);
+        batch.push(&b"tail"[..]).unwrap();
+        drop(batch);
+        assert_eq!(all(&mut b), [&b"small"[..], b"tail"]);
+    }
+}
