@@ -10,6 +10,9 @@ use super::{
 use crate::error::LaneCorruption;
 use crate::wake;
 
+/// A cache line.
+const LINE: usize = 64;
+
 /// A message being reassembled from fragments.
 #[derive(Debug)]
 struct Partial {
@@ -180,6 +183,13 @@ impl Consumer {
         let offset = (self.head & self.lane.mask()) as usize;
         let contiguous = self.lane.cap - offset;
         if contiguous >= RECORD_HEADER && avail >= RECORD_HEADER {
+            if avail > LINE && contiguous > LINE {
+                // The record (or the next) goes on into the next cache
+                // line: load it now, so that its miss overlaps the
+                // header's instead of following it.
+                // SAFETY: `offset + 64 < cap`; published bytes.
+                unsafe { self.lane.data.as_ptr().add(offset + LINE).read_volatile() };
+            }
             // SAFETY: `offset + 32 <= cap` (checked), 8-aligned (positions
             // are multiples of 8); published bytes the producer no longer
             // writes. Read once; only this copy is checked and used.
