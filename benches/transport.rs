@@ -194,7 +194,15 @@ impl Drop for Shared {
 
 // ------------------------------------------------------------ bare ring
 
-/// A bare SPSC ring of fixed-size slots in shared memory.
+/// A bare SPSC ring of fixed-size slots in shared memory: the standard
+/// fast ring, and the yardstick for the lanes. Head and tail each on a
+/// 128-byte line of their own (cache-padded, adjacent-line prefetch
+/// included); the producer caches the consumer's head and reads it only
+/// when the ring looks full, the consumer caches the producer's tail and
+/// reads it only when it has used up what it knew of; one `Release` store
+/// of the index per message on each side, no fences, no framing (a slot is
+/// the message: for 64 B messages this is a byte ring with no record
+/// header), no doorbell, no validation.
 struct Ring<'a> {
     head: &'a AtomicU64,
     tail: &'a AtomicU64,
@@ -729,6 +737,7 @@ fn main() {
     let pipe_pp = pipe_rtt(PARK_ROUNDS);
 
     let small = shm_stream("shmcluster, 64 B", SMALL, 5_000_000);
+    let batched = shm_stream_batched("shmcluster batched, 64 B", SMALL, 5_000_000);
     let large = shm_stream("shmcluster, 4 KiB", LARGE, 500_000);
     let ring_small = ring_stream(SMALL, 5_000_000);
     let ring_large = ring_stream(LARGE, 500_000);
@@ -740,8 +749,8 @@ fn main() {
     let none = || "".to_string();
     let spin_ok = spin.p50 <= 2.0 * line.p50;
     let park_ok = park.p50 <= 1.1 * futex.p50;
-    let rate_ok = small.msgs_per_s >= 50e6;
-    let share_ok = small.msgs_per_s >= 0.35 * ring_small.msgs_per_s;
+    let share_ok = small.msgs_per_s >= 0.5 * ring_small.msgs_per_s;
+    let batched_ok = batched.msgs_per_s >= 0.8 * ring_small.msgs_per_s;
     let rtt = "RTT 64 B p50 / p99 / p99.9";
     let rows: Vec<Row> = vec![
         lat_row(
@@ -787,11 +796,18 @@ fn main() {
             none(),
         ),
         rate_row(
-            "one-way 64 B",
+            "one-way 64 B, one `send` each",
             small,
             "bare SPSC ring (64 B slots)",
             ring_small,
-            format!("≥ 50 M msg/s {} · ≥ 0.35× {}", mark(rate_ok), mark(share_ok)),
+            format!("≥ 0.5× {}", mark(share_ok)),
+        ),
+        rate_row(
+            &format!("one-way 64 B, `Batch` of {BATCH} + `recv_many`"),
+            batched,
+            "bare SPSC ring (64 B slots)",
+            ring_small,
+            format!("≥ 0.8× {}", mark(batched_ok)),
         ),
         rate_row("one-way 64 B", small, "unix socketpair", sock_small, none()),
         rate_row("one-way 64 B", small, "pipe", pipe_small, none()),
