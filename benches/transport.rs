@@ -510,6 +510,82 @@ fn ring_rtt(rounds: usize) -> Latency {
     })
 }
 
+/// One direction of [`stamp_rtt`]: 96-byte records (a 32-byte header whose
+/// first word is the commit stamp, then 64 B) at 8-byte-aligned byte
+/// positions in a `RING_BYTES` ring; the stamp of the record after the
+/// last is zeroed before the last's stamp is stored (the terminator).
+struct StampLane {
+    base: *mut u8,
+    pos: u64,
+}
+
+const STAMP_REC: u64 = 96;
+
+impl StampLane {
+    fn word(&self, pos: u64) -> &AtomicU64 {
+        let off = (pos % (RING_BYTES as u64 / STAMP_REC * STAMP_REC)) as usize;
+        // SAFETY: inside the ring, 8-aligned.
+        unsafe { &*self.base.add(off).cast::<AtomicU64>() }
+    }
+    fn at(&self, pos: u64) -> *mut u8 {
+        let off = (pos % (RING_BYTES as u64 / STAMP_REC * STAMP_REC)) as usize;
+        // SAFETY: inside the ring.
+        unsafe { self.base.add(off) }
+    }
+    fn send(&mut self, msg: &[u8; SMALL]) {
+        let p = self.pos;
+        self.word(p + STAMP_REC)
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: the record's payload bytes, free (ping-pong: never full).
+        unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), self.at(p + 32), SMALL) };
+        self.word(p).store(p / 8 | 1 << 63, Release);
+        self.pos += STAMP_REC;
+    }
+    fn recv(&mut self, out: &mut [u8; SMALL]) {
+        let p = self.pos;
+        // SAFETY: inside the ring (a touch of the second line).
+        unsafe { self.at(p + 64).read_volatile() };
+        while self.word(p).load(Acquire) != p / 8 | 1 << 63 {
+            std::hint::spin_loop();
+            // SAFETY: as above.
+            unsafe { self.at(p + 64).read_volatile() };
+        }
+        // SAFETY: published by the stamp.
+        unsafe { std::ptr::copy_nonoverlapping(self.at(p + 32), out.as_mut_ptr(), SMALL) };
+        self.pos += STAMP_REC;
+    }
+}
+
+/// 64 B ping-pong through two bare commit-word lanes (an experiment).
+fn stamp_rtt(rounds: usize) -> Latency {
+    let second = RING_LEN.next_multiple_of(4096);
+    let shared = Shared::new(2 * second);
+    let lane = |off: usize| StampLane {
+        // SAFETY: inside the mapping.
+        base: unsafe { shared.ptr.add(off) },
+        pos: 0,
+    };
+    let child = || -> Res {
+        let (mut inbox, mut outbox) = (lane(0), lane(second));
+        let mut buf = [0u8; SMALL];
+        for _ in 0..warmup(rounds) + rounds {
+            inbox.recv(&mut buf);
+            outbox.send(&buf);
+        }
+        Ok(())
+    };
+    in_pair("bare commit-word ring ping-pong", child, || {
+        let (mut outbox, mut inbox) = (lane(0), lane(second));
+        let mut buf = [0u8; SMALL];
+        time_rounds(rounds, |i| {
+            stamp(&mut buf, i);
+            outbox.send(&buf);
+            inbox.recv(&mut buf);
+            assert_eq!(seq_of(&buf), i, "echo out of order");
+        })
+    })
+}
+
 /// `count` messages of `size` bytes (the slot size) through a bare ring.
 fn ring_stream(size: usize, count: usize) -> Rate {
     let shared = Shared::new(RING_LEN);
@@ -689,7 +765,13 @@ fn pairs() {
         let line = cache_line_rtt(50_000);
         let spin = shm_rtt("shmcluster RTT, Spin", WaitStrategy::Spin, 50_000);
         let ring = ring_rtt(50_000);
+        let st = stamp_rtt(50_000);
         let line2 = cache_line_rtt(50_000);
+        println!(
+            "stamp ring {:.0} ns ({:.2}× line)",
+            st.p50,
+            st.p50 / line.p50.max(line2.p50)
+        );
         println!(
             "rtt p50: line {:.0} / {:.0} ns, shm {:.0} ns ({:.2}× line), ring {:.0} ns ({:.2}× line)",
             line.p50,

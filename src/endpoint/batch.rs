@@ -1,9 +1,9 @@
 //! Batches: many messages for one publish on the sending side, and a
 //! draining receive with one head store per lane on the receiving side.
 //!
-//! A send publishes its record with a tail store, fence F1 and a look at
-//! the receiver's doorbell (see [`crate::wake`]); a receive stores the head
-//! after each message. Those are what a stream of small messages pays for
+//! A send publishes its record with a release store of its commit word
+//! (and of the tail), fence F1 and a look at the receiver's doorbell (see
+//! [`crate::wake`]); a receive stores the head after each message. Those are what a stream of small messages pays for
 //! beyond copying bytes, and what a batch pays once.
 
 use std::time::Instant;
@@ -14,14 +14,16 @@ use crate::lane::{self, flags, RecordHeader};
 
 /// Messages to one receiver, written into the lane as they are pushed and
 /// published together by [`Batch::flush`] (or when the batch is dropped):
-/// one tail store, one fence and one doorbell check for all of them.
+/// one commit store, one tail store, one fence and one doorbell check for
+/// all of them.
 ///
 /// # Guarantees
 /// - **Order.** The receiver gets the messages in the order they were
 ///   pushed, after everything this endpoint sent to it before, and before
 ///   anything it sends after (per-sender FIFO, as for [`Endpoint::send`]).
 /// - **Nothing half published.** A message pushed since the last flush is
-///   invisible to the receiver: it lies beyond the lane's published tail.
+///   invisible to the receiver: the first such message is not committed,
+///   and the receiver cannot get past it to the others.
 ///   If this process dies (even by `SIGKILL`) before the flush, none of
 ///   those messages is ever delivered, and the slot's next holder writes
 ///   over them. Each flush makes all its messages visible at once.
@@ -279,8 +281,9 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Publishes every message pushed so far: one tail store (Release),
-    /// fence F1 and the doorbell for all of them.
+    /// Publishes every message pushed so far: one commit of the first
+    /// (`Release`), one tail store, fence F1 and the doorbell for all of
+    /// them.
     #[inline]
     pub fn flush(&mut self) {
         if self.unpublished > 0 {

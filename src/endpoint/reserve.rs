@@ -149,9 +149,9 @@ impl Deref for Reservation<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: `plan` found `len` bytes of free lane space at `ptr`,
-        // inside the ring; the receiver reads nothing past the published
-        // tail, and this endpoint (borrowed mutably) is the lane's only
-        // writer.
+        // inside the ring; the receiver reads nothing there until it is
+        // committed, and this endpoint (borrowed mutably) is the lane's
+        // only writer.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }

@@ -4,8 +4,8 @@
 use std::sync::atomic::Ordering::{Acquire, Release};
 
 use super::{
-    flags, from_words, indices_valid, max_record_payload, record_size, LaneRef, RecordHeader, FLAG_ABORT,
-    FLAG_PAD, RECORD_HEADER,
+    committed, flags, from_words, max_record_payload, record_size, LaneRef, RecordHeader, FLAG_ABORT,
+    FLAG_PAD, KIND_BITS, RECORD_HEADER,
 };
 use crate::error::LaneCorruption;
 use crate::wake;
@@ -36,13 +36,13 @@ pub(crate) enum Next {
     Assembled { hdr: RecordHeader, payload: Vec<u8> },
 }
 
-/// The receiving end of one lane. Caches the tail so that a receive reads
-/// the sender's cache line only when the cached records are used up.
+/// The receiving end of one lane. Polls the first word of the record at
+/// its head, which the sender stores last (the commit): it never reads the
+/// sender's tail, so a message costs it the record's cache lines only.
 #[derive(Debug)]
 pub(crate) struct Consumer {
     lane: LaneRef,
     pub(super) head: u64,
-    tail: u64,
     /// Bytes released since the last strict space-waiter check.
     unchecked: usize,
     partial: Option<Partial>,
@@ -75,7 +75,6 @@ impl Consumer {
         Self {
             lane,
             head,
-            tail: head,
             unchecked: 0,
             partial: None,
             max_message,
@@ -85,23 +84,18 @@ impl Consumer {
         }
     }
 
-    /// Re-reads the published tail (after fence F2 when the doorbell was
-    /// taken). Returns whether there is data.
+    /// The lane is empty (the head is at the terminator): make sure a
+    /// sender waiting for space knows (F6 in `release_space` orders the
+    /// head store before its look).
     #[inline]
-    fn refresh_tail(&mut self) -> Result<bool, LaneCorruption> {
-        let tail = self.lane.ctl().tail.0.load(Acquire);
-        indices_valid(self.head, tail, self.lane.cap)?;
-        self.tail = tail;
-        if tail == self.head && self.unchecked > 0 {
-            // The lane is empty: make sure a sender waiting for space knows
-            // (F6 in `release_space` orders the head store before its look).
+    fn found_empty(&mut self) {
+        if self.unchecked > 0 {
             if self.defer {
                 self.lane.ctl().head.0.store(self.head, Release);
             }
             self.unchecked = 0;
             wake::release_space(&self.lane.ctl().sender.0.space_waiter);
         }
-        Ok(tail != self.head)
     }
 
     /// Moves the head past `bytes` already read and publishes it (unless
@@ -122,7 +116,7 @@ impl Consumer {
         ctl.head.0.store(self.head, Release);
         // A sender waiting for space waits for a quarter lane (see
         // `Endpoint::wait_for_room`), so checking for it every quarter lane
-        // and whenever the lane empties (`refresh_tail`) wakes it exactly
+        // and whenever the lane empties (`found_empty`) wakes it exactly
         // when it can go on, with no fence on the per-message path.
         if self.unchecked >= self.lane.cap / 4 {
             self.unchecked = 0;
@@ -176,38 +170,41 @@ impl Consumer {
     /// header again and makes every check itself.
     #[inline(always)]
     pub(crate) fn next(&mut self) -> Result<Option<Next>, LaneCorruption> {
-        if self.head == self.tail && !self.refresh_tail()? {
-            return Ok(None);
-        }
-        let avail = self.tail.wrapping_sub(self.head) as usize;
         let offset = (self.head & self.lane.mask()) as usize;
         let contiguous = self.lane.cap - offset;
-        if contiguous >= RECORD_HEADER && avail >= RECORD_HEADER {
-            if avail > LINE && contiguous > LINE {
-                // The record (or the next) goes on into the next cache
-                // line: load it now, so that its miss overlaps the
-                // header's instead of following it.
-                // SAFETY: `offset + 64 < cap`; published bytes.
-                unsafe { self.lane.data.as_ptr().add(offset + LINE).read_volatile() };
+        // (A head word that is not 8-aligned, written by a buggy process,
+        // goes to `next_general`, which reports it.)
+        if contiguous >= RECORD_HEADER && offset % 8 == 0 {
+            if contiguous > LINE {
+                // A 64 B message's record spans two cache lines: fetch the
+                // second with the first, so that their misses overlap.
+                self.lane.prefetch(offset + LINE);
             }
             // SAFETY: `offset + 32 <= cap` (checked), 8-aligned (positions
-            // are multiples of 8); published bytes the producer no longer
-            // writes. Read once; only this copy is checked and used.
-            let w = unsafe { self.lane.read_words(offset) };
-            let len = w[0] as u32 as usize;
+            // are multiples of 8). Acquire: pairs with the producer's
+            // `Release` store of this word in `Producer::publish`.
+            let w0 = unsafe { self.lane.word0(offset) }.load(Acquire);
+            if w0 == 0 {
+                self.found_empty();
+                return Ok(None);
+            }
+            let len = w0 as u32 as usize;
             let record = record_size(len);
-            if (w[0] >> 32) as u16 == flags::SINGLE
+            if (w0 >> 32) as u16 == committed(flags::SINGLE, self.head)
                 && len <= self.max_single
                 && record <= contiguous
-                && record <= avail
-                && w[1] as u32 == self.lane.sender
                 && self.partial.is_none()
             {
-                return Ok(Some(Next::InLane {
-                    hdr: from_words(w),
-                    offset: offset + RECORD_HEADER,
-                    record,
-                }));
+                // SAFETY: as above; committed bytes the producer no longer
+                // writes. Read once; only this copy is checked and used.
+                let w = unsafe { self.lane.read_rest(offset, w0) };
+                if w[1] as u32 == self.lane.sender {
+                    return Ok(Some(Next::InLane {
+                        hdr: from_words(w),
+                        offset: offset + RECORD_HEADER,
+                        record,
+                    }));
+                }
             }
         }
         self.next_general()
@@ -216,48 +213,59 @@ impl Consumer {
     /// [`Self::next`] for everything but a plain single record.
     #[inline(never)]
     fn next_general(&mut self) -> Result<Option<Next>, LaneCorruption> {
+        let start = self.head;
         loop {
-            if self.head == self.tail && !self.refresh_tail()? {
+            // One call reads at most a lane's worth without delivering a
+            // message, then lets the caller serve its other lanes: a
+            // fragmented message streams on at the next call, and garbage
+            // chaining records round the ring (their stamps repeat every
+            // 16 KiB of positions) cannot hold the receiver for ever. (A
+            // receiver on its way to sleep does not sleep on the rest: the
+            // lane held at most a lane's worth when it took the doorbell,
+            // so the sender published since, and rang.)
+            if self.head.wrapping_sub(start) > self.lane.cap as u64 {
                 return Ok(None);
             }
-            let avail = self.tail.wrapping_sub(self.head) as usize;
             let offset = (self.head & self.lane.mask()) as usize;
             let contiguous = self.lane.cap - offset;
+            if offset % 8 != 0 {
+                return Err(LaneCorruption::Indices {
+                    head: self.head,
+                    tail: self.head,
+                });
+            }
             if contiguous < RECORD_HEADER {
-                // The producer skipped the last few bytes of the ring.
-                if avail < contiguous {
-                    return Err(LaneCorruption::Indices {
-                        head: self.head,
-                        tail: self.tail,
-                    });
-                }
+                // The producer skipped the last few bytes of the ring (its
+                // tail moved past them with the record before).
                 self.advance(contiguous);
                 continue;
             }
-            if avail < RECORD_HEADER {
-                return Err(LaneCorruption::Indices {
-                    head: self.head,
-                    tail: self.tail,
-                });
-            }
             // SAFETY: `offset + 32 <= cap` (checked: contiguous >= 32),
-            // 8-aligned (positions are multiples of 8); published bytes the
-            // producer no longer writes. Copied out once; every field is
+            // 8-aligned (positions are multiples of 8). Acquire: as in
+            // `next`. The rest is read once, after it; every field is
             // checked below before use.
-            let hdr = from_words(unsafe { self.lane.read_words(offset) });
-            if !valid_flags(hdr.flags) {
+            let w0 = unsafe { self.lane.word0(offset) }.load(Acquire);
+            if w0 == 0 {
+                self.found_empty();
+                return Ok(None);
+            }
+            // SAFETY: as above.
+            let mut hdr = from_words(unsafe { self.lane.read_rest(offset, w0) });
+            let kind = hdr.flags & KIND_BITS;
+            if hdr.flags != committed(kind, self.head) || !valid_flags(kind) {
                 return Err(LaneCorruption::Flags { flags: hdr.flags });
             }
+            hdr.flags = kind;
             let len = hdr.len as usize;
             if hdr.flags == FLAG_PAD {
-                if len != contiguous - RECORD_HEADER || avail < contiguous {
+                if len != contiguous - RECORD_HEADER {
                     return Err(LaneCorruption::RecordLength { len: hdr.len });
                 }
                 self.advance(contiguous);
                 continue;
             }
             let record = record_size(len);
-            if len > max_record_payload(self.lane.cap) || record > contiguous || record > avail {
+            if len > max_record_payload(self.lane.cap) || record > contiguous {
                 return Err(LaneCorruption::RecordLength { len: hdr.len });
             }
             if hdr.sender != self.lane.sender {
