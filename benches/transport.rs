@@ -821,22 +821,25 @@ fn main() {
 
     warn_if_busy();
 
+    // Each measure next to its baselines: the host moves the vCPUs between
+    // placements every few seconds (see `pairs`), and a ratio is only
+    // meaningful between measures a moment apart.
     let stp = WaitStrategy::SpinThenPark(WaitStrategy::DEFAULT_SPIN);
-    let spin = shm_rtt("shmcluster RTT, Spin", WaitStrategy::Spin, SPIN_ROUNDS);
-    let spin_park = shm_rtt("shmcluster RTT, SpinThenPark", stp, SPIN_ROUNDS);
-    let park = shm_rtt("shmcluster RTT, Park", WaitStrategy::Park, PARK_ROUNDS);
     let line = cache_line_rtt(SPIN_ROUNDS);
+    let spin = shm_rtt("shmcluster RTT, Spin", WaitStrategy::Spin, SPIN_ROUNDS);
     let ring_pp = ring_rtt(SPIN_ROUNDS);
     let commit_pp = stamp_rtt(SPIN_ROUNDS);
+    let spin_park = shm_rtt("shmcluster RTT, SpinThenPark", stp, SPIN_ROUNDS);
     let futex = futex_rtt(PARK_ROUNDS);
+    let park = shm_rtt("shmcluster RTT, Park", WaitStrategy::Park, PARK_ROUNDS);
     let sock_pp = socket_rtt(PARK_ROUNDS);
     let pipe_pp = pipe_rtt(PARK_ROUNDS);
 
+    let ring_small = ring_stream(SMALL, 5_000_000);
     let small = shm_stream("shmcluster, 64 B", SMALL, 5_000_000);
     let batched = shm_stream_batched("shmcluster batched, 64 B", SMALL, 5_000_000);
-    let large = shm_stream("shmcluster, 4 KiB", LARGE, 500_000);
-    let ring_small = ring_stream(SMALL, 5_000_000);
     let ring_large = ring_stream(LARGE, 500_000);
+    let large = shm_stream("shmcluster, 4 KiB", LARGE, 500_000);
     let sock_small = socket_stream(SMALL, 500_000);
     let sock_large = socket_stream(LARGE, 100_000);
     let pipe_small = pipe_stream(SMALL, 500_000);
