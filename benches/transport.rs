@@ -525,6 +525,11 @@ struct StampLane {
 const STAMP_REC: u64 = 96;
 
 impl StampLane {
+    /// The commit stamp of the record at `pos`: never 0 (the terminator).
+    fn stamp(pos: u64) -> u64 {
+        (pos / 8) | (1 << 63)
+    }
+
     fn word(&self, pos: u64) -> &AtomicU64 {
         let off = (pos % (RING_BYTES as u64 / STAMP_REC * STAMP_REC)) as usize;
         // SAFETY: inside the ring, 8-aligned.
@@ -541,13 +546,13 @@ impl StampLane {
             .store(0, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: the record's payload bytes, free (ping-pong: never full).
         unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), self.at(p + 32), SMALL) };
-        self.word(p).store(p / 8 | 1 << 63, Release);
+        self.word(p).store(Self::stamp(p), Release);
         self.pos += STAMP_REC;
     }
     fn recv(&mut self, out: &mut [u8; SMALL]) {
         let p = self.pos;
         prefetch(self.at(p + 64));
-        while self.word(p).load(Acquire) != p / 8 | 1 << 63 {
+        while self.word(p).load(Acquire) != Self::stamp(p) {
             std::hint::spin_loop();
             prefetch(self.at(p + 64));
         }
