@@ -246,8 +246,9 @@ pub mod raw {
     //! for every (sender, receiver) pair of worker slots, a doorbell and a
     //! futex park word per slot. An [`Endpoint`] is one slot's end of it:
     //! it sends bytes with a [`Tag`] straight into the receiver's lane (or
-    //! reserves room there and writes in place, [`Reservation`]) and
-    //! receives [`Message`]s from every lane to its slot.
+    //! reserves room there and writes in place, [`Reservation`], or writes
+    //! many and publishes them at once, [`Batch`]) and receives
+    //! [`Message`]s from every lane to its slot.
     //!
     //! # Example: two processes
     //!
@@ -282,7 +283,7 @@ pub mod raw {
     //! the segment can and cannot do ([`RecvError::Corrupt`]): the crate's
     //! [guarantees](crate#guarantees).
 
-    pub use crate::endpoint::{Endpoint, Message, Received, Reservation, Tag};
+    pub use crate::endpoint::{Batch, Endpoint, Message, Received, Reservation, Tag};
     pub use crate::error::{
         AttachError, ConfigError, CreateError, EndpointError, LaneCorruption, RecvError, SendError,
         TryRecvError, TrySendError,

@@ -28,11 +28,13 @@
 //! `SeqCst` accesses, loom models the protocol exactly; it treats `SeqCst`
 //! loads and stores as `AcqRel`, see tokio-rs/loom#180.)
 //!
-//! - Data and doorbell. Sender: *store tail (Release); F1; read doorbell*.
-//!   Receiver, before it parks: *swap doorbell bits to 0; F2; read tails
-//!   (Acquire)*. If the sender reads its bit still set, F1 precedes F2 and
-//!   the receiver's tail read sees the new tail: the sender need do nothing
-//!   more, not even read the park word.
+//! - Data and doorbell. Sender: *store the commit word of the first record
+//!   it publishes (Release, see `crate::lane`); F1; read doorbell*.
+//!   Receiver, before it parks: *swap doorbell bits to 0; F2; read the
+//!   commit word at each lane's head (Acquire)*. If the sender reads its
+//!   bit still set, F1 precedes F2 and the receiver's read sees the
+//!   commit: the sender need do nothing more, not even read the park word.
+//!   (The models below call the commit word the lane's tail.)
 //!
 //!   A running receiver only *reads* the doorbell ([`peek_doorbell`]) and
 //!   keeps polling the tails of every lane whose bit it has seen; it clears
@@ -421,6 +423,95 @@ mod loom_tests {
                 wait_for_space(&waiter, || head.load(Acquire) != 0, FOREVER);
             }
             receiver.join().unwrap();
+        });
+    }
+
+    /// A lane of `N` fixed-size records, for the commit-word protocol of
+    /// `crate::lane` (positions count records here, not bytes).
+    struct CommitLane<const N: usize> {
+        /// Each record's first word: 0 (the terminator) or its stamp.
+        word0: [AtomicU64; N],
+        payload: [loom::cell::UnsafeCell<u64>; N],
+        head: AtomicU64,
+    }
+
+    impl<const N: usize> CommitLane<N> {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                word0: std::array::from_fn(|_| AtomicU64::new(0)),
+                payload: std::array::from_fn(|_| loom::cell::UnsafeCell::new(0)),
+                head: AtomicU64::new(0),
+            })
+        }
+
+        /// Nonzero, and different for every position in the model.
+        fn stamp(pos: u64) -> u64 {
+            pos + 1
+        }
+
+        /// `Producer::try_write_single` up to the commit: waits for room
+        /// for the record and its terminator (the head, `Acquire`), writes
+        /// the terminator after it, then the payload. Returns the first
+        /// word that commits it.
+        fn write(&self, pos: u64, value: u64) -> u64 {
+            while pos + 1 - self.head.load(Acquire) >= N as u64 {
+                thread::yield_now();
+            }
+            self.word0[(pos + 1) as usize % N].store(0, Relaxed);
+            // SAFETY: the consumer's head is past this record's last use
+            // (`Acquire` above), and it reads nothing here until the commit.
+            self.payload[pos as usize % N].with_mut(|p| unsafe { *p = value });
+            Self::stamp(pos)
+        }
+
+        /// `Consumer::next` and `advance`: polls the first word at the
+        /// head until it commits the record there. Anything but the
+        /// terminator or the stamp would be stale bytes read as a record.
+        fn read(&self, pos: u64) -> u64 {
+            loop {
+                let w0 = self.word0[pos as usize % N].load(Acquire);
+                if w0 == Self::stamp(pos) {
+                    break;
+                }
+                assert_eq!(w0, 0, "stale first word at {pos}");
+                thread::yield_now();
+            }
+            // SAFETY: committed (`Acquire` above), and not rewritten until
+            // the head moves past it.
+            let value = self.payload[pos as usize % N].with(|p| unsafe { *p });
+            self.head.store(pos + 1, Release);
+            value
+        }
+    }
+
+    /// The commit word: the receiver polls each record's first word, never
+    /// the tail; a terminator written before each commit means it never
+    /// takes what an earlier lap left for a record. Message 0 goes alone
+    /// and messages 1 and 2 as a batch (the second committed with a
+    /// relaxed store before the first's `Release`, as `Producer::put`
+    /// does); the ring wraps. Loom checks that every payload read is
+    /// ordered after its write and before its reuse.
+    #[test]
+    fn lane_commit_word_delivers_in_order_and_never_stale() {
+        loom::model(|| {
+            let lane = CommitLane::<3>::new();
+            let sender = {
+                let lane = lane.clone();
+                thread::spawn(move || {
+                    let w = lane.write(0, 100);
+                    lane.word0[0].store(w, Release);
+                    let first = lane.write(1, 101);
+                    let second = lane.write(2, 102);
+                    lane.word0[2 % 3].store(second, Relaxed);
+                    lane.word0[1].store(first, Release);
+                    let w = lane.write(3, 103);
+                    lane.word0[0].store(w, Release);
+                })
+            };
+            for pos in 0..4 {
+                assert_eq!(lane.read(pos), 100 + pos);
+            }
+            sender.join().unwrap();
         });
     }
 

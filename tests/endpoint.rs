@@ -222,7 +222,7 @@ fn reserve_commit_writes_in_place() {
     let seg = Segment::create(&Config::new(2).lane_capacity(4096)).unwrap();
     let mut a = seg.endpoint(0).unwrap();
     let mut b = seg.endpoint(1).unwrap();
-    assert_eq!(a.max_reservation(), 4096 / 2 - 64);
+    assert_eq!(a.max_reservation(), 4096 / 2 - 128);
     assert!(matches!(
         a.reserve(1, a.max_reservation() + 1, None),
         Err(SendError::TooLarge { .. })

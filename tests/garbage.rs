@@ -591,14 +591,18 @@ fn empty_message_at_the_end_of_the_ring() {
     let segment = Segment::create(&Config::new(2).lane_capacity(4096)).unwrap();
     let mut a = segment.endpoint(0).unwrap();
     let mut b = segment.endpoint(1).unwrap();
-    // 2 × (32 + 1984) + 32 = 4064: the next record starts 32 bytes before
-    // the end of the ring.
-    a.send(1, [0u8; 1984]).unwrap();
-    a.send(1, [0u8; 1984]).unwrap();
-    a.send(1, []).unwrap();
-    for _ in 0..3 {
-        b.recv().unwrap();
+    // 2 × (32 + 1920) + (32 + 128) = 4064: the next record starts 32
+    // bytes before the end of the ring (each received before the next is
+    // sent, so that its terminator, at the start of the ring, has room).
+    for len in [1920, 1920, 128] {
+        a.send(1, vec![0u8; len]).unwrap();
+        assert_eq!(b.recv().unwrap().payload.len(), len);
     }
+    let layout = *segment.layout();
+    let scribbler = Scribbler::new(segment.fd(), layout.size());
+    assert_eq!(scribbler.load64(layout.lane_ctl(0, 1) + CTL_TAIL), 4064);
+    a.send(1, []).unwrap();
+    assert_eq!(b.recv().unwrap().payload, b"");
     a.send(1, []).unwrap();
     assert_eq!(b.recv().unwrap().payload, b"");
 }

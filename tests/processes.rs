@@ -757,3 +757,178 @@ fn full_lane_backpressure_across_processes() {
     expect_success(child, &page, 0, Duration::from_secs(10));
     assert_nothing_more(&mut me);
 }
+
+/// Messages in batch `b` of the batch kill tests: 1 to 13.
+fn batch_size(b: u64) -> u64 {
+    1 + (b * 7) % 13
+}
+
+/// Receives everything waiting for `me` with `recv_many` (one head store
+/// per drain), checking that the numbered messages (salt `salt`) continue
+/// from `n` with no gap; returns the new count.
+fn drain_numbered(me: &mut Endpoint, mut n: u64, salt: u8) -> Result<u64, String> {
+    let mut failure = None;
+    loop {
+        let got = me.try_recv_many(usize::MAX, |msg| {
+            let seq = check_numbered(msg.payload(), salt);
+            match seq {
+                Ok(seq) if seq == n => n += 1,
+                Ok(seq) => {
+                    failure.get_or_insert(format!("message {seq} where {n} was due"));
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        });
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        match got {
+            Ok(_) => {}
+            Err(TryRecvError::Empty) => return Ok(n),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+#[test]
+fn a_sender_killed_mid_batch_shows_nothing_of_the_unflushed_batch() {
+    let _serial = serial();
+    let dog = Watchdog::new("killed_mid_batch", Duration::from_secs(60));
+    const PUSHED: usize = 0;
+    let page = SharedPage::new();
+    let segment = Segment::create(&Config::new(2)).expect("create");
+    let victim = spawn(&dog, &page, 0, || {
+        let mut me = segment.endpoint(1).map_err(|e| format!("slot 1: {e}"))?;
+        let mut buf = [0u8; 64];
+        let mut batch = me.batch(0).map_err(|e| format!("batch: {e}"))?;
+        for seq in 0..8 {
+            let len = numbered(&mut buf, seq, 9);
+            batch.push(&buf[..len]).map_err(|e| format!("push {seq}: {e}"))?;
+            if seq == 2 {
+                batch.flush();
+            }
+        }
+        // Messages 3 to 7 are written into the lane, not published.
+        page.counter(PUSHED).store(1, Release);
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    let mut me = segment.endpoint(0).expect("slot 0");
+    let start = Instant::now();
+    while page.counter(PUSHED).load(Acquire) == 0 {
+        assert!(
+            start.elapsed() < RECV_TIMEOUT,
+            "the victim never pushed: {}",
+            page.read_report(0)
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    victim.kill().expect("kill");
+    let status = victim.wait_timeout(Duration::from_secs(10)).expect("waitpid");
+    assert_eq!(
+        status,
+        Some(ExitStatus::Signal(libc::SIGKILL)),
+        "{}",
+        page.read_report(0)
+    );
+
+    let n = drain_numbered(&mut me, 0, 9).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(n, 3, "the flushed batch, and nothing of the unflushed one");
+    assert_nothing_more(&mut me);
+
+    // The slot's next holder writes over the unpublished messages.
+    let successor = spawn(&dog, &page, 1, || {
+        let mut me = segment
+            .endpoint(1)
+            .map_err(|e| format!("taking slot 1 over: {e}"))?;
+        me.send(0, b"after").map_err(|e| format!("send after: {e}"))?;
+        Ok(())
+    });
+    let after = me
+        .recv_timeout(RECV_TIMEOUT)
+        .unwrap_or_else(|e| panic!("the successor's message: {e} ({})", page.read_report(1)));
+    expect_success(successor, &page, 1, Duration::from_secs(10));
+    assert_eq!((after.sender, &after.payload[..]), (1, &b"after"[..]));
+    assert_nothing_more(&mut me);
+    assert_eq!(me.discarded_fragments(), 0);
+    assert_eq!(me.poisoned_lanes().count(), 0);
+}
+
+#[test]
+fn a_sender_killed_at_a_random_point_of_its_batches_delivers_whole_batches_in_order() {
+    let _serial = serial();
+    let dog = Watchdog::new("killed_in_batches", Duration::from_secs(60));
+    const ROUNDS: u64 = 15;
+    const FLUSHED: usize = 0;
+    const RECEIVED: usize = 1;
+    let mut rng = Rng::spread(0xBA7C);
+    let mut cut_mid_batch = 0;
+    for round in 0..ROUNDS {
+        let page = SharedPage::new();
+        let segment = Segment::create(&Config::new(2)).expect("create");
+        let victim = spawn(&dog, &page, 0, || {
+            let mut me = segment.endpoint(1).map_err(|e| format!("slot 1: {e}"))?;
+            let mut buf = [0u8; 64];
+            let mut seq = 0;
+            for b in 0.. {
+                let mut batch = me.batch(0).map_err(|e| format!("batch: {e}"))?;
+                for _ in 0..batch_size(b) {
+                    let len = numbered(&mut buf, seq, 3);
+                    batch.push(&buf[..len]).map_err(|e| format!("push {seq}: {e}"))?;
+                    seq += 1;
+                    // Dawdle, so that most kills land mid-batch.
+                    let pushed = Instant::now();
+                    while pushed.elapsed() < Duration::from_micros(50) {
+                        std::hint::spin_loop();
+                    }
+                }
+                batch.flush();
+                page.counter(FLUSHED).store(seq, Release);
+                // Lock step, so that no push ever finds the lane full
+                // (which would publish part of a batch).
+                while page.counter(RECEIVED).load(Acquire) < seq {
+                    std::hint::spin_loop();
+                }
+            }
+            Ok(())
+        });
+        let mut me = segment.endpoint(0).expect("slot 0");
+        let mut n = 0;
+        let run_for = Duration::from_micros(rng.below(20_001) as u64);
+        let start = Instant::now();
+        while start.elapsed() < run_for {
+            n = drain_numbered(&mut me, n, 3).unwrap_or_else(|e| panic!("round {round}: {e}"));
+            page.counter(RECEIVED).store(n, Release);
+        }
+        victim.kill().expect("kill");
+        let status = victim.wait_timeout(Duration::from_secs(10)).expect("waitpid");
+        assert_eq!(
+            status,
+            Some(ExitStatus::Signal(libc::SIGKILL)),
+            "round {round}: {}",
+            page.read_report(0)
+        );
+        let flushed = page.counter(FLUSHED).load(Acquire);
+        n = drain_numbered(&mut me, n, 3).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_nothing_more(&mut me);
+        // Whole batches only: `n` is a batch boundary, the last flush the
+        // victim recorded or (killed between its flush and the record)
+        // the next one.
+        let (mut boundary, mut b) = (0, 0);
+        while boundary < flushed {
+            boundary += batch_size(b);
+            b += 1;
+        }
+        assert_eq!(boundary, flushed, "round {round}: the victim records batch ends");
+        let next = flushed + batch_size(b);
+        assert!(
+            n == flushed || n == next,
+            "round {round}: {n} messages delivered; batches end at {flushed} and {next}"
+        );
+        cut_mid_batch += u64::from(n == flushed);
+    }
+    eprintln!("{ROUNDS} rounds: killed before its batch was flushed in {cut_mid_batch}");
+}

@@ -305,6 +305,34 @@ pub struct LaneOutcome {
     pub corrupt: bool,
 }
 
+/// Sets the commit bit and the position's stamp in the flags of `count`
+/// records in a chain from position `pos` of the ring at `ring` (as the
+/// sender's commit does: see `crate::lane` in the library), keeping their
+/// length, kind bits and the rest as they are.
+fn commit_chain(scribbler: &Scribbler, ring: usize, cap: usize, mut pos: u64, count: u8) {
+    const COMMITTED: u64 = 0x8000;
+    const STAMP_BITS: u64 = 0x7FF0;
+    for _ in 0..count {
+        if pos % 8 != 0 {
+            return;
+        }
+        let mut offset = (pos % cap as u64) as usize;
+        if cap - offset < 32 {
+            pos = pos.wrapping_add((cap - offset) as u64);
+            offset = 0;
+        }
+        let w0 = scribbler.load64(ring + offset);
+        let flags = (w0 >> 32) & 0xF | COMMITTED | ((pos >> 3) << 4) & STAMP_BITS;
+        scribbler.store64(ring + offset, w0 & !(0xFFFF << 32) | flags << 32);
+        let len = (w0 as u32 as u64).min(cap as u64);
+        pos = pos.wrapping_add(if w0 >> 32 & 0xF == 4 {
+            (cap - offset) as u64
+        } else {
+            (32 + len).div_ceil(8) * 8
+        });
+    }
+}
+
 /// The `lane` target: builds a valid two-slot segment, overwrites lane
 /// 0 → 1's control block and ring through a second mapping with `data`,
 /// then drains slot 1. See `fuzz/README.md` for the input layout.
@@ -376,6 +404,7 @@ pub fn scribble_lane(data: &[u8]) -> LaneOutcome {
         scribbler.store64(ctl + CTL_TAIL, tail);
         scribbler.store32(ctl + CTL_SPACE_WAITER, waiter);
     }
+    let stamps = input.u8() % 8;
     let ring_bytes = input.bytes(cap);
     let at = if mode & RING_AT_HEAD != 0 {
         (scribbler.load64(ctl + CTL_HEAD) % cap as u64) as usize
@@ -383,6 +412,12 @@ pub fn scribble_lane(data: &[u8]) -> LaneOutcome {
         0
     };
     scribbler.write_ring(ring, cap, at, ring_bytes);
+    // Random bytes almost never commit a record (the commit bit and the
+    // position's stamp); commit up to 7 of them in a chain from the head,
+    // so the garbage gets past the first word into the record checks.
+    if !ring_bytes.is_empty() {
+        commit_chain(&scribbler, ring, cap, scribbler.load64(ctl + CTL_HEAD), stamps);
+    }
     // A writer that publishes also rings; without it a receiver that found
     // the lane empty would not look at it again.
     scribbler.or64(bells_of_1, 1);

@@ -6,6 +6,7 @@
 //! lanes, lending what it finds), `wait` (how a blocked send or receive
 //! spins, then parks) and `recovery` (cleaning up after a dead holder).
 
+mod batch;
 mod recovery;
 mod recv;
 mod reserve;
@@ -14,6 +15,8 @@ mod wait;
 
 use std::cell::Cell;
 use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use crate::error::{EndpointError, LaneCorruption};
@@ -21,9 +24,11 @@ use crate::lane::{self, Consumer, Producer};
 use crate::segment::table::StatsEntry;
 use crate::segment::Segment;
 use crate::sys;
+pub use batch::Batch;
 use recovery::abort_partial;
 pub use recv::Received;
 pub use reserve::Reservation;
+use wait::Doorbell;
 pub(crate) use wait::Interrupt;
 pub use wait::WaitStrategy;
 
@@ -50,6 +55,13 @@ pub struct Message {
     pub correlation: u64,
     /// The bytes sent.
     pub payload: Vec<u8>,
+}
+
+/// The sending side's bookkeeping for one lane.
+#[derive(Debug)]
+struct Outbound {
+    lane: Producer,
+    bell: Doorbell,
 }
 
 /// The receiving side's bookkeeping for one lane.
@@ -91,9 +103,12 @@ pub struct Endpoint {
     pid: u32,
     workers: u32,
     max_message: usize,
+    /// The longest message that goes out in one record: the smaller of
+    /// `max_message` and [`lane::max_record_payload`].
+    max_single: usize,
     lane_capacity: usize,
     /// Indexed by receiving slot.
-    outbound: Vec<Producer>,
+    outbound: Vec<Outbound>,
     /// Indexed by sending slot.
     inbound: Vec<Inbound>,
     /// Lanes (by sender) that may hold data: doorbell bits taken, not yet
@@ -103,6 +118,9 @@ pub struct Endpoint {
     /// bit for a slot that does not exist (written by a buggy process) is
     /// dropped.
     pending_mask: u64,
+    /// This slot's own doorbell words (`pending.len()` of them), found once
+    /// at open: every poll reads them.
+    bells: NonNull<AtomicU64>,
     /// Where the next round-robin scan of `pending` starts.
     cursor: u32,
     wait: WaitStrategy,
@@ -221,15 +239,18 @@ impl Endpoint {
                 expected
             }
         };
-        let mut outbound: Vec<Producer> = (0..workers)
-            .map(|to| Producer::new(segment.lane(slot, to)))
+        let mut outbound: Vec<Outbound> = (0..workers)
+            .map(|to| Outbound {
+                lane: Producer::new(segment.lane(slot, to)),
+                bell: Doorbell::new(segment, to, slot),
+            })
             .collect();
         // A predecessor that died half way through a fragmented message,
         // with no master to clean up after it: its receiver drops the part
         // it has (the master does this for the slots it supervises).
         for (to, out) in outbound.iter_mut().enumerate() {
-            if out.take_streaming() {
-                abort_partial(out, generation);
+            if out.lane.take_streaming() {
+                abort_partial(&mut out.lane, generation);
                 segment.notify(to as u32, slot);
             }
         }
@@ -258,9 +279,13 @@ impl Endpoint {
             pid,
             workers,
             max_message: layout.max_message(),
+            max_single: layout
+                .max_message()
+                .min(lane::max_record_payload(layout.lane_capacity())),
             lane_capacity: layout.lane_capacity(),
             outbound,
             inbound,
+            bells: NonNull::from(&segment.bells(slot)[0]),
             pending,
             pending_mask,
             cursor: 0,
@@ -327,10 +352,19 @@ impl Endpoint {
         self.inbound.iter().map(|i| i.consumer.discarded).sum()
     }
 
+    /// This slot's doorbell words.
+    #[inline(always)]
+    fn bells(&self) -> &[AtomicU64] {
+        // SAFETY: `bells` is the first of this slot's `bell_words` (=
+        // `pending.len()`) doorbell words in the mapping, which `segment`
+        // keeps alive as long as `self`; atomics, shared by design.
+        unsafe { std::slice::from_raw_parts(self.bells.as_ptr(), self.pending.len()) }
+    }
+
     /// Rings `to`'s doorbell and wakes it if parked; after a publish.
-    #[inline]
+    #[inline(always)]
     fn notify(&self, to: u32) {
-        if self.segment.notify(to, self.slot) {
+        if self.outbound[to as usize].bell.ring(&self.segment) {
             self.count_wake();
         }
     }

@@ -44,7 +44,7 @@ impl Endpoint {
         self.check_target(to, len, self.max_reservation())
             .map_err(SendError::from)?;
         loop {
-            match self.outbound[to as usize].plan(len, 0) {
+            match self.outbound[to as usize].lane.plan(len, 0) {
                 Ok(Some(planned)) => return Ok(self.reservation(to, planned, len)),
                 Ok(None) => {}
                 Err(error) => {
@@ -55,7 +55,7 @@ impl Endpoint {
                     })
                 }
             }
-            let need = self.outbound[to as usize].need(len, 0);
+            let need = self.outbound[to as usize].lane.need(len, 0);
             self.wait_for_room(to, need, deadline).map_err(|e| match e {
                 Blocked::Timeout => SendError::Timeout(()),
                 Blocked::SelfFull => SendError::SelfFull(()),
@@ -75,7 +75,7 @@ impl Endpoint {
     /// lacks room now.
     pub fn try_reserve(&mut self, to: u32, len: usize) -> Result<Reservation<'_>, TrySendError<()>> {
         self.check_target(to, len, self.max_reservation())?;
-        match self.outbound[to as usize].plan(len, 0) {
+        match self.outbound[to as usize].lane.plan(len, 0) {
             Ok(Some(planned)) => Ok(self.reservation(to, planned, len)),
             Ok(None) => Err(TrySendError::Full(())),
             Err(error) => Err(TrySendError::Corrupt {
@@ -87,7 +87,7 @@ impl Endpoint {
     }
 
     fn reservation(&mut self, to: u32, planned: Planned, len: usize) -> Reservation<'_> {
-        let ptr = self.outbound[to as usize].payload_ptr(planned);
+        let ptr = self.outbound[to as usize].lane.payload_ptr(planned);
         Reservation {
             endpoint: self,
             to,
@@ -137,7 +137,7 @@ impl Reservation<'_> {
             self.len
         );
         let hdr = self.endpoint.header(self.to, self.tag, len, flags::SINGLE, 0);
-        let out = &mut self.endpoint.outbound[self.to as usize];
+        let out = &mut self.endpoint.outbound[self.to as usize].lane;
         out.commit(self.planned, hdr);
         out.publish();
         self.endpoint.notify(self.to);
@@ -149,9 +149,9 @@ impl Deref for Reservation<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: `plan` found `len` bytes of free lane space at `ptr`,
-        // inside the ring; the receiver reads nothing past the published
-        // tail, and this endpoint (borrowed mutably) is the lane's only
-        // writer.
+        // inside the ring; the receiver reads nothing there until it is
+        // committed, and this endpoint (borrowed mutably) is the lane's
+        // only writer.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 }

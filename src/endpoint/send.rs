@@ -76,13 +76,64 @@ impl Endpoint {
         msg: M,
         deadline: Option<Instant>,
     ) -> Result<(), SendError<M>> {
+        if self.try_send_fast(to, tag, msg.as_ref()) {
+            return Ok(());
+        }
+        self.send_general(to, tag, msg, deadline, true)
+    }
+
+    /// The common send, with nothing computed twice: a message that fits
+    /// in one record, to an existing slot, with room for it in the lane as
+    /// far as the cached head knows and no padding needed. Written,
+    /// published and rung here; returns false, having done nothing,
+    /// otherwise (the general path then does it all, or says why not).
+    #[inline(always)]
+    fn try_send_fast(&mut self, to: u32, tag: Tag, bytes: &[u8]) -> bool {
+        if bytes.len() > self.max_single {
+            return false;
+        }
+        let (slot, generation) = (self.slot, self.generation);
+        let Some(out) = self.outbound.get_mut(to as usize) else {
+            return false;
+        };
+        let w = lane::to_words(&RecordHeader {
+            len: bytes.len() as u32,
+            flags: flags::SINGLE,
+            kind: tag.kind,
+            sender: slot,
+            generation,
+            correlation: tag.correlation,
+            total: 0,
+        });
+        if !out.lane.try_write_single(w, bytes) {
+            return false;
+        }
+        out.lane.publish();
+        if out.bell.ring(&self.segment) {
+            self.count_wake();
+        }
+        self.count_sent(bytes.len());
+        true
+    }
+
+    /// Every send the fast path did not take: checks, pads, refreshes
+    /// the head, fragments, and waits (if `may_wait`) until `deadline`.
+    #[inline(never)]
+    pub(super) fn send_general<M: AsRef<[u8]>>(
+        &mut self,
+        to: u32,
+        tag: Tag,
+        msg: M,
+        deadline: Option<Instant>,
+        may_wait: bool,
+    ) -> Result<(), SendError<M>> {
         let len = msg.as_ref().len();
         self.check_target(to, len, self.max_message)
             .map_err(SendError::from)?;
-        let result = if len <= lane::max_record_payload(self.lane_capacity) {
-            self.send_single(to, tag, msg.as_ref(), deadline)
+        let result = if len <= self.max_single {
+            self.send_single(to, tag, msg.as_ref(), deadline, may_wait)
         } else {
-            self.send_fragmented(to, tag, msg.as_ref(), deadline)
+            self.send_fragmented(to, tag, msg.as_ref(), deadline, may_wait)
         };
         result.map_err(|e| match e {
             Blocked::Timeout => SendError::Timeout(msg),
@@ -91,26 +142,29 @@ impl Endpoint {
         })
     }
 
-    #[inline]
     fn send_single(
         &mut self,
         to: u32,
         tag: Tag,
         bytes: &[u8],
         deadline: Option<Instant>,
+        may_wait: bool,
     ) -> Result<(), Blocked> {
         loop {
-            let out = &mut self.outbound[to as usize];
+            let out = &mut self.outbound[to as usize].lane;
             if let Some(planned) = out.plan(bytes.len(), 0)? {
                 let hdr = self.header(to, tag, bytes.len(), flags::SINGLE, 0);
-                let out = &mut self.outbound[to as usize];
+                let out = &mut self.outbound[to as usize].lane;
                 out.write(planned, hdr, bytes);
                 out.publish();
                 self.notify(to);
                 self.count_sent(bytes.len());
                 return Ok(());
             }
-            let need = self.outbound[to as usize].need(bytes.len(), 0);
+            if !may_wait {
+                return Err(Blocked::Timeout);
+            }
+            let need = self.outbound[to as usize].lane.need(bytes.len(), 0);
             self.wait_for_room(to, need, deadline)?;
         }
     }
@@ -121,6 +175,7 @@ impl Endpoint {
         tag: Tag,
         bytes: &[u8],
         deadline: Option<Instant>,
+        may_wait: bool,
     ) -> Result<(), Blocked> {
         let piece = lane::max_record_payload(self.lane_capacity);
         let mut sent = 0;
@@ -137,11 +192,11 @@ impl Endpoint {
             // piece but the last, so giving up never needs to wait.
             let keep = if last { 0 } else { FRAGMENT_KEEP };
             loop {
-                let out = &mut self.outbound[to as usize];
+                let out = &mut self.outbound[to as usize].lane;
                 if let Some(planned) = out.plan(chunk, keep)? {
                     let total = if first { bytes.len() as u64 } else { 0 };
                     let hdr = self.header(to, tag, chunk, flags, total);
-                    let out = &mut self.outbound[to as usize];
+                    let out = &mut self.outbound[to as usize].lane;
                     if first {
                         // Before the first fragment is visible: should this
                         // process die before the last, its cleaner knows.
@@ -155,8 +210,12 @@ impl Endpoint {
                     self.notify(to);
                     break;
                 }
-                let need = self.outbound[to as usize].need(chunk, keep);
-                if let Err(e) = self.wait_for_room(to, need, deadline) {
+                let need = self.outbound[to as usize].lane.need(chunk, keep);
+                let waited = match may_wait {
+                    true => self.wait_for_room(to, need, deadline),
+                    false => Err(Blocked::Timeout),
+                };
+                if let Err(e) = waited {
                     if !first {
                         self.abort_message(to);
                     }
@@ -173,7 +232,7 @@ impl Endpoint {
     /// from us. The room was kept free by `send_fragmented`.
     fn abort_message(&mut self, to: u32) {
         let hdr = self.header(to, Tag::default(), 0, flags::ABORT, 0);
-        let out = &mut self.outbound[to as usize];
+        let out = &mut self.outbound[to as usize].lane;
         if let Ok(Some(planned)) = out.plan(0, 0) {
             out.commit(planned, hdr);
             out.publish();
@@ -184,7 +243,9 @@ impl Endpoint {
 
     #[inline]
     pub(super) fn header(&self, to: u32, tag: Tag, len: usize, flags: u16, total: u64) -> RecordHeader {
-        let mut hdr = self.outbound[to as usize].header(self.generation, len, flags);
+        let mut hdr = self.outbound[to as usize]
+            .lane
+            .header(self.generation, len, flags);
         hdr.kind = tag.kind;
         hdr.correlation = tag.correlation;
         hdr.total = total;
@@ -214,7 +275,7 @@ impl Endpoint {
         let stats = self.segment.stats_entry(self.slot);
         StatsEntry::add(&stats.full_waits, 1);
         let mut wait = RoomWait {
-            out: &mut self.outbound[to as usize],
+            out: &mut self.outbound[to as usize].lane,
             target,
             stats,
         };
@@ -244,12 +305,26 @@ impl Endpoint {
         tag: Tag,
         msg: M,
     ) -> Result<(), TrySendError<M>> {
+        if self.try_send_fast(to, tag, msg.as_ref()) {
+            return Ok(());
+        }
+        self.try_send_general(to, tag, msg)
+    }
+
+    /// [`Endpoint::try_send_tagged`] when the fast path did not take it.
+    #[inline(never)]
+    pub(super) fn try_send_general<M: AsRef<[u8]>>(
+        &mut self,
+        to: u32,
+        tag: Tag,
+        msg: M,
+    ) -> Result<(), TrySendError<M>> {
         let bytes = msg.as_ref();
         let len = bytes.len();
         self.check_target(to, len, self.max_message)
             .map_err(TrySendError::from)?;
         let piece = lane::max_record_payload(self.lane_capacity);
-        let out = &mut self.outbound[to as usize];
+        let out = &mut self.outbound[to as usize].lane;
         let fits = match out.need_for_message(len, piece, FRAGMENT_KEEP) {
             Some(need) => out.has_room(need),
             None => Ok(false),
@@ -259,14 +334,13 @@ impl Endpoint {
             Ok(false) => return Err(TrySendError::Full(msg)),
             Ok(true) => {}
         }
-        // The room is there, so nothing below should wait; the deadline of
-        // "now" makes sure it cannot (a peer scribbling on the head could
+        // The room is there, so nothing below should wait; `may_wait`
+        // false makes sure it cannot (a peer scribbling on the head could
         // shrink the room mid-message: the send then aborts cleanly).
-        let now = Some(Instant::now());
-        let done = if len <= piece {
-            self.send_single(to, tag, bytes, now)
+        let done = if len <= self.max_single {
+            self.send_single(to, tag, bytes, None, false)
         } else {
-            self.send_fragmented(to, tag, bytes, now)
+            self.send_fragmented(to, tag, bytes, None, false)
         };
         match done {
             Ok(()) => Ok(()),

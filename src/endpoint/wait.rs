@@ -2,7 +2,9 @@
 //! receive with nothing to receive and a send facing a full lane, and the
 //! doorbell a sender rings once it has published.
 
+use std::ptr::NonNull;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::time::{Duration, Instant};
 
 use crate::segment::Segment;
@@ -91,6 +93,41 @@ impl Segment {
     pub(crate) fn notify(&self, to: u32, from: u32) -> bool {
         let word = &self.bells(to)[(from / 64) as usize];
         wake::notify(word, 1u64 << (from % 64), self.park(to), || self.ring_fd(to))
+    }
+}
+
+/// Where a sender rings one receiver: the doorbell word holding its bit,
+/// the bit, and the receiver's park word. Found once, when the endpoint
+/// opens, so that a send does no layout arithmetic or bounds checks to
+/// ring.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Doorbell {
+    word: NonNull<AtomicU64>,
+    bit: u64,
+    park: NonNull<AtomicU32>,
+    to: u32,
+}
+
+impl Doorbell {
+    /// `to`'s doorbell as rung by `from`; both `< workers`.
+    pub(super) fn new(segment: &Segment, to: u32, from: u32) -> Self {
+        Self {
+            word: NonNull::from(&segment.bells(to)[(from / 64) as usize]),
+            bit: 1u64 << (from % 64),
+            park: NonNull::from(segment.park(to)),
+            to,
+        }
+    }
+
+    /// [`Segment::notify`] through the cached addresses. `segment` must be
+    /// the segment this was made from.
+    #[inline(always)]
+    pub(super) fn ring(&self, segment: &Segment) -> bool {
+        // SAFETY: both point into `segment`'s mapping (`new`), which lives
+        // as long as the endpoint holding this and its `segment`; atomics
+        // only, shared with other processes by design.
+        let (word, park) = unsafe { (self.word.as_ref(), self.park.as_ref()) };
+        wake::notify(word, self.bit, park, || segment.ring_fd(self.to))
     }
 }
 

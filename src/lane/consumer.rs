@@ -4,11 +4,14 @@
 use std::sync::atomic::Ordering::{Acquire, Release};
 
 use super::{
-    flags, indices_valid, max_record_payload, record_size, LaneRef, RecordHeader, FLAG_ABORT, FLAG_PAD,
-    RECORD_HEADER,
+    committed, flags, from_words, max_record_payload, record_size, LaneRef, RecordHeader, FLAG_ABORT,
+    FLAG_PAD, KIND_BITS, RECORD_HEADER,
 };
 use crate::error::LaneCorruption;
 use crate::wake;
+
+/// A cache line.
+const LINE: usize = 64;
 
 /// A message being reassembled from fragments.
 #[derive(Debug)]
@@ -33,17 +36,23 @@ pub(crate) enum Next {
     Assembled { hdr: RecordHeader, payload: Vec<u8> },
 }
 
-/// The receiving end of one lane. Caches the tail so that a receive reads
-/// the sender's cache line only when the cached records are used up.
+/// The receiving end of one lane. Polls the first word of the record at
+/// its head, which the sender stores last (the commit): it never reads the
+/// sender's tail, so a message costs it the record's cache lines only.
 #[derive(Debug)]
 pub(crate) struct Consumer {
     lane: LaneRef,
     pub(super) head: u64,
-    tail: u64,
     /// Bytes released since the last strict space-waiter check.
     unchecked: usize,
     partial: Option<Partial>,
     max_message: usize,
+    /// The longest payload a `SINGLE` record may carry here: the smaller
+    /// of `max_message` and [`max_record_payload`].
+    max_single: usize,
+    /// Set while a draining receive runs: consuming moves the local head
+    /// only, and [`Self::end_defer`] stores it once for the batch.
+    defer: bool,
     /// Fragments dropped because their message could not complete (its
     /// sender died mid-message or gave up, or a predecessor consumed the
     /// start).
@@ -66,43 +75,75 @@ impl Consumer {
         Self {
             lane,
             head,
-            tail: head,
             unchecked: 0,
             partial: None,
             max_message,
+            max_single: max_message.min(max_record_payload(lane.cap)),
+            defer: false,
             discarded: 0,
         }
     }
 
-    /// Re-reads the published tail (after fence F2 when the doorbell was
-    /// taken). Returns whether there is data.
+    /// The lane is empty (the head is at the terminator): make sure a
+    /// sender waiting for space knows (F6 in `release_space` orders the
+    /// head store before its look).
     #[inline]
-    fn refresh_tail(&mut self) -> Result<bool, LaneCorruption> {
-        let tail = self.lane.ctl().tail.0.load(Acquire);
-        indices_valid(self.head, tail, self.lane.cap)?;
-        self.tail = tail;
-        if tail == self.head && self.unchecked > 0 {
-            // The lane is empty: make sure a sender waiting for space knows.
+    fn found_empty(&mut self) {
+        if self.unchecked > 0 {
+            if self.defer {
+                self.lane.ctl().head.0.store(self.head, Release);
+            }
             self.unchecked = 0;
             wake::release_space(&self.lane.ctl().sender.0.space_waiter);
         }
-        Ok(tail != self.head)
     }
 
-    /// Moves the head past `bytes` already read and publishes it.
+    /// Moves the head past `bytes` already read and publishes it (unless
+    /// a draining receive defers that to its end).
     #[inline]
     fn advance(&mut self, bytes: usize) {
         self.head = self.head.wrapping_add(bytes as u64);
+        self.unchecked += bytes;
+        if !self.defer {
+            self.store_head();
+        }
+    }
+
+    /// Publishes the head.
+    #[inline]
+    fn store_head(&mut self) {
         let ctl = self.lane.ctl();
         ctl.head.0.store(self.head, Release);
         // A sender waiting for space waits for a quarter lane (see
         // `Endpoint::wait_for_room`), so checking for it every quarter lane
-        // and whenever the lane empties (`refresh_tail`) wakes it exactly
+        // and whenever the lane empties (`found_empty`) wakes it exactly
         // when it can go on, with no fence on the per-message path.
-        self.unchecked += bytes;
         if self.unchecked >= self.lane.cap / 4 {
             self.unchecked = 0;
             wake::release_space(&ctl.sender.0.space_waiter);
+        }
+    }
+
+    /// Starts a draining receive: records consumed from now on move the
+    /// local head only, until [`Self::end_defer`]. The sender sees the
+    /// space later, never too early.
+    #[inline]
+    pub(crate) fn defer_head(&mut self) {
+        self.defer = true;
+    }
+
+    /// Whether a draining receive deferred this lane's head.
+    #[inline]
+    pub(crate) fn deferring(&self) -> bool {
+        self.defer
+    }
+
+    /// Ends a draining receive: one head store for everything it consumed.
+    #[inline]
+    pub(crate) fn end_defer(&mut self) {
+        if self.defer {
+            self.defer = false;
+            self.store_head();
         }
     }
 
@@ -120,50 +161,111 @@ impl Consumer {
 
     /// The next whole message, if any. An error means the lane is corrupt:
     /// the caller must stop using this consumer.
-    #[inline]
+    ///
+    /// The common case, a whole message in one record, is checked here
+    /// with the header read once as four words and kept in registers;
+    /// anything else (padding, a skip at the end of the ring, fragments,
+    /// an abort, a message while another is half assembled, and every
+    /// kind of garbage) goes to [`Self::next_general`], which reads the
+    /// header again and makes every check itself.
+    #[inline(always)]
     pub(crate) fn next(&mut self) -> Result<Option<Next>, LaneCorruption> {
-        loop {
-            if self.head == self.tail && !self.refresh_tail()? {
+        let offset = (self.head & self.lane.mask()) as usize;
+        let contiguous = self.lane.cap - offset;
+        // (A head word that is not 8-aligned, written by a buggy process,
+        // goes to `next_general`, which reports it.)
+        if contiguous >= RECORD_HEADER && offset % 8 == 0 {
+            if contiguous > LINE {
+                // A 64 B message's record spans two cache lines: fetch the
+                // second with the first, so that their misses overlap.
+                self.lane.prefetch(offset + LINE);
+            }
+            // SAFETY: `offset + 32 <= cap` (checked), 8-aligned (positions
+            // are multiples of 8). Acquire: pairs with the producer's
+            // `Release` store of this word in `Producer::publish`.
+            let w0 = unsafe { self.lane.word0(offset) }.load(Acquire);
+            if w0 == 0 {
+                self.found_empty();
                 return Ok(None);
             }
-            let avail = self.tail.wrapping_sub(self.head) as usize;
+            let len = w0 as u32 as usize;
+            let record = record_size(len);
+            if (w0 >> 32) as u16 == committed(flags::SINGLE, self.head)
+                && len <= self.max_single
+                && record <= contiguous
+                && self.partial.is_none()
+            {
+                // SAFETY: as above; committed bytes the producer no longer
+                // writes. Read once; only this copy is checked and used.
+                let w = unsafe { self.lane.read_rest(offset, w0) };
+                if w[1] as u32 == self.lane.sender {
+                    return Ok(Some(Next::InLane {
+                        hdr: from_words(w),
+                        offset: offset + RECORD_HEADER,
+                        record,
+                    }));
+                }
+            }
+        }
+        self.next_general()
+    }
+
+    /// [`Self::next`] for everything but a plain single record.
+    #[inline(never)]
+    fn next_general(&mut self) -> Result<Option<Next>, LaneCorruption> {
+        let start = self.head;
+        loop {
+            // One call reads at most a lane's worth without delivering a
+            // message, then lets the caller serve its other lanes: a
+            // fragmented message streams on at the next call, and garbage
+            // chaining records round the ring (their stamps repeat every
+            // 16 KiB of positions) cannot hold the receiver for ever. (A
+            // receiver on its way to sleep does not sleep on the rest: the
+            // lane held at most a lane's worth when it took the doorbell,
+            // so the sender published since, and rang.)
+            if self.head.wrapping_sub(start) > self.lane.cap as u64 {
+                return Ok(None);
+            }
             let offset = (self.head & self.lane.mask()) as usize;
             let contiguous = self.lane.cap - offset;
+            if offset % 8 != 0 {
+                return Err(LaneCorruption::Indices {
+                    head: self.head,
+                    tail: self.head,
+                });
+            }
             if contiguous < RECORD_HEADER {
-                // The producer skipped the last few bytes of the ring.
-                if avail < contiguous {
-                    return Err(LaneCorruption::Indices {
-                        head: self.head,
-                        tail: self.tail,
-                    });
-                }
+                // The producer skipped the last few bytes of the ring (its
+                // tail moved past them with the record before).
                 self.advance(contiguous);
                 continue;
             }
-            if avail < RECORD_HEADER {
-                return Err(LaneCorruption::Indices {
-                    head: self.head,
-                    tail: self.tail,
-                });
-            }
             // SAFETY: `offset + 32 <= cap` (checked: contiguous >= 32),
-            // 8-aligned (positions are multiples of 8); published bytes the
-            // producer no longer writes. Copied out once; every field is
+            // 8-aligned (positions are multiples of 8). Acquire: as in
+            // `next`. The rest is read once, after it; every field is
             // checked below before use.
-            let hdr = unsafe { self.lane.at(offset).cast::<RecordHeader>().read_volatile() };
-            if !valid_flags(hdr.flags) {
+            let w0 = unsafe { self.lane.word0(offset) }.load(Acquire);
+            if w0 == 0 {
+                self.found_empty();
+                return Ok(None);
+            }
+            // SAFETY: as above.
+            let mut hdr = from_words(unsafe { self.lane.read_rest(offset, w0) });
+            let kind = hdr.flags & KIND_BITS;
+            if hdr.flags != committed(kind, self.head) || !valid_flags(kind) {
                 return Err(LaneCorruption::Flags { flags: hdr.flags });
             }
+            hdr.flags = kind;
             let len = hdr.len as usize;
             if hdr.flags == FLAG_PAD {
-                if len != contiguous - RECORD_HEADER || avail < contiguous {
+                if len != contiguous - RECORD_HEADER {
                     return Err(LaneCorruption::RecordLength { len: hdr.len });
                 }
                 self.advance(contiguous);
                 continue;
             }
             let record = record_size(len);
-            if len > max_record_payload(self.lane.cap) || record > contiguous || record > avail {
+            if len > max_record_payload(self.lane.cap) || record > contiguous {
                 return Err(LaneCorruption::RecordLength { len: hdr.len });
             }
             if hdr.sender != self.lane.sender {

@@ -1,9 +1,12 @@
 //! The sending end of a lane: planning a record (padding at the wrap
-//! included), writing it, publishing the tail, and waiting for room.
+//! included), writing it, committing it, and waiting for room.
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
 
-use super::{indices_valid, record_size, LaneRef, RecordHeader, FLAG_PAD, RECORD_HEADER};
+use super::{
+    committed, from_words, indices_valid, max_record_payload, next_start, record_size, to_words, LaneRef,
+    RecordHeader, Words, FLAG_PAD, KIND_BITS, RECORD_HEADER,
+};
 use crate::error::LaneCorruption;
 use crate::wake;
 
@@ -12,13 +15,23 @@ use crate::wake;
 #[derive(Debug)]
 pub(crate) struct Producer {
     lane: LaneRef,
-    /// Local write position: published up to `ctl.tail`, and beyond it
-    /// while records are being written.
+    /// Local write position: where the next record starts (never in the
+    /// last 31 bytes of the ring, which are skipped). Committed up to
+    /// `published`, and beyond it while records are being written.
     pub(super) tail: u64,
+    /// Where the first record not yet published starts: its first word
+    /// (`first_word0`) is stored, with `Release`, by [`Self::publish`];
+    /// the records after it are committed as they are written, since the
+    /// consumer cannot reach them before it.
+    published: u64,
+    /// The first word of the record at `published`, when `tail !=
+    /// published`.
+    first_word0: u64,
     /// Last head read from the lane.
     head: u64,
     /// Set when the lane's indices were impossible when this producer took
-    /// it over; nothing is ever written then.
+    /// it over; nothing is ever written then (the cached head then says
+    /// the lane is full, so every write takes the path that reports it).
     broken: Option<LaneCorruption>,
 }
 
@@ -31,19 +44,86 @@ pub(crate) struct Planned {
 }
 
 impl Producer {
-    /// Takes over the lane at its published tail (a respawned sender
-    /// continues where its predecessor's last complete record ended). If the
-    /// published indices are impossible, every write reports the lane
-    /// corrupt and nothing is written.
+    /// Takes over the lane where its predecessor's last committed record
+    /// ends: at the published tail, then past every record committed after
+    /// it (a predecessor stores the tail after the commit, so one that died
+    /// in between left committed records past its tail; their consumer may
+    /// already have read them). If the published indices are impossible,
+    /// every write reports the lane corrupt and nothing is written.
     pub(crate) fn new(lane: LaneRef) -> Self {
-        let tail = lane.ctl().tail.0.load(Acquire);
         let head = lane.ctl().head.0.load(Acquire);
-        let broken = indices_valid(head, tail, lane.cap).err();
+        let stored = lane.ctl().tail.0.load(Acquire);
+        // The consumer may be ahead of the stored tail (it read records
+        // committed after it), never more than a lane either way.
+        let ahead = head.wrapping_sub(stored);
+        let mut broken = if stored % 8 != 0
+            || head % 8 != 0
+            || (ahead > lane.cap as u64 && ahead.wrapping_neg() > lane.cap as u64)
+        {
+            Some(LaneCorruption::Indices { head, tail: stored })
+        } else {
+            None
+        };
+        let mut tail = stored;
+        if broken.is_none() {
+            tail = Self::scan_committed(&lane, head, next_start(stored, lane.cap));
+            if indices_valid(head, tail, lane.cap).is_err() {
+                // Short of the consumer's head: these are not records.
+                broken = Some(LaneCorruption::Indices { head, tail: stored });
+                tail = stored;
+            } else if tail != stored {
+                lane.ctl().tail.0.store(tail, Release);
+            }
+        }
         Self {
             lane,
             tail,
-            head: if broken.is_some() { tail } else { head },
+            published: tail,
+            first_word0: 0,
+            head: if broken.is_some() {
+                tail.wrapping_sub(lane.cap as u64)
+            } else {
+                head
+            },
             broken,
+        }
+    }
+
+    /// The end of the committed records from `pos` on: stops at the first
+    /// word that does not commit a well-formed record at its position
+    /// (normally the terminator its writer put there), or where the lane
+    /// would be full.
+    fn scan_committed(lane: &LaneRef, head: u64, mut pos: u64) -> u64 {
+        let cap = lane.cap as u64;
+        // Whether a record may end at `end`: at most a lane behind the
+        // head (read already) or ahead of it with room for the terminator.
+        let fits =
+            |end: u64| head.wrapping_sub(end) <= cap || end.wrapping_sub(head) <= cap - RECORD_HEADER as u64;
+        loop {
+            let offset = (pos & lane.mask()) as usize;
+            let contiguous = lane.cap - offset;
+            if contiguous < RECORD_HEADER {
+                return pos;
+            }
+            // SAFETY: `offset + 32 <= cap`, 8-aligned (`pos` is).
+            let w0 = unsafe { lane.word0(offset) }.load(Acquire);
+            let hdr = from_words([w0, 0, 0, 0]);
+            let kind = hdr.flags & KIND_BITS;
+            if hdr.flags != committed(kind, pos) {
+                return pos;
+            }
+            let rec = if kind == FLAG_PAD {
+                contiguous
+            } else if hdr.len as usize <= max_record_payload(lane.cap) {
+                record_size(hdr.len as usize)
+            } else {
+                return pos;
+            };
+            let next = next_start(pos.wrapping_add(rec as u64), lane.cap);
+            if rec > contiguous || !fits(next) {
+                return pos;
+            }
+            pos = next;
         }
     }
 
@@ -69,7 +149,8 @@ impl Producer {
     /// says no.
     #[inline]
     pub(crate) fn has_room(&mut self, need: usize) -> Result<bool, LaneCorruption> {
-        if self.broken.is_none() && self.free() >= need {
+        // A broken lane's cached head says "full" (see `new`).
+        if self.free() >= need {
             return Ok(true);
         }
         self.refresh_head()?;
@@ -87,12 +168,19 @@ impl Producer {
         }
     }
 
+    /// Free bytes a record of `rec` bytes at `pos` takes with its padding,
+    /// the bytes skipped after it and its terminator.
+    #[inline]
+    fn span_at(&self, pos: u64, rec: usize) -> usize {
+        let end = pos.wrapping_add((self.padding_at(pos, rec) + rec) as u64);
+        next_start(end, self.lane.cap).wrapping_sub(pos) as usize + RECORD_HEADER
+    }
+
     /// Free bytes a record of `len` payload bytes at the local tail needs,
-    /// with its padding and `keep` more bytes.
+    /// with its padding, its terminator and `keep` more bytes.
     #[inline]
     pub(crate) fn need(&self, len: usize, keep: usize) -> usize {
-        let rec = record_size(len);
-        self.padding_at(self.tail, rec) + rec + keep
+        self.span_at(self.tail, record_size(len)) + keep
     }
 
     /// Free bytes a whole message of `len` bytes needs at the local tail when
@@ -107,9 +195,10 @@ impl Producer {
         loop {
             let chunk = left.min(piece);
             let rec = record_size(chunk);
-            pos = pos.wrapping_add((self.padding_at(pos, rec) + rec) as u64);
+            let span = self.span_at(pos, rec);
+            pos = pos.wrapping_add((span - RECORD_HEADER) as u64);
             left -= chunk;
-            let end = pos.wrapping_sub(self.tail) as usize;
+            let end = pos.wrapping_sub(self.tail) as usize + RECORD_HEADER;
             need = need.max(if left == 0 { end } else { end + keep });
             if need > self.lane.cap {
                 return None;
@@ -126,7 +215,7 @@ impl Producer {
     pub(crate) fn plan(&mut self, len: usize, keep: usize) -> Result<Option<Planned>, LaneCorruption> {
         let rec = record_size(len);
         let padding = self.padding_at(self.tail, rec);
-        if !self.has_room(padding + rec + keep)? {
+        if !self.has_room(self.span_at(self.tail, rec) + keep)? {
             return Ok(None);
         }
         let payload_offset =
@@ -145,33 +234,71 @@ impl Producer {
     }
 
     /// Writes the padding and the header of a planned record whose payload
-    /// (`hdr.len` bytes, at most the planned length) is already in place, and
-    /// moves the local tail past it. Not visible until [`Self::publish`].
+    /// (`hdr.len` bytes, at most the planned length) is already in place,
+    /// and moves the local tail past it. Not visible until
+    /// [`Self::publish`].
     #[inline]
     pub(crate) fn commit(&mut self, planned: Planned, hdr: RecordHeader) {
         if planned.padding > 0 {
-            let offset = (self.tail & self.lane.mask()) as usize;
-            if planned.padding >= RECORD_HEADER {
-                let pad = RecordHeader {
-                    len: (planned.padding - RECORD_HEADER) as u32,
-                    flags: FLAG_PAD,
-                    sender: self.lane.sender,
-                    ..RecordHeader::default()
-                };
-                // SAFETY: `offset + 32 <= cap` (padding >= 32 bytes remain
-                // before the end), 8-aligned; free space, so the consumer
-                // does not read it concurrently.
-                unsafe { self.lane.at(offset).cast::<RecordHeader>().write(pad) };
-            }
+            // The tail is never in the skipped bytes, so at least a header's
+            // worth is left before the end.
+            debug_assert!(planned.padding >= RECORD_HEADER);
+            let pad = RecordHeader {
+                len: (planned.padding - RECORD_HEADER) as u32,
+                flags: FLAG_PAD,
+                sender: self.lane.sender,
+                ..RecordHeader::default()
+            };
+            let at = self.tail;
             self.tail = self.tail.wrapping_add(planned.padding as u64);
+            // The record's terminator is written before anything commits.
+            self.put(at, to_words(&pad));
         }
         let offset = (self.tail & self.lane.mask()) as usize;
         debug_assert_eq!(offset + RECORD_HEADER, planned.payload_offset);
-        debug_assert!(offset + record_size(hdr.len as usize) <= self.lane.cap);
-        // SAFETY: the plan put a whole record at `offset`, inside the ring,
-        // 8-aligned, in space the consumer does not read until published.
-        unsafe { self.lane.at(offset).cast::<RecordHeader>().write(hdr) };
-        self.tail = self.tail.wrapping_add(record_size(hdr.len as usize) as u64);
+        let rec = record_size(hdr.len as usize);
+        assert!(offset + rec <= self.lane.cap);
+        let at = self.tail;
+        self.tail = next_start(self.tail.wrapping_add(rec as u64), self.lane.cap);
+        self.terminate(self.tail);
+        self.put(at, to_words(&hdr));
+    }
+
+    /// Writes the terminator, a zero first word, at `pos`: the consumer
+    /// that gets there finds no record until one is committed there. Must
+    /// come before the commit of the record that ends at `pos`, so that
+    /// the consumer never reads what an earlier lap left there.
+    #[inline(always)]
+    fn terminate(&self, pos: u64) {
+        let offset = (pos & self.lane.mask()) as usize;
+        debug_assert!(offset + RECORD_HEADER <= self.lane.cap);
+        // SAFETY: `pos` is where a record may start, so `offset + 32 <=
+        // cap`; 8-aligned; the room for it was planned (`span_at`), and the
+        // consumer reads it only after the commit that follows.
+        unsafe { self.lane.write_word0(offset, 0) };
+    }
+
+    /// Writes header `w` of the record at `pos` (its payload in place, its
+    /// terminator written) and commits it: its first word is
+    /// stored now, or, for the first record not yet published, kept for
+    /// [`Self::publish`].
+    #[inline(always)]
+    fn put(&mut self, pos: u64, mut w: Words) {
+        let offset = (pos & self.lane.mask()) as usize;
+        assert!(offset + RECORD_HEADER <= self.lane.cap);
+        let flags = (w[0] >> 32) as u16;
+        w[0] = w[0] & !(0xFFFF << 32) | u64::from(committed(flags, pos)) << 32;
+        // SAFETY: `offset + 32 <= cap` (checked), 8-aligned; planned free
+        // space, which the consumer does not read until it is committed.
+        unsafe { self.lane.write_rest(offset, w) };
+        if pos == self.published {
+            self.first_word0 = w[0];
+        } else {
+            // The consumer cannot get here before the record at
+            // `published`, whose `Release` store orders this one too.
+            // SAFETY: as above.
+            unsafe { self.lane.write_word0(offset, w[0]) };
+        }
     }
 
     /// Copies `payload` into a planned record and commits it.
@@ -184,10 +311,58 @@ impl Producer {
         self.commit(planned, hdr);
     }
 
+    /// The common send in one step: writes a single-record message with
+    /// header words `w` (whose length is `payload.len()`) at the local
+    /// tail, if the cached head says there is room and the record needs no
+    /// padding. Not visible until [`Self::publish`]. Returns false, having
+    /// written nothing, otherwise: the caller then takes the general path
+    /// ([`Self::plan`], which re-reads the head, pads, or reports a broken
+    /// lane).
+    #[inline(always)]
+    pub(crate) fn try_write_single(&mut self, w: Words, payload: &[u8]) -> bool {
+        debug_assert_eq!(w[0] as u32 as usize, payload.len());
+        let rec = record_size(payload.len());
+        let offset = (self.tail & self.lane.mask()) as usize;
+        let end = next_start(self.tail.wrapping_add(rec as u64), self.lane.cap);
+        let span = end.wrapping_sub(self.tail) as usize + RECORD_HEADER;
+        if self.free() < span || self.lane.cap - offset < rec {
+            return false;
+        }
+        self.terminate(end);
+        // SAFETY: `offset + rec <= cap` (checked) with `rec >= 32`, and
+        // `offset` is 8-aligned (positions are); the cached head says the
+        // bytes from the tail to the terminator's end are free, and the
+        // head only moves on, so the consumer does not read them until
+        // they are committed. `payload` is local memory, so the copy
+        // cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                payload.as_ptr(),
+                self.lane.data.as_ptr().add(offset + RECORD_HEADER),
+                payload.len(),
+            );
+        }
+        let at = self.tail;
+        self.tail = end;
+        self.put(at, w);
+        true
+    }
+
     /// Makes every committed record visible to the consumer. The caller
     /// then rings the doorbell ([`wake::notify`]).
     #[inline]
     pub(crate) fn publish(&mut self) {
+        if self.tail == self.published {
+            return;
+        }
+        let offset = (self.published & self.lane.mask()) as usize;
+        // SAFETY: a record starts at `published`: `offset + 32 <= cap`,
+        // 8-aligned. Release: pairs with the consumer's `Acquire` load of
+        // this word, after which every record written since is complete.
+        unsafe { self.lane.word0(offset) }.store(self.first_word0, Release);
+        self.published = self.tail;
+        // For a successor (which scans on from here) and for statistics;
+        // the consumer does not read it.
         self.lane.ctl().tail.0.store(self.tail, Release);
     }
 

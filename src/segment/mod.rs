@@ -26,7 +26,7 @@ use schema::{Header, Shared, SlotControl, INIT_OFFSET, SEGMENT_ALIGN};
 /// "SHMCLSTR", little-endian.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMCLSTR");
 /// Bumped whenever anything in the segment's format changes.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 /// The init word's value once the creator has written the whole header.
 const INIT_READY: u32 = 0x5EAD_1E55;
 

@@ -13,7 +13,9 @@ use super::Shared;
 pub(crate) struct RecordHeader {
     /// Payload bytes in this record (not counting padding to 8).
     pub(crate) len: u32,
-    /// `FLAG_*` bits (see `crate::lane`).
+    /// `FLAG_*` bits, the commit bit and the position's stamp (see
+    /// `crate::lane`). The first word (`len`, `flags`, `kind`) commits the
+    /// record: stored last, with `Release`.
     pub(crate) flags: u16,
     /// The message kind chosen by the sender (`Tag::kind`).
     pub(crate) kind: u16,
@@ -59,11 +61,10 @@ pub(crate) struct LaneControl {
     /// producer's `Acquire` load in `Producer::refresh_head`, after which it
     /// may overwrite those bytes).
     pub(crate) head: Padded<AtomicU64>,
-    /// Sender's position: bytes published. Written only by the sender, with
-    /// `Release` once the records before it are complete (pairs with the
-    /// consumer's `Acquire` load in `Consumer::refresh_tail`). The doorbell
-    /// handshake in `crate::wake` (fences F1/F2) orders it against the
-    /// doorbell.
+    /// Sender's position: bytes published, stored after each publish.
+    /// Written only by the sender. The consumer does not read it (it polls
+    /// each record's commit word, see `crate::lane`); a successor scans on
+    /// from it to the last committed record, and statistics read it.
     pub(crate) tail: Padded<AtomicU64>,
     /// The sender's slow path, on a line of its own.
     pub(crate) sender: Padded<SenderWords>,
