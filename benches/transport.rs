@@ -739,37 +739,124 @@ fn mark(ok: bool) -> &'static str {
     }
 }
 
-/// A table row: measure, shmcluster, baseline, baseline's value, ratio,
-/// target.
-type Row = [String; 6];
+/// Rounds every comparison of the table is measured in. The host moves
+/// this VM's two vCPUs between placements every few seconds (a
+/// one-cache-line round trip takes ~110 ns in one and ~360 ns in the
+/// other, and a bare ring streams 24 M or 4 M messages a second), so a
+/// measure and its baseline taken minutes apart can be 5× off: each round
+/// measures shmcluster and its baselines a moment apart, and the table
+/// shows the round whose ratio is the median, with the range of all.
+const ROUNDS: usize = 5;
 
-fn lat_row(measure: &str, ours: Latency, baseline: &str, theirs: Latency, target: String) -> Row {
-    let ratio = format!(
-        "{:.2}× / {:.2}× / {:.2}×",
-        ours.p50 / theirs.p50,
-        ours.p99 / theirs.p99,
-        ours.p999 / theirs.p999
-    );
-    [
-        measure.into(),
-        lat(ours),
-        baseline.into(),
-        lat(theirs),
-        ratio,
-        target,
-    ]
+/// One measure's figure.
+#[derive(Debug, Clone, Copy)]
+enum Figure {
+    Lat(Latency),
+    Rate(Rate),
 }
 
-fn rate_row(measure: &str, ours: Rate, baseline: &str, theirs: Rate, target: String) -> Row {
-    let ratio = format!("{:.2}×", ours.msgs_per_s / theirs.msgs_per_s);
-    [
-        measure.into(),
-        rate(ours),
-        baseline.into(),
-        rate(theirs),
-        ratio,
-        target,
-    ]
+impl Figure {
+    /// The figure a ratio compares: p50, or messages per second.
+    fn key(self) -> f64 {
+        match self {
+            Figure::Lat(l) => l.p50,
+            Figure::Rate(r) => r.msgs_per_s,
+        }
+    }
+
+    fn show(self) -> String {
+        match self {
+            Figure::Lat(l) => lat(l),
+            Figure::Rate(r) => rate(r),
+        }
+    }
+
+    /// `self ÷ other`: p50 / p99 / p99.9 for latencies.
+    fn ratio(self, other: Figure) -> String {
+        match (self, other) {
+            (Figure::Lat(a), Figure::Lat(b)) => format!(
+                "{:.2}× / {:.2}× / {:.2}×",
+                a.p50 / b.p50,
+                a.p99 / b.p99,
+                a.p999 / b.p999
+            ),
+            _ => format!("{:.2}×", self.key() / other.key()),
+        }
+    }
+}
+
+/// A measure: its name in the table and how to take it once.
+struct Measure<'a> {
+    name: String,
+    run: Box<dyn FnMut() -> Figure + 'a>,
+    /// For a baseline: the most (a latency) or least (a rate) that
+    /// shmcluster ÷ this baseline may be, the issue's target.
+    target: Option<f64>,
+}
+
+fn measure<'a>(name: impl Into<String>, run: impl FnMut() -> Figure + 'a) -> Measure<'a> {
+    Measure {
+        name: name.into(),
+        run: Box::new(run),
+        target: None,
+    }
+}
+
+fn with_target(mut m: Measure<'_>, target: f64) -> Measure<'_> {
+    m.target = Some(target);
+    m
+}
+
+/// A table row: measure, shmcluster, baseline, baseline's value, ratio
+/// (median round; range over the rounds), target.
+type Row = [String; 6];
+
+/// Measures `ours` and its `baselines` in [`ROUNDS`] rounds, each round
+/// all of them in turn (the order reversed every other round), and gives
+/// one row per baseline: the round whose `ours ÷ baseline` is the median.
+fn compare(what: &str, mut ours: Measure<'_>, mut baselines: Vec<Measure<'_>>) -> Vec<Row> {
+    let mut taken: Vec<(Figure, Vec<Figure>)> = Vec::with_capacity(ROUNDS);
+    for round in 0..ROUNDS {
+        let mut theirs = vec![None; baselines.len()];
+        if round % 2 == 0 {
+            for (slot, b) in theirs.iter_mut().zip(&mut baselines) {
+                *slot = Some((b.run)());
+            }
+        }
+        let mine = (ours.run)();
+        if round % 2 == 1 {
+            for (slot, b) in theirs.iter_mut().zip(&mut baselines) {
+                *slot = Some((b.run)());
+            }
+        }
+        taken.push((mine, theirs.into_iter().flatten().collect()));
+    }
+    baselines
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let mut rounds: Vec<(f64, Figure, Figure)> = taken
+                .iter()
+                .map(|(mine, theirs)| (mine.key() / theirs[i].key(), *mine, theirs[i]))
+                .collect();
+            rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (median, mine, theirs) = rounds[rounds.len() / 2];
+            let (low, high) = (rounds[0].0, rounds[rounds.len() - 1].0);
+            let target = match (b.target, mine) {
+                (None, _) => String::new(),
+                (Some(t), Figure::Lat(_)) => format!("p50 ≤ {t}× {}", mark(median <= t)),
+                (Some(t), Figure::Rate(_)) => format!("≥ {t}× {}", mark(median >= t)),
+            };
+            [
+                format!("{what}, {}", ours.name),
+                mine.show(),
+                b.name.clone(),
+                theirs.show(),
+                format!("{} (p50 {low:.2}–{high:.2}×)", mine.ratio(theirs)),
+                target,
+            ]
+        })
+        .collect()
 }
 
 /// `SHMCLUSTER_BENCH_TRANSPORT=pairs`: instead of the table, measure the
@@ -821,121 +908,108 @@ fn main() {
         pairs();
         return;
     }
-    const SPIN_ROUNDS: usize = 200_000;
-    const PARK_ROUNDS: usize = 20_000;
+    // Per round: 5 rounds make the totals of earlier versions of this
+    // table (200 000 spinning round trips, 5 M 64 B messages).
+    const SPIN_ROUNDS: usize = 40_000;
+    const PARK_ROUNDS: usize = 4_000;
+    const STREAM: usize = 1_000_000;
+    const SLOW_STREAM: usize = 100_000;
 
     warn_if_busy();
 
-    // Each measure next to its baselines: the host moves the vCPUs between
-    // placements every few seconds (see `pairs`), and a ratio is only
-    // meaningful between measures a moment apart.
+    let default_spin = WaitStrategy::DEFAULT_SPIN.as_micros();
     let stp = WaitStrategy::SpinThenPark(WaitStrategy::DEFAULT_SPIN);
-    let line = cache_line_rtt(SPIN_ROUNDS);
-    let spin = shm_rtt("shmcluster RTT, Spin", WaitStrategy::Spin, SPIN_ROUNDS);
-    let ring_pp = ring_rtt(SPIN_ROUNDS);
-    let commit_pp = stamp_rtt(SPIN_ROUNDS);
-    let spin_park = shm_rtt("shmcluster RTT, SpinThenPark", stp, SPIN_ROUNDS);
-    let futex = futex_rtt(PARK_ROUNDS);
-    let park = shm_rtt("shmcluster RTT, Park", WaitStrategy::Park, PARK_ROUNDS);
-    let sock_pp = socket_rtt(PARK_ROUNDS);
-    let pipe_pp = pipe_rtt(PARK_ROUNDS);
-
-    let ring_small = ring_stream(SMALL, 5_000_000);
-    let small = shm_stream("shmcluster, 64 B", SMALL, 5_000_000);
-    let batched = shm_stream_batched("shmcluster batched, 64 B", SMALL, 5_000_000);
-    let ring_large = ring_stream(LARGE, 500_000);
-    let large = shm_stream("shmcluster, 4 KiB", LARGE, 500_000);
-    let sock_small = socket_stream(SMALL, 500_000);
-    let sock_large = socket_stream(LARGE, 100_000);
-    let pipe_small = pipe_stream(SMALL, 500_000);
-    let pipe_large = pipe_stream(LARGE, 100_000);
-
-    let none = || "".to_string();
-    let spin_ok = spin.p50 <= 2.0 * line.p50;
-    let park_ok = park.p50 <= 1.1 * futex.p50;
-    let share_ok = small.msgs_per_s >= 0.5 * ring_small.msgs_per_s;
-    let batched_ok = batched.msgs_per_s >= 0.8 * ring_small.msgs_per_s;
+    let (lat, rate) = (Figure::Lat, Figure::Rate);
     let rtt = "RTT 64 B p50 / p99 / p99.9";
-    let rows: Vec<Row> = vec![
-        lat_row(
-            &format!("{rtt}, `Spin`"),
-            spin,
-            "one-cache-line ping-pong (spin)",
-            line,
-            format!("p50 ≤ 2× {}", mark(spin_ok)),
+    let line = || {
+        measure("one-cache-line ping-pong (spin)", || {
+            lat(cache_line_rtt(SPIN_ROUNDS))
+        })
+    };
+    let ring = |size: usize, count: usize| {
+        measure(format!("bare SPSC ring ({size} B slots)"), move || {
+            rate(ring_stream(size, count))
+        })
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    rows.extend(compare(
+        rtt,
+        measure("`Spin`", || {
+            lat(shm_rtt("shmcluster RTT, Spin", WaitStrategy::Spin, SPIN_ROUNDS))
+        }),
+        vec![
+            with_target(line(), 2.0),
+            measure("bare SPSC ring pair (spin)", || lat(ring_rtt(SPIN_ROUNDS))),
+            measure("bare commit-word ring pair (spin)", || {
+                lat(stamp_rtt(SPIN_ROUNDS))
+            }),
+        ],
+    ));
+    rows.extend(compare(
+        rtt,
+        measure(
+            format!("`SpinThenPark({default_spin} µs)` (the default)"),
+            || lat(shm_rtt("shmcluster RTT, SpinThenPark", stp, SPIN_ROUNDS)),
         ),
-        lat_row(
-            &format!("{rtt}, `Spin`"),
-            spin,
-            "bare SPSC ring pair (spin)",
-            ring_pp,
-            none(),
-        ),
-        lat_row(
-            &format!("{rtt}, `Spin`"),
-            spin,
-            "bare commit-word ring pair (spin)",
-            commit_pp,
-            none(),
-        ),
-        lat_row(
-            &format!("{rtt}, `SpinThenPark(50µs)`"),
-            spin_park,
-            "one-cache-line ping-pong (spin)",
-            line,
-            none(),
-        ),
-        lat_row(
-            &format!("{rtt}, `Park`"),
-            park,
-            "bare futex wait/wake ping-pong",
-            futex,
-            format!("p50 ≤ 1.1× {}", mark(park_ok)),
-        ),
-        lat_row(
-            &format!("{rtt}, `Park`"),
-            park,
-            "unix socketpair (blocking)",
-            sock_pp,
-            none(),
-        ),
-        lat_row(
-            &format!("{rtt}, `Park`"),
-            park,
-            "pipe pair (blocking)",
-            pipe_pp,
-            none(),
-        ),
-        rate_row(
-            "one-way 64 B, one `send` each",
-            small,
-            "bare SPSC ring (64 B slots)",
-            ring_small,
-            format!("≥ 0.5× {}", mark(share_ok)),
-        ),
-        rate_row(
-            &format!("one-way 64 B, `Batch` of {BATCH} + `recv_many`"),
-            batched,
-            "bare SPSC ring (64 B slots)",
-            ring_small,
-            format!("≥ 0.8× {}", mark(batched_ok)),
-        ),
-        rate_row("one-way 64 B", small, "unix socketpair", sock_small, none()),
-        rate_row("one-way 64 B", small, "pipe", pipe_small, none()),
-        rate_row(
-            "one-way 4 KiB",
-            large,
-            "bare SPSC ring (4 KiB slots)",
-            ring_large,
-            none(),
-        ),
-        rate_row("one-way 4 KiB", large, "unix socketpair", sock_large, none()),
-        rate_row("one-way 4 KiB", large, "pipe", pipe_large, none()),
-    ];
+        vec![line()],
+    ));
+    rows.extend(compare(
+        rtt,
+        measure("`Park`", || {
+            lat(shm_rtt("shmcluster RTT, Park", WaitStrategy::Park, PARK_ROUNDS))
+        }),
+        vec![
+            with_target(
+                measure("bare futex wait/wake ping-pong", || lat(futex_rtt(PARK_ROUNDS))),
+                1.1,
+            ),
+            measure("unix socketpair (blocking)", || lat(socket_rtt(PARK_ROUNDS))),
+            measure("pipe pair (blocking)", || lat(pipe_rtt(PARK_ROUNDS))),
+        ],
+    ));
+    rows.extend(compare(
+        "one-way 64 B",
+        measure("one `send` each", || {
+            rate(shm_stream("shmcluster, 64 B", SMALL, STREAM))
+        }),
+        vec![
+            with_target(ring(SMALL, STREAM), 0.5),
+            measure("unix socketpair", || rate(socket_stream(SMALL, SLOW_STREAM))),
+            measure("pipe", || rate(pipe_stream(SMALL, SLOW_STREAM))),
+        ],
+    ));
+    rows.extend(compare(
+        "one-way 64 B",
+        measure(format!("`Batch` of {BATCH} + `recv_many`"), || {
+            rate(shm_stream_batched("shmcluster batched, 64 B", SMALL, STREAM))
+        }),
+        vec![with_target(ring(SMALL, STREAM), 0.8)],
+    ));
+    rows.extend(compare(
+        "one-way 4 KiB",
+        measure("one `send` each", || {
+            rate(shm_stream("shmcluster, 4 KiB", LARGE, SLOW_STREAM))
+        }),
+        vec![
+            ring(LARGE, SLOW_STREAM),
+            measure("unix socketpair", || rate(socket_stream(LARGE, SLOW_STREAM / 5))),
+            measure("pipe", || rate(pipe_stream(LARGE, SLOW_STREAM / 5))),
+        ],
+    ));
 
     println!("Machine: {}", machine());
     println!();
-    println!("| measure | shmcluster | baseline | baseline value | ratio (shmcluster ÷ baseline) | target |");
+    println!(
+        "Each comparison in {ROUNDS} rounds, shmcluster and its baselines a moment apart in each \
+         round; the row shows the round whose p50 (or rate) ratio is the median, and the range \
+         over all rounds. Round trips: {SPIN_ROUNDS} spinning or {PARK_ROUNDS} parked per round; \
+         streams: {STREAM} (64 B, rings) or {SLOW_STREAM} messages per round."
+    );
+    println!();
+    println!(
+        "| measure | shmcluster | baseline | baseline value | ratio (shmcluster ÷ baseline; range over \
+         rounds) | target |"
+    );
     println!("|---|---|---|---|---|---|");
     for row in rows {
         println!("| {} |", row.join(" | "));
