@@ -43,12 +43,15 @@ enum Side {
 }
 
 impl Side {
-    fn label(self) -> &'static str {
+    fn label(self) -> String {
         match self {
-            Side::Blocking(WaitStrategy::Park) => "blocking, park at once (futex)",
-            Side::Blocking(_) => "blocking, spin 50 µs then park (default)",
-            Side::Async(AsyncWake::EventFd) => "tokio, eventfd wake (default)",
-            Side::Async(_) => "tokio, waiter-thread wake",
+            Side::Blocking(WaitStrategy::Park) => "blocking, park at once (futex)".into(),
+            Side::Blocking(_) => format!(
+                "blocking, spin {} µs then park (default)",
+                WaitStrategy::DEFAULT_SPIN.as_micros()
+            ),
+            Side::Async(AsyncWake::EventFd) => "tokio, eventfd wake (default)".into(),
+            Side::Async(_) => "tokio, waiter-thread wake".into(),
         }
     }
 }

@@ -88,7 +88,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("\nround trip of a 64-byte message, worker 0 <-> worker 1, {ROUNDS} rounds each:");
     println!("| wait strategy | p50 | p99 | p99.9 |\n|---|---|---|---|");
-    for (code, name) in [(0, "Spin"), (1, "SpinThenPark(50 µs), the default"), (2, "Park")] {
+    let default = format!(
+        "SpinThenPark({} µs), the default",
+        WaitStrategy::DEFAULT_SPIN.as_micros()
+    );
+    for (code, name) in [(0, "Spin"), (1, default.as_str()), (2, "Park")] {
         me.set_wait_strategy(strategy(code));
         let ping = [7u8; 64];
         let tag = Tag {

@@ -444,7 +444,8 @@ typedef struct {
   uint64_t futex_wakes;
   // Sends that found a full lane.
   uint64_t full_waits;
-  // Its last request's latency.
+  // The latency of a recent request: one in 16 is timed (the first
+  // included), to keep clock reads off the round trip.
   uint64_t last_request_ns;
   // Its last map's latency.
   uint64_t last_map_ns;

@@ -784,7 +784,8 @@ pub struct shmc_slot_stats {
     pub futex_wakes: u64,
     /// Sends that found a full lane.
     pub full_waits: u64,
-    /// Its last request's latency.
+    /// The latency of a recent request: one in 16 is timed (the first
+    /// included), to keep clock reads off the round trip.
     pub last_request_ns: u64,
     /// Its last map's latency.
     pub last_map_ns: u64,
