@@ -106,8 +106,16 @@ impl Endpoint {
     /// then hands it and every other message already waiting, up to `max`
     /// in all, to `f`, in the order [`Endpoint::recv_ref`] would return
     /// them. Each lane's head (the space its sender may reuse) is stored
-    /// once, when the drain ends, instead of after every message. Returns
-    /// how many messages `f` got.
+    /// once, when the drain ends (and every quarter lane of a long one),
+    /// instead of after every message. Returns how many messages `f` got.
+    ///
+    /// A message handed to `f` counts as received when the drain ends,
+    /// as one from [`Endpoint::recv_ref`] does when its [`Message`](super::Message)
+    /// is dropped: should this process die during the drain, the slot's
+    /// next holder receives again what `f` got since the last head store
+    /// (at most a quarter lane of each sender's messages). Should `f`
+    /// panic, the drain ends there and the messages handed over count as
+    /// received.
     ///
     /// # Errors
     /// As [`Endpoint::recv_deadline`]; a corrupt lane found after some
@@ -123,9 +131,10 @@ impl Endpoint {
             return Ok(0);
         }
         let (sender, next) = self.wait_next(deadline, None)?;
-        self.inbound[sender as usize].consumer.defer_head();
-        f(self.received((sender, next)));
-        self.drain(1, max, &mut f).map_err(super::recv::corrupt)
+        let draining = Draining(self);
+        draining.0.inbound[sender as usize].consumer.defer_head();
+        f(draining.0.received((sender, next)));
+        draining.0.drain(1, max, &mut f).map_err(super::recv::corrupt)
     }
 
     /// [`Endpoint::recv_many`] without waiting.
@@ -138,7 +147,7 @@ impl Endpoint {
         max: usize,
         mut f: impl FnMut(super::Received<'_>),
     ) -> Result<usize, TryRecvError> {
-        match self.drain(0, max, &mut f) {
+        match Draining(self).0.drain(0, max, &mut f) {
             Ok(0) if max > 0 => Err(TryRecvError::Empty),
             Ok(n) => Ok(n),
             Err((sender, error)) => Err(TryRecvError::Corrupt { sender, error }),
@@ -146,9 +155,8 @@ impl Endpoint {
     }
 
     /// Hands messages to `f` while there are any, up to `max` counting the
-    /// `done` already handed; then stores each deferred head once. (Should
-    /// `f` panic, a lane whose head stays deferred still stores it when
-    /// it empties, so its sender is never stuck.)
+    /// `done` already handed. Called through a [`Draining`], which stores
+    /// each deferred head once when the drain ends.
     fn drain(
         &mut self,
         mut done: usize,
@@ -170,12 +178,24 @@ impl Endpoint {
                 }
             }
         }
-        for inbound in &mut self.inbound {
+        result.map(|()| done)
+    }
+}
+
+/// A drain in progress: however it ends (`f` panicking included), every
+/// lane it deferred stores its head. A lane left deferring would store it
+/// only every quarter lane or when it empties, so a later plain receive's
+/// message would not count as received, and the slot's next holder would
+/// receive it again.
+struct Draining<'a>(&'a mut Endpoint);
+
+impl Drop for Draining<'_> {
+    fn drop(&mut self) {
+        for inbound in &mut self.0.inbound {
             if inbound.consumer.deferring() {
                 inbound.consumer.end_defer();
             }
         }
-        result.map(|()| done)
     }
 }
 
@@ -437,5 +457,56 @@ mod tests {
         batch.push(&b"tail"[..]).unwrap();
         drop(batch);
         assert_eq!(all(&mut b), [&b"small"[..], b"tail"]);
+    }
+
+    #[test]
+    fn a_panicking_drain_still_counts_what_it_handed_over() {
+        let (seg, mut a, mut b) = pair(4096);
+        a.send_many(1, (0u8..4).map(|i| [i; 24])).unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = b.recv_many(usize::MAX, None, |_| panic!("handler failed"));
+        }));
+        assert!(panicked.is_err());
+        for i in 1u8..4 {
+            assert_eq!(b.try_recv().unwrap().payload, [i; 24]);
+        }
+        // Every message counts as received: the slot's next holder gets
+        // none of them again.
+        drop(b);
+        let mut successor = seg.endpoint(1).unwrap();
+        assert_eq!(all(&mut successor), Vec::<Vec<u8>>::new());
+    }
+
+    #[test]
+    fn a_long_drain_stores_the_head_every_quarter_lane() {
+        let (seg, mut a, mut b) = pair(4096);
+        let record = crate::lane::record_size(88) as u64;
+        a.send_many(1, (0u8..28).map(|i| [i; 88])).unwrap();
+        let lane = seg.lane(0, 1);
+        let mut stored = Vec::new();
+        b.try_recv_many(usize::MAX, |_| stored.push(lane.ctl().head.0.load(Acquire)))
+            .unwrap();
+        // Seen from inside the drain: the head moved before it ended, by
+        // at most a quarter lane (and a record) at a time.
+        assert!(stored.iter().any(|&h| h > 0), "no head store during the drain");
+        let mut last = 0;
+        for h in stored {
+            assert!(h - last <= 1024 + record, "the head jumped from {last} to {h}");
+            last = h;
+        }
+        assert_eq!(lane.ctl().head.0.load(Acquire), 28 * record);
+    }
+
+    #[test]
+    fn a_lane_read_ahead_of_its_stored_tail_is_empty() {
+        use std::sync::atomic::Ordering::Release;
+        let (seg, mut a, mut b) = pair(4096);
+        a.send(1, b"x").unwrap();
+        b.recv().unwrap();
+        // As if the sender had died between committing the record and
+        // storing the tail: the receiver has read the record already.
+        let lane = seg.lane(0, 1);
+        lane.ctl().tail.0.store(0, Release);
+        assert_eq!(lane.depth(), 0);
     }
 }

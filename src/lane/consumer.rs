@@ -99,12 +99,14 @@ impl Consumer {
     }
 
     /// Moves the head past `bytes` already read and publishes it (unless
-    /// a draining receive defers that to its end).
+    /// a draining receive defers that to its end; even then every quarter
+    /// lane, which bounds what a receiver killed mid-drain hands its
+    /// successor again, and lets the sender go on).
     #[inline]
     fn advance(&mut self, bytes: usize) {
         self.head = self.head.wrapping_add(bytes as u64);
         self.unchecked += bytes;
-        if !self.defer {
+        if !self.defer || self.unchecked >= self.lane.cap / 4 {
             self.store_head();
         }
     }

@@ -227,13 +227,22 @@ impl LaneRef {
         self.cap as u64 - 1
     }
 
-    /// Bytes published and not yet consumed, for statistics: garbage
-    /// indices read as at most a full lane.
+    /// Bytes published and not yet consumed, for statistics: a head past
+    /// the tail reads as empty, other garbage as at most a full lane.
     #[inline]
     pub(crate) fn depth(&self) -> u64 {
         let tail = self.ctl().tail.0.load(Acquire);
         let head = self.ctl().head.0.load(Acquire);
-        tail.wrapping_sub(head).min(self.cap as u64)
+        // The receiver may be ahead of the stored tail: with a commit
+        // word per record it reads a record as soon as it is committed,
+        // before the sender stores the tail (or ever, should the sender
+        // die in between). That lane holds nothing unread.
+        let depth = tail.wrapping_sub(head);
+        if depth > self.cap as u64 {
+            0
+        } else {
+            depth
+        }
     }
 
     /// Asks the CPU to fetch the cache line holding ring offset `offset`
