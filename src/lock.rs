@@ -595,7 +595,7 @@ impl Locks {
             };
             // SAFETY: every entry's mutex was initialised by
             // `Segment::create` and lives as long as the caller's mapping.
-            let got = unsafe { sys::mutex::lock_timeout(m, slice) };
+            let got = unsafe { sys::mutex::lock_timeout(m, slice, slice < SLICE) };
             if !matches!(got, Err(LockFailure::Timeout)) {
                 return Ok(got);
             }

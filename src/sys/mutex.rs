@@ -126,17 +126,29 @@ pub unsafe fn try_lock_rc(m: *mut RawMutex) -> libc::c_int {
 }
 
 /// `pthread_mutex_timedlock(3)`, waiting at most `timeout` (the deadline is
-/// on `CLOCK_REALTIME`, as the function requires). The deadline is taken
-/// from `CLOCK_REALTIME_COARSE` (7 ns here, against 30 for the precise
-/// clock, on every contended acquisition): it lags by up to a tick, so the
-/// wait may end that much early, never late; callers loop on their own
-/// deadline.
+/// on `CLOCK_REALTIME`, as the function requires). Unless `precise`, the
+/// deadline is taken from `CLOCK_REALTIME_COARSE` (7 ns here, against 30
+/// for the precise clock, on every contended acquisition): it lags by up
+/// to a tick (4 ms here), so the wait may end that much early, never late.
+/// Callers loop on their own deadline, and ask for `precise` when
+/// `timeout` is what is left of it: with the coarse clock, a wait shorter
+/// than the lag would return at once, and the caller would spin until
+/// the coarse clock caught up (a review measured a 3 ms timed wait using
+/// 100% of a CPU).
 ///
 /// # Safety
 /// As [`try_lock_rc`].
-pub unsafe fn lock_timeout(m: *mut RawMutex, timeout: Duration) -> Result<Acquired, LockFailure> {
-    let now =
-        coarse_realtime().unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default());
+pub unsafe fn lock_timeout(
+    m: *mut RawMutex,
+    timeout: Duration,
+    precise: bool,
+) -> Result<Acquired, LockFailure> {
+    let precise_now = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = if precise {
+        precise_now()
+    } else {
+        coarse_realtime().unwrap_or_else(precise_now)
+    };
     let at = now + timeout;
     let ts = libc::timespec {
         tv_sec: at.as_secs().min(i64::MAX as u64) as libc::time_t,
