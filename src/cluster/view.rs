@@ -103,7 +103,10 @@ impl<'a> ClusterView<'a> {
     /// whether a consume's handler runs there. Read in that order: the
     /// worker marks itself busy before the task leaves its lane (the
     /// lane's head store is a release, its load here an acquire), so a
-    /// task is seen in one place or the other, never in neither.
+    /// task that fits one record is seen in one place or the other. A
+    /// hint, not a promise: a task in fragments has left the lane before
+    /// the mark is set, and a deferred or async handler's mark is cleared
+    /// when it is handed over, not when it ends.
     pub(crate) fn consume_backlog(&self, slot: u32) -> (u64, bool) {
         let queued = self.inbox_depth(slot);
         let busy = self.segment.stats_entry(slot).consume_busy.load(Relaxed) != 0;

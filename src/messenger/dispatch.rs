@@ -109,8 +109,9 @@ impl fmt::Debug for Outbox {
 /// Takes a received message out of its lane. A consume marks slot `me`
 /// busy first, for the callers that pick a worker for their next consume
 /// ([`crate::cluster::ClusterView::consume_backlog`]): the mark is stored
-/// before the lane's head moves (a release store), so a caller never
-/// sees the task neither in the lane nor in hand.
+/// before the lane's head moves (a release store), so a caller sees a
+/// one-record task in the lane or in hand (a task in fragments has left
+/// the lane when it gets here: for those the mark is a late hint).
 ///
 /// A message lent in place is copied into a spare buffer: a request and
 /// its reply allocated four buffers a round trip before (one copy out

@@ -395,7 +395,8 @@ impl Messenger {
     }
 
     /// Every slot's state and counters from the segment (this worker's own
-    /// exact), including the latency of each slot's last request and map.
+    /// exact), including the latency of each slot's last map and of a
+    /// recent request (one in 16 is timed).
     pub fn stats(&self) -> crate::ClusterStats {
         self.worker.endpoint_ref().beat();
         self.view().stats()
