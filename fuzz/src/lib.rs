@@ -32,7 +32,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 
-use shmcluster::raw::{Config, Endpoint, Segment, TryRecvError};
+use shmcluster::raw::{Config, Endpoint, RecvError, Segment, TryRecvError};
 
 /// Lane capacity of the segment [`scribble_lane`] builds.
 pub const LANE_CAPACITY: usize = 4096;
@@ -212,7 +212,8 @@ impl Scribbler {
 }
 
 /// Drains `rx` with up to [`RECV_CALLS`] receive calls, alternating the
-/// copying and the lending API as `pattern` says. Checks what the crate
+/// copying, the lending and the waiting (deadline passed) API as
+/// `pattern` says. Checks what the crate
 /// promises whatever the lane holds: a message claims the lane's sender and
 /// fits `max_message`; a corrupt lane is reported once, named, and stays
 /// silent after. Returns the payloads received and the corruption seen.
@@ -224,15 +225,25 @@ pub fn drain(rx: &mut Endpoint, senders: &[u32], pattern: u64) -> (Vec<(u32, Vec
     let mut corrupt: Vec<u32> = Vec::new();
     for i in 0..RECV_CALLS {
         let lend = (pattern >> (i % 64)) & 1 == 1;
-        let result = if lend {
-            rx.try_recv_ref().map(|r| {
-                let payload = r.payload().to_vec();
-                assert_eq!(payload.len(), r.payload().len());
-                let _ = (r.tag(), r.generation(), r.is_in_lane(), format!("{r:?}"));
-                (r.sender(), payload)
-            })
-        } else {
-            rx.try_recv().map(|m| (m.sender, m.payload))
+        let wait = (pattern >> ((i + 17) % 64)) & 1 == 1;
+        let lent = |r: shmcluster::raw::Received<'_>| {
+            let payload = r.payload().to_vec();
+            assert_eq!(payload.len(), r.payload().len());
+            let _ = (r.tag(), r.generation(), r.is_in_lane(), format!("{r:?}"));
+            (r.sender(), payload)
+        };
+        let result = match (lend, wait) {
+            (true, false) => rx.try_recv_ref().map(lent),
+            // The waiting receive (its spin loop finds a lane, then reads
+            // it), with a deadline already passed: a timeout is "empty".
+            (true, true) => rx
+                .recv_ref(Some(std::time::Instant::now()))
+                .map(lent)
+                .map_err(|e| match e {
+                    RecvError::Timeout => TryRecvError::Empty,
+                    RecvError::Corrupt { sender, error } => TryRecvError::Corrupt { sender, error },
+                }),
+            (false, _) => rx.try_recv().map(|m| (m.sender, m.payload)),
         };
         match result {
             Ok((sender, payload)) => {

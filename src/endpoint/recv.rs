@@ -73,6 +73,65 @@ impl Endpoint {
         Ok(None)
     }
 
+    /// [`Self::poll`] that only looks: the first pending lane (round-robin,
+    /// as [`Self::scan`]) whose head holds something, without reading it.
+    /// The spinning receive's look: what it finds is read by the caller
+    /// ([`Endpoint::recv_ref`], inlined), so that the header goes from the
+    /// lane to the [`Received`] in registers. Returned from the spin loop
+    /// through memory, the found record was stored field by field and
+    /// copied on with wide loads, which stalled on store forwarding at
+    /// every step: a send and a receive in one thread took 60 ns, 21 ns
+    /// this way, and the spinning 64 B round trip went from 2.1-2.4x the
+    /// one-cache-line ping-pong to 1.5-1.9x.
+    #[inline(always)]
+    fn poll_ready(&mut self) -> Option<u32> {
+        // SAFETY: as in `poll`.
+        let bells = unsafe { std::slice::from_raw_parts(self.bells.as_ptr(), self.pending.len()) };
+        wake::peek_doorbell(bells, &mut self.pending);
+        self.mask_pending();
+        self.scan_ready()
+    }
+
+    /// [`Self::scan`] with [`crate::lane::Consumer::ready`] for `next`.
+    #[inline(always)]
+    fn scan_ready(&mut self) -> Option<u32> {
+        let start = self.cursor;
+        for (lo, hi) in [(start, self.workers), (0, start)] {
+            let mut at = lo;
+            while let Some(from) = self.next_pending(at, hi) {
+                at = from + 1;
+                let inbound = &mut self.inbound[from as usize];
+                if inbound.poisoned.is_some() {
+                    self.clear_pending(from);
+                    continue;
+                }
+                if inbound.consumer.ready() {
+                    self.cursor = if at == self.workers { 0 } else { at };
+                    return Some(from);
+                }
+                let bell = &self.bells()[(from / 64) as usize];
+                if bell.load(Relaxed) & (1u64 << (from % 64)) == 0 {
+                    self.clear_pending(from);
+                }
+            }
+        }
+        None
+    }
+
+    /// Reads what [`Self::poll_ready`] found in `from`'s lane.
+    #[inline(always)]
+    fn next_from(&mut self, from: u32) -> Result<Option<Next>, RecvError> {
+        let inbound = &mut self.inbound[from as usize];
+        match inbound.consumer.next() {
+            Ok(next) => Ok(next),
+            Err(error) => {
+                inbound.poisoned = Some(error);
+                self.clear_pending(from);
+                Err(RecvError::Corrupt { sender: from, error })
+            }
+        }
+    }
+
     #[inline]
     fn clear_pending(&mut self, from: u32) {
         self.pending[(from / 64) as usize] &= !(1u64 << (from % 64));
@@ -114,6 +173,30 @@ impl Endpoint {
         Ok(found)
     }
 
+    /// [`Self::before_park`] for [`Self::wait_ready`].
+    #[cold]
+    fn before_park_ready(&mut self) -> Option<u32> {
+        wake::take_doorbell(self.segment.bells(self.slot), &mut self.pending);
+        self.mask_pending();
+        let found = self.scan_ready();
+        if found.is_none() {
+            self.pending.fill(0);
+        }
+        found
+    }
+
+    /// Waits by the wait strategy, until `deadline`, for a lane whose head
+    /// holds something, and returns its sender (see [`Self::poll_ready`]).
+    /// Never inlined, as [`Self::wait_next`].
+    #[inline(never)]
+    fn wait_ready(&mut self, deadline: Option<Instant>) -> Result<u32, RecvError> {
+        if let Some(from) = self.poll_ready() {
+            return Ok(from);
+        }
+        let strategy = self.wait;
+        spin_then_park(&mut ReadyWait { endpoint: self }, strategy, deadline)
+    }
+
     /// Waits for the next message by the wait strategy, until `deadline`.
     /// Never inlined: this is the spin loop, and its speed must not depend
     /// on where a caller's code happens to place it (a previous build
@@ -139,7 +222,7 @@ impl Endpoint {
         )
     }
 
-    #[inline]
+    #[inline(always)]
     pub(super) fn received(&mut self, (sender, next): (u32, Next)) -> Received<'_> {
         self.count_received(match &next {
             Next::InLane { hdr, .. } => hdr.len as usize,
@@ -205,9 +288,21 @@ impl Endpoint {
     ///
     /// # Errors
     /// As [`Endpoint::recv_deadline`].
-    #[inline]
+    #[inline(always)]
     pub fn recv_ref(&mut self, deadline: Option<Instant>) -> Result<Received<'_>, RecvError> {
-        let found = self.wait_next(deadline, None)?;
+        // The spin loop only finds a lane with something at its head; the
+        // record is read here, so that it reaches the `Received` in
+        // registers (see `poll_ready`).
+        let from = self.wait_ready(deadline)?;
+        let found = match self.next_from(from)? {
+            Some(next) => (from, next),
+            // No whole message there after all (padding, or fragments of
+            // a message not yet complete, now consumed, or a lane's worth
+            // of garbage): the general wait, which reads the clock as it
+            // spins, so that not even a lane that never yields a message
+            // holds the caller past its deadline.
+            None => self.wait_next(deadline, None)?,
+        };
         Ok(self.received(found))
     }
 
@@ -288,6 +383,22 @@ struct NextWait<'a, 'i> {
 }
 
 impl NextWait<'_, '_> {
+    /// A receiver polls its lanes back to back; one that parks at once
+    /// reads the clock after every poll, so it goes to sleep at the first.
+    #[inline]
+    fn pace_of(wait: WaitStrategy) -> Pace {
+        match wait {
+            WaitStrategy::Park => Pace {
+                spins_per_look: 0,
+                looks_per_clock: 1,
+            },
+            _ => Pace {
+                spins_per_look: 1,
+                looks_per_clock: 64,
+            },
+        }
+    }
+
     /// Someone of this process wants the waiting thread back (it rang this
     /// slot's own doorbell to wake it from a park), or a worker died since
     /// the caller last looked (the master rang every doorbell after
@@ -302,20 +413,9 @@ impl Wait for NextWait<'_, '_> {
     type Found = (u32, Next);
     type Error = RecvError;
 
-    /// A receiver polls its lanes back to back; one that parks at once
-    /// reads the clock after every poll, so it goes to sleep at the first.
     #[inline]
     fn pace(&self) -> Pace {
-        match self.endpoint.wait {
-            WaitStrategy::Park => Pace {
-                spins_per_look: 0,
-                looks_per_clock: 1,
-            },
-            _ => Pace {
-                spins_per_look: 1,
-                looks_per_clock: 64,
-            },
-        }
+        Self::pace_of(self.endpoint.wait)
     }
 
     #[inline]
@@ -347,11 +447,59 @@ impl Wait for NextWait<'_, '_> {
         if self.interrupted() {
             return Err(RecvError::Timeout);
         }
-        let endpoint = &*self.endpoint;
-        let segment = &endpoint.segment;
-        StatsEntry::add(&segment.stats_entry(endpoint.slot).futex_waits, 1);
-        endpoint.beat();
-        wake::park(segment.park(endpoint.slot), segment.bells(endpoint.slot), timeout);
+        self.endpoint.sleep(timeout);
+        Ok(None)
+    }
+
+    #[inline]
+    fn timed_out(&self) -> RecvError {
+        RecvError::Timeout
+    }
+}
+
+impl Endpoint {
+    /// A receiver's sleep, once it has taken the doorbell and found every
+    /// lane empty: counts it, beats the heartbeat, parks.
+    fn sleep(&self, timeout: Duration) {
+        let segment = &self.segment;
+        StatsEntry::add(&segment.stats_entry(self.slot).futex_waits, 1);
+        self.beat();
+        wake::park(segment.park(self.slot), segment.bells(self.slot), timeout);
+    }
+}
+
+/// The wait of [`Endpoint::wait_ready`]: [`NextWait`] without interrupts,
+/// finding a lane with something at its head rather than a message.
+struct ReadyWait<'a> {
+    endpoint: &'a mut Endpoint,
+}
+
+impl Wait for ReadyWait<'_> {
+    type Found = u32;
+    type Error = RecvError;
+
+    #[inline]
+    fn pace(&self) -> Pace {
+        NextWait::pace_of(self.endpoint.wait)
+    }
+
+    #[inline]
+    fn look(&mut self) -> Result<Option<u32>, RecvError> {
+        Ok(self.endpoint.poll_ready())
+    }
+
+    #[inline]
+    fn spinning(&mut self, looks: u32) {
+        if looks % 4096 == 0 {
+            self.endpoint.beat();
+        }
+    }
+
+    fn park(&mut self, timeout: Duration) -> Result<Option<u32>, RecvError> {
+        if let Some(from) = self.endpoint.before_park_ready() {
+            return Ok(Some(from));
+        }
+        self.endpoint.sleep(timeout);
         Ok(None)
     }
 
@@ -450,6 +598,7 @@ impl Received<'_> {
 }
 
 impl Drop for Received<'_> {
+    #[inline(always)]
     fn drop(&mut self) {
         if let Body::Lane { record, .. } = self.body {
             self.endpoint.inbound[self.sender as usize]
@@ -467,6 +616,56 @@ impl std::fmt::Debug for Received<'_> {
             .field("len", &self.payload().len())
             .field("in_lane", &self.is_in_lane())
             .finish()
+    }
+}
+
+/// The spinning receive's two steps: the lane it finds, and the message it
+/// reads there (see `Endpoint::poll_ready`).
+#[cfg(all(test, not(loom)))]
+mod ready_tests {
+    use std::time::Duration;
+
+    use crate::error::RecvError;
+    use crate::testing::Watchdog;
+    use crate::{Config, Segment, WaitStrategy};
+
+    #[test]
+    fn a_receive_that_finds_only_the_start_of_a_message_waits_for_the_rest() {
+        let _dog = Watchdog::new("fragments", Duration::from_secs(30));
+        let seg = Segment::create(&Config::new(2).lane_capacity(4096)).unwrap();
+        let mut b = seg.endpoint(1).unwrap();
+        b.set_wait_strategy(WaitStrategy::Spin);
+        let big: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+        let sent = big.clone();
+        let sender = {
+            let seg = seg.clone();
+            std::thread::spawn(move || {
+                let mut a = seg.endpoint(0).unwrap();
+                a.set_wait_strategy(WaitStrategy::Spin);
+                a.send(1, sent).unwrap();
+                a.send(1, b"after").unwrap();
+            })
+        };
+        let msg = b
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the whole message");
+        assert_eq!(msg.payload, big);
+        assert_eq!(b.recv_timeout(Duration::from_secs(20)).unwrap().payload, b"after");
+        sender.join().unwrap();
+    }
+
+    #[test]
+    fn a_lane_that_never_yields_a_message_does_not_hold_a_receive_past_its_deadline() {
+        let _dog = Watchdog::new("endless padding", Duration::from_secs(30));
+        let seg = Segment::create(&Config::new(2).lane_capacity(1 << 14)).unwrap();
+        seg.lane(0, 1).scribble_endless_padding();
+        let mut b = seg.endpoint(1).unwrap();
+        b.set_wait_strategy(WaitStrategy::Spin);
+        assert_eq!(
+            b.recv_timeout(Duration::from_millis(50)).unwrap_err(),
+            RecvError::Timeout
+        );
+        assert_eq!(b.poisoned_lanes().count(), 0, "padding is not corruption");
     }
 }
 

@@ -161,6 +161,33 @@ impl Consumer {
         self.lane.at(offset)
     }
 
+    /// Whether the lane may hold something at its head: the first word
+    /// there is not the terminator (zero). The spinning receiver's look,
+    /// with nothing copied out; [`Self::next`] then makes every check. A
+    /// head it cannot look at this way (not 8-aligned, or in the bytes
+    /// skipped at the end of the ring) counts as "may": `next` deals with
+    /// it. Found empty, the lane tells a sender waiting for space, as in
+    /// `next`.
+    #[inline(always)]
+    pub(crate) fn ready(&mut self) -> bool {
+        let offset = (self.head & self.lane.mask()) as usize;
+        let contiguous = self.lane.cap - offset;
+        if contiguous >= RECORD_HEADER && offset % 8 == 0 {
+            if contiguous > LINE {
+                // As in `next`: the record's second line with its first.
+                self.lane.prefetch(offset + LINE);
+            }
+            // SAFETY: `offset + 32 <= cap` (checked), 8-aligned. Acquire:
+            // as in `next` (which loads it again before it reads more).
+            let w0 = unsafe { self.lane.word0(offset) }.load(Acquire);
+            if w0 == 0 {
+                self.found_empty();
+                return false;
+            }
+        }
+        true
+    }
+
     /// The next whole message, if any. An error means the lane is corrupt:
     /// the caller must stop using this consumer.
     ///

@@ -329,6 +329,27 @@ impl LaneRef {
         }
     }
 
+    /// Writes a padding record over the whole ring, committed at ring
+    /// offset 0, as garbage would: in a lane of a multiple of 16 KiB its
+    /// stamp is right for every lap, so a consumer follows it round and
+    /// round (a lane's worth per call) and never finds a message.
+    #[cfg(test)]
+    pub(crate) fn scribble_endless_padding(&self) {
+        let pad = RecordHeader {
+            len: (self.cap - RECORD_HEADER) as u32,
+            flags: committed(FLAG_PAD, 0),
+            sender: self.sender,
+            ..RecordHeader::default()
+        };
+        let w = to_words(&pad);
+        // SAFETY: 32 bytes at offset 0 of the ring (`cap >= 4096`); a test
+        // with no producer on this lane.
+        unsafe {
+            self.write_rest(0, w);
+            self.write_word0(0, w[0]);
+        }
+    }
+
     /// Pointer to ring offset `offset` (`<= cap`: the payload of an empty
     /// record in the last 32 bytes starts one past the end, where nothing is
     /// read or written).

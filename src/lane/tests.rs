@@ -191,6 +191,34 @@ fn fifo_across_many_wraps_with_every_size() {
     assert_eq!(lane.ctl().head.0.load(Relaxed), lane.ctl().tail.0.load(Relaxed));
 }
 
+/// `ready` says "something here" whenever `next` has a message, and
+/// "empty" once everything published was consumed (after `next` stepped
+/// over the bytes skipped at the end of the ring), across wraps and with
+/// every size.
+#[test]
+fn ready_agrees_with_next_across_wraps() {
+    let lane = HeapLane::new();
+    let mut p = Producer::new(lane.lane(3));
+    let mut c = Consumer::new(lane.lane(3), 1 << 20);
+    assert!(!c.ready(), "a new lane is empty");
+    let rounds = if cfg!(miri) { 200 } else { 3000 };
+    for i in 0..rounds {
+        let msg = pattern((i * 37) % 700, i as u8);
+        assert!(send(&mut p, &msg), "drained after every message: room");
+        assert!(c.ready(), "message {i} published");
+        let next = c.next().unwrap().expect("a message where ready said so");
+        assert_eq!(take(&mut c, next), msg);
+        if c.ready() {
+            // A head in the bytes skipped at the end of the ring is a
+            // "may": `next` steps over them and finds nothing.
+            assert!(CAP - (c.head as usize % CAP) < RECORD_HEADER, "message {i}");
+            assert!(c.next().unwrap().is_none());
+        }
+        assert!(!c.ready(), "everything consumed after message {i}");
+    }
+    assert!(lane.ctl().head.0.load(Relaxed) > 2 * CAP as u64, "wrapped");
+}
+
 /// An empty lane whose head and tail both stand at position `pos`.
 fn empty_at(pos: u64) -> (HeapLane, Producer, Consumer) {
     let lane = HeapLane::new();
