@@ -190,11 +190,40 @@ impl Endpoint {
     /// Never inlined, as [`Self::wait_next`].
     #[inline(never)]
     fn wait_ready(&mut self, deadline: Option<Instant>) -> Result<u32, RecvError> {
+        self.wait_ready_or(deadline, None)
+    }
+
+    /// [`Self::wait_ready`] that also returns (as `Timeout`) as soon as
+    /// `interrupt` says so, as [`Self::wait_next`] does. A loop of its own,
+    /// so that [`Self::wait_ready`]'s has no interrupt check in it.
+    #[inline(never)]
+    fn wait_ready_interruptible(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupt: Interrupt<'_>,
+    ) -> Result<u32, RecvError> {
+        self.wait_ready_or(deadline, Some(interrupt))
+    }
+
+    #[inline(always)]
+    fn wait_ready_or(
+        &mut self,
+        deadline: Option<Instant>,
+        interrupt: Option<Interrupt<'_>>,
+    ) -> Result<u32, RecvError> {
+        // A lane with something at its head costs no clock read.
         if let Some(from) = self.poll_ready() {
             return Ok(from);
         }
         let strategy = self.wait;
-        spin_then_park(&mut ReadyWait { endpoint: self }, strategy, deadline)
+        spin_then_park(
+            &mut ReadyWait {
+                endpoint: self,
+                interrupt,
+            },
+            strategy,
+            deadline,
+        )
     }
 
     /// Waits for the next message by the wait strategy, until `deadline`.
@@ -313,7 +342,14 @@ impl Endpoint {
         deadline: Option<Instant>,
         interrupt: Interrupt<'_>,
     ) -> Result<Received<'_>, RecvError> {
-        let found = self.wait_next(deadline, Some(interrupt))?;
+        // As `recv_ref`: the spin loop finds a lane, the record is read
+        // here, in registers; anything but a whole message goes to the
+        // general wait, with the same interrupt.
+        let from = self.wait_ready_interruptible(deadline, interrupt)?;
+        let found = match self.next_from(from)? {
+            Some(next) => (from, next),
+            None => self.wait_next(deadline, Some(interrupt))?,
+        };
         Ok(self.received(found))
     }
 
@@ -468,13 +504,24 @@ impl Endpoint {
     }
 }
 
-/// The wait of [`Endpoint::wait_ready`]: [`NextWait`] without interrupts,
-/// finding a lane with something at its head rather than a message.
-struct ReadyWait<'a> {
+/// The wait of [`Endpoint::wait_ready`]: [`NextWait`] finding a lane with
+/// something at its head rather than a message. Its interrupt is checked
+/// where `NextWait` checks it: after a look that found nothing, and after
+/// the doorbell is taken before a park.
+struct ReadyWait<'a, 'i> {
     endpoint: &'a mut Endpoint,
+    interrupt: Option<Interrupt<'i>>,
 }
 
-impl Wait for ReadyWait<'_> {
+impl ReadyWait<'_, '_> {
+    /// As [`NextWait::interrupted`].
+    #[inline]
+    fn interrupted(&self) -> bool {
+        self.interrupt.is_some_and(|i| i.ended(&self.endpoint.segment))
+    }
+}
+
+impl Wait for ReadyWait<'_, '_> {
     type Found = u32;
     type Error = RecvError;
 
@@ -485,7 +532,13 @@ impl Wait for ReadyWait<'_> {
 
     #[inline]
     fn look(&mut self) -> Result<Option<u32>, RecvError> {
-        Ok(self.endpoint.poll_ready())
+        if let Some(from) = self.endpoint.poll_ready() {
+            return Ok(Some(from));
+        }
+        if self.interrupted() {
+            return Err(RecvError::Timeout);
+        }
+        Ok(None)
     }
 
     #[inline]
@@ -498,6 +551,10 @@ impl Wait for ReadyWait<'_> {
     fn park(&mut self, timeout: Duration) -> Result<Option<u32>, RecvError> {
         if let Some(from) = self.endpoint.before_park_ready() {
             return Ok(Some(from));
+        }
+        // As in `NextWait::park`: again, now that the doorbell is taken.
+        if self.interrupted() {
+            return Err(RecvError::Timeout);
         }
         self.endpoint.sleep(timeout);
         Ok(None)
@@ -625,6 +682,7 @@ impl std::fmt::Debug for Received<'_> {
 mod ready_tests {
     use std::time::Duration;
 
+    use super::Interrupt;
     use crate::error::RecvError;
     use crate::testing::Watchdog;
     use crate::{Config, Segment, WaitStrategy};
@@ -666,6 +724,43 @@ mod ready_tests {
             RecvError::Timeout
         );
         assert_eq!(b.poisoned_lanes().count(), 0, "padding is not corruption");
+    }
+
+    /// The messenger's dispatch waits with no deadline of its own but the
+    /// interrupt (a `MessengerHandle`'s flag, a death): a spinning wait
+    /// that never looks at it would never return.
+    #[test]
+    fn an_interrupted_receive_returns_without_a_message_or_a_deadline() {
+        let _dog = Watchdog::new("interrupt", Duration::from_secs(30));
+        let seg = Segment::create(&Config::new(2)).unwrap();
+        let mut b = seg.endpoint(1).unwrap();
+        let flag = std::sync::atomic::AtomicBool::new(true);
+        let deaths = seg.control().deaths.load(std::sync::atomic::Ordering::Acquire);
+        for wait in [WaitStrategy::Spin, WaitStrategy::Park] {
+            b.set_wait_strategy(wait);
+            let by_flag = Interrupt {
+                flag: &flag,
+                deaths: None,
+            };
+            let err = b.recv_ref_interruptible(None, by_flag).map(|_| ()).unwrap_err();
+            assert_eq!(err, RecvError::Timeout, "{wait:?}, flag");
+            let unset = std::sync::atomic::AtomicBool::new(false);
+            let by_death = Interrupt {
+                flag: &unset,
+                deaths: Some(deaths.wrapping_sub(1)),
+            };
+            let err = b.recv_ref_interruptible(None, by_death).map(|_| ()).unwrap_err();
+            assert_eq!(err, RecvError::Timeout, "{wait:?}, death");
+        }
+        // And a message waiting is still taken first.
+        let mut a = seg.endpoint(0).unwrap();
+        a.send(1, b"first").unwrap();
+        let by_flag = Interrupt {
+            flag: &flag,
+            deaths: None,
+        };
+        let msg = b.recv_ref_interruptible(None, by_flag).unwrap();
+        assert_eq!(msg.payload(), b"first");
     }
 }
 
