@@ -515,22 +515,27 @@ fn two_threads_fifo() {
                 }
             }
         });
-        let cl = cl;
-        let mut c = Consumer::new(cl.0, 1 << 20);
-        let mut next = 0u64;
-        while next < count {
-            match c.next().unwrap() {
-                Some(n) => {
-                    let got = take(&mut c, n);
-                    assert_eq!(u64::from_le_bytes(got[..8].try_into().unwrap()), next);
-                    assert_eq!(got.len(), 8 + (next % 50) as usize);
-                    next += 1;
-                }
-                None => std::thread::yield_now(),
-            }
-        }
-        assert!(c.next().unwrap().is_none());
+        receive_in_order(Consumer::new(cl.0, 1 << 20), count, |i| 8 + (i % 50) as usize);
     });
+}
+
+/// The receiving thread of the two-thread tests: `count` messages, each
+/// starting with its sequence number and `len(seq)` bytes long, in order,
+/// then nothing.
+fn receive_in_order(mut c: Consumer, count: u64, len: impl Fn(u64) -> usize) {
+    let mut next = 0u64;
+    while next < count {
+        match c.next().unwrap() {
+            Some(n) => {
+                let got = take(&mut c, n);
+                assert_eq!(u64::from_le_bytes(got[..8].try_into().unwrap()), next);
+                assert_eq!(got.len(), len(next));
+                next += 1;
+            }
+            None => std::thread::yield_now(),
+        }
+    }
+    assert!(c.next().unwrap().is_none());
 }
 
 /// The fast path and batches on two threads: records written by
@@ -580,21 +585,7 @@ fn two_threads_batches_and_the_fast_path() {
                 p.publish();
             }
         });
-        let cl = cl;
-        let mut c = Consumer::new(cl.0, 1 << 20);
-        let mut next = 0u64;
-        while next < count {
-            match c.next().unwrap() {
-                Some(n) => {
-                    let got = take(&mut c, n);
-                    assert_eq!(u64::from_le_bytes(got[..8].try_into().unwrap()), next);
-                    assert_eq!(got.len(), 8 + (next % 61) as usize);
-                    next += 1;
-                }
-                None => std::thread::yield_now(),
-            }
-        }
-        assert!(c.next().unwrap().is_none());
+        receive_in_order(Consumer::new(cl.0, 1 << 20), count, |i| 8 + (i % 61) as usize);
     });
 }
 
