@@ -50,10 +50,12 @@ pub(super) struct Handler {
 }
 
 /// The handlers of one event, and its name as each [`Ctx`] carries it:
-/// shared, so that a message costs a reference count, not a copy of the
-/// name.
+/// shared, so that a message costs no copy of the name. The name is lent
+/// to the `Ctx` of the message being handled and put back after (`None`
+/// meanwhile): a clone and drop of the `Arc` were two locked instructions
+/// on every call's path.
 pub(super) struct Handlers {
-    name: Arc<str>,
+    name: Option<Arc<str>>,
     list: Vec<Handler>,
 }
 
@@ -186,7 +188,7 @@ impl Messenger {
         self.handlers
             .entry(event.to_owned())
             .or_insert_with(|| Handlers {
-                name: event.into(),
+                name: Some(event.into()),
                 list: Vec::new(),
             })
             .list
@@ -475,7 +477,9 @@ fn handle_call(
     };
     let ctx = Ctx {
         sender,
-        event: name.clone(),
+        // Lent, not cloned (see `Handlers`); a handler that keeps a clone
+        // of its `Ctx` shares the same `Arc`.
+        event: name.take().unwrap_or_else(|| call.name.into()),
         delivery_id: call.delivery,
         kind,
     };
@@ -509,6 +513,7 @@ fn handle_call(
             first = Some(outcome);
         }
     }
+    *name = Some(ctx.event);
     count(counts);
     if frame.capacity() != 0 {
         super::dispatch::recycle(spare, frame);

@@ -58,6 +58,7 @@
 
 mod peers;
 
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -271,6 +272,7 @@ impl CallCore {
                         bytes,
                         None,
                         0,
+                        deadline,
                     );
                 } else {
                     self.settle(id, Settled::Answer(Err(CallError::WorkerDied)));
@@ -293,7 +295,7 @@ impl CallCore {
                     self.settle(id, Settled::Map(Vec::new()));
                 }
                 for (i, peer) in live.into_iter().enumerate() {
-                    self.send_call(id, peer, wire::REQUEST, bytes.clone(), None, i);
+                    self.send_call(id, peer, wire::REQUEST, bytes.clone(), None, i, deadline);
                 }
             }
             Op::Consume { delivery, bytes } => {
@@ -353,6 +355,10 @@ impl CallCore {
 
     /// `op`'s end, if it has come (taken out of the settled queue).
     pub(crate) fn take_settled(&mut self, op: OpId) -> Option<Settled> {
+        // Usually the last one settled (a caller takes its own at once).
+        if self.settled.back().is_some_and(|(id, _)| *id == op) {
+            return self.settled.pop_back().map(|(_, s)| s);
+        }
         let i = self.settled.iter().position(|(id, _)| *id == op)?;
         self.settled.remove(i).map(|(_, s)| s)
     }
@@ -423,12 +429,13 @@ impl CallCore {
         body: impl Into<Vec<u8>>,
         peers: &impl Peers,
     ) {
-        let Some(call) = self.calls.get(&correlation) else {
+        let Entry::Occupied(call) = self.calls.entry(correlation) else {
             return; // Late: its operation has ended.
         };
-        if call.target != sender.slot || call.generation != sender.generation {
+        if call.get().target != sender.slot || call.get().generation != sender.generation {
             return;
         }
+        let call = call.remove();
         let result = match status {
             wire::OK => Ok(body.into()),
             wire::NO_HANDLER => Err(CallError::NoHandler),
@@ -436,7 +443,7 @@ impl CallCore {
                 String::from_utf8_lossy(&body.into()).into_owned(),
             )),
         };
-        self.finish_call(correlation, result, self.now, peers);
+        self.end_call(call, result, self.now, peers);
     }
 
     /// A call's message could not be sent: the call ends with `error`.
@@ -494,6 +501,9 @@ impl CallCore {
 
     // ------------------------------------------------------------ inside
 
+    /// Queues call `op`'s message to `to`, to be sent by `deadline` (its
+    /// operation's, passed in rather than looked up again).
+    #[allow(clippy::too_many_arguments)]
     fn send_call(
         &mut self,
         op: OpId,
@@ -502,6 +512,7 @@ impl CallCore {
         bytes: Vec<u8>,
         watch: Option<LeaderWatch>,
         entry: usize,
+        deadline: Instant,
     ) {
         let id = self.next_call;
         self.next_call += 1;
@@ -515,7 +526,6 @@ impl CallCore {
                 entry,
             },
         );
-        let deadline = self.ops.get(&op).map_or(self.now, |o| o.deadline);
         self.transmits.push_back(Transmit {
             call: id,
             to: to.slot,
@@ -560,9 +570,13 @@ impl CallCore {
 
     /// Call `id` ended with `result`: what its operation does next.
     fn finish_call(&mut self, id: u64, result: Result<Vec<u8>, CallError>, now: Instant, peers: &impl Peers) {
-        let Some(call) = self.calls.remove(&id) else {
-            return;
-        };
+        if let Some(call) = self.calls.remove(&id) {
+            self.end_call(call, result, now, peers);
+        }
+    }
+
+    /// [`CallCore::finish_call`] of a call already taken out of `calls`.
+    fn end_call(&mut self, call: Call, result: Result<Vec<u8>, CallError>, now: Instant, peers: &impl Peers) {
         let op_id = call.op;
         let Some(op) = self.ops.get_mut(&op_id) else {
             return;
@@ -672,6 +686,7 @@ impl CallCore {
             _ => Some((peer.slot, 1)),
         };
         let Some(Operation {
+            deadline,
             state:
                 State::Consume {
                     bytes,
@@ -679,15 +694,14 @@ impl CallCore {
                     current,
                     ..
                 },
-            ..
         }) = self.ops.get_mut(&id)
         else {
             return;
         };
         *attempts += 1;
         *current = Some(peer);
-        let bytes = bytes.clone();
-        self.send_call(id, peer, wire::CONSUME, bytes, None, 0);
+        let (bytes, deadline) = (bytes.clone(), *deadline);
+        self.send_call(id, peer, wire::CONSUME, bytes, None, 0, deadline);
     }
 
     /// The worker a consume goes to, among the live ones not `refused`:
@@ -800,7 +814,7 @@ impl CallCore {
                 *look_at = None;
                 *eager = false;
                 let bytes = bytes.clone();
-                self.send_call(id, to, wire::REQUEST, bytes, watch, 0);
+                self.send_call(id, to, wire::REQUEST, bytes, watch, 0, deadline);
             }
             None if now >= deadline => self.settle(id, Settled::Answer(Err(CallError::NoLeader))),
             None => {
