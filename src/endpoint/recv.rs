@@ -217,10 +217,7 @@ impl Endpoint {
         }
         let strategy = self.wait;
         spin_then_park(
-            &mut ReadyWait {
-                endpoint: self,
-                interrupt,
-            },
+            &mut RecvWait::<ReadyLane>::new(self, interrupt),
             strategy,
             deadline,
         )
@@ -242,10 +239,7 @@ impl Endpoint {
         }
         let strategy = self.wait;
         spin_then_park(
-            &mut NextWait {
-                endpoint: self,
-                interrupt,
-            },
+            &mut RecvWait::<NextMessage>::new(self, interrupt),
             strategy,
             deadline,
         )
@@ -412,26 +406,65 @@ impl Endpoint {
     }
 }
 
-/// A receiver's wait for its next message.
-struct NextWait<'a, 'i> {
-    endpoint: &'a mut Endpoint,
-    interrupt: Option<Interrupt<'i>>,
+/// What a receiver's wait looks for: the next message ([`NextMessage`],
+/// behind [`Endpoint::wait_next`]) or only a lane with something at its
+/// head ([`ReadyLane`], behind the spinning receive, which then reads the
+/// message itself).
+trait Seek {
+    type Found;
+    /// One look, in the spin loop.
+    fn look(endpoint: &mut Endpoint) -> Result<Option<Self::Found>, RecvError>;
+    /// The look on the way to sleep, once the doorbell is taken.
+    fn before_park(endpoint: &mut Endpoint) -> Result<Option<Self::Found>, RecvError>;
 }
 
-impl NextWait<'_, '_> {
-    /// A receiver polls its lanes back to back; one that parks at once
-    /// reads the clock after every poll, so it goes to sleep at the first.
-    #[inline]
-    fn pace_of(wait: WaitStrategy) -> Pace {
-        match wait {
-            WaitStrategy::Park => Pace {
-                spins_per_look: 0,
-                looks_per_clock: 1,
-            },
-            _ => Pace {
-                spins_per_look: 1,
-                looks_per_clock: 64,
-            },
+/// [`Seek`] for the next message.
+struct NextMessage;
+
+impl Seek for NextMessage {
+    type Found = (u32, Next);
+
+    #[inline(always)]
+    fn look(endpoint: &mut Endpoint) -> Result<Option<(u32, Next)>, RecvError> {
+        endpoint.poll().map_err(corrupt)
+    }
+
+    fn before_park(endpoint: &mut Endpoint) -> Result<Option<(u32, Next)>, RecvError> {
+        endpoint.before_park().map_err(corrupt)
+    }
+}
+
+/// [`Seek`] for a lane with something at its head.
+struct ReadyLane;
+
+impl Seek for ReadyLane {
+    type Found = u32;
+
+    #[inline(always)]
+    fn look(endpoint: &mut Endpoint) -> Result<Option<u32>, RecvError> {
+        Ok(endpoint.poll_ready())
+    }
+
+    fn before_park(endpoint: &mut Endpoint) -> Result<Option<u32>, RecvError> {
+        Ok(endpoint.before_park_ready())
+    }
+}
+
+/// A receiver's wait for what `S` seeks. Its interrupt is checked after
+/// a look that found nothing, and again after the doorbell is taken
+/// before a park.
+struct RecvWait<'a, 'i, S> {
+    endpoint: &'a mut Endpoint,
+    interrupt: Option<Interrupt<'i>>,
+    seek: std::marker::PhantomData<S>,
+}
+
+impl<'a, 'i, S> RecvWait<'a, 'i, S> {
+    fn new(endpoint: &'a mut Endpoint, interrupt: Option<Interrupt<'i>>) -> Self {
+        Self {
+            endpoint,
+            interrupt,
+            seek: std::marker::PhantomData,
         }
     }
 
@@ -445,18 +478,29 @@ impl NextWait<'_, '_> {
     }
 }
 
-impl Wait for NextWait<'_, '_> {
-    type Found = (u32, Next);
+impl<S: Seek> Wait for RecvWait<'_, '_, S> {
+    type Found = S::Found;
     type Error = RecvError;
 
+    /// A receiver polls its lanes back to back; one that parks at once
+    /// reads the clock after every poll, so it goes to sleep at the first.
     #[inline]
     fn pace(&self) -> Pace {
-        Self::pace_of(self.endpoint.wait)
+        match self.endpoint.wait {
+            WaitStrategy::Park => Pace {
+                spins_per_look: 0,
+                looks_per_clock: 1,
+            },
+            _ => Pace {
+                spins_per_look: 1,
+                looks_per_clock: 64,
+            },
+        }
     }
 
     #[inline]
-    fn look(&mut self) -> Result<Option<(u32, Next)>, RecvError> {
-        if let Some(found) = self.endpoint.poll().map_err(corrupt)? {
+    fn look(&mut self) -> Result<Option<S::Found>, RecvError> {
+        if let Some(found) = S::look(self.endpoint)? {
             return Ok(Some(found));
         }
         if self.interrupted() {
@@ -472,8 +516,8 @@ impl Wait for NextWait<'_, '_> {
         }
     }
 
-    fn park(&mut self, timeout: Duration) -> Result<Option<(u32, Next)>, RecvError> {
-        if let Some(found) = self.endpoint.before_park().map_err(corrupt)? {
+    fn park(&mut self, timeout: Duration) -> Result<Option<S::Found>, RecvError> {
+        if let Some(found) = S::before_park(self.endpoint)? {
             return Ok(Some(found));
         }
         // Again, now that the doorbell is taken: a ring that found its bit
@@ -501,68 +545,6 @@ impl Endpoint {
         StatsEntry::add(&segment.stats_entry(self.slot).futex_waits, 1);
         self.beat();
         wake::park(segment.park(self.slot), segment.bells(self.slot), timeout);
-    }
-}
-
-/// The wait of [`Endpoint::wait_ready`]: [`NextWait`] finding a lane with
-/// something at its head rather than a message. Its interrupt is checked
-/// where `NextWait` checks it: after a look that found nothing, and after
-/// the doorbell is taken before a park.
-struct ReadyWait<'a, 'i> {
-    endpoint: &'a mut Endpoint,
-    interrupt: Option<Interrupt<'i>>,
-}
-
-impl ReadyWait<'_, '_> {
-    /// As [`NextWait::interrupted`].
-    #[inline]
-    fn interrupted(&self) -> bool {
-        self.interrupt.is_some_and(|i| i.ended(&self.endpoint.segment))
-    }
-}
-
-impl Wait for ReadyWait<'_, '_> {
-    type Found = u32;
-    type Error = RecvError;
-
-    #[inline]
-    fn pace(&self) -> Pace {
-        NextWait::pace_of(self.endpoint.wait)
-    }
-
-    #[inline]
-    fn look(&mut self) -> Result<Option<u32>, RecvError> {
-        if let Some(from) = self.endpoint.poll_ready() {
-            return Ok(Some(from));
-        }
-        if self.interrupted() {
-            return Err(RecvError::Timeout);
-        }
-        Ok(None)
-    }
-
-    #[inline]
-    fn spinning(&mut self, looks: u32) {
-        if looks % 4096 == 0 {
-            self.endpoint.beat();
-        }
-    }
-
-    fn park(&mut self, timeout: Duration) -> Result<Option<u32>, RecvError> {
-        if let Some(from) = self.endpoint.before_park_ready() {
-            return Ok(Some(from));
-        }
-        // As in `NextWait::park`: again, now that the doorbell is taken.
-        if self.interrupted() {
-            return Err(RecvError::Timeout);
-        }
-        self.endpoint.sleep(timeout);
-        Ok(None)
-    }
-
-    #[inline]
-    fn timed_out(&self) -> RecvError {
-        RecvError::Timeout
     }
 }
 

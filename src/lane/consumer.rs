@@ -161,31 +161,41 @@ impl Consumer {
         self.lane.at(offset)
     }
 
-    /// Whether the lane may hold something at its head: the first word
-    /// there is not the terminator (zero). The spinning receiver's look,
-    /// with nothing copied out; [`Self::next`] then makes every check. A
-    /// head it cannot look at this way (not 8-aligned, or in the bytes
-    /// skipped at the end of the ring) counts as "may": `next` deals with
-    /// it. Found empty, the lane tells a sender waiting for space, as in
-    /// `next`.
+    /// The first word at the head, with the head's ring offset and the
+    /// bytes before the end of the ring, if the head can be looked at that
+    /// way: 8-aligned (a head word that is not, written by a buggy
+    /// process, is left to [`Self::next_general`], which reports it) and
+    /// with a whole header before the end. The record's second cache line
+    /// is fetched with its first, so that their misses overlap (a 64 B
+    /// message's record spans two lines). Found empty (the terminator,
+    /// zero), the lane tells a sender waiting for space.
     #[inline(always)]
-    pub(crate) fn ready(&mut self) -> bool {
+    fn head_word(&mut self) -> Option<(usize, usize, u64)> {
         let offset = (self.head & self.lane.mask()) as usize;
         let contiguous = self.lane.cap - offset;
-        if contiguous >= RECORD_HEADER && offset % 8 == 0 {
-            if contiguous > LINE {
-                // As in `next`: the record's second line with its first.
-                self.lane.prefetch(offset + LINE);
-            }
-            // SAFETY: `offset + 32 <= cap` (checked), 8-aligned. Acquire:
-            // as in `next` (which loads it again before it reads more).
-            let w0 = unsafe { self.lane.word0(offset) }.load(Acquire);
-            if w0 == 0 {
-                self.found_empty();
-                return false;
-            }
+        if contiguous < RECORD_HEADER || offset % 8 != 0 {
+            return None;
         }
-        true
+        if contiguous > LINE {
+            self.lane.prefetch(offset + LINE);
+        }
+        // SAFETY: `offset + 32 <= cap` (checked), 8-aligned (checked).
+        // Acquire: pairs with the producer's `Release` store of this word
+        // in `Producer::publish`.
+        let w0 = unsafe { self.lane.word0(offset) }.load(Acquire);
+        if w0 == 0 {
+            self.found_empty();
+        }
+        Some((offset, contiguous, w0))
+    }
+
+    /// Whether the lane may hold something at its head: the spinning
+    /// receiver's look, with nothing copied out; [`Self::next`] then makes
+    /// every check. A head [`Self::head_word`] cannot look at counts as
+    /// "may": `next` deals with it.
+    #[inline(always)]
+    pub(crate) fn ready(&mut self) -> bool {
+        !matches!(self.head_word(), Some((_, _, 0)))
     }
 
     /// The next whole message, if any. An error means the lane is corrupt:
@@ -199,22 +209,8 @@ impl Consumer {
     /// header again and makes every check itself.
     #[inline(always)]
     pub(crate) fn next(&mut self) -> Result<Option<Next>, LaneCorruption> {
-        let offset = (self.head & self.lane.mask()) as usize;
-        let contiguous = self.lane.cap - offset;
-        // (A head word that is not 8-aligned, written by a buggy process,
-        // goes to `next_general`, which reports it.)
-        if contiguous >= RECORD_HEADER && offset % 8 == 0 {
-            if contiguous > LINE {
-                // A 64 B message's record spans two cache lines: fetch the
-                // second with the first, so that their misses overlap.
-                self.lane.prefetch(offset + LINE);
-            }
-            // SAFETY: `offset + 32 <= cap` (checked), 8-aligned (positions
-            // are multiples of 8). Acquire: pairs with the producer's
-            // `Release` store of this word in `Producer::publish`.
-            let w0 = unsafe { self.lane.word0(offset) }.load(Acquire);
+        if let Some((offset, contiguous, w0)) = self.head_word() {
             if w0 == 0 {
-                self.found_empty();
                 return Ok(None);
             }
             let len = w0 as u32 as usize;
@@ -224,7 +220,8 @@ impl Consumer {
                 && record <= contiguous
                 && self.partial.is_none()
             {
-                // SAFETY: as above; committed bytes the producer no longer
+                // SAFETY: `offset + 32 <= cap` and 8-aligned (`head_word`
+                // checked both); committed bytes the producer no longer
                 // writes. Read once; only this copy is checked and used.
                 let w = unsafe { self.lane.read_rest(offset, w0) };
                 if w[1] as u32 == self.lane.sender {
