@@ -291,44 +291,35 @@ fn drive(m: &mut Messenger, workers: u32, plan: Plan, clock: Instant) -> Res<Vec
     }
     out.extend(maps.iter().map(|ns| format!("sample map {ns}")));
 
-    // (4) sequential consume calls.
-    for i in 0..plan.warmup as u64 {
-        m.consume("task", &i, deadline())?;
-    }
-    let mut ran: BTreeMap<u32, u64> = BTreeMap::new();
-    let start = Instant::now();
-    for i in 0..plan.consume as u64 {
-        let done = m.consume("task", &i, deadline())?;
-        *ran.entry(done.worker.slot).or_default() += 1;
-    }
-    out.push(format!(
-        "rate consume {} {}",
-        plan.consume,
-        start.elapsed().as_nanos()
-    ));
-    for (slot, tasks) in ran {
-        out.push(format!("ran consume {slot} {tasks}"));
-    }
-
-    // (4b) the same, handled only by the other workers.
-    for i in 0..plan.warmup as u64 {
-        m.consume("task_away", &i, deadline())?;
-    }
-    let mut ran: BTreeMap<u32, u64> = BTreeMap::new();
-    let start = Instant::now();
-    for i in 0..plan.consume as u64 {
-        let done = m.consume("task_away", &i, deadline())?;
-        *ran.entry(done.worker.slot).or_default() += 1;
-    }
-    out.push(format!(
-        "rate consume_away {} {}",
-        plan.consume,
-        start.elapsed().as_nanos()
-    ));
-    for (slot, tasks) in ran {
-        out.push(format!("ran consume_away {slot} {tasks}"));
-    }
+    // (4) sequential consume calls; (4b) the same, handled only by the
+    // other workers.
+    consume_rate(m, "task", "consume", plan, &mut out)?;
+    consume_rate(m, "task_away", "consume_away", plan, &mut out)?;
     Ok(out)
+}
+
+/// `plan.consume` sequential `consume` calls of `event` after the
+/// warm-up: their `rate` line and a `ran` line per handling slot, named
+/// `what`.
+fn consume_rate(m: &mut Messenger, event: &str, what: &str, plan: Plan, out: &mut Vec<String>) -> Res<()> {
+    for i in 0..plan.warmup as u64 {
+        m.consume(event, &i, deadline())?;
+    }
+    let mut ran: BTreeMap<u32, u64> = BTreeMap::new();
+    let start = Instant::now();
+    for i in 0..plan.consume as u64 {
+        let done = m.consume(event, &i, deadline())?;
+        *ran.entry(done.worker.slot).or_default() += 1;
+    }
+    out.push(format!(
+        "rate {what} {} {}",
+        plan.consume,
+        start.elapsed().as_nanos()
+    ));
+    for (slot, tasks) in ran {
+        out.push(format!("ran {what} {slot} {tasks}"));
+    }
+    Ok(())
 }
 
 /// The re-executed copy: runs one cluster; exits 0 if the driver finished

@@ -27,8 +27,13 @@ fn cluster(
     }
     let stop = Arc::new(AtomicBool::new(false));
     let first = all.remove(0);
-    let threads = all
-        .into_iter()
+    let threads = serve_until_stopped(all, &stop);
+    (first, stop, threads)
+}
+
+/// Each messenger dispatching on a thread of its own until `stop`.
+fn serve_until_stopped(all: Vec<Messenger>, stop: &Arc<AtomicBool>) -> Vec<JoinHandle<Messenger>> {
+    all.into_iter()
         .map(|mut m| {
             let stop = stop.clone();
             std::thread::spawn(move || {
@@ -36,8 +41,7 @@ fn cluster(
                 m
             })
         })
-        .collect();
-    (first, stop, threads)
+        .collect()
 }
 
 fn finish(stop: Arc<AtomicBool>, threads: Vec<JoinHandle<Messenger>>) -> Vec<Messenger> {
@@ -310,16 +314,7 @@ fn a_worker_with_a_task_in_hand_gets_no_other_while_one_is_free() {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let mut callers: Vec<Messenger> = all.drain(..2).collect();
-    let servers: Vec<JoinHandle<Messenger>> = all
-        .into_iter()
-        .map(|mut m| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                m.run_until(|_| stop.load(Ordering::Acquire)).unwrap();
-                m
-            })
-        })
-        .collect();
+    let servers = serve_until_stopped(all, &stop);
     let mut m1 = callers.pop().unwrap();
     let mut m0 = callers.pop().unwrap();
     let turns = Arc::new(std::sync::Barrier::new(2));
