@@ -135,7 +135,7 @@ impl Page {
 
     /// The 8-byte word at `offset`.
     fn word(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= PAGE);
+        assert!(offset.is_multiple_of(8) && offset + 8 <= PAGE);
         // SAFETY: in bounds and aligned (the mapping is page-aligned); the
         // page starts zeroed, a valid AtomicU64, and stays mapped as long as
         // `self`; every process accesses it atomically only.

@@ -157,7 +157,7 @@ impl Shared {
     }
 
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= self.len);
+        assert!(offset.is_multiple_of(8) && offset + 8 <= self.len);
         // SAFETY: in bounds and aligned (the mapping is page-aligned); the
         // mapping starts zeroed, a valid AtomicU64, and lives as long as
         // `self`; every access is atomic.
@@ -165,14 +165,14 @@ impl Shared {
     }
 
     fn u32_at(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.len);
+        assert!(offset.is_multiple_of(4) && offset + 4 <= self.len);
         // SAFETY: as for `u64_at`.
         unsafe { &*self.ptr.add(offset).cast::<AtomicU32>() }
     }
 
     /// The bare ring whose control lines start at `offset`.
     fn ring(&self, offset: usize, slot: usize) -> Ring<'_> {
-        assert!(offset % LINE == 0 && offset + RING_LEN <= self.len);
+        assert!(offset.is_multiple_of(LINE) && offset + RING_LEN <= self.len);
         assert!(slot.is_power_of_two() && slot <= RING_BYTES);
         Ring {
             head: self.u64_at(offset),

@@ -157,6 +157,8 @@
 // Under loom only the wake protocol is built; the rest of the crate is off.
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
+#[cfg(all(feature = "nats", not(loom)))]
+pub mod bridge;
 #[cfg(not(loom))]
 mod cluster;
 #[cfg(not(loom))]
@@ -204,8 +206,8 @@ pub use messenger::{AsyncMessenger, AsyncWake};
 #[cfg(not(loom))]
 pub use messenger::{
     BytesReply, CallError, CallKind, Consumed, CorruptLane, Ctx, DispatchError, EmitError, EventStats,
-    HandlerId, Leader, LeaderChange, MapError, Messenger, MessengerHandle, RegisterError, Reply, Target, To,
-    WorkerId, MAX_EVENT_NAME,
+    HandlerId, HostId, Leader, LeaderChange, MapError, Messenger, MessengerHandle, RegisterError, Reply,
+    Target, To, WorkerId, MAX_EVENT_NAME,
 };
 /// The cluster's size limit: a segment has at most this many worker slots,
 /// and a cluster keeps one of them spare for rolling reloads.

@@ -177,7 +177,7 @@ fn scribbled_lane_is_reported_and_others_keep_working() {
     }
     let garbage_tail = scribbler.load64(ctl + CTL_TAIL);
     assert!(
-        garbage_tail % 8 != 0 || garbage_tail.wrapping_sub(position) > cap as u64,
+        !garbage_tail.is_multiple_of(8) || garbage_tail.wrapping_sub(position) > cap as u64,
         "pick another seed: tail {garbage_tail} looks valid after {position}"
     );
     scribbler.write_ring(layout.lane_data(0, 2), cap, 0, &rng.bytes(cap));

@@ -538,10 +538,7 @@ fn consume_redelivery(w: Worker, successor_delay: Duration) -> Check {
             pid == victim_peer.pid && vslot == victim_peer.slot,
             "killed pid {pid} slot {vslot}, instance 1 is {victim_peer:?}"
         );
-        let first = WorkerId {
-            slot: vslot,
-            generation: 1,
-        };
+        let first = WorkerId::local(vslot, 1);
         ensure!(r.attempts == 2, "task {task}: {r:?}");
         ensure!(
             r.worker != first,

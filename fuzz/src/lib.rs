@@ -161,14 +161,14 @@ impl Scribbler {
     }
 
     fn word64(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= self.map.len());
+        assert!(offset.is_multiple_of(8) && offset + 8 <= self.map.len());
         // SAFETY: in bounds and 8-aligned (checked; the mapping is page
         // aligned); the segment's words are accessed atomically by everyone.
         unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
     }
 
     fn word32(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.map.len());
+        assert!(offset.is_multiple_of(4) && offset + 4 <= self.map.len());
         // SAFETY: as for `word64`, 4-aligned.
         unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
     }
@@ -324,7 +324,7 @@ fn commit_chain(scribbler: &Scribbler, ring: usize, cap: usize, mut pos: u64, co
     const COMMITTED: u64 = 0x8000;
     const STAMP_BITS: u64 = 0x7FF0;
     for _ in 0..count {
-        if pos % 8 != 0 {
+        if !pos.is_multiple_of(8) {
             return;
         }
         let mut offset = (pos % cap as u64) as usize;

@@ -17,6 +17,7 @@ pub(crate) struct ClusterView<'a> {
     me: WorkerId,
 }
 
+#[allow(dead_code)] // bridge(), is_bridge(): the messenger uses them (next commits).
 impl<'a> ClusterView<'a> {
     pub(crate) fn new(segment: &'a Segment, me: WorkerId) -> Self {
         Self { segment, me }
@@ -68,14 +69,46 @@ impl<'a> ClusterView<'a> {
         }
     }
 
-    /// Live workers now, in slot order.
+    /// Live workers now, in slot order: the application's, never the
+    /// host's NATS bridge (see [`ClusterView::bridge`]).
     pub(crate) fn live_workers(&self) -> Vec<WorkerId> {
+        let bridge = self.bridge_index();
         (0..self.workers())
+            .filter(|&slot| bridge.is_none_or(|b| !self.is_index(slot, b)))
             .filter_map(|slot| {
                 self.live_generation(slot)
-                    .map(|generation| WorkerId { slot, generation })
+                    .map(|generation| WorkerId::local(slot, generation))
             })
             .collect()
+    }
+
+    /// The host's NATS bridge, if the master runs one and it is live now
+    /// (feature `nats`): the worker that carries broadcasts, maps,
+    /// consumes and calls to other hosts. `None` for the bridge itself.
+    pub(crate) fn bridge(&self) -> Option<WorkerId> {
+        let index = self.bridge_index()?;
+        (0..self.workers())
+            .filter(|&slot| slot != self.me.slot && self.is_index(slot, index))
+            .find_map(|slot| {
+                self.live_generation(slot)
+                    .map(|generation| WorkerId::local(slot, generation))
+            })
+    }
+
+    /// Whether this worker is its host's NATS bridge.
+    pub(crate) fn is_bridge(&self) -> bool {
+        self.bridge_index()
+            .is_some_and(|b| self.is_index(self.me.slot, b))
+    }
+
+    /// The bridge's instance index (`Control::bridge`), one load.
+    fn bridge_index(&self) -> Option<u32> {
+        self.segment.control().bridge.load(Acquire).checked_sub(1)
+    }
+
+    /// Whether the worker table gives `slot` instance `index`.
+    fn is_index(&self, slot: u32, index: u32) -> bool {
+        self.segment.worker_entry(slot).index.load(Acquire) == index
     }
 
     /// Whether the master is draining the worker in `slot` (a rolling

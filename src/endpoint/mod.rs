@@ -262,7 +262,7 @@ impl Endpoint {
             .collect();
         // Look at every lane once: messages may have been queued before this
         // endpoint existed (and their doorbell bits taken by a predecessor).
-        let pending_mask = if workers % 64 == 0 {
+        let pending_mask = if workers.is_multiple_of(64) {
             u64::MAX
         } else {
             (1u64 << (workers % 64)) - 1

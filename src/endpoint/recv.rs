@@ -511,7 +511,7 @@ impl<S: Seek> Wait for RecvWait<'_, '_, S> {
 
     #[inline]
     fn spinning(&mut self, looks: u32) {
-        if looks % 4096 == 0 {
+        if looks.is_multiple_of(4096) {
             self.endpoint.beat();
         }
     }

@@ -173,7 +173,7 @@ impl Consumer {
     fn head_word(&mut self) -> Option<(usize, usize, u64)> {
         let offset = (self.head & self.lane.mask()) as usize;
         let contiguous = self.lane.cap - offset;
-        if contiguous < RECORD_HEADER || offset % 8 != 0 {
+        if contiguous < RECORD_HEADER || !offset.is_multiple_of(8) {
             return None;
         }
         if contiguous > LINE {
@@ -254,7 +254,7 @@ impl Consumer {
             }
             let offset = (self.head & self.lane.mask()) as usize;
             let contiguous = self.lane.cap - offset;
-            if offset % 8 != 0 {
+            if !offset.is_multiple_of(8) {
                 return Err(LaneCorruption::Indices {
                     head: self.head,
                     tail: self.head,

@@ -205,7 +205,7 @@ impl LaneRef {
     #[inline]
     pub(crate) unsafe fn new(ctl: NonNull<LaneControl>, data: NonNull<u8>, cap: usize, sender: u32) -> Self {
         debug_assert!(cap.is_power_of_two() && cap >= 4096);
-        debug_assert!(data.as_ptr() as usize % ALIGN == 0);
+        debug_assert!((data.as_ptr() as usize).is_multiple_of(ALIGN));
         Self {
             ctl,
             data,
@@ -368,7 +368,10 @@ impl LaneRef {
 /// wrap).
 #[inline]
 fn indices_valid(head: u64, tail: u64, cap: usize) -> Result<(), LaneCorruption> {
-    if head % ALIGN as u64 != 0 || tail % ALIGN as u64 != 0 || tail.wrapping_sub(head) > cap as u64 {
+    if !head.is_multiple_of(ALIGN as u64)
+        || !tail.is_multiple_of(ALIGN as u64)
+        || tail.wrapping_sub(head) > cap as u64
+    {
         return Err(LaneCorruption::Indices { head, tail });
     }
     Ok(())

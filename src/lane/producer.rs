@@ -56,8 +56,8 @@ impl Producer {
         // The consumer may be ahead of the stored tail (it read records
         // committed after it), never more than a lane either way.
         let ahead = head.wrapping_sub(stored);
-        let mut broken = if stored % 8 != 0
-            || head % 8 != 0
+        let mut broken = if !stored.is_multiple_of(8)
+            || !head.is_multiple_of(8)
             || (ahead > lane.cap as u64 && ahead.wrapping_neg() > lane.cap as u64)
         {
             Some(LaneCorruption::Indices { head, tail: stored })

@@ -353,7 +353,7 @@ impl Messenger {
         bytes: Vec<u8>,
         deadline: Instant,
     ) -> Result<Vec<u8>, CallError> {
-        let timed = self.requests % TIME_ONE_REQUEST_IN == 0;
+        let timed = self.requests.is_multiple_of(TIME_ONE_REQUEST_IN);
         self.requests = self.requests.wrapping_add(1);
         let started = timed.then(Instant::now);
         let op = Op::Request { to: worker, bytes };

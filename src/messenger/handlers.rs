@@ -407,10 +407,7 @@ fn handle_reply(
     my_generation: u32,
     on_reply: impl FnOnce(WorkerId, u64, u8, Vec<u8>),
 ) {
-    let sender = WorkerId {
-        slot: message.sender,
-        generation: message.generation,
-    };
+    let sender = WorkerId::local(message.sender, message.generation);
     let Some((status, generation, _)) = wire::parse_reply(&message.payload) else {
         return;
     };
@@ -436,10 +433,7 @@ fn handle_call(
         kind: message.kind,
         correlation: message.correlation,
     };
-    let sender = WorkerId {
-        slot: message.sender,
-        generation: message.generation,
-    };
+    let sender = WorkerId::local(message.sender, message.generation);
     let payload = &message.payload[..];
     let kind = match tag.kind {
         wire::EMIT => CallKind::Event,

@@ -24,6 +24,7 @@ mod encode;
 mod error;
 mod handle;
 mod handlers;
+mod host;
 mod leader;
 mod wire;
 
@@ -33,6 +34,7 @@ pub use calls::To;
 pub use error::{CallError, CorruptLane, DispatchError, EmitError, MapError, RegisterError};
 pub use handle::MessengerHandle;
 pub use handlers::{BytesReply, Reply};
+pub use host::HostId;
 #[cfg(test)]
 pub(crate) use leader::leader_entry;
 pub use leader::{Leader, LeaderChange};
@@ -73,14 +75,29 @@ pub enum Target {
     Others,
 }
 
-/// A worker incarnation: slot and generation (who sent a message, who
-/// answered).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A worker incarnation: host, slot and generation (who sent a message,
+/// who answered). Ordered as a `map`'s entries are: by host (this one
+/// first), then slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkerId {
+    /// Its host: [`HostId::LOCAL`] but for a worker another host's bridge
+    /// answered for (feature `nats`).
+    pub host: HostId,
     /// The sender's slot.
     pub slot: u32,
     /// The sender's generation in that slot.
     pub generation: u32,
+}
+
+impl WorkerId {
+    /// The worker in `slot` of this host, in `generation`.
+    pub const fn local(slot: u32, generation: u32) -> Self {
+        Self {
+            host: HostId::LOCAL,
+            slot,
+            generation,
+        }
+    }
 }
 
 /// What a handler learns about the message it runs for.
@@ -350,7 +367,7 @@ impl Messenger {
             remote: FxHashMap::default(),
             next_delivery: 0,
             requests: 0,
-            deaths_seen: ClusterView::new(&outbox.segment, WorkerId { slot, generation }).deaths(),
+            deaths_seen: ClusterView::new(&outbox.segment, WorkerId::local(slot, generation)).deaths(),
             liveness_slice: LIVENESS_SLICE,
             outbox,
             leader: leader::LeaderState::default(),
@@ -436,10 +453,7 @@ impl Messenger {
     }
 
     fn me(&self) -> WorkerId {
-        WorkerId {
-            slot: self.slot,
-            generation: self.generation,
-        }
+        WorkerId::local(self.slot, self.generation)
     }
 
     /// The largest payload a message may carry, both ways: the encoded

@@ -460,7 +460,7 @@ fn ptr_in<T: Shared>(map: &memmap2::MmapRaw, offset: usize, count: usize) -> Non
         .checked_mul(count)
         .and_then(|bytes| bytes.checked_add(offset))
         .is_some_and(|end| end <= map.len());
-    if !fits || offset % align_of::<T>() != 0 {
+    if !fits || !offset.is_multiple_of(align_of::<T>()) {
         out_of_bounds(offset, count, size_of::<T>(), map.len());
     }
     // SAFETY: `offset <= map.len()` (checked), so the pointer stays inside

@@ -129,7 +129,7 @@ pub(super) async fn drive(mut m: Messenger, shared: Arc<Shared>, mut waiter: Wai
             Ok(false) => {
                 // Busy: let the runtime's other tasks in now and then.
                 turns = turns.wrapping_add(1);
-                if turns % 64 == 0 {
+                if turns.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }

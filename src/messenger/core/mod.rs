@@ -267,7 +267,7 @@ impl CallCore {
                 } else if let Some(generation) = peers.live_generation(to) {
                     self.send_call(
                         id,
-                        WorkerId { slot: to, generation },
+                        WorkerId::local(to, generation),
                         wire::REQUEST,
                         bytes,
                         None,
@@ -601,10 +601,9 @@ impl CallCore {
                 current,
                 ..
             } => {
-                let worker = current.take().unwrap_or(WorkerId {
-                    slot: call.target,
-                    generation: call.generation,
-                });
+                let worker = current
+                    .take()
+                    .unwrap_or(WorkerId::local(call.target, call.generation));
                 match result {
                     Ok(_) => {
                         let done = Consumed {
@@ -798,15 +797,9 @@ impl CallCore {
             return;
         };
         let target = leader.and_then(|(l, watch)| {
-            peers.live_generation(l.slot).map(|generation| {
-                (
-                    WorkerId {
-                        slot: l.slot,
-                        generation,
-                    },
-                    watch,
-                )
-            })
+            peers
+                .live_generation(l.slot)
+                .map(|generation| (WorkerId::local(l.slot, generation), watch))
         });
         match target {
             Some((to, watch)) => {

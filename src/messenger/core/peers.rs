@@ -17,7 +17,7 @@ pub(crate) trait Peers {
         (0..self.workers())
             .filter_map(|slot| {
                 self.live_generation(slot)
-                    .map(|generation| WorkerId { slot, generation })
+                    .map(|generation| WorkerId::local(slot, generation))
             })
             .collect()
     }

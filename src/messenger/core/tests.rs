@@ -65,7 +65,7 @@ impl Peers for Fake {
 }
 
 fn w(slot: u32, generation: u32) -> WorkerId {
-    WorkerId { slot, generation }
+    WorkerId::local(slot, generation)
 }
 
 fn setup(workers: u32) -> (CallCore, Fake, Instant) {

@@ -47,7 +47,7 @@ const _: () = assert!(std::mem::offset_of!(Header, size) == 112);
 
 /// Where the init word is: read and written as an `AtomicU32`.
 pub(crate) const INIT_OFFSET: usize = std::mem::offset_of!(Header, init);
-const _: () = assert!(INIT_OFFSET % align_of::<AtomicU32>() == 0);
+const _: () = assert!(INIT_OFFSET.is_multiple_of(align_of::<AtomicU32>()));
 
 /// Who holds a slot: the end of the slot's block, after its park word and
 /// doorbell (see `Layout::slot_offset`). All-zero is a free slot.

@@ -129,7 +129,15 @@ pub(crate) struct Control {
     /// when it moved, checks its calls' targets at once instead of at its
     /// next periodic look.
     pub(crate) deaths: AtomicU32,
-    _pad: [AtomicU32; 7],
+    /// The host's NATS bridge (feature `nats`): its instance index + 1,
+    /// 0 when there is none. Written once by the master before any
+    /// worker starts; a worker finds the bridge's slot by this index in
+    /// the worker table (the slot moves when the bridge is respawned into
+    /// a reload's spare slot). The bridge is live like any worker but is
+    /// no worker of the application: `live_workers` leaves it out, and
+    /// the messenger sends it only what crosses hosts.
+    pub(crate) bridge: AtomicU32,
+    _pad: [AtomicU32; 6],
     pub(crate) events: [EventRecord; EVENT_RING],
 }
 
