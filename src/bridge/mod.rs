@@ -8,19 +8,20 @@
 //! # Where things are
 //! - `config.rs`: [`NatsConfig`], credentials, names;
 //! - `run.rs`: the bridge process (a tokio runtime, one NATS connection,
-//!   the host's messenger as the driver of the call core).
+//!   the host's messenger as the driver of the call core);
+//! - `frame.rs`: what bridges say to each other, and what they refuse.
 
-mod config;
+pub(crate) mod config;
+mod frame;
+mod run;
 
 pub use config::{NatsConfig, NatsConfigError, NatsCredentials, NatsTls};
 pub use config::{ENV_CREDS, ENV_NKEY, ENV_NKEY_FILE, ENV_PASSWORD, ENV_TOKEN, ENV_USER};
-
-use crate::Worker;
+pub use run::{BridgeStats, STATS_EVENT};
 
 /// Runs the bridge in this process (the master's child in the bridge's
 /// slot) until the master stops it; the process's exit code.
 #[allow(dead_code)] // The master starts it (next commit).
-pub(crate) fn run(worker: Worker, config: &NatsConfig) -> i32 {
-    let _ = (worker, config);
-    0
+pub(crate) fn run(worker: crate::Worker, config: &NatsConfig) -> i32 {
+    run::run(worker, config)
 }

@@ -17,7 +17,6 @@ pub(crate) struct ClusterView<'a> {
     me: WorkerId,
 }
 
-#[allow(dead_code)] // bridge(), is_bridge(): the messenger uses them (next commits).
 impl<'a> ClusterView<'a> {
     pub(crate) fn new(segment: &'a Segment, me: WorkerId) -> Self {
         Self { segment, me }
@@ -93,12 +92,6 @@ impl<'a> ClusterView<'a> {
                 self.live_generation(slot)
                     .map(|generation| WorkerId::local(slot, generation))
             })
-    }
-
-    /// Whether this worker is its host's NATS bridge.
-    pub(crate) fn is_bridge(&self) -> bool {
-        self.bridge_index()
-            .is_some_and(|b| self.is_index(self.me.slot, b))
     }
 
     /// The bridge's instance index (`Control::bridge`), one load.

@@ -97,6 +97,10 @@ impl Peers for LivePeers<'_> {
     fn leader_died(&self, watch: &LeaderWatch) -> bool {
         watch.died(self.segment)
     }
+
+    fn bridge(&self) -> Option<WorkerId> {
+        self.view.bridge()
+    }
 }
 
 impl Messenger {
@@ -211,7 +215,8 @@ impl Messenger {
         // With the default strategy, a call waits for its answers spinning
         // longer than an idle worker (see `ANSWER_SPIN`).
         let call_wait = match op {
-            Op::Consume { .. } => None,
+            // A call to another host takes hundreds of microseconds.
+            Op::Consume { .. } | Op::Route { .. } => None,
             Op::Map { .. } => Some(MAP_SPIN),
             Op::Request { .. } | Op::Invoke { .. } => Some(ANSWER_SPIN),
         }
@@ -477,6 +482,83 @@ impl Messenger {
         }
     }
 
+    /// Emits `event` with `value` to the worker in `slot` of another host
+    /// (feature `nats`: through this host's bridge and that host's).
+    /// Fire and forget, as [`Messenger::emit`]: a host that is not
+    /// connected drops it (its bridge counts it, see `bridge_stats`).
+    ///
+    /// # Errors
+    /// `NoBridge` if this host has no live bridge; the encoding errors.
+    pub fn emit_at<T: Serialize + ?Sized>(
+        &mut self,
+        host: &str,
+        slot: u32,
+        event: &str,
+        value: &T,
+    ) -> Result<(), EmitError> {
+        let call = encode_call(event, 0, value, self.max_payload)?;
+        let bridge = self.view().bridge().ok_or(EmitError::NoBridge)?;
+        let tag = Tag {
+            kind: wire::BRIDGE_EMIT,
+            correlation: 0,
+        };
+        self.deliver(bridge.slot, tag, routed(host, slot, &call)?, None)?;
+        self.count(event, |s| s.sent += 1);
+        Ok(())
+    }
+
+    /// Asks the worker in `slot` of another host (feature `nats`) to run
+    /// its first handler for `event`, as [`Messenger::request`] does here.
+    ///
+    /// # Errors
+    /// `HostUnreachable` at once if this host has no live bridge, the
+    /// host is not connected, or no worker serves that slot there; the
+    /// rest as [`Messenger::request`].
+    pub fn request_at<T, R>(
+        &mut self,
+        host: &str,
+        slot: u32,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<R, CallError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let call = encode_call(event, 0, value, self.max_payload)?;
+        decode(&self.route_encoded(host, slot, event, &call, deadline)?)
+    }
+
+    /// [`Messenger::request_at`] with raw bytes both ways.
+    ///
+    /// # Errors
+    /// As [`Messenger::request_at`].
+    pub fn request_bytes_at(
+        &mut self,
+        host: &str,
+        slot: u32,
+        event: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        let call = encode_call_bytes(event, 0, data, self.max_payload)?;
+        self.route_encoded(host, slot, event, &call, deadline)
+    }
+
+    fn route_encoded(
+        &mut self,
+        host: &str,
+        slot: u32,
+        event: &str,
+        call: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        let bytes = routed(host, slot, call)?;
+        self.count(event, |s| s.sent += 1);
+        self.call_answer(Op::Route { bytes }, deadline)
+    }
+
     /// A delivery id unique to this worker incarnation's `consume`s (an
     /// async messenger's have bit 31 set).
     fn new_delivery_id(&mut self) -> u64 {
@@ -491,11 +573,13 @@ impl Messenger {
 }
 
 /// The slots `target` names now; `NoSuchWorker` for a slot out of range.
+/// `All` and `Others` include the host's bridge, if there is one (it
+/// carries the message to every other host's workers), last.
 pub(super) fn targets(view: &ClusterView<'_>, target: Target) -> Result<Vec<u32>, EmitError> {
     let me = view.me().slot;
-    Ok(match target {
+    let mut slots: Vec<u32> = match target {
         Target::Worker(slot) if slot >= view.workers() => return Err(EmitError::NoSuchWorker { slot }),
-        Target::Worker(slot) => vec![slot],
+        Target::Worker(slot) => return Ok(vec![slot]),
         Target::All => view.live_workers().into_iter().map(|w| w.slot).collect(),
         Target::Others => view
             .live_workers()
@@ -503,7 +587,21 @@ pub(super) fn targets(view: &ClusterView<'_>, target: Target) -> Result<Vec<u32>
             .map(|w| w.slot)
             .filter(|&s| s != me)
             .collect(),
-    })
+    };
+    slots.extend(view.bridge().map(|b| b.slot));
+    Ok(slots)
+}
+
+/// A call to `(host, slot)` for the host's bridge: the route, then the
+/// call. A host name is a NATS subject token (see `NatsConfig`).
+pub(super) fn routed(host: &str, slot: u32, call: &[u8]) -> Result<Vec<u8>, EmitError> {
+    if host.is_empty() || host.len() > 64 {
+        return Err(EmitError::HostName(host.into()));
+    }
+    let mut bytes = Vec::with_capacity(1 + host.len() + 4 + call.len());
+    wire::put_route(&mut bytes, host, slot);
+    bytes.extend_from_slice(call);
+    Ok(bytes)
 }
 
 /// A map's entries decoded as `R`.

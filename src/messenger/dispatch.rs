@@ -349,6 +349,13 @@ impl Messenger {
     /// then: this worker is no longer busy (see [`take`]), before its
     /// answer goes, so that a caller that gets the answer finds it free.
     fn run_handlers(&mut self, message: crate::Message) -> Option<(u32, Tag, Vec<u8>)> {
+        if message.kind != wire::REPLY {
+            if let Some(hook) = self.bridge_hook.as_mut() {
+                // The host's bridge: what workers send it crosses hosts.
+                hook(super::handlers::bridge_incoming(message, &self.outbox));
+                return None;
+            }
+        }
         let consume = message.kind == wire::CONSUME;
         let (segment, me, entry) = (&self.segment, self.me(), self.leader_entry());
         let core = &mut self.core;

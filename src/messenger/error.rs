@@ -118,6 +118,12 @@ pub enum EmitError {
     TimedOut,
     /// A lane on the way holds garbage.
     Corrupt(CorruptLane),
+    /// A message to another host, and this host has no live bridge (no
+    /// `--nats`, or its bridge is being respawned).
+    NoBridge,
+    /// A message to another host whose name cannot be a host's (empty, or
+    /// longer than 64 bytes).
+    HostName(String),
 }
 
 impl fmt::Display for EmitError {
@@ -130,6 +136,8 @@ impl fmt::Display for EmitError {
             Self::WorkerDied => f.write_str("no worker serves the full lane's slot"),
             Self::TimedOut => f.write_str("timed out"),
             Self::Corrupt(c) => c.fmt(f),
+            Self::NoBridge => f.write_str("this host has no live NATS bridge to other hosts"),
+            Self::HostName(h) => write!(f, "{h:?} is not a host name (1 to 64 bytes)"),
         }
     }
 }
@@ -212,6 +220,11 @@ pub enum CallError {
     /// [`Messenger::on_request_async`](super::Messenger::on_request_async)
     /// instead.
     InHandler,
+    /// A call to a worker of another host (feature `nats`): that host is
+    /// not connected (unknown, or its bridge silent past the host
+    /// timeout), or no one answers there; or this host has no live
+    /// bridge. Known at once, not at the deadline. The text says which.
+    HostUnreachable(String),
 }
 
 impl fmt::Display for CallError {
@@ -232,6 +245,7 @@ impl fmt::Display for CallError {
             Self::InHandler => f.write_str(
                 "a blocking request through a handle from inside a handler would deadlock the messenger's loop",
             ),
+            Self::HostUnreachable(why) => write!(f, "host unreachable: {why}"),
         }
     }
 }
@@ -256,6 +270,8 @@ impl From<EmitError> for CallError {
             EmitError::WorkerDied => Self::WorkerDied,
             EmitError::TimedOut => Self::TimedOut,
             EmitError::Corrupt(c) => Self::Corrupt(c),
+            EmitError::NoBridge => Self::HostUnreachable("this host has no live NATS bridge".into()),
+            EmitError::HostName(h) => Self::HostUnreachable(format!("{h:?} is not a host name")),
         }
     }
 }
@@ -290,6 +306,10 @@ pub enum MapError {
     /// reached it), or one into this worker met while the call waited to
     /// be sent.
     Corrupt(CorruptLane),
+    /// Its host (another one, feature `nats`) did not answer: its bridge
+    /// is silent past the host timeout or disconnected, or this host's
+    /// bridge died while the map waited for it.
+    HostUnreachable,
 }
 
 impl fmt::Display for MapError {
@@ -301,6 +321,7 @@ impl fmt::Display for MapError {
             Self::HandlerFailed(e) => write!(f, "handler failed: {e}"),
             Self::Decode(e) => write!(f, "cannot decode the answer: {e}"),
             Self::Corrupt(c) => c.fmt(f),
+            Self::HostUnreachable => f.write_str("its host is unreachable"),
         }
     }
 }
@@ -325,6 +346,7 @@ impl MapError {
             CallError::Decode(e) => Self::Decode(e),
             CallError::Corrupt(c) => Self::Corrupt(c),
             CallError::TimedOut => Self::TimedOut,
+            CallError::HostUnreachable(_) => Self::HostUnreachable,
             // Checked for the map as a whole before anything is sent, or
             // not a map's (the leader's, a handle's): no entry meets them,
             // and one that did would not have been answered in time.

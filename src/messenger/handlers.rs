@@ -159,6 +159,72 @@ impl<R> Drop for Reply<R> {
     }
 }
 
+/// What the host's bridge is given for each message a worker sends it
+/// (feature `nats`): see [`Messenger::set_bridge_hook`].
+pub(crate) type BridgeHook = Box<dyn FnMut(BridgeIncoming) + Send>;
+
+/// A message to the host's bridge.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "nats"), allow(dead_code))]
+pub(crate) struct BridgeIncoming {
+    /// Its kind (`wire::EMIT`, `wire::BRIDGE_*`, ...).
+    pub(crate) kind: u16,
+    pub(crate) payload: Vec<u8>,
+    /// Where its answer goes, if one is wanted.
+    pub(crate) reply: Option<RawReply>,
+}
+
+/// An answer the bridge owes a worker, with any status: answered from any
+/// thread; dropped unanswered, it answers `UNREACHABLE`.
+#[derive(Debug)]
+pub(crate) struct RawReply {
+    to: Option<ReplyTo>,
+}
+
+#[cfg_attr(not(feature = "nats"), allow(dead_code))]
+impl RawReply {
+    /// Answers with `status` and `body`.
+    pub(crate) fn send(mut self, status: u8, body: &[u8]) {
+        if let Some(to) = self.to.take() {
+            send_reply(&to, status, body);
+        }
+    }
+}
+
+impl Drop for RawReply {
+    fn drop(&mut self) {
+        if let Some(to) = self.to.take() {
+            send_reply(&to, wire::UNREACHABLE, b"the bridge dropped the call");
+        }
+    }
+}
+
+/// `message` as the bridge's hook is given it.
+pub(super) fn bridge_incoming(message: crate::Message, outbox: &Arc<Outbox>) -> BridgeIncoming {
+    let reply = (message.correlation != 0).then(|| RawReply {
+        to: Some(ReplyTo {
+            to: message.sender,
+            correlation: message.correlation,
+            requester_generation: message.generation,
+            outbox: outbox.clone(),
+        }),
+    });
+    BridgeIncoming {
+        kind: message.kind,
+        payload: message.payload,
+        reply,
+    }
+}
+
+impl Messenger {
+    /// Makes this messenger its host's bridge (feature `nats`): every
+    /// message that is not an answer goes to `hook` instead of handlers.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    pub(crate) fn set_bridge_hook(&mut self, hook: BridgeHook) {
+        self.bridge_hook = Some(hook);
+    }
+}
+
 pub(super) fn send_reply(to: &ReplyTo, status: u8, body: &[u8]) {
     let tag = Tag {
         kind: wire::REPLY,

@@ -9,6 +9,35 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+
+/// The event a host's bridge emits to every worker of its host when
+/// another host joins, leaves or goes silent (feature `nats`):
+/// `messenger.on(HOST_EVENT, |_, e: HostEvent| ..)`.
+pub const HOST_EVENT: &str = "shmcluster.host";
+
+/// What [`HOST_EVENT`] carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostEvent {
+    /// The other host's name.
+    pub host: String,
+    /// What happened to it.
+    pub change: HostChange,
+}
+
+/// A change of another host's standing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostChange {
+    /// Its bridge was heard for the first time, again after it went
+    /// silent, or in a new incarnation (a respawned bridge).
+    Joined,
+    /// Its bridge said it is stopping (its master shuts down).
+    Left,
+    /// Its bridge was not heard for the host timeout (a dead host, a
+    /// partition, a NATS outage).
+    Unreachable,
+}
+
 /// A host of the cluster, as this process knows it: see the
 /// [module docs](self). Ordered as the entries of a `map` are: this host
 /// first, then the others in the order this process first heard of them.

@@ -26,7 +26,7 @@ mod handle;
 mod handlers;
 mod host;
 mod leader;
-mod wire;
+pub(crate) mod wire;
 
 #[cfg(feature = "tokio")]
 pub use async_rt::{AsyncMessenger, AsyncWake};
@@ -34,13 +34,27 @@ pub use calls::To;
 pub use error::{CallError, CorruptLane, DispatchError, EmitError, MapError, RegisterError};
 pub use handle::MessengerHandle;
 pub use handlers::{BytesReply, Reply};
-pub use host::HostId;
+pub use host::{HostChange, HostEvent, HostId, HOST_EVENT};
 #[cfg(test)]
 pub(crate) use leader::leader_entry;
 pub use leader::{Leader, LeaderChange};
 pub use wire::MAX_EVENT_NAME;
 
+#[cfg(feature = "nats")]
+pub(crate) use self::core::{Op, Settled};
 pub(crate) use encode::payload_limit;
+
+/// A call message of `event` with `value`, for the host's bridge to hand
+/// to workers (feature `nats`).
+#[cfg(feature = "nats")]
+pub(crate) fn encode_call_for_bridge<T: serde::Serialize + ?Sized>(
+    event: &str,
+    value: &T,
+) -> Result<Vec<u8>, EmitError> {
+    encode::encode_call(event, 0, value, usize::MAX)
+}
+#[cfg(feature = "nats")]
+pub(crate) use handlers::BridgeIncoming;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -271,6 +285,9 @@ pub struct Messenger {
     /// Buffers of messages sent or received, kept for the next ones (see
     /// [`Messenger::buffer`]).
     spare: Vec<Vec<u8>>,
+    /// The host's bridge (feature `nats`) takes every message that is not
+    /// an answer here, instead of handlers.
+    bridge_hook: Option<handlers::BridgeHook>,
 }
 
 impl fmt::Debug for Messenger {
@@ -373,6 +390,7 @@ impl Messenger {
             leader: leader::LeaderState::default(),
             stats: RefCell::default(),
             spare: Vec::new(),
+            bridge_hook: None,
         }
     }
 
@@ -475,9 +493,17 @@ impl Messenger {
         self.liveness_slice = slice;
     }
 
-    /// Live workers now: (slot, generation).
+    /// Live workers now: (slot, generation). Never the host's bridge.
     pub fn live_workers(&self) -> Vec<WorkerId> {
         self.view().live_workers()
+    }
+
+    /// The host's NATS bridge, if the master runs one (feature `nats`,
+    /// `--nats`) and it is live now: the process that carries broadcasts,
+    /// maps, consumes and calls to other hosts. Ask it for its counters
+    /// with a request for `shmcluster::bridge::STATS_EVENT`.
+    pub fn bridge(&self) -> Option<WorkerId> {
+        self.view().bridge()
     }
 }
 

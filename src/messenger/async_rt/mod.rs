@@ -304,8 +304,21 @@ impl AsyncMessenger {
         self.emit(Target::All, event, value)
     }
 
+    /// Queues a message as it is (the host's bridge relays what it was
+    /// given), in order with this handle's other messages.
+    #[cfg(feature = "nats")]
+    pub(crate) fn push_raw(&self, to: u32, tag: Tag, bytes: Vec<u8>) {
+        self.shared.outbox.push(to, tag, bytes);
+    }
+
+    /// What this worker reads of the cluster.
+    #[cfg(feature = "nats")]
+    pub(crate) fn cluster_view(&self) -> ClusterView<'_> {
+        self.view()
+    }
+
     /// Runs `op` in the driver's call core and waits for its end.
-    async fn call(&self, op: Op, deadline: Instant) -> Result<Settled, CallError> {
+    pub(crate) async fn call(&self, op: Op, deadline: Instant) -> Result<Settled, CallError> {
         let (tx, rx) = oneshot::channel();
         self.shared.outbox.push_call(RemoteCall {
             op,

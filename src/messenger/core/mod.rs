@@ -66,7 +66,7 @@ use rustc_hash::FxHashMap;
 
 use super::error::{CallError, MapError};
 use super::leader::{self, LeaderWatch};
-use super::{wire, Consumed, WorkerId};
+use super::{wire, Consumed, HostId, WorkerId};
 use crate::Tag;
 
 pub(crate) use peers::{Backlog, Peers, Standing};
@@ -108,7 +108,15 @@ pub(crate) enum Op {
     /// One call to the default role's leader. With `retry`, a call whose
     /// leader died goes to the next one (an idempotent method).
     Invoke { bytes: Vec<u8>, retry: bool },
+    /// One call through the host's bridge to a worker of another host:
+    /// `bytes` is a route ([`wire::put_route`]) then the call; the bridge
+    /// is sent the time left, then those bytes ([`wire::BRIDGE_CALL`]).
+    Route { bytes: Vec<u8> },
 }
+
+/// A map's entry index for its call to the host's bridge (the other
+/// hosts' entries).
+const BRIDGE_ENTRY: usize = usize::MAX;
 
 /// How an operation ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -144,19 +152,91 @@ struct Call {
     watch: Option<LeaderWatch>,
     /// A map's entry index.
     entry: usize,
+    /// It went to the host's bridge: a map's answer is the other hosts'
+    /// entries, a consume's names who ran it.
+    bridged: bool,
 }
 
 /// A map's entries so far: `None` until its worker's call ends.
 type OpenEntries = Vec<(WorkerId, Option<Result<Vec<u8>, MapError>>)>;
 
-/// A map's end: every entry, those still open as `TimedOut`.
-fn close_map(entries: &mut OpenEntries) -> Settled {
-    Settled::Map(
-        std::mem::take(entries)
-            .into_iter()
-            .map(|(w, r)| (w, r.unwrap_or(Err(MapError::TimedOut))))
-            .collect(),
-    )
+/// A map's entries from other hosts, and its call to the bridge: the
+/// bridge's worker id and whether that call has ended.
+#[derive(Debug, Default)]
+struct RemoteEntries {
+    entries: Vec<(WorkerId, Result<Vec<u8>, MapError>)>,
+    bridge: Option<(WorkerId, bool)>,
+}
+
+/// A map's end: every entry, those still open as `TimedOut`; this host's
+/// in slot order, then the other hosts' in the order the bridge gave
+/// (by host name, then slot), or one entry for a bridge that did not
+/// answer.
+fn close_map(entries: &mut OpenEntries, remote: &mut RemoteEntries) -> Settled {
+    let mut all: Vec<_> = std::mem::take(entries)
+        .into_iter()
+        .map(|(w, r)| (w, r.unwrap_or(Err(MapError::TimedOut))))
+        .collect();
+    all.append(&mut remote.entries);
+    if let Some((bridge, false)) = remote.bridge.take() {
+        all.push((bridge, Err(MapError::TimedOut)));
+    }
+    Settled::Map(all)
+}
+
+/// The other hosts' entries of a map, from its bridge's answer; one entry
+/// for the bridge itself if it failed (`HostUnreachable` if it died).
+fn remote_entries(
+    out: &mut Vec<(WorkerId, Result<Vec<u8>, MapError>)>,
+    bridge: WorkerId,
+    result: Result<Vec<u8>, CallError>,
+) {
+    match result {
+        Ok(body) => match wire::parse_remote_entries(&body) {
+            Some(list) => out.extend(list.into_iter().map(|e| {
+                let worker = WorkerId {
+                    host: HostId::of(e.host),
+                    slot: e.slot,
+                    generation: e.generation,
+                };
+                (worker, remote_result(e.status, e.body))
+            })),
+            None => out.push((
+                bridge,
+                Err(MapError::HandlerFailed("the bridge's answer is malformed".into())),
+            )),
+        },
+        Err(CallError::WorkerDied) => out.push((bridge, Err(MapError::HostUnreachable))),
+        Err(e) => out.push((bridge, Err(MapError::from_call(e)))),
+    }
+}
+
+/// A remote worker's map entry, from its status on the wire.
+fn remote_result(status: u8, body: &[u8]) -> Result<Vec<u8>, MapError> {
+    match status {
+        wire::OK => Ok(body.to_vec()),
+        wire::NO_HANDLER => Err(MapError::NoHandler),
+        wire::UNREACHABLE => Err(MapError::HostUnreachable),
+        wire::TIMED_OUT => Err(MapError::TimedOut),
+        wire::DIED => Err(MapError::WorkerDied),
+        _ => Err(MapError::HandlerFailed(
+            String::from_utf8_lossy(body).into_owned(),
+        )),
+    }
+}
+
+/// `bytes` (a call) with its delivery field set to `value`.
+fn with_delivery(mut bytes: Vec<u8>, value: u64) -> Vec<u8> {
+    let at = 1 + usize::from(bytes.first().copied().unwrap_or(0));
+    if let Some(field) = bytes.get_mut(at..at + 8) {
+        field.copy_from_slice(&value.to_le_bytes());
+    }
+    bytes
+}
+
+/// Nanoseconds from `now` to `deadline` (0 if past), as a bridge is told.
+fn nanos_left(deadline: Instant, now: Instant) -> u64 {
+    u64::try_from(deadline.saturating_duration_since(now).as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[derive(Debug)]
@@ -165,6 +245,7 @@ enum State {
     Map {
         entries: OpenEntries,
         open: usize,
+        remote: RemoteEntries,
     },
     Consume {
         delivery: u64,
@@ -280,7 +361,8 @@ impl CallCore {
             }
             Op::Map { bytes } => {
                 let live = peers.live_workers();
-                let open = live.len();
+                let bridge = peers.bridge();
+                let open = live.len() + usize::from(bridge.is_some());
                 self.ops.insert(
                     id,
                     Operation {
@@ -288,6 +370,10 @@ impl CallCore {
                         state: State::Map {
                             entries: live.iter().map(|&w| (w, None)).collect(),
                             open,
+                            remote: RemoteEntries {
+                                entries: Vec::new(),
+                                bridge: bridge.map(|b| (b, false)),
+                            },
                         },
                     },
                 );
@@ -296,6 +382,36 @@ impl CallCore {
                 }
                 for (i, peer) in live.into_iter().enumerate() {
                     self.send_call(id, peer, wire::REQUEST, bytes.clone(), None, i, deadline);
+                }
+                if let Some(bridge) = bridge {
+                    // The bridge is told the time left, in its delivery
+                    // field: it answers for every other host before then.
+                    let bytes = with_delivery(bytes, nanos_left(deadline, now));
+                    self.send_call(id, bridge, wire::BRIDGE_MAP, bytes, None, BRIDGE_ENTRY, deadline);
+                }
+            }
+            Op::Route { bytes } => {
+                self.ops.insert(
+                    id,
+                    Operation {
+                        deadline,
+                        state: State::Request,
+                    },
+                );
+                match peers.bridge() {
+                    Some(bridge) => {
+                        // The bridge is told the time left first.
+                        let mut framed = Vec::with_capacity(8 + bytes.len());
+                        framed.extend_from_slice(&nanos_left(deadline, now).to_le_bytes());
+                        framed.extend_from_slice(&bytes);
+                        self.send_call(id, bridge, wire::BRIDGE_CALL, framed, None, 0, deadline);
+                    }
+                    None => self.settle(
+                        id,
+                        Settled::Answer(Err(CallError::HostUnreachable(
+                            "this host has no live NATS bridge".into(),
+                        ))),
+                    ),
                 }
             }
             Op::Consume { delivery, bytes } => {
@@ -439,6 +555,11 @@ impl CallCore {
         let result = match status {
             wire::OK => Ok(body.into()),
             wire::NO_HANDLER => Err(CallError::NoHandler),
+            wire::UNREACHABLE => Err(CallError::HostUnreachable(
+                String::from_utf8_lossy(&body.into()).into_owned(),
+            )),
+            wire::TIMED_OUT => Err(CallError::TimedOut),
+            wire::DIED => Err(CallError::WorkerDied),
             _ => Err(CallError::HandlerFailed(
                 String::from_utf8_lossy(&body.into()).into_owned(),
             )),
@@ -524,6 +645,7 @@ impl CallCore {
                 generation: to.generation,
                 watch,
                 entry,
+                bridged: matches!(kind, wire::BRIDGE_MAP | wire::BRIDGE_CONSUME | wire::BRIDGE_CALL),
             },
         );
         self.transmits.push_back(Transmit {
@@ -560,7 +682,7 @@ impl CallCore {
         let Some(op) = self.ops.get_mut(&id) else { return };
         let settled = match &mut op.state {
             State::Request => Settled::Answer(Err(CallError::TimedOut)),
-            State::Map { entries, .. } => close_map(entries),
+            State::Map { entries, remote, .. } => close_map(entries, remote),
             State::Consume { .. } => Settled::Consumed(Err(CallError::TimedOut)),
             State::Invoke { calling: true, .. } => Settled::Answer(Err(CallError::TimedOut)),
             State::Invoke { calling: false, .. } => Settled::Answer(Err(CallError::NoLeader)),
@@ -584,13 +706,24 @@ impl CallCore {
         let deadline = op.deadline;
         match &mut op.state {
             State::Request => self.settle(op_id, Settled::Answer(result)),
-            State::Map { entries, open } => {
-                if let Some(entry) = entries.get_mut(call.entry).filter(|e| e.1.is_none()) {
+            State::Map {
+                entries,
+                open,
+                remote,
+            } => {
+                if call.entry == BRIDGE_ENTRY {
+                    if let Some((bridge, done)) = remote.bridge.as_mut().filter(|(_, done)| !*done) {
+                        *done = true;
+                        *open -= 1;
+                        let bridge = *bridge;
+                        remote_entries(&mut remote.entries, bridge, result);
+                    }
+                } else if let Some(entry) = entries.get_mut(call.entry).filter(|e| e.1.is_none()) {
                     entry.1 = Some(result.map_err(MapError::from_call));
                     *open -= 1;
                 }
                 if *open == 0 {
-                    let settled = close_map(entries);
+                    let settled = close_map(entries, remote);
                     self.settle(op_id, settled);
                 }
             }
@@ -601,11 +734,21 @@ impl CallCore {
                 current,
                 ..
             } => {
-                let worker = current
+                let mut worker = current
                     .take()
                     .unwrap_or(WorkerId::local(call.target, call.generation));
                 match result {
-                    Ok(_) => {
+                    Ok(body) => {
+                        if call.bridged {
+                            // Who ran it, on which host.
+                            if let Some((host, slot, generation)) = wire::parse_consumer(&body) {
+                                worker = WorkerId {
+                                    host: HostId::of(host),
+                                    slot,
+                                    generation,
+                                };
+                            }
+                        }
                         let done = Consumed {
                             worker,
                             delivery_id: *delivery,
@@ -672,10 +815,14 @@ impl CallCore {
             }) => self.pick_consumer(refused, peers),
             _ => return,
         };
-        let Some(peer) = pick else {
+        let Some((peer, spill)) = pick else {
             self.settle(id, Settled::Consumed(Err(CallError::NoHandler)));
             return;
         };
+        if spill {
+            self.spill_consume(id, peer);
+            return;
+        }
         if self.sticky.is_some_and(|(_, streak)| streak >= CONSUME_STREAK) {
             // A move after a streak: the next one starts after this worker.
             self.turn = peer.slot.wrapping_add(1);
@@ -734,7 +881,54 @@ impl CallCore {
     /// Steps 2–3 read the worker's lanes and handler state; they are read
     /// only for the workers that can still win (candidates are sorted by
     /// the rest first), usually one.
-    fn pick_consumer(&self, refused: &[u32], peers: &impl Peers) -> Option<WorkerId> {
+    ///
+    /// Then, with other hosts (feature `nats`), the spill-over rule across
+    /// hosts, local first: the task goes to the host's bridge, which sends
+    /// it to another host, when no worker here can take it at once — none
+    /// left that has not refused it (no handler here), or the best one
+    /// here already has a task in hand or is draining. The answer's second
+    /// half says whether it spills.
+    fn pick_consumer(&self, refused: &[u32], peers: &impl Peers) -> Option<(WorkerId, bool)> {
+        let local = self.pick_local_consumer(refused, peers);
+        let free_here = local.is_some_and(|(rank, _)| rank.in_hand == 0 && !rank.draining);
+        if !free_here {
+            if let Some(bridge) = peers.bridge().filter(|b| !refused.contains(&b.slot)) {
+                return Some((bridge, true));
+            }
+        }
+        local.map(|(_, peer)| (peer, false))
+    }
+
+    /// A consume's call to the host's bridge: the time left, then the
+    /// task ([`wire::BRIDGE_CONSUME`]). It does not move the sticky
+    /// worker: the next task looks here first again.
+    fn spill_consume(&mut self, id: OpId, bridge: WorkerId) {
+        let now = self.now;
+        let Some(Operation {
+            deadline,
+            state:
+                State::Consume {
+                    bytes,
+                    attempts,
+                    current,
+                    ..
+                },
+        }) = self.ops.get_mut(&id)
+        else {
+            return;
+        };
+        *attempts += 1;
+        *current = Some(bridge);
+        let deadline = *deadline;
+        let mut framed = Vec::with_capacity(8 + bytes.len());
+        framed.extend_from_slice(&nanos_left(deadline, now).to_le_bytes());
+        framed.extend_from_slice(bytes);
+        self.send_call(id, bridge, wire::BRIDGE_CONSUME, framed, None, 0, deadline);
+    }
+
+    /// [`CallCore::pick_consumer`] among this host's workers, with the
+    /// winner's rank.
+    fn pick_local_consumer(&self, refused: &[u32], peers: &impl Peers) -> Option<(ConsumeRank, WorkerId)> {
         let n = peers.workers().max(1);
         let turn = self.turn % n;
         let spilling = self.sticky.is_some_and(|(_, streak)| streak >= CONSUME_STREAK);
@@ -778,7 +972,7 @@ impl CallCore {
                 best = Some((rank, peer));
             }
         }
-        best.map(|(_, peer)| peer)
+        best
     }
 
     /// An invoke looks for the leader and calls it, or looks again soon.

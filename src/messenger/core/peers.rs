@@ -32,6 +32,13 @@ pub(crate) trait Peers {
     /// Whether the leader watched by `watch` is known dead (before the
     /// master reaps it: see [`LeaderWatch`]).
     fn leader_died(&self, watch: &LeaderWatch) -> bool;
+    /// The host's live NATS bridge (feature `nats`), never among
+    /// [`Peers::live_workers`]: a map asks it for the other hosts'
+    /// entries, a consume spills to it, a call to another host goes
+    /// through it. `None` without one, and for the bridge itself.
+    fn bridge(&self) -> Option<WorkerId> {
+        None
+    }
 }
 
 /// A consume candidate's standing: see [`Peers::standing`].

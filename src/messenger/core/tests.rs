@@ -16,6 +16,8 @@ struct Fake {
     busy: RefCell<Vec<bool>>,
     leader: RefCell<Option<(Leader, Option<LeaderWatch>)>>,
     dead_terms: RefCell<Vec<u64>>,
+    /// The host's bridge, a slot that `live_workers` leaves out.
+    bridge: RefCell<Option<u32>>,
 }
 
 impl Fake {
@@ -27,6 +29,7 @@ impl Fake {
             busy: RefCell::new(vec![false; workers as usize]),
             leader: RefCell::new(None),
             dead_terms: RefCell::new(Vec::new()),
+            bridge: RefCell::new(None),
         }
     }
     fn kill(&self, slot: u32) {
@@ -61,6 +64,17 @@ impl Peers for Fake {
     }
     fn leader_died(&self, watch: &LeaderWatch) -> bool {
         self.dead_terms.borrow().contains(&watch.term())
+    }
+    fn live_workers(&self) -> Vec<WorkerId> {
+        let bridge = *self.bridge.borrow();
+        (0..self.workers())
+            .filter(|&s| Some(s) != bridge)
+            .filter_map(|s| self.live_generation(s).map(|g| w(s, g)))
+            .collect()
+    }
+    fn bridge(&self) -> Option<WorkerId> {
+        let b = (*self.bridge.borrow())?;
+        self.live_generation(b).map(|g| w(b, g))
     }
 }
 
@@ -604,4 +618,242 @@ fn a_message_whose_call_has_ended_is_not_sent() {
     };
     assert_eq!(id, op);
     assert_eq!(entries[2], (w(2, 1), Err(MapError::WorkerDied)));
+}
+
+// ------------------------------------------------------------ bridge
+
+/// A cluster of `workers` slots whose last one is the host's bridge.
+fn with_bridge(workers: u32) -> (CallCore, Fake, Instant) {
+    let (core, peers, t0) = setup(workers);
+    *peers.bridge.borrow_mut() = Some(workers - 1);
+    (core, peers, t0)
+}
+
+fn call_bytes(name: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    wire::put_call_header(&mut b, name, 0);
+    b.extend_from_slice(b"data");
+    b
+}
+
+#[test]
+fn a_map_asks_the_bridge_for_the_other_hosts_and_lists_them_after_this_ones() {
+    let (mut core, peers, t0) = with_bridge(3);
+    let op = core.start(
+        Op::Map {
+            bytes: call_bytes("ev"),
+        },
+        t0 + Duration::from_millis(500),
+        t0,
+        &peers,
+    );
+    let out = sent(&mut core);
+    let kinds: Vec<_> = out.iter().map(|t| (t.to, t.tag.kind)).collect();
+    assert_eq!(
+        kinds,
+        [(0, wire::REQUEST), (1, wire::REQUEST), (2, wire::BRIDGE_MAP)]
+    );
+    // The bridge is told the time left in the delivery field.
+    let call = wire::parse_call(&out[2].bytes).unwrap();
+    assert_eq!(
+        (call.name, call.delivery, call.data),
+        ("ev", 500_000_000, &b"data"[..])
+    );
+    let mut answer = Vec::new();
+    for (host, slot, status, body) in [
+        ("core-test-b", 0, wire::OK, &b"b0"[..]),
+        ("core-test-b", 1, wire::UNREACHABLE, &b""[..]),
+    ] {
+        wire::put_remote_entry(
+            &mut answer,
+            &wire::RemoteEntry {
+                host,
+                slot,
+                generation: 4,
+                status,
+                body,
+            },
+        );
+    }
+    core.handle_reply(w(2, 1), out[2].tag.correlation, wire::OK, answer, &peers);
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::OK, b"a0".to_vec(), &peers);
+    assert!(core.poll_settled().is_none(), "one local entry still open");
+    core.handle_reply(
+        w(1, 1),
+        out[1].tag.correlation,
+        wire::NO_HANDLER,
+        b"".to_vec(),
+        &peers,
+    );
+    let Some((id, Settled::Map(entries))) = core.poll_settled() else {
+        panic!("not settled")
+    };
+    assert_eq!(id, op);
+    let b = HostId::of("core-test-b");
+    assert_eq!(
+        entries,
+        vec![
+            (w(0, 1), Ok(b"a0".to_vec())),
+            (w(1, 1), Err(MapError::NoHandler)),
+            (
+                WorkerId {
+                    host: b,
+                    slot: 0,
+                    generation: 4
+                },
+                Ok(b"b0".to_vec())
+            ),
+            (
+                WorkerId {
+                    host: b,
+                    slot: 1,
+                    generation: 4
+                },
+                Err(MapError::HostUnreachable)
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_map_whose_bridge_dies_or_is_late_gets_one_entry_for_it() {
+    let (mut core, peers, t0) = with_bridge(2);
+    let dl = t0 + Duration::from_millis(50);
+    let died = core.start(
+        Op::Map {
+            bytes: call_bytes("e"),
+        },
+        dl,
+        t0,
+        &peers,
+    );
+    let out = sent(&mut core);
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::OK, b"x".to_vec(), &peers);
+    peers.kill(1);
+    core.handle_deaths(t0, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((
+            died,
+            Settled::Map(vec![
+                (w(0, 1), Ok(b"x".to_vec())),
+                (w(1, 1), Err(MapError::HostUnreachable))
+            ])
+        ))
+    );
+    peers.respawn(1, 2);
+    let late = core.start(
+        Op::Map {
+            bytes: call_bytes("e"),
+        },
+        dl,
+        t0,
+        &peers,
+    );
+    let out = sent(&mut core);
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::OK, b"y".to_vec(), &peers);
+    core.handle_timeout(dl, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((
+            late,
+            Settled::Map(vec![
+                (w(0, 1), Ok(b"y".to_vec())),
+                (w(1, 2), Err(MapError::TimedOut))
+            ])
+        ))
+    );
+    // A malformed answer is refused, not trusted.
+    let bad = core.start(
+        Op::Map {
+            bytes: call_bytes("e"),
+        },
+        dl,
+        t0,
+        &peers,
+    );
+    let out = sent(&mut core);
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::OK, b"z".to_vec(), &peers);
+    core.handle_reply(w(1, 2), out[1].tag.correlation, wire::OK, vec![9, 1], &peers);
+    let Some((id, Settled::Map(entries))) = core.poll_settled() else {
+        panic!("not settled")
+    };
+    assert_eq!(id, bad);
+    assert!(
+        matches!(entries[1], (_, Err(MapError::HandlerFailed(_)))),
+        "{entries:?}"
+    );
+}
+
+#[test]
+fn a_consume_stays_here_while_a_worker_is_free_and_spills_to_the_bridge_when_none_is() {
+    let (mut core, peers, t0) = with_bridge(3);
+    let dl = t0 + Duration::from_secs(1);
+    let consume = |core: &mut CallCore, d: u64| {
+        let mut bytes = Vec::new();
+        wire::put_call_header(&mut bytes, "job", d);
+        core.start(Op::Consume { delivery: d, bytes }, dl, t0, &peers)
+    };
+    consume(&mut core, 1);
+    consume(&mut core, 2);
+    let out = sent(&mut core);
+    let local: Vec<_> = out.iter().map(|t| (t.to, t.tag.kind)).collect();
+    assert_eq!(
+        local,
+        [(0, wire::CONSUME), (1, wire::CONSUME)],
+        "both local workers first"
+    );
+    // Both have a task in hand: the third goes to the bridge, with the
+    // time left before the call.
+    let third = consume(&mut core, 3);
+    let out = sent(&mut core);
+    assert_eq!((out[0].to, out[0].tag.kind), (2, wire::BRIDGE_CONSUME));
+    assert_eq!(out[0].bytes[..8], 1_000_000_000u64.to_le_bytes());
+    let task = wire::parse_call(&out[0].bytes[8..]).unwrap();
+    assert_eq!((task.name, task.delivery), ("job", 3));
+    let mut ran = Vec::new();
+    wire::put_consumer(&mut ran, "core-test-c", 5, 2);
+    core.handle_reply(w(2, 1), out[0].tag.correlation, wire::OK, ran, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((
+            third,
+            Settled::Consumed(Ok(Consumed {
+                worker: WorkerId {
+                    host: HostId::of("core-test-c"),
+                    slot: 5,
+                    generation: 2
+                },
+                delivery_id: 3,
+                attempts: 1
+            }))
+        ))
+    );
+}
+
+#[test]
+fn a_consume_nobody_here_handles_goes_to_the_bridge_and_its_death_redelivers_here() {
+    let (mut core, peers, t0) = with_bridge(2);
+    let dl = t0 + Duration::from_secs(1);
+    let mut bytes = Vec::new();
+    wire::put_call_header(&mut bytes, "job", 9);
+    let op = core.start(Op::Consume { delivery: 9, bytes }, dl, t0, &peers);
+    let out = sent(&mut core);
+    assert_eq!((out[0].to, out[0].tag.kind), (0, wire::CONSUME));
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::NO_HANDLER, vec![], &peers);
+    let out = sent(&mut core);
+    assert_eq!((out[0].to, out[0].tag.kind), (1, wire::BRIDGE_CONSUME));
+    // No host has a handler either: NoHandler.
+    core.handle_reply(w(1, 1), out[0].tag.correlation, wire::NO_HANDLER, vec![], &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Consumed(Err(CallError::NoHandler))))
+    );
+    // A request to another host without a bridge fails at once.
+    peers.kill(1);
+    let routed = core.start(Op::Route { bytes: vec![] }, dl, t0, &peers);
+    assert!(matches!(
+        core.poll_settled(),
+        Some((id, Settled::Answer(Err(CallError::HostUnreachable(_))))) if id == routed
+    ));
 }
