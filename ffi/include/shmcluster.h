@@ -113,6 +113,10 @@ enum shmc_result
   SHMC_RESULT_DECODE = 208,
   // A blocking request from inside a handler of the same worker.
   SHMC_RESULT_IN_HANDLER = 209,
+  // A worker of another host cannot be reached: that host is not
+  // connected through NATS, no worker serves the slot there, or this
+  // host has no live bridge (no `--nats`).
+  SHMC_RESULT_HOST_UNREACHABLE = 210,
   // The lock name is longer than 64 bytes.
   SHMC_RESULT_LOCK_NAME_TOO_LONG = 300,
   // The lock table is full.

@@ -89,6 +89,10 @@ pub enum shmc_result {
     Decode = 208,
     /// A blocking request from inside a handler of the same worker.
     InHandler = 209,
+    /// A worker of another host cannot be reached: that host is not
+    /// connected through NATS, no worker serves the slot there, or this
+    /// host has no live bridge (no `--nats`).
+    HostUnreachable = 210,
 
     /// The lock name is longer than 64 bytes.
     LockNameTooLong = 300,
@@ -174,6 +178,7 @@ result_texts! {
     Corrupt => "corrupt lane",
     Decode => "cannot decode the reply",
     InHandler => "a blocking request from inside a handler would deadlock",
+    HostUnreachable => "the other host is unreachable",
     LockNameTooLong => "lock name longer than 64 bytes",
     LockTableFull => "the lock table is full",
     LockWouldDeadlock => "this thread already holds the lock",
@@ -342,6 +347,7 @@ impl From<CallError> for Failure {
             CallError::NoLeader => shmc_result::NoLeader,
             CallError::LeaderDied => shmc_result::LeaderDied,
             CallError::InHandler => shmc_result::InHandler,
+            CallError::HostUnreachable(_) => shmc_result::HostUnreachable,
             _ => shmc_result::Unknown,
         };
         Self::new(code, e.to_string())
@@ -382,6 +388,7 @@ pub(crate) fn map_error_code(e: &MapError) -> shmc_result {
         MapError::HandlerFailed(_) => shmc_result::HandlerFailed,
         MapError::Decode(_) => shmc_result::Decode,
         MapError::Corrupt(_) => shmc_result::Corrupt,
+        MapError::HostUnreachable => shmc_result::HostUnreachable,
         _ => shmc_result::Unknown,
     }
 }

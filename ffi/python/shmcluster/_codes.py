@@ -37,6 +37,7 @@ EVENT_NAME = 206  # event name longer than 255 bytes
 CORRUPT = 207  # corrupt lane
 DECODE = 208  # cannot decode the reply
 IN_HANDLER = 209  # a blocking request from inside a handler would deadlock
+HOST_UNREACHABLE = 210  # the other host is unreachable
 LOCK_NAME_TOO_LONG = 300  # lock name longer than 64 bytes
 LOCK_TABLE_FULL = 301  # the lock table is full
 LOCK_WOULD_DEADLOCK = 302  # this thread already holds the lock
@@ -80,6 +81,7 @@ NAMES = {
     207: "CORRUPT",
     208: "DECODE",
     209: "IN_HANDLER",
+    210: "HOST_UNREACHABLE",
     300: "LOCK_NAME_TOO_LONG",
     301: "LOCK_TABLE_FULL",
     302: "LOCK_WOULD_DEADLOCK",
@@ -124,6 +126,7 @@ TEXTS = {
     207: "corrupt lane",
     208: "cannot decode the reply",
     209: "a blocking request from inside a handler would deadlock",
+    210: "the other host is unreachable",
     300: "lock name longer than 64 bytes",
     301: "the lock table is full",
     302: "this thread already holds the lock",
