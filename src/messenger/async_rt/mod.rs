@@ -419,6 +419,57 @@ impl AsyncMessenger {
         }
     }
 
+    /// Like [`Messenger::emit_at`]: to the worker in `slot` of another
+    /// host (feature `nats`), without waiting.
+    ///
+    /// # Errors
+    /// As [`Messenger::emit_at`].
+    pub fn emit_at<T: Serialize + ?Sized>(
+        &self,
+        host: &str,
+        slot: u32,
+        event: &str,
+        value: &T,
+    ) -> Result<(), EmitError> {
+        let call = encode_call(event, 0, value, self.shared.max_payload)?;
+        let bridge = self.view().bridge().ok_or(EmitError::NoBridge)?;
+        let tag = Tag {
+            kind: wire::BRIDGE_EMIT,
+            correlation: 0,
+        };
+        self.shared
+            .outbox
+            .push(bridge.slot, tag, super::calls::routed(host, slot, &call)?);
+        Ok(())
+    }
+
+    /// Like [`Messenger::request_at`], awaited: the worker in `slot` of
+    /// another host (feature `nats`) runs its first handler for `event`.
+    ///
+    /// # Errors
+    /// As [`Messenger::request_at`].
+    pub async fn request_at<T, R>(
+        &self,
+        host: &str,
+        slot: u32,
+        event: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<R, CallError>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let call = encode_call(event, 0, value, self.shared.max_payload)?;
+        let bytes = super::calls::routed(host, slot, &call)?;
+        decode(&self.call_answer(Op::Route { bytes }, deadline).await?)
+    }
+
+    /// The host's NATS bridge, if live (see [`Messenger::bridge`]).
+    pub fn bridge(&self) -> Option<WorkerId> {
+        self.view().bridge()
+    }
+
     /// Like [`Messenger::invoke`], awaited: the leader's handler for
     /// `method` runs. Waits (until `deadline`) for a leader if there is
     /// none yet.
