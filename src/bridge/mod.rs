@@ -21,6 +21,12 @@ use crate::Worker;
 /// slot) until the master stops it; the process's exit code.
 #[allow(dead_code)] // The master starts it (next commit).
 pub(crate) fn run(worker: Worker, config: &NatsConfig) -> i32 {
-    let _ = (worker, config);
+    // Placeholder until the bridge's body lands: ready, then idle until
+    // the master stops it.
+    let _ = config;
+    worker.ready();
+    while !worker.should_stop() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     0
 }
