@@ -21,7 +21,6 @@ pub use run::{BridgeStats, STATS_EVENT};
 
 /// Runs the bridge in this process (the master's child in the bridge's
 /// slot) until the master stops it; the process's exit code.
-#[allow(dead_code)] // The master starts it (next commit).
 pub(crate) fn run(worker: crate::Worker, config: &NatsConfig) -> i32 {
     run::run(worker, config)
 }

@@ -36,7 +36,7 @@ pub use event::{Event, EventKind, ExitReason};
 
 pub use listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
 pub use master::{Cluster, ClusterBuilder, ClusterError, Outcome, Report, Unhealthy};
-pub(crate) use stats::{read_peer, read_stats};
+pub(crate) use stats::{bridge_index, read_peer, read_stats};
 pub use stats::{ClusterStats, Peer, SlotStats};
 pub(crate) use threads::unmanaged_workers;
 pub use threads::ThreadsBuilder;

@@ -55,6 +55,10 @@ pub struct SlotStats {
     pub last_request: Option<Duration>,
     /// How long this slot's last messenger `map` took.
     pub last_map: Option<Duration>,
+    /// Whether this slot's worker is the host's NATS bridge (feature
+    /// `nats`, `ClusterBuilder::nats`): one more process of the host, not
+    /// one of the application's instances.
+    pub bridge: bool,
 }
 
 /// A snapshot of every slot's state and counters, read from the segment.
@@ -81,7 +85,11 @@ impl fmt::Display for ClusterStats {
             "slot", "index", "state", "pid", "gen", "restarts", "sent", "received", "inbox B", "hb age"
         )?;
         for s in &self.slots {
-            let index = s.index.map_or("-".to_string(), |i| i.to_string());
+            let index = match s.index {
+                _ if s.bridge => "bridge".to_string(),
+                Some(i) => i.to_string(),
+                None => "-".to_string(),
+            };
             let age = s
                 .heartbeat_age
                 .map_or("-".to_string(), |a| format!("{}ms", a.as_millis()));
@@ -132,17 +140,31 @@ pub struct Peer {
     pub pid: u32,
     /// Its generation.
     pub generation: u32,
+    /// Whether it is the host's NATS bridge (feature `nats`,
+    /// `ClusterBuilder::nats`), not one of the application's instances.
+    pub bridge: bool,
 }
 
-pub(crate) fn read_peer(entry: &WorkerEntry, slot: u32) -> Peer {
+/// The host's NATS bridge's instance index (`Control::bridge`), if the
+/// master runs one.
+pub(crate) fn bridge_index(segment: &Segment) -> Option<u32> {
+    use std::sync::atomic::Ordering::Acquire;
+    segment.control().bridge.load(Acquire).checked_sub(1)
+}
+
+/// `slot`'s worker as the table shows it; `bridge`: the bridge's index
+/// ([`bridge_index`]).
+pub(crate) fn read_peer(entry: &WorkerEntry, slot: u32, bridge: Option<u32>) -> Peer {
     use std::sync::atomic::Ordering::Acquire;
     let index = entry.index.load(Acquire);
+    let index = (index != u32::MAX && entry.state.load(Acquire) != 0).then_some(index);
     Peer {
         slot,
-        index: (index != u32::MAX && entry.state.load(Acquire) != 0).then_some(index),
+        index,
         state: WorkerState::from_raw(entry.state.load(Acquire)),
         pid: entry.pid.load(Acquire),
         generation: entry.generation.load(Acquire),
+        bridge: index.is_some() && index == bridge,
     }
 }
 
@@ -159,11 +181,12 @@ pub(crate) fn read_stats(segment: &Segment) -> ClusterStats {
     let control = segment.control();
     let workers = segment.layout().workers();
     let now = sys::process::monotonic_ns();
+    let bridge = bridge_index(segment);
     let slots = (0..workers)
         .map(|slot| {
             let entry = segment.worker_entry(slot);
             let stats = segment.stats_entry(slot);
-            let peer = read_peer(entry, slot);
+            let peer = read_peer(entry, slot, bridge);
             let seen = entry.heartbeat_seen_ns.load(Relaxed);
             let inbox_bytes = (0..workers)
                 .map(|from| segment.lane(from, slot).depth())
@@ -190,6 +213,7 @@ pub(crate) fn read_stats(segment: &Segment) -> ClusterStats {
                 full_waits: stats.full_waits.load(Relaxed),
                 last_request: latency(&stats.last_latency_ns[0]),
                 last_map: latency(&stats.last_latency_ns[1]),
+                bridge: peer.bridge,
             }
         })
         .collect();

@@ -281,13 +281,26 @@ impl Snapshot {
         self.master.num("reloads_ok").unwrap_or(0) + self.master.num("reloads_failed").unwrap_or(0)
     }
 
-    /// Slots whose worker is running (`Starting`, `Ready` or `Draining`).
+    /// Slots whose worker is running (`Starting`, `Ready` or `Draining`),
+    /// the host's NATS bridge left out.
     pub fn live_workers(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| matches!(s.get("state"), "Starting" | "Ready" | "Draining"))
-            .count()
+        self.slots.iter().filter(|s| !is_bridge(s) && is_live(s)).count()
     }
+
+    /// The host's NATS bridge's row, if the master runs one.
+    pub fn bridge(&self) -> Option<&Fields> {
+        self.slots.iter().find(|s| is_bridge(s))
+    }
+}
+
+/// Whether the row's worker is running.
+fn is_live(slot: &Fields) -> bool {
+    matches!(slot.get("state"), "Starting" | "Ready" | "Draining")
+}
+
+/// Whether the row is the host's NATS bridge's (`role=bridge`).
+fn is_bridge(slot: &Fields) -> bool {
+    slot.get("role") == "bridge"
 }
 
 fn millis(us: Option<u64>) -> String {
@@ -314,9 +327,13 @@ pub fn render(snap: &Snapshot, previous: Option<&Snapshot>) -> String {
     } else {
         "running"
     };
+    let bridge = snap.bridge().map_or_else(String::new, |b| {
+        format!(", bridge {}", b.get("state").to_lowercase())
+    });
     let _ = writeln!(
         out,
-        "master pid {}: {} instances, {} live, up {uptime}, {state}; reloads: {} started, {} ok, {} failed",
+        "master pid {}: {} instances, {} live{bridge}, up {uptime}, {state}; reloads: {} started, {} ok, {} \
+         failed",
         m.get("pid"),
         m.get("instances"),
         snap.live_workers(),
@@ -349,7 +366,7 @@ pub fn render(snap: &Snapshot, previous: Option<&Snapshot>) -> String {
             out,
             "{:>4} {:>5} {:>9} {:>8} {:>4} {:>8} {:>9} {:>12} {:>10} {:>10} {:>9}",
             s.get("id"),
-            s.get("index"),
+            if is_bridge(s) { "bridge" } else { s.get("index") },
             s.get("state"),
             s.get("pid"),
             s.get("gen"),
@@ -440,6 +457,29 @@ mod tests {
         let row = text.lines().find(|l| l.contains("Ready")).unwrap();
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(&cols[cols.len() - 3..], ["10", "0", "100"], "{row}");
+    }
+
+    #[test]
+    fn the_bridge_row_is_marked_and_not_counted_live() {
+        let with_bridge = SAMPLE.replace(
+            "slot id=1 index=- state=Free pid=0 gen=0 restarts=0 last_exit=- hb_age_us=- sent=0 sent_bytes=0 \
+             received=0 received_bytes=0 inbox_bytes=0 futex_waits=0 futex_wakes=0 full_waits=0 \
+             last_request_us=- last_map_us=-",
+            "slot id=1 index=2 state=Ready pid=44 gen=1 restarts=0 last_exit=- hb_age_us=- sent=0 sent_bytes=0 \
+             received=0 received_bytes=0 inbox_bytes=0 futex_waits=0 futex_wakes=0 full_waits=0 \
+             last_request_us=- last_map_us=- role=bridge",
+        );
+        assert_ne!(with_bridge, SAMPLE);
+        let snap = Snapshot::parse(&with_bridge).unwrap();
+        assert_eq!(snap.live_workers(), 1);
+        assert_eq!(snap.bridge().map(|b| b.get("pid")), Some("44"));
+        let text = render(&snap, None);
+        assert!(text.contains("2 instances, 1 live, bridge ready"), "{text}");
+        let row = text.lines().find(|l| l.contains(" 44 ")).unwrap();
+        assert!(row.split_whitespace().nth(1) == Some("bridge"), "{row}");
+        // Without a bridge, nothing of it shows.
+        let text = render(&Snapshot::parse(SAMPLE).unwrap(), None);
+        assert!(!text.contains("bridge"), "{text}");
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+#[cfg(feature = "nats")]
+use shmcluster::bridge::{NatsConfig, NatsCredentials};
 use shmcluster::{Cluster, ListenMode, MAX_WORKERS};
 
 mod client;
@@ -53,7 +55,7 @@ enum Command {
     /// SIGTERM/SIGINT (or `shmcluster stop`). Events go to stderr, one line
     /// each.
     #[command(after_help = EXIT_CODES, override_usage = "shmcluster run [OPTIONS] -- <COMMAND> [ARGS]...")]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show a running master's workers: state, pid, restarts, heartbeat
     /// age, messages, inbox bytes, and lock holders.
     #[command(after_help = EXIT_CODES)]
@@ -113,6 +115,9 @@ struct RunArgs {
     /// or /tmp/shmcluster-<uid>/<pid>.sock].
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    #[cfg(feature = "nats")]
+    #[command(flatten)]
+    nats: NatsArgs,
     /// The worker program and its arguments (after `--`).
     #[arg(
         value_name = "COMMAND",
@@ -121,6 +126,57 @@ struct RunArgs {
         allow_hyphen_values = true
     )]
     command: Vec<OsString>,
+}
+
+/// `run`'s options for joining other hosts through NATS (feature `nats`).
+#[cfg(feature = "nats")]
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Hosts (NATS)")]
+struct NatsArgs {
+    /// Join the other hosts of the cluster through the NATS servers URLS
+    /// (comma-separated, nats://host:port): the master runs one more
+    /// process, the host's bridge.
+    ///
+    /// Secrets are never taken from the command line (where ps shows
+    /// them): a user and password come from SHMCLUSTER_NATS_USER and
+    /// SHMCLUSTER_NATS_PASSWORD, a token from SHMCLUSTER_NATS_TOKEN, an
+    /// nkey seed from SHMCLUSTER_NATS_NKEY (or the file named by
+    /// SHMCLUSTER_NATS_NKEY_FILE), a creds file from SHMCLUSTER_NATS_CREDS;
+    /// --nats-creds and --nats-nkey-file name files and take precedence.
+    #[arg(long, value_name = "URLS")]
+    nats: Option<String>,
+    /// The cluster's name on NATS (letters, digits, '-', '_'): hosts join
+    /// the cluster of the same name.
+    #[arg(long, value_name = "NAME", default_value = "shmcluster", requires = "nats")]
+    cluster_name: String,
+    /// This host's name among the cluster's hosts, unique (letters,
+    /// digits, '-', '_') [default: the hostname, other characters as '-'].
+    #[arg(long, value_name = "ID", requires = "nats")]
+    host_id: Option<String>,
+    /// A NATS .creds file (JWT and nkey seed).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "nats",
+        conflicts_with = "nats_nkey_file"
+    )]
+    nats_creds: Option<PathBuf>,
+    /// A file holding an nkey seed.
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    nats_nkey_file: Option<PathBuf>,
+    /// A PEM file of root certificates to trust for the NATS servers.
+    #[arg(long, value_name = "FILE", requires = "nats")]
+    nats_tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for servers that verify clients; with
+    /// --nats-tls-key.
+    #[arg(long, value_name = "FILE", requires_all = ["nats", "nats_tls_key"])]
+    nats_tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM); with --nats-tls-cert.
+    #[arg(long, value_name = "FILE", requires_all = ["nats", "nats_tls_cert"])]
+    nats_tls_key: Option<PathBuf>,
+    /// Require TLS even if the server does not ask for it.
+    #[arg(long, requires = "nats")]
+    nats_tls_required: bool,
 }
 
 /// Which master: `--control PATH`, `--pid PID`, or the only one running.
@@ -187,7 +243,7 @@ fn secs(s: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Stat(args) => report(stat(args)),
         Command::Reload(args) => report(reload(args)),
         Command::Stop(args) => match stop(args) {
@@ -208,7 +264,73 @@ fn report(r: Result<(), ClientError>) -> u8 {
     }
 }
 
+/// The bridge's configuration from `run`'s options and the environment;
+/// `None` without `--nats`.
+#[cfg(feature = "nats")]
+fn nats_config(args: &NatsArgs) -> Result<Option<NatsConfig>, String> {
+    let Some(urls) = &args.nats else {
+        return Ok(None);
+    };
+    let host_id = match &args.host_id {
+        Some(id) => id.clone(),
+        None => host_id_from_hostname()?,
+    };
+    let mut config = NatsConfig::new(urls, &args.cluster_name, &host_id)
+        .credentials_from_env()
+        .map_err(|e| e.to_string())?;
+    if let Some(path) = &args.nats_creds {
+        config.credentials = NatsCredentials::CredsFile(path.clone());
+    }
+    if let Some(path) = &args.nats_nkey_file {
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the nkey file {}: {e}", path.display()))?;
+        config.credentials = NatsCredentials::NkeySeed(seed.trim().to_owned());
+    }
+    config.tls.required = args.nats_tls_required;
+    config.tls.ca_file = args.nats_tls_ca.clone();
+    if let (Some(cert), Some(key)) = (&args.nats_tls_cert, &args.nats_tls_key) {
+        config.tls.client_cert = Some((cert.clone(), key.clone()));
+    }
+    Ok(Some(config))
+}
+
+/// The default `--host-id`: this machine's hostname, each character that
+/// a name may not have (anything but letters, digits, '-' and '_') turned
+/// into '-'.
+#[cfg(feature = "nats")]
+fn host_id_from_hostname() -> Result<String, String> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| format!("cannot read the hostname for a host id ({e}): give --host-id"))?;
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if (1..=64).contains(&id.len()) {
+        Ok(id)
+    } else {
+        Err(format!(
+            "the hostname {:?} does not make a host id (1 to 64 characters): give --host-id",
+            raw.trim()
+        ))
+    }
+}
+
 fn run(args: RunArgs) -> u8 {
+    #[cfg(feature = "nats")]
+    let nats = match nats_config(&args.nats) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("shmcluster: cannot start: {e}");
+            return 2;
+        }
+    };
     let mut builder = Cluster::builder()
         .workers(args.workers)
         .crash_loop_limit(args.max_restarts, args.restart_window)
@@ -238,6 +360,21 @@ fn run(args: RunArgs) -> u8 {
         Some(path) => builder.control_socket(path),
         None => builder.control_socket_default(),
     };
+    #[cfg(feature = "nats")]
+    let bridge_note = nats.as_ref().map_or_else(String::new, |c| {
+        format!(
+            ", NATS bridge for host {} of cluster {} (servers {})",
+            c.host_id,
+            c.cluster_name,
+            c.servers.join(",")
+        )
+    });
+    #[cfg(not(feature = "nats"))]
+    let bridge_note = String::new();
+    #[cfg(feature = "nats")]
+    if let Some(config) = nats {
+        builder = builder.nats(config);
+    }
     let announced = Cell::new(false);
     builder = builder.on_event(move |cluster, event| {
         if !announced.replace(true) {
@@ -246,7 +383,7 @@ fn run(args: RunArgs) -> u8 {
                 .map_or_else(|| "none".into(), |p| p.display().to_string());
             let addrs: Vec<String> = cluster.local_addrs().iter().map(ToString::to_string).collect();
             eprintln!(
-                "shmcluster: master pid {}, {} workers, control socket {control}{}",
+                "shmcluster: master pid {}, {} workers{bridge_note}, control socket {control}{}",
                 std::process::id(),
                 cluster.instances(),
                 if addrs.is_empty() {

@@ -235,6 +235,11 @@ fn format_stats(stats: &ClusterStats, uptime: Duration, reloads: ReloadCounts) -
             micros(s.last_request),
             micros(s.last_map),
         );
+        if s.bridge {
+            // Added after the line's v1 fields, on the bridge's row only:
+            // a client that does not know it reads the rest as before.
+            out.insert_str(out.len() - 1, " role=bridge");
+        }
     }
     for l in &stats.locks {
         let _ = writeln!(
@@ -332,5 +337,46 @@ mod tests {
             "ok stat v=1\nmaster pid=42 instances=0 shutting_down=0 uptime_ms=1500 reloads_started=3 \
              reloads_ok=1 reloads_failed=1 last_reload=failed\nend\n"
         );
+    }
+
+    #[test]
+    fn only_the_bridges_row_carries_a_role() {
+        let row = |slot, bridge| crate::cluster::SlotStats {
+            slot,
+            index: Some(slot),
+            state: crate::WorkerState::Ready,
+            pid: 10 + slot,
+            generation: 1,
+            restarts: 0,
+            last_exit: None,
+            heartbeat_age: None,
+            sent_messages: 0,
+            sent_bytes: 0,
+            received_messages: 0,
+            received_bytes: 0,
+            inbox_bytes: 0,
+            futex_waits: 0,
+            futex_wakes: 0,
+            full_waits: 0,
+            last_request: None,
+            last_map: None,
+            bridge,
+        };
+        let stats = ClusterStats {
+            master_pid: 42,
+            instances: 1,
+            shutting_down: false,
+            slots: vec![row(0, false), row(1, true)],
+            locks: Vec::new(),
+        };
+        let text = encode_answer(
+            &ControlAnswer::Stats(stats),
+            Duration::ZERO,
+            ReloadCounts::default(),
+        );
+        let slots: Vec<&str> = text.lines().filter(|l| l.starts_with("slot ")).collect();
+        assert_eq!(slots.len(), 2, "{text}");
+        assert!(!slots[0].contains("role="), "{text}");
+        assert!(slots[1].ends_with(" last_map_us=- role=bridge"), "{text}");
     }
 }

@@ -45,6 +45,10 @@
 //! end
 //! ```
 //!
+//! The host's NATS bridge's row (feature `nats`) ends with one more
+//! field, `role=bridge`; no other row has it (a client that does not know
+//! it still reads the row).
+//!
 //! Counters are totals since the master started (over every generation of
 //! a slot): a client computes rates from two snapshots.
 //!

@@ -71,6 +71,9 @@ pub struct ClusterBuilder {
     pub(super) ready_on_start: bool,
     pub(super) on_event: Option<EventCallback>,
     pub(super) control: Option<ControlLocation>,
+    /// The host's NATS bridge, if it has one (feature `nats`).
+    #[cfg(feature = "nats")]
+    pub(super) nats: Option<crate::bridge::NatsConfig>,
 }
 
 impl fmt::Debug for ClusterBuilder {
@@ -102,6 +105,8 @@ impl Default for ClusterBuilder {
             ready_on_start: false,
             on_event: None,
             control: None,
+            #[cfg(feature = "nats")]
+            nats: None,
         }
     }
 }
@@ -288,6 +293,61 @@ impl ClusterBuilder {
         self
     }
 
+    /// Joins this host to the other hosts of its cluster through NATS
+    /// (feature `nats`): the master runs one more process, the host's
+    /// bridge, which carries broadcasts, maps, consumes and calls across
+    /// hosts (see [`crate::bridge`]).
+    ///
+    /// The bridge has a slot of its own in the segment, with the instance
+    /// index [`workers`](Self::workers) (one past the application's
+    /// indices), and is not one of the application's instances:
+    /// [`Worker::instances`] and [`Cluster::instances`] do not count it,
+    /// [`Worker::wait_all_ready`] does not wait for it, and
+    /// [`Worker::peers`] and the stats mark its row
+    /// ([`Peer::bridge`](crate::Peer::bridge),
+    /// [`SlotStats::bridge`](crate::SlotStats::bridge)). The master
+    /// forks it at start-up like a worker (in spawn mode too: it runs the
+    /// master's own code, no program is executed), respawns it with the
+    /// same backoff when it dies and gives its slot up after the same
+    /// crash-loop limit (which makes the shutdown unclean but does not
+    /// stop the cluster: [`Outcome::AllGivenUp`] counts the application's
+    /// instances only), and stops it on shutdown with the rest. A rolling
+    /// reload replaces the application's workers and never the bridge, so
+    /// that a reload does not cut the host off from the others. The hang
+    /// timeout and the lock hold limit apply to it as to any worker.
+    ///
+    /// The segment gets one more slot for it, so the most instances a
+    /// cluster with a bridge can have is one fewer.
+    ///
+    /// # Errors
+    /// `run`/`command` fail with [`ClusterError::Nats`] if the
+    /// configuration is invalid ([`NatsConfig::validate`]), before any
+    /// fork. Whether the servers can be reached is the bridge's business,
+    /// once it runs.
+    ///
+    /// [`NatsConfig::validate`]: crate::bridge::NatsConfig::validate
+    ///
+    /// # Examples
+    /// ```no_run
+    /// use shmcluster::bridge::NatsConfig;
+    /// use shmcluster::Cluster;
+    ///
+    /// let nats = NatsConfig::new("nats://10.0.0.5:4222", "shop", "web-1")
+    ///     .credentials_from_env()?;
+    /// let report = Cluster::builder().workers(4).nats(nats).run(|worker| {
+    ///     worker.ready();
+    ///     while !worker.wait_stop(std::time::Duration::from_secs(1)) {}
+    ///     Ok::<(), std::io::Error>(())
+    /// })?;
+    /// std::process::exit(report.exit_code());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "nats")]
+    pub fn nats(mut self, config: crate::bridge::NatsConfig) -> Self {
+        self.nats = Some(config);
+        self
+    }
+
     /// Called in the master for every event it publishes, with the running
     /// cluster (to read stats, or to ask for a reload or shutdown). It runs
     /// inside the supervision loop: while it runs, the master reaps no
@@ -365,7 +425,10 @@ impl ClusterBuilder {
     }
 
     fn start(mut self, mode: Mode<'_>) -> Result<Report, ClusterError> {
-        let max = crate::MAX_WORKERS - 1;
+        // Slots besides the instances': one spare for reloads, and the
+        // bridge's if there is one.
+        let bridges = self.bridges();
+        let max = crate::MAX_WORKERS - 1 - bridges;
         let instances = match self.workers {
             0 => std::thread::available_parallelism()
                 .map_or(1, |n| n.get() as u32)
@@ -373,6 +436,10 @@ impl ClusterBuilder {
             n if n > max => return Err(ClusterError::Workers { requested: n, max }),
             n => n,
         };
+        #[cfg(feature = "nats")]
+        if let Some(nats) = &self.nats {
+            nats.validate().map_err(ClusterError::Nats)?;
+        }
         let specs = std::mem::take(&mut self.listen)
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
@@ -381,8 +448,9 @@ impl ClusterBuilder {
         if threads != 1 {
             return Err(ClusterError::NotSingleThreaded { threads });
         }
+        let slots = instances + 1 + bridges;
         let config = Config {
-            workers: instances + 1,
+            workers: slots,
             ..self.config.clone()
         };
         crate::Layout::new(&config).map_err(ClusterError::Config)?;
@@ -404,8 +472,13 @@ impl ClusterBuilder {
         let control = segment.control();
         control.master_pid.store(master_pid, Release);
         control.instances.store(instances, Release);
-        for slot in 0..=instances {
+        for slot in 0..slots {
             segment.worker_entry(slot).index.store(u32::MAX, Release);
+        }
+        // The bridge's index is one past the instances'; said before any
+        // worker starts, so that none takes the bridge for an instance.
+        if bridges != 0 {
+            control.bridge.store(instances + 1, Release);
         }
         let cluster = Cluster {
             segment,
@@ -422,8 +495,9 @@ impl ClusterBuilder {
             mode,
             signals,
             master_pid,
-            slots: (0..=instances).map(|_| SlotRec::default()).collect(),
-            index_slot: (0..instances).collect(),
+            slots: (0..slots).map(|_| SlotRec::default()).collect(),
+            // The bridge starts in the slot of its index, as the instances.
+            index_slot: (0..instances + bridges).collect(),
             reload: None,
             reloads_queued: 0,
             reload_requests_seen: 0,
@@ -475,6 +549,37 @@ impl ClusterBuilder {
         Ok(report)
     }
 }
+
+impl ClusterBuilder {
+    /// Slots the host's NATS bridge takes: 1 with one, else 0.
+    fn bridges(&self) -> u32 {
+        #[cfg(feature = "nats")]
+        if self.nats.is_some() {
+            return 1;
+        }
+        0
+    }
+
+    /// The bridge's configuration, if this master runs one.
+    pub(super) fn bridge_config(&self) -> Option<&BridgeConfig> {
+        #[cfg(feature = "nats")]
+        return self.nats.as_ref();
+        #[cfg(not(feature = "nats"))]
+        None
+    }
+}
+
+/// What the bridge's process is started with: [`NatsConfig`] with the
+/// feature `nats`; without it, a type with no value (there is no bridge).
+///
+/// [`NatsConfig`]: crate::bridge::NatsConfig
+#[cfg(feature = "nats")]
+pub(super) type BridgeConfig = crate::bridge::NatsConfig;
+
+/// Without the feature `nats` there is no bridge: a type with no value.
+#[cfg(not(feature = "nats"))]
+#[derive(Clone)]
+pub(super) enum BridgeConfig {}
 
 /// Why `program`, which [`proc::find_executable`] did not accept, cannot
 /// be run: a path (with a `/`) is looked at as it is; a bare name was

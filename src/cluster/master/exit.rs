@@ -127,6 +127,8 @@ impl Master<'_> {
                 self.opts.restart_window
             );
             self.publish(EventKind::CrashLoop, slot);
+            // The application's instances: a bridge alone is nothing to
+            // supervise, and a given-up bridge leaves the instances be.
             let instances = self.cluster.instances as usize;
             let all_failed = self.index_slot[..instances]
                 .iter()

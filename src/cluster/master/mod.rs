@@ -14,6 +14,12 @@
 //! start ([`ClusterError`]); `supervise.rs` the loop; `spawn.rs` starting a
 //! worker; `exit.rs` a worker's end and the shutdown; `reload.rs` the
 //! rolling reload.
+//!
+//! The host's NATS bridge (feature `nats`, `ClusterBuilder::nats`) is
+//! one more instance to the master, with the index `instances`, in a
+//! slot of its own: started, respawned, given up and stopped as the
+//! others, run from the master's own code in both modes, and left out of
+//! reloads and of the "every instance given up" judgement.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -38,7 +44,7 @@ mod spawn;
 mod supervise;
 
 pub use builder::ClusterBuilder;
-use builder::{EventCallback, Mode};
+use builder::{BridgeConfig, EventCallback, Mode};
 pub use report::{ClusterError, Outcome, Report, Unhealthy};
 
 /// The master's side of a running cluster, handed to
@@ -210,4 +216,12 @@ struct Master<'a> {
     lock_reported: Vec<u64>,
     /// The control socket (`shmcluster stat`), if configured.
     control: Option<ControlServer>,
+}
+
+impl Master<'_> {
+    /// The host's NATS bridge's instance index (one past the instances'),
+    /// if this master runs one.
+    fn bridge_index(&self) -> Option<u32> {
+        self.opts.bridge_config().map(|_| self.cluster.instances)
+    }
 }

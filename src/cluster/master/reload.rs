@@ -1,5 +1,6 @@
 //! The rolling reload: each instance's replacement started in the spare
-//! slot, waited for until ready, then the old worker drained.
+//! slot, waited for until ready, then the old worker drained. The host's
+//! NATS bridge is not an instance and is left running.
 
 use std::io;
 use std::sync::atomic::Ordering::*;
@@ -27,6 +28,9 @@ impl Master<'_> {
                     return Ok(());
                 }
                 self.reloads_queued -= 1;
+                // The application's instances only: the host's NATS
+                // bridge (index `instances`) is never replaced by a
+                // reload, which would cut the host off from the others.
                 let order = (0..self.cluster.instances)
                     .filter(|&i| !self.slots[self.index_slot[i as usize] as usize].failed)
                     .collect();

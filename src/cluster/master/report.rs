@@ -48,6 +48,11 @@ pub enum ClusterError {
         /// Why it could not be.
         error: io::Error,
     },
+    /// The NATS configuration given to
+    /// [`ClusterBuilder::nats`](super::ClusterBuilder::nats) cannot work
+    /// (feature `nats`).
+    #[cfg(feature = "nats")]
+    Nats(crate::bridge::NatsConfigError),
     /// A system call failed.
     Io(io::Error),
 }
@@ -73,6 +78,8 @@ impl fmt::Display for ClusterError {
             Self::Control { path, error } => {
                 write!(f, "cannot bind the control socket {}: {error}", path.display())
             }
+            #[cfg(feature = "nats")]
+            Self::Nats(e) => write!(f, "NATS bridge: {e}"),
             Self::Io(e) => write!(f, "{e}"),
         }
     }
@@ -85,6 +92,8 @@ impl std::error::Error for ClusterError {
             Self::Create(e) => Some(e),
             Self::Listen(e) => Some(e),
             Self::Control { error, .. } => Some(error),
+            #[cfg(feature = "nats")]
+            Self::Nats(e) => Some(e),
             Self::Io(e) => Some(e),
             _ => None,
         }

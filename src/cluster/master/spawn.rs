@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
 
-use super::{Master, Mode};
+use super::{BridgeConfig, Master, Mode};
 use crate::cluster::control::ControlServer;
 use crate::cluster::listen;
 use crate::cluster::worker::{env, Worker};
@@ -52,8 +52,17 @@ impl Master<'_> {
                 .as_ref()
                 .map_or_else(Vec::new, ControlServer::raw_fds),
         );
+        // The host's bridge runs the master's own code, with no listener.
+        let bridge: Option<BridgeConfig> = match self.bridge_index() {
+            Some(b) if b == index => self.opts.bridge_config().cloned(),
+            _ => None,
+        };
+        let is_bridge = bridge.is_some();
         let listeners = self.cluster.listeners.borrow();
-        let mine: Vec<(BorrowedFd<'_>, &str)> = listeners.for_instance(index);
+        let mine: Vec<(BorrowedFd<'_>, &str)> = match bridge {
+            Some(_) => Vec::new(),
+            None => listeners.for_instance(index),
+        };
         let mine_raw: Vec<RawFd> = mine.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
         close.extend(
             listeners
@@ -72,8 +81,12 @@ impl Master<'_> {
                 for fd in close {
                     let _ = sys::fd::close_raw(fd);
                 }
-                let code = match &mut self.mode {
-                    Mode::Fork(body) => {
+                let code = match (&mut self.mode, bridge) {
+                    (_, Some(config)) => {
+                        drop(exec_write);
+                        run_bridge(&config, segment, slot, index, generation, instances, worker_end)
+                    }
+                    (Mode::Fork(body), None) => {
                         let owned: io::Result<Vec<listen::Listener>> = listeners.instance_listeners(index);
                         let run = || -> Result<i32, String> {
                             signal::catch_sigterm().map_err(|e| e.to_string())?;
@@ -99,7 +112,7 @@ impl Master<'_> {
                             Err(_) => 101,
                         }
                     }
-                    Mode::Spawn(argv) => {
+                    (Mode::Spawn(argv), None) => {
                         let err = exec_worker(
                             argv,
                             &segment,
@@ -126,7 +139,8 @@ impl Master<'_> {
                 drop(worker_end);
                 drop(exec_write);
                 let pid = child.pid();
-                if matches!(self.mode, Mode::Spawn(_)) {
+                // The bridge execs nothing: no EOF to wait for.
+                if matches!(self.mode, Mode::Spawn(_)) && !is_bridge {
                     // EOF once the child execs (the write end is close-on-exec);
                     // four bytes of errno if it could not.
                     let mut buf = [0u8; 4];
@@ -174,6 +188,49 @@ impl Master<'_> {
         self.slots[slot as usize].pid = None;
         let errno = e.raw_os_error().unwrap_or(0);
         self.publish(EventKind::StartFailed { errno }, slot);
+    }
+}
+
+/// In the forked child in the bridge's slot, either mode: the host's NATS
+/// bridge, run until the master stops it (no exec: the master's program
+/// has the bridge's code). Its exit code: the bridge's, 1 if it could not
+/// attach, 101 if it panicked.
+#[cfg_attr(not(feature = "nats"), allow(unused_variables))]
+fn run_bridge(
+    config: &BridgeConfig,
+    segment: Segment,
+    slot: u32,
+    index: u32,
+    generation: u32,
+    instances: u32,
+    control: OwnedFd,
+) -> i32 {
+    #[cfg(not(feature = "nats"))]
+    match *config {}
+    #[cfg(feature = "nats")]
+    {
+        let run = || -> Result<i32, String> {
+            signal::catch_sigterm().map_err(|e| e.to_string())?;
+            let worker = Worker::attach(
+                segment,
+                slot,
+                index,
+                generation,
+                instances,
+                Some(control),
+                Vec::new(),
+            )
+            .map_err(|e| e.to_string())?;
+            Ok(crate::bridge::run(worker, config))
+        };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+            Ok(Ok(code)) => code,
+            Ok(Err(e)) => {
+                eprintln!("shmcluster bridge: {e}");
+                1
+            }
+            Err(_) => 101,
+        }
     }
 }
 

@@ -18,7 +18,10 @@ const TICK: Duration = Duration::from_millis(100);
 
 impl Master<'_> {
     pub(super) fn supervise(&mut self) -> io::Result<()> {
-        for index in 0..self.cluster.instances {
+        // The bridge (if any) first, so that the host is linked to the
+        // others by the time its workers are ready.
+        let order = self.bridge_index().into_iter().chain(0..self.cluster.instances);
+        for index in order {
             if let Err(e) = self.start_worker(index, index) {
                 // Leave nothing running behind the error.
                 for slot in 0..self.slots.len() as u32 {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering::*};
 use std::time::{Duration, Instant};
 
 use super::listen::{self, ListenAddr, ListenError, ListenMode, Listener};
-use super::{read_peer, read_stats, ClusterStats, Peer, WorkerState};
+use super::{bridge_index, read_peer, read_stats, ClusterStats, Peer, WorkerState};
 use crate::error::{AttachError, EndpointError};
 use crate::segment::table::{STOP_DRAIN, STOP_RUN, STOP_SHUTDOWN};
 use crate::segment::Segment;
@@ -318,7 +318,8 @@ impl Worker {
     }
 
     /// This worker's instance number (`0..instances`), kept across
-    /// respawns and reloads.
+    /// respawns and reloads. The host's NATS bridge (feature `nats`) has
+    /// the index `instances`, one past the application's.
     pub fn index(&self) -> u32 {
         self.index
     }
@@ -328,7 +329,8 @@ impl Worker {
         self.generation
     }
 
-    /// How many worker instances the master keeps running.
+    /// How many worker instances the master keeps running (the
+    /// application's: not the host's NATS bridge, if it has one).
     pub fn instances(&self) -> u32 {
         self.instances
     }
@@ -525,7 +527,8 @@ impl Worker {
     /// Waits up to `timeout` until every instance has a ready worker (the
     /// master starts them one after another, and a worker not yet started
     /// is not live: a `broadcast` or `map` made earlier misses it). Returns
-    /// whether they all are. Without a master: until every thread's worker
+    /// whether they all are. The host's NATS bridge (feature `nats`) is
+    /// not one of the instances and is not waited for. Without a master: until every thread's worker
     /// has called [`Worker::ready`] (a worker already dropped is `Dead`,
     /// not ready).
     pub fn wait_all_ready(&self, timeout: Duration) -> bool {
@@ -537,7 +540,7 @@ impl Worker {
             let ready = self
                 .peers()
                 .iter()
-                .filter(|p| p.state == WorkerState::Ready)
+                .filter(|p| p.state == WorkerState::Ready && !p.bridge)
                 .count();
             if ready >= self.instances as usize {
                 return true;
@@ -572,10 +575,12 @@ impl Worker {
         }
     }
 
-    /// Every slot's worker as the table shows it now.
+    /// Every slot's worker as the table shows it now, the host's NATS
+    /// bridge included (marked [`Peer::bridge`]).
     pub fn peers(&self) -> Vec<Peer> {
+        let bridge = bridge_index(&self.segment);
         (0..self.segment.layout().workers())
-            .map(|slot| read_peer(self.segment.worker_entry(slot), slot))
+            .map(|slot| read_peer(self.segment.worker_entry(slot), slot, bridge))
             .collect()
     }
 

@@ -132,8 +132,9 @@ pub(crate) struct Control {
     /// The host's NATS bridge (feature `nats`): its instance index + 1,
     /// 0 when there is none. Written once by the master before any
     /// worker starts; a worker finds the bridge's slot by this index in
-    /// the worker table (the slot moves when the bridge is respawned into
-    /// a reload's spare slot). The bridge is live like any worker but is
+    /// the worker table (the master keeps the bridge in its own slot and
+    /// never reloads it, but readers do not rely on that). The bridge is
+    /// live like any worker but is
     /// no worker of the application: `live_workers` leaves it out, and
     /// the messenger sends it only what crosses hosts.
     pub(crate) bridge: AtomicU32,
