@@ -254,6 +254,10 @@ enum State {
         attempts: u32,
         /// The worker the call in flight went to.
         current: Option<WorkerId>,
+        /// The host's bridge died with the task in hand and no worker here
+        /// can take it: look again at this time (the master respawns the
+        /// bridge), until the deadline.
+        look_at: Option<Instant>,
     },
     Invoke {
         bytes: Vec<u8>,
@@ -425,6 +429,7 @@ impl CallCore {
                             refused: Vec::new(),
                             attempts: 0,
                             current: None,
+                            look_at: None,
                         },
                     },
                 );
@@ -515,7 +520,9 @@ impl CallCore {
         self.ops
             .values()
             .map(|op| match op.state {
-                State::Invoke { look_at: Some(t), .. } => t.min(op.deadline),
+                State::Invoke { look_at: Some(t), .. } | State::Consume { look_at: Some(t), .. } => {
+                    t.min(op.deadline)
+                }
                 _ => op.deadline,
             })
             .min()
@@ -617,6 +624,15 @@ impl CallCore {
             .collect();
         for id in looks {
             self.invoke_next(id, now, peers);
+        }
+        let waits: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, op)| matches!(op.state, State::Consume { look_at: Some(t), .. } if now >= t))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in waits {
+            self.consume_next_or_wait(id, now, peers);
         }
     }
 
@@ -771,7 +787,12 @@ impl CallCore {
                             worker = call.target,
                             "consume: worker died, redelivering"
                         );
-                        self.consume_next(op_id, peers);
+                        if call.bridged {
+                            // The bridge's successor may take it again.
+                            self.consume_next_or_wait(op_id, now, peers);
+                        } else {
+                            self.consume_next(op_id, peers);
+                        }
                     }
                     Err(e) => self.settle(op_id, Settled::Consumed(Err(e))),
                 }
@@ -804,10 +825,41 @@ impl CallCore {
         }
     }
 
+    /// [`CallCore::consume_next`] after the host's bridge died with the
+    /// task: if nobody can take it now (no worker here has a handler, and
+    /// the bridge is not back yet), it waits for the bridge's successor,
+    /// looking every [`LEADER_POLL`], until its deadline.
+    fn consume_next_or_wait(&mut self, id: OpId, now: Instant, peers: &impl Peers) {
+        let nobody = match self.ops.get(&id) {
+            Some(Operation {
+                state: State::Consume { refused, .. },
+                ..
+            }) => self.pick_consumer(refused, peers).is_none(),
+            _ => return,
+        };
+        if !nobody {
+            return self.consume_next(id, peers);
+        }
+        if let Some(Operation {
+            state: State::Consume { look_at, .. },
+            ..
+        }) = self.ops.get_mut(&id)
+        {
+            *look_at = Some(now + LEADER_POLL);
+        }
+    }
+
     /// A consume's next attempt: the worker [`CallCore::pick_consumer`]
     /// picks among those that have not refused it; `NoHandler` when there
     /// is none.
     fn consume_next(&mut self, id: OpId, peers: &impl Peers) {
+        if let Some(Operation {
+            state: State::Consume { look_at, .. },
+            ..
+        }) = self.ops.get_mut(&id)
+        {
+            *look_at = None;
+        }
         let pick = match self.ops.get(&id) {
             Some(Operation {
                 state: State::Consume { refused, .. },

@@ -857,3 +857,52 @@ fn a_consume_nobody_here_handles_goes_to_the_bridge_and_its_death_redelivers_her
         Some((id, Settled::Answer(Err(CallError::HostUnreachable(_))))) if id == routed
     ));
 }
+
+#[test]
+fn a_consume_whose_bridge_dies_waits_for_its_successor_and_goes_again() {
+    let (mut core, peers, t0) = with_bridge(2);
+    let dl = t0 + Duration::from_secs(1);
+    let mut bytes = Vec::new();
+    wire::put_call_header(&mut bytes, "job", 5);
+    let op = core.start(Op::Consume { delivery: 5, bytes }, dl, t0, &peers);
+    let out = sent(&mut core);
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::NO_HANDLER, vec![], &peers);
+    let out = sent(&mut core);
+    assert_eq!((out[0].to, out[0].tag.kind), (1, wire::BRIDGE_CONSUME));
+    // The bridge dies with the task; nobody here has a handler: it waits.
+    peers.kill(1);
+    core.handle_deaths(t0, &peers);
+    assert!(core.poll_settled().is_none(), "settled while the bridge is away");
+    assert!(sent(&mut core).is_empty());
+    assert_eq!(core.next_timeout(), Some(t0 + LEADER_POLL));
+    core.handle_timeout(t0 + LEADER_POLL, &peers);
+    assert!(sent(&mut core).is_empty(), "no bridge yet");
+    // Its successor takes the same task.
+    peers.respawn(1, 2);
+    let t1 = t0 + LEADER_POLL * 2;
+    core.handle_timeout(t1, &peers);
+    let out = sent(&mut core);
+    assert_eq!((out[0].to, out[0].tag.kind), (1, wire::BRIDGE_CONSUME));
+    assert_eq!(wire::parse_call(&out[0].bytes[8..]).unwrap().delivery, 5);
+    let mut ran = Vec::new();
+    wire::put_consumer(&mut ran, "core-test-d", 0, 1);
+    core.handle_reply(w(1, 2), out[0].tag.correlation, wire::OK, ran, &peers);
+    assert!(matches!(
+        core.poll_settled(),
+        Some((id, Settled::Consumed(Ok(Consumed { attempts: 3, .. })))) if id == op
+    ));
+    // Without a successor before the deadline: TimedOut, not NoHandler.
+    let mut bytes = Vec::new();
+    wire::put_call_header(&mut bytes, "job", 6);
+    let op = core.start(Op::Consume { delivery: 6, bytes }, dl, t1, &peers);
+    let out = sent(&mut core);
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::NO_HANDLER, vec![], &peers);
+    let _ = sent(&mut core);
+    peers.kill(1);
+    core.handle_deaths(t1, &peers);
+    core.handle_timeout(dl, &peers);
+    assert_eq!(
+        core.poll_settled(),
+        Some((op, Settled::Consumed(Err(CallError::TimedOut))))
+    );
+}
