@@ -132,6 +132,9 @@ struct Bridge {
     hosts: Mutex<BTreeMap<String, HostInfo>>,
     /// Bumped whenever a host's standing changes.
     hosts_changed: watch::Sender<u64>,
+    /// Bumped whenever the NATS connection comes back: answers owed to
+    /// this bridge meanwhile may be lost.
+    reconnects: Arc<watch::Sender<u64>>,
     seen: Mutex<Seen>,
     counters: Counters,
     heartbeat: Duration,
@@ -161,7 +164,10 @@ pub(crate) fn run(worker: Worker, config: &NatsConfig) -> i32 {
     }
 }
 
-async fn connect(config: &NatsConfig) -> Result<async_nats::Client, String> {
+async fn connect(
+    config: &NatsConfig,
+    reconnects: Arc<watch::Sender<u64>>,
+) -> Result<async_nats::Client, String> {
     use super::NatsCredentials as C;
     let mut opts = async_nats::ConnectOptions::new()
         .name(format!(
@@ -175,8 +181,14 @@ async fn connect(config: &NatsConfig) -> Result<async_nats::Client, String> {
         // A bridge that cannot reach NATS keeps trying, often: hosts are
         // unreachable to each other meanwhile.
         .reconnect_delay_callback(|attempts| Duration::from_millis((50 * attempts as u64).min(1000)))
-        .event_callback(|event| async move {
-            tracing::info!(%event, "NATS connection");
+        .event_callback(move |event| {
+            let reconnects = reconnects.clone();
+            async move {
+                tracing::info!(%event, "NATS connection");
+                if matches!(event, async_nats::Event::Connected) {
+                    reconnects.send_modify(|n| *n += 1);
+                }
+            }
         });
     opts = match &config.credentials {
         C::None => opts,
@@ -210,7 +222,8 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
         let _ = tx.send(incoming);
     }));
     let m = messenger.into_async();
-    let nc = connect(&config).await?;
+    let reconnects = Arc::new(watch::channel(0).0);
+    let nc = connect(&config, reconnects.clone()).await?;
     let epoch = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -224,6 +237,7 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
         seq: AtomicU64::new(0),
         hosts: Mutex::new(BTreeMap::new()),
         hosts_changed: watch::channel(0).0,
+        reconnects,
         seen: Mutex::default(),
         counters: Counters::default(),
         heartbeat: config.heartbeat,
@@ -521,10 +535,14 @@ impl Bridge {
         let request = async_nats::Request::new()
             .payload(payload.into())
             .timeout(Some(timeout));
+        let mut reconnects = self.reconnects.subscribe();
         let answer = tokio::select! {
             r = self.nc.send_request(subject, request) => r,
             () = self.gone(host) => {
                 return (wire::UNREACHABLE, format!("host {host} went away").into_bytes());
+            }
+            _ = reconnects.changed() => {
+                return (wire::UNREACHABLE, b"the NATS connection was lost on the way".to_vec());
             }
         };
         use async_nats::RequestErrorKind as K;
@@ -694,10 +712,13 @@ impl Bridge {
     }
 
     /// A consume that spilled over: to the other hosts in turn, those
-    /// with the most free workers first, until one runs it; the next host
-    /// when one has no handler, or dies or leaves with it in hand (at least
-    /// once: the task keeps its delivery id). `NO_HANDLER` if none takes
-    /// it, so the caller's core gives it to a worker of this host.
+    /// with the most free workers first, until one runs it. A host with
+    /// no handler is not asked again; one that dies, leaves or is cut off
+    /// with the task in hand (or whose answer NATS lost) is asked again
+    /// once it is back, or another is: at least once, the task keeps its
+    /// delivery id. `NO_HANDLER` if no host takes it before any has had
+    /// it, so that the caller's core gives it to a worker of this host;
+    /// `TIMED_OUT` at the deadline.
     async fn spill_consume(self: Arc<Self>, incoming: BridgeIncoming) {
         let Some(reply) = incoming.reply else { return };
         let (Some(left_ns), Some(call)) = (frame::u64_at(&incoming.payload, 0), incoming.payload.get(8..))
@@ -706,33 +727,60 @@ impl Bridge {
             return;
         };
         let deadline = answer_by(left_ns);
-        let mut hosts = self.live_hosts();
-        let turn = self.turn.fetch_add(1, Relaxed) as usize;
-        let n = hosts.len().max(1);
-        hosts.rotate_left(turn % n);
-        hosts.sort_by_key(|(_, p)| std::cmp::Reverse(p.free));
-        for (tried, (host, _)) in hosts.into_iter().enumerate() {
+        let until = tokio::time::Instant::from_std(deadline);
+        let mut refused: Vec<String> = Vec::new();
+        let mut attempts = 0u32;
+        let mut changes = self.hosts_changed.subscribe();
+        loop {
             if Instant::now() >= deadline {
                 reply.send(wire::TIMED_OUT, b"");
                 return;
             }
-            if tried > 0 {
+            let mut hosts: Vec<(String, Presence)> = self
+                .live_hosts()
+                .into_iter()
+                .filter(|(h, _)| !refused.contains(h))
+                .collect();
+            if hosts.is_empty() {
+                if attempts == 0 {
+                    reply.send(wire::NO_HANDLER, b"");
+                    return;
+                }
+                // The task went to a host that is gone: wait for one.
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+                continue;
+            }
+            let turn = self.turn.fetch_add(1, Relaxed) as usize;
+            let n = hosts.len();
+            hosts.rotate_left(turn % n);
+            hosts.sort_by_key(|(_, p)| std::cmp::Reverse(p.free));
+            let host = hosts.swap_remove(0).0;
+            if attempts > 0 {
                 bump(&self.counters.redeliveries);
             }
+            attempts += 1;
             let left = deadline.saturating_duration_since(Instant::now());
             let h = self.header(frame::CONSUME);
             let payload = frame::encode(&h, &[&(left.as_nanos() as u64).to_le_bytes(), call]);
             let subject = self.subject(&format!("host.{host}.consume"));
             let (status, body) = self.ask(&host, subject, payload, deadline).await;
             match status {
-                wire::NO_HANDLER | wire::UNREACHABLE | wire::DIED => continue,
+                wire::NO_HANDLER => refused.push(host),
+                wire::UNREACHABLE | wire::DIED => {
+                    // Not a spin while NATS reconnects or the host's
+                    // subscriptions move.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 _ => {
                     reply.send(status, &body);
                     return;
                 }
             }
         }
-        reply.send(wire::NO_HANDLER, b"");
     }
 
     // ------------------------------------------------- from other hosts
