@@ -104,6 +104,14 @@ impl fmt::Debug for NatsConfig {
 pub enum NatsConfigError {
     /// No server URL.
     NoServers,
+    /// A server URL that does not parse (`nats://host:port`,
+    /// `tls://host:port`, `host:port`).
+    Server {
+        /// The URL given.
+        url: String,
+        /// Why it does not parse.
+        reason: String,
+    },
     /// A cluster or host name that is empty, too long (over 64 bytes) or
     /// has a character other than letters, digits, `-` and `_` (it becomes
     /// a NATS subject token).
@@ -126,6 +134,7 @@ impl fmt::Display for NatsConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NoServers => f.write_str("no NATS server URL given"),
+            Self::Server { url, reason } => write!(f, "NATS server URL {url:?}: {reason}"),
             Self::Name { what, name } => write!(
                 f,
                 "{what} {name:?} is not a valid name: 1 to 64 letters, digits, '-' or '_'"
@@ -212,6 +221,13 @@ impl NatsConfig {
         if self.servers.is_empty() {
             return Err(NatsConfigError::NoServers);
         }
+        for url in &self.servers {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| NatsConfigError::Server {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
         for (what, name) in [("cluster_name", &self.cluster_name), ("host_id", &self.host_id)] {
             if !valid_name(name) {
                 return Err(NatsConfigError::Name {
@@ -250,6 +266,10 @@ mod tests {
         c.cluster_name = String::new();
         assert!(c.validate().is_err());
         assert!(NatsConfig::new("", "a", "b").validate() == Err(NatsConfigError::NoServers));
+        assert!(matches!(
+            NatsConfig::new("nats://127.0.0.1:99999", "a", "b").validate(),
+            Err(NatsConfigError::Server { .. })
+        ));
         c.credentials = NatsCredentials::UserPassword {
             user: "u".into(),
             password: "hunter2".into(),

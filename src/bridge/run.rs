@@ -140,6 +140,9 @@ struct Bridge {
     heartbeat: Duration,
     host_timeout: Duration,
     turn: AtomicU64,
+    /// Until then this bridge may not have heard every host yet (it asks
+    /// them at start): "no host" is not an answer before.
+    warm_at: Instant,
 }
 
 /// Runs the bridge until the master stops it; the exit code.
@@ -209,7 +212,7 @@ async fn connect(
     if config.tls.required {
         opts = opts.require_tls(true);
     }
-    opts.connect(config.servers.join(","))
+    opts.connect(config.servers.as_slice())
         .await
         .map_err(|e| format!("cannot connect to NATS at {}: {e}", config.servers.join(",")))
 }
@@ -243,6 +246,7 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
         heartbeat: config.heartbeat,
         host_timeout: config.host_timeout,
         turn: AtomicU64::new(0),
+        warm_at: Instant::now() + config.heartbeat.max(Duration::from_millis(50)),
     });
     let b = &bridge;
     let subscribe = |subject: String| async move {
@@ -390,6 +394,15 @@ impl Bridge {
                 tracing::warn!(error = %e, "NATS publish failed");
                 false
             }
+        }
+    }
+
+    /// Waits until this bridge has heard the hosts that are there (see
+    /// `warm_at`), at most until `deadline`.
+    async fn warm(&self, deadline: Instant) {
+        let until = self.warm_at.min(deadline);
+        if Instant::now() < until {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
         }
     }
 
@@ -583,6 +596,9 @@ impl Bridge {
             return;
         }
         if !self.live(host) {
+            self.warm(deadline).await;
+        }
+        if !self.live(host) {
             reply.send(
                 wire::UNREACHABLE,
                 format!("host {host} is not connected").as_bytes(),
@@ -620,6 +636,7 @@ impl Bridge {
         let mut bytes = Vec::with_capacity(incoming.payload.len());
         wire::put_call_header(&mut bytes, call.name, 0);
         bytes.extend_from_slice(call.data);
+        self.warm(deadline).await;
         let expected: BTreeMap<String, Presence> = self.live_hosts().into_iter().collect();
         let mut answers: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         if !expected.is_empty() {
@@ -728,8 +745,11 @@ impl Bridge {
         };
         let deadline = answer_by(left_ns);
         let until = tokio::time::Instant::from_std(deadline);
+        self.warm(deadline).await;
         let mut refused: Vec<String> = Vec::new();
         let mut attempts = 0u32;
+        // A host had the task and went away (or its answer was lost).
+        let mut lost = false;
         let mut changes = self.hosts_changed.subscribe();
         loop {
             if Instant::now() >= deadline {
@@ -742,7 +762,7 @@ impl Bridge {
                 .filter(|(h, _)| !refused.contains(h))
                 .collect();
             if hosts.is_empty() {
-                if attempts == 0 {
+                if !lost {
                     reply.send(wire::NO_HANDLER, b"");
                     return;
                 }
@@ -771,6 +791,7 @@ impl Bridge {
             match status {
                 wire::NO_HANDLER => refused.push(host),
                 wire::UNREACHABLE | wire::DIED => {
+                    lost = true;
                     // Not a spin while NATS reconnects or the host's
                     // subscriptions move.
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1066,6 +1087,12 @@ impl Bridge {
                 }
             };
             if let Some(change) = change {
+                if change == HostChange::Joined {
+                    // A host new to this bridge (or a new incarnation) may
+                    // not know this one yet either: tell it now rather
+                    // than at the next heartbeat.
+                    self.publish_presence(false).await;
+                }
                 self.host_changed(h.origin.to_owned(), change);
             }
         }
