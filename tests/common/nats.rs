@@ -19,8 +19,8 @@
 //! Free ports are found by binding port 0 and released just before the
 //! servers start; another process may take one in between (tests run in
 //! parallel), so a start whose server could not bind is retried with new
-//! ports. Every wait is bounded ([`READY_WITHIN`]) and its error says what
-//! each node showed and ends with its log.
+//! ports. Every wait is bounded ([`READY_WITHIN`], [`RESTART_WITHIN`])
+//! and its error says what each node showed and ends with its log.
 //!
 //! What readiness means, from nats-server 2.9.10's monitor:
 //! - `/routez`: `num_routes` ≥ n − 1 on every node;
@@ -45,6 +45,12 @@ use serde_json::Value;
 /// the routes and JetStream (each try of a start: a bind failure starts
 /// over with new ports).
 pub const READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// How long [`NatsCluster::restart`] waits. Longer than a start: when the
+/// server killed led JetStream's meta group, the others keep naming it for
+/// a second or two and then elect another (3 to 6 s from the kill here,
+/// under load).
+pub const RESTART_WITHIN: Duration = Duration::from_secs(20);
 
 /// Starts with new ports after a server failed to bind, at most this often.
 const START_TRIES: u32 = 5;
@@ -218,14 +224,14 @@ impl NatsCluster {
     /// # Errors
     ///
     /// The server exits (a port taken meanwhile is tried again until the
-    /// deadline) or the cluster is not ready within [`READY_WITHIN`].
+    /// deadline) or the cluster is not ready within [`RESTART_WITHIN`].
     ///
     /// # Panics
     ///
     /// If there is no server `i`.
     pub fn restart(&mut self, i: usize) -> Result<(), String> {
         self.kill(i);
-        let deadline = Instant::now() + READY_WITHIN;
+        let deadline = Instant::now() + RESTART_WITHIN;
         loop {
             self.spawn(i)?;
             match self.wait_ready(Some(deadline)) {
