@@ -24,6 +24,11 @@ step "the tokio and http features: the async messenger, async synchronize, the H
 timeout 1200 cargo test --features tokio,http --lib --test async_messenger --test locks_async
 timeout 600 cargo test --features tokio,http --doc
 
+step "the nats feature: hosts joined through a real NATS cluster"
+# Each test starts its own nats-server cluster on loopback
+# (tests/common/nats.rs; the Debian package nats-server on the PATH).
+timeout 900 cargo test --features nats --test nats_harness
+
 step "python: the ctypes binding over libshmcluster (pytest)"
 cargo build -p shmcluster-ffi
 (cd ffi/python && SHMCLUSTER_LIB="$PWD/../../target/debug/libshmcluster.so" timeout 300 python3 -m pytest -q tests)
@@ -48,7 +53,7 @@ step "fuzz: each target for ${FUZZ_SECONDS:=30} s (no input may crash)"
 )
 
 step "benchmarks and examples build"
-timeout 900 cargo build --release --features tokio,http --benches --examples
+timeout 900 cargo build --release --features tokio,http,nats --benches --examples
 timeout 900 cargo build --release -p axum_cluster
 
 echo

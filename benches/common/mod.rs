@@ -122,3 +122,8 @@ pub fn fmt_ns(v: f64) -> String {
 
 /// Running a cluster in a fresh copy of the bench binary.
 pub mod cluster;
+
+/// A real NATS cluster (`nats-server` processes on loopback): the tests'
+/// harness, one file for both.
+#[path = "../../tests/common/nats.rs"]
+pub mod nats;

@@ -183,3 +183,6 @@ pub fn scenario_process(name: &str, dir: &std::path::Path, timeout: std::time::D
 
 /// Messenger helpers for cluster scenarios.
 pub mod cluster;
+
+/// A real NATS cluster (`nats-server` processes on loopback).
+pub mod nats;
