@@ -27,7 +27,11 @@ timeout 600 cargo test --features tokio,http --doc
 step "the nats feature: hosts joined through a real NATS cluster"
 # Each test starts its own nats-server cluster on loopback
 # (tests/common/nats.rs; the Debian package nats-server on the PATH).
-timeout 900 cargo test --features nats --test nats_harness
+# tests/hosts.rs: several masters as hosts with their bridges, and the
+# faults (a NATS server, a bridge, a whole host SIGKILLed; garbage);
+# tests/bridge_master.rs: the master's side of the bridge (and the CLI).
+timeout 300 cargo test --features nats --lib bridge::
+timeout 900 cargo test --features nats,cli --test nats_harness --test hosts --test bridge_master
 
 step "python: the ctypes binding over libshmcluster (pytest)"
 cargo build -p shmcluster-ffi

@@ -19,7 +19,7 @@
 //! | `EMIT`     | `slot u32 | 0 u64 | call`                                |
 //! | `MAP`      | `time left u64 ns | call`                                |
 //! | `CONSUME`  | `time left u64 ns | call`                                |
-//! | `PRESENCE` | `leaving u8 | free u32 | n u32 | n × (slot u32, generation u32)` |
+//! | `PRESENCE` | `leaving u8 | free u32 | links u32 | n u32 | n × (slot u32, generation u32)` |
 //! | `REPLY`    | `status u8 | body` (the messenger's reply statuses)      |
 
 /// Frame kinds.
@@ -111,18 +111,22 @@ pub(crate) fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
 }
 
 /// A host's presence: whether it is leaving, how many of its workers are
-/// free for a consume, and its live workers (slot, generation).
+/// free for a consume, how many times its bridge's NATS connection came
+/// back (answers it owed meanwhile may be lost: a caller asks again), and
+/// its live workers (slot, generation).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Presence {
     pub(crate) leaving: bool,
     pub(crate) free: u32,
+    pub(crate) links: u32,
     pub(crate) workers: Vec<(u32, u32)>,
 }
 
 pub(crate) fn encode_presence(p: &Presence) -> Vec<u8> {
-    let mut out = Vec::with_capacity(9 + 8 * p.workers.len());
+    let mut out = Vec::with_capacity(13 + 8 * p.workers.len());
     out.push(u8::from(p.leaving));
     out.extend_from_slice(&p.free.to_le_bytes());
+    out.extend_from_slice(&p.links.to_le_bytes());
     out.extend_from_slice(&(p.workers.len() as u32).to_le_bytes());
     for &(slot, generation) in &p.workers {
         out.extend_from_slice(&slot.to_le_bytes());
@@ -141,16 +145,18 @@ pub(crate) fn decode_presence(body: &[u8]) -> Option<Presence> {
         _ => return None,
     };
     let free = u32_at(body, 1)?;
-    let n = u32_at(body, 5)? as usize;
-    if n > MAX_PRESENCE_WORKERS || body.len() != 9 + 8 * n {
+    let links = u32_at(body, 5)?;
+    let n = u32_at(body, 9)? as usize;
+    if n > MAX_PRESENCE_WORKERS || body.len() != 13 + 8 * n {
         return None;
     }
     let workers = (0..n)
-        .map(|i| Some((u32_at(body, 9 + 8 * i)?, u32_at(body, 13 + 8 * i)?)))
+        .map(|i| Some((u32_at(body, 13 + 8 * i)?, u32_at(body, 17 + 8 * i)?)))
         .collect::<Option<Vec<_>>>()?;
     Some(Presence {
         leaving,
         free,
+        links,
         workers,
     })
 }
@@ -181,13 +187,14 @@ mod tests {
         let p = Presence {
             leaving: true,
             free: 2,
+            links: 3,
             workers: vec![(0, 1), (3, 4)],
         };
         assert_eq!(decode_presence(&encode_presence(&p)), Some(p.clone()));
         let e = encode_presence(&p);
         assert!(decode_presence(&e[..e.len() - 1]).is_none());
         let mut huge = e.clone();
-        huge[5..9].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_presence(&huge).is_none());
     }
 }

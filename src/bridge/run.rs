@@ -527,10 +527,21 @@ impl Bridge {
         self.m.push_raw(slot, tag, call);
     }
 
-    /// Waits until `host` is no longer connected.
-    async fn gone(&self, host: &str) {
+    /// `host`'s reconnect count as its last presence said.
+    fn links(&self, host: &str) -> Option<u32> {
+        self.hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .map(|h| h.presence.links)
+    }
+
+    /// Waits until `host` is no longer connected, or its bridge's NATS
+    /// connection came back since it said `links` (an answer it owed may
+    /// have been lost on the way).
+    async fn gone(&self, host: &str, links: Option<u32>) {
         let mut changes = self.hosts_changed.subscribe();
-        while self.live(host) {
+        while self.live(host) && self.links(host) == links {
             if changes.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
@@ -549,10 +560,11 @@ impl Bridge {
             .payload(payload.into())
             .timeout(Some(timeout));
         let mut reconnects = self.reconnects.subscribe();
+        let links = self.links(host);
         let answer = tokio::select! {
             r = self.nc.send_request(subject, request) => r,
-            () = self.gone(host) => {
-                return (wire::UNREACHABLE, format!("host {host} went away").into_bytes());
+            () = self.gone(host, links) => {
+                return (wire::UNREACHABLE, format!("host {host} went away or reconnected").into_bytes());
             }
             _ = reconnects.changed() => {
                 return (wire::UNREACHABLE, b"the NATS connection was lost on the way".to_vec());
@@ -986,6 +998,7 @@ impl Bridge {
         let presence = Presence {
             leaving,
             free,
+            links: *self.reconnects.borrow() as u32,
             workers,
         };
         let h = self.header(frame::PRESENCE);
@@ -1064,6 +1077,10 @@ impl Bridge {
                     Some(info) => {
                         let was = info.state;
                         let new_epoch = info.epoch != h.epoch;
+                        if info.presence.links != presence.links {
+                            // Calls waiting on it look again (`gone`).
+                            self.hosts_changed.send_modify(|n| *n += 1);
+                        }
                         info.epoch = h.epoch;
                         info.last_seen = now;
                         info.state = state;
