@@ -18,7 +18,9 @@
 //!   long before its timeout;
 //! - a client whose server is SIGKILLed reconnects to another of its
 //!   servers, and its later publishes arrive; the server restarts on its
-//!   own ports and store and rejoins.
+//!   own ports and store and rejoins;
+//! - a bucket survives the SIGKILL of its stream's leader, but writes fail
+//!   for the seconds the others take to elect another.
 //!
 //! Each test starts its own cluster, runs its body under a tokio timeout
 //! and drops the cluster at the end (every server SIGKILLed and reaped).
@@ -556,6 +558,92 @@ fn client_reconnects_to_another_server_when_its_server_is_killed() {
             server_of(&back)
         );
         await_interest(&back, "harness.d", &mut sub, Duration::from_secs(5)).await?;
+        drop(c);
+        Ok(())
+    });
+}
+
+/// A bucket on three replicas outlives its stream leader: SIGKILL the
+/// server that leads the bucket's stream, and a compare-and-set `update`
+/// through another server fails until the other two elect a leader (6 to
+/// 8 s here: nats-server's Raft waits seconds before it calls an
+/// election), then succeeds on the revision from before the kill. Each
+/// failure meanwhile comes at once, not as a timeout: with no stream
+/// leader nobody takes the bucket's subject, so the publish gets no
+/// responders, which async-nats reports as "no stream found for given
+/// subject". The restarted server catches up and the bucket is whole
+/// again.
+#[test]
+fn kv_bucket_survives_its_stream_leader_killed() {
+    let mut c = cluster(3);
+    bounded(Duration::from_secs(90), async move {
+        let js = jetstream::new(connect(&[c.url(0), c.url(1), c.url(2)]).await?);
+        let kv = create_bucket(&js, "survivor", 3).await?;
+        let r1 = kv
+            .create("lock", "holder-1".into())
+            .await
+            .map_err(err("create"))?;
+        let status = kv.status().await.map_err(err("status"))?;
+        let leader = status
+            .info
+            .cluster
+            .and_then(|c| c.leader)
+            .ok_or("the bucket's stream has no leader")?;
+        let i = (0..3)
+            .find(|&i| c.server_name(i) == leader)
+            .ok_or(format!("leader {leader} is none of ours"))?;
+        // A client of the two others only, with short JetStream requests.
+        let others: Vec<String> = (0..3).filter(|&j| j != i).map(|j| c.url(j)).collect();
+        let mut js2 = jetstream::new(connect(&others).await?);
+        js2.set_timeout(Duration::from_millis(500));
+        let kv2 = js2.get_key_value("survivor").await.map_err(err("open"))?;
+
+        let killed = Instant::now();
+        c.kill(i);
+        let mut failures = Vec::new();
+        let r2 = loop {
+            match kv2.update("lock", "holder-2".into(), r1).await {
+                Ok(rev) => break rev,
+                Err(e) => failures.push(e.to_string()),
+            }
+            ensure!(
+                killed.elapsed() < Duration::from_secs(20),
+                "no update within 20 s of killing the stream leader {leader}: {failures:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        eprintln!(
+            "stream leader {leader} killed: update through the others succeeded after {:?}, \
+             {} failed tries before (first {:?}, last {:?})",
+            killed.elapsed(),
+            failures.len(),
+            failures.first(),
+            failures.last()
+        );
+        ensure!(r2 == r1 + 1, "revision {r2} after {r1}");
+        let stale = kv2.update("lock", "holder-3".into(), r1).await;
+        ensure!(
+            stale
+                .as_ref()
+                .is_err_and(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
+            "stale update after the failover: {stale:?}"
+        );
+
+        tokio::task::block_in_place(|| c.restart(i))?;
+        let start = Instant::now();
+        loop {
+            let status = kv2.status().await.map_err(err("status"))?;
+            let replicas = status.info.cluster.map(|c| c.replicas).unwrap_or_default();
+            if replicas.len() == 2 && replicas.iter().all(|p| p.current && !p.offline) {
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "replicas not current 20 s after the restart: {replicas:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("{leader} restarted; replicas current after {:?}", start.elapsed());
         drop(c);
         Ok(())
     });
