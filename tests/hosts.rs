@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use shmcluster::bridge::{BridgeStats, STATS_EVENT};
-use shmcluster::{CallError, HostId, MapError, Messenger};
+use shmcluster::{CallError, EmitError, HostId, MapError, Messenger};
 
 #[macro_use]
 mod common;
@@ -207,6 +207,28 @@ fn semantics(m: &mut Messenger) -> Check {
     ensure!(
         matches!(none, Err(CallError::NoHandler)),
         "consume nobody handles: {none:?}"
+    );
+
+    // Too large for NATS (1 MiB by default): refused before anything is
+    // sent, the limit named; a consume that cannot cross stays here.
+    let big = vec![7u8; 2 << 20];
+    let e = m.broadcast("log", &big);
+    ensure!(
+        matches!(e, Err(EmitError::TooLarge { max, .. }) if max < 1 << 20 && max > (1 << 20) - 1024),
+        "a 2 MiB broadcast: {e:?}"
+    );
+    let r: Result<(String, u32), _> =
+        m.request_at("b", b_slots[0], "ping", &big, deadline(Duration::from_secs(2)));
+    ensure!(
+        matches!(r, Err(CallError::TooLarge { .. })),
+        "a 2 MiB request_at: {r:?}"
+    );
+    let r = m.map::<_, String>("where", &big, deadline(Duration::from_secs(2)));
+    ensure!(matches!(r, Err(CallError::TooLarge { .. })), "a 2 MiB map: {r:?}");
+    let r = m.consume_bytes("only_b", &big, deadline(Duration::from_secs(2)));
+    ensure!(
+        matches!(r, Err(CallError::NoHandler)),
+        "a 2 MiB consume only b handles: {r:?}"
     );
 
     // Host events: b joined, as every worker of a heard.

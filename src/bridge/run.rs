@@ -65,6 +65,11 @@ pub struct BridgeStats {
     /// Messages refused because they were above the NATS server's
     /// `max_payload`.
     pub too_large: u64,
+    /// Times the NATS client dropped messages of a subscription that
+    /// fell behind (slow-consumer events; each may be many messages).
+    pub slow_consumer: u64,
+    /// Times this bridge's NATS connection was made (1 + reconnects).
+    pub connections: u64,
     /// Other hosts seen live now.
     pub hosts: u64,
 }
@@ -135,6 +140,8 @@ struct Bridge {
     /// Bumped whenever the NATS connection comes back: answers owed to
     /// this bridge meanwhile may be lost.
     reconnects: Arc<watch::Sender<u64>>,
+    /// Slow-consumer events: messages the client dropped.
+    slow: Arc<AtomicU64>,
     seen: Mutex<Seen>,
     counters: Counters,
     heartbeat: Duration,
@@ -170,6 +177,7 @@ pub(crate) fn run(worker: Worker, config: &NatsConfig) -> i32 {
 async fn connect(
     config: &NatsConfig,
     reconnects: Arc<watch::Sender<u64>>,
+    slow: Arc<AtomicU64>,
 ) -> Result<async_nats::Client, String> {
     use super::NatsCredentials as C;
     let mut opts = async_nats::ConnectOptions::new()
@@ -184,12 +192,22 @@ async fn connect(
         // A bridge that cannot reach NATS keeps trying, often: hosts are
         // unreachable to each other meanwhile.
         .reconnect_delay_callback(|attempts| Duration::from_millis((50 * attempts as u64).min(1000)))
+        // A subscription's queue: messages past it are dropped by the
+        // client (a slow consumer). async-nats's default is 65,536; a
+        // burst of broadcasts from several hosts can pass that while the
+        // bridge hands the previous ones to its workers.
+        .subscription_capacity(1 << 18)
         .event_callback(move |event| {
             let reconnects = reconnects.clone();
+            let slow = slow.clone();
             async move {
                 tracing::info!(%event, "NATS connection");
-                if matches!(event, async_nats::Event::Connected) {
-                    reconnects.send_modify(|n| *n += 1);
+                match event {
+                    async_nats::Event::Connected => reconnects.send_modify(|n| *n += 1),
+                    async_nats::Event::SlowConsumer(_) => {
+                        slow.fetch_add(1, Relaxed);
+                    }
+                    _ => {}
                 }
             }
         });
@@ -226,7 +244,8 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
     }));
     let m = messenger.into_async();
     let reconnects = Arc::new(watch::channel(0).0);
-    let nc = connect(&config, reconnects.clone()).await?;
+    let slow = Arc::new(AtomicU64::new(0));
+    let nc = connect(&config, reconnects.clone(), slow.clone()).await?;
     let epoch = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -241,6 +260,7 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
         hosts: Mutex::new(BTreeMap::new()),
         hosts_changed: watch::channel(0).0,
         reconnects,
+        slow,
         seen: Mutex::default(),
         counters: Counters::default(),
         heartbeat: config.heartbeat,
@@ -270,13 +290,24 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
     bridge.m.ready();
     tracing::info!(host = %bridge.host, cluster = %bridge.cluster, "bridge up");
     let mut stop_check = tokio::time::interval(Duration::from_millis(20));
+    let mut max_payload = 0;
     loop {
         tokio::select! {
             incoming = rx.recv() => match incoming {
                 Some(incoming) => bridge.local(incoming).await,
                 None => break,
             },
-            _ = stop_check.tick() => if bridge.m.should_stop() { break },
+            _ = stop_check.tick() => {
+                if bridge.m.should_stop() {
+                    break;
+                }
+                // Known once connected; a server may change it.
+                let now = bridge.nc.server_info().max_payload;
+                if now != max_payload {
+                    max_payload = now;
+                    bridge.m.set_bridge_max_payload(now);
+                }
+            }
         }
     }
     // Tell the others at once rather than let them time this host out.
@@ -489,6 +520,8 @@ impl Bridge {
             replays: c.replays.load(Relaxed),
             dropped: c.dropped.load(Relaxed),
             too_large: c.too_large.load(Relaxed),
+            slow_consumer: self.slow.load(Relaxed),
+            connections: *self.reconnects.borrow(),
             hosts: self.live_hosts().len() as u64,
         }
     }
@@ -757,6 +790,13 @@ impl Bridge {
         };
         let deadline = answer_by(left_ns);
         let until = tokio::time::Instant::from_std(deadline);
+        let max = self.nc.server_info().max_payload;
+        if max != 0 && call.len() + wire::BRIDGE_FRAME_OVERHEAD > max {
+            // It cannot cross: it stays on this host.
+            bump(&self.counters.too_large);
+            reply.send(wire::NO_HANDLER, b"");
+            return;
+        }
         self.warm(deadline).await;
         let mut refused: Vec<String> = Vec::new();
         let mut attempts = 0u32;

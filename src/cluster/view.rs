@@ -94,6 +94,14 @@ impl<'a> ClusterView<'a> {
             })
     }
 
+    /// The longest call (header and data) that may cross hosts, if this
+    /// host has a bridge that knows the NATS server's `max_payload`.
+    pub(crate) fn cross_host_limit(&self) -> Option<usize> {
+        self.bridge_index()?;
+        let max = self.segment.control().bridge_max_payload.load(Relaxed) as usize;
+        (max != 0).then(|| max.saturating_sub(crate::messenger::wire::BRIDGE_FRAME_OVERHEAD))
+    }
+
     /// The bridge's instance index (`Control::bridge`), one load.
     fn bridge_index(&self) -> Option<u32> {
         self.segment.control().bridge.load(Acquire).checked_sub(1)

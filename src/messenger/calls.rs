@@ -134,6 +134,9 @@ impl Messenger {
             correlation: 0,
         };
         let targets = targets(&self.view(), target)?;
+        if matches!(target, Target::All | Target::Others) {
+            check_cross_host(&self.view(), event, &bytes)?;
+        }
         for &to in &targets {
             self.deliver(to, tag, bytes.clone(), None)?;
         }
@@ -420,6 +423,7 @@ impl Messenger {
         deadline: Instant,
     ) -> Result<Vec<(WorkerId, Result<Vec<u8>, MapError>)>, CallError> {
         let _span = tracing::debug_span!("map", event).entered();
+        check_cross_host(&self.view(), event, &bytes)?;
         let (settled, took) =
             self.call_timed(Op::Map { bytes }, deadline, Some(Instant::now()), true, None)?;
         let entries = match settled {
@@ -497,6 +501,7 @@ impl Messenger {
         value: &T,
     ) -> Result<(), EmitError> {
         let call = encode_call(event, 0, value, self.max_payload)?;
+        check_cross_host(&self.view(), event, &call)?;
         let bridge = self.view().bridge().ok_or(EmitError::NoBridge)?;
         let tag = Tag {
             kind: wire::BRIDGE_EMIT,
@@ -554,6 +559,7 @@ impl Messenger {
         call: &[u8],
         deadline: Instant,
     ) -> Result<Vec<u8>, CallError> {
+        check_cross_host(&self.view(), event, call)?;
         let bytes = routed(host, slot, call)?;
         self.count(event, |s| s.sent += 1);
         self.call_answer(Op::Route { bytes }, deadline)
@@ -590,6 +596,23 @@ pub(super) fn targets(view: &ClusterView<'_>, target: Target) -> Result<Vec<u32>
     };
     slots.extend(view.bridge().map(|b| b.slot));
     Ok(slots)
+}
+
+/// `TooLarge` if this host has a bridge and `call` (of `event`: its header
+/// and data) is longer than NATS carries between hosts: the payload limit
+/// named is the server's `max_payload` less what the bridge's frame and
+/// the call's header take. Nothing is sent then, to anyone.
+pub(super) fn check_cross_host(view: &ClusterView<'_>, event: &str, call: &[u8]) -> Result<(), EmitError> {
+    match view.cross_host_limit() {
+        Some(limit) if call.len() > limit => {
+            let header = wire::call_header_len(event.len());
+            Err(EmitError::TooLarge {
+                len: call.len().saturating_sub(header),
+                max: limit.saturating_sub(header),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// A call to `(host, slot)` for the host's bridge: the route, then the

@@ -40,6 +40,13 @@ pub(crate) const BRIDGE_EMIT: u16 = 0x4d12;
 /// call. An `OK` reply's body names who ran it ([`put_consumer`]).
 pub(crate) const BRIDGE_CONSUME: u16 = 0x4d13;
 
+/// What a bridge's frame adds to a call on NATS, at most: its header
+/// (magic, kind, two names of up to 64 bytes with their lengths, epoch and
+/// sequence: 151 bytes), a slot and a time (12), rounded up. A call
+/// (header and data) crosses hosts if it is no longer than the server's
+/// `max_payload` less this.
+pub(crate) const BRIDGE_FRAME_OVERHEAD: usize = 256;
+
 /// Reply statuses.
 pub(crate) const OK: u8 = 0;
 pub(crate) const NO_HANDLER: u8 = 1;

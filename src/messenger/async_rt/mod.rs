@@ -286,6 +286,9 @@ impl AsyncMessenger {
     ) -> Result<(), EmitError> {
         let bytes = encode_call(event, 0, value, self.shared.max_payload)?;
         let to = targets(&self.view(), target)?;
+        if matches!(target, Target::All | Target::Others) {
+            super::calls::check_cross_host(&self.view(), event, &bytes)?;
+        }
         let tag = Tag {
             kind: wire::EMIT,
             correlation: 0,
@@ -315,6 +318,17 @@ impl AsyncMessenger {
     #[cfg(feature = "nats")]
     pub(crate) fn cluster_view(&self) -> ClusterView<'_> {
         self.view()
+    }
+
+    /// The bridge tells its host's workers the NATS server's
+    /// `max_payload` (`Control::bridge_max_payload`).
+    #[cfg(feature = "nats")]
+    pub(crate) fn set_bridge_max_payload(&self, max: usize) {
+        self.shared
+            .segment
+            .control()
+            .bridge_max_payload
+            .store(u32::try_from(max).unwrap_or(u32::MAX), Relaxed);
     }
 
     /// Runs `op` in the driver's call core and waits for its end.
@@ -386,6 +400,7 @@ impl AsyncMessenger {
         R: DeserializeOwned,
     {
         let bytes = encode_call(event, 0, value, self.shared.max_payload)?;
+        super::calls::check_cross_host(&self.view(), event, &bytes)?;
         let started = Instant::now();
         let entries = match self.call(Op::Map { bytes }, deadline).await? {
             Settled::Map(entries) => entries,
@@ -432,6 +447,7 @@ impl AsyncMessenger {
         value: &T,
     ) -> Result<(), EmitError> {
         let call = encode_call(event, 0, value, self.shared.max_payload)?;
+        super::calls::check_cross_host(&self.view(), event, &call)?;
         let bridge = self.view().bridge().ok_or(EmitError::NoBridge)?;
         let tag = Tag {
             kind: wire::BRIDGE_EMIT,
@@ -461,6 +477,7 @@ impl AsyncMessenger {
         R: DeserializeOwned,
     {
         let call = encode_call(event, 0, value, self.shared.max_payload)?;
+        super::calls::check_cross_host(&self.view(), event, &call)?;
         let bytes = super::calls::routed(host, slot, &call)?;
         decode(&self.call_answer(Op::Route { bytes }, deadline).await?)
     }

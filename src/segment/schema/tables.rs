@@ -138,7 +138,12 @@ pub(crate) struct Control {
     /// no worker of the application: `live_workers` leaves it out, and
     /// the messenger sends it only what crosses hosts.
     pub(crate) bridge: AtomicU32,
-    _pad: [AtomicU32; 6],
+    /// The NATS server's `max_payload` as the bridge last saw it (0 until
+    /// it knows): what crosses hosts must fit in it, so the messenger
+    /// refuses a larger broadcast, map or call to another host up front
+    /// (`TooLarge`).
+    pub(crate) bridge_max_payload: AtomicU32,
+    _pad: [AtomicU32; 5],
     pub(crate) events: [EventRecord; EVENT_RING],
 }
 
