@@ -206,8 +206,8 @@ pub use messenger::{AsyncMessenger, AsyncWake};
 #[cfg(not(loom))]
 pub use messenger::{
     BytesReply, CallError, CallKind, Consumed, CorruptLane, Ctx, DispatchError, EmitError, EventStats,
-    HandlerId, HostChange, HostEvent, HostId, Leader, LeaderChange, MapError, Messenger, MessengerHandle,
-    RegisterError, Reply, Target, To, WorkerId, HOST_EVENT, MAX_EVENT_NAME,
+    GlobalLeader, GlobalSection, HandlerId, HostChange, HostEvent, HostId, Leader, LeaderChange, MapError,
+    Messenger, MessengerHandle, RegisterError, Reply, Target, To, WorkerId, HOST_EVENT, MAX_EVENT_NAME,
 };
 /// The cluster's size limit: a segment has at most this many worker slots,
 /// and a cluster keeps one of them spare for rolling reloads.

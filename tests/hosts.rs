@@ -31,7 +31,9 @@ mod common;
 mod hosts;
 use common::nats::NatsCluster;
 use common::{sigkill, tmp, Check};
-use hosts::{deadline, lines, nats3, pause, phase, wait_for_workers, Hosts, Scenario, CLUSTER};
+use hosts::{
+    contend, deadline, lines, nats3, pause, phase, wait_for_workers, Hosts, Scenario, CLUSTER, CONTEND_ROUNDS,
+};
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -63,6 +65,12 @@ const SCENARIOS: &[Scenario] = &[
         timeout: Duration::from_secs(90),
         run: host_killed,
         drive: through_a_host_death,
+    },
+    Scenario {
+        name: "a_lock_and_a_leader_across_hosts",
+        timeout: Duration::from_secs(120),
+        run: lock_and_leader,
+        drive: one_holder_one_leader,
     },
     Scenario {
         name: "garbage_on_the_cluster_subjects_is_dropped_and_counted",
@@ -634,5 +642,118 @@ fn after_garbage(m: &mut Messenger) -> Check {
         .request_at("b", b_slot, "ping", &(), deadline(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
     ensure!(host == "b", "{host}");
+    Ok(())
+}
+
+fn lock_and_leader() -> Check {
+    let mut h = Hosts::start(nats3()?);
+    h.host("a", CLUSTER, 2, "")?;
+    h.host("b", CLUSTER, 2, "")?;
+    h.await_phase("kill-leader")?;
+    h.kill_host("b");
+    h.go("kill-leader")?;
+    h.finish()
+}
+
+/// Four workers on two hosts take the lock `counter` ten times each: the
+/// sections never overlap and their fencing tokens only grow. Then b's
+/// workers campaign for the default role, one leads the cluster; a's
+/// worker 1 campaigns too; host b is SIGKILLed and a's worker takes over
+/// within the lease, with a larger term.
+fn one_holder_one_leader(m: &mut Messenger) -> Check {
+    wait_for_workers(m, 4)?;
+    let dir = tmp();
+    std::fs::write(dir.join("contend"), "").map_err(|e| e.to_string())?;
+    contend(m, "a", CONTEND_ROUNDS)?;
+    let until = Instant::now() + Duration::from_secs(60);
+    while lines(&dir.join("contended")).len() < 4 {
+        ensure!(
+            Instant::now() < until,
+            "contenders done: {:?}",
+            lines(&dir.join("contended"))
+        );
+        pause(m, Duration::from_millis(20))?;
+    }
+    let run = lines(&dir.join("lockrun"));
+    ensure!(
+        run.len() == 2 * 4 * CONTEND_ROUNDS as usize,
+        "{} lines",
+        run.len()
+    );
+    let mut last = 0u64;
+    for pair in run.chunks(2) {
+        let enter: Vec<&str> = pair[0].split(' ').collect();
+        let exit: Vec<&str> = pair[1].split(' ').collect();
+        ensure!(
+            enter[0] == "enter" && exit[0] == "exit" && enter[1..] == exit[1..],
+            "sections overlap: {pair:?} in {run:?}"
+        );
+        let token: u64 = enter[1].parse().map_err(|e| format!("{e}"))?;
+        ensure!(token > last, "token {token} after {last}");
+        last = token;
+    }
+    let hosts: std::collections::BTreeSet<&str> =
+        run.iter().map(|l| l.split(' ').nth(2).unwrap_or("")).collect();
+    ensure!(hosts.len() == 2, "holders' hosts: {hosts:?}");
+
+    // A leader across hosts: b's workers campaign first.
+    std::fs::write(dir.join("campaign-b"), "").map_err(|e| e.to_string())?;
+    let b = HostId::of("b");
+    let until = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if let Some(l) = m
+            .global_leader("", deadline(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?
+        {
+            break l;
+        }
+        ensure!(Instant::now() < until, "no leader across hosts");
+        pause(m, Duration::from_millis(50))?;
+    };
+    ensure!(first.host == b, "the leader is not on b: {first:?}");
+    ensure!(
+        !m.is_global_leader("", deadline(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?,
+        "a leads too"
+    );
+    // This worker campaigns as well; b keeps the role while it lives.
+    m.campaign_global("").map_err(|e| e.to_string())?;
+    pause(m, Duration::from_millis(500))?;
+    let still = m
+        .global_leader("", deadline(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    ensure!(still == Some(first), "the leader moved while b lived: {still:?}");
+    phase(m, "kill-leader")?;
+    let killed = Instant::now();
+    let until = killed + Duration::from_secs(15);
+    let next = loop {
+        if let Some(l) = m
+            .global_leader("", deadline(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?
+        {
+            if l.host.is_local() {
+                break l;
+            }
+        }
+        ensure!(Instant::now() < until, "no new leader after b died");
+        pause(m, Duration::from_millis(50))?;
+    };
+    let took = killed.elapsed();
+    ensure!(next.term > first.term, "term {} after {}", next.term, first.term);
+    ensure!(
+        next.slot == m.slot()
+            && m.is_global_leader("", deadline(Duration::from_secs(2)))
+                .map_err(|e| e.to_string())?,
+        "{next:?}"
+    );
+    // The lease is 3 s; a look every half second at most.
+    ensure!(
+        took < Duration::from_secs(5),
+        "a new leader {took:?} after the old one's host died"
+    );
+    eprintln!(
+        "leader across hosts: b's died, a's led {took:?} later (term {} -> {})",
+        first.term, next.term
+    );
     Ok(())
 }

@@ -648,3 +648,53 @@ fn kv_bucket_survives_its_stream_leader_killed() {
         Ok(())
     });
 }
+
+/// Why the bridge keeps its leases on one server (`NatsConfig::kv_replicas`
+/// = 1): on nats-server 2.9.10, two concurrent `create`s of one key from
+/// clients on different servers can both succeed on a stream replicated on
+/// three servers (110 of 200 rounds measured), never on a one-server stream
+/// in the same cluster. This test fails once Debian's server makes
+/// compare-and-set atomic on replicated streams: then the default can rise.
+#[test]
+fn concurrent_creates_both_succeed_on_3_replicas_never_on_1() {
+    let c = cluster(3);
+    let urls: Vec<String> = (0..3).map(|i| c.url(i)).collect();
+    bounded(Duration::from_secs(120), async move {
+        let a = connect(&urls[0..1]).await?;
+        let b = connect(&urls[2..3]).await?;
+        let mut both = [0; 2];
+        for (i, replicas) in [3usize, 1].into_iter().enumerate() {
+            let bucket = format!("cas{replicas}");
+            let ka = create_bucket(&jetstream::new(a.clone()), &bucket, replicas).await?;
+            let kb = jetstream::new(b.clone())
+                .get_key_value(&bucket)
+                .await
+                .map_err(err("open the bucket from the other server"))?;
+            for _ in 0..100 {
+                if let Some(e) = ka.entry("k").await.map_err(err("entry"))? {
+                    if e.operation == kv::Operation::Put {
+                        ka.delete_expect_revision("k", Some(e.revision))
+                            .await
+                            .map_err(err("delete"))?;
+                    }
+                }
+                let (x, y) = tokio::join!(ka.create("k", "x".into()), kb.create("k", "y".into()));
+                if x.is_ok() && y.is_ok() {
+                    both[i] += 1;
+                }
+            }
+        }
+        drop(c);
+        ensure!(
+            both[1] == 0,
+            "one server: both creates succeeded {} times",
+            both[1]
+        );
+        ensure!(
+            both[0] > 0,
+            "three servers: never both in 100 rounds; compare-and-set may be atomic now \
+             (raise NatsConfig::kv_replicas' default)"
+        );
+        Ok(())
+    });
+}

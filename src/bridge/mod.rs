@@ -13,6 +13,7 @@
 
 pub(crate) mod config;
 mod frame;
+mod lease;
 mod run;
 
 pub use config::{NatsConfig, NatsConfigError, NatsCredentials, NatsTls};

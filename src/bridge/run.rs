@@ -28,8 +28,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use super::frame::{self, Header, Presence, Refused};
+use super::lease::{self, Holder, LeaseError};
 use super::NatsConfig;
-use crate::messenger::{wire, AsyncMessenger, BridgeIncoming, Op, Settled};
+use crate::messenger::{
+    wire, AsyncMessenger, BridgeIncoming, Granted, LeaderWire, Op, Settled, CAMPAIGN_EVENT, LEADER_EVENT,
+    LOCK_EVENT, UNLOCK_EVENT,
+};
 use crate::{CallError, HostChange, HostEvent, MapError, Messenger, Tag, Worker, HOST_EVENT};
 
 /// The event a worker asks the bridge's counters with:
@@ -150,6 +154,12 @@ struct Bridge {
     /// Until then this bridge may not have heard every host yet (it asks
     /// them at start): "no host" is not an answer before.
     warm_at: Instant,
+    /// The key-value bucket's leases, opened at first use.
+    leases: tokio::sync::OnceCell<lease::Leases>,
+    lease: Duration,
+    kv_replicas: usize,
+    /// Roles this host campaigns for across hosts.
+    roles: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Runs the bridge until the master stops it; the exit code.
@@ -267,6 +277,10 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
         host_timeout: config.host_timeout,
         turn: AtomicU64::new(0),
         warm_at: Instant::now() + config.heartbeat.max(Duration::from_millis(50)),
+        leases: tokio::sync::OnceCell::new(),
+        lease: config.lease,
+        kv_replicas: config.kv_replicas,
+        roles: Mutex::default(),
     });
     let b = &bridge;
     let subscribe = |subject: String| async move {
@@ -286,6 +300,7 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
         tokio::spawn(bridge.clone().serve_maps(maps)),
         tokio::spawn(bridge.clone().watch_presence(presence)),
         tokio::spawn(bridge.clone().beat()),
+        tokio::spawn(bridge.clone().renew_leases()),
     ];
     bridge.m.ready();
     tracing::info!(host = %bridge.host, cluster = %bridge.cluster, "bridge up");
@@ -489,19 +504,196 @@ impl Bridge {
                 tokio::spawn(self.clone().spill_consume(incoming));
             }
             wire::REQUEST => {
-                let stats = wire::parse_call(&incoming.payload).is_some_and(|c| c.name == STATS_EVENT);
-                if let Some(reply) = incoming.reply {
-                    if stats {
-                        let body = postcard::to_allocvec(&self.stats()).unwrap_or_default();
-                        reply.send(wire::OK, &body);
-                    } else {
-                        reply.send(wire::NO_HANDLER, b"");
-                    }
-                }
+                tokio::spawn(self.clone().request(incoming));
             }
             _ => {
                 if let Some(reply) = incoming.reply {
                     reply.send(wire::NO_HANDLER, b"");
+                }
+            }
+        }
+    }
+
+    /// A request a worker of this host made of the bridge itself: its
+    /// counters, or a lease across hosts.
+    async fn request(self: Arc<Self>, incoming: BridgeIncoming) {
+        let Some(reply) = incoming.reply else { return };
+        let Some(call) = wire::parse_call(&incoming.payload) else {
+            reply.send(wire::FAILED, b"malformed request");
+            return;
+        };
+        let holder = Holder {
+            host: self.host.clone(),
+            slot: incoming.sender.slot,
+            generation: incoming.sender.generation,
+        };
+        let answer: Result<Vec<u8>, (u8, String)> = match call.name {
+            STATS_EVENT => Ok(postcard::to_allocvec(&self.stats()).unwrap_or_default()),
+            LOCK_EVENT => match postcard::from_bytes::<(String, u64)>(call.data) {
+                Ok((name, left_ns)) => self.lock(&name, holder, left_ns).await,
+                Err(e) => Err((wire::FAILED, e.to_string())),
+            },
+            UNLOCK_EVENT => match postcard::from_bytes::<(String, u64)>(call.data) {
+                Ok((name, token)) => {
+                    Ok(postcard::to_allocvec(&self.unlock(&name, &holder, token).await).unwrap_or_default())
+                }
+                Err(e) => Err((wire::FAILED, e.to_string())),
+            },
+            CAMPAIGN_EVENT => match postcard::from_bytes::<String>(call.data) {
+                Ok(role) => {
+                    let new = self
+                        .roles
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(role.clone());
+                    if new {
+                        tokio::spawn(self.clone().lead(role));
+                    }
+                    Ok(postcard::to_allocvec(&()).unwrap_or_default())
+                }
+                Err(e) => Err((wire::FAILED, e.to_string())),
+            },
+            LEADER_EVENT => match postcard::from_bytes::<String>(call.data) {
+                Ok(role) => self.global_leader(&role).await,
+                Err(e) => Err((wire::FAILED, e.to_string())),
+            },
+            _ => Err((wire::NO_HANDLER, String::new())),
+        };
+        match answer {
+            Ok(body) => reply.send(wire::OK, &body),
+            Err((status, text)) => reply.send(status, text.as_bytes()),
+        }
+    }
+
+    /// The bucket's leases, opened at first use.
+    async fn leases(&self) -> Result<&lease::Leases, (u8, String)> {
+        self.leases
+            .get_or_try_init(|| lease::open(&self.nc, &self.cluster, self.lease, self.kv_replicas))
+            .await
+            .map_err(|e| (wire::FAILED, e))
+    }
+
+    async fn lock(&self, name: &str, holder: Holder, left_ns: u64) -> Result<Vec<u8>, (u8, String)> {
+        let deadline = answer_by(left_ns);
+        let leases = self.leases().await?;
+        let key = lease::key("lock", name);
+        match leases.take(&key, holder.clone(), deadline).await {
+            Ok(token) => {
+                if self.m.live_generation(holder.slot) != Some(holder.generation) {
+                    // It died while it waited.
+                    leases.give_back(&key, token).await;
+                    return Err((wire::DIED, String::new()));
+                }
+                let granted = Granted {
+                    token,
+                    lease_ms: leases.lease().as_millis() as u64,
+                };
+                Ok(postcard::to_allocvec(&granted).unwrap_or_default())
+            }
+            Err(LeaseError::TimedOut) => Err((wire::TIMED_OUT, String::new())),
+            Err(LeaseError::Store(e)) => Err((wire::FAILED, format!("the key-value store: {e}"))),
+        }
+    }
+
+    /// Gives back `name` if `holder` holds it (with `token`, or any token
+    /// if 0: a caller that gave up waiting).
+    async fn unlock(&self, name: &str, holder: &Holder, token: u64) -> bool {
+        let Some(leases) = self.leases.get() else {
+            return false;
+        };
+        let key = lease::key("lock", name);
+        match leases.holds(&key, holder) {
+            Some(t) if token == 0 || t == token => leases.give_back(&key, t).await,
+            _ => false,
+        }
+    }
+
+    async fn global_leader(&self, role: &str) -> Result<Vec<u8>, (u8, String)> {
+        let leases = self.leases().await?;
+        let wire: Option<LeaderWire> = leases
+            .holder(&lease::key("leader", role))
+            .await
+            .map_err(|e| (wire::FAILED, e))?
+            .map(|(h, term)| LeaderWire {
+                host: (h.host != self.host).then_some(h.host),
+                slot: h.slot,
+                generation: h.generation,
+                term,
+            });
+        Ok(postcard::to_allocvec(&wire).unwrap_or_default())
+    }
+
+    /// This host's leader of `role`, as the host's election says.
+    fn local_holder(&self, role: &str) -> Option<Holder> {
+        let l = self.m.local_leader(role)?;
+        let generation = self.m.live_generation(l.slot)?;
+        Some(Holder {
+            host: self.host.clone(),
+            slot: l.slot,
+            generation,
+        })
+    }
+
+    /// Campaigns across hosts for this host's leader of `role`, for as
+    /// long as the bridge runs: takes the role's lease while this host
+    /// has a leader, hands it over when that leader changes, gives it back
+    /// when there is none.
+    async fn lead(self: Arc<Self>, role: String) {
+        let key = lease::key("leader", &role);
+        let look = Duration::from_millis(50);
+        loop {
+            let Ok(leases) = self.leases().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let local = self.local_holder(&role);
+            let mine = leases.held().into_iter().find(|(k, _)| *k == key).map(|(_, h)| h);
+            match (local, mine) {
+                (Some(l), None) => {
+                    let changed = async {
+                        loop {
+                            tokio::time::sleep(look).await;
+                            if self.local_holder(&role).as_ref() != Some(&l) {
+                                break;
+                            }
+                        }
+                    };
+                    let far = Instant::now() + Duration::from_secs(3600);
+                    tokio::select! {
+                        _ = leases.take(&key, l.clone(), far) => {}
+                        () = changed => {}
+                    }
+                }
+                (Some(l), Some(h)) if l != h => {
+                    if let Some(token) = leases.holds(&key, &h) {
+                        leases.hand_over(&key, token, l).await;
+                    }
+                }
+                (None, Some(h)) => {
+                    if let Some(token) = leases.holds(&key, &h) {
+                        leases.give_back(&key, token).await;
+                    }
+                }
+                _ => {}
+            }
+            tokio::time::sleep(look).await;
+        }
+    }
+
+    /// Renews the leases this bridge holds every third of a lease, and
+    /// gives back the locks of workers that died holding them.
+    async fn renew_leases(self: Arc<Self>) {
+        let mut tick = tokio::time::interval((self.lease / 3).max(Duration::from_millis(10)));
+        loop {
+            tick.tick().await;
+            let Some(leases) = self.leases.get() else { continue };
+            leases.renew().await;
+            for (key, h) in leases.held() {
+                if key.starts_with("lock.") && self.m.live_generation(h.slot) != Some(h.generation) {
+                    if let Some(token) = leases.holds(&key, &h) {
+                        tracing::info!(key, slot = h.slot, "a lock's holder died: given back");
+                        leases.give_back(&key, token).await;
+                    }
                 }
             }
         }

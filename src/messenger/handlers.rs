@@ -169,6 +169,8 @@ pub(crate) type BridgeHook = Box<dyn FnMut(BridgeIncoming) + Send>;
 pub(crate) struct BridgeIncoming {
     /// Its kind (`wire::EMIT`, `wire::BRIDGE_*`, ...).
     pub(crate) kind: u16,
+    /// The worker that sent it.
+    pub(crate) sender: WorkerId,
     pub(crate) payload: Vec<u8>,
     /// Where its answer goes, if one is wanted.
     pub(crate) reply: Option<RawReply>,
@@ -211,6 +213,7 @@ pub(super) fn bridge_incoming(message: crate::Message, outbox: &Arc<Outbox>) -> 
     });
     BridgeIncoming {
         kind: message.kind,
+        sender: WorkerId::local(message.sender, message.generation),
         payload: message.payload,
         reply,
     }

@@ -22,6 +22,7 @@ mod core;
 mod dispatch;
 mod encode;
 mod error;
+mod global;
 mod handle;
 mod handlers;
 mod host;
@@ -32,6 +33,7 @@ pub(crate) mod wire;
 pub use async_rt::{AsyncMessenger, AsyncWake};
 pub use calls::To;
 pub use error::{CallError, CorruptLane, DispatchError, EmitError, MapError, RegisterError};
+pub use global::{GlobalLeader, GlobalSection};
 pub use handle::MessengerHandle;
 pub use handlers::{BytesReply, Reply};
 pub use host::{HostChange, HostEvent, HostId, HOST_EVENT};
@@ -53,6 +55,8 @@ pub(crate) fn encode_call_for_bridge<T: serde::Serialize + ?Sized>(
 ) -> Result<Vec<u8>, EmitError> {
     encode::encode_call(event, 0, value, usize::MAX)
 }
+#[cfg(feature = "nats")]
+pub(crate) use global::{Granted, LeaderWire, CAMPAIGN_EVENT, LEADER_EVENT, LOCK_EVENT, UNLOCK_EVENT};
 #[cfg(feature = "nats")]
 pub(crate) use handlers::BridgeIncoming;
 

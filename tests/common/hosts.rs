@@ -165,7 +165,44 @@ pub fn serve(w: Worker) -> Check {
         std::fs::write(dir.join("verdict"), text).map_err(|e| e.to_string())?;
         // Keep serving until the scenario process stops the host.
     }
-    m.run().map_err(|e| e.to_string())
+    // Serve; on the scenario's word (a file), contend for the lock
+    // `counter` across hosts, or campaign for the default role.
+    let (mut contended, mut campaigned) = (driver, false);
+    while !m.worker().should_stop() {
+        m.poll(Duration::from_millis(10)).map_err(|e| e.to_string())?;
+        if !contended && dir.join("contend").exists() {
+            contended = true;
+            contend(&mut m, &host, CONTEND_ROUNDS)?;
+        }
+        if !campaigned && dir.join(format!("campaign-{host}")).exists() {
+            campaigned = true;
+            m.campaign_global("").map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Sections each worker runs in [`contend`].
+pub const CONTEND_ROUNDS: u32 = 10;
+
+/// `rounds` sections of the lock `counter` across hosts, each written to
+/// `lockrun` as `enter <token> <host> <slot>` … `exit <token> …` with a
+/// pause between; then `<host> <slot>` to `contended`.
+pub fn contend(m: &mut Messenger, host: &str, rounds: u32) -> Check {
+    let dir = tmp();
+    let run = dir.join("lockrun");
+    let slot = m.slot();
+    for _ in 0..rounds {
+        m.synchronize_global("counter", Instant::now() + Duration::from_secs(30), |s| {
+            let token = s.fencing_token();
+            append(&run, &format!("enter {token} {host} {slot}"));
+            std::thread::sleep(Duration::from_millis(5));
+            append(&run, &format!("exit {token} {host} {slot}"));
+        })
+        .map_err(|e| format!("synchronize_global: {e}"))?;
+    }
+    append(&dir.join("contended"), &format!("{host} {slot}"));
+    Ok(())
 }
 
 pub fn append(path: &Path, line: &str) {

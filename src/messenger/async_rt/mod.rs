@@ -320,6 +320,12 @@ impl AsyncMessenger {
         self.view()
     }
 
+    /// Who leads `role` on this host now (the bridge follows it).
+    #[cfg(feature = "nats")]
+    pub(crate) fn local_leader(&self, role: &str) -> Option<super::Leader> {
+        super::leader::local_leader(&self.shared.segment, self.shared.me, role)
+    }
+
     /// The bridge tells its host's workers the NATS server's
     /// `max_payload` (`Control::bridge_max_payload`).
     #[cfg(feature = "nats")]

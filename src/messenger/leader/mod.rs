@@ -115,6 +115,13 @@ fn find_entry(segment: &Segment, name: &str) -> Option<u32> {
     (2..segment.layout().lock_slots).find(|&i| segment.lock_entry(i).name().as_deref() == Some(name))
 }
 
+/// Who leads `role` on this host now, as `me` sees it (the host's bridge
+/// follows it for a role's election across hosts).
+#[cfg(feature = "nats")]
+pub(crate) fn local_leader(segment: &Segment, me: WorkerId, role: &str) -> Option<Leader> {
+    find_entry(segment, &lock_name(role)).and_then(|i| read_leader_at(segment, me, i))
+}
+
 /// The lock-table entry of the default role's election, once named.
 #[cfg(test)]
 pub(crate) fn leader_entry(segment: &Segment) -> Option<u32> {
