@@ -67,7 +67,7 @@ const SCENARIOS: &[Scenario] = &[
         drive: through_a_host_death,
     },
     Scenario {
-        name: "a_lock_and_a_leader_across_hosts",
+        name: "a_lock_a_leader_and_a_topic_across_hosts",
         timeout: Duration::from_secs(120),
         run: lock_and_leader,
         drive: one_holder_one_leader,
@@ -656,7 +656,9 @@ fn lock_and_leader() -> Check {
 }
 
 /// Four workers on two hosts take the lock `counter` ten times each: the
-/// sections never overlap and their fencing tokens only grow. Then b's
+/// sections never overlap and their fencing tokens only grow. A topic
+/// published on b reaches a subscriber here, this worker's own value comes
+/// back, and a late subscriber gets the last value first. Then b's
 /// workers campaign for the default role, one leads the cluster; a's
 /// worker 1 campaigns too; host b is SIGKILLed and a's worker takes over
 /// within the lease, with a larger term.
@@ -695,6 +697,47 @@ fn one_holder_one_leader(m: &mut Messenger) -> Check {
     let hosts: std::collections::BTreeSet<&str> =
         run.iter().map(|l| l.split(' ').nth(2).unwrap_or("")).collect();
     ensure!(hosts.len() == 2, "holders' hosts: {hosts:?}");
+
+    // A topic's last value across hosts: published on b, then here.
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let g = got.clone();
+    m.subscribe_global("config", deadline(Duration::from_secs(5)), move |v: String| {
+        g.lock().unwrap().push(v)
+    })
+    .map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("publish-b"), "").map_err(|e| e.to_string())?;
+    let until = Instant::now() + Duration::from_secs(10);
+    while !got.lock().unwrap().contains(&"from b".to_string()) {
+        ensure!(
+            Instant::now() < until,
+            "b's value never came: {:?}",
+            got.lock().unwrap()
+        );
+        pause(m, Duration::from_millis(20))?;
+    }
+    m.publish_global("config", "from a", deadline(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let until = Instant::now() + Duration::from_secs(10);
+    while got.lock().unwrap().last().map(String::as_str) != Some("from a") {
+        ensure!(
+            Instant::now() < until,
+            "a's own value never came back: {:?}",
+            got.lock().unwrap()
+        );
+        pause(m, Duration::from_millis(20))?;
+    }
+    // A late subscriber gets the last value first.
+    let late = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let l = late.clone();
+    m.subscribe_global("config", deadline(Duration::from_secs(5)), move |v: String| {
+        l.lock().unwrap().push(v)
+    })
+    .map_err(|e| e.to_string())?;
+    ensure!(
+        late.lock().unwrap().first().map(String::as_str) == Some("from a"),
+        "a late subscriber's first value: {:?}",
+        late.lock().unwrap()
+    );
 
     // A leader across hosts: b's workers campaign first.
     std::fs::write(dir.join("campaign-b"), "").map_err(|e| e.to_string())?;

@@ -235,6 +235,25 @@ impl Leases {
         }
     }
 
+    /// Writes `value` as `key`'s (a topic's last value).
+    pub(crate) async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, String> {
+        self.kv.put(key, value.into()).await.map_err(|e| e.to_string())
+    }
+
+    /// `key`'s value, if it has one.
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        match self.kv.entry(key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(Some(e.value.to_vec())),
+            Ok(_) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Every value written to `key` from now on, in the store's order.
+    pub(crate) async fn watch(&self, key: &str) -> Result<kv::Watch, String> {
+        self.kv.watch(key).await.map_err(|e| e.to_string())
+    }
+
     /// Whether this bridge holds `key` for `holder` with fencing token
     /// `token`.
     pub(crate) fn holds(&self, key: &str, holder: &Holder) -> Option<u64> {

@@ -31,8 +31,8 @@ use super::frame::{self, Header, Presence, Refused};
 use super::lease::{self, Holder, LeaseError};
 use super::NatsConfig;
 use crate::messenger::{
-    wire, AsyncMessenger, BridgeIncoming, Granted, LeaderWire, Op, Settled, CAMPAIGN_EVENT, LEADER_EVENT,
-    LOCK_EVENT, UNLOCK_EVENT,
+    topic_event, wire, AsyncMessenger, BridgeIncoming, Granted, LeaderWire, Op, Settled, CAMPAIGN_EVENT,
+    LEADER_EVENT, LOCK_EVENT, PUBLISH_EVENT, SUBSCRIBE_EVENT, UNLOCK_EVENT,
 };
 use crate::{CallError, HostChange, HostEvent, MapError, Messenger, Tag, Worker, HOST_EVENT};
 
@@ -160,6 +160,9 @@ struct Bridge {
     kv_replicas: usize,
     /// Roles this host campaigns for across hosts.
     roles: Mutex<std::collections::HashSet<String>>,
+    /// Topics watched across hosts, with their subscribers here (slot,
+    /// generation).
+    topics: Mutex<HashMap<String, Vec<(u32, u32)>>>,
 }
 
 /// Runs the bridge until the master stops it; the exit code.
@@ -281,6 +284,7 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
         lease: config.lease,
         kv_replicas: config.kv_replicas,
         roles: Mutex::default(),
+        topics: Mutex::default(),
     });
     let b = &bridge;
     let subscribe = |subject: String| async move {
@@ -557,6 +561,14 @@ impl Bridge {
                 Ok(role) => self.global_leader(&role).await,
                 Err(e) => Err((wire::FAILED, e.to_string())),
             },
+            PUBLISH_EVENT => match postcard::from_bytes::<(String, Vec<u8>)>(call.data) {
+                Ok((topic, value)) => self.publish_topic(&topic, value).await,
+                Err(e) => Err((wire::FAILED, e.to_string())),
+            },
+            SUBSCRIBE_EVENT => match postcard::from_bytes::<String>(call.data) {
+                Ok(topic) => self.subscribe_topic(topic, &holder).await,
+                Err(e) => Err((wire::FAILED, e.to_string())),
+            },
             _ => Err((wire::NO_HANDLER, String::new())),
         };
         match answer {
@@ -621,6 +633,74 @@ impl Bridge {
                 term,
             });
         Ok(postcard::to_allocvec(&wire).unwrap_or_default())
+    }
+
+    async fn publish_topic(&self, topic: &str, value: Vec<u8>) -> Result<Vec<u8>, (u8, String)> {
+        if let Some(why) = self.too_large(value.len() + wire::BRIDGE_FRAME_OVERHEAD) {
+            return Err((wire::FAILED, String::from_utf8_lossy(&why).into_owned()));
+        }
+        let leases = self.leases().await?;
+        leases
+            .put(&lease::key("topic", topic), value)
+            .await
+            .map_err(|e| (wire::FAILED, format!("the key-value store: {e}")))?;
+        Ok(postcard::to_allocvec(&()).unwrap_or_default())
+    }
+
+    /// Adds a subscriber of `topic` here (watching the topic's key from
+    /// the first one on); answers the topic's last value.
+    async fn subscribe_topic(self: &Arc<Self>, topic: String, who: &Holder) -> Result<Vec<u8>, (u8, String)> {
+        let leases = self.leases().await?;
+        let key = lease::key("topic", &topic);
+        let first = {
+            let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+            // A topic once watched stays watched (its entry stays).
+            let first = !topics.contains_key(&topic);
+            let subs = topics.entry(topic.clone()).or_default();
+            if !subs.contains(&(who.slot, who.generation)) {
+                subs.push((who.slot, who.generation));
+            }
+            first
+        };
+        if first {
+            let watch = leases
+                .watch(&key)
+                .await
+                .map_err(|e| (wire::FAILED, format!("the key-value store: {e}")))?;
+            tokio::spawn(self.clone().relay_topic(topic, watch));
+        }
+        let last = leases
+            .get(&key)
+            .await
+            .map_err(|e| (wire::FAILED, format!("the key-value store: {e}")))?;
+        Ok(postcard::to_allocvec(&last).unwrap_or_default())
+    }
+
+    /// A topic's new values, to its live subscribers here.
+    async fn relay_topic(self: Arc<Self>, topic: String, mut watch: async_nats::jetstream::kv::Watch) {
+        let mut call = Vec::new();
+        while let Some(entry) = watch.next().await {
+            let Ok(entry) = entry else { continue };
+            if entry.operation != async_nats::jetstream::kv::Operation::Put {
+                continue;
+            }
+            call.clear();
+            wire::put_call_header(&mut call, &topic_event(&topic), 0);
+            call.extend_from_slice(&entry.value);
+            let tag = Tag {
+                kind: wire::EMIT,
+                correlation: 0,
+            };
+            let subs: Vec<(u32, u32)> = {
+                let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+                let subs = topics.entry(topic.clone()).or_default();
+                subs.retain(|&(slot, generation)| self.m.live_generation(slot) == Some(generation));
+                subs.clone()
+            };
+            for (slot, _) in subs {
+                self.m.push_raw(slot, tag, call.clone());
+            }
+        }
     }
 
     /// This host's leader of `role`, as the host's election says.

@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::error::CallError;
@@ -20,6 +21,16 @@ pub(crate) const UNLOCK_EVENT: &str = "shmcluster.bridge.unlock";
 pub(crate) const CAMPAIGN_EVENT: &str = "shmcluster.bridge.campaign";
 /// Who leads a role across hosts: (role) → `Option<LeaderWire>`.
 pub(crate) const LEADER_EVENT: &str = "shmcluster.bridge.leader";
+/// Publishes a topic's value across hosts: (topic, value bytes).
+pub(crate) const PUBLISH_EVENT: &str = "shmcluster.bridge.publish";
+/// Subscribes this worker to a topic across hosts: (topic) → its last
+/// value, `Option<Vec<u8>>`.
+pub(crate) const SUBSCRIBE_EVENT: &str = "shmcluster.bridge.subscribe";
+
+/// The event a topic's values reach its subscribers as.
+pub(crate) fn topic_event(topic: &str) -> String {
+    format!("shmcluster.topic.{topic}")
+}
 
 /// What the bridge answers a lock with.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -170,6 +181,56 @@ impl Messenger {
             generation: w.generation,
             term: w.term,
         }))
+    }
+
+    /// Publishes `value` as `topic`'s value across every host (feature
+    /// `nats`: kept in NATS's key-value store): every subscriber, on any
+    /// host, gets it, and one that subscribes later gets the last value
+    /// first. Values of one publisher arrive in order; of several, in the
+    /// store's order. A subscriber on a host cut off meanwhile gets the
+    /// last value when its host is back, not every one in between.
+    ///
+    /// # Errors
+    /// `HostUnreachable` without a bridge; `TooLarge` above NATS's
+    /// payload limit; `HandlerFailed` with the store's error; `TimedOut`.
+    pub fn publish_global<T: Serialize + ?Sized>(
+        &mut self,
+        topic: &str,
+        value: &T,
+        deadline: Instant,
+    ) -> Result<(), CallError> {
+        let bridge = self.bridge_slot()?;
+        let bytes = postcard::to_allocvec(value).map_err(CallError::Encode)?;
+        self.request(bridge, PUBLISH_EVENT, &(topic, bytes), deadline)
+    }
+
+    /// Runs `f` with `topic`'s value now (if it has one) and with every
+    /// value published after, from any host (see
+    /// [`Messenger::publish_global`]). `f` runs on the messenger's thread,
+    /// as a handler.
+    ///
+    /// # Errors
+    /// `HostUnreachable` without a bridge; `EventName` for a topic too
+    /// long to name an event; `TimedOut`.
+    pub fn subscribe_global<T, F>(&mut self, topic: &str, deadline: Instant, f: F) -> Result<(), CallError>
+    where
+        T: DeserializeOwned,
+        F: FnMut(T) + Send + 'static,
+    {
+        let bridge = self.bridge_slot()?;
+        let f = std::sync::Arc::new(std::sync::Mutex::new(f));
+        let g = f.clone();
+        self.on_bytes(&topic_event(topic), move |_, data| {
+            if let Ok(v) = postcard::from_bytes::<T>(data) {
+                (g.lock().unwrap_or_else(|p| p.into_inner()))(v);
+            }
+            Vec::new()
+        })?;
+        let last: Option<Vec<u8>> = self.request(bridge, SUBSCRIBE_EVENT, topic, deadline)?;
+        if let Some(v) = last.and_then(|b| postcard::from_bytes::<T>(&b).ok()) {
+            (f.lock().unwrap_or_else(|p| p.into_inner()))(v);
+        }
+        Ok(())
     }
 
     /// Whether this worker leads `role` across hosts now.

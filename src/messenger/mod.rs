@@ -56,7 +56,10 @@ pub(crate) fn encode_call_for_bridge<T: serde::Serialize + ?Sized>(
     encode::encode_call(event, 0, value, usize::MAX)
 }
 #[cfg(feature = "nats")]
-pub(crate) use global::{Granted, LeaderWire, CAMPAIGN_EVENT, LEADER_EVENT, LOCK_EVENT, UNLOCK_EVENT};
+pub(crate) use global::{
+    topic_event, Granted, LeaderWire, CAMPAIGN_EVENT, LEADER_EVENT, LOCK_EVENT, PUBLISH_EVENT,
+    SUBSCRIBE_EVENT, UNLOCK_EVENT,
+};
 #[cfg(feature = "nats")]
 pub(crate) use handlers::BridgeIncoming;
 

@@ -166,13 +166,23 @@ pub fn serve(w: Worker) -> Check {
         // Keep serving until the scenario process stops the host.
     }
     // Serve; on the scenario's word (a file), contend for the lock
-    // `counter` across hosts, or campaign for the default role.
-    let (mut contended, mut campaigned) = (driver, false);
+    // `counter` across hosts, campaign for the default role, or (worker 0
+    // of the host) publish "from <host>" as the topic `config`.
+    let (mut contended, mut campaigned, mut published) = (driver, false, m.worker().index() != 0);
     while !m.worker().should_stop() {
         m.poll(Duration::from_millis(10)).map_err(|e| e.to_string())?;
         if !contended && dir.join("contend").exists() {
             contended = true;
             contend(&mut m, &host, CONTEND_ROUNDS)?;
+        }
+        if !published && dir.join(format!("publish-{host}")).exists() {
+            published = true;
+            m.publish_global(
+                "config",
+                &format!("from {host}"),
+                Instant::now() + Duration::from_secs(5),
+            )
+            .map_err(|e| e.to_string())?;
         }
         if !campaigned && dir.join(format!("campaign-{host}")).exists() {
             campaigned = true;
