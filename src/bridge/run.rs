@@ -151,9 +151,14 @@ struct Bridge {
     heartbeat: Duration,
     host_timeout: Duration,
     turn: AtomicU64,
-    /// Until then this bridge may not have heard every host yet (it asks
-    /// them at start): "no host" is not an answer before.
+    /// Until then a map does not take the hosts it has heard for all
+    /// there are (two heartbeats: each host answers a new bridge's first
+    /// presence at once, and beats anyway).
     warm_at: Instant,
+    /// Until then (the host timeout from the start) "no such host" or "no
+    /// host" is not an answer a call or consume settles with at once: a
+    /// host is only known absent once silent that long.
+    young_until: Instant,
     /// The key-value bucket's leases, opened at first use.
     leases: tokio::sync::OnceCell<lease::Leases>,
     lease: Duration,
@@ -279,7 +284,8 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
         heartbeat: config.heartbeat,
         host_timeout: config.host_timeout,
         turn: AtomicU64::new(0),
-        warm_at: Instant::now() + config.heartbeat.max(Duration::from_millis(50)),
+        warm_at: Instant::now() + 2 * config.heartbeat.max(Duration::from_millis(50)),
+        young_until: Instant::now() + config.host_timeout,
         leases: tokio::sync::OnceCell::new(),
         lease: config.lease,
         kv_replicas: config.kv_replicas,
@@ -453,6 +459,19 @@ impl Bridge {
         let until = self.warm_at.min(deadline);
         if Instant::now() < until {
             tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+        }
+    }
+
+    /// Waits until `ready()` holds, at most until `deadline` and while this
+    /// bridge is young (see `young_until`).
+    async fn wait_while_young(&self, deadline: Instant, ready: impl Fn() -> bool) {
+        let until = tokio::time::Instant::from_std(self.young_until.min(deadline));
+        let mut changes = self.hosts_changed.subscribe();
+        while !ready() && tokio::time::Instant::now() < until {
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep_until(until) => {}
+            }
         }
     }
 
@@ -913,7 +932,7 @@ impl Bridge {
             return;
         }
         if !self.live(host) {
-            self.warm(deadline).await;
+            self.wait_while_young(deadline, || self.live(host)).await;
         }
         if !self.live(host) {
             reply.send(
@@ -1069,7 +1088,8 @@ impl Bridge {
             reply.send(wire::NO_HANDLER, b"");
             return;
         }
-        self.warm(deadline).await;
+        self.wait_while_young(deadline, || !self.live_hosts().is_empty())
+            .await;
         let mut refused: Vec<String> = Vec::new();
         let mut attempts = 0u32;
         // A host had the task and went away (or its answer was lost).
