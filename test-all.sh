@@ -31,7 +31,7 @@ step "the nats feature: hosts joined through a real NATS cluster"
 # faults (a NATS server, a bridge, a whole host SIGKILLed; garbage);
 # tests/bridge_master.rs: the master's side of the bridge (and the CLI).
 timeout 300 cargo test --features nats --lib bridge::
-timeout 900 cargo test --features nats,cli --test nats_harness --test hosts --test bridge_master
+timeout 900 cargo test --features nats,cli --test nats_harness --test hosts --test bridge_master --test hosts_python
 
 step "python: the ctypes binding over libshmcluster (pytest)"
 cargo build -p shmcluster-ffi

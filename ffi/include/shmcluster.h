@@ -512,6 +512,25 @@ shmc_result shmc_handle_emit(const shmc_handle *h,
                              const uint8_t *data,
                              size_t len);
 
+// [`crate::shmc_emit_at`] from any thread: fire and forget. It checks
+// the event name and size at once and returns; the worker's thread sends
+// it at its next poll (a missing bridge or a bad host name is then
+// dropped, as any failure of a handle's emit).
+//
+// # Errors
+// `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_TOO_LARGE`,
+// `SHMC_RESULT_WORKER_CLOSED`, `SHMC_RESULT_IN_HANDLER`.
+//
+// # Safety
+// `h` NULL or a live handle; `host` and `event` NUL-terminated; `data`
+// valid for `len` bytes.
+shmc_result shmc_handle_emit_at(const shmc_handle *h,
+                                const char *host,
+                                uint32_t slot,
+                                const char *event,
+                                const uint8_t *data,
+                                size_t len);
+
 // `shmc_handle_emit(h, SHMC_TARGET_KIND_ALL, 0, ...)`: every live worker,
 // this one included.
 //
@@ -541,6 +560,25 @@ shmc_result shmc_handle_request(const shmc_handle *h,
                                 size_t len,
                                 uint64_t timeout_ms,
                                 shmc_bytes **reply);
+
+// [`crate::shmc_request_at`] from any thread: the worker in `slot` of
+// host `host` runs its first handler for `event` with `data`; waits up to
+// `timeout_ms` for the answer, stored in `*reply` (free it with
+// [`crate::shmc_bytes_free`]).
+//
+// # Errors
+// As [`crate::shmc_request_at`], plus those of [`shmc_handle_request`].
+//
+// # Safety
+// As [`shmc_handle_request`]; `host` NUL-terminated.
+shmc_result shmc_handle_request_at(const shmc_handle *h,
+                                   const char *host,
+                                   uint32_t slot,
+                                   const char *event,
+                                   const uint8_t *data,
+                                   size_t len,
+                                   uint64_t timeout_ms,
+                                   shmc_bytes **reply);
 
 // [`crate::shmc_map`] from any thread; the result (one entry per live
 // worker) is stored in `*result` (free it with
@@ -936,6 +974,50 @@ shmc_result shmc_request(const shmc_worker *w,
                          uint64_t timeout_ms,
                          shmc_bytes **reply);
 
+// [`shmc_request`] to the worker in `slot` of host `host` (another host
+// of the cluster, by its `--host-id`; feature `nats`): its first handler
+// for `event` runs with `data`, through this host's bridge and that
+// host's. Waits up to `timeout_ms` for the answer, stored in `*reply`
+// (free it with [`shmc_bytes_free`]).
+//
+// # Errors
+// `SHMC_RESULT_HOST_UNREACHABLE` at once if this host has no live bridge
+// (no `--nats`), `host` is not connected or not a host name (1 to 64
+// bytes), or no worker serves `slot` there; the rest as [`shmc_request`].
+//
+// # Safety
+// As [`shmc_request`]; `host` NUL-terminated.
+shmc_result shmc_request_at(const shmc_worker *w,
+                            const char *host,
+                            uint32_t slot,
+                            const char *event,
+                            const uint8_t *data,
+                            size_t len,
+                            uint64_t timeout_ms,
+                            shmc_bytes **reply);
+
+// Emits `event` with `data` (copied) to the worker in `slot` of host
+// `host` (another host of the cluster, by its `--host-id`; feature
+// `nats`): fire and forget, as [`shmc_emit`]. A host that is not
+// connected, or no worker in that slot there, drops it (the bridges
+// count what they drop).
+//
+// # Errors
+// `SHMC_RESULT_HOST_UNREACHABLE` if this host has no live bridge (no
+// `--nats`) or `host` is not a host name (1 to 64 bytes);
+// `SHMC_RESULT_TOO_LARGE`, `SHMC_RESULT_EVENT_NAME`, and the send errors
+// of [`shmc_emit`].
+//
+// # Safety
+// `w` NULL or a live handle; `host` and `event` NUL-terminated; `data`
+// valid for `len` bytes.
+shmc_result shmc_emit_at(const shmc_worker *w,
+                         const char *host,
+                         uint32_t slot,
+                         const char *event,
+                         const uint8_t *data,
+                         size_t len);
+
 // Runs `event` with `data` on exactly one live worker that has a handler
 // (the least loaded, this one included), waiting up to `timeout_ms` until
 // its handler has finished. At least once: if that worker dies first, the
@@ -989,6 +1071,23 @@ size_t shmc_map_result_len(const shmc_map_result *result);
 shmc_result shmc_map_result_get(const shmc_map_result *result,
                                 size_t i,
                                 shmc_map_entry *entry);
+
+// Writes the name of the host entry `i` came from into `buf` (room for
+// `len` bytes, NUL-terminated, truncated to fit) and its length into
+// `*out_len` if that is not NULL: the empty string for this host's
+// workers, the other host's `--host-id` for theirs (feature `nats`: a
+// map also reaches the workers of the other hosts, whose slots and
+// generations repeat this host's). `SHMC_RESULT_BUFFER_TOO_SMALL` if it
+// did not fit (`*out_len` says how much room it needs).
+//
+// # Safety
+// `result` NULL or a live map result; `buf` valid for writes of `len`
+// bytes (or NULL with `len` 0); `out_len` NULL or valid.
+shmc_result shmc_map_result_host(const shmc_map_result *result,
+                                 size_t i,
+                                 uint8_t *buf,
+                                 size_t len,
+                                 size_t *out_len);
 
 // Frees a map result (NULL is ignored).
 //

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use shmcluster_rs::{Messenger, MessengerHandle, Target, MAX_EVENT_NAME};
 
-use crate::boundary::{self, check_fork, guard, into_handle, name_and_data, out_arg, put, ref_arg};
+use crate::boundary::{self, check_fork, guard, into_handle, name_and_data, out_arg, put, ref_arg, str_arg};
 use crate::call::Via;
 use crate::messaging::{shmc_bytes, shmc_consumed, shmc_map_result, target_arg};
 use crate::result::{shmc_result, Failure};
@@ -349,6 +349,43 @@ pub unsafe extern "C" fn shmc_handle_emit(
     })
 }
 
+/// [`crate::shmc_emit_at`] from any thread: fire and forget. It checks
+/// the event name and size at once and returns; the worker's thread sends
+/// it at its next poll (a missing bridge or a bad host name is then
+/// dropped, as any failure of a handle's emit).
+///
+/// # Errors
+/// `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_TOO_LARGE`,
+/// `SHMC_RESULT_WORKER_CLOSED`, `SHMC_RESULT_IN_HANDLER`.
+///
+/// # Safety
+/// `h` NULL or a live handle; `host` and `event` NUL-terminated; `data`
+/// valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_handle_emit_at(
+    h: *const shmc_handle,
+    host: *const c_char,
+    slot: u32,
+    event: *const c_char,
+    data: *const u8,
+    len: usize,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let handle = unsafe { handle_ref(h) }?;
+        // SAFETY: forwarded from our caller.
+        let host = unsafe { str_arg(host, "host") }?.to_owned();
+        // SAFETY: forwarded from our caller.
+        let (event, data) = unsafe { name_and_data(event, "event", data, len) }?;
+        // The slot is another host's: only this call's own limits apply here.
+        handle.check_send(&Target::All, event, data.len())?;
+        let (event, data) = (event.to_owned(), data.to_vec());
+        handle.submit(Box::new(move |inner| {
+            let _ = inner.messenger.emit_bytes_at(&host, slot, &event, &data);
+        }))
+    })
+}
+
 /// `shmc_handle_emit(h, SHMC_TARGET_KIND_ALL, 0, ...)`: every live worker,
 /// this one included.
 ///
@@ -389,6 +426,31 @@ pub unsafe extern "C" fn shmc_handle_request(
 ) -> shmc_result {
     // SAFETY: forwarded from our caller.
     unsafe { crate::messaging::request(Via::Handle(h), slot, event, data, len, timeout_ms, reply) }
+}
+
+/// [`crate::shmc_request_at`] from any thread: the worker in `slot` of
+/// host `host` runs its first handler for `event` with `data`; waits up to
+/// `timeout_ms` for the answer, stored in `*reply` (free it with
+/// [`crate::shmc_bytes_free`]).
+///
+/// # Errors
+/// As [`crate::shmc_request_at`], plus those of [`shmc_handle_request`].
+///
+/// # Safety
+/// As [`shmc_handle_request`]; `host` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_handle_request_at(
+    h: *const shmc_handle,
+    host: *const c_char,
+    slot: u32,
+    event: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    reply: *mut *mut shmc_bytes,
+) -> shmc_result {
+    // SAFETY: forwarded from our caller.
+    unsafe { crate::messaging::request_at(Via::Handle(h), host, slot, event, data, len, timeout_ms, reply) }
 }
 
 /// [`crate::shmc_map`] from any thread; the result (one entry per live

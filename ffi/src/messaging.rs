@@ -2,12 +2,13 @@
 
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::Ordering::*;
+use std::sync::Arc;
 
 use shmcluster_rs::{BytesReply, CallKind, Ctx, MapError, Target, WorkerId};
 
 use crate::boundary::{
     self, bytes_arg, check_fork, free_handle, guard, into_handle, name_and_data, out_arg, put, put_optional,
-    ref_arg, str_arg,
+    ref_arg, str_arg, write_c_string,
 };
 use crate::call::Via;
 use crate::result::{map_error_code, shmc_result, Failure};
@@ -589,6 +590,107 @@ pub(crate) unsafe fn request(
     })
 }
 
+/// [`shmc_request`] to the worker in `slot` of host `host` (another host
+/// of the cluster, by its `--host-id`; feature `nats`): its first handler
+/// for `event` runs with `data`, through this host's bridge and that
+/// host's. Waits up to `timeout_ms` for the answer, stored in `*reply`
+/// (free it with [`shmc_bytes_free`]).
+///
+/// # Errors
+/// `SHMC_RESULT_HOST_UNREACHABLE` at once if this host has no live bridge
+/// (no `--nats`), `host` is not connected or not a host name (1 to 64
+/// bytes), or no worker serves `slot` there; the rest as [`shmc_request`].
+///
+/// # Safety
+/// As [`shmc_request`]; `host` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_request_at(
+    w: *const shmc_worker,
+    host: *const c_char,
+    slot: u32,
+    event: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    reply: *mut *mut shmc_bytes,
+) -> shmc_result {
+    // SAFETY: forwarded from our caller.
+    unsafe { request_at(Via::Worker(w), host, slot, event, data, len, timeout_ms, reply) }
+}
+
+/// [`shmc_request_at`] or [`crate::shmc_handle_request_at`], as `via` says.
+///
+/// # Safety
+/// As [`shmc_request_at`], for the worker or handle in `via`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn request_at(
+    via: Via,
+    host: *const c_char,
+    slot: u32,
+    event: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    reply: *mut *mut shmc_bytes,
+) -> shmc_result {
+    guard(|| {
+        let out = out_arg(reply, "reply")?;
+        // SAFETY: forwarded from our caller.
+        let host = unsafe { str_arg(host, "host") }?.to_owned();
+        // SAFETY: forwarded from our caller.
+        let answer = unsafe {
+            via.call(
+                event,
+                "event",
+                data,
+                len,
+                timeout_ms,
+                move |m, event, data, deadline| m.request_bytes_at(&host, slot, event, data, deadline),
+            )
+        }?;
+        give_bytes(out, answer);
+        Ok(())
+    })
+}
+
+/// Emits `event` with `data` (copied) to the worker in `slot` of host
+/// `host` (another host of the cluster, by its `--host-id`; feature
+/// `nats`): fire and forget, as [`shmc_emit`]. A host that is not
+/// connected, or no worker in that slot there, drops it (the bridges
+/// count what they drop).
+///
+/// # Errors
+/// `SHMC_RESULT_HOST_UNREACHABLE` if this host has no live bridge (no
+/// `--nats`) or `host` is not a host name (1 to 64 bytes);
+/// `SHMC_RESULT_TOO_LARGE`, `SHMC_RESULT_EVENT_NAME`, and the send errors
+/// of [`shmc_emit`].
+///
+/// # Safety
+/// `w` NULL or a live handle; `host` and `event` NUL-terminated; `data`
+/// valid for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_emit_at(
+    w: *const shmc_worker,
+    host: *const c_char,
+    slot: u32,
+    event: *const c_char,
+    data: *const u8,
+    len: usize,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let host = unsafe { str_arg(host, "host") }?;
+        // SAFETY: forwarded from our caller.
+        let (event, data) = unsafe { name_and_data(event, "event", data, len) }?;
+        // SAFETY: forwarded from our caller.
+        unsafe {
+            with_worker(w, |inner| {
+                Ok(inner.messenger.emit_bytes_at(host, slot, event, data)?)
+            })
+        }
+    })
+}
+
 /// What a consume did.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -671,21 +773,40 @@ pub(crate) unsafe fn consume(
 /// [`shmc_map`], freed by [`shmc_map_result_free`]. Plain memory: any thread,
 /// survives fork.
 pub struct shmc_map_result {
-    entries: Vec<(u32, u32, shmc_result, Vec<u8>)>,
+    entries: Vec<MapEntry>,
+}
+
+/// One entry of a [`shmc_map_result`]: the worker, its host's name (`None`
+/// for this host), the status and the answer or failure text.
+struct MapEntry {
+    slot: u32,
+    generation: u32,
+    host: Option<Arc<str>>,
+    status: shmc_result,
+    data: Vec<u8>,
 }
 
 /// The map's answers as C sees them.
 pub(crate) fn map_result_of(answers: Vec<(WorkerId, Result<Vec<u8>, MapError>)>) -> shmc_map_result {
     let entries = answers
         .into_iter()
-        .map(|(who, r)| match r {
-            Ok(bytes) => (who.slot, who.generation, shmc_result::Ok, bytes),
-            Err(e) => {
-                let text = match &e {
-                    MapError::HandlerFailed(t) => t.clone().into_bytes(),
-                    _ => Vec::new(),
-                };
-                (who.slot, who.generation, map_error_code(&e), text)
+        .map(|(who, r)| {
+            let (status, data) = match r {
+                Ok(bytes) => (shmc_result::Ok, bytes),
+                Err(e) => {
+                    let text = match &e {
+                        MapError::HandlerFailed(t) => t.clone().into_bytes(),
+                        _ => Vec::new(),
+                    };
+                    (map_error_code(&e), text)
+                }
+            };
+            MapEntry {
+                slot: who.slot,
+                generation: who.generation,
+                host: who.host.name(),
+                status,
+                data,
             }
         })
         .collect();
@@ -797,20 +918,52 @@ pub unsafe extern "C" fn shmc_map_result_get(
         let out = out_arg(entry, "entry")?;
         // SAFETY: forwarded from our caller.
         let r = unsafe { ref_arg(result, "result") }?;
-        let (slot, generation, status, data) = r
-            .entries
-            .get(i)
-            .ok_or_else(|| Failure::new(shmc_result::InvalidArgument, format!("no entry {i}")))?;
+        let entry = entry_of(r, i)?;
         let e = shmc_map_entry {
-            slot: *slot,
-            generation: *generation,
-            status: *status,
-            data: data.as_ptr(),
-            len: data.len(),
+            slot: entry.slot,
+            generation: entry.generation,
+            status: entry.status,
+            data: entry.data.as_ptr(),
+            len: entry.data.len(),
         };
         // SAFETY: checked non-NULL; valid by our caller's contract.
         unsafe { put(out, e) };
         Ok(())
+    })
+}
+
+/// Entry `i` of a map result.
+fn entry_of(r: &shmc_map_result, i: usize) -> Result<&MapEntry, Failure> {
+    r.entries
+        .get(i)
+        .ok_or_else(|| Failure::new(shmc_result::InvalidArgument, format!("no entry {i}")))
+}
+
+/// Writes the name of the host entry `i` came from into `buf` (room for
+/// `len` bytes, NUL-terminated, truncated to fit) and its length into
+/// `*out_len` if that is not NULL: the empty string for this host's
+/// workers, the other host's `--host-id` for theirs (feature `nats`: a
+/// map also reaches the workers of the other hosts, whose slots and
+/// generations repeat this host's). `SHMC_RESULT_BUFFER_TOO_SMALL` if it
+/// did not fit (`*out_len` says how much room it needs).
+///
+/// # Safety
+/// `result` NULL or a live map result; `buf` valid for writes of `len`
+/// bytes (or NULL with `len` 0); `out_len` NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_map_result_host(
+    result: *const shmc_map_result,
+    i: usize,
+    buf: *mut u8,
+    len: usize,
+    out_len: *mut usize,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let r = unsafe { ref_arg(result, "result") }?;
+        let host = entry_of(r, i)?.host.as_deref().unwrap_or("");
+        // SAFETY: forwarded from our caller.
+        unsafe { write_c_string(host, buf, len, out_len) }
     })
 }
 

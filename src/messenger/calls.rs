@@ -512,6 +512,29 @@ impl Messenger {
         Ok(())
     }
 
+    /// [`Messenger::emit_at`] with raw bytes (handlers registered with
+    /// [`Messenger::on_bytes`]).
+    ///
+    /// # Errors
+    /// As [`Messenger::emit_at`].
+    pub fn emit_bytes_at(
+        &mut self,
+        host: &str,
+        slot: u32,
+        event: &str,
+        data: &[u8],
+    ) -> Result<(), EmitError> {
+        let call = encode_call_bytes(event, 0, data, self.max_payload)?;
+        let bridge = self.view().bridge().ok_or(EmitError::NoBridge)?;
+        let tag = Tag {
+            kind: wire::BRIDGE_EMIT,
+            correlation: 0,
+        };
+        self.deliver(bridge.slot, tag, routed(host, slot, &call)?, None)?;
+        self.count(event, |s| s.sent += 1);
+        Ok(())
+    }
+
     /// Asks the worker in `slot` of another host (feature `nats`) to run
     /// its first handler for `event`, as [`Messenger::request`] does here.
     ///

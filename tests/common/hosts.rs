@@ -370,6 +370,29 @@ impl Hosts {
         ensure!(verdict == "ok", "{verdict}");
         Ok(())
     }
+
+    /// Starts host `id` as the command `argv` (say, a `shmcluster run
+    /// --nats ...` of workers in another language) with `envs` added to
+    /// this process's environment; it dies with the scenario process, as
+    /// [`Hosts::host`]'s do, and [`Hosts::finish`] stops it.
+    pub fn command_host(&mut self, id: &str, argv: &[&str], envs: &[(&str, &str)]) -> Check {
+        let (program, args) = argv.split_first().ok_or("command_host: an empty argv")?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env_remove("SHMC_SCENARIO_PARENT")
+            .envs(envs.iter().copied());
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes integers only and is
+        // async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| format!("host {id} ({program}): {e}"))?;
+        self.children.push((id.to_owned(), child));
+        Ok(())
+    }
 }
 
 pub fn nats3() -> Result<NatsCluster, String> {

@@ -26,7 +26,8 @@ from contextlib import contextmanager
 
 __all__ = [
     "Segment", "Worker", "Handle", "Lock", "ShmclusterError", "NoHandler", "HandlerFailed",
-    "WorkerDied", "TimedOut", "LockError", "WorkerClosed", "NoLeader", "LeaderDied", "WAIT_FOREVER",
+    "WorkerDied", "TimedOut", "LockError", "WorkerClosed", "NoLeader", "LeaderDied", "HostUnreachable",
+    "WAIT_FOREVER",
     "ABI_VERSION", "load_library", "RESULT_NAMES", "RESULT_TEXTS",
 ]
 
@@ -83,10 +84,16 @@ class LeaderDied(ShmclusterError):
     """The leader died before answering."""
 
 
+class HostUnreachable(ShmclusterError):
+    """Another host cannot be reached: this host has no NATS bridge (the
+    master was not started with ``--nats``), the host is not connected, or
+    no worker serves the slot there."""
+
+
 _CLASSES = {
     NO_HANDLER: NoHandler, HANDLER_FAILED: HandlerFailed, WORKER_DIED: WorkerDied,
     TIMED_OUT: TimedOut, NO_LEADER: NoLeader, LEADER_DIED: LeaderDied,
-    WORKER_CLOSED: WorkerClosed,
+    WORKER_CLOSED: WorkerClosed, HOST_UNREACHABLE: HostUnreachable,
 }
 
 
@@ -182,6 +189,9 @@ def load_library(path=None):
         "shmc_emit": ([P, U32, U32, ctypes.c_char_p, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
         "shmc_broadcast": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
         "shmc_request": ([P, U32, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
+        "shmc_request_at": ([P, ctypes.c_char_p, U32, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
+        "shmc_emit_at": ([P, ctypes.c_char_p, U32, ctypes.c_char_p, ctypes.c_char_p, SZ], U32),
+        "shmc_map_result_host": ([P, SZ, ctypes.c_char_p, SZ, ctypes.POINTER(SZ)], U32),
         "shmc_consume": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(_Consumed)], U32),
         "shmc_map": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
         "shmc_map_result_len": ([P], SZ),
@@ -211,6 +221,8 @@ def load_library(path=None):
         "shmc_handle_emit": ([P, U32, U32, ctypes.c_char_p, ctypes.c_char_p, SZ], U32),
         "shmc_handle_broadcast": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ], U32),
         "shmc_handle_request": ([P, U32, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
+        "shmc_handle_request_at": ([P, ctypes.c_char_p, U32, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
+        "shmc_handle_emit_at": ([P, ctypes.c_char_p, U32, ctypes.c_char_p, ctypes.c_char_p, SZ], U32),
         "shmc_handle_map": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
         "shmc_handle_consume": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(_Consumed)], U32),
         "shmc_handle_invoke": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(P)], U32),
@@ -303,8 +315,18 @@ class Lock:
         return False
 
 
-def _map_entries(out):
-    """Reads and frees a shmc_map_result: (slot, bytes) or (slot, exception)."""
+def _entry_host(lib, out, i):
+    """The name of the host map entry ``i`` came from ("" for this host)."""
+    buf = ctypes.create_string_buffer(65)  # host names are 1 to 64 bytes
+    n = ctypes.c_size_t()
+    _check(lib.shmc_map_result_host(out, i, buf, len(buf), ctypes.byref(n)), "map_result_host")
+    return buf.value.decode("utf-8", "replace")
+
+
+def _map_entries(out, hosts=False):
+    """Reads and frees a shmc_map_result: (slot, bytes) or (slot, exception);
+    with ``hosts``, (host, slot, bytes or exception), ``host`` "" for this
+    host's workers."""
     lib = load_library()
     try:
         entries = []
@@ -312,11 +334,10 @@ def _map_entries(out):
             e = _MapEntry()
             _check(lib.shmc_map_result_get(out, i, ctypes.byref(e)), "map_result_get")
             body = ctypes.string_at(e.data, e.len) if e.len else b""
-            if e.status == OK:
-                entries.append((e.slot, body))
-            else:
+            if e.status != OK:
                 cls = _CLASSES.get(e.status, ShmclusterError)
-                entries.append((e.slot, cls(e.status, body.decode("utf-8", "replace"))))
+                body = cls(e.status, body.decode("utf-8", "replace"))
+            entries.append((_entry_host(lib, out, i), e.slot, body) if hosts else (e.slot, body))
         return entries
     finally:
         lib.shmc_map_result_free(out)
@@ -367,11 +388,23 @@ class Handle:
         _check(load_library().shmc_handle_request(self._ptr, slot, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "handle_request")
         return _take_bytes(out)
 
-    def map(self, event, data=b"", timeout=10.0):
-        """One entry per live worker: (slot, bytes) or (slot, exception)."""
+    def request_at(self, host, slot, event, data=b"", timeout=10.0):
+        """:meth:`Worker.request_at` from any thread."""
+        out = ctypes.c_void_p()
+        _check(load_library().shmc_handle_request_at(self._ptr, host.encode(), slot, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "handle_request_at")
+        return _take_bytes(out)
+
+    def emit_at(self, host, slot, event, data=b""):
+        """:meth:`Worker.emit_at` from any thread: fire and forget (sent by
+        the worker's thread at its next poll; a missing bridge drops it)."""
+        _check(load_library().shmc_handle_emit_at(self._ptr, host.encode(), slot, event.encode(), data, len(data)), "handle_emit_at")
+
+    def map(self, event, data=b"", timeout=10.0, hosts=False):
+        """One entry per live worker: (slot, bytes) or (slot, exception);
+        with ``hosts``, (host, slot, ...) as :meth:`Worker.map`."""
         out = ctypes.c_void_p()
         _check(load_library().shmc_handle_map(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out)), "handle_map")
-        return _map_entries(out)
+        return _map_entries(out, hosts)
 
     def consume(self, event, data=b"", timeout=10.0):
         """(slot, delivery id, attempts), as :meth:`Worker.consume`."""
@@ -609,6 +642,42 @@ class Worker:
         _check(code, "request")
         return _take_bytes(out)
 
+    def request_at(self, host, slot, event, data=b"", timeout=10.0):
+        """Asks the worker in ``slot`` of another host of the cluster
+        (``host``: its ``--host-id``; the master runs with ``--nats``) to run
+        its first handler for ``event`` with ``data``, and returns its
+        answer (bytes) within ``timeout`` seconds (``None``: no limit).
+
+        Raises :class:`HostUnreachable` at once if this host has no bridge,
+        ``host`` is not connected or no worker serves ``slot`` there; the
+        other errors as :meth:`request` (:class:`NoHandler`,
+        :class:`HandlerFailed`, :class:`TimedOut`, ...). A handler of this
+        worker cannot call it (it would wait on itself): do it from the
+        thread that polls, after the handler returned."""
+        if self._elsewhere():
+            return self.handle().request_at(host, slot, event, data, timeout)
+        out = ctypes.c_void_p()
+        code = load_library().shmc_request_at(self._ptr, host.encode(), slot, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out))
+        if code == BUSY:
+            return self.handle().request_at(host, slot, event, data, timeout)
+        _check(code, "request_at")
+        return _take_bytes(out)
+
+    def emit_at(self, host, slot, event, data=b""):
+        """Emits ``event`` with ``data`` to the worker in ``slot`` of another
+        host (``host``: its ``--host-id``): fire and forget, as :meth:`emit`.
+        A host that is not connected, or no worker in ``slot`` there, drops
+        it. Raises :class:`HostUnreachable` if this host has no bridge or
+        ``host`` is no host name (1 to 64 bytes)."""
+        if self._elsewhere():
+            self.handle().emit_at(host, slot, event, data)
+            return
+        code = load_library().shmc_emit_at(self._ptr, host.encode(), slot, event.encode(), data, len(data))
+        if code == BUSY:
+            self.handle().emit_at(host, slot, event, data)
+            return
+        _check(code, "emit_at")
+
     def consume(self, event, data=b"", timeout=10.0):
         """Runs the task on exactly one live worker with a handler; returns
         (slot, delivery id, attempts)."""
@@ -621,16 +690,19 @@ class Worker:
         _check(code, "consume")
         return (c.slot, c.delivery_id, c.attempts)
 
-    def map(self, event, data=b"", timeout=10.0):
-        """One entry per live worker: (slot, bytes) or (slot, exception)."""
+    def map(self, event, data=b"", timeout=10.0, hosts=False):
+        """One entry per live worker: (slot, bytes) or (slot, exception).
+        With ``--nats`` a map also reaches the other hosts' workers (after
+        this host's), whose slots repeat this host's: ``hosts=True`` gives
+        (host, slot, bytes or exception), ``host`` "" for this host's."""
         if self._elsewhere():
-            return self.handle().map(event, data, timeout)
+            return self.handle().map(event, data, timeout, hosts)
         out = ctypes.c_void_p()
         code = load_library().shmc_map(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(out))
         if code == BUSY:
-            return self.handle().map(event, data, timeout)
+            return self.handle().map(event, data, timeout, hosts)
         _check(code, "map")
-        return _map_entries(out)
+        return _map_entries(out, hosts)
 
     def emit_json(self, slot, event, value):
         return self.emit(slot, event, json.dumps(value).encode())

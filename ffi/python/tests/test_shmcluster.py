@@ -91,6 +91,48 @@ def test_request_broadcast_map_consume_and_errors():
             t.join(5)
 
 
+def test_other_hosts_without_a_bridge_are_unreachable_at_once():
+    """request_at / emit_at on a worker whose host has no NATS bridge (a
+    plain segment: no master, no --nats) raise HostUnreachable without
+    waiting for the timeout, from the worker and from its handle; a map's
+    entries are all this host's ("" as their host)."""
+    seg = sc.Segment(2)
+    w0, w1 = seg.worker(0), seg.worker(1)
+
+    @w1.on("ping")
+    def ping(msg):
+        return b"pong"
+
+    stop = threading.Event()
+    thread = serve(w1, stop)
+    try:
+        start = time.monotonic()
+        with pytest.raises(sc.HostUnreachable) as e:
+            w0.request_at("b", 1, "ping", b"", timeout=30)
+        assert e.value.code == sc.HOST_UNREACHABLE
+        assert time.monotonic() - start < 5, "did not fail at once"
+        with pytest.raises(sc.HostUnreachable):
+            w0.emit_at("b", 1, "ping", b"")
+        # From another thread, through the handle of the served worker.
+        with pytest.raises(sc.HostUnreachable):
+            w1.handle().request_at("b", 0, "ping", b"", timeout=30)
+        with pytest.raises(sc.HostUnreachable):
+            w1.request_at("b", 0, "ping", b"", timeout=30)
+        # Still usable afterwards, and the map says which host answered.
+        entries = w0.map("ping", b"", timeout=5, hosts=True)
+        assert [(h, s) for h, s, _ in entries] == [("", 0), ("", 1)]
+        assert isinstance(entries[0][2], sc.NoHandler) and entries[1][2] == b"pong"
+    finally:
+        stop.set()
+        thread.join(5)
+    # A handle's emit_at is queued for the worker's thread: it returns and
+    # the missing bridge drops it there (nothing to raise to).
+    w0.handle().emit_at("b", 1, "ping", b"")
+    w0.poll(0.01)
+    with pytest.raises(sc.ShmclusterError):
+        w0.request_at("", 1, "ping", b"")  # not a host name
+
+
 def test_synchronize_context_manager_and_owner_died():
     seg = sc.Segment(2)
     w0 = seg.worker(0)

@@ -69,6 +69,12 @@ static void *caller(void *arg) {
     CHECK(shmc_bytes_len(reply) == strlen(want) && memcmp(shmc_bytes_data(reply), want, strlen(want)) == 0);
     shmc_bytes_free(reply);
 
+    /* Other hosts, without a bridge: unreachable, through the handle too;
+     * a handle's emit_at is queued (the worker's thread drops it). */
+    EXPECT(shmc_handle_request_at(h0, "b", 1, "echo", NULL, 0, T, &reply), SHMC_RESULT_HOST_UNREACHABLE);
+    EXPECT(shmc_handle_request_at(h0, NULL, 1, "echo", NULL, 0, T, &reply), SHMC_RESULT_NULL_ARGUMENT);
+    OK(shmc_handle_emit_at(h0, "b", 1, "echo", (const uint8_t *)data, (size_t)n));
+
     shmc_map_result *map = NULL;
     OK(shmc_handle_map(h0, "echo", (const uint8_t *)data, (size_t)n, T, &map));
     CHECK(shmc_map_result_len(map) == 2);

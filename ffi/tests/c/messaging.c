@@ -151,7 +151,26 @@ int main(void) {
     OK(shmc_map_result_get(map, 2, &e));
     CHECK(e.slot == 2 && e.status == SHMC_RESULT_NO_HANDLER);
     EXPECT(shmc_map_result_get(map, 3, &e), SHMC_RESULT_INVALID_ARGUMENT);
+    /* Every entry is this host's (no bridge): its host name is "". */
+    char host[65];
+    size_t host_len = 99;
+    OK(shmc_map_result_host(map, 1, (uint8_t *)host, sizeof host, &host_len));
+    CHECK(host_len == 0 && host[0] == '\0');
+    EXPECT(shmc_map_result_host(map, 3, (uint8_t *)host, sizeof host, &host_len), SHMC_RESULT_INVALID_ARGUMENT);
+    EXPECT(shmc_map_result_host(NULL, 0, (uint8_t *)host, sizeof host, &host_len), SHMC_RESULT_NULL_ARGUMENT);
     shmc_map_result_free(map);
+
+    /* Other hosts: without a NATS bridge, unreachable at once (not after
+     * the timeout); a name that cannot be a host's is refused too. */
+    reply = NULL;
+    EXPECT(shmc_request_at(workers[0], "b", 1, "echo", NULL, 0, SHMC_WAIT_FOREVER, &reply),
+           SHMC_RESULT_HOST_UNREACHABLE);
+    CHECK(reply == NULL);
+    EXPECT(shmc_request_at(workers[0], "", 1, "echo", NULL, 0, T, &reply), SHMC_RESULT_HOST_UNREACHABLE);
+    EXPECT(shmc_request_at(workers[0], NULL, 1, "echo", NULL, 0, T, &reply), SHMC_RESULT_NULL_ARGUMENT);
+    EXPECT(shmc_request_at(workers[0], "b", 1, "echo", NULL, 0, T, NULL), SHMC_RESULT_NULL_ARGUMENT);
+    EXPECT(shmc_emit_at(workers[0], "b", 1, "note", (const uint8_t *)"x", 1), SHMC_RESULT_HOST_UNREACHABLE);
+    EXPECT(shmc_emit_at(workers[0], NULL, 1, "note", NULL, 0), SHMC_RESULT_NULL_ARGUMENT);
     OK(shmc_map(workers[0], "refuse", NULL, 0, T, &map));
     OK(shmc_map_result_get(map, 2, &e));
     CHECK(e.status == SHMC_RESULT_HANDLER_FAILED && e.len == 18 && memcmp(e.data, "refused on purpose", 18) == 0);
