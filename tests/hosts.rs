@@ -192,6 +192,30 @@ fn semantics(m: &mut Messenger) -> Check {
         pause(m, Duration::from_millis(20))?;
     }
 
+    // On the other host, an event's sender is its sender here (host a's
+    // driver), not the bridge that relayed it; here, the driver itself.
+    m.broadcast("who", &()).map_err(|e| e.to_string())?;
+    m.emit_at("b", b_slots[1], "who", &())
+        .map_err(|e| e.to_string())?;
+    let me = m.slot();
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let b0 = lines(&dir.join(format!("who-b-{}", b_slots[0])));
+        let b1 = lines(&dir.join(format!("who-b-{}", b_slots[1])));
+        let a = lines(&dir.join(format!("who-a-{me}")));
+        if !b0.is_empty() && b1.len() >= 2 && !a.is_empty() {
+            let want = format!("a {me}");
+            ensure!(
+                b0 == [want.clone()] && b1 == [want.clone(), want],
+                "senders on b: {b0:?} {b1:?}"
+            );
+            ensure!(a == [format!("local {me}")], "sender here: {a:?}");
+            break;
+        }
+        ensure!(Instant::now() < until, "who: {b0:?} {b1:?} {a:?}");
+        pause(m, Duration::from_millis(20))?;
+    }
+
     // consume: local first while a worker here is free...
     for task in 0..20u64 {
         let done = m

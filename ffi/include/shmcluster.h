@@ -315,9 +315,12 @@ typedef struct {
 // What a handler gets. Every pointer in it is valid only until the handler
 // returns: copy what you keep.
 typedef struct {
-  // The sender's slot.
+  // The sender's slot; `UINT32_MAX` for a worker of another host (an
+  // event relayed by this host's bridge: its slot numbers are not this
+  // host's). A request, map or consume from another host comes from this
+  // host's bridge, which answers for it: its slot.
   uint32_t sender_slot;
-  // The sender's generation.
+  // The sender's generation (0 for a worker of another host).
   uint32_t sender_generation;
   // The event name (UTF-8, **not** NUL-terminated).
   const char *event;

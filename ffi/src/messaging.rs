@@ -61,9 +61,12 @@ pub enum shmc_call_kind {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct shmc_message {
-    /// The sender's slot.
+    /// The sender's slot; `UINT32_MAX` for a worker of another host (an
+    /// event relayed by this host's bridge: its slot numbers are not this
+    /// host's). A request, map or consume from another host comes from this
+    /// host's bridge, which answers for it: its slot.
     pub sender_slot: u32,
-    /// The sender's generation.
+    /// The sender's generation (0 for a worker of another host).
     pub sender_generation: u32,
     /// The event name (UTF-8, **not** NUL-terminated).
     pub event: *const c_char,
@@ -82,9 +85,15 @@ pub struct shmc_message {
 
 impl shmc_message {
     fn new(ctx: &Ctx, data: &[u8]) -> Self {
+        let sender = ctx.sender();
+        let (sender_slot, sender_generation) = if sender.host.is_local() {
+            (sender.slot, sender.generation)
+        } else {
+            (u32::MAX, 0)
+        };
         Self {
-            sender_slot: ctx.sender().slot,
-            sender_generation: ctx.sender().generation,
+            sender_slot,
+            sender_generation,
             event: ctx.event().as_ptr().cast(),
             event_len: ctx.event().len(),
             data: if data.is_empty() {

@@ -14,9 +14,9 @@
 //!
 //! | kind       | body                                                    |
 //! |------------|---------------------------------------------------------|
-//! | `BCAST`    | a call (`name_len u8 | name | delivery u64 | data`)     |
-//! | `CALL`     | `slot u32 | time left u64 ns | call` (a reply is wanted) |
-//! | `EMIT`     | `slot u32 | 0 u64 | call`                                |
+//! | `BCAST`    | `from slot u32 | from generation u32 | call` (a call: `name_len u8 | name | delivery u64 | data`) |
+//! | `CALL`     | `slot u32 | time left u64 ns | from slot u32 | from generation u32 | call` (a reply is wanted) |
+//! | `EMIT`     | `slot u32 | 0 u64 | from slot u32 | from generation u32 | call` |
 //! | `MAP`      | `time left u64 ns | call`                                |
 //! | `CONSUME`  | `time left u64 ns | call`                                |
 //! | `PRESENCE` | `leaving u8 | free u32 | links u32 | n u32 | n × (slot u32, generation u32)` |

@@ -344,6 +344,14 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// A [`wire::BRIDGED_EMIT`]'s payload: the origin, then the call.
+fn relayed(origin: &str, slot: u32, generation: u32, call: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + origin.len() + 8 + call.len());
+    wire::put_consumer(&mut out, origin, slot, generation);
+    out.extend_from_slice(call);
+    out
+}
+
 /// A reply frame's body: status, then the body.
 fn reply_body(status: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + body.len());
@@ -511,12 +519,20 @@ impl Bridge {
             // A broadcast (`emit(All)`): to every other host, in order.
             wire::EMIT => {
                 let h = self.header(frame::BCAST);
-                let payload = frame::encode(&h, &[&incoming.payload]);
+                let from = incoming.sender;
+                let payload = frame::encode(
+                    &h,
+                    &[
+                        &from.slot.to_le_bytes(),
+                        &from.generation.to_le_bytes(),
+                        &incoming.payload,
+                    ],
+                );
                 if self.publish(self.subject("bcast"), payload).await {
                     bump(&self.counters.broadcasts_out);
                 }
             }
-            wire::BRIDGE_EMIT => self.route_emit(&incoming.payload).await,
+            wire::BRIDGE_EMIT => self.route_emit(&incoming.payload, incoming.sender).await,
             wire::BRIDGE_CALL => {
                 tokio::spawn(self.clone().route_call(incoming));
             }
@@ -818,18 +834,27 @@ impl Bridge {
     }
 
     /// `emit_at`: to a worker of another host, or of this one.
-    async fn route_emit(&self, payload: &[u8]) {
+    async fn route_emit(&self, payload: &[u8], from: crate::WorkerId) {
         let Some((host, slot, call)) = wire::parse_route(payload) else {
             bump(&self.counters.garbage);
             return;
         };
         if host == self.host {
-            self.emit_here(slot, call.to_vec());
+            self.emit_here(slot, "", from.slot, from.generation, call);
         } else if !self.live(host) {
             bump(&self.counters.dropped);
         } else {
             let h = self.header(frame::EMIT);
-            let payload = frame::encode(&h, &[&slot.to_le_bytes(), &0u64.to_le_bytes(), call]);
+            let payload = frame::encode(
+                &h,
+                &[
+                    &slot.to_le_bytes(),
+                    &0u64.to_le_bytes(),
+                    &from.slot.to_le_bytes(),
+                    &from.generation.to_le_bytes(),
+                    call,
+                ],
+            );
             if self
                 .publish(self.subject(&format!("host.{host}.call")), payload)
                 .await
@@ -839,16 +864,19 @@ impl Bridge {
         }
     }
 
-    fn emit_here(&self, slot: u32, call: Vec<u8>) {
+    /// An event from `(origin, from_slot, from_generation)` (`origin` ""
+    /// for this host) to the worker in `slot` here.
+    fn emit_here(&self, slot: u32, origin: &str, from_slot: u32, from_generation: u32, call: &[u8]) {
         if self.m.live_generation(slot).is_none() {
             bump(&self.counters.dropped);
             return;
         }
         let tag = Tag {
-            kind: wire::EMIT,
+            kind: wire::BRIDGED_EMIT,
             correlation: 0,
         };
-        self.m.push_raw(slot, tag, call);
+        self.m
+            .push_raw(slot, tag, relayed(origin, from_slot, from_generation, call));
     }
 
     /// `host`'s reconnect count as its last presence said.
@@ -943,7 +971,17 @@ impl Bridge {
         }
         let h = self.header(frame::CALL);
         let left = deadline.saturating_duration_since(Instant::now()).as_nanos() as u64;
-        let payload = frame::encode(&h, &[&slot.to_le_bytes(), &left.to_le_bytes(), call]);
+        let from = incoming.sender;
+        let payload = frame::encode(
+            &h,
+            &[
+                &slot.to_le_bytes(),
+                &left.to_le_bytes(),
+                &from.slot.to_le_bytes(),
+                &from.generation.to_le_bytes(),
+                call,
+            ],
+        );
         let subject = self.subject(&format!("host.{host}.call"));
         let (status, body) = self.ask(host, subject, payload, deadline).await;
         reply.send(status, &body);
@@ -1154,12 +1192,18 @@ impl Bridge {
     /// they came.
     async fn relay_broadcasts(self: Arc<Self>, mut sub: async_nats::Subscriber) {
         while let Some(msg) = sub.next().await {
-            let Some((h, call)) = self.accept(&msg.payload) else {
+            let Some((h, body)) = self.accept(&msg.payload) else {
                 continue;
             };
             if h.origin == self.host {
                 continue; // Our own: this host's workers had theirs.
             }
+            let (Some(from_slot), Some(from_generation), Some(call)) =
+                (frame::u32_at(body, 0), frame::u32_at(body, 4), body.get(8..))
+            else {
+                bump(&self.counters.garbage);
+                continue;
+            };
             if h.kind != frame::BCAST || wire::parse_call(call).is_none() {
                 bump(&self.counters.garbage);
                 continue;
@@ -1168,7 +1212,14 @@ impl Bridge {
                 continue;
             }
             bump(&self.counters.broadcasts_in);
-            self.emit_all(call);
+            let tag = Tag {
+                kind: wire::BRIDGED_EMIT,
+                correlation: 0,
+            };
+            let relayed = relayed(h.origin, from_slot, from_generation, call);
+            for w in self.m.live_workers() {
+                self.m.push_raw(w.slot, tag, relayed.clone());
+            }
         }
     }
 
@@ -1188,9 +1239,13 @@ impl Bridge {
             let Some((h, body)) = self.accept(&msg.payload) else {
                 continue;
             };
-            let (Some(slot), Some(left_ns), Some(call)) =
-                (frame::u32_at(body, 0), frame::u64_at(body, 4), body.get(12..))
-            else {
+            let (Some(slot), Some(left_ns), Some(from_slot), Some(from_generation), Some(call)) = (
+                frame::u32_at(body, 0),
+                frame::u64_at(body, 4),
+                frame::u32_at(body, 12),
+                frame::u32_at(body, 16),
+                body.get(20..),
+            ) else {
                 bump(&self.counters.garbage);
                 continue;
             };
@@ -1202,7 +1257,7 @@ impl Bridge {
                 (frame::EMIT, _) => {
                     if self.fresh(&h) {
                         bump(&self.counters.calls_in);
-                        self.emit_here(slot, call.to_vec());
+                        self.emit_here(slot, h.origin, from_slot, from_generation, call);
                     }
                 }
                 (frame::CALL, Some(reply_to)) => {

@@ -502,12 +502,32 @@ fn handle_call(
         kind: message.kind,
         correlation: message.correlation,
     };
-    let sender = WorkerId::local(message.sender, message.generation);
-    let payload = &message.payload[..];
+    let mut sender = WorkerId::local(message.sender, message.generation);
+    let mut payload = &message.payload[..];
     let kind = match tag.kind {
         wire::EMIT => CallKind::Event,
         wire::REQUEST => CallKind::Request,
         wire::CONSUME => CallKind::Consume,
+        wire::BRIDGED_EMIT => {
+            // Another host's worker's event, relayed by the bridge: the
+            // handler's `Ctx::sender` is that worker.
+            let Some((host, slot, generation, call)) = wire::parse_origin(payload) else {
+                tracing::warn!(sender = sender.slot, "malformed relayed event dropped");
+                return None;
+            };
+            let host = if host.is_empty() {
+                super::HostId::LOCAL
+            } else {
+                super::HostId::of(host)
+            };
+            sender = WorkerId {
+                host,
+                slot,
+                generation,
+            };
+            payload = call;
+            CallKind::Event
+        }
         _ => return None, // not a messenger message
     };
     let Some(call) = wire::parse_call(payload) else {

@@ -47,6 +47,13 @@ pub(crate) const BRIDGE_CONSUME: u16 = 0x4d13;
 /// `max_payload` less this.
 pub(crate) const BRIDGE_FRAME_OVERHEAD: usize = 256;
 
+/// From the host's bridge to a worker: an event another host's worker
+/// sent (a broadcast, an `emit_at`), the payload its origin
+/// ([`put_consumer`]'s layout: host, slot, generation; an empty host for
+/// this one) then the call. Handled as an `EMIT` whose sender is the
+/// origin, not the bridge.
+pub(crate) const BRIDGED_EMIT: u16 = 0x4d14;
+
 /// Reply statuses.
 pub(crate) const OK: u8 = 0;
 pub(crate) const NO_HANDLER: u8 = 1;
@@ -216,6 +223,13 @@ pub(crate) fn put_consumer(out: &mut Vec<u8>, host: &str, slot: u32, generation:
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(&slot.to_le_bytes());
     out.extend_from_slice(&generation.to_le_bytes());
+}
+
+/// A [`BRIDGED_EMIT`]'s payload, parsed: (host, slot, generation, call).
+pub(crate) fn parse_origin(payload: &[u8]) -> Option<(&str, u32, u32, &[u8])> {
+    let (host, slot, rest) = parse_route(payload)?;
+    let generation = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?);
+    Some((host, slot, generation, &rest[4..]))
 }
 
 /// [`put_consumer`]'s bytes, parsed: (host, slot, generation).

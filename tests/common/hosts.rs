@@ -133,6 +133,15 @@ pub fn serve(w: Worker) -> Check {
         .map_err(|e| e.to_string())?;
     }
     {
+        // Who sent a `who` event: `<host> <slot>`, `local` for this host.
+        let path = dir.join(format!("who-{host}-{slot}"));
+        m.on("who", move |ctx, (): ()| {
+            let from = ctx.sender();
+            append(&path, &format!("{} {}", from.host, from.slot))
+        })
+        .map_err(|e| e.to_string())?;
+    }
+    {
         let path = dir.join(format!("hostevents-{host}-{slot}"));
         m.on(HOST_EVENT, move |_, e: HostEvent| {
             append(&path, &format!("{} {:?}", e.host, e.change))
