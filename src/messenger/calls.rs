@@ -501,15 +501,7 @@ impl Messenger {
         value: &T,
     ) -> Result<(), EmitError> {
         let call = encode_call(event, 0, value, self.max_payload)?;
-        check_cross_host(&self.view(), event, &call)?;
-        let bridge = self.view().bridge().ok_or(EmitError::NoBridge)?;
-        let tag = Tag {
-            kind: wire::BRIDGE_EMIT,
-            correlation: 0,
-        };
-        self.deliver(bridge.slot, tag, routed(host, slot, &call)?, None)?;
-        self.count(event, |s| s.sent += 1);
-        Ok(())
+        self.emit_at_encoded(host, slot, event, &call)
     }
 
     /// [`Messenger::emit_at`] with raw bytes (handlers registered with
@@ -525,12 +517,17 @@ impl Messenger {
         data: &[u8],
     ) -> Result<(), EmitError> {
         let call = encode_call_bytes(event, 0, data, self.max_payload)?;
+        self.emit_at_encoded(host, slot, event, &call)
+    }
+
+    fn emit_at_encoded(&mut self, host: &str, slot: u32, event: &str, call: &[u8]) -> Result<(), EmitError> {
+        check_cross_host(&self.view(), event, call)?;
         let bridge = self.view().bridge().ok_or(EmitError::NoBridge)?;
         let tag = Tag {
             kind: wire::BRIDGE_EMIT,
             correlation: 0,
         };
-        self.deliver(bridge.slot, tag, routed(host, slot, &call)?, None)?;
+        self.deliver(bridge.slot, tag, routed(host, slot, call)?, None)?;
         self.count(event, |s| s.sent += 1);
         Ok(())
     }
