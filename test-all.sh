@@ -29,9 +29,11 @@ step "the nats feature: hosts joined through a real NATS cluster"
 # (tests/common/nats.rs; the Debian package nats-server on the PATH).
 # tests/hosts.rs: several masters as hosts with their bridges, and the
 # faults (a NATS server, a bridge, a whole host SIGKILLed; garbage);
+# tests/hosts_partition.rs: a host cut off by a veth pair taken down
+# (network namespaces: needs root and iproute2);
 # tests/bridge_master.rs: the master's side of the bridge (and the CLI).
 timeout 300 cargo test --features nats --lib bridge::
-timeout 900 cargo test --features nats,cli --test nats_harness --test hosts --test bridge_master --test hosts_python
+timeout 900 cargo test --features nats,cli --test nats_harness --test hosts --test hosts_partition --test hosts_python --test bridge_master
 
 step "python: the ctypes binding over libshmcluster (pytest)"
 cargo build -p shmcluster-ffi

@@ -402,6 +402,48 @@ impl Hosts {
         self.children.push((id.to_owned(), child));
         Ok(())
     }
+
+    /// Like [`host`](Self::host), but host `id`'s bridge is given the one
+    /// NATS URL `nats`, and with `netns` the host runs in that network
+    /// namespace (`ip netns exec <netns> <this binary>`: `ip` execs the
+    /// binary itself, so the child is the master, with the same
+    /// environment and parent-death signal).
+    pub fn host_at(
+        &mut self,
+        id: &str,
+        cluster: &str,
+        workers: u32,
+        jobs: &str,
+        nats: &str,
+        netns: Option<&str>,
+    ) -> Check {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec", ns]).arg(exe);
+                ip
+            }
+            None => Command::new(exe),
+        };
+        cmd.env_remove("SHMC_SCENARIO_PARENT")
+            .env("SHMC_HOST", id)
+            .env("SHMC_CLUSTER", cluster)
+            .env("SHMC_WORKERS", workers.to_string())
+            .env("SHMC_JOBS", jobs)
+            .env("SHMC_NATS", nats);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes integers only and is
+        // async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| format!("host {id}: {e}"))?;
+        self.children.push((id.to_owned(), child));
+        Ok(())
+    }
 }
 
 pub fn nats3() -> Result<NatsCluster, String> {

@@ -77,6 +77,9 @@ struct Ports {
 struct Node {
     name: String,
     ports: Ports,
+    /// The address its clients connect to: 127.0.0.1 unless
+    /// [`NatsCluster::start_with_client_ips`] said otherwise.
+    client_ip: Ipv4Addr,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -127,12 +130,25 @@ impl NatsCluster {
     /// ready within [`READY_WITHIN`] (after [`START_TRIES`] tries if
     /// servers failed to bind): the message shows each node's state and log.
     pub fn start(n: usize) -> Result<Self, String> {
+        Self::start_with_client_ips(n, &[])
+    }
+
+    /// Like [`start`](Self::start), but server `i` of each `(i, ip)` in
+    /// `client_ips` listens for clients on `ip` instead of 127.0.0.1 (an
+    /// address of a veth pair the test made, for a client in another
+    /// network namespace: `tests/hosts_partition.rs`); its routes and
+    /// monitor stay on 127.0.0.1, and [`url`](Self::url) names `ip`.
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn start_with_client_ips(n: usize, client_ips: &[(usize, Ipv4Addr)]) -> Result<Self, String> {
         if n == 0 {
             return Err("a NATS cluster needs at least one server".into());
         }
         let mut last = String::new();
         for _ in 0..START_TRIES {
-            let mut cluster = Self::configure(n)?;
+            let mut cluster = Self::configure(n, client_ips)?;
             for i in 0..n {
                 cluster.spawn(i)?;
             }
@@ -176,13 +192,17 @@ impl NatsCluster {
             .join(",")
     }
 
-    /// Server `i`'s client URL, `nats://127.0.0.1:<port>`.
+    /// Server `i`'s client URL, `nats://127.0.0.1:<port>` (or its own
+    /// address: [`start_with_client_ips`](Self::start_with_client_ips)).
     ///
     /// # Panics
     ///
     /// If there is no server `i` (a test's own mistake).
     pub fn url(&self, i: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.nodes[i].ports.client)
+        format!(
+            "nats://{}:{}",
+            self.nodes[i].client_ip, self.nodes[i].ports.client
+        )
     }
 
     /// Server `i`'s `server_name` (what a client's `server_info()` shows).
@@ -261,7 +281,7 @@ impl NatsCluster {
     }
 
     /// A fresh directory and ports for `n` nodes, each config written.
-    fn configure(n: usize) -> Result<Self, String> {
+    fn configure(n: usize, client_ips: &[(usize, Ipv4Addr)]) -> Result<Self, String> {
         let seq = COUNTER.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let dir = std::env::temp_dir().join(format!("shmc-nats-{pid}-{seq}"));
@@ -275,9 +295,14 @@ impl NatsCluster {
         for (i, ports) in free_ports(n)?.into_iter().enumerate() {
             let dir = cluster.dir.join(format!("n{i}"));
             std::fs::create_dir_all(dir.join("js")).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let client_ip = client_ips
+                .iter()
+                .find(|&&(j, _)| j == i)
+                .map_or(Ipv4Addr::LOCALHOST, |&(_, ip)| ip);
             cluster.nodes.push(Node {
                 name: format!("n{i}"),
                 ports,
+                client_ip,
                 dir,
                 child: None,
             });
@@ -295,7 +320,7 @@ impl NatsCluster {
         let node = &self.nodes[i];
         let mut conf = String::new();
         let _ = writeln!(conf, "server_name: {}", node.name);
-        let _ = writeln!(conf, "listen: \"127.0.0.1:{}\"", node.ports.client);
+        let _ = writeln!(conf, "listen: \"{}:{}\"", node.client_ip, node.ports.client);
         let _ = writeln!(conf, "http: \"127.0.0.1:{}\"", node.ports.http);
         // The limits keep a test's servers from reserving the machine's
         // memory and disk (by default 75 % of each).
