@@ -542,12 +542,14 @@ fn through_a_host_death(m: &mut Messenger) -> Check {
         t.elapsed()
     );
     let dead = HostId::of(&victim);
+    let of_dead: Vec<_> = entries
+        .iter()
+        .filter(|(w, _)| w.host == dead)
+        .map(|(_, r)| r.clone())
+        .collect();
     ensure!(
-        entries
-            .iter()
-            .filter(|(w, _)| w.host == dead)
-            .all(|(_, r)| *r == Err(MapError::HostUnreachable)),
-        "{entries:?}"
+        of_dead == [Err(MapError::HostUnreachable)],
+        "the dead host's entries: {entries:?}"
     );
     ensure!(
         entries.iter().filter(|(_, r)| r.is_ok()).count() == 2,

@@ -627,12 +627,11 @@ fn across_a_partition(m: &mut Messenger, hold: Duration) -> Check {
         map_took < AT_ONCE,
         "a map with b unreachable took {map_took:?}: {entries:?}"
     );
-    // The bridge leaves a host already unreachable out of a map (only a
-    // host lost while the map waits gets HostUnreachable entries): either
-    // is taken here, never an answer from b.
+    // A host already unreachable at the map's start: an entry per worker
+    // it last reported, HostUnreachable, at once.
     let late_map = of_b(&entries);
     ensure!(
-        a_ok(&entries) && late_map.iter().all(|r| *r == Err(MapError::HostUnreachable)),
+        a_ok(&entries) && late_map == vec![Err(MapError::HostUnreachable); 3],
         "a map with b unreachable: {entries:?}"
     );
     let consume_limit = Duration::from_secs(2);
@@ -640,7 +639,7 @@ fn across_a_partition(m: &mut Messenger, hold: Duration) -> Check {
     let consumed = m.consume("only_b", &(1u64, 0u64), t + consume_limit);
     let consume_took = t.elapsed();
     ensure!(
-        consumed.is_err() && consume_took < consume_limit + SLACK,
+        matches!(consumed, Err(CallError::HostUnreachable(_))) && consume_took < consume_limit + SLACK,
         "a consume only b handles, b unreachable: {consumed:?} in {consume_took:?}"
     );
     // Both of a's workers heard b become unreachable.

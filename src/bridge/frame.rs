@@ -19,7 +19,7 @@
 //! | `EMIT`     | `slot u32 | 0 u64 | from slot u32 | from generation u32 | call` |
 //! | `MAP`      | `time left u64 ns | call`                                |
 //! | `CONSUME`  | `time left u64 ns | call`                                |
-//! | `PRESENCE` | `leaving u8 | free u32 | links u32 | n u32 | n × (slot u32, generation u32)` |
+//! | `PRESENCE` | `leaving u8 | free u32 | links u32 | uptime u64 ns | n u32 | n × (slot u32, generation u32)` |
 //! | `REPLY`    | `status u8 | body` (the messenger's reply statuses)      |
 
 /// Frame kinds.
@@ -119,14 +119,19 @@ pub(crate) struct Presence {
     pub(crate) leaving: bool,
     pub(crate) free: u32,
     pub(crate) links: u32,
+    /// The sending bridge's time since its start (nanoseconds, its
+    /// monotonic clock): a receiver tells a presence that sat in a buffer
+    /// (a partition's backlog) from a fresh one by it.
+    pub(crate) uptime: u64,
     pub(crate) workers: Vec<(u32, u32)>,
 }
 
 pub(crate) fn encode_presence(p: &Presence) -> Vec<u8> {
-    let mut out = Vec::with_capacity(13 + 8 * p.workers.len());
+    let mut out = Vec::with_capacity(21 + 8 * p.workers.len());
     out.push(u8::from(p.leaving));
     out.extend_from_slice(&p.free.to_le_bytes());
     out.extend_from_slice(&p.links.to_le_bytes());
+    out.extend_from_slice(&p.uptime.to_le_bytes());
     out.extend_from_slice(&(p.workers.len() as u32).to_le_bytes());
     for &(slot, generation) in &p.workers {
         out.extend_from_slice(&slot.to_le_bytes());
@@ -146,17 +151,19 @@ pub(crate) fn decode_presence(body: &[u8]) -> Option<Presence> {
     };
     let free = u32_at(body, 1)?;
     let links = u32_at(body, 5)?;
-    let n = u32_at(body, 9)? as usize;
-    if n > MAX_PRESENCE_WORKERS || body.len() != 13 + 8 * n {
+    let uptime = u64_at(body, 9)?;
+    let n = u32_at(body, 17)? as usize;
+    if n > MAX_PRESENCE_WORKERS || body.len() != 21 + 8 * n {
         return None;
     }
     let workers = (0..n)
-        .map(|i| Some((u32_at(body, 13 + 8 * i)?, u32_at(body, 17 + 8 * i)?)))
+        .map(|i| Some((u32_at(body, 21 + 8 * i)?, u32_at(body, 25 + 8 * i)?)))
         .collect::<Option<Vec<_>>>()?;
     Some(Presence {
         leaving,
         free,
         links,
+        uptime,
         workers,
     })
 }
@@ -188,13 +195,14 @@ mod tests {
             leaving: true,
             free: 2,
             links: 3,
+            uptime: 77,
             workers: vec![(0, 1), (3, 4)],
         };
         assert_eq!(decode_presence(&encode_presence(&p)), Some(p.clone()));
         let e = encode_presence(&p);
         assert!(decode_presence(&e[..e.len() - 1]).is_none());
         let mut huge = e.clone();
-        huge[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[17..21].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_presence(&huge).is_none());
     }
 }

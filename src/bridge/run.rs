@@ -74,6 +74,9 @@ pub struct BridgeStats {
     pub slow_consumer: u64,
     /// Times this bridge's NATS connection was made (1 + reconnects).
     pub connections: u64,
+    /// Presences dropped because they sat in a buffer for a host timeout
+    /// or more (a partition's backlog).
+    pub stale_presences: u64,
     /// Other hosts seen live now.
     pub hosts: u64,
 }
@@ -103,6 +106,14 @@ struct HostInfo {
     last_seen: Instant,
     presence: Presence,
     state: HostChange,
+    /// The least (this bridge's time since its start) − (the presence's
+    /// `uptime`) seen from this incarnation: the way's delay plus the
+    /// clocks' offset. A presence whose difference is a host timeout or
+    /// more above it sat in a buffer (a partition's backlog, flushed when
+    /// the link comes back): it says nothing of the host now, and is
+    /// dropped. It rises by up to a tenth of a heartbeat per presence, so
+    /// that two clocks drifting apart never make every presence late.
+    delay: i128,
 }
 
 /// The last frame number seen per (origin, kind), with the origin's epoch:
@@ -151,6 +162,11 @@ struct Bridge {
     heartbeat: Duration,
     host_timeout: Duration,
     turn: AtomicU64,
+    /// When this bridge started: presences carry their sender's time since
+    /// its start (see `HostInfo::delay`).
+    started: Instant,
+    /// Presences dropped as stale (see `HostInfo::delay`).
+    stale: AtomicU64,
     /// Until then a map does not take the hosts it has heard for all
     /// there are (two heartbeats: each host answers a new bridge's first
     /// presence at once, and beats anyway).
@@ -286,6 +302,8 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
         turn: AtomicU64::new(0),
         warm_at: Instant::now() + 2 * config.heartbeat.max(Duration::from_millis(50)),
         young_until: Instant::now() + config.host_timeout,
+        started: Instant::now(),
+        stale: AtomicU64::new(0),
         leases: tokio::sync::OnceCell::new(),
         lease: config.lease,
         kv_replicas: config.kv_replicas,
@@ -501,6 +519,27 @@ impl Bridge {
             .filter(|(_, h)| h.state == HostChange::Joined)
             .map(|(name, h)| (name.clone(), h.presence.clone()))
             .collect()
+    }
+
+    /// The other hosts that have not left (connected, or cut off), with
+    /// their last presence.
+    fn known_hosts(&self) -> Vec<(String, Presence)> {
+        self.hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, h)| h.state != HostChange::Left)
+            .map(|(name, h)| (name.clone(), h.presence.clone()))
+            .collect()
+    }
+
+    /// Whether a host known to this bridge is cut off now.
+    fn any_unreachable(&self) -> bool {
+        self.hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|h| h.state == HostChange::Unreachable)
     }
 
     fn too_large(&self, len: usize) -> Option<Vec<u8>> {
@@ -829,6 +868,7 @@ impl Bridge {
             too_large: c.too_large.load(Relaxed),
             slow_consumer: self.slow.load(Relaxed),
             connections: *self.reconnects.borrow(),
+            stale_presences: self.stale.load(Relaxed),
             hosts: self.live_hosts().len() as u64,
         }
     }
@@ -1011,7 +1051,10 @@ impl Bridge {
         wire::put_call_header(&mut bytes, call.name, 0);
         bytes.extend_from_slice(call.data);
         self.warm(deadline).await;
-        let expected: BTreeMap<String, Presence> = self.live_hosts().into_iter().collect();
+        // Hosts connected now are asked; those known but cut off get an
+        // entry per worker they last reported, `HostUnreachable`; hosts
+        // that left (their master stopped) none.
+        let expected: BTreeMap<String, Presence> = self.known_hosts().into_iter().collect();
         let mut answers: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         if !expected.is_empty() {
             if let Some(why) = self.too_large(bytes.len() + 64) {
@@ -1145,7 +1188,14 @@ impl Bridge {
                 .collect();
             if hosts.is_empty() {
                 if !lost {
-                    reply.send(wire::NO_HANDLER, b"");
+                    if self.any_unreachable() {
+                        // No host that is connected has a handler; one that
+                        // is cut off may: the caller learns that, unless a
+                        // worker of its own host can take it.
+                        reply.send(wire::UNREACHABLE, b"the hosts that may handle it are unreachable");
+                    } else {
+                        reply.send(wire::NO_HANDLER, b"");
+                    }
                     return;
                 }
                 // The task went to a host that is gone: wait for one.
@@ -1386,6 +1436,7 @@ impl Bridge {
             leaving,
             free,
             links: *self.reconnects.borrow() as u32,
+            uptime: self.started.elapsed().as_nanos() as u64,
             workers,
         };
         let h = self.header(frame::PRESENCE);
@@ -1455,6 +1506,17 @@ impl Bridge {
             let change = {
                 let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
                 let now = Instant::now();
+                let delay = now.duration_since(self.started).as_nanos() as i128 - i128::from(presence.uptime);
+                let late = self.host_timeout.as_nanos() as i128;
+                if let Some(info) = hosts.get_mut(h.origin).filter(|i| i.epoch == h.epoch) {
+                    if delay > info.delay + late {
+                        bump(&self.stale);
+                        tracing::debug!(host = h.origin, "a stale presence dropped");
+                        continue;
+                    }
+                    let drift = (self.heartbeat.as_nanos() / 10) as i128;
+                    info.delay = delay.min(info.delay + drift);
+                }
                 let state = if presence.leaving {
                     HostChange::Left
                 } else {
@@ -1467,6 +1529,9 @@ impl Bridge {
                         if info.presence.links != presence.links {
                             // Calls waiting on it look again (`gone`).
                             self.hosts_changed.send_modify(|n| *n += 1);
+                        }
+                        if new_epoch {
+                            info.delay = delay;
                         }
                         info.epoch = h.epoch;
                         info.last_seen = now;
@@ -1484,6 +1549,7 @@ impl Bridge {
                                 last_seen: now,
                                 presence,
                                 state,
+                                delay,
                             },
                         );
                         Some(state)

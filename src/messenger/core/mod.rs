@@ -258,6 +258,10 @@ enum State {
         /// can take it: look again at this time (the master respawns the
         /// bridge), until the deadline.
         look_at: Option<Instant>,
+        /// The bridge said the hosts that may handle it are cut off: if no
+        /// worker here takes it either, it ends `HostUnreachable`, not
+        /// `NoHandler`.
+        unreachable: Option<String>,
     },
     Invoke {
         bytes: Vec<u8>,
@@ -430,6 +434,7 @@ impl CallCore {
                             attempts: 0,
                             current: None,
                             look_at: None,
+                            unreachable: None,
                         },
                     },
                 );
@@ -748,6 +753,7 @@ impl CallCore {
                 refused,
                 attempts,
                 current,
+                unreachable,
                 ..
             } => {
                 let mut worker = current
@@ -774,6 +780,11 @@ impl CallCore {
                     }
                     Err(CallError::NoHandler) => {
                         refused.push(call.target);
+                        self.consume_next(op_id, peers);
+                    }
+                    Err(CallError::HostUnreachable(why)) if call.bridged => {
+                        refused.push(call.target);
+                        *unreachable = Some(why);
                         self.consume_next(op_id, peers);
                     }
                     // Past the deadline a redelivery could only time out,
@@ -868,7 +879,16 @@ impl CallCore {
             _ => return,
         };
         let Some((peer, spill)) = pick else {
-            self.settle(id, Settled::Consumed(Err(CallError::NoHandler)));
+            let error = match self.ops.get_mut(&id) {
+                Some(Operation {
+                    state: State::Consume { unreachable, .. },
+                    ..
+                }) => unreachable
+                    .take()
+                    .map_or(CallError::NoHandler, CallError::HostUnreachable),
+                _ => CallError::NoHandler,
+            };
+            self.settle(id, Settled::Consumed(Err(error)));
             return;
         };
         if spill {

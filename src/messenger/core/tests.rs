@@ -906,3 +906,60 @@ fn a_consume_whose_bridge_dies_waits_for_its_successor_and_goes_again() {
         Some((op, Settled::Consumed(Err(CallError::TimedOut))))
     );
 }
+
+#[test]
+fn a_consume_whose_only_hosts_are_cut_off_ends_host_unreachable_unless_a_worker_here_takes_it() {
+    let (mut core, peers, t0) = with_bridge(2);
+    let dl = t0 + Duration::from_secs(1);
+    let consume = |core: &mut CallCore, d: u64| {
+        let mut bytes = Vec::new();
+        wire::put_call_header(&mut bytes, "job", d);
+        core.start(Op::Consume { delivery: d, bytes }, dl, t0, &peers)
+    };
+    // Nobody here has a handler: the bridge's "unreachable" is the answer.
+    let op = consume(&mut core, 1);
+    let out = sent(&mut core);
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::NO_HANDLER, vec![], &peers);
+    let out = sent(&mut core);
+    assert_eq!(out[0].tag.kind, wire::BRIDGE_CONSUME);
+    core.handle_reply(
+        w(1, 1),
+        out[0].tag.correlation,
+        wire::UNREACHABLE,
+        b"cut off".to_vec(),
+        &peers,
+    );
+    assert_eq!(
+        core.poll_settled(),
+        Some((
+            op,
+            Settled::Consumed(Err(CallError::HostUnreachable("cut off".into())))
+        ))
+    );
+    // A busy worker here has one: it takes the task after all.
+    let first = consume(&mut core, 2);
+    let busy = sent(&mut core);
+    assert_eq!((busy[0].to, busy[0].tag.kind), (0, wire::CONSUME));
+    let second = consume(&mut core, 3);
+    let out = sent(&mut core);
+    assert_eq!(
+        out[0].tag.kind,
+        wire::BRIDGE_CONSUME,
+        "worker 0 has a task in hand"
+    );
+    core.handle_reply(
+        w(1, 1),
+        out[0].tag.correlation,
+        wire::UNREACHABLE,
+        b"cut off".to_vec(),
+        &peers,
+    );
+    let out = sent(&mut core);
+    assert_eq!((out[0].to, out[0].tag.kind), (0, wire::CONSUME));
+    core.handle_reply(w(0, 1), busy[0].tag.correlation, wire::OK, vec![], &peers);
+    core.handle_reply(w(0, 1), out[0].tag.correlation, wire::OK, vec![], &peers);
+    let settled: Vec<_> = std::iter::from_fn(|| core.poll_settled())
+        .map(|(id, s)| (id, matches!(s, Settled::Consumed(Ok(_)))))
+        .collect();
+    assert_eq!(settled, [(first, true), (second, true)]);
+}
