@@ -29,9 +29,10 @@ step "the nats feature: hosts joined through a real NATS cluster"
 # (tests/common/nats.rs; the Debian package nats-server on the PATH).
 # tests/hosts.rs: several masters as hosts with their bridges, and the
 # faults (a NATS server, a bridge, a whole host SIGKILLed; garbage);
-# tests/bridge_master.rs: the master's side of the bridge (and the CLI).
+# tests/bridge_master.rs: the master's side of the bridge (and the CLI);
+# tests/hosts_example.rs: examples/hosts.rs runs and shows every step.
 timeout 300 cargo test --features nats --lib bridge::
-timeout 900 cargo test --features nats,cli --test nats_harness --test hosts --test bridge_master
+timeout 900 cargo test --features nats,cli --test nats_harness --test hosts --test bridge_master --test hosts_example
 
 step "python: the ctypes binding over libshmcluster (pytest)"
 cargo build -p shmcluster-ffi
