@@ -152,24 +152,19 @@ fn demonstrate(m: &mut Messenger, me: &str) -> Res<()> {
         return Err("with web-1's worker 1 free, dog.png left web-1".into());
     }
     say(me, "... and on the other host while web-1's workers are busy");
-    // A slow request to worker 1, sent from another thread through a
-    // `MessengerHandle` (this thread carries it), in flight once worker 1
-    // holds the lock "render".
-    let stats = m.stats();
-    let slot1 = stats
-        .slots
-        .iter()
-        .find(|s| s.index == Some(1))
-        .ok_or("no worker 1")?
-        .slot;
+    // Make web-1's worker 1 busy: a slow request to it, sent from another
+    // thread through a `MessengerHandle` (this thread carries it). While
+    // it runs (worker 1 holds the host's lock "render"), worker 1 has a
+    // task of ours in hand, and worker 0 (this one) takes no `resize`
+    // work: no worker here is free, so the next consume leaves the host.
+    let slots = m.stats().slots;
+    let slot1 = slots.iter().find(|s| s.index == Some(1));
+    let slot1 = slot1.ok_or("no worker 1")?.slot;
     let handle = m.handle();
     let render = std::thread::spawn(move || handle.request::<_, ()>(slot1, "render", "report.pdf", soon()));
+    let free = |m: &Messenger| m.worker().try_synchronize("render", Duration::ZERO, |_| ());
     let until = soon();
-    while m
-        .worker()
-        .try_synchronize("render", Duration::ZERO, |_| ())
-        .is_ok()
-    {
+    while free(m).is_ok() {
         if Instant::now() >= until {
             return Err("worker 1 never began rendering".into());
         }
@@ -224,9 +219,10 @@ fn host_main(host: String) -> i32 {
         })
         .run(|w| worker(w, &host));
     match report {
-        Ok(r) if r.clean && !failed.get() => 0,
+        // A failed worker has said why (and stopped the host).
+        Ok(r) if r.clean => i32::from(failed.get()),
         other => {
-            eprintln!("[{host}] stopped uncleanly: {other:?}");
+            eprintln!("[{host}] did not stop cleanly: {other:?}");
             1
         }
     }
