@@ -31,9 +31,11 @@ step "the nats feature: hosts joined through a real NATS cluster"
 # faults (a NATS server, a bridge, a whole host SIGKILLed; garbage);
 # tests/hosts_partition.rs: a host cut off by a veth pair taken down
 # (network namespaces: needs root and iproute2);
-# tests/bridge_master.rs: the master's side of the bridge (and the CLI).
+# tests/hosts_python.rs: a host of Python workers beside a host of Rust ones;
+# tests/bridge_master.rs: the master's side of the bridge (and the CLI);
+# tests/hosts_example.rs: examples/hosts.rs runs and shows every step.
 timeout 300 cargo test --features nats --lib bridge::
-timeout 900 cargo test --features nats,cli --test nats_harness --test hosts --test hosts_partition --test hosts_python --test bridge_master
+timeout 900 cargo test --features nats,cli --test nats_harness --test hosts --test hosts_partition --test hosts_python --test bridge_master --test hosts_example
 
 step "python: the ctypes binding over libshmcluster (pytest)"
 cargo build -p shmcluster-ffi
