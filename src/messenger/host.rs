@@ -38,9 +38,12 @@ pub enum HostChange {
     Unreachable,
 }
 
-/// A host of the cluster, as this process knows it: see the
-/// [module docs](self). Ordered as the entries of a `map` are: this host
-/// first, then the others in the order this process first heard of them.
+/// A host of the cluster, as this process knows it: [`HostId::LOCAL`] is
+/// this host, and every other host gets the next number the first time
+/// this process hears of it (a map entry, a consume that ran there, an
+/// event it sent). Numbers are never reused, so a `WorkerId` stays `Copy`,
+/// cheap to compare, and the same for the same worker for the life of the
+/// process. Ordered by number: this host first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct HostId(pub(crate) u32);
 
