@@ -73,6 +73,12 @@ const SCENARIOS: &[Scenario] = &[
         drive: one_holder_one_leader,
     },
     Scenario {
+        name: "credentials_come_from_the_environment_never_argv",
+        timeout: Duration::from_secs(60),
+        run: credentials,
+        drive: with_credentials,
+    },
+    Scenario {
         name: "garbage_on_the_cluster_subjects_is_dropped_and_counted",
         timeout: Duration::from_secs(90),
         run: garbage,
@@ -824,5 +830,70 @@ fn one_holder_one_leader(m: &mut Messenger) -> Check {
         "leader across hosts: b's died, a's led {took:?} later (term {} -> {})",
         first.term, next.term
     );
+    Ok(())
+}
+
+/// The password of the scenario's NATS server.
+const SECRET: &str = "s3cret-pw";
+
+fn credentials() -> Check {
+    let nats = NatsCluster::single_with(&format!(
+        "authorization {{\n  user: shmc\n  password: {SECRET}\n}}"
+    ))?;
+    let url = nats.url(0);
+    let mut h = Hosts::start(nats);
+    let good = [
+        ("SHMCLUSTER_NATS_USER", "shmc"),
+        ("SHMCLUSTER_NATS_PASSWORD", SECRET),
+    ];
+    let bad = [
+        ("SHMCLUSTER_NATS_USER", "shmc"),
+        ("SHMCLUSTER_NATS_PASSWORD", "wrong"),
+    ];
+    h.host_with("a", CLUSTER, 2, "", &url, None, &good)?;
+    h.host_with("b", CLUSTER, 2, "", &url, None, &good)?;
+    h.host_with("c", CLUSTER, 1, "", &url, None, &bad)?;
+    h.await_phase("argv")?;
+    // What `ps` shows of every process of the hosts: never the password.
+    for (host, master) in h.pids() {
+        let mut pids = vec![master];
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children")) {
+            pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+        ensure!(pids.len() > 1, "host {host}: no children of its master");
+        for pid in pids {
+            let argv = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(|e| format!("{pid}: {e}"))?;
+            ensure!(
+                !argv.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+                "host {host}'s process {pid} shows the password in its argv"
+            );
+        }
+    }
+    h.go("argv")?;
+    h.finish()
+}
+
+/// Hosts a and b have the server's user and password (from the
+/// environment), host c a wrong one: a and b meet, c never does.
+fn with_credentials(m: &mut Messenger) -> Check {
+    wait_for_workers(m, 4)?;
+    phase(m, "argv")?;
+    pause(m, Duration::from_millis(1500))?;
+    let entries = m
+        .map::<_, String>("where", &(), deadline(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let hosts: Vec<String> = entries
+        .iter()
+        .map(|(w, r)| format!("{}={:?}", w.host, r))
+        .collect();
+    ensure!(
+        entries.len() == 4
+            && entries
+                .iter()
+                .all(|(w, r)| r.is_ok() && w.host.name().as_deref() != Some("c")),
+        "map with c refused by the server: {hosts:?}"
+    );
+    let r: Result<String, _> = m.request_at("c", 0, "where", &(), deadline(Duration::from_secs(2)));
+    ensure!(matches!(r, Err(CallError::HostUnreachable(_))), "{r:?}");
     Ok(())
 }

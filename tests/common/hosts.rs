@@ -87,7 +87,9 @@ pub fn host_main(host: &str) -> Result<(), String> {
     let workers: u32 = var("SHMC_WORKERS")?
         .parse()
         .map_err(|e| format!("SHMC_WORKERS: {e}"))?;
-    let mut nats = NatsConfig::new(&var("SHMC_NATS")?, &var("SHMC_CLUSTER")?, host);
+    let mut nats = NatsConfig::new(&var("SHMC_NATS")?, &var("SHMC_CLUSTER")?, host)
+        .credentials_from_env()
+        .map_err(|e| e.to_string())?;
     nats.heartbeat = Duration::from_millis(100);
     nats.host_timeout = HOST_TIMEOUT;
     let dir = tmp();
@@ -298,14 +300,47 @@ impl Hosts {
     /// Starts host `id` of cluster `cluster` with `workers` workers that
     /// handle the consume events `jobs`.
     pub fn host(&mut self, id: &str, cluster: &str, workers: u32, jobs: &str) -> Check {
+        let urls = self.nats.urls();
+        self.host_with(id, cluster, workers, jobs, &urls, None, &[])
+    }
+
+    /// [`host`](Self::host) with the NATS URLs `nats`, in the network
+    /// namespace `netns` (`ip netns exec <netns> <this binary>`: `ip` execs
+    /// the binary itself, so the child is the master) and with `envs`
+    /// added to its environment.
+    #[allow(clippy::too_many_arguments)]
+    pub fn host_with(
+        &mut self,
+        id: &str,
+        cluster: &str,
+        workers: u32,
+        jobs: &str,
+        nats: &str,
+        netns: Option<&str>,
+        envs: &[(&str, &str)],
+    ) -> Check {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(exe);
-        cmd.env_remove("SHMC_SCENARIO_PARENT")
-            .env("SHMC_HOST", id)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec", ns]).arg(exe);
+                ip
+            }
+            None => Command::new(exe),
+        };
+        cmd.env("SHMC_HOST", id)
             .env("SHMC_CLUSTER", cluster)
             .env("SHMC_WORKERS", workers.to_string())
             .env("SHMC_JOBS", jobs)
-            .env("SHMC_NATS", self.nats.urls());
+            .env("SHMC_NATS", nats)
+            .envs(envs.iter().copied());
+        self.spawn(id, cmd)
+    }
+
+    /// Starts `cmd` as host `id`: it dies with the scenario process, and
+    /// [`Hosts::finish`] stops it.
+    fn spawn(&mut self, id: &str, mut cmd: Command) -> Check {
+        cmd.env_remove("SHMC_SCENARIO_PARENT");
         // SAFETY: prctl(PR_SET_PDEATHSIG) takes integers only and is
         // async-signal-safe, as pre_exec requires.
         unsafe {
@@ -314,7 +349,9 @@ impl Hosts {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| format!("host {id}: {e}"))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("host {id} ({:?}): {e}", cmd.get_program()))?;
         self.children.push((id.to_owned(), child));
         Ok(())
     }
@@ -387,27 +424,11 @@ impl Hosts {
     pub fn command_host(&mut self, id: &str, argv: &[&str], envs: &[(&str, &str)]) -> Check {
         let (program, args) = argv.split_first().ok_or("command_host: an empty argv")?;
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env_remove("SHMC_SCENARIO_PARENT")
-            .envs(envs.iter().copied());
-        // SAFETY: prctl(PR_SET_PDEATHSIG) takes integers only and is
-        // async-signal-safe, as pre_exec requires.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|e| format!("host {id} ({program}): {e}"))?;
-        self.children.push((id.to_owned(), child));
-        Ok(())
+        cmd.args(args).envs(envs.iter().copied());
+        self.spawn(id, cmd)
     }
 
-    /// Like [`host`](Self::host), but host `id`'s bridge is given the one
-    /// NATS URL `nats`, and with `netns` the host runs in that network
-    /// namespace (`ip netns exec <netns> <this binary>`: `ip` execs the
-    /// binary itself, so the child is the master, with the same
-    /// environment and parent-death signal).
+    /// [`host_with`](Self::host_with) without added environment.
     pub fn host_at(
         &mut self,
         id: &str,
@@ -417,32 +438,12 @@ impl Hosts {
         nats: &str,
         netns: Option<&str>,
     ) -> Check {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut ip = Command::new("ip");
-                ip.args(["netns", "exec", ns]).arg(exe);
-                ip
-            }
-            None => Command::new(exe),
-        };
-        cmd.env_remove("SHMC_SCENARIO_PARENT")
-            .env("SHMC_HOST", id)
-            .env("SHMC_CLUSTER", cluster)
-            .env("SHMC_WORKERS", workers.to_string())
-            .env("SHMC_JOBS", jobs)
-            .env("SHMC_NATS", nats);
-        // SAFETY: prctl(PR_SET_PDEATHSIG) takes integers only and is
-        // async-signal-safe, as pre_exec requires.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|e| format!("host {id}: {e}"))?;
-        self.children.push((id.to_owned(), child));
-        Ok(())
+        self.host_with(id, cluster, workers, jobs, nats, netns, &[])
+    }
+
+    /// The pids of the hosts' masters.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.children.iter().map(|(id, c)| (id.clone(), c.id())).collect()
     }
 }
 

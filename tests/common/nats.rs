@@ -143,6 +143,20 @@ impl NatsCluster {
     ///
     /// As [`start`](Self::start).
     pub fn start_with_client_ips(n: usize, client_ips: &[(usize, Ipv4Addr)]) -> Result<Self, String> {
+        Self::start_configured(n, client_ips, "")
+    }
+
+    /// One server with JetStream whose config ends with `extra` (say, an
+    /// `authorization { .. }` block).
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start).
+    pub fn single_with(extra: &str) -> Result<Self, String> {
+        Self::start_configured(1, &[], extra)
+    }
+
+    fn start_configured(n: usize, client_ips: &[(usize, Ipv4Addr)], extra: &str) -> Result<Self, String> {
         if n == 0 {
             return Err("a NATS cluster needs at least one server".into());
         }
@@ -150,6 +164,13 @@ impl NatsCluster {
         for _ in 0..START_TRIES {
             let mut cluster = Self::configure(n, client_ips)?;
             for i in 0..n {
+                if !extra.is_empty() {
+                    let path = cluster.nodes[i].dir.join("nats.conf");
+                    let conf =
+                        std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                    std::fs::write(&path, format!("{conf}{extra}\n"))
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                }
                 cluster.spawn(i)?;
             }
             match cluster.wait_ready(None) {
