@@ -656,3 +656,62 @@ fn an_answer_over_the_limit_is_a_handler_failure() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A handle that keeps queueing messages to a slow worker while the
+/// messenger sends its outbox: a send waiting for room dispatches, and
+/// that dispatch used to send the outbox again, one stack frame per full
+/// lane — a NATS bridge relaying a stream of broadcasts overflowed its
+/// stack — and newer messages went before older ones. Every message
+/// arrives, in the order queued.
+#[test]
+fn an_outbox_refilled_while_it_is_sent_keeps_its_order_and_the_stack() {
+    let _dog = Watchdog::new("outbox refilled", Duration::from_secs(120));
+    const N: u64 = 200_000;
+    let got = Arc::new(Mutex::new(Vec::with_capacity(N as usize)));
+    let g = got.clone();
+    let (mut m0, stop, threads) = cluster(2, |m| {
+        let g = g.clone();
+        m.on("n", move |_, n: u64| {
+            // A slow receiver: its lane stays full.
+            if n % 64 == 0 {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            g.lock().unwrap().push(n);
+        })
+        .unwrap();
+    });
+    let handle = m0.handle();
+    let producer = std::thread::spawn(move || {
+        for n in 0..N {
+            handle.emit(1, "n", &n).unwrap();
+        }
+    });
+    // m0 sends what the handle queues, on a thread with a small stack (as
+    // a tokio worker's is 2 MiB, this one's 256 KiB) so that a recursion
+    // per full lane fails here at once.
+    let sender = std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let until = Instant::now() + Duration::from_secs(100);
+            while Instant::now() < until && !producer.is_finished() {
+                m0.poll(Duration::from_millis(1)).unwrap();
+            }
+            producer.join().unwrap();
+            for _ in 0..1000 {
+                m0.poll(Duration::from_millis(1)).unwrap();
+            }
+            m0
+        })
+        .unwrap();
+    let _m0 = sender
+        .join()
+        .expect("the sender thread (a stack overflow aborts the process)");
+    let until = Instant::now() + Duration::from_secs(30);
+    while got.lock().unwrap().len() < N as usize && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    finish(stop, threads);
+    let got = got.lock().unwrap();
+    assert_eq!(got.len(), N as usize, "messages lost");
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order");
+}

@@ -475,9 +475,15 @@ impl Messenger {
     fn flush_outbox(&mut self) {
         // A plain load first: the swap is a locked instruction, and the
         // outbox is empty on almost every turn.
-        if !self.outbox.nonempty.load(Relaxed) || !self.outbox.nonempty.swap(false, AcqRel) {
+        if self.in_flush || !self.outbox.nonempty.load(Relaxed) || !self.outbox.nonempty.swap(false, AcqRel) {
             return;
         }
+        self.in_flush = true;
+        self.flush_outbox_now();
+        self.in_flush = false;
+    }
+
+    fn flush_outbox_now(&mut self) {
         // Barriers first: whatever was queued before a barrier is in the
         // queue taken next, so it is sent before the barrier is released.
         let barriers = std::mem::take(&mut *self.outbox.barriers.lock().unwrap_or_else(|p| p.into_inner()));

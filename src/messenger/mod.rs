@@ -268,6 +268,12 @@ pub struct Messenger {
     /// queued without handling older ones first (no recursion per queued
     /// message).
     in_local: bool,
+    /// The outbox is being sent ([`Messenger::flush_outbox`]): a send in
+    /// it that waits for room dispatches, and that dispatch must not send
+    /// the outbox again — it would recurse once per full lane (a bridge
+    /// relaying a stream of broadcasts overflowed its stack) and send newer
+    /// messages before older ones still in hand.
+    in_flush: bool,
     handlers: FxHashMap<String, Handlers>,
     next_handler: u64,
     /// The calls in flight, of this thread and of the handles (see
@@ -385,6 +391,7 @@ impl Messenger {
             local: VecDeque::new(),
             local_bytes: 0,
             in_local: false,
+            in_flush: false,
             handlers: FxHashMap::default(),
             next_handler: 1,
             core: CallCore::new(slot),
