@@ -11,10 +11,14 @@
 //!    many were lost: core NATS drops what a slow subscriber cannot take);
 //!
 //! each with both clients on the same server and on two different ones
-//! (one route hop). The bridge's rows (a cross-host request through two
-//! shmcluster hosts, broadcast throughput) go beside these: a function per
-//! row returns a [`Figure`], and [`Row::vs`] names the bare row its
-//! `ratio` column divides by.
+//! (one route hop). The bridge's rows go beside these (`hosts/bridge.rs`:
+//! two shmcluster hosts, a cross-host `request_at` and a stream of
+//! broadcasts, with the bridges on one server or two), and a table of
+//! local operations with the bridge on and off (a `request` and a stream
+//! of broadcasts between two workers of one host, and a `request_at` to
+//! the host's own other worker: the bridge's part without NATS). A
+//! function per row returns a [`Figure`], and [`Row::vs`] names the row
+//! its `ratio` column divides by.
 //!
 //! Rows of a table are measured in alternated rounds: every round measures
 //! each row once, in reverse order every other round, and a row shows its
