@@ -11,10 +11,14 @@
 //!    many were lost: core NATS drops what a slow subscriber cannot take);
 //!
 //! each with both clients on the same server and on two different ones
-//! (one route hop). The bridge's rows (a cross-host request through two
-//! shmcluster hosts, broadcast throughput) go beside these: a function per
-//! row returns a [`Figure`], and [`Row::vs`] names the bare row its
-//! `ratio` column divides by.
+//! (one route hop). The bridge's rows go beside these (`hosts/bridge.rs`:
+//! two shmcluster hosts, a cross-host `request_at` and a stream of
+//! broadcasts, with the bridges on one server or two), and a table of
+//! local operations with the bridge on and off (a `request` and a stream
+//! of broadcasts between two workers of one host, and a `request_at` to
+//! the host's own other worker: the bridge's part without NATS). A
+//! function per row returns a [`Figure`], and [`Row::vs`] names the row
+//! its `ratio` column divides by.
 //!
 //! Rows of a table are measured in alternated rounds: every round measures
 //! each row once, in reverse order every other round, and a row shows its
@@ -39,6 +43,8 @@ use std::time::{Duration, Instant};
 use async_nats::{Client, ConnectOptions, RequestErrorKind};
 use futures_util::StreamExt;
 
+#[path = "hosts/bridge.rs"]
+mod bridge;
 mod common;
 use common::nats::NatsCluster;
 use common::{fmt_ns, machine, percentiles, wait_within, warn_if_busy, Pct};
@@ -84,7 +90,7 @@ impl Plan {
         warmup: 1_000,
         rtt: 20_000,
         stream: 200_000,
-        time: Duration::from_secs(20),
+        time: Duration::from_secs(8),
         rounds: 5,
     };
 
@@ -198,16 +204,19 @@ impl<'a> Row<'a> {
 }
 
 /// One row's result: its median round, and its ratio to its baseline
-/// (the median round's, with the lowest and highest over the rounds).
+/// (the median round's, with the lowest and highest over the rounds); or
+/// why it failed.
 struct Summary {
     name: String,
-    figure: Figure,
+    figure: Result<Figure, String>,
     ratio: Option<(String, f64, f64)>,
 }
 
 /// Measures `rows` in `rounds` alternated rounds (see the module's doc).
-fn measure_rows(rows: &mut [Row<'_>], rounds: usize) -> Res<Vec<Summary>> {
-    let mut taken: Vec<Vec<Figure>> = vec![Vec::with_capacity(rounds); rows.len()];
+/// A row that fails is not measured again; its error is its figure.
+fn measure_rows(rows: &mut [Row<'_>], rounds: usize) -> Vec<Summary> {
+    let mut taken: Vec<Vec<Option<Figure>>> = vec![Vec::with_capacity(rounds); rows.len()];
+    let mut failed: Vec<Option<String>> = vec![None; rows.len()];
     for round in 0..rounds {
         let order: Vec<usize> = if round % 2 == 0 {
             (0..rows.len()).collect()
@@ -215,27 +224,40 @@ fn measure_rows(rows: &mut [Row<'_>], rounds: usize) -> Res<Vec<Summary>> {
             (0..rows.len()).rev().collect()
         };
         for i in order {
+            if failed[i].is_some() {
+                taken[i].push(None);
+                continue;
+            }
             eprintln!("round {}/{rounds}: {}", round + 1, rows[i].name);
-            let figure = (rows[i].run)().map_err(|e| format!("{}: {e}", rows[i].name))?;
-            taken[i].push(figure);
+            match (rows[i].run)() {
+                Ok(figure) => taken[i].push(Some(figure)),
+                Err(e) => {
+                    eprintln!("{}: {e}", rows[i].name);
+                    failed[i] = Some(format!("failed in round {}: {e}", round + 1));
+                    taken[i].push(None);
+                }
+            }
         }
     }
-    let summaries = rows
-        .iter()
+    rows.iter()
         .enumerate()
         .map(|(i, row)| {
-            let mut mine = taken[i].clone();
+            let mut mine: Vec<Figure> = taken[i].iter().flatten().copied().collect();
             mine.sort_by(|a, b| a.key().total_cmp(&b.key()));
-            let figure = mine[mine.len() / 2];
-            let ratio = row.vs.map(|b| {
+            let figure = match (&failed[i], mine.get(mine.len() / 2)) {
+                (None, Some(f)) => Ok(*f),
+                (Some(e), _) => Err(e.clone()),
+                (None, None) => Err("no figure".to_owned()),
+            };
+            let ratio = row.vs.and_then(|b| {
                 let mut per_round: Vec<(f64, Figure, Figure)> = taken[i]
                     .iter()
                     .zip(&taken[b])
-                    .map(|(m, t)| (m.key() / t.key(), *m, *t))
+                    .filter_map(|(m, t)| Some((m.as_ref()?.key() / t.as_ref()?.key(), (*m)?, (*t)?)))
                     .collect();
                 per_round.sort_by(|a, b| a.0.total_cmp(&b.0));
-                let (_, m, t) = per_round[per_round.len() / 2];
-                (m.ratio(t), per_round[0].0, per_round[per_round.len() - 1].0)
+                let (_, m, t) = *per_round.get(per_round.len() / 2)?;
+                Some((m.ratio(t), per_round[0].0, per_round[per_round.len() - 1].0))
             });
             Summary {
                 name: row.name.clone(),
@@ -243,12 +265,12 @@ fn measure_rows(rows: &mut [Row<'_>], rounds: usize) -> Res<Vec<Summary>> {
                 ratio,
             }
         })
-        .collect();
-    Ok(summaries)
+        .collect()
 }
 
-/// A markdown table of `rows`, the figure's column named `what`.
-fn print_table(what: &str, summaries: &[Summary], rows: &[Row<'_>]) {
+/// A markdown table of `rows`, the figure's column named `what`; whether
+/// every row has its figure.
+fn print_table(what: &str, summaries: &[Summary], rows: &[Row<'_>]) -> bool {
     println!("| measure | {what} | ratio to | ratio (median round; p50 range over rounds) |");
     println!("|---|---|---|---|");
     for (s, row) in summaries.iter().zip(rows) {
@@ -256,9 +278,16 @@ fn print_table(what: &str, summaries: &[Summary], rows: &[Row<'_>]) {
             (Some((r, low, high)), Some(b)) => (rows[b].name.clone(), format!("{r} ({low:.2}–{high:.2}×)")),
             _ => ("—".to_owned(), "—".to_owned()),
         };
-        println!("| {} | {} | {to} | {ratio} |", s.name, s.figure.show());
+        let figure = match &s.figure {
+            Ok(f) => f.show(),
+            Err(e) => format!("**{e}**"),
+        };
+        println!("| {} | {figure} | {to} | {ratio} |", s.name);
     }
     println!();
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    summaries.iter().all(|s| s.figure.is_ok())
 }
 
 // ------------------------------------------------------------ bare rows
@@ -530,7 +559,32 @@ async fn publish(url: &str, count: u64) -> Res<()> {
 
 // ------------------------------------------------------------ main
 
+/// Set to a bridge measure (`xrtt`, `xbcast`, `lrtt`, `srtt`, `lbcast`),
+/// the bench runs only that one, once, with the full plan: a hook for
+/// `perf record -a` while it runs.
+const ONLY_VAR: &str = "SHMCLUSTER_BENCH_HOSTS_ONLY";
+
+/// The measure [`ONLY_VAR`] names, its figure on stdout.
+fn run_only(task: &str) -> Res<()> {
+    let plan = Plan::FULL;
+    let cluster = NatsCluster::start(3)?;
+    let figure = match task {
+        "xrtt" => bridge::cross_rtt(&cluster, 0, 0, plan)?,
+        "xbcast" => bridge::cross_bcast(&cluster, 0, 0, plan)?,
+        "lrtt-off" => bridge::local(&cluster, "lrtt", false, plan)?,
+        "lrtt" | "srtt" | "lbcast" => bridge::local(&cluster, task, true, plan)?,
+        "xbcast2" => bridge::cross_bcast(&cluster, 0, 2, plan)?,
+        "bare" => bare_rtt(&cluster, 0, 0, plan)?,
+        _ => return Err(format!("unknown {ONLY_VAR} {task:?}").into()),
+    };
+    println!("{task}: {}", figure.show());
+    Ok(())
+}
+
 fn run(full: bool) -> Res<()> {
+    if let Ok(task) = std::env::var(ONLY_VAR) {
+        return run_only(&task);
+    }
     let plan = if full { Plan::FULL } else { Plan::QUICK };
     eprintln!("starting a 3-server NATS cluster");
     let cluster = NatsCluster::start(3)?;
@@ -550,20 +604,17 @@ fn run(full: bool) -> Res<()> {
         Row::vs(0, "bare async-nats request/reply, different servers", move || {
             bare_rtt(c, 0, 2, plan)
         }),
-    ];
-    let rtt = measure_rows(&mut rtt_rows, plan.rounds)?;
-    let mut stream_rows = vec![
-        Row::bare("bare async-nats publish → subscriber, same server", move || {
-            bare_stream(c, 0, 0, plan)
-        }),
         Row::vs(
             0,
-            "bare async-nats publish → subscriber, different servers",
-            move || bare_stream(c, 0, 2, plan),
+            "bridge `request_at` host a → host b, same server",
+            move || bridge::cross_rtt(c, 0, 0, plan),
+        ),
+        Row::vs(
+            1,
+            "bridge `request_at` host a → host b, different servers",
+            move || bridge::cross_rtt(c, 0, 2, plan),
         ),
     ];
-    let stream = measure_rows(&mut stream_rows, plan.rounds)?;
-
     println!("Machine: {}", machine());
     println!();
     let command = if full {
@@ -574,9 +625,10 @@ fn run(full: bool) -> Res<()> {
     println!("Command: `{command}`");
     println!();
     println!(
-        "A 3-server nats-server {version} cluster on 127.0.0.1 (JetStream on); two processes, \
-         each an async-nats client on a tokio current-thread runtime. {} rounds, rows \
-         alternated.",
+        "A 3-server nats-server {version} cluster on 127.0.0.1 (JetStream on). Bare rows: two \
+         processes, each an async-nats client on a tokio current-thread runtime. Bridge rows: \
+         two hosts, each a fork-mode master with 1 worker and its bridge, the bridges on the \
+         servers the row names. {} rounds, rows alternated.",
         plan.rounds
     );
     println!();
@@ -586,20 +638,91 @@ fn run(full: bool) -> Res<()> {
         plan.rtt, plan.time, plan.warmup
     );
     println!();
-    print_table("p50 / p99", &rtt, &rtt_rows);
+    let mut ok = print_table("p50 / p99", &measure_rows(&mut rtt_rows, plan.rounds), &rtt_rows);
     println!(
-        "Publish throughput: {} messages of {SMALL} B published back to back, counted by the \
-         subscriber from its first to its last message; its subscription holds the whole stream \
-         (core NATS drops what a slow consumer cannot take: such messages count as lost).",
+        "Local operations of a host of 2 workers with its bridge on (connected, no other host) \
+         and without: `request` round trips of {SMALL} B between the two workers ({} timed after \
+         {} warm-up), and a stream of {} broadcasts of {SMALL} B from one worker to both (the \
+         caller included; with the bridge on, each one is also published to NATS), counted by \
+         the receivers from the first to the last delivery.",
+        plan.rtt, plan.warmup, plan.stream
+    );
+    println!();
+    let mut local_rows = vec![
+        Row::bare("local `request` between 2 workers, no bridge", move || {
+            bridge::local(c, "lrtt", false, plan)
+        }),
+        Row::vs(0, "local `request` between 2 workers, bridge on", move || {
+            bridge::local(c, "lrtt", true, plan)
+        }),
+        Row::vs(
+            0,
+            "`request_at` this host's other worker: lane → bridge → lane, no NATS",
+            move || bridge::local(c, "srtt", true, plan),
+        ),
+    ];
+    ok &= print_table(
+        "p50 / p99",
+        &measure_rows(&mut local_rows, plan.rounds),
+        &local_rows,
+    );
+    let mut local_bcast_rows = vec![
+        Row::bare("local `broadcast` to 2 workers, no bridge", move || {
+            bridge::local(c, "lbcast", false, plan)
+        }),
+        Row::vs(0, "local `broadcast` to 2 workers, bridge on", move || {
+            bridge::local(c, "lbcast", true, plan)
+        }),
+    ];
+    ok &= print_table(
+        "deliveries/s",
+        &measure_rows(&mut local_bcast_rows, plan.rounds),
+        &local_bcast_rows,
+    );
+    println!(
+        "Publish throughput: {} messages of {SMALL} B published back to back (bare: `publish`; \
+         bridge: `broadcast` from host a's worker), counted by the subscriber (bridge: host b's \
+         worker) from its first to its last message; the bare subscription holds the whole \
+         stream (core NATS drops what a slow consumer cannot take: such messages count as lost).",
         plan.stream
     );
     println!();
-    print_table("messages/s", &stream, &stream_rows);
-
+    let mut stream_rows = vec![
+        Row::bare("bare async-nats publish → subscriber, same server", move || {
+            bare_stream(c, 0, 0, plan)
+        }),
+        Row::vs(
+            0,
+            "bare async-nats publish → subscriber, different servers",
+            move || bare_stream(c, 0, 2, plan),
+        ),
+        Row::vs(
+            0,
+            "bridge `broadcast` host a → host b, same server",
+            move || bridge::cross_bcast(c, 0, 0, plan),
+        ),
+        Row::vs(
+            1,
+            "bridge `broadcast` host a → host b, different servers",
+            move || bridge::cross_bcast(c, 0, 2, plan),
+        ),
+    ];
+    ok &= print_table(
+        "messages/s",
+        &measure_rows(&mut stream_rows, plan.rounds),
+        &stream_rows,
+    );
+    if !ok {
+        return Err("a row failed (see its table)".into());
+    }
     Ok(())
 }
 
 fn main() {
+    // A host first: its master forks, so no thread may start before.
+    if let Ok(role) = std::env::var(bridge::HOST_VAR) {
+        bridge::host_main(&role);
+    }
     if let Ok(role) = std::env::var(ROLE_VAR) {
         peer_main(&role);
     }
