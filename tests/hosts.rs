@@ -188,6 +188,15 @@ fn semantics(m: &mut Messenger) -> Check {
         );
     }
 
+    // An emit to this host's bridge's slot is no broadcast.
+    let bridge = m.bridge().ok_or("no bridge")?;
+    m.emit(
+        shmcluster::Target::Worker(bridge.slot),
+        "log",
+        &("z".to_string(), 1u64),
+    )
+    .map_err(|e| e.to_string())?;
+
     // emit to (host, slot).
     m.emit_at("b", b_slots[0], "log", &("e".to_string(), 1u64))
         .map_err(|e| e.to_string())?;
@@ -196,6 +205,14 @@ fn semantics(m: &mut Messenger) -> Check {
     while !lines(&target).contains(&"e 1".to_string()) {
         ensure!(Instant::now() < until, "emit_at never arrived");
         pause(m, Duration::from_millis(20))?;
+    }
+    pause(m, Duration::from_millis(300))?;
+    for &s in &b_slots {
+        let log = lines(&dir.join(format!("log-b-{s}")));
+        ensure!(
+            !log.contains(&"z 1".to_string()),
+            "an emit to the bridge's slot reached b/{s}: a broadcast"
+        );
     }
 
     // On the other host, an event's sender is its sender here (host a's

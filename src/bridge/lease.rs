@@ -162,12 +162,27 @@ impl Leases {
 
     /// Takes `key` for `holder` by `deadline`: its fencing token.
     pub(crate) async fn take(&self, key: &str, holder: Holder, deadline: Instant) -> Result<u64, LeaseError> {
+        self.take_while(key, holder, deadline, || true).await
+    }
+
+    /// [`Leases::take`], giving up (`TimedOut`) as soon as `wanted` says
+    /// so. `wanted` is asked between writes only: unlike dropping the
+    /// future, it never leaves a key written to the store that this
+    /// bridge does not know it holds (nobody would renew or give it back,
+    /// and every contender would wait a whole lease).
+    pub(crate) async fn take_while(
+        &self,
+        key: &str,
+        holder: Holder,
+        deadline: Instant,
+        wanted: impl Fn() -> bool,
+    ) -> Result<u64, LeaseError> {
         let value = encode(&holder, 0);
         // The revision seen, and since when, for a takeover.
         let mut seen: Option<(u64, Instant)> = None;
         let mut last_error = None;
         loop {
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || !wanted() {
                 return Err(last_error.map_or(LeaseError::TimedOut, LeaseError::Store));
             }
             match self.kv.create(key, value.clone().into()).await {

@@ -567,7 +567,7 @@ impl Bridge {
     async fn local(self: &Arc<Self>, incoming: BridgeIncoming) {
         match incoming.kind {
             // A broadcast (`emit(All)`): to every other host, in order.
-            wire::EMIT => {
+            wire::BRIDGE_BCAST => {
                 let h = self.header(frame::BCAST);
                 let from = incoming.sender;
                 let payload = frame::encode(
@@ -680,6 +680,14 @@ impl Bridge {
                     // It died while it waited.
                     leases.give_back(&key, token).await;
                     return Err((wire::DIED, String::new()));
+                }
+                if Instant::now() >= deadline {
+                    // A store write that outlasted the time the caller
+                    // waits: it may have given up already, and its "give
+                    // back whatever I hold" (token 0) come before this
+                    // grant; nobody would ever give the lock back.
+                    leases.give_back(&key, token).await;
+                    return Err((wire::TIMED_OUT, String::new()));
                 }
                 let granted = Granted {
                     token,
@@ -815,19 +823,12 @@ impl Bridge {
             let mine = leases.held().into_iter().find(|(k, _)| *k == key).map(|(_, h)| h);
             match (local, mine) {
                 (Some(l), None) => {
-                    let changed = async {
-                        loop {
-                            tokio::time::sleep(look).await;
-                            if self.local_holder(&role).as_ref() != Some(&l) {
-                                break;
-                            }
-                        }
-                    };
+                    // Not a `select!` against the change: a take dropped
+                    // while its write is on the way leaves a key nobody
+                    // renews or gives back.
                     let far = Instant::now() + Duration::from_secs(3600);
-                    tokio::select! {
-                        _ = leases.take(&key, l.clone(), far) => {}
-                        () = changed => {}
-                    }
+                    let still = || self.local_holder(&role).as_ref() == Some(&l);
+                    let _ = leases.take_while(&key, l.clone(), far, still).await;
                 }
                 (Some(l), Some(h)) if l != h => {
                     if let Some(token) = leases.holds(&key, &h) {

@@ -134,11 +134,24 @@ impl Messenger {
             correlation: 0,
         };
         let targets = targets(&self.view(), target)?;
-        if matches!(target, Target::All | Target::Others) {
-            check_cross_host(&self.view(), event, &bytes)?;
-        }
+        let bridge = match target {
+            Target::All | Target::Others => {
+                check_cross_host(&self.view(), event, &bytes)?;
+                self.view().bridge()
+            }
+            Target::Worker(_) => None,
+        };
         for &to in &targets {
             self.deliver(to, tag, bytes.clone(), None)?;
+        }
+        if let Some(bridge) = bridge {
+            // Its own kind: an `emit` to the bridge's slot is not a
+            // broadcast to every other host.
+            let tag = Tag {
+                kind: wire::BRIDGE_BCAST,
+                correlation: 0,
+            };
+            self.deliver(bridge.slot, tag, bytes, None)?;
         }
         self.count(event, |s| s.sent += targets.len() as u64);
         Ok(targets.len())
@@ -599,13 +612,13 @@ impl Messenger {
 }
 
 /// The slots `target` names now; `NoSuchWorker` for a slot out of range.
-/// `All` and `Others` include the host's bridge, if there is one (it
-/// carries the message to every other host's workers), last.
+/// Never the host's bridge for `All` and `Others`: the caller sends it
+/// the broadcast as [`wire::BRIDGE_BCAST`].
 pub(super) fn targets(view: &ClusterView<'_>, target: Target) -> Result<Vec<u32>, EmitError> {
     let me = view.me().slot;
-    let mut slots: Vec<u32> = match target {
+    Ok(match target {
         Target::Worker(slot) if slot >= view.workers() => return Err(EmitError::NoSuchWorker { slot }),
-        Target::Worker(slot) => return Ok(vec![slot]),
+        Target::Worker(slot) => vec![slot],
         Target::All => view.live_workers().into_iter().map(|w| w.slot).collect(),
         Target::Others => view
             .live_workers()
@@ -613,9 +626,7 @@ pub(super) fn targets(view: &ClusterView<'_>, target: Target) -> Result<Vec<u32>
             .map(|w| w.slot)
             .filter(|&s| s != me)
             .collect(),
-    };
-    slots.extend(view.bridge().map(|b| b.slot));
-    Ok(slots)
+    })
 }
 
 /// `TooLarge` if this host has a bridge and `call` (of `event`: its header

@@ -54,6 +54,11 @@ pub(crate) const BRIDGE_FRAME_OVERHEAD: usize = 256;
 /// origin, not the bridge.
 pub(crate) const BRIDGED_EMIT: u16 = 0x4d14;
 
+/// To the host's bridge: a broadcast (`emit(All)`, `emit(Others)`) for
+/// every other host's workers; the payload is the call. Not `EMIT`: an
+/// `emit` to the bridge's own slot must not become a broadcast.
+pub(crate) const BRIDGE_BCAST: u16 = 0x4d15;
+
 /// Reply statuses.
 pub(crate) const OK: u8 = 0;
 pub(crate) const NO_HANDLER: u8 = 1;

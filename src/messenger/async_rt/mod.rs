@@ -286,15 +286,26 @@ impl AsyncMessenger {
     ) -> Result<(), EmitError> {
         let bytes = encode_call(event, 0, value, self.shared.max_payload)?;
         let to = targets(&self.view(), target)?;
-        if matches!(target, Target::All | Target::Others) {
-            super::calls::check_cross_host(&self.view(), event, &bytes)?;
-        }
+        let bridge = match target {
+            Target::All | Target::Others => {
+                super::calls::check_cross_host(&self.view(), event, &bytes)?;
+                self.view().bridge()
+            }
+            Target::Worker(_) => None,
+        };
         let tag = Tag {
             kind: wire::EMIT,
             correlation: 0,
         };
         for slot in to {
             self.shared.outbox.push(slot, tag, bytes.clone());
+        }
+        if let Some(bridge) = bridge {
+            let tag = Tag {
+                kind: wire::BRIDGE_BCAST,
+                correlation: 0,
+            };
+            self.shared.outbox.push(bridge.slot, tag, bytes);
         }
         Ok(())
     }

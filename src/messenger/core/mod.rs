@@ -604,7 +604,18 @@ impl CallCore {
             if let Some(c) = self.calls.get(&id) {
                 tracing::debug!(target = c.target, generation = c.generation, "call target died");
             }
-            self.finish_call(id, Err(CallError::WorkerDied), now, peers);
+            // A request to another host whose own bridge died: the host
+            // is cut off, not the remote worker dead (a consume or map
+            // through the bridge handles `WorkerDied` itself).
+            let routed = self.calls.get(&id).is_some_and(|c| {
+                c.bridged && matches!(self.ops.get(&c.op).map(|o| &o.state), Some(State::Request))
+            });
+            let error = if routed {
+                CallError::HostUnreachable("this host's NATS bridge died with the call".into())
+            } else {
+                CallError::WorkerDied
+            };
+            self.finish_call(id, Err(error), now, peers);
         }
     }
 

@@ -963,3 +963,28 @@ fn a_consume_whose_only_hosts_are_cut_off_ends_host_unreachable_unless_a_worker_
         .collect();
     assert_eq!(settled, [(first, true), (second, true)]);
 }
+
+#[test]
+fn a_request_to_another_host_whose_bridge_dies_is_host_unreachable() {
+    let (mut core, peers, t0) = with_bridge(2);
+    let dl = t0 + Duration::from_secs(1);
+    let op = core.start(
+        Op::Route {
+            bytes: vec![1, b'b', 0, 0, 0, 0],
+        },
+        dl,
+        t0,
+        &peers,
+    );
+    let out = sent(&mut core);
+    assert_eq!((out[0].to, out[0].tag.kind), (1, wire::BRIDGE_CALL));
+    peers.kill(1);
+    core.handle_deaths(t0, &peers);
+    assert!(
+        matches!(
+            core.poll_settled(),
+            Some((id, Settled::Answer(Err(CallError::HostUnreachable(_))))) if id == op
+        ),
+        "a bridge's death is not the remote worker's"
+    );
+}
