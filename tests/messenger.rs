@@ -673,7 +673,7 @@ fn an_outbox_refilled_while_it_is_sent_keeps_its_order_and_the_stack() {
         let g = g.clone();
         m.on("n", move |_, n: u64| {
             // A slow receiver: its lane stays full.
-            if n % 64 == 0 {
+            if n.is_multiple_of(64) {
                 std::thread::sleep(Duration::from_micros(50));
             }
             g.lock().unwrap().push(n);

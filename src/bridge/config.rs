@@ -135,6 +135,15 @@ pub enum NatsConfigError {
         /// The name given.
         name: String,
     },
+    /// A heartbeat, host timeout or lease out of range (the host timeout
+    /// at least two heartbeats; each at most an hour), or a replica count
+    /// not 1 to 5.
+    Timing {
+        /// Which setting.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// An environment variable that names credentials is set but unusable.
     Env {
         /// The variable.
@@ -154,6 +163,7 @@ impl fmt::Display for NatsConfigError {
                 "{what} {name:?} is not a valid name: 1 to 64 letters, digits, '-' or '_'"
             ),
             Self::Env { var, reason } => write!(f, "{var}: {reason}"),
+            Self::Timing { what, reason } => write!(f, "{what}: {reason}"),
         }
     }
 }
@@ -237,6 +247,26 @@ impl NatsConfig {
         if self.servers.is_empty() {
             return Err(NatsConfigError::NoServers);
         }
+        let hour = Duration::from_secs(3600);
+        let timing = [
+            ("heartbeat", self.heartbeat, Duration::from_millis(10)),
+            ("host_timeout", self.host_timeout, self.heartbeat * 2),
+            ("lease", self.lease, Duration::from_millis(100)),
+        ];
+        for (what, value, least) in timing {
+            if value < least || value > hour {
+                return Err(NatsConfigError::Timing {
+                    what,
+                    reason: format!("{value:?} is not between {least:?} and an hour"),
+                });
+            }
+        }
+        if self.kv_replicas == 0 || self.kv_replicas > 5 {
+            return Err(NatsConfigError::Timing {
+                what: "kv_replicas",
+                reason: format!("{} is not 1 to 5", self.kv_replicas),
+            });
+        }
         for url in &self.servers {
             url.parse::<async_nats::ServerAddr>()
                 .map_err(|e| NatsConfigError::Server {
@@ -282,6 +312,24 @@ mod tests {
         c.cluster_name = String::new();
         assert!(c.validate().is_err());
         assert!(NatsConfig::new("", "a", "b").validate() == Err(NatsConfigError::NoServers));
+        let mut t = NatsConfig::new("nats://127.0.0.1:4222", "a", "b");
+        t.heartbeat = Duration::ZERO;
+        assert!(matches!(
+            t.validate(),
+            Err(NatsConfigError::Timing {
+                what: "heartbeat",
+                ..
+            })
+        ));
+        t.heartbeat = Duration::from_millis(250);
+        t.host_timeout = Duration::from_millis(300);
+        assert!(matches!(
+            t.validate(),
+            Err(NatsConfigError::Timing {
+                what: "host_timeout",
+                ..
+            })
+        ));
         assert!(matches!(
             NatsConfig::new("nats://127.0.0.1:99999", "a", "b").validate(),
             Err(NatsConfigError::Server { .. })

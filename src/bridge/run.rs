@@ -365,7 +365,7 @@ async fn serve(worker: Worker, config: NatsConfig) -> Result<(), String> {
         }
     }
     // Tell the others at once rather than let them time this host out.
-    bridge.publish_presence(true).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), bridge.publish_presence(true)).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), bridge.nc.flush()).await;
     for t in tasks {
         t.abort();
@@ -417,6 +417,13 @@ fn map_status(r: &Result<Vec<u8>, MapError>) -> (u8, &[u8]) {
     }
 }
 
+/// The most other hosts a bridge keeps track of; presences of more are
+/// dropped (counted as garbage).
+const MAX_HOSTS: usize = 1024;
+
+/// The longest a publish waits for room in the client's queue.
+const PUBLISH_WAIT: Duration = Duration::from_secs(1);
+
 /// How long before its caller's deadline a bridge answers, for the answer's
 /// way back: a tenth of the time, between 2 and 50 ms.
 fn margin(left: Duration) -> Duration {
@@ -425,7 +432,8 @@ fn margin(left: Duration) -> Duration {
 
 /// The caller's deadline less the margin, from the time left it was told.
 fn answer_by(left_ns: u64) -> Instant {
-    let left = Duration::from_nanos(left_ns);
+    // From another host: no call waits here longer than an hour.
+    let left = Duration::from_nanos(left_ns).min(Duration::from_secs(3600));
     Instant::now() + left.saturating_sub(margin(left))
 }
 
@@ -470,21 +478,23 @@ impl Bridge {
 
     /// Publishes, counting a message too large for the server.
     async fn publish(&self, subject: String, payload: Vec<u8>) -> bool {
-        let len = payload.len();
-        if len > self.nc.server_info().max_payload {
-            bump(&self.counters.too_large);
-            tracing::warn!(
-                len,
-                max = self.nc.server_info().max_payload,
-                "message above NATS max_payload dropped"
-            );
+        if self.too_large(payload.len()).is_some() {
+            tracing::warn!(len = payload.len(), "message above NATS max_payload dropped");
             return false;
         }
-        match self.nc.publish(subject, payload.into()).await {
-            Ok(()) => true,
-            Err(e) => {
+        // While NATS is away the client's queue fills and a publish waits
+        // for room: not longer than this, so that the bridge's loop keeps
+        // serving its host (stats, locks, the stop).
+        match tokio::time::timeout(PUBLISH_WAIT, self.nc.publish(subject, payload.into())).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
                 bump(&self.counters.dropped);
                 tracing::warn!(error = %e, "NATS publish failed");
+                false
+            }
+            Err(_) => {
+                bump(&self.counters.dropped);
+                tracing::warn!("NATS publish: no room for {PUBLISH_WAIT:?}, dropped");
                 false
             }
         }
@@ -553,9 +563,11 @@ impl Bridge {
             .any(|h| h.state == HostChange::Unreachable)
     }
 
+    /// `len` bytes are above the server's `max_payload` (unknown, 0,
+    /// before the first connection: nothing is refused then).
     fn too_large(&self, len: usize) -> Option<Vec<u8>> {
         let max = self.nc.server_info().max_payload;
-        (len > max).then(|| {
+        (max != 0 && len > max).then(|| {
             bump(&self.counters.too_large);
             format!("{len} bytes is above the NATS server's max_payload of {max} bytes").into_bytes()
         })
@@ -1460,13 +1472,21 @@ impl Bridge {
     /// hosts not heard from.
     async fn beat(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.heartbeat);
+        let mut reconnects = self.reconnects.subscribe();
         loop {
-            tick.tick().await;
+            // At every heartbeat, and at once after a reconnect: the new
+            // reconnect count tells the hosts with calls in flight here
+            // that answers may have been lost (see `gone`) — sooner is
+            // fewer calls abandoned on the new connection.
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = reconnects.changed() => if r.is_err() { tick.tick().await; },
+            }
             self.publish_presence(false).await;
             let now = Instant::now();
             let timed_out: Vec<String> = {
                 let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
-                hosts
+                let timed_out: Vec<String> = hosts
                     .iter_mut()
                     .filter(|(_, h)| {
                         h.state == HostChange::Joined && now.duration_since(h.last_seen) > self.host_timeout
@@ -1475,16 +1495,42 @@ impl Bridge {
                         h.state = HostChange::Unreachable;
                         name.clone()
                     })
-                    .collect()
+                    .collect();
+                // Hosts gone for good (cut off or left for thirty host
+                // timeouts) are forgotten: maps stop listing them, and a
+                // name from the network does not stay forever.
+                let forget = self.host_timeout * 30;
+                hosts.retain(|name, h| {
+                    let keep = h.state == HostChange::Joined || now.duration_since(h.last_seen) < forget;
+                    if !keep {
+                        tracing::info!(host = %name, "host forgotten");
+                    }
+                    keep
+                });
+                timed_out
             };
             for host in timed_out {
                 self.host_changed(host, HostChange::Unreachable);
             }
+            // What was seen of forgotten hosts goes with them.
+            let known: std::collections::HashSet<String> = self
+                .hosts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            self.seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .last
+                .retain(|(origin, _), _| known.contains(origin) || *origin == self.host);
         }
     }
 
     fn host_changed(&self, host: String, change: HostChange) {
         tracing::info!(%host, ?change, "host");
+        self.m.set_bridge_hosts(self.live_hosts().len());
         self.hosts_changed.send_modify(|n| *n += 1);
         if let Ok(bytes) = crate::messenger::encode_call_for_bridge(HOST_EVENT, &HostEvent { host, change }) {
             self.emit_all(&bytes);
@@ -1534,6 +1580,7 @@ impl Bridge {
                 } else {
                     HostChange::Joined
                 };
+                let full = hosts.len() >= MAX_HOSTS;
                 match hosts.get_mut(h.origin) {
                     Some(info) => {
                         let was = info.state;
@@ -1552,6 +1599,11 @@ impl Bridge {
                             info.presence = presence;
                         }
                         (was != state || (new_epoch && state == HostChange::Joined)).then_some(state)
+                    }
+                    None if full => {
+                        // Names from the network are not kept without end.
+                        bump(&self.counters.garbage);
+                        None
                     }
                     None => {
                         hosts.insert(

@@ -94,6 +94,11 @@ impl<'a> ClusterView<'a> {
             })
     }
 
+    /// How many other hosts the bridge sees connected now.
+    pub(crate) fn remote_hosts(&self) -> u32 {
+        self.segment.control().bridge_hosts.load(Relaxed)
+    }
+
     /// The longest call (header and data) that may cross hosts, if this
     /// host has a bridge that knows the NATS server's `max_payload`.
     pub(crate) fn cross_host_limit(&self) -> Option<usize> {

@@ -101,6 +101,10 @@ impl Peers for LivePeers<'_> {
     fn bridge(&self) -> Option<WorkerId> {
         self.view.bridge()
     }
+
+    fn remote_hosts(&self) -> u32 {
+        self.view.remote_hosts()
+    }
 }
 
 impl Messenger {

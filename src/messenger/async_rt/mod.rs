@@ -331,6 +331,17 @@ impl AsyncMessenger {
         self.view()
     }
 
+    /// The bridge tells its host's workers how many other hosts it sees
+    /// connected (`Control::bridge_hosts`).
+    #[cfg(feature = "nats")]
+    pub(crate) fn set_bridge_hosts(&self, n: usize) {
+        self.shared
+            .segment
+            .control()
+            .bridge_hosts
+            .store(u32::try_from(n).unwrap_or(u32::MAX), Relaxed);
+    }
+
     /// Who leads `role` on this host now (the bridge follows it).
     #[cfg(feature = "nats")]
     pub(crate) fn local_leader(&self, role: &str) -> Option<super::Leader> {

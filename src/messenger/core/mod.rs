@@ -969,12 +969,16 @@ impl CallCore {
     /// hosts, local first: the task goes to the host's bridge, which sends
     /// it to another host, when no worker here can take it at once — none
     /// left that has not refused it (no handler here), or the best one
-    /// here already has a task in hand or is draining. The answer's second
-    /// half says whether it spills.
+    /// here already has a task in hand or is draining while the bridge sees
+    /// another host connected. The answer's second half says whether it
+    /// spills.
     fn pick_consumer(&self, refused: &[u32], peers: &impl Peers) -> Option<(WorkerId, bool)> {
         let local = self.pick_local_consumer(refused, peers);
         let free_here = local.is_some_and(|(rank, _)| rank.in_hand == 0 && !rank.draining);
-        if !free_here {
+        // A busy worker here beats a bridge that sees no other host; with
+        // nobody here at all, the bridge is asked anyway (a bridge just
+        // started may not have heard the others yet).
+        if !free_here && (local.is_none() || peers.remote_hosts() > 0) {
             if let Some(bridge) = peers.bridge().filter(|b| !refused.contains(&b.slot)) {
                 return Some((bridge, true));
             }

@@ -39,6 +39,11 @@ pub(crate) trait Peers {
     fn bridge(&self) -> Option<WorkerId> {
         None
     }
+    /// How many other hosts the bridge sees connected now (read only when
+    /// a consume may spill).
+    fn remote_hosts(&self) -> u32 {
+        1
+    }
 }
 
 /// A consume candidate's standing: see [`Peers::standing`].

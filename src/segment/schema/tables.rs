@@ -143,7 +143,10 @@ pub(crate) struct Control {
     /// refuses a larger broadcast, map or call to another host up front
     /// (`TooLarge`).
     pub(crate) bridge_max_payload: AtomicU32,
-    _pad: [AtomicU32; 5],
+    /// Other hosts the bridge sees connected now: a consume spills to the
+    /// bridge only while there are some (or nobody here can take it).
+    pub(crate) bridge_hosts: AtomicU32,
+    _pad: [AtomicU32; 4],
     pub(crate) events: [EventRecord; EVENT_RING],
 }
 
