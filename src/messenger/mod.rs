@@ -97,8 +97,9 @@ pub enum Target {
 }
 
 /// A worker incarnation: host, slot and generation (who sent a message,
-/// who answered). Ordered as a `map`'s entries are: by host (this one
-/// first), then slot.
+/// who answered). Ordered by host number (this host first; the others in
+/// the order this process first heard of them, which need not be a
+/// `map`'s order by host name), then slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkerId {
     /// Its host: [`HostId::LOCAL`] but for a worker another host's bridge
