@@ -27,6 +27,7 @@ mod handle;
 mod handlers;
 mod host;
 mod leader;
+mod polled;
 pub(crate) mod wire;
 
 #[cfg(feature = "tokio")]
@@ -40,10 +41,13 @@ pub use host::{HostChange, HostEvent, HostId, HOST_EVENT};
 #[cfg(test)]
 pub(crate) use leader::leader_entry;
 pub use leader::{Leader, LeaderChange};
+pub use polled::{CallTicket, Finished, Turn};
 pub use wire::MAX_EVENT_NAME;
 
 #[cfg(feature = "nats")]
-pub(crate) use self::core::{Op, Settled};
+pub(crate) use self::core::Op;
+#[cfg(feature = "nats")]
+pub(crate) use self::core::Settled as SettledOp;
 pub(crate) use encode::payload_limit;
 
 /// A call message of `event` with `value`, for the host's bridge to hand
@@ -76,7 +80,7 @@ use crate::cluster::ClusterView;
 use crate::segment::Segment;
 use crate::{Endpoint, Worker};
 
-use self::core::{CallCore, OpId};
+use self::core::{CallCore, OpId, Settled};
 use dispatch::{Done, Outbox};
 use handlers::Handlers;
 
@@ -283,6 +287,9 @@ pub struct Messenger {
     /// Operations started for other threads (handles, the async
     /// messenger): where each one's end goes.
     remote: FxHashMap<OpId, Done>,
+    /// Ends of calls started by an event-loop driver on this thread
+    /// ([`Done::Polled`]), until [`Messenger::take_finished`].
+    polled: VecDeque<(OpId, Settled)>,
     /// Delivery ids of this thread's `consume`s.
     next_delivery: u64,
     /// Requests made, for [`TIME_ONE_REQUEST_IN`].
@@ -397,6 +404,7 @@ impl Messenger {
             next_handler: 1,
             core: CallCore::new(slot),
             remote: FxHashMap::default(),
+            polled: VecDeque::new(),
             next_delivery: 0,
             requests: 0,
             deaths_seen: ClusterView::new(&outbox.segment, WorkerId::local(slot, generation)).deaths(),
