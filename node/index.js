@@ -113,6 +113,11 @@ class Messenger {
     this._schedule();
   }
 
+  /** The payload limit in bytes (a longer payload is `TOO_LARGE`). */
+  get maxPayload() {
+    return this._maxPayload;
+  }
+
   /** Registers `fn` for `event`. `opts.raw`: get the payload as a Buffer. */
   on(event, fn, opts) {
     if (typeof fn !== 'function') throw new ShmclusterError('INVALID_ARGUMENT', 'handler must be a function');

@@ -225,16 +225,19 @@ unsafe extern "C" fn on_poll(handle: *mut c_void, _status: c_int, _events: c_int
         let mut result = ptr::null_mut();
         if sys::napi_get_reference_value(env, state.callback, &mut func) == sys::Status::napi_ok
             && !func.is_null()
-            && sys::napi_get_undefined(env, &mut recv) == sys::Status::napi_ok
+            // The receiver must be an object (MakeCallback converts it).
+            && sys::napi_get_global(env, &mut recv) == sys::Status::napi_ok
         {
-            let status = sys::napi_make_callback(env, state.context, recv, func, 0, ptr::null(), &mut result);
-            if status == sys::Status::napi_pending_exception {
-                // The JS layer catches its own errors; anything left is the
-                // process's uncaught exception, as for any callback.
-                let mut e = ptr::null_mut();
-                if sys::napi_get_and_clear_last_exception(env, &mut e) == sys::Status::napi_ok {
-                    sys::napi_fatal_exception(env, e);
-                }
+            sys::napi_make_callback(env, state.context, recv, func, 0, ptr::null(), &mut result);
+        }
+        // The JS layer catches its own errors; anything left is the
+        // process's uncaught exception, as for any callback (and is not
+        // left pending for the next call into the addon to trip on).
+        let mut pending = false;
+        if sys::napi_is_exception_pending(env, &mut pending) == sys::Status::napi_ok && pending {
+            let mut e = ptr::null_mut();
+            if sys::napi_get_and_clear_last_exception(env, &mut e) == sys::Status::napi_ok {
+                sys::napi_fatal_exception(env, e);
             }
         }
         sys::napi_close_handle_scope(env, scope);

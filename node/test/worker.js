@@ -1,0 +1,112 @@
+'use strict';
+// A worker of the test cluster (test/cluster.test.js starts
+// `shmcluster run -w 3 -- node test/worker.js`). Every worker serves the
+// handlers below; slot 0 also drives the scenarios and prints one
+// `RESULT <json>` line each, then `DONE`.
+const { Worker } = require('..');
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const w = Worker.fromEnv();
+const m = w.messenger();
+
+const counts = {};
+const got = [];
+const errors = [];
+m.onError((e) => errors.push(`${e.code}: ${e.message}`));
+m.on('bc', (d, ctx) => {
+  counts[ctx.sender] = (counts[ctx.sender] || 0) + 1;
+});
+m.on('doBroadcast', () => m.broadcast('bc', { from: w.slot }));
+m.on('bcCounts', () => counts);
+m.on('square', (x) => x * x);
+m.on('who', () => w.slot);
+m.on('slow', async (x) => {
+  await sleep(x.ms);
+  return x.v;
+});
+m.on('boom', () => {
+  throw new Error(`kaboom from ${w.slot}`);
+});
+m.on('rejects', async () => {
+  throw new Error('async kaboom');
+});
+m.on('task', (d, ctx) => ({ ran: w.slot, delivery: ctx.deliveryId, d }));
+m.on('message', (d, ctx) => got.push(['message', ctx.sender, d]));
+m.on('custom', (d, ctx) => got.push(['custom', ctx.sender, d]));
+m.on('got', () => got);
+m.on('errors', () => errors);
+m.on('raw', (b) => Buffer.concat([Buffer.from('raw:'), b]), { raw: true });
+w.on('stop', () => {
+  w.close();
+  process.exit(0);
+});
+w.ready();
+
+const result = (name, value) => console.log(`RESULT ${JSON.stringify({ name, value })}`);
+const caught = async (p) => {
+  try {
+    return { ok: true, value: await p };
+  } catch (e) {
+    return { ok: false, code: e.code, message: e.message, isError: e instanceof Error };
+  }
+};
+
+async function drive() {
+  // Every instance up.
+  for (let i = 0; ; i++) {
+    const all = await m.map('who', null, { timeout: 1000 });
+    if (all.length === w.instances && all.every((e) => e.ok)) break;
+    if (i > 200) throw new Error(`cluster not up: ${JSON.stringify(all)}`);
+    await sleep(50);
+  }
+  for (let s = 0; s < w.instances; s++) await m.request(s, 'doBroadcast', null, { timeout: 2000 });
+  await sleep(300);
+  result('broadcast', await m.map('bcCounts', null, { timeout: 2000 }));
+  result('request', await caught(m.request(1, 'square', 12, { timeout: 2000 })));
+  result('map', await m.map('who', null, { timeout: 2000 }));
+  result('mapBoom', await m.map('boom', null, { timeout: 2000 }));
+  result('consume', await caught(m.consume('task', { n: 1 }, { timeout: 2000 })));
+  result('throws', await caught(m.request(2, 'boom', null, { timeout: 2000 })));
+  result('rejects', await caught(m.request(1, 'rejects', null, { timeout: 2000 })));
+  result('noSuchWorker', await caught(m.request(99, 'square', 1, { timeout: 2000 })));
+  result('emitNoSuchWorker', await caught((async () => m.emit(99, 'square', 1))()));
+  result('noHandler', await caught(m.request(1, 'nobody', 1, { timeout: 2000 })));
+  result('timedOut', await caught(m.request(1, 'slow', { ms: 2000, v: 1 }, { timeout: 100 })));
+  result('tooLarge', await caught(m.request(1, 'square', 'x'.repeat(m.maxPayload + 1), { timeout: 2000 })));
+  result('raw', await caught(m.request(1, 'raw', Buffer.from([1, 2]), { timeout: 2000, raw: true }).then((b) => b.toString('latin1'))));
+  // A raw sender's bytes that are not JSON, to JSON handlers.
+  result('notJson', await caught(m.request(1, 'square', Buffer.from([0xff, 0xfe, 0x00]), { timeout: 2000 })));
+  m.emit(1, 'bc', Buffer.from([0xff, 0x00]));
+  result('afterNotJson', await caught(m.request(1, 'square', 5, { timeout: 2000 })));
+  result('errors', await m.request(1, 'errors', null, { timeout: 2000 }));
+  m.to(1).send('hi');
+  m.to(1).emit('custom', 'hello');
+  m.to('all').send('all attention');
+  await sleep(200);
+  result('ipchannel', await m.map('got', null, { timeout: 2000 }));
+
+  // The event loop stays free while many requests are in flight.
+  let ticks = 0;
+  const tick = setInterval(() => ticks++, 10);
+  const n = 1200;
+  const started = Date.now();
+  const calls = [];
+  for (let i = 0; i < n; i++) calls.push(m.request(1 + (i % 2), 'slow', { ms: 300, v: i }, { timeout: 10000 }));
+  const ticksAfterSend = ticks;
+  const values = await Promise.all(calls);
+  clearInterval(tick);
+  result('loopFree', {
+    n,
+    correct: values.every((v, i) => v === i),
+    ticks,
+    ticksAfterSend,
+    ms: Date.now() - started,
+  });
+  console.log('DONE');
+}
+
+if (w.slot === 0) {
+  drive().catch((e) => {
+    console.log(`FAILED ${e && e.stack}`);
+  });
+}
