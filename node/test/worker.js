@@ -88,7 +88,7 @@ async function drive() {
   // The event loop stays free while many requests are in flight.
   let ticks = 0;
   const tick = setInterval(() => ticks++, 10);
-  const n = 1200;
+  const n = 10000;
   const started = Date.now();
   const calls = [];
   for (let i = 0; i < n; i++) calls.push(m.request(1 + (i % 2), 'slow', { ms: 300, v: i }, { timeout: 10000 }));

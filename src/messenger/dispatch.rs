@@ -622,7 +622,7 @@ impl Messenger {
             if let Some(reply) = self.run_handlers(message) {
                 self.send_handler_reply(reply)?;
             }
-            if answer && self.core.has_settled() {
+            if answer && !self.batch_answers && self.core.has_settled() {
                 // An operation ended: its caller goes on now, and what
                 // else has arrived waits for the next dispatch (a look at
                 // every lane less on a request's round trip).

@@ -290,6 +290,14 @@ pub struct Messenger {
     /// Ends of calls started by an event-loop driver on this thread
     /// ([`Done::Polled`]), until [`Messenger::take_finished`].
     polled: VecDeque<(OpId, Settled)>,
+    /// An event-loop driver turns this messenger ([`Messenger::turn`]):
+    /// a dispatch handles every answer that has arrived instead of
+    /// returning at the first one that ends a call. Its callers are
+    /// promises resolved after the turn, and each dispatch looks at every
+    /// call in flight (deadlines, deaths): with thousands in flight,
+    /// one dispatch per answer made the turns quadratic (8,000 requests
+    /// in flight took 8 s, most of them past a 8 s timeout).
+    batch_answers: bool,
     /// Delivery ids of this thread's `consume`s.
     next_delivery: u64,
     /// Requests made, for [`TIME_ONE_REQUEST_IN`].
@@ -405,6 +413,7 @@ impl Messenger {
             core: CallCore::new(slot),
             remote: FxHashMap::default(),
             polled: VecDeque::new(),
+            batch_answers: false,
             next_delivery: 0,
             requests: 0,
             deaths_seen: ClusterView::new(&outbox.segment, WorkerId::local(slot, generation)).deaths(),

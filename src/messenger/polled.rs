@@ -116,6 +116,7 @@ impl Messenger {
     }
 
     fn start_polled(&mut self, op: Op, deadline: Instant) -> CallTicket {
+        self.batch_answers = true;
         let peers = LivePeers::new(&self.segment, self.me(), self.leader_entry());
         let id = self.core.start(op, deadline, Instant::now(), &peers);
         self.remote.insert(id, Done::Polled);
