@@ -27,6 +27,12 @@ export type ErrorCode =
   | 'WORKER_CLOSED'
   | 'ENVIRONMENT'
   | 'IO'
+  | 'LOCK_NAME_TOO_LONG'
+  | 'LOCK_TABLE_FULL'
+  | 'LOCK_WOULD_DEADLOCK'
+  | 'LOCK_TIMEOUT'
+  | 'LOCK_UNRECOVERABLE'
+  | 'GLIBC'
   | 'UNKNOWN';
 
 /** Every error of this package: an `Error` with a `code`. */
@@ -111,6 +117,16 @@ export declare class Messenger {
   close(): void;
 }
 
+/** What a `synchronize` section knows about its acquisition. */
+export interface Section {
+  /** The lock's name (`''` for the global lock). */
+  name: string;
+  /** The previous holder died inside its section: check the data it guards. */
+  ownerDied: boolean;
+  /** Larger than every earlier acquisition's of the same lock. */
+  fencingToken: number;
+}
+
 /** A worker of a shmcluster cluster. Emits `stop` when the master asks it to stop. */
 export declare class Worker extends EventEmitter {
   private constructor();
@@ -125,6 +141,13 @@ export declare class Worker extends EventEmitter {
   shouldStop(): boolean;
   /** The worker's messenger (one per worker). */
   messenger(): Messenger;
+  /**
+   * Runs `fn` holding the process-shared robust mutex `name` (the global
+   * one without a name) across awaits; rejects with `LOCK_TIMEOUT` after
+   * `opts.timeout` ms without it. Never nest sections of one lock.
+   */
+  synchronize<R>(fn: (section: Section) => R | Promise<R>, opts?: { timeout?: number }): Promise<R>;
+  synchronize<R>(name: string, fn: (section: Section) => R | Promise<R>, opts?: { timeout?: number }): Promise<R>;
   ref(): this;
   unref(): this;
   close(): void;

@@ -454,6 +454,37 @@ class Worker extends EventEmitter {
     return this._m;
   }
 
+  /**
+   * cluster-synchronize: runs `fn(section)` holding the process-shared
+   * robust mutex `name` (the global lock without a name), across awaits.
+   * A thread of the addon takes the lock and holds it until `fn`'s promise
+   * settles (a pthread mutex belongs to the thread that locked it).
+   * `section.ownerDied`: the previous holder died inside its section;
+   * `section.fencingToken`: larger than every earlier holder's.
+   * `opts.timeout` (ms): give up with `LOCK_TIMEOUT`.
+   */
+  async synchronize(name, fn, opts) {
+    if (typeof name === 'function') {
+      opts = fn;
+      fn = name;
+      name = '';
+    }
+    if (typeof fn !== 'function') throw new ShmclusterError('INVALID_ARGUMENT', 'section must be a function');
+    if (this._closed) throw new ShmclusterError('WORKER_CLOSED', 'the worker is closed');
+    const t = opts && opts.timeout !== undefined ? opts.timeout : null;
+    let held;
+    try {
+      held = await this._n.lockAcquire(String(name), t);
+    } catch (e) {
+      throw fromNative(e);
+    }
+    try {
+      return await fn({ name: String(name), ownerDied: held.ownerDied, fencingToken: held.fencingToken });
+    } finally {
+      if (!this._closed) this._n.lockRelease(held.id);
+    }
+  }
+
   ref() {
     if (this._m) this._m.ref();
     return this;

@@ -28,10 +28,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use napi::bindgen_prelude::{Buffer, Either};
-use napi::{Env, JsFunction};
+use napi::{Env, JsFunction, JsObject};
 use napi_derive::napi;
 use shmcluster::{
-    BytesReply, CallError, CallKind, EmitError, Finished, MapError, Messenger, Target, Turn, Worker,
+    BytesReply, CallError, CallKind, EmitError, Finished, LockError, Locks, MapError, Messenger, Target,
+    Turn, Worker,
 };
 
 mod uv;
@@ -126,6 +127,36 @@ pub struct Native {
     /// The slot is parked on its eventfd (`Turn::Parked`).
     parked: bool,
     instances: u32,
+    /// The lock table (made once: it caches names).
+    locks: Option<Locks>,
+    /// Held sections: sending (or dropping) ends one (see
+    /// [`Native::lock_acquire`]).
+    sections: HashMap<u32, std::sync::mpsc::Sender<()>>,
+    next_section: u32,
+}
+
+/// A held lock, as the promise of [`Native::lock_acquire`] resolves.
+#[napi(object)]
+pub struct Held {
+    /// For [`Native::lock_release`].
+    pub id: u32,
+    pub owner_died: bool,
+    /// Exact below 2^53 (a lock's acquisition count).
+    pub fencing_token: f64,
+}
+
+fn lock_err(e: &LockError) -> napi::Error {
+    let code = match e {
+        LockError::NameTooLong { .. } => "LOCK_NAME_TOO_LONG",
+        LockError::TableFull { .. } => "LOCK_TABLE_FULL",
+        LockError::WouldDeadlock => "LOCK_WOULD_DEADLOCK",
+        LockError::Timeout => "LOCK_TIMEOUT",
+        LockError::Unrecoverable { .. } => "LOCK_UNRECOVERABLE",
+        LockError::Glibc { .. } => "GLIBC",
+        LockError::Io(_) => "IO",
+        _ => "UNKNOWN",
+    };
+    err(code, e)
 }
 
 /// A JS error with a code (see the crate's docs).
@@ -226,6 +257,9 @@ impl Native {
             poll: None,
             parked: false,
             instances,
+            locks: None,
+            sections: HashMap::new(),
+            next_section: 1,
         }
     }
 
@@ -574,6 +608,69 @@ impl Native {
         Ok(out)
     }
 
+    /// Takes lock `name` (`""`: the global lock) on a thread of its own,
+    /// which holds it until [`Native::lock_release`] (a pthread mutex
+    /// belongs to the thread that locked it, and the JS section crosses
+    /// `await`s): the promise resolves on the JS thread once it is held.
+    /// The cost: a thread start and two hand-offs per section.
+    #[napi(ts_return_type = "Promise<Held>")]
+    pub fn lock_acquire(
+        &mut self,
+        env: Env,
+        name: String,
+        timeout_ms: Option<f64>,
+    ) -> napi::Result<JsObject> {
+        let timeout = match timeout_ms {
+            None => None,
+            Some(t) if t.is_finite() && t >= 0.0 => {
+                Some(Duration::from_secs_f64(t.min(86_400_000.0) / 1000.0))
+            }
+            Some(_) => {
+                return Err(err(
+                    "INVALID_ARGUMENT",
+                    "timeout must be a finite number of milliseconds >= 0",
+                ))
+            }
+        };
+        if self.locks.is_none() {
+            let locks = self.m()?.locks().map_err(|e| lock_err(&e))?;
+            self.locks = Some(locks);
+        }
+        let locks = self
+            .locks
+            .clone()
+            .ok_or_else(|| err("UNKNOWN", "no lock table"))?;
+        let id = self.next_section;
+        self.next_section = self.next_section.wrapping_add(1).max(1);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (deferred, promise) = env.create_deferred()?;
+        std::thread::Builder::new()
+            .name("shmcluster-lock".into())
+            .spawn(move || match locks.lock(&name, timeout) {
+                Ok(guard) => {
+                    let held = Held {
+                        id,
+                        owner_died: guard.previous_owner_died(),
+                        fencing_token: guard.fencing_token() as f64,
+                    };
+                    deferred.resolve(move |_| Ok(held));
+                    // Until JS releases it, or drops its end (close).
+                    let _ = released.recv();
+                    drop(guard);
+                }
+                Err(e) => deferred.reject(lock_err(&e)),
+            })
+            .map_err(|e| err("IO", format!("cannot start the lock thread: {e}")))?;
+        self.sections.insert(id, release);
+        Ok(promise)
+    }
+
+    /// Ends a section: its thread unlocks. False if `id` is not held.
+    #[napi]
+    pub fn lock_release(&mut self, id: u32) -> bool {
+        self.sections.remove(&id).is_some_and(|tx| tx.send(()).is_ok())
+    }
+
     /// Stops the wake and drops the messenger (calls in flight are
     /// forgotten; unanswered calls to this worker are answered
     /// `HandlerFailed("reply dropped")`).
@@ -585,6 +682,8 @@ impl Native {
         // Dropped replies answer `HandlerFailed("reply dropped")` through
         // the outbox: one last dispatch sends them.
         self.replies.clear();
+        // Their threads unlock.
+        self.sections.clear();
         if let Some(mut m) = self.m.take() {
             if self.parked {
                 m.unpark();

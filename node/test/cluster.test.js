@@ -161,3 +161,25 @@ test('the event loop stays free with 10,000 requests in flight', (t) => {
   // meanwhile (a blocked loop would give ~0).
   assert.ok(l.ticks - l.ticksAfterSend >= 10, JSON.stringify(l));
 });
+
+test('synchronize excludes across processes; fencing tokens grow', () => {
+  const { tokens, count } = r('synchronize');
+  assert.equal(count, 60, 'no update lost');
+  const all = [];
+  for (const e of tokens) {
+    assert.ok(e.ok, JSON.stringify(e));
+    assert.equal(e.value.length, 20);
+    for (let i = 1; i < e.value.length; i++) assert.ok(e.value[i] > e.value[i - 1], `worker ${e.slot}: ${e.value}`);
+    all.push(...e.value);
+  }
+  assert.equal(new Set(all).size, 60, 'every acquisition has its own token');
+});
+
+test('a holder SIGKILLed inside its section: the next holder sees ownerDied', () => {
+  assert.equal(r('dieInSection').code, 'WORKER_DIED');
+  const s = r('afterDeath');
+  assert.equal(s.ownerDied, true);
+  assert.equal(s.name, 'victim');
+  assert.equal(r('afterAgain').ownerDied, false);
+  assert.ok(r('afterAgain').fencingToken > s.fencingToken);
+});

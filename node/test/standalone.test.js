@@ -82,3 +82,30 @@ test('an unref()ed messenger does not keep the process alive; a ref()ed one does
   const ref = spawnSync(process.execPath, ['-e', script(true)], { timeout: 1500, killSignal: 'SIGKILL' });
   assert.equal(ref.signal, 'SIGKILL', 'a referenced messenger keeps the loop alive');
 });
+
+test('synchronize: sections of one lock exclude each other across awaits', async () => {
+  const w = Worker.standalone();
+  try {
+    let inside = 0;
+    let most = 0;
+    const section = async () => {
+      inside++;
+      most = Math.max(most, inside);
+      await new Promise((r) => setTimeout(r, 5));
+      inside--;
+    };
+    await Promise.all(Array.from({ length: 10 }, () => w.synchronize('k', section)));
+    assert.equal(most, 1);
+    const g = await w.synchronize((s) => s);
+    assert.deepEqual([g.name, g.ownerDied, typeof g.fencingToken], ['', false, 'number']);
+    const hold = w.synchronize('t', () => new Promise((r) => setTimeout(r, 300)));
+    await assert.rejects(w.synchronize('t', () => 1, { timeout: 50 }), { code: 'LOCK_TIMEOUT' });
+    await hold;
+    await assert.rejects(w.synchronize('x'.repeat(100), () => 1), { code: 'LOCK_NAME_TOO_LONG' });
+    // A section that throws releases the lock, and the caller gets its error.
+    await assert.rejects(w.synchronize('k', () => { throw new Error('inside'); }), /inside/);
+    assert.equal(await w.synchronize('k', () => 'again', { timeout: 1000 }), 'again');
+  } finally {
+    w.close();
+  }
+});

@@ -36,6 +36,31 @@ m.on('custom', (d, ctx) => got.push(['custom', ctx.sender, d]));
 m.on('got', () => got);
 m.on('errors', () => errors);
 m.on('raw', (b) => Buffer.concat([Buffer.from('raw:'), b]), { raw: true });
+// synchronize: a read-modify-write of a file that loses updates unless
+// the sections exclude each other across processes.
+const counterFile = require('node:path').join(require('node:os').tmpdir(), `shmc-node-counter-${process.ppid}`);
+m.on('countUp', async (n) => {
+  const fs = require('node:fs/promises');
+  const tokens = [];
+  for (let i = 0; i < n; i++) {
+    await w.synchronize('counter', async (s) => {
+      let v = 0;
+      try {
+        v = Number(await fs.readFile(counterFile, 'utf8'));
+      } catch (_) {}
+      await new Promise((r) => setImmediate(r));
+      await fs.writeFile(counterFile, String(v + 1));
+      tokens.push(s.fencingToken);
+    });
+  }
+  return tokens;
+});
+m.on('dieInSection', () =>
+  w.synchronize('victim', async () => {
+    process.kill(process.pid, 'SIGKILL');
+    await new Promise(() => {});
+  }),
+);
 w.on('stop', () => {
   w.close();
   process.exit(0);
@@ -102,6 +127,16 @@ async function drive() {
     ticksAfterSend,
     ms: Date.now() - started,
   });
+
+  // synchronize across the three workers, then a holder SIGKILLed inside.
+  const fs = require('node:fs');
+  fs.rmSync(counterFile, { force: true });
+  const tokens = await m.map('countUp', 20, { timeout: 30000 });
+  result('synchronize', { tokens, count: Number(fs.readFileSync(counterFile, 'utf8')) });
+  fs.rmSync(counterFile, { force: true });
+  result('dieInSection', await caught(m.request(2, 'dieInSection', null, { timeout: 5000 })));
+  result('afterDeath', await w.synchronize('victim', (s) => s));
+  result('afterAgain', await w.synchronize('victim', (s) => s));
   console.log('DONE');
 }
 
