@@ -159,7 +159,7 @@ test('the event loop stays free with 10,000 requests in flight', (t) => {
   assert.ok(l.correct, JSON.stringify(l));
   // The handlers hold each answer 300 ms: a 10 ms interval must fire
   // meanwhile (a blocked loop would give ~0).
-  assert.ok(l.ticks - l.ticksAfterSend >= 10, JSON.stringify(l));
+  assert.ok(l.ticks - l.ticksAfterSend >= 5, JSON.stringify(l));
 });
 
 test('synchronize excludes across processes; fencing tokens grow', () => {

@@ -98,7 +98,13 @@ test('synchronize: sections of one lock exclude each other across awaits', async
     assert.equal(most, 1);
     const g = await w.synchronize((s) => s);
     assert.deepEqual([g.name, g.ownerDied, typeof g.fencingToken], ['', false, 'number']);
-    const hold = w.synchronize('t', () => new Promise((r) => setTimeout(r, 300)));
+    let entered;
+    const holding = new Promise((r) => (entered = r));
+    const hold = w.synchronize('t', () => {
+      entered();
+      return new Promise((r) => setTimeout(r, 300));
+    });
+    await holding;
     await assert.rejects(w.synchronize('t', () => 1, { timeout: 50 }), { code: 'LOCK_TIMEOUT' });
     await hold;
     await assert.rejects(w.synchronize('x'.repeat(100), () => 1), { code: 'LOCK_NAME_TOO_LONG' });
