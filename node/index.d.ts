@@ -96,6 +96,8 @@ export declare class Messenger {
   private constructor();
   /** The payload limit in bytes. */
   readonly maxPayload: number;
+  /** How an idle loop is woken: libuv polling the slot's eventfd, or the fallback waiter thread. */
+  readonly wake: 'eventfd' | 'thread';
   on(event: string, fn: Handler, opts?: HandlerOptions): this;
   off(event: string, fn?: Handler): this;
   /** Errors no caller can be told of (an event that is not JSON, a corrupt lane). */

@@ -106,9 +106,9 @@ class Messenger {
     this._errorListeners = [];
     this._maxPayload = this._n.maxPayload;
     this._referenced = true;
-    this._wake = nat(() => this._n.startWake(() => this._turn()));
-    // Without the slot's eventfd (a master that did not pass them): a timer.
-    this._net = setInterval(() => this._turn(), this._wake ? SAFETY_NET_MS : 5);
+    /** How an idle loop is woken: `'eventfd'` (libuv polls the slot's eventfd) or `'thread'` (a waiter thread). */
+    this.wake = nat(() => this._n.startWake(() => this._turn()));
+    this._net = setInterval(() => this._turn(), SAFETY_NET_MS);
     this._net.unref();
     this._schedule();
   }

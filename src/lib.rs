@@ -206,9 +206,9 @@ pub use messenger::{AsyncMessenger, AsyncWake};
 #[cfg(not(loom))]
 pub use messenger::{
     BytesReply, CallError, CallKind, CallTicket, Consumed, CorruptLane, Ctx, DispatchError, EmitError,
-    EventStats, Finished, GlobalLeader, GlobalSection, HandlerId, HostChange, HostEvent, HostId, Leader,
-    LeaderChange, MapError, Messenger, MessengerHandle, RegisterError, Reply, Target, To, Turn, WorkerId,
-    HOST_EVENT, MAX_EVENT_NAME,
+    EventStats, Finished, GlobalLeader, GlobalSection, HandlerId, HostChange, HostEvent, HostId, IdleWaiter,
+    Leader, LeaderChange, MapError, Messenger, MessengerHandle, RegisterError, Reply, Target, To, Turn,
+    WorkerId, HOST_EVENT, MAX_EVENT_NAME,
 };
 /// The cluster's size limit: a segment has at most this many worker slots,
 /// and a cluster keeps one of them spare for rolling reloads.

@@ -168,3 +168,46 @@ fn known_errors_come_at_once() {
     ));
     assert!(m.take_finished().is_empty());
 }
+
+#[test]
+fn without_the_eventfd_an_idle_waiter_thread_is_woken_by_answers() {
+    let mut ms = Messenger::threads(2).unwrap();
+    let other = ms.pop().unwrap();
+    let mut me = ms.pop().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = serve(other, stop.clone());
+    let waiter = me.idle_waiter();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tickets: Vec<_> = (0..200u32)
+        .map(|i| {
+            me.start_request_bytes(1, "echo", &i.to_le_bytes(), deadline)
+                .unwrap()
+        })
+        .collect();
+    let mut ends = Vec::new();
+    let mut parks_woken_early = 0;
+    while ends.len() < tickets.len() && Instant::now() < deadline {
+        match me.turn_idle().unwrap() {
+            Turn::Busy => {}
+            Turn::Idle => {
+                // The waiter parks on another thread, as the Node
+                // binding's does, while this one waits for it.
+                let w = waiter.clone();
+                let started = Instant::now();
+                std::thread::spawn(move || w.wait(Duration::from_secs(1)))
+                    .join()
+                    .unwrap();
+                if started.elapsed() < Duration::from_millis(500) {
+                    parks_woken_early += 1;
+                }
+            }
+            Turn::Parked => panic!("turn_idle never parks on the eventfd"),
+        }
+        ends.extend(me.take_finished());
+    }
+    assert_eq!(ends.len(), 200);
+    assert!(ends.iter().all(|(_, f)| matches!(f, Finished::Answer(Ok(_)))));
+    assert!(parks_woken_early > 0, "an answer must end the waiter's park");
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}

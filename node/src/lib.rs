@@ -36,6 +36,7 @@ use shmcluster::{
 };
 
 mod uv;
+mod waiter;
 
 /// How many turns one call of [`Native::turn`] makes before it hands the
 /// thread back to the event loop (JS then schedules the next with
@@ -124,6 +125,8 @@ pub struct Native {
     next_ticket: u32,
     /// Registered with libuv (None without an eventfd, and after close).
     poll: Option<uv::Poll>,
+    /// The fallback wake without an eventfd.
+    waiter: Option<waiter::Waiter>,
     /// The slot is parked on its eventfd (`Turn::Parked`).
     parked: bool,
     instances: u32,
@@ -255,6 +258,7 @@ impl Native {
             tickets: HashMap::new(),
             next_ticket: 1,
             poll: None,
+            waiter: None,
             parked: false,
             instances,
             locks: None,
@@ -372,27 +376,42 @@ impl Native {
         Ok(Self::new(m, 1))
     }
 
-    /// Registers the libuv wake: `on_wake` is called (on the JS thread)
-    /// whenever the slot's eventfd becomes readable. False without an
-    /// eventfd (the JS layer then falls back to a timer).
+    /// Registers the wake: `on_wake` is called (on the JS thread) when a
+    /// message arrives for an idle loop. The slot's eventfd polled by
+    /// libuv; without one (or with `NODE_SHMCLUSTER_WAKE=thread`), a
+    /// waiter thread ([`waiter`]). Returns `"eventfd"` or `"thread"`.
     #[napi]
-    pub fn start_wake(&mut self, env: Env, on_wake: JsFunction) -> napi::Result<bool> {
+    pub fn start_wake(&mut self, env: Env, on_wake: JsFunction) -> napi::Result<String> {
         if self.poll.is_some() {
-            return Ok(true);
+            return Ok("eventfd".into());
         }
-        let Some(fd) = self.m.as_ref().and_then(|m| m.wake_fd()) else {
-            return Ok(false);
-        };
-        let fd = fd.try_clone_to_owned().map_err(|e| err("IO", e))?;
-        self.poll = Some(uv::Poll::start(&env, fd, on_wake)?);
-        Ok(true)
+        if self.waiter.is_some() {
+            return Ok("thread".into());
+        }
+        let m = self
+            .m
+            .as_ref()
+            .ok_or_else(|| err("WORKER_CLOSED", "the messenger is closed"))?;
+        // Not `SHMCLUSTER_*`: the master strips those from what its
+        // workers inherit.
+        let forced = std::env::var("NODE_SHMCLUSTER_WAKE").is_ok_and(|v| v == "thread");
+        if let (Some(fd), false) = (m.wake_fd(), forced) {
+            let fd = fd.try_clone_to_owned().map_err(|e| err("IO", e))?;
+            self.poll = Some(uv::Poll::start(&env, fd, on_wake)?);
+            return Ok("eventfd".into());
+        }
+        self.waiter = Some(waiter::Waiter::start(m.idle_waiter(), &on_wake)?);
+        Ok("thread".into())
     }
 
     /// Whether the wake keeps the event loop alive (`uv_ref`/`uv_unref`).
     #[napi]
-    pub fn set_ref(&mut self, referenced: bool) {
+    pub fn set_ref(&mut self, env: Env, referenced: bool) {
         if let Some(p) = &self.poll {
             p.set_ref(referenced);
+        }
+        if let Some(w) = &mut self.waiter {
+            w.set_ref(&env, referenced);
         }
     }
 
@@ -552,10 +571,11 @@ impl Native {
         if self.m.is_none() {
             return Ok(out);
         }
+        let fd_park = self.poll.is_some();
         let m = self.m()?;
         let mut more = true;
         for _ in 0..TURNS_PER_CALL {
-            match m.turn() {
+            match if fd_park { m.turn() } else { m.turn_idle() } {
                 Ok(Turn::Busy) => continue,
                 Ok(Turn::Parked) => {
                     self.parked = true;
@@ -563,6 +583,9 @@ impl Native {
                     break;
                 }
                 Ok(_) => {
+                    if let Some(w) = &self.waiter {
+                        w.arm();
+                    }
                     more = false;
                     break;
                 }
@@ -678,6 +701,9 @@ impl Native {
     pub fn close(&mut self) {
         if let Some(p) = self.poll.take() {
             p.stop();
+        }
+        if let Some(w) = self.waiter.take() {
+            w.stop();
         }
         // Dropped replies answer `HandlerFailed("reply dropped")` through
         // the outbox: one last dispatch sends them.

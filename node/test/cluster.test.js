@@ -2,6 +2,8 @@
 // A real cluster: `shmcluster run -w 3 -- node test/worker.js`. Slot 0
 // drives the scenarios (test/worker.js) and prints their results; this
 // file checks them, then stops the master and reaps every process.
+// With NODE_SHMCLUSTER_WAKE=thread (npm test runs it both ways) the
+// workers use the fallback wake, a waiter thread, instead of the eventfd.
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
@@ -84,6 +86,11 @@ const r = (name) => {
   assert.ok(results.has(name), `no result ${name}:\n${output}`);
   return results.get(name);
 };
+
+test('every worker uses the wake asked for', () => {
+  const want = process.env.NODE_SHMCLUSTER_WAKE === 'thread' ? 'thread' : 'eventfd';
+  assert.deepEqual(r('wake'), [0, 1, 2].map((slot) => ({ slot, ok: true, value: want })));
+});
 
 test('broadcast reaches every worker once, the sender included', () => {
   const entries = r('broadcast');

@@ -79,6 +79,11 @@ test('an unref()ed messenger does not keep the process alive; a ref()ed one does
   `;
   const unref = spawnSync(process.execPath, ['-e', script(false)], { timeout: 10000 });
   assert.equal(unref.status, 0, String(unref.stderr));
+  const thread = spawnSync(process.execPath, ['-e', script(false)], {
+    timeout: 10000,
+    env: { ...process.env, NODE_SHMCLUSTER_WAKE: 'thread' },
+  });
+  assert.equal(thread.status, 0, `the waiter thread's wake unref'd too: ${thread.stderr}`);
   const ref = spawnSync(process.execPath, ['-e', script(true)], { timeout: 1500, killSignal: 'SIGKILL' });
   assert.equal(ref.signal, 'SIGKILL', 'a referenced messenger keeps the loop alive');
 });

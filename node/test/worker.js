@@ -20,6 +20,7 @@ m.on('doBroadcast', () => m.broadcast('bc', { from: w.slot }));
 m.on('bcCounts', () => counts);
 m.on('square', (x) => x * x);
 m.on('who', () => w.slot);
+m.on('wake', () => m.wake);
 m.on('slow', async (x) => {
   await sleep(x.ms);
   return x.v;
@@ -84,6 +85,7 @@ async function drive() {
     if (i > 200) throw new Error(`cluster not up: ${JSON.stringify(all)}`);
     await sleep(50);
   }
+  result('wake', await m.map('wake', null, { timeout: 2000 }));
   for (let s = 0; s < w.instances; s++) await m.request(s, 'doBroadcast', null, { timeout: 2000 });
   await sleep(300);
   result('broadcast', await m.map('bcCounts', null, { timeout: 2000 }));

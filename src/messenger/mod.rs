@@ -41,7 +41,7 @@ pub use host::{HostChange, HostEvent, HostId, HOST_EVENT};
 #[cfg(test)]
 pub(crate) use leader::leader_entry;
 pub use leader::{Leader, LeaderChange};
-pub use polled::{CallTicket, Finished, Turn};
+pub use polled::{CallTicket, Finished, IdleWaiter, Turn};
 pub use wire::MAX_EVENT_NAME;
 
 #[cfg(feature = "nats")]

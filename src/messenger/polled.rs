@@ -19,7 +19,7 @@
 //!    [`Messenger::next_due`] at the latest (deadlines, deaths).
 
 use std::os::fd::BorrowedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::calls::{check_cross_host, LivePeers};
 use super::core::{Op, Settled};
@@ -27,6 +27,7 @@ use super::dispatch::Done;
 use super::encode::encode_call_bytes;
 use super::error::{CallError, DispatchError, MapError};
 use super::{Consumed, Messenger, WorkerId};
+use crate::segment::Segment;
 
 /// A call started by one of the `start_*` methods: its end is handed back
 /// with this by [`Messenger::take_finished`].
@@ -56,8 +57,34 @@ pub enum Turn {
     /// [`Messenger::next_due`]), then call [`Messenger::unpark`].
     Parked,
     /// Nothing was waiting, but there is no eventfd to park on (a process
-    /// without them): the caller must come back on a timer of its own.
+    /// without them): a thread of the caller's parks with an
+    /// [`IdleWaiter`] and wakes the loop its own way (or the caller comes
+    /// back on a timer).
     Idle,
+}
+
+/// For an event loop without the slot's eventfd: a thread of its own
+/// parks on the slot's futex after a [`Turn::Idle`], and wakes the loop
+/// when a message (or the outbox) rings, as the tokio driver's waiter
+/// thread does. Two wakes per message that finds the loop asleep (the
+/// futex, then the loop's own), against one for the eventfd.
+#[derive(Clone, Debug)]
+pub struct IdleWaiter {
+    segment: Segment,
+    slot: u32,
+}
+
+impl IdleWaiter {
+    /// Parks until a doorbell of the slot rings or `timeout` passes.
+    /// Call it only after a [`Turn::Idle`] of the messenger, once per
+    /// turn (a ring between the turn and the park ends the park at once).
+    pub fn wait(&self, timeout: Duration) {
+        crate::wake::park(
+            self.segment.park(self.slot),
+            self.segment.bells(self.slot),
+            timeout,
+        );
+    }
 }
 
 impl Messenger {
@@ -171,6 +198,28 @@ impl Messenger {
     /// [`Messenger::turn`]. The reader reads the count (non-blocking).
     pub fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
         self.segment.wake_fd(self.slot)
+    }
+
+    /// What a thread of an event loop without the eventfd parks with
+    /// ([`Turn::Idle`]).
+    pub fn idle_waiter(&self) -> IdleWaiter {
+        IdleWaiter {
+            segment: self.segment.clone(),
+            slot: self.slot,
+        }
+    }
+
+    /// Turns like [`Messenger::turn`] but never parks on the eventfd:
+    /// [`Turn::Idle`] instead of [`Turn::Parked`] (for an
+    /// [`IdleWaiter`]).
+    ///
+    /// # Errors
+    /// As [`Messenger::turn`].
+    pub fn turn_idle(&mut self) -> Result<Turn, DispatchError> {
+        match self.async_turn(false)? {
+            false => Ok(Turn::Busy),
+            true => Ok(Turn::Idle),
+        }
     }
 
     /// The latest time to turn again while started calls wait (their
