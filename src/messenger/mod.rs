@@ -11,6 +11,8 @@
 //!   and `emit`/`notify`; `dispatch.rs`: sending, the receive loop and the
 //!   outbox other threads queue into; `handle.rs`: [`MessengerHandle`];
 //!   `async_rt/`: the tokio driver (`AsyncMessenger`, feature `tokio`);
+//!   `polled.rs`: the event-loop driver (calls started without waiting,
+//!   non-blocking turns that park on the eventfd; the Node.js binding's);
 //! - `handlers.rs`: registering and running handlers; `leader/`: elections,
 //!   invoke, publish/subscribe; `wire.rs` and `encode.rs`: the message
 //!   format and its limits; `error.rs`: one error type per operation.
