@@ -34,15 +34,24 @@ fn wait_fd(m: &Messenger, ms: i32) -> bool {
 /// the eventfd when idle; returns the ends and how many waits the eventfd
 /// ended (not the timer).
 fn drive(m: &mut Messenger, want: usize) -> (Vec<(shmcluster::CallTicket, Finished)>, u32) {
+    drive_with(m, want, 50)
+}
+
+/// [`drive`], each park waiting up to `max_ms` whatever `next_due` says.
+fn drive_with(m: &mut Messenger, want: usize, max_ms: i32) -> (Vec<(shmcluster::CallTicket, Finished)>, u32) {
     let (mut ends, mut woken) = (Vec::new(), 0);
     let give_up = Instant::now() + Duration::from_secs(5);
     while ends.len() < want && Instant::now() < give_up {
         match m.turn().expect("no corrupt lane") {
             Turn::Busy => {}
             Turn::Parked => {
-                let ms = m.next_due().map_or(50, |t| {
-                    t.saturating_duration_since(Instant::now()).as_millis().min(50) as i32
-                });
+                let ms = if max_ms > 50 {
+                    max_ms
+                } else {
+                    m.next_due().map_or(50, |t| {
+                        t.saturating_duration_since(Instant::now()).as_millis().min(50) as i32
+                    })
+                };
                 if wait_fd(m, ms) {
                     woken += 1;
                 }
@@ -59,6 +68,11 @@ fn serve(mut m: Messenger, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()>
     std::thread::spawn(move || {
         m.on_bytes("echo", |_, d| d.to_vec()).unwrap();
         m.on_request("boom", |_, _: ()| Err::<(), _>("kaboom")).unwrap();
+        m.on_request("slow", |_, _: ()| {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok::<_, String>(())
+        })
+        .unwrap();
         m.run_until(|_| stop.load(Ordering::Relaxed)).unwrap();
     })
 }
@@ -85,7 +99,7 @@ fn calls_in_flight_end_through_turns_and_eventfd_wakes() {
         started.elapsed() < Duration::from_secs(1),
         "starting must not wait for answers"
     );
-    let (ends, woken) = drive(&mut me, tickets.len());
+    let (ends, _) = drive(&mut me, tickets.len());
     assert_eq!(ends.len(), 500);
     for (t, f) in &ends {
         let i = tickets.iter().position(|x| x == t).unwrap() as u32;
@@ -94,9 +108,22 @@ fn calls_in_flight_end_through_turns_and_eventfd_wakes() {
             other => panic!("request {i}: {other:?}"),
         }
     }
+
+    // An answer that comes while the loop is parked wakes it through the
+    // eventfd: each park here waits up to 2 s, so only the eventfd can end
+    // it sooner. (The 500 above may all come while the loop is busy.)
+    let started = Instant::now();
+    me.start_request_bytes(1, "slow", &[0], deadline).unwrap();
+    let (ends, woken) = drive_with(&mut me, 1, 2000);
+    assert!(matches!(ends[0].1, Finished::Answer(Ok(_))), "{:?}", ends[0].1);
     assert!(
         woken > 0,
-        "the answers must wake the parked loop through the eventfd"
+        "the answer must wake the parked loop through the eventfd"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
     );
 
     // Map over both (this worker answers itself in its turn), consume,
@@ -178,36 +205,44 @@ fn without_the_eventfd_an_idle_waiter_thread_is_woken_by_answers() {
     let server = serve(other, stop.clone());
     let waiter = me.idle_waiter();
     let deadline = Instant::now() + Duration::from_secs(5);
+    // Each park lasts up to 2 s unless a doorbell ends it: the waiter
+    // parks on another thread, as the Node binding's does.
+    let run = |me: &mut Messenger, want: usize| {
+        let mut ends = Vec::new();
+        while ends.len() < want && Instant::now() < deadline {
+            match me.turn_idle().unwrap() {
+                Turn::Busy => {}
+                Turn::Idle => {
+                    let w = waiter.clone();
+                    std::thread::spawn(move || w.wait(Duration::from_secs(2)))
+                        .join()
+                        .unwrap();
+                }
+                Turn::Parked => panic!("turn_idle never parks on the eventfd"),
+            }
+            ends.extend(me.take_finished());
+        }
+        ends
+    };
     let tickets: Vec<_> = (0..200u32)
         .map(|i| {
             me.start_request_bytes(1, "echo", &i.to_le_bytes(), deadline)
                 .unwrap()
         })
         .collect();
-    let mut ends = Vec::new();
-    let mut parks_woken_early = 0;
-    while ends.len() < tickets.len() && Instant::now() < deadline {
-        match me.turn_idle().unwrap() {
-            Turn::Busy => {}
-            Turn::Idle => {
-                // The waiter parks on another thread, as the Node
-                // binding's does, while this one waits for it.
-                let w = waiter.clone();
-                let started = Instant::now();
-                std::thread::spawn(move || w.wait(Duration::from_secs(1)))
-                    .join()
-                    .unwrap();
-                if started.elapsed() < Duration::from_millis(500) {
-                    parks_woken_early += 1;
-                }
-            }
-            Turn::Parked => panic!("turn_idle never parks on the eventfd"),
-        }
-        ends.extend(me.take_finished());
-    }
+    let ends = run(&mut me, tickets.len());
     assert_eq!(ends.len(), 200);
     assert!(ends.iter().all(|(_, f)| matches!(f, Finished::Answer(Ok(_)))));
-    assert!(parks_woken_early > 0, "an answer must end the waiter's park");
+    // An answer 20 ms late finds the loop idle and the waiter parked.
+    let started = Instant::now();
+    me.start_request_bytes(1, "slow", &[0], deadline).unwrap();
+    let ends = run(&mut me, 1);
+    assert!(matches!(ends[0].1, Finished::Answer(Ok(_))), "{:?}", ends[0].1);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the answer must end the waiter's park: {:?}",
+        started.elapsed()
+    );
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
 }

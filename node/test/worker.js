@@ -62,6 +62,20 @@ m.on('dieInSection', () =>
     await new Promise(() => {});
   }),
 );
+// consume, at least once: the first delivery SIGKILLs its worker inside
+// the handler (leaving a mark with the delivery id); the redelivery runs.
+const dieMark = require('node:path').join(require('node:os').tmpdir(), `shmc-node-consume-${process.ppid}`);
+if (w.slot !== 0) {
+  m.on('consumeDie', async (d, ctx) => {
+    const fs = require('node:fs');
+    if (!fs.existsSync(dieMark)) {
+      fs.writeFileSync(dieMark, `${ctx.deliveryId} ${w.slot}`);
+      process.kill(process.pid, 'SIGKILL');
+      await new Promise(() => {});
+    }
+    return null;
+  });
+}
 w.on('stop', () => {
   w.close();
   process.exit(0);
@@ -118,7 +132,7 @@ async function drive() {
   const n = 10000;
   const started = Date.now();
   const calls = [];
-  for (let i = 0; i < n; i++) calls.push(m.request(1 + (i % 2), 'slow', { ms: 300, v: i }, { timeout: 10000 }));
+  for (let i = 0; i < n; i++) calls.push(m.request(1 + (i % 2), 'slow', { ms: 1000, v: i }, { timeout: 20000 }));
   const ticksAfterSend = ticks;
   const values = await Promise.all(calls);
   clearInterval(tick);
@@ -139,6 +153,11 @@ async function drive() {
   result('dieInSection', await caught(m.request(2, 'dieInSection', null, { timeout: 5000 })));
   result('afterDeath', await w.synchronize('victim', (s) => s));
   result('afterAgain', await w.synchronize('victim', (s) => s));
+  fs.rmSync(dieMark, { force: true });
+  const consumed = await caught(m.consume('consumeDie', null, { timeout: 10000 }));
+  const [firstId, firstSlot] = fs.readFileSync(dieMark, 'utf8').split(' ');
+  fs.rmSync(dieMark, { force: true });
+  result('consumeRedelivered', { consumed, firstId, firstSlot: Number(firstSlot) });
   console.log('DONE');
 }
 
