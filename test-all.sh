@@ -41,6 +41,14 @@ step "python: the ctypes binding over libshmcluster (pytest)"
 cargo build -p shmcluster-ffi
 (cd ffi/python && SHMCLUSTER_LIB="$PWD/../../target/debug/libshmcluster.so" timeout 300 python3 -m pytest -q tests)
 
+step "node: the npm package (napi-rs addon) in one process and in a real cluster"
+# Node.js >= 20 and npm (.ci/run checks them). `npm install` builds the
+# addon from source (cargo build --release -p shmcluster-node) and copies
+# it to node/shmcluster.node; `npm test` builds the command (cargo build
+# -p shmcluster) and runs node's own test runner: test/standalone.test.js,
+# then test/cluster.test.js (`shmcluster run -w 3 -- node test/worker.js`).
+(cd node && npm install && timeout 600 npm test)
+
 step "loom: the park/wake and space-wait handshakes lose no wakeup"
 LOOM_MAX_PREEMPTIONS=3 RUSTFLAGS="--cfg loom" \
   timeout 900 cargo test --release --lib --target-dir target/loom wake::

@@ -205,9 +205,10 @@ pub use lock::{LockError, LockGuard, LockStats, Locks, NamedLock, Section, MAX_L
 pub use messenger::{AsyncMessenger, AsyncWake};
 #[cfg(not(loom))]
 pub use messenger::{
-    BytesReply, CallError, CallKind, Consumed, CorruptLane, Ctx, DispatchError, EmitError, EventStats,
-    GlobalLeader, GlobalSection, HandlerId, HostChange, HostEvent, HostId, Leader, LeaderChange, MapError,
-    Messenger, MessengerHandle, RegisterError, Reply, Target, To, WorkerId, HOST_EVENT, MAX_EVENT_NAME,
+    BytesReply, CallError, CallKind, CallTicket, Consumed, CorruptLane, Ctx, DispatchError, EmitError,
+    EventStats, Finished, GlobalLeader, GlobalSection, HandlerId, HostChange, HostEvent, HostId, IdleWaiter,
+    Leader, LeaderChange, MapError, Messenger, MessengerHandle, RegisterError, Reply, Target, To, Turn,
+    WorkerId, HOST_EVENT, MAX_EVENT_NAME,
 };
 /// The cluster's size limit: a segment has at most this many worker slots,
 /// and a cluster keeps one of them spare for rolling reloads.

@@ -105,7 +105,6 @@ fn notify_slow(park: &AtomicU32, state: u32, ring_fd: impl FnOnce()) -> bool {
 /// `PARKED_FD`. Returns false, with the park word back at `EMPTY`, if a
 /// doorbell rang meanwhile (the caller polls again instead of waiting).
 /// After the wait, whatever ended it, the caller calls [`park_fd_end`].
-#[cfg(any(feature = "tokio", loom))]
 pub(crate) fn park_fd_begin(park: &AtomicU32, bells: &[AtomicU64]) -> bool {
     park.store(PARKED_FD, Relaxed);
     fence(SeqCst); // F4, pairs with F3 in `notify`.
@@ -120,7 +119,6 @@ pub(crate) fn park_fd_begin(park: &AtomicU32, bells: &[AtomicU64]) -> bool {
 /// timer): back to `EMPTY`. A sender that moved the word to `NOTIFIED`
 /// after this point finds a running receiver next time; a late eventfd
 /// write only causes one spurious wake.
-#[cfg(any(feature = "tokio", loom))]
 pub(crate) fn park_fd_end(park: &AtomicU32) {
     park.store(EMPTY, Relaxed);
 }

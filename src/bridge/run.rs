@@ -31,8 +31,8 @@ use super::frame::{self, Header, Presence, Refused};
 use super::lease::{self, Holder, LeaseError};
 use super::NatsConfig;
 use crate::messenger::{
-    topic_event, wire, AsyncMessenger, BridgeIncoming, Granted, LeaderWire, Op, Settled, CAMPAIGN_EVENT,
-    LEADER_EVENT, LOCK_EVENT, PUBLISH_EVENT, SUBSCRIBE_EVENT, UNLOCK_EVENT,
+    topic_event, wire, AsyncMessenger, BridgeIncoming, Granted, LeaderWire, Op, SettledOp as Settled,
+    CAMPAIGN_EVENT, LEADER_EVENT, LOCK_EVENT, PUBLISH_EVENT, SUBSCRIBE_EVENT, UNLOCK_EVENT,
 };
 use crate::{CallError, HostChange, HostEvent, MapError, Messenger, Tag, Worker, HOST_EVENT};
 

@@ -351,7 +351,6 @@ impl Endpoint {
     /// waiting, else (the doorbell taken and every lane found empty, as
     /// before a park) `None`, after which the caller may announce its park
     /// ([`Endpoint::park_fd_begin`] or a waiter thread's [`wake::park`]).
-    #[cfg(feature = "tokio")]
     pub(crate) fn try_recv_before_park(&mut self) -> Result<Option<Received<'_>>, RecvError> {
         let found = match self.poll().map_err(corrupt)? {
             Some(found) => Some(found),
@@ -363,7 +362,6 @@ impl Endpoint {
     /// Async receiver: announces that it waits on its eventfd; false if a
     /// doorbell rang since [`Endpoint::try_recv_before_park`] (poll again).
     /// Counts the wait and beats the heartbeat.
-    #[cfg(feature = "tokio")]
     pub(crate) fn park_fd_begin(&self) -> bool {
         let parked = wake::park_fd_begin(self.segment.park(self.slot), self.segment.bells(self.slot));
         if parked {
@@ -375,7 +373,6 @@ impl Endpoint {
 
     /// Async receiver: running again after its wait (the eventfd is read
     /// by whoever waited on it).
-    #[cfg(feature = "tokio")]
     pub(crate) fn park_fd_end(&self) {
         wake::park_fd_end(self.segment.park(self.slot));
     }

@@ -608,7 +608,7 @@ impl Messenger {
 
     /// A delivery id unique to this worker incarnation's `consume`s (an
     /// async messenger's have bit 31 set).
-    fn new_delivery_id(&mut self) -> u64 {
+    pub(super) fn new_delivery_id(&mut self) -> u64 {
         self.next_delivery = (self.next_delivery + 1) & 0x7fff_ffff;
         (u64::from(self.slot) << 52) ^ (u64::from(self.generation) << 32) ^ self.next_delivery
     }

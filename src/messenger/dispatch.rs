@@ -50,6 +50,10 @@ pub(super) enum Done {
     /// of running it on, a consume's redeliveries included.
     #[cfg(feature = "tokio")]
     Task(tokio::sync::oneshot::Sender<Settled>),
+    /// A call of this thread's own event-loop driver
+    /// ([`Messenger::start_request_bytes`] and the like): its end waits in
+    /// the messenger until [`Messenger::take_finished`].
+    Polled,
 }
 
 impl Done {
@@ -63,13 +67,15 @@ impl Done {
             Done::Task(tx) => {
                 let _ = tx.send(settled);
             }
+            // Kept by `route_settled`, never sent.
+            Done::Polled => {}
         }
     }
 
     /// Whether the caller has gone and the call can be forgotten.
     fn caller_gone(&self) -> bool {
         match self {
-            Done::Thread(_) => false,
+            Done::Thread(_) | Done::Polled => false,
             #[cfg(feature = "tokio")]
             Done::Task(tx) => tx.is_closed(),
         }
@@ -400,8 +406,10 @@ impl Messenger {
             let Some((op, settled)) = self.core.poll_settled_where(|op| remote.contains_key(&op)) else {
                 return;
             };
-            if let Some(done) = self.remote.remove(&op) {
-                done.send(settled);
+            match self.remote.remove(&op) {
+                Some(Done::Polled) => self.polled.push_back((op, settled)),
+                Some(done) => done.send(settled),
+                None => {}
             }
         }
     }
@@ -614,7 +622,7 @@ impl Messenger {
             if let Some(reply) = self.run_handlers(message) {
                 self.send_handler_reply(reply)?;
             }
-            if answer && self.core.has_settled() {
+            if answer && !self.batch_answers && self.core.has_settled() {
                 // An operation ended: its caller goes on now, and what
                 // else has arrived waits for the next dispatch (a look at
                 // every lane less on a request's round trip).
@@ -643,7 +651,6 @@ impl Messenger {
     /// says whether the caller may wait. With `fd_park`, the wait is
     /// announced here (`PARKED_FD`) and the caller must call
     /// [`crate::Endpoint::park_fd_end`] after it.
-    #[cfg(feature = "tokio")]
     pub(super) fn async_turn(&mut self, fd_park: bool) -> Result<bool, DispatchError> {
         if self.dispatch_until(None)? > 0 {
             return Ok(false);

@@ -11,6 +11,8 @@
 //!   and `emit`/`notify`; `dispatch.rs`: sending, the receive loop and the
 //!   outbox other threads queue into; `handle.rs`: [`MessengerHandle`];
 //!   `async_rt/`: the tokio driver (`AsyncMessenger`, feature `tokio`);
+//!   `polled.rs`: the event-loop driver (calls started without waiting,
+//!   non-blocking turns that park on the eventfd; the Node.js binding's);
 //! - `handlers.rs`: registering and running handlers; `leader/`: elections,
 //!   invoke, publish/subscribe; `wire.rs` and `encode.rs`: the message
 //!   format and its limits; `error.rs`: one error type per operation.
@@ -27,6 +29,7 @@ mod handle;
 mod handlers;
 mod host;
 mod leader;
+mod polled;
 pub(crate) mod wire;
 
 #[cfg(feature = "tokio")]
@@ -40,10 +43,13 @@ pub use host::{HostChange, HostEvent, HostId, HOST_EVENT};
 #[cfg(test)]
 pub(crate) use leader::leader_entry;
 pub use leader::{Leader, LeaderChange};
+pub use polled::{CallTicket, Finished, IdleWaiter, Turn};
 pub use wire::MAX_EVENT_NAME;
 
 #[cfg(feature = "nats")]
-pub(crate) use self::core::{Op, Settled};
+pub(crate) use self::core::Op;
+#[cfg(feature = "nats")]
+pub(crate) use self::core::Settled as SettledOp;
 pub(crate) use encode::payload_limit;
 
 /// A call message of `event` with `value`, for the host's bridge to hand
@@ -76,7 +82,7 @@ use crate::cluster::ClusterView;
 use crate::segment::Segment;
 use crate::{Endpoint, Worker};
 
-use self::core::{CallCore, OpId};
+use self::core::{CallCore, OpId, Settled};
 use dispatch::{Done, Outbox};
 use handlers::Handlers;
 
@@ -283,6 +289,17 @@ pub struct Messenger {
     /// Operations started for other threads (handles, the async
     /// messenger): where each one's end goes.
     remote: FxHashMap<OpId, Done>,
+    /// Ends of calls started by an event-loop driver on this thread
+    /// ([`Done::Polled`]), until [`Messenger::take_finished`].
+    polled: VecDeque<(OpId, Settled)>,
+    /// An event-loop driver turns this messenger ([`Messenger::turn`]):
+    /// a dispatch handles every answer that has arrived instead of
+    /// returning at the first one that ends a call. Its callers are
+    /// promises resolved after the turn, and each dispatch looks at every
+    /// call in flight (deadlines, deaths): with thousands in flight,
+    /// one dispatch per answer made the turns quadratic (8,000 requests
+    /// in flight took 8 s, most of them past a 8 s timeout).
+    batch_answers: bool,
     /// Delivery ids of this thread's `consume`s.
     next_delivery: u64,
     /// Requests made, for [`TIME_ONE_REQUEST_IN`].
@@ -397,6 +414,8 @@ impl Messenger {
             next_handler: 1,
             core: CallCore::new(slot),
             remote: FxHashMap::default(),
+            polled: VecDeque::new(),
+            batch_answers: false,
             next_delivery: 0,
             requests: 0,
             deaths_seen: ClusterView::new(&outbox.segment, WorkerId::local(slot, generation)).deaths(),

@@ -1,0 +1,158 @@
+// Types of the shmcluster Node.js package (hand-written; see index.js).
+/// <reference types="node" />
+import { EventEmitter } from 'node:events';
+
+/** Default timeout of request, map and consume, in milliseconds. */
+export declare const DEFAULT_TIMEOUT: number;
+
+/**
+ * The codes of `ShmclusterError` (the C ABI's result names, ffi/src/result.rs),
+ * plus `DECODE` for an answer that is not JSON.
+ */
+export type ErrorCode =
+  | 'NO_SUCH_WORKER'
+  | 'NO_HANDLER'
+  | 'HANDLER_FAILED'
+  | 'WORKER_DIED'
+  | 'TIMED_OUT'
+  | 'TOO_LARGE'
+  | 'EVENT_NAME'
+  | 'DECODE'
+  | 'CORRUPT'
+  | 'IN_HANDLER'
+  | 'HOST_UNREACHABLE'
+  | 'NO_LEADER'
+  | 'LEADER_DIED'
+  | 'INVALID_ARGUMENT'
+  | 'WORKER_CLOSED'
+  | 'ENVIRONMENT'
+  | 'IO'
+  | 'LOCK_NAME_TOO_LONG'
+  | 'LOCK_TABLE_FULL'
+  | 'LOCK_WOULD_DEADLOCK'
+  | 'LOCK_TIMEOUT'
+  | 'LOCK_UNRECOVERABLE'
+  | 'GLIBC'
+  | 'UNKNOWN';
+
+/** Every error of this package: an `Error` with a `code`. */
+export declare class ShmclusterError extends Error {
+  constructor(code: ErrorCode, message: string);
+  readonly code: ErrorCode;
+}
+
+/** What a handler learns about the message it runs for. */
+export interface Context {
+  /** The sender's slot. */
+  sender: number;
+  event: string;
+  /** `event` for emit/send/broadcast, `request` for request and map, `consume`. */
+  kind: 'event' | 'request' | 'consume';
+  /** A consume's delivery id (the same on a redelivery; decimal), else `"0"`. */
+  deliveryId: string;
+}
+
+/**
+ * A handler: its value (or its promise's) answers a request, map or consume;
+ * a throw (or rejection) answers `HANDLER_FAILED` with its message. The
+ * payload is the decoded JSON value, or a `Buffer` with `{ raw: true }`.
+ */
+export type Handler = (data: any, ctx: Context) => unknown;
+
+export interface HandlerOptions {
+  /** Give the handler the payload's raw bytes. */
+  raw?: boolean;
+}
+
+export interface CallOptions {
+  /** Milliseconds (default `DEFAULT_TIMEOUT`). */
+  timeout?: number;
+  /** Resolve with the answer's raw bytes (a `Buffer`) instead of JSON. */
+  raw?: boolean;
+}
+
+/** One worker's entry of a map. */
+export type MapEntry<T = any> =
+  | { slot: number; ok: true; value: T }
+  | { slot: number; ok: false; error: { code: ErrorCode; message: string } };
+
+/** How a consume ended: the worker that ran it. */
+export interface Consumed {
+  slot: number;
+  /** Decimal (ids use all 64 bits). */
+  deliveryId: string;
+  attempts: number;
+}
+
+/** ipchannel-style sender: `m.to(1).send(x)`, `m.to('all').emit(event, x)`. */
+export interface To {
+  /** The `message` event. Returns how many workers it was sent to. */
+  send(data: unknown): number;
+  emit(event: string, data: unknown): number;
+}
+
+/** The messenger of a worker, driven by the JS thread. */
+export declare class Messenger {
+  private constructor();
+  /** The payload limit in bytes. */
+  readonly maxPayload: number;
+  /** How an idle loop is woken: libuv polling the slot's eventfd, or the fallback waiter thread. */
+  readonly wake: 'eventfd' | 'thread';
+  on(event: string, fn: Handler, opts?: HandlerOptions): this;
+  off(event: string, fn?: Handler): this;
+  /** Errors no caller can be told of (an event that is not JSON, a corrupt lane). */
+  onError(fn: (err: Error) => void): this;
+  /** `event` to every live worker, this one included. Returns how many. */
+  broadcast(event: string, data?: unknown): number;
+  /** `event` to the worker in `slot`. */
+  emit(slot: number, event: string, data?: unknown): number;
+  to(target: number | 'all'): To;
+  request<T = any>(slot: number, event: string, data?: unknown, opts?: CallOptions): Promise<T>;
+  /** One entry per worker live at the start, in slot order; never past the timeout. */
+  map<T = any>(event: string, data?: unknown, opts?: CallOptions): Promise<MapEntry<T>[]>;
+  /** Runs on exactly one worker with a handler (at least once if it dies). */
+  consume(event: string, data?: unknown, opts?: CallOptions): Promise<Consumed>;
+  ref(): this;
+  /** An idle messenger no longer keeps the process alive. */
+  unref(): this;
+  /** Calls in flight fail with `WORKER_CLOSED`. */
+  close(): void;
+}
+
+/** What a `synchronize` section knows about its acquisition. */
+export interface Section {
+  /** The lock's name (`''` for the global lock). */
+  name: string;
+  /** The previous holder died inside its section: check the data it guards. */
+  ownerDied: boolean;
+  /** Larger than every earlier acquisition's of the same lock. */
+  fencingToken: number;
+}
+
+/** A worker of a shmcluster cluster. Emits `stop` when the master asks it to stop. */
+export declare class Worker extends EventEmitter {
+  private constructor();
+  /** The worker a `shmcluster run` master spawned this process as. */
+  static fromEnv(): Worker;
+  /** A cluster of one in this process (no master): the same API. */
+  static standalone(): Worker;
+  readonly slot: number;
+  readonly instances: number;
+  /** Tells the master this worker is ready. */
+  ready(): void;
+  shouldStop(): boolean;
+  /** The worker's messenger (one per worker). */
+  messenger(): Messenger;
+  /**
+   * Runs `fn` holding the process-shared robust mutex `name` (the global
+   * one without a name) across awaits; rejects with `LOCK_TIMEOUT` after
+   * `opts.timeout` ms without it. Never nest sections of one lock.
+   */
+  synchronize<R>(fn: (section: Section) => R | Promise<R>, opts?: { timeout?: number }): Promise<R>;
+  synchronize<R>(name: string, fn: (section: Section) => R | Promise<R>, opts?: { timeout?: number }): Promise<R>;
+  ref(): this;
+  unref(): this;
+  close(): void;
+  on(event: 'stop', listener: () => void): this;
+  on(event: string | symbol, listener: (...args: any[]) => void): this;
+}

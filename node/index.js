@@ -1,0 +1,513 @@
+'use strict';
+// shmcluster for Node.js: the messenger of a `shmcluster run` worker on the
+// JS thread, woken by libuv (see src/lib.rs for the driver, src/uv.rs for
+// the wake). Payloads are JSON by default; a Buffer is sent as raw bytes,
+// and a handler or call given `{ raw: true }` gets raw bytes back.
+
+const path = require('node:path');
+const { EventEmitter } = require('node:events');
+
+const { Native } = require(path.join(__dirname, 'shmcluster.node'));
+
+/** Default timeout of request, map and consume, in milliseconds. */
+const DEFAULT_TIMEOUT = 10000;
+/**
+ * The safety net: the driver turns at least this often (the heartbeat, a
+ * stop request, leader terms), as the Rust async driver does. It never
+ * keeps the process alive (unref'd).
+ */
+const SAFETY_NET_MS = 50;
+
+/** An error of shmcluster: `code` is the C ABI's result name. */
+class ShmclusterError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.name = 'ShmclusterError';
+    this.code = code;
+  }
+}
+
+// The addon's errors carry `CODE\u0001text` (src/lib.rs, `err`).
+function fromNative(e) {
+  if (e && typeof e.message === 'string') {
+    const i = e.message.indexOf('\u0001');
+    if (i >= 0) return new ShmclusterError(e.message.slice(0, i), e.message.slice(i + 1));
+  }
+  return e;
+}
+
+function nat(fn) {
+  try {
+    return fn();
+  } catch (e) {
+    throw fromNative(e);
+  }
+}
+
+function encode(value) {
+  if (Buffer.isBuffer(value)) return value;
+  if (value instanceof Uint8Array) return Buffer.from(value.buffer, value.byteOffset, value.byteLength);
+  let s;
+  try {
+    s = JSON.stringify(value === undefined ? null : value);
+  } catch (e) {
+    throw new ShmclusterError('INVALID_ARGUMENT', `cannot encode the value as JSON: ${e.message}`);
+  }
+  return Buffer.from(s === undefined ? 'null' : s);
+}
+
+function decode(buf) {
+  if (buf.length === 0) return undefined;
+  return JSON.parse(buf.toString('utf8'));
+}
+
+function errorText(e) {
+  if (e instanceof Error) return e.message;
+  return String(e);
+}
+
+function checkSlot(slot) {
+  if (!Number.isInteger(slot)) throw new ShmclusterError('INVALID_ARGUMENT', `${String(slot)} is not a worker slot`);
+  if (slot < 0 || slot > 0xffffffff) throw new ShmclusterError('NO_SUCH_WORKER', `no worker slot ${slot}`);
+}
+
+function timeoutOf(opts) {
+  const t = opts && opts.timeout !== undefined ? opts.timeout : DEFAULT_TIMEOUT;
+  if (typeof t !== 'number' || !(t >= 0)) throw new ShmclusterError('INVALID_ARGUMENT', 'timeout must be a number of milliseconds >= 0');
+  return t;
+}
+
+/** ipchannel-style sender to one slot or to 'all'. */
+class To {
+  constructor(m, target) {
+    this._m = m;
+    this._target = target;
+  }
+  /** The `message` event. */
+  send(data) {
+    return this.emit('message', data);
+  }
+  emit(event, data) {
+    return this._m._emit(this._target, event, data);
+  }
+}
+
+/** The messenger of one worker, driven by the JS thread. */
+class Messenger {
+  constructor(worker) {
+    this._w = worker;
+    this._n = worker._n;
+    this._handlers = new Map();
+    this._pending = new Map();
+    this._scheduled = false;
+    this._closed = false;
+    this._due = null;
+    this._dueAt = Infinity;
+    this._errorListeners = [];
+    this._maxPayload = this._n.maxPayload;
+    this._referenced = true;
+    /** How an idle loop is woken: `'eventfd'` (libuv polls the slot's eventfd) or `'thread'` (a waiter thread). */
+    this.wake = nat(() => this._n.startWake(() => this._turn()));
+    this._net = setInterval(() => this._turn(), SAFETY_NET_MS);
+    this._net.unref();
+    this._schedule();
+  }
+
+  /** The payload limit in bytes (a longer payload is `TOO_LARGE`). */
+  get maxPayload() {
+    return this._maxPayload;
+  }
+
+  /** Registers `fn` for `event`. `opts.raw`: get the payload as a Buffer. */
+  on(event, fn, opts) {
+    if (typeof fn !== 'function') throw new ShmclusterError('INVALID_ARGUMENT', 'handler must be a function');
+    this._open();
+    let list = this._handlers.get(event);
+    if (!list) {
+      nat(() => this._n.listen(String(event)));
+      list = [];
+      this._handlers.set(event, list);
+    }
+    list.push({ fn, raw: !!(opts && opts.raw) });
+    this._schedule();
+    return this;
+  }
+
+  /** Removes `fn` (or every handler) for `event`. */
+  off(event, fn) {
+    const list = this._handlers.get(event);
+    if (!list) return this;
+    const rest = fn ? list.filter((h) => h.fn !== fn) : [];
+    if (rest.length === 0) {
+      this._handlers.delete(event);
+      if (!this._closed) nat(() => this._n.unlisten(String(event)));
+    } else {
+      this._handlers.set(event, rest);
+    }
+    this._schedule();
+    return this;
+  }
+
+  /** Errors no caller can be told of (an undecodable event, a corrupt lane). */
+  onError(fn) {
+    this._errorListeners.push(fn);
+    return this;
+  }
+
+  /** `event` to every live worker, this one included. Returns how many. */
+  broadcast(event, data) {
+    return this._emit('all', event, data);
+  }
+
+  /** `event` to the worker in `slot`. */
+  emit(slot, event, data) {
+    checkSlot(slot);
+    return this._emit(slot, event, data);
+  }
+
+  /** ipchannel style: `to(1).send(x)`, `to('all').emit(e, x)`. */
+  to(target) {
+    if (target !== 'all') checkSlot(target);
+    return new To(this, target);
+  }
+
+  request(slot, event, data, opts) {
+    return this._call(opts, (t) => {
+      checkSlot(slot);
+      return this._n.startRequest(slot, String(event), encode(data), t);
+    });
+  }
+
+  map(event, data, opts) {
+    return this._call(opts, (t) => this._n.startMap(String(event), encode(data), t));
+  }
+
+  consume(event, data, opts) {
+    return this._call(opts, (t) => this._n.startConsume(String(event), encode(data), t));
+  }
+
+  /** The wake keeps the process alive (the default). */
+  ref() {
+    this._referenced = true;
+    if (!this._closed) this._n.setRef(true);
+    return this;
+  }
+
+  /** An idle messenger does not keep the process alive. */
+  unref() {
+    this._referenced = false;
+    if (!this._closed) this._n.setRef(false);
+    return this;
+  }
+
+  /** Stops the wake; calls in flight fail with `WORKER_CLOSED`. */
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    clearInterval(this._net);
+    if (this._due) clearTimeout(this._due);
+    this._n.close();
+    const err = new ShmclusterError('WORKER_CLOSED', 'the messenger is closed');
+    for (const p of this._pending.values()) p.reject(err);
+    this._pending.clear();
+  }
+
+  // ----------------------------------------------------------------- inside
+
+  _open() {
+    if (this._closed) throw new ShmclusterError('WORKER_CLOSED', 'the messenger is closed');
+  }
+
+  _emit(target, event, data) {
+    this._open();
+    const n = nat(() => this._n.emit(target, String(event), encode(data)));
+    this._schedule();
+    return n;
+  }
+
+  _call(opts, start) {
+    return new Promise((resolve, reject) => {
+      let ticket;
+      try {
+        this._open();
+        const t = timeoutOf(opts);
+        ticket = nat(() => start(t));
+      } catch (e) {
+        reject(e);
+        return;
+      }
+      this._pending.set(ticket, { resolve, reject, raw: !!(opts && opts.raw) });
+      this._schedule();
+    });
+  }
+
+  _schedule() {
+    if (this._scheduled || this._closed) return;
+    this._scheduled = true;
+    setImmediate(() => this._turn());
+  }
+
+  _error(e) {
+    if (this._errorListeners.length === 0) {
+      process.emitWarning(`shmcluster: ${errorText(e)}`);
+      return;
+    }
+    for (const fn of this._errorListeners) {
+      try {
+        fn(e);
+      } catch (_) {
+        // An error listener that throws has nowhere else to go.
+      }
+    }
+  }
+
+  _turn() {
+    this._scheduled = false;
+    if (this._closed) return;
+    let out;
+    try {
+      out = this._n.turn();
+    } catch (e) {
+      this._error(fromNative(e));
+      return;
+    }
+    if (out.corrupt) this._error(new ShmclusterError('CORRUPT', out.corrupt));
+    for (const s of out.settled) this._settle(s);
+    for (const inc of out.incoming) this._incoming(inc);
+    if (out.more) this._schedule();
+    this._arm(out.dueMs);
+    if (this._w._checkStop) this._w._checkStop();
+  }
+
+  // Calls in flight must be looked at by `dueMs` (deadlines, deaths).
+  _arm(dueMs) {
+    if (dueMs === undefined || dueMs === null) {
+      if (this._due) {
+        clearTimeout(this._due);
+        this._due = null;
+        this._dueAt = Infinity;
+      }
+      return;
+    }
+    const at = Date.now() + dueMs;
+    if (this._due && this._dueAt <= at) return;
+    if (this._due) clearTimeout(this._due);
+    this._dueAt = at;
+    // Ref'd: a call in flight keeps the process alive until it ends.
+    this._due = setTimeout(() => {
+      this._due = null;
+      this._dueAt = Infinity;
+      this._turn();
+    }, Math.max(0, Math.ceil(dueMs)));
+  }
+
+  _settle(s) {
+    const p = this._pending.get(s.ticket);
+    if (!p) return;
+    this._pending.delete(s.ticket);
+    if (!s.ok) {
+      p.reject(new ShmclusterError(s.code, s.message));
+      return;
+    }
+    if (s.kind === 'answer') {
+      let v;
+      try {
+        v = p.raw ? s.value : decode(s.value);
+      } catch (e) {
+        p.reject(new ShmclusterError('DECODE', `the answer is not JSON: ${e.message}`));
+        return;
+      }
+      p.resolve(v);
+    } else if (s.kind === 'map') {
+      p.resolve(
+        s.entries.map((e) => {
+          if (!e.ok) return { slot: e.slot, ok: false, error: { code: e.code, message: e.message } };
+          try {
+            return { slot: e.slot, ok: true, value: p.raw ? e.value : decode(e.value) };
+          } catch (err) {
+            return { slot: e.slot, ok: false, error: { code: 'DECODE', message: `the answer is not JSON: ${err.message}` } };
+          }
+        }),
+      );
+    } else {
+      p.resolve({ slot: s.slot, deliveryId: s.deliveryId, attempts: s.attempts });
+    }
+  }
+
+  _answer(replyId, value, error) {
+    if (this._closed) return;
+    let res;
+    if (error !== undefined) {
+      res = error;
+    } else {
+      try {
+        res = encode(value);
+        if (res.length > this._maxPayload) res = `the reply is too large (${res.length} bytes, at most ${this._maxPayload})`;
+      } catch (e) {
+        res = errorText(e);
+      }
+    }
+    try {
+      this._n.reply(replyId, res);
+    } catch (e) {
+      this._error(fromNative(e));
+    }
+    this._schedule();
+  }
+
+  _incoming(inc) {
+    const list = this._handlers.get(inc.event);
+    const ctx = { sender: inc.sender, event: inc.event, kind: inc.kind, deliveryId: inc.deliveryId };
+    const isCall = inc.replyId !== null && inc.replyId !== undefined;
+    if (!list || list.length === 0) {
+      if (isCall) this._answer(inc.replyId, undefined, `no handler for ${inc.event}`);
+      return;
+    }
+    if (!isCall) {
+      for (const h of list.slice()) {
+        let v;
+        try {
+          v = h.raw ? inc.data : decode(inc.data);
+        } catch (e) {
+          this._error(new ShmclusterError('DECODE', `event ${inc.event} from slot ${inc.sender}: payload is not JSON: ${e.message}`));
+          continue;
+        }
+        try {
+          const r = h.fn(v, ctx);
+          if (r && typeof r.then === 'function') r.then(undefined, (e) => this._error(e));
+        } catch (e) {
+          this._error(e);
+        }
+      }
+      return;
+    }
+    // A call: the first handler answers.
+    const h = list[0];
+    let v;
+    try {
+      v = h.raw ? inc.data : decode(inc.data);
+    } catch (e) {
+      this._answer(inc.replyId, undefined, `payload is not JSON: ${e.message}`);
+      return;
+    }
+    let r;
+    try {
+      r = h.fn(v, ctx);
+    } catch (e) {
+      this._answer(inc.replyId, undefined, errorText(e));
+      return;
+    }
+    if (r && typeof r.then === 'function') {
+      r.then(
+        (value) => this._answer(inc.replyId, value),
+        (e) => this._answer(inc.replyId, undefined, errorText(e)),
+      );
+    } else {
+      this._answer(inc.replyId, r);
+    }
+  }
+}
+
+/** A worker of a shmcluster cluster. Emits `stop` when asked to stop. */
+class Worker extends EventEmitter {
+  /** The worker a `shmcluster run` master spawned this process as. */
+  static fromEnv() {
+    return new Worker(nat(() => Native.fromEnv()));
+  }
+
+  /** A cluster of one in this process (no master): the same API. */
+  static standalone() {
+    return new Worker(nat(() => Native.standalone()));
+  }
+
+  constructor(n) {
+    super();
+    this._n = n;
+    this._m = null;
+    this._stopped = false;
+    this._closed = false;
+  }
+
+  get slot() {
+    return this._n.slot;
+  }
+
+  get instances() {
+    return this._n.instances;
+  }
+
+  /** Tells the master this worker is ready to serve. */
+  ready() {
+    nat(() => this._n.ready());
+    if (this._m) this._m._schedule();
+  }
+
+  /** Whether the master asked this worker to stop (drain, shutdown). */
+  shouldStop() {
+    return !this._closed && this._n.shouldStop();
+  }
+
+  /** The worker's messenger (one per worker). */
+  messenger() {
+    if (this._closed) throw new ShmclusterError('WORKER_CLOSED', 'the worker is closed');
+    if (!this._m) this._m = new Messenger(this);
+    return this._m;
+  }
+
+  /**
+   * cluster-synchronize: runs `fn(section)` holding the process-shared
+   * robust mutex `name` (the global lock without a name), across awaits.
+   * A thread of the addon takes the lock and holds it until `fn`'s promise
+   * settles (a pthread mutex belongs to the thread that locked it).
+   * `section.ownerDied`: the previous holder died inside its section;
+   * `section.fencingToken`: larger than every earlier holder's.
+   * `opts.timeout` (ms): give up with `LOCK_TIMEOUT`.
+   */
+  async synchronize(name, fn, opts) {
+    if (typeof name === 'function') {
+      opts = fn;
+      fn = name;
+      name = '';
+    }
+    if (typeof fn !== 'function') throw new ShmclusterError('INVALID_ARGUMENT', 'section must be a function');
+    if (this._closed) throw new ShmclusterError('WORKER_CLOSED', 'the worker is closed');
+    const t = opts && opts.timeout !== undefined ? opts.timeout : null;
+    let held;
+    try {
+      held = await this._n.lockAcquire(String(name), t);
+    } catch (e) {
+      throw fromNative(e);
+    }
+    try {
+      return await fn({ name: String(name), ownerDied: held.ownerDied, fencingToken: held.fencingToken });
+    } finally {
+      if (!this._closed) this._n.lockRelease(held.id);
+    }
+  }
+
+  ref() {
+    if (this._m) this._m.ref();
+    return this;
+  }
+
+  unref() {
+    if (this._m) this._m.unref();
+    return this;
+  }
+
+  close() {
+    if (this._closed) return;
+    if (this._m) this._m.close();
+    else this._n.close();
+    this._closed = true;
+  }
+
+  _checkStop() {
+    if (!this._stopped && this.shouldStop()) {
+      this._stopped = true;
+      this.emit('stop');
+    }
+  }
+}
+
+module.exports = { Worker, Messenger, ShmclusterError, DEFAULT_TIMEOUT };

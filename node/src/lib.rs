@@ -1,0 +1,721 @@
+//! The Node.js addon of shmcluster: the messenger driven by the JS thread.
+//!
+//! One [`Native`] owns a [`Messenger`] on Node's main thread. It is a new
+//! driver of the messenger's call core (see the library's
+//! `messenger/polled.rs`), not a second protocol:
+//!
+//! - **Waking**: the slot's eventfd (`SHMCLUSTER_WAKE_FDS`) is registered
+//!   with libuv (`uv_poll_*` on the loop Node-API gives us, see [`uv`]).
+//!   When a turn finds nothing to do, the messenger parks the slot with
+//!   `PARKED_FD`, so a sender writes the eventfd; libuv sees it readable
+//!   and calls back into JS, which turns again. No thread spins, nothing
+//!   polls.
+//! - **Handlers** registered here only queue what arrives (event, sender,
+//!   payload, and the [`BytesReply`] of a call); the JS layer (index.js)
+//!   runs the JS handlers after the turn, on the same thread, and answers
+//!   through [`Native::reply`] when a handler's value (or promise) is
+//!   ready.
+//! - **Calls** (`request`, `map`, `consume`) start at once and return a
+//!   ticket; their ends come out of later turns and resolve JS promises.
+//!
+//! Errors cross to JS as `Error`s whose message is `CODE\u{1}text`; the
+//! JS layer turns them into `Error`s with `err.code` (the C ABI's result
+//! names, `NO_SUCH_WORKER`, `TIMED_OUT`, ...). Nothing another process
+//! sends may crash the process: a payload is bytes until JS decodes it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use napi::bindgen_prelude::{Buffer, Either};
+use napi::{Env, JsFunction, JsObject};
+use napi_derive::napi;
+use shmcluster::{
+    BytesReply, CallError, CallKind, EmitError, Finished, LockError, Locks, MapError, Messenger, Target,
+    Turn, Worker,
+};
+
+mod uv;
+mod waiter;
+
+/// How many turns one call of [`Native::turn`] makes before it hands the
+/// thread back to the event loop (JS then schedules the next with
+/// `setImmediate`): a flood of messages must not starve timers and I/O.
+const TURNS_PER_CALL: u32 = 64;
+
+/// A message that arrived for a registered event, queued by its handler
+/// until the JS layer runs the JS handlers.
+struct Queued {
+    event: String,
+    sender: u32,
+    kind: CallKind,
+    delivery_id: u64,
+    data: Vec<u8>,
+    reply: Option<BytesReply>,
+}
+
+/// One arrived message, as JS sees it.
+#[napi(object)]
+pub struct Incoming {
+    pub event: String,
+    /// The sender's slot.
+    pub sender: u32,
+    /// `"event"` (emit, send, broadcast), `"request"` (request, map) or
+    /// `"consume"`.
+    pub kind: String,
+    /// A consume's delivery id (decimal: ids use all 64 bits), else `"0"`.
+    pub delivery_id: String,
+    pub data: Buffer,
+    /// For a call: the id to answer with [`Native::reply`].
+    pub reply_id: Option<u32>,
+}
+
+/// One worker's entry of a map.
+#[napi(object)]
+pub struct MapEntry {
+    pub slot: u32,
+    pub ok: bool,
+    pub value: Option<Buffer>,
+    pub code: Option<String>,
+    pub message: Option<String>,
+}
+
+/// How a started call ended.
+#[napi(object)]
+pub struct Settled {
+    pub ticket: u32,
+    /// `"answer"`, `"map"` or `"consumed"`.
+    pub kind: String,
+    pub ok: bool,
+    /// A request's answer.
+    pub value: Option<Buffer>,
+    /// When not `ok`: the error's code and text.
+    pub code: Option<String>,
+    pub message: Option<String>,
+    /// A map's entries.
+    pub entries: Option<Vec<MapEntry>>,
+    /// A consume's worker slot, delivery id (decimal) and attempts.
+    pub slot: Option<u32>,
+    pub delivery_id: Option<String>,
+    pub attempts: Option<u32>,
+}
+
+/// What one [`Native::turn`] brought.
+#[napi(object)]
+pub struct TurnOut {
+    pub incoming: Vec<Incoming>,
+    pub settled: Vec<Settled>,
+    /// The turns ran out with work left: turn again soon (setImmediate).
+    pub more: bool,
+    /// Milliseconds until calls in flight must be looked at (deadlines,
+    /// deaths), if any wait.
+    pub due_ms: Option<f64>,
+    /// A lane holds garbage (reported, the other lanes keep working).
+    pub corrupt: Option<String>,
+}
+
+/// The messenger of one worker, owned by the JS thread.
+#[napi]
+pub struct Native {
+    m: Option<Messenger>,
+    queue: Arc<Mutex<VecDeque<Queued>>>,
+    replies: HashMap<u32, BytesReply>,
+    next_reply: u32,
+    tickets: HashMap<u64, u32>,
+    next_ticket: u32,
+    /// Registered with libuv (None without an eventfd, and after close).
+    poll: Option<uv::Poll>,
+    /// The fallback wake without an eventfd.
+    waiter: Option<waiter::Waiter>,
+    /// The slot is parked on its eventfd (`Turn::Parked`).
+    parked: bool,
+    instances: u32,
+    /// The lock table (made once: it caches names).
+    locks: Option<Locks>,
+    /// Held sections: sending (or dropping) ends one (see
+    /// [`Native::lock_acquire`]).
+    sections: HashMap<u32, std::sync::mpsc::Sender<()>>,
+    next_section: u32,
+}
+
+/// A held lock, as the promise of [`Native::lock_acquire`] resolves.
+#[napi(object)]
+pub struct Held {
+    /// For [`Native::lock_release`].
+    pub id: u32,
+    pub owner_died: bool,
+    /// Exact below 2^53 (a lock's acquisition count).
+    pub fencing_token: f64,
+}
+
+fn lock_err(e: &LockError) -> napi::Error {
+    let code = match e {
+        LockError::NameTooLong { .. } => "LOCK_NAME_TOO_LONG",
+        LockError::TableFull { .. } => "LOCK_TABLE_FULL",
+        LockError::WouldDeadlock => "LOCK_WOULD_DEADLOCK",
+        LockError::Timeout => "LOCK_TIMEOUT",
+        LockError::Unrecoverable { .. } => "LOCK_UNRECOVERABLE",
+        LockError::Glibc { .. } => "GLIBC",
+        LockError::Io(_) => "IO",
+        _ => "UNKNOWN",
+    };
+    err(code, e)
+}
+
+/// A JS error with a code (see the crate's docs).
+fn err(code: &str, message: impl std::fmt::Display) -> napi::Error {
+    napi::Error::from_reason(format!("{code}\u{1}{message}"))
+}
+
+fn call_code(e: &CallError) -> &'static str {
+    match e {
+        CallError::NoHandler => "NO_HANDLER",
+        CallError::HandlerFailed(_) => "HANDLER_FAILED",
+        CallError::WorkerDied => "WORKER_DIED",
+        CallError::TimedOut => "TIMED_OUT",
+        CallError::NoSuchWorker { .. } => "NO_SUCH_WORKER",
+        CallError::TooLarge { .. } => "TOO_LARGE",
+        CallError::EventName { .. } => "EVENT_NAME",
+        CallError::Encode(_) => "INVALID_ARGUMENT",
+        CallError::Decode(_) => "DECODE",
+        CallError::Corrupt(_) => "CORRUPT",
+        CallError::NoLeader => "NO_LEADER",
+        CallError::LeaderDied => "LEADER_DIED",
+        CallError::InHandler => "IN_HANDLER",
+        CallError::HostUnreachable(_) => "HOST_UNREACHABLE",
+        _ => "UNKNOWN",
+    }
+}
+
+/// The text of a call error: a handler's own message as it wrote it.
+fn call_text(e: &CallError) -> String {
+    match e {
+        CallError::HandlerFailed(m) => m.clone(),
+        e => e.to_string(),
+    }
+}
+
+fn map_code(e: &MapError) -> &'static str {
+    match e {
+        MapError::TimedOut => "TIMED_OUT",
+        MapError::WorkerDied => "WORKER_DIED",
+        MapError::NoHandler => "NO_HANDLER",
+        MapError::HandlerFailed(_) => "HANDLER_FAILED",
+        MapError::Decode(_) => "DECODE",
+        MapError::Corrupt(_) => "CORRUPT",
+        MapError::HostUnreachable => "HOST_UNREACHABLE",
+        _ => "UNKNOWN",
+    }
+}
+
+fn emit_err(e: EmitError) -> napi::Error {
+    let code = match &e {
+        EmitError::NoSuchWorker { .. } => "NO_SUCH_WORKER",
+        EmitError::EventName { .. } => "EVENT_NAME",
+        EmitError::TooLarge { .. } => "TOO_LARGE",
+        EmitError::Encode(_) => "INVALID_ARGUMENT",
+        EmitError::WorkerDied => "WORKER_DIED",
+        EmitError::TimedOut => "TIMED_OUT",
+        EmitError::Corrupt(_) => "CORRUPT",
+        EmitError::NoBridge => "HOST_UNREACHABLE",
+        _ => "UNKNOWN",
+    };
+    err(code, e)
+}
+
+fn call_err(e: &CallError) -> napi::Error {
+    err(call_code(e), call_text(e))
+}
+
+/// A timeout in milliseconds from JS (finite, not negative) as a deadline.
+fn deadline(timeout_ms: f64) -> napi::Result<Instant> {
+    if !(timeout_ms.is_finite() && timeout_ms >= 0.0) {
+        return Err(err(
+            "INVALID_ARGUMENT",
+            "timeout must be a finite number of milliseconds >= 0",
+        ));
+    }
+    // Capped at a day: `Instant + Duration` must not overflow.
+    let ms = timeout_ms.min(86_400_000.0);
+    Ok(Instant::now() + Duration::from_secs_f64(ms / 1000.0))
+}
+
+fn kind_name(k: CallKind) -> &'static str {
+    match k {
+        CallKind::Event => "event",
+        CallKind::Request => "request",
+        CallKind::Consume => "consume",
+    }
+}
+
+impl Native {
+    fn new(m: Messenger, instances: u32) -> Self {
+        Self {
+            m: Some(m),
+            queue: Arc::default(),
+            replies: HashMap::new(),
+            next_reply: 1,
+            tickets: HashMap::new(),
+            next_ticket: 1,
+            poll: None,
+            waiter: None,
+            parked: false,
+            instances,
+            locks: None,
+            sections: HashMap::new(),
+            next_section: 1,
+        }
+    }
+
+    /// The messenger, running (not parked): every API call goes through
+    /// here, and JS turns again after it, which parks again.
+    fn m(&mut self) -> napi::Result<&mut Messenger> {
+        let m = self
+            .m
+            .as_mut()
+            .ok_or_else(|| err("WORKER_CLOSED", "the messenger is closed"))?;
+        if self.parked {
+            m.unpark();
+            self.parked = false;
+        }
+        Ok(m)
+    }
+
+    fn ticket(&mut self, t: shmcluster::CallTicket) -> u32 {
+        let id = self.next_ticket;
+        self.next_ticket = self.next_ticket.wrapping_add(1).max(1);
+        self.tickets.insert(t.0, id);
+        id
+    }
+
+    fn settled(&mut self, ticket: shmcluster::CallTicket, f: Finished) -> Option<Settled> {
+        let ticket = self.tickets.remove(&ticket.0)?;
+        let mut s = Settled {
+            ticket,
+            kind: String::new(),
+            ok: true,
+            value: None,
+            code: None,
+            message: None,
+            entries: None,
+            slot: None,
+            delivery_id: None,
+            attempts: None,
+        };
+        let failed = |s: &mut Settled, e: &CallError| {
+            s.ok = false;
+            s.code = Some(call_code(e).into());
+            s.message = Some(call_text(e));
+        };
+        match f {
+            Finished::Answer(r) => {
+                s.kind = "answer".into();
+                match r {
+                    Ok(v) => s.value = Some(v.into()),
+                    Err(e) => failed(&mut s, &e),
+                }
+            }
+            Finished::Map(entries) => {
+                s.kind = "map".into();
+                s.entries = Some(
+                    entries
+                        .into_iter()
+                        .map(|(w, r)| match r {
+                            Ok(v) => MapEntry {
+                                slot: w.slot,
+                                ok: true,
+                                value: Some(v.into()),
+                                code: None,
+                                message: None,
+                            },
+                            Err(e) => MapEntry {
+                                slot: w.slot,
+                                ok: false,
+                                value: None,
+                                code: Some(map_code(&e).into()),
+                                message: Some(match e {
+                                    MapError::HandlerFailed(m) => m,
+                                    e => e.to_string(),
+                                }),
+                            },
+                        })
+                        .collect(),
+                );
+            }
+            Finished::Consumed(r) => {
+                s.kind = "consumed".into();
+                match r {
+                    Ok(c) => {
+                        s.slot = Some(c.worker.slot);
+                        s.delivery_id = Some(c.delivery_id.to_string());
+                        s.attempts = Some(c.attempts);
+                    }
+                    Err(e) => failed(&mut s, &e),
+                }
+            }
+            _ => return None,
+        }
+        Some(s)
+    }
+}
+
+#[napi]
+impl Native {
+    /// The worker a `shmcluster run` master spawned this process as.
+    #[napi(factory)]
+    pub fn from_env() -> napi::Result<Self> {
+        let w = Worker::from_env().map_err(|e| err("ENVIRONMENT", e))?;
+        let instances = w.instances();
+        Ok(Self::new(Messenger::new(w), instances))
+    }
+
+    /// A cluster of one, in this process (no master).
+    #[napi(factory)]
+    pub fn standalone() -> napi::Result<Self> {
+        let m = Messenger::standalone().map_err(|e| err("IO", e))?;
+        Ok(Self::new(m, 1))
+    }
+
+    /// Registers the wake: `on_wake` is called (on the JS thread) when a
+    /// message arrives for an idle loop. The slot's eventfd polled by
+    /// libuv; without one (or with `NODE_SHMCLUSTER_WAKE=thread`), a
+    /// waiter thread ([`waiter`]). Returns `"eventfd"` or `"thread"`.
+    #[napi]
+    pub fn start_wake(&mut self, env: Env, on_wake: JsFunction) -> napi::Result<String> {
+        if self.poll.is_some() {
+            return Ok("eventfd".into());
+        }
+        if self.waiter.is_some() {
+            return Ok("thread".into());
+        }
+        let m = self
+            .m
+            .as_ref()
+            .ok_or_else(|| err("WORKER_CLOSED", "the messenger is closed"))?;
+        // Not `SHMCLUSTER_*`: the master strips those from what its
+        // workers inherit.
+        let forced = std::env::var("NODE_SHMCLUSTER_WAKE").is_ok_and(|v| v == "thread");
+        if let (Some(fd), false) = (m.wake_fd(), forced) {
+            let fd = fd.try_clone_to_owned().map_err(|e| err("IO", e))?;
+            self.poll = Some(uv::Poll::start(&env, fd, on_wake)?);
+            return Ok("eventfd".into());
+        }
+        self.waiter = Some(waiter::Waiter::start(m.idle_waiter(), &on_wake)?);
+        Ok("thread".into())
+    }
+
+    /// Whether the wake keeps the event loop alive (`uv_ref`/`uv_unref`).
+    #[napi]
+    pub fn set_ref(&mut self, env: Env, referenced: bool) {
+        if let Some(p) = &self.poll {
+            p.set_ref(referenced);
+        }
+        if let Some(w) = &mut self.waiter {
+            w.set_ref(&env, referenced);
+        }
+    }
+
+    #[napi(getter)]
+    pub fn slot(&self) -> u32 {
+        self.m.as_ref().map_or(0, |m| m.slot())
+    }
+
+    #[napi(getter)]
+    pub fn instances(&self) -> u32 {
+        self.instances
+    }
+
+    /// Every slot of the segment (the instances plus spares).
+    #[napi(getter)]
+    pub fn live(&self) -> Vec<u32> {
+        self.m
+            .as_ref()
+            .map_or_else(Vec::new, |m| m.live_workers().iter().map(|w| w.slot).collect())
+    }
+
+    /// The payload limit in bytes.
+    #[napi(getter)]
+    pub fn max_payload(&self) -> u32 {
+        self.m
+            .as_ref()
+            .map_or(0, |m| u32::try_from(m.max_payload()).unwrap_or(u32::MAX))
+    }
+
+    /// Tells the master this worker is ready.
+    #[napi]
+    pub fn ready(&mut self) -> napi::Result<()> {
+        self.m()?.worker().ready();
+        Ok(())
+    }
+
+    /// Whether the master asked this worker to stop (drain, shutdown).
+    #[napi]
+    pub fn should_stop(&self) -> bool {
+        self.m.as_ref().is_some_and(|m| m.worker().should_stop())
+    }
+
+    /// Queues every `event` message for JS (one Rust handler per event;
+    /// the JS layer keeps its list of functions).
+    #[napi]
+    pub fn listen(&mut self, event: String) -> napi::Result<()> {
+        let queue = self.queue.clone();
+        let name = event.clone();
+        self.m()?
+            .on_request_async_bytes(&event, move |ctx, data, reply| {
+                let kind = ctx.kind();
+                let q = Queued {
+                    event: name.clone(),
+                    sender: ctx.sender().slot,
+                    kind,
+                    delivery_id: ctx.delivery_id(),
+                    data: data.to_vec(),
+                    reply: (kind != CallKind::Event).then_some(reply),
+                };
+                queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(q);
+            })
+            .map_err(|e| err("EVENT_NAME", e))?;
+        Ok(())
+    }
+
+    /// Stops queueing `event` (callers then get `NO_HANDLER`).
+    #[napi]
+    pub fn unlisten(&mut self, event: String) -> napi::Result<()> {
+        self.m()?.off(&event);
+        Ok(())
+    }
+
+    /// Sends `event` to one slot, or to every live worker (`all`, the
+    /// caller included).
+    #[napi]
+    pub fn emit(&mut self, to: Either<u32, String>, event: String, data: Buffer) -> napi::Result<u32> {
+        let target = match to {
+            Either::A(slot) => Target::Worker(slot),
+            Either::B(s) if s == "all" => Target::All,
+            Either::B(s) if s == "others" => Target::Others,
+            Either::B(s) => {
+                return Err(err(
+                    "INVALID_ARGUMENT",
+                    format!("{s:?} is not a target (a slot, 'all', 'others')"),
+                ))
+            }
+        };
+        let n = self.m()?.emit_bytes(target, &event, &data).map_err(emit_err)?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// Starts a request; its end comes out of a later turn.
+    #[napi]
+    pub fn start_request(
+        &mut self,
+        slot: u32,
+        event: String,
+        data: Buffer,
+        timeout_ms: f64,
+    ) -> napi::Result<u32> {
+        let d = deadline(timeout_ms)?;
+        let t = self
+            .m()?
+            .start_request_bytes(slot, &event, &data, d)
+            .map_err(|e| call_err(&e))?;
+        Ok(self.ticket(t))
+    }
+
+    /// Starts a map.
+    #[napi]
+    pub fn start_map(&mut self, event: String, data: Buffer, timeout_ms: f64) -> napi::Result<u32> {
+        let d = deadline(timeout_ms)?;
+        let t = self
+            .m()?
+            .start_map_bytes(&event, &data, d)
+            .map_err(|e| call_err(&e))?;
+        Ok(self.ticket(t))
+    }
+
+    /// Starts a consume.
+    #[napi]
+    pub fn start_consume(&mut self, event: String, data: Buffer, timeout_ms: f64) -> napi::Result<u32> {
+        let d = deadline(timeout_ms)?;
+        let t = self
+            .m()?
+            .start_consume_bytes(&event, &data, d)
+            .map_err(|e| call_err(&e))?;
+        Ok(self.ticket(t))
+    }
+
+    /// Answers a call: `Buffer` for the value, a string for
+    /// `HandlerFailed`. False if `reply_id` is unknown (answered already).
+    #[napi]
+    pub fn reply(&mut self, reply_id: u32, result: Either<Buffer, String>) -> napi::Result<bool> {
+        let Some(r) = self.replies.remove(&reply_id) else {
+            return Ok(false);
+        };
+        // Running, so the next turn sends it (it goes through the outbox).
+        self.m()?;
+        r.send(match result {
+            Either::A(b) => Ok(b.to_vec()),
+            Either::B(e) => Err(e),
+        });
+        Ok(true)
+    }
+
+    /// Up to [`TURNS_PER_CALL`] turns: what arrived, what settled.
+    #[napi]
+    pub fn turn(&mut self) -> napi::Result<TurnOut> {
+        let mut out = TurnOut {
+            incoming: Vec::new(),
+            settled: Vec::new(),
+            more: false,
+            due_ms: None,
+            corrupt: None,
+        };
+        if self.m.is_none() {
+            return Ok(out);
+        }
+        let fd_park = self.poll.is_some();
+        let m = self.m()?;
+        let mut more = true;
+        for _ in 0..TURNS_PER_CALL {
+            match if fd_park { m.turn() } else { m.turn_idle() } {
+                Ok(Turn::Busy) => continue,
+                Ok(Turn::Parked) => {
+                    self.parked = true;
+                    more = false;
+                    break;
+                }
+                Ok(_) => {
+                    if let Some(w) = &self.waiter {
+                        w.arm();
+                    }
+                    more = false;
+                    break;
+                }
+                Err(e) => {
+                    out.corrupt = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
+        let finished = m.take_finished();
+        out.due_ms = m
+            .next_due()
+            .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64() * 1000.0);
+        for (t, f) in finished {
+            if let Some(s) = self.settled(t, f) {
+                out.settled.push(s);
+            }
+        }
+        let queued: Vec<Queued> = self
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for q in queued {
+            let reply_id = q.reply.map(|r| {
+                let id = self.next_reply;
+                self.next_reply = self.next_reply.wrapping_add(1).max(1);
+                self.replies.insert(id, r);
+                id
+            });
+            out.incoming.push(Incoming {
+                event: q.event,
+                sender: q.sender,
+                kind: kind_name(q.kind).into(),
+                delivery_id: q.delivery_id.to_string(),
+                data: q.data.into(),
+                reply_id,
+            });
+        }
+        out.more = more;
+        Ok(out)
+    }
+
+    /// Takes lock `name` (`""`: the global lock) on a thread of its own,
+    /// which holds it until [`Native::lock_release`] (a pthread mutex
+    /// belongs to the thread that locked it, and the JS section crosses
+    /// `await`s): the promise resolves on the JS thread once it is held.
+    /// The cost: a thread start and two hand-offs per section.
+    #[napi(ts_return_type = "Promise<Held>")]
+    pub fn lock_acquire(
+        &mut self,
+        env: Env,
+        name: String,
+        timeout_ms: Option<f64>,
+    ) -> napi::Result<JsObject> {
+        let timeout = match timeout_ms {
+            None => None,
+            Some(t) if t.is_finite() && t >= 0.0 => {
+                Some(Duration::from_secs_f64(t.min(86_400_000.0) / 1000.0))
+            }
+            Some(_) => {
+                return Err(err(
+                    "INVALID_ARGUMENT",
+                    "timeout must be a finite number of milliseconds >= 0",
+                ))
+            }
+        };
+        if self.locks.is_none() {
+            let locks = self.m()?.locks().map_err(|e| lock_err(&e))?;
+            self.locks = Some(locks);
+        }
+        let locks = self
+            .locks
+            .clone()
+            .ok_or_else(|| err("UNKNOWN", "no lock table"))?;
+        let id = self.next_section;
+        self.next_section = self.next_section.wrapping_add(1).max(1);
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (deferred, promise) = env.create_deferred()?;
+        std::thread::Builder::new()
+            .name("shmcluster-lock".into())
+            .spawn(move || match locks.lock(&name, timeout) {
+                Ok(guard) => {
+                    let held = Held {
+                        id,
+                        owner_died: guard.previous_owner_died(),
+                        fencing_token: guard.fencing_token() as f64,
+                    };
+                    deferred.resolve(move |_| Ok(held));
+                    // Until JS releases it, or drops its end (close).
+                    let _ = released.recv();
+                    drop(guard);
+                }
+                Err(e) => deferred.reject(lock_err(&e)),
+            })
+            .map_err(|e| err("IO", format!("cannot start the lock thread: {e}")))?;
+        self.sections.insert(id, release);
+        Ok(promise)
+    }
+
+    /// Ends a section: its thread unlocks. False if `id` is not held.
+    #[napi]
+    pub fn lock_release(&mut self, id: u32) -> bool {
+        self.sections.remove(&id).is_some_and(|tx| tx.send(()).is_ok())
+    }
+
+    /// Stops the wake and drops the messenger (calls in flight are
+    /// forgotten; unanswered calls to this worker are answered
+    /// `HandlerFailed("reply dropped")`).
+    #[napi]
+    pub fn close(&mut self) {
+        if let Some(p) = self.poll.take() {
+            p.stop();
+        }
+        if let Some(w) = self.waiter.take() {
+            w.stop();
+        }
+        // Dropped replies answer `HandlerFailed("reply dropped")` through
+        // the outbox: one last dispatch sends them.
+        self.replies.clear();
+        // Their threads unlock.
+        self.sections.clear();
+        if let Some(mut m) = self.m.take() {
+            if self.parked {
+                m.unpark();
+                self.parked = false;
+            }
+            let _ = m.dispatch();
+        }
+    }
+}

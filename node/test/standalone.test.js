@@ -1,0 +1,122 @@
+'use strict';
+// The API in one process (Worker.standalone(): a cluster of one), and
+// what must hold of its lifecycle: unref lets the process exit, close
+// ends calls in flight, bad arguments are typed errors.
+const { test } = require('node:test');
+const assert = require('node:assert/strict');
+const { spawnSync } = require('node:child_process');
+const path = require('node:path');
+const { Worker, ShmclusterError } = require('..');
+
+test('request, map, consume, broadcast to itself', async () => {
+  const w = Worker.standalone();
+  const m = w.messenger();
+  try {
+    assert.equal(w.slot, 0);
+    assert.equal(w.instances, 1);
+    const seen = [];
+    m.on('bc', (d, ctx) => seen.push([d, ctx.sender, ctx.kind]));
+    m.on('square', (x) => x * x);
+    m.on('later', async (x) => {
+      await new Promise((r) => setTimeout(r, 20));
+      return { x };
+    });
+    assert.equal(m.broadcast('bc', { a: 1 }), 1);
+    assert.equal(await m.request(0, 'square', 12, { timeout: 1000 }), 144);
+    assert.deepEqual(await m.request(0, 'later', 'v'), { x: 'v' });
+    assert.deepEqual(await m.map('square', 3), [{ slot: 0, ok: true, value: 9 }]);
+    const c = await m.consume('square', 2);
+    assert.equal(c.slot, 0);
+    assert.equal(c.attempts, 1);
+    assert.deepEqual(seen, [[{ a: 1 }, 0, 'event']]);
+  } finally {
+    w.close();
+  }
+});
+
+test('bad arguments are typed errors', async () => {
+  const w = Worker.standalone();
+  const m = w.messenger();
+  try {
+    m.on('square', (x) => x * x);
+    await assert.rejects(m.request(3, 'square', 1), { code: 'NO_SUCH_WORKER' });
+    await assert.rejects(m.request(-1, 'square', 1), { code: 'NO_SUCH_WORKER' });
+    await assert.rejects(m.request('x', 'square', 1), { code: 'INVALID_ARGUMENT' });
+    await assert.rejects(m.request(0, 'square', 1, { timeout: -5 }), { code: 'INVALID_ARGUMENT' });
+    await assert.rejects(m.request(0, 'e'.repeat(300), 1), { code: 'EVENT_NAME' });
+    await assert.rejects(m.request(0, 'square', 'x'.repeat(m.maxPayload + 1)), { code: 'TOO_LARGE' });
+    const cyclic = {};
+    cyclic.self = cyclic;
+    await assert.rejects(m.request(0, 'square', cyclic), { code: 'INVALID_ARGUMENT' });
+    assert.throws(() => m.emit(7, 'square', 1), { code: 'NO_SUCH_WORKER' });
+    assert.throws(() => m.on('square', 'not a function'), { code: 'INVALID_ARGUMENT' });
+    const e = await m.request(0, 'nobody', 1, { timeout: 500 }).catch((x) => x);
+    assert.ok(e instanceof ShmclusterError && e instanceof Error);
+    assert.equal(e.code, 'NO_HANDLER');
+  } finally {
+    w.close();
+  }
+});
+
+test('close ends calls in flight with WORKER_CLOSED', async () => {
+  const w = Worker.standalone();
+  const m = w.messenger();
+  m.on('never', () => new Promise(() => {}));
+  const p = m.request(0, 'never', null, { timeout: 5000 });
+  await new Promise((r) => setTimeout(r, 20));
+  w.close();
+  await assert.rejects(p, { code: 'WORKER_CLOSED' });
+  await assert.rejects(m.request(0, 'never', null), { code: 'WORKER_CLOSED' });
+  assert.throws(() => m.broadcast('x', 1), { code: 'WORKER_CLOSED' });
+});
+
+test('an unref()ed messenger does not keep the process alive; a ref()ed one does', () => {
+  const script = (ref) => `
+    const { Worker } = require(${JSON.stringify(path.join(__dirname, '..'))});
+    const m = Worker.standalone().messenger();
+    m.on('x', () => 1);
+    ${ref ? '' : 'm.unref();'}
+  `;
+  const unref = spawnSync(process.execPath, ['-e', script(false)], { timeout: 10000 });
+  assert.equal(unref.status, 0, String(unref.stderr));
+  const thread = spawnSync(process.execPath, ['-e', script(false)], {
+    timeout: 10000,
+    env: { ...process.env, NODE_SHMCLUSTER_WAKE: 'thread' },
+  });
+  assert.equal(thread.status, 0, `the waiter thread's wake unref'd too: ${thread.stderr}`);
+  const ref = spawnSync(process.execPath, ['-e', script(true)], { timeout: 1500, killSignal: 'SIGKILL' });
+  assert.equal(ref.signal, 'SIGKILL', 'a referenced messenger keeps the loop alive');
+});
+
+test('synchronize: sections of one lock exclude each other across awaits', async () => {
+  const w = Worker.standalone();
+  try {
+    let inside = 0;
+    let most = 0;
+    const section = async () => {
+      inside++;
+      most = Math.max(most, inside);
+      await new Promise((r) => setTimeout(r, 5));
+      inside--;
+    };
+    await Promise.all(Array.from({ length: 10 }, () => w.synchronize('k', section)));
+    assert.equal(most, 1);
+    const g = await w.synchronize((s) => s);
+    assert.deepEqual([g.name, g.ownerDied, typeof g.fencingToken], ['', false, 'number']);
+    let entered;
+    const holding = new Promise((r) => (entered = r));
+    const hold = w.synchronize('t', () => {
+      entered();
+      return new Promise((r) => setTimeout(r, 300));
+    });
+    await holding;
+    await assert.rejects(w.synchronize('t', () => 1, { timeout: 50 }), { code: 'LOCK_TIMEOUT' });
+    await hold;
+    await assert.rejects(w.synchronize('x'.repeat(100), () => 1), { code: 'LOCK_NAME_TOO_LONG' });
+    // A section that throws releases the lock, and the caller gets its error.
+    await assert.rejects(w.synchronize('k', () => { throw new Error('inside'); }), /inside/);
+    assert.equal(await w.synchronize('k', () => 'again', { timeout: 1000 }), 'again');
+  } finally {
+    w.close();
+  }
+});
