@@ -1080,12 +1080,14 @@ impl Bridge {
         // that left (their master stopped) none.
         let expected: BTreeMap<String, Presence> = self.known_hosts().into_iter().collect();
         let mut answers: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        if !expected.is_empty() {
-            if let Some(why) = self.too_large(bytes.len() + 64) {
-                let _ = why;
-            } else {
-                self.gather(&bytes, deadline, &expected, &mut answers).await;
-            }
+        // A map too large for NATS is refused by its caller up front
+        // (`check_cross_host`); here it only keeps one from going out.
+        if !expected.is_empty()
+            && self
+                .too_large(bytes.len() + wire::BRIDGE_FRAME_OVERHEAD)
+                .is_none()
+        {
+            self.gather(&bytes, deadline, &expected, &mut answers).await;
         }
         let mut out = Vec::new();
         let names: std::collections::BTreeSet<&String> = expected.keys().chain(answers.keys()).collect();
