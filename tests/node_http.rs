@@ -54,6 +54,11 @@ const SCENARIOS: &[Scenario] = &[
         run: reloads_under_wrk_fail_no_get,
     },
     Scenario {
+        name: "reloads_under_wrk_fail_no_get_reuseport",
+        timeout: Duration::from_secs(60),
+        run: reloads_under_wrk_fail_no_get_reuseport,
+    },
+    Scenario {
         name: "shutdown_finishes_the_slow_request_in_flight",
         timeout: Duration::from_secs(40),
         run: shutdown_finishes_the_slow_request_in_flight,
@@ -96,7 +101,17 @@ fn main() {
 /// error — every worker is replaced twice, the old ones are gone, and
 /// every answer afterwards comes from the last generation.
 fn reloads_under_wrk_fail_no_get() -> Check {
-    let server = Server::start()?;
+    reloads_under_wrk(&[])
+}
+
+/// The same with `--reuseport`: one `SO_REUSEPORT` socket per instance,
+/// which the master keeps across the reload and hands to the replacement.
+fn reloads_under_wrk_fail_no_get_reuseport() -> Check {
+    reloads_under_wrk(&["--reuseport"])
+}
+
+fn reloads_under_wrk(extra: &[&str]) -> Check {
+    let server = Server::start_with(extra)?;
     let before = server.workers()?;
     let script = common::tmp().join("pids.lua");
     std::fs::write(&script, PIDS_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
@@ -133,8 +148,13 @@ fn reloads_under_wrk_fail_no_get() -> Check {
         server.wait_for_workers(Duration::from_secs(15), |w| w.pids().is_disjoint(&between.pids()))?;
     let run = Wrk::parse(&output)?;
     println!(
-        "    wrk GET / through two reloads (SIGHUP at 2 s and {second:.1?}): {} requests, socket errors \
+        "    {} wrk GET / through two reloads (SIGHUP at 2 s and {second:.1?}): {} requests, socket errors \
          (connect, read, write, timeout) {:?}, non-2xx {}; answered by {} pids; pids {:?} -> {:?} -> {:?}",
+        if extra.is_empty() {
+            "one shared socket:"
+        } else {
+            "--reuseport:"
+        },
         run.requests,
         run.socket_errors,
         run.non_2xx,
@@ -423,8 +443,8 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `shmcluster run -w 4 --listen 127.0.0.1:0 -- node examples/node/http.js`
-/// in its own process group, so that one `killpg` ends it and its workers.
+/// `shmcluster run -w 4 --listen 127.0.0.1:0 [extra] -- node
+/// examples/node/http.js` in its own process group, so that one `killpg` ends it and its workers.
 /// Dropping it kills the group and reaps the master.
 struct Server {
     child: Child,
@@ -437,8 +457,15 @@ struct Server {
 impl Server {
     /// Starts the cluster; returns once `/workers` shows every worker.
     fn start() -> Result<Server, String> {
+        Server::start_with(&[])
+    }
+
+    /// `start`, with `extra` options of `shmcluster run`.
+    fn start_with(extra: &[&str]) -> Result<Server, String> {
         let mut child = Command::new(BIN)
-            .args(["run", "-w", &WORKERS.to_string(), "--listen", "127.0.0.1:0", "--"])
+            .args(["run", "-w", &WORKERS.to_string(), "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--")
             .arg("node")
             .arg(root().join("examples/node/http.js"))
             .current_dir(root())
