@@ -178,8 +178,10 @@ fn reloads_under_wrk(extra: &[&str]) -> Check {
         between.pids().is_disjoint(&before.pids()) && after.pids().is_disjoint(&between.pids()),
         "not every worker was replaced twice"
     );
-    // Answers came from all three generations during the load.
-    for (name, set) in [("first", &before), ("second", &between), ("third", &after)] {
+    // Answers came from the first two generations during the load: the
+    // load moved to the replacements. (The third may start late in the
+    // run on a slow machine; it is checked below, after the load.)
+    for (name, set) in [("first", &before), ("second", &between)] {
         ensure!(
             !set.pids().is_disjoint(&run.pids),
             "no answer during the load came from the {name} generation's pids {:?} (answers from {:?})",
