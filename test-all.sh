@@ -15,7 +15,10 @@ step "unit, integration, doc and multi-process tests"
 # http) would otherwise be on for every crate here: this step tests the
 # crate without features. tests/axum_cluster.rs builds the example itself
 # (`cargo build -p axum_cluster`) and drives it over HTTP, with wrk among
-# its clients (reloads under load, SIGKILL, shutdown).
+# its clients (reloads under load, SIGKILL, shutdown). tests/node_http.rs
+# builds the Node addon itself (node/scripts/build.js) and runs
+# examples/node/http.js under the `shmcluster` command, with wrk through
+# reloads (needs node and wrk).
 timeout 1200 cargo test --workspace --exclude axum_cluster
 
 step "the tokio and http features: the async messenger, async synchronize, the HTTP drain"
@@ -46,7 +49,8 @@ step "node: the npm package (napi-rs addon) in one process and in a real cluster
 # addon from source (cargo build --release -p shmcluster-node) and copies
 # it to node/shmcluster.node; `npm test` builds the command (cargo build
 # -p shmcluster) and runs node's own test runner: test/standalone.test.js,
-# then test/cluster.test.js (`shmcluster run -w 3 -- node test/worker.js`).
+# test/listen.test.js (listeners, the drain), then test/cluster.test.js
+# (`shmcluster run -w 3 -- node test/worker.js`).
 (cd node && npm install && timeout 600 npm test)
 
 step "loom: the park/wake and space-wait handshakes lose no wakeup"

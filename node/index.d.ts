@@ -156,3 +156,29 @@ export declare class Worker extends EventEmitter {
   on(event: 'stop', listener: () => void): this;
   on(event: string | symbol, listener: (...args: any[]) => void): this;
 }
+
+// ---------------------------------------------------------------- listen.js
+
+/** A listening socket the master handed this process (`LISTEN_FDS`). */
+export interface ListenFd {
+  /** Its descriptor (3, 4, ...): yours once taken; whatever listens on it closes it. */
+  fd: number;
+  /** Its `LISTEN_FDNAMES` name (`listen0`, ... by default). */
+  name: string;
+}
+/** The inherited listeners in `LISTEN_FDS` order (`[]` if none); taken once, later calls return the same list. */
+export declare function listenFds(): ListenFd[];
+/** `{ fd }` of listener `which` (its index, default 0, or its name) for `server.listen(listener(), cb)`; throws `ENVIRONMENT` if there is none. */
+export declare function listener(which?: number | string): { fd: number };
+export interface DrainOptions {
+  /** How long a draining server leaves idle keep-alive connections open, in ms (default 5000). */
+  idleTimeout?: number;
+  /** `drainOnStop`: exit the process (code 0) once drained (default true). */
+  exit?: boolean;
+}
+/** Prepares `server` for a drain (call before it listens); the returned function starts it and resolves once every connection has ended. */
+export declare function drainer(server: import('node:net').Server, opts?: DrainOptions): () => Promise<void>;
+/** On the worker's `stop`: stop accepting, answer with `Connection: close`, close idle connections after `idleTimeout`, then close the worker and exit 0. */
+export declare function drainOnStop(worker: Worker, server: import('node:net').Server, opts?: DrainOptions): () => Promise<void>;
+/** The default `idleTimeout` (ms). */
+export declare const DRAIN_IDLE_TIMEOUT: number;

@@ -511,3 +511,4 @@ class Worker extends EventEmitter {
 }
 
 module.exports = { Worker, Messenger, ShmclusterError, DEFAULT_TIMEOUT };
+Object.assign(module.exports, require('./listen.js')); // listeners and drain (listen.js)

@@ -35,6 +35,7 @@ use shmcluster::{
     Turn, Worker,
 };
 
+pub mod listen;
 mod uv;
 mod waiter;
 
@@ -364,7 +365,8 @@ impl Native {
     /// The worker a `shmcluster run` master spawned this process as.
     #[napi(factory)]
     pub fn from_env() -> napi::Result<Self> {
-        let w = Worker::from_env().map_err(|e| err("ENVIRONMENT", e))?;
+        let mut w = Worker::from_env().map_err(|e| err("ENVIRONMENT", e))?;
+        listen::stash(&mut w);
         let instances = w.instances();
         Ok(Self::new(Messenger::new(w), instances))
     }
