@@ -16,6 +16,10 @@ step "unit, integration, doc and multi-process tests"
 # crate without features. tests/axum_cluster.rs builds the example itself
 # (`cargo build -p axum_cluster`) and drives it over HTTP, with wrk among
 # its clients (reloads under load, SIGKILL, shutdown).
+# tests/node_mixed.rs (Node.js, Python and Rust workers in one cluster) and
+# tests/node_examples.rs (examples/node/) build the Node.js addon themselves
+# (node/scripts/build.js, as `npm install`) and libshmcluster.so: node and
+# python3 on the PATH, nothing built before.
 timeout 1200 cargo test --workspace --exclude axum_cluster
 
 step "the tokio and http features: the async messenger, async synchronize, the HTTP drain"

@@ -91,13 +91,13 @@ fn rust_worker() -> Check {
     let slot = m.slot();
     let state = Arc::new(Mutex::new(State::default()));
     let reg = |e: shmcluster::RegisterError| e.to_string();
-    m.on_bytes("who", move |_, _| to_json(&json!({ "lang": "rust", "slot": slot })))
-        .map_err(reg)?;
-    m.on_bytes("square", |_, data| {
-        match serde_json::from_slice::<i64>(data) {
-            Ok(x) => to_json(&json!({ "lang": "rust", "v": x.saturating_mul(x) })),
-            Err(e) => to_json(&json!({ "lang": "rust", "error": e.to_string() })),
-        }
+    m.on_bytes("who", move |_, _| {
+        to_json(&json!({ "lang": "rust", "slot": slot }))
+    })
+    .map_err(reg)?;
+    m.on_bytes("square", |_, data| match serde_json::from_slice::<i64>(data) {
+        Ok(x) => to_json(&json!({ "lang": "rust", "v": x.saturating_mul(x) })),
+        Err(e) => to_json(&json!({ "lang": "rust", "error": e.to_string() })),
     })
     .map_err(reg)?;
     let s = Arc::clone(&state);
@@ -196,11 +196,18 @@ fn mixed() -> Check {
     let status = master.stop(Duration::from_secs(20))?;
     let left = master.nothing_left();
     checked.map_err(|e| format!("{e}\n{}", master.transcript()))?;
-    ensure!(status.success(), "the master ended with {status}\n{}", master.transcript());
+    ensure!(
+        status.success(),
+        "the master ended with {status}\n{}",
+        master.transcript()
+    );
     // Only the planned death: the Python worker, once.
     let events = master.stderr();
     let ended: Vec<&str> = events.lines().filter(|l| l.contains(" ended: ")).collect();
-    let killed: Vec<&&str> = ended.iter().filter(|l| l.contains("killed by signal 9")).collect();
+    let killed: Vec<&&str> = ended
+        .iter()
+        .filter(|l| l.contains("killed by signal 9"))
+        .collect();
     ensure!(
         killed.len() == 1 && killed[0].contains("worker 1 ended"),
         "deaths other than the Python holder's: {killed:?}\n{events}"
@@ -291,7 +298,8 @@ fn check(r: &BTreeMap<String, Value>) -> Check {
         r["back-python"]
     );
     ensure!(
-        *get(r, "back-rust")? == json!({ "sender": rust, "lang": "rust", "answer": { "lang": "node", "v": 100 } }),
+        *get(r, "back-rust")?
+            == json!({ "sender": rust, "lang": "rust", "answer": { "lang": "node", "v": 100 } }),
         "back-rust: {}",
         r["back-rust"]
     );
@@ -305,8 +313,14 @@ fn check(r: &BTreeMap<String, Value>) -> Check {
         "a 100 ms wait on the held lock: {}",
         lock["short"]
     );
-    let (held_at, released_at) = (num(&lock["held"]["t"], "held.t")?, num(&lock["released"]["t"], "released.t")?);
-    let (wait_start, acquired) = (num(&lock["waitStart"], "waitStart")?, num(&lock["section"]["acquired"], "acquired")?);
+    let (held_at, released_at) = (
+        num(&lock["held"]["t"], "held.t")?,
+        num(&lock["released"]["t"], "released.t")?,
+    );
+    let (wait_start, acquired) = (
+        num(&lock["waitStart"], "waitStart")?,
+        num(&lock["section"]["acquired"], "acquired")?,
+    );
     ensure!(
         held_at <= wait_start && wait_start < released_at,
         "Node began waiting at {wait_start}, Python held it {held_at}..{released_at}"
@@ -324,11 +338,17 @@ fn check(r: &BTreeMap<String, Value>) -> Check {
         num(&lock["section"]["token"], "token")? > num(&lock["held"]["token"], "held.token")?,
         "fencing tokens: {lock}"
     );
-    ensure!(lock["section"]["ownerDied"] == false, "ownerDied after a release: {lock}");
+    ensure!(
+        lock["section"]["ownerDied"] == false,
+        "ownerDied after a release: {lock}"
+    );
 
     // The holder SIGKILLed in its section.
     let od = get(r, "ownerDied")?;
-    ensure!(od["enteredBeforeKill"] == false, "the Node section ran while Python held the lock: {od}");
+    ensure!(
+        od["enteredBeforeKill"] == false,
+        "the Node section ran while Python held the lock: {od}"
+    );
     ensure!(
         od["section"]["ok"] == true && od["section"]["value"]["ownerDied"] == true,
         "the section after the holder's death: {od}"
@@ -337,9 +357,16 @@ fn check(r: &BTreeMap<String, Value>) -> Check {
         od["again"]["ok"] == true && od["again"]["value"]["ownerDied"] == false,
         "the next section: {od}"
     );
-    let tokens = [&od["holding"]["token"], &od["section"]["value"]["token"], &od["again"]["value"]["token"]]
-        .map(|t| t.as_u64().unwrap_or(0));
-    ensure!(tokens[0] < tokens[1] && tokens[1] < tokens[2], "fencing tokens: {od}");
+    let tokens = [
+        &od["holding"]["token"],
+        &od["section"]["value"]["token"],
+        &od["again"]["value"]["token"],
+    ]
+    .map(|t| t.as_u64().unwrap_or(0));
+    ensure!(
+        tokens[0] < tokens[1] && tokens[1] < tokens[2],
+        "fencing tokens: {od}"
+    );
 
     // The Python worker respawned and answers the map again.
     let re = get(r, "respawned")?;

@@ -52,9 +52,16 @@ fn target_dir() -> Result<PathBuf, String> {
 pub fn build_library() -> Result<PathBuf, String> {
     let profile = profile_dir()?;
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(["build", "--quiet", "-p", "shmcluster-ffi", "--lib", "--target-dir"])
-        .arg(target_dir()?)
-        .current_dir(root());
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "shmcluster-ffi",
+        "--lib",
+        "--target-dir",
+    ])
+    .arg(target_dir()?)
+    .current_dir(root());
     if let Some(name) = profile
         .file_name()
         .and_then(|n| n.to_str())
@@ -75,14 +82,19 @@ pub fn build_library() -> Result<PathBuf, String> {
 /// node/index.js loads it; cargo's no-op when it is up to date), so that
 /// the test runs from a clean clone. Needs `node` (>= 20) on the `PATH`.
 pub fn build_addon() -> Check {
-    let status = Command::new("node")
+    let out = Command::new("node")
         .arg("scripts/build.js")
         .current_dir(root().join("node"))
         .env("CARGO_TARGET_DIR", target_dir()?)
-        .stdout(Stdio::null())
-        .status()
+        .output()
         .map_err(|e| format!("node scripts/build.js (is Node.js >= 20 on the PATH?): {e}"))?;
-    ensure!(status.success(), "node scripts/build.js: {status}");
+    ensure!(
+        out.status.success(),
+        "node scripts/build.js: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     ensure!(
         root().join("node/shmcluster.node").exists(),
         "node scripts/build.js made no node/shmcluster.node"
@@ -148,7 +160,9 @@ impl Master {
                     break;
                 }
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                sink.lock().unwrap_or_else(PoisonError::into_inner).push_str(&text);
+                sink.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push_str(&text);
             }
         });
         Ok(Self {
@@ -161,7 +175,11 @@ impl Master {
 
     /// Reads stdout lines until one for which `done` holds (returned), the
     /// master exits, or `limit` passes.
-    pub fn wait_line(&mut self, limit: Duration, mut done: impl FnMut(&str) -> bool) -> Result<String, String> {
+    pub fn wait_line(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&str) -> bool,
+    ) -> Result<String, String> {
         let until = Instant::now() + limit;
         loop {
             let left = until.saturating_duration_since(Instant::now());
