@@ -10,7 +10,10 @@
 //! The Node.js worker drives and prints `RESULT <json>` lines; this file
 //! checks them: a broadcast from each language reaches every worker exactly
 //! once; a Node map over the three has each language's answer; requests
-//! Node -> Python, Node -> Rust and back; a Node section waiting on a lock
+//! Node -> Python, Node -> Rust and back; errors across languages typed (a
+//! Python exception is `HANDLER_FAILED` with its text, Rust bytes that are
+//! not JSON `DECODE`, the same bytes fine with `raw`); a Node section
+//! waiting on a lock
 //! the Python worker holds runs only after Python released it; the Python
 //! holder SIGKILLed inside its section leaves `ownerDied` to the Node
 //! section waiting for it, and is respawned. Then the master is stopped
@@ -100,6 +103,8 @@ fn rust_worker() -> Check {
         Err(e) => to_json(&json!({ "lang": "rust", "error": e.to_string() })),
     })
     .map_err(reg)?;
+    // Raw bytes that are not JSON: the Node caller's typed DECODE error.
+    m.on_bytes("notJson", |_, _| vec![0xff, 0xfe]).map_err(reg)?;
     let s = Arc::clone(&state);
     m.on_bytes("doBroadcast", move |_, _| {
         lock(&s).broadcast = true;
@@ -302,6 +307,28 @@ fn check(r: &BTreeMap<String, Value>) -> Check {
             == json!({ "sender": rust, "lang": "rust", "answer": { "lang": "node", "v": 100 } }),
         "back-rust: {}",
         r["back-rust"]
+    );
+
+    // Errors across languages are typed: a Python handler's exception is
+    // HANDLER_FAILED with its text; Rust bytes that are not JSON, DECODE.
+    let boom = get(r, "pythonThrows")?;
+    ensure!(
+        boom["ok"] == false
+            && boom["code"] == "HANDLER_FAILED"
+            && boom["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("python {py} says no"))),
+        "a throwing Python handler: {boom}"
+    );
+    let bad = get(r, "rustNotJson")?;
+    ensure!(
+        bad["ok"] == false && bad["code"] == "DECODE",
+        "Rust bytes that are not JSON: {bad}"
+    );
+    let raw = get(r, "rustRaw")?;
+    ensure!(
+        *raw == json!({ "ok": true, "value": [255, 254] }),
+        "the same bytes raw: {raw}"
     );
 
     // The lock Python held: a 100 ms wait timed out; the Node section

@@ -41,4 +41,9 @@ async function main() {
   process.kill(process.ppid, 'SIGTERM');
 }
 
-if (w.slot === 0) main();
+if (w.slot === 0) {
+  main().catch((e) => {
+    console.error(e);
+    process.kill(process.ppid, 'SIGTERM');
+  });
+}

@@ -57,4 +57,7 @@ async function drive(w, m) {
   process.kill(process.ppid, 'SIGTERM'); // done: a graceful shutdown
 }
 
-start();
+start().catch((e) => {
+  console.error(e);
+  process.kill(process.ppid, 'SIGTERM');
+});

@@ -34,4 +34,9 @@ async function main() {
   process.kill(process.ppid, 'SIGTERM'); // done: a graceful shutdown
 }
 
-if (w.slot === 0) main();
+if (w.slot === 0) {
+  main().catch((e) => {
+    console.error(e);
+    process.kill(process.ppid, 'SIGTERM');
+  });
+}

@@ -111,6 +111,11 @@ async function drive() {
     result(`back-${s === py ? 'python' : 'rust'}`, { sender: r.sender, ...r.d });
   }
 
+  // Typed errors across languages.
+  result('pythonThrows', await caught(m.request(py, 'boom', null, { timeout: 5000 })));
+  result('rustNotJson', await caught(m.request(rust, 'notJson', null, { timeout: 5000 })));
+  result('rustRaw', await caught(m.request(rust, 'notJson', null, { timeout: 5000, raw: true }).then((b) => [...b])));
+
   // A lock the Python worker holds for 600 ms: a short wait times out; a
   // Node section waiting for it runs only after Python released it.
   {

@@ -6,6 +6,7 @@ Node.js worker sends and expects by default.
 It serves (requests answer JSON, events answer nothing):
     who          {"lang": "python", "slot": <slot>}
     square       x -> {"lang": "python", "v": x * x}
+    boom         raises ValueError("python <slot> says no")
     doBroadcast  answers null, then (after the handler) broadcasts `bc`
                  {"lang": "python"} to every worker
     bc           counts the broadcasts it got per sender slot
@@ -53,6 +54,10 @@ def main():
     def square(msg):
         x = msg.json()
         return answer({"lang": "python", "v": x * x})
+
+    @w.on("boom")
+    def boom(msg):
+        raise ValueError(f"python {w.slot} says no")
 
     @w.on("doBroadcast")
     def do_broadcast(msg):
