@@ -17,7 +17,9 @@
 //! the Python worker holds runs only after Python released it; the Python
 //! holder SIGKILLed inside its section leaves `ownerDied` to the Node
 //! section waiting for it, and is respawned. Then the master is stopped
-//! (`SIGTERM`), must exit 0, and must leave no process of its group.
+//! (`SIGTERM`), must exit 0, and must leave no process of its group. All
+//! of it twice: the Node.js worker woken through its slot's eventfd, then
+//! by its fallback waiter thread (`NODE_SHMCLUSTER_WAKE=thread`).
 //!
 //! Builds what it runs first: the addon (`node scripts/build.js`, as
 //! `npm install` in node/) and libshmcluster.so. `harness = false`: the
@@ -39,11 +41,17 @@ mod node;
 use common::Check;
 use node::{build_addon, build_library, root, utf8, Master};
 
-const SCENARIOS: &[(&str, Duration)] = &[(
-    "node_python_and_rust_workers_in_one_cluster",
+const SCENARIOS: &[(&str, Duration)] = &[
     // First builds of the addon (release) and the C library included.
-    Duration::from_secs(600),
-)];
+    (EVENTFD, Duration::from_secs(600)),
+    (THREAD, Duration::from_secs(120)),
+];
+
+/// The Node.js worker woken by libuv polling its slot's eventfd.
+const EVENTFD: &str = "node_python_and_rust_workers_in_one_cluster";
+/// The same with the Node.js worker's fallback wake, a waiter thread
+/// (`NODE_SHMCLUSTER_WAKE=thread`).
+const THREAD: &str = "node_python_and_rust_workers_node_woken_by_a_thread";
 
 fn main() {
     if std::env::var("SHMC_ROLE").as_deref() == Ok("rust_worker") {
@@ -57,7 +65,8 @@ fn main() {
         std::process::exit(code);
     }
     if let Ok(name) = std::env::var("SHMC_SCENARIO") {
-        common::exit_scenario(&name, mixed());
+        let wake = if name == THREAD { "thread" } else { "eventfd" };
+        common::exit_scenario(&name, mixed(wake));
     }
     let (ran, failed) = common::run_suite("node_mixed", SCENARIOS);
     common::finish_suite(ran, &failed);
@@ -171,8 +180,9 @@ fn rust_worker() -> Check {
 
 // ------------------------------------------------------------ the scenario
 
-/// Runs the cluster until the driver's `DONE`, stops it, and checks.
-fn mixed() -> Check {
+/// Runs the cluster until the driver's `DONE`, stops it, and checks; the
+/// Node.js worker must use the `wake` asked for.
+fn mixed(wake: &str) -> Check {
     let lib = build_library()?;
     build_addon()?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -183,6 +193,7 @@ fn mixed() -> Check {
             ("SHMCLUSTER_LIB", &lib),
             ("PYTHONPATH", &python),
             ("NODE_MIXED_RUST", &exe),
+            ("NODE_SHMCLUSTER_WAKE", wake),
         ],
     )?;
     let end = master.wait_line(Duration::from_secs(120), |l| {
@@ -197,7 +208,7 @@ fn mixed() -> Check {
             results.insert(name, v["value"].clone());
         }
     }
-    let checked = check(&results);
+    let checked = check(&results, wake);
     let status = master.stop(Duration::from_secs(20))?;
     let left = master.nothing_left();
     checked.map_err(|e| format!("{e}\n{}", master.transcript()))?;
@@ -228,7 +239,7 @@ fn get<'a>(r: &'a BTreeMap<String, Value>, name: &str) -> Result<&'a Value, Stri
     r.get(name).ok_or(format!("no result {name}"))
 }
 
-fn check(r: &BTreeMap<String, Value>) -> Check {
+fn check(r: &BTreeMap<String, Value>, wake: &str) -> Check {
     // Who is where: one worker of each language, in slots 0, 1, 2.
     let who = get(r, "who")?;
     let slot_of = |lang: &str| -> Result<u64, String> {
@@ -238,6 +249,14 @@ fn check(r: &BTreeMap<String, Value>) -> Check {
             .ok_or(format!("no {lang} worker in {who}"))
     };
     let (node, py, rust) = (slot_of("node")?, slot_of("python")?, slot_of("rust")?);
+    let node_wake = who
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["value"]["lang"] == "node"))
+        .map(|e| &e["value"]["wake"]);
+    ensure!(
+        node_wake == Some(&json!(wake)),
+        "the Node.js worker's wake: {who}"
+    );
     let mut slots = [node, py, rust];
     slots.sort_unstable();
     ensure!(slots == [0, 1, 2], "slots {node} {py} {rust}");

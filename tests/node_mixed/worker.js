@@ -16,7 +16,7 @@ const counts = {};
 const langs = {};
 const errors = [];
 m.onError((e) => errors.push(`${e.code}: ${e.message}`));
-m.on('who', () => ({ lang: 'node', slot: w.slot }));
+m.on('who', () => ({ lang: 'node', slot: w.slot, wake: m.wake }));
 m.on('square', (x) => ({ lang: 'node', v: x * x }));
 m.on('doBroadcast', () => {
   m.broadcast('bc', { lang: 'node' });
