@@ -16,9 +16,11 @@ step "unit, integration, doc and multi-process tests"
 # crate without features. tests/axum_cluster.rs builds the example itself
 # (`cargo build -p axum_cluster`) and drives it over HTTP, with wrk among
 # its clients (reloads under load, SIGKILL, shutdown). tests/node_http.rs
-# builds the Node addon itself (node/scripts/build.js) and runs
-# examples/node/http.js under the `shmcluster` command, with wrk through
-# reloads (needs node and wrk).
+# (examples/node/http.js under wrk through reloads), tests/node_mixed.rs
+# (Node.js, Python and Rust workers in one cluster) and
+# tests/node_examples.rs (examples/node/) build the Node.js addon themselves
+# (node/scripts/build.js, as `npm install`) and libshmcluster.so: node,
+# python3 and wrk on the PATH, nothing built before.
 timeout 1200 cargo test --workspace --exclude axum_cluster
 
 step "the tokio and http features: the async messenger, async synchronize, the HTTP drain"

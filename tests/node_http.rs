@@ -12,15 +12,15 @@
 //! two watchdogs, one inside the scenario process that kills the master's
 //! process group and fails, and `run_suite`'s outer one. Arguments filter
 //! scenarios by substring. Before any scenario this binary builds the
-//! addon (`node node/scripts/build.js`, in this binary's profile and target
-//! directory; a no-op when it is up to date), so that a clean clone needs
+//! addon (`node node/scripts/build.js` through tests/common/node.rs: the
+//! release addon, as `npm install`, in this binary's target directory; a
+//! no-op when it is up to date), so that a clean clone needs
 //! no `npm install` first and a stale `node/shmcluster.node` is never run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex, PoisonError};
@@ -33,7 +33,10 @@ use serde_json::Value;
 
 #[macro_use]
 mod common;
+#[path = "common/node.rs"]
+mod node;
 use common::{wait_child, Check};
+use node::{build_addon, root};
 
 /// The `shmcluster` command.
 const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
@@ -440,11 +443,6 @@ fn watchdog(name: &'static str, limit: Duration) {
     });
 }
 
-/// The repository's root.
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// `shmcluster run -w 4 --listen 127.0.0.1:0 [extra] -- node
 /// examples/node/http.js` in its own process group, so that one `killpg` ends it and its workers.
 /// Dropping it kills the group and reaps the master.
@@ -583,35 +581,6 @@ impl Drop for Server {
         }
         MASTER.store(0, Ordering::Release);
     }
-}
-
-/// Builds the addon into `node/shmcluster.node` with the package's own
-/// script (see the module's comment), in this test binary's target
-/// directory and profile.
-fn build_addon() -> Check {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    // <target>/<profile>/deps/node_http-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .ok_or("no target dir above the test binary")?;
-    let target = profile_dir.parent().ok_or("no target dir")?;
-    let profile = if profile_dir.file_name().is_some_and(|p| p == "release") {
-        "release"
-    } else {
-        "debug"
-    };
-    let script: PathBuf = root().join("node/scripts/build.js");
-    let status = Command::new("node")
-        .arg(&script)
-        .env("CARGO_TARGET_DIR", target)
-        .env("SHMCLUSTER_NODE_PROFILE", profile)
-        .current_dir(root().join("node"))
-        .stdin(Stdio::null())
-        .status()
-        .map_err(|e| format!("node {} (Node.js >= 20 on the PATH): {e}", script.display()))?;
-    ensure!(status.success(), "node {}: {status}", script.display());
-    Ok(())
 }
 
 /// Whether `pid` runs (a zombie does not).
