@@ -198,8 +198,7 @@ impl Messenger {
     {
         self.add_subscription(topic, f)?;
         let leader = self.wait_leader(deadline)?;
-        self.leader.subscribed_term = leader.term;
-        Ok(self.notify(leader.slot, SUBSCRIBE, topic)?)
+        Ok(self.tell_leader(leader, topic)?)
     }
 
     /// Follows the default role's terms from now on: each dispatch (and
@@ -279,15 +278,21 @@ impl Messenger {
         else {
             return Ok(false);
         };
-        if self.leader.subscribed_term == leader.term {
-            self.notify(leader.slot, SUBSCRIBE, topic)?;
-        } else {
-            // A leader this worker has not told yet: it gets every
-            // subscription (this one among them), as `check_leaders`
-            // would give it.
-            self.subscribe_all(leader)?;
-        }
+        self.tell_leader(leader, topic)?;
         Ok(true)
+    }
+
+    /// Tells `leader` of the new subscription `topic`. A leader this
+    /// worker has not told yet (one no dispatch has seen) gets every
+    /// subscription, as `check_leaders` would give it: `check_leaders`
+    /// skips a term already told, so telling it only `topic` would hide
+    /// the older ones from it.
+    fn tell_leader(&mut self, leader: Leader, topic: &str) -> Result<(), EmitError> {
+        if self.leader.subscribed_term == leader.term {
+            self.notify(leader.slot, SUBSCRIBE, topic)
+        } else {
+            self.subscribe_all(leader)
+        }
     }
 
     /// Registers `f` for `topic`'s values and remembers the subscription
