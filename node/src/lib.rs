@@ -15,8 +15,17 @@
 //!   runs the JS handlers after the turn, on the same thread, and answers
 //!   through [`Native::reply`] when a handler's value (or promise) is
 //!   ready.
-//! - **Calls** (`request`, `map`, `consume`) start at once and return a
-//!   ticket; their ends come out of later turns and resolve JS promises.
+//! - **Calls** (`request`, `map`, `consume`, and through the leader
+//!   `invoke` and `publish`) start at once and return a ticket; their
+//!   ends come out of later turns and resolve JS promises.
+//! - **Leader and followers** (cluster-client): the election is the
+//!   library's (a candidate thread per role holds the role's robust
+//!   mutex); an invoke handler queues the call like a request handler
+//!   (`kind: "invoke"`, answered through [`Native::reply`]; only the
+//!   leader's runs), a subscription queues each value (`kind: "topic"`),
+//!   and turns report new leaders ([`TurnOut::leader_changes`]), after
+//!   telling a new leader this worker's subscriptions. Nothing waits for
+//!   a leader on the JS thread.
 //!
 //! Errors cross to JS as `Error`s whose message is `CODE\u{1}text`; the
 //! JS layer turns them into `Error`s with `err.code` (the C ABI's result
