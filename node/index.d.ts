@@ -84,6 +84,52 @@ export interface Consumed {
   attempts: number;
 }
 
+/** A role's leader: its slot and term (larger than every earlier leader's of the role). */
+export interface LeaderInfo {
+  slot: number;
+  /** Exact below 2^53. */
+  term: number;
+}
+
+/** A new leader of the default role, as `onLeaderChange` listeners get it. */
+export interface LeaderChange extends LeaderInfo {
+  /** The new leader is this worker. */
+  isMe: boolean;
+}
+
+export interface InvokeOptions extends CallOptions {
+  /**
+   * The method is safe to run twice: if the leader dies with the call in
+   * hand it goes to the next leader instead of rejecting `LEADER_DIED`.
+   */
+  idempotent?: boolean;
+}
+
+export interface SubscribeOptions {
+  /** Milliseconds to wait for a leader to be told (default `DEFAULT_TIMEOUT`). */
+  timeout?: number;
+  /** Give the subscriber the values' raw bytes (a `Buffer`). */
+  raw?: boolean;
+}
+
+/** What a subscriber learns about a value: `sender` is the leader that sent it. */
+export interface TopicContext {
+  sender: number;
+  /** The topic. */
+  event: string;
+  kind: 'topic';
+  deliveryId: '0';
+}
+
+/** What an invoke handler learns: `sender` is the invoking worker's slot. */
+export interface InvokeContext {
+  sender: number;
+  /** The method. */
+  event: string;
+  kind: 'invoke';
+  deliveryId: '0';
+}
+
 /** ipchannel-style sender: `m.to(1).send(x)`, `m.to('all').emit(event, x)`. */
 export interface To {
   /** The `message` event. Returns how many workers it was sent to. */
@@ -112,6 +158,41 @@ export declare class Messenger {
   map<T = any>(event: string, data?: unknown, opts?: CallOptions): Promise<MapEntry<T>[]>;
   /** Runs on exactly one worker with a handler (at least once if it dies). */
   consume(event: string, data?: unknown, opts?: CallOptions): Promise<Consumed>;
+  /**
+   * Joins the election for `role` (the default role `''` if none): a thread
+   * of the addon holds the role's robust mutex while this worker leads.
+   */
+  campaign(role?: string): this;
+  /** Whether this worker leads the default role now. */
+  readonly isLeader: boolean;
+  /** Whether this worker leads `role` now. */
+  isLeaderFor(role: string): boolean;
+  /** The leader of `role` (default role) now, or `null` between a death and the next election. */
+  leader(role?: string): LeaderInfo | null;
+  /** `fn` runs for each new leader of the default role this worker sees. */
+  onLeaderChange(fn: (change: LeaderChange) => unknown): this;
+  offLeaderChange(fn: (change: LeaderChange) => unknown): this;
+  /**
+   * The leader's handler for `method` (campaigns for the default role):
+   * only the leader's runs. Its value (or promise's) answers the invoke.
+   */
+  onInvoke(method: string, fn: (args: any, ctx: InvokeContext) => unknown, opts?: HandlerOptions): this;
+  offInvoke(method: string): this;
+  /**
+   * Runs the leader's handler for `method`. Rejects `NO_LEADER` (none
+   * before the timeout), `LEADER_DIED` (unless `idempotent`), and as `request`.
+   */
+  invoke<T = any>(method: string, args?: unknown, opts?: InvokeOptions): Promise<T>;
+  /** Publishes `value` on `topic` through the leader (`NO_LEADER`, `LEADER_DIED`). */
+  publish(topic: string, value?: unknown, opts?: { timeout?: number }): Promise<void>;
+  /**
+   * `fn` runs for every value published on `topic`, and at once with its
+   * last value. Resolves once a leader has been told; rejects `NO_LEADER`
+   * after the timeout (the subscription stays).
+   */
+  subscribe(topic: string, fn: (value: any, ctx: TopicContext) => unknown, opts?: SubscribeOptions): Promise<void>;
+  /** Stops calling `fn` (or every subscriber of `topic`). */
+  unsubscribe(topic: string, fn?: (value: any, ctx: TopicContext) => unknown): this;
   ref(): this;
   /** An idle messenger no longer keeps the process alive. */
   unref(): this;
@@ -138,6 +219,12 @@ export declare class Worker extends EventEmitter {
   static standalone(): Worker;
   readonly slot: number;
   readonly instances: number;
+  /** This worker's instance number (`0..instances`), kept across respawns and reloads. */
+  readonly index: number;
+  /** This worker's generation in its slot: a respawn or a reload makes a new one. */
+  readonly generation: number;
+  /** Asks the master for a rolling reload of every worker, this one included (nothing without a master). */
+  requestReload(): void;
   /** Tells the master this worker is ready. */
   ready(): void;
   shouldStop(): boolean;

@@ -106,6 +106,14 @@ class Messenger {
     this._errorListeners = [];
     this._maxPayload = this._n.maxPayload;
     this._referenced = true;
+    // Leader and followers (cluster-client): invoke handlers by method,
+    // subscribers and the last value seen per topic, leader-change
+    // listeners, subscribes waiting for a leader to be told.
+    this._invokers = new Map();
+    this._topics = new Map();
+    this._changeListeners = [];
+    this._watching = false;
+    this._awaitingLeader = new Set();
     /** How an idle loop is woken: `'eventfd'` (libuv polls the slot's eventfd) or `'thread'` (a waiter thread). */
     this.wake = nat(() => this._n.startWake(() => this._turn()));
     this._net = setInterval(() => this._turn(), SAFETY_NET_MS);
@@ -186,6 +194,150 @@ class Messenger {
     return this._call(opts, (t) => this._n.startConsume(String(event), encode(data), t));
   }
 
+  // ------------------------------------------------ leader and followers
+
+  /**
+   * Joins the election for `role` (the default role `''` if none): a
+   * thread of the addon waits for the role's lock (a process-shared
+   * robust mutex) and holds it while this worker leads. When the leader
+   * dies, the kernel hands the lock to a waiting candidate at once.
+   */
+  campaign(role) {
+    this._open();
+    nat(() => this._n.campaign(role === undefined ? undefined : String(role)));
+    this._watchLeader();
+    return this;
+  }
+
+  /** Whether this worker leads the default role now. */
+  get isLeader() {
+    return !this._closed && this._n.isLeader();
+  }
+
+  /** Whether this worker leads `role` now. */
+  isLeaderFor(role) {
+    return !this._closed && this._n.isLeader(String(role));
+  }
+
+  /** The leader of `role` (the default role if none) now: `{ slot, term }`, or `null` between a death and the next election. */
+  leader(role) {
+    if (this._closed) return null;
+    return this._n.leader(role === undefined ? undefined : String(role)) || null;
+  }
+
+  /** `fn({ slot, term, isMe })` runs for each new leader of the default role this worker sees. */
+  onLeaderChange(fn) {
+    if (typeof fn !== 'function') throw new ShmclusterError('INVALID_ARGUMENT', 'listener must be a function');
+    this._open();
+    this._changeListeners.push(fn);
+    this._watchLeader();
+    return this;
+  }
+
+  /** Removes a leader-change listener. */
+  offLeaderChange(fn) {
+    this._changeListeners = this._changeListeners.filter((f) => f !== fn);
+    return this;
+  }
+
+  /**
+   * Registers the leader's handler for `method` (campaigns for the default
+   * role): every worker may register it, only the leader's runs. Its value
+   * (or its promise's) answers the invoke; a throw answers `HANDLER_FAILED`.
+   */
+  onInvoke(method, fn, opts) {
+    if (typeof fn !== 'function') throw new ShmclusterError('INVALID_ARGUMENT', 'handler must be a function');
+    this._open();
+    method = String(method);
+    if (!this._invokers.has(method)) nat(() => this._n.listenInvoke(method));
+    this._invokers.set(method, { fn, raw: !!(opts && opts.raw) });
+    this._watchLeader();
+    this._schedule();
+    return this;
+  }
+
+  /** Removes the handler of `method`: invokes of it then fail `HANDLER_FAILED` here. */
+  offInvoke(method) {
+    this._invokers.delete(String(method));
+    return this;
+  }
+
+  /**
+   * Runs the leader's handler for `method` and resolves with its value.
+   * Waits for a leader until the timeout (`NO_LEADER`); `LEADER_DIED` if
+   * the leader dies with the call in hand, unless `opts.idempotent` (then
+   * it goes to the next leader).
+   */
+  invoke(method, args, opts) {
+    return this._call(opts, (t) =>
+      this._n.startInvoke(String(method), encode(args), t, !!(opts && opts.idempotent)),
+    );
+  }
+
+  /**
+   * Publishes `value` on `topic` through the leader, which keeps it as the
+   * topic's last value and sends it to every subscriber. Resolves once the
+   * leader has it: `NO_LEADER` (none before the timeout), `LEADER_DIED`.
+   */
+  publish(topic, value, opts) {
+    return this._call(opts, (t) => this._n.startPublish(String(topic), encode(value), t)).then(() => undefined);
+  }
+
+  /**
+   * Subscribes `fn(value, ctx)` to `topic`: it runs for every value
+   * published, and at once with the topic's last value if there is one.
+   * Every new leader is told this worker's subscriptions. Resolves once a
+   * leader has been told; rejects `NO_LEADER` if none is elected before
+   * `opts.timeout` (the subscription stays: the first leader is told).
+   */
+  subscribe(topic, fn, opts) {
+    return new Promise((resolve, reject) => {
+      let told;
+      try {
+        if (typeof fn !== 'function') throw new ShmclusterError('INVALID_ARGUMENT', 'subscriber must be a function');
+        this._open();
+        const t = timeoutOf(opts);
+        topic = String(topic);
+        let entry = this._topics.get(topic);
+        const sub = { fn, raw: !!(opts && opts.raw) };
+        if (!entry) {
+          this._watchLeader();
+          told = nat(() => this._n.subscribe(topic));
+          entry = { subs: [], last: undefined, told };
+          this._topics.set(topic, entry);
+        } else {
+          told = entry.told;
+          // Already subscribed: the last value this worker got, at once.
+          if (entry.last !== undefined) {
+            const last = entry.last;
+            setImmediate(() => this._deliver(topic, sub, last.data, last.ctx));
+          }
+        }
+        entry.subs.push(sub);
+        if (told) {
+          resolve();
+        } else {
+          const waiter = { topic, resolve, reject, timer: null };
+          waiter.timer = setTimeout(() => {
+            this._awaitingLeader.delete(waiter);
+            reject(new ShmclusterError('NO_LEADER', `no leader elected within ${t} ms (the subscription stays)`));
+          }, t);
+          this._awaitingLeader.add(waiter);
+        }
+        this._schedule();
+      } catch (e) {
+        reject(fromNative(e));
+      }
+    });
+  }
+
+  /** Stops calling `fn` (or every subscriber) for `topic`'s values (the leader still sends them). */
+  unsubscribe(topic, fn) {
+    const entry = this._topics.get(String(topic));
+    if (entry) entry.subs = fn ? entry.subs.filter((s) => s.fn !== fn) : [];
+    return this;
+  }
+
   /** The wake keeps the process alive (the default). */
   ref() {
     this._referenced = true;
@@ -210,6 +362,11 @@ class Messenger {
     const err = new ShmclusterError('WORKER_CLOSED', 'the messenger is closed');
     for (const p of this._pending.values()) p.reject(err);
     this._pending.clear();
+    for (const w of this._awaitingLeader) {
+      clearTimeout(w.timer);
+      w.reject(err);
+    }
+    this._awaitingLeader.clear();
   }
 
   // ----------------------------------------------------------------- inside
@@ -272,6 +429,7 @@ class Messenger {
       return;
     }
     if (out.corrupt) this._error(new ShmclusterError('CORRUPT', out.corrupt));
+    for (const c of out.leaderChanges) this._leaderChanged(c);
     for (const s of out.settled) this._settle(s);
     for (const inc of out.incoming) this._incoming(inc);
     if (out.more) this._schedule();
@@ -355,7 +513,94 @@ class Messenger {
     this._schedule();
   }
 
+  _watchLeader() {
+    if (this._watching) return;
+    nat(() => this._n.watchLeader());
+    this._watching = true;
+  }
+
+  // A new leader: the turn that saw it told it every subscription.
+  _leaderChanged(c) {
+    for (const e of this._topics.values()) e.told = true;
+    for (const w of this._awaitingLeader) {
+      clearTimeout(w.timer);
+      w.resolve();
+    }
+    this._awaitingLeader.clear();
+    const change = { slot: c.slot, term: c.term, isMe: c.isMe };
+    for (const fn of this._changeListeners.slice()) {
+      try {
+        const r = fn(change);
+        if (r && typeof r.then === 'function') r.then(undefined, (e) => this._error(e));
+      } catch (e) {
+        this._error(e);
+      }
+    }
+  }
+
+  _deliver(topic, sub, data, ctx) {
+    let v;
+    try {
+      v = sub.raw ? data : decode(data);
+    } catch (e) {
+      this._error(new ShmclusterError('DECODE', `topic ${topic} from slot ${ctx.sender}: value is not JSON: ${e.message}`));
+      return;
+    }
+    try {
+      const r = sub.fn(v, ctx);
+      if (r && typeof r.then === 'function') r.then(undefined, (e) => this._error(e));
+    } catch (e) {
+      this._error(e);
+    }
+  }
+
+  _topic(inc) {
+    const entry = this._topics.get(inc.event);
+    if (!entry) return;
+    const ctx = { sender: inc.sender, event: inc.event, kind: 'topic', deliveryId: '0' };
+    entry.last = { data: inc.data, ctx };
+    for (const sub of entry.subs.slice()) this._deliver(inc.event, sub, inc.data, ctx);
+  }
+
+  _invoked(inc) {
+    const h = this._invokers.get(inc.event);
+    if (!h) {
+      this._answer(inc.replyId, undefined, `no invoke handler for ${inc.event}`);
+      return;
+    }
+    const ctx = { sender: inc.sender, event: inc.event, kind: 'invoke', deliveryId: '0' };
+    this._run(h, inc, ctx);
+  }
+
+  // Runs a call's handler and answers with its value (or promise's).
+  _run(h, inc, ctx) {
+    let v;
+    try {
+      v = h.raw ? inc.data : decode(inc.data);
+    } catch (e) {
+      this._answer(inc.replyId, undefined, `payload is not JSON: ${e.message}`);
+      return;
+    }
+    let r;
+    try {
+      r = h.fn(v, ctx);
+    } catch (e) {
+      this._answer(inc.replyId, undefined, errorText(e));
+      return;
+    }
+    if (r && typeof r.then === 'function') {
+      r.then(
+        (value) => this._answer(inc.replyId, value),
+        (e) => this._answer(inc.replyId, undefined, errorText(e)),
+      );
+    } else {
+      this._answer(inc.replyId, r);
+    }
+  }
+
   _incoming(inc) {
+    if (inc.kind === 'topic') return this._topic(inc);
+    if (inc.kind === 'invoke') return this._invoked(inc);
     const list = this._handlers.get(inc.event);
     const ctx = { sender: inc.sender, event: inc.event, kind: inc.kind, deliveryId: inc.deliveryId };
     const isCall = inc.replyId !== null && inc.replyId !== undefined;
@@ -382,29 +627,7 @@ class Messenger {
       return;
     }
     // A call: the first handler answers.
-    const h = list[0];
-    let v;
-    try {
-      v = h.raw ? inc.data : decode(inc.data);
-    } catch (e) {
-      this._answer(inc.replyId, undefined, `payload is not JSON: ${e.message}`);
-      return;
-    }
-    let r;
-    try {
-      r = h.fn(v, ctx);
-    } catch (e) {
-      this._answer(inc.replyId, undefined, errorText(e));
-      return;
-    }
-    if (r && typeof r.then === 'function') {
-      r.then(
-        (value) => this._answer(inc.replyId, value),
-        (e) => this._answer(inc.replyId, undefined, errorText(e)),
-      );
-    } else {
-      this._answer(inc.replyId, r);
-    }
+    this._run(list[0], inc, ctx);
   }
 }
 
@@ -434,6 +657,25 @@ class Worker extends EventEmitter {
 
   get instances() {
     return this._n.instances;
+  }
+
+  /** This worker's instance number (`0..instances`), kept across respawns and reloads. */
+  get index() {
+    return this._n.index;
+  }
+
+  /** This worker's generation in its slot: a respawn or a reload makes a new one. */
+  get generation() {
+    return this._n.generation;
+  }
+
+  /**
+   * Asks the master for a rolling reload of every worker (this one
+   * included), as `SIGHUP` to the master does; nothing without a master.
+   */
+  requestReload() {
+    if (this._closed) throw new ShmclusterError('WORKER_CLOSED', 'the worker is closed');
+    nat(() => this._n.requestReload());
   }
 
   /** Tells the master this worker is ready to serve. */

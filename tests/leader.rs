@@ -238,3 +238,58 @@ impl OldLeader for Option<shmcluster::Leader> {
         !matches!(self, Some(l) if l.term > term)
     }
 }
+
+/// A subscribe that finds a new leader before any dispatch has seen it
+/// (so before the re-subscription of `check_leaders`) must give that
+/// leader every subscription, not only its own.
+#[test]
+fn a_subscribe_to_an_unseen_new_leader_keeps_the_older_subscriptions() {
+    let _dog = Watchdog::new("resubscribe", Duration::from_secs(60));
+    let mut all = Messenger::threads(3).unwrap();
+    for m in &mut all[1..] {
+        m.campaign().unwrap();
+    }
+    let mut driver = all.remove(0);
+    let stops: Vec<Arc<AtomicBool>> = (0..2).map(|_| Arc::new(AtomicBool::new(false))).collect();
+    let mut threads: Vec<Option<std::thread::JoinHandle<Messenger>>> = all
+        .into_iter()
+        .zip(stops.iter().cloned())
+        .map(|(m, stop)| Some(serve(m, stop)))
+        .collect();
+    wait_for("a leader", || driver.leader().is_some());
+    let first = driver.leader().unwrap();
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let r = received.clone();
+    driver
+        .subscribe::<String, _>("a", soon(), move |_, v| r.lock().unwrap().push(v))
+        .unwrap();
+    let until_got = |driver: &mut Messenger, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !received.lock().unwrap().iter().any(|v| v == want) {
+            assert!(
+                Instant::now() < deadline,
+                "{want} never delivered: {:?}",
+                received.lock().unwrap()
+            );
+            driver.poll(Duration::from_millis(5)).unwrap();
+        }
+    };
+    driver.publish("a", &"x".to_string(), soon()).unwrap();
+    until_got(&mut driver, "x");
+    // The leader goes; the driver sees the successor without dispatching.
+    let i = (first.slot - 1) as usize;
+    stops[i].store(true, Ordering::Release);
+    drop(threads[i].take().unwrap().join().unwrap());
+    wait_for("a new leader", || !driver.leader().is_none_or_old(first.term));
+    driver
+        .subscribe::<String, _>("b", soon(), |_, _: String| {})
+        .unwrap();
+    driver.publish("a", &"y".to_string(), soon()).unwrap();
+    until_got(&mut driver, "y");
+    for (stop, t) in stops.iter().zip(threads.iter_mut()) {
+        stop.store(true, Ordering::Release);
+        if let Some(t) = t.take() {
+            t.join().unwrap();
+        }
+    }
+}

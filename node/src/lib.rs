@@ -15,8 +15,17 @@
 //!   runs the JS handlers after the turn, on the same thread, and answers
 //!   through [`Native::reply`] when a handler's value (or promise) is
 //!   ready.
-//! - **Calls** (`request`, `map`, `consume`) start at once and return a
-//!   ticket; their ends come out of later turns and resolve JS promises.
+//! - **Calls** (`request`, `map`, `consume`, and through the leader
+//!   `invoke` and `publish`) start at once and return a ticket; their
+//!   ends come out of later turns and resolve JS promises.
+//! - **Leader and followers** (cluster-client): the election is the
+//!   library's (a candidate thread per role holds the role's robust
+//!   mutex); an invoke handler queues the call like a request handler
+//!   (`kind: "invoke"`, answered through [`Native::reply`]; only the
+//!   leader's runs), a subscription queues each value (`kind: "topic"`),
+//!   and turns report new leaders ([`TurnOut::leader_changes`]), after
+//!   telling a new leader this worker's subscriptions. Nothing waits for
+//!   a leader on the JS thread.
 //!
 //! Errors cross to JS as `Error`s whose message is `CODE\u{1}text`; the
 //! JS layer turns them into `Error`s with `err.code` (the C ABI's result
@@ -49,7 +58,8 @@ const TURNS_PER_CALL: u32 = 64;
 struct Queued {
     event: String,
     sender: u32,
-    kind: CallKind,
+    /// As [`Incoming::kind`].
+    kind: &'static str,
     delivery_id: u64,
     data: Vec<u8>,
     reply: Option<BytesReply>,
@@ -61,8 +71,9 @@ pub struct Incoming {
     pub event: String,
     /// The sender's slot.
     pub sender: u32,
-    /// `"event"` (emit, send, broadcast), `"request"` (request, map) or
-    /// `"consume"`.
+    /// `"event"` (emit, send, broadcast), `"request"` (request, map),
+    /// `"consume"`, `"invoke"` (`event` is the method: answer it) or
+    /// `"topic"` (`event` is the topic: a published value).
     pub kind: String,
     /// A consume's delivery id (decimal: ids use all 64 bits), else `"0"`.
     pub delivery_id: String,
@@ -113,6 +124,27 @@ pub struct TurnOut {
     pub due_ms: Option<f64>,
     /// A lane holds garbage (reported, the other lanes keep working).
     pub corrupt: Option<String>,
+    /// New leaders of the default role seen by this turn, oldest first
+    /// (after [`Native::watch_leader`]).
+    pub leader_changes: Vec<LeaderChangeJs>,
+}
+
+/// A leader of a role, as JS sees it.
+#[napi(object)]
+pub struct LeaderJs {
+    pub slot: u32,
+    /// Exact below 2^53 (a lock's acquisition count).
+    pub term: f64,
+}
+
+/// A new leader of the default role.
+#[napi(object)]
+pub struct LeaderChangeJs {
+    pub slot: u32,
+    /// Exact below 2^53.
+    pub term: f64,
+    /// The new leader is this worker.
+    pub is_me: bool,
 }
 
 /// The messenger of one worker, owned by the JS thread.
@@ -137,6 +169,11 @@ pub struct Native {
     /// [`Native::lock_acquire`]).
     sections: HashMap<u32, std::sync::mpsc::Sender<()>>,
     next_section: u32,
+    /// New leaders seen by turns, for JS ([`Native::watch_leader`]).
+    changes: Option<Arc<Mutex<Vec<LeaderChangeJs>>>>,
+    /// The worker's index and generation (from its environment).
+    index: u32,
+    generation: u32,
 }
 
 /// A held lock, as the promise of [`Native::lock_acquire`] resolves.
@@ -251,6 +288,7 @@ fn kind_name(k: CallKind) -> &'static str {
 
 impl Native {
     fn new(m: Messenger, instances: u32) -> Self {
+        let (index, generation) = (m.worker().index(), m.worker().generation());
         Self {
             m: Some(m),
             queue: Arc::default(),
@@ -265,6 +303,9 @@ impl Native {
             locks: None,
             sections: HashMap::new(),
             next_section: 1,
+            changes: None,
+            index,
+            generation,
         }
     }
 
@@ -468,7 +509,7 @@ impl Native {
                 let q = Queued {
                     event: name.clone(),
                     sender: ctx.sender().slot,
-                    kind,
+                    kind: kind_name(kind),
                     delivery_id: ctx.delivery_id(),
                     data: data.to_vec(),
                     reply: (kind != CallKind::Event).then_some(reply),
@@ -569,6 +610,7 @@ impl Native {
             more: false,
             due_ms: None,
             corrupt: None,
+            leader_changes: Vec::new(),
         };
         if self.m.is_none() {
             return Ok(out);
@@ -607,6 +649,9 @@ impl Native {
                 out.settled.push(s);
             }
         }
+        if let Some(c) = &self.changes {
+            out.leader_changes = std::mem::take(&mut *c.lock().unwrap_or_else(|p| p.into_inner()));
+        }
         let queued: Vec<Queued> = self
             .queue
             .lock()
@@ -623,7 +668,7 @@ impl Native {
             out.incoming.push(Incoming {
                 event: q.event,
                 sender: q.sender,
-                kind: kind_name(q.kind).into(),
+                kind: q.kind.into(),
                 delivery_id: q.delivery_id.to_string(),
                 data: q.data.into(),
                 reply_id,
@@ -631,6 +676,156 @@ impl Native {
         }
         out.more = more;
         Ok(out)
+    }
+
+    /// This worker's instance number (kept across respawns and reloads).
+    #[napi(getter)]
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// This worker's generation in its slot (a respawn or a reload makes
+    /// a new one).
+    #[napi(getter)]
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Asks the master for a rolling reload of every worker (this one
+    /// included), as `SIGHUP` to the master does; nothing without a
+    /// master.
+    #[napi]
+    pub fn request_reload(&mut self) -> napi::Result<()> {
+        self.m()?.worker().request_reload();
+        Ok(())
+    }
+
+    /// Joins the election for `role` (`""`, the default role, if none).
+    #[napi]
+    pub fn campaign(&mut self, role: Option<String>) -> napi::Result<()> {
+        self.m()?
+            .campaign_for(role.as_deref().unwrap_or(""))
+            .map_err(|e| lock_err(&e))
+    }
+
+    /// Whether this worker leads `role` (default role if none) now.
+    #[napi]
+    pub fn is_leader(&self, role: Option<String>) -> bool {
+        self.m
+            .as_ref()
+            .is_some_and(|m| m.is_leader_for(role.as_deref().unwrap_or("")))
+    }
+
+    /// Who leads `role` (default role if none) now, if anyone.
+    #[napi]
+    pub fn leader(&self, role: Option<String>) -> Option<LeaderJs> {
+        self.m
+            .as_ref()
+            .and_then(|m| m.leader_for(role.as_deref().unwrap_or("")))
+            .map(|l| LeaderJs {
+                slot: l.slot,
+                term: l.term as f64,
+            })
+    }
+
+    /// From now on, turns report new leaders of the default role
+    /// ([`TurnOut::leader_changes`]). Idempotent.
+    #[napi]
+    pub fn watch_leader(&mut self) -> napi::Result<()> {
+        if self.changes.is_some() {
+            return Ok(());
+        }
+        let changes: Arc<Mutex<Vec<LeaderChangeJs>>> = Arc::default();
+        let c = changes.clone();
+        self.m()?.on_leader_change(move |ch| {
+            c.lock().unwrap_or_else(|p| p.into_inner()).push(LeaderChangeJs {
+                slot: ch.leader.slot,
+                term: ch.leader.term as f64,
+                is_me: ch.is_me,
+            });
+        });
+        self.changes = Some(changes);
+        Ok(())
+    }
+
+    /// Queues every invoke of `method` that reaches this worker while it
+    /// leads, as `kind: "invoke"` (answered with [`Native::reply`]);
+    /// campaigns for the default role. Once per method.
+    #[napi]
+    pub fn listen_invoke(&mut self, method: String) -> napi::Result<()> {
+        let queue = self.queue.clone();
+        let name = method.clone();
+        self.m()?
+            .on_invoke_async_bytes(&method, move |ctx, data, reply| {
+                let q = Queued {
+                    event: name.clone(),
+                    sender: ctx.sender().slot,
+                    kind: "invoke",
+                    delivery_id: 0,
+                    data: data.to_vec(),
+                    reply: Some(reply),
+                };
+                queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(q);
+            })
+            .map_err(|e| err("EVENT_NAME", e))?;
+        Ok(())
+    }
+
+    /// Starts an invoke of the leader's `method`; `idempotent`: on the
+    /// leader's death it goes to the next leader instead of ending
+    /// `LEADER_DIED`.
+    #[napi]
+    pub fn start_invoke(
+        &mut self,
+        method: String,
+        data: Buffer,
+        timeout_ms: f64,
+        idempotent: Option<bool>,
+    ) -> napi::Result<u32> {
+        let d = deadline(timeout_ms)?;
+        let m = self.m()?;
+        let t = if idempotent == Some(true) {
+            m.start_invoke_idempotent_bytes(&method, &data, d)
+        } else {
+            m.start_invoke_bytes(&method, &data, d)
+        }
+        .map_err(|e| call_err(&e))?;
+        Ok(self.ticket(t))
+    }
+
+    /// Starts a publish of `data` on `topic` through the leader (its
+    /// answer is empty).
+    #[napi]
+    pub fn start_publish(&mut self, topic: String, data: Buffer, timeout_ms: f64) -> napi::Result<u32> {
+        let d = deadline(timeout_ms)?;
+        let t = self
+            .m()?
+            .start_publish_bytes(&topic, &data, d)
+            .map_err(|e| call_err(&e))?;
+        Ok(self.ticket(t))
+    }
+
+    /// Subscribes to `topic`: its values are queued as `kind: "topic"`.
+    /// Returns whether a leader was told now (if not, the turn that
+    /// first sees a leader tells it, and reports the change). Once per
+    /// topic.
+    #[napi]
+    pub fn subscribe(&mut self, topic: String) -> napi::Result<bool> {
+        let queue = self.queue.clone();
+        let name = topic.clone();
+        self.m()?
+            .subscribe_polled_bytes(&topic, move |ctx, data| {
+                let q = Queued {
+                    event: name.clone(),
+                    sender: ctx.sender().slot,
+                    kind: "topic",
+                    delivery_id: 0,
+                    data: data.to_vec(),
+                    reply: None,
+                };
+                queue.lock().unwrap_or_else(|p| p.into_inner()).push_back(q);
+            })
+            .map_err(|e| call_err(&e))
     }
 
     /// Takes lock `name` (`""`: the global lock) on a thread of its own,

@@ -8,8 +8,10 @@
 //! through channels. Here the loop's thread is the messenger's thread:
 //!
 //! 1. start calls with [`Messenger::start_request_bytes`],
-//!    [`Messenger::start_map_bytes`], [`Messenger::start_consume_bytes`]
-//!    (each returns a [`CallTicket`] at once);
+//!    [`Messenger::start_map_bytes`], [`Messenger::start_consume_bytes`],
+//!    [`Messenger::start_invoke_bytes`], [`Messenger::start_publish_bytes`]
+//!    (each returns a [`CallTicket`] at once), and subscribe with
+//!    [`Messenger::subscribe_polled_bytes`] (nothing waits for a leader);
 //! 2. call [`Messenger::turn`] whenever the loop wakes: it runs the
 //!    handlers of what has arrived and moves the calls on; when nothing is
 //!    left it parks the slot with `PARKED_FD` ([`Turn::Parked`]), so a
@@ -26,6 +28,7 @@ use super::core::{Op, Settled};
 use super::dispatch::Done;
 use super::encode::encode_call_bytes;
 use super::error::{CallError, DispatchError, MapError};
+use super::leader::invoke_event;
 use super::{Consumed, Messenger, WorkerId};
 use crate::segment::Segment;
 
@@ -38,7 +41,8 @@ pub struct CallTicket(pub u64);
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Finished {
-    /// A request's answer (the handler's bytes).
+    /// A request's or an invoke's answer (the handler's bytes); a
+    /// publish's end (empty bytes).
     Answer(Result<Vec<u8>, CallError>),
     /// A map's entries, one per worker live at its start, in slot order.
     Map(Vec<(WorkerId, Result<Vec<u8>, MapError>)>),
@@ -140,6 +144,62 @@ impl Messenger {
         let bytes = encode_call_bytes(event, delivery, data, self.max_payload)?;
         self.count(event, |s| s.sent += 1);
         Ok(self.start_polled(Op::Consume { delivery, bytes }, deadline))
+    }
+
+    /// Starts `invoke` of the leader's `method` with raw bytes, without
+    /// waiting (see [`Messenger::start_request_bytes`]): it goes through
+    /// the call core as [`Messenger::invoke_bytes`] does, so it waits for
+    /// a leader until `deadline` (then `NoLeader`), asks again if the
+    /// worker it asked no longer leads, and ends `LeaderDied` if the
+    /// leader dies with the call in hand. Ends as [`Finished::Answer`].
+    ///
+    /// # Errors
+    /// Known at once: `EventName`, `TooLarge`.
+    pub fn start_invoke_bytes(
+        &mut self,
+        method: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<CallTicket, CallError> {
+        self.start_invoke_inner(method, data, deadline, false)
+    }
+
+    /// [`Messenger::start_invoke_bytes`] of a method that is safe to run
+    /// twice: if the leader dies with it in hand, it goes to the next
+    /// leader (as [`Messenger::invoke_idempotent`]), so it never ends
+    /// `LeaderDied`.
+    ///
+    /// # Errors
+    /// As [`Messenger::start_invoke_bytes`].
+    pub fn start_invoke_idempotent_bytes(
+        &mut self,
+        method: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<CallTicket, CallError> {
+        self.start_invoke_inner(method, data, deadline, true)
+    }
+
+    fn start_invoke_inner(
+        &mut self,
+        method: &str,
+        data: &[u8],
+        deadline: Instant,
+        retry: bool,
+    ) -> Result<CallTicket, CallError> {
+        let bytes = encode_call_bytes(&invoke_event(method), 0, data, self.max_payload)?;
+        Ok(self.start_leader_call(bytes, retry, deadline))
+    }
+
+    /// Starts a call to the default role's leader ([`Op::Invoke`]) of an
+    /// encoded message: invoke, and publish (whose handler every worker
+    /// has).
+    pub(super) fn start_leader_call(&mut self, bytes: Vec<u8>, retry: bool, deadline: Instant) -> CallTicket {
+        // Follow the default role's terms from now on (`check_leaders`),
+        // and know its lock entry before the core looks for the leader.
+        self.follow_leader();
+        self.leader_entry_lookup();
+        self.start_polled(Op::Invoke { bytes, retry }, deadline)
     }
 
     fn start_polled(&mut self, op: Op, deadline: Instant) -> CallTicket {

@@ -16,7 +16,7 @@ use super::{
 use crate::messenger::core::Op;
 use crate::messenger::encode::{decode, encode_call, encode_call_bytes};
 use crate::messenger::error::{CallError, EmitError, RegisterError};
-use crate::messenger::{wire, Ctx, HandlerId, Messenger, MessengerHandle};
+use crate::messenger::{wire, BytesReply, CallTicket, Ctx, HandlerId, Messenger, MessengerHandle};
 
 impl Messenger {
     /// Waits (dispatching) until the default role has a leader.
@@ -192,7 +192,112 @@ impl Messenger {
     ///
     /// # Errors
     /// As [`Messenger::subscribe`].
-    pub fn subscribe_bytes<F>(&mut self, topic: &str, deadline: Instant, mut f: F) -> Result<(), CallError>
+    pub fn subscribe_bytes<F>(&mut self, topic: &str, deadline: Instant, f: F) -> Result<(), CallError>
+    where
+        F: FnMut(&Ctx, &[u8]) + Send + 'static,
+    {
+        self.add_subscription(topic, f)?;
+        let leader = self.wait_leader(deadline)?;
+        Ok(self.tell_leader(leader, topic)?)
+    }
+
+    /// Follows the default role's terms from now on: each dispatch (and
+    /// turn) looks for a new leader (`check_leaders`), runs the change
+    /// callbacks and tells a new leader this worker's subscriptions.
+    pub(in crate::messenger) fn follow_leader(&mut self) {
+        self.leader.seen_term.entry(String::new()).or_insert(0);
+    }
+
+    /// [`Messenger::on_invoke_bytes`] answered later: `f` gets a
+    /// [`BytesReply`] to answer with when it likes (an event loop's
+    /// handler queues the call and answers when its promise settles). On
+    /// a worker that does not lead (now) the caller is answered "not the
+    /// leader" at once, and asks the leader again; `f` does not run.
+    /// Campaigns for the default role, as [`Messenger::on_invoke`].
+    ///
+    /// # Errors
+    /// As [`Messenger::on_request`].
+    pub fn on_invoke_async_bytes<F>(&mut self, method: &str, mut f: F) -> Result<HandlerId, RegisterError>
+    where
+        F: FnMut(&Ctx, &[u8], BytesReply) + Send + 'static,
+    {
+        self.install_leader_handlers();
+        let leading = self.leading_flag();
+        self.on_request_async_bytes(&invoke_event(method), move |ctx, data, reply| {
+            if leading.load(Acquire) {
+                f(ctx, data, reply);
+            } else {
+                reply.send(Err(NOT_LEADER.to_string()));
+            }
+        })
+    }
+
+    /// [`Messenger::publish_bytes`] without waiting, for an event loop
+    /// (see [`Messenger::start_request_bytes`]): the leader keeps `data`
+    /// as `topic`'s last value and sends it to every subscriber. It goes
+    /// through the call core as an invoke does: it waits for a leader
+    /// until `deadline` (then `NoLeader`), and ends `LeaderDied` if the
+    /// leader dies with it in hand. Ends as [`Finished::Answer`] with
+    /// empty bytes.
+    ///
+    /// # Errors
+    /// Known at once: `TooLarge`.
+    ///
+    /// [`Finished::Answer`]: crate::messenger::Finished::Answer
+    pub fn start_publish_bytes(
+        &mut self,
+        topic: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<CallTicket, CallError> {
+        let bytes = encode_call(PUBLISH, 0, &(topic, data), self.max_payload)?;
+        Ok(self.start_leader_call(bytes, false, deadline))
+    }
+
+    /// [`Messenger::subscribe_bytes`] without waiting for a leader, for an
+    /// event loop: registers `f` for `topic`'s values and the
+    /// subscription, and tells the leader now if one is known. Otherwise
+    /// the turn that first sees a leader tells it (as it tells every new
+    /// leader this worker's subscriptions): `f` then runs for each value
+    /// published, and at once with the topic's last value if it has one.
+    /// Returns whether a leader was told now.
+    ///
+    /// # Errors
+    /// `EventName` (a topic too long to be an event name); the send
+    /// errors of telling the leader (the subscription stays, and the next
+    /// leader is told).
+    pub fn subscribe_polled_bytes<F>(&mut self, topic: &str, f: F) -> Result<bool, CallError>
+    where
+        F: FnMut(&Ctx, &[u8]) + Send + 'static,
+    {
+        self.add_subscription(topic, f)?;
+        self.follow_leader();
+        let Some(leader) = self
+            .entry_of("")
+            .and_then(|i| read_leader_at(&self.segment, self.me(), i))
+        else {
+            return Ok(false);
+        };
+        self.tell_leader(leader, topic)?;
+        Ok(true)
+    }
+
+    /// Tells `leader` of the new subscription `topic`. A leader this
+    /// worker has not told yet (one no dispatch has seen) gets every
+    /// subscription, as `check_leaders` would give it: `check_leaders`
+    /// skips a term already told, so telling it only `topic` would hide
+    /// the older ones from it.
+    fn tell_leader(&mut self, leader: Leader, topic: &str) -> Result<(), EmitError> {
+        if self.leader.subscribed_term == leader.term {
+            self.notify(leader.slot, SUBSCRIBE, topic)
+        } else {
+            self.subscribe_all(leader)
+        }
+    }
+
+    /// Registers `f` for `topic`'s values and remembers the subscription
+    /// (for every new leader).
+    fn add_subscription<F>(&mut self, topic: &str, mut f: F) -> Result<(), CallError>
     where
         F: FnMut(&Ctx, &[u8]) + Send + 'static,
     {
@@ -202,9 +307,23 @@ impl Messenger {
             Vec::new()
         })?;
         self.leader.subscriptions.insert(topic.to_owned());
-        let leader = self.wait_leader(deadline)?;
+        Ok(())
+    }
+
+    /// Tells `leader` every subscription of this worker.
+    ///
+    /// # Errors
+    /// The first send error (the others are still tried).
+    pub(super) fn subscribe_all(&mut self, leader: Leader) -> Result<(), EmitError> {
         self.leader.subscribed_term = leader.term;
-        Ok(self.notify(leader.slot, SUBSCRIBE, topic)?)
+        let topics: Vec<String> = self.leader.subscriptions.iter().cloned().collect();
+        let mut first = Ok(());
+        for topic in topics {
+            if let Err(e) = self.notify(leader.slot, SUBSCRIBE, &topic) {
+                first = first.and(Err(e));
+            }
+        }
+        first
     }
 
     /// One-way invoke: the leader's handler runs; nothing is awaited.

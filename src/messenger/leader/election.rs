@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use super::{
     find_entry, holder_lives, lock_name, read_holder_at, read_leader_at, Candidacy, Holder, Leader,
-    LeaderChange, ANNOUNCE, CANDIDATE_SLICE, SUBSCRIBE,
+    LeaderChange, ANNOUNCE, CANDIDATE_SLICE,
 };
 use crate::messenger::{Messenger, MessengerHandle};
 use crate::{Locks, NamedLock};
@@ -151,10 +151,8 @@ impl Messenger {
                 }
                 // A new leader knows no subscriptions yet: tell it ours.
                 if self.leader.subscribed_term != now.term && !self.leader.subscriptions.is_empty() {
-                    self.leader.subscribed_term = now.term;
-                    let topics: Vec<String> = self.leader.subscriptions.iter().cloned().collect();
-                    for topic in topics {
-                        let _ = self.notify(now.slot, SUBSCRIBE, &topic);
+                    if let Err(e) = self.subscribe_all(now) {
+                        tracing::warn!(leader = now.slot, error = %e, "could not tell the new leader a subscription");
                     }
                 }
             }
