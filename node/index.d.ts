@@ -225,6 +225,8 @@ export declare class Worker extends EventEmitter {
   readonly generation: number;
   /** Asks the master for a rolling reload of every worker, this one included (nothing without a master). */
   requestReload(): void;
+  /** Asks the master for a graceful shutdown of the whole cluster: every worker, this one included, gets `stop`. */
+  requestShutdown(): void;
   /** Tells the master this worker is ready. */
   ready(): void;
   shouldStop(): boolean;

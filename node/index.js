@@ -678,6 +678,17 @@ class Worker extends EventEmitter {
     nat(() => this._n.requestReload());
   }
 
+  /**
+   * Asks the master for a graceful shutdown of the whole cluster (every
+   * worker gets `stop`, this one included), as `SIGTERM` to the master or
+   * `shmcluster stop` does.
+   */
+  requestShutdown() {
+    if (this._closed) throw new ShmclusterError('WORKER_CLOSED', 'the worker is closed');
+    nat(() => this._n.requestShutdown());
+    if (this._m) this._m._schedule();
+  }
+
   /** Tells the master this worker is ready to serve. */
   ready() {
     nat(() => this._n.ready());

@@ -38,12 +38,12 @@ async function main() {
   const counts = await m.map('got', null, { timeout: 1000 });
   console.log(`worker ${w.slot}: each worker got it ${counts.map((e) => `${e.slot}:${e.value}`).join(' ')}`);
   // Done: a graceful shutdown of the cluster, as `shmcluster stop` does.
-  process.kill(process.ppid, 'SIGTERM');
+  w.requestShutdown();
 }
 
 if (w.slot === 0) {
   main().catch((e) => {
     console.error(e);
-    process.kill(process.ppid, 'SIGTERM');
+    w.requestShutdown();
   });
 }

@@ -33,12 +33,12 @@ async function main() {
   for (const [i, done] of (await Promise.all(tasks)).entries()) {
     console.log(`worker ${w.slot}: job ${i + 1} ran on worker ${done.slot} (delivery ${done.deliveryId}, attempt ${done.attempts})`);
   }
-  process.kill(process.ppid, 'SIGTERM'); // done: a graceful shutdown
+  w.requestShutdown(); // done: a graceful shutdown of the cluster
 }
 
 if (w.slot === 0) {
   main().catch((e) => {
     console.error(e);
-    process.kill(process.ppid, 'SIGTERM');
+    w.requestShutdown();
   });
 }

@@ -54,10 +54,10 @@ async function drive(w, m) {
   for (const e of await m.map('got', null, { timeout: 1000 })) {
     console.log(`worker 0: worker ${e.slot} got ${JSON.stringify(e.value)}`);
   }
-  process.kill(process.ppid, 'SIGTERM'); // done: a graceful shutdown
+  w.requestShutdown(); // done: a graceful shutdown of the cluster
 }
 
 start().catch((e) => {
   console.error(e);
-  process.kill(process.ppid, 'SIGTERM');
+  w.requestShutdown();
 });

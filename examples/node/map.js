@@ -31,12 +31,12 @@ async function main() {
   for (const e of all) {
     console.log(`worker ${w.slot}: map entry of worker ${e.slot}: ${e.ok ? e.value : `${e.error.code} ${e.error.message}`}`);
   }
-  process.kill(process.ppid, 'SIGTERM'); // done: a graceful shutdown
+  w.requestShutdown(); // done: a graceful shutdown of the cluster
 }
 
 if (w.slot === 0) {
   main().catch((e) => {
     console.error(e);
-    process.kill(process.ppid, 'SIGTERM');
+    w.requestShutdown();
   });
 }

@@ -700,6 +700,16 @@ impl Native {
         Ok(())
     }
 
+    /// Asks the master for a graceful shutdown of the whole cluster, as
+    /// `SIGTERM` to the master (or `shmcluster stop`) does: every worker,
+    /// this one included, is told to stop. Without a master (standalone),
+    /// the cluster's stop words are set directly.
+    #[napi]
+    pub fn request_shutdown(&mut self) -> napi::Result<()> {
+        self.m()?.worker().request_shutdown();
+        Ok(())
+    }
+
     /// Joins the election for `role` (`""`, the default role, if none).
     #[napi]
     pub fn campaign(&mut self, role: Option<String>) -> napi::Result<()> {

@@ -70,6 +70,18 @@ test('close ends calls in flight with WORKER_CLOSED', async () => {
   assert.throws(() => m.broadcast('x', 1), { code: 'WORKER_CLOSED' });
 });
 
+test('requestShutdown: the worker itself is told to stop', { timeout: 5000 }, async () => {
+  const w = Worker.standalone();
+  w.messenger();
+  assert.equal(w.shouldStop(), false);
+  const stopped = new Promise((resolve) => w.once('stop', resolve));
+  w.requestShutdown();
+  await stopped;
+  assert.equal(w.shouldStop(), true);
+  w.close();
+  assert.throws(() => w.requestShutdown(), { code: 'WORKER_CLOSED' });
+});
+
 test('an unref()ed messenger does not keep the process alive; a ref()ed one does', () => {
   const script = (ref) => `
     const { Worker } = require(${JSON.stringify(path.join(__dirname, '..'))});
