@@ -9,7 +9,8 @@
 //!   When a turn finds nothing to do, the messenger parks the slot with
 //!   `PARKED_FD`, so a sender writes the eventfd; libuv sees it readable
 //!   and calls back into JS, which turns again. No thread spins, nothing
-//!   polls.
+//!   polls, except a turn for a few microseconds after this worker sent
+//!   something (see [`Spin`]).
 //! - **Handlers** registered here only queue what arrives (event, sender,
 //!   payload, and the [`BytesReply`] of a call); the JS layer (index.js)
 //!   runs the JS handlers after the turn, on the same thread, and answers
@@ -42,6 +43,85 @@ mod waiter;
 /// thread back to the event loop (JS then schedules the next with
 /// `setImmediate`): a flood of messages must not starve timers and I/O.
 const TURNS_PER_CALL: u32 = 64;
+
+/// How long a worker that started a request polls for its answer before
+/// it parks, by default (see [`Spin`]), in microseconds. The Rust
+/// messenger's caller spins as long (`ANSWER_SPIN` in
+/// src/messenger/calls.rs). Measured with node/bench/run.js (2 vCPUs, 2
+/// and 4 workers; request p50): 87-90 µs without a spin (two wakes per
+/// round trip), 14-16 µs spinning 50 µs, 14-16 µs spinning 100 µs with no
+/// gain; spinning 20 µs gave 14-54 µs (a round trip whose answer came
+/// later than the spin fell back to two wakes, and the pair could stay
+/// there). Spinning costs no CPU per request: a wake costs more than the
+/// spin that saves it (CPU of the two workers per request: 118-126 µs
+/// without, 67-74 µs with).
+const DEFAULT_REQUEST_SPIN_US: u32 = 50;
+
+/// How long a worker that has just answered a call polls for the same
+/// caller's next call, by default. The caller's answer, its JS, and its
+/// next request take 5-10 µs (request p50 with an answer spin of 5 µs: as
+/// without one, 87-93 µs; 10 µs: 17-22 µs; 20 µs: 14.6-15.3 µs; 50 µs:
+/// 15-16 µs). Not longer: with more workers than cores, an answering
+/// worker that spins takes the core another answerer needs (map over 4
+/// workers on 2 vCPUs, p50: 113 µs without spins, 132 µs with 20 µs, 158
+/// µs with 50 µs).
+const DEFAULT_ANSWER_SPIN_US: u32 = 20;
+
+/// The longest spin JS may ask for: a spin holds the JS thread.
+const MAX_SPIN_US: u32 = 1000;
+
+/// How long [`Native::turn`] polls the lanes on the JS thread before it
+/// parks the slot on its eventfd. Waking a parked slot costs an eventfd
+/// wake plus a libuv turn, 20-40 µs across the vCPUs of the reference
+/// machine, and a request/reply pays two when both sides sleep.
+///
+/// A spin is counted from this worker's last send of a kind that brings
+/// something back soon: a request started (its answer: `request`
+/// microseconds) and an answer sent (the caller's next call: `answer`
+/// microseconds). Then the turn parks as before. An `emit` expects
+/// nothing; a `map` or `consume` caller waits for workers that were
+/// parked (their wakes take longer than a spin), and a spinning caller
+/// would take the core they need. The JS thread is held for at most that
+/// long per send, and never while JS has work: what arrives goes back to
+/// JS at once. `NODE_SHMCLUSTER_SPIN=request[,answer]` or
+/// `Native::set_spin` set them; 0 never spins.
+#[derive(Debug, Clone, Copy)]
+struct Spin {
+    request: u32,
+    answer: u32,
+    /// Poll until then (the latest send plus its spin).
+    until: Option<Instant>,
+}
+
+impl Spin {
+    fn from_env() -> Self {
+        let mut spin = Self {
+            request: DEFAULT_REQUEST_SPIN_US,
+            answer: DEFAULT_ANSWER_SPIN_US,
+            until: None,
+        };
+        // Not `SHMCLUSTER_*`: the master strips those from its workers.
+        if let Ok(v) = std::env::var("NODE_SHMCLUSTER_SPIN") {
+            let mut it = v.split(',').map(|x| x.trim().parse::<u32>().ok());
+            if let Some(Some(r)) = it.next() {
+                spin.request = r.min(MAX_SPIN_US);
+            }
+            if let Some(Some(a)) = it.next() {
+                spin.answer = a.min(MAX_SPIN_US);
+            }
+        }
+        spin
+    }
+
+    /// This worker sent something that brings something back: poll for
+    /// up to `us` from now.
+    fn sent(&mut self, us: u32) {
+        if us > 0 {
+            let t = Instant::now() + Duration::from_micros(u64::from(us));
+            self.until = Some(self.until.map_or(t, |u| u.max(t)));
+        }
+    }
+}
 
 /// A message that arrived for a registered event, queued by its handler
 /// until the JS layer runs the JS handlers.
@@ -136,6 +216,8 @@ pub struct Native {
     /// [`Native::lock_acquire`]).
     sections: HashMap<u32, std::sync::mpsc::Sender<()>>,
     next_section: u32,
+    /// How long a turn polls before it parks.
+    spin: Spin,
 }
 
 /// A held lock, as the promise of [`Native::lock_acquire`] resolves.
@@ -264,6 +346,7 @@ impl Native {
             locks: None,
             sections: HashMap::new(),
             next_section: 1,
+            spin: Spin::from_env(),
         }
     }
 
@@ -279,6 +362,71 @@ impl Native {
             self.parked = false;
         }
         Ok(m)
+    }
+
+    /// Up to [`TURNS_PER_CALL`] turns of the messenger, until it parks
+    /// (or goes idle, with the waiter thread). True if work is left (turn
+    /// again soon).
+    fn turns(&mut self, out: &mut TurnOut) -> napi::Result<bool> {
+        let fd_park = self.poll.is_some();
+        let m = self.m()?;
+        for _ in 0..TURNS_PER_CALL {
+            match if fd_park { m.turn() } else { m.turn_idle() } {
+                Ok(Turn::Busy) => continue,
+                Ok(Turn::Parked) => {
+                    self.parked = true;
+                    return Ok(false);
+                }
+                Ok(_) => {
+                    if let Some(w) = &self.waiter {
+                        w.arm();
+                    }
+                    return Ok(false);
+                }
+                Err(e) => {
+                    out.corrupt = Some(e.to_string());
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn queue_is_empty(&self) -> bool {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// The spin: turns without parking until `until`, or until something
+    /// arrived for JS (a message for a handler, the end of a call). The
+    /// slot stays running meanwhile, so a sender rings no eventfd.
+    fn spin_poll(
+        &mut self,
+        until: Instant,
+        finished: &mut Vec<(shmcluster::CallTicket, Finished)>,
+        out: &mut TurnOut,
+    ) -> napi::Result<()> {
+        let queue = self.queue.clone();
+        let m = self.m()?;
+        loop {
+            match m.turn_idle() {
+                Ok(Turn::Busy) => {
+                    finished.extend(m.take_finished());
+                    if !finished.is_empty() || !queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                        return Ok(());
+                    }
+                }
+                Ok(_) => {
+                    if Instant::now() >= until {
+                        return Ok(());
+                    }
+                    std::hint::spin_loop();
+                }
+                Err(e) => {
+                    out.corrupt = Some(e.to_string());
+                    return Ok(());
+                }
+            }
+        }
     }
 
     fn ticket(&mut self, t: shmcluster::CallTicket) -> u32 {
@@ -415,6 +563,22 @@ impl Native {
         }
     }
 
+    /// How long a turn polls before it parks after this worker started a
+    /// request (`request`) or answered a call (`answer`), in microseconds
+    /// (see `Spin`; each at most 1000, 0 never spins).
+    #[napi]
+    pub fn set_spin(&mut self, request: u32, answer: u32) {
+        self.spin.request = request.min(MAX_SPIN_US);
+        self.spin.answer = answer.min(MAX_SPIN_US);
+        self.spin.until = None;
+    }
+
+    /// `[request, answer]`: the spins in microseconds.
+    #[napi(getter)]
+    pub fn spin(&self) -> Vec<u32> {
+        vec![self.spin.request, self.spin.answer]
+    }
+
     #[napi(getter)]
     pub fn slot(&self) -> u32 {
         self.m.as_ref().map_or(0, |m| m.slot())
@@ -517,6 +681,7 @@ impl Native {
             .m()?
             .start_request_bytes(slot, &event, &data, d)
             .map_err(|e| call_err(&e))?;
+        self.spin.sent(self.spin.request);
         Ok(self.ticket(t))
     }
 
@@ -555,6 +720,7 @@ impl Native {
             Either::A(b) => Ok(b.to_vec()),
             Either::B(e) => Err(e),
         });
+        self.spin.sent(self.spin.answer);
         Ok(true)
     }
 
@@ -571,32 +737,22 @@ impl Native {
         if self.m.is_none() {
             return Ok(out);
         }
-        let fd_park = self.poll.is_some();
-        let m = self.m()?;
-        let mut more = true;
-        for _ in 0..TURNS_PER_CALL {
-            match if fd_park { m.turn() } else { m.turn_idle() } {
-                Ok(Turn::Busy) => continue,
-                Ok(Turn::Parked) => {
-                    self.parked = true;
-                    more = false;
-                    break;
-                }
-                Ok(_) => {
-                    if let Some(w) = &self.waiter {
-                        w.arm();
-                    }
-                    more = false;
-                    break;
-                }
-                Err(e) => {
-                    out.corrupt = Some(e.to_string());
-                    break;
-                }
+        let mut more = self.turns(&mut out)?;
+        let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
+        let mut finished = m.take_finished();
+        // Nothing for JS and nothing left to do: poll a while before
+        // parking if this worker sent something a moment ago (see `Spin`).
+        let spin_until = self.spin.until.filter(|&t| Instant::now() < t);
+        if let (false, None, true, Some(until)) = (more, &out.corrupt, finished.is_empty(), spin_until) {
+            if self.queue_is_empty() {
+                self.spin_poll(until, &mut finished, &mut out)?;
+                // Parks (or turns on, if the spin found a flood).
+                more = self.turns(&mut out)?;
+                let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
+                finished.extend(m.take_finished());
             }
         }
         let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
-        let finished = m.take_finished();
         out.due_ms = m
             .next_due()
             .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64() * 1000.0);
