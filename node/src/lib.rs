@@ -45,26 +45,31 @@ mod waiter;
 const TURNS_PER_CALL: u32 = 64;
 
 /// How long a worker that started a request polls for its answer before
-/// it parks, by default (see [`Spin`]), in microseconds. The Rust
+/// it parks, by default (see [`Spin`]), in microseconds; the Rust
 /// messenger's caller spins as long (`ANSWER_SPIN` in
-/// src/messenger/calls.rs). Measured with node/bench/run.js (2 vCPUs, 2
-/// and 4 workers; request p50): 87-90 µs without a spin (two wakes per
-/// round trip), 14-16 µs spinning 50 µs, 14-16 µs spinning 100 µs with no
-/// gain; spinning 20 µs gave 14-54 µs (a round trip whose answer came
-/// later than the spin fell back to two wakes, and the pair could stay
-/// there). Spinning costs no CPU per request: a wake costs more than the
-/// spin that saves it (CPU of the two workers per request: 118-126 µs
-/// without, 67-74 µs with).
+/// src/messenger/calls.rs). Measured with node/bench/run.js on the
+/// reference machine (2 vCPUs; 2 and 4 workers; medians of 5 rounds;
+/// node/bench/README.md), request p50 Node to Node: 81 µs without spins
+/// (two wakes per round trip), 12.9-13.5 µs spinning 50 µs, no better
+/// spinning 100 µs (and a worse p99, 294-314 µs against 198-218 µs).
+/// Spinning 20 µs measured 13 µs in one run and 13-54 µs across rounds
+/// of another: an answer that comes after the spin costs two wakes
+/// again, and the pair can stay in that regime. The spin costs no CPU
+/// per request: a wake costs more than the spin that saves it (user +
+/// system of both workers per request: 99-101 µs without spins, 55-57
+/// µs with the defaults).
 const DEFAULT_REQUEST_SPIN_US: u32 = 50;
 
 /// How long a worker that has just answered a call polls for the same
-/// caller's next call, by default. The caller's answer, its JS, and its
-/// next request take 5-10 µs (request p50 with an answer spin of 5 µs: as
-/// without one, 87-93 µs; 10 µs: 17-22 µs; 20 µs: 14.6-15.3 µs; 50 µs:
-/// 15-16 µs). Not longer: with more workers than cores, an answering
-/// worker that spins takes the core another answerer needs (map over 4
-/// workers on 2 vCPUs, p50: 113 µs without spins, 132 µs with 20 µs, 158
-/// µs with 50 µs).
+/// caller's next call, by default. The caller takes its answer, runs its
+/// JS and sends the next request 5-10 µs later: request p50 with the
+/// caller spinning 50 µs and the answerer 0 µs: 28 µs (one wake per
+/// round trip); 5 µs: no better than no spin; 10 µs: 12.8-13.4 µs in one
+/// run, 17-22 µs in another; 20 µs: 12.9-15.3 µs; 50 µs: 13.1-15.8 µs.
+/// Not longer: with more workers than cores, an answerer that spins
+/// takes the core the next answerer needs (map over 4 workers on 2
+/// vCPUs, p50: 108-116 µs with 0 or 20 µs, 162 µs with 50 µs, 272 µs
+/// with 100 µs).
 const DEFAULT_ANSWER_SPIN_US: u32 = 20;
 
 /// The longest spin JS may ask for: a spin holds the JS thread.
