@@ -142,6 +142,8 @@ export declare class Messenger {
   private constructor();
   /** The payload limit in bytes. */
   readonly maxPayload: number;
+  /** Microseconds a turn polls before it parks, after a request started or a call answered. */
+  readonly spin: { request: number; answer: number };
   /** How an idle loop is woken: libuv polling the slot's eventfd, or the fallback waiter thread. */
   readonly wake: 'eventfd' | 'thread';
   on(event: string, fn: Handler, opts?: HandlerOptions): this;
@@ -210,13 +212,26 @@ export interface Section {
   fencingToken: number;
 }
 
+/** Options of `Worker.fromEnv` and `Worker.standalone`. */
+export interface WorkerOptions {
+  /**
+   * How long (µs, 0 to 1000) a turn polls the lanes on the JS thread before
+   * it parks: after this worker started a request (`request`, default 50:
+   * it catches its answer without a wake) and after it answered a call
+   * (`answer`, default 20: it catches the caller's next call). One number
+   * sets both; 0 never spins. `NODE_SHMCLUSTER_SPIN=request[,answer]` sets
+   * the defaults.
+   */
+  spin?: number | { request?: number; answer?: number };
+}
+
 /** A worker of a shmcluster cluster. Emits `stop` when the master asks it to stop. */
 export declare class Worker extends EventEmitter {
   private constructor();
   /** The worker a `shmcluster run` master spawned this process as. */
-  static fromEnv(): Worker;
+  static fromEnv(opts?: WorkerOptions): Worker;
   /** A cluster of one in this process (no master): the same API. */
-  static standalone(): Worker;
+  static standalone(opts?: WorkerOptions): Worker;
   readonly slot: number;
   readonly instances: number;
   /** This worker's instance number (`0..instances`), kept across respawns and reloads. */

@@ -77,6 +77,24 @@ function timeoutOf(opts) {
   return t;
 }
 
+/** `opts.spin` (a number for both, or `{ request, answer }`) as [request, answer]. */
+function spinOf(spin, current) {
+  const check = (v) => {
+    if (!Number.isInteger(v) || v < 0 || v > 1000) {
+      throw new ShmclusterError('INVALID_ARGUMENT', 'a spin is an integer number of microseconds, 0 to 1000');
+    }
+    return v;
+  };
+  if (typeof spin === 'number') return [check(spin), check(spin)];
+  if (spin && typeof spin === 'object') {
+    return [
+      spin.request === undefined ? current[0] : check(spin.request),
+      spin.answer === undefined ? current[1] : check(spin.answer),
+    ];
+  }
+  throw new ShmclusterError('INVALID_ARGUMENT', 'spin is a number of microseconds or { request, answer }');
+}
+
 /** ipchannel-style sender to one slot or to 'all'. */
 class To {
   constructor(m, target) {
@@ -119,6 +137,12 @@ class Messenger {
     this._net = setInterval(() => this._turn(), SAFETY_NET_MS);
     this._net.unref();
     this._schedule();
+  }
+
+  /** Microseconds a turn polls before it parks, after a request or an answer (`opts.spin`). */
+  get spin() {
+    const [request, answer] = this._n.spin;
+    return { request, answer };
   }
 
   /** The payload limit in bytes (a longer payload is `TOO_LARGE`). */
@@ -633,22 +657,38 @@ class Messenger {
 
 /** A worker of a shmcluster cluster. Emits `stop` when asked to stop. */
 class Worker extends EventEmitter {
-  /** The worker a `shmcluster run` master spawned this process as. */
-  static fromEnv() {
-    return new Worker(nat(() => Native.fromEnv()));
+  /**
+   * The worker a `shmcluster run` master spawned this process as.
+   * `opts.spin`: how long (µs) a turn polls before it parks, after this
+   * worker started a request (`request`, default 50) or answered a call
+   * (`answer`, default 20): `{ request, answer }`, or one number for both
+   * (0: never spin). `NODE_SHMCLUSTER_SPIN=request[,answer]` sets the
+   * defaults. See src/lib.rs, `Spin`.
+   */
+  static fromEnv(opts) {
+    return new Worker(nat(() => Native.fromEnv()), opts);
   }
 
   /** A cluster of one in this process (no master): the same API. */
-  static standalone() {
-    return new Worker(nat(() => Native.standalone()));
+  static standalone(opts) {
+    return new Worker(nat(() => Native.standalone()), opts);
   }
 
-  constructor(n) {
+  constructor(n, opts) {
     super();
     this._n = n;
     this._m = null;
     this._stopped = false;
     this._closed = false;
+    if (opts && opts.spin !== undefined) {
+      try {
+        const [request, answer] = spinOf(opts.spin, n.spin);
+        n.setSpin(request, answer);
+      } catch (e) {
+        n.close();
+        throw e;
+      }
+    }
   }
 
   get slot() {

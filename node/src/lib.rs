@@ -9,7 +9,8 @@
 //!   When a turn finds nothing to do, the messenger parks the slot with
 //!   `PARKED_FD`, so a sender writes the eventfd; libuv sees it readable
 //!   and calls back into JS, which turns again. No thread spins, nothing
-//!   polls.
+//!   polls, except a turn for a few microseconds after this worker sent
+//!   something (see [`Spin`]).
 //! - **Handlers** registered here only queue what arrives (event, sender,
 //!   payload, and the [`BytesReply`] of a call); the JS layer (index.js)
 //!   runs the JS handlers after the turn, on the same thread, and answers
@@ -52,6 +53,90 @@ mod waiter;
 /// thread back to the event loop (JS then schedules the next with
 /// `setImmediate`): a flood of messages must not starve timers and I/O.
 const TURNS_PER_CALL: u32 = 64;
+
+/// How long a worker that started a request polls for its answer before
+/// it parks, by default (see [`Spin`]), in microseconds; the Rust
+/// messenger's caller spins as long (`ANSWER_SPIN` in
+/// src/messenger/calls.rs). Measured with node/bench/run.js on the
+/// reference machine (2 vCPUs; 2 and 4 workers; medians of 5 rounds;
+/// node/bench/README.md), request p50 Node to Node: 81 µs without spins
+/// (two wakes per round trip), 12.9-13.5 µs spinning 50 µs, no better
+/// spinning 100 µs (and a worse p99, 294-314 µs against 198-218 µs).
+/// Spinning 20 µs measured 13 µs in one run and 13-54 µs across rounds
+/// of another: an answer that comes after the spin costs two wakes
+/// again, and the pair can stay in that regime. The spin costs no CPU
+/// per request: a wake costs more than the spin that saves it (user +
+/// system of both workers per request: 99-101 µs without spins, 55-57
+/// µs with the defaults).
+const DEFAULT_REQUEST_SPIN_US: u32 = 50;
+
+/// How long a worker that has just answered a call polls for the same
+/// caller's next call, by default. The caller takes its answer, runs its
+/// JS and sends the next request 5-10 µs later: request p50 with the
+/// caller spinning 50 µs and the answerer 0 µs: 28 µs (one wake per
+/// round trip); 5 µs: no better than no spin; 10 µs: 12.8-13.4 µs in one
+/// run, 17-22 µs in another; 20 µs: 12.9-15.3 µs; 50 µs: 13.1-15.8 µs.
+/// Not longer: with more workers than cores, an answerer that spins
+/// takes the core the next answerer needs (map over 4 workers on 2
+/// vCPUs, p50: 108-116 µs with 0 or 20 µs, 162 µs with 50 µs, 272 µs
+/// with 100 µs).
+const DEFAULT_ANSWER_SPIN_US: u32 = 20;
+
+/// The longest spin JS may ask for: a spin holds the JS thread.
+const MAX_SPIN_US: u32 = 1000;
+
+/// How long [`Native::turn`] polls the lanes on the JS thread before it
+/// parks the slot on its eventfd. Waking a parked slot costs an eventfd
+/// wake plus a libuv turn, 20-40 µs across the vCPUs of the reference
+/// machine, and a request/reply pays two when both sides sleep.
+///
+/// A spin is counted from this worker's last send of a kind that brings
+/// something back soon: a request started (its answer: `request`
+/// microseconds) and an answer sent (the caller's next call: `answer`
+/// microseconds). Then the turn parks as before. An `emit` expects
+/// nothing; a `map` or `consume` caller waits for workers that were
+/// parked (their wakes take longer than a spin), and a spinning caller
+/// would take the core they need. The JS thread is held for at most that
+/// long per send, and never while JS has work: what arrives goes back to
+/// JS at once. `NODE_SHMCLUSTER_SPIN=request[,answer]` or
+/// `Native::set_spin` set them; 0 never spins.
+#[derive(Debug, Clone, Copy)]
+struct Spin {
+    request: u32,
+    answer: u32,
+    /// Poll until then (the latest send plus its spin).
+    until: Option<Instant>,
+}
+
+impl Spin {
+    fn from_env() -> Self {
+        let mut spin = Self {
+            request: DEFAULT_REQUEST_SPIN_US,
+            answer: DEFAULT_ANSWER_SPIN_US,
+            until: None,
+        };
+        // Not `SHMCLUSTER_*`: the master strips those from its workers.
+        if let Ok(v) = std::env::var("NODE_SHMCLUSTER_SPIN") {
+            let mut it = v.split(',').map(|x| x.trim().parse::<u32>().ok());
+            if let Some(Some(r)) = it.next() {
+                spin.request = r.min(MAX_SPIN_US);
+            }
+            if let Some(Some(a)) = it.next() {
+                spin.answer = a.min(MAX_SPIN_US);
+            }
+        }
+        spin
+    }
+
+    /// This worker sent something that brings something back: poll for
+    /// up to `us` from now.
+    fn sent(&mut self, us: u32) {
+        if us > 0 {
+            let t = Instant::now() + Duration::from_micros(u64::from(us));
+            self.until = Some(self.until.map_or(t, |u| u.max(t)));
+        }
+    }
+}
 
 /// A message that arrived for a registered event, queued by its handler
 /// until the JS layer runs the JS handlers.
@@ -174,6 +259,8 @@ pub struct Native {
     /// The worker's index and generation (from its environment).
     index: u32,
     generation: u32,
+    /// How long a turn polls before it parks.
+    spin: Spin,
 }
 
 /// A held lock, as the promise of [`Native::lock_acquire`] resolves.
@@ -306,6 +393,7 @@ impl Native {
             changes: None,
             index,
             generation,
+            spin: Spin::from_env(),
         }
     }
 
@@ -321,6 +409,71 @@ impl Native {
             self.parked = false;
         }
         Ok(m)
+    }
+
+    /// Up to [`TURNS_PER_CALL`] turns of the messenger, until it parks
+    /// (or goes idle, with the waiter thread). True if work is left (turn
+    /// again soon).
+    fn turns(&mut self, out: &mut TurnOut) -> napi::Result<bool> {
+        let fd_park = self.poll.is_some();
+        let m = self.m()?;
+        for _ in 0..TURNS_PER_CALL {
+            match if fd_park { m.turn() } else { m.turn_idle() } {
+                Ok(Turn::Busy) => continue,
+                Ok(Turn::Parked) => {
+                    self.parked = true;
+                    return Ok(false);
+                }
+                Ok(_) => {
+                    if let Some(w) = &self.waiter {
+                        w.arm();
+                    }
+                    return Ok(false);
+                }
+                Err(e) => {
+                    out.corrupt = Some(e.to_string());
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn queue_is_empty(&self) -> bool {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    /// The spin: turns without parking until `until`, or until something
+    /// arrived for JS (a message for a handler, the end of a call). The
+    /// slot stays running meanwhile, so a sender rings no eventfd.
+    fn spin_poll(
+        &mut self,
+        until: Instant,
+        finished: &mut Vec<(shmcluster::CallTicket, Finished)>,
+        out: &mut TurnOut,
+    ) -> napi::Result<()> {
+        let queue = self.queue.clone();
+        let m = self.m()?;
+        loop {
+            match m.turn_idle() {
+                Ok(Turn::Busy) => {
+                    finished.extend(m.take_finished());
+                    if !finished.is_empty() || !queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                        return Ok(());
+                    }
+                }
+                Ok(_) => std::hint::spin_loop(),
+                Err(e) => {
+                    out.corrupt = Some(e.to_string());
+                    return Ok(());
+                }
+            }
+            // Busy turns that bring JS nothing (messages for events
+            // nobody listens to, say) end the spin on time too.
+            if Instant::now() >= until {
+                return Ok(());
+            }
+        }
     }
 
     fn ticket(&mut self, t: shmcluster::CallTicket) -> u32 {
@@ -458,6 +611,22 @@ impl Native {
         }
     }
 
+    /// How long a turn polls before it parks after this worker started a
+    /// request (`request`) or answered a call (`answer`), in microseconds
+    /// (see `Spin`; each at most 1000, 0 never spins).
+    #[napi]
+    pub fn set_spin(&mut self, request: u32, answer: u32) {
+        self.spin.request = request.min(MAX_SPIN_US);
+        self.spin.answer = answer.min(MAX_SPIN_US);
+        self.spin.until = None;
+    }
+
+    /// `[request, answer]`: the spins in microseconds.
+    #[napi(getter)]
+    pub fn spin(&self) -> Vec<u32> {
+        vec![self.spin.request, self.spin.answer]
+    }
+
     #[napi(getter)]
     pub fn slot(&self) -> u32 {
         self.m.as_ref().map_or(0, |m| m.slot())
@@ -560,6 +729,7 @@ impl Native {
             .m()?
             .start_request_bytes(slot, &event, &data, d)
             .map_err(|e| call_err(&e))?;
+        self.spin.sent(self.spin.request);
         Ok(self.ticket(t))
     }
 
@@ -598,6 +768,7 @@ impl Native {
             Either::A(b) => Ok(b.to_vec()),
             Either::B(e) => Err(e),
         });
+        self.spin.sent(self.spin.answer);
         Ok(true)
     }
 
@@ -615,32 +786,22 @@ impl Native {
         if self.m.is_none() {
             return Ok(out);
         }
-        let fd_park = self.poll.is_some();
-        let m = self.m()?;
-        let mut more = true;
-        for _ in 0..TURNS_PER_CALL {
-            match if fd_park { m.turn() } else { m.turn_idle() } {
-                Ok(Turn::Busy) => continue,
-                Ok(Turn::Parked) => {
-                    self.parked = true;
-                    more = false;
-                    break;
-                }
-                Ok(_) => {
-                    if let Some(w) = &self.waiter {
-                        w.arm();
-                    }
-                    more = false;
-                    break;
-                }
-                Err(e) => {
-                    out.corrupt = Some(e.to_string());
-                    break;
-                }
+        let mut more = self.turns(&mut out)?;
+        let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
+        let mut finished = m.take_finished();
+        // Nothing for JS and nothing left to do: poll a while before
+        // parking if this worker sent something a moment ago (see `Spin`).
+        let spin_until = self.spin.until.filter(|&t| Instant::now() < t);
+        if let (false, None, true, Some(until)) = (more, &out.corrupt, finished.is_empty(), spin_until) {
+            if self.queue_is_empty() {
+                self.spin_poll(until, &mut finished, &mut out)?;
+                // Parks (or turns on, if the spin found a flood).
+                more = self.turns(&mut out)?;
+                let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
+                finished.extend(m.take_finished());
             }
         }
         let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
-        let finished = m.take_finished();
         out.due_ms = m
             .next_due()
             .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64() * 1000.0);

@@ -132,3 +132,45 @@ test('synchronize: sections of one lock exclude each other across awaits', async
     w.close();
   }
 });
+
+test('spin: defaults, NODE_SHMCLUSTER_SPIN, the option and its bounds', async () => {
+  const w = Worker.standalone();
+  try {
+    assert.deepEqual(w.messenger().spin, { request: 50, answer: 20 });
+  } finally {
+    w.close();
+  }
+  for (const [spin, want] of [
+    [0, { request: 0, answer: 0 }],
+    [1000, { request: 1000, answer: 1000 }],
+    [{ request: 7 }, { request: 7, answer: 20 }],
+    [{ answer: 3 }, { request: 50, answer: 3 }],
+  ]) {
+    const s = Worker.standalone({ spin });
+    const m = s.messenger();
+    try {
+      assert.deepEqual(m.spin, want);
+      m.on('square', (x) => x * x);
+      // Calls work whatever the spin.
+      for (let i = 0; i < 50; i++) assert.equal(await m.request(0, 'square', i), i * i);
+      assert.deepEqual(await m.map('square', 3), [{ slot: 0, ok: true, value: 9 }]);
+    } finally {
+      s.close();
+    }
+  }
+  for (const spin of [-1, 1001, 1.5, '5', null, { request: -2 }, { answer: 2000 }]) {
+    assert.throws(() => Worker.standalone({ spin }), (e) => e instanceof ShmclusterError && e.code === 'INVALID_ARGUMENT', String(spin));
+  }
+  const env = (v) =>
+    spawnSync(process.execPath, ['-e', "const { Worker } = require('.'); const w = Worker.standalone(); console.log(JSON.stringify(w.messenger().spin)); w.close();"], {
+      cwd: path.join(__dirname, '..'),
+      env: { ...process.env, NODE_SHMCLUSTER_SPIN: v },
+      encoding: 'utf8',
+      timeout: 10000,
+    }).stdout.trim();
+  assert.equal(env('30'), '{"request":30,"answer":20}');
+  assert.equal(env('30,4'), '{"request":30,"answer":4}');
+  assert.equal(env('0,0'), '{"request":0,"answer":0}');
+  // Too long is capped, garbage leaves the default.
+  assert.equal(env('5000,x'), '{"request":1000,"answer":20}');
+});
