@@ -754,7 +754,9 @@ class Worker extends EventEmitter {
    * settles (a pthread mutex belongs to the thread that locked it).
    * `section.ownerDied`: the previous holder died inside its section;
    * `section.fencingToken`: larger than every earlier holder's.
-   * `opts.timeout` (ms): give up with `LOCK_TIMEOUT`.
+   * `opts.timeout` (ms): give up with `LOCK_TIMEOUT`. A `close()` ends a
+   * section still waiting for its lock with `WORKER_CLOSED` (its `fn` never
+   * runs); a running one keeps the lock until its promise settles.
    */
   async synchronize(name, fn, opts) {
     if (typeof name === 'function') {
@@ -772,9 +774,12 @@ class Worker extends EventEmitter {
       throw fromNative(e);
     }
     try {
+      // Closed while the lock came: the section does not run.
+      if (this._closed) throw new ShmclusterError('WORKER_CLOSED', 'the worker closed while the section waited for its lock');
       return await fn({ name: String(name), ownerDied: held.ownerDied, fencingToken: held.fencingToken });
     } finally {
-      if (!this._closed) this._n.lockRelease(held.id);
+      // Even after a close: the lock stays held until the section ends.
+      this._n.lockRelease(held.id);
     }
   }
 

@@ -156,6 +156,9 @@ function drainer(server, opts) {
         resolve();
       };
       if (!server.listening) {
+        // Told to stop before it listened: nothing to wait for, and it
+        // must not start accepting afterwards.
+        server.once('listening', () => net.Server.prototype.close.call(server));
         finish();
         return;
       }

@@ -34,6 +34,7 @@
 //! sends may crash the process: a payload is bytes until JS decodes it.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -136,6 +137,23 @@ impl Spin {
             self.until = Some(self.until.map_or(t, |u| u.max(t)));
         }
     }
+}
+
+/// How long a section's lock thread waits for the lock at a time before it
+/// looks whether the worker closed ([`Native::close`]): a section still
+/// waiting then ends `WORKER_CLOSED` within this, instead of holding the
+/// promise (and with it the event loop) until the lock comes free.
+const LOCK_WAIT_SLICE: Duration = Duration::from_millis(50);
+
+/// A section of [`Native::lock_acquire`], waiting for its lock or holding it.
+struct Section {
+    /// Sending (or dropping) ends a held section: its thread unlocks.
+    release: std::sync::mpsc::Sender<()>,
+    /// Set by [`Native::close`]: a section still waiting gives up.
+    closed: Arc<AtomicBool>,
+    /// Set by its thread when it ended without the lock (timed out,
+    /// failed, closed): nothing to release.
+    ended: Arc<AtomicBool>,
 }
 
 /// A message that arrived for a registered event, queued by its handler
@@ -250,9 +268,9 @@ pub struct Native {
     instances: u32,
     /// The lock table (made once: it caches names).
     locks: Option<Locks>,
-    /// Held sections: sending (or dropping) ends one (see
+    /// Sections waiting for their lock or holding it (see
     /// [`Native::lock_acquire`]).
-    sections: HashMap<u32, std::sync::mpsc::Sender<()>>,
+    sections: HashMap<u32, Section>,
     next_section: u32,
     /// New leaders seen by turns, for JS ([`Native::watch_leader`]).
     changes: Option<Arc<Mutex<Vec<LeaderChangeJs>>>>,
@@ -1003,7 +1021,10 @@ impl Native {
     /// which holds it until [`Native::lock_release`] (a pthread mutex
     /// belongs to the thread that locked it, and the JS section crosses
     /// `await`s): the promise resolves on the JS thread once it is held.
-    /// The cost: a thread start and two hand-offs per section.
+    /// The cost: a thread start and two hand-offs per section. The thread
+    /// waits in slices of [`LOCK_WAIT_SLICE`], so that a close ends the
+    /// wait (`WORKER_CLOSED`) instead of the promise keeping the loop alive
+    /// until the lock comes free.
     #[napi(ts_return_type = "Promise<Held>")]
     pub fn lock_acquire(
         &mut self,
@@ -1023,6 +1044,9 @@ impl Native {
                 ))
             }
         };
+        if self.m.is_none() {
+            return Err(err("WORKER_CLOSED", "the worker is closed"));
+        }
         if self.locks.is_none() {
             let locks = self.m()?.locks().map_err(|e| lock_err(&e))?;
             self.locks = Some(locks);
@@ -1031,40 +1055,85 @@ impl Native {
             .locks
             .clone()
             .ok_or_else(|| err("UNKNOWN", "no lock table"))?;
+        // Sections that ended without the lock (timed out, failed, closed).
+        self.sections.retain(|_, s| !s.ended.load(Ordering::Acquire));
         let id = self.next_section;
         self.next_section = self.next_section.wrapping_add(1).max(1);
         let (release, released) = std::sync::mpsc::channel::<()>();
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicBool::new(false));
+        let (closed2, ended2) = (closed.clone(), ended.clone());
         let (deferred, promise) = env.create_deferred()?;
+        let deadline = timeout.map(|t| Instant::now() + t);
         std::thread::Builder::new()
             .name("shmcluster-lock".into())
-            .spawn(move || match locks.lock(&name, timeout) {
-                Ok(guard) => {
-                    let held = Held {
-                        id,
-                        owner_died: guard.previous_owner_died(),
-                        fencing_token: guard.fencing_token() as f64,
-                    };
-                    deferred.resolve(move |_| Ok(held));
-                    // Until JS releases it, or drops its end (close).
-                    let _ = released.recv();
+            .spawn(move || {
+                let gone = || {
+                    err(
+                        "WORKER_CLOSED",
+                        "the worker closed while the section waited for its lock",
+                    )
+                };
+                // In slices, to see a close (see `LOCK_WAIT_SLICE`).
+                let guard = loop {
+                    if closed2.load(Ordering::Acquire) {
+                        ended2.store(true, Ordering::Release);
+                        return deferred.reject(gone());
+                    }
+                    let slice = deadline.map_or(LOCK_WAIT_SLICE, |d| {
+                        d.saturating_duration_since(Instant::now()).min(LOCK_WAIT_SLICE)
+                    });
+                    match locks.lock(&name, Some(slice)) {
+                        Ok(guard) => break guard,
+                        Err(LockError::Timeout) if deadline.is_none_or(|d| Instant::now() < d) => {}
+                        Err(e) => {
+                            ended2.store(true, Ordering::Release);
+                            return deferred.reject(lock_err(&e));
+                        }
+                    }
+                };
+                if closed2.load(Ordering::Acquire) {
+                    // Closed as the lock came: no section runs.
                     drop(guard);
+                    ended2.store(true, Ordering::Release);
+                    return deferred.reject(gone());
                 }
-                Err(e) => deferred.reject(lock_err(&e)),
+                let held = Held {
+                    id,
+                    owner_died: guard.previous_owner_died(),
+                    fencing_token: guard.fencing_token() as f64,
+                };
+                deferred.resolve(move |_| Ok(held));
+                // Until JS releases it (after its section, even after a
+                // close), or drops its end (the addon unloaded).
+                let _ = released.recv();
+                drop(guard);
             })
             .map_err(|e| err("IO", format!("cannot start the lock thread: {e}")))?;
-        self.sections.insert(id, release);
+        self.sections.insert(
+            id,
+            Section {
+                release,
+                closed,
+                ended,
+            },
+        );
         Ok(promise)
     }
 
     /// Ends a section: its thread unlocks. False if `id` is not held.
     #[napi]
     pub fn lock_release(&mut self, id: u32) -> bool {
-        self.sections.remove(&id).is_some_and(|tx| tx.send(()).is_ok())
+        self.sections
+            .remove(&id)
+            .is_some_and(|s| s.release.send(()).is_ok())
     }
 
     /// Stops the wake and drops the messenger (calls in flight are
     /// forgotten; unanswered calls to this worker are answered
-    /// `HandlerFailed("reply dropped")`).
+    /// `HandlerFailed("reply dropped")`). Sections waiting for their lock
+    /// end `WORKER_CLOSED`; a held one stays held until its
+    /// [`Native::lock_release`].
     #[napi]
     pub fn close(&mut self) {
         if let Some(p) = self.poll.take() {
@@ -1076,8 +1145,14 @@ impl Native {
         // Dropped replies answer `HandlerFailed("reply dropped")` through
         // the outbox: one last dispatch sends them.
         self.replies.clear();
-        // Their threads unlock.
-        self.sections.clear();
+        // Sections still waiting for their lock give up (`WORKER_CLOSED`,
+        // within a `LOCK_WAIT_SLICE`); held ones stay held until JS ends
+        // them (`lock_release`, when the section's promise settles):
+        // unlocking under a section still running would let another
+        // worker in beside it.
+        for s in self.sections.values() {
+            s.closed.store(true, Ordering::Release);
+        }
         if let Some(mut m) = self.m.take() {
             if self.parked {
                 m.unpark();

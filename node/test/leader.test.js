@@ -84,6 +84,9 @@ before(async () => {
 
 after(async () => {
   await stopMaster();
+  // leader_worker.js's reload mark, if the run ended before the
+  // replacement removed it (a later master with this pid would find it).
+  if (master) fs.rmSync(path.join(require('node:os').tmpdir(), `shmc-node-leader-${master.pid}`), { force: true });
   // Nothing of the cluster may outlive the test.
   try {
     process.kill(-master.pid, 0);

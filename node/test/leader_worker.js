@@ -23,8 +23,12 @@ const errors = [];
 m.onError((e) => errors.push(`${e.code}: ${e.message}`));
 m.onLeaderChange((c) => changes.push(c));
 m.on('pid', () => process.pid);
-m.on('state', () => ({ slot: w.slot, isLeader: m.isLeader, leader: m.leader(), changes, got, errors }));
+let subscribed = false;
+m.on('state', () => ({ slot: w.slot, isLeader: m.isLeader, leader: m.leader(), changes, got, errors, subscribed }));
 m.on('publishFrom', ({ topic, value }) => m.publish(topic, value, { timeout: 5000 }));
+// How many `hang` invokes this worker's handler holds.
+let hanging = 0;
+m.on('hanging', () => hanging);
 
 function serveInvokes() {
   m.onInvoke('whoLeads', (args, ctx) => ({ slot: w.slot, isLeader: m.isLeader, args, from: ctx.sender }));
@@ -37,7 +41,10 @@ function serveInvokes() {
   });
   m.onInvoke('rawRev', (b) => Buffer.from(b).reverse(), { raw: true });
   // Never answers: the leader is killed with it in hand.
-  m.onInvoke('hang', () => new Promise(() => {}));
+  m.onInvoke('hang', () => {
+    hanging++;
+    return new Promise(() => {});
+  });
 }
 
 w.on('stop', () => {
@@ -57,10 +64,22 @@ const caught = async (p) => {
 async function waitFor(what, cond, ms = 10000) {
   const until = Date.now() + ms;
   for (;;) {
-    const v = cond();
+    const v = await cond();
     if (v) return v;
     if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
     await sleep(10);
+  }
+}
+
+// Every worker's `state`, once `cond` holds of all of them (or the last
+// one read, for the checks in leader.test.js to name what is missing).
+async function statesWhen(cond, ms = 10000) {
+  const until = Date.now() + ms;
+  for (;;) {
+    const states = await m.map('state', null, { timeout: 2000 });
+    const all = states.length === w.instances && states.every((e) => e.ok && cond(e.value, e.slot));
+    if (all || Date.now() > until) return states;
+    await sleep(20);
   }
 }
 
@@ -76,8 +95,8 @@ async function drive() {
   // that the leader is another worker (killed below).
   const first = await waitFor('a leader', () => m.leader());
   serveInvokes();
-  await sleep(100);
-  result('leaders', { first, states: await m.map('state', null, { timeout: 2000 }) });
+  const sawFirst = (st) => st.changes.some((c) => c.term === first.term);
+  result('leaders', { first, states: await statesWhen(sawFirst) });
 
   result('invoke', await caught(m.invoke('whoLeads', { x: 1 }, { timeout: 5000 })));
   result('invokeAsync', await caught(m.invoke('later', 21, { timeout: 5000 })));
@@ -88,21 +107,28 @@ async function drive() {
   // Publish from here and from worker 1, then a late subscriber here.
   result('publish1', await caught(m.publish('cfg', { v: 1 }, { timeout: 5000 })));
   result('publish2', await caught(m.request(1, 'publishFrom', { topic: 'cfg', value: { v: 2 } }, { timeout: 5000 })));
-  await sleep(300);
+  const gotBoth = (st, slot) => slot === w.slot || st.got.length >= 2;
+  await statesWhen(gotBoth);
   const late = [];
   const late2 = [];
   await m.subscribe('cfg', (v, ctx) => late.push({ v, sender: ctx.sender }), { timeout: 5000 });
-  await sleep(300);
+  await waitFor('the last value for a late subscriber', () => late.length > 0, 5000).catch(() => null);
   // A second subscriber in this worker: the last value it got, at once.
   await m.subscribe('cfg', (v) => late2.push(v), { timeout: 5000 });
+  await waitFor('the last value for a second subscriber', () => late2.length > 0, 5000).catch(() => null);
+  // Nothing more may come (no value twice): a moment for a duplicate.
   await sleep(50);
-  result('pubsub', { states: await m.map('state', null, { timeout: 2000 }), late: late.slice(), late2: late2.slice() });
+  result('pubsub', { states: await statesWhen(gotBoth), late: late.slice(), late2: late2.slice() });
 
   // The leader SIGKILLed with an invoke in hand.
   const old = m.leader();
   const pid = await m.request(old.slot, 'pid', null, { timeout: 2000 });
   const hang = caught(m.invoke('hang', null, { timeout: 10000 }));
-  await sleep(200);
+  // Killed with the call in hand, not before it arrived.
+  for (let i = 0; (await m.request(old.slot, 'hanging', null, { timeout: 2000 })) === 0; i++) {
+    if (i > 500) throw new Error('the leader never got the hang invoke');
+    await sleep(10);
+  }
   process.kill(pid, 'SIGKILL');
   const killedAt = Date.now();
   const hung = await hang;
@@ -116,10 +142,14 @@ async function drive() {
   const after = await caught(m.invoke('whoLeads', { x: 2 }, { timeout: 5000 }));
   const idempotent = await caught(m.invoke('later', 5, { timeout: 5000, idempotent: true }));
   // The new leader was told every subscription (the killed worker's
-  // respawn subscribes afresh).
-  await sleep(300);
+  // respawn subscribes afresh): each worker tells it in the turn that
+  // reports the change, and the respawn before it says ready.
+  const sawNext = (st, slot) => st.changes.some((c) => c.term === next.term) && (slot === w.slot || st.subscribed);
+  await statesWhen(sawNext);
   result('publish3', await caught(m.publish('cfg', { v: 3 }, { timeout: 5000 })));
-  await sleep(300);
+  const gotV3 = (st, slot) => slot === w.slot || (st.got.length > 0 && st.got.at(-1).v === 3);
+  await statesWhen(gotV3);
+  await waitFor('v3 for the late subscriber', () => late.length > 0 && late.at(-1).v.v === 3, 5000).catch(() => null);
   result('failover', {
     old,
     pid,
@@ -131,7 +161,7 @@ async function drive() {
     after,
     idempotent,
     leaderNow: m.leader(),
-    states: await m.map('state', null, { timeout: 2000 }),
+    states: await statesWhen(gotV3),
     late: late.slice(),
   });
 
@@ -145,6 +175,7 @@ async function main() {
   if (!driver) {
     serveInvokes();
     await m.subscribe('cfg', (v) => got.push(v), { timeout: 30000 });
+    subscribed = true;
   }
   w.ready();
   if (!driver) return;

@@ -125,6 +125,17 @@ test('drain: stop accepting, answer in-flight and later requests with close, idl
   assert.equal(await drain(), undefined, 'drain() again: the same drain');
 });
 
+test('a drain before the server listens: it resolves at once, and a later listen is closed', { timeout: 5000 }, async () => {
+  const server = http.createServer((req, res) => res.end('ok'));
+  const drain = drainer(server, { idleTimeout: 100 });
+  await drain();
+  // Told to stop before it listened: it must not start serving now.
+  const closed = new Promise((resolve) => server.once('close', resolve));
+  server.listen(0, '127.0.0.1');
+  await closed;
+  assert.equal(server.listening, false);
+});
+
 test('listener() from the systemd variables alone (no Worker.fromEnv), under a real master', async (t) => {
   const bin = ['debug', 'release']
     .map((p) => path.join(process.env.CARGO_TARGET_DIR || path.join(root, 'target'), p, 'shmcluster'))

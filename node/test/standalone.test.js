@@ -174,3 +174,50 @@ test('spin: defaults, NODE_SHMCLUSTER_SPIN, the option and its bounds', async ()
   // Too long is capped, garbage leaves the default.
   assert.equal(env('5000,x'), '{"request":1000,"answer":20}');
 });
+
+test('a synchronize still waiting when the worker closes: WORKER_CLOSED, its section never runs', { timeout: 10000 }, async () => {
+  const w = Worker.standalone();
+  let entered;
+  const holding = new Promise((r) => (entered = r));
+  let finish;
+  const first = w.synchronize('c', () => {
+    entered();
+    return new Promise((r) => (finish = r));
+  });
+  await holding;
+  let ran = false;
+  const second = w.synchronize('c', () => {
+    ran = true;
+  });
+  w.close();
+  await assert.rejects(second, { code: 'WORKER_CLOSED' });
+  await assert.rejects(w.synchronize('c', () => 1), { code: 'WORKER_CLOSED' });
+  finish('done');
+  assert.equal(await first, 'done');
+  // Time for a wrongly woken waiter to have run.
+  await new Promise((r) => setTimeout(r, 100));
+  assert.equal(ran, false, 'a section ran after close()');
+});
+
+test('close() with a synchronize waiting for a lock held elsewhere: the process still exits', () => {
+  // The lock is held by this process's own election (a candidate thread
+  // holds the lock `leader:` while it leads), which close() ends last; a
+  // waiting section must not keep the loop alive or run.
+  const script = `
+    const { Worker } = require(${JSON.stringify(path.join(__dirname, '..'))});
+    const w = Worker.standalone();
+    const m = w.messenger();
+    m.campaign();
+    (async () => {
+      for (let i = 0; i < 500 && !m.isLeader; i++) await new Promise((r) => setTimeout(r, 10));
+      if (!m.isLeader) throw new Error('no leader');
+      const p = w.synchronize('leader:', () => console.log('RAN'));
+      p.then(() => console.log('RESOLVED'), (e) => console.log('REJECTED ' + e.code));
+      setTimeout(() => w.close(), 50);
+    })();
+  `;
+  const r = spawnSync(process.execPath, ['-e', script], { timeout: 5000, killSignal: 'SIGKILL' });
+  assert.equal(r.signal, null, `the process did not exit: ${r.stdout}${r.stderr}`);
+  assert.equal(r.status, 0, String(r.stderr));
+  assert.equal(String(r.stdout).trim(), 'REJECTED WORKER_CLOSED');
+});
