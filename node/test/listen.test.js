@@ -147,7 +147,16 @@ test('listener() from the systemd variables alone (no Worker.fromEnv), under a r
     const fds = listenFds();
     const server = http.createServer((req, res) => res.end(String(process.pid)));
     server.listen(listener('listen0'), () => {
-      console.log(JSON.stringify({ fds, again: listenFds() === fds, left: process.env.LISTEN_FDS ?? null, port: server.address().port }));
+      // What a child process of the worker finds at fd 3: nothing, since
+      // Node marks the descriptors it inherits close-on-exec at start-up
+      // (fdinfo flags 02000002 before any listen, on Node 20).
+      let child;
+      try {
+        child = require('node:child_process').execFileSync('readlink', ['/proc/self/fd/3'], { stdio: ['ignore', 'pipe', 'ignore'] }).toString().trim();
+      } catch (_) {
+        child = null;
+      }
+      console.log(JSON.stringify({ fds, again: listenFds() === fds, left: process.env.LISTEN_FDS ?? null, child, port: server.address().port }));
     });`;
   const master = spawn(bin, ['run', '-w', '1', '--ready-on-start', '--listen', '127.0.0.1:0', '--', process.execPath, '-e', child], {
     detached: true,
@@ -184,6 +193,7 @@ test('listener() from the systemd variables alone (no Worker.fromEnv), under a r
   assert.deepEqual(got.fds, [{ fd: 3, name: 'listen0' }]);
   assert.equal(got.again, true);
   assert.equal(got.left, null, 'the variables are removed once taken');
+  assert.ok(!/^socket:/.test(got.child || ''), `a child process inherited the listener: fd 3 is ${got.child}`);
   const pid = await new Promise((resolve, reject) => {
     http.get({ host: '127.0.0.1', port: got.port, agent: false }, (res) => {
       let body = '';

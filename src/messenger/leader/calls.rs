@@ -264,8 +264,9 @@ impl Messenger {
     ///
     /// # Errors
     /// `EventName` (a topic too long to be an event name); the send
-    /// errors of telling the leader (the subscription stays, and the next
-    /// leader is told).
+    /// errors of telling a live leader (the subscription stays, and the
+    /// next leader is told). A leader that died before it was told is not
+    /// an error: `Ok(false)`, as with no leader.
     pub fn subscribe_polled_bytes<F>(&mut self, topic: &str, f: F) -> Result<bool, CallError>
     where
         F: FnMut(&Ctx, &[u8]) + Send + 'static,
@@ -278,8 +279,16 @@ impl Messenger {
         else {
             return Ok(false);
         };
-        self.tell_leader(leader, topic)?;
-        Ok(true)
+        match self.tell_leader(leader, topic) {
+            Ok(()) => Ok(true),
+            // The leader died between the read and the send: the
+            // subscription is registered, and the next leader is told by
+            // the turn that sees it (`check_leaders`), as when none was
+            // known. An error here would make the caller believe nothing
+            // was registered, and subscribe (a second handler) again.
+            Err(EmitError::WorkerDied | EmitError::NoSuchWorker { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Tells `leader` of the new subscription `topic`. A leader this
