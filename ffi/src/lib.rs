@@ -45,6 +45,7 @@
 
 mod boundary;
 mod call;
+mod events;
 mod handle;
 mod leader;
 mod lock;
@@ -53,6 +54,7 @@ mod result;
 mod segment;
 mod worker;
 
+pub use events::*;
 pub use handle::*;
 pub use leader::*;
 pub use lock::*;
