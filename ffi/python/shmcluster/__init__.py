@@ -150,7 +150,8 @@ _REINSTALL = (
 
 def _find_library() -> str:
     """The path of the library to load: ``SHMCLUSTER_LIB``, the bundled
-    copy, or (a source checkout, not installed) cargo's target directory."""
+    copy, (a source checkout, not installed) cargo's target directory, or
+    the dynamic loader's search path."""
     env = os.environ.get("SHMCLUSTER_LIB")
     if env:
         if not os.path.exists(env):
@@ -165,17 +166,25 @@ def _find_library() -> str:
         return BUNDLED_LIBRARY
     # A source checkout (ffi/python/shmcluster): the workspace's target/.
     root = os.path.abspath(os.path.join(_HERE, "..", "..", ".."))
+    checkout = os.path.exists(os.path.join(root, "ffi", "Cargo.toml"))
     looked = [BUNDLED_LIBRARY]
     for profile in ("release", "debug"):
-        for target in (os.environ.get("CARGO_TARGET_DIR"), os.path.join(root, "target")):
+        for target in (os.environ.get("CARGO_TARGET_DIR"), os.path.join(root, "target") if checkout else None):
             if target:
                 path = os.path.join(target, profile, "libshmcluster.so")
                 looked.append(path)
                 if os.path.exists(path):
                     return path
+    # Last, the dynamic loader's search path (a system-wide install).
+    try:
+        ctypes.CDLL("libshmcluster.so")
+        return "libshmcluster.so"
+    except OSError:
+        pass
     raise LibraryNotFound(
         None,
-        "libshmcluster.so not found (looked at " + ", ".join(looked) + "): " + _REINSTALL,
+        "libshmcluster.so not found (looked at " + ", ".join(looked)
+        + " and the dynamic loader's search path): " + _REINSTALL,
     )
 
 
@@ -409,11 +418,13 @@ class Segment:
     ``with Segment(2) as seg:`` frees it at the end (its workers keep their
     own mapping)."""
 
+    _ptr: Optional[ctypes.c_void_p] = None
+
     def __init__(self, workers: int) -> None:
         lib = load_library()
         out = ctypes.c_void_p()
         _check(lib.shmc_segment_create(workers, ctypes.byref(out)), "segment_create")
-        self._ptr: Optional[ctypes.c_void_p] = out
+        self._ptr = out
 
     def worker(self, slot: int) -> Worker:
         """Attaches a :class:`Worker` to ``slot``."""
@@ -439,8 +450,10 @@ class Lock:
     """A held lock (:meth:`Worker.lock`): a context manager; unlock on the
     thread that took it."""
 
+    _ptr: Optional[ctypes.c_void_p] = None
+
     def __init__(self, ptr: ctypes.c_void_p) -> None:
-        self._ptr: Optional[ctypes.c_void_p] = ptr
+        self._ptr = ptr
         lib = load_library()
         self.previous_owner_died = bool(lib.shmc_lock_previous_owner_died(ptr))
         self.fencing_token = int(lib.shmc_lock_fencing_token(ptr))
@@ -493,11 +506,13 @@ class Handle:
     raises (``IN_HANDLER``). After the worker is closed its calls raise
     ``WORKER_CLOSED``. Not usable in a forked child."""
 
+    _ptr: Optional[ctypes.c_void_p] = None
+
     def __init__(self, worker_ptr: Optional[ctypes.c_void_p]) -> None:
         lib = load_library()
         out = ctypes.c_void_p()
         _check(lib.shmc_worker_handle(worker_ptr, ctypes.byref(out)), "worker_handle")
-        self._ptr: Optional[ctypes.c_void_p] = out
+        self._ptr = out
 
     def close(self) -> None:
         if self._ptr:
@@ -654,10 +669,12 @@ class Events:
     thread, independent of the worker's. ``for event in events:`` waits for
     each next one; ``with worker.events() as events:`` frees it at the end."""
 
+    _ptr: Optional[ctypes.c_void_p] = None
+
     def __init__(self, worker_ptr: Optional[ctypes.c_void_p]) -> None:
         out = ctypes.c_void_p()
         _check(load_library().shmc_events_new(worker_ptr, ctypes.byref(out)), "events_new")
-        self._ptr: Optional[ctypes.c_void_p] = out
+        self._ptr = out
 
     def next(self, timeout: Optional[float] = None) -> Optional[Event]:
         """The next event, waiting up to ``timeout`` seconds (``None``: no
@@ -723,8 +740,10 @@ class Message:
 class Worker:
     """One worker: its slot's messaging, locks and leader calls."""
 
+    _ptr: Optional[ctypes.c_void_p] = None
+
     def __init__(self, ptr: ctypes.c_void_p, segment: Optional[Segment] = None) -> None:
-        self._ptr: Optional[ctypes.c_void_p] = ptr
+        self._ptr = ptr
         self._segment = segment  # keeps a test segment alive
         self._callbacks: List[Any] = []  # ctypes callbacks must outlive their registration
         self._handle: Optional[Handle] = None

@@ -75,6 +75,31 @@ def test_a_missing_library_is_a_typed_error_that_says_what_to_do():
     assert "unset it" in out.stdout
 
 
+def test_a_copy_of_the_package_without_its_library_says_what_to_do():
+    """The package copied somewhere without libshmcluster.so (and no
+    SHMCLUSTER_LIB): LibraryNotFound naming where it looked and what to do,
+    and no noise from half-made objects."""
+    with tempfile.TemporaryDirectory() as tmp:
+        package = os.path.dirname(os.path.abspath(sc.__file__))
+        shutil.copytree(package, os.path.join(tmp, "shmcluster"),
+                        ignore=shutil.ignore_patterns("libshmcluster.so", "__pycache__"))
+        env = {k: v for k, v in os.environ.items() if k not in ("SHMCLUSTER_LIB", "CARGO_TARGET_DIR")}
+        env["PYTHONPATH"] = tmp
+        out = subprocess.run(
+            [sys.executable, "-c",
+             "import shmcluster as sc\n"
+             "try:\n"
+             "    sc.Segment(1)\n"
+             "except sc.LibraryNotFound as e:\n"
+             "    print(e)\n"],
+            capture_output=True, text=True, timeout=60, env=env, cwd=tmp,
+        )
+    assert out.returncode == 0, out
+    assert out.stdout.startswith("libshmcluster.so not found (looked at "), out
+    assert "pip install --force-reinstall" in out.stdout and "SHMCLUSTER_LIB" in out.stdout, out
+    assert out.stderr == "", out
+
+
 def test_a_library_that_is_not_ours_is_a_mismatch():
     """Any other shared library (here the C library) is refused with
     LibraryMismatch, before any call into it."""
