@@ -5,7 +5,7 @@
  * Every function returns a shmc_result (or a plain value where it cannot
  * fail) and documents who owns what, how long borrowed data stays valid,
  * which threads may call it, and whether its handle survives fork():
- * shmc_segment, shmc_bytes, shmc_map_result and shmc_stats do;
+ * shmc_segment, shmc_events, shmc_bytes, shmc_map_result and shmc_stats do;
  * shmc_worker, shmc_handle, shmc_lock and shmc_reply do not
  * (SHMC_RESULT_FORKED). A shmc_worker is driven by one thread at a time;
  * other threads call through a shmc_handle (shmc_worker_handle).

@@ -12,6 +12,10 @@ uniffi or bin; a cdylib beside a bin is maturin#368, open since 2020).
 
 cargo builds into the workspace's target directory (``CARGO_TARGET_DIR`` if
 set), so a second build, or one after ``cargo build --release``, reuses it.
+
+``SHMCLUSTER_FEATURES`` adds cargo features of the root crate to the
+command, comma-separated: ``SHMCLUSTER_FEATURES=nats pip install ffi/python``
+builds ``shmcluster run --nats`` (hosts joined through NATS).
 """
 
 import os
@@ -26,6 +30,7 @@ except ImportError:  # pragma: no cover - older setuptools with wheel
     from wheel.bdist_wheel import bdist_wheel
 
 LIBRARY = "libshmcluster.so"
+FEATURES = [f.strip() for f in os.environ.get("SHMCLUSTER_FEATURES", "").split(",") if f.strip()]
 
 
 class BuildRust(build_rust):
@@ -56,7 +61,7 @@ setup(
             binding=Binding.NoBinding,
             py_limited_api=False,
         ),
-        RustBin("shmcluster", path="../../Cargo.toml", args=["--bin", "shmcluster"]),
+        RustBin("shmcluster", path="../../Cargo.toml", args=["--bin", "shmcluster"], features=FEATURES),
     ],
     cmdclass={"build_rust": BuildRust, "bdist_wheel": PlatformWheel},
     zip_safe=False,
