@@ -42,9 +42,25 @@ step "the nats feature: hosts joined through a real NATS cluster"
 timeout 300 cargo test --features nats --lib bridge::
 timeout 900 cargo test --features nats,cli --test nats_harness --test hosts --test hosts_partition --test hosts_python --test bridge_master --test hosts_example
 
-step "python: the ctypes binding over libshmcluster (pytest)"
-cargo build -p shmcluster-ffi
-(cd ffi/python && SHMCLUSTER_LIB="$PWD/../../target/debug/libshmcluster.so" timeout 300 python3 -m pytest -q tests)
+step "python: the wheel (pip install ffi/python) in a fresh venv, its tests against the installed package"
+# pip builds the wheel with setuptools-rust (ffi/python/setup.py): a release
+# build of libshmcluster.so and of the shmcluster command into target/
+# (reused by later runs), bundled with the package. The tests then run
+# from outside the source tree, without SHMCLUSTER_LIB or PYTHONPATH, so
+# `import shmcluster` is the installed one and loads the bundled library;
+# test_cluster.py checks that (SHMCLUSTER_EXPECT_INSTALLED=1) and runs
+# `shmcluster run` from the venv: a file missing from the wheel fails here.
+venv="$PWD/target/python-venv"
+rm -rf "$venv"
+python3 -m venv "$venv"
+timeout 900 "$venv/bin/pip" install --quiet --disable-pip-version-check ./ffi/python pytest
+(
+  elsewhere="$(mktemp -d)"
+  trap 'rm -rf "$elsewhere"' EXIT
+  cd "$elsewhere"
+  env -u SHMCLUSTER_LIB -u PYTHONPATH SHMCLUSTER_EXPECT_INSTALLED=1 PYTHONDONTWRITEBYTECODE=1 \
+    timeout 300 "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$elsewhere" "$OLDPWD/ffi/python/tests"
+)
 
 step "node: the npm package (napi-rs addon) in one process and in a real cluster"
 # Node.js >= 20 and npm (.ci/run checks them). `npm install` builds the

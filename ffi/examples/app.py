@@ -9,6 +9,11 @@ http.server. From the repository root:
     target/release/shmcluster reload --wait   # a rolling reload, in about a second
     target/release/shmcluster stop --wait     # a graceful shutdown
 
+Or with the package installed (pip builds the library and the command):
+
+    python3 -m venv v && v/bin/pip install ./ffi/python
+    v/bin/shmcluster run -w 2 --listen 127.0.0.1:8080 -- v/bin/python ffi/examples/app.py
+
 Each worker takes the listener the master bound (fd 3), accepts on it with
 `worker.incoming(sock)` — which ends as soon as the master tells the worker
 to stop, so a reload or a shutdown does not wait out its drain deadline the
@@ -18,9 +23,9 @@ HTTP threads call `worker.map` from there, which goes through the worker's
 thread-safe handle. When the worker is told to stop it finishes the
 requests it has, and exits 0.
 
-The binding is found next to this file (ffi/python) if `shmcluster` is not
-importable, and the library through SHMCLUSTER_LIB or the workspace's
-target/ directory.
+The binding is the installed package, else the one next to this file
+(ffi/python); the library is the one bundled with the installed package,
+else SHMCLUSTER_LIB or the workspace's target/ directory.
 """
 
 import json

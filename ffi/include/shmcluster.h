@@ -5,7 +5,7 @@
  * Every function returns a shmc_result (or a plain value where it cannot
  * fail) and documents who owns what, how long borrowed data stays valid,
  * which threads may call it, and whether its handle survives fork():
- * shmc_segment, shmc_bytes, shmc_map_result and shmc_stats do;
+ * shmc_segment, shmc_events, shmc_bytes, shmc_map_result and shmc_stats do;
  * shmc_worker, shmc_handle, shmc_lock and shmc_reply do not
  * (SHMC_RESULT_FORKED). A shmc_worker is driven by one thread at a time;
  * other threads call through a shmc_handle (shmc_worker_handle).
@@ -144,6 +144,74 @@ typedef uint32_t shmc_result;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// What happened (the numbers are fixed). `SHMC_EVENT_KIND_EXIT` carries a
+// [`shmc_exit_reason`]; see [`shmc_event`] for what `value` holds.
+enum shmc_event_kind
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // A kind this library does not know (a newer master).
+  SHMC_EVENT_KIND_UNKNOWN = 0,
+  // The master started a worker process.
+  SHMC_EVENT_KIND_SPAWNED = 1,
+  // The worker declared itself ready.
+  SHMC_EVENT_KIND_ONLINE = 2,
+  // The worker's process ended (`reason` says why).
+  SHMC_EVENT_KIND_EXIT = 3,
+  // The slot crashed too often: no more restarts.
+  SHMC_EVENT_KIND_CRASH_LOOP = 4,
+  // A rolling reload began.
+  SHMC_EVENT_KIND_RELOAD_STARTED = 5,
+  // A rolling reload ended; `value` 1 if every instance was replaced.
+  SHMC_EVENT_KIND_RELOAD_FINISHED = 6,
+  // Graceful shutdown began.
+  SHMC_EVENT_KIND_SHUTDOWN_STARTED = 7,
+  // A worker held lock-table entry `value` past the hold limit.
+  SHMC_EVENT_KIND_LOCK_HELD_TOO_LONG = 8,
+  // The master could not start a worker (`value`: the errno); it retries.
+  SHMC_EVENT_KIND_START_FAILED = 9,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum shmc_event_kind shmc_event_kind;
+#else
+typedef uint32_t shmc_event_kind;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+// Why a worker's process ended, for `SHMC_EVENT_KIND_EXIT` (the numbers
+// are fixed; `NONE` for the other kinds).
+enum shmc_exit_reason
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // Not an exit (or a reason this library does not know).
+  SHMC_EXIT_REASON_NONE = 0,
+  // It exited on its own; `value` is the exit code.
+  SHMC_EXIT_REASON_EXITED = 1,
+  // A signal killed it; `value` is the signal.
+  SHMC_EXIT_REASON_SIGNALED = 2,
+  // Its heartbeat stopped; the master killed it.
+  SHMC_EXIT_REASON_HUNG = 3,
+  // A rolling reload replaced it.
+  SHMC_EXIT_REASON_RELOADED = 4,
+  // It ended in the cluster's shutdown.
+  SHMC_EXIT_REASON_SHUTDOWN = 5,
+  // It was not ready within the ready timeout; the master killed it.
+  SHMC_EXIT_REASON_NOT_READY = 6,
+  // It held a lock past the hold limit and the master killed it.
+  SHMC_EXIT_REASON_LOCK_HELD = 7,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum shmc_exit_reason shmc_exit_reason;
+#else
+typedef uint32_t shmc_exit_reason;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // How a handler was called (the numbers are fixed).
 enum shmc_call_kind
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -217,6 +285,15 @@ typedef uint32_t shmc_target_kind;
 // Read with [`shmc_bytes_data`] / [`shmc_bytes_len`]; freed with
 // [`shmc_bytes_free`]. Plain memory: any thread, survives fork.
 typedef struct shmc_bytes shmc_bytes;
+
+// A reader of the master's event log from the moment it was made
+// ([`shmc_events_new`]); freed by [`shmc_events_free`]. Without a master
+// it never reads an event (nobody publishes any).
+//
+// **Threads:** any thread, independent of the worker it was made from
+// (which may be busy on another thread, or freed); calls on one reader are
+// serialized. **fork():** survives (it reads the shared segment only).
+typedef struct shmc_events shmc_events;
 
 // A thread-safe handle on a worker, from [`shmc_worker_handle`], freed
 // with [`shmc_handle_free`]. Its calls are run by the thread that drives
@@ -300,6 +377,27 @@ typedef struct shmc_stats shmc_stats;
 // `SHMC_RESULT_FORKED`; the child attaches its own worker.
 typedef struct shmc_worker shmc_worker;
 
+// One event of the cluster's life, as the master published it.
+typedef struct {
+  // Its number in the log (0, 1, 2, ...).
+  uint64_t seq;
+  // What happened.
+  shmc_event_kind kind;
+  // Why the process ended (`SHMC_EVENT_KIND_EXIT`), else `NONE`.
+  shmc_exit_reason reason;
+  // The exit code, signal, errno or lock entry the kind names; 0 if none
+  // (`SHMC_EVENT_KIND_RELOAD_FINISHED`: 1 if it succeeded).
+  int32_t value;
+  // The slot concerned (`UINT32_MAX` for cluster-wide events).
+  uint32_t slot;
+  // The instance concerned (`UINT32_MAX` if none).
+  uint32_t index;
+  // The worker's pid (0 if none).
+  uint32_t pid;
+  // The worker's generation (0 if none).
+  uint32_t generation;
+} shmc_event;
+
 // What a consume did.
 typedef struct {
   // The slot whose handler finished the task.
@@ -346,6 +444,21 @@ typedef struct {
 typedef void (*shmc_handler_fn)(void *userdata,
                                 const shmc_message *message,
                                 shmc_response *response);
+
+// A change of leader of the default role, passed to a
+// [`shmc_leader_change_fn`].
+typedef struct {
+  // The new leader's slot.
+  uint32_t slot;
+  // Its term: larger than every earlier leader's of the role.
+  uint64_t term;
+  // Whether the new leader is this worker.
+  bool is_me;
+} shmc_leader_change;
+
+// A leader-change callback: `change` is valid during the call only.
+typedef void (*shmc_leader_change_fn)(void *userdata,
+                                      const shmc_leader_change *change);
 
 // What a synchronized section knows.
 typedef struct {
@@ -476,6 +589,86 @@ uint32_t shmc_abi_version(void);
 //
 // Thread-safe, survives fork.
 shmc_result shmc_check_abi_version(uint32_t header_version);
+
+// Makes a reader of the master's events from now on and stores it in
+// `*out` (free it with [`shmc_events_free`]).
+//
+// Any thread, also while another drives the worker.
+//
+// # Errors
+// `SHMC_RESULT_NULL_ARGUMENT`, `SHMC_RESULT_FORKED`.
+//
+// # Safety
+// `w` NULL or a live handle; `out` NULL or valid for a write.
+shmc_result shmc_events_new(const shmc_worker *w,
+                            shmc_events **out);
+
+// Waits up to `timeout_ms` (0: only looks; `SHMC_WAIT_FOREVER`: no limit)
+// for the next event and stores it in `*event`.
+//
+// # Errors
+// `SHMC_RESULT_TIMED_OUT` (no event in time; `*event` untouched),
+// `SHMC_RESULT_NULL_ARGUMENT`.
+//
+// # Safety
+// `events` NULL or a live reader; `event` NULL or valid for a write.
+shmc_result shmc_events_next(const shmc_events *events,
+                             uint64_t timeout_ms,
+                             shmc_event *event);
+
+// Stores in `*missed` how many events were overwritten before this reader
+// got to them (the log keeps the last 256).
+//
+// # Safety
+// `events` NULL or a live reader; `missed` NULL or valid for a write.
+shmc_result shmc_events_missed(const shmc_events *events,
+                               uint64_t *missed);
+
+// Frees a reader (NULL is ignored).
+//
+// # Safety
+// `events` NULL or a live reader, not used afterwards (nor during: no other
+// thread may be in a call on it).
+void shmc_events_free(shmc_events *events);
+
+// Writes the line an operator reads for `event` (`worker 1 ended: exited
+// with code 3 (slot 1, pid 4242, generation 2)`) into `buf`, as
+// [`crate::shmc_error_string`] writes (truncated to fit, NUL-terminated,
+// full length in `*out_len`).
+//
+// # Errors
+// `SHMC_RESULT_INVALID_ARGUMENT` for a kind or reason no event has,
+// `SHMC_RESULT_BUFFER_TOO_SMALL`, `SHMC_RESULT_NULL_ARGUMENT`.
+//
+// # Safety
+// `event` NULL or valid; `buf` valid for writes of `len` bytes; `out_len`
+// NULL or valid.
+shmc_result shmc_event_format(const shmc_event *event,
+                              char *buf,
+                              size_t len,
+                              size_t *out_len);
+
+// Writes the name of event kind `kind` (`"SPAWNED"`, `"EXIT"`, ...: the
+// `SHMC_EVENT_` constant without its prefix) into `buf`, as
+// [`shmc_event_format`] writes. `SHMC_RESULT_INVALID_ARGUMENT` for a number
+// that names no kind. Thread-safe, survives fork.
+//
+// # Safety
+// `buf` valid for writes of `len` bytes; `out_len` NULL or valid.
+shmc_result shmc_event_kind_name(uint32_t kind,
+                                 char *buf,
+                                 size_t len,
+                                 size_t *out_len);
+
+// Writes the name of exit reason `reason` (`"EXITED"`, `"SIGNALED"`, ...)
+// into `buf`, as [`shmc_event_kind_name`].
+//
+// # Safety
+// `buf` valid for writes of `len` bytes; `out_len` NULL or valid.
+shmc_result shmc_exit_reason_name(uint32_t reason,
+                                  char *buf,
+                                  size_t len,
+                                  size_t *out_len);
 
 // Makes a thread-safe handle on worker `w` and stores it in `*out` (see
 // [`shmc_handle`]). Any thread, any time, also while another thread is
@@ -746,6 +939,25 @@ shmc_result shmc_publish(const shmc_worker *w,
                          const uint8_t *data,
                          size_t len,
                          uint64_t timeout_ms);
+
+// Runs `callback(userdata, change)` whenever the default role gets a new
+// leader (the first time for the leader of the moment, then for each
+// later one), on the thread that drives the worker, while it dispatches
+// ([`crate::shmc_poll`], [`crate::shmc_run`], a blocking call). Watching
+// does not campaign. The callback must not call back into this worker
+// (`SHMC_RESULT_BUSY`); it may use a [`crate::shmc_handle`]. Callbacks
+// stay registered for the worker's life.
+//
+// # Errors
+// `SHMC_RESULT_NULL_ARGUMENT` (`callback` NULL), `SHMC_RESULT_BUSY`,
+// `SHMC_RESULT_FORKED`.
+//
+// # Safety
+// `w` NULL or a live handle; `userdata` is passed to `callback` from the
+// thread that drives the worker (the caller makes that safe).
+shmc_result shmc_on_leader_change(const shmc_worker *w,
+                                  shmc_leader_change_fn callback,
+                                  void *userdata);
 
 // Takes lock `name` (`""` is the global lock) for this worker, waiting up
 // to `timeout_ms` (`SHMC_WAIT_FOREVER`: without limit), and stores the held

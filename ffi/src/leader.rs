@@ -7,6 +7,7 @@ use crate::call::Via;
 use crate::messaging::{call_sync, give_bytes, shmc_bytes, shmc_handler_fn, UserData};
 use crate::result::{shmc_result, Failure};
 use crate::worker::{shmc_worker, with_worker};
+use shmcluster_rs::LeaderChange;
 
 /// A role name argument: NULL or `""` is the default role.
 ///
@@ -269,6 +270,68 @@ pub(crate) unsafe fn publish(
                 timeout_ms,
                 |m, topic, data, deadline| m.publish_bytes(topic, data, deadline),
             )
+        }
+    })
+}
+
+/// A change of leader of the default role, passed to a
+/// [`shmc_leader_change_fn`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct shmc_leader_change {
+    /// The new leader's slot.
+    pub slot: u32,
+    /// Its term: larger than every earlier leader's of the role.
+    pub term: u64,
+    /// Whether the new leader is this worker.
+    pub is_me: bool,
+}
+
+/// A leader-change callback: `change` is valid during the call only.
+pub type shmc_leader_change_fn =
+    Option<unsafe extern "C" fn(userdata: *mut c_void, change: *const shmc_leader_change)>;
+
+/// Runs `callback(userdata, change)` whenever the default role gets a new
+/// leader (the first time for the leader of the moment, then for each
+/// later one), on the thread that drives the worker, while it dispatches
+/// ([`crate::shmc_poll`], [`crate::shmc_run`], a blocking call). Watching
+/// does not campaign. The callback must not call back into this worker
+/// (`SHMC_RESULT_BUSY`); it may use a [`crate::shmc_handle`]. Callbacks
+/// stay registered for the worker's life.
+///
+/// # Errors
+/// `SHMC_RESULT_NULL_ARGUMENT` (`callback` NULL), `SHMC_RESULT_BUSY`,
+/// `SHMC_RESULT_FORKED`.
+///
+/// # Safety
+/// `w` NULL or a live handle; `userdata` is passed to `callback` from the
+/// thread that drives the worker (the caller makes that safe).
+#[no_mangle]
+pub unsafe extern "C" fn shmc_on_leader_change(
+    w: *const shmc_worker,
+    callback: shmc_leader_change_fn,
+    userdata: *mut c_void,
+) -> shmc_result {
+    guard(|| {
+        let f = callback.ok_or_else(|| Failure::new(shmc_result::NullArgument, "callback is NULL"))?;
+        let userdata = UserData(userdata);
+        let call = move |change: &LeaderChange| {
+            let userdata = userdata;
+            let c = shmc_leader_change {
+                slot: change.leader.slot,
+                term: change.leader.term,
+                is_me: change.is_me,
+            };
+            // SAFETY: the callback's contract (above): it gets a change
+            // valid for the call and its own userdata.
+            unsafe { f(userdata.0, &c) };
+        };
+        // SAFETY: forwarded from our caller.
+        unsafe {
+            with_worker(w, |inner| {
+                inner.messenger.on_leader_change(call);
+                Ok(())
+            })
         }
     })
 }

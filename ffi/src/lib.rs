@@ -5,7 +5,7 @@
 //! # Rules every function follows
 //!
 //! - **Handles are opaque** (`shmc_segment`, `shmc_worker`, `shmc_handle`, `shmc_lock`,
-//!   `shmc_reply`, `shmc_bytes`, `shmc_map_result`, `shmc_stats`): made by a
+//!   `shmc_reply`, `shmc_bytes`, `shmc_map_result`, `shmc_stats`, `shmc_events`): made by a
 //!   `shmc_*` function, freed by the `*_free` (or consuming) function named
 //!   in its documentation, never by `free(3)`.
 //! - **Enum arguments are `uint32_t`** in the header and checked here: a
@@ -25,13 +25,13 @@
 //!   `SHMC_RESULT_BUSY` instead of corrupting it. The exceptions, callable
 //!   from any thread at any time, are [`shmc_request_shutdown`],
 //!   [`shmc_request_reload`], [`shmc_ready`], [`shmc_should_stop`], [`shmc_worker_accept`],
-//!   [`shmc_worker_handle`] and the `shmc_reply_*` functions. Other threads
+//!   [`shmc_worker_handle`], [`shmc_events_new`] and the `shmc_reply_*` functions. Other threads
 //!   message through a [`shmc_handle`] ([`shmc_worker_handle`]): its calls
 //!   are run by the thread that drives the worker. A `shmc_lock` must be
 //!   released on the thread that took it.
-//! - **fork().** `shmc_segment` (a shared mapping), `shmc_bytes`,
-//!   `shmc_map_result` and `shmc_stats` (plain memory) may be used in a
-//!   forked child. `shmc_worker`, `shmc_handle`, `shmc_lock` and
+//! - **fork().** `shmc_segment` and `shmc_events` (a shared mapping),
+//!   `shmc_bytes`, `shmc_map_result` and `shmc_stats` (plain memory) may be
+//!   used in a forked child. `shmc_worker`, `shmc_handle`, `shmc_lock` and
 //!   `shmc_reply` must not: they
 //!   stand for the parent's slot, thread and pending calls. In a child every
 //!   function given one returns `SHMC_RESULT_FORKED` and does nothing, and
@@ -45,6 +45,7 @@
 
 mod boundary;
 mod call;
+mod events;
 mod handle;
 mod leader;
 mod lock;
@@ -53,6 +54,7 @@ mod result;
 mod segment;
 mod worker;
 
+pub use events::*;
 pub use handle::*;
 pub use leader::*;
 pub use lock::*;

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use shmcluster_rs::raw::Layout;
 use shmcluster_rs::{
-    ClusterStats, HandlerId, Listener, Locks, Messenger, MessengerHandle, StopWatch, Worker, WorkerState,
+    ClusterStats, Events, HandlerId, Listener, Locks, Messenger, MessengerHandle, StopWatch, Worker,
+    WorkerState,
 };
 
 use crate::boundary::{
@@ -52,6 +53,10 @@ pub struct shmc_worker {
     pub(crate) workers: u32,
     /// The largest payload of a call (`Messenger::max_payload`).
     pub(crate) max_payload: usize,
+    /// A reader of the master's event log from the worker's start, cloned
+    /// by [`crate::shmc_events_new`] from any thread (it reads the shared
+    /// segment only, not the messenger).
+    pub(crate) events: Events,
     inner: UnsafeCell<WorkerInner>,
 }
 
@@ -156,6 +161,7 @@ impl shmc_worker {
             slot,
             workers: layout.workers(),
             max_payload: messenger.max_payload(),
+            events: messenger.worker().events(),
             inner: UnsafeCell::new(WorkerInner {
                 messenger,
                 listeners: listeners.into_iter().map(Some).collect(),

@@ -99,3 +99,8 @@ fn enum_arguments() {
 fn handle_and_accept() {
     c_test("handle");
 }
+
+#[test]
+fn events_and_leader_change() {
+    c_test("events");
+}
