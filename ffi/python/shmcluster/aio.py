@@ -1,0 +1,491 @@
+"""shmcluster for asyncio: a worker driven by the event loop's own thread.
+
+:class:`AsyncWorker` wraps a :class:`shmcluster.Worker` and drives it from
+the loop, through the C ABI's polled driver (``shmc_start_*``,
+``shmc_turn``, ``shmc_take_finished``; ffi/src/polled.rs): the slot's wake
+eventfd is registered with ``loop.add_reader``, so a message or an answer
+wakes the loop like any socket, and nothing blocks it:
+
+- ``await aw.request(slot, event, data)``, ``await aw.map(event, data)``,
+  ``await aw.consume(event, data)`` start the call and return at once; the
+  loop resolves the future when its end comes;
+- handlers (``aw.on(event, fn)``) run on the loop's thread; ``fn`` may be a
+  coroutine function: the call is answered when it finishes, an exception
+  answers ``HandlerFailed``;
+- ``async with aw.synchronize(name):`` holds a cross-process lock across
+  awaits: a lock belongs to a thread, so each section has a thread of its
+  own that takes the lock, waits for the section to end, and releases it.
+
+Under ``shmcluster run``, :meth:`AsyncWorker.from_env` attaches and keeps
+the Python signal handlers a server installed (uvicorn's, gunicorn's), so
+``SIGTERM`` still starts the server's graceful shutdown; the master's stop
+request is also :meth:`AsyncWorker.should_stop` / :meth:`AsyncWorker.stopped`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import inspect
+import os
+import signal
+import threading
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+
+from . import (
+    BUSY,
+    LOCK_TIMEOUT,
+    OK,
+    HandlerFailed,
+    Message,
+    ShmclusterError,
+    Worker,
+    WAIT_FOREVER,
+    _ASYNC,
+    _CLASSES,
+    _check,
+    _map_entries,
+    _ms,
+    load_library,
+)
+
+__all__ = ["AsyncWorker", "Section"]
+
+# shmc_turn_kind and shmc_end_kind (ffi/src/polled.rs; the numbers are fixed).
+_TURN_BUSY, _TURN_PARKED, _TURN_IDLE = 0, 1, 2
+_END_ANSWER, _END_MAP, _END_CONSUMED = 0, 1, 2
+
+# Turns per loop callback before other callbacks get the thread (a flood
+# of messages must not starve the loop's sockets and timers).
+_TURNS_PER_CALLBACK = 64
+# Without an eventfd (shmc_turn says IDLE): how often the loop looks.
+_IDLE_PERIOD = 0.002
+# How long a section's thread waits for its lock between looks at whether
+# the section was cancelled.
+_LOCK_SLICE_MS = 100
+
+Payload = Union[bytes, bytearray, memoryview, str, None]
+Handler = Callable[[Message], Union[Payload, Awaitable[Payload]]]
+MapEntries = List[Tuple[int, Union[bytes, ShmclusterError]]]
+
+
+class _Consumed(ctypes.Structure):
+    _fields_ = [
+        ("slot", ctypes.c_uint32), ("generation", ctypes.c_uint32),
+        ("delivery_id", ctypes.c_uint64), ("attempts", ctypes.c_uint32),
+    ]
+
+
+class _CallEnd(ctypes.Structure):
+    _fields_ = [
+        ("ticket", ctypes.c_uint64), ("kind", ctypes.c_uint32), ("status", ctypes.c_uint32),
+        ("data", ctypes.c_void_p), ("len", ctypes.c_size_t), ("consumed", _Consumed),
+    ]
+
+
+_prototyped = False
+
+
+def _lib() -> Any:
+    """The library with the polled driver's prototypes set (once)."""
+    global _prototyped
+    lib = load_library()
+    if not _prototyped:
+        P, U32, U64, SZ = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
+        sig = {
+            "shmc_wake_fd": ([P, ctypes.POINTER(ctypes.c_int32)], U32),
+            "shmc_start_request": ([P, U32, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(U64)], U32),
+            "shmc_start_map": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(U64)], U32),
+            "shmc_start_consume": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(U64)], U32),
+            "shmc_turn": ([P, ctypes.POINTER(U32)], U32),
+            "shmc_unpark": ([P], U32),
+            "shmc_next_due": ([P, ctypes.POINTER(U64)], U32),
+            "shmc_take_finished": ([P, ctypes.POINTER(P)], U32),
+            "shmc_finished_len": ([P], SZ),
+            "shmc_finished_get": ([P, SZ, ctypes.POINTER(_CallEnd)], U32),
+            "shmc_finished_take_map": ([P, SZ, ctypes.POINTER(P)], U32),
+            "shmc_finished_free": ([P], None),
+            "shmc_worker_locks": ([P, ctypes.POINTER(P)], U32),
+            "shmc_locks_acquire": ([P, ctypes.c_char_p, U64, ctypes.POINTER(P)], U32),
+            "shmc_locks_free": ([P], None),
+            "shmc_lock_previous_owner_died": ([P], ctypes.c_bool),
+            "shmc_lock_fencing_token": ([P], U64),
+            "shmc_unlock": ([P], U32),
+            "shmc_reply_send": ([P, ctypes.c_char_p, SZ], U32),
+            "shmc_reply_fail": ([P, ctypes.c_char_p], U32),
+            "shmc_reply_free": ([P], None),
+            "shmc_on_request": ([P, ctypes.c_char_p, _ASYNC, P, ctypes.POINTER(U64)], U32),
+        }
+        for name, (args, res) in sig.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        _prototyped = True
+    return lib
+
+
+def _bytes(out: Payload) -> bytes:
+    if out is None:
+        return b""
+    if isinstance(out, str):
+        return out.encode("utf-8")
+    return bytes(out)
+
+
+def _error(status: int, what: str, text: bytes) -> ShmclusterError:
+    cls = _CLASSES.get(status, ShmclusterError)
+    return cls(status, f"{what}: {text.decode('utf-8', 'replace')}")
+
+
+class Section:
+    """What ``async with aw.synchronize(name) as section`` gives: whether
+    the previous holder died inside its section, and this acquisition's
+    fencing token."""
+
+    def __init__(self, previous_owner_died: bool, fencing_token: int) -> None:
+        self.previous_owner_died = previous_owner_died
+        self.fencing_token = fencing_token
+
+
+class AsyncWorker:
+    """A :class:`shmcluster.Worker` driven by an asyncio loop (its thread
+    only: every method but :meth:`should_stop` must be called on it)."""
+
+    def __init__(self, worker: Worker, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        self.worker = worker
+        self.loop = loop or asyncio.get_running_loop()
+        self._lib = _lib()
+        self._ptr = worker._ptr
+        self._calls: Dict[int, Tuple[asyncio.Future, str]] = {}
+        self._callbacks: List[Any] = []  # ctypes callbacks outlive their registration
+        self._tasks: set = set()  # coroutine handlers running
+        self._locks: Optional[ctypes.c_void_p] = None
+        self._parked = False
+        self._scheduled = False
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._closed = False
+        fd = ctypes.c_int32(-1)
+        _check(self._lib.shmc_wake_fd(self._ptr, ctypes.byref(fd)), "wake_fd")
+        self._fd = fd.value if fd.value >= 0 else None
+        if self._fd is not None:
+            self.loop.add_reader(self._fd, self._on_wake)
+        self._schedule()
+
+    @classmethod
+    def from_env(cls, keep_python_signals: bool = True) -> "AsyncWorker":
+        """Attaches the worker ``shmcluster run`` spawned this process as,
+        driven by the running loop. The library turns ``SIGTERM``/``SIGINT``
+        into a stop request; with ``keep_python_signals`` a handler Python
+        code installed before (a server's graceful shutdown) is put back,
+        so the signal reaches it as before."""
+        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        worker = Worker.from_env()
+        if keep_python_signals and threading.current_thread() is threading.main_thread():
+            for s, h in saved.items():
+                if callable(h) or h == signal.SIG_IGN:
+                    signal.signal(s, h)
+        return cls(worker)
+
+    # identity and lifecycle ---------------------------------------------
+    @property
+    def slot(self) -> int:
+        return self.worker.slot
+
+    @property
+    def index(self) -> int:
+        return self.worker.index
+
+    def ready(self) -> None:
+        """Tells the master this worker serves (a rolling reload waits for it)."""
+        self.worker.ready()
+
+    def should_stop(self) -> bool:
+        """Whether the master (or a signal) asked this worker to stop."""
+        return self.worker.should_stop()
+
+    async def stopped(self, period: float = 0.05) -> None:
+        """Returns when this worker is told to stop (checked every ``period``)."""
+        while not self.should_stop():
+            await asyncio.sleep(period)
+
+    def close(self) -> None:
+        """Stops driving the worker: calls still waiting fail with
+        ``WorkerClosed``. The :class:`Worker` itself stays open (close it
+        after, if this program owns it)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._fd is not None:
+            self.loop.remove_reader(self._fd)
+        if self._timer is not None:
+            self._timer.cancel()
+        for fut, what in self._calls.values():
+            if not fut.done():
+                fut.set_exception(_error(11, what, b"the worker was closed"))
+        self._calls.clear()
+        if self._locks is not None:
+            self._lib.shmc_locks_free(self._locks)
+            self._locks = None
+
+    async def __aenter__(self) -> "AsyncWorker":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+    # driving ---------------------------------------------------------------
+    def _on_wake(self) -> None:
+        try:
+            os.read(self._fd, 8)  # the eventfd's count: clears it
+        except BlockingIOError:
+            pass
+        self._turn()
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            self.loop.call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        lib = self._lib
+        if self._parked:
+            self._parked = False
+            _check(lib.shmc_unpark(self._ptr), "unpark")
+        kind = ctypes.c_uint32(_TURN_BUSY)
+        for _ in range(_TURNS_PER_CALLBACK):
+            code = lib.shmc_turn(self._ptr, ctypes.byref(kind))
+            if code == BUSY:
+                # A blocking call on the Worker from another thread: it
+                # dispatches meanwhile. Come back shortly.
+                kind.value = _TURN_IDLE
+                break
+            if code != OK:
+                # A corrupt lane is poisoned and reported once; the others
+                # keep being served.
+                self.loop.call_exception_handler({"message": "shmcluster turn failed",
+                                                  "exception": _error(code, "turn", b"")})
+                kind.value = _TURN_BUSY
+                break
+            if kind.value != _TURN_BUSY:
+                break
+        self._settle()
+        if kind.value == _TURN_BUSY:
+            self._schedule()
+        elif kind.value == _TURN_PARKED:
+            self._parked = True
+        due = ctypes.c_uint64()
+        _check(lib.shmc_next_due(self._ptr, ctypes.byref(due)), "next_due")
+        delay = None if due.value == WAIT_FOREVER else due.value / 1000.0
+        if kind.value == _TURN_IDLE:
+            delay = _IDLE_PERIOD if delay is None else min(delay, _IDLE_PERIOD)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if delay is not None:
+            self._timer = self.loop.call_later(delay, self._turn)
+
+    def _settle(self) -> None:
+        lib = self._lib
+        out = ctypes.c_void_p()
+        _check(lib.shmc_take_finished(self._ptr, ctypes.byref(out)), "take_finished")
+        try:
+            for i in range(lib.shmc_finished_len(out)):
+                end = _CallEnd()
+                _check(lib.shmc_finished_get(out, i, ctypes.byref(end)), "finished_get")
+                fut, what = self._calls.pop(end.ticket, (None, ""))
+                if end.kind == _END_MAP:
+                    m = ctypes.c_void_p()
+                    _check(lib.shmc_finished_take_map(out, i, ctypes.byref(m)), "finished_take_map")
+                    value: Any = _map_entries(m)  # frees it
+                elif end.status != OK:
+                    text = ctypes.string_at(end.data, end.len) if end.len else b""
+                    value = _error(end.status, what, text)
+                elif end.kind == _END_CONSUMED:
+                    c = end.consumed
+                    value = (c.slot, c.delivery_id, c.attempts)
+                else:
+                    value = ctypes.string_at(end.data, end.len) if end.len else b""
+                if fut is None or fut.done():
+                    continue  # cancelled by its caller
+                if isinstance(value, ShmclusterError):
+                    fut.set_exception(value)
+                else:
+                    fut.set_result(value)
+        finally:
+            lib.shmc_finished_free(out)
+
+    def _start(self, what: str, code: int, ticket: ctypes.c_uint64) -> "asyncio.Future[Any]":
+        _check(code, what)
+        fut = self.loop.create_future()
+        self._calls[ticket.value] = (fut, what)
+        self._schedule()
+        return fut
+
+    def _live(self) -> None:
+        if self._closed:
+            raise _error(11, "call", b"the AsyncWorker is closed")
+
+    # calls ---------------------------------------------------------------
+    async def request(self, slot: int, event: str, data: Payload = b"", timeout: Optional[float] = 10.0) -> bytes:
+        """Asks worker ``slot``'s first handler for ``event``; its answer."""
+        self._live()
+        data = _bytes(data)
+        t = ctypes.c_uint64()
+        code = self._lib.shmc_start_request(self._ptr, slot, event.encode(), data, len(data), _ms(timeout),
+                                            ctypes.byref(t))
+        return await self._start("request", code, t)
+
+    async def map(self, event: str, data: Payload = b"", timeout: Optional[float] = 10.0) -> MapEntries:
+        """Every live worker (this one included) runs its first handler for
+        ``event``: one entry per worker, ``(slot, bytes)`` or
+        ``(slot, exception)``, in slot order."""
+        self._live()
+        data = _bytes(data)
+        t = ctypes.c_uint64()
+        code = self._lib.shmc_start_map(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(t))
+        return await self._start("map", code, t)
+
+    async def consume(self, event: str, data: Payload = b"", timeout: Optional[float] = 10.0) -> Tuple[int, int, int]:
+        """Runs ``event`` on exactly one live worker with a handler (at least
+        once); ``(slot, delivery_id, attempts)``."""
+        self._live()
+        data = _bytes(data)
+        t = ctypes.c_uint64()
+        code = self._lib.shmc_start_consume(self._ptr, event.encode(), data, len(data), _ms(timeout),
+                                            ctypes.byref(t))
+        return await self._start("consume", code, t)
+
+    # handlers --------------------------------------------------------------
+    def on(self, event: str, handler: Optional[Handler] = None) -> Any:
+        """Registers ``handler(message)`` for ``event`` (also as a decorator).
+        It runs on the loop's thread; it may return bytes/str/None or an
+        awaitable of them (a coroutine function): the call is answered when
+        it finishes. An exception answers ``HandlerFailed`` with its text."""
+
+        def register(fn: Handler) -> Handler:
+            lib = self._lib
+
+            def fail(reply: int, e: BaseException) -> None:
+                text = str(e) or type(e).__name__
+                lib.shmc_reply_fail(reply, text.encode("utf-8", "replace"))
+
+            def send(reply: int, out: Payload) -> None:
+                try:
+                    body = _bytes(out)
+                except Exception as e:
+                    fail(reply, e)
+                    return
+                lib.shmc_reply_send(reply, body, len(body))
+
+            def trampoline(_userdata: Any, message: Any, reply: int) -> None:
+                try:
+                    out = fn(Message(message.contents))
+                except Exception as e:  # the handler's failure goes to the caller
+                    fail(reply, e)
+                    return
+                if not inspect.isawaitable(out):
+                    send(reply, out)
+                    return
+                task = asyncio.ensure_future(out, loop=self.loop)
+                self._tasks.add(task)
+
+                def done(t: "asyncio.Future[Any]") -> None:
+                    self._tasks.discard(t)
+                    if t.cancelled():
+                        lib.shmc_reply_fail(reply, b"handler cancelled")
+                    elif t.exception() is not None:
+                        fail(reply, t.exception())
+                    else:
+                        send(reply, t.result())
+
+                task.add_done_callback(done)
+
+            cb = _ASYNC(trampoline)
+            self._callbacks.append(cb)
+            hid = ctypes.c_uint64()
+            _check(lib.shmc_on_request(self._ptr, event.encode(), cb, None, ctypes.byref(hid)), "on")
+            return fn
+
+        return register(handler) if handler is not None else register
+
+    # locks -------------------------------------------------------------------
+    @asynccontextmanager
+    async def synchronize(self, name: str = "", timeout: Optional[float] = None) -> AsyncIterator[Section]:
+        """``async with aw.synchronize("name") as section:`` — a critical
+        section across processes, held across awaits (by a thread of its
+        own, which takes the lock and releases it when the block ends; the
+        loop never waits for the lock). ``LockError`` (``LOCK_TIMEOUT``)
+        after ``timeout`` seconds (None: no limit)."""
+        self._live()
+        lib = self._lib
+        if self._locks is None:
+            out = ctypes.c_void_p()
+            _check(lib.shmc_worker_locks(self._ptr, ctypes.byref(out)), "worker_locks")
+            self._locks = out
+        locks, loop = self._locks, self.loop
+        acquired: "asyncio.Future[Section]" = loop.create_future()
+        released: "asyncio.Future[None]" = loop.create_future()
+        release = threading.Event()
+        cancelled = threading.Event()
+        deadline = None if timeout is None else loop.time() + timeout
+        encoded = name.encode()
+
+        def resolve(fut: "asyncio.Future[Any]", value: Any, error: Optional[BaseException] = None) -> None:
+            if not fut.done():
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(value)
+
+        def post(fut: "asyncio.Future[Any]", value: Any, error: Optional[BaseException] = None) -> None:
+            try:
+                loop.call_soon_threadsafe(resolve, fut, value, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits
+
+        def section_thread() -> None:
+            held = ctypes.c_void_p()
+            while True:
+                if cancelled.is_set():
+                    post(released, None)
+                    return
+                left = _LOCK_SLICE_MS
+                if deadline is not None:
+                    left = max(0, min(left, int((deadline - loop.time()) * 1000)))
+                code = lib.shmc_locks_acquire(locks, encoded, left, ctypes.byref(held))
+                if code == OK:
+                    break
+                if code == LOCK_TIMEOUT and (deadline is None or loop.time() < deadline):
+                    continue
+                try:
+                    _check(code, "synchronize")
+                except ShmclusterError as e:
+                    post(acquired, None, e)
+                post(released, None)
+                return
+            try:
+                if not cancelled.is_set():
+                    post(acquired, Section(bool(lib.shmc_lock_previous_owner_died(held)),
+                                           int(lib.shmc_lock_fencing_token(held))))
+                    release.wait()
+            finally:
+                lib.shmc_unlock(held)
+                post(released, None)
+
+        threading.Thread(target=section_thread, name=f"shmcluster-lock-{name}", daemon=True).start()
+        try:
+            section = await acquired
+        except BaseException:
+            cancelled.set()
+            release.set()
+            raise
+        try:
+            yield section
+        finally:
+            release.set()
+            # The lock is free once its thread has released it (a section
+            # that follows in this task then takes it without a wait).
+            await asyncio.shield(released)
