@@ -137,6 +137,23 @@ def _error(status: int, what: str, text: bytes) -> ShmclusterError:
     return cls(status, f"{what}: {text.decode('utf-8', 'replace')}")
 
 
+def _inherited_listeners() -> set:
+    """The (device, inode) of each socket the master handed this process
+    (``LISTEN_FDS`` descriptors from 3), to recognise their duplicates."""
+    out = set()
+    try:
+        n = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return out
+    for fd in range(3, 3 + n):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        out.add((st.st_dev, st.st_ino))
+    return out
+
+
 class Section:
     """What ``async with aw.synchronize(name) as section`` gives: whether
     the previous holder died inside its section, and this acquisition's
@@ -164,6 +181,10 @@ class AsyncWorker:
         self._scheduled = False
         self._timer: Optional[asyncio.TimerHandle] = None
         self._closed = False
+        self._listeners: set = set()
+        # The Python handlers of SIGTERM and SIGINT before from_env (a
+        # server's: call one to start its own shutdown after a drain).
+        self.saved_signal_handlers: Dict[int, Any] = {}
         fd = ctypes.c_int32(-1)
         _check(self._lib.shmc_wake_fd(self._ptr, ctypes.byref(fd)), "wake_fd")
         self._fd = fd.value if fd.value >= 0 else None
@@ -179,12 +200,38 @@ class AsyncWorker:
         code installed before (a server's graceful shutdown) is put back,
         so the signal reaches it as before."""
         saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        listeners = _inherited_listeners()
         worker = Worker.from_env()
         if keep_python_signals and threading.current_thread() is threading.main_thread():
             for s, h in saved.items():
                 if callable(h) or h == signal.SIG_IGN:
                     signal.signal(s, h)
-        return cls(worker)
+        aw = cls(worker)
+        aw.saved_signal_handlers = saved
+        aw._listeners = listeners
+        return aw
+
+    def stop_accepting(self) -> int:
+        """Stops this loop accepting on the listeners the master handed the
+        process (``LISTEN_FDS``; a server such as ``uvicorn --fd 3`` accepts
+        on a duplicate of one): their readers are removed from the loop,
+        the sockets stay open, and the connections waiting in the shared
+        backlog go to the other workers. Returns how many readers it
+        removed. The first step of a drain that loses no request: stop
+        accepting, answer what comes on the open connections with
+        ``Connection: close``, then let the server shut down."""
+        removed = 0
+        if not self._listeners:
+            return 0
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in self._listeners and self.loop.remove_reader(fd):
+                removed += 1
+        return removed
 
     # identity and lifecycle ---------------------------------------------
     @property
