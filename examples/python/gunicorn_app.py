@@ -9,6 +9,9 @@ all accepting on the listener the master bound. From the repository root:
     curl 127.0.0.1:8000/          # "hello from worker 2 (slot 2, pid 4242)"
     curl 127.0.0.1:8000/peers     # a map over every worker, as JSON
     curl 127.0.0.1:8000/count     # a counter shared by the workers, under a lock
+    curl '127.0.0.1:8000/slow?ms=800'   # answers after 800 ms (a request to drain)
+    target/debug/shmcluster reload --wait   # a rolling reload (SIGHUP to the master)
+    target/debug/shmcluster stop --wait     # a graceful shutdown
 
 The master spawns gunicorn with LISTEN_FDS=1 and LISTEN_PID set to its pid:
 gunicorn's arbiter adopts fd 3 instead of binding. Its sync worker (a
@@ -21,6 +24,8 @@ request handlers call `map` and `synchronize` from gunicorn's thread
 import json
 import os
 import tempfile
+import time
+from urllib.parse import parse_qs
 
 COUNTER = os.environ.get("GUNICORN_APP_COUNTER") or os.path.join(tempfile.gettempdir(), "gunicorn_app.count")
 
@@ -32,6 +37,10 @@ def app(environ, start_response):
     w, me = cluster["worker"], cluster["me"]
     path = environ.get("PATH_INFO", "/")
     if path == "/":
+        body = "hello from worker %(index)d (slot %(slot)d, pid %(pid)d)\n" % me
+    elif path == "/slow":
+        ms = int(parse_qs(environ.get("QUERY_STRING", "")).get("ms", ["1000"])[0])
+        time.sleep(ms / 1000)
         body = "hello from worker %(index)d (slot %(slot)d, pid %(pid)d)\n" % me
     elif path == "/peers":
         peers = []
@@ -47,7 +56,7 @@ def app(environ, start_response):
                 n = 0
             with open(COUNTER, "w") as f:
                 f.write(str(n + 1))
-        body = "%d\n" % (n + 1)
+        body = "%d (slot %d, pid %d)\n" % (n + 1, me["slot"], me["pid"])
     else:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]

@@ -10,6 +10,7 @@ From the repository root:
     curl 127.0.0.1:8000/peers     # a map over every worker, as JSON
     curl 127.0.0.1:8000/count     # a counter shared by the workers, under a lock
     curl '127.0.0.1:8000/flood?n=1000'   # 1,000 maps in flight; the worker serves on
+    curl '127.0.0.1:8000/slow?ms=800'    # answers after 800 ms (a request to drain)
     target/debug/shmcluster reload --wait   # a rolling reload (SIGHUP to the master)
     target/debug/shmcluster stop --wait     # a graceful shutdown
 
@@ -181,7 +182,13 @@ async def app(scope, receive, send):
             peers.append({"slot": slot, "error": str(value)} if isinstance(value, Exception) else json.loads(value))
         return await answer(send, 200, json.dumps(peers) + "\n", "application/json")
     if path == "/count":
-        return await answer(send, 200, "%d\n" % await count())
+        n = await count()
+        return await answer(send, 200, "%d (slot %d, pid %d)\n" % (n, state["me"]["slot"], state["me"]["pid"]))
+    if path == "/slow":
+        query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if "=" in p)
+        await asyncio.sleep(int(query.get("ms", "1000")) / 1000)
+        me = state["me"]
+        return await answer(send, 200, "hello from worker %(index)d (slot %(slot)d, pid %(pid)d)\n" % me)
     if path == "/flood":
         query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if "=" in p)
         report = await flood(int(query.get("n", "1000")), float(query.get("seconds", "0.5")))
