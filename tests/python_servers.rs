@@ -397,6 +397,9 @@ fn shutdown_finishes_the_slow_request_in_flight(kind: Kind) -> Check {
     Ok(())
 }
 
+/// `GET /count`'s answers: (value, pid).
+type Counted = Vec<(u64, u32)>;
+
 /// 200 `GET /count` from 8 threads (5 connections of 5 requests each):
 /// the workers' shared counter (a file, changed under `synchronize`)
 /// returns every value 1..=200 exactly once, and more than one worker
@@ -404,7 +407,7 @@ fn shutdown_finishes_the_slow_request_in_flight(kind: Kind) -> Check {
 fn counter_is_exact_across_workers(kind: Kind) -> Check {
     let server = Server::start(kind)?;
     let barrier = Arc::new(Barrier::new(8));
-    let threads: Vec<JoinHandle<Result<Vec<(u64, u32)>, String>>> = (0..8)
+    let threads: Vec<JoinHandle<Result<Counted, String>>> = (0..8)
         .map(|_| {
             let (addr, barrier) = (server.addr.clone(), barrier.clone());
             std::thread::spawn(move || {
