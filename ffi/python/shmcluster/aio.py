@@ -67,6 +67,14 @@ _IDLE_PERIOD = 0.002
 # the section was cancelled.
 _LOCK_SLICE_MS = 100
 
+# Calls one AsyncWorker has started and not yet seen end; the next ones
+# wait for a place on the loop. A start sends at once, and when the lane to
+# its target is full it waits there (running this worker's handlers) until
+# the target reads: a wait on the loop's thread, and with two AsyncWorkers
+# on one loop a stall until the call's deadline (the reader is this
+# thread). 512 small calls stay well inside a lane (64 KiB by default).
+DEFAULT_MAX_IN_FLIGHT = 512
+
 Payload = Union[bytes, bytearray, memoryview, str, None]
 Handler = Callable[[Message], Union[Payload, Awaitable[Payload]]]
 MapEntries = List[Tuple[int, Union[bytes, ShmclusterError]]]
@@ -120,9 +128,13 @@ class AsyncWorker:
     """A :class:`shmcluster.Worker` driven by an asyncio loop (its thread
     only: every method but :meth:`should_stop` must be called on it)."""
 
-    def __init__(self, worker: Worker, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+    def __init__(self, worker: Worker, loop: Optional[asyncio.AbstractEventLoop] = None,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         self.worker = worker
         self.loop = loop or asyncio.get_running_loop()
+        # Calls started and not yet ended; more wait here, on the loop (see
+        # DEFAULT_MAX_IN_FLIGHT).
+        self._in_flight = asyncio.Semaphore(max_in_flight)
         self._lib = _lib()
         self._ptr = worker._ptr
         self._calls: Dict[int, Tuple[asyncio.Future, str]] = {}
@@ -295,6 +307,8 @@ class AsyncWorker:
                 end = _CallEnd()
                 _check(lib.shmc_finished_get(out, i, ctypes.byref(end)), "finished_get")
                 fut, what = self._calls.pop(end.ticket, (None, ""))
+                if fut is not None:
+                    self._in_flight.release()
                 if end.kind == _END_MAP:
                     m = ctypes.c_void_p()
                     _check(lib.shmc_finished_take_map(out, i, ctypes.byref(m)), "finished_take_map")
@@ -316,12 +330,22 @@ class AsyncWorker:
         finally:
             lib.shmc_finished_free(out)
 
-    def _start(self, what: str, code: int, ticket: ctypes.c_uint64) -> "asyncio.Future[Any]":
-        _check(code, what)
+    async def _call(self, what: str, start: Callable[[Any], int]) -> Any:
+        """Starts a call (``start(ticket_pointer)`` returns the start's
+        code) once fewer than ``max_in_flight`` are, and awaits its end."""
+        self._live()
+        await self._in_flight.acquire()
+        try:
+            self._live()
+            t = ctypes.c_uint64()
+            _check(start(ctypes.byref(t)), what)
+        except BaseException:
+            self._in_flight.release()
+            raise
         fut = self.loop.create_future()
-        self._calls[ticket.value] = (fut, what)
+        self._calls[t.value] = (fut, what)
         self._schedule()
-        return fut
+        return await fut
 
     def _live(self) -> None:
         if self._closed:
@@ -330,32 +354,23 @@ class AsyncWorker:
     # calls ---------------------------------------------------------------
     async def request(self, slot: int, event: str, data: Payload = b"", timeout: Optional[float] = 10.0) -> bytes:
         """Asks worker ``slot``'s first handler for ``event``; its answer."""
-        self._live()
-        data = _bytes(data)
-        t = ctypes.c_uint64()
-        code = self._lib.shmc_start_request(self._ptr, slot, event.encode(), data, len(data), _ms(timeout),
-                                            ctypes.byref(t))
-        return await self._start("request", code, t)
+        body, name, ms = _bytes(data), event.encode(), _ms(timeout)
+        return await self._call("request", lambda t: self._lib.shmc_start_request(
+            self._ptr, slot, name, body, len(body), ms, t))
 
     async def map(self, event: str, data: Payload = b"", timeout: Optional[float] = 10.0) -> MapEntries:
         """Every live worker (this one included) runs its first handler for
         ``event``: one entry per worker, ``(slot, bytes)`` or
         ``(slot, exception)``, in slot order."""
-        self._live()
-        data = _bytes(data)
-        t = ctypes.c_uint64()
-        code = self._lib.shmc_start_map(self._ptr, event.encode(), data, len(data), _ms(timeout), ctypes.byref(t))
-        return await self._start("map", code, t)
+        body, name, ms = _bytes(data), event.encode(), _ms(timeout)
+        return await self._call("map", lambda t: self._lib.shmc_start_map(self._ptr, name, body, len(body), ms, t))
 
     async def consume(self, event: str, data: Payload = b"", timeout: Optional[float] = 10.0) -> Tuple[int, int, int]:
         """Runs ``event`` on exactly one live worker with a handler (at least
         once); ``(slot, delivery_id, attempts)``."""
-        self._live()
-        data = _bytes(data)
-        t = ctypes.c_uint64()
-        code = self._lib.shmc_start_consume(self._ptr, event.encode(), data, len(data), _ms(timeout),
-                                            ctypes.byref(t))
-        return await self._start("consume", code, t)
+        body, name, ms = _bytes(data), event.encode(), _ms(timeout)
+        return await self._call("consume", lambda t: self._lib.shmc_start_consume(
+            self._ptr, name, body, len(body), ms, t))
 
     # handlers --------------------------------------------------------------
     def on(self, event: str, handler: Optional[Handler] = None) -> Any:

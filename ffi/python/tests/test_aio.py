@@ -60,6 +60,25 @@ def test_request_sync_and_coroutine_handlers():
     run(main())
 
 
+def test_10000_concurrent_requests_between_workers_of_one_loop():
+    """More calls at once than a lane holds: the AsyncWorker starts at most
+    max_in_flight of them, so a start never waits on a full lane whose
+    reader is this same thread (which stalled until the deadline)."""
+
+    async def main():
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0), AsyncWorker(w1)
+        a1.on("echo", lambda m: m.data)
+        t0 = time.monotonic()
+        got = await asyncio.gather(*(a0.request(1, "echo", b"%d" % i) for i in range(10000)))
+        took = time.monotonic() - t0
+        assert got == [b"%d" % i for i in range(10000)]
+        assert took < 10, f"10,000 requests took {took:.1f} s"
+        a0.close(), a1.close()
+
+    run(main())
+
+
 def test_the_loop_is_not_blocked_while_calls_wait():
     """A request whose handler takes 300 ms: the loop keeps ticking
     meanwhile (a blocking call would stall it for the whole time)."""
