@@ -71,7 +71,12 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "uvicorn_reloads_under_wrk_fail_no_get",
         timeout: Duration::from_secs(90),
-        run: || reloads_under_wrk(Kind::Uvicorn),
+        run: || reloads_under_wrk(Kind::Uvicorn, &[]),
+    },
+    Scenario {
+        name: "uvicorn_reloads_under_wrk_fail_no_get_reuseport",
+        timeout: Duration::from_secs(90),
+        run: || reloads_under_wrk(Kind::Uvicorn, &["--reuseport"]),
     },
     Scenario {
         name: "uvicorn_shutdown_finishes_the_slow_request_in_flight",
@@ -91,7 +96,12 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "gunicorn_reloads_under_wrk_fail_no_get",
         timeout: Duration::from_secs(90),
-        run: || reloads_under_wrk(Kind::Gunicorn),
+        run: || reloads_under_wrk(Kind::Gunicorn, &[]),
+    },
+    Scenario {
+        name: "gunicorn_reloads_under_wrk_fail_no_get_reuseport",
+        timeout: Duration::from_secs(90),
+        run: || reloads_under_wrk(Kind::Gunicorn, &["--reuseport"]),
     },
     Scenario {
         name: "gunicorn_shutdown_finishes_the_slow_request_in_flight",
@@ -242,9 +252,12 @@ fn python() -> Result<PathBuf, String> {
 /// twice (SIGHUP at 2 s and 5 s): wrk sees no socket error and no non-2xx
 /// answer — a draining worker that closed a keep-alive connection with a
 /// request on its way would show up as a read error — every worker is
-/// replaced twice, and the old ones are gone.
-fn reloads_under_wrk(kind: Kind) -> Check {
-    let server = Server::start(kind)?;
+/// replaced twice, and the old ones are gone. `extra`: options of
+/// `shmcluster run` (`--reuseport`: one `SO_REUSEPORT` socket per
+/// instance, which the master keeps across the reload and hands to the
+/// replacement).
+fn reloads_under_wrk(kind: Kind, extra: &[&str]) -> Check {
+    let server = Server::start_with(kind, extra)?;
     let before = server.workers()?;
     let script = common::tmp().join("pids.lua");
     std::fs::write(&script, PIDS_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
@@ -281,7 +294,7 @@ fn reloads_under_wrk(kind: Kind) -> Check {
         server.wait_for_workers(Duration::from_secs(30), |w| w.pids().is_disjoint(&between.pids()))?;
     let run = Wrk::parse(&output)?;
     println!(
-        "    {kind:?}: wrk GET / through two reloads (SIGHUP at 2 s and {second:.1?}): {} requests, socket errors \
+        "    {kind:?} {extra:?}: wrk GET / through two reloads (SIGHUP at 2 s and {second:.1?}): {} requests, socket errors \
          (connect, read, write, timeout) {:?}, non-2xx {}; answered by {} pids; pids {:?} -> {:?} -> {:?}",
         run.requests,
         run.socket_errors,
@@ -513,6 +526,12 @@ fn answers_while_maps_are_in_flight() -> Check {
         v["seconds"]
     );
     ensure!(maps == 1000 && ok == 1000, "maps: {}", r.body);
+    // One wave: all 1,000 were in flight together (each takes a second).
+    let seconds = v["seconds"].as_f64().ok_or(format!("no seconds in {}", r.body))?;
+    ensure!(
+        seconds < 1.9,
+        "the 1,000 maps took {seconds} s: not all in flight at once"
+    );
     ensure!(
         meanwhile > 0,
         "the flooded worker answered no GET / while its maps were in flight: {}",
@@ -629,11 +648,18 @@ struct Server {
 impl Server {
     /// Starts the cluster; returns once `/peers` shows every worker.
     fn start(kind: Kind) -> Result<Server, String> {
+        Server::start_with(kind, &[])
+    }
+
+    /// `start`, with `extra` options of `shmcluster run`.
+    fn start_with(kind: Kind, extra: &[&str]) -> Result<Server, String> {
         let python = python()?;
         let bin = python.parent().ok_or("python has no directory")?;
         let examples = root().join("examples/python");
         let mut cmd = Command::new(BIN);
-        cmd.args(["run", "-w", &WORKERS.to_string(), "--listen", "127.0.0.1:0", "--"]);
+        cmd.args(["run", "-w", &WORKERS.to_string(), "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--");
         match kind {
             Kind::Uvicorn => {
                 cmd.arg(bin.join("uvicorn"))

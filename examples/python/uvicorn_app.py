@@ -99,7 +99,9 @@ async def lifespan(receive, send):
             try:
                 # keep_python_signals=False: SIGTERM becomes the library's
                 # stop request, which drain() turns into uvicorn's shutdown.
-                aw = AsyncWorker.from_env(keep_python_signals=False)
+                # max_in_flight: /flood's 1,000 maps start at once (across
+                # processes a full lane only waits for its reader).
+                aw = AsyncWorker.from_env(keep_python_signals=False, max_in_flight=1024)
                 nodelay_listener()
                 me = {"index": aw.index, "slot": aw.slot, "pid": os.getpid()}
                 aw.on("whoami", lambda _m: json.dumps(me))

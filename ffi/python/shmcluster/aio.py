@@ -39,7 +39,6 @@ from . import (
     BUSY,
     LOCK_TIMEOUT,
     OK,
-    HandlerFailed,
     Message,
     ShmclusterError,
     Worker,
@@ -49,10 +48,9 @@ from . import (
     _check,
     _map_entries,
     _ms,
-    load_library,
 )
 
-__all__ = ["AsyncWorker", "Section"]
+__all__ = ["AsyncWorker", "Section", "DEFAULT_MAX_IN_FLIGHT"]
 
 # shmc_turn_kind and shmc_end_kind (ffi/src/polled.rs; the numbers are fixed).
 _TURN_BUSY, _TURN_PARKED, _TURN_IDLE = 0, 1, 2
@@ -157,12 +155,14 @@ class AsyncWorker:
         self._schedule()
 
     @classmethod
-    def from_env(cls, keep_python_signals: bool = True) -> "AsyncWorker":
+    def from_env(cls, keep_python_signals: bool = True,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> "AsyncWorker":
         """Attaches the worker ``shmcluster run`` spawned this process as,
         driven by the running loop. The library turns ``SIGTERM``/``SIGINT``
         into a stop request; with ``keep_python_signals`` a handler Python
         code installed before (a server's graceful shutdown) is put back,
-        so the signal reaches it as before."""
+        so the signal reaches it as before. ``max_in_flight``: see
+        :data:`DEFAULT_MAX_IN_FLIGHT`."""
         saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         listeners = _inherited_listeners()
         worker = Worker.from_env()
@@ -170,7 +170,7 @@ class AsyncWorker:
             for s, h in saved.items():
                 if callable(h) or h == signal.SIG_IGN:
                     signal.signal(s, h)
-        aw = cls(worker)
+        aw = cls(worker, max_in_flight=max_in_flight)
         aw.saved_signal_handlers = saved
         aw._listeners = listeners
         return aw

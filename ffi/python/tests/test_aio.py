@@ -1,10 +1,11 @@
 """pytest tests of shmcluster.aio: workers of one segment driven by one
 asyncio loop (each AsyncWorker registers its slot's eventfd with the
-loop), and a real cluster under `shmcluster run` (SHMCLUSTER_BIN, or the
-workspace's target/{debug,release}/shmcluster)."""
+loop), and a real cluster under `shmcluster run` (SHMCLUSTER_BIN, the
+workspace's target/{debug,release}/shmcluster, or the one on the PATH)."""
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -233,6 +234,9 @@ def _shmcluster_bin():
         for profile in ("debug", "release"):
             if target and os.path.exists(os.path.join(target, profile, "shmcluster")):
                 return os.path.join(target, profile, "shmcluster")
+    on_path = shutil.which("shmcluster")  # an installed wheel's
+    if on_path:
+        return on_path
     pytest.fail("no shmcluster binary: cargo build -p shmcluster (or set SHMCLUSTER_BIN)")
 
 
