@@ -233,6 +233,27 @@ typedef uint32_t shmc_call_kind;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// The kind of call a [`shmc_call_end`] ends (the numbers are fixed).
+enum shmc_end_kind
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // A request's answer: `data`/`len`.
+  SHMC_END_KIND_ANSWER = 0,
+  // A map's entries: take them with [`shmc_finished_take_map`].
+  SHMC_END_KIND_MAP = 1,
+  // A consume's end: `consumed`.
+  SHMC_END_KIND_CONSUMED = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum shmc_end_kind shmc_end_kind;
+#else
+typedef uint32_t shmc_end_kind;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // A worker slot's lifecycle state (the numbers are fixed).
 enum shmc_worker_state
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -281,6 +302,30 @@ typedef uint32_t shmc_target_kind;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// What [`shmc_turn`] did (the numbers are fixed).
+enum shmc_turn_kind
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // It handled something: more may be waiting, turn again (after letting
+  // the loop's other work in, if it likes).
+  SHMC_TURN_KIND_BUSY = 0,
+  // Nothing was waiting: the slot is parked on its eventfd. Wait for it
+  // to be readable (or for [`shmc_next_due`]), then [`shmc_unpark`].
+  SHMC_TURN_KIND_PARKED = 1,
+  // Nothing was waiting, and this process has no eventfd to park on:
+  // come back on a timer (a few milliseconds).
+  SHMC_TURN_KIND_IDLE = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum shmc_turn_kind shmc_turn_kind;
+#else
+typedef uint32_t shmc_turn_kind;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
 // Bytes the library allocated for the caller (a reply, an invoke result).
 // Read with [`shmc_bytes_data`] / [`shmc_bytes_len`]; freed with
 // [`shmc_bytes_free`]. Plain memory: any thread, survives fork.
@@ -294,6 +339,10 @@ typedef struct shmc_bytes shmc_bytes;
 // (which may be busy on another thread, or freed); calls on one reader are
 // serialized. **fork():** survives (it reads the shared segment only).
 typedef struct shmc_events shmc_events;
+
+// The calls [`shmc_take_finished`] found ended, oldest first. Freed by
+// [`shmc_finished_free`]. Plain memory: any thread, survives fork.
+typedef struct shmc_finished shmc_finished;
 
 // A thread-safe handle on a worker, from [`shmc_worker_handle`], freed
 // with [`shmc_handle_free`]. Its calls are run by the thread that drives
@@ -328,6 +377,16 @@ typedef struct shmc_handle shmc_handle;
 // A process that dies holding it (SIGKILL included) does not leave it
 // held: the next holder sees [`shmc_lock_previous_owner_died`].
 typedef struct shmc_lock shmc_lock;
+
+// A worker's lock table for threads other than the one driving it
+// ([`shmc_worker_locks`]): [`shmc_locks_acquire`] takes a lock from any
+// thread while the worker is driven elsewhere (an event loop's section
+// thread, which holds the lock across the loop's awaits). It outlives the
+// worker (it keeps the segment mapped). Freed by [`shmc_locks_free`].
+//
+// **Threads:** any, several at once. **fork():** does not survive (the
+// locks would be recorded as the parent's slot): `SHMC_RESULT_FORKED`.
+typedef struct shmc_locks shmc_locks;
 
 // A map's answers, one entry per live worker in slot order. Made by
 // [`shmc_map`], freed by [`shmc_map_result_free`]. Plain memory: any thread,
@@ -499,6 +558,25 @@ typedef struct {
   // Its length.
   size_t len;
 } shmc_map_entry;
+
+// One ended call, as [`shmc_finished_get`] copies it.
+typedef struct {
+  // The ticket its `shmc_start_*` stored.
+  uint64_t ticket;
+  // What kind of call it was.
+  shmc_end_kind kind;
+  // `SHMC_RESULT_OK` or the call's error (`SHMC_RESULT_TIMED_OUT`,
+  // `SHMC_RESULT_HANDLER_FAILED`, ...). A map is always `OK` here: its
+  // entries carry their own.
+  shmc_result status;
+  // An answer's bytes when `status` is OK; the error's text otherwise
+  // (not NUL-terminated). Valid until the list is freed.
+  const uint8_t *data;
+  // Its length.
+  size_t len;
+  // A consume's facts when `status` is OK (zeros otherwise).
+  shmc_consumed consumed;
+} shmc_call_end;
 
 // Who a worker is.
 typedef struct {
@@ -1017,6 +1095,37 @@ shmc_result shmc_synchronize(const shmc_worker *w,
                              shmc_section_fn section,
                              void *userdata);
 
+// Stores this worker's lock table in `*out` (see [`shmc_locks`]).
+//
+// # Errors
+// `SHMC_RESULT_NULL_ARGUMENT`, `SHMC_RESULT_BUSY`, `SHMC_RESULT_FORKED`,
+// `SHMC_RESULT_IO`.
+//
+// # Safety
+// `w` NULL or a live handle; `out` NULL or valid for a write.
+shmc_result shmc_worker_locks(const shmc_worker *w,
+                              shmc_locks **out);
+
+// [`shmc_lock_acquire`] through a lock table, on any thread: takes lock
+// `name`, waiting up to `timeout_ms`, and stores the held lock in `*out`,
+// released with [`shmc_unlock`] **on this thread**. Errors as
+// [`shmc_lock_acquire`] (`SHMC_RESULT_LOCK_TIMEOUT`, ...).
+//
+// # Safety
+// `locks` NULL or a live lock table; `name` NUL-terminated; `out` NULL or
+// valid for a write.
+shmc_result shmc_locks_acquire(const shmc_locks *locks,
+                               const char *name,
+                               uint64_t timeout_ms,
+                               shmc_lock **out);
+
+// Frees a lock table (NULL is ignored); the locks taken through it stay
+// held until their [`shmc_unlock`].
+//
+// # Safety
+// `locks` NULL or a live lock table, not used afterwards.
+void shmc_locks_free(shmc_locks *locks);
+
 // Sets the answer to `data` (copied; `data` may be NULL when `len` is 0).
 // A later call replaces it. Handler's thread, during the handler.
 //
@@ -1344,6 +1453,144 @@ shmc_result shmc_poll(const shmc_worker *w,
 // # Safety
 // `w` NULL or a live handle.
 shmc_result shmc_run(const shmc_worker *w);
+
+// The eventfd of this worker's slot, stored in `*fd`, or -1 if this
+// process has none (then [`shmc_turn`] says `SHMC_TURN_KIND_IDLE`, never
+// `SHMC_TURN_KIND_PARKED`). The descriptor is the library's (non-blocking,
+// close-on-exec): poll it and read its 8-byte count, never close it; it
+// is valid until the worker is freed. Driving thread.
+//
+// # Errors
+// `SHMC_RESULT_NULL_ARGUMENT`, `SHMC_RESULT_BUSY`, `SHMC_RESULT_FORKED`.
+//
+// # Safety
+// `w` NULL or a live handle; `fd` NULL or valid for a write.
+shmc_result shmc_wake_fd(const shmc_worker *w,
+                         int32_t *fd);
+
+// Starts a request to worker `slot` (as [`crate::shmc_request`]) without
+// waiting, and stores its ticket in `*ticket`: its end comes out of
+// [`shmc_take_finished`] (`SHMC_END_KIND_ANSWER`), at `timeout_ms` at the
+// latest if the worker is turned by then. Driving thread.
+//
+// # Errors
+// Known at once: `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_TOO_LARGE`, and
+// the argument errors. The others (`SHMC_RESULT_NO_SUCH_WORKER`,
+// `SHMC_RESULT_NO_HANDLER`, ...) are the call's end.
+//
+// # Safety
+// `w` NULL or a live handle; `event` NUL-terminated; `data` valid for
+// `len` bytes; `ticket` NULL or valid for a write.
+shmc_result shmc_start_request(const shmc_worker *w,
+                               uint32_t slot,
+                               const char *event,
+                               const uint8_t *data,
+                               size_t len,
+                               uint64_t timeout_ms,
+                               uint64_t *ticket);
+
+// Starts a map (as [`crate::shmc_map`]) without waiting; see
+// [`shmc_start_request`]. Its end is `SHMC_END_KIND_MAP`.
+//
+// # Errors
+// `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_TOO_LARGE`,
+// `SHMC_RESULT_HOST_UNREACHABLE`, and the argument errors.
+//
+// # Safety
+// As [`shmc_start_request`].
+shmc_result shmc_start_map(const shmc_worker *w,
+                           const char *event,
+                           const uint8_t *data,
+                           size_t len,
+                           uint64_t timeout_ms,
+                           uint64_t *ticket);
+
+// Starts a consume (as [`crate::shmc_consume`], at least once) without
+// waiting; see [`shmc_start_request`]. Its end is
+// `SHMC_END_KIND_CONSUMED`.
+//
+// # Errors
+// `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_TOO_LARGE`, and the argument
+// errors.
+//
+// # Safety
+// As [`shmc_start_request`].
+shmc_result shmc_start_consume(const shmc_worker *w,
+                               const char *event,
+                               const uint8_t *data,
+                               size_t len,
+                               uint64_t timeout_ms,
+                               uint64_t *ticket);
+
+// One non-blocking turn: runs the calls [`crate::shmc_handle`]s queued,
+// the handlers of what has arrived, moves started calls on; with nothing
+// left, parks the slot on its eventfd. Stores what it did in `*turn` (a
+// [`shmc_turn_kind`]). Driving thread.
+//
+// # Errors
+// `SHMC_RESULT_CORRUPT` if a lane holds garbage (that lane is poisoned;
+// turn again to serve the others), `SHMC_RESULT_BUSY` from a handler.
+//
+// # Safety
+// `w` NULL or a live handle; `turn` NULL or valid for a write.
+shmc_result shmc_turn(const shmc_worker *w,
+                      uint32_t *turn);
+
+// After `SHMC_TURN_KIND_PARKED` and the wait that followed it (the eventfd
+// readable, or a timer): the slot runs again. Turn next. Driving thread.
+//
+// # Safety
+// `w` NULL or a live handle.
+shmc_result shmc_unpark(const shmc_worker *w);
+
+// How long, in milliseconds from now, until the loop must turn again
+// while started calls wait (their deadlines, and every few milliseconds
+// to see a target die), stored in `*ms`; `SHMC_WAIT_FOREVER` with no call
+// waiting. Driving thread.
+//
+// # Safety
+// `w` NULL or a live handle; `ms` NULL or valid for a write.
+shmc_result shmc_next_due(const shmc_worker *w,
+                          uint64_t *ms);
+
+// Takes the ends of the started calls, oldest first, into `*out` (a list,
+// possibly empty; free it with [`shmc_finished_free`]). Driving thread.
+//
+// # Safety
+// `w` NULL or a live handle; `out` NULL or valid for a write.
+shmc_result shmc_take_finished(const shmc_worker *w,
+                               shmc_finished **out);
+
+// The number of ends in the list (0 for NULL).
+//
+// # Safety
+// `f` NULL or a live list.
+size_t shmc_finished_len(const shmc_finished *f);
+
+// Copies end `i` into `*end` (its `data` points into the list).
+//
+// # Safety
+// `f` NULL or a live list; `end` NULL or valid for a write.
+shmc_result shmc_finished_get(const shmc_finished *f,
+                              size_t i,
+                              shmc_call_end *end);
+
+// Moves the entries of map end `i` into `*result` (the caller frees it
+// with [`crate::shmc_map_result_free`]). Once per end:
+// `SHMC_RESULT_INVALID_ARGUMENT` for an end that is not a map or was
+// taken.
+//
+// # Safety
+// `f` NULL or a live list; `result` NULL or valid for a write.
+shmc_result shmc_finished_take_map(shmc_finished *f,
+                                   size_t i,
+                                   shmc_map_result **result);
+
+// Frees a list of ends (NULL is ignored), and the map entries not taken.
+//
+// # Safety
+// `f` NULL or a live list, not used afterwards.
+void shmc_finished_free(shmc_finished *f);
 
 // Writes every result code, in ascending order, into `codes` (room for
 // `capacity`) and their number into `*count`. With too little room it

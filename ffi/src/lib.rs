@@ -25,7 +25,8 @@
 //!   `SHMC_RESULT_BUSY` instead of corrupting it. The exceptions, callable
 //!   from any thread at any time, are [`shmc_request_shutdown`],
 //!   [`shmc_request_reload`], [`shmc_ready`], [`shmc_should_stop`], [`shmc_worker_accept`],
-//!   [`shmc_worker_handle`], [`shmc_events_new`] and the `shmc_reply_*` functions. Other threads
+//!   [`shmc_worker_handle`], [`shmc_events_new`], the `shmc_reply_*` functions and
+//!   [`shmc_locks_acquire`]. Other threads
 //!   message through a [`shmc_handle`] ([`shmc_worker_handle`]): its calls
 //!   are run by the thread that drives the worker. A `shmc_lock` must be
 //!   released on the thread that took it.
@@ -50,6 +51,7 @@ mod handle;
 mod leader;
 mod lock;
 mod messaging;
+mod polled;
 mod result;
 mod segment;
 mod worker;
@@ -59,6 +61,7 @@ pub use handle::*;
 pub use leader::*;
 pub use lock::*;
 pub use messaging::*;
+pub use polled::*;
 pub use result::*;
 pub use segment::*;
 pub use worker::*;

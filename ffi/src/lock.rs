@@ -193,3 +193,93 @@ pub unsafe extern "C" fn shmc_synchronize(
         unsafe { with_worker(w, body) }
     })
 }
+
+/// A worker's lock table for threads other than the one driving it
+/// ([`shmc_worker_locks`]): [`shmc_locks_acquire`] takes a lock from any
+/// thread while the worker is driven elsewhere (an event loop's section
+/// thread, which holds the lock across the loop's awaits). It outlives the
+/// worker (it keeps the segment mapped). Freed by [`shmc_locks_free`].
+///
+/// **Threads:** any, several at once. **fork():** does not survive (the
+/// locks would be recorded as the parent's slot): `SHMC_RESULT_FORKED`.
+pub struct shmc_locks {
+    locks: shmcluster_rs::Locks,
+    fork_generation: u64,
+}
+
+/// Stores this worker's lock table in `*out` (see [`shmc_locks`]).
+///
+/// # Errors
+/// `SHMC_RESULT_NULL_ARGUMENT`, `SHMC_RESULT_BUSY`, `SHMC_RESULT_FORKED`,
+/// `SHMC_RESULT_IO`.
+///
+/// # Safety
+/// `w` NULL or a live handle; `out` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_worker_locks(w: *const shmc_worker, out: *mut *mut shmc_locks) -> shmc_result {
+    guard(|| {
+        let out = out_arg(out, "out")?;
+        // SAFETY: forwarded from our caller.
+        let locks = unsafe { with_worker(w, |inner| Ok(inner.locks()?.clone())) }?;
+        let handle = shmc_locks {
+            locks,
+            fork_generation: boundary::fork_generation(),
+        };
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, into_handle(handle)) };
+        Ok(())
+    })
+}
+
+/// [`shmc_lock_acquire`] through a lock table, on any thread: takes lock
+/// `name`, waiting up to `timeout_ms`, and stores the held lock in `*out`,
+/// released with [`shmc_unlock`] **on this thread**. Errors as
+/// [`shmc_lock_acquire`] (`SHMC_RESULT_LOCK_TIMEOUT`, ...).
+///
+/// # Safety
+/// `locks` NULL or a live lock table; `name` NUL-terminated; `out` NULL or
+/// valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_locks_acquire(
+    locks: *const shmc_locks,
+    name: *const c_char,
+    timeout_ms: u64,
+    out: *mut *mut shmc_lock,
+) -> shmc_result {
+    guard(|| {
+        let out = out_arg(out, "out")?;
+        // SAFETY: forwarded from our caller.
+        let locks = unsafe { crate::boundary::ref_arg(locks, "locks") }?;
+        check_fork(locks.fork_generation)?;
+        // SAFETY: forwarded from our caller.
+        let name = unsafe { str_arg(name, "name") }?;
+        let guard = locks.locks.lock(name, timeout_of(timeout_ms))?;
+        let lock = shmc_lock {
+            guard,
+            thread: std::thread::current().id(),
+            fork_generation: boundary::fork_generation(),
+        };
+        // SAFETY: checked non-NULL; valid by our caller's contract.
+        unsafe { put(out, into_handle(lock)) };
+        Ok(())
+    })
+}
+
+/// Frees a lock table (NULL is ignored); the locks taken through it stay
+/// held until their [`shmc_unlock`].
+///
+/// # Safety
+/// `locks` NULL or a live lock table, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_locks_free(locks: *mut shmc_locks) {
+    boundary::guard_value((), || {
+        if !locks.is_null() {
+            // SAFETY: made by `into_handle`, given back by our caller.
+            let l = unsafe { Box::from_raw(locks) };
+            if check_fork(l.fork_generation).is_err() {
+                // The parent's mapping stays as it is in the child.
+                std::mem::forget(l);
+            }
+        }
+    })
+}

@@ -86,6 +86,11 @@ fn messaging() {
 }
 
 #[test]
+fn polled() {
+    c_test("polled");
+}
+
+#[test]
 fn locks() {
     c_test("locks");
 }

@@ -751,6 +751,12 @@ class Worker:
         self._runner: Optional[int] = None  # the thread in run(), if any
         # Read once: a handler must not call back into the worker that runs it.
         ident = self.identity()
+        # The lock table, for lock() while another thread drives the worker.
+        from . import _evloop
+        self._lock_table_lib = _evloop.lib()
+        table = ctypes.c_void_p()
+        ok = self._lock_table_lib.shmc_worker_locks(ptr, ctypes.byref(table)) == OK
+        self._lock_table = table if ok else None
         self.slot = ident.slot
         self.generation = ident.generation
         self.index = ident.index
@@ -776,6 +782,9 @@ class Worker:
         if self._ptr:
             ptr, self._ptr = self._ptr, None
             load_library().shmc_worker_free(ptr)
+        if getattr(self, "_lock_table", None) is not None:
+            table, self._lock_table = self._lock_table, None
+            self._lock_table_lib.shmc_locks_free(table)
 
     def __enter__(self) -> Worker:
         return self
@@ -1061,7 +1070,13 @@ class Worker:
 
     def lock(self, name: str = "", timeout: Optional[float] = None) -> Lock:
         out = ctypes.c_void_p()
-        _check(load_library().shmc_lock_acquire(self._ptr, name.encode(), _ms(timeout), ctypes.byref(out)), "lock")
+        code = load_library().shmc_lock_acquire(self._ptr, name.encode(), _ms(timeout), ctypes.byref(out))
+        if code == BUSY and self._lock_table is not None:
+            # Another thread drives the worker (run()): take it through
+            # the lock table, which any thread may use.
+            code = self._lock_table_lib.shmc_locks_acquire(self._lock_table, name.encode(), _ms(timeout),
+                                                           ctypes.byref(out))
+        _check(code, "lock")
         return Lock(out)
 
     # leader ------------------------------------------------------------

@@ -1,0 +1,985 @@
+//! The Python web servers under the real `shmcluster` command, driven over
+//! HTTP/1.1 from the outside: `examples/python/uvicorn_app.py` (one
+//! uvicorn per worker on the master's listener, `--fd 3`, with an
+//! `AsyncWorker` on uvicorn's loop) and `examples/python/gunicorn_app.py`
+//! (one gunicorn arbiter per worker adopting `LISTEN_FDS`, with one sync
+//! worker attached in `post_worker_init`). For each: `wrk` through two
+//! rolling reloads (no socket error, no non-2xx answer), a graceful
+//! shutdown with a slow request in flight (answered 200, master exits 0),
+//! and the counter the workers share under `synchronize`; for uvicorn, the
+//! server answering while 1,000 maps are in flight.
+//!
+//! uvicorn and gunicorn come from a virtual environment: the python of
+//! `SHMC_SERVERS_PYTHON` if set (it must import both), else one this test
+//! makes under `target/python-servers` (`python3 -m venv`, then `pip
+//! install` of the versions in [`PACKAGES`]; kept, so later runs only check
+//! it). No skip: without them (no `python3-venv`, PyPI unreachable) the
+//! suite fails and says why. The binding is the source tree's
+//! (`PYTHONPATH=ffi/python`, `SHMCLUSTER_LIB` = the `libshmcluster.so`
+//! this test builds first, as tests/hosts_python.rs does); `wrk` must be on
+//! the `PATH`.
+//!
+//! `harness = false`, as tests/node_http.rs: each scenario runs in this
+//! binary re-executed (`SHMC_SCENARIO=<name>`, `common::run_suite`) under
+//! two watchdogs, one inside the scenario process that kills the master's
+//! process group and fails, and `run_suite`'s outer one. Arguments filter
+//! scenarios by substring.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+#[macro_use]
+mod common;
+use common::{wait_child, Check};
+
+/// The `shmcluster` command.
+const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
+
+/// Worker instances of every scenario's cluster.
+const WORKERS: usize = 4;
+
+/// What the test's virtual environment installs (the versions the examples
+/// were written and measured with).
+const PACKAGES: &[&str] = &["uvicorn==0.55.0", "gunicorn==27.0.1"];
+
+/// Which server a scenario runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Uvicorn,
+    Gunicorn,
+}
+
+struct Scenario {
+    name: &'static str,
+    timeout: Duration,
+    run: fn() -> Check,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "uvicorn_reloads_under_wrk_fail_no_get",
+        timeout: Duration::from_secs(90),
+        run: || reloads_under_wrk(Kind::Uvicorn, &[]),
+    },
+    Scenario {
+        name: "uvicorn_reloads_under_wrk_fail_no_get_reuseport",
+        timeout: Duration::from_secs(90),
+        run: || reloads_under_wrk(Kind::Uvicorn, &["--reuseport"]),
+    },
+    Scenario {
+        name: "uvicorn_shutdown_finishes_the_slow_request_in_flight",
+        timeout: Duration::from_secs(60),
+        run: || shutdown_finishes_the_slow_request_in_flight(Kind::Uvicorn),
+    },
+    Scenario {
+        name: "uvicorn_counter_is_exact_across_workers",
+        timeout: Duration::from_secs(60),
+        run: || counter_is_exact_across_workers(Kind::Uvicorn),
+    },
+    Scenario {
+        name: "uvicorn_answers_while_1000_maps_are_in_flight",
+        timeout: Duration::from_secs(60),
+        run: answers_while_maps_are_in_flight,
+    },
+    Scenario {
+        name: "gunicorn_reloads_under_wrk_fail_no_get",
+        timeout: Duration::from_secs(90),
+        run: || reloads_under_wrk(Kind::Gunicorn, &[]),
+    },
+    Scenario {
+        name: "gunicorn_reloads_under_wrk_fail_no_get_reuseport",
+        timeout: Duration::from_secs(90),
+        run: || reloads_under_wrk(Kind::Gunicorn, &["--reuseport"]),
+    },
+    Scenario {
+        name: "gunicorn_shutdown_finishes_the_slow_request_in_flight",
+        timeout: Duration::from_secs(60),
+        run: || shutdown_finishes_the_slow_request_in_flight(Kind::Gunicorn),
+    },
+    Scenario {
+        name: "gunicorn_counter_is_exact_across_workers",
+        timeout: Duration::from_secs(60),
+        run: || counter_is_exact_across_workers(Kind::Gunicorn),
+    },
+];
+
+fn main() {
+    if let Ok(name) = std::env::var("SHMC_SCENARIO") {
+        let s = SCENARIOS.iter().find(|s| s.name == name).expect("known scenario");
+        watchdog(s.name, s.timeout);
+        let result = (s.run)();
+        common::exit_scenario(&name, result);
+    }
+    if !std::env::args().any(|a| a == "--list") {
+        if let Err(e) = build_library().and_then(|_| python()) {
+            eprintln!("python_servers: {e}");
+            std::process::exit(1);
+        }
+    }
+    // The outer limit leaves the inner watchdog time to kill the cluster.
+    let scenarios: Vec<_> = SCENARIOS
+        .iter()
+        .map(|s| (s.name, s.timeout + Duration::from_secs(10)))
+        .collect();
+    let (ran, failed) = common::run_suite("python-servers", &scenarios);
+    common::finish_suite(ran, &failed);
+}
+
+// ------------------------------------------------------------ the environment
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `target/<profile>`: the directory above this test binary's `deps`.
+fn profile_dir() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .ok_or_else(|| format!("{} is not in target/<profile>/deps", exe.display()))
+}
+
+/// Builds the C library into this test's target directory and profile
+/// (`cargo test` of this package does not build the ffi crate; a no-op
+/// when it is up to date) and returns its path.
+fn build_library() -> Result<PathBuf, String> {
+    let profile = profile_dir()?;
+    let target = profile.parent().ok_or("no target directory")?;
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "shmcluster-ffi",
+        "--lib",
+        "--target-dir",
+    ])
+    .arg(target)
+    .current_dir(root());
+    if let Some(name) = profile
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| *n != "debug")
+    {
+        cmd.args(["--profile", name]);
+    }
+    let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
+    ensure!(status.success(), "cargo build -p shmcluster-ffi --lib: {status}");
+    library()
+}
+
+/// The library [`build_library`] made.
+fn library() -> Result<PathBuf, String> {
+    let lib = profile_dir()?.join("libshmcluster.so");
+    ensure!(lib.exists(), "no {}", lib.display());
+    Ok(lib)
+}
+
+/// Whether `python` imports uvicorn and gunicorn.
+fn has_servers(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import uvicorn, gunicorn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The python that runs the servers: `SHMC_SERVERS_PYTHON`, or this test's
+/// virtual environment, made (and [`PACKAGES`] installed) on first use.
+fn python() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("SHMC_SERVERS_PYTHON") {
+        let p = PathBuf::from(p);
+        ensure!(
+            has_servers(&p),
+            "SHMC_SERVERS_PYTHON={} does not import uvicorn and gunicorn",
+            p.display()
+        );
+        return Ok(p);
+    }
+    let target = profile_dir()?
+        .parent()
+        .ok_or("no target directory")?
+        .to_path_buf();
+    let venv = target.join("python-servers");
+    let python = venv.join("bin/python");
+    if python.exists() && has_servers(&python) {
+        return Ok(python);
+    }
+    let out = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output()
+        .map_err(|e| format!("python3 -m venv: {e}"))?;
+    ensure!(
+        out.status.success(),
+        "python3 -m venv {} failed (Debian: apt-get install python3-venv): {}",
+        venv.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PACKAGES)
+        .output()
+        .map_err(|e| format!("pip: {e}"))?;
+    ensure!(
+        out.status.success() && has_servers(&python),
+        "pip install {} into {} failed (is PyPI reachable? or set SHMC_SERVERS_PYTHON to a python \
+         that imports both): {}",
+        PACKAGES.join(" "),
+        venv.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(python)
+}
+
+// ------------------------------------------------------------ scenarios
+
+/// `wrk -t2 -c32 -d8s` on `GET /` while the master reloads every worker
+/// twice (SIGHUP at 2 s and 5 s): wrk sees no socket error and no non-2xx
+/// answer — a draining worker that closed a keep-alive connection with a
+/// request on its way would show up as a read error — every worker is
+/// replaced twice, and the old ones are gone. `extra`: options of
+/// `shmcluster run` (`--reuseport`: one `SO_REUSEPORT` socket per
+/// instance, which the master keeps across the reload and hands to the
+/// replacement).
+fn reloads_under_wrk(kind: Kind, extra: &[&str]) -> Check {
+    let server = Server::start_with(kind, extra)?;
+    let before = server.workers()?;
+    let script = common::tmp().join("pids.lua");
+    std::fs::write(&script, PIDS_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+    let mut wrk = Command::new("wrk")
+        .args(["-t2", "-c32", "-d8s", "--timeout", "10s", "-s"])
+        .arg(&script)
+        .arg(format!("http://{}/", server.addr))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("wrk (the Debian package; `.ci/run` installs it): {e}"))?;
+    // Read on threads, so that a full pipe never stops wrk.
+    let out = read_all(wrk.stdout.take());
+    let err = read_all(wrk.stderr.take());
+    let start = Instant::now();
+    let reloads = (|| {
+        std::thread::sleep(Duration::from_secs(2));
+        server.signal(Signal::SIGHUP)?;
+        // Every worker replaced once (one at a time; on a slow machine the
+        // second SIGHUP waits for it, later than 5 s).
+        let between =
+            server.wait_for_workers(Duration::from_secs(30), |w| w.pids().is_disjoint(&before.pids()))?;
+        std::thread::sleep(Duration::from_secs(5).saturating_sub(start.elapsed()));
+        server.signal(Signal::SIGHUP)?;
+        Ok::<_, String>((between, start.elapsed()))
+    })();
+    let status = wait_child(&mut wrk, Duration::from_secs(40));
+    let (between, second) = reloads?;
+    let status = status?;
+    let output = format!("{}{}", join(out)?, join(err)?);
+    ensure!(status.success(), "wrk exited {status}:\n{output}");
+    let after =
+        server.wait_for_workers(Duration::from_secs(30), |w| w.pids().is_disjoint(&between.pids()))?;
+    let run = Wrk::parse(&output)?;
+    println!(
+        "    {kind:?} {extra:?}: wrk GET / through two reloads (SIGHUP at 2 s and {second:.1?}): {} requests, socket errors \
+         (connect, read, write, timeout) {:?}, non-2xx {}; answered by {} pids; pids {:?} -> {:?} -> {:?}",
+        run.requests,
+        run.socket_errors,
+        run.non_2xx,
+        run.pids.len(),
+        before.pids(),
+        between.pids(),
+        after.pids()
+    );
+    ensure!(
+        run.socket_errors == [0; 4] && run.non_2xx == 0,
+        "wrk saw socket errors {:?} and {} non-2xx answers:\n{output}\n{}",
+        run.socket_errors,
+        run.non_2xx,
+        server.log()
+    );
+    ensure!(
+        run.requests > 100,
+        "wrk made only {} requests:\n{output}",
+        run.requests
+    );
+    ensure!(
+        !before.pids().is_disjoint(&run.pids) && !between.pids().is_disjoint(&run.pids),
+        "answers during the load came from {:?}, not from both of the first two generations {:?}, {:?}",
+        run.pids,
+        before.pids(),
+        between.pids()
+    );
+    // The old workers drained and exited.
+    let old: BTreeSet<u32> = before.pids().union(&between.pids()).copied().collect();
+    let start = Instant::now();
+    while let Some(pid) = old.iter().find(|p| alive(**p)) {
+        ensure!(
+            start.elapsed() < Duration::from_secs(15),
+            "the replaced worker {pid} still runs 15 s after the reloads"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..20 {
+        let mut conn = Conn::open(&server.addr).map_err(|e| e.to_string())?;
+        let r = conn.send("GET", "/").map_err(|e| e.to_string())?;
+        ensure!(r.status == 200, "GET /: {} {}", r.status, r.body);
+        let (_, pid) = banner(&r.body)?;
+        ensure!(
+            after.pids().contains(&pid),
+            "pid {pid} answered after the reloads, not one of {:?}",
+            after.pids()
+        );
+    }
+    server.stop()
+}
+
+/// wrk's script: collects the pid of each answer (`GET /`'s banner) and
+/// prints them once, summed over its threads.
+const PIDS_SCRIPT: &str = r#"
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+function init(args)
+  pids = {}
+end
+function response(status, headers, body)
+  local pid = string.match(body, "pid (%d+)")
+  if pid then pids[pid] = true end
+end
+function done(summary, latency, requests)
+  local all = {}
+  for _, t in ipairs(threads) do
+    for pid, _ in pairs(t:get("pids")) do all[pid] = true end
+  end
+  local list = {}
+  for pid, _ in pairs(all) do table.insert(list, pid) end
+  io.write("answered by pids: " .. table.concat(list, " ") .. "\n")
+end
+"#;
+
+/// SIGTERM to the master 200 ms into `GET /slow?ms=800`: the request is
+/// answered 200 (and its connection then closed), every worker drains,
+/// and the master exits 0.
+fn shutdown_finishes_the_slow_request_in_flight(kind: Kind) -> Check {
+    let server = Server::start(kind)?;
+    let mut conn = Conn::open(&server.addr).map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    conn.write_request("GET", "/slow?ms=800")
+        .map_err(|e| format!("write: {e}"))?;
+    std::thread::sleep(Duration::from_millis(200));
+    server.signal(Signal::SIGTERM)?;
+    let r = conn.read_response().map_err(|e| e.to_string())?;
+    let took = start.elapsed();
+    ensure!(
+        r.status == 200,
+        "the request in flight got {} {}",
+        r.status,
+        r.body
+    );
+    let (slot, pid) = banner(&r.body)?;
+    ensure!(
+        took >= Duration::from_millis(800),
+        "answered after {took:?}, before its 800 ms"
+    );
+    ensure!(r.close, "the draining worker's answer lacks `Connection: close`");
+    ensure!(
+        conn.closed_within(Duration::from_secs(5))?,
+        "the connection stayed open after the draining worker's last answer"
+    );
+    let (status, log) = server.wait(Duration::from_secs(20))?;
+    println!(
+        "    {kind:?}: SIGTERM 200 ms into an 800 ms request: answered 200 after {took:?} by slot {slot} pid {pid}, \
+         with `Connection: close`; master exited {status}"
+    );
+    ensure!(status.success(), "the master exited {status}:\n{log}");
+    Ok(())
+}
+
+/// `GET /count`'s answers: (value, pid).
+type Counted = Vec<(u64, u32)>;
+
+/// 200 `GET /count` from 8 threads (5 connections of 5 requests each):
+/// the workers' shared counter (a file, changed under `synchronize`)
+/// returns every value 1..=200 exactly once, and more than one worker
+/// answered.
+fn counter_is_exact_across_workers(kind: Kind) -> Check {
+    let server = Server::start(kind)?;
+    let barrier = Arc::new(Barrier::new(8));
+    let threads: Vec<JoinHandle<Result<Counted, String>>> = (0..8)
+        .map(|_| {
+            let (addr, barrier) = (server.addr.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                barrier.wait();
+                for _ in 0..5 {
+                    let mut conn = Conn::open(&addr).map_err(|e| format!("connect: {e}"))?;
+                    for _ in 0..5 {
+                        if conn.closed {
+                            conn = Conn::open(&addr).map_err(|e| format!("connect: {e}"))?;
+                        }
+                        let r = conn.send("GET", "/count").map_err(|e| e.to_string())?;
+                        ensure!(r.status == 200, "GET /count: {} {}", r.status, r.body);
+                        let n = r
+                            .body
+                            .split_whitespace()
+                            .next()
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .ok_or(format!("GET /count answered {:?}", r.body))?;
+                        got.push((n, r.pid));
+                        conn.closed = r.close;
+                    }
+                }
+                Ok(got)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in threads {
+        answers.extend(t.join().map_err(|_| "a client thread panicked")??);
+    }
+    answers.sort_unstable();
+    let values: Vec<u64> = answers.iter().map(|a| a.0).collect();
+    ensure!(
+        values == (1..=200).collect::<Vec<_>>(),
+        "200 GET /count did not return 1..=200 exactly once: {values:?}"
+    );
+    let pids: BTreeMap<u32, usize> = answers.iter().fold(BTreeMap::new(), |mut m, a| {
+        *m.entry(a.1).or_default() += 1;
+        m
+    });
+    ensure!(
+        pids.len() >= 2,
+        "every request was answered by one worker: {pids:?}"
+    );
+    println!(
+        "    {kind:?}: 200 GET /count from 8 threads: values 1..=200 exactly once; answers by pid {pids:?}"
+    );
+    server.stop()
+}
+
+/// `GET /flood?n=1000&seconds=1` starts 1,000 maps over the 4 workers
+/// (each handler answers after a second) and reports how many `GET /` the
+/// same worker answered while they were in flight; meanwhile 4 client
+/// threads send `GET /` on new connections (the master's listener spreads
+/// them over every worker). Every `GET /` is answered 200 within a second,
+/// the flooded worker answered some of them, and all 1,000 maps succeed.
+fn answers_while_maps_are_in_flight() -> Check {
+    let server = Server::start(Kind::Uvicorn)?;
+    let addr = server.addr.clone();
+    let flood = std::thread::spawn(move || {
+        let mut conn = Conn::open(&addr).map_err(|e| e.to_string())?;
+        conn.send("GET", "/flood?n=1000&seconds=1")
+    });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<JoinHandle<Result<(usize, Duration), String>>> = (0..4)
+        .map(|_| {
+            let (addr, stop) = (server.addr.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut n, mut worst) = (0, Duration::ZERO);
+                while !stop.load(Ordering::Acquire) {
+                    let t = Instant::now();
+                    let mut conn = Conn::open(&addr).map_err(|e| format!("connect: {e}"))?;
+                    let r = conn.send("GET", "/").map_err(|e| e.to_string())?;
+                    ensure!(r.status == 200, "GET /: {} {}", r.status, r.body);
+                    worst = worst.max(t.elapsed());
+                    n += 1;
+                }
+                Ok((n, worst))
+            })
+        })
+        .collect();
+    let report = flood.join().map_err(|_| "the flood thread panicked")?;
+    stop.store(true, Ordering::Release);
+    let mut total = 0;
+    let mut worst = Duration::ZERO;
+    for c in clients {
+        let (n, w) = c.join().map_err(|_| "a client thread panicked")??;
+        total += n;
+        worst = worst.max(w);
+    }
+    let r = report?;
+    ensure!(r.status == 200, "GET /flood: {} {}", r.status, r.body);
+    let v = r.json()?;
+    let (maps, ok, meanwhile) = (
+        field(&v, "maps")?,
+        field(&v, "ok")?,
+        field(&v, "served_meanwhile")?,
+    );
+    println!(
+        "    1,000 maps in flight on one uvicorn worker for {}s: all {ok} answered; {total} GET / answered \
+         meanwhile by the cluster, {meanwhile} by the flooded worker; slowest GET / {worst:?}",
+        v["seconds"]
+    );
+    ensure!(maps == 1000 && ok == 1000, "maps: {}", r.body);
+    // One wave: all 1,000 were in flight together (each takes a second).
+    let seconds = v["seconds"].as_f64().ok_or(format!("no seconds in {}", r.body))?;
+    ensure!(
+        seconds.total_cmp(&1.9).is_lt(),
+        "the 1,000 maps took {seconds} s: not all in flight at once"
+    );
+    ensure!(
+        meanwhile > 0,
+        "the flooded worker answered no GET / while its maps were in flight: {}",
+        r.body
+    );
+    ensure!(
+        worst < Duration::from_secs(1),
+        "a GET / took {worst:?} while the maps were in flight"
+    );
+    server.stop()
+}
+
+// ------------------------------------------------------------ wrk's summary
+
+/// What wrk's summary says.
+#[derive(Debug, Default)]
+struct Wrk {
+    /// Answers, whatever their status ("N requests in ...").
+    requests: u64,
+    /// connect, read, write, timeout ("Socket errors: ..."; absent: none).
+    socket_errors: [u64; 4],
+    /// "Non-2xx or 3xx responses: N" (absent: none).
+    non_2xx: u64,
+    /// The script's "answered by pids: ...".
+    pids: BTreeSet<u32>,
+}
+
+impl Wrk {
+    fn parse(text: &str) -> Result<Wrk, String> {
+        let number = |line: &str, v: &str| {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|e| format!("wrk: {line:?}: {e}\n{text}"))
+        };
+        let mut wrk = Wrk::default();
+        let (mut summary, mut pids) = (false, false);
+        for line in text.lines().map(str::trim) {
+            if let Some((n, _)) = line.split_once(" requests in ") {
+                wrk.requests = number(line, n)?;
+                summary = true;
+            } else if let Some(v) = line.strip_prefix("Socket errors:") {
+                // "connect 0, read 12, write 0, timeout 0"
+                let parts: Vec<&str> = v.split(',').map(str::trim).collect();
+                ensure!(parts.len() == 4, "wrk: {line:?}");
+                for (i, (part, name)) in parts
+                    .iter()
+                    .zip(["connect", "read", "write", "timeout"])
+                    .enumerate()
+                {
+                    let n = part.strip_prefix(name).ok_or(format!("wrk: {line:?}"))?;
+                    wrk.socket_errors[i] = number(line, n)?;
+                }
+            } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
+                wrk.non_2xx = number(line, v)?;
+            } else if let Some(v) = line.strip_prefix("answered by pids:") {
+                for pid in v.split_whitespace() {
+                    wrk.pids.insert(number(line, pid)? as u32);
+                }
+                pids = true;
+            }
+        }
+        ensure!(summary, "no summary in wrk's output:\n{text}");
+        ensure!(pids, "the script printed no pids:\n{text}");
+        Ok(wrk)
+    }
+}
+
+fn read_all(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
+}
+
+fn join(t: JoinHandle<String>) -> Result<String, String> {
+    t.join().map_err(|_| "a pipe reader panicked".to_string())
+}
+
+// ------------------------------------------------------------ the cluster
+
+/// The master's pid (= its process group) for the watchdog; 0 when none
+/// runs.
+static MASTER: AtomicI32 = AtomicI32::new(0);
+
+/// Fails the scenario after `limit`: kills the master's process group and
+/// exits 1 (`run_suite` reports it).
+fn watchdog(name: &'static str, limit: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(limit);
+        let master = MASTER.load(Ordering::Acquire);
+        if master > 0 {
+            let _ = killpg(Pid::from_raw(master), Signal::SIGKILL);
+        }
+        eprintln!("WATCHDOG: scenario {name} still running after {limit:?}; killed the cluster");
+        std::process::exit(1);
+    });
+}
+
+/// `shmcluster run -w 4 --listen 127.0.0.1:0 -- <python>/uvicorn ... --fd 3`
+/// (or gunicorn) in its own process group, so that one `killpg` ends it
+/// and its workers (gunicorn's forked workers included). Dropping it kills
+/// the group and reaps the master.
+struct Server {
+    child: Child,
+    addr: String,
+    /// Everything the master and its workers wrote to stderr.
+    log: Arc<Mutex<String>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Starts the cluster; returns once `/peers` shows every worker.
+    fn start(kind: Kind) -> Result<Server, String> {
+        Server::start_with(kind, &[])
+    }
+
+    /// `start`, with `extra` options of `shmcluster run`.
+    fn start_with(kind: Kind, extra: &[&str]) -> Result<Server, String> {
+        let python = python()?;
+        let bin = python.parent().ok_or("python has no directory")?;
+        let examples = root().join("examples/python");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "-w", &WORKERS.to_string(), "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--");
+        match kind {
+            Kind::Uvicorn => {
+                cmd.arg(bin.join("uvicorn"))
+                    .args(["uvicorn_app:app", "--fd", "3", "--no-access-log"])
+            }
+            Kind::Gunicorn => cmd
+                .arg(bin.join("gunicorn"))
+                .arg("-c")
+                .arg(examples.join("gunicorn_conf.py"))
+                .arg("gunicorn_app:app"),
+        };
+        let pythonpath = format!("{}:{}", root().join("ffi/python").display(), examples.display());
+        let mut child = cmd
+            .current_dir(common::tmp())
+            .env("PYTHONPATH", pythonpath)
+            .env("SHMCLUSTER_LIB", library()?)
+            // The shared counters' files, in the scenario's scratch directory.
+            .env("UVICORN_APP_COUNTER", common::tmp().join("uvicorn.count"))
+            .env("GUNICORN_APP_COUNTER", common::tmp().join("gunicorn.count"))
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{BIN}: {e}"))?;
+        MASTER.store(child.id() as i32, Ordering::Release);
+        let stderr = child.stderr.take().ok_or("no stderr pipe")?;
+        let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+        let log = Arc::new(Mutex::new(String::new()));
+        // stdout (uvicorn and gunicorn log there too) into the same log.
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let (first, address) = mpsc::channel();
+        let reader = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut first = Some(first);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    // "shmcluster: master pid N, 4 workers, control socket
+                    // PATH, listening on 127.0.0.1:PORT"
+                    if let Some((_, rest)) = line.split_once(", listening on ") {
+                        if let Some(tx) = first.take() {
+                            let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
+                        }
+                    }
+                    let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            })
+        };
+        let mut server = Server {
+            child,
+            addr: String::new(),
+            log,
+            reader: Some(reader),
+        };
+        server.addr = address
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| format!("the master named no address in 10 s:\n{}", server.log()))?;
+        server.wait_for_workers(Duration::from_secs(30), |_| true)?;
+        Ok(server)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn signal(&self, sig: Signal) -> Check {
+        kill(Pid::from_raw(self.child.id() as i32), sig).map_err(|e| format!("{sig} to the master: {e}"))
+    }
+
+    /// `GET /peers` on a new connection (a `map` over every worker).
+    fn workers(&self) -> Result<Workers, String> {
+        let mut conn = Conn::open(&self.addr).map_err(|e| format!("connect: {e}"))?;
+        let r = conn.send("GET", "/peers").map_err(|e| e.to_string())?;
+        ensure!(r.status == 200, "GET /peers: {} {}", r.status, r.body);
+        Workers::parse(&r.body)
+    }
+
+    /// Polls `/peers` until it shows every worker (and no more), no
+    /// errors, and `done`.
+    fn wait_for_workers(&self, limit: Duration, done: impl Fn(&Workers) -> bool) -> Result<Workers, String> {
+        let start = Instant::now();
+        loop {
+            let last = self.workers();
+            if let Ok(w) = &last {
+                let slots: BTreeSet<u32> = w.workers.iter().map(|w| w.slot).collect();
+                if w.workers.len() == WORKERS && w.errors == 0 && slots.len() == WORKERS && done(w) {
+                    return last;
+                }
+            }
+            if start.elapsed() > limit {
+                return Err(format!(
+                    "after {limit:?}, /peers still shows {last:?}\n{}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the master to exit; its status and everything the
+    /// cluster wrote.
+    fn wait(mut self, limit: Duration) -> Result<(std::process::ExitStatus, String), String> {
+        let status = wait_child(&mut self.child, limit)?;
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        Ok((status, self.log()))
+    }
+
+    /// SIGTERM, then the master must exit 0.
+    fn stop(self) -> Check {
+        self.signal(Signal::SIGTERM)?;
+        let (status, log) = self.wait(Duration::from_secs(20))?;
+        ensure!(
+            status.success(),
+            "the master exited {status} after SIGTERM:\n{log}"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+        MASTER.store(0, Ordering::Release);
+    }
+}
+
+/// Whether `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+// ------------------------------------------------------------ what the examples answer
+
+#[derive(Debug)]
+struct Workers {
+    workers: Vec<WorkerInfo>,
+    errors: usize,
+}
+
+#[derive(Debug)]
+struct WorkerInfo {
+    slot: u32,
+    pid: u32,
+}
+
+impl Workers {
+    /// `/peers`: `[{"index", "slot", "pid"} or {"slot", "error"}, ...]`.
+    fn parse(body: &str) -> Result<Workers, String> {
+        let v: Value = serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))?;
+        let (mut workers, mut errors) = (Vec::new(), 0);
+        for w in v.as_array().ok_or(format!("not a list: {body}"))? {
+            if w.get("error").is_some() {
+                errors += 1;
+                continue;
+            }
+            workers.push(WorkerInfo {
+                slot: field(w, "slot")? as u32,
+                pid: field(w, "pid")? as u32,
+            });
+        }
+        Ok(Workers { workers, errors })
+    }
+
+    fn pids(&self) -> BTreeSet<u32> {
+        self.workers.iter().map(|w| w.pid).collect()
+    }
+}
+
+/// A number field of a JSON object.
+fn field(v: &Value, name: &str) -> Result<u64, String> {
+    v[name].as_u64().ok_or(format!("no number {name:?} in {v}"))
+}
+
+/// "hello from worker <index> (slot <slot>, pid <pid>)" (`GET /`,
+/// `GET /slow`): (slot, pid).
+fn banner(body: &str) -> Result<(u32, u32), String> {
+    let number = |after: &str| {
+        body.split_once(after)
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or(format!("answered {body:?}"))
+    };
+    Ok((number("(slot ")?, number(", pid ")?))
+}
+
+// ------------------------------------------------------------ a small HTTP/1.1 client
+
+struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    /// The last answer said `Connection: close` (set by the caller).
+    closed: bool,
+}
+
+struct Response {
+    status: u16,
+    body: String,
+    /// The answering worker's pid (from the banner; 0 if none).
+    pid: u32,
+    /// The server will close the connection after this answer.
+    close: bool,
+}
+
+impl Response {
+    fn json(&self) -> Result<Value, String> {
+        serde_json::from_str(&self.body).map_err(|e| format!("{e}: {:?}", self.body))
+    }
+}
+
+impl Conn {
+    fn open(addr: &str) -> io::Result<Conn> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Conn {
+            writer: stream.try_clone()?,
+            reader: BufReader::new(stream),
+            closed: false,
+        })
+    }
+
+    fn send(&mut self, method: &str, path: &str) -> Result<Response, String> {
+        self.write_request(method, path)
+            .map_err(|e| format!("write: {e}"))?;
+        self.read_response()
+    }
+
+    fn write_request(&mut self, method: &str, path: &str) -> io::Result<()> {
+        let length = if method == "GET" {
+            ""
+        } else {
+            "Content-Length: 0\r\n"
+        };
+        self.writer
+            .write_all(format!("{method} {path} HTTP/1.1\r\nHost: test\r\n{length}\r\n").as_bytes())
+    }
+
+    fn line(&mut self) -> Result<String, String> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Err("connection closed mid-answer".into()),
+            Ok(_) => Ok(line.trim_end().to_owned()),
+            Err(e) => Err(format!("read: {e}")),
+        }
+    }
+
+    /// One answer with a `Content-Length` (the example always sends one).
+    fn read_response(&mut self) -> Result<Response, String> {
+        let status_line = self.line()?;
+        let status = match status_line.split_whitespace().collect::<Vec<_>>()[..] {
+            ["HTTP/1.1" | "HTTP/1.0", code, ..] => {
+                code.parse::<u16>().map_err(|e| format!("{status_line:?}: {e}"))?
+            }
+            _ => return Err(format!("status line {status_line:?}")),
+        };
+        let (mut length, mut close) = (None, false);
+        loop {
+            let line = self.line()?;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').ok_or(format!("header {line:?}"))?;
+            let value = value.trim();
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => {
+                    length = Some(value.parse::<usize>().map_err(|e| format!("{line:?}: {e}"))?)
+                }
+                "connection" => close = value.eq_ignore_ascii_case("close"),
+                _ => {}
+            }
+        }
+        let mut body = vec![0; length.ok_or("no Content-Length")?];
+        self.reader
+            .read_exact(&mut body)
+            .map_err(|e| format!("body: {e}"))?;
+        let body = String::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
+        Ok(Response {
+            status,
+            pid: banner(&body).map_or(0, |b| b.1),
+            body,
+            close,
+        })
+    }
+
+    /// Whether the server closes the connection (EOF or reset) within
+    /// `limit`, sending nothing.
+    fn closed_within(&mut self, limit: Duration) -> Result<bool, String> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(limit))
+            .map_err(|e| e.to_string())?;
+        match self.reader.fill_buf() {
+            Ok([]) => Ok(true),
+            Ok(data) => Err(format!("unasked-for bytes: {:?}", String::from_utf8_lossy(data))),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(false),
+            Err(_) => Ok(true),
+        }
+    }
+}
