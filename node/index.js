@@ -72,6 +72,9 @@ function bytesOf(data) {
   return typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
 }
 
+/** Room for the numbers of one turn's records (the rest waits for the next turn). */
+const REC_NUMBERS = 4096;
+
 /** Native turns one `_turn` makes in a row while handlers answer at once. */
 const ROUNDS_PER_TURN = 4;
 
@@ -143,6 +146,8 @@ class Messenger {
     this._handlers = new Map();
     this._pending = new Map();
     this._names = [];
+    // The numbers of a turn's records (src/lib.rs, `Native::turn`).
+    this._rec = new Float64Array(REC_NUMBERS);
     this._inTurn = false;
     this._again = false;
     this._scheduled = false;
@@ -481,19 +486,24 @@ class Messenger {
   // the next turn waits for the event loop (setImmediate).
   _turn() {
     this._scheduled = false;
+    // Never inside itself: `_rec` is being read.
+    if (this._inTurn) {
+      this._schedule();
+      return;
+    }
     for (let round = 1; !this._closed; round++) {
-      let out;
+      let vals;
       try {
-        out = this._n.turn();
+        vals = this._n.turn(this._rec);
       } catch (e) {
         this._error(fromNative(e));
         return;
       }
-      if (out === null) break;
+      if (vals === null) break;
       this._again = false;
       this._inTurn = true;
       try {
-        this._apply(out);
+        this._apply(vals);
       } finally {
         this._inTurn = false;
       }
@@ -506,51 +516,57 @@ class Messenger {
     if (this._w._checkStop) this._w._checkStop();
   }
 
-  // The records of one turn (src/lib.rs, `mod tag`), in order.
-  _apply(out) {
-    const n = out.length;
-    let i = 0;
+  // The records of one turn (src/lib.rs, `mod tag`), in order: their
+  // numbers in `_rec`, their values in `vals` (one value alone, or an
+  // array of them).
+  _apply(vals) {
+    const rec = this._rec;
+    const n = rec[0] + 1;
+    const many = Array.isArray(vals);
+    let v = 0;
+    const val = () => (many ? vals[v++] : vals);
+    let i = 1;
     while (i < n) {
-      switch (out[i]) {
+      switch (rec[i]) {
         case T_ANSWER:
-          this._answered(out[i + 1], out[i + 2]);
-          i += 3;
+          this._answered(rec[i + 1], val());
+          i += 2;
           break;
         case T_CALL:
-          this._called(out[i + 1], out[i + 2], out[i + 3], out[i + 4]);
-          i += 5;
-          break;
-        case T_EVENT:
-          this._evented(out[i + 1], out[i + 2], out[i + 3]);
+          this._called(rec[i + 1], rec[i + 2], rec[i + 3], val());
           i += 4;
           break;
+        case T_EVENT:
+          this._evented(rec[i + 1], rec[i + 2], val());
+          i += 3;
+          break;
         case T_SETTLED:
-          this._settle(out[i + 1]);
-          i += 2;
+          this._settle(val());
+          i += 1;
           break;
         case T_INCOMING:
-          this._incoming(out[i + 1]);
-          i += 2;
+          this._incoming(val());
+          i += 1;
           break;
         case T_LEADER:
-          this._leaderChanged(out[i + 1]);
-          i += 2;
+          this._leaderChanged(val());
+          i += 1;
           break;
         case T_CORRUPT:
-          this._error(new ShmclusterError('CORRUPT', out[i + 1]));
-          i += 2;
+          this._error(new ShmclusterError('CORRUPT', val()));
+          i += 1;
           break;
         case T_MORE:
           this._schedule();
           i += 1;
           break;
         case T_DUE:
-          this._arm(out[i + 1]);
+          this._arm(rec[i + 1] < 0 ? null : rec[i + 1]);
           i += 2;
           break;
         default:
           // Unknown to this index.js: nothing after it can be read.
-          this._error(new ShmclusterError('UNKNOWN', `unknown turn record ${out[i]}`));
+          this._error(new ShmclusterError('UNKNOWN', `unknown turn record ${rec[i]}`));
           return;
       }
     }

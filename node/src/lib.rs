@@ -16,11 +16,13 @@
 //!   runs the JS handlers after the turn, on the same thread, and answers
 //!   through [`Native::reply`] when a handler's value (or promise) is
 //!   ready; the answer is sent at once.
-//! - **Turns** hand JS one flat array of records (see [`tag`]): the hot
-//!   ones (a request's answer, a call, an event) as a few numbers and one
-//!   payload, the payload a string when JS will parse it as JSON. Objects
-//!   made through Node-API cost a property key each, and were most of a
-//!   request's time (node/bench/README.md, "Where the time goes").
+//! - **Turns** hand JS records (see [`tag`]): their numbers written into
+//!   a `Float64Array` JS passes in, their values (a payload, an object)
+//!   returned; the hot ones (a request's answer, a call, an event) are a
+//!   few numbers and one payload, a string when JS will parse it as JSON.
+//!   Objects made through Node-API cost a property key each, arrays a
+//!   call per element, and were most of a request's time
+//!   (node/bench/README.md, "Where the time goes").
 //! - **Calls** (`request`, `map`, `consume`, and through the leader
 //!   `invoke` and `publish`) start at once and return a ticket; their
 //!   ends come out of later turns and resolve JS promises.
@@ -43,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use napi::bindgen_prelude::{Buffer, Either, Null, ToNapiValue};
-use napi::{Env, JsFunction, JsObject};
+use napi::{Env, JsFunction, JsObject, JsTypedArray, TypedArrayType};
 use napi_derive::napi;
 use shmcluster::{
     BytesReply, CallError, CallKind, EmitError, Finished, LockError, Locks, MapError, Messenger, Target,
@@ -156,38 +158,64 @@ struct Queued {
     reply: Option<BytesReply>,
 }
 
-/// The tags of the records of [`Native::turn`]'s flat array (index.js
-/// reads them, `_apply`). The hot ones carry plain values, so that a
-/// message or an answer crosses to JS as a few numbers and one payload
-/// (see [`Val`]), not an object with named properties (each property of
-/// an object made through Node-API costs an internalised key).
+/// The tags of the records of [`Native::turn`] (index.js reads them,
+/// `_apply`). A record is its tag and a few numbers, written into a
+/// `Float64Array` JS passes in, and at most one JS value (a payload, an
+/// object), returned: a message or an answer crosses to JS as numbers in
+/// memory JS reads and one string, not an object with named properties
+/// (each property of an object made through Node-API costs an
+/// internalised key) nor an array (each element a Node-API call).
 mod tag {
-    /// `ticket, payload`: a request's (an invoke's) answer.
+    /// `ticket`; value: the payload. A request's (an invoke's) answer.
     pub const ANSWER: u32 = 1;
-    /// `event id, sender, reply id, payload`: a request or a map's call
-    /// for a `listen`ed event.
+    /// `event id, sender, reply id`; value: the payload. A request's or
+    /// a map's call for a `listen`ed event.
     pub const CALL: u32 = 2;
-    /// `event id, sender, payload`: an emitted event.
+    /// `event id, sender`; value: the payload. An emitted event.
     pub const EVENT: u32 = 3;
-    /// `Settled` object: any other end (errors, maps, consumes).
+    /// Value: a `Settled`. Any other end (errors, maps, consumes).
     pub const SETTLED: u32 = 4;
-    /// `Incoming` object: a consume, an invoke, a topic's value.
+    /// Value: an `Incoming`. A consume, an invoke, a topic's value.
     pub const INCOMING: u32 = 5;
-    /// `LeaderChange` object.
+    /// Value: a `LeaderChange`.
     pub const LEADER: u32 = 6;
-    /// `text`: a lane holds garbage (the other lanes keep working).
+    /// Value: the text. A lane holds garbage (the others keep working).
     pub const CORRUPT: u32 = 7;
-    /// No value: the turns ran out with work left (setImmediate).
+    /// The turns ran out with work left: turn again soon (setImmediate).
     pub const MORE: u32 = 8;
-    /// `ms` or `null`: calls in flight must be looked at within `ms`;
-    /// `null`: none waits any more.
+    /// `ms`: calls in flight must be looked at within `ms`; `-1`: none
+    /// waits any more.
     pub const DUE: u32 = 9;
 }
 
-/// One value of [`Native::turn`]'s flat array.
+/// The numbers of the longest record ([`tag::CALL`]).
+const REC_NUMS: usize = 4;
+
+/// Room [`Native::turn`] keeps at the end of the numbers for
+/// [`tag::MORE`] and [`tag::DUE`].
+const REC_TAIL: usize = 3;
+
+/// One record of [`Native::turn`] (see [`tag`]).
+struct Rec {
+    nums: [f64; REC_NUMS],
+    len: usize,
+    val: Option<Val>,
+}
+
+impl Rec {
+    fn new(nums: &[f64], val: Option<Val>) -> Self {
+        let mut r = Self {
+            nums: [0.0; REC_NUMS],
+            len: nums.len().min(REC_NUMS),
+            val,
+        };
+        r.nums[..r.len].copy_from_slice(&nums[..r.len]);
+        r
+    }
+}
+
+/// The JS value of a record.
 pub enum Val {
-    Num(f64),
-    Null,
     /// A JSON payload that is valid UTF-8: JS parses the string as it is.
     Text(String),
     /// A raw payload (or one that is not UTF-8): a `Buffer`.
@@ -198,10 +226,6 @@ pub enum Val {
 }
 
 impl Val {
-    fn tag(t: u32) -> Self {
-        Self::Num(f64::from(t))
-    }
-
     /// A payload: a string when JS will parse it as JSON and it is
     /// UTF-8 (one copy into V8, no `Buffer` and no `toString`), else the
     /// bytes.
@@ -216,14 +240,34 @@ impl Val {
     }
 }
 
+/// What [`Native::turn`] returns: `null` (nothing for JS), the one value
+/// of the records, or their values in an array (none, or several).
+pub enum TurnRet {
+    Nothing,
+    One(Val),
+    Many(Vec<Val>),
+}
+
+impl ToNapiValue for TurnRet {
+    unsafe fn to_napi_value(env: napi::sys::napi_env, val: Self) -> napi::Result<napi::sys::napi_value> {
+        // SAFETY: `env` is the live environment napi-rs hands the
+        // conversion of a return value, which is all each callee needs.
+        unsafe {
+            match val {
+                TurnRet::Nothing => Null::to_napi_value(env, Null),
+                TurnRet::One(v) => Val::to_napi_value(env, v),
+                TurnRet::Many(v) => Vec::<Val>::to_napi_value(env, v),
+            }
+        }
+    }
+}
+
 impl ToNapiValue for Val {
     unsafe fn to_napi_value(env: napi::sys::napi_env, val: Self) -> napi::Result<napi::sys::napi_value> {
         // SAFETY: `env` is the live environment napi-rs hands the
         // conversion of a return value, which is all each callee needs.
         unsafe {
             match val {
-                Val::Num(x) => f64::to_napi_value(env, x),
-                Val::Null => Null::to_napi_value(env, Null),
                 Val::Text(s) => String::to_napi_value(env, s),
                 Val::Bytes(b) => Buffer::to_napi_value(env, b.into()),
                 Val::Incoming(i) => Incoming::to_napi_value(env, i),
@@ -322,6 +366,9 @@ pub struct Native {
     /// A corrupt lane met outside a turn (by [`Native::reply`]'s send),
     /// for the next turn to report.
     corrupt: Option<String>,
+    /// Records a turn could not hand over (its `rec` was full), for the
+    /// next.
+    backlog: VecDeque<Rec>,
     /// Registered with libuv (None without an eventfd, and after close).
     poll: Option<uv::Poll>,
     /// The fallback wake without an eventfd.
@@ -480,6 +527,7 @@ impl Native {
             raw: Vec::new(),
             due_told: false,
             corrupt: None,
+            backlog: VecDeque::new(),
             poll: None,
             waiter: None,
             parked: false,
@@ -534,6 +582,43 @@ impl Native {
             }
         }
         Ok(true)
+    }
+
+    /// The messenger's part of [`Native::turn`]: its turns (and the spin),
+    /// and what they brought as records. True if work is left.
+    fn turn_messenger(&mut self, recs: &mut VecDeque<Rec>) -> napi::Result<bool> {
+        let mut corrupt = self.corrupt.take();
+        let mut more = self.turns(&mut corrupt)?;
+        let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
+        let mut finished = m.take_finished();
+        // Nothing for JS and nothing left to do: poll a while before
+        // parking if this worker sent something a moment ago (see `Spin`).
+        let spin_until = self.spin.until.filter(|&t| Instant::now() < t);
+        if let (false, None, true, Some(until)) = (more, &corrupt, finished.is_empty(), spin_until) {
+            if self.queue_is_empty() {
+                self.spin_poll(until, &mut finished, &mut corrupt)?;
+                // Parks (or turns on, if the spin found a flood).
+                more = self.turns(&mut corrupt)?;
+                let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
+                finished.extend(m.take_finished());
+            }
+        }
+        if let Some(c) = corrupt {
+            recs.push_back(Rec::new(&[f64::from(tag::CORRUPT)], Some(Val::Text(c))));
+        }
+        if let Some(c) = &self.changes {
+            for c in std::mem::take(&mut *c.lock().unwrap_or_else(|p| p.into_inner())) {
+                recs.push_back(Rec::new(&[f64::from(tag::LEADER)], Some(Val::Leader(c))));
+            }
+        }
+        for (t, f) in finished {
+            self.settled(t, f, recs);
+        }
+        let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        for q in queued {
+            self.incoming(q, recs);
+        }
+        Ok(more)
     }
 
     fn queue_is_empty(&self) -> bool {
@@ -614,7 +699,7 @@ impl Native {
     /// map's call as `CALL, event, sender, reply id, payload`, an event
     /// as `EVENT, event, sender, payload`, anything else as an
     /// `Incoming`.
-    fn incoming(&mut self, q: Queued, out: &mut Vec<Val>) {
+    fn incoming(&mut self, q: Queued, out: &mut VecDeque<Rec>) {
         let reply_id = q.reply.map(|r| {
             let id = self.next_reply;
             self.next_reply = self.next_reply.wrapping_add(1).max(1);
@@ -622,45 +707,40 @@ impl Native {
             id
         });
         let text = !self.raw.get(q.event as usize).copied().unwrap_or(false);
-        match (q.kind, reply_id) {
-            ("request", Some(id)) => {
-                out.push(Val::tag(tag::CALL));
-                out.push(Val::Num(f64::from(q.event)));
-                out.push(Val::Num(f64::from(q.sender)));
-                out.push(Val::Num(f64::from(id)));
-                out.push(Val::payload(q.data, text));
-            }
-            ("event", None) => {
-                out.push(Val::tag(tag::EVENT));
-                out.push(Val::Num(f64::from(q.event)));
-                out.push(Val::Num(f64::from(q.sender)));
-                out.push(Val::payload(q.data, text));
-            }
-            (kind, reply_id) => {
-                out.push(Val::tag(tag::INCOMING));
-                out.push(Val::Incoming(Incoming {
+        let (event, sender) = (f64::from(q.event), f64::from(q.sender));
+        out.push_back(match (q.kind, reply_id) {
+            ("request", Some(id)) => Rec::new(
+                &[f64::from(tag::CALL), event, sender, f64::from(id)],
+                Some(Val::payload(q.data, text)),
+            ),
+            ("event", None) => Rec::new(
+                &[f64::from(tag::EVENT), event, sender],
+                Some(Val::payload(q.data, text)),
+            ),
+            (kind, reply_id) => Rec::new(
+                &[f64::from(tag::INCOMING)],
+                Some(Val::Incoming(Incoming {
                     event: self.name(q.event),
                     sender: q.sender,
                     kind: kind.into(),
                     delivery_id: q.delivery_id.to_string(),
                     data: q.data.into(),
                     reply_id,
-                }));
-            }
-        }
+                })),
+            ),
+        });
     }
 
-    /// The end of a call, as records of [`Native::turn`]: a request's
-    /// answer as `ANSWER, ticket, payload`, anything else as a `Settled`.
-    fn settled(&mut self, ticket: shmcluster::CallTicket, f: Finished, out: &mut Vec<Val>) {
+    fn settled(&mut self, ticket: shmcluster::CallTicket, f: Finished, out: &mut VecDeque<Rec>) {
         let Some((ticket, raw)) = self.tickets.remove(&ticket.0) else {
             return;
         };
         let f = match f {
             Finished::Answer(Ok(v)) => {
-                out.push(Val::tag(tag::ANSWER));
-                out.push(Val::Num(f64::from(ticket)));
-                out.push(Val::payload(v, !raw));
+                out.push_back(Rec::new(
+                    &[f64::from(tag::ANSWER), f64::from(ticket)],
+                    Some(Val::payload(v, !raw)),
+                ));
                 return;
             }
             f => f,
@@ -730,8 +810,7 @@ impl Native {
             }
             _ => return,
         }
-        out.push(Val::tag(tag::SETTLED));
-        out.push(Val::Settled(s));
+        out.push_back(Rec::new(&[f64::from(tag::SETTLED)], Some(Val::Settled(s))));
     }
 }
 
@@ -993,69 +1072,73 @@ impl Native {
         Ok(true)
     }
 
-    /// Up to [`TURNS_PER_CALL`] turns: what arrived, what settled, as one
-    /// flat array of records (see [`tag`]), or `null` when there is
-    /// nothing to tell JS (most idle turns).
-    #[napi(ts_return_type = "Array<unknown> | null")]
-    pub fn turn(&mut self) -> napi::Result<Option<Vec<Val>>> {
-        if self.m.is_none() {
-            return Ok(None);
+    /// Up to [`TURNS_PER_CALL`] turns: what arrived, what settled, as
+    /// records (see [`tag`]): their numbers written into `rec` (`rec[0]`:
+    /// how many follow), their values returned (`null`: nothing for JS,
+    /// as most idle turns; one value alone; several in an array). What
+    /// does not fit in `rec` waits for the next turn (the `MORE` record
+    /// says to come back soon).
+    #[napi(ts_return_type = "unknown")]
+    pub fn turn(&mut self, rec: JsTypedArray) -> napi::Result<TurnRet> {
+        let mut rec = rec.into_value()?;
+        if rec.typedarray_type != TypedArrayType::Float64 {
+            return Err(err("INVALID_ARGUMENT", "the record array is not a Float64Array"));
         }
-        let mut corrupt = self.corrupt.take();
-        let mut more = self.turns(&mut corrupt)?;
-        let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
-        let mut finished = m.take_finished();
-        // Nothing for JS and nothing left to do: poll a while before
-        // parking if this worker sent something a moment ago (see `Spin`).
-        let spin_until = self.spin.until.filter(|&t| Instant::now() < t);
-        if let (false, None, true, Some(until)) = (more, &corrupt, finished.is_empty(), spin_until) {
-            if self.queue_is_empty() {
-                self.spin_poll(until, &mut finished, &mut corrupt)?;
-                // Parks (or turns on, if the spin found a flood).
-                more = self.turns(&mut corrupt)?;
-                let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
-                finished.extend(m.take_finished());
-            }
+        // Checked above: `as_mut` would panic on another type.
+        let rec: &mut [f64] = rec.as_mut();
+        if rec.len() < 1 + REC_NUMS + REC_TAIL {
+            return Err(err("INVALID_ARGUMENT", "the record array is too short"));
+        }
+        if self.m.is_none() {
+            return Ok(TurnRet::Nothing);
+        }
+        let mut recs = std::mem::take(&mut self.backlog);
+        let mut more = false;
+        // What an earlier turn could not hand over goes first; the
+        // messenger waits meanwhile (its lanes hold the rest).
+        if recs.is_empty() {
+            more = self.turn_messenger(&mut recs)?;
         }
         let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
         let due = m.next_due();
-        let mut out = Vec::new();
-        if let Some(c) = corrupt {
-            out.push(Val::tag(tag::CORRUPT));
-            out.push(Val::Text(c));
-        }
-        if let Some(c) = &self.changes {
-            for c in std::mem::take(&mut *c.lock().unwrap_or_else(|p| p.into_inner())) {
-                out.push(Val::tag(tag::LEADER));
-                out.push(Val::Leader(c));
+        let mut w = 1;
+        let end = rec.len() - REC_TAIL;
+        let mut vals = Vec::new();
+        while let Some(r) = recs.front() {
+            if w + r.len > end {
+                break;
+            }
+            rec[w..w + r.len].copy_from_slice(&r.nums[..r.len]);
+            w += r.len;
+            if let Some(r) = recs.pop_front() {
+                vals.extend(r.val);
             }
         }
-        for (t, f) in finished {
-            self.settled(t, f, &mut out);
-        }
-        let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
-        for q in queued {
-            self.incoming(q, &mut out);
+        if !recs.is_empty() {
+            more = true;
+            self.backlog = recs;
         }
         if more {
-            out.push(Val::tag(tag::MORE));
+            rec[w] = f64::from(tag::MORE);
+            w += 1;
         }
-        match due {
-            Some(t) => {
-                out.push(Val::tag(tag::DUE));
-                out.push(Val::Num(
-                    t.saturating_duration_since(Instant::now()).as_secs_f64() * 1000.0,
-                ));
-                self.due_told = true;
-            }
-            None if self.due_told => {
-                out.push(Val::tag(tag::DUE));
-                out.push(Val::Null);
-                self.due_told = false;
-            }
-            None => {}
+        let due_ms = match due {
+            Some(t) => Some(t.saturating_duration_since(Instant::now()).as_secs_f64() * 1000.0),
+            None if self.due_told => Some(-1.0),
+            None => None,
+        };
+        if let Some(ms) = due_ms {
+            rec[w] = f64::from(tag::DUE);
+            rec[w + 1] = ms;
+            w += 2;
+            self.due_told = due.is_some();
         }
-        Ok((!out.is_empty()).then_some(out))
+        rec[0] = (w - 1) as f64;
+        Ok(match (w, vals.len()) {
+            (1, _) => TurnRet::Nothing,
+            (_, 1) => TurnRet::One(vals.pop().ok_or_else(|| err("UNKNOWN", "no value"))?),
+            _ => TurnRet::Many(vals),
+        })
     }
 
     /// This worker's instance number (kept across respawns and reloads).
