@@ -486,6 +486,7 @@ class Messenger {
   // the next turn waits for the event loop (setImmediate).
   _turn() {
     this._scheduled = false;
+    if (this._closed) return;
     // Never inside itself: `_rec` is being read.
     if (this._inTurn) {
       this._schedule();

@@ -1378,6 +1378,7 @@ impl Native {
         }
         // Dropped replies answer `HandlerFailed("reply dropped")` through
         // the outbox: one last dispatch sends them.
+        self.backlog.clear();
         self.replies.clear();
         // Their threads unlock.
         self.sections.clear();
