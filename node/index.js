@@ -44,6 +44,9 @@ function nat(fn) {
   }
 }
 
+// A payload for the addon: the bytes of a Buffer (or Uint8Array), else
+// the JSON text of the value (the addon takes the string's UTF-8 bytes: no
+// Buffer made here).
 function encode(value) {
   if (Buffer.isBuffer(value)) return value;
   if (value instanceof Uint8Array) return Buffer.from(value.buffer, value.byteOffset, value.byteLength);
@@ -53,13 +56,38 @@ function encode(value) {
   } catch (e) {
     throw new ShmclusterError('INVALID_ARGUMENT', `cannot encode the value as JSON: ${e.message}`);
   }
-  return Buffer.from(s === undefined ? 'null' : s);
+  return s === undefined ? 'null' : s;
 }
 
-function decode(buf) {
-  if (buf.length === 0) return undefined;
-  return JSON.parse(buf.toString('utf8'));
+// A payload from the addon: JSON text (a string, when it is UTF-8 and no
+// raw handler wants it) or a Buffer.
+function decode(data) {
+  if (data.length === 0) return undefined;
+  return JSON.parse(typeof data === 'string' ? data : data.toString('utf8'));
 }
+
+// A payload for a raw handler (a string only if the handler came after
+// the payload was taken).
+function bytesOf(data) {
+  return typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
+}
+
+/** Room for the numbers of one turn's records (the rest waits for the next turn). */
+const REC_NUMBERS = 4096;
+
+/** Native turns one `_turn` makes in a row while handlers answer at once. */
+const ROUNDS_PER_TURN = 4;
+
+// Records of the addon's turn (src/lib.rs, `mod tag`).
+const T_ANSWER = 1;
+const T_CALL = 2;
+const T_EVENT = 3;
+const T_SETTLED = 4;
+const T_INCOMING = 5;
+const T_LEADER = 6;
+const T_CORRUPT = 7;
+const T_MORE = 8;
+const T_DUE = 9;
 
 function errorText(e) {
   if (e instanceof Error) return e.message;
@@ -117,6 +145,11 @@ class Messenger {
     this._n = worker._n;
     this._handlers = new Map();
     this._pending = new Map();
+    this._names = [];
+    // The numbers of a turn's records (src/lib.rs, `Native::turn`).
+    this._rec = new Float64Array(REC_NUMBERS);
+    this._inTurn = false;
+    this._again = false;
     this._scheduled = false;
     this._closed = false;
     this._due = null;
@@ -160,7 +193,9 @@ class Messenger {
       list = [];
       this._handlers.set(event, list);
     }
-    list.push({ fn, raw: !!(opts && opts.raw) });
+    const raw = !!(opts && opts.raw);
+    if (raw && !list.some((h) => h.raw)) nat(() => this._n.setRaw(String(event), true));
+    list.push({ fn, raw });
     this._schedule();
     return this;
   }
@@ -175,6 +210,9 @@ class Messenger {
       if (!this._closed) nat(() => this._n.unlisten(String(event)));
     } else {
       this._handlers.set(event, rest);
+    }
+    if (!this._closed && list.some((h) => h.raw) && !rest.some((h) => h.raw)) {
+      nat(() => this._n.setRaw(String(event), false));
     }
     this._schedule();
     return this;
@@ -206,7 +244,7 @@ class Messenger {
   request(slot, event, data, opts) {
     return this._call(opts, (t) => {
       checkSlot(slot);
-      return this._n.startRequest(slot, String(event), encode(data), t);
+      return this._n.startRequest(slot, String(event), encode(data), t, !!(opts && opts.raw));
     });
   }
 
@@ -294,7 +332,7 @@ class Messenger {
    */
   invoke(method, args, opts) {
     return this._call(opts, (t) =>
-      this._n.startInvoke(String(method), encode(args), t, !!(opts && opts.idempotent)),
+      this._n.startInvoke(String(method), encode(args), t, !!(opts && opts.idempotent), !!(opts && opts.raw)),
     );
   }
 
@@ -442,23 +480,106 @@ class Messenger {
     }
   }
 
+  // Turns the addon and hands JS what it brought. When handlers answered
+  // at once (their answers are sent already), it turns again at once, to
+  // catch the same caller's next call, up to ROUNDS_PER_TURN times; then
+  // the next turn waits for the event loop (setImmediate).
   _turn() {
     this._scheduled = false;
     if (this._closed) return;
-    let out;
-    try {
-      out = this._n.turn();
-    } catch (e) {
-      this._error(fromNative(e));
+    // Never inside itself: `_rec` is being read.
+    if (this._inTurn) {
+      this._schedule();
       return;
     }
-    if (out.corrupt) this._error(new ShmclusterError('CORRUPT', out.corrupt));
-    for (const c of out.leaderChanges) this._leaderChanged(c);
-    for (const s of out.settled) this._settle(s);
-    for (const inc of out.incoming) this._incoming(inc);
-    if (out.more) this._schedule();
-    this._arm(out.dueMs);
+    for (let round = 1; !this._closed; round++) {
+      let vals;
+      try {
+        vals = this._n.turn(this._rec);
+      } catch (e) {
+        this._error(fromNative(e));
+        return;
+      }
+      if (vals === null) break;
+      this._again = false;
+      this._inTurn = true;
+      try {
+        this._apply(vals);
+      } finally {
+        this._inTurn = false;
+      }
+      if (!this._again || this._scheduled) break;
+      if (round >= ROUNDS_PER_TURN) {
+        this._schedule();
+        break;
+      }
+    }
     if (this._w._checkStop) this._w._checkStop();
+  }
+
+  // The records of one turn (src/lib.rs, `mod tag`), in order: their
+  // numbers in `_rec`, their values in `vals` (one value alone, or an
+  // array of them).
+  _apply(vals) {
+    const rec = this._rec;
+    const n = rec[0] + 1;
+    const many = Array.isArray(vals);
+    let v = 0;
+    const val = () => (many ? vals[v++] : vals);
+    let i = 1;
+    while (i < n) {
+      switch (rec[i]) {
+        case T_ANSWER:
+          this._answered(rec[i + 1], val());
+          i += 2;
+          break;
+        case T_CALL:
+          this._called(rec[i + 1], rec[i + 2], rec[i + 3], val());
+          i += 4;
+          break;
+        case T_EVENT:
+          this._evented(rec[i + 1], rec[i + 2], val());
+          i += 3;
+          break;
+        case T_SETTLED:
+          this._settle(val());
+          i += 1;
+          break;
+        case T_INCOMING:
+          this._incoming(val());
+          i += 1;
+          break;
+        case T_LEADER:
+          this._leaderChanged(val());
+          i += 1;
+          break;
+        case T_CORRUPT:
+          this._error(new ShmclusterError('CORRUPT', val()));
+          i += 1;
+          break;
+        case T_MORE:
+          this._schedule();
+          i += 1;
+          break;
+        case T_DUE:
+          this._arm(rec[i + 1] < 0 ? null : rec[i + 1]);
+          i += 2;
+          break;
+        default:
+          // Unknown to this index.js: nothing after it can be read.
+          this._error(new ShmclusterError('UNKNOWN', `unknown turn record ${rec[i]}`));
+          return;
+      }
+    }
+  }
+
+  _name(id) {
+    let name = this._names[id];
+    if (name === undefined) {
+      name = this._n.eventName(id);
+      this._names[id] = name;
+    }
+    return name;
   }
 
   // Calls in flight must be looked at by `dueMs` (deadlines, deaths).
@@ -481,6 +602,21 @@ class Messenger {
       this._dueAt = Infinity;
       this._turn();
     }, Math.max(0, Math.ceil(dueMs)));
+  }
+
+  // A request's (an invoke's) answer.
+  _answered(ticket, data) {
+    const p = this._pending.get(ticket);
+    if (!p) return;
+    this._pending.delete(ticket);
+    let v;
+    try {
+      v = p.raw ? bytesOf(data) : decode(data);
+    } catch (e) {
+      p.reject(new ShmclusterError('DECODE', `the answer is not JSON: ${e.message}`));
+      return;
+    }
+    p.resolve(v);
   }
 
   _settle(s) {
@@ -516,25 +652,27 @@ class Messenger {
     }
   }
 
+  // Answers a call (the addon sends it at once; too large a value
+  // answers HANDLER_FAILED there). Inside a turn, that turn turns again;
+  // else the next one is scheduled.
   _answer(replyId, value, error) {
     if (this._closed) return;
-    let res;
-    if (error !== undefined) {
-      res = error;
-    } else {
-      try {
-        res = encode(value);
-        if (res.length > this._maxPayload) res = `the reply is too large (${res.length} bytes, at most ${this._maxPayload})`;
-      } catch (e) {
-        res = errorText(e);
-      }
-    }
     try {
-      this._n.reply(replyId, res);
+      if (error === undefined) {
+        let res;
+        try {
+          res = encode(value);
+        } catch (e) {
+          error = errorText(e);
+        }
+        if (error === undefined) this._n.reply(replyId, res);
+      }
+      if (error !== undefined) this._n.replyError(replyId, error);
     } catch (e) {
       this._error(fromNative(e));
     }
-    this._schedule();
+    if (this._inTurn) this._again = true;
+    else this._schedule();
   }
 
   _watchLeader() {
@@ -593,65 +731,83 @@ class Messenger {
       return;
     }
     const ctx = { sender: inc.sender, event: inc.event, kind: 'invoke', deliveryId: '0' };
-    this._run(h, inc, ctx);
+    this._run(h, inc.data, inc.replyId, ctx);
   }
 
   // Runs a call's handler and answers with its value (or promise's).
-  _run(h, inc, ctx) {
+  _run(h, data, replyId, ctx) {
     let v;
     try {
-      v = h.raw ? inc.data : decode(inc.data);
+      v = h.raw ? bytesOf(data) : decode(data);
     } catch (e) {
-      this._answer(inc.replyId, undefined, `payload is not JSON: ${e.message}`);
+      this._answer(replyId, undefined, `payload is not JSON: ${e.message}`);
       return;
     }
     let r;
     try {
       r = h.fn(v, ctx);
     } catch (e) {
-      this._answer(inc.replyId, undefined, errorText(e));
+      this._answer(replyId, undefined, errorText(e));
       return;
     }
     if (r && typeof r.then === 'function') {
       r.then(
-        (value) => this._answer(inc.replyId, value),
-        (e) => this._answer(inc.replyId, undefined, errorText(e)),
+        (value) => this._answer(replyId, value),
+        (e) => this._answer(replyId, undefined, errorText(e)),
       );
     } else {
-      this._answer(inc.replyId, r);
+      this._answer(replyId, r);
     }
+  }
+
+  // A request's (a map's) call for event id `id` (a CALL record).
+  _called(id, sender, replyId, data) {
+    const event = this._name(id);
+    this._callIn(event, { sender, event, kind: 'request', deliveryId: '0' }, replyId, data);
+  }
+
+  // An event (an EVENT record).
+  _evented(id, sender, data) {
+    const event = this._name(id);
+    this._eventIn(event, { sender, event, kind: 'event', deliveryId: '0' }, data);
   }
 
   _incoming(inc) {
     if (inc.kind === 'topic') return this._topic(inc);
     if (inc.kind === 'invoke') return this._invoked(inc);
-    const list = this._handlers.get(inc.event);
     const ctx = { sender: inc.sender, event: inc.event, kind: inc.kind, deliveryId: inc.deliveryId };
-    const isCall = inc.replyId !== null && inc.replyId !== undefined;
+    if (inc.replyId !== null && inc.replyId !== undefined) this._callIn(inc.event, ctx, inc.replyId, inc.data);
+    else this._eventIn(inc.event, ctx, inc.data);
+  }
+
+  // A call: the first handler answers.
+  _callIn(event, ctx, replyId, data) {
+    const list = this._handlers.get(event);
     if (!list || list.length === 0) {
-      if (isCall) this._answer(inc.replyId, undefined, `no handler for ${inc.event}`);
+      this._answer(replyId, undefined, `no handler for ${event}`);
       return;
     }
-    if (!isCall) {
-      for (const h of list.slice()) {
-        let v;
-        try {
-          v = h.raw ? inc.data : decode(inc.data);
-        } catch (e) {
-          this._error(new ShmclusterError('DECODE', `event ${inc.event} from slot ${inc.sender}: payload is not JSON: ${e.message}`));
-          continue;
-        }
-        try {
-          const r = h.fn(v, ctx);
-          if (r && typeof r.then === 'function') r.then(undefined, (e) => this._error(e));
-        } catch (e) {
-          this._error(e);
-        }
+    this._run(list[0], data, replyId, ctx);
+  }
+
+  _eventIn(event, ctx, data) {
+    const list = this._handlers.get(event);
+    if (!list || list.length === 0) return;
+    for (const h of list.slice()) {
+      let v;
+      try {
+        v = h.raw ? bytesOf(data) : decode(data);
+      } catch (e) {
+        this._error(new ShmclusterError('DECODE', `event ${event} from slot ${ctx.sender}: payload is not JSON: ${e.message}`));
+        continue;
       }
-      return;
+      try {
+        const r = h.fn(v, ctx);
+        if (r && typeof r.then === 'function') r.then(undefined, (e) => this._error(e));
+      } catch (e) {
+        this._error(e);
+      }
     }
-    // A call: the first handler answers.
-    this._run(list[0], inc, ctx);
   }
 }
 

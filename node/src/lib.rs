@@ -15,7 +15,14 @@
 //!   payload, and the [`BytesReply`] of a call); the JS layer (index.js)
 //!   runs the JS handlers after the turn, on the same thread, and answers
 //!   through [`Native::reply`] when a handler's value (or promise) is
-//!   ready.
+//!   ready; the answer is sent at once.
+//! - **Turns** hand JS records (see [`tag`]): their numbers written into
+//!   a `Float64Array` JS passes in, their values (a payload, an object)
+//!   returned; the hot ones (a request's answer, a call, an event) are a
+//!   few numbers and one payload, a string when JS will parse it as JSON.
+//!   Objects made through Node-API cost a property key each, arrays a
+//!   call per element, and were most of a request's time
+//!   (node/bench/README.md, "Where the time goes").
 //! - **Calls** (`request`, `map`, `consume`, and through the leader
 //!   `invoke` and `publish`) start at once and return a ticket; their
 //!   ends come out of later turns and resolve JS promises.
@@ -24,7 +31,7 @@
 //!   mutex); an invoke handler queues the call like a request handler
 //!   (`kind: "invoke"`, answered through [`Native::reply`]; only the
 //!   leader's runs), a subscription queues each value (`kind: "topic"`),
-//!   and turns report new leaders ([`TurnOut::leader_changes`]), after
+//!   and turns report new leaders ([`tag::LEADER`]), after
 //!   telling a new leader this worker's subscriptions. Nothing waits for
 //!   a leader on the JS thread.
 //!
@@ -38,8 +45,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use napi::bindgen_prelude::{Buffer, Either};
-use napi::{Env, JsFunction, JsObject};
+use napi::bindgen_prelude::{Buffer, Either, Null, ToNapiValue};
+use napi::{Env, JsFunction, JsObject, JsTypedArray, TypedArrayType};
 use napi_derive::napi;
 use shmcluster::{
     BytesReply, CallError, CallKind, EmitError, Finished, LockError, Locks, MapError, Messenger, Target,
@@ -159,13 +166,134 @@ struct Section {
 /// A message that arrived for a registered event, queued by its handler
 /// until the JS layer runs the JS handlers.
 struct Queued {
-    event: String,
+    /// The event's (method's, topic's) id in [`Native::names`].
+    event: u32,
     sender: u32,
     /// As [`Incoming::kind`].
     kind: &'static str,
     delivery_id: u64,
     data: Vec<u8>,
     reply: Option<BytesReply>,
+}
+
+/// The tags of the records of [`Native::turn`] (index.js reads them,
+/// `_apply`). A record is its tag and a few numbers, written into a
+/// `Float64Array` JS passes in, and at most one JS value (a payload, an
+/// object), returned: a message or an answer crosses to JS as numbers in
+/// memory JS reads and one string, not an object with named properties
+/// (each property of an object made through Node-API costs an
+/// internalised key) nor an array (each element a Node-API call).
+mod tag {
+    /// `ticket`; value: the payload. A request's (an invoke's) answer.
+    pub const ANSWER: u32 = 1;
+    /// `event id, sender, reply id`; value: the payload. A request's or
+    /// a map's call for a `listen`ed event.
+    pub const CALL: u32 = 2;
+    /// `event id, sender`; value: the payload. An emitted event.
+    pub const EVENT: u32 = 3;
+    /// Value: a `Settled`. Any other end (errors, maps, consumes).
+    pub const SETTLED: u32 = 4;
+    /// Value: an `Incoming`. A consume, an invoke, a topic's value.
+    pub const INCOMING: u32 = 5;
+    /// Value: a `LeaderChange`.
+    pub const LEADER: u32 = 6;
+    /// Value: the text. A lane holds garbage (the others keep working).
+    pub const CORRUPT: u32 = 7;
+    /// The turns ran out with work left: turn again soon (setImmediate).
+    pub const MORE: u32 = 8;
+    /// `ms`: calls in flight must be looked at within `ms`; `-1`: none
+    /// waits any more.
+    pub const DUE: u32 = 9;
+}
+
+/// The numbers of the longest record ([`tag::CALL`]).
+const REC_NUMS: usize = 4;
+
+/// Room [`Native::turn`] keeps at the end of the numbers for
+/// [`tag::MORE`] and [`tag::DUE`].
+const REC_TAIL: usize = 3;
+
+/// One record of [`Native::turn`] (see [`tag`]).
+struct Rec {
+    nums: [f64; REC_NUMS],
+    len: usize,
+    val: Option<Val>,
+}
+
+impl Rec {
+    fn new(nums: &[f64], val: Option<Val>) -> Self {
+        let mut r = Self {
+            nums: [0.0; REC_NUMS],
+            len: nums.len().min(REC_NUMS),
+            val,
+        };
+        r.nums[..r.len].copy_from_slice(&nums[..r.len]);
+        r
+    }
+}
+
+/// The JS value of a record.
+pub enum Val {
+    /// A JSON payload that is valid UTF-8: JS parses the string as it is.
+    Text(String),
+    /// A raw payload (or one that is not UTF-8): a `Buffer`.
+    Bytes(Vec<u8>),
+    Incoming(Incoming),
+    Settled(Settled),
+    Leader(LeaderChangeJs),
+}
+
+impl Val {
+    /// A payload: a string when JS will parse it as JSON and it is
+    /// UTF-8 (one copy into V8, no `Buffer` and no `toString`), else the
+    /// bytes.
+    fn payload(data: Vec<u8>, text: bool) -> Self {
+        if !text {
+            return Self::Bytes(data);
+        }
+        match String::from_utf8(data) {
+            Ok(s) => Self::Text(s),
+            Err(e) => Self::Bytes(e.into_bytes()),
+        }
+    }
+}
+
+/// What [`Native::turn`] returns: `null` (nothing for JS), the one value
+/// of the records, or their values in an array (none, or several).
+pub enum TurnRet {
+    Nothing,
+    One(Val),
+    Many(Vec<Val>),
+}
+
+impl ToNapiValue for TurnRet {
+    unsafe fn to_napi_value(env: napi::sys::napi_env, val: Self) -> napi::Result<napi::sys::napi_value> {
+        // SAFETY: `env` is the live environment napi-rs hands the
+        // conversion of a return value, which is all each callee needs.
+        unsafe {
+            match val {
+                TurnRet::Nothing => Null::to_napi_value(env, Null),
+                TurnRet::One(v) => Val::to_napi_value(env, v),
+                TurnRet::Many(v) => Vec::<Val>::to_napi_value(env, v),
+            }
+        }
+    }
+}
+
+impl ToNapiValue for Val {
+    unsafe fn to_napi_value(env: napi::sys::napi_env, val: Self) -> napi::Result<napi::sys::napi_value> {
+        // SAFETY: `env` is the live environment napi-rs hands the
+        // conversion of a return value, which is all each callee needs.
+        unsafe {
+            match val {
+                Val::Text(s) => String::to_napi_value(env, s),
+                Val::Bytes(b) => Buffer::to_napi_value(env, b.into()),
+                Val::Incoming(i) => Incoming::to_napi_value(env, i),
+                Val::Settled(s) => Settled::to_napi_value(env, s),
+                Val::Leader(c) => LeaderChangeJs::to_napi_value(env, c),
+            }
+        }
+    }
 }
 
 /// One arrived message, as JS sees it.
@@ -215,23 +343,6 @@ pub struct Settled {
     pub attempts: Option<u32>,
 }
 
-/// What one [`Native::turn`] brought.
-#[napi(object)]
-pub struct TurnOut {
-    pub incoming: Vec<Incoming>,
-    pub settled: Vec<Settled>,
-    /// The turns ran out with work left: turn again soon (setImmediate).
-    pub more: bool,
-    /// Milliseconds until calls in flight must be looked at (deadlines,
-    /// deaths), if any wait.
-    pub due_ms: Option<f64>,
-    /// A lane holds garbage (reported, the other lanes keep working).
-    pub corrupt: Option<String>,
-    /// New leaders of the default role seen by this turn, oldest first
-    /// (after [`Native::watch_leader`]).
-    pub leader_changes: Vec<LeaderChangeJs>,
-}
-
 /// A leader of a role, as JS sees it.
 #[napi(object)]
 pub struct LeaderJs {
@@ -257,8 +368,25 @@ pub struct Native {
     queue: Arc<Mutex<VecDeque<Queued>>>,
     replies: HashMap<u32, BytesReply>,
     next_reply: u32,
-    tickets: HashMap<u64, u32>,
+    /// The JS ticket of each call in flight, and whether its answer goes
+    /// to JS as bytes (`raw`) rather than JSON text.
+    tickets: HashMap<u64, (u32, bool)>,
     next_ticket: u32,
+    /// Event, method and topic names by id ([`Queued::event`]), the ids
+    /// by name, and whether a raw handler takes the event (its payloads
+    /// then go to JS as bytes; see [`Native::set_raw`]).
+    names: Vec<String>,
+    ids: HashMap<String, u32>,
+    raw: Vec<bool>,
+    /// The latest turn told JS a due time (it is told `null` once none
+    /// is left).
+    due_told: bool,
+    /// A corrupt lane met outside a turn (by [`Native::reply`]'s send),
+    /// for the next turn to report.
+    corrupt: Option<String>,
+    /// Records a turn could not hand over (its `rec` was full), for the
+    /// next.
+    backlog: VecDeque<Rec>,
     /// Registered with libuv (None without an eventfd, and after close).
     poll: Option<uv::Poll>,
     /// The fallback wake without an eventfd.
@@ -370,6 +498,17 @@ fn call_err(e: &CallError) -> napi::Error {
     err(call_code(e), call_text(e))
 }
 
+/// A payload from JS: bytes, or the text of a JSON value (index.js's
+/// `encode`; a string saves JS a `Buffer` per call).
+type Payload = Either<Buffer, String>;
+
+fn bytes(d: &Payload) -> &[u8] {
+    match d {
+        Either::A(b) => b,
+        Either::B(s) => s.as_bytes(),
+    }
+}
+
 /// A timeout in milliseconds from JS (finite, not negative) as a deadline.
 fn deadline(timeout_ms: f64) -> napi::Result<Instant> {
     if !(timeout_ms.is_finite() && timeout_ms >= 0.0) {
@@ -401,6 +540,12 @@ impl Native {
             next_reply: 1,
             tickets: HashMap::new(),
             next_ticket: 1,
+            names: Vec::new(),
+            ids: HashMap::new(),
+            raw: Vec::new(),
+            due_told: false,
+            corrupt: None,
+            backlog: VecDeque::new(),
             poll: None,
             waiter: None,
             parked: false,
@@ -432,7 +577,7 @@ impl Native {
     /// Up to [`TURNS_PER_CALL`] turns of the messenger, until it parks
     /// (or goes idle, with the waiter thread). True if work is left (turn
     /// again soon).
-    fn turns(&mut self, out: &mut TurnOut) -> napi::Result<bool> {
+    fn turns(&mut self, corrupt: &mut Option<String>) -> napi::Result<bool> {
         let fd_park = self.poll.is_some();
         let m = self.m()?;
         for _ in 0..TURNS_PER_CALL {
@@ -449,12 +594,49 @@ impl Native {
                     return Ok(false);
                 }
                 Err(e) => {
-                    out.corrupt = Some(e.to_string());
+                    *corrupt = Some(e.to_string());
                     return Ok(false);
                 }
             }
         }
         Ok(true)
+    }
+
+    /// The messenger's part of [`Native::turn`]: its turns (and the spin),
+    /// and what they brought as records. True if work is left.
+    fn turn_messenger(&mut self, recs: &mut VecDeque<Rec>) -> napi::Result<bool> {
+        let mut corrupt = self.corrupt.take();
+        let mut more = self.turns(&mut corrupt)?;
+        let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
+        let mut finished = m.take_finished();
+        // Nothing for JS and nothing left to do: poll a while before
+        // parking if this worker sent something a moment ago (see `Spin`).
+        let spin_until = self.spin.until.filter(|&t| Instant::now() < t);
+        if let (false, None, true, Some(until)) = (more, &corrupt, finished.is_empty(), spin_until) {
+            if self.queue_is_empty() {
+                self.spin_poll(until, &mut finished, &mut corrupt)?;
+                // Parks (or turns on, if the spin found a flood).
+                more = self.turns(&mut corrupt)?;
+                let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
+                finished.extend(m.take_finished());
+            }
+        }
+        if let Some(c) = corrupt {
+            recs.push_back(Rec::new(&[f64::from(tag::CORRUPT)], Some(Val::Text(c))));
+        }
+        if let Some(c) = &self.changes {
+            for c in std::mem::take(&mut *c.lock().unwrap_or_else(|p| p.into_inner())) {
+                recs.push_back(Rec::new(&[f64::from(tag::LEADER)], Some(Val::Leader(c))));
+            }
+        }
+        for (t, f) in finished {
+            self.settled(t, f, recs);
+        }
+        let queued = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        for q in queued {
+            self.incoming(q, recs);
+        }
+        Ok(more)
     }
 
     fn queue_is_empty(&self) -> bool {
@@ -468,7 +650,7 @@ impl Native {
         &mut self,
         until: Instant,
         finished: &mut Vec<(shmcluster::CallTicket, Finished)>,
-        out: &mut TurnOut,
+        corrupt: &mut Option<String>,
     ) -> napi::Result<()> {
         let queue = self.queue.clone();
         let m = self.m()?;
@@ -482,7 +664,7 @@ impl Native {
                 }
                 Ok(_) => std::hint::spin_loop(),
                 Err(e) => {
-                    out.corrupt = Some(e.to_string());
+                    *corrupt = Some(e.to_string());
                     return Ok(());
                 }
             }
@@ -494,15 +676,93 @@ impl Native {
         }
     }
 
-    fn ticket(&mut self, t: shmcluster::CallTicket) -> u32 {
+    /// A JS ticket for a started call; `raw`: its answer goes to JS as
+    /// bytes.
+    fn ticket(&mut self, t: shmcluster::CallTicket, raw: bool) -> u32 {
         let id = self.next_ticket;
         self.next_ticket = self.next_ticket.wrapping_add(1).max(1);
-        self.tickets.insert(t.0, id);
+        self.tickets.insert(t.0, (id, raw));
         id
     }
 
-    fn settled(&mut self, ticket: shmcluster::CallTicket, f: Finished) -> Option<Settled> {
-        let ticket = self.tickets.remove(&ticket.0)?;
+    /// The id of an event, method or topic name ([`Queued::event`]).
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        self.names.push(name.to_owned());
+        self.raw.push(false);
+        self.ids.insert(name.to_owned(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> String {
+        self.names.get(id as usize).cloned().unwrap_or_default()
+    }
+
+    /// After an answer: send it now (a turn of the messenger, which also
+    /// takes in what has arrived, for the next JS turn), and spin for the
+    /// same caller's next call.
+    fn sent_answer(&mut self) -> napi::Result<()> {
+        let m = self.m()?;
+        if let Err(e) = m.turn_idle() {
+            self.corrupt = Some(e.to_string());
+        }
+        self.spin.sent(self.spin.answer);
+        Ok(())
+    }
+
+    /// A queued message as records of [`Native::turn`]: a request's or a
+    /// map's call as `CALL, event, sender, reply id, payload`, an event
+    /// as `EVENT, event, sender, payload`, anything else as an
+    /// `Incoming`.
+    fn incoming(&mut self, q: Queued, out: &mut VecDeque<Rec>) {
+        let reply_id = q.reply.map(|r| {
+            let id = self.next_reply;
+            self.next_reply = self.next_reply.wrapping_add(1).max(1);
+            self.replies.insert(id, r);
+            id
+        });
+        let text = !self.raw.get(q.event as usize).copied().unwrap_or(false);
+        let (event, sender) = (f64::from(q.event), f64::from(q.sender));
+        out.push_back(match (q.kind, reply_id) {
+            ("request", Some(id)) => Rec::new(
+                &[f64::from(tag::CALL), event, sender, f64::from(id)],
+                Some(Val::payload(q.data, text)),
+            ),
+            ("event", None) => Rec::new(
+                &[f64::from(tag::EVENT), event, sender],
+                Some(Val::payload(q.data, text)),
+            ),
+            (kind, reply_id) => Rec::new(
+                &[f64::from(tag::INCOMING)],
+                Some(Val::Incoming(Incoming {
+                    event: self.name(q.event),
+                    sender: q.sender,
+                    kind: kind.into(),
+                    delivery_id: q.delivery_id.to_string(),
+                    data: q.data.into(),
+                    reply_id,
+                })),
+            ),
+        });
+    }
+
+    fn settled(&mut self, ticket: shmcluster::CallTicket, f: Finished, out: &mut VecDeque<Rec>) {
+        let Some((ticket, raw)) = self.tickets.remove(&ticket.0) else {
+            return;
+        };
+        let f = match f {
+            Finished::Answer(Ok(v)) => {
+                out.push_back(Rec::new(
+                    &[f64::from(tag::ANSWER), f64::from(ticket)],
+                    Some(Val::payload(v, !raw)),
+                ));
+                return;
+            }
+            f => f,
+        };
         let mut s = Settled {
             ticket,
             kind: String::new(),
@@ -566,9 +826,9 @@ impl Native {
                     Err(e) => failed(&mut s, &e),
                 }
             }
-            _ => return None,
+            _ => return,
         }
-        Some(s)
+        out.push_back(Rec::new(&[f64::from(tag::SETTLED)], Some(Val::Settled(s))));
     }
 }
 
@@ -689,12 +949,12 @@ impl Native {
     #[napi]
     pub fn listen(&mut self, event: String) -> napi::Result<()> {
         let queue = self.queue.clone();
-        let name = event.clone();
+        let name = self.intern(&event);
         self.m()?
             .on_request_async_bytes(&event, move |ctx, data, reply| {
                 let kind = ctx.kind();
                 let q = Queued {
-                    event: name.clone(),
+                    event: name,
                     sender: ctx.sender().slot,
                     kind: kind_name(kind),
                     delivery_id: ctx.delivery_id(),
@@ -707,6 +967,23 @@ impl Native {
         Ok(())
     }
 
+    /// Whether a raw handler takes `event`: its payloads then reach JS as
+    /// `Buffer`s, else as JSON text when they are UTF-8.
+    #[napi]
+    pub fn set_raw(&mut self, event: String, raw: bool) {
+        let id = self.intern(&event);
+        if let Some(r) = self.raw.get_mut(id as usize) {
+            *r = raw;
+        }
+    }
+
+    /// The name of an event id of [`Native::turn`]'s records (JS caches
+    /// it).
+    #[napi]
+    pub fn event_name(&self, id: u32) -> String {
+        self.name(id)
+    }
+
     /// Stops queueing `event` (callers then get `NO_HANDLER`).
     #[napi]
     pub fn unlisten(&mut self, event: String) -> napi::Result<()> {
@@ -717,7 +994,7 @@ impl Native {
     /// Sends `event` to one slot, or to every live worker (`all`, the
     /// caller included).
     #[napi]
-    pub fn emit(&mut self, to: Either<u32, String>, event: String, data: Buffer) -> napi::Result<u32> {
+    pub fn emit(&mut self, to: Either<u32, String>, event: String, data: Payload) -> napi::Result<u32> {
         let target = match to {
             Either::A(slot) => Target::Worker(slot),
             Either::B(s) if s == "all" => Target::All,
@@ -729,7 +1006,10 @@ impl Native {
                 ))
             }
         };
-        let n = self.m()?.emit_bytes(target, &event, &data).map_err(emit_err)?;
+        let n = self
+            .m()?
+            .emit_bytes(target, &event, bytes(&data))
+            .map_err(emit_err)?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
@@ -739,122 +1019,144 @@ impl Native {
         &mut self,
         slot: u32,
         event: String,
-        data: Buffer,
+        data: Payload,
         timeout_ms: f64,
+        raw: Option<bool>,
     ) -> napi::Result<u32> {
         let d = deadline(timeout_ms)?;
         let t = self
             .m()?
-            .start_request_bytes(slot, &event, &data, d)
+            .start_request_bytes(slot, &event, bytes(&data), d)
             .map_err(|e| call_err(&e))?;
         self.spin.sent(self.spin.request);
-        Ok(self.ticket(t))
+        Ok(self.ticket(t, raw == Some(true)))
     }
 
     /// Starts a map.
     #[napi]
-    pub fn start_map(&mut self, event: String, data: Buffer, timeout_ms: f64) -> napi::Result<u32> {
+    pub fn start_map(&mut self, event: String, data: Payload, timeout_ms: f64) -> napi::Result<u32> {
         let d = deadline(timeout_ms)?;
         let t = self
             .m()?
-            .start_map_bytes(&event, &data, d)
+            .start_map_bytes(&event, bytes(&data), d)
             .map_err(|e| call_err(&e))?;
-        Ok(self.ticket(t))
+        Ok(self.ticket(t, false))
     }
 
     /// Starts a consume.
     #[napi]
-    pub fn start_consume(&mut self, event: String, data: Buffer, timeout_ms: f64) -> napi::Result<u32> {
+    pub fn start_consume(&mut self, event: String, data: Payload, timeout_ms: f64) -> napi::Result<u32> {
         let d = deadline(timeout_ms)?;
         let t = self
             .m()?
-            .start_consume_bytes(&event, &data, d)
+            .start_consume_bytes(&event, bytes(&data), d)
             .map_err(|e| call_err(&e))?;
-        Ok(self.ticket(t))
+        Ok(self.ticket(t, false))
     }
 
-    /// Answers a call: `Buffer` for the value, a string for
-    /// `HandlerFailed`. False if `reply_id` is unknown (answered already).
+    /// Answers a call with a value (`Buffer`, or the text of a JSON
+    /// value), and sends it at once (not at the next turn). False if
+    /// `reply_id` is unknown (answered already). A value longer than the
+    /// payload limit answers `HandlerFailed` instead.
     #[napi]
-    pub fn reply(&mut self, reply_id: u32, result: Either<Buffer, String>) -> napi::Result<bool> {
+    pub fn reply(&mut self, reply_id: u32, value: Payload) -> napi::Result<bool> {
         let Some(r) = self.replies.remove(&reply_id) else {
             return Ok(false);
         };
-        // Running, so the next turn sends it (it goes through the outbox).
-        self.m()?;
-        r.send(match result {
-            Either::A(b) => Ok(b.to_vec()),
-            Either::B(e) => Err(e),
+        let m = self.m()?;
+        let data = bytes(&value);
+        let max = m.max_payload();
+        r.send(if data.len() > max {
+            Err(format!(
+                "the reply is too large ({} bytes, at most {max})",
+                data.len()
+            ))
+        } else {
+            Ok(data.to_vec())
         });
-        self.spin.sent(self.spin.answer);
+        self.sent_answer()?;
         Ok(true)
     }
 
-    /// Up to [`TURNS_PER_CALL`] turns: what arrived, what settled.
+    /// Answers a call with `HandlerFailed(message)`; as [`Native::reply`].
     #[napi]
-    pub fn turn(&mut self) -> napi::Result<TurnOut> {
-        let mut out = TurnOut {
-            incoming: Vec::new(),
-            settled: Vec::new(),
-            more: false,
-            due_ms: None,
-            corrupt: None,
-            leader_changes: Vec::new(),
+    pub fn reply_error(&mut self, reply_id: u32, message: String) -> napi::Result<bool> {
+        let Some(r) = self.replies.remove(&reply_id) else {
+            return Ok(false);
         };
+        self.m()?;
+        r.send(Err(message));
+        self.sent_answer()?;
+        Ok(true)
+    }
+
+    /// Up to [`TURNS_PER_CALL`] turns: what arrived, what settled, as
+    /// records (see [`tag`]): their numbers written into `rec` (`rec[0]`:
+    /// how many follow), their values returned (`null`: nothing for JS,
+    /// as most idle turns; one value alone; several in an array). What
+    /// does not fit in `rec` waits for the next turn (the `MORE` record
+    /// says to come back soon).
+    #[napi(ts_return_type = "unknown")]
+    pub fn turn(&mut self, rec: JsTypedArray) -> napi::Result<TurnRet> {
+        let mut rec = rec.into_value()?;
+        if rec.typedarray_type != TypedArrayType::Float64 {
+            return Err(err("INVALID_ARGUMENT", "the record array is not a Float64Array"));
+        }
+        // Checked above: `as_mut` would panic on another type.
+        let rec: &mut [f64] = rec.as_mut();
+        if rec.len() < 1 + REC_NUMS + REC_TAIL {
+            return Err(err("INVALID_ARGUMENT", "the record array is too short"));
+        }
         if self.m.is_none() {
-            return Ok(out);
+            return Ok(TurnRet::Nothing);
         }
-        let mut more = self.turns(&mut out)?;
-        let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
-        let mut finished = m.take_finished();
-        // Nothing for JS and nothing left to do: poll a while before
-        // parking if this worker sent something a moment ago (see `Spin`).
-        let spin_until = self.spin.until.filter(|&t| Instant::now() < t);
-        if let (false, None, true, Some(until)) = (more, &out.corrupt, finished.is_empty(), spin_until) {
-            if self.queue_is_empty() {
-                self.spin_poll(until, &mut finished, &mut out)?;
-                // Parks (or turns on, if the spin found a flood).
-                more = self.turns(&mut out)?;
-                let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
-                finished.extend(m.take_finished());
-            }
+        let mut recs = std::mem::take(&mut self.backlog);
+        let mut more = false;
+        // What an earlier turn could not hand over goes first; the
+        // messenger waits meanwhile (its lanes hold the rest).
+        if recs.is_empty() {
+            more = self.turn_messenger(&mut recs)?;
         }
         let m = self.m.as_mut().ok_or_else(|| err("WORKER_CLOSED", "closed"))?;
-        out.due_ms = m
-            .next_due()
-            .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64() * 1000.0);
-        for (t, f) in finished {
-            if let Some(s) = self.settled(t, f) {
-                out.settled.push(s);
+        let due = m.next_due();
+        let mut w = 1;
+        let end = rec.len() - REC_TAIL;
+        let mut vals = Vec::new();
+        while let Some(r) = recs.front() {
+            if w + r.len > end {
+                break;
+            }
+            rec[w..w + r.len].copy_from_slice(&r.nums[..r.len]);
+            w += r.len;
+            if let Some(r) = recs.pop_front() {
+                vals.extend(r.val);
             }
         }
-        if let Some(c) = &self.changes {
-            out.leader_changes = std::mem::take(&mut *c.lock().unwrap_or_else(|p| p.into_inner()));
+        if !recs.is_empty() {
+            more = true;
+            self.backlog = recs;
         }
-        let queued: Vec<Queued> = self
-            .queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect();
-        for q in queued {
-            let reply_id = q.reply.map(|r| {
-                let id = self.next_reply;
-                self.next_reply = self.next_reply.wrapping_add(1).max(1);
-                self.replies.insert(id, r);
-                id
-            });
-            out.incoming.push(Incoming {
-                event: q.event,
-                sender: q.sender,
-                kind: q.kind.into(),
-                delivery_id: q.delivery_id.to_string(),
-                data: q.data.into(),
-                reply_id,
-            });
+        if more {
+            rec[w] = f64::from(tag::MORE);
+            w += 1;
         }
-        out.more = more;
-        Ok(out)
+        let due_ms = match due {
+            Some(t) => Some(t.saturating_duration_since(Instant::now()).as_secs_f64() * 1000.0),
+            None if self.due_told => Some(-1.0),
+            None => None,
+        };
+        if let Some(ms) = due_ms {
+            rec[w] = f64::from(tag::DUE);
+            rec[w + 1] = ms;
+            w += 2;
+            self.due_told = due.is_some();
+        }
+        rec[0] = (w - 1) as f64;
+        Ok(match (w, vals.len()) {
+            (1, _) => TurnRet::Nothing,
+            (_, 1) => TurnRet::One(vals.pop().ok_or_else(|| err("UNKNOWN", "no value"))?),
+            _ => TurnRet::Many(vals),
+        })
     }
 
     /// This worker's instance number (kept across respawns and reloads).
@@ -918,7 +1220,7 @@ impl Native {
     }
 
     /// From now on, turns report new leaders of the default role
-    /// ([`TurnOut::leader_changes`]). Idempotent.
+    /// ([`tag::LEADER`] records). Idempotent.
     #[napi]
     pub fn watch_leader(&mut self) -> napi::Result<()> {
         if self.changes.is_some() {
@@ -943,11 +1245,11 @@ impl Native {
     #[napi]
     pub fn listen_invoke(&mut self, method: String) -> napi::Result<()> {
         let queue = self.queue.clone();
-        let name = method.clone();
+        let name = self.intern(&method);
         self.m()?
             .on_invoke_async_bytes(&method, move |ctx, data, reply| {
                 let q = Queued {
-                    event: name.clone(),
+                    event: name,
                     sender: ctx.sender().slot,
                     kind: "invoke",
                     delivery_id: 0,
@@ -967,31 +1269,32 @@ impl Native {
     pub fn start_invoke(
         &mut self,
         method: String,
-        data: Buffer,
+        data: Payload,
         timeout_ms: f64,
         idempotent: Option<bool>,
+        raw: Option<bool>,
     ) -> napi::Result<u32> {
         let d = deadline(timeout_ms)?;
         let m = self.m()?;
         let t = if idempotent == Some(true) {
-            m.start_invoke_idempotent_bytes(&method, &data, d)
+            m.start_invoke_idempotent_bytes(&method, bytes(&data), d)
         } else {
-            m.start_invoke_bytes(&method, &data, d)
+            m.start_invoke_bytes(&method, bytes(&data), d)
         }
         .map_err(|e| call_err(&e))?;
-        Ok(self.ticket(t))
+        Ok(self.ticket(t, raw == Some(true)))
     }
 
     /// Starts a publish of `data` on `topic` through the leader (its
     /// answer is empty).
     #[napi]
-    pub fn start_publish(&mut self, topic: String, data: Buffer, timeout_ms: f64) -> napi::Result<u32> {
+    pub fn start_publish(&mut self, topic: String, data: Payload, timeout_ms: f64) -> napi::Result<u32> {
         let d = deadline(timeout_ms)?;
         let t = self
             .m()?
-            .start_publish_bytes(&topic, &data, d)
+            .start_publish_bytes(&topic, bytes(&data), d)
             .map_err(|e| call_err(&e))?;
-        Ok(self.ticket(t))
+        Ok(self.ticket(t, false))
     }
 
     /// Subscribes to `topic`: its values are queued as `kind: "topic"`.
@@ -1001,11 +1304,11 @@ impl Native {
     #[napi]
     pub fn subscribe(&mut self, topic: String) -> napi::Result<bool> {
         let queue = self.queue.clone();
-        let name = topic.clone();
+        let name = self.intern(&topic);
         self.m()?
             .subscribe_polled_bytes(&topic, move |ctx, data| {
                 let q = Queued {
-                    event: name.clone(),
+                    event: name,
                     sender: ctx.sender().slot,
                     kind: "topic",
                     delivery_id: 0,
@@ -1144,6 +1447,7 @@ impl Native {
         }
         // Dropped replies answer `HandlerFailed("reply dropped")` through
         // the outbox: one last dispatch sends them.
+        self.backlog.clear();
         self.replies.clear();
         // Sections still waiting for their lock give up (`WORKER_CLOSED`,
         // within a `LOCK_WAIT_SLICE`); held ones stay held until JS ends

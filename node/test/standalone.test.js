@@ -221,3 +221,56 @@ test('close() with a synchronize waiting for a lock held elsewhere: the process 
   assert.equal(r.status, 0, String(r.stderr));
   assert.equal(String(r.stdout).trim(), 'REJECTED WORKER_CLOSED');
 });
+
+test('payloads: raw handlers get Buffers, JSON ones values, in order past a turn', async () => {
+  const w = Worker.standalone();
+  const m = w.messenger();
+  try {
+    // UTF-8 text to a raw handler is still a Buffer (the addon hands JSON
+    // handlers strings).
+    m.on('bytes', (b) => (Buffer.isBuffer(b) ? `buffer:${b.toString('latin1')}` : typeof b), { raw: true });
+    assert.equal(await m.request(0, 'bytes', Buffer.from('abc')), 'buffer:abc');
+    assert.equal(await m.request(0, 'bytes', { a: 1 }), 'buffer:{"a":1}');
+    // A raw caller gets the answer's bytes.
+    m.on('echo', (x) => x);
+    const raw = await m.request(0, 'echo', 'x', { raw: true });
+    assert.ok(Buffer.isBuffer(raw));
+    assert.equal(raw.toString(), '"x"');
+    m.on('what', (x) => (x === undefined ? 'undefined' : typeof x));
+    assert.equal(await m.request(0, 'what', Buffer.alloc(0)), 'undefined');
+    // Bytes that are not UTF-8, to a JSON handler: a typed error.
+    await assert.rejects(m.request(0, 'echo', Buffer.from([0xff, 0xfe, 0x31])), {
+      code: 'HANDLER_FAILED',
+      message: /not JSON/,
+    });
+    // An answer longer than the limit answers HANDLER_FAILED.
+    m.on('big', () => 'x'.repeat(m.maxPayload));
+    await assert.rejects(m.request(0, 'big', null), { code: 'HANDLER_FAILED', message: /too large/ });
+    // A raw and a JSON handler of one event; then the JSON one alone.
+    const seen = [];
+    const rawFn = (b) => seen.push(['raw', Buffer.isBuffer(b), b.toString()]);
+    m.on('mix', (v) => seen.push(['json', v]));
+    m.on('mix', rawFn, { raw: true });
+    m.broadcast('mix', { k: 1 });
+    await new Promise((r) => setTimeout(r, 50));
+    m.off('mix', rawFn);
+    m.broadcast('mix', { k: 2 });
+    await new Promise((r) => setTimeout(r, 50));
+    assert.deepEqual(seen, [['json', { k: 1 }], ['raw', true, '{"k":1}'], ['json', { k: 2 }]]);
+    // More messages than one turn hands JS (4096 numbers, 3 per event):
+    // all of them, in order.
+    const N = 3000;
+    const got = [];
+    let done;
+    const all = new Promise((r) => (done = r));
+    m.on('many', (i) => {
+      got.push(i);
+      if (got.length === N) done();
+    });
+    for (let i = 0; i < N; i++) m.emit(0, 'many', i);
+    await all;
+    assert.deepEqual(got, Array.from({ length: N }, (_, i) => i));
+  } finally {
+    w.close();
+  }
+});
