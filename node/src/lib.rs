@@ -326,7 +326,8 @@ pub struct MapEntry {
 /// How a started call ended.
 #[napi(object)]
 pub struct Settled {
-    pub ticket: u32,
+    /// The call's ticket (exact: below 2^53).
+    pub ticket: f64,
     /// `"answer"`, `"map"` or `"consumed"`.
     pub kind: String,
     pub ok: bool,
@@ -368,10 +369,11 @@ pub struct Native {
     queue: Arc<Mutex<VecDeque<Queued>>>,
     replies: HashMap<u32, BytesReply>,
     next_reply: u32,
-    /// The JS ticket of each call in flight, and whether its answer goes
-    /// to JS as bytes (`raw`) rather than JSON text.
-    tickets: HashMap<u64, (u32, bool)>,
-    next_ticket: u32,
+    /// The calls in flight, by the call core's ticket (which JS gets as
+    /// its ticket: a counter of this messenger's calls from 1, never
+    /// reused, exact as a JS number below 2^53), and whether the answer
+    /// goes to JS as bytes (`raw`) rather than JSON text.
+    tickets: HashMap<u64, bool>,
     /// Event, method and topic names by id ([`Queued::event`]), the ids
     /// by name, and whether a raw handler takes the event (its payloads
     /// then go to JS as bytes; see [`Native::set_raw`]).
@@ -530,6 +532,19 @@ fn kind_name(k: CallKind) -> &'static str {
     }
 }
 
+/// The next id of `counter` (from 1, wrapping past `u32::MAX`) that is not
+/// `in_use`: after 2^32 ids, one still held (a reply never answered, a
+/// section never ended) is skipped rather than handed out twice.
+fn next_free(counter: &mut u32, in_use: impl Fn(u32) -> bool) -> u32 {
+    loop {
+        let id = *counter;
+        *counter = counter.wrapping_add(1).max(1);
+        if !in_use(id) {
+            return id;
+        }
+    }
+}
+
 impl Native {
     fn new(m: Messenger, instances: u32) -> Self {
         let (index, generation) = (m.worker().index(), m.worker().generation());
@@ -539,7 +554,6 @@ impl Native {
             replies: HashMap::new(),
             next_reply: 1,
             tickets: HashMap::new(),
-            next_ticket: 1,
             names: Vec::new(),
             ids: HashMap::new(),
             raw: Vec::new(),
@@ -676,13 +690,12 @@ impl Native {
         }
     }
 
-    /// A JS ticket for a started call; `raw`: its answer goes to JS as
-    /// bytes.
-    fn ticket(&mut self, t: shmcluster::CallTicket, raw: bool) -> u32 {
-        let id = self.next_ticket;
-        self.next_ticket = self.next_ticket.wrapping_add(1).max(1);
-        self.tickets.insert(t.0, (id, raw));
-        id
+    /// The JS ticket of a started call (its core ticket: never reused, so
+    /// a call's promise is never confused with a later one's); `raw`: its
+    /// answer goes to JS as bytes.
+    fn ticket(&mut self, t: shmcluster::CallTicket, raw: bool) -> f64 {
+        self.tickets.insert(t.0, raw);
+        t.0 as f64
     }
 
     /// The id of an event, method or topic name ([`Queued::event`]).
@@ -719,8 +732,7 @@ impl Native {
     /// `Incoming`.
     fn incoming(&mut self, q: Queued, out: &mut VecDeque<Rec>) {
         let reply_id = q.reply.map(|r| {
-            let id = self.next_reply;
-            self.next_reply = self.next_reply.wrapping_add(1).max(1);
+            let id = next_free(&mut self.next_reply, |id| self.replies.contains_key(&id));
             self.replies.insert(id, r);
             id
         });
@@ -750,13 +762,14 @@ impl Native {
     }
 
     fn settled(&mut self, ticket: shmcluster::CallTicket, f: Finished, out: &mut VecDeque<Rec>) {
-        let Some((ticket, raw)) = self.tickets.remove(&ticket.0) else {
+        let Some(raw) = self.tickets.remove(&ticket.0) else {
             return;
         };
+        let ticket = ticket.0 as f64;
         let f = match f {
             Finished::Answer(Ok(v)) => {
                 out.push_back(Rec::new(
-                    &[f64::from(tag::ANSWER), f64::from(ticket)],
+                    &[f64::from(tag::ANSWER), ticket],
                     Some(Val::payload(v, !raw)),
                 ));
                 return;
@@ -1022,7 +1035,7 @@ impl Native {
         data: Payload,
         timeout_ms: f64,
         raw: Option<bool>,
-    ) -> napi::Result<u32> {
+    ) -> napi::Result<f64> {
         let d = deadline(timeout_ms)?;
         let t = self
             .m()?
@@ -1034,7 +1047,7 @@ impl Native {
 
     /// Starts a map.
     #[napi]
-    pub fn start_map(&mut self, event: String, data: Payload, timeout_ms: f64) -> napi::Result<u32> {
+    pub fn start_map(&mut self, event: String, data: Payload, timeout_ms: f64) -> napi::Result<f64> {
         let d = deadline(timeout_ms)?;
         let t = self
             .m()?
@@ -1045,7 +1058,7 @@ impl Native {
 
     /// Starts a consume.
     #[napi]
-    pub fn start_consume(&mut self, event: String, data: Payload, timeout_ms: f64) -> napi::Result<u32> {
+    pub fn start_consume(&mut self, event: String, data: Payload, timeout_ms: f64) -> napi::Result<f64> {
         let d = deadline(timeout_ms)?;
         let t = self
             .m()?
@@ -1273,7 +1286,7 @@ impl Native {
         timeout_ms: f64,
         idempotent: Option<bool>,
         raw: Option<bool>,
-    ) -> napi::Result<u32> {
+    ) -> napi::Result<f64> {
         let d = deadline(timeout_ms)?;
         let m = self.m()?;
         let t = if idempotent == Some(true) {
@@ -1288,7 +1301,7 @@ impl Native {
     /// Starts a publish of `data` on `topic` through the leader (its
     /// answer is empty).
     #[napi]
-    pub fn start_publish(&mut self, topic: String, data: Payload, timeout_ms: f64) -> napi::Result<u32> {
+    pub fn start_publish(&mut self, topic: String, data: Payload, timeout_ms: f64) -> napi::Result<f64> {
         let d = deadline(timeout_ms)?;
         let t = self
             .m()?
@@ -1360,8 +1373,7 @@ impl Native {
             .ok_or_else(|| err("UNKNOWN", "no lock table"))?;
         // Sections that ended without the lock (timed out, failed, closed).
         self.sections.retain(|_, s| !s.ended.load(Ordering::Acquire));
-        let id = self.next_section;
-        self.next_section = self.next_section.wrapping_add(1).max(1);
+        let id = next_free(&mut self.next_section, |id| self.sections.contains_key(&id));
         let (release, released) = std::sync::mpsc::channel::<()>();
         let closed = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(AtomicBool::new(false));
