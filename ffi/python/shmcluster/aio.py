@@ -37,7 +37,7 @@ import os
 import signal
 import threading
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from . import _evloop
 from ._evloop import _CallEnd
@@ -118,7 +118,7 @@ def _error(status: int, what: str, text: bytes) -> ShmclusterError:
 def _inherited_listeners() -> set:
     """The (device, inode) of each socket the master handed this process
     (``LISTEN_FDS`` descriptors from 3), to recognise their duplicates."""
-    out = set()
+    out: Set[Tuple[int, int]] = set()
     try:
         n = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
@@ -183,7 +183,7 @@ class AsyncWorker:
         code installed before (a server's graceful shutdown) is put back,
         so the signal reaches it as before. ``max_in_flight``: see
         :data:`DEFAULT_MAX_IN_FLIGHT`."""
-        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        saved: Dict[int, Any] = {int(s): signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         listeners = _inherited_listeners()
         worker = Worker.from_env()
         if keep_python_signals and threading.current_thread() is threading.main_thread():
@@ -266,6 +266,7 @@ class AsyncWorker:
 
     # driving ---------------------------------------------------------------
     def _on_wake(self) -> None:
+        assert self._fd is not None  # registered only with an eventfd
         try:
             os.read(self._fd, 8)  # the eventfd's count: clears it
         except BlockingIOError:
@@ -427,8 +428,10 @@ class AsyncWorker:
                 self._tasks.discard(t)
                 if t.cancelled():
                     lib.shmc_reply_fail(reply, b"handler cancelled")
-                elif t.exception() is not None:
-                    fail(reply, t.exception())
+                    return
+                error = t.exception()
+                if error is not None:
+                    fail(reply, error)
                 else:
                     send(reply, t.result())
 
