@@ -504,6 +504,14 @@ typedef void (*shmc_handler_fn)(void *userdata,
                                 const shmc_message *message,
                                 shmc_response *response);
 
+// An asynchronous handler: as [`shmc_handler_fn`], but it gets a
+// [`shmc_reply`] it owns and must answer or free exactly once, at any time,
+// from any thread ([`shmc_reply_send`], [`shmc_reply_fail`],
+// [`shmc_reply_free`]). For events the reply goes nowhere; free it.
+typedef void (*shmc_async_handler_fn)(void *userdata,
+                                      const shmc_message *message,
+                                      shmc_reply *reply);
+
 // A change of leader of the default role, passed to a
 // [`shmc_leader_change_fn`].
 typedef struct {
@@ -532,14 +540,6 @@ typedef struct {
 // (`SHMC_RESULT_BUSY`).
 typedef void (*shmc_section_fn)(void *userdata,
                                 const shmc_section *section);
-
-// An asynchronous handler: as [`shmc_handler_fn`], but it gets a
-// [`shmc_reply`] it owns and must answer or free exactly once, at any time,
-// from any thread ([`shmc_reply_send`], [`shmc_reply_fail`],
-// [`shmc_reply_free`]). For events the reply goes nowhere; free it.
-typedef void (*shmc_async_handler_fn)(void *userdata,
-                                      const shmc_message *message,
-                                      shmc_reply *reply);
 
 // One worker's entry of a map result. `data` is the answer when `status`
 // is `SHMC_RESULT_OK`, the failure text for `SHMC_RESULT_HANDLER_FAILED`
@@ -966,6 +966,25 @@ shmc_result shmc_on_invoke(const shmc_worker *w,
                            void *userdata,
                            uint64_t *id);
 
+// [`shmc_on_invoke`] answered later, for an event loop: `handler` gets a
+// [`crate::shmc_reply`] it owns and answers (or frees) once, when it
+// likes, from any thread ([`crate::shmc_reply_send`],
+// [`crate::shmc_reply_fail`]). On a worker that does not lead now the
+// caller is answered "not the leader" at once and asks the leader again;
+// `handler` does not run. Campaigns for the default role if the worker
+// has not. `userdata` and `id` as in [`crate::shmc_on`].
+//
+// # Errors
+// `SHMC_RESULT_NULL_ARGUMENT`, `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_BUSY`.
+//
+// # Safety
+// As [`crate::shmc_on_request`].
+shmc_result shmc_on_invoke_async(const shmc_worker *w,
+                                 const char *method,
+                                 shmc_async_handler_fn handler,
+                                 void *userdata,
+                                 uint64_t *id);
+
 // Runs the leader's handler for `method` with `data` and stores its answer
 // in `*reply` (free it with [`crate::shmc_bytes_free`]), waiting up to
 // `timeout_ms` (for an election too).
@@ -1001,6 +1020,29 @@ shmc_result shmc_subscribe(const shmc_worker *w,
                            uint64_t timeout_ms,
                            shmc_handler_fn handler,
                            void *userdata);
+
+// [`shmc_subscribe`] without waiting for a leader, for an event loop
+// ([`crate::shmc_turn`]): registers `handler` for `topic`'s values and
+// the subscription, and tells the leader now if one is known; otherwise
+// the turn that first sees a leader tells it (as every new leader is told
+// this worker's subscriptions). `handler` then runs for every value
+// published, and soon with the topic's last value if it has one. Stores
+// in `*told` (if not NULL) whether a leader was told now. Subscribing
+// twice to a topic registers a second handler.
+//
+// # Errors
+// `SHMC_RESULT_NULL_ARGUMENT`, `SHMC_RESULT_EVENT_NAME` (a topic too long),
+// the send errors of telling a live leader (the subscription stays, and
+// the next leader is told), `SHMC_RESULT_BUSY`.
+//
+// # Safety
+// `w` NULL or a live handle; `topic` NUL-terminated; `told` NULL or valid
+// for a write; `userdata` as in [`crate::shmc_on`].
+shmc_result shmc_subscribe_polled(const shmc_worker *w,
+                                  const char *topic,
+                                  shmc_handler_fn handler,
+                                  void *userdata,
+                                  bool *told);
 
 // Publishes `data` on `topic` through the leader, which keeps it as the
 // topic's last value and sends it to every subscriber; waits up to
@@ -1247,6 +1289,26 @@ shmc_result shmc_emit(const shmc_worker *w,
                       const uint8_t *data,
                       size_t len,
                       size_t *sent);
+
+// [`shmc_emit`] that waits for room in a full lane `timeout_ms` at the
+// most (dispatching this worker's own messages meanwhile), for a caller
+// on an event loop's thread: `SHMC_RESULT_TIMED_OUT` then. A broadcast
+// that times out went to the workers before the full lane (it sends in
+// slot order) and to none after it; `*sent` is then not written.
+//
+// # Errors
+// As [`shmc_emit`]; `SHMC_RESULT_TIMED_OUT`.
+//
+// # Safety
+// As [`shmc_emit`].
+shmc_result shmc_emit_timeout(const shmc_worker *w,
+                              uint32_t target,
+                              uint32_t slot,
+                              const char *event,
+                              const uint8_t *data,
+                              size_t len,
+                              uint64_t timeout_ms,
+                              size_t *sent);
 
 // `shmc_emit(w, SHMC_TARGET_KIND_ALL, 0, ...)`: every live worker, this
 // one included (its own copy runs at its next dispatch).
@@ -1517,6 +1579,50 @@ shmc_result shmc_start_map(const shmc_worker *w,
 // As [`shmc_start_request`].
 shmc_result shmc_start_consume(const shmc_worker *w,
                                const char *event,
+                               const uint8_t *data,
+                               size_t len,
+                               uint64_t timeout_ms,
+                               uint64_t *ticket);
+
+// Starts an invoke of the leader's `method` (as [`crate::shmc_invoke`])
+// without waiting; see [`shmc_start_request`]. Its end is
+// `SHMC_END_KIND_ANSWER`: the handler's bytes, or `SHMC_RESULT_NO_LEADER`
+// (none elected by `timeout_ms`), `SHMC_RESULT_LEADER_DIED` (it died with
+// the call in hand: it may or may not have run), `SHMC_RESULT_NO_HANDLER`,
+// `SHMC_RESULT_HANDLER_FAILED`, `SHMC_RESULT_TIMED_OUT`. A worker that no
+// longer leads is asked again at the leader. With `idempotent` (a method
+// safe to run twice) a leader's death sends the call to the next leader
+// instead of ending it `SHMC_RESULT_LEADER_DIED`.
+//
+// # Errors
+// Known at once: `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_TOO_LARGE`, and the
+// argument errors.
+//
+// # Safety
+// `w` NULL or a live handle; `method` NUL-terminated; `data` valid for
+// `len` bytes; `ticket` NULL or valid for a write.
+shmc_result shmc_start_invoke(const shmc_worker *w,
+                              const char *method,
+                              const uint8_t *data,
+                              size_t len,
+                              uint64_t timeout_ms,
+                              bool idempotent,
+                              uint64_t *ticket);
+
+// Starts a publish of `data` on `topic` through the leader (as
+// [`crate::shmc_publish`]) without waiting; see [`shmc_start_request`].
+// Its end is `SHMC_END_KIND_ANSWER` with no bytes, or
+// `SHMC_RESULT_NO_LEADER`, `SHMC_RESULT_LEADER_DIED`,
+// `SHMC_RESULT_TIMED_OUT`.
+//
+// # Errors
+// Known at once: `SHMC_RESULT_TOO_LARGE`, and the argument errors.
+//
+// # Safety
+// `w` NULL or a live handle; `topic` NUL-terminated; `data` valid for
+// `len` bytes; `ticket` NULL or valid for a write.
+shmc_result shmc_start_publish(const shmc_worker *w,
+                               const char *topic,
                                const uint8_t *data,
                                size_t len,
                                uint64_t timeout_ms,

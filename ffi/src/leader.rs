@@ -4,7 +4,9 @@ use std::ffi::{c_char, c_void};
 
 use crate::boundary::{self, guard, out_arg, put, put_optional, str_arg};
 use crate::call::Via;
-use crate::messaging::{call_sync, give_bytes, shmc_bytes, shmc_handler_fn, UserData};
+use crate::messaging::{
+    call_async, call_sync, give_bytes, shmc_async_handler_fn, shmc_bytes, shmc_handler_fn, UserData,
+};
 use crate::result::{shmc_result, Failure};
 use crate::worker::{shmc_worker, with_worker};
 use shmcluster_rs::LeaderChange;
@@ -132,6 +134,45 @@ pub unsafe extern "C" fn shmc_on_invoke(
     })
 }
 
+/// [`shmc_on_invoke`] answered later, for an event loop: `handler` gets a
+/// [`crate::shmc_reply`] it owns and answers (or frees) once, when it
+/// likes, from any thread ([`crate::shmc_reply_send`],
+/// [`crate::shmc_reply_fail`]). On a worker that does not lead now the
+/// caller is answered "not the leader" at once and asks the leader again;
+/// `handler` does not run. Campaigns for the default role if the worker
+/// has not. `userdata` and `id` as in [`crate::shmc_on`].
+///
+/// # Errors
+/// `SHMC_RESULT_NULL_ARGUMENT`, `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_BUSY`.
+///
+/// # Safety
+/// As [`crate::shmc_on_request`].
+#[no_mangle]
+pub unsafe extern "C" fn shmc_on_invoke_async(
+    w: *const shmc_worker,
+    method: *const c_char,
+    handler: shmc_async_handler_fn,
+    userdata: *mut c_void,
+    id: *mut u64,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let method = unsafe { str_arg(method, "method") }?;
+        let f = handler.ok_or_else(|| Failure::new(shmc_result::NullArgument, "handler is NULL"))?;
+        let call = call_async(f, UserData(userdata));
+        // SAFETY: forwarded from our caller.
+        let handler_id = unsafe {
+            with_worker(w, |inner| {
+                let id = inner.messenger.on_invoke_async_bytes(method, call)?;
+                Ok(inner.remember_handler(id))
+            })
+        }?;
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(id, handler_id) };
+        Ok(())
+    })
+}
+
 /// Runs the leader's handler for `method` with `data` and stores its answer
 /// in `*reply` (free it with [`crate::shmc_bytes_free`]), waiting up to
 /// `timeout_ms` (for an election too).
@@ -223,6 +264,51 @@ pub unsafe extern "C" fn shmc_subscribe(
                     })?)
             })
         }
+    })
+}
+
+/// [`shmc_subscribe`] without waiting for a leader, for an event loop
+/// ([`crate::shmc_turn`]): registers `handler` for `topic`'s values and
+/// the subscription, and tells the leader now if one is known; otherwise
+/// the turn that first sees a leader tells it (as every new leader is told
+/// this worker's subscriptions). `handler` then runs for every value
+/// published, and soon with the topic's last value if it has one. Stores
+/// in `*told` (if not NULL) whether a leader was told now. Subscribing
+/// twice to a topic registers a second handler.
+///
+/// # Errors
+/// `SHMC_RESULT_NULL_ARGUMENT`, `SHMC_RESULT_EVENT_NAME` (a topic too long),
+/// the send errors of telling a live leader (the subscription stays, and
+/// the next leader is told), `SHMC_RESULT_BUSY`.
+///
+/// # Safety
+/// `w` NULL or a live handle; `topic` NUL-terminated; `told` NULL or valid
+/// for a write; `userdata` as in [`crate::shmc_on`].
+#[no_mangle]
+pub unsafe extern "C" fn shmc_subscribe_polled(
+    w: *const shmc_worker,
+    topic: *const c_char,
+    handler: shmc_handler_fn,
+    userdata: *mut c_void,
+    told: *mut bool,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let topic = unsafe { str_arg(topic, "topic") }?;
+        let f = handler.ok_or_else(|| Failure::new(shmc_result::NullArgument, "handler is NULL"))?;
+        let userdata = UserData(userdata);
+        // SAFETY: forwarded from our caller.
+        let now = unsafe {
+            with_worker(w, |inner| {
+                Ok(inner.messenger.subscribe_polled_bytes(topic, move |ctx, data| {
+                    let userdata = userdata;
+                    let _ = call_sync(f, userdata, ctx, data, false);
+                })?)
+            })
+        }?;
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(told, now) };
+        Ok(())
     })
 }
 

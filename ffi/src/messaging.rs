@@ -295,22 +295,9 @@ pub unsafe extern "C" fn shmc_on_request(
         // SAFETY: forwarded from our caller.
         let event = unsafe { str_arg(event, "event") }?;
         let f = handler.ok_or_else(|| Failure::new(shmc_result::NullArgument, "handler is NULL"))?;
-        let userdata = UserData(userdata);
-        let fork_generation = boundary::fork_generation();
+        let call = call_async(f, UserData(userdata));
         let register = |inner: &mut crate::worker::WorkerInner| {
-            let id = inner
-                .messenger
-                .on_request_async_bytes(event, move |ctx, data, reply| {
-                    let userdata = userdata;
-                    let message = shmc_message::new(ctx, data);
-                    let reply = into_handle(shmc_reply {
-                        reply,
-                        fork_generation,
-                    });
-                    // SAFETY: the C handler's contract: it gets the message
-                    // (valid for the call) and owns the reply.
-                    unsafe { f(userdata.0, &message, reply) };
-                })?;
+            let id = inner.messenger.on_request_async_bytes(event, call)?;
             Ok(inner.remember_handler(id))
         };
         // SAFETY: forwarded from our caller.
@@ -319,6 +306,27 @@ pub unsafe extern "C" fn shmc_on_request(
         unsafe { put_optional(id, handler_id) };
         Ok(())
     })
+}
+
+/// The library's handler for an asynchronous C handler (a request's, or a
+/// leader's invoke's): the C side gets the message, valid for the call,
+/// and a [`shmc_reply`] it owns.
+pub(crate) fn call_async(
+    f: unsafe extern "C" fn(*mut c_void, *const shmc_message, *mut shmc_reply),
+    userdata: UserData,
+) -> impl FnMut(&Ctx, &[u8], BytesReply) + Send + 'static {
+    let fork_generation = boundary::fork_generation();
+    move |ctx, data, reply| {
+        let userdata = userdata;
+        let message = shmc_message::new(ctx, data);
+        let reply = into_handle(shmc_reply {
+            reply,
+            fork_generation,
+        });
+        // SAFETY: the C handler's contract: it gets the message (valid for
+        // the call) and owns the reply.
+        unsafe { f(userdata.0, &message, reply) };
+    }
 }
 
 /// Takes a reply handle back from C.
@@ -468,6 +476,46 @@ pub unsafe extern "C" fn shmc_emit(
         let target = target_arg(target, slot)?;
         // SAFETY: forwarded from our caller.
         let n = unsafe { with_worker(w, |inner| Ok(inner.messenger.emit_bytes(target, event, data)?)) }?;
+        // SAFETY: forwarded from our caller.
+        unsafe { put_optional(sent, n) };
+        Ok(())
+    })
+}
+
+/// [`shmc_emit`] that waits for room in a full lane `timeout_ms` at the
+/// most (dispatching this worker's own messages meanwhile), for a caller
+/// on an event loop's thread: `SHMC_RESULT_TIMED_OUT` then. A broadcast
+/// that times out went to the workers before the full lane (it sends in
+/// slot order) and to none after it; `*sent` is then not written.
+///
+/// # Errors
+/// As [`shmc_emit`]; `SHMC_RESULT_TIMED_OUT`.
+///
+/// # Safety
+/// As [`shmc_emit`].
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn shmc_emit_timeout(
+    w: *const shmc_worker,
+    target: u32,
+    slot: u32,
+    event: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    sent: *mut usize,
+) -> shmc_result {
+    guard(|| {
+        // SAFETY: forwarded from our caller.
+        let (event, data) = unsafe { name_and_data(event, "event", data, len) }?;
+        let target = target_arg(target, slot)?;
+        let deadline = boundary::deadline(timeout_ms);
+        // SAFETY: forwarded from our caller.
+        let n = unsafe {
+            with_worker(w, |inner| {
+                Ok(inner.messenger.emit_bytes_until(target, event, data, deadline)?)
+            })
+        }?;
         // SAFETY: forwarded from our caller.
         unsafe { put_optional(sent, n) };
         Ok(())

@@ -6,7 +6,9 @@
 //!
 //! 1. Register [`shmc_wake_fd`] with the loop (readable = a wake).
 //! 2. Start calls: [`shmc_start_request`], [`shmc_start_map`],
-//!    [`shmc_start_consume`] store a ticket and return at once.
+//!    [`shmc_start_consume`], [`shmc_start_invoke`], [`shmc_start_publish`]
+//!    store a ticket and return at once; [`crate::shmc_subscribe_polled`]
+//!    subscribes without waiting for a leader.
 //! 3. Whenever the loop wakes (the fd readable: read its 8-byte count
 //!    first, non-blocking; or the time [`shmc_next_due`] gave passed),
 //!    call [`shmc_unpark`], then [`shmc_turn`] until it says
@@ -164,13 +166,16 @@ pub unsafe extern "C" fn shmc_wake_fd(w: *const shmc_worker, fd: *mut i32) -> sh
     })
 }
 
-/// Starts one call with the name and data checked, and stores its ticket.
+/// Starts one call with the name (`what`: "event", "method", "topic") and
+/// data checked, and stores its ticket.
 ///
 /// # Safety
 /// `w` NULL or a live handle; `event` NUL-terminated; `data` valid for
 /// `len` bytes; `ticket` NULL or valid for a write.
+#[allow(clippy::too_many_arguments)]
 unsafe fn start(
     w: *const shmc_worker,
+    what: &str,
     event: *const c_char,
     data: *const u8,
     len: usize,
@@ -181,7 +186,7 @@ unsafe fn start(
     guard(|| {
         let out = out_arg(ticket, "ticket")?;
         // SAFETY: forwarded from our caller.
-        let (event, data) = unsafe { name_and_data(event, "event", data, len) }?;
+        let (event, data) = unsafe { name_and_data(event, what, data, len) }?;
         let deadline = boundary::deadline(timeout_ms);
         // SAFETY: forwarded from our caller.
         let t = unsafe { with_worker(w, |inner| Ok(op(&mut inner.messenger, event, data, deadline)?)) }?;
@@ -216,7 +221,7 @@ pub unsafe extern "C" fn shmc_start_request(
 ) -> shmc_result {
     // SAFETY: forwarded from our caller.
     unsafe {
-        start(w, event, data, len, timeout_ms, ticket, |m, e, d, t| {
+        start(w, "event", event, data, len, timeout_ms, ticket, |m, e, d, t| {
             m.start_request_bytes(slot, e, d, t)
         })
     }
@@ -242,7 +247,7 @@ pub unsafe extern "C" fn shmc_start_map(
 ) -> shmc_result {
     // SAFETY: forwarded from our caller.
     unsafe {
-        start(w, event, data, len, timeout_ms, ticket, |m, e, d, t| {
+        start(w, "event", event, data, len, timeout_ms, ticket, |m, e, d, t| {
             m.start_map_bytes(e, d, t)
         })
     }
@@ -269,8 +274,85 @@ pub unsafe extern "C" fn shmc_start_consume(
 ) -> shmc_result {
     // SAFETY: forwarded from our caller.
     unsafe {
-        start(w, event, data, len, timeout_ms, ticket, |m, e, d, t| {
+        start(w, "event", event, data, len, timeout_ms, ticket, |m, e, d, t| {
             m.start_consume_bytes(e, d, t)
+        })
+    }
+}
+
+/// Starts an invoke of the leader's `method` (as [`crate::shmc_invoke`])
+/// without waiting; see [`shmc_start_request`]. Its end is
+/// `SHMC_END_KIND_ANSWER`: the handler's bytes, or `SHMC_RESULT_NO_LEADER`
+/// (none elected by `timeout_ms`), `SHMC_RESULT_LEADER_DIED` (it died with
+/// the call in hand: it may or may not have run), `SHMC_RESULT_NO_HANDLER`,
+/// `SHMC_RESULT_HANDLER_FAILED`, `SHMC_RESULT_TIMED_OUT`. A worker that no
+/// longer leads is asked again at the leader. With `idempotent` (a method
+/// safe to run twice) a leader's death sends the call to the next leader
+/// instead of ending it `SHMC_RESULT_LEADER_DIED`.
+///
+/// # Errors
+/// Known at once: `SHMC_RESULT_EVENT_NAME`, `SHMC_RESULT_TOO_LARGE`, and the
+/// argument errors.
+///
+/// # Safety
+/// `w` NULL or a live handle; `method` NUL-terminated; `data` valid for
+/// `len` bytes; `ticket` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_start_invoke(
+    w: *const shmc_worker,
+    method: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    idempotent: bool,
+    ticket: *mut u64,
+) -> shmc_result {
+    // SAFETY: forwarded from our caller.
+    unsafe {
+        start(
+            w,
+            "method",
+            method,
+            data,
+            len,
+            timeout_ms,
+            ticket,
+            |m, e, d, t| {
+                if idempotent {
+                    m.start_invoke_idempotent_bytes(e, d, t)
+                } else {
+                    m.start_invoke_bytes(e, d, t)
+                }
+            },
+        )
+    }
+}
+
+/// Starts a publish of `data` on `topic` through the leader (as
+/// [`crate::shmc_publish`]) without waiting; see [`shmc_start_request`].
+/// Its end is `SHMC_END_KIND_ANSWER` with no bytes, or
+/// `SHMC_RESULT_NO_LEADER`, `SHMC_RESULT_LEADER_DIED`,
+/// `SHMC_RESULT_TIMED_OUT`.
+///
+/// # Errors
+/// Known at once: `SHMC_RESULT_TOO_LARGE`, and the argument errors.
+///
+/// # Safety
+/// `w` NULL or a live handle; `topic` NUL-terminated; `data` valid for
+/// `len` bytes; `ticket` NULL or valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn shmc_start_publish(
+    w: *const shmc_worker,
+    topic: *const c_char,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u64,
+    ticket: *mut u64,
+) -> shmc_result {
+    // SAFETY: forwarded from our caller.
+    unsafe {
+        start(w, "topic", topic, data, len, timeout_ms, ticket, |m, e, d, t| {
+            m.start_publish_bytes(e, d, t)
         })
     }
 }

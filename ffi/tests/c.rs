@@ -91,6 +91,11 @@ fn polled() {
 }
 
 #[test]
+fn polled_leader() {
+    c_test("polled_leader");
+}
+
+#[test]
 fn locks() {
     c_test("locks");
 }

@@ -132,7 +132,36 @@ impl Messenger {
         self.emit_encoded(target, event, bytes)
     }
 
+    /// [`Messenger::emit_bytes`] that waits for room in a full lane until
+    /// `deadline` only (dispatching meanwhile, as every send does), for a
+    /// caller on an event loop's thread: `TimedOut` then. A broadcast that
+    /// times out may have reached the workers before the full lane (it
+    /// sends in slot order), and none after it.
+    ///
+    /// # Errors
+    /// As [`Messenger::emit`]; `TimedOut`.
+    pub fn emit_bytes_until(
+        &mut self,
+        target: Target,
+        event: &str,
+        data: &[u8],
+        deadline: Instant,
+    ) -> Result<usize, EmitError> {
+        let bytes = encode_call_bytes(event, 0, data, self.max_payload)?;
+        self.emit_encoded_until(target, event, bytes, Some(deadline))
+    }
+
     fn emit_encoded(&mut self, target: Target, event: &str, bytes: Vec<u8>) -> Result<usize, EmitError> {
+        self.emit_encoded_until(target, event, bytes, None)
+    }
+
+    fn emit_encoded_until(
+        &mut self,
+        target: Target,
+        event: &str,
+        bytes: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<usize, EmitError> {
         let tag = Tag {
             kind: wire::EMIT,
             correlation: 0,
@@ -150,7 +179,7 @@ impl Messenger {
             Target::Worker(_) => None,
         };
         for &to in &targets {
-            self.deliver(to, tag, bytes.clone(), None)?;
+            self.deliver(to, tag, bytes.clone(), deadline)?;
         }
         if let Some(bridge) = bridge {
             // Its own kind: an `emit` to the bridge's slot is not a
@@ -159,7 +188,7 @@ impl Messenger {
                 kind: wire::BRIDGE_BCAST,
                 correlation: 0,
             };
-            self.deliver(bridge.slot, tag, bytes, None)?;
+            self.deliver(bridge.slot, tag, bytes, deadline)?;
         }
         self.count(event, |s| s.sent += targets.len() as u64);
         Ok(targets.len())

@@ -1,11 +1,12 @@
 """ctypes prototypes of the C ABI's event-loop driver and lock tables
-(ffi/src/polled.rs, ffi/src/lock.rs), for shmcluster.aio and the lock
+(ffi/src/polled.rs, ffi/src/lock.rs, and the non-blocking leader calls of
+ffi/src/leader.rs), for shmcluster.aio and the lock
 table Worker.lock uses while another thread drives the worker."""
 
 import ctypes
 from typing import Any
 
-from . import _ASYNC, load_library
+from . import _ASYNC, _HANDLER, load_library
 
 
 class _Consumed(ctypes.Structure):
@@ -56,6 +57,12 @@ def lib() -> Any:
             "shmc_reply_fail": ([P, ctypes.c_char_p], U32),
             "shmc_reply_free": ([P], None),
             "shmc_on_request": ([P, ctypes.c_char_p, _ASYNC, P, ctypes.POINTER(U64)], U32),
+            "shmc_on_invoke_async": ([P, ctypes.c_char_p, _ASYNC, P, ctypes.POINTER(U64)], U32),
+            "shmc_start_invoke": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.c_bool,
+                                   ctypes.POINTER(U64)], U32),
+            "shmc_start_publish": ([P, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(U64)], U32),
+            "shmc_subscribe_polled": ([P, ctypes.c_char_p, _HANDLER, P, ctypes.POINTER(ctypes.c_bool)], U32),
+            "shmc_emit_timeout": ([P, U32, U32, ctypes.c_char_p, ctypes.c_char_p, SZ, U64, ctypes.POINTER(SZ)], U32),
         }
         for name, (args, res) in sig.items():
             fn = getattr(library, name)

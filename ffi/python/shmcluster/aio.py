@@ -9,6 +9,12 @@ wakes the loop like any socket, and nothing blocks it:
 - ``await aw.request(slot, event, data)``, ``await aw.map(event, data)``,
   ``await aw.consume(event, data)`` start the call and return at once; the
   loop resolves the future when its end comes;
+- ``await aw.invoke(method, data)`` and ``await aw.publish(topic, data)``
+  go through the leader without blocking (waiting for an election on the
+  loop); ``await aw.subscribe(topic, fn)`` and ``aw.on_invoke(method)``
+  (only the leader's runs) never wait for a leader; ``aw.emit`` /
+  ``aw.broadcast`` send at once, and wait on the loop only for room in a
+  full lane, ``timeout`` (0.1 s) at the most;
 - handlers (``aw.on(event, fn)``) run on the loop's thread; ``fn`` may be a
   coroutine function: the call is answered when it finishes, an exception
   answers ``HandlerFailed``;
@@ -31,7 +37,7 @@ import os
 import signal
 import threading
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from . import _evloop
 from ._evloop import _CallEnd
@@ -39,18 +45,24 @@ from . import (
     BUSY,
     LOCK_TIMEOUT,
     OK,
+    TARGET_ALL,
+    TARGET_OTHERS,
+    TARGET_WORKER,
+    Leader,
+    LeaderChange,
     Message,
     ShmclusterError,
     Worker,
     WAIT_FOREVER,
     _ASYNC,
     _CLASSES,
+    _HANDLER,
     _check,
     _map_entries,
     _ms,
 )
 
-__all__ = ["AsyncWorker", "Section", "DEFAULT_MAX_IN_FLIGHT"]
+__all__ = ["AsyncWorker", "Section", "DEFAULT_MAX_IN_FLIGHT", "DEFAULT_EMIT_TIMEOUT"]
 
 # shmc_turn_kind and shmc_end_kind (ffi/src/polled.rs; the numbers are fixed).
 _TURN_BUSY, _TURN_PARKED, _TURN_IDLE = 0, 1, 2
@@ -73,8 +85,16 @@ _LOCK_SLICE_MS = 100
 # thread). 512 small calls stay well inside a lane (64 KiB by default).
 DEFAULT_MAX_IN_FLIGHT = 512
 
+# How long emit/broadcast wait for room in a full lane (seconds) before
+# TimedOut: the only wait they can make on the loop's thread (dispatching
+# this worker's own messages meanwhile). A lane holds 64 KiB by default, so
+# a lane is full only when its reader is stalled or flooded.
+DEFAULT_EMIT_TIMEOUT = 0.1
+
 Payload = Union[bytes, bytearray, memoryview, str, None]
 Handler = Callable[[Message], Union[Payload, Awaitable[Payload]]]
+Listener = Callable[[Message], Union[None, Awaitable[None]]]
+ChangeListener = Callable[[LeaderChange], Union[None, Awaitable[None]]]
 MapEntries = List[Tuple[int, Union[bytes, ShmclusterError]]]
 
 
@@ -98,7 +118,7 @@ def _error(status: int, what: str, text: bytes) -> ShmclusterError:
 def _inherited_listeners() -> set:
     """The (device, inode) of each socket the master handed this process
     (``LISTEN_FDS`` descriptors from 3), to recognise their duplicates."""
-    out = set()
+    out: Set[Tuple[int, int]] = set()
     try:
         n = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
@@ -163,7 +183,7 @@ class AsyncWorker:
         code installed before (a server's graceful shutdown) is put back,
         so the signal reaches it as before. ``max_in_flight``: see
         :data:`DEFAULT_MAX_IN_FLIGHT`."""
-        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        saved: Dict[int, Any] = {int(s): signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         listeners = _inherited_listeners()
         worker = Worker.from_env()
         if keep_python_signals and threading.current_thread() is threading.main_thread():
@@ -246,6 +266,7 @@ class AsyncWorker:
 
     # driving ---------------------------------------------------------------
     def _on_wake(self) -> None:
+        assert self._fd is not None  # registered only with an eventfd
         try:
             os.read(self._fd, 8)  # the eventfd's count: clears it
         except BlockingIOError:
@@ -373,6 +394,75 @@ class AsyncWorker:
             self._ptr, name, body, len(body), ms, t))
 
     # handlers --------------------------------------------------------------
+    def _replying(self, fn: Handler) -> Any:
+        """The C trampoline (an ``shmc_async_handler_fn``) that runs
+        ``fn(message)`` on the loop's thread and answers its reply with
+        what it returns, or when the awaitable it returns finishes."""
+        lib = self._lib
+
+        def fail(reply: int, e: BaseException) -> None:
+            text = str(e) or type(e).__name__
+            lib.shmc_reply_fail(reply, text.encode("utf-8", "replace"))
+
+        def send(reply: int, out: Payload) -> None:
+            try:
+                body = _bytes(out)
+            except Exception as e:
+                fail(reply, e)
+                return
+            lib.shmc_reply_send(reply, body, len(body))
+
+        def trampoline(_userdata: Any, message: Any, reply: int) -> None:
+            try:
+                out = fn(Message(message.contents))
+            except Exception as e:  # the handler's failure goes to the caller
+                fail(reply, e)
+                return
+            if not inspect.isawaitable(out):
+                send(reply, out)
+                return
+            task = asyncio.ensure_future(out, loop=self.loop)
+            self._tasks.add(task)
+
+            def done(t: "asyncio.Future[Any]") -> None:
+                self._tasks.discard(t)
+                if t.cancelled():
+                    lib.shmc_reply_fail(reply, b"handler cancelled")
+                    return
+                error = t.exception()
+                if error is not None:
+                    fail(reply, error)
+                else:
+                    send(reply, t.result())
+
+            task.add_done_callback(done)
+
+        cb = _ASYNC(trampoline)
+        self._callbacks.append(cb)
+        return cb
+
+    def _run_listener(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Runs a listener whose result nobody awaits (a subscriber, a
+        leader-change callback): a coroutine becomes a task; an exception
+        goes to the loop's exception handler."""
+        try:
+            out = fn(*args)
+        except Exception as e:
+            self.loop.call_exception_handler({"message": f"shmcluster {what} failed", "exception": e})
+            return
+        if not inspect.isawaitable(out):
+            return
+        task = asyncio.ensure_future(out, loop=self.loop)
+        self._tasks.add(task)
+
+        def done(t: "asyncio.Future[Any]") -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.loop.call_exception_handler({"message": f"shmcluster {what} failed",
+                                                  "exception": t.exception()})
+
+        task.add_done_callback(done)
+
     def on(self, event: str, handler: Optional[Handler] = None) -> Any:
         """Registers ``handler(message)`` for ``event`` (also as a decorator).
         It runs on the loop's thread; it may return bytes/str/None or an
@@ -380,50 +470,132 @@ class AsyncWorker:
         it finishes. An exception answers ``HandlerFailed`` with its text."""
 
         def register(fn: Handler) -> Handler:
-            lib = self._lib
-
-            def fail(reply: int, e: BaseException) -> None:
-                text = str(e) or type(e).__name__
-                lib.shmc_reply_fail(reply, text.encode("utf-8", "replace"))
-
-            def send(reply: int, out: Payload) -> None:
-                try:
-                    body = _bytes(out)
-                except Exception as e:
-                    fail(reply, e)
-                    return
-                lib.shmc_reply_send(reply, body, len(body))
-
-            def trampoline(_userdata: Any, message: Any, reply: int) -> None:
-                try:
-                    out = fn(Message(message.contents))
-                except Exception as e:  # the handler's failure goes to the caller
-                    fail(reply, e)
-                    return
-                if not inspect.isawaitable(out):
-                    send(reply, out)
-                    return
-                task = asyncio.ensure_future(out, loop=self.loop)
-                self._tasks.add(task)
-
-                def done(t: "asyncio.Future[Any]") -> None:
-                    self._tasks.discard(t)
-                    if t.cancelled():
-                        lib.shmc_reply_fail(reply, b"handler cancelled")
-                    elif t.exception() is not None:
-                        fail(reply, t.exception())
-                    else:
-                        send(reply, t.result())
-
-                task.add_done_callback(done)
-
-            cb = _ASYNC(trampoline)
-            self._callbacks.append(cb)
+            cb = self._replying(fn)
             hid = ctypes.c_uint64()
-            _check(lib.shmc_on_request(self._ptr, event.encode(), cb, None, ctypes.byref(hid)), "on")
+            _check(self._lib.shmc_on_request(self._ptr, event.encode(), cb, None, ctypes.byref(hid)), "on")
             return fn
 
         return register(handler) if handler is not None else register
+
+    # sending without an answer ------------------------------------------------
+    def _emit(self, kind: int, slot: int, event: str, data: Payload, timeout: float) -> int:
+        self._live()
+        body, sent = _bytes(data), ctypes.c_size_t()
+        code = self._lib.shmc_emit_timeout(self._ptr, kind, slot, event.encode(), body, len(body),
+                                           _ms(timeout), ctypes.byref(sent))
+        _check(code, "emit")
+        self._schedule()  # a copy to this worker runs at its next turn
+        return sent.value
+
+    def emit(self, slot: int, event: str, data: Payload = b"", timeout: float = DEFAULT_EMIT_TIMEOUT) -> int:
+        """Sends ``event`` to worker ``slot`` (every handler for it runs
+        there; nothing answers); returns 1. It returns at once unless the
+        lane to ``slot`` is full (its reader stalled): then it waits for
+        room ``timeout`` seconds at the most, on the loop's thread, running
+        this worker's own handlers meanwhile, and raises ``TimedOut``
+        (nothing sent). ``WorkerDied``: a full lane to a slot nobody
+        serves; ``NoSuchWorker``-like errors as :meth:`Worker.emit`."""
+        return self._emit(TARGET_WORKER, slot, event, data, timeout)
+
+    def broadcast(self, event: str, data: Payload = b"", timeout: float = DEFAULT_EMIT_TIMEOUT) -> int:
+        """Sends ``event`` to every live worker, this one included (its own
+        copy runs at its next turn); returns how many. A full lane waits as
+        in :meth:`emit`, ``timeout`` seconds at the most per lane; on
+        ``TimedOut`` the workers before the full lane (slot order) got it,
+        the ones after did not."""
+        return self._emit(TARGET_ALL, 0, event, data, timeout)
+
+    def emit_others(self, event: str, data: Payload = b"", timeout: float = DEFAULT_EMIT_TIMEOUT) -> int:
+        """:meth:`broadcast` to every live worker but this one."""
+        return self._emit(TARGET_OTHERS, 0, event, data, timeout)
+
+    # leader --------------------------------------------------------------------
+    def campaign(self, role: str = "") -> None:
+        """Enters this worker in the election for ``role`` ("": the default
+        role, the one invoke and publish use). Harmless twice; it does not
+        wait (a thread of the library waits on the role's lock)."""
+        self.worker.campaign(role)
+
+    def is_leader(self, role: str = "") -> bool:
+        """Whether this worker leads ``role`` now."""
+        return self.worker.is_leader(role)
+
+    def leader(self, role: str = "") -> Optional[Leader]:
+        """The leader of ``role`` now (slot, term), ``None`` if none is
+        elected."""
+        return self.worker.leader(role)
+
+    def on_leader_change(self, fn: ChangeListener) -> ChangeListener:
+        """Runs ``fn(change)`` (a :class:`shmcluster.LeaderChange`: slot,
+        term, is_me) on the loop's thread whenever the default role gets a
+        new leader, the first time for the leader of the moment. ``fn`` may
+        be a coroutine function (it runs as a task). Watching does not
+        campaign. An exception goes to the loop's exception handler. Usable
+        as a decorator."""
+        self._live()
+        self.worker.on_leader_change(lambda change: self._run_listener("leader-change callback", fn, change))
+        self._schedule()
+        return fn
+
+    def on_invoke(self, method: str, handler: Optional[Handler] = None) -> Any:
+        """Registers the leader's ``handler(message)`` for ``method`` (also
+        as a decorator): every worker registers it, only the leader's runs
+        (a worker that does not lead answers "not the leader" and the
+        caller asks the leader again). Sync or coroutine, answered as in
+        :meth:`on`. Campaigns for the default role if the worker has not."""
+
+        def register(fn: Handler) -> Handler:
+            self._live()
+            cb = self._replying(fn)
+            hid = ctypes.c_uint64()
+            _check(self._lib.shmc_on_invoke_async(self._ptr, method.encode(), cb, None, ctypes.byref(hid)),
+                   "on_invoke")
+            self._schedule()
+            return fn
+
+        return register(handler) if handler is not None else register
+
+    async def invoke(self, method: str, data: Payload = b"", timeout: Optional[float] = 10.0,
+                     idempotent: bool = False) -> bytes:
+        """Runs the leader's handler for ``method``; its answer. Waits for a
+        leader until ``timeout`` (``NoLeader``). ``LeaderDied``: the leader
+        died with the call in hand (it may or may not have run); with
+        ``idempotent`` (a method safe to run twice) the call goes to the
+        next leader instead. ``NoHandler``, ``HandlerFailed``,
+        ``TimedOut``."""
+        body, name, ms = _bytes(data), method.encode(), _ms(timeout)
+        return await self._call("invoke", lambda t: self._lib.shmc_start_invoke(
+            self._ptr, name, body, len(body), ms, bool(idempotent), t))
+
+    async def publish(self, topic: str, data: Payload = b"", timeout: Optional[float] = 10.0) -> None:
+        """Publishes ``data`` on ``topic`` through the leader, which keeps it
+        as the topic's last value and sends it to every subscriber; returns
+        when the leader has it. ``NoLeader`` (none by ``timeout``),
+        ``LeaderDied``, ``TimedOut``."""
+        body, name, ms = _bytes(data), topic.encode(), _ms(timeout)
+        await self._call("publish", lambda t: self._lib.shmc_start_publish(
+            self._ptr, name, body, len(body), ms, t))
+
+    async def subscribe(self, topic: str, handler: Listener) -> bool:
+        """Subscribes ``handler(message)`` to ``topic`` (``message.data``:
+        the value): it runs on the loop's thread for every value published,
+        and soon with the topic's last value if it has one. It may be a
+        coroutine function (each value is a task). Never waits for a
+        leader: returns whether one was told now; if not, the turn that
+        first sees a leader tells it, as every later leader is told this
+        worker's subscriptions. Subscribing twice adds a second handler."""
+        self._live()
+
+        def trampoline(_userdata: Any, message: Any, _response: Any) -> None:
+            self._run_listener(f"subscriber of {topic!r}", handler, Message(message.contents))
+
+        cb = _HANDLER(trampoline)
+        self._callbacks.append(cb)
+        told = ctypes.c_bool(False)
+        _check(self._lib.shmc_subscribe_polled(self._ptr, topic.encode(), cb, None, ctypes.byref(told)),
+               "subscribe")
+        self._schedule()
+        return bool(told.value)
 
     # locks -------------------------------------------------------------------
     @asynccontextmanager
