@@ -123,7 +123,13 @@ struct Master {
 impl Master {
     /// `shmcluster run <options> --control <sock> -- <command>`.
     fn start(options: &[&str], sock: &str, command: &[&str]) -> Self {
+        Self::start_with_env(options, sock, command, &[])
+    }
+
+    /// [`Master::start`] with `env` added to the master's environment.
+    fn start_with_env(options: &[&str], sock: &str, command: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
+            .envs(env.iter().copied())
             .arg("run")
             .args(options)
             .args(["--control", sock, "--"])
@@ -444,6 +450,62 @@ fn a_tcp_listener_is_served_by_python_workers_on_fd_3() {
         response.ends_with("worker 0") || response.ends_with("worker 1"),
         "{response}"
     );
+
+    let out = cli(&["stop", "--control", sock], Duration::from_secs(10));
+    assert!(out.status.success(), "{}", out.stderr);
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{log:#?}");
+}
+
+/// What a spawned worker inherits of the master's environment: the user's
+/// own settings, `SHMCLUSTER_LIB` included (a Python worker finds its
+/// library with it), but not the master's NATS credentials, nor a stale
+/// identity or listener set of the master's own parent (the master sets
+/// the worker's).
+#[test]
+fn workers_inherit_the_users_environment_but_not_credentials_or_identity() {
+    let dir = TempDir::new("env");
+    let sock = dir.sock.as_str();
+    let out = dir.path.join("env");
+    let script = format!("env > {}.$SHMCLUSTER_INDEX; exec sleep 60", out.display());
+    let mut master = Master::start_with_env(
+        &["-w", "1", "--ready-on-start", "--kill-timeout", "5"],
+        sock,
+        &["sh", "-c", &script],
+        &[
+            ("SHMCLUSTER_LIB", "/opt/lib/libshmcluster.so"),
+            ("APP_SETTING", "kept"),
+            ("SHMCLUSTER_NATS_PASSWORD", "hunter2"),
+            ("SHMCLUSTER_NATS_TOKEN", "t0ken"),
+            ("SHMCLUSTER_WORKER", "77"),
+            ("SHMCLUSTER_INDEX", "9"),
+            ("LISTEN_FDS", "5"),
+            ("LISTEN_PID", "1"),
+        ],
+    );
+    stat_until_live(sock, 1);
+    let file = dir.path.join("env.0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let env = loop {
+        match std::fs::read_to_string(&file) {
+            Ok(e) if e.contains("SHMCLUSTER_WORKER=") => break e,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            r => panic!("the worker wrote no environment to {}: {r:?}", file.display()),
+        }
+    };
+    let lines: Vec<&str> = env.lines().collect();
+    assert!(
+        lines.contains(&"SHMCLUSTER_LIB=/opt/lib/libshmcluster.so"),
+        "{env}"
+    );
+    assert!(lines.contains(&"APP_SETTING=kept"), "{env}");
+    assert!(
+        !env.contains("hunter2") && !env.contains("t0ken"),
+        "credentials reached the worker: {env}"
+    );
+    assert!(lines.contains(&"SHMCLUSTER_WORKER=0"), "{env}");
+    assert!(lines.contains(&"SHMCLUSTER_INDEX=0"), "{env}");
+    assert!(!lines.iter().any(|l| l.starts_with("LISTEN_")), "{env}");
 
     let out = cli(&["stop", "--control", sock], Duration::from_secs(10));
     assert!(out.status.success(), "{}", out.stderr);

@@ -123,7 +123,7 @@ impl Spin {
             answer: DEFAULT_ANSWER_SPIN_US,
             until: None,
         };
-        // Not `SHMCLUSTER_*`: the master strips those from its workers.
+        // Named for the Node package (`NODE_*`), beside NODE_SHMCLUSTER_WAKE.
         if let Ok(v) = std::env::var("NODE_SHMCLUSTER_SPIN") {
             let mut it = v.split(',').map(|x| x.trim().parse::<u32>().ok());
             if let Some(Some(r)) = it.next() {
@@ -879,8 +879,7 @@ impl Native {
             .m
             .as_ref()
             .ok_or_else(|| err("WORKER_CLOSED", "the messenger is closed"))?;
-        // Not `SHMCLUSTER_*`: the master strips those from what its
-        // workers inherit.
+        // Named for the Node package (`NODE_*`): a setting of this binding.
         let forced = std::env::var("NODE_SHMCLUSTER_WAKE").is_ok_and(|v| v == "thread");
         if let (Some(fd), false) = (m.wake_fd(), forced) {
             let fd = fd.try_clone_to_owned().map_err(|e| err("IO", e))?;

@@ -282,10 +282,7 @@ fn exec_worker(
         vars.push((env::GENERATION.into(), generation.to_string()));
         vars.push((env::INDEX.into(), index.to_string()));
         let mut envp: Vec<CString> = std::env::vars_os()
-            .filter(|(k, _)| {
-                let k = k.to_string_lossy();
-                !k.starts_with("SHMCLUSTER_") && !k.starts_with("LISTEN_")
-            })
+            .filter(|(k, _)| inherited(&k.to_string_lossy()))
             .filter_map(|(k, v)| {
                 let mut kv = k.into_vec();
                 kv.push(b'=');
@@ -301,4 +298,24 @@ fn exec_worker(
     match attempt() {
         Ok(e) | Err(e) => e,
     }
+}
+
+/// Whether a variable of the master's environment reaches a spawned
+/// worker: the user's settings do (`SHMCLUSTER_LIB`, which a Python
+/// worker finds its library with, among them), but not a worker identity
+/// or listener set the master itself inherited (it sets the worker's own,
+/// and a stale one would name another segment or descriptors), nor the
+/// NATS credentials (`SHMCLUSTER_NATS_*`: only the bridge needs them, and
+/// it is forked).
+fn inherited(key: &str) -> bool {
+    const IDENTITY: [&str; 7] = [
+        env::FD,
+        env::CONTROL_FD,
+        env::WAKE_FDS,
+        env::WORKER,
+        env::WORKERS,
+        env::GENERATION,
+        env::INDEX,
+    ];
+    !(key.starts_with("LISTEN_") || key.starts_with("SHMCLUSTER_NATS_") || IDENTITY.contains(&key))
 }
