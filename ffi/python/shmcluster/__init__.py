@@ -168,13 +168,18 @@ def _find_library() -> str:
     root = os.path.abspath(os.path.join(_HERE, "..", "..", ".."))
     checkout = os.path.exists(os.path.join(root, "ffi", "Cargo.toml"))
     looked = [BUNDLED_LIBRARY]
+    found = []
     for profile in ("release", "debug"):
         for target in (os.environ.get("CARGO_TARGET_DIR"), os.path.join(root, "target") if checkout else None):
             if target:
                 path = os.path.join(target, profile, "libshmcluster.so")
                 looked.append(path)
                 if os.path.exists(path):
-                    return path
+                    found.append(path)
+    if found:
+        # The newest build: a release library left from an earlier build
+        # must not shadow the debug one just built (or the reverse).
+        return max(found, key=lambda p: os.stat(p).st_mtime_ns)
     # Last, the dynamic loader's search path (a system-wide install).
     try:
         ctypes.CDLL("libshmcluster.so")
