@@ -6,10 +6,12 @@ Instance 0 drives, instance 1 answers (``echo``: the payload back). MODE is
 
 - ``blocking-blocking``: ``Worker.request`` while the other runs ``w.run()``;
 - ``async-async``: ``await aw.request(..)`` against an :class:`AsyncWorker`;
-- ``async-blocking``: ``await aw.request(..)`` against ``w.run()``.
+- ``async-blocking``: ``await aw.request(..)`` against ``w.run()``;
+- ``pyo3-pyo3``: the PyO3 prototype (``_fast``, ffi/pyo3-bench) both sides:
+  ``w.request`` against ``w.run()``, as ``blocking-blocking``.
 
 The driver prints one JSON line per row (``py_request``, and for a
-blocking driver also ``py_self_request``: a request to its own slot, the
+blocking or PyO3 driver also ``py_self_request`` / ``pyo3_self_request``: a request to its own slot, the
 binding's cost with no wake and no second process), then ``DONE``, and
 serves until told to stop. CPU as examples/request_rtt.rs: both processes'
 ``resource.getrusage(RUSAGE_SELF)`` around the timed loop.
@@ -25,7 +27,7 @@ import resource
 import struct
 import sys
 import time
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -93,14 +95,14 @@ def blocking_main(mode: str, opts: argparse.Namespace) -> None:
     w.run()
 
 
-def measure_blocking(w: Worker, name: str, to: int, peer: int, payload: bytes,
+def measure_blocking(w: Any, name: str, to: int, peer: int, payload: bytes,
                      opts: argparse.Namespace, mode: str) -> str:
     request = w.request
     for _ in range(opts.warmup):
         request(to, "echo", payload)
     took: List[int] = []
     clock = time.perf_counter_ns
-    peer_before = struct.unpack("<QQ", w.request(peer, "cpu"))
+    peer_before = struct.unpack("<QQ", w.request(peer, "cpu", b""))
     me_before = cpu_us()
     wall = clock()
     for _ in range(opts.n):
@@ -111,8 +113,27 @@ def measure_blocking(w: Worker, name: str, to: int, peer: int, payload: bytes,
             raise SystemExit(f"FAILED: echo of {len(payload)} bytes came back with {len(back)}")
     wall_ns = clock() - wall
     me = delta(me_before, cpu_us())
-    peer_cpu = delta(peer_before, struct.unpack("<QQ", w.request(peer, "cpu")))
+    peer_cpu = delta(peer_before, struct.unpack("<QQ", w.request(peer, "cpu", b"")))
     return row(name, took, wall_ns, (me[0] + peer_cpu[0], me[1] + peer_cpu[1]), mode)
+
+
+# PyO3 (the _fast prototype, ffi/pyo3-bench) ---------------------------------------
+def fast_main(mode: str, opts: argparse.Namespace) -> None:
+    import _fast  # built by maturin from ffi/pyo3-bench
+
+    w = _fast.Worker.from_env()
+    w.on("echo", lambda data, _sender: data)
+    w.on("cpu", lambda _data, _sender: struct.pack("<QQ", *cpu_us()))
+    w.ready()
+    if w.index != 0:
+        w.run()
+        return
+    peer = w.peer(10.0)
+    payload = b"\x07" * opts.payload
+    for name, to in (("pyo3_request", peer), ("pyo3_self_request", w.slot)):
+        say(measure_blocking(w, name, to, peer, payload, opts, mode))
+    say("DONE")
+    w.run()
 
 
 # asyncio ----------------------------------------------------------------------
@@ -153,7 +174,7 @@ async def async_main(mode: str, opts: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["blocking-blocking", "async-async", "async-blocking"])
+    p.add_argument("mode", choices=["blocking-blocking", "async-async", "async-blocking", "pyo3-pyo3"])
     p.add_argument("--n", type=int, default=20_000)
     p.add_argument("--warmup", type=int, default=1_000)
     p.add_argument("--payload", type=int, default=32)
@@ -166,6 +187,8 @@ def main() -> None:
     kind = server_kind if index == 1 else driver_kind
     if kind == "blocking":
         blocking_main(opts.mode, opts)
+    elif kind == "pyo3":
+        fast_main(opts.mode, opts)
     else:
         asyncio.run(async_main(opts.mode, opts))
 
