@@ -27,9 +27,9 @@ unsafe impl Send for Lent {}
 
 impl Lent {
     /// # Safety
-    /// The messenger must outlive the returned borrow and nobody else may
-    /// use it meanwhile (see the `Send` impl).
-    unsafe fn get(&self) -> &mut Messenger {
+    /// The messenger must outlive the returned borrow `'a` and nobody else
+    /// may use it meanwhile (see the `Send` impl).
+    unsafe fn get<'a>(self) -> &'a mut Messenger {
         // SAFETY: as the caller promised.
         unsafe { &mut *self.0 }
     }
@@ -151,8 +151,12 @@ impl Worker {
             if Instant::now() >= until {
                 return Err(PyTimeoutError::new_err("no other worker ready in time"));
             }
-            self.without_gil(py, |m| m.poll(Duration::from_millis(1)).map(|_| ()).map_err(|e| e.to_string()))
-                .map_err(PyRuntimeError::new_err)?;
+            self.without_gil(py, |m| {
+                m.poll(Duration::from_millis(1))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(PyRuntimeError::new_err)?;
         }
     }
 }
