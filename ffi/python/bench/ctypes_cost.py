@@ -17,6 +17,8 @@ functions a request runs (cProfile: calls per request):
 - ``Worker.request`` (the binding as users call it);
 - the C ABI's own self request, from C (c_self_request.c, compiled with
   ``cc`` if there is one): the floor under all of them;
+- ``await AsyncWorker.request`` to itself (the asyncio path with no wake:
+  the loop, the polled driver's ctypes calls, the future);
 - a ctypes callback invoked from C alone (libc ``qsort`` of 2 elements calls
   its comparator once; minus a 1-element ``qsort``, which calls none).
 """
@@ -70,6 +72,29 @@ def c_self_request(n: int) -> "int | None":
                         f"-L{libdir}", "-lshmcluster", f"-Wl,-rpath,{libdir}"], check=True)
         out = subprocess.run([exe, str(n)], capture_output=True, text=True, check=True, timeout=120)
     return int(out.stdout.strip())
+
+
+def async_self_request(w: "shmcluster.Worker", payload: bytes, n: int) -> float:
+    """ns per ``await aw.request`` of worker ``w`` to itself (median of 5)."""
+    import asyncio
+
+    from shmcluster.aio import AsyncWorker
+
+    async def go() -> float:
+        aw = AsyncWorker(w)
+        aw.on("echo_async", lambda m: m.data)
+        for _ in range(2000):
+            await aw.request(w.slot, "echo_async", payload)
+        times: List[float] = []
+        for _ in range(5):
+            t = time.perf_counter_ns()
+            for _ in range(n):
+                await aw.request(w.slot, "echo_async", payload)
+            times.append((time.perf_counter_ns() - t) / n)
+        aw.close()
+        return statistics.median(times)
+
+    return asyncio.run(go())
 
 
 def main() -> None:
@@ -135,6 +160,8 @@ def main() -> None:
     for name, fn in rows:
         ns = qsort2 - qsort1 if fn is None else per_call(fn, n)
         print(f"| {name} | {ns:.0f} |")
+
+    print(f"| await AsyncWorker.request to itself | {async_self_request(w, payload, n // 5):.0f} |")
 
     prof = cProfile.Profile()
     k = 20_000
