@@ -111,6 +111,12 @@ struct RunArgs {
     /// do not call ready(): any program without the library).
     #[arg(long)]
     ready_on_start: bool,
+    /// Give workers no NOTIFY_SOCKET. By default each worker gets one of
+    /// its own (systemd's notify protocol, from the master): READY=1 makes
+    /// it ready, WATCHDOG=1 beats its heartbeat, STOPPING=1 marks it
+    /// draining; with --hang-timeout it also gets WATCHDOG_USEC.
+    #[arg(long)]
+    no_worker_notify: bool,
     /// The control socket [default: $XDG_RUNTIME_DIR/shmcluster-<pid>.sock,
     /// or /tmp/shmcluster-<uid>/<pid>.sock].
     #[arg(long, value_name = "PATH")]
@@ -341,7 +347,8 @@ fn run(args: RunArgs) -> u8 {
         .drain_timeout(args.reload_timeout)
         .ready_timeout(args.ready_timeout)
         .shutdown_grace(args.kill_timeout)
-        .ready_on_start(args.ready_on_start);
+        .ready_on_start(args.ready_on_start)
+        .worker_notify(!args.no_worker_notify);
     let mode = if args.reuseport {
         ListenMode::ReusePort
     } else {
