@@ -255,7 +255,7 @@ mod tests {
                 stopping: false
             }
         );
-        assert_eq!(NotifyMessage::parse(b"READY=10\nSTOPPING=1\n").ready, false);
+        assert!(!NotifyMessage::parse(b"READY=10\nSTOPPING=1\n").ready);
         assert!(NotifyMessage::parse(b"STOPPING=1\n").stopping);
         assert_eq!(NotifyMessage::parse(b"\xff\x00READY"), NotifyMessage::default());
     }
