@@ -54,6 +54,14 @@ enum Command {
     /// reload on SIGHUP (or `shmcluster reload`) and a graceful shutdown on
     /// SIGTERM/SIGINT (or `shmcluster stop`). Events go to stderr, one line
     /// each.
+    ///
+    /// Under systemd (NOTIFY_SOCKET set: a Type=notify unit) the master
+    /// sends READY=1 once every worker is ready, RELOADING=1 ... READY=1
+    /// around a reload, STOPPING=1 at shutdown, STATUS= lines, and
+    /// WATCHDOG=1 (WatchdogSec=). Each worker gets a NOTIFY_SOCKET of its
+    /// own: a program that speaks systemd's notify protocol becomes ready
+    /// with READY=1 and beats its heartbeat with WATCHDOG=1, with no
+    /// shmcluster binding (see --no-worker-notify).
     #[command(after_help = EXIT_CODES, override_usage = "shmcluster run [OPTIONS] -- <COMMAND> [ARGS]...")]
     Run(Box<RunArgs>),
     /// Show a running master's workers: state, pid, restarts, heartbeat
