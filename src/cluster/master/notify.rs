@@ -20,7 +20,6 @@
 //! [`ClusterBuilder::systemd_notify`]: super::ClusterBuilder::systemd_notify
 //! [`ClusterBuilder::worker_notify`]: super::ClusterBuilder::worker_notify
 
-use std::io;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
@@ -288,7 +287,7 @@ impl Master<'_> {
     /// Reads the datagrams waiting on the sockets `ready` marks (in
     /// [`Notify::poll_fds`] order) and applies those from each slot's own
     /// worker.
-    pub(super) fn serve_worker_notify(&mut self, ready: &[bool]) -> io::Result<()> {
+    pub(super) fn serve_worker_notify(&mut self, ready: &[bool]) {
         let slots: Vec<u32> = self
             .notify
             .poll_fds()
@@ -319,7 +318,6 @@ impl Master<'_> {
                 self.apply_worker_notify(slot, NotifyMessage::parse(&datagram.data));
             }
         }
-        Ok(())
     }
 
     /// `READY=1`, `WATCHDOG=1`, `STOPPING=1` from the slot's worker, on the

@@ -115,7 +115,7 @@ impl Master<'_> {
         // Workers' sd_notify datagrams: before `observe_workers`, which
         // then sees a `READY=1` as it sees a `Worker::ready`.
         let notified = ready[1 + with_control.len()..].to_vec();
-        self.serve_worker_notify(&notified)?;
+        self.serve_worker_notify(&notified);
         for (k, &slot) in with_control.iter().enumerate() {
             if !ready[k + 1] {
                 continue;
