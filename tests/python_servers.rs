@@ -7,7 +7,11 @@
 //! rolling reloads (no socket error, no non-2xx answer), a graceful
 //! shutdown with a slow request in flight (answered 200, master exits 0),
 //! and the counter the workers share under `synchronize`; for uvicorn, the
-//! server answering while 1,000 maps are in flight.
+//! server answering while 1,000 maps are in flight. And gunicorn with no
+//! binding at all: its arbiter's own sd_notify `READY=1` on the worker's
+//! `NOTIFY_SOCKET` makes each worker ready and lets a rolling reload step
+//! through them (with `--no-worker-notify`, the same workers stay
+//! `Starting`).
 //!
 //! uvicorn and gunicorn come from a virtual environment: the python of
 //! `SHMC_SERVERS_PYTHON` if set (it must import both), else one this test
@@ -112,6 +116,16 @@ const SCENARIOS: &[Scenario] = &[
         name: "gunicorn_counter_is_exact_across_workers",
         timeout: Duration::from_secs(60),
         run: || counter_is_exact_across_workers(Kind::Gunicorn),
+    },
+    Scenario {
+        name: "plain_gunicorn_is_ready_by_its_own_sd_notify",
+        timeout: Duration::from_secs(90),
+        run: || plain_gunicorn_and_sd_notify(true),
+    },
+    Scenario {
+        name: "plain_gunicorn_without_worker_notify_is_never_ready",
+        timeout: Duration::from_secs(60),
+        run: || plain_gunicorn_and_sd_notify(false),
     },
 ];
 
@@ -867,6 +881,159 @@ fn banner(body: &str) -> Result<(u32, u32), String> {
             .ok_or(format!("answered {body:?}"))
     };
     Ok((number("(slot ")?, number(", pid ")?))
+}
+
+// ------------------------------------------------------------ gunicorn with no binding
+
+/// A WSGI app that knows nothing of shmcluster.
+const PLAIN_APP: &str = "def app(environ, start_response):\n    \
+    body = b'plain gunicorn\\n'\n    \
+    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    \
+    return [body]\n";
+
+/// Plain gunicorn (no binding, no `--ready-on-start`) as each of 2
+/// workers. With the worker's `NOTIFY_SOCKET` (`notify`), gunicorn's
+/// arbiter's own `READY=1` makes each worker `Ready`, and so a rolling
+/// reload steps through them (each replacement ready by the same means)
+/// and the master exits 0 on `SIGTERM`. Without it
+/// (`--no-worker-notify`), the same workers serve but stay `Starting`.
+fn plain_gunicorn_and_sd_notify(notify: bool) -> Check {
+    let python = python()?;
+    let bin = python.parent().ok_or("python has no directory")?;
+    let dir = common::tmp();
+    std::fs::write(dir.join("plain_app.py"), PLAIN_APP).map_err(|e| e.to_string())?;
+    let control = dir.join("c.sock");
+    let log_path = dir.join("master.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "-w", "2", "--listen", "127.0.0.1:0", "--control"])
+        .arg(&control);
+    if !notify {
+        cmd.arg("--no-worker-notify");
+    }
+    let child = cmd
+        .arg("--")
+        .arg(bin.join("gunicorn"))
+        .arg("--chdir")
+        .arg(&dir)
+        .arg("plain_app:app")
+        .current_dir(&dir)
+        .env_remove("NOTIFY_SOCKET")
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("{BIN}: {e}"))?;
+    MASTER.store(child.id() as i32, Ordering::Release);
+    // Killed with its process group if the scenario fails.
+    let mut server = Server {
+        child,
+        addr: String::new(),
+        log: Arc::new(Mutex::new(String::new())),
+        reader: None,
+    };
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let start = Instant::now();
+    server.addr = loop {
+        if let Some((_, rest)) = read_log().split_once(", listening on ") {
+            break rest.split_whitespace().next().unwrap_or_default().to_owned();
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "no address:\n{}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stat = || -> Result<Vec<(String, u32)>, String> {
+        let out = Command::new(BIN)
+            .args(["stat", "--control"])
+            .arg(&control)
+            .output()
+            .map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.first()?.parse::<u32>().ok()?;
+                Some((cols.get(2)?.to_string(), cols.get(3)?.parse().ok()?))
+            })
+            .filter(|(_, pid)| *pid != 0)
+            .collect())
+    };
+    let ready = |rows: &[(String, u32)]| -> Vec<u32> {
+        rows.iter()
+            .filter(|(s, _)| s == "Ready")
+            .map(|(_, p)| *p)
+            .collect()
+    };
+    let wait_ready = |not: &[u32]| -> Result<Vec<u32>, String> {
+        let start = Instant::now();
+        loop {
+            let rows = stat()?;
+            let pids = ready(&rows);
+            if pids.len() == 2 && pids.iter().all(|p| !not.contains(p)) {
+                return Ok(pids);
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "not 2 Ready workers after 30 s: {rows:?}\n{}",
+                read_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // gunicorn answers (its arbiter is up, READY=1 sent if it had a socket).
+    let start = Instant::now();
+    loop {
+        let answer = Conn::open(&server.addr)
+            .map_err(|e| e.to_string())
+            .and_then(|mut c| c.send("GET", "/"));
+        match answer {
+            Ok(r) => {
+                ensure!(
+                    r.status == 200 && r.body == "plain gunicorn\n",
+                    "GET /: {} {:?}",
+                    r.status,
+                    r.body
+                );
+                break;
+            }
+            Err(e) => ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "gunicorn never answered ({e}):\n{}",
+                read_log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !notify {
+        std::thread::sleep(Duration::from_secs(1));
+        let rows = stat()?;
+        ensure!(
+            rows.len() == 2 && rows.iter().all(|(s, _)| s == "Starting"),
+            "without a NOTIFY_SOCKET, Starting: {rows:?}"
+        );
+        server.signal(Signal::SIGTERM)?;
+        server.wait(Duration::from_secs(20))?;
+        return Ok(());
+    }
+    let before = wait_ready(&[])?;
+    let out = Command::new(BIN)
+        .args(["reload", "--wait", "--timeout", "40", "--control"])
+        .arg(&control)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && said.contains("reload finished: ok"),
+        "reload: {said} {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        read_log()
+    );
+    wait_ready(&before)?;
+    server.stop()
 }
 
 // ------------------------------------------------------------ a small HTTP/1.1 client

@@ -18,6 +18,7 @@
 //! | [`process`] | processes: `fork(2)`, `waitpid(2)`, `kill(2)`, `execve(2)`, `getpid(2)`, the monotonic clock |
 //! | [`signal`] | signals: the master's `signalfd(2)`, the worker's `SIGTERM` flag |
 //! | [`net`] | sockets: listeners, socket pairs, `SCM_RIGHTS`, `SO_PEERCRED`, `LISTEN_FDS` |
+//! | [`notify`] | systemd's notify protocol: datagrams to `NOTIFY_SOCKET`, a socket of our own with `SO_PASSCRED` |
 
 use std::io;
 
@@ -28,6 +29,7 @@ mod futex;
 mod memfd;
 pub mod mutex;
 pub mod net;
+pub mod notify;
 pub mod process;
 pub mod signal;
 

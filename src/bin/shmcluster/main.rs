@@ -54,6 +54,14 @@ enum Command {
     /// reload on SIGHUP (or `shmcluster reload`) and a graceful shutdown on
     /// SIGTERM/SIGINT (or `shmcluster stop`). Events go to stderr, one line
     /// each.
+    ///
+    /// Under systemd (NOTIFY_SOCKET set: a Type=notify unit) the master
+    /// sends READY=1 once every worker is ready, RELOADING=1 ... READY=1
+    /// around a reload, STOPPING=1 at shutdown, STATUS= lines, and
+    /// WATCHDOG=1 (WatchdogSec=). Each worker gets a NOTIFY_SOCKET of its
+    /// own: a program that speaks systemd's notify protocol becomes ready
+    /// with READY=1 and beats its heartbeat with WATCHDOG=1, with no
+    /// shmcluster binding (see --no-worker-notify).
     #[command(after_help = EXIT_CODES, override_usage = "shmcluster run [OPTIONS] -- <COMMAND> [ARGS]...")]
     Run(Box<RunArgs>),
     /// Show a running master's workers: state, pid, restarts, heartbeat
@@ -111,6 +119,12 @@ struct RunArgs {
     /// do not call ready(): any program without the library).
     #[arg(long)]
     ready_on_start: bool,
+    /// Give workers no NOTIFY_SOCKET. By default each worker gets one of
+    /// its own (systemd's notify protocol, from the master): READY=1 makes
+    /// it ready, WATCHDOG=1 beats its heartbeat, STOPPING=1 marks it
+    /// draining; with --hang-timeout it also gets WATCHDOG_USEC.
+    #[arg(long)]
+    no_worker_notify: bool,
     /// The control socket [default: $XDG_RUNTIME_DIR/shmcluster-<pid>.sock,
     /// or /tmp/shmcluster-<uid>/<pid>.sock].
     #[arg(long, value_name = "PATH")]
@@ -341,7 +355,8 @@ fn run(args: RunArgs) -> u8 {
         .drain_timeout(args.reload_timeout)
         .ready_timeout(args.ready_timeout)
         .shutdown_grace(args.kill_timeout)
-        .ready_on_start(args.ready_on_start);
+        .ready_on_start(args.ready_on_start)
+        .worker_notify(!args.no_worker_notify);
     let mode = if args.reuseport {
         ListenMode::ReusePort
     } else {

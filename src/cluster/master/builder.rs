@@ -71,6 +71,8 @@ pub struct ClusterBuilder {
     pub(super) ready_on_start: bool,
     pub(super) on_event: Option<EventCallback>,
     pub(super) control: Option<ControlLocation>,
+    pub(super) systemd_notify: bool,
+    pub(super) worker_notify: bool,
     /// The host's NATS bridge, if it has one (feature `nats`).
     #[cfg(feature = "nats")]
     pub(super) nats: Option<crate::bridge::NatsConfig>,
@@ -105,6 +107,8 @@ impl Default for ClusterBuilder {
             ready_on_start: false,
             on_event: None,
             control: None,
+            systemd_notify: true,
+            worker_notify: true,
             #[cfg(feature = "nats")]
             nats: None,
         }
@@ -290,6 +294,36 @@ impl ClusterBuilder {
     /// master's pid (see [`control_socket`](Self::control_socket)).
     pub fn control_socket_default(mut self) -> Self {
         self.control = Some(ControlLocation::Default);
+        self
+    }
+
+    /// Speak systemd's notify protocol to the service manager when
+    /// `NOTIFY_SOCKET` is set (on by default): `READY=1` once every
+    /// instance has a ready worker, `RELOADING=1` (with `MONOTONIC_USEC=`)
+    /// and `READY=1` around a rolling reload, `STOPPING=1` when the
+    /// shutdown begins, `STATUS=` lines (workers ready, restarts), and
+    /// `WATCHDOG=1` every half `WATCHDOG_USEC` while the master's loop
+    /// turns (if `WATCHDOG_PID` is unset or the master's pid). A unit
+    /// with `Type=notify` and `NotifyAccess=main` fits it. Sends never
+    /// block; a failed one is logged once.
+    pub fn systemd_notify(mut self, yes: bool) -> Self {
+        self.systemd_notify = yes;
+        self
+    }
+
+    /// Spawn mode: give each worker a `NOTIFY_SOCKET` of its own, a
+    /// datagram socket the master owns (on by default), so that a program
+    /// that speaks systemd's notify protocol needs no binding: `READY=1`
+    /// makes it ready (as [`Worker::ready`]), `WATCHDOG=1` beats its
+    /// heartbeat (as [`Worker::heartbeat`]), `STOPPING=1` marks it
+    /// draining. Only datagrams from the worker's own pid count
+    /// (`SCM_CREDENTIALS`): a child of the worker is not believed. With a
+    /// [`hang_timeout`](Self::hang_timeout), the worker also gets it as
+    /// `WATCHDOG_USEC` (and its pid as `WATCHDOG_PID`). Off, a worker sees
+    /// no `NOTIFY_SOCKET` at all: the master's own (and `WATCHDOG_*`)
+    /// never reach workers either way.
+    pub fn worker_notify(mut self, yes: bool) -> Self {
+        self.worker_notify = yes;
         self
     }
 
@@ -489,6 +523,13 @@ impl ClusterBuilder {
             control_path: control_server.as_ref().map(|c| c.path().to_path_buf()),
         };
         let on_event = self.on_event.take();
+        let notify = super::notify::Notify::new(
+            self.systemd_notify,
+            self.worker_notify && matches!(mode, Mode::Spawn(_)),
+            master_pid,
+            slots,
+            self.hang_timeout,
+        );
         let mut master = Master {
             opts: self,
             cluster,
@@ -511,6 +552,7 @@ impl ClusterBuilder {
             on_event,
             lock_reported: vec![0; config.lock_slots as usize],
             control: control_server,
+            notify,
         };
         let result = master.supervise();
         let Master {

@@ -64,6 +64,8 @@ impl Master<'_> {
         }
         rec.control = None;
         rec.kill_at = None;
+        self.notify.forget(slot);
+        let rec = &mut self.slots[slot as usize];
         let was_replacement = rec.replacement;
         rec.replacement = false;
         self.publish(EventKind::Exit(reason), slot);

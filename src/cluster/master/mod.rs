@@ -13,7 +13,8 @@
 //! start-up; `report.rs` how a cluster ends ([`Report`]) or fails to
 //! start ([`ClusterError`]); `supervise.rs` the loop; `spawn.rs` starting a
 //! worker; `exit.rs` a worker's end and the shutdown; `reload.rs` the
-//! rolling reload.
+//! rolling reload; `notify.rs` systemd's notify protocol (to the service
+//! manager, and from the workers).
 //!
 //! The host's NATS bridge (feature `nats`, `ClusterBuilder::nats`) is
 //! one more instance to the master, with the index `instances`, in a
@@ -38,6 +39,7 @@ use crate::sys::signal::MasterSignals;
 
 mod builder;
 mod exit;
+mod notify;
 mod reload;
 mod report;
 mod spawn;
@@ -216,6 +218,8 @@ struct Master<'a> {
     lock_reported: Vec<u64>,
     /// The control socket (`shmcluster stat`), if configured.
     control: Option<ControlServer>,
+    /// systemd's notify protocol, to the service manager and from workers.
+    notify: notify::Notify,
 }
 
 impl Master<'_> {

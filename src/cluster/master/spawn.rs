@@ -8,6 +8,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
 
+use super::notify::{WorkerNotifyEnv, MASTER_ONLY_VARS};
 use super::{BridgeConfig, Master, Mode};
 use crate::cluster::control::ControlServer;
 use crate::cluster::listen;
@@ -58,6 +59,16 @@ impl Master<'_> {
             _ => None,
         };
         let is_bridge = bridge.is_some();
+        // A spawned program's own NOTIFY_SOCKET (notify.rs); a new one per
+        // worker, so that nothing a predecessor sent counts.
+        let notify_env = match (&self.mode, is_bridge) {
+            (Mode::Spawn(_), false) => self.notify.offer(slot),
+            _ => {
+                self.notify.forget(slot);
+                None
+            }
+        };
+        close.extend(self.notify.raw_fds());
         let listeners = self.cluster.listeners.borrow();
         let mine: Vec<(BorrowedFd<'_>, &str)> = match bridge {
             Some(_) => Vec::new(),
@@ -122,6 +133,7 @@ impl Master<'_> {
                             instances,
                             &worker_end,
                             &mine,
+                            notify_env.as_ref(),
                         );
                         let errno = err.raw_os_error().unwrap_or(0);
                         proc::write_all_raw(exec_write.as_fd(), &errno.to_le_bytes());
@@ -186,6 +198,7 @@ impl Master<'_> {
         entry.pid.store(0, Release);
         entry.state.store(WorkerState::Dead.to_raw(), Release);
         self.slots[slot as usize].pid = None;
+        self.notify.forget(slot);
         let errno = e.raw_os_error().unwrap_or(0);
         self.publish(EventKind::StartFailed { errno }, slot);
     }
@@ -247,6 +260,7 @@ fn exec_worker(
     instances: u32,
     control: &OwnedFd,
     listeners: &[(BorrowedFd<'_>, &str)],
+    notify: Option<&WorkerNotifyEnv>,
 ) -> io::Error {
     let attempt = || -> io::Result<io::Error> {
         // Move the segment, control socket and wake eventfds above where
@@ -281,6 +295,9 @@ fn exec_worker(
         vars.push((env::WORKERS.into(), instances.to_string()));
         vars.push((env::GENERATION.into(), generation.to_string()));
         vars.push((env::INDEX.into(), index.to_string()));
+        if let Some(notify) = notify {
+            vars.extend(notify.vars(sys::getpid()));
+        }
         let mut envp: Vec<CString> = std::env::vars_os()
             .filter(|(k, _)| inherited(&k.to_string_lossy()))
             .filter_map(|(k, v)| {
@@ -306,7 +323,9 @@ fn exec_worker(
 /// or listener set the master itself inherited (it sets the worker's own,
 /// and a stale one would name another segment or descriptors), nor the
 /// NATS credentials (`SHMCLUSTER_NATS_*`: only the bridge needs them, and
-/// it is forked).
+/// it is forked), nor the master's own service manager's notify socket
+/// and watchdog (`NOTIFY_SOCKET`, `WATCHDOG_*`: a worker gets its own
+/// from the master, or none).
 fn inherited(key: &str) -> bool {
     const IDENTITY: [&str; 7] = [
         env::FD,
@@ -317,5 +336,8 @@ fn inherited(key: &str) -> bool {
         env::GENERATION,
         env::INDEX,
     ];
-    !(key.starts_with("LISTEN_") || key.starts_with("SHMCLUSTER_NATS_") || IDENTITY.contains(&key))
+    !(key.starts_with("LISTEN_")
+        || key.starts_with("SHMCLUSTER_NATS_")
+        || IDENTITY.contains(&key)
+        || MASTER_ONLY_VARS.contains(&key))
 }

@@ -34,6 +34,7 @@ impl Master<'_> {
             }
         }
         loop {
+            self.notify_systemd();
             self.wait_for_work()?;
             self.handle_signals()?;
             self.reap()?;
@@ -84,6 +85,9 @@ impl Master<'_> {
         if let Some(t) = self.control.as_ref().and_then(ControlServer::wake_at) {
             next = next.min(t);
         }
+        if let Some(t) = self.notify.wake_at() {
+            next = next.min(t);
+        }
         let with_control: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].control.is_some())
             .collect();
@@ -94,6 +98,7 @@ impl Master<'_> {
                     .iter()
                     .filter_map(|&i| self.slots[i].control.as_ref().map(|c| c.as_fd())),
             );
+            fds.extend(self.notify.poll_fds().into_iter().map(|(_, fd)| fd));
             let control_at = fds.len();
             if let Some(c) = &self.control {
                 fds.extend(c.poll_fds());
@@ -107,6 +112,10 @@ impl Master<'_> {
             }
             ready
         };
+        // Workers' sd_notify datagrams: before `observe_workers`, which
+        // then sees a `READY=1` as it sees a `Worker::ready`.
+        let notified = ready[1 + with_control.len()..].to_vec();
+        self.serve_worker_notify(&notified);
         for (k, &slot) in with_control.iter().enumerate() {
             if !ready[k + 1] {
                 continue;
