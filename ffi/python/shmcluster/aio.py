@@ -48,6 +48,7 @@ from . import (
     TARGET_ALL,
     TARGET_OTHERS,
     TARGET_WORKER,
+    WORKER_CLOSED,
     Leader,
     LeaderChange,
     Message,
@@ -159,6 +160,12 @@ class AsyncWorker:
         self._callbacks: List[Any] = []  # ctypes callbacks outlive their registration
         self._tasks: set = set()  # coroutine handlers running
         self._locks: Optional[ctypes.c_void_p] = None
+        # Section threads alive (they use the lock table: it is freed when
+        # the last one ends after close), under _locks_mutex; and the
+        # waiting sections' (cancel, acquired) pairs, which close() ends.
+        self._lock_users = 0
+        self._locks_mutex = threading.Lock()
+        self._waiting: Dict[int, Tuple[threading.Event, "asyncio.Future[Any]"]] = {}
         self._parked = False
         self._scheduled = False
         self._timer: Optional[asyncio.TimerHandle] = None
@@ -252,11 +259,26 @@ class AsyncWorker:
             self._timer.cancel()
         for fut, what in self._calls.values():
             if not fut.done():
-                fut.set_exception(_error(11, what, b"the worker was closed"))
+                fut.set_exception(_error(WORKER_CLOSED, what, b"the worker was closed"))
         self._calls.clear()
-        if self._locks is not None:
-            self._lib.shmc_locks_free(self._locks)
-            self._locks = None
+        # Sections waiting for their lock end now; a held one keeps its
+        # lock until its block ends. The lock table goes with the last
+        # section thread (one may be inside shmc_locks_acquire).
+        for cancelled, acquired in self._waiting.values():
+            cancelled.set()
+            if not acquired.done():
+                acquired.set_exception(_error(WORKER_CLOSED, "synchronize", b"the worker was closed"))
+        self._waiting.clear()
+        self._free_locks_if_unused()
+
+    def _free_locks_if_unused(self) -> None:
+        """Frees the lock table once closed and no section thread uses it."""
+        with self._locks_mutex:
+            table = self._locks if self._closed and self._lock_users == 0 else None
+            if table is not None:
+                self._locks = None
+        if table is not None:
+            self._lib.shmc_locks_free(table)
 
     async def __aenter__(self) -> "AsyncWorker":
         return self
@@ -370,7 +392,7 @@ class AsyncWorker:
 
     def _live(self) -> None:
         if self._closed:
-            raise _error(11, "call", b"the AsyncWorker is closed")
+            raise _error(WORKER_CLOSED, "call", b"the AsyncWorker is closed")
 
     # calls ---------------------------------------------------------------
     async def request(self, slot: int, event: str, data: Payload = b"", timeout: Optional[float] = 10.0) -> bytes:
@@ -633,6 +655,14 @@ class AsyncWorker:
                 pass  # the loop is closed: nobody waits
 
         def section_thread() -> None:
+            try:
+                hold()
+            finally:
+                with self._locks_mutex:
+                    self._lock_users -= 1
+                self._free_locks_if_unused()
+
+        def hold() -> None:
             held = ctypes.c_void_p()
             while True:
                 if cancelled.is_set():
@@ -661,13 +691,24 @@ class AsyncWorker:
                 lib.shmc_unlock(held)
                 post(released, None)
 
-        threading.Thread(target=section_thread, name=f"shmcluster-lock-{name}", daemon=True).start()
+        with self._locks_mutex:
+            self._lock_users += 1
+        try:
+            threading.Thread(target=section_thread, name=f"shmcluster-lock-{name}", daemon=True).start()
+        except BaseException:
+            with self._locks_mutex:
+                self._lock_users -= 1
+            raise
+        key = id(acquired)
+        self._waiting[key] = (cancelled, acquired)
         try:
             section = await acquired
         except BaseException:
             cancelled.set()
             release.set()
             raise
+        finally:
+            self._waiting.pop(key, None)
         try:
             yield section
         finally:

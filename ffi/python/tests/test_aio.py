@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -180,6 +181,42 @@ def test_synchronize_holds_the_lock_across_awaits():
         async with a1.synchronize("held", timeout=1):
             pass
         a0.close(), a1.close()
+
+    run(main())
+
+
+def test_close_ends_a_section_waiting_for_its_lock():
+    """close() while a section waits for a lock another worker holds: the
+    waiter fails with WorkerClosed at once (not when the lock is freed),
+    its thread ends, and the lock table it used is freed only after."""
+
+    async def main():
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0), AsyncWorker(w1)
+        async with a0.synchronize("held"):
+            async def wait():
+                async with a1.synchronize("held"):
+                    pass
+
+            def sections():
+                return sum(t.name == "shmcluster-lock-held" for t in threading.enumerate())
+
+            waiter = asyncio.ensure_future(wait())
+            await asyncio.sleep(0.05)  # let it start waiting
+            assert sections() == 2  # a0's, holding; a1's, waiting
+            a1.close()
+            with pytest.raises(sc.WorkerClosed):
+                await asyncio.wait_for(waiter, 2)
+            deadline = time.monotonic() + 2
+            while sections() > 1:
+                assert time.monotonic() < deadline, "the section's thread outlived close()"
+                await asyncio.sleep(0.01)
+        # a1 never took it: a0's section ended and the lock is free.
+        async with a0.synchronize("held", timeout=1):
+            pass
+        a0.close()
+        w0.close(), w1.close()
+        seg.close()
 
     run(main())
 
