@@ -304,18 +304,31 @@ class AsyncWorker:
         self._scheduled = False
         if self._closed:
             return
+        try:
+            self._turn_now()
+        except ShmclusterError as e:
+            if e.code != BUSY:
+                raise
+            # A blocking call on the Worker from another thread (each of
+            # unpark, turn, take_finished, next_due may meet it): it
+            # dispatches meanwhile. Come back shortly, in the same state.
+            self._come_back(_IDLE_PERIOD)
+
+    def _come_back(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, self._turn)
+
+    def _turn_now(self) -> None:
         lib = self._lib
         if self._parked:
-            self._parked = False
             _check(lib.shmc_unpark(self._ptr), "unpark")
+            self._parked = False
         kind = ctypes.c_uint32(_TURN_BUSY)
         for _ in range(_TURNS_PER_CALLBACK):
             code = lib.shmc_turn(self._ptr, ctypes.byref(kind))
             if code == BUSY:
-                # A blocking call on the Worker from another thread: it
-                # dispatches meanwhile. Come back shortly.
-                kind.value = _TURN_IDLE
-                break
+                _check(code, "turn")  # see _turn
             if code != OK:
                 # A corrupt lane is poisoned and reported once; the others
                 # keep being served.

@@ -221,6 +221,36 @@ def test_close_ends_a_section_waiting_for_its_lock():
     run(main())
 
 
+def test_turns_resume_after_another_thread_held_the_worker():
+    """Another thread in a blocking call on the Worker (here: waiting for a
+    lock) makes the loop's turns BUSY: the AsyncWorker comes back on a
+    timer and serves again when the call returns, with no error raised
+    out of its loop callbacks."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        errors = []
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0), AsyncWorker(w1)
+        a1.on("echo", lambda m: m.data)
+        assert await a0.request(1, "echo", b"before") == b"before"
+        async with a0.synchronize("x"):
+            blocked = loop.run_in_executor(None, lambda: w1.lock("x", timeout=0.3))
+            await asyncio.sleep(0.05)  # the thread holds w1 now
+            during = asyncio.ensure_future(a0.request(1, "echo", b"during", timeout=5))
+            with pytest.raises(sc.LockError):
+                await blocked
+        assert await during == b"during"
+        assert await a0.request(1, "echo", b"after", timeout=2) == b"after"
+        assert errors == []
+        a0.close(), a1.close()
+        w0.close(), w1.close()
+        seg.close()
+
+    run(main())
+
+
 def test_an_asyncio_server_answers_while_1000_maps_are_in_flight():
     """1,000 maps whose handlers answer after 500 ms are in flight while a
     TCP echo server on the same loop answers 50 round trips at once."""
