@@ -15,9 +15,10 @@ wakes the loop like any socket, and nothing blocks it:
   (only the leader's runs) never wait for a leader; ``aw.emit`` /
   ``aw.broadcast`` send at once, and wait on the loop only for room in a
   full lane, ``timeout`` (0.1 s) at the most;
-- handlers (``aw.on(event, fn)``) run on the loop's thread; ``fn`` may be a
-  coroutine function: the call is answered when it finishes, an exception
-  answers ``HandlerFailed``;
+- handlers (``aw.on(event, fn)``) run on the loop's thread, as loop
+  callbacks of their own (so they may call this AsyncWorker); ``fn`` may be
+  a coroutine function: the call is answered when it finishes, an
+  exception answers ``HandlerFailed``;
 - ``async with aw.synchronize(name):`` holds a cross-process lock across
   awaits: a lock belongs to a thread, so each section has a thread of its
   own that takes the lock, waits for the section to end, and releases it.
@@ -448,8 +449,19 @@ class AsyncWorker:
             lib.shmc_reply_send(reply, body, len(body))
 
         def trampoline(_userdata: Any, message: Any, reply: int) -> None:
+            # Inside shmc_turn the worker is busy: a handler that used it
+            # (aw.emit, aw.subscribe) would get BUSY. It runs next on the
+            # loop, with its copy of the message, and answers then.
             try:
-                out = fn(Message(message.contents))
+                m = Message(message.contents)
+            except Exception as e:  # an event name that is not UTF-8
+                fail(reply, e)
+                return
+            self.loop.call_soon(run, m, reply)
+
+        def run(m: Message, reply: int) -> None:
+            try:
+                out = fn(m)
             except Exception as e:  # the handler's failure goes to the caller
                 fail(reply, e)
                 return
@@ -479,7 +491,11 @@ class AsyncWorker:
     def _run_listener(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
         """Runs a listener whose result nobody awaits (a subscriber, a
         leader-change callback): a coroutine becomes a task; an exception
-        goes to the loop's exception handler."""
+        goes to the loop's exception handler. It runs next on the loop, out
+        of the turn that got it, so that it may use this worker."""
+        self.loop.call_soon(self._run_listener_now, what, fn, *args)
+
+    def _run_listener_now(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
         try:
             out = fn(*args)
         except Exception as e:

@@ -62,6 +62,41 @@ def test_request_sync_and_coroutine_handlers():
     run(main())
 
 
+def test_sync_handlers_and_listeners_may_use_the_worker():
+    """A plain (not async) handler, subscriber or leader-change callback
+    runs on the loop's thread, so it may call the AsyncWorker: emit from a
+    request handler, broadcast from a subscriber, emit from a leader-change
+    callback (each got BUSY when run inside the turn)."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0), AsyncWorker(w1)
+        notes = asyncio.Queue()
+        a0.on("note", lambda m: notes.put_nowait(m.data))
+
+        def handler(m):
+            a1.emit(0, "note", b"from handler")
+            return b"ok"
+
+        a1.on("x", handler)
+        assert await a0.request(1, "x") == b"ok"
+        assert await asyncio.wait_for(notes.get(), 2) == b"from handler"
+
+        a1.on_leader_change(lambda change: a1.emit(0, "note", b"leader %d" % change.slot))
+        a0.campaign()
+        assert await asyncio.wait_for(notes.get(), 5) == b"leader 0"
+
+        await a1.subscribe("t", lambda m: a1.emit(0, "note", b"value " + m.data))
+        await a0.publish("t", b"v1", timeout=5)
+        assert await asyncio.wait_for(notes.get(), 5) == b"value v1"
+        a0.close(), a1.close()
+        w0.close(), w1.close()
+        seg.close()
+
+    run(main())
+
+
 def test_10000_concurrent_requests_between_workers_of_one_loop():
     """More calls at once than a lane holds: the AsyncWorker starts at most
     max_in_flight of them, so a start never waits on a full lane whose
