@@ -180,6 +180,8 @@ class AsyncWorker:
         self._fd = fd.value if fd.value >= 0 else None
         if self._fd is not None:
             self.loop.add_reader(self._fd, self._on_wake)
+        # Closing the Worker first closes this (it frees the handle we use).
+        worker._before_close.append(self.close)
         self._schedule()
 
     @classmethod
@@ -254,6 +256,8 @@ class AsyncWorker:
         if self._closed:
             return
         self._closed = True
+        if self.close in self.worker._before_close:
+            self.worker._before_close.remove(self.close)
         if self._fd is not None:
             self.loop.remove_reader(self._fd)
         if self._timer is not None:

@@ -97,6 +97,29 @@ def test_sync_handlers_and_listeners_may_use_the_worker():
     run(main())
 
 
+def test_closing_the_worker_closes_its_async_worker():
+    """Worker.close() before AsyncWorker.close() frees the handle the
+    AsyncWorker drives: it is closed first, so its calls fail with
+    WorkerClosed instead of using freed memory."""
+
+    async def main():
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0), AsyncWorker(w1)
+        a1.on("x", lambda m: b"ok")
+        assert await a0.request(1, "x") == b"ok"
+        w0.close()
+        await asyncio.sleep(0.02)  # a turn would run now
+        for _ in range(3):
+            with pytest.raises(sc.WorkerClosed):
+                await a0.request(1, "x", timeout=1)
+        a0.close()  # harmless twice
+        a1.close()
+        w1.close()
+        seg.close()
+
+    run(main())
+
+
 def test_10000_concurrent_requests_between_workers_of_one_loop():
     """More calls at once than a lane holds: the AsyncWorker starts at most
     max_in_flight of them, so a start never waits on a full lane whose
