@@ -265,6 +265,9 @@ class AsyncWorker:
         for fut, what in self._calls.values():
             if not fut.done():
                 fut.set_exception(_error(WORKER_CLOSED, what, b"the worker was closed"))
+            # A call waiting for a place in flight takes it, sees the
+            # AsyncWorker closed, fails and passes the place on.
+            self._in_flight.release()
         self._calls.clear()
         # Sections waiting for their lock end now; a held one keeps its
         # lock until its block ends. The lock table goes with the last

@@ -120,6 +120,33 @@ def test_closing_the_worker_closes_its_async_worker():
     run(main())
 
 
+def test_close_fails_the_calls_waiting_for_a_place_in_flight():
+    """Calls beyond max_in_flight wait for a place; close() fails them with
+    WorkerClosed too, as the ones started (none waits forever)."""
+
+    async def main():
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0, max_in_flight=1), AsyncWorker(w1)
+
+        @a1.on("slow")
+        async def slow(m):
+            await asyncio.sleep(5)
+            return b"late"
+
+        calls = [asyncio.ensure_future(a0.request(1, "slow", timeout=10)) for _ in range(3)]
+        await asyncio.sleep(0.05)  # one started, two waiting for its place
+        a0.close()
+        done, pending = await asyncio.wait(calls, timeout=2)
+        assert not pending, f"{len(pending)} calls never ended after close()"
+        for c in done:
+            assert isinstance(c.exception(), sc.WorkerClosed), c.exception()
+        a1.close()
+        w0.close(), w1.close()
+        seg.close()
+
+    run(main())
+
+
 def test_10000_concurrent_requests_between_workers_of_one_loop():
     """More calls at once than a lane holds: the AsyncWorker starts at most
     max_in_flight of them, so a start never waits on a full lane whose
