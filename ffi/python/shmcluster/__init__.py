@@ -754,6 +754,9 @@ class Worker:
         self._handle: Optional[Handle] = None
         self._handle_lock = threading.Lock()
         self._runner: Optional[int] = None  # the thread in run(), if any
+        # Run by close() before the handle is freed: an AsyncWorker driving
+        # this worker stops using it (it holds the same pointer).
+        self._before_close: List[Callable[[], None]] = []
         # Read once: a handler must not call back into the worker that runs it.
         ident = self.identity()
         # The lock table, for lock() while another thread drives the worker.
@@ -785,6 +788,8 @@ class Worker:
 
     def close(self) -> None:
         if self._ptr:
+            for stop in list(getattr(self, "_before_close", ())):
+                stop()
             ptr, self._ptr = self._ptr, None
             load_library().shmc_worker_free(ptr)
         if getattr(self, "_lock_table", None) is not None:

@@ -15,9 +15,10 @@ wakes the loop like any socket, and nothing blocks it:
   (only the leader's runs) never wait for a leader; ``aw.emit`` /
   ``aw.broadcast`` send at once, and wait on the loop only for room in a
   full lane, ``timeout`` (0.1 s) at the most;
-- handlers (``aw.on(event, fn)``) run on the loop's thread; ``fn`` may be a
-  coroutine function: the call is answered when it finishes, an exception
-  answers ``HandlerFailed``;
+- handlers (``aw.on(event, fn)``) run on the loop's thread, as loop
+  callbacks of their own (so they may call this AsyncWorker); ``fn`` may be
+  a coroutine function: the call is answered when it finishes, an
+  exception answers ``HandlerFailed``;
 - ``async with aw.synchronize(name):`` holds a cross-process lock across
   awaits: a lock belongs to a thread, so each section has a thread of its
   own that takes the lock, waits for the section to end, and releases it.
@@ -48,6 +49,7 @@ from . import (
     TARGET_ALL,
     TARGET_OTHERS,
     TARGET_WORKER,
+    WORKER_CLOSED,
     Leader,
     LeaderChange,
     Message,
@@ -159,6 +161,12 @@ class AsyncWorker:
         self._callbacks: List[Any] = []  # ctypes callbacks outlive their registration
         self._tasks: set = set()  # coroutine handlers running
         self._locks: Optional[ctypes.c_void_p] = None
+        # Section threads alive (they use the lock table: it is freed when
+        # the last one ends after close), under _locks_mutex; and the
+        # waiting sections' (cancel, acquired) pairs, which close() ends.
+        self._lock_users = 0
+        self._locks_mutex = threading.Lock()
+        self._waiting: Dict[int, Tuple[threading.Event, "asyncio.Future[Any]"]] = {}
         self._parked = False
         self._scheduled = False
         self._timer: Optional[asyncio.TimerHandle] = None
@@ -172,6 +180,8 @@ class AsyncWorker:
         self._fd = fd.value if fd.value >= 0 else None
         if self._fd is not None:
             self.loop.add_reader(self._fd, self._on_wake)
+        # Closing the Worker first closes this (it frees the handle we use).
+        worker._before_close.append(self.close)
         self._schedule()
 
     @classmethod
@@ -246,17 +256,37 @@ class AsyncWorker:
         if self._closed:
             return
         self._closed = True
+        if self.close in self.worker._before_close:
+            self.worker._before_close.remove(self.close)
         if self._fd is not None:
             self.loop.remove_reader(self._fd)
         if self._timer is not None:
             self._timer.cancel()
         for fut, what in self._calls.values():
             if not fut.done():
-                fut.set_exception(_error(11, what, b"the worker was closed"))
+                fut.set_exception(_error(WORKER_CLOSED, what, b"the worker was closed"))
+            # A call waiting for a place in flight takes it, sees the
+            # AsyncWorker closed, fails and passes the place on.
+            self._in_flight.release()
         self._calls.clear()
-        if self._locks is not None:
-            self._lib.shmc_locks_free(self._locks)
-            self._locks = None
+        # Sections waiting for their lock end now; a held one keeps its
+        # lock until its block ends. The lock table goes with the last
+        # section thread (one may be inside shmc_locks_acquire).
+        for cancelled, acquired in self._waiting.values():
+            cancelled.set()
+            if not acquired.done():
+                acquired.set_exception(_error(WORKER_CLOSED, "synchronize", b"the worker was closed"))
+        self._waiting.clear()
+        self._free_locks_if_unused()
+
+    def _free_locks_if_unused(self) -> None:
+        """Frees the lock table once closed and no section thread uses it."""
+        with self._locks_mutex:
+            table = self._locks if self._closed and self._lock_users == 0 else None
+            if table is not None:
+                self._locks = None
+        if table is not None:
+            self._lib.shmc_locks_free(table)
 
     async def __aenter__(self) -> "AsyncWorker":
         return self
@@ -282,18 +312,31 @@ class AsyncWorker:
         self._scheduled = False
         if self._closed:
             return
+        try:
+            self._turn_now()
+        except ShmclusterError as e:
+            if e.code != BUSY:
+                raise
+            # A blocking call on the Worker from another thread (each of
+            # unpark, turn, take_finished, next_due may meet it): it
+            # dispatches meanwhile. Come back shortly, in the same state.
+            self._come_back(_IDLE_PERIOD)
+
+    def _come_back(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, self._turn)
+
+    def _turn_now(self) -> None:
         lib = self._lib
         if self._parked:
-            self._parked = False
             _check(lib.shmc_unpark(self._ptr), "unpark")
+            self._parked = False
         kind = ctypes.c_uint32(_TURN_BUSY)
         for _ in range(_TURNS_PER_CALLBACK):
             code = lib.shmc_turn(self._ptr, ctypes.byref(kind))
             if code == BUSY:
-                # A blocking call on the Worker from another thread: it
-                # dispatches meanwhile. Come back shortly.
-                kind.value = _TURN_IDLE
-                break
+                _check(code, "turn")  # see _turn
             if code != OK:
                 # A corrupt lane is poisoned and reported once; the others
                 # keep being served.
@@ -370,7 +413,7 @@ class AsyncWorker:
 
     def _live(self) -> None:
         if self._closed:
-            raise _error(11, "call", b"the AsyncWorker is closed")
+            raise _error(WORKER_CLOSED, "call", b"the AsyncWorker is closed")
 
     # calls ---------------------------------------------------------------
     async def request(self, slot: int, event: str, data: Payload = b"", timeout: Optional[float] = 10.0) -> bytes:
@@ -413,8 +456,19 @@ class AsyncWorker:
             lib.shmc_reply_send(reply, body, len(body))
 
         def trampoline(_userdata: Any, message: Any, reply: int) -> None:
+            # Inside shmc_turn the worker is busy: a handler that used it
+            # (aw.emit, aw.subscribe) would get BUSY. It runs next on the
+            # loop, with its copy of the message, and answers then.
             try:
-                out = fn(Message(message.contents))
+                m = Message(message.contents)
+            except Exception as e:  # an event name that is not UTF-8
+                fail(reply, e)
+                return
+            self.loop.call_soon(run, m, reply)
+
+        def run(m: Message, reply: int) -> None:
+            try:
+                out = fn(m)
             except Exception as e:  # the handler's failure goes to the caller
                 fail(reply, e)
                 return
@@ -444,7 +498,11 @@ class AsyncWorker:
     def _run_listener(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
         """Runs a listener whose result nobody awaits (a subscriber, a
         leader-change callback): a coroutine becomes a task; an exception
-        goes to the loop's exception handler."""
+        goes to the loop's exception handler. It runs next on the loop, out
+        of the turn that got it, so that it may use this worker."""
+        self.loop.call_soon(self._run_listener_now, what, fn, *args)
+
+    def _run_listener_now(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
         try:
             out = fn(*args)
         except Exception as e:
@@ -633,6 +691,14 @@ class AsyncWorker:
                 pass  # the loop is closed: nobody waits
 
         def section_thread() -> None:
+            try:
+                hold()
+            finally:
+                with self._locks_mutex:
+                    self._lock_users -= 1
+                self._free_locks_if_unused()
+
+        def hold() -> None:
             held = ctypes.c_void_p()
             while True:
                 if cancelled.is_set():
@@ -661,13 +727,24 @@ class AsyncWorker:
                 lib.shmc_unlock(held)
                 post(released, None)
 
-        threading.Thread(target=section_thread, name=f"shmcluster-lock-{name}", daemon=True).start()
+        with self._locks_mutex:
+            self._lock_users += 1
+        try:
+            threading.Thread(target=section_thread, name=f"shmcluster-lock-{name}", daemon=True).start()
+        except BaseException:
+            with self._locks_mutex:
+                self._lock_users -= 1
+            raise
+        key = id(acquired)
+        self._waiting[key] = (cancelled, acquired)
         try:
             section = await acquired
         except BaseException:
             cancelled.set()
             release.set()
             raise
+        finally:
+            self._waiting.pop(key, None)
         try:
             yield section
         finally:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -55,6 +56,91 @@ def test_request_sync_and_coroutine_handlers():
         got = await asyncio.gather(*(a0.request(1, "echo", str(i)) for i in range(200)))
         assert got == [b"echo:%d" % i for i in range(200)]
         a0.close(), a1.close()
+        w0.close(), w1.close()
+        seg.close()
+
+    run(main())
+
+
+def test_sync_handlers_and_listeners_may_use_the_worker():
+    """A plain (not async) handler, subscriber or leader-change callback
+    runs on the loop's thread, so it may call the AsyncWorker: emit from a
+    request handler, broadcast from a subscriber, emit from a leader-change
+    callback (each got BUSY when run inside the turn)."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0), AsyncWorker(w1)
+        notes = asyncio.Queue()
+        a0.on("note", lambda m: notes.put_nowait(m.data))
+
+        def handler(m):
+            a1.emit(0, "note", b"from handler")
+            return b"ok"
+
+        a1.on("x", handler)
+        assert await a0.request(1, "x") == b"ok"
+        assert await asyncio.wait_for(notes.get(), 2) == b"from handler"
+
+        a1.on_leader_change(lambda change: a1.emit(0, "note", b"leader %d" % change.slot))
+        a0.campaign()
+        assert await asyncio.wait_for(notes.get(), 5) == b"leader 0"
+
+        await a1.subscribe("t", lambda m: a1.emit(0, "note", b"value " + m.data))
+        await a0.publish("t", b"v1", timeout=5)
+        assert await asyncio.wait_for(notes.get(), 5) == b"value v1"
+        a0.close(), a1.close()
+        w0.close(), w1.close()
+        seg.close()
+
+    run(main())
+
+
+def test_closing_the_worker_closes_its_async_worker():
+    """Worker.close() before AsyncWorker.close() frees the handle the
+    AsyncWorker drives: it is closed first, so its calls fail with
+    WorkerClosed instead of using freed memory."""
+
+    async def main():
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0), AsyncWorker(w1)
+        a1.on("x", lambda m: b"ok")
+        assert await a0.request(1, "x") == b"ok"
+        w0.close()
+        await asyncio.sleep(0.02)  # a turn would run now
+        for _ in range(3):
+            with pytest.raises(sc.WorkerClosed):
+                await a0.request(1, "x", timeout=1)
+        a0.close()  # harmless twice
+        a1.close()
+        w1.close()
+        seg.close()
+
+    run(main())
+
+
+def test_close_fails_the_calls_waiting_for_a_place_in_flight():
+    """Calls beyond max_in_flight wait for a place; close() fails them with
+    WorkerClosed too, as the ones started (none waits forever)."""
+
+    async def main():
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0, max_in_flight=1), AsyncWorker(w1)
+
+        @a1.on("slow")
+        async def slow(m):
+            await asyncio.sleep(5)
+            return b"late"
+
+        calls = [asyncio.ensure_future(a0.request(1, "slow", timeout=10)) for _ in range(3)]
+        await asyncio.sleep(0.05)  # one started, two waiting for its place
+        a0.close()
+        done, pending = await asyncio.wait(calls, timeout=2)
+        assert not pending, f"{len(pending)} calls never ended after close()"
+        for c in done:
+            assert isinstance(c.exception(), sc.WorkerClosed), c.exception()
+        a1.close()
         w0.close(), w1.close()
         seg.close()
 
@@ -180,6 +266,72 @@ def test_synchronize_holds_the_lock_across_awaits():
         async with a1.synchronize("held", timeout=1):
             pass
         a0.close(), a1.close()
+
+    run(main())
+
+
+def test_close_ends_a_section_waiting_for_its_lock():
+    """close() while a section waits for a lock another worker holds: the
+    waiter fails with WorkerClosed at once (not when the lock is freed),
+    its thread ends, and the lock table it used is freed only after."""
+
+    async def main():
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0), AsyncWorker(w1)
+        async with a0.synchronize("held"):
+            async def wait():
+                async with a1.synchronize("held"):
+                    pass
+
+            def sections():
+                return sum(t.name == "shmcluster-lock-held" for t in threading.enumerate())
+
+            waiter = asyncio.ensure_future(wait())
+            await asyncio.sleep(0.05)  # let it start waiting
+            assert sections() == 2  # a0's, holding; a1's, waiting
+            a1.close()
+            with pytest.raises(sc.WorkerClosed):
+                await asyncio.wait_for(waiter, 2)
+            deadline = time.monotonic() + 2
+            while sections() > 1:
+                assert time.monotonic() < deadline, "the section's thread outlived close()"
+                await asyncio.sleep(0.01)
+        # a1 never took it: a0's section ended and the lock is free.
+        async with a0.synchronize("held", timeout=1):
+            pass
+        a0.close()
+        w0.close(), w1.close()
+        seg.close()
+
+    run(main())
+
+
+def test_turns_resume_after_another_thread_held_the_worker():
+    """Another thread in a blocking call on the Worker (here: waiting for a
+    lock) makes the loop's turns BUSY: the AsyncWorker comes back on a
+    timer and serves again when the call returns, with no error raised
+    out of its loop callbacks."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        errors = []
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        seg, (w0, w1) = workers(2)
+        a0, a1 = AsyncWorker(w0), AsyncWorker(w1)
+        a1.on("echo", lambda m: m.data)
+        assert await a0.request(1, "echo", b"before") == b"before"
+        async with a0.synchronize("x"):
+            blocked = loop.run_in_executor(None, lambda: w1.lock("x", timeout=0.3))
+            await asyncio.sleep(0.05)  # the thread holds w1 now
+            during = asyncio.ensure_future(a0.request(1, "echo", b"during", timeout=5))
+            with pytest.raises(sc.LockError):
+                await blocked
+        assert await during == b"during"
+        assert await a0.request(1, "echo", b"after", timeout=2) == b"after"
+        assert errors == []
+        a0.close(), a1.close()
+        w0.close(), w1.close()
+        seg.close()
 
     run(main())
 

@@ -110,6 +110,20 @@ def test_a_library_that_is_not_ours_is_a_mismatch():
     assert isinstance(e.value, sc.LibraryError) and isinstance(e.value, sc.ShmclusterError)
 
 
+def test_a_library_without_the_event_loop_calls_is_a_mismatch():
+    """A library of the same ABI version but older than this binding (no
+    shmc_wake_fd, shmc_worker_locks, ...: what every Worker and AsyncWorker
+    uses) is LibraryMismatch saying what to do, not an AttributeError."""
+    import ctypes
+
+    from shmcluster import _evloop
+
+    with pytest.raises(sc.LibraryMismatch) as e:
+        _evloop._prototype(ctypes.CDLL("libc.so.6"))
+    assert e.value.code == sc.ABI_VERSION_MISMATCH
+    assert "shmc_wake_fd" in str(e.value) and "reinstall" in str(e.value)
+
+
 def test_a_non_library_file_is_not_found_with_the_loader_error():
     with tempfile.NamedTemporaryFile(suffix=".so") as f:
         f.write(b"not an ELF file")
