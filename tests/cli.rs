@@ -468,7 +468,7 @@ fn workers_inherit_the_users_environment_but_not_credentials_or_identity() {
     let sock = dir.sock.as_str();
     let out = dir.path.join("env");
     let script = format!("env > {}.$SHMCLUSTER_INDEX; exec sleep 60", out.display());
-    let mut master = Master::start_with_env(
+    let master = Master::start_with_env(
         &["-w", "1", "--ready-on-start", "--kill-timeout", "5"],
         sock,
         &["sh", "-c", &script],
