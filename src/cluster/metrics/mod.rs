@@ -17,7 +17,12 @@
 //! takes it at once).
 //!
 //! One exposition is rendered per loop pass, whichever number of scrapes
-//! asked for it in that pass ([`render`]).
+//! asked for it in that pass ([`render`]), and at most one per
+//! [`RENDER_EVERY`]: scrapes within it get the last one again. Rendering
+//! is the endpoint's only real cost to the loop (measured in a release
+//! build: 0.15 ms and 12 KB for 9 slots, 12 ms and 0.9 MB for 1023, 33 ms
+//! with the machine busy), so a client that scrapes in a tight loop costs the loop at
+//! most that every [`RENDER_EVERY`].
 //!
 //! The endpoint has no authentication: it is bound to loopback unless the
 //! address given says otherwise, and a non-loopback address is warned
@@ -45,6 +50,9 @@ pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a client has, from its connection, to take the whole response
 /// (a large cluster's exposition is a few hundred KiB).
 pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The shortest time between two renderings (see the module docs).
+pub(crate) const RENDER_EVERY: Duration = Duration::from_millis(250);
 
 /// Connections served at once; more are closed on arrival.
 pub(crate) const MAX_CONNECTIONS: usize = 16;
@@ -80,6 +88,15 @@ pub(crate) struct MetricsServer {
     conns: Vec<Conn>,
     events: EventCounts,
     started: Instant,
+    last: Option<Rendering>,
+}
+
+/// The last rendering: the whole `GET` response, the `HEAD` one, and when
+/// they were made.
+struct Rendering {
+    at: Instant,
+    full: Rc<[u8]>,
+    head: Rc<[u8]>,
 }
 
 impl MetricsServer {
@@ -113,6 +130,7 @@ impl MetricsServer {
             conns: Vec::new(),
             events: EventCounts::default(),
             started: Instant::now(),
+            last: None,
         })
     }
 
@@ -172,14 +190,25 @@ impl MetricsServer {
             }
         }
         if self.conns.iter().any(|c| c.wants.is_some()) {
-            let (stats, bridge_hosts) = snapshot();
-            let figures = MasterFigures {
-                uptime: self.started.elapsed(),
-                bridge_hosts,
+            let (full, head) = match &self.last {
+                Some(r) if now.duration_since(r.at) < RENDER_EVERY => (r.full.clone(), r.head.clone()),
+                _ => {
+                    let (stats, bridge_hosts) = snapshot();
+                    let figures = MasterFigures {
+                        uptime: self.started.elapsed(),
+                        bridge_hosts,
+                    };
+                    let body = render(&stats, &self.events, figures);
+                    let full: Rc<[u8]> = http::response(200, CONTENT_TYPE, body.as_bytes(), false).into();
+                    let head: Rc<[u8]> = http::response(200, CONTENT_TYPE, body.as_bytes(), true).into();
+                    self.last = Some(Rendering {
+                        at: now,
+                        full: full.clone(),
+                        head: head.clone(),
+                    });
+                    (full, head)
+                }
             };
-            let body = render(&stats, &self.events, figures);
-            let full: Rc<[u8]> = http::response(200, CONTENT_TYPE, body.as_bytes(), false).into();
-            let head: Rc<[u8]> = http::response(200, CONTENT_TYPE, body.as_bytes(), true).into();
             for c in &mut self.conns {
                 if let Some(head_only) = c.wants.take() {
                     let out = if head_only { head.clone() } else { full.clone() };
