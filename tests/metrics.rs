@@ -451,3 +451,36 @@ fn slow_clients_and_garbage_do_not_stop_the_master() {
     let stat = master.stat(Duration::from_secs(3));
     assert!(stat.contains("Ready"), "{stat}");
 }
+
+/// An address the endpoint cannot take is a start-up error (exit 2,
+/// nothing started), named as given.
+#[test]
+fn an_unbindable_metrics_address_stops_the_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for (bad, why) in [
+        (addr.as_str(), "Address already in use"),
+        ("127.0.0.1:99999", "invalid"),
+    ] {
+        let out = Command::new(BIN)
+            .args([
+                "run",
+                "-w",
+                "1",
+                "--ready-on-start",
+                "--metrics",
+                bad,
+                "--",
+                "true",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains(&format!("cannot start: cannot serve the metrics on {bad}: "))
+                && stderr.contains(why),
+            "{stderr}"
+        );
+    }
+}
