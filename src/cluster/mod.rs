@@ -16,7 +16,8 @@
 //! ([`Event`]); `stats.rs`, what the worker table and counters say
 //! ([`ClusterStats`], [`Peer`]); `master/`, the master; `worker/`, the
 //! worker's side ([`Worker`]); `threads.rs`, threads mode; `listen/`,
-//! listeners; `control/`, the master's control socket; `http/`, the HTTP
+//! listeners; `control/`, the master's control socket; `metrics/`, its
+//! metrics endpoint; `http/`, the HTTP
 //! drain.
 
 // `pub(crate)` so that the crate root can re-export `control::codec` for
@@ -27,6 +28,7 @@ mod event;
 pub mod http;
 pub mod listen;
 mod master;
+mod metrics;
 mod stats;
 mod threads;
 mod view;

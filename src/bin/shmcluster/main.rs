@@ -129,6 +129,12 @@ struct RunArgs {
     /// or /tmp/shmcluster-<uid>/<pid>.sock].
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Serve the cluster's figures for Prometheus at http://ADDR/metrics
+    /// (OpenMetrics text; "host:port", port 0 for a free one). Give a
+    /// loopback address: the endpoint has no authentication (another is
+    /// served, with a warning).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     #[cfg(feature = "nats")]
     #[command(flatten)]
     nats: NatsArgs,
@@ -375,6 +381,9 @@ fn run(args: RunArgs) -> u8 {
         Some(path) => builder.control_socket(path),
         None => builder.control_socket_default(),
     };
+    if let Some(addr) = args.metrics {
+        builder = builder.metrics(addr);
+    }
     #[cfg(feature = "nats")]
     let bridge_note = nats.as_ref().map_or_else(String::new, |c| {
         format!(
@@ -397,8 +406,11 @@ fn run(args: RunArgs) -> u8 {
                 .control_path()
                 .map_or_else(|| "none".into(), |p| p.display().to_string());
             let addrs: Vec<String> = cluster.local_addrs().iter().map(ToString::to_string).collect();
+            let metrics = cluster
+                .metrics_addr()
+                .map_or_else(String::new, |a| format!(", metrics http://{a}/metrics"));
             eprintln!(
-                "shmcluster: master pid {}, {} workers{bridge_note}, control socket {control}{}",
+                "shmcluster: master pid {}, {} workers{bridge_note}, control socket {control}{metrics}{}",
                 std::process::id(),
                 cluster.instances(),
                 if addrs.is_empty() {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::{Cluster, ClusterError, Master, Outcome, Report, SlotRec};
 use crate::cluster::control::{ControlLocation, ControlServer};
 use crate::cluster::listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listeners};
+use crate::cluster::metrics::MetricsServer;
 use crate::cluster::threads::ThreadsBuilder;
 use crate::cluster::worker::Worker;
 use crate::cluster::Event;
@@ -73,6 +74,8 @@ pub struct ClusterBuilder {
     pub(super) control: Option<ControlLocation>,
     pub(super) systemd_notify: bool,
     pub(super) worker_notify: bool,
+    /// Where to serve the metrics endpoint, as given.
+    pub(super) metrics: Option<String>,
     /// The host's NATS bridge, if it has one (feature `nats`).
     #[cfg(feature = "nats")]
     pub(super) nats: Option<crate::bridge::NatsConfig>,
@@ -109,6 +112,7 @@ impl Default for ClusterBuilder {
             control: None,
             systemd_notify: true,
             worker_notify: true,
+            metrics: None,
             #[cfg(feature = "nats")]
             nats: None,
         }
@@ -327,6 +331,48 @@ impl ClusterBuilder {
         self
     }
 
+    /// Serve the cluster's figures at `addr` (`host:port`, port 0 for a
+    /// free one; see [`Cluster::metrics_addr`]) over HTTP, `GET /metrics`,
+    /// in the OpenMetrics text format Prometheus scrapes: each worker
+    /// slot's state, restarts, heartbeat age, messages and bytes sent and
+    /// received, inbox bytes and futex waits and wakes; each lock's
+    /// acquisitions, waits, owner-died recoveries and hold time; reloads,
+    /// crash loops, exits by reason and events by kind; the NATS bridge's
+    /// connected hosts. The same figures as `shmcluster stat`, read from
+    /// the segment at each scrape.
+    ///
+    /// Served inside the master's loop without ever blocking it:
+    /// non-blocking sockets, a request head of at most 8 KiB sent within a
+    /// second, at most 16 clients at once, one request per connection.
+    /// Other requests get a plain-text 400, 404, 405 or 431. There is no
+    /// authentication: give a loopback address unless the figures may be
+    /// read by anyone who reaches it (another address is served, with a
+    /// warning on stderr).
+    ///
+    /// # Errors
+    /// `run`/`command` fail with [`ClusterError::Metrics`] if it cannot be
+    /// bound (before any fork).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// use shmcluster::Cluster;
+    ///
+    /// let report = Cluster::builder()
+    ///     .workers(2)
+    ///     .metrics("127.0.0.1:9464")
+    ///     .run(|worker| {
+    ///         worker.ready();
+    ///         while !worker.wait_stop(std::time::Duration::from_secs(1)) {}
+    ///         Ok::<(), std::io::Error>(())
+    ///     })?;
+    /// std::process::exit(report.exit_code());
+    /// # Ok::<(), shmcluster::ClusterError>(())
+    /// ```
+    pub fn metrics(mut self, addr: impl Into<String>) -> Self {
+        self.metrics = Some(addr.into());
+        self
+    }
+
     /// Joins this host to the other hosts of its cluster through NATS
     /// (feature `nats`): the master runs one more process, the host's
     /// bridge, which carries broadcasts, maps, consumes and calls across
@@ -502,6 +548,13 @@ impl ClusterBuilder {
             ),
             None => None,
         };
+        let metrics_server = match self.metrics.take() {
+            Some(addr) => Some(MetricsServer::bind(&addr).map_err(|e| ClusterError::Metrics {
+                addr: e.addr,
+                error: e.error,
+            })?),
+            None => None,
+        };
         let signals = MasterSignals::install()?;
         let control = segment.control();
         control.master_pid.store(master_pid, Release);
@@ -521,6 +574,7 @@ impl ClusterBuilder {
             reload_asked: Cell::new(0),
             shutdown_asked: Cell::new(false),
             control_path: control_server.as_ref().map(|c| c.path().to_path_buf()),
+            metrics_addr: metrics_server.as_ref().map(MetricsServer::local_addr),
         };
         let on_event = self.on_event.take();
         let notify = super::notify::Notify::new(
@@ -553,6 +607,7 @@ impl ClusterBuilder {
             lock_reported: vec![0; config.lock_slots as usize],
             control: control_server,
             notify,
+            metrics: metrics_server,
         };
         let result = master.supervise();
         let Master {

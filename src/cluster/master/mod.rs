@@ -25,6 +25,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::*;
@@ -32,6 +33,7 @@ use std::time::Instant;
 
 use super::control::{self, ControlAnswer, ControlRequest, ControlServer};
 use super::listen::{ListenAddr, Listeners};
+use super::metrics::MetricsServer;
 use super::{read_stats, ClusterStats, ExitReason};
 use crate::segment::Segment;
 use crate::sys;
@@ -58,6 +60,7 @@ pub struct Cluster {
     reload_asked: Cell<u32>,
     shutdown_asked: Cell<bool>,
     control_path: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl fmt::Debug for Cluster {
@@ -109,6 +112,12 @@ impl Cluster {
     /// [`ClusterBuilder::control_socket`]).
     pub fn control_path(&self) -> Option<&Path> {
         self.control_path.as_deref()
+    }
+
+    /// Where the master's metrics endpoint listens, if it has one (see
+    /// [`ClusterBuilder::metrics`]; port 0 resolved).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The control socket a master with pid `pid` binds with
@@ -220,6 +229,8 @@ struct Master<'a> {
     control: Option<ControlServer>,
     /// systemd's notify protocol, to the service manager and from workers.
     notify: notify::Notify,
+    /// The metrics endpoint (`GET /metrics`), if configured.
+    metrics: Option<MetricsServer>,
 }
 
 impl Master<'_> {

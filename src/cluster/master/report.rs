@@ -48,6 +48,14 @@ pub enum ClusterError {
         /// Why it could not be.
         error: io::Error,
     },
+    /// The metrics endpoint could not be bound
+    /// ([`ClusterBuilder::metrics`](super::ClusterBuilder::metrics)).
+    Metrics {
+        /// The address as given.
+        addr: String,
+        /// Why it could not be.
+        error: io::Error,
+    },
     /// The NATS configuration given to
     /// [`ClusterBuilder::nats`](super::ClusterBuilder::nats) cannot work
     /// (feature `nats`).
@@ -78,6 +86,7 @@ impl fmt::Display for ClusterError {
             Self::Control { path, error } => {
                 write!(f, "cannot bind the control socket {}: {error}", path.display())
             }
+            Self::Metrics { addr, error } => write!(f, "cannot serve the metrics on {addr}: {error}"),
             #[cfg(feature = "nats")]
             Self::Nats(e) => write!(f, "NATS bridge: {e}"),
             Self::Io(e) => write!(f, "{e}"),
@@ -91,7 +100,7 @@ impl std::error::Error for ClusterError {
             Self::Config(e) => Some(e),
             Self::Create(e) => Some(e),
             Self::Listen(e) => Some(e),
-            Self::Control { error, .. } => Some(error),
+            Self::Control { error, .. } | Self::Metrics { error, .. } => Some(error),
             #[cfg(feature = "nats")]
             Self::Nats(e) => Some(e),
             Self::Io(e) => Some(e),

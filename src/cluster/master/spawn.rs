@@ -12,6 +12,7 @@ use super::notify::{WorkerNotifyEnv, MASTER_ONLY_VARS};
 use super::{BridgeConfig, Master, Mode};
 use crate::cluster::control::ControlServer;
 use crate::cluster::listen;
+use crate::cluster::metrics::MetricsServer;
 use crate::cluster::worker::{env, Worker};
 use crate::cluster::{EventKind, WorkerState};
 use crate::segment::table::STOP_RUN;
@@ -52,6 +53,11 @@ impl Master<'_> {
             self.control
                 .as_ref()
                 .map_or_else(Vec::new, ControlServer::raw_fds),
+        );
+        close.extend(
+            self.metrics
+                .as_ref()
+                .map_or_else(Vec::new, MetricsServer::raw_fds),
         );
         // The host's bridge runs the master's own code, with no listener.
         let bridge: Option<BridgeConfig> = match self.bridge_index() {

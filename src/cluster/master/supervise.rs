@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::Master;
 use crate::cluster::control::ControlServer;
+use crate::cluster::metrics::MetricsServer;
 use crate::cluster::{Event, EventKind, ExitReason, WorkerState};
 use crate::sys;
 use crate::sys::process as proc;
@@ -88,10 +89,13 @@ impl Master<'_> {
         if let Some(t) = self.notify.wake_at() {
             next = next.min(t);
         }
+        if let Some(t) = self.metrics.as_ref().and_then(MetricsServer::wake_at) {
+            next = next.min(t);
+        }
         let with_control: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].control.is_some())
             .collect();
-        let ready = {
+        let (ready, control_at) = {
             let mut fds: Vec<BorrowedFd<'_>> = vec![self.signals.fd()];
             fds.extend(
                 with_control
@@ -103,6 +107,10 @@ impl Master<'_> {
             if let Some(c) = &self.control {
                 fds.extend(c.poll_fds());
             }
+            let metrics_at = fds.len();
+            if let Some(m) = &self.metrics {
+                fds.extend(m.poll_fds());
+            }
             let ready = sys::fd::poll_readable(&fds, Some(next.saturating_duration_since(now)))?;
             if let Some(c) = self.control.as_mut() {
                 // Never waits: non-blocking sockets, bounded requests.
@@ -110,11 +118,21 @@ impl Master<'_> {
                     c.answer(conn, &self.cluster.execute(request));
                 }
             }
-            ready
+            if let Some(m) = self.metrics.as_mut() {
+                // Never waits either (see `metrics/`).
+                let cluster = &self.cluster;
+                m.serve(ready[metrics_at], || {
+                    let segment = &cluster.segment;
+                    let bridge_hosts = crate::cluster::bridge_index(segment)
+                        .map(|_| segment.control().bridge_hosts.load(Relaxed));
+                    (cluster.stats(), bridge_hosts)
+                });
+            }
+            (ready, control_at)
         };
         // Workers' sd_notify datagrams: before `observe_workers`, which
         // then sees a `READY=1` as it sees a `Worker::ready`.
-        let notified = ready[1 + with_control.len()..].to_vec();
+        let notified = ready[1 + with_control.len()..control_at].to_vec();
         self.serve_worker_notify(&notified);
         for (k, &slot) in with_control.iter().enumerate() {
             if !ready[k + 1] {
@@ -170,6 +188,9 @@ impl Master<'_> {
         event.seq = self.cluster.segment.control().publish(event.to_raw());
         if let Some(c) = self.control.as_mut() {
             c.observe(&event);
+        }
+        if let Some(m) = self.metrics.as_mut() {
+            m.observe(&event);
         }
         if let Some(cb) = self.on_event.as_mut() {
             cb(&self.cluster, &event);
