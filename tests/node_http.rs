@@ -32,9 +32,10 @@ mod common;
 mod http;
 #[path = "common/node.rs"]
 mod node;
+use common::python::root;
 use common::{wait_child, Check};
 use http::{alive, field, join, read_all, watchdog, Cluster, Conn, Wrk, PIDS_SCRIPT};
-use node::{build_addon, root};
+use node::build_addon;
 
 /// The `shmcluster` command.
 const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");

@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
@@ -45,6 +45,7 @@ use serde_json::Value;
 mod common;
 #[path = "common/http.rs"]
 mod http;
+use common::python::{build_library, library, root, venv_with};
 use common::{wait_child, Check};
 use http::{alive, field, join, read_all, watchdog, Cluster, Conn, Wrk, PIDS_SCRIPT};
 
@@ -153,111 +154,16 @@ fn main() {
 
 // ------------------------------------------------------------ the environment
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `target/<profile>`: the directory above this test binary's `deps`.
-fn profile_dir() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .ok_or_else(|| format!("{} is not in target/<profile>/deps", exe.display()))
-}
-
-/// Builds the C library into this test's target directory and profile
-/// (`cargo test` of this package does not build the ffi crate; a no-op
-/// when it is up to date) and returns its path.
-fn build_library() -> Result<PathBuf, String> {
-    let profile = profile_dir()?;
-    let target = profile.parent().ok_or("no target directory")?;
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "shmcluster-ffi",
-        "--lib",
-        "--target-dir",
-    ])
-    .arg(target)
-    .current_dir(root());
-    if let Some(name) = profile
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| *n != "debug")
-    {
-        cmd.args(["--profile", name]);
-    }
-    let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
-    ensure!(status.success(), "cargo build -p shmcluster-ffi --lib: {status}");
-    library()
-}
-
-/// The library [`build_library`] made.
-fn library() -> Result<PathBuf, String> {
-    let lib = profile_dir()?.join("libshmcluster.so");
-    ensure!(lib.exists(), "no {}", lib.display());
-    Ok(lib)
-}
-
-/// Whether `python` imports uvicorn and gunicorn.
-fn has_servers(python: &Path) -> bool {
-    Command::new(python)
-        .args(["-c", "import uvicorn, gunicorn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// The python that runs the servers: `SHMC_SERVERS_PYTHON`, or this test's
-/// virtual environment, made (and [`PACKAGES`] installed) on first use.
+/// virtual environment `target/python-servers`, made (and [`PACKAGES`]
+/// installed) on first use.
 fn python() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("SHMC_SERVERS_PYTHON") {
-        let p = PathBuf::from(p);
-        ensure!(
-            has_servers(&p),
-            "SHMC_SERVERS_PYTHON={} does not import uvicorn and gunicorn",
-            p.display()
-        );
-        return Ok(p);
-    }
-    let target = profile_dir()?
-        .parent()
-        .ok_or("no target directory")?
-        .to_path_buf();
-    let venv = target.join("python-servers");
-    let python = venv.join("bin/python");
-    if python.exists() && has_servers(&python) {
-        return Ok(python);
-    }
-    let out = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .output()
-        .map_err(|e| format!("python3 -m venv: {e}"))?;
-    ensure!(
-        out.status.success(),
-        "python3 -m venv {} failed (Debian: apt-get install python3-venv): {}",
-        venv.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .args(PACKAGES)
-        .output()
-        .map_err(|e| format!("pip: {e}"))?;
-    ensure!(
-        out.status.success() && has_servers(&python),
-        "pip install {} into {} failed (is PyPI reachable? or set SHMC_SERVERS_PYTHON to a python \
-         that imports both): {}",
-        PACKAGES.join(" "),
-        venv.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(python)
+    venv_with(
+        PACKAGES,
+        "python-servers",
+        "import uvicorn, gunicorn",
+        "SHMC_SERVERS_PYTHON",
+    )
 }
 
 // ------------------------------------------------------------ scenarios
