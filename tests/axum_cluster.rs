@@ -36,14 +36,7 @@ mod common;
 #[path = "common/http.rs"]
 mod http;
 use common::{wait_child, Check};
-use http::{alive, field, join, read_all, watchdog, Wrk, MASTER};
-
-/// A scenario: its name, the time its own watchdog gives it, and its body.
-struct Scenario {
-    name: &'static str,
-    timeout: Duration,
-    run: fn() -> Check,
-}
+use http::{alive, field, join, read_all, Scenario, Wrk, MASTER};
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -99,25 +92,7 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 fn main() {
-    if let Ok(name) = std::env::var("SHMC_SCENARIO") {
-        let s = SCENARIOS.iter().find(|s| s.name == name).expect("known scenario");
-        watchdog(s.name, s.timeout);
-        let result = (s.run)();
-        common::exit_scenario(&name, result);
-    }
-    if !std::env::args().any(|a| a == "--list") {
-        if let Err(e) = build_example() {
-            eprintln!("axum_cluster: {e}");
-            std::process::exit(1);
-        }
-    }
-    // The outer limit leaves the inner watchdog time to kill the example.
-    let scenarios: Vec<_> = SCENARIOS
-        .iter()
-        .map(|s| (s.name, s.timeout + Duration::from_secs(10)))
-        .collect();
-    let (ran, failed) = common::run_suite("axum", &scenarios);
-    common::finish_suite(ran, &failed);
+    http::run_main("axum_cluster", "axum", SCENARIOS, build_example);
 }
 
 // ------------------------------------------------------------ scenarios

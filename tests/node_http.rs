@@ -34,7 +34,7 @@ mod http;
 mod node;
 use common::python::root;
 use common::{wait_child, Check};
-use http::{alive, field, join, read_all, watchdog, Cluster, Conn, Wrk, PIDS_SCRIPT};
+use http::{alive, field, join, read_all, Cluster, Conn, Scenario, Wrk, PIDS_SCRIPT};
 use node::build_addon;
 
 /// The `shmcluster` command.
@@ -42,12 +42,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
 
 /// Worker instances of every scenario's cluster.
 const WORKERS: usize = 4;
-
-struct Scenario {
-    name: &'static str,
-    timeout: Duration,
-    run: fn() -> Check,
-}
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -73,25 +67,7 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 fn main() {
-    if let Ok(name) = std::env::var("SHMC_SCENARIO") {
-        let s = SCENARIOS.iter().find(|s| s.name == name).expect("known scenario");
-        watchdog(s.name, s.timeout);
-        let result = (s.run)();
-        common::exit_scenario(&name, result);
-    }
-    if !std::env::args().any(|a| a == "--list") {
-        if let Err(e) = build_addon() {
-            eprintln!("node_http: {e}");
-            std::process::exit(1);
-        }
-    }
-    // The outer limit leaves the inner watchdog time to kill the cluster.
-    let scenarios: Vec<_> = SCENARIOS
-        .iter()
-        .map(|s| (s.name, s.timeout + Duration::from_secs(10)))
-        .collect();
-    let (ran, failed) = common::run_suite("node-http", &scenarios);
-    common::finish_suite(ran, &failed);
+    http::run_main("node_http", "node-http", SCENARIOS, build_addon);
 }
 
 // ------------------------------------------------------------ scenarios

@@ -47,7 +47,7 @@ mod common;
 mod http;
 use common::python::{build_library, library, root, venv_with};
 use common::{wait_child, Check};
-use http::{alive, field, join, read_all, watchdog, Cluster, Conn, Wrk, PIDS_SCRIPT};
+use http::{alive, field, join, read_all, Cluster, Conn, Scenario, Wrk, PIDS_SCRIPT};
 
 /// The `shmcluster` command.
 const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
@@ -64,12 +64,6 @@ const PACKAGES: &[&str] = &["uvicorn==0.55.0", "gunicorn==27.0.1"];
 enum Kind {
     Uvicorn,
     Gunicorn,
-}
-
-struct Scenario {
-    name: &'static str,
-    timeout: Duration,
-    run: fn() -> Check,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -131,25 +125,9 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 fn main() {
-    if let Ok(name) = std::env::var("SHMC_SCENARIO") {
-        let s = SCENARIOS.iter().find(|s| s.name == name).expect("known scenario");
-        watchdog(s.name, s.timeout);
-        let result = (s.run)();
-        common::exit_scenario(&name, result);
-    }
-    if !std::env::args().any(|a| a == "--list") {
-        if let Err(e) = build_library().and_then(|_| python()) {
-            eprintln!("python_servers: {e}");
-            std::process::exit(1);
-        }
-    }
-    // The outer limit leaves the inner watchdog time to kill the cluster.
-    let scenarios: Vec<_> = SCENARIOS
-        .iter()
-        .map(|s| (s.name, s.timeout + Duration::from_secs(10)))
-        .collect();
-    let (ran, failed) = common::run_suite("python-servers", &scenarios);
-    common::finish_suite(ran, &failed);
+    http::run_main("python_servers", "python-servers", SCENARIOS, || {
+        build_library().and_then(|_| python()).map(drop)
+    });
 }
 
 // ------------------------------------------------------------ the environment

@@ -25,7 +25,42 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use super::{wait_child, Check};
+use super::common::{wait_child, Check};
+
+// ------------------------------------------------------------ the suite
+
+/// A scenario: its name, the time its own watchdog gives it, and its body.
+pub struct Scenario {
+    pub name: &'static str,
+    pub timeout: Duration,
+    pub run: fn() -> Check,
+}
+
+/// A `harness = false` test's `main`: re-executed as `SHMC_SCENARIO=<name>`,
+/// runs that scenario under [`watchdog`]; else runs `prepare` (not for
+/// `--list`; its error ends the test, named by `test`), then every
+/// scenario (`common::run_suite` as `suite`, each with 10 s more than its
+/// own watchdog, so that the inner one has time to kill the cluster).
+pub fn run_main(test: &str, suite: &str, scenarios: &[Scenario], prepare: impl FnOnce() -> Check) {
+    if let Ok(name) = std::env::var("SHMC_SCENARIO") {
+        let s = scenarios.iter().find(|s| s.name == name).expect("known scenario");
+        watchdog(s.name, s.timeout);
+        let result = (s.run)();
+        super::common::exit_scenario(&name, result);
+    }
+    if !std::env::args().any(|a| a == "--list") {
+        if let Err(e) = prepare() {
+            eprintln!("{test}: {e}");
+            std::process::exit(1);
+        }
+    }
+    let outer: Vec<_> = scenarios
+        .iter()
+        .map(|s| (s.name, s.timeout + Duration::from_secs(10)))
+        .collect();
+    let (ran, failed) = super::common::run_suite(suite, &outer);
+    super::common::finish_suite(ran, &failed);
+}
 
 // ------------------------------------------------------------ the watchdog and the master
 
