@@ -22,7 +22,7 @@ use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,14 +33,10 @@ use serde_json::Value;
 
 #[macro_use]
 mod common;
+#[path = "common/http.rs"]
+mod http;
 use common::{wait_child, Check};
-
-/// A scenario: its name, the time its own watchdog gives it, and its body.
-struct Scenario {
-    name: &'static str,
-    timeout: Duration,
-    run: fn() -> Check,
-}
+use http::{alive, field, join, read_all, Scenario, Wrk, MASTER};
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -96,25 +92,7 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 fn main() {
-    if let Ok(name) = std::env::var("SHMC_SCENARIO") {
-        let s = SCENARIOS.iter().find(|s| s.name == name).expect("known scenario");
-        watchdog(s.name, s.timeout);
-        let result = (s.run)();
-        common::exit_scenario(&name, result);
-    }
-    if !std::env::args().any(|a| a == "--list") {
-        if let Err(e) = build_example() {
-            eprintln!("axum_cluster: {e}");
-            std::process::exit(1);
-        }
-    }
-    // The outer limit leaves the inner watchdog time to kill the example.
-    let scenarios: Vec<_> = SCENARIOS
-        .iter()
-        .map(|s| (s.name, s.timeout + Duration::from_secs(10)))
-        .collect();
-    let (ran, failed) = common::run_suite("axum", &scenarios);
-    common::finish_suite(ran, &failed);
+    http::run_main("axum_cluster", "axum", SCENARIOS, build_example);
 }
 
 // ------------------------------------------------------------ scenarios
@@ -696,8 +674,8 @@ fn reloads_under_wrk(server: &Server, script: Option<&std::path::Path>, secs: u6
         .spawn()
         .map_err(|e| format!("wrk (the Debian package; `.ci/run` installs it): {e}"))?;
     // Read on threads, so that a full pipe never stops wrk.
-    let out = drain(wrk.stdout.take());
-    let err = drain(wrk.stderr.take());
+    let out = read_all(wrk.stdout.take());
+    let err = read_all(wrk.stderr.take());
     let start = Instant::now();
     let result = (|| {
         std::thread::sleep(Duration::from_secs(2));
@@ -723,71 +701,6 @@ fn reloads_under_wrk(server: &Server, script: Option<&std::path::Path>, secs: u6
         pids: [before, between, after],
         second_reload,
     })
-}
-
-fn drain(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    })
-}
-
-fn join(t: JoinHandle<String>) -> Result<String, String> {
-    t.join().map_err(|_| "a pipe reader panicked".to_string())
-}
-
-/// What wrk's summary says.
-#[derive(Debug, Default)]
-struct Wrk {
-    /// Answers, whatever their status ("N requests in ...").
-    requests: u64,
-    /// connect, read, write, timeout ("Socket errors: ..."; absent: none).
-    socket_errors: [u64; 4],
-    /// "Non-2xx or 3xx responses: N" (absent: none).
-    non_2xx: u64,
-    /// The POST script's "2xx POSTs: N".
-    posted: Option<u64>,
-}
-
-impl Wrk {
-    fn parse(text: &str) -> Result<Wrk, String> {
-        let number = |line: &str, v: &str| {
-            v.trim()
-                .parse::<u64>()
-                .map_err(|e| format!("wrk: {line:?}: {e}\n{text}"))
-        };
-        let mut wrk = Wrk::default();
-        let mut summary = false;
-        for line in text.lines().map(str::trim) {
-            if let Some((n, _)) = line.split_once(" requests in ") {
-                wrk.requests = number(line, n)?;
-                summary = true;
-            } else if let Some(v) = line.strip_prefix("Socket errors:") {
-                // "connect 0, read 12, write 0, timeout 0"
-                let parts: Vec<&str> = v.split(',').map(str::trim).collect();
-                ensure!(parts.len() == 4, "wrk: {line:?}");
-                for (i, (part, name)) in parts
-                    .iter()
-                    .zip(["connect", "read", "write", "timeout"])
-                    .enumerate()
-                {
-                    let n = part
-                        .strip_prefix(name)
-                        .ok_or_else(|| format!("wrk: {line:?}: no {name}"))?;
-                    wrk.socket_errors[i] = number(line, n)?;
-                }
-            } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
-                wrk.non_2xx = number(line, v)?;
-            } else if let Some(v) = line.strip_prefix("2xx POSTs:") {
-                wrk.posted = Some(number(line, v)?);
-            }
-        }
-        ensure!(summary, "no summary in wrk's output:\n{text}");
-        Ok(wrk)
-    }
 }
 
 /// The same load; one worker is SIGKILLed. Only requests on connections
@@ -881,24 +794,6 @@ fn graceful_shutdown_finishes_the_request_in_flight() -> Check {
 }
 
 // ------------------------------------------------------------ the example's process
-
-/// The example's master pid (= its process group) for the watchdog; 0 when
-/// none runs.
-static MASTER: AtomicI32 = AtomicI32::new(0);
-
-/// Fails the scenario after `limit`: kills the example's process group and
-/// exits 1 (`run_suite` reports it).
-fn watchdog(name: &'static str, limit: Duration) {
-    std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        let master = MASTER.load(Ordering::Acquire);
-        if master > 0 {
-            let _ = killpg(Pid::from_raw(master), Signal::SIGKILL);
-        }
-        eprintln!("WATCHDOG: scenario {name} still running after {limit:?}; killed the example");
-        std::process::exit(1);
-    });
-}
 
 /// A running `axum_cluster` master, in its own process group so that one
 /// `killpg` ends it and its workers. Dropping it kills the group and reaps
@@ -1076,17 +971,6 @@ fn build_example() -> Check {
     Ok(())
 }
 
-/// Whether `pid` runs (a zombie does not).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // "pid (comm) S ...": the state follows the last ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
-    }
-}
-
 // ------------------------------------------------------------ what the example answers
 
 #[derive(Debug)]
@@ -1163,11 +1047,6 @@ fn cache_get(conn: &mut Conn, key: &str) -> Result<CacheAnswer, String> {
             .as_bool()
             .ok_or(format!("no \"cached\" in {}", r.body))?,
     })
-}
-
-/// A number field of a JSON object.
-fn field(v: &Value, name: &str) -> Result<u64, String> {
-    v[name].as_u64().ok_or(format!("no number {name:?} in {v}"))
 }
 
 /// "worker <slot> pid <pid> generation <g>" (`GET /`).

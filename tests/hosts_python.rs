@@ -11,8 +11,7 @@
 //! The scenario runs under its watchdog; hosts die with the scenario
 //! process (`PR_SET_PDEATHSIG`), their workers and bridges with them.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use shmcluster::{HostId, Messenger};
 mod common;
 #[path = "common/hosts.rs"]
 mod hosts;
+use common::python::build_library;
 use common::{tmp, Check};
 use hosts::{deadline, lines, nats3, pause, wait_for_workers, Hosts, Scenario, CLUSTER};
 
@@ -35,46 +35,6 @@ const SCENARIOS: &[Scenario] = &[Scenario {
 
 fn main() {
     hosts::main("hosts_python", SCENARIOS);
-}
-
-/// `target/<profile>`: the directory above this test binary's `deps`.
-fn profile_dir() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .ok_or_else(|| format!("{} is not in target/<profile>/deps", exe.display()))
-}
-
-/// Builds the C library into this test's target directory and profile
-/// (`cargo test` of this package does not build the ffi crate; a no-op
-/// when it is up to date) and returns its path.
-fn build_library() -> Result<PathBuf, String> {
-    let profile = profile_dir()?;
-    let target = profile.parent().ok_or("no target directory")?;
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "shmcluster-ffi",
-        "--lib",
-        "--target-dir",
-    ])
-    .arg(target)
-    .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if let Some(name) = profile
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| *n != "debug")
-    {
-        cmd.args(["--profile", name]);
-    }
-    let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
-    ensure!(status.success(), "cargo build -p shmcluster-ffi --lib: {status}");
-    let lib = profile.join("libshmcluster.so");
-    ensure!(lib.exists(), "cargo build made no {}", lib.display());
-    Ok(lib)
 }
 
 fn python_and_rust() -> Check {

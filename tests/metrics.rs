@@ -22,102 +22,26 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `target/<profile>`: the directory above this test binary's `deps`.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-}
+#[path = "common/python.rs"]
+mod python;
+use python::root;
 
 /// Builds the C library into this test's target directory and profile
 /// (a no-op when it is up to date) and returns its path.
 fn build_library() -> PathBuf {
-    let profile = profile_dir();
-    let target = profile.parent().unwrap();
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "shmcluster-ffi",
-        "--lib",
-        "--target-dir",
-    ])
-    .arg(target)
-    .current_dir(root());
-    if let Some(name) = profile
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| *n != "debug")
-    {
-        cmd.args(["--profile", name]);
-    }
-    let status = cmd.status().expect("cargo build");
-    assert!(status.success(), "cargo build -p shmcluster-ffi --lib: {status}");
-    let lib = profile.join("libshmcluster.so");
-    assert!(lib.exists(), "no {}", lib.display());
-    lib
-}
-
-fn imports_prometheus_client(python: &Path) -> bool {
-    Command::new(python)
-        .args([
-            "-c",
-            "import prometheus_client.openmetrics.parser, prometheus_client.parser",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    python::build_library().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A python that imports `prometheus_client`: `SHMC_METRICS_PYTHON`, or
 /// the virtual environment under `target/metrics-venv`, made on first use.
 fn parser_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("SHMC_METRICS_PYTHON") {
-        let p = PathBuf::from(p);
-        assert!(
-            imports_prometheus_client(&p),
-            "SHMC_METRICS_PYTHON={} does not import prometheus_client",
-            p.display()
-        );
-        return p;
-    }
-    let venv = profile_dir().parent().unwrap().join("metrics-venv");
-    let python = venv.join("bin/python");
-    if python.exists() && imports_prometheus_client(&python) {
-        return python;
-    }
-    let out = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "python3 -m venv {} failed (Debian: apt-get install python3-venv): {}",
-        venv.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new(venv.join("bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "prometheus_client",
-        ])
-        .output()
-        .expect("pip");
-    assert!(
-        out.status.success() && imports_prometheus_client(&python),
-        "pip install prometheus_client into {} failed (is PyPI reachable? or set SHMC_METRICS_PYTHON): {}",
-        venv.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    python
+    python::venv_with(
+        &["prometheus_client"],
+        "metrics-venv",
+        "import prometheus_client.openmetrics.parser, prometheus_client.parser",
+        "SHMC_METRICS_PYTHON",
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A parsed exposition: `(sample name, labels as k=v,...)` → value.

@@ -17,8 +17,9 @@ use std::time::Duration;
 mod common;
 #[path = "common/node.rs"]
 mod node;
+use common::python::root;
 use common::Check;
-use node::{build_addon, root, Master};
+use node::{build_addon, Master};
 
 /// What checks an example's stdout lines.
 type OutputCheck = fn(&[String]) -> Check;

@@ -18,37 +18,30 @@
 //! no `npm install` first and a stale `node/shmcluster.node` is never run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{mpsc, Arc, Barrier, Mutex, PoisonError};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 #[macro_use]
 mod common;
+#[path = "common/http.rs"]
+mod http;
 #[path = "common/node.rs"]
 mod node;
+use common::python::root;
 use common::{wait_child, Check};
-use node::{build_addon, root};
+use http::{alive, field, join, read_all, Cluster, Conn, Scenario, Wrk, PIDS_SCRIPT};
+use node::build_addon;
 
 /// The `shmcluster` command.
 const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
 
 /// Worker instances of every scenario's cluster.
 const WORKERS: usize = 4;
-
-struct Scenario {
-    name: &'static str,
-    timeout: Duration,
-    run: fn() -> Check,
-}
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -74,25 +67,7 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 fn main() {
-    if let Ok(name) = std::env::var("SHMC_SCENARIO") {
-        let s = SCENARIOS.iter().find(|s| s.name == name).expect("known scenario");
-        watchdog(s.name, s.timeout);
-        let result = (s.run)();
-        common::exit_scenario(&name, result);
-    }
-    if !std::env::args().any(|a| a == "--list") {
-        if let Err(e) = build_addon() {
-            eprintln!("node_http: {e}");
-            std::process::exit(1);
-        }
-    }
-    // The outer limit leaves the inner watchdog time to kill the cluster.
-    let scenarios: Vec<_> = SCENARIOS
-        .iter()
-        .map(|s| (s.name, s.timeout + Duration::from_secs(10)))
-        .collect();
-    let (ran, failed) = common::run_suite("node-http", &scenarios);
-    common::finish_suite(ran, &failed);
+    http::run_main("node_http", "node-http", SCENARIOS, build_addon);
 }
 
 // ------------------------------------------------------------ scenarios
@@ -149,7 +124,7 @@ fn reloads_under_wrk(extra: &[&str]) -> Check {
     ensure!(status.success(), "wrk exited {status}:\n{output}");
     let after =
         server.wait_for_workers(Duration::from_secs(15), |w| w.pids().is_disjoint(&between.pids()))?;
-    let run = Wrk::parse(&output)?;
+    let run = Wrk::parse_with_pids(&output)?;
     println!(
         "    {} wrk GET / through two reloads (SIGHUP at 2 s and {second:.1?}): {} requests, socket errors \
          (connect, read, write, timeout) {:?}, non-2xx {}; answered by {} pids; pids {:?} -> {:?} -> {:?}",
@@ -227,31 +202,6 @@ fn reloads_under_wrk(extra: &[&str]) -> Check {
     println!("    after the reloads, 40 GET / answered by (slot, generation) {generations:?}");
     server.stop()
 }
-
-/// wrk's script: collects the pid of each answer (`GET /`'s banner) and
-/// prints them once, summed over its threads.
-const PIDS_SCRIPT: &str = r#"
-local threads = {}
-function setup(thread)
-  table.insert(threads, thread)
-end
-function init(args)
-  pids = {}
-end
-function response(status, headers, body)
-  local pid = string.match(body, "pid (%d+)")
-  if pid then pids[pid] = true end
-end
-function done(summary, latency, requests)
-  local all = {}
-  for _, t in ipairs(threads) do
-    for pid, _ in pairs(t:get("pids")) do all[pid] = true end
-  end
-  local list = {}
-  for pid, _ in pairs(all) do table.insert(list, pid) end
-  io.write("answered by pids: " .. table.concat(list, " ") .. "\n")
-end
-"#;
 
 /// SIGTERM to the master 200 ms into `GET /slow?ms=800`: the request is
 /// answered 200 (and its connection then closed), every worker drains,
@@ -354,104 +304,19 @@ fn counter_is_exact_across_workers() -> Check {
     server.stop()
 }
 
-// ------------------------------------------------------------ wrk's summary
-
-/// What wrk's summary says.
-#[derive(Debug, Default)]
-struct Wrk {
-    /// Answers, whatever their status ("N requests in ...").
-    requests: u64,
-    /// connect, read, write, timeout ("Socket errors: ..."; absent: none).
-    socket_errors: [u64; 4],
-    /// "Non-2xx or 3xx responses: N" (absent: none).
-    non_2xx: u64,
-    /// The script's "answered by pids: ...".
-    pids: BTreeSet<u32>,
-}
-
-impl Wrk {
-    fn parse(text: &str) -> Result<Wrk, String> {
-        let number = |line: &str, v: &str| {
-            v.trim()
-                .parse::<u64>()
-                .map_err(|e| format!("wrk: {line:?}: {e}\n{text}"))
-        };
-        let mut wrk = Wrk::default();
-        let (mut summary, mut pids) = (false, false);
-        for line in text.lines().map(str::trim) {
-            if let Some((n, _)) = line.split_once(" requests in ") {
-                wrk.requests = number(line, n)?;
-                summary = true;
-            } else if let Some(v) = line.strip_prefix("Socket errors:") {
-                // "connect 0, read 12, write 0, timeout 0"
-                let parts: Vec<&str> = v.split(',').map(str::trim).collect();
-                ensure!(parts.len() == 4, "wrk: {line:?}");
-                for (i, (part, name)) in parts
-                    .iter()
-                    .zip(["connect", "read", "write", "timeout"])
-                    .enumerate()
-                {
-                    let n = part.strip_prefix(name).ok_or(format!("wrk: {line:?}"))?;
-                    wrk.socket_errors[i] = number(line, n)?;
-                }
-            } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
-                wrk.non_2xx = number(line, v)?;
-            } else if let Some(v) = line.strip_prefix("answered by pids:") {
-                for pid in v.split_whitespace() {
-                    wrk.pids.insert(number(line, pid)? as u32);
-                }
-                pids = true;
-            }
-        }
-        ensure!(summary, "no summary in wrk's output:\n{text}");
-        ensure!(pids, "the script printed no pids:\n{text}");
-        Ok(wrk)
-    }
-}
-
-fn read_all(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    })
-}
-
-fn join(t: JoinHandle<String>) -> Result<String, String> {
-    t.join().map_err(|_| "a pipe reader panicked".to_string())
-}
-
 // ------------------------------------------------------------ the cluster
 
-/// The master's pid (= its process group) for the watchdog; 0 when none
-/// runs.
-static MASTER: AtomicI32 = AtomicI32::new(0);
-
-/// Fails the scenario after `limit`: kills the master's process group and
-/// exits 1 (`run_suite` reports it).
-fn watchdog(name: &'static str, limit: Duration) {
-    std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        let master = MASTER.load(Ordering::Acquire);
-        if master > 0 {
-            let _ = killpg(Pid::from_raw(master), Signal::SIGKILL);
-        }
-        eprintln!("WATCHDOG: scenario {name} still running after {limit:?}; killed the cluster");
-        std::process::exit(1);
-    });
-}
-
 /// `shmcluster run -w 4 --listen 127.0.0.1:0 [extra] -- node
-/// examples/node/http.js` in its own process group, so that one `killpg` ends it and its workers.
-/// Dropping it kills the group and reaps the master.
-struct Server {
-    child: Child,
-    addr: String,
-    /// Everything the master and its workers wrote to stderr.
-    log: Arc<Mutex<String>>,
-    reader: Option<JoinHandle<()>>,
+/// examples/node/http.js` ([`Cluster`]: in its own process group, killed
+/// and reaped when dropped).
+struct Server(Cluster);
+
+impl std::ops::Deref for Server {
+    type Target = Cluster;
+
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
 }
 
 impl Server {
@@ -462,63 +327,18 @@ impl Server {
 
     /// `start`, with `extra` options of `shmcluster run`.
     fn start_with(extra: &[&str]) -> Result<Server, String> {
-        let mut child = Command::new(BIN)
-            .args(["run", "-w", &WORKERS.to_string(), "--listen", "127.0.0.1:0"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "-w", &WORKERS.to_string(), "--listen", "127.0.0.1:0"])
             .args(extra)
             .arg("--")
             .arg("node")
             .arg(root().join("examples/node/http.js"))
             .current_dir(root())
             // The shared counter's file, in the scenario's scratch directory.
-            .env("SHMC_HTTP_DATA", common::tmp())
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("{BIN}: {e}"))?;
-        MASTER.store(child.id() as i32, Ordering::Release);
-        let stderr = child.stderr.take().ok_or("no stderr pipe")?;
-        let log = Arc::new(Mutex::new(String::new()));
-        let (first, address) = mpsc::channel();
-        let reader = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut first = Some(first);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    // "shmcluster: master pid N, 4 workers, control socket
-                    // PATH, listening on 127.0.0.1:PORT"
-                    if let Some((_, rest)) = line.split_once(", listening on ") {
-                        if let Some(tx) = first.take() {
-                            let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
-                        }
-                    }
-                    let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            })
-        };
-        let mut server = Server {
-            child,
-            addr: String::new(),
-            log,
-            reader: Some(reader),
-        };
-        server.addr = address
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| format!("the master named no address in 10 s:\n{}", server.log()))?;
+            .env("SHMC_HTTP_DATA", common::tmp());
+        let server = Server(Cluster::spawn(&mut cmd, false)?);
         server.wait_for_workers(Duration::from_secs(20), |_| true)?;
         Ok(server)
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    fn signal(&self, sig: Signal) -> Check {
-        kill(Pid::from_raw(self.child.id() as i32), sig).map_err(|e| format!("{sig} to the master: {e}"))
     }
 
     /// `GET /workers` on a new connection (a `map` over every worker).
@@ -553,44 +373,13 @@ impl Server {
 
     /// Waits for the master to exit; its status and everything the
     /// cluster wrote to stderr.
-    fn wait(mut self, limit: Duration) -> Result<(std::process::ExitStatus, String), String> {
-        let status = wait_child(&mut self.child, limit)?;
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-        Ok((status, self.log()))
+    fn wait(self, limit: Duration) -> Result<(std::process::ExitStatus, String), String> {
+        self.0.wait(limit)
     }
 
     /// SIGTERM, then the master must exit 0.
     fn stop(self) -> Check {
-        self.signal(Signal::SIGTERM)?;
-        let (status, log) = self.wait(Duration::from_secs(15))?;
-        ensure!(
-            status.success(),
-            "the master exited {status} after SIGTERM:\n{log}"
-        );
-        Ok(())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(Some(_))) {
-            let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-        MASTER.store(0, Ordering::Release);
-    }
-}
-
-/// Whether `pid` runs (a zombie does not).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // "pid (comm) S ...": the state follows the last ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
+        self.0.stop(Duration::from_secs(15))
     }
 }
 
@@ -632,11 +421,6 @@ impl Workers {
     }
 }
 
-/// A number field of a JSON object.
-fn field(v: &Value, name: &str) -> Result<u64, String> {
-    v[name].as_u64().ok_or(format!("no number {name:?} in {v}"))
-}
-
 /// "worker <slot> pid <pid> generation <g>" (`GET /`, `GET /slow`).
 fn banner(body: &str) -> Result<(u32, u32, u32), String> {
     let words: Vec<&str> = body.split_whitespace().collect();
@@ -646,111 +430,5 @@ fn banner(body: &str) -> Result<(u32, u32, u32), String> {
             Ok((n(slot)?, n(pid)?, n(generation)?))
         }
         _ => Err(format!("answered {body:?}")),
-    }
-}
-
-// ------------------------------------------------------------ a small HTTP/1.1 client
-
-struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-struct Response {
-    status: u16,
-    body: String,
-    /// The server will close the connection after this answer.
-    close: bool,
-}
-
-impl Response {
-    fn json(&self) -> Result<Value, String> {
-        serde_json::from_str(&self.body).map_err(|e| format!("{e}: {:?}", self.body))
-    }
-}
-
-impl Conn {
-    fn open(addr: &str) -> io::Result<Conn> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Conn {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        })
-    }
-
-    fn send(&mut self, method: &str, path: &str) -> Result<Response, String> {
-        self.write_request(method, path)
-            .map_err(|e| format!("write: {e}"))?;
-        self.read_response()
-    }
-
-    fn write_request(&mut self, method: &str, path: &str) -> io::Result<()> {
-        let length = if method == "GET" {
-            ""
-        } else {
-            "Content-Length: 0\r\n"
-        };
-        self.writer
-            .write_all(format!("{method} {path} HTTP/1.1\r\nHost: test\r\n{length}\r\n").as_bytes())
-    }
-
-    fn line(&mut self) -> Result<String, String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err("connection closed mid-answer".into()),
-            Ok(_) => Ok(line.trim_end().to_owned()),
-            Err(e) => Err(format!("read: {e}")),
-        }
-    }
-
-    /// One answer with a `Content-Length` (the example always sends one).
-    fn read_response(&mut self) -> Result<Response, String> {
-        let status_line = self.line()?;
-        let status = match status_line.split_whitespace().collect::<Vec<_>>()[..] {
-            ["HTTP/1.1", code, ..] => code.parse::<u16>().map_err(|e| format!("{status_line:?}: {e}"))?,
-            _ => return Err(format!("status line {status_line:?}")),
-        };
-        let (mut length, mut close) = (None, false);
-        loop {
-            let line = self.line()?;
-            if line.is_empty() {
-                break;
-            }
-            let (name, value) = line.split_once(':').ok_or(format!("header {line:?}"))?;
-            let value = value.trim();
-            match name.to_ascii_lowercase().as_str() {
-                "content-length" => {
-                    length = Some(value.parse::<usize>().map_err(|e| format!("{line:?}: {e}"))?)
-                }
-                "connection" => close = value.eq_ignore_ascii_case("close"),
-                _ => {}
-            }
-        }
-        let mut body = vec![0; length.ok_or("no Content-Length")?];
-        self.reader
-            .read_exact(&mut body)
-            .map_err(|e| format!("body: {e}"))?;
-        Ok(Response {
-            status,
-            body: String::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?,
-            close,
-        })
-    }
-
-    /// Whether the server closes the connection (EOF or reset) within
-    /// `limit`, sending nothing.
-    fn closed_within(&mut self, limit: Duration) -> Result<bool, String> {
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(limit))
-            .map_err(|e| e.to_string())?;
-        match self.reader.fill_buf() {
-            Ok([]) => Ok(true),
-            Ok(data) => Err(format!("unasked-for bytes: {:?}", String::from_utf8_lossy(data))),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(false),
-            Err(_) => Ok(true),
-        }
     }
 }

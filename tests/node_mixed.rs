@@ -38,8 +38,9 @@ use shmcluster::{Messenger, Target, Worker};
 mod common;
 #[path = "common/node.rs"]
 mod node;
+use common::python::{build_library, root};
 use common::Check;
-use node::{build_addon, build_library, root, utf8, Master};
+use node::{build_addon, utf8, Master};
 
 const SCENARIOS: &[(&str, Duration)] = &[
     // First builds of the addon (release) and the C library included.

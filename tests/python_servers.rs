@@ -30,23 +30,24 @@
 //! scenarios by substring.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{mpsc, Arc, Barrier, Mutex, PoisonError};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, killpg, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 #[macro_use]
 mod common;
+#[path = "common/http.rs"]
+mod http;
+use common::python::{build_library, library, root, venv_with};
 use common::{wait_child, Check};
+use http::{alive, field, join, read_all, Cluster, Conn, Scenario, Wrk, PIDS_SCRIPT};
 
 /// The `shmcluster` command.
 const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
@@ -63,12 +64,6 @@ const PACKAGES: &[&str] = &["uvicorn==0.55.0", "gunicorn==27.0.1"];
 enum Kind {
     Uvicorn,
     Gunicorn,
-}
-
-struct Scenario {
-    name: &'static str,
-    timeout: Duration,
-    run: fn() -> Check,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -130,134 +125,23 @@ const SCENARIOS: &[Scenario] = &[
 ];
 
 fn main() {
-    if let Ok(name) = std::env::var("SHMC_SCENARIO") {
-        let s = SCENARIOS.iter().find(|s| s.name == name).expect("known scenario");
-        watchdog(s.name, s.timeout);
-        let result = (s.run)();
-        common::exit_scenario(&name, result);
-    }
-    if !std::env::args().any(|a| a == "--list") {
-        if let Err(e) = build_library().and_then(|_| python()) {
-            eprintln!("python_servers: {e}");
-            std::process::exit(1);
-        }
-    }
-    // The outer limit leaves the inner watchdog time to kill the cluster.
-    let scenarios: Vec<_> = SCENARIOS
-        .iter()
-        .map(|s| (s.name, s.timeout + Duration::from_secs(10)))
-        .collect();
-    let (ran, failed) = common::run_suite("python-servers", &scenarios);
-    common::finish_suite(ran, &failed);
+    http::run_main("python_servers", "python-servers", SCENARIOS, || {
+        build_library().and_then(|_| python()).map(drop)
+    });
 }
 
 // ------------------------------------------------------------ the environment
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `target/<profile>`: the directory above this test binary's `deps`.
-fn profile_dir() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .ok_or_else(|| format!("{} is not in target/<profile>/deps", exe.display()))
-}
-
-/// Builds the C library into this test's target directory and profile
-/// (`cargo test` of this package does not build the ffi crate; a no-op
-/// when it is up to date) and returns its path.
-fn build_library() -> Result<PathBuf, String> {
-    let profile = profile_dir()?;
-    let target = profile.parent().ok_or("no target directory")?;
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "shmcluster-ffi",
-        "--lib",
-        "--target-dir",
-    ])
-    .arg(target)
-    .current_dir(root());
-    if let Some(name) = profile
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| *n != "debug")
-    {
-        cmd.args(["--profile", name]);
-    }
-    let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
-    ensure!(status.success(), "cargo build -p shmcluster-ffi --lib: {status}");
-    library()
-}
-
-/// The library [`build_library`] made.
-fn library() -> Result<PathBuf, String> {
-    let lib = profile_dir()?.join("libshmcluster.so");
-    ensure!(lib.exists(), "no {}", lib.display());
-    Ok(lib)
-}
-
-/// Whether `python` imports uvicorn and gunicorn.
-fn has_servers(python: &Path) -> bool {
-    Command::new(python)
-        .args(["-c", "import uvicorn, gunicorn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// The python that runs the servers: `SHMC_SERVERS_PYTHON`, or this test's
-/// virtual environment, made (and [`PACKAGES`] installed) on first use.
+/// virtual environment `target/python-servers`, made (and [`PACKAGES`]
+/// installed) on first use.
 fn python() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("SHMC_SERVERS_PYTHON") {
-        let p = PathBuf::from(p);
-        ensure!(
-            has_servers(&p),
-            "SHMC_SERVERS_PYTHON={} does not import uvicorn and gunicorn",
-            p.display()
-        );
-        return Ok(p);
-    }
-    let target = profile_dir()?
-        .parent()
-        .ok_or("no target directory")?
-        .to_path_buf();
-    let venv = target.join("python-servers");
-    let python = venv.join("bin/python");
-    if python.exists() && has_servers(&python) {
-        return Ok(python);
-    }
-    let out = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .output()
-        .map_err(|e| format!("python3 -m venv: {e}"))?;
-    ensure!(
-        out.status.success(),
-        "python3 -m venv {} failed (Debian: apt-get install python3-venv): {}",
-        venv.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet", "--disable-pip-version-check"])
-        .args(PACKAGES)
-        .output()
-        .map_err(|e| format!("pip: {e}"))?;
-    ensure!(
-        out.status.success() && has_servers(&python),
-        "pip install {} into {} failed (is PyPI reachable? or set SHMC_SERVERS_PYTHON to a python \
-         that imports both): {}",
-        PACKAGES.join(" "),
-        venv.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(python)
+    venv_with(
+        PACKAGES,
+        "python-servers",
+        "import uvicorn, gunicorn",
+        "SHMC_SERVERS_PYTHON",
+    )
 }
 
 // ------------------------------------------------------------ scenarios
@@ -306,7 +190,7 @@ fn reloads_under_wrk(kind: Kind, extra: &[&str]) -> Check {
     ensure!(status.success(), "wrk exited {status}:\n{output}");
     let after =
         server.wait_for_workers(Duration::from_secs(30), |w| w.pids().is_disjoint(&between.pids()))?;
-    let run = Wrk::parse(&output)?;
+    let run = Wrk::parse_with_pids(&output)?;
     println!(
         "    {kind:?} {extra:?}: wrk GET / through two reloads (SIGHUP at 2 s and {second:.1?}): {} requests, socket errors \
          (connect, read, write, timeout) {:?}, non-2xx {}; answered by {} pids; pids {:?} -> {:?} -> {:?}",
@@ -348,7 +232,7 @@ fn reloads_under_wrk(kind: Kind, extra: &[&str]) -> Check {
         std::thread::sleep(Duration::from_millis(50));
     }
     for _ in 0..20 {
-        let mut conn = Conn::open(&server.addr).map_err(|e| e.to_string())?;
+        let mut conn = Conn::open_any(&server.addr).map_err(|e| e.to_string())?;
         let r = conn.send("GET", "/").map_err(|e| e.to_string())?;
         ensure!(r.status == 200, "GET /: {} {}", r.status, r.body);
         let (_, pid) = banner(&r.body)?;
@@ -361,37 +245,12 @@ fn reloads_under_wrk(kind: Kind, extra: &[&str]) -> Check {
     server.stop()
 }
 
-/// wrk's script: collects the pid of each answer (`GET /`'s banner) and
-/// prints them once, summed over its threads.
-const PIDS_SCRIPT: &str = r#"
-local threads = {}
-function setup(thread)
-  table.insert(threads, thread)
-end
-function init(args)
-  pids = {}
-end
-function response(status, headers, body)
-  local pid = string.match(body, "pid (%d+)")
-  if pid then pids[pid] = true end
-end
-function done(summary, latency, requests)
-  local all = {}
-  for _, t in ipairs(threads) do
-    for pid, _ in pairs(t:get("pids")) do all[pid] = true end
-  end
-  local list = {}
-  for pid, _ in pairs(all) do table.insert(list, pid) end
-  io.write("answered by pids: " .. table.concat(list, " ") .. "\n")
-end
-"#;
-
 /// SIGTERM to the master 200 ms into `GET /slow?ms=800`: the request is
 /// answered 200 (and its connection then closed), every worker drains,
 /// and the master exits 0.
 fn shutdown_finishes_the_slow_request_in_flight(kind: Kind) -> Check {
     let server = Server::start(kind)?;
-    let mut conn = Conn::open(&server.addr).map_err(|e| e.to_string())?;
+    let mut conn = Conn::open_any(&server.addr).map_err(|e| e.to_string())?;
     let start = Instant::now();
     conn.write_request("GET", "/slow?ms=800")
         .map_err(|e| format!("write: {e}"))?;
@@ -441,10 +300,12 @@ fn counter_is_exact_across_workers(kind: Kind) -> Check {
                 let mut got = Vec::new();
                 barrier.wait();
                 for _ in 0..5 {
-                    let mut conn = Conn::open(&addr).map_err(|e| format!("connect: {e}"))?;
+                    let mut conn = Conn::open_any(&addr).map_err(|e| format!("connect: {e}"))?;
+                    // The last answer said `Connection: close`.
+                    let mut closed = false;
                     for _ in 0..5 {
-                        if conn.closed {
-                            conn = Conn::open(&addr).map_err(|e| format!("connect: {e}"))?;
+                        if closed {
+                            conn = Conn::open_any(&addr).map_err(|e| format!("connect: {e}"))?;
                         }
                         let r = conn.send("GET", "/count").map_err(|e| e.to_string())?;
                         ensure!(r.status == 200, "GET /count: {} {}", r.status, r.body);
@@ -454,8 +315,9 @@ fn counter_is_exact_across_workers(kind: Kind) -> Check {
                             .next()
                             .and_then(|n| n.parse::<u64>().ok())
                             .ok_or(format!("GET /count answered {:?}", r.body))?;
-                        got.push((n, r.pid));
-                        conn.closed = r.close;
+                        // The answering worker's pid (from the banner; 0 if none).
+                        got.push((n, banner(&r.body).map_or(0, |b| b.1)));
+                        closed = r.close;
                     }
                 }
                 Ok(got)
@@ -496,7 +358,7 @@ fn answers_while_maps_are_in_flight() -> Check {
     let server = Server::start(Kind::Uvicorn)?;
     let addr = server.addr.clone();
     let flood = std::thread::spawn(move || {
-        let mut conn = Conn::open(&addr).map_err(|e| e.to_string())?;
+        let mut conn = Conn::open_any(&addr).map_err(|e| e.to_string())?;
         conn.send("GET", "/flood?n=1000&seconds=1")
     });
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -507,7 +369,7 @@ fn answers_while_maps_are_in_flight() -> Check {
                 let (mut n, mut worst) = (0, Duration::ZERO);
                 while !stop.load(Ordering::Acquire) {
                     let t = Instant::now();
-                    let mut conn = Conn::open(&addr).map_err(|e| format!("connect: {e}"))?;
+                    let mut conn = Conn::open_any(&addr).map_err(|e| format!("connect: {e}"))?;
                     let r = conn.send("GET", "/").map_err(|e| e.to_string())?;
                     ensure!(r.status == 200, "GET /: {} {}", r.status, r.body);
                     worst = worst.max(t.elapsed());
@@ -558,105 +420,20 @@ fn answers_while_maps_are_in_flight() -> Check {
     server.stop()
 }
 
-// ------------------------------------------------------------ wrk's summary
-
-/// What wrk's summary says.
-#[derive(Debug, Default)]
-struct Wrk {
-    /// Answers, whatever their status ("N requests in ...").
-    requests: u64,
-    /// connect, read, write, timeout ("Socket errors: ..."; absent: none).
-    socket_errors: [u64; 4],
-    /// "Non-2xx or 3xx responses: N" (absent: none).
-    non_2xx: u64,
-    /// The script's "answered by pids: ...".
-    pids: BTreeSet<u32>,
-}
-
-impl Wrk {
-    fn parse(text: &str) -> Result<Wrk, String> {
-        let number = |line: &str, v: &str| {
-            v.trim()
-                .parse::<u64>()
-                .map_err(|e| format!("wrk: {line:?}: {e}\n{text}"))
-        };
-        let mut wrk = Wrk::default();
-        let (mut summary, mut pids) = (false, false);
-        for line in text.lines().map(str::trim) {
-            if let Some((n, _)) = line.split_once(" requests in ") {
-                wrk.requests = number(line, n)?;
-                summary = true;
-            } else if let Some(v) = line.strip_prefix("Socket errors:") {
-                // "connect 0, read 12, write 0, timeout 0"
-                let parts: Vec<&str> = v.split(',').map(str::trim).collect();
-                ensure!(parts.len() == 4, "wrk: {line:?}");
-                for (i, (part, name)) in parts
-                    .iter()
-                    .zip(["connect", "read", "write", "timeout"])
-                    .enumerate()
-                {
-                    let n = part.strip_prefix(name).ok_or(format!("wrk: {line:?}"))?;
-                    wrk.socket_errors[i] = number(line, n)?;
-                }
-            } else if let Some(v) = line.strip_prefix("Non-2xx or 3xx responses:") {
-                wrk.non_2xx = number(line, v)?;
-            } else if let Some(v) = line.strip_prefix("answered by pids:") {
-                for pid in v.split_whitespace() {
-                    wrk.pids.insert(number(line, pid)? as u32);
-                }
-                pids = true;
-            }
-        }
-        ensure!(summary, "no summary in wrk's output:\n{text}");
-        ensure!(pids, "the script printed no pids:\n{text}");
-        Ok(wrk)
-    }
-}
-
-fn read_all(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    })
-}
-
-fn join(t: JoinHandle<String>) -> Result<String, String> {
-    t.join().map_err(|_| "a pipe reader panicked".to_string())
-}
-
 // ------------------------------------------------------------ the cluster
 
-/// The master's pid (= its process group) for the watchdog; 0 when none
-/// runs.
-static MASTER: AtomicI32 = AtomicI32::new(0);
-
-/// Fails the scenario after `limit`: kills the master's process group and
-/// exits 1 (`run_suite` reports it).
-fn watchdog(name: &'static str, limit: Duration) {
-    std::thread::spawn(move || {
-        std::thread::sleep(limit);
-        let master = MASTER.load(Ordering::Acquire);
-        if master > 0 {
-            let _ = killpg(Pid::from_raw(master), Signal::SIGKILL);
-        }
-        eprintln!("WATCHDOG: scenario {name} still running after {limit:?}; killed the cluster");
-        std::process::exit(1);
-    });
-}
-
 /// `shmcluster run -w 4 --listen 127.0.0.1:0 -- <python>/uvicorn ... --fd 3`
-/// (or gunicorn) in its own process group, so that one `killpg` ends it
-/// and its workers (gunicorn's forked workers included). Dropping it kills
-/// the group and reaps the master.
-struct Server {
-    child: Child,
-    addr: String,
-    /// Everything the master and its workers wrote to stderr.
-    log: Arc<Mutex<String>>,
-    reader: Option<JoinHandle<()>>,
+/// (or gunicorn): a [`Cluster`], in its own process group, so that one
+/// `killpg` ends it and its workers (gunicorn's forked workers included);
+/// killed and reaped when dropped.
+struct Server(Cluster);
+
+impl std::ops::Deref for Server {
+    type Target = Cluster;
+
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
 }
 
 impl Server {
@@ -686,79 +463,21 @@ impl Server {
                 .arg("gunicorn_app:app"),
         };
         let pythonpath = format!("{}:{}", root().join("ffi/python").display(), examples.display());
-        let mut child = cmd
-            .current_dir(common::tmp())
+        cmd.current_dir(common::tmp())
             .env("PYTHONPATH", pythonpath)
             .env("SHMCLUSTER_LIB", library()?)
             // The shared counters' files, in the scenario's scratch directory.
             .env("UVICORN_APP_COUNTER", common::tmp().join("uvicorn.count"))
-            .env("GUNICORN_APP_COUNTER", common::tmp().join("gunicorn.count"))
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("{BIN}: {e}"))?;
-        MASTER.store(child.id() as i32, Ordering::Release);
-        let stderr = child.stderr.take().ok_or("no stderr pipe")?;
-        let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-        let log = Arc::new(Mutex::new(String::new()));
+            .env("GUNICORN_APP_COUNTER", common::tmp().join("gunicorn.count"));
         // stdout (uvicorn and gunicorn log there too) into the same log.
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            });
-        }
-        let (first, address) = mpsc::channel();
-        let reader = {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut first = Some(first);
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    // "shmcluster: master pid N, 4 workers, control socket
-                    // PATH, listening on 127.0.0.1:PORT"
-                    if let Some((_, rest)) = line.split_once(", listening on ") {
-                        if let Some(tx) = first.take() {
-                            let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_owned());
-                        }
-                    }
-                    let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            })
-        };
-        let mut server = Server {
-            child,
-            addr: String::new(),
-            log,
-            reader: Some(reader),
-        };
-        server.addr = address
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| format!("the master named no address in 10 s:\n{}", server.log()))?;
+        let server = Server(Cluster::spawn(&mut cmd, true)?);
         server.wait_for_workers(Duration::from_secs(30), |_| true)?;
         Ok(server)
     }
 
-    fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    fn signal(&self, sig: Signal) -> Check {
-        kill(Pid::from_raw(self.child.id() as i32), sig).map_err(|e| format!("{sig} to the master: {e}"))
-    }
-
     /// `GET /peers` on a new connection (a `map` over every worker).
     fn workers(&self) -> Result<Workers, String> {
-        let mut conn = Conn::open(&self.addr).map_err(|e| format!("connect: {e}"))?;
+        let mut conn = Conn::open_any(&self.addr).map_err(|e| format!("connect: {e}"))?;
         let r = conn.send("GET", "/peers").map_err(|e| e.to_string())?;
         ensure!(r.status == 200, "GET /peers: {} {}", r.status, r.body);
         Workers::parse(&r.body)
@@ -788,44 +507,13 @@ impl Server {
 
     /// Waits for the master to exit; its status and everything the
     /// cluster wrote.
-    fn wait(mut self, limit: Duration) -> Result<(std::process::ExitStatus, String), String> {
-        let status = wait_child(&mut self.child, limit)?;
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-        Ok((status, self.log()))
+    fn wait(self, limit: Duration) -> Result<(std::process::ExitStatus, String), String> {
+        self.0.wait(limit)
     }
 
     /// SIGTERM, then the master must exit 0.
     fn stop(self) -> Check {
-        self.signal(Signal::SIGTERM)?;
-        let (status, log) = self.wait(Duration::from_secs(20))?;
-        ensure!(
-            status.success(),
-            "the master exited {status} after SIGTERM:\n{log}"
-        );
-        Ok(())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(Some(_))) {
-            let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-        MASTER.store(0, Ordering::Release);
-    }
-}
-
-/// Whether `pid` runs (a zombie does not).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // "pid (comm) S ...": the state follows the last ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
+        self.0.stop(Duration::from_secs(20))
     }
 }
 
@@ -864,11 +552,6 @@ impl Workers {
     fn pids(&self) -> BTreeSet<u32> {
         self.workers.iter().map(|w| w.pid).collect()
     }
-}
-
-/// A number field of a JSON object.
-fn field(v: &Value, name: &str) -> Result<u64, String> {
-    v[name].as_u64().ok_or(format!("no number {name:?} in {v}"))
 }
 
 /// "hello from worker <index> (slot <slot>, pid <pid>)" (`GET /`,
@@ -925,17 +608,11 @@ fn plain_gunicorn_and_sd_notify(notify: bool) -> Check {
         .stderr(log)
         .spawn()
         .map_err(|e| format!("{BIN}: {e}"))?;
-    MASTER.store(child.id() as i32, Ordering::Release);
     // Killed with its process group if the scenario fails.
-    let mut server = Server {
-        child,
-        addr: String::new(),
-        log: Arc::new(Mutex::new(String::new())),
-        reader: None,
-    };
+    let mut server = Server(Cluster::adopt(child));
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let start = Instant::now();
-    server.addr = loop {
+    server.0.addr = loop {
         if let Some((_, rest)) = read_log().split_once(", listening on ") {
             break rest.split_whitespace().next().unwrap_or_default().to_owned();
         }
@@ -987,7 +664,7 @@ fn plain_gunicorn_and_sd_notify(notify: bool) -> Check {
     // gunicorn answers (its arbiter is up, READY=1 sent if it had a socket).
     let start = Instant::now();
     loop {
-        let answer = Conn::open(&server.addr)
+        let answer = Conn::open_any(&server.addr)
             .map_err(|e| e.to_string())
             .and_then(|mut c| c.send("GET", "/"));
         match answer {
@@ -1034,119 +711,4 @@ fn plain_gunicorn_and_sd_notify(notify: bool) -> Check {
     );
     wait_ready(&before)?;
     server.stop()
-}
-
-// ------------------------------------------------------------ a small HTTP/1.1 client
-
-struct Conn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-    /// The last answer said `Connection: close` (set by the caller).
-    closed: bool,
-}
-
-struct Response {
-    status: u16,
-    body: String,
-    /// The answering worker's pid (from the banner; 0 if none).
-    pid: u32,
-    /// The server will close the connection after this answer.
-    close: bool,
-}
-
-impl Response {
-    fn json(&self) -> Result<Value, String> {
-        serde_json::from_str(&self.body).map_err(|e| format!("{e}: {:?}", self.body))
-    }
-}
-
-impl Conn {
-    fn open(addr: &str) -> io::Result<Conn> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Conn {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-            closed: false,
-        })
-    }
-
-    fn send(&mut self, method: &str, path: &str) -> Result<Response, String> {
-        self.write_request(method, path)
-            .map_err(|e| format!("write: {e}"))?;
-        self.read_response()
-    }
-
-    fn write_request(&mut self, method: &str, path: &str) -> io::Result<()> {
-        let length = if method == "GET" {
-            ""
-        } else {
-            "Content-Length: 0\r\n"
-        };
-        self.writer
-            .write_all(format!("{method} {path} HTTP/1.1\r\nHost: test\r\n{length}\r\n").as_bytes())
-    }
-
-    fn line(&mut self) -> Result<String, String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err("connection closed mid-answer".into()),
-            Ok(_) => Ok(line.trim_end().to_owned()),
-            Err(e) => Err(format!("read: {e}")),
-        }
-    }
-
-    /// One answer with a `Content-Length` (the example always sends one).
-    fn read_response(&mut self) -> Result<Response, String> {
-        let status_line = self.line()?;
-        let status = match status_line.split_whitespace().collect::<Vec<_>>()[..] {
-            ["HTTP/1.1" | "HTTP/1.0", code, ..] => {
-                code.parse::<u16>().map_err(|e| format!("{status_line:?}: {e}"))?
-            }
-            _ => return Err(format!("status line {status_line:?}")),
-        };
-        let (mut length, mut close) = (None, false);
-        loop {
-            let line = self.line()?;
-            if line.is_empty() {
-                break;
-            }
-            let (name, value) = line.split_once(':').ok_or(format!("header {line:?}"))?;
-            let value = value.trim();
-            match name.to_ascii_lowercase().as_str() {
-                "content-length" => {
-                    length = Some(value.parse::<usize>().map_err(|e| format!("{line:?}: {e}"))?)
-                }
-                "connection" => close = value.eq_ignore_ascii_case("close"),
-                _ => {}
-            }
-        }
-        let mut body = vec![0; length.ok_or("no Content-Length")?];
-        self.reader
-            .read_exact(&mut body)
-            .map_err(|e| format!("body: {e}"))?;
-        let body = String::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
-        Ok(Response {
-            status,
-            pid: banner(&body).map_or(0, |b| b.1),
-            body,
-            close,
-        })
-    }
-
-    /// Whether the server closes the connection (EOF or reset) within
-    /// `limit`, sending nothing.
-    fn closed_within(&mut self, limit: Duration) -> Result<bool, String> {
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(limit))
-            .map_err(|e| e.to_string())?;
-        match self.reader.fill_buf() {
-            Ok([]) => Ok(true),
-            Ok(data) => Err(format!("unasked-for bytes: {:?}", String::from_utf8_lossy(data))),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(false),
-            Err(_) => Ok(true),
-        }
-    }
 }

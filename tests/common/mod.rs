@@ -186,3 +186,6 @@ pub mod cluster;
 
 /// A real NATS cluster (`nats-server` processes on loopback).
 pub mod nats;
+
+/// The C library built for Python workers, and pythons with packages.
+pub mod python;

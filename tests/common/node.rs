@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,60 +21,8 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
+use super::common::python::{root, target_dir};
 use super::Check;
-
-/// The repository (this package's manifest directory).
-pub fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `target/<profile>`: the directory above this test binary's `deps`.
-pub fn profile_dir() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .ok_or_else(|| format!("{} is not in target/<profile>/deps", exe.display()))
-}
-
-fn target_dir() -> Result<PathBuf, String> {
-    let profile = profile_dir()?;
-    profile
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| "no target directory".to_owned())
-}
-
-/// Builds the C library (`libshmcluster.so`, for Python workers) into this
-/// test's target directory and profile (`cargo test` of this package does
-/// not build the ffi crate; a no-op when it is up to date); returns its
-/// path.
-pub fn build_library() -> Result<PathBuf, String> {
-    let profile = profile_dir()?;
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "shmcluster-ffi",
-        "--lib",
-        "--target-dir",
-    ])
-    .arg(target_dir()?)
-    .current_dir(root());
-    if let Some(name) = profile
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| *n != "debug")
-    {
-        cmd.args(["--profile", name]);
-    }
-    let status = cmd.status().map_err(|e| format!("cargo build: {e}"))?;
-    ensure!(status.success(), "cargo build -p shmcluster-ffi --lib: {status}");
-    let lib = profile.join("libshmcluster.so");
-    ensure!(lib.exists(), "cargo build made no {}", lib.display());
-    Ok(lib)
-}
 
 /// Builds the Node.js addon as `npm install` in node/ does
 /// (`node scripts/build.js`: a release build of `shmcluster-node` into
