@@ -6,86 +6,15 @@
 // workers use the fallback wake, a waiter thread, instead of the eventfd.
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { spawn } = require('node:child_process');
-const fs = require('node:fs');
 const path = require('node:path');
-const readline = require('node:readline');
+const { Cluster } = require('./harness');
 
-const root = path.resolve(__dirname, '..', '..');
-const bin = ['debug', 'release']
-  .map((p) => path.join(process.env.CARGO_TARGET_DIR || path.join(root, 'target'), p, 'shmcluster'))
-  .find((p) => fs.existsSync(p));
+const cluster = new Cluster();
 
-let master;
-const results = new Map();
-let output = '';
+before(() => cluster.start(path.join(__dirname, 'worker.js')));
+after(() => cluster.stop());
 
-function stopMaster() {
-  if (!master || master.exitCode !== null || master.signalCode !== null) return Promise.resolve();
-  return new Promise((resolve) => {
-    const kill = setTimeout(() => {
-      // The whole process group: the master and any worker left.
-      try {
-        process.kill(-master.pid, 'SIGKILL');
-      } catch (_) {}
-    }, 5000);
-    master.once('exit', () => {
-      clearTimeout(kill);
-      resolve();
-    });
-    master.kill('SIGTERM');
-  });
-}
-
-before(async () => {
-  assert.ok(bin, 'build the command first: cargo build -p shmcluster');
-  master = spawn(bin, ['run', '-w', '3', '--', process.execPath, path.join(__dirname, 'worker.js')], {
-    cwd: root,
-    detached: true, // its own process group, for the reaping above
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  master.stderr.on('data', (d) => {
-    output += d;
-  });
-  const lines = readline.createInterface({ input: master.stdout });
-  await new Promise((resolve, reject) => {
-    const watchdog = setTimeout(() => reject(new Error(`no DONE in 60 s:\n${output}`)), 60000);
-    lines.on('line', (line) => {
-      output += `${line}\n`;
-      if (line.startsWith('RESULT ')) {
-        const r = JSON.parse(line.slice(7));
-        results.set(r.name, r.value);
-      } else if (line === 'DONE') {
-        clearTimeout(watchdog);
-        resolve();
-      } else if (line.startsWith('FAILED')) {
-        clearTimeout(watchdog);
-        reject(new Error(output));
-      }
-    });
-    master.once('exit', (code, sig) => {
-      clearTimeout(watchdog);
-      reject(new Error(`master exited (${code ?? sig}) early:\n${output}`));
-    });
-  });
-});
-
-after(async () => {
-  await stopMaster();
-  // Nothing of the cluster may outlive the test.
-  try {
-    process.kill(-master.pid, 0);
-    process.kill(-master.pid, 'SIGKILL');
-    assert.fail('a process of the cluster outlived its master');
-  } catch (e) {
-    if (e.code !== 'ESRCH') throw e;
-  }
-});
-
-const r = (name) => {
-  assert.ok(results.has(name), `no result ${name}:\n${output}`);
-  return results.get(name);
-};
+const r = (name) => cluster.result(name);
 
 test('every worker uses the wake asked for', () => {
   const want = process.env.NODE_SHMCLUSTER_WAKE === 'thread' ? 'thread' : 'eventfd';

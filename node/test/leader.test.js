@@ -6,101 +6,36 @@
 // first: no leader is a typed error at the deadline, never a hang.
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const { spawn } = require('node:child_process');
 const fs = require('node:fs');
+const os = require('node:os');
 const path = require('node:path');
-const readline = require('node:readline');
 
 const { Worker } = require('..');
+const { Cluster } = require('./harness');
 
-const root = path.resolve(__dirname, '..', '..');
-const bin = ['debug', 'release']
-  .map((p) => path.join(process.env.CARGO_TARGET_DIR || path.join(root, 'target'), p, 'shmcluster'))
-  .find((p) => fs.existsSync(p));
-
-let master;
-const results = new Map();
-let output = '';
-let reloadFinished = null;
-
-function stopMaster() {
-  if (!master || master.exitCode !== null || master.signalCode !== null) return Promise.resolve();
-  return new Promise((resolve) => {
-    const kill = setTimeout(() => {
-      // The whole process group: the master and any worker left.
-      try {
-        process.kill(-master.pid, 'SIGKILL');
-      } catch (_) {}
-    }, 5000);
-    master.once('exit', () => {
-      clearTimeout(kill);
-      resolve();
-    });
-    master.kill('SIGTERM');
-  });
-}
-
-before(async () => {
-  assert.ok(bin, 'build the command first: cargo build -p shmcluster');
-  master = spawn(bin, ['run', '-w', '3', '--', process.execPath, path.join(__dirname, 'leader_worker.js')], {
-    cwd: root,
-    detached: true, // its own process group, for the reaping above
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let sawReload;
-  reloadFinished = new Promise((resolve) => {
-    sawReload = resolve;
-  });
-  const check = () => {
-    if (/reload finished: ok/.test(output)) sawReload(true);
-  };
-  master.stderr.on('data', (d) => {
-    output += d;
-    check();
-  });
-  const lines = readline.createInterface({ input: master.stdout });
-  await new Promise((resolve, reject) => {
-    const watchdog = setTimeout(() => reject(new Error(`no DONE in 90 s:\n${output}`)), 90000);
-    lines.on('line', (line) => {
-      output += `${line}\n`;
-      check();
-      if (line.startsWith('RESULT ')) {
-        const r = JSON.parse(line.slice(7));
-        results.set(r.name, r.value);
-      } else if (line === 'DONE') {
-        clearTimeout(watchdog);
-        resolve();
-      } else if (line.startsWith('FAILED')) {
-        clearTimeout(watchdog);
-        reject(new Error(output));
-      }
-    });
-    master.once('exit', (code, sig) => {
-      clearTimeout(watchdog);
-      reject(new Error(`master exited (${code ?? sig}) early:\n${output}`));
-    });
-  });
+const cluster = new Cluster();
+let sawReload;
+const reloadFinished = new Promise((resolve) => {
+  sawReload = resolve;
 });
+
+before(() =>
+  cluster.start(path.join(__dirname, 'leader_worker.js'), {
+    timeoutMs: 90000,
+    onOutput: (output) => {
+      if (/reload finished: ok/.test(output)) sawReload(true);
+    },
+  }),
+);
 
 after(async () => {
-  await stopMaster();
+  await cluster.stop();
   // leader_worker.js's reload mark, if the run ended before the
   // replacement removed it (a later master with this pid would find it).
-  if (master) fs.rmSync(path.join(require('node:os').tmpdir(), `shmc-node-leader-${master.pid}`), { force: true });
-  // Nothing of the cluster may outlive the test.
-  try {
-    process.kill(-master.pid, 0);
-    process.kill(-master.pid, 'SIGKILL');
-    assert.fail('a process of the cluster outlived its master');
-  } catch (e) {
-    if (e.code !== 'ESRCH') throw e;
-  }
+  if (cluster.master) fs.rmSync(path.join(os.tmpdir(), `shmc-node-leader-${cluster.master.pid}`), { force: true });
 });
 
-const r = (name) => {
-  assert.ok(results.has(name), `no result ${name}:\n${output}`);
-  return results.get(name);
-};
+const r = (name) => cluster.result(name);
 
 test('standalone: no leader is NO_LEADER at the deadline; campaigning makes one', async () => {
   const w = Worker.standalone();
@@ -207,6 +142,6 @@ test('requestReload: the master reloads, index 0 comes back as a new process', a
   let timer;
   const ok = await Promise.race([reloadFinished, new Promise((res) => (timer = setTimeout(() => res(false), 30000)))]);
   clearTimeout(timer);
-  assert.ok(ok, `no "reload finished: ok" from the master:\n${output}`);
-  assert.match(output, /reload started/);
+  assert.ok(ok, `no "reload finished: ok" from the master:\n${cluster.output}`);
+  assert.match(cluster.output, /reload started/);
 });

@@ -7,14 +7,13 @@
 const { test } = require('node:test');
 const assert = require('node:assert/strict');
 const { spawn } = require('node:child_process');
-const fs = require('node:fs');
 const http = require('node:http');
 const net = require('node:net');
 const path = require('node:path');
 const readline = require('node:readline');
 const { listenFds, listener, drainer } = require('..');
 
-const root = path.resolve(__dirname, '..', '..');
+const { bin } = require('./harness');
 
 test('without inherited listeners: [] and typed errors', () => {
   assert.deepEqual(listenFds(), []);
@@ -137,9 +136,6 @@ test('a drain before the server listens: it resolves at once, and a later listen
 });
 
 test('listener() from the systemd variables alone (no Worker.fromEnv), under a real master', async (t) => {
-  const bin = ['debug', 'release']
-    .map((p) => path.join(process.env.CARGO_TARGET_DIR || path.join(root, 'target'), p, 'shmcluster'))
-    .find((p) => fs.existsSync(p));
   assert.ok(bin, 'build the command first: cargo build -p shmcluster');
   const child = `
     const http = require('node:http');
