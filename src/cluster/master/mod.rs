@@ -146,6 +146,11 @@ impl Cluster {
                 self.shutdown();
                 ControlAnswer::ShutdownStarted
             }
+            ControlRequest::Events { since } => {
+                let (events, next) =
+                    super::event::recent(self.segment.control(), since, control::codec::MAX_EVENTS);
+                ControlAnswer::Events { events, next }
+            }
         }
     }
 }
