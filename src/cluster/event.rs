@@ -236,12 +236,10 @@ impl Event {
 /// oldest first; and the number the next event will get (what a client
 /// asks `since` next time). Events overwritten in the ring, or of a kind
 /// this build does not know, are left out.
-pub(crate) fn recent(
-    control: &crate::segment::table::Control,
-    since: u64,
-    max: usize,
-) -> (Vec<Event>, u64) {
-    let published = control.events_published.load(std::sync::atomic::Ordering::Acquire);
+pub(crate) fn recent(control: &crate::segment::table::Control, since: u64, max: usize) -> (Vec<Event>, u64) {
+    let published = control
+        .events_published
+        .load(std::sync::atomic::Ordering::Acquire);
     let mut n = since.max(published.saturating_sub(max as u64));
     let mut events = Vec::with_capacity(published.saturating_sub(n).min(max as u64) as usize);
     while n < published {
@@ -324,10 +322,16 @@ mod tests {
         }
         let seqs = |(events, next): (Vec<Event>, u64)| {
             assert_eq!(next, total);
-            events.iter().map(|e| (e.seq, u64::from(e.pid))).collect::<Vec<_>>()
+            events
+                .iter()
+                .map(|e| (e.seq, u64::from(e.pid)))
+                .collect::<Vec<_>>()
         };
         // Only what is new, each with its number.
-        assert_eq!(seqs(recent(control, total - 2, 8)), [(total - 2, total - 1), (total - 1, total)]);
+        assert_eq!(
+            seqs(recent(control, total - 2, 8)),
+            [(total - 2, total - 1), (total - 1, total)]
+        );
         assert_eq!(seqs(recent(control, total, 8)), []);
         assert_eq!(seqs(recent(control, u64::MAX, 8)), []);
         // At most `max`: the newest.

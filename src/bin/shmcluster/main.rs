@@ -1,6 +1,6 @@
 //! `shmcluster`: the command-line master (`run`, spawn mode: any program
 //! as the worker) and the tools that talk to a running master through its
-//! control socket (`stat`, `reload`, `stop`).
+//! control socket (`stat`, `reload`, `stop`, and `top`, a live view).
 
 use std::cell::Cell;
 use std::ffi::OsString;
@@ -14,6 +14,7 @@ use shmcluster::bridge::{NatsConfig, NatsCredentials};
 use shmcluster::{Cluster, ListenMode, MAX_WORKERS};
 
 mod client;
+mod top;
 
 use client::{ClientError, Snapshot};
 
@@ -74,6 +75,15 @@ enum Command {
     /// Ask a running master for a graceful shutdown (as SIGTERM does).
     #[command(after_help = EXIT_CODES)]
     Stop(WaitArgs),
+    /// A full-screen live view of a running master: workers (state, pid,
+    /// generation, restarts, heartbeat age, message rates with sparklines,
+    /// inbox bytes), locks, and recent events.
+    ///
+    /// Keys: up/down or j/k select a worker; r rolling reload; s stop the
+    /// cluster (asks y/n first); q, Esc or Ctrl-C quit. Needs a terminal
+    /// (exit 2 otherwise; `stat --watch` prints the figures instead).
+    #[command(after_help = EXIT_CODES)]
+    Top(TopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +232,15 @@ struct StatArgs {
 }
 
 #[derive(Debug, Args)]
+struct TopArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Ask the master for its figures every SECS (at least 0.1).
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = secs)]
+    interval: Duration,
+}
+
+#[derive(Debug, Args)]
 struct WaitArgs {
     #[command(flatten)]
     target: Target,
@@ -270,6 +289,7 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => report(Err(e)),
         },
+        Command::Top(args) => top::run(args.target.control, args.target.pid, args.interval),
     };
     ExitCode::from(code)
 }

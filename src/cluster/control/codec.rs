@@ -366,8 +366,16 @@ mod tests {
         let events = |since| Ok(Request::Master(ControlRequest::Events { since }));
         assert_eq!(parse_request(b"events"), events(0));
         assert_eq!(parse_request(b"events since=42"), events(42));
-        assert_eq!(parse_request(b" events  since=18446744073709551615 "), events(u64::MAX));
-        for bad in ["events since=-1", "events since=", "events since=99999999999999999999", "events 3"] {
+        assert_eq!(
+            parse_request(b" events  since=18446744073709551615 "),
+            events(u64::MAX)
+        );
+        for bad in [
+            "events since=-1",
+            "events since=",
+            "events since=99999999999999999999",
+            "events 3",
+        ] {
             let refused = parse_request(bad.as_bytes()).unwrap_err();
             assert!(refused.starts_with("err bad events request "), "{bad}: {refused}");
             assert!(refused.ends_with("expected events since=<number>\n"), "{refused}");
