@@ -22,15 +22,17 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  run: the cluster shut down cleanly (none of the workers it stopped
      was unhealthy, see 1, and each ended within the grace period);
-     stat/reload/stop: done
+     stat/reload/stop: done; top: quit with q (also once the master has gone)
   1  run: an unclean shutdown (when it began, a worker that had crashed
      before it was ever ready or had not been ready within the ready
      timeout; then one that exited with an error or was killed at the
      grace deadline; a slot given up after a crash loop);
      stat/reload/stop: no master answered, it refused, a reload failed, or
-     --wait timed out or the master ended without saying how
+     --wait timed out or the master ended without saying how;
+     top: no master answered when it started, or the terminal failed
   2  a usage error, or run could not start (bad option, command not found,
-     address not bindable, control socket not bindable): nothing was started
+     address not bindable, control socket not bindable): nothing was started;
+     top: stdout is not a terminal
   3  run: every worker slot was given up after crash loops, so the master
      stopped by itself
   stop --wait exits with the master's own exit code (0, 1 or 3) once it has
