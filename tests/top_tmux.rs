@@ -1,5 +1,5 @@
-//! `shmcluster top` in a real terminal: a detached tmux session (own
-//! server socket, 120x40) runs `top --pid <master>` against a real
+//! `shmcluster top` in a real terminal: a detached tmux session (a
+//! server of its own, `tmux -S <socket file>`; 120x40) runs `top --pid <master>` against a real
 //! `shmcluster run -w 3` master; keys go in with `tmux send-keys`, and
 //! the test asserts on what a person sees (`tmux capture-pane -p`): the
 //! three workers and their pids, a SIGKILLed worker's restart (new pid,
@@ -7,7 +7,8 @@
 //! `stat` counts it, the screen shows the new generations), `s` then `y`
 //! stopping the master (exit 0, the screen says "master gone"), and `q`
 //! giving the terminal back (top exits 0, the shell's own output is on
-//! the screen again).
+//! the screen again); a second view in another session gives it back on
+//! SIGTERM too (exit 143).
 //!
 //! Needs tmux (Debian package `tmux`; .ci/run installs it). Every wait
 //! polls the screen against a deadline; a watchdog kills the tmux server
@@ -66,10 +67,15 @@ impl Tmux {
         out
     }
 
-    /// A detached 120x40 session running `shell_command`.
-    fn start(socket: PathBuf, shell_command: &str) -> Self {
-        let tmux = Self { socket };
-        tmux.run(&[
+    /// A server with no session yet.
+    fn new(socket: PathBuf) -> Self {
+        Self { socket }
+    }
+
+    /// A detached 120x40 session `name` running `shell_command` (the
+    /// first one starts the server).
+    fn session(&self, name: &str, shell_command: &str) {
+        self.run(&[
             "new-session",
             "-d",
             "-x",
@@ -77,29 +83,52 @@ impl Tmux {
             "-y",
             "40",
             "-s",
-            "top",
+            name,
             shell_command,
         ]);
-        tmux
     }
 
-    /// What the pane shows now.
-    fn screen(&self) -> String {
-        String::from_utf8_lossy(&self.run(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned()
+    /// The pane of session `name`, exactly (a bare name would also match
+    /// a window's name in whichever session is current).
+    fn target(name: &str) -> String {
+        format!("={name}:")
     }
 
-    /// Types `key` (a tmux key name or a character).
-    fn key(&self, key: &str) {
-        self.run(&["send-keys", "-t", "top", key]);
+    /// What session `name`'s pane shows now.
+    fn screen(&self, name: &str) -> String {
+        String::from_utf8_lossy(
+            &self
+                .run(&["capture-pane", "-p", "-t", &Self::target(name)])
+                .stdout,
+        )
+        .into_owned()
     }
 
-    /// Polls the screen until `done` accepts it (within
+    /// Types `key` (a tmux key name or a character) into session `name`.
+    fn key(&self, name: &str, key: &str) {
+        self.run(&["send-keys", "-t", &Self::target(name), key]);
+    }
+
+    /// The pid of the process the shell of session `name` runs (top).
+    fn child_of_pane(&self, name: &str) -> u32 {
+        let out = self.run(&["list-panes", "-t", &Self::target(name), "-F", "#{pane_pid}"]);
+        let shell: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap();
+        children
+            .split_whitespace()
+            .next()
+            .expect("top runs in the pane")
+            .parse()
+            .unwrap()
+    }
+
+    /// Polls session `name`'s screen until `done` accepts it (within
     /// [`SCREEN_DEADLINE`]); returns it. Panics with the last screen and
-    /// `what` was awaited otherwise.
-    fn until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+    /// what was awaited otherwise.
+    fn until(&self, name: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + SCREEN_DEADLINE;
         loop {
-            let screen = self.screen();
+            let screen = self.screen(name);
             if done(&screen) {
                 return screen;
             }
@@ -199,13 +228,21 @@ fn top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal() {
     let table = stat_until(master_pid, "3 Ready workers", |t| ready_rows(t).len() == 3);
     let first: Vec<(u32, u32, u32)> = ready_rows(&table);
 
-    let tmux = Tmux::start(
-        tmux_socket,
-        &format!("{BIN} top --pid {master_pid} --interval 0.2; echo top-exited=$?; exec sleep 300"),
-    );
+    let tmux = Tmux::new(tmux_socket);
+    let top = format!("{BIN} top --pid {master_pid} --interval 0.2; echo top-exited=$?; exec sleep 300");
+    tmux.session("top", &top);
+
+    // A second view, ended by SIGTERM: it gives the terminal back too
+    // (exit 128 + 15).
+    tmux.session("term", &top);
+    tmux.until("term", "the second view", |s| ready_rows(s).len() == 3);
+    kill(Pid::from_raw(tmux.child_of_pane("term") as i32), Signal::SIGTERM).unwrap();
+    let screen = tmux.until("term", "top's exit on SIGTERM", |s| s.contains("top-exited="));
+    assert!(screen.contains("top-exited=143"), "{screen}");
+    assert!(!screen.contains("RESTARTS"), "the view was left: {screen}");
 
     // The three workers with their pids, and the master in the header.
-    let screen = tmux.until("the three workers", |s| {
+    let screen = tmux.until("top", "the three workers", |s| {
         let rows = ready_rows(s);
         first.iter().all(|w| rows.contains(w))
     });
@@ -220,7 +257,7 @@ fn top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal() {
     // events say how it ended.
     let (victim, _, _) = first[0];
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
-    let screen = tmux.until("the killed worker's restart", |s| {
+    let screen = tmux.until("top", "the killed worker's restart", |s| {
         let rows = ready_rows(s);
         rows.len() == 3
             && rows.iter().all(|&(pid, _, _)| pid != victim)
@@ -235,7 +272,7 @@ fn top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal() {
 
     // `r`: a rolling reload. The master counts it; the screen shows it and
     // every worker's new pid and generation as the master has them.
-    tmux.key("r");
+    tmux.key("top", "r");
     let table = stat_until(master_pid, "a finished reload", |t| {
         t.contains("reloads: 1 started, 1 ok, 0 failed") && ready_rows(t).len() == 3
     });
@@ -244,7 +281,7 @@ fn top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal() {
         reloaded.iter().all(|w| !restarted.iter().any(|r| r.0 == w.0)),
         "every worker was replaced: before {restarted:?}, after {reloaded:?}"
     );
-    let screen = tmux.until("the reload and the new generation", |s| {
+    let screen = tmux.until("top", "the reload and the new generation", |s| {
         let rows = ready_rows(s);
         s.contains("reloads: 1 started, 1 ok, 0 failed")
             && s.contains("reload finished: ok")
@@ -254,19 +291,21 @@ fn top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal() {
 
     // `s` asks first; `y` stops the master, which exits 0; top stays up
     // and says the master is gone.
-    tmux.key("s");
-    tmux.until("the stop question", |s| s.contains("Stop the cluster? (y/n)"));
-    tmux.key("y");
+    tmux.key("top", "s");
+    tmux.until("top", "the stop question", |s| {
+        s.contains("Stop the cluster? (y/n)")
+    });
+    tmux.key("top", "y");
     let (status, _) = master.wait(Duration::from_secs(15)).unwrap();
     let written = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "the master exited {status}:\n{written}");
     assert!(written.contains("clean shutdown"), "{written}");
-    tmux.until("master gone", |s| s.contains("master gone"));
+    tmux.until("top", "master gone", |s| s.contains("master gone"));
 
     // `q`: top exits 0 and the shell's screen is back (the alternate
     // screen left: no table any more).
-    tmux.key("q");
-    let screen = tmux.until("top's exit", |s| s.contains("top-exited="));
+    tmux.key("top", "q");
+    let screen = tmux.until("top", "top's exit", |s| s.contains("top-exited="));
     assert!(screen.contains("top-exited=0"), "{screen}");
     assert!(!screen.contains("RESTARTS"), "the view was left: {screen}");
 }

@@ -7,6 +7,8 @@ use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::DefaultTerminal;
 
@@ -38,22 +40,46 @@ impl Drop for Screen {
     }
 }
 
-/// Runs until the user quits.
-pub fn run(path: &Path, interval: Duration) -> io::Result<()> {
+/// The longest the loop waits for a key before it looks at its signals.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+/// `SIGTERM`, `SIGHUP` and `SIGINT`, blocked and read from a
+/// `signalfd(2)`: top then ends as on `q`, giving the terminal back,
+/// instead of dying with it in raw mode. (Ctrl-C in raw mode is a key,
+/// not a signal.)
+fn quit_signals() -> io::Result<SignalFd> {
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGHUP, Signal::SIGINT] {
+        set.add(s);
+    }
+    set.thread_block()?;
+    Ok(SignalFd::with_flags(
+        &set,
+        SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC,
+    )?)
+}
+
+/// Runs until the user quits; returns the exit code: 0 on a key, 128 +
+/// the signal's number on one of [`quit_signals`].
+pub fn run(path: &Path, interval: Duration) -> io::Result<u8> {
+    let signals = quit_signals()?;
     let mut model = Model::new();
     refresh(path, &mut model, true);
     let mut screen = Screen::enter()?;
     let mut next = Instant::now() + interval;
     loop {
+        if let Some(info) = signals.read_signal()? {
+            return Ok(128u8.saturating_add(info.ssi_signo as u8));
+        }
         screen.0.draw(|f| view::draw(f, &model, interval))?;
         let wait = next.saturating_duration_since(Instant::now());
-        if event::poll(wait)? {
+        if event::poll(wait.min(SIGNAL_CHECK))? {
             let Some(key) = key(event::read()?) else {
                 continue; // a resize (drawn again above), a release
             };
             match model.key(key) {
                 Action::None => continue,
-                Action::Quit => return Ok(()),
+                Action::Quit => return Ok(0),
                 Action::Reload => {
                     model.message = Some(match client::request(path, "reload") {
                         Ok(_) => "reload queued".into(),

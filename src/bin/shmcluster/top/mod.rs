@@ -15,8 +15,10 @@ use std::time::Duration;
 use crate::client;
 
 /// Runs the view on this terminal until `q`; returns the exit code: 0 on
-/// `q` (also after the master went away), 1 if no master answers at the
-/// start or the terminal fails, 2 if stdout is not a terminal.
+/// `q` (also after the master went away), 128 + the signal's number on
+/// `SIGTERM`, `SIGHUP` or `SIGINT` (the terminal given back all the
+/// same), 1 if no master answers at the start or the terminal fails, 2 if
+/// stdout is not a terminal.
 pub fn run(control: Option<PathBuf>, pid: Option<u32>, interval: Duration) -> u8 {
     if !std::io::stdout().is_terminal() {
         eprintln!(
@@ -38,7 +40,7 @@ pub fn run(control: Option<PathBuf>, pid: Option<u32>, interval: Duration) -> u8
         return 1;
     }
     match app::run(&path, interval.max(Duration::from_millis(100))) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("shmcluster: top: {e}");
             1
