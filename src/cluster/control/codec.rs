@@ -97,8 +97,10 @@ pub(crate) enum ControlAnswer {
         /// The master's pid.
         pid: u32,
     },
-    /// `stat`: the table as the master read it.
-    Stats(ClusterStats),
+    /// `stat`: the table as the master read it, and the number the next
+    /// event will get (`events_next`: a client polling `events` asks only
+    /// when it moved).
+    Stats(ClusterStats, u64),
     /// `reload`: queued.
     ReloadQueued,
     /// `stop`: the shutdown has begun.
@@ -131,7 +133,7 @@ pub(crate) struct ReloadCounts {
 pub(crate) fn encode_answer(answer: &ControlAnswer, uptime: Duration, reloads: ReloadCounts) -> String {
     match answer {
         ControlAnswer::Pong { pid } => format!("ok pong pid={pid} v={WIRE_VERSION}\n"),
-        ControlAnswer::Stats(stats) => format_stats(stats, uptime, reloads),
+        ControlAnswer::Stats(stats, events_next) => format_stats(stats, *events_next, uptime, reloads),
         ControlAnswer::ReloadQueued => format!(
             "ok reload queued reloads_started={} reloads_finished={}\n",
             reloads.started,
@@ -260,7 +262,7 @@ fn micros(d: Option<Duration>) -> String {
 }
 
 /// The `stat` response (see the parent module's docs).
-fn format_stats(stats: &ClusterStats, uptime: Duration, reloads: ReloadCounts) -> String {
+fn format_stats(stats: &ClusterStats, events_next: u64, uptime: Duration, reloads: ReloadCounts) -> String {
     let mut out = format!("ok stat v={WIRE_VERSION}\n");
     let last = match reloads.last_ok {
         None => "-",
@@ -270,7 +272,7 @@ fn format_stats(stats: &ClusterStats, uptime: Duration, reloads: ReloadCounts) -
     let _ = writeln!(
         out,
         "master pid={} instances={} shutting_down={} uptime_ms={} reloads_started={} reloads_ok={} \
-         reloads_failed={} last_reload={last}",
+         reloads_failed={} last_reload={last} events_next={events_next}",
         stats.master_pid,
         stats.instances,
         u8::from(stats.shutting_down),
@@ -418,11 +420,15 @@ mod tests {
             slots: Vec::new(),
             locks: Vec::new(),
         };
-        let text = encode_answer(&ControlAnswer::Stats(stats), Duration::from_millis(1500), reloads);
+        let text = encode_answer(
+            &ControlAnswer::Stats(stats, 17),
+            Duration::from_millis(1500),
+            reloads,
+        );
         assert_eq!(
             text,
             "ok stat v=1\nmaster pid=42 instances=0 shutting_down=0 uptime_ms=1500 reloads_started=3 \
-             reloads_ok=1 reloads_failed=1 last_reload=failed\nend\n"
+             reloads_ok=1 reloads_failed=1 last_reload=failed events_next=17\nend\n"
         );
     }
 
@@ -503,7 +509,7 @@ mod tests {
             locks: Vec::new(),
         };
         let text = encode_answer(
-            &ControlAnswer::Stats(stats),
+            &ControlAnswer::Stats(stats, 0),
             Duration::ZERO,
             ReloadCounts::default(),
         );

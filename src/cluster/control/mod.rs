@@ -40,7 +40,7 @@
 //!
 //! ```text
 //! ok stat v=1
-//! master pid=4242 instances=2 shutting_down=0 uptime_ms=5120 reloads_started=1 reloads_ok=1 reloads_failed=0 last_reload=ok
+//! master pid=4242 instances=2 shutting_down=0 uptime_ms=5120 reloads_started=1 reloads_ok=1 reloads_failed=0 last_reload=ok events_next=12
 //! slot id=0 index=0 state=Ready pid=4243 gen=1 restarts=0 last_exit=- hb_age_us=812 sent=10 sent_bytes=640 received=10 received_bytes=640 inbox_bytes=0 futex_waits=3 futex_wakes=2 full_waits=0
 //! lock name= holder_slot=- holder_pid=- held_us=- acquisitions=0 waits=0 owner_died=0 token=0
 //! end
@@ -58,8 +58,9 @@
 //! the segment's event log (a ring of the last 256): at most
 //! [`codec::MAX_EVENTS`] (64) of them, the newest if more are there. Each
 //! has its number; `next` is the number the next event will get, what a
-//! client asks `since` next time to get only new ones (`shmcluster top`
-//! polls so). `kind` is one of `spawned`, `online`, `exited` (code 0, or
+//! client asks `since` next time to get only new ones; `stat`'s
+//! `events_next` is the same number, so a client polling both (as
+//! `shmcluster top` does) asks for events only when it moved. `kind` is one of `spawned`, `online`, `exited` (code 0, or
 //! replaced by a reload, or shut down), `crashed` (any other end),
 //! `crash-loop`, `reload-started`, `reload-finished`, `reload-failed`,
 //! `shutdown-started`, `lock-held-too-long`, `start-failed`; `text` is the

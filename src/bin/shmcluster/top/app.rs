@@ -1,7 +1,8 @@
-//! The loop of `shmcluster top`: every interval one `stat` and one
-//! `events since=<next>` request (each a short connection of its own,
-//! answered from the master's loop without blocking it); keys in between;
-//! the terminal given back on every way out.
+//! The loop of `shmcluster top`: every interval one `stat` request, and
+//! an `events since=<next>` one only when `stat` says there are new events
+//! (each a short connection of its own, answered from the master's loop
+//! without blocking it); keys in between; the terminal given back on
+//! every way out.
 
 use std::io;
 use std::path::Path;
@@ -123,9 +124,17 @@ fn key(event: Event) -> Option<Key> {
 /// longer answers is shown as gone (and asked again next time).
 fn refresh(path: &Path, model: &mut Model, first: bool) {
     let stat = client::request(path, "stat").and_then(|r| Snapshot::parse(&r));
-    match stat {
-        Ok(snap) => model.apply_stat(snap),
+    let events_next = match stat {
+        Ok(snap) => {
+            let next = snap.master.num("events_next");
+            model.apply_stat(snap);
+            next
+        }
         Err(e) => return model.master_gone(why(e)),
+    };
+    // Most refreshes: nothing new, one connection.
+    if !model.wants_events(events_next) {
+        return;
     }
     let since = format!("events since={}", model.next_event);
     match client::request(path, &since).and_then(|r| model::parse_events(&r)) {

@@ -263,6 +263,13 @@ impl Model {
         self.next_event = next;
     }
 
+    /// Whether to ask the master for events, given the `events_next` of
+    /// its last `stat` (`None`: a master that does not say): only when it
+    /// has published events this view has not asked for.
+    pub fn wants_events(&self, events_next: Option<u64>) -> bool {
+        events_next != Some(self.next_event)
+    }
+
     /// The master stopped answering.
     pub fn master_gone(&mut self, why: String) {
         self.gone = Some(why);
@@ -463,6 +470,10 @@ mod tests {
         model.apply_events((6..6 + EVENTS_KEPT as u64).map(event).collect(), 9999, Some(now));
         assert_eq!(model.events.len(), EVENTS_KEPT);
         assert_eq!(model.events.back().unwrap().seq, 5 + EVENTS_KEPT as u64);
+        // Asked again only once the master has published more.
+        assert!(!model.wants_events(Some(9999)));
+        assert!(model.wants_events(Some(10000)));
+        assert!(model.wants_events(None), "a master that does not say is asked");
     }
 
     #[test]
