@@ -140,18 +140,19 @@ fn draw_workers(frame: &mut Frame<'_>, area: Rect, model: &Model) {
         "MSGS/S",
     ])
     .style(Style::default().add_modifier(Modifier::BOLD));
+    // Fits 80 columns with the sparkline squeezed out; it takes the rest.
     let widths = [
         Constraint::Length(4),
         Constraint::Length(6),
+        Constraint::Length(8),
+        Constraint::Length(7),
+        Constraint::Length(3),
+        Constraint::Length(8),
         Constraint::Length(9),
-        Constraint::Length(8),
-        Constraint::Length(4),
-        Constraint::Length(8),
-        Constraint::Length(9),
-        Constraint::Length(8),
-        Constraint::Length(8),
-        Constraint::Length(8),
-        Constraint::Min(16),
+        Constraint::Length(7),
+        Constraint::Length(7),
+        Constraint::Length(7),
+        Constraint::Min(0),
     ];
     let table = Table::new(model.workers.iter().map(worker_row), widths)
         .header(header)
@@ -268,7 +269,11 @@ mod tests {
     use ratatui::Terminal;
 
     fn screen(model: &Model) -> String {
-        let mut terminal = Terminal::new(TestBackend::new(120, 40)).unwrap();
+        screen_of(model, 120, 40)
+    }
+
+    fn screen_of(model: &Model, width: u16, height: u16) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
         terminal.draw(|f| draw(f, model, Duration::from_secs(1))).unwrap();
         let buffer = terminal.backend().buffer();
         let mut text = String::new();
@@ -356,6 +361,29 @@ mod tests {
         assert!(text.contains("master gone: connection refused"), "{text}");
         assert!(text.contains(" q quit") && !text.contains("r reload"), "{text}");
         assert!(text.contains("4243"), "the last table stays: {text}");
+    }
+
+    #[test]
+    fn every_column_fits_80_columns() {
+        let mut model = Model::new();
+        model.apply_stat(Snapshot::parse(STAT).unwrap());
+        let text = screen_of(&model, 80, 24);
+        for header in [
+            "SLOT",
+            "INST",
+            "STATE",
+            "PID",
+            "GEN",
+            "RESTARTS",
+            "HEARTBEAT",
+            "SENT/S",
+            "RECV/S",
+            "INBOX B",
+        ] {
+            assert!(text.contains(header), "{header}: {text}");
+        }
+        let row = text.lines().find(|l| l.contains("4250")).unwrap();
+        assert!(row.contains(" Starting "), "{row}");
     }
 
     #[test]
