@@ -15,6 +15,20 @@ pub const HISTORY: usize = 60;
 /// time; more than a screen holds).
 pub const EVENTS_KEPT: usize = 200;
 
+/// The largest sparkline point: ratatui's sparkline multiplies a point by
+/// the bar height in eighths, which must not overflow whatever counters a
+/// broken master or worker reports.
+const MAX_POINT: u64 = u32::MAX as u64;
+
+/// `text` safe to put on the terminal: control characters (an escape
+/// sequence in a lock's name or an event, from any worker) shown as `?`
+/// instead of being sent to the terminal.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// One worker row of the table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerRow {
@@ -159,8 +173,8 @@ impl Model {
         let m = &snap.master;
         let num = |f: &Fields, k: &str| f.num(k).unwrap_or(0);
         self.header = Some(Header {
-            pid: m.get("pid").to_string(),
-            instances: m.get("instances").to_string(),
+            pid: printable(m.get("pid")),
+            instances: printable(m.get("instances")),
             live: snap.live_workers(),
             uptime: m.num("uptime_ms").map(Duration::from_millis),
             shutting_down: m.get("shutting_down") == "1",
@@ -169,7 +183,7 @@ impl Model {
                 num(m, "reloads_ok"),
                 num(m, "reloads_failed"),
             ),
-            last_reload: m.get("last_reload").to_string(),
+            last_reload: printable(m.get("last_reload")),
         });
         let previous = self.previous.take();
         let secs = previous
@@ -198,7 +212,7 @@ impl Model {
                 if history.len() == HISTORY {
                     history.pop_front();
                 }
-                history.push_back((a + b).round() as u64);
+                history.push_back(((a + b).round() as u64).min(MAX_POINT));
             }
             let restarts = num(s, "restarts");
             workers.push(WorkerRow {
@@ -206,9 +220,9 @@ impl Model {
                 index: if s.get("role") == "bridge" {
                     "bridge".into()
                 } else {
-                    s.get("index").to_string()
+                    printable(s.get("index"))
                 },
-                state: state.to_string(),
+                state: printable(state),
                 pid: s.num("pid").filter(|&p| p != 0),
                 generation: num(s, "gen"),
                 restarts,
@@ -229,7 +243,7 @@ impl Model {
             .map(|l| LockRow {
                 name: match l.get("name") {
                     "" | "-" => "(global)".into(),
-                    n => n.to_string(),
+                    n => printable(n),
                 },
                 holder: l.num("holder_slot").zip(l.num("holder_pid")),
                 held: l.num("held_us").map(Duration::from_micros),
@@ -341,7 +355,7 @@ pub fn parse_events(response: &str) -> Result<(Vec<EventRow>, u64), ClientError>
             events.push(EventRow {
                 seq,
                 kind: field("kind").unwrap_or_default(),
-                text: field("text").unwrap_or_default(),
+                text: printable(&field("text").unwrap_or_default()),
                 seen: None,
             });
         }
@@ -410,6 +424,12 @@ mod tests {
             HISTORY,
             "the sparkline is bounded"
         );
+        // A counter that jumps absurdly (a broken peer) stays drawable.
+        model.apply_stat(stat(
+            t0 + Duration::from_secs(100),
+            &[(0, "Ready", 10, 1, 0, u64::MAX, 150)],
+        ));
+        assert_eq!(model.workers[0].history.last(), Some(&MAX_POINT));
     }
 
     #[test]
@@ -488,6 +508,11 @@ mod tests {
         assert_eq!((events[0].seq, events[0].kind.as_str()), (7, "crashed"));
         assert_eq!(events[1].text, "worker 1 spawned");
         assert!(parse_events("ok events next=9 count=2\nevent seq=7 kind=x\n").is_err());
+        let (events, _) = parse_events("ok events next=1\nevent seq=0 text=a%1B%5B2Jb%0A\nend\n").unwrap();
+        assert_eq!(
+            events[0].text, "a?[2Jb?",
+            "no escape sequence reaches the terminal"
+        );
         assert!(parse_events("ok stat v=1\nend\n").is_err());
     }
 

@@ -65,7 +65,7 @@ pub fn spark_text(history: &[u64], width: usize) -> String {
     tail.iter()
         .map(|&v| match max {
             0 => ' ',
-            _ => BARS[((v * 7 + max / 2) / max).min(7) as usize],
+            _ => BARS[((u128::from(v) * 7 + u128::from(max / 2)) / u128::from(max)).min(7) as usize],
         })
         .collect()
 }
@@ -387,11 +387,24 @@ mod tests {
     }
 
     #[test]
+    fn absurd_counters_still_draw() {
+        let mut model = Model::new();
+        let first = Snapshot::parse(STAT).unwrap();
+        let at = first.at;
+        model.apply_stat(first);
+        let mut second = Snapshot::parse(&STAT.replace("sent=10 ", "sent=18446744073709551615 ")).unwrap();
+        second.at = at + Duration::from_millis(1);
+        model.apply_stat(second);
+        assert!(screen(&model).contains("4243"));
+    }
+
+    #[test]
     fn sparkline_text_scales_to_its_maximum() {
         assert_eq!(spark_text(&[], 4), "");
         assert_eq!(spark_text(&[0, 0], 4), "  ");
         assert_eq!(spark_text(&[0, 5, 10], 4), "▁▅█");
         assert_eq!(spark_text(&[10, 0, 10], 2), "▁█");
+        assert_eq!(spark_text(&[u64::MAX, 0], 2), "█▁");
         assert_eq!(duration(Duration::from_secs(3725)), "1h02m05s");
     }
 }
