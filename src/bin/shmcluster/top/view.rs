@@ -10,7 +10,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Cell, Paragraph, Row, Sparkline, Table, TableState};
 use ratatui::Frame;
 
-use super::model::{Model, WorkerRow};
+use super::model::{printable, Model, WorkerRow};
 
 /// Draws the whole screen.
 pub fn draw(frame: &mut Frame<'_>, model: &Model, interval: Duration) {
@@ -97,7 +97,7 @@ fn draw_header(frame: &mut Frame<'_>, area: Rect, model: &Model, interval: Durat
     }
     let mut title = vec![Span::from(" shmcluster top ").bold()];
     if let Some(why) = &model.gone {
-        title.push(Span::from(format!(" master gone: {why} ")).reversed());
+        title.push(Span::from(format!(" master gone: {} ", printable(why))).reversed());
     }
     let block = Block::bordered().title(Line::from(title));
     frame.render_widget(Paragraph::new(lines).block(block), area);
@@ -253,7 +253,7 @@ fn draw_footer(frame: &mut Frame<'_>, area: Rect, model: &Model) {
             "up/down or j/k select   r reload   s stop   q quit".to_string()
         };
         match &model.message {
-            Some(m) => Line::from(format!(" {keys}   | {m}")),
+            Some(m) => Line::from(format!(" {keys}   | {}", printable(m))),
             None => Line::from(format!(" {keys}")),
         }
     };
