@@ -56,6 +56,8 @@ pub struct WorkerRow {
     pub history: Vec<u64>,
     /// Its restart count went up at the last refresh.
     pub restarted: bool,
+    /// How the slot's previous worker ended (`-` if none did).
+    pub last_exit: String,
 }
 
 /// One lock row.
@@ -234,6 +236,7 @@ impl Model {
                 restarted: before
                     .and_then(|b| b.num("restarts"))
                     .is_some_and(|r| restarts > r),
+                last_exit: printable(s.get("last_exit")),
             });
         }
         self.workers = workers;

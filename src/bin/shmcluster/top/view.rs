@@ -168,9 +168,10 @@ fn draw_sparkline(frame: &mut Frame<'_>, area: Rect, model: &Model) {
     let (title, data) = match model.selected_worker() {
         Some(w) => (
             format!(
-                " slot {} (pid {}): messages/s sent+received, last {} ",
+                " slot {} (pid {}, last exit {}): messages/s sent+received, last {} ",
                 w.slot,
                 w.pid.map_or_else(|| "-".into(), |p| p.to_string()),
+                w.last_exit,
                 w.history.len()
             ),
             w.history.clone(),
@@ -331,9 +332,19 @@ mod tests {
             first.contains("> 0") && first.contains("Ready") && first.contains("2ms"),
             "{text}"
         );
+        model.key(super::super::model::Key::Down);
+        let text = screen(&model);
+        assert!(
+            text.contains("slot 1 (pid 4250, last exit Signaled(9))"),
+            "{text}"
+        );
+        let row = |pid: &str| text.lines().find(|l| l.contains(pid)).unwrap_or("").to_string();
         let second = row(" 4250 ");
         assert!(
-            second.contains("Starting") && second.contains(" 3 ") && second.contains(" 2 "),
+            second.contains("> 1")
+                && second.contains("Starting")
+                && second.contains(" 3 ")
+                && second.contains(" 2 "),
             "{second}"
         );
         assert!(!text.contains("Free"), "{text}");
