@@ -249,6 +249,7 @@ fn help_works_for_every_subcommand() {
         &["stat", "--help"],
         &["reload", "--help"],
         &["stop", "--help"],
+        &["top", "--help"],
     ] {
         let out = cli(args, Duration::from_secs(10));
         assert!(out.status.success(), "{args:?}: {}", out.stderr);
@@ -280,6 +281,10 @@ fn help_works_for_every_subcommand() {
     let stat = cli(&["stat", "--help"], Duration::from_secs(10)).stdout;
     for option in ["--control", "--pid", "--watch"] {
         assert!(stat.contains(option), "stat --help lacks {option}");
+    }
+    let top = cli(&["top", "--help"], Duration::from_secs(10)).stdout;
+    for option in ["--control", "--pid", "--interval", "Keys:"] {
+        assert!(top.contains(option), "top --help lacks {option}");
     }
 }
 

@@ -231,6 +231,32 @@ impl Event {
     }
 }
 
+/// The events numbered `since` and later that are still in the segment's
+/// log `control`, at most `max` of them (the newest, if more are there),
+/// oldest first; and the number the next event will get (what a client
+/// asks `since` next time). Events overwritten in the ring, or of a kind
+/// this build does not know, are left out.
+pub(crate) fn recent(control: &crate::segment::table::Control, since: u64, max: usize) -> (Vec<Event>, u64) {
+    let published = control
+        .events_published
+        .load(std::sync::atomic::Ordering::Acquire);
+    let mut n = since.max(published.saturating_sub(max as u64));
+    let mut events = Vec::with_capacity(published.saturating_sub(n).min(max as u64) as usize);
+    while n < published {
+        match control.read(n) {
+            Ok(Some(raw)) => events.extend(Event::from_raw(raw)),
+            Ok(None) => break,
+            // Overwritten meanwhile: go on from the oldest still there.
+            Err(oldest) => {
+                n = oldest;
+                continue;
+            }
+        }
+        n += 1;
+    }
+    (events, published)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +307,41 @@ mod tests {
             let text = event(kind, none, none, 0, 0).to_string();
             assert!(!text.contains("4294967295") && !text.contains(" 0"), "{text}");
         }
+    }
+
+    #[test]
+    fn recent_answers_the_newest_of_those_asked_for_in_order() {
+        let segment = crate::segment::Segment::create(&crate::segment::Config::new(2)).unwrap();
+        let control = segment.control();
+        assert_eq!(recent(control, 0, 8), (Vec::new(), 0));
+        let ring = crate::segment::table::EVENT_RING as u64;
+        let total = ring + 10;
+        for pid in 1..=total {
+            let e = event(EventKind::Spawned, 0, 0, pid as u32, 1);
+            control.publish(e.to_raw());
+        }
+        let seqs = |(events, next): (Vec<Event>, u64)| {
+            assert_eq!(next, total);
+            events
+                .iter()
+                .map(|e| (e.seq, u64::from(e.pid)))
+                .collect::<Vec<_>>()
+        };
+        // Only what is new, each with its number.
+        assert_eq!(
+            seqs(recent(control, total - 2, 8)),
+            [(total - 2, total - 1), (total - 1, total)]
+        );
+        assert_eq!(seqs(recent(control, total, 8)), []);
+        assert_eq!(seqs(recent(control, u64::MAX, 8)), []);
+        // At most `max`: the newest.
+        let got = seqs(recent(control, 0, 8));
+        assert_eq!(got.len(), 8);
+        assert_eq!(got[0].0, total - 8);
+        assert_eq!(got[7].0, total - 1);
+        // Overwritten ones are not answered.
+        let got = seqs(recent(control, 0, usize::MAX));
+        assert_eq!(got.len() as u64, ring);
+        assert_eq!(got[0].0, total - ring);
     }
 }

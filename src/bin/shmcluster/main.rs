@@ -1,6 +1,6 @@
 //! `shmcluster`: the command-line master (`run`, spawn mode: any program
 //! as the worker) and the tools that talk to a running master through its
-//! control socket (`stat`, `reload`, `stop`).
+//! control socket (`stat`, `reload`, `stop`, and `top`, a live view).
 
 use std::cell::Cell;
 use std::ffi::OsString;
@@ -14,6 +14,7 @@ use shmcluster::bridge::{NatsConfig, NatsCredentials};
 use shmcluster::{Cluster, ListenMode, MAX_WORKERS};
 
 mod client;
+mod top;
 
 use client::{ClientError, Snapshot};
 
@@ -21,15 +22,17 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  run: the cluster shut down cleanly (none of the workers it stopped
      was unhealthy, see 1, and each ended within the grace period);
-     stat/reload/stop: done
+     stat/reload/stop: done; top: quit with q (also once the master has gone)
   1  run: an unclean shutdown (when it began, a worker that had crashed
      before it was ever ready or had not been ready within the ready
      timeout; then one that exited with an error or was killed at the
      grace deadline; a slot given up after a crash loop);
      stat/reload/stop: no master answered, it refused, a reload failed, or
-     --wait timed out or the master ended without saying how
+     --wait timed out or the master ended without saying how;
+     top: no master answered when it started, or the terminal failed
   2  a usage error, or run could not start (bad option, command not found,
-     address not bindable, control socket not bindable): nothing was started
+     address not bindable, control socket not bindable): nothing was started;
+     top: stdout is not a terminal
   3  run: every worker slot was given up after crash loops, so the master
      stopped by itself
   stop --wait exits with the master's own exit code (0, 1 or 3) once it has
@@ -74,6 +77,15 @@ enum Command {
     /// Ask a running master for a graceful shutdown (as SIGTERM does).
     #[command(after_help = EXIT_CODES)]
     Stop(WaitArgs),
+    /// A full-screen live view of a running master: workers (state, pid,
+    /// generation, restarts, heartbeat age, message rates with sparklines,
+    /// inbox bytes), locks, and recent events.
+    ///
+    /// Keys: up/down or j/k select a worker; r rolling reload; s stop the
+    /// cluster (asks y/n first); q, Esc or Ctrl-C quit. Needs a terminal
+    /// (exit 2 otherwise; `stat --watch` prints the figures instead).
+    #[command(after_help = EXIT_CODES)]
+    Top(TopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +234,15 @@ struct StatArgs {
 }
 
 #[derive(Debug, Args)]
+struct TopArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Ask the master for its figures every SECS (at least 0.1).
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = secs)]
+    interval: Duration,
+}
+
+#[derive(Debug, Args)]
 struct WaitArgs {
     #[command(flatten)]
     target: Target,
@@ -270,6 +291,7 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => report(Err(e)),
         },
+        Command::Top(args) => top::run(args.target.control, args.target.pid, args.interval),
     };
     ExitCode::from(code)
 }

@@ -15,13 +15,17 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::cluster::{ClusterStats, Report};
+use crate::cluster::{ClusterStats, Event, EventKind, ExitReason, Report};
 
 /// The longest request line accepted, newline included.
 pub(crate) const MAX_REQUEST: usize = 256;
 
 /// Version of the `stat` line format.
 pub(crate) const WIRE_VERSION: u32 = 1;
+
+/// The most events one `events` answer carries (the newest of those
+/// asked for): a bounded answer, like every other.
+pub(crate) const MAX_EVENTS: usize = 64;
 
 /// A request line, parsed ([`parse_request`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +49,12 @@ pub(crate) enum ControlRequest {
     Reload,
     /// `stop`: a graceful shutdown, as `SIGTERM`.
     Stop,
+    /// `events since=<seq>`: the recent events numbered `since` and later
+    /// (`events` alone: since 0).
+    Events {
+        /// The first event number wanted.
+        since: u64,
+    },
 }
 
 /// Parses one request line (without its newline; surrounding blanks
@@ -57,12 +67,24 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
         "reload" => ControlRequest::Reload,
         "stop" => ControlRequest::Stop,
         "wait" => return Ok(Request::Wait),
-        other => {
-            return Err(format!(
-                "err unknown request {}: expected ping, stat, reload, stop or wait\n",
-                escape(other)
-            ))
-        }
+        "events" => ControlRequest::Events { since: 0 },
+        other => match other.strip_prefix("events ").map(str::trim_start) {
+            Some(arg) => match arg.strip_prefix("since=").map(str::parse::<u64>) {
+                Some(Ok(since)) => ControlRequest::Events { since },
+                _ => {
+                    return Err(format!(
+                        "err bad events request {}: expected events since=<number>\n",
+                        escape(arg)
+                    ))
+                }
+            },
+            None => {
+                return Err(format!(
+                    "err unknown request {}: expected ping, stat, reload, stop, wait or events\n",
+                    escape(other)
+                ))
+            }
+        },
     }))
 }
 
@@ -75,8 +97,10 @@ pub(crate) enum ControlAnswer {
         /// The master's pid.
         pid: u32,
     },
-    /// `stat`: the table as the master read it.
-    Stats(ClusterStats),
+    /// `stat`: the table as the master read it, and the number the next
+    /// event will get (`events_next`: a client polling `events` asks only
+    /// when it moved).
+    Stats(ClusterStats, u64),
     /// `reload`: queued.
     ReloadQueued,
     /// `stop`: the shutdown has begun.
@@ -85,6 +109,14 @@ pub(crate) enum ControlAnswer {
     AlreadyShuttingDown,
     /// Refused: the reason (`reload` while shutting down).
     Refused(&'static str),
+    /// `events`: the events asked for that are still in the log (at most
+    /// [`MAX_EVENTS`], oldest first), and the number the next one will get.
+    Events {
+        /// The events.
+        events: Vec<Event>,
+        /// What to ask `since` next time.
+        next: u64,
+    },
 }
 
 /// Reloads seen in the event log, for `stat` (and `reload --wait`).
@@ -101,7 +133,7 @@ pub(crate) struct ReloadCounts {
 pub(crate) fn encode_answer(answer: &ControlAnswer, uptime: Duration, reloads: ReloadCounts) -> String {
     match answer {
         ControlAnswer::Pong { pid } => format!("ok pong pid={pid} v={WIRE_VERSION}\n"),
-        ControlAnswer::Stats(stats) => format_stats(stats, uptime, reloads),
+        ControlAnswer::Stats(stats, events_next) => format_stats(stats, *events_next, uptime, reloads),
         ControlAnswer::ReloadQueued => format!(
             "ok reload queued reloads_started={} reloads_finished={}\n",
             reloads.started,
@@ -110,7 +142,46 @@ pub(crate) fn encode_answer(answer: &ControlAnswer, uptime: Duration, reloads: R
         ControlAnswer::ShutdownStarted => "ok shutdown started\n".into(),
         ControlAnswer::AlreadyShuttingDown => "ok already shutting down\n".into(),
         ControlAnswer::Refused(reason) => format!("err {reason}\n"),
+        ControlAnswer::Events { events, next } => format_events(events, *next),
     }
+}
+
+/// One word for an event's kind, in the `events` answer.
+fn kind_word(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Spawned => "spawned",
+        EventKind::Online => "online",
+        EventKind::Exit(ExitReason::Exited(0)) => "exited",
+        EventKind::Exit(ExitReason::Reloaded | ExitReason::Shutdown) => "exited",
+        EventKind::Exit(_) => "crashed",
+        EventKind::CrashLoop => "crash-loop",
+        EventKind::ReloadStarted => "reload-started",
+        EventKind::ReloadFinished { ok: true } => "reload-finished",
+        EventKind::ReloadFinished { ok: false } => "reload-failed",
+        EventKind::ShutdownStarted => "shutdown-started",
+        EventKind::LockHeldTooLong { .. } => "lock-held-too-long",
+        EventKind::StartFailed { .. } => "start-failed",
+    }
+}
+
+/// The `events` response (see the parent module's docs).
+fn format_events(events: &[Event], next: u64) -> String {
+    let mut out = format!("ok events next={next} count={}\n", events.len());
+    for e in events {
+        let _ = writeln!(
+            out,
+            "event seq={} kind={} slot={} index={} pid={} gen={} text={}",
+            e.seq,
+            kind_word(e.kind),
+            opt((e.slot != u32::MAX).then_some(e.slot)),
+            opt((e.index != u32::MAX).then_some(e.index)),
+            opt((e.pid != 0).then_some(e.pid)),
+            e.generation,
+            escape(&e.to_string()),
+        );
+    }
+    out.push_str("end\n");
+    out
 }
 
 /// The answer to a `wait` the server accepted.
@@ -191,7 +262,7 @@ fn micros(d: Option<Duration>) -> String {
 }
 
 /// The `stat` response (see the parent module's docs).
-fn format_stats(stats: &ClusterStats, uptime: Duration, reloads: ReloadCounts) -> String {
+fn format_stats(stats: &ClusterStats, events_next: u64, uptime: Duration, reloads: ReloadCounts) -> String {
     let mut out = format!("ok stat v={WIRE_VERSION}\n");
     let last = match reloads.last_ok {
         None => "-",
@@ -201,7 +272,7 @@ fn format_stats(stats: &ClusterStats, uptime: Duration, reloads: ReloadCounts) -
     let _ = writeln!(
         out,
         "master pid={} instances={} shutting_down={} uptime_ms={} reloads_started={} reloads_ok={} \
-         reloads_failed={} last_reload={last}",
+         reloads_failed={} last_reload={last} events_next={events_next}",
         stats.master_pid,
         stats.instances,
         u8::from(stats.shutting_down),
@@ -292,8 +363,26 @@ mod tests {
         let refused = parse_request(b"rm -rf").unwrap_err();
         assert_eq!(
             refused,
-            "err unknown request rm%20-rf: expected ping, stat, reload, stop or wait\n"
+            "err unknown request rm%20-rf: expected ping, stat, reload, stop, wait or events\n"
         );
+        let events = |since| Ok(Request::Master(ControlRequest::Events { since }));
+        assert_eq!(parse_request(b"events"), events(0));
+        assert_eq!(parse_request(b"events since=42"), events(42));
+        assert_eq!(
+            parse_request(b" events  since=18446744073709551615 "),
+            events(u64::MAX)
+        );
+        for bad in [
+            "events since=-1",
+            "events since=",
+            "events since=99999999999999999999",
+            "events 3",
+        ] {
+            let refused = parse_request(bad.as_bytes()).unwrap_err();
+            assert!(refused.starts_with("err bad events request "), "{bad}: {refused}");
+            assert!(refused.ends_with("expected events since=<number>\n"), "{refused}");
+        }
+        assert!(parse_request(b"eventsx").is_err());
         assert!(parse_request(&[0xff, b'x']).is_err(), "not UTF-8");
     }
 
@@ -331,12 +420,62 @@ mod tests {
             slots: Vec::new(),
             locks: Vec::new(),
         };
-        let text = encode_answer(&ControlAnswer::Stats(stats), Duration::from_millis(1500), reloads);
+        let text = encode_answer(
+            &ControlAnswer::Stats(stats, 17),
+            Duration::from_millis(1500),
+            reloads,
+        );
         assert_eq!(
             text,
             "ok stat v=1\nmaster pid=42 instances=0 shutting_down=0 uptime_ms=1500 reloads_started=3 \
-             reloads_ok=1 reloads_failed=1 last_reload=failed\nend\n"
+             reloads_ok=1 reloads_failed=1 last_reload=failed events_next=17\nend\n"
         );
+    }
+
+    #[test]
+    fn events_encode_one_line_each_between_a_head_and_end() {
+        let event = |seq, kind, slot, pid| Event {
+            seq,
+            kind,
+            slot,
+            index: slot,
+            pid,
+            generation: 2,
+        };
+        let events = [
+            event(5, EventKind::Exit(ExitReason::Signaled(9)), 1, 4242),
+            event(6, EventKind::ReloadStarted, u32::MAX, 0),
+            event(7, EventKind::Online, 0, 17),
+        ];
+        let text = encode_answer(
+            &ControlAnswer::Events {
+                events: events.to_vec(),
+                next: 8,
+            },
+            Duration::ZERO,
+            ReloadCounts::default(),
+        );
+        assert_eq!(
+            text,
+            "ok events next=8 count=3\n\
+             event seq=5 kind=crashed slot=1 index=1 pid=4242 gen=2 \
+             text=worker%201%20ended:%20killed%20by%20signal%209%20%28slot%201%2C%20pid%204242%2C%20generation%202%29\n\
+             event seq=6 kind=reload-started slot=- index=- pid=- gen=2 text=reload%20started%20%28generation%202%29\n\
+             event seq=7 kind=online slot=0 index=0 pid=17 gen=2 \
+             text=worker%200%20online%20%28slot%200%2C%20pid%2017%2C%20generation%202%29\n\
+             end\n"
+        );
+        let empty = encode_answer(
+            &ControlAnswer::Events {
+                events: Vec::new(),
+                next: 0,
+            },
+            Duration::ZERO,
+            ReloadCounts::default(),
+        );
+        assert_eq!(empty, "ok events next=0 count=0\nend\n");
+        assert_eq!(kind_word(EventKind::Exit(ExitReason::Reloaded)), "exited");
+        assert_eq!(kind_word(EventKind::Exit(ExitReason::Exited(1))), "crashed");
     }
 
     #[test]
@@ -370,7 +509,7 @@ mod tests {
             locks: Vec::new(),
         };
         let text = encode_answer(
-            &ControlAnswer::Stats(stats),
+            &ControlAnswer::Stats(stats, 0),
             Duration::ZERO,
             ReloadCounts::default(),
         );

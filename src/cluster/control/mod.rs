@@ -11,7 +11,8 @@
 //! # Protocol
 //! One request line, one response, then the master closes the connection.
 //! Requests: `ping`, `stat`, `reload` (a rolling reload, as `SIGHUP`),
-//! `stop` (a graceful shutdown, as `SIGTERM`), `wait` (see below). Every
+//! `stop` (a graceful shutdown, as `SIGTERM`), `wait`, `events` (see
+//! below). Every
 //! response starts with `ok ...` or `err <message>`.
 //!
 //! `wait` is answered `ok waiting` and the connection is then held open
@@ -39,7 +40,7 @@
 //!
 //! ```text
 //! ok stat v=1
-//! master pid=4242 instances=2 shutting_down=0 uptime_ms=5120 reloads_started=1 reloads_ok=1 reloads_failed=0 last_reload=ok
+//! master pid=4242 instances=2 shutting_down=0 uptime_ms=5120 reloads_started=1 reloads_ok=1 reloads_failed=0 last_reload=ok events_next=12
 //! slot id=0 index=0 state=Ready pid=4243 gen=1 restarts=0 last_exit=- hb_age_us=812 sent=10 sent_bytes=640 received=10 received_bytes=640 inbox_bytes=0 futex_waits=3 futex_wakes=2 full_waits=0
 //! lock name= holder_slot=- holder_pid=- held_us=- acquisitions=0 waits=0 owner_died=0 token=0
 //! end
@@ -51,6 +52,26 @@
 //!
 //! Counters are totals since the master started (over every generation of
 //! a slot): a client computes rates from two snapshots.
+//!
+//! `events since=<seq>` (`events` alone: since 0) answers the recent
+//! events of the cluster numbered `seq` and later, oldest first, from
+//! the segment's event log (a ring of the last 256): at most
+//! [`codec::MAX_EVENTS`] (64) of them, the newest if more are there. Each
+//! has its number; `next` is the number the next event will get, what a
+//! client asks `since` next time to get only new ones; `stat`'s
+//! `events_next` is the same number, so a client polling both (as
+//! `shmcluster top` does) asks for events only when it moved. `kind` is one of `spawned`, `online`, `exited` (code 0, or
+//! replaced by a reload, or shut down), `crashed` (any other end),
+//! `crash-loop`, `reload-started`, `reload-finished`, `reload-failed`,
+//! `shutdown-started`, `lock-held-too-long`, `start-failed`; `text` is the
+//! line the master logs for it:
+//!
+//! ```text
+//! ok events next=9 count=2
+//! event seq=7 kind=crashed slot=1 index=1 pid=4243 gen=1 text=worker%201%20ended:%20killed%20by%20signal%209%20...
+//! event seq=8 kind=spawned slot=1 index=1 pid=4250 gen=2 text=worker%201%20spawned%20...
+//! end
+//! ```
 //!
 //! # Who does what
 //! [`codec`] is the line format, without I/O; [`conn`] one connection's

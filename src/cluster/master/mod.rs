@@ -135,7 +135,10 @@ impl Cluster {
         let shutting_down = self.segment.control().shutdown.load(Acquire) != 0;
         match request {
             ControlRequest::Ping => ControlAnswer::Pong { pid: sys::getpid() },
-            ControlRequest::Stat => ControlAnswer::Stats(self.stats()),
+            ControlRequest::Stat => {
+                let events_next = self.segment.control().events_published.load(Acquire);
+                ControlAnswer::Stats(self.stats(), events_next)
+            }
             ControlRequest::Reload if shutting_down => ControlAnswer::Refused("the cluster is shutting down"),
             ControlRequest::Reload => {
                 self.reload();
@@ -145,6 +148,11 @@ impl Cluster {
             ControlRequest::Stop => {
                 self.shutdown();
                 ControlAnswer::ShutdownStarted
+            }
+            ControlRequest::Events { since } => {
+                let (events, next) =
+                    super::event::recent(self.segment.control(), since, control::codec::MAX_EVENTS);
+                ControlAnswer::Events { events, next }
             }
         }
     }

@@ -1,0 +1,360 @@
+//! `shmcluster top` in a real terminal: a detached tmux session (a
+//! server of its own, `tmux -S <socket file>`; 120x40) runs `top --pid <master>` against a real
+//! `shmcluster run -w 3` master; keys go in with `tmux send-keys`, and
+//! the test asserts on what a person sees (`tmux capture-pane -p`): the
+//! three workers and their pids, a SIGKILLed worker's restart (new pid,
+//! restarts 1, its exit in the events), `r` reloading (the master's
+//! `stat` counts it, the screen shows the new generations), `s` then `y`
+//! stopping the master (exit 0, the screen says "master gone"), and `q`
+//! giving the terminal back (top exits 0, the shell's own output is on
+//! the screen again); a second view in another session gives it back on
+//! SIGTERM too (exit 143).
+//!
+//! Needs tmux (Debian package `tmux`; .ci/run installs it). Every wait
+//! polls the screen against a deadline; a watchdog kills the tmux server
+//! and the master's process group if the whole test hangs; both are also
+//! ended when the test ends, failing or not.
+
+#[macro_use]
+mod common;
+#[path = "common/http.rs"]
+mod http;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http::Cluster;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
+
+/// The whole test's limit.
+const WATCHDOG: Duration = Duration::from_secs(90);
+
+/// How long the screen has to show one thing.
+const SCREEN_DEADLINE: Duration = Duration::from_secs(15);
+
+/// A tmux server of the test's own (`tmux -S <socket>`: a socket file
+/// of its own, so that tests never share a server), killed and its
+/// socket file removed on drop.
+struct Tmux {
+    socket: PathBuf,
+}
+
+impl Tmux {
+    fn command(socket: &Path) -> Command {
+        let mut cmd = Command::new("tmux");
+        // No user configuration: the same screen everywhere.
+        cmd.arg("-S").arg(socket).args(["-f", "/dev/null"]);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Self::command(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("tmux runs (Debian package tmux)");
+        assert!(
+            out.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// A server with no session yet.
+    fn new(socket: PathBuf) -> Self {
+        Self { socket }
+    }
+
+    /// A detached 120x40 session `name` running `shell_command` (the
+    /// first one starts the server).
+    fn session(&self, name: &str, shell_command: &str) {
+        self.run(&[
+            "new-session",
+            "-d",
+            "-x",
+            "120",
+            "-y",
+            "40",
+            "-s",
+            name,
+            shell_command,
+        ]);
+    }
+
+    /// The pane of session `name`, exactly (a bare name would also match
+    /// a window's name in whichever session is current).
+    fn target(name: &str) -> String {
+        format!("={name}:")
+    }
+
+    /// What session `name`'s pane shows now.
+    fn screen(&self, name: &str) -> String {
+        String::from_utf8_lossy(
+            &self
+                .run(&["capture-pane", "-p", "-t", &Self::target(name)])
+                .stdout,
+        )
+        .into_owned()
+    }
+
+    /// Types `key` (a tmux key name or a character) into session `name`.
+    fn key(&self, name: &str, key: &str) {
+        self.run(&["send-keys", "-t", &Self::target(name), key]);
+    }
+
+    /// The pid of the process the shell of session `name` runs (top).
+    fn child_of_pane(&self, name: &str) -> u32 {
+        let out = self.run(&["list-panes", "-t", &Self::target(name), "-F", "#{pane_pid}"]);
+        let shell: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap();
+        children
+            .split_whitespace()
+            .next()
+            .expect("top runs in the pane")
+            .parse()
+            .unwrap()
+    }
+
+    /// Polls session `name`'s screen until `done` accepts it (within
+    /// [`SCREEN_DEADLINE`]); returns it. Panics with the last screen and
+    /// what was awaited otherwise.
+    fn until(&self, name: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + SCREEN_DEADLINE;
+        loop {
+            let screen = self.screen(name);
+            if done(&screen) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the screen never showed {what} within {SCREEN_DEADLINE:?}:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Self::command(&self.socket)
+            .arg("kill-server")
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// `shmcluster stat --pid <pid>`'s output (the table).
+fn stat(pid: u32) -> String {
+    let out = Command::new(BIN)
+        .args(["stat", "--pid", &pid.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stat: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A worker row of `stat`'s table or of top's screen: (pid, generation,
+/// restarts) of the rows whose state is Ready.
+fn ready_rows(text: &str) -> Vec<(u32, u32, u32)> {
+    text.lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l
+                .split(|c: char| c.is_whitespace() || c == '│' || c == '>')
+                .filter(|c| !c.is_empty())
+                .collect();
+            if cols.get(2) != Some(&"Ready") {
+                return None;
+            }
+            let n = |i: usize| cols.get(i)?.parse().ok();
+            Some((n(3)?, n(4)?, n(5)?))
+        })
+        .collect()
+}
+
+#[test]
+fn top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal() {
+    let tmux_socket = std::env::temp_dir().join(format!("shmcluster-top-{}.tmux", std::process::id()));
+    {
+        // The watchdog: the tmux server and the master's group, then fail.
+        let socket = tmux_socket.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(WATCHDOG);
+            let _ = Tmux::command(&socket).arg("kill-server").status();
+            let _ = std::fs::remove_file(&socket);
+            let master = http::MASTER.load(Ordering::Acquire);
+            if master > 0 {
+                let _ = killpg(Pid::from_raw(master), Signal::SIGKILL);
+            }
+            eprintln!("WATCHDOG: top_tmux still running after {WATCHDOG:?}; killed tmux and the cluster");
+            std::process::exit(1);
+        });
+    }
+    let log = std::env::temp_dir().join(format!("shmcluster-top-{}.log", std::process::id()));
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "-w",
+            "3",
+            "--ready-on-start",
+            "--kill-timeout",
+            "5",
+            "--",
+            "sleep",
+            "300",
+        ])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let master_pid = child.id();
+    // Killed with its workers (one process group) and reaped on drop.
+    let master = Cluster::adopt(child);
+    let _log = RemoveOnDrop(log.clone());
+    let table = stat_until(master_pid, "3 Ready workers", |t| ready_rows(t).len() == 3);
+    let first: Vec<(u32, u32, u32)> = ready_rows(&table);
+
+    let tmux = Tmux::new(tmux_socket);
+    let top = format!("{BIN} top --pid {master_pid} --interval 0.2; echo top-exited=$?; exec sleep 300");
+    tmux.session("top", &top);
+
+    // A second view, ended by SIGTERM: it gives the terminal back too
+    // (exit 128 + 15).
+    tmux.session("term", &top);
+    tmux.until("term", "the second view", |s| ready_rows(s).len() == 3);
+    kill(Pid::from_raw(tmux.child_of_pane("term") as i32), Signal::SIGTERM).unwrap();
+    let screen = tmux.until("term", "top's exit on SIGTERM", |s| s.contains("top-exited="));
+    assert!(screen.contains("top-exited=143"), "{screen}");
+    assert!(!screen.contains("RESTARTS"), "the view was left: {screen}");
+
+    // The three workers with their pids, and the master in the header.
+    let screen = tmux.until("top", "the three workers", |s| {
+        let rows = ready_rows(s);
+        first.iter().all(|w| rows.contains(w))
+    });
+    assert!(screen.contains(&format!("master pid {master_pid}")), "{screen}");
+    assert!(screen.contains("3 instances, 3 live"), "{screen}");
+    assert!(
+        screen.contains("RESTARTS") && screen.contains("HEARTBEAT"),
+        "{screen}"
+    );
+
+    // A SIGKILLed worker: its slot shows a new pid and restarts 1, and the
+    // events say how it ended.
+    let (victim, _, _) = first[0];
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    let screen = tmux.until("top", "the killed worker's restart", |s| {
+        let rows = ready_rows(s);
+        rows.len() == 3
+            && rows.iter().all(|&(pid, _, _)| pid != victim)
+            && rows
+                .iter()
+                .any(|&(_, generation, restarts)| restarts == 1 && generation == 2)
+            && s.contains(&format!("killed by signal 9 (slot 0, pid {victim}"))
+    });
+    let restarted: Vec<(u32, u32, u32)> = ready_rows(&screen);
+    let table = stat(master_pid);
+    assert!(table.contains("reloads: 0 started, 0 ok"), "{table}");
+
+    // `r`: a rolling reload. The master counts it; the screen shows it and
+    // every worker's new pid and generation as the master has them.
+    tmux.key("top", "r");
+    let table = stat_until(master_pid, "a finished reload", |t| {
+        t.contains("reloads: 1 started, 1 ok, 0 failed") && ready_rows(t).len() == 3
+    });
+    let reloaded = ready_rows(&table);
+    assert!(
+        reloaded.iter().all(|w| !restarted.iter().any(|r| r.0 == w.0)),
+        "every worker was replaced: before {restarted:?}, after {reloaded:?}"
+    );
+    let screen = tmux.until("top", "the reload and the new generation", |s| {
+        let rows = ready_rows(s);
+        s.contains("reloads: 1 started, 1 ok, 0 failed")
+            && s.contains("reload finished: ok")
+            && reloaded.iter().all(|w| rows.contains(w))
+    });
+    assert!(screen.contains("reload queued"), "{screen}");
+
+    // `s` asks first; `y` stops the master, which exits 0; top stays up
+    // and says the master is gone.
+    tmux.key("top", "s");
+    tmux.until("top", "the stop question", |s| {
+        s.contains("Stop the cluster? (y/n)")
+    });
+    tmux.key("top", "y");
+    let (status, _) = master.wait(Duration::from_secs(15)).unwrap();
+    let written = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.success(), "the master exited {status}:\n{written}");
+    assert!(written.contains("clean shutdown"), "{written}");
+    tmux.until("top", "master gone", |s| s.contains("master gone"));
+
+    // `q`: top exits 0 and the shell's screen is back (the alternate
+    // screen left: no table any more).
+    tmux.key("top", "q");
+    let screen = tmux.until("top", "top's exit", |s| s.contains("top-exited="));
+    assert!(screen.contains("top-exited=0"), "{screen}");
+    assert!(!screen.contains("RESTARTS"), "the view was left: {screen}");
+}
+
+/// `stat` until it answers and `done` accepts its table (within
+/// [`SCREEN_DEADLINE`]; the master's control socket appears a moment
+/// after it starts).
+fn stat_until(pid: u32, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + SCREEN_DEADLINE;
+    loop {
+        let out = Command::new(BIN)
+            .args(["stat", "--pid", &pid.to_string()])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && done(&table) {
+            return table;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stat never showed {what}: {table}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A file removed when the test ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `top` on a pipe does not draw: exit 2 and a message saying why.
+#[test]
+fn top_needs_a_terminal() {
+    let out = Command::new(BIN)
+        .args(["top", "--pid", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "nothing drawn on a pipe");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs a terminal"), "{stderr}");
+}
