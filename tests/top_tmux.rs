@@ -8,7 +8,8 @@
 //! stopping the master (exit 0, the screen says "master gone"), and `q`
 //! giving the terminal back (top exits 0, the shell's own output is on
 //! the screen again); a second view in another session gives it back on
-//! SIGTERM too (exit 143).
+//! SIGTERM too (exit 143), and a third ends by itself when its session
+//! (its terminal) is killed.
 //!
 //! Needs tmux (Debian package `tmux`; .ci/run installs it). Every wait
 //! polls the screen against a deadline; a watchdog kills the tmux server
@@ -241,6 +242,23 @@ fn top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal() {
     assert!(screen.contains("top-exited=143"), "{screen}");
     assert!(!screen.contains("RESTARTS"), "the view was left: {screen}");
 
+    // A third view whose terminal goes away (its tmux session killed, as
+    // when a window is closed): top ends by itself, instead of spinning on
+    // the dead terminal forever (crossterm's reader retries a read that
+    // returns 0; two such orphans once took a core each here).
+    tmux.session("gone", &top);
+    tmux.until("gone", "the third view", |s| ready_rows(s).len() == 3);
+    let orphan = tmux.child_of_pane("gone");
+    tmux.run(&["kill-session", "-t", &Tmux::target("gone")]);
+    let deadline = Instant::now() + SCREEN_DEADLINE;
+    while !exited(orphan) {
+        if Instant::now() >= deadline {
+            let _ = kill(Pid::from_raw(orphan as i32), Signal::SIGKILL);
+            panic!("top (pid {orphan}) still ran {SCREEN_DEADLINE:?} after its terminal went away");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // The three workers with their pids, and the master in the header.
     let screen = tmux.until("top", "the three workers", |s| {
         let rows = ready_rows(s);
@@ -331,6 +349,18 @@ fn stat_until(pid: u32, what: &str, done: impl Fn(&str) -> bool) -> String {
             String::from_utf8_lossy(&out.stderr)
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether process `pid` has ended: gone, or a zombie waiting for its
+/// (new) parent to reap it.
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
     }
 }
 

@@ -17,7 +17,7 @@ use crate::client;
 /// Runs the view on this terminal until `q`; returns the exit code: 0 on
 /// `q` (also after the master went away), 128 + the signal's number on
 /// `SIGTERM`, `SIGHUP` or `SIGINT` (the terminal given back all the
-/// same), 1 if no master answers at the start or the terminal fails, 2 if
+/// same) and 129 when the terminal hangs up, 1 if no master answers at the start or the terminal fails, 2 if
 /// stdout is not a terminal.
 pub fn run(control: Option<PathBuf>, pid: Option<u32>, interval: Duration) -> u8 {
     if !std::io::stdout().is_terminal() {
