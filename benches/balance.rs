@@ -152,7 +152,8 @@ fn build(servers: &[Server]) -> Res<Built> {
         cargo.args(["--bin", "shmcluster"]);
     }
     if servers.contains(&Server::Axum) {
-        cargo.args(["-p", "axum_cluster"]);
+        // A package's binary is built only when named beside `--example`.
+        cargo.args(["-p", "axum_cluster", "--bin", "axum_cluster"]);
     }
     eprintln!("building: {cargo:?}");
     let status = cargo.status().map_err(|e| format!("cargo build: {e}"))?;
