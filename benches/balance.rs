@@ -19,6 +19,15 @@
 //! the kernel's wake order decides everything), and `8` connectors in
 //! flight.
 //!
+//! Then, on the same cluster, what a balanced mode costs when a worker
+//! dies: 8 connectors for [`CRASH_RUN`] while one worker is `SIGKILL`ed
+//! after [`CRASH_AT`]; the latency of each connection and how many failed.
+//! With a shared socket the other workers take every new connection at
+//! once; with `SO_REUSEPORT` the connections the kernel hashes to the dead
+//! worker's socket wait in its backlog (the master keeps the socket) until
+//! the replacement accepts. A connection the killed worker had accepted
+//! fails in both modes.
+//!
 //! `cargo bench --bench balance` prints a markdown table on stdout: per
 //! run the count of each worker, the busiest worker's share against a fair
 //! one (`max/mean`: 1.00 is perfectly even, 4.00 is one worker taking
@@ -71,6 +80,13 @@ const CONCURRENCY: [usize; 2] = [1, 8];
 const START_LIMIT: Duration = Duration::from_secs(60);
 /// Longest one connection may take (connect, write, read to the end).
 const CONN_LIMIT: Duration = Duration::from_secs(10);
+/// How long the crash phase drives connections.
+const CRASH_RUN: Duration = Duration::from_secs(4);
+/// When in the crash phase one worker is killed.
+const CRASH_AT: Duration = Duration::from_millis(500);
+/// A connection slower than this in the crash phase is counted as
+/// delayed.
+const DELAYED: Duration = Duration::from_millis(100);
 /// uvicorn's version, as tests/python_servers.rs pins it.
 const UVICORN: &str = "uvicorn==0.55.0";
 
@@ -335,6 +351,14 @@ impl Running {
         }
     }
 
+    /// The master's children: its workers (`/proc/<pid>/task/<pid>/children`).
+    fn workers(&self) -> Res<Vec<i32>> {
+        let pid = self.child.id();
+        let path = format!("/proc/{pid}/task/{pid}/children");
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        Ok(text.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+    }
+
     fn log(&self) -> String {
         self.log.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
@@ -464,6 +488,64 @@ fn drive(addr: SocketAddr, conns: usize, concurrency: usize) -> Run {
     total
 }
 
+/// What the crash phase saw.
+#[derive(Debug, Clone, Default)]
+struct Crash {
+    /// Latency of each answered connection.
+    latencies: Vec<Duration>,
+    failures: u64,
+}
+
+impl Crash {
+    /// The latency at quantile `q` (nearest rank).
+    fn at(&self, q: f64) -> Duration {
+        let mut v = self.latencies.clone();
+        v.sort_unstable();
+        v.get(((v.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn delayed(&self) -> usize {
+        self.latencies.iter().filter(|&&l| l > DELAYED).count()
+    }
+}
+
+/// 8 connectors for [`CRASH_RUN`]; one worker of `running` is killed
+/// after [`CRASH_AT`].
+fn crash(running: &Running) -> Res<Crash> {
+    let victim = *running
+        .workers()?
+        .first()
+        .ok_or("the master has no worker to kill")?;
+    let addr = running.addr;
+    let until = Instant::now() + CRASH_RUN;
+    let threads: Vec<_> = (0..CONCURRENCY[1])
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Crash::default();
+                while Instant::now() < until {
+                    let start = Instant::now();
+                    match one(addr) {
+                        Ok(_) => c.latencies.push(start.elapsed()),
+                        Err(_) => c.failures += 1,
+                    }
+                }
+                c
+            })
+        })
+        .collect();
+    std::thread::sleep(CRASH_AT);
+    kill(Pid::from_raw(victim), Signal::SIGKILL).map_err(|e| format!("SIGKILL {victim}: {e}"))?;
+    let mut total = Crash::default();
+    for t in threads {
+        let c = t.join().map_err(|_| "a connector panicked")?;
+        total.latencies.extend(c.latencies);
+        total.failures += c.failures;
+    }
+    Ok(total)
+}
+
 // ------------------------------------------------------------ the plan
 
 struct Plan {
@@ -507,6 +589,14 @@ fn plan() -> Res<Plan> {
     })
 }
 
+/// One row of the crash table.
+struct CrashRow {
+    server: Server,
+    mode: Mode,
+    round: usize,
+    crash: Crash,
+}
+
 /// One row of the table.
 struct Row {
     server: Server,
@@ -534,6 +624,7 @@ fn bench() -> Res<bool> {
     let built = build(&plan.servers)?;
     warn_if_busy();
     let mut rows = Vec::new();
+    let mut crashes = Vec::new();
     let mut errors = Vec::new();
     let cells: Vec<(Server, Mode)> = plan
         .servers
@@ -580,12 +671,30 @@ fn bench() -> Res<bool> {
                     run,
                 });
             }
+            match crash(&running) {
+                Ok(crash) => {
+                    eprintln!(
+                        "  worker killed: {} answered, {} failed, max {:?}",
+                        crash.latencies.len(),
+                        crash.failures,
+                        crash.at(1.0)
+                    );
+                    crashes.push(CrashRow {
+                        server,
+                        mode,
+                        round,
+                        crash,
+                    });
+                }
+                Err(e) => errors.push(format!("{} {}: crash: {e}", server.name(), mode.label())),
+            }
             if let Err(e) = running.stop() {
                 errors.push(format!("{} {}: stop: {e}", server.name(), mode.label()));
             }
         }
     }
     print_table(&plan, &rows);
+    print_crashes(&crashes);
     for e in &errors {
         eprintln!("error: {e}");
     }
@@ -670,6 +779,52 @@ fn print_table(plan: &Plan, rows: &[Row]) {
             first.concurrency,
             range(&|r| r.max_over_mean()),
             range(&|r| r.cv())
+        );
+    }
+    print!("{out}");
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn print_crashes(crashes: &[CrashRow]) {
+    let mut sorted: Vec<&CrashRow> = crashes.iter().collect();
+    sorted.sort_by_key(|r| {
+        (
+            SERVERS.iter().position(|&s| s == r.server),
+            MODES.iter().position(|&m| m == r.mode),
+            r.round,
+        )
+    });
+    let mut out = String::new();
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "A worker killed ({CRASH_AT:?} into {CRASH_RUN:?} of 8 connectors): latency of the \
+         connections answered, how many took over {DELAYED:?}, and how many failed (those the \
+         killed worker had accepted)."
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "| server | mode | round | answered | p50 | p99 | max | over {DELAYED:?} | failed |"
+    );
+    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
+    for r in sorted {
+        let c = &r.crash;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.server.label(),
+            r.mode.label(),
+            r.round + 1,
+            c.latencies.len(),
+            ms(c.at(0.5)),
+            ms(c.at(0.99)),
+            ms(c.at(1.0)),
+            c.delayed(),
+            c.failures
         );
     }
     print!("{out}");
