@@ -67,8 +67,9 @@ use nix::unistd::Pid;
 mod common;
 use common::{machine, wait_within, warn_if_busy};
 
+/// The tests' Python and build helpers (the C library, the virtual
+/// environment, the target directory), one file for both.
 #[path = "../tests/common/python.rs"]
-#[allow(dead_code)]
 mod python;
 
 /// Worker processes in every cluster.
@@ -164,7 +165,10 @@ fn build(servers: &[Server]) -> Res<Built> {
         cargo.arg("--release");
     }
     cargo.args(["-p", "shmcluster", "--example", "http_cluster"]);
-    if servers.iter().any(|s| matches!(s, Server::Node | Server::Uvicorn)) {
+    if servers
+        .iter()
+        .any(|s| matches!(s, Server::Node | Server::Uvicorn))
+    {
         cargo.args(["--bin", "shmcluster"]);
     }
     if servers.contains(&Server::Axum) {
@@ -333,9 +337,7 @@ impl Running {
             }
         }
         let addr = addr.unwrap_or_default();
-        let addr = addr
-            .parse()
-            .map_err(|e| format!("address {addr:?}: {e}"))?;
+        let addr = addr.parse().map_err(|e| format!("address {addr:?}: {e}"))?;
         Ok(Running { child, addr, log })
     }
 
@@ -395,7 +397,9 @@ fn one(addr: SocketAddr) -> Res<u32> {
         .split_once("worker ")
         .ok_or_else(|| format!("no worker named in {body:?}"))?;
     let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().map_err(|_| format!("no worker number in {body:?}"))
+    digits
+        .parse()
+        .map_err(|_| format!("no worker number in {body:?}"))
 }
 
 /// What one run counted.
@@ -575,7 +579,9 @@ fn plan() -> Res<Plan> {
                 SERVERS
                     .into_iter()
                     .find(|s| s.name() == name.trim())
-                    .ok_or_else(|| format!("SHMC_BALANCE_SERVERS: no server {name:?} (std, axum, node, uvicorn)"))
+                    .ok_or_else(|| {
+                        format!("SHMC_BALANCE_SERVERS: no server {name:?} (std, axum, node, uvicorn)")
+                    })
             })
             .collect::<Res<Vec<_>>>()?,
         Err(_) if full => SERVERS.to_vec(),
@@ -626,11 +632,7 @@ fn bench() -> Res<bool> {
     let mut rows = Vec::new();
     let mut crashes = Vec::new();
     let mut errors = Vec::new();
-    let cells: Vec<(Server, Mode)> = plan
-        .servers
-        .iter()
-        .flat_map(|&s| MODES.map(|m| (s, m)))
-        .collect();
+    let cells: Vec<(Server, Mode)> = plan.servers.iter().flat_map(|&s| MODES.map(|m| (s, m))).collect();
     for round in 0..plan.rounds {
         for k in 0..cells.len() {
             let (server, mode) = cells[(k + round) % cells.len()];
@@ -761,7 +763,9 @@ fn print_table(plan: &Plan, rows: &[Row]) {
         let first = sorted[i];
         let same: Vec<&Row> = sorted[i..]
             .iter()
-            .take_while(|r| r.server == first.server && r.mode == first.mode && r.concurrency == first.concurrency)
+            .take_while(|r| {
+                r.server == first.server && r.mode == first.mode && r.concurrency == first.concurrency
+            })
             .copied()
             .collect();
         i += same.len();
