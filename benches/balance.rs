@@ -19,14 +19,15 @@
 //! the kernel's wake order decides everything), and `8` connectors in
 //! flight.
 //!
-//! Then, on the same cluster, what a balanced mode costs when a worker
-//! dies: 8 connectors for [`CRASH_RUN`] while one worker is `SIGKILL`ed
-//! after [`CRASH_AT`]; the latency of each connection and how many failed.
-//! With a shared socket the other workers take every new connection at
-//! once; with `SO_REUSEPORT` the connections the kernel hashes to the dead
-//! worker's socket wait in its backlog (the master keeps the socket) until
-//! the replacement accepts. A connection the killed worker had accepted
-//! fails in both modes.
+//! Then, on the same cluster, what each mode costs when a worker goes
+//! away, with 8 connectors running: one worker is `SIGKILL`ed [`DISRUPT_AT`]
+//! into a [`KILL_RUN`] run, and then a rolling reload (`SIGHUP`) is made,
+//! the connectors running until the master logs its end; the latency of
+//! each connection and how many failed. With a shared socket the other
+//! workers take every new connection at once; with `SO_REUSEPORT` the
+//! connections the kernel hashes to the dead worker's socket wait in its
+//! backlog (the master keeps the socket) until the replacement accepts. A
+//! connection the killed worker had accepted fails in both modes.
 //!
 //! `cargo bench --bench balance` prints a markdown table on stdout: per
 //! run the count of each worker, the busiest worker's share against a fair
@@ -57,6 +58,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -81,12 +83,17 @@ const CONCURRENCY: [usize; 2] = [1, 8];
 const START_LIMIT: Duration = Duration::from_secs(60);
 /// Longest one connection may take (connect, write, read to the end).
 const CONN_LIMIT: Duration = Duration::from_secs(10);
-/// How long the crash phase drives connections.
-const CRASH_RUN: Duration = Duration::from_secs(4);
-/// When in the crash phase one worker is killed.
-const CRASH_AT: Duration = Duration::from_millis(500);
-/// A connection slower than this in the crash phase is counted as
-/// delayed.
+/// How long the kill phase drives connections.
+const KILL_RUN: Duration = Duration::from_secs(4);
+/// When in the kill and reload phases the worker is killed or the reload
+/// asked for.
+const DISRUPT_AT: Duration = Duration::from_millis(500);
+/// How long the reload phase goes on after the master logged the
+/// reload's end; and the longest the reload may take.
+const RELOAD_TAIL: Duration = Duration::from_millis(300);
+const RELOAD_LIMIT: Duration = Duration::from_secs(60);
+/// A connection slower than this in the kill and reload phases is
+/// counted as delayed.
 const DELAYED: Duration = Duration::from_millis(100);
 /// uvicorn's version, as tests/python_servers.rs pins it.
 const UVICORN: &str = "uvicorn==0.55.0";
@@ -492,7 +499,25 @@ fn drive(addr: SocketAddr, conns: usize, concurrency: usize) -> Run {
     total
 }
 
-/// What the crash phase saw.
+/// What goes wrong in a disruption phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disruption {
+    /// `SIGKILL` to one worker.
+    Kill,
+    /// `SIGHUP` to the master: a rolling reload of every worker.
+    Reload,
+}
+
+impl Disruption {
+    fn label(self) -> &'static str {
+        match self {
+            Disruption::Kill => "worker killed",
+            Disruption::Reload => "rolling reload",
+        }
+    }
+}
+
+/// What a disruption phase saw.
 #[derive(Debug, Clone, Default)]
 struct Crash {
     /// Latency of each answered connection.
@@ -515,20 +540,20 @@ impl Crash {
     }
 }
 
-/// 8 connectors for [`CRASH_RUN`]; one worker of `running` is killed
-/// after [`CRASH_AT`].
-fn crash(running: &Running) -> Res<Crash> {
-    let victim = *running
-        .workers()?
-        .first()
-        .ok_or("the master has no worker to kill")?;
+/// 8 connectors while `what` happens to `running`, [`DISRUPT_AT`] after
+/// they start: for [`KILL_RUN`] in all for a kill; for a reload, until
+/// [`RELOAD_TAIL`] after the master logged its end.
+fn disrupt(running: &Running, what: Disruption) -> Res<Crash> {
+    let victim = *running.workers()?.first().ok_or("the master has no worker")?;
+    let reloads_before = running.log().matches("reload finished").count();
     let addr = running.addr;
-    let until = Instant::now() + CRASH_RUN;
+    let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..CONCURRENCY[1])
         .map(|_| {
+            let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut c = Crash::default();
-                while Instant::now() < until {
+                while !stop.load(Ordering::Relaxed) {
                     let start = Instant::now();
                     match one(addr) {
                         Ok(_) => c.latencies.push(start.elapsed()),
@@ -539,15 +564,36 @@ fn crash(running: &Running) -> Res<Crash> {
             })
         })
         .collect();
-    std::thread::sleep(CRASH_AT);
-    kill(Pid::from_raw(victim), Signal::SIGKILL).map_err(|e| format!("SIGKILL {victim}: {e}"))?;
+    let started = Instant::now();
+    std::thread::sleep(DISRUPT_AT);
+    let result = match what {
+        Disruption::Kill => kill(Pid::from_raw(victim), Signal::SIGKILL)
+            .map_err(|e| format!("SIGKILL {victim}: {e}"))
+            .map(|()| std::thread::sleep(KILL_RUN.saturating_sub(started.elapsed()))),
+        Disruption::Reload => {
+            let master = Pid::from_raw(running.child.id() as i32);
+            kill(master, Signal::SIGHUP).map_err(|e| format!("SIGHUP: {e}"))?;
+            let until = Instant::now() + RELOAD_LIMIT;
+            loop {
+                if running.log().matches("reload finished").count() > reloads_before {
+                    std::thread::sleep(RELOAD_TAIL);
+                    break Ok(());
+                }
+                if Instant::now() >= until {
+                    break Err(format!("no reload finished after {RELOAD_LIMIT:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
     let mut total = Crash::default();
     for t in threads {
         let c = t.join().map_err(|_| "a connector panicked")?;
         total.latencies.extend(c.latencies);
         total.failures += c.failures;
     }
-    Ok(total)
+    result.map(|()| total)
 }
 
 // ------------------------------------------------------------ the plan
@@ -595,10 +641,11 @@ fn plan() -> Res<Plan> {
     })
 }
 
-/// One row of the crash table.
+/// One row of the disruption table.
 struct CrashRow {
     server: Server,
     mode: Mode,
+    what: Disruption,
     round: usize,
     crash: Crash,
 }
@@ -673,22 +720,31 @@ fn bench() -> Res<bool> {
                     run,
                 });
             }
-            match crash(&running) {
-                Ok(crash) => {
-                    eprintln!(
-                        "  worker killed: {} answered, {} failed, max {:?}",
-                        crash.latencies.len(),
-                        crash.failures,
-                        crash.at(1.0)
-                    );
-                    crashes.push(CrashRow {
-                        server,
-                        mode,
-                        round,
-                        crash,
-                    });
+            for what in [Disruption::Kill, Disruption::Reload] {
+                match disrupt(&running, what) {
+                    Ok(crash) => {
+                        eprintln!(
+                            "  {}: {} answered, {} failed, max {:?}",
+                            what.label(),
+                            crash.latencies.len(),
+                            crash.failures,
+                            crash.at(1.0)
+                        );
+                        crashes.push(CrashRow {
+                            server,
+                            mode,
+                            what,
+                            round,
+                            crash,
+                        });
+                    }
+                    Err(e) => errors.push(format!(
+                        "{} {}: {}: {e}",
+                        server.name(),
+                        mode.label(),
+                        what.label()
+                    )),
                 }
-                Err(e) => errors.push(format!("{} {}: crash: {e}", server.name(), mode.label())),
             }
             if let Err(e) = running.stop() {
                 errors.push(format!("{} {}: stop: {e}", server.name(), mode.label()));
@@ -796,6 +852,7 @@ fn print_crashes(crashes: &[CrashRow]) {
     let mut sorted: Vec<&CrashRow> = crashes.iter().collect();
     sorted.sort_by_key(|r| {
         (
+            r.what == Disruption::Reload,
             SERVERS.iter().position(|&s| s == r.server),
             MODES.iter().position(|&m| m == r.mode),
             r.round,
@@ -805,21 +862,24 @@ fn print_crashes(crashes: &[CrashRow]) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "A worker killed ({CRASH_AT:?} into {CRASH_RUN:?} of 8 connectors): latency of the \
-         connections answered, how many took over {DELAYED:?}, and how many failed (those the \
-         killed worker had accepted)."
+        "8 connectors while a worker is killed ({DISRUPT_AT:?} into {KILL_RUN:?}) and while \
+         every worker is reloaded (SIGHUP at {DISRUPT_AT:?}, until {RELOAD_TAIL:?} after the \
+         master logged the reload's end): latency of the connections answered, how many took \
+         over {DELAYED:?}, and how many failed (a kill fails what the killed worker had \
+         accepted)."
     );
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| server | mode | round | answered | p50 | p99 | max | over {DELAYED:?} | failed |"
+        "| what | server | mode | round | answered | p50 | p99 | max | over {DELAYED:?} | failed |"
     );
-    let _ = writeln!(out, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
+    let _ = writeln!(out, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|");
     for r in sorted {
         let c = &r.crash;
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.what.label(),
             r.server.label(),
             r.mode.label(),
             r.round + 1,
