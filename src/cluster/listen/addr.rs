@@ -99,8 +99,9 @@ pub enum ListenMode {
     /// busiest 1.01–1.05 times a fair share in `benches/balance.rs`). The
     /// master keeps each instance's socket across generations, so the
     /// connections hashed to a worker that died wait in its socket's
-    /// backlog until the replacement accepts them (they are not reset).
-    /// TCP only.
+    /// backlog until the replacement accepts them (they are not reset);
+    /// an instance given up after a crash loop has its socket stopped, and
+    /// the others take its share. TCP only.
     ReusePort,
 }
 
