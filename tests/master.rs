@@ -144,6 +144,12 @@ const SCENARIOS: &[Scenario] = &[
         parent: None,
     },
     Scenario {
+        name: "reuseport_given_up_instance_passes_its_share_on",
+        timeout: Duration::from_secs(30),
+        child: Some(reuseport_given_up_instance_passes_its_share_on),
+        parent: None,
+    },
+    Scenario {
         name: "spawn_mode_rust_worker_from_env",
         timeout: Duration::from_secs(30),
         child: Some(spawn_mode_rust_worker_from_env),
@@ -1331,6 +1337,70 @@ fn reuseport_spreads_connections() -> Check {
     ensure!(served.len() == 3, "not every worker served: {served:?}");
     ensure!(served.values().sum::<usize>() == 300, "{served:?}");
     ensure!(report.clean, "{report:?}");
+    Ok(())
+}
+
+/// With `SO_REUSEPORT`, an instance given up after a crash loop leaves no
+/// socket listening for no one: every later connection is answered, by
+/// the instance that lives (without the master stopping the given-up
+/// instance's socket, about half of them would wait unanswered).
+fn reuseport_given_up_instance_passes_its_share_on() -> Check {
+    let served: Rc<RefCell<BTreeMap<String, usize>>> = Rc::default();
+    let failed: Rc<RefCell<Vec<String>>> = Rc::default();
+    let (s, f) = (served.clone(), failed.clone());
+    let mut done = false;
+    let report = Cluster::builder()
+        .workers(2)
+        .listen_mode("127.0.0.1:0", ListenMode::ReusePort)
+        .restart_backoff(Duration::from_millis(5), Duration::from_millis(20))
+        .crash_loop_limit(1, Duration::from_secs(20))
+        .on_event(move |cluster, _| {
+            let stats = cluster.stats();
+            let ready = stats
+                .slots
+                .iter()
+                .filter(|x| x.state == WorkerState::Ready)
+                .count();
+            let given_up = stats
+                .slots
+                .iter()
+                .filter(|x| x.state == WorkerState::Failed)
+                .count();
+            if ready == 1 && given_up == 1 && !done {
+                done = true;
+                let addr = cluster.local_addrs()[0].to_string();
+                for _ in 0..40 {
+                    match http_get(&addr) {
+                        Ok(body) => *s.borrow_mut().entry(body).or_default() += 1,
+                        Err(e) => {
+                            // One that waits unanswered: enough.
+                            f.borrow_mut().push(e);
+                            break;
+                        }
+                    }
+                }
+                cluster.shutdown();
+            }
+        })
+        .run(|w: Worker| {
+            if w.index() == 1 {
+                return Err(format!("instance {} cannot start", w.index()));
+            }
+            http_worker(w)
+        })
+        .map_err(|e| e.to_string())?;
+    let (served, failed) = (served.borrow(), failed.borrow());
+    ensure!(
+        failed.is_empty(),
+        "a connection failed after {} answered: {}",
+        served.values().sum::<usize>(),
+        failed[0]
+    );
+    ensure!(
+        served.len() == 1 && served.values().sum::<usize>() == 40,
+        "{served:?}"
+    );
+    ensure!(report.failed_slots.len() == 1, "{report:?}");
     Ok(())
 }
 

@@ -198,8 +198,16 @@ pub fn is_socket(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
 }
 
-/// `getsockopt(2)` `SO_ACCEPTCONN`: whether `listen(2)` was called on `fd`
-/// (tests only).
+/// `shutdown(2)` with `SHUT_RD` on a listening socket: on Linux it stops
+/// listening (it leaves its port's lookup and its `SO_REUSEPORT` group,
+/// and the connections waiting in its backlog are reset) but stays open
+/// and bound, so that `listen(2)` would take it back.
+pub fn stop_listening(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(socket::shutdown(fd.as_raw_fd(), socket::Shutdown::Read)?)
+}
+
+/// `getsockopt(2)` `SO_ACCEPTCONN`: whether `fd` is listening (tests
+/// only).
 #[cfg(test)]
 pub fn socket_is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(socket::getsockopt(&fd, sockopt::AcceptConn)?)

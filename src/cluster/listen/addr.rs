@@ -82,13 +82,26 @@ impl fmt::Display for ListenAddr {
 /// How a listener is shared between worker instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ListenMode {
-    /// One socket, the same in every worker; the kernel hands each
-    /// connection to one of the workers blocked in `accept`.
+    /// One socket, the same in every worker; each connection goes to
+    /// whichever waiting worker takes it first. Servers that wait in
+    /// `poll`/`epoll` (tokio, libuv, asyncio, [`Worker::incoming`]) are all
+    /// woken and the quickest to run wins, so the workers' shares are
+    /// uneven: in `benches/balance.rs` (4 workers, short connections) the
+    /// busiest took 1.03–1.5 times a fair share. A dead worker costs
+    /// nothing: the others take its connections at once.
+    ///
+    /// [`Worker::incoming`]: crate::Worker::incoming
     #[default]
     Shared,
     /// One socket per worker instance, all on the same TCP address with
     /// `SO_REUSEPORT`; the kernel spreads connections over them by a hash of
-    /// the peer's address. TCP only.
+    /// the peer's address and port: even shares whatever the server (the
+    /// busiest 1.01–1.05 times a fair share in `benches/balance.rs`). The
+    /// master keeps each instance's socket across generations, so the
+    /// connections hashed to a worker that died wait in its socket's
+    /// backlog until the replacement accepts them (they are not reset);
+    /// an instance given up after a crash loop has its socket stopped, and
+    /// the others take its share. TCP only.
     ReusePort,
 }
 

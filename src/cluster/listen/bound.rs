@@ -233,6 +233,34 @@ impl Listeners {
             .collect()
     }
 
+    /// Stops instance `index`'s own sockets of every `ReusePort` listener
+    /// from listening ([`net::stop_listening`]), for an instance given up
+    /// after a crash loop: no worker will accept on them again, and a
+    /// socket left listening would keep taking its share of the new
+    /// connections (the kernel's hash does not know the worker is gone),
+    /// which would wait there unanswered until their clients gave up.
+    /// Stopped, the kernel spreads the connections over the sockets of the
+    /// live instances. Shared sockets, and a socket another of the
+    /// `instances` also gets (an index past the count bound), are left as
+    /// they are.
+    ///
+    /// # Errors
+    /// The first `shutdown(2)` error; the other sockets are still stopped.
+    pub(crate) fn retire_instance(&self, index: u32, instances: u32) -> io::Result<()> {
+        let mut result = Ok(());
+        for held in &self.inherited {
+            let own = held.mode == ListenMode::ReusePort
+                && index < instances
+                && instances as usize <= held.fds.len();
+            if own {
+                if let Err(e) = net::stop_listening(held.fd_for(index)) {
+                    result = result.and(Err(e));
+                }
+            }
+        }
+        result
+    }
+
     /// [`for_instance`](Self::for_instance) as owned [`Listener`]s (new
     /// descriptors), for a worker forked without exec.
     ///
@@ -478,6 +506,44 @@ mod tests {
             accepted[0] > 0 && accepted[1] > 0,
             "both sockets accept: {accepted:?}"
         );
+    }
+
+    #[test]
+    fn a_retired_instance_stops_listening_and_the_others_take_its_share() {
+        let reuse = ListenSpec::new(tcp("127.0.0.1:0")).mode(ListenMode::ReusePort);
+        let shared = ListenSpec::new(tcp("127.0.0.1:0")).name("shared");
+        let listeners = Listeners::bind(&[reuse, shared], 2).unwrap();
+        listeners.retire_instance(1, 2).unwrap();
+        let listening = |i: u32, k: usize| net::socket_is_listening(listeners.for_instance(i)[k].0).unwrap();
+        assert!(!listening(1, 0), "instance 1's own socket stopped");
+        assert!(listening(0, 0), "instance 0's own socket listens");
+        assert!(listening(1, 1) && listening(0, 1), "the shared socket listens");
+
+        // Every connection to the port now reaches instance 0's socket.
+        let addr = net::local_addr_tcp(listeners.for_instance(0)[0].0).unwrap();
+        let socket = listeners.instance_listeners(0).unwrap().remove(0).into_tcp();
+        socket.set_nonblocking(true).unwrap();
+        const CONNECTS: usize = 32;
+        let clients: Vec<_> = (0..CONNECTS)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut accepted = 0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while accepted < CONNECTS && Instant::now() < deadline {
+            while socket.accept().is_ok() {
+                accepted += 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(clients);
+        assert_eq!(accepted, CONNECTS);
+
+        // An index past the count shares a socket with a live instance:
+        // left listening.
+        let spec = ListenSpec::new(tcp("127.0.0.1:0")).mode(ListenMode::ReusePort);
+        let listeners = Listeners::bind(&[spec], 2).unwrap();
+        listeners.retire_instance(0, 3).unwrap();
+        assert!(net::socket_is_listening(listeners.for_instance(0)[0].0).unwrap());
     }
 
     #[test]

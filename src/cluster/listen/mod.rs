@@ -17,9 +17,12 @@
 //!   passes the descriptor back with `SCM_RIGHTS` ([`Listeners::serve_request`]).
 //!
 //! [`ListenMode::Shared`] gives every worker the same socket: the kernel
-//! wakes one blocked `accept` at a time. [`ListenMode::ReusePort`] gives each
-//! worker instance its own socket on the same port (`SO_REUSEPORT`), and the
-//! kernel spreads connections over them by a hash of the peer's address.
+//! wakes one blocked `accept` at a time, but every worker waiting in
+//! `poll`/`epoll` on it, and the first to run takes the connection.
+//! [`ListenMode::ReusePort`] gives each worker instance its own socket on
+//! the same port (`SO_REUSEPORT`), and the kernel spreads connections over
+//! them by a hash of the peer's address and port (`benches/balance.rs`
+//! measures both).
 //!
 //! Where things are: `addr.rs` ([`ListenAddr`], [`ListenMode`],
 //! [`ListenSpec`]), `listener.rs` (the worker's [`Listener`]), `bound.rs`

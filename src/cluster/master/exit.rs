@@ -128,6 +128,19 @@ impl Master<'_> {
                 "shmcluster: worker slot {slot} died {deaths} times within {:?}; not restarting it",
                 self.opts.restart_window
             );
+            // Its SO_REUSEPORT sockets would keep taking their share of the
+            // connections for no one: the others take them instead (before
+            // anyone hears of the crash loop).
+            if let Some(index) = self.slots[slot as usize].index {
+                let retired = self
+                    .cluster
+                    .listeners
+                    .borrow()
+                    .retire_instance(index, self.cluster.instances);
+                if let Err(e) = retired {
+                    eprintln!("shmcluster: worker slot {slot}: cannot stop its own listening socket: {e}");
+                }
+            }
             self.publish(EventKind::CrashLoop, slot);
             // The application's instances: a bridge alone is nothing to
             // supervise, and a given-up bridge leaves the instances be.
