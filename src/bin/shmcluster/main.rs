@@ -97,7 +97,9 @@ struct RunArgs {
     /// to every worker from fd 3. Repeatable.
     #[arg(long, value_name = "ADDR")]
     listen: Vec<String>,
-    /// One SO_REUSEPORT socket per worker instead of one shared socket.
+    /// One SO_REUSEPORT socket per worker instead of one shared socket:
+    /// the kernel spreads connections evenly by a hash (README,
+    /// "Connection balance").
     #[arg(long)]
     reuseport: bool,
     /// Deaths of a slot within the restart window before it is given up.
