@@ -41,8 +41,8 @@ pub fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 }
 
 /// `fcntl(2)` `F_SETFD FD_CLOEXEC` and `F_SETFL O_NONBLOCK`: what an
-/// inherited listener needs before an async reactor takes it.
-#[cfg(feature = "tokio")]
+/// inherited listener needs before an async reactor takes it (and the
+/// read end of a binary upgrade's pipe, which the master's loop polls).
 pub fn set_cloexec_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let raw = fd.as_raw_fd();

@@ -45,6 +45,8 @@ pub(crate) enum ControlRequest {
     Reload,
     /// `stop`: a graceful shutdown, as `SIGTERM`.
     Stop,
+    /// `upgrade`: a binary upgrade, as `SIGUSR2`.
+    Upgrade,
 }
 
 /// Parses one request line (without its newline; surrounding blanks
@@ -56,10 +58,11 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
         "stat" => ControlRequest::Stat,
         "reload" => ControlRequest::Reload,
         "stop" => ControlRequest::Stop,
+        "upgrade" => ControlRequest::Upgrade,
         "wait" => return Ok(Request::Wait),
         other => {
             return Err(format!(
-                "err unknown request {}: expected ping, stat, reload, stop or wait\n",
+                "err unknown request {}: expected ping, stat, reload, stop, upgrade or wait\n",
                 escape(other)
             ))
         }
@@ -85,6 +88,15 @@ pub(crate) enum ControlAnswer {
     AlreadyShuttingDown,
     /// Refused: the reason (`reload` while shutting down).
     Refused(&'static str),
+    /// `upgrade`: the new master started with this pid; the connection
+    /// stays open until the upgrade ends (see [`upgrade_line`]).
+    UpgradeStarted {
+        /// The new master's pid.
+        pid: u32,
+    },
+    /// `upgrade` refused: why (already upgrading, shutting down, the fork
+    /// failed).
+    UpgradeRefused(String),
 }
 
 /// Reloads seen in the event log, for `stat` (and `reload --wait`).
@@ -110,6 +122,19 @@ pub(crate) fn encode_answer(answer: &ControlAnswer, uptime: Duration, reloads: R
         ControlAnswer::ShutdownStarted => "ok shutdown started\n".into(),
         ControlAnswer::AlreadyShuttingDown => "ok already shutting down\n".into(),
         ControlAnswer::Refused(reason) => format!("err {reason}\n"),
+        ControlAnswer::UpgradeStarted { pid } => format!("ok upgrade started pid={pid}\n"),
+        ControlAnswer::UpgradeRefused(reason) => format!("err {reason}\n"),
+    }
+}
+
+/// The line written on an `upgrade` connection when the upgrade ends:
+/// `upgraded pid=<new>` once the new master is ready (the old one then
+/// drains and exits), or `err upgrade failed: <reason>` (the old master
+/// kept serving).
+pub(crate) fn upgrade_line(pid: u32, failed: Option<&str>) -> String {
+    match failed {
+        None => format!("upgraded pid={pid}\n"),
+        Some(reason) => format!("err upgrade failed: {reason}\n"),
     }
 }
 

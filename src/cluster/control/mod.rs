@@ -174,6 +174,14 @@ pub(crate) struct ControlServer {
     pass_at: Instant,
     started: Instant,
     reloads: ReloadCounts,
+    /// Whether new connections are accepted: not while a binary upgrade's
+    /// new master, which shares the listening socket, is starting (so
+    /// that clients reach one master), nor after the hand-over.
+    accepting: bool,
+    /// Whether the socket file is this server's to remove when dropped:
+    /// not once handed to a new master, nor, in a new master, before the
+    /// old one is gone ([`ControlServer::take_file`]).
+    owns_file: bool,
 }
 
 impl ControlServer {
@@ -220,10 +228,38 @@ impl ControlServer {
             pass_at: Instant::now(),
             started: Instant::now(),
             reloads: ReloadCounts::default(),
+            accepting: true,
+            owns_file: true,
         };
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
         server.listener.set_nonblocking(true)?;
         Ok(server)
+    }
+
+    /// A binary upgrade's new master: serves the listening socket `fd`
+    /// its old master handed over, whose file is at `path`. The file is
+    /// not its to remove (the old master still serves the socket) until
+    /// [`ControlServer::take_file`].
+    ///
+    /// # Errors
+    /// If `fd` cannot be made non-blocking (it is not a socket).
+    pub(crate) fn adopt(fd: std::os::fd::OwnedFd, path: PathBuf) -> io::Result<Self> {
+        let listener = UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        let file_id = fs::symlink_metadata(&path).map_or((0, 0), |m| (m.dev(), m.ino()));
+        Ok(Self {
+            listener,
+            path,
+            file_id,
+            uid: sys::net::own_uid(),
+            conns: Vec::new(),
+            next_id: 0,
+            pass_at: Instant::now(),
+            started: Instant::now(),
+            reloads: ReloadCounts::default(),
+            accepting: true,
+            owns_file: false,
+        })
     }
 
     /// The socket's path.
@@ -231,17 +267,94 @@ impl ControlServer {
         &self.path
     }
 
+    /// The listening socket, to hand to a new master.
+    pub(crate) fn listener_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Stops (`false`) or resumes accepting connections; those open are
+    /// served either way.
+    pub(crate) fn set_accepting(&mut self, yes: bool) {
+        self.accepting = yes;
+    }
+
+    /// Whether it accepts connections: the master passes the listening
+    /// socket's readiness to [`ControlServer::serve`] only then.
+    pub(crate) fn accepting(&self) -> bool {
+        self.accepting
+    }
+
+    /// The socket was handed to a new master that is ready: accept no
+    /// more, and leave its file to the new master.
+    pub(crate) fn hand_over(&mut self) {
+        self.accepting = false;
+        self.owns_file = false;
+    }
+
+    /// In a new master once its old one is gone: the socket file is now
+    /// its own, renamed to `to` if given (`rename(2)`: clients that
+    /// connect by the new name reach the same socket).
+    ///
+    /// # Errors
+    /// If the rename fails (the file stays where it is, still this
+    /// server's).
+    pub(crate) fn take_file(&mut self, to: Option<&Path>) -> io::Result<()> {
+        self.owns_file = true;
+        if let Some(to) = to.filter(|to| *to != self.path) {
+            fs::rename(&self.path, to)?;
+            self.path = to.to_path_buf();
+        }
+        if let Ok(meta) = fs::symlink_metadata(&self.path) {
+            self.file_id = (meta.dev(), meta.ino());
+        }
+        Ok(())
+    }
+
     /// What the master's `poll(2)` should watch: the listening socket
-    /// first, then every connection.
+    /// first if it [`accepts`](ControlServer::accepting), then every
+    /// connection.
     pub(crate) fn poll_fds(&self) -> Vec<BorrowedFd<'_>> {
-        let mut fds = vec![self.listener.as_fd()];
+        let mut fds = Vec::new();
+        if self.accepting {
+            fds.push(self.listener.as_fd());
+        }
         fds.extend(self.conns.iter().map(|(_, c)| c.stream.as_fd()));
         fds
     }
 
     /// Every descriptor it holds, for a forked child to close.
     pub(crate) fn raw_fds(&self) -> Vec<RawFd> {
-        self.poll_fds().iter().map(|fd| fd.as_raw_fd()).collect()
+        let mut fds = vec![self.listener.as_raw_fd()];
+        fds.extend(self.conns.iter().map(|(_, c)| c.stream.as_raw_fd()));
+        fds
+    }
+
+    /// The binary upgrade ended: each `upgrade` connection is sent `line`
+    /// ([`codec::upgrade_line`]) and closed.
+    pub(crate) fn upgrade_finished(&mut self, line: &str) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.conns.len() {
+            let c = &mut self.conns[i].1;
+            if !c.upgrade {
+                i += 1;
+                continue;
+            }
+            let mut bytes = c
+                .output
+                .take()
+                .map_or_else(Vec::new, |(out, pos)| out.get(pos..).unwrap_or_default().to_vec());
+            bytes.extend_from_slice(line.as_bytes());
+            c.output = Some((bytes, 0));
+            c.upgrade = false;
+            c.waiting = false;
+            c.deadline = Some(now + REQUEST_TIMEOUT);
+            if c.advance(now, &mut |_| Reply::Close(String::new())) {
+                i += 1;
+            } else {
+                self.conns.remove(i);
+            }
+        }
     }
 
     /// When the loop must look again even if nothing is readable: a
@@ -288,7 +401,7 @@ impl ControlServer {
     pub(crate) fn serve(&mut self, listener_ready: bool) -> Vec<(ConnId, ControlRequest)> {
         let now = Instant::now();
         self.pass_at = now;
-        if listener_ready {
+        if listener_ready && self.accepting {
             self.accept(now);
         }
         // `wait` connections have a bound of their own.
@@ -320,6 +433,12 @@ impl ControlServer {
         let text = codec::encode_answer(answer, self.started.elapsed(), self.reloads);
         let c = &mut self.conns[at].1;
         c.answer(text);
+        if matches!(answer, ControlAnswer::UpgradeStarted { .. }) {
+            // Held open until the upgrade ends (`upgrade_finished`).
+            c.upgrade = true;
+            c.waiting = true;
+            c.deadline = None;
+        }
         // Answered: the connection asks for nothing more.
         if !c.advance(self.pass_at, &mut |_| Reply::Close(String::new())) {
             self.conns.remove(at);
@@ -392,7 +511,11 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        // Only our own socket file: not one a later master bound there.
+        // Only our own socket file: not one a later master bound there,
+        // nor one handed to a new master.
+        if !self.owns_file {
+            return;
+        }
         if let Ok(meta) = fs::symlink_metadata(&self.path) {
             if (meta.dev(), meta.ino()) == self.file_id {
                 let _ = fs::remove_file(&self.path);

@@ -5,11 +5,13 @@ use std::cell::{Cell, RefCell};
 use std::ffi::{CString, OsString};
 use std::fmt;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
+use super::upgrade::{self, Handed, Upgraded};
 use super::{Cluster, ClusterError, Master, Outcome, Report, SlotRec};
 use crate::cluster::control::{ControlLocation, ControlServer};
 use crate::cluster::listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listeners};
@@ -504,7 +506,30 @@ impl ClusterBuilder {
         self.start(Mode::Spawn(argv))
     }
 
-    fn start(mut self, mode: Mode<'_>) -> Result<Report, ClusterError> {
+    fn start(self, mode: Mode<'_>) -> Result<Report, ClusterError> {
+        // Before anything else reads the environment: a master started by
+        // a binary upgrade takes its old master's sockets (upgrade.rs).
+        let threads = proc::thread_count()?;
+        if threads != 1 {
+            return Err(ClusterError::NotSingleThreaded { threads });
+        }
+        let mut handed = Handed::take_from_env().map_err(|reason| ClusterError::Upgrade { reason })?;
+        let mut report_to = handed.as_mut().and_then(|h| h.ready.take());
+        let result = self.start_master(mode, handed, &mut report_to);
+        // Not started: the old master hears why (and keeps serving).
+        if let (Err(e), Some(ready)) = (&result, &report_to) {
+            upgrade::report_error(ready, &e.to_string());
+        }
+        result
+    }
+
+    fn start_master(
+        mut self,
+        mode: Mode<'_>,
+        handed: Option<Handed>,
+        report_to: &mut Option<OwnedFd>,
+    ) -> Result<Report, ClusterError> {
+        let program = upgrade::Program::current();
         // Slots besides the instances': one spare for reloads, and the
         // bridge's if there is one.
         let bridges = self.bridges();
@@ -524,35 +549,74 @@ impl ClusterBuilder {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(ClusterError::Listen)?;
-        let threads = proc::thread_count()?;
-        if threads != 1 {
-            return Err(ClusterError::NotSingleThreaded { threads });
-        }
         let slots = instances + 1 + bridges;
         let config = Config {
             workers: slots,
             ..self.config.clone()
         };
         crate::Layout::new(&config).map_err(ClusterError::Config)?;
-        // systemd socket activation: its sockets replace ours.
-        let listeners = match Listeners::from_systemd_env().map_err(ClusterError::Listen)? {
-            Some(l) => l,
-            None => Listeners::bind(&specs, instances).map_err(ClusterError::Listen)?,
+        let master_pid = sys::getpid();
+        let (mut handed_control, mut handed_metrics, mut old_pid) = (None, None, None);
+        let mut listeners_from_systemd = false;
+        let listeners = match handed {
+            // A binary upgrade: the old master's sockets, matched to ours.
+            Some(h) => {
+                listeners_from_systemd = h.systemd;
+                handed_control = h.control;
+                handed_metrics = h.metrics;
+                old_pid = Some(h.old_pid);
+                Listeners::adopt(&specs, instances, h.listeners, h.inherited, h.systemd)
+                    .map_err(ClusterError::Listen)?
+            }
+            // systemd socket activation: its sockets replace ours.
+            None => match Listeners::from_systemd_env().map_err(ClusterError::Listen)? {
+                Some(l) => {
+                    listeners_from_systemd = true;
+                    l
+                }
+                None => Listeners::bind(&specs, instances).map_err(ClusterError::Listen)?,
+            },
         };
         let segment = Segment::create(&config).map_err(ClusterError::Create)?;
-        let master_pid = sys::getpid();
+        let mut rename_control_to = None;
         let control_server = match self.control.take() {
-            Some(at) => Some(
-                ControlServer::bind(&at, master_pid)
-                    .map_err(|(path, error)| ClusterError::Control { path, error })?,
-            ),
+            // The old master's control socket, if it is the one we want:
+            // the same path, or both the default (renamed to ours once the
+            // old master is gone).
+            Some(at) => match (handed_control.take(), &at) {
+                (Some((fd, path)), ControlLocation::Path(want)) if *want == path => {
+                    Some(ControlServer::adopt(fd, path).map_err(|error| ClusterError::Control {
+                        path: want.clone(),
+                        error,
+                    })?)
+                }
+                (Some((fd, path)), ControlLocation::Default)
+                    if old_pid.is_some_and(|old| Cluster::default_control_path(old) == path) =>
+                {
+                    rename_control_to = Some(Cluster::default_control_path(master_pid));
+                    Some(ControlServer::adopt(fd, path.clone()).map_err(|error| ClusterError::Control {
+                        path,
+                        error,
+                    })?)
+                }
+                _ => Some(
+                    ControlServer::bind(&at, master_pid)
+                        .map_err(|(path, error)| ClusterError::Control { path, error })?,
+                ),
+            },
             None => None,
         };
         let metrics_server = match self.metrics.take() {
-            Some(addr) => Some(MetricsServer::bind(&addr).map_err(|e| ClusterError::Metrics {
-                addr: e.addr,
-                error: e.error,
-            })?),
+            Some(addr) => {
+                let server = match handed_metrics.take() {
+                    Some(fd) => MetricsServer::adopt(&addr, fd),
+                    None => MetricsServer::bind(&addr),
+                };
+                Some(server.map_err(|e| ClusterError::Metrics {
+                    addr: e.addr,
+                    error: e.error,
+                })?)
+            }
             None => None,
         };
         let signals = MasterSignals::install()?;
@@ -577,13 +641,17 @@ impl ClusterBuilder {
             metrics_addr: metrics_server.as_ref().map(MetricsServer::local_addr),
         };
         let on_event = self.on_event.take();
-        let notify = super::notify::Notify::new(
+        let mut notify = super::notify::Notify::new(
             self.systemd_notify,
             self.worker_notify && matches!(mode, Mode::Spawn(_)),
             master_pid,
             slots,
             self.hang_timeout,
         );
+        let upgraded = old_pid.map(|old| {
+            notify.announce_mainpid(master_pid);
+            Upgraded::new(old, report_to.take(), rename_control_to)
+        });
         let mut master = Master {
             opts: self,
             cluster,
@@ -608,6 +676,12 @@ impl ClusterBuilder {
             control: control_server,
             notify,
             metrics: metrics_server,
+            program,
+            upgrade: None,
+            upgrade_queued: false,
+            handed_over: false,
+            upgraded,
+            listeners_from_systemd,
         };
         let result = master.supervise();
         let Master {

@@ -46,6 +46,7 @@ mod reload;
 mod report;
 mod spawn;
 mod supervise;
+mod upgrade;
 
 pub use builder::ClusterBuilder;
 use builder::{BridgeConfig, EventCallback, Mode};
@@ -146,6 +147,9 @@ impl Cluster {
                 self.shutdown();
                 ControlAnswer::ShutdownStarted
             }
+            // Carried out by the master's loop (`Master::upgrade_request`),
+            // which needs more than the cluster.
+            ControlRequest::Upgrade => ControlAnswer::UpgradeRefused("not here".into()),
         }
     }
 }
@@ -231,6 +235,20 @@ struct Master<'a> {
     notify: notify::Notify,
     /// The metrics endpoint (`GET /metrics`), if configured.
     metrics: Option<MetricsServer>,
+    /// The program and arguments a binary upgrade executes again.
+    program: upgrade::Program,
+    /// A binary upgrade in progress (this master is the old one).
+    upgrade: Option<upgrade::UpgradeRun>,
+    /// `SIGUSR2` during a reload: the upgrade starts once it ends.
+    upgrade_queued: bool,
+    /// The new master took over: this one drains and exits, leaving the
+    /// socket files alone.
+    handed_over: bool,
+    /// This master was started by a binary upgrade.
+    upgraded: Option<upgrade::Upgraded>,
+    /// The listeners came from systemd's socket activation (said to a new
+    /// master).
+    listeners_from_systemd: bool,
 }
 
 impl Master<'_> {
