@@ -129,7 +129,10 @@ pub fn upgrade(path: &Path, wait: Option<Duration>, started: impl FnOnce(u32)) -
     if let Some(msg) = end.strip_prefix("err ") {
         return Err(ClientError::Refused(msg.to_string()));
     }
-    match end.strip_prefix("upgraded pid=").and_then(|p| p.parse::<u32>().ok()) {
+    match end
+        .strip_prefix("upgraded pid=")
+        .and_then(|p| p.parse::<u32>().ok())
+    {
         Some(pid) => Ok(pid),
         None if end.is_empty() => Err(ClientError::NoMaster(
             "the master closed the connection without saying how the upgrade ended (was it killed?)".into(),

@@ -514,7 +514,9 @@ fn reload(args: WaitArgs) -> Result<(), ClientError> {
 fn upgrade(args: WaitArgs) -> Result<(), ClientError> {
     let path = client::resolve(args.target.control, args.target.pid)?;
     let wait = args.wait.then_some(args.timeout);
-    let pid = client::upgrade(&path, wait, |pid| println!("upgrade started: new master pid {pid}"))?;
+    let pid = client::upgrade(&path, wait, |pid| {
+        println!("upgrade started: new master pid {pid}")
+    })?;
     if args.wait {
         println!("upgraded: new master pid {pid} took over; the old master drains and exits");
     }

@@ -479,9 +479,7 @@ impl Listeners {
                 }
             }
             pool = rest;
-            let same_addr = mine
-                .first()
-                .is_some_and(|fd| bound_to(fd.as_fd(), &spec.addr));
+            let same_addr = mine.first().is_some_and(|fd| bound_to(fd.as_fd(), &spec.addr));
             let held = if !same_addr {
                 Held::bind(name, &spec.addr, spec.mode, instances)?
             } else {
@@ -495,10 +493,11 @@ impl Listeners {
                 };
                 mine.truncate(want);
                 while mine.len() < want {
-                    let actual = net::local_addr_tcp(mine[0].as_fd()).map_err(|source| ListenError::Bind {
-                        addr: spec.addr.clone(),
-                        source,
-                    })?;
+                    let actual =
+                        net::local_addr_tcp(mine[0].as_fd()).map_err(|source| ListenError::Bind {
+                            addr: spec.addr.clone(),
+                            source,
+                        })?;
                     mine.push(bind_tcp(actual, true)?);
                 }
                 Held {

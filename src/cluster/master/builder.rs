@@ -584,20 +584,20 @@ impl ClusterBuilder {
             // the same path, or both the default (renamed to ours once the
             // old master is gone).
             Some(at) => match (handed_control.take(), &at) {
-                (Some((fd, path)), ControlLocation::Path(want)) if *want == path => {
-                    Some(ControlServer::adopt(fd, path).map_err(|error| ClusterError::Control {
+                (Some((fd, path)), ControlLocation::Path(want)) if *want == path => Some(
+                    ControlServer::adopt(fd, path).map_err(|error| ClusterError::Control {
                         path: want.clone(),
                         error,
-                    })?)
-                }
+                    })?,
+                ),
                 (Some((fd, path)), ControlLocation::Default)
                     if old_pid.is_some_and(|old| Cluster::default_control_path(old) == path) =>
                 {
                     rename_control_to = Some(Cluster::default_control_path(master_pid));
-                    Some(ControlServer::adopt(fd, path.clone()).map_err(|error| ClusterError::Control {
-                        path,
-                        error,
-                    })?)
+                    Some(
+                        ControlServer::adopt(fd, path.clone())
+                            .map_err(|error| ClusterError::Control { path, error })?,
+                    )
                 }
                 _ => Some(
                     ControlServer::bind(&at, master_pid)

@@ -127,8 +127,8 @@ impl Master<'_> {
             }
             // The new master's pipe, if an upgrade runs (read in
             // `step_upgrade`, every turn).
-            if let Some(run) = &self.upgrade {
-                fds.push(run.fd());
+            if let Some(fd) = self.upgrade.as_ref().and_then(|r| r.fd()) {
+                fds.push(fd);
             }
             let ready = sys::fd::poll_readable(&fds, Some(next.saturating_duration_since(now)))?;
             if let Some(c) = self.control.as_mut() {

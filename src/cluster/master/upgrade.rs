@@ -147,7 +147,8 @@ impl Marker {
         };
         let old_pid = u32::try_from(num("old")?).map_err(|_| format!("{MARKER}: old= out of range"))?;
         let ready = fd("ready")?.ok_or_else(|| format!("{MARKER}: ready=- (a pipe is needed)"))?;
-        let listeners = usize::try_from(num("listeners")?).map_err(|_| format!("{MARKER}: listeners= too large"))?;
+        let listeners =
+            usize::try_from(num("listeners")?).map_err(|_| format!("{MARKER}: listeners= too large"))?;
         let control = match (fd("control")?, get("control_path")?) {
             (Some(fd), path) if path != "-" => Some((fd, PathBuf::from(unescape(path)))),
             (None, _) => None,
@@ -283,14 +284,22 @@ pub(super) struct UpgradeRun {
     /// What was read from it so far.
     got: Vec<u8>,
     deadline: Instant,
-    /// The new master was reaped (do not signal its pid again).
-    reaped: bool,
+    /// The new master was reaped (do not signal its pid again): how it
+    /// ended.
+    reaped: Option<String>,
+    /// When the pipe reached end-of-file (the new master closed it or
+    /// exited), if it did.
+    eof_at: Option<Instant>,
 }
 
+/// How long after its pipe's end-of-file a new master that said nothing
+/// has to be reaped, so that the failure names its exit status.
+const EOF_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl UpgradeRun {
-    /// What `poll(2)` watches: the pipe.
-    pub(super) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.ready.as_fd()
+    /// What `poll(2)` watches: the pipe, until its end-of-file.
+    pub(super) fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.eof_at.is_none().then(|| self.ready.as_fd())
     }
 }
 
@@ -351,7 +360,10 @@ impl Master<'_> {
             return Err("the cluster is shutting down".into());
         }
         if let Some(run) = &self.upgrade {
-            return Err(format!("an upgrade is running already (new master pid {})", run.pid));
+            return Err(format!(
+                "an upgrade is running already (new master pid {})",
+                run.pid
+            ));
         }
         if self.reload.is_some() || self.reloads_queued > 0 {
             return Err("a reload is running; upgrade once it has finished".into());
@@ -414,9 +426,13 @@ impl Master<'_> {
                     ready: ready_read,
                     got: Vec::new(),
                     deadline: Instant::now() + self.opts.ready_timeout,
-                    reaped: false,
+                    reaped: None,
+                    eof_at: None,
                 });
-                eprintln!("shmcluster: upgrade: started new master pid {pid} from {}", exe.display());
+                eprintln!(
+                    "shmcluster: upgrade: started new master pid {pid} from {}",
+                    exe.display()
+                );
                 self.publish(EventKind::UpgradeStarted { pid }, u32::MAX);
                 Ok(pid)
             }
@@ -439,14 +455,9 @@ impl Master<'_> {
         };
         let mut verdict: Option<Result<(), String>> = None;
         let mut buf = [0u8; 512];
-        loop {
+        while run.eof_at.is_none() {
             match proc::read_raw(run.ready.as_fd(), &mut buf) {
-                Ok(0) => {
-                    if !run.got.contains(&b'\n') {
-                        verdict = Some(Err("the new master exited (or closed its pipe) before it was ready".into()));
-                    }
-                    break;
-                }
+                Ok(0) => run.eof_at = Some(Instant::now()),
                 Ok(n) if run.got.len() + n <= MAX_LINE => run.got.extend_from_slice(&buf[..n]),
                 Ok(_) => {
                     verdict = Some(Err("the new master said too much on its pipe".into()));
@@ -459,6 +470,7 @@ impl Master<'_> {
                 }
             }
         }
+        let now = Instant::now();
         if let Some(end) = run.got.iter().position(|&b| b == b'\n') {
             let line = String::from_utf8_lossy(&run.got[..end]).into_owned();
             verdict = Some(match line.strip_prefix("err ") {
@@ -466,8 +478,12 @@ impl Master<'_> {
                 None if line.starts_with("ready") => Ok(()),
                 None => Err(format!("the new master said {line:?}")),
             });
+        } else if let Some(how) = &run.reaped {
+            verdict = Some(Err(format!("the new master {how} before it was ready")));
+        } else if run.eof_at.is_some_and(|t| now >= t + EOF_GRACE) {
+            verdict = Some(Err("the new master closed its pipe before it was ready".into()));
         }
-        if verdict.is_none() && Instant::now() >= run.deadline {
+        if verdict.is_none() && now >= run.deadline {
             verdict = Some(Err(format!(
                 "the new master was not ready within {:?} (the ready timeout)",
                 self.opts.ready_timeout
@@ -480,7 +496,9 @@ impl Master<'_> {
 
     /// When the loop must next look at the upgrade (its deadline).
     pub(super) fn upgrade_wake_at(&self) -> Option<Instant> {
-        self.upgrade.as_ref().map(|r| r.deadline)
+        self.upgrade
+            .as_ref()
+            .map(|r| r.eof_at.map_or(r.deadline, |t| r.deadline.min(t + EOF_GRACE)))
     }
 
     /// A reaped child that is no worker: the new master, if it is ours.
@@ -488,16 +506,12 @@ impl Master<'_> {
         let Some(run) = self.upgrade.as_mut().filter(|r| r.pid == pid) else {
             return;
         };
-        run.reaped = true;
+        run.reaped = Some(match status {
+            sys::ExitStatus::Code(c) => format!("exited with code {c}"),
+            sys::ExitStatus::Signal(s) => format!("was killed by signal {s}"),
+        });
         // Its last words first, if it wrote any.
         self.step_upgrade();
-        if self.upgrade.is_some() {
-            let how = match status {
-                sys::ExitStatus::Code(c) => format!("exited with code {c}"),
-                sys::ExitStatus::Signal(s) => format!("was killed by signal {s}"),
-            };
-            self.finish_upgrade(Err(format!("the new master {how} before it was ready")));
-        }
     }
 
     /// The upgrade ended: hand over (the old master drains and exits) or
@@ -523,7 +537,7 @@ impl Master<'_> {
                 self.begin_shutdown();
             }
             Err(reason) => {
-                if !run.reaped {
+                if run.reaped.is_none() {
                     // Its workers die with it (PR_SET_PDEATHSIG).
                     let _ = proc::send_signal(pid, signal::SIGKILL);
                 }
