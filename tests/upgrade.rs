@@ -59,6 +59,11 @@ const SCENARIOS: &[Scenario] = &[
         run: fork_mode_sigusr2_under_wrk,
     },
     Scenario {
+        name: "fork_mode_reuseport_sigusr2_under_wrk",
+        timeout: Duration::from_secs(90),
+        run: fork_mode_reuseport_sigusr2_under_wrk,
+    },
+    Scenario {
         name: "spawn_mode_upgrade_wait_under_wrk",
         timeout: Duration::from_secs(90),
         run: spawn_mode_upgrade_wait_under_wrk,
@@ -380,6 +385,16 @@ fn banners(stdout: std::process::ChildStdout) -> mpsc::Receiver<(String, u32)> {
 }
 
 fn fork_mode_sigusr2_under_wrk() -> Check {
+    fork_mode_under_wrk(false)
+}
+
+/// With `--reuseport`: one `SO_REUSEPORT` socket per instance, each handed
+/// over by name and served by the new worker of the same instance.
+fn fork_mode_reuseport_sigusr2_under_wrk() -> Check {
+    fork_mode_under_wrk(true)
+}
+
+fn fork_mode_under_wrk(reuseport: bool) -> Check {
     become_subreaper()?;
     let dir = common::tmp();
     let example = http_cluster_example()?;
@@ -387,6 +402,7 @@ fn fork_mode_sigusr2_under_wrk() -> Check {
     let first_build = install(&example, &program, "")?;
     let mut child = Command::new(&program)
         .args(["--workers", "2", "--listen", "127.0.0.1:0", "--quiet"])
+        .args(reuseport.then_some("--reuseport"))
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -452,8 +468,9 @@ fn fork_mode_sigusr2_under_wrk() -> Check {
         ensure!(!alive(*pid), "the old worker {pid} still runs");
     }
     println!(
-        "    fork mode: wrk {} requests through SIGUSR2, socket errors {:?}, non-2xx {}; answered by {} pids; \
+        "    fork mode{}: wrk {} requests through SIGUSR2, socket errors {:?}, non-2xx {}; answered by {} pids; \
          master {old_pid} -> {new_pid} (exited 0), build inode {first_build} -> {new_build}",
+        if reuseport { " (reuseport)" } else { "" },
         run.requests,
         run.socket_errors,
         run.non_2xx,

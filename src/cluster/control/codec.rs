@@ -313,11 +313,12 @@ mod tests {
         assert_eq!(parse_request(b" stat \r"), master(ControlRequest::Stat));
         assert_eq!(parse_request(b"reload"), master(ControlRequest::Reload));
         assert_eq!(parse_request(b"stop"), master(ControlRequest::Stop));
+        assert_eq!(parse_request(b"upgrade"), master(ControlRequest::Upgrade));
         assert_eq!(parse_request(b"wait"), Ok(Request::Wait));
         let refused = parse_request(b"rm -rf").unwrap_err();
         assert_eq!(
             refused,
-            "err unknown request rm%20-rf: expected ping, stat, reload, stop or wait\n"
+            "err unknown request rm%20-rf: expected ping, stat, reload, stop, upgrade or wait\n"
         );
         assert!(parse_request(&[0xff, b'x']).is_err(), "not UTF-8");
     }
@@ -348,6 +349,19 @@ mod tests {
         assert_eq!(
             encode(ControlAnswer::Refused("the cluster is shutting down")),
             "err the cluster is shutting down\n"
+        );
+        assert_eq!(
+            encode(ControlAnswer::UpgradeStarted { pid: 43 }),
+            "ok upgrade started pid=43\n"
+        );
+        assert_eq!(
+            encode(ControlAnswer::UpgradeRefused("an upgrade is running".into())),
+            "err an upgrade is running\n"
+        );
+        assert_eq!(upgrade_line(43, None), "upgraded pid=43\n");
+        assert_eq!(
+            upgrade_line(43, Some("not ready in time")),
+            "err upgrade failed: not ready in time\n"
         );
         let stats = ClusterStats {
             master_pid: 42,

@@ -11,8 +11,18 @@
 //! # Protocol
 //! One request line, one response, then the master closes the connection.
 //! Requests: `ping`, `stat`, `reload` (a rolling reload, as `SIGHUP`),
-//! `stop` (a graceful shutdown, as `SIGTERM`), `wait` (see below). Every
-//! response starts with `ok ...` or `err <message>`.
+//! `stop` (a graceful shutdown, as `SIGTERM`), `upgrade` (a binary
+//! upgrade, as `SIGUSR2`; see below), `wait` (see below). Every response
+//! starts with `ok ...` or `err <message>`.
+//!
+//! `upgrade` is answered `ok upgrade started pid=<new master>` (or `err
+//! <why not>`), and the connection is then held open (as a `wait` one,
+//! and counted with them) until the upgrade ends: the master writes
+//! `upgraded pid=<new>` once the new master is ready (it then drains and
+//! exits), or `err upgrade failed: <reason>` (it keeps serving), and
+//! closes it. A client that does not wait simply hangs up. While the new
+//! master starts, the old one accepts no new connection: the new one,
+//! which shares the listening socket, answers them.
 //!
 //! `wait` is answered `ok waiting` and the connection is then held open
 //! until the master ends (at most 64 such connections at once, counted
@@ -620,6 +630,66 @@ mod tests {
         assert!(got.starts_with("err unknown request bogus"), "{got}");
         assert_eq!(asked, [ControlRequest::Stop, ControlRequest::Ping]);
         drop(server);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An `upgrade` connection gets the started line at once, stays open,
+    /// and gets the end line when the upgrade ends; a handed-over
+    /// server leaves its file for the new master.
+    #[test]
+    fn an_upgrade_connection_is_told_how_the_upgrade_ended() {
+        use std::io::{BufRead, BufReader, Write};
+        let dir = temp_dir("upgrade");
+        let path = dir.join("c.sock");
+        let mut server = ControlServer::bind(&ControlLocation::Path(path.clone()), 1).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"upgrade\n").unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reader = BufReader::new(client.try_clone().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut asked = false;
+        while !asked {
+            for (conn, request) in server.serve(true) {
+                assert_eq!(request, ControlRequest::Upgrade);
+                server.answer(conn, &ControlAnswer::UpgradeStarted { pid: 99 });
+                asked = true;
+            }
+            assert!(Instant::now() < deadline, "never asked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "ok upgrade started pid=99\n");
+        // Held open past the request timeout; not accepting meanwhile.
+        server.set_accepting(false);
+        assert_eq!(
+            server.poll_fds().len(),
+            1,
+            "the connection only, not the listener"
+        );
+        let later = Instant::now() + 2 * REQUEST_TIMEOUT;
+        assert!(server.serve(true).is_empty());
+        assert!(server
+            .conns
+            .iter()
+            .all(|(_, c)| c.deadline.is_none() || c.deadline > Some(later)));
+        server.upgrade_finished(&codec::upgrade_line(99, None));
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "upgraded pid=99\n");
+        line.clear();
+        assert_eq!(
+            reader.read_line(&mut line).unwrap(),
+            0,
+            "closed after the end line"
+        );
+        assert!(server.conns.is_empty());
+        server.hand_over();
+        drop(server);
+        assert!(
+            path.exists(),
+            "a handed-over socket file stays for the new master"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
