@@ -750,4 +750,85 @@ mod tests {
             }
         }
     }
+
+    /// The sockets handed over, as a new master receives them (copies).
+    fn received(old: &Listeners) -> (Vec<(String, OwnedFd)>, usize) {
+        let (fds, inherited) = old.handover();
+        let copies = fds
+            .into_iter()
+            .map(|(raw, name)| {
+                // SAFETY: `raw` is one of `old`'s sockets, open while `old`
+                // lives (for the whole test); only borrowed to copy it.
+                let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+                (name, fd.try_clone_to_owned().unwrap())
+            })
+            .collect();
+        (copies, inherited)
+    }
+
+    fn opened_inode(opened: Opened<'_>) -> u64 {
+        match opened {
+            Opened::Held(fd) => inode(fd),
+            Opened::Fresh(fd) => inode(fd.as_fd()),
+        }
+    }
+
+    /// A binary upgrade's new master maps the handed sockets back: by name
+    /// and address, a `ReusePort` listener's one per instance (one more
+    /// bound on the same port for a new instance), a listener whose
+    /// address changed bound afresh, the sockets of workers' requests kept.
+    #[test]
+    fn a_new_master_adopts_the_handed_sockets_by_name_and_address() {
+        let specs = [
+            ListenSpec::new(tcp("127.0.0.1:0")).name("web"),
+            ListenSpec::new(tcp("127.0.0.1:0"))
+                .mode(ListenMode::ReusePort)
+                .name("rp"),
+            ListenSpec::new(tcp("127.0.0.1:0")).name("moved"),
+        ];
+        let mut old = Listeners::bind(&specs, 2).unwrap();
+        // Another address than the specs' (those are the inherited ones).
+        let asked = tcp("127.0.0.3:0");
+        let requested = opened_inode(old.open(&asked, ListenMode::Shared).unwrap());
+        let asked_port = old.requested[0].local_addr().unwrap();
+        let (handed, inherited) = received(&old);
+        let names: Vec<&str> = handed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[..4], ["web", "rp", "rp", "moved"]);
+        assert_eq!(inherited, 4);
+        assert_eq!(handed.len(), 5, "and the requested socket");
+        assert!(!names[4].contains(':'), "{names:?}");
+        let old_inodes =
+            |i: u32| -> Vec<u64> { old.for_instance(i).iter().map(|(fd, _)| inode(*fd)).collect() };
+        let (i0, i1) = (old_inodes(0), old_inodes(1));
+
+        // The new configuration: three instances now, "moved" elsewhere.
+        let new_specs = [
+            ListenSpec::new(tcp("127.0.0.1:0")).name("web"),
+            ListenSpec::new(tcp("127.0.0.1:0"))
+                .mode(ListenMode::ReusePort)
+                .name("rp"),
+            ListenSpec::new(tcp("127.0.0.2:0")).name("moved"),
+        ];
+        let mut new = Listeners::adopt(&new_specs, 3, handed, inherited, false).unwrap();
+        let new_inodes =
+            |i: u32| -> Vec<u64> { new.for_instance(i).iter().map(|(fd, _)| inode(*fd)).collect() };
+        let (n0, n1, n2) = (new_inodes(0), new_inodes(1), new_inodes(2));
+        assert_eq!(n0[..2], i0[..2], "web and rp of instance 0: the same sockets");
+        assert_eq!(n1[1], i1[1], "rp of instance 1: the same socket");
+        assert!(
+            !i0.contains(&n2[1]) && !i1.contains(&n2[1]),
+            "rp of instance 2: a new one"
+        );
+        let rp_port = |l: &Listeners, i: u32| port(l.for_instance(i)[1].0);
+        assert_eq!(rp_port(&new, 2), rp_port(&old, 0), "on the same port");
+        assert_ne!(n0[2], i0[2], "moved: bound afresh");
+        assert_eq!(
+            new.local_addrs()[2].to_string().split(':').next(),
+            Some("127.0.0.2")
+        );
+        // A worker's request for the same address gets the same socket.
+        let again = opened_inode(new.open(&asked_port, ListenMode::Shared).unwrap());
+        assert_eq!(again, requested);
+        assert!(new.paths_handed, "files not the new master's yet");
+    }
 }
