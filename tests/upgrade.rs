@@ -69,6 +69,11 @@ const SCENARIOS: &[Scenario] = &[
         run: spawn_mode_upgrade_wait_under_wrk,
     },
     Scenario {
+        name: "systemd_hears_the_new_main_pid_and_no_stopping",
+        timeout: Duration::from_secs(90),
+        run: systemd_hears_the_new_main_pid_and_no_stopping,
+    },
+    Scenario {
         name: "failing_new_builds_leave_the_old_master_serving",
         timeout: Duration::from_secs(90),
         run: failing_new_builds_leave_the_old_master_serving,
@@ -509,7 +514,7 @@ fn no_process_left(pgid: u32) -> Check {
 /// A `shmcluster run` copy at `dir/shmcluster` with the Python worker at
 /// `dir/worker.py`, 2 workers, its control socket at the default path in
 /// `dir` (`XDG_RUNTIME_DIR`).
-fn start_spawn_master(ready_timeout: &str) -> Result<(Cluster, PathBuf, u64), String> {
+fn start_spawn_master(ready_timeout: &str, env: &[(&str, &Path)]) -> Result<(Cluster, PathBuf, u64), String> {
     let dir = common::tmp();
     let program = dir.join("shmcluster");
     let first = install(Path::new(BIN), &program, "")?;
@@ -529,6 +534,9 @@ fn start_spawn_master(ready_timeout: &str) -> Result<(Cluster, PathBuf, u64), St
     ])
     .arg(&worker)
     .env("XDG_RUNTIME_DIR", &dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let cluster = Cluster::spawn(&mut cmd, true)?;
     // Every worker ready: two answers from v1 workers.
     let start = Instant::now();
@@ -550,7 +558,7 @@ fn start_spawn_master(ready_timeout: &str) -> Result<(Cluster, PathBuf, u64), St
 fn spawn_mode_upgrade_wait_under_wrk() -> Check {
     become_subreaper()?;
     let dir = common::tmp();
-    let (mut master, program, first_build) = start_spawn_master("20")?;
+    let (mut master, program, first_build) = start_spawn_master("20", &[])?;
     let old_pid = MASTER.load(Ordering::Acquire) as u32;
     let addr = master.addr.clone();
     ensure!(curl(&addr)?.starts_with("version v1 "), "not v1");
@@ -639,12 +647,100 @@ fn spawn_mode_upgrade_wait_under_wrk() -> Check {
     no_process_left(old_pid)
 }
 
+// ------------------------------------------------------------ systemd
+
+/// Under a service manager (`NOTIFY_SOCKET`: a datagram socket the test
+/// binds, as tests/systemd_notify.rs does): the old master says
+/// `READY=1`; at the hand-over it says `MAINPID=<new>` and nothing that
+/// would stop the service (no `STOPPING=1` until the new master is
+/// stopped); the new master says `MAINPID=<new>` with its `READY=1`.
+fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
+    use std::os::unix::net::UnixDatagram;
+    become_subreaper()?;
+    let dir = common::tmp();
+    let path = dir.join("notify.sock");
+    let manager = UnixDatagram::bind(&path).map_err(|e| e.to_string())?;
+    manager
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
+    let (tx, heard) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match manager.recv(&mut buf) {
+                Ok(n) => {
+                    if tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err() {
+                        return;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let mut said: Vec<String> = Vec::new();
+    let listen = |said: &mut Vec<String>, until: &dyn Fn(&[String]) -> bool, what: &str| -> Check {
+        let start = Instant::now();
+        while !until(said) {
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "never heard {what}: {said:?}"
+            );
+            if let Ok(m) = heard.recv_timeout(Duration::from_millis(100)) {
+                said.push(m);
+            }
+        }
+        Ok(())
+    };
+    let (mut master, _, _) = start_spawn_master("20", &[("NOTIFY_SOCKET", &path)])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    listen(&mut said, &|s| s.iter().any(|m| m.contains("READY=1")), "READY=1")?;
+    let (code, text) = cli(&["upgrade", "--wait", "--timeout", "30"])?;
+    ensure!(code == 0, "upgrade --wait exited {code}:\n{text}");
+    let new_pid = text
+        .rsplit_once("upgraded: new master pid ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or(format!("no new pid in {text:?}"))?;
+    let status = master.wait_exit(Duration::from_secs(30))?;
+    ensure!(status.success(), "the old master exited {status}");
+    let main = format!("MAINPID={new_pid}");
+    listen(
+        &mut said,
+        &|s| s.iter().any(|m| *m == main) && s.iter().any(|m| m.starts_with(&format!("{main}\nREADY=1"))),
+        "MAINPID from both masters",
+    )?;
+    // A moment more for anything the old master might say late.
+    std::thread::sleep(Duration::from_millis(300));
+    while let Ok(m) = heard.try_recv() {
+        said.push(m);
+    }
+    ensure!(
+        !said.iter().any(|m| m.contains("STOPPING=1")),
+        "the service manager was told the service stops: {said:?}"
+    );
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
+    listen(
+        &mut said,
+        &|s| s.iter().any(|m| m.contains("STOPPING=1")),
+        "STOPPING=1 from the new master",
+    )?;
+    let code = wait_pid(new_pid, Duration::from_secs(20))?;
+    ensure!(code == 0, "the new master exited {code}");
+    println!("    systemd: master {old_pid} -> {new_pid}; heard {said:?}");
+    no_process_left(old_pid)
+}
+
 // ------------------------------------------------------------ failures
 
 fn failing_new_builds_leave_the_old_master_serving() -> Check {
     become_subreaper()?;
     let dir = common::tmp();
-    let (master, program, _) = start_spawn_master("3")?;
+    let (master, program, _) = start_spawn_master("3", &[])?;
     let old_pid = MASTER.load(Ordering::Acquire) as u32;
     let addr = master.addr.clone();
     let serving = group_members(old_pid);

@@ -292,6 +292,12 @@ impl Master<'_> {
             }
             p => p,
         };
+        // A binary upgrade's new master keeps quiet until it is ready and
+        // takes over as the main process: its old master still speaks
+        // for the service.
+        if up.mainpid.is_some() && next == Phase::Starting {
+            return;
+        }
         up.phase = next;
         if status != up.status {
             message.push_str(&format!("STATUS={status}\n"));
