@@ -631,13 +631,39 @@ fn spawn_mode_upgrade_wait_under_wrk() -> Check {
     }
     println!(
         "    spawn mode: wrk {} requests through `upgrade --wait`, socket errors {:?}, non-2xx {}; master \
-         {old_pid} -> {new_pid} (exited 0); v1 -> v2; stat by --pid {new_pid} and by discovery",
+         {old_pid} -> {new_pid} (exited 0); v1 -> v2; stat by --pid {new_pid} and by discovery; then upgraded \
+         again by discovery",
         run.requests, run.socket_errors, run.non_2xx
     );
-    let (code, text) = cli(&["stop", "--wait", "--pid", &new_pid.to_string()])?;
-    ensure!(code == 0, "stop --wait exited {code}:\n{text}");
+    // An upgraded master upgrades again, found by discovery.
+    let (code, text) = cli(&["upgrade", "--wait", "--timeout", "30"])?;
+    ensure!(code == 0, "the second upgrade --wait exited {code}:\n{text}");
+    let third = text
+        .rsplit_once("upgraded: new master pid ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or(format!("no new pid in {text:?}"))?;
     let code = wait_pid(new_pid, Duration::from_secs(20))?;
-    ensure!(code == 0, "the new master exited {code}");
+    ensure!(code == 0, "the second master exited {code} after handing over");
+    let third_socket = default_socket(&dir, third);
+    let start = Instant::now();
+    while !third_socket.exists() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(5),
+            "{} not there",
+            third_socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        curl(&addr)?.starts_with("version v2 "),
+        "not v2 after the second upgrade"
+    );
+    let (code, text) = cli(&["stop", "--wait", "--pid", &third.to_string()])?;
+    ensure!(code == 0, "stop --wait exited {code}:\n{text}");
+    let code = wait_pid(third, Duration::from_secs(20))?;
+    ensure!(code == 0, "the third master exited {code}");
+    ensure!(!third_socket.exists(), "{} left behind", third_socket.display());
     ensure!(!new_socket.exists(), "{} left behind", new_socket.display());
     let log = master.log();
     ensure!(
