@@ -679,7 +679,6 @@ impl ClusterBuilder {
             program,
             upgrade: None,
             upgrade_queued: false,
-            handed_over: false,
             upgraded,
             listeners_from_systemd,
         };

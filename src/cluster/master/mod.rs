@@ -241,9 +241,6 @@ struct Master<'a> {
     upgrade: Option<upgrade::UpgradeRun>,
     /// `SIGUSR2` during a reload: the upgrade starts once it ends.
     upgrade_queued: bool,
-    /// The new master took over: this one drains and exits, leaving the
-    /// socket files alone.
-    handed_over: bool,
     /// This master was started by a binary upgrade.
     upgraded: Option<upgrade::Upgraded>,
     /// The listeners came from systemd's socket activation (said to a new

@@ -533,7 +533,6 @@ impl Master<'_> {
                 // Scrapes go to the new master now.
                 self.metrics = None;
                 self.notify.hand_over(pid);
-                self.handed_over = true;
                 self.begin_shutdown();
             }
             Err(reason) => {
