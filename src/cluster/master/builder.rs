@@ -250,7 +250,10 @@ impl ClusterBuilder {
     /// How long a reload waits for a replacement to declare itself ready
     /// before killing it and keeping the old worker. Also: an instance
     /// without a ready worker for this long makes a shutdown unclean
-    /// ([`Unhealthy::NeverReady`](crate::Unhealthy::NeverReady)).
+    /// ([`Unhealthy::NeverReady`](crate::Unhealthy::NeverReady)); and a
+    /// binary upgrade's new master must have every instance ready within
+    /// it, or it is killed and this master keeps serving (see
+    /// [`run`](Self::run)).
     pub fn ready_timeout(mut self, d: Duration) -> Self {
         self.ready_timeout = d;
         self
@@ -445,6 +448,28 @@ impl ClusterBuilder {
     /// every instance's slot has been given up after crash loops
     /// ([`Outcome::AllGivenUp`]). A worker exits 0 when `f` returns `Ok`, 1
     /// on `Err` (printed to stderr), 101 if it panics.
+    ///
+    /// # Binary upgrade
+    /// A rolling reload forks the workers again from this process's
+    /// image, so it never loads new code. `SIGUSR2` (or `shmcluster
+    /// upgrade` on the [control socket](Self::control_socket)) executes
+    /// the program again as it is now on disk (the path it was started
+    /// from; a new build renamed over it is what runs), with the same
+    /// arguments and environment: its `main` runs again and reaches this
+    /// builder, which finds the `SHMCLUSTER_UPGRADE` variable and takes
+    /// over the listening sockets (as `LISTEN_FDS`), the control socket
+    /// and the metrics endpoint instead of binding them, then starts its
+    /// own workers. Once every instance of the new master is ready, this
+    /// master drains its workers as on `SIGTERM` and `run` returns a clean
+    /// [`Report`] (exit code 0), while the new master serves on. A new
+    /// master that fails, exits or is not ready within the
+    /// [ready timeout](Self::ready_timeout) is killed with its workers, and
+    /// this master keeps serving (an `UpgradeFinished { ok: false }`
+    /// event). Nothing is to be done for it but to let `main` reach the
+    /// builder again: before it, do nothing that a second copy of the
+    /// program cannot do while the first runs (bind a port of its own,
+    /// take a pid-file lock). The two generations do not share a segment:
+    /// messages and locks are per master while both run.
     ///
     /// # Errors
     /// [`ClusterError`], always before any worker is forked.

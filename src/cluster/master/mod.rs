@@ -1,8 +1,9 @@
 //! The master process: builder, start-up checks, and the supervision loop.
 //!
 //! The loop is single-threaded and event-driven: signals arrive through a
-//! `signalfd` (SIGCHLD, SIGTERM, SIGINT, SIGHUP, and SIGUSR1, a worker's
-//! nudge after it declared itself ready or asked for a reload), together
+//! `signalfd` (SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR1, a worker's
+//! nudge after it declared itself ready or asked for a reload, and
+//! SIGUSR2, an operator's binary upgrade), together
 //! with the workers' listener requests on their control sockets and the
 //! clients of the master's own control socket (`shmcluster stat`, see
 //! `control/`), in one `poll(2)`, with a short tick for timers (backoff,
@@ -14,7 +15,8 @@
 //! start ([`ClusterError`]); `supervise.rs` the loop; `spawn.rs` starting a
 //! worker; `exit.rs` a worker's end and the shutdown; `reload.rs` the
 //! rolling reload; `notify.rs` systemd's notify protocol (to the service
-//! manager, and from the workers).
+//! manager, and from the workers); `upgrade.rs` the binary upgrade (the
+//! old master's hand-over and the new master's take-over).
 //!
 //! The host's NATS bridge (feature `nats`, `ClusterBuilder::nats`) is
 //! one more instance to the master, with the index `instances`, in a
