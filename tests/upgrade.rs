@@ -793,7 +793,32 @@ fn failing_new_builds_leave_the_old_master_serving() -> Check {
     write_by_rename(&dir.join("worker.py"), &worker_script("v3", true))?;
     let load = Load::start(&addr, 6)?;
     let start = Instant::now();
-    let (code, text) = cli(&["upgrade", "--wait", "--timeout", "30"])?;
+    let mut waiting = Command::new(BIN)
+        .args(["upgrade", "--wait", "--timeout", "30"])
+        .env("XDG_RUNTIME_DIR", &dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{BIN}: {e}"))?;
+    let (waiting_out, waiting_err) = (read_all(waiting.stdout.take()), read_all(waiting.stderr.take()));
+    // Meanwhile control clients reach the new master (the old one does
+    // not accept), which refuses to start a third.
+    std::thread::sleep(Duration::from_millis(1000));
+    let (code, text) = cli(&["stat"])?;
+    ensure!(
+        code == 0 && !text.contains(&format!("master pid {old_pid}:")),
+        "stat during the upgrade: {code}\n{text}"
+    );
+    let (code, text) = cli(&["upgrade"])?;
+    ensure!(
+        code == 1 && text.contains("still taking over"),
+        "a second upgrade during the first: {code}\n{text}"
+    );
+    let code = wait_child(&mut waiting, Duration::from_secs(30))?
+        .code()
+        .unwrap_or(-1);
+    let text = format!("{}{}", join(waiting_out)?, join(waiting_err)?);
     ensure!(
         code == 1 && text.contains("upgrade failed") && text.contains("not ready within"),
         "upgrade to workers that are never ready: code {code}:\n{text}"

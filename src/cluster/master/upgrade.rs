@@ -354,7 +354,8 @@ impl Master<'_> {
     ///
     /// # Errors
     /// Why no upgrade was started: shutting down, one is running already,
-    /// a reload is running, or the fork failed.
+    /// a reload is running, this master's own take-over is not finished,
+    /// or the fork failed.
     pub(super) fn begin_upgrade(&mut self) -> Result<u32, String> {
         if self.shutdown_deadline.is_some() {
             return Err("the cluster is shutting down".into());
@@ -367,6 +368,14 @@ impl Master<'_> {
         }
         if self.reload.is_some() || self.reloads_queued > 0 {
             return Err("a reload is running; upgrade once it has finished".into());
+        }
+        // While both run, control clients reach the new master: it does
+        // not start a third before the old one is gone.
+        if let Some(up) = self.upgraded.as_ref().filter(|u| !u.settled) {
+            return Err(format!(
+                "this master is still taking over from pid {}; upgrade once that one has exited",
+                up.old_pid
+            ));
         }
         let Some(exe) = self.program.exe.clone() else {
             return Err("the master's program path is unknown (current_exe failed at start-up)".into());
