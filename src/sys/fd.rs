@@ -73,6 +73,23 @@ pub unsafe fn adopt_fd(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// `write(2)` of `bytes` (once; errors ignored) to the descriptor number
+/// `raw` that this process inherited and does not own as an `OwnedFd`
+/// (a binary upgrade's pipe, named in the environment), if it is open
+/// (`fcntl(2)` `F_GETFD`). A number that is not open is left alone.
+pub fn write_to_inherited(raw: RawFd, bytes: &[u8]) {
+    // SAFETY: F_GETFD only reads the descriptor table; an invalid number
+    // yields EBADF and no side effect.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return;
+    }
+    // SAFETY: `raw` is open (checked just above) and is only borrowed for
+    // this one write, during which nothing in this single-threaded start-up
+    // closes it.
+    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+    let _ = nix::unistd::write(fd, bytes);
+}
+
 /// `fcntl(2)` `F_SETFD`: sets or clears `FD_CLOEXEC` on `fd`.
 pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};

@@ -506,29 +506,14 @@ impl ClusterBuilder {
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
-        let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
-        let Some(program) = argv.first() else {
-            return Err(ClusterError::Command {
-                program: String::new(),
-                reason: "empty command".into(),
-            });
-        };
-        let name = program.to_string_lossy().into_owned();
-        if proc::find_executable(&name).is_none() {
-            return Err(ClusterError::Command {
-                reason: why_not_executable(&name),
-                program: name,
-            });
+        match spawn_argv(argv.into_iter().map(Into::into).collect()) {
+            Ok(argv) => self.start(Mode::Spawn(argv)),
+            Err(e) => {
+                // Not started: a binary upgrade's old master hears why.
+                upgrade::report_unstarted(&e.to_string());
+                Err(e)
+            }
         }
-        let argv = argv
-            .into_iter()
-            .map(|a| CString::new(a.into_vec()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| ClusterError::Command {
-                program: name,
-                reason: "an argument contains a NUL byte".into(),
-            })?;
-        self.start(Mode::Spawn(argv))
     }
 
     fn start(self, mode: Mode<'_>) -> Result<Report, ClusterError> {
@@ -536,7 +521,9 @@ impl ClusterBuilder {
         // a binary upgrade takes its old master's sockets (upgrade.rs).
         let threads = proc::thread_count()?;
         if threads != 1 {
-            return Err(ClusterError::NotSingleThreaded { threads });
+            let e = ClusterError::NotSingleThreaded { threads };
+            upgrade::report_unstarted(&e.to_string());
+            return Err(e);
         }
         let mut handed = Handed::take_from_env().map_err(|reason| ClusterError::Upgrade { reason })?;
         let mut report_to = handed.as_mut().and_then(|h| h.ready.take());
@@ -775,6 +762,31 @@ pub(super) type BridgeConfig = crate::bridge::NatsConfig;
 #[cfg(not(feature = "nats"))]
 #[derive(Clone)]
 pub(super) enum BridgeConfig {}
+
+/// Spawn mode's command line, checked before anything starts: a program
+/// that can be executed, arguments without NUL bytes.
+fn spawn_argv(argv: Vec<OsString>) -> Result<Vec<CString>, ClusterError> {
+    let Some(program) = argv.first() else {
+        return Err(ClusterError::Command {
+            program: String::new(),
+            reason: "empty command".into(),
+        });
+    };
+    let name = program.to_string_lossy().into_owned();
+    if proc::find_executable(&name).is_none() {
+        return Err(ClusterError::Command {
+            reason: why_not_executable(&name),
+            program: name,
+        });
+    }
+    argv.into_iter()
+        .map(|a| CString::new(a.into_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| ClusterError::Command {
+            program: name,
+            reason: "an argument contains a NUL byte".into(),
+        })
+}
 
 /// Why `program`, which [`proc::find_executable`] did not accept, cannot
 /// be run: a path (with a `/`) is looked at as it is; a bare name was

@@ -258,6 +258,20 @@ pub(super) fn report_error(ready: &OwnedFd, reason: &str) {
     proc::write_all_raw(ready.as_fd(), line.as_bytes());
 }
 
+/// A master that will not start before it took anything over (a bad
+/// command line, threads): if it was started by a binary upgrade, says
+/// `err <reason>` on the pipe [`MARKER`] names, so that the old master
+/// reports why. The environment is only read.
+pub(super) fn report_unstarted(reason: &str) {
+    let Some(value) = std::env::var_os(MARKER) else {
+        return;
+    };
+    if let Ok(marker) = Marker::parse(&value.to_string_lossy()) {
+        let line = format!("err {}\n", reason.replace('\n', " "));
+        sys::fd::write_to_inherited(marker.ready, line.as_bytes());
+    }
+}
+
 /// The program to execute again and its arguments, recorded at start-up.
 pub(super) struct Program {
     /// [`std::env::current_exe`] at start-up.
@@ -416,12 +430,8 @@ impl Master<'_> {
                     ready_write.as_raw_fd(),
                 );
                 let line = format!("err cannot execute {}: {}\n", exe.display(), err.0);
-                proc::write_all_raw(
-                    // SAFETY: the pipe's write end is open at this number
-                    // in this child (moved there, or where it was).
-                    unsafe { std::os::fd::BorrowedFd::borrow_raw(err.1) },
-                    line.as_bytes(),
-                );
+                // The pipe's write end: moved there, or where it was.
+                sys::fd::write_to_inherited(err.1, line.as_bytes());
                 sys::exit_now(127)
             }
             Some(child) => {
@@ -676,6 +686,48 @@ fn exec_new_master(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{fork, ExitStatus, Watchdog};
+
+    /// A master that refuses to start under a binary upgrade writes why on
+    /// the pipe its marker names, on one line.
+    #[test]
+    fn an_unstarted_master_says_why_on_the_pipe() {
+        let (read, write) = proc::pipe_cloexec().unwrap();
+        let marker = Marker {
+            old_pid: 1,
+            ready: write.as_raw_fd(),
+            listeners: 0,
+            control: None,
+            metrics: None,
+            systemd: false,
+        };
+        let dog = Watchdog::new("report_unstarted", std::time::Duration::from_secs(20));
+        // SAFETY: the child only sets one variable (in a child, so that no
+        // other test thread reads the environment meanwhile: a fork at the
+        // instant one holds std's environment lock would hang the child
+        // until the watchdog fails the test) and writes to a pipe.
+        let child = dog.track(
+            unsafe {
+                fork(|| {
+                    std::env::set_var(MARKER, marker.encode());
+                    report_unstarted("bad\ncommand");
+                    0
+                })
+            }
+            .unwrap(),
+        );
+        assert_eq!(
+            child.wait_timeout(std::time::Duration::from_secs(10)).unwrap(),
+            Some(ExitStatus::Code(0))
+        );
+        drop(write);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = proc::read_raw(read.as_fd(), &mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(String::from_utf8_lossy(&got), "err bad command\n");
+    }
 
     #[test]
     fn the_marker_round_trips_and_garbage_is_an_error() {
