@@ -2,10 +2,16 @@
 //!
 //! ```text
 //! cargo run --release --example http_cluster -- --workers 4 --listen 127.0.0.1:8080
-//! curl http://127.0.0.1:8080/        # "worker 2 (index 2, generation 1)"
+//! curl http://127.0.0.1:8080/        # "worker 2 (index 2, generation 1, pid 4711, build 1234567)"
 //! kill -HUP <master pid>             # rolling reload, no connection dropped
+//! kill -USR2 <master pid>            # binary upgrade: the program now on disk takes over
 //! kill -TERM <master pid>            # graceful shutdown, exit code 0
 //! ```
+//!
+//! `build` is the inode of the executable file the process runs
+//! (`/proc/self/exe`): a rolling reload keeps it (workers are forked from
+//! the same image), a binary upgrade after a new build was renamed over
+//! the program changes it.
 //!
 //! Each worker accepts on the listener the master bound (shared, or one
 //! `SO_REUSEPORT` socket per worker with `--reuseport`) and answers with its
@@ -90,11 +96,16 @@ fn main() {
                 .next()
                 .ok_or_else(|| io::Error::other("no listener"))?
                 .into_tcp();
+            let build = std::fs::metadata("/proc/self/exe").map_or(0, |m| {
+                use std::os::unix::fs::MetadataExt;
+                m.ino()
+            });
             let reply = format!(
-                "worker {} (index {}, generation {})\n",
+                "worker {} (index {}, generation {}, pid {}, build {build})\n",
                 worker.slot(),
                 worker.index(),
-                worker.generation()
+                worker.generation(),
+                std::process::id()
             );
             let reply: Arc<str> = reply.into();
             let stopping = Arc::new(AtomicBool::new(false));

@@ -28,7 +28,7 @@ use shmcluster::{
 
 #[macro_use]
 mod common;
-use common::{sigkill, tempdir, tmp, wait_child, Check};
+use common::{built_example, sigkill, tempdir, tmp, wait_child, Check};
 
 /// A scenario: its name, its watchdog time, and the code run in the
 /// scenario process (`None`: it runs in the parent, driving other
@@ -1628,17 +1628,7 @@ fn systemd_socket_activation(_tmp: &Path) -> Check {
 }
 
 fn reload_under_http_load_drops_nothing(_tmp: &Path) -> Check {
-    let exe = this_exe();
-    let server = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("examples/http_cluster"))
-        .ok_or("no target dir")?;
-    ensure!(
-        server.exists(),
-        "{} is missing (cargo test builds examples)",
-        server.display()
-    );
+    let server = built_example("http_cluster")?;
     let mut master = Command::new(&server)
         .args(["--workers", "2", "--listen", "127.0.0.1:0", "--quiet"])
         .stdout(Stdio::piped())
@@ -1766,67 +1756,6 @@ fn read_response(r: &mut BufReader<TcpStream>) -> Result<bool, String> {
     let mut body = vec![0u8; len.ok_or("no Content-Length")?];
     r.read_exact(&mut body).map_err(|e| format!("body: {e}"))?;
     Ok(close)
-}
-
-/// `target/<profile>/examples/<name>`, next to `deps/` where this test
-/// binary is. `cargo test` builds it; `cargo test --test master` alone
-/// does not, so a build that is missing or older than its sources (testing
-/// it would judge old code) is made here with `cargo build --example`.
-fn built_example(name: &str) -> Result<PathBuf, String> {
-    let target = this_exe()
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(Path::to_path_buf)
-        .ok_or("no target dir above the test binary")?;
-    let path = target.join("examples").join(name);
-    if example_is_fresh(&path, name)? {
-        return Ok(path);
-    }
-    let mut build = Command::new(env!("CARGO"));
-    build
-        .args(["build", "--example", name])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::null());
-    if target.file_name().is_some_and(|p| p == "release") {
-        build.arg("--release");
-    }
-    let mut child = build
-        .spawn()
-        .map_err(|e| format!("cargo build --example {name}: {e}"))?;
-    let status = wait_child(&mut child, Duration::from_secs(300))?;
-    ensure!(status.success(), "cargo build --example {name}: {status}");
-    ensure!(
-        example_is_fresh(&path, name)?,
-        "{} is still older than its sources after cargo build",
-        path.display()
-    );
-    Ok(path)
-}
-
-/// Whether `path` exists and is newer than `examples/<name>.rs` and every
-/// source file of the library.
-fn example_is_fresh(path: &Path, name: &str) -> Result<bool, String> {
-    let Ok(built) = std::fs::metadata(path).and_then(|m| m.modified()) else {
-        return Ok(false);
-    };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut sources = vec![root.join("examples").join(format!("{name}.rs"))];
-    let mut dirs = vec![root.join("src")];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
-            let entry = entry.map_err(|e| e.to_string())?.path();
-            if entry.is_dir() {
-                dirs.push(entry);
-            } else if entry.extension().is_some_and(|x| x == "rs") {
-                sources.push(entry);
-            }
-        }
-    }
-    Ok(sources.iter().all(|s| {
-        std::fs::metadata(s)
-            .and_then(|m| m.modified())
-            .map_or(true, |t| t <= built)
-    }))
 }
 
 /// The term in a line `... slot N (term T)`.

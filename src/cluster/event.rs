@@ -107,6 +107,23 @@ pub enum EventKind {
         /// The `errno` of the failed system call (0 if none).
         errno: i32,
     },
+    /// A binary upgrade began (`SIGUSR2`, `shmcluster upgrade`): the
+    /// master started a new master, `pid`, from its program as now on
+    /// disk.
+    UpgradeStarted {
+        /// The new master's pid.
+        pid: u32,
+    },
+    /// A binary upgrade ended: `ok`, the new master `pid` is ready and
+    /// this master drains its workers and exits; or not (the new master
+    /// failed, or was killed at the ready timeout) and this master keeps
+    /// serving.
+    UpgradeFinished {
+        /// The new master's pid.
+        pid: u32,
+        /// Whether the new master took over.
+        ok: bool,
+    },
 }
 
 /// One event of the cluster's life.
@@ -150,6 +167,13 @@ impl fmt::Display for Event {
                 "could not be started: {}; retrying",
                 std::io::Error::from_raw_os_error(errno)
             ),
+            EventKind::UpgradeStarted { pid } => format!("upgrade started: new master pid {pid}"),
+            EventKind::UpgradeFinished { pid, ok: true } => {
+                format!("upgrade finished: ok, new master pid {pid} took over; draining")
+            }
+            EventKind::UpgradeFinished { pid, ok: false } => {
+                format!("upgrade failed: new master pid {pid} did not take over; still serving")
+            }
         };
         let mut carried = Vec::new();
         if self.slot != u32::MAX {
@@ -193,6 +217,10 @@ impl Event {
             EventKind::ShutdownStarted => (6, 0),
             EventKind::StartFailed { errno } => (7, errno),
             EventKind::LockHeldTooLong { lock } => (8, lock as i32),
+            // The value: the new master's pid; negated for a failure (a
+            // pid is at most 2^22, so both fit).
+            EventKind::UpgradeStarted { pid } => (9, pid as i32),
+            EventKind::UpgradeFinished { pid, ok } => (10, if ok { pid as i32 } else { -(pid as i32) }),
         };
         RawEvent {
             seq: self.seq,
@@ -217,6 +245,11 @@ impl Event {
             6 => EventKind::ShutdownStarted,
             7 => EventKind::StartFailed { errno: r.value },
             8 => EventKind::LockHeldTooLong { lock: r.value as u32 },
+            9 => EventKind::UpgradeStarted { pid: r.value as u32 },
+            10 => EventKind::UpgradeFinished {
+                pid: r.value.unsigned_abs(),
+                ok: r.value > 0,
+            },
             k if k > 16 => EventKind::Exit(ExitReason::from_raw(k - 16, r.value)?),
             _ => return None,
         };

@@ -41,8 +41,8 @@ pub fn dup_cloexec(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 }
 
 /// `fcntl(2)` `F_SETFD FD_CLOEXEC` and `F_SETFL O_NONBLOCK`: what an
-/// inherited listener needs before an async reactor takes it.
-#[cfg(feature = "tokio")]
+/// inherited listener needs before an async reactor takes it (and the
+/// read end of a binary upgrade's pipe, which the master's loop polls).
 pub fn set_cloexec_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let raw = fd.as_raw_fd();
@@ -71,6 +71,23 @@ pub unsafe fn adopt_fd(raw: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: the caller promises `raw` is open (checked above) and owned by
     // nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `write(2)` of `bytes` (once; errors ignored) to the descriptor number
+/// `raw` that this process inherited and does not own as an `OwnedFd`
+/// (a binary upgrade's pipe, named in the environment), if it is open
+/// (`fcntl(2)` `F_GETFD`). A number that is not open is left alone.
+pub fn write_to_inherited(raw: RawFd, bytes: &[u8]) {
+    // SAFETY: F_GETFD only reads the descriptor table; an invalid number
+    // yields EBADF and no side effect.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return;
+    }
+    // SAFETY: `raw` is open (checked just above) and is only borrowed for
+    // this one write, during which nothing in this single-threaded start-up
+    // closes it.
+    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+    let _ = nix::unistd::write(fd, bytes);
 }
 
 /// `fcntl(2)` `F_SETFD`: sets or clears `FD_CLOEXEC` on `fd`.

@@ -36,7 +36,6 @@ pub mod signal;
 #[cfg(feature = "tokio")]
 pub use eventfd::eventfd_read;
 pub use eventfd::{eventfd, eventfd_ring};
-#[cfg(feature = "tokio")]
 pub use fd::set_cloexec_nonblocking;
 pub use fd::{adopt_fd, dup_cloexec, file_len, read_at, set_len};
 pub use futex::{futex_wait, futex_wake};

@@ -206,6 +206,13 @@ pub fn stop_listening(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(socket::shutdown(fd.as_raw_fd(), socket::Shutdown::Read)?)
 }
 
+/// `listen(2)` again on a bound TCP socket, with [`DEFAULT_BACKLOG`]: a
+/// socket [`stop_listening`] stopped listens again (it kept its address
+/// and port); a listening one only has its backlog set.
+pub fn relisten(fd: BorrowedFd<'_>) -> io::Result<()> {
+    listen(fd, DEFAULT_BACKLOG)
+}
+
 /// `getsockopt(2)` `SO_ACCEPTCONN`: whether `fd` is listening (tests
 /// only).
 #[cfg(test)]

@@ -94,6 +94,21 @@ pub fn exec(argv: &[CString], env: &[CString]) -> io::Error {
     }
 }
 
+/// `execve(2)` of the file at `path` (no `PATH` search) with `argv` and
+/// exactly `env`. Returns only on failure.
+pub fn exec_path(path: &std::ffi::CStr, argv: &[CString], env: &[CString]) -> io::Error {
+    match nix::unistd::execve(path, argv, env) {
+        Ok(never) => match never {},
+        Err(e) => e.into(),
+    }
+}
+
+/// `getppid(2)`: the parent's pid (1, or a subreaper's, once the parent
+/// died).
+pub fn parent_pid() -> u32 {
+    nix::unistd::getppid().as_raw() as u32
+}
+
 /// Whether `program` names an executable file: a path with a `/` is checked
 /// as it is, a bare name is searched in `PATH` (`access(2)` with `X_OK`).
 pub fn find_executable(program: &str) -> Option<std::path::PathBuf> {

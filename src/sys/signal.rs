@@ -19,9 +19,11 @@ pub const SIGINT: i32 = libc::SIGINT;
 pub const SIGHUP: i32 = libc::SIGHUP;
 /// `SIGUSR1`: a worker's nudge to the master (ready, reload request).
 pub const SIGUSR1: i32 = libc::SIGUSR1;
+/// `SIGUSR2`: an operator's request for a binary upgrade (as nginx's).
+pub const SIGUSR2: i32 = libc::SIGUSR2;
 
 /// The master's signals, read from a `signalfd(2)` instead of handlers:
-/// `SIGCHLD`, `SIGTERM`, `SIGINT`, `SIGHUP` and `SIGUSR1` are blocked (so
+/// `SIGCHLD`, `SIGTERM`, `SIGINT`, `SIGHUP`, `SIGUSR1` and `SIGUSR2` are blocked (so
 /// they queue) and the master's loop polls the descriptor with its other
 /// work.
 pub struct MasterSignals {
@@ -30,7 +32,7 @@ pub struct MasterSignals {
 }
 
 impl MasterSignals {
-    /// Blocks the five signals (`sigprocmask(2)`) and opens the descriptor
+    /// Blocks the six signals (`sigprocmask(2)`) and opens the descriptor
     /// (non-blocking, close-on-exec).
     pub fn install() -> io::Result<Self> {
         let mut set = SigSet::empty();
@@ -40,6 +42,7 @@ impl MasterSignals {
             Signal::SIGINT,
             Signal::SIGHUP,
             Signal::SIGUSR1,
+            Signal::SIGUSR2,
         ] {
             set.add(s);
         }

@@ -192,6 +192,13 @@ impl Cluster {
         Ok((status, self.log()))
     }
 
+    /// Waits up to `limit` for the master to exit, but not for the end of
+    /// its log, which a process that inherited its stderr (a binary
+    /// upgrade's new master) may keep open; its status. The log goes on.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus, String> {
+        wait_child(&mut self.child, limit)
+    }
+
     /// SIGTERM, then the master must exit 0 within `limit`.
     pub fn stop(self, limit: Duration) -> Check {
         self.signal(Signal::SIGTERM)?;

@@ -189,3 +189,65 @@ pub mod nats;
 
 /// The C library built for Python workers, and pythons with packages.
 pub mod python;
+
+/// `target/<profile>/examples/<name>`, next to `deps/` where this test
+/// binary is. `cargo test` builds it; `cargo test --test <one>` alone
+/// does not, so a build that is missing or older than its sources (testing
+/// it would judge old code) is made here with `cargo build --example`.
+pub fn built_example(name: &str) -> Result<std::path::PathBuf, String> {
+    let target = std::env::current_exe()
+        .map_err(|e| format!("current_exe: {e}"))?
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(std::path::Path::to_path_buf)
+        .ok_or("no target dir above the test binary")?;
+    let path = target.join("examples").join(name);
+    if example_is_fresh(&path, name)? {
+        return Ok(path);
+    }
+    let mut build = std::process::Command::new(env!("CARGO"));
+    build
+        .args(["build", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null());
+    if target.file_name().is_some_and(|p| p == "release") {
+        build.arg("--release");
+    }
+    let mut child = build
+        .spawn()
+        .map_err(|e| format!("cargo build --example {name}: {e}"))?;
+    let status = wait_child(&mut child, std::time::Duration::from_secs(300))?;
+    ensure!(status.success(), "cargo build --example {name}: {status}");
+    ensure!(
+        example_is_fresh(&path, name)?,
+        "{} is still older than its sources after cargo build",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// Whether `path` exists and is newer than `examples/<name>.rs` and every
+/// source file of the library.
+fn example_is_fresh(path: &std::path::Path, name: &str) -> Result<bool, String> {
+    let Ok(built) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+        return Ok(false);
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = vec![root.join("examples").join(format!("{name}.rs"))];
+    let mut dirs = vec![root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let entry = entry.map_err(|e| e.to_string())?.path();
+            if entry.is_dir() {
+                dirs.push(entry);
+            } else if entry.extension().is_some_and(|x| x == "rs") {
+                sources.push(entry);
+            }
+        }
+    }
+    Ok(sources.iter().all(|s| {
+        std::fs::metadata(s)
+            .and_then(|m| m.modified())
+            .map_or(true, |t| t <= built)
+    }))
+}

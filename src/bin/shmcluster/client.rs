@@ -90,6 +90,57 @@ pub fn request(path: &Path, request: &str) -> Result<String, ClientError> {
     Ok(response)
 }
 
+/// Asks the master at `path` for a binary upgrade (`upgrade`); returns
+/// the new master's pid (also given to `started` as soon as it is known).
+/// With `wait`, also waits up to that long for the upgrade's end on the
+/// same connection: `upgraded pid=N` is success, `err upgrade failed: ...`
+/// a [`ClientError::Refused`].
+pub fn upgrade(path: &Path, wait: Option<Duration>, started: impl FnOnce(u32)) -> Result<u32, ClientError> {
+    let mut reader = BufReader::new(send(path, "upgrade")?);
+    let mut first = String::new();
+    reader.read_line(&mut first).map_err(ClientError::Io)?;
+    if let Some(msg) = first.strip_prefix("err ") {
+        return Err(ClientError::Refused(msg.trim_end().to_string()));
+    }
+    let pid = first
+        .trim_end()
+        .strip_prefix("ok upgrade started pid=")
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or_else(|| ClientError::Protocol(format!("{:?} to upgrade", first.trim_end())))?;
+    started(pid);
+    let Some(timeout) = wait else {
+        return Ok(pid);
+    };
+    reader
+        .get_ref()
+        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .map_err(ClientError::Io)?;
+    let mut end = String::new();
+    match reader.read_line(&mut end) {
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            return Err(ClientError::NoMaster(format!(
+                "the upgrade did not end within {timeout:?}"
+            )))
+        }
+        Err(e) => return Err(ClientError::Io(e)),
+    }
+    let end = end.trim_end();
+    if let Some(msg) = end.strip_prefix("err ") {
+        return Err(ClientError::Refused(msg.to_string()));
+    }
+    match end
+        .strip_prefix("upgraded pid=")
+        .and_then(|p| p.parse::<u32>().ok())
+    {
+        Some(pid) => Ok(pid),
+        None if end.is_empty() => Err(ClientError::NoMaster(
+            "the master closed the connection without saying how the upgrade ended (was it killed?)".into(),
+        )),
+        None => Err(ClientError::Protocol(format!("{end:?} at the upgrade's end"))),
+    }
+}
+
 /// A `wait` connection to the master (see the protocol): opened before
 /// the master is asked to stop, so that its outcome cannot be missed.
 #[derive(Debug)]

@@ -36,7 +36,8 @@ Exit codes:
   3  run: every worker slot was given up after crash loops, so the master
      stopped by itself
   stop --wait exits with the master's own exit code (0, 1 or 3) once it has
-  exited";
+  exited; upgrade --wait exits 0 once the new master took over, 1 if the
+  upgrade failed (the old master keeps serving)";
 
 /// Brokerless shared-memory IPC for pre-forked worker clusters: a process
 /// manager that starts and supervises workers, and tools to inspect it.
@@ -77,6 +78,19 @@ enum Command {
     /// Ask a running master for a graceful shutdown (as SIGTERM does).
     #[command(after_help = EXIT_CODES)]
     Stop(WaitArgs),
+    /// Upgrade a running master's binary without dropping a request (as
+    /// SIGUSR2 does).
+    ///
+    /// The master executes its program again as it is now on disk (same
+    /// arguments and environment), handing the new master its listening
+    /// sockets and its control socket. The new master re-reads its
+    /// configuration and starts its own workers; once they are all ready,
+    /// the old master drains its workers and exits 0. A new master that
+    /// fails or is not ready within the old one's --ready-timeout is
+    /// killed, and the old master keeps serving. With --wait: exit 0 once
+    /// the new master took over, 1 with the reason if the upgrade failed.
+    #[command(after_help = EXIT_CODES)]
+    Upgrade(WaitArgs),
     /// A full-screen live view of a running master: workers (state, pid,
     /// generation, restarts, heartbeat age, message rates with sparklines,
     /// inbox bytes), locks, and recent events.
@@ -289,6 +303,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Stat(args) => report(stat(args)),
         Command::Reload(args) => report(reload(args)),
+        Command::Upgrade(args) => report(upgrade(args)),
         Command::Stop(args) => match stop(args) {
             Ok(code) => code,
             Err(e) => report(Err(e)),
@@ -518,6 +533,18 @@ fn reload(args: WaitArgs) -> Result<(), ClientError> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn upgrade(args: WaitArgs) -> Result<(), ClientError> {
+    let path = client::resolve(args.target.control, args.target.pid)?;
+    let wait = args.wait.then_some(args.timeout);
+    let pid = client::upgrade(&path, wait, |pid| {
+        println!("upgrade started: new master pid {pid}")
+    })?;
+    if args.wait {
+        println!("upgraded: new master pid {pid} took over; the old master drains and exits");
+    }
+    Ok(())
 }
 
 fn stop(args: WaitArgs) -> Result<u8, ClientError> {

@@ -55,6 +55,8 @@ pub(crate) enum ControlRequest {
         /// The first event number wanted.
         since: u64,
     },
+    /// `upgrade`: a binary upgrade, as `SIGUSR2`.
+    Upgrade,
 }
 
 /// Parses one request line (without its newline; surrounding blanks
@@ -66,6 +68,7 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
         "stat" => ControlRequest::Stat,
         "reload" => ControlRequest::Reload,
         "stop" => ControlRequest::Stop,
+        "upgrade" => ControlRequest::Upgrade,
         "wait" => return Ok(Request::Wait),
         "events" => ControlRequest::Events { since: 0 },
         other => match other.strip_prefix("events ").map(str::trim_start) {
@@ -80,7 +83,7 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
             },
             None => {
                 return Err(format!(
-                    "err unknown request {}: expected ping, stat, reload, stop, wait or events\n",
+                    "err unknown request {}: expected ping, stat, reload, stop, upgrade, wait or events\n",
                     escape(other)
                 ))
             }
@@ -117,6 +120,15 @@ pub(crate) enum ControlAnswer {
         /// What to ask `since` next time.
         next: u64,
     },
+    /// `upgrade`: the new master started with this pid; the connection
+    /// stays open until the upgrade ends (see [`upgrade_line`]).
+    UpgradeStarted {
+        /// The new master's pid.
+        pid: u32,
+    },
+    /// `upgrade` refused: why (already upgrading, shutting down, the fork
+    /// failed).
+    UpgradeRefused(String),
 }
 
 /// Reloads seen in the event log, for `stat` (and `reload --wait`).
@@ -143,6 +155,19 @@ pub(crate) fn encode_answer(answer: &ControlAnswer, uptime: Duration, reloads: R
         ControlAnswer::AlreadyShuttingDown => "ok already shutting down\n".into(),
         ControlAnswer::Refused(reason) => format!("err {reason}\n"),
         ControlAnswer::Events { events, next } => format_events(events, *next),
+        ControlAnswer::UpgradeStarted { pid } => format!("ok upgrade started pid={pid}\n"),
+        ControlAnswer::UpgradeRefused(reason) => format!("err {reason}\n"),
+    }
+}
+
+/// The line written on an `upgrade` connection when the upgrade ends:
+/// `upgraded pid=<new>` once the new master is ready (the old one then
+/// drains and exits), or `err upgrade failed: <reason>` (the old master
+/// kept serving).
+pub(crate) fn upgrade_line(pid: u32, failed: Option<&str>) -> String {
+    match failed {
+        None => format!("upgraded pid={pid}\n"),
+        Some(reason) => format!("err upgrade failed: {reason}\n"),
     }
 }
 
@@ -161,6 +186,9 @@ fn kind_word(kind: EventKind) -> &'static str {
         EventKind::ShutdownStarted => "shutdown-started",
         EventKind::LockHeldTooLong { .. } => "lock-held-too-long",
         EventKind::StartFailed { .. } => "start-failed",
+        EventKind::UpgradeStarted { .. } => "upgrade-started",
+        EventKind::UpgradeFinished { ok: true, .. } => "upgrade-finished",
+        EventKind::UpgradeFinished { ok: false, .. } => "upgrade-failed",
     }
 }
 
@@ -359,11 +387,12 @@ mod tests {
         assert_eq!(parse_request(b" stat \r"), master(ControlRequest::Stat));
         assert_eq!(parse_request(b"reload"), master(ControlRequest::Reload));
         assert_eq!(parse_request(b"stop"), master(ControlRequest::Stop));
+        assert_eq!(parse_request(b"upgrade"), master(ControlRequest::Upgrade));
         assert_eq!(parse_request(b"wait"), Ok(Request::Wait));
         let refused = parse_request(b"rm -rf").unwrap_err();
         assert_eq!(
             refused,
-            "err unknown request rm%20-rf: expected ping, stat, reload, stop, wait or events\n"
+            "err unknown request rm%20-rf: expected ping, stat, reload, stop, upgrade, wait or events\n"
         );
         let events = |since| Ok(Request::Master(ControlRequest::Events { since }));
         assert_eq!(parse_request(b"events"), events(0));
@@ -412,6 +441,19 @@ mod tests {
         assert_eq!(
             encode(ControlAnswer::Refused("the cluster is shutting down")),
             "err the cluster is shutting down\n"
+        );
+        assert_eq!(
+            encode(ControlAnswer::UpgradeStarted { pid: 43 }),
+            "ok upgrade started pid=43\n"
+        );
+        assert_eq!(
+            encode(ControlAnswer::UpgradeRefused("an upgrade is running".into())),
+            "err an upgrade is running\n"
+        );
+        assert_eq!(upgrade_line(43, None), "upgraded pid=43\n");
+        assert_eq!(
+            upgrade_line(43, Some("not ready in time")),
+            "err upgrade failed: not ready in time\n"
         );
         let stats = ClusterStats {
             master_pid: 42,

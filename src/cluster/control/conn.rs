@@ -36,6 +36,9 @@ pub(crate) struct Conn {
     pub(super) waiting: bool,
     /// The request handed to the master, not answered yet.
     pub(super) asking: Option<ControlRequest>,
+    /// An `upgrade` connection: kept open (as `waiting`) until the
+    /// upgrade ends, then told how and closed.
+    pub(super) upgrade: bool,
 }
 
 impl Conn {
@@ -49,6 +52,7 @@ impl Conn {
             deadline: Some(deadline),
             waiting: false,
             asking: None,
+            upgrade: false,
         }
     }
 

@@ -11,9 +11,18 @@
 //! # Protocol
 //! One request line, one response, then the master closes the connection.
 //! Requests: `ping`, `stat`, `reload` (a rolling reload, as `SIGHUP`),
-//! `stop` (a graceful shutdown, as `SIGTERM`), `wait`, `events` (see
-//! below). Every
-//! response starts with `ok ...` or `err <message>`.
+//! `stop` (a graceful shutdown, as `SIGTERM`), `upgrade` (a binary
+//! upgrade, as `SIGUSR2`; see below), `wait`, `events` (see below).
+//! Every response starts with `ok ...` or `err <message>`.
+//!
+//! `upgrade` is answered `ok upgrade started pid=<new master>` (or `err
+//! <why not>`), and the connection is then held open (as a `wait` one,
+//! and counted with them) until the upgrade ends: the master writes
+//! `upgraded pid=<new>` once the new master is ready (it then drains and
+//! exits), or `err upgrade failed: <reason>` (it keeps serving), and
+//! closes it. A client that does not wait simply hangs up. While the new
+//! master starts, the old one accepts no new connection: the new one,
+//! which shares the listening socket, answers them.
 //!
 //! `wait` is answered `ok waiting` and the connection is then held open
 //! until the master ends (at most 64 such connections at once, counted
@@ -195,6 +204,14 @@ pub(crate) struct ControlServer {
     pass_at: Instant,
     started: Instant,
     reloads: ReloadCounts,
+    /// Whether new connections are accepted: not while a binary upgrade's
+    /// new master, which shares the listening socket, is starting (so
+    /// that clients reach one master), nor after the hand-over.
+    accepting: bool,
+    /// Whether the socket file is this server's to remove when dropped:
+    /// not once handed to a new master, nor, in a new master, before the
+    /// old one is gone ([`ControlServer::take_file`]).
+    owns_file: bool,
 }
 
 impl ControlServer {
@@ -241,10 +258,38 @@ impl ControlServer {
             pass_at: Instant::now(),
             started: Instant::now(),
             reloads: ReloadCounts::default(),
+            accepting: true,
+            owns_file: true,
         };
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
         server.listener.set_nonblocking(true)?;
         Ok(server)
+    }
+
+    /// A binary upgrade's new master: serves the listening socket `fd`
+    /// its old master handed over, whose file is at `path`. The file is
+    /// not its to remove (the old master still serves the socket) until
+    /// [`ControlServer::take_file`].
+    ///
+    /// # Errors
+    /// If `fd` cannot be made non-blocking (it is not a socket).
+    pub(crate) fn adopt(fd: std::os::fd::OwnedFd, path: PathBuf) -> io::Result<Self> {
+        let listener = UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        let file_id = fs::symlink_metadata(&path).map_or((0, 0), |m| (m.dev(), m.ino()));
+        Ok(Self {
+            listener,
+            path,
+            file_id,
+            uid: sys::net::own_uid(),
+            conns: Vec::new(),
+            next_id: 0,
+            pass_at: Instant::now(),
+            started: Instant::now(),
+            reloads: ReloadCounts::default(),
+            accepting: true,
+            owns_file: false,
+        })
     }
 
     /// The socket's path.
@@ -252,17 +297,94 @@ impl ControlServer {
         &self.path
     }
 
+    /// The listening socket, to hand to a new master.
+    pub(crate) fn listener_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// Stops (`false`) or resumes accepting connections; those open are
+    /// served either way.
+    pub(crate) fn set_accepting(&mut self, yes: bool) {
+        self.accepting = yes;
+    }
+
+    /// Whether it accepts connections: the master passes the listening
+    /// socket's readiness to [`ControlServer::serve`] only then.
+    pub(crate) fn accepting(&self) -> bool {
+        self.accepting
+    }
+
+    /// The socket was handed to a new master that is ready: accept no
+    /// more, and leave its file to the new master.
+    pub(crate) fn hand_over(&mut self) {
+        self.accepting = false;
+        self.owns_file = false;
+    }
+
+    /// In a new master once its old one is gone: the socket file is now
+    /// its own, renamed to `to` if given (`rename(2)`: clients that
+    /// connect by the new name reach the same socket).
+    ///
+    /// # Errors
+    /// If the rename fails (the file stays where it is, still this
+    /// server's).
+    pub(crate) fn take_file(&mut self, to: Option<&Path>) -> io::Result<()> {
+        self.owns_file = true;
+        if let Some(to) = to.filter(|to| *to != self.path) {
+            fs::rename(&self.path, to)?;
+            self.path = to.to_path_buf();
+        }
+        if let Ok(meta) = fs::symlink_metadata(&self.path) {
+            self.file_id = (meta.dev(), meta.ino());
+        }
+        Ok(())
+    }
+
     /// What the master's `poll(2)` should watch: the listening socket
-    /// first, then every connection.
+    /// first if it [`accepts`](ControlServer::accepting), then every
+    /// connection.
     pub(crate) fn poll_fds(&self) -> Vec<BorrowedFd<'_>> {
-        let mut fds = vec![self.listener.as_fd()];
+        let mut fds = Vec::new();
+        if self.accepting {
+            fds.push(self.listener.as_fd());
+        }
         fds.extend(self.conns.iter().map(|(_, c)| c.stream.as_fd()));
         fds
     }
 
     /// Every descriptor it holds, for a forked child to close.
     pub(crate) fn raw_fds(&self) -> Vec<RawFd> {
-        self.poll_fds().iter().map(|fd| fd.as_raw_fd()).collect()
+        let mut fds = vec![self.listener.as_raw_fd()];
+        fds.extend(self.conns.iter().map(|(_, c)| c.stream.as_raw_fd()));
+        fds
+    }
+
+    /// The binary upgrade ended: each `upgrade` connection is sent `line`
+    /// ([`codec::upgrade_line`]) and closed.
+    pub(crate) fn upgrade_finished(&mut self, line: &str) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.conns.len() {
+            let c = &mut self.conns[i].1;
+            if !c.upgrade {
+                i += 1;
+                continue;
+            }
+            let mut bytes = c
+                .output
+                .take()
+                .map_or_else(Vec::new, |(out, pos)| out.get(pos..).unwrap_or_default().to_vec());
+            bytes.extend_from_slice(line.as_bytes());
+            c.output = Some((bytes, 0));
+            c.upgrade = false;
+            c.waiting = false;
+            c.deadline = Some(now + REQUEST_TIMEOUT);
+            if c.advance(now, &mut |_| Reply::Close(String::new())) {
+                i += 1;
+            } else {
+                self.conns.remove(i);
+            }
+        }
     }
 
     /// When the loop must look again even if nothing is readable: a
@@ -309,7 +431,7 @@ impl ControlServer {
     pub(crate) fn serve(&mut self, listener_ready: bool) -> Vec<(ConnId, ControlRequest)> {
         let now = Instant::now();
         self.pass_at = now;
-        if listener_ready {
+        if listener_ready && self.accepting {
             self.accept(now);
         }
         // `wait` connections have a bound of their own.
@@ -341,6 +463,12 @@ impl ControlServer {
         let text = codec::encode_answer(answer, self.started.elapsed(), self.reloads);
         let c = &mut self.conns[at].1;
         c.answer(text);
+        if matches!(answer, ControlAnswer::UpgradeStarted { .. }) {
+            // Held open until the upgrade ends (`upgrade_finished`).
+            c.upgrade = true;
+            c.waiting = true;
+            c.deadline = None;
+        }
         // Answered: the connection asks for nothing more.
         if !c.advance(self.pass_at, &mut |_| Reply::Close(String::new())) {
             self.conns.remove(at);
@@ -413,7 +541,11 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        // Only our own socket file: not one a later master bound there.
+        // Only our own socket file: not one a later master bound there,
+        // nor one handed to a new master.
+        if !self.owns_file {
+            return;
+        }
         if let Ok(meta) = fs::symlink_metadata(&self.path) {
             if (meta.dev(), meta.ino()) == self.file_id {
                 let _ = fs::remove_file(&self.path);
@@ -518,6 +650,66 @@ mod tests {
         assert!(got.starts_with("err unknown request bogus"), "{got}");
         assert_eq!(asked, [ControlRequest::Stop, ControlRequest::Ping]);
         drop(server);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An `upgrade` connection gets the started line at once, stays open,
+    /// and gets the end line when the upgrade ends; a handed-over
+    /// server leaves its file for the new master.
+    #[test]
+    fn an_upgrade_connection_is_told_how_the_upgrade_ended() {
+        use std::io::{BufRead, BufReader, Write};
+        let dir = temp_dir("upgrade");
+        let path = dir.join("c.sock");
+        let mut server = ControlServer::bind(&ControlLocation::Path(path.clone()), 1).unwrap();
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"upgrade\n").unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reader = BufReader::new(client.try_clone().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut asked = false;
+        while !asked {
+            for (conn, request) in server.serve(true) {
+                assert_eq!(request, ControlRequest::Upgrade);
+                server.answer(conn, &ControlAnswer::UpgradeStarted { pid: 99 });
+                asked = true;
+            }
+            assert!(Instant::now() < deadline, "never asked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "ok upgrade started pid=99\n");
+        // Held open past the request timeout; not accepting meanwhile.
+        server.set_accepting(false);
+        assert_eq!(
+            server.poll_fds().len(),
+            1,
+            "the connection only, not the listener"
+        );
+        let later = Instant::now() + 2 * REQUEST_TIMEOUT;
+        assert!(server.serve(true).is_empty());
+        assert!(server
+            .conns
+            .iter()
+            .all(|(_, c)| c.deadline.is_none() || c.deadline > Some(later)));
+        server.upgrade_finished(&codec::upgrade_line(99, None));
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "upgraded pid=99\n");
+        line.clear();
+        assert_eq!(
+            reader.read_line(&mut line).unwrap(),
+            0,
+            "closed after the end line"
+        );
+        assert!(server.conns.is_empty());
+        server.hand_over();
+        drop(server);
+        assert!(
+            path.exists(),
+            "a handed-over socket file stays for the new master"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -60,6 +60,25 @@ fn is_stale_socket(path: &Path) -> bool {
         )
 }
 
+/// A `LISTEN_FDNAMES` name for a handed socket bound at `addr` (text with
+/// `:`): `%` and `:` percent-escaped (undone by the control codec's
+/// `unescape`).
+fn handed_name(addr: &str) -> String {
+    addr.replace('%', "%25").replace(':', "%3A")
+}
+
+/// Whether the socket `fd` is bound to `addr`: the same unix path; or the
+/// same IP and, unless `addr` asks for port 0, the same port.
+fn bound_to(fd: BorrowedFd<'_>, addr: &ListenAddr) -> bool {
+    match (net::local_addr(fd), addr) {
+        (Ok(net::LocalAddr::UnixPath(path)), ListenAddr::Unix(want)) => path == *want,
+        (Ok(net::LocalAddr::Inet(got)), ListenAddr::Tcp(want)) => {
+            got.ip() == want.ip() && (want.port() == 0 || got.port() == want.port())
+        }
+        _ => false,
+    }
+}
+
 /// One listener the master holds.
 #[derive(Debug)]
 struct Held {
@@ -147,6 +166,10 @@ pub(crate) struct Listeners {
     /// the same port. The master keeps no such socket itself: one it never
     /// accepts on would take its share of the connections.
     reuse_port_ports: Vec<(ListenAddr, SocketAddr)>,
+    /// Whether the unix socket files of `created_path` are this master's
+    /// to remove at its end: not while they were handed to a new master
+    /// (binary upgrade), nor, in a new master, before the old one is gone.
+    paths_handed: bool,
 }
 
 impl Listeners {
@@ -390,9 +413,165 @@ impl Listeners {
         }
     }
 
+    /// The sockets to hand a new master of a binary upgrade, in
+    /// `LISTEN_FDS` order with their `LISTEN_FDNAMES` names: every
+    /// inherited listener's sockets in spec order, named by the listener
+    /// (a `ReusePort` listener's sockets, one per instance, share its
+    /// name), then the shared sockets bound on workers' requests, named by
+    /// their address (`:` and `%` escaped, see [`handed_name`]). With them,
+    /// how many of them are inherited ones. The new master maps them back
+    /// with [`Listeners::adopt`].
+    pub(crate) fn handover(&self) -> (Vec<(RawFd, String)>, usize) {
+        let mut fds = Vec::new();
+        for held in &self.inherited {
+            fds.extend(held.fds.iter().map(|fd| (fd.as_raw_fd(), held.name.clone())));
+        }
+        let inherited = fds.len();
+        for held in &self.requested {
+            if let Some(addr) = &held.addr {
+                fds.push((held.fds[0].as_raw_fd(), handed_name(&addr.to_string())));
+            }
+        }
+        (fds, inherited)
+    }
+
+    /// Whether the unix socket files are this master's to remove at its
+    /// end (see [`Listeners::remove_unix_paths`]): `false` once handed to a
+    /// new master, or in a new master until its old one is gone.
+    pub(crate) fn set_paths_owned(&mut self, owned: bool) {
+        self.paths_handed = !owned;
+    }
+
+    /// A new master's listeners, from the sockets its old master handed
+    /// over (binary upgrade, [`Listeners::handover`]): `handed` in
+    /// `LISTEN_FDS` order, the first `inherited` of them the old master's
+    /// inherited listeners. Each spec takes the handed sockets of its name
+    /// if they are bound to its address (the same path; the same IP, and
+    /// the same port unless port 0 was asked for): a `ReusePort` spec one
+    /// per instance (more bound on the same port if there are now more
+    /// instances; extra ones closed), a `Shared` spec the first. A spec
+    /// without handed sockets (new, or its address changed) is bound as
+    /// [`Listeners::bind`] does; handed sockets no spec takes are closed.
+    /// With `systemd` (the old master's came from socket activation), the
+    /// inherited ones are taken as they are, as
+    /// [`Listeners::from_systemd_env`] does. The rest are the old master's
+    /// sockets bound on workers' requests, kept for the same requests.
+    ///
+    /// The unix socket files are not this master's to remove until
+    /// [`Listeners::set_paths_owned`].
+    ///
+    /// # Errors
+    /// As [`Listeners::bind`].
+    pub(crate) fn adopt(
+        specs: &[ListenSpec],
+        instances: u32,
+        handed: Vec<(String, OwnedFd)>,
+        inherited: usize,
+        systemd: bool,
+    ) -> Result<Self, ListenError> {
+        let mut pool: Vec<(String, OwnedFd)> = handed;
+        let requested_part = pool.split_off(inherited.min(pool.len()));
+        let mut listeners = Self {
+            paths_handed: true,
+            ..Self::default()
+        };
+        if systemd {
+            for (name, fd) in pool.drain(..) {
+                let mut held = Held {
+                    name,
+                    addr: None,
+                    mode: ListenMode::Shared,
+                    fds: vec![fd],
+                    created_path: None,
+                };
+                held.addr = held.local_addr();
+                listeners.inherited.push(held);
+            }
+        }
+        for (i, spec) in specs.iter().enumerate().filter(|_| !systemd) {
+            let name = if spec.name.is_empty() {
+                default_name(i)
+            } else {
+                spec.name.clone()
+            };
+            if !is_valid_name(&name) {
+                return Err(ListenError::InvalidName { name });
+            }
+            let mut mine = Vec::new();
+            let mut rest = Vec::new();
+            for (n, fd) in pool.drain(..) {
+                if n == name {
+                    mine.push(fd);
+                } else {
+                    rest.push((n, fd));
+                }
+            }
+            pool = rest;
+            let same_addr = mine.first().is_some_and(|fd| bound_to(fd.as_fd(), &spec.addr));
+            let held = if !same_addr {
+                Held::bind(name, &spec.addr, spec.mode, instances)?
+            } else {
+                let created_path = match &spec.addr {
+                    ListenAddr::Unix(path) => Some(path.clone()),
+                    ListenAddr::Tcp(_) => None,
+                };
+                let want = match spec.mode {
+                    ListenMode::Shared => 1,
+                    ListenMode::ReusePort => instances.max(1) as usize,
+                };
+                mine.truncate(want);
+                // An instance given up after a crash loop had its own
+                // socket stopped (`retire_instance`): it still holds its
+                // port, and this master's instance of that index gets it,
+                // so it listens again. (`listen(2)` on a listening socket
+                // only sets its backlog, to the value it was bound with.)
+                if spec.mode == ListenMode::ReusePort {
+                    for fd in &mine {
+                        net::relisten(fd.as_fd()).map_err(|source| ListenError::Bind {
+                            addr: spec.addr.clone(),
+                            source,
+                        })?;
+                    }
+                }
+                while mine.len() < want {
+                    let actual =
+                        net::local_addr_tcp(mine[0].as_fd()).map_err(|source| ListenError::Bind {
+                            addr: spec.addr.clone(),
+                            source,
+                        })?;
+                    mine.push(bind_tcp(actual, true)?);
+                }
+                Held {
+                    name,
+                    addr: Some(spec.addr.clone()),
+                    mode: spec.mode,
+                    fds: mine,
+                    created_path,
+                }
+            };
+            listeners.inherited.push(held);
+        }
+        for (name, fd) in requested_part {
+            let Ok(addr) = crate::cluster::control::codec::unescape(&name).parse::<ListenAddr>() else {
+                continue;
+            };
+            listeners.requested.push(Held {
+                name,
+                addr: Some(addr),
+                mode: ListenMode::Shared,
+                fds: vec![fd],
+                created_path: None,
+            });
+        }
+        Ok(listeners)
+    }
+
     /// Removes the unix socket files this master created (at shutdown).
     /// A path that is no longer a socket file is left alone.
     pub(crate) fn remove_unix_paths(&self) {
+        if self.paths_handed {
+            return;
+        }
         for path in self
             .inherited
             .iter()
@@ -649,5 +828,102 @@ mod tests {
                 other => panic!("{bad:?}: {other:?}"),
             }
         }
+    }
+
+    /// The sockets handed over, as a new master receives them (copies).
+    fn received(old: &Listeners) -> (Vec<(String, OwnedFd)>, usize) {
+        let (fds, inherited) = old.handover();
+        let copies = fds
+            .into_iter()
+            .map(|(raw, name)| {
+                // SAFETY: `raw` is one of `old`'s sockets, open while `old`
+                // lives (for the whole test); only borrowed to copy it.
+                let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+                (name, fd.try_clone_to_owned().unwrap())
+            })
+            .collect();
+        (copies, inherited)
+    }
+
+    fn opened_inode(opened: Opened<'_>) -> u64 {
+        match opened {
+            Opened::Held(fd) => inode(fd),
+            Opened::Fresh(fd) => inode(fd.as_fd()),
+        }
+    }
+
+    /// A binary upgrade's new master maps the handed sockets back: by name
+    /// and address, a `ReusePort` listener's one per instance (one more
+    /// bound on the same port for a new instance), a listener whose
+    /// address changed bound afresh, the sockets of workers' requests kept.
+    #[test]
+    fn a_new_master_adopts_the_handed_sockets_by_name_and_address() {
+        let specs = [
+            ListenSpec::new(tcp("127.0.0.1:0")).name("web"),
+            ListenSpec::new(tcp("127.0.0.1:0"))
+                .mode(ListenMode::ReusePort)
+                .name("rp"),
+            ListenSpec::new(tcp("127.0.0.1:0")).name("moved"),
+        ];
+        let mut old = Listeners::bind(&specs, 2).unwrap();
+        // Another address than the specs' (those are the inherited ones).
+        let asked = tcp("127.0.0.3:0");
+        let requested = opened_inode(old.open(&asked, ListenMode::Shared).unwrap());
+        let asked_port = old.requested[0].local_addr().unwrap();
+        let (handed, inherited) = received(&old);
+        let names: Vec<&str> = handed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[..4], ["web", "rp", "rp", "moved"]);
+        assert_eq!(inherited, 4);
+        assert_eq!(handed.len(), 5, "and the requested socket");
+        assert!(!names[4].contains(':'), "{names:?}");
+        let old_inodes =
+            |i: u32| -> Vec<u64> { old.for_instance(i).iter().map(|(fd, _)| inode(*fd)).collect() };
+        let (i0, i1) = (old_inodes(0), old_inodes(1));
+
+        // The new configuration: three instances now, "moved" elsewhere.
+        let new_specs = [
+            ListenSpec::new(tcp("127.0.0.1:0")).name("web"),
+            ListenSpec::new(tcp("127.0.0.1:0"))
+                .mode(ListenMode::ReusePort)
+                .name("rp"),
+            ListenSpec::new(tcp("127.0.0.2:0")).name("moved"),
+        ];
+        let mut new = Listeners::adopt(&new_specs, 3, handed, inherited, false).unwrap();
+        let new_inodes =
+            |i: u32| -> Vec<u64> { new.for_instance(i).iter().map(|(fd, _)| inode(*fd)).collect() };
+        let (n0, n1, n2) = (new_inodes(0), new_inodes(1), new_inodes(2));
+        assert_eq!(n0[..2], i0[..2], "web and rp of instance 0: the same sockets");
+        assert_eq!(n1[1], i1[1], "rp of instance 1: the same socket");
+        assert!(
+            !i0.contains(&n2[1]) && !i1.contains(&n2[1]),
+            "rp of instance 2: a new one"
+        );
+        let rp_port = |l: &Listeners, i: u32| port(l.for_instance(i)[1].0);
+        assert_eq!(rp_port(&new, 2), rp_port(&old, 0), "on the same port");
+        assert_ne!(n0[2], i0[2], "moved: bound afresh");
+        assert_eq!(
+            new.local_addrs()[2].to_string().split(':').next(),
+            Some("127.0.0.2")
+        );
+        // A worker's request for the same address gets the same socket.
+        let again = opened_inode(new.open(&asked_port, ListenMode::Shared).unwrap());
+        assert_eq!(again, requested);
+        assert!(new.paths_handed, "files not the new master's yet");
+    }
+
+    /// A socket stopped because its instance was given up listens again
+    /// in the master it is handed to: that master's instance of the same
+    /// index accepts on it.
+    #[test]
+    fn a_retired_socket_listens_again_after_an_upgrade() {
+        let spec = ListenSpec::new(tcp("127.0.0.1:0")).mode(ListenMode::ReusePort);
+        let old = Listeners::bind(std::slice::from_ref(&spec), 2).unwrap();
+        old.retire_instance(1, 2).unwrap();
+        assert!(!net::socket_is_listening(old.for_instance(1)[0].0).unwrap());
+        let (handed, inherited) = received(&old);
+        let new = Listeners::adopt(&[spec], 2, handed, inherited, false).unwrap();
+        assert_eq!(inode(new.for_instance(1)[0].0), inode(old.for_instance(1)[0].0));
+        assert!(net::socket_is_listening(new.for_instance(1)[0].0).unwrap());
+        assert!(net::socket_is_listening(new.for_instance(0)[0].0).unwrap());
     }
 }

@@ -5,11 +5,13 @@ use std::cell::{Cell, RefCell};
 use std::ffi::{CString, OsString};
 use std::fmt;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
+use super::upgrade::{self, Handed, Upgraded};
 use super::{Cluster, ClusterError, Master, Outcome, Report, SlotRec};
 use crate::cluster::control::{ControlLocation, ControlServer};
 use crate::cluster::listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listeners};
@@ -248,7 +250,10 @@ impl ClusterBuilder {
     /// How long a reload waits for a replacement to declare itself ready
     /// before killing it and keeping the old worker. Also: an instance
     /// without a ready worker for this long makes a shutdown unclean
-    /// ([`Unhealthy::NeverReady`](crate::Unhealthy::NeverReady)).
+    /// ([`Unhealthy::NeverReady`](crate::Unhealthy::NeverReady)); and a
+    /// binary upgrade's new master must have every instance ready within
+    /// it, or it is killed and this master keeps serving (see
+    /// [`run`](Self::run)).
     pub fn ready_timeout(mut self, d: Duration) -> Self {
         self.ready_timeout = d;
         self
@@ -444,6 +449,28 @@ impl ClusterBuilder {
     /// ([`Outcome::AllGivenUp`]). A worker exits 0 when `f` returns `Ok`, 1
     /// on `Err` (printed to stderr), 101 if it panics.
     ///
+    /// # Binary upgrade
+    /// A rolling reload forks the workers again from this process's
+    /// image, so it never loads new code. `SIGUSR2` (or `shmcluster
+    /// upgrade` on the [control socket](Self::control_socket)) executes
+    /// the program again as it is now on disk (the path it was started
+    /// from; a new build renamed over it is what runs), with the same
+    /// arguments and environment: its `main` runs again and reaches this
+    /// builder, which finds the `SHMCLUSTER_UPGRADE` variable and takes
+    /// over the listening sockets (as `LISTEN_FDS`), the control socket
+    /// and the metrics endpoint instead of binding them, then starts its
+    /// own workers. Once every instance of the new master is ready, this
+    /// master drains its workers as on `SIGTERM` and `run` returns a clean
+    /// [`Report`] (exit code 0), while the new master serves on. A new
+    /// master that fails, exits or is not ready within the
+    /// [ready timeout](Self::ready_timeout) is killed with its workers, and
+    /// this master keeps serving (an `UpgradeFinished { ok: false }`
+    /// event). Nothing is to be done for it but to let `main` reach the
+    /// builder again: before it, do nothing that a second copy of the
+    /// program cannot do while the first runs (bind a port of its own,
+    /// take a pid-file lock). The two generations do not share a segment:
+    /// messages and locks are per master while both run.
+    ///
     /// # Errors
     /// [`ClusterError`], always before any worker is forked.
     pub fn run<F, E>(self, mut f: F) -> Result<Report, ClusterError>
@@ -479,32 +506,42 @@ impl ClusterBuilder {
         I: IntoIterator<Item = S>,
         S: Into<OsString>,
     {
-        let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
-        let Some(program) = argv.first() else {
-            return Err(ClusterError::Command {
-                program: String::new(),
-                reason: "empty command".into(),
-            });
-        };
-        let name = program.to_string_lossy().into_owned();
-        if proc::find_executable(&name).is_none() {
-            return Err(ClusterError::Command {
-                reason: why_not_executable(&name),
-                program: name,
-            });
+        match spawn_argv(argv.into_iter().map(Into::into).collect()) {
+            Ok(argv) => self.start(Mode::Spawn(argv)),
+            Err(e) => {
+                // Not started: a binary upgrade's old master hears why.
+                upgrade::report_unstarted(&e.to_string());
+                Err(e)
+            }
         }
-        let argv = argv
-            .into_iter()
-            .map(|a| CString::new(a.into_vec()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| ClusterError::Command {
-                program: name,
-                reason: "an argument contains a NUL byte".into(),
-            })?;
-        self.start(Mode::Spawn(argv))
     }
 
-    fn start(mut self, mode: Mode<'_>) -> Result<Report, ClusterError> {
+    fn start(self, mode: Mode<'_>) -> Result<Report, ClusterError> {
+        // Before anything else reads the environment: a master started by
+        // a binary upgrade takes its old master's sockets (upgrade.rs).
+        let threads = proc::thread_count()?;
+        if threads != 1 {
+            let e = ClusterError::NotSingleThreaded { threads };
+            upgrade::report_unstarted(&e.to_string());
+            return Err(e);
+        }
+        let mut handed = Handed::take_from_env().map_err(|reason| ClusterError::Upgrade { reason })?;
+        let mut report_to = handed.as_mut().and_then(|h| h.ready.take());
+        let result = self.start_master(mode, handed, &mut report_to);
+        // Not started: the old master hears why (and keeps serving).
+        if let (Err(e), Some(ready)) = (&result, &report_to) {
+            upgrade::report_error(ready, &e.to_string());
+        }
+        result
+    }
+
+    fn start_master(
+        mut self,
+        mode: Mode<'_>,
+        handed: Option<Handed>,
+        report_to: &mut Option<OwnedFd>,
+    ) -> Result<Report, ClusterError> {
+        let program = upgrade::Program::current();
         // Slots besides the instances': one spare for reloads, and the
         // bridge's if there is one.
         let bridges = self.bridges();
@@ -524,35 +561,74 @@ impl ClusterBuilder {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(ClusterError::Listen)?;
-        let threads = proc::thread_count()?;
-        if threads != 1 {
-            return Err(ClusterError::NotSingleThreaded { threads });
-        }
         let slots = instances + 1 + bridges;
         let config = Config {
             workers: slots,
             ..self.config.clone()
         };
         crate::Layout::new(&config).map_err(ClusterError::Config)?;
-        // systemd socket activation: its sockets replace ours.
-        let listeners = match Listeners::from_systemd_env().map_err(ClusterError::Listen)? {
-            Some(l) => l,
-            None => Listeners::bind(&specs, instances).map_err(ClusterError::Listen)?,
+        let master_pid = sys::getpid();
+        let (mut handed_control, mut handed_metrics, mut old_pid) = (None, None, None);
+        let mut listeners_from_systemd = false;
+        let listeners = match handed {
+            // A binary upgrade: the old master's sockets, matched to ours.
+            Some(h) => {
+                listeners_from_systemd = h.systemd;
+                handed_control = h.control;
+                handed_metrics = h.metrics;
+                old_pid = Some(h.old_pid);
+                Listeners::adopt(&specs, instances, h.listeners, h.inherited, h.systemd)
+                    .map_err(ClusterError::Listen)?
+            }
+            // systemd socket activation: its sockets replace ours.
+            None => match Listeners::from_systemd_env().map_err(ClusterError::Listen)? {
+                Some(l) => {
+                    listeners_from_systemd = true;
+                    l
+                }
+                None => Listeners::bind(&specs, instances).map_err(ClusterError::Listen)?,
+            },
         };
         let segment = Segment::create(&config).map_err(ClusterError::Create)?;
-        let master_pid = sys::getpid();
+        let mut rename_control_to = None;
         let control_server = match self.control.take() {
-            Some(at) => Some(
-                ControlServer::bind(&at, master_pid)
-                    .map_err(|(path, error)| ClusterError::Control { path, error })?,
-            ),
+            // The old master's control socket, if it is the one we want:
+            // the same path, or both the default (renamed to ours once the
+            // old master is gone).
+            Some(at) => match (handed_control.take(), &at) {
+                (Some((fd, path)), ControlLocation::Path(want)) if *want == path => Some(
+                    ControlServer::adopt(fd, path).map_err(|error| ClusterError::Control {
+                        path: want.clone(),
+                        error,
+                    })?,
+                ),
+                (Some((fd, path)), ControlLocation::Default)
+                    if old_pid.is_some_and(|old| Cluster::default_control_path(old) == path) =>
+                {
+                    rename_control_to = Some(Cluster::default_control_path(master_pid));
+                    Some(
+                        ControlServer::adopt(fd, path.clone())
+                            .map_err(|error| ClusterError::Control { path, error })?,
+                    )
+                }
+                _ => Some(
+                    ControlServer::bind(&at, master_pid)
+                        .map_err(|(path, error)| ClusterError::Control { path, error })?,
+                ),
+            },
             None => None,
         };
         let metrics_server = match self.metrics.take() {
-            Some(addr) => Some(MetricsServer::bind(&addr).map_err(|e| ClusterError::Metrics {
-                addr: e.addr,
-                error: e.error,
-            })?),
+            Some(addr) => {
+                let server = match handed_metrics.take() {
+                    Some(fd) => MetricsServer::adopt(&addr, fd),
+                    None => MetricsServer::bind(&addr),
+                };
+                Some(server.map_err(|e| ClusterError::Metrics {
+                    addr: e.addr,
+                    error: e.error,
+                })?)
+            }
             None => None,
         };
         let signals = MasterSignals::install()?;
@@ -577,13 +653,17 @@ impl ClusterBuilder {
             metrics_addr: metrics_server.as_ref().map(MetricsServer::local_addr),
         };
         let on_event = self.on_event.take();
-        let notify = super::notify::Notify::new(
+        let mut notify = super::notify::Notify::new(
             self.systemd_notify,
             self.worker_notify && matches!(mode, Mode::Spawn(_)),
             master_pid,
             slots,
             self.hang_timeout,
         );
+        let upgraded = old_pid.map(|old| {
+            notify.announce_mainpid(master_pid);
+            Upgraded::new(old, report_to.take(), rename_control_to)
+        });
         let mut master = Master {
             opts: self,
             cluster,
@@ -608,6 +688,11 @@ impl ClusterBuilder {
             control: control_server,
             notify,
             metrics: metrics_server,
+            program,
+            upgrade: None,
+            upgrade_queued: false,
+            upgraded,
+            listeners_from_systemd,
         };
         let result = master.supervise();
         let Master {
@@ -677,6 +762,31 @@ pub(super) type BridgeConfig = crate::bridge::NatsConfig;
 #[cfg(not(feature = "nats"))]
 #[derive(Clone)]
 pub(super) enum BridgeConfig {}
+
+/// Spawn mode's command line, checked before anything starts: a program
+/// that can be executed, arguments without NUL bytes.
+fn spawn_argv(argv: Vec<OsString>) -> Result<Vec<CString>, ClusterError> {
+    let Some(program) = argv.first() else {
+        return Err(ClusterError::Command {
+            program: String::new(),
+            reason: "empty command".into(),
+        });
+    };
+    let name = program.to_string_lossy().into_owned();
+    if proc::find_executable(&name).is_none() {
+        return Err(ClusterError::Command {
+            reason: why_not_executable(&name),
+            program: name,
+        });
+    }
+    argv.into_iter()
+        .map(|a| CString::new(a.into_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| ClusterError::Command {
+            program: name,
+            reason: "an argument contains a NUL byte".into(),
+        })
+}
 
 /// Why `program`, which [`proc::find_executable`] did not accept, cannot
 /// be run: a path (with a `/`) is looked at as it is; a bare name was

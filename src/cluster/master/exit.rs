@@ -174,6 +174,8 @@ impl Master<'_> {
         if self.shutdown_deadline.is_some() {
             return;
         }
+        // A new master not ready yet is killed: the cluster stops.
+        self.abandon_upgrade();
         if !self.gave_up {
             self.judge_health();
         }

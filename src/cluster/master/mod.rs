@@ -1,8 +1,9 @@
 //! The master process: builder, start-up checks, and the supervision loop.
 //!
 //! The loop is single-threaded and event-driven: signals arrive through a
-//! `signalfd` (SIGCHLD, SIGTERM, SIGINT, SIGHUP, and SIGUSR1, a worker's
-//! nudge after it declared itself ready or asked for a reload), together
+//! `signalfd` (SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR1, a worker's
+//! nudge after it declared itself ready or asked for a reload, and
+//! SIGUSR2, an operator's binary upgrade), together
 //! with the workers' listener requests on their control sockets and the
 //! clients of the master's own control socket (`shmcluster stat`, see
 //! `control/`), in one `poll(2)`, with a short tick for timers (backoff,
@@ -14,7 +15,8 @@
 //! start ([`ClusterError`]); `supervise.rs` the loop; `spawn.rs` starting a
 //! worker; `exit.rs` a worker's end and the shutdown; `reload.rs` the
 //! rolling reload; `notify.rs` systemd's notify protocol (to the service
-//! manager, and from the workers).
+//! manager, and from the workers); `upgrade.rs` the binary upgrade (the
+//! old master's hand-over and the new master's take-over).
 //!
 //! The host's NATS bridge (feature `nats`, `ClusterBuilder::nats`) is
 //! one more instance to the master, with the index `instances`, in a
@@ -46,6 +48,7 @@ mod reload;
 mod report;
 mod spawn;
 mod supervise;
+mod upgrade;
 
 pub use builder::ClusterBuilder;
 use builder::{BridgeConfig, EventCallback, Mode};
@@ -154,6 +157,9 @@ impl Cluster {
                     super::event::recent(self.segment.control(), since, control::codec::MAX_EVENTS);
                 ControlAnswer::Events { events, next }
             }
+            // Carried out by the master's loop (`Master::upgrade_request`),
+            // which needs more than the cluster.
+            ControlRequest::Upgrade => ControlAnswer::UpgradeRefused("not here".into()),
         }
     }
 }
@@ -239,6 +245,17 @@ struct Master<'a> {
     notify: notify::Notify,
     /// The metrics endpoint (`GET /metrics`), if configured.
     metrics: Option<MetricsServer>,
+    /// The program and arguments a binary upgrade executes again.
+    program: upgrade::Program,
+    /// A binary upgrade in progress (this master is the old one).
+    upgrade: Option<upgrade::UpgradeRun>,
+    /// `SIGUSR2` during a reload: the upgrade starts once it ends.
+    upgrade_queued: bool,
+    /// This master was started by a binary upgrade.
+    upgraded: Option<upgrade::Upgraded>,
+    /// The listeners came from systemd's socket activation (said to a new
+    /// master).
+    listeners_from_systemd: bool,
 }
 
 impl Master<'_> {

@@ -67,6 +67,9 @@ struct Up {
     status: String,
     watchdog: Option<(Duration, Instant)>,
     warned: bool,
+    /// Started by a binary upgrade: `READY=1` comes with `MAINPID=` (this
+    /// master replaces the service's main process).
+    mainpid: Option<u32>,
 }
 
 /// What a spawned worker gets in its environment.
@@ -105,6 +108,24 @@ impl Notify {
             workers: (0..slots).map(|_| None).collect(),
             worker_watchdog: hang,
             offer_warned: false,
+        }
+    }
+
+    /// A binary upgrade's new master: its `READY=1` says `MAINPID=` too
+    /// (accepted from it with `NotifyAccess=all`; the old master says it
+    /// as well at the hand-over, accepted with `NotifyAccess=main`).
+    pub(super) fn announce_mainpid(&mut self, pid: u32) {
+        if let Some(up) = self.up.as_mut() {
+            up.mainpid = Some(pid);
+        }
+    }
+
+    /// The old master at the hand-over: tells the service manager that
+    /// `new` is the main process now, and says nothing more (no
+    /// `STOPPING=1`: the service goes on).
+    pub(super) fn hand_over(&mut self, new: u32) {
+        if let Some(mut up) = self.up.take() {
+            up.send(&format!("MAINPID={new}"));
         }
     }
 
@@ -198,6 +219,7 @@ impl Up {
             status: String::new(),
             watchdog,
             warned: false,
+            mainpid: None,
         })
     }
 
@@ -257,6 +279,9 @@ impl Master<'_> {
                 Phase::Stopping
             }
             Phase::Starting | Phase::Reloading if !reloading && all_ready => {
+                if let Some(pid) = up.mainpid.take() {
+                    message.push_str(&format!("MAINPID={pid}\n"));
+                }
                 message.push_str("READY=1\n");
                 Phase::Running
             }
@@ -267,6 +292,12 @@ impl Master<'_> {
             }
             p => p,
         };
+        // A binary upgrade's new master keeps quiet until it is ready and
+        // takes over as the main process: its old master still speaks
+        // for the service.
+        if up.mainpid.is_some() && next == Phase::Starting {
+            return;
+        }
         up.phase = next;
         if status != up.status {
             message.push_str(&format!("STATUS={status}\n"));

@@ -48,6 +48,13 @@ pub enum ClusterError {
         /// Why it could not be.
         error: io::Error,
     },
+    /// This process was started by a binary upgrade (its environment
+    /// holds `SHMCLUSTER_UPGRADE`) and what it names cannot be taken over:
+    /// a malformed value, or a descriptor that is not open.
+    Upgrade {
+        /// What is wrong.
+        reason: String,
+    },
     /// The metrics endpoint could not be bound
     /// ([`ClusterBuilder::metrics`](super::ClusterBuilder::metrics)).
     Metrics {
@@ -87,6 +94,7 @@ impl fmt::Display for ClusterError {
                 write!(f, "cannot bind the control socket {}: {error}", path.display())
             }
             Self::Metrics { addr, error } => write!(f, "cannot serve the metrics on {addr}: {error}"),
+            Self::Upgrade { reason } => write!(f, "cannot take over from the old master: {reason}"),
             #[cfg(feature = "nats")]
             Self::Nats(e) => write!(f, "NATS bridge: {e}"),
             Self::Io(e) => write!(f, "{e}"),

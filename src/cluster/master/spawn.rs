@@ -75,6 +75,14 @@ impl Master<'_> {
             }
         };
         close.extend(self.notify.raw_fds());
+        // A binary upgrade's pipes (between the masters only).
+        close.extend(self.upgraded.as_ref().map_or_else(Vec::new, |u| u.raw_fds()));
+        close.extend(
+            self.upgrade
+                .as_ref()
+                .and_then(|r| r.fd())
+                .map(|fd| fd.as_raw_fd()),
+        );
         let listeners = self.cluster.listeners.borrow();
         let mine: Vec<(BorrowedFd<'_>, &str)> = match bridge {
             Some(_) => Vec::new(),

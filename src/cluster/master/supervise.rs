@@ -40,6 +40,8 @@ impl Master<'_> {
             self.handle_signals()?;
             self.reap()?;
             self.observe_workers();
+            self.step_upgrade();
+            self.step_upgraded();
             if self.cluster.shutdown_asked.replace(false) {
                 self.begin_shutdown();
             }
@@ -67,6 +69,12 @@ impl Master<'_> {
             self.run_timers()?;
             self.check_locks();
             self.step_reload()?;
+            if self.upgrade_queued && self.reload.is_none() && self.reloads_queued == 0 {
+                self.upgrade_queued = false;
+                if let Err(reason) = self.begin_upgrade() {
+                    eprintln!("shmcluster: cannot upgrade: {reason}");
+                }
+            }
         }
     }
 
@@ -92,6 +100,11 @@ impl Master<'_> {
         if let Some(t) = self.metrics.as_ref().and_then(MetricsServer::wake_at) {
             next = next.min(t);
         }
+        if let Some(t) = self.upgrade_wake_at() {
+            next = next.min(t);
+        }
+        // A new master polls for its old one's end (`step_upgraded`).
+        let mut upgrade_asks = Vec::new();
         let with_control: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].control.is_some())
             .collect();
@@ -104,6 +117,7 @@ impl Master<'_> {
             );
             fds.extend(self.notify.poll_fds().into_iter().map(|(_, fd)| fd));
             let control_at = fds.len();
+            let control_accepting = self.control.as_ref().is_some_and(ControlServer::accepting);
             if let Some(c) = &self.control {
                 fds.extend(c.poll_fds());
             }
@@ -111,11 +125,21 @@ impl Master<'_> {
             if let Some(m) = &self.metrics {
                 fds.extend(m.poll_fds());
             }
+            // The new master's pipe, if an upgrade runs (read in
+            // `step_upgrade`, every turn).
+            if let Some(fd) = self.upgrade.as_ref().and_then(|r| r.fd()) {
+                fds.push(fd);
+            }
             let ready = sys::fd::poll_readable(&fds, Some(next.saturating_duration_since(now)))?;
             if let Some(c) = self.control.as_mut() {
                 // Never waits: non-blocking sockets, bounded requests.
-                for (conn, request) in c.serve(ready[control_at]) {
-                    c.answer(conn, &self.cluster.execute(request));
+                let listener_ready = control_accepting && ready.get(control_at).copied().unwrap_or(false);
+                for (conn, request) in c.serve(listener_ready) {
+                    if request == crate::cluster::control::ControlRequest::Upgrade {
+                        upgrade_asks.push(conn);
+                    } else {
+                        c.answer(conn, &self.cluster.execute(request));
+                    }
                 }
             }
             if let Some(m) = self.metrics.as_mut() {
@@ -130,6 +154,12 @@ impl Master<'_> {
             }
             (ready, control_at)
         };
+        for conn in upgrade_asks {
+            let answer = self.upgrade_request();
+            if let Some(c) = self.control.as_mut() {
+                c.answer(conn, &answer);
+            }
+        }
         // Workers' sd_notify datagrams: before `observe_workers`, which
         // then sees a `READY=1` as it sees a `Worker::ready`.
         let notified = ready[1 + with_control.len()..control_at].to_vec();
@@ -155,6 +185,14 @@ impl Master<'_> {
             match sig {
                 signal::SIGTERM | signal::SIGINT => self.begin_shutdown(),
                 signal::SIGHUP => self.reloads_queued += 1,
+                signal::SIGUSR2 if self.reload.is_some() || self.reloads_queued > 0 => {
+                    self.upgrade_queued = true;
+                }
+                signal::SIGUSR2 => {
+                    if let Err(reason) = self.begin_upgrade() {
+                        eprintln!("shmcluster: cannot upgrade: {reason}");
+                    }
+                }
                 // SIGCHLD: reaped below; SIGUSR1: observed below.
                 _ => {}
             }
@@ -166,6 +204,8 @@ impl Master<'_> {
         while let Some((pid, status)) = proc::reap_any()? {
             if let Some(slot) = self.slots.iter().position(|s| s.pid == Some(pid)) {
                 self.worker_exited(slot as u32, status);
+            } else {
+                self.reaped_other(pid, status);
             }
         }
         Ok(())

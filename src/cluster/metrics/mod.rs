@@ -131,6 +131,43 @@ impl MetricsServer {
         })
     }
 
+    /// A binary upgrade's new master: serves the listening socket `handed`
+    /// its old master handed over if it is bound to `addr` (the same IP,
+    /// and the same port unless port 0 is asked for); else binds `addr` as
+    /// [`MetricsServer::bind`] does (and `handed` is closed).
+    ///
+    /// # Errors
+    /// As [`MetricsServer::bind`].
+    pub(crate) fn adopt(addr: &str, handed: std::os::fd::OwnedFd) -> Result<Self, BindError> {
+        let listener = TcpListener::from(handed);
+        let wanted: Vec<SocketAddr> = addr.to_socket_addrs().map(Iterator::collect).unwrap_or_default();
+        let same = match (listener.local_addr(), wanted.first()) {
+            (Ok(got), Some(want)) => got.ip() == want.ip() && (want.port() == 0 || got.port() == want.port()),
+            _ => false,
+        };
+        if !same || listener.set_nonblocking(true).is_err() {
+            drop(listener);
+            return Self::bind(addr);
+        }
+        let local = listener.local_addr().map_err(|error| BindError {
+            addr: addr.to_string(),
+            error,
+        })?;
+        Ok(Self {
+            listener,
+            local,
+            conns: Vec::new(),
+            events: EventCounts::default(),
+            started: Instant::now(),
+            last: None,
+        })
+    }
+
+    /// The listening socket, to hand to a new master.
+    pub(crate) fn listener_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
     /// The address it is bound to (port 0 resolved).
     pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local

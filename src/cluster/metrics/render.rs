@@ -40,7 +40,7 @@ const STATES: [(WorkerState, &str); 6] = [
 ];
 
 /// Event kinds, as the `kind` label of `shmcluster_events_total`.
-const KINDS: [&str; 9] = [
+const KINDS: [&str; 11] = [
     "spawned",
     "online",
     "exit",
@@ -50,6 +50,8 @@ const KINDS: [&str; 9] = [
     "shutdown_started",
     "lock_held_too_long",
     "start_failed",
+    "upgrade_started",
+    "upgrade_finished",
 ];
 
 /// Exit reasons, as the `reason` label of `shmcluster_worker_exits_total`.
@@ -110,6 +112,8 @@ impl EventCounts {
             EventKind::ShutdownStarted => 6,
             EventKind::LockHeldTooLong { .. } => 7,
             EventKind::StartFailed { .. } => 8,
+            EventKind::UpgradeStarted { .. } => 9,
+            EventKind::UpgradeFinished { .. } => 10,
         };
         self.kinds[kind] += 1;
     }

@@ -1,0 +1,764 @@
+//! Binary upgrade without a dropped request (nginx's `SIGUSR2`,
+//! unicorn's `USR2`): a fork-mode reload re-forks the same image, so new
+//! code is only loaded by executing the program again.
+//!
+//! # The hand-over, step by step
+//!
+//! 1. On `SIGUSR2` or the control request `upgrade`, the **old master**
+//!    forks a child that executes the master's program as it is now on
+//!    disk (the path [`std::env::current_exe`] named at start-up: after a
+//!    replace-by-rename, `/proc/self/exe` names the old, deleted inode),
+//!    with the same arguments and environment, plus:
+//!    - its listening sockets as `LISTEN_FDS`/`LISTEN_FDNAMES` from fd 3
+//!      (every inherited listener's sockets, a `ReusePort` listener's one
+//!      per instance under one name; then the sockets bound on workers'
+//!      requests, named by address: `Listeners::handover`);
+//!    - [`MARKER`], which names the rest: the old master's pid, the write
+//!      end of a pipe for the new master's word (`ready`), the control
+//!      socket's listening socket and its path, the metrics endpoint's
+//!      listening socket, whether the sockets came from systemd.
+//!
+//!    Only those descriptors lose `FD_CLOEXEC`, in the child between fork
+//!    and exec (`dup2` into place); every other descriptor of the master
+//!    is close-on-exec. The old master stops accepting on the control
+//!    socket (the new master accepts on it), so a client reaches one
+//!    master.
+//! 2. The **new master** (the program's `main` runs again; the builder
+//!    finds [`MARKER`]) adopts the sockets instead of binding
+//!    (`Listeners::adopt`: matched to its own, possibly changed,
+//!    configuration by name and address), creates its own segment and
+//!    starts its own workers. Once every instance has a ready worker it
+//!    writes `ready pid=<pid>` on the pipe (and, under systemd,
+//!    `MAINPID=<pid>` + `READY=1`).
+//! 3. The old master then hands over: it tells `upgrade` clients
+//!    `upgraded pid=<new>`, tells systemd `MAINPID=<new>` and nothing
+//!    more, accepts no more control clients, closes its metrics endpoint,
+//!    and shuts down as on `SIGTERM` (its workers stop accepting and
+//!    finish the requests in flight), without removing the socket files
+//!    it handed over. It exits 0.
+//! 4. If instead the pipe says `err <reason>` (the new master could not
+//!    start), closes without `ready` (it exited, or could not execute),
+//!    the new master is reaped, or it is not ready within the ready
+//!    timeout, the old master kills it (`SIGKILL`; its workers die with
+//!    it: they are its children, with `PR_SET_PDEATHSIG`), accepts on the
+//!    control socket again, reports the failure (event, stderr, `err
+//!    upgrade failed: <reason>` to `upgrade` clients) and keeps serving.
+//! 5. The new master's parent is the old master; once that is gone (its
+//!    parent pid changes), it owns the socket files: the control socket's
+//!    file is renamed from the old master's default path to its own if
+//!    both were the default, so `--pid <new>` finds it.
+//!
+//! # What two generations of masters do not share
+//!
+//! During the overlap the old and the new workers are two clusters: each
+//! master has its own segment, so messages, broadcasts, maps, consumes,
+//! `synchronize` locks and leader election are per generation. A
+//! broadcast from an old worker does not reach a new one, and a lock held
+//! by an old worker does not exclude a new one. Only the listening
+//! sockets are shared. Applications that need mutual exclusion across the
+//! hand-over must take it outside the cluster (a file lock, the database).
+
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::Master;
+use crate::cluster::control::codec::{escape, unescape, upgrade_line};
+use crate::cluster::control::ControlAnswer;
+use crate::cluster::listen;
+use crate::cluster::EventKind;
+use crate::sys;
+use crate::sys::process as proc;
+use crate::sys::signal;
+
+/// The environment variable that tells a new master it was started by a
+/// binary upgrade, and what it inherits (see [`Marker`]).
+pub(super) const MARKER: &str = "SHMCLUSTER_UPGRADE";
+
+/// The longest line the new master writes on the pipe.
+const MAX_LINE: usize = 4096;
+
+/// [`MARKER`]'s value: `v=1 old=<pid> ready=<fd> listeners=<n>
+/// control=<fd>|- control_path=<escaped>|- metrics=<fd>|- systemd=0|1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Marker {
+    /// The old master's pid.
+    pub(super) old_pid: u32,
+    /// The pipe's write end: `ready pid=<pid>` or `err <reason>`.
+    pub(super) ready: RawFd,
+    /// How many of the `LISTEN_FDS` are the old master's inherited
+    /// listeners (the rest: sockets bound on workers' requests).
+    pub(super) listeners: usize,
+    /// The control socket's listening socket and its file's path.
+    pub(super) control: Option<(RawFd, PathBuf)>,
+    /// The metrics endpoint's listening socket.
+    pub(super) metrics: Option<RawFd>,
+    /// The old master's listeners came from systemd's socket activation.
+    pub(super) systemd: bool,
+}
+
+impl Marker {
+    /// The variable's value.
+    pub(super) fn encode(&self) -> String {
+        let (control, path) = match &self.control {
+            Some((fd, path)) => (fd.to_string(), escape(&path.to_string_lossy())),
+            None => ("-".into(), "-".into()),
+        };
+        format!(
+            "v=1 old={} ready={} listeners={} control={control} control_path={path} metrics={} systemd={}",
+            self.old_pid,
+            self.ready,
+            self.listeners,
+            self.metrics.map_or_else(|| "-".into(), |fd| fd.to_string()),
+            u8::from(self.systemd)
+        )
+    }
+
+    /// Parses the variable's value; every field must be there and well
+    /// formed, and the descriptors at least 3.
+    pub(super) fn parse(value: &str) -> Result<Self, String> {
+        let mut fields = std::collections::HashMap::new();
+        for field in value.split_whitespace() {
+            let (k, v) = field
+                .split_once('=')
+                .ok_or_else(|| format!("{MARKER}: {field:?} is not key=value"))?;
+            fields.insert(k, v);
+        }
+        let get = |k: &str| fields.get(k).copied().ok_or_else(|| format!("{MARKER}: no {k}="));
+        if get("v")? != "1" {
+            return Err(format!("{MARKER}: unknown version {:?}", get("v")?));
+        }
+        let num = |k: &str| -> Result<u64, String> {
+            get(k)?
+                .parse::<u64>()
+                .map_err(|_| format!("{MARKER}: {k}={:?} is not a number", get(k).unwrap_or_default()))
+        };
+        let fd = |k: &str| -> Result<Option<RawFd>, String> {
+            match get(k)? {
+                "-" => Ok(None),
+                v => match v.parse::<RawFd>() {
+                    Ok(fd) if fd >= 3 => Ok(Some(fd)),
+                    _ => Err(format!("{MARKER}: {k}={v:?} is not a descriptor number")),
+                },
+            }
+        };
+        let old_pid = u32::try_from(num("old")?).map_err(|_| format!("{MARKER}: old= out of range"))?;
+        let ready = fd("ready")?.ok_or_else(|| format!("{MARKER}: ready=- (a pipe is needed)"))?;
+        let listeners =
+            usize::try_from(num("listeners")?).map_err(|_| format!("{MARKER}: listeners= too large"))?;
+        let control = match (fd("control")?, get("control_path")?) {
+            (Some(fd), path) if path != "-" => Some((fd, PathBuf::from(unescape(path)))),
+            (None, _) => None,
+            (Some(_), _) => return Err(format!("{MARKER}: control= without control_path=")),
+        };
+        let metrics = fd("metrics")?;
+        let systemd = match get("systemd")? {
+            "0" => false,
+            "1" => true,
+            v => return Err(format!("{MARKER}: systemd={v:?} is not 0 or 1")),
+        };
+        Ok(Self {
+            old_pid,
+            ready,
+            listeners,
+            control,
+            metrics,
+            systemd,
+        })
+    }
+}
+
+/// What a new master takes over, from [`MARKER`] and `LISTEN_FDS`.
+pub(super) struct Handed {
+    /// The old master's pid.
+    pub(super) old_pid: u32,
+    /// The pipe to the old master: `ready pid=...` or `err ...`.
+    pub(super) ready: Option<OwnedFd>,
+    /// The listening sockets in `LISTEN_FDS` order, with their names.
+    pub(super) listeners: Vec<(String, OwnedFd)>,
+    /// How many of `listeners` are the old master's inherited ones.
+    pub(super) inherited: usize,
+    /// They came from systemd's socket activation.
+    pub(super) systemd: bool,
+    /// The control socket's listening socket and its file's path.
+    pub(super) control: Option<(OwnedFd, PathBuf)>,
+    /// The metrics endpoint's listening socket.
+    pub(super) metrics: Option<OwnedFd>,
+}
+
+/// Takes ownership of the inherited descriptor `raw`, close-on-exec.
+fn adopt(raw: RawFd, what: &str) -> Result<OwnedFd, String> {
+    // SAFETY: `raw` was named by the old master in MARKER for this process
+    // alone, and nothing else in this process claims it: `take_from_env`
+    // runs once (it removes the variable) and checks the numbers are
+    // distinct and above the LISTEN_FDS range.
+    let fd = unsafe { sys::adopt_fd(raw) }.map_err(|e| format!("{what} descriptor {raw}: {e}"))?;
+    sys::fd::set_cloexec(fd.as_fd(), true).map_err(|e| format!("{what} descriptor {raw}: {e}"))?;
+    Ok(fd)
+}
+
+impl Handed {
+    /// In a master as it starts: what its old master handed it, if it was
+    /// started by a binary upgrade (`None` otherwise). [`MARKER`] and the
+    /// `LISTEN_*` variables are removed from the environment.
+    ///
+    /// Changing the environment is only sound while no other thread reads
+    /// it: the master checks it is single-threaded first.
+    ///
+    /// # Errors
+    /// A malformed [`MARKER`], or a descriptor it names that is not open.
+    pub(super) fn take_from_env() -> Result<Option<Self>, String> {
+        let Some(value) = std::env::var_os(MARKER) else {
+            return Ok(None);
+        };
+        std::env::remove_var(MARKER);
+        let marker = Marker::parse(&value.to_string_lossy())?;
+        let listeners: Vec<(String, OwnedFd)> = listen::inherited_listeners()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|l| (l.name().to_owned(), l.into_fd()))
+            .collect();
+        let after = 3 + listeners.len() as RawFd;
+        let mut numbers = vec![marker.ready];
+        numbers.extend(marker.control.as_ref().map(|(fd, _)| *fd));
+        numbers.extend(marker.metrics);
+        for (i, n) in numbers.iter().enumerate() {
+            if *n < after || numbers[..i].contains(n) {
+                return Err(format!("{MARKER}: descriptor {n} overlaps another handed one"));
+            }
+        }
+        let ready = adopt(marker.ready, "ready pipe")?;
+        let control = match marker.control {
+            Some((fd, path)) => Some((adopt(fd, "control socket")?, path)),
+            None => None,
+        };
+        let metrics = match marker.metrics {
+            Some(fd) => Some(adopt(fd, "metrics socket")?),
+            None => None,
+        };
+        Ok(Some(Self {
+            old_pid: marker.old_pid,
+            ready: Some(ready),
+            inherited: marker.listeners.min(listeners.len()),
+            listeners,
+            systemd: marker.systemd,
+            control,
+            metrics,
+        }))
+    }
+}
+
+/// Says `err <reason>` on the pipe to the old master (the new master
+/// could not start).
+pub(super) fn report_error(ready: &OwnedFd, reason: &str) {
+    let line = format!("err {}\n", reason.replace('\n', " "));
+    proc::write_all_raw(ready.as_fd(), line.as_bytes());
+}
+
+/// A master that will not start before it took anything over (a bad
+/// command line, threads): if it was started by a binary upgrade, says
+/// `err <reason>` on the pipe [`MARKER`] names, so that the old master
+/// reports why. The environment is only read.
+pub(super) fn report_unstarted(reason: &str) {
+    let Some(value) = std::env::var_os(MARKER) else {
+        return;
+    };
+    if let Ok(marker) = Marker::parse(&value.to_string_lossy()) {
+        let line = format!("err {}\n", reason.replace('\n', " "));
+        sys::fd::write_to_inherited(marker.ready, line.as_bytes());
+    }
+}
+
+/// The program to execute again and its arguments, recorded at start-up.
+pub(super) struct Program {
+    /// [`std::env::current_exe`] at start-up.
+    pub(super) exe: Option<PathBuf>,
+    /// [`std::env::args_os`] at start-up.
+    pub(super) argv: Vec<OsString>,
+}
+
+impl Program {
+    pub(super) fn current() -> Self {
+        Self {
+            exe: std::env::current_exe().ok(),
+            argv: std::env::args_os().collect(),
+        }
+    }
+}
+
+/// The old master's record of an upgrade in progress.
+pub(super) struct UpgradeRun {
+    /// The new master.
+    pub(super) pid: u32,
+    /// The pipe's read end (non-blocking).
+    ready: OwnedFd,
+    /// What was read from it so far.
+    got: Vec<u8>,
+    deadline: Instant,
+    /// The new master was reaped (do not signal its pid again): how it
+    /// ended.
+    reaped: Option<String>,
+    /// When the pipe reached end-of-file (the new master closed it or
+    /// exited), if it did.
+    eof_at: Option<Instant>,
+}
+
+/// How long after its pipe's end-of-file a new master that said nothing
+/// has to be reaped, so that the failure names its exit status.
+const EOF_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl UpgradeRun {
+    /// What `poll(2)` watches: the pipe, until its end-of-file.
+    pub(super) fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.eof_at.is_none().then(|| self.ready.as_fd())
+    }
+}
+
+/// A new master's record of the master it took over from.
+pub(super) struct Upgraded {
+    old_pid: u32,
+    /// The pipe to the old master, until `ready` is said.
+    ready: Option<OwnedFd>,
+    /// Where the control socket's file goes once the old master is gone
+    /// (its own default path, if both used the default).
+    rename_control_to: Option<PathBuf>,
+    /// The old master is gone and the files are ours.
+    settled: bool,
+}
+
+impl Upgraded {
+    pub(super) fn new(old_pid: u32, ready: Option<OwnedFd>, rename_control_to: Option<PathBuf>) -> Self {
+        Self {
+            old_pid,
+            ready,
+            rename_control_to,
+            settled: false,
+        }
+    }
+
+    /// The descriptors a forked worker must close.
+    pub(super) fn raw_fds(&self) -> Vec<RawFd> {
+        self.ready.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+}
+
+impl Master<'_> {
+    /// Whether every instance not given up has a ready worker (and there
+    /// is at least one).
+    fn every_instance_ready(&self) -> bool {
+        let instances = self.cluster.instances as usize;
+        let mut live = 0;
+        for &slot in &self.index_slot[..instances] {
+            let rec = &self.slots[slot as usize];
+            if rec.failed {
+                continue;
+            }
+            live += 1;
+            if rec.pid.is_none() || !rec.ready {
+                return false;
+            }
+        }
+        live > 0
+    }
+
+    /// `SIGUSR2` or `upgrade`: starts the new master. Returns its pid.
+    ///
+    /// # Errors
+    /// Why no upgrade was started: shutting down, one is running already,
+    /// a reload is running, this master's own take-over is not finished,
+    /// or the fork failed.
+    pub(super) fn begin_upgrade(&mut self) -> Result<u32, String> {
+        if self.shutdown_deadline.is_some() {
+            return Err("the cluster is shutting down".into());
+        }
+        if let Some(run) = &self.upgrade {
+            return Err(format!(
+                "an upgrade is running already (new master pid {})",
+                run.pid
+            ));
+        }
+        if self.reload.is_some() || self.reloads_queued > 0 {
+            return Err("a reload is running; upgrade once it has finished".into());
+        }
+        // While both run, control clients reach the new master: it does
+        // not start a third before the old one is gone.
+        if let Some(up) = self.upgraded.as_ref().filter(|u| !u.settled) {
+            return Err(format!(
+                "this master is still taking over from pid {}; upgrade once that one has exited",
+                up.old_pid
+            ));
+        }
+        let Some(exe) = self.program.exe.clone() else {
+            return Err("the master's program path is unknown (current_exe failed at start-up)".into());
+        };
+        let exe_c = CString::new(exe.clone().into_os_string().into_vec())
+            .map_err(|_| "the program path contains a NUL byte".to_string())?;
+        let argv = self
+            .program
+            .argv
+            .iter()
+            .map(|a| CString::new(a.clone().into_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| "an argument contains a NUL byte".to_string())?;
+        let (ready_read, ready_write) = proc::pipe_cloexec().map_err(|e| format!("pipe: {e}"))?;
+        sys::set_cloexec_nonblocking(ready_read.as_fd()).map_err(|e| format!("pipe: {e}"))?;
+        let (listeners, inherited) = self.cluster.listeners.borrow().handover();
+        let control = self
+            .control
+            .as_ref()
+            .map(|c| (c.listener_fd().as_raw_fd(), c.path().to_path_buf()));
+        let metrics = self.metrics.as_ref().map(|m| m.listener_fd().as_raw_fd());
+        let systemd = self.listeners_from_systemd;
+        let master_pid = self.master_pid;
+        // SAFETY: the master checked at start-up that it is single-threaded
+        // and starts no threads, so the child may allocate before it execs.
+        match unsafe { sys::fork() }.map_err(|e| format!("fork: {e}"))? {
+            None => {
+                self.signals.restore_in_child();
+                let err = exec_new_master(
+                    &exe_c,
+                    &argv,
+                    master_pid,
+                    &listeners,
+                    inherited,
+                    control.as_ref(),
+                    metrics,
+                    systemd,
+                    ready_write.as_raw_fd(),
+                );
+                let line = format!("err cannot execute {}: {}\n", exe.display(), err.0);
+                // The pipe's write end: moved there, or where it was.
+                sys::fd::write_to_inherited(err.1, line.as_bytes());
+                sys::exit_now(127)
+            }
+            Some(child) => {
+                drop(ready_write);
+                let pid = child.pid();
+                if let Some(c) = self.control.as_mut() {
+                    c.set_accepting(false);
+                }
+                self.upgrade = Some(UpgradeRun {
+                    pid,
+                    ready: ready_read,
+                    got: Vec::new(),
+                    deadline: Instant::now() + self.opts.ready_timeout,
+                    reaped: None,
+                    eof_at: None,
+                });
+                eprintln!(
+                    "shmcluster: upgrade: started new master pid {pid} from {}",
+                    exe.display()
+                );
+                self.publish(EventKind::UpgradeStarted { pid }, u32::MAX);
+                Ok(pid)
+            }
+        }
+    }
+
+    /// The control request `upgrade`: starts it and answers.
+    pub(super) fn upgrade_request(&mut self) -> ControlAnswer {
+        match self.begin_upgrade() {
+            Ok(pid) => ControlAnswer::UpgradeStarted { pid },
+            Err(reason) => ControlAnswer::UpgradeRefused(reason),
+        }
+    }
+
+    /// Once per loop turn in the old master: reads the new master's word,
+    /// and fails the upgrade at the ready timeout.
+    pub(super) fn step_upgrade(&mut self) {
+        let Some(run) = self.upgrade.as_mut() else {
+            return;
+        };
+        let mut verdict: Option<Result<(), String>> = None;
+        let mut buf = [0u8; 512];
+        while run.eof_at.is_none() {
+            match proc::read_raw(run.ready.as_fd(), &mut buf) {
+                Ok(0) => run.eof_at = Some(Instant::now()),
+                Ok(n) if run.got.len() + n <= MAX_LINE => run.got.extend_from_slice(&buf[..n]),
+                Ok(_) => {
+                    verdict = Some(Err("the new master said too much on its pipe".into()));
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    verdict = Some(Err(format!("reading the new master's pipe: {e}")));
+                    break;
+                }
+            }
+        }
+        let now = Instant::now();
+        if let Some(end) = run.got.iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&run.got[..end]).into_owned();
+            verdict = Some(match line.strip_prefix("err ") {
+                Some(reason) => Err(format!("the new master could not start: {reason}")),
+                None if line.starts_with("ready") => Ok(()),
+                None => Err(format!("the new master said {line:?}")),
+            });
+        } else if let Some(how) = &run.reaped {
+            verdict = Some(Err(format!("the new master {how} before it was ready")));
+        } else if run.eof_at.is_some_and(|t| now >= t + EOF_GRACE) {
+            verdict = Some(Err("the new master closed its pipe before it was ready".into()));
+        }
+        if verdict.is_none() && now >= run.deadline {
+            verdict = Some(Err(format!(
+                "the new master was not ready within {:?} (the ready timeout)",
+                self.opts.ready_timeout
+            )));
+        }
+        if let Some(v) = verdict {
+            self.finish_upgrade(v);
+        }
+    }
+
+    /// When the loop must next look at the upgrade (its deadline).
+    pub(super) fn upgrade_wake_at(&self) -> Option<Instant> {
+        self.upgrade
+            .as_ref()
+            .map(|r| r.eof_at.map_or(r.deadline, |t| r.deadline.min(t + EOF_GRACE)))
+    }
+
+    /// A reaped child that is no worker: the new master, if it is ours.
+    pub(super) fn reaped_other(&mut self, pid: u32, status: sys::ExitStatus) {
+        let Some(run) = self.upgrade.as_mut().filter(|r| r.pid == pid) else {
+            return;
+        };
+        run.reaped = Some(match status {
+            sys::ExitStatus::Code(c) => format!("exited with code {c}"),
+            sys::ExitStatus::Signal(s) => format!("was killed by signal {s}"),
+        });
+        // Its last words first, if it wrote any.
+        self.step_upgrade();
+    }
+
+    /// The upgrade ended: hand over (the old master drains and exits) or
+    /// kill the new master and keep serving.
+    fn finish_upgrade(&mut self, verdict: Result<(), String>) {
+        let Some(run) = self.upgrade.take() else {
+            return;
+        };
+        let pid = run.pid;
+        match verdict {
+            Ok(()) => {
+                eprintln!("shmcluster: upgrade: new master pid {pid} is ready; draining and exiting");
+                self.publish(EventKind::UpgradeFinished { pid, ok: true }, u32::MAX);
+                if let Some(c) = self.control.as_mut() {
+                    c.upgrade_finished(&upgrade_line(pid, None));
+                    c.hand_over();
+                }
+                self.cluster.listeners.borrow_mut().set_paths_owned(false);
+                // Scrapes go to the new master now.
+                self.metrics = None;
+                self.notify.hand_over(pid);
+                self.begin_shutdown();
+            }
+            Err(reason) => {
+                if run.reaped.is_none() {
+                    // Its workers die with it (PR_SET_PDEATHSIG).
+                    let _ = proc::send_signal(pid, signal::SIGKILL);
+                }
+                eprintln!("shmcluster: upgrade failed: {reason}; the old master keeps serving");
+                self.publish(EventKind::UpgradeFinished { pid, ok: false }, u32::MAX);
+                if let Some(c) = self.control.as_mut() {
+                    c.upgrade_finished(&upgrade_line(pid, Some(&reason)));
+                    c.set_accepting(true);
+                }
+            }
+        }
+    }
+
+    /// Once per loop turn in a new master: says `ready` to the old master
+    /// once every instance is ready, and takes the socket files over once
+    /// the old master is gone.
+    pub(super) fn step_upgraded(&mut self) {
+        let all_ready = self.every_instance_ready();
+        let Some(up) = self.upgraded.as_mut() else {
+            return;
+        };
+        if up.ready.is_some() && all_ready {
+            if let Some(ready) = up.ready.take() {
+                let line = format!("ready pid={}\n", self.master_pid);
+                proc::write_all_raw(ready.as_fd(), line.as_bytes());
+            }
+        }
+        if up.settled || proc::parent_pid() == up.old_pid {
+            return;
+        }
+        up.settled = true;
+        let to = up.rename_control_to.take();
+        if let Some(c) = self.control.as_mut() {
+            if let Err(e) = c.take_file(to.as_deref()) {
+                eprintln!(
+                    "shmcluster: cannot rename the control socket {} to its default path: {e}",
+                    c.path().display()
+                );
+            }
+            self.cluster.control_path = Some(c.path().to_path_buf());
+        }
+        self.cluster.listeners.borrow_mut().set_paths_owned(true);
+    }
+
+    /// Whether the new master ended in an upgrade is still running: the
+    /// shutdown waits for nothing of it, but `upgrade` clients are told.
+    pub(super) fn abandon_upgrade(&mut self) {
+        if self.upgrade.is_some() {
+            self.finish_upgrade(Err("the old master is shutting down".into()));
+        }
+    }
+}
+
+/// In the forked child: places the handed descriptors, sets the
+/// environment and executes the program at `exe`. Returns only on
+/// failure: why, and where the ready pipe's write end now is.
+#[allow(clippy::too_many_arguments)]
+fn exec_new_master(
+    exe: &CString,
+    argv: &[CString],
+    old_pid: u32,
+    listeners: &[(RawFd, String)],
+    inherited: usize,
+    control: Option<&(RawFd, PathBuf)>,
+    metrics: Option<RawFd>,
+    systemd: bool,
+    ready: RawFd,
+) -> (io::Error, RawFd) {
+    let mut pipe_at = ready;
+    let mut attempt = || -> io::Result<io::Error> {
+        // The extra descriptors first go above where everything is placed.
+        let high = 3 + listeners.len() as RawFd + 3 + 16;
+        let ready_high = sys::fd::dup_above(ready, high)?;
+        let control_high = control.map(|(fd, _)| sys::fd::dup_above(*fd, high)).transpose()?;
+        let metrics_high = metrics.map(|fd| sys::fd::dup_above(fd, high)).transpose()?;
+        let named: Vec<(RawFd, &str)> = listeners.iter().map(|(fd, n)| (*fd, n.as_str())).collect();
+        let (mut vars, mut next) = listen::place_listen_fds(&named)?;
+        // dup2's copy has no FD_CLOEXEC: these survive the exec.
+        let mut place = |src: RawFd| -> io::Result<RawFd> {
+            sys::fd::dup2(src, next)?;
+            let _ = sys::fd::close_raw(src);
+            next += 1;
+            Ok(next - 1)
+        };
+        let ready_fd = place(ready_high)?;
+        pipe_at = ready_fd;
+        let control_fd = control_high.map(&mut place).transpose()?;
+        let metrics_fd = metrics_high.map(&mut place).transpose()?;
+        let marker = Marker {
+            old_pid,
+            ready: ready_fd,
+            listeners: inherited,
+            control: control_fd.zip(control.map(|(_, p)| p.clone())),
+            metrics: metrics_fd,
+            systemd,
+        };
+        vars.push((MARKER.into(), marker.encode()));
+        let me = sys::getpid().to_string();
+        let old = old_pid.to_string();
+        let mut envp: Vec<CString> = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            let key = k.to_string_lossy();
+            if key.starts_with("LISTEN_") || key == MARKER {
+                continue;
+            }
+            // The service manager's watchdog is the new master's to beat.
+            let v = if key == "WATCHDOG_PID" && v.to_string_lossy() == old {
+                OsString::from(&me)
+            } else {
+                v
+            };
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend(v.into_vec());
+            envp.extend(CString::new(kv).ok());
+        }
+        for (k, v) in vars {
+            envp.push(CString::new(format!("{k}={v}")).map_err(|_| io::ErrorKind::InvalidInput)?);
+        }
+        Ok(proc::exec_path(exe, argv, &envp))
+    };
+    let err = match attempt() {
+        Ok(e) | Err(e) => e,
+    };
+    (err, pipe_at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{fork, ExitStatus, Watchdog};
+
+    /// A master that refuses to start under a binary upgrade writes why on
+    /// the pipe its marker names, on one line.
+    #[test]
+    fn an_unstarted_master_says_why_on_the_pipe() {
+        let (read, write) = proc::pipe_cloexec().unwrap();
+        let marker = Marker {
+            old_pid: 1,
+            ready: write.as_raw_fd(),
+            listeners: 0,
+            control: None,
+            metrics: None,
+            systemd: false,
+        };
+        let dog = Watchdog::new("report_unstarted", std::time::Duration::from_secs(20));
+        // SAFETY: the child only sets one variable (in a child, so that no
+        // other test thread reads the environment meanwhile: a fork at the
+        // instant one holds std's environment lock would hang the child
+        // until the watchdog fails the test) and writes to a pipe.
+        let child = dog.track(
+            unsafe {
+                fork(|| {
+                    std::env::set_var(MARKER, marker.encode());
+                    report_unstarted("bad\ncommand");
+                    0
+                })
+            }
+            .unwrap(),
+        );
+        assert_eq!(
+            child.wait_timeout(std::time::Duration::from_secs(10)).unwrap(),
+            Some(ExitStatus::Code(0))
+        );
+        drop(write);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = proc::read_raw(read.as_fd(), &mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(String::from_utf8_lossy(&got), "err bad command\n");
+    }
+
+    #[test]
+    fn the_marker_round_trips_and_garbage_is_an_error() {
+        let m = Marker {
+            old_pid: 4242,
+            ready: 7,
+            listeners: 3,
+            control: Some((8, PathBuf::from("/run/user/1000/shmcluster 4242.sock"))),
+            metrics: Some(9),
+            systemd: false,
+        };
+        assert_eq!(Marker::parse(&m.encode()), Ok(m.clone()));
+        let bare = Marker {
+            control: None,
+            metrics: None,
+            systemd: true,
+            ..m
+        };
+        assert_eq!(Marker::parse(&bare.encode()), Ok(bare.clone()));
+        for bad in [
+            "",
+            "v=2 old=1 ready=4 listeners=0 control=- control_path=- metrics=- systemd=0",
+            "v=1 old=x ready=4 listeners=0 control=- control_path=- metrics=- systemd=0",
+            "v=1 old=1 ready=2 listeners=0 control=- control_path=- metrics=- systemd=0",
+            "v=1 old=1 ready=- listeners=0 control=- control_path=- metrics=- systemd=0",
+            "v=1 old=1 ready=4 listeners=0 control=5 control_path=- metrics=- systemd=0",
+            "v=1 old=1 ready=4 listeners=0 control=- control_path=- metrics=- systemd=2",
+            "v=1 old=1 ready=4 listeners=0 control=- control_path=- metrics=-",
+            "v=1 garbage",
+        ] {
+            assert!(Marker::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,853 @@
+//! Binary upgrade (`SIGUSR2`, `shmcluster upgrade`) under load, with real
+//! clients: `wrk` (keep-alive, 2 threads, 16 connections) must see no
+//! socket error and no non-2xx answer while the master executes the
+//! program now on disk and hands its sockets to the new master, and
+//! `curl` must then be answered by the new build.
+//!
+//! - **fork mode**: a copy of `examples/http_cluster` run from a scratch
+//!   directory; a new build (a copy with bytes appended: another file,
+//!   another inode, which each answer names as `build <inode of
+//!   /proc/self/exe>`) renamed over it, then `SIGUSR2`. The old master
+//!   exits 0, the new one (another pid) answers with the new build.
+//! - **spawn mode**: `shmcluster run` (a copy, replaced on disk the same
+//!   way) with a Python worker (`WORKER`, stdlib only, ready by sd_notify
+//!   `READY=1`) rewritten on disk to answer `version v2`; `shmcluster
+//!   upgrade --wait` exits 0; then `stat` reaches the new master through
+//!   the old control socket, by `--pid <new>` (the file renamed to the new
+//!   master's default path) and by discovery; `stop --wait` ends it 0 and
+//!   the socket file is gone.
+//! - **a failing new build**: a "binary" that exits at once, then workers
+//!   that never become ready (the old master's `--ready-timeout 3`): each
+//!   `upgrade --wait` exits 1 with the reason, the old master keeps
+//!   serving under `wrk` (0 errors), and no process of the failed
+//!   generation is left (the process group holds the old master and its
+//!   workers only).
+//!
+//! Each scenario runs in this binary re-executed (`harness = false`,
+//! tests/common/http.rs) under a watchdog that kills the cluster's process
+//! group — the new master and its workers stay in the old master's group.
+//! The scenario process is a child subreaper (`PR_SET_CHILD_SUBREAPER`):
+//! the new master, orphaned when the old one exits, becomes its child and
+//! is reaped by it, as are the workers of a killed new master.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+#[macro_use]
+mod common;
+#[path = "common/http.rs"]
+mod http;
+use common::{built_example, wait_child, Check};
+use http::{alive, join, read_all, Cluster, Scenario, Wrk, MASTER, PIDS_SCRIPT};
+
+/// The `shmcluster` command.
+const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "fork_mode_sigusr2_under_wrk",
+        timeout: Duration::from_secs(90),
+        run: fork_mode_sigusr2_under_wrk,
+    },
+    Scenario {
+        name: "fork_mode_reuseport_sigusr2_under_wrk",
+        timeout: Duration::from_secs(90),
+        run: fork_mode_reuseport_sigusr2_under_wrk,
+    },
+    Scenario {
+        name: "spawn_mode_upgrade_wait_under_wrk",
+        timeout: Duration::from_secs(90),
+        run: spawn_mode_upgrade_wait_under_wrk,
+    },
+    Scenario {
+        name: "systemd_hears_the_new_main_pid_and_no_stopping",
+        timeout: Duration::from_secs(90),
+        run: systemd_hears_the_new_main_pid_and_no_stopping,
+    },
+    Scenario {
+        name: "failing_new_builds_leave_the_old_master_serving",
+        timeout: Duration::from_secs(90),
+        run: failing_new_builds_leave_the_old_master_serving,
+    },
+];
+
+fn main() {
+    http::run_main("upgrade", "upgrade", SCENARIOS, || Ok(()));
+}
+
+/// The spawned worker: HTTP/1.1 keep-alive on fd 3 (`LISTEN_FDS`), one
+/// thread per connection, ready by sd_notify `READY=1` (unless
+/// `NEVER_READY`); on `SIGTERM` it stops accepting and answers each
+/// connection's next request with `Connection: close` (an idle one is
+/// closed after 100 ms), as the Rust example does.
+const WORKER: &str = r#"
+import os, signal, socket, sys, threading
+
+VERSION = "@VERSION@"
+NEVER_READY = @NEVER_READY@
+
+stopping = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+
+
+def notify(message):
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+def serve(conn):
+    conn.settimeout(0.1)
+    buf = b""
+    try:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                try:
+                    data = conn.recv(65536)
+                except socket.timeout:
+                    if not buf and stopping.is_set():
+                        return
+                    continue
+                if not data:
+                    return
+                buf += data
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            close = stopping.is_set() or b"connection: close" in head.lower()
+            body = ("version %s pid %d\n" % (VERSION, os.getpid())).encode()
+            extra = b"Connection: close\r\n" if close else b""
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body))
+            if close:
+                return
+    except OSError:
+        return
+    finally:
+        conn.close()
+
+
+if NEVER_READY:
+    while not stopping.is_set():
+        stopping.wait(0.1)
+    sys.exit(0)
+listener = socket.socket(fileno=3)
+listener.settimeout(0.1)
+notify("READY=1")
+threads = []
+while not stopping.is_set():
+    try:
+        conn, _ = listener.accept()
+    except (socket.timeout, InterruptedError):
+        continue
+    t = threading.Thread(target=serve, args=(conn,))
+    t.start()
+    threads.append(t)
+for t in threads:
+    t.join()
+"#;
+
+// ------------------------------------------------------------ helpers
+
+/// Makes this scenario process a child subreaper (`prctl(2)`): orphans of
+/// its cluster (the new master, once the old exits) become its children.
+fn become_subreaper() -> Check {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer and no pointers.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    ensure!(
+        rc == 0,
+        "PR_SET_CHILD_SUBREAPER: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// Waits up to `limit` for the child `pid` (not a `std::process::Child`:
+/// an adopted orphan) to exit; its exit code, or why not.
+fn wait_pid(pid: u32, limit: Duration) -> Result<i32, String> {
+    let start = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid(2) writes the status through a valid pointer.
+        let rc = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+        if rc == pid as i32 {
+            return if libc::WIFEXITED(status) {
+                Ok(libc::WEXITSTATUS(status))
+            } else {
+                Err(format!("pid {pid} ended by signal {}", libc::WTERMSIG(status)))
+            };
+        }
+        ensure!(rc == 0, "waitpid({pid}): {}", std::io::Error::last_os_error());
+        ensure!(start.elapsed() < limit, "pid {pid} still runs after {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reaps every exited child (orphans adopted as subreaper).
+fn reap_orphans() {
+    for _ in 0..10_000 {
+        let mut status = 0;
+        // SAFETY: as in `wait_pid`.
+        if unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } <= 0 {
+            return;
+        }
+    }
+}
+
+/// The live (not zombie) processes of process group `pgid`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "pid (comm) S ppid pgrp ...": fields after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 2 && fields[2] == pgid.to_string() && !matches!(fields[0], "Z" | "X") {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    pids
+}
+
+/// Puts a new build at `path`: a copy of `build` with `tag` appended
+/// (another file with other bytes; the program runs the same), renamed
+/// over what is there, as a deployment does. Returns its inode.
+fn install(build: &Path, path: &Path, tag: &str) -> Result<u64, String> {
+    let staged = path.with_extension("new");
+    std::fs::copy(build, &staged).map_err(|e| format!("copy {}: {e}", build.display()))?;
+    let mut bytes = std::fs::read(&staged).map_err(|e| e.to_string())?;
+    bytes.extend_from_slice(tag.as_bytes());
+    std::fs::write(&staged, bytes).map_err(|e| e.to_string())?;
+    std::fs::rename(&staged, path).map_err(|e| format!("rename over {}: {e}", path.display()))?;
+    Ok(std::fs::metadata(path).map_err(|e| e.to_string())?.ino())
+}
+
+/// A master's default control socket with `XDG_RUNTIME_DIR=dir`.
+fn default_socket(dir: &Path, pid: u32) -> PathBuf {
+    dir.join(format!("shmcluster-{pid}.sock"))
+}
+
+/// Writes `text` to `path` by rename (a running reader keeps the old file).
+fn write_by_rename(path: &Path, text: &str) -> Check {
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, text).map_err(|e| e.to_string())?;
+    std::fs::rename(&staged, path).map_err(|e| e.to_string())
+}
+
+fn worker_script(version: &str, never_ready: bool) -> String {
+    WORKER
+        .replace("@VERSION@", version)
+        .replace("@NEVER_READY@", if never_ready { "True" } else { "False" })
+}
+
+/// `curl -sS http://addr/`: the body.
+fn curl(addr: &str) -> Result<String, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", &format!("http://{addr}/")])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("curl (the Debian package): {e}"))?;
+    ensure!(
+        out.status.success(),
+        "curl http://{addr}/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).map_err(|e| e.to_string())
+}
+
+/// The number after `key ` in `body`.
+fn number_after(body: &str, key: &str) -> Result<u64, String> {
+    let mut words = body.split(|c: char| c.is_whitespace() || c == ',' || c == '(' || c == ')');
+    while let Some(w) = words.next() {
+        if w == key {
+            if let Some(n) = words.next().and_then(|n| n.parse().ok()) {
+                return Ok(n);
+            }
+        }
+    }
+    Err(format!("no `{key} N` in {body:?}"))
+}
+
+/// `wrk -t2 -c16 -d<secs>s` with the pids script, started now; `finish`
+/// waits for it and parses its summary.
+struct Load {
+    child: std::process::Child,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+impl Load {
+    fn start(addr: &str, secs: u32) -> Result<Load, String> {
+        let script = common::tmp().join("pids.lua");
+        std::fs::write(&script, PIDS_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+        let mut child = Command::new("wrk")
+            .args(["-t2", "-c16", &format!("-d{secs}s"), "--timeout", "10s", "-s"])
+            .arg(&script)
+            .arg(format!("http://{addr}/"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("wrk (the Debian package; `.ci/run` installs it): {e}"))?;
+        let out = read_all(child.stdout.take());
+        let err = read_all(child.stderr.take());
+        Ok(Load { child, out, err })
+    }
+
+    /// wrk's summary; every socket error and non-2xx answer is a failure.
+    fn finish(mut self, secs: u32) -> Result<Wrk, String> {
+        let status = wait_child(&mut self.child, Duration::from_secs(u64::from(secs) + 30))?;
+        let output = format!("{}{}", join(self.out)?, join(self.err)?);
+        ensure!(status.success(), "wrk exited {status}:\n{output}");
+        let run = Wrk::parse_with_pids(&output)?;
+        ensure!(
+            run.socket_errors == [0; 4] && run.non_2xx == 0,
+            "wrk saw socket errors (connect, read, write, timeout) {:?} and {} non-2xx answers:\n{output}",
+            run.socket_errors,
+            run.non_2xx
+        );
+        ensure!(
+            run.requests > 100,
+            "wrk made only {} requests:\n{output}",
+            run.requests
+        );
+        Ok(run)
+    }
+}
+
+/// Runs `shmcluster <args>` (the test's own build) with the scenario's
+/// runtime directory; (exit code, stdout + stderr).
+fn cli(args: &[&str]) -> Result<(i32, String), String> {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("XDG_RUNTIME_DIR", common::tmp())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{BIN}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
+// ------------------------------------------------------------ fork mode
+
+/// Lines the masters print on stdout ("listening on ADDR (master pid
+/// N)"), one per master, as they come.
+fn banners(stdout: std::process::ChildStdout) -> mpsc::Receiver<(String, u32)> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let mut words = line.split_whitespace();
+            let addr = words.nth(2).unwrap_or_default().to_owned();
+            let pid = line
+                .rsplit_once("master pid ")
+                .and_then(|(_, p)| p.trim_end_matches(')').parse().ok())
+                .unwrap_or(0);
+            let _ = tx.send((addr, pid));
+        }
+    });
+    rx
+}
+
+fn fork_mode_sigusr2_under_wrk() -> Check {
+    fork_mode_under_wrk(false)
+}
+
+/// With `--reuseport`: one `SO_REUSEPORT` socket per instance, each handed
+/// over by name and served by the new worker of the same instance.
+fn fork_mode_reuseport_sigusr2_under_wrk() -> Check {
+    fork_mode_under_wrk(true)
+}
+
+fn fork_mode_under_wrk(reuseport: bool) -> Check {
+    become_subreaper()?;
+    let dir = common::tmp();
+    let example = built_example("http_cluster")?;
+    let program = dir.join("server");
+    let first_build = install(&example, &program, "")?;
+    let mut child = Command::new(&program)
+        .args(["--workers", "2", "--listen", "127.0.0.1:0", "--quiet"])
+        .args(reuseport.then_some("--reuseport"))
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", program.display()))?;
+    let old_pid = child.id();
+    let lines = banners(child.stdout.take().ok_or("no stdout")?);
+    let log = read_all(child.stderr.take());
+    let master = Cluster::adopt(child);
+    let (addr, pid) = lines
+        .recv_timeout(Duration::from_secs(20))
+        .map_err(|_| "the master named no address in 20 s")?;
+    ensure!(pid == old_pid, "banner pid {pid}, spawned {old_pid}");
+    let before = curl(&addr)?;
+    ensure!(
+        number_after(&before, "build")? == first_build,
+        "{before:?} is not from build {first_build}"
+    );
+    let old_workers: Vec<u32> = group_members(old_pid)
+        .into_iter()
+        .filter(|p| *p != old_pid)
+        .collect();
+
+    const SECS: u32 = 6;
+    let load = Load::start(&addr, SECS)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let new_build = install(&example, &program, "\nnew build\n")?;
+    ensure!(new_build != first_build, "the new build has the old inode");
+    master.signal(Signal::SIGUSR2)?;
+    let (new_addr, new_pid) = lines
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|_| "no new master named itself within 30 s of SIGUSR2")?;
+    ensure!(new_pid != old_pid && new_pid != 0, "new master pid {new_pid}");
+    ensure!(
+        new_addr == addr,
+        "the new master listens on {new_addr}, not {addr}"
+    );
+    // The old master drains and exits 0; the group stays for the watchdog.
+    let status = master.wait(Duration::from_secs(30));
+    MASTER.store(old_pid as i32, Ordering::Release);
+    let (status, _) = status?;
+    ensure!(status.success(), "the old master exited {status}");
+    let run = load.finish(SECS)?;
+    // Answers from the new build only, by workers of the new master.
+    for _ in 0..10 {
+        let body = curl(&addr)?;
+        ensure!(
+            number_after(&body, "build")? == new_build,
+            "{body:?} is not from the new build {new_build} (old {first_build})"
+        );
+        let pid = number_after(&body, "pid")? as u32;
+        ensure!(!old_workers.contains(&pid), "answered by the old worker {pid}");
+    }
+    let exe_ino = std::fs::metadata(format!("/proc/{new_pid}/exe"))
+        .map_err(|e| e.to_string())?
+        .ino();
+    ensure!(
+        exe_ino == new_build,
+        "the new master runs inode {exe_ino}, not {new_build}"
+    );
+    for pid in &old_workers {
+        ensure!(!alive(*pid), "the old worker {pid} still runs");
+    }
+    println!(
+        "    fork mode{}: wrk {} requests through SIGUSR2, socket errors {:?}, non-2xx {}; answered by {} pids; \
+         master {old_pid} -> {new_pid} (exited 0), build inode {first_build} -> {new_build}",
+        if reuseport { " (reuseport)" } else { "" },
+        run.requests,
+        run.socket_errors,
+        run.non_2xx,
+        run.pids.len()
+    );
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
+    let code = wait_pid(new_pid, Duration::from_secs(20))?;
+    ensure!(code == 0, "the new master exited {code} after SIGTERM");
+    let log = join(log)?;
+    ensure!(
+        log.contains("upgrade finished: ok"),
+        "no `upgrade finished: ok` event in:\n{log}"
+    );
+    no_process_left(old_pid)
+}
+
+/// Nothing of the cluster runs any more (within 10 s); every orphan reaped.
+fn no_process_left(pgid: u32) -> Check {
+    let start = Instant::now();
+    loop {
+        reap_orphans();
+        let left = group_members(pgid);
+        if left.is_empty() {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "still running: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ------------------------------------------------------------ spawn mode
+
+/// A `shmcluster run` copy at `dir/shmcluster` with the Python worker at
+/// `dir/worker.py`, 2 workers, its control socket at the default path in
+/// `dir` (`XDG_RUNTIME_DIR`).
+fn start_spawn_master(ready_timeout: &str, env: &[(&str, &Path)]) -> Result<(Cluster, PathBuf, u64), String> {
+    let dir = common::tmp();
+    let program = dir.join("shmcluster");
+    let first = install(Path::new(BIN), &program, "")?;
+    let worker = dir.join("worker.py");
+    write_by_rename(&worker, &worker_script("v1", false))?;
+    let mut cmd = Command::new(&program);
+    cmd.args([
+        "run",
+        "-w",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--ready-timeout",
+        ready_timeout,
+        "--",
+        "python3",
+    ])
+    .arg(&worker)
+    .env("XDG_RUNTIME_DIR", &dir);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let cluster = Cluster::spawn(&mut cmd, true)?;
+    // Every worker ready: two answers from v1 workers.
+    let start = Instant::now();
+    loop {
+        let (code, text) = cli(&["stat"])?;
+        if code == 0 && text.matches(" Ready ").count() >= 2 {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "workers not ready:\n{text}\n{}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((cluster, program, first))
+}
+
+fn spawn_mode_upgrade_wait_under_wrk() -> Check {
+    become_subreaper()?;
+    let dir = common::tmp();
+    let (mut master, program, first_build) = start_spawn_master("20", &[])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let addr = master.addr.clone();
+    ensure!(curl(&addr)?.starts_with("version v1 "), "not v1");
+    let old_socket = default_socket(&dir, old_pid);
+    ensure!(
+        old_socket.exists(),
+        "no control socket at {}",
+        old_socket.display()
+    );
+
+    const SECS: u32 = 6;
+    let load = Load::start(&addr, SECS)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    write_by_rename(&dir.join("worker.py"), &worker_script("v2", false))?;
+    let new_build = install(Path::new(BIN), &program, "\nnew build\n")?;
+    let (code, text) = cli(&["upgrade", "--wait", "--timeout", "30"])?;
+    ensure!(
+        code == 0,
+        "upgrade --wait exited {code}:\n{text}\n{}",
+        master.log()
+    );
+    let new_pid = text
+        .rsplit_once("upgraded: new master pid ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or(format!("no new pid in {text:?}"))?;
+    ensure!(new_pid != old_pid, "the same master pid {new_pid}");
+    // (Its log stays open: the new master writes to the same stderr.)
+    let status = master.wait_exit(Duration::from_secs(30))?;
+    ensure!(
+        status.success(),
+        "the old master exited {status}:\n{}",
+        master.log()
+    );
+    let run = load.finish(SECS)?;
+    for _ in 0..10 {
+        let body = curl(&addr)?;
+        ensure!(
+            body.starts_with("version v2 "),
+            "{body:?} is not from the new worker program"
+        );
+    }
+    let exe_ino = std::fs::metadata(format!("/proc/{new_pid}/exe"))
+        .map_err(|e| e.to_string())?
+        .ino();
+    ensure!(
+        exe_ino == new_build && new_build != first_build,
+        "the new master runs inode {exe_ino}, not the new build {new_build}"
+    );
+    // `stat` reaches the new master: by `--pid NEW` once the socket file
+    // is renamed to its default path, and by discovery.
+    let new_socket = default_socket(&dir, new_pid);
+    let start = Instant::now();
+    while !new_socket.exists() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(5),
+            "{} not there 5 s after the old master exited",
+            new_socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(!old_socket.exists(), "{} is still there", old_socket.display());
+    for args in [vec!["stat", "--pid", &new_pid.to_string()], vec!["stat"]] {
+        let (code, text) = cli(&args)?;
+        ensure!(code == 0, "{args:?} exited {code}:\n{text}");
+        ensure!(
+            text.contains(&format!("master pid {new_pid}:")) && text.matches(" Ready ").count() >= 2,
+            "{args:?}:\n{text}"
+        );
+    }
+    println!(
+        "    spawn mode: wrk {} requests through `upgrade --wait`, socket errors {:?}, non-2xx {}; master \
+         {old_pid} -> {new_pid} (exited 0); v1 -> v2; stat by --pid {new_pid} and by discovery; then upgraded \
+         again by discovery",
+        run.requests, run.socket_errors, run.non_2xx
+    );
+    // An upgraded master upgrades again, found by discovery.
+    let (code, text) = cli(&["upgrade", "--wait", "--timeout", "30"])?;
+    ensure!(code == 0, "the second upgrade --wait exited {code}:\n{text}");
+    let third = text
+        .rsplit_once("upgraded: new master pid ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or(format!("no new pid in {text:?}"))?;
+    let code = wait_pid(new_pid, Duration::from_secs(20))?;
+    ensure!(code == 0, "the second master exited {code} after handing over");
+    let third_socket = default_socket(&dir, third);
+    let start = Instant::now();
+    while !third_socket.exists() {
+        ensure!(
+            start.elapsed() < Duration::from_secs(5),
+            "{} not there",
+            third_socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(
+        curl(&addr)?.starts_with("version v2 "),
+        "not v2 after the second upgrade"
+    );
+    let (code, text) = cli(&["stop", "--wait", "--pid", &third.to_string()])?;
+    ensure!(code == 0, "stop --wait exited {code}:\n{text}");
+    let code = wait_pid(third, Duration::from_secs(20))?;
+    ensure!(code == 0, "the third master exited {code}");
+    ensure!(!third_socket.exists(), "{} left behind", third_socket.display());
+    ensure!(!new_socket.exists(), "{} left behind", new_socket.display());
+    let log = master.log();
+    ensure!(
+        log.contains("upgrade finished: ok"),
+        "no `upgrade finished: ok` event in:\n{log}"
+    );
+    no_process_left(old_pid)
+}
+
+// ------------------------------------------------------------ systemd
+
+/// Under a service manager (`NOTIFY_SOCKET`: a datagram socket the test
+/// binds, as tests/systemd_notify.rs does): the old master says
+/// `READY=1`; at the hand-over it says `MAINPID=<new>` and nothing that
+/// would stop the service (no `STOPPING=1` until the new master is
+/// stopped); the new master says `MAINPID=<new>` with its `READY=1`.
+fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
+    use std::os::unix::net::UnixDatagram;
+    become_subreaper()?;
+    let dir = common::tmp();
+    let path = dir.join("notify.sock");
+    let manager = UnixDatagram::bind(&path).map_err(|e| e.to_string())?;
+    manager
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
+    let (tx, heard) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match manager.recv(&mut buf) {
+                Ok(n) => {
+                    if tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err() {
+                        return;
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let mut said: Vec<String> = Vec::new();
+    let listen = |said: &mut Vec<String>, until: &dyn Fn(&[String]) -> bool, what: &str| -> Check {
+        let start = Instant::now();
+        while !until(said) {
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "never heard {what}: {said:?}"
+            );
+            if let Ok(m) = heard.recv_timeout(Duration::from_millis(100)) {
+                said.push(m);
+            }
+        }
+        Ok(())
+    };
+    let (mut master, _, _) = start_spawn_master("20", &[("NOTIFY_SOCKET", &path)])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    listen(&mut said, &|s| s.iter().any(|m| m.contains("READY=1")), "READY=1")?;
+    let (code, text) = cli(&["upgrade", "--wait", "--timeout", "30"])?;
+    ensure!(code == 0, "upgrade --wait exited {code}:\n{text}");
+    let new_pid = text
+        .rsplit_once("upgraded: new master pid ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or(format!("no new pid in {text:?}"))?;
+    let status = master.wait_exit(Duration::from_secs(30))?;
+    ensure!(status.success(), "the old master exited {status}");
+    let main = format!("MAINPID={new_pid}");
+    listen(
+        &mut said,
+        &|s| s.contains(&main) && s.iter().any(|m| m.starts_with(&format!("{main}\nREADY=1"))),
+        "MAINPID from both masters",
+    )?;
+    // A moment more for anything the old master might say late.
+    std::thread::sleep(Duration::from_millis(300));
+    while let Ok(m) = heard.try_recv() {
+        said.push(m);
+    }
+    ensure!(
+        !said.iter().any(|m| m.contains("STOPPING=1")),
+        "the service manager was told the service stops: {said:?}"
+    );
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
+    listen(
+        &mut said,
+        &|s| s.iter().any(|m| m.contains("STOPPING=1")),
+        "STOPPING=1 from the new master",
+    )?;
+    let code = wait_pid(new_pid, Duration::from_secs(20))?;
+    ensure!(code == 0, "the new master exited {code}");
+    println!("    systemd: master {old_pid} -> {new_pid}; heard {said:?}");
+    no_process_left(old_pid)
+}
+
+// ------------------------------------------------------------ failures
+
+fn failing_new_builds_leave_the_old_master_serving() -> Check {
+    become_subreaper()?;
+    let dir = common::tmp();
+    let (master, program, _) = start_spawn_master("3", &[])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let addr = master.addr.clone();
+    let serving = group_members(old_pid);
+    ensure!(
+        serving.len() == 3,
+        "expected the master and 2 workers, got {serving:?}"
+    );
+
+    // A new "build" that exits at once.
+    write_by_rename(&program, "#!/bin/sh\necho 'broken build' >&2\nexit 3\n")?;
+    std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| e.to_string())?;
+    let load = Load::start(&addr, 3)?;
+    let (code, text) = cli(&["upgrade", "--wait", "--timeout", "20"])?;
+    ensure!(
+        code == 1 && text.contains("upgrade failed") && text.contains("exited with code 3"),
+        "upgrade to a build that exits: code {code}:\n{text}"
+    );
+    load.finish(3)?;
+
+    // A build whose workers never become ready: killed at the old
+    // master's ready timeout (3 s), with its workers.
+    install(Path::new(BIN), &program, "\nnew build\n")?;
+    write_by_rename(&dir.join("worker.py"), &worker_script("v3", true))?;
+    let load = Load::start(&addr, 6)?;
+    let start = Instant::now();
+    let mut waiting = Command::new(BIN)
+        .args(["upgrade", "--wait", "--timeout", "30"])
+        .env("XDG_RUNTIME_DIR", &dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{BIN}: {e}"))?;
+    let (waiting_out, waiting_err) = (read_all(waiting.stdout.take()), read_all(waiting.stderr.take()));
+    // Meanwhile control clients reach the new master (the old one does
+    // not accept), which refuses to start a third.
+    std::thread::sleep(Duration::from_millis(1000));
+    let (code, text) = cli(&["stat"])?;
+    ensure!(
+        code == 0 && !text.contains(&format!("master pid {old_pid}:")),
+        "stat during the upgrade: {code}\n{text}"
+    );
+    let (code, text) = cli(&["upgrade"])?;
+    ensure!(
+        code == 1 && text.contains("still taking over"),
+        "a second upgrade during the first: {code}\n{text}"
+    );
+    let code = wait_child(&mut waiting, Duration::from_secs(30))?
+        .code()
+        .unwrap_or(-1);
+    let text = format!("{}{}", join(waiting_out)?, join(waiting_err)?);
+    ensure!(
+        code == 1 && text.contains("upgrade failed") && text.contains("not ready within"),
+        "upgrade to workers that are never ready: code {code}:\n{text}"
+    );
+    ensure!(
+        start.elapsed() >= Duration::from_millis(2500),
+        "failed after {:?}, before the 3 s ready timeout",
+        start.elapsed()
+    );
+    let run = load.finish(6)?;
+    ensure!(alive(old_pid), "the old master is gone");
+    for _ in 0..5 {
+        let body = curl(&addr)?;
+        ensure!(body.starts_with("version v1 "), "{body:?}: not the old workers");
+    }
+    // Nothing of the failed generation is left: the new master and its
+    // workers are gone (the killed workers may linger a moment).
+    let start = Instant::now();
+    loop {
+        reap_orphans();
+        let left = group_members(old_pid);
+        if left == serving {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "still running: {left:?}, expected only {serving:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, text) = cli(&["stat", "--pid", &old_pid.to_string()])?;
+    ensure!(
+        code == 0 && text.contains(&format!("master pid {old_pid}:")),
+        "stat of the old master after the failed upgrades: {code}\n{text}"
+    );
+    let log = master.log();
+    ensure!(
+        log.matches("upgrade failed: new master pid").count() == 2,
+        "two failed-upgrade events expected in:\n{log}"
+    );
+    println!(
+        "    failing builds: both upgrades failed (exit at start; not ready in 3 s), the old master {old_pid} kept \
+         serving: wrk {} requests, socket errors {:?}, non-2xx {}; group {serving:?} only",
+        run.requests, run.socket_errors, run.non_2xx
+    );
+    master.stop(Duration::from_secs(20))?;
+    MASTER.store(old_pid as i32, Ordering::Release);
+    no_process_left(old_pid)
+}
