@@ -388,3 +388,142 @@ fn top_needs_a_terminal() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("needs a terminal"), "{stderr}");
 }
+
+/// A binary upgrade under a running view: top shows the new master (its
+/// pid, a fresh event log) once it answers on the shared control socket,
+/// and keeps showing it after the old master has exited and the new one
+/// has renamed the default control socket to its own pid's, instead of
+/// saying the master is gone.
+#[test]
+fn top_follows_the_master_through_a_binary_upgrade() {
+    let runtime = std::env::temp_dir().join(format!("shmcluster-top-upgrade-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runtime);
+    std::fs::create_dir_all(&runtime).unwrap();
+    let tmux_socket = runtime.join("tmux");
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "-w",
+            "2",
+            "--ready-on-start",
+            "--kill-timeout",
+            "5",
+            "--",
+            "sleep",
+            "300",
+        ])
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let old = child.id();
+    {
+        // The watchdog: both masters share the old one's process group.
+        let socket = tmux_socket.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(WATCHDOG);
+            let _ = Tmux::command(&socket).arg("kill-server").status();
+            let _ = killpg(Pid::from_raw(old as i32), Signal::SIGKILL);
+            eprintln!(
+                "WATCHDOG: top_follows_the_master_through_a_binary_upgrade still running after {WATCHDOG:?}"
+            );
+            std::process::exit(1);
+        });
+    }
+    let mut old_master = child;
+    // Both masters and their workers, whatever happens: the new master is
+    // forked by the old one, in its process group.
+    let _group = KillGroupOnDrop(old);
+    let shmcluster = |args: &[&str]| -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + SCREEN_DEADLINE;
+    while !shmcluster(&["stat", "--pid", &old.to_string()]).status.success() {
+        assert!(Instant::now() < deadline, "the master never answered stat");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let tmux = Tmux::new(tmux_socket);
+    let top = format!(
+        "XDG_RUNTIME_DIR={} {BIN} top --pid {old} --interval 0.2; echo top-exited=$?; exec sleep 300",
+        runtime.display()
+    );
+    tmux.session("up", &top);
+    tmux.until("up", "the old master", |s| {
+        s.contains(&format!("master pid {old}")) && ready_rows(s).len() == 2
+    });
+
+    let out = shmcluster(&["upgrade", "--wait", "--pid", &old.to_string()]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "upgrade --wait: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new: u32 = said
+        .split("new master pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no new pid in {said:?}"));
+    assert_ne!(new, old);
+    let status = common::wait_child(&mut old_master, SCREEN_DEADLINE).unwrap();
+    assert!(status.success(), "the old master exited {status}");
+
+    // The new master renames the default control socket once the old one
+    // has gone.
+    let renamed = runtime.join(format!("shmcluster-{new}.sock"));
+    let deadline = Instant::now() + SCREEN_DEADLINE;
+    while !renamed.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", renamed.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tmux.until("up", "the new master", |s| {
+        s.contains(&format!("master pid {new}")) && ready_rows(s).len() == 2
+    });
+    // Several refreshes (every 0.2 s) after the rename: still the new
+    // master, never "master gone".
+    let watch_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < watch_until {
+        let screen = tmux.screen("up");
+        assert!(
+            !screen.contains("master gone"),
+            "top lost the master after the upgrade:\n{screen}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let screen = tmux.screen("up");
+    assert!(screen.contains(&format!("master pid {new}")), "{screen}");
+    assert!(screen.contains("a new master"), "{screen}");
+
+    tmux.key("up", "q");
+    let screen = tmux.until("up", "top's exit", |s| s.contains("top-exited="));
+    assert!(screen.contains("top-exited=0"), "{screen}");
+    let out = shmcluster(&["stop", "--wait", "--pid", &new.to_string()]);
+    assert!(
+        out.status.success(),
+        "stop --wait: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(tmux);
+    let _ = std::fs::remove_dir_all(&runtime);
+}
+
+/// `SIGKILL` to process group `.0` when dropped (a test that failed
+/// midway leaves no master behind; after a clean stop nothing is left to
+/// kill).
+struct KillGroupOnDrop(u32);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let _ = killpg(Pid::from_raw(self.0 as i32), Signal::SIGKILL);
+    }
+}

@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::{self, IsTerminal as _};
 use std::os::fd::{AsFd as _, BorrowedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -16,6 +16,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::DefaultTerminal;
+use shmcluster::Cluster;
 
 use super::model::{self, Action, Key, Model};
 use super::view;
@@ -135,10 +136,11 @@ const HUNG_UP: u8 = 128 + Signal::SIGHUP as u8;
 /// the signal's number on one of [`quit_signals`] or when the terminal
 /// hangs up.
 pub fn run(path: &Path, interval: Duration) -> io::Result<u8> {
+    let mut path = path.to_path_buf();
     let signals = quit_signals()?;
     let tty = Tty::open()?;
     let mut model = Model::new();
-    refresh(path, &mut model, true);
+    refresh(&mut path, &mut model, true);
     let mut screen = Screen::enter()?;
     let mut next = Instant::now() + interval;
     loop {
@@ -156,7 +158,7 @@ pub fn run(path: &Path, interval: Duration) -> io::Result<u8> {
                     let Some(key) = key(event::read()?) else {
                         continue; // a resize (drawn again above), a release
                     };
-                    if let Some(code) = act(path, &mut model, key) {
+                    if let Some(code) = act(&path, &mut model, key) {
                         return Ok(code);
                     }
                 }
@@ -170,7 +172,7 @@ pub fn run(path: &Path, interval: Duration) -> io::Result<u8> {
                 }
             }
         }
-        refresh(path, &mut model, false);
+        refresh(&mut path, &mut model, false);
         next = Instant::now() + interval;
     }
 }
@@ -215,9 +217,10 @@ fn key(event: Event) -> Option<Key> {
 }
 
 /// Asks the master for its figures and new events. A master that no
-/// longer answers is shown as gone (and asked again next time).
-fn refresh(path: &Path, model: &mut Model, first: bool) {
-    let stat = client::request(path, "stat").and_then(|r| Snapshot::parse(&r));
+/// longer answers is shown as gone (and asked again next time); one that
+/// moved after a binary upgrade is followed ([`ask`]).
+fn refresh(path: &mut PathBuf, model: &mut Model, first: bool) {
+    let stat = ask(path, model, "stat").and_then(|r| Snapshot::parse(&r));
     let events_next = match stat {
         Ok(snap) => {
             let next = snap.master.num("events_next");
@@ -231,9 +234,31 @@ fn refresh(path: &Path, model: &mut Model, first: bool) {
         return;
     }
     let since = format!("events since={}", model.next_event);
-    match client::request(path, &since).and_then(|r| model::parse_events(&r)) {
+    match ask(path, model, &since).and_then(|r| model::parse_events(&r)) {
         Ok((events, next)) => model.apply_events(events, next, (!first).then(Instant::now)),
         Err(e) => model.master_gone(why(e)),
+    }
+}
+
+/// `request` at `path`; if nothing listens there any more, at the default
+/// control socket of the master that answered last (which `path` then
+/// becomes): a new master renames the socket it took over in a binary
+/// upgrade to its own default path once the old master has gone.
+fn ask(path: &mut PathBuf, model: &Model, request: &str) -> Result<String, ClientError> {
+    let answer = client::request(path, request);
+    let (Err(ClientError::Connect { .. }), Some(pid)) = (&answer, model.master_pid()) else {
+        return answer;
+    };
+    let moved = Cluster::default_control_path(pid);
+    if moved == *path {
+        return answer;
+    }
+    match client::request(&moved, request) {
+        Ok(again) => {
+            *path = moved;
+            Ok(again)
+        }
+        Err(_) => answer,
     }
 }
 

@@ -173,6 +173,23 @@ impl Model {
     /// the sparklines' next point.
     pub fn apply_stat(&mut self, snap: Snapshot) {
         let m = &snap.master;
+        // Another master answers (a binary upgrade: the new one shares the
+        // control socket): its counters, event numbers and slots start
+        // afresh, so nothing is compared with the old one's.
+        let pid = printable(m.get("pid"));
+        if let Some(old) = self
+            .header
+            .as_ref()
+            .map(|h| h.pid.clone())
+            .filter(|old| *old != pid)
+        {
+            self.previous = None;
+            self.history.clear();
+            self.events.clear();
+            self.next_event = 0;
+            self.selected = 0;
+            self.message = Some(format!("a new master: pid {pid} (was {old}), upgraded"));
+        }
         let num = |f: &Fields, k: &str| f.num(k).unwrap_or(0);
         self.header = Some(Header {
             pid: printable(m.get("pid")),
@@ -285,6 +302,11 @@ impl Model {
     /// has published events this view has not asked for.
     pub fn wants_events(&self, events_next: Option<u64>) -> bool {
         events_next != Some(self.next_event)
+    }
+
+    /// The pid of the master that answered last.
+    pub fn master_pid(&self) -> Option<u32> {
+        self.header.as_ref().and_then(|h| h.pid.parse().ok())
     }
 
     /// The master stopped answering.
@@ -497,6 +519,40 @@ mod tests {
         assert!(!model.wants_events(Some(9999)));
         assert!(model.wants_events(Some(10000)));
         assert!(model.wants_events(None), "a master that does not say is asked");
+    }
+
+    /// Another master answering (a binary upgrade) starts the view
+    /// afresh: its event numbers begin again, and its counters are not
+    /// compared with the old master's.
+    #[test]
+    fn a_new_master_starts_the_events_and_rates_afresh() {
+        let t0 = Instant::now();
+        let mut m = Model::new();
+        m.apply_stat(stat(t0, &[(0, "Ready", 10, 1, 0, 500, 500)]));
+        m.apply_events((1..=30).map(event).collect(), 31, None);
+        assert_eq!(m.master_pid(), Some(42));
+        let mut again = stat(t0 + Duration::from_secs(1), &[(0, "Ready", 20, 1, 0, 3, 3)]);
+        again.master = Snapshot::parse(
+            "ok stat v=1\nmaster pid=43 instances=1 shutting_down=0 uptime_ms=900 reloads_started=0 \
+             reloads_ok=0 reloads_failed=0 last_reload=-\nend\n",
+        )
+        .unwrap()
+        .master;
+        m.apply_stat(again);
+        assert_eq!(m.master_pid(), Some(43));
+        assert!(m.events.is_empty());
+        assert_eq!(m.next_event, 0);
+        assert!(m.wants_events(Some(2)));
+        m.apply_events(vec![event(0), event(1)], 2, None);
+        assert_eq!(m.events.iter().map(|e| e.seq).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(
+            m.workers[0].sent_rate, None,
+            "no rate against the old master's counters"
+        );
+        assert!(m
+            .message
+            .as_deref()
+            .is_some_and(|t| t.contains("pid 43 (was 42)")));
     }
 
     #[test]
