@@ -389,13 +389,14 @@ fn top_needs_a_terminal() {
     assert!(stderr.contains("needs a terminal"), "{stderr}");
 }
 
-/// A binary upgrade under a running view: top shows the new master (its
+/// A binary upgrade under running views: top shows the new master (its
 /// pid, a fresh event log) once it answers on the shared control socket,
 /// and keeps showing it after the old master has exited and the new one
 /// has renamed the default control socket to its own pid's, instead of
-/// saying the master is gone.
+/// saying the master is gone; `stat --watch` goes on printing the new
+/// master's table until that one stops.
 #[test]
-fn top_follows_the_master_through_a_binary_upgrade() {
+fn views_follow_the_master_through_a_binary_upgrade() {
     let runtime = std::env::temp_dir().join(format!("shmcluster-top-upgrade-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&runtime);
     std::fs::create_dir_all(&runtime).unwrap();
@@ -428,7 +429,7 @@ fn top_follows_the_master_through_a_binary_upgrade() {
             let _ = Tmux::command(&socket).arg("kill-server").status();
             let _ = killpg(Pid::from_raw(old as i32), Signal::SIGKILL);
             eprintln!(
-                "WATCHDOG: top_follows_the_master_through_a_binary_upgrade still running after {WATCHDOG:?}"
+                "WATCHDOG: views_follow_the_master_through_a_binary_upgrade still running after {WATCHDOG:?}"
             );
             std::process::exit(1);
         });
@@ -460,6 +461,16 @@ fn top_follows_the_master_through_a_binary_upgrade() {
     tmux.until("up", "the old master", |s| {
         s.contains(&format!("master pid {old}")) && ready_rows(s).len() == 2
     });
+
+    let watch_out = runtime.join("watch.out");
+    let mut watch = Command::new(BIN)
+        .args(["stat", "--pid", &old.to_string(), "--watch", "0.2"])
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&watch_out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
 
     let out = shmcluster(&["upgrade", "--wait", "--pid", &old.to_string()]);
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -507,12 +518,35 @@ fn top_follows_the_master_through_a_binary_upgrade() {
     tmux.key("up", "q");
     let screen = tmux.until("up", "top's exit", |s| s.contains("top-exited="));
     assert!(screen.contains("top-exited=0"), "{screen}");
+    // stat --watch: still running after the rename, printing the new
+    // master's tables.
+    let printed = || std::fs::read_to_string(&watch_out).unwrap_or_default();
+    let after_rename = printed().len();
+    let deadline = Instant::now() + SCREEN_DEADLINE;
+    while !printed()[after_rename..].contains(&format!("master pid {new}:")) {
+        assert!(
+            Instant::now() < deadline,
+            "stat --watch printed no table of the new master after the rename:\n{}",
+            printed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        watch.try_wait().unwrap().is_none(),
+        "stat --watch ended:\n{}",
+        printed()
+    );
+
     let out = shmcluster(&["stop", "--wait", "--pid", &new.to_string()]);
     assert!(
         out.status.success(),
         "stop --wait: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // And it ends with the master.
+    let status = common::wait_child(&mut watch, SCREEN_DEADLINE).unwrap();
+    assert!(status.success(), "stat --watch exited {status}");
+    assert!(printed().trim_end().ends_with("master gone"), "{}", printed());
     drop(tmux);
     let _ = std::fs::remove_dir_all(&runtime);
 }

@@ -90,6 +90,47 @@ pub fn request(path: &Path, request: &str) -> Result<String, ClientError> {
     Ok(response)
 }
 
+/// [`request`] at `path`, following a master that moved: if nothing
+/// listens at `path` any more, the request goes to the master that took
+/// over from `last_pid` (the master that answered last) in a binary
+/// upgrade, and `path` becomes its control socket. The new master answers
+/// on the socket it took over and, once the old one has gone, renames a
+/// default one to its own pid's path: it is the live master in the
+/// default directory whose `stat` says `upgraded_from=<last_pid>`, or
+/// that answered last already (then at its own default path). A view that
+/// polls keeps following it instead of taking the rename for the end.
+pub fn request_following(
+    path: &mut PathBuf,
+    last_pid: Option<u32>,
+    req: &str,
+) -> Result<String, ClientError> {
+    let answer = request(path, req);
+    let (Err(ClientError::Connect { .. }), Some(pid)) = (&answer, last_pid) else {
+        return answer;
+    };
+    let own = Cluster::default_control_path(pid);
+    let successor = || {
+        live_default_masters().into_iter().find(|p| {
+            request(p, "stat")
+                .ok()
+                .and_then(|r| Snapshot::parse(&r).ok())
+                .is_some_and(|s| s.master.num("upgraded_from") == Some(u64::from(pid)))
+        })
+    };
+    // Its own default path first (one connection); the search only then.
+    let candidates = std::iter::once(Some(own)).chain(std::iter::once_with(successor));
+    for moved in candidates.flatten() {
+        if moved == *path {
+            continue;
+        }
+        if let Ok(again) = request(&moved, req) {
+            *path = moved;
+            return Ok(again);
+        }
+    }
+    answer
+}
+
 /// Asks the master at `path` for a binary upgrade (`upgrade`); returns
 /// the new master's pid (also given to `started` as soon as it is known).
 /// With `wait`, also waits up to that long for the upgrade's end on the
@@ -218,31 +259,12 @@ pub fn resolve(control: Option<PathBuf>, pid: Option<u32>) -> Result<PathBuf, Cl
     if let Some(pid) = pid {
         return Ok(Cluster::default_control_path(pid));
     }
-    // The default paths differ only in the pid: find the pattern from pid 0.
-    let zero = Cluster::default_control_path(0);
-    let dir = zero.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let name = zero
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let (prefix, suffix) = name.split_once('0').unwrap_or((&name, ""));
-    let mut live = Vec::new();
-    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        let file = entry.file_name().to_string_lossy().into_owned();
-        let is_pid = file
-            .strip_prefix(prefix)
-            .and_then(|f| f.strip_suffix(suffix))
-            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-        let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
-        if is_pid && is_socket && request(&entry.path(), "ping").is_ok() {
-            live.push(entry.path());
-        }
-    }
+    let mut live = live_default_masters();
     match live.len() {
         1 => Ok(live.remove(0)),
         0 => Err(ClientError::NoMaster(format!(
             "no running master found in {} (use --control PATH or --pid PID)",
-            dir.display()
+            default_dir().display()
         ))),
         _ => Err(ClientError::NoMaster(format!(
             "{} masters are running; choose one with --pid or --control: {}",
@@ -462,6 +484,38 @@ pub fn render(snap: &Snapshot, previous: Option<&Snapshot>) -> String {
         );
     }
     out
+}
+
+/// The directory of the default control sockets.
+fn default_dir() -> PathBuf {
+    let zero = Cluster::default_control_path(0);
+    zero.parent().unwrap_or(Path::new("/")).to_path_buf()
+}
+
+/// The default control sockets (`shmcluster-<pid>.sock` or `<pid>.sock`
+/// in [`default_dir`]) where a master answers `ping`.
+fn live_default_masters() -> Vec<PathBuf> {
+    // The default paths differ only in the pid: find the pattern from pid 0.
+    let zero = Cluster::default_control_path(0);
+    let dir = default_dir();
+    let name = zero
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (prefix, suffix) = name.split_once('0').unwrap_or((&name, ""));
+    let mut live = Vec::new();
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let is_pid = file
+            .strip_prefix(prefix)
+            .and_then(|f| f.strip_suffix(suffix))
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let is_socket = entry.file_type().is_ok_and(|t| t.is_socket());
+        if is_pid && is_socket && request(&entry.path(), "ping").is_ok() {
+            live.push(entry.path());
+        }
+    }
+    live
 }
 
 #[cfg(test)]

@@ -474,10 +474,16 @@ fn run(args: RunArgs) -> u8 {
 }
 
 fn stat(args: StatArgs) -> Result<(), ClientError> {
-    let path = client::resolve(args.target.control, args.target.pid)?;
+    let mut path = client::resolve(args.target.control, args.target.pid)?;
     let mut previous: Option<Snapshot> = None;
     loop {
-        let snap = match client::request(&path, "stat") {
+        // Through a binary upgrade: the new master, wherever it moved its
+        // control socket.
+        let last_pid = previous
+            .as_ref()
+            .and_then(|p| p.master.num("pid"))
+            .and_then(|p| u32::try_from(p).ok());
+        let snap = match client::request_following(&mut path, last_pid, "stat") {
             Ok(r) => Snapshot::parse(&r)?,
             // Watching until the master exits is a normal end.
             Err(ClientError::Connect { .. }) if previous.is_some() => {
@@ -493,7 +499,11 @@ fn stat(args: StatArgs) -> Result<(), ClientError> {
         if previous.is_some() {
             println!();
         }
-        print!("{}", client::render(&snap, previous.as_ref()));
+        // Rates only against the same master (a new one counts from 0).
+        let same_master = previous
+            .as_ref()
+            .filter(|p| p.master.get("pid") == snap.master.get("pid"));
+        print!("{}", client::render(&snap, same_master));
         previous = Some(snap);
         std::thread::sleep(every.max(Duration::from_millis(100)));
     }

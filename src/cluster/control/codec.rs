@@ -100,10 +100,16 @@ pub(crate) enum ControlAnswer {
         /// The master's pid.
         pid: u32,
     },
-    /// `stat`: the table as the master read it, and the number the next
-    /// event will get (`events_next`: a client polling `events` asks only
-    /// when it moved).
-    Stats(ClusterStats, u64),
+    /// `stat`: the table as the master read it.
+    Stats {
+        /// The table.
+        stats: ClusterStats,
+        /// The number the next event will get (a client polling `events`
+        /// asks only when it moved).
+        events_next: u64,
+        /// The master this one took over from in a binary upgrade.
+        upgraded_from: Option<u32>,
+    },
     /// `reload`: queued.
     ReloadQueued,
     /// `stop`: the shutdown has begun.
@@ -145,7 +151,11 @@ pub(crate) struct ReloadCounts {
 pub(crate) fn encode_answer(answer: &ControlAnswer, uptime: Duration, reloads: ReloadCounts) -> String {
     match answer {
         ControlAnswer::Pong { pid } => format!("ok pong pid={pid} v={WIRE_VERSION}\n"),
-        ControlAnswer::Stats(stats, events_next) => format_stats(stats, *events_next, uptime, reloads),
+        ControlAnswer::Stats {
+            stats,
+            events_next,
+            upgraded_from,
+        } => format_stats(stats, *events_next, *upgraded_from, uptime, reloads),
         ControlAnswer::ReloadQueued => format!(
             "ok reload queued reloads_started={} reloads_finished={}\n",
             reloads.started,
@@ -290,7 +300,13 @@ fn micros(d: Option<Duration>) -> String {
 }
 
 /// The `stat` response (see the parent module's docs).
-fn format_stats(stats: &ClusterStats, events_next: u64, uptime: Duration, reloads: ReloadCounts) -> String {
+fn format_stats(
+    stats: &ClusterStats,
+    events_next: u64,
+    upgraded_from: Option<u32>,
+    uptime: Duration,
+    reloads: ReloadCounts,
+) -> String {
     let mut out = format!("ok stat v={WIRE_VERSION}\n");
     let last = match reloads.last_ok {
         None => "-",
@@ -300,7 +316,7 @@ fn format_stats(stats: &ClusterStats, events_next: u64, uptime: Duration, reload
     let _ = writeln!(
         out,
         "master pid={} instances={} shutting_down={} uptime_ms={} reloads_started={} reloads_ok={} \
-         reloads_failed={} last_reload={last} events_next={events_next}",
+         reloads_failed={} last_reload={last} events_next={events_next} upgraded_from={}",
         stats.master_pid,
         stats.instances,
         u8::from(stats.shutting_down),
@@ -308,6 +324,7 @@ fn format_stats(stats: &ClusterStats, events_next: u64, uptime: Duration, reload
         reloads.started,
         reloads.ok,
         reloads.failed,
+        opt(upgraded_from),
     );
     for s in &stats.slots {
         let _ = writeln!(
@@ -463,14 +480,18 @@ mod tests {
             locks: Vec::new(),
         };
         let text = encode_answer(
-            &ControlAnswer::Stats(stats, 17),
+            &ControlAnswer::Stats {
+                stats,
+                events_next: 17,
+                upgraded_from: Some(4100),
+            },
             Duration::from_millis(1500),
             reloads,
         );
         assert_eq!(
             text,
             "ok stat v=1\nmaster pid=42 instances=0 shutting_down=0 uptime_ms=1500 reloads_started=3 \
-             reloads_ok=1 reloads_failed=1 last_reload=failed events_next=17\nend\n"
+             reloads_ok=1 reloads_failed=1 last_reload=failed events_next=17 upgraded_from=4100\nend\n"
         );
     }
 
@@ -551,7 +572,11 @@ mod tests {
             locks: Vec::new(),
         };
         let text = encode_answer(
-            &ControlAnswer::Stats(stats, 0),
+            &ControlAnswer::Stats {
+                stats,
+                events_next: 0,
+                upgraded_from: None,
+            },
             Duration::ZERO,
             ReloadCounts::default(),
         );

@@ -49,11 +49,16 @@
 //!
 //! ```text
 //! ok stat v=1
-//! master pid=4242 instances=2 shutting_down=0 uptime_ms=5120 reloads_started=1 reloads_ok=1 reloads_failed=0 last_reload=ok events_next=12
+//! master pid=4242 instances=2 shutting_down=0 uptime_ms=5120 reloads_started=1 reloads_ok=1 reloads_failed=0 last_reload=ok events_next=12 upgraded_from=-
 //! slot id=0 index=0 state=Ready pid=4243 gen=1 restarts=0 last_exit=- hb_age_us=812 sent=10 sent_bytes=640 received=10 received_bytes=640 inbox_bytes=0 futex_waits=3 futex_wakes=2 full_waits=0
 //! lock name= holder_slot=- holder_pid=- held_us=- acquisitions=0 waits=0 owner_died=0 token=0
 //! end
 //! ```
+//!
+//! `events_next` is the number the next event will get (see `events`);
+//! `upgraded_from` the pid of the master this one took over from in a
+//! binary upgrade (`-`: it was started as itself), so that a client that
+//! watched the old master finds this one once the old has gone.
 //!
 //! The host's NATS bridge's row (feature `nats`) ends with one more
 //! field, `role=bridge`; no other row has it (a client that does not know

@@ -651,6 +651,7 @@ impl ClusterBuilder {
             shutdown_asked: Cell::new(false),
             control_path: control_server.as_ref().map(|c| c.path().to_path_buf()),
             metrics_addr: metrics_server.as_ref().map(MetricsServer::local_addr),
+            upgraded_from: old_pid,
         };
         let on_event = self.on_event.take();
         let mut notify = super::notify::Notify::new(

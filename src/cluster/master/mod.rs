@@ -64,6 +64,10 @@ pub struct Cluster {
     shutdown_asked: Cell<bool>,
     control_path: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
+    /// The master this one took over from in a binary upgrade (its pid),
+    /// said in `stat` so that a client that followed the old one finds
+    /// this one.
+    upgraded_from: Option<u32>,
 }
 
 impl fmt::Debug for Cluster {
@@ -140,7 +144,11 @@ impl Cluster {
             ControlRequest::Ping => ControlAnswer::Pong { pid: sys::getpid() },
             ControlRequest::Stat => {
                 let events_next = self.segment.control().events_published.load(Acquire);
-                ControlAnswer::Stats(self.stats(), events_next)
+                ControlAnswer::Stats {
+                    stats: self.stats(),
+                    events_next,
+                    upgraded_from: self.upgraded_from,
+                }
             }
             ControlRequest::Reload if shutting_down => ControlAnswer::Refused("the cluster is shutting down"),
             ControlRequest::Reload => {

@@ -16,7 +16,6 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::DefaultTerminal;
-use shmcluster::Cluster;
 
 use super::model::{self, Action, Key, Model};
 use super::view;
@@ -218,9 +217,10 @@ fn key(event: Event) -> Option<Key> {
 
 /// Asks the master for its figures and new events. A master that no
 /// longer answers is shown as gone (and asked again next time); one that
-/// moved after a binary upgrade is followed ([`ask`]).
+/// moved after a binary upgrade is followed
+/// ([`client::request_following`]).
 fn refresh(path: &mut PathBuf, model: &mut Model, first: bool) {
-    let stat = ask(path, model, "stat").and_then(|r| Snapshot::parse(&r));
+    let stat = client::request_following(path, model.master_pid(), "stat").and_then(|r| Snapshot::parse(&r));
     let events_next = match stat {
         Ok(snap) => {
             let next = snap.master.num("events_next");
@@ -234,31 +234,9 @@ fn refresh(path: &mut PathBuf, model: &mut Model, first: bool) {
         return;
     }
     let since = format!("events since={}", model.next_event);
-    match ask(path, model, &since).and_then(|r| model::parse_events(&r)) {
+    match client::request_following(path, model.master_pid(), &since).and_then(|r| model::parse_events(&r)) {
         Ok((events, next)) => model.apply_events(events, next, (!first).then(Instant::now)),
         Err(e) => model.master_gone(why(e)),
-    }
-}
-
-/// `request` at `path`; if nothing listens there any more, at the default
-/// control socket of the master that answered last (which `path` then
-/// becomes): a new master renames the socket it took over in a binary
-/// upgrade to its own default path once the old master has gone.
-fn ask(path: &mut PathBuf, model: &Model, request: &str) -> Result<String, ClientError> {
-    let answer = client::request(path, request);
-    let (Err(ClientError::Connect { .. }), Some(pid)) = (&answer, model.master_pid()) else {
-        return answer;
-    };
-    let moved = Cluster::default_control_path(pid);
-    if moved == *path {
-        return answer;
-    }
-    match client::request(&moved, request) {
-        Ok(again) => {
-            *path = moved;
-            Ok(again)
-        }
-        Err(_) => answer,
     }
 }
 
