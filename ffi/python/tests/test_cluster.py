@@ -193,3 +193,26 @@ def test_events_without_a_master_are_none_and_readers_are_context_managers():
                 assert events.missed == 0
             assert w.identity().has_master is False
             assert w.leader() is None and not w.is_leader()
+
+
+def test_event_kind_names_match_the_c_enum_and_upgrade_events_read_back():
+    """Every SHMC_EVENT_KIND_ number the library names (the binary upgrade's
+    appended as 10 and 11), and an upgrade event as Events hands it out:
+    the new master's pid in ``value``, negated for a failed upgrade."""
+    lib = sc.load_library()
+    names = [sc._name(lib.shmc_event_kind_name, k) for k in range(13)]
+    assert names == [
+        "UNKNOWN", "SPAWNED", "ONLINE", "EXIT", "CRASH_LOOP", "RELOAD_STARTED", "RELOAD_FINISHED",
+        "SHUTDOWN_STARTED", "LOCK_HELD_TOO_LONG", "START_FAILED", "UPGRADE_STARTED", "UPGRADE_FINISHED",
+        "12",  # no kind: _name falls back to the number
+    ]
+    none = 2**32 - 1
+    cases = [
+        (10, 4321, "UPGRADE_STARTED", "upgrade started: new master pid 4321"),
+        (11, 4321, "UPGRADE_FINISHED", "upgrade finished: ok, new master pid 4321 took over; draining"),
+        (11, -4321, "UPGRADE_FINISHED", "upgrade failed: new master pid 4321 did not take over; still serving"),
+    ]
+    for kind, value, name, text in cases:
+        e = sc.Event._of(sc._Event(seq=3, kind=kind, reason=0, value=value, slot=none, index=none))
+        assert (e.kind, e.reason, e.value, e.slot, e.index, e.pid) == (name, None, value, None, None, 0), e
+        assert str(e) == text
