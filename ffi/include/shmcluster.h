@@ -171,6 +171,12 @@ enum shmc_event_kind
   SHMC_EVENT_KIND_LOCK_HELD_TOO_LONG = 8,
   // The master could not start a worker (`value`: the errno); it retries.
   SHMC_EVENT_KIND_START_FAILED = 9,
+  // A binary upgrade began: the master started a new master, whose pid
+  // is `value`.
+  SHMC_EVENT_KIND_UPGRADE_STARTED = 10,
+  // A binary upgrade ended; `value` the new master's pid, negated if it
+  // did not take over (as for `RELOAD_FINISHED`, `value > 0`: success).
+  SHMC_EVENT_KIND_UPGRADE_FINISHED = 11,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -444,8 +450,10 @@ typedef struct {
   shmc_event_kind kind;
   // Why the process ended (`SHMC_EVENT_KIND_EXIT`), else `NONE`.
   shmc_exit_reason reason;
-  // The exit code, signal, errno or lock entry the kind names; 0 if none
-  // (`SHMC_EVENT_KIND_RELOAD_FINISHED`: 1 if it succeeded).
+  // The exit code, signal, errno, lock entry or new master's pid the
+  // kind names; 0 if none (`SHMC_EVENT_KIND_RELOAD_FINISHED`: 1 if it
+  // succeeded; `SHMC_EVENT_KIND_UPGRADE_FINISHED`: the pid, negated if
+  // the new master did not take over).
   int32_t value;
   // The slot concerned (`UINT32_MAX` for cluster-wide events).
   uint32_t slot;

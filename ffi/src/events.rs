@@ -36,6 +36,12 @@ pub enum shmc_event_kind {
     LockHeldTooLong = 8,
     /// The master could not start a worker (`value`: the errno); it retries.
     StartFailed = 9,
+    /// A binary upgrade began: the master started a new master, whose pid
+    /// is `value`.
+    UpgradeStarted = 10,
+    /// A binary upgrade ended; `value` the new master's pid, negated if it
+    /// did not take over (as for `RELOAD_FINISHED`, `value > 0`: success).
+    UpgradeFinished = 11,
 }
 
 /// Why a worker's process ended, for `SHMC_EVENT_KIND_EXIT` (the numbers
@@ -71,8 +77,10 @@ pub struct shmc_event {
     pub kind: shmc_event_kind,
     /// Why the process ended (`SHMC_EVENT_KIND_EXIT`), else `NONE`.
     pub reason: shmc_exit_reason,
-    /// The exit code, signal, errno or lock entry the kind names; 0 if none
-    /// (`SHMC_EVENT_KIND_RELOAD_FINISHED`: 1 if it succeeded).
+    /// The exit code, signal, errno, lock entry or new master's pid the
+    /// kind names; 0 if none (`SHMC_EVENT_KIND_RELOAD_FINISHED`: 1 if it
+    /// succeeded; `SHMC_EVENT_KIND_UPGRADE_FINISHED`: the pid, negated if
+    /// the new master did not take over).
     pub value: i32,
     /// The slot concerned (`UINT32_MAX` for cluster-wide events).
     pub slot: u32,
@@ -110,6 +118,8 @@ impl From<Event> for shmc_event {
             EventKind::ShutdownStarted => (K::ShutdownStarted, R::None, 0),
             EventKind::LockHeldTooLong { lock } => (K::LockHeldTooLong, R::None, lock as i32),
             EventKind::StartFailed { errno } => (K::StartFailed, R::None, errno),
+            EventKind::UpgradeStarted { pid } => (K::UpgradeStarted, R::None, pid as i32),
+            EventKind::UpgradeFinished { pid, ok } => (K::UpgradeFinished, R::None, upgrade_value(pid, ok)),
             _ => (K::Unknown, R::None, 0),
         };
         Self {
@@ -167,6 +177,11 @@ unsafe fn to_event(e: *const shmc_event) -> Option<Event> {
         7 => EventKind::ShutdownStarted,
         8 => EventKind::LockHeldTooLong { lock: e.value as u32 },
         9 => EventKind::StartFailed { errno: e.value },
+        10 => EventKind::UpgradeStarted { pid: e.value as u32 },
+        11 => EventKind::UpgradeFinished {
+            pid: e.value.unsigned_abs(),
+            ok: e.value > 0,
+        },
         _ => return None,
     };
     Some(Event {
@@ -177,6 +192,18 @@ unsafe fn to_event(e: *const shmc_event) -> Option<Event> {
         pid: e.pid,
         generation: e.generation,
     })
+}
+
+/// `SHMC_EVENT_KIND_UPGRADE_FINISHED`'s `value`: the new master's pid,
+/// negated if it did not take over. A pid is at most 2^22; a larger one
+/// (only a corrupt log holds it) is clamped so negating cannot overflow.
+fn upgrade_value(pid: u32, ok: bool) -> i32 {
+    let pid = i32::try_from(pid).unwrap_or(i32::MAX);
+    if ok {
+        pid
+    } else {
+        -pid
+    }
 }
 
 /// The plain fields of a C [`shmc_event`].
@@ -359,6 +386,8 @@ pub unsafe extern "C" fn shmc_event_kind_name(
             7 => "SHUTDOWN_STARTED",
             8 => "LOCK_HELD_TOO_LONG",
             9 => "START_FAILED",
+            10 => "UPGRADE_STARTED",
+            11 => "UPGRADE_FINISHED",
             _ => {
                 return Err(Failure::new(
                     shmc_result::InvalidArgument,
@@ -403,4 +432,138 @@ pub unsafe extern "C" fn shmc_exit_reason_name(
         // SAFETY: forwarded from our caller.
         unsafe { write_c_string(name, buf.cast(), len, out_len) }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: EventKind) -> Event {
+        Event {
+            seq: 7,
+            kind,
+            slot: u32::MAX,
+            index: u32::MAX,
+            pid: 0,
+            generation: 0,
+        }
+    }
+
+    fn kind_name(kind: u32) -> Result<String, shmc_result> {
+        let mut buf = [0u8; 64];
+        // SAFETY: `buf` is valid for writes of its length; no out_len.
+        let r =
+            unsafe { shmc_event_kind_name(kind, buf.as_mut_ptr().cast(), buf.len(), std::ptr::null_mut()) };
+        if r != shmc_result::Ok {
+            return Err(r);
+        }
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+
+    #[test]
+    fn upgrade_events_map_to_their_kinds_and_back() {
+        let cases = [
+            (
+                EventKind::UpgradeStarted { pid: 4321 },
+                shmc_event_kind::UpgradeStarted,
+                4321,
+            ),
+            (
+                EventKind::UpgradeFinished { pid: 4321, ok: true },
+                shmc_event_kind::UpgradeFinished,
+                4321,
+            ),
+            (
+                EventKind::UpgradeFinished { pid: 4321, ok: false },
+                shmc_event_kind::UpgradeFinished,
+                -4321,
+            ),
+        ];
+        for (kind, c_kind, value) in cases {
+            let c = shmc_event::from(event(kind));
+            assert_eq!(
+                (c.kind, c.reason, c.value),
+                (c_kind, shmc_exit_reason::None, value),
+                "{kind:?}"
+            );
+            assert_eq!((c.slot, c.index, c.pid, c.generation), (u32::MAX, u32::MAX, 0, 0));
+            // SAFETY: a live local struct.
+            assert_eq!(unsafe { to_event(&c) }, Some(event(kind)), "{kind:?} round trip");
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips_and_has_a_name() {
+        let kinds = [
+            EventKind::Spawned,
+            EventKind::Online,
+            EventKind::Exit(ExitReason::Exited(3)),
+            EventKind::Exit(ExitReason::Signaled(9)),
+            EventKind::Exit(ExitReason::Hung),
+            EventKind::Exit(ExitReason::Reloaded),
+            EventKind::Exit(ExitReason::Shutdown),
+            EventKind::Exit(ExitReason::NotReady),
+            EventKind::Exit(ExitReason::LockHeld),
+            EventKind::CrashLoop,
+            EventKind::ReloadStarted,
+            EventKind::ReloadFinished { ok: true },
+            EventKind::ReloadFinished { ok: false },
+            EventKind::ShutdownStarted,
+            EventKind::LockHeldTooLong { lock: 5 },
+            EventKind::StartFailed { errno: 24 },
+            EventKind::UpgradeStarted { pid: 99 },
+            EventKind::UpgradeFinished { pid: 99, ok: true },
+            EventKind::UpgradeFinished { pid: 99, ok: false },
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for kind in kinds {
+            let c = shmc_event::from(event(kind));
+            assert_ne!(c.kind, shmc_event_kind::Unknown, "{kind:?} is mapped");
+            // SAFETY: a live local struct.
+            assert_eq!(unsafe { to_event(&c) }, Some(event(kind)), "{kind:?} round trip");
+            seen.insert(c.kind as u32);
+        }
+        // Every C kind but UNKNOWN is reached, and has its constant's name.
+        assert_eq!(seen, (1..=11).collect());
+        let names: Vec<_> = (0..=11).map(|k| kind_name(k).unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "UNKNOWN",
+                "SPAWNED",
+                "ONLINE",
+                "EXIT",
+                "CRASH_LOOP",
+                "RELOAD_STARTED",
+                "RELOAD_FINISHED",
+                "SHUTDOWN_STARTED",
+                "LOCK_HELD_TOO_LONG",
+                "START_FAILED",
+                "UPGRADE_STARTED",
+                "UPGRADE_FINISHED",
+            ]
+        );
+        assert_eq!(kind_name(12), Err(shmc_result::InvalidArgument));
+    }
+
+    #[test]
+    fn a_corrupt_upgrade_pid_neither_panics_nor_flips_the_outcome() {
+        for (pid, ok) in [(u32::MAX, false), (u32::MAX, true), (1 << 31, false)] {
+            let c = shmc_event::from(event(EventKind::UpgradeFinished { pid, ok }));
+            assert_eq!(c.value > 0, ok, "pid {pid}");
+        }
+        // A C caller's struct with the most negative value: no overflow.
+        let mut c = shmc_event::from(event(EventKind::UpgradeFinished { pid: 1, ok: false }));
+        c.value = i32::MIN;
+        // SAFETY: a live local struct.
+        let back = unsafe { to_event(&c) }.map(|e| e.kind);
+        assert_eq!(
+            back,
+            Some(EventKind::UpgradeFinished {
+                pid: 1 << 31,
+                ok: false
+            })
+        );
+    }
 }

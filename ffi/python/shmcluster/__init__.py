@@ -632,11 +632,15 @@ class Event:
     (:meth:`Worker.events`). ``kind`` is the ``SHMC_EVENT_KIND_`` name without
     its prefix: ``"SPAWNED"``, ``"ONLINE"``, ``"EXIT"``, ``"CRASH_LOOP"``,
     ``"RELOAD_STARTED"``, ``"RELOAD_FINISHED"``, ``"SHUTDOWN_STARTED"``,
-    ``"LOCK_HELD_TOO_LONG"``, ``"START_FAILED"``; ``reason`` why an
-    ``"EXIT"`` happened (``"EXITED"``, ``"SIGNALED"``, ``"HUNG"``,
-    ``"RELOADED"``, ``"SHUTDOWN"``, ``"NOT_READY"``, ``"LOCK_HELD"``), else
-    ``None``; ``value`` the exit code, signal, errno or lock entry it names
-    (``RELOAD_FINISHED``: 1 if it succeeded). ``slot`` and ``index`` are
+    ``"LOCK_HELD_TOO_LONG"``, ``"START_FAILED"``, ``"UPGRADE_STARTED"``,
+    ``"UPGRADE_FINISHED"`` (a kind this library does not know:
+    ``"UNKNOWN"``); ``reason`` why an ``"EXIT"`` happened (``"EXITED"``,
+    ``"SIGNALED"``, ``"HUNG"``, ``"RELOADED"``, ``"SHUTDOWN"``,
+    ``"NOT_READY"``, ``"LOCK_HELD"``), else ``None``; ``value`` the exit
+    code, signal, errno, lock entry or new master's pid it names
+    (``RELOAD_FINISHED``: 1 if it succeeded; ``UPGRADE_FINISHED``: the new
+    master's pid, negated if it did not take over, so ``value > 0`` means
+    success for both). ``slot`` and ``index`` are
     ``None`` for cluster-wide events, ``pid`` and ``generation`` 0 if none.
     ``str(event)`` is the line an operator reads."""
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Optional
 
 import pytest
@@ -193,3 +194,109 @@ def test_events_without_a_master_are_none_and_readers_are_context_managers():
                 assert events.missed == 0
             assert w.identity().has_master is False
             assert w.leader() is None and not w.is_leader()
+
+
+def test_event_kind_names_match_the_c_enum_and_upgrade_events_read_back():
+    """Every SHMC_EVENT_KIND_ number the library names (the binary upgrade's
+    appended as 10 and 11), and an upgrade event as Events hands it out:
+    the new master's pid in ``value``, negated for a failed upgrade."""
+    lib = sc.load_library()
+    names = [sc._name(lib.shmc_event_kind_name, k) for k in range(13)]
+    assert names == [
+        "UNKNOWN", "SPAWNED", "ONLINE", "EXIT", "CRASH_LOOP", "RELOAD_STARTED", "RELOAD_FINISHED",
+        "SHUTDOWN_STARTED", "LOCK_HELD_TOO_LONG", "START_FAILED", "UPGRADE_STARTED", "UPGRADE_FINISHED",
+        "12",  # no kind: _name falls back to the number
+    ]
+    none = 2**32 - 1
+    cases = [
+        (10, 4321, "UPGRADE_STARTED", "upgrade started: new master pid 4321"),
+        (11, 4321, "UPGRADE_FINISHED", "upgrade finished: ok, new master pid 4321 took over; draining"),
+        (11, -4321, "UPGRADE_FINISHED", "upgrade failed: new master pid 4321 did not take over; still serving"),
+    ]
+    for kind, value, name, text in cases:
+        e = sc.Event._of(sc._Event(seq=3, kind=kind, reason=0, value=value, slot=none, index=none))
+        assert (e.kind, e.reason, e.value, e.slot, e.index, e.pid) == (name, None, value, None, None, 0), e
+        assert str(e) == text
+
+
+def _wait(cond, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (an orphaned new master is reaped by init, not us) is gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_worker_reads_the_binary_upgrade_events_in_a_real_cluster():
+    """``shmcluster run -w 1`` with a Python worker reading ``w.events()``;
+    SIGUSR2 upgrades the master: the old worker reads UPGRADE_STARTED and
+    UPGRADE_FINISHED, both carrying the new master's pid (positive: it took
+    over) in ``value``, before it is drained; the old master exits 0."""
+    bin_ = command()
+    if bin_ is None:
+        pytest.skip("no shmcluster command (cargo build -p shmcluster, or pip install ffi/python)")
+    outdir = tempfile.mkdtemp(prefix="shmcluster-pytest-")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(sc.__file__))),
+               PYTHONDONTWRITEBYTECODE="1", XDG_RUNTIME_DIR=outdir)
+    out = open(os.path.join(outdir, "master.log"), "w")
+    master = subprocess.Popen(
+        [bin_, "run", "-w", "1", "--", sys.executable, os.path.join(HERE, "upgrade_worker.py"), outdir],
+        stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+
+    def log() -> str:
+        with open(os.path.join(outdir, "master.log")) as f:
+            return f.read()
+
+    def files(prefix: str) -> list:
+        return sorted(n for n in os.listdir(outdir) if n.startswith(prefix))
+
+    new_pid = 0
+    try:
+        _wait(lambda: len(files("ready-")) == 1, "the first worker")
+        old_worker = int(files("ready-")[0].split("-")[1])
+        os.kill(master.pid, signal.SIGUSR2)
+        try:
+            code = master.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the old master did not hand over within 60 s:\n{log()}")
+        assert code == 0, log()
+        _wait(lambda: not _alive(old_worker), "the old worker's drain")
+        with open(os.path.join(outdir, f"events-{old_worker}.jsonl")) as f:
+            seen = [json.loads(line) for line in f]
+        upgrade = [e for e in seen if e["kind"].startswith("UPGRADE_")]
+        assert [e["kind"] for e in upgrade] == ["UPGRADE_STARTED", "UPGRADE_FINISHED"], seen
+        new_pid = upgrade[0]["value"]
+        assert new_pid > 0 and new_pid != master.pid and _alive(new_pid), (upgrade, log())
+        assert upgrade[1]["value"] == new_pid, upgrade
+        assert upgrade[0]["text"] == f"upgrade started: new master pid {new_pid}"
+        assert upgrade[1]["text"] == f"upgrade finished: ok, new master pid {new_pid} took over; draining"
+        assert "UNKNOWN" not in [e["kind"] for e in seen], seen
+        # The new master serves with its own worker; then shut it down.
+        _wait(lambda: len(files("ready-")) == 2, "the new master's worker")
+        os.kill(new_pid, signal.SIGTERM)
+        _wait(lambda: not _alive(new_pid), "the new master's shutdown")
+    finally:
+        for pid in (new_pid, master.pid):
+            if pid > 0 and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(master.pid, signal.SIGKILL)  # anything left of the session
+        except ProcessLookupError:
+            pass
+        master.wait()
+        out.close()
+    shutil.rmtree(outdir, ignore_errors=True)

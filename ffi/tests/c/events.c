@@ -72,6 +72,16 @@ int main(void) {
     shmc_event reload = {.kind = SHMC_EVENT_KIND_RELOAD_FINISHED, .value = 1, .slot = UINT32_MAX, .index = UINT32_MAX};
     OK(shmc_event_format(&reload, text, sizeof text, NULL));
     CHECK(strcmp(text, "reload finished: ok") == 0);
+    /* The binary upgrade: the new master's pid in value, negated on failure. */
+    shmc_event upgrade = {.kind = SHMC_EVENT_KIND_UPGRADE_STARTED, .value = 4321, .slot = UINT32_MAX, .index = UINT32_MAX};
+    OK(shmc_event_format(&upgrade, text, sizeof text, NULL));
+    CHECK(strcmp(text, "upgrade started: new master pid 4321") == 0);
+    upgrade.kind = SHMC_EVENT_KIND_UPGRADE_FINISHED;
+    OK(shmc_event_format(&upgrade, text, sizeof text, NULL));
+    CHECK(strcmp(text, "upgrade finished: ok, new master pid 4321 took over; draining") == 0);
+    upgrade.value = -4321;
+    OK(shmc_event_format(&upgrade, text, sizeof text, NULL));
+    CHECK(strcmp(text, "upgrade failed: new master pid 4321 did not take over; still serving") == 0);
     /* Numbers no kind or reason has (a C caller may store any). */
     shmc_event bad = exit_event;
     *(uint32_t *)&bad.kind = 99;
@@ -87,7 +97,14 @@ int main(void) {
     CHECK(strcmp(text, "CRASH_LOOP") == 0);
     OK(shmc_event_kind_name(SHMC_EVENT_KIND_START_FAILED, text, sizeof text, NULL));
     CHECK(strcmp(text, "START_FAILED") == 0);
-    EXPECT(shmc_event_kind_name(10, text, sizeof text, NULL), SHMC_RESULT_INVALID_ARGUMENT);
+    /* Appended, never renumbered: the upgrade kinds follow START_FAILED. */
+    CHECK(SHMC_EVENT_KIND_START_FAILED == 9);
+    CHECK(SHMC_EVENT_KIND_UPGRADE_STARTED == 10 && SHMC_EVENT_KIND_UPGRADE_FINISHED == 11);
+    OK(shmc_event_kind_name(SHMC_EVENT_KIND_UPGRADE_STARTED, text, sizeof text, NULL));
+    CHECK(strcmp(text, "UPGRADE_STARTED") == 0);
+    OK(shmc_event_kind_name(SHMC_EVENT_KIND_UPGRADE_FINISHED, text, sizeof text, NULL));
+    CHECK(strcmp(text, "UPGRADE_FINISHED") == 0);
+    EXPECT(shmc_event_kind_name(12, text, sizeof text, NULL), SHMC_RESULT_INVALID_ARGUMENT);
     OK(shmc_exit_reason_name(SHMC_EXIT_REASON_LOCK_HELD, text, sizeof text, NULL));
     CHECK(strcmp(text, "LOCK_HELD") == 0);
     EXPECT(shmc_exit_reason_name(8, text, sizeof text, NULL), SHMC_RESULT_INVALID_ARGUMENT);
