@@ -251,7 +251,7 @@ fn top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal() {
     let orphan = tmux.child_of_pane("gone");
     tmux.run(&["kill-session", "-t", &Tmux::target("gone")]);
     let deadline = Instant::now() + SCREEN_DEADLINE;
-    while !exited(orphan) {
+    while http::alive(orphan) {
         if Instant::now() >= deadline {
             let _ = kill(Pid::from_raw(orphan as i32), Signal::SIGKILL);
             panic!("top (pid {orphan}) still ran {SCREEN_DEADLINE:?} after its terminal went away");
@@ -349,18 +349,6 @@ fn stat_until(pid: u32, what: &str, done: impl Fn(&str) -> bool) -> String {
             String::from_utf8_lossy(&out.stderr)
         );
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Whether process `pid` has ended: gone, or a zombie waiting for its
-/// (new) parent to reap it.
-fn exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => true,
     }
 }
 

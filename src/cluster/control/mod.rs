@@ -77,7 +77,8 @@
 //! `shmcluster top` does) asks for events only when it moved. `kind` is one of `spawned`, `online`, `exited` (code 0, or
 //! replaced by a reload, or shut down), `crashed` (any other end),
 //! `crash-loop`, `reload-started`, `reload-finished`, `reload-failed`,
-//! `shutdown-started`, `lock-held-too-long`, `start-failed`; `text` is the
+//! `shutdown-started`, `lock-held-too-long`, `start-failed`,
+//! `upgrade-started`, `upgrade-finished`, `upgrade-failed`; `text` is the
 //! line the master logs for it:
 //!
 //! ```text
