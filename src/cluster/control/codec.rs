@@ -246,11 +246,12 @@ pub(crate) fn permission_denied(peer_uid: u32, master_uid: u32) -> String {
 /// The line written on `wait` connections as the master exits.
 pub(crate) fn exited_line(report: &Report) -> String {
     format!(
-        "exited code={} outcome={} restarts={} killed={} summary={}\n",
+        "exited code={} outcome={} restarts={} killed={} upgraded_to={} summary={}\n",
         report.exit_code(),
         report.outcome.as_str(),
         report.restarts,
         report.killed,
+        opt(report.upgraded_to),
         escape(&report.to_string())
     )
 }
