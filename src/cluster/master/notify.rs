@@ -9,6 +9,14 @@
 //! it), if `WATCHDOG_PID` is unset or is the master's pid. Sends never
 //! block; a failed one is logged once and is not fatal.
 //!
+//! In a binary upgrade (upgrade.rs) the old master is the service's main
+//! process until the hand-over, where it says `MAINPID=<new>` and nothing
+//! more. The new master sends nothing at all (no status, no watchdog, no
+//! `STOPPING=1` if it fails) until it has said `ready` to the old master;
+//! then `MAINPID=<self>` with its `READY=1` (or its `STOPPING=1`). If the
+//! upgrade fails after that `ready`, the old master says `MAINPID=<self>`
+//! again.
+//!
 //! **Down, from the workers** (spawn mode, when
 //! [`ClusterBuilder::worker_notify`] is on): each worker started gets a
 //! `NOTIFY_SOCKET` of its own, a datagram socket the master owns. A
