@@ -15,13 +15,22 @@
 //!   upgrade --wait` exits 0; then `stat` reaches the new master through
 //!   the old control socket, by `--pid <new>` (the file renamed to the new
 //!   master's default path) and by discovery; `stop --wait` ends it 0 and
-//!   the socket file is gone.
-//! - **a failing new build**: a "binary" that exits at once, then workers
-//!   that never become ready (the old master's `--ready-timeout 3`): each
-//!   `upgrade --wait` exits 1 with the reason, the old master keeps
-//!   serving under `wrk` (0 errors), and no process of the failed
-//!   generation is left (the process group holds the old master and its
-//!   workers only).
+//!   the socket file is gone. A `wait` client of the old master is told
+//!   `upgraded_to=<new>` and the old master's last line says `upgraded:
+//!   new master pid N took over`.
+//! - **systemd**: a new master stopped before it is ready sends no
+//!   datagram at all (checked by sender pid); a successful one is
+//!   announced by `MAINPID=` and no `STOPPING=1`.
+//! - **the overlap**: while the new master starts, `stat` and every
+//!   metrics scrape are answered by the old master; a `stop --wait` to it
+//!   abandons the upgrade (the new master killed, `upgrade --wait` exits
+//!   1: stopped) and it exits 0.
+//! - **a failing new build**: a "binary" that exits at once, one that
+//!   says `ready` on the pipe and exits, then workers that never become
+//!   ready (the old master's `--ready-timeout 3`): each `upgrade --wait`
+//!   exits 1 with the reason, the old master keeps serving under `wrk` (0
+//!   errors), and no process of the failed generation is left (the
+//!   process group holds the old master and its workers only).
 //!
 //! Each scenario runs in this binary re-executed (`harness = false`,
 //! tests/common/http.rs) under a watchdog that kills the cluster's process
@@ -72,6 +81,11 @@ const SCENARIOS: &[Scenario] = &[
         name: "systemd_hears_the_new_main_pid_and_no_stopping",
         timeout: Duration::from_secs(90),
         run: systemd_hears_the_new_main_pid_and_no_stopping,
+    },
+    Scenario {
+        name: "stop_during_an_upgrade_abandons_it",
+        timeout: Duration::from_secs(90),
+        run: stop_during_an_upgrade_abandons_it,
     },
     Scenario {
         name: "failing_new_builds_leave_the_old_master_serving",
@@ -498,6 +512,15 @@ fn no_process_left(pgid: u32) -> Check {
 /// `dir/worker.py`, 2 workers, its control socket at the default path in
 /// `dir` (`XDG_RUNTIME_DIR`).
 fn start_spawn_master(ready_timeout: &str, env: &[(&str, &Path)]) -> Result<(Cluster, PathBuf, u64), String> {
+    start_spawn_master_with(ready_timeout, env, &[])
+}
+
+/// [`start_spawn_master`] with `extra` options for `shmcluster run`.
+fn start_spawn_master_with(
+    ready_timeout: &str,
+    env: &[(&str, &Path)],
+    extra: &[&str],
+) -> Result<(Cluster, PathBuf, u64), String> {
     let dir = common::tmp();
     let program = dir.join("shmcluster");
     let first = install(Path::new(BIN), &program, "")?;
@@ -512,9 +535,9 @@ fn start_spawn_master(ready_timeout: &str, env: &[(&str, &Path)]) -> Result<(Clu
         "127.0.0.1:0",
         "--ready-timeout",
         ready_timeout,
-        "--",
-        "python3",
     ])
+    .args(extra)
+    .args(["--", "python3"])
     .arg(&worker)
     .env("XDG_RUNTIME_DIR", &dir);
     for (k, v) in env {
@@ -552,6 +575,16 @@ fn spawn_mode_upgrade_wait_under_wrk() -> Check {
         old_socket.display()
     );
 
+    // A client waiting for the old master's end (as `stop --wait` does)
+    // learns that it was upgraded, not merely shut down.
+    let waiter = {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&old_socket).map_err(|e| e.to_string())?;
+        s.write_all(b"wait\n").map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        read_all(Some(s))
+    };
     const SECS: u32 = 6;
     let load = Load::start(&addr, SECS)?;
     std::thread::sleep(Duration::from_millis(1500));
@@ -576,6 +609,24 @@ fn spawn_mode_upgrade_wait_under_wrk() -> Check {
         "the old master exited {status}:\n{}",
         master.log()
     );
+    let told = join(waiter)?;
+    ensure!(
+        told.contains(&format!(" upgraded_to={new_pid} "))
+            && told.contains(&format!(
+                "summary=upgraded:%20new%20master%20pid%20{new_pid}%20took%20over"
+            )),
+        "the old master's `wait` client was not told of the upgrade: {told:?}"
+    );
+    let said = format!("master exiting, upgraded: new master pid {new_pid} took over; clean shutdown");
+    let start = Instant::now();
+    while !master.log().contains(&said) {
+        ensure!(
+            start.elapsed() < Duration::from_secs(5),
+            "no {said:?} in the old master's log:\n{}",
+            master.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let run = load.finish(SECS)?;
     for _ in 0..10 {
         let body = curl(&addr)?;
@@ -658,9 +709,30 @@ fn spawn_mode_upgrade_wait_under_wrk() -> Check {
 
 // ------------------------------------------------------------ systemd
 
+/// One datagram from `socket` (with `SO_PASSCRED` on) into `buf`: its
+/// length and its sender's pid (0 if the kernel gave none); times out as
+/// the socket's read timeout says.
+fn recv_with_pid(socket: &std::os::unix::net::UnixDatagram, buf: &mut [u8]) -> std::io::Result<(usize, u32)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
+    use std::os::fd::AsRawFd;
+    let mut cmsg = nix::cmsg_space!(UnixCredentials);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(socket.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
+        .map_err(std::io::Error::from)?;
+    let mut pid = 0;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::ScmCredentials(cred) = c {
+            pid = u32::try_from(cred.pid()).unwrap_or(0);
+        }
+    }
+    Ok((msg.bytes, pid))
+}
+
 /// Under a service manager (`NOTIFY_SOCKET`: a datagram socket the test
-/// binds, as tests/systemd_notify.rs does): the old master says
-/// `READY=1`; at the hand-over it says `MAINPID=<new>` and nothing that
+/// binds, as tests/systemd_notify.rs does, with each sender's pid): the
+/// old master says `READY=1`; a new master stopped before it is ready
+/// says nothing at all; at a successful hand-over the old master says
+/// `MAINPID=<new>` and nothing that
 /// would stop the service (no `STOPPING=1` until the new master is
 /// stopped); the new master says `MAINPID=<new>` with its `READY=1`.
 fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
@@ -672,13 +744,24 @@ fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
     manager
         .set_read_timeout(Some(Duration::from_millis(100)))
         .map_err(|e| e.to_string())?;
+    // Each datagram with its sender's pid (`SCM_CREDENTIALS`), as systemd
+    // has it.
+    nix::sys::socket::setsockopt(&manager, nix::sys::socket::sockopt::PassCred, &true)
+        .map_err(|e| format!("SO_PASSCRED: {e}"))?;
+    let senders = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u32, String)>::new()));
     let (tx, heard) = mpsc::channel::<String>();
+    let record = senders.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         loop {
-            match manager.recv(&mut buf) {
-                Ok(n) => {
-                    if tx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).is_err() {
+            match recv_with_pid(&manager, &mut buf) {
+                Ok((n, pid)) => {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    record
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((pid, text.clone()));
+                    if tx.send(text).is_err() {
                         return;
                     }
                 }
@@ -708,6 +791,49 @@ fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
     let (mut master, _, _) = start_spawn_master("20", &[("NOTIFY_SOCKET", &path)])?;
     let old_pid = MASTER.load(Ordering::Acquire) as u32;
     listen(&mut said, &|s| s.iter().any(|m| m.contains("READY=1")), "READY=1")?;
+
+    // First a new master that fails: its workers are never ready, and it
+    // is stopped (SIGTERM) while it starts. It never was the main process:
+    // it sends nothing at all (under `NotifyAccess=all` its `STOPPING=1`
+    // would stop the service).
+    let serving = group_members(old_pid);
+    write_by_rename(&dir.join("worker.py"), &worker_script("v1", true))?;
+    let (mut waiting, waiting_text) = upgrade_in_background()?;
+    let failed = new_generation(&master, &serving, 1)?;
+    kill(Pid::from_raw(failed as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
+    let code = wait_child(&mut waiting, Duration::from_secs(30))?
+        .code()
+        .unwrap_or(-1);
+    let text = join(waiting_text)?;
+    ensure!(
+        code == 1 && text.contains("upgrade failed"),
+        "upgrade --wait to a new master stopped while it starts: {code}\n{text}"
+    );
+    let start = Instant::now();
+    while group_members(old_pid) != serving {
+        reap_orphans();
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the failed generation still runs: {:?}",
+            group_members(old_pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A moment for a datagram still on its way to the receiving thread.
+    std::thread::sleep(Duration::from_millis(300));
+    let from_failed: Vec<(u32, String)> = senders
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter(|(pid, _)| *pid == failed)
+        .cloned()
+        .collect();
+    ensure!(
+        from_failed.is_empty(),
+        "the failed new master {failed} spoke to the service manager: {from_failed:?}"
+    );
+    write_by_rename(&dir.join("worker.py"), &worker_script("v1", false))?;
+
     let (code, text) = cli(&["upgrade", "--wait", "--timeout", "30"])?;
     ensure!(code == 0, "upgrade --wait exited {code}:\n{text}");
     let new_pid = text
@@ -740,11 +866,23 @@ fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
     )?;
     let code = wait_pid(new_pid, Duration::from_secs(20))?;
     ensure!(code == 0, "the new master exited {code}");
-    println!("    systemd: master {old_pid} -> {new_pid}; heard {said:?}");
+    println!(
+        "    systemd: a new master stopped while it started ({failed}) said nothing; master {old_pid} -> {new_pid}; \
+         heard (pid, message) {:?}",
+        senders.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    );
     no_process_left(old_pid)
 }
 
 // ------------------------------------------------------------ failures
+
+/// A new "build" that writes `ready pid=<its pid>` on the ready pipe
+/// named by `SHMCLUSTER_UPGRADE` (`ready=<fd>`), then exits 0.
+const SAYS_READY_AND_EXITS: &str = r#"#!/bin/sh
+fd=$(printf '%s\n' "$SHMCLUSTER_UPGRADE" | tr ' ' '\n' | sed -n 's/^ready=//p')
+eval "printf 'ready pid=%s\\n' $$ >&$fd"
+exit 0
+"#;
 
 fn failing_new_builds_leave_the_old_master_serving() -> Check {
     become_subreaper()?;
@@ -770,6 +908,22 @@ fn failing_new_builds_leave_the_old_master_serving() -> Check {
     );
     load.finish(3)?;
 
+    // A new "build" that says `ready` on the pipe its marker names, then
+    // exits: a dead new master never takes over.
+    write_by_rename(&program, SAYS_READY_AND_EXITS)?;
+    std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| e.to_string())?;
+    let load = Load::start(&addr, 3)?;
+    let (code, text) = cli(&["upgrade", "--wait", "--timeout", "20"])?;
+    ensure!(
+        code == 1 && text.contains("upgrade failed") && text.contains("after it said ready"),
+        "upgrade to a build that says ready and exits: code {code}:\n{text}\n{}",
+        master.log()
+    );
+    load.finish(3)?;
+    ensure!(alive(old_pid), "the old master is gone");
+    ensure!(curl(&addr)?.starts_with("version v1 "), "not the old workers");
+
     // A build whose workers never become ready: killed at the old
     // master's ready timeout (3 s), with its workers.
     install(Path::new(BIN), &program, "\nnew build\n")?;
@@ -785,17 +939,18 @@ fn failing_new_builds_leave_the_old_master_serving() -> Check {
         .spawn()
         .map_err(|e| format!("{BIN}: {e}"))?;
     let (waiting_out, waiting_err) = (read_all(waiting.stdout.take()), read_all(waiting.stderr.take()));
-    // Meanwhile control clients reach the new master (the old one does
-    // not accept), which refuses to start a third.
+    // Meanwhile control clients reach the old master, still in charge
+    // (the new one does not accept before it is ready), which refuses to
+    // start a second upgrade.
     std::thread::sleep(Duration::from_millis(1000));
     let (code, text) = cli(&["stat"])?;
     ensure!(
-        code == 0 && !text.contains(&format!("master pid {old_pid}:")),
+        code == 0 && text.contains(&format!("master pid {old_pid}:")),
         "stat during the upgrade: {code}\n{text}"
     );
     let (code, text) = cli(&["upgrade"])?;
     ensure!(
-        code == 1 && text.contains("still taking over"),
+        code == 1 && text.contains("an upgrade is running already"),
         "a second upgrade during the first: {code}\n{text}"
     );
     let code = wait_child(&mut waiting, Duration::from_secs(30))?
@@ -839,15 +994,159 @@ fn failing_new_builds_leave_the_old_master_serving() -> Check {
     );
     let log = master.log();
     ensure!(
-        log.matches("upgrade failed: new master pid").count() == 2,
-        "two failed-upgrade events expected in:\n{log}"
+        log.matches("upgrade failed: new master pid").count() == 3,
+        "three failed-upgrade events expected in:\n{log}"
     );
     println!(
-        "    failing builds: both upgrades failed (exit at start; not ready in 3 s), the old master {old_pid} kept \
+        "    failing builds: the 3 upgrades failed (exit at start; ready, then exit; not ready in 3 s), the old master {old_pid} kept \
          serving: wrk {} requests, socket errors {:?}, non-2xx {}; group {serving:?} only",
         run.requests, run.socket_errors, run.non_2xx
     );
     master.stop(Duration::from_secs(20))?;
     MASTER.store(old_pid as i32, Ordering::Release);
     no_process_left(old_pid)
+}
+
+// ------------------------------------------------------------ the overlap
+
+/// `shmcluster upgrade --wait --timeout 30` started in the background:
+/// (the client, its stdout and stderr).
+fn upgrade_in_background() -> Result<(std::process::Child, std::thread::JoinHandle<String>), String> {
+    let mut child = Command::new(BIN)
+        .args(["upgrade", "--wait", "--timeout", "30"])
+        .env("XDG_RUNTIME_DIR", common::tmp())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{BIN}: {e}"))?;
+    let (out, err) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
+    let both = std::thread::spawn(move || {
+        format!(
+            "{}{}",
+            join(out).unwrap_or_default(),
+            join(err).unwrap_or_default()
+        )
+    });
+    Ok((child, both))
+}
+
+/// The new master the old one started (its log line `upgrade: started new
+/// master pid N`, the `nth` such line, from 1), once it and its 2 workers
+/// run besides the old generation (`serving`); within 20 s.
+fn new_generation(master: &Cluster, serving: &[u32], nth: usize) -> Result<u32, String> {
+    let start = Instant::now();
+    loop {
+        let log = master.log();
+        let pid = log
+            .split("upgrade: started new master pid ")
+            .nth(nth)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|p| p.parse::<u32>().ok());
+        let members = group_members(serving[0]);
+        if let Some(pid) = pid {
+            if members.len() >= serving.len() + 3 {
+                return Ok(pid);
+            }
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "no new generation running: group {members:?}, log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `curl http://addr/metrics`: the values of `shmcluster_worker_pid`.
+fn scraped_worker_pids(addr: &str) -> Result<Vec<u32>, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", &format!("http://{addr}/metrics")])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("curl: {e}"))?;
+    ensure!(
+        out.status.success(),
+        "curl http://{addr}/metrics: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<u32> = body
+        .lines()
+        .filter(|l| l.starts_with("shmcluster_worker_pid{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .map(|v| v as u32)
+        .collect();
+    ensure!(!pids.is_empty(), "no shmcluster_worker_pid in:\n{body}");
+    Ok(pids)
+}
+
+/// While a new master starts (its workers never ready here, so the
+/// overlap lasts), the old master is the one in charge: `stat` and every
+/// metrics scrape are answered by it (only its workers' pids), and a
+/// `stop --wait` sent to it abandons the upgrade (the new master is
+/// killed, `upgrade --wait` exits 1: stopped) and shuts it down cleanly
+/// (exit 0); nothing of either generation is left.
+fn stop_during_an_upgrade_abandons_it() -> Check {
+    become_subreaper()?;
+    let dir = common::tmp();
+    let (mut master, _, _) = start_spawn_master_with("20", &[], &["--metrics", "127.0.0.1:0"])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let log = master.log();
+    let metrics = log
+        .split_once("metrics http://")
+        .and_then(|(_, rest)| rest.split_once("/metrics"))
+        .map(|(addr, _)| addr.to_owned())
+        .ok_or(format!("no metrics address in:\n{log}"))?;
+    let serving = group_members(old_pid);
+    ensure!(
+        serving.len() == 3 && serving[0] == old_pid,
+        "expected the master and 2 workers, got {serving:?}"
+    );
+    let old_workers: Vec<u32> = serving[1..].to_vec();
+
+    write_by_rename(&dir.join("worker.py"), &worker_script("v2", true))?;
+    let (mut waiting, waiting_text) = upgrade_in_background()?;
+    let new_pid = new_generation(&master, &serving, 1)?;
+    for _ in 0..3 {
+        let (code, text) = cli(&["stat", "--pid", &old_pid.to_string()])?;
+        ensure!(
+            code == 0 && text.contains(&format!("master pid {old_pid}:")),
+            "stat during the upgrade did not reach the old master {old_pid}: {code}\n{text}"
+        );
+    }
+    let (code, text) = cli(&["upgrade"])?;
+    ensure!(
+        code == 1 && text.contains("an upgrade is running already"),
+        "a second upgrade during the first: {code}\n{text}"
+    );
+    for _ in 0..20 {
+        let pids = scraped_worker_pids(&metrics)?;
+        ensure!(
+            pids.iter().all(|p| *p == 0 || old_workers.contains(p)),
+            "a scrape during the upgrade names workers {pids:?}, not the old master's {old_workers:?}"
+        );
+    }
+    let (code, text) = cli(&["stop", "--wait", "--timeout", "30", "--pid", &old_pid.to_string()])?;
+    ensure!(
+        code == 0 && text.contains("master exited: clean shutdown"),
+        "stop --wait during the upgrade: {code}\n{text}\n{}",
+        master.log()
+    );
+    let status = master.wait_exit(Duration::from_secs(30))?;
+    ensure!(status.success(), "the old master exited {status}");
+    let code = wait_child(&mut waiting, Duration::from_secs(30))?
+        .code()
+        .unwrap_or(-1);
+    let text = join(waiting_text)?;
+    ensure!(
+        code == 1 && text.contains("upgrade failed") && text.contains("stopped"),
+        "upgrade --wait when the old master was stopped: {code}\n{text}"
+    );
+    no_process_left(old_pid)?;
+    ensure!(!alive(new_pid), "the new master {new_pid} still runs");
+    println!(
+        "    stop during an upgrade: stat and 20 scrapes answered by the old master {old_pid}; stop --wait: \
+         exit 0, the new master {new_pid} killed, upgrade --wait exit 1 (stopped)"
+    );
+    Ok(())
 }

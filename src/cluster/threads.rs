@@ -149,6 +149,7 @@ impl ThreadsBuilder {
             restarts: 0,
             failed_slots: Vec::new(),
             killed: 0,
+            upgraded_to: None,
         })
     }
 }

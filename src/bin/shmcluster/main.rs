@@ -66,6 +66,15 @@ enum Command {
     /// own: a program that speaks systemd's notify protocol becomes ready
     /// with READY=1 and beats its heartbeat with WATCHDOG=1, with no
     /// shmcluster binding (see --no-worker-notify).
+    ///
+    /// SIGUSR2 (or `shmcluster upgrade`) upgrades the binary without
+    /// dropping a request: the master executes shmcluster again as it is
+    /// now on disk, with the same command line (so a changed worker
+    /// program is picked up too), and hands the new master its listening,
+    /// control and metrics sockets; once the new workers are all ready
+    /// (within --ready-timeout), this master drains its own and exits 0,
+    /// saying "upgraded: new master pid N took over". Under systemd it
+    /// tells the service manager MAINPID=<new master>.
     #[command(after_help = EXIT_CODES, override_usage = "shmcluster run [OPTIONS] -- <COMMAND> [ARGS]...")]
     Run(Box<RunArgs>),
     /// Show a running master's workers: state, pid, restarts, heartbeat
@@ -131,7 +140,9 @@ struct RunArgs {
     /// How long a worker replaced by a reload may drain before SIGKILL.
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = secs)]
     reload_timeout: Duration,
-    /// How long a reload waits for a replacement to be ready.
+    /// How long a reload waits for a replacement to be ready, and a binary
+    /// upgrade for the new master to have every worker ready (then it is
+    /// killed and this master keeps serving).
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = secs)]
     ready_timeout: Duration,
     /// Shutdown grace period: workers still running after it get SIGKILL.
@@ -571,6 +582,8 @@ fn stop(args: WaitArgs) -> Result<u8, ClientError> {
         return Ok(0);
     };
     let exited = waiter.outcome(args.timeout)?;
+    // After a binary upgrade's hand-over the summary says so
+    // ("upgraded: new master pid N took over; ...").
     println!("master exited: {} (exit code {})", exited.summary, exited.code);
     Ok(exited.code)
 }

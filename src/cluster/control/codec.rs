@@ -246,11 +246,12 @@ pub(crate) fn permission_denied(peer_uid: u32, master_uid: u32) -> String {
 /// The line written on `wait` connections as the master exits.
 pub(crate) fn exited_line(report: &Report) -> String {
     format!(
-        "exited code={} outcome={} restarts={} killed={} summary={}\n",
+        "exited code={} outcome={} restarts={} killed={} upgraded_to={} summary={}\n",
         report.exit_code(),
         report.outcome.as_str(),
         report.restarts,
         report.killed,
+        opt(report.upgraded_to),
         escape(&report.to_string())
     )
 }
@@ -379,6 +380,35 @@ fn format_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `exited` line says whether the master handed over to a new one
+    /// in a binary upgrade, in a field and in its summary.
+    #[test]
+    fn the_exited_line_names_the_new_master_after_an_upgrade() {
+        let mut report = Report {
+            outcome: crate::cluster::Outcome::Clean,
+            clean: true,
+            unhealthy: Vec::new(),
+            restarts: 0,
+            failed_slots: Vec::new(),
+            killed: 0,
+            upgraded_to: None,
+        };
+        assert_eq!(
+            exited_line(&report),
+            "exited code=0 outcome=clean restarts=0 killed=0 upgraded_to=- \
+             summary=clean%20shutdown%20%280%20restarts%2C%200%20killed%29\n"
+        );
+        report.upgraded_to = Some(4242);
+        assert_eq!(
+            report.to_string(),
+            "upgraded: new master pid 4242 took over; clean shutdown (0 restarts, 0 killed)"
+        );
+        let line = exited_line(&report);
+        assert!(line.starts_with("exited code=0 outcome=clean restarts=0 killed=0 upgraded_to=4242 summary="));
+        let summary = line.trim_end().rsplit_once("summary=").map(|(_, s)| unescape(s));
+        assert_eq!(summary.as_deref(), Some(report.to_string().as_str()));
+    }
 
     #[test]
     fn escape_keeps_fields_whole() {

@@ -21,8 +21,10 @@
 //! `upgraded pid=<new>` once the new master is ready (it then drains and
 //! exits), or `err upgrade failed: <reason>` (it keeps serving), and
 //! closes it. A client that does not wait simply hangs up. While the new
-//! master starts, the old one accepts no new connection: the new one,
-//! which shares the listening socket, answers them.
+//! master starts, the old one goes on answering every client (a `stop`
+//! abandons the upgrade: `err upgrade failed: stopped ...`): the new one,
+//! which shares the listening socket, accepts only once it is ready, and
+//! the old one no more after the hand-over.
 //!
 //! `wait` is answered `ok waiting` and the connection is then held open
 //! until the master ends (at most 64 such connections at once, counted
@@ -35,8 +37,12 @@
 //!
 //! ```text
 //! ok waiting
-//! exited code=1 outcome=unclean restarts=14 killed=0 summary=unclean%20shutdown%3A%20...
+//! exited code=1 outcome=unclean restarts=14 killed=0 upgraded_to=- summary=unclean%20shutdown%3A%20...
 //! ```
+//!
+//! `upgraded_to` is the new master's pid when the master ended by handing
+//! over to it in a binary upgrade (its summary then begins `upgraded: new
+//! master pid N took over`), `-` otherwise.
 //!
 //! The connection itself is the robust part: a master that is killed
 //! (`SIGKILL`) writes nothing, but the kernel still closes its end, so a
@@ -210,9 +216,10 @@ pub(crate) struct ControlServer {
     pass_at: Instant,
     started: Instant,
     reloads: ReloadCounts,
-    /// Whether new connections are accepted: not while a binary upgrade's
-    /// new master, which shares the listening socket, is starting (so
-    /// that clients reach one master), nor after the hand-over.
+    /// Whether new connections are accepted: not in a binary upgrade's
+    /// new master before it is ready (the old master, which shares the
+    /// listening socket, is in charge until then), nor in the old master
+    /// after the hand-over.
     accepting: bool,
     /// Whether the socket file is this server's to remove when dropped:
     /// not once handed to a new master, nor, in a new master, before the
@@ -273,8 +280,10 @@ impl ControlServer {
     }
 
     /// A binary upgrade's new master: serves the listening socket `fd`
-    /// its old master handed over, whose file is at `path`. The file is
-    /// not its to remove (the old master still serves the socket) until
+    /// its old master handed over, whose file is at `path`. It does not
+    /// accept until [`ControlServer::set_accepting`] (the old master
+    /// answers until the new one is ready). The file is not its to remove
+    /// (the old master still serves the socket) until
     /// [`ControlServer::take_file`].
     ///
     /// # Errors
@@ -293,7 +302,7 @@ impl ControlServer {
             pass_at: Instant::now(),
             started: Instant::now(),
             reloads: ReloadCounts::default(),
-            accepting: true,
+            accepting: false,
             owns_file: false,
         })
     }

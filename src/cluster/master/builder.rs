@@ -460,8 +460,10 @@ impl ClusterBuilder {
     /// over the listening sockets (as `LISTEN_FDS`), the control socket
     /// and the metrics endpoint instead of binding them, then starts its
     /// own workers. Once every instance of the new master is ready, this
-    /// master drains its workers as on `SIGTERM` and `run` returns a clean
-    /// [`Report`] (exit code 0), while the new master serves on. A new
+    /// master drains its workers as on `SIGTERM` and `run` returns a
+    /// [`Report`] whose [`upgraded_to`](Report::upgraded_to) names the new
+    /// master (exit code 0 after a clean drain), while the new master
+    /// serves on. A new
     /// master that fails, exits or is not ready within the
     /// [ready timeout](Self::ready_timeout) is killed with its workers, and
     /// this master keeps serving (an `UpgradeFinished { ok: false }`
@@ -693,6 +695,7 @@ impl ClusterBuilder {
             upgrade: None,
             upgrade_queued: false,
             upgraded,
+            handed_over_to: None,
             listeners_from_systemd,
         };
         let result = master.supervise();
@@ -705,6 +708,7 @@ impl ClusterBuilder {
             killed,
             failed,
             control,
+            handed_over_to,
             ..
         } = master;
         cluster.listeners.borrow().remove_unix_paths();
@@ -724,6 +728,7 @@ impl ClusterBuilder {
             restarts,
             failed_slots: failed,
             killed,
+            upgraded_to: handed_over_to,
         };
         // Clients of `stop --wait` learn how it ended before the socket goes.
         if let Some(control) = control {

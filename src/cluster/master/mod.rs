@@ -261,6 +261,8 @@ struct Master<'a> {
     upgrade_queued: bool,
     /// This master was started by a binary upgrade.
     upgraded: Option<upgrade::Upgraded>,
+    /// The new master this one handed over to (its [`Report`] says so).
+    handed_over_to: Option<u32>,
     /// The listeners came from systemd's socket activation (said to a new
     /// master).
     listeners_from_systemd: bool,

@@ -9,6 +9,14 @@
 //! it), if `WATCHDOG_PID` is unset or is the master's pid. Sends never
 //! block; a failed one is logged once and is not fatal.
 //!
+//! In a binary upgrade (upgrade.rs) the old master is the service's main
+//! process until the hand-over, where it says `MAINPID=<new>` and nothing
+//! more. The new master sends nothing at all (no status, no watchdog, no
+//! `STOPPING=1` if it fails) until it has said `ready` to the old master;
+//! then `MAINPID=<self>` with its `READY=1` (or its `STOPPING=1`). If the
+//! upgrade fails after that `ready`, the old master says `MAINPID=<self>`
+//! again.
+//!
 //! **Down, from the workers** (spawn mode, when
 //! [`ClusterBuilder::worker_notify`] is on): each worker started gets a
 //! `NOTIFY_SOCKET` of its own, a datagram socket the master owns. A
@@ -129,6 +137,16 @@ impl Notify {
         }
     }
 
+    /// The old master when an upgrade fails after its new master said
+    /// `ready` (and may have told the service manager `MAINPID=<new>`,
+    /// accepted with `NotifyAccess=all`): the main process is this one
+    /// again.
+    pub(super) fn reclaim_mainpid(&mut self, own: u32) {
+        if let Some(up) = self.up.as_mut() {
+            up.send(&format!("MAINPID={own}"));
+        }
+    }
+
     /// When the loop must next wake for the watchdog.
     pub(super) fn wake_at(&self) -> Option<Instant> {
         self.up.as_ref()?.watchdog.map(|(_, at)| at)
@@ -239,6 +257,13 @@ impl Master<'_> {
         if self.notify.up.is_none() {
             return;
         }
+        // A binary upgrade's new master sends nothing at all before it
+        // said `ready` to its old master, the service's main process
+        // until then: under `NotifyAccess=all` its `STOPPING=1` (a new
+        // master that fails) would stop the whole service.
+        if self.upgraded.as_ref().is_some_and(|u| !u.in_charge()) {
+            return;
+        }
         let instances = self.cluster.instances as usize;
         let mut ready = 0;
         let mut live = 0;
@@ -275,6 +300,11 @@ impl Master<'_> {
         let next = match up.phase {
             Phase::Stopping => Phase::Stopping,
             _ if stopping => {
+                // In charge but not announced yet: the main process is
+                // this one.
+                if let Some(pid) = up.mainpid.take() {
+                    message.push_str(&format!("MAINPID={pid}\n"));
+                }
                 message.push_str("STOPPING=1\n");
                 Phase::Stopping
             }
@@ -292,9 +322,9 @@ impl Master<'_> {
             }
             p => p,
         };
-        // A binary upgrade's new master keeps quiet until it is ready and
-        // takes over as the main process: its old master still speaks
-        // for the service.
+        // A binary upgrade's new master in charge says nothing before its
+        // `MAINPID=` (with `READY=1`, or with `STOPPING=1`): a reload
+        // right at the take-over defers it.
         if up.mainpid.is_some() && next == Phase::Starting {
             return;
         }

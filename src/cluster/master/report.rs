@@ -232,6 +232,9 @@ pub struct Report {
     pub failed_slots: Vec<u32>,
     /// Workers killed with `SIGKILL` at a deadline (grace, drain, ready, hang).
     pub killed: u32,
+    /// The master ended by a binary upgrade: the pid of the new master it
+    /// handed over to (which serves on). `None` for any other end.
+    pub upgraded_to: Option<u32>,
 }
 
 impl Report {
@@ -245,9 +248,14 @@ impl Report {
 
 /// One line for an operator: `clean shutdown (2 restarts, 0 killed)`,
 /// `unclean shutdown: worker 1 never became ready (...)`, or
-/// `every worker slot was given up after crash loops (...)`.
+/// `every worker slot was given up after crash loops (...)`; after a
+/// binary upgrade's hand-over it begins `upgraded: new master pid N took
+/// over; ` (then how the old workers' drain went).
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(pid) = self.upgraded_to {
+            write!(f, "upgraded: new master pid {pid} took over; ")?;
+        }
         match self.outcome {
             Outcome::Clean => f.write_str("clean shutdown")?,
             Outcome::Unclean => f.write_str("unclean shutdown")?,

@@ -122,6 +122,7 @@ impl Master<'_> {
                 fds.extend(c.poll_fds());
             }
             let metrics_at = fds.len();
+            let metrics_accepting = self.metrics.as_ref().is_some_and(MetricsServer::accepting);
             if let Some(m) = &self.metrics {
                 fds.extend(m.poll_fds());
             }
@@ -145,7 +146,8 @@ impl Master<'_> {
             if let Some(m) = self.metrics.as_mut() {
                 // Never waits either (see `metrics/`).
                 let cluster = &self.cluster;
-                m.serve(ready[metrics_at], || {
+                let listener_ready = metrics_accepting && ready.get(metrics_at).copied().unwrap_or(false);
+                m.serve(listener_ready, || {
                     let segment = &cluster.segment;
                     let bridge_hosts = crate::cluster::bridge_index(segment)
                         .map(|_| segment.control().bridge_hosts.load(Relaxed));
@@ -200,7 +202,7 @@ impl Master<'_> {
         Ok(())
     }
 
-    fn reap(&mut self) -> io::Result<()> {
+    pub(super) fn reap(&mut self) -> io::Result<()> {
         while let Some((pid, status)) = proc::reap_any()? {
             if let Some(slot) = self.slots.iter().position(|s| s.pid == Some(pid)) {
                 self.worker_exited(slot as u32, status);

@@ -20,28 +20,38 @@
 //!
 //!    Only those descriptors lose `FD_CLOEXEC`, in the child between fork
 //!    and exec (`dup2` into place); every other descriptor of the master
-//!    is close-on-exec. The old master stops accepting on the control
-//!    socket (the new master accepts on it), so a client reaches one
-//!    master.
+//!    is close-on-exec. The old master goes on accepting on the control
+//!    socket and serving its metrics endpoint until the hand-over: it is
+//!    the one in charge until then (a `stop` it gets abandons the
+//!    upgrade: the new master is killed as on failure, and the old one
+//!    shuts down as usual).
 //! 2. The **new master** (the program's `main` runs again; the builder
 //!    finds [`MARKER`]) adopts the sockets instead of binding
 //!    (`Listeners::adopt`: matched to its own, possibly changed,
 //!    configuration by name and address), creates its own segment and
-//!    starts its own workers. Once every instance has a ready worker it
-//!    writes `ready pid=<pid>` on the pipe (and, under systemd,
-//!    `MAINPID=<pid>` + `READY=1`).
-//! 3. The old master then hands over: it tells `upgrade` clients
+//!    starts its own workers. It accepts no control client and no
+//!    metrics scrape (the sockets are shared: the old master answers
+//!    them) and says nothing to systemd until, once every instance has a
+//!    ready worker, it writes `ready pid=<pid>` on the pipe; from then on
+//!    it accepts on both sockets (and, under systemd, says `MAINPID=<pid>`
+//!    and `READY=1`). A master shutting down never says `ready`: it says
+//!    `err` instead.
+//! 3. The old master then confirms: the new master must still run
+//!    [`CONFIRM`] after its `ready` (one that said it and died is a
+//!    failure). It then hands over: it tells `upgrade` clients
 //!    `upgraded pid=<new>`, tells systemd `MAINPID=<new>` and nothing
 //!    more, accepts no more control clients, closes its metrics endpoint,
 //!    and shuts down as on `SIGTERM` (its workers stop accepting and
 //!    finish the requests in flight), without removing the socket files
-//!    it handed over. It exits 0.
+//!    it handed over. It exits 0; its [`Report`](super::Report) and the
+//!    `exited` line to `wait` clients name the new master
+//!    (`upgraded_to`).
 //! 4. If instead the pipe says `err <reason>` (the new master could not
 //!    start), closes without `ready` (it exited, or could not execute),
-//!    the new master is reaped, or it is not ready within the ready
-//!    timeout, the old master kills it (`SIGKILL`; its workers die with
-//!    it: they are its children, with `PR_SET_PDEATHSIG`), accepts on the
-//!    control socket again, reports the failure (event, stderr, `err
+//!    the new master is reaped (even after `ready`), or it is not ready
+//!    within the ready timeout, the old master kills it (`SIGKILL`; its
+//!    workers die with it: they are its children, with
+//!    `PR_SET_PDEATHSIG`), reports the failure (event, stderr, `err
 //!    upgrade failed: <reason>` to `upgrade` clients) and keeps serving.
 //! 5. The new master's parent is the old master; once that is gone (its
 //!    parent pid changes), it owns the socket files: the control socket's
@@ -304,7 +314,17 @@ pub(super) struct UpgradeRun {
     /// When the pipe reached end-of-file (the new master closed it or
     /// exited), if it did.
     eof_at: Option<Instant>,
+    /// When the new master said `ready`: the hand-over follows at
+    /// [`CONFIRM`] after it if the new master still runs.
+    ready_at: Option<Instant>,
 }
+
+/// How long a new master must still run after it said `ready` before the
+/// old master hands over: one that says it and dies at once (a broken
+/// build that fails right after start-up) is a failed upgrade, not a
+/// cluster left with nobody serving. The old master checks it was not
+/// reaped after this delay, so a death that fast is always seen.
+pub(super) const CONFIRM: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How long after its pipe's end-of-file a new master that said nothing
 /// has to be reaped, so that the failure names its exit status.
@@ -327,6 +347,8 @@ pub(super) struct Upgraded {
     rename_control_to: Option<PathBuf>,
     /// The old master is gone and the files are ours.
     settled: bool,
+    /// `ready` was said: this master is the one in charge.
+    in_charge: bool,
 }
 
 impl Upgraded {
@@ -336,12 +358,21 @@ impl Upgraded {
             ready,
             rename_control_to,
             settled: false,
+            in_charge: false,
         }
     }
 
     /// The descriptors a forked worker must close.
     pub(super) fn raw_fds(&self) -> Vec<RawFd> {
         self.ready.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+
+    /// Whether this master has said `ready`: from then on it is the one
+    /// in charge, and speaks to systemd; before (and if it never does), it
+    /// sends nothing there, not even `STOPPING=1`: the old master is the
+    /// service's main process.
+    pub(super) fn in_charge(&self) -> bool {
+        self.in_charge
     }
 }
 
@@ -437,9 +468,9 @@ impl Master<'_> {
             Some(child) => {
                 drop(ready_write);
                 let pid = child.pid();
-                if let Some(c) = self.control.as_mut() {
-                    c.set_accepting(false);
-                }
+                // The control socket and the metrics endpoint stay this
+                // master's until the hand-over (the new one does not
+                // accept on them before it is ready).
                 self.upgrade = Some(UpgradeRun {
                     pid,
                     ready: ready_read,
@@ -447,6 +478,7 @@ impl Master<'_> {
                     deadline: Instant::now() + self.opts.ready_timeout,
                     reaped: None,
                     eof_at: None,
+                    ready_at: None,
                 });
                 eprintln!(
                     "shmcluster: upgrade: started new master pid {pid} from {}",
@@ -490,23 +522,47 @@ impl Master<'_> {
             }
         }
         let now = Instant::now();
-        if let Some(end) = run.got.iter().position(|&b| b == b'\n') {
+        let line_end = run.got.iter().position(|&b| b == b'\n');
+        if verdict.is_some() {
+            // Already judged (the pipe broke).
+        } else if let Some(end) = line_end {
             let line = String::from_utf8_lossy(&run.got[..end]).into_owned();
-            verdict = Some(match line.strip_prefix("err ") {
-                Some(reason) => Err(format!("the new master could not start: {reason}")),
-                None if line.starts_with("ready") => Ok(()),
-                None => Err(format!("the new master said {line:?}")),
-            });
+            match line.strip_prefix("err ") {
+                Some(reason) => verdict = Some(Err(format!("the new master could not start: {reason}"))),
+                // A reaped new master is never in charge.
+                None if line.starts_with("ready") => match &run.reaped {
+                    Some(how) => verdict = Some(Err(format!("the new master {how} after it said ready"))),
+                    None => {
+                        let at = *run.ready_at.get_or_insert(now);
+                        if now >= at + CONFIRM {
+                            verdict = Some(Ok(()));
+                        }
+                    }
+                },
+                None => verdict = Some(Err(format!("the new master said {line:?}"))),
+            }
         } else if let Some(how) = &run.reaped {
             verdict = Some(Err(format!("the new master {how} before it was ready")));
         } else if run.eof_at.is_some_and(|t| now >= t + EOF_GRACE) {
             verdict = Some(Err("the new master closed its pipe before it was ready".into()));
         }
-        if verdict.is_none() && now >= run.deadline {
+        if verdict.is_none() && run.ready_at.is_none() && now >= run.deadline {
             verdict = Some(Err(format!(
                 "the new master was not ready within {:?} (the ready timeout)",
                 self.opts.ready_timeout
             )));
+        }
+        if verdict == Some(Ok(())) {
+            // Its end may be pending: reaped now (`reaped_other` then
+            // fails the upgrade), it is a failure.
+            if let Err(e) = self.reap() {
+                eprintln!("shmcluster: upgrade: waitpid: {e}");
+            }
+            match self.upgrade.as_ref().map(|r| r.reaped.clone()) {
+                None => return,
+                Some(Some(how)) => verdict = Some(Err(format!("the new master {how} after it said ready"))),
+                Some(None) => {}
+            }
         }
         if let Some(v) = verdict {
             self.finish_upgrade(v);
@@ -515,9 +571,10 @@ impl Master<'_> {
 
     /// When the loop must next look at the upgrade (its deadline).
     pub(super) fn upgrade_wake_at(&self) -> Option<Instant> {
-        self.upgrade
-            .as_ref()
-            .map(|r| r.eof_at.map_or(r.deadline, |t| r.deadline.min(t + EOF_GRACE)))
+        self.upgrade.as_ref().map(|r| match r.ready_at {
+            Some(at) => at + CONFIRM,
+            None => r.eof_at.map_or(r.deadline, |t| r.deadline.min(t + EOF_GRACE)),
+        })
     }
 
     /// A reaped child that is no worker: the new master, if it is ours.
@@ -552,6 +609,7 @@ impl Master<'_> {
                 // Scrapes go to the new master now.
                 self.metrics = None;
                 self.notify.hand_over(pid);
+                self.handed_over_to = Some(pid);
                 self.begin_shutdown();
             }
             Err(reason) => {
@@ -559,28 +617,47 @@ impl Master<'_> {
                     // Its workers die with it (PR_SET_PDEATHSIG).
                     let _ = proc::send_signal(pid, signal::SIGKILL);
                 }
+                if run.got.starts_with(b"ready") {
+                    // It may have claimed the service as it said `ready`.
+                    self.notify.reclaim_mainpid(self.master_pid);
+                }
                 eprintln!("shmcluster: upgrade failed: {reason}; the old master keeps serving");
                 self.publish(EventKind::UpgradeFinished { pid, ok: false }, u32::MAX);
                 if let Some(c) = self.control.as_mut() {
                     c.upgrade_finished(&upgrade_line(pid, Some(&reason)));
-                    c.set_accepting(true);
                 }
             }
         }
     }
 
     /// Once per loop turn in a new master: says `ready` to the old master
-    /// once every instance is ready, and takes the socket files over once
-    /// the old master is gone.
+    /// once every instance is ready (and from then on accepts control
+    /// clients and metrics scrapes: it is the one in charge), or `err` if
+    /// it is shutting down first; takes the socket files over once the old
+    /// master is gone.
     pub(super) fn step_upgraded(&mut self) {
         let all_ready = self.every_instance_ready();
+        let stopping = self.shutdown_deadline.is_some();
         let Some(up) = self.upgraded.as_mut() else {
             return;
         };
-        if up.ready.is_some() && all_ready {
+        if up.ready.is_some() && (all_ready || stopping) {
             if let Some(ready) = up.ready.take() {
-                let line = format!("ready pid={}\n", self.master_pid);
-                proc::write_all_raw(ready.as_fd(), line.as_bytes());
+                if stopping {
+                    // Never `ready` while shutting down: the old master
+                    // would hand over to a master that is going away.
+                    report_error(&ready, "the new master was shut down before it was ready");
+                } else {
+                    if let Some(c) = self.control.as_mut() {
+                        c.set_accepting(true);
+                    }
+                    if let Some(m) = self.metrics.as_mut() {
+                        m.set_accepting(true);
+                    }
+                    let line = format!("ready pid={}\n", self.master_pid);
+                    proc::write_all_raw(ready.as_fd(), line.as_bytes());
+                    up.in_charge = true;
+                }
             }
         }
         if up.settled || proc::parent_pid() == up.old_pid {
@@ -604,7 +681,7 @@ impl Master<'_> {
     /// shutdown waits for nothing of it, but `upgrade` clients are told.
     pub(super) fn abandon_upgrade(&mut self) {
         if self.upgrade.is_some() {
-            self.finish_upgrade(Err("the old master is shutting down".into()));
+            self.finish_upgrade(Err("stopped (the old master is shutting down)".into()));
         }
     }
 }

@@ -89,6 +89,10 @@ pub(crate) struct MetricsServer {
     events: EventCounts,
     started: Instant,
     last: Option<Rendering>,
+    /// Whether new connections are accepted: not in a binary upgrade's
+    /// new master before it is ready (the old master, which shares the
+    /// listening socket, answers scrapes until the hand-over).
+    accepting: bool,
 }
 
 /// The last rendering: the whole `GET` response, the `HEAD` one, and when
@@ -128,12 +132,15 @@ impl MetricsServer {
             events: EventCounts::default(),
             started: Instant::now(),
             last: None,
+            accepting: true,
         })
     }
 
     /// A binary upgrade's new master: serves the listening socket `handed`
     /// its old master handed over if it is bound to `addr` (the same IP,
-    /// and the same port unless port 0 is asked for); else binds `addr` as
+    /// and the same port unless port 0 is asked for), but accepts on it
+    /// only once [`MetricsServer::set_accepting`] (the old master answers
+    /// scrapes until the new one is ready); else binds `addr` as
     /// [`MetricsServer::bind`] does (and `handed` is closed).
     ///
     /// # Errors
@@ -160,7 +167,20 @@ impl MetricsServer {
             events: EventCounts::default(),
             started: Instant::now(),
             last: None,
+            accepting: false,
         })
+    }
+
+    /// Starts (`true`) or stops accepting connections; those open are
+    /// served either way.
+    pub(crate) fn set_accepting(&mut self, yes: bool) {
+        self.accepting = yes;
+    }
+
+    /// Whether it accepts connections: the master passes the listening
+    /// socket's readiness to [`MetricsServer::serve`] only then.
+    pub(crate) fn accepting(&self) -> bool {
+        self.accepting
     }
 
     /// The listening socket, to hand to a new master.
@@ -174,16 +194,22 @@ impl MetricsServer {
     }
 
     /// What the master's `poll(2)` should watch: the listening socket
-    /// first, then every connection.
+    /// first if it [`accepts`](MetricsServer::accepting), then every
+    /// connection.
     pub(crate) fn poll_fds(&self) -> Vec<BorrowedFd<'_>> {
-        let mut fds = vec![self.listener.as_fd()];
+        let mut fds = Vec::new();
+        if self.accepting {
+            fds.push(self.listener.as_fd());
+        }
         fds.extend(self.conns.iter().map(|c| c.stream.as_fd()));
         fds
     }
 
     /// Every descriptor it holds, for a forked child to close.
     pub(crate) fn raw_fds(&self) -> Vec<RawFd> {
-        self.poll_fds().iter().map(|fd| fd.as_raw_fd()).collect()
+        let mut fds = vec![self.listener.as_raw_fd()];
+        fds.extend(self.conns.iter().map(|c| c.stream.as_raw_fd()));
+        fds
     }
 
     /// When the loop must look again even if nothing is readable: a
@@ -215,7 +241,7 @@ impl MetricsServer {
         snapshot: impl FnOnce() -> (ClusterStats, Option<u32>),
     ) {
         let now = Instant::now();
-        if listener_ready {
+        if listener_ready && self.accepting {
             self.accept(now);
         }
         for c in &mut self.conns {
