@@ -230,6 +230,14 @@ impl Handed {
                 return Err(format!("{MARKER}: descriptor {n} overlaps another handed one"));
             }
         }
+        // Not the pipe (the program closed or reused its low descriptors
+        // before it got here): leave that descriptor alone.
+        if !sys::fd::is_fifo_raw(marker.ready) {
+            return Err(format!(
+                "{MARKER}: descriptor {} is not the ready pipe",
+                marker.ready
+            ));
+        }
         let ready = adopt(marker.ready, "ready pipe")?;
         let control = match marker.control {
             Some((fd, path)) => Some((adopt(fd, "control socket")?, path)),
