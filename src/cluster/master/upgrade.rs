@@ -323,6 +323,13 @@ impl UpgradeRun {
     pub(super) fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.eof_at.is_none().then(|| self.ready.as_fd())
     }
+
+    /// The pipe's read end, for a forked worker to close: it stays open
+    /// as long as the run (also during [`EOF_GRACE`], when [`Self::fd`]
+    /// no longer names it), and a worker must not keep it for its life.
+    pub(super) fn raw_fd_to_close(&self) -> RawFd {
+        self.ready.as_raw_fd()
+    }
 }
 
 /// A new master's record of the master it took over from.
@@ -735,6 +742,28 @@ mod tests {
             got.extend_from_slice(&buf[..n]);
         }
         assert_eq!(String::from_utf8_lossy(&got), "err bad command\n");
+    }
+
+    /// After the pipe's end-of-file the loop no longer polls it, but it
+    /// is still open (for [`EOF_GRACE`]): a worker forked meanwhile must
+    /// still be told to close it.
+    #[test]
+    fn the_pipe_is_closed_in_workers_also_after_its_end_of_file() {
+        let (read, _write) = proc::pipe_cloexec().unwrap();
+        let raw = read.as_raw_fd();
+        let mut run = UpgradeRun {
+            pid: 1,
+            ready: read,
+            got: Vec::new(),
+            deadline: Instant::now(),
+            reaped: None,
+            eof_at: None,
+        };
+        assert_eq!(run.fd().map(|fd| fd.as_raw_fd()), Some(raw));
+        assert_eq!(run.raw_fd_to_close(), raw);
+        run.eof_at = Some(Instant::now());
+        assert!(run.fd().is_none(), "not polled after end-of-file");
+        assert_eq!(run.raw_fd_to_close(), raw, "but still closed in a forked worker");
     }
 
     #[test]
