@@ -594,6 +594,11 @@ impl Master<'_> {
         };
         if up.ready.is_some() && all_ready {
             if let Some(ready) = up.ready.take() {
+                // The handed sockets it has no instance for leave their
+                // port's SO_REUSEPORT group (for the old master too).
+                if let Err(e) = self.cluster.listeners.borrow_mut().stop_surplus() {
+                    eprintln!("shmcluster: upgrade: cannot stop a surplus listening socket: {e}");
+                }
                 let line = format!("ready pid={}\n", self.master_pid);
                 proc::write_all_raw(ready.as_fd(), line.as_bytes());
             }
