@@ -6,9 +6,14 @@
 //!
 //! 1. On `SIGUSR2` or the control request `upgrade`, the **old master**
 //!    forks a child that executes the master's program as it is now on
-//!    disk (the path [`std::env::current_exe`] named at start-up: after a
-//!    replace-by-rename, `/proc/self/exe` names the old, deleted inode),
-//!    with the same arguments and environment, plus:
+//!    disk: the path it was started by, recorded at start-up with its
+//!    symlinks (`argv[0]`, made absolute against the start-up directory,
+//!    or found in `PATH`; see [`Program`]), so that a replace-by-rename
+//!    and a switched `current -> releases/N` symlink both get the new
+//!    build (`/proc/self/exe` names the old inode). It has the same
+//!    arguments and environment and starts in the start-up directory if
+//!    that still exists (else in the old master's, which may be a deleted
+//!    release directory), plus:
 //!    - its listening sockets as `LISTEN_FDS`/`LISTEN_FDNAMES` from fd 3
 //!      (every inherited listener's sockets, a `ReusePort` listener's one
 //!      per instance under one name; then the sockets bound on workers'
@@ -20,7 +25,9 @@
 //!
 //!    Only those descriptors lose `FD_CLOEXEC`, in the child between fork
 //!    and exec (`dup2` into place); every other descriptor of the master
-//!    is close-on-exec. The old master stops accepting on the control
+//!    is close-on-exec. Everything the child does is planned before the
+//!    fork ([`sys::exec::ExecPlan`]): it makes only async-signal-safe
+//!    calls, as a child of a master whose user code may run threads must. The old master stops accepting on the control
 //!    socket (the new master accepts on it), so a client reaches one
 //!    master.
 //! 2. The **new master** (the program's `main` runs again; the builder
