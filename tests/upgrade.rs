@@ -9,6 +9,16 @@
 //!   another inode, which each answer names as `build <inode of
 //!   /proc/self/exe>`) renamed over it, then `SIGUSR2`. The old master
 //!   exits 0, the new one (another pid) answers with the new build.
+//! - **a switched `current` symlink** (Capistrano-style deploys): fork
+//!   mode started as `./current/server` with `current -> rel1`; `current`
+//!   switched to `rel2`, then `SIGUSR2`: the new master runs rel2's
+//!   build (the program path as invoked, symlinks kept, not
+//!   `/proc/self/exe`'s).
+//! - **fewer `ReusePort` instances** (3 -> 1, the new build a script that
+//!   starts the program with `--workers 1`): under `wrk`, no socket
+//!   error through the upgrade and the old master's drain: the two
+//!   surplus sockets leave the port's group when the new master is
+//!   ready, so no connection waits on a socket nobody accepts on.
 //! - **spawn mode**: `shmcluster run` (a copy, replaced on disk the same
 //!   way) with a Python worker (`WORKER`, stdlib only, ready by sd_notify
 //!   `READY=1`) rewritten on disk to answer `version v2`; `shmcluster
@@ -71,6 +81,16 @@ const SCENARIOS: &[Scenario] = &[
         name: "fork_mode_reuseport_sigusr2_under_wrk",
         timeout: Duration::from_secs(90),
         run: fork_mode_reuseport_sigusr2_under_wrk,
+    },
+    Scenario {
+        name: "fork_mode_follows_a_switched_current_symlink",
+        timeout: Duration::from_secs(60),
+        run: fork_mode_follows_a_switched_current_symlink,
+    },
+    Scenario {
+        name: "fewer_reuseport_instances_drop_nothing_under_wrk",
+        timeout: Duration::from_secs(90),
+        run: fewer_reuseport_instances_drop_nothing_under_wrk,
     },
     Scenario {
         name: "spawn_mode_upgrade_wait_under_wrk",
@@ -486,6 +506,161 @@ fn fork_mode_under_wrk(reuseport: bool) -> Check {
         log.contains("upgrade finished: ok"),
         "no `upgrade finished: ok` event in:\n{log}"
     );
+    no_process_left(old_pid)
+}
+
+/// Started through a `current` symlink, upgraded after the symlink was
+/// switched to another release: the new master executes that release.
+fn fork_mode_follows_a_switched_current_symlink() -> Check {
+    become_subreaper()?;
+    let dir = common::tmp();
+    let example = built_example("http_cluster")?;
+    let mut builds = Vec::new();
+    for (rel, tag) in [("rel1", ""), ("rel2", "\nrelease 2\n")] {
+        std::fs::create_dir_all(dir.join(rel)).map_err(|e| e.to_string())?;
+        builds.push(install(&example, &dir.join(rel).join("server"), tag)?);
+    }
+    let (first_build, new_build) = (builds[0], builds[1]);
+    ensure!(first_build != new_build, "two releases, one inode");
+    let current = dir.join("current");
+    let _ = std::fs::remove_file(&current);
+    std::os::unix::fs::symlink("rel1", &current).map_err(|e| e.to_string())?;
+    // As a deploy starts it: from the application's directory, by the
+    // symlink's path.
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg("cd \"$1\" && exec ./current/server --workers 2 --listen 127.0.0.1:0 --quiet")
+        .arg("sh")
+        .arg(&dir)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("/bin/sh: {e}"))?;
+    let old_pid = child.id();
+    let lines = banners(child.stdout.take().ok_or("no stdout")?);
+    let log = read_all(child.stderr.take());
+    let master = Cluster::adopt(child);
+    let (addr, pid) = lines
+        .recv_timeout(Duration::from_secs(20))
+        .map_err(|_| "the master named no address in 20 s")?;
+    ensure!(pid == old_pid, "banner pid {pid}, spawned {old_pid}");
+    let before = curl(&addr)?;
+    ensure!(
+        number_after(&before, "build")? == first_build,
+        "{before:?} is not from rel1 ({first_build})"
+    );
+    // The deploy: `current` switched to rel2 by rename.
+    let staged = dir.join("current.new");
+    let _ = std::fs::remove_file(&staged);
+    std::os::unix::fs::symlink("rel2", &staged).map_err(|e| e.to_string())?;
+    std::fs::rename(&staged, &current).map_err(|e| e.to_string())?;
+    master.signal(Signal::SIGUSR2)?;
+    let (_, new_pid) = lines
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|_| "no new master named itself within 30 s of SIGUSR2")?;
+    ensure!(new_pid != old_pid && new_pid != 0, "new master pid {new_pid}");
+    let status = master.wait(Duration::from_secs(30));
+    MASTER.store(old_pid as i32, Ordering::Release);
+    let (status, _) = status?;
+    ensure!(status.success(), "the old master exited {status}");
+    for _ in 0..5 {
+        let body = curl(&addr)?;
+        ensure!(
+            number_after(&body, "build")? == new_build,
+            "{body:?} is not from rel2 ({new_build}; rel1 is {first_build})"
+        );
+    }
+    let exe_ino = std::fs::metadata(format!("/proc/{new_pid}/exe"))
+        .map_err(|e| e.to_string())?
+        .ino();
+    ensure!(
+        exe_ino == new_build,
+        "the new master runs inode {exe_ino}, not rel2's {new_build}"
+    );
+    println!("    current symlink: master {old_pid} (rel1, {first_build}) -> {new_pid} (rel2, {new_build})");
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
+    let code = wait_pid(new_pid, Duration::from_secs(20))?;
+    ensure!(code == 0, "the new master exited {code} after SIGTERM");
+    drop(join(log)?);
+    no_process_left(old_pid)
+}
+
+/// A new configuration with fewer `ReusePort` instances: the surplus
+/// handed sockets stop listening once the new master is ready, so under
+/// `wrk` no connection is hashed to a socket nobody accepts on (it would
+/// be reset when the old master exits).
+fn fewer_reuseport_instances_drop_nothing_under_wrk() -> Check {
+    become_subreaper()?;
+    let dir = common::tmp();
+    let example = built_example("http_cluster")?;
+    let real = dir.join("server-real");
+    install(&example, &real, "")?;
+    let program = dir.join("server");
+    install(&example, &program, "")?;
+    let mut child = Command::new(&program)
+        .args([
+            "--workers",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+            "--quiet",
+            "--reuseport",
+        ])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", program.display()))?;
+    let old_pid = child.id();
+    let lines = banners(child.stdout.take().ok_or("no stdout")?);
+    let log = read_all(child.stderr.take());
+    let master = Cluster::adopt(child);
+    let (addr, _) = lines
+        .recv_timeout(Duration::from_secs(20))
+        .map_err(|_| "the master named no address in 20 s")?;
+    curl(&addr)?;
+
+    const SECS: u32 = 6;
+    let load = Load::start(&addr, SECS)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    // The new build: one instance now.
+    write_by_rename(
+        &program,
+        &format!(
+            "#!/bin/sh\nexec '{}' --workers 1 --listen 127.0.0.1:0 --quiet --reuseport\n",
+            real.display()
+        ),
+    )?;
+    std::fs::set_permissions(&program, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| e.to_string())?;
+    master.signal(Signal::SIGUSR2)?;
+    let (new_addr, new_pid) = lines
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|_| "no new master named itself within 30 s of SIGUSR2")?;
+    ensure!(
+        new_addr == addr,
+        "the new master listens on {new_addr}, not {addr}"
+    );
+    let status = master.wait(Duration::from_secs(30));
+    MASTER.store(old_pid as i32, Ordering::Release);
+    let (status, _) = status?;
+    ensure!(status.success(), "the old master exited {status}");
+    let run = load.finish(SECS)?;
+    for _ in 0..10 {
+        curl(&addr)?;
+    }
+    println!(
+        "    reuseport 3 -> 1 instances: wrk {} requests through SIGUSR2 and the drain, socket errors {:?}, \
+         non-2xx {}; master {old_pid} -> {new_pid}",
+        run.requests, run.socket_errors, run.non_2xx
+    );
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
+    let code = wait_pid(new_pid, Duration::from_secs(20))?;
+    ensure!(code == 0, "the new master exited {code} after SIGTERM");
+    drop(join(log)?);
     no_process_left(old_pid)
 }
 

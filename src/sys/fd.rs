@@ -75,19 +75,41 @@ pub unsafe fn adopt_fd(raw: RawFd) -> io::Result<OwnedFd> {
 
 /// `write(2)` of `bytes` (once; errors ignored) to the descriptor number
 /// `raw` that this process inherited and does not own as an `OwnedFd`
-/// (a binary upgrade's pipe, named in the environment), if it is open
-/// (`fcntl(2)` `F_GETFD`). A number that is not open is left alone.
-pub fn write_to_inherited(raw: RawFd, bytes: &[u8]) {
-    // SAFETY: F_GETFD only reads the descriptor table; an invalid number
-    // yields EBADF and no side effect.
-    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
-        return;
+/// (a binary upgrade's pipe, named in the environment), if it is a pipe
+/// (`fstat(2)`: a FIFO). Returns whether it wrote.
+///
+/// A number that is not open, or is open on anything else, is left alone
+/// (and said so once on stderr): a program that closed or reused its low
+/// descriptors before it got here must not get a line written into some
+/// other file or socket.
+pub fn write_to_inherited(raw: RawFd, bytes: &[u8]) -> bool {
+    if !is_fifo_raw(raw) {
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("shmcluster: descriptor {raw} is not the inherited pipe; not writing to it");
+        }
+        return false;
     }
-    // SAFETY: `raw` is open (checked just above) and is only borrowed for
-    // this one write, during which nothing in this single-threaded start-up
-    // closes it.
+    // SAFETY: `raw` is open (fstat succeeded just above) and is only
+    // borrowed for this one write, during which nothing in this
+    // single-threaded start-up closes it.
     let fd = unsafe { BorrowedFd::borrow_raw(raw) };
     let _ = nix::unistd::write(fd, bytes);
+    true
+}
+
+/// `fstat(2)` on descriptor number `raw`: whether it is open on a pipe
+/// (a FIFO). `false` when it is not open.
+pub fn is_fifo_raw(raw: RawFd) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a `struct stat` into the buffer it is given,
+    // which is large enough; an invalid number is EBADF and writes nothing.
+    if unsafe { libc::fstat(raw, st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstat succeeded, so it filled the buffer.
+    let st = unsafe { st.assume_init() };
+    st.st_mode & libc::S_IFMT == libc::S_IFIFO
 }
 
 /// `fcntl(2)` `F_SETFD`: sets or clears `FD_CLOEXEC` on `fd`.
@@ -225,6 +247,42 @@ mod tests {
         set_cloexec(a.as_fd(), true).unwrap();
         assert!(is_cloexec(a.as_fd()).unwrap());
         assert!(is_cloexec_raw(a.as_raw_fd()).unwrap());
+    }
+
+    /// The ready line goes to a pipe, never into whatever file or socket
+    /// reused the number.
+    #[test]
+    fn write_to_inherited_writes_only_to_a_pipe() {
+        let (read, write) = crate::sys::process::pipe_cloexec().unwrap();
+        assert!(write_to_inherited(write.as_raw_fd(), b"ready\n"));
+        let mut buf = [0u8; 16];
+        let n = crate::sys::process::read_raw(read.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"ready\n");
+
+        let path = std::env::temp_dir().join(format!("shmcluster-fifo-test-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(!write_to_inherited(file.as_raw_fd(), b"ready\n"));
+        assert_eq!(
+            file.metadata().unwrap().len(),
+            0,
+            "nothing written into a regular file"
+        );
+
+        let (a, b) = seqpacket_pair().unwrap();
+        assert!(!write_to_inherited(a.as_raw_fd(), b"ready\n"));
+        set_cloexec_nonblocking(b.as_fd()).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(
+            nix::unistd::read(b.as_fd(), &mut buf).is_err(),
+            "nothing sent on a socket"
+        );
+
+        // A closed number: nothing, and no panic.
+        let raw = read.as_raw_fd();
+        drop(read);
+        drop(write);
+        assert!(!write_to_inherited(raw, b"ready\n"));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! |---|---|
 //! | `fd` | descriptors: `fcntl(2)` flags, `dup2(2)`, `close(2)`, `poll(2)`, `ftruncate(2)`, `pread(2)`, `fstat(2)` |
 //! | `memfd` | the segment's file: `memfd_create(2)`, its seals, `mmap(2)` |
+//! | [`exec`] | `execve(2)` from a forked child, planned before the fork (async-signal-safe) |
 //! | `eventfd` | a slot's pollable wakeup: `eventfd(2)` |
 //! | [`futex`](futex_wait) | `futex(2)` wait and wake |
 //! | [`mutex`] | robust process-shared `pthread_mutex_t` |
@@ -24,6 +25,7 @@ use std::io;
 
 pub mod claim;
 mod eventfd;
+pub mod exec;
 pub mod fd;
 mod futex;
 mod memfd;

@@ -213,9 +213,17 @@ pub fn relisten(fd: BorrowedFd<'_>) -> io::Result<()> {
     listen(fd, DEFAULT_BACKLOG)
 }
 
-/// `getsockopt(2)` `SO_ACCEPTCONN`: whether `fd` is listening (tests
-/// only).
-#[cfg(test)]
+/// Whether `accept(2)`'s error `e` on `fd` says the socket stopped
+/// listening (`EINVAL`, and `SO_ACCEPTCONN` is off): the master stopped
+/// it ([`stop_listening`]: an instance given up, or a binary upgrade's
+/// new master that has no instance for it). Nothing will arrive on it;
+/// an accept loop waits for its stop instead of failing (which would end
+/// the worker and the connections it is serving).
+pub fn stopped_listening(e: &io::Error, fd: BorrowedFd<'_>) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL) && socket_is_listening(fd).is_ok_and(|on| !on)
+}
+
+/// `getsockopt(2)` `SO_ACCEPTCONN`: whether `fd` is listening.
 pub fn socket_is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(socket::getsockopt(&fd, sockopt::AcceptConn)?)
 }

@@ -94,15 +94,6 @@ pub fn exec(argv: &[CString], env: &[CString]) -> io::Error {
     }
 }
 
-/// `execve(2)` of the file at `path` (no `PATH` search) with `argv` and
-/// exactly `env`. Returns only on failure.
-pub fn exec_path(path: &std::ffi::CStr, argv: &[CString], env: &[CString]) -> io::Error {
-    match nix::unistd::execve(path, argv, env) {
-        Ok(never) => match never {},
-        Err(e) => e.into(),
-    }
-}
-
 /// `getppid(2)`: the parent's pid (1, or a subreaper's, once the parent
 /// died).
 pub fn parent_pid() -> u32 {

@@ -170,6 +170,12 @@ pub(crate) struct Listeners {
     /// to remove at its end: not while they were handed to a new master
     /// (binary upgrade), nor, in a new master, before the old one is gone.
     paths_handed: bool,
+    /// In a new master of a binary upgrade: handed `ReusePort` sockets
+    /// its configuration has no instance for (fewer instances, or the
+    /// listener is `Shared` now). The old master's workers still accept on
+    /// them; [`Listeners::stop_surplus`] takes them out of their port's
+    /// `SO_REUSEPORT` group once this master is ready.
+    surplus: Vec<OwnedFd>,
 }
 
 impl Listeners {
@@ -303,7 +309,37 @@ impl Listeners {
             .iter()
             .chain(&self.requested)
             .flat_map(|held| held.fds.iter().map(AsRawFd::as_raw_fd))
+            .chain(self.surplus.iter().map(AsRawFd::as_raw_fd))
             .collect()
+    }
+
+    /// In a new master of a binary upgrade, right before it says `ready`:
+    /// stops listening on the surplus handed sockets (`shutdown(2)`
+    /// `SHUT_RD`, see [`net::stop_listening`]) and closes them.
+    ///
+    /// The old master shares each of those socket objects, so the stop
+    /// takes them out of the port's `SO_REUSEPORT` group for both masters:
+    /// from then on the kernel spreads new connections over the sockets
+    /// this master kept (the old master's workers accept on those too
+    /// until they stop). Merely closing them here would leave them in the
+    /// group as long as the old master holds them: through its drain the
+    /// kernel would still hash connections to sockets nobody accepts on
+    /// any more, reset when it exits. Connections waiting in a surplus
+    /// socket's backlog at the instant of the stop are reset; the old
+    /// workers accept promptly, so that backlog is short. It is done at
+    /// `ready` and not at adoption, so that an upgrade that fails leaves
+    /// the old master every socket it serves on.
+    ///
+    /// # Errors
+    /// The first `shutdown(2)` error; every surplus socket is still closed.
+    pub(crate) fn stop_surplus(&mut self) -> io::Result<()> {
+        let mut result = Ok(());
+        for fd in self.surplus.drain(..) {
+            if let Err(e) = net::stop_listening(fd.as_fd()) {
+                result = result.and(Err(e));
+            }
+        }
+        result
     }
 
     /// The addresses the inherited listeners are bound to (port 0 resolved;
@@ -519,7 +555,10 @@ impl Listeners {
                     ListenMode::Shared => 1,
                     ListenMode::ReusePort => instances.max(1) as usize,
                 };
-                mine.truncate(want);
+                if mine.len() > want {
+                    // Stopped once this master is ready (stop_surplus).
+                    listeners.surplus.extend(mine.split_off(want));
+                }
                 // An instance given up after a crash loop had its own
                 // socket stopped (`retire_instance`): it still holds its
                 // port, and this master's instance of that index gets it,
@@ -909,6 +948,63 @@ mod tests {
         let again = opened_inode(new.open(&asked_port, ListenMode::Shared).unwrap());
         assert_eq!(again, requested);
         assert!(new.paths_handed, "files not the new master's yet");
+    }
+
+    /// A new master with fewer `ReusePort` instances stops listening on
+    /// the handed sockets it has no instance for, once ready: they leave
+    /// the port's group for the old master too, so no connection is
+    /// hashed to a socket nobody will accept on; every connection reaches
+    /// a kept socket. Also for a listener that became `Shared`.
+    #[test]
+    fn a_retired_instance_stops_listening_in_both_masters_after_an_upgrade() {
+        let spec = ListenSpec::new(tcp("127.0.0.1:0")).mode(ListenMode::ReusePort);
+        let old = Listeners::bind(std::slice::from_ref(&spec), 3).unwrap();
+        let old_fd = |i: u32| old.for_instance(i)[0].0;
+        for (new_spec, instances) in [(spec.clone(), 1), (ListenSpec::new(tcp("127.0.0.1:0")), 2)] {
+            for i in 0..3 {
+                net::relisten(old_fd(i)).unwrap();
+            }
+            let (handed, inherited) = received(&old);
+            let mut new = Listeners::adopt(
+                std::slice::from_ref(&new_spec),
+                instances,
+                handed,
+                inherited,
+                false,
+            )
+            .unwrap();
+            assert_eq!(inode(new.for_instance(0)[0].0), inode(old_fd(0)));
+            // The same socket object as the new master's instance 0's.
+            let kept = old_fd(0);
+            assert!(
+                net::socket_is_listening(old_fd(1)).unwrap(),
+                "still served by the old master until the new one is ready"
+            );
+            assert_eq!(new.all_fds().len(), 3, "a forked worker closes the surplus too");
+            new.stop_surplus().unwrap();
+            assert!(!net::socket_is_listening(old_fd(1)).unwrap(), "{new_spec:?}");
+            assert!(!net::socket_is_listening(old_fd(2)).unwrap(), "{new_spec:?}");
+            assert!(net::socket_is_listening(kept).unwrap());
+            assert_eq!(new.all_fds().len(), 1);
+
+            let addr = net::local_addr_tcp(kept).unwrap();
+            let socket = new.instance_listeners(0).unwrap().remove(0).into_tcp();
+            socket.set_nonblocking(true).unwrap();
+            const CONNECTS: usize = 32;
+            let clients: Vec<_> = (0..CONNECTS)
+                .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                .collect();
+            let mut accepted = 0;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while accepted < CONNECTS && Instant::now() < deadline {
+                while socket.accept().is_ok() {
+                    accepted += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(clients);
+            assert_eq!(accepted, CONNECTS, "every connection reaches the kept socket");
+        }
     }
 
     /// A socket stopped because its instance was given up listens again

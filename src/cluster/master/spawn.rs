@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering::*;
 use std::time::Instant;
 
 use super::notify::{WorkerNotifyEnv, MASTER_ONLY_VARS};
+use super::upgrade::UpgradeRun;
 use super::{BridgeConfig, Master, Mode};
 use crate::cluster::control::ControlServer;
 use crate::cluster::listen;
@@ -77,12 +78,7 @@ impl Master<'_> {
         close.extend(self.notify.raw_fds());
         // A binary upgrade's pipes (between the masters only).
         close.extend(self.upgraded.as_ref().map_or_else(Vec::new, |u| u.raw_fds()));
-        close.extend(
-            self.upgrade
-                .as_ref()
-                .and_then(|r| r.fd())
-                .map(|fd| fd.as_raw_fd()),
-        );
+        close.extend(self.upgrade.as_ref().map(UpgradeRun::raw_fd_to_close));
         let listeners = self.cluster.listeners.borrow();
         let mine: Vec<(BorrowedFd<'_>, &str)> = match bridge {
             Some(_) => Vec::new(),

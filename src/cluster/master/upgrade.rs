@@ -6,9 +6,14 @@
 //!
 //! 1. On `SIGUSR2` or the control request `upgrade`, the **old master**
 //!    forks a child that executes the master's program as it is now on
-//!    disk (the path [`std::env::current_exe`] named at start-up: after a
-//!    replace-by-rename, `/proc/self/exe` names the old, deleted inode),
-//!    with the same arguments and environment, plus:
+//!    disk: the path it was started by, recorded at start-up with its
+//!    symlinks (`argv[0]`, made absolute against the start-up directory,
+//!    or found in `PATH`; see [`Program`]), so that a replace-by-rename
+//!    and a switched `current -> releases/N` symlink both get the new
+//!    build (`/proc/self/exe` names the old inode). It has the same
+//!    arguments and environment and starts in the start-up directory if
+//!    that still exists (else in the old master's, which may be a deleted
+//!    release directory), plus:
 //!    - its listening sockets as `LISTEN_FDS`/`LISTEN_FDNAMES` from fd 3
 //!      (every inherited listener's sockets, a `ReusePort` listener's one
 //!      per instance under one name; then the sockets bound on workers'
@@ -20,11 +25,13 @@
 //!
 //!    Only those descriptors lose `FD_CLOEXEC`, in the child between fork
 //!    and exec (`dup2` into place); every other descriptor of the master
-//!    is close-on-exec. The old master goes on accepting on the control
-//!    socket and serving its metrics endpoint until the hand-over: it is
-//!    the one in charge until then (a `stop` it gets abandons the
-//!    upgrade: the new master is killed as on failure, and the old one
-//!    shuts down as usual).
+//!    is close-on-exec. Everything the child does is planned before the
+//!    fork ([`sys::exec::ExecPlan`]): it makes only async-signal-safe
+//!    calls, as a child of a master whose user code may run threads must.
+//!    The old master goes on accepting on the control socket and serving
+//!    its metrics endpoint until the hand-over: it is the one in charge
+//!    until then (a `stop` it gets abandons the upgrade: the new master is
+//!    killed as on failure, and the old one shuts down as usual).
 //! 2. The **new master** (the program's `main` runs again; the builder
 //!    finds [`MARKER`]) adopts the sockets instead of binding
 //!    (`Listeners::adopt`: matched to its own, possibly changed,
@@ -68,11 +75,11 @@
 //! sockets are shared. Applications that need mutual exclusion across the
 //! hand-over must take it outside the cluster (a file lock, the database).
 
-use std::ffi::{CString, OsString};
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStringExt;
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::Master;
@@ -240,6 +247,14 @@ impl Handed {
                 return Err(format!("{MARKER}: descriptor {n} overlaps another handed one"));
             }
         }
+        // Not the pipe (the program closed or reused its low descriptors
+        // before it got here): leave that descriptor alone.
+        if !sys::fd::is_fifo_raw(marker.ready) {
+            return Err(format!(
+                "{MARKER}: descriptor {} is not the ready pipe",
+                marker.ready
+            ));
+        }
         let ready = adopt(marker.ready, "ready pipe")?;
         let control = match marker.control {
             Some((fd, path)) => Some((adopt(fd, "control socket")?, path)),
@@ -282,21 +297,103 @@ pub(super) fn report_unstarted(reason: &str) {
     }
 }
 
-/// The program to execute again and its arguments, recorded at start-up.
+/// The program to execute again, its arguments and working directory,
+/// recorded at start-up.
 pub(super) struct Program {
-    /// [`std::env::current_exe`] at start-up.
+    /// The program's path as it was invoked, symlinks kept (see
+    /// [`invoked_path`]); else [`std::env::current_exe`] at start-up.
     pub(super) exe: Option<PathBuf>,
     /// [`std::env::args_os`] at start-up.
     pub(super) argv: Vec<OsString>,
+    /// The working directory at start-up, by the name the shell gave it
+    /// (see [`logical_cwd`]).
+    pub(super) cwd: Option<PathBuf>,
 }
 
 impl Program {
     pub(super) fn current() -> Self {
-        Self {
-            exe: std::env::current_exe().ok(),
-            argv: std::env::args_os().collect(),
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let cwd = logical_cwd();
+        let path_var = std::env::var_os("PATH");
+        let exe = argv
+            .first()
+            .and_then(|argv0| invoked_path(argv0, cwd.as_deref(), path_var.as_deref()))
+            .filter(|p| is_running_program(p))
+            .or_else(|| std::env::current_exe().ok());
+        Self { exe, argv, cwd }
+    }
+}
+
+/// The path `argv0` names, as `execvp(3)` finds it, without resolving
+/// symlinks: a deploy that switches a `current -> releases/N` symlink
+/// must get the new release executed, where [`std::env::current_exe`]
+/// (`/proc/self/exe`) names the old one. With a `/`, it is taken as it
+/// is, a relative one made absolute against `cwd`; without, the first
+/// executable file of that name in the `PATH` directories (an empty entry
+/// is the working directory). `None` if neither works.
+fn invoked_path(argv0: &OsStr, cwd: Option<&Path>, path_var: Option<&OsStr>) -> Option<PathBuf> {
+    let name = Path::new(argv0);
+    let absolute = |p: PathBuf| -> Option<PathBuf> {
+        if p.is_absolute() {
+            Some(p)
+        } else {
+            cwd.map(|c| c.join(p))
+        }
+    };
+    if argv0.as_bytes().contains(&b'/') {
+        return absolute(name.to_path_buf());
+    }
+    if argv0.is_empty() {
+        return None;
+    }
+    std::env::split_paths(path_var?)
+        .filter_map(|dir| {
+            absolute(
+                if dir.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    dir
+                }
+                .join(name),
+            )
+        })
+        .find(|p| is_executable_file(p))
+}
+
+fn is_executable_file(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Whether `path` is (now, at start-up) the file this process executes:
+/// an `argv[0]` that names something else (set by a wrapper, `exec -a`)
+/// is not taken. Without `/proc`, an executable file is taken.
+fn is_running_program(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), std::fs::metadata("/proc/self/exe")) {
+        (Ok(a), Ok(b)) => a.is_file() && a.dev() == b.dev() && a.ino() == b.ino(),
+        (Ok(_), Err(_)) => is_executable_file(path),
+        (Err(_), _) => false,
+    }
+}
+
+/// The working directory, named as the shell named it: `$PWD` if it is
+/// absolute, has no `..` and is the same directory as `.` (so a directory
+/// entered through a `current` symlink keeps that name), else
+/// [`std::env::current_dir`].
+fn logical_cwd() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let pwd = std::env::var_os("PWD")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute() && !p.components().any(|c| c == std::path::Component::ParentDir));
+    if let Some(pwd) = pwd {
+        if let (Ok(a), Ok(b)) = (std::fs::metadata(&pwd), std::fs::metadata(".")) {
+            if a.dev() == b.dev() && a.ino() == b.ino() {
+                return Some(pwd);
+            }
         }
     }
+    std::env::current_dir().ok()
 }
 
 /// The old master's record of an upgrade in progress.
@@ -334,6 +431,13 @@ impl UpgradeRun {
     /// What `poll(2)` watches: the pipe, until its end-of-file.
     pub(super) fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.eof_at.is_none().then(|| self.ready.as_fd())
+    }
+
+    /// The pipe's read end, for a forked worker to close: it stays open
+    /// as long as the run (also during [`EOF_GRACE`], when [`Self::fd`]
+    /// no longer names it), and a worker must not keep it for its life.
+    pub(super) fn raw_fd_to_close(&self) -> RawFd {
+        self.ready.as_raw_fd()
     }
 }
 
@@ -425,45 +529,33 @@ impl Master<'_> {
         let Some(exe) = self.program.exe.clone() else {
             return Err("the master's program path is unknown (current_exe failed at start-up)".into());
         };
-        let exe_c = CString::new(exe.clone().into_os_string().into_vec())
-            .map_err(|_| "the program path contains a NUL byte".to_string())?;
-        let argv = self
-            .program
-            .argv
-            .iter()
-            .map(|a| CString::new(a.clone().into_vec()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| "an argument contains a NUL byte".to_string())?;
         let (ready_read, ready_write) = proc::pipe_cloexec().map_err(|e| format!("pipe: {e}"))?;
         sys::set_cloexec_nonblocking(ready_read.as_fd()).map_err(|e| format!("pipe: {e}"))?;
         let (listeners, inherited) = self.cluster.listeners.borrow().handover();
-        let control = self
-            .control
-            .as_ref()
-            .map(|c| (c.listener_fd().as_raw_fd(), c.path().to_path_buf()));
-        let metrics = self.metrics.as_ref().map(|m| m.listener_fd().as_raw_fd());
-        let systemd = self.listeners_from_systemd;
-        let master_pid = self.master_pid;
-        // SAFETY: the master checked at start-up that it is single-threaded
-        // and starts no threads, so the child may allocate before it execs.
+        let handed = HandOver {
+            old_pid: self.master_pid,
+            listeners,
+            inherited,
+            control: self
+                .control
+                .as_ref()
+                .map(|c| (c.listener_fd().as_raw_fd(), c.path().to_path_buf())),
+            metrics: self.metrics.as_ref().map(|m| m.listener_fd().as_raw_fd()),
+            systemd: self.listeners_from_systemd,
+            ready: ready_write.as_raw_fd(),
+        };
+        // Everything the child needs is built here, before the fork.
+        let mut plan = handed.exec_plan(&exe, &self.program)?;
+        // SAFETY: the child makes only async-signal-safe calls:
+        // `sigprocmask` (restore_in_child), then `ExecPlan::exec_in_child`
+        // (getpid, fcntl, dup2, close, chdir, write, execve, _exit, and
+        // stores into buffers the plan already owns; no allocation, no
+        // lock). That holds even if user code (an `on_event` callback)
+        // started threads in this master.
         match unsafe { sys::fork() }.map_err(|e| format!("fork: {e}"))? {
             None => {
                 self.signals.restore_in_child();
-                let err = exec_new_master(
-                    &exe_c,
-                    &argv,
-                    master_pid,
-                    &listeners,
-                    inherited,
-                    control.as_ref(),
-                    metrics,
-                    systemd,
-                    ready_write.as_raw_fd(),
-                );
-                let line = format!("err cannot execute {}: {}\n", exe.display(), err.0);
-                // The pipe's write end: moved there, or where it was.
-                sys::fd::write_to_inherited(err.1, line.as_bytes());
-                sys::exit_now(127)
+                plan.exec_in_child()
             }
             Some(child) => {
                 drop(ready_write);
@@ -648,6 +740,11 @@ impl Master<'_> {
                     // would hand over to a master that is going away.
                     report_error(&ready, "the new master was shut down before it was ready");
                 } else {
+                    // The handed sockets it has no instance for leave their
+                    // port's SO_REUSEPORT group (for the old master too).
+                    if let Err(e) = self.cluster.listeners.borrow_mut().stop_surplus() {
+                        eprintln!("shmcluster: upgrade: cannot stop a surplus listening socket: {e}");
+                    }
                     if let Some(c) = self.control.as_mut() {
                         c.set_accepting(true);
                     }
@@ -686,78 +783,92 @@ impl Master<'_> {
     }
 }
 
-/// In the forked child: places the handed descriptors, sets the
-/// environment and executes the program at `exe`. Returns only on
-/// failure: why, and where the ready pipe's write end now is.
-#[allow(clippy::too_many_arguments)]
-fn exec_new_master(
-    exe: &CString,
-    argv: &[CString],
+/// What the old master hands the new one: the descriptors (as numbers
+/// in the old master) and what [`MARKER`] says besides.
+struct HandOver {
     old_pid: u32,
-    listeners: &[(RawFd, String)],
+    /// In `LISTEN_FDS` order, with their names ([`listen::Listeners`]'s
+    /// `handover`).
+    listeners: Vec<(RawFd, String)>,
+    /// How many of `listeners` are inherited ones.
     inherited: usize,
-    control: Option<&(RawFd, PathBuf)>,
+    control: Option<(RawFd, PathBuf)>,
     metrics: Option<RawFd>,
     systemd: bool,
+    /// The pipe's write end.
     ready: RawFd,
-) -> (io::Error, RawFd) {
-    let mut pipe_at = ready;
-    let mut attempt = || -> io::Result<io::Error> {
-        // The extra descriptors first go above where everything is placed.
-        let high = 3 + listeners.len() as RawFd + 3 + 16;
-        let ready_high = sys::fd::dup_above(ready, high)?;
-        let control_high = control.map(|(fd, _)| sys::fd::dup_above(*fd, high)).transpose()?;
-        let metrics_high = metrics.map(|fd| sys::fd::dup_above(fd, high)).transpose()?;
-        let named: Vec<(RawFd, &str)> = listeners.iter().map(|(fd, n)| (*fd, n.as_str())).collect();
-        let (mut vars, mut next) = listen::place_listen_fds(&named)?;
-        // dup2's copy has no FD_CLOEXEC: these survive the exec.
-        let mut place = |src: RawFd| -> io::Result<RawFd> {
-            sys::fd::dup2(src, next)?;
-            let _ = sys::fd::close_raw(src);
-            next += 1;
-            Ok(next - 1)
+}
+
+impl HandOver {
+    /// The forked child's plan (built in the parent, see
+    /// [`sys::exec::ExecPlan`]): the program at `exe` with the same
+    /// arguments, in the start-up working directory if it still exists;
+    /// the listeners at `3..` (`LISTEN_FDS`, `LISTEN_PID` the child's,
+    /// `LISTEN_FDNAMES`), then the pipe, the control socket and the
+    /// metrics socket, named in [`MARKER`]; the rest of the environment
+    /// as it is, except `WATCHDOG_PID`, which names the child if it named
+    /// this master. A failure to execute is said on the pipe.
+    fn exec_plan(&self, exe: &Path, program: &Program) -> Result<sys::exec::ExecPlan, String> {
+        let mut plan = sys::exec::ExecPlan::new(exe, &program.argv)
+            .map_err(|_| "the program path or an argument contains a NUL byte".to_string())?;
+        if self.listeners.iter().any(|(_, name)| name.contains(':')) {
+            return Err("a LISTEN_FDNAMES name contains ':'".into());
+        }
+        let mut fds: Vec<RawFd> = self.listeners.iter().map(|(fd, _)| *fd).collect();
+        let count = fds.len();
+        // Placed at 3, 4, ...: where each lands.
+        let push = |fds: &mut Vec<RawFd>, fd: RawFd| -> Result<RawFd, String> {
+            let at = RawFd::try_from(3 + fds.len()).map_err(|_| "too many listeners".to_string())?;
+            fds.push(fd);
+            Ok(at)
         };
-        let ready_fd = place(ready_high)?;
-        pipe_at = ready_fd;
-        let control_fd = control_high.map(&mut place).transpose()?;
-        let metrics_fd = metrics_high.map(&mut place).transpose()?;
-        let marker = Marker {
-            old_pid,
-            ready: ready_fd,
-            listeners: inherited,
-            control: control_fd.zip(control.map(|(_, p)| p.clone())),
-            metrics: metrics_fd,
-            systemd,
+        let ready_at = push(&mut fds, self.ready)?;
+        let control_at = match &self.control {
+            Some((fd, path)) => Some((push(&mut fds, *fd)?, path.clone())),
+            None => None,
         };
-        vars.push((MARKER.into(), marker.encode()));
-        let me = sys::getpid().to_string();
-        let old = old_pid.to_string();
-        let mut envp: Vec<CString> = Vec::new();
+        let metrics_at = self.metrics.map(|fd| push(&mut fds, fd)).transpose()?;
+        plan.fds(fds);
+        let env_err = |_| "an environment variable cannot be passed".to_string();
+        let old = OsString::from(self.old_pid.to_string());
         for (k, v) in std::env::vars_os() {
             let key = k.to_string_lossy();
             if key.starts_with("LISTEN_") || key == MARKER {
                 continue;
             }
             // The service manager's watchdog is the new master's to beat.
-            let v = if key == "WATCHDOG_PID" && v.to_string_lossy() == old {
-                OsString::from(&me)
+            if key == "WATCHDOG_PID" && v == old {
+                plan.env_child_pid(&k).map_err(env_err)?;
             } else {
-                v
-            };
-            let mut kv = k.into_vec();
-            kv.push(b'=');
-            kv.extend(v.into_vec());
-            envp.extend(CString::new(kv).ok());
+                // As before: an entry that cannot be passed is left out.
+                let _ = plan.env(&k, &v);
+            }
         }
-        for (k, v) in vars {
-            envp.push(CString::new(format!("{k}={v}")).map_err(|_| io::ErrorKind::InvalidInput)?);
+        if count > 0 {
+            let names: Vec<&str> = self.listeners.iter().map(|(_, n)| n.as_str()).collect();
+            plan.env("LISTEN_FDS".as_ref(), count.to_string().as_ref())
+                .map_err(env_err)?;
+            plan.env_child_pid("LISTEN_PID".as_ref()).map_err(env_err)?;
+            plan.env("LISTEN_FDNAMES".as_ref(), names.join(":").as_ref())
+                .map_err(env_err)?;
         }
-        Ok(proc::exec_path(exe, argv, &envp))
-    };
-    let err = match attempt() {
-        Ok(e) | Err(e) => e,
-    };
-    (err, pipe_at)
+        let marker = Marker {
+            old_pid: self.old_pid,
+            ready: ready_at,
+            listeners: self.inherited,
+            control: control_at,
+            metrics: metrics_at,
+            systemd: self.systemd,
+        };
+        plan.env(MARKER.as_ref(), marker.encode().as_ref())
+            .map_err(env_err)?;
+        if let Some(cwd) = &program.cwd {
+            plan.cwd(cwd)
+                .map_err(|_| "the working directory contains a NUL byte".to_string())?;
+        }
+        plan.error_to(self.ready, format!("err cannot execute {}: ", exe.display()));
+        Ok(plan)
+    }
 }
 
 #[cfg(test)]
@@ -804,6 +915,59 @@ mod tests {
             got.extend_from_slice(&buf[..n]);
         }
         assert_eq!(String::from_utf8_lossy(&got), "err bad command\n");
+    }
+
+    /// After the pipe's end-of-file the loop no longer polls it, but it
+    /// is still open (for [`EOF_GRACE`]): a worker forked meanwhile must
+    /// still be told to close it.
+    #[test]
+    fn the_pipe_is_closed_in_workers_also_after_its_end_of_file() {
+        let (read, _write) = proc::pipe_cloexec().unwrap();
+        let raw = read.as_raw_fd();
+        let mut run = UpgradeRun {
+            pid: 1,
+            ready: read,
+            got: Vec::new(),
+            deadline: Instant::now(),
+            reaped: None,
+            eof_at: None,
+            ready_at: None,
+        };
+        assert_eq!(run.fd().map(|fd| fd.as_raw_fd()), Some(raw));
+        assert_eq!(run.raw_fd_to_close(), raw);
+        run.eof_at = Some(Instant::now());
+        assert!(run.fd().is_none(), "not polled after end-of-file");
+        assert_eq!(run.raw_fd_to_close(), raw, "but still closed in a forked worker");
+    }
+
+    /// The program path is argv[0] as invoked (symlinks kept), made
+    /// absolute against the start-up directory, or found in `PATH` as
+    /// execvp finds it.
+    #[test]
+    fn the_program_path_is_argv0_as_invoked() {
+        let cwd = Path::new("/srv/app");
+        let path = |a: &str, p: Option<&str>| invoked_path(OsStr::new(a), Some(cwd), p.map(OsStr::new));
+        assert_eq!(
+            path("/opt/x/current/app", None),
+            Some("/opt/x/current/app".into())
+        );
+        assert_eq!(path("./current/app", None), Some("/srv/app/./current/app".into()));
+        assert_eq!(path("current/app", None), Some("/srv/app/current/app".into()));
+        assert_eq!(invoked_path(OsStr::new("current/app"), None, None), None);
+        assert_eq!(path("", Some("/bin")), None);
+        // The first executable match in PATH: `sh` is in /bin (or
+        // /usr/bin); a directory without it is skipped.
+        let sh = path("sh", Some("/nonexistent:/bin:/usr/bin")).unwrap();
+        assert!(
+            sh == Path::new("/bin/sh") || sh == Path::new("/usr/bin/sh"),
+            "{sh:?}"
+        );
+        assert_eq!(path("no-such-program-here", Some("/bin:/usr/bin")), None);
+        assert_eq!(path("sh", None), None);
+        // This test binary was started by its path: that path is it.
+        let me = Program::current();
+        assert!(me.exe.as_deref().is_some_and(is_running_program), "{:?}", me.exe);
+        assert!(!is_running_program(Path::new("/bin/sh")));
     }
 
     #[test]

@@ -40,14 +40,22 @@ impl Iterator for Incoming<'_> {
             if self.worker.should_stop() {
                 return None;
             }
+            let mut stopped = false;
             match self.listener.accept() {
                 Ok((stream, _)) => return Some(Ok(stream)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
                 }
+                // Stopped by the master (a binary upgrade's surplus
+                // socket): nothing will come; wait for the stop, serving
+                // the connections in hand.
+                Err(e) if sys::net::stopped_listening(&e, self.listener.as_fd()) => stopped = true,
                 Err(e) => return Some(Err(e)),
             }
             self.worker.heartbeat();
-            if let Err(e) = sys::fd::poll_readable(&[self.listener.as_fd()], Some(POLL_SLICE)) {
+            if stopped {
+                // poll(2) would not wait on a socket that stopped listening.
+                std::thread::sleep(POLL_SLICE);
+            } else if let Err(e) = sys::fd::poll_readable(&[self.listener.as_fd()], Some(POLL_SLICE)) {
                 return Some(Err(e));
             }
         }

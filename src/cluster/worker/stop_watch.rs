@@ -107,8 +107,14 @@ impl StopWatch {
                 Socket::Tcp(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
                 Socket::Unix(l) => l.accept().map(|(s, _)| OwnedFd::from(s)),
             };
+            let mut stopped = false;
             let backoff = match accepted {
                 Ok(conn) => return Ok(Some(conn)),
+                // Stopped by the master: wait for the stop or the time.
+                Err(e) if sys::net::stopped_listening(&e, listener) => {
+                    stopped = true;
+                    false
+                }
                 Err(e) => match accept_error(&e) {
                     AcceptError::Retry => {
                         pause = ACCEPT_BACKOFF_MIN;
@@ -125,7 +131,10 @@ impl StopWatch {
                 },
                 None => Duration::MAX,
             };
-            if backoff {
+            if stopped {
+                // poll(2) would not wait on a socket that stopped listening.
+                std::thread::sleep(left.min(POLL_SLICE));
+            } else if backoff {
                 // The connection stays queued (the listener stays readable):
                 // wait for a descriptor or memory to be freed, not for poll.
                 std::thread::sleep(left.min(pause));
@@ -199,6 +208,26 @@ mod tests {
             "no connection: the drain ended the wait"
         );
         assert!(watch.should_stop());
+    }
+
+    /// A listener the master stopped (a binary upgrade's surplus socket)
+    /// is not an error: the accept waits for the stop or its time, so the
+    /// worker keeps serving what it has; no busy loop.
+    #[test]
+    fn stop_watch_accept_waits_on_a_stopped_listener() {
+        let segment = Segment::create(&crate::Config::new(1)).expect("segment");
+        let watch = StopWatch::new(&segment, 0).expect("slot 0");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        sys::net::stop_listening(listener.as_fd()).expect("shutdown");
+        let start = Instant::now();
+        let waited = watch.accept(listener.as_fd(), Some(POLL_SLICE * 2));
+        assert!(waited.expect("not an error").is_none(), "timed out");
+        assert!(start.elapsed() >= POLL_SLICE * 2);
+        segment.worker_entry(0).stop.store(STOP_DRAIN, Release);
+        assert!(watch
+            .accept(listener.as_fd(), None)
+            .expect("not an error")
+            .is_none());
     }
 
     /// `StopWatch::accept` may run on any thread (the C ABI's, Python's):
