@@ -387,6 +387,48 @@ fn cli(args: &[&str]) -> Result<(i32, String), String> {
 
 // ------------------------------------------------------------ fork mode
 
+/// `new master pid N` from `upgrade --wait`'s output.
+fn upgraded_pid(text: &str) -> Result<u32, String> {
+    text.rsplit_once("upgraded: new master pid ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|p| p.parse::<u32>().ok())
+        .ok_or(format!("no new pid in {text:?}"))
+}
+
+/// A fork-mode master just spawned, adopted (see [`adopt_fork_master`]).
+struct Forked {
+    master: Cluster,
+    /// The pid it was spawned with.
+    old_pid: u32,
+    /// The address and the pid its banner names.
+    addr: String,
+    pid: u32,
+    /// Its stderr, whole once it and its successors have closed it.
+    log: std::thread::JoinHandle<String>,
+    /// The banners still to come (a new master's, after an upgrade).
+    lines: mpsc::Receiver<(String, u32)>,
+}
+
+/// Adopts a fork-mode master just spawned with stdout and stderr piped,
+/// and waits for its banner.
+fn adopt_fork_master(mut child: std::process::Child) -> Result<Forked, String> {
+    let old_pid = child.id();
+    let lines = banners(child.stdout.take().ok_or("no stdout")?);
+    let log = read_all(child.stderr.take());
+    let master = Cluster::adopt(child);
+    let (addr, pid) = lines
+        .recv_timeout(Duration::from_secs(20))
+        .map_err(|_| "the master named no address in 20 s")?;
+    Ok(Forked {
+        master,
+        old_pid,
+        addr,
+        pid,
+        log,
+        lines,
+    })
+}
+
 /// Lines the masters print on stdout ("listening on ADDR (master pid
 /// N)"), one per master, as they come.
 fn banners(stdout: std::process::ChildStdout) -> mpsc::Receiver<(String, u32)> {
@@ -422,7 +464,7 @@ fn fork_mode_under_wrk(reuseport: bool) -> Check {
     let example = built_example("http_cluster")?;
     let program = dir.join("server");
     let first_build = install(&example, &program, "")?;
-    let mut child = Command::new(&program)
+    let child = Command::new(&program)
         .args(["--workers", "2", "--listen", "127.0.0.1:0", "--quiet"])
         .args(reuseport.then_some("--reuseport"))
         .process_group(0)
@@ -431,13 +473,14 @@ fn fork_mode_under_wrk(reuseport: bool) -> Check {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("{}: {e}", program.display()))?;
-    let old_pid = child.id();
-    let lines = banners(child.stdout.take().ok_or("no stdout")?);
-    let log = read_all(child.stderr.take());
-    let master = Cluster::adopt(child);
-    let (addr, pid) = lines
-        .recv_timeout(Duration::from_secs(20))
-        .map_err(|_| "the master named no address in 20 s")?;
+    let Forked {
+        master,
+        old_pid,
+        addr,
+        pid,
+        log,
+        lines,
+    } = adopt_fork_master(child)?;
     ensure!(pid == old_pid, "banner pid {pid}, spawned {old_pid}");
     let before = curl(&addr)?;
     ensure!(
@@ -527,7 +570,7 @@ fn fork_mode_follows_a_switched_current_symlink() -> Check {
     std::os::unix::fs::symlink("rel1", &current).map_err(|e| e.to_string())?;
     // As a deploy starts it: from the application's directory, by the
     // symlink's path.
-    let mut child = Command::new("/bin/sh")
+    let child = Command::new("/bin/sh")
         .arg("-c")
         .arg("cd \"$1\" && exec ./current/server --workers 2 --listen 127.0.0.1:0 --quiet")
         .arg("sh")
@@ -538,13 +581,14 @@ fn fork_mode_follows_a_switched_current_symlink() -> Check {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("/bin/sh: {e}"))?;
-    let old_pid = child.id();
-    let lines = banners(child.stdout.take().ok_or("no stdout")?);
-    let log = read_all(child.stderr.take());
-    let master = Cluster::adopt(child);
-    let (addr, pid) = lines
-        .recv_timeout(Duration::from_secs(20))
-        .map_err(|_| "the master named no address in 20 s")?;
+    let Forked {
+        master,
+        old_pid,
+        addr,
+        pid,
+        log,
+        lines,
+    } = adopt_fork_master(child)?;
     ensure!(pid == old_pid, "banner pid {pid}, spawned {old_pid}");
     let before = curl(&addr)?;
     ensure!(
@@ -599,7 +643,7 @@ fn fewer_reuseport_instances_drop_nothing_under_wrk() -> Check {
     install(&example, &real, "")?;
     let program = dir.join("server");
     install(&example, &program, "")?;
-    let mut child = Command::new(&program)
+    let child = Command::new(&program)
         .args([
             "--workers",
             "3",
@@ -614,13 +658,14 @@ fn fewer_reuseport_instances_drop_nothing_under_wrk() -> Check {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("{}: {e}", program.display()))?;
-    let old_pid = child.id();
-    let lines = banners(child.stdout.take().ok_or("no stdout")?);
-    let log = read_all(child.stderr.take());
-    let master = Cluster::adopt(child);
-    let (addr, _) = lines
-        .recv_timeout(Duration::from_secs(20))
-        .map_err(|_| "the master named no address in 20 s")?;
+    let Forked {
+        master,
+        old_pid,
+        addr,
+        pid: _,
+        log,
+        lines,
+    } = adopt_fork_master(child)?;
     curl(&addr)?;
 
     const SECS: u32 = 6;
@@ -771,11 +816,7 @@ fn spawn_mode_upgrade_wait_under_wrk() -> Check {
         "upgrade --wait exited {code}:\n{text}\n{}",
         master.log()
     );
-    let new_pid = text
-        .rsplit_once("upgraded: new master pid ")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|p| p.parse::<u32>().ok())
-        .ok_or(format!("no new pid in {text:?}"))?;
+    let new_pid = upgraded_pid(&text)?;
     ensure!(new_pid != old_pid, "the same master pid {new_pid}");
     // (Its log stays open: the new master writes to the same stderr.)
     let status = master.wait_exit(Duration::from_secs(30))?;
@@ -847,11 +888,7 @@ fn spawn_mode_upgrade_wait_under_wrk() -> Check {
     // An upgraded master upgrades again, found by discovery.
     let (code, text) = cli(&["upgrade", "--wait", "--timeout", "30"])?;
     ensure!(code == 0, "the second upgrade --wait exited {code}:\n{text}");
-    let third = text
-        .rsplit_once("upgraded: new master pid ")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|p| p.parse::<u32>().ok())
-        .ok_or(format!("no new pid in {text:?}"))?;
+    let third = upgraded_pid(&text)?;
     let code = wait_pid(new_pid, Duration::from_secs(20))?;
     ensure!(code == 0, "the second master exited {code} after handing over");
     let third_socket = default_socket(&dir, third);
@@ -1011,11 +1048,7 @@ fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
 
     let (code, text) = cli(&["upgrade", "--wait", "--timeout", "30"])?;
     ensure!(code == 0, "upgrade --wait exited {code}:\n{text}");
-    let new_pid = text
-        .rsplit_once("upgraded: new master pid ")
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|p| p.parse::<u32>().ok())
-        .ok_or(format!("no new pid in {text:?}"))?;
+    let new_pid = upgraded_pid(&text)?;
     let status = master.wait_exit(Duration::from_secs(30))?;
     ensure!(status.success(), "the old master exited {status}");
     let main = format!("MAINPID={new_pid}");
