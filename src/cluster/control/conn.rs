@@ -63,6 +63,17 @@ impl Conn {
         self.output = Some((text.into_bytes(), 0));
     }
 
+    /// Puts `line` after what is still to be written (the rest of `ok
+    /// waiting`, say), for a held connection's last word.
+    pub(super) fn append(&mut self, line: &str) {
+        let mut bytes = self
+            .output
+            .take()
+            .map_or_else(Vec::new, |(out, pos)| out.get(pos..).unwrap_or_default().to_vec());
+        bytes.extend_from_slice(line.as_bytes());
+        self.output = Some((bytes, 0));
+    }
+
     /// Reads and answers as far as the socket allows without blocking;
     /// `false` once the connection is finished (answered, broken, or too
     /// slow) and should be closed.

@@ -261,19 +261,7 @@ impl ControlServer {
             Err(e) => return Err(e),
         };
         let meta = fs::symlink_metadata(path)?;
-        let server = Self {
-            listener,
-            path: path.to_path_buf(),
-            file_id: (meta.dev(), meta.ino()),
-            uid: sys::net::own_uid(),
-            conns: Vec::new(),
-            next_id: 0,
-            pass_at: Instant::now(),
-            started: Instant::now(),
-            reloads: ReloadCounts::default(),
-            accepting: true,
-            owns_file: true,
-        };
+        let server = Self::serving(listener, path.to_path_buf(), (meta.dev(), meta.ino()), true);
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
         server.listener.set_nonblocking(true)?;
         Ok(server)
@@ -292,7 +280,14 @@ impl ControlServer {
         let listener = UnixListener::from(fd);
         listener.set_nonblocking(true)?;
         let file_id = fs::symlink_metadata(&path).map_or((0, 0), |m| (m.dev(), m.ino()));
-        Ok(Self {
+        Ok(Self::serving(listener, path, file_id, false))
+    }
+
+    /// A server on `listener` with no connection yet; `own`: accepting at
+    /// once and owning the socket file (a master that bound it), or
+    /// neither (one that took it over in a binary upgrade).
+    fn serving(listener: UnixListener, path: PathBuf, file_id: (u64, u64), own: bool) -> Self {
+        Self {
             listener,
             path,
             file_id,
@@ -302,9 +297,9 @@ impl ControlServer {
             pass_at: Instant::now(),
             started: Instant::now(),
             reloads: ReloadCounts::default(),
-            accepting: false,
-            owns_file: false,
-        })
+            accepting: own,
+            owns_file: own,
+        }
     }
 
     /// The socket's path.
@@ -385,12 +380,7 @@ impl ControlServer {
                 i += 1;
                 continue;
             }
-            let mut bytes = c
-                .output
-                .take()
-                .map_or_else(Vec::new, |(out, pos)| out.get(pos..).unwrap_or_default().to_vec());
-            bytes.extend_from_slice(line.as_bytes());
-            c.output = Some((bytes, 0));
+            c.append(line);
             c.upgrade = false;
             c.waiting = false;
             c.deadline = Some(now + REQUEST_TIMEOUT);
@@ -532,11 +522,10 @@ impl ControlServer {
                 break;
             }
             // The rest of `ok waiting` if it is not all out yet, then the line.
-            let mut bytes = conn
-                .output
-                .take()
-                .map_or_else(Vec::new, |(out, pos)| out.get(pos..).unwrap_or_default().to_vec());
-            bytes.extend_from_slice(line.as_bytes());
+            conn.append(&line);
+            let Some((bytes, _)) = conn.output.take() else {
+                continue;
+            };
             if conn.stream.set_nonblocking(false).is_err()
                 || conn.stream.set_write_timeout(Some(left)).is_err()
             {

@@ -96,6 +96,20 @@ struct Held {
 }
 
 impl Held {
+    /// A socket systemd passed (socket activation), under its name: one
+    /// socket for every worker, its address read from the socket.
+    fn from_systemd(name: String, fd: OwnedFd) -> Self {
+        let mut held = Held {
+            name,
+            addr: None,
+            mode: ListenMode::Shared,
+            fds: vec![fd],
+            created_path: None,
+        };
+        held.addr = held.local_addr();
+        held
+    }
+
     /// Binds `count` sockets (1 unless `ReusePort`) on `addr`.
     fn bind(name: String, addr: &ListenAddr, mode: ListenMode, count: u32) -> Result<Self, ListenError> {
         let (fds, created_path) = match (addr, mode) {
@@ -233,17 +247,7 @@ impl Listeners {
         }
         let inherited = taken
             .into_iter()
-            .map(|(name, fd)| {
-                let mut held = Held {
-                    name,
-                    addr: None,
-                    mode: ListenMode::Shared,
-                    fds: vec![fd],
-                    created_path: None,
-                };
-                held.addr = held.local_addr();
-                held
-            })
+            .map(|(name, fd)| Held::from_systemd(name, fd))
             .collect();
         Ok(Some(Self {
             inherited,
@@ -513,15 +517,7 @@ impl Listeners {
         };
         if systemd {
             for (name, fd) in pool.drain(..) {
-                let mut held = Held {
-                    name,
-                    addr: None,
-                    mode: ListenMode::Shared,
-                    fds: vec![fd],
-                    created_path: None,
-                };
-                held.addr = held.local_addr();
-                listeners.inherited.push(held);
+                listeners.inherited.push(Held::from_systemd(name, fd));
             }
         }
         for (i, spec) in specs.iter().enumerate().filter(|_| !systemd) {

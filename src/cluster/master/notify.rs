@@ -265,18 +265,7 @@ impl Master<'_> {
             return;
         }
         let instances = self.cluster.instances as usize;
-        let mut ready = 0;
-        let mut live = 0;
-        for &slot in &self.index_slot[..instances] {
-            let rec = &self.slots[slot as usize];
-            if rec.failed {
-                continue;
-            }
-            live += 1;
-            if rec.pid.is_some() && rec.ready {
-                ready += 1;
-            }
-        }
+        let (ready, live) = self.ready_instances();
         let all_ready = live > 0 && ready == live;
         let stopping = self.shutdown_deadline.is_some();
         let reloading = self.reload.is_some() || self.reloads_queued > 0;
@@ -415,5 +404,24 @@ impl Master<'_> {
                 );
             }
         }
+    }
+}
+
+impl Master<'_> {
+    /// Instances with a ready worker, and instances not given up.
+    pub(super) fn ready_instances(&self) -> (usize, usize) {
+        let instances = self.cluster.instances as usize;
+        let (mut ready, mut live) = (0, 0);
+        for &slot in &self.index_slot[..instances] {
+            let rec = &self.slots[slot as usize];
+            if rec.failed {
+                continue;
+            }
+            live += 1;
+            if rec.pid.is_some() && rec.ready {
+                ready += 1;
+            }
+        }
+        (ready, live)
     }
 }

@@ -484,19 +484,8 @@ impl Master<'_> {
     /// Whether every instance not given up has a ready worker (and there
     /// is at least one).
     fn every_instance_ready(&self) -> bool {
-        let instances = self.cluster.instances as usize;
-        let mut live = 0;
-        for &slot in &self.index_slot[..instances] {
-            let rec = &self.slots[slot as usize];
-            if rec.failed {
-                continue;
-            }
-            live += 1;
-            if rec.pid.is_none() || !rec.ready {
-                return false;
-            }
-        }
-        live > 0
+        let (ready, live) = self.ready_instances();
+        live > 0 && ready == live
     }
 
     /// `SIGUSR2` or `upgrade`: starts the new master. Returns its pid.

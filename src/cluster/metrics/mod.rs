@@ -125,15 +125,7 @@ impl MetricsServer {
         if let Some(warning) = exposure_warning(local) {
             eprintln!("shmcluster: warning: {warning}");
         }
-        Ok(Self {
-            listener,
-            local,
-            conns: Vec::new(),
-            events: EventCounts::default(),
-            started: Instant::now(),
-            last: None,
-            accepting: true,
-        })
+        Ok(Self::serving(listener, local, true))
     }
 
     /// A binary upgrade's new master: serves the listening socket `handed`
@@ -160,15 +152,21 @@ impl MetricsServer {
             addr: addr.to_string(),
             error,
         })?;
-        Ok(Self {
+        Ok(Self::serving(listener, local, false))
+    }
+
+    /// A server on `listener` (bound to `local`) with no client yet,
+    /// accepting at once or not.
+    fn serving(listener: TcpListener, local: SocketAddr, accepting: bool) -> Self {
+        Self {
             listener,
             local,
             conns: Vec::new(),
             events: EventCounts::default(),
             started: Instant::now(),
             last: None,
-            accepting: false,
-        })
+            accepting,
+        }
     }
 
     /// Starts (`true`) or stops accepting connections; those open are
