@@ -409,9 +409,16 @@ struct Forked {
     lines: mpsc::Receiver<(String, u32)>,
 }
 
-/// Adopts a fork-mode master just spawned with stdout and stderr piped,
-/// and waits for its banner.
-fn adopt_fork_master(mut child: std::process::Child) -> Result<Forked, String> {
+/// Starts `command`, a fork-mode master, in a process group of its own
+/// with stdout and stderr piped, adopts it, and waits for its banner.
+fn spawn_fork_master(command: &mut Command) -> Result<Forked, String> {
+    let mut child = command
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{:?}: {e}", command.get_program()))?;
     let old_pid = child.id();
     let lines = banners(child.stdout.take().ok_or("no stdout")?);
     let log = read_all(child.stderr.take());
@@ -464,15 +471,10 @@ fn fork_mode_under_wrk(reuseport: bool) -> Check {
     let example = built_example("http_cluster")?;
     let program = dir.join("server");
     let first_build = install(&example, &program, "")?;
-    let child = Command::new(&program)
+    let mut command = Command::new(&program);
+    command
         .args(["--workers", "2", "--listen", "127.0.0.1:0", "--quiet"])
-        .args(reuseport.then_some("--reuseport"))
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{}: {e}", program.display()))?;
+        .args(reuseport.then_some("--reuseport"));
     let Forked {
         master,
         old_pid,
@@ -480,7 +482,7 @@ fn fork_mode_under_wrk(reuseport: bool) -> Check {
         pid,
         log,
         lines,
-    } = adopt_fork_master(child)?;
+    } = spawn_fork_master(&mut command)?;
     ensure!(pid == old_pid, "banner pid {pid}, spawned {old_pid}");
     let before = curl(&addr)?;
     ensure!(
@@ -570,17 +572,12 @@ fn fork_mode_follows_a_switched_current_symlink() -> Check {
     std::os::unix::fs::symlink("rel1", &current).map_err(|e| e.to_string())?;
     // As a deploy starts it: from the application's directory, by the
     // symlink's path.
-    let child = Command::new("/bin/sh")
+    let mut command = Command::new("/bin/sh");
+    command
         .arg("-c")
         .arg("cd \"$1\" && exec ./current/server --workers 2 --listen 127.0.0.1:0 --quiet")
         .arg("sh")
-        .arg(&dir)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("/bin/sh: {e}"))?;
+        .arg(&dir);
     let Forked {
         master,
         old_pid,
@@ -588,7 +585,7 @@ fn fork_mode_follows_a_switched_current_symlink() -> Check {
         pid,
         log,
         lines,
-    } = adopt_fork_master(child)?;
+    } = spawn_fork_master(&mut command)?;
     ensure!(pid == old_pid, "banner pid {pid}, spawned {old_pid}");
     let before = curl(&addr)?;
     ensure!(
@@ -643,21 +640,15 @@ fn fewer_reuseport_instances_drop_nothing_under_wrk() -> Check {
     install(&example, &real, "")?;
     let program = dir.join("server");
     install(&example, &program, "")?;
-    let child = Command::new(&program)
-        .args([
-            "--workers",
-            "3",
-            "--listen",
-            "127.0.0.1:0",
-            "--quiet",
-            "--reuseport",
-        ])
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{}: {e}", program.display()))?;
+    let mut command = Command::new(&program);
+    command.args([
+        "--workers",
+        "3",
+        "--listen",
+        "127.0.0.1:0",
+        "--quiet",
+        "--reuseport",
+    ]);
     let Forked {
         master,
         old_pid,
@@ -665,7 +656,7 @@ fn fewer_reuseport_instances_drop_nothing_under_wrk() -> Check {
         pid: _,
         log,
         lines,
-    } = adopt_fork_master(child)?;
+    } = spawn_fork_master(&mut command)?;
     curl(&addr)?;
 
     const SECS: u32 = 6;
