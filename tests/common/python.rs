@@ -100,6 +100,16 @@ pub fn venv_with(packages: &[&str], dir: &str, check: &str, var: &str) -> Result
     }
     let venv = target_dir()?.join(dir);
     let python = venv.join("bin/python");
+    // Tests of one binary run in parallel and two may want the same
+    // environment at once: two `python3 -m venv` into one directory fail
+    // ("File exists"), so whoever makes it holds `<dir>.lock` and the
+    // others wait, then find it made. The lock is released when `_held`
+    // is dropped (or its process dies).
+    let lock_path = target_dir()?.join(format!("{dir}.lock"));
+    let lock = std::fs::File::create(&lock_path).map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    lock.lock()
+        .map_err(|e| format!("lock {}: {e}", lock_path.display()))?;
+    let _held = lock;
     if python.exists() && passes(&python, check) {
         return Ok(python);
     }
