@@ -411,6 +411,70 @@ fn stat_reload_and_stop_through_the_control_socket() {
     assert!(watched.trim_end().ends_with("master gone"), "{watched}");
 }
 
+/// Instance → pid of the rows whose state is `Ready`.
+fn ready_by_instance(stat: &str) -> std::collections::BTreeMap<u32, u32> {
+    stat.lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.get(2) == Some(&"Ready")).then(|| (cols[1].parse().unwrap(), cols[3].parse().unwrap()))
+        })
+        .collect()
+}
+
+#[test]
+fn reload_worker_replaces_that_worker_alone() {
+    let dir = TempDir::new("reload-one");
+    let sock = dir.sock.as_str();
+    let mut master = Master::start(
+        &["-w", "3", "--ready-on-start", "--kill-timeout", "5"],
+        sock,
+        &["sleep", "60"],
+    );
+    master.expect_line("control socket", Duration::from_secs(10));
+    let before = ready_by_instance(&stat_until_live(sock, 3));
+    assert_eq!(before.len(), 3, "{before:?}");
+
+    // An instance the cluster does not have: refused, nothing reloaded.
+    let out = cli(
+        &["reload", "--control", sock, "--worker", "3"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(1), "{} {}", out.stdout, out.stderr);
+    assert!(
+        out.stderr
+            .contains("no worker 3: the cluster runs workers 0 to 2"),
+        "{}",
+        out.stderr
+    );
+
+    let out = cli(
+        &["reload", "--control", sock, "--worker", "1", "--wait"],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{} {}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("reload of worker 1 queued"), "{}", out.stdout);
+    assert!(out.stdout.contains("reload finished: ok"), "{}", out.stdout);
+    master.expect_line("reload started", Duration::from_secs(10));
+    master.expect_line("reload finished: ok", Duration::from_secs(10));
+
+    let stat = stat_until_live(sock, 3);
+    let after = ready_by_instance(&stat);
+    assert_eq!(after.len(), 3, "{stat}");
+    assert_eq!(after[&0], before[&0], "worker 0 untouched: {stat}");
+    assert_eq!(after[&2], before[&2], "worker 2 untouched: {stat}");
+    assert_ne!(after[&1], before[&1], "worker 1 replaced: {stat}");
+    assert!(stat.contains("1 started, 1 ok, 0 failed"), "{stat}");
+    assert!(
+        stat.contains("Reloaded"),
+        "the old worker 1 ended as reloaded: {stat}"
+    );
+
+    let out = cli(&["stop", "--control", sock, "--wait"], Duration::from_secs(30));
+    assert!(out.status.success(), "{} {}", out.stdout, out.stderr);
+    let (code, log) = master.finish(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "{log:#?}");
+}
+
 #[test]
 fn a_tcp_listener_is_served_by_python_workers_on_fd_3() {
     if Command::new("python3").arg("-c").arg("").status().is_err() {

@@ -170,6 +170,17 @@ fn stat(pid: u32) -> String {
 /// A worker row of `stat`'s table or of top's screen: (pid, generation,
 /// restarts) of the rows whose state is Ready.
 fn ready_rows(text: &str) -> Vec<(u32, u32, u32)> {
+    ready_columns(text, |n| Some((n(3)?, n(4)?, n(5)?)))
+}
+
+/// (instance, pid) of the Ready rows of `stat`'s table or top's screen.
+fn ready_instances(text: &str) -> Vec<(u32, u32)> {
+    ready_columns(text, |n| Some((n(1)?, n(3)?)))
+}
+
+/// What `pick` makes of each Ready row's numeric columns (`n(i)`: column
+/// `i` as a number).
+fn ready_columns<T>(text: &str, pick: impl Fn(&dyn Fn(usize) -> Option<u32>) -> Option<T>) -> Vec<T> {
     text.lines()
         .filter_map(|l| {
             let cols: Vec<&str> = l
@@ -179,8 +190,7 @@ fn ready_rows(text: &str) -> Vec<(u32, u32, u32)> {
             if cols.get(2) != Some(&"Ready") {
                 return None;
             }
-            let n = |i: usize| cols.get(i)?.parse().ok();
-            Some((n(3)?, n(4)?, n(5)?))
+            pick(&|i: usize| cols.get(i)?.parse().ok())
         })
         .collect()
 }
@@ -306,6 +316,43 @@ fn top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal() {
             && reloaded.iter().all(|w| rows.contains(w))
     });
     assert!(screen.contains("reload queued"), "{screen}");
+
+    // `j` `w`: the selected (second) row's worker is reloaded alone: its
+    // instance gets a new pid, the other two keep theirs.
+    let before = ready_instances(&table);
+    tmux.key("top", "j");
+    tmux.key("top", "w");
+    let screen = tmux.until("top", "the worker's reload queued", |s| {
+        s.contains("reload of worker ") && s.contains(" queued")
+    });
+    let chosen: u32 = screen
+        .split("reload of worker ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("which worker? {screen}"));
+    let table = stat_until(master_pid, "the worker's reload", |t| {
+        t.contains("reloads: 2 started, 2 ok, 0 failed") && ready_rows(t).len() == 3
+    });
+    let after = ready_instances(&table);
+    for (index, pid) in &before {
+        let now = after.iter().find(|(i, _)| i == index).map(|&(_, p)| p);
+        if *index == chosen {
+            assert!(
+                now.is_some_and(|p| p != *pid),
+                "worker {index} replaced: {before:?} -> {after:?}"
+            );
+        } else {
+            assert_eq!(
+                now,
+                Some(*pid),
+                "worker {index} untouched: {before:?} -> {after:?}"
+            );
+        }
+    }
+    tmux.until("top", "the replaced worker on the screen", |s| {
+        let rows = ready_instances(s);
+        after.iter().all(|w| rows.contains(w))
+    });
 
     // `s` asks first; `y` stops the master, which exits 0; top stays up
     // and says the master is gone.

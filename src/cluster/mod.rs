@@ -37,7 +37,7 @@ mod worker;
 pub use event::{Event, EventKind, ExitReason};
 
 pub use listen::{ListenAddr, ListenError, ListenMode, ListenSpec, Listener};
-pub use master::{Cluster, ClusterBuilder, ClusterError, Outcome, Report, Unhealthy};
+pub use master::{Cluster, ClusterBuilder, ClusterError, Outcome, ReloadError, Report, Unhealthy};
 pub(crate) use stats::{bridge_index, read_peer, read_stats};
 pub use stats::{ClusterStats, Peer, SlotStats};
 pub(crate) use threads::unmanaged_workers;

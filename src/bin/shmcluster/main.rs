@@ -81,9 +81,10 @@ enum Command {
     /// age, messages, inbox bytes, and lock holders.
     #[command(after_help = EXIT_CODES)]
     Stat(StatArgs),
-    /// Ask a running master for a rolling reload (as SIGHUP does).
+    /// Ask a running master for a rolling reload (as SIGHUP does), or to
+    /// reload one worker (--worker).
     #[command(after_help = EXIT_CODES)]
-    Reload(WaitArgs),
+    Reload(ReloadArgs),
     /// Ask a running master for a graceful shutdown (as SIGTERM does).
     #[command(after_help = EXIT_CODES)]
     Stop(WaitArgs),
@@ -280,6 +281,17 @@ struct WaitArgs {
     /// The longest --wait waits.
     #[arg(long, value_name = "SECS", default_value = "120", value_parser = secs)]
     timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct ReloadArgs {
+    #[command(flatten)]
+    wait: WaitArgs,
+    /// Reload this worker alone (its instance number, as `stat` shows it):
+    /// its replacement is started, and it is drained once the replacement
+    /// is ready, as in a rolling reload.
+    #[arg(long, value_name = "N")]
+    worker: Option<u32>,
 }
 
 /// Parses a worker count, saying what is wrong with a bad one (clap's
@@ -520,15 +532,23 @@ fn stat(args: StatArgs) -> Result<(), ClientError> {
     }
 }
 
-fn reload(args: WaitArgs) -> Result<(), ClientError> {
+fn reload(ReloadArgs { wait: args, worker }: ReloadArgs) -> Result<(), ClientError> {
     let path = client::resolve(args.target.control, args.target.pid)?;
     // Reloads queue: ours ends once every reload begun before it has, too.
     let before = Snapshot::parse(&client::request(&path, "stat")?)?;
     let started = before.master.num("reloads_started").unwrap_or(0);
     let running = started.saturating_sub(before.reloads_finished());
     let target = before.reloads_finished() + running + 1;
-    client::request(&path, "reload")?;
-    println!("reload queued");
+    match worker {
+        Some(n) => {
+            client::request(&path, &format!("reload worker={n}"))?;
+            println!("reload of worker {n} queued");
+        }
+        None => {
+            client::request(&path, "reload")?;
+            println!("reload queued");
+        }
+    }
     if !args.wait {
         return Ok(());
     }

@@ -47,6 +47,12 @@ pub(crate) enum ControlRequest {
     Stat,
     /// `reload`: a rolling reload, as `SIGHUP`.
     Reload,
+    /// `reload worker=<index>`: one instance replaced, as one step of a
+    /// rolling reload.
+    ReloadInstance {
+        /// The instance.
+        index: u32,
+    },
     /// `stop`: a graceful shutdown, as `SIGTERM`.
     Stop,
     /// `events since=<seq>`: the recent events numbered `since` and later
@@ -71,17 +77,14 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
         "upgrade" => ControlRequest::Upgrade,
         "wait" => return Ok(Request::Wait),
         "events" => ControlRequest::Events { since: 0 },
-        other => match other.strip_prefix("events ").map(str::trim_start) {
-            Some(arg) => match arg.strip_prefix("since=").map(str::parse::<u64>) {
-                Some(Ok(since)) => ControlRequest::Events { since },
-                _ => {
-                    return Err(format!(
-                        "err bad events request {}: expected events since=<number>\n",
-                        escape(arg)
-                    ))
-                }
+        other => match other.split_once(' ') {
+            Some(("events", arg)) => ControlRequest::Events {
+                since: number_arg("events", "since", arg)?,
             },
-            None => {
+            Some(("reload", arg)) => ControlRequest::ReloadInstance {
+                index: number_arg("reload", "worker", arg)?,
+            },
+            _ => {
                 return Err(format!(
                     "err unknown request {}: expected ping, stat, reload, stop, upgrade, wait or events\n",
                     escape(other)
@@ -89,6 +92,23 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
             }
         },
     }))
+}
+
+/// The number in `arg` (blanks around it ignored) if it is
+/// `<key>=<number>`; else the response refusing `request`.
+fn number_arg<T: std::str::FromStr>(request: &str, key: &str, arg: &str) -> Result<T, String> {
+    let arg = arg.trim();
+    match arg
+        .strip_prefix(key)
+        .and_then(|v| v.strip_prefix('='))
+        .map(str::parse)
+    {
+        Some(Ok(n)) => Ok(n),
+        _ => Err(format!(
+            "err bad {request} request {}: expected {request} {key}=<number>\n",
+            escape(arg)
+        )),
+    }
 }
 
 /// What the master did with a [`ControlRequest`], for the server to
@@ -112,6 +132,8 @@ pub(crate) enum ControlAnswer {
     },
     /// `reload`: queued.
     ReloadQueued,
+    /// `reload worker=<index>` of an instance the cluster does not have.
+    NoSuchInstance(crate::cluster::ReloadError),
     /// `stop`: the shutdown has begun.
     ShutdownStarted,
     /// `stop` while shutting down already.
@@ -161,6 +183,7 @@ pub(crate) fn encode_answer(answer: &ControlAnswer, uptime: Duration, reloads: R
             reloads.started,
             reloads.ok + reloads.failed
         ),
+        ControlAnswer::NoSuchInstance(e) => format!("err {e}\n"),
         ControlAnswer::ShutdownStarted => "ok shutdown started\n".into(),
         ControlAnswer::AlreadyShuttingDown => "ok already shutting down\n".into(),
         ControlAnswer::Refused(reason) => format!("err {reason}\n"),
@@ -433,6 +456,23 @@ mod tests {
         assert_eq!(parse_request(b"ping"), master(ControlRequest::Ping));
         assert_eq!(parse_request(b" stat \r"), master(ControlRequest::Stat));
         assert_eq!(parse_request(b"reload"), master(ControlRequest::Reload));
+        assert_eq!(
+            parse_request(b"reload worker=3"),
+            master(ControlRequest::ReloadInstance { index: 3 })
+        );
+        for bad in [
+            "reload worker=-1",
+            "reload worker=",
+            "reload worker=4294967296",
+            "reload 3",
+        ] {
+            let refused = parse_request(bad.as_bytes()).unwrap_err();
+            assert!(refused.starts_with("err bad reload request "), "{bad}: {refused}");
+            assert!(
+                refused.ends_with("expected reload worker=<number>\n"),
+                "{refused}"
+            );
+        }
         assert_eq!(parse_request(b"stop"), master(ControlRequest::Stop));
         assert_eq!(parse_request(b"upgrade"), master(ControlRequest::Upgrade));
         assert_eq!(parse_request(b"wait"), Ok(Request::Wait));
@@ -479,6 +519,15 @@ mod tests {
         assert_eq!(
             encode(ControlAnswer::ReloadQueued),
             "ok reload queued reloads_started=3 reloads_finished=2\n"
+        );
+        assert_eq!(
+            encode(ControlAnswer::NoSuchInstance(
+                crate::cluster::ReloadError::NoSuchInstance {
+                    index: 5,
+                    instances: 2
+                }
+            )),
+            "err no worker 5: the cluster runs workers 0 to 1\n"
         );
         assert_eq!(encode(ControlAnswer::ShutdownStarted), "ok shutdown started\n");
         assert_eq!(

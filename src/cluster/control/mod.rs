@@ -11,6 +11,8 @@
 //! # Protocol
 //! One request line, one response, then the master closes the connection.
 //! Requests: `ping`, `stat`, `reload` (a rolling reload, as `SIGHUP`),
+//! `reload worker=<instance>` (that instance alone replaced the same way:
+//! `err no worker <n>: ...` if the cluster has no such instance),
 //! `stop` (a graceful shutdown, as `SIGTERM`), `upgrade` (a binary
 //! upgrade, as `SIGUSR2`; see below), `wait`, `events` (see below).
 //! Every response starts with `ok ...` or `err <message>`.

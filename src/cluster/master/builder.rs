@@ -2,6 +2,7 @@
 //! that come before any fork.
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::ffi::{CString, OsString};
 use std::fmt;
 use std::io;
@@ -650,6 +651,7 @@ impl ClusterBuilder {
             listeners: RefCell::new(listeners),
             instances,
             reload_asked: Cell::new(0),
+            reload_instances_asked: RefCell::new(Vec::new()),
             shutdown_asked: Cell::new(false),
             control_path: control_server.as_ref().map(|c| c.path().to_path_buf()),
             metrics_addr: metrics_server.as_ref().map(MetricsServer::local_addr),
@@ -677,7 +679,7 @@ impl ClusterBuilder {
             // The bridge starts in the slot of its index, as the instances.
             index_slot: (0..instances + bridges).collect(),
             reload: None,
-            reloads_queued: 0,
+            reload_queue: VecDeque::new(),
             reload_requests_seen: 0,
             shutdown_requests_seen: 0,
             shutdown_deadline: None,

@@ -186,7 +186,7 @@ impl Master<'_> {
         if self.reload.is_some() {
             self.finish_reload(false);
         }
-        self.reloads_queued = 0;
+        self.reload_queue.clear();
         let segment = self.cluster.segment.clone();
         for slot in 0..self.slots.len() as u32 {
             let rec = &mut self.slots[slot as usize];

@@ -61,6 +61,9 @@ pub struct Cluster {
     listeners: RefCell<Listeners>,
     instances: u32,
     reload_asked: Cell<u32>,
+    /// Instances asked to be reloaded alone ([`Cluster::reload_instance`]),
+    /// each at most once.
+    reload_instances_asked: RefCell<Vec<u32>>,
     shutdown_asked: Cell<bool>,
     control_path: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
@@ -110,6 +113,28 @@ impl Cluster {
         self.reload_asked.set(self.reload_asked.get() + 1);
     }
 
+    /// Queues a reload of one instance (`shmcluster reload --worker N`):
+    /// as one step of a rolling reload, its replacement is started in the
+    /// spare slot and the old worker drained once the replacement is
+    /// ready, so nothing it serves is dropped. It counts as a reload
+    /// (`ReloadStarted`/`ReloadFinished` events, `stat`'s reload
+    /// counters); an instance queued already is not queued twice. An
+    /// instance given up after a crash loop is not reloaded (the reload
+    /// finishes failed).
+    pub fn reload_instance(&self, index: u32) -> Result<(), ReloadError> {
+        if index >= self.instances {
+            return Err(ReloadError::NoSuchInstance {
+                index,
+                instances: self.instances,
+            });
+        }
+        let mut asked = self.reload_instances_asked.borrow_mut();
+        if !asked.contains(&index) {
+            asked.push(index);
+        }
+        Ok(())
+    }
+
     /// Begins a graceful shutdown, as `SIGTERM` does.
     pub fn shutdown(&self) {
         self.shutdown_asked.set(true);
@@ -155,6 +180,13 @@ impl Cluster {
                 self.reload();
                 ControlAnswer::ReloadQueued
             }
+            ControlRequest::ReloadInstance { .. } if shutting_down => {
+                ControlAnswer::Refused("the cluster is shutting down")
+            }
+            ControlRequest::ReloadInstance { index } => match self.reload_instance(index) {
+                Ok(()) => ControlAnswer::ReloadQueued,
+                Err(e) => ControlAnswer::NoSuchInstance(e),
+            },
             ControlRequest::Stop if shutting_down => ControlAnswer::AlreadyShuttingDown,
             ControlRequest::Stop => {
                 self.shutdown();
@@ -217,6 +249,42 @@ enum Step {
     Drain { old: u32 },
 }
 
+/// What a queued reload replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReloadScope {
+    /// Every instance, one after another (`SIGHUP`, `reload`).
+    All,
+    /// One instance (`reload worker=N`).
+    Instance(u32),
+}
+
+/// Why [`Cluster::reload_instance`] refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReloadError {
+    /// The cluster has no such instance.
+    NoSuchInstance {
+        /// What was asked for.
+        index: u32,
+        /// Instances `0..instances` exist.
+        instances: u32,
+    },
+}
+
+impl fmt::Display for ReloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoSuchInstance { index, instances } => write!(
+                f,
+                "no worker {index}: the cluster runs workers 0 to {}",
+                instances.saturating_sub(1)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ReloadError {}
+
 struct ReloadRun {
     order: Vec<u32>,
     pos: usize,
@@ -233,7 +301,8 @@ struct Master<'a> {
     /// Instance index → slot.
     index_slot: Vec<u32>,
     reload: Option<ReloadRun>,
-    reloads_queued: u32,
+    /// Reloads asked for and not begun, in order.
+    reload_queue: VecDeque<ReloadScope>,
     reload_requests_seen: u32,
     shutdown_requests_seen: u32,
     shutdown_deadline: Option<Instant>,
@@ -269,6 +338,11 @@ struct Master<'a> {
 }
 
 impl Master<'_> {
+    /// A reload runs or is queued.
+    fn reloading(&self) -> bool {
+        self.reload.is_some() || !self.reload_queue.is_empty()
+    }
+
     /// The host's NATS bridge's instance index (one past the instances'),
     /// if this master runs one.
     fn bridge_index(&self) -> Option<u32> {

@@ -268,7 +268,7 @@ impl Master<'_> {
         let (ready, live) = self.ready_instances();
         let all_ready = live > 0 && ready == live;
         let stopping = self.shutdown_deadline.is_some();
-        let reloading = self.reload.is_some() || self.reloads_queued > 0;
+        let reloading = self.reloading();
         let status = format!(
             "{}{ready}/{instances} workers ready, {} restarts{}",
             if stopping {

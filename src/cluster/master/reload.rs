@@ -6,7 +6,7 @@ use std::io;
 use std::sync::atomic::Ordering::*;
 use std::time::Instant;
 
-use super::{Master, ReloadRun, Step};
+use super::{Master, ReloadRun, ReloadScope, Step};
 use crate::cluster::{EventKind, ExitReason, WorkerState};
 use crate::segment::table::STOP_DRAIN;
 use crate::sys;
@@ -24,22 +24,33 @@ impl Master<'_> {
     pub(super) fn step_reload(&mut self) -> io::Result<()> {
         loop {
             if self.reload.is_none() {
-                if self.reloads_queued == 0 {
+                let Some(scope) = self.reload_queue.pop_front() else {
                     return Ok(());
-                }
-                self.reloads_queued -= 1;
+                };
                 // The application's instances only: the host's NATS
                 // bridge (index `instances`) is never replaced by a
                 // reload, which would cut the host off from the others.
-                let order = (0..self.cluster.instances)
+                let wanted = match scope {
+                    ReloadScope::All => 0..self.cluster.instances,
+                    ReloadScope::Instance(i) => i..(i + 1).min(self.cluster.instances),
+                };
+                let order: Vec<u32> = wanted
                     .filter(|&i| !self.slots[self.index_slot[i as usize] as usize].failed)
                     .collect();
+                let nothing = order.is_empty() && scope != ReloadScope::All;
                 self.reload = Some(ReloadRun {
                     order,
                     pos: 0,
                     step: None,
                 });
                 self.publish(EventKind::ReloadStarted, u32::MAX);
+                if nothing {
+                    if let ReloadScope::Instance(i) = scope {
+                        eprintln!("shmcluster: worker {i} was given up after a crash loop; not reloading it");
+                    }
+                    self.finish_reload(false);
+                    continue;
+                }
             }
             let now = Instant::now();
             let Some(run) = self.reload.as_mut() else {

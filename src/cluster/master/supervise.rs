@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering::*;
 use std::time::{Duration, Instant};
 
-use super::Master;
+use super::{Master, ReloadScope};
 use crate::cluster::control::ControlServer;
 use crate::cluster::metrics::MetricsServer;
 use crate::cluster::{Event, EventKind, ExitReason, WorkerState};
@@ -54,9 +54,16 @@ impl Master<'_> {
             let requests = self.cluster.segment.control().reload_requests.load(Acquire);
             if requests != self.reload_requests_seen {
                 self.reload_requests_seen = requests;
-                self.reloads_queued += 1;
+                self.reload_queue.push_back(ReloadScope::All);
             }
-            self.reloads_queued += asked.min(1);
+            if asked > 0 {
+                self.reload_queue.push_back(ReloadScope::All);
+            }
+            for index in self.cluster.reload_instances_asked.take() {
+                if !self.reload_queue.contains(&ReloadScope::Instance(index)) {
+                    self.reload_queue.push_back(ReloadScope::Instance(index));
+                }
+            }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.slots.iter().all(|s| s.pid.is_none()) {
                     return Ok(());
@@ -69,7 +76,7 @@ impl Master<'_> {
             self.run_timers()?;
             self.check_locks();
             self.step_reload()?;
-            if self.upgrade_queued && self.reload.is_none() && self.reloads_queued == 0 {
+            if self.upgrade_queued && !self.reloading() {
                 self.upgrade_queued = false;
                 if let Err(reason) = self.begin_upgrade() {
                     eprintln!("shmcluster: cannot upgrade: {reason}");
@@ -186,8 +193,8 @@ impl Master<'_> {
         while let Some(sig) = self.signals.next()? {
             match sig {
                 signal::SIGTERM | signal::SIGINT => self.begin_shutdown(),
-                signal::SIGHUP => self.reloads_queued += 1,
-                signal::SIGUSR2 if self.reload.is_some() || self.reloads_queued > 0 => {
+                signal::SIGHUP => self.reload_queue.push_back(ReloadScope::All),
+                signal::SIGUSR2 if self.reloading() => {
                     self.upgrade_queued = true;
                 }
                 signal::SIGUSR2 => {

@@ -504,7 +504,7 @@ impl Master<'_> {
                 run.pid
             ));
         }
-        if self.reload.is_some() || self.reloads_queued > 0 {
+        if self.reloading() {
             return Err("a reload is running; upgrade once it has finished".into());
         }
         // While both run, control clients reach the new master: it does

@@ -187,6 +187,12 @@ fn act(path: &Path, model: &mut Model, key: Key) -> Option<u8> {
                 Err(e) => e.to_string(),
             });
         }
+        Action::ReloadWorker(index) => {
+            model.message = Some(match client::request(path, &format!("reload worker={index}")) {
+                Ok(_) => format!("reload of worker {index} queued"),
+                Err(e) => e.to_string(),
+            });
+        }
         Action::Stop => {
             model.message = Some(match client::request(path, "stop") {
                 Ok(answer) => format!("stop: {}", answer.trim_start_matches("ok ").trim_end()),

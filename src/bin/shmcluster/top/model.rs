@@ -134,6 +134,8 @@ pub enum Action {
     Quit,
     /// Ask the master for a rolling reload.
     Reload,
+    /// Ask the master to reload this instance alone.
+    ReloadWorker(u32),
     /// Ask the master to stop (confirmed).
     Stop,
 }
@@ -345,6 +347,17 @@ impl Model {
                 Action::None
             }
             Key::Char('r') if self.gone.is_none() => Action::Reload,
+            // The selected row's instance (none for a spare slot or the
+            // NATS bridge, which a reload never replaces).
+            Key::Char('w') if self.gone.is_none() => {
+                match self.selected_worker().and_then(|w| w.index.parse().ok()) {
+                    Some(index) => Action::ReloadWorker(index),
+                    None => {
+                        self.message = Some("the selected row runs no instance".into());
+                        Action::None
+                    }
+                }
+            }
             Key::Char('s') if self.gone.is_none() => {
                 self.confirm_stop = true;
                 Action::None
@@ -588,6 +601,16 @@ mod tests {
         assert_eq!(model.key(Key::Char('k')), Action::None);
         assert_eq!(model.selected_worker().unwrap().pid, Some(10));
         assert_eq!(model.key(Key::Char('r')), Action::Reload);
+        assert_eq!(model.key(Key::Char('w')), Action::ReloadWorker(0));
+        model.key(Key::Down);
+        assert_eq!(model.key(Key::Char('w')), Action::ReloadWorker(1));
+        model.workers[1].index = "bridge".into();
+        assert_eq!(model.key(Key::Char('w')), Action::None, "no instance to reload");
+        assert_eq!(
+            model.message.as_deref(),
+            Some("the selected row runs no instance")
+        );
+        model.key(Key::Up);
         assert_eq!(model.key(Key::Char('s')), Action::None);
         assert!(model.confirm_stop);
         assert_eq!(model.key(Key::Char('n')), Action::None, "anything but y cancels");
@@ -599,6 +622,7 @@ mod tests {
         }
         model.master_gone("gone".into());
         assert_eq!(model.key(Key::Char('r')), Action::None, "nobody to reload");
+        assert_eq!(model.key(Key::Char('w')), Action::None, "nobody to reload");
         assert_eq!(model.key(Key::Char('q')), Action::Quit);
     }
 }

@@ -251,7 +251,7 @@ fn draw_footer(frame: &mut Frame<'_>, area: Rect, model: &Model) {
         let keys = if model.gone.is_some() {
             "q quit".to_string()
         } else {
-            "up/down or j/k select   r reload   s stop   q quit".to_string()
+            "up/down or j/k select   w reload worker   r reload all   s stop   q quit".to_string()
         };
         match &model.message {
             Some(m) => Line::from(format!(" {keys}   | {}", printable(m))),
@@ -357,7 +357,10 @@ mod tests {
         let crashed = text.find("#7").unwrap();
         assert!(spawned < crashed, "{text}");
         assert!(text.contains("worker 1 ended: killed by signal 9"), "{text}");
-        assert!(text.contains("r reload   s stop   q quit"), "{text}");
+        assert!(
+            text.contains("w reload worker   r reload all   s stop   q quit"),
+            "{text}"
+        );
         assert!(!text.contains("master gone"));
     }
 
