@@ -36,7 +36,7 @@ mod common;
 #[path = "common/http.rs"]
 mod http;
 use common::{wait_child, Check};
-use http::{alive, field, join, read_all, Scenario, Wrk, MASTER};
+use http::{alive, field, wrk_through_two_reloads, ReloadsUnderWrk, Scenario, Wrk, MASTER};
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -538,13 +538,13 @@ fn reloads_under_wrk_fail_no_get() -> Check {
     println!(
         "    wrk GET / through two reloads (SIGHUP at 2 s and {:.1?}): {} requests, socket errors {:?}, \
          non-2xx {}; pids {:?} -> {:?} -> {:?}",
-        run.second_reload,
+        run.reloads.second_reload,
         run.wrk.requests,
         run.wrk.socket_errors,
         run.wrk.non_2xx,
-        run.pids[0],
-        run.pids[1],
-        run.pids[2]
+        run.reloads.pids[0],
+        run.reloads.pids[1],
+        run.reloads.pids[2]
     );
     run.check()?;
     server.stop()
@@ -564,7 +564,7 @@ fn reloads_under_wrk_fail_no_post() -> Check {
     let posted = run
         .wrk
         .posted
-        .ok_or_else(|| format!("the script printed no 2xx POST count:\n{}", run.output))?;
+        .ok_or_else(|| format!("the script printed no 2xx POST count:\n{}", run.reloads.output))?;
     let mut conn = Conn::open(&server.addr).map_err(|e| e.to_string())?;
     let r = conn.send("GET", "/counter", None).map_err(|e| e.to_string())?;
     ensure!(r.status == 200, "GET /counter: {} {}", r.status, r.body);
@@ -574,16 +574,16 @@ fn reloads_under_wrk_fail_no_post() -> Check {
     println!(
         "    wrk POST /counter through two reloads (SIGHUP at 2 s and {:.1?}): {} requests, {posted} POSTs \
          answered 2xx, counter {counter}, socket errors {:?}, non-2xx {}; pids {:?} -> {:?} -> {:?}",
-        run.second_reload,
+        run.reloads.second_reload,
         run.wrk.requests,
         run.wrk.socket_errors,
         run.wrk.non_2xx,
-        run.pids[0],
-        run.pids[1],
-        run.pids[2]
+        run.reloads.pids[0],
+        run.reloads.pids[1],
+        run.reloads.pids[2]
     );
     run.check()?;
-    ensure!(posted > 0, "no POST answered 2xx:\n{}", run.output);
+    ensure!(posted > 0, "no POST answered 2xx:\n{}", run.reloads.output);
     ensure!(
         counter == posted,
         "the counter is {counter} after {posted} POSTs answered 2xx (and no other POST answered)"
@@ -624,14 +624,11 @@ function done(summary, latency, requests)
 end
 "#;
 
-/// One wrk run through two reloads, and the workers' pids before, between
-/// and after them.
+/// One wrk run through two reloads ([`http::wrk_through_two_reloads`]),
+/// and wrk's summary.
 struct WrkRun {
     wrk: Wrk,
-    output: String,
-    pids: [BTreeSet<u32>; 3],
-    /// When the second SIGHUP went, from wrk's start.
-    second_reload: Duration,
+    reloads: ReloadsUnderWrk,
 }
 
 impl WrkRun {
@@ -643,63 +640,39 @@ impl WrkRun {
             "wrk saw socket errors (connect, read, write, timeout) {:?} and {} non-2xx answers:\n{}",
             self.wrk.socket_errors,
             self.wrk.non_2xx,
-            self.output
+            self.reloads.output
         );
-        ensure!(self.wrk.requests > 0, "wrk made no request:\n{}", self.output);
         ensure!(
-            self.pids[1].is_disjoint(&self.pids[0]) && self.pids[2].is_disjoint(&self.pids[1]),
-            "not every worker was replaced twice: pids {:?} -> {:?} -> {:?}",
-            self.pids[0],
-            self.pids[1],
-            self.pids[2]
+            self.wrk.requests > 0,
+            "wrk made no request:\n{}",
+            self.reloads.output
         );
-        Ok(())
+        self.reloads.every_worker_replaced_twice()
     }
 }
 
 /// Runs `wrk -t2 -c32 -d<secs>s --timeout 10s` (with `script`, if any)
 /// against `server`, sending SIGHUP to the master 2 s and 5 s in.
 fn reloads_under_wrk(server: &Server, script: Option<&std::path::Path>, secs: u64) -> Result<WrkRun, String> {
-    let before = server.stats()?.pids();
     let mut command = Command::new("wrk");
     command.args(["-t2", "-c32", &format!("-d{secs}s"), "--timeout", "10s"]);
     if let Some(script) = script {
         command.arg("-s").arg(script);
     }
-    let mut wrk = command
-        .arg(format!("http://{}/", server.addr))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("wrk (the Debian package; `.ci/run` installs it): {e}"))?;
-    // Read on threads, so that a full pipe never stops wrk.
-    let out = read_all(wrk.stdout.take());
-    let err = read_all(wrk.stderr.take());
-    let start = Instant::now();
-    let result = (|| {
-        std::thread::sleep(Duration::from_secs(2));
-        server.signal(Signal::SIGHUP)?;
-        // Every worker replaced once (the reload is one worker at a time;
-        // on a slow machine the second SIGHUP waits for it, later than 5 s).
-        let between = server.wait_for_workers(Duration::from_secs(10), |s| s.pids().is_disjoint(&before))?;
-        std::thread::sleep(Duration::from_secs(5).saturating_sub(start.elapsed()));
-        server.signal(Signal::SIGHUP)?;
-        Ok::<_, String>((between.pids(), start.elapsed()))
-    })();
-    let status = wait_child(&mut wrk, Duration::from_secs(secs + 15));
-    let (between, second_reload) = result?;
-    let status = status?;
-    let output = format!("{}{}", join(out)?, join(err)?);
-    ensure!(status.success(), "wrk exited {status}:\n{output}");
-    let after = server
-        .wait_for_workers(Duration::from_secs(10), |s| s.pids().is_disjoint(&between))?
-        .pids();
+    command.arg(format!("http://{}/", server.addr));
+    let reloads = wrk_through_two_reloads(
+        &mut command,
+        Duration::from_secs(secs + 15),
+        || server.signal(Signal::SIGHUP),
+        |done| {
+            Ok(server
+                .wait_for_workers(Duration::from_secs(30), |s| done(&s.pids()))?
+                .pids())
+        },
+    )?;
     Ok(WrkRun {
-        wrk: Wrk::parse(&output)?,
-        output,
-        pids: [before, between, after],
-        second_reload,
+        wrk: Wrk::parse(&reloads.output)?,
+        reloads,
     })
 }
 

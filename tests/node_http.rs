@@ -18,7 +18,7 @@
 //! no `npm install` first and a stale `node/shmcluster.node` is never run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,8 +33,8 @@ mod http;
 #[path = "common/node.rs"]
 mod node;
 use common::python::root;
-use common::{wait_child, Check};
-use http::{alive, field, join, read_all, Cluster, Conn, Scenario, Wrk, PIDS_SCRIPT};
+use common::Check;
+use http::{field, wrk_get_pids, wrk_through_two_reloads, Cluster, Conn, Scenario, Wrk};
 use node::build_addon;
 
 /// The `shmcluster` command.
@@ -90,56 +90,35 @@ fn reloads_under_wrk_fail_no_get_reuseport() -> Check {
 
 fn reloads_under_wrk(extra: &[&str]) -> Check {
     let server = Server::start_with(extra)?;
-    let before = server.workers()?;
-    let script = common::tmp().join("pids.lua");
-    std::fs::write(&script, PIDS_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
-    let mut wrk = Command::new("wrk")
-        .args(["-t2", "-c32", "-d8s", "--timeout", "10s", "-s"])
-        .arg(&script)
-        .arg(format!("http://{}/", server.addr))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("wrk (the Debian package; `.ci/run` installs it): {e}"))?;
-    // Read on threads, so that a full pipe never stops wrk.
-    let out = read_all(wrk.stdout.take());
-    let err = read_all(wrk.stderr.take());
-    let start = Instant::now();
-    let reloads = (|| {
-        std::thread::sleep(Duration::from_secs(2));
-        server.signal(Signal::SIGHUP)?;
-        // Every worker replaced once (one at a time; on a slow machine the
-        // second SIGHUP waits for it, later than 5 s).
-        let between =
-            server.wait_for_workers(Duration::from_secs(15), |w| w.pids().is_disjoint(&before.pids()))?;
-        std::thread::sleep(Duration::from_secs(5).saturating_sub(start.elapsed()));
-        server.signal(Signal::SIGHUP)?;
-        Ok::<_, String>((between, start.elapsed()))
-    })();
-    let status = wait_child(&mut wrk, Duration::from_secs(25));
-    let (between, second) = reloads?;
-    let status = status?;
-    let output = format!("{}{}", join(out)?, join(err)?);
-    ensure!(status.success(), "wrk exited {status}:\n{output}");
-    let after =
-        server.wait_for_workers(Duration::from_secs(15), |w| w.pids().is_disjoint(&between.pids()))?;
-    let run = Wrk::parse_with_pids(&output)?;
+    let reloads = wrk_through_two_reloads(
+        &mut wrk_get_pids(&server.addr, 32, 8)?,
+        Duration::from_secs(25),
+        || server.signal(Signal::SIGHUP),
+        |done| {
+            Ok(server
+                .wait_for_workers(Duration::from_secs(30), |w| done(&w.pids()))?
+                .pids())
+        },
+    )?;
+    let [before, between, _] = &reloads.pids;
+    let output = &reloads.output;
+    let run = Wrk::parse_with_pids(output)?;
     println!(
-        "    {} wrk GET / through two reloads (SIGHUP at 2 s and {second:.1?}): {} requests, socket errors \
+        "    {} wrk GET / through two reloads (SIGHUP at 2 s and {:.1?}): {} requests, socket errors \
          (connect, read, write, timeout) {:?}, non-2xx {}; answered by {} pids; pids {:?} -> {:?} -> {:?}",
         if extra.is_empty() {
             "one shared socket:"
         } else {
             "--reuseport:"
         },
+        reloads.second_reload,
         run.requests,
         run.socket_errors,
         run.non_2xx,
         run.pids.len(),
-        before.pids(),
-        between.pids(),
-        after.pids()
+        reloads.pids[0],
+        reloads.pids[1],
+        reloads.pids[2]
     );
     ensure!(
         run.socket_errors == [0; 4] && run.non_2xx == 0,
@@ -152,32 +131,27 @@ fn reloads_under_wrk(extra: &[&str]) -> Check {
         "wrk made only {} requests:\n{output}",
         run.requests
     );
-    ensure!(
-        between.pids().is_disjoint(&before.pids()) && after.pids().is_disjoint(&between.pids()),
-        "not every worker was replaced twice"
-    );
+    reloads.every_worker_replaced_twice()?;
     // Answers came from the first two generations during the load: the
     // load moved to the replacements. (The third may start late in the
     // run on a slow machine; it is checked below, after the load.)
-    for (name, set) in [("first", &before), ("second", &between)] {
+    for (name, set) in [("first", before), ("second", between)] {
         ensure!(
-            !set.pids().is_disjoint(&run.pids),
-            "no answer during the load came from the {name} generation's pids {:?} (answers from {:?})",
-            set.pids(),
+            !set.is_disjoint(&run.pids),
+            "no answer during the load came from the {name} generation's pids {set:?} (answers from {:?})",
             run.pids
         );
     }
     // The old workers drained and exited; what answers now is the last
     // generation, on new connections and their keep-alive successors.
-    let old: BTreeSet<u32> = before.pids().union(&between.pids()).copied().collect();
-    let start = Instant::now();
-    while let Some(pid) = old.iter().find(|p| alive(**p)) {
-        ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "the replaced worker {pid} still runs 10 s after the reloads"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    reloads.old_workers_gone(Duration::from_secs(10))?;
+    let after = server.workers()?;
+    ensure!(
+        after.pids() == reloads.pids[2],
+        "the workers changed after the reloads: {:?} -> {:?}",
+        reloads.pids[2],
+        after.pids()
+    );
     let mut generations = BTreeMap::new();
     for _ in 0..20 {
         let mut conn = Conn::open(&server.addr).map_err(|e| e.to_string())?;

@@ -46,8 +46,8 @@ mod common;
 #[path = "common/http.rs"]
 mod http;
 use common::python::{build_library, library, root, venv_with};
-use common::{wait_child, Check};
-use http::{alive, field, join, read_all, Cluster, Conn, Scenario, Wrk, PIDS_SCRIPT};
+use common::Check;
+use http::{field, wrk_get_pids, wrk_through_two_reloads, Cluster, Conn, Scenario, Wrk};
 
 /// The `shmcluster` command.
 const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
@@ -156,51 +156,27 @@ fn python() -> Result<PathBuf, String> {
 /// replacement).
 fn reloads_under_wrk(kind: Kind, extra: &[&str]) -> Check {
     let server = Server::start_with(kind, extra)?;
-    let before = server.workers()?;
-    let script = common::tmp().join("pids.lua");
-    std::fs::write(&script, PIDS_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
-    let mut wrk = Command::new("wrk")
-        .args(["-t2", "-c32", "-d8s", "--timeout", "10s", "-s"])
-        .arg(&script)
-        .arg(format!("http://{}/", server.addr))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("wrk (the Debian package; `.ci/run` installs it): {e}"))?;
-    // Read on threads, so that a full pipe never stops wrk.
-    let out = read_all(wrk.stdout.take());
-    let err = read_all(wrk.stderr.take());
-    let start = Instant::now();
-    let reloads = (|| {
-        std::thread::sleep(Duration::from_secs(2));
-        server.signal(Signal::SIGHUP)?;
-        // Every worker replaced once (one at a time; on a slow machine the
-        // second SIGHUP waits for it, later than 5 s).
-        let between =
-            server.wait_for_workers(Duration::from_secs(30), |w| w.pids().is_disjoint(&before.pids()))?;
-        std::thread::sleep(Duration::from_secs(5).saturating_sub(start.elapsed()));
-        server.signal(Signal::SIGHUP)?;
-        Ok::<_, String>((between, start.elapsed()))
-    })();
-    let status = wait_child(&mut wrk, Duration::from_secs(40));
-    let (between, second) = reloads?;
-    let status = status?;
-    let output = format!("{}{}", join(out)?, join(err)?);
-    ensure!(status.success(), "wrk exited {status}:\n{output}");
-    let after =
-        server.wait_for_workers(Duration::from_secs(30), |w| w.pids().is_disjoint(&between.pids()))?;
-    let run = Wrk::parse_with_pids(&output)?;
+    let reloads = wrk_through_two_reloads(
+        &mut wrk_get_pids(&server.addr, 32, 8)?,
+        Duration::from_secs(40),
+        || server.signal(Signal::SIGHUP),
+        |done| {
+            Ok(server
+                .wait_for_workers(Duration::from_secs(30), |w| done(&w.pids()))?
+                .pids())
+        },
+    )?;
+    let [before, between, after] = &reloads.pids;
+    let output = &reloads.output;
+    let run = Wrk::parse_with_pids(output)?;
     println!(
-        "    {kind:?} {extra:?}: wrk GET / through two reloads (SIGHUP at 2 s and {second:.1?}): {} requests, socket errors \
-         (connect, read, write, timeout) {:?}, non-2xx {}; answered by {} pids; pids {:?} -> {:?} -> {:?}",
+        "    {kind:?} {extra:?}: wrk GET / through two reloads (SIGHUP at 2 s and {:.1?}): {} requests, socket errors \
+         (connect, read, write, timeout) {:?}, non-2xx {}; answered by {} pids; pids {before:?} -> {between:?} -> {after:?}",
+        reloads.second_reload,
         run.requests,
         run.socket_errors,
         run.non_2xx,
         run.pids.len(),
-        before.pids(),
-        between.pids(),
-        after.pids()
     );
     ensure!(
         run.socket_errors == [0; 4] && run.non_2xx == 0,
@@ -214,32 +190,21 @@ fn reloads_under_wrk(kind: Kind, extra: &[&str]) -> Check {
         "wrk made only {} requests:\n{output}",
         run.requests
     );
+    reloads.every_worker_replaced_twice()?;
     ensure!(
-        !before.pids().is_disjoint(&run.pids) && !between.pids().is_disjoint(&run.pids),
-        "answers during the load came from {:?}, not from both of the first two generations {:?}, {:?}",
+        !before.is_disjoint(&run.pids) && !between.is_disjoint(&run.pids),
+        "answers during the load came from {:?}, not from both of the first two generations {before:?}, {between:?}",
         run.pids,
-        before.pids(),
-        between.pids()
     );
-    // The old workers drained and exited.
-    let old: BTreeSet<u32> = before.pids().union(&between.pids()).copied().collect();
-    let start = Instant::now();
-    while let Some(pid) = old.iter().find(|p| alive(**p)) {
-        ensure!(
-            start.elapsed() < Duration::from_secs(15),
-            "the replaced worker {pid} still runs 15 s after the reloads"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    reloads.old_workers_gone(Duration::from_secs(15))?;
     for _ in 0..20 {
         let mut conn = Conn::open_any(&server.addr).map_err(|e| e.to_string())?;
         let r = conn.send("GET", "/").map_err(|e| e.to_string())?;
         ensure!(r.status == 200, "GET /: {} {}", r.status, r.body);
         let (_, pid) = banner(&r.body)?;
         ensure!(
-            after.pids().contains(&pid),
-            "pid {pid} answered after the reloads, not one of {:?}",
-            after.pids()
+            after.contains(&pid),
+            "pid {pid} answered after the reloads, not one of {after:?}"
         );
     }
     server.stop()

@@ -66,7 +66,7 @@ mod common;
 #[path = "common/http.rs"]
 mod http;
 use common::{built_example, wait_child, Check};
-use http::{alive, join, read_all, Cluster, Scenario, Wrk, MASTER, PIDS_SCRIPT};
+use http::{alive, join, read_all, wrk_get_pids, Cluster, Scenario, Wrk, WrkChild, MASTER};
 
 /// The `shmcluster` command.
 const BIN: &str = env!("CARGO_BIN_EXE_shmcluster");
@@ -323,35 +323,16 @@ fn number_after(body: &str, key: &str) -> Result<u64, String> {
 
 /// `wrk -t2 -c16 -d<secs>s` with the pids script, started now; `finish`
 /// waits for it and parses its summary.
-struct Load {
-    child: std::process::Child,
-    out: std::thread::JoinHandle<String>,
-    err: std::thread::JoinHandle<String>,
-}
+struct Load(WrkChild);
 
 impl Load {
     fn start(addr: &str, secs: u32) -> Result<Load, String> {
-        let script = common::tmp().join("pids.lua");
-        std::fs::write(&script, PIDS_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
-        let mut child = Command::new("wrk")
-            .args(["-t2", "-c16", &format!("-d{secs}s"), "--timeout", "10s", "-s"])
-            .arg(&script)
-            .arg(format!("http://{addr}/"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("wrk (the Debian package; `.ci/run` installs it): {e}"))?;
-        let out = read_all(child.stdout.take());
-        let err = read_all(child.stderr.take());
-        Ok(Load { child, out, err })
+        Ok(Load(WrkChild::spawn(&mut wrk_get_pids(addr, 16, secs)?)?))
     }
 
     /// wrk's summary; every socket error and non-2xx answer is a failure.
-    fn finish(mut self, secs: u32) -> Result<Wrk, String> {
-        let status = wait_child(&mut self.child, Duration::from_secs(u64::from(secs) + 30))?;
-        let output = format!("{}{}", join(self.out)?, join(self.err)?);
-        ensure!(status.success(), "wrk exited {status}:\n{output}");
+    fn finish(self, secs: u32) -> Result<Wrk, String> {
+        let output = self.0.output(Duration::from_secs(u64::from(secs) + 30))?;
         let run = Wrk::parse_with_pids(&output)?;
         ensure!(
             run.socket_errors == [0; 4] && run.non_2xx == 0,

@@ -350,6 +350,130 @@ pub fn join(t: JoinHandle<String>) -> Result<String, String> {
     t.join().map_err(|_| "a pipe reader panicked".to_string())
 }
 
+// ------------------------------------------------------------ wrk through reloads
+
+/// One `wrk` run through two rolling reloads ([`wrk_through_two_reloads`]).
+pub struct ReloadsUnderWrk {
+    /// wrk's stdout, then its stderr.
+    pub output: String,
+    /// The workers' pids before, between and after the two reloads.
+    pub pids: [BTreeSet<u32>; 3],
+    /// When the second reload was asked for, from wrk's start.
+    pub second_reload: Duration,
+}
+
+impl ReloadsUnderWrk {
+    /// Every worker was replaced by each reload.
+    pub fn every_worker_replaced_twice(&self) -> Check {
+        let [before, between, after] = &self.pids;
+        ensure!(
+            between.is_disjoint(before) && after.is_disjoint(between),
+            "not every worker was replaced twice: pids {before:?} -> {between:?} -> {after:?}"
+        );
+        Ok(())
+    }
+
+    /// The workers of the first two generations have exited, within `limit`.
+    pub fn old_workers_gone(&self, limit: Duration) -> Check {
+        let start = std::time::Instant::now();
+        while let Some(pid) = self.pids[..2].iter().flatten().find(|p| alive(**p)) {
+            ensure!(
+                start.elapsed() < limit,
+                "the replaced worker {pid} still runs {limit:?} after the reloads"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+/// `wrk -t2 -c<connections> -d<secs>s --timeout 10s` on `GET
+/// http://<addr>/` with [`PIDS_SCRIPT`] (written to the scenario's
+/// temporary directory), which prints the pids that answered.
+pub fn wrk_get_pids(addr: &str, connections: u32, secs: u32) -> Result<Command, String> {
+    let script = super::common::tmp().join("pids.lua");
+    std::fs::write(&script, PIDS_SCRIPT).map_err(|e| format!("{}: {e}", script.display()))?;
+    let mut wrk = Command::new("wrk");
+    wrk.args([
+        "-t2",
+        &format!("-c{connections}"),
+        &format!("-d{secs}s"),
+        "--timeout",
+        "10s",
+        "-s",
+    ])
+    .arg(&script)
+    .arg(format!("http://{addr}/"));
+    Ok(wrk)
+}
+
+/// A `wrk` started with its pipes read on threads, so that a full pipe
+/// never stops it.
+pub struct WrkChild {
+    child: Child,
+    out: JoinHandle<String>,
+    err: JoinHandle<String>,
+}
+
+impl WrkChild {
+    /// Starts `wrk` (its options and URL given).
+    pub fn spawn(wrk: &mut Command) -> Result<WrkChild, String> {
+        let mut child = wrk
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("wrk (the Debian package; `.ci/run` installs it): {e}"))?;
+        let out = read_all(child.stdout.take());
+        let err = read_all(child.stderr.take());
+        Ok(WrkChild { child, out, err })
+    }
+
+    /// Waits for it (at most `limit`): its stdout then stderr, if it
+    /// exited 0.
+    pub fn output(mut self, limit: Duration) -> Result<String, String> {
+        let status = wait_child(&mut self.child, limit)?;
+        let output = format!("{}{}", join(self.out)?, join(self.err)?);
+        ensure!(status.success(), "wrk exited {status}:\n{output}");
+        Ok(output)
+    }
+}
+
+/// Runs `wrk` (its options and URL given; see [`WrkChild`]) for at most `limit`,
+/// and asks for a rolling reload (`reload`, say SIGHUP to the master) 2 s
+/// and 5 s after it starts — the second only once every worker has been
+/// replaced, later than 5 s on a slow machine. `workers(done)` waits (up to
+/// 30 s) until the workers' pids satisfy `done` and returns them. wrk must
+/// exit 0; its output is not judged here.
+pub fn wrk_through_two_reloads(
+    wrk: &mut Command,
+    limit: Duration,
+    reload: impl Fn() -> Check,
+    workers: impl Fn(&dyn Fn(&BTreeSet<u32>) -> bool) -> Result<BTreeSet<u32>, String>,
+) -> Result<ReloadsUnderWrk, String> {
+    let before = workers(&|_| true)?;
+    let child = WrkChild::spawn(wrk)?;
+    let start = std::time::Instant::now();
+    let reloads = (|| {
+        std::thread::sleep(Duration::from_secs(2));
+        reload()?;
+        // Every worker replaced once (a reload replaces one at a time).
+        let between = workers(&|pids| pids.is_disjoint(&before))?;
+        std::thread::sleep(Duration::from_secs(5).saturating_sub(start.elapsed()));
+        reload()?;
+        Ok::<_, String>((between, start.elapsed()))
+    })();
+    let output = child.output(limit);
+    let (between, second_reload) = reloads?;
+    let output = output?;
+    let after = workers(&|pids| pids.is_disjoint(&between))?;
+    Ok(ReloadsUnderWrk {
+        output,
+        pids: [before, between, after],
+        second_reload,
+    })
+}
+
 // ------------------------------------------------------------ a small HTTP/1.1 client
 
 /// One keep-alive connection; answers must carry a `Content-Length`.
