@@ -223,6 +223,12 @@ pub fn stopped_listening(e: &io::Error, fd: BorrowedFd<'_>) -> bool {
     e.raw_os_error() == Some(libc::EINVAL) && socket_is_listening(fd).is_ok_and(|on| !on)
 }
 
+/// `getsockopt(2)` `SO_REUSEPORT`: whether `fd` was made to share its
+/// port (it must have been before `bind(2)` to be in a group).
+pub fn has_reuse_port(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(socket::getsockopt(&fd, sockopt::ReusePort)?)
+}
+
 /// `getsockopt(2)` `SO_ACCEPTCONN`: whether `fd` is listening.
 pub fn socket_is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(socket::getsockopt(&fd, sockopt::AcceptConn)?)

@@ -568,6 +568,19 @@ impl Listeners {
                         })?;
                     }
                 }
+                // A shared socket cannot take part in a group: another
+                // socket on its port would fail with EADDRINUSE.
+                let shared = net::has_reuse_port(mine[0].as_fd())
+                    .map(|on| !on)
+                    .map_err(|source| ListenError::Bind {
+                        addr: spec.addr.clone(),
+                        source,
+                    })?;
+                if mine.len() < want && shared {
+                    return Err(ListenError::ModeChange {
+                        addr: spec.addr.clone(),
+                    });
+                }
                 while mine.len() < want {
                     let actual =
                         net::local_addr_tcp(mine[0].as_fd()).map_err(|source| ListenError::Bind {
@@ -944,6 +957,26 @@ mod tests {
         let again = opened_inode(new.open(&asked_port, ListenMode::Shared).unwrap());
         assert_eq!(again, requested);
         assert!(new.paths_handed, "files not the new master's yet");
+    }
+
+    /// `Shared` → `ReusePort` in an upgrade: with more than one instance
+    /// a typed error that says why (rather than `EADDRINUSE` from the
+    /// second socket's `bind`); with one, the handed socket serves.
+    #[test]
+    fn a_shared_socket_cannot_become_reuseport_in_an_upgrade() {
+        let spec = ListenSpec::new(tcp("127.0.0.1:0"));
+        let old = Listeners::bind(std::slice::from_ref(&spec), 2).unwrap();
+        let reuseport = [spec.mode(ListenMode::ReusePort)];
+        let (handed, inherited) = received(&old);
+        match Listeners::adopt(&reuseport, 2, handed, inherited, false) {
+            Err(e @ ListenError::ModeChange { .. }) => {
+                assert!(e.to_string().contains("restart the cluster"), "{e}")
+            }
+            other => panic!("{:?}", other.map(|l| l.all_fds().len())),
+        }
+        let (handed, inherited) = received(&old);
+        let new = Listeners::adopt(&reuseport, 1, handed, inherited, false).unwrap();
+        assert_eq!(inode(new.for_instance(0)[0].0), inode(old.for_instance(0)[0].0));
     }
 
     /// A new master with fewer `ReusePort` instances stops listening on

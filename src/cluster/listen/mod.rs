@@ -70,6 +70,16 @@ pub enum ListenError {
         /// The socket's path.
         path: PathBuf,
     },
+    /// A binary upgrade's new master asks for [`ListenMode::ReusePort`]
+    /// on an address the old master served with one shared socket: the
+    /// kernel lets no other socket join a port bound without
+    /// `SO_REUSEPORT`, so the mode cannot change while the cluster runs
+    /// (the upgrade fails and the old master keeps serving). Restart the
+    /// cluster to change it; `ReusePort` → `Shared` works in an upgrade.
+    ModeChange {
+        /// The address.
+        addr: ListenAddr,
+    },
     /// A listener name is not valid in `LISTEN_FDNAMES`.
     InvalidName {
         /// The name.
@@ -96,6 +106,12 @@ impl fmt::Display for ListenError {
         match self {
             Self::Resolve { addr, reason } => write!(f, "cannot resolve listen address `{addr}`: {reason}"),
             Self::Bind { addr, source } => write!(f, "cannot listen on {addr}: {source}"),
+            Self::ModeChange { addr } => write!(
+                f,
+                "{addr} was one shared socket and is now SO_REUSEPORT: a binary upgrade cannot change \
+                 that (no socket can join a port bound without SO_REUSEPORT); restart the cluster to \
+                 change it"
+            ),
             Self::ReusePortUnix { path } => write!(
                 f,
                 "SO_REUSEPORT applies to TCP only, not to the unix socket {}",
