@@ -35,6 +35,12 @@
 //!   metrics scrape are answered by the old master; a `stop --wait` to it
 //!   abandons the upgrade (the new master killed, `upgrade --wait` exits
 //!   1: stopped) and it exits 0.
+//! - **the confirm window**: once the new master answers control clients
+//!   (it said `ready`) and while the old master still confirms it (500
+//!   ms), a `SIGTERM` to the new master, or a `stop --wait` it answers
+//!   (the old master held by `SIGSTOP` so that the new one gets the
+//!   connection), stops both: the old master exits 0 saying why, and
+//!   nothing of either generation is left.
 //! - **a failing new build**: a "binary" that exits at once, one that
 //!   says `ready` on the pipe and exits, then workers that never become
 //!   ready (the old master's `--ready-timeout 3`): each `upgrade --wait`
@@ -106,6 +112,16 @@ const SCENARIOS: &[Scenario] = &[
         name: "stop_during_an_upgrade_abandons_it",
         timeout: Duration::from_secs(90),
         run: stop_during_an_upgrade_abandons_it,
+    },
+    Scenario {
+        name: "sigterm_to_the_new_master_in_charge_stops_both",
+        timeout: Duration::from_secs(90),
+        run: sigterm_to_the_new_master_in_charge_stops_both,
+    },
+    Scenario {
+        name: "stop_answered_by_the_new_master_in_charge_stops_both",
+        timeout: Duration::from_secs(90),
+        run: stop_answered_by_the_new_master_in_charge_stops_both,
     },
     Scenario {
         name: "failing_new_builds_leave_the_old_master_serving",
@@ -1346,6 +1362,151 @@ fn stop_during_an_upgrade_abandons_it() -> Check {
     println!(
         "    stop during an upgrade: stat and 20 scrapes answered by the old master {old_pid}; stop --wait: \
          exit 0, the new master {new_pid} killed, upgrade --wait exit 1 (stopped)"
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------ the confirm window
+
+/// An upgrade started by `upgrade --wait` in the background, whose new
+/// master is in charge (see [`new_master_in_charge`]).
+struct InCharge {
+    new_pid: u32,
+    /// The `upgrade --wait` client, and its output.
+    waiting: std::process::Child,
+    waiting_text: std::thread::JoinHandle<String>,
+}
+
+/// Starts an upgrade of `master` (`shmcluster upgrade --wait` in the
+/// background) and returns as soon as the new master answers a `ping` on
+/// the shared control socket: it has said `ready` and is in charge, and
+/// the old master is then within its 500 ms confirmation (checked
+/// afterwards by [`both_stop`]: it must not have handed over).
+fn new_master_in_charge(master: &Cluster) -> Result<InCharge, String> {
+    use std::io::{Read, Write};
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let serving = group_members(old_pid);
+    let (waiting, waiting_text) = upgrade_in_background()?;
+    let new_pid = new_generation(master, &serving, 1)?;
+    let socket = default_socket(&common::tmp(), old_pid);
+    let start = Instant::now();
+    loop {
+        // One request per connection: each goes to whichever master
+        // accepts it first.
+        let mut answer = String::new();
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&socket) {
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            if s.write_all(b"ping\n").is_ok() {
+                let _ = s.read_to_string(&mut answer);
+            }
+        }
+        if answer.starts_with(&format!("ok pong pid={new_pid} ")) {
+            ensure!(
+                alive(old_pid),
+                "missed the window: the old master {old_pid} is gone when the new one first answers"
+            );
+            return Ok(InCharge {
+                new_pid,
+                waiting,
+                waiting_text,
+            });
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "the new master {new_pid} answered no ping within 20 s (last answer {answer:?})"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// After a stop reached the new master in charge: the old master exits 0
+/// (within 10 s) and says why, it did not hand over before (else the stop
+/// missed the confirm window and the scenario proves nothing), the
+/// `upgrade --wait` client is told the upgrade was stopped, and nothing
+/// of either generation is left. (Both masters write to one stderr: the
+/// log is checked for fragments one `write(2)` puts there whole.)
+fn both_stop(master: &mut Cluster, upgrade: InCharge) -> Check {
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let InCharge {
+        new_pid,
+        mut waiting,
+        waiting_text,
+    } = upgrade;
+    let status = master.wait_exit(Duration::from_secs(10)).map_err(|e| {
+        format!(
+            "the old master {old_pid} did not stop with the new one {new_pid} ({e}):\n{}",
+            master.log()
+        )
+    })?;
+    let log = master.log();
+    ensure!(
+        !log.contains(" is ready; draining and exiting"),
+        "missed the window: the old master handed over before the stop reached the new one:\n{log}"
+    );
+    ensure!(status.success(), "the old master exited {status}:\n{log}");
+    ensure!(
+        log.contains(" is stopping; the old master stops too"),
+        "the old master did not say why it stopped:\n{log}"
+    );
+    ensure!(
+        !log.contains("; the old master keeps serving"),
+        "a failed upgrade reported:\n{log}"
+    );
+    let code = wait_child(&mut waiting, Duration::from_secs(10))?
+        .code()
+        .unwrap_or(-1);
+    let text = join(waiting_text)?;
+    ensure!(
+        code == 1
+            && text.contains("upgrade failed: stopped (the new master was asked to stop after it said ready"),
+        "upgrade --wait when the new master in charge was stopped: {code}\n{text}"
+    );
+    no_process_left(old_pid)?;
+    ensure!(!alive(new_pid), "the new master {new_pid} still runs");
+    Ok(())
+}
+
+/// A `SIGTERM` to the new master's pid (`kill`, or systemd, which it told
+/// `MAINPID=`) while the old master confirms it: both stop.
+fn sigterm_to_the_new_master_in_charge_stops_both() -> Check {
+    become_subreaper()?;
+    let (mut master, _, _) = start_spawn_master("20", &[])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let upgrade = new_master_in_charge(&master)?;
+    let new_pid = upgrade.new_pid;
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
+    both_stop(&mut master, upgrade)?;
+    println!(
+        "    SIGTERM to the new master {new_pid} in charge, the old master {old_pid} confirming: both stopped, \
+         the old one exited 0, upgrade --wait exited 1 (stopped)"
+    );
+    Ok(())
+}
+
+/// A `stop --wait` answered by the new master while the old master
+/// confirms it: both stop. The old master is held (`SIGSTOP`) once the
+/// new one answers, so that the new one accepts the connections; it
+/// then reads the new master's word when it goes on (`SIGCONT`).
+fn stop_answered_by_the_new_master_in_charge_stops_both() -> Check {
+    become_subreaper()?;
+    let (mut master, _, _) = start_spawn_master("20", &[])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let upgrade = new_master_in_charge(&master)?;
+    let new_pid = upgrade.new_pid;
+    master.signal(Signal::SIGSTOP)?;
+    let stopped = cli(&["stop", "--wait", "--timeout", "20", "--pid", &old_pid.to_string()]);
+    master.signal(Signal::SIGCONT)?;
+    let (code, text) = stopped?;
+    ensure!(
+        code == 0 && text.contains("master exited: clean shutdown"),
+        "stop --wait to the new master: {code}\n{text}\n{}",
+        master.log()
+    );
+    both_stop(&mut master, upgrade)?;
+    println!(
+        "    stop --wait answered by the new master {new_pid} in charge, the old master {old_pid} confirming: \
+         both stopped, the old one exited 0, upgrade --wait exited 1 (stopped)"
     );
     Ok(())
 }
