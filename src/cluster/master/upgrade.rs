@@ -500,6 +500,9 @@ enum Verdict {
     HandOver,
     /// It failed (the reason): kill it, keep serving.
     Failed(String),
+    /// The old master is shutting down (for its own reasons) before the
+    /// hand-over: kill the new master.
+    Abandoned,
     /// It said `stopping` after `ready`: asked to stop while in charge, it
     /// shuts down, and so does the old master.
     Stopped,
@@ -796,7 +799,8 @@ impl Master<'_> {
     }
 
     /// The upgrade ended: hand over (the old master drains and exits), or
-    /// kill the new master and keep serving, or (it said `stopping`) leave
+    /// kill the new master (and keep serving, unless this master is
+    /// shutting down: abandoned), or (it said `stopping`) leave
     /// it to its own shutdown: the caller then begins this master's, if
     /// it has not begun.
     fn finish_upgrade(&mut self, verdict: Verdict) {
@@ -836,7 +840,7 @@ impl Master<'_> {
                     ));
                 }
             }
-            Verdict::Failed(reason) => {
+            failed => {
                 if run.reaped.is_none() {
                     // Its workers die with it (PR_SET_PDEATHSIG).
                     let _ = proc::send_signal(pid, signal::SIGKILL);
@@ -845,7 +849,14 @@ impl Master<'_> {
                     // It may have claimed the service as it said `ready`.
                     self.notify.reclaim_mainpid(self.master_pid);
                 }
-                eprintln!("shmcluster: upgrade failed: {reason}; the old master keeps serving");
+                let (reason, then) = match failed {
+                    Verdict::Failed(reason) => (reason, "the old master keeps serving".to_owned()),
+                    _ => (
+                        "stopped (the old master is shutting down)".to_owned(),
+                        format!("new master pid {pid} killed"),
+                    ),
+                };
+                eprintln!("shmcluster: upgrade failed: {reason}; {then}");
                 self.publish(EventKind::UpgradeFinished { pid, ok: false }, u32::MAX);
                 if let Some(c) = self.control.as_mut() {
                     c.upgrade_finished(&upgrade_line(pid, Some(&reason)));
@@ -959,7 +970,7 @@ impl Master<'_> {
         self.finish_upgrade(if stopping {
             Verdict::Stopped
         } else {
-            Verdict::Failed("stopped (the old master is shutting down)".into())
+            Verdict::Abandoned
         });
     }
 }
