@@ -947,69 +947,120 @@ fn recv_with_pid(socket: &std::os::unix::net::UnixDatagram, buf: &mut [u8]) -> s
     Ok((msg.bytes, pid))
 }
 
-/// Under a service manager (`NOTIFY_SOCKET`: a datagram socket the test
-/// binds, as tests/systemd_notify.rs does, with each sender's pid): the
+/// A service manager's notify socket, as tests/systemd_notify.rs binds
+/// one: a datagram socket at `path` (`NOTIFY_SOCKET` for the master)
+/// whose datagrams a thread receives with their sender's pid
+/// (`SCM_CREDENTIALS`), as systemd has them.
+struct Manager {
+    path: PathBuf,
+    /// Every datagram so far, with its sender's pid.
+    senders: std::sync::Arc<std::sync::Mutex<Vec<(u32, String)>>>,
+    heard: mpsc::Receiver<String>,
+    /// The datagrams [`Manager::listen`] took so far, in order.
+    said: Vec<String>,
+}
+
+impl Manager {
+    /// Binds `dir/notify.sock` and starts receiving.
+    fn bind(dir: &Path) -> Result<Manager, String> {
+        use std::os::unix::net::UnixDatagram;
+        let path = dir.join("notify.sock");
+        let manager = UnixDatagram::bind(&path).map_err(|e| e.to_string())?;
+        manager
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        nix::sys::socket::setsockopt(&manager, nix::sys::socket::sockopt::PassCred, &true)
+            .map_err(|e| format!("SO_PASSCRED: {e}"))?;
+        let senders = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u32, String)>::new()));
+        let (tx, heard) = mpsc::channel::<String>();
+        let record = senders.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match recv_with_pid(&manager, &mut buf) {
+                    Ok((n, pid)) => {
+                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        record
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push((pid, text.clone()));
+                        if tx.send(text).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Manager {
+            path,
+            senders,
+            heard,
+            said: Vec::new(),
+        })
+    }
+
+    /// Takes datagrams into `said` until `until` holds of them (20 s).
+    fn listen(&mut self, until: &dyn Fn(&[String]) -> bool, what: &str) -> Check {
+        let start = Instant::now();
+        while !until(&self.said) {
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "never heard {what}: {:?}",
+                self.said
+            );
+            if let Ok(m) = self.heard.recv_timeout(Duration::from_millis(100)) {
+                self.said.push(m);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a moment for a datagram still on its way to the receiving
+    /// thread: takes every datagram received into `said`.
+    fn settle(&mut self) {
+        std::thread::sleep(Duration::from_millis(300));
+        while let Ok(m) = self.heard.try_recv() {
+            self.said.push(m);
+        }
+    }
+
+    /// Every datagram so far, with its sender's pid.
+    fn senders(&self) -> Vec<(u32, String)> {
+        self.senders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The datagrams `pid` sent so far.
+    fn from(&self, pid: u32) -> Vec<String> {
+        self.senders()
+            .into_iter()
+            .filter(|(p, _)| *p == pid)
+            .map(|(_, m)| m)
+            .collect()
+    }
+}
+
+/// Under a service manager (`NOTIFY_SOCKET`, a [`Manager`]): the
 /// old master says `READY=1`; a new master stopped before it is ready
 /// says nothing at all; at a successful hand-over the old master says
 /// `MAINPID=<new>` and nothing that
 /// would stop the service (no `STOPPING=1` until the new master is
 /// stopped); the new master says `MAINPID=<new>` with its `READY=1`.
 fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
-    use std::os::unix::net::UnixDatagram;
     become_subreaper()?;
     let dir = common::tmp();
-    let path = dir.join("notify.sock");
-    let manager = UnixDatagram::bind(&path).map_err(|e| e.to_string())?;
-    manager
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .map_err(|e| e.to_string())?;
-    // Each datagram with its sender's pid (`SCM_CREDENTIALS`), as systemd
-    // has it.
-    nix::sys::socket::setsockopt(&manager, nix::sys::socket::sockopt::PassCred, &true)
-        .map_err(|e| format!("SO_PASSCRED: {e}"))?;
-    let senders = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u32, String)>::new()));
-    let (tx, heard) = mpsc::channel::<String>();
-    let record = senders.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        loop {
-            match recv_with_pid(&manager, &mut buf) {
-                Ok((n, pid)) => {
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    record
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push((pid, text.clone()));
-                    if tx.send(text).is_err() {
-                        return;
-                    }
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    let mut said: Vec<String> = Vec::new();
-    let listen = |said: &mut Vec<String>, until: &dyn Fn(&[String]) -> bool, what: &str| -> Check {
-        let start = Instant::now();
-        while !until(said) {
-            ensure!(
-                start.elapsed() < Duration::from_secs(20),
-                "never heard {what}: {said:?}"
-            );
-            if let Ok(m) = heard.recv_timeout(Duration::from_millis(100)) {
-                said.push(m);
-            }
-        }
-        Ok(())
-    };
-    let (mut master, _, _) = start_spawn_master("20", &[("NOTIFY_SOCKET", &path)])?;
+    let mut manager = Manager::bind(&dir)?;
+    let (mut master, _, _) = start_spawn_master("20", &[("NOTIFY_SOCKET", &manager.path)])?;
     let old_pid = MASTER.load(Ordering::Acquire) as u32;
-    listen(&mut said, &|s| s.iter().any(|m| m.contains("READY=1")), "READY=1")?;
+    manager.listen(&|s| s.iter().any(|m| m.contains("READY=1")), "READY=1")?;
 
     // First a new master that fails: its workers are never ready, and it
     // is stopped (SIGTERM) while it starts. It never was the main process:
@@ -1038,15 +1089,8 @@ fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // A moment for a datagram still on its way to the receiving thread.
-    std::thread::sleep(Duration::from_millis(300));
-    let from_failed: Vec<(u32, String)> = senders
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .filter(|(pid, _)| *pid == failed)
-        .cloned()
-        .collect();
+    manager.settle();
+    let from_failed = manager.from(failed);
     ensure!(
         from_failed.is_empty(),
         "the failed new master {failed} spoke to the service manager: {from_failed:?}"
@@ -1059,23 +1103,19 @@ fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
     let status = master.wait_exit(Duration::from_secs(30))?;
     ensure!(status.success(), "the old master exited {status}");
     let main = format!("MAINPID={new_pid}");
-    listen(
-        &mut said,
+    manager.listen(
         &|s| s.contains(&main) && s.iter().any(|m| m.starts_with(&format!("{main}\nREADY=1"))),
         "MAINPID from both masters",
     )?;
     // A moment more for anything the old master might say late.
-    std::thread::sleep(Duration::from_millis(300));
-    while let Ok(m) = heard.try_recv() {
-        said.push(m);
-    }
+    manager.settle();
     ensure!(
-        !said.iter().any(|m| m.contains("STOPPING=1")),
-        "the service manager was told the service stops: {said:?}"
+        !manager.said.iter().any(|m| m.contains("STOPPING=1")),
+        "the service manager was told the service stops: {:?}",
+        manager.said
     );
     kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
-    listen(
-        &mut said,
+    manager.listen(
         &|s| s.iter().any(|m| m.contains("STOPPING=1")),
         "STOPPING=1 from the new master",
     )?;
@@ -1084,7 +1124,7 @@ fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
     println!(
         "    systemd: a new master stopped while it started ({failed}) said nothing; master {old_pid} -> {new_pid}; \
          heard (pid, message) {:?}",
-        senders.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        manager.senders()
     );
     no_process_left(old_pid)
 }
