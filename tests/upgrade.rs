@@ -40,7 +40,9 @@
 //!   ms), a `SIGTERM` to the new master, or a `stop --wait` it answers
 //!   (the old master held by `SIGSTOP` so that the new one gets the
 //!   connection), stops both: the old master exits 0 saying why, and
-//!   nothing of either generation is left.
+//!   nothing of either generation is left. So does a `SIGTERM` to both
+//!   (a service manager's stop) that the old master handles after the
+//!   new one said `stopping`: it does not take it for its own abandon.
 //! - **a failing new build**: a "binary" that exits at once, one that
 //!   says `ready` on the pipe and exits, then workers that never become
 //!   ready (the old master's `--ready-timeout 3`): each `upgrade --wait`
@@ -122,6 +124,11 @@ const SCENARIOS: &[Scenario] = &[
         name: "stop_answered_by_the_new_master_in_charge_stops_both",
         timeout: Duration::from_secs(90),
         run: stop_answered_by_the_new_master_in_charge_stops_both,
+    },
+    Scenario {
+        name: "sigterm_to_both_masters_in_the_window_stops_both",
+        timeout: Duration::from_secs(90),
+        run: sigterm_to_both_masters_in_the_window_stops_both,
     },
     Scenario {
         name: "failing_new_builds_leave_the_old_master_serving",
@@ -1508,18 +1515,36 @@ fn both_stop(master: &mut Cluster, upgrade: InCharge) -> Check {
 }
 
 /// A `SIGTERM` to the new master's pid (`kill`, or systemd, which it told
-/// `MAINPID=`) while the old master confirms it: both stop.
+/// `MAINPID=`) while the old master confirms it: both stop. Under a
+/// service manager (a [`Manager`]), the new master, which said
+/// `MAINPID=<new>` with its `READY=1`, stays the main process (the old
+/// one does not claim it back, as after a failed upgrade), and each says
+/// `STOPPING=1`.
 fn sigterm_to_the_new_master_in_charge_stops_both() -> Check {
     become_subreaper()?;
-    let (mut master, _, _) = start_spawn_master("20", &[])?;
+    let mut manager = Manager::bind(&common::tmp())?;
+    let (mut master, _, _) = start_spawn_master("20", &[("NOTIFY_SOCKET", &manager.path)])?;
     let old_pid = MASTER.load(Ordering::Acquire) as u32;
     let upgrade = new_master_in_charge(&master)?;
     let new_pid = upgrade.new_pid;
     kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
     both_stop(&mut master, upgrade)?;
+    manager.settle();
+    let (old, new) = (manager.from(old_pid), manager.from(new_pid));
+    ensure!(
+        new.iter()
+            .any(|m| m.starts_with(&format!("MAINPID={new_pid}\nREADY=1")))
+            && new.iter().any(|m| m.contains("STOPPING=1")),
+        "the new master {new_pid} said {new:?}"
+    );
+    ensure!(
+        !old.iter().any(|m| m.contains("MAINPID=")) && old.iter().any(|m| m.contains("STOPPING=1")),
+        "the old master {old_pid} said {old:?}"
+    );
     println!(
         "    SIGTERM to the new master {new_pid} in charge, the old master {old_pid} confirming: both stopped, \
-         the old one exited 0, upgrade --wait exited 1 (stopped)"
+         the old one exited 0, upgrade --wait exited 1 (stopped); heard (pid, message) {:?}",
+        manager.senders()
     );
     Ok(())
 }
@@ -1546,6 +1571,39 @@ fn stop_answered_by_the_new_master_in_charge_stops_both() -> Check {
     both_stop(&mut master, upgrade)?;
     println!(
         "    stop --wait answered by the new master {new_pid} in charge, the old master {old_pid} confirming: \
+         both stopped, the old one exited 0, upgrade --wait exited 1 (stopped)"
+    );
+    Ok(())
+}
+
+/// A `SIGTERM` to both masters while the old one confirms the new one, as
+/// a service manager's stop sends it to every process of the service:
+/// the old master handles its own `SIGTERM` after the new one said
+/// `stopping` (held by `SIGSTOP` until the new master has ended), and
+/// takes it as the service's stop, not as a shutdown of its own that
+/// abandons the upgrade.
+fn sigterm_to_both_masters_in_the_window_stops_both() -> Check {
+    become_subreaper()?;
+    let (mut master, _, _) = start_spawn_master("20", &[])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let upgrade = new_master_in_charge(&master)?;
+    let new_pid = upgrade.new_pid;
+    master.signal(Signal::SIGSTOP)?;
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
+    // Its end (a zombie: its parent is held) comes after its `stopping`.
+    let start = Instant::now();
+    while alive(new_pid) {
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = master.signal(Signal::SIGCONT);
+            return Err(format!("the new master {new_pid} still runs 10 s after SIGTERM"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    master.signal(Signal::SIGTERM)?;
+    master.signal(Signal::SIGCONT)?;
+    both_stop(&mut master, upgrade)?;
+    println!(
+        "    SIGTERM to both masters in the window (the new one {new_pid} first, then the old one {old_pid}): \
          both stopped, the old one exited 0, upgrade --wait exited 1 (stopped)"
     );
     Ok(())
