@@ -35,6 +35,14 @@
 //!   metrics scrape are answered by the old master; a `stop --wait` to it
 //!   abandons the upgrade (the new master killed, `upgrade --wait` exits
 //!   1: stopped) and it exits 0.
+//! - **the confirm window**: once the new master answers control clients
+//!   (it said `ready`) and while the old master still confirms it (500
+//!   ms), a `SIGTERM` to the new master, or a `stop --wait` it answers
+//!   (the old master held by `SIGSTOP` so that the new one gets the
+//!   connection), stops both: the old master exits 0 saying why, and
+//!   nothing of either generation is left. So does a `SIGTERM` to both
+//!   (a service manager's stop) that the old master handles after the
+//!   new one said `stopping`: it does not take it for its own abandon.
 //! - **a failing new build**: a "binary" that exits at once, one that
 //!   says `ready` on the pipe and exits, then workers that never become
 //!   ready (the old master's `--ready-timeout 3`): each `upgrade --wait`
@@ -106,6 +114,21 @@ const SCENARIOS: &[Scenario] = &[
         name: "stop_during_an_upgrade_abandons_it",
         timeout: Duration::from_secs(90),
         run: stop_during_an_upgrade_abandons_it,
+    },
+    Scenario {
+        name: "sigterm_to_the_new_master_in_charge_stops_both",
+        timeout: Duration::from_secs(90),
+        run: sigterm_to_the_new_master_in_charge_stops_both,
+    },
+    Scenario {
+        name: "stop_answered_by_the_new_master_in_charge_stops_both",
+        timeout: Duration::from_secs(90),
+        run: stop_answered_by_the_new_master_in_charge_stops_both,
+    },
+    Scenario {
+        name: "sigterm_to_both_masters_in_the_window_stops_both",
+        timeout: Duration::from_secs(90),
+        run: sigterm_to_both_masters_in_the_window_stops_both,
     },
     Scenario {
         name: "failing_new_builds_leave_the_old_master_serving",
@@ -912,69 +935,120 @@ fn recv_with_pid(socket: &std::os::unix::net::UnixDatagram, buf: &mut [u8]) -> s
     Ok((msg.bytes, pid))
 }
 
-/// Under a service manager (`NOTIFY_SOCKET`: a datagram socket the test
-/// binds, as tests/systemd_notify.rs does, with each sender's pid): the
+/// A service manager's notify socket, as tests/systemd_notify.rs binds
+/// one: a datagram socket at `path` (`NOTIFY_SOCKET` for the master)
+/// whose datagrams a thread receives with their sender's pid
+/// (`SCM_CREDENTIALS`), as systemd has them.
+struct Manager {
+    path: PathBuf,
+    /// Every datagram so far, with its sender's pid.
+    senders: std::sync::Arc<std::sync::Mutex<Vec<(u32, String)>>>,
+    heard: mpsc::Receiver<String>,
+    /// The datagrams [`Manager::listen`] took so far, in order.
+    said: Vec<String>,
+}
+
+impl Manager {
+    /// Binds `dir/notify.sock` and starts receiving.
+    fn bind(dir: &Path) -> Result<Manager, String> {
+        use std::os::unix::net::UnixDatagram;
+        let path = dir.join("notify.sock");
+        let manager = UnixDatagram::bind(&path).map_err(|e| e.to_string())?;
+        manager
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        nix::sys::socket::setsockopt(&manager, nix::sys::socket::sockopt::PassCred, &true)
+            .map_err(|e| format!("SO_PASSCRED: {e}"))?;
+        let senders = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u32, String)>::new()));
+        let (tx, heard) = mpsc::channel::<String>();
+        let record = senders.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match recv_with_pid(&manager, &mut buf) {
+                    Ok((n, pid)) => {
+                        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        record
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push((pid, text.clone()));
+                        if tx.send(text).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Manager {
+            path,
+            senders,
+            heard,
+            said: Vec::new(),
+        })
+    }
+
+    /// Takes datagrams into `said` until `until` holds of them (20 s).
+    fn listen(&mut self, until: &dyn Fn(&[String]) -> bool, what: &str) -> Check {
+        let start = Instant::now();
+        while !until(&self.said) {
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "never heard {what}: {:?}",
+                self.said
+            );
+            if let Ok(m) = self.heard.recv_timeout(Duration::from_millis(100)) {
+                self.said.push(m);
+            }
+        }
+        Ok(())
+    }
+
+    /// After a moment for a datagram still on its way to the receiving
+    /// thread: takes every datagram received into `said`.
+    fn settle(&mut self) {
+        std::thread::sleep(Duration::from_millis(300));
+        while let Ok(m) = self.heard.try_recv() {
+            self.said.push(m);
+        }
+    }
+
+    /// Every datagram so far, with its sender's pid.
+    fn senders(&self) -> Vec<(u32, String)> {
+        self.senders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The datagrams `pid` sent so far.
+    fn from(&self, pid: u32) -> Vec<String> {
+        self.senders()
+            .into_iter()
+            .filter(|(p, _)| *p == pid)
+            .map(|(_, m)| m)
+            .collect()
+    }
+}
+
+/// Under a service manager (`NOTIFY_SOCKET`, a [`Manager`]): the
 /// old master says `READY=1`; a new master stopped before it is ready
 /// says nothing at all; at a successful hand-over the old master says
 /// `MAINPID=<new>` and nothing that
 /// would stop the service (no `STOPPING=1` until the new master is
 /// stopped); the new master says `MAINPID=<new>` with its `READY=1`.
 fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
-    use std::os::unix::net::UnixDatagram;
     become_subreaper()?;
     let dir = common::tmp();
-    let path = dir.join("notify.sock");
-    let manager = UnixDatagram::bind(&path).map_err(|e| e.to_string())?;
-    manager
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .map_err(|e| e.to_string())?;
-    // Each datagram with its sender's pid (`SCM_CREDENTIALS`), as systemd
-    // has it.
-    nix::sys::socket::setsockopt(&manager, nix::sys::socket::sockopt::PassCred, &true)
-        .map_err(|e| format!("SO_PASSCRED: {e}"))?;
-    let senders = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u32, String)>::new()));
-    let (tx, heard) = mpsc::channel::<String>();
-    let record = senders.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        loop {
-            match recv_with_pid(&manager, &mut buf) {
-                Ok((n, pid)) => {
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    record
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push((pid, text.clone()));
-                    if tx.send(text).is_err() {
-                        return;
-                    }
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    let mut said: Vec<String> = Vec::new();
-    let listen = |said: &mut Vec<String>, until: &dyn Fn(&[String]) -> bool, what: &str| -> Check {
-        let start = Instant::now();
-        while !until(said) {
-            ensure!(
-                start.elapsed() < Duration::from_secs(20),
-                "never heard {what}: {said:?}"
-            );
-            if let Ok(m) = heard.recv_timeout(Duration::from_millis(100)) {
-                said.push(m);
-            }
-        }
-        Ok(())
-    };
-    let (mut master, _, _) = start_spawn_master("20", &[("NOTIFY_SOCKET", &path)])?;
+    let mut manager = Manager::bind(&dir)?;
+    let (mut master, _, _) = start_spawn_master("20", &[("NOTIFY_SOCKET", &manager.path)])?;
     let old_pid = MASTER.load(Ordering::Acquire) as u32;
-    listen(&mut said, &|s| s.iter().any(|m| m.contains("READY=1")), "READY=1")?;
+    manager.listen(&|s| s.iter().any(|m| m.contains("READY=1")), "READY=1")?;
 
     // First a new master that fails: its workers are never ready, and it
     // is stopped (SIGTERM) while it starts. It never was the main process:
@@ -1003,15 +1077,8 @@ fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // A moment for a datagram still on its way to the receiving thread.
-    std::thread::sleep(Duration::from_millis(300));
-    let from_failed: Vec<(u32, String)> = senders
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .filter(|(pid, _)| *pid == failed)
-        .cloned()
-        .collect();
+    manager.settle();
+    let from_failed = manager.from(failed);
     ensure!(
         from_failed.is_empty(),
         "the failed new master {failed} spoke to the service manager: {from_failed:?}"
@@ -1024,23 +1091,19 @@ fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
     let status = master.wait_exit(Duration::from_secs(30))?;
     ensure!(status.success(), "the old master exited {status}");
     let main = format!("MAINPID={new_pid}");
-    listen(
-        &mut said,
+    manager.listen(
         &|s| s.contains(&main) && s.iter().any(|m| m.starts_with(&format!("{main}\nREADY=1"))),
         "MAINPID from both masters",
     )?;
     // A moment more for anything the old master might say late.
-    std::thread::sleep(Duration::from_millis(300));
-    while let Ok(m) = heard.try_recv() {
-        said.push(m);
-    }
+    manager.settle();
     ensure!(
-        !said.iter().any(|m| m.contains("STOPPING=1")),
-        "the service manager was told the service stops: {said:?}"
+        !manager.said.iter().any(|m| m.contains("STOPPING=1")),
+        "the service manager was told the service stops: {:?}",
+        manager.said
     );
     kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
-    listen(
-        &mut said,
+    manager.listen(
         &|s| s.iter().any(|m| m.contains("STOPPING=1")),
         "STOPPING=1 from the new master",
     )?;
@@ -1049,7 +1112,7 @@ fn systemd_hears_the_new_main_pid_and_no_stopping() -> Check {
     println!(
         "    systemd: a new master stopped while it started ({failed}) said nothing; master {old_pid} -> {new_pid}; \
          heard (pid, message) {:?}",
-        senders.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        manager.senders()
     );
     no_process_left(old_pid)
 }
@@ -1327,6 +1390,202 @@ fn stop_during_an_upgrade_abandons_it() -> Check {
     println!(
         "    stop during an upgrade: stat and 20 scrapes answered by the old master {old_pid}; stop --wait: \
          exit 0, the new master {new_pid} killed, upgrade --wait exit 1 (stopped)"
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------ the confirm window
+
+/// An upgrade started by `upgrade --wait` in the background, whose new
+/// master is in charge (see [`new_master_in_charge`]).
+struct InCharge {
+    new_pid: u32,
+    /// The `upgrade --wait` client, and its output.
+    waiting: std::process::Child,
+    waiting_text: std::thread::JoinHandle<String>,
+}
+
+/// Starts an upgrade of `master` (`shmcluster upgrade --wait` in the
+/// background) and returns as soon as the new master answers a `ping` on
+/// the shared control socket: it has said `ready` and is in charge, and
+/// the old master is then within its 500 ms confirmation (checked
+/// afterwards by [`both_stop`]: it must not have handed over).
+fn new_master_in_charge(master: &Cluster) -> Result<InCharge, String> {
+    use std::io::{Read, Write};
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let serving = group_members(old_pid);
+    let (waiting, waiting_text) = upgrade_in_background()?;
+    let new_pid = new_generation(master, &serving, 1)?;
+    let socket = default_socket(&common::tmp(), old_pid);
+    let start = Instant::now();
+    loop {
+        // One request per connection: each goes to whichever master
+        // accepts it first.
+        let mut answer = String::new();
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&socket) {
+            s.set_read_timeout(Some(Duration::from_secs(5)))
+                .map_err(|e| e.to_string())?;
+            if s.write_all(b"ping\n").is_ok() {
+                let _ = s.read_to_string(&mut answer);
+            }
+        }
+        if answer.starts_with(&format!("ok pong pid={new_pid} ")) {
+            ensure!(
+                alive(old_pid),
+                "missed the window: the old master {old_pid} is gone when the new one first answers"
+            );
+            return Ok(InCharge {
+                new_pid,
+                waiting,
+                waiting_text,
+            });
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "the new master {new_pid} answered no ping within 20 s (last answer {answer:?})"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// After a stop reached the new master in charge: the old master exits 0
+/// (within 10 s) and says why, it did not hand over before (else the stop
+/// missed the confirm window and the scenario proves nothing), the
+/// `upgrade --wait` client is told the upgrade was stopped, and nothing
+/// of either generation is left. (Both masters write to one stderr: the
+/// log is checked for fragments one `write(2)` puts there whole.)
+fn both_stop(master: &mut Cluster, upgrade: InCharge) -> Check {
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let InCharge {
+        new_pid,
+        mut waiting,
+        waiting_text,
+    } = upgrade;
+    let status = master.wait_exit(Duration::from_secs(10)).map_err(|e| {
+        format!(
+            "the old master {old_pid} did not stop with the new one {new_pid} ({e}):\n{}",
+            master.log()
+        )
+    })?;
+    let log = master.log();
+    ensure!(
+        !log.contains(" is ready; draining and exiting"),
+        "missed the window: the old master handed over before the stop reached the new one:\n{log}"
+    );
+    ensure!(status.success(), "the old master exited {status}:\n{log}");
+    ensure!(
+        log.contains(" is stopping; the old master stops too"),
+        "the old master did not say why it stopped:\n{log}"
+    );
+    ensure!(
+        !log.contains("; the old master keeps serving"),
+        "a failed upgrade reported:\n{log}"
+    );
+    let code = wait_child(&mut waiting, Duration::from_secs(10))?
+        .code()
+        .unwrap_or(-1);
+    let text = join(waiting_text)?;
+    ensure!(
+        code == 1
+            && text.contains("upgrade failed: stopped (the new master was asked to stop after it said ready"),
+        "upgrade --wait when the new master in charge was stopped: {code}\n{text}"
+    );
+    no_process_left(old_pid)?;
+    ensure!(!alive(new_pid), "the new master {new_pid} still runs");
+    Ok(())
+}
+
+/// A `SIGTERM` to the new master's pid (`kill`, or systemd, which it told
+/// `MAINPID=`) while the old master confirms it: both stop. Under a
+/// service manager (a [`Manager`]), the new master, which said
+/// `MAINPID=<new>` with its `READY=1`, stays the main process (the old
+/// one does not claim it back, as after a failed upgrade), and each says
+/// `STOPPING=1`.
+fn sigterm_to_the_new_master_in_charge_stops_both() -> Check {
+    become_subreaper()?;
+    let mut manager = Manager::bind(&common::tmp())?;
+    let (mut master, _, _) = start_spawn_master("20", &[("NOTIFY_SOCKET", &manager.path)])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let upgrade = new_master_in_charge(&master)?;
+    let new_pid = upgrade.new_pid;
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
+    both_stop(&mut master, upgrade)?;
+    manager.settle();
+    let (old, new) = (manager.from(old_pid), manager.from(new_pid));
+    ensure!(
+        new.iter()
+            .any(|m| m.starts_with(&format!("MAINPID={new_pid}\nREADY=1")))
+            && new.iter().any(|m| m.contains("STOPPING=1")),
+        "the new master {new_pid} said {new:?}"
+    );
+    ensure!(
+        !old.iter().any(|m| m.contains("MAINPID=")) && old.iter().any(|m| m.contains("STOPPING=1")),
+        "the old master {old_pid} said {old:?}"
+    );
+    println!(
+        "    SIGTERM to the new master {new_pid} in charge, the old master {old_pid} confirming: both stopped, \
+         the old one exited 0, upgrade --wait exited 1 (stopped); heard (pid, message) {:?}",
+        manager.senders()
+    );
+    Ok(())
+}
+
+/// A `stop --wait` answered by the new master while the old master
+/// confirms it: both stop. The old master is held (`SIGSTOP`) once the
+/// new one answers, so that the new one accepts the connections; it
+/// then reads the new master's word when it goes on (`SIGCONT`).
+fn stop_answered_by_the_new_master_in_charge_stops_both() -> Check {
+    become_subreaper()?;
+    let (mut master, _, _) = start_spawn_master("20", &[])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let upgrade = new_master_in_charge(&master)?;
+    let new_pid = upgrade.new_pid;
+    master.signal(Signal::SIGSTOP)?;
+    let stopped = cli(&["stop", "--wait", "--timeout", "20", "--pid", &old_pid.to_string()]);
+    master.signal(Signal::SIGCONT)?;
+    let (code, text) = stopped?;
+    ensure!(
+        code == 0 && text.contains("master exited: clean shutdown"),
+        "stop --wait to the new master: {code}\n{text}\n{}",
+        master.log()
+    );
+    both_stop(&mut master, upgrade)?;
+    println!(
+        "    stop --wait answered by the new master {new_pid} in charge, the old master {old_pid} confirming: \
+         both stopped, the old one exited 0, upgrade --wait exited 1 (stopped)"
+    );
+    Ok(())
+}
+
+/// A `SIGTERM` to both masters while the old one confirms the new one, as
+/// a service manager's stop sends it to every process of the service:
+/// the old master handles its own `SIGTERM` after the new one said
+/// `stopping` (held by `SIGSTOP` until the new master has ended), and
+/// takes it as the service's stop, not as a shutdown of its own that
+/// abandons the upgrade.
+fn sigterm_to_both_masters_in_the_window_stops_both() -> Check {
+    become_subreaper()?;
+    let (mut master, _, _) = start_spawn_master("20", &[])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let upgrade = new_master_in_charge(&master)?;
+    let new_pid = upgrade.new_pid;
+    master.signal(Signal::SIGSTOP)?;
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
+    // Its end (a zombie: its parent is held) comes after its `stopping`.
+    let start = Instant::now();
+    while alive(new_pid) {
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = master.signal(Signal::SIGCONT);
+            return Err(format!("the new master {new_pid} still runs 10 s after SIGTERM"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    master.signal(Signal::SIGTERM)?;
+    master.signal(Signal::SIGCONT)?;
+    both_stop(&mut master, upgrade)?;
+    println!(
+        "    SIGTERM to both masters in the window (the new one {new_pid} first, then the old one {old_pid}): \
+         both stopped, the old one exited 0, upgrade --wait exited 1 (stopped)"
     );
     Ok(())
 }

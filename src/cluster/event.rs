@@ -115,9 +115,10 @@ pub enum EventKind {
         pid: u32,
     },
     /// A binary upgrade ended: `ok`, the new master `pid` is ready and
-    /// this master drains its workers and exits; or not (the new master
-    /// failed, or was killed at the ready timeout) and this master keeps
-    /// serving.
+    /// this master drains its workers and exits; or not: the new master
+    /// failed, or was killed at the ready timeout, and this master keeps
+    /// serving; or it was asked to stop once in charge, and this master
+    /// stops too (a [`EventKind::ShutdownStarted`] follows).
     UpgradeFinished {
         /// The new master's pid.
         pid: u32,
@@ -172,7 +173,7 @@ impl fmt::Display for Event {
                 format!("upgrade finished: ok, new master pid {pid} took over; draining")
             }
             EventKind::UpgradeFinished { pid, ok: false } => {
-                format!("upgrade failed: new master pid {pid} did not take over; still serving")
+                format!("upgrade failed: new master pid {pid} did not take over")
             }
         };
         let mut carried = Vec::new();

@@ -1,9 +1,11 @@
 //! Signals: the master's, read from a `signalfd(2)`; the worker's
-//! `SIGTERM` and `SIGINT`, turned into a flag (`sigaction(2)`); and the
-//! numbers the cluster layer names.
+//! `SIGTERM` and `SIGINT`, turned into a flag (`sigaction(2)`); a write to
+//! a pipe that raises no `SIGPIPE`; and the numbers the cluster layer
+//! names.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
@@ -112,4 +114,114 @@ pub fn catch_sigterm() -> io::Result<()> {
 /// Whether `SIGTERM` or `SIGINT` arrived since [`catch_sigterm`].
 pub fn sigterm_seen() -> bool {
     SIGTERM_SEEN.load(Relaxed)
+}
+
+/// `write(2)` of `bytes` (at most `PIPE_BUF`, 4096 bytes on Linux: one
+/// atomic write) to a pipe whose reader may be gone, without `SIGPIPE`:
+/// the master runs in the user's program, which may not ignore it, and
+/// would be killed. `SIGPIPE` is blocked in the calling thread
+/// (`pthread_sigmask(3)`) around the write; one the write raised is taken
+/// (`sigtimedwait(2)`, no wait) unless one was pending already
+/// (`sigpending(2)`); then the thread's mask is restored.
+///
+/// # Errors
+/// `BrokenPipe` (`EPIPE`) if nobody reads the pipe any more; `WriteZero`
+/// for a short write; the write's or the mask's error.
+pub fn write_pipe_without_sigpipe(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    let mut pipe = SigSet::empty();
+    pipe.add(Signal::SIGPIPE);
+    let old = pipe.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+    let was_pending = sigpipe_pending();
+    let written = loop {
+        match nix::unistd::write(fd, bytes) {
+            Err(nix::errno::Errno::EINTR) => {}
+            other => break other,
+        }
+    };
+    if written == Err(nix::errno::Errno::EPIPE) && !was_pending {
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid signal set and timeout, both borrowed for the
+        // call; a null siginfo pointer is allowed. It only dequeues the
+        // SIGPIPE this thread's write raised (blocked, so pending).
+        unsafe { libc::sigtimedwait(pipe.as_ref(), ptr::null_mut(), &zero) };
+    }
+    old.thread_set_mask()?;
+    match written {
+        Ok(n) if n == bytes.len() => Ok(()),
+        Ok(_) => Err(io::ErrorKind::WriteZero.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether `SIGPIPE` is pending for this thread or the process
+/// (`sigpending(2)`); `false` if that cannot be known.
+fn sigpipe_pending() -> bool {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigpending fills the set it is given a valid pointer to.
+    if unsafe { libc::sigpending(set.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: sigpending returned 0: the set is initialized; sigismember
+    // only reads it.
+    unsafe { libc::sigismember(set.as_ptr(), libc::SIGPIPE) == 1 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::process as proc;
+    use crate::testing::{fork, ExitStatus, Watchdog};
+    use std::time::Duration;
+
+    /// A write to a pipe nobody reads is `EPIPE`, not death by `SIGPIPE`
+    /// (checked in a child with `SIGPIPE`'s default action, which kills;
+    /// Rust's runtime ignores it in the test binary), leaves no `SIGPIPE`
+    /// pending and the thread's mask as it was; to a pipe read, the bytes
+    /// arrive.
+    #[test]
+    fn a_pipe_without_reader_is_epipe_not_sigpipe() {
+        let dog = Watchdog::new("write_pipe_without_sigpipe", Duration::from_secs(20));
+        // SAFETY: the child resets one signal's action (to SIG_DFL: no
+        // handler runs in a signal context), makes a pipe and writes to
+        // it, and reads its own signal mask: no lock another thread of
+        // the test binary could hold at the fork.
+        let child = dog.track(
+            unsafe {
+                fork(|| {
+                    use nix::sys::signal::{signal, SigHandler};
+                    if signal(Signal::SIGPIPE, SigHandler::SigDfl).is_err() {
+                        return 2;
+                    }
+                    let Ok((read, write)) = proc::pipe_cloexec() else {
+                        return 3;
+                    };
+                    drop(read);
+                    let err = write_pipe_without_sigpipe(write.as_fd(), b"stopping\n");
+                    if err.map_err(|e| e.kind()) != Err(io::ErrorKind::BrokenPipe) {
+                        return 4;
+                    }
+                    if sigpipe_pending() {
+                        return 5;
+                    }
+                    match SigSet::thread_get_mask() {
+                        Ok(mask) if !mask.contains(Signal::SIGPIPE) => 0,
+                        _ => 6,
+                    }
+                })
+            }
+            .unwrap(),
+        );
+        assert_eq!(
+            child.wait_timeout(Duration::from_secs(10)).unwrap(),
+            Some(ExitStatus::Code(0))
+        );
+        let (read, write) = proc::pipe_cloexec().unwrap();
+        write_pipe_without_sigpipe(write.as_fd(), b"ready pid=1\n").unwrap();
+        let mut buf = [0u8; 32];
+        let n = proc::read_raw(read.as_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"ready pid=1\n");
+    }
 }

@@ -26,7 +26,10 @@
 //! master starts, the old one goes on answering every client (a `stop`
 //! abandons the upgrade: `err upgrade failed: stopped ...`): the new one,
 //! which shares the listening socket, accepts only once it is ready, and
-//! the old one no more after the hand-over.
+//! the old one no more after the hand-over. In between (the old master
+//! confirms the new one for 500 ms) either may answer; a `stop` the new
+//! one answers stops the old one too (`err upgrade failed: stopped (the
+//! new master was asked to stop ...)`).
 //!
 //! `wait` is answered `ok waiting` and the connection is then held open
 //! until the master ends (at most 64 such connections at once, counted

@@ -468,8 +468,11 @@ impl ClusterBuilder {
     /// master that fails, exits or is not ready within the
     /// [ready timeout](Self::ready_timeout) is killed with its workers, and
     /// this master keeps serving (an `UpgradeFinished { ok: false }`
-    /// event). Nothing is to be done for it but to let `main` reach the
-    /// builder again: before it, do nothing that a second copy of the
+    /// event); one asked to stop (`SIGTERM`, `stop`) once it is ready but
+    /// before this master handed over stops this one too (`run` returns
+    /// a plain shutdown's [`Report`]). Nothing is to be done for it but
+    /// to let `main` reach the builder again: before it, do nothing that
+    /// a second copy of the
     /// program cannot do while the first runs (bind a port of its own,
     /// take a pid-file lock). The two generations do not share a segment:
     /// messages and locks are per master while both run.

@@ -176,6 +176,8 @@ impl Master<'_> {
         }
         // A new master not ready yet is killed: the cluster stops.
         self.abandon_upgrade();
+        // In a new master in charge: an old master still there stops too.
+        self.tell_old_master_stopping();
         if !self.gave_up {
             self.judge_health();
         }

@@ -15,7 +15,9 @@
 //! `STOPPING=1` if it fails) until it has said `ready` to the old master;
 //! then `MAINPID=<self>` with its `READY=1` (or its `STOPPING=1`). If the
 //! upgrade fails after that `ready`, the old master says `MAINPID=<self>`
-//! again.
+//! again; not if the new master was asked to stop then (it said
+//! `stopping` on its pipe): the new master stays the main process, and
+//! both say `STOPPING=1`.
 //!
 //! **Down, from the workers** (spawn mode, when
 //! [`ClusterBuilder::worker_notify`] is on): each worker started gets a
@@ -140,7 +142,8 @@ impl Notify {
     /// The old master when an upgrade fails after its new master said
     /// `ready` (and may have told the service manager `MAINPID=<new>`,
     /// accepted with `NotifyAccess=all`): the main process is this one
-    /// again.
+    /// again. Not when the new master said `stopping`: the service stops
+    /// with it.
     pub(super) fn reclaim_mainpid(&mut self, own: u32) {
         if let Some(up) = self.up.as_mut() {
             up.send(&format!("MAINPID={own}"));

@@ -19,9 +19,10 @@
 //!      per instance under one name; then the sockets bound on workers'
 //!      requests, named by address: `Listeners::handover`);
 //!    - [`MARKER`], which names the rest: the old master's pid, the write
-//!      end of a pipe for the new master's word (`ready`), the control
-//!      socket's listening socket and its path, the metrics endpoint's
-//!      listening socket, whether the sockets came from systemd.
+//!      end of a pipe for the new master's word (`ready`, `stopping`),
+//!      the control socket's listening socket and its path, the metrics
+//!      endpoint's listening socket, whether the sockets came from
+//!      systemd.
 //!
 //!    Only those descriptors lose `FD_CLOEXEC`, in the child between fork
 //!    and exec (`dup2` into place); every other descriptor of the master
@@ -42,10 +43,18 @@
 //!    ready worker, it writes `ready pid=<pid>` on the pipe; from then on
 //!    it accepts on both sockets (and, under systemd, says `MAINPID=<pid>`
 //!    and `READY=1`). A master shutting down never says `ready`: it says
-//!    `err` instead.
+//!    `err` instead. It keeps the pipe open after `ready` until the old
+//!    master is gone: if it is asked to shut down while the old master is
+//!    still there (`SIGTERM`, `SIGINT`, a `stop` the kernel handed to it
+//!    on the shared control socket, [`Cluster::shutdown`], a worker's
+//!    request; not the give-up after crash loops, which is a failure), it
+//!    writes `stopping` on it, so that the stop reaches the whole service
+//!    (point 4). The write raises no `SIGPIPE`: an old master that has
+//!    handed over already no longer reads the pipe, and stops anyway.
 //! 3. The old master then confirms: the new master must still run
 //!    [`CONFIRM`] after its `ready` (one that said it and died is a
-//!    failure). It then hands over: it tells `upgrade` clients
+//!    failure; one that said `stopping` is point 4's). It then hands
+//!    over: it tells `upgrade` clients
 //!    `upgraded pid=<new>`, tells systemd `MAINPID=<new>` and nothing
 //!    more, accepts no more control clients, closes its metrics endpoint,
 //!    and shuts down as on `SIGTERM` (its workers stop accepting and
@@ -53,17 +62,37 @@
 //!    it handed over. It exits 0; its [`Report`](super::Report) and the
 //!    `exited` line to `wait` clients name the new master
 //!    (`upgraded_to`).
-//! 4. If instead the pipe says `err <reason>` (the new master could not
-//!    start), closes without `ready` (it exited, or could not execute),
-//!    the new master is reaped (even after `ready`), or it is not ready
+//! 4. If the pipe says `stopping` after `ready` (before the hand-over,
+//!    or as the old master begins a shutdown of its own, as when a
+//!    service manager signals both), the new master was asked to stop
+//!    while in charge: the old master stops too. It leaves the new master
+//!    to its own shutdown (not killed: its workers finish their
+//!    requests), tells `upgrade` clients `err upgrade failed: stopped
+//!    (...)`, reports it (an `UpgradeFinished { ok: false }` event, a
+//!    stderr line) and shuts down as on `SIGTERM`, removing the socket
+//!    files as usual (the new master, which said `stopping`, does not
+//!    take them). Under systemd it does not claim `MAINPID=` back: the
+//!    new master, which said `MAINPID=<new>` with its `READY=1`, stays
+//!    the main process, and each says `STOPPING=1`. It exits 0 after a
+//!    clean drain; its [`Report`](super::Report) is a plain shutdown
+//!    (`upgraded_to` is `None`, the `exited` line says `upgraded_to=-`).
+//!
+//!    If instead the pipe says `err <reason>` (the new master could not
+//!    start), says anything else (also a second line after `ready` other
+//!    than `stopping`, or more than 4096 bytes), closes without `ready`
+//!    (it exited, or could not execute), the new master is reaped (even
+//!    after `ready`, unless it said `stopping`), or it is not ready
 //!    within the ready timeout, the old master kills it (`SIGKILL`; its
 //!    workers die with it: they are its children, with
 //!    `PR_SET_PDEATHSIG`), reports the failure (event, stderr, `err
 //!    upgrade failed: <reason>` to `upgrade` clients) and keeps serving.
 //! 5. The new master's parent is the old master; once that is gone (its
-//!    parent pid changes), it owns the socket files: the control socket's
-//!    file is renamed from the old master's default path to its own if
-//!    both were the default, so `--pid <new>` finds it.
+//!    parent pid changes), it closes the pipe and owns the socket files
+//!    (unless it said `stopping`: the old master removed them): the
+//!    control socket's file is renamed from the old master's default path
+//!    to its own if both were the default, so `--pid <new>` finds it.
+//!
+//! [`Cluster::shutdown`]: crate::cluster::Cluster::shutdown
 //!
 //! # What two generations of masters do not share
 //!
@@ -95,7 +124,7 @@ use crate::sys::signal;
 /// binary upgrade, and what it inherits (see [`Marker`]).
 pub(super) const MARKER: &str = "SHMCLUSTER_UPGRADE";
 
-/// The longest line the new master writes on the pipe.
+/// The most the new master writes on the pipe, its lines together.
 const MAX_LINE: usize = 4096;
 
 /// [`MARKER`]'s value: `v=1 old=<pid> ready=<fd> listeners=<n>
@@ -104,7 +133,8 @@ const MAX_LINE: usize = 4096;
 pub(super) struct Marker {
     /// The old master's pid.
     pub(super) old_pid: u32,
-    /// The pipe's write end: `ready pid=<pid>` or `err <reason>`.
+    /// The pipe's write end: `ready pid=<pid>` (then possibly
+    /// `stopping`) or `err <reason>`.
     pub(super) ready: RawFd,
     /// How many of the `LISTEN_FDS` are the old master's inherited
     /// listeners (the rest: sockets bound on workers' requests).
@@ -192,7 +222,8 @@ impl Marker {
 pub(super) struct Handed {
     /// The old master's pid.
     pub(super) old_pid: u32,
-    /// The pipe to the old master: `ready pid=...` or `err ...`.
+    /// The pipe to the old master: `ready pid=...` (then possibly
+    /// `stopping`) or `err ...`.
     pub(super) ready: Option<OwnedFd>,
     /// The listening sockets in `LISTEN_FDS` order, with their names.
     pub(super) listeners: Vec<(String, OwnedFd)>,
@@ -439,36 +470,120 @@ impl UpgradeRun {
     pub(super) fn raw_fd_to_close(&self) -> RawFd {
         self.ready.as_raw_fd()
     }
+
+    /// Reads what the pipe holds (non-blocking) into `got`, until it
+    /// would block or reaches its end-of-file (noted in `eof_at`).
+    ///
+    /// # Errors
+    /// The new master said more than [`MAX_LINE`] bytes in all, or the
+    /// read failed: the upgrade fails.
+    fn read_pipe(&mut self) -> Result<(), String> {
+        let mut buf = [0u8; 512];
+        while self.eof_at.is_none() {
+            match proc::read_raw(self.ready.as_fd(), &mut buf) {
+                Ok(0) => self.eof_at = Some(Instant::now()),
+                Ok(n) if self.got.len() + n <= MAX_LINE => self.got.extend_from_slice(&buf[..n]),
+                Ok(_) => return Err("the new master said too much on its pipe".into()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(format!("reading the new master's pipe: {e}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How an upgrade ends, in the old master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    /// The new master said `ready` and still ran [`CONFIRM`] later: hand
+    /// over to it.
+    HandOver,
+    /// It failed (the reason): kill it, keep serving.
+    Failed(String),
+    /// The old master is shutting down (for its own reasons) before the
+    /// hand-over: kill the new master.
+    Abandoned,
+    /// It said `stopping` after `ready`: asked to stop while in charge, it
+    /// shuts down, and so does the old master.
+    Stopped,
+}
+
+/// What the new master said on its pipe, from the complete lines (ended
+/// by `\n`) of what was read so far: `ready pid=<pid>` or `err <reason>`
+/// first, then possibly `stopping`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Said {
+    /// No complete line yet.
+    Nothing,
+    /// `err <reason>`: it could not start.
+    Err(String),
+    /// `ready ...`: it is in charge.
+    Ready,
+    /// `ready ...`, then `stopping` (anything after is not read).
+    ReadyThenStopping,
+    /// A line that is none of these, where it came.
+    Garbage(String),
+}
+
+/// [`Said`] from `got`, the bytes read from the pipe.
+fn said(got: &[u8]) -> Said {
+    let mut lines = got
+        .split(|&b| b == b'\n')
+        .take(got.iter().filter(|&&b| b == b'\n').count())
+        .map(String::from_utf8_lossy);
+    let Some(first) = lines.next() else {
+        return Said::Nothing;
+    };
+    if let Some(reason) = first.strip_prefix("err ") {
+        return Said::Err(reason.to_owned());
+    }
+    if !first.starts_with("ready") {
+        return Said::Garbage(first.into_owned());
+    }
+    match lines.next() {
+        None => Said::Ready,
+        Some(line) if line == "stopping" => Said::ReadyThenStopping,
+        Some(line) => Said::Garbage(line.into_owned()),
+    }
 }
 
 /// A new master's record of the master it took over from.
 pub(super) struct Upgraded {
     old_pid: u32,
-    /// The pipe to the old master, until `ready` is said.
-    ready: Option<OwnedFd>,
+    /// The pipe to the old master: `ready` (or `err`) is said on it, then,
+    /// while this master is in charge and the old one still runs,
+    /// `stopping` if this one is asked to stop. Closed after `err` or
+    /// `stopping`, or once the old master is gone.
+    pipe: Option<OwnedFd>,
     /// Where the control socket's file goes once the old master is gone
     /// (its own default path, if both used the default).
     rename_control_to: Option<PathBuf>,
-    /// The old master is gone and the files are ours.
+    /// The old master is gone (and the files are ours, unless
+    /// `stop_told`).
     settled: bool,
     /// `ready` was said: this master is the one in charge.
     in_charge: bool,
+    /// `stopping` was said: the old master stops too, and keeps the socket
+    /// files (it removes them as it exits).
+    stop_told: bool,
 }
 
 impl Upgraded {
-    pub(super) fn new(old_pid: u32, ready: Option<OwnedFd>, rename_control_to: Option<PathBuf>) -> Self {
+    pub(super) fn new(old_pid: u32, pipe: Option<OwnedFd>, rename_control_to: Option<PathBuf>) -> Self {
         Self {
             old_pid,
-            ready,
+            pipe,
             rename_control_to,
             settled: false,
             in_charge: false,
+            stop_told: false,
         }
     }
 
-    /// The descriptors a forked worker must close.
+    /// The descriptors a forked worker must close: the pipe, as long as
+    /// this master keeps it (also after `ready`).
     pub(super) fn raw_fds(&self) -> Vec<RawFd> {
-        self.ready.iter().map(AsRawFd::as_raw_fd).collect()
+        self.pipe.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
     /// Whether this master has said `ready`: from then on it is the one
@@ -585,68 +700,80 @@ impl Master<'_> {
         let Some(run) = self.upgrade.as_mut() else {
             return;
         };
-        let mut verdict: Option<Result<(), String>> = None;
-        let mut buf = [0u8; 512];
-        while run.eof_at.is_none() {
-            match proc::read_raw(run.ready.as_fd(), &mut buf) {
-                Ok(0) => run.eof_at = Some(Instant::now()),
-                Ok(n) if run.got.len() + n <= MAX_LINE => run.got.extend_from_slice(&buf[..n]),
-                Ok(_) => {
-                    verdict = Some(Err("the new master said too much on its pipe".into()));
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    verdict = Some(Err(format!("reading the new master's pipe: {e}")));
-                    break;
-                }
-            }
-        }
+        let mut verdict = run.read_pipe().err().map(Verdict::Failed);
         let now = Instant::now();
-        let line_end = run.got.iter().position(|&b| b == b'\n');
         if verdict.is_some() {
-            // Already judged (the pipe broke).
-        } else if let Some(end) = line_end {
-            let line = String::from_utf8_lossy(&run.got[..end]).into_owned();
-            match line.strip_prefix("err ") {
-                Some(reason) => verdict = Some(Err(format!("the new master could not start: {reason}"))),
+            // Already judged (the pipe broke, or said too much).
+        } else {
+            match said(&run.got) {
+                Said::Err(reason) => {
+                    verdict = Some(Verdict::Failed(format!(
+                        "the new master could not start: {reason}"
+                    )));
+                }
+                Said::Garbage(line) => {
+                    verdict = Some(Verdict::Failed(format!("the new master said {line:?}")))
+                }
+                // Its last words count even if it is reaped already.
+                Said::ReadyThenStopping => verdict = Some(Verdict::Stopped),
                 // A reaped new master is never in charge.
-                None if line.starts_with("ready") => match &run.reaped {
-                    Some(how) => verdict = Some(Err(format!("the new master {how} after it said ready"))),
+                Said::Ready => match &run.reaped {
+                    Some(how) => {
+                        verdict = Some(Verdict::Failed(format!(
+                            "the new master {how} after it said ready"
+                        )));
+                    }
                     None => {
                         let at = *run.ready_at.get_or_insert(now);
                         if now >= at + CONFIRM {
-                            verdict = Some(Ok(()));
+                            verdict = Some(Verdict::HandOver);
                         }
                     }
                 },
-                None => verdict = Some(Err(format!("the new master said {line:?}"))),
+                Said::Nothing => {
+                    if let Some(how) = &run.reaped {
+                        verdict = Some(Verdict::Failed(format!(
+                            "the new master {how} before it was ready"
+                        )));
+                    } else if run.eof_at.is_some_and(|t| now >= t + EOF_GRACE) {
+                        verdict = Some(Verdict::Failed(
+                            "the new master closed its pipe before it was ready".into(),
+                        ));
+                    }
+                }
             }
-        } else if let Some(how) = &run.reaped {
-            verdict = Some(Err(format!("the new master {how} before it was ready")));
-        } else if run.eof_at.is_some_and(|t| now >= t + EOF_GRACE) {
-            verdict = Some(Err("the new master closed its pipe before it was ready".into()));
         }
         if verdict.is_none() && run.ready_at.is_none() && now >= run.deadline {
-            verdict = Some(Err(format!(
+            verdict = Some(Verdict::Failed(format!(
                 "the new master was not ready within {:?} (the ready timeout)",
                 self.opts.ready_timeout
             )));
         }
-        if verdict == Some(Ok(())) {
+        if verdict == Some(Verdict::HandOver) {
             // Its end may be pending: reaped now (`reaped_other` then
-            // fails the upgrade), it is a failure.
+            // judges again, with its last words), it is a failure, or a
+            // stop if it said `stopping`.
             if let Err(e) = self.reap() {
                 eprintln!("shmcluster: upgrade: waitpid: {e}");
             }
-            match self.upgrade.as_ref().map(|r| r.reaped.clone()) {
-                None => return,
-                Some(Some(how)) => verdict = Some(Err(format!("the new master {how} after it said ready"))),
-                Some(None) => {}
+            let Some(run) = self.upgrade.as_mut() else {
+                return;
+            };
+            if let Some(how) = &run.reaped {
+                verdict = Some(Verdict::Failed(format!(
+                    "the new master {how} after it said ready"
+                )));
+            } else if run.read_pipe().is_ok() && said(&run.got) == Said::ReadyThenStopping {
+                // A `stopping` that came meanwhile.
+                verdict = Some(Verdict::Stopped);
             }
         }
         if let Some(v) = verdict {
+            let stop = v == Verdict::Stopped;
             self.finish_upgrade(v);
+            if stop {
+                self.begin_shutdown();
+            }
         }
     }
 
@@ -671,15 +798,18 @@ impl Master<'_> {
         self.step_upgrade();
     }
 
-    /// The upgrade ended: hand over (the old master drains and exits) or
-    /// kill the new master and keep serving.
-    fn finish_upgrade(&mut self, verdict: Result<(), String>) {
+    /// The upgrade ended: hand over (the old master drains and exits), or
+    /// kill the new master (and keep serving, unless this master is
+    /// shutting down: abandoned), or (it said `stopping`) leave
+    /// it to its own shutdown: the caller then begins this master's, if
+    /// it has not begun.
+    fn finish_upgrade(&mut self, verdict: Verdict) {
         let Some(run) = self.upgrade.take() else {
             return;
         };
         let pid = run.pid;
         match verdict {
-            Ok(()) => {
+            Verdict::HandOver => {
                 eprintln!("shmcluster: upgrade: new master pid {pid} is ready; draining and exiting");
                 self.publish(EventKind::UpgradeFinished { pid, ok: true }, u32::MAX);
                 if let Some(c) = self.control.as_mut() {
@@ -693,7 +823,24 @@ impl Master<'_> {
                 self.handed_over_to = Some(pid);
                 self.begin_shutdown();
             }
-            Err(reason) => {
+            Verdict::Stopped => {
+                // It shuts down by itself (its workers finish their
+                // requests): not killed. It told the service manager
+                // `MAINPID=<new>` as it said `ready`, and its end is the
+                // service's: not reclaimed. This master keeps the files
+                // (and removes them as it exits).
+                eprintln!(
+                    "shmcluster: upgrade: the new master pid {pid} is stopping; the old master stops too"
+                );
+                self.publish(EventKind::UpgradeFinished { pid, ok: false }, u32::MAX);
+                if let Some(c) = self.control.as_mut() {
+                    c.upgrade_finished(&upgrade_line(
+                        pid,
+                        Some("stopped (the new master was asked to stop after it said ready; the old master stops too)"),
+                    ));
+                }
+            }
+            failed => {
                 if run.reaped.is_none() {
                     // Its workers die with it (PR_SET_PDEATHSIG).
                     let _ = proc::send_signal(pid, signal::SIGKILL);
@@ -702,7 +849,14 @@ impl Master<'_> {
                     // It may have claimed the service as it said `ready`.
                     self.notify.reclaim_mainpid(self.master_pid);
                 }
-                eprintln!("shmcluster: upgrade failed: {reason}; the old master keeps serving");
+                let (reason, then) = match failed {
+                    Verdict::Failed(reason) => (reason, "the old master keeps serving".to_owned()),
+                    _ => (
+                        "stopped (the old master is shutting down)".to_owned(),
+                        format!("new master pid {pid} killed"),
+                    ),
+                };
+                eprintln!("shmcluster: upgrade failed: {reason}; {then}");
                 self.publish(EventKind::UpgradeFinished { pid, ok: false }, u32::MAX);
                 if let Some(c) = self.control.as_mut() {
                     c.upgrade_finished(&upgrade_line(pid, Some(&reason)));
@@ -715,41 +869,50 @@ impl Master<'_> {
     /// once every instance is ready (and from then on accepts control
     /// clients and metrics scrapes: it is the one in charge), or `err` if
     /// it is shutting down first; takes the socket files over once the old
-    /// master is gone.
+    /// master is gone (unless it told it `stopping`: then they are the old
+    /// master's to remove).
     pub(super) fn step_upgraded(&mut self) {
         let all_ready = self.every_instance_ready();
         let stopping = self.shutdown_deadline.is_some();
         let Some(up) = self.upgraded.as_mut() else {
             return;
         };
-        if up.ready.is_some() && (all_ready || stopping) {
-            if let Some(ready) = up.ready.take() {
-                if stopping {
-                    // Never `ready` while shutting down: the old master
-                    // would hand over to a master that is going away.
-                    report_error(&ready, "the new master was shut down before it was ready");
-                } else {
-                    // The handed sockets it has no instance for leave their
-                    // port's SO_REUSEPORT group (for the old master too).
-                    if let Err(e) = self.cluster.listeners.borrow_mut().stop_surplus() {
-                        eprintln!("shmcluster: upgrade: cannot stop a surplus listening socket: {e}");
-                    }
-                    if let Some(c) = self.control.as_mut() {
-                        c.set_accepting(true);
-                    }
-                    if let Some(m) = self.metrics.as_mut() {
-                        m.set_accepting(true);
-                    }
-                    let line = format!("ready pid={}\n", self.master_pid);
-                    proc::write_all_raw(ready.as_fd(), line.as_bytes());
-                    up.in_charge = true;
+        if !up.in_charge && up.pipe.is_some() && (all_ready || stopping) {
+            if stopping {
+                // Never `ready` while shutting down: the old master
+                // would hand over to a master that is going away.
+                if let Some(pipe) = up.pipe.take() {
+                    report_error(&pipe, "the new master was shut down before it was ready");
                 }
+            } else if let Some(pipe) = &up.pipe {
+                // The handed sockets it has no instance for leave their
+                // port's SO_REUSEPORT group (for the old master too).
+                if let Err(e) = self.cluster.listeners.borrow_mut().stop_surplus() {
+                    eprintln!("shmcluster: upgrade: cannot stop a surplus listening socket: {e}");
+                }
+                if let Some(c) = self.control.as_mut() {
+                    c.set_accepting(true);
+                }
+                if let Some(m) = self.metrics.as_mut() {
+                    m.set_accepting(true);
+                }
+                let line = format!("ready pid={}\n", self.master_pid);
+                // A failure is the old master's to see (it is gone, or
+                // fails the upgrade at its ready timeout).
+                let _ = signal::write_pipe_without_sigpipe(pipe.as_fd(), line.as_bytes());
+                // The pipe stays open: `stopping` may follow.
+                up.in_charge = true;
             }
         }
         if up.settled || proc::parent_pid() == up.old_pid {
             return;
         }
         up.settled = true;
+        up.pipe = None;
+        if up.stop_told {
+            // The old master stopped with this one: it removed the files.
+            return;
+        }
         let to = up.rename_control_to.take();
         if let Some(c) = self.control.as_mut() {
             if let Err(e) = c.take_file(to.as_deref()) {
@@ -763,12 +926,52 @@ impl Master<'_> {
         self.cluster.listeners.borrow_mut().set_paths_owned(true);
     }
 
-    /// Whether the new master ended in an upgrade is still running: the
-    /// shutdown waits for nothing of it, but `upgrade` clients are told.
-    pub(super) fn abandon_upgrade(&mut self) {
-        if self.upgrade.is_some() {
-            self.finish_upgrade(Err("stopped (the old master is shutting down)".into()));
+    /// As a new master's shutdown begins: if it is in charge and its old
+    /// master still runs (confirming it, or draining after the
+    /// hand-over), says `stopping` on the pipe, so that a stop asked of
+    /// this master (`SIGTERM`, `SIGINT`, `stop`, [`Cluster::shutdown`],
+    /// a worker's request) stops the service and is not taken for a
+    /// failed upgrade. Not when every instance was given up after crash
+    /// loops: that is a failed new build, and an old master still
+    /// confirming it keeps serving. An old master that has already handed
+    /// over no longer reads the pipe (`EPIPE`): it stops anyway, and the
+    /// files become this master's as usual once it is gone.
+    ///
+    /// [`Cluster::shutdown`]: crate::cluster::Cluster::shutdown
+    pub(super) fn tell_old_master_stopping(&mut self) {
+        if self.gave_up {
+            return;
         }
+        let Some(up) = self.upgraded.as_mut().filter(|u| u.in_charge && !u.settled) else {
+            return;
+        };
+        let Some(pipe) = up.pipe.take() else {
+            return;
+        };
+        if signal::write_pipe_without_sigpipe(pipe.as_fd(), b"stopping\n").is_ok() {
+            up.stop_told = true;
+            eprintln!(
+                "shmcluster: upgrade: stopping while the old master pid {} still runs; it stops too",
+                up.old_pid
+            );
+        }
+    }
+
+    /// As this master's shutdown begins with an upgrade still running: the
+    /// new master is killed (the shutdown waits for nothing of it), but
+    /// `upgrade` clients are told; one that said `stopping` (both were
+    /// asked to stop at once, as a service manager's stop does) is left to
+    /// finish its own shutdown.
+    pub(super) fn abandon_upgrade(&mut self) {
+        let Some(run) = self.upgrade.as_mut() else {
+            return;
+        };
+        let stopping = run.read_pipe().is_ok() && said(&run.got) == Said::ReadyThenStopping;
+        self.finish_upgrade(if stopping {
+            Verdict::Stopped
+        } else {
+            Verdict::Abandoned
+        });
     }
 }
 
@@ -927,6 +1130,88 @@ mod tests {
         run.eof_at = Some(Instant::now());
         assert!(run.fd().is_none(), "not polled after end-of-file");
         assert_eq!(run.raw_fd_to_close(), raw, "but still closed in a forked worker");
+    }
+
+    /// In a new master the pipe stays open after `ready` (`stopping` may
+    /// follow): a forked worker must still be told to close it, and an
+    /// exec'd one loses it (close-on-exec since its adoption).
+    #[test]
+    fn the_pipe_is_closed_in_workers_also_after_ready() {
+        use std::os::fd::IntoRawFd;
+        let (_read, write) = proc::pipe_cloexec().unwrap();
+        sys::fd::set_cloexec(write.as_fd(), false).unwrap();
+        let raw = write.into_raw_fd();
+        let pipe = adopt(raw, "ready pipe").unwrap();
+        assert!(sys::fd::is_cloexec(pipe.as_fd()).unwrap());
+        let mut up = Upgraded::new(1, Some(pipe), None);
+        assert_eq!(up.raw_fds(), [raw]);
+        up.in_charge = true;
+        assert_eq!(up.raw_fds(), [raw], "kept after ready");
+        up.pipe = None;
+        assert!(up.raw_fds().is_empty());
+    }
+
+    /// The old master's reading of the pipe: `ready`, then `stopping`;
+    /// `err`; complete lines only; anything else (also `stopping` before
+    /// `ready`, or a second line that is not `stopping`) is garbage, which
+    /// fails the upgrade; never a panic on bytes that are not UTF-8.
+    #[test]
+    fn the_pipe_says_ready_then_stopping_and_anything_else_fails() {
+        let cases: [(&[u8], Said); 14] = [
+            (b"", Said::Nothing),
+            (b"ready pid=4", Said::Nothing),
+            (b"ready pid=4\n", Said::Ready),
+            (b"ready pid=4\nstopp", Said::Ready),
+            (b"ready pid=4\nstopping", Said::Ready),
+            (b"ready pid=4\nstopping\n", Said::ReadyThenStopping),
+            (b"ready pid=4\nstopping\nmore\n", Said::ReadyThenStopping),
+            (
+                b"ready pid=4\nstopping now\n",
+                Said::Garbage("stopping now".into()),
+            ),
+            (b"ready pid=4\n\n", Said::Garbage(String::new())),
+            (
+                b"ready pid=4\n\xff\xfe\n",
+                Said::Garbage("\u{fffd}\u{fffd}".into()),
+            ),
+            (b"stopping\n", Said::Garbage("stopping".into())),
+            (b"err no config\n", Said::Err("no config".into())),
+            (b"err no config\nready pid=4\n", Said::Err("no config".into())),
+            (b"\xff\n", Said::Garbage("\u{fffd}".into())),
+        ];
+        for (got, want) in cases {
+            assert_eq!(said(got), want, "{:?}", String::from_utf8_lossy(got));
+        }
+    }
+
+    /// More than [`MAX_LINE`] bytes in all, also after `ready`, fails the
+    /// upgrade (no unbounded buffer); what fits is kept.
+    #[test]
+    fn a_pipe_that_says_too_much_is_an_error() {
+        let run = |bytes: &[u8]| {
+            let (read, write) = proc::pipe_cloexec().unwrap();
+            sys::set_cloexec_nonblocking(read.as_fd()).unwrap();
+            proc::write_all_raw(write.as_fd(), bytes);
+            let mut run = UpgradeRun {
+                pid: 1,
+                ready: read,
+                got: Vec::new(),
+                deadline: Instant::now(),
+                reaped: None,
+                eof_at: None,
+                ready_at: None,
+            };
+            let result = run.read_pipe();
+            (result, run.got)
+        };
+        let (ok, got) = run(b"ready pid=4\nstopping\n");
+        assert_eq!(ok, Ok(()));
+        assert_eq!(said(&got), Said::ReadyThenStopping);
+        let mut long = b"ready pid=4\n".to_vec();
+        long.resize(MAX_LINE + 1, b'x');
+        let (err, got) = run(&long);
+        assert_eq!(err, Err("the new master said too much on its pipe".into()));
+        assert!(got.len() <= MAX_LINE);
     }
 
     /// The program path is argv[0] as invoked (symlinks kept), made
