@@ -20,6 +20,29 @@
 //! metrics endpoint; `http/`, the HTTP
 //! drain.
 
+use std::fmt;
+use std::io::Write;
+
+/// `eprintln!` in one `write(2)`: the master's lines go to a stderr that
+/// during a binary upgrade two masters share (and workers too, under
+/// `shmcluster run`); `eprintln!` writes a line piece by piece (one
+/// `write(2)` per formatted argument), so two processes' lines could
+/// interleave mid-line. One write of a line shorter than `PIPE_BUF` is
+/// never split, on a pipe or a file opened for appending.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::cluster::say_to(&mut ::std::io::stderr(), format_args!($($arg)*))
+    };
+}
+
+/// [`say!`]'s body: `args` and a newline, formatted first, then written
+/// with one `write_all` (errors ignored, as `eprintln!`'s would panic).
+pub(crate) fn say_to(out: &mut impl Write, args: fmt::Arguments<'_>) {
+    let mut line = args.to_string();
+    line.push('\n');
+    let _ = out.write_all(line.as_bytes());
+}
+
 // `pub(crate)` so that the crate root can re-export `control::codec` for
 // the `shmcluster` command's client (see that module).
 pub(crate) mod control;
@@ -85,5 +108,57 @@ impl WorkerState {
             5 => Self::Failed,
             _ => Self::Dead,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+    use crate::sys::process as proc;
+
+    /// Lines [`say_to`] writes from two writers racing on one pipe (as
+    /// two masters' on one stderr) arrive whole: each is one `write(2)`.
+    /// (`writeln!` on the same unbuffered files interleaves them mid-line
+    /// here within a few hundred lines.)
+    #[test]
+    fn lines_from_two_writers_on_one_pipe_are_never_split() {
+        const LINES: usize = 2000;
+        let (read, write) = proc::pipe_cloexec().unwrap();
+        let mut reader = std::fs::File::from(read);
+        let collect = std::thread::spawn(move || {
+            let mut text = String::new();
+            reader.read_to_string(&mut text).unwrap();
+            text
+        });
+        let writers: Vec<_> = ["alpha", "omega"]
+            .into_iter()
+            .map(|tag| {
+                let mut out = std::fs::File::from(write.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    for i in 0..LINES {
+                        say_to(&mut out, format_args!("{tag} {i} {} {tag}", "-".repeat(i % 64)));
+                    }
+                })
+            })
+            .collect();
+        drop(write);
+        for w in writers {
+            w.join().unwrap();
+        }
+        let text = collect.join().unwrap();
+        let mut seen = 0;
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let whole = fields.len() == 4
+                && fields[0] == fields[3]
+                && fields[1]
+                    .parse::<usize>()
+                    .is_ok_and(|i| fields[2].len() == i % 64);
+            assert!(whole, "a line was split: {line:?}");
+            seen += 1;
+        }
+        assert_eq!(seen, 2 * LINES);
     }
 }

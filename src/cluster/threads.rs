@@ -110,7 +110,7 @@ impl ThreadsBuilder {
                         .spawn_scoped(scope, move || match f(worker) {
                             Ok(()) => None,
                             Err(e) => {
-                                eprintln!("shmcluster worker {index}: {e}");
+                                say!("shmcluster worker {index}: {e}");
                                 Some(ExitReason::Exited(ERR_CODE))
                             }
                         })

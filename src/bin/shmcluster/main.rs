@@ -471,7 +471,7 @@ fn run(args: RunArgs) -> u8 {
             let metrics = cluster
                 .metrics_addr()
                 .map_or_else(String::new, |a| format!(", metrics http://{a}/metrics"));
-            eprintln!(
+            say(format_args!(
                 "shmcluster: master pid {}, {} workers{bridge_note}, control socket {control}{metrics}{}",
                 std::process::id(),
                 cluster.instances(),
@@ -480,20 +480,30 @@ fn run(args: RunArgs) -> u8 {
                 } else {
                     format!(", listening on {}", addrs.join(" "))
                 }
-            );
+            ));
         }
-        eprintln!("shmcluster: {event}");
+        say(format_args!("shmcluster: {event}"));
     });
     match builder.command(args.command) {
         Ok(report) => {
-            eprintln!("shmcluster: master exiting, {report}");
+            say(format_args!("shmcluster: master exiting, {report}"));
             report.exit_code() as u8
         }
         Err(e) => {
-            eprintln!("shmcluster: cannot start: {e}");
+            say(format_args!("shmcluster: cannot start: {e}"));
             2
         }
     }
+}
+
+/// One line on stderr in one `write(2)`: during a binary upgrade two
+/// masters write their events to the same stderr, and `eprintln!` writes a
+/// line in pieces that the other's could split (the library's own lines
+/// are written the same way).
+fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let line = format!("{args}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 fn stat(args: StatArgs) -> Result<(), ClientError> {

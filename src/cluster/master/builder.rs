@@ -491,7 +491,7 @@ impl ClusterBuilder {
             match f(worker) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("shmcluster worker {index}: {e}");
+                    say!("shmcluster worker {index}: {e}");
                     1
                 }
             }

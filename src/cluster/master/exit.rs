@@ -124,7 +124,7 @@ impl Master<'_> {
             rec.failed = true;
             entry.state.store(WorkerState::Failed.to_raw(), Release);
             self.failed.push(slot);
-            eprintln!(
+            say!(
                 "shmcluster: worker slot {slot} died {deaths} times within {:?}; not restarting it",
                 self.opts.restart_window
             );
@@ -138,7 +138,7 @@ impl Master<'_> {
                     .borrow()
                     .retire_instance(index, self.cluster.instances);
                 if let Err(e) = retired {
-                    eprintln!("shmcluster: worker slot {slot}: cannot stop its own listening socket: {e}");
+                    say!("shmcluster: worker slot {slot}: cannot stop its own listening socket: {e}");
                 }
             }
             self.publish(EventKind::CrashLoop, slot);
@@ -149,7 +149,7 @@ impl Master<'_> {
                 .iter()
                 .all(|&s| self.slots[s as usize].failed);
             if all_failed && !self.gave_up {
-                eprintln!(
+                say!(
                     "shmcluster: every worker slot was given up after crash loops; nothing is left to \
                      supervise: the master stops"
                 );
@@ -253,7 +253,7 @@ impl Master<'_> {
         for slot in 0..self.slots.len() as u32 {
             let rec = &mut self.slots[slot as usize];
             if rec.pid.is_some() && !rec.sigkilled {
-                eprintln!("shmcluster: worker slot {slot} did not exit within the grace period; killing it");
+                say!("shmcluster: worker slot {slot} did not exit within the grace period; killing it");
                 rec.ending.get_or_insert(ExitReason::Shutdown);
                 if let Some(index) = rec.index {
                     self.unhealthy.push(Unhealthy::KilledAtDeadline { index });

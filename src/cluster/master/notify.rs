@@ -186,9 +186,7 @@ impl Notify {
             }
             Err(e) => {
                 if !std::mem::replace(&mut self.offer_warned, true) {
-                    eprintln!(
-                        "shmcluster: cannot make a NOTIFY_SOCKET for workers ({e}); they start without one"
-                    );
+                    say!("shmcluster: cannot make a NOTIFY_SOCKET for workers ({e}); they start without one");
                 }
                 None
             }
@@ -218,7 +216,7 @@ impl Up {
         let to = match Notifier::new(&value) {
             Ok(n) => n,
             Err(e) => {
-                eprintln!("shmcluster: not notifying the service manager: {e}");
+                say!("shmcluster: not notifying the service manager: {e}");
                 return None;
             }
         };
@@ -247,7 +245,7 @@ impl Up {
     fn send(&mut self, message: &str) {
         if let Err(e) = self.to.send(message) {
             if !std::mem::replace(&mut self.warned, true) {
-                eprintln!("shmcluster: cannot notify the service manager ({e}); carrying on without");
+                say!("shmcluster: cannot notify the service manager ({e}); carrying on without");
             }
         }
     }
@@ -357,7 +355,7 @@ impl Master<'_> {
                     Ok(Some(d)) => d,
                     Ok(None) => break,
                     Err(e) => {
-                        eprintln!("shmcluster: worker slot {slot}'s NOTIFY_SOCKET failed ({e}); closing it");
+                        say!("shmcluster: worker slot {slot}'s NOTIFY_SOCKET failed ({e}); closing it");
                         self.notify.forget(slot);
                         break;
                     }

@@ -46,7 +46,7 @@ impl Master<'_> {
                 self.publish(EventKind::ReloadStarted, u32::MAX);
                 if nothing {
                     if let ReloadScope::Instance(i) = scope {
-                        eprintln!("shmcluster: worker {i} was given up after a crash loop; not reloading it");
+                        say!("shmcluster: worker {i} was given up after a crash loop; not reloading it");
                     }
                     self.finish_reload(false);
                     continue;
@@ -68,12 +68,12 @@ impl Master<'_> {
                         r.pid.is_none() && r.index.is_none() && r.restart_at.is_none()
                     });
                     let Some(new) = spare else {
-                        eprintln!("shmcluster: no spare slot for a reload; skipping it");
+                        say!("shmcluster: no spare slot for a reload; skipping it");
                         self.finish_reload(false);
                         return Ok(());
                     };
                     if let Err(e) = self.start_worker(new, index) {
-                        eprintln!("shmcluster: cannot start a reload replacement for worker {index}: {e}");
+                        say!("shmcluster: cannot start a reload replacement for worker {index}: {e}");
                         self.start_failed(new, &e);
                         let rec = &mut self.slots[new as usize];
                         rec.index = None;
@@ -129,7 +129,7 @@ impl Master<'_> {
                         continue;
                     }
                     if now >= deadline && self.slots[new as usize].ending.is_none() {
-                        eprintln!("shmcluster: reload replacement for worker {index} not ready in time; keeping the old one");
+                        say!("shmcluster: reload replacement for worker {index} not ready in time; keeping the old one");
                         self.slots[new as usize].ending = Some(ExitReason::NotReady);
                         self.kill(new);
                     }

@@ -127,7 +127,7 @@ impl Master<'_> {
                         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
                             Ok(Ok(code)) => code,
                             Ok(Err(e)) => {
-                                eprintln!("shmcluster worker {index}: {e}");
+                                say!("shmcluster worker {index}: {e}");
                                 1
                             }
                             Err(_) => 101,
@@ -147,7 +147,7 @@ impl Master<'_> {
                         );
                         let errno = err.raw_os_error().unwrap_or(0);
                         proc::write_all_raw(exec_write.as_fd(), &errno.to_le_bytes());
-                        eprintln!("shmcluster: cannot execute worker {index}: {err}");
+                        say!("shmcluster: cannot execute worker {index}: {err}");
                         127
                     }
                 };
@@ -167,7 +167,7 @@ impl Master<'_> {
                     // four bytes of errno if it could not.
                     let mut buf = [0u8; 4];
                     if proc::read_raw(exec_read.as_fd(), &mut buf)? == 4 {
-                        eprintln!(
+                        say!(
                             "shmcluster: worker {index} could not exec: {}",
                             io::Error::from_raw_os_error(i32::from_le_bytes(buf))
                         );
@@ -249,7 +249,7 @@ fn run_bridge(
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
             Ok(Ok(code)) => code,
             Ok(Err(e)) => {
-                eprintln!("shmcluster bridge: {e}");
+                say!("shmcluster bridge: {e}");
                 1
             }
             Err(_) => 101,

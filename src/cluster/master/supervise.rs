@@ -79,7 +79,7 @@ impl Master<'_> {
             if self.upgrade_queued && !self.reloading() {
                 self.upgrade_queued = false;
                 if let Err(reason) = self.begin_upgrade() {
-                    eprintln!("shmcluster: cannot upgrade: {reason}");
+                    say!("shmcluster: cannot upgrade: {reason}");
                 }
             }
         }
@@ -199,7 +199,7 @@ impl Master<'_> {
                 }
                 signal::SIGUSR2 => {
                     if let Err(reason) = self.begin_upgrade() {
-                        eprintln!("shmcluster: cannot upgrade: {reason}");
+                        say!("shmcluster: cannot upgrade: {reason}");
                     }
                 }
                 // SIGCHLD: reaped below; SIGUSR1: observed below.
@@ -279,7 +279,7 @@ impl Master<'_> {
             {
                 if now.duration_since(seen) > hang {
                     rec.ending = Some(ExitReason::Hung);
-                    eprintln!("shmcluster: worker slot {slot} heartbeat stopped for {hang:?}; killing it");
+                    say!("shmcluster: worker slot {slot} heartbeat stopped for {hang:?}; killing it");
                     self.kill(slot);
                 }
             }
@@ -302,7 +302,7 @@ impl Master<'_> {
             let rec = &self.slots[slot as usize];
             if rec.kill_at.is_some_and(|t| now >= t) && rec.pid.is_some() {
                 self.slots[slot as usize].kill_at = None;
-                eprintln!("shmcluster: worker slot {slot} missed its drain deadline; killing it");
+                say!("shmcluster: worker slot {slot} missed its drain deadline; killing it");
                 self.kill(slot);
             }
             let rec = &self.slots[slot as usize];
@@ -314,7 +314,7 @@ impl Master<'_> {
                     if let Err(e) = self.start_worker(slot, index) {
                         // Out of processes or descriptors: try again later
                         // rather than bringing the whole cluster down.
-                        eprintln!("shmcluster: cannot restart worker {index} in slot {slot}: {e}; retrying");
+                        say!("shmcluster: cannot restart worker {index} in slot {slot}: {e}; retrying");
                         self.start_failed(slot, &e);
                         self.slots[slot as usize].restart_at =
                             Some(now + self.opts.backoff_initial.max(Duration::from_millis(100)));
@@ -363,7 +363,7 @@ impl Master<'_> {
                 .iter()
                 .position(|s| s.pid == Some(pid))
                 .map(|s| s as u32);
-            eprintln!(
+            say!(
                 "shmcluster: process {pid} (slot {slot:?}) has held lock entry {i} for over {limit:?}{}",
                 if kill { "; killing it" } else { "" }
             );

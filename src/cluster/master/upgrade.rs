@@ -676,7 +676,7 @@ impl Master<'_> {
                     eof_at: None,
                     ready_at: None,
                 });
-                eprintln!(
+                say!(
                     "shmcluster: upgrade: started new master pid {pid} from {}",
                     exe.display()
                 );
@@ -754,7 +754,7 @@ impl Master<'_> {
             // judges again, with its last words), it is a failure, or a
             // stop if it said `stopping`.
             if let Err(e) = self.reap() {
-                eprintln!("shmcluster: upgrade: waitpid: {e}");
+                say!("shmcluster: upgrade: waitpid: {e}");
             }
             let Some(run) = self.upgrade.as_mut() else {
                 return;
@@ -810,7 +810,7 @@ impl Master<'_> {
         let pid = run.pid;
         match verdict {
             Verdict::HandOver => {
-                eprintln!("shmcluster: upgrade: new master pid {pid} is ready; draining and exiting");
+                say!("shmcluster: upgrade: new master pid {pid} is ready; draining and exiting");
                 self.publish(EventKind::UpgradeFinished { pid, ok: true }, u32::MAX);
                 if let Some(c) = self.control.as_mut() {
                     c.upgrade_finished(&upgrade_line(pid, None));
@@ -829,9 +829,7 @@ impl Master<'_> {
                 // `MAINPID=<new>` as it said `ready`, and its end is the
                 // service's: not reclaimed. This master keeps the files
                 // (and removes them as it exits).
-                eprintln!(
-                    "shmcluster: upgrade: the new master pid {pid} is stopping; the old master stops too"
-                );
+                say!("shmcluster: upgrade: the new master pid {pid} is stopping; the old master stops too");
                 self.publish(EventKind::UpgradeFinished { pid, ok: false }, u32::MAX);
                 if let Some(c) = self.control.as_mut() {
                     c.upgrade_finished(&upgrade_line(
@@ -856,7 +854,7 @@ impl Master<'_> {
                         format!("new master pid {pid} killed"),
                     ),
                 };
-                eprintln!("shmcluster: upgrade failed: {reason}; {then}");
+                say!("shmcluster: upgrade failed: {reason}; {then}");
                 self.publish(EventKind::UpgradeFinished { pid, ok: false }, u32::MAX);
                 if let Some(c) = self.control.as_mut() {
                     c.upgrade_finished(&upgrade_line(pid, Some(&reason)));
@@ -888,7 +886,7 @@ impl Master<'_> {
                 // The handed sockets it has no instance for leave their
                 // port's SO_REUSEPORT group (for the old master too).
                 if let Err(e) = self.cluster.listeners.borrow_mut().stop_surplus() {
-                    eprintln!("shmcluster: upgrade: cannot stop a surplus listening socket: {e}");
+                    say!("shmcluster: upgrade: cannot stop a surplus listening socket: {e}");
                 }
                 if let Some(c) = self.control.as_mut() {
                     c.set_accepting(true);
@@ -916,7 +914,7 @@ impl Master<'_> {
         let to = up.rename_control_to.take();
         if let Some(c) = self.control.as_mut() {
             if let Err(e) = c.take_file(to.as_deref()) {
-                eprintln!(
+                say!(
                     "shmcluster: cannot rename the control socket {} to its default path: {e}",
                     c.path().display()
                 );
@@ -950,7 +948,7 @@ impl Master<'_> {
         };
         if signal::write_pipe_without_sigpipe(pipe.as_fd(), b"stopping\n").is_ok() {
             up.stop_told = true;
-            eprintln!(
+            say!(
                 "shmcluster: upgrade: stopping while the old master pid {} still runs; it stops too",
                 up.old_pid
             );

@@ -123,7 +123,7 @@ impl MetricsServer {
         listener.set_nonblocking(true).map_err(fail)?;
         let local = listener.local_addr().map_err(fail)?;
         if let Some(warning) = exposure_warning(local) {
-            eprintln!("shmcluster: warning: {warning}");
+            say!("shmcluster: warning: {warning}");
         }
         Ok(Self::serving(listener, local, true))
     }
