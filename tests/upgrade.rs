@@ -1387,9 +1387,18 @@ fn stop_during_an_upgrade_abandons_it() -> Check {
     );
     no_process_left(old_pid)?;
     ensure!(!alive(new_pid), "the new master {new_pid} still runs");
+    // Stopped as the old master was, not killed: its workers (which may
+    // already serve) finish their requests; and waited for.
+    let log = master.log();
+    ensure!(
+        log.contains(&format!(
+            "the new master pid {new_pid} told to stop exited with code 0"
+        )),
+        "the old master did not see the new master {new_pid} stop by itself:\n{log}"
+    );
     println!(
         "    stop during an upgrade: stat and 20 scrapes answered by the old master {old_pid}; stop --wait: \
-         exit 0, the new master {new_pid} killed, upgrade --wait exit 1 (stopped)"
+         exit 0, the new master {new_pid} told to stop exited 0 first, upgrade --wait exit 1 (stopped)"
     );
     Ok(())
 }

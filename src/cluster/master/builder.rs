@@ -701,6 +701,7 @@ impl ClusterBuilder {
             upgrade_queued: false,
             upgraded,
             handed_over_to: None,
+            abandoned: None,
             listeners_from_systemd,
         };
         let result = master.supervise();

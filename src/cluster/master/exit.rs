@@ -250,6 +250,10 @@ impl Master<'_> {
     /// (`ending`) so that its reap does not report it again as "killed by
     /// signal 9".
     pub(super) fn kill_remaining(&mut self) {
+        if let Some(pid) = self.abandoned {
+            say!("shmcluster: upgrade: the new master pid {pid} did not exit within the grace period; killing it");
+            let _ = proc::send_signal(pid, signal::SIGKILL);
+        }
         for slot in 0..self.slots.len() as u32 {
             let rec = &mut self.slots[slot as usize];
             if rec.pid.is_some() && !rec.sigkilled {

@@ -332,6 +332,11 @@ struct Master<'a> {
     upgraded: Option<upgrade::Upgraded>,
     /// The new master this one handed over to (its [`Report`] says so).
     handed_over_to: Option<u32>,
+    /// A new master this one told to stop when its own shutdown abandoned
+    /// the upgrade (`SIGTERM`: its workers may already serve, and finish
+    /// their requests); the shutdown waits for it until its deadline,
+    /// then kills it.
+    abandoned: Option<u32>,
     /// The listeners came from systemd's socket activation (said to a new
     /// master).
     listeners_from_systemd: bool,

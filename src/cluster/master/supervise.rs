@@ -65,7 +65,7 @@ impl Master<'_> {
                 }
             }
             if let Some(deadline) = self.shutdown_deadline {
-                if self.slots.iter().all(|s| s.pid.is_none()) {
+                if self.slots.iter().all(|s| s.pid.is_none()) && self.abandoned.is_none() {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {

@@ -32,7 +32,10 @@
 //!    The old master goes on accepting on the control socket and serving
 //!    its metrics endpoint until the hand-over: it is the one in charge
 //!    until then (a `stop` it gets abandons the upgrade: the new master is
-//!    killed as on failure, and the old one shuts down as usual).
+//!    told to stop with `SIGTERM`, since its workers may already serve —
+//!    they accept as soon as they start —, and the old one shuts down as
+//!    usual, waiting for the new master too until its deadline, when it
+//!    kills it).
 //! 2. The **new master** (the program's `main` runs again; the builder
 //!    finds [`MARKER`]) adopts the sockets instead of binding
 //!    (`Listeners::adopt`: matched to its own, possibly changed,
@@ -787,20 +790,26 @@ impl Master<'_> {
 
     /// A reaped child that is no worker: the new master, if it is ours.
     pub(super) fn reaped_other(&mut self, pid: u32, status: sys::ExitStatus) {
+        let how = match status {
+            sys::ExitStatus::Code(c) => format!("exited with code {c}"),
+            sys::ExitStatus::Signal(s) => format!("was killed by signal {s}"),
+        };
+        if self.abandoned == Some(pid) {
+            self.abandoned = None;
+            say!("shmcluster: upgrade: the new master pid {pid} told to stop {how}");
+            return;
+        }
         let Some(run) = self.upgrade.as_mut().filter(|r| r.pid == pid) else {
             return;
         };
-        run.reaped = Some(match status {
-            sys::ExitStatus::Code(c) => format!("exited with code {c}"),
-            sys::ExitStatus::Signal(s) => format!("was killed by signal {s}"),
-        });
+        run.reaped = Some(how);
         // Its last words first, if it wrote any.
         self.step_upgrade();
     }
 
     /// The upgrade ended: hand over (the old master drains and exits), or
-    /// kill the new master (and keep serving, unless this master is
-    /// shutting down: abandoned), or (it said `stopping`) leave
+    /// kill the new master and keep serving (failed), or stop it as this
+    /// master stops (abandoned by this master's shutdown), or (it said `stopping`) leave
     /// it to its own shutdown: the caller then begins this master's, if
     /// it has not begun.
     fn finish_upgrade(&mut self, verdict: Verdict) {
@@ -839,9 +848,20 @@ impl Master<'_> {
                 }
             }
             failed => {
-                if run.reaped.is_none() {
+                match failed {
+                    _ if run.reaped.is_some() => {}
                     // Its workers die with it (PR_SET_PDEATHSIG).
-                    let _ = proc::send_signal(pid, signal::SIGKILL);
+                    Verdict::Failed(_) => {
+                        let _ = proc::send_signal(pid, signal::SIGKILL);
+                    }
+                    // Abandoned by this master's shutdown: its workers may
+                    // already serve (they accept as soon as they start),
+                    // so it is stopped as this master is (they finish
+                    // their requests), and waited for until the deadline.
+                    _ => {
+                        let _ = proc::send_signal(pid, signal::SIGTERM);
+                        self.abandoned = Some(pid);
+                    }
                 }
                 if run.got.starts_with(b"ready") {
                     // It may have claimed the service as it said `ready`.
@@ -851,7 +871,7 @@ impl Master<'_> {
                     Verdict::Failed(reason) => (reason, "the old master keeps serving".to_owned()),
                     _ => (
                         "stopped (the old master is shutting down)".to_owned(),
-                        format!("new master pid {pid} killed"),
+                        format!("new master pid {pid} stops too"),
                     ),
                 };
                 say!("shmcluster: upgrade failed: {reason}; {then}");
@@ -956,8 +976,9 @@ impl Master<'_> {
     }
 
     /// As this master's shutdown begins with an upgrade still running: the
-    /// new master is killed (the shutdown waits for nothing of it), but
-    /// `upgrade` clients are told; one that said `stopping` (both were
+    /// new master is told to stop (`SIGTERM`) and the shutdown waits for
+    /// it (`abandoned`) as for a worker, and `upgrade` clients are told;
+    /// one that said `stopping` (both were
     /// asked to stop at once, as a service manager's stop does) is left to
     /// finish its own shutdown.
     pub(super) fn abandon_upgrade(&mut self) {
