@@ -116,6 +116,11 @@ const SCENARIOS: &[Scenario] = &[
         run: stop_during_an_upgrade_abandons_it,
     },
     Scenario {
+        name: "an_abandoned_new_master_that_does_not_stop_is_killed_once",
+        timeout: Duration::from_secs(90),
+        run: an_abandoned_new_master_that_does_not_stop_is_killed_once,
+    },
+    Scenario {
         name: "sigterm_to_the_new_master_in_charge_stops_both",
         timeout: Duration::from_secs(90),
         run: sigterm_to_the_new_master_in_charge_stops_both,
@@ -1399,6 +1404,44 @@ fn stop_during_an_upgrade_abandons_it() -> Check {
     println!(
         "    stop during an upgrade: stat and 20 scrapes answered by the old master {old_pid}; stop --wait: \
          exit 0, the new master {new_pid} told to stop exited 0 first, upgrade --wait exit 1 (stopped)"
+    );
+    Ok(())
+}
+
+/// A stop at the old master during an upgrade tells the new master to
+/// stop and waits for it until the grace deadline; one that does not end
+/// by then (held by `SIGSTOP` here, as a hung one would be) is killed
+/// once, with its workers, said once, and makes the shutdown unclean
+/// (without the kill at the deadline the old master would wait for it
+/// forever).
+fn an_abandoned_new_master_that_does_not_stop_is_killed_once() -> Check {
+    become_subreaper()?;
+    let dir = common::tmp();
+    let (mut master, _, _) = start_spawn_master_with("20", &[], &["--kill-timeout", "2"])?;
+    let old_pid = MASTER.load(Ordering::Acquire) as u32;
+    let serving = group_members(old_pid);
+    // Never ready: the upgrade cannot finish by itself meanwhile.
+    write_by_rename(&dir.join("worker.py"), &worker_script("v2", true))?;
+    master.signal(Signal::SIGUSR2)?;
+    let new_pid = new_generation(&master, &serving, 1)?;
+    kill(Pid::from_raw(new_pid as i32), Signal::SIGSTOP).map_err(|e| format!("SIGSTOP {new_pid}: {e}"))?;
+    master.signal(Signal::SIGTERM)?;
+    let status = master.wait_exit(Duration::from_secs(30))?;
+    let log = master.log();
+    let said = format!("the new master pid {new_pid} did not exit within the grace period; killing it");
+    ensure!(log.matches(&said).count() == 1, "expected `{said}` once:\n{log}");
+    ensure!(
+        status.code() == Some(1)
+            && log.contains(&format!(
+                "the new master pid {new_pid} of the abandoned upgrade did not exit within the grace period and was killed"
+            )),
+        "the old master exited {status}, its report should name the killed new master:\n{log}"
+    );
+    no_process_left(old_pid)?;
+    ensure!(!alive(new_pid), "the new master {new_pid} still runs");
+    println!(
+        "    a new master {new_pid} held by SIGSTOP when the old one {old_pid} stopped: killed once at the \
+         grace deadline, the old master exited 1 naming it, nothing left"
     );
     Ok(())
 }

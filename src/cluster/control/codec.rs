@@ -86,7 +86,7 @@ pub(crate) fn parse_request(line: &[u8]) -> Result<Request, String> {
             },
             _ => {
                 return Err(format!(
-                    "err unknown request {}: expected ping, stat, reload, stop, upgrade, wait or events\n",
+                    "err unknown request {}: expected ping, stat, reload [worker=<n>], stop, upgrade, wait or events\n",
                     escape(other)
                 ))
             }
@@ -479,7 +479,7 @@ mod tests {
         let refused = parse_request(b"rm -rf").unwrap_err();
         assert_eq!(
             refused,
-            "err unknown request rm%20-rf: expected ping, stat, reload, stop, upgrade, wait or events\n"
+            "err unknown request rm%20-rf: expected ping, stat, reload [worker=<n>], stop, upgrade, wait or events\n"
         );
         let events = |since| Ok(Request::Master(ControlRequest::Events { since }));
         assert_eq!(parse_request(b"events"), events(0));

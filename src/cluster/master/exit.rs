@@ -250,9 +250,13 @@ impl Master<'_> {
     /// (`ending`) so that its reap does not report it again as "killed by
     /// signal 9".
     pub(super) fn kill_remaining(&mut self) {
-        if let Some(pid) = self.abandoned {
+        if let Some(a) = self.abandoned.as_mut().filter(|a| !a.killed) {
+            a.killed = true;
+            let pid = a.pid;
             say!("shmcluster: upgrade: the new master pid {pid} did not exit within the grace period; killing it");
+            // Its workers die with it (PR_SET_PDEATHSIG).
             let _ = proc::send_signal(pid, signal::SIGKILL);
+            self.unhealthy.push(Unhealthy::NewMasterKilledAtDeadline { pid });
         }
         for slot in 0..self.slots.len() as u32 {
             let rec = &mut self.slots[slot as usize];

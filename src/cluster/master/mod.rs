@@ -120,7 +120,33 @@ impl Cluster {
     /// (`ReloadStarted`/`ReloadFinished` events, `stat`'s reload
     /// counters); an instance queued already is not queued twice. An
     /// instance given up after a crash loop is not reloaded (the reload
-    /// finishes failed).
+    /// finishes failed). Asked during a shutdown, it never runs.
+    ///
+    /// # Errors
+    /// [`ReloadError::NoSuchInstance`] if `index` is not below
+    /// [`Cluster::instances`] (the NATS bridge is no instance).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// use shmcluster::{Cluster, EventKind};
+    ///
+    /// let report = Cluster::builder()
+    ///     .workers(3)
+    ///     // A worker that held a lock past the hold limit is replaced
+    ///     // (replacement first); the others go on as they are.
+    ///     .on_event(|cluster, event| {
+    ///         if matches!(event.kind, EventKind::LockHeldTooLong { .. }) && event.index != u32::MAX {
+    ///             let _ = cluster.reload_instance(event.index);
+    ///         }
+    ///     })
+    ///     .run(|worker| {
+    ///         worker.ready();
+    ///         while !worker.wait_stop(std::time::Duration::from_secs(1)) {}
+    ///         Ok::<(), std::io::Error>(())
+    ///     })?;
+    /// std::process::exit(report.exit_code());
+    /// # Ok::<(), shmcluster::ClusterError>(())
+    /// ```
     pub fn reload_instance(&self, index: u32) -> Result<(), ReloadError> {
         if index >= self.instances {
             return Err(ReloadError::NoSuchInstance {
@@ -249,6 +275,13 @@ enum Step {
     Drain { old: u32 },
 }
 
+/// A new master told to stop by an abandoned upgrade, not reaped yet.
+struct Abandoned {
+    pid: u32,
+    /// Sent `SIGKILL` at the shutdown's deadline.
+    killed: bool,
+}
+
 /// What a queued reload replaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ReloadScope {
@@ -335,8 +368,8 @@ struct Master<'a> {
     /// A new master this one told to stop when its own shutdown abandoned
     /// the upgrade (`SIGTERM`: its workers may already serve, and finish
     /// their requests); the shutdown waits for it until its deadline,
-    /// then kills it.
-    abandoned: Option<u32>,
+    /// then kills it (once).
+    abandoned: Option<Abandoned>,
     /// The listeners came from systemd's socket activation (said to a new
     /// master).
     listeners_from_systemd: bool,

@@ -32,7 +32,7 @@ impl Master<'_> {
                 // reload, which would cut the host off from the others.
                 let wanted = match scope {
                     ReloadScope::All => 0..self.cluster.instances,
-                    ReloadScope::Instance(i) => i..(i + 1).min(self.cluster.instances),
+                    ReloadScope::Instance(i) => i..i.saturating_add(1).min(self.cluster.instances),
                 };
                 let order: Vec<u32> = wanted
                     .filter(|&i| !self.slots[self.index_slot[i as usize] as usize].failed)

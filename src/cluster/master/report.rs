@@ -196,6 +196,13 @@ pub enum Unhealthy {
         /// The instance.
         index: u32,
     },
+    /// Not an instance: the new master of a binary upgrade this master's
+    /// shutdown abandoned (told to stop with it) was still running at the
+    /// end of the grace period and was killed, its workers with it.
+    NewMasterKilledAtDeadline {
+        /// The new master's pid.
+        pid: u32,
+    },
 }
 
 impl fmt::Display for Unhealthy {
@@ -212,6 +219,11 @@ impl fmt::Display for Unhealthy {
                     "worker {index} did not exit within the grace period and was killed"
                 )
             }
+            Self::NewMasterKilledAtDeadline { pid } => write!(
+                f,
+                "the new master pid {pid} of the abandoned upgrade did not exit within the grace period \
+                 and was killed"
+            ),
         }
     }
 }

@@ -312,9 +312,27 @@ impl Handed {
 
 /// Says `err <reason>` on the pipe to the old master (the new master
 /// could not start).
+///
+/// Without `SIGPIPE`: an old master that abandoned the upgrade has closed
+/// its end, and a host program that does not ignore `SIGPIPE` would die
+/// of it, and its workers with it (instead of draining).
 pub(super) fn report_error(ready: &OwnedFd, reason: &str) {
-    let line = format!("err {}\n", reason.replace('\n', " "));
-    proc::write_all_raw(ready.as_fd(), line.as_bytes());
+    let mut line = format!("err {}", reason.replace('\n', " "));
+    // One atomic write (PIPE_BUF): the old master reads at most that.
+    truncate_at_char(&mut line, MAX_LINE - 1);
+    line.push('\n');
+    let _ = signal::write_pipe_without_sigpipe(ready.as_fd(), line.as_bytes());
+}
+
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
 }
 
 /// A master that will not start before it took anything over (a bad
@@ -794,7 +812,7 @@ impl Master<'_> {
             sys::ExitStatus::Code(c) => format!("exited with code {c}"),
             sys::ExitStatus::Signal(s) => format!("was killed by signal {s}"),
         };
-        if self.abandoned == Some(pid) {
+        if self.abandoned.as_ref().is_some_and(|a| a.pid == pid) {
             self.abandoned = None;
             say!("shmcluster: upgrade: the new master pid {pid} told to stop {how}");
             return;
@@ -819,6 +837,10 @@ impl Master<'_> {
         let pid = run.pid;
         match verdict {
             Verdict::HandOver => {
+                // The pipe closed before anything else (the user's
+                // `on_event` among it): a new master stopped from now on
+                // finds nobody to tell, and takes the files itself.
+                drop(run);
                 say!("shmcluster: upgrade: new master pid {pid} is ready; draining and exiting");
                 self.publish(EventKind::UpgradeFinished { pid, ok: true }, u32::MAX);
                 if let Some(c) = self.control.as_mut() {
@@ -860,7 +882,7 @@ impl Master<'_> {
                     // their requests), and waited for until the deadline.
                     _ => {
                         let _ = proc::send_signal(pid, signal::SIGTERM);
-                        self.abandoned = Some(pid);
+                        self.abandoned = Some(super::Abandoned { pid, killed: false });
                     }
                 }
                 if run.got.starts_with(b"ready") {
@@ -928,7 +950,17 @@ impl Master<'_> {
         up.settled = true;
         up.pipe = None;
         if up.stop_told {
-            // The old master stopped with this one: it removed the files.
+            // The old master stopped with this one and removes the files
+            // as it exits, unless it had handed over already (`stopping`
+            // written during the hand-over): then they would be nobody's.
+            // Owning them is harmless: the control socket's file is
+            // removed only if it is still the one this master listens on
+            // (its inode), so one the old master removed, or another
+            // master's, is left alone. Not renamed: the service stops.
+            if let Some(c) = self.control.as_mut() {
+                let _ = c.take_file(None);
+            }
+            self.cluster.listeners.borrow_mut().set_paths_owned(true);
             return;
         }
         let to = up.rename_control_to.take();
