@@ -194,8 +194,8 @@ pub use cluster::http;
 #[cfg(not(loom))]
 pub use cluster::{
     Cluster, ClusterBuilder, ClusterError, ClusterStats, Event, EventKind, Events, ExitReason, Incoming,
-    ListenAddr, ListenError, ListenMode, ListenSpec, Listener, Outcome, Peer, Report, SlotStats, StopWatch,
-    ThreadsBuilder, Unhealthy, Worker, WorkerError, WorkerState,
+    ListenAddr, ListenError, ListenMode, ListenSpec, Listener, Outcome, Peer, ReloadError, Report, SlotStats,
+    StopWatch, ThreadsBuilder, Unhealthy, Worker, WorkerError, WorkerState,
 };
 #[cfg(not(loom))]
 pub use endpoint::WaitStrategy;
