@@ -814,17 +814,10 @@ fn print_table(plan: &Plan, rows: &[Row]) {
     let _ = writeln!(out);
     let _ = writeln!(out, "| server | mode | conns in flight | max/mean | CV |");
     let _ = writeln!(out, "|---|---|--:|--:|--:|");
-    let mut i = 0;
-    while i < sorted.len() {
-        let first = sorted[i];
-        let same: Vec<&Row> = sorted[i..]
-            .iter()
-            .take_while(|r| {
-                r.server == first.server && r.mode == first.mode && r.concurrency == first.concurrency
-            })
-            .copied()
-            .collect();
-        i += same.len();
+    let same_load =
+        |a: &&Row, b: &&Row| a.server == b.server && a.mode == b.mode && a.concurrency == b.concurrency;
+    for same in sorted.chunk_by(same_load) {
+        let first = same[0];
         let range = |f: &dyn Fn(&Run) -> f64| {
             let v: Vec<f64> = same.iter().map(|r| f(&r.run)).collect();
             let lo = v.iter().copied().fold(f64::INFINITY, f64::min);

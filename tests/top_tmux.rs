@@ -24,7 +24,6 @@ mod http;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::Cluster;
@@ -195,44 +194,59 @@ fn ready_columns<T>(text: &str, pick: impl Fn(&dyn Fn(usize) -> Option<u32>) -> 
         .collect()
 }
 
+/// `shmcluster run -w <workers> --ready-on-start --kill-timeout 5 --
+/// sleep 300` in a process group of its own (its workers, and a new
+/// master of an upgrade, join it), with `XDG_RUNTIME_DIR` set to
+/// `runtime` if given and its stderr to `stderr`.
+fn start_master(workers: &str, runtime: Option<&Path>, stderr: Stdio) -> std::process::Child {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "run",
+        "-w",
+        workers,
+        "--ready-on-start",
+        "--kill-timeout",
+        "5",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    if let Some(runtime) = runtime {
+        cmd.env("XDG_RUNTIME_DIR", runtime);
+    }
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
+/// The test's watchdog: if it still runs after [`WATCHDOG`], kills the
+/// tmux server at `socket` and the process group `pgid` (the masters and
+/// their workers), then fails it.
+fn watchdog(test: &'static str, socket: PathBuf, pgid: u32) {
+    std::thread::spawn(move || {
+        std::thread::sleep(WATCHDOG);
+        let _ = Tmux::command(&socket).arg("kill-server").status();
+        let _ = std::fs::remove_file(&socket);
+        let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+        eprintln!("WATCHDOG: {test} still running after {WATCHDOG:?}; killed tmux and the cluster");
+        std::process::exit(1);
+    });
+}
+
 #[test]
 fn top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal() {
     let tmux_socket = std::env::temp_dir().join(format!("shmcluster-top-{}.tmux", std::process::id()));
-    {
-        // The watchdog: the tmux server and the master's group, then fail.
-        let socket = tmux_socket.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(WATCHDOG);
-            let _ = Tmux::command(&socket).arg("kill-server").status();
-            let _ = std::fs::remove_file(&socket);
-            let master = http::MASTER.load(Ordering::Acquire);
-            if master > 0 {
-                let _ = killpg(Pid::from_raw(master), Signal::SIGKILL);
-            }
-            eprintln!("WATCHDOG: top_tmux still running after {WATCHDOG:?}; killed tmux and the cluster");
-            std::process::exit(1);
-        });
-    }
     let log = std::env::temp_dir().join(format!("shmcluster-top-{}.log", std::process::id()));
-    let child = Command::new(BIN)
-        .args([
-            "run",
-            "-w",
-            "3",
-            "--ready-on-start",
-            "--kill-timeout",
-            "5",
-            "--",
-            "sleep",
-            "300",
-        ])
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let child = start_master("3", None, std::fs::File::create(&log).unwrap().into());
     let master_pid = child.id();
+    watchdog(
+        "top_shows_restarts_reloads_and_stops_the_cluster_in_a_real_terminal",
+        tmux_socket.clone(),
+        master_pid,
+    );
     // Killed with its workers (one process group) and reaped on drop.
     let master = Cluster::adopt(child);
     let _log = RemoveOnDrop(log.clone());
@@ -436,39 +450,14 @@ fn views_follow_the_master_through_a_binary_upgrade() {
     let _ = std::fs::remove_dir_all(&runtime);
     std::fs::create_dir_all(&runtime).unwrap();
     let tmux_socket = runtime.join("tmux");
-    let child = Command::new(BIN)
-        .args([
-            "run",
-            "-w",
-            "2",
-            "--ready-on-start",
-            "--kill-timeout",
-            "5",
-            "--",
-            "sleep",
-            "300",
-        ])
-        .env("XDG_RUNTIME_DIR", &runtime)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = start_master("2", Some(&runtime), Stdio::null());
     let old = child.id();
-    {
-        // The watchdog: both masters share the old one's process group.
-        let socket = tmux_socket.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(WATCHDOG);
-            let _ = Tmux::command(&socket).arg("kill-server").status();
-            let _ = killpg(Pid::from_raw(old as i32), Signal::SIGKILL);
-            eprintln!(
-                "WATCHDOG: views_follow_the_master_through_a_binary_upgrade still running after {WATCHDOG:?}"
-            );
-            std::process::exit(1);
-        });
-    }
+    // Both masters share the old one's process group.
+    watchdog(
+        "views_follow_the_master_through_a_binary_upgrade",
+        tmux_socket.clone(),
+        old,
+    );
     let mut old_master = child;
     // Both masters and their workers, whatever happens: the new master is
     // forked by the old one, in its process group.

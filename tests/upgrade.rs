@@ -362,17 +362,7 @@ impl Load {
     fn finish(self, secs: u32) -> Result<Wrk, String> {
         let output = self.0.output(Duration::from_secs(u64::from(secs) + 30))?;
         let run = Wrk::parse_with_pids(&output)?;
-        ensure!(
-            run.socket_errors == [0; 4] && run.non_2xx == 0,
-            "wrk saw socket errors (connect, read, write, timeout) {:?} and {} non-2xx answers:\n{output}",
-            run.socket_errors,
-            run.non_2xx
-        );
-        ensure!(
-            run.requests > 100,
-            "wrk made only {} requests:\n{output}",
-            run.requests
-        );
+        run.failed_nothing(&output)?;
         Ok(run)
     }
 }
@@ -409,9 +399,8 @@ struct Forked {
     master: Cluster,
     /// The pid it was spawned with.
     old_pid: u32,
-    /// The address and the pid its banner names.
+    /// The address its banner names.
     addr: String,
-    pid: u32,
     /// Its stderr, whole once it and its successors have closed it.
     log: std::thread::JoinHandle<String>,
     /// The banners still to come (a new master's, after an upgrade).
@@ -419,7 +408,8 @@ struct Forked {
 }
 
 /// Starts `command`, a fork-mode master, in a process group of its own
-/// with stdout and stderr piped, adopts it, and waits for its banner.
+/// with stdout and stderr piped, adopts it, and waits for its banner,
+/// which must name the pid it was spawned with.
 fn spawn_fork_master(command: &mut Command) -> Result<Forked, String> {
     let mut child = command
         .process_group(0)
@@ -435,11 +425,11 @@ fn spawn_fork_master(command: &mut Command) -> Result<Forked, String> {
     let (addr, pid) = lines
         .recv_timeout(Duration::from_secs(20))
         .map_err(|_| "the master named no address in 20 s")?;
+    ensure!(pid == old_pid, "banner pid {pid}, spawned {old_pid}");
     Ok(Forked {
         master,
         old_pid,
         addr,
-        pid,
         log,
         lines,
     })
@@ -488,11 +478,9 @@ fn fork_mode_under_wrk(reuseport: bool) -> Check {
         master,
         old_pid,
         addr,
-        pid,
         log,
         lines,
     } = spawn_fork_master(&mut command)?;
-    ensure!(pid == old_pid, "banner pid {pid}, spawned {old_pid}");
     let before = curl(&addr)?;
     ensure!(
         number_after(&before, "build")? == first_build,
@@ -591,11 +579,9 @@ fn fork_mode_follows_a_switched_current_symlink() -> Check {
         master,
         old_pid,
         addr,
-        pid,
         log,
         lines,
     } = spawn_fork_master(&mut command)?;
-    ensure!(pid == old_pid, "banner pid {pid}, spawned {old_pid}");
     let before = curl(&addr)?;
     ensure!(
         number_after(&before, "build")? == first_build,
@@ -662,7 +648,6 @@ fn fewer_reuseport_instances_drop_nothing_under_wrk() -> Check {
         master,
         old_pid,
         addr,
-        pid: _,
         log,
         lines,
     } = spawn_fork_master(&mut command)?;
@@ -1451,23 +1436,28 @@ fn an_abandoned_new_master_that_does_not_stop_is_killed_once() -> Check {
 /// An upgrade started by `upgrade --wait` in the background, whose new
 /// master is in charge (see [`new_master_in_charge`]).
 struct InCharge {
+    old_pid: u32,
     new_pid: u32,
     /// The `upgrade --wait` client, and its output.
     waiting: std::process::Child,
     waiting_text: std::thread::JoinHandle<String>,
 }
 
-/// Starts an upgrade of `master` (`shmcluster upgrade --wait` in the
-/// background) and returns as soon as the new master answers a `ping` on
-/// the shared control socket: it has said `ready` and is in charge, and
-/// the old master is then within its 500 ms confirmation (checked
-/// afterwards by [`both_stop`]: it must not have handed over).
-fn new_master_in_charge(master: &Cluster) -> Result<InCharge, String> {
+/// Starts a spawn-mode master (as a subreaper, with `env` added; see
+/// [`start_spawn_master`]), then an upgrade of it (`shmcluster upgrade
+/// --wait` in the background), and returns as soon as the new master
+/// answers a `ping` on the shared control socket: it has said `ready` and
+/// is in charge, and the old master is then within its 500 ms
+/// confirmation (checked afterwards by [`both_stop`]: it must not have
+/// handed over).
+fn new_master_in_charge(env: &[(&str, &Path)]) -> Result<(Cluster, InCharge), String> {
     use std::io::{Read, Write};
+    become_subreaper()?;
+    let (master, _, _) = start_spawn_master("20", env)?;
     let old_pid = MASTER.load(Ordering::Acquire) as u32;
     let serving = group_members(old_pid);
     let (waiting, waiting_text) = upgrade_in_background()?;
-    let new_pid = new_generation(master, &serving, 1)?;
+    let new_pid = new_generation(&master, &serving, 1)?;
     let socket = default_socket(&common::tmp(), old_pid);
     let start = Instant::now();
     loop {
@@ -1486,11 +1476,15 @@ fn new_master_in_charge(master: &Cluster) -> Result<InCharge, String> {
                 alive(old_pid),
                 "missed the window: the old master {old_pid} is gone when the new one first answers"
             );
-            return Ok(InCharge {
-                new_pid,
-                waiting,
-                waiting_text,
-            });
+            return Ok((
+                master,
+                InCharge {
+                    old_pid,
+                    new_pid,
+                    waiting,
+                    waiting_text,
+                },
+            ));
         }
         ensure!(
             start.elapsed() < Duration::from_secs(20),
@@ -1507,8 +1501,8 @@ fn new_master_in_charge(master: &Cluster) -> Result<InCharge, String> {
 /// of either generation is left. (Both masters write to one stderr: the
 /// log is checked for fragments one `write(2)` puts there whole.)
 fn both_stop(master: &mut Cluster, upgrade: InCharge) -> Check {
-    let old_pid = MASTER.load(Ordering::Acquire) as u32;
     let InCharge {
+        old_pid,
         new_pid,
         mut waiting,
         waiting_text,
@@ -1554,12 +1548,9 @@ fn both_stop(master: &mut Cluster, upgrade: InCharge) -> Check {
 /// one does not claim it back, as after a failed upgrade), and each says
 /// `STOPPING=1`.
 fn sigterm_to_the_new_master_in_charge_stops_both() -> Check {
-    become_subreaper()?;
     let mut manager = Manager::bind(&common::tmp())?;
-    let (mut master, _, _) = start_spawn_master("20", &[("NOTIFY_SOCKET", &manager.path)])?;
-    let old_pid = MASTER.load(Ordering::Acquire) as u32;
-    let upgrade = new_master_in_charge(&master)?;
-    let new_pid = upgrade.new_pid;
+    let (mut master, upgrade) = new_master_in_charge(&[("NOTIFY_SOCKET", &manager.path)])?;
+    let (old_pid, new_pid) = (upgrade.old_pid, upgrade.new_pid);
     kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
     both_stop(&mut master, upgrade)?;
     manager.settle();
@@ -1587,11 +1578,8 @@ fn sigterm_to_the_new_master_in_charge_stops_both() -> Check {
 /// new one answers, so that the new one accepts the connections; it
 /// then reads the new master's word when it goes on (`SIGCONT`).
 fn stop_answered_by_the_new_master_in_charge_stops_both() -> Check {
-    become_subreaper()?;
-    let (mut master, _, _) = start_spawn_master("20", &[])?;
-    let old_pid = MASTER.load(Ordering::Acquire) as u32;
-    let upgrade = new_master_in_charge(&master)?;
-    let new_pid = upgrade.new_pid;
+    let (mut master, upgrade) = new_master_in_charge(&[])?;
+    let (old_pid, new_pid) = (upgrade.old_pid, upgrade.new_pid);
     master.signal(Signal::SIGSTOP)?;
     let stopped = cli(&["stop", "--wait", "--timeout", "20", "--pid", &old_pid.to_string()]);
     master.signal(Signal::SIGCONT)?;
@@ -1616,11 +1604,8 @@ fn stop_answered_by_the_new_master_in_charge_stops_both() -> Check {
 /// takes it as the service's stop, not as a shutdown of its own that
 /// abandons the upgrade.
 fn sigterm_to_both_masters_in_the_window_stops_both() -> Check {
-    become_subreaper()?;
-    let (mut master, _, _) = start_spawn_master("20", &[])?;
-    let old_pid = MASTER.load(Ordering::Acquire) as u32;
-    let upgrade = new_master_in_charge(&master)?;
-    let new_pid = upgrade.new_pid;
+    let (mut master, upgrade) = new_master_in_charge(&[])?;
+    let (old_pid, new_pid) = (upgrade.old_pid, upgrade.new_pid);
     master.signal(Signal::SIGSTOP)?;
     kill(Pid::from_raw(new_pid as i32), Signal::SIGTERM).map_err(|e| e.to_string())?;
     // Its end (a zombie: its parent is held) comes after its `stopping`.

@@ -331,6 +331,24 @@ impl Wrk {
         ensure!(wrk.has_pids, "the script printed no pids:\n{text}");
         Ok(wrk)
     }
+
+    /// A load that failed nothing: no socket error, no non-2xx answer
+    /// (wrk never retries), and more than 100 requests. `output` is
+    /// wrk's, said with a failure.
+    pub fn failed_nothing(&self, output: &str) -> Check {
+        ensure!(
+            self.socket_errors == [0; 4] && self.non_2xx == 0,
+            "wrk saw socket errors (connect, read, write, timeout) {:?} and {} non-2xx answers:\n{output}",
+            self.socket_errors,
+            self.non_2xx
+        );
+        ensure!(
+            self.requests > 100,
+            "wrk made only {} requests:\n{output}",
+            self.requests
+        );
+        Ok(())
+    }
 }
 
 /// Reads `pipe` to its end on a thread, so that a full pipe never stops

@@ -653,6 +653,30 @@ mod tests {
     use super::super::testutil::*;
     use super::*;
 
+    /// Connections [`accepted_of_connects`] opens.
+    const CONNECTS: usize = 32;
+
+    /// Opens [`CONNECTS`] connections to `socket`'s address and returns how
+    /// many `socket` accepts within 5 s: all of them when no other socket
+    /// of its port takes any.
+    fn accepted_of_connects(socket: &std::net::TcpListener) -> usize {
+        let addr = socket.local_addr().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let clients: Vec<_> = (0..CONNECTS)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut accepted = 0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while accepted < CONNECTS && Instant::now() < deadline {
+            while socket.accept().is_ok() {
+                accepted += 1;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(clients);
+        accepted
+    }
+
     #[test]
     fn shared_tcp_is_one_socket_for_every_instance_and_accepts() {
         let spec = ListenSpec::new(tcp("127.0.0.1:0"));
@@ -747,23 +771,8 @@ mod tests {
         assert!(listening(1, 1) && listening(0, 1), "the shared socket listens");
 
         // Every connection to the port now reaches instance 0's socket.
-        let addr = net::local_addr_tcp(listeners.for_instance(0)[0].0).unwrap();
         let socket = listeners.instance_listeners(0).unwrap().remove(0).into_tcp();
-        socket.set_nonblocking(true).unwrap();
-        const CONNECTS: usize = 32;
-        let clients: Vec<_> = (0..CONNECTS)
-            .map(|_| std::net::TcpStream::connect(addr).unwrap())
-            .collect();
-        let mut accepted = 0;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while accepted < CONNECTS && Instant::now() < deadline {
-            while socket.accept().is_ok() {
-                accepted += 1;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        drop(clients);
-        assert_eq!(accepted, CONNECTS);
+        assert_eq!(accepted_of_connects(&socket), CONNECTS);
 
         // An index past the count shares a socket with a live instance:
         // left listening.
@@ -1016,23 +1025,12 @@ mod tests {
             assert!(net::socket_is_listening(kept).unwrap());
             assert_eq!(new.all_fds().len(), 1);
 
-            let addr = net::local_addr_tcp(kept).unwrap();
             let socket = new.instance_listeners(0).unwrap().remove(0).into_tcp();
-            socket.set_nonblocking(true).unwrap();
-            const CONNECTS: usize = 32;
-            let clients: Vec<_> = (0..CONNECTS)
-                .map(|_| std::net::TcpStream::connect(addr).unwrap())
-                .collect();
-            let mut accepted = 0;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while accepted < CONNECTS && Instant::now() < deadline {
-                while socket.accept().is_ok() {
-                    accepted += 1;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            drop(clients);
-            assert_eq!(accepted, CONNECTS, "every connection reaches the kept socket");
+            assert_eq!(
+                accepted_of_connects(&socket),
+                CONNECTS,
+                "every connection reaches the kept socket"
+            );
         }
     }
 

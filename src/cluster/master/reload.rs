@@ -37,17 +37,17 @@ impl Master<'_> {
                 let order: Vec<u32> = wanted
                     .filter(|&i| !self.slots[self.index_slot[i as usize] as usize].failed)
                     .collect();
-                let nothing = order.is_empty() && scope != ReloadScope::All;
+                let given_up = order.is_empty().then_some(scope);
                 self.reload = Some(ReloadRun {
                     order,
                     pos: 0,
                     step: None,
                 });
                 self.publish(EventKind::ReloadStarted, u32::MAX);
-                if nothing {
-                    if let ReloadScope::Instance(i) = scope {
-                        say!("shmcluster: worker {i} was given up after a crash loop; not reloading it");
-                    }
+                // (Every instance given up: the loop below finishes the
+                // reload as done, as it always did.)
+                if let Some(ReloadScope::Instance(i)) = given_up {
+                    say!("shmcluster: worker {i} was given up after a crash loop; not reloading it");
                     self.finish_reload(false);
                     continue;
                 }

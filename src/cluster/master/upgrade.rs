@@ -480,6 +480,20 @@ pub(super) const CONFIRM: std::time::Duration = std::time::Duration::from_millis
 const EOF_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl UpgradeRun {
+    /// The run of new master `pid`, whose word comes on `ready` (the
+    /// pipe's read end) and which must be ready by `deadline`.
+    fn new(pid: u32, ready: OwnedFd, deadline: Instant) -> Self {
+        Self {
+            pid,
+            ready,
+            got: Vec::new(),
+            deadline,
+            reaped: None,
+            eof_at: None,
+            ready_at: None,
+        }
+    }
+
     /// What `poll(2)` watches: the pipe, until its end-of-file.
     pub(super) fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.eof_at.is_none().then(|| self.ready.as_fd())
@@ -688,15 +702,11 @@ impl Master<'_> {
                 // The control socket and the metrics endpoint stay this
                 // master's until the hand-over (the new one does not
                 // accept on them before it is ready).
-                self.upgrade = Some(UpgradeRun {
+                self.upgrade = Some(UpgradeRun::new(
                     pid,
-                    ready: ready_read,
-                    got: Vec::new(),
-                    deadline: Instant::now() + self.opts.ready_timeout,
-                    reaped: None,
-                    eof_at: None,
-                    ready_at: None,
-                });
+                    ready_read,
+                    Instant::now() + self.opts.ready_timeout,
+                ));
                 say!(
                     "shmcluster: upgrade: started new master pid {pid} from {}",
                     exe.display()
@@ -1167,15 +1177,7 @@ mod tests {
     fn the_pipe_is_closed_in_workers_also_after_its_end_of_file() {
         let (read, _write) = proc::pipe_cloexec().unwrap();
         let raw = read.as_raw_fd();
-        let mut run = UpgradeRun {
-            pid: 1,
-            ready: read,
-            got: Vec::new(),
-            deadline: Instant::now(),
-            reaped: None,
-            eof_at: None,
-            ready_at: None,
-        };
+        let mut run = UpgradeRun::new(1, read, Instant::now());
         assert_eq!(run.fd().map(|fd| fd.as_raw_fd()), Some(raw));
         assert_eq!(run.raw_fd_to_close(), raw);
         run.eof_at = Some(Instant::now());
@@ -1243,15 +1245,7 @@ mod tests {
             let (read, write) = proc::pipe_cloexec().unwrap();
             sys::set_cloexec_nonblocking(read.as_fd()).unwrap();
             proc::write_all_raw(write.as_fd(), bytes);
-            let mut run = UpgradeRun {
-                pid: 1,
-                ready: read,
-                got: Vec::new(),
-                deadline: Instant::now(),
-                reaped: None,
-                eof_at: None,
-                ready_at: None,
-            };
+            let mut run = UpgradeRun::new(1, read, Instant::now());
             let result = run.read_pipe();
             (result, run.got)
         };
